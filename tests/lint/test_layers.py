@@ -1,0 +1,71 @@
+"""Layers import downward only; click stays in the CLI; the kernel layer is stdlib only."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "xenblockctl"
+
+#: layer -> xenblockctl layers it may import (itself always allowed).
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "kernel": {"errors"},
+    "xenstore": {"errors"},
+    "blockscript": {"errors", "kernel", "xenstore", "config", "logging"},
+    "backend": {"errors", "kernel", "xenstore", "config", "logging"},
+    "config": {"errors"},
+    "logging": {"errors"},
+    "cli": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "logging", "sandbox"},
+    "sandbox": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "logging"},
+}
+#: third-party modules per layer: the kernel layer is stdlib only.
+THIRD_PARTY_ALLOWED: dict[str, set[str]] = {
+    "kernel": set(),
+    "xenstore": {"pyxs"},
+    "cli": {"click", "pyxs", "pyudev"},
+}
+DEFAULT_THIRD_PARTY = {"pyxs", "pyudev"}
+
+
+def _layer_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.suffix == ".py" else ""
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _modules() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if _layer_of(p) not in ("", "__init__", "__main__")]
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_downward(path: Path) -> None:
+    layer = _layer_of(path)
+    allowed = ALLOWED.get(layer)
+    assert allowed is not None, f"{layer} is not a known layer: add it to ALLOWED with its rules"
+    third_party = THIRD_PARTY_ALLOWED.get(layer, DEFAULT_THIRD_PARTY)
+    for name in _imports(path):
+        top = name.split(".")[0]
+        if top == "xenblockctl":
+            parts = name.split(".")
+            if len(parts) == 1:
+                continue
+            target = parts[1]
+            assert target == layer or target in allowed, f"{path.name}: {layer} must not import {name}"
+        elif top in sys.stdlib_module_names or top == "__future__":
+            continue
+        else:
+            assert top in third_party, f"{path.name}: {layer} must not import third-party {name}"

@@ -1,0 +1,38 @@
+"""Linters as tests (as mkosi does): a ruff or mypy finding fails the suite."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_ruff_check() -> None:
+    result = _run(sys.executable, "-m", "ruff", "check", "--no-cache", "xenblockctl", "tests", "bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_stable() -> None:
+    result = _run(sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "xenblockctl")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_package() -> None:
+    result = _run(sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir=/dev/null")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_parse() -> None:
+    bash = shutil.which("bash")
+    assert bash is not None
+    for script in [ROOT / "dev", ROOT / ".ci" / "run", *sorted((ROOT / "hotplug").glob("*"))]:
+        if script.is_file() and script.read_text().startswith("#!/usr/bin/env bash"):
+            result = _run(bash, "-n", str(script))
+            assert result.returncode == 0, f"{script}: {result.stderr}"

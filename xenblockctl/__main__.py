@@ -1,0 +1,5 @@
+import sys
+
+from xenblockctl.cli.main import main
+
+sys.exit(main())
