@@ -24,3 +24,21 @@ def test_every_command_is_documented() -> None:
     documented = set(re.findall(r"^## `?xenblockctl ([a-z-]+)", text, flags=re.M))
     missing = sorted(set(COMMANDS) - documented)
     assert not missing, f"commands without a section in man/xenblockctl.1.md: {missing}"
+
+
+def _codes_in_package() -> set[str]:
+    """Every stable error code: class attributes `code = "..."` and `code="..."` keyword uses."""
+    codes: set[str] = set()
+    for path in (ROOT / "xenblockctl").rglob("*.py"):
+        text = path.read_text()
+        codes.update(re.findall(r'^\s+code\s*=\s*"([a-z0-9-]+)"', text, flags=re.M))
+        codes.update(re.findall(r'\bcode="([a-z0-9-]+)"', text))
+    return codes
+
+
+def test_every_error_code_is_documented() -> None:
+    text = (MAN / "xenblockctl.1.md").read_text()
+    section = text.split("# ERROR CODES", 1)[1]
+    documented = set(re.findall(r"^`([a-z0-9-]+)`$", section, flags=re.M))
+    missing = sorted(_codes_in_package() - documented)
+    assert not missing, f"error codes not documented under ERROR CODES in man/xenblockctl.1.md: {missing}"

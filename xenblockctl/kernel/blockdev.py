@@ -1,0 +1,234 @@
+"""Open block devices safely and report their identity from the open file descriptor.
+
+Identity (major:minor + diskseq) is only meaningful when read from one fd we keep holding: a path
+or a major:minor can name a different device a microsecond later, a held fd cannot."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from types import TracebackType
+
+from xenblockctl.kernel import ioctls
+from xenblockctl.kernel.errors import (
+    DeviceError,
+    TargetNotFound,
+    TargetPermission,
+    TargetTypeError,
+    UnsupportedKernel,
+)
+
+#: errnos that mean "this ioctl does not exist on this kernel/device" (see kernel-devices.md §9).
+UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
+
+
+@dataclass(frozen=True)
+class BlockIdentity:
+    """What a block device *is*, read through one fd."""
+
+    major: int
+    minor: int
+    diskseq: int
+    size_bytes: int
+    logical_block_size: int
+    physical_block_size: int
+    read_only: bool
+
+    @property
+    def devt(self) -> int:
+        return os.makedev(self.major, self.minor)
+
+    @property
+    def physical_device(self) -> str:
+        """`physical-device` as blkback parses it: hex major:minor without leading zeros."""
+        return f"{self.major:x}:{self.minor:x}"
+
+    @property
+    def luid(self) -> str:
+        """`physical-device-luid`: the diskseq in lowercase hex, no leading zeros."""
+        return f"{self.diskseq:x}"
+
+    @property
+    def sectors(self) -> int:
+        """Size in 512-byte units, as blkif's `sectors` node counts regardless of sector size."""
+        return self.size_bytes // 512
+
+
+def read_diskseq(fd: int) -> int:
+    """BLKGETDISKSEQ (Linux >= 5.15). A live disk never has diskseq 0."""
+    try:
+        return ioctls.ioctl_u64(fd, ioctls.BLKGETDISKSEQ)
+    except OSError as exc:
+        if exc.errno in UNSUPPORTED_ERRNOS:
+            raise UnsupportedKernel(
+                "BLKGETDISKSEQ not supported (Linux >= 5.15 needed)", errno=exc.errno
+            ) from exc
+        raise DeviceError("BLKGETDISKSEQ failed", errno=exc.errno) from exc
+
+
+def identify(fd: int) -> BlockIdentity:
+    """Identity of the block device open on fd. Everything comes from the fd, never from a path."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        raise TargetTypeError("not a block device")
+    try:
+        size = ioctls.ioctl_u64(fd, ioctls.BLKGETSIZE64)
+        lbs = ioctls.ioctl_int(fd, ioctls.BLKSSZGET)
+        pbs = ioctls.ioctl_uint(fd, ioctls.BLKPBSZGET)
+        ro = ioctls.ioctl_int(fd, ioctls.BLKROGET) != 0
+    except OSError as exc:
+        raise DeviceError("block size/read-only ioctls failed", errno=exc.errno) from exc
+    return BlockIdentity(
+        major=os.major(st.st_rdev),
+        minor=os.minor(st.st_rdev),
+        diskseq=read_diskseq(fd),
+        size_bytes=size,
+        logical_block_size=lbs,
+        physical_block_size=pbs,
+        read_only=ro,
+    )
+
+
+class BlockDevice:
+    """An open block device: the fd is the handle, `identity` was read through it.
+
+    Closing it may make the device disappear (auto-clearing loop, deferred-remove dm): that is the
+    delete-on-close hand-off, so callers close only once the consumer holds its own reference."""
+
+    def __init__(self, fd: int, identity: BlockIdentity, path: str | None = None) -> None:
+        self.fd = fd
+        self.identity = identity
+        self.path = path
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> BlockDevice:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.identity
+        return f"<BlockDevice {i.major}:{i.minor} diskseq={i.diskseq} fd={self.fd}>"
+
+
+def _open_flags(writable: bool) -> int:
+    # O_NONBLOCK: never block on a removable/medium-less device; O_NOCTTY in case a tty sneaks in.
+    return (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def open_path(path: str, *, writable: bool) -> int:
+    """Open a target path once and return the fd, refusing anything but a regular file or block
+    device *before* opening it (opening a char device or FIFO can have side effects), and again
+    from the fd afterwards (the path may have been swapped in between)."""
+    try:
+        pre = os.stat(path)
+    except FileNotFoundError as exc:
+        raise TargetNotFound(f"{path}: no such file or device", errno=exc.errno) from exc
+    except PermissionError as exc:
+        raise TargetPermission(f"{path}: permission denied", errno=exc.errno) from exc
+    except NotADirectoryError as exc:
+        raise TargetNotFound(f"{path}: a path component is not a directory", errno=exc.errno) from exc
+    except OSError as exc:
+        raise DeviceError(f"{path}: cannot stat", errno=exc.errno) from exc
+    _require_file_or_blk(path, pre.st_mode)
+    try:
+        fd = os.open(path, _open_flags(writable))
+    except FileNotFoundError as exc:
+        raise TargetNotFound(f"{path}: vanished while opening", errno=exc.errno) from exc
+    except PermissionError as exc:
+        raise TargetPermission(f"{path}: permission denied", errno=exc.errno) from exc
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise TargetPermission(f"{path}: read-only, cannot open for writing", errno=exc.errno) from exc
+        raise DeviceError(f"{path}: cannot open", errno=exc.errno) from exc
+    try:
+        _require_file_or_blk(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _require_file_or_blk(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a file"
+    )
+    raise TargetTypeError(f"{path} is {kind}, not a regular file or block device")
+
+
+def open_block_device(path: str, *, writable: bool) -> BlockDevice:
+    """Open an existing block device by path. Identity comes from the fd; the path is not re-read."""
+    fd = open_path(path, writable=writable)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            raise TargetTypeError(f"{path} is not a block device")
+        return BlockDevice(fd, identify(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDevice:
+    """Open a block device by major:minor, the way blkback does.
+
+    Uses `node` (e.g. /dev/loop3) when it is a block node for exactly this devt, else a private
+    node made with mknod in a private directory and unlinked right after opening, so nothing in
+    /dev (or its absence in containers) can redirect us. Beware: opening a loop minor that does
+    not exist yet creates it (CONFIG_BLOCK_LEGACY_AUTOLOAD)."""
+    flags = _open_flags(writable)
+    fd = -1
+    if node is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(node)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+                fd = os.open(node, flags)
+    if fd < 0:
+        fd = _open_private_node(devt, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != devt:
+            raise DeviceError(f"opened node is not block device {os.major(devt)}:{os.minor(devt)}")
+        return BlockDevice(fd, identify(fd), node)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_private_node(devt: int, flags: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="xenblockctl-node-") as tmp:
+        path = os.path.join(tmp, "dev")
+        try:
+            os.mknod(path, stat.S_IFBLK | 0o600, devt)
+        except OSError as exc:
+            raise DeviceError("cannot create a private device node (root needed)", errno=exc.errno) from exc
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            raise DeviceError(
+                f"cannot open block device {os.major(devt)}:{os.minor(devt)}", errno=exc.errno
+            ) from exc
