@@ -12,7 +12,9 @@ from xenblockctl import __version__
 from xenblockctl.errors import XenblockError
 
 #: command name -> "module:attribute" under xenblockctl.cli. Adding a command = one module + one line.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "identify": "identify:identify",
+}
 
 #: Exit codes, documented in man/xenblockctl.1.md.
 EXIT_OK = 0

@@ -1,0 +1,45 @@
+"""`xenblockctl identify PATH`: open a target the way the block script would and print its identity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from xenblockctl.blockscript.target import open_target, parse_target
+from xenblockctl.kernel.loop import LoopDevice, make_tag
+
+
+@click.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--writable", is_flag=True, help="Open read-write (as for mode w) instead of read-only.")
+def identify(path: str, as_json: bool, writable: bool) -> None:
+    """Print major:minor, diskseq, size and sector sizes of PATH, read from the opened fd.
+
+    A regular file gets an auto-clearing loop device that vanishes when this command exits."""
+    target = parse_target(path)
+    with open_target(target, writable=writable, tag=make_tag("identify", os.getpid())) as device:
+        ident = device.identity
+        record: dict[str, object] = {
+            "path": path,
+            "device": f"/dev/loop{device.number}" if isinstance(device, LoopDevice) else path,
+            "loop": isinstance(device, LoopDevice),
+            "major": ident.major,
+            "minor": ident.minor,
+            "physical_device": ident.physical_device,
+            "diskseq": ident.diskseq,
+            "luid": ident.luid,
+            "size_bytes": ident.size_bytes,
+            "sectors": ident.sectors,
+            "logical_block_size": ident.logical_block_size,
+            "physical_block_size": ident.physical_block_size,
+            "read_only": ident.read_only,
+        }
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+        return
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        click.echo(f"{key:<{width}}  {value}")
