@@ -1,0 +1,96 @@
+# Helpers for shell scenarios (sourced, not run: only NN_name.sh files are scenarios).
+# Runs inside the test dom0. The runner sets XENCI_WORK (fresh scratch dir, also the cwd), XENCI_CHECKOUT
+# (the read-only project checkout) and XENCI_SCENARIO. Exit 0 = pass, 77 = skip, anything else = fail;
+# the runner takes the reason from the last "SKIP:" / "FAIL" line.
+set -euo pipefail
+
+say() { echo "== $*"; }
+fail() { echo "FAIL: $*"; exit 1; }
+skip() { echo "SKIP: $*"; exit 77; }
+# Timings the lane reports but does not assert.
+metric() { echo "XENCI-METRIC: $1=$2 ${3:-}"; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds or SECONDS pass.
+wait_for() {
+  local what=$1 limit=$2 start
+  shift 2
+  start=$(now)
+  until "$@"; do
+    if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+      fail "timed out after ${limit}s waiting for $what"
+    fi
+    sleep 0.1
+  done
+}
+
+# The loop devices bound to FILE (empty when none).
+loops_of() { losetup -j "$1" | cut -d: -f1; }
+no_loop_for() { [ -z "$(loops_of "$1")" ]; }
+
+# A 64 MiB sparse disk image with a known marker at sector 200.
+make_image() {
+  truncate -s 64M "$1"
+  printf 'XENCI-IMAGE-MARKER-%s' "$XENCI_SCENARIO" | dd of="$1" bs=512 seek=200 conv=notrunc,fsync status=none
+}
+read_sector() { dd if="$1" bs=512 skip="$2" count=1 status=none iflag=direct 2>/dev/null | tr -d '\0'; }
+
+disk_spec() {  # disk_spec VDEV ACCESS IMAGE [SCRIPT]
+  local spec="format=raw,vdev=$1,access=$2"
+  [ -n "${4:-}" ] && spec+=",script=$4"
+  echo "$spec,target=$3"
+}
+
+# attach_rw_cycle VDEV IMAGE [SCRIPT]: attach rw, write through /dev/VDEV, detach, check the data landed in
+# the image and that no loop device stayed bound. Reports attach/detach times as metrics.
+attach_rw_cycle() {
+  local vdev=$1 img=$2 script=${3:-} label=${4:-rw} t token
+  token="XENCI-WRITE-$XENCI_SCENARIO-$RANDOM$RANDOM"
+  say "attach $vdev rw ${script:+(script=$script)}"
+  t=$(now)
+  xl -v block-attach 0 "$(disk_spec "$vdev" rw "$img" "$script")" || fail "xl block-attach $vdev rw exited $?"
+  metric "attach_${label}_xl_s" "$(elapsed "$t")" s
+  wait_for "/dev/$vdev" 30 test -b "/dev/$vdev"
+  metric "attach_${label}_dev_s" "$(elapsed "$t")" s
+  [ "$(read_sector "/dev/$vdev" 200)" = "XENCI-IMAGE-MARKER-$XENCI_SCENARIO" ] \
+    || fail "/dev/$vdev does not show the image's marker"
+  printf '%s' "$token" | dd of="/dev/$vdev" bs=512 seek=300 oflag=direct conv=fsync status=none \
+    || fail "write through /dev/$vdev failed"
+  [ "$(read_sector "/dev/$vdev" 300)" = "$token" ] || fail "read back through /dev/$vdev differs"
+  say "detach $vdev"
+  t=$(now)
+  xl -v block-detach 0 "$vdev" || fail "xl block-detach $vdev exited $?"
+  metric "detach_${label}_xl_s" "$(elapsed "$t")" s
+  wait_for "/dev/$vdev to go" 30 test ! -e "/dev/$vdev"
+  wait_for "no loop device bound to $img" 15 no_loop_for "$img"
+  [ "$(read_sector "$img" 300)" = "$token" ] || fail "data written through /dev/$vdev is not in $img"
+  say "rw cycle ok: data in image, /dev/$vdev gone, no loop device bound"
+}
+
+# attach_ro_cycle VDEV IMAGE [SCRIPT]: attach ro, the image's data is readable, writes fail and do not
+# reach the image, detach leaves nothing bound.
+attach_ro_cycle() {
+  local vdev=$1 img=$2 script=${3:-} label=${4:-ro} t before
+  before=$(md5sum < "$img")
+  say "attach $vdev ro ${script:+(script=$script)}"
+  t=$(now)
+  xl -v block-attach 0 "$(disk_spec "$vdev" ro "$img" "$script")" || fail "xl block-attach $vdev ro exited $?"
+  metric "attach_${label}_xl_s" "$(elapsed "$t")" s
+  wait_for "/dev/$vdev" 30 test -b "/dev/$vdev"
+  [ "$(read_sector "/dev/$vdev" 200)" = "XENCI-IMAGE-MARKER-$XENCI_SCENARIO" ] \
+    || fail "/dev/$vdev does not show the image's marker"
+  [ "$(blockdev --getro "/dev/$vdev")" = 1 ] || fail "/dev/$vdev is not read-only"
+  if printf 'MUST-NOT-LAND' | dd of="/dev/$vdev" bs=512 seek=400 oflag=direct conv=fsync status=none 2>/dev/null
+  then
+    fail "a write through read-only /dev/$vdev succeeded"
+  fi
+  say "detach $vdev"
+  t=$(now)
+  xl -v block-detach 0 "$vdev" || fail "xl block-detach $vdev exited $?"
+  metric "detach_${label}_xl_s" "$(elapsed "$t")" s
+  wait_for "/dev/$vdev to go" 30 test ! -e "/dev/$vdev"
+  wait_for "no loop device bound to $img" 15 no_loop_for "$img"
+  [ "$(md5sum < "$img")" = "$before" ] || fail "the read-only image changed"
+  say "ro cycle ok: readable, writes refused, image unchanged, nothing bound"
+}

@@ -1,0 +1,223 @@
+"""The Xen lane's own machinery, tested on the host without QEMU: cache key, scenario discovery, the
+guest runner's verdicts and leak guard, result collection, and that a VM process is always reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.xen import image as dom0_image
+from tests.xen import vm
+from tests.xen.guest import run_scenarios as runner
+
+
+def test_recipe_key_follows_every_recipe_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "image"
+    shutil.copytree(dom0_image.RECIPE_DIR, recipe)
+    key = dom0_image.recipe_key(recipe)
+    assert key == dom0_image.recipe_key(dom0_image.RECIPE_DIR)
+    with (recipe / "packages").open("a") as f:
+        f.write("xxd\n")
+    edited = dom0_image.recipe_key(recipe)
+    assert edited != key
+    (recipe / "packages").chmod(0o755)
+    assert dom0_image.recipe_key(recipe) != edited
+
+
+def test_cache_entry_is_complete_only_with_every_file(tmp_path: Path) -> None:
+    entry = tmp_path / "k"
+    for name in dom0_image.REQUIRED_FILES:
+        (entry / name).parent.mkdir(parents=True, exist_ok=True)
+        (entry / name).write_bytes(b"x")
+    assert not dom0_image.is_complete(entry), "build.json is written last and marks completion"
+    (entry / "build.json").write_text("{}")
+    assert dom0_image.is_complete(entry)
+    (entry / "dom0.img").unlink()
+    assert not dom0_image.is_complete(entry)
+
+
+def test_discover_takes_numbered_scripts_and_their_timeout(tmp_path: Path) -> None:
+    (tmp_path / "01_first.sh").write_text("#!/usr/bin/env bash\n# xenci-timeout: 33\ntrue\n")
+    (tmp_path / "02_second.py").write_text("print('hi')\n")
+    (tmp_path / "lib.sh").write_text("helpers\n")
+    (tmp_path / "3_bad.sh").write_text("true\n")
+    found = vm.discover(tmp_path)
+    assert [(s.name, s.timeout) for s in found] == [
+        ("01_first", 33),
+        ("02_second", vm.DEFAULT_SCENARIO_TIMEOUT),
+    ]
+
+
+def test_shipped_scenarios_are_discovered() -> None:
+    names = [s.name for s in vm.discover()]
+    assert names[:4] == ["01_dom0_up", "02_stock_block_script", "03_failing_script", "04_xenblockctl_script"]
+
+
+def _no_state() -> dict[str, Any]:
+    return {"loops": {}, "backends": set(), "domains": set()}
+
+
+def _run(tmp_path: Path, body: str, timeout: int = 20, probe: runner.Probe = _no_state) -> dict[str, Any]:
+    script = tmp_path / "99_case.sh"
+    script.write_text(body)
+    results = tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    entry = {"name": "99_case", "path": str(script), "timeout": timeout}
+    record = runner.run_one(entry, results, tmp_path / "work", probe=probe)
+    assert json.loads((results / "99_case.json").read_text()) == record
+    return record
+
+
+def test_runner_verdicts(tmp_path: Path) -> None:
+    passed = _run(tmp_path, 'echo XENCI-METRIC: attach_s=1.5 s\necho "work=$XENCI_WORK"\nexit 0\n')
+    assert passed["status"] == "pass"
+    assert passed["metrics"] == {"attach_s": "1.5 s"}
+    assert f"work={tmp_path / 'work' / '99_case'}" in passed["log_tail"]
+
+    failed = _run(tmp_path, "echo 'FAIL: the disk is gone'\nexit 1\n")
+    assert (failed["status"], failed["reason"]) == ("fail", "FAIL: the disk is gone")
+
+    crashed = _run(tmp_path, "exit 3\n")
+    assert (crashed["status"], crashed["reason"]) == ("fail", "exit status 3")
+
+    skipped = _run(tmp_path, "echo 'SKIP: not yet'\nexit 77\n")
+    assert (skipped["status"], skipped["reason"]) == ("skip", "not yet")
+
+
+def test_runner_kills_a_hung_scenario_and_its_children(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    start = time.monotonic()
+    record = _run(tmp_path, f"sleep 300 & echo $! > {pidfile}\nsleep 300\n", timeout=1)
+    assert time.monotonic() - start < 15
+    assert record["status"] == "fail"
+    assert "timed out" in record["reason"]
+    _assert_gone(int(pidfile.read_text()))
+
+
+def _assert_gone(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # killed, waiting for its (re)parent to reap it
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still alive")
+
+
+@pytest.mark.root
+def test_runner_fails_and_cleans_a_leaked_loop_device(tmp_path: Path) -> None:
+    backing = tmp_path / "leak.img"
+    backing.write_bytes(b"\0" * (1 << 20))
+
+    def probe() -> dict[str, Any]:
+        # Only this test's file: other tests on the host may hold loop devices of their own.
+        loops = {dev: f for dev, f in runner.bound_loops().items() if f.startswith(str(tmp_path))}
+        return {"loops": loops, "backends": set(), "domains": set()}
+
+    try:
+        record = _run(tmp_path, f"losetup -f --show {backing}\n", probe=probe)
+        assert record["status"] == "fail"
+        assert record["reason"].startswith("left behind: loop device /dev/loop")
+        assert probe()["loops"] == {}, "the runner must unbind what the scenario leaked"
+    finally:
+        for dev in probe()["loops"]:
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _lane_run(tmp_path: Path) -> vm.LaneRun:
+    share = tmp_path / "share"
+    (share / "results").mkdir(parents=True)
+    serial = tmp_path / "console.log"
+    serial.write_text("Xen banner\r\nXENCI: ready\r\nlast words\r\n")
+    return vm.LaneRun(share=share, serial_log=serial)
+
+
+def test_collect_reads_only_complete_records(tmp_path: Path) -> None:
+    run = _lane_run(tmp_path)
+    results = run.share / "results"
+    (results / "01_ok.json").write_text(json.dumps({"name": "01_ok", "status": "pass"}))
+    (results / "02_half.json.tmp").write_text('{"name": "02_half"')
+    (results / "03_bad.json").write_text("{not json")
+    (results / "04_other.json").write_text(json.dumps({"name": "someone_else", "status": "pass"}))
+    (results / "_dom0.json").write_text(json.dumps({"kernel": "6.1"}))
+    vm.collect(run)
+    assert set(run.records) == {"01_ok"}
+    assert run.dom0 == {"kernel": "6.1"}
+    assert run.runner_rc is None
+    assert "wrote no exit status" in run.why_missing()
+    assert run.console_tail(2) == "XENCI: ready\nlast words"
+    (results / "rc").write_text("1\n")
+    vm.collect(run)
+    assert run.runner_rc == 1
+    assert "no record for this scenario" in run.why_missing()
+
+
+def _fake_image(tmp_path: Path) -> dom0_image.Dom0Image:
+    path = tmp_path / "img"
+    for name in dom0_image.REQUIRED_FILES:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(b"")
+    return dom0_image.Dom0Image(path, "fake", 0.0, cached=True)
+
+
+def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    fake = tmp_path / "fake-qemu"
+    fake.write_text("#!/bin/bash\n" + body)
+    fake.chmod(0o755)
+    monkeypatch.setattr(vm, "QEMU", str(fake))
+
+
+def test_boot_reaps_a_vm_that_never_comes_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pids = tmp_path / "pids"
+    _fake_qemu(tmp_path, monkeypatch, f"echo $$ > {pids}\nsleep 300 &\necho $! >> {pids}\nwait\n")
+    share = tmp_path / "share"
+    share.mkdir()
+    start = time.monotonic()
+    run = vm.boot(_fake_image(tmp_path), share, vm.discover()[:1], boot_timeout=1.0)
+    assert time.monotonic() - start < 10
+    assert "did not report ready" in run.killed
+    assert run.records == {}
+    for pid in pids.read_text().split():
+        _assert_gone(int(pid))
+    assert (share / "plan.json").is_file()
+    assert os.access(share / "test.sh", os.X_OK)
+
+
+def test_boot_takes_verdicts_from_records_not_qemu_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake VM plays a dom0 that wrote one record and then crashed: QEMU exits 0 all the same.
+    body = """
+for a in "$@"; do
+  case $a in
+    local,path=*mount_tag=hostshare*) share=${a#local,path=}; share=${share%%,*} ;;
+    file:*) serial=${a#file:} ;;
+  esac
+done
+echo "XENCI: ready; running test.sh" >> "$serial"
+echo '{"name": "01_dom0_up", "status": "pass", "duration": 1.0}' > "$share/results/01_dom0_up.json"
+echo "XENCI: RESULT 01_dom0_up pass 1.0s" >> "$serial"
+echo "(XEN) Hardware Dom0 crashed" >> "$serial"
+exit 0
+"""
+    _fake_qemu(tmp_path, monkeypatch, body)
+    share = tmp_path / "share"
+    share.mkdir()
+    run = vm.boot(_fake_image(tmp_path), share, vm.discover()[:2])
+    assert run.qemu_rc == 0
+    assert run.boot_seconds is not None
+    assert set(run.records) == {"01_dom0_up"}
+    assert "01_dom0_up" in run.seen
+    assert run.runner_rc is None
+    assert "crashed or hung" in run.why_missing()
+    assert "Hardware Dom0 crashed" in run.console_tail()

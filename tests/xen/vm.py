@@ -1,0 +1,256 @@
+"""One boot of Xen + dom0 under QEMU/TCG that runs the scenario files and brings their records back.
+
+The host stages a 9p share (plan.json, the guest runner, test.sh, results/), shares the checkout
+read-only as a second 9p mount, boots, and reads results/*.json after QEMU exits. Nothing is inferred
+from QEMU's exit status: it exits 0 for a clean power-off and for a crashed dom0 alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.xen.image import Dom0Image
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parents[1]
+SCENARIO_DIR = HERE / "scenarios"
+GUEST_RUNNER = HERE / "guest" / "run_scenarios.py"
+GUEST_CHECKOUT = "/mnt/checkout"
+GUEST_SHARE = "/mnt/host"
+QEMU = "qemu-system-x86_64"
+SCENARIO_FILE = re.compile(r"^(\d\d_[A-Za-z0-9_-]+)\.(sh|py)$")
+TIMEOUT_HEADER = re.compile(r"^#\s*xenci-timeout:\s*(\d+)\s*$", re.M)
+DEFAULT_SCENARIO_TIMEOUT = 240
+#: QEMU start -> "ready" marker. Idle it takes ~20 s; TCG on a loaded 2-core host is much slower.
+BOOT_TIMEOUT = 600.0
+READY_MARKER = "XENCI: ready"
+RESULT_MARKER = re.compile(r"XENCI: RESULT (\S+) (\S+)")
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: Path
+    timeout: int
+
+
+def discover(directory: Path = SCENARIO_DIR) -> list[Scenario]:
+    """Scenario files are NN_name.sh / NN_name.py; other files (helpers) are not run."""
+    found: list[Scenario] = []
+    for path in sorted(directory.iterdir()):
+        m = SCENARIO_FILE.match(path.name)
+        if not m or not path.is_file():
+            continue
+        header = TIMEOUT_HEADER.search(path.read_text(errors="replace")[:2000])
+        found.append(Scenario(m.group(1), path, int(header.group(1)) if header else DEFAULT_SCENARIO_TIMEOUT))
+    return found
+
+
+def qemu_problem() -> str | None:
+    """Why QEMU cannot run here, or None."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} not found (apt package qemu-system-x86; ./dev setup installs it)"
+    try:
+        probe = subprocess.run([QEMU, "-version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{QEMU} does not run: {exc}"
+    if probe.returncode != 0:
+        return f"{QEMU} -version failed: {probe.stderr.strip()[:200]}"
+    return None
+
+
+@dataclass
+class LaneRun:
+    """What one boot produced. `records` holds only what dom0 wrote back."""
+
+    share: Path
+    serial_log: Path
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dom0: dict[str, Any] = field(default_factory=dict)
+    runner_rc: int | None = None
+    qemu_rc: int | None = None
+    #: QEMU start -> dom0's CI init reports xl usable
+    boot_seconds: float | None = None
+    qemu_seconds: float = 0.0
+    #: why the host stopped QEMU early, if it did
+    killed: str = ""
+    #: scenario name -> seconds since QEMU start when its RESULT line appeared on the console
+    seen: dict[str, float] = field(default_factory=dict)
+
+    def console_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.serial_log.read_text(errors="replace").replace("\r", "")
+        except OSError:
+            return "(no console log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def why_missing(self) -> str:
+        if self.killed:
+            return self.killed
+        if self.runner_rc is None:
+            return f"dom0 wrote no exit status (QEMU exit {self.qemu_rc}): crashed or hung before the end"
+        return "dom0 finished but wrote no record for this scenario"
+
+
+def stage(share: Path, scenarios: list[Scenario]) -> int:
+    """Fill the 9p share for one boot; return the guest-side timeout for all scenarios."""
+    results = share / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copy(GUEST_RUNNER, share / "run_scenarios.py")
+    plan = {
+        "results": f"{GUEST_SHARE}/results",
+        "workdir": "/root/xenci",
+        "scenarios": [
+            {
+                "name": s.name,
+                "path": f"{GUEST_CHECKOUT}/{s.path.relative_to(CHECKOUT)}",
+                "timeout": s.timeout,
+                "checkout": GUEST_CHECKOUT,
+            }
+            for s in scenarios
+        ],
+    }
+    (share / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    test_sh = share / "test.sh"
+    test_sh.write_text(f"#!/bin/sh\nexec python3 -u {GUEST_SHARE}/run_scenarios.py {GUEST_SHARE}/plan.json\n")
+    test_sh.chmod(0o755)
+    # Per-scenario limits plus room for the runner's leak checks and clean-ups.
+    return sum(s.timeout + 30 for s in scenarios) + 60
+
+
+def qemu_argv(image: Dom0Image, share: Path, serial: Path, guest_timeout: int) -> list[str]:
+    # -cpu qemu64 has no SMAP: with SMAP emulated, Xen crashes the PV dom0 in create_bounce_frame.
+    # smap=0 keeps a later -cpu max safe. No `noreboot`: a dom0 crash then makes Xen reboot, which
+    # -no-reboot turns into a prompt QEMU exit instead of a hang until the timeout.
+    xen_cmdline = (
+        "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 smap=0 "
+        "loglvl=all guest_loglvl=all"
+    )
+    dom0_cmdline = (
+        f"console=hvc0 earlyprintk=xen root=/dev/vda rw init=/sbin/xen-ci-init xenci.timeout={guest_timeout}"
+    )
+    return [
+        QEMU,
+        "-machine", "pc,accel=tcg",
+        "-cpu", "qemu64",
+        "-smp", "2",
+        "-m", "3G",
+        "-display", "none",
+        "-vga", "none",
+        "-no-reboot",
+        "-nic", "none",
+        "-kernel", str(image.xen),
+        "-append", xen_cmdline,
+        # Multiboot modules, comma-separated: dom0 kernel with its command line, then its initrd.
+        "-initrd", f"{image.kernel} {dom0_cmdline},{image.initrd}",
+        # snapshot=on: every boot starts from the pristine cached image.
+        "-drive", f"file={image.disk},if=virtio,format=raw,cache=unsafe,snapshot=on",
+        "-virtfs", f"local,path={share},mount_tag=hostshare,security_model=none,id=hostshare",
+        "-virtfs",
+        f"local,path={CHECKOUT},mount_tag=checkout,security_model=none,id=checkout,readonly=on,multidevs=remap",
+        "-serial", f"file:{serial}",
+        "-monitor", "none",
+    ]  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    # If pytest itself is SIGKILLed, the kernel kills QEMU too: no orphan VM burning both cores.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def boot(
+    image: Dom0Image,
+    share: Path,
+    scenarios: list[Scenario],
+    *,
+    host_timeout: float | None = None,
+    boot_timeout: float = BOOT_TIMEOUT,
+    progress: Callable[[str], None] | None = None,
+) -> LaneRun:
+    """Boot once, run `scenarios` inside dom0, collect their records. QEMU is always reaped."""
+    guest_timeout = stage(share, scenarios)
+    serial = share.parent / f"{share.name}-console.log"
+    serial.write_bytes(b"")
+    run = LaneRun(share=share, serial_log=serial)
+    deadline_total = host_timeout if host_timeout is not None else guest_timeout + boot_timeout + 60
+    argv = qemu_argv(image, share, serial, guest_timeout)
+    (share.parent / f"{share.name}-qemu.argv").write_text(" ".join(argv) + "\n")
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(share.parent / f"{share.name}-qemu.stderr").open("wb"),
+        start_new_session=True,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+    )
+    offset = 0
+    pending = ""
+    try:
+        while True:
+            now = time.monotonic() - start
+            with serial.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            pending += chunk.decode(errors="replace").replace("\r", "")
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                if run.boot_seconds is None and READY_MARKER in line:
+                    run.boot_seconds = now
+                    if progress:
+                        progress(f"dom0 ready after {now:.1f}s")
+                if m := RESULT_MARKER.search(line):
+                    run.seen[m.group(1)] = now
+                    if progress:
+                        progress(f"{m.group(1)}: {m.group(2)} at {now:.1f}s")
+            rc = proc.poll()
+            if rc is not None:
+                run.qemu_rc = rc
+                break
+            if run.boot_seconds is None and now > boot_timeout:
+                run.killed = f"dom0 did not report ready within {boot_timeout:.0f}s of QEMU start"
+                break
+            if now > deadline_total:
+                run.killed = f"host timeout: QEMU still running after {deadline_total:.0f}s"
+                break
+            time.sleep(0.25)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        run.qemu_seconds = time.monotonic() - start
+    collect(run)
+    return run
+
+
+def collect(run: LaneRun) -> None:
+    """Read back what dom0 wrote; a half-written (.tmp) record is ignored."""
+    results = run.share / "results"
+    rc_file = results / "rc"
+    if rc_file.is_file():
+        text = rc_file.read_text().strip()
+        run.runner_rc = int(text) if text.lstrip("-").isdigit() else None
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if path.name == "_dom0.json":
+            run.dom0 = data
+        elif isinstance(data, dict) and data.get("name") == path.stem:
+            run.records[path.stem] = data
