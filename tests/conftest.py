@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.kernel"]
+pytest_plugins = ["tests.fixtures.kernel", "tests.fixtures.cxenstored"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,15 @@
+"""xenstore: the client every layer uses, the vbd layout, and (in server/) the embedded daemon.
+
+Modules, one concept each:
+
+    client      XenStore / Transaction / WatchEvent: str API, deadlines, typed errors (on pyxs)
+    transport   where xenstored lives (libxenstore's order) and a reader thread that cannot hang us
+    paths       node-name, value and permission rules, checked before anything is sent
+    errors      XenstoreError and its errno-specific subclasses
+    vbd         backend/frontend paths of a vbd, XenbusState, typed backend record
+    vdev        virtual device names <-> numbers (xen-vbd-interface(7))
+    server/     the embedded xenstored (stdlib only)
+
+This package file imports nothing: `python -m xenblockctl xenstored` must not pay for pyxs, and
+the block script imports exactly the modules it uses.
+"""

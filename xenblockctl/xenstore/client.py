@@ -1,0 +1,524 @@
+"""The xenstore client every layer uses: str at the edges, typed errors, a deadline on everything.
+
+    with XenStore.connect() as store:
+        store.write("backend/vbd/5/51712/physical-device", "7:0")
+        state = store.run_transaction(lambda tx: tx.read("backend/vbd/5/51712/state"))
+
+Built on pyxs 0.4.1 for framing, the connection classes and the reply-matching reader thread,
+but requests are sent and awaited here rather than through `pyxs.Client`, because pyxs's own
+request path waits without a timeout, rejects empty values (0.4.1) and non-ASCII bytes, and
+returns False instead of raising on a transaction conflict (xenstore-for-tests.md §4.3).
+
+Relative paths are sent as they are (C xenstored resolves them against /local/domain/0 on a
+socket). oxenstored and docs/misc/xenstore.txt disagree about relative paths over a socket, so
+code that may meet either daemon should pass them through `store.absolute()` first.
+
+A XenStore may be used from several threads: requests are matched to replies by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar
+
+from pyxs._internal import Op, Packet
+
+from xenblockctl.xenstore.errors import (
+    TransactionConflict,
+    XenstoreDisconnected,
+    XenstoreError,
+    XenstoreInvalid,
+    XenstoreNoEntry,
+    XenstoreTimeout,
+    XenstoreTooBig,
+    errno_from_name,
+    error_for,
+)
+from xenblockctl.xenstore.paths import (
+    PAYLOAD_MAX,
+    Perm,
+    check_path,
+    check_token,
+    check_watch_path,
+    coerce_perm,
+    decode_value,
+    encode_value,
+    join,
+)
+from xenblockctl.xenstore.transport import (
+    LOST,
+    Endpoint,
+    GuardedRouter,
+    connect_first,
+    default_endpoints,
+    endpoint_for,
+    wait_reply,
+)
+
+T = TypeVar("T")
+
+#: Default per-request deadline. libxl kills a hotplug script after 40 s; a healthy daemon
+#: answers in well under a millisecond.
+DEFAULT_TIMEOUT = 10.0
+#: run_transaction's default number of attempts. Conflicts are normal (blkback, libxl and the
+#: engine create siblings under the same backend directory); 16 tries with the backoff below
+#: give up after well under a second of contention instead of looping forever.
+DEFAULT_ATTEMPTS = 16
+_BACKOFF_FIRST = 0.001
+_BACKOFF_CAP = 0.05
+
+_NUL = b"\0"
+
+
+class WatchEvent(NamedTuple):
+    """A fired watch: the path that changed (or the watched path itself at registration)."""
+
+    path: str
+    token: str
+
+
+def _arg(text: str) -> bytes:
+    # Paths and tokens were validated to ASCII before we get here.
+    return text.encode("ascii") + _NUL
+
+
+def _ok(payload: bytes, what: str) -> None:
+    if payload.rstrip(_NUL) != b"OK":
+        raise XenstoreDisconnected(f"{what}: unexpected reply {payload[:40]!r}")
+
+
+def _split_list(payload: bytes) -> list[str]:
+    """DIRECTORY / GET_PERMS replies: NUL-terminated strings; an empty list is an empty payload."""
+    if not payload:
+        return []
+    return [decode_value(item) for item in payload.rstrip(_NUL).split(_NUL)]
+
+
+class _Operations:
+    """Node operations shared by the store (tx 0) and a transaction (its id)."""
+
+    _tx_id: int
+
+    def _request(self, op: int, payload: bytes, what: str) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def read_bytes(self, path: str) -> bytes:
+        check_path(path)
+        return self._request(Op.READ, _arg(path), f"read {path}")
+
+    def read(self, path: str) -> str:
+        """The node's value; XenstoreNoEntry (errno ENOENT) when it does not exist."""
+        return decode_value(self.read_bytes(path))
+
+    def read_optional(self, path: str) -> str | None:
+        try:
+            return self.read(path)
+        except XenstoreNoEntry:
+            return None
+
+    def exists(self, path: str) -> bool:
+        return self.read_optional(path) is not None
+
+    def ls(self, path: str) -> list[str]:
+        """Names (not paths) of the node's children, in the daemon's order."""
+        check_path(path)
+        return _split_list(self._request(Op.DIRECTORY, _arg(path), f"directory {path}"))
+
+    def get_perms(self, path: str) -> list[Perm]:
+        check_path(path)
+        return [
+            Perm.parse(p) for p in _split_list(self._request(Op.GET_PERMS, _arg(path), f"get-perms {path}"))
+        ]
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def write_bytes(self, path: str, value: bytes) -> None:
+        check_path(path)
+        payload = _arg(path) + value
+        if len(payload) > PAYLOAD_MAX:
+            raise XenstoreTooBig(
+                f"write {path}: value of {len(value)} bytes exceeds the {PAYLOAD_MAX}-byte payload limit",
+                errno=errno.E2BIG,
+            )
+        _ok(self._request(Op.WRITE, payload, f"write {path}"), f"write {path}")
+
+    def write(self, path: str, value: str) -> None:
+        """Create or overwrite; missing parents are created with empty values. `""` is valid."""
+        self.write_bytes(path, encode_value(value))
+
+    def mkdir(self, path: str) -> None:
+        """Create the node (and parents) with an empty value; no-op when it exists."""
+        check_path(path)
+        _ok(self._request(Op.MKDIR, _arg(path), f"mkdir {path}"), f"mkdir {path}")
+
+    def rm(self, path: str, *, missing_ok: bool = True) -> None:
+        """Remove the node and everything below it. A missing node is fine unless missing_ok is
+        False; the daemon itself answers ENOENT only when the *parent* is missing too."""
+        check_path(path)
+        if not missing_ok and not self.exists(path):
+            raise XenstoreNoEntry(f"rm {path}", errno=errno.ENOENT)
+        try:
+            _ok(self._request(Op.RM, _arg(path), f"rm {path}"), f"rm {path}")
+        except XenstoreNoEntry:
+            if not missing_ok:
+                raise
+
+    def set_perms(self, path: str, perms: Sequence[Perm | str]) -> None:
+        """Replace the ACL. The first entry is the owner and the default for unlisted domains."""
+        check_path(path)
+        parsed = [coerce_perm(p) for p in perms]
+        if not parsed:
+            raise XenstoreInvalid(f"set-perms {path}: the list needs at least the owner entry")
+        payload = _arg(path) + b"".join(_arg(str(p)) for p in parsed)
+        _ok(self._request(Op.SET_PERMS, payload, f"set-perms {path}"), f"set-perms {path}")
+
+    def read_dir(self, path: str) -> dict[str, str]:
+        """One level of children: name -> value. Consistent only inside a transaction; the store
+        version runs it in one."""
+        values: dict[str, str] = {}
+        for name in self.ls(path):
+            value = self.read_optional(join(path, name))
+            if value is not None:
+                values[name] = value
+        return values
+
+    def write_many(self, items: Mapping[str, str]) -> None:
+        for path, value in items.items():
+            self.write(path, value)
+
+
+class Transaction(_Operations):
+    """One xenstore transaction. Reads see its own writes; nothing is visible to others (and no
+    watch fires) until commit. Use as a context manager: commit on clean exit, abort on error."""
+
+    def __init__(self, store: XenStore, tx_id: int) -> None:
+        self._store = store
+        self._tx_id = tx_id
+        self._open = True
+
+    @property
+    def id(self) -> int:
+        return self._tx_id
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def _request(self, op: int, payload: bytes, what: str) -> bytes:
+        if not self._open:
+            raise XenstoreInvalid(f"{what}: transaction {self._tx_id} already ended")
+        return self._store._send(op, payload, self._tx_id, what)
+
+    def commit(self) -> None:
+        """Raises TransactionConflict (EAGAIN) when another writer got in between; the
+        transaction is over either way."""
+        self._end(b"T")
+
+    def abort(self) -> None:
+        self._end(b"F")
+
+    def _end(self, flag: bytes) -> None:
+        if not self._open:
+            raise XenstoreInvalid(f"transaction {self._tx_id} already ended")
+        what = f"transaction-end {flag.decode()} {self._tx_id}"
+        # Whatever the outcome, the daemon no longer knows this id (or the connection is gone).
+        self._open = False
+        _ok(self._store._send(Op.TRANSACTION_END, flag + _NUL, self._tx_id, what), what)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._open:
+            return
+        if exc_type is None:
+            self.commit()
+            return
+        # Best effort: the original exception matters more than a failed abort, and a lost
+        # connection ends the transaction on the daemon's side anyway.
+        with contextlib.suppress(XenstoreError):
+            self.abort()
+
+
+class XenStore(_Operations):
+    """A connection to xenstored. Create with `XenStore.connect()`; close (or use `with`)."""
+
+    def __init__(self, router: GuardedRouter, endpoint: Endpoint, timeout: float, domid: int | None) -> None:
+        self._router: GuardedRouter | None = router
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._tx_id = 0
+        self._ids = itertools.count(1)
+        self._events: queue.Queue[Any] = queue.Queue()
+        router.event_queues.append(self._events)
+        self._watch_tokens: dict[str, int] = {}
+        self._watch_lock = threading.Lock()
+        self._sink = _EventSink(self._events)
+        self._domid = domid
+        self._home: str | None = None
+
+    @classmethod
+    def connect(
+        cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, domid: int | None = None
+    ) -> XenStore:
+        """Connect like libxenstore: `path` if given (socket, or a xenbus character device), else
+        `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else `/run/xenstored/socket`, then
+        `/dev/xen/xenbus`. `domid` is our own domain id if the caller knows it (see `absolute`).
+        """
+        if timeout <= 0:
+            raise XenstoreInvalid(f"timeout must be positive, not {timeout}")
+        endpoints = [endpoint_for(path)] if path is not None else default_endpoints()
+        router, endpoint = connect_first(endpoints, timeout)
+        return cls(router, endpoint, timeout, domid)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._router is None or self._router.stopped.is_set()
+
+    def close(self) -> None:
+        router, self._router = self._router, None
+        if router is not None:
+            router.shutdown(min(self.timeout, 2.0))
+
+    def __enter__(self) -> XenStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"XenStore({self.endpoint}, {'closed' if self.closed else 'open'})"
+
+    # -- the one request path ---------------------------------------------------------------------
+
+    def _request(self, op: int, payload: bytes, what: str) -> bytes:
+        return self._send(op, payload, 0, what)
+
+    def _send(self, op: int, payload: bytes, tx_id: int, what: str) -> bytes:
+        router = self._router
+        if router is None:
+            raise XenstoreDisconnected(f"{what}: connection already closed")
+        if len(payload) > PAYLOAD_MAX:
+            raise XenstoreTooBig(
+                f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
+            )
+        packet = Packet(op, payload, rq_id=next(self._ids), tx_id=tx_id)
+        deadline = time.monotonic() + self.timeout
+        try:
+            rvar = router.send(packet)
+        except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
+            self._abandon()
+            raise XenstoreDisconnected(f"{what}: send failed: {' '.join(str(exc).split())[:120]}") from exc
+        reply = wait_reply(rvar, deadline)
+        if reply is None:
+            # The request may still be applied later; nothing on this connection can be trusted.
+            self._abandon()
+            raise XenstoreTimeout(f"{what}: no reply within {self.timeout:g} s", errno=errno.ETIMEDOUT)
+        if reply is LOST:
+            raise XenstoreDisconnected(f"{what}: {router.describe_failure()}", errno=errno.ECONNRESET)
+        if reply.op == Op.ERROR:
+            name = reply.payload.rstrip(_NUL).decode("ascii", "replace")
+            num = errno_from_name(name)
+            raise error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
+        if reply.op != op or reply.tx_id != tx_id:
+            self._abandon()
+            raise XenstoreDisconnected(f"{what}: reply of type {reply.op} tx {reply.tx_id} does not match")
+        return bytes(reply.payload)
+
+    def _abandon(self) -> None:
+        """After a timeout or protocol confusion the stream position is unknown: drop it."""
+        router, self._router = self._router, None
+        if router is not None:
+            router.shutdown(0.5)
+
+    # -- transactions -----------------------------------------------------------------------------
+
+    def transaction(self) -> Transaction:
+        """Start a transaction (one attempt). `with store.transaction() as tx:` commits on clean
+        exit, aborts on exception, and raises TransactionConflict when the commit hits EAGAIN."""
+        payload = self._send(Op.TRANSACTION_START, _NUL, 0, "transaction-start")
+        text = payload.rstrip(_NUL)
+        if not text.isdigit() or int(text) == 0:
+            raise XenstoreDisconnected(f"transaction-start: bad transaction id {text[:20]!r}")
+        return Transaction(self, int(text))
+
+    def run_transaction(self, fn: Callable[[Transaction], T], *, attempts: int = DEFAULT_ATTEMPTS) -> T:
+        """Run `fn(tx)` in a transaction and commit; on EAGAIN (at commit or from any request)
+        re-run the whole of `fn` after a short jittered backoff, at most `attempts` times. `fn`
+        must therefore only read and write through `tx` and decide from what it read. The
+        transaction is always ended: committed, or aborted when `fn` raises."""
+        if attempts < 1:
+            raise XenstoreInvalid(f"attempts must be >= 1, not {attempts}")
+        for attempt in range(attempts):
+            try:
+                with self.transaction() as tx:
+                    result = fn(tx)
+            except TransactionConflict:
+                if attempt + 1 == attempts:
+                    raise TransactionConflict(
+                        f"transaction still conflicting after {attempts} attempts", errno=errno.EAGAIN
+                    ) from None
+                time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt)))
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_dir(self, path: str) -> dict[str, str]:
+        """One level of children (name -> value), read consistently in one transaction."""
+        return self.run_transaction(lambda tx: tx.read_dir(path))
+
+    def write_many(self, items: Mapping[str, str]) -> None:
+        """All writes in one transaction (what `xenstore-write a 1 b 2` does)."""
+        self.run_transaction(lambda tx: tx.write_many(items))
+
+    # -- domains and paths ------------------------------------------------------------------------
+
+    def get_domain_path(self, domid: int) -> str:
+        return decode_value(
+            self._request(Op.GET_DOMAIN_PATH, _arg(str(_domid(domid))), f"get-domain-path {domid}").rstrip(
+                _NUL
+            )
+        )
+
+    def own_domid(self) -> int:
+        """Our domain id: as given to connect(); 0 over a socket (every xenstored treats socket
+        connections as dom0); over xenbus the `domid` node the toolstack writes in our home."""
+        if self._domid is None:
+            if self.endpoint.kind == "socket":
+                self._domid = 0
+            else:
+                text = self.read("domid")
+                if not text.isdigit():
+                    raise XenstoreInvalid(f"own domid node holds {text[:20]!r}")
+                self._domid = _domid(int(text))
+        return self._domid
+
+    def home(self) -> str:
+        """`/local/domain/<own domid>`, as the daemon reports it."""
+        if self._home is None:
+            self._home = self.get_domain_path(self.own_domid())
+        return self._home
+
+    def absolute(self, path: str) -> str:
+        """`path` made absolute against our home, e.g. XENBUS_PATH `backend/vbd/5/51712` ->
+        `/local/domain/0/backend/vbd/5/51712`. Absolute paths are returned unchanged."""
+        check_path(path)
+        return path if path.startswith("/") else join(self.home(), path)
+
+    def introduce_domain(self, domid: int, gfn: int, evtchn: int) -> None:
+        what = f"introduce {domid}"
+        payload = b"".join(_arg(str(v)) for v in (_domid(domid), gfn, evtchn))
+        _ok(self._request(Op.INTRODUCE, payload, what), what)
+
+    def release_domain(self, domid: int) -> None:
+        what = f"release {domid}"
+        _ok(self._request(Op.RELEASE, _arg(str(_domid(domid))), what), what)
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        what = f"is-domain-introduced {domid}"
+        answer = self._request(Op.IS_DOMAIN_INTRODUCED, _arg(str(_domid(domid))), what).rstrip(_NUL)
+        if answer not in (b"T", b"F"):
+            raise XenstoreDisconnected(f"{what}: unexpected reply {answer[:20]!r}")
+        return answer == b"T"
+
+    # -- watches ----------------------------------------------------------------------------------
+
+    def watch(self, path: str, token: str) -> None:
+        """Watch `path` and everything below it. xenstored fires one event for `path` right away
+        (whether or not it exists); later events name the node that changed."""
+        check_watch_path(path)
+        check_token(token)
+        self._subscribe(token)
+        try:
+            what = f"watch {path} {token}"
+            _ok(self._request(Op.WATCH, _arg(path) + _arg(token), what), what)
+        except BaseException:
+            self._unsubscribe(token)
+            raise
+
+    def unwatch(self, path: str, token: str) -> None:
+        check_watch_path(path)
+        check_token(token)
+        what = f"unwatch {path} {token}"
+        _ok(self._request(Op.UNWATCH, _arg(path) + _arg(token), what), what)
+        self._unsubscribe(token)
+
+    def wait_watch(self, timeout: float | None = None) -> WatchEvent | None:
+        """The next event of any watch of this connection, or None after `timeout` seconds
+        (`None` = the store's timeout). Raises XenstoreDisconnected if the connection is gone."""
+        try:
+            item = self._events.get(timeout=self.timeout if timeout is None else max(timeout, 0.0))
+        except queue.Empty:
+            return None
+        if item is LOST:
+            self._events.put(LOST)  # keep reporting it to later waits
+            reason = self._router.describe_failure() if self._router is not None else "connection closed"
+            raise XenstoreDisconnected(f"wait-watch: {reason}", errno=errno.ECONNRESET)
+        path, token = item
+        return WatchEvent(decode_value(path), decode_value(token))
+
+    def drain_watches(self) -> list[WatchEvent]:
+        """Every event already queued, without waiting."""
+        events: list[WatchEvent] = []
+        while True:
+            event = self.wait_watch(0)
+            if event is None:
+                return events
+            events.append(event)
+
+    def _subscribe(self, token: str) -> None:
+        router = self._router
+        if router is None:
+            raise XenstoreDisconnected(f"watch {token}: connection already closed")
+        with self._watch_lock:
+            count = self._watch_tokens.get(token, 0)
+            if count == 0:
+                router.subscribe(token.encode("ascii"), self._sink)
+            self._watch_tokens[token] = count + 1
+
+    def _unsubscribe(self, token: str) -> None:
+        router = self._router
+        with self._watch_lock:
+            count = self._watch_tokens.get(token, 0)
+            if count <= 1:
+                self._watch_tokens.pop(token, None)
+                if count == 1 and router is not None:
+                    router.unsubscribe(token.encode("ascii"), self._sink)
+            else:
+                self._watch_tokens[token] = count - 1
+
+
+class _EventSink:
+    """What pyxs's Router delivers watch events to: anything with an `events` queue."""
+
+    def __init__(self, events: queue.Queue[Any]) -> None:
+        self.events = events
+
+
+def _domid(domid: int) -> int:
+    if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid <= 0xFFFF:
+        raise XenstoreInvalid(f"domid {domid!r} out of range 0..65535")
+    return domid
+
+
+def all_paths(store: _Operations, top: str) -> Iterable[str]:
+    """Every node under `top` (depth first, `top` included); for tests and debugging dumps."""
+    yield top
+    for name in store.ls(top):
+        yield from all_paths(store, join(top, name))

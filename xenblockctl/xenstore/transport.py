@@ -1,0 +1,226 @@
+"""Where xenstored lives, and a pyxs connection that can never strand a caller.
+
+pyxs gives us framing (`Packet`, `PacketConnection`) and a reader thread (`Router`) that matches
+replies to requests by id. Its weak spot (reference xenstore-for-tests.md §4.3 #3, #4): when the
+daemon dies mid-request or sends a packet the router does not expect, the router thread dies and
+every caller waits forever on a condition variable. A block script that hangs is SIGKILLed by
+libxl after 40 s with its cleanup unrun, so here
+
+- the socket carries a timeout, so a half-sent reply cannot park the router inside recv();
+- the router subclass catches its own death and wakes every pending request and event waiter
+  with `LOST`, so callers see a typed error at once instead of at their deadline;
+- closing never joins a wedged thread without a bound.
+
+The per-request deadline itself lives in the client (`wait_reply`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pyxs.client import Router
+from pyxs.connection import PacketConnection, XenBusConnection
+
+from xenblockctl.xenstore.errors import XenstoreUnavailable
+
+#: libxenstore's compiled-in rundir on Debian (XEN_RUN_STORED); /var/run is a symlink to /run.
+DEFAULT_RUNDIR = "/run/xenstored"
+#: The character device a domain without a local daemon talks through (Linux).
+XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
+
+
+class _Lost:
+    """Marker delivered to waiters when the connection is gone."""
+
+    def __repr__(self) -> str:
+        return "LOST"
+
+
+LOST: Final = _Lost()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place to try: a Unix socket of a xenstored, or the xenbus character device."""
+
+    kind: str  # "socket" | "xenbus"
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+
+def default_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
+    """The order libxenstore's `xs_open(0)` uses (tools/libs/store/xs.c, xs_lib.c).
+
+    One socket, chosen by precedence: `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else
+    `/run/xenstored/socket`; then the xenbus device. Like libxenstore we do not fall through to
+    the default socket when `XENSTORED_PATH` names a dead one: a test pointed at its private
+    daemon must never silently talk to the host's store.
+    """
+    env = os.environ if env is None else env
+    sock = env.get("XENSTORED_PATH") or os.path.join(env.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR, "socket")
+    endpoints = [Endpoint("socket", sock)]
+    # /proc/xen/xenbus only on kernels without /dev/xen/xenbus (what pyxs and libxenstore do).
+    xenbus = next((d for d in XENBUS_DEVICES if os.path.exists(d)), XENBUS_DEVICES[0])
+    endpoints.append(Endpoint("xenbus", xenbus))
+    return endpoints
+
+
+def endpoint_for(path: str) -> Endpoint:
+    """An explicit path: a character device means xenbus, anything else a Unix socket."""
+    try:
+        is_chr = stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        is_chr = False
+    return Endpoint("xenbus" if is_chr else "socket", path)
+
+
+class _SocketTransport:
+    """pyxs's transport contract (fileno/recv/send/close) on a socket with a timeout, so a peer
+    that stops mid-packet raises in recv()/sendall() instead of blocking the router forever."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise OSError(errno.ECONNRESET, "xenstored closed the connection")
+            got += n
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def kick(self) -> None:
+        """Make a recv() blocked in another thread return (EOF) without closing the fd under it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class SocketConnection(PacketConnection):  # type: ignore[misc]
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def create_transport(self) -> _SocketTransport:
+        return _SocketTransport(self.path, self.timeout)
+
+
+class GuardedRouter(Router):  # type: ignore[misc]
+    """pyxs's Router whose death wakes everyone waiting on it."""
+
+    def __init__(self, connection: Any) -> None:
+        super().__init__(connection)
+        self.failure: BaseException | None = None
+        self.stopped = threading.Event()
+        #: event queues of our clients; each gets LOST when the router stops.
+        self.event_queues: list[queue.Queue[Any]] = []
+        self.thread.name = "xenstore-router"
+
+    def __call__(self) -> None:
+        try:
+            super().__call__()
+        except BaseException as exc:
+            self.failure = exc
+        finally:
+            self.stopped.set()
+            with self.send_lock:
+                pending = list(self.rvars.values())
+                self.rvars.clear()
+            for rvar in pending:
+                rvar.set(LOST)
+            for events in self.event_queues:
+                events.put(LOST)
+
+    def describe_failure(self) -> str:
+        if self.failure is None:
+            return "connection closed"
+        text = " ".join(str(self.failure).split()) or type(self.failure).__name__
+        return f"{type(self.failure).__name__}: {text}"[:200]
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the router thread; bounded even when it is stuck inside a read."""
+        if self.thread.is_alive():
+            with contextlib.suppress(OSError):  # already closing on its own
+                self.w_terminator.sendall(b"\0")
+            self.thread.join(timeout)
+        if self.thread.is_alive():
+            transport = self.connection.transport
+            if isinstance(transport, _SocketTransport):
+                transport.kick()
+                self.thread.join(timeout)
+        if not self.thread.ident:
+            # Never started: close what the constructor and connect() opened.
+            self.connection.close()
+            self.r_terminator.close()
+            self.w_terminator.close()
+        # A router stuck in os.read() on xenbus is a daemon thread and dies with the process.
+
+
+def wait_reply(rvar: Any, deadline: float) -> Any:
+    """The reply (pyxs Packet), LOST, or None when `deadline` (time.monotonic) passed first."""
+    with rvar.condition:
+        while rvar.target is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            rvar.condition.wait(remaining)
+        return rvar.target
+
+
+def open_router(endpoint: Endpoint, timeout: float) -> GuardedRouter:
+    """Connect and start the reader thread; raises OSError / pyxs errors to the caller."""
+    if endpoint.kind == "socket":
+        connection: Any = SocketConnection(endpoint.path, timeout)
+    else:
+        connection = XenBusConnection(endpoint.path)
+    router = GuardedRouter(connection)
+    try:
+        router.start()
+    except BaseException:
+        router.shutdown(timeout)
+        raise
+    return router
+
+
+def connect_first(endpoints: list[Endpoint], timeout: float) -> tuple[GuardedRouter, Endpoint]:
+    """Try each endpoint in order; the error names every place tried and why it failed."""
+    failures: list[str] = []
+    for endpoint in endpoints:
+        try:
+            return open_router(endpoint, timeout), endpoint
+        except Exception as exc:
+            failures.append(f"{endpoint}: {' '.join(str(exc).split())[:120]}")
+    raise XenstoreUnavailable(
+        "cannot reach xenstored (" + "; ".join(failures) + ")", errno=errno.ECONNREFUSED
+    )

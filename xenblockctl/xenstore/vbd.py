@@ -1,0 +1,305 @@
+"""The xenstore layout of a vbd: backend and frontend paths, XenbusState, a typed backend record.
+
+libxl hands the block script only `XENBUS_PATH=backend/<type>/<domid>/<devid>`, relative to the
+backend domain's home (reference xen-block-protocol.md §1.3); everything else is read from the
+backend directory (§1.2, §2.2). Parsing that path strictly is the script's first line of defence:
+a path with `..`, a foreign type or a non-canonical number is refused before we touch anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
+
+#: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
+BACKEND_KINDS = ("vbd", "vbd3")
+#: domid_t values from DOMID_FIRST_RESERVED (0x7FF0) up are DOMID_SELF, DOMID_IO, ...: never a guest.
+DOMID_FIRST_RESERVED = 0x7FF0
+
+_DEC = r"(0|[1-9][0-9]*)"
+_RELATIVE = re.compile(rf"backend/([a-z0-9]+)/{_DEC}/{_DEC}")
+_ABSOLUTE = re.compile(rf"/local/domain/{_DEC}/backend/([a-z0-9]+)/{_DEC}/{_DEC}")
+_FRONTEND = re.compile(rf"/local/domain/{_DEC}/device/([a-z0-9]+)/{_DEC}")
+_PHYSICAL_DEVICE = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
+
+
+class VbdPathError(XenblockError):
+    """A XENBUS_PATH or frontend path that is not the layout libxl writes."""
+
+    code = "xenbus-path-invalid"
+
+
+class BackendRecordError(XenblockError):
+    """A backend node holds a value that is not in its documented format."""
+
+    code = "backend-record-invalid"
+
+
+class XenbusState(IntEnum):
+    """`state` node values (xen/include/public/io/xenbus.h enum xenbus_state)."""
+
+    Unknown = 0
+    Initialising = 1
+    InitWait = 2
+    Initialised = 3
+    Connected = 4
+    Closing = 5
+    Closed = 6
+    Reconfiguring = 7
+    Reconfigured = 8
+
+    @classmethod
+    def parse(cls, text: str) -> XenbusState:
+        if not (text.isascii() and text.isdigit()) or int(text) not in cls._value2member_map_:
+            raise BackendRecordError(f"state {text[:20]!r} is not a XenbusState (0-8)")
+        return cls(int(text))
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def _domid(text: str, what: str) -> int:
+    value = int(text)
+    if value >= DOMID_FIRST_RESERVED:
+        raise VbdPathError(f"{what} {value} is a reserved domid (>= {DOMID_FIRST_RESERVED:#x})")
+    return value
+
+
+def _devid(text: str) -> int:
+    value = int(text)
+    if not 0 < value < RESERVED:
+        raise VbdPathError(f"devid {value} outside 1..{RESERVED - 1}")
+    return value
+
+
+@dataclass(frozen=True)
+class BackendPath:
+    """`backend/<kind>/<domid>/<devid>` of a vbd; `backend_domid` is known only when parsed from
+    the absolute form (or given), since libxl's XENBUS_PATH is relative to the backend's home."""
+
+    kind: str
+    domid: int
+    devid: int
+    backend_domid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKEND_KINDS:
+            raise VbdPathError(f"backend kind {self.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+        for what, value in (("frontend domid", self.domid), ("backend domid", self.backend_domid)):
+            if value is not None and not 0 <= value < DOMID_FIRST_RESERVED:
+                raise VbdPathError(f"{what} {value} outside 0..{DOMID_FIRST_RESERVED - 1}")
+        if not 0 < self.devid < RESERVED:
+            raise VbdPathError(f"devid {self.devid} outside 1..{RESERVED - 1}")
+
+    @classmethod
+    def parse(cls, text: str) -> BackendPath:
+        """Relative (`backend/vbd/5/51712`, what libxl exports) or absolute
+        (`/local/domain/0/backend/vbd/5/51712`). Numbers must be canonical decimals."""
+        if not isinstance(text, str):
+            raise VbdPathError(f"backend path must be str, not {type(text).__name__}")
+        match = _RELATIVE.fullmatch(text)
+        if match is not None:
+            kind, domid, devid = match.groups()
+            return cls(_kind(kind), _domid(domid, "frontend domid"), _devid(devid))
+        match = _ABSOLUTE.fullmatch(text)
+        if match is not None:
+            bedom, kind, domid, devid = match.groups()
+            return cls(
+                _kind(kind), _domid(domid, "frontend domid"), _devid(devid), _domid(bedom, "backend domid")
+            )
+        raise VbdPathError(f"{text[:120]!r} is not backend/<vbd|vbd3>/<domid>/<devid>")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BackendPath:
+        """From libxl's hotplug environment: XENBUS_PATH, cross-checked with XENBUS_TYPE."""
+        raw = env.get("XENBUS_PATH")
+        if not raw:
+            raise VbdPathError("XENBUS_PATH is not set (not run by libxl?)")
+        path = cls.parse(raw)
+        declared = env.get("XENBUS_TYPE")
+        if declared and declared != path.kind:
+            raise VbdPathError(f"XENBUS_TYPE={declared} disagrees with XENBUS_PATH={raw}")
+        return path
+
+    @property
+    def relative(self) -> str:
+        return f"backend/{self.kind}/{self.domid}/{self.devid}"
+
+    def absolute(self, backend_domid: int | None = None) -> str:
+        bedom = self.backend_domid if backend_domid is None else backend_domid
+        if bedom is None:
+            raise VbdPathError(f"{self.relative}: backend domid unknown; pass it or use XenStore.absolute()")
+        return f"/local/domain/{bedom}/{self.relative}"
+
+    def with_backend(self, backend_domid: int) -> BackendPath:
+        return BackendPath(self.kind, self.domid, self.devid, backend_domid)
+
+    @property
+    def vdev(self) -> Vdev | None:
+        """The device the devid encodes, or None for a number outside xen-vbd-interface(7)."""
+        try:
+            return Vdev.from_number(self.devid)
+        except VdevError:
+            return None
+
+    def default_frontend(self) -> FrontendPath:
+        """Where libxl puts the frontend (kind `vbd` for both vbd and vbd3 backends). The
+        backend's `frontend` node is authoritative; this is for cross-checking it."""
+        return FrontendPath(self.domid, self.devid)
+
+    @property
+    def libxl_path(self) -> str:
+        """libxl's private copy of the backend keys (`/libxl/<domid>/device/vbd/<devid>`)."""
+        return f"/libxl/{self.domid}/device/vbd/{self.devid}"
+
+    def __str__(self) -> str:
+        return self.relative if self.backend_domid is None else self.absolute()
+
+
+def _kind(kind: str) -> str:
+    if kind not in BACKEND_KINDS:
+        raise VbdPathError(f"backend kind {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class FrontendPath:
+    """`/local/domain/<domid>/device/vbd/<devid>`."""
+
+    domid: int
+    devid: int
+    kind: str = "vbd"
+
+    @classmethod
+    def parse(cls, text: str) -> FrontendPath:
+        match = _FRONTEND.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
+            raise VbdPathError(f"{str(text)[:120]!r} is not /local/domain/<domid>/device/vbd/<devid>")
+        domid, kind, devid = match.groups()
+        if kind != "vbd":
+            raise VbdPathError(f"frontend kind {kind!r} is not vbd")
+        return cls(_domid(domid, "frontend domid"), _devid(devid))
+
+    @property
+    def path(self) -> str:
+        return f"/local/domain/{self.domid}/device/{self.kind}/{self.devid}"
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse_physical_device(text: str) -> tuple[int, int]:
+    """`physical-device` is hex `MAJOR:MINOR` without leading 0x (block-scripts.txt)."""
+    match = _PHYSICAL_DEVICE.fullmatch(text)
+    if match is None:
+        raise BackendRecordError(f"physical-device {text[:40]!r} is not hex MAJOR:MINOR")
+    return int(match.group(1), 16), int(match.group(2), 16)
+
+
+def format_physical_device(major: int, minor: int) -> str:
+    """What the stock script's `stat -L -c %t:%T` prints: lowercase hex, no leading zeros."""
+    return f"{major:x}:{minor:x}"
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """The nodes of one backend directory that xenblockctl acts on, typed; `raw` holds all of them.
+    Absent nodes are None: `remove` runs on directories whose `add` never got far."""
+
+    path: BackendPath
+    raw: Mapping[str, str] = field(repr=False)
+    frontend: str | None
+    frontend_id: int | None
+    params: str | None
+    mode: str | None
+    type: str | None
+    state: XenbusState | None
+    online: bool | None
+    dev: str | None
+    device_type: str | None
+    script: str | None
+    physical_device: tuple[int, int] | None
+    physical_device_path: str | None
+    physical_device_luid: str | None
+    hotplug_status: str | None
+    hotplug_error: str | None
+
+    @property
+    def writable(self) -> bool:
+        """libxl writes `w` or `r`; anything containing `w` is taken as writable (blkback's rule)."""
+        return self.mode is not None and "w" in self.mode
+
+    @classmethod
+    def from_nodes(cls, path: BackendPath, nodes: Mapping[str, str]) -> BackendRecord:
+        def opt(name: str) -> str | None:
+            return nodes.get(name)
+
+        def opt_int(name: str) -> int | None:
+            text = nodes.get(name)
+            if text is None:
+                return None
+            if not (text.isascii() and text.isdigit()):
+                raise BackendRecordError(f"{path}/{name} = {text[:20]!r} is not a decimal number")
+            return int(text)
+
+        def opt_bool(name: str) -> bool | None:
+            value = opt_int(name)
+            return None if value is None else value != 0
+
+        state = nodes.get("state")
+        physical = nodes.get("physical-device")
+        frontend_id = opt_int("frontend-id")
+        if frontend_id is not None and frontend_id != path.domid:
+            raise BackendRecordError(
+                f"{path}/frontend-id = {frontend_id} but the path names domain {path.domid}"
+            )
+        return cls(
+            path=path,
+            raw=dict(nodes),
+            frontend=opt("frontend"),
+            frontend_id=frontend_id,
+            params=opt("params"),
+            mode=opt("mode"),
+            type=opt("type"),
+            state=None if state is None else XenbusState.parse(state),
+            online=opt_bool("online"),
+            dev=opt("dev"),
+            device_type=opt("device-type"),
+            script=opt("script"),
+            physical_device=None if physical is None else parse_physical_device(physical),
+            physical_device_path=opt("physical-device-path"),
+            physical_device_luid=opt("physical-device-luid"),
+            hotplug_status=opt("hotplug-status"),
+            hotplug_error=opt("hotplug-error"),
+        )
+
+
+class _DirReader(Protocol):
+    def read_dir(self, path: str) -> dict[str, str]: ...
+
+
+class _Store(_DirReader, Protocol):
+    def absolute(self, path: str) -> str: ...
+
+
+def backend_dir(store: _Store, path: BackendPath) -> str:
+    """The absolute directory: from the path itself when it knows its backend domain, else
+    against the store's home (our own domain: the script runs in the backend domain)."""
+    return path.absolute() if path.backend_domid is not None else store.absolute(path.relative)
+
+
+def read_backend(store: _Store, path: BackendPath) -> BackendRecord | None:
+    """Read the backend directory in one transaction (XenStore.read_dir) and type it; None when
+    the directory does not exist (libxl already removed it)."""
+    try:
+        nodes = store.read_dir(backend_dir(store, path))
+    except XenstoreNoEntry:
+        return None
+    return BackendRecord.from_nodes(path, nodes)

@@ -1,0 +1,157 @@
+"""Virtual block device names <-> numbers, per xen-vbd-interface(7).
+
+The number is the `<devid>` in every vbd path and the frontend's `virtual-device`; the name is
+what `xl` configs and the backend's `dev` node say. Encoding (reference xen-block-protocol.md §10):
+
+    xvd<disk><part>, disk <= 15 and part <= 15   (202 << 8) | (disk << 4) | part
+    xvd beyond that                              (1 << 28) | (disk << 8) | part   disk < 2^20, part < 256
+    sd<disk><part>, disk <= 15, part <= 15       (8 << 8)   | (disk << 4) | part
+    hd<disk><part>, disks a-b, part <= 63        (3 << 8)   | (disk << 6) | part
+    hd<disk><part>, disks c-d                    (22 << 8)  | ((disk - 2) << 6) | part
+    d<disk>p<part> / d<disk>                     same number as xvd
+
+Disk letters are bijective base 26 (a=0 ... z=25, aa=26); partition 0 is the whole disk and is
+written without digits. Numbers of 2 << 28 and above are reserved.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from xenblockctl.errors import XenblockError
+
+XVD_MAJOR = 202
+SD_MAJOR = 8
+HD_MAJOR_AB = 3
+HD_MAJOR_CD = 22
+EXTENDED = 1 << 28
+RESERVED = 2 << 28
+XVD_EXT_DISKS = 1 << 20
+XVD_EXT_PARTS = 256
+
+_NAME = re.compile(r"(xvd|sd|hd)([a-z]+)([1-9][0-9]*)?")
+_DFORM = re.compile(r"d(0|[1-9][0-9]*)(?:p([1-9][0-9]*))?")
+
+
+class VdevError(XenblockError):
+    """A virtual device name or number outside xen-vbd-interface(7)."""
+
+    code = "vdev-invalid"
+
+
+def disk_to_letters(disk: int) -> str:
+    """0 -> 'a', 25 -> 'z', 26 -> 'aa' (bijective base 26)."""
+    if disk < 0:
+        raise VdevError(f"disk index {disk} is negative")
+    letters = ""
+    n = disk + 1
+    while n:
+        n, rem = divmod(n - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return letters
+
+
+def letters_to_disk(letters: str) -> int:
+    if not letters or not all("a" <= ch <= "z" for ch in letters):
+        raise VdevError(f"disk letters {letters!r} are not [a-z]+")
+    n = 0
+    for ch in letters:
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1
+
+
+@dataclass(frozen=True)
+class Vdev:
+    """A virtual block device: naming scheme, disk index (0-based) and partition (0 = whole)."""
+
+    scheme: str  # "xvd" | "sd" | "hd"
+    disk: int
+    partition: int = 0
+
+    def __post_init__(self) -> None:
+        limits = {"xvd": (XVD_EXT_DISKS, XVD_EXT_PARTS), "sd": (16, 16), "hd": (4, 64)}
+        if self.scheme not in limits:
+            raise VdevError(f"unknown vdev scheme {self.scheme!r}")
+        disks, parts = limits[self.scheme]
+        if not 0 <= self.disk < disks:
+            raise VdevError(f"{self.scheme}: disk index {self.disk} outside 0..{disks - 1}")
+        if not 0 <= self.partition < parts:
+            raise VdevError(f"{self.scheme}: partition {self.partition} outside 0..{parts - 1}")
+
+    @property
+    def name(self) -> str:
+        suffix = str(self.partition) if self.partition else ""
+        return f"{self.scheme}{disk_to_letters(self.disk)}{suffix}"
+
+    @property
+    def number(self) -> int:
+        if self.scheme == "xvd":
+            if self.disk < 16 and self.partition < 16:
+                return (XVD_MAJOR << 8) | (self.disk << 4) | self.partition
+            return EXTENDED | (self.disk << 8) | self.partition
+        if self.scheme == "sd":
+            return (SD_MAJOR << 8) | (self.disk << 4) | self.partition
+        if self.disk < 2:
+            return (HD_MAJOR_AB << 8) | (self.disk << 6) | self.partition
+        return (HD_MAJOR_CD << 8) | ((self.disk - 2) << 6) | self.partition
+
+    @classmethod
+    def parse(cls, text: str) -> Vdev:
+        """`xvda`, `xvdq3`, `xvdaa`, `sdb2`, `hdc`, `d0p1`, or a decimal device number."""
+        if not isinstance(text, str):
+            raise VdevError(f"vdev must be str, not {type(text).__name__}")
+        match = _NAME.fullmatch(text)
+        if match is not None:
+            scheme, letters, part = match.groups()
+            return cls(scheme, letters_to_disk(letters), int(part) if part else 0)
+        match = _DFORM.fullmatch(text)
+        if match is not None:
+            disk, part = match.groups()
+            return cls("xvd", int(disk), int(part) if part else 0)
+        if text.isdigit() and text.isascii() and (text == "0" or not text.startswith("0")):
+            return cls.from_number(int(text))
+        raise VdevError(f"{text[:40]!r} is not a virtual device name (xvdN, sdN, hdN, dNpM or a number)")
+
+    @classmethod
+    def from_number(cls, number: int) -> Vdev:
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < RESERVED:
+            raise VdevError(f"device number {number!r} outside 0..{RESERVED - 1}")
+        if number & EXTENDED:
+            return cls("xvd", (number >> 8) & (XVD_EXT_DISKS - 1), number & 0xFF)
+        major, minor = number >> 8, number & 0xFF
+        if major == XVD_MAJOR:
+            return cls("xvd", minor >> 4, minor & 15)
+        if major == SD_MAJOR:
+            return cls("sd", minor >> 4, minor & 15)
+        if major == HD_MAJOR_AB and minor >> 6 < 2:
+            return cls("hd", minor >> 6, minor & 63)
+        if major == HD_MAJOR_CD and minor >> 6 < 2:
+            return cls("hd", 2 + (minor >> 6), minor & 63)
+        raise VdevError(f"device number {number} does not encode any xvd/sd/hd device")
+
+    @property
+    def whole_disk(self) -> Vdev:
+        return Vdev(self.scheme, self.disk, 0)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def vdev_to_number(name: str) -> int:
+    """`xvda` -> 51712."""
+    return Vdev.parse(name).number
+
+
+def vdev_name(number: int) -> str:
+    """51712 -> `xvda`. Extended-form numbers of small disks decode to the same name as their
+    compact form (both are valid device ids; only the compact one is canonical)."""
+    return Vdev.from_number(number).name
+
+
+def is_canonical_number(number: int) -> bool:
+    """True when `number` is what libxl would derive from the device's name."""
+    try:
+        return Vdev.from_number(number).number == number
+    except VdevError:
+        return False
