@@ -6,7 +6,11 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.kernel", "tests.fixtures.cxenstored"]
+pytest_plugins = [
+    "tests.fixtures.kernel",
+    "tests.fixtures.cxenstored",
+    "tests.fixtures.xenstore",
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,6 +14,7 @@ from xenblockctl.errors import XenblockError
 #: command name -> "module:attribute" under xenblockctl.cli. Adding a command = one module + one line.
 COMMANDS: dict[str, str] = {
     "identify": "identify:identify",
+    "xenstored": "xenstored:xenstored",
 }
 
 #: Exit codes, documented in man/xenblockctl.1.md.

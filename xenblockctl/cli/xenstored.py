@@ -1,0 +1,77 @@
+"""`xenblockctl xenstored`: run the embedded xenstored on unix sockets until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from xenblockctl.xenstore.server.daemon import Daemon, Listener
+
+
+def _parse_domain_socket(text: str) -> Listener:
+    domid, sep, path = text.partition(":")
+    if not sep or not domid.isdigit() or not path or int(domid) >= 0x7FF0:
+        raise click.BadParameter(f"expected DOMID:PATH with DOMID < 32752, got {text!r}")
+    return Listener(path, int(domid))
+
+
+@click.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    required=True,
+    metavar="PATH",
+    help="Unix socket for privileged (dom0) clients; clients find it via XENSTORED_PATH.",
+)
+@click.option(
+    "--domain-socket",
+    "domain_sockets",
+    multiple=True,
+    metavar="DOMID:PATH",
+    help="Extra socket whose clients act as domain DOMID, subject to permissions and quotas.",
+)
+@click.option(
+    "--ready-fd",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Also write the ready line to file descriptor N, then close it.",
+)
+@click.option(
+    "--trace-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Append every message in and out (C xenstored --trace-file style).",
+)
+def xenstored(
+    socket_path: str, domain_sockets: tuple[str, ...], ready_fd: int | None, trace_file: str | None
+) -> None:
+    """Serve the xenstore wire protocol on PATH until SIGTERM or SIGINT.
+
+    Prints `xenstored ready socket=PATH [domain-socket=DOMID:PATH ...]` once every socket
+    listens. On SIGTERM/SIGINT it closes all connections, removes its socket files and exits 0."""
+    listeners = [Listener(socket_path, 0)] + [_parse_domain_socket(d) for d in domain_sockets]
+    trace_out = open(trace_file, "a", buffering=1) if trace_file else None  # noqa: SIM115
+
+    def trace(line: str) -> None:
+        assert trace_out is not None
+        trace_out.write(line + "\n")
+
+    daemon = Daemon(listeners, trace=trace if trace_out else None)
+    try:
+        daemon.open()
+        daemon.install_signal_handlers()
+        extra = "".join(f" domain-socket={lst.domid}:{lst.path}" for lst in listeners[1:])
+        line = f"xenstored ready socket={socket_path}{extra}\n"
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if ready_fd is not None:
+            os.write(ready_fd, line.encode())
+            os.close(ready_fd)
+        daemon.run()
+    finally:
+        daemon.close()
+        if trace_out is not None:
+            trace_out.close()

@@ -1,0 +1,282 @@
+"""The embedded xenstored's event loop: unix sockets, non-blocking I/O, clean shutdown.
+
+One thread, one `selectors` loop. Every client socket is non-blocking with its own output queue
+(connection.py): a client that does not read its replies only grows its own queue; past
+`READ_PAUSE_BYTES` the daemon stops reading its requests until it catches up, and past
+`MAX_OUTPUT_BYTES` (it is not reading at all while others' changes fire its watches) it is
+disconnected. A client sending a header with an oversize length is disconnected (as the C daemon
+does); a client leaving mid-message or mid-transaction just goes away, its transactions discarded.
+
+SIGTERM and SIGINT stop the loop through a wakeup socket; `close()` removes the socket files this
+daemon created (and only those: a file replaced meanwhile by another daemon is left alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+from types import FrameType
+
+from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.server.connection import Connection
+from xenblockctl.xenstore.server.core import Tracer, Xenstored
+from xenblockctl.xenstore.server.quota import Quota
+from xenblockctl.xenstore.server.wire import FrameDecoder, OversizeFrame
+
+log = logging.getLogger(__name__)
+
+READ_PAUSE_BYTES = 1 << 20
+MAX_OUTPUT_BYTES = 64 << 20
+RECV_SIZE = 64 * 1024
+#: sun_path is 108 bytes including the terminating NUL.
+SUN_PATH_MAX = 107
+
+
+class XenstoredError(XenblockError):
+    code = "xenstored"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listening socket whose connections act as `domid` (0: privileged, like the real socket)."""
+
+    path: str
+    domid: int
+
+
+class _Client:
+    __slots__ = ("conn", "decoder", "events", "sock")
+
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.decoder = FrameDecoder()
+        self.events = 0
+
+
+def _bind(path: str) -> tuple[socket.socket, int]:
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise XenstoredError(
+            f"socket path longer than {SUN_PATH_MAX} bytes: {path}", code="xenstored-socket-path"
+        )
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise XenstoredError(f"{path} exists and is not a socket", code="xenstored-socket-path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket of a daemon that died
+        else:
+            raise XenstoredError(f"another daemon listens on {path}", code="xenstored-socket-busy")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The C daemon's socket is 0600: only root (or the daemon's user) talks to xenstore.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise XenstoredError.from_oserror(
+            exc, f"cannot listen on {path}", code="xenstored-socket-path"
+        ) from exc
+    return sock, os.stat(path).st_ino
+
+
+class Daemon:
+    def __init__(
+        self,
+        listeners: list[Listener],
+        *,
+        quota: Quota | None = None,
+        trace: Tracer | None = None,
+    ) -> None:
+        self.core = Xenstored(quota, trace)
+        self.listeners = listeners
+        self._selector = selectors.DefaultSelector()
+        self._bound: list[tuple[socket.socket, str, int]] = []
+        self._clients: dict[int, _Client] = {}
+        self._stop = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._old_handlers: dict[int, object] = {}
+        self._old_wakeup_fd = -1
+
+    # Life cycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Bind every socket (the daemon is ready once this returns)."""
+        try:
+            for listener in self.listeners:
+                sock, ino = _bind(listener.path)
+                self._bound.append((sock, listener.path, ino))
+                self._selector.register(sock, selectors.EVENT_READ, listener)
+        except BaseException:
+            self.close()
+            raise
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT end `run()` cleanly (main thread only)."""
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop = True
+
+    def stop(self) -> None:
+        """Ask `run()` to return (from another thread or a signal handler)."""
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop(client, "daemon stopping")
+        for sock, path, ino in self._bound:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            sock.close()
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == ino:
+                    os.unlink(path)
+        self._bound.clear()
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        if self._old_handlers:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+        self._old_handlers.clear()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # Loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop:
+            for key, mask in self._selector.select():
+                data = key.data
+                if data is None:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                elif isinstance(data, Listener):
+                    self._accept(key.fileobj, data)  # type: ignore[arg-type]
+                else:
+                    client: _Client = data
+                    if client.conn.conn_id not in self._clients:
+                        continue  # dropped earlier in this round
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(client)
+                    if mask & selectors.EVENT_READ and client.conn.conn_id in self._clients:
+                        self._read(client)
+            self._flush_all()
+
+    def _accept(self, lsock: socket.socket, listener: Listener) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: keep serving the clients we have.
+                log.warning("accept on %s failed: %s", listener.path, exc)
+                return
+            sock.setblocking(False)
+            client = _Client(sock, self.core.connect(listener.domid))
+            self._clients[client.conn.conn_id] = client
+            self._set_interest(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(client, f"recv: {exc}")
+            return
+        if not data:
+            reason = "closed mid-message" if client.decoder.pending else "closed"
+            self._drop(client, reason)
+            return
+        try:
+            frames = client.decoder.feed(data)
+        except OversizeFrame as exc:
+            self._drop(client, str(exc))
+            return
+        for frame in frames:
+            self.core.handle(client.conn, frame)
+
+    def _flush_all(self) -> None:
+        for client in list(self._clients.values()):
+            if client.conn.has_output() or client.events != self._wanted(client):
+                self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        conn = client.conn
+        while conn.has_output():
+            chunk = conn.output_chunk()
+            try:
+                sent = client.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    log.warning("send to connection %d: %s", conn.conn_id, exc)
+                self._drop(client, f"send: {exc}")
+                return
+            conn.consume_output(sent)
+            if sent < len(chunk):
+                break
+        if conn.queued_bytes > MAX_OUTPUT_BYTES:
+            self._drop(client, "not reading its replies and events")
+            return
+        self._set_interest(client)
+
+    def _wanted(self, client: _Client) -> int:
+        conn = client.conn
+        events = selectors.EVENT_READ if conn.queued_bytes < READ_PAUSE_BYTES else 0
+        if conn.has_output():
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def _set_interest(self, client: _Client) -> None:
+        wanted = self._wanted(client)
+        if wanted == client.events:
+            return
+        if client.events == 0:
+            self._selector.register(client.sock, wanted, client)
+        elif wanted == 0:
+            self._selector.unregister(client.sock)
+        else:
+            self._selector.modify(client.sock, wanted, client)
+        client.events = wanted
+
+    def _drop(self, client: _Client, reason: str) -> None:
+        if self._clients.pop(client.conn.conn_id, None) is None:
+            return
+        if client.events:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(client.sock)
+        client.sock.close()
+        if self.core.trace:
+            self.core.trace(f"DROP connection {client.conn.conn_id}: {reason}")
+        self.core.disconnect(client.conn)

@@ -1,0 +1,105 @@
+"""The committed tree: nodes by absolute path, generation counters, and per-owner node counts.
+
+Like the C daemon's tdb, the tree is a flat map from absolute path to a record holding the value,
+the permission list and the ordered child names. Every change of a node gives it a fresh value of
+the global generation counter; transactions compare these to detect conflicts
+(`xenstored_transaction.c`). Nodes are immutable, so a reader can keep one without copying.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from xenblockctl.xenstore.server.paths import child
+from xenblockctl.xenstore.server.permissions import NONE, Perm, Perms
+
+#: Generation of a node that does not exist (`NO_GENERATION`).
+NO_GENERATION = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    value: bytes
+    perms: Perms
+    children: tuple[str, ...] = ()
+    generation: int = NO_GENERATION
+
+    @property
+    def owner(self) -> int:
+        return self.perms[0].domid
+
+    def with_child(self, name: str) -> Node:
+        return replace(self, children=(*self.children, name))
+
+    def without_child(self, name: str) -> Node:
+        return replace(self, children=tuple(c for c in self.children if c != name))
+
+    def children_payload(self) -> bytes:
+        """DIRECTORY reply: each child name NUL-terminated, in creation order."""
+        return b"".join(c.encode("latin-1") + b"\0" for c in self.children)
+
+
+class Store:
+    """The committed nodes. Mutated only through `apply`, one whole request or commit at a time."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, Node] = {}
+        self._generation = 0
+        #: owner domid -> number of nodes it owns (the per-domain node quota counts these).
+        self.owned: Counter[int] = Counter()
+        # What setup_structure() creates: /, /tool, /tool/xenstored, all owned by dom0, no access.
+        dom0_only = (Perm(NONE, 0),)
+        self.apply(
+            [
+                ("/", Node(b"", dom0_only, ("tool",))),
+                ("/tool", Node(b"", dom0_only, ("xenstored",))),
+                ("/tool/xenstored", Node(b"", dom0_only)),
+            ]
+        )
+
+    def next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def get(self, path: str) -> Node | None:
+        return self._nodes.get(path)
+
+    def generation_of(self, path: str) -> int:
+        node = self._nodes.get(path)
+        return NO_GENERATION if node is None else node.generation
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def apply(self, changes: Iterable[tuple[str, Node | None]]) -> None:
+        """Write (Node) or delete (None) each path in order, stamping fresh generations."""
+        for path, node in changes:
+            old = self._nodes.get(path)
+            if old is not None:
+                self.owned[old.owner] -= 1
+            if node is None:
+                self._nodes.pop(path, None)
+            else:
+                self._nodes[path] = replace(node, generation=self.next_generation())
+                self.owned[node.owner] += 1
+
+    def walk(self, root: str = "/") -> Iterator[tuple[str, Node]]:
+        """Pre-order walk following child lists."""
+        node = self._nodes.get(root)
+        if node is None:
+            return
+        stack = [(root, node)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            for name in reversed(node.children):
+                sub = child(path, name)
+                found = self._nodes.get(sub)
+                if found is not None:
+                    stack.append((sub, found))
+
+    def snapshot(self) -> dict[str, tuple[bytes, Perms, tuple[str, ...]]]:
+        """Contents without generations: what tests compare to prove a store was not corrupted."""
+        return {p: (n.value, n.perms, n.children) for p, n in self._nodes.items()}
