@@ -8,6 +8,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.kernel",
+    "tests.fixtures.backend",
     "tests.fixtures.cxenstored",
     "tests.fixtures.xenstore",
 ]

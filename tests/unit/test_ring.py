@@ -1,0 +1,245 @@
+"""The shared ring: ring.h semantics, index wrap-around, and hostile indices that must break the ring."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenblockctl.backend import blkif
+from xenblockctl.backend.blkif import Response, Segment, SegmentRequest
+from xenblockctl.backend.ring import BackRing, FrontRing, RingBroken, init_shared_ring
+from xenblockctl.errors import XenblockError
+
+M = 0xFFFFFFFF
+
+
+def make(
+    pages: int = 1, abi: blkif.Abi = blkif.X86_64, start: int = 0
+) -> tuple[FrontRing, BackRing, bytearray]:
+    buf = bytearray(pages * blkif.PAGE_SIZE)
+    view = memoryview(buf)
+    init_shared_ring(view)
+    if start:
+        struct.pack_into("=IIII", buf, 0, start, (start + 1) & M, start, (start + 1) & M)
+    front = FrontRing(view, abi, pages, init=False)
+    back = BackRing(view, abi, pages)
+    return front, back, buf
+
+
+def read_req(i: int) -> SegmentRequest:
+    return SegmentRequest(blkif.OP_READ, 1, 0, i, i * 8, (Segment(i, 0, 7),))
+
+
+def test_shared_ring_init() -> None:
+    buf = bytearray(b"\xaa" * 4096)
+    init_shared_ring(memoryview(buf))
+    assert struct.unpack_from("=IIII", buf) == (0, 1, 0, 1)
+    assert buf[16:64] == bytes(48)
+    assert buf[64:] == b"\xaa" * (4096 - 64)  # entries untouched
+
+
+@pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=lambda a: a.protocol)
+@pytest.mark.parametrize("start", [0, M - 5], ids=["zero", "wrapping"])
+def test_requests_and_responses_flow(abi: blkif.Abi, start: int) -> None:
+    front, back, _ = make(abi=abi, start=start)
+    for rounds in range(3):
+        for i in range(back.size):
+            front.put_request(read_req(i))
+        front.push_requests()
+        reqs = back.take_decoded()
+        assert [r.id for r in reqs] == list(range(back.size)), rounds
+        assert back.unconsumed() == 0
+        for r in reqs:
+            back.put_response(Response(r.id, r.operation, blkif.RSP_OKAY))
+        back.push_responses()
+        assert [r.id for r in front.take_responses()] == list(range(back.size))
+    assert back.broken is None
+
+
+def test_backend_attaches_at_rsp_prod() -> None:
+    _, back, _ = make(start=1000)
+    assert back.req_cons == back.rsp_prod_pvt == 1000
+
+
+def test_connect_refuses_overfull_ring() -> None:
+    buf = bytearray(4096)
+    init_shared_ring(memoryview(buf))
+    struct.pack_into("=I", buf, 0, 33)  # 33 requests outstanding in a 32-slot ring
+    with pytest.raises(RingBroken) as exc:
+        BackRing(memoryview(buf), blkif.X86_64, 1)
+    assert exc.value.code == "blkif-ring-broken"
+
+
+def test_slot_is_copied_once() -> None:
+    front, back, buf = make()
+    front.put_request(read_req(42))
+    front.push_requests()
+    (raw,) = back.take_requests()
+    buf[64 + 8 : 64 + 16] = b"\xff" * 8  # the guest rewrites the id after we copied
+    assert blkif.X86_64.decode_request(raw).id == 42
+
+
+def test_forward_jump_breaks_ring() -> None:
+    front, back, _ = make()
+    front.poke_index("req_prod", back.size + 1)
+    assert back.unconsumed() == 0
+    assert back.broken is not None
+    assert "impossible" in back.broken
+    assert back.take_requests() == []
+    assert back.final_check_for_requests() is False
+    # once broken, always broken, even if the guest "fixes" the index
+    front.poke_index("req_prod", 1)
+    assert back.unconsumed() == 0
+
+
+def test_backward_move_breaks_ring() -> None:
+    front, back, _ = make()
+    for i in range(4):
+        front.put_request(read_req(i))
+    front.push_requests()
+    assert len(back.take_requests()) == 4
+    front.poke_index("req_prod", 2)  # behind req_cons
+    assert back.unconsumed() == 0
+    assert back.broken is not None
+
+
+def test_in_flight_limits_consumption() -> None:
+    """With requests unanswered, a legitimate frontend cannot have more than the free slots queued."""
+    front, back, _ = make()
+    for i in range(back.size):
+        front.put_request(read_req(i))
+    front.push_requests()
+    assert len(back.take_requests(limit=10)) == 10
+    assert back.in_flight == 10
+    assert back.unconsumed() == back.size - 10
+    # the guest claims one more than could possibly be free
+    front.poke_index("req_prod", back.size + 1)
+    assert back.unconsumed() == 0
+    assert back.broken is not None
+
+
+def test_final_check_arms_req_event() -> None:
+    front, back, _ = make()
+    assert back.final_check_for_requests() is False
+    assert back.req_event == back.req_cons + 1
+    front.put_request(read_req(1))
+    assert front.push_requests() is True  # req_event armed: the frontend must notify
+    assert back.final_check_for_requests() is True
+
+
+def test_push_notifies_only_when_asked() -> None:
+    front, back, _ = make()
+    for i in range(3):
+        front.put_request(read_req(i))
+    front.push_requests()
+    back.take_requests()
+    back.put_response(Response(0, 0, 0))
+    assert back.push_responses() is True  # rsp_event = 1 from SHARED_RING_INIT
+    front.poke_index("rsp_event", 100)  # frontend not interested until index 100
+    back.put_response(Response(1, 0, 0))
+    assert back.push_responses() is False
+    front.poke_index("rsp_event", back.rsp_prod_pvt + 1)
+    back.put_response(Response(2, 0, 0))
+    assert back.push_responses() is True
+    assert back.push_responses() is False  # nothing new
+
+
+def test_push_ignores_guest_scribbled_rsp_prod() -> None:
+    front, back, _ = make()
+    front.put_request(read_req(0))
+    front.push_requests()
+    back.take_requests()
+    front.poke_index("rsp_prod", 12345)
+    back.put_response(Response(0, 0, 0))
+    assert back.push_responses() is True
+    assert back.rsp_prod == 1
+
+
+def test_response_overwrites_slot_with_zero_padding() -> None:
+    front, back, buf = make()
+    front.put_request_bytes(b"\xff" * 112)  # op 0xff: whatever
+    front.push_requests()
+    back.take_requests()
+    back.put_response(Response(7, 0xFF, blkif.RSP_EOPNOTSUPP))
+    back.push_responses()
+    slot = bytes(buf[64 : 64 + 16])
+    assert slot == struct.pack("<QBxhxxxx", 7, 0xFF, -2)
+
+
+def test_more_responses_than_requests_is_refused() -> None:
+    _, back, _ = make()
+    with pytest.raises(XenblockError) as exc:
+        back.put_response(Response(0, 0, 0))
+    assert exc.value.code == "internal"
+
+
+def test_ring_buffer_checks() -> None:
+    with pytest.raises(ValueError, match="writable"):
+        BackRing(memoryview(bytes(4096)), blkif.X86_64, 1)
+    with pytest.raises(ValueError, match="smaller"):
+        BackRing(memoryview(bytearray(4096)), blkif.X86_64, 2)
+
+
+def test_multi_page_ring_uses_all_slots() -> None:
+    front, back, _ = make(pages=16)
+    assert back.size == 512
+    for i in range(512):
+        front.put_request(read_req(i))
+    front.push_requests()
+    assert len(back.take_requests()) == 512
+
+
+# --- hostile fuzz ------------------------------------------------------------------------------
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("req_prod"), st.integers(0, M)),
+        st.tuples(st.just("req_prod_delta"), st.integers(-40, 40)),
+        st.tuples(st.just("rsp_event"), st.integers(0, M)),
+        st.tuples(st.just("rsp_prod"), st.integers(0, M)),
+        st.tuples(st.just("slot"), st.binary(min_size=112, max_size=112)),
+        st.tuples(st.just("serve"), st.integers(0, 40)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pages=st.sampled_from([1, 2, 4]), start=st.integers(0, M), script=actions)
+def test_hostile_indices_never_escape(pages: int, start: int, script: list[tuple[str, object]]) -> None:
+    """Whatever the guest does: bounded work per call, no exception, no write outside the entries."""
+    front, back, buf = make(pages=pages, start=start)
+    # Bytes past the last entry (the power-of-two rounding leaves a tail) must never be written.
+    tail = 64 + back.size * 112
+    buf[tail:] = b"\x5a" * (len(buf) - tail)
+    total_taken = 0
+    for what, arg in script:
+        if what == "req_prod":
+            front.poke_index("req_prod", int(arg))  # type: ignore[call-overload]
+        elif what == "req_prod_delta":
+            front.poke_index("req_prod", front.req_prod + int(arg))  # type: ignore[call-overload]
+        elif what == "rsp_event":
+            front.poke_index("rsp_event", int(arg))  # type: ignore[call-overload]
+        elif what == "rsp_prod":
+            front.poke_index("rsp_prod", int(arg))  # type: ignore[call-overload]
+        elif what == "slot":
+            off = 64 + (front.req_prod % back.size) * 112
+            buf[off : off + 112] = arg  # type: ignore[assignment]
+        else:
+            taken = back.take_requests(limit=int(arg))  # type: ignore[call-overload]
+            assert len(taken) <= back.size
+            total_taken += len(taken)
+            for raw in taken:
+                blkif.X86_64.decode_request(raw)
+            # answer some, as a real backend would
+            for _ in range(min(back.in_flight, int(arg) // 2)):  # type: ignore[call-overload]
+                back.put_response(Response(0, 0, 0))
+            back.push_responses()
+            back.final_check_for_requests()
+        assert back.in_flight <= back.size
+    assert buf[tail:] == b"\x5a" * (len(buf) - tail)
+    assert buf[16:64] == bytes(48)  # header padding untouched
+    if back.broken is None:
+        assert ((back.req_prod - back.rsp_prod_pvt) & M) <= back.size or back.unconsumed() == 0

@@ -1,0 +1,288 @@
+"""A Python blkfront over the local transport, for tests, benchmarks and `xenblockctl sandbox`.
+
+It owns a sealed memfd as its grant table (ref N = page N): the first pages hold the ring, then a
+pool of data pages, then indirect-descriptor pages. It registers the memfd and one event channel
+port with the engine's LocalTransport, and `xenstore_nodes()` gives what it would publish under
+its device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`).
+
+Well-behaved use: `read()`, `write()`, `flush()`, `discard()` (synchronous), or `submit_*()` plus
+`collect()` for queue depth > 1. Hostile use: `ring` (a FrontRing with `put_request_bytes`,
+`poke_index`), `page()` to scribble on any page, and `kick()` to notify.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+from xenblockctl.backend import blkif
+from xenblockctl.backend.blkif import (
+    Abi,
+    DiscardRequest,
+    IndirectRequest,
+    Request,
+    Response,
+    Segment,
+    SegmentRequest,
+)
+from xenblockctl.backend.ring import FrontRing
+from xenblockctl.backend.transport.base import GrantMapping
+from xenblockctl.backend.transport.local import (
+    LocalDomainClient,
+    LocalEventChannel,
+    create_grant_memfd,
+    map_memfd_pages,
+)
+from xenblockctl.errors import XenblockError
+
+
+class FrontendError(XenblockError):
+    code = "frontend"
+
+
+@dataclass
+class _Pending:
+    request: Request
+    pages: list[int]
+    indirect: list[int]
+    read_len: int  # bytes to gather on completion (READ only)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    response: Response
+    data: bytes  # READ: the bytes read; otherwise b""
+
+
+class LocalFrontend:
+    """One blkfront ring on the local transport."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        domid: int,
+        *,
+        abi: Abi = blkif.X86_64,
+        ring_page_order: int = 0,
+        data_pages: int = 64,
+        indirect_pages: int = 8,
+        scramble_ring_refs: bool = False,
+    ) -> None:
+        self.abi = abi
+        self.ring_pages = 1 << ring_page_order
+        self.ring_page_order = ring_page_order
+        total = self.ring_pages + data_pages + indirect_pages
+        self._fd = create_grant_memfd(total, f"xbc-frontend-{domid}")
+        self._map = mmap.mmap(self._fd, total * blkif.PAGE_SIZE)
+        self._view = memoryview(self._map)
+        self.client = LocalDomainClient(socket_path, domid)
+        try:
+            self.client.register_grant_table(self._fd)
+            self.evtchn: LocalEventChannel = self.client.alloc_unbound_port()
+        except BaseException:
+            self.client.close()
+            raise
+        # The ring lives in pages 0..R-1. With `scramble_ring_refs` the ring is instead laid out in
+        # reverse page order in the memfd, so the backend must map non-contiguous refs contiguously.
+        order = list(range(self.ring_pages))
+        if scramble_ring_refs:
+            order.reverse()
+        self.ring_refs = tuple(order)
+        self._ring_mapping: GrantMapping | None = None
+        self._ring_view = self._contiguous_ring_view()
+        self.ring = FrontRing(self._ring_view, abi, self.ring_pages)
+        self._free_data = list(range(self.ring_pages, self.ring_pages + data_pages))
+        self._free_indirect = list(range(self.ring_pages + data_pages, total))
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+
+    def _contiguous_ring_view(self) -> memoryview:
+        if self.ring_refs == tuple(range(self.ring_pages)):
+            return self._view[: self.ring_pages * blkif.PAGE_SIZE]
+        # Non-contiguous ring refs: we need our own contiguous view of those pages too.
+        self._ring_mapping = map_memfd_pages(self._fd, self.ring_refs)
+        return self._ring_mapping.buffer
+
+    # -- handshake data --------------------------------------------------------------------------
+    def xenstore_nodes(self) -> dict[str, str]:
+        """Frontend nodes to publish before switching to Initialised (3)."""
+        nodes = {"event-channel": str(self.evtchn.local_port), "protocol": self.abi.protocol}
+        if self.ring_pages == 1:
+            nodes["ring-ref"] = str(self.ring_refs[0])
+        else:
+            nodes["ring-page-order"] = str(self.ring_page_order)
+            for i, ref in enumerate(self.ring_refs):
+                nodes[f"ring-ref{i}"] = str(ref)
+        return nodes
+
+    # -- raw access --------------------------------------------------------------------------------
+    def page(self, ref: int) -> memoryview:
+        return self._view[ref * blkif.PAGE_SIZE : (ref + 1) * blkif.PAGE_SIZE]
+
+    @property
+    def total_pages(self) -> int:
+        return self._map.size() // blkif.PAGE_SIZE
+
+    def kick(self) -> None:
+        """Publish queued requests and notify if the backend asked for it (or always, if forced)."""
+        if self.ring.push_requests():
+            self.evtchn.notify()
+
+    def wait_event(self, timeout: float) -> bool:
+        return self.evtchn.wait(timeout)
+
+    # -- request building --------------------------------------------------------------------------
+    def _alloc(self, pool: list[int], n: int) -> list[int]:
+        if len(pool) < n:
+            raise FrontendError(f"out of frontend pages ({n} wanted, {len(pool)} free)")
+        taken = pool[:n]
+        del pool[:n]
+        return taken
+
+    def _new_id(self) -> int:
+        rid = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
+        return rid
+
+    def _segments_for(self, nbytes: int) -> tuple[list[int], list[Segment]]:
+        if nbytes <= 0 or nbytes % blkif.SECTOR_SIZE:
+            raise FrontendError("I/O size must be a positive multiple of 512")
+        npages = -(-nbytes // blkif.PAGE_SIZE)
+        pages = self._alloc(self._free_data, npages)
+        segs: list[Segment] = []
+        left = nbytes
+        for ref in pages:
+            chunk = min(left, blkif.PAGE_SIZE)
+            segs.append(Segment(ref, 0, chunk // blkif.SECTOR_SIZE - 1))
+            left -= chunk
+        return pages, segs
+
+    def _submit_rw(self, op: int, sector: int, nbytes: int, data: bytes | None) -> int:
+        pages, segs = self._segments_for(nbytes)
+        if data is not None:
+            for i, ref in enumerate(pages):
+                chunk = data[i * blkif.PAGE_SIZE : (i + 1) * blkif.PAGE_SIZE]
+                self.page(ref)[: len(chunk)] = chunk
+        rid = self._new_id()
+        indirect: list[int] = []
+        req: Request
+        if len(segs) <= blkif.MAX_SEGMENTS_PER_REQUEST:
+            req = SegmentRequest(op, len(segs), 0, rid, sector, tuple(segs))
+        else:
+            n_ind = blkif.indirect_pages_needed(len(segs))
+            indirect = self._alloc(self._free_indirect, n_ind)
+            raw = blkif.encode_indirect_segments(segs)
+            for i, ref in enumerate(indirect):
+                chunk = raw[i * blkif.PAGE_SIZE : (i + 1) * blkif.PAGE_SIZE]
+                self.page(ref)[: len(chunk)] = chunk
+            grefs = tuple(indirect) + (0,) * (blkif.MAX_INDIRECT_PAGES_PER_REQUEST - n_ind)
+            req = IndirectRequest(op, len(segs), rid, sector, 0, grefs)
+        self._pending[rid] = _Pending(req, pages, indirect, nbytes if op == blkif.OP_READ else 0)
+        self.ring.put_request(req)
+        return rid
+
+    def submit_read(self, sector: int, nbytes: int) -> int:
+        return self._submit_rw(blkif.OP_READ, sector, nbytes, None)
+
+    def submit_write(self, sector: int, data: bytes, *, op: int = blkif.OP_WRITE) -> int:
+        return self._submit_rw(op, sector, len(data), data)
+
+    def submit_flush(self) -> int:
+        rid = self._new_id()
+        req = SegmentRequest(blkif.OP_FLUSH_DISKCACHE, 0, 0, rid, 0, ())
+        self._pending[rid] = _Pending(req, [], [], 0)
+        self.ring.put_request(req)
+        return rid
+
+    def submit_discard(self, sector: int, nr_sectors: int, *, secure: bool = False) -> int:
+        rid = self._new_id()
+        req = DiscardRequest(blkif.DISCARD_SECURE if secure else 0, 0, rid, sector, nr_sectors)
+        self._pending[rid] = _Pending(req, [], [], 0)
+        self.ring.put_request(req)
+        return rid
+
+    def submit_raw(self, req: Request) -> None:
+        """Queue any request as-is (no page bookkeeping; the response is returned by collect())."""
+        self._pending[req.id] = _Pending(req, [], [], 0)
+        self.ring.put_request(req)
+
+    # -- completions -------------------------------------------------------------------------------
+    def collect(self, want: int = 1, timeout: float = 10.0) -> dict[int, Completion]:
+        """Push, then wait until at least `want` responses arrived (or timeout); return them by id."""
+        self.kick()
+        deadline = time.monotonic() + timeout
+        out: dict[int, Completion] = {}
+        while True:
+            for rsp in self.ring.take_responses():
+                out[rsp.id] = self._finish(rsp)
+            if len(out) >= want:
+                return out
+            if self.ring.final_check_for_responses():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FrontendError(f"timed out waiting for {want - len(out)} of {want} responses")
+            self.evtchn.wait(min(left, 0.5))
+
+    def _finish(self, rsp: Response) -> Completion:
+        pending = self._pending.pop(rsp.id, None)
+        if pending is None:
+            raise FrontendError(f"response for unknown id {rsp.id}")
+        data = b""
+        if pending.read_len and rsp.status == blkif.RSP_OKAY:
+            parts = []
+            left = pending.read_len
+            for ref in pending.pages:
+                chunk = min(left, blkif.PAGE_SIZE)
+                parts.append(bytes(self.page(ref)[:chunk]))
+                left -= chunk
+            data = b"".join(parts)
+        self._free_data.extend(pending.pages)
+        self._free_indirect.extend(pending.indirect)
+        return Completion(rsp, data)
+
+    # -- synchronous helpers -----------------------------------------------------------------------
+    def _one(self, rid: int, timeout: float) -> Completion:
+        done = self.collect(1, timeout)
+        if rid not in done:
+            raise FrontendError(f"unexpected response ids {sorted(done)}")
+        return done[rid]
+
+    def read(self, sector: int, nbytes: int, timeout: float = 10.0) -> bytes:
+        c = self._one(self.submit_read(sector, nbytes), timeout)
+        if c.response.status != blkif.RSP_OKAY:
+            raise FrontendError(f"read failed with status {c.response.status}")
+        return c.data
+
+    def write(self, sector: int, data: bytes, timeout: float = 10.0) -> int:
+        """Returns the blkif status."""
+        return self._one(self.submit_write(sector, data), timeout).response.status
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return self._one(self.submit_flush(), timeout).response.status
+
+    def discard(self, sector: int, nr_sectors: int, timeout: float = 10.0) -> int:
+        return self._one(self.submit_discard(sector, nr_sectors), timeout).response.status
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        self.ring.release()
+        self._ring_view.release()
+        if self._ring_mapping is not None:
+            self._ring_mapping.unmap()
+        self._view.release()
+        self._map.close()
+        self.evtchn.close()
+        self.client.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> LocalFrontend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

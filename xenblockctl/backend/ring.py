@@ -1,0 +1,263 @@
+"""The shared ring (ring.h) over a writable buffer: the back ring we serve and the front ring we test with.
+
+Everything the guest writes is hostile. The back ring reads `req_prod` once per check, refuses any
+value that would put more than RING_SIZE requests outstanding (a jump forward or any move backward),
+and from then on is *broken*: it hands out no more requests, so a malicious index can never cause an
+endless loop or a slot outside the ring. Each request slot is copied out of shared memory exactly
+once (`bytes(...)`) and only the copy is decoded (double-fetch rule).
+
+Memory ordering. Python cannot emit fences, so this is what we rely on:
+- Index fields are read and written through a `memoryview.cast("I")`: CPython copies a native `I`
+  item with a 4-byte memcpy, which compilers emit as one aligned 32-bit load/store; on x86 that is
+  single-copy atomic, so we never see a torn index (the `struct` module's standard-size formats read
+  byte by byte and could tear: do not use them for indices).
+- x86 is TSO: stores become visible in program order and loads are not reordered with older loads,
+  so ring.h's wmb()/rmb() are compiler barriers only, and the interpreter is an opaque function
+  call boundary. The one reordering x86 does is a later load passing an earlier store (the store
+  buffer): exactly the mb() in "set req_event, then re-read req_prod" and "publish rsp_prod, then
+  read rsp_event". For those we call `full_fence()`, which takes and releases an uncontended
+  threading.Lock: glibc's semaphore fast path is a LOCK-prefixed cmpxchg/xadd, a full barrier on x86.
+- The buffer is an mmap (gntdev or the local memfd), so the CPU, not Python, owns its coherence.
+Other architectures (arm64) are weaker than this; the engine is only built for x86 dom0s today.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+from xenblockctl.backend.blkif import PAGE_SIZE, SRING_HEADER_SIZE, Abi, Request, Response, ring_size
+from xenblockctl.errors import XenblockError
+
+_MASK: Final = 0xFFFFFFFF  # RING_IDX is a free-running unsigned 32-bit counter
+_REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
+
+_FENCE_LOCK = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier on x86 (see the module docstring for why this works)."""
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
+
+
+class RingBroken(XenblockError):
+    """The frontend moved an index impossibly; the ring must be torn down (Linux: -EACCES)."""
+
+    code = "blkif-ring-broken"
+
+
+def init_shared_ring(buf: memoryview) -> None:
+    """SHARED_RING_INIT (frontend side): producers 0, events 1, header padding zeroed."""
+    buf[:SRING_HEADER_SIZE] = bytes(SRING_HEADER_SIZE)
+    idx = buf[:16].cast("I")
+    try:
+        idx[_REQ_EVENT] = 1
+        idx[_RSP_EVENT] = 1
+    finally:
+        idx.release()
+
+
+class _RingBase:
+    """Common geometry: validates the buffer and exposes the four header indices atomically."""
+
+    def __init__(self, buf: memoryview, abi: Abi, nr_pages: int) -> None:
+        if buf.readonly:
+            raise ValueError("the shared ring must be writable")
+        if buf.nbytes < nr_pages * PAGE_SIZE:
+            raise ValueError(f"ring buffer of {buf.nbytes} bytes is smaller than {nr_pages} pages")
+        self.abi = abi
+        self.nr_pages = nr_pages
+        self.size = ring_size(nr_pages, abi)
+        self._entry = abi.entry_size
+        self._buf = buf
+        self._idx = buf[:16].cast("I")
+        self._entries = buf[SRING_HEADER_SIZE : SRING_HEADER_SIZE + self.size * self._entry]
+
+    def release(self) -> None:
+        """Drop our views so the owner can unmap the buffer (mmap.close refuses while views exist)."""
+        self._idx.release()
+        self._entries.release()
+
+    def _slot(self, idx: int) -> int:
+        return (idx & (self.size - 1)) * self._entry
+
+    # Raw header access (also used by tests and by a deliberately hostile frontend).
+    @property
+    def req_prod(self) -> int:
+        return int(self._idx[_REQ_PROD])
+
+    @property
+    def req_event(self) -> int:
+        return int(self._idx[_REQ_EVENT])
+
+    @property
+    def rsp_prod(self) -> int:
+        return int(self._idx[_RSP_PROD])
+
+    @property
+    def rsp_event(self) -> int:
+        return int(self._idx[_RSP_EVENT])
+
+
+class BackRing(_RingBase):
+    """The backend's view: consumes requests, produces responses.
+
+    Not thread-safe: one thread (the queue's ring thread, or callers holding its lock) drives it.
+    """
+
+    def __init__(self, buf: memoryview, abi: Abi, nr_pages: int) -> None:
+        super().__init__(buf, abi, nr_pages)
+        # BACK_RING_ATTACH at the current rsp_prod: a reconnecting frontend's ring continues there.
+        start = self.rsp_prod
+        self.req_cons = start
+        self.rsp_prod_pvt = start
+        self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
+        self.broken: str | None = None
+        # blkback refuses a ring that already claims more than RING_SIZE outstanding requests.
+        if ((self.req_prod - start) & _MASK) > self.size:
+            self.broken = f"req_prod {self.req_prod} is more than {self.size} ahead of rsp_prod {start}"
+            raise RingBroken(f"ill-behaved frontend at connect: {self.broken}")
+
+    def _mark_broken(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+
+    @property
+    def in_flight(self) -> int:
+        """Requests consumed but not yet answered."""
+        return (self.req_cons - self.rsp_prod_pvt) & _MASK
+
+    def unconsumed(self) -> int:
+        """RING_HAS_UNCONSUMED_REQUESTS with the overflow guard; 0 forever once broken."""
+        if self.broken is not None:
+            return 0
+        req_prod = self.req_prod  # one atomic read; everything below uses this value
+        ahead = (req_prod - self.req_cons) & _MASK
+        # A sane frontend never has more than RING_SIZE requests outstanding against our responses
+        # (this also catches req_prod moving backwards: `ahead` becomes huge).
+        if ahead + self.in_flight > self.size:
+            self._mark_broken(
+                f"req_prod {req_prod} impossible: req_cons {self.req_cons}, "
+                f"rsp_prod_pvt {self.rsp_prod_pvt}, ring size {self.size}"
+            )
+            return 0
+        return ahead
+
+    def take_requests(self, limit: int | None = None) -> list[bytes]:
+        """Copy out up to `limit` unconsumed request slots (each copied once) and consume them."""
+        n = self.unconsumed()
+        if limit is not None:
+            n = min(n, limit)
+        out: list[bytes] = []
+        for _ in range(n):
+            off = self._slot(self.req_cons)
+            out.append(bytes(self._entries[off : off + self._entry]))
+            self.req_cons = (self.req_cons + 1) & _MASK
+        return out
+
+    def take_decoded(self, limit: int | None = None) -> list[Request]:
+        return [self.abi.decode_request(raw) for raw in self.take_requests(limit)]
+
+    def final_check_for_requests(self) -> bool:
+        """RING_FINAL_CHECK_FOR_REQUESTS: True if there is work; otherwise req_event is armed.
+
+        Call before sleeping on the event channel; a request published between the two reads is
+        caught by the second one.
+        """
+        if self.unconsumed():
+            return True
+        if self.broken is not None:
+            return False
+        self._idx[_REQ_EVENT] = (self.req_cons + 1) & _MASK
+        full_fence()
+        return self.unconsumed() > 0
+
+    def put_response(self, rsp: Response) -> None:
+        """Write a response into the next private slot (not yet visible: call push_responses)."""
+        if self.in_flight == 0:
+            # More answers than consumed requests would overwrite a pending request: our bug.
+            raise XenblockError("response without an outstanding request", code="internal")
+        self.abi.pack_response_into(self._entries, self._slot(self.rsp_prod_pvt), rsp)
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _MASK
+
+    def push_responses(self) -> bool:
+        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod; True if the frontend wants an event."""
+        old = self._rsp_pushed
+        new = self.rsp_prod_pvt
+        if old == new:
+            return False
+        # Response slots were stored before this store; TSO keeps that order (wmb()).
+        self._idx[_RSP_PROD] = new
+        self._rsp_pushed = new
+        full_fence()  # mb(): the rsp_event load must not pass the rsp_prod store
+        rsp_event = self.rsp_event
+        return ((new - rsp_event) & _MASK) < ((new - old) & _MASK)
+
+
+class FrontRing(_RingBase):
+    """The frontend's view (our test/sandbox blkfront): produces requests, consumes responses."""
+
+    def __init__(self, buf: memoryview, abi: Abi, nr_pages: int, *, init: bool = True) -> None:
+        super().__init__(buf, abi, nr_pages)
+        if init:
+            init_shared_ring(buf)
+        self.req_prod_pvt = self.req_prod
+        self.rsp_cons = self.rsp_prod
+
+    @property
+    def free_slots(self) -> int:
+        return self.size - ((self.req_prod_pvt - self.rsp_cons) & _MASK)
+
+    def put_request_bytes(self, slot_image: bytes) -> None:
+        """Write a raw slot image at req_prod_pvt (any bytes: hostile tests use this directly)."""
+        if self.free_slots <= 0:
+            raise XenblockError("front ring full", code="frontend")
+        off = self._slot(self.req_prod_pvt)
+        self._entries[off : off + self._entry] = slot_image[: self._entry].ljust(self._entry, b"\0")
+        self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
+
+    def put_request(self, req: Request) -> None:
+        self.put_request_bytes(self.abi.encode_request(req))
+
+    def push_requests(self) -> bool:
+        """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY."""
+        old = self.req_prod
+        new = self.req_prod_pvt
+        self._idx[_REQ_PROD] = new
+        full_fence()
+        req_event = self.req_event
+        return ((new - req_event) & _MASK) < ((new - old) & _MASK)
+
+    def take_responses(self) -> list[Response]:
+        """Consume all published responses (copied, then decoded)."""
+        rsp_prod = self.rsp_prod
+        out: list[Response] = []
+        # Bound by the ring size so a broken backend cannot make us loop forever either.
+        n = min((rsp_prod - self.rsp_cons) & _MASK, self.size)
+        for _ in range(n):
+            off = self._slot(self.rsp_cons)
+            out.append(self.abi.decode_response(bytes(self._entries[off : off + self.abi.response_size])))
+            self.rsp_cons = (self.rsp_cons + 1) & _MASK
+        return out
+
+    def final_check_for_responses(self) -> bool:
+        if (self.rsp_prod - self.rsp_cons) & _MASK:
+            return True
+        self._idx[_RSP_EVENT] = (self.rsp_cons + 1) & _MASK
+        full_fence()
+        return ((self.rsp_prod - self.rsp_cons) & _MASK) != 0
+
+    # Hostile helpers: write any header value.
+    def poke_index(self, which: str, value: int) -> None:
+        names = {
+            "req_prod": _REQ_PROD,
+            "req_event": _REQ_EVENT,
+            "rsp_prod": _RSP_PROD,
+            "rsp_event": _RSP_EVENT,
+        }
+        self._idx[names[which]] = value & _MASK
+
+    def slot_bytes(self, idx: int) -> bytes:
+        off = self._slot(idx)
+        return bytes(self._entries[off : off + self._entry])
