@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.kernel",
     "tests.fixtures.backend",
     "tests.fixtures.cxenstored",
+    "tests.fixtures.dm_vm",
     "tests.fixtures.xenstore",
 ]
 
