@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.cxenstored",
     "tests.fixtures.dm_vm",
     "tests.fixtures.xenstore",
+    "tests.fixtures.libxl",
 ]
 
 

@@ -15,12 +15,12 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "kernel": {"errors"},
     "xenstore": {"errors"},
-    "blockscript": {"errors", "kernel", "xenstore", "config", "logging"},
-    "backend": {"errors", "kernel", "xenstore", "config", "logging"},
+    "blockscript": {"errors", "kernel", "xenstore", "config", "journal"},
+    "backend": {"errors", "kernel", "xenstore", "config", "journal"},
     "config": {"errors"},
-    "logging": {"errors"},
-    "cli": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "logging", "sandbox"},
-    "sandbox": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "logging"},
+    "journal": {"errors"},
+    "cli": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "journal", "sandbox"},
+    "sandbox": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "journal"},
 }
 #: third-party modules per layer: the kernel layer is stdlib only.
 THIRD_PARTY_ALLOWED: dict[str, set[str]] = {

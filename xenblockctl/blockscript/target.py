@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop, sysfs
-from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch
-from xenblockctl.kernel.loop import LoopDevice
 
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
@@ -95,7 +94,7 @@ def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = T
         device = BlockDevice(fd, blockdev.identify(fd), target.path)
         fd = -1  # owned by `device` now
         try:
-            _check_expectations(target, device)
+            check_expectations(target, device.identity)
         except BaseException:
             device.close()
             raise
@@ -105,8 +104,8 @@ def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = T
             os.close(fd)
 
 
-def _check_expectations(target: Target, device: BlockDevice) -> None:
-    ident = device.identity
+def check_expectations(target: Target, ident: BlockIdentity) -> None:
+    """The identity checks a /dev/mapper/NAME or by-diskseq target promises, on the opened device."""
     if target.expect_dm_name is not None:
         name = sysfs.dm_name(ident.major, ident.minor)
         if name != target.expect_dm_name:
@@ -119,7 +118,3 @@ def _check_expectations(target: Target, device: BlockDevice) -> None:
             f"{target.path} opened a device with diskseq {ident.diskseq}, not {target.expect_diskseq}"
             " (by-diskseq links go stale after a detach)"
         )
-
-
-def is_loop(device: BlockDevice) -> bool:
-    return isinstance(device, LoopDevice)

@@ -1,0 +1,217 @@
+"""The block script as libxl runs it: real loop devices, the embedded xenstored, a subprocess."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.libxl import Libxl
+from xenblockctl.blockscript.owner import OwnerRecord
+from xenblockctl.kernel import loop
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+
+
+def assert_published(nodes: dict[str, str], device_fd_identity: tuple[int, int, int]) -> None:
+    major, minor, diskseq = device_fd_identity
+    assert nodes["physical-device"] == f"{major:x}:{minor:x}"
+    assert nodes["physical-device-luid"] == f"{diskseq:x}"
+
+
+def test_add_file_hands_off_to_engine_and_remove_cleans(libxl: Libxl, make_image: ImageFactory) -> None:
+    image = make_image(fill=b"guest disk")
+    be = libxl.create_backend(5, 51712, str(image), "w")
+    consumer = libxl.engine_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    assert consumer.device is not None
+    ident = consumer.device.identity
+    nodes = libxl.nodes(be)
+    assert_published(nodes, (ident.major, ident.minor, ident.diskseq))
+    assert nodes["physical-device-path"] == f"/dev/loop{ident.minor}"
+    assert nodes["hotplug-status"] == "connected"
+    assert "hotplug-error" not in nodes
+    owner = OwnerRecord.parse(nodes["xenblockctl-owner"])
+    assert owner.kind == "loop"
+    assert owner.autoclear, "the engine holds the device across reconnects: keep AUTOCLEAR"
+    assert owner.tag == "xenblockctl:5:51712"
+    assert owner.backing == (os.stat(image).st_dev, os.stat(image).st_ino)
+    assert os.pread(consumer.device.fd, 10, 0) == b"guest disk"
+    # The script has exited: only the consumer keeps the device bound.
+    assert ident.minor in bound_loops_under(image.parent)
+    consumer.release()
+    assert ident.minor not in bound_loops_under(image.parent), "delete-on-close after the consumer let go"
+    # libxl: online=0, state=6 (the engine closed), then remove.
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    nodes = libxl.nodes(be)
+    for name in ("physical-device", "physical-device-luid", "physical-device-path", "xenblockctl-owner"):
+        assert name not in nodes
+
+
+def test_read_only_add_gives_read_only_loop(libxl: Libxl, make_image: ImageFactory) -> None:
+    be = libxl.create_backend(5, 51728, str(make_image()), "r")
+    consumer = libxl.engine_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    assert consumer.device is not None
+    assert consumer.device.identity.read_only
+    assert OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"]).mode == "r"
+
+
+def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    assert consumer.device is not None
+    minor = consumer.device.identity.minor
+    owner = OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"])
+    assert not owner.autoclear, "blkback drops its reference on frontend reconnect: AUTOCLEAR must be off"
+    consumer.release()  # blkback closes on reconnect ...
+    assert minor in bound_loops_under(image.parent), "... and the device must still be there"
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    assert minor not in bound_loops_under(image.parent), "remove detaches what it proved it created"
+
+
+def test_existing_block_device_is_used_and_never_detached(
+    libxl: Libxl, make_image: ImageFactory, loop_devices: list[loop.LoopDevice]
+) -> None:
+    admin = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:admin", autoclear=False)
+    loop_devices.append(admin)
+    be = libxl.create_backend(5, 51744, f"/dev/loop{admin.number}", "w")
+    consumer = libxl.engine_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    nodes = libxl.nodes(be)
+    assert_published(nodes, (7, admin.number, admin.identity.diskseq))
+    assert nodes["physical-device-path"] == f"/dev/loop{admin.number}"
+    assert OwnerRecord.parse(nodes["xenblockctl-owner"]).kind == "device"
+    consumer.release()
+    libxl.store.write(be.node("state"), "6")
+    assert libxl.run("remove", be).returncode == 0
+    assert os.path.exists(f"/sys/block/loop{admin.number}/loop"), "an admin's device is never detached"
+    admin.set_autoclear(True)
+
+
+def test_no_consumer_times_out_and_leaves_nothing(libxl: Libxl, make_image: ImageFactory) -> None:
+    image = make_image()
+    be = libxl.create_backend(5, 51760, str(image), "w")
+    result = libxl.run("add", be, XENBLOCKCTL_HANDOFF_TIMEOUT="0.5")
+    assert result.returncode == 1
+    nodes = libxl.nodes(be)
+    assert nodes["hotplug-status"] == "error"
+    assert nodes["hotplug-error"].startswith("handoff-timeout: ")
+    assert "physical-device" not in nodes
+    assert "physical-device-luid" not in nodes
+    assert "xenblockctl-owner" not in nodes
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_backend_error_node_aborts_handoff(libxl: Libxl, make_image: ImageFactory) -> None:
+    be = libxl.create_backend(5, 51776, str(make_image()), "w")
+    running = libxl.start("add", be, pause_at=None)
+    # The engine refuses (e.g. luid mismatch) by writing its error node.
+    for _ in range(400):
+        if "physical-device" in libxl.nodes(be):
+            break
+        import time
+
+        time.sleep(0.01)
+    libxl.store.write(f"/local/domain/0/error/{be.relative}/error", "engine: diskseq mismatch")
+    running.proc.wait(20)
+    assert running.proc.returncode == 1
+    nodes = libxl.nodes(be)
+    assert nodes["hotplug-error"].startswith("handoff-failed: backend reported: engine: diskseq mismatch")
+    assert "physical-device" not in nodes
+
+
+def test_second_add_is_idempotent_while_the_device_lives(libxl: Libxl, make_image: ImageFactory) -> None:
+    image = make_image()
+    be = libxl.create_backend(5, 51792, str(image), "w")
+    consumer = libxl.engine_consumer(be)
+    assert libxl.run("add", be).returncode == 0
+    consumer.wait_opened()
+    before = libxl.nodes(be)
+    again = libxl.run("add", be)
+    assert again.returncode == 0, again.stderr
+    assert libxl.nodes(be) == before
+    consumer.release()  # device gone (AUTOCLEAR): the published identity is now stale
+    stale = libxl.run("add", be)
+    assert stale.returncode == 1
+    after = libxl.nodes(be)
+    assert after["hotplug-error"].startswith("identity-mismatch: ")
+    assert after["physical-device"] == before["physical-device"], "never a silent rewrite"
+    assert after["physical-device-luid"] == before["physical-device-luid"]
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_remove_tolerates_missing_and_repeated(libxl: Libxl, make_image: ImageFactory) -> None:
+    be = libxl.create_backend(5, 51808, str(make_image()), "w")
+    assert libxl.run("remove", be).returncode == 0, "remove before any add"
+    assert libxl.run("remove", be).returncode == 0, "remove twice"
+    libxl.store.rm(be.path)
+    assert libxl.run("remove", be).returncode == 0, "remove with the backend directory gone"
+    assert libxl.nodes(be) == {}, "remove must not re-create a deleted backend"
+
+
+def test_remove_refuses_a_forged_owner_record(
+    libxl: Libxl, make_image: ImageFactory, loop_devices: list[loop.LoopDevice]
+) -> None:
+    admin = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:admin")
+    loop_devices.append(admin)
+    be = libxl.create_backend(5, 51824, "/dev/null", "w")
+    forged = OwnerRecord(
+        "loop", 7, admin.number, admin.identity.diskseq, "w", True, (1, 2), tag="xenblockctl:5:51824"
+    )
+    libxl.store.write(be.node("xenblockctl-owner"), forged.format())
+    result = libxl.run("remove", be)
+    assert result.returncode == 1
+    assert "not-ours" in result.stderr
+    assert os.path.exists(f"/sys/block/loop{admin.number}/loop")
+
+
+def test_diskseq_race_is_caught_by_the_consumer(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """The script publishes, dies before the consumer opens (its loop auto-clears), and the same
+    loop number is re-attached to another file: the consumer must see the luid mismatch."""
+    victim = make_image("victim.img", fill=b"victim")
+    other = make_image("other.img", fill=b"someone else's disk")
+    be = libxl.create_backend(5, 51840, str(victim), "w")
+    running = libxl.start("add", be, pause_at="add-published")
+    running.wait_paused()
+    published = libxl.nodes(be)
+    running.kill()
+    number = int(published["physical-device"].split(":")[1], 16)
+    intruder = None
+    for _ in range(20):  # GET_FREE hands out the lowest free number: usually the same one
+        candidate = loop.attach_file(str(other), read_only=False, tag="xenblockctl:intruder")
+        if candidate.number == number:
+            intruder = candidate
+            break
+        candidate.close()
+    if intruder is None:
+        pytest.skip("could not re-attach the same loop number (busy machine)")
+    try:
+        consumer = libxl.engine_consumer(be)
+        consumer._thread.join(10)  # type: ignore[union-attr]
+        assert consumer.outcome.startswith("luid-mismatch"), consumer.outcome
+        assert consumer.device is None, "the consumer must not keep the wrong disk"
+    finally:
+        intruder.close()

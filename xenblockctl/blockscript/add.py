@@ -1,0 +1,273 @@
+"""`add`: open the target, publish its identity atomically, hand it to the backend, exit.
+
+Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them):
+  * xenstore never shows `physical-device` without `physical-device-luid` (one transaction);
+  * no loop device of ours stays bound unless a consumer holds it (AUTOCLEAR is on from the
+    first ioctl; it is turned off only after kernel blkback holds the device);
+  * a failure leaves no physical-device*, a coded `hotplug-error` and `hotplug-status`, and
+    nothing allocated."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+
+from xenblockctl.blockscript import faults, handoff, sharing
+from xenblockctl.blockscript.locks import target_lock
+from xenblockctl.blockscript.owner import NODE as OWNER_NODE
+from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.blockscript.settings import Settings
+from xenblockctl.blockscript.target import Target, TargetSyntaxError, check_expectations, parse_target
+from xenblockctl.errors import XenblockError
+from xenblockctl.journal import Journal
+from xenblockctl.kernel import blockdev, loop, sysfs
+from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.kernel.errors import IdentityMismatch
+from xenblockctl.kernel.loop import LoopDevice
+from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.vbd import BackendPath, BackendRecordError, backend_dir, parse_physical_device
+
+#: Nodes `add` publishes and `remove`/failure withdraws, together, always in one transaction.
+PUBLISHED = ("physical-device-luid", "physical-device", "physical-device-path", OWNER_NODE)
+
+
+class BackendGone(XenblockError):
+    code = "backend-missing"
+
+
+class BackendClosing(XenblockError):
+    code = "backend-closing"
+
+
+class BadMode(XenblockError):
+    code = "bad-mode"
+
+
+class AlreadyPublished(XenblockError):
+    code = "already-published"
+
+
+@dataclass(frozen=True)
+class AddResult:
+    physical_device: str
+    luid: str
+    device_path: str
+    consumer: str
+    already: bool = False
+
+
+def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Journal) -> AddResult:
+    home = store.home()
+    be = backend_dir(store, path)
+    published = False
+    try:
+        nodes = _read_backend(store, be)
+        mode, target_params = _validate(nodes)
+        target = parse_target(target_params)
+        writable = mode == "w"
+        if "physical-device" in nodes:
+            return _confirm_existing(nodes)
+        faults.pause("add-start")
+        device = _open_and_claim(
+            store, target, home=home, be=be, path=path, writable=writable, settings=settings
+        )
+        try:
+            published = True
+            journal.info(
+                f"published {device.identity.physical_device} luid {device.identity.luid} for {target.path}",
+                DISKSEQ=device.identity.diskseq,
+            )
+            faults.pause("add-published")
+            consumer = handoff.wait_for_consumer(
+                store,
+                home=home,
+                backend=be,
+                path=path,
+                identity=device.identity,
+                timeout=settings.handoff_timeout,
+            )
+            faults.pause("add-consumer-ready")
+            owner = OwnerRecord.for_device(device, writable=writable)
+            if (
+                isinstance(device, LoopDevice)
+                and consumer is handoff.Consumer.KERNEL
+                and not settings.kernel_autoclear
+            ):
+                # blkback holds it now; without this a guest reboot would detach its disk.
+                device.set_autoclear(False)
+                owner = owner.with_autoclear(False)
+            store.run_transaction(lambda tx: _mark_connected(tx, be, owner))
+            faults.pause("add-done")
+            return AddResult(
+                device.identity.physical_device,
+                device.identity.luid,
+                _device_path(device),
+                consumer.value,
+            )
+        finally:
+            device.close()  # delete-on-close: the consumer's reference is what keeps it now
+    except XenblockError as exc:
+        report_failure(store, be, exc, withdraw=published)
+        raise
+
+
+def _read_backend(store: XenStore, be: str) -> dict[str, str]:
+    try:
+        return store.read_dir(be)
+    except XenstoreNoEntry as exc:
+        raise BackendGone(f"{be} does not exist") from exc
+
+
+def _validate(nodes: dict[str, str]) -> tuple[str, str]:
+    if nodes.get("online") == "0" or nodes.get("state") in ("5", "6"):
+        raise BackendClosing(f"backend is closing (state {nodes.get('state')}, online {nodes.get('online')})")
+    mode = nodes.get("mode")
+    if mode not in ("r", "w"):
+        raise BadMode(f"mode must be exactly 'r' or 'w', not {(mode or '')[:20]!r}")
+    params = nodes.get("params")
+    if params is None:
+        raise TargetSyntaxError("params is missing")
+    return mode, params
+
+
+def _open_and_claim(
+    store: XenStore,
+    target: Target,
+    *,
+    home: str,
+    be: str,
+    path: BackendPath,
+    writable: bool,
+    settings: Settings,
+) -> BlockDevice:
+    """Open the target once, check sharing under a per-target lock, create the loop device if it
+    is a file, and publish — all before the lock is released, so a concurrent add of the same
+    target sees our claim."""
+    fd = blockdev.open_path(target.path, writable=writable)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if target.expect_dm_name is not None or target.expect_diskseq is not None:
+                raise IdentityMismatch(f"{target.path} is a regular file, expected a block device")
+            wanted = sharing.Wanted(writable=writable, file_id=(st.st_dev, st.st_ino))
+            key = f"file-{st.st_dev:x}-{st.st_ino:x}"
+        else:
+            ident = blockdev.identify(fd)
+            check_expectations(target, ident)
+            wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
+            key = f"dev-{ident.major}-{ident.minor}"
+        faults.pause("add-target-open")
+        with target_lock(key, timeout=settings.lock_timeout):
+            sharing.check(store, home, be, wanted)
+            device: BlockDevice
+            if stat.S_ISREG(st.st_mode):
+                device = loop.attach_fd(
+                    fd,
+                    read_only=not writable,
+                    tag=loop.make_tag(path.domid, path.devid),
+                    autoclear=True,
+                    direct_io=settings.direct_io,
+                    backing_path=target.path,
+                )
+            else:
+                device = BlockDevice(os.dup(fd), blockdev.identify(fd), target.path)
+                if device.identity != ident:
+                    device.close()
+                    raise IdentityMismatch(f"{target.path} changed identity while it was being checked")
+            try:
+                owner = OwnerRecord.for_device(device, writable=writable)
+                store.run_transaction(lambda tx: _publish(tx, be, device, owner))
+            except BaseException:
+                device.close()
+                raise
+            return device
+    finally:
+        os.close(fd)
+
+
+def _device_path(device: BlockDevice) -> str:
+    if isinstance(device, LoopDevice):
+        return f"/dev/loop{device.number}"
+    return device.path or ""
+
+
+def _publish(tx: Transaction, be: str, device: BlockDevice, owner: OwnerRecord) -> None:
+    """One transaction: the luid can never be seen without physical-device or the other way round.
+    Re-checks the backend inside the transaction so a closing or deleted backend is not revived."""
+    state = tx.read_optional(join(be, "state"))
+    if state is None:
+        raise BackendGone(f"{be} vanished before publishing")
+    if state in ("5", "6") or tx.read_optional(join(be, "online")) == "0":
+        raise BackendClosing("backend started closing before publishing")
+    if tx.read_optional(join(be, "physical-device")) is not None:
+        raise AlreadyPublished("another add published physical-device for this backend concurrently")
+    ident = device.identity
+    tx.write(join(be, "physical-device-luid"), ident.luid)
+    tx.write(join(be, "physical-device"), ident.physical_device)
+    tx.write(join(be, "physical-device-path"), _device_path(device))
+    tx.write(join(be, OWNER_NODE), owner.format())
+    tx.rm(join(be, "hotplug-error"), missing_ok=True)
+
+
+def _mark_connected(tx: Transaction, be: str, owner: OwnerRecord) -> None:
+    if tx.read_optional(join(be, "state")) is None:
+        raise BackendGone(f"{be} vanished during hand-off")
+    tx.write(join(be, OWNER_NODE), owner.format())
+    tx.write(join(be, "hotplug-status"), "connected")
+
+
+def _confirm_existing(nodes: dict[str, str]) -> AddResult:
+    """A second `add` (libxl and udev both ran us, or a retry). Fine if the published identity
+    still names the live device; a mismatch is an error, never a silent rewrite: blkback ignores
+    changes to physical-device, so rewriting could not help and could hide a swapped disk."""
+    physical = nodes["physical-device"]
+    luid_text = nodes.get("physical-device-luid")
+    if luid_text is None:
+        raise IdentityMismatch("physical-device is set without physical-device-luid (not written by us)")
+    try:
+        major, minor = parse_physical_device(physical)
+        diskseq = parse_luid(luid_text)
+    except (BackendRecordError, OwnerRecordError) as exc:
+        raise IdentityMismatch(f"published identity is malformed: {exc.message}") from exc
+    live = live_diskseq(major, minor)
+    if live != diskseq:
+        raise IdentityMismatch(
+            f"physical-device {physical} now has diskseq {live if live is not None else 'none'}, "
+            f"published luid says {diskseq}: the device was replaced"
+        )
+    return AddResult(physical, luid_text, nodes.get("physical-device-path", ""), "existing", already=True)
+
+
+def live_diskseq(major: int, minor: int) -> int | None:
+    """diskseq of the device now at major:minor, or None if there is none. Checks sysfs first:
+    opening a missing loop minor would create it (legacy autoload)."""
+    if sysfs.read_attr(major, minor, "dev") is None:
+        return None
+    try:
+        with blockdev.open_devt(os.makedev(major, minor), writable=False) as dev:
+            return dev.identity.diskseq
+    except XenblockError:
+        return None
+
+
+def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bool) -> None:
+    """Write the coded error for libxl (and withdraw what we published) in one transaction; write
+    nothing if the backend directory is gone (never re-create a deleted backend)."""
+    status = "busy" if isinstance(exc, sharing.SharingConflict) else "error"
+
+    def tx_body(tx: Transaction) -> None:
+        if tx.read_optional(join(be, "state")) is None:
+            return
+        if withdraw:
+            for name in PUBLISHED:
+                tx.rm(join(be, name), missing_ok=True)
+        tx.write(join(be, "hotplug-error"), exc.one_line())
+        tx.write(join(be, "hotplug-status"), status)
+
+    # If even this fails, the exit status still tells libxl; the caller logs the original error.
+    with contextlib.suppress(XenblockError):
+        store.run_transaction(tx_body)

@@ -1,0 +1,48 @@
+"""Short, per-target BSD locks. No global lock: two adds of *different* targets never wait for
+each other; two adds of the same target are serialised between the sharing check and publishing
+the claim. flock is released by the kernel when the holder dies, so a SIGKILLed script never
+leaves a lock behind."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+from xenblockctl.errors import XenblockError
+
+LOCK_DIR = "/run/xenblockctl/locks"
+
+
+class LockTimeout(XenblockError):
+    code = "lock-timeout"
+
+
+@contextlib.contextmanager
+def target_lock(key: str, *, timeout: float, lock_dir: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `<lock_dir>/<key>` (key: e.g. `file-fe00-20c0f6`, `dev-7-3`).
+
+    Lock files are never unlinked: unlinking races with a waiter that opened the old inode."""
+    directory = lock_dir or os.environ.get("XENBLOCKCTL_LOCK_DIR") or LOCK_DIR
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"another attach of the same target held its lock for {timeout:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        yield
+    finally:
+        os.close(fd)

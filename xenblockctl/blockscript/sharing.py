@@ -1,0 +1,173 @@
+"""Sharing rules: a disk may be given to several domains only if every user is read-only.
+
+Who uses a disk is decided from identities, never from text: (st_dev, st_ino) of backing files,
+major:minor + diskseq of devices. Claims come from three places:
+  * other backends in xenstore (our owner record, else the public physical-device + luid + mode),
+  * the kernel's bound loop devices (any tool's, through LOOP_GET_STATUS64),
+  * mounted filesystems on this host (/proc/self/mountinfo), and dm/md holders in sysfs.
+One pass over each, one xenstore connection, no subprocess."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.errors import XenblockError
+from xenblockctl.kernel import loop, sysfs
+from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.vbd import BACKEND_KINDS, BackendRecordError, parse_physical_device
+
+
+class SharingConflict(XenblockError):
+    """Written as hotplug-status=busy: the disk is in use in a way that forbids this attach."""
+
+    code = "busy"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Someone uses a file or device. `diskseq` None = unknown (stock script, mounts)."""
+
+    where: str
+    writable: bool
+    file_id: tuple[int, int] | None = None
+    devt: int | None = None
+    diskseq: int | None = None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the attach in progress is about to use."""
+
+    writable: bool
+    file_id: tuple[int, int] | None = None
+    devt: int | None = None
+    diskseq: int | None = None
+
+
+def conflicts(wanted: Wanted, claim: Claim) -> bool:
+    if not (wanted.writable or claim.writable):
+        return False  # read-only with read-only is fine
+    if wanted.file_id is not None and claim.file_id == wanted.file_id:
+        return True
+    if wanted.devt is not None and claim.devt == wanted.devt:
+        # A claim for another diskseq names an older binding of this number: not our disk.
+        return claim.diskseq is None or wanted.diskseq is None or claim.diskseq == wanted.diskseq
+    return False
+
+
+def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
+    """Raise SharingConflict naming the first user that forbids this attach."""
+    for claim in _all_claims(store, home, own_backend, wanted):
+        if conflicts(wanted, claim):
+            mode = "writable" if claim.writable else "read-only"
+            want = "writable" if wanted.writable else "read-only"
+            raise SharingConflict(f"target already in use {mode} by {claim.where}; refusing {want} attach")
+    if wanted.writable and wanted.devt is not None:
+        stacked = sysfs.holders(os.major(wanted.devt), os.minor(wanted.devt))
+        if stacked:
+            raise SharingConflict(
+                f"device is held by {', '.join(stacked)} (dm/md on top); refusing writable attach"
+            )
+
+
+def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> Iterator[Claim]:
+    yield from backend_claims(store, home, own_backend)
+    if wanted.file_id is not None:
+        yield from loop_claims()
+    if wanted.devt is not None:
+        yield from mount_claims()
+
+
+def backend_claims(store: XenStore, home: str, own_backend: str) -> Iterator[Claim]:
+    """Claims of every other vbd/vbd3 backend this domain serves."""
+    for kind in BACKEND_KINDS:
+        kind_dir = join(home, "backend", kind)
+        for domid in _ls(store, kind_dir):
+            domain_dir = join(kind_dir, domid)
+            for devid in _ls(store, domain_dir):
+                be = join(domain_dir, devid)
+                if be == own_backend:
+                    continue
+                claim = _backend_claim(store, be)
+                if claim is not None:
+                    yield claim
+
+
+def _ls(store: XenStore, path: str) -> list[str]:
+    try:
+        return store.ls(path)
+    except XenstoreNoEntry:
+        return []
+
+
+def _backend_claim(store: XenStore, be: str) -> Claim | None:
+    owner_text = store.read_optional(join(be, "xenblockctl-owner"))
+    if owner_text is not None:
+        try:
+            owner = OwnerRecord.parse(owner_text)
+        except OwnerRecordError:
+            owner = None
+        if owner is not None:
+            return Claim(
+                where=be,
+                writable=owner.mode == "w",
+                file_id=owner.backing,
+                devt=owner.devt,
+                diskseq=owner.diskseq,
+            )
+    physical = store.read_optional(join(be, "physical-device"))
+    if physical is None:
+        return None
+    mode = store.read_optional(join(be, "mode")) or "w"  # unknown mode: assume the worst
+    try:
+        major, minor = parse_physical_device(physical)
+    except BackendRecordError:
+        return None
+    luid_text = store.read_optional(join(be, "physical-device-luid"))
+    diskseq = None
+    if luid_text is not None:
+        try:
+            diskseq = parse_luid(luid_text)
+        except OwnerRecordError:
+            diskseq = None
+    return Claim(where=be, writable="w" in mode, devt=os.makedev(major, minor), diskseq=diskseq)
+
+
+def loop_claims() -> Iterator[Claim]:
+    """Every bound loop device on the host, whoever made it (tag filter off)."""
+    for bound in loop.bound_loops(tag_prefix=None):
+        yield Claim(
+            where=f"/dev/loop{bound.number} ({bound.status.tag or 'untagged'})",
+            writable=LoopFlags.READ_ONLY not in bound.status.flags,
+            file_id=(bound.status.backing_dev, bound.status.backing_ino),
+            devt=bound.devt,
+            diskseq=bound.diskseq,
+        )
+
+
+def mount_claims(mountinfo: str = "/proc/self/mountinfo") -> Iterator[Claim]:
+    """Block devices mounted on this host. Field 3 is major:minor (decimal), field 6 the options."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        major_text, _, minor_text = fields[2].partition(":")
+        if not (major_text.isdigit() and minor_text.isdigit()) or major_text == "0":
+            continue  # major 0: virtual filesystems
+        options = fields[5].split(",")
+        yield Claim(
+            where=f"mount {fields[4]}",
+            writable="rw" in options,
+            devt=os.makedev(int(major_text), int(minor_text)),
+        )
