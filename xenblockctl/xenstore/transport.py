@@ -86,18 +86,38 @@ def endpoint_for(path: str) -> Endpoint:
     return Endpoint("xenbus" if is_chr else "socket", path)
 
 
+def _connect_unix(path: str, timeout: float) -> socket.socket:
+    """connect() bounded by `timeout`. A socket with a timeout is non-blocking underneath, and
+    AF_UNIX connect() on a full listen backlog then fails at once with EAGAIN instead of waiting
+    (C xenstored listens with a backlog of 1, so parallel hotplug scripts hit this). libxenstore
+    blocks in connect(); we retry with a short backoff until the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(
+                    errno.ETIMEDOUT, f"{path}: listen backlog still full after {timeout:g} s"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        except BaseException:
+            sock.close()
+            raise
+
+
 class _SocketTransport:
     """pyxs's transport contract (fileno/recv/send/close) on a socket with a timeout, so a peer
     that stops mid-packet raises in recv()/sendall() instead of blocking the router forever."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = _connect_unix(path, timeout)
 
     def fileno(self) -> int:
         return self.sock.fileno()
