@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from xenblockctl.kernel import dm, loop, sysfs
-from xenblockctl.kernel.blockdev import open_devt
+from xenblockctl.kernel.blockdev import identify, open_devt
 from xenblockctl.kernel.dm_abi import DM_DATA_START, Cmd, DmIoctl, Flag, Target, request
 
 SCRATCH = Path("/tmp/xbc-dm")
@@ -154,12 +154,15 @@ def version_negotiation() -> dict[str, object]:
 def open_by_name() -> dict[str, object]:
     pattern = b"XBC-BASE" * 64
     backing = _file("admin.img", 8 * MIB, pattern)
-    name = dm.name_for_path("/dev/vg0/lv-data")
-    assert name == "vg0-lv--data", name
+    name = "vg0-lv--data"  # what LVM calls /dev/vg0/lv-data
     with _ctl() as ctl, _loop(backing) as lo:
         uuid = "LVM-xbctest0001"
         st = _admin_device(ctl, name, _linear(lo.identity.devt, lo.identity.sectors), uuid)
+        lv = Path("/dev/vg0/lv-data")  # as udev would link it (the guest has no udev)
+        lv.parent.mkdir()
+        lv.symlink_to(f"../{sysfs.kernel_name(st.major, st.minor)}")
         try:
+            assert dm.name_for_path(str(lv)) == name
             with dm.open_named(ctl, name, writable=False) as d:
                 assert (d.dev, d.name, d.uuid) == (st.dev, name, uuid)
                 seq = sysfs.read_attr(st.major, st.minor, "diskseq")
@@ -172,6 +175,8 @@ def open_by_name() -> dict[str, object]:
             _expect(dm.DmIdentityError, lambda: dm.open_named(ctl, name, uuid="LVM-other", writable=False))
             _expect(dm.DmNotFound, lambda: dm.open_named(ctl, "xbc-nonexistent", writable=False))
         finally:
+            lv.unlink()
+            lv.parent.rmdir()
             ctl.remove(name=name)
         return {"dev": f"{st.major}:{st.minor}"}
 
@@ -267,7 +272,8 @@ def deferred_remove_on_last_close() -> dict[str, object]:
                 os.close(fd)
         assert os.waitstatus_to_exitcode(status) == 0
         vanished = _wait_until(_gone(ctl, uuid=own.uuid), timeout=3.0)
-        assert not Path(f"/sys/dev/block/{st.major}:{st.minor}").exists()
+        # the name goes first, the gendisk a moment later (dm unhashes before del_gendisk)
+        _wait_until(lambda: not Path(f"/sys/dev/block/{st.major}:{st.minor}").exists(), timeout=3.0)
         unbound = _wait_until(_loop_unbound(loop_number), timeout=3.0)
         return {"dm_gone_ms": round(vanished * 1000, 2), "loop_unbound_ms": round(unbound * 1000, 2)}
 
@@ -342,6 +348,7 @@ def loop_under_dm_refuses_excl() -> dict[str, object]:
         try:
             holders = sysfs.holders(7, lo.number)
             assert holders == [sysfs.kernel_name(st.major, st.minor)], holders
+            assert dm.dm_holders(7, lo.number) == ["xbc-stack"]
             try:
                 os.close(os.open(node, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC))
             except OSError as exc:
@@ -352,6 +359,7 @@ def loop_under_dm_refuses_excl() -> dict[str, object]:
         finally:
             ctl.remove(name="xbc-stack")
         assert sysfs.holders(7, lo.number) == []
+        assert dm.dm_holders(7, lo.number) == []
         os.close(os.open(node, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC))
         return {"holders": holders}
 
@@ -369,7 +377,8 @@ def snapshot_volatile() -> dict[str, object]:
         # the tool's loop fds are closed; the snapshot table holds both loops
         try:
             assert vol.block.identity.size_bytes == 8 * MIB
-            assert sysfs.holders(7, numbers[0]) == [sysfs.kernel_name(vol.status.major, vol.status.minor)]
+            assert dm.dm_holders(7, numbers[0]) == ["xbc-vol"]
+            assert dm.dm_holders(7, numbers[1]) == ["xbc-vol"]
             assert os.pread(vol.fd, 4096, 4096) == b"B" * 4096
             os.pwrite(vol.fd, b"W" * 4096, 4096)
             os.fsync(vol.fd)
@@ -438,27 +447,55 @@ def capture_buffers() -> dict[str, object]:
         return {"calls": rec.calls, "loop_dev": [m, n]}
 
 
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "min_ms": round(ordered[0], 2),
+        "p50_ms": round(statistics.median(ordered), 2),
+        "p90_ms": round(statistics.quantiles(ordered, n=10)[8], 2),
+        "max_ms": round(ordered[-1], 2),
+    }
+
+
 def timing_create_to_armed() -> dict[str, object]:
-    """create+load+open+confirm+arm+resume (create_owned) under TCG; each device closed after."""
+    """create+load+open+confirm+arm+resume (create_owned) under TCG; each device closed after.
+    A second pass times the same steps one by one to show where the time goes."""
     backing = _file("timing.img", 8 * MIB)
-    samples: list[float] = []
+    whole: list[float] = []
+    steps: dict[str, list[float]] = {
+        k: [] for k in ("create", "load", "open_confirm", "arm", "resume", "identify")
+    }
     with _ctl() as ctl, _loop(backing) as lo:
         table = _linear(lo.identity.devt, lo.identity.sectors)
         for i in range(41):
             t0 = time.perf_counter()
             d = dm.create_owned(ctl, f"xbc-t{i}", table)
-            samples.append((time.perf_counter() - t0) * 1000)
+            whole.append((time.perf_counter() - t0) * 1000)
             d.close()
+        for i in range(40):
+            uuid = dm.make_owned_uuid()
+            marks = [time.perf_counter()]
+            ctl.create(f"xbc-s{i}", uuid)
+            marks.append(time.perf_counter())
+            ctl.load(table, uuid=uuid)
+            marks.append(time.perf_counter())
+            d = dm.open_confirmed(ctl, ctl.status(uuid=uuid), writable=True)
+            marks.append(time.perf_counter())
+            ctl.remove(uuid=uuid, deferred=True)
+            marks.append(time.perf_counter())
+            ctl.resume(uuid=uuid)
+            marks.append(time.perf_counter())
+            identify(d.fd)
+            marks.append(time.perf_counter())
+            d.close()
+            for key, start, end in zip(steps, marks, marks[1:], strict=False):
+                steps[key].append((end - start) * 1000)
         _wait_until(lambda: not ctl.list_devices(), timeout=10.0)
-    cold, warm = samples[0], sorted(samples[1:])
-    q = statistics.quantiles(warm, n=10)
     return {
-        "n": len(warm),
-        "cold_ms": round(cold, 2),
-        "min_ms": round(warm[0], 2),
-        "p50_ms": round(statistics.median(warm), 2),
-        "p90_ms": round(q[8], 2),
-        "max_ms": round(warm[-1], 2),
+        "n": len(whole) - 1,
+        "cold_ms": round(whole[0], 2),
+        **_summary(whole[1:]),
+        "steps_p50_ms": {k: round(statistics.median(v), 2) for k, v in steps.items()},
     }
 
 

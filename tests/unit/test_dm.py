@@ -6,8 +6,9 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -281,8 +282,8 @@ def test_owned_uuid_names_a_live_creator() -> None:
     ("path", "name"),
     [
         ("/dev/mapper/vg0-root", "vg0-root"),
-        ("/dev/vg0/root", "vg0-root"),
-        ("/dev/my-vg/lv-a", "my--vg-lv--a"),
+        ("/dev/vg0/root", None),  # not a block device here
+        ("/dev/shm/disk.img", None),
         ("/dev/mapper//x/", "x"),
         ("/dev/loop0", None),
         ("/dev/disk/by-id/x", None),
@@ -292,6 +293,25 @@ def test_owned_uuid_names_a_live_creator() -> None:
 )
 def test_name_for_path(path: str, name: str | None) -> None:
     assert dm.name_for_path(path) == name
+
+
+@pytest.fixture
+def fake_lv() -> Iterator[str]:
+    """/dev/xbctest-vg/lv-a as a block node (never opened), removed afterwards."""
+    vg = Path("/dev/xbctest-vg")
+    vg.mkdir()
+    try:
+        os.mknod(vg / "lv-a", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+        yield str(vg / "lv-a")
+    finally:
+        (vg / "lv-a").unlink(missing_ok=True)
+        vg.rmdir()
+
+
+@pytest.mark.root
+def test_lvm_path_that_is_a_block_device(fake_lv: str) -> None:
+    assert dm.name_for_path(fake_lv) == "xbctest--vg-lv--a"
+    assert dm.name_for_path("/dev/xbctest-vg/other") is None
 
 
 def test_snapshot_table() -> None:

@@ -504,14 +504,33 @@ def open_uuid(ctl: DmControl, uuid: str, *, writable: bool) -> DmDevice:
 
 def name_for_path(path: str) -> str | None:
     """The dm name an admin path means: /dev/mapper/NAME, or LVM's /dev/VG/LV (VG-LV with dashes
-    doubled). None for anything else; the path itself is never opened or followed."""
+    doubled) when that path is a block device (so /dev/shm/disk.img stays a file). None otherwise.
+    The path is never opened: the name is then checked against the opened device by open_named."""
     parts = os.path.normpath(path).split("/")
-    if len(parts) == 4 and parts[:2] == ["", "dev"]:
-        if parts[2] == "mapper":
-            return parts[3]
-        if parts[2] not in ("", "disk", "block", "mapper") and parts[3]:
-            return lvm_dm_name(parts[2], parts[3])
-    return None
+    if len(parts) != 4 or parts[:2] != ["", "dev"] or not parts[3]:
+        return None
+    if parts[2] == "mapper":
+        return parts[3]
+    try:
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    return lvm_dm_name(parts[2], parts[3])
+
+
+def dm_holders(major: int, minor: int) -> list[str]:
+    """Names of the dm devices whose tables use this device (from /sys/.../holders). A device
+    listed here is claimed exclusively by dm: handing it to a guest writable would bypass the
+    mapping (and a snapshot's origin must never change underneath it)."""
+    names: list[str] = []
+    for holder in sysfs.holders(major, minor):
+        try:
+            with open(f"/sys/block/{holder}/dm/name") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue  # not dm (md, bcache) or gone meanwhile
+    return names
 
 
 # --- devices we create ----------------------------------------------------------------------------
