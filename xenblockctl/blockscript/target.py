@@ -24,6 +24,7 @@ from xenblockctl.kernel.errors import IdentityMismatch
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
 PATH_MAX = 4096
+NAME_MAX = 255
 DM_PREFIX = "/dev/mapper/"
 DISKSEQ_PREFIX = "/dev/disk/by-diskseq/"
 
@@ -52,8 +53,8 @@ def parse_target(params: str) -> Target:
         if path.startswith(prefix):
             path = path[len(prefix) :]
             break
-    if len(path) > PATH_MAX:
-        raise TargetSyntaxError("params is longer than PATH_MAX")
+    if len(path) >= PATH_MAX or any(len(part) > NAME_MAX for part in path.split("/")):
+        raise TargetSyntaxError("params is longer than PATH_MAX or has a component longer than NAME_MAX")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
         raise TargetSyntaxError("params contains control characters")
     if not path.startswith("/"):
