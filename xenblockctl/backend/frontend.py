@@ -69,6 +69,7 @@ class LocalFrontend:
         data_pages: int = 64,
         indirect_pages: int = 8,
         scramble_ring_refs: bool = False,
+        ring_last: bool = False,
     ) -> None:
         self.abi = abi
         self.ring_pages = 1 << ring_page_order
@@ -84,23 +85,27 @@ class LocalFrontend:
         except BaseException:
             self.client.close()
             raise
-        # The ring lives in pages 0..R-1. With `scramble_ring_refs` the ring is instead laid out in
-        # reverse page order in the memfd, so the backend must map non-contiguous refs contiguously.
-        order = list(range(self.ring_pages))
+        # Layout: ring, data pool, indirect pool (or with `ring_last`: data, indirect, ring, so that
+        # small hostile grefs never name the ring). `scramble_ring_refs` lists the ring pages in
+        # reverse order, so the backend must map non-contiguous refs contiguously.
+        ring_base = data_pages + indirect_pages if ring_last else 0
+        pool_base = 0 if ring_last else self.ring_pages
+        order = list(range(ring_base, ring_base + self.ring_pages))
         if scramble_ring_refs:
             order.reverse()
         self.ring_refs = tuple(order)
         self._ring_mapping: GrantMapping | None = None
         self._ring_view = self._contiguous_ring_view()
         self.ring = FrontRing(self._ring_view, abi, self.ring_pages)
-        self._free_data = list(range(self.ring_pages, self.ring_pages + data_pages))
-        self._free_indirect = list(range(self.ring_pages + data_pages, total))
+        self._free_data = list(range(pool_base, pool_base + data_pages))
+        self._free_indirect = list(range(pool_base + data_pages, pool_base + data_pages + indirect_pages))
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
 
     def _contiguous_ring_view(self) -> memoryview:
-        if self.ring_refs == tuple(range(self.ring_pages)):
-            return self._view[: self.ring_pages * blkif.PAGE_SIZE]
+        first = self.ring_refs[0]
+        if self.ring_refs == tuple(range(first, first + self.ring_pages)):
+            return self._view[first * blkif.PAGE_SIZE : (first + self.ring_pages) * blkif.PAGE_SIZE]
         # Non-contiguous ring refs: we need our own contiguous view of those pages too.
         self._ring_mapping = map_memfd_pages(self._fd, self.ring_refs)
         return self._ring_mapping.buffer
