@@ -120,15 +120,22 @@ def ensure_qemu() -> str:
 
 
 def kernel_package() -> str:
-    """The versioned image package the `linux-image-amd64` metapackage currently points at."""
+    """The versioned image package the `linux-image-amd64` metapackage currently points at
+    (XENBLOCKCTL_DM_KERNEL pins one). Refreshes the apt lists once if they know no kernel."""
+    pinned = os.environ.get("XENBLOCKCTL_DM_KERNEL")
+    if pinned:
+        return pinned
     if shutil.which("apt-cache") is None:
         raise LaneUnavailable("no apt-cache: cannot find Debian's kernel package")
-    out = _run(["apt-cache", "depends", KERNEL_META], timeout=120).stdout
-    for raw in out.splitlines():
-        line = raw.strip()
-        if line.startswith("Depends: linux-image-"):
-            return line.split(":", 1)[1].strip()
-    raise LaneUnavailable(f"apt-cache knows no {KERNEL_META} (apt-get update needed?)")
+    for attempt in range(2):
+        out = _run(["apt-cache", "depends", KERNEL_META], timeout=120).stdout
+        for raw in out.splitlines():
+            line = raw.strip()
+            if line.startswith("Depends: linux-image-"):
+                return line.split(":", 1)[1].strip()
+        if attempt == 0 and os.geteuid() == 0:
+            _run(["apt-get", "update", "-qq"], timeout=600)
+    raise LaneUnavailable(f"apt knows no {KERNEL_META} even after apt-get update")
 
 
 def _download(packages: list[str], dest: Path) -> list[Path]:
