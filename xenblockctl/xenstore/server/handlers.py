@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xenblockctl.xenstore.server import paths
@@ -214,7 +214,7 @@ def op_write(req: Request) -> bytes:
             raise
         node = _create_node(req, path, value)
     else:
-        node = replace(node, value=value)
+        node = node.with_value(value)
         req.view.put(path, node)
     req.view.fire(path, exact=False, perms=node.perms)
     return OK
@@ -274,7 +274,7 @@ def op_set_perms(req: Request) -> bytes:
     node = _get_node(req, path, WRITE | OWNER)
     if not conn.privileged and perms[0].domid != node.owner:
         raise XsError(errno.EPERM)
-    new = replace(node, perms=perms)
+    new = node.with_perms(perms)
     req.view.put(path, new)
     req.view.fire(path, exact=False, perms=perms, old_perms=node.perms)
     return OK

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from xenblockctl.xenstore.server.permissions import Perms
 from xenblockctl.xenstore.server.store import NO_GENERATION, Node, Store
@@ -78,7 +78,7 @@ class Transaction:
         entry.modified = True
         # A write inside a transaction still consumes a global generation, as in the C daemon
         # (visible through DIRECTORY_PART inside the transaction).
-        self.overlay[path] = None if node is None else replace(node, generation=store.next_generation())
+        self.overlay[path] = None if node is None else node.with_generation(store.next_generation())
 
     def queue_event(self, path: str, exact: bool) -> None:
         entry = self.accessed.get(path)
