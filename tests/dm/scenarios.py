@@ -11,8 +11,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -491,11 +493,39 @@ def timing_create_to_armed() -> dict[str, object]:
             for key, start, end in zip(steps, marks, marks[1:], strict=False):
                 steps[key].append((end - start) * 1000)
         _wait_until(lambda: not ctl.list_devices(), timeout=10.0)
+        # Baselines in the same boot: the bare ioctls (create+load+resume, no open, no checks) and
+        # dmsetup (what a shell script would run), when the host has it.
+        raw: list[float] = []
+        for i in range(40):
+            t0 = time.perf_counter()
+            ctl.create(f"xbc-r{i}", f"RAW-{i}")
+            ctl.load(table, name=f"xbc-r{i}")
+            ctl.resume(name=f"xbc-r{i}")
+            raw.append((time.perf_counter() - t0) * 1000)
+            ctl.remove(name=f"xbc-r{i}")
+        dmsetup = shutil.which("dmsetup")
+        tool: list[float] = []
+        line = table[0].line()
+        for i in range(20 if dmsetup else 0):
+            assert dmsetup is not None
+            t0 = time.perf_counter()
+            subprocess.run(
+                [dmsetup, "create", f"xbc-d{i}", "--uuid", f"DMS-{i}", "--noudevsync", "--table", line],
+                check=True,
+                capture_output=True,
+            )
+            tool.append((time.perf_counter() - t0) * 1000)
+            subprocess.run([dmsetup, "remove", "--noudevsync", f"xbc-d{i}"], check=True, capture_output=True)
+    ours = statistics.median(whole[1:])
     return {
         "n": len(whole) - 1,
         "cold_ms": round(whole[0], 2),
         **_summary(whole[1:]),
         "steps_p50_ms": {k: round(statistics.median(v), 2) for k, v in steps.items()},
+        "raw_create_load_resume": _summary(raw),
+        "dmsetup_create": _summary(tool) if tool else None,
+        "ours_over_raw": round(ours / statistics.median(raw), 2),
+        "dmsetup_over_ours": round(statistics.median(tool) / ours, 2) if tool else None,
     }
 
 
