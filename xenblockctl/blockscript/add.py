@@ -22,7 +22,7 @@ from xenblockctl.blockscript.settings import Settings
 from xenblockctl.blockscript.target import Target, TargetSyntaxError, check_expectations, parse_target
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
-from xenblockctl.kernel import blockdev, loop, sysfs
+from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
@@ -233,25 +233,13 @@ def _confirm_existing(nodes: dict[str, str]) -> AddResult:
         diskseq = parse_luid(luid_text)
     except (BackendRecordError, OwnerRecordError) as exc:
         raise IdentityMismatch(f"published identity is malformed: {exc.message}") from exc
-    live = live_diskseq(major, minor)
+    live = blockdev.live_diskseq(os.makedev(major, minor))
     if live != diskseq:
         raise IdentityMismatch(
             f"physical-device {physical} now has diskseq {live if live is not None else 'none'}, "
             f"published luid says {diskseq}: the device was replaced"
         )
     return AddResult(physical, luid_text, nodes.get("physical-device-path", ""), "existing", already=True)
-
-
-def live_diskseq(major: int, minor: int) -> int | None:
-    """diskseq of the device now at major:minor, or None if there is none. Checks sysfs first:
-    opening a missing loop minor would create it (legacy autoload)."""
-    if sysfs.read_attr(major, minor, "dev") is None:
-        return None
-    try:
-        with blockdev.open_devt(os.makedev(major, minor), writable=False) as dev:
-            return dev.identity.diskseq
-    except XenblockError:
-        return None
 
 
 def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bool) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel import loop, sysfs
+from xenblockctl.kernel import blockdev, loop, sysfs
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
@@ -64,7 +64,7 @@ def conflicts(wanted: Wanted, claim: Claim) -> bool:
 def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
     """Raise SharingConflict naming the first user that forbids this attach."""
     for claim in _all_claims(store, home, own_backend, wanted):
-        if conflicts(wanted, claim):
+        if conflicts(wanted, claim) and _live(claim):
             mode = "writable" if claim.writable else "read-only"
             want = "writable" if wanted.writable else "read-only"
             raise SharingConflict(f"target already in use {mode} by {claim.where}; refusing {want} attach")
@@ -74,6 +74,15 @@ def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
             raise SharingConflict(
                 f"device is held by {', '.join(stacked)} (dm/md on top); refusing writable attach"
             )
+
+
+def _live(claim: Claim) -> bool:
+    """A backend's claim whose device is gone (its diskseq no longer live: the engine let go and
+    the loop auto-cleared) gives nobody access to the disk any more, so it does not count.
+    Claims without a known diskseq (stock script, mounts) cannot be proven stale and count."""
+    if claim.devt is None or claim.diskseq is None:
+        return True
+    return blockdev.live_diskseq(claim.devt) == claim.diskseq
 
 
 def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> Iterator[Claim]:

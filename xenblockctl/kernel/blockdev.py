@@ -219,6 +219,20 @@ def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDev
         raise
 
 
+def live_diskseq(devt: int) -> int | None:
+    """diskseq of the block device now at `devt`, or None if there is none. Looks in sysfs first:
+    opening a node for a loop minor that does not exist would create it (legacy autoload)."""
+    from xenblockctl.kernel import sysfs
+
+    if sysfs.read_attr(os.major(devt), os.minor(devt), "dev") is None:
+        return None
+    try:
+        with open_devt(devt, writable=False) as dev:
+            return dev.identity.diskseq
+    except DeviceError:
+        return None
+
+
 def _open_private_node(devt: int, flags: int) -> int:
     with tempfile.TemporaryDirectory(prefix="xenblockctl-node-") as tmp:
         path = os.path.join(tmp, "dev")
