@@ -285,7 +285,7 @@ def boot(
     qemu: str,
     python: str,
     select: str = "all",
-    timeout: float = 420.0,
+    timeout: float = 600.0,
     memory_mb: int = 1024,
 ) -> BootResult:
     """Boot once, run the selected guest scenarios, always reap QEMU. Never raises on guest failure:
