@@ -250,3 +250,26 @@ def test_ring_refs_outside_grant_table_fail_connect(
         with pytest.raises(TransportError) as exc:
             DataPlane(local_transport, 4, params, target, target.limits())
         assert exc.value.code == "evtchn-bind"
+
+
+def test_iovecs_merge_only_contiguous_full_pages(local_transport: LocalTransport) -> None:
+    from xenblockctl.backend.dataplane import _iovecs
+    from xenblockctl.backend.requests import IoSegment
+
+    with LocalFrontend(local_transport.socket_path, 12, data_pages=16) as fe:
+        for ref in range(fe.total_pages):
+            fe.page(ref)[:] = bytes([ref]) * 4096
+        refs = [3, 4, 5, 9, 10, 10, 2]
+        segs = [IoSegment(r, 0, 4096) for r in refs]
+        segs[0] = IoSegment(3, 512, 3584)  # starts mid-page: may still lead a run
+        segs[-1] = IoSegment(2, 0, 1024)
+        mapping = local_transport.map_grants(12, refs, writable=False)
+        try:
+            bufs = _iovecs(mapping, segs)
+            assert [b.nbytes for b in bufs] == [3584 + 2 * 4096, 2 * 4096, 4096, 1024]
+            expected = b"".join(bytes([s.gref]) * s.length for s in segs)
+            assert b"".join(bytes(b) for b in bufs) == expected
+        finally:
+            for b in bufs:
+                b.release()
+            mapping.unmap()

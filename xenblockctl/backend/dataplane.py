@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import Abi, Request, Response
 from xenblockctl.backend.io import DeviceTarget, Executor
-from xenblockctl.backend.requests import DeviceLimits, IoPlan, Kind, Rejection, validate
+from xenblockctl.backend.requests import DeviceLimits, IoPlan, IoSegment, Kind, Rejection, validate
 from xenblockctl.backend.ring import BackRing, RingBroken
 from xenblockctl.backend.transport.base import EventChannel, GrantError, GrantMapping, Transport
 from xenblockctl.errors import XenblockError
@@ -85,6 +85,35 @@ def _parse_u32(text: str | None, what: str) -> int:
             f"{what} '{blkif.printable(text or '', 20)}' is not a uint32", code="blkif-invalid"
         )
     return int(raw)
+
+
+def _iovecs(mapping: GrantMapping, segments: Sequence[IoSegment]) -> list[memoryview]:
+    """Buffers for preadv/pwritev: runs of segments that continue each other across page boundaries
+    (one ends at the page end, the next starts at 0 of the next, contiguously mapped page) merge into
+    one view, so per-iovec cost does not scale with the segment count of large requests."""
+    out: list[memoryview] = []
+    i, n = 0, len(segments)
+    while i < n:
+        j = i
+        while (
+            j + 1 < n
+            and segments[j].offset + segments[j].length == blkif.PAGE_SIZE
+            and segments[j + 1].offset == 0
+            and mapping.follows(j)
+        ):
+            j += 1
+        run = mapping.span(i, j - i + 1) if j > i else None
+        if run is not None:
+            out.append(
+                run[segments[i].offset : (j - i) * blkif.PAGE_SIZE + segments[j].offset + segments[j].length]
+            )
+            run.release()
+        else:
+            for k in range(i, j + 1):
+                s = segments[k]
+                out.append(mapping.page(k)[s.offset : s.offset + s.length])
+        i = j + 1
+    return out
 
 
 class DataPlane:
@@ -232,7 +261,7 @@ class DataPlane:
                 mapping = self.transport.map_grants(
                     self.domid, [s.gref for s in plan.segments], writable=writable
                 )
-                bufs = [mapping.page(i)[s.offset : s.offset + s.length] for i, s in enumerate(plan.segments)]
+                bufs = _iovecs(mapping, plan.segments)
             except (GrantError, IndexError) as exc:
                 for b in bufs:
                     b.release()

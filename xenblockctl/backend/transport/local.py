@@ -103,6 +103,7 @@ class _SlicedMapping(GrantMapping):
     def __init__(self, table: _GrantTable, refs: tuple[int, ...], writable: bool) -> None:
         self.refs = refs
         self.writable = writable
+        self._table = table
         self._pages: list[memoryview] | None = []
         for ref in refs:
             v = table.view[ref * PAGE_SIZE : (ref + 1) * PAGE_SIZE]
@@ -120,6 +121,17 @@ class _SlicedMapping(GrantMapping):
         if len(self._pages) != 1:
             raise GrantError("non-contiguous mapping has no single buffer; map with contiguous=True")
         return self._pages[0]
+
+    def follows(self, index: int) -> bool:
+        return index + 1 < len(self.refs) and self.refs[index + 1] == self.refs[index] + 1
+
+    def span(self, start: int, count: int) -> memoryview | None:
+        # consecutive refs are consecutive pages of the memfd, hence of our one table mapping
+        first = self.refs[start]
+        if self._pages is None or self.refs[start : start + count] != tuple(range(first, first + count)):
+            return None
+        v = self._table.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+        return v if self.writable else v.toreadonly()
 
     def unmap(self) -> None:
         if self._pages is not None:
