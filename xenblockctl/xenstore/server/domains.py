@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from xenblockctl.xenstore.server.permissions import NONE, Perm, Perms
 
+#: Domids from here on are reserved (DOMID_SELF, DOMID_IO, ...), never a real domain.
+DOMID_FIRST_RESERVED = 0x7FF0
 #: `DOMID_SELF`: IS_DOMAIN_INTRODUCED answers T for it.
 DOMID_SELF = 0x7FF0
 SPECIAL_PATHS = ("@introduceDomain", "@releaseDomain")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xenblockctl.xenstore.server import paths
+from xenblockctl.xenstore.server.domains import DOMID_FIRST_RESERVED
 from xenblockctl.xenstore.server.permissions import (
     OWNER,
     READ,
@@ -267,6 +268,9 @@ def op_set_perms(req: Request) -> bytes:
         perms = tuple(parse_perm(s.decode("latin-1")) for s in strings[1 : 1 + num])
     except ValueError:
         raise XsError(errno.EINVAL) from None
+    if perms[0].domid >= DOMID_FIRST_RESERVED:
+        # An owner that cannot be a domain (`domain_alloc_permrefs` marks it ignored).
+        raise XsError(errno.ENOENT)
     raw_path = strings[0]
     if raw_path.startswith(b"@"):
         return _set_perms_special(req, raw_path.decode("latin-1"), perms)
