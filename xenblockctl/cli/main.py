@@ -13,6 +13,7 @@ from xenblockctl.errors import XenblockError
 
 #: command name -> "module:attribute" under xenblockctl.cli. Adding a command = one module + one line.
 COMMANDS: dict[str, str] = {
+    "backend": "backend:backend",
     "identify": "identify:identify",
     "xenstored": "xenstored:xenstored",
 }

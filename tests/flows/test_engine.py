@@ -1,0 +1,192 @@
+"""The engine end to end without Xen: libxl-like toolstack, our block script, the engine over the
+local transport, and a Python blkfront doing the xenbus handshake and real I/O."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.libxl import Backend, Libxl
+from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.kernel import loop
+from xenblockctl.xenstore.client import XenStore
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class EngineProc:
+    proc: subprocess.Popen[str]
+    transport: str
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def engine(libxl: Libxl, tmp_path: Path) -> Iterator[EngineProc]:
+    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xenblockctl",
+            "backend",
+            "--transport",
+            f"local:{transport}",
+            "--xenstore",
+            libxl.xenstored.socket_path,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "engine ready", line + (proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
+    handle = EngineProc(proc, transport)
+    yield handle
+    code = handle.stop()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    assert code == 0, f"engine exit status {code}"
+
+
+def attach(
+    libxl: Libxl, engine: EngineProc, image: Path, domid: int, mode: str = "w"
+) -> tuple[Backend, XenbusFrontend]:
+    be = libxl.create_backend(domid, 51712, str(image), mode, engine=False)
+    # the engine writes `opened`=0 and moves to InitWait itself
+    deadline = time.monotonic() + 10
+    while libxl.nodes(be).get("opened") != "0":
+        assert time.monotonic() < deadline, libxl.nodes(be)
+        time.sleep(0.01)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    store = XenStore.connect(libxl.xenstored.socket_path)
+    guest = XenbusFrontend(
+        store, frontend_path=be.frontend, backend_path=be.path, domid=domid, transport_socket=engine.transport
+    )
+    guest.connect()
+    return be, guest
+
+
+def test_guest_reads_and_writes_through_the_engine(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory
+) -> None:
+    image = make_image(fill=b"MBR!" + b"\0" * 508)
+    be, guest = attach(libxl, engine, image, 5)
+    try:
+        nodes = libxl.nodes(be)
+        assert nodes["state"] == "4"
+        assert nodes["opened"] == "1"
+        assert nodes["sectors"] == str((64 << 20) // 512)
+        assert nodes["info"] == "0"
+        assert guest.ring is not None
+        assert guest.ring.read(0, 4096)[:4] == b"MBR!"
+        guest.ring.write(8, b"written by the guest".ljust(4096, b"\0"))
+        guest.ring.flush()
+        assert image.read_bytes()[4096:4116] == b"written by the guest"
+    finally:
+        guest.disconnect()
+        guest.close()
+    assert libxl.nodes(be)["state"] == "6"
+    assert len(bound_loops_under(image.parent)) == 1, "the engine holds the device across a frontend close"
+
+
+def test_reconnect_keeps_the_same_device(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:
+    image = make_image()
+    be, guest = attach(libxl, engine, image, 6)
+    first = bound_loops_under(image.parent)
+    assert guest.ring is not None
+    guest.ring.write(0, b"before reboot".ljust(512, b"\0"))
+    ring = guest.reboot()
+    assert bound_loops_under(image.parent) == first, "same loop device after the guest reconnected"
+    assert ring.read(0, 512)[:13] == b"before reboot"
+    # detach as libxl does: online=0 + state 5, wait for 6, then remove
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "5")
+    guest.disconnect()
+    guest.close()
+    deadline = time.monotonic() + 15
+    while libxl.nodes(be).get("state") != "6":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert libxl.run("remove", be).returncode == 0
+    assert bound_loops_under(image.parent) == {}, "engine released the device and it auto-cleared"
+
+
+def test_read_only_disk(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:
+    image = make_image(fill=b"ro")
+    be, guest = attach(libxl, engine, image, 7, mode="r")
+    try:
+        assert libxl.nodes(be)["info"] == "4"
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:2] == b"ro"
+        from xenblockctl.backend import blkif
+
+        status = guest.ring.write(0, b"x" * 512)
+        assert status == blkif.RSP_ERROR
+        assert image.read_bytes()[:2] == b"ro"
+    finally:
+        guest.disconnect()
+        guest.close()
+
+
+def test_engine_refuses_a_replaced_device(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:
+    """physical-device names a loop number whose binding changed since the luid was taken."""
+    victim = make_image("victim.img")
+    intruder = loop.attach_file(str(make_image("intruder.img")), read_only=False, tag="xenblockctl:intruder")
+    try:
+        be = libxl.create_backend(8, 51712, str(victim), "w", engine=False)
+        deadline = time.monotonic() + 10
+        while libxl.nodes(be).get("opened") != "0":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # Publish the intruder's number with a stale luid, as a script killed mid-way could leave it.
+        libxl.store.write_many(
+            {
+                be.node("physical-device-luid"): f"{intruder.identity.diskseq - 1:x}",
+                be.node("physical-device"): intruder.identity.physical_device,
+            }
+        )
+        error_node = f"/local/domain/0/error/{be.relative}/error"
+        deadline = time.monotonic() + 10
+        while libxl.store.read_optional(error_node) is None:
+            assert time.monotonic() < deadline, libxl.nodes(be)
+            time.sleep(0.02)
+        assert "diskseq mismatch" in (libxl.store.read_optional(error_node) or "")
+        assert libxl.nodes(be)["state"] == "5"
+        assert libxl.nodes(be).get("opened") == "0", "never signals opened for the wrong disk"
+    finally:
+        intruder.close()
+
+
+def test_sigkilled_engine_leaks_nothing(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:
+    image = make_image()
+    _be, guest = attach(libxl, engine, image, 9)
+    assert len(bound_loops_under(image.parent)) == 1
+    engine.proc.kill()
+    engine.proc.wait(10)
+    guest.close()
+    assert bound_loops_under(image.parent) == {}, "delete-on-close after the engine died"
+    engine.proc.returncode = 0  # the fixture's clean-exit check is for SIGTERM, not this test's SIGKILL

@@ -1,0 +1,179 @@
+"""The bundled backend engine: serves every backend/<kind>/*/* of our domain.
+
+One xenstore connection, one thread running the xenbus state machines (backend/xenbus.py), one
+thread per connected ring (backend/dataplane.py). Watches: the whole `backend/<kind>` subtree of
+our domain, plus each served device's frontend directory (written by the untrusted guest; its
+events are only triggers, the state machine re-reads and validates everything).
+
+Stopping (SIGTERM, or `stop()`): every device is torn down as for a detach, draining in-flight
+I/O first. If the engine is SIGKILLed instead, the kernel closes its fds and delete-on-close
+(AUTOCLEAR loop devices, deferred-remove dm devices) still releases every device."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+from xenblockctl.backend.xenbus import BackendDevice, EngineConfig
+from xenblockctl.errors import XenblockError
+from xenblockctl.journal import Journal
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.paths import join
+
+ROOT_TOKEN = "xbc-engine-root"
+FRONTEND_TOKEN_PREFIX = "xbc-engine-fe:"
+#: Level-triggered safety net: every device is reconciled at least this often, events or not.
+RESCAN_INTERVAL = 5.0
+
+
+class Engine:
+    def __init__(
+        self,
+        store: XenStore,
+        config: EngineConfig,
+        *,
+        kind: str = "vbd",
+        journal: Journal | None = None,
+    ) -> None:
+        if kind not in ("vbd", "vbd3"):
+            raise XenblockError(f"backend kind {kind!r} is not vbd or vbd3", code="bad-setting")
+        self.store = store
+        self.config = config
+        self.kind = kind
+        self.journal = journal or Journal("xenblockctl-engine")
+        self.home = store.home()
+        self.root = join(self.home, "backend", kind)
+        self.devices: dict[tuple[int, int], BackendDevice] = {}
+        self._frontend_watches: dict[tuple[int, int], str] = {}
+        self._stop = threading.Event()
+        self._wakeups = 0
+        self._lock = threading.Lock()
+
+    # -- public ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Ask the loop to reconcile everything soon (safe from any thread)."""
+        with self._lock:
+            self._wakeups += 1
+
+    def run(self, ready: threading.Event | None = None) -> None:
+        self.store.watch(self.root, ROOT_TOKEN)
+        self.journal.info(f"engine serving {self.root}")
+        self._rescan()
+        if ready is not None:
+            ready.set()
+        next_rescan = time.monotonic() + RESCAN_INTERVAL
+        try:
+            while not self._stop.is_set():
+                timeout = min(0.2, max(0.0, next_rescan - time.monotonic()))
+                for deadline in (d.pending_deadline for d in self.devices.values()):
+                    if deadline is not None:
+                        timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                event = self.store.wait_watch(timeout)
+                events = [event] if event is not None else []
+                events += self.store.drain_watches()
+                touched: set[tuple[int, int]] = set()
+                rescan = False
+                for ev in events:
+                    key = self._key_for(ev.path, ev.token)
+                    if key is None:
+                        rescan = rescan or ev.path == self.root
+                    else:
+                        touched.add(key)
+                with self._lock:
+                    if self._wakeups:
+                        self._wakeups = 0
+                        rescan = True
+                now = time.monotonic()
+                if rescan or now >= next_rescan:
+                    self._rescan()
+                    next_rescan = now + RESCAN_INTERVAL
+                else:
+                    for key in touched:
+                        self._reconcile(key)
+                    for key, dev in list(self.devices.items()):
+                        if dev.pending_deadline is not None and now >= dev.pending_deadline:
+                            self._reconcile(key)
+        finally:
+            self._shutdown()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _key_for(self, path: str, token: str) -> tuple[int, int] | None:
+        if token.startswith(FRONTEND_TOKEN_PREFIX):
+            domid, _, devid = token[len(FRONTEND_TOKEN_PREFIX) :].partition(":")
+            if domid.isdigit() and devid.isdigit():
+                return (int(domid), int(devid))
+            return None
+        if not path.startswith(self.root + "/"):
+            return None
+        parts = path[len(self.root) + 1 :].split("/")
+        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+            return None
+        return (int(parts[0]), int(parts[1]))
+
+    def _rescan(self) -> None:
+        present: set[tuple[int, int]] = set()
+        for domid in self._ls(self.root):
+            for devid in self._ls(join(self.root, domid)):
+                if domid.isdigit() and devid.isdigit() and len(domid) <= 5 and len(devid) <= 10:
+                    present.add((int(domid), int(devid)))
+        for key in present | set(self.devices):
+            self._reconcile(key)
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return self.store.ls(path)
+        except XenstoreNoEntry:
+            return []
+
+    def _reconcile(self, key: tuple[int, int]) -> None:
+        dev = self.devices.get(key)
+        if dev is None:
+            if self._stop.is_set():
+                return
+            dev = BackendDevice(
+                self.store,
+                home=self.home,
+                kind=self.kind,
+                domid=key[0],
+                devid=key[1],
+                config=self.config,
+                journal=self.journal,
+                wake=self.wake,
+            )
+            self.devices[key] = dev
+        try:
+            alive = dev.reconcile()
+        except XenblockError as exc:
+            self.journal.error(f"{dev.relative}: {exc.one_line()}", CODE=exc.code)
+            alive = True
+        if dev.frontend is not None and key not in self._frontend_watches:
+            token = f"{FRONTEND_TOKEN_PREFIX}{key[0]}:{key[1]}"
+            with contextlib.suppress(XenblockError):
+                self.store.watch(dev.frontend, token)
+                self._frontend_watches[key] = dev.frontend
+        if not alive:
+            self._forget(key)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        self.devices.pop(key, None)
+        frontend = self._frontend_watches.pop(key, None)
+        if frontend is not None:
+            with contextlib.suppress(XenblockError):
+                self.store.unwatch(frontend, f"{FRONTEND_TOKEN_PREFIX}{key[0]}:{key[1]}")
+
+    def _shutdown(self) -> None:
+        for key, dev in list(self.devices.items()):
+            try:
+                dev.teardown("engine stopping")
+            except XenblockError as exc:
+                self.journal.error(f"{dev.relative}: teardown: {exc.one_line()}")
+            self._forget(key)
+        with contextlib.suppress(XenblockError):
+            self.store.unwatch(self.root, ROOT_TOKEN)
+        self.journal.info("engine stopped")

@@ -1,0 +1,427 @@
+"""One backend device's xenbus state machine: the engine's side of the blkif handshake.
+
+Level-triggered: every watch event for the device leads to `reconcile()`, which reads the current
+backend and frontend nodes and does whatever is due, so lost, merged or reordered events cannot
+wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour where it is sane):
+
+  backend appears (libxl, state 1)   -> publish features + `opened`=0, state InitWait (2)
+  `physical-device` written          -> read it with the luid in one transaction, open by
+                                        major:minor, refuse unless BLKGETDISKSEQ == luid,
+                                        then `opened`=1 (the block script's sign to let go)
+  frontend Initialised/Connected     -> map the ring, bind the event channel, publish
+                                        sectors/info/features, state Connected (4)
+  frontend Closing/Closed            -> drain in-flight I/O, unmap; state Closing/Closed; the
+                                        device stays open: a reconnecting frontend (guest reboot)
+                                        gets the same device, never a re-open by number
+  `online`=0 (libxl detach/destroy)  -> drain, unmap, close the device (the loop auto-clears),
+                                        state Closed (6)
+
+Frontend nodes are written by the guest: every one is parsed and bounded before use."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xenblockctl.backend import blkif
+from xenblockctl.backend.dataplane import DataPlane, RingParams
+from xenblockctl.backend.io import DeviceTarget, DiscardMode
+from xenblockctl.backend.requests import DeviceLimits
+from xenblockctl.backend.transport.base import Transport
+from xenblockctl.errors import XenblockError
+from xenblockctl.journal import Journal
+from xenblockctl.kernel import blockdev
+from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.paths import join
+
+_LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
+_PHYSICAL = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
+_FRONTEND = re.compile(r"/local/domain/(0|[1-9][0-9]{0,4})/device/(vbd|vbd3)/([1-9][0-9]{0,9})")
+
+#: How long a detach waits for a connected frontend to close before tearing down anyway. libxl
+#: waits 10 s for Closed, then deletes the frontend itself.
+FRONTEND_CLOSE_GRACE = 5.0
+#: How long teardown waits for in-flight I/O; a device whose I/O hangs is reported, not closed.
+DRAIN_TIMEOUT = 30.0
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    INIT_WAIT = "init-wait"  # features published, waiting for physical-device
+    OPENED = "opened"  # device verified and held, waiting for the frontend
+    CONNECTED = "connected"  # data plane running
+    DISCONNECTED = "disconnected"  # frontend went away; device still held for a reconnect
+    FAILED = "failed"  # refused (error node written); waits for libxl to tear down
+    CLOSED = "closed"  # device released, state 6
+
+
+class EngineRefusal(XenblockError):
+    """The engine will not serve this backend; the text goes into the xenbus error node."""
+
+    code = "engine-refused"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    transport: Transport
+    #: Refuse `physical-device` without a luid (stock block script). The engine exists to verify.
+    require_luid: bool = True
+    max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
+    max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
+    workers: int = 4
+
+
+class BackendDevice:
+    """State machine for backend/<kind>/<domid>/<devid> in our domain."""
+
+    def __init__(
+        self,
+        store: XenStore,
+        *,
+        home: str,
+        kind: str,
+        domid: int,
+        devid: int,
+        config: EngineConfig,
+        journal: Journal,
+        wake: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.home = home
+        self.kind = kind
+        self.domid = domid
+        self.devid = devid
+        self.config = config
+        self.journal = journal
+        self._wake = wake
+        self.path = join(home, "backend", kind, str(domid), str(devid))
+        self.relative = f"backend/{kind}/{domid}/{devid}"
+        self.phase = Phase.NEW
+        self.device: BlockDevice | None = None
+        self.target: DeviceTarget | None = None
+        self.writable = False
+        self.dataplane: DataPlane | None = None
+        self.frontend: str | None = None
+        self.broken: str | None = None  # set from the data plane thread
+        self._closing_since: float | None = None
+        self._lock = threading.Lock()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.kind, self.domid, self.devid)
+
+    def error_path(self) -> str:
+        return join(self.home, "error", self.relative, "error")
+
+    def _log(self, message: str) -> None:
+        self.journal.info(f"{self.relative}: {message}", DOMID=self.domid, DEVID=self.devid)
+
+    def _set_state(self, state: int) -> None:
+        def body(tx: Transaction) -> None:
+            if tx.read_optional(join(self.path, "state")) is None:
+                return  # never re-create a backend libxl deleted
+            tx.write(join(self.path, "state"), str(state))
+
+        self.store.run_transaction(body)
+
+    def _fail(self, reason: str) -> None:
+        """Like xenbus_dev_fatal(): error node, state Closing, release what we hold."""
+        self.journal.error(
+            f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE="engine-refused"
+        )
+        self._stop_dataplane()
+        self._close_device()
+
+        def body(tx: Transaction) -> None:
+            if tx.read_optional(join(self.path, "state")) is None:
+                return
+            tx.write(self.error_path(), reason[:400])
+            tx.write(join(self.path, "state"), "5")
+
+        self.store.run_transaction(body)
+        self.phase = Phase.FAILED
+
+    # -- the state machine ------------------------------------------------------------------------
+    def reconcile(self) -> bool:
+        """Act on the current nodes. Returns False once the backend directory is gone (forget me)."""
+        try:
+            nodes = self.store.read_dir(self.path)
+        except XenstoreNoEntry:
+            self.teardown("backend directory removed")
+            return False
+        if self.broken is not None and self.phase is Phase.CONNECTED:
+            reason, self.broken = self.broken, None
+            self._fail(f"frontend broke the ring: {reason}")
+            return True
+        online = nodes.get("online", "1") != "0"
+        if self.phase is Phase.NEW:
+            self._publish_features(nodes)
+        if not online:
+            self._detach(nodes)
+            return True
+        if self.phase in (Phase.FAILED, Phase.CLOSED):
+            return True
+        if self.phase is Phase.INIT_WAIT and "physical-device" in nodes:
+            try:
+                self._open_device()
+            except XenblockError as exc:
+                self._fail(exc.message)
+                return True
+        if self.device is None:
+            return True
+        fe_state = self._frontend_state(nodes)
+        if (
+            self.phase in (Phase.OPENED, Phase.DISCONNECTED)
+            and fe_state in (1,)
+            and nodes.get("state") == "6"
+        ):
+            self._log("frontend re-initialising: prepare for reconnect")
+            self._set_state(2)
+        elif self.phase in (Phase.OPENED, Phase.DISCONNECTED) and fe_state in (3, 4):
+            try:
+                self._connect()
+            except XenblockError as exc:
+                self._fail(f"cannot connect: {exc.message}")
+        elif self.phase is Phase.CONNECTED and fe_state in (5, 6, None):
+            self._disconnect(6 if fe_state in (6, None) else 5)
+        elif self.phase is Phase.DISCONNECTED and fe_state == 6 and nodes.get("state") == "5":
+            self._set_state(6)
+        return True
+
+    def _publish_features(self, nodes: dict[str, str]) -> None:
+        def body(tx: Transaction) -> None:
+            if tx.read_optional(join(self.path, "state")) is None:
+                return
+            tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
+            tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
+            tx.write(join(self.path, "opened"), "0")
+            if tx.read_optional(join(self.path, "online")) != "0":
+                tx.write(join(self.path, "state"), "2")
+
+        self.store.run_transaction(body)
+        self.phase = Phase.INIT_WAIT
+        self._log("InitWait: waiting for physical-device")
+
+    def _open_device(self) -> None:
+        def body(tx: Transaction) -> tuple[str | None, str | None, str | None, str | None]:
+            return (
+                tx.read_optional(join(self.path, "physical-device")),
+                tx.read_optional(join(self.path, "physical-device-luid")),
+                tx.read_optional(join(self.path, "mode")),
+                tx.read_optional(join(self.path, "frontend")),
+            )
+
+        physical, luid, mode, frontend = self.store.run_transaction(body)
+        match = _PHYSICAL.fullmatch(physical or "")
+        if match is None:
+            raise EngineRefusal(f"physical-device {physical!r} is not hex MAJOR:MINOR")
+        if luid is None:
+            if self.config.require_luid:
+                raise EngineRefusal("physical-device-luid missing: refusing an unverifiable device")
+        elif not _LUID.fullmatch(luid):
+            raise EngineRefusal(f"physical-device-luid {luid[:40]!r} is not a lowercase hex diskseq")
+        if mode not in ("r", "w"):
+            raise EngineRefusal(f"mode {mode!r} is not r or w")
+        if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
+            raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
+        major, minor = int(match.group(1), 16), int(match.group(2), 16)
+        devt = os.makedev(major, minor)
+        if blockdev.live_diskseq(devt) is None:
+            raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
+        device = blockdev.open_devt(devt, writable=mode == "w")
+        if luid is not None and device.identity.diskseq != int(luid, 16):
+            seen = device.identity.diskseq
+            device.close()
+            raise EngineRefusal(
+                f"diskseq mismatch on {major}:{minor}: device has {seen:x}, physical-device-luid says {luid}"
+                " (the device was replaced; refusing to give the guest the wrong disk)"
+            )
+        self.device = device
+        self.writable = mode == "w"
+        self.frontend = frontend
+        self.target = DeviceTarget.from_block_device(device)
+        self.store.write(join(self.path, "opened"), "1")
+        self.phase = Phase.OPENED
+        self._log(
+            f"opened {major}:{minor} diskseq {device.identity.diskseq:x} ({'rw' if self.writable else 'ro'})"
+        )
+
+    def _frontend_state(self, nodes: dict[str, str]) -> int | None:
+        if self.frontend is None:
+            return None
+        text = self.store.read_optional(join(self.frontend, "state"))
+        if text is None or not text.isdigit() or len(text) > 2:
+            return None
+        value = int(text)
+        return value if 0 <= value <= 8 else None
+
+    def _read_ring_params(self) -> RingParams:
+        assert self.frontend is not None
+        fe = self.frontend
+
+        def body(tx: Transaction) -> dict[str, str | None]:
+            wanted = ("ring-ref", "ring-page-order", "event-channel", "protocol", "multi-queue-num-queues")
+            values = {name: tx.read_optional(join(fe, name)) for name in wanted}
+            order_text = values["ring-page-order"]
+            if (
+                order_text is not None
+                and order_text.isdigit()
+                and int(order_text) <= self.config.max_ring_page_order
+            ):
+                for i in range(1 << int(order_text)):
+                    values[f"ring-ref{i}"] = tx.read_optional(join(fe, f"ring-ref{i}"))
+            return values
+
+        values = self.store.run_transaction(body)
+        queues = values.get("multi-queue-num-queues")
+        if queues not in (None, "1"):
+            raise EngineRefusal("multi-queue was not advertised")
+        order_text = values.get("ring-page-order")
+        if order_text is None:
+            refs = [values.get("ring-ref") or ""]
+        else:
+            if not order_text.isdigit() or int(order_text) > self.config.max_ring_page_order:
+                raise EngineRefusal(f"ring-page-order {order_text[:10]!r} above what we advertised")
+            refs = [values.get(f"ring-ref{i}") or "" for i in range(1 << int(order_text))]
+        try:
+            return RingParams.parse(
+                ring_refs=refs,
+                event_channel=values.get("event-channel") or "",
+                protocol=values.get("protocol"),
+                ring_page_order=order_text,
+                max_ring_page_order=self.config.max_ring_page_order,
+            )
+        except XenblockError as exc:
+            raise EngineRefusal(exc.message) from exc
+
+    def _connect(self) -> None:
+        assert self.device is not None
+        assert self.target is not None
+        params = self._read_ring_params()
+        target = self.target
+        discard = target.discard is not DiscardMode.NONE and self.writable
+        limits = DeviceLimits(
+            sectors=target.sectors,
+            logical_block_size=target.logical_block_size,
+            read_only=not self.writable or target.read_only,
+            flush=True,
+            discard=discard,
+            discard_secure=discard and target.discard_secure,
+            max_indirect_segments=self.config.max_indirect_segments,
+        )
+        self.dataplane = DataPlane(
+            self.config.transport,
+            self.domid,
+            params,
+            target,
+            limits,
+            workers=self.config.workers,
+            on_broken=self._on_broken,
+            name=f"xbc-{self.domid}-{self.devid}",
+        )
+        self.dataplane.start()
+
+        def body(tx: Transaction) -> None:
+            if tx.read_optional(join(self.path, "state")) is None:
+                return
+            info = blkif.info_bits(read_only=limits.read_only)
+            nodes = {
+                "sectors": str(target.sectors),
+                "info": str(info),
+                "sector-size": str(target.logical_block_size),
+                "physical-sector-size": str(target.physical_block_size),
+                "feature-flush-cache": "1",
+                "feature-barrier": "0",
+                "feature-persistent": "0",
+                "feature-discard": "1" if discard else "0",
+            }
+            if discard:
+                nodes["discard-granularity"] = str(target.discard_granularity)
+                nodes["discard-alignment"] = "0"
+                nodes["discard-secure"] = "1" if limits.discard_secure else "0"
+            for name, value in nodes.items():
+                tx.write(join(self.path, name), value)
+            tx.write(join(self.path, "state"), "4")
+
+        self.store.run_transaction(body)
+        self.phase = Phase.CONNECTED
+        self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s)")
+
+    def _on_broken(self, reason: str) -> None:
+        # Called on the data plane thread: hand over to the xenbus thread.
+        self.broken = reason
+        self._wake()
+
+    def _stop_dataplane(self) -> bool:
+        dataplane, self.dataplane = self.dataplane, None
+        if dataplane is None:
+            return True
+        drained = dataplane.stop(DRAIN_TIMEOUT)
+        stats = dataplane.stats
+        self._log(f"ring stopped: {stats.requests} requests, {stats.errors} errors, drained={drained}")
+        return drained
+
+    def _disconnect(self, state: int) -> None:
+        """Frontend left (reboot, driver unload): drain and unmap, keep the device for a reconnect."""
+        self._stop_dataplane()
+        self.phase = Phase.DISCONNECTED
+        self._set_state(state)
+
+    def _close_device(self) -> None:
+        device, self.device = self.device, None
+        self.target = None
+        if device is not None:
+            device.close()  # delete-on-close: an auto-clearing loop device goes away here
+
+    def _detach(self, nodes: dict[str, str]) -> None:
+        """libxl set online=0: wait (briefly) for a connected frontend to close, then release."""
+        if self.phase is Phase.CLOSED:
+            return
+        fe_state = self._frontend_state(nodes)
+        if self.phase is Phase.CONNECTED and fe_state in (3, 4):
+            now = time.monotonic()
+            if self._closing_since is None:
+                self._closing_since = now
+                self._set_state(5)  # ask the frontend to close
+                return
+            if now - self._closing_since < FRONTEND_CLOSE_GRACE:
+                return
+            self._log("frontend did not close in time: tearing down anyway")
+        self.teardown("online=0")
+        self._set_state(6)
+
+    def teardown(self, why: str) -> None:
+        """Stop taking requests, drain, unmap, close the device. Idempotent."""
+        if self.phase is Phase.CLOSED:
+            return
+        drained = self._stop_dataplane()
+        if not drained:
+            self.journal.error(
+                f"{self.relative}: I/O did not drain; keeping the device open", CODE="drain-timeout"
+            )
+            return
+        had_device = self.device is not None
+        self._close_device()
+        self.phase = Phase.CLOSED
+        if had_device:
+            self._log(f"released the device ({why})")
+
+    @property
+    def pending_deadline(self) -> float | None:
+        """When reconcile() must run again without an event (the detach grace period)."""
+        if self._closing_since is None or self.phase is Phase.CLOSED:
+            return None
+        return self._closing_since + FRONTEND_CLOSE_GRACE
+
+
+def _frontend_matches(frontend: str, domid: int, devid: int) -> bool:
+    match = _FRONTEND.fullmatch(frontend)
+    return match is not None and int(match.group(1)) == domid and int(match.group(3)) == devid
