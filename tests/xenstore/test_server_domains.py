@@ -203,3 +203,17 @@ def test_domain_management_errors(dom0: RawClient) -> None:
     assert dom0.call(IS_INTRODUCED, str(0x7FF0).encode()).payload == b"T\0"
     reply = dom0.call(IS_INTRODUCED, raw=b"0")
     assert (reply.type, reply.payload) == (ERROR, b"EINVAL\0")
+
+
+def test_guest_transaction_touching_too_many_nodes_cannot_commit(dom0: RawClient, dom5: RawClient) -> None:
+    dom0.call(MKDIR, b"/many")
+    perms(dom0, "/many", b"n0", b"r5")
+    tx = int(dom5.call(TX_START, b"").payload.rstrip(b"\0"))
+    replies = {dom5.call(READ, f"/many/n{i}".encode(), tx_id=tx).payload for i in range(1030)}
+    # Each missing node costs one entry (its existing parent one more): the 1025th is refused.
+    assert replies == {b"ENOENT\0", b"ENOSPC\0"}
+    assert dom5.call(7, b"T", tx_id=tx).payload == b"ENOMEM\0"
+    # dom0 has no such limit.
+    tx0 = int(dom0.call(TX_START, b"").payload.rstrip(b"\0"))
+    assert {dom0.call(READ, f"/many/n{i}".encode(), tx_id=tx0).payload for i in range(1030)} == {b"ENOENT\0"}
+    assert dom0.call(7, b"T", tx_id=tx0).payload == b"OK\0"

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from xenblockctl.xenstore.server.daemon import Daemon, Listener
+from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError
 
 
 def _parse_domain_socket(text: str) -> Listener:
@@ -53,7 +53,10 @@ def xenstored(
     Prints `xenstored ready socket=PATH [domain-socket=DOMID:PATH ...]` once every socket
     listens. On SIGTERM/SIGINT it closes all connections, removes its socket files and exits 0."""
     listeners = [Listener(socket_path, 0)] + [_parse_domain_socket(d) for d in domain_sockets]
-    trace_out = open(trace_file, "a", buffering=1) if trace_file else None  # noqa: SIM115
+    try:
+        trace_out = open(trace_file, "a", buffering=1) if trace_file else None  # noqa: SIM115
+    except OSError as exc:
+        raise XenstoredError.from_oserror(exc, f"cannot open trace file {trace_file}") from exc
 
     def trace(line: str) -> None:
         assert trace_out is not None

@@ -184,10 +184,15 @@ class Daemon:
                     client: _Client = data
                     if client.conn.conn_id not in self._clients:
                         continue  # dropped earlier in this round
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(client)
-                    if mask & selectors.EVENT_READ and client.conn.conn_id in self._clients:
-                        self._read(client)
+                    try:
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(client)
+                        if mask & selectors.EVENT_READ and client.conn.conn_id in self._clients:
+                            self._read(client)
+                    except Exception:
+                        # A bug must cost one connection, never the daemon.
+                        log.exception("connection %d failed", client.conn.conn_id)
+                        self._drop(client, "internal error")
             self._flush_all()
 
     def _accept(self, lsock: socket.socket, listener: Listener) -> None:
@@ -227,7 +232,11 @@ class Daemon:
 
     def _flush_all(self) -> None:
         for client in list(self._clients.values()):
-            if client.conn.has_output() or client.events != self._wanted(client):
+            if client.events & selectors.EVENT_WRITE:
+                # Its socket is full: retrying now would only copy its queue again; the
+                # selector reports when it drains.
+                continue
+            if client.conn.has_output():
                 self._flush(client)
 
     def _flush(self, client: _Client) -> None:
