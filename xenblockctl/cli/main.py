@@ -15,6 +15,7 @@ from xenblockctl.errors import XenblockError
 COMMANDS: dict[str, str] = {
     "backend": "backend:backend",
     "identify": "identify:identify",
+    "sandbox": "sandbox:sandbox",
     "xenstored": "xenstored:xenstored",
 }
 

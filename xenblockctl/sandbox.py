@@ -1,0 +1,281 @@
+"""The whole path on a machine without Xen, with real parts: an embedded xenstored process, the
+engine process, the block script run exactly as libxl runs it, and a simulated guest blkfront
+doing the xenbus handshake and real I/O through the ring to a real loop device.
+
+Steps (each timed and checked; any failure stops the run and everything is cleaned up):
+  1. start xenstored and the engine; 2. write the backend/frontend directories as libxl does
+  and wait for InitWait; 3. run `block-xenblockctl add`; 4. the guest connects, writes and reads
+  back; 5. the guest reboots: same device, data still there; 6. detach as libxl does (online=0,
+  Closing, wait for Closed, `remove`, delete the directories); 7. prove no loop device is left."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.errors import XenblockError
+from xenblockctl.kernel import loop
+from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.paths import Perm
+
+SCRIPT = Path(__file__).resolve().parents[1] / "hotplug" / "block-xenblockctl"
+GUEST_DOMID = 1
+DEVID = 51712  # xvda
+
+
+class SandboxError(XenblockError):
+    code = "sandbox-failed"
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float
+    detail: str
+
+
+@dataclass
+class Report:
+    steps: list[Step] = field(default_factory=list)
+    ok: bool = False
+
+
+class _Daemon:
+    """A child process that prints one ready line; stopped with SIGTERM, always reaped."""
+
+    def __init__(self, argv: list[str], ready_prefix: str, log_path: Path, timeout: float = 20.0) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode(errors="replace") if ready else ""
+        if not line.startswith(ready_prefix):
+            self.stop()
+            raise SandboxError(f"{argv[3]} did not start: {line.strip() or 'no ready line'}; see {log_path}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        return self.proc.returncode
+
+
+def _write_like_libxl(store: XenStore, backend: str, frontend: str, image: str) -> None:
+    """libxl's device_disk_add transaction (xen-block-protocol.md §1.2), for one xvda."""
+
+    def body(tx: Transaction) -> None:
+        nodes = {
+            "frontend": frontend,
+            "frontend-id": str(GUEST_DOMID),
+            "params": image,
+            "script": str(SCRIPT),
+            "online": "1",
+            "removable": "0",
+            "bootable": "1",
+            "state": "1",
+            "dev": "xvda",
+            "type": "phy",
+            "mode": "w",
+            "device-type": "disk",
+            "discard-enable": "1",
+            "specification": "xen",
+        }
+        for name, value in nodes.items():
+            tx.write(f"{backend}/{name}", value)
+        tx.set_perms(backend, [Perm.parse("n0"), Perm.parse(f"r{GUEST_DOMID}")])
+        for name, value in {
+            "backend": backend,
+            "backend-id": "0",
+            "state": "1",
+            "virtual-device": str(DEVID),
+            "device-type": "disk",
+            "protocol": "x86_64-abi",
+        }.items():
+            tx.write(f"{frontend}/{name}", value)
+        tx.set_perms(frontend, [Perm.parse(f"n{GUEST_DOMID}"), Perm.parse("r0")])
+
+    store.run_transaction(body)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SandboxError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _ours(image: str) -> list[int]:
+    return [b.number for b in loop.bound_loops() if b.backing_file.startswith(image)]
+
+
+def run(
+    image: str | None = None, *, progress: Callable[[Step], None] | None = None, keep_dir: bool = False
+) -> Report:
+    if os.geteuid() != 0:
+        raise SandboxError("the sandbox needs root (loop devices)")
+    report = Report()
+    store: XenStore | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="xbc-sandbox-", dir="/tmp"))
+    daemons: list[_Daemon] = []
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[list[str]]:
+        detail: list[str] = []
+        start = time.perf_counter()
+        yield detail
+        done = Step(name, time.perf_counter() - start, "; ".join(detail))
+        report.steps.append(done)
+        if progress is not None:
+            progress(done)
+
+    try:
+        disk = image or str(workdir / "guest-disk.img")
+        if image is None:
+            with open(disk, "wb") as f:
+                f.truncate(64 << 20)
+        sock = str(workdir / "xenstored.sock")
+        transport = str(workdir / "transport.sock")
+        python = sys.executable
+        with step("start xenstored + engine") as d:
+            daemons.append(
+                _Daemon(
+                    [python, "-m", "xenblockctl", "xenstored", "--socket", sock],
+                    "xenstored ready",
+                    workdir / "xenstored.log",
+                )
+            )
+            daemons.append(
+                _Daemon(
+                    [
+                        python,
+                        "-m",
+                        "xenblockctl",
+                        "backend",
+                        "--transport",
+                        f"local:{transport}",
+                        "--xenstore",
+                        sock,
+                    ],
+                    "engine ready",
+                    workdir / "engine.log",
+                )
+            )
+            d.append(f"xenstored pid {daemons[0].proc.pid}, engine pid {daemons[1].proc.pid}")
+        store = XenStore.connect(sock)
+        backend = f"/local/domain/0/backend/vbd/{GUEST_DOMID}/{DEVID}"
+        frontend = f"/local/domain/{GUEST_DOMID}/device/vbd/{DEVID}"
+        with step("toolstack writes the vbd, engine reaches InitWait") as d:
+            _write_like_libxl(store, backend, frontend, disk)
+            _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "backend InitWait")
+            d.append(f"{backend}: state 2, opened={store.read_optional(backend + '/opened')}")
+        with step("block script add (as libxl runs it)") as d:
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "script": str(SCRIPT),
+                "XENBUS_TYPE": "vbd",
+                "XENBUS_PATH": f"backend/vbd/{GUEST_DOMID}/{DEVID}",
+                "XENBUS_BASE_PATH": "backend",
+                "XENSTORED_PATH": sock,
+            }
+            result = subprocess.run(
+                [python, str(SCRIPT), "add"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise SandboxError(
+                    f"block script add failed: {store.read_optional(backend + '/hotplug-error')}"
+                )
+            nodes = store.read_dir(backend)
+            d.append(
+                f"physical-device {nodes['physical-device']} luid {nodes['physical-device-luid']} "
+                f"({nodes['physical-device-path']}), engine opened={nodes.get('opened')}"
+            )
+        guest = XenbusFrontend(
+            store, frontend_path=frontend, backend_path=backend, domid=GUEST_DOMID, transport_socket=transport
+        )
+        pattern = b"xenblockctl sandbox: written by the guest through the ring".ljust(4096, b".")
+        try:
+            with step("guest connects, writes, reads back") as d:
+                ring = guest.connect()
+                ring.write(2048, pattern)
+                ring.flush()
+                if ring.read(2048, 4096) != pattern:
+                    raise SandboxError("guest read back different data")
+                with open(disk, "rb") as image_file:
+                    image_file.seek(2048 * 512)
+                    if image_file.read(4096) != pattern:
+                        raise SandboxError("the write did not reach the image")
+                sectors = store.read_optional(backend + "/sectors")
+                d.append(f"backend Connected, {sectors} sectors, 4 KiB written + verified")
+            with step("guest reboots (frontend reconnect)") as d:
+                before = _ours(disk)
+                ring = guest.reboot()
+                if _ours(disk) != before:
+                    raise SandboxError("the device changed across the reconnect")
+                if ring.read(2048, 4096) != pattern:
+                    raise SandboxError("data lost across the reconnect")
+                d.append(f"same loop device {before}, data intact")
+            with step("detach as libxl does") as d:
+
+                def closing(tx: Transaction) -> None:
+                    tx.write(f"{backend}/online", "0")
+                    tx.write(f"{backend}/state", "5")
+
+                store.run_transaction(closing)
+                guest.disconnect()
+                _wait(lambda: store.read_optional(f"{backend}/state") == "6", 10, "backend Closed")
+                result = subprocess.run(
+                    [python, str(SCRIPT), "remove"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                if result.returncode != 0:
+                    raise SandboxError(f"block script remove failed: {result.stderr.strip()}")
+                store.rm(backend)
+                store.rm(frontend)
+                d.append("engine drained + released, remove ran, directories deleted")
+        finally:
+            guest.close()
+        with step("nothing leaked") as d:
+            left = _ours(disk)
+            if left:
+                raise SandboxError(f"loop devices still bound: {left}")
+            d.append("no loop device bound to the image")
+        report.ok = True
+        return report
+    finally:
+        if store is not None:
+            store.close()
+        for daemon in reversed(daemons):
+            daemon.stop()
+        if not keep_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
