@@ -3,10 +3,12 @@ guest runner's verdicts and leak guard, result collection, and that a VM process
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,27 @@ exit 0
     assert run.runner_rc is None
     assert "crashed or hung" in run.why_missing()
     assert "Hardware Dom0 crashed" in run.console_tail()
+
+
+def test_boot_waits_for_another_lane_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock_path = tmp_path / "boot.lock"
+    monkeypatch.setattr(vm, "BOOT_LOCK", lock_path)
+    _fake_qemu(tmp_path, monkeypatch, "exit 0\n")
+    share = tmp_path / "share"
+    share.mkdir()
+    said: list[str] = []
+    runs: list[vm.LaneRun] = []
+    with lock_path.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(
+            target=lambda: runs.append(
+                vm.boot(_fake_image(tmp_path), share, vm.discover()[:1], progress=said.append)
+            )
+        )
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive(), "boot must wait while another lane VM holds the lock"
+        assert any("waiting" in s for s in said)
+    worker.join(timeout=20)
+    assert not worker.is_alive()
+    assert runs[0].qemu_rc == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -38,6 +39,9 @@ BOOT_TIMEOUT = 600.0
 READY_MARKER = "XENCI: ready"
 RESULT_MARKER = re.compile(r"XENCI: RESULT (\S+) (\S+)")
 PR_SET_PDEATHSIG = 1
+#: One Xen VM at a time per machine: two TCG VMs on 2 cores slow each other until libxl's 40 s hotplug
+#: timeout kills the stock block script (observed), so concurrent pytest sessions queue here.
+BOOT_LOCK = Path("/run/lock/xenblockctl-xen-lane.lock")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,30 @@ def boot(
     progress: Callable[[str], None] | None = None,
 ) -> LaneRun:
     """Boot once, run `scenarios` inside dom0, collect their records. QEMU is always reaped."""
+    lock_path = BOOT_LOCK if BOOT_LOCK.parent.is_dir() and os.access(BOOT_LOCK.parent, os.W_OK) else None
+    with contextlib.ExitStack() as stack:
+        if lock_path is not None:
+            lock = stack.enter_context(lock_path.open("w"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    progress(f"another Xen lane VM is running on this machine: waiting for {lock_path}")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        return _boot_locked(
+            image, share, scenarios, host_timeout=host_timeout, boot_timeout=boot_timeout, progress=progress
+        )
+
+
+def _boot_locked(
+    image: Dom0Image,
+    share: Path,
+    scenarios: list[Scenario],
+    *,
+    host_timeout: float | None,
+    boot_timeout: float,
+    progress: Callable[[str], None] | None,
+) -> LaneRun:
     guest_timeout = stage(share, scenarios)
     serial = share.parent / f"{share.name}-console.log"
     serial.write_bytes(b"")
