@@ -210,10 +210,8 @@ class Xenstored:
             # Pre-order: a removed subtree's nodes follow its root, so one look back suffices.
             if node.owner == domid and path != "/" and not (orphans and paths.is_child(path, orphans[-1])):
                 orphans.append(path)
-        req_conn = Connection(0, 0, True)
         for path in orphans:
-            req = Request(self, req_conn, Frame(Op.RM, 0, 0, b""), view, None)
-            rm_node(req, path)
+            rm_node(view, path)
         self.fire(view.finish())
         self.domains.forget(domid)
         self.fire_special("@releaseDomain")

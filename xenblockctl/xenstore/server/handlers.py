@@ -127,10 +127,9 @@ def _create_node(req: Request, path: str, value: bytes) -> Node:
     return node
 
 
-def rm_node(req: Request, path: str) -> None:
+def rm_node(view: RequestView, path: str) -> None:
     """Remove `path` and everything below it: children first, each firing exact watches, the
     root last firing non-exact ones (`rm_node`/`delnode_sub`)."""
-    view = req.view
     parent_path = paths.parent(path)
     parent = view.get(parent_path)
     if parent is None:
@@ -246,7 +245,7 @@ def op_rm(req: Request) -> bytes:
         raise
     if path == "/":
         raise XsError(errno.EINVAL)
-    rm_node(req, path)
+    rm_node(req.view, path)
     return OK
 
 
