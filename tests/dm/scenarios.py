@@ -366,8 +366,14 @@ def loop_under_dm_refuses_excl() -> dict[str, object]:
         return {"holders": holders}
 
 
+def _tmp_free_bytes() -> int:
+    st = os.statvfs(SCRATCH)
+    return st.f_bfree * st.f_frsize
+
+
 def snapshot_volatile() -> dict[str, object]:
     base_path = _file("base.img", 8 * MIB, b"B" * 4096)
+    baseline = _tmp_free_bytes()
     cow_path = _file("cow.img", 8 * MIB)
     with _ctl() as ctl:
         with _loop(base_path, read_only=True) as base, _loop(cow_path) as cow:
@@ -383,19 +389,64 @@ def snapshot_volatile() -> dict[str, object]:
             assert dm.dm_holders(7, numbers[1]) == ["xbc-vol"]
             assert os.pread(vol.fd, 4096, 4096) == b"B" * 4096
             os.pwrite(vol.fd, b"W" * 4096, 4096)
+            os.pwrite(vol.fd, b"G" * (2 * MIB), 2 * MIB)  # the "guest" writes 2 MiB more
             os.fsync(vol.fd)
             assert os.pread(vol.fd, 4096, 4096) == b"W" * 4096
+            assert os.pread(vol.fd, 4096, 3 * MIB) == b"G" * 4096
+            assert os.pread(vol.fd, 4096, 5 * MIB) == b"B" * 4096
             with open(base_path, "rb") as f:
                 assert f.read() == b"B" * (8 * MIB), "a write reached the base image"
+            cow_used = baseline - _tmp_free_bytes()
+            assert cow_used >= 2 * MIB, f"COW holds only {cow_used} bytes after 2 MiB of writes"
             uuid = vol.uuid
         finally:
             vol.close()
         vanished = _wait_until(_gone(ctl, uuid=uuid), timeout=3.0)
         cow_gone = _wait_until(_loop_unbound(numbers[1]), timeout=3.0)
         _wait_until(_loop_unbound(numbers[0]), timeout=3.0)
+        # the unlinked COW file's pages went with its loop device
+        _wait_until(lambda: baseline - _tmp_free_bytes() < 256 * 1024, timeout=3.0)
         with open(base_path, "rb") as f:
             assert f.read() == b"B" * (8 * MIB)
-        return {"dm_gone_ms": round(vanished * 1000, 2), "cow_loop_unbound_ms": round(cow_gone * 1000, 2)}
+        return {
+            "dm_gone_ms": round(vanished * 1000, 2),
+            "cow_loop_unbound_ms": round(cow_gone * 1000, 2),
+            "cow_bytes_while_live": cow_used,
+        }
+
+
+def killed_holder_unwinds_stack() -> dict[str, object]:
+    """A tool holding our dm device (deferred remove armed) over its AUTOCLEAR loop is SIGKILLed
+    with no consumer: both layers disappear, nothing leaks."""
+    backing = _file("unwind.img", 4 * MIB)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            with dm.DmControl.open() as child_ctl, _loop(backing) as lo:
+                own = dm.create_owned(child_ctl, "xbc-unwind", _linear(lo.identity.devt, lo.identity.sectors))
+                os.write(w, f"{own.uuid} {lo.number}".encode())
+                time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(w)
+    try:
+        uuid, number = os.read(r, 256).decode().split()
+    finally:
+        os.close(r)
+    with _ctl() as ctl:
+        try:
+            assert ctl.status(uuid=uuid).deferred_remove
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        killed = time.monotonic()
+        _wait_until(_gone(ctl, uuid=uuid), timeout=3.0)
+        dm_ms = (time.monotonic() - killed) * 1000
+        _wait_until(_loop_unbound(int(number)), timeout=3.0)
+        loop_ms = (time.monotonic() - killed) * 1000
+    return {"dm_gone_ms": round(dm_ms, 2), "loop_unbound_ms": round(loop_ms, 2)}
 
 
 class _Recorder:
@@ -544,6 +595,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         sweep_after_kill_in_window,
         loop_under_dm_refuses_excl,
         snapshot_volatile,
+        killed_holder_unwinds_stack,
         capture_buffers,
         timing_create_to_armed,
     )
