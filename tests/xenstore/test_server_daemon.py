@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -252,3 +253,60 @@ def test_ready_fd_and_socket_mode(short_dir: str) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_neither_spins_nor_dies(short_dir: str) -> None:
+    path = os.path.join(short_dir, "s")
+    limit = 24  # the daemon cannot raise a hard limit: it runs out after ~15 clients
+
+    # Lower the hard limit in a tiny exec wrapper, so the daemon cannot raise it back.
+    wrapper = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.executable, sys.argv[2:])"
+    )
+    argv = [sys.executable, "-m", "xenblockctl", "xenstored", "--socket", path]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapper, str(limit), *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert _ready(proc).startswith(b"xenstored ready")
+        for _ in range(limit + 8):  # more than it can accept; the rest wait in the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(path)
+            clients.append(s)
+        time.sleep(0.3)
+        before = _cpu_seconds(proc.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(proc.pid) - before < 0.5, "daemon spins on accept() at EMFILE"
+        for s in clients:
+            s.close()
+        clients.clear()
+        deadline = time.monotonic() + 10
+        while True:  # once descriptors are free again it accepts and serves
+            try:
+                with RawClient(path, timeout=2) as c:
+                    assert c.call(READ, b"/tool").payload == b""
+                    break
+            except (OSError, ConnectionError):
+                assert time.monotonic() < deadline, "daemon never recovered from EMFILE"
+                time.sleep(0.1)
+        assert proc.poll() is None
+    finally:
+        for s in clients:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        if proc.stdout:
+            proc.stdout.close()

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -37,6 +38,20 @@ MAX_OUTPUT_BYTES = 64 << 20
 RECV_SIZE = 64 * 1024
 #: sun_path is 108 bytes including the terminating NUL.
 SUN_PATH_MAX = 107
+
+
+#: How long a listener stays unwatched after accept() ran out of file descriptors.
+PAUSE_SECONDS = 1.0
+#: Soft RLIMIT_NOFILE wanted (one descriptor per client), as far as the hard limit allows.
+WANT_FILES = 65536
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = WANT_FILES if hard == resource.RLIM_INFINITY else min(WANT_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 class XenstoredError(XenblockError):
@@ -114,6 +129,7 @@ class Daemon:
         self._bound: list[tuple[socket.socket, str, int]] = []
         self._clients: dict[int, _Client] = {}
         self._stop = False
+        self._paused: list[tuple[socket.socket, Listener]] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_handlers: dict[int, object] = {}
         self._old_wakeup_fd = -1
@@ -122,6 +138,7 @@ class Daemon:
 
     def open(self) -> None:
         """Bind every socket (the daemon is ready once this returns)."""
+        _raise_fd_limit()
         try:
             for listener in self.listeners:
                 sock, ino = _bind(listener.path)
@@ -171,9 +188,17 @@ class Daemon:
 
     # Loop -------------------------------------------------------------------------------------
 
+    def _resume_listeners(self) -> None:
+        for lsock, listener in self._paused:
+            self._selector.register(lsock, selectors.EVENT_READ, listener)
+        self._paused.clear()
+
     def run(self) -> None:
         while not self._stop:
-            for key, mask in self._selector.select():
+            events = self._selector.select(PAUSE_SECONDS if self._paused else None)
+            if self._paused:
+                self._resume_listeners()
+            for key, mask in events:
                 data = key.data
                 if data is None:
                     with contextlib.suppress(OSError):
@@ -202,8 +227,12 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: keep serving the clients we have.
+                # Out of file descriptors: keep serving the clients we have. The pending
+                # connection keeps the listener readable, so stop watching it until a client
+                # leaves (or a second passes) instead of spinning on accept().
                 log.warning("accept on %s failed: %s", listener.path, exc)
+                self._selector.unregister(lsock)
+                self._paused.append((lsock, listener))
                 return
             sock.setblocking(False)
             client = _Client(sock, self.core.connect(listener.domid))
@@ -286,6 +315,8 @@ class Daemon:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(client.sock)
         client.sock.close()
+        if self._paused:
+            self._resume_listeners()  # a descriptor just became free
         if self.core.trace:
             self.core.trace(f"DROP connection {client.conn.conn_id}: {reason}")
         self.core.disconnect(client.conn)
