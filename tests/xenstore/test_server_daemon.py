@@ -310,3 +310,14 @@ def test_out_of_file_descriptors_neither_spins_nor_dies(short_dir: str) -> None:
         assert proc.wait(10) == 0
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_trace_file_records_messages_both_ways(xenstored: EmbeddedXenstored) -> None:
+    with RawClient(xenstored.socket_path) as c:
+        c.call(WRITE, raw=b"/traced\0value")
+        c.call(READ, b"/missing-node")
+    with open(xenstored.trace_path) as f:
+        lines = f.read().splitlines()
+    assert any(line.endswith(" WRITE (/traced value)") and line.startswith("IN ") for line in lines)
+    assert any(line.endswith(" WRITE (OK )") and line.startswith("OUT ") for line in lines)
+    assert any(line.endswith(" ERROR (ENOENT )") for line in lines)
