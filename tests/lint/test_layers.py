@@ -19,8 +19,19 @@ ALLOWED: dict[str, set[str]] = {
     "backend": {"errors", "kernel", "xenstore", "config", "journal"},
     "config": {"errors"},
     "journal": {"errors"},
-    "cli": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "journal", "sandbox"},
-    "sandbox": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "journal"},
+    "toolstack": {"errors", "kernel", "xenstore", "blockscript", "config", "journal"},
+    "cli": {
+        "errors",
+        "kernel",
+        "xenstore",
+        "blockscript",
+        "backend",
+        "config",
+        "journal",
+        "sandbox",
+        "toolstack",
+    },
+    "sandbox": {"errors", "kernel", "xenstore", "blockscript", "backend", "config", "journal", "toolstack"},
 }
 #: third-party modules per layer: the kernel layer is stdlib only.
 THIRD_PARTY_ALLOWED: dict[str, set[str]] = {

@@ -1,7 +1,8 @@
-"""Block script settings: defaults, overridden by XENBLOCKCTL_* environment variables.
+"""Block script settings: defaults < config files < XENBLOCKCTL_* environment variables.
 
-The hotplug path must not pay for a config parser on every VM start; the admin CLI's config file
-support feeds the same names through the environment of the units/rules that run the script."""
+The hotplug path must not pay for a config parser on every VM start: `config.overlay` stats the
+files and parses (imports tomllib) only when one exists, and hands their values back under the
+environment names parsed here, so both sources follow exactly the same rules."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from xenblockctl import config
 from xenblockctl.errors import XenblockError
 
 
@@ -32,6 +34,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
+        env = config.overlay(env)  # raises ConfigError (bad-config) for a malformed file
         return cls(
             handoff_timeout=_seconds(env, "XENBLOCKCTL_HANDOFF_TIMEOUT", cls.handoff_timeout, 0.1, 38.0),
             xenstore_timeout=_seconds(env, "XENBLOCKCTL_XENSTORE_TIMEOUT", cls.xenstore_timeout, 0.1, 38.0),

@@ -13,7 +13,15 @@ from xenblockctl.errors import XenblockError
 
 #: command name -> "module:attribute" under xenblockctl.cli. Adding a command = one module + one line.
 COMMANDS: dict[str, str] = {
+    "attach": "attach:attach",
     "backend": "backend:backend",
+    "config": "config:config",
+    "detach": "detach:detach",
+    "doctor": "doctor:doctor",
+    "gc": "gc:gc",
+    "hotplug": "hotplug:hotplug",
+    "list": "list_vbds:list_vbds",
+    "show": "show:show",
     "identify": "identify:identify",
     "sandbox": "sandbox:sandbox",
     "xenstored": "xenstored:xenstored",
@@ -66,7 +74,20 @@ def main(argv: list[str] | None = None) -> Any:
     except XenblockError as exc:
         if "--debug" in (argv if argv is not None else sys.argv):
             raise
+        from xenblockctl.cli.exitcodes import exit_code_for, hint_for
+
         click.echo(f"xenblockctl: {exc.one_line()}", err=True)
+        hint = hint_for(exc)
+        if hint:
+            click.echo(f"hint: {hint}", err=True)
+        return exit_code_for(exc)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if "--debug" in (argv if argv is not None else sys.argv):
+            raise
+        click.echo(
+            f"xenblockctl: internal: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", err=True
+        )
+        click.echo("hint: rerun with --debug and report the traceback", err=True)
         return EXIT_ERROR
 
 

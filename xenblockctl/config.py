@@ -1,0 +1,275 @@
+"""Configuration: defaults < /etc/xenblockctl/xenblockctl.conf < conf.d/*.conf < XENBLOCKCTL_* env.
+
+Every option has one environment variable, and the environment is what the hotplug path already
+parses (blockscript/settings.py). So the files are folded in *as environment values*
+(`overlay()`): the hotplug path pays two stat() calls when no file exists and imports tomllib only
+when one does. The admin CLI uses `load()` to get typed values and where each came from.
+
+File format (TOML, documented in xenblockctl.conf(5)):
+
+    [hotplug]
+    handoff_timeout = 30.0
+    [attach]
+    wait = 10
+
+Drop-ins in `conf.d/` next to the main file are read in name order; later files win. Unknown
+sections or keys are errors: a misspelt key that is silently ignored is worse than a refusal."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from xenblockctl.errors import XenblockError
+
+DEFAULT_PATH = "/etc/xenblockctl/xenblockctl.conf"
+#: Points at another main file (its conf.d/ is then the one next to it). Tests and packagers use it.
+PATH_ENV = "XENBLOCKCTL_CONFIG"
+DROPIN_DIR = "conf.d"
+
+
+class ConfigError(XenblockError):
+    code = "bad-config"
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    name: str
+    kind: str  # "seconds" | "bool" | "str" | "choice"
+    default: float | bool | str
+    env: str
+    doc: str
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    def parse_text(self, text: str, where: str) -> float | bool | str:
+        """An environment-style string -> typed value, with the same rules as the hotplug path."""
+        if self.kind == "seconds":
+            try:
+                value = float(text)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {text[:20]!r} is not a number of seconds") from exc
+            if not self.low <= value <= self.high:
+                raise ConfigError(f"{where}: {value} outside {self.low:g}..{self.high:g} s")
+            return value
+        if self.kind == "bool":
+            lowered = text.lower()
+            if lowered in ("1", "yes", "true", "on"):
+                return True
+            if lowered in ("0", "no", "false", "off"):
+                return False
+            raise ConfigError(f"{where}: {text[:20]!r} is not a boolean")
+        if self.kind == "choice" and text not in self.choices:
+            raise ConfigError(f"{where}: {text[:20]!r} is not one of {', '.join(self.choices)}")
+        return text
+
+    def from_toml(self, value: object, where: str) -> str:
+        """A TOML value -> the environment-style string it stands for (type-checked first)."""
+        if self.kind == "seconds":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}: expected a number of seconds, got {type(value).__name__}")
+            text = repr(float(value))
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {type(value).__name__}")
+            text = "1" if value else "0"
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+            text = value
+        self.parse_text(text, where)  # range and choice checks, so a bad file fails where it is read
+        return text
+
+
+#: Every option. The hotplug ones must keep their names: blockscript/settings.py reads them.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "hotplug",
+        "handoff_timeout",
+        "seconds",
+        30.0,
+        "XENBLOCKCTL_HANDOFF_TIMEOUT",
+        "how long `add` holds the device waiting for a backend to open it (libxl kills at 40 s)",
+        0.1,
+        38.0,
+    ),
+    Option(
+        "hotplug",
+        "xenstore_timeout",
+        "seconds",
+        10.0,
+        "XENBLOCKCTL_XENSTORE_TIMEOUT",
+        "deadline of each xenstore request",
+        0.1,
+        38.0,
+    ),
+    Option(
+        "hotplug",
+        "lock_timeout",
+        "seconds",
+        10.0,
+        "XENBLOCKCTL_LOCK_TIMEOUT",
+        "how long an attach waits for another attach of the same target",
+        0.1,
+        38.0,
+    ),
+    Option(
+        "hotplug",
+        "kernel_autoclear",
+        "bool",
+        False,
+        "XENBLOCKCTL_KERNEL_AUTOCLEAR",
+        "keep AUTOCLEAR on loop devices handed to kernel blkback (a guest reboot then detaches them)",
+    ),
+    Option(
+        "hotplug",
+        "direct_io",
+        "bool",
+        False,
+        "XENBLOCKCTL_DIRECT_IO",
+        "ask for O_DIRECT loop I/O (falls back to buffered when refused)",
+    ),
+    Option(
+        "attach",
+        "wait",
+        "seconds",
+        10.0,
+        "XENBLOCKCTL_ATTACH_WAIT",
+        "default --wait of `attach`: how long to wait for the frontend to connect (0: do not wait)",
+        0.0,
+        3600.0,
+    ),
+    Option(
+        "attach",
+        "backend",
+        "choice",
+        "auto",
+        "XENBLOCKCTL_ATTACH_BACKEND",
+        "who serves disks `attach` creates: kernel blkback, the engine, or auto (kernel if loaded)",
+        choices=("auto", "kernel", "engine"),
+    ),
+    Option(
+        "attach",
+        "script",
+        "str",
+        "/etc/xen/scripts/block-xenblockctl",
+        "XENBLOCKCTL_SCRIPT",
+        "the `script` node `attach` writes (what libxl runs for remove when it destroys the domain)",
+    ),
+    Option(
+        "detach",
+        "wait",
+        "seconds",
+        10.0,
+        "XENBLOCKCTL_DETACH_WAIT",
+        "default --wait of `detach`: how long the backend gets to reach Closed",
+        0.0,
+        3600.0,
+    ),
+    Option(
+        "udev",
+        "enabled",
+        "bool",
+        False,
+        "XENBLOCKCTL_UDEV",
+        "let the udev rules run the block script (only where neither libxl nor xl devd runs it)",
+    ),
+)
+BY_KEY: dict[str, Option] = {opt.key: opt for opt in OPTIONS}
+BY_ENV: dict[str, Option] = {opt.env: opt for opt in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Value:
+    option: Option
+    value: float | bool | str
+    source: str  # "default" | a file path | "env NAME"
+
+
+def paths(env: Mapping[str, str]) -> tuple[str, str]:
+    """(main file, drop-in directory)."""
+    main = env.get(PATH_ENV) or DEFAULT_PATH
+    return main, os.path.join(os.path.dirname(main), DROPIN_DIR)
+
+
+def config_files(env: Mapping[str, str]) -> list[str]:
+    """Existing config files in the order they apply. Cheap: a stat and, if present, a listdir."""
+    main, dropins = paths(env)
+    files = [main] if os.path.isfile(main) else []
+    try:
+        names = sorted(os.listdir(dropins))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise ConfigError.from_oserror(exc, f"cannot list {dropins}") from exc
+    files += [os.path.join(dropins, n) for n in names if n.endswith(".conf") and not n.startswith(".")]
+    return files
+
+
+def read_file(path: str) -> dict[str, str]:
+    """One file -> {ENV_NAME: text}. tomllib is imported here only, so only when a file exists."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError.from_oserror(exc, f"cannot read {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    out: dict[str, str] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        for name, value in table.items():
+            option = BY_KEY.get(f"{section}.{name}")
+            if option is None:
+                raise ConfigError(f"{path}: unknown option {section}.{name} (see xenblockctl.conf(5))")
+            out[option.env] = option.from_toml(value, f"{path}: {option.key}")
+    return out
+
+
+def file_values(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """{ENV_NAME: (text, file)} from every config file, later files winning."""
+    merged: dict[str, tuple[str, str]] = {}
+    for path in config_files(env):
+        for name, text in read_file(path).items():
+            merged[name] = (text, path)
+    return merged
+
+
+def overlay(env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` with config-file values filled in where the environment does not set them. Returns
+    `env` itself when no config file exists (the common, fast case)."""
+    values = file_values(env)
+    if not values:
+        return env
+    merged = {name: text for name, (text, _path) in values.items()}
+    merged.update({k: v for k, v in env.items() if v != ""})
+    return merged
+
+
+def load(env: Mapping[str, str] | None = None) -> dict[str, Value]:
+    """Effective value and source of every option, keyed `section.name`."""
+    env = os.environ if env is None else env
+    files = file_values(env)
+    result: dict[str, Value] = {}
+    for option in OPTIONS:
+        text = env.get(option.env)
+        if text:
+            result[option.key] = Value(
+                option, option.parse_text(text, f"{option.env}={text[:20]}"), f"env {option.env}"
+            )
+        elif option.env in files:
+            text, path = files[option.env]
+            result[option.key] = Value(option, option.parse_text(text, f"{path}: {option.key}"), path)
+        else:
+            result[option.key] = Value(option, option.default, "default")
+    return result

@@ -1,0 +1,53 @@
+"""Domains as xenstore knows them: `/local/domain/<domid>` exists while a domain is alive (the
+toolstack introduces it at creation and removes it at destruction)."""
+
+from __future__ import annotations
+
+from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED
+
+LOCAL_DOMAIN = "/local/domain"
+
+
+class DomainMissing(XenblockError):
+    code = "domain-missing"
+    hint = "list running domains with `xl list` (or `xenstore-ls /local/domain`)"
+
+
+def domain_path(domid: int) -> str:
+    return f"{LOCAL_DOMAIN}/{domid}"
+
+
+def exists(store: XenStore, domid: int) -> bool:
+    return store.read_optional(domain_path(domid)) is not None
+
+
+def live_domids(store: XenStore) -> set[int]:
+    try:
+        names = store.ls(LOCAL_DOMAIN)
+    except XenstoreNoEntry:
+        return set()
+    return {int(n) for n in names if n.isdigit() and (n == "0" or not n.startswith("0"))}
+
+
+def resolve(store: XenStore, text: str) -> int:
+    """A domain id (`5`) or name (`web`, from `/local/domain/*/name`) -> an existing domid."""
+    if text.isascii() and text.isdigit():
+        domid = int(text)
+        if domid >= DOMID_FIRST_RESERVED:
+            raise DomainMissing(f"domain id {domid} is reserved (>= {DOMID_FIRST_RESERVED:#x})")
+        if not exists(store, domid):
+            raise DomainMissing(f"no domain {domid} ({domain_path(domid)} does not exist)")
+        return domid
+    matches = [
+        domid
+        for domid in sorted(live_domids(store))
+        if store.read_optional(f"{domain_path(domid)}/name") == text
+    ]
+    if not matches:
+        raise DomainMissing(f"no domain named {text[:60]!r}")
+    if len(matches) > 1:
+        raise DomainMissing(f"several domains are named {text[:60]!r}: {matches}; use the domain id")
+    return matches[0]

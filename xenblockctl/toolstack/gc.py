@@ -1,0 +1,209 @@
+"""Garbage: what xenblockctl made, can prove it made, and nothing uses any more.
+
+  loop     bound loop device with our tag and AUTOCLEAR off (the kernel-blkback hand-off turns
+           it off) that no backend's owner record names by major:minor *and* diskseq. This is
+           what leaks when libxl deletes a backend without running `remove` (§1.5 step 3).
+           Devices with AUTOCLEAR on are never garbage: they vanish on their holder's last close.
+  dm       dm device with our uuid prefix, not open, no deferred remove armed, creator dead.
+  backend  backend directory we wrote or served (owner record, or `script` is ours) whose
+           domain is gone, or whose add failed and published nothing.
+
+Detaching uses the same proof as `remove` (tag + diskseq + backing inode), so a device re-used
+between the scan and the detach is refused, not cleared."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
+from xenblockctl.errors import XenblockError
+from xenblockctl.kernel import dm, loop
+from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.toolstack import inventory
+from xenblockctl.toolstack.inventory import VbdInfo
+from xenblockctl.xenstore.client import XenStore
+
+SCRIPT_NAME = "block-xenblockctl"
+#: Test-only: consider only loop devices whose backing file is below this directory, so a test's
+#: gc cannot touch loop devices of another test run sharing the machine (each run has its own
+#: xenstored, whose backends the others cannot see).
+SCOPE_ENV = "XENBLOCKCTL_TEST_GC_SCOPE"
+
+
+@dataclass(frozen=True)
+class Garbage:
+    kind: str  # "loop" | "dm" | "backend"
+    name: str  # /dev/loop3, dm name, backend path
+    reason: str
+    loop: loop.BoundLoop | None = None
+    vbd: VbdInfo | None = None
+    uuid: str | None = None  # dm: removed by uuid, so a re-created namesake is never hit
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "reason": self.reason}
+
+
+def is_ours(info: VbdInfo) -> bool:
+    backend = info.backend or {}
+    script = backend.get("script", "")
+    return info.owner is not None or os.path.basename(script) == SCRIPT_NAME
+
+
+def stale_backend_reason(info: VbdInfo) -> str | None:
+    if info.backend is None or not is_ours(info):
+        return None
+    if not info.domain_alive:
+        return f"domain {info.location.domid} no longer exists"
+    published = "physical-device" in info.backend
+    if info.backend.get("hotplug-status") in ("error", "busy") and not published:
+        return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
+    return None
+
+
+def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
+    """(devt, diskseq) of every device a backend's owner record names, even unparsable ones'
+    public identity: anything a backend might still use is never garbage."""
+    claimed: set[tuple[int, int]] = set()
+    for info in vbds:
+        backend = info.backend or {}
+        text = backend.get("xenblockctl-owner")
+        if text is not None:
+            try:
+                owner = OwnerRecord.parse(text)
+                claimed.add((owner.devt, owner.diskseq))
+            except OwnerRecordError:
+                pass
+        phys = info.physical_device
+        luid = backend.get("physical-device-luid")
+        if phys is not None and luid is not None and luid.isalnum():
+            with contextlib.suppress(ValueError):
+                claimed.add((os.makedev(*phys), int(luid, 16)))
+    return claimed
+
+
+def orphan_loops(vbds: list[VbdInfo]) -> list[Garbage]:
+    claimed = _claimed(vbds)
+    scope = os.environ.get(SCOPE_ENV)
+    found: list[Garbage] = []
+    for bound in loop.bound_loops(tag_prefix=loop.TAG_PREFIX):
+        if scope and not bound.backing_file.startswith(scope.rstrip("/") + "/"):
+            continue
+        if LoopFlags.AUTOCLEAR in bound.status.flags:
+            continue
+        if (bound.devt, bound.diskseq) in claimed:
+            continue
+        found.append(
+            Garbage(
+                "loop",
+                f"/dev/loop{bound.number}",
+                f"tag {bound.status.tag}, backing {bound.backing_file}: no backend uses it",
+                loop=bound,
+            )
+        )
+    return found
+
+
+def _creator_alive(uuid: str) -> bool:
+    """Our dm uuids carry the creator's pid and start time (kernel/dm.py make_owned_uuid)."""
+    parts = uuid[len(dm.OWNED_UUID_PREFIX) :].split("-")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return False
+    try:
+        with open(f"/proc/{parts[0]}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return len(fields) > 19 and fields[19].decode() == parts[1]
+
+
+def orphan_dm() -> tuple[list[Garbage], str | None]:
+    """(our unused dm devices, None) or ([], why dm could not be checked)."""
+    try:
+        ctl = dm.DmControl.open()
+    except XenblockError as exc:
+        return [], exc.one_line()
+    found: list[Garbage] = []
+    with ctl:
+        for entry in ctl.list_devices():
+            try:
+                uuid = entry.uuid if entry.uuid is not None else ctl.status(name=entry.name).uuid
+                if not uuid.startswith(dm.OWNED_UUID_PREFIX) or _creator_alive(uuid):
+                    continue
+                st = ctl.status(uuid=uuid)
+            except XenblockError:
+                continue
+            if st.open_count == 0 and not st.deferred_remove:
+                found.append(Garbage("dm", entry.name, f"uuid {uuid}: not open, creator gone", uuid=uuid))
+    return found, None
+
+
+def stale_backends(vbds: list[VbdInfo]) -> list[Garbage]:
+    found: list[Garbage] = []
+    for info in vbds:
+        reason = stale_backend_reason(info)
+        if reason is not None:
+            found.append(Garbage("backend", info.location.backend, reason, vbd=info))
+    return found
+
+
+@dataclass(frozen=True)
+class Collected:
+    garbage: Garbage
+    result: str  # "would remove" | "removed" | "refused: ..." | "failed: ..."
+
+    def to_json(self) -> dict[str, str]:
+        return {**self.garbage.to_json(), "result": self.result}
+
+
+def find(store: XenStore | None, home_domid: int) -> tuple[list[Garbage], list[str]]:
+    """Everything collectable, and notes on what could not be checked."""
+    notes: list[str] = []
+    vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
+    if store is None:
+        notes.append("xenstore unreachable: backends not checked, so no loop device counts as orphaned")
+    garbage = stale_backends(vbds)
+    if store is not None:
+        garbage += orphan_loops(vbds)
+    dms, why = orphan_dm()
+    if why is not None:
+        notes.append(f"device-mapper not checked: {why}")
+    return garbage + dms, notes
+
+
+def collect(
+    store: XenStore | None, *, home_domid: int, dry_run: bool, detach_wait: float = 2.0
+) -> tuple[list[Collected], list[str]]:
+    from xenblockctl.toolstack import lifecycle
+
+    garbage, notes = find(store, home_domid)
+    done: list[Collected] = []
+    # Backends first: their remove may release loop devices, which then are no longer garbage.
+    for item in sorted(garbage, key=lambda g: {"backend": 0, "loop": 1, "dm": 2}[g.kind]):
+        if dry_run:
+            done.append(Collected(item, "would remove"))
+            continue
+        try:
+            if item.kind == "backend":
+                assert item.vbd is not None
+                assert store is not None
+                lifecycle.detach(store, item.vbd.location, wait=detach_wait, force=True, own_domid=home_domid)
+            elif item.kind == "loop":
+                assert item.loop is not None
+                outcome = loop.detach_with_proof(
+                    item.loop.devt,
+                    diskseq=item.loop.diskseq,
+                    tag=item.loop.status.tag,
+                    backing=(item.loop.status.backing_dev, item.loop.status.backing_ino),
+                )
+                done.append(Collected(item, f"removed ({outcome.value})"))
+                continue
+            else:
+                with dm.DmControl.open() as ctl:
+                    ctl.remove(uuid=item.uuid)
+            done.append(Collected(item, "removed"))
+        except XenblockError as exc:
+            done.append(Collected(item, f"failed: {exc.one_line(160)}"))
+    return done, notes

@@ -1,0 +1,76 @@
+"""Facts about this host that decide who can serve a disk: is kernel blkback loaded, is our
+engine running, how do loop devices look. Read-only: nothing here creates or opens a device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+BLKBACK_DRIVER = "/sys/bus/xen-backend/drivers/vbd"
+BLKBACK_MODULE = "/sys/module/xen_blkback"
+PROC = "/proc"
+
+
+def blkback_loaded() -> bool:
+    """Kernel blkback registered its `vbd` driver on the xen-backend bus (module or built in)."""
+    return os.path.isdir(BLKBACK_DRIVER) or os.path.isdir(BLKBACK_MODULE)
+
+
+def is_engine_argv(argv: list[str]) -> bool:
+    """`xenblockctl [--debug] backend ...` or `python -m xenblockctl ... backend ...`."""
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) == "xenblockctl" or (arg == "xenblockctl" and i > 0 and argv[i - 1] == "-m"):
+            rest = [a for a in argv[i + 1 :] if not a.startswith("-")]
+            return bool(rest) and rest[0] == "backend"
+    return False
+
+
+def engine_pids(proc: str = PROC) -> list[int]:
+    """Processes running the engine (any user-visible one; a pidfile could lie after a crash)."""
+    pids: list[int] = []
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(proc, entry, "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+        if is_engine_argv(argv):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+@dataclass(frozen=True)
+class LoopSummary:
+    devices: int  # /sys/block/loop* nodes that exist
+    bound: int
+    max_loop: int | None  # module parameter: how many exist from boot (GET_FREE adds more)
+
+
+def loop_summary(sys_block: str = "/sys/block") -> LoopSummary:
+    devices = bound = 0
+    for entry in Path(sys_block).glob("loop*"):
+        devices += 1
+        if (entry / "loop" / "backing_file").exists():
+            bound += 1
+    max_loop: int | None = None
+    try:
+        max_loop = int(Path("/sys/module/loop/parameters/max_loop").read_text().strip())
+    except (OSError, ValueError):
+        max_loop = None
+    return LoopSummary(devices, bound, max_loop)
+
+
+def kernel_release() -> tuple[int, int]:
+    release = os.uname().release
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)

@@ -1,0 +1,297 @@
+"""Every vbd this domain serves (plus frontends whose backend is gone), with what is true *now*:
+states, the published identity and whether the live device still carries it, who holds it.
+
+"Whether the live device still matches the luid" is the question no other tool answers: a
+`physical-device` of `7:3` says nothing once loop3 has been detached and re-used; the diskseq of
+whatever is at 7:3 now, compared with `physical-device-luid`, does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from xenblockctl.blockscript import handoff
+from xenblockctl.blockscript.owner import NODE as OWNER_NODE
+from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.errors import XenblockError
+from xenblockctl.kernel import blockdev, sysfs
+from xenblockctl.toolstack import domains
+from xenblockctl.toolstack.vbd_dirs import VbdLocation
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.vbd import (
+    BACKEND_KINDS,
+    BackendPath,
+    BackendRecordError,
+    XenbusState,
+    parse_physical_device,
+)
+from xenblockctl.xenstore.vdev import VdevError, vdev_name
+
+#: identity values (documented in xenblockctl(1), JSON OUTPUT)
+IDENTITY_NONE = "none"  # nothing published
+IDENTITY_UNVERIFIED = "unverified"  # physical-device without a luid (stock script)
+IDENTITY_MATCH = "match"
+IDENTITY_MISMATCH = "mismatch"  # the number now names another device: the guest may see the wrong disk
+IDENTITY_GONE = "gone"  # no device at that number any more
+IDENTITY_UNKNOWN = "unknown"  # could not look (not root)
+
+
+@dataclass(frozen=True)
+class VbdInfo:
+    location: VbdLocation
+    backend: dict[str, str] | None  # None: backend directory missing
+    frontend: dict[str, str] | None
+    domain_alive: bool
+    backend_error: str | None
+    live_diskseq: int | None
+    identity: str
+    owner: OwnerRecord | None
+    owner_error: str | None
+    holder: str | None  # "engine" | "kernel-blkback" | None
+    device_path: str | None
+    dm_name: str | None
+
+    # -- derived ---------------------------------------------------------------------------------
+    def _node(self, name: str) -> str | None:
+        return None if self.backend is None else self.backend.get(name)
+
+    @property
+    def vdev(self) -> str | None:
+        try:
+            return vdev_name(self.location.devid)
+        except VdevError:
+            return self._node("dev")
+
+    @staticmethod
+    def _state(nodes: dict[str, str] | None) -> int | None:
+        text = None if nodes is None else nodes.get("state")
+        if text is None:
+            return None
+        try:
+            return int(XenbusState.parse(text))
+        except BackendRecordError:
+            return None
+
+    @property
+    def backend_state(self) -> int | None:
+        return self._state(self.backend)
+
+    @property
+    def frontend_state(self) -> int | None:
+        return self._state(self.frontend)
+
+    @property
+    def physical_device(self) -> tuple[int, int] | None:
+        text = self._node("physical-device")
+        if text is None:
+            return None
+        try:
+            return parse_physical_device(text)
+        except BackendRecordError:
+            return None
+
+    @property
+    def health(self) -> str:
+        """One word for tables and scripts (documented in xenblockctl(1))."""
+        if self.backend is None:
+            return "orphan-frontend"
+        if not self.domain_alive:
+            return "stale"
+        if self.backend_error or self._node("hotplug-status") in ("error", "busy"):
+            return "failed"
+        if self._node("online") == "0" or self.backend_state in (5, 6):
+            return "closing"
+        if self.identity in (IDENTITY_MISMATCH, IDENTITY_GONE):
+            return "broken"
+        if self.backend_state == 4:
+            return "connected"
+        return "pending"
+
+    def to_json(self) -> dict[str, Any]:
+        loc = self.location
+        phys = self.physical_device
+        luid = self._node("physical-device-luid")
+        try:
+            luid_value = parse_luid(luid) if luid is not None else None
+        except OwnerRecordError:
+            luid_value = None
+        owner: dict[str, Any] | None = None
+        if self.owner is not None:
+            o = self.owner
+            owner = {
+                "kind": o.kind,
+                "mode": o.mode,
+                "autoclear": o.autoclear,
+                "tag": o.tag,
+                "major": o.major,
+                "minor": o.minor,
+                "diskseq": o.diskseq,
+            }
+        be_state, fe_state = self.backend_state, self.frontend_state
+        return {
+            "domid": loc.domid,
+            "devid": loc.devid,
+            "vdev": self.vdev,
+            "kind": loc.kind,
+            "backend_domid": loc.backend_domid,
+            "backend_path": loc.backend,
+            "frontend_path": loc.frontend,
+            "domain_alive": self.domain_alive,
+            "backend_state": be_state,
+            "backend_state_name": None if be_state is None else XenbusState(be_state).name,
+            "frontend_state": fe_state,
+            "frontend_state_name": None if fe_state is None else XenbusState(fe_state).name,
+            "online": None if self._node("online") is None else self._node("online") != "0",
+            "mode": self._node("mode"),
+            "type": self._node("type"),
+            "params": self._node("params"),
+            "script": self._node("script"),
+            "physical_device": self._node("physical-device"),
+            "major": None if phys is None else phys[0],
+            "minor": None if phys is None else phys[1],
+            "device_path": self.device_path,
+            "dm_name": self.dm_name,
+            "luid": luid,
+            "diskseq": luid_value,
+            "live_diskseq": self.live_diskseq,
+            "identity": self.identity,
+            "owner": owner,
+            "owner_error": self.owner_error,
+            "holder": self.holder,
+            "hotplug_status": self._node("hotplug-status"),
+            "hotplug_error": self._node("hotplug-error"),
+            "backend_error": self.backend_error,
+            "health": self.health,
+        }
+
+
+def _read_dir(store: XenStore, path: str) -> dict[str, str] | None:
+    try:
+        return store.read_dir(path)
+    except XenstoreNoEntry:
+        return None
+
+
+def _live(devt: int) -> tuple[int | None, str]:
+    """(live diskseq, identity-if-unpublished-check) of the device at devt."""
+    try:
+        return blockdev.live_diskseq(devt), ""
+    except XenblockError:
+        return None, IDENTITY_UNKNOWN  # e.g. no permission to make a private node
+
+
+def inspect(store: XenStore, loc: VbdLocation, *, alive: set[int] | None = None) -> VbdInfo:
+    backend = _read_dir(store, loc.backend)
+    frontend = _read_dir(store, loc.frontend)
+    domain_alive = (loc.domid in alive) if alive is not None else domains.exists(store, loc.domid)
+    backend_error = store.read_optional(loc.error_node)
+    owner: OwnerRecord | None = None
+    owner_error: str | None = None
+    owner_text = None if backend is None else backend.get(OWNER_NODE)
+    if owner_text is not None:
+        try:
+            owner = OwnerRecord.parse(owner_text)
+        except OwnerRecordError as exc:
+            owner_error = exc.one_line()
+    identity = IDENTITY_NONE
+    live: int | None = None
+    device_path: str | None = None
+    dm_name: str | None = None
+    physical = None if backend is None else backend.get("physical-device")
+    if physical is not None:
+        try:
+            major, minor = parse_physical_device(physical)
+        except BackendRecordError:
+            major = minor = -1
+        if major < 0:
+            identity = IDENTITY_UNKNOWN
+        else:
+            live, failed = _live(os.makedev(major, minor))
+            luid_text = backend.get("physical-device-luid") if backend else None
+            if failed:
+                identity = failed
+            elif live is None:
+                identity = IDENTITY_GONE
+            elif luid_text is None:
+                identity = IDENTITY_UNVERIFIED
+            else:
+                try:
+                    identity = IDENTITY_MATCH if parse_luid(luid_text) == live else IDENTITY_MISMATCH
+                except OwnerRecordError:
+                    identity = IDENTITY_MISMATCH
+            if live is not None:
+                name = sysfs.kernel_name(major, minor)
+                device_path = f"/dev/{name}" if name else None
+                dm_name = sysfs.dm_name(major, minor)
+            if device_path is None and backend is not None:
+                device_path = backend.get("physical-device-path")
+    holder: str | None = None
+    if backend is not None:
+        if backend.get("opened") == "1":
+            holder = "engine"
+        elif (
+            physical is not None
+            and handoff.blkback_device(BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid))
+            == physical
+        ):
+            holder = "kernel-blkback"
+    return VbdInfo(
+        location=loc,
+        backend=backend,
+        frontend=frontend,
+        domain_alive=domain_alive,
+        backend_error=backend_error,
+        live_diskseq=live,
+        identity=identity,
+        owner=owner,
+        owner_error=owner_error,
+        holder=holder,
+        device_path=device_path,
+        dm_name=dm_name,
+    )
+
+
+def _ls(store: XenStore, path: str) -> list[str]:
+    try:
+        return store.ls(path)
+    except XenstoreNoEntry:
+        return []
+
+
+def _num(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() and (text == "0" or text[0] != "0") else None
+
+
+def locations(store: XenStore, *, home_domid: int, domid: int | None = None) -> list[VbdLocation]:
+    """Backends in our home (every kind) plus frontends pointing at a backend of ours that is gone."""
+    found: dict[tuple[int, int], VbdLocation] = {}
+    home = f"/local/domain/{home_domid}"
+    for kind in BACKEND_KINDS:
+        for dom_text in _ls(store, f"{home}/backend/{kind}"):
+            dom = _num(dom_text)
+            if dom is None or (domid is not None and dom != domid):
+                continue
+            for dev_text in _ls(store, f"{home}/backend/{kind}/{dom_text}"):
+                dev = _num(dev_text)
+                if dev is not None:
+                    found.setdefault((dom, dev), VbdLocation(dom, dev, kind, home_domid))
+    candidates = [domid] if domid is not None else sorted(domains.live_domids(store))
+    for dom in candidates:
+        for dev_text in _ls(store, f"/local/domain/{dom}/device/vbd"):
+            dev = _num(dev_text)
+            if dev is None or (dom, dev) in found:
+                continue
+            backend = store.read_optional(f"/local/domain/{dom}/device/vbd/{dev}/backend") or ""
+            if backend.startswith(f"{home}/backend/"):
+                kind = backend.split("/")[5] if backend.count("/") >= 5 else "vbd"
+                found[(dom, dev)] = VbdLocation(
+                    dom, dev, kind if kind in BACKEND_KINDS else "vbd", home_domid
+                )
+    return [found[key] for key in sorted(found)]
+
+
+def scan(store: XenStore, *, home_domid: int, domid: int | None = None) -> list[VbdInfo]:
+    alive = domains.live_domids(store)
+    return [inspect(store, loc, alive=alive) for loc in locations(store, home_domid=home_domid, domid=domid)]

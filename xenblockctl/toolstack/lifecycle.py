@@ -1,0 +1,370 @@
+"""attach and detach the way libxl does them, with the block script flows run in-process.
+
+attach:  write both directories (one transaction) -> wait for a backend to take the device
+         directory (InitWait, libxl waits 10 s) -> run `add` -> wait for Connected, watching
+         the error node, `hotplug-status` and both states so a failure is named, not timed out.
+         Anything failing before the add succeeded is rolled back: no stale directories.
+detach:  online=0 + state Closing (one transaction) -> wait for Closed -> run `remove` -> delete
+         the directories -> confirm the device really went away. --force removes the frontend
+         first (libxl's force), for a guest that never answers.
+
+Progress is reported through a callback (the CLI draws it when stdout is a terminal)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xenblockctl.blockscript import handoff
+from xenblockctl.blockscript.add import AddResult, run_add
+from xenblockctl.blockscript.remove import run_remove
+from xenblockctl.blockscript.settings import Settings
+from xenblockctl.errors import XenblockError
+from xenblockctl.journal import Journal
+from xenblockctl.kernel import blockdev
+from xenblockctl.toolstack import host
+from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
+from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.vbd import BackendPath, XenbusState
+
+#: libxl's LIBXL_INIT_TIMEOUT: how long a backend gets to reach InitWait before the script runs.
+INIT_TIMEOUT = 10.0
+#: Grace for rolling back a failed attach (the backend closing its side before we delete).
+ROLLBACK_WAIT = 2.0
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+class NoBackend(XenblockError):
+    code = "no-backend"
+    hint = "modprobe xen-blkback, or start the engine: systemctl start xenblockctl-engine"
+
+
+class AttachFailed(XenblockError):
+    code = "attach-failed"
+
+
+class WaitTimeout(XenblockError):
+    code = "wait-timeout"
+
+
+class DetachStuck(XenblockError):
+    code = "detach-stuck"
+    hint = "check `xenblockctl show` for the holder; --force removes the frontend first"
+
+
+class VbdMissing(XenblockError):
+    code = "vbd-missing"
+    hint = "see `xenblockctl list` for the attached devices"
+
+
+def _state_name(value: str | None) -> str:
+    if value is None:
+        return "absent"
+    try:
+        return f"{value} ({XenbusState.parse(value).name})"
+    except XenblockError:
+        return repr(value[:10])
+
+
+@dataclass
+class Snapshot:
+    """The nodes the waits look at, read in one transaction."""
+
+    backend_state: str | None
+    frontend_state: str | None
+    online: str | None
+    hotplug_status: str | None
+    hotplug_error: str | None
+    error: str | None
+
+    @classmethod
+    def read(cls, store: XenStore, loc: VbdLocation) -> Snapshot:
+        def body(tx: Transaction) -> Snapshot:
+            return cls(
+                tx.read_optional(join(loc.backend, "state")),
+                tx.read_optional(join(loc.frontend, "state")),
+                tx.read_optional(join(loc.backend, "online")),
+                tx.read_optional(join(loc.backend, "hotplug-status")),
+                tx.read_optional(join(loc.backend, "hotplug-error")),
+                tx.read_optional(loc.error_node),
+            )
+
+        return store.run_transaction(body)
+
+    def describe(self) -> str:
+        return f"backend {_state_name(self.backend_state)}, frontend {_state_name(self.frontend_state)}"
+
+
+def _wait_for(
+    store: XenStore,
+    loc: VbdLocation,
+    done: Callable[[Snapshot], bool],
+    timeout: float,
+    progress: Progress,
+    *,
+    what: str,
+) -> tuple[bool, Snapshot]:
+    """Wait (watch-driven, polled as a safety net) until `done(snapshot)`; (reached?, last seen)."""
+    token = f"xenblockctl-wait-{os.getpid()}"
+    watched = [loc.backend, loc.frontend, loc.error_node]
+    for path in watched:
+        store.watch(path, token)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            snap = Snapshot.read(store, loc)
+            if done(snap):
+                return True, snap
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False, snap
+            progress(f"{what}: {snap.describe()} ({left:.0f} s left)")
+            store.wait_watch(min(left, 0.5))
+            store.drain_watches()
+    finally:
+        for path in watched:
+            with contextlib.suppress(XenblockError):
+                store.unwatch(path, token)
+
+
+# --- attach ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttachResult:
+    spec: DiskSpec
+    add: AddResult | None
+    connected: bool
+    snapshot: Snapshot | None
+    message: str = ""
+
+
+def choose_kind(backend: str) -> str:
+    """Which backend directory kind reaches the wanted consumer (xen-block-protocol.md §1.1):
+    kernel blkback serves `vbd`; the engine serves `vbd` where blkback is absent, else `vbd3`."""
+    loaded = host.blkback_loaded()
+    if backend == "kernel":
+        if not loaded:
+            raise NoBackend("kernel blkback is not loaded (no /sys/bus/xen-backend/drivers/vbd)")
+        return "vbd"
+    if backend == "engine":
+        return "vbd3" if loaded else "vbd"
+    return "vbd"
+
+
+def attach(
+    store: XenStore,
+    spec: DiskSpec,
+    *,
+    auto_vdev: bool,
+    settings: Settings,
+    wait: float,
+    own_domid: int,
+    progress: Progress = _quiet,
+    journal: Journal | None = None,
+) -> AttachResult:
+    journal = journal or Journal("xenblockctl", stderr=False)
+    spec = write_vbd(store, spec, auto=auto_vdev)
+    loc = spec.location
+    progress(f"wrote {loc.backend} and {loc.frontend}")
+    try:
+        init_timeout = min(INIT_TIMEOUT, wait) if wait > 0 else INIT_TIMEOUT
+        reached, snap = _wait_for(
+            store,
+            loc,
+            lambda s: s.backend_state not in (None, "1") or bool(s.error),
+            init_timeout,
+            progress,
+            what="waiting for a backend",
+        )
+        if snap.error:
+            raise AttachFailed(f"backend reported: {snap.error[:200]}")
+        if not reached:
+            raise NoBackend(
+                f"no backend took {loc.relative} within {init_timeout:g} s (state still 1): "
+                f"kernel blkback is {'loaded' if host.blkback_loaded() else 'not loaded'} and "
+                f"{'an' if host.engine_pids() else 'no'} engine process is running"
+            )
+        add_result: AddResult | None = None
+        if spec.backend_domid == own_domid:
+            progress("running the block script (add)")
+            path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
+            add_result = run_add(store, path, settings, journal)
+        else:
+            # A driver domain's `xl devd` runs the script there; we can only watch for its verdict.
+            reached, snap = _wait_for(
+                store,
+                loc,
+                lambda s: s.hotplug_status is not None or bool(s.error),
+                max(wait, INIT_TIMEOUT),
+                progress,
+                what="waiting for the driver domain's block script",
+            )
+            if snap.hotplug_status != "connected":
+                raise AttachFailed(
+                    f"driver domain {spec.backend_domid}: hotplug-status {snap.hotplug_status!r}, "
+                    f"error {snap.hotplug_error or snap.error or 'none'}"
+                )
+    except BaseException:
+        _rollback(store, loc)
+        raise
+    if wait <= 0:
+        return AttachResult(spec, add_result, False, None, "not waiting for the frontend (--wait 0)")
+
+    def settled(s: Snapshot) -> bool:
+        failed = bool(s.error) or s.hotplug_status in ("error", "busy")
+        return failed or s.backend_state in ("4", "5", "6") or s.backend_state is None
+
+    reached, snap = _wait_for(store, loc, settled, wait, progress, what="waiting for Connected")
+    if snap.backend_state == "4":
+        return AttachResult(spec, add_result, True, snap, "connected")
+    if snap.error or snap.hotplug_status in ("error", "busy"):
+        raise AttachFailed(
+            f"{loc.relative}: backend failed after the hand-off: "
+            f"{(snap.error or snap.hotplug_error or snap.hotplug_status or '')[:200]} ({snap.describe()})"
+        )
+    if reached:
+        raise AttachFailed(f"{loc.relative} closed before connecting ({snap.describe()})")
+    why = (
+        "the guest has not connected (no blkfront loaded, or the guest is not running)"
+        if snap.frontend_state in (None, "1", "2")
+        else "the handshake stalled"
+    )
+    return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
+
+
+def _rollback(store: XenStore, loc: VbdLocation) -> None:
+    """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
+    whatever add published, delete the directories. Best effort; the original error matters."""
+    with contextlib.suppress(XenblockError):
+        _begin_close(store, loc, force=False)
+        _wait_for(
+            store, loc, lambda s: s.backend_state in (None, "6"), ROLLBACK_WAIT, _quiet, what="rolling back"
+        )
+    with contextlib.suppress(XenblockError):
+        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
+    with contextlib.suppress(XenblockError):
+        delete_vbd(store, loc)
+
+
+def _silent() -> Journal:
+    return Journal("xenblockctl", stderr=False)
+
+
+# --- detach ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetachResult:
+    location: VbdLocation
+    closed: bool  # the backend reached Closed (else forced or absent)
+    removed: str  # run_remove's outcome, or "skipped"
+    forced: bool
+    stuck: list[str] = field(default_factory=list)
+
+
+def _begin_close(store: XenStore, loc: VbdLocation, *, force: bool) -> str | None:
+    """libxl__initiate_device_generic_remove's transaction; returns the backend state seen."""
+
+    def body(tx: Transaction) -> str | None:
+        if force:
+            tx.rm(loc.frontend, missing_ok=True)
+        state = tx.read_optional(join(loc.backend, "state"))
+        if state is None:
+            return None
+        tx.write(join(loc.backend, "online"), "0")
+        if state != "6":
+            tx.write(join(loc.backend, "state"), "5")
+        return state
+
+    return store.run_transaction(body)
+
+
+def detach(
+    store: XenStore,
+    loc: VbdLocation,
+    *,
+    wait: float,
+    force: bool,
+    own_domid: int,
+    progress: Progress = _quiet,
+    journal: Journal | None = None,
+) -> DetachResult:
+    journal = journal or _silent()
+    path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
+    before = store.read_optional(join(loc.backend, "xenblockctl-owner"))
+    state = _begin_close(store, loc, force=force)
+    closed = state is None or state == "6"
+    snap: Snapshot | None = None
+    if state is not None and state != "6":
+        closed, snap = _wait_for(
+            store, loc, lambda s: s.backend_state in (None, "6"), wait, progress, what="waiting for Closed"
+        )
+        if not closed and not force:
+            raise DetachStuck(
+                f"{loc.relative} did not reach Closed within {wait:g} s ({snap.describe()}): "
+                + (
+                    "the guest still uses the disk (is it mounted?)"
+                    if snap.frontend_state in ("3", "4")
+                    else "the backend did not answer Closing"
+                )
+            )
+        if not closed:
+            # libxl's force retry: the frontend goes first, then one more wait.
+            _begin_close(store, loc, force=True)
+            closed, snap = _wait_for(
+                store,
+                loc,
+                lambda s: s.backend_state in (None, "6"),
+                wait,
+                progress,
+                what="forced: waiting for Closed",
+            )
+    removed = "skipped"
+    if loc.backend_domid == own_domid:
+        progress("running the block script (remove)")
+        removed = run_remove(store, path, journal).detached
+    delete_vbd(store, loc)
+    result = DetachResult(loc, closed, removed, force)
+    result.stuck = _confirm_gone(store, loc, path, before, wait)
+    return result
+
+
+def _confirm_gone(
+    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float
+) -> list[str]:
+    """What is still there after the directories were deleted: "really gone" is checked, not
+    assumed (a backend holding the device keeps a loop bound until it lets go)."""
+    from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
+
+    deadline = time.monotonic() + max(wait, 0.5)
+    while True:
+        stuck: list[str] = []
+        for what in (loc.backend, loc.frontend):
+            if store.read_optional(what) is not None:
+                stuck.append(f"{what} still exists (re-created by someone)")
+        if os.path.isdir(handoff.blkback_dir(path)):
+            stuck.append(f"kernel blkback still has {os.path.basename(handoff.blkback_dir(path))}")
+        if owner_text is not None:
+            try:
+                owner = OwnerRecord.parse(owner_text)
+            except OwnerRecordError:
+                owner = None
+            if owner is not None and owner.kind == "loop":
+                with contextlib.suppress(XenblockError):
+                    if blockdev.live_diskseq(owner.devt) == owner.diskseq:
+                        stuck.append(
+                            f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
+                        )
+        if not stuck or time.monotonic() >= deadline:
+            return stuck
+        time.sleep(0.05)

@@ -1,0 +1,180 @@
+"""udev hooks (hotplug/xenblockctl-udev, rules in hotplug/60-xenblockctl.rules).
+
+`backend` events (SUBSYSTEM=xen-backend, vbd*): run the block script where no toolstack does.
+Upstream libxl runs hotplug scripts itself and removed its udev rules in 2015
+(xen-block-protocol.md §1.9), so running from udev as well would make two `add`s race for one
+device. Guards, all of which must pass:
+  * `[udev] enabled = true` (off by default: only for setups where nothing else runs the script);
+  * the backend's `script` node names block-xenblockctl (another script's disk is not ours);
+  * libxl's private copy `/libxl/<domid>/device/vbd/<devid>` is not visible: where it is, libxl
+    (or `xenblockctl attach`) runs in this domain and runs the script itself.
+
+`block` events (SUBSYSTEM=block, change/remove): when the device behind an attached vbd goes away
+or changes media (its diskseq moves on), record that on the backend (`hotplug-error`) and in the
+journal, so `list`/`doctor` show the vbd as broken instead of it silently naming a re-used
+major:minor. Closing backends are skipped: their device going away is the detach itself.
+
+Both exit 0 whatever happens (udev only logs a failing RUN), and import no click."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from xenblockctl import config
+from xenblockctl.errors import XenblockError
+from xenblockctl.journal import Journal
+from xenblockctl.xenstore.paths import join
+
+if TYPE_CHECKING:  # the hook imports the xenstore client only once it knows it will act
+    from xenblockctl.xenstore.client import XenStore
+
+IDENTIFIER = "xenblockctl-udev"
+SCRIPT_NAME = "block-xenblockctl"
+
+
+class DeviceReplaced(XenblockError):
+    """Written to `hotplug-error` of a backend whose device went away or changed under it."""
+
+    code = "device-replaced"
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    env = os.environ if env is None else env
+    journal = Journal(IDENTIFIER, stderr=False)
+    what = argv[1] if len(argv) == 2 else ""
+    try:
+        if what == "backend":
+            return backend_event(env, journal)
+        if what == "block":
+            return block_event(env, journal)
+        journal.error(f"usage: {IDENTIFIER} backend|block (got {' '.join(argv[1:])[:60]!r})")
+    except XenblockError as exc:
+        journal.error(exc.one_line(), CODE=exc.code)
+    return 0
+
+
+def _enabled(env: Mapping[str, str]) -> bool:
+    values = config.overlay(env)
+    return values.get("XENBLOCKCTL_UDEV", "").lower() in ("1", "yes", "true", "on")
+
+
+def backend_event(env: Mapping[str, str], journal: Journal) -> int:
+    """Returns 0 always; what was decided goes to the journal (and the tests read it back)."""
+    action = env.get("ACTION", "")
+    if action not in ("add", "remove"):
+        return 0
+    if not _enabled(env):
+        return 0
+    from xenblockctl.xenstore.client import XenStore
+    from xenblockctl.xenstore.vbd import BackendPath, backend_dir
+
+    path = BackendPath.from_env(env)
+    with XenStore.connect(timeout=5.0) as store:
+        be = backend_dir(store, path)
+        libxl_copy = f"/libxl/{path.domid}/device/vbd/{path.devid}"
+        try:
+            managed = store.read_optional(libxl_copy) is not None
+        except XenblockError:
+            managed = False  # not readable from a driver domain: nobody here runs scripts for it
+        if managed:
+            journal.info(f"{path.relative}: {action} left to libxl ({libxl_copy} exists)")
+            return 0
+        if action == "add":
+            script = store.read_optional(join(be, "script")) or ""
+            if os.path.basename(script) != SCRIPT_NAME:
+                journal.info(f"{path.relative}: script {script!r} is not ours; ignoring")
+                return 0
+    from xenblockctl.blockscript import hotplug
+
+    journal.info(f"{path.relative}: running {action} from udev")
+    status = hotplug.main([SCRIPT_NAME, action], env)
+    journal.info(f"{path.relative}: {action} from udev exited {status}")
+    return 0
+
+
+def block_event(env: Mapping[str, str], journal: Journal) -> int:
+    action = env.get("ACTION", "")
+    major_text, minor_text = env.get("MAJOR", ""), env.get("MINOR", "")
+    if action not in ("change", "remove") or not (major_text.isdigit() and minor_text.isdigit()):
+        return 0
+    major, minor = int(major_text), int(minor_text)
+    diskseq_text = env.get("DISKSEQ", "")
+    if action == "remove":
+        live: int | None = None
+    elif diskseq_text.isdigit():
+        live = int(diskseq_text)
+    else:
+        from xenblockctl.kernel import blockdev
+
+        live = blockdev.live_diskseq(os.makedev(major, minor))
+    from xenblockctl.xenstore.client import XenStore
+
+    try:
+        store = XenStore.connect(timeout=5.0)
+    except XenblockError:
+        return 0  # no xenstored: no vbds to break
+    with store:
+        for be in _backends_using(store, f"{major:x}:{minor:x}"):
+            _check_backend(store, be, major, minor, live=live, journal=journal)
+    return 0
+
+
+def _backends_using(store: XenStore, physical: str) -> list[str]:
+    from xenblockctl.xenstore.errors import XenstoreNoEntry
+    from xenblockctl.xenstore.vbd import BACKEND_KINDS
+
+    found: list[str] = []
+    home = store.home()
+    for kind in BACKEND_KINDS:
+        root = join(home, "backend", kind)
+        try:
+            domids = store.ls(root)
+        except XenstoreNoEntry:
+            continue
+        for domid in domids:
+            try:
+                devids = store.ls(join(root, domid))
+            except XenstoreNoEntry:
+                continue
+            for devid in devids:
+                be = join(root, domid, devid)
+                if store.read_optional(join(be, "physical-device")) == physical:
+                    found.append(be)
+    return found
+
+
+def _check_backend(
+    store: XenStore, be: str, major: int, minor: int, *, live: int | None, journal: Journal
+) -> None:
+    from xenblockctl.xenstore.client import Transaction
+
+    def body(tx: Transaction) -> str | None:
+        nodes = {
+            name: tx.read_optional(join(be, name))
+            for name in ("physical-device", "physical-device-luid", "online", "state", "hotplug-error")
+        }
+        luid = nodes["physical-device-luid"]
+        if nodes["physical-device"] != f"{major:x}:{minor:x}" or luid is None:
+            return None  # gone meanwhile, or not verifiable (stock script)
+        if nodes["online"] == "0" or nodes["state"] in ("5", "6"):
+            return None  # detaching: the device going away is expected
+        if live is not None and f"{live:x}" == luid:
+            return None
+        now = "is gone" if live is None else f"now has diskseq {live:x}"
+        error = DeviceReplaced(
+            f"device {major}:{minor} {now}, published luid {luid}: the backend's disk was "
+            "detached or replaced under it"
+        )
+        text = error.one_line()
+        if nodes["hotplug-error"] != text:
+            tx.write(join(be, "hotplug-error"), text)
+        return text
+
+    recorded = store.run_transaction(body)
+    if recorded is not None:
+        journal.error(f"{be}: {recorded}", CODE=DeviceReplaced.code, BACKEND=be)

@@ -1,0 +1,199 @@
+"""The vbd directories libxl writes for a disk, in one transaction (xen-block-protocol.md §1.2):
+
+    /local/domain/<bedom>/backend/<kind>/<domid>/<devid>   owner bedom, readable by domid
+    /local/domain/<domid>/device/vbd/<devid>               owner domid, readable by bedom
+    /libxl/<domid>/device/vbd/<devid>                      dom0 only: libxl's copy, so teardown
+                                                           need not trust the backend's nodes
+
+and their removal. `auto` vdev selection happens inside the same transaction, so two attaches
+racing for "the first free vdev" cannot both get it (the loser's commit conflicts and retries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.paths import Perm, join
+from xenblockctl.xenstore.vbd import BACKEND_KINDS
+from xenblockctl.xenstore.vdev import Vdev
+
+#: `auto` tries xvda..xvdp, then extended-form disks up to this many.
+AUTO_MAX_DISKS = 256
+
+
+class VdevInUse(XenblockError):
+    code = "vdev-in-use"
+    hint = "pick another --vdev, or use --vdev auto"
+
+
+@dataclass(frozen=True)
+class VbdLocation:
+    """Where one vbd's directories live."""
+
+    domid: int
+    devid: int
+    kind: str = "vbd"
+    backend_domid: int = 0
+
+    @property
+    def backend(self) -> str:
+        return f"/local/domain/{self.backend_domid}/backend/{self.kind}/{self.domid}/{self.devid}"
+
+    @property
+    def relative(self) -> str:
+        return f"backend/{self.kind}/{self.domid}/{self.devid}"
+
+    @property
+    def frontend(self) -> str:
+        return f"/local/domain/{self.domid}/device/vbd/{self.devid}"
+
+    @property
+    def libxl(self) -> str:
+        return f"/libxl/{self.domid}/device/vbd/{self.devid}"
+
+    @property
+    def error_node(self) -> str:
+        """Where xenbus_dev_fatal() (blkback) and our engine report a backend failure."""
+        return f"/local/domain/{self.backend_domid}/error/{self.relative}/error"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    domid: int
+    vdev: Vdev
+    params: str
+    mode: str  # "r" | "w"
+    kind: str = "vbd"
+    backend_domid: int = 0
+    script: str = ""
+    device_type: str = "disk"
+    discard: bool = True
+    trusted: bool = True
+
+    @property
+    def location(self) -> VbdLocation:
+        return VbdLocation(self.domid, self.vdev.number, self.kind, self.backend_domid)
+
+    def backend_nodes(self) -> dict[str, str]:
+        loc = self.location
+        nodes = {
+            "frontend": loc.frontend,
+            "frontend-id": str(self.domid),
+            "params": self.params,
+            "online": "1",
+            "removable": "0",
+            "bootable": "1",
+            "state": "1",
+            "dev": self.vdev.name,
+            # libxl__device_disk_string_of_backend: PHY -> "phy", TAP -> "vbd3"
+            "type": "phy" if self.kind == "vbd" else "vbd3",
+            "mode": self.mode,
+            "device-type": self.device_type,
+            "discard-enable": "1" if self.discard else "0",
+            "specification": "xen",
+        }
+        if self.script:
+            nodes["script"] = self.script
+        return nodes
+
+    def frontend_nodes(self) -> dict[str, str]:
+        return {
+            "backend": self.location.backend,
+            "backend-id": str(self.backend_domid),
+            "state": "1",
+            "virtual-device": str(self.vdev.number),
+            "device-type": self.device_type,
+            "trusted": "1" if self.trusted else "0",
+        }
+
+
+def used_devids(tx: Transaction, domid: int, backend_domid: int) -> set[int]:
+    """devids of `domid` taken by a frontend, a backend of any kind in `backend_domid`, or libxl's
+    copy (a half-removed device still blocks its number, as in libxl)."""
+    parents = [
+        f"/local/domain/{domid}/device/vbd",
+        f"/libxl/{domid}/device/vbd",
+        *(f"/local/domain/{backend_domid}/backend/{kind}/{domid}" for kind in BACKEND_KINDS),
+    ]
+    used: set[int] = set()
+    for parent in parents:
+        if tx.read_optional(parent) is None:
+            continue
+        used.update(int(name) for name in tx.ls(parent) if name.isdigit())
+    return used
+
+
+def _auto_candidates() -> list[Vdev]:
+    return [Vdev("xvd", disk) for disk in range(AUTO_MAX_DISKS)]
+
+
+def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpec:
+    """Create both directories (and libxl's copy) with libxl's permissions in one transaction.
+    With `auto`, `spec.vdev` is replaced by the first free xvd device. Returns the spec written."""
+
+    def body(tx: Transaction) -> DiskSpec:
+        used = used_devids(tx, spec.domid, spec.backend_domid)
+        chosen = spec
+        if auto:
+            free = next((v for v in _auto_candidates() if v.number not in used), None)
+            if free is None:
+                raise VdevInUse(
+                    f"domain {spec.domid} has no free xvd device among the first {AUTO_MAX_DISKS}"
+                )
+            chosen = replace(spec, vdev=free)
+        elif spec.vdev.number in used:
+            raise VdevInUse(f"{spec.vdev.name} ({spec.vdev.number}) of domain {spec.domid} is already in use")
+        loc = chosen.location
+        backend = chosen.backend_nodes()
+        for name, value in backend.items():
+            tx.write(join(loc.backend, name), value)
+        tx.set_perms(loc.backend, [Perm.parse(f"n{chosen.backend_domid}"), Perm.parse(f"r{chosen.domid}")])
+        for name, value in chosen.frontend_nodes().items():
+            tx.write(join(loc.frontend, name), value)
+        tx.set_perms(loc.frontend, [Perm.parse(f"n{chosen.domid}"), Perm.parse(f"r{chosen.backend_domid}")])
+        tx.write(join(loc.libxl, "frontend"), loc.frontend)
+        tx.write(join(loc.libxl, "backend"), loc.backend)
+        for name, value in backend.items():
+            tx.write(join(loc.libxl, name), value)
+        return chosen
+
+    return store.run_transaction(body)
+
+
+def delete_vbd(store: XenStore, loc: VbdLocation) -> None:
+    """Remove frontend, libxl copy, backend and the backend's error node, in one transaction
+    (libxl__device_destroy). Missing pieces are fine: this is also the cleanup of half-made vbds."""
+
+    def body(tx: Transaction) -> None:
+        for path in (loc.frontend, loc.libxl, loc.backend, loc.error_node.rsplit("/", 1)[0]):
+            tx.rm(path, missing_ok=True)
+
+    store.run_transaction(body)
+
+
+def locate(store: XenStore, domid: int, devid: int, *, home_domid: int) -> VbdLocation | None:
+    """Find a vbd: the frontend's `backend` node, else libxl's copy, else our own backend dirs."""
+    for parent in (f"/local/domain/{domid}/device/vbd/{devid}", f"/libxl/{domid}/device/vbd/{devid}"):
+        backend = store.read_optional(join(parent, "backend"))
+        loc = _parse_backend(backend, domid, devid) if backend else None
+        if loc is not None:
+            return loc
+    for kind in BACKEND_KINDS:
+        loc = VbdLocation(domid, devid, kind, home_domid)
+        if store.read_optional(loc.backend) is not None:
+            return loc
+    if store.read_optional(f"/local/domain/{domid}/device/vbd/{devid}") is not None:
+        return VbdLocation(domid, devid, "vbd", home_domid)  # frontend only: cleanup still possible
+    return None
+
+
+def _parse_backend(path: str, domid: int, devid: int) -> VbdLocation | None:
+    parts = path.split("/")
+    # ['', 'local', 'domain', bedom, 'backend', kind, domid, devid]
+    if len(parts) != 8 or parts[1:3] != ["local", "domain"] or parts[4] != "backend":
+        return None
+    bedom, kind = parts[3], parts[5]
+    if not bedom.isdigit() or kind not in BACKEND_KINDS or parts[6:] != [str(domid), str(devid)]:
+        return None
+    return VbdLocation(domid, devid, kind, int(bedom))
