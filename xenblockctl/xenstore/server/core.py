@@ -200,7 +200,10 @@ class Xenstored:
 
     def release(self, domid: int) -> None:
         """RELEASE: the domain's connections lose watches and transactions, the nodes it owns
-        are removed (the C daemon's default without --keep-orphans), @releaseDomain fires."""
+        are removed (the C daemon's default without --keep-orphans), @releaseDomain fires.
+
+        Deviation: the C daemon frees the domain's one ring connection; our domain-socket
+        connections stay open (a test may go on using them, or re-introduce the domain)."""
         for conn in self._domain_connections(domid):
             conn.drop_state()
         self.domains.introduced.discard(domid)

@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -130,6 +131,7 @@ class Daemon:
         self._clients: dict[int, _Client] = {}
         self._stop = False
         self._paused: list[tuple[socket.socket, Listener]] = []
+        self._paused_at = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_handlers: dict[int, object] = {}
         self._old_wakeup_fd = -1
@@ -195,8 +197,11 @@ class Daemon:
 
     def run(self) -> None:
         while not self._stop:
-            events = self._selector.select(PAUSE_SECONDS if self._paused else None)
+            timeout = None
             if self._paused:
+                timeout = max(0.0, self._paused_at + PAUSE_SECONDS - time.monotonic())
+            events = self._selector.select(timeout)
+            if self._paused and time.monotonic() >= self._paused_at + PAUSE_SECONDS:
                 self._resume_listeners()
             for key, mask in events:
                 data = key.data
@@ -233,6 +238,7 @@ class Daemon:
                 log.warning("accept on %s failed: %s", listener.path, exc)
                 self._selector.unregister(lsock)
                 self._paused.append((lsock, listener))
+                self._paused_at = time.monotonic()
                 return
             sock.setblocking(False)
             client = _Client(sock, self.core.connect(listener.domid))
