@@ -449,6 +449,43 @@ def killed_holder_unwinds_stack() -> dict[str, object]:
     return {"dm_gone_ms": round(dm_ms, 2), "loop_unbound_ms": round(loop_ms, 2)}
 
 
+def sweep_spares_live_creators() -> dict[str, object]:
+    """Sweeps running while three processes create, arm and drop devices: a sweep must never take
+    a device from a live creator (some are inside their create->arm window at any moment)."""
+    backing = _file("race.img", 4 * MIB)
+    rounds = 15
+    with _ctl() as ctl, _loop(backing) as lo:
+        table = _linear(lo.identity.devt, lo.identity.sectors)
+        pids = []
+        for worker in range(3):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(lo.fd)
+                    with dm.DmControl.open() as child_ctl:
+                        for i in range(rounds):
+                            dm.create_owned(child_ctl, f"xbc-w{worker}-{i}", table).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        removed: list[str] = []
+        sweeps = 0
+        running = set(pids)
+        while running:
+            removed += dm.sweep_owned(ctl)
+            sweeps += 1
+            for pid in list(running):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    running.discard(pid)
+                    assert os.waitstatus_to_exitcode(status) == 0, f"worker {pid} failed"
+        assert removed == [], removed
+        _wait_until(lambda: not ctl.list_devices(), timeout=5.0)
+    return {"sweeps": sweeps, "devices_created": 3 * rounds}
+
+
 class _Recorder:
     """An IoctlFn that records what the kernel wrote back, for unit tests to replay."""
 
@@ -593,6 +630,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         deferred_remove_on_last_close,
         cancel_deferred_remove,
         sweep_after_kill_in_window,
+        sweep_spares_live_creators,
         loop_under_dm_refuses_excl,
         snapshot_volatile,
         killed_holder_unwinds_stack,
