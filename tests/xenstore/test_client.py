@@ -341,3 +341,20 @@ def test_closed_store_refuses_requests(daemon: Daemon) -> None:
         store.read("/")
     with pytest.raises(XenstoreDisconnected):
         store.watch("/x", "t")
+
+
+def test_ls_of_a_directory_longer_than_one_reply(store: XenStore) -> None:
+    names = [f"n{k:03d}" + "x" * 40 for k in range(200)]  # ~9 KB of names: three parts
+    store.write_many({f"/big/{n}": "v" for n in names})
+    assert store.ls("/big") == names  # creation order, via DIRECTORY_PART
+    assert list(store.read_dir("/big")) == names  # also inside a transaction
+
+
+def test_reset_watches(store: XenStore, other: XenStore) -> None:
+    store.watch("/rw", "t")
+    assert store.wait_watch(5) == WatchEvent("/rw", "t")
+    store.reset_watches()
+    other.write("/rw/x", "1")
+    assert store.wait_watch(0.3) is None
+    store.watch("/rw", "t")  # registering again works: the old watch is gone everywhere
+    assert store.wait_watch(5) == WatchEvent("/rw", "t")

@@ -156,6 +156,11 @@ def wrong_type(conn: socket.socket) -> None:
     conn.sendall(HEADER.pack(13, rq, tx, 3) + b"OK\0")  # an RM reply to a READ
 
 
+def oversize_reply(conn: socket.socket) -> None:
+    op, rq, tx, _ = _read_request(conn)
+    conn.sendall(HEADER.pack(op, rq, tx, 1 << 30))  # would make a naive reader allocate 1 GiB
+
+
 def test_peer_that_never_answers_times_out(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     before = _router_threads()
     peer = fake_peer(silent)

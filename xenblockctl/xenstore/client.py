@@ -76,6 +76,11 @@ _BACKOFF_FIRST = 0.001
 _BACKOFF_CAP = 0.05
 
 _NUL = b"\0"
+#: xs_wire.h message types pyxs 0.4.1 does not know (its Packet refuses them).
+DIRECTORY_PART = 22
+RESET_WATCHES = 21
+#: Restarts of a multi-part listing when the directory changes underneath.
+_PART_RESTARTS = 8
 
 
 class WatchEvent(NamedTuple):
@@ -130,9 +135,37 @@ class _Operations:
         return self.read_optional(path) is not None
 
     def ls(self, path: str) -> list[str]:
-        """Names (not paths) of the node's children, in the daemon's order."""
+        """Names (not paths) of the node's children, in the daemon's (creation) order. Lists
+        longer than one 4096-byte reply are fetched in parts (DIRECTORY_PART)."""
         check_path(path)
-        return _split_list(self._request(Op.DIRECTORY, _arg(path), f"directory {path}"))
+        try:
+            return _split_list(self._request(Op.DIRECTORY, _arg(path), f"directory {path}"))
+        except XenstoreTooBig:
+            return self._ls_parts(path)
+
+    def _ls_parts(self, path: str) -> list[str]:
+        what = f"directory-part {path}"
+        for _ in range(_PART_RESTARTS):
+            names: list[str] = []
+            offset = 0
+            generation: bytes | None = None
+            while True:
+                payload = self._request(DIRECTORY_PART, _arg(path) + _arg(str(offset)), what)
+                gen, sep, rest = payload.partition(_NUL)
+                if not sep or not gen.isdigit():
+                    raise XenstoreDisconnected(f"{what}: malformed reply {payload[:40]!r}")
+                if generation is not None and gen != generation:
+                    break  # the directory changed between parts: start over
+                generation = gen
+                # Each part is a run of NUL-terminated names; the last one ends with an extra NUL.
+                final = rest == _NUL or rest.endswith(_NUL + _NUL)
+                names += _split_list(rest[:-1] if final else rest)
+                if final:
+                    return names
+                if not rest:
+                    raise XenstoreDisconnected(f"{what}: empty part before the end of the list")
+                offset += len(rest)
+        raise TransactionConflict(f"{what}: directory kept changing while being listed", errno=errno.EAGAIN)
 
     def get_perms(self, path: str) -> list[Perm]:
         check_path(path)
@@ -318,7 +351,7 @@ class XenStore(_Operations):
             raise XenstoreTooBig(
                 f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
             )
-        packet = Packet(op, payload, rq_id=next(self._ids), tx_id=tx_id)
+        packet = _packet(op, payload, next(self._ids), tx_id)
         deadline = time.monotonic() + self.timeout
         try:
             rvar = router.send(packet)
@@ -441,7 +474,11 @@ class XenStore(_Operations):
 
     def watch(self, path: str, token: str) -> None:
         """Watch `path` and everything below it. xenstored fires one event for `path` right away
-        (whether or not it exists); later events name the node that changed."""
+        (whether or not it exists); later events name the node that changed.
+
+        Events are hints to re-read, not a change log: C xenstored drops an event identical
+        (path and token) to one still queued for the connection, so N changes may arrive as
+        fewer events. React by reading the current state."""
         check_watch_path(path)
         check_token(token)
         self._subscribe(token)
@@ -472,6 +509,16 @@ class XenStore(_Operations):
             raise XenstoreDisconnected(f"wait-watch: {reason}", errno=errno.ECONNRESET)
         path, token = item
         return WatchEvent(decode_value(path), decode_value(token))
+
+    def reset_watches(self) -> None:
+        """Drop every watch of this connection on the daemon's side (RESET_WATCHES)."""
+        _ok(self._request(RESET_WATCHES, _NUL, "reset-watches"), "reset-watches")
+        router = self._router
+        with self._watch_lock:
+            if router is not None:
+                for token in self._watch_tokens:
+                    router.unsubscribe(token.encode("ascii"), self._sink)
+            self._watch_tokens.clear()
 
     def drain_watches(self) -> list[WatchEvent]:
         """Every event already queued, without waiting."""
@@ -509,6 +556,13 @@ class _EventSink:
 
     def __init__(self, events: queue.Queue[Any]) -> None:
         self.events = events
+
+
+def _packet(op: int, payload: bytes, rq_id: int, tx_id: int) -> Any:
+    if op in Op:
+        return Packet(op, payload, rq_id=rq_id, tx_id=tx_id)
+    # Same tuple layout, without pyxs's check against its (older) table of message types.
+    return tuple.__new__(Packet, (op, rq_id, tx_id, len(payload), payload))
 
 
 def _domid(domid: int) -> int:

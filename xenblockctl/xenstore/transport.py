@@ -22,14 +22,17 @@ import os
 import queue
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pyxs._internal import Packet
 from pyxs.client import Router
 from pyxs.connection import PacketConnection, XenBusConnection
+from pyxs.exceptions import ConnectionError as PyXSConnectionError
 
 from xenblockctl.xenstore.errors import XenstoreUnavailable
 
@@ -147,13 +150,44 @@ class _SocketTransport:
             self.sock.shutdown(socket.SHUT_RDWR)
 
 
-class SocketConnection(PacketConnection):  # type: ignore[misc]
+#: xs_wire.h struct xsd_sockmsg, native byte order (pyxs uses the same layout).
+_HEADER = struct.Struct("=IIII")
+#: xs_wire.h XENSTORE_PAYLOAD_MAX.
+_PAYLOAD_MAX = 4096
+
+
+class _AnyTypeReceiver:
+    """pyxs's PacketConnection.recv() refuses message types missing from its 2016 table (e.g.
+    DIRECTORY_PART, RESET_WATCHES replies), which kills the reader; it also trusts the length
+    field. This recv() accepts any type and refuses only lengths beyond the protocol limit."""
+
+    path: str
+    transport: Any
+
+    def recv(self) -> Any:
+        if self.transport is None:
+            raise PyXSConnectionError("not connected")
+        try:
+            op, rq_id, tx_id, size = _HEADER.unpack(self.transport.recv(_HEADER.size))
+            if size > _PAYLOAD_MAX:
+                raise PyXSConnectionError(f"{self.path}: reply of {size} bytes exceeds {_PAYLOAD_MAX}")
+            payload = self.transport.recv(size) if size else b""
+        except OSError as exc:
+            raise PyXSConnectionError(f"error while reading from {self.path!r}: {exc}") from exc
+        return tuple.__new__(Packet, (op, rq_id, tx_id, size, payload))
+
+
+class SocketConnection(_AnyTypeReceiver, PacketConnection):  # type: ignore[misc]
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
 
     def create_transport(self) -> _SocketTransport:
         return _SocketTransport(self.path, self.timeout)
+
+
+class XenbusConnection(_AnyTypeReceiver, XenBusConnection):  # type: ignore[misc]
+    pass
 
 
 class GuardedRouter(Router):  # type: ignore[misc]
@@ -223,7 +257,7 @@ def open_router(endpoint: Endpoint, timeout: float) -> GuardedRouter:
     if endpoint.kind == "socket":
         connection: Any = SocketConnection(endpoint.path, timeout)
     else:
-        connection = XenBusConnection(endpoint.path)
+        connection = XenbusConnection(endpoint.path)
     router = GuardedRouter(connection)
     try:
         router.start()
