@@ -246,10 +246,16 @@ def _rollback(store: XenStore, loc: VbdLocation) -> None:
     """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
     whatever add published, delete the directories. Best effort; the original error matters."""
     with contextlib.suppress(XenblockError):
-        _begin_close(store, loc, force=False)
-        _wait_for(
-            store, loc, lambda s: s.backend_state in (None, "6"), ROLLBACK_WAIT, _quiet, what="rolling back"
-        )
+        state = _begin_close(store, loc, force=False)
+        if state not in (None, "1", "6"):  # a backend took it: let it let go before deleting
+            _wait_for(
+                store,
+                loc,
+                lambda s: s.backend_state in (None, "6"),
+                ROLLBACK_WAIT,
+                _quiet,
+                what="rolling back",
+            )
     with contextlib.suppress(XenblockError):
         run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
     with contextlib.suppress(XenblockError):
@@ -303,9 +309,10 @@ def detach(
     path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
     before = store.read_optional(join(loc.backend, "xenblockctl-owner"))
     state = _begin_close(store, loc, force=force)
-    closed = state is None or state == "6"
+    # State 1: no backend driver ever took the directory, so nobody will answer Closing.
+    closed = state in (None, "1", "6")
     snap: Snapshot | None = None
-    if state is not None and state != "6":
+    if not closed:
         closed, snap = _wait_for(
             store, loc, lambda s: s.backend_state in (None, "6"), wait, progress, what="waiting for Closed"
         )

@@ -168,8 +168,23 @@ def delete_vbd(store: XenStore, loc: VbdLocation) -> None:
     def body(tx: Transaction) -> None:
         for path in (loc.frontend, loc.libxl, loc.backend, loc.error_node.rsplit("/", 1)[0]):
             tx.rm(path, missing_ok=True)
+            _remove_empty_parents(tx, path)
 
     store.run_transaction(body)
+
+
+def _remove_empty_parents(tx: Transaction, path: str) -> None:
+    """libxl__xs_path_cleanup: empty parents go too (`backend/vbd/<domid>` once its last disk is
+    gone), but never `/local/domain/<n>/<backend|device|error>` or `/libxl/<domid>`."""
+    floor = 2 if path.startswith("/libxl/") else 4
+    parent = path.rsplit("/", 1)[0]
+    while parent.count("/") > floor:
+        value = tx.read_optional(parent)
+        if value is not None:
+            if value != "" or tx.ls(parent):
+                return
+            tx.rm(parent, missing_ok=True)
+        parent = parent.rsplit("/", 1)[0]
 
 
 def locate(store: XenStore, domid: int, devid: int, *, home_domid: int) -> VbdLocation | None:

@@ -1,0 +1,205 @@
+"""attach / list / show / detach end to end: real loop devices, the embedded xenstored, the engine
+process, and a simulated blkfront doing the handshake (and real I/O) in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cli import CliRunner, Engine
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.xenstore import EmbeddedXenstored
+from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.xenstore.client import XenStore
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+XVDB = 51728
+
+
+class Guest:
+    """A blkfront for domain 5's xvdb that connects as soon as the backend reaches InitWait."""
+
+    def __init__(self, socket_path: str, transport: str, devid: int = XVDB) -> None:
+        self.store = XenStore.connect(socket_path, timeout=10)
+        self.frontend = f"/local/domain/5/device/vbd/{devid}"
+        self.backend = f"/local/domain/0/backend/vbd/5/{devid}"
+        self.transport = transport
+        self.front: XenbusFrontend | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            deadline = time.monotonic() + 20
+            while self.store.read_optional(f"{self.backend}/state") is None:
+                assert time.monotonic() < deadline, "attach never wrote the backend"
+                time.sleep(0.01)
+            self.front = XenbusFrontend(
+                self.store,
+                frontend_path=self.frontend,
+                backend_path=self.backend,
+                domid=5,
+                transport_socket=self.transport,
+            )
+            self.front.connect(timeout=20)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> Guest:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.thread.join(30)
+        if self.front is not None:
+            self.front.close()
+        self.store.close()
+
+
+@pytest.fixture
+def guest(xenstored: EmbeddedXenstored, cli_engine: Engine) -> Iterator[Guest]:
+    g = Guest(xenstored.socket_path, cli_engine.transport)
+    yield g
+    g.close()
+
+
+def test_attach_connects_lists_and_detaches(
+    run_cli: CliRunner, guest: Guest, make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    image = make_image(fill=b"BOOT")
+    guest.start()
+    result = run_cli("attach", "guest5", str(image), "--vdev", "xvdb", "--json", "--wait", "20")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["schema"] == "xenblockctl.attach.v1"
+    assert doc["connected"] is True
+    assert doc["consumer"] == "engine"
+    assert (doc["vdev"], doc["devid"], doc["backend_state"]) == ("xvdb", XVDB, 4)
+    guest.thread.join(20)
+    assert guest.error is None, guest.error
+    assert guest.front is not None
+    assert guest.front.ring is not None
+    assert guest.front.ring.read(0, 512)[:4] == b"BOOT", "the guest reads the attached image"
+
+    listed = run_cli("list", "--json").json()["vbds"]
+    assert len(listed) == 1
+    vbd = listed[0]
+    assert vbd["identity"] == "match"
+    assert vbd["live_diskseq"] == vbd["diskseq"] == int(doc["luid"], 16)
+    assert (vbd["holder"], vbd["health"], vbd["device_path"]) == ("engine", "connected", doc["device_path"])
+    shown_result = run_cli("show", "5", "xvdb", "--json")
+    assert shown_result.code == 0, shown_result.err
+    shown = shown_result.json()["vbd"]
+    assert shown == vbd
+    table = run_cli("list").out
+    assert "xvdb" in table
+    assert "match" in table
+    assert "connected" in table
+
+    # libxl-style detach: Closing -> the guest closes -> Closed -> remove -> directories deleted
+    closer = threading.Thread(target=lambda: guest.front and guest.front.disconnect(), daemon=True)
+    closer.start()
+    detached = run_cli("detach", "5", "xvdb", "--json", "--wait", "15")
+    closer.join(20)
+    assert detached.code == 0, detached.err
+    ddoc = detached.json()
+    assert ddoc["gone"] is True
+    assert ddoc["closed"] is True
+    assert ddoc["stuck"] == []
+    for path in (vbd["backend_path"], vbd["frontend_path"], "/libxl/5/device/vbd/51728"):
+        assert cli_store.read_optional(path) is None, path
+    assert bound_loops_under(image.parent) == {}, "the loop device is gone when detach returns"
+
+
+def test_attach_without_a_guest_times_out_but_stays_attached(
+    run_cli: CliRunner, cli_engine: Engine, make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    image = make_image()
+    result = run_cli("attach", "5", str(image), "--wait", "0.5")
+    assert result.code == 5, result.err
+    assert "wait-timeout" in result.err
+    assert "the guest has not connected" in result.err
+    assert "xvda of domain 5" in result.out, "auto picks the first free vdev"
+    assert cli_store.read_optional("/local/domain/0/backend/vbd/5/51712/physical-device") is not None
+    assert len(bound_loops_under(image.parent)) == 1
+    second = run_cli("attach", "5", str(make_image("b.img")), "--wait", "0", "--json")
+    assert second.code == 0, second.err
+    assert second.json()["vdev"] == "xvdb", "auto skips the taken xvda"
+    taken = run_cli("attach", "5", str(make_image("c.img")), "--vdev", "xvda", "--wait", "0")
+    assert taken.code == 4
+    assert "vdev-in-use" in taken.err
+    for vdev in ("xvda", "xvdb"):
+        gone = run_cli("detach", "5", vdev)
+        assert gone.code == 0, gone.err
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_attach_with_nobody_serving_rolls_back(
+    run_cli: CliRunner, cli_env: dict[str, str], make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    image = make_image()
+    result = run_cli("attach", "5", str(image), "--wait", "1")
+    assert result.code == 1
+    first, hint = result.err.splitlines()
+    assert first.startswith("xenblockctl: no-backend: no backend took backend/vbd/5/51712 within 1 s")
+    assert hint.startswith("hint: modprobe xen-blkback")
+    assert "Traceback" not in result.err
+    for path in ("/local/domain/0/backend/vbd/5", "/local/domain/5/device/vbd/51712", "/libxl/5/device/vbd"):
+        assert cli_store.read_optional(path) is None or cli_store.ls(path) == [], path
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_writable_disk_cannot_be_attached_twice(
+    run_cli: CliRunner, cli_engine: Engine, make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    image = make_image()
+    assert run_cli("attach", "5", str(image), "--wait", "0").code == 0
+    cli_store.write("/local/domain/7/name", "other")
+    again = run_cli("attach", "other", str(image), "--wait", "0")
+    assert again.code == 4, again.err
+    assert again.err.startswith("xenblockctl: busy: target already in use writable")
+    assert cli_store.read_optional("/local/domain/0/backend/vbd/7") in (None, ""), "rolled back"
+    assert cli_store.ls("/local/domain/0/backend/vbd") == ["5"]
+    assert run_cli("detach", "5", "xvda").code == 0
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_detach_of_a_disk_the_guest_holds_is_stuck_until_forced(
+    run_cli: CliRunner, guest: Guest, make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    image = make_image()
+    guest.start()
+    assert run_cli("attach", "5", str(image), "--vdev", "xvdb", "--wait", "20").code == 0
+    guest.thread.join(20)
+    stuck = run_cli("detach", "5", "xvdb", "--wait", "0.5")
+    assert stuck.code == 4, stuck.err
+    assert "detach-stuck" in stuck.err
+    assert "the guest still uses the disk" in stuck.err
+    assert cli_store.read_optional("/local/domain/0/backend/vbd/5/51728/physical-device") is not None
+    # The guest never answers; --force removes its frontend, the engine lets go, remove runs.
+    forced = run_cli("detach", "5", "xvdb", "--force", "--wait", "10", "--json")
+    assert forced.code == 0, forced.err
+    assert forced.json()["forced"] is True
+    assert forced.json()["gone"] is True
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_list_flags_a_device_whose_diskseq_moved_on(
+    run_cli: CliRunner, cli_engine: Engine, make_image: ImageFactory, cli_store: XenStore, tmp_path: Path
+) -> None:
+    image = make_image()
+    assert run_cli("attach", "5", str(image), "--wait", "0").code == 0
+    be = "/local/domain/0/backend/vbd/5/51712"
+    luid = cli_store.read(f"{be}/physical-device-luid")
+    # What a re-used number looks like from xenstore: the published luid names an older binding.
+    cli_store.write(f"{be}/physical-device-luid", f"{int(luid, 16) - 1:x}")
+    vbd = run_cli("show", "5", "xvda", "--json").json()["vbd"]
+    assert vbd["identity"] == "mismatch"
+    assert vbd["health"] == "broken"
+    assert vbd["live_diskseq"] == int(luid, 16)
+    cli_store.write(f"{be}/physical-device-luid", luid)
+    assert run_cli("detach", "5", "xvda").code == 0

@@ -1,0 +1,97 @@
+"""Error reporting: one line + hint on stderr, documented exit codes, tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cli import CliRunner
+from xenblockctl.cli import exitcodes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _lines(err: str) -> list[str]:
+    return err.strip().splitlines()
+
+
+def test_unknown_domain_is_not_found(run_cli: CliRunner, tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\0" * 4096)
+    result = run_cli("attach", "nosuchguest", str(image))
+    assert result.code == exitcodes.EXIT_NOT_FOUND
+    assert _lines(result.err) == [
+        "xenblockctl: domain-missing: no domain named 'nosuchguest'",
+        "hint: list running domains with `xl list` (or `xenstore-ls /local/domain`)",
+    ]
+
+
+def test_missing_vbd_is_not_found(run_cli: CliRunner) -> None:
+    for args in (("detach", "5", "xvdq"), ("show", "guest5", "51712")):
+        result = run_cli(*args)
+        assert result.code == exitcodes.EXIT_NOT_FOUND, result.err
+        first, hint = _lines(result.err)
+        assert first.startswith("xenblockctl: vbd-missing: domain 5 has no vbd")
+        assert hint == "hint: see `xenblockctl list` for the attached devices"
+
+
+def test_bad_target_is_refused_before_anything_is_written(run_cli: CliRunner) -> None:
+    result = run_cli("attach", "5", "/srv/../etc/shadow")
+    assert result.code == exitcodes.EXIT_ERROR
+    assert _lines(result.err)[0].startswith("xenblockctl: bad-params: params must not contain . or ..")
+    assert run_cli("list", "--json").json()["vbds"] == []
+
+
+def test_bad_vdev_and_usage(run_cli: CliRunner) -> None:
+    result = run_cli("show", "5", "xvd")
+    assert result.code == exitcodes.EXIT_ERROR
+    assert _lines(result.err)[0].startswith("xenblockctl: vdev-invalid:")
+    usage = run_cli("attach", "5")
+    assert usage.code == exitcodes.EXIT_USAGE
+    assert "Missing argument 'TARGET'" in usage.err
+    assert run_cli("attach", "5", "/x", "--mode", "rw").code == exitcodes.EXIT_USAGE
+
+
+def test_no_xenstored_gives_a_hint(run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XENSTORED_PATH", f"/tmp/no-such-xenstored-{os.getpid()}")
+    result = run_cli("list")
+    assert result.code == exitcodes.EXIT_ERROR
+    first, hint = _lines(result.err)
+    assert first.startswith("xenblockctl: xenstore-unavailable:")
+    assert hint.startswith("hint: is xenstored running? set XENSTORED_PATH")
+
+
+def test_traceback_only_with_debug(cli_env: dict[str, str]) -> None:
+    env = {**os.environ, **cli_env, "XENSTORED_PATH": f"/tmp/no-such-xenstored-{os.getpid()}"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "xenblockctl", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    plain = run("list")
+    assert plain.returncode == 1
+    assert "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 2
+    debug = run("--debug", "list")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "XenstoreUnavailable" in debug.stderr
+
+
+def test_exit_codes_are_documented() -> None:
+    text = (REPO / "man" / "xenblockctl.1.md").read_text()
+    section = text.split("# EXIT STATUS", 1)[1].split("\n# ", 1)[0]
+    for name in dir(exitcodes):
+        if name.startswith("EXIT_"):
+            assert f"**{getattr(exitcodes, name)}**" in section, f"{name} is not in EXIT STATUS"
