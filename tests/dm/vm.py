@@ -35,6 +35,8 @@ MODULES = ("virtio_pci", "9pnet_virtio", "9p", "loop", "dm_mod", "dm_snapshot")
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 RESULTS_FILE = "results.jsonl"
+#: Where the guest sees the checkout (a bind mount made before its /tmp is covered by a tmpfs).
+GUEST_REPO = "/run/xbc-repo"
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -54,13 +56,16 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /newroo
   mount -t proc proc /newroot/proc
   mount -t sysfs sysfs /newroot/sys
   mount -t devtmpfs devtmpfs /newroot/dev
-  mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
   mount -t tmpfs -o mode=755 tmpfs /newroot/run
+  # The guest's own /tmp hides the host's; a checkout under /tmp stays reachable through this bind.
+  mkdir -p /newroot/run/xbc-repo
+  mount -o bind "/newroot$REPO" /newroot/run/xbc-repo
+  mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
   mkdir -p /newroot/tmp/xbc-out
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 xbcout /newroot/tmp/xbc-out
   chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp TMPDIR=/tmp /bin/sh -c 'cd "$0" && exec "$1" -u -m tests.dm.guest /tmp/xbc-out "$2"' \
-    "$REPO" "$PY" "${SEL:-all}"
+    /run/xbc-repo "$PY" "${SEL:-all}"
   echo "xbc-exit=$?"
   sync
   umount /newroot/tmp/xbc-out
@@ -243,6 +248,8 @@ def build(cache: Path = CACHE) -> Artifacts:
     with _locked(cache / ".lock"):
         if kernel.is_file() and initrd.is_file():
             return Artifacts(kernel, initrd, kpkg)
+        for stale in cache.glob("linux-image-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # older kernels or init scripts
         with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmp:
             work = Path(tmp)
             debs = work / "debs"
@@ -290,6 +297,8 @@ def boot(
 ) -> BootResult:
     """Boot once, run the selected guest scenarios, always reap QEMU. Never raises on guest failure:
     the caller turns missing results into failures with the console tail."""
+    if python.startswith(f"{REPO}/"):
+        python = GUEST_REPO + python[len(str(REPO)) :]  # e.g. the checkout's .venv
     with tempfile.TemporaryDirectory(prefix="xbc-dm-") as tmp:
         out = Path(tmp, "out")
         out.mkdir()
