@@ -56,7 +56,7 @@ def blkback_device(path: BackendPath) -> str | None:
     """What kernel blkback says it opened (`%x:%x`), or None if it has not (yet)."""
     try:
         with open(os.path.join(blkback_dir(path), "physical_device")) as f:
-            return f.read().strip()
+            return f.read().strip() or None
     except OSError:
         return None
 
