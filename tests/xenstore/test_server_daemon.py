@@ -321,3 +321,25 @@ def test_trace_file_records_messages_both_ways(xenstored: EmbeddedXenstored) -> 
     assert any(line.endswith(" WRITE (/traced value)") and line.startswith("IN ") for line in lines)
     assert any(line.endswith(" WRITE (OK )") and line.startswith("OUT ") for line in lines)
     assert any(line.endswith(" ERROR (ENOENT )") for line in lines)
+
+
+@pytest.mark.parametrize("spec", ["5", "x:/tmp/s", "32752:/tmp/s", "5:"])
+def test_bad_domain_socket_spec_is_a_usage_error(spec: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xenblockctl",
+            "xenstored",
+            "--socket",
+            "/tmp/unused",
+            f"--domain-socket={spec}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"Invalid value for '--domain-socket'" in result.stderr
+    assert not os.path.exists("/tmp/unused")

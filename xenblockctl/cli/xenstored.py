@@ -10,11 +10,16 @@ import click
 from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError
 
 
-def _parse_domain_socket(text: str) -> Listener:
-    domid, sep, path = text.partition(":")
-    if not sep or not domid.isdigit() or not path or int(domid) >= 0x7FF0:
-        raise click.BadParameter(f"expected DOMID:PATH with DOMID < 32752, got {text!r}")
-    return Listener(path, int(domid))
+def _parse_domain_sockets(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[Listener]:
+    listeners = []
+    for text in values:
+        domid, sep, path = text.partition(":")
+        if not sep or not domid.isdigit() or not path or int(domid) >= 0x7FF0:
+            raise click.BadParameter(f"expected DOMID:PATH with DOMID < 32752, got {text!r}")
+        listeners.append(Listener(path, int(domid)))
+    return listeners
 
 
 @click.command()
@@ -30,6 +35,7 @@ def _parse_domain_socket(text: str) -> Listener:
     "domain_sockets",
     multiple=True,
     metavar="DOMID:PATH",
+    callback=_parse_domain_sockets,
     help="Extra socket whose clients act as domain DOMID, subject to permissions and quotas.",
 )
 @click.option(
@@ -46,13 +52,13 @@ def _parse_domain_socket(text: str) -> Listener:
     help="Append every message in and out (C xenstored --trace-file style).",
 )
 def xenstored(
-    socket_path: str, domain_sockets: tuple[str, ...], ready_fd: int | None, trace_file: str | None
+    socket_path: str, domain_sockets: list[Listener], ready_fd: int | None, trace_file: str | None
 ) -> None:
     """Serve the xenstore wire protocol on PATH until SIGTERM or SIGINT.
 
     Prints `xenstored ready socket=PATH [domain-socket=DOMID:PATH ...]` once every socket
     listens. On SIGTERM/SIGINT it closes all connections, removes its socket files and exits 0."""
-    listeners = [Listener(socket_path, 0)] + [_parse_domain_socket(d) for d in domain_sockets]
+    listeners = [Listener(socket_path, 0), *domain_sockets]
     try:
         trace_out = open(trace_file, "a", buffering=1) if trace_file else None  # noqa: SIM115
     except OSError as exc:
