@@ -647,7 +647,9 @@ def create_volatile(
 ) -> DmDevice:
     """A writable throwaway view of a read-only base: writes go to the COW device and vanish with
     the dm device on its last close. The base must be read-only: a write to the origin behind the
-    snapshot's back would silently corrupt what the guest sees."""
+    snapshot's back would silently corrupt what the guest sees. The transient ('N') exception store
+    keeps its table in kernel memory and uses the COW only for data, so a (sparse) COW as large as
+    the base can never overflow; a smaller one invalidates the snapshot (I/O errors) when full."""
     if not origin.identity.read_only:
         raise DmError("the base of a volatile disk must be read-only")
     if cow.identity.read_only:
