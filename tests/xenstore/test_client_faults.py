@@ -283,3 +283,28 @@ def test_connect_to_a_socket_nobody_listens_on() -> None:
     finally:
         sock.close()
         os.unlink(path)
+
+
+def test_overall_deadline_caps_every_request(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
+    peer = fake_peer(silent)
+    store = XenStore.connect(peer.path, timeout=10, deadline=time.monotonic() + 0.3)
+    start = time.monotonic()
+    exc = _outcome_within(5, lambda: store.read("/a"))
+    assert isinstance(exc, XenstoreTimeout)
+    assert "overall deadline" in str(exc)
+    assert time.monotonic() - start < 2.0
+    store.close()
+
+
+def test_expired_deadline_fails_without_sending(cxenstored: Daemon) -> None:
+    with XenStore.connect(timeout=5) as store:
+        store.deadline = time.monotonic() - 1
+        with pytest.raises(XenstoreTimeout, match="overall deadline passed"):
+            store.write("/never", "1")
+        start = time.monotonic()
+        assert store.wait_watch(5) is None
+        assert time.monotonic() - start < 1.0, "wait_watch must be capped by the deadline"
+        store.deadline = None
+        assert not store.exists("/never")  # nothing was sent, and the connection is still usable
+    with pytest.raises(XenstoreTimeout):
+        XenStore.connect(timeout=5, deadline=time.monotonic() - 1)

@@ -301,20 +301,45 @@ class XenStore(_Operations):
         self._sink = _EventSink(self._events)
         self._domid = domid
         self._home: str | None = None
+        #: Optional absolute time.monotonic() after which every request fails with
+        #: XenstoreTimeout: a whole-script budget on top of the per-request `timeout` (libxl
+        #: SIGKILLs a hotplug script at 40 s; leave time to report the error).
+        self.deadline: float | None = None
 
     @classmethod
     def connect(
-        cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, domid: int | None = None
+        cls,
+        path: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        domid: int | None = None,
+        deadline: float | None = None,
     ) -> XenStore:
         """Connect like libxenstore: `path` if given (socket, or a xenbus character device), else
         `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else `/run/xenstored/socket`, then
-        `/dev/xen/xenbus`. `domid` is our own domain id if the caller knows it (see `absolute`).
+        `/dev/xen/xenbus`. `timeout` bounds each request (and the connect); `deadline` (absolute
+        `time.monotonic()`) bounds everything, see `XenStore.deadline`. `domid` is our own domain
+        id if the caller knows it (see `absolute`).
         """
         if timeout <= 0:
             raise XenstoreInvalid(f"timeout must be positive, not {timeout}")
+        budget = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if budget <= 0:
+            raise XenstoreTimeout("connect: overall deadline already passed", errno=errno.ETIMEDOUT)
         endpoints = [endpoint_for(path)] if path is not None else default_endpoints()
-        router, endpoint = connect_first(endpoints, timeout)
-        return cls(router, endpoint, timeout, domid)
+        router, endpoint = connect_first(endpoints, budget)
+        store = cls(router, endpoint, timeout, domid)
+        store.deadline = deadline
+        return store
+
+    def _request_deadline(self, what: str) -> tuple[float, str]:
+        """When the reply must have arrived, and how to describe that limit."""
+        now = time.monotonic()
+        if self.deadline is None or self.deadline > now + self.timeout:
+            return now + self.timeout, f"{self.timeout:g} s"
+        if self.deadline <= now:
+            raise XenstoreTimeout(f"{what}: overall deadline passed", errno=errno.ETIMEDOUT)
+        return self.deadline, "the overall deadline"
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -351,8 +376,8 @@ class XenStore(_Operations):
             raise XenstoreTooBig(
                 f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
             )
+        deadline, limit = self._request_deadline(what)
         packet = _packet(op, payload, next(self._ids), tx_id)
-        deadline = time.monotonic() + self.timeout
         try:
             rvar = router.send(packet)
         except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
@@ -362,7 +387,7 @@ class XenStore(_Operations):
         if reply is None:
             # The request may still be applied later; nothing on this connection can be trusted.
             self._abandon()
-            raise XenstoreTimeout(f"{what}: no reply within {self.timeout:g} s", errno=errno.ETIMEDOUT)
+            raise XenstoreTimeout(f"{what}: no reply within {limit}", errno=errno.ETIMEDOUT)
         if reply is LOST:
             raise XenstoreDisconnected(f"{what}: {router.describe_failure()}", errno=errno.ECONNRESET)
         if reply.op == Op.ERROR:
@@ -407,7 +432,10 @@ class XenStore(_Operations):
                     raise TransactionConflict(
                         f"transaction still conflicting after {attempts} attempts", errno=errno.EAGAIN
                     ) from None
-                time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt)))
+                pause = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt))
+                if self.deadline is not None:
+                    pause = min(pause, max(0.0, self.deadline - time.monotonic()))
+                time.sleep(pause)
                 continue
             return result
         raise AssertionError("unreachable")  # pragma: no cover
@@ -499,8 +527,11 @@ class XenStore(_Operations):
     def wait_watch(self, timeout: float | None = None) -> WatchEvent | None:
         """The next event of any watch of this connection, or None after `timeout` seconds
         (`None` = the store's timeout). Raises XenstoreDisconnected if the connection is gone."""
+        wait = self.timeout if timeout is None else max(timeout, 0.0)
+        if self.deadline is not None:
+            wait = min(wait, max(0.0, self.deadline - time.monotonic()))
         try:
-            item = self._events.get(timeout=self.timeout if timeout is None else max(timeout, 0.0))
+            item = self._events.get(timeout=wait)
         except queue.Empty:
             return None
         if item is LOST:
