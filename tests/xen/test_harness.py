@@ -177,6 +177,8 @@ def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> No
     fake.write_text("#!/bin/bash\n" + body)
     fake.chmod(0o755)
     monkeypatch.setattr(vm, "QEMU", str(fake))
+    # A fake VM must not queue behind (or hold up) a real lane VM on this machine.
+    monkeypatch.setattr(vm, "BOOT_LOCK", tmp_path / "fake-boot.lock")
 
 
 def test_boot_reaps_a_vm_that_never_comes_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,9 +228,8 @@ exit 0
 
 
 def test_boot_waits_for_another_lane_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lock_path = tmp_path / "boot.lock"
-    monkeypatch.setattr(vm, "BOOT_LOCK", lock_path)
     _fake_qemu(tmp_path, monkeypatch, "exit 0\n")
+    lock_path = vm.BOOT_LOCK
     share = tmp_path / "share"
     share.mkdir()
     said: list[str] = []
@@ -247,3 +248,23 @@ def test_boot_waits_for_another_lane_vm(tmp_path: Path, monkeypatch: pytest.Monk
     worker.join(timeout=20)
     assert not worker.is_alive()
     assert runs[0].qemu_rc == 0
+
+
+def test_checkout_copy_leaves_out_vcs_venv_and_bytecode(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    (share / "xenblockctl" / "__pycache__").mkdir(parents=True)
+    (share / "xenblockctl" / "__init__.py").write_text("X = 1\n")
+    (share / "xenblockctl" / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"host")
+    (share / "hotplug").mkdir()
+    (share / "hotplug" / "block-x").write_text("#!/bin/sh\n")
+    (share / "hotplug" / "block-x").chmod(0o755)
+    for junk in (".git", ".venv", ".cache"):
+        (share / junk).mkdir()
+        (share / junk / "f").write_text("junk")
+    dest = tmp_path / "opt" / "checkout"
+    assert runner.install_checkout(str(share), str(dest)) == str(dest)
+    assert (dest / "xenblockctl" / "__init__.py").read_text() == "X = 1\n"
+    assert os.access(dest / "hotplug" / "block-x", os.X_OK)
+    assert not any((dest / junk).exists() for junk in (".git", ".venv", ".cache"))
+    assert not (dest / "xenblockctl" / "__pycache__" / "stale.cpython-311.pyc").exists()
+    assert list((dest / "xenblockctl" / "__pycache__").glob("__init__.*.pyc")), "compiled in place"

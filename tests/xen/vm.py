@@ -30,6 +30,8 @@ SCENARIO_DIR = HERE / "scenarios"
 GUEST_RUNNER = HERE / "guest" / "run_scenarios.py"
 GUEST_CHECKOUT = "/mnt/checkout"
 GUEST_SHARE = "/mnt/host"
+#: Where the guest runner copies the checkout (writable; the image's .pth puts it on sys.path).
+GUEST_INSTALL = "/opt/xenblockctl-checkout"
 QEMU = "qemu-system-x86_64"
 SCENARIO_FILE = re.compile(r"^(\d\d_[A-Za-z0-9_-]+)\.(sh|py)$")
 TIMEOUT_HEADER = re.compile(r"^#\s*xenci-timeout:\s*(\d+)\s*$", re.M)
@@ -39,9 +41,10 @@ BOOT_TIMEOUT = 600.0
 READY_MARKER = "XENCI: ready"
 RESULT_MARKER = re.compile(r"XENCI: RESULT (\S+) (\S+)")
 PR_SET_PDEATHSIG = 1
-#: One Xen VM at a time per machine: two TCG VMs on 2 cores slow each other until libxl's 40 s hotplug
-#: timeout kills the stock block script (observed), so concurrent pytest sessions queue here.
-BOOT_LOCK = Path("/run/lock/xenblockctl-xen-lane.lock")
+#: One lane VM at a time per machine (the dm lane may take the same lock): two TCG VMs on 2 cores
+#: slow each other until libxl's 40 s hotplug timeout kills the stock block script (observed), so
+#: concurrent pytest sessions queue here.
+BOOT_LOCK = Path("/run/lock/xenblockctl-qemu-lane.lock")
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,13 @@ def stage(share: Path, scenarios: list[Scenario]) -> int:
     plan = {
         "results": f"{GUEST_SHARE}/results",
         "workdir": "/root/xenci",
+        "checkout_share": GUEST_CHECKOUT,
+        "checkout": GUEST_INSTALL,
         "scenarios": [
             {
                 "name": s.name,
-                "path": f"{GUEST_CHECKOUT}/{s.path.relative_to(CHECKOUT)}",
+                "path": f"{GUEST_INSTALL}/{s.path.relative_to(CHECKOUT)}",
                 "timeout": s.timeout,
-                "checkout": GUEST_CHECKOUT,
             }
             for s in scenarios
         ],
@@ -131,8 +135,9 @@ def stage(share: Path, scenarios: list[Scenario]) -> int:
     test_sh = share / "test.sh"
     test_sh.write_text(f"#!/bin/sh\nexec python3 -u {GUEST_SHARE}/run_scenarios.py {GUEST_SHARE}/plan.json\n")
     test_sh.chmod(0o755)
-    # Per-scenario limits plus room for the runner's leak checks and clean-ups.
-    return sum(s.timeout + 30 for s in scenarios) + 60
+    # Per-scenario limits, room for the runner's leak checks and clean-ups, and for copying and
+    # compiling the checkout.
+    return sum(s.timeout + 30 for s in scenarios) + 360
 
 
 def qemu_argv(image: Dom0Image, share: Path, serial: Path, guest_timeout: int) -> list[str]:

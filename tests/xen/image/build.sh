@@ -44,9 +44,10 @@ site=$rootfs/usr/local/lib/python$pyver/dist-packages
 mkdir -p "$site"
 # pyxs is pure Python with no dependencies; Debian does not package it.
 "$python" -m pip install -q --disable-pip-version-check --no-deps --no-compile --target "$site" 'pyxs==0.4.1'
-# The checkout is mounted read-only at /mnt/checkout in dom0: a .pth makes `import xenblockctl` load the
-# current code from any process (xl runs hotplug scripts with its own environment).
-echo /mnt/checkout > "$site/xenblockctl-checkout.pth"
+# The runner copies the read-only checkout share to /opt/xenblockctl-checkout at the start of each boot
+# (writable, so Python caches bytecode: hotplug scripts are fresh processes on libxl's 40 s clock). A .pth
+# makes `import xenblockctl` load that copy from any process (xl runs hotplug scripts with its own env).
+echo /opt/xenblockctl-checkout > "$site/xenblockctl-checkout.pth"
 cat > "$rootfs/usr/local/bin/xenblockctl" <<'EOF'
 #!/bin/sh
 exec python3 -m xenblockctl "$@"

@@ -21,6 +21,10 @@ modprobe xen-blkback || fail "modprobe xen-blkback failed"
 [ -c /dev/xen/gntdev ] && [ -c /dev/xen/evtchn ] || fail "no /dev/xen/gntdev or /dev/xen/evtchn"
 
 [ -f "$XENCI_CHECKOUT/xenblockctl/__init__.py" ] || fail "checkout not visible at $XENCI_CHECKOUT"
-python3 -c 'import xenblockctl, click, pyxs, pyudev; print("imports ok:", xenblockctl.__file__)' \
-  || fail "cannot import xenblockctl and its dependencies in dom0"
+# Any process (xl's hotplug scripts too) must load the checkout's code, not some other copy.
+python3 -c '
+import os, sys, xenblockctl, click, pyxs, pyudev
+print("imports ok:", xenblockctl.__file__, "click", click.__version__)
+sys.exit(not xenblockctl.__file__.startswith(os.environ["XENCI_CHECKOUT"] + "/"))
+' || fail "cannot import the checkout's xenblockctl and its dependencies in dom0"
 say "dom0 up"
