@@ -108,9 +108,11 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def _run_build(out: Path, log_path: Path, timeout: float) -> None:
+def _run_build(out: Path, log_path: Path, timeout: float, lock_fd: int) -> None:
     env = dict(os.environ, PYTHON=sys.executable)
     with log_path.open("w") as log:
+        # The build inherits the cache lock: if pytest is SIGKILLed, the orphaned mmdebstrap keeps the
+        # lock until it ends, so the next session cannot delete a directory still being written.
         proc = subprocess.Popen(
             ["bash", str(RECIPE_DIR / "build.sh"), str(out)],
             stdin=subprocess.DEVNULL,
@@ -118,6 +120,7 @@ def _run_build(out: Path, log_path: Path, timeout: float) -> None:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            pass_fds=(lock_fd,),
         )
         try:
             rc = proc.wait(timeout=timeout)
@@ -156,7 +159,7 @@ def _remove_build_dir(path: Path) -> None:
 def ensure_image(cache_dir: Path | None = None, timeout: float = BUILD_TIMEOUT) -> Dom0Image:
     """Return the cached image for the current recipe, building it first if needed."""
     cache = cache_dir or default_cache_dir()
-    key = recipe_key()
+    key = recipe_key(RECIPE_DIR)
     entry = cache / key
     if is_complete(entry):
         os.utime(entry)  # marks it in use for the pruning below
@@ -176,7 +179,7 @@ def ensure_image(cache_dir: Path | None = None, timeout: float = BUILD_TIMEOUT) 
         log_path = cache / f"build-{key}.log"
         start = time.monotonic()
         try:
-            _run_build(work / "out", log_path, timeout)
+            _run_build(work / "out", log_path, timeout, lock.fileno())
             seconds = time.monotonic() - start
             out = work / "out"
             (out / "build.json").write_text(

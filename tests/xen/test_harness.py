@@ -268,3 +268,71 @@ def test_checkout_copy_leaves_out_vcs_venv_and_bytecode(tmp_path: Path) -> None:
     assert not any((dest / junk).exists() for junk in (".git", ".venv", ".cache"))
     assert not (dest / "xenblockctl" / "__pycache__" / "stale.cpython-311.pyc").exists()
     assert list((dest / "xenblockctl" / "__pycache__").glob("__init__.*.pyc")), "compiled in place"
+
+
+FAKE_BUILD = """#!/usr/bin/env bash
+set -e
+out=$1
+echo "building into $out"
+{body}
+mkdir -p "$out/boot"
+for f in boot/xen.elf boot/vmlinuz boot/initrd.img dom0.img; do echo "$f" > "$out/$f"; done
+"""
+
+
+def _fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str = "") -> Path:
+    recipe = tmp_path / "recipe"
+    recipe.mkdir(exist_ok=True)
+    (recipe / "build.sh").write_text(FAKE_BUILD.format(body=body))
+    monkeypatch.setattr(dom0_image, "RECIPE_DIR", recipe)
+    monkeypatch.setattr(dom0_image, "build_prerequisites", lambda: None)
+    return recipe
+
+
+def test_image_is_built_once_then_served_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _fake_recipe(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    first = dom0_image.ensure_image(cache)
+    assert not first.cached
+    assert first.disk.read_text() == "dom0.img\n"
+    second = dom0_image.ensure_image(cache)
+    assert (second.cached, second.path) == (True, first.path)
+    assert not list(cache.glob(".build-*"))
+    # Any recipe edit selects a new entry and builds again.
+    (recipe / "packages").write_text("extra\n")
+    third = dom0_image.ensure_image(cache)
+    assert not third.cached
+    assert third.key != first.key
+
+
+def test_failed_build_leaves_nothing_that_looks_like_an_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails after writing part of the image: the partial directory must never become the cache entry.
+    _fake_recipe(tmp_path, monkeypatch, body='mkdir -p "$out/boot"; echo half > "$out/dom0.img"; exit 9')
+    cache = tmp_path / "cache"
+    with pytest.raises(dom0_image.ImageBuildFailed, match="exit 9"):
+        dom0_image.ensure_image(cache)
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == []
+
+
+def test_unreachable_archive_is_a_skip_reason_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_recipe(
+        tmp_path,
+        monkeypatch,
+        body="echo 'E: Failed to fetch http://x/y  Temporary failure resolving'; exit 1",
+    )
+    with pytest.raises(dom0_image.ImageUnavailable, match="unreachable"):
+        dom0_image.ensure_image(tmp_path / "cache")
+
+
+def test_build_timeout_kills_the_build_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pidfile = tmp_path / "sleeper.pid"
+    _fake_recipe(tmp_path, monkeypatch, body=f"sleep 300 & echo $! > {pidfile}; wait")
+    start = time.monotonic()
+    with pytest.raises(dom0_image.ImageBuildFailed, match="timed out"):
+        dom0_image.ensure_image(tmp_path / "cache", timeout=1.0)
+    assert time.monotonic() - start < 15
+    _assert_gone(int(pidfile.read_text()))
