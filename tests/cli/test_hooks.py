@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -260,3 +263,104 @@ def test_block_hook_records_a_replaced_device(
     assert " is gone, published luid" in libxl.nodes(be).get("hotplug-error", "")
     with XenStore.connect(libxl.xenstored.socket_path) as store:
         assert store.read_optional(be.node("hotplug-status")) is None, "status untouched: only recorded"
+
+
+# --- a real systemd-udevd -------------------------------------------------------------------------
+
+UDEVD = "/lib/systemd/systemd-udevd"
+
+
+@pytest.fixture
+def private_udevd(tmp_path: Path, xenstored: object) -> Iterator[None]:
+    """systemd-udevd in a private mount namespace (tmpfs /run and /dev, only our rules visible),
+    with the rules' RUN pointed at this checkout's hook and XENSTORED_PATH at the test daemon. It
+    hears the machine's real kernel uevents; the hook only ever writes to the test xenstored."""
+    if os.geteuid() != 0:
+        pytest.skip("systemd-udevd needs root")
+    for tool in (UDEVD, shutil.which("unshare"), shutil.which("nsenter")):
+        if tool is None or not os.path.exists(tool):
+            pytest.skip(f"{tool or 'unshare/nsenter'} not installed (Debian packages udev, util-linux)")
+    if any(_is_udevd(p) for p in os.listdir("/proc") if p.isdigit()):
+        pytest.skip("a systemd-udevd already runs on this machine; a second one would race it")
+    socket_path = xenstored.socket_path
+    rules = tmp_path / "udevd-rules"
+    rules.mkdir()
+    hook = f"{sys.executable} {REPO / 'hotplug' / 'xenblockctl-udev'}"
+    text = RULES.read_text().replace(HOOK_RUN, hook)
+    (rules / RULES.name).write_text(f'ENV{{XENSTORED_PATH}}="{socket_path}"\n' + text)
+    empty = tmp_path / "udevd-empty"
+    empty.mkdir()
+    script = textwrap.dedent(
+        f"""
+        set -e
+        mount -t tmpfs none /run
+        mount -t tmpfs none /dev
+        mknod -m 0666 /dev/null c 1 3  # udevd points RUN programs' stdin at it
+        mkdir -p /run/udev/rules.d
+        cp {rules}/* /run/udev/rules.d/
+        for d in /usr/lib/udev/rules.d /lib/udev/rules.d /etc/udev/rules.d; do
+          if [ -d "$d" ]; then mount --bind {empty} "$d"; fi
+        done
+        exec {UDEVD} --debug
+        """
+    )
+    log = (tmp_path / "udevd.log").open("w")
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            ping = subprocess.run(
+                ["nsenter", f"--target={proc.pid}", "--mount", "udevadm", "control", "--ping"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+            if ping.returncode == 0:
+                break
+            assert proc.poll() is None, (tmp_path / "udevd.log").read_text()
+            assert time.monotonic() < deadline, "systemd-udevd did not answer --ping"
+            time.sleep(0.1)
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+def _is_udevd(pid: str) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0) == b"systemd-udevd"
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop", "private_udevd")
+def test_real_udevd_records_a_detached_loop_on_its_backend(libxl: Libxl, make_image: ImageFactory) -> None:
+    dev = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test-udevd")
+    try:
+        be = libxl.create_backend(5, 51744, "/unused")
+        ident = dev.identity
+        libxl.store.write_many(
+            {be.node("physical-device"): ident.physical_device, be.node("physical-device-luid"): ident.luid}
+        )
+    finally:
+        dev.close()  # AUTOCLEAR: the kernel unbinds it, bumps the diskseq and sends a change uevent
+    deadline = time.monotonic() + 20
+    while "hotplug-error" not in libxl.nodes(be):
+        assert time.monotonic() < deadline, f"udevd never ran the hook: {libxl.nodes(be)}; see udevd.log"
+        time.sleep(0.05)
+    error = libxl.nodes(be)["hotplug-error"]
+    assert error.startswith(f"device-replaced: device {ident.major}:{ident.minor} ")
+    assert f"published luid {ident.luid}" in error
