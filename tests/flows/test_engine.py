@@ -190,3 +190,97 @@ def test_sigkilled_engine_leaks_nothing(libxl: Libxl, engine: EngineProc, make_i
     guest.close()
     assert bound_loops_under(image.parent) == {}, "delete-on-close after the engine died"
     engine.proc.returncode = 0  # the fixture's clean-exit check is for SIGTERM, not this test's SIGKILL
+
+
+def connected_guest(
+    libxl: Libxl, engine: EngineProc, image: Path, domid: int, **kwargs: object
+) -> tuple[Backend, XenbusFrontend]:
+    be = libxl.create_backend(domid, 51712, str(image), "w", engine=False)
+    deadline = time.monotonic() + 10
+    while libxl.nodes(be).get("opened") != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert libxl.run("add", be).returncode == 0
+    store = XenStore.connect(libxl.xenstored.socket_path)
+    guest = XenbusFrontend(
+        store,
+        frontend_path=be.frontend,
+        backend_path=be.path,
+        domid=domid,
+        transport_socket=engine.transport,
+        **kwargs,
+    )  # type: ignore[arg-type]
+    guest.connect()
+    return be, guest
+
+
+def test_ten_reconnects_keep_device_and_data(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    _be, guest = connected_guest(libxl, engine, image, 10)
+    try:
+        first = bound_loops_under(image.parent)
+        assert guest.ring is not None
+        for i in range(10):
+            guest.ring.write(i * 8, f"boot {i}".encode().ljust(4096, b"\0"))
+            guest.ring.flush()
+            ring = guest.reboot()
+            assert bound_loops_under(image.parent) == first, f"device changed at reconnect {i}"
+            for j in range(i + 1):
+                assert ring.read(j * 8, 4096)[:8].rstrip(b"\0") == f"boot {j}".encode()
+    finally:
+        guest.disconnect()
+        guest.close()
+
+
+@pytest.mark.parametrize(("abi_name", "order"), [("x86_32", 0), ("x86_32", 2), ("x86_64", 4)])
+def test_abis_multipage_rings_and_indirect(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory, abi_name: str, order: int
+) -> None:
+    from xenblockctl.backend import blkif
+
+    abi = blkif.X86_32 if abi_name == "x86_32" else blkif.X86_64
+    image = make_image()
+    be, guest = connected_guest(libxl, engine, image, 11, abi=abi, ring_page_order=order)
+    try:
+        assert guest.ring is not None
+        big = bytes(range(256)) * 512  # 128 KiB = 32 segments: needs an indirect request
+        guest.ring.write(64, big)
+        guest.ring.flush()
+        assert guest.ring.read(64, len(big)) == big
+        with open(image, "rb") as f:
+            f.seek(64 * 512)
+            assert f.read(len(big)) == big
+        # queue depth beyond one ring page's worth of slots (32) on multi-page rings
+        depth = 24 if order == 0 else 60
+        ids = [guest.ring.submit_read(i * 8, 4096) for i in range(depth)]
+        done = guest.ring.collect(len(ids), timeout=30)
+        assert all(done[i].response.status == blkif.RSP_OKAY for i in ids)
+        assert libxl.nodes(be)["state"] == "4"
+    finally:
+        guest.disconnect()
+        guest.close()
+
+
+def test_detach_with_requests_in_flight_completes_them(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory
+) -> None:
+    from xenblockctl.backend import blkif
+
+    image = make_image()
+    be, guest = connected_guest(libxl, engine, image, 12)
+    assert guest.ring is not None
+    payload = b"in flight".ljust(4096, b"!")
+    ids = [guest.ring.submit_write(i * 8, payload) for i in range(24)]
+    # libxl detaches while the writes are queued; the frontend keeps its ring until the backend closes
+    libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
+    done = guest.ring.collect(len(ids), timeout=30)
+    assert sorted(done) == sorted(ids)
+    assert all(c.response.status == blkif.RSP_OKAY for c in done.values())
+    guest.disconnect()
+    guest.close()
+    data = image.read_bytes()
+    for i in range(24):
+        assert data[i * 4096 : i * 4096 + 9] == b"in flight"
+    assert bound_loops_under(image.parent) == {}

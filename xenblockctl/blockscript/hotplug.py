@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from xenblockctl.errors import XenblockError
@@ -16,6 +17,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 IDENTIFIER = "block-xenblockctl"
+#: LIBXL_HOTPLUG_TIMEOUT (libxl_internal.h): the script is SIGKILLed after this many seconds.
+LIBXL_TIMEOUT = 40.0
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -41,11 +44,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     from xenblockctl.xenstore.client import XenStore
 
+    started = time.monotonic()
     try:
         store = XenStore.connect(timeout=settings.xenstore_timeout)
     except XenblockError as exc:
         journal.error(exc.one_line(), CODE=exc.code, ERRNO=exc.errno or 0)
         return EXIT_FAILED
+    # libxl SIGKILLs us at 40 s: every xenstore request, wait and backoff ends before that, so a
+    # failure is always reported (and withdrawn) by us rather than cut off half-way.
+    store.deadline = started + LIBXL_TIMEOUT - 2
     try:
         if action == "add":
             from xenblockctl.blockscript.add import run_add

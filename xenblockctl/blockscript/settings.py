@@ -36,7 +36,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         env = config.overlay(env)  # raises ConfigError (bad-config) for a malformed file
         return cls(
-            handoff_timeout=_seconds(env, "XENBLOCKCTL_HANDOFF_TIMEOUT", cls.handoff_timeout, 0.1, 38.0),
+            handoff_timeout=_seconds(env, "XENBLOCKCTL_HANDOFF_TIMEOUT", cls.handoff_timeout, 0.1, 35.0),
             xenstore_timeout=_seconds(env, "XENBLOCKCTL_XENSTORE_TIMEOUT", cls.xenstore_timeout, 0.1, 38.0),
             lock_timeout=_seconds(env, "XENBLOCKCTL_LOCK_TIMEOUT", cls.lock_timeout, 0.1, 38.0),
             kernel_autoclear=_flag(env, "XENBLOCKCTL_KERNEL_AUTOCLEAR", cls.kernel_autoclear),
