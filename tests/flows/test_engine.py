@@ -3,17 +3,12 @@ local transport, and a Python blkfront doing the xenbus handshake and real I/O."
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.engine import EngineProc
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.guest import XenbusFrontend
@@ -22,53 +17,6 @@ from xenblockctl.xenstore.client import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class EngineProc:
-    proc: subprocess.Popen[str]
-    transport: str
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-@pytest.fixture
-def engine(libxl: Libxl, tmp_path: Path) -> Iterator[EngineProc]:
-    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xenblockctl",
-            "backend",
-            "--transport",
-            f"local:{transport}",
-            "--xenstore",
-            libxl.xenstored.socket_path,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.strip() == "engine ready", line + (proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
-    handle = EngineProc(proc, transport)
-    yield handle
-    code = handle.stop()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    assert code == 0, f"engine exit status {code}"
 
 
 def attach(
