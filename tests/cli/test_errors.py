@@ -95,3 +95,31 @@ def test_exit_codes_are_documented() -> None:
     for name in dir(exitcodes):
         if name.startswith("EXIT_"):
             assert f"**{getattr(exitcodes, name)}**" in section, f"{name} is not in EXIT STATUS"
+
+
+def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_path: Path) -> None:
+    import pty
+
+    image = tmp_path / "p.img"
+    image.write_bytes(b"\0" * 4096)
+    argv = [sys.executable, "-m", "xenblockctl", "attach", "5", str(image), "--wait", "1"]
+    env = {**os.environ, **cli_env}
+
+    def run(stdout: int) -> str:
+        # bytes: text mode would turn the progress line's \r into \n
+        proc = subprocess.run(
+            argv, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False
+        )
+        assert proc.returncode == exitcodes.EXIT_ERROR
+        return proc.stderr.decode()
+
+    main_fd, tty_fd = pty.openpty()
+    try:
+        on_tty = run(tty_fd)
+    finally:
+        os.close(main_fd)
+        os.close(tty_fd)
+    assert "\rwaiting for a backend: backend 1 (Initialising), frontend 1 (Initialising)" in on_tty
+    piped = run(subprocess.PIPE)
+    assert "waiting for" not in piped
+    assert piped.startswith("xenblockctl: no-backend:")

@@ -8,6 +8,7 @@ import os
 import click
 
 from xenblockctl.blockscript.target import open_target, parse_target
+from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.loop import LoopDevice, make_tag
 
 
@@ -36,6 +37,8 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
             "logical_block_size": ident.logical_block_size,
             "physical_block_size": ident.physical_block_size,
             "read_only": ident.read_only,
+            # what a /dev/mapper/NAME target is checked against; null for anything but dm
+            "dm_name": sysfs.dm_name(ident.major, ident.minor),
         }
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
