@@ -9,7 +9,6 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -234,6 +233,8 @@ def live_diskseq(devt: int) -> int | None:
 
 
 def _open_private_node(devt: int, flags: int) -> int:
+    import tempfile  # rare path (no /dev node); kept off the hotplug script's import time
+
     with tempfile.TemporaryDirectory(prefix="xenblockctl-node-") as tmp:
         path = os.path.join(tmp, "dev")
         try:
