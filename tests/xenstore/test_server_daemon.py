@@ -343,3 +343,45 @@ def test_bad_domain_socket_spec_is_a_usage_error(spec: str) -> None:
     assert result.returncode == 2
     assert b"Invalid value for '--domain-socket'" in result.stderr
     assert not os.path.exists("/tmp/unused")
+
+
+def test_exit_with_parent_stops_an_orphaned_daemon(short_dir: str) -> None:
+    """A killed test runner never runs its finalisers: the daemon must go away by itself."""
+    path = os.path.join(short_dir, "s")
+    launcher = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'xenblockctl', 'xenstored', '--socket', sys.argv[1],"
+        " '--exit-with-parent'], stdout=subprocess.PIPE)\n"
+        "print(p.pid, p.stdout.readline().decode().strip(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher, path], cwd=REPO, stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    line = parent.stdout.readline().decode().split(" ", 1)
+    daemon_pid = int(line[0])
+    try:
+        assert line[1].startswith("xenstored ready")
+        assert alive(EmbeddedXenstored(path, {}, daemon_pid, ""))
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _is_our_daemon(daemon_pid, path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _is_our_daemon(daemon_pid, path), "the orphaned daemon is still running"
+        assert not os.path.exists(path), "the orphaned daemon left its socket behind"
+    finally:
+        parent.stdout.close()
+        if _is_our_daemon(daemon_pid, path):  # only if the test failed: never leave it running
+            os.kill(daemon_pid, signal.SIGKILL)
+
+
+def _is_our_daemon(pid: int, socket_path: str) -> bool:
+    """Alive (not a zombie) and still the daemon this test started (pids get reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if socket_path.encode() not in f.read().split(b"\0"):
+                return False
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError
+from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError, tie_to_parent
 
 
 def _parse_domain_sockets(
@@ -46,13 +46,22 @@ def _parse_domain_sockets(
     help="Also write the ready line to file descriptor N, then close it.",
 )
 @click.option(
+    "--exit-with-parent",
+    is_flag=True,
+    help="Stop (as on SIGTERM) when the process that started it dies (for test harnesses).",
+)
+@click.option(
     "--trace-file",
     type=click.Path(dir_okay=False),
     default=None,
     help="Append every message in and out (C xenstored --trace-file style).",
 )
 def xenstored(
-    socket_path: str, domain_sockets: list[Listener], ready_fd: int | None, trace_file: str | None
+    socket_path: str,
+    domain_sockets: list[Listener],
+    ready_fd: int | None,
+    exit_with_parent: bool,
+    trace_file: str | None,
 ) -> None:
     """Serve the xenstore wire protocol on PATH until SIGTERM or SIGINT.
 
@@ -72,6 +81,8 @@ def xenstored(
     try:
         daemon.open()
         daemon.install_signal_handlers()
+        if exit_with_parent:
+            tie_to_parent()
         extra = "".join(f" domain-socket={lst.domid}:{lst.path}" for lst in listeners[1:])
         line = f"xenstored ready socket={socket_path}{extra}\n"
         sys.stdout.write(line)

@@ -55,6 +55,23 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+#: <linux/prctl.h>: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def tie_to_parent() -> None:
+    """Get SIGTERM when the parent dies, so a killed test runner cannot orphan the daemon (its
+    fixture finaliser never runs then). Linux only; checks for a parent that died already."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise XenstoredError(f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}", errno=err)
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class XenstoredError(XenblockError):
     code = "xenstored"
 
