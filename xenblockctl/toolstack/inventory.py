@@ -176,6 +176,8 @@ def _read_dir(store: XenStore, path: str) -> dict[str, str] | None:
 
 def _live(devt: int) -> tuple[int | None, str]:
     """(live diskseq, identity-if-unpublished-check) of the device at devt."""
+    if sysfs.read_attr(os.major(devt), os.minor(devt), "size") == "0":
+        return None, ""  # an unbound loop (or an empty drive) serves nobody's disk
     try:
         return blockdev.live_diskseq(devt), ""
     except XenblockError:

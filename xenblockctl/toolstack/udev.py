@@ -103,15 +103,7 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     if action not in ("change", "remove") or not (major_text.isdigit() and minor_text.isdigit()):
         return 0
     major, minor = int(major_text), int(minor_text)
-    diskseq_text = env.get("DISKSEQ", "")
-    if action == "remove":
-        live: int | None = None
-    elif diskseq_text.isdigit():
-        live = int(diskseq_text)
-    else:
-        from xenblockctl.kernel import blockdev
-
-        live = blockdev.live_diskseq(os.makedev(major, minor))
+    now = "is gone" if action == "remove" else _current_state(major, minor, env.get("DISKSEQ", ""))
     from xenblockctl.xenstore.client import XenStore
 
     try:
@@ -120,8 +112,27 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
         return 0  # no xenstored: no vbds to break
     with store:
         for be in _backends_using(store, f"{major:x}:{minor:x}"):
-            _check_backend(store, be, major, minor, live=live, journal=journal)
+            _check_backend(store, be, major, minor, now=now, journal=journal)
     return 0
+
+
+def _current_state(major: int, minor: int, event_diskseq: str) -> str:
+    """`now has diskseq N`, `has no media (detached)` or `is gone`, read when the hook runs.
+
+    The event's DISKSEQ is not trusted alone: a loop detach announces its change *before* the
+    kernel bumps the diskseq (observed on 6.18: the event carries the old value, sysfs the new
+    one), so sysfs is asked first, then the device itself, then the event."""
+    from xenblockctl.kernel import blockdev, sysfs
+
+    if sysfs.read_attr(major, minor, "dev") is None:
+        return "is gone"
+    if sysfs.read_attr(major, minor, "size") == "0":
+        return "has no media (detached)"
+    text = sysfs.read_attr(major, minor, "diskseq") or ""
+    if not text.isdigit():
+        live = blockdev.live_diskseq(os.makedev(major, minor))
+        text = str(live) if live is not None else event_diskseq
+    return f"now has diskseq {int(text):x}" if text.isdigit() else "is gone"
 
 
 def _backends_using(store: XenStore, physical: str) -> list[str]:
@@ -148,9 +159,7 @@ def _backends_using(store: XenStore, physical: str) -> list[str]:
     return found
 
 
-def _check_backend(
-    store: XenStore, be: str, major: int, minor: int, *, live: int | None, journal: Journal
-) -> None:
+def _check_backend(store: XenStore, be: str, major: int, minor: int, *, now: str, journal: Journal) -> None:
     from xenblockctl.xenstore.client import Transaction
 
     def body(tx: Transaction) -> str | None:
@@ -163,9 +172,8 @@ def _check_backend(
             return None  # gone meanwhile, or not verifiable (stock script)
         if nodes["online"] == "0" or nodes["state"] in ("5", "6"):
             return None  # detaching: the device going away is expected
-        if live is not None and f"{live:x}" == luid:
+        if now == f"now has diskseq {luid}":
             return None
-        now = "is gone" if live is None else f"now has diskseq {live:x}"
         error = DeviceReplaced(
             f"device {major}:{minor} {now}, published luid {luid}: the backend's disk was "
             "detached or replaced under it"
