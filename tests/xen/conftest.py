@@ -75,6 +75,9 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     progress(f"booting Xen + dom0 for {len(scenarios)} scenario(s); console {share.parent}/share-console.log")
     run = vm.boot(image, share, scenarios, progress=progress)
     report.run = run
+    kept = vm.keep_last_run(run, image.path.parent / ".last-run")
+    if kept is not None:
+        progress(f"console log and records kept in {kept}")
     boot = f"{run.boot_seconds:.1f}s" if run.boot_seconds is not None else "never"
     progress(
         f"QEMU ran {run.qemu_seconds:.1f}s (exit {run.qemu_rc}), dom0 ready after {boot}, "

@@ -336,3 +336,16 @@ def test_build_timeout_kills_the_build_group(tmp_path: Path, monkeypatch: pytest
         dom0_image.ensure_image(tmp_path / "cache", timeout=1.0)
     assert time.monotonic() - start < 15
     _assert_gone(int(pidfile.read_text()))
+
+
+def test_last_run_is_kept_outside_pytest_tmp(tmp_path: Path) -> None:
+    run = _lane_run(tmp_path)
+    (run.share / "results" / "01_ok.json").write_text("{}")
+    dest = tmp_path / "cache" / ".last-run"
+    dest.parent.mkdir()
+    assert vm.keep_last_run(run, dest) == dest
+    assert (dest / "results" / "01_ok.json").is_file()
+    assert "last words" in (dest / "console.log").read_text()
+    (run.share / "results" / "01_ok.json").unlink()
+    vm.keep_last_run(run, dest)
+    assert not (dest / "results" / "01_ok.json").exists(), "each run replaces the previous one"

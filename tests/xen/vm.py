@@ -271,6 +271,22 @@ def _boot_locked(
     return run
 
 
+def keep_last_run(run: LaneRun, dest: Path) -> Path | None:
+    """Copy the console log and records somewhere stable: pytest rotates its tmp dirs away quickly."""
+    tmp = dest.with_name(dest.name + ".new")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run.share / "results", tmp / "results")
+        if run.serial_log.exists():
+            shutil.copy(run.serial_log, tmp / "console.log")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return dest
+
+
 def collect(run: LaneRun) -> None:
     """Read back what dom0 wrote; a half-written (.tmp) record is ignored."""
     results = run.share / "results"
