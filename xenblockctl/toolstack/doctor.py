@@ -87,9 +87,10 @@ def check_config() -> Finding:
     return Finding("config", OK, f"read {', '.join(files)}")
 
 
-def check_backend_provider() -> Finding:
+def check_backend_provider(store: XenStore | None) -> Finding:
     blkback = host.blkback_loaded()
-    engines = host.engine_pids()
+    socket_path = store.endpoint.path if store is not None and store.endpoint.kind == "socket" else None
+    engines = host.engine_pids(xenstore_socket=socket_path)
     parts = []
     if blkback:
         parts.append("kernel blkback is loaded")
@@ -100,7 +101,7 @@ def check_backend_provider() -> Finding:
     return Finding(
         "backend",
         ERROR,
-        "nothing serves backend/vbd: kernel blkback is not loaded and no engine is running",
+        "nothing serves backend/vbd: kernel blkback is not loaded and no engine uses this xenstored",
         "modprobe xen-blkback (Xen dom0), or systemctl start xenblockctl-engine",
     )
 
@@ -142,7 +143,7 @@ def run(connect: Any) -> tuple[list[Finding], bool]:
     try:
         if store is not None:
             findings.append(Finding("xenstored", OK, f"xenstored reachable at {store.endpoint}"))
-        findings.append(check_backend_provider())
+        findings.append(check_backend_provider(store))
         home_domid = store.own_domid() if store is not None else 0
         vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
         if store is not None:

@@ -26,8 +26,10 @@ def is_engine_argv(argv: list[str]) -> bool:
     return False
 
 
-def engine_pids(proc: str = PROC) -> list[int]:
-    """Processes running the engine (any user-visible one; a pidfile could lie after a crash)."""
+def engine_pids(proc: str = PROC, *, xenstore_socket: str | None = None) -> list[int]:
+    """Processes running the engine (a pidfile could lie after a crash). With `xenstore_socket`,
+    only engines talking to that xenstored: on a machine with several (tests, sandboxes), an
+    engine serving another store serves none of our disks."""
     pids: list[int] = []
     try:
         entries = os.listdir(proc)
@@ -41,9 +43,34 @@ def engine_pids(proc: str = PROC) -> list[int]:
         except OSError:
             continue
         argv = [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
-        if is_engine_argv(argv):
-            pids.append(int(entry))
+        if not is_engine_argv(argv):
+            continue
+        if xenstore_socket is not None and engine_socket(Path(proc, entry), argv) != os.path.realpath(
+            xenstore_socket
+        ):
+            continue
+        pids.append(int(entry))
     return sorted(pids)
+
+
+def engine_socket(proc_dir: Path, argv: list[str]) -> str | None:
+    """The xenstored socket an engine process uses: its --xenstore, else what libxenstore's rules
+    make of its environment (unreadable environment: unknown)."""
+    from xenblockctl.xenstore.transport import default_endpoints
+
+    for i, arg in enumerate(argv):
+        if arg == "--xenstore" and i + 1 < len(argv):
+            return os.path.realpath(argv[i + 1])
+        if arg.startswith("--xenstore="):
+            return os.path.realpath(arg.split("=", 1)[1])
+    try:
+        raw = (proc_dir / "environ").read_bytes()
+    except OSError:
+        return None
+    env = dict(
+        item.decode("utf-8", "replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item
+    )
+    return os.path.realpath(default_endpoints(env)[0].path)
 
 
 @dataclass(frozen=True)

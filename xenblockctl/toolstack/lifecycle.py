@@ -189,10 +189,12 @@ def attach(
         if snap.error:
             raise AttachFailed(f"backend reported: {snap.error[:200]}")
         if not reached:
+            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
+            engines = host.engine_pids(xenstore_socket=socket_path)
             raise NoBackend(
                 f"no backend took {loc.relative} within {init_timeout:g} s (state still 1): "
                 f"kernel blkback is {'loaded' if host.blkback_loaded() else 'not loaded'} and "
-                f"{'an' if host.engine_pids() else 'no'} engine process is running"
+                f"{'an' if engines else 'no'} engine uses this xenstored"
             )
         add_result: AddResult | None = None
         if spec.backend_domid == own_domid:
