@@ -26,8 +26,9 @@ from pathlib import Path
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack.vbd_dirs import DiskSpec, delete_vbd, write_vbd
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.paths import Perm
+from xenblockctl.xenstore.vdev import Vdev
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hotplug" / "block-xenblockctl"
 GUEST_DOMID = 1
@@ -77,43 +78,6 @@ class _Daemon:
             self.proc.stdout.close()
         self._log.close()
         return self.proc.returncode
-
-
-def _write_like_libxl(store: XenStore, backend: str, frontend: str, image: str) -> None:
-    """libxl's device_disk_add transaction (xen-block-protocol.md §1.2), for one xvda."""
-
-    def body(tx: Transaction) -> None:
-        nodes = {
-            "frontend": frontend,
-            "frontend-id": str(GUEST_DOMID),
-            "params": image,
-            "script": str(SCRIPT),
-            "online": "1",
-            "removable": "0",
-            "bootable": "1",
-            "state": "1",
-            "dev": "xvda",
-            "type": "phy",
-            "mode": "w",
-            "device-type": "disk",
-            "discard-enable": "1",
-            "specification": "xen",
-        }
-        for name, value in nodes.items():
-            tx.write(f"{backend}/{name}", value)
-        tx.set_perms(backend, [Perm.parse("n0"), Perm.parse(f"r{GUEST_DOMID}")])
-        for name, value in {
-            "backend": backend,
-            "backend-id": "0",
-            "state": "1",
-            "virtual-device": str(DEVID),
-            "device-type": "disk",
-            "protocol": "x86_64-abi",
-        }.items():
-            tx.write(f"{frontend}/{name}", value)
-        tx.set_perms(frontend, [Perm.parse(f"n{GUEST_DOMID}"), Perm.parse("r0")])
-
-    store.run_transaction(body)
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -185,7 +149,8 @@ def run(
         backend = f"/local/domain/0/backend/vbd/{GUEST_DOMID}/{DEVID}"
         frontend = f"/local/domain/{GUEST_DOMID}/device/vbd/{DEVID}"
         with step("toolstack writes the vbd, engine reaches InitWait") as d:
-            _write_like_libxl(store, backend, frontend, disk)
+            spec = DiskSpec(GUEST_DOMID, Vdev.parse("xvda"), disk, "w", script=str(SCRIPT))
+            write_vbd(store, spec)
             _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "backend InitWait")
             d.append(f"{backend}: state 2, opened={store.read_optional(backend + '/opened')}")
         with step("block script add (as libxl runs it)") as d:
@@ -260,8 +225,7 @@ def run(
                 )
                 if result.returncode != 0:
                     raise SandboxError(f"block script remove failed: {result.stderr.strip()}")
-                store.rm(backend)
-                store.rm(frontend)
+                delete_vbd(store, spec.location)
                 d.append("engine drained + released, remove ran, directories deleted")
         finally:
             guest.close()
