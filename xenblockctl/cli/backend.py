@@ -44,7 +44,6 @@ def backend(kind: str, transport_spec: str, xenstore_path: str | None, allow_unv
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
-    from xenblockctl.errors import XenblockError
     from xenblockctl.journal import Journal
     from xenblockctl.xenstore.client import XenStore
 
@@ -54,9 +53,9 @@ def backend(kind: str, transport_spec: str, xenstore_path: str | None, allow_unv
 
         transport = LocalTransport(transport_spec.removeprefix("local:"))
     elif transport_spec == "xen":
-        raise XenblockError(
-            "the Xen transport (gntdev/evtchn) is not implemented yet", code="not-implemented"
-        )
+        from xenblockctl.backend.transport.xen import XenTransport
+
+        transport = XenTransport()
     else:
         raise click.BadParameter(f"unknown transport {transport_spec!r}", param_hint="--transport")
     journal = Journal("xenblockctl-engine")
