@@ -80,6 +80,19 @@ class _Daemon:
         return self.proc.returncode
 
 
+def _run_script(python: str, action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The block script exactly as libxl runs it: argv [script, action], stdin /dev/null."""
+    return subprocess.run(
+        [python, str(SCRIPT), action],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -162,15 +175,7 @@ def run(
                 "XENBUS_BASE_PATH": "backend",
                 "XENSTORED_PATH": sock,
             }
-            result = subprocess.run(
-                [python, str(SCRIPT), "add"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            result = _run_script(python, "add", env)
             if result.returncode != 0:
                 raise SandboxError(
                     f"block script add failed: {store.read_optional(backend + '/hotplug-error')}"
@@ -214,15 +219,7 @@ def run(
                 store.run_transaction(closing)
                 guest.disconnect()
                 _wait(lambda: store.read_optional(f"{backend}/state") == "6", 10, "backend Closed")
-                result = subprocess.run(
-                    [python, str(SCRIPT), "remove"],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                )
+                result = _run_script(python, "remove", env)
                 if result.returncode != 0:
                     raise SandboxError(f"block script remove failed: {result.stderr.strip()}")
                 delete_vbd(store, spec.location)
