@@ -58,30 +58,51 @@ def _offsets(w: Workload, size: int, seed: int = 1) -> list[int]:
     return [rnd.randrange(slots) * w.block for _ in range(20_000)]
 
 
-def direct(fd: int, w: Workload, size: int, seconds: float) -> float:
-    """Requests per second of a plain preadv loop."""
+def direct(fd: int, w: Workload, size: int, seconds: float) -> tuple[float, float]:
+    """Requests per second of a plain preadv loop, and its CPU µs per request."""
     buf = bytearray(w.block)
     offsets = _offsets(w, size)
+    cpu0 = time.thread_time()
     n = 0
-    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    end = start + seconds
     while time.perf_counter() < end:
         for off in offsets[n % len(offsets) : n % len(offsets) + 64]:
             os.preadv(fd, [buf], off)
         n += 64
-    return n / seconds
+    return n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
 
 
-def frontend_run(fe: LocalFrontend, w: Workload, size: int, seconds: float) -> float:
-    """Requests per second, keeping `qd` requests outstanding."""
+@dataclass(frozen=True)
+class Run:
+    """One engine row: requests per second and CPU time per request on each side."""
+
+    rate: float
+    frontend_cpu_us: float  # the frontend's process (or, in one process, the frontend thread)
+    engine_cpu_us: float = 0.0  # the engine's process: ring thread, I/O workers, transport thread
+
+
+def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
+    """A few reads gathered and compared with the file: the timed runs leave data in the pages."""
+    with open(image, "rb") as f:
+        for off in _offsets(w, size, seed=7)[:8]:
+            f.seek(off)
+            if fe.read(off // 512, w.block) != f.read(w.block):
+                raise SystemExit(f"engine returned wrong data at offset {off}")
+
+
+def frontend_run(fe: LocalFrontend, w: Workload, size: int, seconds: float) -> Run:
+    """Keep `qd` requests outstanding for `seconds`; read data stays in the frontend's pages."""
     offsets = _offsets(w, size)
     submitted = completed = 0
     for _ in range(w.qd):
         fe.submit_read(offsets[submitted] // 512, w.block)
         submitted += 1
     start = time.perf_counter()
+    cpu0 = time.thread_time()
     end = start + seconds
     while True:
-        done = fe.collect(1, timeout=30)
+        done = fe.collect(1, timeout=30, gather=False)
         for c in done.values():
             if c.response.status != blkif.RSP_OKAY:
                 raise SystemExit(f"read failed: {c.response}")
@@ -92,9 +113,10 @@ def frontend_run(fe: LocalFrontend, w: Workload, size: int, seconds: float) -> f
             fe.submit_read(offsets[submitted % len(offsets)] // 512, w.block)
             submitted += 1
     elapsed = time.perf_counter() - start
+    cpu = time.thread_time() - cpu0
     while fe.outstanding:
-        fe.collect(1, timeout=30)
-    return completed / elapsed
+        fe.collect(1, timeout=30, gather=False)
+    return Run(completed / elapsed, cpu / completed * 1e6)
 
 
 def _frontend_pages(w: Workload) -> int:
@@ -102,11 +124,14 @@ def _frontend_pages(w: Workload) -> int:
 
 
 def _child(
-    sock: str, w: Workload, size: int, seconds: float, conn: multiprocessing.connection.Connection
+    sock: str, image: str, w: Workload, seconds: float, conn: multiprocessing.connection.Connection
 ) -> None:
+    size = os.stat(image).st_size
     with LocalFrontend(sock, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd) as fe:
         conn.send(fe.xenstore_nodes())
         conn.recv()  # backend connected
+        verify(fe, image, w, size)
+        conn.send("verified")
         conn.send(frontend_run(fe, w, size, seconds))
 
 
@@ -125,21 +150,25 @@ def _params(nodes: dict[str, str]) -> RingParams:
     )
 
 
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def engine(
     transport: LocalTransport,
     target: DeviceTarget,
+    image: str,
     w: Workload,
     *,
     workers: int,
     seconds: float,
     in_child: bool,
-) -> float:
+) -> Run:
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
-        proc = ctx.Process(
-            target=_child, args=(transport.socket_path, w, target.size_bytes, seconds, child_end)
-        )
+        proc = ctx.Process(target=_child, args=(transport.socket_path, image, w, seconds, child_end))
         proc.start()
         try:
             nodes = parent.recv()
@@ -147,19 +176,27 @@ def engine(
             dp.start()
             try:
                 parent.send("go")
-                rate: float = parent.recv()
+                parent.recv()  # verified
+                served, cpu0 = dp.stats.requests, _cpu()
+                run: Run = parent.recv()
+                served, cpu = dp.stats.requests - served, _cpu() - cpu0
             finally:
                 dp.stop()
         finally:
             proc.join(30)
-        return rate
+        return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6)
     with LocalFrontend(
         transport.socket_path, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd
     ) as fe:
         dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
         dp.start()
         try:
-            return frontend_run(fe, w, target.size_bytes, seconds)
+            verify(fe, image, w, target.size_bytes)
+            served, cpu0 = dp.stats.requests, _cpu()
+            run = frontend_run(fe, w, target.size_bytes, seconds)
+            served, cpu = dp.stats.requests - served, _cpu() - cpu0
+            # one process: the engine's share is the process total minus the frontend thread's
+            return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6 - run.frontend_cpu_us)
         finally:
             dp.stop()
 
@@ -212,18 +249,28 @@ def main() -> int:
                 f"load average {os.getloadavg()[0]:.1f}"
             )
             for w in WORKLOADS:
-                base = direct(fd, w, size, args.seconds)
+                base, base_cpu = direct(fd, w, size, args.seconds)
                 print(f"\n{w.name}")
                 mib = base * w.block / 2**20
-                print(f"  {'direct preadv (1 thread)':<28} {base:>10.0f} IOPS {mib:>9.1f} MiB/s")
+                print(
+                    f"  {'direct preadv (1 thread)':<28} {base:>10.0f} IOPS {mib:>9.1f} MiB/s"
+                    f"{'':16}CPU/request: {base_cpu:.1f} µs"
+                )
                 for n in workers:
-                    rate = engine(
-                        transport, target, w, workers=n, seconds=args.seconds, in_child=args.frontend_process
+                    run = engine(
+                        transport,
+                        target,
+                        str(image),
+                        w,
+                        workers=n,
+                        seconds=args.seconds,
+                        in_child=args.frontend_process,
                     )
                     label = f"engine, {n} workers" if n else "engine, inline I/O"
                     print(
-                        f"  {label:<28} {rate:>10.0f} IOPS {rate * w.block / 2**20:>9.1f} MiB/s"
-                        f"   ratio {rate / base:.2f}"
+                        f"  {label:<28} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
+                        f"   ratio {run.rate / base:.3f}   CPU/request: engine "
+                        f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                     )
         finally:
             transport.close()

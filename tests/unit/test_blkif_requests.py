@@ -30,9 +30,12 @@ def rejected(verdict: object, status: int = blkif.RSP_ERROR) -> Rejection:
 def test_read_plan() -> None:
     segs = (Segment(1, 0, 7), Segment(2, 2, 3))
     plan = validate(rw(blkif.OP_READ, 8, segs), LIMITS)
-    assert plan == IoPlan(
-        77, blkif.OP_READ, Kind.READ, 8 * 512, 10 * 512, (IoSegment(1, 0, 4096), IoSegment(2, 1024, 1024))
-    )
+    assert plan == IoPlan(77, blkif.OP_READ, Kind.READ, 8 * 512, 10 * 512, (1, 2), ((0, 4096), (1024, 1024)))
+    assert plan.segments == (IoSegment(1, 0, 4096), IoSegment(2, 1024, 1024))
+    # whole pages only: no per-segment extents are built
+    plan = validate(rw(blkif.OP_WRITE, 8, (Segment(5, 0, 7), Segment(4, 0, 7))), LIMITS)
+    assert plan == IoPlan(77, blkif.OP_WRITE, Kind.WRITE, 8 * 512, 8192, (5, 4), None)
+    assert plan.segments == (IoSegment(5, 0, 4096), IoSegment(4, 0, 4096))
 
 
 def test_unknown_op_is_eopnotsupp_with_id() -> None:

@@ -159,6 +159,8 @@ def test_drain_waits_for_in_flight_io(make_pair: PairFactory, monkeypatch: pytes
         return real(target, plan, bufs)
 
     monkeypatch.setattr(io, "execute", slow_execute)
+    # and every RWF_NOWAIT attempt "misses the page cache", so all of them go to the workers
+    monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)
     pair = make_pair(workers=4)
     fe = pair.frontend
     try:
@@ -252,23 +254,40 @@ def test_ring_refs_outside_grant_table_fail_connect(
         assert exc.value.code == "evtchn-bind"
 
 
-def test_iovecs_merge_only_contiguous_full_pages(local_transport: LocalTransport) -> None:
-    from xenblockctl.backend.dataplane import _iovecs
-    from xenblockctl.backend.requests import IoSegment
-
+def test_iovecs_merge_only_adjacent_ranges(local_transport: LocalTransport) -> None:
     with LocalFrontend(local_transport.socket_path, 12, data_pages=16) as fe:
         for ref in range(fe.total_pages):
             fe.page(ref)[:] = bytes([ref]) * 4096
         refs = [3, 4, 5, 9, 10, 10, 2]
-        segs = [IoSegment(r, 0, 4096) for r in refs]
-        segs[0] = IoSegment(3, 512, 3584)  # starts mid-page: may still lead a run
-        segs[-1] = IoSegment(2, 0, 1024)
+        extents = [(0, 4096)] * len(refs)
+        extents[0] = (512, 3584)  # starts mid-page: may still lead a run
+        extents[-1] = (0, 1024)
         mapping = local_transport.map_grants(12, refs, writable=False)
+        bufs: list[memoryview] = []
         try:
-            bufs = _iovecs(mapping, segs)
+            bufs = mapping.iovecs(extents)
             assert [b.nbytes for b in bufs] == [3584 + 2 * 4096, 2 * 4096, 4096, 1024]
-            expected = b"".join(bytes([s.gref]) * s.length for s in segs)
-            assert b"".join(bytes(b) for b in bufs) == expected
+            assert all(b.readonly for b in bufs)
+            expected = b"".join(bytes([r]) * n for r, (_, n) in zip(refs, extents, strict=True))
+            assert b"".join(bufs) == expected
+            for b in bufs:
+                b.release()
+            # whole pages: consecutive refs are one buffer, anything else splits where refs jump
+            bufs = mapping.iovecs(None)
+            assert [b.nbytes for b in bufs] == [3 * 4096, 2 * 4096, 4096, 4096]
+            for b in bufs:
+                b.release()
+            bufs = []
+            mapping.unmap()
+            with pytest.raises(TransportError):
+                mapping.iovecs(None)  # an unmapped mapping hands out nothing
+            whole = local_transport.map_grants(12, [6, 7, 8, 9], writable=True)
+            (buf,) = bufs = whole.iovecs(None)
+            assert not buf.readonly
+            assert bytes(buf) == b"".join(bytes([r]) * 4096 for r in (6, 7, 8, 9))
+            buf.release()
+            bufs = []
+            whole.unmap()
         finally:
             for b in bufs:
                 b.release()

@@ -9,8 +9,9 @@ the public headers by tests/unit/test_blkif_cheaders.py. Every codec works on a 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from xenblockctl.errors import XenblockError
 
@@ -132,13 +133,15 @@ class UnknownRequest:
 Request = SegmentRequest | DiscardRequest | IndirectRequest | UnknownRequest
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
-    """`struct blkif_response`."""
+class Response(NamedTuple):
+    """`struct blkif_response` (a NamedTuple: the frontend builds one per completed request)."""
 
     id: int
     operation: int
     status: int
+
+
+_ZERO_DESCRIPTORS: Final = [0] * (3 * MAX_SEGMENTS_PER_REQUEST)
 
 
 class Abi:
@@ -150,6 +153,9 @@ class Abi:
         self.id_offset = id_offset
         # header + 11 segments in one Struct: one unpack call per request.
         self._segreq = struct.Struct("=BBH" + pad + "QQ" + "IBBxx" * MAX_SEGMENTS_PER_REQUEST)
+        #: (operation, nr_segments, handle, id, sector_number) of a segment request without its
+        #: descriptors: the data plane reads only the nr_segments descriptors that are in use.
+        self.segment_header: Final = struct.Struct("=BBH" + pad + "QQ")
         self._discard = struct.Struct("=BBH" + pad + "QQQ")
         if pad_after_handle:
             # x86_64: handle @24, 2 pad bytes, grefs @28, 4 bytes of tail padding to 64.
@@ -160,12 +166,17 @@ class Abi:
             self._indirect = struct.Struct("=BBHQQHxx8I8x")
             self._response = struct.Struct("=QBxh")
         self._id = struct.Struct("=Q")
+        #: (id, operation, status) with every padding byte packed as zero.
+        self.response_struct: Final = self._response
+        self.indirect_struct: Final = self._indirect
+        self.discard_struct: Final = self._discard
         #: sizeof(union blkif_sring_entry): the request is the largest member.
         self.entry_size: int = self._segreq.size
         self.response_size: int = self._response.size
         self.indirect_size: int = self._indirect.size
         self.discard_size: int = self._discard.size
         self.segments_offset: int = self._segreq.size - MAX_SEGMENTS_PER_REQUEST * SEGMENT_SIZE
+        assert self.segments_offset == self.segment_header.size
 
     def __repr__(self) -> str:
         return f"Abi({self.protocol!r})"
@@ -193,13 +204,15 @@ class Abi:
         """Encode into a full `entry_size` slot image (unused bytes zero). Frontend side and tests."""
         out = bytearray(self.entry_size)
         if isinstance(req, SegmentRequest):
-            flat: list[int] = []
-            segs = list(req.segments[:MAX_SEGMENTS_PER_REQUEST])
-            segs += [Segment(0, 0, 0)] * (MAX_SEGMENTS_PER_REQUEST - len(segs))
-            for s in segs:
-                flat += [s.gref, s.first_sect, s.last_sect]
-            self._segreq.pack_into(
-                out, 0, req.operation, req.nr_segments, req.handle, req.id, req.sector_number, *flat
+            self.pack_segment_request_into(
+                out,
+                0,
+                req.operation,
+                req.id,
+                req.sector_number,
+                segments=[(s.gref, s.first_sect, s.last_sect) for s in req.segments],
+                nr_segments=req.nr_segments,
+                handle=req.handle,
             )
         elif isinstance(req, DiscardRequest):
             self._discard.pack_into(
@@ -223,6 +236,29 @@ class Abi:
             out[0] = req.operation
             self._id.pack_into(out, self.id_offset, req.id)
         return bytes(out)
+
+    def pack_segment_request_into(
+        self,
+        buf: memoryview | bytearray,
+        offset: int,
+        operation: int,
+        rid: int,
+        sector: int,
+        *,
+        segments: Sequence[tuple[int, int, int]],
+        nr_segments: int | None = None,
+        handle: int = 0,
+    ) -> None:
+        """Write a whole segment-request slot (unused descriptors zero) at `offset` of `buf`.
+
+        `segments` are (gref, first_sect, last_sect), at most 11; `nr_segments` defaults to their
+        count (a hostile caller may claim another). Frontend side: our blkfront packs straight
+        into its ring slot with this."""
+        used = min(len(segments), MAX_SEGMENTS_PER_REQUEST)
+        flat = [v for seg in segments[:used] for v in seg]
+        flat += _ZERO_DESCRIPTORS[: 3 * (MAX_SEGMENTS_PER_REQUEST - used)]
+        nr = used if nr_segments is None else nr_segments
+        self._segreq.pack_into(buf, offset, operation, nr, handle, rid, sector, *flat)
 
     # -- responses ------------------------------------------------------------------------------
     def pack_response_into(self, buf: memoryview | bytearray, offset: int, rsp: Response) -> None:
@@ -266,7 +302,10 @@ def abi_for_protocol(protocol: str | None) -> Abi:
 
 
 # --- indirect segment pages -----------------------------------------------------------------------
-_SEGMENT = struct.Struct("=IBBxx")
+#: one `struct blkif_request_segment` (gref, first_sect, last_sect, 2 pad bytes): same in both ABIs,
+#: inline in a request slot and in indirect pages alike.
+SEGMENT_STRUCT: Final = struct.Struct("=IBBxx")
+_SEGMENT = SEGMENT_STRUCT
 
 
 def decode_indirect_segments(data: bytes, count: int) -> tuple[Segment, ...]:

@@ -22,11 +22,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
-from xenblockctl.backend.blkif import Abi, Request, Response
+from xenblockctl.backend.blkif import Abi
 from xenblockctl.backend.io import DeviceTarget, Executor
-from xenblockctl.backend.requests import DeviceLimits, IoPlan, IoSegment, Kind, Rejection, validate
+from xenblockctl.backend.requests import DeviceLimits, IoPlan, Kind, Rejection, validate_slot
 from xenblockctl.backend.ring import BackRing, RingBroken
-from xenblockctl.backend.transport.base import EventChannel, GrantError, GrantMapping, Transport
+from xenblockctl.backend.transport.base import (
+    EventChannel,
+    GrantError,
+    GrantMapping,
+    PersistentGrants,
+    Transport,
+)
 from xenblockctl.errors import XenblockError
 
 log = logging.getLogger(__name__)
@@ -87,33 +93,13 @@ def _parse_u32(text: str | None, what: str) -> int:
     return int(raw)
 
 
-def _iovecs(mapping: GrantMapping, segments: Sequence[IoSegment]) -> list[memoryview]:
-    """Buffers for preadv/pwritev: runs of segments that continue each other across page boundaries
-    (one ends at the page end, the next starts at 0 of the next, contiguously mapped page) merge into
-    one view, so per-iovec cost does not scale with the segment count of large requests."""
-    out: list[memoryview] = []
-    i, n = 0, len(segments)
-    while i < n:
-        j = i
-        while (
-            j + 1 < n
-            and segments[j].offset + segments[j].length == blkif.PAGE_SIZE
-            and segments[j + 1].offset == 0
-            and mapping.follows(j)
-        ):
-            j += 1
-        run = mapping.span(i, j - i + 1) if j > i else None
-        if run is not None:
-            out.append(
-                run[segments[i].offset : (j - i) * blkif.PAGE_SIZE + segments[j].offset + segments[j].length]
-            )
-            run.release()
-        else:
-            for k in range(i, j + 1):
-                s = segments[k]
-                out.append(mapping.page(k)[s.offset : s.offset + s.length])
-        i = j + 1
-    return out
+def _release(mapping: GrantMapping | None, bufs: list[memoryview]) -> None:
+    """After the I/O: drop our views of the pages, then the mapping (in that order: an mmap
+    refuses to close while views of it exist)."""
+    for b in bufs:
+        b.release()
+    if mapping is not None:
+        mapping.unmap()
 
 
 class DataPlane:
@@ -159,6 +145,14 @@ class DataPlane:
             self.ring.release()
             self._ring_map.unmap()
             raise
+        try:
+            # data pages: mapped once for our lifetime where the transport can (local), else per request
+            self._grants: PersistentGrants | None = transport.map_persistent(domid)
+        except BaseException:
+            self.evtchn.close()
+            self.ring.release()
+            self._ring_map.unmap()
+            raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor = Executor(target, workers=workers, name=f"{self.name}-io")
 
@@ -191,6 +185,8 @@ class DataPlane:
             if self.ring.push_responses():
                 self._notify()
         self._stopped = True
+        if self._grants is not None:
+            self._grants.close()
         self.evtchn.close()
         self.ring.release()
         self._ring_map.unmap()
@@ -209,12 +205,7 @@ class DataPlane:
         poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stop.is_set():
-                reqs = self.ring.take_decoded(_BATCH)
-                for req in reqs:
-                    if self._stop.is_set():
-                        break
-                    self._dispatch(req)
-                if reqs:
+                if self._serve_batch():
                     continue
                 if self.ring.final_check_for_requests():
                     continue
@@ -227,6 +218,33 @@ class DataPlane:
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")
 
+    def _serve_batch(self) -> int:
+        """Take up to _BATCH requests (one copy), validate and start each; answer the ones that
+        finished here with one push (and at most one notification) at the end. Returns the count."""
+        data, count = self.ring.take_slots(_BATCH)
+        if not count:
+            return 0
+        abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
+        answers: list[tuple[int, int, int]] = []
+        for offset in range(0, count * entry, entry):
+            verdict = validate_slot(abi, data, offset, limits, self._read_indirect)
+            if isinstance(verdict, Rejection):
+                log.debug("%s: rejected id %d: %s", self.name, verdict.id, verdict.reason)
+                with self._lock:
+                    key = verdict.reason.split(" ", 1)[0]
+                    self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
+                answers.append((verdict.id, verdict.operation, verdict.status))
+                continue
+            if verdict.kind is Kind.BARRIER and answers:
+                self._answer(answers)  # the barrier blocks this thread: do not hold finished answers
+                answers = []
+            status = self._start(verdict)
+            if status is not None:
+                answers.append((verdict.id, verdict.operation, status))
+        if answers:
+            self._answer(answers)
+        return count
+
     def _broken(self, reason: str) -> None:
         self.broken = reason
         log.error("%s: frontend broke the ring: %s", self.name, reason)
@@ -238,66 +256,69 @@ class DataPlane:
 
     def _read_indirect(self, grefs: Sequence[int]) -> bytes:
         with self.transport.map_grants(self.domid, grefs, writable=False) as m:
-            return b"".join(bytes(m.page(i)) for i in range(len(grefs)))
+            views = m.iovecs()
+            try:
+                return b"".join(views)  # the copy that validation decodes
+            finally:
+                for v in views:
+                    v.release()
 
-    def _dispatch(self, req: Request) -> None:
-        verdict = validate(req, self.limits, self._read_indirect)
-        if isinstance(verdict, Rejection):
-            log.debug("%s: rejected id %d: %s", self.name, verdict.id, verdict.reason)
-            with self._lock:
-                key = verdict.reason.split(" ", 1)[0]
-                self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
-            self._complete(verdict.id, verdict.operation, verdict.status)
-            return
-        self._submit(verdict)
-
-    def _submit(self, plan: IoPlan) -> None:
+    def _start(self, plan: IoPlan) -> int | None:
+        """Map the plan's pages and run it here or on a worker: its status if it already finished
+        (the caller answers), None if a worker answers it."""
         mapping: GrantMapping | None = None
         bufs: list[memoryview] = []
-        if plan.segments:
+        if plan.grefs:
             # guest READ: we write into its pages, so they must be mapped writable
             writable = plan.kind is Kind.READ
             try:
-                mapping = self.transport.map_grants(
-                    self.domid, [s.gref for s in plan.segments], writable=writable
-                )
-                bufs = _iovecs(mapping, plan.segments)
+                if self._grants is not None:
+                    bufs = self._grants.iovecs(plan.grefs, plan.extents, writable=writable)
+                else:
+                    mapping = self.transport.map_grants(self.domid, plan.grefs, writable=writable)
+                    bufs = mapping.iovecs(plan.extents)
             except (GrantError, IndexError) as exc:
-                for b in bufs:
-                    b.release()
                 if mapping is not None:
                     mapping.unmap()
                 log.debug("%s: id %d: %s", self.name, plan.id, exc)
-                self._complete(plan.id, plan.operation, blkif.RSP_ERROR)
-                return
-
-        def done(status: int) -> None:
-            for b in bufs:
-                b.release()
-            if mapping is not None:
-                mapping.unmap()
-            self._complete(plan.id, plan.operation, status)
-
+                return blkif.RSP_ERROR
         if plan.kind is Kind.BARRIER:
             # a barrier is ordered against everything: nothing before it may still run, nothing after
             # it may start before it completes (the ring thread blocks here)
             self.executor.drain()
-            self.executor.submit(plan, bufs, done)
+            self._submit(plan, mapping, bufs)
             self.executor.drain()
+            return None
+        status = self.executor.run_now(plan, bufs)
+        if status is None:
+            self._submit(plan, mapping, bufs)
         else:
-            self.executor.submit(plan, bufs, done)
+            _release(mapping, bufs)
+        return status
 
-    def _complete(self, rid: int, operation: int, status: int) -> None:
+    def _submit(self, plan: IoPlan, mapping: GrantMapping | None, bufs: list[memoryview]) -> None:
+        def done(status: int) -> None:
+            _release(mapping, bufs)
+            self._answer([(plan.id, plan.operation, status)])
+
+        self.executor.submit(plan, bufs, done)
+
+    def _answer(self, answers: Sequence[tuple[int, int, int]]) -> None:
+        """Write (id, operation, status) responses, publish them, notify if the frontend asked."""
         with self._lock:
-            self.stats.requests += 1
-            if status == blkif.RSP_OKAY:
-                self.stats.ok += 1
-            elif status == blkif.RSP_EOPNOTSUPP:
-                self.stats.unsupported += 1
-            else:
-                self.stats.errors += 1
-            self.ring.put_response(Response(rid, operation, status))
-            if self.ring.push_responses():
+            stats = self.stats
+            for rid, operation, status in answers:
+                self.ring.respond(rid, operation, status)
+                if status == blkif.RSP_OKAY:
+                    stats.ok += 1
+                elif status == blkif.RSP_EOPNOTSUPP:
+                    stats.unsupported += 1
+                else:
+                    stats.errors += 1
+            stats.requests += len(answers)
+            notify = self.ring.push_responses()
+            if notify:
+                # under the lock: stop() closes the channel under it after the last push
                 self._notify()
 
     def _notify(self) -> None:

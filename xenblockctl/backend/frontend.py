@@ -16,6 +16,7 @@ import mmap
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import (
@@ -24,7 +25,6 @@ from xenblockctl.backend.blkif import (
     IndirectRequest,
     Request,
     Response,
-    Segment,
     SegmentRequest,
 )
 from xenblockctl.backend.ring import FrontRing
@@ -42,18 +42,17 @@ class FrontendError(XenblockError):
     code = "frontend"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    request: Request
+    operation: int
     pages: list[int]
     indirect: list[int]
     read_len: int  # bytes to gather on completion (READ only)
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     response: Response
-    data: bytes  # READ: the bytes read; otherwise b""
+    data: bytes  # READ with gather: the bytes read; otherwise b""
 
 
 class LocalFrontend:
@@ -151,17 +150,15 @@ class LocalFrontend:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
         return rid
 
-    def _segments_for(self, nbytes: int) -> tuple[list[int], list[Segment]]:
+    def _segments_for(self, nbytes: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Data pages for `nbytes` and their (gref, first_sect, last_sect) descriptors."""
         if nbytes <= 0 or nbytes % blkif.SECTOR_SIZE:
             raise FrontendError("I/O size must be a positive multiple of 512")
-        npages = -(-nbytes // blkif.PAGE_SIZE)
-        pages = self._alloc(self._free_data, npages)
-        segs: list[Segment] = []
-        left = nbytes
-        for ref in pages:
-            chunk = min(left, blkif.PAGE_SIZE)
-            segs.append(Segment(ref, 0, chunk // blkif.SECTOR_SIZE - 1))
-            left -= chunk
+        whole, tail = divmod(nbytes, blkif.PAGE_SIZE)
+        pages = self._alloc(self._free_data, whole + (1 if tail else 0))
+        segs = [(ref, 0, blkif.SECTORS_PER_PAGE - 1) for ref in pages[:whole]]
+        if tail:
+            segs.append((pages[-1], 0, tail // blkif.SECTOR_SIZE - 1))
         return pages, segs
 
     def _submit_rw(self, op: int, sector: int, nbytes: int, data: bytes | None) -> int:
@@ -172,20 +169,21 @@ class LocalFrontend:
                 self.page(ref)[: len(chunk)] = chunk
         rid = self._new_id()
         indirect: list[int] = []
-        req: Request
+        if self.ring.free_slots <= 0:
+            self._free_data.extend(pages)
+            raise FrontendError("front ring full")
         if len(segs) <= blkif.MAX_SEGMENTS_PER_REQUEST:
-            req = SegmentRequest(op, len(segs), 0, rid, sector, tuple(segs))
+            self.ring.put_segment_request(op, rid, sector, segs)
         else:
             n_ind = blkif.indirect_pages_needed(len(segs))
             indirect = self._alloc(self._free_indirect, n_ind)
-            raw = blkif.encode_indirect_segments(segs)
+            raw = b"".join(blkif.SEGMENT_STRUCT.pack(*seg) for seg in segs)
             for i, ref in enumerate(indirect):
                 chunk = raw[i * blkif.PAGE_SIZE : (i + 1) * blkif.PAGE_SIZE]
                 self.page(ref)[: len(chunk)] = chunk
             grefs = tuple(indirect) + (0,) * (blkif.MAX_INDIRECT_PAGES_PER_REQUEST - n_ind)
-            req = IndirectRequest(op, len(segs), rid, sector, 0, grefs)
-        self._pending[rid] = _Pending(req, pages, indirect, nbytes if op == blkif.OP_READ else 0)
-        self.ring.put_request(req)
+            self.ring.put_request(IndirectRequest(op, len(segs), rid, sector, 0, grefs))
+        self._pending[rid] = _Pending(op, pages, indirect, nbytes if op == blkif.OP_READ else 0)
         return rid
 
     def submit_read(self, sector: int, nbytes: int) -> int:
@@ -197,31 +195,35 @@ class LocalFrontend:
     def submit_flush(self) -> int:
         rid = self._new_id()
         req = SegmentRequest(blkif.OP_FLUSH_DISKCACHE, 0, 0, rid, 0, ())
-        self._pending[rid] = _Pending(req, [], [], 0)
+        self._pending[rid] = _Pending(req.operation, [], [], 0)
         self.ring.put_request(req)
         return rid
 
     def submit_discard(self, sector: int, nr_sectors: int, *, secure: bool = False) -> int:
         rid = self._new_id()
         req = DiscardRequest(blkif.DISCARD_SECURE if secure else 0, 0, rid, sector, nr_sectors)
-        self._pending[rid] = _Pending(req, [], [], 0)
+        self._pending[rid] = _Pending(req.operation, [], [], 0)
         self.ring.put_request(req)
         return rid
 
     def submit_raw(self, req: Request) -> None:
         """Queue any request as-is (no page bookkeeping; the response is returned by collect())."""
-        self._pending[req.id] = _Pending(req, [], [], 0)
+        self._pending[req.id] = _Pending(req.operation, [], [], 0)
         self.ring.put_request(req)
 
     # -- completions -------------------------------------------------------------------------------
-    def collect(self, want: int = 1, timeout: float = 10.0) -> dict[int, Completion]:
-        """Push, then wait until at least `want` responses arrived (or timeout); return them by id."""
+    def collect(self, want: int = 1, timeout: float = 10.0, *, gather: bool = True) -> dict[int, Completion]:
+        """Push, then wait until at least `want` responses arrived (or timeout); return them by id.
+
+        `gather=False` leaves read data in the frontend's pages (Completion.data is b""), as a
+        real blkfront that DMAs into the page cache would: benchmarks use it.
+        """
         self.kick()
         deadline = time.monotonic() + timeout
         out: dict[int, Completion] = {}
         while True:
             for rsp in self.ring.take_responses():
-                out[rsp.id] = self._finish(rsp)
+                out[rsp.id] = self._finish(rsp, gather)
             if len(out) >= want:
                 return out
             if self.ring.final_check_for_responses():
@@ -231,17 +233,17 @@ class LocalFrontend:
                 raise FrontendError(f"timed out waiting for {want - len(out)} of {want} responses")
             self.evtchn.wait(min(left, 0.5))
 
-    def _finish(self, rsp: Response) -> Completion:
+    def _finish(self, rsp: Response, gather: bool = True) -> Completion:
         pending = self._pending.pop(rsp.id, None)
         if pending is None:
             raise FrontendError(f"response for unknown id {rsp.id}")
         data = b""
-        if pending.read_len and rsp.status == blkif.RSP_OKAY:
+        if gather and pending.read_len and rsp.status == blkif.RSP_OKAY:
             parts = []
             left = pending.read_len
             for ref in pending.pages:
                 chunk = min(left, blkif.PAGE_SIZE)
-                parts.append(bytes(self.page(ref)[:chunk]))
+                parts.append(self.page(ref)[:chunk])
                 left -= chunk
             data = b"".join(parts)
         self._free_data.extend(pending.pages)

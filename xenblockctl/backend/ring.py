@@ -23,7 +23,9 @@ Other architectures (arm64) are weaker than this; the engine is only built for x
 
 from __future__ import annotations
 
+import struct
 import threading
+from collections.abc import Sequence
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE, SRING_HEADER_SIZE, Abi, Request, Response, ring_size
@@ -113,6 +115,7 @@ class BackRing(_RingBase):
         self.req_cons = start
         self.rsp_prod_pvt = start
         self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
+        self._pack_response = abi.response_struct.pack_into
         self.broken: str | None = None
         # blkback refuses a ring that already claims more than RING_SIZE outstanding requests.
         if ((self.req_prod - start) & _MASK) > self.size:
@@ -144,17 +147,32 @@ class BackRing(_RingBase):
             return 0
         return ahead
 
-    def take_requests(self, limit: int | None = None) -> list[bytes]:
-        """Copy out up to `limit` unconsumed request slots (each copied once) and consume them."""
+    def take_slots(self, limit: int | None = None) -> tuple[bytes, int]:
+        """Copy out up to `limit` unconsumed request slots and consume them: `(copy, count)`.
+
+        Slot i of the batch is `copy[i * entry_size : (i + 1) * entry_size]`. The slots are copied
+        with one memcpy (two when the batch wraps around the ring end), so every byte of every slot
+        is read from shared memory exactly once; decode only the copy.
+        """
         n = self.unconsumed()
         if limit is not None:
             n = min(n, limit)
-        out: list[bytes] = []
-        for _ in range(n):
-            off = self._slot(self.req_cons)
-            out.append(bytes(self._entries[off : off + self._entry]))
-            self.req_cons = (self.req_cons + 1) & _MASK
-        return out
+        if n <= 0:
+            return b"", 0
+        entry = self._entry
+        first = self.req_cons & (self.size - 1)
+        head = min(n, self.size - first)  # slots before the ring end
+        data = bytes(self._entries[first * entry : (first + head) * entry])
+        if head < n:
+            data += bytes(self._entries[: (n - head) * entry])
+        self.req_cons = (self.req_cons + n) & _MASK
+        return data, n
+
+    def take_requests(self, limit: int | None = None) -> list[bytes]:
+        """Like take_slots, one bytes object per slot."""
+        data, n = self.take_slots(limit)
+        e = self._entry
+        return [data[i * e : (i + 1) * e] for i in range(n)]
 
     def take_decoded(self, limit: int | None = None) -> list[Request]:
         return [self.abi.decode_request(raw) for raw in self.take_requests(limit)]
@@ -173,13 +191,20 @@ class BackRing(_RingBase):
         full_fence()
         return self.unconsumed() > 0
 
-    def put_response(self, rsp: Response) -> None:
-        """Write a response into the next private slot (not yet visible: call push_responses)."""
-        if self.in_flight == 0:
+    def respond(self, rid: int, operation: int, status: int) -> None:
+        """Write a response into the next private slot (not yet visible: call push_responses).
+
+        The whole `struct blkif_response` is packed, padding bytes as zeros (XSA-216).
+        """
+        pvt = self.rsp_prod_pvt
+        if pvt == self.req_cons:
             # More answers than consumed requests would overwrite a pending request: our bug.
             raise XenblockError("response without an outstanding request", code="internal")
-        self.abi.pack_response_into(self._entries, self._slot(self.rsp_prod_pvt), rsp)
-        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _MASK
+        self._pack_response(self._entries, (pvt & (self.size - 1)) * self._entry, rid, operation, status)
+        self.rsp_prod_pvt = (pvt + 1) & _MASK
+
+    def put_response(self, rsp: Response) -> None:
+        self.respond(rsp.id, rsp.operation, rsp.status)
 
     def push_responses(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod; True if the frontend wants an event."""
@@ -202,6 +227,10 @@ class FrontRing(_RingBase):
         super().__init__(buf, abi, nr_pages)
         if init:
             init_shared_ring(buf)
+        # a response, then the rest of its slot skipped: iter_unpack walks a run of copied slots
+        self._response_slots = struct.Struct(
+            abi.response_struct.format + f"{abi.entry_size - abi.response_size}x"
+        )
         self.req_prod_pvt = self.req_prod
         self.rsp_cons = self.rsp_prod
 
@@ -220,6 +249,17 @@ class FrontRing(_RingBase):
     def put_request(self, req: Request) -> None:
         self.put_request_bytes(self.abi.encode_request(req))
 
+    def put_segment_request(
+        self, operation: int, rid: int, sector: int, segments: Sequence[tuple[int, int, int]]
+    ) -> None:
+        """put_request(SegmentRequest(...)) packed straight into the slot, no objects in between."""
+        if self.free_slots <= 0:
+            raise XenblockError("front ring full", code="frontend")
+        self.abi.pack_segment_request_into(
+            self._entries, self._slot(self.req_prod_pvt), operation, rid, sector, segments=segments
+        )
+        self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
+
     def push_requests(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY."""
         old = self.req_prod
@@ -230,16 +270,19 @@ class FrontRing(_RingBase):
         return ((new - req_event) & _MASK) < ((new - old) & _MASK)
 
     def take_responses(self) -> list[Response]:
-        """Consume all published responses (copied, then decoded)."""
-        rsp_prod = self.rsp_prod
-        out: list[Response] = []
+        """Consume all published responses (copied in one go, then decoded)."""
         # Bound by the ring size so a broken backend cannot make us loop forever either.
-        n = min((rsp_prod - self.rsp_cons) & _MASK, self.size)
-        for _ in range(n):
-            off = self._slot(self.rsp_cons)
-            out.append(self.abi.decode_response(bytes(self._entries[off : off + self.abi.response_size])))
-            self.rsp_cons = (self.rsp_cons + 1) & _MASK
-        return out
+        n = min((self.rsp_prod - self.rsp_cons) & _MASK, self.size)
+        if n == 0:
+            return []
+        entry = self._entry
+        first = self.rsp_cons & (self.size - 1)
+        head = min(n, self.size - first)
+        data = bytes(self._entries[first * entry : (first + head) * entry])
+        if head < n:
+            data += bytes(self._entries[: (n - head) * entry])
+        self.rsp_cons = (self.rsp_cons + n) & _MASK
+        return [Response(*fields) for fields in self._response_slots.iter_unpack(data)]
 
     def final_check_for_responses(self) -> bool:
         if (self.rsp_prod - self.rsp_cons) & _MASK:

@@ -8,8 +8,9 @@ from xenblockctl.backend.transport.base import (
     EventChannel,
     GrantError,
     GrantMapping,
+    PersistentGrants,
     Transport,
     TransportError,
 )
 
-__all__ = ["EventChannel", "GrantError", "GrantMapping", "Transport", "TransportError"]
+__all__ = ["EventChannel", "GrantError", "GrantMapping", "PersistentGrants", "Transport", "TransportError"]

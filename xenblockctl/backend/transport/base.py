@@ -11,6 +11,7 @@ import abc
 import select
 from collections.abc import Sequence
 
+from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.errors import XenblockError
 
 
@@ -28,6 +29,25 @@ class GrantError(TransportError):
     """
 
     code = "grant-map"
+
+
+def merge_extents(
+    view: memoryview, page_starts: Sequence[int], extents: Sequence[tuple[int, int]]
+) -> list[memoryview]:
+    """Views of `view` covering [page_starts[i] + offset, ... + length) for each extent i, with
+    ranges that continue each other merged. Extents must already be validated to lie in a page."""
+    out: list[memoryview] = []
+    run_start = run_end = -1
+    for start, (offset, length) in zip(page_starts, extents, strict=True):
+        lo = start + offset
+        if lo != run_end:
+            if run_end >= 0:
+                out.append(view[run_start:run_end])
+            run_start = lo
+        run_end = lo + length
+    if run_end >= 0:
+        out.append(view[run_start:run_end])
+    return out
 
 
 class GrantMapping(abc.ABC):
@@ -51,25 +71,46 @@ class GrantMapping(abc.ABC):
     @abc.abstractmethod
     def unmap(self) -> None: ...
 
-    def follows(self, index: int) -> bool:
-        """True if page index+1 directly follows page index in our address space."""
-        return index + 1 < len(self.refs)
+    def iovecs(self, extents: Sequence[tuple[int, int]] | None = None) -> list[memoryview]:
+        """Buffers for preadv/pwritev: bytes [offset, offset + length) of page i for each extent i
+        (None: every page whole), in order.
 
-    def span(self, start: int, count: int) -> memoryview | None:
-        """One contiguous view of pages start..start+count-1, or None if they are not contiguous.
-
-        Lets the data plane merge page-sized segments into one iovec (a 1 MiB request becomes one
-        preadv buffer instead of 256)."""
-        try:
-            return self.buffer[start * 4096 : (start + count) * 4096]
-        except GrantError:
-            return None
+        Ranges that are adjacent in our address space merge into one buffer, so a 1 MiB request
+        over contiguous pages is one iovec instead of 256. The caller releases the views before
+        `unmap()`. This default is for mappings whose pages are one contiguous `buffer` (gntdev
+        maps every request that way); other layouts override it.
+        """
+        n = len(self.refs)
+        buf = self.buffer
+        if extents is None:
+            return [buf[: n * PAGE_SIZE]]
+        return merge_extents(buf, range(0, n * PAGE_SIZE, PAGE_SIZE), extents)
 
     def __enter__(self) -> GrantMapping:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.unmap()
+
+
+class PersistentGrants(abc.ABC):
+    """All of a domain's grantable pages, mapped once and kept for the life of a data plane.
+
+    Only a transport whose grants cannot be revoked or shrunk under us offers this (local: a sealed
+    memfd). Per request it costs a bounds check and a slice or two: no map/unmap, no objects. Xen's
+    analogue is persistent grants (`feature-persistent`), which this engine does not negotiate.
+    """
+
+    @abc.abstractmethod
+    def iovecs(
+        self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, *, writable: bool
+    ) -> list[memoryview]:
+        """What `map_grants(refs, writable=...).iovecs(extents)` gives; GrantError for a ref that is
+        not granted. The caller releases the views before `close()`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Refuse further use."""
 
 
 class EventChannel(abc.ABC):
@@ -116,6 +157,10 @@ class Transport(abc.ABC):
         self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
     ) -> GrantMapping:
         """Map `refs` of domain `domid`. `contiguous=True` for rings (one virtually contiguous range)."""
+
+    def map_persistent(self, domid: int) -> PersistentGrants | None:
+        """All of `domid`'s grantable pages for a data plane's lifetime, or None: map per request."""
+        return None
 
     @abc.abstractmethod
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:

@@ -35,8 +35,10 @@ from xenblockctl.backend.transport.base import (
     EventChannel,
     GrantError,
     GrantMapping,
+    PersistentGrants,
     Transport,
     TransportError,
+    merge_extents,
 )
 
 _EVENT = struct.pack("=Q", 1)
@@ -82,12 +84,18 @@ class _GrantTable:
         self.fd = os.dup(fd)  # kept for MAP_FIXED remaps (contiguous mappings)
         self.pages = size // PAGE_SIZE
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The whole table stays mapped for as long as anything refers to it: the seal means it can
+        # never shrink under us, so every request's pages are slices of these two views and mapping
+        # a request costs no syscall and no per-page object (the local form of persistent grants).
         self.view = memoryview(self.map)
+        self.ro_view = self.view.toreadonly()
 
     def check(self, refs: Sequence[int]) -> None:
-        for ref in refs:
-            if not 0 <= ref < self.pages:
-                raise GrantError(f"grant ref {ref} not granted by domain {self.domid}")
+        if not refs:
+            raise GrantError("no grant refs to map")
+        if min(refs) < 0 or max(refs) >= self.pages:  # one C-level pass each, even for 4096 refs
+            bad = next(ref for ref in refs if not 0 <= ref < self.pages)
+            raise GrantError(f"grant ref {bad} not granted by domain {self.domid}")
 
     def close(self) -> None:
         # Views handed out keep the mmap alive (it is closed by refcount when they go); only our fd
@@ -97,47 +105,75 @@ class _GrantTable:
         self.fd = -1
 
 
+def _table_iovecs(
+    view: memoryview, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None
+) -> list[memoryview]:
+    """GrantMapping.iovecs for pages `refs` of a whole-table view (refs already checked)."""
+    first = refs[0]
+    n = len(refs)
+    # consecutive refs are consecutive pages of the memfd, hence of the one table mapping
+    if (
+        extents is None
+        and refs[-1] == first + n - 1
+        and (n <= 2 or tuple(refs) == tuple(range(first, first + n)))
+    ):
+        return [view[first * PAGE_SIZE : (first + n) * PAGE_SIZE]]
+    starts = [ref * PAGE_SIZE for ref in refs]
+    if extents is None:
+        extents = ((0, PAGE_SIZE),) * n
+    return merge_extents(view, starts, extents)
+
+
 class _SlicedMapping(GrantMapping):
-    """Per-page views into the whole-table mmap: no syscall per request (like persistent grants)."""
+    """Pages as slices of the whole-table mapping: no syscall, no per-page view until asked for."""
 
     def __init__(self, table: _GrantTable, refs: tuple[int, ...], writable: bool) -> None:
         self.refs = refs
         self.writable = writable
-        self._table = table
-        self._pages: list[memoryview] | None = []
-        for ref in refs:
-            v = table.view[ref * PAGE_SIZE : (ref + 1) * PAGE_SIZE]
-            self._pages.append(v if writable else v.toreadonly())
+        self._view: memoryview | None = table.view if writable else table.ro_view
+
+    def _table_view(self) -> memoryview:
+        if self._view is None:
+            raise GrantError("mapping already unmapped")
+        return self._view
 
     def page(self, index: int) -> memoryview:
-        if self._pages is None:
-            raise GrantError("mapping already unmapped")
-        return self._pages[index]
+        start = self.refs[index] * PAGE_SIZE
+        return self._table_view()[start : start + PAGE_SIZE]
 
     @property
     def buffer(self) -> memoryview:
-        if self._pages is None:
-            raise GrantError("mapping already unmapped")
-        if len(self._pages) != 1:
+        if len(self.refs) != 1:
             raise GrantError("non-contiguous mapping has no single buffer; map with contiguous=True")
-        return self._pages[0]
+        return self.page(0)
 
-    def follows(self, index: int) -> bool:
-        return index + 1 < len(self.refs) and self.refs[index + 1] == self.refs[index] + 1
-
-    def span(self, start: int, count: int) -> memoryview | None:
-        # consecutive refs are consecutive pages of the memfd, hence of our one table mapping
-        first = self.refs[start]
-        if self._pages is None or self.refs[start : start + count] != tuple(range(first, first + count)):
-            return None
-        v = self._table.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-        return v if self.writable else v.toreadonly()
+    def iovecs(self, extents: Sequence[tuple[int, int]] | None = None) -> list[memoryview]:
+        return _table_iovecs(self._table_view(), self.refs, extents)
 
     def unmap(self) -> None:
-        if self._pages is not None:
-            for v in self._pages:
-                v.release()
-            self._pages = None
+        # Views already handed out keep pointing into the table (still mapped, still the frontend's
+        # memory); the mapping itself refuses further use.
+        self._view = None
+
+
+class _TableGrants(PersistentGrants):
+    """A data plane's hold on a registered table. If the frontend registers a new table meanwhile,
+    this keeps serving the old one: still its memory, still mapped, so still safe."""
+
+    def __init__(self, table: _GrantTable) -> None:
+        self._table: _GrantTable | None = table
+
+    def iovecs(
+        self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, *, writable: bool
+    ) -> list[memoryview]:
+        table = self._table
+        if table is None:
+            raise GrantError("persistent grants already closed")
+        table.check(refs)
+        return _table_iovecs(table.view if writable else table.ro_view, refs, extents)
+
+    def close(self) -> None:
+        self._table = None
 
 
 class _ContiguousMapping(GrantMapping):
@@ -195,6 +231,8 @@ class LocalEventChannel(EventChannel):
         self._recv = recv_fd
         self._send = send_fd
         self._lock = threading.Lock()
+        self._poller = select.poll()  # one per channel: wait() runs once per batch of responses
+        self._poller.register(recv_fd, select.POLLIN)
 
     def fileno(self) -> int:
         return self._recv
@@ -211,6 +249,12 @@ class LocalEventChannel(EventChannel):
         except BlockingIOError:
             return False
         return True
+
+    def wait(self, timeout: float | None) -> bool:
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        if not self._poller.poll(ms):
+            return False
+        return self.ack()
 
     def close(self) -> None:
         with self._lock:
@@ -263,6 +307,13 @@ class LocalTransport(Transport):
         if contiguous and len(refs) > 1:
             return _ContiguousMapping(table, refs, writable)
         return _SlicedMapping(table, refs, writable)
+
+    def map_persistent(self, domid: int) -> PersistentGrants | None:
+        with self._lock:
+            table = self._tables.get(domid)
+        if table is None:
+            raise GrantError(f"domain {domid} has no grant table registered")
+        return _TableGrants(table)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         with self._lock:
