@@ -19,12 +19,18 @@ from xenblockctl.blockscript.locks import target_lock
 from xenblockctl.blockscript.owner import NODE as OWNER_NODE
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.blockscript.settings import Settings
-from xenblockctl.blockscript.target import Target, TargetSyntaxError, check_expectations, parse_target
+from xenblockctl.blockscript.target import (
+    Target,
+    TargetSyntaxError,
+    check_expectations,
+    maybe_dm,
+    parse_target,
+)
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice
-from xenblockctl.kernel.errors import IdentityMismatch
+from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
 from xenblockctl.kernel.loop import LoopDevice
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
@@ -72,9 +78,10 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
         if "physical-device" in nodes:
             return _confirm_existing(nodes)
         faults.pause("add-start")
-        device = _open_and_claim(
+        claimed = _open_and_claim(
             store, target, home=home, be=be, path=path, writable=writable, settings=settings
         )
+        device, owner = claimed.device, claimed.owner
         try:
             published = True
             journal.info(
@@ -91,7 +98,6 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 timeout=settings.handoff_timeout,
             )
             faults.pause("add-consumer-ready")
-            owner = OwnerRecord.for_device(device, writable=writable)
             if (
                 isinstance(device, LoopDevice)
                 and consumer is handoff.Consumer.KERNEL
@@ -103,10 +109,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
             store.run_transaction(lambda tx: _mark_connected(tx, be, owner))
             faults.pause("add-done")
             return AddResult(
-                device.identity.physical_device,
-                device.identity.luid,
-                _device_path(device),
-                consumer.value,
+                device.identity.physical_device, device.identity.luid, claimed.path, consumer.value
             )
         finally:
             device.close()  # delete-on-close: the consumer's reference is what keeps it now
@@ -134,6 +137,15 @@ def _validate(nodes: dict[str, str]) -> tuple[str, str]:
     return mode, params
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    """The device we publish (held until the consumer has it), its record and its shown path."""
+
+    device: BlockDevice
+    owner: OwnerRecord
+    path: str
+
+
 def _open_and_claim(
     store: XenStore,
     target: Target,
@@ -143,10 +155,24 @@ def _open_and_claim(
     path: BackendPath,
     writable: bool,
     settings: Settings,
-) -> BlockDevice:
+) -> _Claimed:
     """Open the target once, check sharing under a per-target lock, create the loop device if it
     is a file, and publish — all before the lock is released, so a concurrent add of the same
     target sees our claim."""
+    if target.snapshot:
+        return _claim_snapshot(
+            store, target, home=home, be=be, path=path, writable=writable, settings=settings
+        )
+    if maybe_dm(target):
+        from xenblockctl.blockscript import dmtargets
+
+        named = dmtargets.open_named(target, writable=writable)
+        if named is not None:
+            try:
+                return _claim_device(store, named, home=home, be=be, writable=writable, settings=settings)
+            except BaseException:
+                named.close()
+                raise
     fd = blockdev.open_path(target.path, writable=writable)
     try:
         st = os.fstat(fd)
@@ -179,12 +205,79 @@ def _open_and_claim(
                     device.close()
                     raise IdentityMismatch(f"{target.path} changed identity while it was being checked")
             try:
-                owner = OwnerRecord.for_device(device, writable=writable)
-                store.run_transaction(lambda tx: _publish(tx, be, device, owner))
+                claimed = _Claimed(
+                    device, OwnerRecord.for_device(device, writable=writable), _device_path(device)
+                )
+                store.run_transaction(lambda tx: _publish(tx, be, claimed))
             except BaseException:
                 device.close()
                 raise
-            return device
+            return claimed
+    finally:
+        os.close(fd)
+
+
+def _claim_device(
+    store: XenStore, device: BlockDevice, *, home: str, be: str, writable: bool, settings: Settings
+) -> _Claimed:
+    """Sharing check and publish for a device already opened and confirmed (dm name/uuid forms)."""
+    ident = device.identity
+    wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
+    faults.pause("add-target-open")
+    with target_lock(f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout):
+        sharing.check(store, home, be, wanted)
+        claimed = _Claimed(device, OwnerRecord.for_device(device, writable=writable), device.path or "")
+        store.run_transaction(lambda tx: _publish(tx, be, claimed))
+        return claimed
+
+
+def _claim_snapshot(
+    store: XenStore,
+    target: Target,
+    *,
+    home: str,
+    be: str,
+    path: BackendPath,
+    writable: bool,
+    settings: Settings,
+) -> _Claimed:
+    """`snapshot:BASE`: the base is only ever read, so the sharing check asks for read-only use of
+    the base file; the writable dm device is new and private to this backend."""
+    from xenblockctl.blockscript import dmtargets
+
+    fd = blockdev.open_path(target.path, writable=False)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TargetTypeError(
+                f"{target.path}: the base of a snapshot: target must be a regular image file"
+            )
+        with dmtargets.control() as ctl:  # no dm: fail before allocating anything
+            wanted = sharing.Wanted(writable=False, file_id=(st.st_dev, st.st_ino))
+            faults.pause("add-target-open")
+            with target_lock(f"file-{st.st_dev:x}-{st.st_ino:x}", timeout=settings.lock_timeout):
+                sharing.check(store, home, be, wanted)
+                disk = dmtargets.create_snapshot(
+                    ctl,
+                    fd,
+                    base_path=target.path,
+                    domid=path.domid,
+                    devid=path.devid,
+                    direct_io=settings.direct_io,
+                )
+                try:
+                    owner = OwnerRecord.for_dm(
+                        disk.device.identity,
+                        uuid=disk.uuid,
+                        backing=(st.st_dev, st.st_ino),
+                        writable=writable,
+                    )
+                    claimed = _Claimed(disk.device, owner, disk.device.path or "")
+                    store.run_transaction(lambda tx: _publish(tx, be, claimed))
+                except BaseException:
+                    disk.device.close()  # deferred remove is armed: this removes it, the loops follow
+                    raise
+                return claimed
     finally:
         os.close(fd)
 
@@ -195,7 +288,7 @@ def _device_path(device: BlockDevice) -> str:
     return device.path or ""
 
 
-def _publish(tx: Transaction, be: str, device: BlockDevice, owner: OwnerRecord) -> None:
+def _publish(tx: Transaction, be: str, claimed: _Claimed) -> None:
     """One transaction: the luid can never be seen without physical-device or the other way round.
     Re-checks the backend inside the transaction so a closing or deleted backend is not revived."""
     state = tx.read_optional(join(be, "state"))
@@ -205,11 +298,11 @@ def _publish(tx: Transaction, be: str, device: BlockDevice, owner: OwnerRecord) 
         raise BackendClosing("backend started closing before publishing")
     if tx.read_optional(join(be, "physical-device")) is not None:
         raise AlreadyPublished("another add published physical-device for this backend concurrently")
-    ident = device.identity
+    ident = claimed.device.identity
     tx.write(join(be, "physical-device-luid"), ident.luid)
     tx.write(join(be, "physical-device"), ident.physical_device)
-    tx.write(join(be, "physical-device-path"), _device_path(device))
-    tx.write(join(be, OWNER_NODE), owner.format())
+    tx.write(join(be, "physical-device-path"), claimed.path)
+    tx.write(join(be, OWNER_NODE), claimed.owner.format())
     tx.rm(join(be, "hotplug-error"), missing_ok=True)
 
 

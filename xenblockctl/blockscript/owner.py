@@ -4,10 +4,15 @@ needs nothing else and never touches a device it cannot prove is ours.
 One node, `xenblockctl-owner`, so it is written in the same transaction as `physical-device` and
 read back in one request. Format (space-separated key=value, version first):
 
-    v1 kind=loop dev=7:3 seq=1db backing=fe00:20c0f6 tag=xenblockctl:5:51712 mode=w autoclear=1
+    v1 kind=loop dev=7:3 seq=1db mode=w autoclear=1 backing=fe00:20c0f6 tag=xenblockctl:5:51712
+    v1 kind=dm dev=fe:2 seq=1dd mode=w autoclear=1 backing=fe00:20c0f6 uuid=XENBLOCKCTL-812-4711-...
 
-`kind` is `loop` (we created the loop device) or `device` (an existing block device we only
-opened: remove never detaches it). Numbers are lowercase hex like the public nodes."""
+`kind` is `loop` (we created the loop device), `device` (an existing block device we only
+opened: remove never detaches it) or `dm` (a dm device we created, e.g. a `snapshot:` disk, with
+deferred remove armed: `autoclear=1` means its last close removes it, so there is nothing to
+detach; `uuid` proves it is ours and `backing` names the read-only base image). Numbers are
+lowercase hex like the public nodes. Readers that predate `kind=dm` refuse such a record as
+malformed, which makes them touch nothing: the safe reading."""
 
 from __future__ import annotations
 
@@ -16,13 +21,17 @@ import re
 from dataclasses import dataclass, replace
 
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.loop import TAG_PREFIX, LoopDevice
 
 NODE = "xenblockctl-owner"
 VERSION = "v1"
 _HEX = re.compile(r"[0-9a-f]{1,16}")
 _TAG = re.compile(r"[A-Za-z0-9:._-]{1,63}")
+#: Our dm uuids (kernel/dm.py make_owned_uuid); the prefix is repeated here so that parsing a record
+#: on the hotplug path does not import the dm module.
+_DM_UUID = re.compile(r"XENBLOCKCTL-[!-.0-~]{1,116}")
+KINDS = ("loop", "device", "dm")
 
 
 class OwnerRecordError(XenblockError):
@@ -31,7 +40,7 @@ class OwnerRecordError(XenblockError):
 
 @dataclass(frozen=True)
 class OwnerRecord:
-    kind: str  # "loop" | "device"
+    kind: str  # "loop" | "device" | "dm"
     major: int
     minor: int
     diskseq: int
@@ -39,6 +48,7 @@ class OwnerRecord:
     autoclear: bool = False
     backing: tuple[int, int] | None = None  # (st_dev, st_ino) of a loop's backing file
     tag: str | None = None
+    uuid: str | None = None  # kind=dm: the device's dm uuid (ours: XENBLOCKCTL- prefix)
 
     @property
     def devt(self) -> int:
@@ -60,6 +70,15 @@ class OwnerRecord:
             )
         return cls("device", ident.major, ident.minor, ident.diskseq, "w" if writable else "r")
 
+    @classmethod
+    def for_dm(
+        cls, ident: BlockIdentity, *, uuid: str, backing: tuple[int, int] | None, writable: bool
+    ) -> OwnerRecord:
+        """A dm device we created with deferred remove armed (autoclear=1: its last close removes it)."""
+        return cls(
+            "dm", ident.major, ident.minor, ident.diskseq, "w" if writable else "r", True, backing, None, uuid
+        )
+
     def with_autoclear(self, on: bool) -> OwnerRecord:
         return replace(self, autoclear=on)
 
@@ -76,6 +95,8 @@ class OwnerRecord:
             parts.append(f"backing={self.backing[0]:x}:{self.backing[1]:x}")
         if self.tag is not None:
             parts.append(f"tag={self.tag}")
+        if self.uuid is not None:
+            parts.append(f"uuid={self.uuid}")
         return " ".join(parts)
 
     @classmethod
@@ -98,7 +119,7 @@ class OwnerRecord:
             autoclear = {"0": False, "1": True}[fields["autoclear"]]
         except (KeyError, ValueError) as exc:
             raise OwnerRecordError(f"malformed owner record {text[:80]!r}") from exc
-        if kind not in ("loop", "device") or mode not in ("r", "w") or diskseq == 0:
+        if kind not in KINDS or mode not in ("r", "w") or diskseq == 0:
             raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
         backing = None
         if "backing" in fields:
@@ -112,7 +133,14 @@ class OwnerRecord:
             raise OwnerRecordError(f"malformed tag in {text[:80]!r}")
         if kind == "loop" and (tag is None or backing is None):
             raise OwnerRecordError("a loop owner record needs tag and backing")
-        return cls(kind, major, minor, diskseq, mode, autoclear, backing, tag)
+        uuid = fields.get("uuid")
+        if (kind == "dm") != (uuid is not None):
+            raise OwnerRecordError(f"uuid belongs to kind=dm records only, and they need one: {text[:80]!r}")
+        if uuid is not None and not _DM_UUID.fullmatch(uuid):
+            raise OwnerRecordError(f"malformed dm uuid in {text[:80]!r}")
+        if kind == "dm" and tag is not None:
+            raise OwnerRecordError(f"a dm owner record has no loop tag: {text[:80]!r}")
+        return cls(kind, major, minor, diskseq, mode, autoclear, backing, tag, uuid)
 
 
 def _hex(text: str) -> int:

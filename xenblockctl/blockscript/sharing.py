@@ -72,8 +72,20 @@ def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
         stacked = sysfs.holders(os.major(wanted.devt), os.minor(wanted.devt))
         if stacked:
             raise SharingConflict(
-                f"device is held by {', '.join(stacked)} (dm/md on top); refusing writable attach"
+                f"device is held by {_describe_holders(wanted.devt, stacked)}; refusing writable attach"
             )
+
+
+def _describe_holders(devt: int, stacked: list[str]) -> str:
+    """Name dm holders as the admin knows them (`dmsetup ls`), others by kernel name. A disk under
+    a dm table must not be written behind the table's back (a snapshot origin least of all)."""
+    from xenblockctl.kernel import dm  # only here: a refusal is rare, the import is not free
+
+    names = dm.dm_holders(os.major(devt), os.minor(devt))
+    described = [f"dm device {name!r}" for name in names]
+    if len(names) < len(stacked):
+        described.append(f"{', '.join(stacked)} (kernel names)")
+    return " and ".join(described) if names else f"{', '.join(stacked)} (dm/md on top)"
 
 
 def _live(claim: Claim) -> bool:
@@ -103,9 +115,7 @@ def backend_claims(store: XenStore, home: str, own_backend: str) -> Iterator[Cla
                 be = join(domain_dir, devid)
                 if be == own_backend:
                     continue
-                claim = _backend_claim(store, be)
-                if claim is not None:
-                    yield claim
+                yield from _backend_claims(store, be)
 
 
 def _ls(store: XenStore, path: str) -> list[str]:
@@ -115,7 +125,7 @@ def _ls(store: XenStore, path: str) -> list[str]:
         return []
 
 
-def _backend_claim(store: XenStore, be: str) -> Claim | None:
+def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
     owner_text = store.read_optional(join(be, "xenblockctl-owner"))
     if owner_text is not None:
         try:
@@ -123,13 +133,31 @@ def _backend_claim(store: XenStore, be: str) -> Claim | None:
         except OwnerRecordError:
             owner = None
         if owner is not None:
-            return Claim(
-                where=be,
-                writable=owner.mode == "w",
-                file_id=owner.backing,
-                devt=owner.devt,
-                diskseq=owner.diskseq,
-            )
+            yield from _owner_claims(be, owner)
+            return
+    claim = _public_claim(store, be)
+    if claim is not None:
+        yield claim
+
+
+def _owner_claims(be: str, owner: OwnerRecord) -> Iterator[Claim]:
+    if owner.kind == "dm":
+        # A volatile disk reads its base and never writes it: read-only on the base, `mode` on the
+        # dm device itself. Both live exactly as long as the dm device (its devt + diskseq).
+        yield Claim(be, owner.mode == "w", devt=owner.devt, diskseq=owner.diskseq)
+        if owner.backing is not None:
+            yield Claim(be, False, file_id=owner.backing, devt=owner.devt, diskseq=owner.diskseq)
+        return
+    yield Claim(
+        where=be,
+        writable=owner.mode == "w",
+        file_id=owner.backing,
+        devt=owner.devt,
+        diskseq=owner.diskseq,
+    )
+
+
+def _public_claim(store: XenStore, be: str) -> Claim | None:
     physical = store.read_optional(join(be, "physical-device"))
     if physical is None:
         return None

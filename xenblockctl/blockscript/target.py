@@ -3,12 +3,17 @@
 Forms (documented in block-xenblockctl(8)):
   /path/to/file            regular file -> a fresh loop device (read-only for mode r)
   /dev/...                 any block device, opened by path
-  /dev/mapper/NAME         block device whose dm name, read for the *opened* device, must be NAME
+  /dev/mapper/NAME         the dm device called NAME (asked of the kernel, confirmed on the fd)
+  /dev/VG/LV               an LVM volume: the dm device VG-LV, confirmed like /dev/mapper/NAME
   /dev/disk/by-diskseq/N   block device whose diskseq, read from the opened fd, must be N
+  uuid:DMUUID              the dm device with this uuid, confirmed on the fd
+  snapshot:/path/base.img  a throwaway writable view of a read-only base (dmtargets.py)
   raw:PATH / aio:PATH      the same with libxl's tap-style format prefix (backendtype=tap)
 
-The path is opened exactly once; every identity fact (major:minor, diskseq, dm name) comes from
-that fd, so a rename, re-create or symlink swap between checks cannot hand out another disk."""
+The target is opened exactly once; every identity fact (major:minor, diskseq, dm name and uuid)
+comes from that fd, so a rename, re-create or symlink swap between checks cannot hand out another
+disk. dm forms are opened through /dev/mapper/control (dmtargets.py); where the kernel has no dm
+control node, /dev/mapper/NAME falls back to opening the path and checking sysfs dm/name."""
 
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ from dataclasses import dataclass
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop, sysfs
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
-from xenblockctl.kernel.errors import IdentityMismatch
+from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
 
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
+UUID_PREFIX = "uuid:"
+SNAPSHOT_PREFIX = "snapshot:"
 PATH_MAX = 4096
 NAME_MAX = 255
 DM_PREFIX = "/dev/mapper/"
@@ -37,22 +44,47 @@ class TargetSyntaxError(XenblockError):
 
 @dataclass(frozen=True)
 class Target:
-    """A parsed, validated target. `path` is absolute; the expectations are checked after opening."""
+    """A parsed, validated target. `path` is absolute (for `uuid:` it is the params text, never
+    opened); the expectations are checked after opening."""
 
     path: str
     expect_dm_name: str | None = None
     expect_diskseq: int | None = None
+    #: `uuid:` form: the dm device carrying this uuid.
+    dm_uuid: str | None = None
+    #: `snapshot:` form: `path` is the read-only base of a volatile disk.
+    snapshot: bool = False
 
 
 def parse_target(params: str) -> Target:
     """Validate `params` strictly: absolute, printable, bounded; known prefixes only."""
     if not params:
         raise TargetSyntaxError("params is empty")
+    if params.startswith(UUID_PREFIX):
+        return _parse_uuid(params)
+    if params.startswith(SNAPSHOT_PREFIX):
+        # The base must be a regular file (checked on the opened fd): it is attached read-only.
+        return Target(_parse_path(params[len(SNAPSHOT_PREFIX) :]).path, snapshot=True)
     path = params
     for prefix in RAW_PREFIXES:
         if path.startswith(prefix):
             path = path[len(prefix) :]
             break
+    return _parse_path(path)
+
+
+def _parse_uuid(params: str) -> Target:
+    from xenblockctl.kernel.dm_abi import validate_uuid
+
+    uuid = params[len(UUID_PREFIX) :]
+    try:
+        validate_uuid(uuid)
+    except ValueError as exc:
+        raise TargetSyntaxError(f"bad device-mapper uuid in {_show(params)}: {exc}") from exc
+    return Target(params, dm_uuid=uuid)
+
+
+def _parse_path(path: str) -> Target:
     if len(path) >= PATH_MAX or any(len(part) > NAME_MAX for part in path.split("/")):
         raise TargetSyntaxError("params is longer than PATH_MAX or has a component longer than NAME_MAX")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
@@ -63,8 +95,12 @@ def parse_target(params: str) -> Target:
         raise TargetSyntaxError(f"params must not contain . or .. components: {_show(path)}")
     if path.startswith(DM_PREFIX):
         name = path[len(DM_PREFIX) :]
-        if not name or "/" in name or name in (".", "..", "control"):
-            raise TargetSyntaxError(f"bad device-mapper name in {_show(path)}")
+        from xenblockctl.kernel.dm_abi import validate_name
+
+        try:
+            validate_name(name)
+        except ValueError as exc:
+            raise TargetSyntaxError(f"bad device-mapper name in {_show(path)}: {exc}") from exc
         return Target(path, expect_dm_name=name)
     if path.startswith(DISKSEQ_PREFIX):
         raw = path[len(DISKSEQ_PREFIX) :]
@@ -79,10 +115,35 @@ def _show(text: str, limit: int = 80) -> str:
     return repr(shown)
 
 
+def maybe_dm(target: Target) -> bool:
+    """Whether the target may be a named dm device (`uuid:`, /dev/mapper/NAME, or a /dev/X/Y block
+    device that is a dm device, as LVM's /dev/VG/LV are; dmtargets checks the name). Cheap, so that
+    plain targets never import the dm code."""
+    if target.dm_uuid is not None or target.expect_dm_name is not None:
+        return True
+    parts = target.path.split("/")
+    if target.snapshot or len(parts) != 4 or parts[:2] != ["", "dev"]:
+        return False
+    try:
+        st = os.stat(target.path)
+    except OSError:
+        return False  # opening the path reports it
+    return stat.S_ISBLK(st.st_mode) and sysfs.dm_name(os.major(st.st_rdev), os.minor(st.st_rdev)) is not None
+
+
 def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = True) -> BlockDevice:
     """Open the target once: a regular file becomes a new loop device (tagged `tag`); a block device
-    is used as is after its expectations are checked on the opened fd. The caller owns the result
-    and must keep it open until the consumer holds its own reference (delete-on-close)."""
+    is used as is after its expectations are checked on the opened fd; a named dm device is
+    confirmed through dm control. The caller owns the result and must keep it open until the
+    consumer holds its own reference (delete-on-close)."""
+    if target.snapshot:
+        raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
+    if maybe_dm(target):
+        from xenblockctl.blockscript import dmtargets
+
+        named = dmtargets.open_named(target, writable=writable)
+        if named is not None:
+            return named
     fd = blockdev.open_path(target.path, writable=writable)
     try:
         mode = os.fstat(fd).st_mode
