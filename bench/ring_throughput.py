@@ -206,6 +206,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--workers", default="0,4", help="comma-separated worker counts to try")
+    ap.add_argument(
+        "--only", default="", help="comma-separated workload numbers to run (1-based; default: all)"
+    )
     ap.add_argument("--loop", action="store_true", help="read through a loop device over the file (root)")
     ap.add_argument("--frontend-process", action="store_true", help="run the frontend in a child process")
     ap.add_argument(
@@ -248,7 +251,8 @@ def main() -> int:
                 f"{args.seconds:.0f} s per row, switch interval {sys.getswitchinterval() * 1e3:.1f} ms, "
                 f"load average {os.getloadavg()[0]:.1f}"
             )
-            for w in WORKLOADS:
+            chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
+            for w in chosen:
                 base, base_cpu = direct(fd, w, size, args.seconds)
                 print(f"\n{w.name}")
                 mib = base * w.block / 2**20

@@ -255,13 +255,20 @@ class DataPlane:
                 log.exception("%s: on_broken callback failed", self.name)
 
     def _read_indirect(self, grefs: Sequence[int]) -> bytes:
-        with self.transport.map_grants(self.domid, grefs, writable=False) as m:
-            views = m.iovecs()
+        mapping: GrantMapping | None = None
+        if self._grants is not None:
+            views = self._grants.iovecs(grefs, None, writable=False)
+        else:
+            mapping = self.transport.map_grants(self.domid, grefs, writable=False)
             try:
-                return b"".join(views)  # the copy that validation decodes
-            finally:
-                for v in views:
-                    v.release()
+                views = mapping.iovecs()
+            except BaseException:
+                mapping.unmap()
+                raise
+        try:
+            return b"".join(views)  # the copy that validation decodes
+        finally:
+            _release(mapping, views)
 
     def _start(self, plan: IoPlan) -> int | None:
         """Map the plan's pages and run it here or on a worker: its status if it already finished

@@ -150,39 +150,37 @@ class LocalFrontend:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
         return rid
 
-    def _segments_for(self, nbytes: int) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """Data pages for `nbytes` and their (gref, first_sect, last_sect) descriptors."""
+    def _submit_rw(self, op: int, sector: int, nbytes: int, data: bytes | None) -> int:
         if nbytes <= 0 or nbytes % blkif.SECTOR_SIZE:
             raise FrontendError("I/O size must be a positive multiple of 512")
+        if self.ring.free_slots <= 0:
+            raise FrontendError("front ring full")
         whole, tail = divmod(nbytes, blkif.PAGE_SIZE)
         pages = self._alloc(self._free_data, whole + (1 if tail else 0))
-        segs = [(ref, 0, blkif.SECTORS_PER_PAGE - 1) for ref in pages[:whole]]
-        if tail:
-            segs.append((pages[-1], 0, tail // blkif.SECTOR_SIZE - 1))
-        return pages, segs
-
-    def _submit_rw(self, op: int, sector: int, nbytes: int, data: bytes | None) -> int:
-        pages, segs = self._segments_for(nbytes)
+        # a sub-page tail is the last segment, sectors 0..n-1 of its page
+        tail_seg = [(pages[-1], 0, tail // blkif.SECTOR_SIZE - 1)] if tail else []
         if data is not None:
             for i, ref in enumerate(pages):
                 chunk = data[i * blkif.PAGE_SIZE : (i + 1) * blkif.PAGE_SIZE]
                 self.page(ref)[: len(chunk)] = chunk
         rid = self._new_id()
         indirect: list[int] = []
-        if self.ring.free_slots <= 0:
-            self._free_data.extend(pages)
-            raise FrontendError("front ring full")
-        if len(segs) <= blkif.MAX_SEGMENTS_PER_REQUEST:
+        if len(pages) <= blkif.MAX_SEGMENTS_PER_REQUEST:
+            segs = [(ref, 0, blkif.SECTORS_PER_PAGE - 1) for ref in pages[:whole]] + tail_seg
             self.ring.put_segment_request(op, rid, sector, segs)
         else:
-            n_ind = blkif.indirect_pages_needed(len(segs))
-            indirect = self._alloc(self._free_indirect, n_ind)
-            raw = b"".join(blkif.SEGMENT_STRUCT.pack(*seg) for seg in segs)
+            n_ind = blkif.indirect_pages_needed(len(pages))
+            try:
+                indirect = self._alloc(self._free_indirect, n_ind)
+            except FrontendError:
+                self._free_data.extend(pages)
+                raise
+            raw = blkif.whole_page_descriptors(pages[:whole]) + blkif.pack_descriptors(tail_seg)
             for i, ref in enumerate(indirect):
                 chunk = raw[i * blkif.PAGE_SIZE : (i + 1) * blkif.PAGE_SIZE]
                 self.page(ref)[: len(chunk)] = chunk
             grefs = tuple(indirect) + (0,) * (blkif.MAX_INDIRECT_PAGES_PER_REQUEST - n_ind)
-            self.ring.put_request(IndirectRequest(op, len(segs), rid, sector, 0, grefs))
+            self.ring.put_request(IndirectRequest(op, len(pages), rid, sector, 0, grefs))
         self._pending[rid] = _Pending(op, pages, indirect, nbytes if op == blkif.OP_READ else 0)
         return rid
 
