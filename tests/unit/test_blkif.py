@@ -194,3 +194,29 @@ def test_indirect_segments_round_trip(segs: list[Segment]) -> None:
     assert blkif.decode_indirect_segments(data, len(segs)) == tuple(segs)
     with pytest.raises(ValueError, match="shorter"):
         blkif.decode_indirect_segments(data, len(segs) + 1)
+
+
+@given(grefs=st.lists(u32, max_size=600))
+def test_whole_page_descriptors_equal_packed_segments(grefs: list[int]) -> None:
+    """The strided fast path writes exactly what one descriptor per page would."""
+    expected = blkif.encode_indirect_segments([Segment(g, 0, 7) for g in grefs])
+    assert blkif.whole_page_descriptors(grefs) == expected
+    assert blkif.pack_descriptors([(g, 0, 7) for g in grefs]) == expected
+
+
+def test_descriptor_packers_refuse_out_of_range_fields() -> None:
+    with pytest.raises(OverflowError):
+        blkif.whole_page_descriptors([2**32])
+    with pytest.raises(struct.error):
+        blkif.pack_descriptors([(1, 256, 7)])
+    with pytest.raises(struct.error):
+        blkif.pack_descriptors([(-1, 0, 7)])
+
+
+@pytest.mark.parametrize("abi", ABIS, ids=lambda a: a.protocol)
+def test_segment_header_is_the_slot_prefix(abi: blkif.Abi) -> None:
+    req = SegmentRequest(blkif.OP_WRITE, 3, 0xBEEF, 2**64 - 2, 2**40 + 5, (Segment(7, 1, 2),))
+    raw = abi.encode_request(req)
+    assert abi.segment_header.size == abi.segments_offset
+    assert abi.segment_header.unpack_from(raw) == (blkif.OP_WRITE, 3, 0xBEEF, 2**64 - 2, 2**40 + 5)
+    assert blkif.SEGMENT_STRUCT.unpack_from(raw, abi.segments_offset) == (7, 1, 2)

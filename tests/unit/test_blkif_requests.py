@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import DiscardRequest, IndirectRequest, Segment, SegmentRequest, UnknownRequest
-from xenblockctl.backend.requests import DeviceLimits, IoPlan, IoSegment, Kind, Rejection, validate
+from xenblockctl.backend.requests import (
+    DeviceLimits,
+    IoPlan,
+    IoSegment,
+    Kind,
+    Rejection,
+    validate,
+    validate_slot,
+)
 
 LIMITS = DeviceLimits(sectors=2048, discard=True, barrier=True)
 FULL = (Segment(9, 0, 7),)
@@ -153,3 +161,136 @@ def test_any_slot_validates_without_raising(raw: bytes, abi: blkif.Abi) -> None:
         assert verdict.offset + verdict.length <= LIMITS.sectors * 512
         for s in verdict.segments:
             assert 0 <= s.offset < s.offset + s.length <= 4096
+
+
+# --- the raw-slot entry point (the data plane's) against the decoded one, and against the spec ---
+LIMIT_VARIANTS = [
+    LIMITS,
+    DeviceLimits(sectors=2048, read_only=True, discard=True),
+    DeviceLimits(sectors=4096, logical_block_size=4096, flush=False, max_indirect_segments=0),
+    DeviceLimits(
+        sectors=1 << 20, max_indirect_segments=4096, barrier=True, discard=True, discard_secure=True
+    ),
+]
+# whole pages are the fast path; partial and invalid sector ranges the general one
+sane_segment = st.one_of(
+    st.builds(Segment, st.integers(0, 300), st.just(0), st.just(7)),
+    st.builds(Segment, st.integers(0, 2**32 - 1), st.integers(0, 9), st.integers(0, 9)),
+)
+structured = st.one_of(
+    st.builds(
+        SegmentRequest,
+        st.sampled_from([0, 1, 2, 3]),
+        st.integers(0, 13),
+        st.integers(0, 0xFFFF),
+        st.integers(0, 2**64 - 1),
+        st.one_of(st.integers(0, 4200), st.integers(0, 2**64 - 1)),
+        st.lists(sane_segment, max_size=11).map(tuple),
+    ),
+    st.builds(
+        IndirectRequest,
+        st.integers(0, 7),
+        st.integers(0, 700),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 4200),
+        st.just(0),
+        st.lists(st.integers(0, 2**32 - 1), min_size=8, max_size=8).map(tuple),
+    ),
+    st.builds(
+        DiscardRequest,
+        st.integers(0, 255),
+        st.just(0),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 5000),
+        st.integers(0, 5000),
+    ),
+    st.builds(UnknownRequest, st.integers(7, 255), st.integers(0, 2**64 - 1)),
+)
+
+
+@given(
+    abi=st.sampled_from([blkif.X86_64, blkif.X86_32]),
+    req=st.one_of(structured, st.binary(min_size=112, max_size=112)),
+    limits=st.sampled_from(LIMIT_VARIANTS),
+    indirect=st.lists(sane_segment, max_size=700),
+)
+def test_validate_slot_agrees_with_validate(
+    abi: blkif.Abi, req: blkif.Request | bytes, limits: DeviceLimits, indirect: list[Segment]
+) -> None:
+    """The data plane validates raw slot copies; it must decide exactly as validate() on the decoded
+    request does, for any slot (both unpack the fields and share the rules)."""
+    raw = req if isinstance(req, bytes) else abi.encode_request(req)
+    page = blkif.encode_indirect_segments(indirect)
+
+    def reader(refs: Sequence[int]) -> bytes:
+        if refs and refs[0] % 97 == 13:
+            raise OSError("not granted")  # some refs are unmappable
+        return page.ljust(4096 * len(refs), b"\0")[: 4096 * len(refs)]
+
+    padded = b"\xee" * 40 + raw[: abi.entry_size] + b"\xee" * 40  # at an offset in a batch copy
+    fast = validate_slot(abi, padded, 40, limits, reader)
+    assert fast == validate(abi.decode_request(raw), limits, reader)
+
+
+def spec_plan(
+    sector: int, segments: Sequence[Segment], limits: DeviceLimits
+) -> tuple[int, int, list[IoSegment]] | None:
+    """The segment rules written out one segment at a time: (offset, length, segments) or None."""
+    out = []
+    total = 0
+    for s in segments:
+        if not s.first_sect <= s.last_sect <= 7:
+            return None
+        n = s.last_sect - s.first_sect + 1
+        out.append(IoSegment(s.gref, s.first_sect * 512, n * 512))
+        total += n
+    block = limits.logical_block_size // 512
+    if sector + total > limits.sectors or sector % block or total % block:
+        return None
+    return sector * 512, total * 512, out
+
+
+ODD_SECTORS = [(0, 3), (4, 7), (0, 6), (1, 7), (3, 3), (0, 8), (6, 5), (9, 9), (7, 8)]
+
+
+@st.composite
+def mostly_whole_pages(draw: st.DrawFn) -> list[Segment]:
+    """Whole pages with at most a few odd segments anywhere: the cases where a scan that checks
+    'all whole' too loosely would go wrong."""
+    grefs = draw(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=300))
+    segments = [Segment(g, 0, 7) for g in grefs]
+    for index, (first, last) in draw(
+        st.lists(st.tuples(st.integers(0, len(grefs) - 1), st.sampled_from(ODD_SECTORS)), max_size=2)
+    ):
+        segments[index] = Segment(segments[index].gref, first, last)
+    return segments
+
+
+@given(
+    segments=st.one_of(st.lists(sane_segment, min_size=1, max_size=300), mostly_whole_pages()),
+    sector=st.integers(0, 5000),
+    limits=st.sampled_from(
+        [LIMIT_VARIANTS[0], LIMIT_VARIANTS[3], DeviceLimits(sectors=8192, logical_block_size=4096)]
+    ),
+)
+def test_segment_fast_paths_match_the_rules(
+    segments: list[Segment], sector: int, limits: DeviceLimits
+) -> None:
+    """One descriptor, all whole pages (byte scans) and the general loop all give the spec's answer."""
+    page = blkif.encode_indirect_segments(segments)
+    if len(segments) <= 11:
+        verdict = validate(rw(blkif.OP_READ, sector, tuple(segments)), limits)
+    else:
+        ind = IndirectRequest(blkif.OP_READ, len(segments), 77, sector, 0, (1,) * 8)
+        verdict = validate(ind, limits, lambda refs: page.ljust(4096 * len(refs), b"\0"))
+    expected = spec_plan(sector, segments, limits)
+    if len(segments) > limits.max_indirect_segments and len(segments) > 11:
+        expected = None
+    if expected is None:
+        rejected(verdict)
+        return
+    assert isinstance(verdict, IoPlan), verdict
+    assert (verdict.offset, verdict.length, list(verdict.segments)) == expected
+    assert verdict.grefs == tuple(s.gref for s in segments)
+    whole = all((s.first_sect, s.last_sect) == (0, 7) for s in segments)
+    assert (verdict.extents is None) == whole  # whole pages never build per-segment extents

@@ -82,6 +82,40 @@ def test_slot_is_copied_once() -> None:
     assert blkif.X86_64.decode_request(raw).id == 42
 
 
+@pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=lambda a: a.protocol)
+def test_batch_copy_wraps_and_is_taken_once(abi: blkif.Abi) -> None:
+    """take_slots copies a batch that wraps around the ring end in order, consumes it, and the
+    copy does not change when the guest rewrites the slots afterwards."""
+    front, back, buf = make(abi=abi, start=M - 4)  # slot index 27 of 32: the batch wraps
+    images = [abi.encode_request(read_req(i)) for i in range(12)]
+    for image in images:
+        front.put_request_bytes(image)
+    front.push_requests()
+    data, count = back.take_slots(limit=10)
+    assert count == 10
+    assert data == b"".join(images[:10])
+    assert back.req_cons == (M - 4 + 10) & M
+    buf[64 : 64 + back.size * abi.entry_size] = b"\xff" * (back.size * abi.entry_size)
+    assert data == b"".join(images[:10])  # a private copy
+    rest, count = back.take_slots()
+    assert (count, len(rest)) == (2, 2 * abi.entry_size)  # the two the guest just scribbled over
+    assert back.take_slots() == (b"", 0)
+
+
+def test_responses_are_taken_in_one_copy_across_the_wrap() -> None:
+    front, back, _ = make(start=M - 2)
+    for i in range(6):
+        front.put_request(read_req(i))
+    front.push_requests()
+    back.take_slots()
+    for i in range(6):
+        back.respond(100 + i, blkif.OP_READ, blkif.RSP_OKAY if i % 2 else blkif.RSP_ERROR)
+    assert back.push_responses()
+    got = front.take_responses()
+    assert got == [Response(100 + i, 0, 0 if i % 2 else -1) for i in range(6)]
+    assert front.take_responses() == []
+
+
 def test_forward_jump_breaks_ring() -> None:
     front, back, _ = make()
     front.poke_index("req_prod", back.size + 1)

@@ -3,6 +3,7 @@ real preadv/pwritev/fdatasync/punch-hole, data verified on the backing file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -16,7 +17,7 @@ from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest, 
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
-from xenblockctl.backend.requests import IoPlan
+from xenblockctl.backend.requests import IoPlan, Kind
 from xenblockctl.backend.transport import TransportError
 from xenblockctl.backend.transport.local import LocalDomainClient, LocalTransport
 
@@ -292,3 +293,128 @@ def test_iovecs_merge_only_adjacent_ranges(local_transport: LocalTransport) -> N
             for b in bufs:
                 b.release()
             mapping.unmap()
+
+
+def test_one_notification_per_ring_pass(make_pair: PairFactory) -> None:
+    """16 requests published together are answered with one push and one event, not 16."""
+    pair = make_pair(workers=0, data_pages=16)
+    fe = pair.frontend
+    ids = [fe.submit_read(i * 8, 4096) for i in range(16)]
+    done = fe.collect(16, gather=False)
+    assert set(done) == set(ids)
+    assert all(c.response.status == blkif.RSP_OKAY and c.data == b"" for c in done.values())
+    assert pair.dataplane.stats.requests == 16
+    assert pair.dataplane.stats.notifies == 1
+
+
+def test_persistent_grants_check_every_ref(local_transport: LocalTransport) -> None:
+    with LocalFrontend(local_transport.socket_path, 13, data_pages=8) as fe:
+        grants = local_transport.map_persistent(13)
+        assert grants is not None
+        last = fe.total_pages - 1
+        for refs in ([fe.total_pages], [1, 2, fe.total_pages + 5], [last, last + 1], [-1], []):
+            with pytest.raises(TransportError) as exc:
+                grants.iovecs(refs, None, writable=True)
+            assert exc.value.code == "grant-map"
+        fe.page(last)[:] = b"\x07" * 4096
+        views = grants.iovecs([last], ((512, 1024),), writable=False)
+        assert [bytes(v) for v in views] == [b"\x07" * 1024]
+        assert views[0].readonly
+        views[0].release()
+        grants.close()
+        with pytest.raises(TransportError):
+            grants.iovecs([1], None, writable=True)
+    with pytest.raises(TransportError):
+        local_transport.map_persistent(99)  # nothing registered
+
+
+def _nowait_reads_supported(fd: int) -> bool:
+    try:
+        os.preadv(fd, [bytearray(512)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return False
+        raise
+    return True
+
+
+def test_cached_reads_complete_on_the_ring_thread(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, disk_file: tuple[Path, int]
+) -> None:
+    """With workers, a read whose data is in the page cache never goes to the pool (RWF_NOWAIT)."""
+    path, fd = disk_file
+    if not _nowait_reads_supported(fd):
+        pytest.skip(f"RWF_NOWAIT reads unsupported on the filesystem of {path}")
+    pattern = os.urandom(64 * 1024)
+    with open(path, "r+b") as f:
+        f.write(pattern)
+    os.preadv(fd, [bytearray(len(pattern))], 0)  # into the page cache
+    on_workers: list[str] = []
+    real = io.execute
+
+    def recording_execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
+        on_workers.append(plan.kind.value)
+        return real(target, plan, bufs)
+
+    monkeypatch.setattr(io, "execute", recording_execute)
+    pair = make_pair(workers=4, data_pages=16)
+    fe = pair.frontend
+    for i in range(16):
+        assert fe.read(i * 8, 4096) == pattern[i * 4096 : (i + 1) * 4096]
+    assert on_workers == []
+    assert fe.flush() == blkif.RSP_OKAY  # fdatasync may block: always a worker
+    assert on_workers == ["flush"]
+
+
+def test_io_refuses_buffers_longer_than_the_request(disk_file: tuple[Path, int]) -> None:
+    """The last guard before preadv/pwritev: an iovec longer than the validated length would move
+    bytes past the range that validation allowed."""
+    path, fd = disk_file
+    with open(path, "r+b") as f:
+        f.write(b"\x55" * 8192)
+    target = DeviceTarget.from_fd(fd)
+    plan = IoPlan(1, blkif.OP_READ, Kind.READ, 0, 4096, (0,))
+    buf = bytearray(8192)
+    assert io.execute(target, plan, [memoryview(buf)]) == blkif.RSP_ERROR
+    assert io.execute_nowait(target, plan, [memoryview(buf)]) is None
+    assert buf == bytes(8192)
+    write = IoPlan(1, blkif.OP_WRITE, Kind.WRITE, 4096, 512, (0,))
+    assert io.execute(target, write, [memoryview(b"\x01" * 1024)]) == blkif.RSP_ERROR
+    assert on_disk(path, 4096, 1024) == b"\x55" * 1024
+    # a device that claims more than the file holds: the short read is not an answer
+    big = DeviceTarget(fd=fd, size_bytes=DISK_SIZE + 8192)
+    tail = IoPlan(1, blkif.OP_READ, Kind.READ, DISK_SIZE, 8192, (0, 1))
+    assert io.execute_nowait(big, tail, [memoryview(bytearray(8192))]) is None
+    assert io.execute(big, tail, [memoryview(bytearray(8192))]) == blkif.RSP_ERROR
+
+
+def test_nowait_unsupported_is_not_retried(
+    disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, fd = disk_file
+    calls: list[Kind] = []
+
+    def unsupported(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int | None:
+        calls.append(plan.kind)
+        raise io.NowaitUnsupported(plan.kind)
+
+    monkeypatch.setattr(io, "execute_nowait", unsupported)
+    executor = io.Executor(DeviceTarget.from_fd(fd), workers=1)
+    try:
+        write = IoPlan(1, blkif.OP_WRITE, Kind.WRITE, 0, 512, (0,))
+        read = IoPlan(2, blkif.OP_READ, Kind.READ, 0, 512, (0,))
+        buf = [memoryview(bytearray(512))]
+        assert executor.run_now(write, buf) is None
+        assert executor.run_now(write, buf) is None
+        assert executor.run_now(read, buf) is None
+        assert calls == [Kind.WRITE, Kind.READ]  # writes were not tried a second time
+        flush = IoPlan(3, blkif.OP_FLUSH_DISKCACHE, Kind.FLUSH, 0, 0)
+        assert executor.run_now(flush, []) is None
+        assert calls == [Kind.WRITE, Kind.READ]
+    finally:
+        assert executor.close(10)
+    inline = io.Executor(DeviceTarget.from_fd(fd), workers=0)
+    assert inline.run_now(IoPlan(4, blkif.OP_READ, Kind.READ, 0, 512, (0,)), buf) == blkif.RSP_OKAY
+    assert inline.close(1)
