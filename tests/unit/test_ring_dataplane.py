@@ -347,7 +347,7 @@ def test_cached_reads_complete_on_the_ring_thread(
     path, fd = disk_file
     if not _nowait_reads_supported(fd):
         pytest.skip(f"RWF_NOWAIT reads unsupported on the filesystem of {path}")
-    pattern = os.urandom(64 * 1024)
+    pattern = os.urandom(256 * 1024)
     with open(path, "r+b") as f:
         f.write(pattern)
     os.preadv(fd, [bytearray(len(pattern))], 0)  # into the page cache
@@ -359,13 +359,17 @@ def test_cached_reads_complete_on_the_ring_thread(
         return real(target, plan, bufs)
 
     monkeypatch.setattr(io, "execute", recording_execute)
-    pair = make_pair(workers=4, data_pages=16)
+    pair = make_pair(workers=4, data_pages=64)
     fe = pair.frontend
     for i in range(16):
         assert fe.read(i * 8, 4096) == pattern[i * 4096 : (i + 1) * 4096]
+    assert fe.read(0, 128 * 1024) == pattern[: 128 * 1024]
     assert on_workers == []
     assert fe.flush() == blkif.RSP_OKAY  # fdatasync may block: always a worker
     assert on_workers == ["flush"]
+    # a big copy is worth a worker even from the cache: several proceed in parallel
+    assert fe.read(0, 256 * 1024) == pattern
+    assert on_workers == ["flush", "read"]
 
 
 def test_io_refuses_buffers_longer_than_the_request(disk_file: tuple[Path, int]) -> None:
