@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.kernel import loop
+from xenblockctl.kernel.blockdev import BlockDevice, identify
+from xenblockctl.kernel.loop_abi import LOOP_CONFIGURE, LoopConfig, LoopFlags, LoopInfo64
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -199,15 +202,16 @@ def test_diskseq_race_is_caught_by_the_consumer(
     published = libxl.nodes(be)
     running.kill()
     number = int(published["physical-device"].split(":")[1], 16)
-    intruder = None
-    for _ in range(20):  # GET_FREE hands out the lowest free number: usually the same one
-        candidate = loop.attach_file(str(other), read_only=False, tag="xenblockctl:intruder")
-        if candidate.number == number:
-            intruder = candidate
-            break
-        candidate.close()
-    if intruder is None:
-        pytest.skip("could not re-attach the same loop number (busy machine)")
+    # Bind *that* number to another file, as a racing attacher that won GET_FREE would.
+    fd = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+    with open(other, "r+b") as backing:
+        config = LoopConfig(
+            fd=backing.fileno(),
+            block_size=512,
+            info=LoopInfo64(lo_flags=int(LoopFlags.AUTOCLEAR), lo_file_name=b"xenblockctl:intruder"),
+        )
+        fcntl.ioctl(fd, LOOP_CONFIGURE, config.pack())
+    intruder = BlockDevice(fd, identify(fd))
     try:
         consumer = libxl.engine_consumer(be)
         consumer._thread.join(10)  # type: ignore[union-attr]

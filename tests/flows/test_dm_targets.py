@@ -212,23 +212,29 @@ def _fake_volatile_backend(libxl: Libxl, domid: int, image: Path, live: loop.Loo
 def test_volatile_disk_claims_its_base_read_only(
     libxl: Libxl, make_image: ImageFactory, loop_devices: list[loop.LoopDevice]
 ) -> None:
+    """A volatile disk reads its base through a read-only loop device (the snapshot's origin), which
+    is what the sharing check sees: writers are refused, readers share, and once the volatile disk
+    is gone (its loops with it) the base is free again."""
     image = make_image("base.img")
     stand_in = loop.attach_file(str(make_image("standin.img")), read_only=False, tag="xenblockctl:admin")
     loop_devices.append(stand_in)
+    base = loop.attach_file(str(image), read_only=True, tag="xenblockctl:7:51712:base")
+    loop_devices.append(base)
     _fake_volatile_backend(libxl, 7, image, stand_in)
     writer = libxl.create_backend(8, 51712, str(image), "w")
     result = libxl.run("add", writer)
     assert result.returncode == 1
     nodes = libxl.nodes(writer)
     assert nodes["hotplug-status"] == "busy", nodes
-    assert "/backend/vbd/7/51712" in nodes["hotplug-error"], nodes
+    assert f"/dev/loop{base.number}" in nodes["hotplug-error"], nodes
     reader = libxl.create_backend(9, 51712, str(image), "r")
     consumer = libxl.engine_consumer(reader)
     result = libxl.run("add", reader)
     assert result.returncode == 0, result.stderr
     consumer.wait_opened()
     consumer.release()
-    # once the volatile disk is gone (its devt + diskseq no longer live) the claim lapses
+    # once the volatile disk is gone (dm device and its base loop) the base is free again
+    base.close()
     stand_in.close()
     writer2 = libxl.create_backend(10, 51712, str(image), "w")
     consumer = libxl.engine_consumer(writer2)

@@ -1,10 +1,11 @@
 """Sharing rules: a disk may be given to several domains only if every user is read-only.
 
 Who uses a disk is decided from identities, never from text: (st_dev, st_ino) of backing files,
-major:minor + diskseq of devices. Claims come from three places:
-  * other backends in xenstore (our owner record, else the public physical-device + luid + mode),
-  * the kernel's bound loop devices (any tool's, through LOOP_GET_STATUS64),
-  * mounted filesystems on this host (/proc/self/mountinfo), and dm/md holders in sysfs.
+major:minor + diskseq of devices. Claims come from:
+  * for a file: the kernel's bound loop devices (any tool's, through LOOP_GET_STATUS64);
+  * for a block device: other backends in xenstore that publish its major:minor (our owner record,
+    else the public physical-device + luid + mode), mounted filesystems on this host
+    (/proc/self/mountinfo), and dm/md holders in sysfs.
 One pass over each, one xenstore connection, no subprocess."""
 
 from __future__ import annotations
@@ -98,15 +99,22 @@ def _live(claim: Claim) -> bool:
 
 
 def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> Iterator[Claim]:
-    yield from backend_claims(store, home, own_backend)
     if wanted.file_id is not None:
+        # Every live user of a file reaches it through a bound loop device, whoever set that up
+        # (our backends, the stock script, losetup, a snapshot's base), so the kernel's list is
+        # complete and costs no xenstore round trip; a backend whose loop is gone gives nobody
+        # access any more. Cost: O(bound loops), independent of the number of backends.
         yield from loop_claims()
     if wanted.devt is not None:
+        yield from backend_claims(store, home, own_backend, devt=wanted.devt)
         yield from mount_claims()
 
 
-def backend_claims(store: XenStore, home: str, own_backend: str) -> Iterator[Claim]:
-    """Claims of every other vbd/vbd3 backend this domain serves."""
+def backend_claims(
+    store: XenStore, home: str, own_backend: str, *, devt: int | None = None
+) -> Iterator[Claim]:
+    """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
+    `physical-device` names it (one read per backend, the full record only for those)."""
     for kind in BACKEND_KINDS:
         kind_dir = join(home, "backend", kind)
         for domid in _ls(store, kind_dir):
@@ -115,7 +123,20 @@ def backend_claims(store: XenStore, home: str, own_backend: str) -> Iterator[Cla
                 be = join(domain_dir, devid)
                 if be == own_backend:
                     continue
+                if devt is not None and _published_devt(store, be) != devt:
+                    continue
                 yield from _backend_claims(store, be)
+
+
+def _published_devt(store: XenStore, be: str) -> int | None:
+    physical = store.read_optional(join(be, "physical-device"))
+    if physical is None:
+        return None
+    try:
+        major, minor = parse_physical_device(physical)
+    except BackendRecordError:
+        return None
+    return os.makedev(major, minor)
 
 
 def _ls(store: XenStore, path: str) -> list[str]:
