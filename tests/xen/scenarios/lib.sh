@@ -5,7 +5,12 @@
 set -euo pipefail
 
 say() { echo "== $*"; }
-fail() { echo "FAIL: $*"; exit 1; }
+# XENCI_ON_FAIL: a command a scenario sets to dump its diagnostics when it fails.
+fail() {
+  echo "FAIL: $*"
+  if [ -n "${XENCI_ON_FAIL:-}" ]; then eval "$XENCI_ON_FAIL" || true; fi
+  exit 1
+}
 skip() { echo "SKIP: $*"; exit 77; }
 # Timings the lane reports but does not assert.
 metric() { echo "XENCI-METRIC: $1=$2 ${3:-}"; }
