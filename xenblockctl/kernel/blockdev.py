@@ -9,8 +9,8 @@ import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from xenblockctl.kernel import ioctls
 from xenblockctl.kernel.errors import (
@@ -25,8 +25,7 @@ from xenblockctl.kernel.errors import (
 UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
 
 
-@dataclass(frozen=True)
-class BlockIdentity:
+class BlockIdentity(NamedTuple):
     """What a block device *is*, read through one fd."""
 
     major: int

@@ -7,7 +7,6 @@ number; the loser sees EBUSY from LOOP_CONFIGURE and must retry with another num
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import errno
 import fcntl
@@ -16,8 +15,8 @@ import random
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.blockdev import (
@@ -63,8 +62,7 @@ TAG_PREFIX = "xenblockctl:"
 _RACE_ERRNOS = frozenset({errno.EBUSY, errno.ENXIO, errno.ENOENT})
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     """Bounded, jittered backoff for the GET_FREE race (measured: 15-30 EBUSY per worker with 8
     parallel attachers). Worst case sums to well under a second; libxl kills us at 40 s."""
 
@@ -88,8 +86,7 @@ def make_tag(*parts: object) -> str:
     return tag
 
 
-@dataclass(frozen=True)
-class LoopStatus:
+class LoopStatus(NamedTuple):
     """LOOP_GET_STATUS64 of a bound device, decoded."""
 
     number: int
@@ -189,8 +186,7 @@ def _open_loop_number(number: int, writable: bool) -> int:
     return open_devt(devt, writable=writable).fd  # private node; identity read is cheap and harmless
 
 
-@dataclass(frozen=True)
-class LoopRequest:
+class LoopRequest(NamedTuple):
     """What the caller wants of a new loop device."""
 
     read_only: bool
@@ -288,7 +284,7 @@ def _attach_loop(
                 continue
             if exc.errno == errno.EINVAL and request.direct_io:
                 # Some kernels refuse DIRECT_IO outright for this backing file: go on buffered.
-                request = dataclasses.replace(request, direct_io=False)
+                request = request._replace(direct_io=False)
                 continue
             if exc.errno in UNSUPPORTED_ERRNOS:
                 raise UnsupportedKernel(
@@ -383,8 +379,7 @@ def detach_with_proof(
         dev.close()
 
 
-@dataclass(frozen=True)
-class BoundLoop:
+class BoundLoop(NamedTuple):
     """A bound loop device as seen by a scan: number, diskseq, backing file path and status."""
 
     number: int

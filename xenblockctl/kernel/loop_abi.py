@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
@@ -51,8 +51,7 @@ def _cstr(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
-@dataclass(frozen=True)
-class LoopInfo64:
+class LoopInfo64(NamedTuple):
     """struct loop_info64. Only lo_offset, lo_sizelimit, lo_flags and lo_file_name matter to us;
     the crypt fields must stay zero (the kernel removed loop encryption)."""
 
@@ -111,13 +110,12 @@ class LoopInfo64:
         )
 
 
-@dataclass(frozen=True)
-class LoopConfig:
+class LoopConfig(NamedTuple):
     """struct loop_config for LOOP_CONFIGURE (Linux >= 5.8): bind + configure in one atomic ioctl."""
 
     fd: int
     block_size: int = 0
-    info: LoopInfo64 = field(default_factory=LoopInfo64)
+    info: LoopInfo64 = LoopInfo64()
     reserved: tuple[int, ...] = (0,) * 8
 
     def pack(self) -> bytes:
