@@ -143,9 +143,6 @@ class Response(NamedTuple):
     status: int
 
 
-_ZERO_DESCRIPTORS: Final = [0] * (3 * MAX_SEGMENTS_PER_REQUEST)
-
-
 class Abi:
     """One request/response layout. Use the module-level `X86_64` and `X86_32` instances."""
 
@@ -168,6 +165,7 @@ class Abi:
             self._indirect = struct.Struct("=BBHQQHxx8I8x")
             self._response = struct.Struct("=QBxh")
         self._id = struct.Struct("=Q")
+        self._zero_slot = bytes(self._segreq.size)
         #: (id, operation, status) with every padding byte packed as zero.
         self.response_struct: Final = self._response
         self.indirect_struct: Final = self._indirect
@@ -256,11 +254,14 @@ class Abi:
         `segments` are (gref, first_sect, last_sect), at most 11; `nr_segments` defaults to their
         count (a hostile caller may claim another). Frontend side: our blkfront packs straight
         into its ring slot with this."""
-        used = min(len(segments), MAX_SEGMENTS_PER_REQUEST)
-        flat = [v for seg in segments[:used] for v in seg]
-        flat += _ZERO_DESCRIPTORS[: 3 * (MAX_SEGMENTS_PER_REQUEST - used)]
-        nr = used if nr_segments is None else nr_segments
-        self._segreq.pack_into(buf, offset, operation, nr, handle, rid, sector, *flat)
+        used = segments[:MAX_SEGMENTS_PER_REQUEST]
+        nr = len(used) if nr_segments is None else nr_segments
+        buf[offset : offset + self.entry_size] = self._zero_slot  # unused descriptors and pads
+        self.segment_header.pack_into(buf, offset, operation, nr, handle, rid, sector)
+        at = offset + self.segments_offset
+        for gref, first, last in used:
+            SEGMENT_STRUCT.pack_into(buf, at, gref, first, last)
+            at += SEGMENT_SIZE
 
     # -- responses ------------------------------------------------------------------------------
     def pack_response_into(self, buf: memoryview | bytearray, offset: int, rsp: Response) -> None:

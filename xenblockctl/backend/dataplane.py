@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import Abi
 from xenblockctl.backend.io import DeviceTarget, Executor
-from xenblockctl.backend.requests import DeviceLimits, IoPlan, Kind, Rejection, validate_slot
+from xenblockctl.backend.requests import BARRIER, READ, DeviceLimits, IoPlan, Rejection, validate_slot
 from xenblockctl.backend.ring import BackRing, RingBroken
 from xenblockctl.backend.transport.base import (
     EventChannel,
@@ -225,9 +225,10 @@ class DataPlane:
         if not count:
             return 0
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
+        read_indirect = self._read_indirect
         answers: list[tuple[int, int, int]] = []
         for offset in range(0, count * entry, entry):
-            verdict = validate_slot(abi, data, offset, limits, self._read_indirect)
+            verdict = validate_slot(abi, data, offset, limits, read_indirect)
             if isinstance(verdict, Rejection):
                 log.debug("%s: rejected id %d: %s", self.name, verdict.id, verdict.reason)
                 with self._lock:
@@ -235,7 +236,7 @@ class DataPlane:
                     self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
                 answers.append((verdict.id, verdict.operation, verdict.status))
                 continue
-            if verdict.kind is Kind.BARRIER and answers:
+            if verdict.kind is BARRIER and answers:
                 self._answer(answers)  # the barrier blocks this thread: do not hold finished answers
                 answers = []
             status = self._start(verdict)
@@ -277,7 +278,7 @@ class DataPlane:
         bufs: list[memoryview] = []
         if plan.grefs:
             # guest READ: we write into its pages, so they must be mapped writable
-            writable = plan.kind is Kind.READ
+            writable = plan.kind is READ
             try:
                 if self._grants is not None:
                     bufs = self._grants.iovecs(plan.grefs, plan.extents, writable=writable)
@@ -289,7 +290,7 @@ class DataPlane:
                     mapping.unmap()
                 log.debug("%s: id %d: %s", self.name, plan.id, exc)
                 return blkif.RSP_ERROR
-        if plan.kind is Kind.BARRIER:
+        if plan.kind is BARRIER:
             # a barrier is ordered against everything: nothing before it may still run, nothing after
             # it may start before it completes (the ring thread blocks here)
             self.executor.drain()

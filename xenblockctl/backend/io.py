@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from xenblockctl.backend import blkif
-from xenblockctl.backend.requests import DeviceLimits, IoPlan, Kind
+from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, WRITE, DeviceLimits, IoPlan, Kind
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockDevice
 
@@ -228,28 +228,28 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
             log.error("refusing I/O: %s", refused)
             return blkif.RSP_ERROR
         kind = plan.kind
-        if kind is Kind.READ:
+        if kind is READ:
             _full_vectored(os.preadv, target.fd, bufs, plan.offset, plan.length)
-        elif kind is Kind.WRITE:
+        elif kind is WRITE:
             _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
-        elif kind in (Kind.FLUSH, Kind.BARRIER):
+        elif kind in (FLUSH, BARRIER):
             if bufs:
                 # REQ_PREFLUSH | REQ_FUA semantics: earlier writes durable first, then this one
                 os.fdatasync(target.fd)
                 _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
             os.fdatasync(target.fd)
-        elif kind is Kind.DISCARD:
+        elif kind is DISCARD:
             _discard(target, plan.offset, plan.length, plan.secure)
         return blkif.RSP_OKAY
     except OSError as exc:
-        if exc.errno == errno.EOPNOTSUPP and plan.kind is Kind.DISCARD:
+        if exc.errno == errno.EOPNOTSUPP and plan.kind is DISCARD:
             return blkif.RSP_EOPNOTSUPP
         log.warning("%s of %d bytes at %d failed: %s", plan.kind.value, plan.length, plan.offset, exc)
         return blkif.RSP_ERROR
 
 
 #: kinds that can be tried with RWF_NOWAIT on the ring thread before falling back to a worker
-_NOWAIT_KINDS: Final = (Kind.READ, Kind.WRITE)
+_NOWAIT_KINDS: Final = (READ, WRITE)
 #: larger requests go to the workers even when cached: copying 1 MiB takes ~100 µs, long enough
 #: that several copies in parallel (the GIL is released) beat one after another on the ring thread,
 #: while up to here the hand-off to a worker costs more than the copy (measured: bench/README.md)
@@ -269,7 +269,7 @@ def execute_nowait(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -
     """
     if _out_of_bounds(target, plan, bufs) is not None:
         return None  # execute() refuses it and logs
-    call = os.preadv if plan.kind is Kind.READ else os.pwritev
+    call = os.preadv if plan.kind is READ else os.pwritev
     try:
         n = call(target.fd, bufs, plan.offset, os.RWF_NOWAIT)
     except BlockingIOError:

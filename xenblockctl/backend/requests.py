@@ -26,6 +26,15 @@ class Kind(enum.Enum):
     DISCARD = "discard"
 
 
+# The members as module constants for the per-request paths: on CPython 3.11 each `Kind.X` there is
+# a metaclass attribute lookup (~0.1 µs), and the data plane compares kinds several times a request.
+READ: Final = Kind.READ
+WRITE: Final = Kind.WRITE
+FLUSH: Final = Kind.FLUSH
+BARRIER: Final = Kind.BARRIER
+DISCARD: Final = Kind.DISCARD
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceLimits:
     """What the device is and what we advertised; every check is against this."""
@@ -93,10 +102,10 @@ Verdict = IoPlan | Rejection
 IndirectReader = Callable[[Sequence[int]], bytes]
 
 _KIND_OF: Final = {
-    blkif.OP_READ: Kind.READ,
-    blkif.OP_WRITE: Kind.WRITE,
-    blkif.OP_FLUSH_DISKCACHE: Kind.FLUSH,
-    blkif.OP_WRITE_BARRIER: Kind.BARRIER,
+    blkif.OP_READ: READ,
+    blkif.OP_WRITE: WRITE,
+    blkif.OP_FLUSH_DISKCACHE: FLUSH,
+    blkif.OP_WRITE_BARRIER: BARRIER,
 }
 _SEGMENT: Final = blkif.SEGMENT_STRUCT
 _ID: Final = struct.Struct("=Q")
@@ -163,15 +172,15 @@ def _check_segments(
 ) -> Verdict:
     """READ/WRITE/FLUSH/BARRIER with `desc` = the copied descriptors actually present (<= 11)."""
     kind = _KIND_OF[op]
-    if kind is Kind.FLUSH and not limits.flush:
+    if kind is FLUSH and not limits.flush:
         return Rejection(rid, op, blkif.RSP_EOPNOTSUPP, "flush not advertised")
-    if kind is Kind.BARRIER and not limits.barrier:
+    if kind is BARRIER and not limits.barrier:
         return Rejection(rid, op, blkif.RSP_EOPNOTSUPP, "barrier not advertised")
     if nseg > blkif.MAX_SEGMENTS_PER_REQUEST:
         return Rejection(rid, op, blkif.RSP_ERROR, f"nr_segments {nseg} > {blkif.MAX_SEGMENTS_PER_REQUEST}")
-    if nseg == 0 and (kind is Kind.READ or kind is Kind.WRITE):
+    if nseg == 0 and (kind is READ or kind is WRITE):
         return Rejection(rid, op, blkif.RSP_ERROR, "read/write without segments")
-    if limits.read_only and kind is not Kind.READ:
+    if limits.read_only and kind is not READ:
         return Rejection(rid, op, blkif.RSP_ERROR, "write to a read-only device")
     return _plan(rid, op, kind, sector, desc, limits=limits)
 
@@ -196,7 +205,7 @@ def _check_indirect(
             rid, op, blkif.RSP_ERROR, f"indirect nr_segments {nseg} outside 1..{limits.max_indirect_segments}"
         )
     kind = _KIND_OF[op]
-    if limits.read_only and kind is Kind.WRITE:
+    if limits.read_only and kind is WRITE:
         return Rejection(rid, op, blkif.RSP_ERROR, "write to a read-only device")
     pages = blkif.indirect_pages_needed(nseg)  # <= 8 because nseg <= advertised <= 4096
     try:
@@ -278,6 +287,4 @@ def _check_discard(rid: int, flag: int, sector: int, nr_sectors: int, limits: De
     if (sector | nr_sectors) & (limits.logical_block_size // blkif.SECTOR_SIZE - 1):
         return Rejection(rid, op, blkif.RSP_ERROR, "discard not aligned to the block size")
     secure = bool(flag & blkif.DISCARD_SECURE) and limits.discard_secure
-    return IoPlan(
-        rid, op, Kind.DISCARD, sector * blkif.SECTOR_SIZE, nr_sectors * blkif.SECTOR_SIZE, secure=secure
-    )
+    return IoPlan(rid, op, DISCARD, sector * blkif.SECTOR_SIZE, nr_sectors * blkif.SECTOR_SIZE, secure=secure)
