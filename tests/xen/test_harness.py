@@ -349,3 +349,11 @@ def test_last_run_is_kept_outside_pytest_tmp(tmp_path: Path) -> None:
     (run.share / "results" / "01_ok.json").unlink()
     vm.keep_last_run(run, dest)
     assert not (dest / "results" / "01_ok.json").exists(), "each run replaces the previous one"
+
+
+def test_guest_timeout_covers_the_scenarios_but_is_capped(tmp_path: Path) -> None:
+    path = vm.SCENARIO_DIR / "01_x.sh"  # staged paths are relative to the checkout; never read
+    few = [vm.Scenario("01_a", path, 100)]
+    assert 130 < vm.stage(tmp_path / "s1", few) < vm.GUEST_TIMEOUT_CAP
+    many = [vm.Scenario(f"{i:02d}_x", path, 600) for i in range(20)]
+    assert vm.stage(tmp_path / "s2", many) == vm.GUEST_TIMEOUT_CAP

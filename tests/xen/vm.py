@@ -38,6 +38,8 @@ TIMEOUT_HEADER = re.compile(r"^#\s*xenci-timeout:\s*(\d+)\s*$", re.M)
 DEFAULT_SCENARIO_TIMEOUT = 240
 #: QEMU start -> "ready" marker. Idle it takes ~20 s; TCG on a loaded 2-core host is much slower.
 BOOT_TIMEOUT = 600.0
+#: However many scenarios there are, a hung dom0 must not eat CI's 90-minute budget.
+GUEST_TIMEOUT_CAP = 1800
 READY_MARKER = "XENCI: ready"
 RESULT_MARKER = re.compile(r"XENCI: RESULT (\S+) (\S+)")
 PR_SET_PDEATHSIG = 1
@@ -137,7 +139,7 @@ def stage(share: Path, scenarios: list[Scenario]) -> int:
     test_sh.chmod(0o755)
     # Per-scenario limits, room for the runner's leak checks and clean-ups, and for copying and
     # compiling the checkout.
-    return sum(s.timeout + 30 for s in scenarios) + 360
+    return min(sum(s.timeout + 30 for s in scenarios) + 360, GUEST_TIMEOUT_CAP)
 
 
 def qemu_argv(image: Dom0Image, share: Path, serial: Path, guest_timeout: int) -> list[str]:
