@@ -10,8 +10,8 @@ itself, 3072 bytes absolute and 2048 relative; paths starting with `@` are watch
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from xenblockctl.xenstore.errors import XenstoreInvalid, XenstoreTooBig
 
@@ -106,17 +106,21 @@ class Access(StrEnum):
     BOTH = "b"
 
 
-@dataclass(frozen=True)
-class Perm:
-    """One ACL entry. The first entry of a node's list names its owner and the default for every
-    domain not listed; the owner always has both read and write."""
-
+class _PermFields(NamedTuple):
     access: Access
     domid: int
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.domid <= DOMID_MAX:
-            raise XenstoreInvalid(f"domid {self.domid} out of range 0..{DOMID_MAX}")
+
+class Perm(_PermFields):
+    """One ACL entry. The first entry of a node's list names its owner and the default for every
+    domain not listed; the owner always has both read and write."""
+
+    __slots__ = ()
+
+    def __new__(cls, access: Access, domid: int) -> Perm:
+        if not 0 <= domid <= DOMID_MAX:
+            raise XenstoreInvalid(f"domid {domid} out of range 0..{DOMID_MAX}")
+        return super().__new__(cls, access, domid)
 
     @classmethod
     def parse(cls, text: str) -> Perm:

@@ -26,8 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from pyxs._internal import Packet
 from pyxs.client import Router
@@ -52,8 +51,7 @@ class _Lost:
 LOST: Final = _Lost()
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """One place to try: a Unix socket of a xenstored, or the xenbus character device."""
 
     kind: str  # "socket" | "xenbus"

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.errors import XenstoreNoEntry
@@ -79,24 +78,30 @@ def _devid(text: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class BackendPath:
-    """`backend/<kind>/<domid>/<devid>` of a vbd; `backend_domid` is known only when parsed from
-    the absolute form (or given), since libxl's XENBUS_PATH is relative to the backend's home."""
-
+class _BackendPathFields(NamedTuple):
     kind: str
     domid: int
     devid: int
     backend_domid: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.kind not in BACKEND_KINDS:
-            raise VbdPathError(f"backend kind {self.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
-        for what, value in (("frontend domid", self.domid), ("backend domid", self.backend_domid)):
+
+class BackendPath(_BackendPathFields):
+    """`backend/<kind>/<domid>/<devid>` of a vbd; `backend_domid` is known only when parsed from
+    the absolute form (or given), since libxl's XENBUS_PATH is relative to the backend's home.
+
+    Records here are NamedTuples, not dataclasses: the module is on the hotplug import path."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, domid: int, devid: int, backend_domid: int | None = None) -> BackendPath:
+        if kind not in BACKEND_KINDS:
+            raise VbdPathError(f"backend kind {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+        for what, value in (("frontend domid", domid), ("backend domid", backend_domid)):
             if value is not None and not 0 <= value < DOMID_FIRST_RESERVED:
                 raise VbdPathError(f"{what} {value} outside 0..{DOMID_FIRST_RESERVED - 1}")
-        if not 0 < self.devid < RESERVED:
-            raise VbdPathError(f"devid {self.devid} outside 1..{RESERVED - 1}")
+        if not 0 < devid < RESERVED:
+            raise VbdPathError(f"devid {devid} outside 1..{RESERVED - 1}")
+        return super().__new__(cls, kind, domid, devid, backend_domid)
 
     @classmethod
     def parse(cls, text: str) -> BackendPath:
@@ -169,8 +174,7 @@ def _kind(kind: str) -> str:
     return kind
 
 
-@dataclass(frozen=True)
-class FrontendPath:
+class FrontendPath(NamedTuple):
     """`/local/domain/<domid>/device/vbd/<devid>`."""
 
     domid: int
@@ -208,13 +212,12 @@ def format_physical_device(major: int, minor: int) -> str:
     return f"{major:x}:{minor:x}"
 
 
-@dataclass(frozen=True)
-class BackendRecord:
+class BackendRecord(NamedTuple):
     """The nodes of one backend directory that xenblockctl acts on, typed; `raw` holds all of them.
     Absent nodes are None: `remove` runs on directories whose `add` never got far."""
 
     path: BackendPath
-    raw: Mapping[str, str] = field(repr=False)
+    raw: Mapping[str, str]
     frontend: str | None
     frontend_id: int | None
     params: str | None

@@ -17,7 +17,7 @@ written without digits. Numbers of 2 << 28 and above are reserved.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 
@@ -61,23 +61,29 @@ def letters_to_disk(letters: str) -> int:
     return n - 1
 
 
-@dataclass(frozen=True)
-class Vdev:
-    """A virtual block device: naming scheme, disk index (0-based) and partition (0 = whole)."""
-
+class _VdevFields(NamedTuple):
     scheme: str  # "xvd" | "sd" | "hd"
     disk: int
     partition: int = 0
 
-    def __post_init__(self) -> None:
+
+class Vdev(_VdevFields):
+    """A virtual block device: naming scheme, disk index (0-based) and partition (0 = whole).
+
+    A NamedTuple rather than a dataclass: this module is on the hotplug script's import path."""
+
+    __slots__ = ()
+
+    def __new__(cls, scheme: str, disk: int, partition: int = 0) -> Vdev:
         limits = {"xvd": (XVD_EXT_DISKS, XVD_EXT_PARTS), "sd": (16, 16), "hd": (4, 64)}
-        if self.scheme not in limits:
-            raise VdevError(f"unknown vdev scheme {self.scheme!r}")
-        disks, parts = limits[self.scheme]
-        if not 0 <= self.disk < disks:
-            raise VdevError(f"{self.scheme}: disk index {self.disk} outside 0..{disks - 1}")
-        if not 0 <= self.partition < parts:
-            raise VdevError(f"{self.scheme}: partition {self.partition} outside 0..{parts - 1}")
+        if scheme not in limits:
+            raise VdevError(f"unknown vdev scheme {scheme!r}")
+        disks, parts = limits[scheme]
+        if not 0 <= disk < disks:
+            raise VdevError(f"{scheme}: disk index {disk} outside 0..{disks - 1}")
+        if not 0 <= partition < parts:
+            raise VdevError(f"{scheme}: partition {partition} outside 0..{parts - 1}")
+        return super().__new__(cls, scheme, disk, partition)
 
     @property
     def name(self) -> str:
