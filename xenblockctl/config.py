@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 
@@ -33,8 +33,7 @@ class ConfigError(XenblockError):
     code = "bad-config"
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     section: str
     name: str
     kind: str  # "seconds" | "bool" | "str" | "choice"
@@ -186,8 +185,7 @@ BY_KEY: dict[str, Option] = {opt.key: opt for opt in OPTIONS}
 BY_ENV: dict[str, Option] = {opt.env: opt for opt in OPTIONS}
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(NamedTuple):
     option: Option
     value: float | bool | str
     source: str  # "default" | a file path | "env NAME"
