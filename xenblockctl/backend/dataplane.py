@@ -6,6 +6,13 @@ publishes Connected. On teardown (frontend Closing/Closed, `online`=0) it calls 
 takes no new requests, drains in-flight I/O, pushes the last responses, and unmaps the ring. The
 device fd is the engine's: a frontend reconnect creates a new DataPlane on the same DeviceTarget.
 
+Per ring pass the thread copies up to 64 request slots out of shared memory in one go, validates
+each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
+io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
+pass are published with one push and at most one event, as the frontend's rsp_event asks; workers
+answer their own requests as they complete. On the local transport the data pages are slices of the
+frontend's whole grant table, mapped once (transport.base.PersistentGrants).
+
 If the frontend breaks the ring (impossible indices) the thread stops taking requests and calls
 `on_broken(reason)`; the engine should then write the error node and go to Closing, like
 `xenbus_dev_fatal()`.

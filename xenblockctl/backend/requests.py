@@ -1,4 +1,7 @@
-"""Validate one decoded (already copied) request against the device before any I/O.
+"""Validate one (already copied) request against the device before any I/O.
+
+Two entry points share one set of rules: `validate` for a decoded blkif.Request, `validate_slot`
+for the raw copied ring slot (the data plane: it builds no Request object on the way).
 
 The output is either an `IoPlan` (byte offsets on the device, page-relative segments) or a
 `Rejection` carrying the status to answer with. Nothing here raises for guest input: a bad request
