@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tests.dm.libxl_guest import Backend, Lane
 from xenblockctl.kernel import dm, loop, sysfs
 from xenblockctl.kernel.blockdev import identify, open_devt
 from xenblockctl.kernel.dm_abi import DM_DATA_START, Cmd, DmIoctl, Flag, Target, request
@@ -617,8 +618,290 @@ def timing_create_to_armed() -> dict[str, object]:
     }
 
 
+# --- the block script against xenstored in the guest (tests/dm/libxl_guest.py) ---------------------
+
+
+def _admin_stack(ctl: dm.DmControl, lo: loop.LoopDevice, name: str, uuid: str) -> dm.DeviceStatus:
+    return _admin_device(ctl, name, _linear(lo.identity.devt, lo.identity.sectors), uuid)
+
+
+def _assert_published(nodes: dict[str, str], st: dm.DeviceStatus) -> int:
+    """physical-device names the dm device, physical-device-luid its diskseq; returns the diskseq."""
+    seq = sysfs.read_attr(st.major, st.minor, "diskseq")
+    assert seq is not None, "no diskseq in sysfs"
+    assert nodes.get("physical-device") == f"{st.major:x}:{st.minor:x}", nodes
+    assert nodes.get("physical-device-luid") == f"{int(seq):x}", (nodes, seq)
+    return int(seq)
+
+
+def script_named_targets() -> dict[str, object]:
+    """/dev/mapper/NAME, /dev/VG/LV and uuid: through the block script as libxl runs it. The guest
+    has no udev, so /dev/mapper/NAME does not exist as a node: the script asks the kernel."""
+    pattern = b"XBC-NAMED" * 455 + b"X"
+    backing = _file("named.img", 8 * MIB, pattern[:4096])
+    timings: dict[str, object] = {}
+    with _ctl() as ctl, _loop(backing) as lo, Lane() as lane:
+        st = _admin_stack(ctl, lo, "vg1-lv--named", "LVM-xbcnamed")
+        lv = Path("/dev/vg1/lv-named")  # what udev would link for LVM
+        lv.parent.mkdir()
+        lv.symlink_to(f"../{sysfs.kernel_name(st.major, st.minor)}")
+        try:
+            assert not Path("/dev/mapper/vg1-lv--named").exists()
+            be = lane.create_backend(11, "/dev/mapper/vg1-lv--named", "w")
+            consumer = lane.consumer(be, writable=True)
+            t0 = time.monotonic()
+            result = lane.run("add", be)
+            timings["mapper_add_s"] = round(time.monotonic() - t0, 2)
+            assert result.returncode == 0, result.stderr
+            held = consumer.wait_opened()
+            nodes = lane.nodes(be)
+            _assert_published(nodes, st)
+            assert nodes["physical-device-path"] == "/dev/mapper/vg1-lv--named", nodes
+            assert nodes["xenblockctl-owner"].startswith("v1 kind=device "), nodes
+            assert nodes["hotplug-status"] == "connected"
+            assert os.pread(held.fd, 4096, 0) == pattern[:4096]
+            consumer.release()
+            lane.forget(be)  # detached: libxl deletes the backend (its claim would still count)
+            # LVM path (read-only) and uuid: (read-only) may share the device; run side by side.
+            be_lv = lane.create_backend(12, str(lv), "r")
+            be_uuid = lane.create_backend(13, "uuid:LVM-xbcnamed", "r")
+            consumers = [lane.consumer(b, writable=False) for b in (be_lv, be_uuid)]
+            for result in _run_together(lane, "add", [be_lv, be_uuid]):
+                assert result.returncode == 0, result.stderr
+            for b, c in zip((be_lv, be_uuid), consumers, strict=True):
+                c.wait_opened()
+                _assert_published(lane.nodes(b), st)
+            assert lane.nodes(be_lv)["physical-device-path"] == str(lv)
+            assert lane.nodes(be_uuid)["physical-device-path"] == f"/dev/dm-{st.minor}"
+            # A writable attach of the same device is refused while they hold it; an unknown uuid
+            # is a coded error. Nothing published in either case.
+            be_w = lane.create_backend(14, "/dev/mapper/vg1-lv--named", "w")
+            be_x = lane.create_backend(15, "uuid:LVM-nonexistent", "r")
+            for result in _run_together(lane, "add", [be_w, be_x]):
+                assert result.returncode == 1, result.stderr
+            assert lane.nodes(be_w)["hotplug-status"] == "busy", lane.nodes(be_w)
+            assert lane.nodes(be_x)["hotplug-error"].startswith("dm-missing: "), lane.nodes(be_x)
+            for b in (be_w, be_x):
+                assert "physical-device" not in lane.nodes(b)
+        finally:
+            lane.close()
+            lv.unlink()
+            lv.parent.rmdir()
+            ctl.remove(name="vg1-lv--named")
+    return timings
+
+
+def _run_together(lane: Lane, action: str, backends: list[Backend]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent script runs side by side (two vCPUs; Python start-up dominates under TCG)."""
+    procs = [lane.popen(action, be) for be in backends]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def _race(change: Callable[[dm.DmControl, dm.DeviceStatus, list[Target]], None], domid: int) -> str:
+    """The script resolves /dev/mapper/xbc-race, stops; `change` renames or re-creates the device;
+    the script goes on and must refuse (on the device it opened), publishing nothing."""
+    backing = _file("race.img", 4 * MIB)
+    with _ctl() as ctl, _loop(backing) as lo, Lane() as lane:
+        table = _linear(lo.identity.devt, lo.identity.sectors)
+        st = _admin_device(ctl, "xbc-race", table, "ADMIN-RACE-1")
+        try:
+            be = lane.create_backend(domid, "/dev/mapper/xbc-race", "w")
+            paused = lane.stopped_at("add-dm-resolved", be)
+            change(ctl, st, table)
+            result = paused.cont()
+            assert result.returncode == 1, (result.returncode, result.stderr)
+            nodes = lane.nodes(be)
+            assert "physical-device" not in nodes, nodes
+            assert nodes["hotplug-status"] == "error", nodes
+            return nodes["hotplug-error"]
+        finally:
+            for entry in ctl.list_devices():
+                with contextlib.suppress(dm.DmError):
+                    ctl.remove(name=entry.name)
+
+
+def script_rename_race_refused() -> dict[str, object]:
+    def rename(ctl: dm.DmControl, st: dm.DeviceStatus, table: list[Target]) -> None:
+        ctl.rename("xbc-race", "xbc-race-renamed")
+
+    error = _race(rename, 21)
+    assert error.startswith("dm-identity: "), error
+    assert "xbc-race-renamed" in error, error
+    return {"hotplug_error": error}
+
+
+def script_recreate_race_refused() -> dict[str, object]:
+    """Removed and re-created with the same name on the same minor: only the uuid tells."""
+
+    def recreate(ctl: dm.DmControl, st: dm.DeviceStatus, table: list[Target]) -> None:
+        ctl.remove(name="xbc-race")
+        _admin_device(ctl, "xbc-race", table, "ADMIN-RACE-2", dev=st.dev)
+
+    error = _race(recreate, 22)
+    assert error.startswith("dm-identity: "), error
+    assert "ADMIN-RACE-2" in error, error
+    return {"hotplug_error": error}
+
+
+def _tag_loops(domid: int) -> dict[str, int]:
+    """Our snapshot loops for this domid: {"base": number, "cow": number}."""
+    found = {}
+    for bound in loop.bound_loops():
+        parts = bound.status.tag.split(":")
+        if len(parts) == 4 and parts[1] == str(domid):
+            found[parts[3]] = bound.number
+    return found
+
+
+def script_snapshot_volatile() -> dict[str, object]:
+    """snapshot:BASE through the script: the consumer's writes never reach the base, and its close
+    removes the dm device, then both loops (and the COW's space)."""
+    base_path = _file("vbase.img", 8 * MIB, b"B" * 4096)
+    baseline = _tmp_free_bytes()
+    with _ctl() as ctl, Lane() as lane:
+        be = lane.create_backend(31, f"snapshot:{base_path}", "w")
+        consumer = lane.consumer(be, writable=True)
+        t0 = time.monotonic()
+        result = lane.run("add", be)
+        add_s = time.monotonic() - t0
+        assert result.returncode == 0, result.stderr
+        held = consumer.wait_opened()
+        nodes = lane.nodes(be)
+        owner = nodes["xenblockctl-owner"].split()
+        assert owner[:2] == ["v1", "kind=dm"], owner
+        uuid = next(w for w in owner if w.startswith("uuid=")).removeprefix("uuid=")
+        assert uuid.startswith(dm.OWNED_UUID_PREFIX), uuid
+        st = ctl.status(uuid=uuid)
+        _assert_published(nodes, st)
+        assert held.identity.devt == st.dev
+        assert nodes["physical-device-path"] == f"/dev/dm-{st.minor}", nodes
+        # the script has exited: the consumer is the only holder, deferred remove armed
+        assert (st.open_count, st.deferred_remove, st.active) == (1, True, True), st
+        loops = _tag_loops(31)
+        assert sorted(loops) == ["base", "cow"], loops
+        assert dm.dm_holders(7, loops["base"]) == [st.name]
+        assert dm.dm_holders(7, loops["cow"]) == [st.name]
+        assert sysfs.read_attr(7, loops["base"], "ro") == "1"
+        cow_backing = sysfs.read_attr(7, loops["cow"], "loop/backing_file") or ""
+        assert cow_backing.endswith("(deleted)"), f"COW file is linked: {cow_backing}"
+        # the guest writes through the consumer's fd
+        assert held.identity.size_bytes == 8 * MIB
+        assert os.pread(held.fd, 4096, 4096) == b"B" * 4096
+        os.pwrite(held.fd, b"W" * 4096, 4096)
+        os.pwrite(held.fd, b"G" * (2 * MIB), 2 * MIB)
+        os.fsync(held.fd)
+        assert os.pread(held.fd, 4096, 4096) == b"W" * 4096
+        with open(base_path, "rb") as f:
+            assert f.read() == b"B" * (8 * MIB), "a guest write reached the base image"
+        cow_used = baseline - _tmp_free_bytes()
+        assert cow_used >= 2 * MIB, f"COW holds only {cow_used} bytes after 2 MiB of writes"
+        # the base is in use read-only: a writable attach of it is refused
+        be_w = lane.create_backend(32, str(base_path), "w")
+        assert lane.run("add", be_w).returncode == 1
+        assert lane.nodes(be_w)["hotplug-status"] == "busy", lane.nodes(be_w)
+        # detach: the consumer closes; dm goes, then the loops, then the COW's blocks
+        consumer.release()
+        released = time.monotonic()
+        _wait_until(_gone(ctl, uuid=uuid), timeout=3.0)
+        dm_ms = (time.monotonic() - released) * 1000
+        _wait_until(_loop_unbound(loops["cow"]), timeout=3.0)
+        _wait_until(_loop_unbound(loops["base"]), timeout=3.0)
+        loops_ms = (time.monotonic() - released) * 1000
+        _wait_until(lambda: baseline - _tmp_free_bytes() < 256 * 1024, timeout=3.0)
+        assert lane.run("remove", be).returncode == 0
+        assert not any(k.startswith("physical-device") for k in lane.nodes(be))
+        with open(base_path, "rb") as f:
+            assert f.read() == b"B" * (8 * MIB)
+    return {
+        "add_s": round(add_s, 2),
+        "dm_gone_after_close_ms": round(dm_ms, 1),
+        "loops_gone_after_close_ms": round(loops_ms, 1),
+        "cow_bytes_while_live": cow_used,
+    }
+
+
+def script_loop_under_dm_refused() -> dict[str, object]:
+    backing = _file("stacked.img", 4 * MIB)
+    with _ctl() as ctl, _loop(backing) as lo, Lane() as lane:
+        _admin_stack(ctl, lo, "xbc-stacked", "ADMIN-STACKED")
+        try:
+            be = lane.create_backend(41, f"/dev/loop{lo.number}", "w")
+            result = lane.run("add", be)
+            assert result.returncode == 1, result.stderr
+            nodes = lane.nodes(be)
+            assert nodes["hotplug-status"] == "busy", nodes
+            error = nodes["hotplug-error"]
+            assert error.startswith("busy: "), error
+            assert "dm device 'xbc-stacked'" in error, error
+            assert "physical-device" not in nodes
+        finally:
+            ctl.remove(name="xbc-stacked")
+    return {"hotplug_error": error}
+
+
+def script_killed_in_snapshot_window() -> dict[str, object]:
+    """SIGKILL (libxl's 40 s timeout) inside snapshot creation. After DM_DEV_CREATE or after the
+    table load, before deferred remove is armed, our device leaks: the engine's start-up sweep
+    removes it, and its loops follow. Killed after publishing (armed), nothing is left at all."""
+    base_path = _file("kbase.img", 4 * MIB, b"K" * 4096)
+    baseline = _tmp_free_bytes()
+    with _ctl() as ctl, Lane() as lane:
+        leaked: dict[str, dm.DeviceStatus] = {}
+        for domid, point in ((51, "add-dm-created"), (52, "add-dm-loaded")):
+            be = lane.create_backend(domid, f"snapshot:{base_path}", "w")
+            paused = lane.stopped_at(point, be)
+            paused.kill()
+            ours = [e for e in ctl.list_devices() if e.name.startswith(f"xenblockctl-{domid}-")]
+            assert len(ours) == 1, ctl.list_devices()
+            st = ctl.status(name=ours[0].name)
+            assert st.uuid.startswith(dm.OWNED_UUID_PREFIX), st
+            assert (st.open_count, st.deferred_remove) == (0, False), st
+            assert "physical-device" not in lane.nodes(be)
+            leaked[point] = st
+        # the table references both loops, so they outlive the killed script
+        held_loops = _tag_loops(52)
+        assert sorted(held_loops) == ["base", "cow"], held_loops
+        # killed after arming: the script's fd was the last holder, so everything unwinds
+        be = lane.create_backend(53, f"snapshot:{base_path}", "w")
+        proc = lane.popen("add", be)  # no consumer: it waits for the hand-off
+        _wait_until(lambda: "physical-device" in lane.nodes(be), timeout=30.0)
+        proc.kill()
+        proc.communicate(timeout=10)
+        _wait_until(lambda: not [e for e in ctl.list_devices() if e.name.startswith("xenblockctl-53-")], 3.0)
+        _wait_until(lambda: not _tag_loops(53), timeout=3.0)
+        # engine start-up sweeps the two leaks (the backends go first: the engine would serve them)
+        for be_done in lane.backends:
+            lane.forget(be_done)
+        t0 = time.monotonic()
+        engine = lane.start_engine()
+        engine_s = time.monotonic() - t0
+        for st in leaked.values():
+            assert _gone(ctl, uuid=st.uuid)(), f"engine start did not sweep {st.name}"
+        _wait_until(lambda: not _tag_loops(52), timeout=3.0)
+        _wait_until(lambda: baseline - _tmp_free_bytes() < 256 * 1024, timeout=3.0)
+        engine.send_signal(signal.SIGTERM)
+        _out, err = engine.communicate(timeout=30)
+        assert engine.returncode == 0, err
+        assert "removed leaked dm device" in err, err
+    return {"engine_start_s": round(engine_s, 2), "swept": [st.name for st in leaked.values()]}
+
+
 #: Guest-side limits in seconds (default 90); timing runs ~150 iterations incl. dmsetup processes.
-TIMEOUTS = {"timing_create_to_armed": 300}
+#: The script_* scenarios start Python processes (seconds each under TCG, several times that on a
+#: loaded host: 63 s measured for script_snapshot_volatile at load 8 on 2 cores).
+TIMEOUTS = {
+    "timing_create_to_armed": 300,
+    "script_named_targets": 240,
+    "script_rename_race_refused": 180,
+    "script_recreate_race_refused": 180,
+    "script_snapshot_volatile": 180,
+    "script_loop_under_dm_refused": 180,
+    "script_killed_in_snapshot_window": 240,
+}
 
 SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
     f.__name__: f
@@ -635,6 +918,12 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         snapshot_volatile,
         killed_holder_unwinds_stack,
         capture_buffers,
+        script_named_targets,
+        script_rename_race_refused,
+        script_recreate_race_refused,
+        script_snapshot_volatile,
+        script_loop_under_dm_refused,
+        script_killed_in_snapshot_window,
         timing_create_to_armed,
     )
 }

@@ -52,7 +52,9 @@ for w in $(cat /proc/cmdline); do
   esac
 done
 mkdir -p /newroot
-if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /newroot; then
+# cache=loose: the host tree is a fixed snapshot for one boot, so the guest may keep dentries and
+# pages; uncached 9p made every Python start-up cost ~380 host stats (5.4 s under TCG, 1.4 s cached).
+if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /newroot; then
   mount -t proc proc /newroot/proc
   mount -t sysfs sysfs /newroot/sys
   mount -t devtmpfs devtmpfs /newroot/dev
@@ -292,7 +294,7 @@ def boot(
     qemu: str,
     python: str,
     select: str = "all",
-    timeout: float = 600.0,
+    timeout: float = 900.0,
     memory_mb: int = 1024,
 ) -> BootResult:
     """Boot once, run the selected guest scenarios, always reap QEMU. Never raises on guest failure:
