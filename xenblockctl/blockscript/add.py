@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.blockscript import faults, handoff, sharing
 from xenblockctl.blockscript.locks import target_lock
@@ -57,8 +57,7 @@ class AlreadyPublished(XenblockError):
     code = "already-published"
 
 
-@dataclass(frozen=True)
-class AddResult:
+class AddResult(NamedTuple):
     physical_device: str
     luid: str
     device_path: str
@@ -137,8 +136,7 @@ def _validate(nodes: dict[str, str]) -> tuple[str, str]:
     return mode, params
 
 
-@dataclass(frozen=True)
-class _Claimed:
+class _Claimed(NamedTuple):
     """The device we publish (held until the consumer has it), its record and its shown path."""
 
     device: BlockDevice

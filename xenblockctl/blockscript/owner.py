@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
@@ -38,8 +38,7 @@ class OwnerRecordError(XenblockError):
     code = "owner-record-invalid"
 
 
-@dataclass(frozen=True)
-class OwnerRecord:
+class OwnerRecord(NamedTuple):
     kind: str  # "loop" | "device" | "dm"
     major: int
     minor: int
@@ -80,7 +79,7 @@ class OwnerRecord:
         )
 
     def with_autoclear(self, on: bool) -> OwnerRecord:
-        return replace(self, autoclear=on)
+        return self._replace(autoclear=on)
 
     def format(self) -> str:
         parts = [

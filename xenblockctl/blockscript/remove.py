@@ -7,7 +7,7 @@ record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.add import PUBLISHED
@@ -21,8 +21,7 @@ from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
 
-@dataclass(frozen=True)
-class RemoveResult:
+class RemoveResult(NamedTuple):
     detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
 
 

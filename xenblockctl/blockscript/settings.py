@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl import config
 from xenblockctl.errors import XenblockError
@@ -18,8 +18,7 @@ class SettingsError(XenblockError):
     code = "bad-setting"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     #: How long `add` holds the device waiting for its consumer. libxl SIGKILLs us at 40 s.
     handoff_timeout: float = 30.0
     #: Per-request xenstore deadline.
@@ -35,12 +34,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         env = config.overlay(env)  # raises ConfigError (bad-config) for a malformed file
+        d = cls._field_defaults
         return cls(
-            handoff_timeout=_seconds(env, "XENBLOCKCTL_HANDOFF_TIMEOUT", cls.handoff_timeout, 0.1, 35.0),
-            xenstore_timeout=_seconds(env, "XENBLOCKCTL_XENSTORE_TIMEOUT", cls.xenstore_timeout, 0.1, 38.0),
-            lock_timeout=_seconds(env, "XENBLOCKCTL_LOCK_TIMEOUT", cls.lock_timeout, 0.1, 38.0),
-            kernel_autoclear=_flag(env, "XENBLOCKCTL_KERNEL_AUTOCLEAR", cls.kernel_autoclear),
-            direct_io=_flag(env, "XENBLOCKCTL_DIRECT_IO", cls.direct_io),
+            handoff_timeout=_seconds(env, "XENBLOCKCTL_HANDOFF_TIMEOUT", d["handoff_timeout"], 0.1, 35.0),
+            xenstore_timeout=_seconds(env, "XENBLOCKCTL_XENSTORE_TIMEOUT", d["xenstore_timeout"], 0.1, 38.0),
+            lock_timeout=_seconds(env, "XENBLOCKCTL_LOCK_TIMEOUT", d["lock_timeout"], 0.1, 38.0),
+            kernel_autoclear=_flag(env, "XENBLOCKCTL_KERNEL_AUTOCLEAR", d["kernel_autoclear"]),
+            direct_io=_flag(env, "XENBLOCKCTL_DIRECT_IO", d["direct_io"]),
         )
 
 

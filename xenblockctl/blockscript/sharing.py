@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.errors import XenblockError
@@ -30,8 +30,7 @@ class SharingConflict(XenblockError):
     code = "busy"
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """Someone uses a file or device. `diskseq` None = unknown (stock script, mounts)."""
 
     where: str
@@ -41,8 +40,7 @@ class Claim:
     diskseq: int | None = None
 
 
-@dataclass(frozen=True)
-class Wanted:
+class Wanted(NamedTuple):
     """What the attach in progress is about to use."""
 
     writable: bool

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop, sysfs
@@ -42,8 +42,7 @@ class TargetSyntaxError(XenblockError):
     code = "bad-params"
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A parsed, validated target. `path` is absolute (for `uuid:` it is the params text, never
     opened); the expectations are checked after opening."""
 
