@@ -3,6 +3,7 @@ process, and a simulated blkfront doing the handshake (and real I/O) in a thread
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -203,3 +204,15 @@ def test_list_flags_a_device_whose_diskseq_moved_on(
     assert vbd["live_diskseq"] == int(luid, 16)
     cli_store.write(f"{be}/physical-device-luid", luid)
     assert run_cli("detach", "5", "xvda").code == 0
+
+
+@pytest.mark.parametrize("prefix", ["snapshot:", "uuid:"])
+def test_prefixed_targets_are_passed_through_not_made_absolute(
+    run_cli: CliRunner, cli_env: dict[str, str], make_image: ImageFactory, cli_store: XenStore, prefix: str
+) -> None:
+    """`snapshot:BASE` and `uuid:UUID` are block-script target forms, not relative file names."""
+    value = f"{prefix}{make_image()}" if prefix == "snapshot:" else f"{prefix}XENBLOCKCTL-no-such-uuid"
+    result = run_cli("attach", "5", value, "--wait", "1", "--json")
+    assert result.code != 0
+    assert "target-missing" not in result.err, result.err  # would mean it became $PWD/snapshot:...
+    assert os.getcwd() not in result.err

@@ -33,6 +33,14 @@ SNAPSHOT_PREFIX = "snapshot:"
 PATH_MAX = 4096
 NAME_MAX = 255
 DM_PREFIX = "/dev/mapper/"
+#: Every `params` form that is not a plain absolute path starts with one of these.
+TARGET_PREFIXES = (*RAW_PREFIXES, UUID_PREFIX, SNAPSHOT_PREFIX)
+
+
+def has_target_prefix(params: str) -> bool:
+    return params.startswith(TARGET_PREFIXES)
+
+
 DISKSEQ_PREFIX = "/dev/disk/by-diskseq/"
 
 
