@@ -206,13 +206,17 @@ def test_list_flags_a_device_whose_diskseq_moved_on(
     assert run_cli("detach", "5", "xvda").code == 0
 
 
-@pytest.mark.parametrize("prefix", ["snapshot:", "uuid:"])
-def test_prefixed_targets_are_passed_through_not_made_absolute(
-    run_cli: CliRunner, cli_env: dict[str, str], make_image: ImageFactory, cli_store: XenStore, prefix: str
-) -> None:
-    """`snapshot:BASE` and `uuid:UUID` are block-script target forms, not relative file names."""
-    value = f"{prefix}{make_image()}" if prefix == "snapshot:" else f"{prefix}XENBLOCKCTL-no-such-uuid"
-    result = run_cli("attach", "5", value, "--wait", "1", "--json")
-    assert result.code != 0
-    assert "target-missing" not in result.err, result.err  # would mean it became $PWD/snapshot:...
-    assert os.getcwd() not in result.err
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("snapshot:/srv/base.img", "snapshot:/srv/base.img"),
+        ("uuid:XENBLOCKCTL-x", "uuid:XENBLOCKCTL-x"),
+        ("raw:/srv/a.img", "raw:/srv/a.img"),
+        ("/srv/a.img", "/srv/a.img"),
+        ("a.img", os.path.join(os.getcwd(), "a.img")),
+    ],
+)
+def test_target_forms_are_passed_through_and_file_names_made_absolute(given: str, expected: str) -> None:
+    from xenblockctl.cli.attach import resolve_target
+
+    assert resolve_target(given) == expected

@@ -22,6 +22,14 @@ def _default_script() -> str:
     return os.path.realpath(checkout) if os.path.exists(checkout) else configured
 
 
+def resolve_target(target: str) -> str:
+    """Relative file names are a convenience for people; prefixed forms (snapshot:, uuid:, raw:)
+    are passed through as the block script reads them."""
+    from xenblockctl.blockscript.target import has_target_prefix
+
+    return target if target.startswith("/") or has_target_prefix(target) else os.path.abspath(target)
+
+
 @click.command()
 @click.argument("domain")
 @click.argument("target")
@@ -64,7 +72,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     until the backend is Connected, or says exactly why not. A failed attach leaves nothing behind."""
     from xenblockctl import config
     from xenblockctl.blockscript.settings import Settings
-    from xenblockctl.blockscript.target import has_target_prefix, parse_target
+    from xenblockctl.blockscript.target import parse_target
     from xenblockctl.toolstack import domains, lifecycle
     from xenblockctl.toolstack.vbd_dirs import DiskSpec
     from xenblockctl.xenstore.vdev import Vdev
@@ -72,9 +80,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     values = config.load()
     backend = backend or str(values["attach.backend"].value)
     wait = float(values["attach.wait"].value) if wait is None else wait
-    # Relative file names are a convenience for people; prefixed forms (snapshot:, uuid:, raw:)
-    # are passed through as the block script reads them.
-    path = target if target.startswith("/") or has_target_prefix(target) else os.path.abspath(target)
+    path = resolve_target(target)
     parse_target(path)  # refuse what the block script would refuse, before writing anything
     auto = vdev == "auto"
     kind = lifecycle.choose_kind(backend)
