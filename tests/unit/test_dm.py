@@ -272,10 +272,10 @@ def test_owned_uuid_names_a_live_creator() -> None:
     uuid = dm.make_owned_uuid("snap")
     assert uuid.startswith(f"XENBLOCKCTL-{os.getpid()}-")
     assert uuid.endswith("-snap")
-    assert dm._creator_alive(uuid)
+    assert dm.creator_alive(uuid)
     pid, start = uuid.split("-")[1:3]
-    assert not dm._creator_alive(f"XENBLOCKCTL-{pid}-{int(start) + 1}-x")  # pid reused by another process
-    assert not dm._creator_alive("XENBLOCKCTL-notapid-1-x")
+    assert not dm.creator_alive(f"XENBLOCKCTL-{pid}-{int(start) + 1}-x")  # pid reused by another process
+    assert not dm.creator_alive("XENBLOCKCTL-notapid-1-x")
 
 
 @pytest.mark.parametrize(

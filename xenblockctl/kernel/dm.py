@@ -557,7 +557,8 @@ def make_owned_uuid(tag: str = "") -> str:
     return validate_uuid("-".join(parts))
 
 
-def _creator_alive(uuid: str) -> bool:
+def creator_alive(uuid: str) -> bool:
+    """Is the process that made this XENBLOCKCTL- uuid (pid + start time) still running?"""
     parts = uuid[len(OWNED_UUID_PREFIX) :].split("-")
     try:
         pid = int(parts[0])
@@ -610,7 +611,7 @@ def sweep_owned(
     ctl: DmControl,
     *,
     prefix: str = OWNED_UUID_PREFIX,
-    creator_alive: Callable[[str], bool] = _creator_alive,
+    creator_alive: Callable[[str], bool] = creator_alive,
 ) -> list[str]:
     """Remove our devices that nobody holds and whose creator died (leaked inside the create->arm
     window). Returns the removed names. The remove itself is non-deferred, so a device somebody

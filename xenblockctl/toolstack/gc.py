@@ -105,20 +105,6 @@ def orphan_loops(vbds: list[VbdInfo]) -> list[Garbage]:
     return found
 
 
-def _creator_alive(uuid: str) -> bool:
-    """Our dm uuids carry the creator's pid and start time (kernel/dm.py make_owned_uuid)."""
-    parts = uuid[len(dm.OWNED_UUID_PREFIX) :].split("-")
-    if len(parts) < 2 or not parts[0].isdigit():
-        return False
-    try:
-        with open(f"/proc/{parts[0]}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return False
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return len(fields) > 19 and fields[19].decode() == parts[1]
-
-
 def orphan_dm() -> tuple[list[Garbage], str | None]:
     """(our unused dm devices, None) or ([], why dm could not be checked)."""
     try:
@@ -130,7 +116,7 @@ def orphan_dm() -> tuple[list[Garbage], str | None]:
         for entry in ctl.list_devices():
             try:
                 uuid = entry.uuid if entry.uuid is not None else ctl.status(name=entry.name).uuid
-                if not uuid.startswith(dm.OWNED_UUID_PREFIX) or _creator_alive(uuid):
+                if not uuid.startswith(dm.OWNED_UUID_PREFIX) or dm.creator_alive(uuid):
                     continue
                 st = ctl.status(uuid=uuid)
             except XenblockError:
