@@ -312,7 +312,7 @@ def test_persistent_grants_check_every_ref(local_transport: LocalTransport) -> N
         grants = local_transport.map_persistent(13)
         assert grants is not None
         last = fe.total_pages - 1
-        for refs in ([fe.total_pages], [1, 2, fe.total_pages + 5], [last, last + 1], [-1], []):
+        for refs in ([fe.total_pages], [1, 2, fe.total_pages + 5], [last, last + 1], [-1], [-1, 0], []):
             with pytest.raises(TransportError) as exc:
                 grants.iovecs(refs, None, writable=True)
             assert exc.value.code == "grant-map"

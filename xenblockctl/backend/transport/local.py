@@ -106,18 +106,21 @@ class _GrantTable:
 
 
 def _table_iovecs(
-    view: memoryview, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None
+    table: _GrantTable, view: memoryview, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None
 ) -> list[memoryview]:
-    """GrantMapping.iovecs for pages `refs` of a whole-table view (refs already checked)."""
+    """GrantMapping.iovecs for pages `refs` of a whole-table view, every ref checked first."""
+    if not refs:
+        raise GrantError("no grant refs to map")
     first = refs[0]
     n = len(refs)
-    # consecutive refs are consecutive pages of the memfd, hence of the one table mapping
-    if (
-        extents is None
-        and refs[-1] == first + n - 1
-        and (n <= 2 or tuple(refs) == tuple(range(first, first + n)))
-    ):
-        return [view[first * PAGE_SIZE : (first + n) * PAGE_SIZE]]
+    # Consecutive refs (what a frontend hands out from a fresh pool) are consecutive pages of the
+    # memfd, hence of the one table mapping: one buffer, and the two ends bound every ref.
+    if refs[-1] == first + n - 1 and (n <= 2 or tuple(refs) == tuple(range(first, first + n))):
+        table.check((first, first + n - 1))
+        if extents is None:
+            return [view[first * PAGE_SIZE : (first + n) * PAGE_SIZE]]
+    else:
+        table.check(refs)
     starts = [ref * PAGE_SIZE for ref in refs]
     if extents is None:
         extents = ((0, PAGE_SIZE),) * n
@@ -130,6 +133,7 @@ class _SlicedMapping(GrantMapping):
     def __init__(self, table: _GrantTable, refs: tuple[int, ...], writable: bool) -> None:
         self.refs = refs
         self.writable = writable
+        self._table = table
         self._view: memoryview | None = table.view if writable else table.ro_view
 
     def _table_view(self) -> memoryview:
@@ -148,7 +152,7 @@ class _SlicedMapping(GrantMapping):
         return self.page(0)
 
     def iovecs(self, extents: Sequence[tuple[int, int]] | None = None) -> list[memoryview]:
-        return _table_iovecs(self._table_view(), self.refs, extents)
+        return _table_iovecs(self._table, self._table_view(), self.refs, extents)
 
     def unmap(self) -> None:
         # Views already handed out keep pointing into the table (still mapped, still the frontend's
@@ -169,8 +173,7 @@ class _TableGrants(PersistentGrants):
         table = self._table
         if table is None:
             raise GrantError("persistent grants already closed")
-        table.check(refs)
-        return _table_iovecs(table.view if writable else table.ro_view, refs, extents)
+        return _table_iovecs(table, table.view if writable else table.ro_view, refs, extents)
 
     def close(self) -> None:
         self._table = None
