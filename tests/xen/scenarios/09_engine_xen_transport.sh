@@ -11,44 +11,9 @@ script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
 [ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
 xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
 
-engine_log=$XENCI_WORK/engine.log
-engine_pid=
-start_engine() {
-  local n=0 before
-  touch "$engine_log"
-  before=$(grep -c 'engine ready' "$engine_log" || true)
-  xenblockctl backend --kind vbd --transport xen >>"$engine_log" 2>&1 &
-  engine_pid=$!
-  until [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$before" ]; do
-    if ! kill -0 "$engine_pid" 2>/dev/null; then
-      cat "$engine_log"
-      grep -q 'not-implemented' "$engine_log" && skip "engine: $(grep -m1 'not-implemented' "$engine_log")"
-      fail "the engine exited before it was ready"
-    fi
-    n=$((n + 1)); [ $n -gt 600 ] && { cat "$engine_log"; fail "engine not ready after 60s"; }
-    sleep 0.1
-  done
-  say "engine ready (pid $engine_pid)"
-}
-# Kernel blkback binds every backend/vbd: it must be out of the way, and back for later scenarios.
-# (No bare `a && b` here: under set -e a failing b would turn a skip's 77 into 1.)
-restore() {
-  if [ -n "$engine_pid" ]; then kill -9 "$engine_pid" 2>/dev/null || true; fi
-  echo "--- engine log"; tail -n 40 "$engine_log" 2>/dev/null || true
-  modprobe xen-blkback || true
-}
-trap restore EXIT
-dump_vbd() {
-  echo "--- frontend / backend nodes"
-  xenstore-ls -f /local/domain/0/device/vbd 2>&1 | grep -E '/(state|ring-ref|event-channel|protocol)' || true
-  xenstore-ls -f /local/domain/0/backend/vbd 2>&1 | grep -E '/(state|online|opened|physical-device|hotplug-status)' || true
-  dmesg | grep -iE 'blkfront|xvd|vbd' | tail -n 15 || true
-}
+trap engine_restore EXIT
 XENCI_ON_FAIL=dump_vbd
-rmmod xen-blkback 2>/dev/null || true
-# The engine sweeps device-mapper devices at start; without dm_mod it only logs that it cannot.
-modprobe dm_mod || true
-[ ! -d /sys/module/xen_blkback ] || fail "cannot unload xen-blkback (in use?)"
+without_blkback
 start_engine
 
 img=$XENCI_WORK/disk.img

@@ -99,3 +99,46 @@ attach_ro_cycle() {
   [ "$(md5sum < "$img")" = "$before" ] || fail "the read-only image changed"
   say "ro cycle ok: readable, writes refused, image unchanged, nothing bound"
 }
+
+# The bundled engine on the Xen transport, for scenarios that run it instead of kernel blkback.
+# start_engine: (re)start it and wait for its ready line; engine_restore (an EXIT trap): kill it, show
+# its log, reload blkback for later scenarios. (No bare `a && b`: under set -e a failing b would turn a
+# skip's 77 into 1.)
+engine_log=$XENCI_WORK/engine.log
+engine_pid=
+start_engine() {
+  local n=0 before
+  touch "$engine_log"
+  before=$(grep -c 'engine ready' "$engine_log" || true)
+  xenblockctl backend --kind vbd --transport xen >>"$engine_log" 2>&1 &
+  engine_pid=$!
+  until [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$before" ]; do
+    if ! kill -0 "$engine_pid" 2>/dev/null; then
+      cat "$engine_log"
+      grep -q 'not-implemented' "$engine_log" && skip "engine: $(grep -m1 'not-implemented' "$engine_log")"
+      fail "the engine exited before it was ready"
+    fi
+    n=$((n + 1)); [ $n -gt 600 ] && { cat "$engine_log"; fail "engine not ready after 60s"; }
+    sleep 0.1
+  done
+  say "engine ready (pid $engine_pid)"
+}
+engine_restore() {
+  if [ -n "$engine_pid" ]; then kill -9 "$engine_pid" 2>/dev/null || true; fi
+  echo "--- engine log"; tail -n 40 "$engine_log" 2>/dev/null || true
+  modprobe xen-blkback || true
+}
+# Kernel blkback binds every backend/vbd: unload it so the engine serves them.
+without_blkback() {
+  rmmod xen-blkback 2>/dev/null || true
+  # The engine sweeps device-mapper devices at start; without dm_mod it only logs that it cannot.
+  modprobe dm_mod || true
+  [ ! -d /sys/module/xen_blkback ] || fail "cannot unload xen-blkback (in use?)"
+}
+# Diagnostics for vbd scenarios (set XENCI_ON_FAIL=dump_vbd).
+dump_vbd() {
+  echo "--- frontend / backend nodes"
+  xenstore-ls -f /local/domain/0/device/vbd 2>&1 | grep -E '/(state|ring-ref|event-channel|protocol)' || true
+  xenstore-ls -f /local/domain/0/backend/vbd 2>&1 | grep -E '/(state|online|opened|physical-device|hotplug-status)' || true
+  dmesg | grep -iE 'blkfront|xvd|vbd' | tail -n 15 || true
+}
