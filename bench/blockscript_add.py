@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.common import percentile, row
 from tests.fixtures.libxl import Libxl
 from tests.fixtures.xenstore import _start
+from xenblockctl.kernel import loop
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "xen-utils-common"
@@ -89,15 +90,19 @@ def main() -> int:
             print(f"ratio bash/ours (p50): {percentile(theirs, 50) / percentile(ours, 50):.1f}x")
         if args.existing:
             populate(libxl, args.existing)
-            ours_n = measure_ours(libxl, images[0], max(3, args.iterations // 3))
-            print(row(f"xenblockctl add, {args.existing} existing backends", ours_n))
-            if bash is not None:
-                theirs_n = measure_bash(libxl, bash, images[0], max(3, args.iterations // 3))
-                print(row(f"Xen bash block add, {args.existing} existing backends", theirs_n))
-                print(
-                    f"ratio bash/ours (p50, {args.existing} backends): "
-                    f"{percentile(theirs_n, 50) / percentile(ours_n, 50):.1f}x"
-                )
+            n = max(3, args.iterations // 3)
+            admin = loop.attach_file(str(images[-1]), read_only=False, tag="xenblockctl:bench-admin")
+            try:
+                for label, target in (("file", images[0]), ("block device", f"/dev/loop{admin.number}")):
+                    ours_n = measure_ours(libxl, target, n)
+                    print(row(f"xenblockctl add, {label}, {args.existing} backends", ours_n))
+                    if bash is not None:
+                        theirs_n = measure_bash(libxl, bash, target, n)
+                        print(row(f"Xen bash add, {label}, {args.existing} backends", theirs_n))
+                        ratio = percentile(theirs_n, 50) / percentile(ours_n, 50)
+                        print(f"ratio bash/ours (p50, {label}, {args.existing} backends): {ratio:.1f}x")
+            finally:
+                admin.close()
         wall_ours = parallel_ours(libxl, images[: args.parallel])
         print(f"{args.parallel} parallel adds, wall: xenblockctl {wall_ours * 1e3:.0f} ms")
         if bash is not None:
@@ -129,7 +134,7 @@ def populate(libxl: Libxl, count: int) -> None:
         )
 
 
-def measure_ours(libxl: Libxl, image: Path, iterations: int) -> list[float]:
+def measure_ours(libxl: Libxl, image: Path | str, iterations: int) -> list[float]:
     samples = []
     for i in range(iterations + 2):
         be = libxl.create_backend(5, 51712 + 16 * i, str(image), "w")
@@ -160,7 +165,7 @@ def run_bash(libxl: Libxl, bash: Path, action: str, be_relative: str) -> subproc
     )
 
 
-def measure_bash(libxl: Libxl, bash: Path, image: Path, iterations: int) -> list[float]:
+def measure_bash(libxl: Libxl, bash: Path, image: Path | str, iterations: int) -> list[float]:
     samples = []
     for i in range(iterations + 2):
         be = libxl.create_backend(6, 51712 + 16 * i, str(image), "w", engine=False)
