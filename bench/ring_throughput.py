@@ -170,20 +170,32 @@ def engine(
         parent, child_end = ctx.Pipe()
         proc = ctx.Process(target=_child, args=(transport.socket_path, image, w, seconds, child_end))
         proc.start()
+        child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
+
+        def receive() -> object:
+            if not parent.poll(seconds + 60):
+                raise SystemExit("frontend process stopped answering")
+            return parent.recv()
+
         try:
-            nodes = parent.recv()
+            nodes = receive()
+            assert isinstance(nodes, dict)
             dp = DataPlane(transport, 1, _params(nodes), target, target.limits(), workers=workers)
             dp.start()
             try:
                 parent.send("go")
-                parent.recv()  # verified
+                receive()  # verified
                 served, cpu0 = dp.stats.requests, _cpu()
-                run: Run = parent.recv()
+                run = receive()
+                assert isinstance(run, Run)
                 served, cpu = dp.stats.requests - served, _cpu() - cpu0
             finally:
                 dp.stop()
         finally:
             proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6)
     with LocalFrontend(
         transport.socket_path, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd

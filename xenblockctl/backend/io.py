@@ -252,10 +252,6 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
 
 #: kinds that can be tried with RWF_NOWAIT on the ring thread before falling back to a worker
 _NOWAIT_KINDS: Final = (READ, WRITE)
-#: larger requests go to the workers even when cached: copying 1 MiB takes ~100 µs, long enough
-#: that several copies in parallel (the GIL is released) beat one after another on the ring thread,
-#: while up to here the hand-off to a worker costs more than the copy (measured: bench/README.md)
-_INLINE_MAX: Final = 128 * 1024
 
 
 def execute_nowait(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int | None:
@@ -298,11 +294,12 @@ class Executor:
     """Runs plans and tracks them until their completion callback has returned.
 
     The caller (the ring thread) first offers each plan to `run_now`: with `workers=0` that runs
-    everything inline; with workers it runs a READ/WRITE of up to 128 KiB inline only if RWF_NOWAIT
-    lets it finish without blocking (data in the page cache). Anything else goes to `submit`, which
-    runs it on a worker; with `workers=0`, `submit` runs inline too. Handing a request to a worker
-    costs two GIL hand-offs and a Future, several times a cached 4 KiB read, so small cached I/O
-    never takes that path, while I/O that waits for the disk, and big copies, overlap on the pool.
+    everything inline; with workers it runs a READ/WRITE inline only if RWF_NOWAIT lets it finish
+    without blocking (data in the page cache). Anything else goes to `submit`, which runs it on a
+    worker; with `workers=0`, `submit` runs inline too. Handing a request to a worker costs two GIL
+    hand-offs and a Future, several times a cached 4 KiB read, so cached I/O never takes that path,
+    while I/O that waits for the disk still overlaps on the pool. (Sending cached copies over
+    128 KiB to the pool was measured too: slower and more CPU per 1 MiB request, bench/README.md.)
 
     Completion callbacks run on the worker thread; they must not call `drain()`.
     """
@@ -322,7 +319,7 @@ class Executor:
         must be `submit`ted. Nothing is tracked: the I/O is over when this returns."""
         if self._pool is None:
             return execute(self.target, plan, bufs)
-        if plan.kind not in self._nowait or plan.length > _INLINE_MAX:
+        if plan.kind not in self._nowait:
             return None
         try:
             return execute_nowait(self.target, plan, bufs)
