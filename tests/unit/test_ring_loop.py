@@ -3,6 +3,7 @@ geometry from the kernel layer's BlockDevice, read-only loop devices."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 
 from tests.fixtures.backend import PairFactory
 from tests.fixtures.kernel import ImageFactory
-from xenblockctl.backend import blkif
+from xenblockctl.backend import blkif, io
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
+from xenblockctl.backend.requests import IoPlan
 from xenblockctl.kernel import loop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -64,3 +66,42 @@ def test_read_only_loop(
     assert fe.write(0, bytes(4096)) == blkif.RSP_ERROR
     assert fe.discard(0, 8) == blkif.RSP_EOPNOTSUPP
     assert on_disk(image, 0, 4096) == b"ro-data!" * 512
+
+
+def test_cold_reads_go_to_workers_cached_reads_stay_inline(
+    loop_devices: list[loop.LoopDevice],
+    make_image: ImageFactory,
+    make_pair: PairFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh loop device has an empty page cache: RWF_NOWAIT answers EAGAIN and the read goes to an
+    I/O worker (where waiting overlaps); the same range read again is cached and served inline."""
+    image = make_image(size=4 << 20)
+    with open(image, "r+b") as f:
+        f.seek(2 << 20)  # away from the start and end that udev's probe reads
+        f.write(os.urandom(64 * 1024))
+    dev = loop.attach_file(str(image), read_only=True, tag="xenblockctl:test-ring-nowait")
+    loop_devices.append(dev)
+    target = DeviceTarget.from_block_device(dev)
+    on_workers: list[int] = []
+    real = io.execute
+
+    def recording_execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
+        on_workers.append(plan.offset)
+        return real(target, plan, bufs)
+
+    monkeypatch.setattr(io, "execute", recording_execute)
+    pair = make_pair(target=target, workers=2, data_pages=16)
+    fe = pair.frontend
+    sector = (2 << 20) // 512
+    data = fe.read(sector, 64 * 1024)
+    assert data == on_disk(image, 2 << 20, 64 * 1024)
+    try:
+        os.preadv(dev.fd, [bytearray(4096)], 2 << 20, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            pytest.skip("this kernel has no RWF_NOWAIT reads on block devices")
+        raise
+    assert on_workers == [2 << 20]
+    assert fe.read(sector, 64 * 1024) == data
+    assert on_workers == [2 << 20]  # the second time the ring thread served it from the cache
