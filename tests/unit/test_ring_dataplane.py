@@ -18,7 +18,7 @@ from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import IoPlan, Kind
-from xenblockctl.backend.transport import TransportError
+from xenblockctl.backend.transport import GrantMapping, TransportError
 from xenblockctl.backend.transport.local import LocalDomainClient, LocalTransport
 
 ABIS = [blkif.X86_64, blkif.X86_32]
@@ -421,3 +421,38 @@ def test_nowait_unsupported_is_not_retried(
     inline = io.Executor(DeviceTarget.from_fd(fd), workers=0)
     assert inline.run_now(IoPlan(4, blkif.OP_READ, Kind.READ, 0, 512, (0,)), buf) == blkif.RSP_OKAY
     assert inline.close(1)
+
+
+class _OneBufferMapping(GrantMapping):
+    """A mapping laid out like gntdev's: all pages of the request in one contiguous buffer."""
+
+    def __init__(self, pages: int) -> None:
+        self.refs = tuple(range(100, 100 + pages))
+        self.writable = True
+        self._mem = bytearray(b"".join(bytes([i]) * 4096 for i in range(pages)))
+        self._view = memoryview(self._mem)
+
+    def page(self, index: int) -> memoryview:
+        return self._view[index * 4096 : (index + 1) * 4096]
+
+    @property
+    def buffer(self) -> memoryview:
+        return self._view
+
+    def unmap(self) -> None:
+        self._view.release()
+
+
+def test_default_iovecs_for_contiguous_mappings() -> None:
+    """The gntdev path: every page of a request is mapped contiguously, so whole pages are one
+    buffer and partial segments merge exactly where one ends at the next one's start."""
+    mapping = _OneBufferMapping(4)
+    (whole,) = mapping.iovecs(None)
+    assert whole.nbytes == 4 * 4096
+    whole.release()
+    bufs = mapping.iovecs([(512, 3584), (0, 4096), (0, 1024), (2048, 2048)])
+    assert [b.nbytes for b in bufs] == [3584 + 4096 + 1024, 2048]
+    assert b"".join(bufs) == b"\x00" * 3584 + b"\x01" * 4096 + b"\x02" * 1024 + b"\x03" * 2048
+    for b in bufs:
+        b.release()
+    mapping.unmap()
