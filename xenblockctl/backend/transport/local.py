@@ -115,8 +115,10 @@ def _table_iovecs(
     n = len(refs)
     # Consecutive refs (what a frontend hands out from a fresh pool) are consecutive pages of the
     # memfd, hence of the one table mapping: one buffer, and the two ends bound every ref.
-    if refs[-1] == first + n - 1 and (n <= 2 or tuple(refs) == tuple(range(first, first + n))):
-        table.check((first, first + n - 1))
+    last = first + n - 1
+    if refs[-1] == last and (n <= 2 or tuple(refs) == tuple(range(first, last + 1))):
+        if first < 0 or last >= table.pages:
+            table.check(refs)  # raises, naming the first ref outside the table
         if extents is None:
             return [view[first * PAGE_SIZE : (first + n) * PAGE_SIZE]]
     else:
