@@ -1,0 +1,118 @@
+"""CPU per request of the blkif data plane on one thread, with no sleeping or waking: stable under load.
+
+    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only]
+
+Each round the LocalFrontend puts QD reads on the ring, one engine pass serves them on this thread
+(inline I/O from the page cache) and the frontend collects the answers; thread CPU time of each side
+is summed over the rounds (the first 20 are warm-up). Nothing waits for an event, so scheduler and
+wake-up costs, which dominate ring_throughput's wall clock on a loaded or idle VM, are left out.
+
+`--engine-only` replaces the frontend with re-publishing one captured round of request slots, so
+that an instruction count covers the engine alone. callgrind counts are independent of load; take
+the difference of two round counts to cancel start-up:
+
+    valgrind --tool=callgrind .venv/bin/python -m bench.ring_cpu --engine-only --rounds 5
+    valgrind --tool=callgrind .venv/bin/python -m bench.ring_cpu --engine-only --rounds 25
+    # (Ir(25) - Ir(5)) / (20 * QD) instructions per request, QD as printed
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.ring_throughput import WORKLOADS, Workload, _offsets, _params
+from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.transport.local import LocalTransport
+
+_WARMUP = 20
+
+
+def measure(
+    transport: LocalTransport, target: DeviceTarget, w: Workload, rounds: int, engine_only: bool
+) -> None:
+    pages = w.qd * max(1, w.block // 4096)
+    with LocalFrontend(
+        transport.socket_path, 1, ring_page_order=1, data_pages=pages, indirect_pages=w.qd
+    ) as fe:
+        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=0)
+        try:
+            offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
+            ring = fe.ring
+            entry = ring.abi.entry_size
+            captured = b""
+            if engine_only:
+                # one round through the real frontend, then only its slot images are re-published
+                for _ in range(w.qd):
+                    fe.submit_read(next(offsets) // 512, w.block)
+                captured = b"".join(ring.slot_bytes(ring.req_prod + i) for i in range(w.qd))
+            engine = frontend = 0.0
+            served = 0
+            for r in range(rounds):
+                c0 = time.thread_time()
+                if engine_only:
+                    start = (ring.req_prod_pvt - w.qd) & (ring.size - 1)  # QD divides the ring size
+                    ring._entries[start * entry : (start + w.qd) * entry] = captured
+                else:
+                    for _ in range(w.qd):
+                        fe.submit_read(next(offsets) // 512, w.block)
+                ring.push_requests()
+                c1 = time.thread_time()
+                n = dp._serve_batch()  # what the ring thread does per pass, here on our thread
+                c2 = time.thread_time()
+                if engine_only:
+                    ring.rsp_cons = ring.rsp_prod
+                    ring.req_prod_pvt = (ring.req_prod_pvt + w.qd) & 0xFFFFFFFF
+                else:
+                    fe.collect(w.qd, gather=False)
+                    fe.evtchn.ack()
+                c3 = time.thread_time()
+                if r >= min(_WARMUP, rounds // 2):
+                    engine += c2 - c1
+                    frontend += (c1 - c0) + (c3 - c2)
+                    served += n
+            if dp.stats.ok != dp.stats.requests:
+                raise SystemExit(f"engine answered errors: {dp.stats}")
+            line = f"  {w.name:<30} QD {w.qd:>2}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
+            if not engine_only:
+                line += f", frontend {frontend / max(served, 1) * 1e6:7.2f} µs/request"
+            print(line)
+        finally:
+            dp.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--engine-only", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
+    args = ap.parse_args()
+    chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
+    with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
+        image = Path(tmp, "disk.img")
+        with open(image, "wb") as f:
+            for _ in range(16):
+                f.write(os.urandom(1 << 20))
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        transport = LocalTransport(str(Path(tmp, "grants.sock")))
+        try:
+            buf = bytearray(1 << 20)
+            for off in range(0, 16 << 20, 1 << 20):  # page cache warm: inline reads never block
+                os.preadv(fd, [buf], off)
+            print(f"16 MiB file, page cache warm, one thread, {args.rounds} rounds ({_WARMUP} warm-up)")
+            for w in chosen:
+                measure(transport, DeviceTarget.from_fd(fd), w, args.rounds, args.engine_only)
+        finally:
+            transport.close()
+            os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
