@@ -1,0 +1,45 @@
+"""The data-plane benchmarks still run against the current engine (they reach into it: a quick smoke run
+each, so an API change breaks a test here rather than the next person's measurement)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_ring_cpu_runs_both_modes() -> None:
+    out = _run("bench.ring_cpu", "--rounds", "6", "--only", "1,2")
+    assert "4 KiB random read" in out
+    assert "frontend" in out
+    assert "64 KiB random read" in out
+    out = _run("bench.ring_cpu", "--rounds", "6", "--only", "3", "--engine-only")
+    assert "1 MiB sequential read" in out
+    assert "frontend" not in out
+
+
+def test_ring_throughput_runs_in_a_child_frontend() -> None:
+    out = _run(
+        "bench.ring_throughput",
+        "--seconds",
+        "0.2",
+        "--size-mib",
+        "8",
+        "--only",
+        "1",
+        "--workers",
+        "0,2",
+        "--frontend-process",
+    )
+    assert out.count("ratio") == 2
+    assert "engine, 2 workers" in out
