@@ -1,8 +1,8 @@
 """Run validated requests against the device fd: preadv/pwritev straight into grant pages.
 
 `DeviceTarget` describes the open device (the engine holds the fd for the backend's lifetime; we
-never close it). `Executor` runs small reads and writes on the calling ring thread when RWF_NOWAIT
-says they will not block (page cache), everything else on a small thread pool (preadv/pwritev/
+never close it). `Executor` runs reads and writes on the calling ring thread when RWF_NOWAIT says
+they will not block (page cache), everything else on a small thread pool (preadv/pwritev/
 fdatasync release the GIL, so several requests really are in flight), or everything inline with
 `workers=0`. It tracks pool requests, and `drain()` waits for all of them, which teardown must do
 before unmapping grant pages.
