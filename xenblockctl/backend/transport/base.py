@@ -8,6 +8,7 @@ frontend's event channel port. Two implementations: `local.LocalTransport` (no X
 from __future__ import annotations
 
 import abc
+import mmap
 import select
 from collections.abc import Sequence
 
@@ -91,6 +92,38 @@ class GrantMapping(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.unmap()
+
+
+class MmapGrantMapping(GrantMapping):
+    """A mapping that is one mmap of `len(refs)` pages (gntdev, or a remapped memfd): page views and
+    the contiguous buffer are slices of it. Subclasses set `refs`, `writable`, `_map` and `_view`,
+    and may release more after the munmap in `_after_munmap()`."""
+
+    _map: mmap.mmap | None
+    _view: memoryview | None
+
+    def page(self, index: int) -> memoryview:
+        if not 0 <= index < len(self.refs):
+            raise IndexError(index)
+        return self.buffer[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._view is None:
+            raise GrantError("mapping already unmapped")
+        return self._view
+
+    def unmap(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()  # BufferError if a caller still holds a view: a bug we want to see
+            self._map = None
+            self._after_munmap()
+
+    def _after_munmap(self) -> None:
+        """Hook run once, after the memory is unmapped."""
 
 
 class PersistentGrants(abc.ABC):

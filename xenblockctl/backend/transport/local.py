@@ -35,6 +35,7 @@ from xenblockctl.backend.transport.base import (
     EventChannel,
     GrantError,
     GrantMapping,
+    MmapGrantMapping,
     PersistentGrants,
     Transport,
     TransportError,
@@ -181,7 +182,7 @@ class _TableGrants(PersistentGrants):
         self._table = None
 
 
-class _ContiguousMapping(GrantMapping):
+class _ContiguousMapping(MmapGrantMapping):
     """A reserved range with each page replaced by the granted memfd page (MAP_FIXED)."""
 
     def __init__(self, table: _GrantTable, refs: tuple[int, ...], writable: bool) -> None:
@@ -202,25 +203,6 @@ class _ContiguousMapping(GrantMapping):
             raise
         view = memoryview(self._map)
         self._view: memoryview | None = view if writable else view.toreadonly()
-
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < len(self.refs):
-            raise IndexError(index)
-        return self.buffer[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._view is None:
-            raise GrantError("mapping already unmapped")
-        return self._view
-
-    def unmap(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._map is not None:
-            self._map.close()  # BufferError if a caller still holds a view: a bug we want to see
-            self._map = None
 
 
 # --- event channels -------------------------------------------------------------------------------

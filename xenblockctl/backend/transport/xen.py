@@ -22,6 +22,7 @@ from xenblockctl.backend.transport.base import (
     EventChannel,
     GrantError,
     GrantMapping,
+    MmapGrantMapping,
     Transport,
     TransportError,
 )
@@ -126,7 +127,7 @@ GNTDEV_PATH: Final = "/dev/xen/gntdev"
 EVTCHN_PATH: Final = "/dev/xen/evtchn"
 
 
-class _GntdevMapping(GrantMapping):
+class _GntdevMapping(MmapGrantMapping):
     def __init__(self, gntdev: int, domid: int, refs: tuple[int, ...], writable: bool) -> None:
         self.refs = refs
         self.writable = writable
@@ -166,26 +167,9 @@ class _GntdevMapping(GrantMapping):
                 encode_unmap_grant_ref(self._index, len(self.refs)),
             )
 
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < len(self.refs):
-            raise IndexError(index)
-        return self.buffer[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._view is None:
-            raise GrantError("mapping already unmapped")
-        return self._view
-
-    def unmap(self) -> None:
+    def _after_munmap(self) -> None:
         # munmap first, then release the grant index (libxengnttab order)
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-            self._release_index()
+        self._release_index()
 
 
 class XenEventChannel(EventChannel):
