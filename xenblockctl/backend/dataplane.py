@@ -10,8 +10,12 @@ Per ring pass the thread copies up to 64 request slots out of shared memory in o
 each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
 io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
 pass are published with one push and at most one event, as the frontend's rsp_event asks; workers
-answer their own requests as they complete. On the local transport the data pages are slices of the
-frontend's whole grant table, mapped once (transport.base.PersistentGrants).
+answer their own requests as they complete.
+
+Data pages: when the frontend negotiated persistent grants (`RingParams.persistent`), every
+transport goes through the ring's GrantCache (backend/grantcache.py): map on first use, keep until
+stop(). Otherwise the local transport hands out slices of the frontend's whole grant table, mapped
+once (transport.base.PersistentGrants), and Xen maps and unmaps each request's pages.
 
 If the frontend breaks the ring (impossible indices) the thread stops taking requests and calls
 `on_broken(reason)`; the engine should then write the error node and go to Closing, like
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import Abi
+from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.requests import BARRIER, READ, DeviceLimits, IoPlan, Rejection, validate_slot
 from xenblockctl.backend.ring import BackRing, RingBroken
@@ -65,6 +70,7 @@ class RingParams:
     ring_refs: tuple[int, ...]  # ring-ref, or ring-ref0..N-1 in order
     event_channel: int
     abi: Abi
+    persistent: bool = False  # the frontend wrote feature-persistent = 1 (and we offer it)
 
     @classmethod
     def parse(
@@ -75,10 +81,14 @@ class RingParams:
         protocol: str | None,
         ring_page_order: str | None,
         max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER,
+        feature_persistent: str | None = None,
     ) -> RingParams:
         """Parse the node values; raise BlkifError (code blkif-*) on anything malformed.
 
         `ring_refs` is ["<ring-ref>"] for a single page or the ring-ref%u values in order.
+        `feature_persistent` is the frontend's node: exactly "1" turns persistent grants on; "0",
+        absent or anything else (" 1", "01", "true", garbage) leaves them off. A bad value is not
+        worth refusing the disk over, and off is the mode every frontend must support.
         """
         order = 0 if ring_page_order in (None, "") else _parse_u32(ring_page_order, "ring-page-order")
         pages = blkif.ring_pages_for_order(order, max_ring_page_order)
@@ -88,7 +98,7 @@ class RingParams:
             )
         refs = tuple(_parse_u32(r, "ring-ref") for r in ring_refs)
         port = _parse_u32(event_channel, "event-channel")
-        return cls(refs, port, blkif.abi_for_protocol(protocol))
+        return cls(refs, port, blkif.abi_for_protocol(protocol), feature_persistent == "1")
 
 
 def _parse_u32(text: str | None, what: str) -> int:
@@ -100,7 +110,7 @@ def _parse_u32(text: str | None, what: str) -> int:
     return int(raw)
 
 
-def _release(mapping: GrantMapping | None, bufs: list[memoryview]) -> None:
+def _release(mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
     """After the I/O: drop our views of the pages, then the mapping (in that order: an mmap
     refuses to close while views of it exist)."""
     for b in bufs:
@@ -123,6 +133,7 @@ class DataPlane:
         workers: int = 4,
         on_broken: Callable[[str], None] | None = None,
         name: str | None = None,
+        max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
     ) -> None:
         self.transport = transport
         self.domid = domid
@@ -152,9 +163,15 @@ class DataPlane:
             self.ring.release()
             self._ring_map.unmap()
             raise
+        #: persistent grants (negotiated): the ring's cache of data page mappings, unmapped in stop()
+        self.grant_cache: GrantCache | None = None
+        self._grants: PersistentGrants | None = None
         try:
-            # data pages: mapped once for our lifetime where the transport can (local), else per request
-            self._grants: PersistentGrants | None = transport.map_persistent(domid)
+            if params.persistent:
+                self.grant_cache = GrantCache(transport, domid, max_persistent_grants)
+            else:
+                # mapped once for our lifetime where the transport can (local), else per request
+                self._grants = transport.map_persistent(domid)
         except BaseException:
             self.evtchn.close()
             self.ring.release()
@@ -194,6 +211,9 @@ class DataPlane:
         self._stopped = True
         if self._grants is not None:
             self._grants.close()
+        if self.grant_cache is not None:
+            # drained: no request holds a page, so every persistent mapping goes now
+            self.grant_cache.close()
         self.evtchn.close()
         self.ring.release()
         self._ring_map.unmap()
@@ -263,8 +283,10 @@ class DataPlane:
                 log.exception("%s: on_broken callback failed", self.name)
 
     def _read_indirect(self, grefs: Sequence[int]) -> bytes:
-        mapping: GrantMapping | None = None
-        if self._grants is not None:
+        mapping: GrantMapping | Lease | None = None
+        if self.grant_cache is not None:
+            views, mapping = self.grant_cache.acquire(grefs, None, writable=False)
+        elif self._grants is not None:
             views = self._grants.iovecs(grefs, None, writable=False)
         else:
             mapping = self.transport.map_grants(self.domid, grefs, writable=False)
@@ -281,13 +303,15 @@ class DataPlane:
     def _start(self, plan: IoPlan) -> int | None:
         """Map the plan's pages and run it here or on a worker: its status if it already finished
         (the caller answers), None if a worker answers it."""
-        mapping: GrantMapping | None = None
+        mapping: GrantMapping | Lease | None = None
         bufs: list[memoryview] = []
         if plan.grefs:
             # guest READ: we write into its pages, so they must be mapped writable
             writable = plan.kind is READ
             try:
-                if self._grants is not None:
+                if self.grant_cache is not None:
+                    bufs, mapping = self.grant_cache.acquire(plan.grefs, plan.extents, writable=writable)
+                elif self._grants is not None:
                     bufs = self._grants.iovecs(plan.grefs, plan.extents, writable=writable)
                 else:
                     mapping = self.transport.map_grants(self.domid, plan.grefs, writable=writable)
@@ -311,7 +335,7 @@ class DataPlane:
             _release(mapping, bufs)
         return status
 
-    def _submit(self, plan: IoPlan, mapping: GrantMapping | None, bufs: list[memoryview]) -> None:
+    def _submit(self, plan: IoPlan, mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
         def done(status: int) -> None:
             _release(mapping, bufs)
             self._answer([(plan.id, plan.operation, status)])

@@ -3,7 +3,15 @@
 It owns a sealed memfd as its grant table (ref N = page N): the first pages hold the ring, then a
 pool of data pages, then indirect-descriptor pages. It registers the memfd and one event channel
 port with the engine's LocalTransport, and `xenstore_nodes()` gives what it would publish under
-its device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`).
+its device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`,
+`feature-persistent`).
+
+Grant refs are fixed pages of the memfd, so this frontend always reuses one pool of granted pages.
+With `persistent=True` it says so (`feature-persistent` = 1) and hands out the most recently
+freed pages first, as Linux blkfront does with grants the backend keeps mapped, so a backend's
+bounded grant cache sees a small working set; without it, pages go round the whole pool (oldest
+free first). `regrant()` re-registers every ref onto new memory, as a guest whose grants were all
+ended and granted again to other pages would look.
 
 Well-behaved use: `read()`, `write()`, `flush()`, `discard()` (synchronous), or `submit_*()` plus
 `collect()` for queue depth > 1. Hostile use: `ring` (a FrontRing with `put_request_bytes`,
@@ -69,8 +77,10 @@ class LocalFrontend:
         indirect_pages: int = 8,
         scramble_ring_refs: bool = False,
         ring_last: bool = False,
+        persistent: bool = False,
     ) -> None:
         self.abi = abi
+        self.persistent = persistent
         self.ring_pages = 1 << ring_page_order
         self.ring_page_order = ring_page_order
         total = self.ring_pages + data_pages + indirect_pages
@@ -100,6 +110,7 @@ class LocalFrontend:
         self._free_indirect = list(range(pool_base + data_pages, pool_base + data_pages + indirect_pages))
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
+        self._retired: list[tuple[int, mmap.mmap, memoryview]] = []  # grant memory before regrant()
 
     def _contiguous_ring_view(self) -> memoryview:
         first = self.ring_refs[0]
@@ -112,7 +123,11 @@ class LocalFrontend:
     # -- handshake data --------------------------------------------------------------------------
     def xenstore_nodes(self) -> dict[str, str]:
         """Frontend nodes to publish before switching to Initialised (3)."""
-        nodes = {"event-channel": str(self.evtchn.local_port), "protocol": self.abi.protocol}
+        nodes = {
+            "event-channel": str(self.evtchn.local_port),
+            "protocol": self.abi.protocol,
+            "feature-persistent": "1" if self.persistent else "0",
+        }
         if self.ring_pages == 1:
             nodes["ring-ref"] = str(self.ring_refs[0])
         else:
@@ -129,6 +144,30 @@ class LocalFrontend:
     def total_pages(self) -> int:
         return self._map.size() // blkif.PAGE_SIZE
 
+    def regrant(self) -> None:
+        """Grant every ref again, onto new memory (a new sealed memfd with the same contents).
+
+        Requests made from now on use the new pages; the ring keeps running on the old ones (both
+        sides already hold them). A backend that still serves a ref from its old mapping writes
+        where this frontend no longer looks: tests use it to catch stale mappings.
+        """
+        if self._pending:
+            raise FrontendError("regrant() with requests in flight")
+        total = self.total_pages
+        fd = create_grant_memfd(total, "xbc-frontend-regrant")
+        new_map = mmap.mmap(fd, total * blkif.PAGE_SIZE)
+        new_view = memoryview(new_map)
+        new_view[:] = self._view
+        try:
+            self.client.register_grant_table(fd)
+        except BaseException:
+            new_view.release()
+            new_map.close()
+            os.close(fd)
+            raise
+        self._retired.append((self._fd, self._map, self._view))
+        self._fd, self._map, self._view = fd, new_map, new_view
+
     def kick(self) -> None:
         """Publish queued requests and notify if the backend asked for it (or always, if forced)."""
         if self.ring.push_requests():
@@ -141,8 +180,13 @@ class LocalFrontend:
     def _alloc(self, pool: list[int], n: int) -> list[int]:
         if len(pool) < n:
             raise FrontendError(f"out of frontend pages ({n} wanted, {len(pool)} free)")
-        taken = pool[:n]
-        del pool[:n]
+        if self.persistent:
+            # most recently freed first (freed pages go to the end): the working set stays small
+            taken = pool[len(pool) - n :]
+            del pool[len(pool) - n :]
+        else:
+            taken = pool[:n]
+            del pool[:n]
         return taken
 
     def _new_id(self) -> int:
@@ -285,6 +329,11 @@ class LocalFrontend:
         self.evtchn.close()
         self.client.close()
         os.close(self._fd)
+        for fd, old_map, old_view in self._retired:
+            old_view.release()
+            old_map.close()
+            os.close(fd)
+        self._retired = []
 
     def __enter__(self) -> LocalFrontend:
         return self

@@ -30,6 +30,9 @@ class XenbusFrontend:
         transport_socket: str,
         abi: Abi = blkif.X86_64,
         ring_page_order: int = 0,
+        persistent: bool = False,
+        data_pages: int = 64,
+        extra_nodes: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.frontend_path = frontend_path
@@ -38,6 +41,13 @@ class XenbusFrontend:
         self.transport_socket = transport_socket
         self.abi = abi
         self.ring_page_order = ring_page_order
+        #: write feature-persistent = 1 (Linux blkfront's default); `persistent_negotiated` says
+        #: whether the backend offered it too, read once it is Connected, as blkfront does
+        self.persistent = persistent
+        self.persistent_negotiated = False
+        self.data_pages = data_pages
+        #: written with (and over) the ring's nodes at connect: hostile values for tests
+        self.extra_nodes = dict(extra_nodes or {})
         self.ring: LocalFrontend | None = None
         self._token = f"xbc-guest-{domid}-{id(self)}"
         store.watch(join(backend_path, "state"), self._token)
@@ -67,10 +77,15 @@ class XenbusFrontend:
         """InitWait -> publish ring -> Initialised -> wait Connected -> Connected."""
         self.wait_backend((2,), timeout)
         ring = LocalFrontend(
-            self.transport_socket, self.domid, abi=self.abi, ring_page_order=self.ring_page_order
+            self.transport_socket,
+            self.domid,
+            abi=self.abi,
+            ring_page_order=self.ring_page_order,
+            persistent=self.persistent,
+            data_pages=self.data_pages,
         )
         try:
-            nodes = ring.xenstore_nodes()
+            nodes = ring.xenstore_nodes() | self.extra_nodes
 
             def body(tx: Transaction) -> None:
                 for name, value in nodes.items():
@@ -79,6 +94,8 @@ class XenbusFrontend:
 
             self.store.run_transaction(body)
             self.wait_backend((4,), timeout)
+            offered = self.store.read_optional(join(self.backend_path, "feature-persistent"))
+            self.persistent_negotiated = self.persistent and offered == "1"
             self.store.write(join(self.frontend_path, "state"), "4")
         except BaseException:
             ring.close()

@@ -9,8 +9,11 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
                                         major:minor, refuse unless BLKGETDISKSEQ == luid,
                                         then `opened`=1 (the block script's sign to let go)
   frontend Initialised/Connected     -> map the ring, bind the event channel, publish
-                                        sectors/info/features, state Connected (4)
-  frontend Closing/Closed            -> drain in-flight I/O, unmap; state Closing/Closed; the
+                                        sectors/info/features, state Connected (4); persistent
+                                        grants iff we offer them and the frontend's
+                                        `feature-persistent` is exactly "1"
+  frontend Closing/Closed            -> drain in-flight I/O, unmap (persistent grants too: a
+                                        reconnect starts with an empty cache); state Closing/Closed; the
                                         device stays open: a reconnecting frontend (guest reboot)
                                         gets the same device, never a re-open by number
   `online`=0 (libxl detach/destroy)  -> drain, unmap, close the device (the loop auto-clears),
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
+from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
@@ -76,6 +80,10 @@ class EngineConfig:
     max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
     max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
     workers: int = 4
+    #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
+    persistent_grants: bool = True
+    #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
+    max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
 
 
 class BackendDevice:
@@ -268,7 +276,14 @@ class BackendDevice:
         fe = self.frontend
 
         def body(tx: Transaction) -> dict[str, str | None]:
-            wanted = ("ring-ref", "ring-page-order", "event-channel", "protocol", "multi-queue-num-queues")
+            wanted = (
+                "ring-ref",
+                "ring-page-order",
+                "event-channel",
+                "protocol",
+                "multi-queue-num-queues",
+                "feature-persistent",
+            )
             values = {name: tx.read_optional(join(fe, name)) for name in wanted}
             order_text = values["ring-page-order"]
             if (
@@ -298,6 +313,10 @@ class BackendDevice:
                 protocol=values.get("protocol"),
                 ring_page_order=order_text,
                 max_ring_page_order=self.config.max_ring_page_order,
+                # never on unless we offer it (the node we publish at connect says the same)
+                feature_persistent=values.get("feature-persistent")
+                if self.config.persistent_grants
+                else None,
             )
         except XenblockError as exc:
             raise EngineRefusal(exc.message) from exc
@@ -326,6 +345,7 @@ class BackendDevice:
             workers=self.config.workers,
             on_broken=self._on_broken,
             name=f"xbc-{self.domid}-{self.devid}",
+            max_persistent_grants=self.config.max_persistent_grants,
         )
         self.dataplane.start()
 
@@ -340,7 +360,8 @@ class BackendDevice:
                 "physical-sector-size": str(target.physical_block_size),
                 "feature-flush-cache": "1",
                 "feature-barrier": "0",
-                "feature-persistent": "0",
+                # what we offer; in use only if the frontend's node says 1 as well (read above)
+                "feature-persistent": "1" if self.config.persistent_grants else "0",
                 "feature-discard": "1" if discard else "0",
             }
             if discard:
@@ -353,7 +374,8 @@ class BackendDevice:
 
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED
-        self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s)")
+        grants = "persistent grants" if params.persistent else "grants mapped per request"
+        self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s), {grants}")
 
     def _on_broken(self, reason: str) -> None:
         # Called on the data plane thread: hand over to the xenbus thread.
@@ -366,7 +388,17 @@ class BackendDevice:
             return True
         drained = dataplane.stop(DRAIN_TIMEOUT)
         stats = dataplane.stats
-        self._log(f"ring stopped: {stats.requests} requests, {stats.errors} errors, drained={drained}")
+        cache = dataplane.grant_cache
+        grants = ""
+        if cache is not None:
+            g = cache.stats
+            grants = (
+                f", persistent grants: {g.maps} mapped, {g.unmaps} unmapped, {cache.mapped} still mapped,"
+                f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient"
+            )
+        self._log(
+            f"ring stopped: {stats.requests} requests, {stats.errors} errors, drained={drained}{grants}"
+        )
         return drained
 
     def _disconnect(self, state: int) -> None:

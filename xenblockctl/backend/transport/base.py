@@ -87,6 +87,18 @@ class GrantMapping(abc.ABC):
             return [buf[: n * PAGE_SIZE]]
         return merge_extents(buf, range(0, n * PAGE_SIZE, PAGE_SIZE), extents)
 
+    def page_location(self, index: int) -> tuple[memoryview, int]:
+        """(view, offset) with page `index` at view[offset : offset + PAGE_SIZE].
+
+        The view is read-only for a read-only mapping. Mappings that are slices of one larger
+        mapping (local) return that larger view, so a caller holding many one-page mappings
+        (backend/grantcache.py) can merge neighbouring pages into one iovec; gntdev mappings are
+        each their own mmap and return their own buffer.
+        """
+        if not 0 <= index < len(self.refs):
+            raise IndexError(index)
+        return self.buffer, index * PAGE_SIZE
+
     def __enter__(self) -> GrantMapping:
         return self
 
@@ -130,8 +142,10 @@ class PersistentGrants(abc.ABC):
     """All of a domain's grantable pages, mapped once and kept for the life of a data plane.
 
     Only a transport whose grants cannot be revoked or shrunk under us offers this (local: a sealed
-    memfd). Per request it costs a bounds check and a slice or two: no map/unmap, no objects. Xen's
-    analogue is persistent grants (`feature-persistent`), which this engine does not negotiate.
+    memfd). Per request it costs a bounds check and a slice or two: no map/unmap, no objects. This
+    is a transport shortcut, not the blkif `feature-persistent` protocol: when a frontend negotiates
+    persistent grants the data plane uses backend/grantcache.py on every transport instead, so
+    the cache is tested without Xen.
     """
 
     @abc.abstractmethod

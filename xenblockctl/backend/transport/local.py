@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xenblockctl.backend.blkif import PAGE_SIZE
@@ -138,6 +138,7 @@ class _SlicedMapping(GrantMapping):
         self.writable = writable
         self._table = table
         self._view: memoryview | None = table.view if writable else table.ro_view
+        self.on_unmap: Callable[[], None] | None = None
 
     def _table_view(self) -> memoryview:
         if self._view is None:
@@ -154,12 +155,18 @@ class _SlicedMapping(GrantMapping):
             raise GrantError("non-contiguous mapping has no single buffer; map with contiguous=True")
         return self.page(0)
 
+    def page_location(self, index: int) -> tuple[memoryview, int]:
+        # the whole table's view: one-page mappings of neighbouring refs merge into one iovec
+        return self._table_view(), self.refs[index] * PAGE_SIZE
+
     def iovecs(self, extents: Sequence[tuple[int, int]] | None = None) -> list[memoryview]:
         return _table_iovecs(self._table, self._table_view(), self.refs, extents)
 
     def unmap(self) -> None:
         # Views already handed out keep pointing into the table (still mapped, still the frontend's
         # memory); the mapping itself refuses further use.
+        if self._view is not None and self.on_unmap is not None:
+            self.on_unmap()
         self._view = None
 
 
@@ -203,6 +210,11 @@ class _ContiguousMapping(MmapGrantMapping):
             raise
         view = memoryview(self._map)
         self._view: memoryview | None = view if writable else view.toreadonly()
+        self.on_unmap: Callable[[], None] | None = None
+
+    def _after_munmap(self) -> None:
+        if self.on_unmap is not None:
+            self.on_unmap()
 
 
 # --- event channels -------------------------------------------------------------------------------
@@ -268,6 +280,10 @@ class LocalTransport(Transport):
         self._ports: dict[tuple[int, int], tuple[int, int]] = {}  # (domid, port) -> (to_back, to_front)
         self._next_local_port = 1
         self._conns: dict[socket.socket, _Registration] = {}
+        # What map_grants() has mapped and not yet unmapped, in pages, and how many map_grants()
+        # calls there were: tests count these to prove caches start empty and end unmapped.
+        self.mapped_pages = 0
+        self.map_calls = 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -291,9 +307,22 @@ class LocalTransport(Transport):
         if table is None:
             raise GrantError(f"domain {domid} has no grant table registered")
         table.check(refs)
+        mapping: _ContiguousMapping | _SlicedMapping
         if contiguous and len(refs) > 1:
-            return _ContiguousMapping(table, refs, writable)
-        return _SlicedMapping(table, refs, writable)
+            mapping = _ContiguousMapping(table, refs, writable)
+        else:
+            mapping = _SlicedMapping(table, refs, writable)
+        pages = len(refs)
+
+        def unmapped() -> None:
+            with self._lock:
+                self.mapped_pages -= pages
+
+        mapping.on_unmap = unmapped
+        with self._lock:
+            self.mapped_pages += pages
+            self.map_calls += 1
+        return mapping
 
     def map_persistent(self, domid: int) -> PersistentGrants | None:
         with self._lock:

@@ -1,0 +1,430 @@
+"""Persistent grants (feature-persistent): the ring's grant cache on its own and inside the data plane,
+over the real local transport (memfd grant table), with data checked on the backing file and in the
+frontend's pages. Fault injection (a transport that refuses writable maps, slow I/O) only where a
+real peer cannot produce the situation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.backend import DISK_SIZE, PairFactory, ring_params_of
+from xenblockctl.backend import blkif, io
+from xenblockctl.backend.blkif import Segment, SegmentRequest
+from xenblockctl.backend.dataplane import DataPlane, RingParams
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache
+from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.requests import IoPlan
+from xenblockctl.backend.transport import EventChannel, GrantError, GrantMapping, Transport, TransportError
+from xenblockctl.backend.transport.local import LocalTransport
+
+ABIS = [blkif.X86_64, blkif.X86_32]
+
+
+def on_disk(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def release_all(views: Sequence[memoryview]) -> None:
+    for v in views:
+        v.release()
+
+
+# --- the data plane with persistent grants on and off ------------------------------------------------
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-request", "persistent"])
+@pytest.mark.parametrize("abi", ABIS, ids=lambda a: a.protocol)
+@pytest.mark.parametrize("order", [0, 2])
+def test_data_integrity_both_modes(
+    make_pair: PairFactory, abi: blkif.Abi, order: int, persistent: bool
+) -> None:
+    pair = make_pair(
+        abi=abi,
+        ring_page_order=order,
+        scramble_ring_refs=order > 0,
+        persistent=persistent,
+        data_pages=128,
+        indirect_pages=8,
+    )
+    fe, dp = pair.frontend, pair.dataplane
+    assert dp.params.persistent is persistent
+    assert (dp.grant_cache is not None) is persistent
+    for round_ in range(3):  # the same refs come round again: cache hits in persistent mode
+        data = os.urandom(44 * 1024)  # 11 segments: a plain request
+        assert fe.write(16, data) == blkif.RSP_OKAY
+        assert on_disk(pair.path, 16 * 512, len(data)) == data
+        assert fe.read(16, len(data)) == data
+        assert fe.read(17, 1024) == data[512:1536]  # sub-page segment inside a cached page
+        big = os.urandom(100 * 4096)  # 100 segments: an indirect request (indirect page cached too)
+        assert fe.write(4096 + round_, big) == blkif.RSP_OKAY
+        assert fe.read(4096 + round_, len(big)) == big
+        assert on_disk(pair.path, (4096 + round_) * 512, len(big)) == big
+    assert dp.stats.errors == 0
+    if dp.grant_cache is not None:
+        g = dp.grant_cache.stats
+        assert g.hits > g.misses > 0, g
+        assert g.transient == 0
+        assert g.evictions == 0
+        assert dp.grant_cache.mapped == g.maps  # nothing was unmapped while serving
+
+
+def test_repeated_requests_map_each_page_once(
+    make_pair: PairFactory, local_transport: LocalTransport
+) -> None:
+    """The point of the feature: a frontend reusing its pool costs no map after the first use."""
+    pair = make_pair(persistent=True, data_pages=16, workers=0)
+    fe, cache = pair.frontend, pair.dataplane.grant_cache
+    assert cache is not None
+    ring_pages = len(pair.dataplane.params.ring_refs)
+    calls0 = local_transport.map_calls
+    for i in range(200):
+        assert fe.write(i, bytes([i]) * 4096) == blkif.RSP_OKAY
+        assert fe.read(i, 4096) == bytes([i]) * 4096
+    # the LIFO pool gives every 1-page request the same ref: one mapping for 400 requests
+    assert local_transport.map_calls - calls0 == 1
+    assert cache.stats.maps == 1
+    assert cache.stats.hits == 399
+    assert local_transport.mapped_pages == ring_pages + 1
+
+
+def _persistent_plane(
+    transport: LocalTransport, fe: LocalFrontend, target: DeviceTarget, max_grants: int, workers: int = 0
+) -> DataPlane:
+    """A data plane that uses persistent grants whatever the frontend's pool order (FIFO pools
+    cycle through every page: the worst case for the cache)."""
+    params = dataclasses.replace(ring_params_of(fe), persistent=True)
+    return DataPlane(
+        transport,
+        fe.client.domid,
+        params,
+        target,
+        target.limits(),
+        workers=workers,
+        max_persistent_grants=max_grants,
+    )
+
+
+def test_eviction_keeps_the_cache_bounded(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    blob = os.urandom(DISK_SIZE // 8)
+    with open(path, "r+b") as f:
+        f.write(blob)
+    # persistent=False: the pool is FIFO, so 64 distinct refs go round against a limit of 8
+    with LocalFrontend(local_transport.socket_path, 40, data_pages=64) as fe:
+        dp = _persistent_plane(local_transport, fe, target, max_grants=8)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            for i in range(200):
+                sector = (i * 37 % (len(blob) // 4096)) * 8
+                assert fe.read(sector, 4096) == blob[sector * 512 : sector * 512 + 4096]
+                assert cache.mapped <= 8
+            assert fe.read(0, 16 * 4096) == blob[: 16 * 4096]  # one request with 16 > 8 pages
+            g = cache.stats
+            assert cache.mapped == 8
+            assert g.evictions >= 200 - 8, g
+            assert g.transient == 8, g  # the 16-page request: 8 cached, 8 more for it alone
+            assert g.maps - g.unmaps == 8
+            assert local_transport.mapped_pages == 1 + 8  # ring + cache, transients gone
+        finally:
+            assert dp.stop()
+        assert cache.mapped == 0
+        assert local_transport.mapped_pages == 0, "stop() unmaps the ring and every cached page"
+
+
+class _WatchedTransport(Transport):
+    """The local transport, with every one-page mapping's unmap checked against the pages that
+    requests are using right now (`busy`, maintained by the test's slow I/O)."""
+
+    def __init__(self, inner: LocalTransport) -> None:
+        self.inner = inner
+        self.busy: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.unmapped_while_busy: list[int] = []
+        self.refuse_writable: set[int] = set()  # refs "granted read-only" by the frontend
+
+    def map_grants(
+        self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
+    ) -> GrantMapping:
+        if writable and set(refs) & self.refuse_writable:
+            raise GrantError("grant is read-only (GNTST_permission_denied)")
+        mapping = self.inner.map_grants(domid, refs, writable=writable, contiguous=contiguous)
+        if len(refs) == 1 and not contiguous:
+            real_unmap = mapping.unmap
+            ref = refs[0]
+
+            def checked_unmap() -> None:
+                with self.lock:
+                    if self.busy.get(ref):
+                        self.unmapped_while_busy.append(ref)
+                real_unmap()
+
+            mapping.unmap = checked_unmap  # type: ignore[method-assign]
+        return mapping
+
+    def map_persistent(self, domid: int) -> None:
+        return None
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
+        return self.inner.bind_interdomain(domid, remote_port)
+
+    def close(self) -> None:
+        pass
+
+
+def test_pages_in_flight_are_never_unmapped(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    watched = _WatchedTransport(local_transport)
+    gate = threading.Event()
+    real = io.execute
+
+    def slow_execute(tgt: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
+        # fault injection: I/O that is still running while the ring thread maps more pages
+        with watched.lock:
+            for ref in plan.grefs:
+                watched.busy[ref] = watched.busy.get(ref, 0) + 1
+        try:
+            gate.wait(10)
+            return real(tgt, plan, bufs)
+        finally:
+            with watched.lock:
+                for ref in plan.grefs:
+                    watched.busy[ref] -= 1
+
+    monkeypatch.setattr(io, "execute", slow_execute)
+    monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)  # all go to workers
+    with LocalFrontend(local_transport.socket_path, 41, data_pages=32) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(watched, 41, params, target, target.limits(), workers=2, max_persistent_grants=4)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            try:
+                ids = [fe.submit_write(i * 8, bytes([i + 1]) * 4096) for i in range(8)]
+                fe.kick()
+                deadline = time.monotonic() + 5
+                while dp.in_flight < 8 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert dp.in_flight == 8
+                # 4 pages cached and pinned; the other 4 could not evict anything: transient
+                assert cache.mapped == 4
+                assert cache.pinned == 4
+                assert cache.stats.transient == 4
+                assert cache.stats.evictions == 0
+            finally:
+                gate.set()
+            done = fe.collect(8)
+            assert sorted(done) == sorted(ids)
+            assert all(c.response.status == blkif.RSP_OKAY for c in done.values())
+            for i in range(8):
+                assert on_disk(path, i * 4096, 4096) == bytes([i + 1]) * 4096
+            # more distinct pages with slow I/O: evictions happen, never of a busy page
+            for round_ in range(3):
+                ids = [fe.submit_read(i * 8, 4096) for i in range(6)]
+                done = fe.collect(6, timeout=20)
+                assert all(done[r].response.status == blkif.RSP_OKAY for r in ids), round_
+            assert cache.stats.evictions > 0
+            assert watched.unmapped_while_busy == []
+            assert cache.pinned == 0
+        finally:
+            gate.set()
+            assert dp.stop()
+        assert cache.mapped == 0
+
+
+def test_read_only_grants_are_never_cached(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """A frontend that grants a page read-only: a guest WRITE from it is served with a mapping for
+    that request alone; a READ into it (we would write) fails; the cache only ever holds writable
+    mappings, so a later READ can never be handed a read-only page or vice versa."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    watched = _WatchedTransport(local_transport)
+    with LocalFrontend(local_transport.socket_path, 42, data_pages=8) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(watched, 42, params, target, target.limits(), workers=0)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            ref = fe.ring_pages  # first data page
+            watched.refuse_writable.add(ref)
+            fe.page(ref)[:] = b"R" * 4096
+            fe.submit_raw(SegmentRequest(blkif.OP_WRITE, 1, 0, 1, 0, (Segment(ref, 0, 7),)))
+            assert fe.collect(1)[1].response.status == blkif.RSP_OKAY
+            assert on_disk(path, 0, 4096) == b"R" * 4096
+            assert cache.mapped == 0
+            assert cache.stats.transient == 1
+            fe.submit_raw(SegmentRequest(blkif.OP_READ, 1, 0, 2, 8, (Segment(ref, 0, 7),)))
+            assert fe.collect(1)[2].response.status == blkif.RSP_ERROR
+            assert bytes(fe.page(ref)) == b"R" * 4096
+            # granted writable again: cached from now on, and serves both directions
+            watched.refuse_writable.clear()
+            fe.submit_raw(SegmentRequest(blkif.OP_READ, 1, 0, 3, 8, (Segment(ref, 0, 7),)))
+            assert fe.collect(1)[3].response.status == blkif.RSP_OKAY
+            assert bytes(fe.page(ref)) == bytes(4096)
+            assert cache.mapped == 1
+        finally:
+            assert dp.stop()
+
+
+def _read_into(fe: LocalFrontend, rid: int, sector: int, ref: int) -> int:
+    fe.submit_raw(SegmentRequest(blkif.OP_READ, 1, 0, rid, sector, (Segment(ref, 0, 7),)))
+    return fe.collect(1)[rid].response.status
+
+
+def test_evicted_mapping_is_not_reused_after_a_regrant(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """Ref R is cached, evicted, then granted again onto a different page: the next read into R
+    must land in the new page. A cache that kept (or returned) the old mapping writes into memory
+    the frontend no longer uses, and this test sees the old contents."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    with open(path, "r+b") as f:
+        f.write(b"A" * 4096 + b"B" * 4096)
+    with LocalFrontend(local_transport.socket_path, 43, data_pages=16) as fe:
+        dp = _persistent_plane(local_transport, fe, target, max_grants=4)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            r = fe.ring_pages
+            assert _read_into(fe, 1, 0, r) == blkif.RSP_OKAY
+            assert bytes(fe.page(r)) == b"A" * 4096
+            for i, other in enumerate(range(r + 1, r + 5)):  # 4 more refs: R is the LRU, evicted
+                assert _read_into(fe, 10 + i, 0, other) == blkif.RSP_OKAY
+            assert cache.stats.evictions == 1
+            fe.regrant()  # every ref now names a new page (with the old contents copied)
+            assert _read_into(fe, 2, 8, r) == blkif.RSP_OKAY
+            assert bytes(fe.page(r)) == b"B" * 4096, "read landed in the page R was granted to before"
+            fe.page(r)[:] = b"C" * 4096
+            fe.submit_raw(SegmentRequest(blkif.OP_WRITE, 1, 0, 3, 16, (Segment(r, 0, 7),)))
+            assert fe.collect(1)[3].response.status == blkif.RSP_OKAY
+            assert on_disk(path, 16 * 512, 4096) == b"C" * 4096
+        finally:
+            assert dp.stop()
+
+
+def test_reconnect_starts_with_an_empty_cache(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """Each connection is a new grant table (a rebooted guest) with the same ref numbers: a cache
+    that outlived its ring would serve the previous guest's pages."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    pattern = os.urandom(8 * 4096)
+    with open(path, "r+b") as f:
+        f.write(pattern)
+    for round_ in range(4):
+        assert local_transport.mapped_pages == 0
+        with LocalFrontend(local_transport.socket_path, 44, data_pages=16, persistent=True) as fe:
+            dp = DataPlane(local_transport, 44, ring_params_of(fe), target, target.limits(), workers=0)
+            cache = dp.grant_cache
+            assert cache is not None
+            assert cache.mapped == 0
+            assert cache.stats.maps == 0
+            assert local_transport.mapped_pages == 1  # the ring only
+            dp.start()
+            try:
+                for i in range(8):
+                    assert fe.read(i * 8, 4096) == pattern[i * 4096 : (i + 1) * 4096], round_
+                assert fe.read(0, len(pattern)) == pattern
+                assert cache.mapped > 0
+                assert local_transport.mapped_pages == 1 + cache.mapped
+            finally:
+                assert dp.stop()
+            assert cache.mapped == 0
+            assert cache.stats.unmaps == cache.stats.maps
+    assert local_transport.mapped_pages == 0
+
+
+def test_feature_persistent_values() -> None:
+    def parse(value: str | None) -> bool:
+        return RingParams.parse(
+            ring_refs=["8"], event_channel="3", protocol=None, ring_page_order=None, feature_persistent=value
+        ).persistent
+
+    assert parse("1") is True
+    for hostile in [None, "0", "", " 1", "1 ", "01", "1\n", "true", "yes", "2", "-1", "0x1", "١", "1" * 100]:
+        assert parse(hostile) is False, repr(hostile)
+
+
+# --- the cache on its own --------------------------------------------------------------------------
+@pytest.fixture
+def frontend(local_transport: LocalTransport) -> Iterator[LocalFrontend]:
+    with LocalFrontend(local_transport.socket_path, 45, data_pages=16) as fe:
+        for ref in range(fe.total_pages):
+            fe.page(ref)[:] = bytes([ref]) * 4096
+        yield fe
+
+
+def test_cache_merges_neighbours_and_hands_out_read_only_views(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    cache = GrantCache(local_transport, 45, max_grants=16)
+    bufs, lease = cache.acquire(
+        [3, 4, 5, 9, 9], [(512, 3584), (0, 4096), (0, 1024), (0, 4096), (0, 512)], writable=False
+    )
+    try:
+        assert [b.nbytes for b in bufs] == [3584 + 4096 + 1024, 4096, 512]
+        assert all(b.readonly for b in bufs)
+        assert b"".join(bufs) == b"\x03" * 3584 + b"\x04" * 4096 + b"\x05" * 1024 + b"\x09" * 4608
+    finally:
+        release_all(bufs)
+        lease.unmap()
+    assert cache.mapped == 4  # ref 9 twice in one request is one mapping
+    bufs, lease = cache.acquire([6, 7], None, writable=True)
+    assert [b.nbytes for b in bufs] == [8192]
+    assert not bufs[0].readonly
+    bufs[0][:4] = b"back"
+    release_all(bufs)
+    lease.unmap()
+    assert bytes(frontend.page(6)[:4]) == b"back"
+    assert cache.stats.hits == 1
+    assert cache.stats.misses == 6
+    assert cache.close() == 6
+    assert local_transport.mapped_pages == 0
+    with pytest.raises(TransportError):
+        cache.acquire([3], None, writable=False)
+
+
+def test_cache_failure_leaves_nothing_pinned(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    cache = GrantCache(local_transport, 45, max_grants=2)
+    with pytest.raises(TransportError) as exc:
+        cache.acquire([1, 2, frontend.total_pages + 3], None, writable=True)
+    assert exc.value.code == "grant-map"
+    assert cache.pinned == 0
+    assert cache.mapped == 2  # mapped pages stay cached for the next request; none is pinned
+    with pytest.raises(TransportError):
+        cache.acquire([], None, writable=True)
+    bufs, lease = cache.acquire([1], None, writable=True)
+    with pytest.raises(TransportError, match="still in use"):
+        cache.close()  # never unmap under a request
+    release_all(bufs)
+    lease.unmap()
+    assert cache.close() == 2
+    assert local_transport.mapped_pages == 0
+
+
+def test_default_limit_is_linux_blkback() -> None:
+    assert DEFAULT_MAX_PERSISTENT_GRANTS == 1056
