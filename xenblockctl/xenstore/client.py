@@ -100,6 +100,17 @@ def _ok(payload: bytes, what: str) -> None:
         raise XenstoreDisconnected(f"{what}: unexpected reply {payload[:40]!r}")
 
 
+def _write_payload(path: str, value: bytes) -> bytes:
+    check_path(path)
+    payload = _arg(path) + value
+    if len(payload) > PAYLOAD_MAX:
+        raise XenstoreTooBig(
+            f"write {path}: value of {len(value)} bytes exceeds the {PAYLOAD_MAX}-byte payload limit",
+            errno=errno.E2BIG,
+        )
+    return payload
+
+
 def _split_list(payload: bytes) -> list[str]:
     """DIRECTORY / GET_PERMS replies: NUL-terminated strings; an empty list is an empty payload."""
     if not payload:
@@ -113,6 +124,11 @@ class _Operations:
     _tx_id: int
 
     def _request(self, op: int, payload: bytes, what: str) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _request_many(
+        self, requests: Sequence[tuple[int, bytes, str]]
+    ) -> list[bytes | XenstoreError]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- reads ------------------------------------------------------------------------------------
@@ -133,6 +149,23 @@ class _Operations:
 
     def exists(self, path: str) -> bool:
         return self.read_optional(path) is not None
+
+    def read_many(self, paths: Sequence[str]) -> list[str | None]:
+        """The values of several nodes, None where a node does not exist. Every request is sent
+        before the first reply is awaited, so on a socket N reads cost one round trip instead of
+        N. Like single reads, they are a consistent snapshot only inside a transaction."""
+        for path in paths:
+            check_path(path)
+        replies = self._request_many([(Op.READ, _arg(path), f"read {path}") for path in paths])
+        values: list[str | None] = []
+        for reply in replies:
+            if isinstance(reply, XenstoreNoEntry):
+                values.append(None)
+            elif isinstance(reply, XenstoreError):
+                raise reply
+            else:
+                values.append(decode_value(reply))
+        return values
 
     def ls(self, path: str) -> list[str]:
         """Names (not paths) of the node's children, in the daemon's (creation) order. Lists
@@ -176,14 +209,7 @@ class _Operations:
     # -- writes -----------------------------------------------------------------------------------
 
     def write_bytes(self, path: str, value: bytes) -> None:
-        check_path(path)
-        payload = _arg(path) + value
-        if len(payload) > PAYLOAD_MAX:
-            raise XenstoreTooBig(
-                f"write {path}: value of {len(value)} bytes exceeds the {PAYLOAD_MAX}-byte payload limit",
-                errno=errno.E2BIG,
-            )
-        _ok(self._request(Op.WRITE, payload, f"write {path}"), f"write {path}")
+        _ok(self._request(Op.WRITE, _write_payload(path, value), f"write {path}"), f"write {path}")
 
     def write(self, path: str, value: str) -> None:
         """Create or overwrite; missing parents are created with empty values. `""` is valid."""
@@ -206,6 +232,10 @@ class _Operations:
             if not missing_ok:
                 raise
 
+    def rm_many(self, paths: Iterable[str]) -> None:
+        """rm(missing_ok=True) of every path, as one batch (see write_many)."""
+        self.write_many({}, remove=paths)
+
     def set_perms(self, path: str, perms: Sequence[Perm | str]) -> None:
         """Replace the ACL. The first entry is the owner and the default for unlisted domains."""
         check_path(path)
@@ -217,17 +247,32 @@ class _Operations:
 
     def read_dir(self, path: str) -> dict[str, str]:
         """One level of children: name -> value. Consistent only inside a transaction; the store
-        version runs it in one."""
-        values: dict[str, str] = {}
-        for name in self.ls(path):
-            value = self.read_optional(join(path, name))
-            if value is not None:
-                values[name] = value
-        return values
+        version runs it in one. The children are read in one batch (read_many)."""
+        names = self.ls(path)
+        values = self.read_many([join(path, name) for name in names])
+        return {name: value for name, value in zip(names, values, strict=True) if value is not None}
 
-    def write_many(self, items: Mapping[str, str]) -> None:
-        for path, value in items.items():
-            self.write(path, value)
+    def write_many(self, items: Mapping[str, str], *, remove: Iterable[str] = ()) -> None:
+        """Write every item, then remove every path in `remove` (a missing node is fine), sent as
+        one batch (one round trip on a socket). All requests are sent even when one fails; the
+        first failure is raised afterwards, so use it inside a transaction (the store version
+        runs it in one) where a failure aborts all of them."""
+        requests = [
+            (Op.WRITE, _write_payload(path, encode_value(value)), f"write {path}")
+            for path, value in items.items()
+        ]
+        first_rm = len(requests)
+        for path in remove:
+            check_path(path)
+            requests.append((Op.RM, _arg(path), f"rm {path}"))
+        if not requests:
+            return
+        for i, reply in enumerate(self._request_many(requests)):
+            if isinstance(reply, XenstoreNoEntry) and i >= first_rm:
+                continue  # rm of a node that is already gone: what rm(missing_ok=True) accepts
+            if isinstance(reply, XenstoreError):
+                raise reply
+            _ok(reply, requests[i][2])
 
 
 class Transaction(_Operations):
@@ -251,6 +296,11 @@ class Transaction(_Operations):
         if not self._open:
             raise XenstoreInvalid(f"{what}: transaction {self._tx_id} already ended")
         return self._store._send(op, payload, self._tx_id, what)
+
+    def _request_many(self, requests: Sequence[tuple[int, bytes, str]]) -> list[bytes | XenstoreError]:
+        if not self._open:
+            raise XenstoreInvalid(f"{requests[0][2] if requests else 'batch'}: transaction already ended")
+        return self._store._send_many(requests, self._tx_id)
 
     def commit(self) -> None:
         """Raises TransactionConflict (EAGAIN) when another writer got in between; the
@@ -369,35 +419,65 @@ class XenStore(_Operations):
         return self._send(op, payload, 0, what)
 
     def _send(self, op: int, payload: bytes, tx_id: int, what: str) -> bytes:
+        reply = self._send_many([(op, payload, what)], tx_id)[0]
+        if isinstance(reply, XenstoreError):
+            raise reply
+        return reply
+
+    def _request_many(self, requests: Sequence[tuple[int, bytes, str]]) -> list[bytes | XenstoreError]:
+        return self._send_many(requests, 0)
+
+    def _send_many(
+        self, requests: Sequence[tuple[int, bytes, str]], tx_id: int
+    ) -> list[bytes | XenstoreError]:
+        """Send every request, then collect the replies in order: a pipeline, so a batch costs one
+        round trip (xenstored answers one connection's requests in order; replies are matched by
+        id anyway). An error reply comes back as its XenstoreError, not raised, so the caller
+        decides (rm of a missing node, a read that may fail); a timeout, a lost connection or a
+        mismatched reply raises, since nothing on the connection can be trusted after those."""
         router = self._router
+        first = requests[0][2] if requests else "batch"
         if router is None:
-            raise XenstoreDisconnected(f"{what}: connection already closed")
-        if len(payload) > PAYLOAD_MAX:
-            raise XenstoreTooBig(
-                f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
-            )
-        deadline, limit = self._request_deadline(what)
-        packet = _packet(op, payload, next(self._ids), tx_id)
-        try:
-            rvar = router.send(packet)
-        except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
-            self._abandon()
-            raise XenstoreDisconnected(f"{what}: send failed: {' '.join(str(exc).split())[:120]}") from exc
-        reply = wait_reply(rvar, deadline)
-        if reply is None:
-            # The request may still be applied later; nothing on this connection can be trusted.
-            self._abandon()
-            raise XenstoreTimeout(f"{what}: no reply within {limit}", errno=errno.ETIMEDOUT)
-        if reply is LOST:
-            raise XenstoreDisconnected(f"{what}: {router.describe_failure()}", errno=errno.ECONNRESET)
-        if reply.op == Op.ERROR:
-            name = reply.payload.rstrip(_NUL).decode("ascii", "replace")
-            num = errno_from_name(name)
-            raise error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
-        if reply.op != op or reply.tx_id != tx_id:
-            self._abandon()
-            raise XenstoreDisconnected(f"{what}: reply of type {reply.op} tx {reply.tx_id} does not match")
-        return bytes(reply.payload)
+            raise XenstoreDisconnected(f"{first}: connection already closed")
+        for _op, payload, what in requests:
+            if len(payload) > PAYLOAD_MAX:
+                raise XenstoreTooBig(
+                    f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
+                )
+        deadline, limit = self._request_deadline(first)
+        pending = []
+        for op, payload, what in requests:
+            packet = _packet(op, payload, next(self._ids), tx_id)
+            try:
+                pending.append(router.send(packet))
+            except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
+                self._abandon()
+                raise XenstoreDisconnected(
+                    f"{what}: send failed: {' '.join(str(exc).split())[:120]}"
+                ) from exc
+        results: list[bytes | XenstoreError] = []
+        for (op, _payload, what), rvar in zip(requests, pending, strict=True):
+            reply = wait_reply(rvar, deadline)
+            if reply is None:
+                # The request may still be applied later; nothing on this connection can be trusted.
+                self._abandon()
+                raise XenstoreTimeout(f"{what}: no reply within {limit}", errno=errno.ETIMEDOUT)
+            if reply is LOST:
+                raise XenstoreDisconnected(f"{what}: {router.describe_failure()}", errno=errno.ECONNRESET)
+            if reply.op == Op.ERROR:
+                name = reply.payload.rstrip(_NUL).decode("ascii", "replace")
+                num = errno_from_name(name)
+                results.append(
+                    error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
+                )
+                continue
+            if reply.op != op or reply.tx_id != tx_id:
+                self._abandon()
+                raise XenstoreDisconnected(
+                    f"{what}: reply of type {reply.op} tx {reply.tx_id} does not match"
+                )
+            results.append(bytes(reply.payload))
+        return results
 
     def _abandon(self) -> None:
         """After a timeout or protocol confusion the stream position is unknown: drop it."""
@@ -444,9 +524,10 @@ class XenStore(_Operations):
         """One level of children (name -> value), read consistently in one transaction."""
         return self.run_transaction(lambda tx: tx.read_dir(path))
 
-    def write_many(self, items: Mapping[str, str]) -> None:
-        """All writes in one transaction (what `xenstore-write a 1 b 2` does)."""
-        self.run_transaction(lambda tx: tx.write_many(items))
+    def write_many(self, items: Mapping[str, str], *, remove: Iterable[str] = ()) -> None:
+        """All writes (and removals) in one transaction (what `xenstore-write a 1 b 2` does)."""
+        removals = list(remove)
+        self.run_transaction(lambda tx: tx.write_many(items, remove=removals))
 
     # -- domains and paths ------------------------------------------------------------------------
 

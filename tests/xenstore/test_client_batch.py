@@ -1,0 +1,165 @@
+"""Batched requests (read_many, write_many, rm_many): sent as a pipeline, one round trip.
+
+Against both real daemons (Debian's C xenstored and ours) for results and error mapping, and a
+fault-injection peer that answers only after it has received the whole batch: a client that
+waited for each reply before sending the next request would time out there."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.fixtures.cxenstored import Daemon
+from tests.xenstore.test_client_faults import HEADER, Behaviour, FakePeer, _read_request
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import (
+    TransactionConflict,
+    XenstoreDisconnected,
+    XenstoreNoEntry,
+    XenstorePermissionDenied,
+)
+
+READ = 2
+ERROR = 16
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
+    peers: list[FakePeer] = []
+
+    def start(behaviour: Behaviour) -> FakePeer:
+        started = FakePeer(behaviour)
+        peers.append(started)
+        return started
+
+    yield start
+    for started in peers:
+        started.close()
+
+
+@pytest.fixture
+def store(daemon: Daemon) -> Iterator[XenStore]:
+    with XenStore.connect(timeout=5) as s:
+        yield s
+
+
+def test_read_many_gives_values_in_order_and_none_for_missing(store: XenStore) -> None:
+    store.write_many({"/b/a": "1", "/b/c": "", "/b/d": "x" * 3000})
+    assert store.read_many(["/b/d", "/b/missing", "/b/a", "/b/c", "/b", "/nothing/here"]) == [
+        "x" * 3000,
+        None,
+        "1",
+        "",
+        "",
+        None,
+    ]
+    assert store.read_many([]) == []
+
+
+def test_read_many_raises_errors_other_than_missing(peer: Callable[[Behaviour], FakePeer]) -> None:
+    def second_refused(conn: socket.socket) -> None:
+        for i, (op, rq, tx, _payload) in enumerate([_read_request(conn) for _ in range(3)]):
+            body = b"EACCES\0" if i == 1 else b"v"
+            conn.sendall(HEADER.pack(ERROR if i == 1 else op, rq, tx, len(body)) + body)
+
+    with (
+        XenStore.connect(peer(second_refused).path, timeout=2) as store,
+        pytest.raises(XenstorePermissionDenied),
+    ):
+        store.read_many(["/x/a", "/x/b", "/x/c"])
+
+
+def test_write_many_writes_then_removes_missing_ok(store: XenStore) -> None:
+    store.write_many({"/w/old": "1", "/w/keep": "2"})
+    store.write_many({"/w/new": "3", "/w/keep": "4"}, remove=["/w/old", "/w/never-existed"])
+    assert store.read_dir("/w") == {"keep": "4", "new": "3"}
+    store.rm_many(["/w/new", "/w/gone", "/w/keep"])
+    assert store.read_dir("/w") == {}
+
+
+def test_batch_inside_a_transaction_is_invisible_until_commit(store: XenStore) -> None:
+    store.write("/t/state", "2")
+    with store.transaction() as tx:
+        tx.write_many({"/t/x": "1", "/t/y": "2"}, remove=["/t/state"])
+        assert tx.read_many(["/t/x", "/t/y", "/t/state"]) == ["1", "2", None]
+        assert store.read_many(["/t/x", "/t/state"]) == [None, "2"]
+    assert store.read_many(["/t/x", "/t/y", "/t/state"]) == ["1", "2", None]
+
+
+def test_batched_reads_take_part_in_conflict_detection(store: XenStore) -> None:
+    store.write("/c/v", "0")
+    tx = store.transaction()
+    assert tx.read_many(["/c/v"]) == ["0"]
+    store.write("/c/v", "other writer")
+    tx.write_many({"/c/w": "1"})
+    with pytest.raises(TransactionConflict):
+        tx.commit()
+    assert store.read_optional("/c/w") is None
+
+
+def test_read_dir_still_skips_children_removed_while_listing(store: XenStore) -> None:
+    store.write_many({f"/r/n{i}": str(i) for i in range(40)})
+    assert store.read_dir("/r") == {f"n{i}": str(i) for i in range(40)}
+
+
+def _answer_after_whole_batch(count: int, seen: list[tuple[int, int, int, bytes]]) -> Behaviour:
+    def behaviour(conn: socket.socket) -> None:
+        for _ in range(count):
+            seen.append(_read_request(conn))
+        for op, rq, tx, payload in seen:
+            path = payload.split(b"\0")[0]
+            body = b"value of " + path if op == READ else b"OK\0"
+            conn.sendall(HEADER.pack(op, rq, tx, len(body)) + body)
+
+    return behaviour
+
+
+def test_batch_is_pipelined(peer: Callable[[Behaviour], FakePeer]) -> None:
+    seen: list[tuple[int, int, int, bytes]] = []
+    with XenStore.connect(peer(_answer_after_whole_batch(3, seen)).path, timeout=2) as store:
+        assert store.read_many(["/p/a", "/p/b", "/p/c"]) == [
+            "value of /p/a",
+            "value of /p/b",
+            "value of /p/c",
+        ]
+    assert [op for op, *_ in seen] == [READ, READ, READ]
+    assert len({rq for _op, rq, _tx, _p in seen}) == 3  # distinct request ids
+
+
+def test_replies_are_matched_by_id_not_order(peer: Callable[[Behaviour], FakePeer]) -> None:
+    def reversed_answers(conn: socket.socket) -> None:
+        requests = [_read_request(conn) for _ in range(3)]
+        for op, rq, tx, payload in reversed(requests):
+            body = payload.split(b"\0")[0].upper()
+            conn.sendall(HEADER.pack(op, rq, tx, len(body)) + body)
+
+    with XenStore.connect(peer(reversed_answers).path, timeout=2) as store:
+        assert store.read_many(["/q/a", "/q/b", "/q/c"]) == ["/Q/A", "/Q/B", "/Q/C"]
+
+
+def test_lost_peer_mid_batch_is_reported(peer: Callable[[Behaviour], FakePeer]) -> None:
+    done = threading.Event()
+
+    def answer_one_then_die(conn: socket.socket) -> None:
+        requests = [_read_request(conn) for _ in range(3)]
+        op, rq, tx, _payload = requests[0]
+        conn.sendall(HEADER.pack(op, rq, tx, 1) + b"x")
+        conn.close()
+        done.set()
+
+    started = peer(answer_one_then_die)
+    with XenStore.connect(started.path, timeout=5) as store, pytest.raises(XenstoreDisconnected):
+        store.read_many(["/l/a", "/l/b", "/l/c"])
+    assert done.is_set()
+
+
+def test_error_reply_in_a_batch_does_not_desync_the_rest(store: XenStore) -> None:
+    # ENOENT in the middle of a batch: the replies after it still belong to their own requests.
+    store.write_many({"/e/1": "one", "/e/3": "three"})
+    for _ in range(3):
+        assert store.read_many(["/e/1", "/e/2", "/e/3"]) == ["one", None, "three"]
+    with pytest.raises(XenstoreNoEntry):
+        store.read("/e/2")
