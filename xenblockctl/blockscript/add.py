@@ -33,12 +33,16 @@ from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
 from xenblockctl.kernel.loop import LoopDevice
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, BackendRecordError, backend_dir, parse_physical_device
 
 #: Nodes `add` publishes and `remove`/failure withdraws, together, always in one transaction.
 PUBLISHED = ("physical-device-luid", "physical-device", "physical-device-path", OWNER_NODE)
+#: What `add` decides from, read in one batch (one round trip) before anything is opened. Not a
+#: transaction: `_publish` re-reads every one of these it relies on inside the publishing
+#: transaction, so a change in between (closing, deleted, re-created with other params, published
+#: by a concurrent add) is refused there and never published over.
+CONFIG_NODES = ("state", "online", "mode", "params", "physical-device")
 
 
 class BackendGone(XenblockError):
@@ -75,10 +79,20 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
         target = parse_target(target_params)
         writable = mode == "w"
         if "physical-device" in nodes:
-            return _confirm_existing(nodes)
+            published_nodes = store.run_transaction(lambda tx: _read_published(tx, be))
+            if "physical-device" not in published_nodes:
+                raise BackendClosing("physical-device was withdrawn while this repeated add checked it")
+            return _confirm_existing(published_nodes)
         faults.pause("add-start")
         claimed = _open_and_claim(
-            store, target, home=home, be=be, path=path, writable=writable, settings=settings
+            store,
+            target,
+            home=home,
+            be=be,
+            path=path,
+            writable=writable,
+            settings=settings,
+            config=(mode, target_params),
         )
         device, owner = claimed.device, claimed.owner
         try:
@@ -118,10 +132,19 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
 
 
 def _read_backend(store: XenStore, be: str) -> dict[str, str]:
-    try:
-        return store.read_dir(be)
-    except XenstoreNoEntry as exc:
-        raise BackendGone(f"{be} does not exist") from exc
+    """The nodes `add` decides from (CONFIG_NODES; absent ones left out), in one round trip. The
+    directory node itself comes first: it reads as "" when it exists, ENOENT when not."""
+    values = store.read_many([be, *(join(be, name) for name in CONFIG_NODES)])
+    if values[0] is None:
+        raise BackendGone(f"{be} does not exist")
+    return {name: value for name, value in zip(CONFIG_NODES, values[1:], strict=True) if value is not None}
+
+
+def _read_published(tx: Transaction, be: str) -> dict[str, str]:
+    """What an earlier add published, consistently (they are written in one transaction)."""
+    names = ("physical-device", "physical-device-luid", "physical-device-path")
+    values = tx.read_many([join(be, name) for name in names])
+    return {name: value for name, value in zip(names, values, strict=True) if value is not None}
 
 
 def _validate(nodes: dict[str, str]) -> tuple[str, str]:
@@ -153,13 +176,15 @@ def _open_and_claim(
     path: BackendPath,
     writable: bool,
     settings: Settings,
+    config: tuple[str, str],
 ) -> _Claimed:
     """Open the target once, check sharing under a per-target lock, create the loop device if it
     is a file, and publish — all before the lock is released, so a concurrent add of the same
-    target sees our claim."""
+    target sees our claim. `config` is the (mode, params) the target came from; publishing
+    re-checks it."""
     if target.snapshot:
         return _claim_snapshot(
-            store, target, home=home, be=be, path=path, writable=writable, settings=settings
+            store, target, home=home, be=be, path=path, writable=writable, settings=settings, config=config
         )
     if maybe_dm(target):
         from xenblockctl.blockscript import dmtargets
@@ -167,7 +192,9 @@ def _open_and_claim(
         named = dmtargets.open_named(target, writable=writable)
         if named is not None:
             try:
-                return _claim_device(store, named, home=home, be=be, writable=writable, settings=settings)
+                return _claim_device(
+                    store, named, home=home, be=be, writable=writable, settings=settings, config=config
+                )
             except BaseException:
                 named.close()
                 raise
@@ -206,7 +233,7 @@ def _open_and_claim(
                 claimed = _Claimed(
                     device, OwnerRecord.for_device(device, writable=writable), _device_path(device)
                 )
-                store.run_transaction(lambda tx: _publish(tx, be, claimed))
+                store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
             except BaseException:
                 device.close()
                 raise
@@ -216,7 +243,14 @@ def _open_and_claim(
 
 
 def _claim_device(
-    store: XenStore, device: BlockDevice, *, home: str, be: str, writable: bool, settings: Settings
+    store: XenStore,
+    device: BlockDevice,
+    *,
+    home: str,
+    be: str,
+    writable: bool,
+    settings: Settings,
+    config: tuple[str, str],
 ) -> _Claimed:
     """Sharing check and publish for a device already opened and confirmed (dm name/uuid forms)."""
     ident = device.identity
@@ -225,7 +259,7 @@ def _claim_device(
     with target_lock(f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout):
         sharing.check(store, home, be, wanted)
         claimed = _Claimed(device, OwnerRecord.for_device(device, writable=writable), device.path or "")
-        store.run_transaction(lambda tx: _publish(tx, be, claimed))
+        store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
         return claimed
 
 
@@ -238,6 +272,7 @@ def _claim_snapshot(
     path: BackendPath,
     writable: bool,
     settings: Settings,
+    config: tuple[str, str],
 ) -> _Claimed:
     """`snapshot:BASE`: the base is only ever read, so the sharing check asks for read-only use of
     the base file; the writable dm device is new and private to this backend."""
@@ -271,7 +306,7 @@ def _claim_snapshot(
                         writable=writable,
                     )
                     claimed = _Claimed(disk.device, owner, disk.device.path or "")
-                    store.run_transaction(lambda tx: _publish(tx, be, claimed))
+                    store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
                 except BaseException:
                     disk.device.close()  # deferred remove is armed: this removes it, the loops follow
                     raise
@@ -286,29 +321,38 @@ def _device_path(device: BlockDevice) -> str:
     return device.path or ""
 
 
-def _publish(tx: Transaction, be: str, claimed: _Claimed) -> None:
+def _publish(tx: Transaction, be: str, claimed: _Claimed, config: tuple[str, str]) -> None:
     """One transaction: the luid can never be seen without physical-device or the other way round.
-    Re-checks the backend inside the transaction so a closing or deleted backend is not revived."""
-    state = tx.read_optional(join(be, "state"))
+    Re-checks the backend inside the transaction so a closing or deleted backend is not revived,
+    and that mode and params are still the ones the device was opened from (the first read was
+    not transactional). Two batches: the checks, then every write."""
+    state, online, published, mode, params = tx.read_many(
+        [join(be, name) for name in ("state", "online", "physical-device", "mode", "params")]
+    )
     if state is None:
         raise BackendGone(f"{be} vanished before publishing")
-    if state in ("5", "6") or tx.read_optional(join(be, "online")) == "0":
+    if state in ("5", "6") or online == "0":
         raise BackendClosing("backend started closing before publishing")
-    if tx.read_optional(join(be, "physical-device")) is not None:
+    if published is not None:
         raise AlreadyPublished("another add published physical-device for this backend concurrently")
+    if (mode, params) != config:
+        raise BackendGone(f"{be} changed mode or params while the target was being opened (re-created?)")
     ident = claimed.device.identity
-    tx.write(join(be, "physical-device-luid"), ident.luid)
-    tx.write(join(be, "physical-device"), ident.physical_device)
-    tx.write(join(be, "physical-device-path"), claimed.path)
-    tx.write(join(be, OWNER_NODE), claimed.owner.format())
-    tx.rm(join(be, "hotplug-error"), missing_ok=True)
+    tx.write_many(
+        {
+            join(be, "physical-device-luid"): ident.luid,
+            join(be, "physical-device"): ident.physical_device,
+            join(be, "physical-device-path"): claimed.path,
+            join(be, OWNER_NODE): claimed.owner.format(),
+        },
+        remove=[join(be, "hotplug-error")],
+    )
 
 
 def _mark_connected(tx: Transaction, be: str, owner: OwnerRecord) -> None:
     if tx.read_optional(join(be, "state")) is None:
         raise BackendGone(f"{be} vanished during hand-off")
-    tx.write(join(be, OWNER_NODE), owner.format())
-    tx.write(join(be, "hotplug-status"), "connected")
+    tx.write_many({join(be, OWNER_NODE): owner.format(), join(be, "hotplug-status"): "connected"})
 
 
 def _confirm_existing(nodes: dict[str, str]) -> AddResult:
@@ -341,11 +385,10 @@ def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bo
     def tx_body(tx: Transaction) -> None:
         if tx.read_optional(join(be, "state")) is None:
             return
-        if withdraw:
-            for name in PUBLISHED:
-                tx.rm(join(be, name), missing_ok=True)
-        tx.write(join(be, "hotplug-error"), exc.one_line())
-        tx.write(join(be, "hotplug-status"), status)
+        tx.write_many(
+            {join(be, "hotplug-error"): exc.one_line(), join(be, "hotplug-status"): status},
+            remove=[join(be, name) for name in PUBLISHED] if withdraw else [],
+        )
 
     # If even this fails, the exit status still tells libxl; the caller logs the original error.
     with contextlib.suppress(XenblockError):

@@ -21,7 +21,6 @@ import time
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockIdentity
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath
 
@@ -102,15 +101,14 @@ def wait_for_consumer(
 def _check(
     store: XenStore, home: str, backend: str, path: BackendPath, identity: BlockIdentity
 ) -> Consumer | None:
-    error = store.read_optional(error_node(home, path))
+    # One batch (one round trip): these are independent facts, each acted on by itself.
+    error, opened, state, online = store.read_many(
+        [error_node(home, path), join(backend, "opened"), join(backend, "state"), join(backend, "online")]
+    )
     if error:
         raise HandoffError(f"backend reported: {error[:200]}")
-    try:
-        opened = store.read_optional(join(backend, "opened"))
-        state = store.read(join(backend, "state"))
-        online = store.read_optional(join(backend, "online"))
-    except XenstoreNoEntry as exc:
-        raise HandoffError("backend directory vanished during hand-off") from exc
+    if state is None:
+        raise HandoffError("backend directory vanished during hand-off")
     if opened == "1":
         return Consumer.ENGINE
     if opened is None:

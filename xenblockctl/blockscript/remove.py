@@ -56,5 +56,4 @@ def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     after a forced detach could have published a new one)."""
     if tx.read_optional(join(be, OWNER_NODE)) != owner_text:
         return
-    for name in PUBLISHED:
-        tx.rm(join(be, name), missing_ok=True)
+    tx.rm_many([join(be, name) for name in PUBLISHED])
