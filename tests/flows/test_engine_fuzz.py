@@ -34,6 +34,8 @@ frontend_nodes = st.fixed_dictionaries(
             st.sampled_from(["x86_64-abi", "x86_32-abi", "arm-abi", "", "x86_64-abi\n"]), st.text(max_size=20)
         ),
         "multi-queue-num-queues": st.one_of(st.sampled_from(["0", "1", "2", "65536"]), numbers),
+        # anything but exactly "1" is off; never a reason to refuse or crash
+        "feature-persistent": st.one_of(st.sampled_from(["0", "1", "", " 1", "01", "true"]), numbers),
         "state": st.sampled_from(["3", "4", "3\n", "x", "", "99"]),
     },
 )
