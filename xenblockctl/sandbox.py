@@ -5,7 +5,8 @@ doing the xenbus handshake and real I/O through the ring to a real loop device.
 Steps (each timed and checked; any failure stops the run and everything is cleaned up):
   1. start xenstored and the engine; 2. write the backend/frontend directories as libxl does
   and wait for InitWait; 3. run `block-xenblockctl add`; 4. the guest connects, writes and reads
-  back; 5. the guest reboots: same device, data still there; 6. detach as libxl does (online=0,
+  back; 5. the frontend reconnects in the same domain (what pvgrub handing over to the guest's
+  kernel, kexec or a driver rebind does): same device, data still there; 6. detach as libxl does (online=0,
   Closing, wait for Closed, `remove`, delete the directories); 7. prove no loop device is left."""
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def run(
                         raise SandboxError("the write did not reach the image")
                 sectors = store.read_optional(backend + "/sectors")
                 d.append(f"backend Connected, {sectors} sectors, 4 KiB written + verified")
-            with step("guest reboots (frontend reconnect)") as d:
+            with step("frontend reconnects in the same domain") as d:
                 before = _ours(disk)
                 ring = guest.reboot()
                 if _ours(disk) != before:
