@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel import blockdev, loop, sysfs
+from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
@@ -68,6 +68,8 @@ def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
             want = "writable" if wanted.writable else "read-only"
             raise SharingConflict(f"target already in use {mode} by {claim.where}; refusing {want} attach")
     if wanted.writable and wanted.devt is not None:
+        from xenblockctl.kernel import sysfs  # block devices only: pathlib stays off a file add
+
         stacked = sysfs.holders(os.major(wanted.devt), os.minor(wanted.devt))
         if stacked:
             raise SharingConflict(

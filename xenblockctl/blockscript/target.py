@@ -22,7 +22,7 @@ import stat
 from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel import blockdev, loop, sysfs
+from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
 
@@ -135,6 +135,8 @@ def maybe_dm(target: Target) -> bool:
         st = os.stat(target.path)
     except OSError:
         return False  # opening the path reports it
+    from xenblockctl.kernel import sysfs  # here, not at the top: pathlib stays off a file add
+
     return stat.S_ISBLK(st.st_mode) and sysfs.dm_name(os.major(st.st_rdev), os.minor(st.st_rdev)) is not None
 
 
@@ -176,6 +178,8 @@ def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = T
 def check_expectations(target: Target, ident: BlockIdentity) -> None:
     """The identity checks a /dev/mapper/NAME or by-diskseq target promises, on the opened device."""
     if target.expect_dm_name is not None:
+        from xenblockctl.kernel import sysfs
+
         name = sysfs.dm_name(ident.major, ident.minor)
         if name != target.expect_dm_name:
             raise IdentityMismatch(

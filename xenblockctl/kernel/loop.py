@@ -11,14 +11,11 @@ import enum
 import errno
 import fcntl
 import os
-import random
 import stat
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
-from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.blockdev import (
     UNSUPPORTED_ERRNOS,
     BlockDevice,
@@ -52,6 +49,8 @@ from xenblockctl.kernel.loop_abi import (
 )
 
 LOOP_CONTROL = "/dev/loop-control"
+#: Where bound_loops() scans: one directory per block device, `loopN/loop/` only while bound.
+SYS_BLOCK = "/sys/block"
 #: Where /dev/loopN nodes are looked for; without one we use a private node (containers, no devtmpfs).
 DEV_DIR = "/dev"
 #: Every loop device we create carries a lo_file_name starting with this, so list/gc can find ours
@@ -71,6 +70,8 @@ class RetryPolicy(NamedTuple):
     max_delay: float = 0.02
 
     def delay(self, attempt: int) -> float:
+        import random  # only on a lost race: kept off the block script's start-up
+
         return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** min(attempt, 16))))
 
 
@@ -355,6 +356,8 @@ def detach_with_proof(
     if os.major(devt) != LOOP_MAJOR:
         raise NotOurs(f"{os.major(devt)}:{os.minor(devt)} is not a loop device")
     number = os.minor(devt)
+    from xenblockctl.kernel import sysfs  # its pathlib import is kept off the add path
+
     if sysfs.read_attr(LOOP_MAJOR, number, "dev") is None:
         return DetachResult.ALREADY_GONE  # removed; do not open 7:N, that would re-create it
     dev = open_devt(devt, writable=False, node=f"/dev/loop{number}")
@@ -397,12 +400,13 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
 
     Scans sysfs first (no opens for unbound devices, so nothing is created or held), then reads
     the tag through LOOP_GET_STATUS64 on a short-lived read-only fd."""
-    for entry in sorted(Path("/sys/block").glob("loop*")):
-        backing = entry / "loop" / "backing_file"
+    # os, not pathlib: this runs in every block script add of a file (pathlib costs ~5 ms to import)
+    for name in sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")):
         try:
-            backing_file = backing.read_text().strip()
-            number = int(entry.name.removeprefix("loop"))
-        except (FileNotFoundError, ValueError):
+            number = int(name.removeprefix("loop"))
+            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file")) as f:
+                backing_file = f.read().strip()
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         try:
             dev = open_devt(os.makedev(LOOP_MAJOR, number), writable=False, node=f"/dev/loop{number}")

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import itertools
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -512,6 +511,8 @@ class XenStore(_Operations):
                     raise TransactionConflict(
                         f"transaction still conflicting after {attempts} attempts", errno=errno.EAGAIN
                     ) from None
+                import random  # only on a conflict: kept off the block script's start-up
+
                 pause = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt))
                 if self.deadline is not None:
                     pause = min(pause, max(0.0, self.deadline - time.monotonic()))
