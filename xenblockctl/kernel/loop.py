@@ -356,9 +356,7 @@ def detach_with_proof(
     if os.major(devt) != LOOP_MAJOR:
         raise NotOurs(f"{os.major(devt)}:{os.minor(devt)} is not a loop device")
     number = os.minor(devt)
-    from xenblockctl.kernel import sysfs  # its pathlib import is kept off the add path
-
-    if sysfs.read_attr(LOOP_MAJOR, number, "dev") is None:
+    if not _registered(number):
         return DetachResult.ALREADY_GONE  # removed; do not open 7:N, that would re-create it
     dev = open_devt(devt, writable=False, node=f"/dev/loop{number}")
     try:
@@ -380,6 +378,16 @@ def detach_with_proof(
         return DetachResult.DETACHED
     finally:
         dev.close()
+
+
+def _registered(number: int) -> bool:
+    """Whether the kernel still has loop device 7:number, asked of sysfs so that nothing is opened
+    (or re-created). A stat, not kernel/sysfs: that module imports pathlib (~5 ms of every remove)."""
+    try:
+        os.stat(f"/sys/dev/block/{LOOP_MAJOR}:{number}/dev")
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 class BoundLoop(NamedTuple):
