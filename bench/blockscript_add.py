@@ -1,18 +1,31 @@
 """Full `add` as libxl runs it (a fresh process), ours vs Xen's bash `block` script, same xenstore.
 
-    sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32]
+    sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 64]
+        [--baseline-script OLD/hotplug/block-xenblockctl] [--python /path/to/python3]
 
 Both run against one embedded xenstored; the bash script (Debian's xen-utils-common, extracted
 into .cache/ with `apt-get download`, never installed) talks to it with Debian's xenstore-*
 CLIs (package xenstore-utils) through XENSTORED_PATH. Ours is measured end to end *including*
 the hand-off: it only exits once an engine-like consumer has opened the device and confirmed the
 luid; the bash script does no hand-off at all (it exits after writing physical-device).
-Rows: p50/p90 of single adds, then the wall time of N adds started at once on distinct backends."""
+Rows: p50/p90 of single adds, then the wall time of N adds started at once on distinct backends.
+
+Single adds alternate between the contestants (ours, the optional baseline script, bash) inside
+one loop, so a change in machine load hits all of them alike; each row also gives the CPU time
+(user + sys) of the script process and everything it waited for, which load inflates far less
+than wall time. `--baseline-script` runs another checkout's shim (e.g. `git archive OLD xenblockctl
+hotplug | tar -x -C /tmp/old`) with the same interpreter: before/after in the same run. `--python` runs our
+script(s) with another interpreter: a development venv's editable install (`pip install -e`)
+adds a meta-path finder that site.py loads on every start (it imports pathlib, fnmatch, urllib.parse,
+ipaddress), which an installed system does not pay; a venv holding only pyxs, with the script
+finding its checkout itself, is what the Xen lane and a plain install run. The load average is
+printed before and after."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -21,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench.common import percentile, row
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import _start
 from xenblockctl.kernel import loop
 
@@ -61,6 +74,10 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--parallel", type=int, default=32)
     parser.add_argument("--existing", type=int, default=64, help="pre-existing backends for the scaling rows")
+    parser.add_argument(
+        "--baseline-script", type=Path, default=None, help="another checkout's hotplug/block-xenblockctl"
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter for our script(s)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices)", file=sys.stderr)
@@ -71,6 +88,7 @@ def main() -> int:
             "baseline unavailable: needs apt-get download xen-utils-common and xenstore-utils",
             file=sys.stderr,
         )
+    print(f"load average before: {_loadavg()}")
     os.makedirs("/var/log/xen", exist_ok=True)  # the bash script appends its stderr there
     daemon = _start()
     work = Path(tempfile.mkdtemp(prefix="xbc-bench-"))
@@ -80,21 +98,31 @@ def main() -> int:
         for image in images:
             with open(image, "wb") as f:
                 f.truncate(16 << 20)
-        ours = measure_ours(libxl, images[0], args.iterations)
-        print(f"block script add, fresh process, {args.iterations} iterations (embedded xenstored)")
-        print(row("xenblockctl add (incl. hand-off to consumer)", ours))
-        theirs: list[float] = []
+        contestants: list[Contestant] = [Contestant("xenblockctl add (incl. hand-off to consumer)", SCRIPT)]
+        if args.baseline_script is not None:
+            contestants.append(Contestant("baseline script add (incl. hand-off)", args.baseline_script))
         if bash is not None:
-            theirs = measure_bash(libxl, bash, images[0], args.iterations)
-            print(row("Xen bash block add (no hand-off)", theirs))
-            print(f"ratio bash/ours (p50): {percentile(theirs, 50) / percentile(ours, 50):.1f}x")
+            contestants.append(Contestant("Xen bash block add (no hand-off)", bash, bash=True))
+        print(
+            f"block script add, fresh process, {args.iterations} iterations (embedded xenstored), "
+            f"python {args.python}"
+        )
+        measure_alternating(libxl, contestants, images[0], args.iterations, args.python)
+        for c in contestants:
+            print(row(c.label, c.wall))
+            print(row("  CPU of that process (user+sys)", c.cpu))
+        ours = contestants[0]
+        for other in contestants[1:]:
+            ratio = percentile(other.wall, 50) / percentile(ours.wall, 50)
+            cpu_ratio = percentile(other.cpu, 50) / percentile(ours.cpu, 50)
+            print(f"ratio {other.label.split(' (')[0]} / ours (p50): wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x")
         if args.existing:
             populate(libxl, args.existing)
             n = max(3, args.iterations // 3)
             admin = loop.attach_file(str(images[-1]), read_only=False, tag="xenblockctl:bench-admin")
             try:
                 for label, target in (("file", images[0]), ("block device", f"/dev/loop{admin.number}")):
-                    ours_n = measure_ours(libxl, target, n)
+                    ours_n = measure_ours(libxl, target, n, args.python)
                     print(row(f"xenblockctl add, {label}, {args.existing} backends", ours_n))
                     if bash is not None:
                         theirs_n = measure_bash(libxl, bash, target, n)
@@ -103,19 +131,89 @@ def main() -> int:
                         print(f"ratio bash/ours (p50, {label}, {args.existing} backends): {ratio:.1f}x")
             finally:
                 admin.close()
-        wall_ours = parallel_ours(libxl, images[: args.parallel])
-        print(f"{args.parallel} parallel adds, wall: xenblockctl {wall_ours * 1e3:.0f} ms")
-        if bash is not None:
-            wall_bash = parallel_bash(libxl, bash, images[: args.parallel])
-            print(f"{args.parallel} parallel adds, wall: Xen bash   {wall_bash * 1e3:.0f} ms")
-            print(f"ratio bash/ours (parallel wall): {wall_bash / wall_ours:.1f}x")
+        if args.parallel:
+            wall_ours = parallel_ours(libxl, images[: args.parallel], args.python)
+            print(f"{args.parallel} parallel adds, wall: xenblockctl {wall_ours * 1e3:.0f} ms")
+            if bash is not None:
+                wall_bash = parallel_bash(libxl, bash, images[: args.parallel])
+                print(f"{args.parallel} parallel adds, wall: Xen bash   {wall_bash * 1e3:.0f} ms")
+                print(f"ratio bash/ours (parallel wall): {wall_bash / wall_ours:.1f}x")
     finally:
         libxl.close()
         problems = daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
         if problems:
             print("xenstored:", problems, file=sys.stderr)
+    print(f"load average after: {_loadavg()}")
     return 0
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class Contestant:
+    """One script under test and its samples (µs)."""
+
+    def __init__(self, label: str, script: Path, *, bash: bool = False) -> None:
+        self.label = label
+        self.script = script
+        self.bash = bash
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """Wall and CPU (user + sys of the child and everything it waited for) in µs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False
+    )
+    wall = (time.perf_counter() - start) * 1e6
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6
+    return wall, cpu, result
+
+
+def measure_alternating(
+    libxl: Libxl, contestants: list[Contestant], image: Path, iterations: int, python: str
+) -> None:
+    """Each iteration runs every contestant once, on a fresh backend each (2 warm-up rounds)."""
+    for i in range(iterations + 2):
+        for k, c in enumerate(contestants):
+            devid = 51712 + 16 * i
+            if c.bash:
+                be = libxl.create_backend(6, devid, str(image), "w", engine=False)
+                wall, cpu, result = _timed(["bash", str(c.script), "add"], bash_env(libxl, be.relative))
+                assert result.returncode == 0, result.stderr
+                run_bash(libxl, c.script, "remove", be.relative)
+            else:
+                be = libxl.create_backend(5 + 10 * k, devid, str(image), "w")
+                consumer = libxl.engine_consumer(be)
+                wall, cpu, result = _timed([python, str(c.script), "add"], libxl.env("add", be))
+                assert result.returncode == 0, result.stderr
+                consumer.wait_opened()
+                consumer.release()
+                _remove(libxl, python, c.script, be)
+            libxl.store.rm(be.path)
+            if i >= 2:
+                c.wall.append(wall)
+                c.cpu.append(cpu)
+
+
+def _remove(libxl: Libxl, python: str, script: Path, be: Backend) -> None:
+    libxl.store.write(be.node("state"), "6")
+    result = subprocess.run(
+        [python, str(script), "remove"],
+        env=libxl.env("remove", be),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def populate(libxl: Libxl, count: int) -> None:
@@ -134,19 +232,16 @@ def populate(libxl: Libxl, count: int) -> None:
         )
 
 
-def measure_ours(libxl: Libxl, image: Path | str, iterations: int) -> list[float]:
+def measure_ours(libxl: Libxl, image: Path | str, iterations: int, python: str) -> list[float]:
     samples = []
     for i in range(iterations + 2):
         be = libxl.create_backend(5, 51712 + 16 * i, str(image), "w")
         consumer = libxl.engine_consumer(be)
-        start = time.perf_counter()
-        result = libxl.run("add", be)
-        elapsed = (time.perf_counter() - start) * 1e6
+        elapsed, _cpu, result = _timed([python, str(SCRIPT), "add"], libxl.env("add", be))
         assert result.returncode == 0, result.stderr
         consumer.wait_opened()
         consumer.release()
-        libxl.store.write(be.node("state"), "6")
-        libxl.run("remove", be)
+        _remove(libxl, python, SCRIPT, be)
         libxl.store.rm(be.path)
         if i >= 2:  # warm-up
             samples.append(elapsed)
@@ -180,13 +275,13 @@ def measure_bash(libxl: Libxl, bash: Path, image: Path | str, iterations: int) -
     return samples
 
 
-def parallel_ours(libxl: Libxl, images: list[Path]) -> float:
+def parallel_ours(libxl: Libxl, images: list[Path], python: str) -> float:
     backends = [libxl.create_backend(20 + i, 51712, str(img), "w") for i, img in enumerate(images)]
     consumers = [libxl.engine_consumer(be) for be in backends]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            libxl.argv("add"),
+            [python, str(SCRIPT), "add"],
             env=libxl.env("add", be),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -200,8 +295,7 @@ def parallel_ours(libxl: Libxl, images: list[Path]) -> float:
     for be, consumer in zip(backends, consumers, strict=True):
         consumer.wait_opened()
         consumer.release()
-        libxl.store.write(be.node("state"), "6")
-        libxl.run("remove", be)
+        _remove(libxl, python, SCRIPT, be)
         libxl.store.rm(be.path)
     return wall
 

@@ -1,13 +1,25 @@
 """Start-up cost of the hotplug entry point (paid on every VM start), against the bare interpreter.
 
-    .venv/bin/python -m bench.hotplug_startup [--runs 30]
+    .venv/bin/python -m bench.hotplug_startup [--runs 30] [--python /path/to/python3]
 
-Rows (fresh processes, same interpreter and flags): `python -c pass`; importing everything `add`
-needs; then the slowest imports of one run (python -X importtime), to show where the time goes."""
+Rows (fresh processes, same interpreter, alternating so load changes hit every row alike; wall
+and CPU time of the child):
+  * `python -S -c pass` and `python -c pass`: the interpreter alone, without and with site.py
+    (a development venv's editable install adds a finder that site.py loads on every start);
+  * the imports `add` and `remove` need, with site, as a bare `python -c` (teardown at exit, GC on);
+  * the same the way hotplug/block-xenblockctl runs them: GC off during start-up, os._exit after;
+then the slowest imports of one run (`python -S -X importtime`, site's own imports left out).
+
+Bytecode: the children run without PYTHONDONTWRITEBYTECODE and one warm-up run writes the caches
+first, so a stale __pycache__ never shows up as import time (with the variable set, every edited
+module would be compiled again in every run)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import site
 import subprocess
 import sys
 import time
@@ -19,49 +31,103 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = (
     "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.add, xenblockctl.blockscript.remove"
 )
+#: What the shim adds around the imports (hotplug/block-xenblockctl).
+SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
 
 
-def timed(argv: list[str], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs + 3):
-        start = time.perf_counter()
-        subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)
-        samples.append((time.perf_counter() - start) * 1e6)
-    return samples[3:]
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU (user + sys) of one child, in µs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
+    wall = (time.perf_counter() - start) * 1e6
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
-    py = sys.executable
-    bare = timed([py, "-c", "pass"], args.runs)
-    ours = timed([py, "-c", IMPORTS], args.runs)
+    py = args.python
+    env = child_env()
+    cases = {
+        "python -S -c pass": [py, "-S", "-c", "pass"],
+        "python -c pass": [py, "-c", "pass"],
+        "python -c '<hotplug imports>'": [py, "-c", IMPORTS],
+        "  as the shim runs them (GC off, _exit)": [py, "-c", SHIM_STYLE],
+    }
+    subprocess.run([py, "-c", IMPORTS], cwd=ROOT, env=env, check=True)  # write the bytecode caches
+    walls: dict[str, list[float]] = {name: [] for name in cases}
+    cpus: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(args.runs + 3):
+        for name, argv in cases.items():
+            wall, cpu = run_once(argv, env)
+            if i >= 3:
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"hotplug start-up, {args.runs} fresh processes each, python {py}, load average {load}")
+    for name in cases:
+        print(row(name, walls[name]))
+        print(row("  CPU (user+sys)", cpus[name]))
     count = subprocess.run(
         [py, "-c", IMPORTS + "; import sys; print(len(sys.modules))"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    print(f"hotplug start-up, {args.runs} fresh processes each")
-    print(row("python -c pass", bare))
-    print(row("python -c 'import <hotplug add/remove path>'", ours))
-    extra_ms = (percentile(ours, 50) - percentile(bare, 50)) / 1e3
-    print(f"import cost over the bare interpreter (p50): {extra_ms:.1f} ms, {count} modules in sys.modules")
+    bare, imports = "python -c pass", "python -c '<hotplug imports>'"
+    extra_ms = (percentile(walls[imports], 50) - percentile(walls[bare], 50)) / 1e3
+    extra_cpu = (percentile(cpus[imports], 50) - percentile(cpus[bare], 50)) / 1e3
+    print(
+        f"import cost over the bare interpreter (p50): {extra_ms:.1f} ms wall, {extra_cpu:.1f} ms CPU; "
+        f"{count} modules in sys.modules"
+    )
+    # -S: site.py (and an editable install's finder) would otherwise shadow our own graph
+    probe = f"import sys; sys.path[:0] = sys.argv[1:]; {IMPORTS}"
     trace = subprocess.run(
-        [py, "-X", "importtime", "-c", IMPORTS], cwd=ROOT, capture_output=True, text=True, check=True
+        [py, "-S", "-X", "importtime", "-c", probe, str(ROOT), *site_dirs(py)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stderr
     rows = []
     for line in trace.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        self_us, cumulative, name = (part.strip() for part in line.removeprefix("import time:").split("|"))
-        rows.append((int(cumulative), int(self_us), name))
-    print("slowest top-level imports (cumulative us, self us):")
-    for cumulative, self_us, name in sorted(rows, reverse=True)[:12]:
+        self_text, cumulative_text, name = (
+            part.strip() for part in line.removeprefix("import time:").split("|")
+        )
+        rows.append((int(cumulative_text), int(self_text), name))
+    print("slowest imports without site (cumulative us, self us):")
+    for cumulative, self_us, name in sorted(rows, reverse=True)[:14]:
         print(f"  {cumulative:>8} {self_us:>8}  {name}")
     return 0
+
+
+def site_dirs(py: str) -> list[str]:
+    """The site-packages directories `py` uses (venv-aware: asked of `py` itself, with site on)."""
+    if py == sys.executable:
+        return site.getsitepackages()
+    out = subprocess.run(
+        [py, "-c", "import site; print('\\n'.join(site.getsitepackages()))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.split()
 
 
 if __name__ == "__main__":
