@@ -37,9 +37,10 @@ echo 3 > /proc/sys/vm/drop_caches
 mount /dev/xvdb "$XENCI_WORK/mnt" || fail "mount for read-back failed"
 [ "$(md5sum < "$XENCI_WORK/mnt/data")" = "$sum" ] || fail "data read back through the engine differs"
 umount "$XENCI_WORK/mnt"
-# Frontend reconnect is not exercised here: unbinding and rebinding dom0's blkfront leaves the frontend
-# Closed (observed: state 6 on both sides, /dev/xvdb never returns), because Linux blkfront only
-# connects from Initialising. A real reconnect needs the xenbus reset protocol (kexec'd guest).
+# No frontend reconnect here: unbinding and rebinding dom0's blkfront leaves the frontend Closed
+# (observed: state 6 on both sides, /dev/xvdb never returns), because Linux blkfront only connects a
+# freshly probed device (state Initialising). Scenario 11 reconnects for real: pvgrub's blkfront hands
+# the disk to Linux's inside one domain.
 
 say "detach"
 t=$(now)

@@ -13,15 +13,20 @@ domu_console_logging() {
   /usr/lib/xen-4.17/bin/xenconsoled --log=guest --log-dir="$DOMU_CONSOLE_DIR" --pid-file=/run/xenconsoled.pid
 }
 
-# build_domu_initrd OUT.cpio.gz
+# build_domu_initrd OUT.cpio.gz [INIT]: INIT (a file) becomes the guest's /init; without it, the two-disk
+# check below. domu/xs.sh (a busybox xenstore client) is always in the image as /xs.sh.
 build_domu_initrd() {
-  local out=$1 root kver
+  local out=$1 init=${2:-} root kver
   kver=$(uname -r)
   root=$(mktemp -d "$XENCI_WORK/initrd.XXXXXX")
-  mkdir -p "$root"/{bin,dev,proc,sys}
+  mkdir -p "$root"/{bin,dev,proc,sys,tmp}
   cp /bin/busybox "$root/bin/busybox"
   cp "/lib/modules/$kver/kernel/drivers/block/xen-blkfront.ko" "$root/xen-blkfront.ko"
-  cat > "$root/init" <<'INIT'
+  cp "$XENCI_SCENARIOS/domu/xs.sh" "$root/xs.sh"
+  if [ -n "$init" ]; then
+    cp "$init" "$root/init"
+  else
+    cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
@@ -46,6 +51,7 @@ sync
 say "done"
 poweroff -f
 INIT
+  fi
   chmod 0755 "$root/init"
   (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$out"
   rm -rf "$root"

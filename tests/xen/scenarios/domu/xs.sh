@@ -1,0 +1,39 @@
+# A xenstore client for a PV domU's busybox shell (sourced by domU init scripts, not a scenario).
+# The domU has no xenstore tools and no Python: this speaks the wire protocol itself over the kernel's
+# /dev/xen/xenbus (xen-block-protocol.md / xenstore-for-tests.md: a 16-byte header of four little-endian
+# u32 -- type, req_id, tx_id, len -- then the payload). Paths without a leading / are relative to the
+# domain's home, /local/domain/<domid>, which xenstored resolves for us.
+
+XS_DIRECTORY=1
+XS_READ=2
+XS_WRITE=11
+XS_RM=13
+XS_ERROR=16
+XS_TMP=/tmp/xs
+mkdir -p "$XS_TMP"
+
+_xs_le32() {
+  printf "\\$(printf %03o $(($1 & 255)))\\$(printf %03o $((($1 >> 8) & 255)))"
+  printf "\\$(printf %03o $((($1 >> 16) & 255)))\\$(printf %03o $((($1 >> 24) & 255)))"
+}
+
+# _xs TYPE: send $XS_TMP/req as the payload; the reply's payload goes to stdout. Status 1 when xenstored
+# answered XS_ERROR (the payload then names the errno, e.g. ENOENT). The kernel device gathers partial
+# writes into one message and hands back a whole reply per read.
+_xs() {
+  local len rtype
+  len=$(wc -c < "$XS_TMP/req")
+  exec 3<>/dev/xen/xenbus || return 2
+  { _xs_le32 "$1"; _xs_le32 0; _xs_le32 0; _xs_le32 "$len"; cat "$XS_TMP/req"; } >&3
+  dd bs=65536 count=1 <&3 2>/dev/null > "$XS_TMP/reply"
+  exec 3<&-
+  rtype=$(od -An -tu4 -N4 "$XS_TMP/reply" | tr -d ' \n')
+  tail -c +17 "$XS_TMP/reply"
+  [ "$rtype" != "$XS_ERROR" ]
+}
+
+xs_read() { printf '%s\0' "$1" > "$XS_TMP/req"; _xs "$XS_READ"; }
+xs_write() { printf '%s\0%s' "$1" "$2" > "$XS_TMP/req"; _xs "$XS_WRITE" > /dev/null; }
+xs_rm() { printf '%s\0' "$1" > "$XS_TMP/req"; _xs "$XS_RM" > /dev/null; }
+# xs_ls PATH: one child name per line.
+xs_ls() { printf '%s\0' "$1" > "$XS_TMP/req"; _xs "$XS_DIRECTORY" | tr '\0' '\n' | grep -v '^$'; }
