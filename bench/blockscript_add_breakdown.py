@@ -1,12 +1,14 @@
 """Where one `block-xenblockctl add` (and `remove`) spends its time, phase by phase.
 
     sudo .venv/bin/python -m bench.blockscript_add_breakdown [--runs 10] [--python /path/to/python3]
+        [--checkout OTHER]   # another checkout (e.g. `git archive OLD xenblockctl | tar -x -C OTHER`)
 
 Runs the add as libxl does (fresh process, libxl's environment, an engine-like consumer thread in
 this process standing in for the backend that opens the device), but through a child that does
-what hotplug/block-xenblockctl does (GC off, checkout on sys.path, os._exit after flushing) with
-monotonic time stamps in between and the xenstore client's batch method wrapped to count round
-trips (every batch is one). Phases (p50 over the runs, ms):
+what that checkout's hotplug/block-xenblockctl does around main() (now: GC off, os._exit after
+flushing; older shims: GC on, interpreter teardown), with monotonic time stamps in between and the
+xenstore client's request method wrapped to count round trips (a batch is one).
+Phases (p50 over the runs, ms):
 
   spawn+interpreter+site   fork/exec in the parent until the child's first statement
   imports                  everything `add` and `remove` import (what main() would import lazily)
@@ -35,12 +37,13 @@ from tests.fixtures.xenstore import _start
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The child: the shim's steps, instrumented. argv[1] = action, argv[2] = checkout.
+#: The child: the shim's steps, instrumented. argv: action, checkout, GC off (0/1), os._exit (0/1).
 CHILD = r"""
 import time
 T0 = time.monotonic()
 import gc, json, os, sys
-gc.disable()
+if sys.argv[3] == "1":
+    gc.disable()
 sys.dont_write_bytecode = False
 sys.path.insert(0, sys.argv[2])
 from xenblockctl.blockscript import hotplug, add, remove, handoff, sharing
@@ -60,16 +63,28 @@ def timed(owner, name, label):
             phases[label] = phases.get(label, 0.0) + time.monotonic() - start
     setattr(owner, name, wrapper)
 
-original_send_many = client.XenStore._send_many
-def send_many(self, requests, tx_id):
-    start = time.monotonic()
-    try:
-        return original_send_many(self, requests, tx_id)
-    finally:
-        trips[0] += 1
-        trips[1] += time.monotonic() - start
-        trips[2] += len(requests)
-client.XenStore._send_many = send_many
+if hasattr(client.XenStore, "_send_many"):
+    original_send_many = client.XenStore._send_many
+    def send_many(self, requests, tx_id):
+        start = time.monotonic()
+        try:
+            return original_send_many(self, requests, tx_id)
+        finally:
+            trips[0] += 1
+            trips[1] += time.monotonic() - start
+            trips[2] += len(requests)
+    client.XenStore._send_many = send_many
+else:  # a checkout from before batching: one request per round trip
+    original_send = client.XenStore._send
+    def send(self, op, payload, tx_id, what):
+        start = time.monotonic()
+        try:
+            return original_send(self, op, payload, tx_id, what)
+        finally:
+            trips[0] += 1
+            trips[1] += time.monotonic() - start
+            trips[2] += 1
+    client.XenStore._send = send
 timed(client.XenStore, "connect", "connect")
 timed(add, "run_add", "run_add")
 timed(remove, "run_remove", "run_remove")
@@ -83,14 +98,19 @@ record = {"t0": T0, "imports": T1 - T0, "t2": T2, "trips": trips[0], "trip_time"
 print("BREAKDOWN " + json.dumps(record), file=sys.stderr)
 sys.stdout.flush()
 sys.stderr.flush()
-os._exit(status)
+if sys.argv[4] == "1":
+    os._exit(status)
+sys.exit(status)
 """
 
 
-def run_child(python: str, action: str, env: dict[str, str]) -> dict[str, float]:
+def run_child(python: str, checkout: Path, action: str, env: dict[str, str]) -> dict[str, float]:
+    # Do what that checkout's shim does around main() (older shims kept the GC and tore down).
+    shim = (checkout / "hotplug" / "block-xenblockctl").read_text()
+    gc_off, fast_exit = ("gc.disable()" in shim), ("os._exit(" in shim)
     spawn = time.monotonic()
     result = subprocess.run(
-        [python, "-c", CHILD, action, str(ROOT)],
+        [python, "-c", CHILD, action, str(checkout), str(int(gc_off)), str(int(fast_exit))],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -112,6 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose block script runs")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices)", file=sys.stderr)
@@ -129,11 +150,11 @@ def main() -> int:
         for i in range(args.runs + 2):
             be = libxl.create_backend(5, 51712 + 16 * i, str(image), "w")
             consumer = libxl.engine_consumer(be)
-            added = run_child(args.python, "add", libxl.env("add", be))
+            added = run_child(args.python, args.checkout, "add", libxl.env("add", be))
             consumer.wait_opened()
             consumer.release()
             libxl.store.write(be.node("state"), "6")
-            removed = run_child(args.python, "remove", libxl.env("remove", be))
+            removed = run_child(args.python, args.checkout, "remove", libxl.env("remove", be))
             libxl.store.rm(be.path)
             if i >= 2:
                 adds.append(added)
@@ -145,7 +166,10 @@ def main() -> int:
         if problems:
             print("xenstored:", problems, file=sys.stderr)
     load = " ".join(f"{a:.2f}->{b:.2f}" for a, b in zip(load_before, os.getloadavg(), strict=True))
-    print(f"block script breakdown, {args.runs} runs, python {args.python}, load average {load}")
+    print(
+        f"block script breakdown, {args.runs} runs, checkout {args.checkout}, python {args.python}, "
+        f"load average {load}"
+    )
     for action, records in (("add", adds), ("remove", removes)):
         print(f"{action}: p50 ms (p90)")
         keys = ["total", "spawn+interpreter+site", "imports", "connect", f"run_{action}"]
