@@ -6,6 +6,7 @@ waited for each reply before sending the next request would time out there."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import (
     TransactionConflict,
     XenstoreDisconnected,
+    XenstoreError,
     XenstoreNoEntry,
     XenstorePermissionDenied,
 )
@@ -163,3 +165,43 @@ def test_error_reply_in_a_batch_does_not_desync_the_rest(store: XenStore) -> Non
         assert store.read_many(["/e/1", "/e/2", "/e/3"]) == ["one", None, "three"]
     with pytest.raises(XenstoreNoEntry):
         store.read("/e/2")
+
+
+def test_watch_many_fires_for_each_path_and_unwatch_many_stops_them(store: XenStore) -> None:
+    store.write_many({"/w1/a": "0", "/w2/b": "0"})
+    store.watch_many(["/w1", "/w2"], "tok")
+    initial = {store.wait_watch(2), store.wait_watch(2)}
+    assert {(e.path, e.token) for e in initial if e is not None} == {("/w1", "tok"), ("/w2", "tok")}
+    store.write("/w2/b", "1")
+    event = store.wait_watch(2)
+    assert event is not None
+    assert (event.path, event.token) == ("/w2/b", "tok")
+    store.unwatch_many(["/w1", "/w2"], "tok")
+    store.drain_watches()
+    store.write_many({"/w1/a": "2", "/w2/b": "2"})
+    assert store.wait_watch(0.3) is None
+
+
+WATCH = 4
+UNWATCH = 5
+
+
+def test_watch_many_undoes_the_watches_that_were_set_when_one_is_refused(
+    peer: Callable[[Behaviour], FakePeer],
+) -> None:
+    seen: list[tuple[int, bytes]] = []
+
+    def second_watch_refused(conn: socket.socket) -> None:
+        for i in range(3):  # two watches, then the unwatch of the first
+            op, rq, tx, payload = _read_request(conn)
+            seen.append((op, payload))
+            refused = op == WATCH and i == 1
+            body = b"ENOSPC\0" if refused else b"OK\0"
+            conn.sendall(HEADER.pack(ERROR if refused else op, rq, tx, len(body)) + body)
+
+    with XenStore.connect(peer(second_watch_refused).path, timeout=2) as store:
+        with pytest.raises(XenstoreError) as caught:
+            store.watch_many(["/a", "/b"], "t")
+        assert caught.value.errno == errno.ENOSPC
+        assert [op for op, _ in seen] == [WATCH, WATCH, UNWATCH]
+        assert seen[2][1] == b"/a\0t\0"

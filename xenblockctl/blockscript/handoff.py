@@ -75,8 +75,8 @@ def wait_for_consumer(
     timeout: float,
 ) -> Consumer:
     token = f"xenblockctl-handoff-{os.getpid()}"
-    store.watch(backend, token)
-    store.watch(error_node(home, path), token)
+    watched = [backend, error_node(home, path)]
+    store.watch_many(watched, token)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -93,9 +93,8 @@ def wait_for_consumer(
             store.wait_watch(min(remaining, poll))
             store.drain_watches()
     finally:
-        for watched in (backend, error_node(home, path)):
-            with contextlib.suppress(XenblockError):
-                store.unwatch(watched, token)
+        with contextlib.suppress(XenblockError):
+            store.unwatch_many(watched, token)
 
 
 def _check(

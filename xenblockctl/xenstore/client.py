@@ -110,6 +110,15 @@ def _write_payload(path: str, value: bytes) -> bytes:
     return payload
 
 
+def _batch_error(reply: bytes | XenstoreError, what: str) -> XenstoreError | None:
+    """The error of one batched request that must answer OK (watch, unwatch), else None."""
+    if isinstance(reply, XenstoreError):
+        return reply
+    if reply.rstrip(_NUL) != b"OK":
+        return XenstoreDisconnected(f"{what}: unexpected reply {reply[:40]!r}")
+    return None
+
+
 def _split_list(payload: bytes) -> list[str]:
     """DIRECTORY / GET_PERMS replies: NUL-terminated strings; an empty list is an empty payload."""
     if not payload:
@@ -605,6 +614,55 @@ class XenStore(_Operations):
         what = f"unwatch {path} {token}"
         _ok(self._request(Op.UNWATCH, _arg(path) + _arg(token), what), what)
         self._unsubscribe(token)
+
+    def watch_many(self, paths: Sequence[str], token: str) -> None:
+        """watch() of several paths under one token, sent as one batch (one round trip). If any
+        is refused, the ones that were set are removed again before the first error is raised."""
+        for path in paths:
+            check_watch_path(path)
+        check_token(token)
+        for _ in paths:
+            self._subscribe(token)
+        try:
+            replies = self._send_many(
+                [(Op.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths], 0
+            )
+        except BaseException:
+            for _ in paths:
+                self._unsubscribe(token)
+            raise
+        errors = [
+            _batch_error(reply, f"watch {path} {token}") for path, reply in zip(paths, replies, strict=True)
+        ]
+        if not any(errors):
+            return
+        for _ in (error for error in errors if error is not None):
+            self._unsubscribe(token)
+        with contextlib.suppress(XenstoreError):
+            self.unwatch_many(
+                [path for path, error in zip(paths, errors, strict=True) if error is None], token
+            )
+        raise next(error for error in errors if error is not None)
+
+    def unwatch_many(self, paths: Sequence[str], token: str) -> None:
+        """unwatch() of several paths under one token, sent as one batch; every one is tried, then
+        the first failure is raised."""
+        for path in paths:
+            check_watch_path(path)
+        check_token(token)
+        if not paths:
+            return
+        replies = self._send_many(
+            [(Op.UNWATCH, _arg(path) + _arg(token), f"unwatch {path} {token}") for path in paths], 0
+        )
+        errors = [
+            _batch_error(reply, f"unwatch {path} {token}") for path, reply in zip(paths, replies, strict=True)
+        ]
+        for _ in (error for error in errors if error is None):
+            self._unsubscribe(token)
+        for error in errors:
+            if error is not None:
+                raise error
 
     def wait_watch(self, timeout: float | None = None) -> WatchEvent | None:
         """The next event of any watch of this connection, or None after `timeout` seconds
