@@ -144,6 +144,24 @@ def test_backend_error_node_aborts_handoff(libxl: Libxl, make_image: ImageFactor
     assert "physical-device" not in nodes
 
 
+def test_error_node_left_by_an_earlier_backend_does_not_fail_the_next_attach(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """libxl never deletes `error/backend/...` nodes: one left by a refused attach at the same
+    domain/devid must not read as this attach's consumer refusing (seen on real Xen: a blkback
+    attach after an engine refusal at xvdb failed with the old message)."""
+    be = libxl.create_backend(5, 51792, str(make_image()), "w")
+    stale = f"/local/domain/0/error/{be.relative}/error"
+    libxl.store.write(stale, "diskseq mismatch on 7:0 (an earlier backend)")
+    consumer = libxl.engine_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    assert libxl.store.read_optional(stale) is None, "publishing clears the earlier backend's error node"
+    consumer.release()
+
+
 def test_second_add_is_idempotent_while_the_device_lives(libxl: Libxl, make_image: ImageFactory) -> None:
     image = make_image()
     be = libxl.create_backend(5, 51792, str(image), "w")

@@ -233,7 +233,7 @@ def _open_and_claim(
                 claimed = _Claimed(
                     device, OwnerRecord.for_device(device, writable=writable), _device_path(device)
                 )
-                store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
+                store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
             except BaseException:
                 device.close()
                 raise
@@ -259,7 +259,7 @@ def _claim_device(
     with target_lock(f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout):
         sharing.check(store, home, be, wanted)
         claimed = _Claimed(device, OwnerRecord.for_device(device, writable=writable), device.path or "")
-        store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
+        store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
         return claimed
 
 
@@ -306,7 +306,7 @@ def _claim_snapshot(
                         writable=writable,
                     )
                     claimed = _Claimed(disk.device, owner, disk.device.path or "")
-                    store.run_transaction(lambda tx: _publish(tx, be, claimed, config))
+                    store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
                 except BaseException:
                     disk.device.close()  # deferred remove is armed: this removes it, the loops follow
                     raise
@@ -321,11 +321,16 @@ def _device_path(device: BlockDevice) -> str:
     return device.path or ""
 
 
-def _publish(tx: Transaction, be: str, claimed: _Claimed, config: tuple[str, str]) -> None:
+def _publish(tx: Transaction, home: str, be: str, claimed: _Claimed, config: tuple[str, str]) -> None:
     """One transaction: the luid can never be seen without physical-device or the other way round.
     Re-checks the backend inside the transaction so a closing or deleted backend is not revived,
     and that mode and params are still the ones the device was opened from (the first read was
-    not transactional). Two batches: the checks, then every write."""
+    not transactional). Two batches: the checks, then every write.
+
+    It also clears the backend's error node (`error/<backend path>`): the hand-off treats an error
+    there as the consumer refusing, and libxl never deletes those nodes, so one left by an earlier
+    backend at the same domain/devid (a refusal, a blkback failure) would fail this attach. Nothing
+    can have reported an error for this backend yet: no consumer acts before physical-device."""
     state, online, published, mode, params = tx.read_many(
         [join(be, name) for name in ("state", "online", "physical-device", "mode", "params")]
     )
@@ -345,8 +350,14 @@ def _publish(tx: Transaction, be: str, claimed: _Claimed, config: tuple[str, str
             join(be, "physical-device-path"): claimed.path,
             join(be, OWNER_NODE): claimed.owner.format(),
         },
-        remove=[join(be, "hotplug-error")],
+        remove=[join(be, "hotplug-error"), *_stale_error_dir(home, be)],
     )
+
+
+def _stale_error_dir(home: str, be: str) -> list[str]:
+    """The error directory of backend `be` (absolute, under `home`), as xenbus_dev_error() names it."""
+    prefix = home.rstrip("/") + "/"
+    return [join(home, "error", be[len(prefix) :])] if be.startswith(prefix) else []
 
 
 def _mark_connected(tx: Transaction, be: str, owner: OwnerRecord) -> None:
