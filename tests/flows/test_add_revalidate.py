@@ -1,0 +1,81 @@
+"""`add` reads the backend's configuration without a transaction (one batched round trip), so the
+publishing transaction must re-check everything that decision rested on: a backend whose mode or
+params changed (re-created) while the target was being opened gets nothing published, a coded
+error, and no loop device left behind.
+
+The change is injected at the `add-target-open` pause point, in process (fault injection: libxl
+never rewrites params of a live backend; a destroyed and re-created domain can look like it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.libxl import Libxl
+from xenblockctl.blockscript import add
+from xenblockctl.blockscript.settings import Settings
+from xenblockctl.journal import Journal
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.vbd import BackendPath
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+
+
+@pytest.mark.parametrize("node", ["params", "mode"])
+def test_config_changed_before_publishing_is_refused(
+    libxl: Libxl, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    image = make_image("first.img", size=8 << 20)
+    other = make_image("second.img", size=8 << 20)
+    be = libxl.create_backend(5, 51712, str(image), "w")
+    changed = {"params": str(other), "mode": "r"}[node]
+    reached: list[str] = []
+
+    def pause(point: str) -> None:
+        reached.append(point)
+        if point == "add-target-open":
+            libxl.store.write(be.node(node), changed)
+
+    monkeypatch.setattr(add.faults, "pause", pause)
+    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
+    with (
+        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
+        pytest.raises(add.BackendGone, match="changed mode or params"),
+    ):
+        add.run_add(
+            store,
+            BackendPath("vbd", 5, 51712),
+            Settings(handoff_timeout=2.0),
+            Journal("test-add-revalidate", stderr=False),
+        )
+    assert "add-target-open" in reached
+    assert "add-published" not in reached
+    nodes = libxl.nodes(be)
+    assert nodes[node] == changed
+    for name in add.PUBLISHED:
+        assert name not in nodes
+    assert nodes["hotplug-status"] == "error"
+    assert nodes["hotplug-error"].startswith("backend-missing:")
+    assert bound_loops_under(image.parent) == {}  # the loop device went with its fd
+
+
+def test_unchanged_config_still_publishes(
+    libxl: Libxl, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same in-process path with nothing changed: the re-check passes and the device is handed over.
+    image = make_image("disk.img", size=8 << 20)
+    be = libxl.create_backend(5, 51728, str(image), "w")
+    consumer = libxl.engine_consumer(be)
+    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
+        result = add.run_add(
+            store,
+            BackendPath("vbd", 5, 51728),
+            Settings(handoff_timeout=10.0),
+            Journal("test-add-revalidate", stderr=False),
+        )
+    consumer.wait_opened()
+    nodes = libxl.nodes(be)
+    assert nodes["physical-device"] == result.physical_device
+    assert nodes["physical-device-luid"] == result.luid
+    assert nodes["hotplug-status"] == "connected"
