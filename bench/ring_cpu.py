@@ -1,11 +1,14 @@
 """CPU per request of the blkif data plane on one thread, with no sleeping or waking: stable under load.
 
-    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only]
+    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on]
 
 Each round the LocalFrontend puts QD reads on the ring, one engine pass serves them on this thread
 (inline I/O from the page cache) and the frontend collects the answers; thread CPU time of each side
 is summed over the rounds (the first 20 are warm-up). Nothing waits for an event, so scheduler and
 wake-up costs, which dominate ring_throughput's wall clock on a loaded or idle VM, are left out.
+
+`--persistent off,on` (the default: both, one line each) runs the frontend without and with
+feature-persistent; with it the data plane goes through its grant cache (backend/grantcache.py).
 
 `--engine-only` replaces the frontend with re-publishing one captured round of request slots, so
 that an instruction count covers the engine alone. callgrind counts are independent of load; take
@@ -35,11 +38,22 @@ _WARMUP = 20
 
 
 def measure(
-    transport: LocalTransport, target: DeviceTarget, w: Workload, rounds: int, engine_only: bool
+    transport: LocalTransport,
+    target: DeviceTarget,
+    w: Workload,
+    rounds: int,
+    engine_only: bool,
+    *,
+    persistent: bool = False,
 ) -> None:
     pages = w.qd * max(1, w.block // 4096)
     with LocalFrontend(
-        transport.socket_path, 1, ring_page_order=1, data_pages=pages, indirect_pages=w.qd
+        transport.socket_path,
+        1,
+        ring_page_order=1,
+        data_pages=pages,
+        indirect_pages=w.qd,
+        persistent=persistent,
     ) as fe:
         dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=0)
         try:
@@ -79,9 +93,14 @@ def measure(
                     served += n
             if dp.stats.ok != dp.stats.requests:
                 raise SystemExit(f"engine answered errors: {dp.stats}")
-            line = f"  {w.name:<30} QD {w.qd:>2}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
+            mode = "persistent " if persistent else "per-request"
+            line = (
+                f"  {w.name:<30} QD {w.qd:>2} {mode}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
+            )
             if not engine_only:
                 line += f", frontend {frontend / max(served, 1) * 1e6:7.2f} µs/request"
+            if dp.grant_cache is not None:
+                line += f" (grant maps: {dp.grant_cache.stats.maps} for {dp.stats.requests} requests)"
             print(line)
         finally:
             dp.stop()
@@ -92,7 +111,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--engine-only", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
+    ap.add_argument("--persistent", default="off,on", help="grant modes: off (per-request), on (persistent)")
     args = ap.parse_args()
+    modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
     chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
@@ -108,7 +129,15 @@ def main() -> int:
             warmup = min(_WARMUP, args.rounds // 2)
             print(f"16 MiB file, page cache warm, one thread, {args.rounds} rounds ({warmup} warm-up)")
             for w in chosen:
-                measure(transport, DeviceTarget.from_fd(fd), w, args.rounds, args.engine_only)
+                for persistent in modes:
+                    measure(
+                        transport,
+                        DeviceTarget.from_fd(fd),
+                        w,
+                        args.rounds,
+                        args.engine_only,
+                        persistent=persistent,
+                    )
         finally:
             transport.close()
             os.close(fd)

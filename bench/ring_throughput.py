@@ -1,6 +1,7 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
+        [--persistent off,on]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -8,6 +9,10 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
 - `direct preadv`: one thread, preadv into a buffer at the same offsets: the floor.
 - `engine, N workers`: a LocalFrontend submits through the ring; the DataPlane validates, maps the
   grant pages and preadv's straight into them on N worker threads (0 = inline on the ring thread).
+  `persistent` rows: the frontend negotiates feature-persistent and the data plane goes through its
+  grant cache (backend/grantcache.py); `per-request` rows: it does not (on the local transport the
+  data plane then slices the whole grant table, which is already mapped once, so the local
+  transport cannot show what persistent grants save on Xen: the gntdev map/unmap per request).
 
 The file is filled with data and read once first, so both sides read from the page cache: the ratio
 measures our per-request software cost, not the disk. With `--frontend-process` the frontend runs in
@@ -80,6 +85,8 @@ class Run:
     rate: float
     frontend_cpu_us: float  # the frontend's process (or, in one process, the frontend thread)
     engine_cpu_us: float = 0.0  # the engine's process: ring thread, I/O workers, transport thread
+    grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
+    requests: int = 0  # requests the data plane served in the whole run
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -124,10 +131,23 @@ def _frontend_pages(w: Workload) -> int:
 
 
 def _child(
-    sock: str, image: str, w: Workload, seconds: float, conn: multiprocessing.connection.Connection
+    sock: str,
+    image: str,
+    w: Workload,
+    seconds: float,
+    conn: multiprocessing.connection.Connection,
+    *,
+    persistent: bool,
 ) -> None:
     size = os.stat(image).st_size
-    with LocalFrontend(sock, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd) as fe:
+    with LocalFrontend(
+        sock,
+        1,
+        ring_page_order=1,
+        data_pages=_frontend_pages(w),
+        indirect_pages=w.qd,
+        persistent=persistent,
+    ) as fe:
         conn.send(fe.xenstore_nodes())
         conn.recv()  # backend connected
         verify(fe, image, w, size)
@@ -147,6 +167,7 @@ def _params(nodes: dict[str, str]) -> RingParams:
         event_channel=nodes["event-channel"],
         protocol=nodes["protocol"],
         ring_page_order=order,
+        feature_persistent=nodes.get("feature-persistent"),
     )
 
 
@@ -164,11 +185,16 @@ def engine(
     workers: int,
     seconds: float,
     in_child: bool,
+    persistent: bool = False,
 ) -> Run:
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(transport.socket_path, image, w, seconds, child_end))
+        proc = ctx.Process(
+            target=_child,
+            args=(transport.socket_path, image, w, seconds, child_end),
+            kwargs={"persistent": persistent},
+        )
         proc.start()
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
 
@@ -196,9 +222,14 @@ def engine(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6)
+        return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6, *_grant_counts(dp))
     with LocalFrontend(
-        transport.socket_path, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd
+        transport.socket_path,
+        1,
+        ring_page_order=1,
+        data_pages=_frontend_pages(w),
+        indirect_pages=w.qd,
+        persistent=persistent,
     ) as fe:
         dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
         dp.start()
@@ -208,9 +239,15 @@ def engine(
             run = frontend_run(fe, w, target.size_bytes, seconds)
             served, cpu = dp.stats.requests - served, _cpu() - cpu0
             # one process: the engine's share is the process total minus the frontend thread's
-            return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6 - run.frontend_cpu_us)
+            engine_cpu = cpu / served * 1e6 - run.frontend_cpu_us
         finally:
             dp.stop()
+        return Run(run.rate, run.frontend_cpu_us, engine_cpu, *_grant_counts(dp))
+
+
+def _grant_counts(dp: DataPlane) -> tuple[int, int]:
+    cache = dp.grant_cache
+    return (-1 if cache is None else cache.stats.maps), dp.stats.requests
 
 
 def main() -> int:
@@ -224,6 +261,11 @@ def main() -> int:
     ap.add_argument("--loop", action="store_true", help="read through a loop device over the file (root)")
     ap.add_argument("--frontend-process", action="store_true", help="run the frontend in a child process")
     ap.add_argument(
+        "--persistent",
+        default="off,on",
+        help="comma-separated grant modes to run per row: off (per-request), on (persistent grants)",
+    )
+    ap.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -234,6 +276,7 @@ def main() -> int:
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     workers = [int(x) for x in args.workers.split(",")]
+    modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
@@ -269,25 +312,30 @@ def main() -> int:
                 print(f"\n{w.name}")
                 mib = base * w.block / 2**20
                 print(
-                    f"  {'direct preadv (1 thread)':<28} {base:>10.0f} IOPS {mib:>9.1f} MiB/s"
+                    f"  {'direct preadv (1 thread)':<40} {base:>10.0f} IOPS {mib:>9.1f} MiB/s"
                     f"{'':16}CPU/request: {base_cpu:.1f} µs"
                 )
                 for n in workers:
-                    run = engine(
-                        transport,
-                        target,
-                        str(image),
-                        w,
-                        workers=n,
-                        seconds=args.seconds,
-                        in_child=args.frontend_process,
-                    )
-                    label = f"engine, {n} workers" if n else "engine, inline I/O"
-                    print(
-                        f"  {label:<28} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
-                        f"   ratio {run.rate / base:.3f}   CPU/request: engine "
-                        f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
-                    )
+                    for persistent in modes:
+                        run = engine(
+                            transport,
+                            target,
+                            str(image),
+                            w,
+                            workers=n,
+                            seconds=args.seconds,
+                            in_child=args.frontend_process,
+                            persistent=persistent,
+                        )
+                        label = f"engine, {n} workers" if n else "engine, inline I/O"
+                        label += ", persistent" if persistent else ", per-request"
+                        maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
+                        print(
+                            f"  {label:<40} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
+                            f"   ratio {run.rate / base:.3f}   CPU/request: engine "
+                            f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
+                            f"{maps} for {run.requests} requests"
+                        )
         finally:
             transport.close()
             if dev is not None:

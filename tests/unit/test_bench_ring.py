@@ -23,6 +23,8 @@ def test_ring_cpu_runs_both_modes() -> None:
     assert "4 KiB random read" in out
     assert "frontend" in out
     assert "64 KiB random read" in out
+    assert out.count("per-request") == out.count("persistent ") == 2  # both grant modes, each workload
+    assert "grant maps" in out
     out = _run("bench.ring_cpu", "--rounds", "6", "--only", "3", "--engine-only")
     assert "1 MiB sequential read" in out
     assert "frontend" not in out
@@ -41,5 +43,6 @@ def test_ring_throughput_runs_in_a_child_frontend() -> None:
         "0,2",
         "--frontend-process",
     )
-    assert out.count("ratio") == 2
-    assert "engine, 2 workers" in out
+    assert out.count("ratio") == 4  # 2 worker counts x persistent grants off and on
+    assert "engine, 2 workers, persistent" in out
+    assert "engine, inline I/O, per-request" in out

@@ -418,7 +418,7 @@ def test_cache_failure_leaves_nothing_pinned(
     with pytest.raises(TransportError):
         cache.acquire([], None, writable=True)
     bufs, lease = cache.acquire([1], None, writable=True)
-    with pytest.raises(TransportError, match="still in use"):
+    with pytest.raises(TransportError, match="still hold persistent grants"):
         cache.close()  # never unmap under a request
     release_all(bufs)
     lease.unmap()

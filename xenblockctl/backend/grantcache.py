@@ -38,8 +38,9 @@ Thread safety: the ring thread calls `acquire()`; I/O workers finish requests an
 
 from __future__ import annotations
 
+import operator
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,39 +65,82 @@ class GrantCacheStats:
 class _Entry:
     """One mapped page: the mapping and where its bytes are, writable and read-only."""
 
-    __slots__ = ("base", "mapping", "ro_base", "start", "users")
+    __slots__ = ("base", "mapping", "obj", "place", "ro_base", "start")
 
-    def __init__(self, mapping: GrantMapping) -> None:
+    def __init__(self, mapping: GrantMapping, regions: _Regions) -> None:
         self.mapping = mapping
         self.base, self.start = mapping.page_location(0)
         self.ro_base = self.base if self.base.readonly else self.base.toreadonly()
-        self.users = 0
+        self.obj = self.base.obj  # pages of one underlying mapping may merge into one iovec
+        # Which mapping and where in it, as one machine-word int: neighbouring pages of one mapping
+        # have places PAGE_SIZE apart, pages of different mappings never do.
+        self.place = regions.acquire(self.obj) + self.start
 
-    def unmap(self) -> None:
+    def unmap(self, regions: _Regions) -> None:
         if self.ro_base is not self.base:
             self.ro_base.release()  # our views first: an mmap refuses to close under them
         self.mapping.unmap()
+        regions.release(self.obj)
+
+
+class _Regions:
+    """A small serial number per underlying mapping object (the cache's lock held), so that an
+    entry's place fits a machine word and C-level comparisons stay fast. A serial is held while
+    entries use the object; the object is referenced meanwhile, so its id cannot be reused."""
+
+    _SHIFT = 40  # a grant table (local) is far smaller than 2**40 bytes
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[object, int]] = {}  # id(obj) -> (obj, serial << _SHIFT)
+        self._users: dict[int, int] = {}
+        self._free: list[int] = []
+        self._next = 1
+
+    def acquire(self, obj: object) -> int:
+        key = id(obj)
+        slot = self._by_id.get(key)
+        if slot is None:
+            if self._free:
+                serial = self._free.pop()
+            else:
+                serial = self._next
+                self._next += 1
+            slot = self._by_id[key] = (obj, serial << self._SHIFT)
+            self._users[key] = 0
+        self._users[key] += 1
+        return slot[1]
+
+    def release(self, obj: object) -> None:
+        key = id(obj)
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key]
+            self._free.append(self._by_id.pop(key)[1] >> self._SHIFT)
 
 
 class Lease:
-    """What one request holds: pins on cached pages and its own transient mappings. `unmap()` once
-    the request's views are released (the same contract as GrantMapping.unmap)."""
+    """What one request holds: every page it named stays mapped, and its transient mappings are
+    its own. `unmap()` once the request's views are released (GrantMapping.unmap's contract)."""
 
-    __slots__ = ("_cache", "_pinned", "_transient")
+    __slots__ = ("_cache", "refs", "transient")
 
-    def __init__(self, cache: GrantCache, pinned: list[_Entry], transient: list[_Entry]) -> None:
+    def __init__(self, cache: GrantCache, refs: Sequence[int], transient: list[_Entry]) -> None:
         self._cache = cache
-        self._pinned = pinned
-        self._transient = transient
+        self.refs = refs
+        self.transient = transient
 
     def unmap(self) -> None:
-        pinned, self._pinned = self._pinned, []
-        transient, self._transient = self._transient, []
-        self._cache._unpin(pinned, transient)
+        self._cache._end(self)
 
 
 class GrantCache:
-    """The persistent-grant mappings of one ring of domain `domid` (see the module docstring)."""
+    """The persistent-grant mappings of one ring of domain `domid` (see the module docstring).
+
+    Pins are per request, not per page: the live leases name the pages in use, and only an
+    eviction (a miss with the cache full) works out which cached pages those are. A request whose
+    pages are all cached therefore costs a handful of C-level passes over its refs, no per-page
+    Python work but building its buffers.
+    """
 
     def __init__(
         self, transport: Transport, domid: int, max_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
@@ -108,6 +152,8 @@ class GrantCache:
         self.max_grants = max_grants
         self.stats = GrantCacheStats()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._leases: set[Lease] = set()  # requests in flight
+        self._regions = _Regions()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -120,7 +166,14 @@ class GrantCache:
     def pinned(self) -> int:
         """Cached pages an in-flight request is using now."""
         with self._lock:
-            return sum(1 for e in self._entries.values() if e.users)
+            return len(self._busy().intersection(self._entries))
+
+    def _busy(self) -> set[int]:
+        """Refs named by a request in flight (lock held)."""
+        busy: set[int] = set()
+        for lease in self._leases:
+            busy.update(lease.refs)
+        return busy
 
     def acquire(
         self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, *, writable: bool
@@ -130,93 +183,113 @@ class GrantCache:
         keeps them mapped. GrantError if a page cannot be mapped (nothing stays pinned then)."""
         if not refs:
             raise GrantError("no grant refs to map")
-        pinned: list[_Entry] = []
         transient: list[_Entry] = []
-        order: list[_Entry] = []  # one entry per ref, in ref order
-        try:
-            with self._lock:
-                if self._closed:
-                    raise GrantError("grant cache already closed")
-                entries = self._entries
-                stats = self.stats
-                for ref in refs:
-                    entry = entries.get(ref)
-                    if entry is not None:
-                        entries.move_to_end(ref)
-                        stats.hits += 1
+        lease = Lease(self, refs, transient)
+        with self._lock:
+            if self._closed:
+                raise GrantError("grant cache already closed")
+            entries = self._entries
+            # the lease counts from here: pages cached below cannot be evicted by this same request
+            self._leases.add(lease)
+            try:
+                try:
+                    # every page cached (the steady state): C-level passes over the refs only
+                    order: list[_Entry | None] = list(map(entries.__getitem__, refs))
+                except KeyError:
+                    order = list(map(entries.get, refs))
+                    self._fill(refs, order, transient, writable)
+                else:
+                    self.stats.hits += len(refs)
+                    if len(refs) == 1:
+                        entries.move_to_end(refs[0])
                     else:
-                        stats.misses += 1
-                        entry = self._map_missing(ref, writable)
-                        if entry.users < 0:  # transient: owned by this request alone
-                            transient.append(entry)
-                            order.append(entry)
-                            continue
-                    entry.users += 1
-                    pinned.append(entry)
-                    order.append(entry)
-        except BaseException:
-            self._unpin(pinned, transient)
-            raise
-        return _views(order, extents, writable), Lease(self, pinned, transient)
-
-    def _map_missing(self, ref: int, writable: bool) -> _Entry:
-        """Map `ref` (lock held): cached if there is room or an idle entry to evict, else a
-        transient entry (marked users = -1) that the caller owns."""
-        entries = self._entries
-        room = len(entries) < self.max_grants or self._evict_one()
-        try:
-            mapping = self.transport.map_grants(self.domid, (ref,), writable=True)
-        except GrantError:
-            if writable:
+                        deque(map(entries.move_to_end, refs), maxlen=0)  # most recently used
+            except BaseException:
+                self._leases.discard(lease)
+                for entry in transient:
+                    entry.unmap(self._regions)
+                self.stats.unmaps += len(transient)
                 raise
-            # A read-only grant can still serve a guest WRITE or an indirect page: map it the way
-            # it was granted, for this request only, so no cached entry is ever read-only.
-            mapping = self.transport.map_grants(self.domid, (ref,), writable=False)
-            room = False
-        self.stats.maps += 1
-        entry = _Entry(mapping)
-        if room:
-            entries[ref] = entry
-        else:
-            self.stats.transient += 1
-            entry.users = -1
-        return entry
+        return _views(order, extents, writable), lease  # type: ignore[arg-type]
 
-    def _evict_one(self) -> bool:
-        """Unmap the least-recently-used entry no request is using (lock held). False if all are
-        in use (or the cache holds nothing)."""
-        for ref, entry in self._entries.items():
-            if not entry.users:
-                del self._entries[ref]
-                entry.unmap()
+    def _fill(
+        self, refs: Sequence[int], order: list[_Entry | None], transient: list[_Entry], writable: bool
+    ) -> None:
+        """Map the refs `order` has no entry for (lock held; the request's lease already live)."""
+        entries = self._entries
+        stats = self.stats
+        busy: set[int] | None = None  # worked out at the first eviction, if any
+        for i, ref in enumerate(refs):
+            entry = entries.get(ref)  # again: an earlier miss of this request may have cached it
+            if entry is not None:
+                stats.hits += 1
+                entries.move_to_end(ref)
+                order[i] = entry
+                continue
+            stats.misses += 1
+            room = len(entries) < self.max_grants
+            if not room:
+                if busy is None:
+                    busy = self._busy()
+                room = self._evict_one(busy)
+            try:
+                mapping = self.transport.map_grants(self.domid, (ref,), writable=True)
+            except GrantError:
+                if not writable:
+                    # A read-only grant still serves a guest WRITE or an indirect page: map it as
+                    # granted, for this request only, so no cached entry is ever read-only.
+                    mapping = self.transport.map_grants(self.domid, (ref,), writable=False)
+                    room = False
+                else:
+                    raise
+            stats.maps += 1
+            made = _Entry(mapping, self._regions)
+            if room:
+                entries[ref] = made
+            else:
+                stats.transient += 1
+                transient.append(made)
+            order[i] = made
+
+    def _evict_one(self, busy: set[int]) -> bool:
+        """Unmap the least-recently-used entry no request in flight names (lock held). False if
+        every cached page is in use (or the cache holds nothing)."""
+        for ref in self._entries:
+            if ref not in busy:
+                self._entries.pop(ref).unmap(self._regions)
                 self.stats.unmaps += 1
                 self.stats.evictions += 1
                 return True
         return False
 
-    def _unpin(self, pinned: list[_Entry], transient: list[_Entry]) -> None:
+    def _end(self, lease: Lease) -> None:
+        """A request is done with its pages (its views released): unpin, drop its transients."""
         with self._lock:
-            for entry in pinned:
-                entry.users -= 1
-            self.stats.unmaps += len(transient)
-        for entry in transient:
-            entry.unmap()
+            self._leases.discard(lease)
+        if lease.transient:
+            transient, lease.transient = lease.transient, []
+            with self._lock:
+                self.stats.unmaps += len(transient)
+                for entry in transient:
+                    entry.unmap(self._regions)
 
     def close(self) -> int:
         """Unmap every cached page; the cache refuses further use. Call only when no request is in
         flight (the data plane has drained). Returns how many pages were unmapped."""
         with self._lock:
             self._closed = True
-            in_use = sum(1 for e in self._entries.values() if e.users)
-            if in_use:
+            if self._leases:
                 # a caller bug: never unmap under running I/O; leave everything mapped and say so
-                raise GrantError(f"{in_use} persistent grants still in use at close")
+                raise GrantError(f"{len(self._leases)} requests still hold persistent grants at close")
             entries = list(self._entries.values())
             self._entries.clear()
             for entry in entries:
-                entry.unmap()
+                entry.unmap(self._regions)
             self.stats.unmaps += len(entries)
         return len(entries)
+
+
+_PLACE = operator.attrgetter("place")
 
 
 def _views(
@@ -225,26 +298,42 @@ def _views(
     """Slices of each entry's page (extent i of page i, or whole pages), ranges that continue each
     other in the same underlying mapping merged into one buffer."""
     out: list[memoryview] = []
-    run: memoryview | None = None
-    run_obj: object = None
-    run_lo = run_hi = -1
-    for i, entry in enumerate(order):
-        base = entry.base if writable else entry.ro_base
-        if extents is None:
+    first = order[0]
+    run = first.base if writable else first.ro_base
+    run_obj = first.obj
+    if extents is None:
+        n = len(order)
+        lo = first.start
+        if n == 1:
+            return [run[lo : lo + PAGE_SIZE]]
+        # Whole pages that are neighbours in one mapping (the local transport, a frontend reusing
+        # a block of consecutive refs): one slice, found with C-level passes instead of a loop.
+        place = first.place
+        if list(map(_PLACE, order)) == list(range(place, place + n * PAGE_SIZE, PAGE_SIZE)):
+            return [run[lo : lo + n * PAGE_SIZE]]
+        run_lo = first.start
+        run_hi = run_lo + PAGE_SIZE
+        for entry in order[1:]:
             lo = entry.start
-            hi = lo + PAGE_SIZE
-        else:
-            offset, length = extents[i]
-            lo = entry.start + offset
-            hi = lo + length
-        if lo == run_hi and base.obj is run_obj:
-            run_hi = hi
-            continue
-        if run is not None:
+            if lo == run_hi and entry.obj is run_obj:
+                run_hi += PAGE_SIZE
+                continue
             out.append(run[run_lo:run_hi])
-        run, run_obj, run_lo, run_hi = base, base.obj, lo, hi
-    if run is not None:
-        out.append(run[run_lo:run_hi])
+            run = entry.base if writable else entry.ro_base
+            run_obj, run_lo, run_hi = entry.obj, lo, lo + PAGE_SIZE
+    else:
+        offset, length = extents[0]
+        run_lo = first.start + offset
+        run_hi = run_lo + length
+        for entry, (offset, length) in zip(order[1:], extents[1:], strict=True):
+            lo = entry.start + offset
+            if lo == run_hi and entry.obj is run_obj:
+                run_hi += length
+                continue
+            out.append(run[run_lo:run_hi])
+            run = entry.base if writable else entry.ro_base
+            run_obj, run_lo, run_hi = entry.obj, lo, lo + length
+    out.append(run[run_lo:run_hi])
     return out
 
 
