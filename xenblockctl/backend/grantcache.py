@@ -274,19 +274,20 @@ class GrantCache:
                     entry.unmap(self._regions)
 
     def close(self) -> int:
-        """Unmap every cached page; the cache refuses further use. Call only when no request is in
-        flight (the data plane has drained). Returns how many pages were unmapped."""
+        """Unmap every cached page; the cache refuses further use. Returns how many pages were
+        unmapped. Meant for after the data plane has drained; if a request still holds pages
+        anyway (a bug), those stay mapped (never unmap under I/O that may still run), everything
+        else is unmapped, and GrantError says how many were left; a later close() retries them."""
         with self._lock:
             self._closed = True
-            if self._leases:
-                # a caller bug: never unmap under running I/O; leave everything mapped and say so
-                raise GrantError(f"{len(self._leases)} requests still hold persistent grants at close")
-            entries = list(self._entries.values())
-            self._entries.clear()
-            for entry in entries:
-                entry.unmap(self._regions)
-            self.stats.unmaps += len(entries)
-        return len(entries)
+            busy = self._busy() if self._leases else set()
+            idle = [ref for ref in self._entries if ref not in busy]
+            for ref in idle:
+                self._entries.pop(ref).unmap(self._regions)
+            self.stats.unmaps += len(idle)
+            if self._entries:
+                raise GrantError(f"{len(self._entries)} persistent grants still in use at close: left mapped")
+        return len(idle)
 
 
 _PLACE = operator.attrgetter("place")
