@@ -12,10 +12,10 @@ import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
-from xenblockctl.blockscript import add
+from xenblockctl.blockscript import add, faults
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.journal import Journal
-from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.vbd import BackendPath
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -36,7 +36,7 @@ def test_config_changed_before_publishing_is_refused(
         if point == "add-target-open":
             libxl.store.write(be.node(node), changed)
 
-    monkeypatch.setattr(add.faults, "pause", pause)
+    monkeypatch.setattr(faults, "pause", pause)
     monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
     with (
         XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
@@ -79,3 +79,35 @@ def test_unchanged_config_still_publishes(
     assert nodes["physical-device"] == result.physical_device
     assert nodes["physical-device-luid"] == result.luid
     assert nodes["hotplug-status"] == "connected"
+
+
+def test_repeated_add_whose_published_identity_is_withdrawn_meanwhile_fails_coded(
+    libxl: Libxl, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batched read saw physical-device; the consistent re-read (a transaction) no longer does,
+    # as when a remove withdraws it in between. Nothing may be confirmed, attached or published.
+    image = make_image("disk.img", size=8 << 20)
+    be = libxl.create_backend(5, 51744, str(image), "w")
+    libxl.store.write_many({be.node("physical-device"): "7:3", be.node("physical-device-luid"): "1d"})
+    original = add._read_published
+
+    def withdrawn_first(tx: Transaction, path: str) -> dict[str, str]:
+        libxl.store.rm_many([be.node("physical-device"), be.node("physical-device-luid")])
+        return original(tx, path)
+
+    monkeypatch.setattr(add, "_read_published", withdrawn_first)
+    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
+    with (
+        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
+        pytest.raises(add.BackendClosing, match="withdrawn"),
+    ):
+        add.run_add(
+            store,
+            BackendPath("vbd", 5, 51744),
+            Settings(handoff_timeout=2.0),
+            Journal("test-add-revalidate", stderr=False),
+        )
+    nodes = libxl.nodes(be)
+    assert "physical-device" not in nodes
+    assert nodes["hotplug-error"].startswith("backend-closing:")
+    assert bound_loops_under(image.parent) == {}
