@@ -418,6 +418,7 @@ def test_cache_failure_leaves_nothing_pinned(
     with pytest.raises(TransportError):
         cache.acquire([], None, writable=True)
     bufs, lease = cache.acquire([1], None, writable=True)
+    lease.pin()  # as the data plane does before handing the pages to an I/O worker
     with pytest.raises(TransportError, match="1 persistent grants still in use"):
         cache.close()  # never unmap under a request: ref 1 stays, ref 2 goes
     assert cache.mapped == 1
@@ -431,3 +432,31 @@ def test_cache_failure_leaves_nothing_pinned(
 
 def test_default_limit_is_linux_blkback() -> None:
     assert DEFAULT_MAX_PERSISTENT_GRANTS == 1056
+
+
+def test_pinned_pages_survive_misses_unpinned_ones_are_evictable(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """Only the ring thread evicts (in acquire), so a lease used there needs no pin; one handed
+    to another thread is pinned, and then no later miss may unmap its pages."""
+    cache = GrantCache(local_transport, 45, max_grants=2)
+    held, lease = cache.acquire([3, 4], None, writable=False)
+    lease.pin()
+    assert cache.pinned == 2
+    bufs, other = cache.acquire([5], None, writable=False)  # full, all pinned: transient
+    assert cache.stats.transient == 1
+    assert cache.stats.evictions == 0
+    assert bytes(bufs[0][:1]) == b"\x05"
+    release_all(bufs)
+    other.unmap()
+    assert b"".join(held) == b"\x03" * 4096 + b"\x04" * 4096  # still mapped, still the right pages
+    release_all(held)
+    lease.unmap()
+    assert cache.pinned == 0
+    bufs, other = cache.acquire([6, 7], None, writable=False)  # unpinned now: both evicted (LRU)
+    assert cache.stats.evictions == 2
+    assert b"".join(bufs) == b"\x06" * 4096 + b"\x07" * 4096
+    release_all(bufs)
+    other.unmap()
+    assert cache.close() == 2
+    assert local_transport.mapped_pages == 0

@@ -339,6 +339,10 @@ class DataPlane:
         return status
 
     def _submit(self, plan: IoPlan, mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
+        if isinstance(mapping, Lease):
+            # the pages leave the ring thread: later misses there must not evict them
+            mapping.pin()
+
         def done(status: int) -> None:
             _release(mapping, bufs)
             self._answer([(plan.id, plan.operation, status)])

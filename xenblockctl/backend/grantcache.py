@@ -23,8 +23,11 @@ Rules this cache keeps:
   A miss when full unmaps the least-recently-used mapping that no in-flight request uses; when every
   cached mapping is in use the page is mapped for that request only and unmapped after it (Linux
   does the same once its limit is reached).
-- A page an in-flight request uses is never unmapped: `acquire()` pins each page until the request's
-  `Lease.unmap()`, eviction only takes unpinned entries, and `close()` (after the data plane has
+- A page an in-flight request uses is never unmapped. Only `acquire()` evicts, and only the ring
+  thread calls it, so a request served on the ring thread (validation's indirect pages, inline
+  I/O) is safe until that thread's next `acquire()`; a request handed to an I/O worker is
+  `Lease.pin()`ned first and keeps its pages until its `Lease.unmap()`. Eviction skips every page a
+  pinned request (or the request being mapped) names, and `close()` (after the data plane has
   drained) unmaps everything. A reconnect builds a new data plane, hence a new, empty cache.
 - Grants are the guest's: on Xen a ref we keep mapped cannot be re-granted to another page (the
   mapping pins it), so a cached entry never goes stale during a connection; between connections the
@@ -32,8 +35,10 @@ Rules this cache keeps:
   cached keep the old (still mapped, still the frontend's) memory, anything mapped afterwards comes
   from the new table.
 
-Thread safety: the ring thread calls `acquire()`; I/O workers finish requests and call
-`Lease.unmap()`. One lock guards the entries, pin counts and counters.
+Thread safety: the ring thread alone calls `acquire()` and is the only one to change the entries
+(close() runs after it stopped), so a request whose pages are all cached takes no lock. I/O workers
+finish pinned requests with `Lease.unmap()`; one lock guards the pinned set, transient mappings and
+whatever a miss changes.
 """
 
 from __future__ import annotations
@@ -119,18 +124,25 @@ class _Regions:
 
 
 class Lease:
-    """What one request holds: every page it named stays mapped, and its transient mappings are
-    its own. `unmap()` once the request's views are released (GrantMapping.unmap's contract)."""
+    """What one request holds: its transient mappings, and once `pin()`ned, every page it named.
+    `unmap()` once the request's views are released (GrantMapping.unmap's contract)."""
 
-    __slots__ = ("_cache", "refs", "transient")
+    __slots__ = ("_cache", "pinned", "refs", "transient")
 
     def __init__(self, cache: GrantCache, refs: Sequence[int], transient: list[_Entry]) -> None:
         self._cache = cache
         self.refs = refs
         self.transient = transient
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Keep every page of this request mapped until `unmap()`, whatever later requests need:
+        required before the pages leave the ring thread (an I/O worker, a barrier)."""
+        self._cache._pin(self)
 
     def unmap(self) -> None:
-        self._cache._end(self)
+        if self.pinned or self.transient:
+            self._cache._end(self)
 
 
 class GrantCache:
@@ -164,16 +176,21 @@ class GrantCache:
 
     @property
     def pinned(self) -> int:
-        """Cached pages an in-flight request is using now."""
+        """Cached pages that pinned requests (those on I/O workers) are using now."""
         with self._lock:
             return len(self._busy().intersection(self._entries))
 
     def _busy(self) -> set[int]:
-        """Refs named by a request in flight (lock held)."""
+        """Refs named by a pinned request (lock held)."""
         busy: set[int] = set()
         for lease in self._leases:
             busy.update(lease.refs)
         return busy
+
+    def _pin(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.add(lease)
+            lease.pinned = True
 
     def acquire(
         self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, *, writable: bool
@@ -183,39 +200,39 @@ class GrantCache:
         keeps them mapped. GrantError if a page cannot be mapped (nothing stays pinned then)."""
         if not refs:
             raise GrantError("no grant refs to map")
-        transient: list[_Entry] = []
-        lease = Lease(self, refs, transient)
-        with self._lock:
-            if self._closed:
-                raise GrantError("grant cache already closed")
-            entries = self._entries
-            # the lease counts from here: pages cached below cannot be evicted by this same request
-            self._leases.add(lease)
-            try:
+        if self._closed:
+            raise GrantError("grant cache already closed")
+        entries = self._entries
+        try:
+            # every page cached (the steady state): C-level passes over the refs, no lock (only
+            # this thread changes the entries)
+            order: list[_Entry | None] = list(map(entries.__getitem__, refs))
+        except KeyError:
+            transient: list[_Entry] = []
+            with self._lock:
+                order = list(map(entries.get, refs))
                 try:
-                    # every page cached (the steady state): C-level passes over the refs only
-                    order: list[_Entry | None] = list(map(entries.__getitem__, refs))
-                except KeyError:
-                    order = list(map(entries.get, refs))
                     self._fill(refs, order, transient, writable)
-                else:
-                    self.stats.hits += len(refs)
-                    if len(refs) == 1:
-                        entries.move_to_end(refs[0])
-                    else:
-                        deque(map(entries.move_to_end, refs), maxlen=0)  # most recently used
-            except BaseException:
-                self._leases.discard(lease)
-                for entry in transient:
-                    entry.unmap(self._regions)
-                self.stats.unmaps += len(transient)
-                raise
+                except BaseException:
+                    for entry in transient:
+                        entry.unmap(self._regions)
+                    self.stats.unmaps += len(transient)
+                    raise
+            lease = Lease(self, refs, transient)
+        else:
+            self.stats.hits += len(refs)
+            if len(refs) == 1:
+                entries.move_to_end(refs[0])
+            else:
+                deque(map(entries.move_to_end, refs), maxlen=0)  # most recently used
+            lease = Lease(self, refs, _NO_TRANSIENT)
         return _views(order, extents, writable), lease  # type: ignore[arg-type]
 
     def _fill(
         self, refs: Sequence[int], order: list[_Entry | None], transient: list[_Entry], writable: bool
     ) -> None:
-        """Map the refs `order` has no entry for (lock held; the request's lease already live)."""
+        """Map the refs `order` has no entry for (lock held). Evictions spare the pinned requests'
+        pages and this request's own."""
         entries = self._entries
         stats = self.stats
         busy: set[int] | None = None  # worked out at the first eviction, if any
@@ -231,6 +248,7 @@ class GrantCache:
             if not room:
                 if busy is None:
                     busy = self._busy()
+                    busy.update(refs)
                 room = self._evict_one(busy)
             try:
                 mapping = self.transport.map_grants(self.domid, (ref,), writable=True)
@@ -266,12 +284,11 @@ class GrantCache:
         """A request is done with its pages (its views released): unpin, drop its transients."""
         with self._lock:
             self._leases.discard(lease)
-        if lease.transient:
-            transient, lease.transient = lease.transient, []
-            with self._lock:
-                self.stats.unmaps += len(transient)
-                for entry in transient:
-                    entry.unmap(self._regions)
+            lease.pinned = False
+            transient, lease.transient = lease.transient, _NO_TRANSIENT
+            self.stats.unmaps += len(transient)
+            for entry in transient:
+                entry.unmap(self._regions)
 
     def close(self) -> int:
         """Unmap every cached page; the cache refuses further use. Returns how many pages were
@@ -291,6 +308,7 @@ class GrantCache:
 
 
 _PLACE = operator.attrgetter("place")
+_NO_TRANSIENT: list[_Entry] = []  # shared, never appended to: a lease with nothing of its own
 
 
 def _views(
