@@ -9,7 +9,6 @@ import contextlib
 import errno
 import os
 import stat
-from types import TracebackType
 from typing import NamedTuple
 
 from xenblockctl.kernel import ioctls
@@ -20,6 +19,7 @@ from xenblockctl.kernel.errors import (
     TargetTypeError,
     UnsupportedKernel,
 )
+from xenblockctl.kernel.fdhandle import FdHandle
 
 #: errnos that mean "this ioctl does not exist on this kernel/device" (see kernel-devices.md §9).
 UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
@@ -91,7 +91,7 @@ def identify(fd: int) -> BlockIdentity:
     )
 
 
-class BlockDevice:
+class BlockDevice(FdHandle):
     """An open block device: the fd is the handle, `identity` was read through it.
 
     Closing it may make the device disappear (auto-clearing loop, deferred-remove dm): that is the
@@ -101,23 +101,6 @@ class BlockDevice:
         self.fd = fd
         self.identity = identity
         self.path = path
-
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> BlockDevice:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         i = self.identity

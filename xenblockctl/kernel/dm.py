@@ -50,6 +50,7 @@ from xenblockctl.kernel.dm_abi import (
     validate_uuid,
 )
 from xenblockctl.kernel.errors import DeviceError, IdentityMismatch
+from xenblockctl.kernel.fdhandle import FdHandle
 
 CONTROL_PATH = "/dev/mapper/control"
 MISC_SYSFS = "/sys/class/misc/device-mapper/dev"
@@ -153,7 +154,7 @@ def _describe(name: str | None, uuid: str | None, dev: int | None) -> str:
     return f"dm device {os.major(dev or 0)}:{os.minor(dev or 0)}"
 
 
-class DmControl:
+class DmControl(FdHandle):
     """An open /dev/mapper/control plus the negotiated interface version."""
 
     def __init__(self, fd: int, *, ioctl: IoctlFn = _kernel_ioctl) -> None:
@@ -169,19 +170,6 @@ class DmControl:
         except BaseException:
             os.close(fd)
             raise
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> DmControl:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- the one ioctl path ------------------------------------------------------------------
 
