@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack.daemons import DaemonNotReady, ReadyDaemon
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, delete_vbd, write_vbd
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.vdev import Vdev
@@ -51,34 +50,6 @@ class Step:
 class Report:
     steps: list[Step] = field(default_factory=list)
     ok: bool = False
-
-
-class _Daemon:
-    """A child process that prints one ready line; stopped with SIGTERM, always reaped."""
-
-    def __init__(self, argv: list[str], ready_prefix: str, log_path: Path, timeout: float = 20.0) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode(errors="replace") if ready else ""
-        if not line.startswith(ready_prefix):
-            self.stop()
-            raise SandboxError(f"{argv[3]} did not start: {line.strip() or 'no ready line'}; see {log_path}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return self.proc.returncode
 
 
 def _run_script(python: str, action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -114,7 +85,13 @@ def run(
     report = Report()
     store: XenStore | None = None
     workdir = Path(tempfile.mkdtemp(prefix="xbc-sandbox-", dir="/tmp"))
-    daemons: list[_Daemon] = []
+    daemons: list[ReadyDaemon] = []
+
+    def start(name: str, argv: list[str], ready: str) -> None:
+        try:
+            daemons.append(ReadyDaemon(name, argv, ready, workdir / f"{name}.log"))
+        except DaemonNotReady as exc:
+            raise SandboxError(exc.message) from exc
 
     @contextlib.contextmanager
     def step(name: str) -> Iterator[list[str]]:
@@ -135,29 +112,11 @@ def run(
         transport = str(workdir / "transport.sock")
         python = sys.executable
         with step("start xenstored + engine") as d:
-            daemons.append(
-                _Daemon(
-                    [python, "-m", "xenblockctl", "xenstored", "--socket", sock],
-                    "xenstored ready",
-                    workdir / "xenstored.log",
-                )
+            start(
+                "xenstored", [python, "-m", "xenblockctl", "xenstored", "--socket", sock], "xenstored ready"
             )
-            daemons.append(
-                _Daemon(
-                    [
-                        python,
-                        "-m",
-                        "xenblockctl",
-                        "backend",
-                        "--transport",
-                        f"local:{transport}",
-                        "--xenstore",
-                        sock,
-                    ],
-                    "engine ready",
-                    workdir / "engine.log",
-                )
-            )
+            engine_argv = [python, "-m", "xenblockctl", "backend", "--transport", f"local:{transport}"]
+            start("engine", [*engine_argv, "--xenstore", sock], "engine ready")
             d.append(f"xenstored pid {daemons[0].proc.pid}, engine pid {daemons[1].proc.pid}")
         store = XenStore.connect(sock)
         backend = f"/local/domain/0/backend/vbd/{GUEST_DOMID}/{DEVID}"
