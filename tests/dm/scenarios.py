@@ -883,10 +883,10 @@ def script_killed_in_snapshot_window() -> dict[str, object]:
             assert _gone(ctl, uuid=st.uuid)(), f"engine start did not sweep {st.name}"
         _wait_until(lambda: not _tag_loops(52), timeout=3.0)
         _wait_until(lambda: baseline - _tmp_free_bytes() < 256 * 1024, timeout=3.0)
-        engine.send_signal(signal.SIGTERM)
-        _out, err = engine.communicate(timeout=30)
-        assert engine.returncode == 0, err
-        assert "removed leaked dm device" in err, err
+        code = engine.stop()
+        log = engine.log_text()
+        assert code == 0, log
+        assert "removed leaked dm device" in log, log
     return {"engine_start_s": round(engine_s, 2), "swept": [st.name for st in leaked.values()]}
 
 

@@ -142,7 +142,7 @@ def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpe
                     f"domain {spec.domid} has no free xvd device among the first {AUTO_MAX_DISKS}"
                 )
             chosen = replace(spec, vdev=free)
-        elif spec.vdev.number in used:
+        elif spec.location.devid in used:
             raise VdevInUse(f"{spec.vdev.name} ({spec.vdev.number}) of domain {spec.domid} is already in use")
         loc = chosen.location
         backend = chosen.backend_nodes()
