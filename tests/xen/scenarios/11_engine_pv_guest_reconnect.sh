@@ -9,7 +9,7 @@
 #   3. save/restore: the guest is saved to a file (domain gone, nothing bound) and restored into a new
 #      domain; blkfront resumes on the new backend and the guest goes on reading and writing.
 # The guest (domu/reconnect.init) and this script step through named phases over xenstore.
-# xenci-timeout: 720
+# xenci-timeout: 1200
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 
@@ -106,7 +106,7 @@ t=$(now)
 xl create "$cfg" || fail "xl create exited $?"
 metric create_engine_pv_xl_s "$(elapsed "$t")" s
 
-wait_phase connected 240
+wait_phase connected 480
 metric create_to_guest_io_s "$(elapsed "$t")" s
 first_domid=$domid
 be=backend/vbd/$domid/51712
@@ -126,7 +126,7 @@ ack connected
 
 say "guest reboot: xl restarts the domain"
 t=$(now)
-wait_phase rebooted 300
+wait_phase rebooted 480
 metric reboot_to_guest_io_s "$(elapsed "$t")" s
 [ "$domid" != "$first_domid" ] || fail "the domain id did not change across the reboot"
 if xenstore-exists "/local/domain/0/backend/vbd/$first_domid/51712" 2>/dev/null; then
