@@ -460,3 +460,79 @@ def test_pinned_pages_survive_misses_unpinned_ones_are_evictable(
     other.unmap()
     assert cache.close() == 2
     assert local_transport.mapped_pages == 0
+
+
+def _read_pages_into(fe: LocalFrontend, rid: int, sector: int, refs: Sequence[int]) -> int:
+    segs = tuple(Segment(ref, 0, 7) for ref in refs)
+    fe.submit_raw(SegmentRequest(blkif.OP_READ, len(segs), 0, rid, sector, segs))
+    return fe.collect(1)[rid].response.status
+
+
+def test_remembered_request_shapes_are_forgotten_at_eviction(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """A request whose exact refs were all cached before is served from a remembered shape
+    (no per-page lookups). An eviction must end that: after the pages are evicted and granted
+    again elsewhere, the same refs must reach the new pages, not the views the shape kept."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    with open(path, "r+b") as f:
+        f.write(b"A" * 8192 + b"B" * 8192)
+    with LocalFrontend(local_transport.socket_path, 46, data_pages=16) as fe:
+        dp = _persistent_plane(local_transport, fe, target, max_grants=4)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            r = fe.ring_pages
+            shape = (r, r + 1)
+            for rid in (1, 2, 3):  # miss, all-hit (shape remembered), shape hit
+                assert _read_pages_into(fe, rid, 0, shape) == blkif.RSP_OKAY
+            assert bytes(fe.page(r)) + bytes(fe.page(r + 1)) == b"A" * 8192
+            assert cache.stats.maps == 2
+            assert cache.stats.hits == 4
+            for i, other in enumerate([(r + 2, r + 3), (r + 4, r + 5)]):  # 4 more: both evicted
+                assert _read_pages_into(fe, 10 + i, 0, other) == blkif.RSP_OKAY
+            assert cache.stats.evictions == 2
+            fe.regrant()
+            assert _read_pages_into(fe, 4, 16, shape) == blkif.RSP_OKAY
+            assert bytes(fe.page(r)) + bytes(fe.page(r + 1)) == b"B" * 8192, "served from a stale shape"
+        finally:
+            assert dp.stop()
+        assert local_transport.mapped_pages == 0
+
+
+def test_eviction_takes_the_least_recently_used_page(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """LRU across plain hits and remembered shapes (whose recency is applied lazily)."""
+    cache = GrantCache(local_transport, 45, max_grants=4)
+
+    def use(*refs: int) -> None:
+        bufs, lease = cache.acquire(tuple(refs), None, writable=False)
+        assert b"".join(bufs) == b"".join(bytes([r]) * 4096 for r in refs)
+        release_all(bufs)
+        lease.unmap()
+
+    def cached(ref: int) -> bool:
+        maps = cache.stats.maps
+        use(ref)
+        return cache.stats.maps == maps
+
+    use(1, 2)  # miss
+    use(1, 2)  # all cached: shape remembered
+    use(3)
+    use(4)
+    use(1, 2)  # shape hit: 1 and 2 are now the most recent, 3 the least
+    use(5)  # full: evicts 3
+    assert cache.stats.evictions == 1
+    assert cached(1)
+    assert cached(2)
+    assert cached(4)
+    assert cached(5)
+    use(4)  # order now 1, 2, 5, 4 (oldest first)
+    use(6)  # evicts 1
+    assert not cached(1)  # (and that miss evicted 2)
+    assert cached(4)
+    assert cache.close() == 4
+    assert local_transport.mapped_pages == 0

@@ -22,7 +22,10 @@ Rules this cache keeps:
 - Bounded: at most `max_grants` (default 1056, Linux blkback's `max_persistent_grants`) per ring.
   A miss when full unmaps the least-recently-used mapping that no in-flight request uses; when every
   cached mapping is in use the page is mapped for that request only and unmapped after it (Linux
-  does the same once its limit is reached).
+  does the same once its limit is reached). Recency of requests whose exact list of refs was seen
+  before (a remembered "shape", see acquire()) is applied to the LRU order in one go before an
+  eviction, so the order is LRU per request, not per page, for those: a close approximation (Linux
+  itself approximates, purging unused grants in batches).
 - A page an in-flight request uses is never unmapped. Only `acquire()` evicts, and only the ring
   thread calls it, so a request served on the ring thread (validation's indirect pages, inline
   I/O) is safe until that thread's next `acquire()`; a request handed to an I/O worker is
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,6 +171,16 @@ class GrantCache:
         self._regions = _Regions()
         self._lock = threading.Lock()
         self._closed = False
+        # Request shapes seen with every page cached: refs tuple -> (entries, tick of last use,
+        # whole-page runs). A frontend reusing its pool sends the same shapes again and again; a
+        # known shape costs one tuple hash instead of per-page passes. Valid only while no entry
+        # has been removed: every eviction (and close) forgets them all.
+        self._shapes: dict[tuple[int, ...], _Shape] = {}
+        # LRU bookkeeping is deferred: requests append (tick, refs) here (shape hits note their
+        # tick in the shape) and the entries' order is brought up to date in one go before an
+        # eviction needs it (or when this grows long), so a hit costs no per-page move.
+        self._recent: list[tuple[int, Sequence[int]]] = []
+        self._tick = 0
 
     @property
     def mapped(self) -> int:
@@ -202,10 +215,21 @@ class GrantCache:
             raise GrantError("no grant refs to map")
         if self._closed:
             raise GrantError("grant cache already closed")
+        shape = self._shapes.get(refs) if isinstance(refs, tuple) else None
+        if shape is not None:
+            # a known shape: its pages are all still cached (no removal since it was recorded);
+            # its recency is noted per shape and applied to the LRU order before any eviction
+            self._tick += 1
+            shape.tick = self._tick
+            self.stats.hits += len(shape.order)
+            if extents is None:
+                runs = shape.runs_w if writable else shape.runs_ro
+                return [view[lo:hi] for view, lo, hi in runs], Lease(self, refs, _NO_TRANSIENT)
+            return _views(shape.order, extents, writable), Lease(self, refs, _NO_TRANSIENT)
         entries = self._entries
         try:
-            # every page cached (the steady state): C-level passes over the refs, no lock (only
-            # this thread changes the entries)
+            # every page cached: C-level passes over the refs, no lock (only this thread changes
+            # the entries)
             order: list[_Entry | None] = list(map(entries.__getitem__, refs))
         except KeyError:
             transient: list[_Entry] = []
@@ -219,14 +243,55 @@ class GrantCache:
                     self.stats.unmaps += len(transient)
                     raise
             lease = Lease(self, refs, transient)
+            self._used(refs)
         else:
             self.stats.hits += len(refs)
-            if len(refs) == 1:
-                entries.move_to_end(refs[0])
-            else:
-                deque(map(entries.move_to_end, refs), maxlen=0)  # most recently used
+            self._used(refs)
+            if len(refs) > 1 and isinstance(refs, tuple):  # hashable as is: remember the shape
+                self._remember(refs, order)  # type: ignore[arg-type]
             lease = Lease(self, refs, _NO_TRANSIENT)
         return _views(order, extents, writable), lease  # type: ignore[arg-type]
+
+    def _used(self, refs: Sequence[int]) -> None:
+        self._tick += 1
+        self._recent.append((self._tick, refs))
+        if len(self._recent) >= _MAX_RECENT:
+            self._apply_recency()
+
+    def _apply_recency(self) -> None:
+        """Bring the entries' LRU order up to date with every use since the last time: the pages
+        of the most recent request last, within a request its later pages after its earlier ones."""
+        events = self._recent
+        events.extend((shape.tick, shape.refs) for shape in self._shapes.values())
+        events.sort(key=_FIRST)
+        seen: set[int] = set()
+        newest_first: list[int] = []
+        for _tick, refs in reversed(events):
+            for ref in reversed(refs):
+                if ref not in seen:
+                    seen.add(ref)
+                    newest_first.append(ref)
+        entries = self._entries
+        for ref in reversed(newest_first):
+            if ref in entries:
+                entries.move_to_end(ref)
+        self._recent = []
+
+    def _remember(self, refs: tuple[int, ...], order: list[_Entry]) -> None:
+        if len(self._shapes) >= _MAX_SHAPES:
+            self._apply_recency()
+            self._forget_shapes()
+        self._shapes[refs] = _Shape(
+            refs, order, self._tick, _runs(_views(order, None, True)), _runs(_views(order, None, False))
+        )
+
+    def _forget_shapes(self) -> None:
+        """Drop every remembered shape (their views first: the pages may be unmapped next)."""
+        for shape in self._shapes.values():
+            for runs in (shape.runs_w, shape.runs_ro):
+                for view, _lo, _hi in runs:
+                    view.release()
+        self._shapes.clear()
 
     def _fill(
         self, refs: Sequence[int], order: list[_Entry | None], transient: list[_Entry], writable: bool
@@ -240,13 +305,14 @@ class GrantCache:
             entry = entries.get(ref)  # again: an earlier miss of this request may have cached it
             if entry is not None:
                 stats.hits += 1
-                entries.move_to_end(ref)
                 order[i] = entry
                 continue
             stats.misses += 1
             room = len(entries) < self.max_grants
             if not room:
                 if busy is None:
+                    self._apply_recency()  # the LRU order must be exact before choosing a victim
+                    self._forget_shapes()  # and an eviction ends every shape's validity
                     busy = self._busy()
                     busy.update(refs)
                 room = self._evict_one(busy)
@@ -297,6 +363,7 @@ class GrantCache:
         else is unmapped, and GrantError says how many were left; a later close() retries them."""
         with self._lock:
             self._closed = True
+            self._forget_shapes()
             busy = self._busy() if self._leases else set()
             idle = [ref for ref in self._entries if ref not in busy]
             for ref in idle:
@@ -308,6 +375,37 @@ class GrantCache:
 
 
 _PLACE = operator.attrgetter("place")
+_FIRST = operator.itemgetter(0)
+#: uses recorded before the LRU order is brought up to date anyway
+_MAX_RECENT = 1024
+#: request shapes remembered per ring before they are all forgotten (a frontend reusing its pool
+#: has at most one shape per ring slot and request size in use)
+_MAX_SHAPES = 1024
+
+
+class _Shape:
+    __slots__ = ("order", "refs", "runs_ro", "runs_w", "tick")
+
+    def __init__(
+        self,
+        refs: tuple[int, ...],
+        order: list[_Entry],
+        tick: int,
+        runs_w: list[tuple[memoryview, int, int]],
+        runs_ro: list[tuple[memoryview, int, int]],
+    ) -> None:
+        self.refs = refs
+        self.order = order
+        self.tick = tick
+        self.runs_w = runs_w
+        self.runs_ro = runs_ro
+
+
+def _runs(views: list[memoryview]) -> list[tuple[memoryview, int, int]]:
+    """Whole-page views kept as (view, 0, length): slicing them again per request is one step."""
+    return [(v, 0, v.nbytes) for v in views]
+
+
 _NO_TRANSIENT: list[_Entry] = []  # shared, never appended to: a lease with nothing of its own
 
 

@@ -3,6 +3,12 @@
 ioctl numbers and structs are from include/uapi/xen/gntdev.h and evtchn.h (xen-block-protocol.md §7,
 §8), checked against the installed headers by tests/unit/test_transport_xen.py. The class below is
 exercised only in the Xen lane (tests/xen); the codecs are unit-tested everywhere.
+
+Without persistent grants the data plane maps each request's refs here (one MAP ioctl + one mmap
+for all its pages) and unmaps them after the I/O. With persistent grants (backend/grantcache.py)
+it maps one ref at a time, on first use, and keeps it: each cached page is its own mmap, i.e. one
+VMA, so a full cache (1056 pages per ring by default) costs 1056 of the process's
+vm.max_map_count (65530 by default).
 """
 
 from __future__ import annotations
