@@ -247,7 +247,7 @@ class GrantCache:
         else:
             self.stats.hits += len(refs)
             self._used(refs)
-            if len(refs) > 1 and isinstance(refs, tuple):  # hashable as is: remember the shape
+            if isinstance(refs, tuple):  # hashable as is: remember the shape
                 self._remember(refs, order)  # type: ignore[arg-type]
             lease = Lease(self, refs, _NO_TRANSIENT)
         return _views(order, extents, writable), lease  # type: ignore[arg-type]
