@@ -151,10 +151,10 @@ class Lease:
 class GrantCache:
     """The persistent-grant mappings of one ring of domain `domid` (see the module docstring).
 
-    Pins are per request, not per page: the live leases name the pages in use, and only an
-    eviction (a miss with the cache full) works out which cached pages those are. A request whose
-    pages are all cached therefore costs a handful of C-level passes over its refs, no per-page
-    Python work but building its buffers.
+    Costs are per request, not per page, wherever possible: pins are the pinned leases (worked
+    out into pages only when an eviction needs them), LRU moves are recorded per request and
+    applied before an eviction, and a request whose exact refs were all cached before is served
+    from a remembered shape (one tuple hash, buffers precomputed). Only a miss does per-page work.
     """
 
     def __init__(
@@ -209,8 +209,10 @@ class GrantCache:
         self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, *, writable: bool
     ) -> tuple[list[memoryview], Lease]:
         """Buffers for bytes [offset, offset + length) of page `refs[i]` for each extent i (None:
-        whole pages), neighbouring ranges merged, read-only unless `writable`; and the lease that
-        keeps them mapped. GrantError if a page cannot be mapped (nothing stays pinned then)."""
+        whole pages), neighbouring ranges merged, read-only unless `writable`; and the request's
+        lease. The pages stay mapped until this thread's next acquire(), or, once the lease is
+        `pin()`ned, until its `unmap()`. GrantError if a page cannot be mapped (nothing is held
+        then). Ring thread only."""
         if not refs:
             raise GrantError("no grant refs to map")
         if self._closed:
