@@ -536,3 +536,24 @@ def test_eviction_takes_the_least_recently_used_page(
     assert cached(4)
     assert cache.close() == 4
     assert local_transport.mapped_pages == 0
+
+
+def test_unmappable_refs_evict_nothing(local_transport: LocalTransport, frontend: LocalFrontend) -> None:
+    """Garbage refs from a hostile frontend fail their request without pushing good pages out."""
+    cache = GrantCache(local_transport, 45, max_grants=2)
+    for ref in (1, 2):
+        bufs, lease = cache.acquire((ref,), None, writable=True)
+        release_all(bufs)
+        lease.unmap()
+    for bad in range(frontend.total_pages, frontend.total_pages + 50):
+        with pytest.raises(TransportError):
+            cache.acquire((bad,), None, writable=False)
+    assert cache.stats.evictions == 0
+    assert cache.mapped == 2
+    maps = cache.stats.maps
+    bufs, lease = cache.acquire((1, 2), None, writable=False)
+    assert b"".join(bufs) == b"\x01" * 4096 + b"\x02" * 4096
+    release_all(bufs)
+    lease.unmap()
+    assert cache.stats.maps == maps
+    assert cache.close() == 2

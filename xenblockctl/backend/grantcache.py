@@ -310,14 +310,7 @@ class GrantCache:
                 order[i] = entry
                 continue
             stats.misses += 1
-            room = len(entries) < self.max_grants
-            if not room:
-                if busy is None:
-                    self._apply_recency()  # the LRU order must be exact before choosing a victim
-                    self._forget_shapes()  # and an eviction ends every shape's validity
-                    busy = self._busy()
-                    busy.update(refs)
-                room = self._evict_one(busy)
+            cacheable = True
             try:
                 mapping = self.transport.map_grants(self.domid, (ref,), writable=True)
             except GrantError:
@@ -325,9 +318,19 @@ class GrantCache:
                     # A read-only grant still serves a guest WRITE or an indirect page: map it as
                     # granted, for this request only, so no cached entry is ever read-only.
                     mapping = self.transport.map_grants(self.domid, (ref,), writable=False)
-                    room = False
+                    cacheable = False
                 else:
                     raise
+            # Make room only now that the page is mapped: refs that cannot be mapped (a hostile
+            # frontend's garbage) never push good mappings out.
+            room = cacheable and len(entries) < self.max_grants
+            if cacheable and not room:
+                if busy is None:
+                    self._apply_recency()  # the LRU order must be exact before choosing a victim
+                    self._forget_shapes()  # and an eviction ends every shape's validity
+                    busy = self._busy()
+                    busy.update(refs)
+                room = self._evict_one(busy)
             stats.maps += 1
             made = _Entry(mapping, self._regions)
             if room:
