@@ -359,6 +359,12 @@ class XenStore(_Operations):
         self._sink = _EventSink(self._events)
         self._domid = domid
         self._home: str | None = None
+        #: Over the kernel's xenbus device, one request in flight at a time (libxenstore's way).
+        #: Linux's /dev/xen/xenbus queues a request with its body still pointing into the file's
+        #: one message buffer and returns from write() before the request reaches the ring, so
+        #: the next write() overwrites it: pipelined requests go out with the later ones' paths
+        #: and values (seen on 6.1 in the real-Xen lane, scenario 14). Sockets pipeline freely.
+        self._lockstep = threading.Lock() if endpoint.kind == "xenbus" else None
         #: Optional absolute time.monotonic() after which every request fails with
         #: XenstoreTimeout: a whole-script budget on top of the per-request `timeout` (libxl
         #: SIGKILLs a hotplug script at 40 s; leave time to report the error).
@@ -436,6 +442,17 @@ class XenStore(_Operations):
         return self._send_many(requests, 0)
 
     def _send_many(
+        self, requests: Sequence[tuple[int, bytes, str]], tx_id: int
+    ) -> list[bytes | XenstoreError]:
+        if self._lockstep is None:
+            return self._exchange(requests, tx_id)
+        with self._lockstep:
+            results: list[bytes | XenstoreError] = []
+            for request in requests:
+                results.extend(self._exchange([request], tx_id))
+            return results
+
+    def _exchange(
         self, requests: Sequence[tuple[int, bytes, str]], tx_id: int
     ) -> list[bytes | XenstoreError]:
         """Send every request, then collect the replies in order: a pipeline, so a batch costs one
