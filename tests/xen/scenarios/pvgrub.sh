@@ -1,0 +1,158 @@
+# A PV guest booted through pvgrub2 (sourced by scenarios after lib.sh and pvguest.sh). GRUB's own
+# blkfront reads the kernel and our initramfs from xvda, closes the frontend (state 6, then 1) and hands
+# it to Linux's blkfront in the same domain: the frontend reconnect every pvgrub boot does. The guest
+# (domu/reconnect.init) then walks through phases with dom0 over xenstore: first I/O, `reboot -f` (xl
+# restarts the domain: a new backend), `xl save` + `xl restore` (blkfront resumes on a new backend).
+#
+#   pvgrub_guest_cycle CONSUMER   CONSUMER: engine (started by the caller) or blkback (kernel blkback)
+
+PVGRUB=/usr/lib/grub-xen/grub-x86_64-xen.bin
+PVGRUB_NAME=xenci-pvgrub
+# The test sectors sit past GRUB's filesystem (reconnect.init's BASE).
+BASE=65536
+domid=
+
+dump_pvgrub_domu() {
+  echo "--- guest console"
+  grep -E 'DOMU|blkfront|xvd|Freezing|suspend|resum' "$DOMU_CONSOLE_DIR/guest-$PVGRUB_NAME.log" 2>/dev/null | tail -n 40 || true
+  xl list 2>&1 || true
+}
+
+# wait_phase PHASE SECONDS: until the guest, in whatever domain it now runs, reports PHASE (sets $domid).
+wait_phase() {
+  local want=$1 limit=$2 start got=
+  start=$(now)
+  while :; do
+    domid=$(xl domid "$PVGRUB_NAME" 2>/dev/null || true)
+    if [ -n "$domid" ]; then
+      got=$(xenstore-read "/local/domain/$domid/data/xenci-phase" 2>/dev/null || true)
+      [ "$got" = "$want" ] && return 0
+      case $got in "fail: "*) fail "the guest says: ${got#fail: }" ;; esac
+    fi
+    if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+      fail "timed out after ${limit}s waiting for the guest's phase '$want' (last '${got:-none}', domain ${domid:-none})"
+    fi
+    sleep 0.2
+  done
+}
+ack() { xenstore-write "/local/domain/$domid/data/xenci-ack" "$1"; }
+backend() { echo "/local/domain/0/backend/vbd/$domid/51712"; }
+backend_node() { xenstore-read "$(backend)/$1" 2>/dev/null || true; }
+# The one loop device bound to the image, and its diskseq in the luid's spelling (lowercase hex).
+the_loop() {
+  local loops
+  loops=$(loops_of "$img")
+  [ "$(wc -w <<<"$loops")" = 1 ] || fail "expected one loop device on the image, found: '${loops:-none}'"
+  echo "$loops"
+}
+diskseq_hex() { printf '%x' "$(cat "/sys/block/${1#/dev/}/diskseq")"; }
+
+# engine_lines BACKEND PATTERN: how many engine log lines for that backend match.
+engine_lines() { grep -c "$1: $2" "$engine_log" || true; }
+
+pvgrub_guest_cycle() {
+  local consumer=$1 name=$PVGRUB_NAME root t first_domid be luid loop luid2 loop2 luid3
+  local img=$XENCI_WORK/pvgrub-$1.img cfg=$XENCI_WORK/pvgrub-$1.cfg saved=$XENCI_WORK/pvgrub-$1.save
+  local token="tok$RANDOM$RANDOM"
+  [ -f "$PVGRUB" ] || fail "$PVGRUB missing (grub-xen-host is in the image recipe)"
+  # xvda: an ext2 filesystem in its first 32 MiB with what pvgrub2's built-in config looks for
+  # (/boot/grub/grub.cfg) plus the kernel and our initramfs; dom0's marker at BASE+200.
+  root=$(mktemp -d "$XENCI_WORK/pvgrub.XXXXXX")
+  mkdir -p "$root/boot/grub"
+  cp "/boot/vmlinuz-$(uname -r)" "$root/boot/vmlinuz"
+  build_domu_initrd "$root/boot/initrd.gz" "$XENCI_SCENARIOS/domu/reconnect.init"
+  cat > "$root/boot/grub/grub.cfg" <<GRUB
+linux /boot/vmlinuz console=hvc0 rdinit=/init quiet xenci.token=$token
+initrd /boot/initrd.gz
+boot
+GRUB
+  mke2fs -q -t ext2 -b 4096 -L xenci-boot -d "$root" "$img" 32M || fail "mke2fs of the boot disk failed"
+  rm -rf "$root"
+  truncate -s 64M "$img"
+  printf 'XENCI-IMAGE-MARKER-%s' "$XENCI_SCENARIO" | dd of="$img" bs=512 seek=$((BASE + 200)) conv=notrunc,fsync status=none
+  domu_console_logging
+  cat > "$cfg" <<CFG
+name = "$name"
+type = "pv"
+memory = 128
+vcpus = 1
+kernel = "$PVGRUB"
+disk = [ '$(disk_spec xvda rw "$img" "$script")' ]
+on_poweroff = "destroy"
+on_reboot = "restart"
+on_crash = "destroy"
+CFG
+
+  say "create the guest (pvgrub2, one rw disk through our script, consumer: $consumer)"
+  t=$(now)
+  xl create "$cfg" || fail "xl create exited $?"
+  metric "create_${consumer}_pv_xl_s" "$(elapsed "$t")" s
+
+  wait_phase connected 480
+  metric "${consumer}_create_to_guest_io_s" "$(elapsed "$t")" s
+  first_domid=$domid
+  be=backend/vbd/$domid/51712
+  luid=$(backend_node physical-device-luid)
+  loop=$(the_loop)
+  [ -n "$luid" ] || fail "backend $(backend) has no physical-device-luid"
+  [ "$(diskseq_hex "$loop")" = "$luid" ] || fail "$loop diskseq $(diskseq_hex "$loop") != luid $luid"
+  [ "$(backend_node state)" = 4 ] || fail "backend not Connected: state $(backend_node state)"
+  if [ "$consumer" = engine ]; then
+    grep "$be: " "$engine_log" || true
+    # GRUB's frontend, then Linux's, on one open device.
+    [ "$(engine_lines "$be" 'opened ')" = 1 ] || fail "the engine opened the device more than once"
+    [ "$(engine_lines "$be" "opened .* diskseq $luid ")" = 1 ] || fail "the engine opened a device other than luid $luid"
+    [ "$(engine_lines "$be" 'connected: ')" = 2 ] || fail "expected two connections (pvgrub, then Linux)"
+    [ "$(engine_lines "$be" 'frontend re-initialising')" = 1 ] || fail "the engine did not see the frontend re-initialise"
+  else
+    # Kernel blkback says so in dom0's log when a frontend comes back (informational).
+    dmesg | grep -E "$be.*(reconnect|Closed|Initi)" | tail -n 4 || true
+  fi
+  say "pvgrub then Linux on one device: domain $domid, $loop, luid $luid"
+  ack connected
+
+  say "guest reboot: xl restarts the domain"
+  t=$(now)
+  wait_phase rebooted 480
+  metric "${consumer}_reboot_to_guest_io_s" "$(elapsed "$t")" s
+  [ "$domid" != "$first_domid" ] || fail "the domain id did not change across the reboot"
+  if xenstore-exists "/local/domain/0/backend/vbd/$first_domid/51712" 2>/dev/null; then
+    fail "the first domain's backend is still there"
+  fi
+  if [ "$consumer" = engine ]; then
+    grep -q "$be: released the device" "$engine_log" || fail "the engine did not release the first domain's device"
+  fi
+  luid2=$(backend_node physical-device-luid)
+  loop2=$(the_loop)
+  [ "$(diskseq_hex "$loop2")" = "$luid2" ] || fail "after the reboot $loop2 diskseq != luid $luid2"
+  [ "$luid2" != "$luid" ] || fail "the reboot reused diskseq $luid: the first loop device was not released"
+  say "rebooted: domain $domid, $loop2, luid $luid2 (was $luid)"
+  ack rebooted
+
+  wait_phase save-me 60
+  say "save the guest to a file, then restore it"
+  t=$(now)
+  xl save "$name" "$saved" || fail "xl save exited $?"
+  metric "${consumer}_save_xl_s" "$(elapsed "$t")" s
+  wait_for "no loop device bound while the guest is saved" 30 no_loop_for "$img"
+  t=$(now)
+  xl restore "$saved" || fail "xl restore exited $?"
+  metric "${consumer}_restore_xl_s" "$(elapsed "$t")" s
+  domid=$(xl domid "$name") || fail "no domain $name after restore"
+  luid3=$(backend_node physical-device-luid)
+  [ -n "$luid3" ] && [ "$luid3" != "$luid2" ] || fail "restore did not get a fresh device (luid '$luid3')"
+  say "restored as domain $domid, luid $luid3"
+  rm -f "$saved"
+  ack save-me
+  wait_phase done 120
+  metric "${consumer}_restore_to_guest_io_s" "$(elapsed "$t")" s
+  ack done
+
+  wait_for "domain $name to finish" 120 bash -c "! xl domid $name >/dev/null 2>&1"
+  wait_for "no loop device bound after the guest is gone" 30 no_loop_for "$img"
+  [ "$(read_sector "$img" $((BASE + 300)))" = "FIRST $token" ] || fail "BASE+300 is not in the image"
+  [ "$(read_sector "$img" $((BASE + 302)))" = "RESTORED $token" ] || fail "BASE+302 is not in the image"
+  [ "$(read_sector "$img" $((BASE + 320)))" = "DOMU-REPLY $token ok" ] || fail "the guest's final reply is not in the image"
+  rm -f "$img"
+  say "$consumer: one device across pvgrub -> Linux; reboot and save/restore reached the same data; nothing bound"
+}
