@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -38,7 +39,29 @@ import click
     is_flag=True,
     help="Serve devices published without physical-device-luid (stock block script). Not recommended.",
 )
-def backend(kind: str, transport_spec: str, xenstore_path: str | None, allow_unverified: bool) -> None:
+@click.option(
+    "--persistent-grants/--no-persistent-grants",
+    default=True,
+    show_default=True,
+    help="Offer feature-persistent: keep the guest's data pages mapped across requests.",
+)
+@click.option(
+    "--max-persistent-grants",
+    type=click.IntRange(1, 65536),
+    default=None,
+    metavar="N",
+    help="Persistent mappings kept per ring before the least recently used idle one goes "
+    "(default 1056, like Linux blkback).",
+)
+def backend(
+    *,
+    kind: str,
+    transport_spec: str,
+    xenstore_path: str | None,
+    allow_unverified: bool,
+    persistent_grants: bool,
+    max_persistent_grants: int | None,
+) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
@@ -60,9 +83,10 @@ def backend(kind: str, transport_spec: str, xenstore_path: str | None, allow_unv
         raise click.BadParameter(f"unknown transport {transport_spec!r}", param_hint="--transport")
     journal = Journal("xenblockctl-engine")
     store = XenStore.connect(xenstore_path)
-    engine = Engine(
-        store, EngineConfig(transport, require_luid=not allow_unverified), kind=kind, journal=journal
-    )
+    config = EngineConfig(transport, require_luid=not allow_unverified, persistent_grants=persistent_grants)
+    if max_persistent_grants is not None:
+        config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
+    engine = Engine(store, config, kind=kind, journal=journal)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         engine.stop()
