@@ -101,16 +101,16 @@ attach_ro_cycle() {
 }
 
 # The bundled engine on the Xen transport, for scenarios that run it instead of kernel blkback.
-# start_engine: (re)start it and wait for its ready line; engine_restore (an EXIT trap): kill it, show
-# its log, reload blkback for later scenarios. (No bare `a && b`: under set -e a failing b would turn a
-# skip's 77 into 1.)
+# start_engine [ARGS]: (re)start it (ARGS go to `xenblockctl backend`) and wait for its ready line;
+# engine_restore (an EXIT trap): kill it, show its log, reload blkback for later scenarios. (No bare
+# `a && b`: under set -e a failing b would turn a skip's 77 into 1.)
 engine_log=$XENCI_WORK/engine.log
 engine_pid=
 start_engine() {
   local n=0 before
   touch "$engine_log"
   before=$(grep -c 'engine ready' "$engine_log" || true)
-  xenblockctl backend --kind vbd --transport xen >>"$engine_log" 2>&1 &
+  xenblockctl backend --kind vbd --transport xen "$@" >>"$engine_log" 2>&1 &
   engine_pid=$!
   until [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$before" ]; do
     if ! kill -0 "$engine_pid" 2>/dev/null; then
