@@ -39,7 +39,7 @@ DEFAULT_SCENARIO_TIMEOUT = 240
 #: QEMU start -> "ready" marker. Idle it takes ~20 s; TCG on a loaded 2-core host is much slower.
 BOOT_TIMEOUT = 600.0
 #: However many scenarios there are, a hung dom0 must not eat CI's 90-minute budget (a quiet 2-core
-#: machine runs all of them in about 12 minutes; a loaded one three times that).
+#: machine runs all 15 in about 22 minutes; a loaded one twice that).
 GUEST_TIMEOUT_CAP = 2700
 READY_MARKER = "XENCI: ready"
 RESULT_MARKER = re.compile(r"XENCI: RESULT (\S+) (\S+)")
