@@ -129,6 +129,37 @@ def test_engine_refuses_a_replaced_device(libxl: Libxl, engine: EngineProc, make
         intruder.close()
 
 
+def test_engine_says_when_the_published_device_is_gone(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory
+) -> None:
+    """After an engine restart the loop device a backend names has usually auto-cleared: the
+    refusal must say the device is gone, not that it was replaced."""
+    gone = loop.attach_file(str(make_image("gone.img")), read_only=False, tag="xenblockctl:gone")
+    identity = gone.identity
+    gone.close()  # AUTOCLEAR: the number is now an empty loop device
+    be = libxl.create_backend(8, 51728, str(make_image("unused.img")), "w", engine=False)
+    deadline = time.monotonic() + 10
+    while libxl.nodes(be).get("opened") != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    libxl.store.write_many(
+        {
+            be.node("physical-device-luid"): identity.luid,
+            be.node("physical-device"): identity.physical_device,
+        }
+    )
+    error_node = f"/local/domain/0/error/{be.relative}/error"
+    deadline = time.monotonic() + 10
+    while libxl.store.read_optional(error_node) is None:
+        assert time.monotonic() < deadline, libxl.nodes(be)
+        time.sleep(0.02)
+    message = libxl.store.read_optional(error_node) or ""
+    assert "diskseq mismatch" in message
+    assert "gone" in message, message
+    assert "replaced" not in message, message
+    assert libxl.nodes(be).get("opened") == "0"
+
+
 def test_sigkilled_engine_leaks_nothing(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:
     image = make_image()
     _be, guest = attach(libxl, engine, image, 9)

@@ -246,11 +246,19 @@ class BackendDevice:
             raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
         device = blockdev.open_devt(devt, writable=mode == "w")
         if luid is not None and device.identity.diskseq != int(luid, 16):
-            seen = device.identity.diskseq
+            seen, empty = device.identity.diskseq, device.identity.size_bytes == 0
             device.close()
+            # An empty device is the common case after an engine restart: the loop device the luid
+            # named auto-cleared when the old engine died. Say so; an admin reads "replaced" as an attack.
+            why = (
+                "the device it named is gone and the number now names an empty device (a loop device"
+                " that auto-cleared while no backend held it?); nothing to serve"
+                if empty
+                else "the device was replaced; refusing to give the guest the wrong disk"
+            )
             raise EngineRefusal(
                 f"diskseq mismatch on {major}:{minor}: device has {seen:x}, physical-device-luid says {luid}"
-                " (the device was replaced; refusing to give the guest the wrong disk)"
+                f" ({why})"
             )
         self.device = device
         self.writable = mode == "w"
