@@ -21,7 +21,7 @@ domu_console_logging
 
 # cycle LABEL HOW: boot the guest, wait for its "ready", end it with HOW (shutdown|destroy), check.
 cycle() {
-  local label=$1 how=$2 token="tok$RANDOM$RANDOM" t domid start got=
+  local label=$1 how=$2 token="tok$RANDOM$RANDOM" t
   make_image "$img"
   cat > "$cfg" <<CFG
 name = "$name"
@@ -38,16 +38,7 @@ on_crash = "destroy"
 CFG
   say "$label: boot a guest"
   xl create "$cfg" || fail "$label: xl create exited $?"
-  start=$(now)
-  until [ "$got" = ready ]; do
-    domid=$(xl domid "$name" 2>/dev/null || true)
-    [ -n "$domid" ] && got=$(xenstore-read "/local/domain/$domid/data/xenci-phase" 2>/dev/null || true)
-    case $got in "fail: "*) fail "$label: the guest says: ${got#fail: }" ;; esac
-    if awk -v a="$start" -v b="$(now)" 'BEGIN { exit !(b - a > 180) }'; then
-      fail "$label: the guest was not ready after 180s"
-    fi
-    sleep 0.2
-  done
+  wait_guest_phase "$name" ready 180
   [ -n "$(loops_of "$img")" ] || fail "$label: no loop device bound while the guest runs"
   say "$label: guest $domid ready; xl $how"
   t=$(now)

@@ -18,23 +18,8 @@ dump_pvgrub_domu() {
   xl list 2>&1 || true
 }
 
-# wait_phase PHASE SECONDS: until the guest, in whatever domain it now runs, reports PHASE (sets $domid).
-wait_phase() {
-  local want=$1 limit=$2 start got=
-  start=$(now)
-  while :; do
-    domid=$(xl domid "$PVGRUB_NAME" 2>/dev/null || true)
-    if [ -n "$domid" ]; then
-      got=$(xenstore-read "/local/domain/$domid/data/xenci-phase" 2>/dev/null || true)
-      [ "$got" = "$want" ] && return 0
-      case $got in "fail: "*) fail "the guest says: ${got#fail: }" ;; esac
-    fi
-    if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
-      fail "timed out after ${limit}s waiting for the guest's phase '$want' (last '${got:-none}', domain ${domid:-none})"
-    fi
-    sleep 0.2
-  done
-}
+# wait_phase PHASE SECONDS: wait_guest_phase for this file's guest (sets $domid).
+wait_phase() { wait_guest_phase "$PVGRUB_NAME" "$@"; }
 ack() { xenstore-write "/local/domain/$domid/data/xenci-ack" "$1"; }
 backend() { echo "/local/domain/0/backend/vbd/$domid/51712"; }
 backend_node() { xenstore-read "$(backend)/$1" 2>/dev/null || true; }

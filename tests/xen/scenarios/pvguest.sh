@@ -101,3 +101,22 @@ CFG
   rm -f "$rw" "$ro" "$initrd"
   say "PV guest ok: read both disks, wrote rw, ro refused, nothing bound"
 }
+
+# wait_guest_phase NAME PHASE SECONDS: until guest NAME, in whatever domain it now runs, writes PHASE to
+# its data/xenci-phase (sets $domid); a "fail: why" there fails the scenario at once.
+wait_guest_phase() {
+  local guest=$1 want=$2 limit=$3 start got=
+  start=$(now)
+  while :; do
+    domid=$(xl domid "$guest" 2>/dev/null || true)
+    if [ -n "$domid" ]; then
+      got=$(xenstore-read "/local/domain/$domid/data/xenci-phase" 2>/dev/null || true)
+      [ "$got" = "$want" ] && return 0
+      case $got in "fail: "*) fail "the guest says: ${got#fail: }" ;; esac
+    fi
+    if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+      fail "timed out after ${limit}s waiting for the guest's phase '$want' (last '${got:-none}', domain ${domid:-none})"
+    fi
+    sleep 0.2
+  done
+}
