@@ -8,34 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import EngineProc
+from tests.fixtures.engine import EngineProc, attach_guest
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.kernel import loop
-from xenblockctl.xenstore.client import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 REPO = Path(__file__).resolve().parents[2]
 
 
 def attach(
-    libxl: Libxl, engine: EngineProc, image: Path, domid: int, mode: str = "w"
+    libxl: Libxl, engine: EngineProc, image: Path, domid: int, **guest_kw: object
 ) -> tuple[Backend, XenbusFrontend]:
-    be = libxl.create_backend(domid, 51712, str(image), mode, engine=False)
-    # the engine writes `opened`=0 and moves to InitWait itself
-    deadline = time.monotonic() + 10
-    while libxl.nodes(be).get("opened") != "0":
-        assert time.monotonic() < deadline, libxl.nodes(be)
-        time.sleep(0.01)
-    result = libxl.run("add", be)
-    assert result.returncode == 0, result.stderr
-    store = XenStore.connect(libxl.xenstored.socket_path)
-    guest = XenbusFrontend(
-        store, frontend_path=be.frontend, backend_path=be.path, domid=domid, transport_socket=engine.transport
-    )
-    guest.connect()
-    return be, guest
+    return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
 
 
 def test_guest_reads_and_writes_through_the_engine(
@@ -171,33 +157,11 @@ def test_sigkilled_engine_leaks_nothing(libxl: Libxl, engine: EngineProc, make_i
     engine.proc.returncode = 0  # the fixture's clean-exit check is for SIGTERM, not this test's SIGKILL
 
 
-def connected_guest(
-    libxl: Libxl, engine: EngineProc, image: Path, domid: int, **kwargs: object
-) -> tuple[Backend, XenbusFrontend]:
-    be = libxl.create_backend(domid, 51712, str(image), "w", engine=False)
-    deadline = time.monotonic() + 10
-    while libxl.nodes(be).get("opened") != "0":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert libxl.run("add", be).returncode == 0
-    store = XenStore.connect(libxl.xenstored.socket_path)
-    guest = XenbusFrontend(
-        store,
-        frontend_path=be.frontend,
-        backend_path=be.path,
-        domid=domid,
-        transport_socket=engine.transport,
-        **kwargs,
-    )  # type: ignore[arg-type]
-    guest.connect()
-    return be, guest
-
-
 def test_ten_reconnects_keep_device_and_data(
     libxl: Libxl, engine: EngineProc, make_image: ImageFactory
 ) -> None:
     image = make_image()
-    _be, guest = connected_guest(libxl, engine, image, 10)
+    _be, guest = attach(libxl, engine, image, 10)
     try:
         first = bound_loops_under(image.parent)
         assert guest.ring is not None
@@ -221,7 +185,7 @@ def test_abis_multipage_rings_and_indirect(
 
     abi = blkif.X86_32 if abi_name == "x86_32" else blkif.X86_64
     image = make_image()
-    be, guest = connected_guest(libxl, engine, image, 11, abi=abi, ring_page_order=order)
+    be, guest = attach(libxl, engine, image, 11, abi=abi, ring_page_order=order)
     try:
         assert guest.ring is not None
         big = bytes(range(256)) * 512  # 128 KiB = 32 segments: needs an indirect request
@@ -248,7 +212,7 @@ def test_detach_with_requests_in_flight_completes_them(
     from xenblockctl.backend import blkif
 
     image = make_image()
-    be, guest = connected_guest(libxl, engine, image, 12)
+    be, guest = attach(libxl, engine, image, 12)
     assert guest.ring is not None
     payload = b"in flight".ljust(4096, b"!")
     ids = [guest.ring.submit_write(i * 8, payload) for i in range(24)]

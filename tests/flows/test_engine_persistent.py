@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine
+from tests.fixtures.engine import InprocEngine, attach_guest
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif
 from xenblockctl.backend.guest import XenbusFrontend
-from xenblockctl.xenstore.client import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -23,29 +22,7 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 def attach(
     libxl: Libxl, engine: InprocEngine, image: Path, domid: int, **guest_kw: object
 ) -> tuple[Backend, XenbusFrontend]:
-    be = libxl.create_backend(domid, 51712, str(image), "w", engine=False)
-    deadline = time.monotonic() + 10
-    while libxl.nodes(be).get("opened") != "0":
-        assert time.monotonic() < deadline, libxl.nodes(be)
-        time.sleep(0.01)
-    result = libxl.run("add", be)
-    assert result.returncode == 0, result.stderr
-    store = XenStore.connect(libxl.xenstored.socket_path)
-    guest = XenbusFrontend(
-        store,
-        frontend_path=be.frontend,
-        backend_path=be.path,
-        domid=domid,
-        transport_socket=engine.transport,
-        **guest_kw,  # type: ignore[arg-type]
-    )
-    try:
-        guest.connect()
-    except BaseException:
-        guest.close()
-        store.close()
-        raise
-    return be, guest
+    return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
 
 
 def wait_for(predicate: object, timeout: float = 15.0) -> bool:

@@ -36,3 +36,17 @@ def test_shell_scripts_parse() -> None:
         if script.is_file() and script.read_text().startswith("#!/usr/bin/env bash"):
             result = _run(bash, "-n", str(script))
             assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+def test_numbers_are_parsed_in_one_place() -> None:
+    """str.isdigit() accepts '²' and '٣' (and int() then raises or misreads them): a guest's node
+    value once killed the engine that way. Numbers from outside go through xenstore/numbers.py."""
+    allowed = ROOT / "xenblockctl" / "xenstore" / "numbers.py"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{lineno}"
+        for path in sorted((ROOT / "xenblockctl").rglob("*.py"))
+        if path != allowed
+        for lineno, line in enumerate(path.read_text().splitlines(), 1)
+        if ".isdigit()" in line or ".isdecimal()" in line or ".isnumeric()" in line
+    ]
+    assert not offenders, f"parse numbers with xenblockctl.xenstore.numbers, not str.isdigit(): {offenders}"

@@ -220,6 +220,17 @@ def test_ring_params_parsing() -> None:
         {"ring_refs": ["1", "2"], "event_channel": "1", "protocol": None, "ring_page_order": "0"},
         {"ring_refs": ["1"] * 32, "event_channel": "1", "protocol": None, "ring_page_order": "5"},
         {"ring_refs": ["1"], "event_channel": "1", "protocol": "sparc-abi", "ring_page_order": None},
+        # Unicode digits: isdigit() says yes, int() reads '٣' as 3 and raises on '²'
+        {"ring_refs": ["٣"], "event_channel": "1", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["1"], "event_channel": "²", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["1", "2"], "event_channel": "1", "protocol": None, "ring_page_order": "¹"},
+        # what int() forgives and Xen's writers never produce
+        {"ring_refs": [" 5"], "event_channel": "1", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["1"], "event_channel": "1_0", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["1"], "event_channel": "+3", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["07"], "event_channel": "1", "protocol": None, "ring_page_order": None},
+        {"ring_refs": ["1"], "event_channel": "1", "protocol": None, "ring_page_order": ""},
+        {"ring_refs": ["1"], "event_channel": "9" * 5000, "protocol": None, "ring_page_order": None},
     ]
     for kw in bad:
         with pytest.raises(blkif.BlkifError) as exc:

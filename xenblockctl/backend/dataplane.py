@@ -46,6 +46,7 @@ from xenblockctl.backend.transport.base import (
     Transport,
 )
 from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.numbers import NodeValueError, parse_uint
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class RingParams:
         absent or anything else (" 1", "01", "true", garbage) leaves them off. A bad value is not
         worth refusing the disk over, and off is the mode every frontend must support.
         """
-        order = 0 if ring_page_order in (None, "") else _parse_u32(ring_page_order, "ring-page-order")
+        order = 0 if ring_page_order is None else _parse_u32(ring_page_order, "ring-page-order")
         pages = blkif.ring_pages_for_order(order, max_ring_page_order)
         if len(ring_refs) != pages:
             raise blkif.BlkifError(
@@ -102,12 +103,10 @@ class RingParams:
 
 
 def _parse_u32(text: str | None, what: str) -> int:
-    raw = (text or "").strip()
-    if not raw.isdigit() or len(raw) > 10 or int(raw) > 0xFFFFFFFF:
-        raise blkif.BlkifError(
-            f"{what} '{blkif.printable(text or '', 20)}' is not a uint32", code="blkif-invalid"
-        )
-    return int(raw)
+    try:
+        return parse_uint(text, what, maximum=0xFFFFFFFF)
+    except NodeValueError as exc:
+        raise blkif.BlkifError(exc.message, code="blkif-invalid") from exc
 
 
 def _release(mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
@@ -188,22 +187,25 @@ class DataPlane:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
-        """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent.
+        """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent, and
+        meant to be called again after it returned False.
 
-        Returns False if in-flight I/O did not finish within `timeout`; the ring is then left mapped
-        (unmapping under running I/O would hand freed memory to preadv) and the caller should treat
-        the device as stuck.
+        Returns False while the ring thread is still running (it may be about to start a request)
+        or in-flight I/O did not finish within `timeout` (each wait is bounded by it): nothing is
+        released then — the ring and the guest's pages stay mapped, because unmapping under running
+        I/O would hand freed memory to preadv, and the caller must not close the device fd either.
         """
         if self._stopped:
             return True
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        drained = self.executor.close(timeout)
-        if not drained:
-            log.error("%s: in-flight I/O did not drain within %ss", self.name, timeout)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                return False  # e.g. blocked behind a barrier whose I/O hangs
+        if not self.executor.close(timeout):
             return False
         with self._lock:
             if self.ring.push_responses():

@@ -7,25 +7,39 @@ events are only triggers, the state machine re-reads and validates everything).
 
 Stopping (SIGTERM, or `stop()`): every device is torn down as for a detach, draining in-flight
 I/O first. If the engine is SIGKILLed instead, the kernel closes its fds and delete-on-close
-(AUTOCLEAR loop devices, deferred-remove dm devices) still releases every device."""
+(AUTOCLEAR loop devices, deferred-remove dm devices) still releases every device.
+
+Fault isolation: guests are hostile and the engine has bugs. Whatever one device's state machine
+raises — a refusal, a resource limit, a bug — fails that device alone (error node, Closing, a log
+line with the traceback); the engine and every other device go on."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+import traceback
 
-from xenblockctl.backend.xenbus import BackendDevice, EngineConfig
+from xenblockctl.backend.xenbus import DRAIN_TIMEOUT, BackendDevice, EngineConfig
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 
 ROOT_TOKEN = "xbc-engine-root"
 FRONTEND_TOKEN_PREFIX = "xbc-engine-fe:"
 #: Level-triggered safety net: every device is reconciled at least this often, events or not.
 RESCAN_INTERVAL = 5.0
+#: Bounds of the numbers in backend/<kind>/<domid>/<devid> (DOMID_FIRST_RESERVED, a u32 devid).
+_MAX_DOMID = 0x7FEF
+_MAX_DEVID = 0xFFFFFFFF
+
+
+def _key(domid: str, devid: str) -> tuple[int, int] | None:
+    d, v = uint_or_none(domid, maximum=_MAX_DOMID), uint_or_none(devid, maximum=_MAX_DEVID)
+    return None if d is None or v is None else (d, v)
 
 
 class Engine:
@@ -107,22 +121,18 @@ class Engine:
     def _key_for(self, path: str, token: str) -> tuple[int, int] | None:
         if token.startswith(FRONTEND_TOKEN_PREFIX):
             domid, _, devid = token[len(FRONTEND_TOKEN_PREFIX) :].partition(":")
-            if domid.isdigit() and devid.isdigit():
-                return (int(domid), int(devid))
-            return None
+            return _key(domid, devid)
         if not path.startswith(self.root + "/"):
             return None
         parts = path[len(self.root) + 1 :].split("/")
-        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
-            return None
-        return (int(parts[0]), int(parts[1]))
+        return _key(parts[0], parts[1]) if len(parts) >= 2 else None
 
     def _rescan(self) -> None:
         present: set[tuple[int, int]] = set()
         for domid in self._ls(self.root):
             for devid in self._ls(join(self.root, domid)):
-                if domid.isdigit() and devid.isdigit() and len(domid) <= 5 and len(devid) <= 10:
-                    present.add((int(domid), int(devid)))
+                if (key := _key(domid, devid)) is not None:
+                    present.add(key)
         for key in present | set(self.devices):
             self._reconcile(key)
 
@@ -151,8 +161,11 @@ class Engine:
         try:
             alive = dev.reconcile()
         except XenblockError as exc:
+            # a transient xenstore failure, most likely: the next event or rescan tries again
             self.journal.error(f"{dev.relative}: {exc.one_line()}", CODE=exc.code)
             alive = True
+        except Exception as exc:  # a bug, or a resource limit, hit while serving this device only
+            alive = self._isolate(dev, exc)
         if dev.frontend is not None and key not in self._frontend_watches:
             token = f"{FRONTEND_TOKEN_PREFIX}{key[0]}:{key[1]}"
             with contextlib.suppress(XenblockError):
@@ -160,6 +173,18 @@ class Engine:
                 self._frontend_watches[key] = dev.frontend
         if not alive:
             self._forget(key)
+
+    def _isolate(self, dev: BackendDevice, exc: Exception) -> bool:
+        """Fail `dev` alone for an unexpected exception, and say where it came from."""
+        where = "".join(traceback.format_exception(exc)).rstrip()
+        self.journal.error(
+            f"{dev.relative}: internal error, failing this device only: {exc!r}\n{where}", CODE="internal"
+        )
+        try:
+            dev.fail_internal(f"internal error: {type(exc).__name__}: {exc}")
+        except Exception as second:  # cannot even report it: leave the device for libxl's teardown
+            self.journal.error(f"{dev.relative}: could not fail the device: {second!r}", CODE="internal")
+        return True
 
     def _forget(self, key: tuple[int, int]) -> None:
         self.devices.pop(key, None)
@@ -169,12 +194,29 @@ class Engine:
                 self.store.unwatch(frontend, f"{FRONTEND_TOKEN_PREFIX}{key[0]}:{key[1]}")
 
     def _shutdown(self) -> None:
-        for key, dev in list(self.devices.items()):
-            try:
-                dev.teardown("engine stopping")
-            except XenblockError as exc:
-                self.journal.error(f"{dev.relative}: teardown: {exc.one_line()}")
-            self._forget(key)
+        """Tear every device down, draining its I/O first. A device whose I/O does not end within
+        DRAIN_TIMEOUT is left open: the process exit closes it after the I/O ends (the pool's
+        threads are joined at exit), never while a request could still use its fd."""
+        pending = dict(self.devices)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while pending:
+            for key, dev in list(pending.items()):
+                try:
+                    done = dev.teardown("engine stopping")
+                except Exception as exc:
+                    self.journal.error(f"{dev.relative}: teardown: {exc!r}", CODE="internal")
+                    done = True
+                if done:
+                    del pending[key]
+                    self._forget(key)
+            if pending and time.monotonic() >= deadline:
+                for dev in pending.values():
+                    self.journal.error(
+                        f"{dev.relative}: I/O still in flight at engine stop; the device is released"
+                        " when it ends and the process exits",
+                        CODE="drain-timeout",
+                    )
+                break
         with contextlib.suppress(XenblockError):
             self.store.unwatch(self.root, ROOT_TOKEN)
         self.journal.info("engine stopped")

@@ -12,6 +12,7 @@ from xenblockctl.backend.blkif import Abi
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 
 
@@ -54,7 +55,7 @@ class XenbusFrontend:
 
     def backend_state(self) -> int | None:
         text = self.store.read_optional(join(self.backend_path, "state"))
-        return int(text) if text is not None and text.isdigit() else None
+        return uint_or_none(text, maximum=8)
 
     def wait_backend(self, states: tuple[int, ...], timeout: float) -> int:
         deadline = time.monotonic() + timeout

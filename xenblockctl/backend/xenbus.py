@@ -43,6 +43,7 @@ from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
 
 _LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
@@ -52,8 +53,14 @@ _FRONTEND = re.compile(r"/local/domain/(0|[1-9][0-9]{0,4})/device/(vbd|vbd3)/([1
 #: How long a detach waits for a connected frontend to close before tearing down anyway. libxl
 #: waits 10 s for Closed, then deletes the frontend itself.
 FRONTEND_CLOSE_GRACE = 5.0
-#: How long teardown waits for in-flight I/O; a device whose I/O hangs is reported, not closed.
+#: How long in-flight I/O may take to drain before the device is reported stuck. It is still not
+#: closed then: closing the fd (or unmapping the guest's pages) under a running request could send
+#: the guest's write into whatever file reuses the fd number next, another guest's disk included.
+#: The device, its ring and its pages stay held until the last request ends.
 DRAIN_TIMEOUT = 30.0
+#: The longest one reconcile waits for a drain: one xenbus thread serves every device, so a stuck
+#: device is polled (pending_deadline) rather than waited for.
+DRAIN_STEP = 0.2
 
 
 class Phase(enum.Enum):
@@ -119,6 +126,13 @@ class BackendDevice:
         self.frontend: str | None = None
         self.broken: str | None = None  # set from the data plane thread
         self._closing_since: float | None = None
+        self._close_grace_logged = False
+        #: a failure waiting for the data plane to drain before it is published
+        self._failure: str | None = None
+        #: the state a frontend-initiated disconnect publishes once drained (5 or 6)
+        self._disconnect_state: int | None = None
+        self._drain_since: float | None = None
+        self._drain_reported = False
         self._lock = threading.Lock()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -141,11 +155,16 @@ class BackendDevice:
         self.store.run_transaction(body)
 
     def _fail(self, reason: str) -> None:
-        """Like xenbus_dev_fatal(): error node, state Closing, release what we hold."""
-        self.journal.error(
-            f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE="engine-refused"
-        )
-        self._stop_dataplane()
+        """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
+        request is in flight; until then the failure waits (reconcile() comes back to it)."""
+        if self._failure is None:
+            self._failure = reason
+            self.journal.error(
+                f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE="engine-refused"
+            )
+        if not self._quiesce():
+            return
+        self._failure = None
         self._close_device()
 
         def body(tx: Transaction) -> None:
@@ -157,19 +176,32 @@ class BackendDevice:
         self.store.run_transaction(body)
         self.phase = Phase.FAILED
 
+    def fail_internal(self, reason: str) -> None:
+        """The engine caught an unexpected exception from this device: fail it (error node,
+        Closing), after its I/O drained like any failure. Never a reason to stop other devices."""
+        if self.phase in (Phase.FAILED, Phase.CLOSED):
+            return
+        self._fail(reason)
+
     # -- the state machine ------------------------------------------------------------------------
     def reconcile(self) -> bool:
-        """Act on the current nodes. Returns False once the backend directory is gone (forget me)."""
+        """Act on the current nodes. Returns False once the backend directory is gone and the device
+        released (forget me)."""
         try:
             nodes = self.store.read_dir(self.path)
         except XenstoreNoEntry:
-            self.teardown("backend directory removed")
-            return False
+            return not self.teardown("backend directory removed")
+        online = nodes.get("online", "1") != "0"
         if self.broken is not None and self.phase is Phase.CONNECTED:
             reason, self.broken = self.broken, None
             self._fail(f"frontend broke the ring: {reason}")
             return True
-        online = nodes.get("online", "1") != "0"
+        if self._failure is not None and online:
+            self._fail(self._failure)  # still draining
+            return True
+        if self._disconnect_state is not None and online:
+            self._disconnect(self._disconnect_state)  # still draining
+            return True
         if self.phase is Phase.NEW:
             self._publish_features(nodes)
         if not online:
@@ -185,7 +217,11 @@ class BackendDevice:
                 return True
         if self.device is None:
             return True
-        fe_state = self._frontend_state(nodes)
+        try:
+            fe_state = self._frontend_state()
+        except EngineRefusal as exc:
+            self._fail(exc.message)
+            return True
         if (
             self.phase in (Phase.OPENED, Phase.DISCONNECTED)
             and fe_state in (1,)
@@ -270,14 +306,21 @@ class BackendDevice:
             f"opened {major}:{minor} diskseq {device.identity.diskseq:x} ({'rw' if self.writable else 'ro'})"
         )
 
-    def _frontend_state(self, nodes: dict[str, str]) -> int | None:
+    def _frontend_state(self, *, strict: bool = True) -> int | None:
+        """The frontend's `state` (0-8), None while it has none. A value that is not a xenbus state
+        raises EngineRefusal (the device fails, nothing else does); with `strict=False` (detach, where
+        we release whatever the guest says) it reads as None."""
         if self.frontend is None:
             return None
         text = self.store.read_optional(join(self.frontend, "state"))
-        if text is None or not text.isdigit() or len(text) > 2:
+        if text is None:
             return None
-        value = int(text)
-        return value if 0 <= value <= 8 else None
+        try:
+            return parse_uint(text, "frontend state", maximum=8)
+        except NodeValueError as exc:
+            if not strict:
+                return None
+            raise EngineRefusal(exc.message) from exc
 
     def _read_ring_params(self) -> RingParams:
         assert self.frontend is not None
@@ -293,13 +336,9 @@ class BackendDevice:
                 "feature-persistent",
             )
             values = {name: tx.read_optional(join(fe, name)) for name in wanted}
-            order_text = values["ring-page-order"]
-            if (
-                order_text is not None
-                and order_text.isdigit()
-                and int(order_text) <= self.config.max_ring_page_order
-            ):
-                for i in range(1 << int(order_text)):
+            order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
+            if order is not None:
+                for i in range(1 << order):
                     values[f"ring-ref{i}"] = tx.read_optional(join(fe, f"ring-ref{i}"))
             return values
 
@@ -311,9 +350,11 @@ class BackendDevice:
         if order_text is None:
             refs = [values.get("ring-ref") or ""]
         else:
-            if not order_text.isdigit() or int(order_text) > self.config.max_ring_page_order:
-                raise EngineRefusal(f"ring-page-order {order_text[:10]!r} above what we advertised")
-            refs = [values.get(f"ring-ref{i}") or "" for i in range(1 << int(order_text))]
+            try:
+                order = parse_uint(order_text, "ring-page-order", maximum=self.config.max_ring_page_order)
+            except NodeValueError as exc:
+                raise EngineRefusal(f"{exc.message} (the most we advertised)") from exc
+            refs = [values.get(f"ring-ref{i}") or "" for i in range(1 << order)]
         try:
             return RingParams.parse(
                 ring_refs=refs,
@@ -390,11 +431,38 @@ class BackendDevice:
         self.broken = reason
         self._wake()
 
-    def _stop_dataplane(self) -> bool:
-        dataplane, self.dataplane = self.dataplane, None
+    def _quiesce(self) -> bool:
+        """Stop the data plane and wait (at most DRAIN_STEP) for its in-flight I/O. True once none is
+        left: only then may the device be closed, the ring unmapped, Closing/Closed published.
+        Otherwise the data plane stays ours and a later reconcile() tries again (pending_deadline);
+        I/O still running after DRAIN_TIMEOUT is reported, once, and waited for all the same."""
+        dataplane = self.dataplane
         if dataplane is None:
             return True
-        drained = dataplane.stop(DRAIN_TIMEOUT)
+        now = time.monotonic()
+        if self._drain_since is None:
+            self._drain_since = now
+        if not dataplane.stop(DRAIN_STEP):
+            waited = now - self._drain_since
+            if waited >= DRAIN_TIMEOUT and not self._drain_reported:
+                self._drain_reported = True
+                self.journal.error(
+                    f"{self.relative}: {dataplane.in_flight} request(s) still in flight after {waited:.0f} s;"
+                    " holding the device, the ring and the guest's pages until they end",
+                    DOMID=self.domid,
+                    DEVID=self.devid,
+                    CODE="drain-timeout",
+                )
+            return False
+        self.dataplane = None
+        if self._drain_reported:
+            self._log(f"stuck I/O ended after {now - self._drain_since:.0f} s")
+        self._drain_since = None
+        self._drain_reported = False
+        self._log_ring_stats(dataplane)
+        return True
+
+    def _log_ring_stats(self, dataplane: DataPlane) -> None:
         stats = dataplane.stats
         cache = dataplane.grant_cache
         grants = ""
@@ -404,18 +472,22 @@ class BackendDevice:
                 f", persistent grants: {g.maps} mapped, {g.unmaps} unmapped, {cache.mapped} still mapped,"
                 f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient"
             )
-        self._log(
-            f"ring stopped: {stats.requests} requests, {stats.errors} errors, drained={drained}{grants}"
-        )
-        return drained
+        self._log(f"ring stopped: {stats.requests} requests, {stats.errors} errors{grants}")
 
     def _disconnect(self, state: int) -> None:
-        """Frontend left (reboot, driver unload): drain and unmap, keep the device for a reconnect."""
-        self._stop_dataplane()
+        """Frontend left (reboot, driver unload): drain and unmap, keep the device for a reconnect.
+        The new state is published only once nothing is in flight."""
+        self._disconnect_state = state
+        if not self._quiesce():
+            return
+        self._disconnect_state = None
         self.phase = Phase.DISCONNECTED
         self._set_state(state)
 
     def _close_device(self) -> None:
+        if self.dataplane is not None:
+            # every caller drains first; closing here could let a request write to a reused fd
+            raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
         self.target = None
         if device is not None:
@@ -425,8 +497,8 @@ class BackendDevice:
         """libxl set online=0: wait (briefly) for a connected frontend to close, then release."""
         if self.phase is Phase.CLOSED:
             return
-        fe_state = self._frontend_state(nodes)
-        if self.phase is Phase.CONNECTED and fe_state in (3, 4):
+        fe_state = self._frontend_state(strict=False)
+        if self.phase is Phase.CONNECTED and fe_state in (3, 4) and self._drain_since is None:
             now = time.monotonic()
             if self._closing_since is None:
                 self._closing_since = now
@@ -434,30 +506,35 @@ class BackendDevice:
                 return
             if now - self._closing_since < FRONTEND_CLOSE_GRACE:
                 return
-            self._log("frontend did not close in time: tearing down anyway")
-        self.teardown("online=0")
-        self._set_state(6)
+            if not self._close_grace_logged:
+                self._close_grace_logged = True
+                self._log("frontend did not close in time: tearing down anyway")
+        if self.teardown("online=0"):
+            self._set_state(6)
 
-    def teardown(self, why: str) -> None:
-        """Stop taking requests, drain, unmap, close the device. Idempotent."""
+    def teardown(self, why: str) -> bool:
+        """Stop taking requests, drain, unmap, close the device. Idempotent. False while requests
+        are still in flight: nothing is closed or unmapped then; call again (reconcile() does)."""
         if self.phase is Phase.CLOSED:
-            return
-        drained = self._stop_dataplane()
-        if not drained:
-            self.journal.error(
-                f"{self.relative}: I/O did not drain; keeping the device open", CODE="drain-timeout"
-            )
-            return
+            return True
+        if not self._quiesce():
+            return False
         had_device = self.device is not None
         self._close_device()
         self.phase = Phase.CLOSED
         if had_device:
             self._log(f"released the device ({why})")
+        return True
 
     @property
     def pending_deadline(self) -> float | None:
-        """When reconcile() must run again without an event (the detach grace period)."""
-        if self._closing_since is None or self.phase is Phase.CLOSED:
+        """When reconcile() must run again without an event: now while a drain is under way, else
+        the end of the detach grace period."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if self._drain_since is not None:
+            return time.monotonic()
+        if self._closing_since is None:
             return None
         return self._closing_since + FRONTEND_CLOSE_GRACE
 

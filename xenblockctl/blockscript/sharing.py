@@ -20,6 +20,7 @@ from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BACKEND_KINDS, BackendRecordError, parse_physical_device
 
@@ -221,7 +222,8 @@ def mount_claims(mountinfo: str = "/proc/self/mountinfo") -> Iterator[Claim]:
         if len(fields) < 6:
             continue
         major_text, _, minor_text = fields[2].partition(":")
-        if not (major_text.isdigit() and minor_text.isdigit()) or major_text == "0":
+        major = uint_or_none(major_text, maximum=0xFFFFFFFF)
+        if not major or uint_or_none(minor_text, maximum=0xFFFFFFFF) is None:
             continue  # major 0: virtual filesystems
         options = fields[5].split(",")
         yield Claim(

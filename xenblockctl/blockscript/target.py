@@ -25,6 +25,7 @@ from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
+from xenblockctl.xenstore.numbers import uint_or_none
 
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
@@ -111,9 +112,10 @@ def _parse_path(path: str) -> Target:
         return Target(path, expect_dm_name=name)
     if path.startswith(DISKSEQ_PREFIX):
         raw = path[len(DISKSEQ_PREFIX) :]
-        if not raw.isdigit() or raw.startswith("0") or len(raw) > 20 or int(raw) >= 2**64:
+        diskseq = uint_or_none(raw, maximum=(1 << 64) - 1)
+        if not diskseq:
             raise TargetSyntaxError(f"bad diskseq in {_show(path)}")
-        return Target(path, expect_diskseq=int(raw))
+        return Target(path, expect_diskseq=diskseq)
     return Target(path)
 
 

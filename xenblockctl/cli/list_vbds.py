@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from xenblockctl.cli.output import connect, emit_json, table
+from xenblockctl.xenstore.numbers import uint_or_none
 
 
 @click.command(name="list")
@@ -17,7 +18,9 @@ def list_vbds(domain: str | None, as_json: bool) -> None:
     with connect() as store:
         domid = None
         if domain is not None:
-            domid = int(domain) if domain.isdigit() else domains.resolve(store, domain)
+            domid = uint_or_none(domain, maximum=0xFFFF)
+            if domid is None:
+                domid = domains.resolve(store, domain)
         vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid)
     if as_json:
         emit_json("list", {"vbds": [v.to_json() for v in vbds]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from xenblockctl.cli.output import connect, emit_json
+from xenblockctl.xenstore.numbers import uint_or_none
 
 
 @click.command()
@@ -18,7 +19,9 @@ def show(domain: str, vdev: str, as_json: bool) -> None:
 
     number = Vdev.parse(vdev).number
     with connect() as store:
-        domid = int(domain) if domain.isdigit() else domains.resolve(store, domain)
+        domid = uint_or_none(domain, maximum=0xFFFF)
+        if domid is None:
+            domid = domains.resolve(store, domain)
         loc = vbd_dirs.locate(store, domid, number, home_domid=store.own_domid())
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")

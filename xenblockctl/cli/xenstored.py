@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError, tie_to_parent
 
 
@@ -15,10 +16,11 @@ def _parse_domain_sockets(
 ) -> list[Listener]:
     listeners = []
     for text in values:
-        domid, sep, path = text.partition(":")
-        if not sep or not domid.isdigit() or not path or int(domid) >= 0x7FF0:
+        domid_text, sep, path = text.partition(":")
+        domid = uint_or_none(domid_text, maximum=0x7FEF)
+        if not sep or domid is None or not path:
             raise click.BadParameter(f"expected DOMID:PATH with DOMID < 32752, got {text!r}")
-        listeners.append(Listener(path, int(domid)))
+        listeners.append(Listener(path, domid))
     return listeners
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED
 
 LOCAL_DOMAIN = "/local/domain"
@@ -29,13 +30,13 @@ def live_domids(store: XenStore) -> set[int]:
         names = store.ls(LOCAL_DOMAIN)
     except XenstoreNoEntry:
         return set()
-    return {int(n) for n in names if n.isdigit() and (n == "0" or not n.startswith("0"))}
+    return {d for n in names if (d := uint_or_none(n, maximum=0xFFFF)) is not None}
 
 
 def resolve(store: XenStore, text: str) -> int:
     """A domain id (`5`) or name (`web`, from `/local/domain/*/name`) -> an existing domid."""
-    if text.isascii() and text.isdigit():
-        domid = int(text)
+    domid = uint_or_none(text, maximum=0xFFFF)
+    if domid is not None:
         if domid >= DOMID_FIRST_RESERVED:
             raise DomainMissing(f"domain id {domid} is reserved (>= {DOMID_FIRST_RESERVED:#x})")
         if not exists(store, domid):

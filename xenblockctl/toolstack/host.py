@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from xenblockctl.xenstore.numbers import uint_or_none
+
 BLKBACK_DRIVER = "/sys/bus/xen-backend/drivers/vbd"
 BLKBACK_MODULE = "/sys/module/xen_blkback"
 PROC = "/proc"
@@ -36,7 +38,7 @@ def engine_pids(proc: str = PROC, *, xenstore_socket: str | None = None) -> list
     except OSError:
         return pids
     for entry in entries:
-        if not entry.isdigit():
+        if uint_or_none(entry, maximum=1 << 32) is None:
             continue
         try:
             raw = Path(proc, entry, "cmdline").read_bytes()
@@ -98,6 +100,7 @@ def kernel_release() -> tuple[int, int]:
     release = os.uname().release
     parts = release.split(".")
     try:
-        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+        minor = parts[1].split("-", 1)[0].split("+", 1)[0]
+        return int(parts[0]), uint_or_none(minor, maximum=1 << 16) or 0
     except (IndexError, ValueError):
         return (0, 0)

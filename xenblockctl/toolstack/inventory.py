@@ -20,6 +20,7 @@ from xenblockctl.toolstack import domains
 from xenblockctl.toolstack.vbd_dirs import VbdLocation
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import (
     BACKEND_KINDS,
     BackendPath,
@@ -263,7 +264,7 @@ def _ls(store: XenStore, path: str) -> list[str]:
 
 
 def _num(text: str) -> int | None:
-    return int(text) if text.isascii() and text.isdigit() and (text == "0" or text[0] != "0") else None
+    return uint_or_none(text, maximum=(1 << 64) - 1)
 
 
 def locations(store: XenStore, *, home_domid: int, domid: int | None = None) -> list[VbdLocation]:

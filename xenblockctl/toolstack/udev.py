@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from xenblockctl import config
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 
 if TYPE_CHECKING:  # the hook imports the xenstore client only once it knows it will act
@@ -100,9 +101,9 @@ def backend_event(env: Mapping[str, str], journal: Journal) -> int:
 def block_event(env: Mapping[str, str], journal: Journal) -> int:
     action = env.get("ACTION", "")
     major_text, minor_text = env.get("MAJOR", ""), env.get("MINOR", "")
-    if action not in ("change", "remove") or not (major_text.isdigit() and minor_text.isdigit()):
+    major, minor = uint_or_none(major_text, maximum=0xFFFFFFFF), uint_or_none(minor_text, maximum=0xFFFFFFFF)
+    if action not in ("change", "remove") or major is None or minor is None:
         return 0
-    major, minor = int(major_text), int(minor_text)
     now = "is gone" if action == "remove" else _current_state(major, minor, env.get("DISKSEQ", ""))
     from xenblockctl.xenstore.client import XenStore
 
@@ -128,11 +129,12 @@ def _current_state(major: int, minor: int, event_diskseq: str) -> str:
         return "is gone"
     if sysfs.read_attr(major, minor, "size") == "0":
         return "has no media (detached)"
-    text = sysfs.read_attr(major, minor, "diskseq") or ""
-    if not text.isdigit():
-        live = blockdev.live_diskseq(os.makedev(major, minor))
-        text = str(live) if live is not None else event_diskseq
-    return f"now has diskseq {int(text):x}" if text.isdigit() else "is gone"
+    seq = uint_or_none(sysfs.read_attr(major, minor, "diskseq"), maximum=(1 << 64) - 1)
+    if seq is None:
+        seq = blockdev.live_diskseq(os.makedev(major, minor))
+    if seq is None:
+        seq = uint_or_none(event_diskseq, maximum=(1 << 64) - 1)
+    return f"now has diskseq {seq:x}" if seq is not None else "is gone"
 
 
 def _backends_using(store: XenStore, physical: str) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import Perm, join
 from xenblockctl.xenstore.vbd import BACKEND_KINDS
 from xenblockctl.xenstore.vdev import Vdev
@@ -120,7 +121,7 @@ def used_devids(tx: Transaction, domid: int, backend_domid: int) -> set[int]:
     for parent in parents:
         if tx.read_optional(parent) is None:
             continue
-        used.update(int(name) for name in tx.ls(parent) if name.isdigit())
+        used.update(n for name in tx.ls(parent) if (n := uint_or_none(name, maximum=0xFFFFFFFF)) is not None)
     return used
 
 
@@ -208,7 +209,7 @@ def _parse_backend(path: str, domid: int, devid: int) -> VbdLocation | None:
     # ['', 'local', 'domain', bedom, 'backend', kind, domid, devid]
     if len(parts) != 8 or parts[1:3] != ["local", "domain"] or parts[4] != "backend":
         return None
-    bedom, kind = parts[3], parts[5]
-    if not bedom.isdigit() or kind not in BACKEND_KINDS or parts[6:] != [str(domid), str(devid)]:
+    bedom, kind = uint_or_none(parts[3], maximum=0xFFFF), parts[5]
+    if bedom is None or kind not in BACKEND_KINDS or parts[6:] != [str(domid), str(devid)]:
         return None
-    return VbdLocation(domid, devid, kind, int(bedom))
+    return VbdLocation(domid, devid, kind, bedom)

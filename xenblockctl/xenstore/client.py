@@ -41,6 +41,7 @@ from xenblockctl.xenstore.errors import (
     errno_from_name,
     error_for,
 )
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import (
     PAYLOAD_MAX,
     Perm,
@@ -193,7 +194,7 @@ class _Operations:
             while True:
                 payload = self._request(DIRECTORY_PART, _arg(path) + _arg(str(offset)), what)
                 gen, sep, rest = payload.partition(_NUL)
-                if not sep or not gen.isdigit():
+                if not sep or uint_or_none(gen.decode("latin-1"), maximum=(1 << 64) - 1) is None:
                     raise XenstoreDisconnected(f"{what}: malformed reply {payload[:40]!r}")
                 if generation is not None and gen != generation:
                     break  # the directory changed between parts: start over
@@ -517,9 +518,10 @@ class XenStore(_Operations):
         exit, aborts on exception, and raises TransactionConflict when the commit hits EAGAIN."""
         payload = self._send(Op.TRANSACTION_START, _NUL, 0, "transaction-start")
         text = payload.rstrip(_NUL)
-        if not text.isdigit() or int(text) == 0:
+        tx_id = uint_or_none(text.decode("latin-1"), maximum=0xFFFFFFFF)
+        if not tx_id:
             raise XenstoreDisconnected(f"transaction-start: bad transaction id {text[:20]!r}")
-        return Transaction(self, int(text))
+        return Transaction(self, tx_id)
 
     def run_transaction(self, fn: Callable[[Transaction], T], *, attempts: int = DEFAULT_ATTEMPTS) -> T:
         """Run `fn(tx)` in a transaction and commit; on EAGAIN (at commit or from any request)
@@ -573,9 +575,10 @@ class XenStore(_Operations):
                 self._domid = 0
             else:
                 text = self.read("domid")
-                if not text.isdigit():
+                value = uint_or_none(text, maximum=0xFFFF)
+                if value is None:
                     raise XenstoreInvalid(f"own domid node holds {text[:20]!r}")
-                self._domid = _domid(int(text))
+                self._domid = _domid(value)
         return self._domid
 
     def home(self) -> str:

@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
 
 #: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
@@ -56,9 +57,10 @@ class XenbusState(IntEnum):
 
     @classmethod
     def parse(cls, text: str) -> XenbusState:
-        if not (text.isascii() and text.isdigit()) or int(text) not in cls._value2member_map_:
+        value = uint_or_none(text, maximum=max(cls._value2member_map_))
+        if value is None:
             raise BackendRecordError(f"state {text[:20]!r} is not a XenbusState (0-8)")
-        return cls(int(text))
+        return cls(value)
 
     def __str__(self) -> str:
         return str(self.value)
@@ -248,9 +250,10 @@ class BackendRecord(NamedTuple):
             text = nodes.get(name)
             if text is None:
                 return None
-            if not (text.isascii() and text.isdigit()):
+            value = uint_or_none(text, maximum=(1 << 64) - 1)
+            if value is None:
                 raise BackendRecordError(f"{path}/{name} = {text[:20]!r} is not a decimal number")
-            return int(text)
+            return value
 
         def opt_bool(name: str) -> bool | None:
             value = opt_int(name)

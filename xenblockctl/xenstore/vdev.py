@@ -20,6 +20,7 @@ import re
 from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore.numbers import uint_or_none
 
 XVD_MAJOR = 202
 SD_MAJOR = 8
@@ -115,8 +116,9 @@ class Vdev(_VdevFields):
         if match is not None:
             disk, part = match.groups()
             return cls("xvd", int(disk), int(part) if part else 0)
-        if text.isdigit() and text.isascii() and (text == "0" or not text.startswith("0")):
-            return cls.from_number(int(text))
+        number = uint_or_none(text, maximum=RESERVED - 1)
+        if number is not None:
+            return cls.from_number(number)
         raise VdevError(f"{text[:40]!r} is not a virtual device name (xvdN, sdN, hdN, dNpM or a number)")
 
     @classmethod

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.server import paths
 from xenblockctl.xenstore.server.domains import DOMID_FIRST_RESERVED
 from xenblockctl.xenstore.server.permissions import (
@@ -446,9 +447,11 @@ def op_control(req: Request) -> bytes:
     cmd, args = strings[0], strings[1:]
     if cmd == b"help":
         return b"help\nfail-commits <n>\n\0"
-    if cmd == b"fail-commits" and len(args) == 1 and args[0].isdigit():
-        req.server.forced_eagain = int(args[0])
-        return OK
+    if cmd == b"fail-commits" and len(args) == 1:
+        count = uint_or_none(args[0].decode("latin-1"), maximum=1 << 20)
+        if count is not None:
+            req.server.forced_eagain = count
+            return OK
     raise XsError(errno.EINVAL)
 
 
