@@ -660,17 +660,22 @@ class LocalTransport(Transport):
                 elif key.fileobj == self._wake_r:
                     return
                 else:
-                    conn = self._conns.get(key.fd)
-                    if conn is None:
-                        continue
-                    # By what it waits for, not by `events`: a hang-up reports both.
-                    if conn.outq:
-                        self._flush(conn)
-                    else:
-                        self._receive(conn)
+                    self._dispatch(key.fd)
             if not self._listening and time.monotonic() >= self._paused_until:
                 self._selector.register(self._listener, selectors.EVENT_READ)
                 self._listening = True
+
+    def _dispatch(self, fd: int) -> None:
+        # A method of its own so that no frame of the idle loop keeps a departed connection (and
+        # so its grant tables) alive while the thread waits.
+        conn = self._conns.get(fd)
+        if conn is None:
+            return
+        # By what it waits for, not by the events: a hang-up reports both.
+        if conn.outq:
+            self._flush(conn)
+        else:
+            self._receive(conn)
 
     def _refusal(self, message: str, **fields: object) -> None:
         """Log a refusal, at most _LOG_RATE lines a second (the rest are counted and reported)."""
@@ -858,16 +863,30 @@ class LocalDomainClient:
 
     Every call waits at most `timeout` seconds for the registry's reply (TransportError after)."""
 
-    def __init__(self, socket_path: str, domid: int, *, timeout: float = CLIENT_TIMEOUT) -> None:
+    def __init__(self, socket_path: str, domid: int, *, timeout: float | None = None) -> None:
         self.domid = domid
-        self.timeout = timeout
+        self.timeout = CLIENT_TIMEOUT if timeout is None else timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
         try:
-            self._sock.connect(socket_path)
+            while True:
+                try:
+                    self._sock.connect(socket_path)
+                    break
+                except BlockingIOError:  # listen backlog full: the registry is behind (or stuck)
+                    if time.monotonic() > deadline:
+                        raise TransportError(
+                            f"local transport at {socket_path} did not accept within {self.timeout:g} s",
+                            code="transport",
+                        ) from None
+                    time.sleep(0.01)
         except OSError as exc:
             self._sock.close()
             raise TransportError.from_oserror(exc, f"cannot reach local transport at {socket_path}") from exc
+        except BaseException:
+            self._sock.close()
+            raise
 
     def _call(self, msg: dict[str, object], fds: Sequence[int]) -> tuple[dict[str, object], list[int]]:
         op = msg.get("op")
