@@ -218,8 +218,10 @@ def test_one_engine_serves_256_disks_and_gives_everything_back(
             assert guest.ring.read(0, 512)[:8] == f"disk {i:03d}".encode(), f"disk {i} read another disk"
         peak = engine_fds(pid)
         per_disk = (sum(peak.values()) - sum(baseline.values())) / DISKS
-        print(f"engine fds: {sum(baseline.values())} before, {sum(peak.values())} with {DISKS} disks "
-              f"({per_disk:.1f} per disk): {peak}; memfd mappings {engine_memfd_maps(pid)}")
+        print(
+            f"engine fds: {sum(baseline.values())} before, {sum(peak.values())} with {DISKS} disks "
+            f"({per_disk:.1f} per disk): {peak}; memfd mappings {engine_memfd_maps(pid)}"
+        )
         for be, guest in zip(backends, guests, strict=True):
             detach(libxl, be, guest)
         run_scripts(libxl, "remove", backends)
@@ -231,8 +233,10 @@ def test_one_engine_serves_256_disks_and_gives_everything_back(
     wait_for(
         lambda: engine_fds(pid) == baseline and engine_memfd_maps(pid)[0] == 0,
         30,
-        lambda: f"engine still holds fds {engine_fds(pid)} (before: {baseline}), "
-        f"memfd mappings {engine_memfd_maps(pid)}",
+        lambda: (
+            f"engine still holds fds {engine_fds(pid)} (before: {baseline}), "
+            f"memfd mappings {engine_memfd_maps(pid)}"
+        ),
     )
 
 
@@ -244,12 +248,16 @@ def test_three_disks_of_one_domain_registering_before_their_handshakes(
     two disks were never answered and the third read another disk's data."""
     fills = [b"first disk", b"second disk", b"third disk"]
     images = [make_image(f"disk-{i}.img", size=1 << 20, fill=fill) for i, fill in enumerate(fills)]
-    backends = [libxl.create_backend(5, 51712 + 16 * i, str(img), "w", engine=False) for i, img in enumerate(images)]
+    backends = [
+        libxl.create_backend(5, 51712 + 16 * i, str(img), "w", engine=False) for i, img in enumerate(images)
+    ]
     wait_opened(libxl, backends)
     run_scripts(libxl, "add", backends)
     store = XenStore.connect(libxl.xenstored.socket_path, timeout=30)
     guests = [
-        XenbusFrontend(store, frontend_path=be.frontend, backend_path=be.path, domid=5, transport_socket=engine.transport)
+        XenbusFrontend(
+            store, frontend_path=be.frontend, backend_path=be.path, domid=5, transport_socket=engine.transport
+        )
         for be in backends
     ]
     rings: list[LocalFrontend] = []

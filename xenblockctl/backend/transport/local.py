@@ -483,9 +483,9 @@ def parse_request(data: bytes, nfds: int) -> RegistryRequest:
     if not isinstance(msg, dict):
         raise RegistryMessageError("message is not one flat JSON object")
     op = msg.get("op")
-    shape = _SHAPES.get(op) if isinstance(op, str) else None
-    if shape is None:
+    if not isinstance(op, str) or op not in _SHAPES:
         raise RegistryMessageError(f"unknown op {str(op)[:40]!r}")
+    shape = _SHAPES[op]
     keys, want_fds = shape
     if set(msg) != keys:
         raise RegistryMessageError(f"{op} takes exactly the keys {sorted(keys)}")
@@ -654,7 +654,7 @@ class LocalTransport(Transport):
             timeout = None
             if not self._listening:
                 timeout = max(0.0, self._paused_until - time.monotonic())
-            for key, events in self._selector.select(timeout):
+            for key, _events in self._selector.select(timeout):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj == self._wake_r:
@@ -781,7 +781,9 @@ class LocalTransport(Transport):
         if self._selector.get_key(conn.sock).events != want:
             self._selector.modify(conn.sock, want)
 
-    def _apply(self, conn: _Conn, req: RegistryRequest, fds: list[int]) -> tuple[dict[str, object], list[int]]:
+    def _apply(
+        self, conn: _Conn, req: RegistryRequest, fds: list[int]
+    ) -> tuple[dict[str, object], list[int]]:
         if conn.domid is None:
             conn.domid = req.domid
         elif conn.domid != req.domid:
@@ -918,7 +920,9 @@ class LocalDomainClient:
         except ValueError as exc:
             for fd in got:
                 os.close(fd)
-            raise TransportError(f"local transport sent a bad reply to {op}: {exc}", code="transport") from exc
+            raise TransportError(
+                f"local transport sent a bad reply to {op}: {exc}", code="transport"
+            ) from exc
         if reply.get("ok") is not True:
             for fd in got:
                 os.close(fd)
