@@ -293,21 +293,25 @@ class _ContiguousMapping(MmapGrantMapping):
 class _Domain:
     """One domain's grant-ref space (its registered pieces, sorted by base) and its ports.
 
-    Pieces are replaced copy-on-write (`pieces` and `bases` swapped together under the transport
-    lock), so the data planes resolve refs without taking a lock."""
+    Pieces are replaced copy-on-write: `layout` (bases, pieces) is one tuple swapped in one store
+    under the transport lock, so the data planes resolve refs without taking a lock and never see
+    the bases of one layout with the pieces of another."""
 
     def __init__(self, domid: int) -> None:
         self.domid = domid
-        self.pieces: tuple[_GrantTable, ...] = ()
-        self.bases: tuple[int, ...] = ()
+        self.layout: tuple[tuple[int, ...], tuple[_GrantTable, ...]] = ((), ())
         self.ports: dict[int, tuple[int, int]] = {}  # port -> (to_back, to_front) eventfds
+
+    @property
+    def pieces(self) -> tuple[_GrantTable, ...]:
+        return self.layout[1]
 
     def empty(self) -> bool:
         return not self.pieces and not self.ports
 
     def set_pieces(self, pieces: list[_GrantTable]) -> None:
         pieces.sort(key=lambda t: t.base)
-        self.pieces, self.bases = tuple(pieces), tuple(t.base for t in pieces)
+        self.layout = (tuple(t.base for t in pieces), tuple(pieces))
 
     def free_base(self, pages: int) -> int:
         """The lowest ref with `pages` free refs from it (first fit, so a domain's first piece
@@ -323,7 +327,7 @@ class _Domain:
 
     def table_for(self, refs: Sequence[int]) -> _GrantTable:
         """The one piece holding every ref; GrantError naming a ref that is not granted."""
-        pieces, bases = self.pieces, self.bases
+        bases, pieces = self.layout
         i = bisect.bisect_right(bases, refs[0]) - 1
         if i >= 0 and pieces[i].holds(refs):
             return pieces[i]
