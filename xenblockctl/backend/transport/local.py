@@ -155,8 +155,8 @@ class _GrantTable:
         if size // PAGE_SIZE > MAX_SEGMENT_PAGES:
             raise RegistryLimitError(f"grant table of {size // PAGE_SIZE} pages exceeds {MAX_SEGMENT_PAGES}")
         self.domid = domid
-        self.base = base
         self.pages = size // PAGE_SIZE
+        self.place(base)
         self.fd = os.dup(fd)  # kept for MAP_FIXED remaps (contiguous mappings)
         # The whole table is mapped into an anonymous reservation (MAP_FIXED) rather than with
         # mmap.mmap(fd): CPython dup()s the fd of every file mmap, and one fd per piece is enough.
@@ -176,9 +176,10 @@ class _GrantTable:
         self.view = memoryview(self.map)
         self.ro_view = self.view.toreadonly()
 
-    @property
-    def end(self) -> int:
-        return self.base + self.pages
+    def place(self, base: int) -> None:
+        """Put this piece at grant refs [base, base + pages) of its domain."""
+        self.base = base
+        self.end = base + self.pages  # an attribute, not a property: read on every request
 
     def holds(self, refs: Sequence[int]) -> bool:
         return bool(refs) and min(refs) >= self.base and max(refs) < self.end
@@ -343,15 +344,21 @@ class _Domain:
     def iovecs(
         self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, writable: bool
     ) -> list[memoryview]:
-        if not refs:
-            raise GrantError("no grant refs to map")
+        # Per request on the data path: one piece (a one-disk domain) costs nothing over a lone
+        # table; with several, a bisect on the first ref. _table_iovecs checks every ref itself.
+        bases, pieces = self.layout
+        if not refs or not pieces:
+            raise GrantError(
+                "no grant refs to map" if not refs else f"domain {self.domid} has no grant table"
+            )
+        i = 0 if len(pieces) == 1 else max(0, bisect.bisect_right(bases, refs[0]) - 1)
+        table = pieces[i]
         try:
-            table = self.table_for(refs)
+            return _table_iovecs(table, table.view if writable else table.ro_view, refs, extents)
         except GrantError:
-            if not self.pieces:
+            if len(pieces) == 1:
                 raise
-            return self._iovecs_across(refs, extents, writable)
-        return _table_iovecs(table, table.view if writable else table.ro_view, refs, extents)
+        return self._iovecs_across(refs, extents, writable)
 
     def _iovecs_across(
         self, refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, writable: bool
@@ -802,7 +809,7 @@ class LocalTransport(Transport):
             table = _GrantTable(req.domid, fds[0])
             try:
                 with self._lock:
-                    table.base = domain.free_base(table.pages)
+                    table.place(domain.free_base(table.pages))
                     domain.set_pieces([*domain.pieces, table])
                     self._domains[req.domid] = domain
             except BaseException:
