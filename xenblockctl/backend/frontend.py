@@ -1,10 +1,12 @@
 """A Python blkfront over the local transport, for tests, benchmarks and `xenblockctl sandbox`.
 
-It owns a sealed memfd as its grant table (ref N = page N): the first pages hold the ring, then a
-pool of data pages, then indirect-descriptor pages. It registers the memfd and one event channel
-port with the engine's LocalTransport, and `xenstore_nodes()` gives what it would publish under
-its device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`,
-`feature-persistent`).
+It owns a sealed memfd of grant pages: the first pages hold the ring, then a pool of data pages,
+then indirect-descriptor pages. It registers the memfd with the engine's LocalTransport, which
+places it in its domain's one grant-ref space (page N is grant ref `gref_base` + N: 0 for a
+domain's first disk, so several disks of one domain never share a ref), and allocates one event
+channel port (unique in the domain). `xenstore_nodes()` gives what it would publish under its
+device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`,
+`feature-persistent`). Every ref this class takes or hands out is a grant ref.
 
 Grant refs are fixed pages of the memfd, so this frontend always reuses one pool of granted pages.
 With `persistent=True` it says so (`feature-persistent` = 1) and hands out the most recently
@@ -87,18 +89,25 @@ class LocalFrontend:
         self._fd = create_grant_memfd(total, f"xbc-frontend-{domid}")
         self._map = mmap.mmap(self._fd, total * blkif.PAGE_SIZE)
         self._view = memoryview(self._map)
-        self.client = LocalDomainClient(socket_path, domid)
         try:
-            self.client.register_grant_table(self._fd)
+            self.client = LocalDomainClient(socket_path, domid)
+        except BaseException:
+            self._close_memory()
+            raise
+        try:
+            #: page N of our memfd is grant ref gref_base + N
+            self.gref_base = self.client.register_grant_table(self._fd)
             self.evtchn: LocalEventChannel = self.client.alloc_unbound_port()
         except BaseException:
             self.client.close()
+            self._close_memory()
             raise
         # Layout: ring, data pool, indirect pool (or with `ring_last`: data, indirect, ring, so that
         # small hostile grefs never name the ring). `scramble_ring_refs` lists the ring pages in
         # reverse order, so the backend must map non-contiguous refs contiguously.
-        ring_base = data_pages + indirect_pages if ring_last else 0
-        pool_base = 0 if ring_last else self.ring_pages
+        base = self.gref_base
+        ring_base = base + (data_pages + indirect_pages if ring_last else 0)
+        pool_base = base + (0 if ring_last else self.ring_pages)
         order = list(range(ring_base, ring_base + self.ring_pages))
         if scramble_ring_refs:
             order.reverse()
@@ -112,12 +121,17 @@ class LocalFrontend:
         self._next_id = 1
         self._retired: list[tuple[int, mmap.mmap, memoryview]] = []  # grant memory before regrant()
 
+    def _close_memory(self) -> None:
+        self._view.release()
+        self._map.close()
+        os.close(self._fd)
+
     def _contiguous_ring_view(self) -> memoryview:
         first = self.ring_refs[0]
         if self.ring_refs == tuple(range(first, first + self.ring_pages)):
-            return self._view[first * blkif.PAGE_SIZE : (first + self.ring_pages) * blkif.PAGE_SIZE]
+            return self.page(first, self.ring_pages)
         # Non-contiguous ring refs: we need our own contiguous view of those pages too.
-        self._ring_mapping = map_memfd_pages(self._fd, self.ring_refs)
+        self._ring_mapping = map_memfd_pages(self._fd, [ref - self.gref_base for ref in self.ring_refs])
         return self._ring_mapping.buffer
 
     # -- handshake data --------------------------------------------------------------------------
@@ -137,8 +151,12 @@ class LocalFrontend:
         return nodes
 
     # -- raw access --------------------------------------------------------------------------------
-    def page(self, ref: int) -> memoryview:
-        return self._view[ref * blkif.PAGE_SIZE : (ref + 1) * blkif.PAGE_SIZE]
+    def page(self, ref: int, count: int = 1) -> memoryview:
+        """Our view of grant ref `ref` (and the `count` - 1 refs after it)."""
+        index = ref - self.gref_base
+        if not 0 <= index <= index + count <= self.total_pages:
+            raise FrontendError(f"grant ref {ref} is not one of this frontend's pages")
+        return self._view[index * blkif.PAGE_SIZE : (index + count) * blkif.PAGE_SIZE]
 
     @property
     def total_pages(self) -> int:
@@ -159,7 +177,7 @@ class LocalFrontend:
         new_view = memoryview(new_map)
         new_view[:] = self._view
         try:
-            self.client.register_grant_table(fd)
+            self.client.regrant(self.gref_base, fd)
         except BaseException:
             new_view.release()
             new_map.close()

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+import resource
 import signal
 import sys
 import threading
 from types import FrameType
 
 import click
+
+from xenblockctl.journal import Journal
+
+
+def raise_fd_limit(journal: Journal) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and log what we got; returns the soft limit.
+
+    Every disk holds a bounded number of fds (about 9 on the local transport: registry connection,
+    grant table, event channel pair and its bound copy, data plane wake pipe, the device), so the
+    limit, not the code, caps how many disks one engine serves. systemd starts services with a
+    soft limit of 1024 whatever LimitNOFILE= raises the hard one to; the hard limit is the
+    administrator's choice, so take all of it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            journal.warning(f"cannot raise the open-file limit from {soft} to {hard}: {exc}")
+    journal.info(f"open-file limit {soft} (hard {hard})")
+    return soft
 
 
 @click.command()
@@ -67,21 +90,21 @@ def backend(
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
-    from xenblockctl.journal import Journal
     from xenblockctl.xenstore.client import XenStore
 
+    journal = Journal("xenblockctl-engine")
+    raise_fd_limit(journal)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport
 
-        transport = LocalTransport(transport_spec.removeprefix("local:"))
+        transport = LocalTransport(transport_spec.removeprefix("local:"), journal=journal)
     elif transport_spec == "xen":
         from xenblockctl.backend.transport.xen import XenTransport
 
         transport = XenTransport()
     else:
         raise click.BadParameter(f"unknown transport {transport_spec!r}", param_hint="--transport")
-    journal = Journal("xenblockctl-engine")
     store = XenStore.connect(xenstore_path)
     config = EngineConfig(transport, require_luid=not allow_unverified, persistent_grants=persistent_grants)
     if max_persistent_grants is not None:
