@@ -19,7 +19,7 @@ domain. Outstanding requests (replies queued but not read) are counted per conne
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from xenblockctl.xenstore.server.store import Node
 from xenblockctl.xenstore.server.wire import REL_PATH_MAX
@@ -54,7 +54,6 @@ QUOTA_NAMES = {
 }
 #: `--quota-soft NAME=N`.
 SOFT_QUOTA_NAMES = {"memory": "memory_soft"}
-QUOTA_FIELDS = frozenset(f.name for f in fields(Quota))
 
 
 def entry_size(node: Node) -> int:
