@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.xenstore import EmbeddedXenstored, RawClient, _HEADER
+from tests.fixtures.xenstore import _HEADER, EmbeddedXenstored, RawClient
 from xenblockctl.xenstore.server.core import Xenstored
 from xenblockctl.xenstore.server.wire import Frame
 
@@ -157,7 +157,8 @@ def test_a_client_that_never_reads_is_not_served_ahead_and_stalls_nobody(
         hog.settimeout(30)
         for i in range(2000):
             msg = reader.recv_msg()
-            assert msg is not None and (msg.req_id, len(msg.payload)) == (i, 4000)
+            assert msg is not None
+            assert (msg.req_id, len(msg.payload)) == (i, 4000)
     finally:
         hog.close()
 
@@ -171,7 +172,8 @@ def test_memory_quota_refuses_writes_and_watches_with_enomem(
         replies = [write(g, f"n{i}", b"y" * 500) for i in range(60)]
         assert b"ENOMEM\0" in replies
         ok = replies.index(b"ENOMEM\0")
-        assert set(replies[:ok]) == {b"OK\0"} and 30 <= ok < 40  # ~530 accounted bytes each
+        assert set(replies[:ok]) == {b"OK\0"}
+        assert 30 <= ok < 40  # ~530 accounted bytes each
         assert g.call(WATCH, b"/local/domain/5/w" + b"w" * 1000, b"t").payload == b"ENOMEM\0"
         # Removing what the domain owns gives the room back.
         assert dom0.call(RM, b"/local/domain/5/n0").payload == b"OK\0"
