@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.server.daemon import Daemon, Listener, XenstoredError, tie_to_parent
+from xenblockctl.xenstore.server.quota import QUOTA_NAMES, SOFT_QUOTA_NAMES, Quota
+from xenblockctl.xenstore.server.wire import REL_PATH_MAX
 
 
 def _parse_domain_sockets(
@@ -22,6 +26,27 @@ def _parse_domain_sockets(
             raise click.BadParameter(f"expected DOMID:PATH with DOMID < 32752, got {text!r}")
         listeners.append(Listener(path, domid))
     return listeners
+
+
+QuotaCallback = Callable[[click.Context, click.Parameter, tuple[str, ...]], dict[str, int]]
+
+
+def _quota_callback(names: dict[str, str]) -> QuotaCallback:
+    """Parse repeated `NAME=N` options into Quota field values."""
+
+    def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for text in values:
+            name, sep, number = text.partition("=")
+            if not sep or name not in names or not (number.isascii() and number.isdigit()):
+                raise click.BadParameter(f"expected NAME=N, NAME one of {', '.join(sorted(names))}: {text!r}")
+            result[names[name]] = int(number)
+        return result
+
+    return parse
+
+
+_COUNT = click.IntRange(min=0, max=2**31 - 1)
 
 
 @click.command()
@@ -58,18 +83,67 @@ def _parse_domain_sockets(
     default=None,
     help="Append every message in and out (C xenstored --trace-file style).",
 )
+@click.option("-E", "--entry-nb", type=_COUNT, help="Nodes one domain may own (default 1000).")
+@click.option("-S", "--entry-size", type=_COUNT, help="Bytes of one node record (default 2048).")
+@click.option("-W", "--watch-nb", type=_COUNT, help="Watches of one domain (default 128).")
+@click.option("-t", "--transaction", type=_COUNT, help="Open transactions of one domain (default 10).")
+@click.option("-A", "--perm-nb", type=_COUNT, help="Permission entries per node (default 5).")
+@click.option("-M", "--path-max", type=_COUNT, help=f"Node path length (default and maximum {REL_PATH_MAX}).")
+@click.option(
+    "-Q",
+    "--quota",
+    "hard_quotas",
+    multiple=True,
+    metavar="NAME=N",
+    callback=_quota_callback(QUOTA_NAMES),
+    help="transaction-nodes (1024), outstanding (20), memory (bytes, 2621440), connections (8).",
+)
+@click.option(
+    "-q",
+    "--quota-soft",
+    "soft_quotas",
+    multiple=True,
+    metavar="NAME=N",
+    callback=_quota_callback(SOFT_QUOTA_NAMES),
+    help="memory=N: log when a domain uses more than N bytes (2097152).",
+)
 def xenstored(
+    *,
     socket_path: str,
     domain_sockets: list[Listener],
     ready_fd: int | None,
     exit_with_parent: bool,
     trace_file: str | None,
+    entry_nb: int | None,
+    entry_size: int | None,
+    watch_nb: int | None,
+    transaction: int | None,
+    perm_nb: int | None,
+    path_max: int | None,
+    hard_quotas: dict[str, int],
+    soft_quotas: dict[str, int],
 ) -> None:
     """Serve the xenstore wire protocol on PATH until SIGTERM or SIGINT.
 
     Prints `xenstored ready socket=PATH [domain-socket=DOMID:PATH ...]` once every socket
-    listens. On SIGTERM/SIGINT it closes all connections, removes its socket files and exits 0."""
+    listens. On SIGTERM/SIGINT it closes all connections, removes its socket files and exits 0.
+    Quotas apply to domain-socket clients only and take the C xenstored's options and defaults."""
     listeners = [Listener(socket_path, 0), *domain_sockets]
+    limits = {
+        "nodes_per_domain": entry_nb,
+        "entry_size": entry_size,
+        "watches_per_domain": watch_nb,
+        "transactions": transaction,
+        "perms_per_node": perm_nb,
+        # Like the C daemon's -M: never above the protocol's limit.
+        "path_max": None if path_max is None else min(path_max, REL_PATH_MAX),
+    }
+    quota = dataclasses.replace(
+        Quota(),
+        **{k: v for k, v in limits.items() if v is not None},
+        **hard_quotas,
+        **soft_quotas,
+    )
     try:
         trace_out = open(trace_file, "a", buffering=1) if trace_file else None  # noqa: SIM115
     except OSError as exc:
@@ -79,7 +153,7 @@ def xenstored(
         assert trace_out is not None
         trace_out.write(line + "\n")
 
-    daemon = Daemon(listeners, trace=trace if trace_out else None)
+    daemon = Daemon(listeners, quota=quota, trace=trace if trace_out else None)
     try:
         daemon.open()
         daemon.install_signal_handlers()

@@ -2,7 +2,8 @@
 
 The output queue is what lets a slow reader not stall the daemon: replies and events are queued
 here and written without blocking when the socket accepts them. As in the C daemon (`send_event`),
-a watch event identical to one still waiting in the queue is dropped, except `@` events.
+a watch event identical to one still waiting in the queue is dropped, except `@` events. The queue
+counts its bytes and its unsent replies ("outstanding requests"): the quotas look at both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class _Queued:
     data: bytes
     #: Event payload for de-duplication, None for replies and `@` events.
     event_key: bytes | None
+    is_reply: bool = False
 
 
 @dataclass(eq=False)
@@ -37,10 +39,21 @@ class Connection:
     _sent_of_head: int = 0
     _pending_events: Counter[bytes] = field(default_factory=Counter)
     queued_bytes: int = 0
+    #: Replies queued and not completely sent yet.
+    outstanding: int = 0
 
     @property
     def home(self) -> str:
         return home(self.domid)
+
+    @property
+    def watch_memory(self) -> int:
+        """Bytes the memory quota charges for this connection's watches (path + token)."""
+        return sum(len(w.node) + len(w.token) for w in self.watches)
+
+    @property
+    def transaction_memory(self) -> int:
+        return sum(t.memory for t in self.transactions.values())
 
     def new_transaction_id(self) -> int:
         while True:
@@ -54,10 +67,17 @@ class Connection:
         self.watches.clear()
         self.transactions.clear()
 
+    def discard_output(self) -> None:
+        """Forget everything queued (the connection is gone)."""
+        self._queue.clear()
+        self._pending_events.clear()
+        self._sent_of_head = self.queued_bytes = self.outstanding = 0
+
     # Output queue -------------------------------------------------------------------------
 
     def queue_reply(self, msg_type: int, req_id: int, tx_id: int, payload: bytes) -> None:
-        self._push(_Queued(encode(msg_type, req_id, tx_id, payload), None))
+        self._push(_Queued(encode(msg_type, req_id, tx_id, payload), None, is_reply=True))
+        self.outstanding += 1
 
     def queue_event(self, payload: bytes) -> bool:
         """Queue a watch event; False when an identical one is still waiting (dropped)."""
@@ -100,6 +120,8 @@ class Connection:
             sent -= left
             self._queue.popleft()
             self._sent_of_head = 0
+            if head.is_reply:
+                self.outstanding -= 1
             if head.event_key is not None:
                 self._pending_events[head.event_key] -= 1
                 if not self._pending_events[head.event_key]:

@@ -17,13 +17,13 @@ from xenblockctl.xenstore.server.connection import Connection
 from xenblockctl.xenstore.server.domains import Domains
 from xenblockctl.xenstore.server.handlers import HANDLERS, Request, rm_node
 from xenblockctl.xenstore.server.permissions import READ, Perms, perm_for
-from xenblockctl.xenstore.server.quota import Quota
+from xenblockctl.xenstore.server.quota import SMALL_REPLY, Quota, over_hard
 from xenblockctl.xenstore.server.store import Store
 from xenblockctl.xenstore.server.transactions import Transaction
 from xenblockctl.xenstore.server.view import NodeEvent, RequestView
 from xenblockctl.xenstore.server.wire import (
+    HEADER_SIZE,
     PAYLOAD_MAX,
-    REL_PATH_MAX,
     Frame,
     Op,
     XsError,
@@ -41,8 +41,10 @@ class Xenstored:
         self.store = Store()
         self.domains = Domains()
         self.quota = quota or Quota()
-        self.quota_path_max = REL_PATH_MAX
+        self.quota_path_max = self.quota.path_max
         self.connections: dict[int, Connection] = {}
+        #: domid -> "soft" / "hard": the memory limit it was last reported above.
+        self._memory_state: dict[int, str] = {}
         self._next_conn_id = 1
         #: Fault injection (CONTROL fail-commits): this many next commits fail with EAGAIN.
         self.forced_eagain = 0
@@ -58,15 +60,89 @@ class Xenstored:
             self.trace(f"CREATE connection {conn.conn_id} domid={domid}")
         return conn
 
+    def may_connect(self, domid: int) -> bool:
+        """Whether another connection of `domid` is allowed (quota `connections`)."""
+        return domid == 0 or len(self._domain_connections(domid)) < self.quota.connections
+
     def disconnect(self, conn: Connection) -> None:
-        """A dropped connection's open transactions are discarded, never committed."""
+        """A dropped connection's open transactions are discarded, never committed; everything
+        it held (staged copies, watches, queued output) goes with it."""
         conn.drop_state()
+        conn.discard_output()
         self.connections.pop(conn.conn_id, None)
+        if not conn.privileged:
+            self._check_memory(conn.domid)
         if self.trace:
             self.trace(f"DESTROY connection {conn.conn_id}")
 
     def domain_watch_count(self, domid: int) -> int:
         return sum(len(c.watches) for c in self.connections.values() if c.domid == domid)
+
+    def domain_transaction_count(self, domid: int) -> int:
+        return sum(len(c.transactions) for c in self.connections.values() if c.domid == domid)
+
+    # Memory quota -----------------------------------------------------------------------------
+
+    def domain_memory(self, domid: int) -> int:
+        """Bytes charged to `domid` as the C daemon counts them (see quota.py)."""
+        total = self.store.owned_bytes[domid]
+        for conn in self._domain_connections(domid):
+            total += conn.watch_memory + conn.transaction_memory + conn.queued_bytes
+        return total
+
+    def memory_allows(self, domid: int, more: int) -> bool:
+        """False when charging `more` bytes to an unprivileged domain reaches its hard limit."""
+        if domid == 0 or more <= 0:
+            return True
+        return not over_hard(self.quota, self.domain_memory(domid) + more)
+
+    def accepts_requests(self, conn: Connection) -> bool:
+        """Whether the daemon reads this connection's next request now (`domain_can_read`): an
+        unprivileged one waits while its replies are unread or its domain is at the hard
+        memory limit."""
+        if conn.privileged:
+            return True
+        if conn.outstanding >= self.quota.outstanding:
+            return False
+        return not over_hard(self.quota, self.domain_memory(conn.domid))
+
+    def _check_memory(self, domid: int) -> None:
+        """Log when a domain crosses its soft or hard memory limit, and when it is back below
+        (`domain_chk_quota`): a stalled guest must be visible in the log."""
+        memory = self.domain_memory(domid)
+        state = ""
+        if over_hard(self.quota, memory):
+            state = "hard"
+        elif self.quota.memory_soft and memory >= self.quota.memory_soft:
+            state = "soft"
+        before = self._memory_state.get(domid, "")
+        if state == before:
+            return
+        if state:
+            self._memory_state[domid] = state
+            log.warning(
+                "domain %d uses %d bytes, above its %s memory quota%s",
+                domid,
+                memory,
+                state,
+                " (requests stalled, events dropped)" if state == "hard" else "",
+            )
+        else:
+            del self._memory_state[domid]
+            log.info("domain %d uses %d bytes, below its memory quotas again", domid, memory)
+
+    def _staged_memory(self, conn: Connection, view: RequestView) -> dict[int, int]:
+        """Bytes the staged writes of one request would add, per charged domain."""
+        if view.txn is not None:
+            return {conn.domid: view.txn.copy_delta(self.store, view.staged)}
+        delta: dict[int, int] = {}
+        for path, new in view.staged.items():
+            old = self.store.get(path)
+            if old is not None:
+                delta[old.owner] = delta.get(old.owner, 0) - len(path) - old.record_size
+            if new is not None:
+                delta[new.owner] = delta.get(new.owner, 0) + len(path) + new.record_size
+        return delta
 
     # Requests ---------------------------------------------------------------------------------
 
@@ -93,6 +169,17 @@ class Xenstored:
             payload = func(req)
             if len(payload) > PAYLOAD_MAX:
                 raise XsError(errno.E2BIG)
+            if view.staged:
+                for domid, more in self._staged_memory(conn, view).items():
+                    if not self.memory_allows(domid, more):
+                        log.warning(
+                            "connection %d (domain %d): %s refused, domain %d at its memory quota",
+                            conn.conn_id,
+                            conn.domid,
+                            op_name(frame.type),
+                            domid,
+                        )
+                        raise XsError(errno.ENOMEM)
             events = view.finish()
         except XsError as exc:
             self._reply_error(conn, frame, exc.errno)
@@ -106,8 +193,24 @@ class Xenstored:
         self._reply(conn, frame.type, frame, payload)
         for event in req.after_reply:
             self._queue_event(conn, event)
+        if not conn.privileged:
+            self._check_memory(conn.domid)
 
     def _reply(self, conn: Connection, msg_type: int, frame: Frame, payload: bytes) -> None:
+        if (
+            not conn.privileged
+            and len(payload) > SMALL_REPLY
+            and not self.memory_allows(conn.domid, HEADER_SIZE + len(payload))
+        ):
+            # `send_reply`: only a reply that fits the preallocated buffer ignores the quota.
+            log.warning(
+                "connection %d (domain %d): %s reply of %d bytes refused, domain at its memory quota",
+                conn.conn_id,
+                conn.domid,
+                op_name(msg_type),
+                len(payload),
+            )
+            msg_type, payload = Op.ERROR, error_payload(errno.ENOMEM)
         if self.trace:
             self._trace_io("OUT", conn, msg_type, payload)
         conn.queue_reply(msg_type, frame.req_id, frame.tx_id, payload)
@@ -116,6 +219,15 @@ class Xenstored:
         self._reply(conn, Op.ERROR, frame, error_payload(err))
 
     def _queue_event(self, conn: Connection, payload: bytes) -> None:
+        if not conn.privileged and not self.memory_allows(conn.domid, HEADER_SIZE + len(payload)):
+            # `send_event` cannot report an error to anyone: the event is lost, say so.
+            log.warning(
+                "connection %d (domain %d): watch event %r dropped, domain at its memory quota",
+                conn.conn_id,
+                conn.domid,
+                payload.split(b"\0", 1)[0][:80],
+            )
+            return
         if conn.queue_event(payload) and self.trace:
             self._trace_io("OUT", conn, Op.WATCH_EVENT, payload)
 

@@ -2,9 +2,14 @@
 
 One thread, one `selectors` loop. Every client socket is non-blocking with its own output queue
 (connection.py): a client that does not read its replies only grows its own queue; past
-`READ_PAUSE_BYTES` the daemon stops reading its requests until it catches up, and past
+`READ_PAUSE_BYTES` the daemon stops handling its requests until it catches up, and past
 `MAX_OUTPUT_BYTES` (it is not reading at all while others' changes fire its watches) it is
-disconnected. A client sending a header with an oversize length is disconnected (as the C daemon
+disconnected. Requests are taken one at a time and the socket is read only once everything
+received has been handled, so a client's input buffer holds at most one `recv` (RECV_SIZE) plus a
+partial message. Unprivileged clients also wait while their quotas say so (20 unread replies, the
+hard memory limit: quota.py), as the C daemon stops reading a domain's ring; other clients are not
+affected. After connections close, freed memory is returned to the system (`release_free_memory`).
+A client sending a header with an oversize length is disconnected (as the C daemon
 does); a client leaving mid-message or mid-transaction just goes away, its transactions discarded.
 
 SIGTERM and SIGINT stop the loop through a wakeup socket; `close()` removes the socket files this
@@ -23,6 +28,7 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -45,6 +51,31 @@ SUN_PATH_MAX = 107
 PAUSE_SECONDS = 1.0
 #: Soft RLIMIT_NOFILE wanted (one descriptor per client), as far as the hard limit allows.
 WANT_FILES = 65536
+#: At most this often, return freed heap memory to the system after connections closed.
+TRIM_SECONDS = 1.0
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc `malloc_trim`).
+
+    What a closed connection held (transactions' staged nodes, watches, queued output) is freed
+    when it closes, but glibc keeps freed heap pages mapped and CPython's small-object arenas
+    live on that heap, so without this the daemon's RSS stays at its high-water mark."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _raise_fd_limit() -> None:
@@ -149,6 +180,8 @@ class Daemon:
         self._stop = False
         self._paused: list[tuple[socket.socket, Listener]] = []
         self._paused_at = 0.0
+        self._trim_pending = False
+        self._trimmed_at = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_handlers: dict[int, object] = {}
         self._old_wakeup_fd = -1
@@ -217,6 +250,9 @@ class Daemon:
             timeout = None
             if self._paused:
                 timeout = max(0.0, self._paused_at + PAUSE_SECONDS - time.monotonic())
+            if self._trim_pending:
+                wait = max(0.0, self._trimmed_at + TRIM_SECONDS - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             events = self._selector.select(timeout)
             if self._paused and time.monotonic() >= self._paused_at + PAUSE_SECONDS:
                 self._resume_listeners()
@@ -233,7 +269,7 @@ class Daemon:
                         continue  # dropped earlier in this round
                     try:
                         if mask & selectors.EVENT_WRITE:
-                            self._flush(client)
+                            self._pump(client)
                         if mask & selectors.EVENT_READ and client.conn.conn_id in self._clients:
                             self._read(client)
                     except Exception:
@@ -241,6 +277,10 @@ class Daemon:
                         log.exception("connection %d failed", client.conn.conn_id)
                         self._drop(client, "internal error")
             self._flush_all()
+            if self._trim_pending and time.monotonic() >= self._trimmed_at + TRIM_SECONDS:
+                self._trim_pending = False
+                self._trimmed_at = time.monotonic()
+                release_free_memory()
 
     def _accept(self, lsock: socket.socket, listener: Listener) -> None:
         for _ in range(64):
@@ -257,6 +297,15 @@ class Daemon:
                 self._paused.append((lsock, listener))
                 self._paused_at = time.monotonic()
                 return
+            if not self.core.may_connect(listener.domid):
+                log.warning(
+                    "connection to %s refused: domain %d already has %d connections (quota)",
+                    listener.path,
+                    listener.domid,
+                    self.core.quota.connections,
+                )
+                sock.close()
+                continue
             sock.setblocking(False)
             client = _Client(sock, self.core.connect(listener.domid))
             self._clients[client.conn.conn_id] = client
@@ -274,24 +323,59 @@ class Daemon:
             reason = "closed mid-message" if client.decoder.pending else "closed"
             self._drop(client, reason)
             return
-        try:
-            frames = client.decoder.feed(data)
-        except OversizeFrame as exc:
-            self._drop(client, str(exc))
-            return
-        for frame in frames:
+        client.decoder.push(data)
+        self._pump(client)
+
+    def _may_handle(self, client: _Client) -> bool:
+        """Whether to take the client's next request now: not while its replies pile up
+        unread, nor (unprivileged) while its quotas say wait."""
+        conn = client.conn
+        return conn.queued_bytes < READ_PAUSE_BYTES and self.core.accepts_requests(conn)
+
+    def _serve(self, client: _Client) -> bool:
+        """Handle buffered requests while allowed; False when the client was dropped."""
+        while self._may_handle(client):
+            try:
+                frame = client.decoder.next_frame()
+            except OversizeFrame as exc:
+                self._drop(client, str(exc))
+                return False
+            if frame is None:
+                break
             self.core.handle(client.conn, frame)
+        return True
+
+    def _pump(self, client: _Client) -> None:
+        """Send what the socket takes and handle what may be handled, until neither moves;
+        then watch the socket for what the client is waiting on."""
+        while True:
+            if not self._send(client):
+                return
+            if not (client.decoder.has_frame() and self._may_handle(client)):
+                break
+            if not self._serve(client):
+                return
+        if client.conn.queued_bytes > MAX_OUTPUT_BYTES:
+            self._drop(client, "not reading its replies and events")
+            return
+        self._set_interest(client)
 
     def _flush_all(self) -> None:
         for client in list(self._clients.values()):
-            if client.events & selectors.EVENT_WRITE:
-                # Its socket is full: retrying now would only copy its queue again; the
-                # selector reports when it drains.
+            if client.conn.conn_id not in self._clients:
+                continue  # dropped by an earlier one in this round
+            if client.events & selectors.EVENT_WRITE or not (
+                client.conn.has_output() or client.decoder.has_frame()
+            ):
+                # Its socket is full (retrying now would only copy its queue again; the
+                # selector reports when it drains), or it has nothing to do; a stalled client
+                # may be allowed to go on now (another one freed quota).
+                self._set_interest(client)
                 continue
-            if client.conn.has_output():
-                self._flush(client)
+            self._pump(client)
 
-    def _flush(self, client: _Client) -> None:
+    def _send(self, client: _Client) -> bool:
+        """Write queued output without blocking; False when the client was dropped."""
         conn = client.conn
         while conn.has_output():
             chunk = conn.output_chunk()
@@ -303,18 +387,18 @@ class Daemon:
                 if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
                     log.warning("send to connection %d: %s", conn.conn_id, exc)
                 self._drop(client, f"send: {exc}")
-                return
+                return False
             conn.consume_output(sent)
             if sent < len(chunk):
                 break
-        if conn.queued_bytes > MAX_OUTPUT_BYTES:
-            self._drop(client, "not reading its replies and events")
-            return
-        self._set_interest(client)
+        return True
 
     def _wanted(self, client: _Client) -> int:
         conn = client.conn
-        events = selectors.EVENT_READ if conn.queued_bytes < READ_PAUSE_BYTES else 0
+        # Bounded input: read more only once everything received has been handled.
+        events = 0
+        if not client.decoder.has_frame() and self._may_handle(client):
+            events = selectors.EVENT_READ
         if conn.has_output():
             events |= selectors.EVENT_WRITE
         return events
@@ -343,3 +427,4 @@ class Daemon:
         if self.core.trace:
             self.core.trace(f"DROP connection {client.conn.conn_id}: {reason}")
         self.core.disconnect(client.conn)
+        self._trim_pending = True

@@ -326,6 +326,8 @@ def op_watch(req: Request) -> bytes:
         and req.server.domain_watch_count(conn.domid) > req.server.quota.watches_per_domain
     ):
         raise XsError(errno.E2BIG)
+    if not conn.privileged and not req.server.memory_allows(conn.domid, len(name) + len(token)):
+        raise XsError(errno.ENOMEM)
     watch = Watch(name, token, relative_to)
     conn.watches.append(watch)
     # The first event fires at once, whether or not the node exists ("simplifies clients").
@@ -356,7 +358,8 @@ def op_transaction_start(req: Request) -> bytes:
     if req.txn is not None:
         raise XsError(errno.EBUSY)
     quota = req.server.quota
-    if not conn.privileged and len(conn.transactions) > quota.transactions:
+    # Counted per domain: the C daemon's one connection per domain is many sockets here.
+    if not conn.privileged and req.server.domain_transaction_count(conn.domid) > quota.transactions:
         raise XsError(errno.ENOSPC)
     tx_id = conn.new_transaction_id()
     conn.transactions[tx_id] = Transaction(tx_id, None if conn.privileged else quota.transaction_nodes)

@@ -17,6 +17,9 @@ from xenblockctl.xenstore.server.permissions import NONE, Perm, Perms
 
 #: Generation of a node that does not exist (`NO_GENERATION`).
 NO_GENERATION = -1
+#: Size of `struct xs_tdb_record_hdr` (u64 generation + 3 x u32, padded) and of one permission.
+RECORD_HEADER = 24
+PERM_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,13 @@ class Node:
         children = tuple(c for c in self.children if c != name)
         return Node(self.value, self.perms, children, self.generation)
 
+    @property
+    def record_size(self) -> int:
+        """Size of the node's tdb record in the C daemon: what the entry-size quota limits and,
+        with the key, what the memory quota counts."""
+        children = sum(len(c) + 1 for c in self.children)
+        return RECORD_HEADER + PERM_SIZE * len(self.perms) + len(self.value) + children
+
     def children_payload(self) -> bytes:
         """DIRECTORY reply: each child name NUL-terminated, in creation order."""
         return b"".join(c.encode("latin-1") + b"\0" for c in self.children)
@@ -60,6 +70,9 @@ class Store:
         self._generation = 0
         #: owner domid -> number of nodes it owns (the per-domain node quota counts these).
         self.owned: Counter[int] = Counter()
+        #: owner domid -> bytes of its nodes as the C daemon accounts them (key + record), the
+        #: committed-tree part of the per-domain memory quota.
+        self.owned_bytes: Counter[int] = Counter()
         # What setup_structure() creates: /, /tool, /tool/xenstored, all owned by dom0, no access.
         dom0_only = (Perm(NONE, 0),)
         self.apply(
@@ -72,6 +85,10 @@ class Store:
 
     def next_generation(self) -> int:
         self._generation += 1
+        return self._generation
+
+    @property
+    def generation(self) -> int:
         return self._generation
 
     def get(self, path: str) -> Node | None:
@@ -90,11 +107,13 @@ class Store:
             old = self._nodes.get(path)
             if old is not None:
                 self.owned[old.owner] -= 1
+                self.owned_bytes[old.owner] -= len(path) + old.record_size
             if node is None:
                 self._nodes.pop(path, None)
             else:
                 self._nodes[path] = node.with_generation(self.next_generation())
                 self.owned[node.owner] += 1
+                self.owned_bytes[node.owner] += len(path) + node.record_size
 
     def walk(self, root: str = "/") -> Iterator[tuple[str, Node]]:
         """Pre-order walk following child lists."""

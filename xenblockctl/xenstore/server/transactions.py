@@ -49,6 +49,11 @@ class Transaction:
         #: Set when a write failed half-way: the C daemon cannot undo it and refuses the commit.
         self.failed = False
         self.node_created = False
+        #: Bytes of the transaction's own node copies as the C daemon accounts them (key
+        #: `<generation>/<path>` + record): charged to the connection's domain memory quota.
+        self.memory = 0
+        self._copy_size: dict[str, int] = {}
+        self._key_prefix = 0
 
     def _admit(self, path: str) -> None:
         if self.node_limit is not None and len(self.accessed) >= self.node_limit:
@@ -79,6 +84,23 @@ class Transaction:
         # A write inside a transaction still consumes a global generation, as in the C daemon
         # (visible through DIRECTORY_PART inside the transaction).
         self.overlay[path] = None if node is None else node.with_generation(store.next_generation())
+        self.memory -= self._copy_size.pop(path, 0)
+        if node is not None:
+            size = self.copy_size(store, path, node)
+            self._copy_size[path] = size
+            self.memory += size
+
+    def copy_size(self, store: Store, path: str, node: Node | None) -> int:
+        """Accounted size of this transaction's copy of `node` at `path` (0 for a deletion)."""
+        if node is None:
+            return 0
+        if not self._key_prefix:
+            self._key_prefix = len(str(store.generation)) + 1
+        return self._key_prefix + len(path) + node.record_size
+
+    def copy_delta(self, store: Store, changes: dict[str, Node | None]) -> int:
+        """How much staging `changes` would change `memory`."""
+        return sum(self.copy_size(store, p, n) - self._copy_size.get(p, 0) for p, n in changes.items())
 
     def queue_event(self, path: str, exact: bool) -> None:
         entry = self.accessed.get(path)

@@ -45,6 +45,11 @@ class RequestView:
         self._staged: dict[str, Node | None] = {}
         self.events: list[NodeEvent] = []
 
+    @property
+    def staged(self) -> dict[str, Node | None]:
+        """The writes (Node) and deletions (None) `finish()` would apply."""
+        return self._staged
+
     def get(self, path: str) -> Node | None:
         if path in self._staged:
             return self._staged[path]

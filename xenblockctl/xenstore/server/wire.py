@@ -121,36 +121,61 @@ class FrameDecoder:
     """Incremental decoder: feed it whatever recv() returned, get back the complete frames.
 
     A peer may split a message anywhere (even inside the header) or send several in one segment,
-    so bytes are buffered until a whole frame is present.
+    so bytes are buffered until a whole frame is present. `push` + `next_frame` hand out one
+    frame at a time, so that a server can stop handling a client's requests (and stop reading
+    its socket) while the rest of what it sent waits here.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._start = 0
 
     @property
     def pending(self) -> int:
-        """Bytes of an incomplete message held back (non-zero means a client left mid-message)."""
-        return len(self._buf)
+        """Bytes received and not yet returned as a frame (non-zero when a client left
+        mid-message)."""
+        return len(self._buf) - self._start
+
+    def push(self, data: bytes) -> None:
+        if self._start:
+            del self._buf[: self._start]
+            self._start = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        buf, start = self._buf, self._start
+        if len(buf) - start < HEADER_SIZE:
+            return None
+        msg_type, req_id, tx_id, length = HEADER.unpack_from(buf, start)
+        if length > PAYLOAD_MAX:
+            # Like the C daemon: an oversize length kills the connection, we never try to
+            # resynchronise on a stream whose framing we no longer know.
+            raise OversizeFrame(length)
+        end = start + HEADER_SIZE + length
+        if end > len(buf):
+            return None
+        frame = Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end]))
+        if end == len(buf):
+            buf.clear()
+            self._start = 0
+        else:
+            self._start = end
+        return frame
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+        self.push(data)
         frames: list[Frame] = []
-        start = 0
-        buf = self._buf
-        while len(buf) - start >= HEADER_SIZE:
-            msg_type, req_id, tx_id, length = HEADER.unpack_from(buf, start)
-            if length > PAYLOAD_MAX:
-                # Like the C daemon: an oversize length kills the connection, we never try to
-                # resynchronise on a stream whose framing we no longer know.
-                raise OversizeFrame(length)
-            end = start + HEADER_SIZE + length
-            if end > len(buf):
-                break
-            frames.append(Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end])))
-            start = end
-        if start:
-            del buf[:start]
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
         return frames
+
+    def has_frame(self) -> bool:
+        """Whether a complete frame (or an oversize header) is waiting."""
+        if self.pending < HEADER_SIZE:
+            return False
+        length: int = HEADER.unpack_from(self._buf, self._start)[3]
+        return length > PAYLOAD_MAX or self.pending >= HEADER_SIZE + length
 
 
 def count_strings(payload: bytes) -> int:
