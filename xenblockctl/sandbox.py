@@ -5,9 +5,11 @@ doing the xenbus handshake and real I/O through the ring to a real loop device.
 Steps (each timed and checked; any failure stops the run and everything is cleaned up):
   1. start xenstored and the engine; 2. write the backend/frontend directories as libxl does
   and wait for InitWait; 3. run `block-xenblockctl add`; 4. the guest connects, writes and reads
-  back; 5. the frontend reconnects in the same domain (what pvgrub handing over to the guest's
-  kernel, kexec or a driver rebind does): same device, data still there; 6. detach as libxl does (online=0,
-  Closing, wait for Closed, `remove`, delete the directories); 7. prove no loop device is left."""
+  back; 5. a hostile second guest writes garbage (Unicode digits, signs, huge numbers) into every
+  frontend node the engine reads: its disk alone is refused while the first guest's I/O goes on;
+  6. the frontend reconnects in the same domain (what pvgrub handing over to the guest's
+  kernel, kexec or a driver rebind does): same device, data still there; 7. detach as libxl does (online=0,
+  Closing, wait for Closed, `remove`, delete the directories); 8. prove no loop device is left."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
@@ -32,7 +35,20 @@ from xenblockctl.xenstore.vdev import Vdev
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hotplug" / "block-xenblockctl"
 GUEST_DOMID = 1
+HOSTILE_DOMID = 2
 DEVID = 51712  # xvda
+#: What a hostile frontend writes into each node the engine reads: what isdigit() or int()
+#: forgive ('²' once killed the engine; '٣' was read as 3) and what no blkfront writes.
+HOSTILE_NODES = {
+    "ring-ref": "٣",
+    "ring-page-order": "¹",
+    "ring-ref0": "-1",
+    "event-channel": "²",
+    "protocol": "x86_64-abi\n",
+    "feature-persistent": "٣",
+    "multi-queue-num-queues": "99999999999999999999",
+    "state": "3",
+}
 
 
 class SandboxError(XenblockError):
@@ -75,6 +91,71 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 def _ours(image: str) -> list[int]:
     return [b.number for b in loop.bound_loops() if b.backing_file.startswith(image)]
+
+
+def _script_env(domid: int, sock: str) -> dict[str, str]:
+    """libxl's environment for the block script of backend/vbd/<domid>/DEVID."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "script": str(SCRIPT),
+        "XENBUS_TYPE": "vbd",
+        "XENBUS_PATH": f"backend/vbd/{domid}/{DEVID}",
+        "XENBUS_BASE_PATH": "backend",
+        "XENSTORED_PATH": sock,
+    }
+
+
+def _hostile_guest(
+    store: XenStore, python: str, sock: str, workdir: Path, *, bystander: LocalFrontend, engine: ReadyDaemon
+) -> str:
+    """Attach a disk to a second domain whose frontend writes HOSTILE_NODES; the engine must refuse
+    that disk alone (error node, Closing) while the bystander's I/O goes on without an error."""
+    disk = str(workdir / "hostile-disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    spec = DiskSpec(HOSTILE_DOMID, Vdev.parse("xvda"), disk, "w", script=str(SCRIPT))
+    backend = f"/local/domain/0/backend/vbd/{HOSTILE_DOMID}/{DEVID}"
+    frontend = f"/local/domain/{HOSTILE_DOMID}/device/vbd/{DEVID}"
+    error_node = f"/local/domain/0/error/backend/vbd/{HOSTILE_DOMID}/{DEVID}/error"
+    env = _script_env(HOSTILE_DOMID, sock)
+    write_vbd(store, spec)
+    pattern = b"bystander I/O while a hostile guest writes garbage".ljust(4096, b"-")
+    requests = 0
+
+    def bystander_io() -> None:
+        nonlocal requests
+        if (
+            bystander.write(4096 + requests * 8, pattern) != 0
+            or bystander.read(4096 + requests * 8, 4096) != pattern
+        ):
+            raise SandboxError("the bystander guest's I/O failed while a hostile guest wrote garbage")
+        requests += 2
+
+    try:
+        _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "hostile backend InitWait")
+        if _run_script(python, "add", env).returncode != 0:
+            raise SandboxError(f"block script add failed: {store.read_optional(backend + '/hotplug-error')}")
+        bystander_io()
+        store.write_many({f"{frontend}/{name}": value for name, value in HOSTILE_NODES.items()})
+        _wait(
+            lambda: store.read_optional(f"{backend}/state") == "5",
+            10,
+            "the engine to refuse the hostile disk",
+        )
+        refusal = store.read_optional(error_node) or ""
+        for value in ("²", "¹", "٣"):  # and garbage in `state` itself, after the refusal
+            store.write(f"{frontend}/state", value)
+            bystander_io()
+        if engine.proc.poll() is not None:
+            raise SandboxError("a hostile guest's node values killed the engine")
+    finally:
+        with contextlib.suppress(XenblockError):
+            store.write_many({f"{backend}/online": "0", f"{backend}/state": "5"})
+            _wait(lambda: store.read_optional(f"{backend}/state") == "6", 10, "hostile backend Closed")
+        _run_script(python, "remove", env)
+        delete_vbd(store, spec.location)
+    shown = refusal if len(refusal) <= 60 else refusal[:57] + "..."
+    return f"domain {HOSTILE_DOMID} refused ({shown}); domain {GUEST_DOMID}: {requests} requests OK meanwhile"
 
 
 def run(
@@ -127,14 +208,7 @@ def run(
             _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "backend InitWait")
             d.append(f"{backend}: state 2, opened={store.read_optional(backend + '/opened')}")
         with step("block script add (as libxl runs it)") as d:
-            env = {
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "script": str(SCRIPT),
-                "XENBUS_TYPE": "vbd",
-                "XENBUS_PATH": f"backend/vbd/{GUEST_DOMID}/{DEVID}",
-                "XENBUS_BASE_PATH": "backend",
-                "XENSTORED_PATH": sock,
-            }
+            env = _script_env(GUEST_DOMID, sock)
             result = _run_script(python, "add", env)
             if result.returncode != 0:
                 raise SandboxError(
@@ -162,6 +236,8 @@ def run(
                         raise SandboxError("the write did not reach the image")
                 sectors = store.read_optional(backend + "/sectors")
                 d.append(f"backend Connected, {sectors} sectors, 4 KiB written + verified")
+            with step("a hostile guest writes garbage into every frontend node") as d:
+                d.append(_hostile_guest(store, python, sock, workdir, bystander=ring, engine=daemons[1]))
             with step("frontend reconnects in the same domain") as d:
                 before = _ours(disk)
                 ring = guest.reboot()

@@ -31,5 +31,8 @@ def test_sandbox_passes_and_leaks_nothing(make_image: ImageFactory) -> None:
     names = [s["name"] for s in report["steps"]]
     assert names[-1] == "nothing leaked"
     assert any("reconnects in the same domain" in n for n in names)
+    hostile = next(s for s in report["steps"] if s["name"].startswith("a hostile guest"))
+    assert "refused" in hostile["detail"]
+    assert "requests OK meanwhile" in hostile["detail"]
     assert bound_loops_under(image.parent) == {}
     assert b"xenblockctl sandbox: written by the guest" in image.read_bytes()

@@ -37,10 +37,11 @@ def _quota_callback(names: dict[str, str]) -> QuotaCallback:
     def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
         result: dict[str, int] = {}
         for text in values:
-            name, sep, number = text.partition("=")
-            if not sep or name not in names or not (number.isascii() and number.isdigit()):
+            name, sep, number_text = text.partition("=")
+            number = uint_or_none(number_text, maximum=(1 << 63) - 1)
+            if not sep or name not in names or number is None:
                 raise click.BadParameter(f"expected NAME=N, NAME one of {', '.join(sorted(names))}: {text!r}")
-            result[names[name]] = int(number)
+            result[names[name]] = number
         return result
 
     return parse
