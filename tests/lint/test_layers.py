@@ -37,9 +37,9 @@ ALLOWED: dict[str, set[str]] = {
 THIRD_PARTY_ALLOWED: dict[str, set[str]] = {
     "kernel": set(),
     "xenstore": {"pyxs"},
-    "cli": {"click", "pyxs", "pyudev"},
+    "cli": {"click", "pyxs"},
 }
-DEFAULT_THIRD_PARTY = {"pyxs", "pyudev"}
+DEFAULT_THIRD_PARTY = {"pyxs"}
 
 
 def _layer_of(path: Path) -> str:
