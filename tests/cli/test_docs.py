@@ -1,6 +1,7 @@
 """Documentation stays in step with the code: every click option is in its man page section, every
-config option in xenblockctl.conf(5), the pages render with pandoc, and the shipped shell
-completion files are what click generates today."""
+config option in xenblockctl.conf(5), the shipped roff pages are what pandoc renders from the Markdown
+today (with `--` kept as two hyphens), and the shipped shell completion files are what click
+generates today."""
 
 from __future__ import annotations
 
@@ -65,17 +66,21 @@ def test_every_config_option_is_documented() -> None:
         assert re.search(rf"^`{option.name}` \(.*`{option.env}`\)$", section, flags=re.M), option.key
 
 
-@pytest.mark.parametrize("page", sorted(MAN.glob("*.md")), ids=lambda p: p.name)
-def test_pages_render_with_pandoc(page: Path, tmp_path: Path) -> None:
+#: How the shipped roff pages (man/NAME.N next to man/NAME.N.md) are rendered. `-smart`: pandoc's
+#: default smart typography turns every `--option` into an en dash, and a pasted `list –json` fails.
+PANDOC_ARGS = ("--standalone", "--from", "markdown-smart", "--to", "man")
+#: Regenerate the shipped roff pages instead of comparing (after editing a page).
+UPDATE_MAN_ENV = "XENBLOCKCTL_UPDATE_MAN"
+PAGES = sorted(MAN.glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_pages_render_with_pandoc(page: Path) -> None:
     pandoc = shutil.which("pandoc")
     if pandoc is None:
         pytest.skip("pandoc not installed (Debian package pandoc, listed in .ci/apt-packages)")
     result = subprocess.run(
-        [pandoc, "--standalone", "--from", "markdown", "--to", "man", str(page)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [pandoc, *PANDOC_ARGS, str(page)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
@@ -84,6 +89,41 @@ def test_pages_render_with_pandoc(page: Path, tmp_path: Path) -> None:
     assert title.startswith("% "), f"{page.name}: first line must be the pandoc title block"
     name = title.split()[1].split("(")[0]
     assert f'.TH "{name}"' in result.stdout, result.stdout[:300]
+    shipped = page.with_suffix("")
+    if os.environ.get(UPDATE_MAN_ENV):
+        shipped.write_text(result.stdout)
+    assert shipped.is_file() and shipped.read_text() == result.stdout, f"regenerate with {UPDATE_MAN_ENV}=1"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_shipped_roff_keeps_double_hyphens(page: Path) -> None:
+    """Every `--option` of the Markdown source is two hyphens in the roff (and, where groff is
+    installed, in what `man -l` shows), never an en dash."""
+    source = page.read_text()
+    roff = page.with_suffix("").read_text()
+    if "\u2013" not in source:
+        assert "\\[en]" not in roff, f"{page.with_suffix('').name}: `--` rendered as an en dash"
+    if "\u2014" not in source:
+        assert "\\[em]" not in roff, f"{page.with_suffix('').name}: `---` rendered as an em dash"
+    options = sorted(set(re.findall(r"(?<![-\w])--[a-z][a-z0-9-]*[a-z0-9]", source)))
+    assert options or page.name == "xenblockctl-hooks.7.md" or "--" not in source
+    for option in options:
+        typed = "".join(r"\\?-" if c == "-" else re.escape(c) for c in option)
+        assert re.search(rf"(?<![\w-]){typed}(?![\w-])", roff), f"{option} is not in the roff as typed"
+    groff = shutil.which("groff")
+    if groff is None:
+        return
+    shown = subprocess.run(
+        [groff, "-man", "-Tutf8", "-P-cbou", str(page.with_suffix(""))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    ).stdout
+    flat = re.sub(r"[\u2010\u2011]\n\s*", "", shown)  # words hyphenated across lines
+    for option in options:
+        assert option in flat or option in shown.replace("\n", " "), f"man shows {option} differently"
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
