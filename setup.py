@@ -1,19 +1,53 @@
-"""Build glue pyproject.toml cannot express (metadata is in pyproject.toml).
+"""Build glue pyproject.toml cannot express (all other metadata is in pyproject.toml).
 
 The licence: setuptools >= 77 records an SPDX expression as `License-Expression` (PEP 639) and
 deprecates the `project.license` table; Debian 12's setuptools 66.1 rejects the string form that
 replaces it. Passing the expression here, in the keyword the building setuptools knows, gives an
-SPDX string in the metadata on both without a deprecation warning."""
+SPDX string in the metadata on both without a deprecation warning.
+
+The host files: the block script, udev rules and hook, units (hotplug/), the roff man pages (man/)
+and the completions (completions/) live at the top of the source tree, where admins and the Xen
+lane use them in place; the build copies them into the package as xenblockctl/share/ so an
+installed wheel carries them (xenblockctl/toolstack/hostfiles.py finds either)."""
 
 from __future__ import annotations
 
-import setuptools
+import re
+import shutil
+from pathlib import Path
 
-#: GPL-3.0-or-later: pyxs is LGPL-3.0 (not combinable with GPL-2.0-only code), click
+import setuptools
+from setuptools.command.build_py import build_py
+
+#: GPL-3.0-or-later: pyxs is LGPL-3.0 (not combinable with GPL-2.0-only code), click is
 #: BSD-3-Clause; the full text is in LICENSE.
 LICENSE = "GPL-3.0-or-later"
+HERE = Path(__file__).resolve().parent
+#: checkout directory -> which of its files ship (roff pages only: the Markdown is the source).
+SHARED = {
+    "hotplug": re.compile(r"^[\w.-]+$"),
+    "man": re.compile(r"^[\w.-]+\.[1-8]$"),
+    "completions": re.compile(r"^xenblockctl\.(bash|zsh|fish)$"),
+}
+
+
+class BuildWithHostFiles(build_py):
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:
+            return  # an editable install reads them from the checkout
+        share = Path(self.build_lib) / "xenblockctl" / "share"
+        for directory, wanted in SHARED.items():
+            source = HERE / directory
+            if not source.is_dir():  # building from an sdist that lacks them: fail loudly
+                raise FileNotFoundError(f"{source} missing: the wheel would lack its host files")
+            (share / directory).mkdir(parents=True, exist_ok=True)
+            for path in sorted(source.iterdir()):
+                if path.is_file() and wanted.match(path.name):
+                    shutil.copy2(path, share / directory / path.name)
+
 
 _major = int(setuptools.__version__.split(".")[0])
 _licence = {"license_expression": LICENSE} if _major >= 77 else {"license": LICENSE}
 
-setuptools.setup(**_licence)
+setuptools.setup(cmdclass={"build_py": BuildWithHostFiles}, **_licence)

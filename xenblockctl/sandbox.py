@@ -28,12 +28,12 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack import hostfiles
 from xenblockctl.toolstack.daemons import DaemonNotReady, ReadyDaemon
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, delete_vbd, write_vbd
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.vdev import Vdev
 
-SCRIPT = Path(__file__).resolve().parents[1] / "hotplug" / "block-xenblockctl"
 GUEST_DOMID = 1
 HOSTILE_DOMID = 2
 DEVID = 51712  # xvda
@@ -68,10 +68,18 @@ class Report:
     ok: bool = False
 
 
+def _script() -> str:
+    """The block script shipped with this package (installed package data, or the checkout's)."""
+    try:
+        return str(hostfiles.shipped(f"hotplug/{hostfiles.SCRIPT_NAME}"))
+    except XenblockError as exc:
+        raise SandboxError(exc.message) from exc
+
+
 def _run_script(python: str, action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The block script exactly as libxl runs it: argv [script, action], stdin /dev/null."""
     return subprocess.run(
-        [python, str(SCRIPT), action],
+        [python, env["script"], action],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -79,6 +87,15 @@ def _run_script(python: str, action: str, env: dict[str, str]) -> subprocess.Com
         timeout=60,
         check=False,
     )
+
+
+def script_failure(action: str, result: subprocess.CompletedProcess[str], hotplug_error: str | None) -> str:
+    """What libxl would show for a failed script run: its `hotplug-error`, else (a script that died
+    before it could write one, e.g. on an import) its exit status and the last lines it printed."""
+    said = hotplug_error or " | ".join(
+        line for line in result.stderr.strip().splitlines()[-3:] if line.strip()
+    )
+    return f"block script {action} failed (exit {result.returncode}): {said or 'no hotplug-error, no output'}"
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -97,7 +114,7 @@ def _script_env(domid: int, sock: str) -> dict[str, str]:
     """libxl's environment for the block script of backend/vbd/<domid>/DEVID."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "script": str(SCRIPT),
+        "script": _script(),
         "XENBUS_TYPE": "vbd",
         "XENBUS_PATH": f"backend/vbd/{domid}/{DEVID}",
         "XENBUS_BASE_PATH": "backend",
@@ -113,11 +130,11 @@ def _hostile_guest(
     disk = str(workdir / "hostile-disk.img")
     with open(disk, "wb") as f:
         f.truncate(16 << 20)
-    spec = DiskSpec(HOSTILE_DOMID, Vdev.parse("xvda"), disk, "w", script=str(SCRIPT))
+    env = _script_env(HOSTILE_DOMID, sock)
+    spec = DiskSpec(HOSTILE_DOMID, Vdev.parse("xvda"), disk, "w", script=env["script"])
     backend = f"/local/domain/0/backend/vbd/{HOSTILE_DOMID}/{DEVID}"
     frontend = f"/local/domain/{HOSTILE_DOMID}/device/vbd/{DEVID}"
     error_node = f"/local/domain/0/error/backend/vbd/{HOSTILE_DOMID}/{DEVID}/error"
-    env = _script_env(HOSTILE_DOMID, sock)
     write_vbd(store, spec)
     pattern = b"bystander I/O while a hostile guest writes garbage".ljust(4096, b"-")
     requests = 0
@@ -133,8 +150,9 @@ def _hostile_guest(
 
     try:
         _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "hostile backend InitWait")
-        if _run_script(python, "add", env).returncode != 0:
-            raise SandboxError(f"block script add failed: {store.read_optional(backend + '/hotplug-error')}")
+        result = _run_script(python, "add", env)
+        if result.returncode != 0:
+            raise SandboxError(script_failure("add", result, store.read_optional(backend + "/hotplug-error")))
         bystander_io()
         store.write_many({f"{frontend}/{name}": value for name, value in HOSTILE_NODES.items()})
         _wait(
@@ -203,7 +221,7 @@ def run(
         backend = f"/local/domain/0/backend/vbd/{GUEST_DOMID}/{DEVID}"
         frontend = f"/local/domain/{GUEST_DOMID}/device/vbd/{DEVID}"
         with step("toolstack writes the vbd, engine reaches InitWait") as d:
-            spec = DiskSpec(GUEST_DOMID, Vdev.parse("xvda"), disk, "w", script=str(SCRIPT))
+            spec = DiskSpec(GUEST_DOMID, Vdev.parse("xvda"), disk, "w", script=_script())
             write_vbd(store, spec)
             _wait(lambda: store.read_optional(f"{backend}/state") == "2", 10, "backend InitWait")
             d.append(f"{backend}: state 2, opened={store.read_optional(backend + '/opened')}")
@@ -212,7 +230,7 @@ def run(
             result = _run_script(python, "add", env)
             if result.returncode != 0:
                 raise SandboxError(
-                    f"block script add failed: {store.read_optional(backend + '/hotplug-error')}"
+                    script_failure("add", result, store.read_optional(backend + "/hotplug-error"))
                 )
             nodes = store.read_dir(backend)
             d.append(
@@ -257,7 +275,7 @@ def run(
                 _wait(lambda: store.read_optional(f"{backend}/state") == "6", 10, "backend Closed")
                 result = _run_script(python, "remove", env)
                 if result.returncode != 0:
-                    raise SandboxError(f"block script remove failed: {result.stderr.strip()}")
+                    raise SandboxError(script_failure("remove", result, None))
                 delete_vbd(store, spec.location)
                 d.append("engine drained + released, remove ran, directories deleted")
         finally:

@@ -92,7 +92,8 @@ def test_pages_render_with_pandoc(page: Path) -> None:
     shipped = page.with_suffix("")
     if os.environ.get(UPDATE_MAN_ENV):
         shipped.write_text(result.stdout)
-    assert shipped.is_file() and shipped.read_text() == result.stdout, f"regenerate with {UPDATE_MAN_ENV}=1"
+    assert shipped.is_file(), f"{shipped.name} missing: generate with {UPDATE_MAN_ENV}=1"
+    assert shipped.read_text() == result.stdout, f"regenerate with {UPDATE_MAN_ENV}=1"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

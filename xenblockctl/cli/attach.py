@@ -12,14 +12,20 @@ from xenblockctl.cli.output import Progress, connect, emit_json
 
 
 def _default_script() -> str:
-    """The configured script path; in a source checkout without an installed script, ours."""
+    """The configured script path; where no script is installed there, the one this package ships
+    (package data, or the source checkout's)."""
     from xenblockctl import config
 
     configured = str(config.load()["attach.script"].value)
     if os.path.exists(configured):
         return configured
-    checkout = os.path.join(os.path.dirname(__file__), "..", "..", "hotplug", "block-xenblockctl")
-    return os.path.realpath(checkout) if os.path.exists(checkout) else configured
+    from xenblockctl.errors import XenblockError
+    from xenblockctl.toolstack import hostfiles
+
+    try:
+        return str(hostfiles.shipped(f"hotplug/{hostfiles.SCRIPT_NAME}"))
+    except XenblockError:
+        return configured
 
 
 def resolve_target(target: str) -> str:

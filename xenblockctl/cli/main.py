@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "doctor:doctor",
     "gc": "gc:gc",
     "hotplug": "hotplug:hotplug",
+    "install-hooks": "install_hooks:install_hooks",
     "list": "list_vbds:list_vbds",
     "show": "show:show",
     "identify": "identify:identify",

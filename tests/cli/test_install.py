@@ -1,0 +1,229 @@
+"""Installing outside a source checkout: `install-hooks`, the wheel, the installed scripts.
+
+The wheel test is what a new user does: build the wheel, install it into a fresh venv, lay the host
+files with `install-hooks --root`, and run `xenblockctl sandbox` from that venv in a directory that
+is not the checkout. Every subprocess has a timeout and the temporary directories go away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from xenblockctl.sandbox import script_failure
+from xenblockctl.toolstack import hostfiles
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).with_name("xenblockctl")
+#: Relative to --root: what `install-hooks` lays with the local layout (besides nothing else).
+LOCAL_FILES = {
+    "etc/xen/scripts/block-xenblockctl": 0o755,
+    "usr/libexec/xenblockctl/xenblockctl-udev": 0o755,
+    "etc/udev/rules.d/60-xenblockctl.rules": 0o644,
+    "etc/systemd/system/xenblockctl-engine.service": 0o644,
+    "etc/systemd/system/xenblockctl-xenstored.service": 0o644,
+    "usr/local/share/man/man1/xenblockctl.1": 0o644,
+    "usr/local/share/man/man5/xenblockctl.conf.5": 0o644,
+    "usr/local/share/man/man7/xenblockctl-hooks.7": 0o644,
+    "usr/local/share/man/man8/block-xenblockctl.8": 0o644,
+    "usr/local/share/bash-completion/completions/xenblockctl": 0o644,
+    "usr/local/share/zsh/site-functions/_xenblockctl": 0o644,
+    "usr/local/share/fish/vendor_completions.d/xenblockctl.fish": 0o644,
+}
+
+
+def _run(argv: list[str], *, cwd: Path | str = "/", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _install(cli: Path, root: Path, *extra: str, cwd: Path | str = "/") -> dict[str, str]:
+    result = _run([str(cli), "install-hooks", "--root", str(root), "--json", *extra], cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {f["path"]: f["result"] for f in json.loads(result.stdout)["files"]}
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): p.stat().st_mode & 0o7777 for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _interpreter(console_script: Path) -> str:
+    """The interpreter pip wrote into a console script: the one `install-hooks` runs with."""
+    first = console_script.read_text().splitlines()[0]
+    assert first.startswith("#!/"), first
+    return first[2:]
+
+
+def _check_tree(root: Path, cli: Path) -> None:
+    python = _interpreter(cli)
+    assert _tree(root) == LOCAL_FILES
+    for script in ("etc/xen/scripts/block-xenblockctl", "usr/libexec/xenblockctl/xenblockctl-udev"):
+        assert (root / script).read_text().splitlines()[0] == f"#!{python}"
+    rules = (root / "etc/udev/rules.d/60-xenblockctl.rules").read_text()
+    assert rules.count('RUN+="/usr/libexec/xenblockctl/xenblockctl-udev ') == 3
+    for unit in ("xenblockctl-engine.service", "xenblockctl-xenstored.service"):
+        text = (root / "etc/systemd/system" / unit).read_text()
+        assert f"ExecStart={cli} " in text, text
+        assert "/usr/local/bin" not in text
+    assert (root / "usr/local/share/man/man1/xenblockctl.1").read_text() == (
+        REPO / "man/xenblockctl.1"
+    ).read_text()
+
+
+def test_install_hooks_lays_every_file_once(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert set(_install(CLI, root, "--dry-run").values()) == {"would install"}
+    assert not root.exists(), "--dry-run wrote something"
+
+    first = _install(CLI, root)
+    assert {k.lstrip("/"): v for k, v in first.items()} == dict.fromkeys(LOCAL_FILES, "installed")
+    _check_tree(root, CLI)
+    assert set(_install(CLI, root).values()) == {"unchanged"}, "a second run must change nothing"
+
+    hook = root / "usr/libexec/xenblockctl/xenblockctl-udev"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o700)
+    again = _install(CLI, root)
+    assert again["/usr/libexec/xenblockctl/xenblockctl-udev"] == "updated"
+    assert [v for v in again.values() if v != "unchanged"] == ["updated"]
+    _check_tree(root, CLI)
+
+    text = _run([str(CLI), "install-hooks", "--root", str(root)]).stdout
+    assert text.splitlines()[0] == "unchanged      /etc/xen/scripts/block-xenblockctl", text
+
+
+def test_debian_layout_uses_distribution_paths(tmp_path: Path) -> None:
+    done = _install(CLI, tmp_path, "--layout", "debian")
+    assert set(done) >= {
+        "/etc/xen/scripts/block-xenblockctl",
+        "/usr/lib/udev/xenblockctl-udev",
+        "/usr/lib/udev/rules.d/60-xenblockctl.rules",
+        "/lib/systemd/system/xenblockctl-engine.service",
+        "/usr/share/man/man8/block-xenblockctl.8",
+        "/usr/share/zsh/vendor-completions/_xenblockctl",
+    }
+    assert (tmp_path / "etc/xen/scripts/block-xenblockctl").read_text().startswith("#!/usr/bin/python3\n")
+    rules = (tmp_path / "usr/lib/udev/rules.d/60-xenblockctl.rules").read_text()
+    assert rules.count('RUN+="/usr/lib/udev/xenblockctl-udev ') == 3
+    assert (
+        "ExecStart=/usr/bin/xenblockctl "
+        in (tmp_path / "lib/systemd/system/xenblockctl-engine.service").read_text()
+    )
+    assert not (tmp_path / "etc/xen/scripts/block").exists(), "never a file of xen-utils-common"
+
+
+def test_installed_script_imports_the_package_from_any_directory(tmp_path: Path) -> None:
+    """Before: `#!/usr/bin/env python3` outside the venv died with ModuleNotFoundError and wrote no
+    coded line. Installed with the venv's interpreter, it runs and reports a coded error."""
+    _install(CLI, tmp_path)
+    for name, argv in (
+        ("etc/xen/scripts/block-xenblockctl", ["add"]),
+        ("usr/libexec/xenblockctl/xenblockctl-udev", ["bogus"]),
+    ):
+        result = subprocess.run(
+            [str(tmp_path / name), *argv],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "XENBUS_PATH": "backend/vbd/x/y"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "ModuleNotFoundError" not in result.stderr, result.stderr
+        if name.startswith("etc"):
+            assert result.returncode == 1
+            assert "xenbus-path-invalid" in result.stderr, result.stderr
+        else:
+            assert result.returncode == 0, "the udev hook always exits 0"
+
+
+def test_sandbox_failure_shows_what_the_script_said() -> None:
+    """A script that dies before writing hotplug-error (here: it cannot even be opened, as when the
+    package lacked hotplug/) used to be reported as `block script add failed: None`."""
+    died = subprocess.run(
+        [sys.executable, "/nonexistent/block-xenblockctl", "add"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    message = script_failure("add", died, None)
+    assert message.startswith("block script add failed (exit 2): ")
+    assert "/nonexistent/block-xenblockctl" in message, message
+    assert "None" not in message
+    assert script_failure("add", died, "bad-params: relative") == (
+        "block script add failed (exit 2): bad-params: relative"
+    )
+
+
+def test_shipped_files_are_found_in_the_checkout() -> None:
+    assert hostfiles.shipped("hotplug/block-xenblockctl") == REPO / "hotplug" / "block-xenblockctl"
+    with pytest.raises(hostfiles.InstallError) as info:
+        hostfiles.shipped("hotplug/nonexistent")
+    assert info.value.code == "files-missing"
+
+
+# --- the wheel, as a new user installs it ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox needs root (loop devices)")
+    with tempfile.TemporaryDirectory(prefix="xbc-wheel-") as scratch:
+        work = Path(scratch)
+        built = _run(
+            [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(work / "dist")],
+            cwd=work,
+            timeout=300,
+        )
+        assert built.returncode == 0, built.stdout + built.stderr
+        (wheel,) = (work / "dist").glob("xenblockctl-*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            names = set(zf.namelist())
+            metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        assert "xenblockctl/share/hotplug/block-xenblockctl" in names
+        assert "xenblockctl/share/man/xenblockctl.1" in names
+        assert "License-Expression: GPL-3.0-or-later" in metadata or "License: GPL-3.0-or-later" in metadata
+
+        venv = work / "venv"
+        made = _run([sys.executable, "-m", "venv", str(venv)], cwd=work, timeout=120)
+        assert made.returncode == 0, made.stderr
+        python = venv / "bin" / "python"
+        installed = _run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+            cwd=work,
+            timeout=300,
+        )
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        interpreters = {
+            _interpreter(venv / "bin" / c) for c in ("xenblockctl", "block-xenblockctl", "xenblockctl-udev")
+        }
+        assert len(interpreters) == 1, interpreters
+        assert interpreters.pop().startswith(f"{venv}/bin/python"), "console scripts run the venv's Python"
+
+        elsewhere = work / "elsewhere"
+        elsewhere.mkdir()
+        cli = venv / "bin" / "xenblockctl"
+        root = work / "root"
+        _install(cli, root, cwd=elsewhere)
+        _check_tree(root, cli)
+        assert "/venv/" in (root / "etc/xen/scripts/block-xenblockctl").read_text().splitlines()[0]
+
+        sandbox = _run([str(cli), "sandbox", "--json"], cwd=elsewhere, timeout=180)
+        assert sandbox.returncode == 0, sandbox.stdout + sandbox.stderr
+        assert json.loads(sandbox.stdout)["ok"] is True
+        used = _run([str(python), "-c", "import xenblockctl; print(xenblockctl.__file__)"], cwd=elsewhere)
+        assert used.stdout.startswith(str(venv)), "the installed package ran, not the checkout"

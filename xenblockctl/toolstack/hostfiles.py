@@ -1,0 +1,221 @@
+"""The files xenblockctl lays onto a host: block script, udev rules and hook, units, man pages,
+completions; where they come from and where each goes.
+
+They ship inside the package (`xenblockctl/share/`, put there by setup.py's build step) so an
+installed wheel has them; in a source checkout they are read from the tree (`hotplug/`, `man/`,
+`completions/`). A layout names the destinations: LOCAL for an admin installing from a wheel
+(`/etc`, `/usr/libexec`, `/usr/local/share`; scripts run with the installing interpreter, so their
+imports always find this package), DEBIAN for the .deb (distribution paths, /usr/bin/python3).
+
+Installing is idempotent: a file whose content and mode already match is left alone and reported
+`unchanged`; every other one is written to a temporary name and renamed over, so a running udev or
+libxl never sees half a script."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from xenblockctl.errors import XenblockError
+
+PACKAGE = Path(__file__).resolve().parents[1]
+#: Package data of an installed xenblockctl (setup.py copies the checkout's files here).
+SHARE = PACKAGE / "share"
+CHECKOUT = PACKAGE.parent
+#: The paths the shipped files name, which a layout rewrites.
+SHIPPED_HOOK = "/usr/libexec/xenblockctl/xenblockctl-udev"
+SHIPPED_CLI = "/usr/bin/xenblockctl"
+SHIPPED_SHEBANG = "#!/usr/bin/env python3\n"
+SCRIPT_NAME = "block-xenblockctl"
+HOOK_NAME = "xenblockctl-udev"
+RULES_NAME = "60-xenblockctl.rules"
+UNITS = ("xenblockctl-engine.service", "xenblockctl-xenstored.service")
+MAN_PAGES = ("xenblockctl.1", "xenblockctl.conf.5", "xenblockctl-hooks.7", "block-xenblockctl.8")
+
+
+class InstallError(XenblockError):
+    code = "install-failed"
+
+
+class Layout(NamedTuple):
+    name: str
+    scripts: str  # libxl resolves `script=block-xenblockctl` here
+    hook_dir: str
+    rules_dir: str
+    units_dir: str
+    man_dir: str
+    bash_dir: str
+    zsh_dir: str
+    fish_dir: str
+    python: str  # the interpreter the script and hook run with
+    cli: str  # the xenblockctl the units start
+
+    @property
+    def script(self) -> str:
+        return f"{self.scripts}/{SCRIPT_NAME}"
+
+    @property
+    def hook(self) -> str:
+        return f"{self.hook_dir}/{HOOK_NAME}"
+
+
+def local_layout() -> Layout:
+    """An admin's install from a wheel: admin-owned directories, this environment's interpreter and
+    console script (a venv's bin/, or /usr/local/bin for a system-wide pip)."""
+    return Layout(
+        "local",
+        scripts="/etc/xen/scripts",
+        hook_dir="/usr/libexec/xenblockctl",
+        rules_dir="/etc/udev/rules.d",
+        units_dir="/etc/systemd/system",
+        man_dir="/usr/local/share/man",
+        bash_dir="/usr/local/share/bash-completion/completions",
+        zsh_dir="/usr/local/share/zsh/site-functions",
+        fish_dir="/usr/local/share/fish/vendor_completions.d",
+        python=sys.executable,
+        cli=os.path.join(sysconfig.get_path("scripts"), "xenblockctl"),
+    )
+
+
+#: The Debian package: distribution paths (udev helpers and units under /usr/lib and /lib), never a
+#: file of xen-utils-common (only the new name block-xenblockctl in /etc/xen/scripts).
+DEBIAN = Layout(
+    "debian",
+    scripts="/etc/xen/scripts",
+    hook_dir="/usr/lib/udev",
+    rules_dir="/usr/lib/udev/rules.d",
+    units_dir="/lib/systemd/system",
+    man_dir="/usr/share/man",
+    bash_dir="/usr/share/bash-completion/completions",
+    zsh_dir="/usr/share/zsh/vendor-completions",
+    fish_dir="/usr/share/fish/vendor_completions.d",
+    python="/usr/bin/python3",
+    cli="/usr/bin/xenblockctl",
+)
+
+
+def layout(name: str) -> Layout:
+    if name == "local":
+        return local_layout()
+    if name == "debian":
+        return DEBIAN
+    raise InstallError(f"unknown layout {name!r} (local, debian)")
+
+
+def shipped(relative: str) -> Path:
+    """A shipped file by its checkout-relative name (`hotplug/block-xenblockctl`)."""
+    for base in (SHARE, CHECKOUT):
+        path = base / relative
+        if path.is_file():
+            return path
+    raise InstallError(
+        f"{relative} is neither in {SHARE} (installed package data) nor in a source checkout at "
+        f"{CHECKOUT}: the package was installed without its data files",
+        code="files-missing",
+    )
+
+
+class Item(NamedTuple):
+    """One file to lay: its host path, mode and exact content."""
+
+    path: str
+    mode: int
+    content: bytes
+
+
+def _text(relative: str) -> str:
+    return shipped(relative).read_text()
+
+
+def _with_python(text: str, python: str) -> str:
+    if not text.startswith(SHIPPED_SHEBANG):
+        raise InstallError(f"shipped script does not start with {SHIPPED_SHEBANG.strip()!r}")
+    return f"#!{python}\n" + text[len(SHIPPED_SHEBANG) :]
+
+
+def plan(where: Layout) -> list[Item]:
+    """Every file of the layout, content rendered for it."""
+    items = [
+        Item(where.script, 0o755, _with_python(_text(f"hotplug/{SCRIPT_NAME}"), where.python).encode()),
+        Item(where.hook, 0o755, _with_python(_text(f"hotplug/{HOOK_NAME}"), where.python).encode()),
+        Item(
+            f"{where.rules_dir}/{RULES_NAME}",
+            0o644,
+            _text(f"hotplug/{RULES_NAME}").replace(SHIPPED_HOOK, where.hook).encode(),
+        ),
+    ]
+    for unit in UNITS:
+        text = _text(f"hotplug/{unit}")
+        if f"ExecStart={SHIPPED_CLI} " not in text:
+            raise InstallError(f"{unit}: ExecStart does not start {SHIPPED_CLI}")
+        items.append(
+            Item(
+                f"{where.units_dir}/{unit}",
+                0o644,
+                text.replace(f"={SHIPPED_CLI} ", f"={where.cli} ").encode(),
+            )
+        )
+    for page in MAN_PAGES:
+        section = page.rsplit(".", 1)[1]
+        items.append(Item(f"{where.man_dir}/man{section}/{page}", 0o644, shipped(f"man/{page}").read_bytes()))
+    completions = {
+        "bash": f"{where.bash_dir}/xenblockctl",
+        "zsh": f"{where.zsh_dir}/_xenblockctl",
+        "fish": f"{where.fish_dir}/xenblockctl.fish",
+    }
+    for shell, path in completions.items():
+        items.append(Item(path, 0o644, shipped(f"completions/xenblockctl.{shell}").read_bytes()))
+    return items
+
+
+class Done(NamedTuple):
+    path: str  # the host path (without the root)
+    result: str  # installed, updated, unchanged (dry run: would install, would update)
+
+
+def _current(target: Path) -> tuple[bytes, int] | None:
+    try:
+        return target.read_bytes(), target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InstallError.from_oserror(exc, f"cannot read {target}") from exc
+
+
+def _write(target: Path, item: Item) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(item.content)
+            os.chmod(tmp, item.mode)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise InstallError.from_oserror(exc, f"cannot write {target}") from exc
+
+
+def install(where: Layout, root: str = "/", *, dry_run: bool = False) -> list[Done]:
+    """Lay every file of the layout under root; returns what happened to each, in order."""
+    done: list[Done] = []
+    for item in plan(where):
+        target = Path(root) / item.path.lstrip("/")
+        now = _current(target)
+        if now == (item.content, item.mode):
+            done.append(Done(item.path, "unchanged"))
+            continue
+        if dry_run:
+            done.append(Done(item.path, "would install" if now is None else "would update"))
+            continue
+        _write(target, item)
+        done.append(Done(item.path, "installed" if now is None else "updated"))
+    return done
