@@ -1,0 +1,130 @@
+"""The Debian package, built from the tree with bookworm's toolchain and checked by lintian.
+
+`dpkg-buildpackage -b -us -uc` runs on a copy of the tree (tracked and new files, nothing ignored)
+in a temporary directory that goes away. Skipped, with the reason printed, when the build
+dependencies are missing (`dpkg-checkbuilddeps` says which)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+#: Where libxl, udev, systemd, man and the shells look on Debian 12.
+EXPECTED = {
+    "./etc/xen/scripts/block-xenblockctl": "-rwxr-xr-x",
+    "./usr/lib/udev/xenblockctl-udev": "-rwxr-xr-x",
+    "./usr/lib/udev/rules.d/60-xenblockctl.rules": "-rw-r--r--",
+    "./lib/systemd/system/xenblockctl-engine.service": "-rw-r--r--",
+    "./lib/systemd/system/xenblockctl-xenstored.service": "-rw-r--r--",
+    "./usr/share/man/man1/xenblockctl.1.gz": "-rw-r--r--",
+    "./usr/share/man/man5/xenblockctl.conf.5.gz": "-rw-r--r--",
+    "./usr/share/man/man7/xenblockctl-hooks.7.gz": "-rw-r--r--",
+    "./usr/share/man/man8/block-xenblockctl.8.gz": "-rw-r--r--",
+    "./usr/share/bash-completion/completions/xenblockctl": "-rw-r--r--",
+    "./usr/share/zsh/vendor-completions/_xenblockctl": "-rw-r--r--",
+    "./usr/share/fish/vendor_completions.d/xenblockctl.fish": "-rw-r--r--",
+    "./usr/bin/xenblockctl": "-rwxr-xr-x",
+}
+
+
+class Built:
+    def __init__(self, deb: Path, changes: Path, log: str) -> None:
+        self.deb = deb
+        self.changes = changes
+        self.log = log
+
+
+#: Debian's own tools only: a venv's or pyenv's python3 earlier in PATH is not bookworm's toolchain.
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
+
+
+def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def built() -> Iterator[Built]:
+    for tool in ("dpkg-buildpackage", "dpkg-checkbuilddeps"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (Debian package dpkg-dev)")
+    with tempfile.TemporaryDirectory(prefix="xbc-deb-") as scratch:
+        tree = Path(scratch) / "xenblockctl"
+        files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], REPO, 60)
+        assert files.returncode == 0, files.stderr
+        for name in filter(None, files.stdout.split("\0")):
+            source = REPO / name
+            if source.is_file():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tree / name)
+        deps = _run(["dpkg-checkbuilddeps"], tree, 60)
+        if deps.returncode != 0:
+            reason = f"build dependencies missing: {deps.stderr.strip()}"
+            print(reason)
+            pytest.skip(reason)
+        result = _run(["dpkg-buildpackage", "-b", "-us", "-uc"], tree, 900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        (deb,) = Path(scratch).glob("xenblockctl_*_all.deb")
+        (changes,) = Path(scratch).glob("xenblockctl_*.changes")
+        yield Built(deb, changes, result.stdout)
+
+
+@pytest.mark.slow
+def test_package_installs_files_where_debian_looks(built: Built) -> None:
+    listing = _run(["dpkg-deb", "--contents", str(built.deb)], built.deb.parent, 60).stdout
+    modes = {line.split()[-1]: line.split()[0] for line in listing.splitlines()}
+    for path, mode in EXPECTED.items():
+        assert modes.get(path) == mode, f"{path}: {modes.get(path)} (want {mode})"
+    assert "./usr/bin/block-xenblockctl" not in modes
+    assert not any(p.startswith("./usr/local") for p in modes)
+    assert any(p.startswith("./usr/lib/python3/dist-packages/xenblockctl/") for p in modes)
+
+    fields = _run(["dpkg-deb", "--field", str(built.deb), "Depends"], built.deb.parent, 60).stdout
+    for dependency in ("python3-click", "python3-pyxs", "python3:any"):
+        assert dependency in fields, fields
+
+    with tempfile.TemporaryDirectory(prefix="xbc-deb-x-") as unpacked:
+        _run(["dpkg-deb", "-x", str(built.deb), unpacked], built.deb.parent, 60)
+        root = Path(unpacked)
+        script = (root / "etc/xen/scripts/block-xenblockctl").read_text()
+        assert script.startswith("#!/usr/bin/python3\n")
+        rules = (root / "usr/lib/udev/rules.d/60-xenblockctl.rules").read_text()
+        assert rules.count('RUN+="/usr/lib/udev/xenblockctl-udev ') == 3
+        unit = (root / "lib/systemd/system/xenblockctl-engine.service").read_text()
+        assert "ExecStart=/usr/bin/xenblockctl " in unit
+
+
+@pytest.mark.slow
+def test_package_overwrites_nothing_of_xen_utils_common(built: Built) -> None:
+    """Files of xen-utils-common as installed here (else the stock scripts every version ships)."""
+    owned = _run(["dpkg-query", "-L", "xen-utils-common"], REPO, 60)
+    theirs = set(owned.stdout.split()) if owned.returncode == 0 else set()
+    theirs |= {
+        "/etc/xen/scripts/block",
+        "/etc/xen/scripts/block-common.sh",
+        "/etc/xen/scripts/hotplugpath.sh",
+    }
+    listing = _run(["dpkg-deb", "--contents", str(built.deb)], built.deb.parent, 60).stdout
+    ours = {line.split()[-1].removeprefix(".") for line in listing.splitlines() if not line.startswith("d")}
+    assert not ours & theirs, sorted(ours & theirs)
+
+
+@pytest.mark.slow
+def test_lintian_finds_no_errors(built: Built) -> None:
+    lintian = shutil.which("lintian")
+    if lintian is None:
+        pytest.skip("lintian not installed (Debian package lintian)")
+    result = _run(
+        [lintian, "--fail-on", "error", "--display-info", str(built.changes)], built.changes.parent, 600
+    )
+    errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+    print(result.stdout)
+    assert errors == [], "\n".join(errors)
+    assert result.returncode == 0, result.stdout + result.stderr
