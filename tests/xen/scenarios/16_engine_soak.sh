@@ -53,7 +53,7 @@ soak() {
 import json, sys
 r = json.load(open(sys.argv[1])); label = sys.argv[2]
 for k in ("written_mib", "read_mib", "errors", "mismatches", "writes", "reads", "fsyncs", "fdatasyncs",
-          "discards", "indirect_sized", "unaligned_page", "overlap_rounds", "overlap_sectors"):
+          "discards", "indirect_sized", "unaligned_page", "overlap_rounds", "overlap_sectors", "bursts"):
     print(f"XENCI-METRIC: {label}_{k}={r[k]}")
 PY
   [ "$errs_after" = "$errs_before" ] || { dmesg | grep 'I/O error, dev xvdb' | tail -n 5; fail "$label: blkfront logged $((errs_after - errs_before)) I/O errors"; }

@@ -9,6 +9,8 @@ each read against it:
   512 B to 1 MiB at 512-byte (not page) aligned offsets from buffers that are 512-byte but not always page
   aligned, requests over 11 segments (44 KiB: indirect descriptors), fsync/fdatasync, BLKDISCARD --
   concurrently, so the ring holds several requests at once;
+- every few rounds a buffered write burst (like mkfs's: writeback puts many large requests on the ring
+  at once), fsync, read back directly;
 - phase B: all workers write overlapping ranges of one window at once (the same sectors in flight from
   several requests); afterwards every sector must hold exactly one of the generations written to it (or
   the one before when no writer covered it), whole, and that becomes the expected state;
@@ -55,7 +57,7 @@ class Soak:
         rnd = random.Random(seed)
         self.fill = [rnd.randbytes(SECTOR - HEADER.size) for _ in range(64)]
         names = "written_bytes read_bytes writes reads fsyncs fdatasyncs discards discarded_bytes"
-        names += " indirect_sized unaligned_page overlap_rounds overlap_sectors errors mismatches"
+        names += " indirect_sized unaligned_page overlap_rounds overlap_sectors bursts errors mismatches"
         self.stats: dict[str, int] = dict.fromkeys(names.split(), 0)
         self.problems: list[str] = []
 
@@ -250,6 +252,38 @@ class Soak:
                 continue
             self.gens[lba] = match
 
+    def burst(self, rnd: random.Random, device: str, mib: int, buf: mmap.mmap) -> None:
+        """A write burst like mkfs's: buffered writes, so writeback puts many large requests on the ring at
+        once (the load that ran the engine out of file descriptors), then fsync and a direct read-back."""
+        n = min(mib << 11, self.sectors)
+        lba = rnd.randint(0, (self.sectors - n) // 8) * 8
+        gen = self.gen()
+        try:
+            fd = os.open(device, os.O_WRONLY)
+        except OSError as exc:
+            self.problem("errors", f"burst: open {device}: {exc}")
+            return
+        try:
+            for at in range(lba, lba + n, MAX_SECTORS):
+                k = min(MAX_SECTORS, lba + n - at)
+                data = b"".join(self.sector_bytes(at + i, gen) for i in range(k))
+                os.pwrite(fd, data, at * SECTOR)
+            os.fsync(fd)
+        except OSError as exc:
+            self.problem("errors", f"burst at lba {lba} ({mib} MiB): {exc}")
+            return
+        finally:
+            os.close(fd)
+        for i in range(lba, lba + n):
+            self.gens[i] = gen
+        self.count("written_bytes", n * SECTOR)
+        self.count("bursts")
+        for at in range(lba, lba + n, MAX_SECTORS):
+            k = min(MAX_SECTORS, lba + n - at)
+            data = self.read(buf, at, k, 0)
+            if data is not None:
+                self.verify(data, at, k, "burst read-back")
+
     def final_pass(self, buf: mmap.mmap) -> None:
         for lba in range(0, self.sectors, MAX_SECTORS):
             n = min(MAX_SECTORS, self.sectors - lba)
@@ -261,7 +295,11 @@ class Soak:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("device")
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=6)
+    ap.add_argument(
+        "--burst-mib", type=int, default=32, help="a buffered write burst every --burst-every rounds"
+    )
+    ap.add_argument("--burst-every", type=int, default=5)
     ap.add_argument("--min-total-mib", type=int, default=1024, help="written + read-verified, at least")
     ap.add_argument("--min-write-mib", type=int, default=512)
     ap.add_argument("--ops-per-round", type=int, default=24)
@@ -298,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in threads:
                 t.join()
             soak.overlap_round(rnd, bufs, args.window_sectors)
+            if args.burst_mib and rounds % args.burst_every == 0:
+                soak.burst(rnd, args.device, args.burst_mib, bufs[0])
             rounds += 1
             if rounds % 10 == 0:
                 print(
