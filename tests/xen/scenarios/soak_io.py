@@ -271,6 +271,9 @@ class Soak:
             os.fsync(fd)
         except OSError as exc:
             self.problem("errors", f"burst at lba {lba} ({mib} MiB): {exc}")
+            # Part of the burst may have landed: each sector may hold the old or the new data (the error is
+            # counted; only other contents are mismatches), and what it holds is expected from now on.
+            self.adopt(buf, lba, n, gen)
             return
         finally:
             os.close(fd)
@@ -283,6 +286,21 @@ class Soak:
             data = self.read(buf, at, k, 0)
             if data is not None:
                 self.verify(data, at, k, "burst read-back")
+
+    def adopt(self, buf: mmap.mmap, lba: int, n: int, gen: int) -> None:
+        for at in range(lba, lba + n, MAX_SECTORS):
+            k = min(MAX_SECTORS, lba + n - at)
+            data = self.read(buf, at, k, 0)
+            if data is None:
+                continue
+            for i in range(k):
+                got = data[i * SECTOR : (i + 1) * SECTOR]
+                if got == self.sector_bytes(at + i, gen):
+                    self.gens[at + i] = gen
+                elif got not in self.acceptable(at + i, self.gens[at + i]):
+                    self.problem(
+                        "mismatches", f"after a failed burst: sector {at + i}: {self.describe(got, at + i)}"
+                    )
 
     def final_pass(self, buf: mmap.mmap) -> None:
         for lba in range(0, self.sectors, MAX_SECTORS):
