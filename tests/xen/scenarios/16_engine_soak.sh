@@ -16,7 +16,8 @@
 script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
 [ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
 xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
-trap engine_restore EXIT
+# A failed soak exits with the disk attached: detach it while the engine still serves it.
+trap 'xl block-detach 0 xvdb 2>/dev/null || true; engine_restore' EXIT
 XENCI_ON_FAIL=dump_vbd
 SOAK_TOTAL_MIB=${SOAK_TOTAL_MIB:-1024}
 SOAK_WRITE_MIB=${SOAK_WRITE_MIB:-512}
