@@ -17,7 +17,6 @@ made stay valid because they hold the file.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -41,34 +40,15 @@ from xenblockctl.backend.transport.base import (
     TransportError,
     merge_extents,
 )
+from xenblockctl.backend.transport.fixedmap import Reservation
 
 _EVENT = struct.pack("=Q", 1)
 _MAX_FDS = 4
 
 # --- mapping grants contiguously ------------------------------------------------------------------
-# Xen's gntdev maps any list of grants into one contiguous range; a multi-page ring needs that. Python's
-# mmap cannot place a mapping at a fixed address, so we reserve a range with an anonymous mmap object
-# (which keeps ownership: it munmaps the whole range on close and refuses to close while views exist)
-# and replace its pages in place with MAP_FIXED mappings of the memfd pages via libc.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-
-
-def _remap_fixed(addr: int, fd: int, offset: int, writable: bool) -> None:
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    flags = mmap.MAP_SHARED | 0x10  # MAP_FIXED (not exported by the mmap module)
-    got = _libc.mmap(addr, PAGE_SIZE, prot, flags, fd, offset)
-    if got is None or got == ctypes.c_void_p(-1).value or got != addr:
-        err = ctypes.get_errno()
-        raise GrantError(f"mmap(MAP_FIXED) of grant page failed: {os.strerror(err)}", errno=err)
+# Xen's gntdev maps any list of grants into one contiguous range; a multi-page ring needs that. A
+# fixedmap.Reservation (an anonymous range owned by a Python mmap object) gets each page replaced in
+# place by the granted memfd page.
 
 
 class _GrantTable:
@@ -197,17 +177,18 @@ class _ContiguousMapping(MmapGrantMapping):
         self.writable = writable
         if table.fd < 0:
             raise GrantError("grant table closed")
-        self._map: mmap.mmap | None = mmap.mmap(-1, len(refs) * PAGE_SIZE)
-        anchor = ctypes.c_char.from_buffer(self._map)
-        base = ctypes.addressof(anchor)
-        del anchor  # release the buffer export so close() can succeed later
+        reservation = Reservation(len(refs))
         try:
             for i, ref in enumerate(refs):
-                _remap_fixed(base + i * PAGE_SIZE, table.fd, ref * PAGE_SIZE, writable)
+                reservation.place(i, table.fd, ref * PAGE_SIZE, 1, writable=writable)
+        except OSError as exc:
+            reservation.close()
+            raise GrantError.from_oserror(exc, "mmap(MAP_FIXED) of grant page failed") from exc
         except BaseException:
-            self._map.close()
-            self._map = None
+            reservation.close()
             raise
+        self._map: mmap.mmap | None = reservation.map
+        assert self._map is not None  # placed without losing the range
         view = memoryview(self._map)
         self._view: memoryview | None = view if writable else view.toreadonly()
         self.on_unmap: Callable[[], None] | None = None

@@ -1,0 +1,162 @@
+"""Issue 13, item 3: a valid request never fails for a resource the engine itself holds.
+
+- Grant mappings hold no file descriptor. On real Xen every mapping used to be its own
+  `mmap.mmap(gntdev_fd, ...)`, which CPython 3.11 backs with a dup() of the fd: a persistent-grant
+  cache of 1056 pages per ring went past RLIMIT_NOFILE and mkfs got EIO. The Xen transport's mapping
+  code runs here for real over a memfd standing in for /dev/xen/gntdev (only the two gntdev ioctls
+  are faked: there is no gntdev without Xen; the mmap at the map's index offset is the real one),
+  and /proc/self/fd is counted.
+- When mapping fails for lack of resources anyway (fds, the VMA limit, memory), the grant cache
+  gives idle cached pages back and retries, and maps a request in one piece outside the cache when
+  page by page does not fit. The kernel cannot produce EMFILE/ENOMEM on demand for one mapping, so
+  a fault-injecting wrapper around the real local transport refuses mappings beyond a live count,
+  as a process limit would; the data, the frontend and the data plane are real.
+- The caches of all rings share a budget taken from vm.max_map_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.backend import ring_params_of
+from xenblockctl.backend import blkif, io
+from xenblockctl.backend.blkif import PAGE_SIZE
+from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.grantcache import GrantCache, MappingBudget
+from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.requests import IoPlan
+from xenblockctl.backend.transport import EventChannel, GrantError, GrantMapping, Transport
+from xenblockctl.backend.transport import xen as xen_transport
+from xenblockctl.backend.transport.fixedmap import Reservation
+from xenblockctl.backend.transport.local import LocalTransport, create_grant_memfd
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- no fd per mapping ------------------------------------------------------------------------------
+@pytest.fixture
+def fake_gntdev(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[xen_transport.XenTransport, int]]:
+    """A XenTransport whose "gntdev" is a memfd of 4096 pages; page N of the memfd is "grant ref"
+    N of domain 7. MAP_GRANT_REF answers index = first ref (refs must be consecutive), UNMAP is
+    counted. Everything else (reservation, MAP_FIXED mmap at the index offset, views, munmap,
+    UNMAP order) is the transport's real code."""
+    pages = 4096
+    memfd = create_grant_memfd(pages, "fake-gntdev")
+    with mmap.mmap(memfd, pages * PAGE_SIZE) as m:
+        for ref in range(pages):
+            m[ref * PAGE_SIZE : ref * PAGE_SIZE + 4] = ref.to_bytes(4, "little")
+    unmapped: list[int] = []
+    real_ioctl = fcntl.ioctl
+
+    def fake_ioctl(fd: int, request: int, arg: object = 0, mutate: bool = True) -> object:
+        if fd != memfd:
+            return real_ioctl(fd, request, arg, mutate)  # type: ignore[call-overload]
+        if request == xen_transport.IOCTL_GNTDEV_MAP_GRANT_REF:
+            assert isinstance(arg, bytearray)
+            count, _index, refs = xen_transport.decode_map_grant_ref(arg)
+            first = refs[0][1]
+            assert [r for _d, r in refs] == list(range(first, first + count))
+            arg[8:16] = (first * PAGE_SIZE).to_bytes(8, "little")
+            return 0
+        if request == xen_transport.IOCTL_GNTDEV_UNMAP_GRANT_REF:
+            unmapped.append(int.from_bytes(bytes(arg)[:8], "little"))  # type: ignore[arg-type]
+            return 0
+        raise AssertionError(f"unexpected gntdev ioctl {request:#x}")
+
+    monkeypatch.setattr(xen_transport.fcntl, "ioctl", fake_ioctl)
+    transport = object.__new__(xen_transport.XenTransport)
+    transport._gntdev = memfd
+    try:
+        yield transport, memfd
+    finally:
+        transport.close()
+
+
+def test_two_thousand_gntdev_mappings_add_no_fd(fake_gntdev: tuple[xen_transport.XenTransport, int]) -> None:
+    transport, _memfd = fake_gntdev
+    before = open_fds()
+    mappings: list[GrantMapping] = []
+    try:
+        for ref in range(2000):
+            mappings.append(transport.map_grants(7, [ref], writable=True))
+        assert open_fds() == before, "a grant mapping must not hold a file descriptor"
+        for ref in (0, 1, 999, 1999):
+            assert bytes(mappings[ref].page(0)[:4]) == ref.to_bytes(4, "little")
+        mappings[5].page(0)[4:8] = b"back"  # writable, and shared with the "granted" page
+        ring = transport.map_grants(7, [3000, 3001, 3002, 3003], writable=True, contiguous=True)
+        mappings.append(ring)
+        assert bytes(ring.buffer[2 * PAGE_SIZE : 2 * PAGE_SIZE + 4]) == (3002).to_bytes(4, "little")
+        ro = transport.map_grants(7, [42], writable=False)
+        mappings.append(ro)
+        assert ro.page(0).readonly
+        assert open_fds() == before
+    finally:
+        for m in mappings:
+            m.unmap()
+    assert open_fds() == before
+    with mmap.mmap(_memfd, PAGE_SIZE, offset=5 * PAGE_SIZE) as check:
+        assert check[4:8] == b"back"
+
+
+def test_grant_cache_of_two_thousand_pages_adds_no_fd(
+    fake_gntdev: tuple[xen_transport.XenTransport, int],
+) -> None:
+    transport, _memfd = fake_gntdev
+    cache = GrantCache(transport, 7, max_grants=2000, budget=MappingBudget(4000))
+    before = open_fds()
+    for first in range(0, 2000, 8):
+        bufs, lease = cache.acquire(tuple(range(first, first + 8)), None, writable=False)
+        assert bytes(bufs[0][:4]) == first.to_bytes(4, "little")
+        for b in bufs:
+            b.release()
+        lease.unmap()
+    assert cache.mapped == 2000
+    assert open_fds() == before
+    assert cache.close() == 2000
+
+
+def _maps_line(addr: int) -> str:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, _, rest = line.partition("-")
+            hi = rest.split()[0]
+            if int(lo, 16) <= addr < int(hi, 16):
+                return line.strip()
+    return ""
+
+
+def test_failed_placement_leaves_the_range_ours() -> None:
+    """A MAP_FIXED mmap that fails may have unmapped the range first (Linux 6.1 unmaps, then
+    refuses a writable shared mapping of a write-sealed memfd; gntdev refuses a bad grant ref the
+    same way). The reservation must be whole again afterwards, or a mapping another thread makes
+    could land in the hole and be unmapped with the reservation later."""
+    fd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    good = create_grant_memfd(4)
+    try:
+        os.ftruncate(fd, 4 * PAGE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        res = Reservation(3)
+        addr = res.base + PAGE_SIZE
+        with pytest.raises(OSError) as exc:
+            res.place(1, fd, 0, 1, writable=True)
+        assert exc.value.errno == errno.EPERM
+        assert "/dev/zero (deleted)" in _maps_line(addr), "the failed page is our reservation again"
+        res.place(1, good, 2 * PAGE_SIZE, 1, writable=True)  # still usable
+        assert "memfd:xbc-grants" in _maps_line(addr)
+        res.close()
+    finally:
+        os.close(fd)
+        os.close(good)
