@@ -160,3 +160,193 @@ def test_failed_placement_leaves_the_range_ours() -> None:
     finally:
         os.close(fd)
         os.close(good)
+
+
+# --- running out anyway: give back, retry, map in one piece ------------------------------------------
+class _LimitedTransport(Transport):
+    """The real local transport, refusing data-page mappings with EMFILE (or ENOMEM) once `limit`
+    of them are live, as a process limit would (fault injection: the kernel cannot be made to fail
+    one particular mapping on demand). Ring mappings (contiguous) are not limited."""
+
+    def __init__(self, inner: LocalTransport, limit: int, err: int = errno.EMFILE) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.err = err
+        self.live = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    def map_grants(
+        self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
+    ) -> GrantMapping:
+        if contiguous:
+            return self.inner.map_grants(domid, refs, writable=writable, contiguous=True)
+        with self.lock:
+            if self.live >= self.limit:
+                self.refused += 1
+                raise GrantError(f"cannot mmap grants of domain {domid}", errno=self.err)
+            self.live += 1
+        mapping = self.inner.map_grants(domid, refs, writable=writable)
+        real_unmap = mapping.unmap
+        done = [False]
+
+        def counted_unmap() -> None:
+            if not done[0]:
+                done[0] = True
+                with self.lock:
+                    self.live -= 1
+            real_unmap()
+
+        mapping.unmap = counted_unmap  # type: ignore[method-assign]
+        return mapping
+
+    def map_persistent(self, domid: int) -> None:
+        return None
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
+        return self.inner.bind_interdomain(domid, remote_port)
+
+    def close(self) -> None:
+        pass
+
+
+def _on_disk(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENOMEM], ids=["EMFILE", "ENOMEM"])
+def test_write_burst_past_the_limit_never_fails(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], err: int
+) -> None:
+    """mkfs's burst in miniature: 32 requests of 4 distinct pages at once, then 100-page indirect
+    requests, with room for 48 live mappings. Every request succeeds and lands on disk."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    limited = _LimitedTransport(local_transport, 48, err)
+    with LocalFrontend(local_transport.socket_path, 51, data_pages=256, persistent=True) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(limited, 51, params, target, target.limits(), workers=0)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            writes = {fe.submit_write(i * 64, bytes([i + 1]) * 16384): i for i in range(32)}
+            done = fe.collect(32)
+            assert {done[r].response.status for r in writes} == {blkif.RSP_OKAY}
+            for i in range(32):
+                assert _on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
+            big = os.urandom(100 * PAGE_SIZE)  # more pages than can be live at once
+            assert fe.write(8192, big) == blkif.RSP_OKAY
+            assert fe.read(8192, len(big)) == big
+            assert _on_disk(path, 8192 * 512, len(big)) == big
+            assert dp.stats.errors == 0
+            assert limited.refused > 0, "the limit was reached (else this tests nothing)"
+            assert cache.stats.shed > 0
+            assert cache.stats.whole >= 2
+            assert limited.live <= 48
+        finally:
+            assert dp.stop()
+    assert limited.live == 0
+
+
+def test_pages_of_requests_in_flight_are_waited_for(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for 8 live mappings, two 4-page writes pinned on slow workers: a third request waits
+    for one of them to give its pages back instead of failing."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    limited = _LimitedTransport(local_transport, 8)
+    gate = threading.Event()
+    real = io.execute
+
+    def slow_execute(tgt: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
+        gate.wait(10)  # fault injection: I/O still running while the ring thread maps more
+        return real(tgt, plan, bufs)
+
+    monkeypatch.setattr(io, "execute", slow_execute)
+    monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)
+    with LocalFrontend(local_transport.socket_path, 52, data_pages=64, persistent=True) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(limited, 52, params, target, target.limits(), workers=2)
+        dp.start()
+        timer = threading.Timer(0.5, gate.set)
+        try:
+            ids = [fe.submit_write(i * 64, bytes([i + 1]) * 16384) for i in range(3)]
+            fe.kick()
+            timer.start()
+            done = fe.collect(3, timeout=20)
+            assert [done[r].response.status for r in ids] == [blkif.RSP_OKAY] * 3
+            for i in range(3):
+                assert _on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
+            assert limited.refused > 0
+            assert dp.stats.errors == 0
+        finally:
+            gate.set()
+            timer.cancel()
+            assert dp.stop()
+    assert limited.live == 0
+
+
+def test_nothing_to_give_back_is_an_error_with_its_reason(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    limited = _LimitedTransport(local_transport, 0)
+    with LocalFrontend(local_transport.socket_path, 53, data_pages=16, persistent=True) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(limited, 53, params, target, target.limits(), workers=0, name="xbc-53-1")
+        dp.start()
+        try:
+            with caplog.at_level(logging.WARNING):
+                assert fe.write(0, b"x" * 4096) == blkif.RSP_ERROR
+            assert dp.stats.errors == 1
+            assert any(
+                "xbc-53-1" in r.getMessage() and "EMFILE" in r.getMessage() and r.levelno >= logging.WARNING
+                for r in caplog.records
+            ), [r.getMessage() for r in caplog.records]
+            limited.limit = 64  # resources back: the next request is served
+            assert fe.write(0, b"y" * 4096) == blkif.RSP_OKAY
+        finally:
+            assert dp.stop()
+
+
+# --- one budget for every ring --------------------------------------------------------------------
+@pytest.fixture
+def pages_frontend(local_transport: LocalTransport) -> Iterator[LocalFrontend]:
+    with LocalFrontend(local_transport.socket_path, 54, data_pages=32) as fe:
+        for ref in range(fe.total_pages):
+            fe.page(ref)[:] = bytes([ref]) * PAGE_SIZE
+        yield fe
+
+
+def test_caches_share_one_budget(local_transport: LocalTransport, pages_frontend: LocalFrontend) -> None:
+    budget = MappingBudget(8)
+    first = GrantCache(local_transport, 54, max_grants=1056, budget=budget)
+    second = GrantCache(local_transport, 54, max_grants=1056, budget=budget)
+    for cache, refs in ((first, range(0, 8)), (second, range(8, 16)), (first, range(16, 20))):
+        for ref in refs:
+            bufs, lease = cache.acquire((ref,), None, writable=False)
+            assert bytes(bufs[0][:1]) == bytes([ref])
+            for b in bufs:
+                b.release()
+            lease.unmap()
+    assert budget.used == first.mapped + second.mapped <= 8
+    assert first.mapped == 8  # its own idle pages made room for its next ones
+    assert second.mapped == 0  # the budget was spent: served, never cached
+    assert second.stats.transient == 8
+    assert second.stats.budget_refusals == 8
+    assert first.close() == 8
+    assert second.close() == 0
+    assert budget.used == 0
+    assert local_transport.mapped_pages == 0
+
+
+def test_budget_is_half_of_max_map_count(tmp_path: Path) -> None:
+    node = tmp_path / "max_map_count"
+    node.write_text("65530\n")
+    assert MappingBudget.from_system(str(node)).limit == 32765
+    assert MappingBudget.from_system(str(tmp_path / "missing")).limit == 32765
