@@ -293,7 +293,7 @@ def test_pages_of_requests_in_flight_are_waited_for(
 def test_nothing_to_give_back_is_an_error_with_its_reason(
     local_transport: LocalTransport, disk_file: tuple[Path, int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    path, fd = disk_file
+    _path, fd = disk_file
     target = DeviceTarget.from_fd(fd)
     limited = _LimitedTransport(local_transport, 0)
     with LocalFrontend(local_transport.socket_path, 53, data_pages=16, persistent=True) as fe:

@@ -121,17 +121,16 @@ class MappingBudget:
             self._used -= pages
 
 
-_process_budget: MappingBudget | None = None
+_process_budget: list[MappingBudget] = []  # made at first use
 _process_budget_lock = threading.Lock()
 
 
 def process_budget() -> MappingBudget:
     """The budget every cache of this process shares unless given its own (tests)."""
-    global _process_budget
     with _process_budget_lock:
-        if _process_budget is None:
-            _process_budget = MappingBudget.from_system()
-        return _process_budget
+        if not _process_budget:
+            _process_budget.append(MappingBudget.from_system())
+        return _process_budget[0]
 
 
 @dataclass
