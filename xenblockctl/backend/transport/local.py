@@ -177,7 +177,10 @@ class _ContiguousMapping(MmapGrantMapping):
         self.writable = writable
         if table.fd < 0:
             raise GrantError("grant table closed")
-        reservation = Reservation(len(refs))
+        try:
+            reservation = Reservation(len(refs))
+        except OSError as exc:  # ENOMEM at the VMA limit: the cache's resource handling applies
+            raise GrantError.from_oserror(exc, "cannot reserve room for grant pages") from exc
         try:
             for i, ref in enumerate(refs):
                 reservation.place(i, table.fd, ref * PAGE_SIZE, 1, writable=writable)
