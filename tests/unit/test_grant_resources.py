@@ -350,3 +350,30 @@ def test_budget_is_half_of_max_map_count(tmp_path: Path) -> None:
     node.write_text("65530\n")
     assert MappingBudget.from_system(str(node)).limit == 32765
     assert MappingBudget.from_system(str(tmp_path / "missing")).limit == 32765
+
+
+def test_a_range_someone_else_took_is_recognised() -> None:
+    """After a failed placement whose hole could not be covered again, /proc/self/maps decides:
+    still our shared anonymous reservation, or another mapping (then the reservation is abandoned,
+    never unmapped). A private anonymous page placed in the range plays the other mapping."""
+    import ctypes
+
+    from xenblockctl.backend.transport import fixedmap
+
+    res = Reservation(3)
+    try:
+        assert fixedmap._anonymous_shared(res.base, res.base + 3 * PAGE_SIZE)
+        foreign = fixedmap._libc.mmap(
+            res.base + PAGE_SIZE,
+            PAGE_SIZE,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | fixedmap.MAP_FIXED,
+            -1,
+            0,
+        )
+        assert foreign == res.base + PAGE_SIZE, ctypes.get_errno()
+        assert fixedmap._anonymous_shared(res.base, res.base + PAGE_SIZE)
+        assert not fixedmap._anonymous_shared(res.base, res.base + 2 * PAGE_SIZE)
+        assert not fixedmap._anonymous_shared(res.base + PAGE_SIZE, res.base + 2 * PAGE_SIZE)
+    finally:
+        res.close()  # unmaps the whole range, the stand-in included
