@@ -71,6 +71,7 @@ def scene(cli_store: XenStore) -> None:
             f"{a.backend}/physical-device-path": "/dev/nosuch",
             f"{a.backend}/hotplug-status": "connected",
             f"{a.backend}/xenblockctl-owner": "v1 kind=device dev=103:1869f seq=1f mode=w autoclear=0",
+            f"{a.backend}/xenblockctl-error-responses": "grant-map=2 io=1 invalid=0 unsupported=0",
             f"{b.backend}/state": "2",
             f"{b.backend}/hotplug-status": "error",
             f"{b.backend}/hotplug-error": "target-missing: /srv/b.img: no such file or device",

@@ -3,6 +3,9 @@ local transport, and a Python blkfront doing the xenbus handshake and real I/O."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -227,3 +230,44 @@ def test_detach_with_requests_in_flight_completes_them(
     for i in range(24):
         assert data[i * 4096 : i * 4096 + 9] == b"in flight"
     assert bound_loops_under(image.parent) == {}
+
+
+def test_error_responses_are_logged_counted_and_shown(
+    libxl: Libxl, engine: EngineProc, make_image: ImageFactory
+) -> None:
+    """Every error response is logged with its reason and counted per device; `xenblockctl show`
+    prints the count the engine publishes in the backend directory (issue 13)."""
+    from xenblockctl.backend import blkif
+    from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE
+
+    image = make_image(fill=b"ro")
+    be, guest = attach(libxl, engine, image, 5, mode="r")
+    try:
+        assert guest.ring is not None
+        for _ in range(3):
+            assert guest.ring.write(0, b"x" * 512) == blkif.RSP_ERROR
+        assert guest.ring.read(0, 512)[:2] == b"ro"
+        deadline = time.monotonic() + 15  # published at the next reconcile (rescan every 5 s)
+        while libxl.nodes(be).get(ERROR_RESPONSES_NODE) != "grant-map=0 io=0 invalid=3 unsupported=0":
+            assert time.monotonic() < deadline, libxl.nodes(be).get(ERROR_RESPONSES_NODE)
+            time.sleep(0.1)
+        log = engine.log_path.read_text()
+        assert log.count("error response to id") == 3, log[-2000:]
+        assert "invalid: write to a read-only device" in log
+        env = {**os.environ, "XENSTORED_PATH": libxl.xenstored.socket_path}
+        shown = subprocess.run(
+            [sys.executable, "-m", "xenblockctl", "show", "5", "xvda"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        line = next(ln for ln in shown.stdout.splitlines() if ln.startswith("error_responses"))
+        assert "total=3" in line, line
+        assert "invalid=3" in line, line
+    finally:
+        guest.disconnect()
+        guest.close()

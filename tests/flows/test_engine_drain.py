@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine, attach_guest
+from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
 from tests.fixtures.kernel import FreezableFs, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend import blkif, xenbus
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
-
-
-def wait_for(predicate: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_detach_with_stuck_io_holds_everything_until_it_ends(

@@ -5,13 +5,12 @@ bystander guest reads and writes through the same engine after every example."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.engine import EngineProc, attach_guest
+from tests.fixtures.engine import EngineProc, attach_guest, wait_for
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend import blkif
@@ -48,15 +47,6 @@ frontend_nodes = st.fixed_dictionaries(
     },
 )
 _devids = itertools.count(51712, 16)
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_hostile_frontend_values(libxl: Libxl, engine: EngineProc, make_image: ImageFactory) -> None:

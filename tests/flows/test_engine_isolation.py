@@ -5,12 +5,11 @@ the same engine keeps reading and writing."""
 from __future__ import annotations
 
 import errno
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import EngineProc, InprocEngine, attach_disk, attach_guest, connect_guest
+from tests.fixtures.engine import EngineProc, InprocEngine, attach_disk, attach_guest, connect_guest, wait_for
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif, xenbus
@@ -28,15 +27,6 @@ HOSTILE_CASES = [
     ("event-channel", "²"),
     ("ring-page-order", "¹"),
 ]
-
-
-def wait_for(predicate: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def error_of(libxl: Libxl, be: Backend) -> str | None:

@@ -5,12 +5,11 @@ on a thread of the test (engine_inproc) so the local transport's live mapping co
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine, attach_guest
+from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif
@@ -23,15 +22,6 @@ def attach(
     libxl: Libxl, engine: InprocEngine, image: Path, domid: int, **guest_kw: object
 ) -> tuple[Backend, XenbusFrontend]:
     return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
-
-
-def wait_for(predicate: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def detach(libxl: Libxl, be: Backend, guest: XenbusFrontend) -> None:

@@ -68,6 +68,7 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         progress(f"image {image.key} from cache {image.path} ({time.monotonic() - t0:.1f}s)")
     else:
         progress(f"image {image.key} built cold in {image.build_seconds:.1f}s -> {image.path}")
+    progress(image.describe())
 
     scenarios = _selected(request.session) or vm.discover()
     share = tmp_path_factory.mktemp("xen-lane") / "share"

@@ -286,7 +286,147 @@ def _fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str = ""
     (recipe / "build.sh").write_text(FAKE_BUILD.format(body=body))
     monkeypatch.setattr(dom0_image, "RECIPE_DIR", recipe)
     monkeypatch.setattr(dom0_image, "build_prerequisites", lambda: None)
+    # No network in unit tests: the archive "resolves" to fixed versions unless a test says otherwise.
+    monkeypatch.setattr(
+        dom0_image, "resolve_archive", lambda: dom0_image.Resolution(versions=dict(RESOLVED_A))
+    )
     return recipe
+
+
+# Trimmed stanzas of bookworm's and bookworm-security's Packages indices (the state that made a cold
+# build take kernel 6.1.0-57 while main alone names 6.1.0-50).
+MAIN_PACKAGES = """Package: linux-image-amd64
+Source: linux-signed-amd64 (6.1.176+1)
+Version: 6.1.176-1
+Depends: linux-image-6.1.0-50-amd64 (= 6.1.176-1)
+Description: Linux for 64-bit PCs (meta-package)
+
+Package: linux-image-6.1.0-50-amd64
+Version: 6.1.176-1
+Depends: kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool
+Description: Linux 6.1 for 64-bit PCs (signed)
+ A continuation line: Package: not-a-package
+
+Package: xen-hypervisor-4.17-amd64
+Version: 4.17.5+72-g01140da4e8-1
+Depends: xen-hypervisor-common
+
+Package: xen-utils-4.17
+Version: 4.17.5+72-g01140da4e8-1
+Depends: libc6 (>= 2.35), python3 (<< 3.12)
+"""
+SECURITY_PACKAGES = """Package: linux-image-amd64
+Version: 6.1.192-3
+Depends: linux-image-6.1.0-57-amd64 (= 6.1.192-3)
+
+Package: linux-image-6.1.0-57-amd64
+Version: 6.1.192-3
+Depends: kmod
+
+Package: xen-hypervisor-4.17-amd64
+Version: 4.17.7+13-g2445b30a44-0+deb12u1
+
+Package: xen-utils-4.17
+Version: 4.17.7+13-g2445b30a44-0+deb12u1
+"""
+RESOLVED_A = {
+    "linux-image-amd64": "6.1.176-1",
+    "linux-image-6.1.0-50-amd64": "6.1.176-1",
+    "kernel": "linux-image-6.1.0-50-amd64 6.1.176-1",
+    "xen-hypervisor-4.17-amd64": "4.17.5+72-g01140da4e8-1",
+    "xen-utils-4.17": "4.17.5+72-g01140da4e8-1",
+}
+
+
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [
+        ("6.1.176-1", "6.1.192-3"),
+        ("6.1.9-1", "6.1.10-1"),
+        ("4.17.5+72-g01140da4e8-1", "4.17.7+13-g2445b30a44-0+deb12u1"),
+        ("1.0~rc1-1", "1.0-1"),
+        ("1.0-1", "1.0-1+deb12u1"),
+        ("2.0-1", "1:0.1-1"),
+        ("1.0", "1.0-0.1"),
+        ("1.0a", "1.0+"),
+    ],
+)
+def test_debian_version_order(older: str, newer: str) -> None:
+    assert dom0_image.compare_versions(older, newer) < 0
+    assert dom0_image.compare_versions(newer, older) > 0
+    assert dom0_image.compare_versions(newer, newer) == 0
+
+
+def test_resolution_follows_the_highest_suite_and_the_kernel_metapackage() -> None:
+    main_only = dom0_image.resolve_versions([MAIN_PACKAGES])
+    assert main_only == RESOLVED_A
+    # Security's later kernel wins wherever it is listed, as apt would pick it.
+    for order in ([MAIN_PACKAGES, SECURITY_PACKAGES], [SECURITY_PACKAGES, MAIN_PACKAGES]):
+        both = dom0_image.resolve_versions(order)
+        assert both["kernel"] == "linux-image-6.1.0-57-amd64 6.1.192-3"
+        assert both["xen-hypervisor-4.17-amd64"] == "4.17.7+13-g2445b30a44-0+deb12u1"
+        assert both["xen-utils-4.17"] == "4.17.7+13-g2445b30a44-0+deb12u1"
+        assert "linux-image-6.1.0-50-amd64" not in both
+    recipe = "0123456789abcdef"
+    assert dom0_image.cache_key(recipe, main_only) != dom0_image.cache_key(recipe, both)
+    assert dom0_image.cache_key(recipe, both).startswith(recipe + "-")
+    assert dom0_image.cache_key(recipe, both) == dom0_image.cache_key(recipe, dict(reversed(both.items())))
+
+
+def test_resolution_refuses_indices_that_miss_a_keyed_package() -> None:
+    no_xen = MAIN_PACKAGES.split("Package: xen-hypervisor", maxsplit=1)[0]
+    with pytest.raises(dom0_image.ArchiveUnresolved, match=r"xen-hypervisor-4\.17-amd64"):
+        dom0_image.resolve_versions([no_xen])
+    # The metapackage names a kernel no index lists: not a key to trust.
+    orphan = SECURITY_PACKAGES.replace("linux-image-6.1.0-57-amd64 (=", "linux-image-6.1.0-58-amd64 (=")
+    with pytest.raises(dom0_image.ArchiveUnresolved, match="names no kernel package"):
+        dom0_image.resolve_versions([orphan])
+
+
+def test_unreachable_archive_resolves_to_a_stated_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dom0_image, "archive_sources", lambda: ["http://127.0.0.1:9/dists/x/Packages.xz"])
+    start = time.monotonic()
+    res = dom0_image.resolve_archive(timeout=5.0)
+    assert time.monotonic() - start < 10
+    assert res.versions == {}
+    assert "refused" in res.problem.lower() or "error" in res.problem.lower()
+
+
+def test_cache_key_follows_the_archive_and_says_when_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_recipe(
+        tmp_path,
+        monkeypatch,
+        body='mkdir -p "$out"; printf "linux-image-6.1.0-50-amd64 6.1.176-1\\n'
+        "xen-hypervisor-4.17-amd64 4.17.5+72-g01140da4e8-1\\n"
+        'linux-image-amd64 6.1.176-1\\n" > "$out/packages.txt"',
+    )
+    cache = tmp_path / "cache"
+    state_a = dom0_image.Resolution(versions=dict(RESOLVED_A))
+    state_b = dom0_image.Resolution(versions=dom0_image.resolve_versions([MAIN_PACKAGES, SECURITY_PACKAGES]))
+    first = dom0_image.ensure_image(cache, resolve=lambda: state_a)
+    assert not first.cached
+    assert json.loads((first.path / "build.json").read_text())["resolved"] == RESOLVED_A
+    assert dom0_image.ensure_image(cache, resolve=lambda: state_a).cached
+    line = first.describe()
+    assert (
+        "image contains dom0 kernel linux-image-6.1.0-50-amd64 6.1.176-1, Xen 4.17.5+72-g01140da4e8-1" in line
+    )
+    assert "archive resolves dom0 kernel linux-image-6.1.0-50-amd64 6.1.176-1" in line
+    assert "MISMATCH" not in line
+    # Same recipe, newer archive (a fresh machine's): the cached image must not be used.
+    second = dom0_image.ensure_image(cache, resolve=lambda: state_b)
+    assert not second.cached
+    assert second.path != first.path
+    # (The fake build does not install what it was asked for: the summary says so.)
+    assert "MISMATCH: linux-image-amd64 6.1.176-1 != 6.1.192-3" in second.describe()
+    # Offline: the recipe alone decides, the newest entry serves, and the summary says so.
+    offline = dom0_image.Resolution(problem="URLError: <urlopen error [Errno -3] Temporary failure>")
+    third = dom0_image.ensure_image(cache, resolve=lambda: offline)
+    assert (third.cached, third.path) == (True, second.path)
+    assert "archive NOT resolved (URLError" in third.describe()
+    assert "keyed on the recipe only" in third.describe()
 
 
 def test_image_is_built_once_then_served_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import Abi
+from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.requests import BARRIER, READ, DeviceLimits, IoPlan, Rejection, validate_slot
@@ -133,6 +134,7 @@ class DataPlane:
         on_broken: Callable[[str], None] | None = None,
         name: str | None = None,
         max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
+        errors: ErrorResponses | None = None,
     ) -> None:
         self.transport = transport
         self.domid = domid
@@ -142,6 +144,8 @@ class DataPlane:
         self.on_broken = on_broken
         self.name = name or f"xbc-dom{domid}"
         self.stats = QueueStats()
+        #: every error response, counted and logged with its reason (the device's, across reconnects)
+        self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
         self._lock = threading.Lock()  # guards the ring's response side and stats
         self._stop = threading.Event()
@@ -167,7 +171,7 @@ class DataPlane:
         self._grants: PersistentGrants | None = None
         try:
             if params.persistent:
-                self.grant_cache = GrantCache(transport, domid, max_persistent_grants)
+                self.grant_cache = GrantCache(transport, domid, max_persistent_grants, name=self.name)
             else:
                 # mapped once for our lifetime where the transport can (local), else per request
                 self._grants = transport.map_persistent(domid)
@@ -262,7 +266,8 @@ class DataPlane:
         for offset in range(0, count * entry, entry):
             verdict = validate_slot(abi, data, offset, limits, read_indirect)
             if isinstance(verdict, Rejection):
-                log.debug("%s: rejected id %d: %s", self.name, verdict.id, verdict.reason)
+                cause = "unsupported" if verdict.status == blkif.RSP_EOPNOTSUPP else "invalid"
+                self.errors.record(cause, verdict.id, verdict.reason)
                 with self._lock:
                     key = verdict.reason.split(" ", 1)[0]
                     self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
@@ -324,7 +329,8 @@ class DataPlane:
             except (GrantError, IndexError) as exc:
                 if mapping is not None:
                     mapping.unmap()
-                log.debug("%s: id %d: %s", self.name, plan.id, exc)
+                reason = exc.one_line() if isinstance(exc, GrantError) else f"bad page index: {exc}"
+                self.errors.record("grant-map", plan.id, reason)
                 return blkif.RSP_ERROR
         if plan.kind is BARRIER:
             # a barrier is ordered against everything: nothing before it may still run, nothing after
@@ -338,7 +344,16 @@ class DataPlane:
             self._submit(plan, mapping, bufs)
         else:
             _release(mapping, bufs)
+            if status != blkif.RSP_OKAY:
+                self._io_failed(plan, status)
         return status
+
+    def _io_failed(self, plan: IoPlan, status: int) -> None:
+        # io.execute logged the device's own error just before; this is the answer the guest got
+        cause = "unsupported" if status == blkif.RSP_EOPNOTSUPP else "io"
+        self.errors.record(
+            cause, plan.id, f"{plan.kind.value} of {plan.length} bytes at {plan.offset} failed"
+        )
 
     def _submit(self, plan: IoPlan, mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
         if isinstance(mapping, Lease):
@@ -347,6 +362,8 @@ class DataPlane:
 
         def done(status: int) -> None:
             _release(mapping, bufs)
+            if status != blkif.RSP_OKAY:
+                self._io_failed(plan, status)
             self._answer([(plan.id, plan.operation, status)])
 
         self.executor.submit(plan, bufs, done)

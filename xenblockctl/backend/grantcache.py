@@ -26,6 +26,18 @@ Rules this cache keeps:
   before (a remembered "shape", see acquire()) is applied to the LRU order in one go before an
   eviction, so the order is LRU per request, not per page, for those: a close approximation (Linux
   itself approximates, purging unused grants in batches).
+- Budgeted across rings: every cached page is one mapping, i.e. one VMA of the process, and a
+  process has vm.max_map_count of them (65530 by default): 62 rings at 1056 pages would be past
+  it. So all caches of the process share one `MappingBudget` of half of vm.max_map_count (read
+  at first use); a cache whose next page finds the budget spent evicts its own least-recently
+  used idle page for it, or maps the page for that request only.
+- A valid request never fails for a resource the engine itself holds. When mapping a page fails
+  for lack of one (EMFILE, ENFILE, ENOMEM: fds, the VMA limit, memory), the cache unmaps idle
+  cached pages (a quarter of them at a time) and tries again; with none left idle, it waits
+  (bounded) for requests on the I/O workers to finish and free theirs. Pages mapped after such a
+  failure are not cached (the cache stops growing into the limit) and are unmapped after the
+  request. Only when nothing the ring holds can be given back does the request fail, with the
+  reason, as RSP_ERROR.
 - A page an in-flight request uses is never unmapped. Only `acquire()` evicts, and only the ring
   thread calls it, so a request served on the ring thread (validation's indirect pages, inline
   I/O) is safe until that thread's next `acquire()`; a request handed to an I/O worker is
@@ -46,8 +58,11 @@ whatever a miss changes.
 
 from __future__ import annotations
 
+import errno
+import logging
 import operator
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,9 +70,67 @@ from dataclasses import dataclass
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.transport.base import GrantError, GrantMapping, Transport
 
+log = logging.getLogger(__name__)
+
 #: Linux xen-blkback's default `max_persistent_grants` per ring: 32 ring slots x (32 segments + 1
 #: indirect page), what Linux blkfront's default pool fills.
 DEFAULT_MAX_PERSISTENT_GRANTS = 1056
+
+
+#: errnos that say the engine ran out of something it holds, not that the guest's ref is bad
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+#: how long one request may wait for requests on the I/O workers to give pages back
+RESOURCE_WAIT = 5.0
+MAX_MAP_COUNT_PATH = "/proc/sys/vm/max_map_count"
+
+
+class MappingBudget:
+    """How many pages all grant caches sharing this budget may keep mapped together."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("a budget cannot be negative")
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_system(cls, path: str = MAX_MAP_COUNT_PATH) -> MappingBudget:
+        """Half of vm.max_map_count: the rest stays for rings, per-request mappings, transient
+        pages and everything else the process maps (the interpreter, libraries, thread stacks)."""
+        try:
+            with open(path, encoding="ascii") as f:
+                count = int(f.read().strip())
+        except (OSError, ValueError):
+            count = 65530  # the kernel's default (DEFAULT_MAX_MAP_COUNT)
+        return cls(max(0, count // 2))
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._used >= self.limit:
+                return False
+            self._used += 1
+            return True
+
+    def give(self, pages: int = 1) -> None:
+        with self._lock:
+            self._used -= pages
+
+
+_process_budget: list[MappingBudget] = []  # made at first use
+_process_budget_lock = threading.Lock()
+
+
+def process_budget() -> MappingBudget:
+    """The budget every cache of this process shares unless given its own (tests)."""
+    with _process_budget_lock:
+        if not _process_budget:
+            _process_budget.append(MappingBudget.from_system())
+        return _process_budget[0]
 
 
 @dataclass
@@ -68,6 +141,10 @@ class GrantCacheStats:
     unmaps: int = 0  # mappings released (evicted, transient done, or at close)
     evictions: int = 0  # cached mappings unmapped to make room
     transient: int = 0  # pages mapped for one request only (cache full of in-use pages, read-only grant)
+    shed: int = 0  # cached pages unmapped because a mapping failed for lack of resources
+    resource_failures: int = 0  # mappings that failed for lack of resources (each retried)
+    budget_refusals: int = 0  # pages not cached because the process-wide budget was spent
+    whole: int = 0  # requests mapped in one piece outside the cache (page by page did not fit)
 
 
 class _Entry:
@@ -130,12 +207,19 @@ class Lease:
     """What one request holds: its transient mappings, and once `pin()`ned, every page it named.
     `unmap()` once the request's views are released (GrantMapping.unmap's contract)."""
 
-    __slots__ = ("_cache", "pinned", "refs", "transient")
+    __slots__ = ("_cache", "pinned", "refs", "transient", "whole")
 
-    def __init__(self, cache: GrantCache, refs: Sequence[int], transient: list[_Entry]) -> None:
+    def __init__(
+        self,
+        cache: GrantCache,
+        refs: Sequence[int],
+        transient: list[_Entry],
+        whole: GrantMapping | None = None,
+    ) -> None:
         self._cache = cache
         self.refs = refs
         self.transient = transient
+        self.whole = whole  # the request mapped in one piece, outside the cache (resource fallback)
         self.pinned = False
 
     def pin(self) -> None:
@@ -144,7 +228,7 @@ class Lease:
         self._cache._pin(self)
 
     def unmap(self) -> None:
-        if self.pinned or self.transient:
+        if self.pinned or self.transient or self.whole is not None:
             self._cache._end(self)
 
 
@@ -158,18 +242,29 @@ class GrantCache:
     """
 
     def __init__(
-        self, transport: Transport, domid: int, max_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
+        self,
+        transport: Transport,
+        domid: int,
+        max_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
+        *,
+        budget: MappingBudget | None = None,
+        name: str | None = None,
     ) -> None:
         if max_grants < 0:
             raise ValueError("max_grants must be >= 0")
         self.transport = transport
         self.domid = domid
         self.max_grants = max_grants
+        self.budget = budget if budget is not None else process_budget()
+        self.name = name or f"grant cache of domain {domid}"
         self.stats = GrantCacheStats()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._leases: set[Lease] = set()  # requests in flight
         self._regions = _Regions()
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # a pinned request gave its pages back
+        self._ended = 0  # pinned requests ended so far (what _give_back waits for)
+        self._pressure = False  # the current miss hit a resource failure: cache nothing more
         self._closed = False
         # Request shapes seen with every page cached: refs tuple -> (entries, tick of last use,
         # whole-page runs). A frontend reusing its pool sends the same shapes again and again; a
@@ -239,10 +334,22 @@ class GrantCache:
                 order = list(map(entries.get, refs))
                 try:
                     self._fill(refs, order, transient, writable)
+                except GrantError as exc:
+                    self._drop(transient)
+                    if exc.errno not in RESOURCE_ERRNOS:
+                        raise
+                    # Page by page did not fit in what the engine can hold: the whole request
+                    # as one mapping, for this request only (one fd-less mapping, one VMA).
+                    whole = self._map_whole(refs, writable)
+                    self._used(refs)
+                    try:
+                        views = whole.iovecs(extents)
+                    except BaseException:
+                        whole.unmap()
+                        raise
+                    return views, Lease(self, refs, _NO_TRANSIENT, whole)
                 except BaseException:
-                    for entry in transient:
-                        entry.unmap(self._regions)
-                    self.stats.unmaps += len(transient)
+                    self._drop(transient)
                     raise
             lease = Lease(self, refs, transient)
             self._used(refs)
@@ -303,6 +410,7 @@ class GrantCache:
         entries = self._entries
         stats = self.stats
         busy: set[int] | None = None  # worked out at the first eviction, if any
+        self._pressure = False
         for i, ref in enumerate(refs):
             entry = entries.get(ref)  # again: an earlier miss of this request may have cached it
             if entry is not None:
@@ -310,27 +418,24 @@ class GrantCache:
                 order[i] = entry
                 continue
             stats.misses += 1
-            cacheable = True
-            try:
-                mapping = self.transport.map_grants(self.domid, (ref,), writable=True)
-            except GrantError:
-                if not writable:
-                    # A read-only grant still serves a guest WRITE or an indirect page: map it as
-                    # granted, for this request only, so no cached entry is ever read-only.
-                    mapping = self.transport.map_grants(self.domid, (ref,), writable=False)
-                    cacheable = False
-                else:
-                    raise
+            mapping, cacheable = self._map(ref, refs, writable)
+            if self._pressure:
+                cacheable = False  # a mapping failed for lack of resources: do not grow into the limit
             # Make room only now that the page is mapped: refs that cannot be mapped (a hostile
             # frontend's garbage) never push good mappings out.
-            room = cacheable and len(entries) < self.max_grants
-            if cacheable and not room:
-                if busy is None:
-                    self._apply_recency()  # the LRU order must be exact before choosing a victim
-                    self._forget_shapes()  # and an eviction ends every shape's validity
-                    busy = self._busy()
-                    busy.update(refs)
-                room = self._evict_one(busy)
+            room = False
+            if cacheable:
+                if len(entries) < self.max_grants and self.budget.take():
+                    room = True
+                else:
+                    if busy is None:
+                        self._prepare_eviction()
+                        busy = self._busy()
+                        busy.update(refs)
+                    # our own least recently used idle page makes room (its budget share with it)
+                    room = self._evict_one(busy) and self.budget.take()
+                    if not room and len(entries) < self.max_grants:
+                        stats.budget_refusals += 1
             stats.maps += 1
             made = _Entry(mapping, self._regions)
             if room:
@@ -340,13 +445,111 @@ class GrantCache:
                 transient.append(made)
             order[i] = made
 
+    def _prepare_eviction(self) -> None:
+        """Before removing entries (lock held): the LRU order must be exact, and a removal ends
+        every remembered shape's validity."""
+        self._apply_recency()
+        self._forget_shapes()
+
+    def _map(self, ref: int, refs: Sequence[int], writable: bool) -> tuple[GrantMapping, bool]:
+        """Map one page writable, (mapping, cacheable) (lock held). Lack of resources: give idle
+        cached pages back, or wait for pinned requests to, and try again (see the module
+        docstring); a read-only grant: mapped read-only for this request, never cached."""
+        deadline: float | None = None
+        while True:
+            try:
+                return self.transport.map_grants(self.domid, (ref,), writable=True), True
+            except GrantError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    if deadline is None:
+                        deadline = time.monotonic() + RESOURCE_WAIT
+                        self._note_pressure(exc)
+                    if self._give_back(refs, deadline):
+                        continue
+                    raise GrantError(
+                        f"{exc.message} (nothing left to give back: {len(self._entries)} pages cached,"
+                        f" all in use)",
+                        errno=exc.errno,
+                    ) from exc
+                if writable:
+                    raise
+            # A read-only grant still serves a guest WRITE or an indirect page: map it as granted,
+            # for this request only, so no cached entry is ever read-only.
+            return self.transport.map_grants(self.domid, (ref,), writable=False), False
+
+    def _drop(self, transient: list[_Entry]) -> None:
+        """Unmap a failed request's transient pages (lock held)."""
+        for entry in transient:
+            entry.unmap(self._regions)
+        self.stats.unmaps += len(transient)
+
+    def _map_whole(self, refs: Sequence[int], writable: bool) -> GrantMapping:
+        """The request's pages as one mapping outside the cache (lock held), giving back idle
+        cached pages (this request's own included: nothing uses them yet) while that fails for
+        lack of resources."""
+        deadline = time.monotonic() + RESOURCE_WAIT
+        while True:
+            try:
+                mapping = self.transport.map_grants(self.domid, refs, writable=writable)
+            except GrantError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                if self._give_back((), deadline):
+                    continue
+                raise GrantError(
+                    f"{exc.message} (nothing left to give back: {len(self._entries)} pages cached,"
+                    f" all in use)",
+                    errno=exc.errno,
+                ) from exc
+            self.stats.whole += 1
+            self.stats.maps += 1
+            return mapping
+
+    def _note_pressure(self, exc: GrantError) -> None:
+        self.stats.resource_failures += 1
+        self._pressure = True
+        log.warning(
+            "%s: %s; giving back idle persistent grants and retrying (%d cached)",
+            self.name,
+            exc.one_line(),
+            len(self._entries),
+        )
+
+    def _give_back(self, spare: Sequence[int], deadline: float) -> bool:
+        """Unmap a quarter of the idle cached pages (at least one; never one of `spare`), or wait
+        until a pinned request ends (lock held). False if there is nothing to give back before
+        `deadline`."""
+        while True:
+            self._prepare_eviction()
+            busy = self._busy()
+            busy.update(spare)
+            idle = [ref for ref in self._entries if ref not in busy]
+            if idle:
+                for ref in idle[: max(1, len(idle) // 4)]:
+                    self._remove(ref)
+                    self.stats.shed += 1
+                return True
+            remaining = deadline - time.monotonic()
+            if not self._leases or remaining <= 0:
+                return False
+            # pinned requests on the I/O workers hold pages: one finishing may free enough
+            ended = self._ended
+            self._returned.wait(remaining)
+            if self._ended != ended:
+                return True  # try again: the pages it released may be what was missing
+
+    def _remove(self, ref: int) -> None:
+        """Unmap one cached page and return its budget share (lock held)."""
+        self._entries.pop(ref).unmap(self._regions)
+        self.budget.give()
+        self.stats.unmaps += 1
+
     def _evict_one(self, busy: set[int]) -> bool:
         """Unmap the least-recently-used entry no request in flight names (lock held). False if
         every cached page is in use (or the cache holds nothing)."""
         for ref in self._entries:
             if ref not in busy:
-                self._entries.pop(ref).unmap(self._regions)
-                self.stats.unmaps += 1
+                self._remove(ref)
                 self.stats.evictions += 1
                 return True
         return False
@@ -357,9 +560,14 @@ class GrantCache:
             self._leases.discard(lease)
             lease.pinned = False
             transient, lease.transient = lease.transient, _NO_TRANSIENT
-            self.stats.unmaps += len(transient)
+            whole, lease.whole = lease.whole, None
+            self.stats.unmaps += len(transient) + (whole is not None)
             for entry in transient:
                 entry.unmap(self._regions)
+            if whole is not None:
+                whole.unmap()
+            self._ended += 1
+            self._returned.notify_all()
 
     def close(self) -> int:
         """Unmap every cached page; the cache refuses further use. Returns how many pages were
@@ -372,8 +580,7 @@ class GrantCache:
             busy = self._busy() if self._leases else set()
             idle = [ref for ref in self._entries if ref not in busy]
             for ref in idle:
-                self._entries.pop(ref).unmap(self._regions)
-            self.stats.unmaps += len(idle)
+                self._remove(ref)
             if self._entries:
                 raise GrantError(f"{len(self._entries)} persistent grants still in use at close: left mapped")
         return len(idle)
@@ -459,4 +666,12 @@ def _views(
     return out
 
 
-__all__ = ["DEFAULT_MAX_PERSISTENT_GRANTS", "GrantCache", "GrantCacheStats", "Lease"]
+__all__ = [
+    "DEFAULT_MAX_PERSISTENT_GRANTS",
+    "RESOURCE_ERRNOS",
+    "GrantCache",
+    "GrantCacheStats",
+    "Lease",
+    "MappingBudget",
+    "process_budget",
+]

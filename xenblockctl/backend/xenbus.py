@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
+from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
@@ -45,6 +46,7 @@ from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, format_error_responses
 
 _LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
 _PHYSICAL = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
@@ -134,6 +136,7 @@ class BackendDevice:
         self._drain_since: float | None = None
         self._drain_reported = False
         self._lock = threading.Lock()
+        self.errors = ErrorResponses(f"xbc-{domid}-{devid}")  # every ring's, across reconnects
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -191,6 +194,7 @@ class BackendDevice:
             nodes = self.store.read_dir(self.path)
         except XenstoreNoEntry:
             return not self.teardown("backend directory removed")
+        self._publish_errors()
         online = nodes.get("online", "1") != "0"
         if self.broken is not None and self.phase is Phase.CONNECTED:
             reason, self.broken = self.broken, None
@@ -395,6 +399,7 @@ class BackendDevice:
             on_broken=self._on_broken,
             name=f"xbc-{self.domid}-{self.devid}",
             max_persistent_grants=self.config.max_persistent_grants,
+            errors=self.errors,
         )
         self.dataplane.start()
 
@@ -425,6 +430,25 @@ class BackendDevice:
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
         self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s), {grants}")
+
+    def _publish_errors(self, *, force: bool = False) -> None:
+        """The error-response counts for `xenblockctl show`, at most once a second (the rescan
+        every few seconds brings them out without an event)."""
+        value = self.errors.due(force=force) if self.device is not None or self.errors.total else None
+        if value is not None:
+            try:
+                self._write_node(ERROR_RESPONSES_NODE, value)
+            except XenblockError as exc:  # a count not shown must never stop a teardown
+                self.journal.warning(f"{self.relative}: cannot publish error counts: {exc.one_line()}")
+                return
+            self.errors.published(value)
+
+    def _write_node(self, name: str, value: str) -> None:
+        def body(tx: Transaction) -> None:
+            if tx.read_optional(join(self.path, "state")) is not None:  # never re-create a deleted backend
+                tx.write(join(self.path, name), value)
+
+        self.store.run_transaction(body)
 
     def _on_broken(self, reason: str) -> None:
         # Called on the data plane thread: hand over to the xenbus thread.
@@ -470,9 +494,14 @@ class BackendDevice:
             g = cache.stats
             grants = (
                 f", persistent grants: {g.maps} mapped, {g.unmaps} unmapped, {cache.mapped} still mapped,"
-                f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient"
+                f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient,"
+                f" {g.resource_failures} out of resources ({g.shed} given back, {g.whole} mapped whole)"
             )
-        self._log(f"ring stopped: {stats.requests} requests, {stats.errors} errors{grants}")
+        self._log(
+            f"ring stopped: {stats.requests} requests, {stats.errors} errors{grants};"
+            f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
+        )
+        self._publish_errors(force=True)
 
     def _disconnect(self, state: int) -> None:
         """Frontend left (reboot, driver unload): drain and unmap, keep the device for a reconnect.

@@ -23,9 +23,11 @@ from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import (
     BACKEND_KINDS,
+    ERROR_RESPONSES_NODE,
     BackendPath,
     BackendRecordError,
     XenbusState,
+    parse_error_responses,
     parse_physical_device,
 )
 from xenblockctl.xenstore.vdev import VdevError, vdev_name
@@ -110,6 +112,13 @@ class VbdInfo:
             return "connected"
         return "pending"
 
+    @property
+    def error_responses(self) -> dict[str, int] | None:
+        """The bundled engine's error responses to this guest by cause, with their total (None:
+        not served by the engine, or nothing published yet)."""
+        counts = parse_error_responses(self._node(ERROR_RESPONSES_NODE))
+        return None if counts is None else {"total": sum(counts.values()), **counts}
+
     def to_json(self) -> dict[str, Any]:
         loc = self.location
         phys = self.physical_device
@@ -164,6 +173,7 @@ class VbdInfo:
             "hotplug_status": self._node("hotplug-status"),
             "hotplug_error": self._node("hotplug-error"),
             "backend_error": self.backend_error,
+            "error_responses": self.error_responses,
             "health": self.health,
         }
 

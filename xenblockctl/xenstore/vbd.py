@@ -214,6 +214,34 @@ def format_physical_device(major: int, minor: int) -> str:
     return f"{major:x}:{minor:x}"
 
 
+#: The bundled engine's count of error responses per cause for this vbd, in its backend directory
+#: (written at a bounded rate; `xenblockctl show` prints it). Value: `cause=N` for each cause in
+#: ERROR_CAUSES order, space separated.
+ERROR_RESPONSES_NODE = "xenblockctl-error-responses"
+#: grant-map: a page the request names could not be mapped; io: the device returned an error;
+#: invalid: the request was malformed (refused before any I/O); unsupported: an operation we do
+#: not offer (answered EOPNOTSUPP)
+ERROR_CAUSES = ("grant-map", "io", "invalid", "unsupported")
+
+
+def format_error_responses(counts: Mapping[str, int]) -> str:
+    return " ".join(f"{cause}={counts.get(cause, 0)}" for cause in ERROR_CAUSES)
+
+
+def parse_error_responses(text: str | None) -> dict[str, int] | None:
+    """The node's counts, or None if absent or not what the engine writes."""
+    if text is None:
+        return None
+    counts: dict[str, int] = {}
+    for item in text.split(" "):
+        cause, _, number_text = item.partition("=")
+        number = uint_or_none(number_text, maximum=(1 << 64) - 1)
+        if cause not in ERROR_CAUSES or cause in counts or number is None:
+            return None
+        counts[cause] = number
+    return counts if len(counts) == len(ERROR_CAUSES) else None
+
+
 class BackendRecord(NamedTuple):
     """The nodes of one backend directory that xenblockctl acts on, typed; `raw` holds all of them.
     Absent nodes are None: `remove` runs on directories whose `add` never got far."""

@@ -106,11 +106,20 @@ attach_ro_cycle() {
 # `a && b`: under set -e a failing b would turn a skip's 77 into 1.)
 engine_log=$XENCI_WORK/engine.log
 engine_pid=
+uptime_lines() {
+  local line up _
+  while IFS= read -r line; do
+    read -r up _ </proc/uptime
+    printf '[%12s] %s\n' "$up" "$line"
+  done
+}
 start_engine() {
   local n=0 before
   touch "$engine_log"
   before=$(grep -c 'engine ready' "$engine_log" || true)
-  xenblockctl backend --kind vbd --transport xen "$@" >>"$engine_log" 2>&1 &
+  # Each line stamped with dom0's uptime, as dmesg is: "how long did the engine take" is a question
+  # the console must answer (libxl gives a backend 10 s to reach InitWait).
+  xenblockctl backend --kind vbd --transport xen "$@" > >(uptime_lines >>"$engine_log") 2>&1 &
   engine_pid=$!
   until [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$before" ]; do
     if ! kill -0 "$engine_pid" 2>/dev/null; then

@@ -33,7 +33,6 @@ from __future__ import annotations
 import array
 import bisect
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -62,6 +61,7 @@ from xenblockctl.backend.transport.base import (
     TransportError,
     merge_extents,
 )
+from xenblockctl.backend.transport.fixedmap import Reservation
 from xenblockctl.journal import Journal
 
 _EVENT = struct.pack("=Q", 1)
@@ -103,38 +103,9 @@ class RegistryLimitError(TransportError):
 
 
 # --- mapping grants contiguously ------------------------------------------------------------------
-# Xen's gntdev maps any list of grants into one contiguous range; a multi-page ring needs that. Python's
-# mmap cannot place a mapping at a fixed address, so we reserve a range with an anonymous mmap object
-# (which keeps ownership: it munmaps the whole range on close and refuses to close while views exist)
-# and replace its pages in place with MAP_FIXED mappings of the memfd pages via libc.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-
-
-def _remap_fixed(addr: int, fd: int, offset: int, writable: bool, length: int = PAGE_SIZE) -> None:
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    flags = mmap.MAP_SHARED | 0x10  # MAP_FIXED (not exported by the mmap module)
-    got = _libc.mmap(addr, length, prot, flags, fd, offset)
-    if got is None or got == ctypes.c_void_p(-1).value or got != addr:
-        err = ctypes.get_errno()
-        raise GrantError(f"mmap(MAP_FIXED) of grant page failed: {os.strerror(err)}", errno=err)
-
-
-def _reserve(length: int) -> tuple[mmap.mmap, int]:
-    """An anonymous mmap object of `length` bytes and its address (for MAP_FIXED replacement)."""
-    area = mmap.mmap(-1, length)
-    anchor = ctypes.c_char.from_buffer(area)
-    base = ctypes.addressof(anchor)
-    del anchor  # release the buffer export so close() can succeed later
-    return area, base
+# Xen's gntdev maps any list of grants into one contiguous range; a multi-page ring needs that. A
+# fixedmap.Reservation (an anonymous range owned by a Python mmap object) gets each page replaced in
+# place by the granted memfd page.
 
 
 class _GrantTable:
@@ -161,15 +132,20 @@ class _GrantTable:
         # The whole table is mapped into an anonymous reservation (MAP_FIXED) rather than with
         # mmap.mmap(fd): CPython dup()s the fd of every file mmap, and one fd per piece is enough.
         try:
-            self.map, addr = _reserve(size)
+            reservation = Reservation(self.pages)
             try:
-                _remap_fixed(addr, self.fd, 0, True, size)
+                reservation.place(0, self.fd, 0, self.pages, writable=True)
             except BaseException:
-                self.map.close()
+                reservation.close()
                 raise
+        except OSError as exc:
+            os.close(self.fd)
+            raise GrantError.from_oserror(exc, "cannot map the grant table") from exc
         except BaseException:
             os.close(self.fd)
             raise
+        assert reservation.map is not None  # placed without losing the range
+        self.map = reservation.map
         # The whole table stays mapped for as long as anything refers to it: the seal means it can
         # never shrink under us, so every request's pages are slices of these two views and mapping
         # a request costs no syscall and no per-page object (the local form of persistent grants).
@@ -273,16 +249,22 @@ class _ContiguousMapping(MmapGrantMapping):
         self.writable = writable
         if table.fd < 0:
             raise GrantError("grant table closed")
-        area, base = _reserve(len(refs) * PAGE_SIZE)
-        self._map: mmap.mmap | None = area
+        try:
+            reservation = Reservation(len(refs))
+        except OSError as exc:  # ENOMEM at the VMA limit: the cache's resource handling applies
+            raise GrantError.from_oserror(exc, "cannot reserve room for grant pages") from exc
         try:
             for i, ref in enumerate(refs):
-                _remap_fixed(base + i * PAGE_SIZE, table.fd, (ref - table.base) * PAGE_SIZE, writable)
+                reservation.place(i, table.fd, (ref - table.base) * PAGE_SIZE, 1, writable=writable)
+        except OSError as exc:
+            reservation.close()
+            raise GrantError.from_oserror(exc, "mmap(MAP_FIXED) of grant page failed") from exc
         except BaseException:
-            area.close()
-            self._map = None
+            reservation.close()
             raise
-        view = memoryview(area)
+        self._map: mmap.mmap | None = reservation.map
+        assert self._map is not None  # placed without losing the range
+        view = memoryview(self._map)
         self._view: memoryview | None = view if writable else view.toreadonly()
         self.on_unmap: Callable[[], None] | None = None
 

@@ -6,9 +6,11 @@ exercised only in the Xen lane (tests/xen); the codecs are unit-tested everywher
 
 Without persistent grants the data plane maps each request's refs here (one MAP ioctl + one mmap
 for all its pages) and unmaps them after the I/O. With persistent grants (backend/grantcache.py)
-it maps one ref at a time, on first use, and keeps it: each cached page is its own mmap, i.e. one
-VMA, so a full cache (1056 pages per ring by default) costs 1056 of the process's
-vm.max_map_count (65530 by default).
+it maps one ref at a time, on first use, and keeps it: each cached page is its own mapping, i.e.
+one VMA, so a full cache (1056 pages per ring by default) costs 1056 of the process's
+vm.max_map_count (65530 by default; the caches share a budget of it, backend/grantcache.py).
+Mappings are placed into anonymous reservations (transport/fixedmap.py) and hold no file
+descriptor: `mmap.mmap(gntdev_fd, ...)` would dup() the fd for every mapping (issue 13).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from xenblockctl.backend.transport.base import (
     Transport,
     TransportError,
 )
+from xenblockctl.backend.transport.fixedmap import RangeLost, Reservation
 
 _IOC_NONE: Final = 0
 _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
@@ -146,24 +149,31 @@ class _GntdevMapping(MmapGrantMapping):
                 exc, f"cannot map grants {list(refs)[:8]} of domain {domid}"
             ) from exc
         _count, self._index, _ = decode_map_grant_ref(arg)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self._map: mmap.mmap | None = None
+        # Our own reservation replaced in place (transport/fixedmap.py), not mmap.mmap(gntdev, ...):
+        # CPython dup()s the fd for every mmap object, and a full grant cache is 1056 of them per ring.
+        try:
+            reservation = Reservation(len(refs))
+        except OSError as exc:
+            self._release_index()
+            raise GrantError.from_oserror(exc, f"cannot reserve room for grants of domain {domid}") from exc
         last: OSError | None = None
         for _ in range(100):  # EAGAIN: paged-out grants are being brought back (libxengnttab retries)
             try:
-                self._map = mmap.mmap(
-                    gntdev, len(refs) * PAGE_SIZE, mmap.MAP_SHARED, prot, offset=self._index
-                )
+                reservation.place(0, gntdev, self._index, len(refs), writable=writable)
+                last = None
                 break
             except OSError as exc:
                 last = exc
-                if exc.errno != errno.EAGAIN:
+                if exc.errno != errno.EAGAIN or isinstance(exc, RangeLost):
                     break
-        if self._map is None:
+        if last is not None:
+            reservation.close()  # munmap first, then release the grant index (libxengnttab order)
             self._release_index()
-            assert last is not None
-            raise GrantError.from_oserror(last, f"cannot mmap grants of domain {domid}")
-        self._view: memoryview | None = memoryview(self._map)
+            raise GrantError.from_oserror(last, f"cannot mmap grants of domain {domid}") from last
+        self._map: mmap.mmap | None = reservation.map
+        assert self._map is not None
+        view = memoryview(self._map)
+        self._view: memoryview | None = view if writable else view.toreadonly()
 
     def _release_index(self) -> None:
         with contextlib.suppress(OSError):
@@ -204,10 +214,16 @@ class XenEventChannel(EventChannel):
         return self._fd
 
     def notify(self) -> None:
-        fcntl.ioctl(self._fd, IOCTL_EVTCHN_NOTIFY, encode_port(self.local_port), True)
+        # under the lock close() takes: an fd number closed meanwhile may already name another file
+        with self._lock:
+            if self._fd < 0:
+                raise TransportError("event channel closed", code="transport")
+            fcntl.ioctl(self._fd, IOCTL_EVTCHN_NOTIFY, encode_port(self.local_port), True)
 
     def ack(self) -> bool:
         with self._lock:
+            if self._fd < 0:
+                return False  # closed: nothing can be pending
             try:
                 data = os.read(self._fd, PAGE_SIZE)
             except BlockingIOError:
