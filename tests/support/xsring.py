@@ -12,6 +12,7 @@ The interface mirrors `tests.fixtures.xenstore.RawClient.call` so a test can hol
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -67,10 +68,9 @@ class RingClient:
         return req_cons, req_prod, rsp_cons, rsp_prod
 
     def _poke(self) -> None:
-        try:
+        # BlockingIOError: the FIFO is full of wake-ups already, so the daemon will look anyway.
+        with contextlib.suppress(BlockingIOError):
             os.write(self._wake, b"!")
-        except BlockingIOError:
-            pass  # the FIFO is full of wake-ups already: the daemon will look
 
     def _send_bytes(self, data: bytes) -> None:
         deadline = time.monotonic() + self.timeout

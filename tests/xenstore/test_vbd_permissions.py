@@ -25,6 +25,7 @@ import pytest
 from tests.fixtures.cxenstored import CTools, start_cxenstored
 from tests.fixtures.xenstore import ERROR, EmbeddedXenstored, Msg, RawClient
 from tests.support.xsring import RingClient, prepare_ring
+from xenblockctl.toolstack.diagnosis import backend_domain_silent, frontend_stall
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.vdev import Vdev
@@ -150,7 +151,18 @@ EXPECTED = {
     ),
     "libxl": (
         "L",
-        ["", "frontend", "backend", "params", "script", "frontend-id", "online", "removable", "state", "mode"],
+        [
+            "",
+            "frontend",
+            "backend",
+            "params",
+            "script",
+            "frontend-id",
+            "online",
+            "removable",
+            "state",
+            "mode",
+        ],
     ),
 }
 
@@ -211,3 +223,36 @@ def test_driver_domain_writes_its_backend_state_and_nothing_of_the_frontend(stor
     assert _write(driver, f"{loc.frontend}/state", "6") == "EACCES"
     assert _write(driver, f"{loc.libxl}/params", "x") == "EACCES"
     assert store.dom0.read(f"{loc.backend}/state") == "2"
+
+
+def test_a_stalled_frontend_is_explained_by_what_xenstore_shows(store: Store) -> None:
+    loc = write_vbd(store.dom0, _spec(0)).location
+    said = frontend_stall(store.dom0, loc, "1")
+    assert said.startswith(
+        f"the guest has not answered: frontend state 1, and domain {GUEST} exists and may write"
+    )
+    # What the old write order left: the guest cannot write its state, and that is what is said.
+    store.dom0.set_perms(f"{loc.frontend}/state", ["n0", f"r{GUEST}"])
+    said = frontend_stall(store.dom0, loc, "1")
+    assert said.startswith(
+        f"domain {GUEST} may not write its frontend state ({loc.frontend}/state is (n0,r{GUEST}))"
+    )
+    store.dom0.rm(f"/local/domain/{GUEST}")
+    assert frontend_stall(store.dom0, loc, "1") == f"domain {GUEST} is gone from xenstore (destroyed?)"
+
+
+def test_a_silent_backend_domain_is_described_from_xenstore(store: Store) -> None:
+    loc = write_vbd(store.dom0, _spec(DRIVER_DOMAIN)).location
+    said = backend_domain_silent(store.dom0, loc)
+    assert said.startswith(f"domain {DRIVER_DOMAIN}: it was not created as a driver domain"), said
+    assert "it serves no other vbd" in said
+    assert "may not write" not in said, "libxl's permissions let it write its state"
+    assert said.endswith("cannot be seen from this domain")
+    store.dom0.mkdir(f"/local/domain/{DRIVER_DOMAIN}/libxl")  # libxl's mark of driver_domain=1
+    assert "it was created as a driver domain" in backend_domain_silent(store.dom0, loc)
+    store.dom0.set_perms(f"{loc.backend}/state", ["n0", f"r{DRIVER_DOMAIN}"])
+    assert f"it may not write {loc.relative}/state (n0,r{DRIVER_DOMAIN})" in backend_domain_silent(
+        store.dom0, loc
+    )
+    store.dom0.rm(f"/local/domain/{DRIVER_DOMAIN}")
+    assert backend_domain_silent(store.dom0, loc) == f"domain {DRIVER_DOMAIN} does not exist in xenstore"
