@@ -165,7 +165,8 @@ def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpe
             raise VdevInUse(f"{spec.vdev.name} ({spec.vdev.number}) of domain {spec.domid} is already in use")
         loc = chosen.location
         fperms, bperms = frontend_perms(chosen), backend_perms(chosen)
-        backend = chosen.backend_nodes()
+        backend, frontend = chosen.backend_nodes(), chosen.frontend_nodes()
+        frontend_link = backend.pop("frontend", loc.frontend)
         # libxl's copy: under /libxl/<domid>, dom0's alone (the nodes inherit that).
         tx.write(join(loc.libxl, "frontend"), loc.frontend)
         tx.write(join(loc.libxl, "backend"), loc.backend)
@@ -173,22 +174,18 @@ def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpe
         # with the same list set explicitly (libxl__xs_writev_perms).
         tx.mkdir(loc.frontend)
         tx.set_perms(loc.frontend, fperms)
-        tx.write(join(loc.frontend, "backend"), loc.backend)
-        for name, value in chosen.frontend_nodes().items():
-            if name == "backend":
-                continue
+        tx.write(join(loc.frontend, "backend"), frontend.pop("backend", loc.backend))
+        for name, value in frontend.items():
             tx.write(join(loc.frontend, name), value)
             tx.set_perms(join(loc.frontend, name), fperms)
         # Backend: directory, its permissions, `frontend`, then the rest (all inherit them).
         tx.mkdir(loc.backend)
         tx.set_perms(loc.backend, bperms)
-        tx.write(join(loc.backend, "frontend"), loc.frontend)
+        tx.write(join(loc.backend, "frontend"), frontend_link)
         for name, value in backend.items():
-            if name != "frontend":
-                tx.write(join(loc.backend, name), value)
+            tx.write(join(loc.backend, name), value)
         for name, value in backend.items():
-            if name != "frontend":
-                tx.write(join(loc.libxl, name), value)
+            tx.write(join(loc.libxl, name), value)
         return chosen
 
     return store.run_transaction(body)
