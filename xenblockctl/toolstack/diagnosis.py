@@ -45,6 +45,14 @@ def _domain_label(store: XenStore, domid: int) -> str:
 
 def frontend_stall(store: XenStore, loc: VbdLocation, frontend_state: str | None) -> str:
     """The frontend never moved past Initialising/InitWait: what is known about why."""
+    try:
+        return _frontend_stall(store, loc, frontend_state)
+    except XenblockError as exc:  # e.g. a driver domain may not read the guest's nodes
+        state = frontend_state or "absent"
+        return f"the guest has not answered (frontend state {state}); no more is known: {exc}"
+
+
+def _frontend_stall(store: XenStore, loc: VbdLocation, frontend_state: str | None) -> str:
     guest = _domain_label(store, loc.domid)
     if store.read_optional(domain_path(loc.domid)) is None:
         return f"{guest} is gone from xenstore (destroyed?)"
@@ -89,6 +97,13 @@ def _other_backends(store: XenStore, loc: VbdLocation) -> tuple[int, int]:
 
 def backend_domain_silent(store: XenStore, loc: VbdLocation) -> str:
     """No backend in another domain took the directory: what xenstore shows of that domain."""
+    try:
+        return _backend_domain_silent(store, loc)
+    except XenblockError as exc:
+        return f"domain {loc.backend_domid} stayed silent; xenstore could not tell more: {exc}"
+
+
+def _backend_domain_silent(store: XenStore, loc: VbdLocation) -> str:
     bedom = _domain_label(store, loc.backend_domid)
     if store.read_optional(domain_path(loc.backend_domid)) is None:
         return f"{bedom} does not exist in xenstore"
