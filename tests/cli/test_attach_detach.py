@@ -144,6 +144,21 @@ def test_attach_without_a_guest_times_out_but_stays_attached(
     assert bound_loops_under(image.parent) == {}
 
 
+def test_attach_writes_discard_enable_as_libxl_does(
+    run_cli: CliRunner, cli_engine: Engine, make_image: ImageFactory, cli_store: XenStore
+) -> None:
+    """libxl enables discard by default on writable disks only (seen against xl in the lane)."""
+    for vdev, mode, want in (("xvdb", "w", "1"), ("xvdc", "r", "0")):
+        result = run_cli(
+            "attach", "5", str(make_image(f"{vdev}.img")), "--vdev", vdev, "--mode", mode, "--wait", "0"
+        )
+        assert result.code == 0, result.err
+        devid = 51712 + 16 * (ord(vdev[-1]) - ord("a"))
+        assert cli_store.read(f"/local/domain/0/backend/vbd/5/{devid}/discard-enable") == want, mode
+    for vdev in ("xvdb", "xvdc"):
+        assert run_cli("detach", "5", vdev).code == 0
+
+
 def test_attach_with_nobody_serving_rolls_back(
     run_cli: CliRunner, cli_env: dict[str, str], make_image: ImageFactory, cli_store: XenStore
 ) -> None:

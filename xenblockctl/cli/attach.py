@@ -98,6 +98,9 @@ def attach(  # noqa: PLR0917 - one parameter per click option
             kind=kind,
             backend_domid=own if backend_domain is None else backend_domain,
             script=_default_script(),
+            # libxl__device_disk_setdefault: discard defaults to on for writable disks only (the
+            # lane's node-by-node comparison with xl block-attach showed ours on for ro ones too).
+            discard=mode == "w",
         )
         try:
             result = lifecycle.attach(
