@@ -18,8 +18,11 @@
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* Opaque handles: the daemon only passes them back to us, so any distinct non-NULL address works. */
@@ -78,10 +81,36 @@ int xengnttab_set_max_grants(void *xgt, uint32_t nr_grants)
     return 0;
 }
 
-/* A fake guest's ring page: private zeroed memory, so its ring is always empty. */
+/*
+ * Acting as a guest (opt-in): with $XSSTUB_RING_DIR set, a fake guest's ring page is the shared
+ * file $XSSTUB_RING_DIR/ring-<domid>, so a test mapping the same file speaks to the daemon as
+ * that domain, unprivileged, through the real ring code (tests/support/xsring.py). The daemon
+ * only polls its event-channel fd, so that becomes the FIFO $XSSTUB_RING_DIR/evtchn: one byte
+ * written there wakes it to look at the rings. Without the variable: private zeroed memory,
+ * a ring that is always empty.
+ */
+static const char *ring_dir(void)
+{
+    const char *dir = getenv("XSSTUB_RING_DIR");
+    return dir && *dir ? dir : NULL;
+}
+
 void *xengnttab_map_grant_ref(void *xgt, uint32_t domid, uint32_t ref, int prot)
 {
-    (void)xgt; (void)domid; (void)ref; (void)prot;
+    (void)xgt; (void)ref; (void)prot;
+    const char *dir = ring_dir();
+    if (dir) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/ring-%u", dir, (unsigned)domid);
+        int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0)
+            return NULL;
+        void *shared = MAP_FAILED;
+        if (ftruncate(fd, 4096) == 0)
+            shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        return shared == MAP_FAILED ? NULL : shared;
+    }
     void *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return page == MAP_FAILED ? NULL : page;
 }
@@ -101,7 +130,19 @@ static int next_port = 10;
 
 static void *evtchn_handle(void)
 {
-    if (evtchn_pipe[0] < 0 && pipe2(evtchn_pipe, O_CLOEXEC) != 0)
+    const char *dir = ring_dir();
+    if (evtchn_pipe[0] >= 0)
+        return &evtchn_handle_dummy;
+    if (dir) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/evtchn", dir);
+        if (mkfifo(path, 0600) != 0 && errno != EEXIST)
+            return NULL;
+        /* O_RDWR: never blocks on open, never reports EOF when a test's writer closes. */
+        evtchn_pipe[0] = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        return evtchn_pipe[0] < 0 ? NULL : &evtchn_handle_dummy;
+    }
+    if (pipe2(evtchn_pipe, O_CLOEXEC) != 0)
         return NULL;
     return &evtchn_handle_dummy;
 }
@@ -163,8 +204,17 @@ int xenevtchn_unmask(void *xce, uint32_t port)
 int xenevtchn_pending(void *xce)
 {
     (void)xce;
-    errno = EAGAIN;
-    return -1;
+    char wakeups[64];
+    ssize_t got = 0;
+    /* Called only when poll() found the fd readable: swallow every pending wake-up byte and
+     * name a port that is not VIRQ_DOM_EXC's (0 is never bound), so no domain is "checked". */
+    while (evtchn_pipe[0] >= 0 && read(evtchn_pipe[0], wakeups, sizeof(wakeups)) > 0)
+        got = 1;
+    if (!got) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- libc open(): the two /proc/xen files dom0_init reads -------------------------------- */

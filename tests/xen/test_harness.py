@@ -57,6 +57,15 @@ def test_discover_takes_numbered_scripts_and_their_timeout(tmp_path: Path) -> No
     ]
 
 
+def test_a_timeout_header_past_the_first_2000_characters_stops_discovery(tmp_path: Path) -> None:
+    """Read only from the top, a late header used to drop the scenario to the default timeout
+    without a word (issue 14, lane note): now the lane refuses to start, naming the file."""
+    long_comment = "".join(f"# line {i} of a long explanation\n" for i in range(80))
+    (tmp_path / "01_long.sh").write_text(f"#!/usr/bin/env bash\n{long_comment}# xenci-timeout: 900\ntrue\n")
+    with pytest.raises(ValueError, match=r"01_long.sh: move '# xenci-timeout:' into the first 2000"):
+        vm.discover(tmp_path)
+
+
 def test_shipped_scenarios_are_discovered() -> None:
     names = [s.name for s in vm.discover()]
     assert names[:4] == ["01_dom0_up", "02_stock_block_script", "03_failing_script", "04_xenblockctl_script"]

@@ -66,7 +66,10 @@ def discover(directory: Path = SCENARIO_DIR) -> list[Scenario]:
         m = SCENARIO_FILE.match(path.name)
         if not m or not path.is_file():
             continue
-        header = TIMEOUT_HEADER.search(path.read_text(errors="replace")[:2000])
+        text = path.read_text(errors="replace")
+        header = TIMEOUT_HEADER.search(text[:2000])
+        if header is None and TIMEOUT_HEADER.search(text):  # would silently run at the default
+            raise ValueError(f"{path.name}: move '# xenci-timeout:' into the first 2000 characters")
         found.append(Scenario(m.group(1), path, int(header.group(1)) if header else DEFAULT_SCENARIO_TIMEOUT))
     return found
 

@@ -89,12 +89,13 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     path = resolve_target(target)
     parse_target(path)  # refuse what the block script would refuse, before writing anything
     auto = vdev == "auto"
-    kind = lifecycle.choose_kind(backend)
     settings = Settings.from_env(os.environ)
     progress = Progress(False if as_json else None)
     with connect() as store:
         domid = domains.resolve(store, domain)
         own = store.own_domid()
+        # Another domain's modules are out of sight: decide from its side, not from ours.
+        kind = lifecycle.choose_kind(backend, remote=backend_domain is not None and backend_domain != own)
         spec = DiskSpec(
             domid=domid,
             vdev=Vdev("xvd", 0) if auto else Vdev.parse(vdev),
@@ -103,6 +104,9 @@ def attach(  # noqa: PLR0917 - one parameter per click option
             kind=kind,
             backend_domid=own if backend_domain is None else backend_domain,
             script=_default_script(),
+            # libxl__device_disk_setdefault: discard defaults to on for writable disks only (the
+            # lane's node-by-node comparison with xl block-attach showed ours on for ro ones too).
+            discard=mode == "w",
         )
         try:
             result = lifecycle.attach(

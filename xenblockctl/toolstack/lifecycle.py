@@ -25,7 +25,7 @@ from xenblockctl.blockscript.settings import Settings
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
-from xenblockctl.toolstack import host
+from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.paths import join
@@ -148,9 +148,15 @@ class AttachResult:
     message: str = ""
 
 
-def choose_kind(backend: str) -> str:
+def choose_kind(backend: str, *, remote: bool = False) -> str:
     """Which backend directory kind reaches the wanted consumer (xen-block-protocol.md §1.1):
-    kernel blkback serves `vbd`; the engine serves `vbd` where blkback is absent, else `vbd3`."""
+    kernel blkback serves `vbd`; the engine serves `vbd` where blkback is absent, else `vbd3`.
+
+    `remote`: the backend domain is another one, whose modules this domain cannot see (xenstore
+    does not show them), so nothing local decides: the kernel consumer is `vbd`, and the engine
+    in a driver domain is expected to run where blkback is not loaded, serving `vbd` too."""
+    if remote:
+        return "vbd"
     loaded = host.blkback_loaded()
     if backend == "kernel":
         if not loaded:
@@ -189,13 +195,7 @@ def attach(
         if snap.error:
             raise AttachFailed(f"backend reported: {snap.error[:200]}")
         if not reached:
-            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
-            engines = host.engine_pids(xenstore_socket=socket_path)
-            raise NoBackend(
-                f"no backend took {loc.relative} within {init_timeout:g} s (state still 1): "
-                f"kernel blkback is {'loaded' if host.blkback_loaded() else 'not loaded'} and "
-                f"{'an' if engines else 'no'} engine uses this xenstored"
-            )
+            raise _nobody_took_it(store, loc, init_timeout, own_domid)
         add_result: AddResult | None = None
         if spec.backend_domid == own_domid:
             progress("running the block script (add)")
@@ -211,6 +211,12 @@ def attach(
                 progress,
                 what="waiting for the driver domain's block script",
             )
+            if snap.hotplug_status is None and not snap.error:
+                raise AttachFailed(
+                    f"driver domain {spec.backend_domid} took {loc.relative} but its block script "
+                    f"published no hotplug-status within {max(wait, INIT_TIMEOUT):g} s; whether "
+                    "`xl devd` runs there cannot be seen from this domain"
+                )
             if snap.hotplug_status != "connected":
                 raise AttachFailed(
                     f"driver domain {spec.backend_domid}: hotplug-status {snap.hotplug_status!r}, "
@@ -237,11 +243,30 @@ def attach(
     if reached:
         raise AttachFailed(f"{loc.relative} closed before connecting ({snap.describe()})")
     why = (
-        "the guest has not connected (no blkfront loaded, or the guest is not running)"
+        diagnosis.frontend_stall(store, loc, snap.frontend_state)
         if snap.frontend_state in (None, "1", "2")
         else "the handshake stalled"
     )
     return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
+
+
+def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid: int) -> NoBackend:
+    """The backend directory stayed at Initialising: say who was expected to take it and what is
+    known about them. Our own domain's consumers we can see; another domain's we cannot."""
+    head = f"no backend took {loc.relative} within {waited:g} s (state still 1): "
+    if loc.backend_domid != own_domid:
+        error = NoBackend(head + diagnosis.backend_domain_silent(store, loc))
+        error.hint = (
+            f"in domain {loc.backend_domid}: load xen-blkback (or start the engine with --kind "
+            f"{loc.kind}) and run `xl devd`"
+        )
+        return error
+    socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
+    engines = host.engine_pids(xenstore_socket=socket_path)
+    return NoBackend(
+        head + f"kernel blkback is {'loaded' if host.blkback_loaded() else 'not loaded'} and "
+        f"{'an' if engines else 'no'} engine uses this xenstored"
+    )
 
 
 def _rollback(store: XenStore, loc: VbdLocation) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
-from xenblockctl.xenstore.paths import Perm, join
+from xenblockctl.xenstore.paths import Access, Perm, join
 from xenblockctl.xenstore.vbd import BACKEND_KINDS
 from xenblockctl.xenstore.vdev import Vdev
 
@@ -129,9 +129,27 @@ def _auto_candidates() -> list[Vdev]:
     return [Vdev("xvd", disk) for disk in range(AUTO_MAX_DISKS)]
 
 
+def frontend_perms(spec: DiskSpec) -> list[Perm]:
+    """libxl's `frontend_perms`: the guest owns its device directory, the backend domain reads."""
+    return [Perm(Access.NONE, spec.domid), Perm(Access.READ, spec.backend_domid)]
+
+
+def backend_perms(spec: DiskSpec) -> list[Perm]:
+    """libxl's `backend_perms`: the backend domain owns its directory, the guest reads."""
+    return [Perm(Access.NONE, spec.backend_domid), Perm(Access.READ, spec.domid)]
+
+
 def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpec:
     """Create both directories (and libxl's copy) with libxl's permissions in one transaction.
-    With `auto`, `spec.vdev` is replaced by the first free xvd device. Returns the spec written."""
+    With `auto`, `spec.vdev` is replaced by the first free xvd device. Returns the spec written.
+
+    The order is libxl__device_generic_add's, and it matters: a node created by dom0 takes its
+    parent's permissions at creation, and a later set-perms on the directory does not reach the
+    nodes already below it. So each directory is made and given its permissions *before* any
+    node goes in: the backend nodes then inherit (n<bedom>,r<domid>) and the driver domain can
+    write its `state`; the frontend nodes get (n<domid>,r<bedom>) explicitly, node by node, as
+    libxl does, so the guest can write its `state`. (Written the other way round, every node kept
+    the parent's (n0,r<domid>) and no guest ever connected.)"""
 
     def body(tx: Transaction) -> DiskSpec:
         used = used_devids(tx, spec.domid, spec.backend_domid)
@@ -146,15 +164,26 @@ def write_vbd(store: XenStore, spec: DiskSpec, *, auto: bool = False) -> DiskSpe
         elif spec.location.devid in used:
             raise VdevInUse(f"{spec.vdev.name} ({spec.vdev.number}) of domain {spec.domid} is already in use")
         loc = chosen.location
-        backend = chosen.backend_nodes()
-        for name, value in backend.items():
-            tx.write(join(loc.backend, name), value)
-        tx.set_perms(loc.backend, [Perm.parse(f"n{chosen.backend_domid}"), Perm.parse(f"r{chosen.domid}")])
-        for name, value in chosen.frontend_nodes().items():
-            tx.write(join(loc.frontend, name), value)
-        tx.set_perms(loc.frontend, [Perm.parse(f"n{chosen.domid}"), Perm.parse(f"r{chosen.backend_domid}")])
+        fperms, bperms = frontend_perms(chosen), backend_perms(chosen)
+        backend, frontend = chosen.backend_nodes(), chosen.frontend_nodes()
+        frontend_link = backend.pop("frontend", loc.frontend)
+        # libxl's copy: under /libxl/<domid>, dom0's alone (the nodes inherit that).
         tx.write(join(loc.libxl, "frontend"), loc.frontend)
         tx.write(join(loc.libxl, "backend"), loc.backend)
+        # Frontend: directory, its permissions, `backend` (inherits them), then every other node
+        # with the same list set explicitly (libxl__xs_writev_perms).
+        tx.mkdir(loc.frontend)
+        tx.set_perms(loc.frontend, fperms)
+        tx.write(join(loc.frontend, "backend"), frontend.pop("backend", loc.backend))
+        for name, value in frontend.items():
+            tx.write(join(loc.frontend, name), value)
+            tx.set_perms(join(loc.frontend, name), fperms)
+        # Backend: directory, its permissions, `frontend`, then the rest (all inherit them).
+        tx.mkdir(loc.backend)
+        tx.set_perms(loc.backend, bperms)
+        tx.write(join(loc.backend, "frontend"), frontend_link)
+        for name, value in backend.items():
+            tx.write(join(loc.backend, name), value)
         for name, value in backend.items():
             tx.write(join(loc.libxl, name), value)
         return chosen
