@@ -16,6 +16,12 @@ each read against it:
   the one before when no writer covered it), whole, and that becomes the expected state;
 - a final pass reads the whole disk and checks every sector.
 
+Across a frontend reconnect (scenario 16 runs it in two halves): --save-state writes what every sector
+must hold (the generations, the run id and the seed the sector contents derive from) and --resume reads
+it back, reads the whole disk and checks every sector against it before the mix goes on, so a write the
+first half was told had landed but the reconnect lost (or a stale cache, or a sector served from the wrong
+place) is a mismatch.
+
 Prints one JSON line (MiB written/read, errors, mismatches, counts) and exits 0 only with zero errors and
 zero mismatches over at least --min-total-mib.
 """
@@ -51,6 +57,7 @@ class Soak:
         self.fd = fd
         self.sectors = sectors
         self.run_id = run_id
+        self.seed = seed  # the sector contents derive from it (and run_id)
         self.gens = array("I", bytes(4 * sectors))  # 0: never written, reads as zeros
         self.next_gen = 1
         self.lock = threading.Lock()
@@ -58,6 +65,7 @@ class Soak:
         self.fill = [rnd.randbytes(SECTOR - HEADER.size) for _ in range(64)]
         names = "written_bytes read_bytes writes reads fsyncs fdatasyncs discards discarded_bytes"
         names += " indirect_sized unaligned_page overlap_rounds overlap_sectors bursts errors mismatches"
+        names += " resume_verified_bytes"
         self.stats: dict[str, int] = dict.fromkeys(names.split(), 0)
         self.problems: list[str] = []
 
@@ -165,6 +173,36 @@ class Soak:
                 self.gens[i] = self.gens[i] | DISCARDED
         self.count("discards")
         self.count("discarded_bytes", n * SECTOR)
+
+    # -- across a reconnect ----------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """What every sector must hold: one JSON line, then the generations (native uint32s)."""
+        head = {"seed": self.seed, "run_id": self.run_id, "next_gen": self.next_gen, "sectors": self.sectors}
+        with open(path, "wb") as f:
+            f.write(json.dumps(head).encode() + b"\n")
+            self.gens.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def load(path: str) -> tuple[dict[str, int], array[int]]:
+        with open(path, "rb") as f:
+            head = json.loads(f.readline())
+            gens = array("I")
+            gens.frombytes(f.read())
+        if len(gens) != head["sectors"]:
+            raise SystemExit(f"{path}: {len(gens)} generations for {head['sectors']} sectors")
+        return head, gens
+
+    def verify_all(self, buf: mmap.mmap, where: str) -> None:
+        """Read the whole disk and check every sector against the expected state."""
+        for lba in range(0, self.sectors, MAX_SECTORS):
+            n = min(MAX_SECTORS, self.sectors - lba)
+            data = self.read(buf, lba, n, 0)
+            if data is not None:
+                self.verify(data, lba, n, where)
+                if where == "after reconnect":
+                    self.count("resume_verified_bytes", n * SECTOR)
 
     # -- phases --------------------------------------------------------------------------------
     @staticmethod
@@ -303,11 +341,7 @@ class Soak:
                     )
 
     def final_pass(self, buf: mmap.mmap) -> None:
-        for lba in range(0, self.sectors, MAX_SECTORS):
-            n = min(MAX_SECTORS, self.sectors - lba)
-            data = self.read(buf, lba, n, 0)
-            if data is not None:
-                self.verify(data, lba, n, "final pass")
+        self.verify_all(buf, "final pass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-sectors", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--no-discard", action="store_true")
+    ap.add_argument("--no-final-pass", action="store_true", help="(a first half: --resume checks it all)")
+    ap.add_argument("--save-state", metavar="PATH", help="at the end, write what every sector must hold")
+    ap.add_argument(
+        "--resume", metavar="PATH", help="first check every sector against a --save-state file, then go on"
+    )
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     rnd = random.Random(seed)
@@ -331,8 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
         size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
-        soak = Soak(fd, size // SECTOR, rnd.getrandbits(32), seed)
         bufs = [mmap.mmap(-1, MAX_SECTORS * SECTOR + 8 * SECTOR) for _ in range(args.threads)]
+        if args.resume:
+            head, gens = Soak.load(args.resume)
+            if head["sectors"] != size // SECTOR:
+                raise SystemExit(
+                    f"{args.device}: {size // SECTOR} sectors, the saved state has {head['sectors']}"
+                )
+            # Sector contents derive from the first half's seed and run id; the mix gets a new seed.
+            soak = Soak(fd, size // SECTOR, head["run_id"], head["seed"])
+            soak.gens = gens
+            soak.next_gen = head["next_gen"]
+            soak.verify_all(bufs[0], "after reconnect")
+        else:
+            soak = Soak(fd, size // SECTOR, rnd.getrandbits(32), seed)
         slice_ = soak.sectors // args.threads
         rounds = 0
         while True:
@@ -367,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         soak.flush(data_only=False)
-        soak.final_pass(bufs[0])
+        if not args.no_final_pass:
+            soak.final_pass(bufs[0])
+        if args.save_state:
+            soak.save(args.save_state)
     finally:
         os.close(fd)
     st = soak.stats
@@ -379,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "read_mib": round(st["read_bytes"] / 2**20, 1),
         **{k: v for k, v in st.items() if not k.endswith("_bytes")},
         "discarded_mib": round(st["discarded_bytes"] / 2**20, 1),
+        "resumed": bool(args.resume),
+        "resume_verified_mib": round(st["resume_verified_bytes"] / 2**20, 1),
         "problems": soak.problems,
     }
     print(json.dumps(result), flush=True)
