@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# xenci-timeout: 1500
 # Issue 13, item 3: a data-integrity soak through the bundled engine (Xen transport, kernel blkback
 # unloaded), once with persistent grants and once without (--no-persistent-grants), in one boot. dom0's
 # blkfront is the frontend; soak_io.py drives it with O_DIRECT: a random mix of 512 B - 1 MiB writes and
@@ -22,7 +23,6 @@
 #     connects; the engine sees Initialised/Connected and reconnects on the device it kept.
 # Checked across it: one `opened` in the engine's log per mode, `opened` = 1 throughout, the same loop
 # device and diskseq, no release, a second `connected:` in the same grant mode, zero errors.
-# xenci-timeout: 1500
 . "$XENCI_SCENARIOS/lib.sh"
 
 script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
