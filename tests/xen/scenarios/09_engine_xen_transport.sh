@@ -38,9 +38,10 @@ mount /dev/xvdb "$XENCI_WORK/mnt" || fail "mount for read-back failed"
 [ "$(md5sum < "$XENCI_WORK/mnt/data")" = "$sum" ] || fail "data read back through the engine differs"
 umount "$XENCI_WORK/mnt"
 # No frontend reconnect here: unbinding and rebinding dom0's blkfront leaves the frontend Closed
-# (observed: state 6 on both sides, /dev/xvdb never returns), because Linux blkfront only connects a
-# freshly probed device (state Initialising). Scenario 11 reconnects for real: pvgrub's blkfront hands
-# the disk to Linux's inside one domain.
+# (observed: state 6 on both sides, /dev/xvdb never returns), because Linux blkfront handshakes on
+# backend InitWait only from Initialising (and probe does not reset the state); it does from Closed on a
+# backend Connected edge, which scenario 16 uses for its mid-soak reconnect. Scenario 11 reconnects a
+# guest for real: pvgrub's blkfront hands the disk to Linux's inside one domain.
 
 say "detach"
 t=$(now)

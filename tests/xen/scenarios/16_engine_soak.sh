@@ -19,7 +19,7 @@
 #     rings blkfront_closing never freed: BUG_ON(nr_rings) in negotiate_mq, a dom0 oops. Not done;
 #   - so the frontend is unbound (blkfront_remove: the dead gendisk and its rings go) and bound again (a
 #     fresh blkfront, still Closed: probe does not reset the state), and the toolstack writes backend
-#     state 4: blkfront, Closed, runs talk_to_blkback (new ring, new event channel, Initialised) and
+#     state 4: blkfront, Closed, runs talk_to_blkback (a newly granted ring and event channel, Initialised) and
 #     connects; the engine sees Initialised/Connected and reconnects on the device it kept.
 # Checked across it: one `opened` in the engine's log per mode, `opened` = 1 throughout, the same loop
 # device and diskseq, no release, a second `connected:` in the same grant mode, zero errors.
