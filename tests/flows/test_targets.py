@@ -98,7 +98,7 @@ def test_by_diskseq_link_to_a_regular_file_is_refused(
     link = Path("/dev/disk/by-diskseq/4294967291")
     make_link(dev_links, link, str(image))
     be = libxl.create_backend(5, 51712, str(link), "w")
-    result = libxl.run("add", be)
+    result = libxl.run("add", be, XENBLOCKCTL_HANDOFF_TIMEOUT="2")  # refused long before
     assert result.returncode == 1, result.stderr
     nodes = libxl.nodes(be)
     assert nodes["hotplug-error"].startswith("identity-mismatch: "), nodes
