@@ -15,16 +15,18 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "kernel": {"errors"},
     "xenstore": {"errors"},
-    "blockscript": {"errors", "kernel", "xenstore", "config", "environment", "journal"},
-    "backend": {"errors", "kernel", "xenstore", "config", "environment", "journal"},
+    "nbd": {"errors"},
+    "blockscript": {"errors", "kernel", "xenstore", "nbd", "config", "environment", "journal"},
+    "backend": {"errors", "kernel", "xenstore", "nbd", "config", "environment", "journal"},
     "config": {"errors"},
     "environment": set(),
     "journal": {"errors"},
-    "toolstack": {"errors", "kernel", "xenstore", "blockscript", "config", "environment", "journal"},
+    "toolstack": {"errors", "kernel", "xenstore", "nbd", "blockscript", "config", "environment", "journal"},
     "cli": {
         "errors",
         "kernel",
         "xenstore",
+        "nbd",
         "blockscript",
         "backend",
         "config",
@@ -37,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
         "kernel",
         "xenstore",
+        "nbd",
         "blockscript",
         "backend",
         "config",
@@ -48,6 +51,7 @@ ALLOWED: dict[str, set[str]] = {
 #: third-party modules per layer: the kernel layer is stdlib only.
 THIRD_PARTY_ALLOWED: dict[str, set[str]] = {
     "kernel": set(),
+    "nbd": set(),
     "xenstore": {"pyxs"},
     "cli": {"click", "pyxs"},
 }
