@@ -14,6 +14,7 @@ from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.remove import run_remove
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.kernel.blockdev import BlockDevice, identify
@@ -268,19 +269,23 @@ def test_remove_leaves_a_newer_owner_record_alone(libxl: Libxl, monkeypatch: pyt
     new = OwnerRecord("device", 7, 3, 0x11, "w").format()
     libxl.store.write_many({be.node("xenblockctl-owner"): old, be.node("physical-device"): "7:3"})
 
-    def pause(point: str) -> None:
+    def pause(env: Environment, point: str) -> None:
         if point == "remove-detached":
             libxl.store.write_many({be.node("xenblockctl-owner"): new, be.node("physical-device-luid"): "11"})
 
     monkeypatch.setattr(faults, "pause", pause)
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
-        result = run_remove(store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False))
+        result = run_remove(
+            store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False), env=Environment({})
+        )
     assert result.detached == "not-a-loop"
     nodes = libxl.nodes(be)
     assert nodes["xenblockctl-owner"] == new
     assert (nodes["physical-device"], nodes["physical-device-luid"]) == ("7:3", "11")
     # without the concurrent add, the same remove withdraws everything
-    monkeypatch.setattr(faults, "pause", lambda point: None)
+    monkeypatch.setattr(faults, "pause", lambda env, point: None)
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
-        run_remove(store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False))
+        run_remove(
+            store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False), env=Environment({})
+        )
     assert not {"xenblockctl-owner", "physical-device", "physical-device-luid"} & set(libxl.nodes(be))

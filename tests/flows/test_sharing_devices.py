@@ -17,6 +17,7 @@ from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript import add, sharing
 from xenblockctl.blockscript.settings import Settings
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import dm, loop, sysfs
 from xenblockctl.xenstore.client import XenStore
@@ -144,13 +145,15 @@ def test_device_under_a_dm_table_is_refused_writable(
         lambda major, minor: ["dm-7"] if (major, minor) == held else real_holders(major, minor),
     )
     monkeypatch.setattr(dm, "dm_holders", lambda major, minor: ["vg0-data"] if (major, minor) == held else [])
-    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
+    env = Environment({"XENBLOCKCTL_LOCK_DIR": str(libxl.lock_dir)})
     params = f"/dev/loop{admin_loop.number}"
     be = libxl.create_backend(5, 51712, params, "w")
     path = BackendPath("vbd", 5, 51712)
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
         with pytest.raises(sharing.SharingConflict, match="held by dm device 'vg0-data'"):
-            add.run_add(store, path, Settings(handoff_timeout=2.0), Journal("test-sharing", stderr=False))
+            add.run_add(
+                store, path, Settings(handoff_timeout=2.0), Journal("test-sharing", stderr=False), env=env
+            )
         nodes = libxl.nodes(be)
         assert nodes["hotplug-status"] == "busy", nodes
         assert "physical-device" not in nodes
@@ -162,6 +165,7 @@ def test_device_under_a_dm_table_is_refused_writable(
             BackendPath("vbd", 6, 51712),
             Settings(handoff_timeout=10.0),
             Journal("test-sharing", stderr=False),
+            env=env,
         )
         consumer.wait_opened()
         consumer.release()

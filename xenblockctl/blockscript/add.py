@@ -18,6 +18,7 @@ from xenblockctl.blockscript.owner import NODE as OWNER_NODE
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
@@ -60,7 +61,9 @@ class AddResult(NamedTuple):
     already: bool = False
 
 
-def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Journal) -> AddResult:
+def run_add(
+    store: XenStore, path: BackendPath, settings: Settings, journal: Journal, *, env: Environment
+) -> AddResult:
     home = store.home()
     be = backend_dir(store, path)
     published = False
@@ -74,13 +77,14 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
             if "physical-device" not in published_nodes:
                 raise BackendClosing("physical-device was withdrawn while this repeated add checked it")
             return _confirm_existing(published_nodes)
-        faults.pause("add-start")
+        faults.pause(env, "add-start")
         config = (mode, target_params)
-        with claim.open_target(target, writable=writable, for_backend=True) as opened:
+        with claim.open_target(target, writable=writable, env=env, for_backend=True) as opened:
             claimed = claim.claim(
                 opened,
                 use=claim.Use((path.domid, path.devid), direct_io=settings.direct_io),
                 lock_timeout=settings.lock_timeout,
+                env=env,
                 check=lambda wanted: sharing.check(store, home, be, wanted),
                 publish=lambda made: store.run_transaction(lambda tx: _publish(tx, home, be, made, config)),
             )
@@ -91,7 +95,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 f"published {device.identity.physical_device} luid {device.identity.luid} for {target.path}",
                 DISKSEQ=device.identity.diskseq,
             )
-            faults.pause("add-published")
+            faults.pause(env, "add-published")
             consumer = handoff.wait_for_consumer(
                 store,
                 home=home,
@@ -99,8 +103,9 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 path=path,
                 identity=device.identity,
                 timeout=settings.handoff_timeout,
+                bus=env.xen_backend_bus,
             )
-            faults.pause("add-consumer-ready")
+            faults.pause(env, "add-consumer-ready")
             if (
                 isinstance(device, LoopDevice)
                 and consumer is handoff.Consumer.KERNEL
@@ -110,7 +115,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 device.set_autoclear(False)
                 owner = owner.with_autoclear(False)
             store.run_transaction(lambda tx: _mark_connected(tx, be, owner))
-            faults.pause("add-done")
+            faults.pause(env, "add-done")
             return AddResult(
                 device.identity.physical_device, device.identity.luid, claimed.path, consumer.value
             )

@@ -31,6 +31,7 @@ from xenblockctl.blockscript.locks import target_lock
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.sharing import Wanted
 from xenblockctl.blockscript.target import Target, maybe_dm
+from xenblockctl.environment import Environment
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
@@ -83,17 +84,17 @@ class Opened:
         self.close()
 
 
-def open_target(target: Target, *, writable: bool, for_backend: bool = False) -> Opened:
+def open_target(target: Target, *, writable: bool, env: Environment, for_backend: bool = False) -> Opened:
     """Open `target` once and check what its form promises. `snapshot:` targets are assembled for
     a backend only (`for_backend`); everything else may also be opened just to look at it."""
     if target.snapshot:
         if not for_backend:
             raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
-        return _Snapshot.open(target, writable=writable)
+        return _Snapshot.open(target, writable=writable, env=env)
     if maybe_dm(target):
         from xenblockctl.blockscript import dmtargets  # dm code only for dm forms
 
-        named = dmtargets.open_named(target, writable=writable)
+        named = dmtargets.open_named(target, writable=writable, env=env)
         if named is not None:
             return _Named(named, writable=writable)
     fd = blockdev.open_path(target.path, writable=writable)
@@ -116,13 +117,14 @@ def claim(
     *,
     use: Use,
     lock_timeout: float,
+    env: Environment,
     check: Callable[[Wanted], None],
     publish: Callable[[Claimed], None],
 ) -> Claimed:
     """Lock -> sharing check -> make -> publish, the lock held throughout. A failure after make()
     closes the made device (delete-on-close unwinds it); the caller still closes `opened`."""
-    faults.pause("add-target-open")
-    with target_lock(opened.key, timeout=lock_timeout):
+    faults.pause(env, "add-target-open")
+    with target_lock(opened.key, timeout=lock_timeout, lock_dir=env.lock_dir):
         check(opened.wanted)
         claimed = opened.make(use)
         try:
@@ -251,7 +253,7 @@ class _Snapshot(_FdOpened):
         self.ctl: DmControl | None = None
 
     @classmethod
-    def open(cls, target: Target, *, writable: bool) -> _Snapshot:
+    def open(cls, target: Target, *, writable: bool, env: Environment) -> _Snapshot:
         from xenblockctl.blockscript import dmtargets
 
         fd = blockdev.open_path(target.path, writable=False)
@@ -262,7 +264,7 @@ class _Snapshot(_FdOpened):
                     f"{target.path}: the base of a snapshot: target must be a regular image file"
                 )
             opened = cls(fd, st, target.path, writable=writable)
-            opened.ctl = dmtargets.control()  # no dm: fail before anything is allocated
+            opened.ctl = dmtargets.control(env)  # no dm: fail before anything is allocated
             return opened
         except BaseException:
             os.close(fd)

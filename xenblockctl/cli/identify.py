@@ -9,6 +9,7 @@ import click
 
 from xenblockctl.blockscript.claim import Use, open_target
 from xenblockctl.blockscript.target import parse_target
+from xenblockctl.environment import Environment
 from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.loop import LoopDevice
 
@@ -24,7 +25,7 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
     target = parse_target(path)
     # The block script's open, without its lock, sharing check or publishing: nothing is claimed.
     with (
-        open_target(target, writable=writable) as opened,
+        open_target(target, writable=writable, env=Environment.of_process()) as opened,
         opened.make(Use(("identify", os.getpid()))).device as device,
     ):
         ident = device.identity
