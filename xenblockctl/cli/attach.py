@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from xenblockctl.cli.exitcodes import EXIT_TIMEOUT
-from xenblockctl.cli.output import Progress, connect, emit_json
+from xenblockctl.cli.output import Progress, connect, devnum, emit_json
 
 
 def _default_script() -> str:
@@ -115,15 +115,19 @@ def attach(  # noqa: PLR0917 - one parameter per click option
         finally:
             progress.done()
     record = _record(result)
+    timed_out = wait > 0 and not result.connected
     if as_json:
         emit_json("attach", record)
     else:
-        device = record["device_path"] or record["physical_device"]
+        device = record["device_path"] or "-"
+        numbers = devnum(record["major"], record["minor"])
+        ident = "" if numbers is None else f" ({numbers}, diskseq {record['diskseq']})"
+        # On a timeout the reason goes to stderr once, as the error line; stdout says what is attached.
+        outcome = "" if timed_out else f": {result.message}"
         click.echo(
-            f"{record['vdev']} of domain {record['domid']}: {device} ({record['physical_device']}, "
-            f"luid {record['luid']}) via {record['consumer']}: {result.message}"
+            f"{record['vdev']} of domain {record['domid']}: {device}{ident} via {record['consumer']}{outcome}"
         )
-    if wait > 0 and not result.connected:
+    if timed_out:
         if not as_json:
             click.echo(f"xenblockctl: wait-timeout: {result.message}", err=True)
             click.echo(
@@ -133,6 +137,9 @@ def attach(  # noqa: PLR0917 - one parameter per click option
 
 
 def _record(result: Any) -> dict[str, Any]:
+    from xenblockctl.blockscript.owner import parse_luid
+    from xenblockctl.xenstore.vbd import parse_physical_device
+
     spec = result.spec
     loc = spec.location
     add = result.add
@@ -147,8 +154,12 @@ def _record(result: Any) -> dict[str, Any]:
         "frontend_path": loc.frontend,
         "target": spec.params,
         "mode": spec.mode,
+        # as published in xenstore (hex), and the same numbers as lsblk and sysfs print them
         "physical_device": None if add is None else add.physical_device,
         "luid": None if add is None else add.luid,
+        "major": None if add is None else parse_physical_device(add.physical_device)[0],
+        "minor": None if add is None else parse_physical_device(add.physical_device)[1],
+        "diskseq": None if add is None else parse_luid(add.luid),
         "device_path": None if add is None else add.device_path,
         "consumer": None if add is None else add.consumer,
         "connected": result.connected,

@@ -7,7 +7,6 @@ import click
 
 from xenblockctl.cli.exitcodes import EXIT_BUSY
 from xenblockctl.cli.output import Progress, connect, emit_json
-from xenblockctl.xenstore.numbers import uint_or_none
 
 
 @click.command()
@@ -35,9 +34,7 @@ def detach(domain: str, vdev: str, force: bool, wait: float | None, as_json: boo
     progress = Progress(False if as_json else None)
     with connect() as store:
         # A dead domain's leftovers are exactly what detach must be able to clean: no liveness check.
-        domid = uint_or_none(domain, maximum=0xFFFF)
-        if domid is None:
-            domid = domains.resolve(store, domain)
+        domid = domains.lookup(store, domain)
         own = store.own_domid()
         loc = vbd_dirs.locate(store, domid, number, home_domid=own)
         if loc is None:
