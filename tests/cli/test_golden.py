@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 from tests.fixtures.cli import CliRunner, Engine
 from tests.fixtures.kernel import ImageFactory
+from tests.support import jsonschema_lite
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.vbd import parse_physical_device
@@ -55,7 +57,27 @@ def check_golden_text(name: str, text: str, replace: dict[str, str] | None = Non
     assert text == path.read_text(), f"{name}: differs from {path}:\n{text}"
 
 
+def shipped_schema(name: str) -> dict[str, Any]:
+    """A JSON Schema as the installed package carries it (package data, not the checkout's path)."""
+    text = resources.files("xenblockctl").joinpath("schemas", f"{name}.json").read_text()
+    schema = json.loads(text)
+    assert isinstance(schema, dict)
+    return schema
+
+
+def check_schema(doc: Any, *, wildcards: bool = False) -> None:
+    """Every document names its schema; the document must be valid under it."""
+    assert isinstance(doc, dict)
+    assert "schema" in doc, "a --json document without its schema key"
+    problems = jsonschema_lite.errors(
+        shipped_schema(doc["schema"].removeprefix("xenblockctl.")), doc, wildcards=wildcards
+    )
+    assert problems == [], "\n".join(problems)
+
+
 def check_golden(name: str, doc: Any, tmp: Path, volatile: frozenset[str] = frozenset()) -> None:
+    if name != "doctor-shape":  # a summary of a doctor document, not one
+        check_schema(doc)
     normalized = _normalize(doc, str(tmp), volatile)
     path = GOLDEN / f"{name}.json"
     text = json.dumps(normalized, indent=2, sort_keys=True) + "\n"
@@ -162,6 +184,7 @@ def test_config(run_cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_doctor_shape(run_cli: CliRunner, tmp_path: Path) -> None:
     """Messages depend on the host; the document's shape and check names do not."""
     doc = run_cli("doctor", "--json").json()
+    check_schema(doc)
     shape = {
         "schema": doc["schema"],
         "keys": sorted(doc),
@@ -272,3 +295,56 @@ def test_identify_human_and_json(run_cli: CliRunner, make_image: ImageFactory, t
         for line in human.out.splitlines()
     )
     check_golden_text("identify", normalized)
+
+
+def test_every_golden_file_is_valid_under_its_shipped_schema() -> None:
+    """Golden files keep `<name>` placeholders for per-run values: those match anything; every
+    other value, every key and every missing key is checked."""
+    documents = sorted(p for p in GOLDEN.glob("*.json") if p.name != "doctor-shape.json")
+    assert [p.stem for p in documents] == [
+        "attach",
+        "config",
+        "detach",
+        "error",
+        "gc-dry-run",
+        "identify",
+        "list",
+        "show",
+    ]
+    for path in documents:
+        check_schema(json.loads(path.read_text()), wildcards=True)
+    shipped = sorted(p.name for p in resources.files("xenblockctl").joinpath("schemas").iterdir())
+    assert shipped == [
+        f"{n}.v1.json"
+        for n in (
+            "attach",
+            "config",
+            "detach",
+            "doctor",
+            "error",
+            "gc",
+            "identify",
+            "list",
+            "sandbox",
+            "show",
+        )
+    ]
+
+
+def test_the_validator_refuses_what_the_schemas_forbid() -> None:
+    """The checks above mean something: a hex major, a missing key and an extra key all fail."""
+    doc = json.loads((GOLDEN / "list.json").read_text())
+    vbd = doc["vbds"][0]
+    schema = shipped_schema("list.v1")
+    assert jsonschema_lite.errors(schema, doc) == []
+    for change in ({"major": "103"}, {"diskseq": "1f"}, {"physical_device": "259:99999x"}, {"extra": 1}):
+        bad = {**doc, "vbds": [{**vbd, **change}]}
+        assert jsonschema_lite.errors(schema, bad), change
+    missing = {**doc, "vbds": [{k: v for k, v in vbd.items() if k != "luid"}]}
+    assert jsonschema_lite.errors(schema, missing) == ["$.vbds[0]: missing key 'luid'"]
+
+
+def test_error_document(run_cli: CliRunner, tmp_path: Path) -> None:
+    result = run_cli("show", "guest5", "xvdq", "--json")
+    assert result.code == 3
+    check_golden("error", result.json(), tmp_path)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import click
 
+from xenblockctl.cli.complete import complete_domain, complete_vdev
 from xenblockctl.cli.exitcodes import EXIT_BUSY
 from xenblockctl.cli.output import Progress, connect, emit_json
 
 
 @click.command()
-@click.argument("domain")
-@click.argument("vdev")
+@click.argument("domain", shell_complete=complete_domain)
+@click.argument("vdev", shell_complete=complete_vdev)
 @click.option(
-    "--force", is_flag=True, help="Remove the frontend first if the guest does not close (libxl -f)."
+    "-f", "--force", is_flag=True, help="Remove the frontend first if the guest does not close (libxl -f)."
 )
 @click.option(
     "--wait",

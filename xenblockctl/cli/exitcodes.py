@@ -35,6 +35,9 @@ _BY_CODE: dict[str, int] = {
     "wait-timeout": EXIT_TIMEOUT,
     "handoff-timeout": EXIT_TIMEOUT,
     "xenstore-timeout": EXIT_TIMEOUT,
+    # a bad command-line value, found after click parsed it: still a usage error
+    "vdev-invalid": EXIT_USAGE,
+    "disk-spec-invalid": EXIT_USAGE,
 }
 
 #: Hints for codes raised below the CLI (which cannot know what the admin should do next).

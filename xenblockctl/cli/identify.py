@@ -13,7 +13,7 @@ from xenblockctl.kernel.loop import LoopDevice, make_tag
 
 
 @click.command()
-@click.argument("path")
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--writable", is_flag=True, help="Open read-write (as for mode w) instead of read-only.")
 def identify(path: str, as_json: bool, writable: bool) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from xenblockctl.cli.complete import complete_domain
 from xenblockctl.cli.output import connect, devnum, emit_json, table
 
 Row = dict[str, Any]
@@ -68,7 +69,12 @@ def parse_columns(text: str | None) -> list[str]:
 
 @click.command(name="list")
 @click.option(
-    "--domain", "domain", default=None, metavar="DOMAIN", help="Only this domain's vbds (id or name)."
+    "--domain",
+    "domain",
+    default=None,
+    metavar="DOMAIN",
+    shell_complete=complete_domain,
+    help="Only this domain's vbds (id or name).",
 )
 @click.option(
     "-o",

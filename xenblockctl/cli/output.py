@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from xenblockctl.xenstore.client import XenStore
+if TYPE_CHECKING:  # the client (and pyxs) load only when a command connects: TAB stays cheap
+    from xenblockctl.xenstore.client import XenStore
 
 
 def schema(command: str) -> str:
@@ -95,6 +96,7 @@ class Progress:
 def connect() -> XenStore:
     """Like libxenstore: XENSTORED_PATH, then the standard socket, then /dev/xen/xenbus."""
     from xenblockctl import config
+    from xenblockctl.xenstore.client import XenStore
 
     timeout = float(config.load()["hotplug.xenstore_timeout"].value)
     return XenStore.connect(timeout=timeout)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+from xenblockctl.cli.complete import complete_domain, complete_vdev
 from xenblockctl.cli.output import connect, emit_json, fields
 
 
 @click.command()
-@click.argument("domain")
-@click.argument("vdev")
+@click.argument("domain", shell_complete=complete_domain)
+@click.argument("vdev", shell_complete=complete_vdev)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def show(domain: str, vdev: str, as_json: bool) -> None:
     """Show one vbd: both states, target, device, major:minor, diskseq vs luid, holder, hotplug status."""
