@@ -3,7 +3,6 @@ and the xenstore connection every command opens the same way."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,8 @@ def schema(command: str) -> str:
 
 
 def emit_json(command: str, payload: dict[str, Any]) -> None:
+    import json  # here, not at the top: every TAB imports this module, few print JSON
+
     click.echo(json.dumps({"schema": schema(command), **payload}, sort_keys=True, indent=2))
 
 
