@@ -140,6 +140,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     from xenblockctl import config
     from xenblockctl.blockscript.settings import Settings
     from xenblockctl.blockscript.target import parse_target
+    from xenblockctl.environment import Environment
     from xenblockctl.toolstack import domains, lifecycle
     from xenblockctl.toolstack.vbd_dirs import DiskSpec
     from xenblockctl.xenstore.vdev import Vdev
@@ -166,7 +167,8 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     path = resolve_target(target)
     parse_target(path)  # refuse what the block script would refuse, before writing anything
     auto = vdev in (None, "auto")
-    settings = Settings.from_env(os.environ)
+    env = Environment.of_process()
+    settings = Settings.from_env(env.variables)
     progress = Progress(False if as_json else None)
     with connect() as store:
         domid = domains.resolve(store, domain)
@@ -192,6 +194,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
                 disk_spec,
                 auto_vdev=auto,
                 settings=settings,
+                env=env,
                 wait=wait,
                 own_domid=own,
                 progress=progress,

@@ -8,6 +8,7 @@ import click
 from xenblockctl.cli.complete import complete_domain, complete_vdev
 from xenblockctl.cli.exitcodes import EXIT_BUSY
 from xenblockctl.cli.output import Progress, connect, emit_json
+from xenblockctl.environment import Environment
 
 
 @click.command()
@@ -41,7 +42,15 @@ def detach(domain: str, vdev: str, force: bool, wait: float | None, as_json: boo
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
         try:
-            result = lifecycle.detach(store, loc, wait=wait, force=force, own_domid=own, progress=progress)
+            result = lifecycle.detach(
+                store,
+                loc,
+                wait=wait,
+                force=force,
+                own_domid=own,
+                env=Environment.of_process(),
+                progress=progress,
+            )
         finally:
             progress.done()
     record = {

@@ -9,6 +9,7 @@ import click
 
 from xenblockctl.cli.complete import complete_domain
 from xenblockctl.cli.output import connect, devnum, emit_json, table
+from xenblockctl.environment import Environment
 
 Row = dict[str, Any]
 
@@ -97,7 +98,7 @@ def list_vbds(domain: str | None, columns: str | None, no_headings: bool, as_jso
     names = parse_columns(columns)
     with connect() as store:
         domid = None if domain is None else domains.lookup(store, domain)
-        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid)
+        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid, env=Environment.of_process())
     if as_json:
         emit_json("list", {"vbds": [v.to_json() for v in vbds]})
         return

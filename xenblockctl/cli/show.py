@@ -6,6 +6,7 @@ import click
 
 from xenblockctl.cli.complete import complete_domain, complete_vdev
 from xenblockctl.cli.output import connect, emit_json, fields
+from xenblockctl.environment import Environment
 
 
 @click.command()
@@ -23,7 +24,7 @@ def show(domain: str, vdev: str, as_json: bool) -> None:
         loc = vbd_dirs.locate(store, domid, number, home_domid=store.own_domid())
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
-        record = inventory.inspect(store, loc).to_json()
+        record = inventory.inspect(store, loc, env=Environment.of_process()).to_json()
     if as_json:
         emit_json("show", {"vbd": record})
         return
