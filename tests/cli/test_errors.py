@@ -11,6 +11,7 @@ import pytest
 
 from tests.fixtures.cli import CliRunner
 from xenblockctl.cli import exitcodes
+from xenblockctl.xenstore.client import XenStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,3 +137,35 @@ def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_pa
     piped = run(subprocess.PIPE)
     assert "waiting for" not in piped
     assert piped.startswith("xenblockctl: no-backend:")
+
+
+def test_detach_progress_only_on_a_terminal(cli_env: dict[str, str], cli_store: XenStore) -> None:
+    """detach --wait shows where it is on a terminal and nothing when piped (a script reads stderr
+    for the error line only)."""
+    import pty
+
+    from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
+    from xenblockctl.xenstore.vdev import Vdev
+
+    written = write_vbd(cli_store, DiskSpec(5, Vdev.parse("xvdb"), "/srv/b.img", "w"))
+    cli_store.write(f"{written.location.backend}/state", "4")  # Connected, and nobody to close it
+    argv = [sys.executable, "-m", "xenblockctl", "detach", "guest5", "xvdb", "--wait", "1"]
+    env = {**os.environ, **cli_env}
+
+    def run(stdout: int) -> str:
+        proc = subprocess.run(
+            argv, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False
+        )
+        assert proc.returncode == exitcodes.EXIT_BUSY  # nobody serves it: it never reaches Closed
+        return proc.stderr.decode()
+
+    main_fd, tty_fd = pty.openpty()
+    try:
+        on_tty = run(tty_fd)
+    finally:
+        os.close(main_fd)
+        os.close(tty_fd)
+    assert "\rwaiting for Closed: " in on_tty
+    piped = run(subprocess.PIPE)
+    assert "waiting for" not in piped
+    assert piped.startswith("xenblockctl: detach-stuck:")

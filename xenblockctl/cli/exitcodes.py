@@ -57,6 +57,7 @@ _HINTS: dict[str, str] = {
     "not-ours": "xenblockctl only touches devices it made; detach others with losetup/dmsetup",
     "loop-busy": "retry; `xenblockctl doctor` checks for leaked loop devices",
     "internal": "rerun with --debug and report the traceback",
+    "vdev-invalid": "name it as xen-vbd-interface(7) does: xvdb, sdc, hda, d1p2, or its number (51728)",
 }
 
 
