@@ -27,7 +27,9 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
@@ -334,7 +336,7 @@ def detach(
 ) -> DetachResult:
     journal = journal or _silent()
     path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
-    before = store.read_optional(join(loc.backend, "xenblockctl-owner"))
+    before = store.read_optional(join(loc.backend, identity.OWNER))
     state = _begin_close(store, loc, force=force)
     # State 1: no backend driver ever took the directory, so nobody will answer Closing.
     closed = state in (None, "1", "6")
@@ -378,8 +380,6 @@ def _confirm_gone(
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
     assumed (a backend holding the device keeps a loop bound until it lets go)."""
-    from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
-
     deadline = time.monotonic() + max(wait, 0.5)
     while True:
         stuck: list[str] = []
@@ -393,12 +393,15 @@ def _confirm_gone(
                 owner = OwnerRecord.parse(owner_text)
             except OwnerRecordError:
                 owner = None
-            if owner is not None and owner.kind == "loop":
-                with contextlib.suppress(XenblockError):
-                    if blockdev.live_diskseq(owner.devt) == owner.diskseq:
-                        stuck.append(
-                            f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
-                        )
+            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked).
+            if (
+                owner is not None
+                and owner.kind == "loop"
+                and owner.identity.liveness(blockdev.observe) is Liveness.LIVE
+            ):
+                stuck.append(
+                    f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
+                )
         if not stuck or time.monotonic() >= deadline:
             return stuck
         time.sleep(0.05)
