@@ -273,6 +273,37 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
         assert store.read_optional(be.node("hotplug-status")) is None, "status untouched: only recorded"
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, make_image: ImageFactory) -> None:
+    """A device of size 0 that still has the published diskseq is the published device (the one
+    verdict, xenstore/identity.py): no error. Its `diskseq` node is checked like the luid."""
+    dev = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test-udev")
+    ident = dev.identity
+    dev.close()  # unbound: size 0, a new diskseq
+    from xenblockctl.kernel import blockdev
+
+    now = blockdev.observe(ident.devt)
+    assert now is not None
+    if now.size_bytes:
+        pytest.skip("the loop number was bound again by another process meanwhile")
+    be = libxl.create_backend(5, 51744, "/unused")
+    seq = f"{now.diskseq:x}"
+    libxl.store.write_many(
+        {be.node("physical-device"): ident.physical_device, be.node("physical-device-luid"): seq}
+    )
+    event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "change"}
+    event.update(MAJOR=str(ident.major), MINOR=str(ident.minor), DISKSEQ=str(now.diskseq))
+    _hook("block", event)
+    assert "hotplug-error" not in libxl.nodes(be), "the device still carries the published diskseq"
+    libxl.store.write(be.node("diskseq"), ident.luid)  # disagrees with the luid: not ours to judge
+    _hook("block", event)
+    assert "hotplug-error" not in libxl.nodes(be)
+    libxl.store.write_many({be.node("physical-device-luid"): ident.luid})  # both name the old binding
+    _hook("block", event)
+    assert "has no media (detached)" in libxl.nodes(be).get("hotplug-error", "")
+
+
 # --- a real systemd-udevd -------------------------------------------------------------------------
 
 UDEVD = "/lib/systemd/systemd-udevd"
