@@ -215,7 +215,7 @@ class BackendDevice:
             return True
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return True
-        if self.phase is Phase.INIT_WAIT and "physical-device" in nodes:
+        if self.phase is Phase.INIT_WAIT and identity.PHYSICAL_DEVICE in nodes:
             try:
                 self._open_device()
             except XenblockError as exc:

@@ -42,7 +42,7 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState, backend_dir
 #: transaction: `_publish` re-reads every one of these it relies on inside the publishing
 #: transaction, so a change in between (closing, deleted, re-created with other params, published
 #: by a concurrent add) is refused there and never published over.
-CONFIG_NODES = ("state", "online", "mode", "params", "physical-device")
+CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE)
 
 
 class BackendGone(XenblockError):
@@ -333,7 +333,7 @@ def _publish(tx: Transaction, home: str, be: str, claimed: _Claimed, config: tup
     backend at the same domain/devid (a refusal, a blkback failure) would fail this attach. Nothing
     can have reported an error for this backend yet: no consumer acts before physical-device."""
     state, online, published, mode, params = tx.read_many(
-        [join(be, name) for name in ("state", "online", "physical-device", "mode", "params")]
+        [join(be, name) for name in ("state", "online", identity.PHYSICAL_DEVICE, "mode", "params")]
     )
     if state is None:
         raise BackendGone(f"{be} vanished before publishing")

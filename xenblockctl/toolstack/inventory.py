@@ -177,7 +177,7 @@ class VbdInfo:
             "type": self._node("type"),
             "params": self._node("params"),
             "script": self._node("script"),
-            "physical_device": self._node("physical-device"),
+            "physical_device": self._node(published_identity.PHYSICAL_DEVICE),
             "major": None if phys is None else phys[0],
             "minor": None if phys is None else phys[1],
             "device_path": self.device_path,
