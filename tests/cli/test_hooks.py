@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kernel import ImageFactory
+from tests.fixtures.kernel import EmptyLoop, ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import XenStore
@@ -275,31 +275,22 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
 
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
-def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, make_image: ImageFactory) -> None:
+def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: EmptyLoop) -> None:
     """A device of size 0 that still has the published diskseq is the published device (the one
     verdict, xenstore/identity.py): no error. Its `diskseq` node is checked like the luid."""
-    dev = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test-udev")
-    ident = dev.identity
-    dev.close()  # unbound: size 0, a new diskseq
-    from xenblockctl.kernel import blockdev
-
-    now = blockdev.observe(ident.devt)
-    assert now is not None
-    if now.size_bytes:
-        pytest.skip("the loop number was bound again by another process meanwhile")
+    now, bound = empty_loop.now, empty_loop.bound
     be = libxl.create_backend(5, 51744, "/unused")
-    seq = f"{now.diskseq:x}"
     libxl.store.write_many(
-        {be.node("physical-device"): ident.physical_device, be.node("physical-device-luid"): seq}
+        {be.node("physical-device"): now.physical_device, be.node("physical-device-luid"): now.luid}
     )
     event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "change"}
-    event.update(MAJOR=str(ident.major), MINOR=str(ident.minor), DISKSEQ=str(now.diskseq))
+    event.update(MAJOR=str(now.major), MINOR=str(now.minor), DISKSEQ=str(now.diskseq))
     _hook("block", event)
     assert "hotplug-error" not in libxl.nodes(be), "the device still carries the published diskseq"
-    libxl.store.write(be.node("diskseq"), ident.luid)  # disagrees with the luid: not ours to judge
+    libxl.store.write(be.node("diskseq"), bound.luid)  # disagrees with the luid: not ours to judge
     _hook("block", event)
     assert "hotplug-error" not in libxl.nodes(be)
-    libxl.store.write_many({be.node("physical-device-luid"): ident.luid})  # both name the old binding
+    libxl.store.write_many({be.node("physical-device-luid"): bound.luid})  # both name the old binding
     _hook("block", event)
     assert "has no media (detached)" in libxl.nodes(be).get("hotplug-error", "")
 

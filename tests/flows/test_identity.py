@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.fixtures.engine import EngineProc
-from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.kernel import EmptyLoop, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.blockscript import faults, remove
 from xenblockctl.journal import Journal
@@ -173,26 +173,15 @@ def test_remove_leaves_a_newer_adds_nodes_alone(libxl: Libxl, monkeypatch: pytes
 
 
 def test_an_empty_device_with_the_published_diskseq_is_reported_live(
-    libxl: Libxl, make_image: ImageFactory
+    libxl: Libxl, empty_loop: EmptyLoop
 ) -> None:
     """inventory once called any device of size 0 gone; the verdict is by diskseq (identity.judge)."""
-    dev = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test-ident")
-    ident = dev.identity
-    dev.close()  # unbound: size 0, a new diskseq
+    now = empty_loop.now
+    be = libxl.create_backend(5, 51712, "/unused", "w", engine=False)
     with XenStore.connect(libxl.xenstored.socket_path) as store:
-        from xenblockctl.kernel import blockdev
-
-        now = blockdev.observe(ident.devt)
-        assert now is not None
-        if now.size_bytes:
-            pytest.skip("the loop number was bound again by another process meanwhile")
-        be = libxl.create_backend(5, 51712, "/unused", "w", engine=False)
-        seq = f"{now.diskseq:x}"
         store.write_many(
-            {be.node("physical-device"): ident.physical_device, be.node("physical-device-luid"): seq}
+            {be.node("physical-device"): now.physical_device, be.node("physical-device-luid"): now.luid}
         )
-        info = inventory.inspect(store, be)
-        assert info.identity == inventory.IDENTITY_MATCH
-        store.write(be.node("physical-device-luid"), ident.luid)  # the binding that went away
-        info = inventory.inspect(store, be)
-        assert info.identity == inventory.IDENTITY_GONE
+        assert inventory.inspect(store, be).identity == inventory.IDENTITY_MATCH
+        store.write(be.node("physical-device-luid"), empty_loop.bound.luid)  # the binding that went away
+        assert inventory.inspect(store, be).identity == inventory.IDENTITY_GONE
