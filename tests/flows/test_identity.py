@@ -13,6 +13,7 @@ from tests.fixtures.engine import EngineProc
 from tests.fixtures.kernel import EmptyLoop, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.blockscript import faults, remove
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import inventory
@@ -160,13 +161,15 @@ def test_remove_leaves_a_newer_adds_nodes_alone(libxl: Libxl, monkeypatch: pytes
         be.node("xenblockctl-owner"): newer.format(),
     }
 
-    def concurrent_add(point: str) -> None:
+    def concurrent_add(_env: Environment, point: str) -> None:
         if point == "remove-detached":
             libxl.store.write_many(newer_nodes)
 
     monkeypatch.setattr(faults, "pause", concurrent_add)
     with XenStore.connect(libxl.xenstored.socket_path) as store:
-        result = remove.run_remove(store, BackendPath.parse(be.path), Journal("xbc-test", stderr=False))
+        result = remove.run_remove(
+            store, BackendPath.parse(be.path), Journal("xbc-test", stderr=False), env=Environment({})
+        )
     assert result.detached == "not-a-loop"
     nodes = libxl.nodes(be)
     assert {k: nodes.get(k.rsplit("/", 1)[1]) for k in newer_nodes} == newer_nodes
@@ -182,6 +185,6 @@ def test_an_empty_device_with_the_published_diskseq_is_reported_live(
         store.write_many(
             {be.node("physical-device"): now.physical_device, be.node("physical-device-luid"): now.luid}
         )
-        assert inventory.inspect(store, be).identity == inventory.IDENTITY_MATCH
+        assert inventory.inspect(store, be, env=Environment({})).identity == inventory.IDENTITY_MATCH
         store.write(be.node("physical-device-luid"), empty_loop.bound.luid)  # the binding that went away
-        assert inventory.inspect(store, be).identity == inventory.IDENTITY_GONE
+        assert inventory.inspect(store, be, env=Environment({})).identity == inventory.IDENTITY_GONE

@@ -79,6 +79,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     from xenblockctl import config
     from xenblockctl.blockscript.settings import Settings
     from xenblockctl.blockscript.target import parse_target
+    from xenblockctl.environment import Environment
     from xenblockctl.toolstack import domains, lifecycle
     from xenblockctl.toolstack.vbd_dirs import DiskSpec
     from xenblockctl.xenstore.vdev import Vdev
@@ -89,7 +90,8 @@ def attach(  # noqa: PLR0917 - one parameter per click option
     path = resolve_target(target)
     parse_target(path)  # refuse what the block script would refuse, before writing anything
     auto = vdev == "auto"
-    settings = Settings.from_env(os.environ)
+    env = Environment.of_process()
+    settings = Settings.from_env(env.variables)
     progress = Progress(False if as_json else None)
     with connect() as store:
         domid = domains.resolve(store, domain)
@@ -110,7 +112,14 @@ def attach(  # noqa: PLR0917 - one parameter per click option
         )
         try:
             result = lifecycle.attach(
-                store, spec, auto_vdev=auto, settings=settings, wait=wait, own_domid=own, progress=progress
+                store,
+                spec,
+                auto_vdev=auto,
+                settings=settings,
+                env=env,
+                wait=wait,
+                own_domid=own,
+                progress=progress,
             )
         finally:
             progress.done()

@@ -7,6 +7,7 @@ import click
 
 from xenblockctl.cli.exitcodes import EXIT_BUSY
 from xenblockctl.cli.output import Progress, connect, emit_json
+from xenblockctl.environment import Environment
 from xenblockctl.xenstore.numbers import uint_or_none
 
 
@@ -43,7 +44,15 @@ def detach(domain: str, vdev: str, force: bool, wait: float | None, as_json: boo
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
         try:
-            result = lifecycle.detach(store, loc, wait=wait, force=force, own_domid=own, progress=progress)
+            result = lifecycle.detach(
+                store,
+                loc,
+                wait=wait,
+                force=force,
+                own_domid=own,
+                env=Environment.of_process(),
+                progress=progress,
+            )
         finally:
             progress.done()
     record = {

@@ -8,6 +8,7 @@ import os
 import click
 
 from xenblockctl.blockscript.target import open_target, parse_target
+from xenblockctl.environment import Environment
 from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.loop import LoopDevice, make_tag
 
@@ -21,7 +22,8 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
 
     A regular file gets an auto-clearing loop device that vanishes when this command exits."""
     target = parse_target(path)
-    with open_target(target, writable=writable, tag=make_tag("identify", os.getpid())) as device:
+    tag = make_tag("identify", os.getpid())
+    with open_target(target, writable=writable, tag=tag, env=Environment.of_process()) as device:
         ident = device.identity
         record: dict[str, object] = {
             "path": path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from xenblockctl.cli.output import connect, emit_json, table
+from xenblockctl.environment import Environment
 from xenblockctl.xenstore.numbers import uint_or_none
 
 
@@ -21,7 +22,7 @@ def list_vbds(domain: str | None, as_json: bool) -> None:
             domid = uint_or_none(domain, maximum=0xFFFF)
             if domid is None:
                 domid = domains.resolve(store, domain)
-        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid)
+        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid, env=Environment.of_process())
     if as_json:
         emit_json("list", {"vbds": [v.to_json() for v in vbds]})
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from xenblockctl.cli.output import connect, emit_json
+from xenblockctl.environment import Environment
 from xenblockctl.xenstore.numbers import uint_or_none
 
 
@@ -25,7 +26,7 @@ def show(domain: str, vdev: str, as_json: bool) -> None:
         loc = vbd_dirs.locate(store, domid, number, home_domid=store.own_domid())
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
-        record = inventory.inspect(store, loc).to_json()
+        record = inventory.inspect(store, loc, env=Environment.of_process()).to_json()
     if as_json:
         emit_json("show", {"vbd": record})
         return
