@@ -1,6 +1,6 @@
 """The published identity end to end (xenstore/identity.py): what add publishes and withdraws,
-what the engine accepts, the hand-off's device check, remove's newer-owner guard, and the one
-liveness verdict as inventory and the udev hook report it. Real loop devices, the embedded
+what the engine accepts, and the one liveness verdict as inventory reports it (the hand-off's
+device check and remove's newer-owner guard: tests/flows/test_add_remove.py). Real loop devices, the embedded
 xenstored, the block script as libxl runs it, the engine as a process."""
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import pytest
 from tests.fixtures.engine import EngineProc
 from tests.fixtures.kernel import EmptyLoop, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
-from xenblockctl.blockscript import faults, remove
 from xenblockctl.environment import Environment
-from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import inventory
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.identity import PUBLISHED, OwnerRecord
-from xenblockctl.xenstore.vbd import BackendPath
+from xenblockctl.xenstore.identity import PUBLISHED
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -120,59 +117,6 @@ def test_engine_verifies_a_device_published_only_by_diskseq(
         _wait(lambda: libxl.nodes(good).get("state") == "6", 15, "engine released the device")
     finally:
         dev.close()
-
-
-def test_add_refuses_a_blkback_that_opened_another_device(libxl: Libxl, make_image: ImageFactory) -> None:
-    """Kernel blkback shows what it opened in sysfs; if that is not what we published (another
-    script's device, a stale directory), the hand-off fails and nothing stays published or bound."""
-    image = make_image()
-    be = libxl.create_backend(5, 51712, str(image), "w", engine=False)
-    fake = libxl.sysfs_bus / f"{be.kind}-{be.domid}-{be.devid}"
-    fake.mkdir(parents=True)
-    (fake / "physical_device").write_text("fe:0\n")
-    result = libxl.run("add", be)
-    assert result.returncode != 0
-    nodes = libxl.nodes(be)
-    assert nodes.get("hotplug-error", "").startswith("handoff-failed: kernel blkback opened fe:0, not 7:"), (
-        nodes
-    )
-    assert not set(PUBLISHED) & set(nodes), nodes
-    assert bound_loops_under(image.parent) == {}
-
-
-def test_remove_leaves_a_newer_adds_nodes_alone(libxl: Libxl, monkeypatch: pytest.MonkeyPatch) -> None:
-    """remove read owner record A; before it withdraws, a new add publishes record B (after a forced
-    detach, say). Withdrawing then would strip B's live device of its identity: remove must not."""
-    be = libxl.create_backend(5, 51712, "/unused", "w", engine=False)
-    first = OwnerRecord("device", 0xFE, 1, 0x10, "w")
-    newer = OwnerRecord("device", 0xFE, 2, 0x11, "w")
-    libxl.store.write_many(
-        {
-            be.node("physical-device"): "fe:1",
-            be.node("physical-device-luid"): "10",
-            be.node("diskseq"): "10",
-            be.node("xenblockctl-owner"): first.format(),
-        }
-    )
-    newer_nodes = {
-        be.node("physical-device"): "fe:2",
-        be.node("physical-device-luid"): "11",
-        be.node("diskseq"): "11",
-        be.node("xenblockctl-owner"): newer.format(),
-    }
-
-    def concurrent_add(_env: Environment, point: str) -> None:
-        if point == "remove-detached":
-            libxl.store.write_many(newer_nodes)
-
-    monkeypatch.setattr(faults, "pause", concurrent_add)
-    with XenStore.connect(libxl.xenstored.socket_path) as store:
-        result = remove.run_remove(
-            store, BackendPath.parse(be.path), Journal("xbc-test", stderr=False), env=Environment({})
-        )
-    assert result.detached == "not-a-loop"
-    nodes = libxl.nodes(be)
-    assert {k: nodes.get(k.rsplit("/", 1)[1]) for k in newer_nodes} == newer_nodes
 
 
 def test_an_empty_device_with_the_published_diskseq_is_reported_live(

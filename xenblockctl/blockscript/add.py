@@ -11,27 +11,17 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 from typing import NamedTuple
 
-from xenblockctl.blockscript import faults, handoff, sharing
-from xenblockctl.blockscript.locks import target_lock
+from xenblockctl.blockscript import claim, faults, handoff, sharing
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.settings import Settings
-from xenblockctl.blockscript.target import (
-    Target,
-    TargetSyntaxError,
-    check_expectations,
-    maybe_dm,
-    parse_target,
-)
+from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
-from xenblockctl.kernel import blockdev, loop
-from xenblockctl.kernel.blockdev import BlockDevice
-from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
+from xenblockctl.kernel import blockdev
+from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
@@ -87,17 +77,16 @@ def run_add(
                 raise BackendClosing("physical-device was withdrawn while this repeated add checked it")
             return _confirm_existing(published_nodes)
         faults.pause(env, "add-start")
-        claimed = _open_and_claim(
-            store,
-            target,
-            home=home,
-            be=be,
-            path=path,
-            writable=writable,
-            settings=settings,
-            env=env,
-            config=(mode, target_params),
-        )
+        config = (mode, target_params)
+        with claim.open_target(target, writable=writable, env=env, for_backend=True) as opened:
+            claimed = claim.claim(
+                opened,
+                use=claim.Use((path.domid, path.devid), direct_io=settings.direct_io),
+                lock_timeout=settings.lock_timeout,
+                env=env,
+                check=lambda wanted: sharing.check(store, home, be, wanted),
+                publish=lambda made: store.run_transaction(lambda tx: _publish(tx, home, be, made, config)),
+            )
         device, owner = claimed.device, claimed.owner
         try:
             published = True
@@ -165,191 +154,7 @@ def _validate(nodes: dict[str, str]) -> tuple[str, str]:
     return mode, params
 
 
-class _Claimed(NamedTuple):
-    """The device we publish (held until the consumer has it), its record and its shown path."""
-
-    device: BlockDevice
-    owner: OwnerRecord
-    path: str
-
-
-def _open_and_claim(
-    store: XenStore,
-    target: Target,
-    *,
-    home: str,
-    be: str,
-    path: BackendPath,
-    writable: bool,
-    settings: Settings,
-    env: Environment,
-    config: tuple[str, str],
-) -> _Claimed:
-    """Open the target once, check sharing under a per-target lock, create the loop device if it
-    is a file, and publish — all before the lock is released, so a concurrent add of the same
-    target sees our claim. `config` is the (mode, params) the target came from; publishing
-    re-checks it."""
-    if target.snapshot:
-        return _claim_snapshot(
-            store,
-            target,
-            home=home,
-            be=be,
-            path=path,
-            writable=writable,
-            settings=settings,
-            env=env,
-            config=config,
-        )
-    if maybe_dm(target):
-        from xenblockctl.blockscript import dmtargets
-
-        named = dmtargets.open_named(target, writable=writable, env=env)
-        if named is not None:
-            try:
-                return _claim_device(
-                    store,
-                    named,
-                    home=home,
-                    be=be,
-                    writable=writable,
-                    settings=settings,
-                    env=env,
-                    config=config,
-                )
-            except BaseException:
-                named.close()
-                raise
-    fd = blockdev.open_path(target.path, writable=writable)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            if target.expect_dm_name is not None or target.expect_diskseq is not None:
-                raise IdentityMismatch(f"{target.path} is a regular file, expected a block device")
-            wanted = sharing.Wanted(writable=writable, file_id=(st.st_dev, st.st_ino))
-            key = f"file-{st.st_dev:x}-{st.st_ino:x}"
-        else:
-            ident = blockdev.identify(fd)
-            check_expectations(target, ident)
-            wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
-            key = f"dev-{ident.major}-{ident.minor}"
-        faults.pause(env, "add-target-open")
-        with target_lock(key, timeout=settings.lock_timeout, lock_dir=env.lock_dir):
-            sharing.check(store, home, be, wanted)
-            device: BlockDevice
-            if stat.S_ISREG(st.st_mode):
-                device = loop.attach_fd(
-                    fd,
-                    read_only=not writable,
-                    tag=loop.make_tag(path.domid, path.devid),
-                    autoclear=True,
-                    direct_io=settings.direct_io,
-                    backing_path=target.path,
-                )
-            else:
-                device = BlockDevice(os.dup(fd), blockdev.identify(fd), target.path)
-                if device.identity != ident:
-                    device.close()
-                    raise IdentityMismatch(f"{target.path} changed identity while it was being checked")
-            try:
-                claimed = _Claimed(
-                    device, OwnerRecord.for_device(device, writable=writable), _device_path(device)
-                )
-                store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
-            except BaseException:
-                device.close()
-                raise
-            return claimed
-    finally:
-        os.close(fd)
-
-
-def _claim_device(
-    store: XenStore,
-    device: BlockDevice,
-    *,
-    home: str,
-    be: str,
-    writable: bool,
-    settings: Settings,
-    env: Environment,
-    config: tuple[str, str],
-) -> _Claimed:
-    """Sharing check and publish for a device already opened and confirmed (dm name/uuid forms)."""
-    ident = device.identity
-    wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
-    faults.pause(env, "add-target-open")
-    with target_lock(
-        f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout, lock_dir=env.lock_dir
-    ):
-        sharing.check(store, home, be, wanted)
-        claimed = _Claimed(device, OwnerRecord.for_device(device, writable=writable), device.path or "")
-        store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
-        return claimed
-
-
-def _claim_snapshot(
-    store: XenStore,
-    target: Target,
-    *,
-    home: str,
-    be: str,
-    path: BackendPath,
-    writable: bool,
-    settings: Settings,
-    env: Environment,
-    config: tuple[str, str],
-) -> _Claimed:
-    """`snapshot:BASE`: the base is only ever read, so the sharing check asks for read-only use of
-    the base file; the writable dm device is new and private to this backend."""
-    from xenblockctl.blockscript import dmtargets
-
-    fd = blockdev.open_path(target.path, writable=False)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TargetTypeError(
-                f"{target.path}: the base of a snapshot: target must be a regular image file"
-            )
-        with dmtargets.control(env) as ctl:  # no dm: fail before allocating anything
-            wanted = sharing.Wanted(writable=False, file_id=(st.st_dev, st.st_ino))
-            faults.pause(env, "add-target-open")
-            with target_lock(
-                f"file-{st.st_dev:x}-{st.st_ino:x}", timeout=settings.lock_timeout, lock_dir=env.lock_dir
-            ):
-                sharing.check(store, home, be, wanted)
-                disk = dmtargets.create_snapshot(
-                    ctl,
-                    fd,
-                    base_path=target.path,
-                    domid=path.domid,
-                    devid=path.devid,
-                    direct_io=settings.direct_io,
-                )
-                try:
-                    owner = OwnerRecord.for_dm(
-                        disk.device.identity,
-                        uuid=disk.uuid,
-                        backing=(st.st_dev, st.st_ino),
-                        writable=writable,
-                    )
-                    claimed = _Claimed(disk.device, owner, disk.device.path or "")
-                    store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
-                except BaseException:
-                    disk.device.close()  # deferred remove is armed: this removes it, the loops follow
-                    raise
-                return claimed
-    finally:
-        os.close(fd)
-
-
-def _device_path(device: BlockDevice) -> str:
-    if isinstance(device, LoopDevice):
-        return f"/dev/loop{device.number}"
-    return device.path or ""
-
-
-def _publish(tx: Transaction, home: str, be: str, claimed: _Claimed, config: tuple[str, str]) -> None:
+def _publish(tx: Transaction, home: str, be: str, claimed: claim.Claimed, config: tuple[str, str]) -> None:
     """One transaction: the luid can never be seen without physical-device or the other way round.
     Re-checks the backend inside the transaction so a closing or deleted backend is not revived,
     and that mode and params are still the ones the device was opened from (the first read was

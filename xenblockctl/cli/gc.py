@@ -23,7 +23,7 @@ def gc(dry_run: bool, as_json: bool) -> None:
         store = connect()
     except XenblockError as exc:
         if not as_json:
-            click.echo(f"xenblockctl: warning: {exc.one_line(200)}", err=True)
+            click.echo(f"xenblockctl: warning: {exc.one_line()}", err=True)
     try:
         home = store.own_domid() if store is not None else 0
         env = Environment.of_process()

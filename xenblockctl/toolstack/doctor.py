@@ -136,7 +136,7 @@ def run(connect: Any, env: Environment) -> tuple[list[Finding], bool]:
             Finding(
                 "xenstored",
                 ERROR,
-                f"xenstored unreachable: {exc.one_line(200)}",
+                f"xenstored unreachable: {exc.one_line()}",
                 "start xenstored (xenstored.service), or point XENSTORED_PATH at a running one "
                 "(without Xen: xenblockctl xenstored --socket PATH)",
             )
