@@ -14,12 +14,13 @@ Two steps, so that nothing is allocated before the sharing check has passed:
 
 `identify` calls open_target and make() only: no lock, no check, nothing published.
 
-One class per kind of target (file, block device, named dm device, volatile snapshot). A new kind
-(issue 17: NBD exports) is one more Opened subclass and one case in open_target; claim() and its
-callers stay as they are."""
+One class per kind of target (file, block device, named dm device, volatile snapshot, NBD export
+as a kernel NBD device). A new kind is one more Opened subclass and one case in open_target;
+claim() and its callers stay as they are."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -34,10 +35,14 @@ from xenblockctl.blockscript.target import Target, maybe_dm
 from xenblockctl.environment import Environment
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
-from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
+from xenblockctl.kernel.errors import IdentityMismatch, TargetNotFound, TargetTypeError
 
 if TYPE_CHECKING:
+    import socket
+
     from xenblockctl.kernel.dm import DmControl
+    from xenblockctl.nbd.client import ExportInfo
+    from xenblockctl.nbd.uri import NbdUri
 
 
 class Use(NamedTuple):
@@ -87,6 +92,8 @@ class Opened:
 def open_target(target: Target, *, writable: bool, env: Environment, for_backend: bool = False) -> Opened:
     """Open `target` once and check what its form promises. `snapshot:` targets are assembled for
     a backend only (`for_backend`); everything else may also be opened just to look at it."""
+    if target.nbd is not None:
+        return _NbdKernel.open(target.nbd, writable=writable)
     if target.snapshot:
         if not for_backend:
             raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
@@ -294,3 +301,74 @@ class _Snapshot(_FdOpened):
             self.ctl.close()
             self.ctl = None
         super().close()
+
+
+class _NbdKernel(Opened):
+    """An NBD export, made into a fresh kernel NBD device (kernel/nbd.py) that kernel blkback (or
+    the engine) opens like any block device.
+
+    open() does the handshake in userspace (nbd/client.py: a bad URI, an unreachable server, a
+    refused or empty export fail here, before anything exists in the kernel). make() hands the
+    connected socket to the kernel with delete-on-close flags and opens the new device at once:
+    the one window in which a device could outlive us is between those two steps (an unopened
+    NBD device does not clear by itself), so any failure there disconnects it explicitly, and
+    `gc` disconnects an unopened device carrying our backend identifier. The diskseq is fresh
+    (nbds_max=0: every connect creates a new device), so it is published like a loop device's.
+
+    Sharing: NBD has no lock of its own; whether a second client may write is the server's policy
+    (qemu-nbd and qemu-storage-daemon admit one by default, nbdkit any). This host's second
+    writable attach of the same export is not refused here yet (the export's identity is not in
+    the owner record)."""
+
+    def __init__(self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool) -> None:
+        import hashlib  # here: the file and device paths never pay for it
+
+        self.export, self.sock, self.info, self.writable = export, sock, info, writable
+        self.key = "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
+        self.wanted = Wanted(writable=writable)
+
+    @classmethod
+    def open(cls, export: NbdUri, *, writable: bool) -> _NbdKernel:
+        from xenblockctl.nbd import client
+
+        sock = client.open_socket(export)
+        try:
+            info = client.handshake(sock, export)
+            if writable and info.read_only:
+                raise TargetTypeError(f"{export.canonical()}: the export is read-only, the disk is writable")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(export, sock, info, writable=writable)
+
+    def make(self, use: Use) -> Claimed:
+        from xenblockctl.kernel import nbd as knbd
+
+        identifier = use.tag()
+        index = knbd.connect(self.sock.fileno(), self.info.size, self.info.flags, identifier)
+        try:
+            fd = _open_new_node(f"/dev/nbd{index}", writable=self.writable)
+        except BaseException:
+            with contextlib.suppress(knbd.NbdDeviceError):
+                knbd.disconnect(index)
+            raise
+        device = BlockDevice(fd, blockdev.identify(fd), f"/dev/nbd{index}")
+        return Claimed(device, OwnerRecord.for_device(device, writable=self.writable), device.path or "")
+
+    def close(self) -> None:
+        self.sock.close()  # the kernel holds its own reference once connected
+
+
+def _open_new_node(path: str, *, writable: bool, wait: float = 2.0) -> int:
+    """Open a device node the kernel has just created: devtmpfs makes it while the disk is added,
+    but a udev-managed /dev may lag a moment, so ENOENT is retried briefly (bounded)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return blockdev.open_path(path, writable=writable)
+        except TargetNotFound:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)

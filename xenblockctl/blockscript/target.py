@@ -9,6 +9,8 @@ Forms (documented in block-xenblockctl(8)):
   uuid:DMUUID              the dm device with this uuid, confirmed on the fd
   snapshot:/path/base.img  a throwaway writable view of a read-only base (dmtargets.py)
   raw:PATH / aio:PATH      the same with libxl's tap-style format prefix (backendtype=tap)
+  nbd://HOST[:PORT]/EXPORT an NBD export (nbd/uri.py: doc/uri.md's syntax; TLS forms refused), made
+  nbd+unix:///EXPORT?socket=/PATH   into a fresh kernel NBD device (claim.py, kernel/nbd.py)
 
 claim.py opens a parsed target exactly once; every identity fact (major:minor, diskseq, dm name and
 uuid) comes from that fd, so a rename, re-create or symlink swap between checks cannot hand out
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.numbers import uint_or_none
+
+if TYPE_CHECKING:
+    from xenblockctl.nbd.uri import NbdUri
 
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
@@ -31,8 +36,11 @@ SNAPSHOT_PREFIX = "snapshot:"
 PATH_MAX = 4096
 NAME_MAX = 255
 DM_PREFIX = "/dev/mapper/"
+#: NBD URI schemes (nbd/uri.py refuses the TLS ones with a reason): kept here as text so that a
+#: path target never imports the NBD code
+NBD_PREFIXES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 #: Every `params` form that is not a plain absolute path starts with one of these.
-TARGET_PREFIXES = (*RAW_PREFIXES, UUID_PREFIX, SNAPSHOT_PREFIX)
+TARGET_PREFIXES = (*RAW_PREFIXES, UUID_PREFIX, SNAPSHOT_PREFIX, *NBD_PREFIXES)
 
 
 def has_target_prefix(params: str) -> bool:
@@ -59,6 +67,8 @@ class Target(NamedTuple):
     dm_uuid: str | None = None
     #: `snapshot:` form: `path` is the read-only base of a volatile disk.
     snapshot: bool = False
+    #: NBD form: the export (`path` is its canonical URI, never opened as a path).
+    nbd: NbdUri | None = None
 
 
 def parse_target(params: str) -> Target:
@@ -67,6 +77,11 @@ def parse_target(params: str) -> Target:
         raise TargetSyntaxError("params is empty")
     if params.startswith(UUID_PREFIX):
         return _parse_uuid(params)
+    if params[:12].lower().startswith(NBD_PREFIXES):
+        from xenblockctl.nbd import uri  # only for NBD targets: the hotplug path of files stays small
+
+        export = uri.parse(params)
+        return Target(export.canonical(), nbd=export)
     if params.startswith(SNAPSHOT_PREFIX):
         # The base must be a regular file (checked on the opened fd): it is attached read-only.
         return Target(_parse_path(params[len(SNAPSHOT_PREFIX) :]).path, snapshot=True)
