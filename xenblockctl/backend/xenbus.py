@@ -24,8 +24,12 @@ Frontend nodes are written by the guest: every one is parsed and bounded before 
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
+import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +39,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
+from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
@@ -95,6 +100,9 @@ class EngineConfig:
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
+    #: The service manager's fd store (backend/handover.py): each opened device is parked there and
+    #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
+    fd_store: FdStore | None = None
 
 
 class BackendDevice:
@@ -139,6 +147,12 @@ class BackendDevice:
         self._drain_reported = False
         self._lock = threading.Lock()
         self.errors = ErrorResponses(f"xbc-{domid}-{devid}")  # every ring's, across reconnects
+        self.fd_name = fd_name(kind, domid, devid)
+        #: the device fd is in the manager's fd store (parked by us or by the engine before us)
+        self._parked = False
+        #: taken over while the frontend was connected to the previous engine: its ring's grants
+        #: lived in that process (local transport), so wait for the frontend to reconnect
+        self._stale_ring = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -228,6 +242,9 @@ class BackendDevice:
         except EngineRefusal as exc:
             self._fail(exc.message)
             return True
+        if self._stale_ring and fe_state not in (3, 4):
+            self._stale_ring = False
+            self._log("frontend left the previous engine's ring: serving it again when it connects")
         if (
             self.phase in (Phase.OPENED, Phase.DISCONNECTED)
             and fe_state in (1,)
@@ -235,6 +252,8 @@ class BackendDevice:
         ):
             self._log("frontend re-initialising: prepare for reconnect")
             self._set_state(2)
+        elif self._stale_ring and fe_state in (3, 4):
+            pass  # still on the dead engine's ring: nothing to connect until it reconnects
         elif self.phase in (Phase.OPENED, Phase.DISCONNECTED) and fe_state in (3, 4):
             try:
                 self._connect()
@@ -291,13 +310,19 @@ class BackendDevice:
         if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
             raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
         major, minor, devt = published.major, published.minor, published.devt
-        if blockdev.observe(devt) is None:
-            raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
-        device = blockdev.open_devt(devt, writable=mode == "w")
+        inherited = self.config.fd_store.take(self.fd_name) if self.config.fd_store is not None else None
+        if inherited is not None:
+            self._parked = True  # the manager kept its copy: a refusal below must drop it too
+            device = self._adopt(inherited, devt, writable=mode == "w")
+        else:
+            if blockdev.observe(devt) is None:
+                raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
+            device = blockdev.open_devt(devt, writable=mode == "w")
         verdict = identity.judge(published.diskseq, device.identity)
         if verdict not in (Liveness.LIVE, Liveness.UNVERIFIED):
             seen = device.identity.diskseq
             device.close()
+            self._unpark()
             # An empty device is the common case after an engine restart: the loop device the luid
             # named auto-cleared when the old engine died. Say so; an admin reads "replaced" as an attack.
             why = (
@@ -316,9 +341,55 @@ class BackendDevice:
         self.target = DeviceTarget.from_block_device(device)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
-        self._log(
-            f"opened {major}:{minor} diskseq {device.identity.diskseq:x} ({'rw' if self.writable else 'ro'})"
-        )
+        how = "took over" if inherited is not None else "opened"
+        access = "rw" if self.writable else "ro"
+        self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
+        if inherited is not None:
+            # The previous engine's ring (local transport: its grant registry) died with it; a
+            # frontend still Initialised/Connected must reconnect, and Closed tells it to.
+            # Re-attaching to the live ring is not done yet (issue 21).
+            if self._frontend_state(strict=False) in (3, 4):
+                self._stale_ring = True
+                self.phase = Phase.DISCONNECTED
+                self._set_state(6)
+                self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
+        elif self.config.fd_store is not None:
+            self._parked = self.config.fd_store.park(self.fd_name, device.fd)
+
+    def _adopt(self, fd: int, devt: int, *, writable: bool) -> BlockDevice:
+        """The fd a previous engine parked, re-verified before use: a block device, the one
+        physical-device names (dev_t), open for what `mode` needs. Its diskseq is judged by the
+        caller like a fresh open's. Refused: the fd is closed and the manager's copy dropped."""
+
+        def refuse(why: str) -> EngineRefusal:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._unpark()
+            return EngineRefusal(f"the device taken back from the fd store {why}; refusing it")
+
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError as exc:
+            raise refuse(f"is not an open file ({exc.strerror})") from None
+        if not stat.S_ISBLK(st.st_mode):
+            raise refuse("is not a block device")
+        if st.st_rdev != devt:
+            raise refuse(
+                f"is {os.major(st.st_rdev):x}:{os.minor(st.st_rdev):x}, physical-device names"
+                f" {os.major(devt):x}:{os.minor(devt):x} (the published device changed while no engine ran)"
+            )
+        if (flags & os.O_ACCMODE) != (os.O_RDWR if writable else os.O_RDONLY):
+            raise refuse("is not open for the backend's mode")
+        try:
+            return blockdev.BlockDevice(fd, blockdev.identify(fd))
+        except XenblockError as exc:
+            raise refuse(f"cannot be identified: {exc.one_line()}") from None
+
+    def _unpark(self) -> None:
+        if self._parked and self.config.fd_store is not None:
+            self._parked = False
+            self.config.fd_store.unpark(self.fd_name)
 
     def _frontend_state(self, *, strict: bool = True) -> int | None:
         """The frontend's `state` (0-8), None while it has none. A value that is not a xenbus state
@@ -523,12 +594,14 @@ class BackendDevice:
         self.phase = Phase.DISCONNECTED
         self._set_state(state)
 
-    def _close_device(self) -> None:
+    def _close_device(self, *, keep_parked: bool = False) -> None:
         if self.dataplane is not None:
             # every caller drains first; closing here could let a request write to a reused fd
             raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
         self.target = None
+        if not keep_parked:
+            self._unpark()
         if device is not None:
             device.close()  # delete-on-close: an auto-clearing loop device goes away here
 
@@ -551,15 +624,17 @@ class BackendDevice:
         if self.teardown("online=0"):
             self._set_state(6)
 
-    def teardown(self, why: str) -> bool:
+    def teardown(self, why: str, *, keep_parked: bool = False) -> bool:
         """Stop taking requests, drain, unmap, close the device. Idempotent. False while requests
-        are still in flight: nothing is closed or unmapped then; call again (reconcile() does)."""
+        are still in flight: nothing is closed or unmapped then; call again (reconcile() does).
+        `keep_parked` (the engine stopping, not the backend): the fd store's copy stays, for the
+        next engine, or for the manager to close when the unit stops."""
         if self.phase is Phase.CLOSED:
             return True
         if not self._quiesce():
             return False
         had_device = self.device is not None
-        self._close_device()
+        self._close_device(keep_parked=keep_parked)
         self.phase = Phase.CLOSED
         if had_device:
             self._log(f"released the device ({why})")
