@@ -1,0 +1,194 @@
+"""Issue 21: guests keep their disks across an engine crash. A real engine process on the local
+transport parks its device fds in a store speaking systemd's exact protocol (tests/fixtures/fdstore.py);
+it is SIGKILLed; the store's copies keep the auto-clearing loop device bound; a new engine started
+with LISTEN_FDS/LISTEN_FDNAMES (the fds at 3.., as systemd passes them) takes the device back after
+re-verifying it, and the reconnecting frontend reads what was written and flushed before the kill.
+If no engine comes back, the store's close releases the device (delete-on-close still holds)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.engine import REPO, attach_guest, wait_for
+from tests.fixtures.fdstore import FdStoreManager
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.libxl import Backend, Libxl
+from xenblockctl.backend import blkif
+from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.toolstack.daemons import ReadyDaemon
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+
+#: Puts the inherited fds at 3.. and sets LISTEN_PID to its own pid before exec'ing the engine, as
+#: systemd does between fork and exec (LISTEN_PID cannot be known before the child exists).
+_LAUNCH = (
+    "import fcntl, os, sys\n"
+    "i = sys.argv.index('--')\n"
+    "src = [int(x) for x in sys.argv[1:i]]\n"
+    "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 1000) for f in src]\n"
+    "for f in src: os.close(f)\n"
+    "for n, h in enumerate(high): os.dup2(h, 3 + n)\n"
+    "for h in high: os.close(h)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.argv[i + 1], sys.argv[i + 1 :])\n"
+)
+
+
+class Engines:
+    """Engine processes started one after another on one transport socket, all stopped at the end."""
+
+    def __init__(self, libxl: Libxl, store: FdStoreManager, tmp_path: Path) -> None:
+        self.libxl = libxl
+        self.store = store
+        self.tmp_path = tmp_path
+        self.transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+        self.started: list[ReadyDaemon] = []
+
+    def start(self, *, takeover: bool = False) -> ReadyDaemon:
+        argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{self.transport}"]
+        argv += ["--xenstore", self.libxl.xenstored.socket_path]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_SOCKET"))}
+        env |= self.store.env
+        fds: list[int] = []
+        if takeover:
+            fds, names = self.store.listen()
+            env |= {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names}
+            argv = [sys.executable, "-c", _LAUNCH, *map(str, fds), "--", *argv]
+        log = self.tmp_path / f"engine{len(self.started)}.log"
+        daemon = ReadyDaemon("engine", argv, "engine ready", log, timeout=60, cwd=REPO, env=env, pass_fds=fds)
+        self.started.append(daemon)
+        return daemon
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            daemon.stop()
+
+
+@pytest.fixture
+def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path) -> Engines:
+    handle = Engines(libxl, fd_store, tmp_path)
+    yield handle  # type: ignore[misc]
+    handle.stop_all()
+
+
+def kill(daemon: ReadyDaemon) -> None:
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+
+
+def detach(libxl: Libxl, be: Backend, guest: XenbusFrontend) -> None:
+    """As libxl: online=0 + state 5, the frontend closes, wait for Closed, run the remove script."""
+    libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
+    guest.disconnect()
+    guest.close()
+    guest.store.close()
+    assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
+    assert libxl.run("remove", be).returncode == 0
+
+
+def error_node(libxl: Libxl, be: Backend) -> str | None:
+    relative = be.path.split("/local/domain/0/", 1)[1]
+    return libxl.store.read_optional(f"/local/domain/0/error/{relative}/error")
+
+
+def test_sigkilled_engine_is_taken_over_and_no_acknowledged_write_is_lost(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    first = engines.start()
+    assert wait_for(lambda: fd_store.ready >= 1), "READY=1 not sent"
+    be, guest = attach_guest(libxl, engines.transport, image, 40)
+    name = "vbd-40-51712"
+    try:
+        assert wait_for(lambda: fd_store.names() == {name: 1}), fd_store.messages
+        ring = guest.ring
+        assert ring is not None
+        written = {sector: os.urandom(4096) for sector in (0, 8, 4096, 20480)}
+        for sector, data in written.items():
+            assert ring.write(sector, data) == blkif.RSP_OKAY
+        assert ring.flush() == blkif.RSP_OKAY  # acknowledged: must survive the kill
+        loops = bound_loops_under(image.parent)
+        assert len(loops) == 1
+
+        killed = time.monotonic()
+        kill(first)
+        assert bound_loops_under(image.parent) == loops, "the store's copy keeps the loop device"
+
+        engines.start(takeover=True)
+        ready = time.monotonic()
+        guest.reboot()  # the ring's grants died with the old engine: the frontend reconnects
+        ring = guest.ring
+        assert ring is not None
+        for sector, data in written.items():
+            assert ring.read(sector, len(data)) == data
+        served = time.monotonic()
+        print(
+            f"\npause: {served - killed:.3f} s from SIGKILL to the first read served"
+            f" (new engine ready after {ready - killed:.3f} s)"
+        )
+        assert bound_loops_under(image.parent) == loops, "the same loop device, not a re-open"
+        log = engines.started[-1].log_text()
+        assert "took over" in log, log
+        assert fd_store.names() == {name: 1}, "taken back, not parked twice"
+        assert ring.write(100, b"y" * 4096) == blkif.RSP_OKAY
+    finally:
+        detach(libxl, be, guest)
+    assert wait_for(lambda: fd_store.names() == {}), "FDSTOREREMOVE at detach"
+    assert wait_for(lambda: bound_loops_under(image.parent) == {}), "detach releases the device"
+
+
+def test_a_device_swapped_while_no_engine_ran_is_refused(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    image_a, image_b = make_image("a.img", fill=b"A" * 4096), make_image("b.img", fill=b"B" * 4096)
+    first = engines.start()
+    be_a, guest_a = attach_guest(libxl, engines.transport, image_a, 41)
+    be_b, guest_b = attach_guest(libxl, engines.transport, image_b, 42)
+    try:
+        assert wait_for(lambda: len(fd_store.names()) == 2), fd_store.messages
+        kill(first)
+        # while no engine runs, A's published identity is made to name B's device
+        b = libxl.nodes(be_b)
+        identity = ("physical-device", "physical-device-luid", "diskseq")
+        libxl.store.write_many({be_a.node(n): b[n] for n in identity})
+        engines.start(takeover=True)
+        assert wait_for(lambda: error_node(libxl, be_a) is not None), libxl.nodes(be_a)
+        assert "taken back from the fd store" in (error_node(libxl, be_a) or "")
+        assert wait_for(lambda: fd_store.names() == {"vbd-42-51712": 1}), "A's copy dropped"
+        only_b = lambda: list(bound_loops_under(image_b.parent).values()) == [str(image_b)]  # noqa: E731
+        assert wait_for(only_b), "A's loop device went when nothing held it any more"
+        assert "refusing it" in engines.started[-1].log_text()
+        guest_b.reboot()  # B, verified, is served again
+        assert guest_b.ring is not None
+        assert guest_b.ring.read(0, 4096) == b"B" * 4096
+    finally:
+        guest_a.close()
+        guest_a.store.close()
+        detach(libxl, be_b, guest_b)
+        libxl.store.write_many({be_a.node("online"): "0", be_a.node("state"): "6"})
+        libxl.run("remove", be_a)
+
+
+def test_no_engine_comes_back_and_the_store_closes_the_device_goes(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 43)
+    try:
+        assert wait_for(lambda: fd_store.names() == {"vbd-43-51712": 1}), fd_store.messages
+        kill(first)
+        assert bound_loops_under(image.parent) != {}, "the store holds it"
+        fd_store.close_fds()  # systemd gave up restarting the unit / the admin stopped it
+        assert wait_for(lambda: bound_loops_under(image.parent) == {}), "delete-on-close still holds"
+    finally:
+        guest.close()
+        guest.store.close()
+        libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
+        libxl.run("remove", be)
