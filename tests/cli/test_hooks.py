@@ -397,6 +397,15 @@ def test_real_udevd_records_a_detached_loop_on_its_backend(libxl: Libxl, make_im
 
 
 #: `systemd-analyze security` exposure, times ten (its --threshold scale). Unhardened both were 9.6.
+def test_engine_unit_keeps_its_devices_in_the_fd_store() -> None:
+    """Issue 21: the engine parks its device fds (FDSTORE=1), which systemd accepts only from a
+    Type=notify service with FileDescriptorStoreMax= > 0."""
+    lines = (REPO / "hotplug" / "xenblockctl-engine.service").read_text().splitlines()
+    assert "Type=notify" in lines
+    store_max = [int(line.partition("=")[2]) for line in lines if line.startswith("FileDescriptorStoreMax=")]
+    assert store_max and store_max[0] >= 256
+
+
 EXPOSURE_LIMIT = {"xenblockctl-engine.service": 20, "xenblockctl-xenstored.service": 15}
 
 
