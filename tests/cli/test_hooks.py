@@ -403,7 +403,8 @@ def test_engine_unit_keeps_its_devices_in_the_fd_store() -> None:
     lines = (REPO / "hotplug" / "xenblockctl-engine.service").read_text().splitlines()
     assert "Type=notify" in lines
     store_max = [int(line.partition("=")[2]) for line in lines if line.startswith("FileDescriptorStoreMax=")]
-    assert store_max and store_max[0] >= 256
+    assert store_max
+    assert store_max[0] >= 256
 
 
 EXPOSURE_LIMIT = {"xenblockctl-engine.service": 20, "xenblockctl-xenstored.service": 15}

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,19 @@ class Engines:
         return daemon
 
     def stop_all(self) -> None:
-        for daemon in self.started:
-            daemon.stop()
+        """SIGTERM the ones still running: each must exit 0 (the killed ones are reaped)."""
+        codes = {d.log_path.name: (d.alive(), d.stop()) for d in self.started}
+        bad = {name: code for name, (alive, code) in codes.items() if alive and code != 0}
+        assert not bad, (bad, [d.log_text()[-2000:] for d in self.started])
 
 
 @pytest.fixture
-def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path) -> Engines:
+def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path) -> Iterator[Engines]:
     handle = Engines(libxl, fd_store, tmp_path)
-    yield handle  # type: ignore[misc]
-    handle.stop_all()
+    try:
+        yield handle
+    finally:
+        handle.stop_all()
 
 
 def kill(daemon: ReadyDaemon) -> None:
