@@ -102,9 +102,12 @@ def error_node(libxl: Libxl, be: Backend) -> str | None:
     return libxl.store.read_optional(f"/local/domain/0/error/{relative}/error")
 
 
-def test_sigkilled_engine_is_taken_over_and_no_acknowledged_write_is_lost(
-    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_dead_engine_is_taken_over_and_no_acknowledged_write_is_lost(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory, how: str
 ) -> None:
+    """SIGKILL: a crash. SIGTERM: `systemctl restart` (the engine drains and closes its copies but
+    leaves them parked: the backend lives on)."""
     image = make_image()
     first = engines.start()
     assert wait_for(lambda: fd_store.ready >= 1), "READY=1 not sent"
@@ -122,7 +125,10 @@ def test_sigkilled_engine_is_taken_over_and_no_acknowledged_write_is_lost(
         assert len(loops) == 1
 
         killed = time.monotonic()
-        kill(first)
+        if how == "SIGKILL":
+            kill(first)
+        else:
+            assert first.stop() == 0
         assert bound_loops_under(image.parent) == loops, "the store's copy keeps the loop device"
 
         engines.start(takeover=True)
@@ -134,7 +140,7 @@ def test_sigkilled_engine_is_taken_over_and_no_acknowledged_write_is_lost(
             assert ring.read(sector, len(data)) == data
         served = time.monotonic()
         print(
-            f"\npause: {served - killed:.3f} s from SIGKILL to the first read served"
+            f"\npause: {served - killed:.3f} s from {how} to the first read served"
             f" (new engine ready after {ready - killed:.3f} s)"
         )
         assert bound_loops_under(image.parent) == loops, "the same loop device, not a re-open"
@@ -197,3 +203,25 @@ def test_no_engine_comes_back_and_the_store_closes_the_device_goes(
         guest.store.close()
         libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
         libxl.run("remove", be)
+
+
+def test_a_parked_device_whose_backend_went_while_no_engine_ran_is_released(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    """The toolstack destroyed the domain while the engine was down: the fd names no backend, so the
+    new engine closes it, drops the store's copy, and the loop device goes."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 44)
+    guest.close()
+    guest.store.close()
+    assert wait_for(lambda: fd_store.names() == {"vbd-44-51712": 1}), fd_store.messages
+    kill(first)
+    libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
+    assert libxl.run("remove", be).returncode == 0
+    libxl.store.rm(be.path)
+    assert bound_loops_under(image.parent) != {}, "the store still holds it"
+    engines.start(takeover=True)
+    assert wait_for(lambda: fd_store.names() == {}), fd_store.messages
+    assert wait_for(lambda: bound_loops_under(image.parent) == {}), "released once nobody held it"
+    assert "names no backend waiting for its device; closed it" in engines.started[-1].log_text()
