@@ -225,3 +225,28 @@ def test_a_parked_device_whose_backend_went_while_no_engine_ran_is_released(
     assert wait_for(lambda: fd_store.names() == {}), fd_store.messages
     assert wait_for(lambda: bound_loops_under(image.parent) == {}), "released once nobody held it"
     assert "names no backend waiting for its device; closed it" in engines.started[-1].log_text()
+
+
+def test_a_parked_device_whose_published_diskseq_changed_is_refused(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    """Same dev_t, but the identity nodes now name another diskseq (the number was reused for
+    another disk while no engine ran): the store's fd is not that disk, so it is refused."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 45)
+    guest.close()
+    guest.store.close()
+    try:
+        assert wait_for(lambda: fd_store.names() == {"vbd-45-51712": 1}), fd_store.messages
+        kill(first)
+        other = f"{int(libxl.nodes(be)['diskseq'], 16) + 0x1000:x}"
+        libxl.store.write_many({be.node("physical-device-luid"): other, be.node("diskseq"): other})
+        engines.start(takeover=True)
+        assert wait_for(lambda: error_node(libxl, be) is not None), libxl.nodes(be)
+        assert "diskseq mismatch" in (error_node(libxl, be) or "")
+        assert wait_for(lambda: fd_store.names() == {}), "the store's copy dropped"
+        assert wait_for(lambda: bound_loops_under(image.parent) == {}), "and the device went"
+    finally:
+        libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
+        libxl.run("remove", be)

@@ -339,22 +339,23 @@ class BackendDevice:
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
+        if inherited is None and self.config.fd_store is not None:
+            # before `opened`=1: from then on the block script lets go, and an engine dying
+            # between the two would leave the store nothing to hand the next one
+            self._parked = self.config.fd_store.park(self.fd_name, device.fd)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
         how = "took over" if inherited is not None else "opened"
         access = "rw" if self.writable else "ro"
         self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
-        if inherited is not None:
-            # The previous engine's ring (local transport: its grant registry) died with it; a
-            # frontend still Initialised/Connected must reconnect, and Closed tells it to.
-            # Re-attaching to the live ring is not done yet (issue 21).
-            if self._frontend_state(strict=False) in (3, 4):
-                self._stale_ring = True
-                self.phase = Phase.DISCONNECTED
-                self._set_state(6)
-                self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
-        elif self.config.fd_store is not None:
-            self._parked = self.config.fd_store.park(self.fd_name, device.fd)
+        # The previous engine's ring (local transport: its grant registry) died with it; a frontend
+        # still Initialised/Connected must reconnect, and Closed tells it to. Re-attaching to the
+        # live ring is not done yet (issue 21).
+        if inherited is not None and self._frontend_state(strict=False) in (3, 4):
+            self._stale_ring = True
+            self.phase = Phase.DISCONNECTED
+            self._set_state(6)
+            self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
 
     def _adopt(self, fd: int, devt: int, *, writable: bool) -> BlockDevice:
         """The fd a previous engine parked, re-verified before use: a block device, the one
