@@ -112,6 +112,14 @@ _KIND_OF: Final = {
 }
 _SEGMENT: Final = blkif.SEGMENT_STRUCT
 _ID: Final = struct.Struct("=Q")
+# blkif constants the per-request functions use, as module globals: `blkif.X` is a global lookup
+# plus a module attribute lookup, several per request
+_SEGMENT_OPS: Final = blkif.SEGMENT_OPS
+_MAX_SEGMENTS: Final = blkif.MAX_SEGMENTS_PER_REQUEST
+_SEGMENT_SIZE: Final = blkif.SEGMENT_SIZE
+_SECTOR_SIZE: Final = blkif.SECTOR_SIZE
+_SECTORS_PER_PAGE: Final = blkif.SECTORS_PER_PAGE
+_RSP_ERROR: Final = blkif.RSP_ERROR
 
 
 # --- entry points -----------------------------------------------------------------------------------
@@ -149,11 +157,11 @@ def validate_slot(
     `slot` must be a private copy (see ring.py): everything here reads it, never shared memory.
     """
     op = slot[offset]
-    if op in blkif.SEGMENT_OPS:
+    if op in _SEGMENT_OPS:
         _, nr, _handle, rid, sector = abi.segment_header.unpack_from(slot, offset)
         start = offset + abi.segments_offset
         # descriptors beyond slot 11 do not exist: nr > 11 is refused before they matter
-        end = start + min(nr, blkif.MAX_SEGMENTS_PER_REQUEST) * blkif.SEGMENT_SIZE
+        end = start + (nr if nr < _MAX_SEGMENTS else _MAX_SEGMENTS) * _SEGMENT_SIZE
         return _check_segments(rid, op, nr, sector, slot[start:end], limits=limits)
     if op == blkif.OP_INDIRECT:
         v = abi.indirect_struct.unpack_from(slot, offset)
@@ -179,8 +187,8 @@ def _check_segments(
         return Rejection(rid, op, blkif.RSP_EOPNOTSUPP, "flush not advertised")
     if kind is BARRIER and not limits.barrier:
         return Rejection(rid, op, blkif.RSP_EOPNOTSUPP, "barrier not advertised")
-    if nseg > blkif.MAX_SEGMENTS_PER_REQUEST:
-        return Rejection(rid, op, blkif.RSP_ERROR, f"nr_segments {nseg} > {blkif.MAX_SEGMENTS_PER_REQUEST}")
+    if nseg > _MAX_SEGMENTS:
+        return Rejection(rid, op, _RSP_ERROR, f"nr_segments {nseg} > {_MAX_SEGMENTS}")
     if nseg == 0 and (kind is READ or kind is WRITE):
         return Rejection(rid, op, blkif.RSP_ERROR, "read/write without segments")
     if limits.read_only and kind is not READ:
@@ -228,16 +236,16 @@ def _plan(rid: int, op: int, kind: Kind, sector: int, desc: bytes, *, limits: De
         return IoPlan(rid, op, kind, 0, 0)  # pure flush/barrier: no range to check
     grefs: tuple[int, ...]
     extents: tuple[tuple[int, int], ...] | None
-    if len(desc) == blkif.SEGMENT_SIZE:
+    if len(desc) == _SEGMENT_SIZE:
         # one segment (4 KiB and smaller I/O, most requests): one unpack, no scans, no extra call
         gref, first, last = _SEGMENT.unpack(desc)
         if last > _LAST_SECT or first > last:
-            return Rejection(rid, op, blkif.RSP_ERROR, f"bad segment sectors {first}..{last}")
+            return Rejection(rid, op, _RSP_ERROR, f"bad segment sectors {first}..{last}")
         grefs, total_sectors = (gref,), last - first + 1
         extents = (
             None
-            if total_sectors == blkif.SECTORS_PER_PAGE
-            else ((first * blkif.SECTOR_SIZE, total_sectors * blkif.SECTOR_SIZE),)
+            if total_sectors == _SECTORS_PER_PAGE
+            else ((first * _SECTOR_SIZE, total_sectors * _SECTOR_SIZE),)
         )
     else:
         parsed = _parse_descriptors(desc)
@@ -248,13 +256,11 @@ def _plan(rid: int, op: int, kind: Kind, sector: int, desc: bytes, *, limits: De
         return Rejection(
             rid, op, blkif.RSP_ERROR, f"sectors {sector}+{total_sectors} beyond device end {limits.sectors}"
         )
-    if (sector | total_sectors) & (limits.logical_block_size // blkif.SECTOR_SIZE - 1):
+    if (sector | total_sectors) & (limits.logical_block_size // _SECTOR_SIZE - 1):
         return Rejection(
             rid, op, blkif.RSP_ERROR, f"I/O not aligned to the {limits.logical_block_size}-byte block size"
         )
-    return IoPlan(
-        rid, op, kind, sector * blkif.SECTOR_SIZE, total_sectors * blkif.SECTOR_SIZE, grefs, extents
-    )
+    return IoPlan(rid, op, kind, sector * _SECTOR_SIZE, total_sectors * _SECTOR_SIZE, grefs, extents)
 
 
 _Descriptors = tuple[tuple[int, ...], tuple[tuple[int, int], ...] | None, int]
