@@ -1,6 +1,6 @@
 """CPU per request of the blkif data plane on one thread, with no sleeping or waking: stable under load.
 
-    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on]
+    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on] [--workers 0]
 
 Each round the LocalFrontend puts QD reads on the ring, one engine pass serves them on this thread
 (inline I/O from the page cache) and the frontend collects the answers; thread CPU time of each side
@@ -50,6 +50,7 @@ def measure(
     engine_only: bool,
     *,
     persistent: bool = False,
+    workers: int = 0,
 ) -> None:
     pages = w.qd * max(1, w.block // 4096)
     with LocalFrontend(
@@ -60,7 +61,7 @@ def measure(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=0)
+        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring
@@ -172,6 +173,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--engine-only", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="I/O workers (0: execute() inline; the engine's default 4 tries RWF_NOWAIT inline first)",
+    )
     ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
     ap.add_argument("--persistent", default="off,on", help="grant modes: off (per-request), on (persistent)")
     args = ap.parse_args()
@@ -199,6 +206,7 @@ def main() -> int:
                         args.rounds,
                         args.engine_only,
                         persistent=persistent,
+                        workers=args.workers,
                     )
         finally:
             transport.close()
