@@ -81,10 +81,13 @@ MUTANTS = (
     ),
     Mutant(
         "owner record: leading zeros",
-        "xenblockctl/blockscript/owner.py",
+        "xenblockctl/xenstore/identity.py",
         ' or (len(text) > 1 and text.startswith("0"))',
         "",
-        ("tests/unit/test_blockscript_owner.py::test_leading_zeros_are_refused",),
+        (
+            "tests/unit/test_blockscript_owner.py::test_leading_zeros_are_refused",
+            "tests/unit/test_identity.py::test_owner_record_refuses_leading_zeros_and_other_spellings",
+        ),
     ),
     Mutant(
         "loop._verify: the backing file is the one we opened",
@@ -96,7 +99,7 @@ MUTANTS = (
     Mutant(
         "remove._withdraw: a newer owner record is left alone",
         "xenblockctl/blockscript/remove.py",
-        "if tx.read_optional(join(be, OWNER_NODE)) != owner_text:",
+        "if tx.read_optional(join(be, OWNER)) != owner_text:",
         "if False:",
         ("tests/flows/test_add_remove.py::test_remove_leaves_a_newer_owner_record_alone",),
     ),

@@ -1,5 +1,6 @@
-"""The owner record (blockscript/owner.py) and the published luid: strict parsing, because a record
-we cannot parse exactly is one whose ownership we cannot prove. Pure: no kernel, no xenstore."""
+"""The owner record (blockscript/owner.py; its grammar: xenstore/identity.py) and the published
+luid: strict parsing, because a record we cannot parse exactly is one whose ownership we cannot
+prove. Pure: no kernel, no xenstore."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 
 import pytest
 
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
 from xenblockctl.kernel import dm
 from xenblockctl.kernel.blockdev import BlockIdentity
+from xenblockctl.xenstore.identity import IdentityError, parse_luid
 
 IDENT = BlockIdentity(254, 3, 0x1DD, 8 << 20, 512, 512, False)
 
@@ -78,7 +80,7 @@ def test_leading_zeros_are_refused(field: str, padded: str) -> None:
 
 @pytest.mark.parametrize("text", ["01db", "0", "1DB", "", "1db ", "x1", "1" * 17])
 def test_bad_luids_are_refused(text: str) -> None:
-    with pytest.raises(OwnerRecordError):
+    with pytest.raises(IdentityError):
         parse_luid(text)
 
 

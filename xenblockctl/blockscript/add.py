@@ -1,7 +1,8 @@
 """`add`: open the target, publish its identity atomically, hand it to the backend, exit.
 
 Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them):
-  * xenstore never shows `physical-device` without `physical-device-luid` (one transaction);
+  * xenstore never shows `physical-device` without `physical-device-luid` and `diskseq` (one
+    transaction; xenstore/identity.py owns their names and spelling);
   * no loop device of ours stays bound unless a consumer holds it (AUTOCLEAR is on from the
     first ioctl; it is turned off only after kernel blkback holds the device);
   * a failure leaves no physical-device*, a coded `hotplug-error` and `hotplug-status`, and
@@ -10,12 +11,10 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 from xenblockctl.blockscript import claim, faults, handoff, sharing
-from xenblockctl.blockscript.owner import NODE as OWNER_NODE
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
 from xenblockctl.environment import Environment
@@ -24,17 +23,17 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.identity import PUBLISHED, IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import BackendPath, BackendRecordError, backend_dir, parse_physical_device
+from xenblockctl.xenstore.vbd import BackendPath, XenbusState, backend_dir
 
-#: Nodes `add` publishes and `remove`/failure withdraws, together, always in one transaction.
-PUBLISHED = ("physical-device-luid", "physical-device", "physical-device-path", OWNER_NODE)
 #: What `add` decides from, read in one batch (one round trip) before anything is opened. Not a
 #: transaction: `_publish` re-reads every one of these it relies on inside the publishing
 #: transaction, so a change in between (closing, deleted, re-created with other params, published
 #: by a concurrent add) is refused there and never published over.
-CONFIG_NODES = ("state", "online", "mode", "params", "physical-device")
+CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE)
 
 
 class BackendGone(XenblockError):
@@ -72,9 +71,9 @@ def run_add(
         mode, target_params = _validate(nodes)
         target = parse_target(target_params)
         writable = mode == "w"
-        if "physical-device" in nodes:
+        if identity.PHYSICAL_DEVICE in nodes:
             published_nodes = store.run_transaction(lambda tx: _read_published(tx, be))
-            if "physical-device" not in published_nodes:
+            if identity.PHYSICAL_DEVICE not in published_nodes:
                 raise BackendClosing("physical-device was withdrawn while this repeated add checked it")
             return _confirm_existing(published_nodes)
         faults.pause(env, "add-start")
@@ -137,13 +136,14 @@ def _read_backend(store: XenStore, be: str) -> dict[str, str]:
 
 def _read_published(tx: Transaction, be: str) -> dict[str, str]:
     """What an earlier add published, consistently (they are written in one transaction)."""
-    names = ("physical-device", "physical-device-luid", "physical-device-path")
+    names = (*identity.IDENTITY_NODES, identity.DEVICE_PATH)
     values = tx.read_many([join(be, name) for name in names])
     return {name: value for name, value in zip(names, values, strict=True) if value is not None}
 
 
 def _validate(nodes: dict[str, str]) -> tuple[str, str]:
-    if nodes.get("online") == "0" or nodes.get("state") in ("5", "6"):
+    state = XenbusState.of(nodes.get("state"))
+    if nodes.get("online") == "0" or (state is not None and state.closing):
         raise BackendClosing(f"backend is closing (state {nodes.get('state')}, online {nodes.get('online')})")
     mode = nodes.get("mode")
     if mode not in ("r", "w"):
@@ -165,23 +165,24 @@ def _publish(tx: Transaction, home: str, be: str, claimed: claim.Claimed, config
     backend at the same domain/devid (a refusal, a blkback failure) would fail this attach. Nothing
     can have reported an error for this backend yet: no consumer acts before physical-device."""
     state, online, published, mode, params = tx.read_many(
-        [join(be, name) for name in ("state", "online", "physical-device", "mode", "params")]
+        [join(be, name) for name in ("state", "online", identity.PHYSICAL_DEVICE, "mode", "params")]
     )
     if state is None:
         raise BackendGone(f"{be} vanished before publishing")
-    if state in ("5", "6") or online == "0":
+    seen = XenbusState.of(state)
+    if (seen is not None and seen.closing) or online == "0":
         raise BackendClosing("backend started closing before publishing")
     if published is not None:
         raise AlreadyPublished("another add published physical-device for this backend concurrently")
     if (mode, params) != config:
         raise BackendGone(f"{be} changed mode or params while the target was being opened (re-created?)")
     ident = claimed.device.identity
+    published_identity = PublishedIdentity(ident.major, ident.minor, ident.diskseq)
     tx.write_many(
         {
-            join(be, "physical-device-luid"): ident.luid,
-            join(be, "physical-device"): ident.physical_device,
-            join(be, "physical-device-path"): claimed.path,
-            join(be, OWNER_NODE): claimed.owner.format(),
+            **{join(be, name): value for name, value in published_identity.nodes().items()},
+            join(be, identity.DEVICE_PATH): claimed.path,
+            join(be, identity.OWNER): claimed.owner.format(),
         },
         remove=[join(be, "hotplug-error"), *_stale_error_dir(home, be)],
     )
@@ -196,29 +197,41 @@ def _stale_error_dir(home: str, be: str) -> list[str]:
 def _mark_connected(tx: Transaction, be: str, owner: OwnerRecord) -> None:
     if tx.read_optional(join(be, "state")) is None:
         raise BackendGone(f"{be} vanished during hand-off")
-    tx.write_many({join(be, OWNER_NODE): owner.format(), join(be, "hotplug-status"): "connected"})
+    tx.write_many({join(be, identity.OWNER): owner.format(), join(be, "hotplug-status"): "connected"})
 
 
 def _confirm_existing(nodes: dict[str, str]) -> AddResult:
     """A second `add` (libxl and udev both ran us, or a retry). Fine if the published identity
     still names the live device; a mismatch is an error, never a silent rewrite: blkback ignores
     changes to physical-device, so rewriting could not help and could hide a swapped disk."""
-    physical = nodes["physical-device"]
-    luid_text = nodes.get("physical-device-luid")
-    if luid_text is None:
-        raise IdentityMismatch("physical-device is set without physical-device-luid (not written by us)")
     try:
-        major, minor = parse_physical_device(physical)
-        diskseq = parse_luid(luid_text)
-    except (BackendRecordError, OwnerRecordError) as exc:
+        published = PublishedIdentity.from_nodes(nodes)
+    except IdentityError as exc:
         raise IdentityMismatch(f"published identity is malformed: {exc.message}") from exc
-    live = blockdev.live_diskseq(os.makedev(major, minor))
-    if live != diskseq:
+    assert published is not None  # the caller saw physical-device in these nodes
+    if published.diskseq is None:
+        raise IdentityMismatch("physical-device is set without physical-device-luid (not written by us)")
+    verdict = published.liveness(blockdev.observe)
+    if verdict is not Liveness.LIVE:
         raise IdentityMismatch(
-            f"physical-device {physical} now has diskseq {live if live is not None else 'none'}, "
-            f"published luid says {diskseq}: the device was replaced"
+            f"physical-device {published.physical_device} published with diskseq {published.diskseq:x}"
+            f" is {verdict.value} now: {_VERDICT_WHY[verdict]}"
         )
-    return AddResult(physical, luid_text, nodes.get("physical-device-path", ""), "existing", already=True)
+    return AddResult(
+        published.physical_device,
+        identity.format_diskseq(published.diskseq),
+        nodes.get(identity.DEVICE_PATH, ""),
+        "existing",
+        already=True,
+    )
+
+
+_VERDICT_WHY = {
+    Liveness.GONE: "no block device has that number any more",
+    Liveness.EMPTY: "the number names an empty device (the published one was detached)",
+    Liveness.REPLACED: "the number names another device: the device was replaced",
+    Liveness.UNVERIFIED: "its diskseq could not be read",
+}
 
 
 def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bool) -> None:
