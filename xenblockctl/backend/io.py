@@ -181,22 +181,30 @@ def _full_vectored(
     bufs: list[memoryview],
     offset: int,
     length: int,
+    *,
+    moved: int | None = None,
 ) -> None:
     """preadv/pwritev until all `length` bytes of `bufs` (exactly their size: see _out_of_bounds)
-    moved; a 0-byte transfer (EOF) is an error, not a loop."""
+    moved; a 0-byte transfer (EOF) is an error, not a loop. `moved`: what a first call the caller
+    already made returned (execute() makes it inline: it moves everything in the common case)."""
+    if not length:
+        return
     remaining = length
-    while remaining:
-        n = call(fd, bufs, offset)
+    n = call(fd, bufs, offset) if moved is None else moved
+    while True:
         if n <= 0:
             raise OSError(errno.EIO, "short transfer at end of device")
         offset += n
         remaining -= n
+        if not remaining:
+            return
         # drop fully transferred buffers, trim a partially transferred one
         while bufs and n >= bufs[0].nbytes:
             n -= bufs[0].nbytes
             bufs = bufs[1:]
         if n:
             bufs = [bufs[0][n:], *bufs[1:]]
+        n = call(fd, bufs, offset)
 
 
 def _nbytes(bufs: list[memoryview]) -> int:
@@ -206,10 +214,12 @@ def _nbytes(bufs: list[memoryview]) -> int:
 def _out_of_bounds(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> str | None:
     """The last guard before the kernel, whatever validation said: the range lies inside the device
     and the buffers add up to exactly its length (a longer iovec would move bytes past it)."""
-    if plan.offset < 0 or plan.offset + plan.length > target.size_bytes:
-        return f"{plan.offset}+{plan.length} outside the device ({target.size_bytes} bytes)"
-    if bufs and _nbytes(bufs) != plan.length:
-        return f"buffers of {_nbytes(bufs)} bytes for a {plan.length}-byte request"
+    offset, length = plan.offset, plan.length
+    if offset < 0 or offset + length > target.size_bytes:
+        return f"{offset}+{length} outside the device ({target.size_bytes} bytes)"
+    # one buffer (every 4 KiB request, and consecutive pages on the local transport) without a call
+    if bufs and (bufs[0].nbytes if len(bufs) == 1 else _nbytes(bufs)) != length:
+        return f"buffers of {_nbytes(bufs)} bytes for a {length}-byte request"
     return None
 
 
@@ -235,10 +245,12 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
             log.error("refusing I/O: %s", refused)
             return blkif.RSP_ERROR
         kind = plan.kind
-        if kind is READ:
-            _full_vectored(os.preadv, target.fd, bufs, plan.offset, plan.length)
-        elif kind is WRITE:
-            _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
+        if kind is READ or kind is WRITE:
+            call = os.preadv if kind is READ else os.pwritev
+            # the common case moves everything in one call; _full_vectored resumes a short one
+            n = call(target.fd, bufs, plan.offset)
+            if n != plan.length:
+                _full_vectored(call, target.fd, bufs, plan.offset, plan.length, moved=n)
         elif kind in (FLUSH, BARRIER):
             if bufs:
                 # REQ_PREFLUSH | REQ_FUA semantics: earlier writes durable first, then this one
