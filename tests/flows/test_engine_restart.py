@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.engine import REPO, attach_guest, wait_for
+from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.fdstore import FdStoreManager
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
@@ -93,16 +94,6 @@ def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path) -> Iterator[
 def kill(daemon: ReadyDaemon) -> None:
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
-
-
-def detach(libxl: Libxl, be: Backend, guest: XenbusFrontend) -> None:
-    """As libxl: online=0 + state 5, the frontend closes, wait for Closed, run the remove script."""
-    libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
-    guest.disconnect()
-    guest.close()
-    guest.store.close()
-    assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
-    assert libxl.run("remove", be).returncode == 0
 
 
 def error_node(libxl: Libxl, be: Backend) -> str | None:
