@@ -14,12 +14,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from xenblockctl.xenstore.errors import XenstoreInvalid, XenstoreTooBig
-
-#: xs_wire.h XENSTORE_PAYLOAD_MAX: a request or reply body larger than this kills the connection.
-PAYLOAD_MAX = 4096
-#: xs_wire.h XENSTORE_ABS_PATH_MAX / XENSTORE_REL_PATH_MAX.
-ABS_PATH_MAX = 3072
-REL_PATH_MAX = 2048
+from xenblockctl.xenstore.wire import ABS_PATH_MAX, REL_PATH_MAX
 
 _NODE_CHARS = re.compile(r"[A-Za-z0-9\-/_@]+")
 _SPECIAL_WATCH = re.compile(r"@[A-Za-z0-9\-_]+")
