@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     started = time.monotonic()
     try:
-        store = XenStore.connect(timeout=settings.xenstore_timeout)
+        # One thread, one shot: the synchronous link (no reader thread, no `socket`; bench/README.md).
+        store = XenStore.connect(timeout=settings.xenstore_timeout, synchronous=True)
     except XenblockError as exc:
         journal.error(exc.one_line(), CODE=exc.code, ERRNO=exc.errno or 0)
         return EXIT_FAILED
