@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import select
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,30 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.cxenstored import Unavailable, find_tools, start_cxenstored  # noqa: E402
+from tests.fixtures.xenstore import embedded_xenstored  # noqa: E402
 from xenblockctl.xenstore.client import XenStore  # noqa: E402
 
 
 @contextmanager
 def embedded_daemon() -> Iterator[str]:
-    rundir = tempfile.mkdtemp(prefix="xbc-bench-")
-    sock = os.path.join(rundir, "socket")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenblockctl", "xenstored", "--socket", sock],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        if not ready or not proc.stdout.readline().startswith(b"xenstored ready"):
-            raise RuntimeError("embedded xenstored did not print its ready line")
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        for name in os.listdir(rundir):
-            os.unlink(os.path.join(rundir, name))
-        os.rmdir(rundir)
+    with embedded_xenstored() as daemon:
+        yield daemon.socket_path
 
 
 @contextmanager
