@@ -53,9 +53,7 @@ class DirectLink(Link):
         if self._pipeline:
             self._send(b"".join(encode(*request) for request in requests), 0)
             outstanding = {request[1] for request in requests}
-            return [
-                self._await(request[1], index, deadline, outstanding) for index, request in enumerate(requests)
-            ]
+            return [self._await(rq[1], index, deadline, outstanding) for index, rq in enumerate(requests)]
         replies = []
         for index, request in enumerate(requests):
             self._send(encode(*request), index)
