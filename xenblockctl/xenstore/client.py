@@ -28,7 +28,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.endpoints import Endpoint, connect_first, default_endpoints, endpoint_for
@@ -74,11 +74,26 @@ _NUL = b"\0"
 _PART_RESTARTS = 8
 
 
-class WatchEvent(NamedTuple):
-    """A fired watch: the path that changed (or the watched path itself at registration)."""
+class WatchEvent(tuple[str, str]):
+    """A fired watch `(path, token)`: the path that changed (or the watched path itself at
+    registration). A tuple built without typing.NamedTuple (the class build costs ~0.2-0.4 ms at
+    every hotplug start)."""
 
-    path: str
-    token: str
+    __slots__ = ()
+
+    def __new__(cls, path: str, token: str) -> WatchEvent:
+        return tuple.__new__(cls, (path, token))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def token(self) -> str:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"WatchEvent(path={self[0]!r}, token={self[1]!r})"
 
 
 def _arg(text: str) -> bytes:
