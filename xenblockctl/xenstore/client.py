@@ -377,21 +377,24 @@ class XenStore(_Operations):
         *,
         domid: int | None = None,
         deadline: float | None = None,
+        env: Mapping[str, str] | None = None,
         synchronous: bool = False,
     ) -> XenStore:
         """Connect like libxenstore: `path` if given (socket, or a xenbus character device), else
         `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else `/run/xenstored/socket`, then
         `/dev/xen/xenbus`. `timeout` bounds each request (and the connect); `deadline` (absolute
         `time.monotonic()`) bounds everything, see `XenStore.deadline`. `domid` is our own domain
-        id if the caller knows it (see `absolute`). `synchronous=True`: no reader thread, for
-        one-shot, one-thread callers (link.py); the store must then stay on the calling thread.
+        id if the caller knows it (see `absolute`). `env`: the variables the default endpoints
+        come from (the caller's environment object; os.environ when not given).
+        `synchronous=True`: no reader thread, for one-shot, one-thread callers (link.py); the
+        store must then stay on the calling thread.
         """
         if timeout <= 0:
             raise XenstoreInvalid(f"timeout must be positive, not {timeout}")
         budget = timeout if deadline is None else min(timeout, deadline - time.monotonic())
         if budget <= 0:
             raise XenstoreTimeout("connect: overall deadline already passed", errno=errno.ETIMEDOUT)
-        endpoints = [endpoint_for(path)] if path is not None else default_endpoints()
+        endpoints = [endpoint_for(path)] if path is not None else default_endpoints(env)
         if synchronous:
             from xenblockctl.xenstore.synchronous import open_link
         else:
