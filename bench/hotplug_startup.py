@@ -8,7 +8,8 @@ and CPU time of the child):
     (a development venv's editable install adds a finder that site.py loads on every start);
   * the imports `add` and `remove` need, with site, as a bare `python -c` (teardown at exit, GC on);
   * the same the way hotplug/block-xenblockctl runs them: GC off during start-up, os._exit after;
-then the slowest imports of one run (`python -S -X importtime`, site's own imports left out).
+then the syscalls of one run of the bare interpreter and of the imports (strace -f -c), then the
+slowest imports of one run (`python -S -X importtime`, site's own imports left out).
 
 Bytecode: the children run without PYTHONDONTWRITEBYTECODE and one warm-up run writes the caches
 first, so a stale __pycache__ never shows up as import time (with the variable set, every edited
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import site
 import subprocess
 import sys
@@ -29,7 +31,9 @@ from bench.common import percentile, row
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = (
-    "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.add, xenblockctl.blockscript.remove"
+    "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.add, xenblockctl.blockscript.remove, "
+    # the link the hotplug path connects with (XenStore.connect imports it)
+    "xenblockctl.xenstore.synchronous"
 )
 #: What the shim adds around the imports (hotplug/block-xenblockctl).
 SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
@@ -93,6 +97,9 @@ def main() -> int:
         f"import cost over the bare interpreter (p50): {extra_ms:.1f} ms wall, {extra_cpu:.1f} ms CPU; "
         f"{count} modules in sys.modules"
     )
+    if shutil.which("strace"):
+        for name in ("python -c pass", "python -c '<hotplug imports>'"):
+            print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")
     # -S: site.py (and an editable install's finder) would otherwise shadow our own graph; the
     # minimum over a few runs, since one stall would otherwise top the list
     probe = f"import sys; sys.path[:0] = sys.argv[1:]; {IMPORTS}"
@@ -122,6 +129,20 @@ def main() -> int:
     for name, (cumulative, self_us) in sorted(best.items(), key=lambda item: -item[1][0])[:14]:
         print(f"  {cumulative:>8} {self_us:>8}  {name}")
     return 0
+
+
+def count_syscalls(argv: list[str], env: dict[str, str]) -> str:
+    """Total syscalls of one run (strace -f -c's summary line)."""
+    out = subprocess.run(
+        ["strace", "-f", "-c", "-o", "/dev/stdout", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    totals = [line.split() for line in out.splitlines() if line.rstrip().endswith("total")]
+    return totals[0][3] if totals and len(totals[0]) >= 5 else "?"
 
 
 def site_dirs(py: str) -> list[str]:

@@ -5,8 +5,9 @@
 Starts Debian's C xenstored (stubbed, via tests/fixtures/cxenstored.py; skipped with a reason if
 unavailable) and the embedded `xenblockctl xenstored`, in the same run, and times per daemon:
 
-- READ round trip through XenStore (deadline-guarded) and through plain pyxs 0.4.1 (baseline:
-  what our guard and str layer cost on top of the library);
+- READ round trip through XenStore (deadline-guarded) over each of its links (threaded: pyxs's
+  reader thread; synchronous: one socket, no thread) and through plain pyxs 0.4.1 (baseline:
+  what our guard and str layer cost on top of the library); 6 READs batched (one round trip);
 - a transaction of 3 writes through XenStore (start + 3 WRITE + commit = 5 round trips), and the
   same through plain pyxs.
 
@@ -19,10 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import select
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,30 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.cxenstored import Unavailable, find_tools, start_cxenstored  # noqa: E402
+from tests.fixtures.xenstore import embedded_xenstored  # noqa: E402
 from xenblockctl.xenstore.client import XenStore  # noqa: E402
 
 
 @contextmanager
 def embedded_daemon() -> Iterator[str]:
-    rundir = tempfile.mkdtemp(prefix="xbc-bench-")
-    sock = os.path.join(rundir, "socket")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenblockctl", "xenstored", "--socket", sock],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        if not ready or not proc.stdout.readline().startswith(b"xenstored ready"):
-            raise RuntimeError("embedded xenstored did not print its ready line")
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        for name in os.listdir(rundir):
-            os.unlink(os.path.join(rundir, name))
-        os.rmdir(rundir)
+    with embedded_xenstored() as daemon:
+        yield daemon.socket_path
 
 
 @contextmanager
@@ -73,17 +56,24 @@ def c_daemon() -> Iterator[str]:
 
 def bench_daemon(sock: str, iterations: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
-    with XenStore.connect(sock, timeout=10) as store:
-        store.write("/bench/node", "physical-device-value")
+    for link, synchronous in (("threaded link", False), ("synchronous link", True)):
+        with XenStore.connect(sock, timeout=10, synchronous=synchronous) as store:
+            store.write("/bench/node", "physical-device-value")
 
-        def ours_tx() -> None:
-            with store.transaction() as tx:
-                tx.write("/bench/be/physical-device", "7:0")
-                tx.write("/bench/be/physical-device-path", "/dev/loop0")
-                tx.write("/bench/be/hotplug-status", "connected")
+            def ours_tx(store: XenStore = store) -> None:
+                with store.transaction() as tx:
+                    tx.write("/bench/be/physical-device", "7:0")
+                    tx.write("/bench/be/physical-device-path", "/dev/loop0")
+                    tx.write("/bench/be/hotplug-status", "connected")
 
-        results["read: XenStore"] = measure(lambda: store.read("/bench/node"), iterations, warmup=50)
-        results["tx + 3 writes: XenStore"] = measure(ours_tx, iterations // 2, warmup=20)
+            def ours_batch(store: XenStore = store) -> None:
+                store.read_many(["/bench/node"] * 6)
+
+            results[f"read: XenStore, {link}"] = measure(
+                lambda: store.read("/bench/node"), iterations, warmup=50
+            )
+            results[f"6 reads batched: XenStore, {link}"] = measure(ours_batch, iterations // 2, warmup=20)
+            results[f"tx + 3 writes: XenStore, {link}"] = measure(ours_tx, iterations // 2, warmup=20)
 
     with pyxs.Client(unix_socket_path=sock) as client:
 
@@ -161,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\nxenstore round trips ({args.iterations} reads, {args.iterations // 2} transactions per daemon)\n"
     )
     names = list(columns)
-    header = f"{'operation':<40}" + "".join(f"{n + ' p50':>18}{n + ' p90':>18}" for n in names)
+    header = f"{'operation':<48}" + "".join(f"{n + ' p50':>18}{n + ' p90':>18}" for n in names)
     print(header)
     print("-" * len(header))
     rows = next(iter(columns.values())).keys() if columns else []
     for op in rows:
-        line = f"{op:<40}"
+        line = f"{op:<48}"
         for n in names:
             samples = columns[n][op]
             line += f"{fmt(percentile(samples, 50)):>18}{fmt(percentile(samples, 90)):>18}"

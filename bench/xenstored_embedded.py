@@ -13,10 +13,9 @@ round trip (two context switches, recv + send on each side).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import select
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,11 @@ import textwrap
 import pyxs
 
 from bench.common import measure, percentile, row
+from tests.fixtures.xenstore import embedded_xenstored
+from xenblockctl.xenstore import wire
 
-HEADER = struct.Struct("<IIII")
-READ, TX_START, TX_END, WRITE = 2, 6, 7, 11
+READ, TX_START, TX_END, WRITE = wire.READ, wire.TRANSACTION_START, wire.TRANSACTION_END, wire.WRITE
+HEADER = wire.HEADER
 
 ECHO_SERVER = textwrap.dedent(
     """
@@ -53,7 +54,7 @@ class Raw:
 
     def call(self, msg_type: int, payload: bytes, tx_id: int = 0) -> bytes:
         self.req += 1
-        self.sock.sendall(HEADER.pack(msg_type, self.req, tx_id, len(payload)) + payload)
+        self.sock.sendall(wire.encode(msg_type, self.req, tx_id, payload))
         buf = b""
         while True:
             while len(buf) < HEADER.size:
@@ -63,21 +64,8 @@ class Raw:
                 buf += self.sock.recv(65536)
             payload = buf[HEADER.size : HEADER.size + length]
             buf = buf[HEADER.size + length :]
-            if rtype != 15:  # skip watch events
+            if rtype != wire.WATCH_EVENT:
                 return payload
-
-
-def start_daemon(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-    path = os.path.join(directory, "socket")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenblockctl", "xenstored", "--socket", path], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 15)
-    if not ready or not proc.stdout.readline().startswith(b"xenstored ready"):
-        proc.kill()
-        raise SystemExit("embedded xenstored did not start")
-    return proc, path
 
 
 def main() -> int:
@@ -91,10 +79,10 @@ def main() -> int:
         echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, echo_path], stdout=subprocess.PIPE)
         assert echo.stdout is not None
         echo.stdout.readline()
-        daemon = None
+        stack = contextlib.ExitStack()
         path = args.socket
         if path is None:
-            daemon, path = start_daemon(tmp)
+            path = stack.enter_context(embedded_xenstored()).socket_path
         try:
             e = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             e.connect(echo_path)
@@ -141,9 +129,7 @@ def main() -> int:
         finally:
             echo.terminate()
             echo.wait()
-            if daemon is not None:
-                daemon.terminate()
-                daemon.wait()
+            stack.close()
     target = "embedded xenstored" if args.socket is None else f"daemon at {args.socket}"
     print(f"{target}, {n} iterations (transactions: {n // 4})")
     for name, samples in results:

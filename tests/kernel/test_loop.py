@@ -194,6 +194,33 @@ def test_bound_loops_lists_ours(make_image: ImageFactory, loop_devices: list[loo
     assert found[dev.number].backing_file.endswith("disk.img")
 
 
+def test_bound_loops_skips_a_device_detached_during_the_scan(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another script's remove (or any last close) can detach a loop between the scan's listing
+    and its read of `loop/backing_file`; sysfs then answers ENODEV. The scan (every file add's
+    sharing check) must skip it, not fail the add as `internal`. The interleaving is forced by
+    detaching for real right after the attribute is opened; the ENODEV comes from the kernel."""
+    victim = loop.attach_file(str(make_image("victim.img")), read_only=False, tag="xenblockctl:test-victim")
+    keeper = loop.attach_file(str(make_image("keeper.img")), read_only=False, tag="xenblockctl:test-keeper")
+    real_open = open
+
+    def open_then_detach(path: str, *args: object, **kwargs: object) -> object:
+        f = real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+        if path.endswith(f"/loop{victim.number}/loop/backing_file"):
+            victim.close()  # the last close of an AUTOCLEAR device detaches it at once
+        return f
+
+    monkeypatch.setattr(loop, "open", open_then_detach, raising=False)
+    try:
+        numbers = [bound.number for bound in loop.bound_loops()]
+    finally:
+        victim.close()
+        keeper.close()
+    assert keeper.number in numbers
+    assert victim.number not in numbers
+
+
 def test_direct_io_request(make_image: ImageFactory, loop_devices: list[loop.LoopDevice]) -> None:
     dev = loop.attach_file(str(make_image()), read_only=False, tag=TAG, direct_io=True)
     loop_devices.append(dev)

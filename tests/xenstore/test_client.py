@@ -20,6 +20,9 @@ from xenblockctl.xenstore.errors import (
 )
 from xenblockctl.xenstore.paths import Access, Perm
 
+#: Every test runs over both links: threaded (pyxs reader) and synchronous (the block script's).
+pytestmark = pytest.mark.usefixtures("link")
+
 
 @pytest.fixture
 def store(daemon: Daemon) -> Iterator[XenStore]:
@@ -313,6 +316,7 @@ def test_transaction_events_arrive_at_commit_in_write_order(store: XenStore, oth
     ]
 
 
+@pytest.mark.usefixtures("threaded_only")
 def test_many_threads_share_one_connection(store: XenStore) -> None:
     for i in range(8):
         store.write(f"/mt/{i}", str(i))

@@ -24,6 +24,9 @@ from xenblockctl.xenstore.errors import (
     XenstorePermissionDenied,
 )
 
+#: Every test runs over both links: threaded (pyxs reader) and synchronous (the block script's).
+pytestmark = pytest.mark.usefixtures("link")
+
 READ = 2
 ERROR = 16
 
@@ -149,8 +152,8 @@ def test_lost_peer_mid_batch_is_reported(peer: Callable[[Behaviour], FakePeer]) 
         requests = [_read_request(conn) for _ in range(3)]
         op, rq, tx, _payload = requests[0]
         conn.sendall(HEADER.pack(op, rq, tx, 1) + b"x")
+        done.set()  # before close: the client may see the EOF and return before this line runs
         conn.close()
-        done.set()
 
     started = peer(answer_one_then_die)
     with XenStore.connect(started.path, timeout=5) as store, pytest.raises(XenstoreDisconnected):

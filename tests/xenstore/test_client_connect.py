@@ -14,8 +14,11 @@ import pytest
 
 from tests.fixtures.cxenstored import Daemon
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.endpoints import Endpoint, default_endpoints, endpoint_for
 from xenblockctl.xenstore.errors import XenstoreInvalid, XenstoreUnavailable
-from xenblockctl.xenstore.transport import Endpoint, default_endpoints, endpoint_for
+
+#: Every test runs over both links: threaded (pyxs reader) and synchronous (the block script's).
+pytestmark = pytest.mark.usefixtures("link")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,9 @@ from tests.fixtures.cxenstored import Daemon
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreDisconnected, XenstoreError, XenstoreTimeout
 
+#: Every test runs over both links: threaded (pyxs reader) and synchronous (the block script's).
+pytestmark = pytest.mark.usefixtures("link")
+
 HEADER = struct.Struct("<IIII")
 Behaviour = Callable[[socket.socket], None]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.xenstore import _HEADER, EmbeddedXenstored, RawClient
+from tests.fixtures.xenstore import EmbeddedXenstored, RawClient
+from tests.support.xsraw import HEADER
 from xenblockctl.xenstore.server.core import Xenstored
 from xenblockctl.xenstore.server.wire import Frame
 
@@ -141,7 +142,7 @@ def test_a_client_that_never_reads_is_not_served_ahead_and_stalls_nobody(
     hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hog.connect(path)
     try:
-        burst = b"".join(_HEADER.pack(READ, i, 0, 20) + b"/local/domain/5/big\0" for i in range(2000))
+        burst = b"".join(HEADER.pack(READ, i, 0, 20) + b"/local/domain/5/big\0" for i in range(2000))
         hog.sendall(burst)
         time.sleep(0.5)
         # Everyone else is served meanwhile.

@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     started = time.monotonic()
     try:
-        store = XenStore.connect(timeout=settings.xenstore_timeout, env=variables)
+        # One thread, one shot: the synchronous link (no reader thread, no `socket`; bench/README.md).
+        store = XenStore.connect(timeout=settings.xenstore_timeout, env=variables, synchronous=True)
     except XenblockError as exc:
         if unusable is not None:
             journal.error(unusable.one_line(), CODE=unusable.code)

@@ -416,6 +416,12 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
                 backing_file = f.read().strip()
         except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
+        except OSError as exc:
+            # Detached between the listing and the read (another script's remove, a last close):
+            # sysfs answers ENODEV for the vanished attribute. Not bound any more: not a claim.
+            if exc.errno != errno.ENODEV:
+                raise
+            continue
         try:
             dev = open_devt(os.makedev(LOOP_MAJOR, number), writable=False, node=f"/dev/loop{number}")
         except DeviceError:

@@ -58,7 +58,7 @@ def engine_pids(proc: str = PROC, *, xenstore_socket: str | None = None) -> list
 def engine_socket(proc_dir: Path, argv: list[str]) -> str | None:
     """The xenstored socket an engine process uses: its --xenstore, else what libxenstore's rules
     make of its environment (unreadable environment: unknown)."""
-    from xenblockctl.xenstore.transport import default_endpoints
+    from xenblockctl.xenstore.endpoints import default_endpoints
 
     for i, arg in enumerate(argv):
         if arg == "--xenstore" and i + 1 < len(argv):

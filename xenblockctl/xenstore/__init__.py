@@ -2,8 +2,12 @@
 
 Modules, one concept each:
 
-    client      XenStore / Transaction / WatchEvent: str API, deadlines, typed errors (on pyxs)
-    transport   where xenstored lives (libxenstore's order) and a reader thread that cannot hang us
+    client      XenStore / Transaction / WatchEvent: str API, deadlines, typed errors
+    link        what the client needs from a connection; two implementations:
+    transport   the threaded link: pyxs's reader thread, guarded so it cannot hang us (engine, CLI)
+    synchronous the synchronous link: one socket, no thread (the block script)
+    endpoints   where xenstored lives (libxenstore's order) and the bounded connect
+    wire        the wire codec: framing, limits, type numbers, error names (client, server, tests)
     paths       node-name, value and permission rules, checked before anything is sent
     errors      XenstoreError and its errno-specific subclasses
     vbd         backend/frontend paths of a vbd, XenbusState, walking every backend
@@ -12,5 +16,5 @@ Modules, one concept each:
     server/     the embedded xenstored (stdlib only)
 
 This package file imports nothing: `python -m xenblockctl xenstored` must not pay for pyxs, and
-the block script imports exactly the modules it uses.
+the block script imports exactly the modules it uses (no pyxs, socket or threading at all).
 """

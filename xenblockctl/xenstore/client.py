@@ -4,32 +4,34 @@
         store.write("backend/vbd/5/51712/physical-device", "7:0")
         state = store.run_transaction(lambda tx: tx.read("backend/vbd/5/51712/state"))
 
-Built on pyxs 0.4.1 for framing, the connection classes and the reply-matching reader thread,
-but requests are sent and awaited here rather than through `pyxs.Client`, because pyxs's own
-request path waits without a timeout, rejects empty values (0.4.1) and non-ASCII bytes, and
-returns False instead of raising on a transaction conflict (xenstore-for-tests.md §4.3).
+Requests are built and checked here and travel over a link (link.py): by default pyxs 0.4.1's
+connection classes and reply-matching reader thread (transport.py), which lets threads share a
+connection; `connect(synchronous=True)` gives a thread-free link on one socket for one-shot,
+one-thread callers like the block script (synchronous.py). Not `pyxs.Client`: its request path
+waits without a timeout, rejects empty values (0.4.1) and non-ASCII bytes, and returns False
+instead of raising on a transaction conflict (xenstore-for-tests.md §4.3).
 
 Relative paths are sent as they are (C xenstored resolves them against /local/domain/0 on a
 socket). oxenstored and docs/misc/xenstore.txt disagree about relative paths over a socket, so
 code that may meet either daemon should pass them through `store.absolute()` first.
 
-A XenStore may be used from several threads: requests are matched to replies by id.
+A XenStore on the default (threaded) link may be used from several threads: requests are matched
+to replies by id. A synchronous one belongs to one thread.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import itertools
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import TypeVar
 
-from pyxs._internal import Op, Packet
-
+from xenblockctl.xenstore import wire
+from xenblockctl.xenstore.endpoints import Endpoint, connect_first, default_endpoints, endpoint_for
 from xenblockctl.xenstore.errors import (
     TransactionConflict,
     XenstoreDisconnected,
@@ -41,9 +43,9 @@ from xenblockctl.xenstore.errors import (
     errno_from_name,
     error_for,
 )
+from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import (
-    PAYLOAD_MAX,
     Perm,
     check_path,
     check_token,
@@ -53,15 +55,7 @@ from xenblockctl.xenstore.paths import (
     encode_value,
     join,
 )
-from xenblockctl.xenstore.transport import (
-    LOST,
-    Endpoint,
-    GuardedRouter,
-    connect_first,
-    default_endpoints,
-    endpoint_for,
-    wait_reply,
-)
+from xenblockctl.xenstore.wire import DIRECTORY_PART, PAYLOAD_MAX, RESET_WATCHES, error_reply_name
 
 T = TypeVar("T")
 
@@ -76,18 +70,30 @@ _BACKOFF_FIRST = 0.001
 _BACKOFF_CAP = 0.05
 
 _NUL = b"\0"
-#: xs_wire.h message types pyxs 0.4.1 does not know (its Packet refuses them).
-DIRECTORY_PART = 22
-RESET_WATCHES = 21
 #: Restarts of a multi-part listing when the directory changes underneath.
 _PART_RESTARTS = 8
 
 
-class WatchEvent(NamedTuple):
-    """A fired watch: the path that changed (or the watched path itself at registration)."""
+class WatchEvent(tuple[str, str]):
+    """A fired watch `(path, token)`: the path that changed (or the watched path itself at
+    registration). A tuple built without typing.NamedTuple (the class build costs ~0.2-0.4 ms at
+    every hotplug start)."""
 
-    path: str
-    token: str
+    __slots__ = ()
+
+    def __new__(cls, path: str, token: str) -> WatchEvent:
+        return tuple.__new__(cls, (path, token))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def token(self) -> str:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"WatchEvent(path={self[0]!r}, token={self[1]!r})"
 
 
 def _arg(text: str) -> bytes:
@@ -144,7 +150,7 @@ class _Operations:
 
     def read_bytes(self, path: str) -> bytes:
         check_path(path)
-        return self._request(Op.READ, _arg(path), f"read {path}")
+        return self._request(wire.READ, _arg(path), f"read {path}")
 
     def read(self, path: str) -> str:
         """The node's value; XenstoreNoEntry (errno ENOENT) when it does not exist."""
@@ -165,7 +171,7 @@ class _Operations:
         N. Like single reads, they are a consistent snapshot only inside a transaction."""
         for path in paths:
             check_path(path)
-        replies = self._request_many([(Op.READ, _arg(path), f"read {path}") for path in paths])
+        replies = self._request_many([(wire.READ, _arg(path), f"read {path}") for path in paths])
         values: list[str | None] = []
         for reply in replies:
             if isinstance(reply, XenstoreNoEntry):
@@ -181,7 +187,7 @@ class _Operations:
         longer than one 4096-byte reply are fetched in parts (DIRECTORY_PART)."""
         check_path(path)
         try:
-            return _split_list(self._request(Op.DIRECTORY, _arg(path), f"directory {path}"))
+            return _split_list(self._request(wire.DIRECTORY, _arg(path), f"directory {path}"))
         except XenstoreTooBig:
             return self._ls_parts(path)
 
@@ -212,13 +218,13 @@ class _Operations:
     def get_perms(self, path: str) -> list[Perm]:
         check_path(path)
         return [
-            Perm.parse(p) for p in _split_list(self._request(Op.GET_PERMS, _arg(path), f"get-perms {path}"))
+            Perm.parse(p) for p in _split_list(self._request(wire.GET_PERMS, _arg(path), f"get-perms {path}"))
         ]
 
     # -- writes -----------------------------------------------------------------------------------
 
     def write_bytes(self, path: str, value: bytes) -> None:
-        _ok(self._request(Op.WRITE, _write_payload(path, value), f"write {path}"), f"write {path}")
+        _ok(self._request(wire.WRITE, _write_payload(path, value), f"write {path}"), f"write {path}")
 
     def write(self, path: str, value: str) -> None:
         """Create or overwrite; missing parents are created with empty values. `""` is valid."""
@@ -227,7 +233,7 @@ class _Operations:
     def mkdir(self, path: str) -> None:
         """Create the node (and parents) with an empty value; no-op when it exists."""
         check_path(path)
-        _ok(self._request(Op.MKDIR, _arg(path), f"mkdir {path}"), f"mkdir {path}")
+        _ok(self._request(wire.MKDIR, _arg(path), f"mkdir {path}"), f"mkdir {path}")
 
     def rm(self, path: str, *, missing_ok: bool = True) -> None:
         """Remove the node and everything below it. A missing node is fine unless missing_ok is
@@ -236,7 +242,7 @@ class _Operations:
         if not missing_ok and not self.exists(path):
             raise XenstoreNoEntry(f"rm {path}", errno=errno.ENOENT)
         try:
-            _ok(self._request(Op.RM, _arg(path), f"rm {path}"), f"rm {path}")
+            _ok(self._request(wire.RM, _arg(path), f"rm {path}"), f"rm {path}")
         except XenstoreNoEntry:
             if not missing_ok:
                 raise
@@ -252,7 +258,7 @@ class _Operations:
         if not parsed:
             raise XenstoreInvalid(f"set-perms {path}: the list needs at least the owner entry")
         payload = _arg(path) + b"".join(_arg(str(p)) for p in parsed)
-        _ok(self._request(Op.SET_PERMS, payload, f"set-perms {path}"), f"set-perms {path}")
+        _ok(self._request(wire.SET_PERMS, payload, f"set-perms {path}"), f"set-perms {path}")
 
     def read_dir(self, path: str) -> dict[str, str]:
         """One level of children: name -> value. Consistent only inside a transaction; the store
@@ -267,13 +273,13 @@ class _Operations:
         first failure is raised afterwards, so use it inside a transaction (the store version
         runs it in one) where a failure aborts all of them."""
         requests = [
-            (Op.WRITE, _write_payload(path, encode_value(value)), f"write {path}")
+            (wire.WRITE, _write_payload(path, encode_value(value)), f"write {path}")
             for path, value in items.items()
         ]
         first_rm = len(requests)
         for path in remove:
             check_path(path)
-            requests.append((Op.RM, _arg(path), f"rm {path}"))
+            requests.append((wire.RM, _arg(path), f"rm {path}"))
         if not requests:
             return
         for i, reply in enumerate(self._request_many(requests)):
@@ -325,7 +331,7 @@ class Transaction(_Operations):
         what = f"transaction-end {flag.decode()} {self._tx_id}"
         # Whatever the outcome, the daemon no longer knows this id (or the connection is gone).
         self._open = False
-        _ok(self._store._send(Op.TRANSACTION_END, flag + _NUL, self._tx_id, what), what)
+        _ok(self._store._send(wire.TRANSACTION_END, flag + _NUL, self._tx_id, what), what)
 
     def __enter__(self) -> Transaction:
         return self
@@ -347,25 +353,17 @@ class Transaction(_Operations):
 class XenStore(_Operations):
     """A connection to xenstored. Create with `XenStore.connect()`; close (or use `with`)."""
 
-    def __init__(self, router: GuardedRouter, endpoint: Endpoint, timeout: float, domid: int | None) -> None:
-        self._router: GuardedRouter | None = router
+    def __init__(self, link: Link, endpoint: Endpoint, timeout: float, domid: int | None) -> None:
+        self._link: Link | None = link
         self.endpoint = endpoint
         self.timeout = timeout
         self._tx_id = 0
         self._ids = itertools.count(1)
-        self._events: queue.Queue[Any] = queue.Queue()
-        router.event_queues.append(self._events)
         self._watch_tokens: dict[str, int] = {}
-        self._watch_lock = threading.Lock()
-        self._sink = _EventSink(self._events)
+        #: `_thread`'s lock: `threading` is not needed for it (and not imported on the hotplug path).
+        self._watch_lock = _thread.allocate_lock()
         self._domid = domid
         self._home: str | None = None
-        #: Over the kernel's xenbus device, one request in flight at a time (libxenstore's way).
-        #: Linux's /dev/xen/xenbus queues a request with its body still pointing into the file's
-        #: one message buffer and returns from write() before the request reaches the ring, so
-        #: the next write() overwrites it: pipelined requests go out with the later ones' paths
-        #: and values (seen on 6.1 in the real-Xen lane, scenario 14). Sockets pipeline freely.
-        self._lockstep = threading.Lock() if endpoint.kind == "xenbus" else None
         #: Optional absolute time.monotonic() after which every request fails with
         #: XenstoreTimeout: a whole-script budget on top of the per-request `timeout` (libxl
         #: SIGKILLs a hotplug script at 40 s; leave time to report the error).
@@ -380,6 +378,7 @@ class XenStore(_Operations):
         domid: int | None = None,
         deadline: float | None = None,
         env: Mapping[str, str] | None = None,
+        synchronous: bool = False,
     ) -> XenStore:
         """Connect like libxenstore: `path` if given (socket, or a xenbus character device), else
         `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else `/run/xenstored/socket`, then
@@ -387,6 +386,8 @@ class XenStore(_Operations):
         `time.monotonic()`) bounds everything, see `XenStore.deadline`. `domid` is our own domain
         id if the caller knows it (see `absolute`). `env`: the variables the default endpoints
         come from (the caller's environment object; os.environ when not given).
+        `synchronous=True`: no reader thread, for one-shot, one-thread callers (link.py); the
+        store must then stay on the calling thread.
         """
         if timeout <= 0:
             raise XenstoreInvalid(f"timeout must be positive, not {timeout}")
@@ -394,8 +395,12 @@ class XenStore(_Operations):
         if budget <= 0:
             raise XenstoreTimeout("connect: overall deadline already passed", errno=errno.ETIMEDOUT)
         endpoints = [endpoint_for(path)] if path is not None else default_endpoints(env)
-        router, endpoint = connect_first(endpoints, budget)
-        store = cls(router, endpoint, timeout, domid)
+        if synchronous:
+            from xenblockctl.xenstore.synchronous import open_link
+        else:
+            from xenblockctl.xenstore.transport import open_link  # type: ignore[assignment]
+        link, endpoint = connect_first(endpoints, budget, open_link)
+        store = cls(link, endpoint, timeout, domid)
         store.deadline = deadline
         return store
 
@@ -412,12 +417,12 @@ class XenStore(_Operations):
 
     @property
     def closed(self) -> bool:
-        return self._router is None or self._router.stopped.is_set()
+        return self._link is None or self._link.closed
 
     def close(self) -> None:
-        router, self._router = self._router, None
-        if router is not None:
-            router.shutdown(min(self.timeout, 2.0))
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(min(self.timeout, 2.0))
 
     def __enter__(self) -> XenStore:
         return self
@@ -447,25 +452,14 @@ class XenStore(_Operations):
     def _send_many(
         self, requests: Sequence[tuple[int, bytes, str]], tx_id: int
     ) -> list[bytes | XenstoreError]:
-        if self._lockstep is None:
-            return self._exchange(requests, tx_id)
-        with self._lockstep:
-            results: list[bytes | XenstoreError] = []
-            for request in requests:
-                results.extend(self._exchange([request], tx_id))
-            return results
-
-    def _exchange(
-        self, requests: Sequence[tuple[int, bytes, str]], tx_id: int
-    ) -> list[bytes | XenstoreError]:
-        """Send every request, then collect the replies in order: a pipeline, so a batch costs one
-        round trip (xenstored answers one connection's requests in order; replies are matched by
-        id anyway). An error reply comes back as its XenstoreError, not raised, so the caller
-        decides (rm of a missing node, a read that may fail); a timeout, a lost connection or a
-        mismatched reply raises, since nothing on the connection can be trusted after those."""
-        router = self._router
+        """Send every request, then collect the replies in order: on a socket a pipeline, so a
+        batch costs one round trip (the link matches replies by id). An error reply comes back as
+        its XenstoreError, not raised, so the caller decides (rm of a missing node, a read that may
+        fail); a timeout, a lost connection or a mismatched reply raises, since nothing on the
+        connection can be trusted after those."""
+        link = self._link
         first = requests[0][2] if requests else "batch"
-        if router is None:
+        if link is None:
             raise XenstoreDisconnected(f"{first}: connection already closed")
         for _op, payload, what in requests:
             if len(payload) > PAYLOAD_MAX:
@@ -473,52 +467,52 @@ class XenStore(_Operations):
                     f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
                 )
         deadline, limit = self._request_deadline(first)
-        pending = []
-        for op, payload, what in requests:
-            packet = _packet(op, payload, next(self._ids), tx_id)
-            try:
-                pending.append(router.send(packet))
-            except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
-                self._abandon()
-                raise XenstoreDisconnected(
-                    f"{what}: send failed: {' '.join(str(exc).split())[:120]}"
-                ) from exc
+        try:
+            frames = link.exchange(
+                [(op, next(self._ids), tx_id, payload) for op, payload, _what in requests], deadline
+            )
+        except LinkTimeout as exc:
+            # The request may still be applied later; nothing on this connection can be trusted.
+            self._abandon()
+            raise XenstoreTimeout(
+                f"{requests[exc.index][2]}: no reply within {limit}", errno=errno.ETIMEDOUT
+            ) from None
+        except LinkLost as exc:
+            raise XenstoreDisconnected(
+                f"{requests[exc.index][2]}: {exc.reason}", errno=errno.ECONNRESET
+            ) from None
+        except LinkSendFailed as exc:
+            self._abandon()
+            raise XenstoreDisconnected(f"{requests[exc.index][2]}: send failed: {exc.reason}") from exc
         results: list[bytes | XenstoreError] = []
-        for (op, _payload, what), rvar in zip(requests, pending, strict=True):
-            reply = wait_reply(rvar, deadline)
-            if reply is None:
-                # The request may still be applied later; nothing on this connection can be trusted.
-                self._abandon()
-                raise XenstoreTimeout(f"{what}: no reply within {limit}", errno=errno.ETIMEDOUT)
-            if reply is LOST:
-                raise XenstoreDisconnected(f"{what}: {router.describe_failure()}", errno=errno.ECONNRESET)
-            if reply.op == Op.ERROR:
-                name = reply.payload.rstrip(_NUL).decode("ascii", "replace")
+        for (op, _payload, what), reply in zip(requests, frames, strict=True):
+            if reply.type == wire.ERROR:
+                name = error_reply_name(reply.payload)
                 num = errno_from_name(name)
                 results.append(
                     error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
                 )
                 continue
-            if reply.op != op or reply.tx_id != tx_id:
+            if reply.type != op or reply.tx_id != tx_id:
                 self._abandon()
                 raise XenstoreDisconnected(
-                    f"{what}: reply of type {reply.op} tx {reply.tx_id} does not match"
+                    f"{what}: reply of type {reply.type} tx {reply.tx_id} does not match"
                 )
-            results.append(bytes(reply.payload))
+            results.append(reply.payload)
         return results
 
     def _abandon(self) -> None:
         """After a timeout or protocol confusion the stream position is unknown: drop it."""
-        router, self._router = self._router, None
-        if router is not None:
-            router.shutdown(0.5)
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(0.5)
 
     # -- transactions -----------------------------------------------------------------------------
 
     def transaction(self) -> Transaction:
         """Start a transaction (one attempt). `with store.transaction() as tx:` commits on clean
         exit, aborts on exception, and raises TransactionConflict when the commit hits EAGAIN."""
-        payload = self._send(Op.TRANSACTION_START, _NUL, 0, "transaction-start")
+        payload = self._send(wire.TRANSACTION_START, _NUL, 0, "transaction-start")
         text = payload.rstrip(_NUL)
         tx_id = uint_or_none(text.decode("latin-1"), maximum=0xFFFFFFFF)
         if not tx_id:
@@ -564,7 +558,7 @@ class XenStore(_Operations):
 
     def get_domain_path(self, domid: int) -> str:
         return decode_value(
-            self._request(Op.GET_DOMAIN_PATH, _arg(str(_domid(domid))), f"get-domain-path {domid}").rstrip(
+            self._request(wire.GET_DOMAIN_PATH, _arg(str(_domid(domid))), f"get-domain-path {domid}").rstrip(
                 _NUL
             )
         )
@@ -598,15 +592,15 @@ class XenStore(_Operations):
     def introduce_domain(self, domid: int, gfn: int, evtchn: int) -> None:
         what = f"introduce {domid}"
         payload = b"".join(_arg(str(v)) for v in (_domid(domid), gfn, evtchn))
-        _ok(self._request(Op.INTRODUCE, payload, what), what)
+        _ok(self._request(wire.INTRODUCE, payload, what), what)
 
     def release_domain(self, domid: int) -> None:
         what = f"release {domid}"
-        _ok(self._request(Op.RELEASE, _arg(str(_domid(domid))), what), what)
+        _ok(self._request(wire.RELEASE, _arg(str(_domid(domid))), what), what)
 
     def is_domain_introduced(self, domid: int) -> bool:
         what = f"is-domain-introduced {domid}"
-        answer = self._request(Op.IS_DOMAIN_INTRODUCED, _arg(str(_domid(domid))), what).rstrip(_NUL)
+        answer = self._request(wire.IS_DOMAIN_INTRODUCED, _arg(str(_domid(domid))), what).rstrip(_NUL)
         if answer not in (b"T", b"F"):
             raise XenstoreDisconnected(f"{what}: unexpected reply {answer[:20]!r}")
         return answer == b"T"
@@ -625,7 +619,7 @@ class XenStore(_Operations):
         self._subscribe(token)
         try:
             what = f"watch {path} {token}"
-            _ok(self._request(Op.WATCH, _arg(path) + _arg(token), what), what)
+            _ok(self._request(wire.WATCH, _arg(path) + _arg(token), what), what)
         except BaseException:
             self._unsubscribe(token)
             raise
@@ -634,7 +628,7 @@ class XenStore(_Operations):
         check_watch_path(path)
         check_token(token)
         what = f"unwatch {path} {token}"
-        _ok(self._request(Op.UNWATCH, _arg(path) + _arg(token), what), what)
+        _ok(self._request(wire.UNWATCH, _arg(path) + _arg(token), what), what)
         self._unsubscribe(token)
 
     def watch_many(self, paths: Sequence[str], token: str) -> None:
@@ -647,7 +641,7 @@ class XenStore(_Operations):
             self._subscribe(token)
         try:
             replies = self._send_many(
-                [(Op.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths], 0
+                [(wire.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths], 0
             )
         except BaseException:
             for _ in paths:
@@ -675,7 +669,7 @@ class XenStore(_Operations):
         if not paths:
             return
         replies = self._send_many(
-            [(Op.UNWATCH, _arg(path) + _arg(token), f"unwatch {path} {token}") for path in paths], 0
+            [(wire.UNWATCH, _arg(path) + _arg(token), f"unwatch {path} {token}") for path in paths], 0
         )
         errors = [
             _batch_error(reply, f"unwatch {path} {token}") for path, reply in zip(paths, replies, strict=True)
@@ -692,25 +686,26 @@ class XenStore(_Operations):
         wait = self.timeout if timeout is None else max(timeout, 0.0)
         if self.deadline is not None:
             wait = min(wait, max(0.0, self.deadline - time.monotonic()))
+        link = self._link
+        if link is None:
+            raise XenstoreDisconnected("wait-watch: connection closed", errno=errno.ECONNRESET)
         try:
-            item = self._events.get(timeout=wait)
-        except queue.Empty:
+            item = link.next_event(wait)
+        except LinkLost as exc:
+            raise XenstoreDisconnected(f"wait-watch: {exc.reason}", errno=errno.ECONNRESET) from None
+        if item is None:
             return None
-        if item is LOST:
-            self._events.put(LOST)  # keep reporting it to later waits
-            reason = self._router.describe_failure() if self._router is not None else "connection closed"
-            raise XenstoreDisconnected(f"wait-watch: {reason}", errno=errno.ECONNRESET)
         path, token = item
         return WatchEvent(decode_value(path), decode_value(token))
 
     def reset_watches(self) -> None:
         """Drop every watch of this connection on the daemon's side (RESET_WATCHES)."""
         _ok(self._request(RESET_WATCHES, _NUL, "reset-watches"), "reset-watches")
-        router = self._router
+        link = self._link
         with self._watch_lock:
-            if router is not None:
+            if link is not None:
                 for token in self._watch_tokens:
-                    router.unsubscribe(token.encode("ascii"), self._sink)
+                    link.unsubscribe(token)
             self._watch_tokens.clear()
 
     def drain_watches(self) -> list[WatchEvent]:
@@ -723,39 +718,25 @@ class XenStore(_Operations):
             events.append(event)
 
     def _subscribe(self, token: str) -> None:
-        router = self._router
-        if router is None:
+        link = self._link
+        if link is None:
             raise XenstoreDisconnected(f"watch {token}: connection already closed")
         with self._watch_lock:
             count = self._watch_tokens.get(token, 0)
             if count == 0:
-                router.subscribe(token.encode("ascii"), self._sink)
+                link.subscribe(token)
             self._watch_tokens[token] = count + 1
 
     def _unsubscribe(self, token: str) -> None:
-        router = self._router
+        link = self._link
         with self._watch_lock:
             count = self._watch_tokens.get(token, 0)
             if count <= 1:
                 self._watch_tokens.pop(token, None)
-                if count == 1 and router is not None:
-                    router.unsubscribe(token.encode("ascii"), self._sink)
+                if count == 1 and link is not None:
+                    link.unsubscribe(token)
             else:
                 self._watch_tokens[token] = count - 1
-
-
-class _EventSink:
-    """What pyxs's Router delivers watch events to: anything with an `events` queue."""
-
-    def __init__(self, events: queue.Queue[Any]) -> None:
-        self.events = events
-
-
-def _packet(op: int, payload: bytes, rq_id: int, tx_id: int) -> Any:
-    if op in Op:
-        return Packet(op, payload, rq_id=rq_id, tx_id=tx_id)
-    # Same tuple layout, without pyxs's check against its (older) table of message types.
-    return tuple.__new__(Packet, (op, rq_id, tx_id, len(payload), payload))
 
 
 def _domid(domid: int) -> int:

@@ -1,44 +1,39 @@
-"""Where xenstored lives, and a pyxs connection that can never strand a caller.
+"""The threaded link (`RouterLink`, see link.py): a pyxs reader thread that cannot strand a caller.
 
-pyxs gives us framing (`Packet`, `PacketConnection`) and a reader thread (`Router`) that matches
-replies to requests by id. Its weak spot (reference xenstore-for-tests.md §4.3 #3, #4): when the
-daemon dies mid-request or sends a packet the router does not expect, the router thread dies and
-every caller waits forever on a condition variable. A block script that hangs is SIGKILLed by
-libxl after 40 s with its cleanup unrun, so here
+pyxs gives us its connection classes and a reader thread (`Router`) that matches replies to
+requests by id and delivers watch events to queues, which is what lets the engine and the CLI
+share one connection between threads; the framing is the shared codec (wire.py). Its weak spot
+(reference xenstore-for-tests.md §4.3 #3, #4): when the daemon dies mid-request or sends a packet
+the router does not expect, the router thread dies and every caller waits forever on a condition
+variable. A block script that hangs is SIGKILLed by libxl after 40 s with its cleanup unrun, so here
 
 - the socket carries a timeout, so a half-sent reply cannot park the router inside recv();
 - the router subclass catches its own death and wakes every pending request and event waiter
   with `LOST`, so callers see a typed error at once instead of at their deadline;
 - closing never joins a wedged thread without a bound.
 
-The per-request deadline itself lives in the client (`wait_reply`).
+The per-request deadline comes from the client (`wait_reply`). One-thread, one-shot callers (the
+block script) use the synchronous link instead (synchronous.py; why: bench/README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import queue
 import socket
-import stat
-import struct
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Final
 
-from pyxs._internal import Packet
 from pyxs.client import Router
 from pyxs.connection import PacketConnection, XenBusConnection
 from pyxs.exceptions import ConnectionError as PyXSConnectionError
 
-from xenblockctl.xenstore.errors import XenstoreUnavailable
-
-#: libxenstore's compiled-in rundir on Debian (XEN_RUN_STORED); /var/run is a symlink to /run.
-DEFAULT_RUNDIR = "/run/xenstored"
-#: The character device a domain without a local daemon talks through (Linux).
-XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
+from xenblockctl.xenstore.endpoints import Endpoint, connect_unix
+from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout, Request
+from xenblockctl.xenstore.wire import HEADER, PAYLOAD_MAX, Frame, encode
 
 
 class _Lost:
@@ -51,74 +46,12 @@ class _Lost:
 LOST: Final = _Lost()
 
 
-class Endpoint(NamedTuple):
-    """One place to try: a Unix socket of a xenstored, or the xenbus character device."""
-
-    kind: str  # "socket" | "xenbus"
-    path: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.path}"
-
-
-def default_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
-    """The order libxenstore's `xs_open(0)` uses (tools/libs/store/xs.c, xs_lib.c).
-
-    One socket, chosen by precedence: `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else
-    `/run/xenstored/socket`; then the xenbus device. Like libxenstore we do not fall through to
-    the default socket when `XENSTORED_PATH` names a dead one: a test pointed at its private
-    daemon must never silently talk to the host's store.
-    """
-    env = os.environ if env is None else env
-    sock = env.get("XENSTORED_PATH") or os.path.join(env.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR, "socket")
-    endpoints = [Endpoint("socket", sock)]
-    # /proc/xen/xenbus only on kernels without /dev/xen/xenbus (what pyxs and libxenstore do).
-    xenbus = next((d for d in XENBUS_DEVICES if os.path.exists(d)), XENBUS_DEVICES[0])
-    endpoints.append(Endpoint("xenbus", xenbus))
-    return endpoints
-
-
-def endpoint_for(path: str) -> Endpoint:
-    """An explicit path: a character device means xenbus, anything else a Unix socket."""
-    try:
-        is_chr = stat.S_ISCHR(os.stat(path).st_mode)
-    except OSError:
-        is_chr = False
-    return Endpoint("xenbus" if is_chr else "socket", path)
-
-
-def _connect_unix(path: str, timeout: float) -> socket.socket:
-    """connect() bounded by `timeout`. A socket with a timeout is non-blocking underneath, and
-    AF_UNIX connect() on a full listen backlog then fails at once with EAGAIN instead of waiting
-    (C xenstored listens with a backlog of 1, so parallel hotplug scripts hit this). libxenstore
-    blocks in connect(); we retry with a short backoff until the deadline."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            return sock
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() + delay > deadline:
-                raise TimeoutError(
-                    errno.ETIMEDOUT, f"{path}: listen backlog still full after {timeout:g} s"
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        except BaseException:
-            sock.close()
-            raise
-
-
 class _SocketTransport:
     """pyxs's transport contract (fileno/recv/send/close) on a socket with a timeout, so a peer
     that stops mid-packet raises in recv()/sendall() instead of blocking the router forever."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        self.sock = _connect_unix(path, timeout)
+        self.sock = connect_unix(path, timeout)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -148,34 +81,50 @@ class _SocketTransport:
             self.sock.shutdown(socket.SHUT_RDWR)
 
 
-#: xs_wire.h struct xsd_sockmsg, native byte order (pyxs uses the same layout).
-_HEADER = struct.Struct("=IIII")
-#: xs_wire.h XENSTORE_PAYLOAD_MAX.
-_PAYLOAD_MAX = 4096
+class _Packet:
+    """What pyxs's Router reads from a packet (`op`, `rq_id`, `payload`), from our codec instead of
+    pyxs's private `_internal.Packet` (whose table of message types predates DIRECTORY_PART)."""
+
+    __slots__ = ("op", "payload", "rq_id", "tx_id")
+
+    def __init__(self, op: int, rq_id: int, tx_id: int, payload: bytes) -> None:
+        self.op = op
+        self.rq_id = rq_id
+        self.tx_id = tx_id
+        self.payload = payload
 
 
-class _AnyTypeReceiver:
-    """pyxs's PacketConnection.recv() refuses message types missing from its 2016 table (e.g.
-    DIRECTORY_PART, RESET_WATCHES replies), which kills the reader; it also trusts the length
-    field. This recv() accepts any type and refuses only lengths beyond the protocol limit."""
+class _Codec:
+    """The framing of pyxs's PacketConnection replaced by the shared codec: send() writes header
+    and payload in one call (pyxs makes two); recv() accepts any message type (pyxs refuses types
+    missing from its 2016 table, e.g. DIRECTORY_PART, which kills the reader) and refuses only
+    lengths beyond the protocol limit (pyxs trusts the length field)."""
 
     path: str
     transport: Any
 
-    def recv(self) -> Any:
+    def send(self, packet: _Packet) -> None:
         if self.transport is None:
             raise PyXSConnectionError("not connected")
         try:
-            op, rq_id, tx_id, size = _HEADER.unpack(self.transport.recv(_HEADER.size))
-            if size > _PAYLOAD_MAX:
-                raise PyXSConnectionError(f"{self.path}: reply of {size} bytes exceeds {_PAYLOAD_MAX}")
+            self.transport.send(encode(packet.op, packet.rq_id, packet.tx_id, packet.payload))
+        except OSError as exc:
+            raise PyXSConnectionError(f"error while writing to {self.path!r}: {exc}") from exc
+
+    def recv(self) -> _Packet:
+        if self.transport is None:
+            raise PyXSConnectionError("not connected")
+        try:
+            op, rq_id, tx_id, size = HEADER.unpack(self.transport.recv(HEADER.size))
+            if size > PAYLOAD_MAX:
+                raise PyXSConnectionError(f"{self.path}: reply of {size} bytes exceeds {PAYLOAD_MAX}")
             payload = self.transport.recv(size) if size else b""
         except OSError as exc:
             raise PyXSConnectionError(f"error while reading from {self.path!r}: {exc}") from exc
-        return tuple.__new__(Packet, (op, rq_id, tx_id, size, payload))
+        return _Packet(op, rq_id, tx_id, payload)
 
 
-class SocketConnection(_AnyTypeReceiver, PacketConnection):  # type: ignore[misc]
+class SocketConnection(_Codec, PacketConnection):  # type: ignore[misc]
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
@@ -184,7 +133,7 @@ class SocketConnection(_AnyTypeReceiver, PacketConnection):  # type: ignore[misc
         return _SocketTransport(self.path, self.timeout)
 
 
-class XenbusConnection(_AnyTypeReceiver, XenBusConnection):  # type: ignore[misc]
+class XenbusConnection(_Codec, XenBusConnection):  # type: ignore[misc]
     pass
 
 
@@ -240,7 +189,7 @@ class GuardedRouter(Router):  # type: ignore[misc]
 
 
 def wait_reply(rvar: Any, deadline: float) -> Any:
-    """The reply (pyxs Packet), LOST, or None when `deadline` (time.monotonic) passed first."""
+    """The reply (a _Packet), LOST, or None when `deadline` (time.monotonic) passed first."""
     with rvar.condition:
         while rvar.target is None:
             remaining = deadline - time.monotonic()
@@ -265,36 +214,86 @@ def open_router(endpoint: Endpoint, timeout: float) -> GuardedRouter:
     return router
 
 
-def _errno_of(exc: BaseException) -> int | None:
-    """The errno behind a connect failure: pyxs wraps the OSError in its ConnectionError (raised
-    inside the except block, so the OSError is its context) and prints it as a tuple repr."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return None
+class RouterLink(Link):
+    """The threaded link (see xenstore/link.py): pyxs's reader thread, guarded. Any number of
+    threads may exchange requests and wait for events at once."""
 
+    def __init__(self, router: GuardedRouter, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._router = router
+        self._events: queue.Queue[Any] = queue.Queue()
+        router.event_queues.append(self._events)
+        self._sink = _EventSink(self._events)
+        #: Over the kernel's xenbus device, one request in flight at a time (libxenstore's way).
+        #: Linux's /dev/xen/xenbus queues a request with its body still pointing into the file's
+        #: one message buffer and returns from write() before the request reaches the ring, so
+        #: the next write() overwrites it: pipelined requests go out with the later ones' paths
+        #: and values (seen on 6.1 in the real-Xen lane, scenario 14). Sockets pipeline freely.
+        self._lockstep = threading.Lock() if endpoint.kind == "xenbus" else None
 
-def _reason(exc: BaseException) -> str:
-    code = _errno_of(exc)
-    if code is None:
-        return " ".join(str(exc).split())[:120]
-    return f"{errno.errorcode.get(code, str(code))}: {os.strerror(code)}"
+    def exchange(self, requests: Sequence[Request], deadline: float) -> list[Frame]:
+        if self._lockstep is None:
+            return self._exchange(requests, 0, deadline)
+        with self._lockstep:
+            replies: list[Frame] = []
+            for index, request in enumerate(requests):
+                replies += self._exchange([request], index, deadline)
+            return replies
 
+    def _exchange(self, requests: Sequence[Request], first: int, deadline: float) -> list[Frame]:
+        router = self._router
+        pending = []
+        for index, (op, rq_id, tx_id, payload) in enumerate(requests, first):
+            try:
+                pending.append(router.send(_Packet(op, rq_id, tx_id, payload)))
+            except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
+                raise LinkSendFailed(index, " ".join(str(exc).split())[:120]) from exc
+        replies: list[Frame] = []
+        for index, rvar in enumerate(pending, first):
+            reply = wait_reply(rvar, deadline)
+            if reply is None:
+                raise LinkTimeout(index)
+            if reply is LOST:
+                raise LinkLost(index, router.describe_failure())
+            replies.append(Frame(reply.op, reply.rq_id, reply.tx_id, bytes(reply.payload)))
+        return replies
 
-def connect_first(endpoints: list[Endpoint], timeout: float) -> tuple[GuardedRouter, Endpoint]:
-    """Try each endpoint in order; the error names every place tried and why it failed (the errno
-    name and text, once: when every place failed alike it is the error's own errno)."""
-    failures: list[tuple[Endpoint, BaseException]] = []
-    for endpoint in endpoints:
+    def next_event(self, timeout: float) -> tuple[bytes, bytes] | None:
         try:
-            return open_router(endpoint, timeout), endpoint
-        except Exception as exc:
-            failures.append((endpoint, exc))
-    codes = {_errno_of(exc) for _, exc in failures}
-    if len(codes) == 1 and None not in codes:
-        places = " nor at ".join(str(endpoint) for endpoint, _ in failures)
-        raise XenstoreUnavailable(f"cannot reach xenstored at {places}", errno=codes.pop())
-    reasons = "; ".join(f"{endpoint}: {_reason(exc)}" for endpoint, exc in failures)
-    raise XenstoreUnavailable(f"cannot reach xenstored ({reasons})")
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is LOST:
+            self._events.put(LOST)  # keep reporting it to later waits
+            raise LinkLost(0, self._router.describe_failure())
+        path, token = item
+        return bytes(path), bytes(token)
+
+    def subscribe(self, token: str) -> None:
+        self._router.subscribe(token.encode("ascii"), self._sink)
+
+    def unsubscribe(self, token: str) -> None:
+        with contextlib.suppress(ValueError):  # never subscribed (a failed watch)
+            self._router.unsubscribe(token.encode("ascii"), self._sink)
+
+    @property
+    def closed(self) -> bool:
+        return self._router.stopped.is_set()
+
+    def describe_failure(self) -> str:
+        return self._router.describe_failure()
+
+    def close(self, timeout: float) -> None:
+        self._router.shutdown(timeout)
+
+
+class _EventSink:
+    """What pyxs's Router delivers watch events to: anything with an `events` queue."""
+
+    def __init__(self, events: queue.Queue[Any]) -> None:
+        self.events = events
+
+
+def open_link(endpoint: Endpoint, timeout: float) -> RouterLink:
+    """Connect and start the reader thread; raises OSError / pyxs errors to the caller."""
+    return RouterLink(open_router(endpoint, timeout), endpoint)

@@ -16,8 +16,7 @@ written without digits. Numbers of 2 << 28 and above are reserved.
 
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.numbers import uint_or_none
@@ -31,8 +30,21 @@ RESERVED = 2 << 28
 XVD_EXT_DISKS = 1 << 20
 XVD_EXT_PARTS = 256
 
-_NAME = re.compile(r"(xvd|sd|hd)([a-z]+)([1-9][0-9]*)?")
-_DFORM = re.compile(r"d(0|[1-9][0-9]*)(?:p([1-9][0-9]*))?")
+if TYPE_CHECKING:
+    import re
+
+#: The name forms, compiled at first use: this module is on the block script's start-up path, which
+#: only ever meets device numbers (a compile costs ~0.3-0.6 ms).
+_PATTERNS: list[re.Pattern[str]] = []
+
+
+def _name_patterns() -> list[re.Pattern[str]]:
+    if not _PATTERNS:
+        import re
+
+        _PATTERNS.append(re.compile(r"(xvd|sd|hd)([a-z]+)([1-9][0-9]*)?"))
+        _PATTERNS.append(re.compile(r"d(0|[1-9][0-9]*)(?:p([1-9][0-9]*))?"))
+    return _PATTERNS
 
 
 class VdevError(XenblockError):
@@ -62,18 +74,30 @@ def letters_to_disk(letters: str) -> int:
     return n - 1
 
 
-class _VdevFields(NamedTuple):
-    scheme: str  # "xvd" | "sd" | "hd"
-    disk: int
-    partition: int = 0
+class Vdev(tuple[str, int, int]):
+    """A virtual block device: naming scheme ("xvd" | "sd" | "hd"), disk index (0-based) and
+    partition (0 = whole).
 
-
-class Vdev(_VdevFields):
-    """A virtual block device: naming scheme, disk index (0-based) and partition (0 = whole).
-
-    A NamedTuple rather than a dataclass: this module is on the hotplug script's import path."""
+    A plain tuple subclass (compares, hashes and unpacks as `(scheme, disk, partition)`), neither a
+    dataclass nor a typing.NamedTuple: this module is on the hotplug script's import path, where a
+    class build costs ~0.2-0.4 ms."""
 
     __slots__ = ()
+
+    @property
+    def scheme(self) -> str:
+        return self[0]
+
+    @property
+    def disk(self) -> int:
+        return self[1]
+
+    @property
+    def partition(self) -> int:
+        return self[2]
+
+    def __repr__(self) -> str:
+        return f"Vdev(scheme={self[0]!r}, disk={self[1]!r}, partition={self[2]!r})"
 
     def __new__(cls, scheme: str, disk: int, partition: int = 0) -> Vdev:
         limits = {"xvd": (XVD_EXT_DISKS, XVD_EXT_PARTS), "sd": (16, 16), "hd": (4, 64)}
@@ -84,7 +108,7 @@ class Vdev(_VdevFields):
             raise VdevError(f"{scheme}: disk index {disk} outside 0..{disks - 1}")
         if not 0 <= partition < parts:
             raise VdevError(f"{scheme}: partition {partition} outside 0..{parts - 1}")
-        return super().__new__(cls, scheme, disk, partition)
+        return tuple.__new__(cls, (scheme, disk, partition))
 
     @property
     def name(self) -> str:
@@ -108,11 +132,12 @@ class Vdev(_VdevFields):
         """`xvda`, `xvdq3`, `xvdaa`, `sdb2`, `hdc`, `d0p1`, or a decimal device number."""
         if not isinstance(text, str):
             raise VdevError(f"vdev must be str, not {type(text).__name__}")
-        match = _NAME.fullmatch(text)
+        name, dform = _name_patterns()
+        match = name.fullmatch(text)
         if match is not None:
             scheme, letters, part = match.groups()
             return cls(scheme, letters_to_disk(letters), int(part) if part else 0)
-        match = _DFORM.fullmatch(text)
+        match = dform.fullmatch(text)
         if match is not None:
             disk, part = match.groups()
             return cls("xvd", int(disk), int(part) if part else 0)

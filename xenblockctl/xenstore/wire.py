@@ -1,0 +1,199 @@
+"""The xenstore wire codec, the one copy: `xsd_sockmsg` framing, limits, type numbers, error names.
+
+Shared by the client (`client`, `transport`, `synchronous`), the embedded daemon (`server/`), the
+tests' raw client (`tests/support/xsraw.py`) and the benchmarks, so that the limits and numbers are
+written down once. Facts from Xen 4.17 `xen/include/public/io/xs_wire.h`: a 16-byte header of four
+native-endian u32 (type, req_id, tx_id, len) followed by `len` payload bytes, at most
+XENSTORE_PAYLOAD_MAX. Errors are replies of type ERROR whose payload is the errno *name* and a NUL.
+
+It is on the block script's start-up path, so it imports only `struct` and builds no classes
+beyond two plain ones: the type numbers are module constants (an IntEnum costs ~0.3 ms to build;
+the daemon, which wants names in its traces, builds its own `Op` from these).
+"""
+
+from __future__ import annotations
+
+import struct
+
+#: xs_wire.h struct xsd_sockmsg in native byte order ("=": no padding), as libxenstore and pyxs
+#: pack it; every Xen platform with a socket daemon is little-endian, so this is also "<IIII".
+HEADER = struct.Struct("=IIII")
+HEADER_SIZE = HEADER.size
+#: XENSTORE_PAYLOAD_MAX: a request or reply body larger than this kills the connection.
+PAYLOAD_MAX = 4096
+#: XENSTORE_REL_PATH_MAX (relative paths, and the part below /local/domain/<id>) and
+#: XENSTORE_ABS_PATH_MAX.
+REL_PATH_MAX = 2048
+ABS_PATH_MAX = 3072
+
+# `enum xsd_sockmsg_type` of Xen 4.17 (20, XS_RESTRICT, was removed and stays invalid).
+CONTROL = 0
+DIRECTORY = 1
+READ = 2
+GET_PERMS = 3
+WATCH = 4
+UNWATCH = 5
+TRANSACTION_START = 6
+TRANSACTION_END = 7
+INTRODUCE = 8
+RELEASE = 9
+GET_DOMAIN_PATH = 10
+WRITE = 11
+MKDIR = 12
+RM = 13
+SET_PERMS = 14
+WATCH_EVENT = 15
+ERROR = 16
+IS_DOMAIN_INTRODUCED = 17
+RESUME = 18
+SET_TARGET = 19
+RESET_WATCHES = 21
+DIRECTORY_PART = 22
+
+#: Type number -> the C daemon's name for it (the names above, as in its traces).
+OP_NAMES: dict[int, str] = {
+    value: name
+    for name, value in globals().items()
+    if name.isupper()
+    and isinstance(value, int)
+    and name not in ("HEADER_SIZE", "PAYLOAD_MAX")
+    and not name.endswith("_PATH_MAX")
+}
+
+#: `xsd_errors[]` in its canonical order; the first entry (EINVAL) is the fallback for any errno
+#: that has no wire name, as the C daemon's `send_error()` does.
+ERROR_NAMES: tuple[str, ...] = (
+    "EINVAL",
+    "EACCES",
+    "EEXIST",
+    "EISDIR",
+    "ENOENT",
+    "ENOMEM",
+    "ENOSPC",
+    "EIO",
+    "ENOTEMPTY",
+    "ENOSYS",
+    "EROFS",
+    "EBUSY",
+    "EAGAIN",
+    "EISCONN",
+    "E2BIG",
+    "EPERM",
+)
+
+NUL = b"\0"
+
+
+def op_name(value: int) -> str:
+    """The C daemon's name for a type number (used in traces)."""
+    return OP_NAMES.get(value, "**UNKNOWN**")
+
+
+def encode(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
+    """One whole message: header and payload in one buffer, so it goes out in one send()."""
+    return HEADER.pack(msg_type, req_id, tx_id, len(payload)) + payload
+
+
+def error_reply_name(payload: bytes) -> str:
+    """The errno name an ERROR reply carries (`ENOENT\\0` -> "ENOENT")."""
+    return payload.rstrip(NUL).decode("ascii", "replace")
+
+
+class Frame:
+    """One message in either direction (a plain slotted class: no NamedTuple build at import)."""
+
+    __slots__ = ("payload", "req_id", "tx_id", "type")
+
+    def __init__(self, type: int, req_id: int, tx_id: int, payload: bytes) -> None:
+        self.type = type
+        self.req_id = req_id
+        self.tx_id = tx_id
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.type, self.req_id, self.tx_id, self.payload) == (
+            other.type,
+            other.req_id,
+            other.tx_id,
+            other.payload,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        # Unpacks like the tuple it used to be: `op, req_id, tx_id, payload = frame`.
+        return iter((self.type, self.req_id, self.tx_id, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame({op_name(self.type)}, req {self.req_id}, tx {self.tx_id}, {self.payload[:60]!r})"
+
+
+class OversizeFrame(Exception):
+    """A header announced more than PAYLOAD_MAX bytes: the stream cannot be trusted any more."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"payload length {length} exceeds {PAYLOAD_MAX}")
+        self.length = length
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it whatever recv() returned, get back the complete frames.
+
+    A peer may split a message anywhere (even inside the header) or send several in one segment,
+    so bytes are buffered until a whole frame is present. `push` + `next_frame` hand out one
+    frame at a time, so that a server can stop handling a client's requests (and stop reading
+    its socket) while the rest of what it sent waits here.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._start = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet returned as a frame (non-zero when a peer left
+        mid-message)."""
+        return len(self._buf) - self._start
+
+    def push(self, data: bytes) -> None:
+        if self._start:
+            del self._buf[: self._start]
+            self._start = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        buf, start = self._buf, self._start
+        if len(buf) - start < HEADER_SIZE:
+            return None
+        msg_type, req_id, tx_id, length = HEADER.unpack_from(buf, start)
+        if length > PAYLOAD_MAX:
+            # Like the C daemon: an oversize length kills the connection, we never try to
+            # resynchronise on a stream whose framing we no longer know.
+            raise OversizeFrame(length)
+        end = start + HEADER_SIZE + length
+        if end > len(buf):
+            return None
+        frame = Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end]))
+        if end == len(buf):
+            buf.clear()
+            self._start = 0
+        else:
+            self._start = end
+        return frame
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self.push(data)
+        frames: list[Frame] = []
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def has_frame(self) -> bool:
+        """Whether a complete frame (or an oversize header) is waiting."""
+        if self.pending < HEADER_SIZE:
+            return False
+        length: int = HEADER.unpack_from(self._buf, self._start)[3]
+        return length > PAYLOAD_MAX or self.pending >= HEADER_SIZE + length
