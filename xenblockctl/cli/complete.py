@@ -24,7 +24,8 @@ def _store() -> XenStore | None:
     from xenblockctl.xenstore.client import XenStore
 
     try:
-        return XenStore.connect(timeout=TIMEOUT)
+        # one-shot, one thread: the synchronous link (no pyxs, no reader thread: ~12 ms less a TAB)
+        return XenStore.connect(timeout=TIMEOUT, synchronous=True)
     except XenblockError:
         return None
 
