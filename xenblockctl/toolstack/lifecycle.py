@@ -35,6 +35,9 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 INIT_TIMEOUT = 10.0
 #: Grace for rolling back a failed attach (the backend closing its side before we delete).
 ROLLBACK_WAIT = 2.0
+#: libxl's LIBXL_DESTROY_TIMEOUT: how long the toolstack waits for a driver domain's `xl devd` to run
+#: `remove` and delete the backend directory itself (device_hotplug, device_destroy_be_watch_cb).
+DESTROY_TIMEOUT = 10.0
 
 Progress = Callable[[str], None]
 
@@ -223,7 +226,7 @@ def attach(
                     f"error {snap.hotplug_error or snap.error or 'none'}"
                 )
     except BaseException:
-        _rollback(store, loc)
+        _rollback(store, loc, local=spec.backend_domid == own_domid)
         raise
     if wait <= 0:
         return AttachResult(spec, add_result, False, None, "not waiting for the frontend (--wait 0)")
@@ -269,9 +272,14 @@ def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid:
     )
 
 
-def _rollback(store: XenStore, loc: VbdLocation) -> None:
+def _rollback(store: XenStore, loc: VbdLocation, *, local: bool) -> None:
     """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
-    whatever add published, delete the directories. Best effort; the original error matters."""
+    whatever add published, delete the directories. Best effort; the original error matters.
+
+    `local` False: the block script ran in a driver domain, whose devices this domain cannot touch
+    (a device number there names another device here): its `xl devd` runs remove when the backend
+    reaches Closed, and deletes the backend directory; give it libxl's time for that first."""
+    state: str | None = None
     with contextlib.suppress(XenblockError):
         state = _begin_close(store, loc, force=False)
         if state not in (None, "1", "6"):  # a backend took it: let it let go before deleting
@@ -283,10 +291,28 @@ def _rollback(store: XenStore, loc: VbdLocation) -> None:
                 _quiet,
                 what="rolling back",
             )
-    with contextlib.suppress(XenblockError):
-        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
+    if local:
+        with contextlib.suppress(XenblockError):
+            run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
+    elif state not in (None, "1"):
+        with contextlib.suppress(XenblockError):
+            _wait_driver_domain_remove(store, loc, _quiet)
     with contextlib.suppress(XenblockError):
         delete_vbd(store, loc)
+
+
+def _wait_driver_domain_remove(store: XenStore, loc: VbdLocation, progress: Progress) -> bool:
+    """Wait (libxl's 10 s) for the driver domain's `xl devd` to run remove and delete the backend
+    directory; True when it did. Deleting it first would leave remove without the owner record."""
+    gone, _ = _wait_for(
+        store,
+        loc,
+        lambda s: s.backend_state is None,
+        DESTROY_TIMEOUT,
+        progress,
+        what=f"waiting for domain {loc.backend_domid} to run remove",
+    )
+    return gone
 
 
 def _silent() -> Journal:
@@ -364,20 +390,32 @@ def detach(
                 what="forced: waiting for Closed",
             )
     removed = "skipped"
-    if loc.backend_domid == own_domid:
+    local = loc.backend_domid == own_domid
+    if local:
         progress("running the block script (remove)")
         removed = run_remove(store, path, journal).detached
+    elif state not in (None, "1"):
+        # The driver domain's `xl devd` runs remove once the backend is Closed and online 0, then
+        # deletes the backend directory: wait for that as libxl does, and only then delete.
+        if _wait_driver_domain_remove(store, loc, progress):
+            removed = f"by domain {loc.backend_domid}"
+        else:
+            removed = f"not seen: domain {loc.backend_domid} kept the backend {DESTROY_TIMEOUT:g} s"
+            journal.warning(f"{loc.relative}: {removed}; deleting it (as libxl does)")
     delete_vbd(store, loc)
     result = DetachResult(loc, closed, removed, force)
-    result.stuck = _confirm_gone(store, loc, path, before, wait)
+    result.stuck = _confirm_gone(store, loc, path, before, wait, local=local)
     return result
 
 
 def _confirm_gone(
-    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float
+    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float, *, local: bool
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
-    assumed (a backend holding the device keeps a loop bound until it lets go)."""
+    assumed (a backend holding the device keeps a loop bound until it lets go).
+
+    `local` False: the device lives in a driver domain; its sysfs and loop devices are not this
+    domain's (the same numbers here are other devices), so only xenstore is checked."""
     from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
 
     deadline = time.monotonic() + max(wait, 0.5)
@@ -386,9 +424,9 @@ def _confirm_gone(
         for what in (loc.backend, loc.frontend):
             if store.read_optional(what) is not None:
                 stuck.append(f"{what} still exists (re-created by someone)")
-        if os.path.isdir(handoff.blkback_dir(path)):
+        if local and os.path.isdir(handoff.blkback_dir(path)):
             stuck.append(f"kernel blkback still has {os.path.basename(handoff.blkback_dir(path))}")
-        if owner_text is not None:
+        if local and owner_text is not None:
             try:
                 owner = OwnerRecord.parse(owner_text)
             except OwnerRecordError:
