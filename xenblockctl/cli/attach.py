@@ -100,7 +100,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
         own = store.own_domid()
         remote = backend_domain is not None and backend_domain != own
         # Another domain's modules are out of sight: decide from its side, not from ours.
-        kind = lifecycle.choose_kind(backend, remote=remote)
+        kind = lifecycle.choose_kind(backend, remote=remote, store=store, backend_domid=backend_domain)
         spec = DiskSpec(
             domid=domid,
             vdev=Vdev("xvd", 0) if auto else Vdev.parse(vdev),

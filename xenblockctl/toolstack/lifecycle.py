@@ -151,14 +151,26 @@ class AttachResult:
     message: str = ""
 
 
-def choose_kind(backend: str, *, remote: bool = False) -> str:
+def choose_kind(
+    backend: str, *, remote: bool = False, store: XenStore | None = None, backend_domid: int | None = None
+) -> str:
     """Which backend directory kind reaches the wanted consumer (xen-block-protocol.md §1.1):
     kernel blkback serves `vbd`; the engine serves `vbd` where blkback is absent, else `vbd3`.
 
-    `remote`: the backend domain is another one, whose modules this domain cannot see (xenstore
-    does not show them), so nothing local decides: the kernel consumer is `vbd`, and the engine
-    in a driver domain is expected to run where blkback is not loaded, serving `vbd` too."""
+    `remote`: the backend domain is another one, whose modules this domain cannot see, so nothing
+    local decides. What its other vbds show in xenstore does (diagnosis.DomainBackends): for the
+    engine, the kind our engine already serves there; else `vbd3` if something other than our
+    engine serves `vbd` there (kernel blkback takes every `vbd`); else `vbd`, where an engine in a
+    driver domain without blkback is expected. The kernel consumer is always `vbd`."""
     if remote:
+        if backend != "engine" or store is None or backend_domid is None:
+            return "vbd"
+        seen = diagnosis.domain_backends(store, backend_domid)
+        engine_kinds = seen.engine_kinds()
+        if len(engine_kinds) == 1:
+            return engine_kinds.pop()
+        if not engine_kinds and seen.working[("vbd", "other")]:
+            return "vbd3"
         return "vbd"
     loaded = host.blkback_loaded()
     if backend == "kernel":
@@ -218,13 +230,15 @@ def attach(
                 raise AttachFailed(
                     f"driver domain {spec.backend_domid} took {loc.relative} but its block script "
                     f"published no hotplug-status within {max(wait, INIT_TIMEOUT):g} s; whether "
-                    "`xl devd` runs there cannot be seen from this domain"
+                    "`xl devd` runs there cannot be seen from this domain: "
+                    + diagnosis.driver_domain_scripts(store, loc)
                 )
             if snap.hotplug_status != "connected":
                 raise AttachFailed(
                     f"driver domain {spec.backend_domid}: hotplug-status {snap.hotplug_status!r}, "
                     f"error {snap.hotplug_error or snap.error or 'none'}"
                 )
+            add_result = _published_by_driver_domain(store, loc)
     except BaseException:
         _rollback(store, loc, local=spec.backend_domid == own_domid)
         raise
@@ -251,6 +265,21 @@ def attach(
         else "the handshake stalled"
     )
     return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
+
+
+def _published_by_driver_domain(store: XenStore, loc: VbdLocation) -> AddResult | None:
+    """What the driver domain's block script published, and which consumer took the directory
+    there: our engine writes `opened` at InitWait (before any script runs), kernel blkback never."""
+    published, luid, device_path, opened = store.read_many(
+        [
+            join(loc.backend, name)
+            for name in ("physical-device", "physical-device-luid", "physical-device-path", "opened")
+        ]
+    )
+    if published is None:
+        return None
+    consumer = handoff.Consumer.ENGINE if opened is not None else handoff.Consumer.KERNEL
+    return AddResult(published, luid or "", device_path or "", consumer.value)
 
 
 def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid: int) -> NoBackend:
