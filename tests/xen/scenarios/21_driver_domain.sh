@@ -14,7 +14,9 @@
 
 script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
 [ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+t=$(now)
 xenblockctl backend --help >/dev/null 2>&1 || skip "no engine in this checkout"
+say "xenblockctl backend --help took $(elapsed "$t") s"
 
 dd_name=xenci-dd
 guest=xenci-dd-guest
@@ -51,7 +53,8 @@ put() {
   cp -L "$1" "$root$dir/"
 }
 build_dd_initrd() {
-  local kver pydir xl mod pkg
+  local kver xl mod t0
+  t0=$(now)
   kver=$(uname -r)
   root=$(mktemp -d "$XENCI_WORK/dd-root.XXXXXX")
   mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,var,modules,etc/xen/scripts,usr/bin,usr/sbin,usr/lib,usr/lib64}
@@ -70,6 +73,7 @@ build_dd_initrd() {
     cp "$mod" "$root/modules/"
     echo "/modules/${mod##*/}" >> "$root/modules.order"
   done < "$XENCI_WORK/dd-modules"
+  say "dd initrd: $(wc -l < "$root/modules.order") modules ($(elapsed "$t0") s)"
   # xl (the real binary, not Debian's wrapper) and python3, with every library they and python's
   # extension modules link.
   xl=/usr/lib/xen-$(xl info 2>/dev/null | awk '$1 == "xen_major" { a = $3 } $1 == "xen_minor" { b = $3 } END { print a "." b }')/bin/xl
@@ -77,26 +81,70 @@ build_dd_initrd() {
   put "$xl"
   ln -s "$(readlink -f "$xl")" "$root/usr/sbin/xl"
   ln -s /usr/sbin/xl "$root/bin/xl"
-  pydir=$(python3 -c 'import os, sysconfig; print(os.path.realpath(sysconfig.get_paths()["stdlib"]))')
   put "$(readlink -f /usr/bin/python3)"
   ln -s "$(readlink -f /usr/bin/python3)" "$root/usr/bin/python3"
-  mkdir -p "$root$pydir"
-  cp -a "$pydir/." "$root$pydir/"
-  rm -rf "$root$pydir"/{test,idlelib,tkinter,turtledemo,ensurepip,pydoc_data,lib2to3,config-*}
-  ldd "$xl" "$(readlink -f /usr/bin/python3)" "$pydir"/lib-dynload/*.so 2>/dev/null \
-    | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | sort -u > "$XENCI_WORK/dd-libs"
+  # Python: only the files of the modules our package can import (copying the whole stdlib costs
+  # minutes under TCG), listed with their parent directories and put into a second cpio archive
+  # straight from dom0's tree; the kernel unpacks concatenated archives in order.
+  python3 - > "$XENCI_WORK/dd-pyfiles" <<'PY'
+import ast, importlib, importlib.util, os, pkgutil, site, sys
+import xenblockctl
+names = {"click", "pyxs", "encodings.idna", "encodings.ascii", "encodings.latin_1"}
+for mod in pkgutil.walk_packages(xenblockctl.__path__, "xenblockctl."):
+    if mod.name.endswith("__main__"):  # importing it runs the CLI
+        continue
+    names.add(mod.name)
+    spec = importlib.util.find_spec(mod.name)
+    if spec and spec.origin and spec.origin.endswith(".py"):
+        for node in ast.walk(ast.parse(open(spec.origin, "rb").read())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+for name in sorted(names - {"__main__"}):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # e.g. a module only for another platform
+        print(f"not importable here: {name}: {exc}", file=sys.stderr)
+files = set()
+for mod in list(sys.modules.values()):
+    path = getattr(mod, "__file__", None)
+    if not path or not os.path.isfile(path):
+        continue
+    path = os.path.realpath(path)
+    files.add(path)
+    if path.endswith(".py"):
+        cached = importlib.util.cache_from_source(path)
+        if os.path.exists(cached):
+            files.add(cached)
+for where in site.getsitepackages():  # .pth files (dom0's points at the checkout copy)
+    if os.path.isdir(where):
+        files.update(os.path.join(where, f) for f in os.listdir(where) if f.endswith(".pth"))
+dirs = {os.path.dirname(os.path.realpath(site.__file__)) + "/lib-dynload"}
+for path in files:
+    d = os.path.dirname(path)
+    while d not in ("/", ""):
+        dirs.add(d)
+        d = os.path.dirname(d)
+for path in sorted(dirs) + sorted(files):
+    print(path.lstrip("/"))
+PY
+  say "dd initrd: $(wc -l < "$XENCI_WORK/dd-pyfiles") python paths listed ($(elapsed "$t0") s)"
+  (cd / && cpio -o -H newc --quiet < "$XENCI_WORK/dd-pyfiles") > "$XENCI_WORK/dd-python.cpio"
+  # ldd prints "FILE:" before each file's list when given several: only the libraries are wanted.
+  { ldd "$xl" "$(readlink -f /usr/bin/python3)" $(grep '\.so$' "$XENCI_WORK/dd-pyfiles" | sed 's|^|/|') 2>/dev/null || true; } \
+    | awk '$1 !~ /:$/ { for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | sort -u > "$XENCI_WORK/dd-libs"
   while read -r lib; do put "$lib"; done < "$XENCI_WORK/dd-libs"
-  # Our package and its dependencies, from wherever dom0's python finds them (checkout or installed).
-  mkdir -p "$root/usr/lib/python3/dist-packages"
-  for pkg in xenblockctl click pyxs; do
-    cp -a "$(python3 -c "import os, $pkg; print(os.path.dirname($pkg.__file__))")" "$root/usr/lib/python3/dist-packages/"
-  done
+  say "dd initrd: python and $(wc -l < "$XENCI_WORK/dd-libs") libraries ($(elapsed "$t0") s)"
   if [ -e /etc/xen/xl.conf ]; then cp /etc/xen/xl.conf "$root/etc/xen/"; fi
   cp "$script" "$root/etc/xen/scripts/block-xenblockctl"
   chmod 0755 "$root/etc/xen/scripts/block-xenblockctl"
+  say "dd initrd: packages copied ($(elapsed "$t0") s)"
   # Uncompressed: gzip under TCG costs more than the larger copy into the domain.
   (cd "$root" && find . | cpio -o -H newc --quiet) > "$dd_initrd"
-  rm -rf "$root"
+  cat "$XENCI_WORK/dd-python.cpio" >> "$dd_initrd"
+  rm -rf "$root" "$XENCI_WORK/dd-python.cpio"
+  say "dd initrd: built ($(elapsed "$t0") s)"
 }
 
 # --- talking to the domains --------------------------------------------------------------------------------
