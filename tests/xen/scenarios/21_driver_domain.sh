@@ -89,7 +89,9 @@ build_dd_initrd() {
   python3 - > "$XENCI_WORK/dd-pyfiles" <<'PY'
 import ast, importlib, importlib.util, os, pkgutil, site, sys
 import xenblockctl
-names = {"click", "pyxs", "encodings.idna", "encodings.ascii", "encodings.latin_1"}
+# runpy: `python3 -m xenblockctl`; __main__ is listed below without importing it (that runs the CLI).
+names = {"click", "pyxs", "runpy", "encodings.idna", "encodings.ascii", "encodings.latin_1"}
+main = os.path.join(os.path.dirname(os.path.realpath(xenblockctl.__file__)), "__main__.py")
 for mod in pkgutil.walk_packages(xenblockctl.__path__, "xenblockctl."):
     if mod.name.endswith("__main__"):  # importing it runs the CLI
         continue
@@ -106,7 +108,7 @@ for name in sorted(names - {"__main__"}):
         importlib.import_module(name)
     except Exception as exc:  # e.g. a module only for another platform
         print(f"not importable here: {name}: {exc}", file=sys.stderr)
-files = set()
+files = {main}
 for mod in list(sys.modules.values()):
     path = getattr(mod, "__file__", None)
     if not path or not os.path.isfile(path):
