@@ -2,8 +2,10 @@
 
 dom0 cannot see into another domain: not whether a guest loaded blkfront, not whether a driver
 domain loaded xen-blkback or runs our engine. What xenstore does show: whether the domain exists,
-whether libxl made it a driver domain, who may write the handshake nodes, and how the other vbds
-it serves fare. These sentences state those facts and name what stays unknown, instead of
+whether libxl made it a driver domain, who may write the handshake nodes, how the other vbds
+it serves fare and who took them (our engine writes `opened`; blkback does not), and whether block
+scripts ran there (`hotplug-status`: `xl devd` ran then; that it still runs, nothing shows; it
+writes no node of its own). These sentences state those facts and name what stays unknown, instead of
 guessing (a guest that could not write its own `state` used to be reported as "no blkfront
 loaded", issue 14)."""
 
