@@ -196,8 +196,9 @@ dd_clean() {
   local label=$1 before=$2 n=$3
   wait_for "$label: $n more 'removed' lines on the driver domain's console" 30 \
     bash -c "[ \$(grep -c 'removed (' '$dd_console' 2>/dev/null || true) -ge $((before + n)) ]"
+  # No backend directory left (an emptied guest directory above them does not count).
   wait_for "$label: the driver domain's vbd backends to go" 30 bash -c \
-    "[ -z \"\$(xenstore-list /local/domain/$dd_id/backend/vbd 2>/dev/null)\" ]"
+    "! xenstore-ls -f /local/domain/$dd_id/backend 2>/dev/null | grep -q '/state = '"
   ask "$dd_id" loops
   [ "${answer%% *}" = 0 ] || fail "$label: loop devices still bound in the driver domain: $answer"
   say "$label: remove ran in the driver domain, no backend left, no loop bound there"
