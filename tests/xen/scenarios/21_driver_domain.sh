@@ -44,56 +44,21 @@ trap cleanup EXIT
 XENCI_ON_FAIL=dump_dd
 
 # --- the driver domain's initramfs ------------------------------------------------------------------------
-# put FILE: copy FILE (following symlinks) into the image at its canonical directory, under its own name
-# (the loader looks libraries up by soname, which is often a symlink).
-put() {
-  local dir
-  dir=$(readlink -f "$(dirname "$1")")
-  mkdir -p "$root$dir"
-  cp -L "$1" "$root$dir/"
-}
-build_dd_initrd() {
-  local kver xl mod t0
-  t0=$(now)
-  kver=$(uname -r)
-  root=$(mktemp -d "$XENCI_WORK/dd-root.XXXXXX")
-  mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,var,modules,etc/xen/scripts,usr/bin,usr/sbin,usr/lib,usr/lib64}
-  ln -s usr/lib "$root/lib"
-  ln -s usr/lib64 "$root/lib64"
-  cp /bin/busybox "$root/bin/busybox"
-  ln -s /bin/busybox "$root/usr/bin/env"  # the block script's #!/usr/bin/env python3
-  cp "$XENCI_SCENARIOS/domu/xs.sh" "$root/xs.sh"
-  cp "$XENCI_SCENARIOS/domu/driverdomain.init" "$root/init"
-  chmod 0755 "$root/init"
-  # Modules in dependency order, as modprobe would load them ("builtin" lines need nothing).
-  modprobe --show-depends loop xen-blkback xen-privcmd xen-evtchn xen-gntdev xen-gntalloc xenfs \
-    | awk '$1 == "insmod" { print $2 }' | awk '!seen[$0]++' > "$XENCI_WORK/dd-modules"
-  while read -r mod; do
-    case $mod in *.ko) ;; *) fail "module $mod is not a plain .ko (busybox insmod cannot load it)" ;; esac
-    cp "$mod" "$root/modules/"
-    echo "/modules/${mod##*/}" >> "$root/modules.order"
-  done < "$XENCI_WORK/dd-modules"
-  say "dd initrd: $(wc -l < "$root/modules.order") modules ($(elapsed "$t0") s)"
-  # xl (the real binary, not Debian's wrapper) and python3, with every library they and python's
-  # extension modules link.
-  xl=/usr/lib/xen-$(xl info 2>/dev/null | awk '$1 == "xen_major" { a = $3 } $1 == "xen_minor" { b = $3 } END { print a "." b }')/bin/xl
-  [ -x "$xl" ] || xl=$(ls /usr/lib/xen-*/bin/xl | head -n 1)
-  put "$xl"
-  ln -s "$(readlink -f "$xl")" "$root/usr/sbin/xl"
-  ln -s /usr/sbin/xl "$root/bin/xl"
-  put "$(readlink -f /usr/bin/python3)"
-  ln -s "$(readlink -f /usr/bin/python3)" "$root/usr/bin/python3"
-  # Python: only the files of the modules our package can import (copying the whole stdlib costs
-  # minutes under TCG), listed with their parent directories and put into a second cpio archive
-  # straight from dom0's tree; the kernel unpacks concatenated archives in order.
-  python3 - > "$XENCI_WORK/dd-pyfiles" <<'PY'
-import ast, importlib, importlib.util, os, pkgutil, site, sys
+# Two concatenated cpio archives (the kernel unpacks them in order): a small tree made here (init, busybox,
+# the block script, symlinks) and a list of files taken straight from dom0's own tree: the modules, xl and
+# python3 with every library they link, and only the python modules our package can import (copying
+# the whole stdlib, or even one file at a time, costs minutes under TCG).
+# dd_files: that list (relative paths, parent directories first), computed in one python process.
+dd_files() {
+  python3 - "$@" <<'PY'
+import ast, importlib, importlib.util, os, pkgutil, site, subprocess, sys
+modules, binaries = sys.argv[1].split(), sys.argv[2:]
 import xenblockctl
-# runpy: `python3 -m xenblockctl`; __main__ is listed below without importing it (that runs the CLI).
+# runpy: `python3 -m xenblockctl`; __main__ is listed without importing it (that runs the CLI).
 names = {"click", "pyxs", "runpy", "encodings.idna", "encodings.ascii", "encodings.latin_1"}
-main = os.path.join(os.path.dirname(os.path.realpath(xenblockctl.__file__)), "__main__.py")
+files = {os.path.join(os.path.dirname(os.path.realpath(xenblockctl.__file__)), "__main__.py")}
 for mod in pkgutil.walk_packages(xenblockctl.__path__, "xenblockctl."):
-    if mod.name.endswith("__main__"):  # importing it runs the CLI
+    if mod.name.endswith("__main__"):
         continue
     names.add(mod.name)
     spec = importlib.util.find_spec(mod.name)
@@ -108,20 +73,33 @@ for name in sorted(names - {"__main__"}):
         importlib.import_module(name)
     except Exception as exc:  # e.g. a module only for another platform
         print(f"not importable here: {name}: {exc}", file=sys.stderr)
-files = {main}
 for mod in list(sys.modules.values()):
     path = getattr(mod, "__file__", None)
     if not path or not os.path.isfile(path):
         continue
-    path = os.path.realpath(path)
-    files.add(path)
+    files.add(os.path.realpath(path))
     if path.endswith(".py"):
-        cached = importlib.util.cache_from_source(path)
+        cached = importlib.util.cache_from_source(os.path.realpath(path))
         if os.path.exists(cached):
             files.add(cached)
 for where in site.getsitepackages():  # .pth files (dom0's points at the checkout copy)
     if os.path.isdir(where):
         files.update(os.path.join(where, f) for f in os.listdir(where) if f.endswith(".pth"))
+files.update(modules)
+# Libraries, by the name the loader asks for (often a symlink: then its target too), in their
+# canonical directory (Debian's /lib is a symlink to usr/lib, made in the small tree).
+linked = binaries + [f for f in files if f.endswith(".so")]
+out = subprocess.run(["ldd", *linked], capture_output=True, text=True).stdout
+for line in out.splitlines():
+    words = line.split()
+    if not words or words[0].endswith(":"):  # ldd's "FILE:" header when given several
+        continue
+    for word in words:
+        if word.startswith("/"):
+            name = os.path.join(os.path.realpath(os.path.dirname(word)), os.path.basename(word))
+            files.add(name)
+            files.add(os.path.realpath(word))
+files.update(os.path.realpath(b) for b in binaries)
 dirs = {os.path.dirname(os.path.realpath(site.__file__)) + "/lib-dynload"}
 for path in files:
     d = os.path.dirname(path)
@@ -131,21 +109,43 @@ for path in files:
 for path in sorted(dirs) + sorted(files):
     print(path.lstrip("/"))
 PY
-  say "dd initrd: $(wc -l < "$XENCI_WORK/dd-pyfiles") python paths listed ($(elapsed "$t0") s)"
-  (cd / && cpio -o -H newc --quiet < "$XENCI_WORK/dd-pyfiles") > "$XENCI_WORK/dd-python.cpio"
-  # ldd prints "FILE:" before each file's list when given several: only the libraries are wanted.
-  { ldd "$xl" "$(readlink -f /usr/bin/python3)" $(grep '\.so$' "$XENCI_WORK/dd-pyfiles" | sed 's|^|/|') 2>/dev/null || true; } \
-    | awk '$1 !~ /:$/ { for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | sort -u > "$XENCI_WORK/dd-libs"
-  while read -r lib; do put "$lib"; done < "$XENCI_WORK/dd-libs"
-  say "dd initrd: python and $(wc -l < "$XENCI_WORK/dd-libs") libraries ($(elapsed "$t0") s)"
+}
+build_dd_initrd() {
+  local root xl python mods t0
+  t0=$(now)
+  root=$(mktemp -d "$XENCI_WORK/dd-root.XXXXXX")
+  mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,var,etc/xen/scripts,usr/bin,usr/sbin,usr/lib,usr/lib64}
+  ln -s usr/lib "$root/lib"
+  ln -s usr/lib64 "$root/lib64"
+  cp /bin/busybox "$root/bin/busybox"
+  ln -s /bin/busybox "$root/usr/bin/env"  # the block script's #!/usr/bin/env python3
+  cp "$XENCI_SCENARIOS/domu/xs.sh" "$root/xs.sh"
+  cp "$XENCI_SCENARIOS/domu/driverdomain.init" "$root/init"
+  chmod 0755 "$root/init"
+  # Modules in dependency order, as modprobe would load them ("builtin" lines need nothing; without
+  # -a, modprobe takes every name after the first for a module parameter).
+  modprobe -a --show-depends loop xen-blkback xen-privcmd xen-evtchn xen-gntdev xen-gntalloc xenfs \
+    | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' > "$root/modules.order"
+  while read -r mod; do
+    case $mod in *.ko) ;; *) fail "module $mod is not a plain .ko (busybox insmod cannot load it)" ;; esac
+  done < "$root/modules.order"
+  [ "$(wc -l < "$root/modules.order")" -ge 6 ] || fail "modprobe named only: $(cat "$root/modules.order")"
+  # xl itself (Debian's /usr/sbin/xl is a wrapper script) and python3.
+  xl=$(ls /usr/lib/xen-*/bin/xl | head -n 1)
+  python=$(readlink -f /usr/bin/python3)
+  ln -s "$xl" "$root/usr/sbin/xl"
+  ln -s /usr/sbin/xl "$root/bin/xl"
+  ln -s "$python" "$root/usr/bin/python3"
   if [ -e /etc/xen/xl.conf ]; then cp /etc/xen/xl.conf "$root/etc/xen/"; fi
   cp "$script" "$root/etc/xen/scripts/block-xenblockctl"
   chmod 0755 "$root/etc/xen/scripts/block-xenblockctl"
-  say "dd initrd: packages copied ($(elapsed "$t0") s)"
+  mods=$(readlink -f $(cat "$root/modules.order"))
+  dd_files "$mods" "$xl" "$python" > "$XENCI_WORK/dd-files"
+  say "dd initrd: $(wc -l < "$XENCI_WORK/dd-files") paths from dom0, $(wc -l < "$root/modules.order") modules ($(elapsed "$t0") s)"
   # Uncompressed: gzip under TCG costs more than the larger copy into the domain.
   (cd "$root" && find . | cpio -o -H newc --quiet) > "$dd_initrd"
-  cat "$XENCI_WORK/dd-python.cpio" >> "$dd_initrd"
-  rm -rf "$root" "$XENCI_WORK/dd-python.cpio"
+  (cd / && cpio -o -H newc --quiet < "$XENCI_WORK/dd-files") >> "$dd_initrd"
+  rm -rf "$root"
   say "dd initrd: built ($(elapsed "$t0") s)"
 }
 
