@@ -15,6 +15,8 @@ pytest_plugins = [
     "tests.fixtures.libxl",
     "tests.fixtures.engine",
     "tests.fixtures.cli",
+    "tests.fixtures.nbd",
+    "tests.fixtures.ceph",
 ]
 
 

@@ -50,6 +50,7 @@ class DiscardMode(enum.Enum):
     NONE = "none"
     BLKDISCARD = "blkdiscard"  # block device with discard_max_bytes > 0
     PUNCH_HOLE = "punch-hole"  # regular file: fallocate(PUNCH_HOLE | KEEP_SIZE)
+    NBD_TRIM = "nbd-trim"  # an NBD export with SEND_TRIM (backend/nbdio.py)
 
 
 def _writable(fd: int) -> bool:
@@ -147,6 +148,10 @@ class DeviceTarget:
             # secure discard is only real on hardware that erases; loop/dm do not support it
             discard_secure=False,
         )
+
+    def executor(self, *, workers: int = 4, name: str = "xbc-io") -> Executor:
+        """What runs this target's plans for one data plane (an NbdTarget gives its own kind)."""
+        return Executor(self, workers=workers, name=name)
 
     def limits(
         self,
@@ -290,6 +295,52 @@ class NowaitUnsupported(Exception):
 Completion = Callable[[int], None]
 
 
+class InFlight:
+    """What every executor must track: requests taken and not yet completed. A request counts
+    until its completion callback has returned (teardown unmaps the guest's pages only after
+    `drain`), a callback's exception is logged and never stops the count, and a closed executor
+    takes nothing new."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._count = 0
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        with self._cond:
+            return self._count
+
+    def enter(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise XenblockError("executor closed", code="internal")
+            self._count += 1
+
+    def leave(self, done: Completion, status: int) -> None:
+        """Complete one request: `done(status)`, then it no longer counts."""
+        try:
+            done(status)
+        except Exception:
+            log.exception("%s: completion callback failed", self.name)
+        finally:
+            with self._cond:
+                self._count -= 1
+                if self._count == 0:
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take nothing new, then drain; False if requests are still in flight after `timeout`."""
+        with self._cond:
+            self._closed = True
+        return self.drain(timeout)
+
+
 class Executor:
     """Runs plans and tracks them until their completion callback has returned.
 
@@ -307,9 +358,7 @@ class Executor:
     def __init__(self, target: DeviceTarget, workers: int = 4, name: str = "xbc-io") -> None:
         self.target = target
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._closed = False
+        self._tracked = InFlight(name)
         # kinds still worth trying with RWF_NOWAIT (dropped for good after EOPNOTSUPP: e.g. buffered
         # writes on ext4 and on block devices)
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
@@ -330,14 +379,10 @@ class Executor:
 
     @property
     def in_flight(self) -> int:
-        with self._cond:
-            return self._in_flight
+        return self._tracked.count
 
     def submit(self, plan: IoPlan, bufs: list[memoryview], done: Completion) -> None:
-        with self._cond:
-            if self._closed:
-                raise XenblockError("executor closed", code="internal")
-            self._in_flight += 1
+        self._tracked.enter()
         if self._pool is None:
             self._run(plan, bufs, done)
         else:
@@ -348,26 +393,15 @@ class Executor:
         try:
             status = execute(self.target, plan, bufs)
         finally:
-            try:
-                done(status)
-            except Exception:
-                log.exception("completion callback failed")
-            finally:
-                with self._cond:
-                    self._in_flight -= 1
-                    if self._in_flight == 0:
-                        self._cond.notify_all()
+            self._tracked.leave(done, status)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until nothing is in flight; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+        return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, drain, stop the workers. True if everything completed."""
-        with self._cond:
-            self._closed = True
-        drained = self.drain(timeout)
+        drained = self._tracked.close(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=drained)
         return drained

@@ -5,9 +5,10 @@ backend and frontend nodes and does whatever is due, so lost, merged or reordere
 wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour where it is sane):
 
   backend appears (libxl, state 1)   -> publish features + `opened`=0, state InitWait (2)
-  `physical-device` written          -> read it with the luid in one transaction, open by
-                                        major:minor, refuse unless BLKGETDISKSEQ == luid,
-                                        then `opened`=1 (the block script's sign to let go)
+  `physical-device` written          -> read it with the luid and `diskseq` in one transaction,
+                                        open by major:minor, refuse unless BLKGETDISKSEQ equals
+                                        every one of them that is present, then `opened`=1 (the
+                                        block script's sign to let go)
   frontend Initialised/Connected     -> map the ring, bind the event channel, publish
                                         sectors/info/features, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
@@ -24,7 +25,6 @@ Frontend nodes are written by the guest: every one is parsed and bounded before 
 from __future__ import annotations
 
 import enum
-import os
 import re
 import threading
 import time
@@ -42,14 +42,14 @@ from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, format_error_responses
+from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, XenbusState, format_error_responses
 
-_LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
-_PHYSICAL = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
 _FRONTEND = re.compile(r"/local/domain/(0|[1-9][0-9]{0,4})/device/(vbd|vbd3)/([1-9][0-9]{0,9})")
 
 #: How long a detach waits for a connected frontend to close before tearing down anyway. libxl
@@ -84,7 +84,9 @@ class EngineRefusal(XenblockError):
 @dataclass(frozen=True)
 class EngineConfig:
     transport: Transport
-    #: Refuse `physical-device` without a luid (stock block script). The engine exists to verify.
+    #: Refuse `physical-device` with neither `physical-device-luid` nor `diskseq` (the stock block
+    #: script). The engine exists to verify, so it is stricter here than the kernel patch, which
+    #: skips its check when `diskseq` is absent.
     require_luid: bool = True
     max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
     max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
@@ -174,7 +176,7 @@ class BackendDevice:
             if tx.read_optional(join(self.path, "state")) is None:
                 return
             tx.write(self.error_path(), reason[:400])
-            tx.write(join(self.path, "state"), "5")
+            tx.write(join(self.path, "state"), str(XenbusState.Closing))
 
         self.store.run_transaction(body)
         self.phase = Phase.FAILED
@@ -213,7 +215,7 @@ class BackendDevice:
             return True
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return True
-        if self.phase is Phase.INIT_WAIT and "physical-device" in nodes:
+        if self.phase is Phase.INIT_WAIT and identity.PHYSICAL_DEVICE in nodes:
             try:
                 self._open_device()
             except XenblockError as exc:
@@ -229,7 +231,7 @@ class BackendDevice:
         if (
             self.phase in (Phase.OPENED, Phase.DISCONNECTED)
             and fe_state in (1,)
-            and nodes.get("state") == "6"
+            and XenbusState.of(nodes.get("state")) is XenbusState.Closed
         ):
             self._log("frontend re-initialising: prepare for reconnect")
             self._set_state(2)
@@ -240,7 +242,11 @@ class BackendDevice:
                 self._fail(f"cannot connect: {exc.message}")
         elif self.phase is Phase.CONNECTED and fe_state in (5, 6, None):
             self._disconnect(6 if fe_state in (6, None) else 5)
-        elif self.phase is Phase.DISCONNECTED and fe_state == 6 and nodes.get("state") == "5":
+        elif (
+            self.phase is Phase.DISCONNECTED
+            and fe_state == 6
+            and XenbusState.of(nodes.get("state")) is XenbusState.Closing
+        ):
             self._set_state(6)
         return True
 
@@ -259,46 +265,50 @@ class BackendDevice:
         self._log("InitWait: waiting for physical-device")
 
     def _open_device(self) -> None:
-        def body(tx: Transaction) -> tuple[str | None, str | None, str | None, str | None]:
-            return (
-                tx.read_optional(join(self.path, "physical-device")),
-                tx.read_optional(join(self.path, "physical-device-luid")),
-                tx.read_optional(join(self.path, "mode")),
-                tx.read_optional(join(self.path, "frontend")),
-            )
+        """Open what physical-device names and prove it is the published device: every identity
+        node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
+        device has; any disagreement, among them or with the device, fails it (as the kernel patch
+        does). Their grammar and what we accept from other writers: xenstore/identity.py."""
+        names = (*identity.IDENTITY_NODES, "mode", "frontend")
 
-        physical, luid, mode, frontend = self.store.run_transaction(body)
-        match = _PHYSICAL.fullmatch(physical or "")
-        if match is None:
-            raise EngineRefusal(f"physical-device {physical!r} is not hex MAJOR:MINOR")
-        if luid is None:
-            if self.config.require_luid:
-                raise EngineRefusal("physical-device-luid missing: refusing an unverifiable device")
-        elif not _LUID.fullmatch(luid):
-            raise EngineRefusal(f"physical-device-luid {luid[:40]!r} is not a lowercase hex diskseq")
+        def body(tx: Transaction) -> dict[str, str | None]:
+            return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
+
+        nodes = self.store.run_transaction(body)
+        mode, frontend = nodes["mode"], nodes["frontend"]
+        try:
+            published = PublishedIdentity.from_nodes(nodes)
+        except IdentityError as exc:
+            raise EngineRefusal(exc.message) from exc
+        if published is None:
+            raise EngineRefusal("physical-device was withdrawn before the engine read it")
+        if published.diskseq is None and self.config.require_luid:
+            raise EngineRefusal(
+                "neither physical-device-luid nor diskseq is published: refusing an unverifiable device"
+            )
         if mode not in ("r", "w"):
             raise EngineRefusal(f"mode {mode!r} is not r or w")
         if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
             raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
-        major, minor = int(match.group(1), 16), int(match.group(2), 16)
-        devt = os.makedev(major, minor)
-        if blockdev.live_diskseq(devt) is None:
+        major, minor, devt = published.major, published.minor, published.devt
+        if blockdev.observe(devt) is None:
             raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
         device = blockdev.open_devt(devt, writable=mode == "w")
-        if luid is not None and device.identity.diskseq != int(luid, 16):
-            seen, empty = device.identity.diskseq, device.identity.size_bytes == 0
+        verdict = identity.judge(published.diskseq, device.identity)
+        if verdict not in (Liveness.LIVE, Liveness.UNVERIFIED):
+            seen = device.identity.diskseq
             device.close()
             # An empty device is the common case after an engine restart: the loop device the luid
             # named auto-cleared when the old engine died. Say so; an admin reads "replaced" as an attack.
             why = (
                 "the device it named is gone and the number now names an empty device (a loop device"
                 " that auto-cleared while no backend held it?); nothing to serve"
-                if empty
+                if verdict is Liveness.EMPTY
                 else "the device was replaced; refusing to give the guest the wrong disk"
             )
             raise EngineRefusal(
-                f"diskseq mismatch on {major}:{minor}: device has {seen:x}, physical-device-luid says {luid}"
-                f" ({why})"
+                f"diskseq mismatch on {major}:{minor}: device has {seen:x}, published diskseq is"
+                f" {published.diskseq:x} ({why})"
             )
         self.device = device
         self.writable = mode == "w"
@@ -424,7 +434,7 @@ class BackendDevice:
                 nodes["discard-secure"] = "1" if limits.discard_secure else "0"
             for name, value in nodes.items():
                 tx.write(join(self.path, name), value)
-            tx.write(join(self.path, "state"), "4")
+            tx.write(join(self.path, "state"), str(XenbusState.Connected))
 
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED

@@ -60,7 +60,8 @@ def raise_fd_limit(journal: Journal) -> int:
 @click.option(
     "--allow-unverified",
     is_flag=True,
-    help="Serve devices published without physical-device-luid (stock block script). Not recommended.",
+    help="Serve devices published with neither physical-device-luid nor diskseq (stock block script). "
+    "Not recommended.",
 )
 @click.option(
     "--persistent-grants/--no-persistent-grants",
@@ -86,7 +87,7 @@ def backend(
     max_persistent_grants: int | None,
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
-    physical-device-luid, hold it across frontend reconnects, drain I/O before letting go."""
+    physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig

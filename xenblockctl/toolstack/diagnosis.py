@@ -20,7 +20,7 @@ from xenblockctl.toolstack.vbd_dirs import VbdLocation
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import Perm, join
-from xenblockctl.xenstore.vbd import BACKEND_KINDS
+from xenblockctl.xenstore.vbd import XenbusState, walk_backends
 
 
 def may_write(perms: list[Perm], domid: int) -> bool:
@@ -120,28 +120,19 @@ class DomainBackends:
 
 def domain_backends(store: XenStore, backend_domid: int, *, skip: str | None = None) -> DomainBackends:
     """Survey every vbd/vbd3 backend directory of `backend_domid` except `skip` (a full path)."""
-    base = join(domain_path(backend_domid), "backend")
     seen = DomainBackends()
-    for kind in BACKEND_KINDS:
-        kind_dir = join(base, kind)
-        if store.read_optional(kind_dir) is None:
+    for entry in walk_backends(store, domain_path(backend_domid)):
+        if uint_or_none(entry.domid, maximum=0xFFFF) is None or entry.path == skip:
             continue
-        for guest in store.ls(kind_dir):
-            if uint_or_none(guest, maximum=0xFFFF) is None:
-                continue
-            for devid in store.ls(join(kind_dir, guest)):
-                path = join(kind_dir, guest, devid)
-                if path == skip:
-                    continue
-                seen.total += 1
-                state_text, opened, status = store.read_many(
-                    [join(path, "state"), join(path, "opened"), join(path, "hotplug-status")]
-                )
-                state = uint_or_none(state_text or "", maximum=8)
-                if state is not None and 2 <= state <= 4:
-                    seen.working[(kind, "engine" if opened is not None else "other")] += 1
-                if status is not None:
-                    seen.scripted += 1
+        seen.total += 1
+        state_text, opened, status = store.read_many(
+            [join(entry.path, "state"), join(entry.path, "opened"), join(entry.path, "hotplug-status")]
+        )
+        state = XenbusState.of(state_text)
+        if state is not None and XenbusState.InitWait <= state <= XenbusState.Connected:
+            seen.working[(entry.kind, "engine" if opened is not None else "other")] += 1
+        if status is not None:
+            seen.scripted += 1
     return seen
 
 
