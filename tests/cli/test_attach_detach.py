@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,7 +181,8 @@ def test_attach_to_a_silent_driver_domain_says_what_xenstore_shows_of_it(
     """With --backend-domain, dom0's own blkback and engines are beside the point (issue 14)."""
     image = make_image()
     cli_store.write("/local/domain/7/name", "storage")
-    cli_store.write("/local/domain/7/backend/vbd/9/51712/state", "4")  # it serves another guest
+    cli_store.write("/local/domain/7/backend/vbd/9/51712/state", "4")  # it serves another guest,
+    cli_store.write("/local/domain/7/backend/vbd/9/51712/opened", "1")  # with our engine
     result = run_cli("attach", "5", str(image), "--backend-domain", "7", "--engine", "--wait", "1")
     assert result.code == 1, result.err
     first, hint = result.err.splitlines()
@@ -188,7 +190,10 @@ def test_attach_to_a_silent_driver_domain_says_what_xenstore_shows_of_it(
         "xenblockctl: no-backend: no backend took backend/vbd/5/51712 within 1 s (state still 1): "
         "domain 7 ('storage'): it was not created as a driver domain"
     ), first
-    assert "1 of its 1 other vbd backends are past Initialising" in first
+    assert (
+        "1 of its 1 other vbd backends are past Initialising (1 vbd by our engine); "
+        "none carries a hotplug-status (no sign `xl devd` ran there)"
+    ) in first
     assert "cannot be seen from this domain" in first
     assert "kernel blkback is" not in first
     assert "engine uses this xenstored" not in first
@@ -266,3 +271,185 @@ def test_target_forms_are_passed_through_and_file_names_made_absolute(given: str
     from xenblockctl.cli.attach import resolve_target
 
     assert resolve_target(given) == expected
+
+
+class FakeDriverDomain:
+    """Domain 7 as a storage driver domain looks from dom0's xenstore: its backend driver takes the
+    directory (InitWait) and later answers Closing with Closed; its `xl devd` runs the block script
+    (add publishes, remove reads the owner record) and then deletes the backend directory itself,
+    half a second after Closed, as devd does once `remove` has run."""
+
+    def __init__(self, socket_path: str, owner: str, *, kind: str = "vbd", engine: bool = False) -> None:
+        self.store = XenStore.connect(socket_path, timeout=10)
+        self.backend = f"/local/domain/7/backend/{kind}/5/{XVDB}"
+        self.owner = owner
+        self.engine = engine
+        self.script: str | None = None
+        self.owner_at_remove: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _until(self, what: str, check: Any, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"driver domain: no {what}"
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        be = self.backend
+        try:
+            self._until("backend directory", lambda: self.store.read_optional(f"{be}/state") == "1")
+            self.script = self.store.read_optional(f"{be}/script")
+            if self.engine:
+                self.store.write(f"{be}/opened", "0")
+            self.store.write(f"{be}/state", "2")
+            self.store.write(f"{be}/physical-device", "7:0")
+            self.store.write(f"{be}/physical-device-luid", "9")
+            self.store.write(f"{be}/physical-device-path", "/dev/loop0")
+            self.store.write(f"{be}/xenblockctl-owner", self.owner)
+            self.store.write(f"{be}/hotplug-status", "connected")
+            self._until("Closing", lambda: self.store.read_optional(f"{be}/online") == "0")
+            self.store.write(f"{be}/state", "6")
+            time.sleep(0.5)
+            self.owner_at_remove = self.store.read_optional(f"{be}/xenblockctl-owner")
+            self.store.rm(be)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> FakeDriverDomain:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.thread.join(30)
+        self.store.close()
+
+
+@pytest.fixture
+def driver_domain_for(xenstored: EmbeddedXenstored, cli_env: dict[str, str]) -> Iterator[Any]:
+    made: list[FakeDriverDomain] = []
+
+    def make(owner: str, **how: Any) -> FakeDriverDomain:
+        dd = FakeDriverDomain(xenstored.socket_path, owner, **how)
+        made.append(dd)
+        return dd.start()
+
+    yield make
+    for dd in made:
+        dd.close()
+
+
+def _attach_in_driver_domain(run_cli: CliRunner) -> None:
+    result = run_cli(
+        "attach", "5", "/srv/in-dd.img", "--vdev", "xvdb", "--backend-domain", "7", "--kernel", "--wait", "0"
+    )
+    assert result.code == 0, result.err
+
+
+def test_attach_into_a_driver_domain_names_its_script_and_detach_lets_its_devd_remove(
+    run_cli: CliRunner, driver_domain_for: Any, cli_store: XenStore
+) -> None:
+    """The driver domain's `xl devd` runs the script named in the backend: a path in *that*
+    domain (no script is installed here, so this domain's fallback would name its own checkout,
+    which the driver domain lacks). On detach its devd runs remove after Closed and deletes the
+    directory; deleting it first left remove without the owner record (issue 14, lane 21)."""
+    owner = OWNER
+    dd = driver_domain_for(owner)
+    _attach_in_driver_domain(run_cli)
+    assert dd.script == "/etc/xen/scripts/block-xenblockctl"
+    detached = run_cli("detach", "5", "xvdb", "--json", "--wait", "5")
+    dd.thread.join(10)
+    assert dd.error is None, dd.error
+    assert detached.code == 0, detached.err
+    assert dd.owner_at_remove == owner, "remove in the driver domain found the owner record"
+    doc = detached.json()
+    assert (doc["removed"], doc["stuck"], doc["gone"]) == ("by domain 7", [], True)
+    assert cli_store.read_optional("/local/domain/7/backend/vbd/5/51728") is None
+    assert cli_store.read_optional("/local/domain/5/device/vbd/51728") is None
+
+
+def test_detach_from_a_driver_domain_ignores_this_domains_devices_with_the_same_numbers(
+    run_cli: CliRunner,
+    driver_domain_for: Any,
+    make_image: ImageFactory,
+    loop_devices: list[Any],
+) -> None:
+    """The owner record names a device of the driver domain; a loop device here with the same
+    number and diskseq (both kernels count from boot) is not it and must not make detach stuck."""
+    from xenblockctl.blockscript.owner import OwnerRecord
+    from xenblockctl.kernel import loop
+
+    here = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test:dd")
+    loop_devices.append(here)
+    dd = driver_domain_for(OwnerRecord.for_device(here, writable=True).format())
+    _attach_in_driver_domain(run_cli)
+    detached = run_cli("detach", "5", "xvdb", "--json", "--wait", "2")
+    dd.thread.join(10)
+    assert dd.error is None, dd.error
+    assert detached.code == 0, detached.err
+    assert detached.json()["stuck"] == []
+
+
+OWNER = "v1 kind=loop dev=7:0 seq=9 mode=w autoclear=1 tag=xenblockctl:5:51728"
+
+
+@pytest.mark.parametrize(("engine", "consumer"), [(True, "engine"), (False, "kernel-blkback")])
+def test_attach_into_a_driver_domain_reports_what_its_script_published_and_who_took_it(
+    run_cli: CliRunner, driver_domain_for: Any, engine: bool, consumer: str
+) -> None:
+    """Which consumer took the disk in the driver domain shows in its backend directory: our engine
+    writes `opened`, kernel blkback does not (dom0's own modules say nothing about it)."""
+    dd = driver_domain_for(OWNER, engine=engine)
+    result = run_cli(
+        "attach", "5", "/srv/in-dd.img", "--vdev", "xvdb", "--backend-domain", "7", "--wait", "0", "--json"
+    )
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert (doc["consumer"], doc["physical_device"], doc["luid"], doc["device_path"]) == (
+        consumer,
+        "7:0",
+        "9",
+        "/dev/loop0",
+    )
+    assert run_cli("detach", "5", "xvdb", "--wait", "5").code == 0
+    dd.thread.join(10)
+    assert dd.error is None, dd.error
+
+
+def test_attach_engine_into_a_driver_domain_whose_blkback_serves_vbd_uses_vbd3(
+    run_cli: CliRunner, driver_domain_for: Any, cli_store: XenStore
+) -> None:
+    """Kernel blkback takes every `vbd` of its domain: another guest's vbd there, past InitWait
+    without `opened`, shows it is loaded, so the engine can only be reached through vbd3."""
+    cli_store.write("/local/domain/7/backend/vbd/9/51712/state", "4")
+    dd = driver_domain_for(OWNER, kind="vbd3", engine=True)
+    result = run_cli(
+        "attach", "5", "/srv/in-dd.img", "--vdev", "xvdb", "--backend-domain", "7", "--engine", "--wait", "0"
+    )
+    assert result.code == 0, result.err
+    assert dd.script is not None, "the attach went to backend/vbd3"
+    assert run_cli("detach", "5", "xvdb", "--wait", "5").code == 0
+    dd.thread.join(10)
+    assert dd.error is None, dd.error
+
+
+@pytest.mark.parametrize(
+    ("served", "kind"),
+    [
+        ({}, "vbd"),
+        ({"vbd/9/51712/opened": "1"}, "vbd"),
+        ({"vbd3/9/51712/opened": "1"}, "vbd3"),
+        ({"vbd/9/51712/hotplug-status": "connected"}, "vbd3"),
+    ],
+)
+def test_engine_kind_in_a_driver_domain_follows_what_its_other_vbds_show(
+    cli_store: XenStore, served: dict[str, str], kind: str
+) -> None:
+    from xenblockctl.toolstack import lifecycle
+
+    for node, value in served.items():
+        base = "/local/domain/7/backend/" + node.rsplit("/", 1)[0]
+        cli_store.write(f"{base}/state", "4")
+        cli_store.write(f"/local/domain/7/backend/{node}", value)
+    assert lifecycle.choose_kind("engine", remote=True, store=cli_store, backend_domid=7) == kind
+    assert lifecycle.choose_kind("kernel", remote=True, store=cli_store, backend_domid=7) == "vbd"

@@ -12,13 +12,17 @@ from xenblockctl.cli.exitcodes import EXIT_TIMEOUT
 from xenblockctl.cli.output import Progress, connect, devnum, emit_json
 
 
-def _default_script() -> str:
+def _default_script(*, remote: bool = False) -> str:
     """The configured script path; where no script is installed there, the one this package ships
-    (package data, or the source checkout's)."""
+    (package data, or the source checkout's).
+
+    `remote`: another domain's `xl devd` runs the script, so the path is one in *that* domain (as
+    libxl's script=block-xenblockctl names XEN_SCRIPT_DIR there): whether it exists here says
+    nothing, and a path into this domain's checkout would not exist there (issue 14)."""
     from xenblockctl import config
 
     configured = str(config.load()["attach.script"].value)
-    if os.path.exists(configured):
+    if remote or os.path.exists(configured):
         return configured
     from xenblockctl.errors import XenblockError
     from xenblockctl.toolstack import hostfiles
@@ -174,8 +178,9 @@ def attach(  # noqa: PLR0917 - one parameter per click option
         domid = domains.resolve(store, domain)
         own = store.own_domid()
         backend_domid = own if backend_domain is None else _backend_domid(store, backend_domain)
+        remote = backend_domid != own
         # Another domain's modules are out of sight: decide from its side, not from ours.
-        kind = lifecycle.choose_kind(backend, remote=backend_domid != own)
+        kind = lifecycle.choose_kind(backend, remote=remote, store=store, backend_domid=backend_domid)
         disk_spec = DiskSpec(
             domid=domid,
             vdev=Vdev("xvd", 0) if auto or vdev is None else Vdev.parse(vdev),
@@ -183,7 +188,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
             mode=mode,
             kind=kind,
             backend_domid=backend_domid,
-            script=_default_script(),
+            script=_default_script(remote=remote),
             # libxl__device_disk_setdefault: discard defaults to on for writable disks only (the
             # lane's node-by-node comparison with xl block-attach showed ours on for ro ones too).
             discard=mode == "w" if discard is None else discard,

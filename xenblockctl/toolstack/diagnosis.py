@@ -2,12 +2,17 @@
 
 dom0 cannot see into another domain: not whether a guest loaded blkfront, not whether a driver
 domain loaded xen-blkback or runs our engine. What xenstore does show: whether the domain exists,
-whether libxl made it a driver domain, who may write the handshake nodes, and how the other vbds
-it serves fare. These sentences state those facts and name what stays unknown, instead of
+whether libxl made it a driver domain, who may write the handshake nodes, how the other vbds
+it serves fare and who took them (our engine writes `opened`; blkback does not), and whether block
+scripts ran there (`hotplug-status`: `xl devd` ran then; that it still runs, nothing shows; it
+writes no node of its own). These sentences state those facts and name what stays unknown, instead of
 guessing (a guest that could not write its own `state` used to be reported as "no blkfront
 loaded", issue 14)."""
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.toolstack.domains import domain_path
@@ -73,17 +78,71 @@ def _frontend_stall(store: XenStore, loc: VbdLocation, frontend_state: str | Non
     )
 
 
-def _other_backends(store: XenStore, loc: VbdLocation) -> tuple[int, int]:
-    """(vbds of this backend domain past InitWait, all its other vbds), every kind and guest."""
-    working = total = 0
-    for entry in walk_backends(store, domain_path(loc.backend_domid)):
-        if uint_or_none(entry.domid, maximum=0xFFFF) is None or entry.path == loc.backend:
+@dataclass
+class DomainBackends:
+    """What a backend domain's other vbds show of who serves there, read from xenstore alone.
+
+    Our engine writes `opened` when it takes a directory (at InitWait, before any script runs);
+    kernel blkback never does. A `hotplug-status` was written by a block script, which in a driver
+    domain only its `xl devd` runs. So a directory past Initialising tells which consumer took it,
+    and one with hotplug-status that devd ran there -- when it did, not that it still does."""
+
+    total: int = 0
+    #: past Initialising (InitWait..Connected), by kind and consumer ("engine" | "other")
+    working: Counter[tuple[str, str]] = field(default_factory=Counter)
+    scripted: int = 0  # carry a hotplug-status
+
+    @property
+    def working_total(self) -> int:
+        return sum(self.working.values())
+
+    def engine_kinds(self) -> set[str]:
+        return {kind for kind, who in self.working if who == "engine"}
+
+    def describe(self) -> str:
+        """One short clause (it ends up in a bounded one-line error)."""
+        if not self.total:
+            return "it serves no other vbd"
+        said = f"{self.working_total} of its {self.total} other vbd backends are past Initialising"
+        served = [f"{n} {kind} by {self._who(kind, who)}" for (kind, who), n in sorted(self.working.items())]
+        if served:
+            said += f" ({', '.join(served)})"
+        if self.scripted:
+            return said + f"; {self.scripted} carry a hotplug-status (`xl devd` ran scripts there)"
+        return said + "; none carries a hotplug-status (no sign `xl devd` ran there)"
+
+    @staticmethod
+    def _who(kind: str, who: str) -> str:
+        if who == "engine":
+            return "our engine"
+        return "kernel blkback" if kind == "vbd" else "another driver"
+
+
+def domain_backends(store: XenStore, backend_domid: int, *, skip: str | None = None) -> DomainBackends:
+    """Survey every vbd/vbd3 backend directory of `backend_domid` except `skip` (a full path)."""
+    seen = DomainBackends()
+    for entry in walk_backends(store, domain_path(backend_domid)):
+        if uint_or_none(entry.domid, maximum=0xFFFF) is None or entry.path == skip:
             continue
-        total += 1
-        state = XenbusState.of(store.read_optional(join(entry.path, "state")))
+        seen.total += 1
+        state_text, opened, status = store.read_many(
+            [join(entry.path, "state"), join(entry.path, "opened"), join(entry.path, "hotplug-status")]
+        )
+        state = XenbusState.of(state_text)
         if state is not None and XenbusState.InitWait <= state <= XenbusState.Connected:
-            working += 1
-    return working, total
+            seen.working[(entry.kind, "engine" if opened is not None else "other")] += 1
+        if status is not None:
+            seen.scripted += 1
+    return seen
+
+
+def driver_domain_scripts(store: XenStore, loc: VbdLocation) -> str:
+    """The driver domain took the directory but no block script answered: what its other vbds
+    show of `xl devd` there."""
+    try:
+        return domain_backends(store, loc.backend_domid, skip=loc.backend).describe()
+    except XenblockError as exc:
+        return f"xenstore could not tell more: {exc}"
 
 
 def backend_domain_silent(store: XenStore, loc: VbdLocation) -> str:
@@ -107,12 +166,5 @@ def _backend_domain_silent(store: XenStore, loc: VbdLocation) -> str:
     perms = _perms_or_none(store, join(loc.backend, "state"))
     if perms is not None and not may_write(perms, loc.backend_domid):
         facts.append(f"it may not write {loc.relative}/state ({','.join(str(p) for p in perms)})")
-    working, total = _other_backends(store, loc)
-    if total:
-        facts.append(f"{working} of its {total} other vbd backends are past Initialising")
-    else:
-        facts.append("it serves no other vbd")
-    return (
-        f"{bedom}: " + "; ".join(facts) + ". Whether its kernel has xen-blkback loaded, or our engine "
-        "runs there, cannot be seen from this domain"
-    )
+    facts.append(domain_backends(store, loc.backend_domid, skip=loc.backend).describe())
+    return f"{bedom}: " + "; ".join(facts) + ". Its modules and processes cannot be seen from this domain"

@@ -38,6 +38,9 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 INIT_TIMEOUT = 10.0
 #: Grace for rolling back a failed attach (the backend closing its side before we delete).
 ROLLBACK_WAIT = 2.0
+#: libxl's LIBXL_DESTROY_TIMEOUT: how long the toolstack waits for a driver domain's `xl devd` to run
+#: `remove` and delete the backend directory itself (device_hotplug, device_destroy_be_watch_cb).
+DESTROY_TIMEOUT = 10.0
 
 Progress = Callable[[str], None]
 
@@ -160,14 +163,26 @@ class AttachResult:
     message: str = ""
 
 
-def choose_kind(backend: str, *, remote: bool = False) -> str:
+def choose_kind(
+    backend: str, *, remote: bool = False, store: XenStore | None = None, backend_domid: int | None = None
+) -> str:
     """Which backend directory kind reaches the wanted consumer (xen-block-protocol.md §1.1):
     kernel blkback serves `vbd`; the engine serves `vbd` where blkback is absent, else `vbd3`.
 
-    `remote`: the backend domain is another one, whose modules this domain cannot see (xenstore
-    does not show them), so nothing local decides: the kernel consumer is `vbd`, and the engine
-    in a driver domain is expected to run where blkback is not loaded, serving `vbd` too."""
+    `remote`: the backend domain is another one, whose modules this domain cannot see, so nothing
+    local decides. What its other vbds show in xenstore does (diagnosis.DomainBackends): for the
+    engine, the kind our engine already serves there; else `vbd3` if something other than our
+    engine serves `vbd` there (kernel blkback takes every `vbd`); else `vbd`, where an engine in a
+    driver domain without blkback is expected. The kernel consumer is always `vbd`."""
     if remote:
+        if backend != "engine" or store is None or backend_domid is None:
+            return "vbd"
+        seen = diagnosis.domain_backends(store, backend_domid)
+        engine_kinds = seen.engine_kinds()
+        if len(engine_kinds) == 1:
+            return engine_kinds.pop()
+        if not engine_kinds and seen.working[("vbd", "other")]:
+            return "vbd3"
         return "vbd"
     loaded = host.blkback_loaded()
     if backend == "kernel":
@@ -228,15 +243,17 @@ def attach(
                 raise AttachFailed(
                     f"driver domain {spec.backend_domid} took {loc.relative} but its block script "
                     f"published no hotplug-status within {max(wait, INIT_TIMEOUT):g} s; whether "
-                    "`xl devd` runs there cannot be seen from this domain"
+                    "`xl devd` runs there cannot be seen from this domain: "
+                    + diagnosis.driver_domain_scripts(store, loc)
                 )
             if snap.hotplug_status != "connected":
                 raise AttachFailed(
                     f"driver domain {spec.backend_domid}: hotplug-status {snap.hotplug_status!r}, "
                     f"error {snap.hotplug_error or snap.error or 'none'}"
                 )
+            add_result = _published_by_driver_domain(store, loc)
     except BaseException:
-        _rollback(store, loc, env)
+        _rollback(store, loc, env, local=spec.backend_domid == own_domid)
         raise
     if wait <= 0:
         return AttachResult(spec, add_result, False, None, "not waiting for the frontend (--wait 0)")
@@ -265,6 +282,21 @@ def attach(
     return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
 
 
+def _published_by_driver_domain(store: XenStore, loc: VbdLocation) -> AddResult | None:
+    """What the driver domain's block script published, and which consumer took the directory
+    there: our engine writes `opened` at InitWait (before any script runs), kernel blkback never."""
+    published, luid, device_path, opened = store.read_many(
+        [
+            join(loc.backend, name)
+            for name in (identity.PHYSICAL_DEVICE, identity.LUID, identity.DEVICE_PATH, "opened")
+        ]
+    )
+    if published is None:
+        return None
+    consumer = handoff.Consumer.ENGINE if opened is not None else handoff.Consumer.KERNEL
+    return AddResult(published, luid or "", device_path or "", consumer.value)
+
+
 def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid: int) -> NoBackend:
     """The backend directory stayed at Initialising: say who was expected to take it and what is
     known about them. Our own domain's consumers we can see; another domain's we cannot."""
@@ -284,9 +316,14 @@ def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid:
     )
 
 
-def _rollback(store: XenStore, loc: VbdLocation, env: Environment) -> None:
+def _rollback(store: XenStore, loc: VbdLocation, env: Environment, *, local: bool) -> None:
     """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
-    whatever add published, delete the directories. Best effort; the original error matters."""
+    whatever add published, delete the directories. Best effort; the original error matters.
+
+    `local` False: the block script ran in a driver domain, whose devices this domain cannot touch
+    (a device number there names another device here): its `xl devd` runs remove when the backend
+    reaches Closed, and deletes the backend directory; give it libxl's time for that first."""
+    state: str | None = None
     with contextlib.suppress(XenblockError):
         state = _begin_close(store, loc, force=False)
         if not _state_in(
@@ -300,10 +337,30 @@ def _rollback(store: XenStore, loc: VbdLocation, env: Environment) -> None:
                 _quiet,
                 what="rolling back",
             )
-    with contextlib.suppress(XenblockError):
-        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent(), env=env)
+    if local:
+        with contextlib.suppress(XenblockError):
+            run_remove(
+                store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent(), env=env
+            )
+    elif not _state_in(state, None, XenbusState.Initialising):
+        with contextlib.suppress(XenblockError):
+            _wait_driver_domain_remove(store, loc, _quiet)
     with contextlib.suppress(XenblockError):
         delete_vbd(store, loc)
+
+
+def _wait_driver_domain_remove(store: XenStore, loc: VbdLocation, progress: Progress) -> bool:
+    """Wait (libxl's 10 s) for the driver domain's `xl devd` to run remove and delete the backend
+    directory; True when it did. Deleting it first would leave remove without the owner record."""
+    gone, _ = _wait_for(
+        store,
+        loc,
+        lambda s: s.backend_state is None,
+        DESTROY_TIMEOUT,
+        progress,
+        what=f"waiting for domain {loc.backend_domid} to run remove",
+    )
+    return gone
 
 
 def _silent() -> Journal:
@@ -387,20 +444,39 @@ def detach(
                 what="forced: waiting for Closed",
             )
     removed = "skipped"
-    if loc.backend_domid == own_domid:
+    local = loc.backend_domid == own_domid
+    if local:
         progress("running the block script (remove)")
         removed = run_remove(store, path, journal, env=env).detached
+    elif not _state_in(state, None, XenbusState.Initialising):
+        # The driver domain's `xl devd` runs remove once the backend is Closed and online 0, then
+        # deletes the backend directory: wait for that as libxl does, and only then delete.
+        if _wait_driver_domain_remove(store, loc, progress):
+            removed = f"by domain {loc.backend_domid}"
+        else:
+            removed = f"not seen: domain {loc.backend_domid} kept the backend {DESTROY_TIMEOUT:g} s"
+            journal.warning(f"{loc.relative}: {removed}; deleting it (as libxl does)")
     delete_vbd(store, loc)
     result = DetachResult(loc, closed, removed, force)
-    result.stuck = _confirm_gone(store, loc, path, before, wait, bus=env.xen_backend_bus)
+    result.stuck = _confirm_gone(store, loc, path, before, wait, bus=env.xen_backend_bus, local=local)
     return result
 
 
 def _confirm_gone(
-    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float, *, bus: str
+    store: XenStore,
+    loc: VbdLocation,
+    path: BackendPath,
+    owner_text: str | None,
+    wait: float,
+    *,
+    bus: str,
+    local: bool,
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
-    assumed (a backend holding the device keeps a loop bound until it lets go)."""
+    assumed (a backend holding the device keeps a loop bound until it lets go).
+
+    `local` False: the device lives in a driver domain; its sysfs and loop devices are not this
+    domain's (the same numbers here are other devices), so only xenstore is checked."""
     deadline = time.monotonic() + max(wait, 0.5)
     while True:
         stuck: list[str] = []
@@ -408,9 +484,9 @@ def _confirm_gone(
             if store.read_optional(what) is not None:
                 stuck.append(f"{what} still exists (re-created by someone)")
         blkback = handoff.blkback_dir(path, bus)
-        if os.path.isdir(blkback):
+        if local and os.path.isdir(blkback):
             stuck.append(f"kernel blkback still has {os.path.basename(blkback)}")
-        if owner_text is not None:
+        if local and owner_text is not None:
             try:
                 owner = OwnerRecord.parse(owner_text)
             except OwnerRecordError:
