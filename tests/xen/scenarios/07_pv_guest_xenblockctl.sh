@@ -4,6 +4,5 @@
 # xenci-timeout: 300
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 pv_guest_cycle "$script" ours
