@@ -259,6 +259,16 @@ def test_boot_waits_for_another_lane_vm(tmp_path: Path, monkeypatch: pytest.Monk
     assert runs[0].qemu_rc == 0
 
 
+def test_scenarios_use_the_installed_package_not_the_checkout() -> None:
+    """The lane tests what an admin installs: a scenario naming the checkout's script or Python
+    files would test the tree instead (and the runner no longer sets XENCI_CHECKOUT)."""
+    for path in sorted(vm.SCENARIO_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".sh", ".py", ""):
+            text = path.read_text(errors="replace")
+            for word in ("XENCI_CHECKOUT", "hotplug/block-xenblockctl", "PYTHONPATH"):
+                assert word not in text, f"{path.relative_to(vm.SCENARIO_DIR)} uses {word}"
+
+
 def test_scenario_copy_leaves_out_host_bytecode(tmp_path: Path) -> None:
     share = tmp_path / "share"
     (share / "domu" / "__pycache__").mkdir(parents=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7, scenario 2: the same PV guest with both disks through our hotplug/block-xenblockctl; after the
+# Issue 7, scenario 2: the same PV guest with both disks through our installed block-xenblockctl; after the
 # guest is gone our `remove` has run and no loop device stays bound.
 # xenci-timeout: 300
 . "$XENCI_SCENARIOS/lib.sh"
