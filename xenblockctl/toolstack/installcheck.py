@@ -103,7 +103,8 @@ def check_imports(check: str, script: Path, root: str, module: str, fix: str) ->
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
         return Finding(check, ERROR, f"{script} runs {named}, which cannot import {module}: {last}", fix)
-    return Finding(check, OK, f"{script} runs {named} ({binary}), which imports {module}")
+    where = "" if str(binary) == named else f" ({binary})"
+    return Finding(check, OK, f"{script} runs {named}{where}, which imports {module}")
 
 
 def _executable(check: str, path: Path, what: str, fix: str) -> Finding | None:
