@@ -14,7 +14,10 @@ t=$(now)
 python3 -m venv --system-site-packages "$venv" || fail "python3 -m venv exited $?"
 metric venv_create_s "$(elapsed "$t")" s
 t=$(now)
-"$venv/bin/pip" install --no-index --disable-pip-version-check -q "$XENCI_WHEEL" \
+# --ignore-installed: the venv sees the .deb's xenblockctl of the same version in the system
+# site-packages, and pip would call that "already satisfied" and install nothing. --no-deps, since
+# nothing may be fetched: click and pyxs are Debian's, seen through --system-site-packages.
+"$venv/bin/pip" install --no-index --disable-pip-version-check -q --ignore-installed --no-deps "$XENCI_WHEEL" \
   || fail "pip install $(basename "$XENCI_WHEEL") into the venv exited $?"
 metric wheel_install_s "$(elapsed "$t")" s
 "$venv/bin/python" -c '
