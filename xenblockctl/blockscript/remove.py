@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from xenblockctl.blockscript import faults
-from xenblockctl.blockscript.add import PUBLISHED
-from xenblockctl.blockscript.owner import NODE as OWNER_NODE
-from xenblockctl.blockscript.owner import OwnerRecord
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
@@ -25,13 +24,13 @@ class RemoveResult(NamedTuple):
     detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
 
 
-def run_remove(store: XenStore, path: BackendPath, journal: Journal) -> RemoveResult:
+def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
     be = backend_dir(store, path)
     try:
-        owner_text = store.read_optional(join(be, OWNER_NODE))
+        owner_text = store.read_optional(join(be, OWNER))
     except XenstoreNoEntry:
         owner_text = None
-    faults.pause("remove-start")
+    faults.pause(env, "remove-start")
     outcome = "nothing"
     if owner_text is not None:
         owner = OwnerRecord.parse(owner_text)  # malformed: cannot prove ownership, touch nothing
@@ -44,16 +43,16 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal) -> RemoveRe
             journal.info(f"loop {owner.major}:{owner.minor} seq {owner.diskseq:x}: {outcome}")
         else:
             outcome = "not-a-loop"
-    faults.pause("remove-detached")
+    faults.pause(env, "remove-detached")
     if owner_text is not None:
         store.run_transaction(lambda tx: _withdraw(tx, be, owner_text))
-    faults.pause("remove-done")
+    faults.pause(env, "remove-done")
     return RemoveResult(outcome)
 
 
 def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     """Remove our nodes, but only if the record is still the one we acted on (a concurrent add
     after a forced detach could have published a new one)."""
-    if tx.read_optional(join(be, OWNER_NODE)) != owner_text:
+    if tx.read_optional(join(be, OWNER)) != owner_text:
         return
     tx.rm_many([join(be, name) for name in PUBLISHED])

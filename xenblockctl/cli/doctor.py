@@ -6,6 +6,7 @@ import click
 
 from xenblockctl.cli.exitcodes import EXIT_UNHEALTHY
 from xenblockctl.cli.output import connect, emit_json
+from xenblockctl.environment import Environment
 
 
 @click.command()
@@ -23,7 +24,7 @@ def doctor(as_json: bool, strict: bool, root: str) -> None:
     devices, diskseq."""
     from xenblockctl.toolstack import doctor as checks
 
-    findings, healthy = checks.run(connect, root=root)
+    findings, healthy = checks.run(connect, Environment.of_process(), root=root)
     if strict:
         healthy = healthy and all(f.status != checks.WARNING for f in findings)
     if as_json:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from xenblockctl import config
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import gc, host, installcheck, inventory
@@ -54,11 +55,11 @@ def check_kernel() -> Finding:
     return Finding("diskseq", OK, f"Linux {name} supports LOOP_CONFIGURE and diskseq")
 
 
-def check_config() -> tuple[Finding, dict[str, config.Value] | None]:
+def check_config(env: Environment) -> tuple[Finding, dict[str, config.Value] | None]:
     """The config finding, and the settings (None when they do not load)."""
     try:
-        files = config.config_files(os.environ)
-        settings = config.load()
+        files = config.config_files(env.variables)
+        settings = config.load(env.variables)
     except XenblockError as exc:
         return Finding("config", ERROR, exc.one_line(), "fix the file (see xenblockctl.conf(5))"), None
     if not files:
@@ -103,10 +104,10 @@ def check_vbds(vbds: list[inventory.VbdInfo]) -> Finding:
     )
 
 
-def run(connect: Any, root: str = "/") -> tuple[list[Finding], bool]:
+def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding], bool]:
     """All checks; `connect()` returns a XenStore or raises; the installation is looked for under
     `root`. Returns (findings, healthy)."""
-    config_finding, settings = check_config()
+    config_finding, settings = check_config(env)
     findings = [config_finding, check_loop_control(), check_loop_devices(), check_kernel()]
     findings += installcheck.run(root, settings)
     store: XenStore | None = None
@@ -117,7 +118,7 @@ def run(connect: Any, root: str = "/") -> tuple[list[Finding], bool]:
             Finding(
                 "xenstored",
                 ERROR,
-                f"xenstored unreachable: {exc.one_line(200)}",
+                f"xenstored unreachable: {exc.one_line()}",
                 "start xenstored (xenstored.service), or point XENSTORED_PATH at a running one "
                 "(without Xen: xenblockctl xenstored --socket PATH)",
             )
@@ -127,10 +128,10 @@ def run(connect: Any, root: str = "/") -> tuple[list[Finding], bool]:
             findings.append(Finding("xenstored", OK, f"xenstored reachable at {store.endpoint}"))
         findings.append(check_backend_provider(store))
         home_domid = store.own_domid() if store is not None else 0
-        vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
+        vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
         if store is not None:
             findings.append(check_vbds(vbds))
-            loops = gc.orphan_loops(vbds)
+            loops = gc.orphan_loops(vbds, env)
             findings.append(
                 Finding(
                     "orphan-loops",

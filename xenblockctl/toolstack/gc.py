@@ -13,23 +13,20 @@ between the scan and the detach is refused, not cleared."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import dm, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.toolstack import inventory
 from xenblockctl.toolstack.inventory import VbdInfo
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
 
 SCRIPT_NAME = "block-xenblockctl"
-#: Test-only: consider only loop devices whose backing file is below this directory, so a test's
-#: gc cannot touch loop devices of another test run sharing the machine (each run has its own
-#: xenstored, whose backends the others cannot see).
-SCOPE_ENV = "XENBLOCKCTL_TEST_GC_SCOPE"
 
 
 @dataclass(frozen=True)
@@ -56,43 +53,54 @@ def stale_backend_reason(info: VbdInfo) -> str | None:
         return None
     if not info.domain_alive:
         return f"domain {info.location.domid} no longer exists"
-    published = "physical-device" in info.backend
+    published = identity.PHYSICAL_DEVICE in info.backend
     if info.backend.get("hotplug-status") in ("error", "busy") and not published:
         return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
     return None
 
 
+#: In _claimed's result: the diskseq of a devt whose published identity cannot be verified (no
+#: luid/diskseq, or a malformed one): every binding of that number counts as claimed.
+ANY_DISKSEQ = 0
+
+
 def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
-    """(devt, diskseq) of every device a backend's owner record names, even unparsable ones'
-    public identity: anything a backend might still use is never garbage."""
+    """(devt, diskseq) of every device a backend's owner record names, and of every published
+    identity (luid or diskseq node, read by the one parser: xenstore/identity.py) even beside an
+    unparsable record: anything a backend might still use is never garbage. Where the published
+    diskseq is missing or malformed, (devt, ANY_DISKSEQ): the number is claimed whatever is bound."""
     claimed: set[tuple[int, int]] = set()
     for info in vbds:
         backend = info.backend or {}
-        text = backend.get("xenblockctl-owner")
+        text = backend.get(identity.OWNER)
         if text is not None:
             try:
                 owner = OwnerRecord.parse(text)
                 claimed.add((owner.devt, owner.diskseq))
             except OwnerRecordError:
                 pass
-        phys = info.physical_device
-        luid = backend.get("physical-device-luid")
-        if phys is not None and luid is not None and luid.isalnum():
-            with contextlib.suppress(ValueError):
-                claimed.add((os.makedev(*phys), int(luid, 16)))
+        try:
+            published = PublishedIdentity.from_nodes(backend)
+        except IdentityError:
+            published = PublishedIdentity.named(backend)
+        if published is not None:
+            claimed.add((published.devt, ANY_DISKSEQ if published.diskseq is None else published.diskseq))
     return claimed
 
 
-def orphan_loops(vbds: list[VbdInfo]) -> list[Garbage]:
+def orphan_loops(vbds: list[VbdInfo], env: Environment) -> list[Garbage]:
+    """`env.gc_scope` (test-only): consider only loop devices whose backing file is below it, so a
+    test's gc cannot touch loop devices of another test run sharing the machine (each run has its
+    own xenstored, whose backends the others cannot see)."""
     claimed = _claimed(vbds)
-    scope = os.environ.get(SCOPE_ENV)
+    scope = env.gc_scope
     found: list[Garbage] = []
     for bound in loop.bound_loops(tag_prefix=loop.TAG_PREFIX):
         if scope and not bound.backing_file.startswith(scope.rstrip("/") + "/"):
             continue
         if LoopFlags.AUTOCLEAR in bound.status.flags:
             continue
-        if (bound.devt, bound.diskseq) in claimed:
+        if (bound.devt, bound.diskseq) in claimed or (bound.devt, ANY_DISKSEQ) in claimed:
             continue
         found.append(
             Garbage(
@@ -144,15 +152,15 @@ class Collected:
         return {**self.garbage.to_json(), "result": self.result}
 
 
-def find(store: XenStore | None, home_domid: int) -> tuple[list[Garbage], list[str]]:
+def find(store: XenStore | None, home_domid: int, env: Environment) -> tuple[list[Garbage], list[str]]:
     """Everything collectable, and notes on what could not be checked."""
     notes: list[str] = []
-    vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
+    vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
     if store is None:
         notes.append("xenstore unreachable: backends not checked, so no loop device counts as orphaned")
     garbage = stale_backends(vbds)
     if store is not None:
-        garbage += orphan_loops(vbds)
+        garbage += orphan_loops(vbds, env)
     dms, why = orphan_dm()
     if why is not None:
         notes.append(f"device-mapper not checked: {why}")
@@ -160,11 +168,11 @@ def find(store: XenStore | None, home_domid: int) -> tuple[list[Garbage], list[s
 
 
 def collect(
-    store: XenStore | None, *, home_domid: int, dry_run: bool, detach_wait: float = 2.0
+    store: XenStore | None, *, home_domid: int, env: Environment, dry_run: bool, detach_wait: float = 2.0
 ) -> tuple[list[Collected], list[str]]:
     from xenblockctl.toolstack import lifecycle
 
-    garbage, notes = find(store, home_domid)
+    garbage, notes = find(store, home_domid, env)
     done: list[Collected] = []
     # Backends first: their remove may release loop devices, which then are no longer garbage.
     for item in sorted(garbage, key=lambda g: {"backend": 0, "loop": 1, "dm": 2}[g.kind]):
@@ -175,7 +183,9 @@ def collect(
             if item.kind == "backend":
                 assert item.vbd is not None
                 assert store is not None
-                lifecycle.detach(store, item.vbd.location, wait=detach_wait, force=True, own_domid=home_domid)
+                lifecycle.detach(
+                    store, item.vbd.location, wait=detach_wait, force=True, own_domid=home_domid, env=env
+                )
             elif item.kind == "loop":
                 assert item.loop is not None
                 outcome = loop.detach_with_proof(

@@ -22,12 +22,15 @@ from xenblockctl.blockscript import handoff
 from xenblockctl.blockscript.add import AddResult, run_add
 from xenblockctl.blockscript.remove import run_remove
 from xenblockctl.blockscript.settings import Settings
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
@@ -64,6 +67,15 @@ class DetachStuck(XenblockError):
 class VbdMissing(XenblockError):
     code = "vbd-missing"
     hint = "see `xenblockctl list` for the attached devices"
+
+
+def _state_in(text: str | None, *states: XenbusState | None) -> bool:
+    """Whether a `state` node's text is one of `states` (None: the node is absent). Text that is no
+    state at all is none of them (it was compared as a string before, with the same result)."""
+    if text is None:
+        return None in states
+    state = XenbusState.of(text)
+    return state is not None and state in states
 
 
 def _state_name(value: str | None) -> str:
@@ -173,6 +185,7 @@ def attach(
     *,
     auto_vdev: bool,
     settings: Settings,
+    env: Environment,
     wait: float,
     own_domid: int,
     progress: Progress = _quiet,
@@ -187,7 +200,7 @@ def attach(
         reached, snap = _wait_for(
             store,
             loc,
-            lambda s: s.backend_state not in (None, "1") or bool(s.error),
+            lambda s: not _state_in(s.backend_state, None, XenbusState.Initialising) or bool(s.error),
             init_timeout,
             progress,
             what="waiting for a backend",
@@ -200,7 +213,7 @@ def attach(
         if spec.backend_domid == own_domid:
             progress("running the block script (add)")
             path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
-            add_result = run_add(store, path, settings, journal)
+            add_result = run_add(store, path, settings, journal, env=env)
         else:
             # A driver domain's `xl devd` runs the script there; we can only watch for its verdict.
             reached, snap = _wait_for(
@@ -223,17 +236,19 @@ def attach(
                     f"error {snap.hotplug_error or snap.error or 'none'}"
                 )
     except BaseException:
-        _rollback(store, loc)
+        _rollback(store, loc, env)
         raise
     if wait <= 0:
         return AttachResult(spec, add_result, False, None, "not waiting for the frontend (--wait 0)")
 
     def settled(s: Snapshot) -> bool:
         failed = bool(s.error) or s.hotplug_status in ("error", "busy")
-        return failed or s.backend_state in ("4", "5", "6") or s.backend_state is None
+        return failed or _state_in(
+            s.backend_state, None, XenbusState.Connected, XenbusState.Closing, XenbusState.Closed
+        )
 
     reached, snap = _wait_for(store, loc, settled, wait, progress, what="waiting for Connected")
-    if snap.backend_state == "4":
+    if _state_in(snap.backend_state, XenbusState.Connected):
         return AttachResult(spec, add_result, True, snap, "connected")
     if snap.error or snap.hotplug_status in ("error", "busy"):
         raise AttachFailed(
@@ -244,7 +259,7 @@ def attach(
         raise AttachFailed(f"{loc.relative} closed before connecting ({snap.describe()})")
     why = (
         diagnosis.frontend_stall(store, loc, snap.frontend_state)
-        if snap.frontend_state in (None, "1", "2")
+        if _state_in(snap.frontend_state, None, XenbusState.Initialising, XenbusState.InitWait)
         else "the handshake stalled"
     )
     return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
@@ -269,22 +284,24 @@ def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid:
     )
 
 
-def _rollback(store: XenStore, loc: VbdLocation) -> None:
+def _rollback(store: XenStore, loc: VbdLocation, env: Environment) -> None:
     """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
     whatever add published, delete the directories. Best effort; the original error matters."""
     with contextlib.suppress(XenblockError):
         state = _begin_close(store, loc, force=False)
-        if state not in (None, "1", "6"):  # a backend took it: let it let go before deleting
+        if not _state_in(
+            state, None, XenbusState.Initialising, XenbusState.Closed
+        ):  # a backend took it: let it let go before deleting
             _wait_for(
                 store,
                 loc,
-                lambda s: s.backend_state in (None, "6"),
+                lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
                 ROLLBACK_WAIT,
                 _quiet,
                 what="rolling back",
             )
     with contextlib.suppress(XenblockError):
-        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
+        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent(), env=env)
     with contextlib.suppress(XenblockError):
         delete_vbd(store, loc)
 
@@ -315,8 +332,8 @@ def _begin_close(store: XenStore, loc: VbdLocation, *, force: bool) -> str | Non
         if state is None:
             return None
         tx.write(join(loc.backend, "online"), "0")
-        if state != "6":
-            tx.write(join(loc.backend, "state"), "5")
+        if not _state_in(state, XenbusState.Closed):
+            tx.write(join(loc.backend, "state"), str(XenbusState.Closing))
         return state
 
     return store.run_transaction(body)
@@ -329,26 +346,32 @@ def detach(
     wait: float,
     force: bool,
     own_domid: int,
+    env: Environment,
     progress: Progress = _quiet,
     journal: Journal | None = None,
 ) -> DetachResult:
     journal = journal or _silent()
     path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
-    before = store.read_optional(join(loc.backend, "xenblockctl-owner"))
+    before = store.read_optional(join(loc.backend, identity.OWNER))
     state = _begin_close(store, loc, force=force)
     # State 1: no backend driver ever took the directory, so nobody will answer Closing.
-    closed = state in (None, "1", "6")
+    closed = _state_in(state, None, XenbusState.Initialising, XenbusState.Closed)
     snap: Snapshot | None = None
     if not closed:
         closed, snap = _wait_for(
-            store, loc, lambda s: s.backend_state in (None, "6"), wait, progress, what="waiting for Closed"
+            store,
+            loc,
+            lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
+            wait,
+            progress,
+            what="waiting for Closed",
         )
         if not closed and not force:
             raise DetachStuck(
                 f"{loc.relative} did not reach Closed within {wait:g} s ({snap.describe()}): "
                 + (
                     "the guest still uses the disk (is it mounted?)"
-                    if snap.frontend_state in ("3", "4")
+                    if _state_in(snap.frontend_state, XenbusState.Initialised, XenbusState.Connected)
                     else "the backend did not answer Closing"
                 )
             )
@@ -358,7 +381,7 @@ def detach(
             closed, snap = _wait_for(
                 store,
                 loc,
-                lambda s: s.backend_state in (None, "6"),
+                lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
                 wait,
                 progress,
                 what="forced: waiting for Closed",
@@ -366,39 +389,41 @@ def detach(
     removed = "skipped"
     if loc.backend_domid == own_domid:
         progress("running the block script (remove)")
-        removed = run_remove(store, path, journal).detached
+        removed = run_remove(store, path, journal, env=env).detached
     delete_vbd(store, loc)
     result = DetachResult(loc, closed, removed, force)
-    result.stuck = _confirm_gone(store, loc, path, before, wait)
+    result.stuck = _confirm_gone(store, loc, path, before, wait, bus=env.xen_backend_bus)
     return result
 
 
 def _confirm_gone(
-    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float
+    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float, *, bus: str
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
     assumed (a backend holding the device keeps a loop bound until it lets go)."""
-    from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
-
     deadline = time.monotonic() + max(wait, 0.5)
     while True:
         stuck: list[str] = []
         for what in (loc.backend, loc.frontend):
             if store.read_optional(what) is not None:
                 stuck.append(f"{what} still exists (re-created by someone)")
-        if os.path.isdir(handoff.blkback_dir(path)):
-            stuck.append(f"kernel blkback still has {os.path.basename(handoff.blkback_dir(path))}")
+        blkback = handoff.blkback_dir(path, bus)
+        if os.path.isdir(blkback):
+            stuck.append(f"kernel blkback still has {os.path.basename(blkback)}")
         if owner_text is not None:
             try:
                 owner = OwnerRecord.parse(owner_text)
             except OwnerRecordError:
                 owner = None
-            if owner is not None and owner.kind == "loop":
-                with contextlib.suppress(XenblockError):
-                    if blockdev.live_diskseq(owner.devt) == owner.diskseq:
-                        stuck.append(
-                            f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
-                        )
+            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked).
+            if (
+                owner is not None
+                and owner.kind == "loop"
+                and owner.identity.liveness(blockdev.observe) is Liveness.LIVE
+            ):
+                stuck.append(
+                    f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
+                )
         if not stuck or time.monotonic() >= deadline:
             return stuck
         time.sleep(0.05)
