@@ -1,7 +1,7 @@
 """The Debian package, built from the tree with bookworm's toolchain and checked by lintian.
 
-`dpkg-buildpackage -b -us -uc` runs on a copy of the tree (tracked and new files, nothing ignored)
-in a temporary directory that goes away. Skipped, with the reason printed, when the build
+`dpkg-buildpackage -b -us -uc` runs on a copy of the tree (tests/packaging/build.py, shared with the
+Xen lane) in a temporary directory that goes away. Skipped, with the reason printed, when the build
 dependencies are missing (`dpkg-checkbuilddeps` says which)."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.packaging import build
 
 REPO = Path(__file__).resolve().parents[2]
 #: Where libxl, udev, systemd, man and the shells look on Debian 12.
@@ -36,51 +38,25 @@ EXPECTED = {
 }
 
 
-class Built:
-    def __init__(self, deb: Path, changes: Path, log: str) -> None:
-        self.deb = deb
-        self.changes = changes
-        self.log = log
-
-
-#: Debian's own tools only: a venv's or pyenv's python3 earlier in PATH is not bookworm's toolchain.
-ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
-
-
 def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return build.run(argv, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
-def built() -> Iterator[Built]:
-    for tool in ("dpkg-buildpackage", "dpkg-checkbuilddeps"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (Debian package dpkg-dev)")
+def built() -> Iterator[build.Built]:
     with tempfile.TemporaryDirectory(prefix="xbc-deb-") as scratch:
-        tree = Path(scratch) / "xenblockctl"
-        files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], REPO, 60)
-        assert files.returncode == 0, files.stderr
-        for name in filter(None, files.stdout.split("\0")):
-            source = REPO / name
-            if source.is_file():
-                (tree / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, tree / name)
-        deps = _run(["dpkg-checkbuilddeps"], tree, 60)
-        if deps.returncode != 0:
-            reason = f"build dependencies missing: {deps.stderr.strip()}"
-            print(reason)
-            pytest.skip(reason)
-        result = _run(["dpkg-buildpackage", "-b", "-us", "-uc"], tree, 900)
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        (deb,) = Path(scratch).glob("xenblockctl_*_all.deb")
-        (changes,) = Path(scratch).glob("xenblockctl_*.changes")
-        yield Built(deb, changes, result.stdout)
+        try:
+            built = build.build_deb(build.copy_tree(Path(scratch)))
+        except build.BuildUnavailable as exc:
+            print(exc)
+            pytest.skip(str(exc))
+        except build.BuildFailed as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield built
 
 
 @pytest.mark.slow
-def test_package_installs_files_where_debian_looks(built: Built) -> None:
+def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
     listing = _run(["dpkg-deb", "--contents", str(built.deb)], built.deb.parent, 60).stdout
     modes = {line.split()[-1]: line.split()[0] for line in listing.splitlines()}
     for path, mode in EXPECTED.items():
@@ -105,7 +81,7 @@ def test_package_installs_files_where_debian_looks(built: Built) -> None:
 
 
 @pytest.mark.slow
-def test_package_overwrites_nothing_of_xen_utils_common(built: Built) -> None:
+def test_package_overwrites_nothing_of_xen_utils_common(built: build.Built) -> None:
     """Files of xen-utils-common as installed here (else the stock scripts every version ships)."""
     owned = _run(["dpkg-query", "-L", "xen-utils-common"], REPO, 60)
     theirs = set(owned.stdout.split()) if owned.returncode == 0 else set()
@@ -120,7 +96,7 @@ def test_package_overwrites_nothing_of_xen_utils_common(built: Built) -> None:
 
 
 @pytest.mark.slow
-def test_lintian_finds_no_errors(built: Built) -> None:
+def test_lintian_finds_no_errors(built: build.Built) -> None:
     lintian = shutil.which("lintian")
     if lintian is None:
         pytest.skip("lintian not installed (Debian package lintian)")

@@ -1,12 +1,18 @@
-"""Xen lane fixtures: one image (cached), one boot per pytest session for every selected scenario."""
+"""Xen lane fixtures: one image (cached), the .deb and wheel built from this checkout (every run: the
+lane tests what an admin installs from the current code), one boot per pytest session for every
+selected scenario."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from tests.packaging import build
 from tests.xen import image as dom0_image
 from tests.xen import vm
 
@@ -73,8 +79,9 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     scenarios = _selected(request.session) or vm.discover()
     share = tmp_path_factory.mktemp("xen-lane") / "share"
     share.mkdir()
+    packages = _build_packages(share / "pkg", progress)
     progress(f"booting Xen + dom0 for {len(scenarios)} scenario(s); console {share.parent}/share-console.log")
-    run = vm.boot(image, share, scenarios, progress=progress)
+    run = vm.boot(image, share, scenarios, progress=progress, packages=packages)
     report.run = run
     kept = vm.keep_last_run(run, image.path.parent / ".last-run")
     if kept is not None:
@@ -85,6 +92,29 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         f"runner exit {run.runner_rc}{'; ' + run.killed if run.killed else ''}"
     )
     return run
+
+
+def _build_packages(dest: Path, progress: Callable[[str], None]) -> vm.Packages:
+    """The .deb (dpkg-buildpackage, as tests/packaging does) and the wheel, from a copy of the tree."""
+    t0 = time.monotonic()
+    scratch = dest.parent / "build"
+    scratch.mkdir()
+    try:
+        tree = build.copy_tree(scratch)
+        built = build.build_deb(tree)
+        dest.mkdir()
+        deb = Path(shutil.copy(built.deb, dest))
+        wheel = build.build_wheel(tree, dest)
+    except build.BuildUnavailable as exc:
+        progress(f"SKIP: cannot build the package to install in dom0: {exc}")
+        pytest.skip(f"xen lane: {exc}")
+    except build.BuildFailed as exc:
+        progress("package build FAILED")
+        pytest.fail(f"xen lane: {exc}", pytrace=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    progress(f"built {deb.name} ({built.seconds:.1f}s) and {wheel.name} in {time.monotonic() - t0:.1f}s")
+    return vm.Packages(deb, wheel)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

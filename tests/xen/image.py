@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -313,7 +312,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _run_build(out: Path, log_path: Path, timeout: float, lock_fd: int) -> None:
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ)
     with log_path.open("w") as log:
         # The build inherits the cache lock: if pytest is SIGKILLed, the orphaned mmdebstrap keeps the
         # lock until it ends, so the next session cannot delete a directory still being written.

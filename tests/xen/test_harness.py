@@ -259,24 +259,92 @@ def test_boot_waits_for_another_lane_vm(tmp_path: Path, monkeypatch: pytest.Monk
     assert runs[0].qemu_rc == 0
 
 
-def test_checkout_copy_leaves_out_vcs_venv_and_bytecode(tmp_path: Path) -> None:
+def test_scenarios_use_the_installed_package_not_the_checkout() -> None:
+    """The lane tests what an admin installs: a scenario naming the checkout's script or Python
+    files would test the tree instead (and the runner no longer sets XENCI_CHECKOUT)."""
+    for path in sorted(vm.SCENARIO_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".sh", ".py", ""):
+            text = path.read_text(errors="replace")
+            for word in ("XENCI_CHECKOUT", "hotplug/block-xenblockctl", "PYTHONPATH"):
+                assert word not in text, f"{path.relative_to(vm.SCENARIO_DIR)} uses {word}"
+
+
+def test_scenario_copy_leaves_out_host_bytecode(tmp_path: Path) -> None:
     share = tmp_path / "share"
-    (share / "xenblockctl" / "__pycache__").mkdir(parents=True)
-    (share / "xenblockctl" / "__init__.py").write_text("X = 1\n")
-    (share / "xenblockctl" / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"host")
-    (share / "hotplug").mkdir()
-    (share / "hotplug" / "block-x").write_text("#!/bin/sh\n")
-    (share / "hotplug" / "block-x").chmod(0o755)
-    for junk in (".git", ".venv", ".cache"):
-        (share / junk).mkdir()
-        (share / junk / "f").write_text("junk")
-    dest = tmp_path / "opt" / "checkout"
-    assert runner.install_checkout(str(share), str(dest)) == str(dest)
-    assert (dest / "xenblockctl" / "__init__.py").read_text() == "X = 1\n"
-    assert os.access(dest / "hotplug" / "block-x", os.X_OK)
-    assert not any((dest / junk).exists() for junk in (".git", ".venv", ".cache"))
-    assert not (dest / "xenblockctl" / "__pycache__" / "stale.cpython-311.pyc").exists()
-    assert list((dest / "xenblockctl" / "__pycache__").glob("__init__.*.pyc")), "compiled in place"
+    (share / "domu" / "__pycache__").mkdir(parents=True)
+    (share / "01_x.sh").write_text("#!/usr/bin/env bash\n")
+    (share / "01_x.sh").chmod(0o755)
+    (share / "domu" / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"host")
+    dest = tmp_path / "opt" / "scenarios"
+    assert runner.copy_scenarios(str(share), str(dest)) == str(dest)
+    assert os.access(dest / "01_x.sh", os.X_OK)
+    assert not (dest / "domu" / "__pycache__" / "stale.cpython-311.pyc").exists()
+
+
+def _guest_plan(tmp_path: Path, apt_get: str) -> tuple[Path, Path]:
+    """A plan for the guest runner's main() with two scenarios and a fake apt-get on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f"#!/bin/sh\n{apt_get}\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    scenarios = tmp_path / "checkout-scenarios"
+    scenarios.mkdir()
+    for name in ("01_a", "02_b"):
+        (scenarios / f"{name}.sh").write_text('echo "deb=$XENCI_DEB wheel=$XENCI_WHEEL"\n')
+    results = tmp_path / "results"
+    copy = tmp_path / "scenarios"
+    plan = {
+        "results": str(results),
+        "workdir": str(tmp_path / "work"),
+        "scenarios_share": str(scenarios),
+        "scenarios_dir": str(copy),
+        "deb": "/mnt/host/pkg/xenblockctl_1_all.deb",
+        "wheel": "/mnt/host/pkg/xenblockctl-1-py3-none-any.whl",
+        "scenarios": [{"name": n, "path": f"{copy}/{n}.sh", "timeout": 20} for n in ("01_a", "02_b")],
+    }
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    return plan_path, bin_dir
+
+
+def _guest_main(
+    plan: Path, bin_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    # In process with a probe that sees nothing: the real one would take other tests' loop devices on
+    # this host for leaks of the scenario and detach them.
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    rc = runner.main([str(plan)], probe=_no_state)
+    return rc, capsys.readouterr().out
+
+
+def test_runner_installs_the_deb_then_runs_scenarios_with_the_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan, bin_dir = _guest_plan(tmp_path, f'echo "$@" > {tmp_path}/apt-args')
+    assert _guest_main(plan, bin_dir, monkeypatch, capsys)[0] == 0
+    assert (tmp_path / "apt-args").read_text().split()[-1] == "/mnt/host/pkg/xenblockctl_1_all.deb"
+    for name in ("01_a", "02_b"):
+        record = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+        assert record["status"] == "pass", record
+        assert record["log_tail"] == [
+            "deb=/mnt/host/pkg/xenblockctl_1_all.deb wheel=/mnt/host/pkg/xenblockctl-1-py3-none-any.whl"
+        ]
+
+
+def test_a_failed_install_fails_every_scenario_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No scenario may run against whatever happens to be in dom0 when the package did not install."""
+    plan, bin_dir = _guest_plan(tmp_path, 'echo "E: Unmet dependencies: python3-pyxs" >&2; exit 100')
+    rc, out = _guest_main(plan, bin_dir, monkeypatch, capsys)
+    assert rc == 1
+    assert "installing /mnt/host/pkg/xenblockctl_1_all.deb FAILED (exit 100)" in out
+    for name in ("01_a", "02_b"):
+        record = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+        assert record["status"] == "fail"
+        assert record["reason"].startswith("xenblockctl not installed: apt-get install xenblockctl_1_all.deb")
+        assert "Unmet dependencies" in record["reason"]
+    assert "Unmet dependencies" in (tmp_path / "results" / "_install.log").read_text()
 
 
 FAKE_BUILD = """#!/usr/bin/env bash
@@ -500,8 +568,22 @@ def test_last_run_is_kept_outside_pytest_tmp(tmp_path: Path) -> None:
     assert not (dest / "results" / "01_ok.json").exists(), "each run replaces the previous one"
 
 
+def test_stage_names_the_packages_as_dom0_sees_them(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    (share / "pkg").mkdir(parents=True)
+    packages = vm.Packages(share / "pkg" / "xenblockctl_1_all.deb", share / "pkg" / "xenblockctl-1.whl")
+    vm.stage(share, [vm.Scenario("01_a", vm.SCENARIO_DIR / "01_a.sh", 100)], packages)
+    plan = json.loads((share / "plan.json").read_text())
+    assert (plan["deb"], plan["wheel"]) == (
+        "/mnt/host/pkg/xenblockctl_1_all.deb",
+        "/mnt/host/pkg/xenblockctl-1.whl",
+    )
+    assert plan["scenarios"][0]["path"] == f"{vm.GUEST_SCENARIOS}/01_a.sh"
+    assert plan["scenarios_share"] == "/mnt/checkout/tests/xen/scenarios"
+
+
 def test_guest_timeout_covers_the_scenarios_but_is_capped(tmp_path: Path) -> None:
-    path = vm.SCENARIO_DIR / "01_x.sh"  # staged paths are relative to the checkout; never read
+    path = vm.SCENARIO_DIR / "01_x.sh"  # only the name is staged; never read
     few = [vm.Scenario("01_a", path, 100)]
     assert 130 < vm.stage(tmp_path / "s1", few) < vm.GUEST_TIMEOUT_CAP
     many = [vm.Scenario(f"{i:02d}_x", path, 600) for i in range(20)]

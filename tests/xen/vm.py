@@ -1,7 +1,8 @@
 """One boot of Xen + dom0 under QEMU/TCG that runs the scenario files and brings their records back.
 
-The host stages a 9p share (plan.json, the guest runner, test.sh, results/), shares the checkout
-read-only as a second 9p mount, boots, and reads results/*.json after QEMU exits. Nothing is inferred
+The host stages a 9p share (plan.json, the guest runner, test.sh, the .deb and wheel built from the
+checkout for this run in pkg/, results/), shares the checkout read-only as a second 9p mount (the
+scenario scripts come from there), boots, and reads results/*.json after QEMU exits. Nothing is inferred
 from QEMU's exit status: it exits 0 for a clean power-off and for a crashed dom0 alike.
 """
 
@@ -30,8 +31,8 @@ SCENARIO_DIR = HERE / "scenarios"
 GUEST_RUNNER = HERE / "guest" / "run_scenarios.py"
 GUEST_CHECKOUT = "/mnt/checkout"
 GUEST_SHARE = "/mnt/host"
-#: Where the guest runner copies the checkout (writable; the image's .pth puts it on sys.path).
-GUEST_INSTALL = "/opt/xenblockctl-checkout"
+#: Where the guest runner copies the scenario scripts (the package itself is installed with apt).
+GUEST_SCENARIOS = "/opt/xenci-scenarios"
 QEMU = "qemu-system-x86_64"
 SCENARIO_FILE = re.compile(r"^(\d\d_[A-Za-z0-9_-]+)\.(sh|py)$")
 TIMEOUT_HEADER = re.compile(r"^#\s*xenci-timeout:\s*(\d+)\s*$", re.M)
@@ -87,6 +88,14 @@ def qemu_problem() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Packages:
+    """What this run installs in dom0, built from the checkout into the share (see conftest)."""
+
+    deb: Path
+    wheel: Path
+
+
 @dataclass
 class LaneRun:
     """What one boot produced. `records` holds only what dom0 wrote back."""
@@ -120,20 +129,28 @@ class LaneRun:
         return "dom0 finished but wrote no record for this scenario"
 
 
-def stage(share: Path, scenarios: list[Scenario]) -> int:
-    """Fill the 9p share for one boot; return the guest-side timeout for all scenarios."""
+def _in_share(share: Path, path: Path) -> str:
+    """A file staged in the share, as dom0 sees it."""
+    return f"{GUEST_SHARE}/{path.relative_to(share)}"
+
+
+def stage(share: Path, scenarios: list[Scenario], packages: Packages | None = None) -> int:
+    """Fill the 9p share for one boot; return the guest-side timeout for all scenarios. Without
+    `packages` the runner installs nothing and fails every scenario, saying so."""
     results = share / "results"
     results.mkdir(parents=True, exist_ok=True)
     shutil.copy(GUEST_RUNNER, share / "run_scenarios.py")
     plan = {
         "results": f"{GUEST_SHARE}/results",
         "workdir": "/root/xenci",
-        "checkout_share": GUEST_CHECKOUT,
-        "checkout": GUEST_INSTALL,
+        "scenarios_share": f"{GUEST_CHECKOUT}/{SCENARIO_DIR.relative_to(CHECKOUT)}",
+        "scenarios_dir": GUEST_SCENARIOS,
+        "deb": _in_share(share, packages.deb) if packages else "",
+        "wheel": _in_share(share, packages.wheel) if packages else "",
         "scenarios": [
             {
                 "name": s.name,
-                "path": f"{GUEST_INSTALL}/{s.path.relative_to(CHECKOUT)}",
+                "path": f"{GUEST_SCENARIOS}/{s.path.name}",
                 "timeout": s.timeout,
             }
             for s in scenarios
@@ -143,8 +160,8 @@ def stage(share: Path, scenarios: list[Scenario]) -> int:
     test_sh = share / "test.sh"
     test_sh.write_text(f"#!/bin/sh\nexec python3 -u {GUEST_SHARE}/run_scenarios.py {GUEST_SHARE}/plan.json\n")
     test_sh.chmod(0o755)
-    # Per-scenario limits, room for the runner's leak checks and clean-ups, and for copying and
-    # compiling the checkout.
+    # Per-scenario limits, room for the runner's leak checks and clean-ups, and for installing the
+    # package (apt-get, py3compile).
     return min(sum(s.timeout + 30 for s in scenarios) + 360, GUEST_TIMEOUT_CAP)
 
 
@@ -197,8 +214,10 @@ def boot(
     host_timeout: float | None = None,
     boot_timeout: float = BOOT_TIMEOUT,
     progress: Callable[[str], None] | None = None,
+    packages: Packages | None = None,
 ) -> LaneRun:
-    """Boot once, run `scenarios` inside dom0, collect their records. QEMU is always reaped."""
+    """Boot once, install `packages` and run `scenarios` inside dom0, collect their records. QEMU is
+    always reaped."""
     lock_path = BOOT_LOCK if BOOT_LOCK.parent.is_dir() and os.access(BOOT_LOCK.parent, os.W_OK) else None
     with contextlib.ExitStack() as stack:
         if lock_path is not None:
@@ -210,7 +229,13 @@ def boot(
                     progress(f"another Xen lane VM is running on this machine: waiting for {lock_path}")
                 fcntl.flock(lock, fcntl.LOCK_EX)
         return _boot_locked(
-            image, share, scenarios, host_timeout=host_timeout, boot_timeout=boot_timeout, progress=progress
+            image,
+            share,
+            scenarios,
+            host_timeout=host_timeout,
+            boot_timeout=boot_timeout,
+            progress=progress,
+            packages=packages,
         )
 
 
@@ -222,8 +247,9 @@ def _boot_locked(
     host_timeout: float | None,
     boot_timeout: float,
     progress: Callable[[str], None] | None,
+    packages: Packages | None,
 ) -> LaneRun:
-    guest_timeout = stage(share, scenarios)
+    guest_timeout = stage(share, scenarios, packages)
     serial = share.parent / f"{share.name}-console.log"
     serial.write_bytes(b"")
     run = LaneRun(share=share, serial_log=serial)

@@ -12,11 +12,19 @@ from xenblockctl.environment import Environment
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--strict", is_flag=True, help="Warnings (stale vbds, orphaned devices) also fail.")
-def doctor(as_json: bool, strict: bool) -> None:
-    """Check loop support, xenstored, blkback or the engine, stale vbds, orphaned devices, diskseq."""
+@click.option(
+    "--root",
+    default="/",
+    show_default=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Check the installation (script, udev, units, man pages) under this directory.",
+)
+def doctor(as_json: bool, strict: bool, root: str) -> None:
+    """Check the installation, loop support, xenstored, blkback or the engine, stale vbds, orphaned
+    devices, diskseq."""
     from xenblockctl.toolstack import doctor as checks
 
-    findings, healthy = checks.run(connect, Environment.of_process())
+    findings, healthy = checks.run(connect, Environment.of_process(), root=root)
     if strict:
         healthy = healthy and all(f.status != checks.WARNING for f in findings)
     if as_json:

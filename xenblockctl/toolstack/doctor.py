@@ -1,45 +1,23 @@
 """Host checks for `xenblockctl doctor`: each finding says what is wrong and how to fix it.
 
-Severity: `error` = attaching disks cannot work until fixed (doctor exits non-zero); `warning` =
-something stale or risky that `gc` or an admin should clean up; `info`/`ok` = for the record.
+Severities are findings.py's. The installation (block script, udev, units, man pages: installcheck.py)
+is checked under a root, `/` unless told otherwise; the rest looks at the running host.
 Read-only: nothing is opened for writing, created or removed."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from xenblockctl import config
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
-from xenblockctl.toolstack import gc, host, inventory
+from xenblockctl.toolstack import gc, host, installcheck, inventory
+from xenblockctl.toolstack.findings import ERROR, INFO, OK, SEVERITY_ORDER, SKIPPED, WARNING, Finding
 from xenblockctl.xenstore.client import XenStore
 
-OK = "ok"
-INFO = "info"
-WARNING = "warning"
-ERROR = "error"
-SEVERITY_ORDER = {OK: 0, INFO: 1, WARNING: 2, ERROR: 3}
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    status: str
-    message: str
-    fix: str | None = None
-    items: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "status": self.status,
-            "message": self.message,
-            "fix": self.fix,
-            "items": list(self.items),
-        }
+__all__ = ["ERROR", "INFO", "OK", "SEVERITY_ORDER", "SKIPPED", "WARNING", "Finding", "run"]
 
 
 def check_loop_control() -> Finding:
@@ -77,15 +55,16 @@ def check_kernel() -> Finding:
     return Finding("diskseq", OK, f"Linux {name} supports LOOP_CONFIGURE and diskseq")
 
 
-def check_config(env: Environment) -> Finding:
-    files = config.config_files(env.variables)
+def check_config(env: Environment) -> tuple[Finding, dict[str, config.Value] | None]:
+    """The config finding, and the settings (None when they do not load)."""
     try:
-        config.load(env.variables)
+        files = config.config_files(env.variables)
+        settings = config.load(env.variables)
     except XenblockError as exc:
-        return Finding("config", ERROR, exc.one_line(), "fix the file (see xenblockctl.conf(5))")
+        return Finding("config", ERROR, exc.one_line(), "fix the file (see xenblockctl.conf(5))"), None
     if not files:
-        return Finding("config", OK, "no config file: defaults and XENBLOCKCTL_* environment")
-    return Finding("config", OK, f"read {', '.join(files)}")
+        return Finding("config", OK, "no config file: defaults and XENBLOCKCTL_* environment"), settings
+    return Finding("config", OK, f"read {', '.join(files)}"), settings
 
 
 def check_backend_provider(store: XenStore | None) -> Finding:
@@ -125,9 +104,12 @@ def check_vbds(vbds: list[inventory.VbdInfo]) -> Finding:
     )
 
 
-def run(connect: Any, env: Environment) -> tuple[list[Finding], bool]:
-    """All checks; `connect()` returns a XenStore or raises. Returns (findings, healthy)."""
-    findings = [check_config(env), check_loop_control(), check_loop_devices(), check_kernel()]
+def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding], bool]:
+    """All checks; `connect()` returns a XenStore or raises; the installation is looked for under
+    `root`. Returns (findings, healthy)."""
+    config_finding, settings = check_config(env)
+    findings = [config_finding, check_loop_control(), check_loop_devices(), check_kernel()]
+    findings += installcheck.run(root, settings)
     store: XenStore | None = None
     try:
         store = connect()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # dom0 is a working Xen host: xl talks to the hypervisor, xenstored serves, the block modules load, and
-# the checkout with its dependencies is importable (so later scenarios run the current code).
+# the package built from the checkout for this run is installed and importable.
 # xenci-timeout: 120
 . "$XENCI_SCENARIOS/lib.sh"
 
@@ -20,11 +20,18 @@ modprobe xen-blkback || fail "modprobe xen-blkback failed"
 [ -d /sys/bus/xen-backend/drivers/vbd ] || fail "blkback did not register the vbd backend driver"
 [ -c /dev/xen/gntdev ] && [ -c /dev/xen/evtchn ] || fail "no /dev/xen/gntdev or /dev/xen/evtchn"
 
-[ -f "$XENCI_CHECKOUT/xenblockctl/__init__.py" ] || fail "checkout not visible at $XENCI_CHECKOUT"
-# Any process (xl's hotplug scripts too) must load the checkout's code, not some other copy.
+# The package this run built from the checkout is what is installed, and any process (xl's hotplug
+# scripts too) loads it from the distribution's path, not from some other copy.
+installed=$(dpkg-query -W -f='${Status} ${Version}' xenblockctl) || fail "xenblockctl is not installed"
+case $installed in "install ok installed "*) ;; *) fail "xenblockctl package state: $installed" ;; esac
+[ "$(dpkg-deb -f "$XENCI_DEB" Version)" = "${installed##* }" ] || fail "installed $installed, built $(basename "$XENCI_DEB")"
+say "installed xenblockctl ${installed##* }"
+for path in /usr/bin/xenblockctl "$script" /usr/lib/udev/xenblockctl-udev; do
+  [ -x "$path" ] || fail "$path missing or not executable"
+done
 python3 -c '
-import os, sys, xenblockctl, click, pyxs, pyudev
+import sys, xenblockctl, click, pyxs
 print("imports ok:", xenblockctl.__file__, "click", click.__version__)
-sys.exit(not xenblockctl.__file__.startswith(os.environ["XENCI_CHECKOUT"] + "/"))
-' || fail "cannot import the checkout's xenblockctl and its dependencies in dom0"
+sys.exit(not xenblockctl.__file__.startswith("/usr/lib/python3/dist-packages/"))
+' || fail "python3 does not import the packaged xenblockctl and its dependencies"
 say "dom0 up"

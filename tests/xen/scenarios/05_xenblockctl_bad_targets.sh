@@ -5,8 +5,7 @@
 # xenci-timeout: 180
 . "$XENCI_SCENARIOS/lib.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 
 refused() {  # refused VDEV TARGET
   local vdev=$1 target=$2 out rc

@@ -6,8 +6,7 @@
 # xenci-timeout: 600
 . "$XENCI_SCENARIOS/lib.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
 trap engine_restore EXIT
 XENCI_ON_FAIL=dump_vbd

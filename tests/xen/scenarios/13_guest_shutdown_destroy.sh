@@ -7,8 +7,7 @@
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 
 name=xenci-idle
 img=$XENCI_WORK/idle.img

@@ -7,8 +7,7 @@
 . "$XENCI_SCENARIOS/lib.sh"
 
 [ -c /dev/xen/xenbus ] || skip "no /dev/xen/xenbus in this dom0"
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 
 say "client calls over /dev/xen/xenbus"
 XENSTORED_PATH=/dev/xen/xenbus python3 - <<'PY' || fail "client over /dev/xen/xenbus failed"

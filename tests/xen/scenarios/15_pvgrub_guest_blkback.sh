@@ -8,8 +8,7 @@
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 trap 'xl destroy "$PVGRUB_NAME" 2>/dev/null || true' EXIT
 XENCI_ON_FAIL='dump_vbd; dump_pvgrub_domu'
 modprobe xen-blkback || true

@@ -25,8 +25,7 @@
 # device and diskseq, no release, a second `connected:` in the same grant mode, zero errors.
 . "$XENCI_SCENARIOS/lib.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
 # A failed soak exits with the disk attached: detach it while the engine still serves it.
 trap 'xl block-detach 0 xvdb 2>/dev/null || true; engine_restore' EXIT

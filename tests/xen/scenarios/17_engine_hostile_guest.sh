@@ -13,8 +13,7 @@
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script
 xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
 
 by=xenci-bystander

@@ -1,8 +1,14 @@
 # Helpers for shell scenarios (sourced, not run: only NN_name.sh files are scenarios).
-# Runs inside the test dom0. The runner sets XENCI_WORK (fresh scratch dir, also the cwd), XENCI_CHECKOUT
-# (the read-only project checkout) and XENCI_SCENARIO. Exit 0 = pass, 77 = skip, anything else = fail;
-# the runner takes the reason from the last "SKIP:" / "FAIL" line.
+# Runs inside the test dom0, where the runner installed this checkout's .deb (`apt install`) before the
+# first scenario: scenarios use the installed commands and paths, as an admin would, never the checkout's
+# Python files. The runner sets XENCI_WORK (fresh scratch dir, also the cwd), XENCI_SCENARIO,
+# XENCI_SCENARIOS (this directory), XENCI_DEB and XENCI_WHEEL (the packages built on the host for this
+# run). Exit 0 = pass, 77 = skip, anything else = fail; the runner takes the reason from the last
+# "SKIP:" / "FAIL" line.
 set -euo pipefail
+
+# The block script the package installed where libxl resolves `script=block-xenblockctl`.
+script=/etc/xen/scripts/block-xenblockctl
 
 say() { echo "== $*"; }
 # XENCI_ON_FAIL: a command a scenario sets to dump its diagnostics when it fails.
@@ -12,6 +18,8 @@ fail() {
   exit 1
 }
 skip() { echo "SKIP: $*"; exit 77; }
+# A missing script is a broken install, never a reason to skip.
+need_script() { [ -x "$script" ] || fail "$script is missing or not executable: the package did not install it"; }
 # Timings the lane reports but does not assert.
 metric() { echo "XENCI-METRIC: $1=$2 ${3:-}"; }
 now() { date +%s.%N; }

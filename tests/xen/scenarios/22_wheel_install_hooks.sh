@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 15.3: the install of an admin without the .deb. The wheel built from this checkout goes into a
+# venv (pip, offline; the venv sees Debian's click and pyxs), `xenblockctl install-hooks --root` lays the
+# host files, and an attach/detach runs through the block script it laid down. That script's interpreter
+# is the venv's, so it imports the wheel's package (not the .deb's, which is installed too).
+# xenci-timeout: 300
+. "$XENCI_SCENARIOS/lib.sh"
+
+[ -f "${XENCI_WHEEL:-}" ] || fail "no wheel staged for this run (XENCI_WHEEL=${XENCI_WHEEL:-})"
+venv=$XENCI_WORK/venv
+root=$XENCI_WORK/root
+
+t=$(now)
+python3 -m venv --system-site-packages "$venv" || fail "python3 -m venv exited $?"
+metric venv_create_s "$(elapsed "$t")" s
+t=$(now)
+# --ignore-installed: the venv sees the .deb's xenblockctl of the same version in the system
+# site-packages, and pip would call that "already satisfied" and install nothing. --no-deps, since
+# nothing may be fetched: click and pyxs are Debian's, seen through --system-site-packages.
+"$venv/bin/pip" install --no-index --disable-pip-version-check -q --ignore-installed --no-deps "$XENCI_WHEEL" \
+  || fail "pip install $(basename "$XENCI_WHEEL") into the venv exited $?"
+metric wheel_install_s "$(elapsed "$t")" s
+"$venv/bin/python" -c '
+import sys, xenblockctl
+print("venv imports", xenblockctl.__file__)
+sys.exit(not xenblockctl.__file__.startswith(sys.prefix + "/"))
+' || fail "the venv does not import the wheel's xenblockctl"
+
+"$venv/bin/xenblockctl" install-hooks --root "$root" > install.txt || fail "install-hooks exited $?"
+cat install.txt
+grep -q '^installed  *\/etc\/xen\/scripts\/block-xenblockctl$' install.txt || fail "install-hooks did not lay the block script"
+"$venv/bin/xenblockctl" install-hooks --root "$root" > again.txt || fail "second install-hooks exited $?"
+if grep -v '^unchanged ' again.txt; then fail "a second install-hooks changed files"; fi
+
+laid=$root/etc/xen/scripts/block-xenblockctl
+[ -x "$laid" ] || fail "$laid is not executable"
+case $(head -n1 "$laid") in "#!$venv/bin/python"*) ;; *) fail "$laid runs with $(head -n1 "$laid"), not the venv" ;; esac
+
+img=$XENCI_WORK/disk.img
+make_image "$img"
+attach_rw_cycle xvdc "$img" "$laid" wheel_rw
+rm -f "$img"
+say "wheel + install-hooks: attach/detach through the laid script ok"
