@@ -12,8 +12,7 @@
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 
-script=$XENCI_CHECKOUT/hotplug/block-xenblockctl
-[ -e "$script" ] || skip "hotplug/block-xenblockctl not present"
+need_script  # the block script the .deb installed (lib.sh: $script); the driver domain gets a copy
 t=$(now)
 xenblockctl backend --help >/dev/null 2>&1 || skip "no engine in this checkout"
 say "xenblockctl backend --help took $(elapsed "$t") s"
