@@ -259,6 +259,46 @@ def test_unusable_setting_fails_add_with_hotplug_error(
     assert bound_loops_under(image.parent) == {}
 
 
+@pytest.mark.parametrize("case", ["bad-timeout", "file-not-toml"])
+def test_unusable_setting_still_lets_remove_clean_up(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path, case: str
+) -> None:
+    """remove depends on no tunable: with a setting it cannot use it logs the coded error and
+    removes with the defaults, so a config typo never leaks a stopped guest's device."""
+    variables, file_text, code = SETTING_CASES[case]
+    image = make_image()
+    # kernel blkback: AUTOCLEAR is off once it holds the loop device, so only remove detaches it
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    added = libxl.run("add", be)
+    assert added.returncode == 0, added.stderr
+    consumer.wait_opened()
+    assert consumer.device is not None
+    minor = consumer.device.identity.minor
+    consumer.release()
+    assert minor in bound_loops_under(image.parent)
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    env = {**libxl.env("remove", be), **variables}
+    if file_text is not None:
+        conf = tmp_path / "etc" / "xenblockctl.conf"
+        conf.parent.mkdir()
+        conf.write_text(file_text)
+        env["XENBLOCKCTL_CONFIG"] = str(conf)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "remove"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert code in result.stderr
+    assert "physical-device" not in libxl.nodes(be)
+    assert bound_loops_under(image.parent) == {}
+
+
 @pytest.mark.parametrize("argv", [[], ["online"], ["add", "extra"], ["ADD"], ["remove", "add"]])
 def test_bad_action(libxl: Libxl, make_image: ImageFactory, argv: list[str]) -> None:
     be = libxl.create_backend(5, 51712, str(make_image()), "w")

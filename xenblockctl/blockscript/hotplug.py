@@ -64,8 +64,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     # failure is always reported (and withdrawn) by us rather than cut off half-way.
     store.deadline = started + config.SCRIPT_DEADLINE
     try:
-        if unusable is not None:
+        if unusable is not None and action == "add":
             raise unusable
+        if unusable is not None:
+            # remove still cleans up, with the defaults: a typo in the config must not leak the
+            # devices of every guest that stops (nothing remove does depends on a tunable).
+            journal.error(f"{unusable.one_line()} (remove runs with the defaults)", CODE=unusable.code)
         if action == "add":
             from xenblockctl.blockscript.add import run_add
 
