@@ -13,9 +13,10 @@ The same-VM rule (what Xen's own `block` script calls same_vm): during a migrati
 destination domain's `add` runs while the paused source still holds the disk writable, and both
 domains carry the same `/local/domain/<id>/vm` node (`/vm/<uuid>`: libxl writes it from the
 domain's uuid, dom0-owned, read-only for the guest, so a guest cannot forge it). A conflicting
-claim is therefore waived when it comes from one of our backends (the owner record or the public
-luid ties it to the exact device binding: for a file, the loop's devt + diskseq) whose frontend
-domain is *another* domain with exactly the requester's `vm` value. Unlike Xen's script, nothing
+claim is therefore waived when it is a backend's (its directory `backend/<kind>/<domid>/<devid>`
+names the frontend domain; a file's loop device is a backend's only if that backend's owner record
+or luid names the loop's devt + diskseq, i.e. exactly this binding) and that frontend is *another*
+domain with exactly the requester's `vm` value. Unlike Xen's script, nothing
 unknown is waived: a missing, unreadable (a driver domain may not read other domains' nodes) or
 malformed `vm` node, a holder we cannot name (mounts, dm/md, loops nobody published, the stock
 script's loops without a luid) or the requester's own domain (one disk given twice to one
