@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.libxl",
     "tests.fixtures.engine",
     "tests.fixtures.cli",
+    "tests.fixtures.nbd",
 ]
 
 

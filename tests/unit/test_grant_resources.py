@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import ring_params_of
+from tests.fixtures.backend import WrappedTransport, on_disk, ring_params_of
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.dataplane import DataPlane
@@ -36,7 +36,7 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.grantcache import GrantCache, MappingBudget
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import IoPlan
-from xenblockctl.backend.transport import EventChannel, GrantError, GrantMapping, Transport
+from xenblockctl.backend.transport import GrantError, GrantMapping
 from xenblockctl.backend.transport import xen as xen_transport
 from xenblockctl.backend.transport.fixedmap import Reservation
 from xenblockctl.backend.transport.local import LocalTransport, create_grant_memfd
@@ -163,13 +163,13 @@ def test_failed_placement_leaves_the_range_ours() -> None:
 
 
 # --- running out anyway: give back, retry, map in one piece ------------------------------------------
-class _LimitedTransport(Transport):
+class _LimitedTransport(WrappedTransport):
     """The real local transport, refusing data-page mappings with EMFILE (or ENOMEM) once `limit`
     of them are live, as a process limit would (fault injection: the kernel cannot be made to fail
     one particular mapping on demand). Ring mappings (contiguous) are not limited."""
 
     def __init__(self, inner: LocalTransport, limit: int, err: int = errno.EMFILE) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.limit = limit
         self.err = err
         self.live = 0
@@ -186,34 +186,12 @@ class _LimitedTransport(Transport):
                 self.refused += 1
                 raise GrantError(f"cannot mmap grants of domain {domid}", errno=self.err)
             self.live += 1
-        mapping = self.inner.map_grants(domid, refs, writable=writable)
-        real_unmap = mapping.unmap
-        done = [False]
 
-        def counted_unmap() -> None:
-            if not done[0]:
-                done[0] = True
-                with self.lock:
-                    self.live -= 1
-            real_unmap()
+        def one_less() -> None:
+            with self.lock:
+                self.live -= 1
 
-        mapping.unmap = counted_unmap  # type: ignore[method-assign]
-        return mapping
-
-    def map_persistent(self, domid: int) -> None:
-        return None
-
-    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
-        return self.inner.bind_interdomain(domid, remote_port)
-
-    def close(self) -> None:
-        pass
-
-
-def _on_disk(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
+        return self.on_unmap(self.inner.map_grants(domid, refs, writable=writable), one_less)
 
 
 @pytest.mark.parametrize("err", [errno.EMFILE, errno.ENOMEM], ids=["EMFILE", "ENOMEM"])
@@ -236,11 +214,11 @@ def test_write_burst_past_the_limit_never_fails(
             done = fe.collect(32)
             assert {done[r].response.status for r in writes} == {blkif.RSP_OKAY}
             for i in range(32):
-                assert _on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
+                assert on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
             big = os.urandom(100 * PAGE_SIZE)  # more pages than can be live at once
             assert fe.write(8192, big) == blkif.RSP_OKAY
             assert fe.read(8192, len(big)) == big
-            assert _on_disk(path, 8192 * 512, len(big)) == big
+            assert on_disk(path, 8192 * 512, len(big)) == big
             assert dp.stats.errors == 0
             assert limited.refused > 0, "the limit was reached (else this tests nothing)"
             assert cache.stats.shed > 0
@@ -280,7 +258,7 @@ def test_pages_of_requests_in_flight_are_waited_for(
             done = fe.collect(3, timeout=20)
             assert [done[r].response.status for r in ids] == [blkif.RSP_OKAY] * 3
             for i in range(3):
-                assert _on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
+                assert on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
             assert limited.refused > 0
             assert dp.stats.errors == 0
         finally:

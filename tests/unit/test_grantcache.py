@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import DISK_SIZE, PairFactory, ring_params_of
+from tests.fixtures.backend import DISK_SIZE, PairFactory, WrappedTransport, on_disk, ring_params_of
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -22,16 +22,10 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import IoPlan
-from xenblockctl.backend.transport import EventChannel, GrantError, GrantMapping, Transport, TransportError
+from xenblockctl.backend.transport import GrantError, GrantMapping, TransportError
 from xenblockctl.backend.transport.local import LocalTransport
 
 ABIS = [blkif.X86_64, blkif.X86_32]
-
-
-def on_disk(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 def release_all(views: Sequence[memoryview]) -> None:
@@ -144,12 +138,12 @@ def test_eviction_keeps_the_cache_bounded(
         assert local_transport.mapped_pages == 0, "stop() unmaps the ring and every cached page"
 
 
-class _WatchedTransport(Transport):
+class _WatchedTransport(WrappedTransport):
     """The local transport, with every one-page mapping's unmap checked against the pages that
     requests are using right now (`busy`, maintained by the test's slow I/O)."""
 
     def __init__(self, inner: LocalTransport) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.busy: dict[int, int] = {}
         self.lock = threading.Lock()
         self.unmapped_while_busy: list[int] = []
@@ -161,27 +155,16 @@ class _WatchedTransport(Transport):
         if writable and set(refs) & self.refuse_writable:
             raise GrantError("grant is read-only (GNTST_permission_denied)")
         mapping = self.inner.map_grants(domid, refs, writable=writable, contiguous=contiguous)
-        if len(refs) == 1 and not contiguous:
-            real_unmap = mapping.unmap
-            ref = refs[0]
+        if len(refs) != 1 or contiguous:
+            return mapping
+        ref = refs[0]
 
-            def checked_unmap() -> None:
-                with self.lock:
-                    if self.busy.get(ref):
-                        self.unmapped_while_busy.append(ref)
-                real_unmap()
+        def check() -> None:
+            with self.lock:
+                if self.busy.get(ref):
+                    self.unmapped_while_busy.append(ref)
 
-            mapping.unmap = checked_unmap  # type: ignore[method-assign]
-        return mapping
-
-    def map_persistent(self, domid: int) -> None:
-        return None
-
-    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
-        return self.inner.bind_interdomain(domid, remote_port)
-
-    def close(self) -> None:
-        pass
+        return self.on_unmap(mapping, check)
 
 
 def test_pages_in_flight_are_never_unmapped(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import DISK_SIZE, PairFactory, ring_params_of
+from tests.fixtures.backend import DISK_SIZE, PairFactory, on_disk, ring_params_of
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest, UnknownRequest
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -22,12 +22,6 @@ from xenblockctl.backend.transport import GrantMapping, TransportError
 from xenblockctl.backend.transport.local import LocalDomainClient, LocalTransport
 
 ABIS = [blkif.X86_64, blkif.X86_32]
-
-
-def on_disk(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 @pytest.mark.parametrize("abi", ABIS, ids=lambda a: a.protocol)

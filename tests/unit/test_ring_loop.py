@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import PairFactory
+from tests.fixtures.backend import PairFactory, on_disk
 from tests.fixtures.kernel import ImageFactory
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
@@ -17,12 +16,6 @@ from xenblockctl.backend.requests import IoPlan
 from xenblockctl.kernel import loop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
-
-
-def on_disk(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 @pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=lambda a: a.protocol)

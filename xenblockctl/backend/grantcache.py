@@ -452,30 +452,39 @@ class GrantCache:
         self._forget_shapes()
 
     def _map(self, ref: int, refs: Sequence[int], writable: bool) -> tuple[GrantMapping, bool]:
-        """Map one page writable, (mapping, cacheable) (lock held). Lack of resources: give idle
-        cached pages back, or wait for pinned requests to, and try again (see the module
-        docstring); a read-only grant: mapped read-only for this request, never cached."""
+        """Map one page writable, (mapping, cacheable) (lock held); a read-only grant: mapped
+        read-only for this request, never cached."""
+        try:
+            return self._map_retrying((ref,), True, spare=refs), True
+        except GrantError as exc:
+            if writable or exc.errno in RESOURCE_ERRNOS:
+                raise
+        # A read-only grant still serves a guest WRITE or an indirect page: map it as granted,
+        # for this request only, so no cached entry is ever read-only.
+        return self.transport.map_grants(self.domid, (ref,), writable=False), False
+
+    def _map_retrying(self, refs: Sequence[int], writable: bool, spare: Sequence[int]) -> GrantMapping:
+        """Map `refs` (lock held). Lack of resources: give idle cached pages back (never one of
+        `spare`), or wait for pinned requests to, and try again until RESOURCE_WAIT has passed
+        (see the module docstring). The one place that rule lives: single pages and whole
+        requests must give up alike."""
         deadline: float | None = None
         while True:
             try:
-                return self.transport.map_grants(self.domid, (ref,), writable=True), True
+                return self.transport.map_grants(self.domid, refs, writable=writable)
             except GrantError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    if deadline is None:
-                        deadline = time.monotonic() + RESOURCE_WAIT
-                        self._note_pressure(exc)
-                    if self._give_back(refs, deadline):
-                        continue
-                    raise GrantError(
-                        f"{exc.message} (nothing left to give back: {len(self._entries)} pages cached,"
-                        f" all in use)",
-                        errno=exc.errno,
-                    ) from exc
-                if writable:
+                if exc.errno not in RESOURCE_ERRNOS:
                     raise
-            # A read-only grant still serves a guest WRITE or an indirect page: map it as granted,
-            # for this request only, so no cached entry is ever read-only.
-            return self.transport.map_grants(self.domid, (ref,), writable=False), False
+                if deadline is None:
+                    deadline = time.monotonic() + RESOURCE_WAIT
+                    self._note_pressure(exc)
+                if self._give_back(spare, deadline):
+                    continue
+                raise GrantError(
+                    f"{exc.message} (nothing left to give back: {len(self._entries)} pages cached,"
+                    f" all in use)",
+                    errno=exc.errno,
+                ) from exc
 
     def _drop(self, transient: list[_Entry]) -> None:
         """Unmap a failed request's transient pages (lock held)."""
@@ -487,23 +496,10 @@ class GrantCache:
         """The request's pages as one mapping outside the cache (lock held), giving back idle
         cached pages (this request's own included: nothing uses them yet) while that fails for
         lack of resources."""
-        deadline = time.monotonic() + RESOURCE_WAIT
-        while True:
-            try:
-                mapping = self.transport.map_grants(self.domid, refs, writable=writable)
-            except GrantError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    raise
-                if self._give_back((), deadline):
-                    continue
-                raise GrantError(
-                    f"{exc.message} (nothing left to give back: {len(self._entries)} pages cached,"
-                    f" all in use)",
-                    errno=exc.errno,
-                ) from exc
-            self.stats.whole += 1
-            self.stats.maps += 1
-            return mapping
+        mapping = self._map_retrying(refs, writable, spare=())
+        self.stats.whole += 1
+        self.stats.maps += 1
+        return mapping
 
     def _note_pressure(self, exc: GrantError) -> None:
         self.stats.resource_failures += 1
