@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# xenci-timeout: 900
+# xenci-timeout: 1500
 # Issue 14, item 3: migrating a guest with a writable disk. Live `xl migrate` cannot run on this
 # hypervisor (24_migration_live says why), so its storage half is done by hand, exactly: `xl save -p`
 # (the source stays paused and keeps its disk), `xl rename` of the source, `xl restore -p` (the
