@@ -42,6 +42,7 @@ dump_migration() {
   echo "--- vm nodes"
   for d in $(xenstore-list /local/domain 2>/dev/null); do echo "$d $(xenstore-read "/local/domain/$d/vm" 2>&1)"; done
   echo "--- loops"; losetup -a 2>&1 || true
+  if [ -s "${engine_log:-}" ]; then echo "--- engine log"; tail -n 40 "$engine_log"; fi
   echo "--- guest console"
   grep -E 'DOMU|blkfront|xvd|suspend|resum' "$DOMU_CONSOLE_DIR/guest-$MIG_NAME.log" 2>/dev/null | tail -n 30 || true
 }
@@ -125,9 +126,15 @@ mig_intruder_refused() {
   mig_config "$MIG_INTRUDER" > "$XENCI_WORK/intruder.cfg"
   say "$label: another guest asks for the disk writable (must be refused)"
   set +e
-  out=$(xl create -p "$XENCI_WORK/intruder.cfg" 2>&1)
+  # Bounded: in one lane run (engine, block device) this create never returned; say so, with the nodes.
+  out=$(timeout 150 xl create -p "$XENCI_WORK/intruder.cfg" 2>&1)
   rc=$?
   set -e
+  if [ "$rc" = 124 ]; then
+    printf '%s\n' "$out" | tail -n 20
+    xenstore-ls -f /local/domain/0/backend/vbd 2>&1 | grep -E "/vbd/[0-9]+/$MIG_DEVID/" | tail -n 60 || true
+    fail "$label: xl create of the second writer did not return in 150 s"
+  fi
   grep -E 'script|busy|error' <<<"$out" | tail -n 5 || true
   [ "$rc" -ne 0 ] || fail "$label: a second writer with another uuid was accepted"
   grep -q 'script: busy: target already in use writable by ' <<<"$out" \
