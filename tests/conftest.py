@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.engine",
     "tests.fixtures.cli",
     "tests.fixtures.nbd",
+    "tests.fixtures.ceph",
 ]
 
 

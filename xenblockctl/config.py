@@ -1,9 +1,9 @@
 """Configuration: defaults < /etc/xenblockctl/xenblockctl.conf < conf.d/*.conf < XENBLOCKCTL_* env.
 
-Every option has one environment variable, and the environment is what the hotplug path already
-parses (blockscript/settings.py). So the files are folded in *as environment values*
-(`overlay()`): the hotplug path pays two stat() calls when no file exists and imports tomllib only
-when one does. The admin CLI uses `load()` to get typed values and where each came from.
+The one source of every option's name, default, bounds and parser: the block script's `Settings`
+(blockscript/settings.py) is built from the [hotplug] options here, the admin commands read
+`load()`, and tests/lint checks xenblockctl.conf(5) against `Option.describe()`. The hotplug path
+pays two stat() calls when no file exists and imports tomllib only when one does.
 
 File format (TOML, documented in xenblockctl.conf(5)):
 
@@ -13,7 +13,8 @@ File format (TOML, documented in xenblockctl.conf(5)):
     wait = 10
 
 Drop-ins in `conf.d/` next to the main file are read in name order; later files win. Unknown
-sections or keys are errors: a misspelt key that is silently ignored is worse than a refusal."""
+sections or keys are errors: a misspelt key that is silently ignored is worse than a refusal.
+A bad value in a file is `bad-config`; a bad `XENBLOCKCTL_*` variable is `bad-setting`."""
 
 from __future__ import annotations
 
@@ -28,15 +29,47 @@ DEFAULT_PATH = "/etc/xenblockctl/xenblockctl.conf"
 PATH_ENV = "XENBLOCKCTL_CONFIG"
 DROPIN_DIR = "conf.d"
 
+#: LIBXL_HOTPLUG_TIMEOUT (libxl_internal.h): libxl SIGKILLs a hotplug script after 40 s.
+LIBXL_HOTPLUG_TIMEOUT = 40.0
+#: The block script's own deadline, measured from just before it connects to xenstore: 2 s before
+#: libxl's, for the interpreter start-up and imports that happen before the clock starts. Every
+#: xenstore request, wait and backoff of the script ends by then (hotplug.py).
+SCRIPT_DEADLINE = LIBXL_HOTPLUG_TIMEOUT - 2.0
+#: What the hand-off leaves of the script's deadline: it starts after the target is opened, locked
+#: and published, and a failed hand-off still has to withdraw and write `hotplug-error`. A request
+#: after SCRIPT_DEADLINE fails, so a hand-off allowed to run up to it leaves libxl no error at all.
+HANDOFF_RESERVE = 3.0
+#: Upper bound of every xenstore or lock wait: no single one may outlast the script's deadline.
+WAIT_MAX = SCRIPT_DEADLINE
+
 
 class ConfigError(XenblockError):
+    """A configuration file is unreadable, not TOML, or has an unknown option or a bad value."""
+
     code = "bad-config"
+
+
+class SettingError(ConfigError):
+    """A `XENBLOCKCTL_*` environment variable holds a value its option does not accept."""
+
+    code = "bad-setting"
+
+
+def _seconds_text(text: str) -> float | None:
+    """A number of seconds as float(), minus what float() takes that no one means as a setting:
+    non-ASCII digits ('٣'), surrounding blanks, '1_0'. nan and inf fail every range check."""
+    if not text.isascii() or text != text.strip() or "_" in text or len(text) > 24:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 class Option(NamedTuple):
     section: str
     name: str
-    kind: str  # "seconds" | "bool" | "str" | "choice"
+    kind: str  # "seconds" | "bool" | "path" | "choice"
     default: float | bool | str
     env: str
     doc: str
@@ -48,33 +81,38 @@ class Option(NamedTuple):
     def key(self) -> str:
         return f"{self.section}.{self.name}"
 
-    def parse_text(self, text: str, where: str) -> float | bool | str:
-        """An environment-style string -> typed value, with the same rules as the hotplug path."""
+    def parse_text(self, text: str, where: str, error: type[ConfigError] = ConfigError) -> float | bool | str:
+        """An environment-style string -> typed value: the one parser of every option, whether the
+        text came from the environment (error=SettingError) or a file (via `from_toml`)."""
         if self.kind == "seconds":
-            try:
-                value = float(text)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {text[:20]!r} is not a number of seconds") from exc
-            if not self.low <= value <= self.high:
-                raise ConfigError(f"{where}: {value} outside {self.low:g}..{self.high:g} s")
-            return value
+            value = _seconds_text(text)
+            if value is None:
+                raise error(f"{where}: {text[:20]!r} is not a number of seconds")
+            return self.check_seconds(value, where, error)
         if self.kind == "bool":
             lowered = text.lower()
             if lowered in ("1", "yes", "true", "on"):
                 return True
             if lowered in ("0", "no", "false", "off"):
                 return False
-            raise ConfigError(f"{where}: {text[:20]!r} is not a boolean")
+            raise error(f"{where}: {text[:20]!r} is not a boolean")
         if self.kind == "choice" and text not in self.choices:
-            raise ConfigError(f"{where}: {text[:20]!r} is not one of {', '.join(self.choices)}")
+            raise error(f"{where}: {text[:20]!r} is not one of {', '.join(self.choices)}")
         return text
 
+    def check_seconds(self, value: float, where: str, error: type[ConfigError] = ConfigError) -> float:
+        if not self.low <= value <= self.high:
+            raise error(f"{where}: {value} outside {self.low:g}..{self.high:g} s")
+        return value
+
     def from_toml(self, value: object, where: str) -> str:
-        """A TOML value -> the environment-style string it stands for (type-checked first)."""
+        """A TOML value -> the environment-style string it stands for (checked first, so a bad file
+        fails where it is read)."""
         if self.kind == "seconds":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{where}: expected a number of seconds, got {type(value).__name__}")
-            text = repr(float(value))
+            # Range first: repr() of a number outside every range may use an exponent ('1e+20').
+            text = repr(self.check_seconds(float(value), where))
         elif self.kind == "bool":
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: expected true or false, got {type(value).__name__}")
@@ -83,11 +121,25 @@ class Option(NamedTuple):
             if not isinstance(value, str):
                 raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
             text = value
-        self.parse_text(text, where)  # range and choice checks, so a bad file fails where it is read
+        self.parse_text(text, where)
         return text
 
+    def describe(self) -> str:
+        """The parenthesis after the option's name in xenblockctl.conf(5) (tests/lint checks it)."""
+        if self.kind == "seconds":
+            assert isinstance(self.default, float)
+            what = f"seconds, {self.low:g}-{self.high:g}, default {self.default:g}"
+        elif self.kind == "bool":
+            what = f"boolean, default {'true' if self.default else 'false'}"
+        elif self.kind == "choice":
+            names = [f"`{c}`" for c in self.choices]
+            what = f"{', '.join(names[:-1])} or {names[-1]}, default `{self.default}`"
+        else:
+            what = f"{self.kind}, default `{self.default}`"
+        return f"{what}; `{self.env}`"
 
-#: Every option. The hotplug ones must keep their names: blockscript/settings.py reads them.
+
+#: Every option. The [hotplug] ones are the fields of blockscript/settings.py's `Settings`.
 OPTIONS: tuple[Option, ...] = (
     Option(
         "hotplug",
@@ -97,7 +149,7 @@ OPTIONS: tuple[Option, ...] = (
         "XENBLOCKCTL_HANDOFF_TIMEOUT",
         "how long `add` holds the device waiting for a backend to open it (libxl kills at 40 s)",
         0.1,
-        38.0,
+        SCRIPT_DEADLINE - HANDOFF_RESERVE,
     ),
     Option(
         "hotplug",
@@ -107,7 +159,7 @@ OPTIONS: tuple[Option, ...] = (
         "XENBLOCKCTL_XENSTORE_TIMEOUT",
         "deadline of each xenstore request",
         0.1,
-        38.0,
+        WAIT_MAX,
     ),
     Option(
         "hotplug",
@@ -117,7 +169,7 @@ OPTIONS: tuple[Option, ...] = (
         "XENBLOCKCTL_LOCK_TIMEOUT",
         "how long an attach waits for another attach of the same target",
         0.1,
-        38.0,
+        WAIT_MAX,
     ),
     Option(
         "hotplug",
@@ -157,7 +209,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "attach",
         "script",
-        "str",
+        "path",
         "/etc/xen/scripts/block-xenblockctl",
         "XENBLOCKCTL_SCRIPT",
         "the `script` node `attach` writes (what libxl runs for remove when it destroys the domain)",
@@ -243,28 +295,21 @@ def file_values(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return merged
 
 
-def overlay(env: Mapping[str, str]) -> Mapping[str, str]:
-    """`env` with config-file values filled in where the environment does not set them. Returns
-    `env` itself when no config file exists (the common, fast case)."""
-    values = file_values(env)
-    if not values:
-        return env
-    merged = {name: text for name, (text, _path) in values.items()}
-    merged.update({k: v for k, v in env.items() if v != ""})
-    return merged
+def load(env: Mapping[str, str] | None = None, *, section: str | None = None) -> dict[str, Value]:
+    """Effective value and source of every option (or of one section's), keyed `section.name`.
 
-
-def load(env: Mapping[str, str] | None = None) -> dict[str, Value]:
-    """Effective value and source of every option, keyed `section.name`."""
+    An empty variable counts as unset. Any bad file is refused even when `section` is given: a
+    file we cannot read as a whole is not half-applied."""
     env = os.environ if env is None else env
     files = file_values(env)
     result: dict[str, Value] = {}
     for option in OPTIONS:
+        if section is not None and option.section != section:
+            continue
         text = env.get(option.env)
         if text:
-            result[option.key] = Value(
-                option, option.parse_text(text, f"{option.env}={text[:20]}"), f"env {option.env}"
-            )
+            value = option.parse_text(text, f"{option.env}={text[:20]}", SettingError)
+            result[option.key] = Value(option, value, f"env {option.env}")
         elif option.env in files:
             text, path = files[option.env]
             result[option.key] = Value(option, option.parse_text(text, f"{path}: {option.key}"), path)

@@ -21,8 +21,12 @@ from pathlib import Path
 
 from tests.dm.libxl_guest import Backend, Lane
 from xenblockctl.kernel import dm, loop, sysfs
-from xenblockctl.kernel.blockdev import identify, open_devt
+from xenblockctl.kernel import nbd as knbd
+from xenblockctl.kernel.blockdev import identify, open_devt, read_diskseq
 from xenblockctl.kernel.dm_abi import DM_DATA_START, Cmd, DmIoctl, Flag, Target, request
+from xenblockctl.nbd import client as nbd_client
+from xenblockctl.nbd import uri as nbd_uri
+from xenblockctl.nbd.errors import NbdError
 
 SCRATCH = Path("/tmp/xbc-dm")
 MIB = 1024 * 1024
@@ -124,6 +128,13 @@ def cleanup_everything() -> list[str]:
         _wait_until(lambda: not list(loop.bound_loops()), timeout=2.0)
     for bound in loop.bound_loops():
         leftovers.append(f"loop:{bound}")
+    # with nbds_max=0 every /sys/block/nbdN is one a scenario connected: none may outlive it
+    with contextlib.suppress(AssertionError):
+        _wait_until(lambda: not list(Path("/sys/block").glob("nbd*")), timeout=3.0)
+    for dev in Path("/sys/block").glob("nbd*"):
+        leftovers.append(f"nbd:{dev.name}")
+        with contextlib.suppress(knbd.NbdDeviceError, ValueError):
+            knbd.disconnect(int(dev.name.removeprefix("nbd")))
     if SCRATCH.exists():
         for p in SCRATCH.iterdir():
             p.unlink()
@@ -903,6 +914,134 @@ TIMEOUTS = {
     "script_killed_in_snapshot_window": 240,
 }
 
+# --- kernel NBD (issue 17): connect over netlink, delete-on-close -----------------------------------
+NBD_ID = "xenblockctl:dm-lane"
+
+
+@contextlib.contextmanager
+def _nbdkit(size: str = "16M") -> Iterator[nbd_uri.NbdUri]:
+    """nbdkit's memory plugin on a unix socket in the guest's tmpfs, killed afterwards."""
+    program = shutil.which("nbdkit")
+    if program is None:
+        raise Skip("nbdkit not installed on the host (Debian package nbdkit)")
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    sock = SCRATCH / "nbd.sock"
+    proc = subprocess.Popen(
+        [program, "-f", "-U", str(sock), "memory", f"size={size}"], stderr=subprocess.DEVNULL
+    )
+    parsed = nbd_uri.parse(f"nbd+unix:///?socket={sock}")
+
+    def listening() -> bool:  # the socket file appears at bind(), before listen()
+        try:
+            nbd_client.open_socket(parsed, timeout=1.0).close()
+        except NbdError:
+            return False
+        return True
+
+    try:
+        _wait_until(listening, timeout=10.0)
+        yield parsed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _nbd_connect(u: nbd_uri.NbdUri) -> tuple[int, float]:
+    """A new /dev/nbdN on a fresh handshake (the socket is the kernel's after this): index, ms."""
+    sock = nbd_client.open_socket(u)
+    try:
+        info = nbd_client.handshake(sock, u)
+        started = time.monotonic()
+        index = knbd.connect(sock.fileno(), info.size, info.flags, NBD_ID)
+        took = (time.monotonic() - started) * 1000
+    finally:
+        sock.close()  # the kernel took its own reference to the socket
+    return index, took
+
+
+def _nbd_gone(index: int) -> Callable[[], bool]:
+    return lambda: not Path(f"/sys/block/nbd{index}").exists()
+
+
+def _nbd_open(index: int) -> int:
+    path = f"/dev/nbd{index}"
+    _wait_until(lambda: os.path.exists(path), timeout=5.0)
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def nbd_delete_on_close() -> dict[str, object]:
+    """Kernel NBD as the block script will use it: connect over generic netlink with
+    DESTROY_ON_DISCONNECT|DISCONNECT_ON_CLOSE and our backend identifier, open at once, read a fresh
+    diskseq, do I/O; the last close deletes the device; a never-opened device stays until an
+    explicit disconnect; a SIGKILLed holder deletes it too."""
+    if not Path("/sys/module/nbd").exists():
+        raise Skip("the nbd module is not loaded in the guest")
+    metrics: dict[str, object] = {}
+    made: list[int] = []
+    try:
+        with _nbdkit() as u:
+            index, metrics["connect_ms"] = _nbd_connect(u)
+            made.append(index)
+            assert knbd.backend_of(index) == NBD_ID, knbd.backend_of(index)
+            assert knbd.connected(index) is True
+            fd = _nbd_open(index)
+            try:
+                seq1 = read_diskseq(fd)
+                data = os.urandom(4096)
+                os.pwrite(fd, data, 8192)
+                os.fsync(fd)
+                assert os.pread(fd, 4096, 8192) == data
+            finally:
+                os.close(fd)
+            metrics["gone_after_close_ms"] = round(_wait_until(_nbd_gone(index), timeout=5.0) * 1000, 1)
+            # a second connection: a new device, a fresh diskseq (nbds_max=0)
+            index2, _ = _nbd_connect(u)
+            made.append(index2)
+            fd = _nbd_open(index2)
+            seq2 = read_diskseq(fd)
+            os.close(fd)
+            assert seq2 > seq1, (seq1, seq2)
+            _wait_until(_nbd_gone(index2), timeout=5.0)
+            # connected, never opened: it does not clear by itself
+            index3, _ = _nbd_connect(u)
+            made.append(index3)
+            time.sleep(0.5)
+            assert not _nbd_gone(index3)(), "an unopened NBD device cleared by itself"
+            knbd.disconnect(index3)
+            _wait_until(_nbd_gone(index3), timeout=5.0)
+            # the only opener is SIGKILLed: the device goes, as a loop device with AUTOCLEAR does
+            index4, _ = _nbd_connect(u)
+            made.append(index4)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                try:
+                    _nbd_open(index4)
+                    time.sleep(60)
+                finally:
+                    os._exit(0)
+            _wait_until(lambda: _holders(index4) > 0, timeout=5.0)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            metrics["gone_after_sigkill_ms"] = round(_wait_until(_nbd_gone(index4), timeout=5.0) * 1000, 1)
+            metrics["diskseq"] = [seq1, seq2]
+    finally:
+        for index in made:
+            if not _nbd_gone(index)():
+                with contextlib.suppress(knbd.NbdDeviceError):
+                    knbd.disconnect(index)
+    return metrics
+
+
+def _holders(index: int) -> int:
+    """How many processes have /dev/nbd`index` open (from /proc/*/fd)."""
+    target = f"/dev/nbd{index}"
+    count = 0
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            count += sum(1 for fd in fd_dir.iterdir() if os.readlink(fd) == target)
+    return count
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
     f.__name__: f
     for f in (
@@ -925,5 +1064,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         script_loop_under_dm_refused,
         script_killed_in_snapshot_window,
         timing_create_to_armed,
+        nbd_delete_on_close,
     )
 }

@@ -31,7 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XENBLOCKCTL_DM_CACHE", REPO / ".cache" / "dm-lane"))
 #: Modules the guest needs, dependencies resolved from each .ko's modinfo.
-MODULES = ("virtio_pci", "9pnet_virtio", "9p", "loop", "dm_mod", "dm_snapshot")
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "loop", "dm_mod", "dm_snapshot", "nbd")
+#: module parameters given to insmod. nbds_max=0: no pre-created /dev/nbdN, so every netlink
+#: connect makes a new device with a fresh diskseq (remote-storage.md §3)
+MODULE_PARAMS = {"nbd": "nbds_max=0"}
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 RESULTS_FILE = "results.jsonl"
@@ -43,7 +46,9 @@ INIT = r"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in /modules/*.ko; do insmod "$m" || echo "xbc-init: insmod $m failed"; done
+for m in /modules/*.ko; do
+  insmod "$m" $(cat "${m%.ko}.params" 2>/dev/null) || echo "xbc-init: insmod $m failed"
+done
 for w in $(cat /proc/cmdline); do
   case "$w" in
     xbc_python=*) PY="${w#xbc_python=}" ;;
@@ -231,7 +236,10 @@ def _cpio_newc(root: Path) -> bytes:
 
 
 def _stamp(kpkg: str) -> str:
-    return hashlib.sha256((kpkg + "\0" + INIT + "\0" + ",".join(MODULES)).encode()).hexdigest()[:16]
+    params = ",".join(f"{k}={v}" for k, v in sorted(MODULE_PARAMS.items()))
+    return hashlib.sha256(
+        (kpkg + "\0" + INIT + "\0" + ",".join(MODULES) + "\0" + params).encode()
+    ).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -275,7 +283,10 @@ def build(cache: Path = CACHE) -> Artifacts:
                 (init_root / d).mkdir(parents=True)
             shutil.copy2(busybox, init_root / "bin" / "busybox")
             for i, ko in enumerate(modules):
-                (init_root / "modules" / f"{i:02d}-{_module_name(ko)}.ko").write_bytes(_read_module(ko))
+                name = _module_name(ko)
+                (init_root / "modules" / f"{i:02d}-{name}.ko").write_bytes(_read_module(ko))
+                if name in MODULE_PARAMS:
+                    (init_root / "modules" / f"{i:02d}-{name}.params").write_text(MODULE_PARAMS[name])
             (init_root / "init").write_text(INIT)
             (init_root / "init").chmod(0o755)
             staged = work / "out"

@@ -14,11 +14,16 @@ from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript import add, faults
 from xenblockctl.blockscript.settings import Settings
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.vbd import BackendPath
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+
+
+def _env(libxl: Libxl) -> Environment:
+    return Environment({"XENBLOCKCTL_LOCK_DIR": str(libxl.lock_dir)})
 
 
 @pytest.mark.parametrize("node", ["params", "mode"])
@@ -31,13 +36,12 @@ def test_config_changed_before_publishing_is_refused(
     changed = {"params": str(other), "mode": "r"}[node]
     reached: list[str] = []
 
-    def pause(point: str) -> None:
+    def pause(env: Environment, point: str) -> None:
         reached.append(point)
         if point == "add-target-open":
             libxl.store.write(be.node(node), changed)
 
     monkeypatch.setattr(faults, "pause", pause)
-    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
     with (
         XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
         pytest.raises(add.BackendGone, match="changed mode or params"),
@@ -47,6 +51,7 @@ def test_config_changed_before_publishing_is_refused(
             BackendPath("vbd", 5, 51712),
             Settings(handoff_timeout=2.0),
             Journal("test-add-revalidate", stderr=False),
+            env=_env(libxl),
         )
     assert "add-target-open" in reached
     assert "add-published" not in reached
@@ -66,13 +71,13 @@ def test_unchanged_config_still_publishes(
     image = make_image("disk.img", size=8 << 20)
     be = libxl.create_backend(5, 51728, str(image), "w")
     consumer = libxl.engine_consumer(be)
-    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
         result = add.run_add(
             store,
             BackendPath("vbd", 5, 51728),
             Settings(handoff_timeout=10.0),
             Journal("test-add-revalidate", stderr=False),
+            env=_env(libxl),
         )
     consumer.wait_opened()
     nodes = libxl.nodes(be)
@@ -96,7 +101,6 @@ def test_repeated_add_whose_published_identity_is_withdrawn_meanwhile_fails_code
         return original(tx, path)
 
     monkeypatch.setattr(add, "_read_published", withdrawn_first)
-    monkeypatch.setenv("XENBLOCKCTL_LOCK_DIR", str(libxl.lock_dir))
     with (
         XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
         pytest.raises(add.BackendClosing, match="withdrawn"),
@@ -106,6 +110,7 @@ def test_repeated_add_whose_published_identity_is_withdrawn_meanwhile_fails_code
             BackendPath("vbd", 5, 51744),
             Settings(handoff_timeout=2.0),
             Journal("test-add-revalidate", stderr=False),
+            env=_env(libxl),
         )
     nodes = libxl.nodes(be)
     assert "physical-device" not in nodes

@@ -30,6 +30,9 @@ EXPECTED = {
     "./usr/share/zsh/vendor-completions/_xenblockctl": "-rw-r--r--",
     "./usr/share/fish/vendor_completions.d/xenblockctl.fish": "-rw-r--r--",
     "./usr/bin/xenblockctl": "-rwxr-xr-x",
+    # the JSON Schemas of the --json documents, package data (xenblockctl(1), JSON OUTPUT)
+    "./usr/lib/python3/dist-packages/xenblockctl/schemas/list.v1.json": "-rw-r--r--",
+    "./usr/lib/python3/dist-packages/xenblockctl/schemas/error.v1.json": "-rw-r--r--",
 }
 
 

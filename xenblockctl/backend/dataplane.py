@@ -37,6 +37,7 @@ from xenblockctl.backend.blkif import Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.io import DeviceTarget, Executor
+from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
 from xenblockctl.backend.requests import BARRIER, READ, DeviceLimits, IoPlan, Rejection, validate_slot
 from xenblockctl.backend.ring import BackRing, RingBroken
 from xenblockctl.backend.transport.base import (
@@ -127,7 +128,7 @@ class DataPlane:
         transport: Transport,
         domid: int,
         params: RingParams,
-        target: DeviceTarget,
+        target: DeviceTarget | NbdTarget,
         limits: DeviceLimits,
         *,
         workers: int = 4,
@@ -181,7 +182,7 @@ class DataPlane:
             self._ring_map.unmap()
             raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.executor = Executor(target, workers=workers, name=f"{self.name}-io")
+        self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -50,6 +50,7 @@ class DiscardMode(enum.Enum):
     NONE = "none"
     BLKDISCARD = "blkdiscard"  # block device with discard_max_bytes > 0
     PUNCH_HOLE = "punch-hole"  # regular file: fallocate(PUNCH_HOLE | KEEP_SIZE)
+    NBD_TRIM = "nbd-trim"  # an NBD export with SEND_TRIM (backend/nbdio.py)
 
 
 def _writable(fd: int) -> bool:
@@ -147,6 +148,10 @@ class DeviceTarget:
             # secure discard is only real on hardware that erases; loop/dm do not support it
             discard_secure=False,
         )
+
+    def executor(self, *, workers: int = 4, name: str = "xbc-io") -> Executor:
+        """What runs this target's plans for one data plane (an NbdTarget gives its own kind)."""
+        return Executor(self, workers=workers, name=name)
 
     def limits(
         self,

@@ -26,6 +26,7 @@ from xenblockctl.blockscript.target import (
     maybe_dm,
     parse_target,
 )
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev, loop
@@ -69,7 +70,9 @@ class AddResult(NamedTuple):
     already: bool = False
 
 
-def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Journal) -> AddResult:
+def run_add(
+    store: XenStore, path: BackendPath, settings: Settings, journal: Journal, *, env: Environment
+) -> AddResult:
     home = store.home()
     be = backend_dir(store, path)
     published = False
@@ -83,7 +86,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
             if "physical-device" not in published_nodes:
                 raise BackendClosing("physical-device was withdrawn while this repeated add checked it")
             return _confirm_existing(published_nodes)
-        faults.pause("add-start")
+        faults.pause(env, "add-start")
         claimed = _open_and_claim(
             store,
             target,
@@ -92,6 +95,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
             path=path,
             writable=writable,
             settings=settings,
+            env=env,
             config=(mode, target_params),
         )
         device, owner = claimed.device, claimed.owner
@@ -101,7 +105,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 f"published {device.identity.physical_device} luid {device.identity.luid} for {target.path}",
                 DISKSEQ=device.identity.diskseq,
             )
-            faults.pause("add-published")
+            faults.pause(env, "add-published")
             consumer = handoff.wait_for_consumer(
                 store,
                 home=home,
@@ -109,8 +113,9 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 path=path,
                 identity=device.identity,
                 timeout=settings.handoff_timeout,
+                bus=env.xen_backend_bus,
             )
-            faults.pause("add-consumer-ready")
+            faults.pause(env, "add-consumer-ready")
             if (
                 isinstance(device, LoopDevice)
                 and consumer is handoff.Consumer.KERNEL
@@ -120,7 +125,7 @@ def run_add(store: XenStore, path: BackendPath, settings: Settings, journal: Jou
                 device.set_autoclear(False)
                 owner = owner.with_autoclear(False)
             store.run_transaction(lambda tx: _mark_connected(tx, be, owner))
-            faults.pause("add-done")
+            faults.pause(env, "add-done")
             return AddResult(
                 device.identity.physical_device, device.identity.luid, claimed.path, consumer.value
             )
@@ -176,6 +181,7 @@ def _open_and_claim(
     path: BackendPath,
     writable: bool,
     settings: Settings,
+    env: Environment,
     config: tuple[str, str],
 ) -> _Claimed:
     """Open the target once, check sharing under a per-target lock, create the loop device if it
@@ -184,16 +190,31 @@ def _open_and_claim(
     re-checks it."""
     if target.snapshot:
         return _claim_snapshot(
-            store, target, home=home, be=be, path=path, writable=writable, settings=settings, config=config
+            store,
+            target,
+            home=home,
+            be=be,
+            path=path,
+            writable=writable,
+            settings=settings,
+            env=env,
+            config=config,
         )
     if maybe_dm(target):
         from xenblockctl.blockscript import dmtargets
 
-        named = dmtargets.open_named(target, writable=writable)
+        named = dmtargets.open_named(target, writable=writable, env=env)
         if named is not None:
             try:
                 return _claim_device(
-                    store, named, home=home, be=be, writable=writable, settings=settings, config=config
+                    store,
+                    named,
+                    home=home,
+                    be=be,
+                    writable=writable,
+                    settings=settings,
+                    env=env,
+                    config=config,
                 )
             except BaseException:
                 named.close()
@@ -211,8 +232,8 @@ def _open_and_claim(
             check_expectations(target, ident)
             wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
             key = f"dev-{ident.major}-{ident.minor}"
-        faults.pause("add-target-open")
-        with target_lock(key, timeout=settings.lock_timeout):
+        faults.pause(env, "add-target-open")
+        with target_lock(key, timeout=settings.lock_timeout, lock_dir=env.lock_dir):
             sharing.check(store, home, be, wanted)
             device: BlockDevice
             if stat.S_ISREG(st.st_mode):
@@ -250,13 +271,16 @@ def _claim_device(
     be: str,
     writable: bool,
     settings: Settings,
+    env: Environment,
     config: tuple[str, str],
 ) -> _Claimed:
     """Sharing check and publish for a device already opened and confirmed (dm name/uuid forms)."""
     ident = device.identity
     wanted = sharing.Wanted(writable=writable, devt=ident.devt, diskseq=ident.diskseq)
-    faults.pause("add-target-open")
-    with target_lock(f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout):
+    faults.pause(env, "add-target-open")
+    with target_lock(
+        f"dev-{ident.major}-{ident.minor}", timeout=settings.lock_timeout, lock_dir=env.lock_dir
+    ):
         sharing.check(store, home, be, wanted)
         claimed = _Claimed(device, OwnerRecord.for_device(device, writable=writable), device.path or "")
         store.run_transaction(lambda tx: _publish(tx, home, be, claimed, config))
@@ -272,6 +296,7 @@ def _claim_snapshot(
     path: BackendPath,
     writable: bool,
     settings: Settings,
+    env: Environment,
     config: tuple[str, str],
 ) -> _Claimed:
     """`snapshot:BASE`: the base is only ever read, so the sharing check asks for read-only use of
@@ -285,10 +310,12 @@ def _claim_snapshot(
             raise TargetTypeError(
                 f"{target.path}: the base of a snapshot: target must be a regular image file"
             )
-        with dmtargets.control() as ctl:  # no dm: fail before allocating anything
+        with dmtargets.control(env) as ctl:  # no dm: fail before allocating anything
             wanted = sharing.Wanted(writable=False, file_id=(st.st_dev, st.st_ino))
-            faults.pause("add-target-open")
-            with target_lock(f"file-{st.st_dev:x}-{st.st_ino:x}", timeout=settings.lock_timeout):
+            faults.pause(env, "add-target-open")
+            with target_lock(
+                f"file-{st.st_dev:x}-{st.st_ino:x}", timeout=settings.lock_timeout, lock_dir=env.lock_dir
+            ):
                 sharing.check(store, home, be, wanted)
                 disk = dmtargets.create_snapshot(
                     ctl,

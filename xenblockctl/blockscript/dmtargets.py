@@ -21,10 +21,12 @@ import errno
 import fcntl
 import os
 import secrets
-import signal
 import stat
+from collections.abc import Callable
 
+from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.target import Target
+from xenblockctl.environment import Environment
 from xenblockctl.kernel import dm, loop, sysfs
 from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.kernel.dm_abi import Cmd
@@ -33,39 +35,28 @@ from xenblockctl.kernel.errors import DeviceError, TargetTypeError
 #: Where the COW goes when the base's directory cannot hold an O_TMPFILE (read-only, 9p, ...):
 #: disk-backed on usual systems, unlike /tmp or /dev/shm whose pages a busy guest would pin in RAM.
 COW_FALLBACK_DIR = "/var/tmp"
-#: Test-only stop points inside dm work. Unlike faults.pause the process stops itself (SIGSTOP)
-#: after writing the marker, so a test can change the world and SIGCONT it (rename race) or
-#: SIGKILL it (inside the create->arm window).
-STOP_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")
 
 
 class SnapshotError(DeviceError):
     code = "snapshot-error"
 
 
-def stop_at(point: str) -> None:
-    if os.environ.get("XENBLOCKCTL_PAUSE_AT") != point:
-        return
-    marker = os.environ.get("XENBLOCKCTL_PAUSE_FILE")
-    if marker:
-        with open(marker, "w") as f:
-            f.write(point)
-    os.kill(os.getpid(), signal.SIGSTOP)
+def _ioctl_with_stops(env: Environment) -> Callable[[int, int, bytearray], int]:
+    def ioctl(fd: int, req: int, buf: bytearray) -> int:
+        result: int = fcntl.ioctl(fd, req, buf, True)
+        if req & 0xFF == Cmd.DEV_CREATE:
+            faults.pause(env, "add-dm-created")
+        elif req & 0xFF == Cmd.TABLE_LOAD:
+            faults.pause(env, "add-dm-loaded")
+        return result
+
+    return ioctl
 
 
-def _ioctl_with_stops(fd: int, req: int, buf: bytearray) -> int:
-    result: int = fcntl.ioctl(fd, req, buf, True)
-    if req & 0xFF == Cmd.DEV_CREATE:
-        stop_at("add-dm-created")
-    elif req & 0xFF == Cmd.TABLE_LOAD:
-        stop_at("add-dm-loaded")
-    return result
-
-
-def control() -> dm.DmControl:
-    """/dev/mapper/control (DmUnavailable without dm), with the stop points when a test asks."""
-    if os.environ.get("XENBLOCKCTL_PAUSE_AT") in STOP_POINTS:
-        return dm.DmControl.open(ioctl=_ioctl_with_stops)
+def control(env: Environment) -> dm.DmControl:
+    """/dev/mapper/control (DmUnavailable without dm), with the pause points when a test asks."""
+    if env.pause_at in faults.DM_POINTS:
+        return dm.DmControl.open(ioctl=_ioctl_with_stops(env))
     return dm.DmControl.open()
 
 
@@ -90,7 +81,7 @@ def dm_name_for(target: Target) -> str | None:
     return name if sysfs.dm_name(os.major(rdev), os.minor(rdev)) == name else None
 
 
-def open_named(target: Target, *, writable: bool) -> BlockDevice | None:
+def open_named(target: Target, *, writable: bool, env: Environment) -> BlockDevice | None:
     """Open a `/dev/mapper/NAME`, `/dev/VG/LV` or `uuid:` target through dm control and confirm it
     on the fd. None: not a dm form, or (name forms only) the kernel has no dm control node, so the
     caller opens the path and checks sysfs instead."""
@@ -98,7 +89,7 @@ def open_named(target: Target, *, writable: bool) -> BlockDevice | None:
     if name is None and target.dm_uuid is None:
         return None
     try:
-        ctl = control()
+        ctl = control(env)
     except dm.DmUnavailable:
         if target.dm_uuid is not None:
             raise
@@ -109,7 +100,7 @@ def open_named(target: Target, *, writable: bool) -> BlockDevice | None:
         else:
             assert name is not None
             resolved = ctl.status(name=name)
-        stop_at("add-dm-resolved")
+        faults.pause(env, "add-dm-resolved")
         device = dm.open_confirmed(ctl, resolved, writable=writable)
     # The admin's path is what the published physical-device-path should show; for uuid: the node.
     path = target.path if target.dm_uuid is None else f"/dev/dm-{os.minor(device.dev)}"

@@ -1,25 +1,31 @@
-"""Named pause points for kill tests. Inert unless XENBLOCKCTL_PAUSE_AT names the point.
+"""Named pause points for kill and race tests: the one pause mechanism. Inert unless the
+environment's XENBLOCKCTL_PAUSE_AT names the point.
 
 With XENBLOCKCTL_PAUSE_AT=<point> and XENBLOCKCTL_PAUSE_FILE=<path>, the process writes the point
-name to <path> when it gets there and then sleeps until it is killed: a test can SIGKILL the
-block script at an exact step, which libxl does for real after 40 s."""
+name to <path> when it gets there and then stops itself (SIGSTOP). A test can then SIGKILL it at
+that exact step (which libxl does for real after 40 s), or change the world and SIGCONT it (a
+rename between a dm lookup and the open): the process carries on from the point."""
 
 from __future__ import annotations
 
 import os
-import time
+
+from xenblockctl.environment import Environment
 
 #: The points, in flow order; tests iterate over these.
 ADD_POINTS = ("add-start", "add-target-open", "add-published", "add-consumer-ready", "add-done")
 REMOVE_POINTS = ("remove-start", "remove-detached", "remove-done")
+#: Inside dm work (blockscript/dmtargets.py): after resolving a name, after DM_DEV_CREATE, after
+#: DM_TABLE_LOAD.
+DM_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")
 
 
-def pause(point: str) -> None:
-    if os.environ.get("XENBLOCKCTL_PAUSE_AT") != point:
+def pause(env: Environment, point: str) -> None:
+    if env.pause_at != point:
         return
-    marker = os.environ.get("XENBLOCKCTL_PAUSE_FILE")
-    if marker:
-        with open(marker, "w") as f:
+    if env.pause_file:
+        with open(env.pause_file, "w") as f:
             f.write(point)
-    while True:
-        time.sleep(3600)
+    import signal  # only when a test asked for this point: kept off every VM start's imports
+
+    os.kill(os.getpid(), signal.SIGSTOP)

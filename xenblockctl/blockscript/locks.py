@@ -14,21 +14,19 @@ from collections.abc import Iterator
 
 from xenblockctl.errors import XenblockError
 
-LOCK_DIR = "/run/xenblockctl/locks"
-
 
 class LockTimeout(XenblockError):
     code = "lock-timeout"
 
 
 @contextlib.contextmanager
-def target_lock(key: str, *, timeout: float, lock_dir: str | None = None) -> Iterator[None]:
+def target_lock(key: str, *, timeout: float, lock_dir: str) -> Iterator[None]:
     """Hold an exclusive flock on `<lock_dir>/<key>` (key: e.g. `file-fe00-20c0f6`, `dev-7-3`).
+    `lock_dir` is the environment's (environment.LOCK_DIR unless a test points elsewhere).
 
     Lock files are never unlinked: unlinking races with a waiter that opened the old inode."""
-    directory = lock_dir or os.environ.get("XENBLOCKCTL_LOCK_DIR") or LOCK_DIR
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(lock_dir, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         deadline = time.monotonic() + timeout
         delay = 0.0005

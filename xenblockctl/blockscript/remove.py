@@ -13,6 +13,7 @@ from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.add import PUBLISHED
 from xenblockctl.blockscript.owner import NODE as OWNER_NODE
 from xenblockctl.blockscript.owner import OwnerRecord
+from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import Transaction, XenStore
@@ -25,13 +26,13 @@ class RemoveResult(NamedTuple):
     detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
 
 
-def run_remove(store: XenStore, path: BackendPath, journal: Journal) -> RemoveResult:
+def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
     be = backend_dir(store, path)
     try:
         owner_text = store.read_optional(join(be, OWNER_NODE))
     except XenstoreNoEntry:
         owner_text = None
-    faults.pause("remove-start")
+    faults.pause(env, "remove-start")
     outcome = "nothing"
     if owner_text is not None:
         owner = OwnerRecord.parse(owner_text)  # malformed: cannot prove ownership, touch nothing
@@ -44,10 +45,10 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal) -> RemoveRe
             journal.info(f"loop {owner.major}:{owner.minor} seq {owner.diskseq:x}: {outcome}")
         else:
             outcome = "not-a-loop"
-    faults.pause("remove-detached")
+    faults.pause(env, "remove-detached")
     if owner_text is not None:
         store.run_transaction(lambda tx: _withdraw(tx, be, owner_text))
-    faults.pause("remove-done")
+    faults.pause(env, "remove-done")
     return RemoveResult(outcome)
 
 

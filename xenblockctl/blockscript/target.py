@@ -21,6 +21,7 @@ import os
 import stat
 from typing import NamedTuple
 
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
@@ -142,7 +143,9 @@ def maybe_dm(target: Target) -> bool:
     return stat.S_ISBLK(st.st_mode) and sysfs.dm_name(os.major(st.st_rdev), os.minor(st.st_rdev)) is not None
 
 
-def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = True) -> BlockDevice:
+def open_target(
+    target: Target, *, writable: bool, tag: str, env: Environment, autoclear: bool = True
+) -> BlockDevice:
     """Open the target once: a regular file becomes a new loop device (tagged `tag`); a block device
     is used as is after its expectations are checked on the opened fd; a named dm device is
     confirmed through dm control. The caller owns the result and must keep it open until the
@@ -152,7 +155,7 @@ def open_target(target: Target, *, writable: bool, tag: str, autoclear: bool = T
     if maybe_dm(target):
         from xenblockctl.blockscript import dmtargets
 
-        named = dmtargets.open_named(target, writable=writable)
+        named = dmtargets.open_named(target, writable=writable, env=env)
         if named is not None:
             return named
     fd = blockdev.open_path(target.path, writable=writable)

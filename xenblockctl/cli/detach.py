@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import click
 
+from xenblockctl.cli.complete import complete_domain, complete_vdev
 from xenblockctl.cli.exitcodes import EXIT_BUSY
 from xenblockctl.cli.output import Progress, connect, emit_json
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.environment import Environment
 
 
 @click.command()
-@click.argument("domain")
-@click.argument("vdev")
+@click.argument("domain", shell_complete=complete_domain)
+@click.argument("vdev", shell_complete=complete_vdev)
 @click.option(
-    "--force", is_flag=True, help="Remove the frontend first if the guest does not close (libxl -f)."
+    "-f", "--force", is_flag=True, help="Remove the frontend first if the guest does not close (libxl -f)."
 )
 @click.option(
     "--wait",
@@ -35,15 +36,21 @@ def detach(domain: str, vdev: str, force: bool, wait: float | None, as_json: boo
     progress = Progress(False if as_json else None)
     with connect() as store:
         # A dead domain's leftovers are exactly what detach must be able to clean: no liveness check.
-        domid = uint_or_none(domain, maximum=0xFFFF)
-        if domid is None:
-            domid = domains.resolve(store, domain)
+        domid = domains.lookup(store, domain)
         own = store.own_domid()
         loc = vbd_dirs.locate(store, domid, number, home_domid=own)
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
         try:
-            result = lifecycle.detach(store, loc, wait=wait, force=force, own_domid=own, progress=progress)
+            result = lifecycle.detach(
+                store,
+                loc,
+                wait=wait,
+                force=force,
+                own_domid=own,
+                env=Environment.of_process(),
+                progress=progress,
+            )
         finally:
             progress.done()
     record = {

@@ -6,6 +6,7 @@ import click
 
 from xenblockctl.cli.exitcodes import EXIT_UNHEALTHY
 from xenblockctl.cli.output import connect, emit_json
+from xenblockctl.environment import Environment
 
 
 @click.command()
@@ -15,7 +16,7 @@ def doctor(as_json: bool, strict: bool) -> None:
     """Check loop support, xenstored, blkback or the engine, stale vbds, orphaned devices, diskseq."""
     from xenblockctl.toolstack import doctor as checks
 
-    findings, healthy = checks.run(connect)
+    findings, healthy = checks.run(connect, Environment.of_process())
     if strict:
         healthy = healthy and all(f.status != checks.WARNING for f in findings)
     if as_json:

@@ -35,6 +35,9 @@ _BY_CODE: dict[str, int] = {
     "wait-timeout": EXIT_TIMEOUT,
     "handoff-timeout": EXIT_TIMEOUT,
     "xenstore-timeout": EXIT_TIMEOUT,
+    # a bad command-line value, found after click parsed it: still a usage error
+    "vdev-invalid": EXIT_USAGE,
+    "disk-spec-invalid": EXIT_USAGE,
 }
 
 #: Hints for codes raised below the CLI (which cannot know what the admin should do next).
@@ -54,6 +57,7 @@ _HINTS: dict[str, str] = {
     "not-ours": "xenblockctl only touches devices it made; detach others with losetup/dmsetup",
     "loop-busy": "retry; `xenblockctl doctor` checks for leaked loop devices",
     "internal": "rerun with --debug and report the traceback",
+    "vdev-invalid": "name it as xen-vbd-interface(7) does: xvdb, sdc, hda, d1p2, or its number (51728)",
 }
 
 

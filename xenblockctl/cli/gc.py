@@ -6,6 +6,7 @@ import click
 
 from xenblockctl.cli.exitcodes import EXIT_ERROR
 from xenblockctl.cli.output import connect, emit_json
+from xenblockctl.environment import Environment
 
 
 @click.command()
@@ -22,10 +23,11 @@ def gc(dry_run: bool, as_json: bool) -> None:
         store = connect()
     except XenblockError as exc:
         if not as_json:
-            click.echo(f"xenblockctl: warning: {exc.one_line(200)}", err=True)
+            click.echo(f"xenblockctl: warning: {exc.one_line()}", err=True)
     try:
         home = store.own_domid() if store is not None else 0
-        done, notes = garbage.collect(store, home_domid=home, dry_run=dry_run)
+        env = Environment.of_process()
+        done, notes = garbage.collect(store, home_domid=home, env=env, dry_run=dry_run)
     finally:
         if store is not None:
             store.close()

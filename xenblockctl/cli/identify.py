@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from xenblockctl.blockscript.target import open_target, parse_target
+from xenblockctl.cli.output import emit_json, fields
+from xenblockctl.environment import Environment
 from xenblockctl.kernel import sysfs
 from xenblockctl.kernel.loop import LoopDevice, make_tag
 
 
 @click.command()
-@click.argument("path")
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--writable", is_flag=True, help="Open read-write (as for mode w) instead of read-only.")
 def identify(path: str, as_json: bool, writable: bool) -> None:
@@ -21,7 +22,8 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
 
     A regular file gets an auto-clearing loop device that vanishes when this command exits."""
     target = parse_target(path)
-    with open_target(target, writable=writable, tag=make_tag("identify", os.getpid())) as device:
+    tag = make_tag("identify", os.getpid())
+    with open_target(target, writable=writable, tag=tag, env=Environment.of_process()) as device:
         ident = device.identity
         record: dict[str, object] = {
             "path": path,
@@ -41,8 +43,6 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
             "dm_name": sysfs.dm_name(ident.major, ident.minor),
         }
     if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
+        emit_json("identify", record)
         return
-    width = max(len(k) for k in record)
-    for key, value in record.items():
-        click.echo(f"{key:<{width}}  {value}")
+    fields(record)

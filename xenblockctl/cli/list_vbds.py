@@ -2,60 +2,105 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
-from xenblockctl.cli.output import connect, emit_json, table
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.cli.complete import complete_domain
+from xenblockctl.cli.output import connect, devnum, emit_json, table
+from xenblockctl.environment import Environment
+
+Row = dict[str, Any]
+
+#: column name -> (what it shows, how to get it from a vbd's JSON record). Numbers a person compares
+#: with lsblk and sysfs are decimal (MAJ:MIN, DISKSEQ); the xenstore (hex) spellings exist only as
+#: the columns whose names say so.
+COLUMNS: dict[str, tuple[str, Callable[[Row], object]]] = {
+    "DOM": ("guest domain id", lambda d: d["domid"]),
+    "VDEV": ("virtual device", lambda d: d["vdev"]),
+    "DEVID": ("virtual device number", lambda d: d["devid"]),
+    "KIND": ("vbd or vbd3", lambda d: d["kind"]),
+    "BDOM": ("backend domain id", lambda d: d["backend_domid"]),
+    "BACKEND": ("backend state", lambda d: d["backend_state_name"]),
+    "FRONTEND": ("frontend state", lambda d: d["frontend_state_name"]),
+    "MODE": ("r or w", lambda d: d["mode"]),
+    "DEVICE": ("device node", lambda d: d["device_path"]),
+    "MAJ:MIN": ("device number, decimal as lsblk", lambda d: devnum(d["major"], d["minor"])),
+    "DISKSEQ": ("diskseq the luid records, decimal as sysfs", lambda d: d["diskseq"]),
+    "LIVE-DISKSEQ": ("diskseq of the device now at MAJ:MIN", lambda d: d["live_diskseq"]),
+    "PHYSDEV-HEX": ("physical-device as in xenstore (hex)", lambda d: d["physical_device"]),
+    "LUID-HEX": ("physical-device-luid as in xenstore (hex)", lambda d: d["luid"]),
+    "IDENTITY": ("does the live device carry the luid", lambda d: d["identity"]),
+    "HOLDER": ("engine or kernel-blkback", lambda d: d["holder"]),
+    "HOTPLUG": ("hotplug-status", lambda d: d["hotplug_status"]),
+    "HEALTH": ("overall verdict", lambda d: d["health"]),
+    "TARGET": ("params", lambda d: d["params"]),
+}
+DEFAULT_COLUMNS = (
+    "DOM",
+    "VDEV",
+    "KIND",
+    "BACKEND",
+    "FRONTEND",
+    "DEVICE",
+    "MAJ:MIN",
+    "DISKSEQ",
+    "IDENTITY",
+    "HOLDER",
+    "HEALTH",
+    "TARGET",
+)
+
+
+def parse_columns(text: str | None) -> list[str]:
+    """lsblk's -o: `A,B` replaces the default columns, `+A,B` appends to them; any case."""
+    if text is None:
+        return list(DEFAULT_COLUMNS)
+    extra = text.startswith("+")
+    names = [n.strip().upper() for n in text.removeprefix("+").split(",") if n.strip()]
+    unknown = [n for n in names if n not in COLUMNS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown column {', '.join(unknown) or '(none given)'}; columns: {', '.join(COLUMNS)}",
+            param_hint="'-o' / '--output'",
+        )
+    return [*DEFAULT_COLUMNS, *names] if extra else names
 
 
 @click.command(name="list")
-@click.option("--domain", "domain", default=None, metavar="N", help="Only this domain's vbds (id or name).")
+@click.option(
+    "--domain",
+    "domain",
+    default=None,
+    metavar="DOMAIN",
+    shell_complete=complete_domain,
+    help="Only this domain's vbds (id or name).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "columns",
+    default=None,
+    metavar="LIST",
+    help="Columns to print, comma-separated (+LIST: added to the default ones); see xenblockctl(1).",
+)
+@click.option(
+    "-n", "--noheadings", "--no-headings", "no_headings", is_flag=True, help="Do not print the heading line."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def list_vbds(domain: str | None, as_json: bool) -> None:
+def list_vbds(domain: str | None, columns: str | None, no_headings: bool, as_json: bool) -> None:
     """List vbds: states, device, diskseq and whether the live device still matches the luid."""
     from xenblockctl.toolstack import domains, inventory
 
+    if as_json and (columns is not None or no_headings):
+        raise click.UsageError("--json prints every key: it does not take -o or --no-headings")
+    names = parse_columns(columns)
     with connect() as store:
-        domid = None
-        if domain is not None:
-            domid = uint_or_none(domain, maximum=0xFFFF)
-            if domid is None:
-                domid = domains.resolve(store, domain)
-        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid)
+        domid = None if domain is None else domains.lookup(store, domain)
+        vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid, env=Environment.of_process())
     if as_json:
         emit_json("list", {"vbds": [v.to_json() for v in vbds]})
         return
-    rows = []
-    for v in vbds:
-        d = v.to_json()
-        rows.append(
-            [
-                d["domid"],
-                d["vdev"],
-                d["kind"],
-                d["backend_state_name"],
-                d["frontend_state_name"],
-                d["device_path"] or d["physical_device"],
-                d["luid"],
-                d["identity"],
-                d["holder"],
-                d["health"],
-                d["params"],
-            ]
-        )
-    table(
-        rows,
-        [
-            "DOM",
-            "VDEV",
-            "KIND",
-            "BACKEND",
-            "FRONTEND",
-            "DEVICE",
-            "LUID",
-            "IDENTITY",
-            "HOLDER",
-            "HEALTH",
-            "TARGET",
-        ],
-    )
+    records = [v.to_json() for v in vbds]
+    table([[COLUMNS[n][1](d) for n in names] for d in records], names, headings=not no_headings)

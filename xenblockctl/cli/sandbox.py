@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from xenblockctl.cli.output import emit_json
 
 
 @click.command()
@@ -27,7 +27,7 @@ def sandbox(image: str | None, as_json: bool, keep: bool) -> None:
 
     report = run(image, progress=progress, keep_dir=keep)
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, "steps": [s.__dict__ for s in report.steps]}, sort_keys=True))
+        emit_json("sandbox", {"ok": report.ok, "steps": [dict(s.__dict__) for s in report.steps]})
     else:
         total = sum(s.seconds for s in report.steps)
         click.echo(f"sandbox passed: {len(report.steps)} steps in {total:.2f} s")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from xenblockctl.cli.output import connect, emit_json
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.cli.complete import complete_domain, complete_vdev
+from xenblockctl.cli.output import connect, emit_json, fields
+from xenblockctl.environment import Environment
 
 
 @click.command()
-@click.argument("domain")
-@click.argument("vdev")
+@click.argument("domain", shell_complete=complete_domain)
+@click.argument("vdev", shell_complete=complete_vdev)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def show(domain: str, vdev: str, as_json: bool) -> None:
     """Show one vbd: both states, target, device, major:minor, diskseq vs luid, holder, hotplug status."""
@@ -19,17 +20,12 @@ def show(domain: str, vdev: str, as_json: bool) -> None:
 
     number = Vdev.parse(vdev).number
     with connect() as store:
-        domid = uint_or_none(domain, maximum=0xFFFF)
-        if domid is None:
-            domid = domains.resolve(store, domain)
+        domid = domains.lookup(store, domain)
         loc = vbd_dirs.locate(store, domid, number, home_domid=store.own_domid())
         if loc is None:
             raise lifecycle.VbdMissing(f"domain {domid} has no vbd {vdev} ({number})")
-        record = inventory.inspect(store, loc).to_json()
+        record = inventory.inspect(store, loc, env=Environment.of_process()).to_json()
     if as_json:
         emit_json("show", {"vbd": record})
         return
-    width = max(len(k) for k in record)
-    for key, value in record.items():
-        shown = " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
-        click.echo(f"{key:<{width}}  {'-' if shown is None else shown}")
+    fields(record)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenblockctl import config
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import gc, host, inventory
@@ -76,10 +77,10 @@ def check_kernel() -> Finding:
     return Finding("diskseq", OK, f"Linux {name} supports LOOP_CONFIGURE and diskseq")
 
 
-def check_config() -> Finding:
-    files = config.config_files(os.environ)
+def check_config(env: Environment) -> Finding:
+    files = config.config_files(env.variables)
     try:
-        config.load()
+        config.load(env.variables)
     except XenblockError as exc:
         return Finding("config", ERROR, exc.one_line(), "fix the file (see xenblockctl.conf(5))")
     if not files:
@@ -124,9 +125,9 @@ def check_vbds(vbds: list[inventory.VbdInfo]) -> Finding:
     )
 
 
-def run(connect: Any) -> tuple[list[Finding], bool]:
+def run(connect: Any, env: Environment) -> tuple[list[Finding], bool]:
     """All checks; `connect()` returns a XenStore or raises. Returns (findings, healthy)."""
-    findings = [check_config(), check_loop_control(), check_loop_devices(), check_kernel()]
+    findings = [check_config(env), check_loop_control(), check_loop_devices(), check_kernel()]
     store: XenStore | None = None
     try:
         store = connect()
@@ -135,7 +136,7 @@ def run(connect: Any) -> tuple[list[Finding], bool]:
             Finding(
                 "xenstored",
                 ERROR,
-                f"xenstored unreachable: {exc.one_line(200)}",
+                f"xenstored unreachable: {exc.one_line()}",
                 "start xenstored (xenstored.service), or point XENSTORED_PATH at a running one "
                 "(without Xen: xenblockctl xenstored --socket PATH)",
             )
@@ -145,10 +146,10 @@ def run(connect: Any) -> tuple[list[Finding], bool]:
             findings.append(Finding("xenstored", OK, f"xenstored reachable at {store.endpoint}"))
         findings.append(check_backend_provider(store))
         home_domid = store.own_domid() if store is not None else 0
-        vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
+        vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
         if store is not None:
             findings.append(check_vbds(vbds))
-            loops = gc.orphan_loops(vbds)
+            loops = gc.orphan_loops(vbds, env)
             findings.append(
                 Finding(
                     "orphan-loops",

@@ -52,3 +52,20 @@ def resolve(store: XenStore, text: str) -> int:
     if len(matches) > 1:
         raise DomainMissing(f"several domains are named {text[:60]!r}: {matches}; use the domain id")
     return matches[0]
+
+
+def lookup(store: XenStore, text: str) -> int:
+    """A domain id as given, even of a domain that is gone (its leftovers are what detach, show
+    and list must still reach), or a name resolved as `resolve` does."""
+    domid = uint_or_none(text, maximum=0xFFFF)
+    return resolve(store, text) if domid is None else domid
+
+
+def names(store: XenStore) -> dict[int, str]:
+    """Every live domain's name (`/local/domain/*/name`), for completion and listings."""
+    found: dict[int, str] = {}
+    for domid in sorted(live_domids(store)):
+        name = store.read_optional(f"{domain_path(domid)}/name")
+        if name is not None:
+            found[domid] = name
+    return found

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import dm, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
@@ -26,10 +27,6 @@ from xenblockctl.toolstack.inventory import VbdInfo
 from xenblockctl.xenstore.client import XenStore
 
 SCRIPT_NAME = "block-xenblockctl"
-#: Test-only: consider only loop devices whose backing file is below this directory, so a test's
-#: gc cannot touch loop devices of another test run sharing the machine (each run has its own
-#: xenstored, whose backends the others cannot see).
-SCOPE_ENV = "XENBLOCKCTL_TEST_GC_SCOPE"
 
 
 @dataclass(frozen=True)
@@ -83,9 +80,12 @@ def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
     return claimed
 
 
-def orphan_loops(vbds: list[VbdInfo]) -> list[Garbage]:
+def orphan_loops(vbds: list[VbdInfo], env: Environment) -> list[Garbage]:
+    """`env.gc_scope` (test-only): consider only loop devices whose backing file is below it, so a
+    test's gc cannot touch loop devices of another test run sharing the machine (each run has its
+    own xenstored, whose backends the others cannot see)."""
     claimed = _claimed(vbds)
-    scope = os.environ.get(SCOPE_ENV)
+    scope = env.gc_scope
     found: list[Garbage] = []
     for bound in loop.bound_loops(tag_prefix=loop.TAG_PREFIX):
         if scope and not bound.backing_file.startswith(scope.rstrip("/") + "/"):
@@ -144,15 +144,15 @@ class Collected:
         return {**self.garbage.to_json(), "result": self.result}
 
 
-def find(store: XenStore | None, home_domid: int) -> tuple[list[Garbage], list[str]]:
+def find(store: XenStore | None, home_domid: int, env: Environment) -> tuple[list[Garbage], list[str]]:
     """Everything collectable, and notes on what could not be checked."""
     notes: list[str] = []
-    vbds = inventory.scan(store, home_domid=home_domid) if store is not None else []
+    vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
     if store is None:
         notes.append("xenstore unreachable: backends not checked, so no loop device counts as orphaned")
     garbage = stale_backends(vbds)
     if store is not None:
-        garbage += orphan_loops(vbds)
+        garbage += orphan_loops(vbds, env)
     dms, why = orphan_dm()
     if why is not None:
         notes.append(f"device-mapper not checked: {why}")
@@ -160,11 +160,11 @@ def find(store: XenStore | None, home_domid: int) -> tuple[list[Garbage], list[s
 
 
 def collect(
-    store: XenStore | None, *, home_domid: int, dry_run: bool, detach_wait: float = 2.0
+    store: XenStore | None, *, home_domid: int, env: Environment, dry_run: bool, detach_wait: float = 2.0
 ) -> tuple[list[Collected], list[str]]:
     from xenblockctl.toolstack import lifecycle
 
-    garbage, notes = find(store, home_domid)
+    garbage, notes = find(store, home_domid, env)
     done: list[Collected] = []
     # Backends first: their remove may release loop devices, which then are no longer garbage.
     for item in sorted(garbage, key=lambda g: {"backend": 0, "loop": 1, "dm": 2}[g.kind]):
@@ -175,7 +175,9 @@ def collect(
             if item.kind == "backend":
                 assert item.vbd is not None
                 assert store is not None
-                lifecycle.detach(store, item.vbd.location, wait=detach_wait, force=True, own_domid=home_domid)
+                lifecycle.detach(
+                    store, item.vbd.location, wait=detach_wait, force=True, own_domid=home_domid, env=env
+                )
             elif item.kind == "loop":
                 assert item.loop is not None
                 outcome = loop.detach_with_proof(

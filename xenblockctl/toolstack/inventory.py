@@ -14,6 +14,7 @@ from typing import Any
 from xenblockctl.blockscript import handoff
 from xenblockctl.blockscript.owner import NODE as OWNER_NODE
 from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, sysfs
 from xenblockctl.toolstack import domains
@@ -195,7 +196,7 @@ def _live(devt: int) -> tuple[int | None, str]:
         return None, IDENTITY_UNKNOWN  # e.g. no permission to make a private node
 
 
-def inspect(store: XenStore, loc: VbdLocation, *, alive: set[int] | None = None) -> VbdInfo:
+def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[int] | None = None) -> VbdInfo:
     backend = _read_dir(store, loc.backend)
     frontend = _read_dir(store, loc.frontend)
     domain_alive = (loc.domid in alive) if alive is not None else domains.exists(store, loc.domid)
@@ -246,7 +247,9 @@ def inspect(store: XenStore, loc: VbdLocation, *, alive: set[int] | None = None)
             holder = "engine"
         elif (
             physical is not None
-            and handoff.blkback_device(BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid))
+            and handoff.blkback_device(
+                BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), env.xen_backend_bus
+            )
             == physical
         ):
             holder = "kernel-blkback"
@@ -305,6 +308,7 @@ def locations(store: XenStore, *, home_domid: int, domid: int | None = None) -> 
     return [found[key] for key in sorted(found)]
 
 
-def scan(store: XenStore, *, home_domid: int, domid: int | None = None) -> list[VbdInfo]:
+def scan(store: XenStore, *, home_domid: int, env: Environment, domid: int | None = None) -> list[VbdInfo]:
     alive = domains.live_domids(store)
-    return [inspect(store, loc, alive=alive) for loc in locations(store, home_domid=home_domid, domid=domid)]
+    found = locations(store, home_domid=home_domid, domid=domid)
+    return [inspect(store, loc, env=env, alive=alive) for loc in found]

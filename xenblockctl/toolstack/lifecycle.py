@@ -22,6 +22,7 @@ from xenblockctl.blockscript import handoff
 from xenblockctl.blockscript.add import AddResult, run_add
 from xenblockctl.blockscript.remove import run_remove
 from xenblockctl.blockscript.settings import Settings
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
@@ -173,6 +174,7 @@ def attach(
     *,
     auto_vdev: bool,
     settings: Settings,
+    env: Environment,
     wait: float,
     own_domid: int,
     progress: Progress = _quiet,
@@ -200,7 +202,7 @@ def attach(
         if spec.backend_domid == own_domid:
             progress("running the block script (add)")
             path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
-            add_result = run_add(store, path, settings, journal)
+            add_result = run_add(store, path, settings, journal, env=env)
         else:
             # A driver domain's `xl devd` runs the script there; we can only watch for its verdict.
             reached, snap = _wait_for(
@@ -223,7 +225,7 @@ def attach(
                     f"error {snap.hotplug_error or snap.error or 'none'}"
                 )
     except BaseException:
-        _rollback(store, loc)
+        _rollback(store, loc, env)
         raise
     if wait <= 0:
         return AttachResult(spec, add_result, False, None, "not waiting for the frontend (--wait 0)")
@@ -269,7 +271,7 @@ def _nobody_took_it(store: XenStore, loc: VbdLocation, waited: float, own_domid:
     )
 
 
-def _rollback(store: XenStore, loc: VbdLocation) -> None:
+def _rollback(store: XenStore, loc: VbdLocation, env: Environment) -> None:
     """Undo a failed attach: ask the backend to close (so an engine lets go), run remove for
     whatever add published, delete the directories. Best effort; the original error matters."""
     with contextlib.suppress(XenblockError):
@@ -284,7 +286,7 @@ def _rollback(store: XenStore, loc: VbdLocation) -> None:
                 what="rolling back",
             )
     with contextlib.suppress(XenblockError):
-        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent())
+        run_remove(store, BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid), _silent(), env=env)
     with contextlib.suppress(XenblockError):
         delete_vbd(store, loc)
 
@@ -329,6 +331,7 @@ def detach(
     wait: float,
     force: bool,
     own_domid: int,
+    env: Environment,
     progress: Progress = _quiet,
     journal: Journal | None = None,
 ) -> DetachResult:
@@ -366,15 +369,15 @@ def detach(
     removed = "skipped"
     if loc.backend_domid == own_domid:
         progress("running the block script (remove)")
-        removed = run_remove(store, path, journal).detached
+        removed = run_remove(store, path, journal, env=env).detached
     delete_vbd(store, loc)
     result = DetachResult(loc, closed, removed, force)
-    result.stuck = _confirm_gone(store, loc, path, before, wait)
+    result.stuck = _confirm_gone(store, loc, path, before, wait, bus=env.xen_backend_bus)
     return result
 
 
 def _confirm_gone(
-    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float
+    store: XenStore, loc: VbdLocation, path: BackendPath, owner_text: str | None, wait: float, *, bus: str
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
     assumed (a backend holding the device keeps a loop bound until it lets go)."""
@@ -386,8 +389,9 @@ def _confirm_gone(
         for what in (loc.backend, loc.frontend):
             if store.read_optional(what) is not None:
                 stuck.append(f"{what} still exists (re-created by someone)")
-        if os.path.isdir(handoff.blkback_dir(path)):
-            stuck.append(f"kernel blkback still has {os.path.basename(handoff.blkback_dir(path))}")
+        blkback = handoff.blkback_dir(path, bus)
+        if os.path.isdir(blkback):
+            stuck.append(f"kernel blkback still has {os.path.basename(blkback)}")
         if owner_text is not None:
             try:
                 owner = OwnerRecord.parse(owner_text)

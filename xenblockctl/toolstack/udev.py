@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 def _enabled(env: Mapping[str, str]) -> bool:
-    values = config.overlay(env)
-    return values.get("XENBLOCKCTL_UDEV", "").lower() in ("1", "yes", "true", "on")
+    """udev.enabled, by the one parser: a bad value is a coded error (main logs it), never a
+    silent "off"."""
+    return config.load(env, section="udev")["udev.enabled"].value is True
 
 
 def backend_event(env: Mapping[str, str], journal: Journal) -> int:
@@ -75,7 +76,7 @@ def backend_event(env: Mapping[str, str], journal: Journal) -> int:
     from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
     path = BackendPath.from_env(env)
-    with XenStore.connect(timeout=5.0) as store:
+    with XenStore.connect(timeout=5.0, env=env) as store:
         be = backend_dir(store, path)
         libxl_copy = f"/libxl/{path.domid}/device/vbd/{path.devid}"
         try:
@@ -108,7 +109,7 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     from xenblockctl.xenstore.client import XenStore
 
     try:
-        store = XenStore.connect(timeout=5.0)
+        store = XenStore.connect(timeout=5.0, env=env)
     except XenblockError:
         return 0  # no xenstored: no vbds to break
     with store:

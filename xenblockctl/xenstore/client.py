@@ -379,19 +379,21 @@ class XenStore(_Operations):
         *,
         domid: int | None = None,
         deadline: float | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> XenStore:
         """Connect like libxenstore: `path` if given (socket, or a xenbus character device), else
         `$XENSTORED_PATH`, else `$XENSTORED_RUNDIR/socket`, else `/run/xenstored/socket`, then
         `/dev/xen/xenbus`. `timeout` bounds each request (and the connect); `deadline` (absolute
         `time.monotonic()`) bounds everything, see `XenStore.deadline`. `domid` is our own domain
-        id if the caller knows it (see `absolute`).
+        id if the caller knows it (see `absolute`). `env`: the variables the default endpoints
+        come from (the caller's environment object; os.environ when not given).
         """
         if timeout <= 0:
             raise XenstoreInvalid(f"timeout must be positive, not {timeout}")
         budget = timeout if deadline is None else min(timeout, deadline - time.monotonic())
         if budget <= 0:
             raise XenstoreTimeout("connect: overall deadline already passed", errno=errno.ETIMEDOUT)
-        endpoints = [endpoint_for(path)] if path is not None else default_endpoints()
+        endpoints = [endpoint_for(path)] if path is not None else default_endpoints(env)
         router, endpoint = connect_first(endpoints, budget)
         store = cls(router, endpoint, timeout, domid)
         store.deadline = deadline

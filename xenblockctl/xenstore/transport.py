@@ -265,14 +265,36 @@ def open_router(endpoint: Endpoint, timeout: float) -> GuardedRouter:
     return router
 
 
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind a connect failure: pyxs wraps the OSError in its ConnectionError (raised
+    inside the except block, so the OSError is its context) and prints it as a tuple repr."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    code = _errno_of(exc)
+    if code is None:
+        return " ".join(str(exc).split())[:120]
+    return f"{errno.errorcode.get(code, str(code))}: {os.strerror(code)}"
+
+
 def connect_first(endpoints: list[Endpoint], timeout: float) -> tuple[GuardedRouter, Endpoint]:
-    """Try each endpoint in order; the error names every place tried and why it failed."""
-    failures: list[str] = []
+    """Try each endpoint in order; the error names every place tried and why it failed (the errno
+    name and text, once: when every place failed alike it is the error's own errno)."""
+    failures: list[tuple[Endpoint, BaseException]] = []
     for endpoint in endpoints:
         try:
             return open_router(endpoint, timeout), endpoint
         except Exception as exc:
-            failures.append(f"{endpoint}: {' '.join(str(exc).split())[:120]}")
-    raise XenstoreUnavailable(
-        "cannot reach xenstored (" + "; ".join(failures) + ")", errno=errno.ECONNREFUSED
-    )
+            failures.append((endpoint, exc))
+    codes = {_errno_of(exc) for _, exc in failures}
+    if len(codes) == 1 and None not in codes:
+        places = " nor at ".join(str(endpoint) for endpoint, _ in failures)
+        raise XenstoreUnavailable(f"cannot reach xenstored at {places}", errno=codes.pop())
+    reasons = "; ".join(f"{endpoint}: {_reason(exc)}" for endpoint, exc in failures)
+    raise XenstoreUnavailable(f"cannot reach xenstored ({reasons})")

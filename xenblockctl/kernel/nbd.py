@@ -1,0 +1,160 @@
+"""Kernel NBD devices over generic netlink: what lets kernel blkback serve an NBD export.
+
+The block script does the NBD handshake in userspace (nbd/client.py), then hands the connected
+socket to the kernel with NBD_CMD_CONNECT and these client flags:
+- DESTROY_ON_DISCONNECT: the device is deleted when its connection ends,
+- DISCONNECT_ON_CLOSE: the connection ends at the last close of the device,
+so the device goes away by itself after its last user, as a loop device with AUTOCLEAR does (the
+delete-on-close rule of every target). One window stays: a device nobody has opened yet does not
+clear by itself (remote-storage.md §3), so the caller opens it at once and disconnects explicitly
+on every failure before that open.
+
+The backend identifier names us (`xenblockctl:<backend path>`): the kernel shows it as
+/sys/block/nbdN/backend and requires it for RECONFIGURE from another process, so nobody else can
+change our device's flags, and `gc` can tell our devices from anyone's. No /dev/nbdN is scanned
+and no NBD ioctl is used: with `nbds_max=0` each connect creates a new device, whose diskseq is
+fresh (a pre-created /dev/nbdN keeps its load-time diskseq across connections: never trust it).
+
+Numbers from <linux/nbd-netlink.h> and <linux/nbd.h>, checked by tests/kernel/test_genetlink.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from xenblockctl.kernel.errors import DeviceError
+from xenblockctl.kernel.genetlink import GenlSocket, attr_str, attr_u32, attr_u64, nested, parse_attrs
+
+FAMILY = "nbd"
+VERSION = 1
+CMD_CONNECT = 1
+CMD_DISCONNECT = 2
+CMD_RECONFIGURE = 3
+CMD_STATUS = 5
+ATTR_INDEX = 1
+ATTR_SIZE_BYTES = 2
+ATTR_BLOCK_SIZE_BYTES = 3
+ATTR_TIMEOUT = 4
+ATTR_SERVER_FLAGS = 5
+ATTR_CLIENT_FLAGS = 6
+ATTR_SOCKETS = 7
+ATTR_DEAD_CONN_TIMEOUT = 8
+ATTR_DEVICE_LIST = 9
+ATTR_BACKEND_IDENTIFIER = 10
+SOCK_ITEM = 1
+SOCK_FD = 1
+DEVICE_ITEM = 1
+DEVICE_INDEX = 1
+DEVICE_CONNECTED = 2
+CFLAG_DESTROY_ON_DISCONNECT = 1 << 0
+CFLAG_DISCONNECT_ON_CLOSE = 1 << 1
+#: the NBD block major (include/uapi/linux/major.h NBD_MAJOR)
+NBD_MAJOR = 43
+
+DELETE_ON_CLOSE = CFLAG_DESTROY_ON_DISCONNECT | CFLAG_DISCONNECT_ON_CLOSE
+
+
+class NbdDeviceError(DeviceError):
+    code = "nbd-device"
+
+
+def _family() -> GenlSocket:
+    try:
+        return GenlSocket(FAMILY)
+    except OSError as exc:
+        raise NbdDeviceError(
+            "kernel NBD is not available (is the nbd module loaded? `modprobe nbd nbds_max=0`)",
+            errno=exc.errno or None,
+        ) from exc
+
+
+def connect(
+    sock_fd: int,
+    size_bytes: int,
+    server_flags: int,
+    identifier: str,
+    *,
+    block_size: int = 512,
+    timeout: int = 0,
+    dead_conn_timeout: int = 0,
+) -> int:
+    """A new /dev/nbdN serving the NBD connection `sock_fd` (already in transmission): its index.
+
+    Delete-on-close flags are always set; the caller must open the device at once (or
+    `disconnect` it) since an unopened device does not clear by itself."""
+    attrs = [
+        attr_u64(ATTR_SIZE_BYTES, size_bytes),
+        attr_u64(ATTR_BLOCK_SIZE_BYTES, block_size),
+        attr_u64(ATTR_SERVER_FLAGS, server_flags),
+        attr_u64(ATTR_CLIENT_FLAGS, DELETE_ON_CLOSE),
+        nested(ATTR_SOCKETS, nested(SOCK_ITEM, attr_u32(SOCK_FD, sock_fd))),
+        attr_str(ATTR_BACKEND_IDENTIFIER, identifier),
+    ]
+    if timeout:
+        attrs.append(attr_u64(ATTR_TIMEOUT, timeout))
+    if dead_conn_timeout:
+        attrs.append(attr_u64(ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout))
+    with _family() as genl:
+        try:
+            reply = genl.command(CMD_CONNECT, VERSION, *attrs)
+        except OSError as exc:
+            raise NbdDeviceError("NBD_CMD_CONNECT failed", errno=exc.errno or None) from exc
+    index = reply.get(ATTR_INDEX)
+    if index is None or len(index) != 4:
+        raise NbdDeviceError("NBD_CMD_CONNECT answered without a device index")
+    return int(struct.unpack("=I", index)[0])
+
+
+def disconnect(index: int) -> None:
+    """End /dev/nbd`index`'s connection (with DESTROY_ON_DISCONNECT the device goes too)."""
+    with _family() as genl:
+        try:
+            genl.command(CMD_DISCONNECT, VERSION, attr_u32(ATTR_INDEX, index))
+        except OSError as exc:
+            raise NbdDeviceError(f"NBD_CMD_DISCONNECT of nbd{index} failed", errno=exc.errno or None) from exc
+
+
+def reconfigure(index: int, client_flags: int, identifier: str) -> None:
+    """Change /dev/nbd`index`'s client flags (e.g. drop DISCONNECT_ON_CLOSE once another holder has
+    it open); the kernel refuses unless `identifier` is the one it was connected with."""
+    with _family() as genl:
+        try:
+            genl.command(
+                CMD_RECONFIGURE,
+                VERSION,
+                attr_u32(ATTR_INDEX, index),
+                attr_u64(ATTR_CLIENT_FLAGS, client_flags),
+                attr_str(ATTR_BACKEND_IDENTIFIER, identifier),
+            )
+        except OSError as exc:
+            raise NbdDeviceError(
+                f"NBD_CMD_RECONFIGURE of nbd{index} failed", errno=exc.errno or None
+            ) from exc
+
+
+def connected(index: int) -> bool | None:
+    """Whether /dev/nbd`index` is connected (None: no such device)."""
+    with _family() as genl:
+        try:
+            reply = genl.command(CMD_STATUS, VERSION, attr_u32(ATTR_INDEX, index))
+        except OSError as exc:
+            if exc.errno in (2, 19):  # ENOENT / ENODEV: no such device
+                return None
+            raise NbdDeviceError(f"NBD_CMD_STATUS of nbd{index} failed", errno=exc.errno or None) from exc
+    devices = reply.get(ATTR_DEVICE_LIST)
+    if devices is None:
+        return None
+    for item in parse_attrs(devices).values():
+        fields = parse_attrs(item)
+        if struct.unpack("=I", fields[DEVICE_INDEX])[0] == index:
+            return bool(fields.get(DEVICE_CONNECTED, b"\0")[0])
+    return None
+
+
+def backend_of(index: int, sysfs: Path = Path("/sys/block")) -> str | None:
+    """The backend identifier the kernel shows for nbd`index` (None if absent)."""
+    try:
+        return (sysfs / f"nbd{index}" / "backend").read_text().strip()
+    except OSError:
+        return None
