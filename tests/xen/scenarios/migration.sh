@@ -120,25 +120,52 @@ mig_one_bound() {
   say "$label: one device bound: $dev, diskseq == luid $luid, published by domain $d only"
 }
 
+# What is running and where it waits, for a create that does not return (an engine + block-device
+# cycle once hung here with no output at all).
+mig_snapshot() {
+  local pid
+  echo "--- processes (state, wait channel)"
+  ps -eo pid,ppid,stat,wchan:28,etimes,args 2>&1 | grep -vE ' \[[^]]*\]$' | tail -n 60 || true
+  for pid in $(pgrep -f 'xl .*create|block-xenblockctl|xenblockctl backend' 2>/dev/null); do
+    echo "--- /proc/$pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+    cat "/proc/$pid/stack" 2>/dev/null | head -n 12 || true
+  done
+  echo "--- backends of the disk"
+  xenstore-ls -f /local/domain/0/backend/vbd 2>&1 | grep -E "/vbd/[0-9]+/$MIG_DEVID/" | tail -n 80 || true
+  echo "--- xl log of the intruder"; tail -n 20 "/var/log/xen/xl-$MIG_INTRUDER.log" 2>/dev/null || true
+  if [ -s "${engine_log:-}" ]; then echo "--- engine log"; tail -n 40 "$engine_log"; fi
+}
+
 mig_intruder_refused() {
-  local label=$1 out rc loops_before
+  local label=$1 rc loops_before out=$XENCI_WORK/intruder.out pid t n=0
   loops_before=$(loops_of "$mig_img" | sort)
   mig_config "$MIG_INTRUDER" > "$XENCI_WORK/intruder.cfg"
   say "$label: another guest asks for the disk writable (must be refused)"
+  t=$(now)
+  # Into a file, not $(...): a command substitution also waits for every process that inherited
+  # the pipe, and a hang must show what libxl printed so far.
+  xl -vvv -T create -p "$XENCI_WORK/intruder.cfg" >"$out" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    n=$((n + 1))
+    if [ "$n" = 600 ]; then say "$label: xl create still running after 60 s"; mig_snapshot; tail -n 30 "$out"; fi
+    if [ "$n" -ge 1500 ]; then
+      mig_snapshot
+      echo "--- xl create output so far"; tail -n 40 "$out"
+      kill "$pid" 2>/dev/null || true
+      fail "$label: xl create of the second writer did not return in 150 s"
+    fi
+    sleep 0.1
+  done
   set +e
-  # Bounded: in one lane run (engine, block device) this create never returned; say so, with the nodes.
-  out=$(timeout 150 xl create -p "$XENCI_WORK/intruder.cfg" 2>&1)
+  wait "$pid"
   rc=$?
   set -e
-  if [ "$rc" = 124 ]; then
-    printf '%s\n' "$out" | tail -n 20
-    xenstore-ls -f /local/domain/0/backend/vbd 2>&1 | grep -E "/vbd/[0-9]+/$MIG_DEVID/" | tail -n 60 || true
-    fail "$label: xl create of the second writer did not return in 150 s"
-  fi
-  grep -E 'script|busy|error' <<<"$out" | tail -n 5 || true
+  metric "${label}_intruder_refused_s" "$(elapsed "$t")" s
+  grep -E 'libxl: error' "$out" | tail -n 5 || true
   [ "$rc" -ne 0 ] || fail "$label: a second writer with another uuid was accepted"
-  grep -q 'script: busy: target already in use writable by ' <<<"$out" \
-    || fail "$label: the second writer was refused, but not by our sharing check"
+  grep -q 'script: busy: target already in use writable by ' "$out" \
+    || { tail -n 40 "$out"; fail "$label: the second writer was refused, but not by our sharing check"; }
   xl destroy "$MIG_INTRUDER" 2>/dev/null || true
   [ "$(loops_of "$mig_img" | sort)" = "$loops_before" ] || fail "$label: the refused attach changed the image's loops"
 }
