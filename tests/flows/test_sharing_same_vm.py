@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.engine import EngineProc, attach_disk, attach_guest, wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.kernel import loop
@@ -162,3 +163,37 @@ def test_plain_attach_needs_no_vm_node(libxl: Libxl, make_image: ImageFactory) -
     assert libxl.run("add", be).returncode == 0
     consumer.wait_opened()
     consumer.release()
+
+
+def test_engine_refuses_a_second_writer_of_a_device_it_serves_twice(
+    libxl: Libxl,
+    engine: EngineProc,
+    make_image: ImageFactory,
+    loop_devices: list,  # type: ignore[type-arg]
+) -> None:
+    """The lane's engine + block-device migration: the real engine serves one device to the paused
+    source (guest connected) and to the restored destination; a third domain of another VM asks
+    for it writable, is refused `busy`, and libxl's teardown of that backend completes."""
+    image = make_image(fill=b"written before the move")
+    device = loop.attach_file(str(image), read_only=False, tag="xenblockctl:admin")
+    loop_devices.append(device)
+    target = Path(f"/dev/loop{device.number}")
+    set_vm(libxl, SOURCE, VM)
+    set_vm(libxl, DEST, VM)
+    intruder = DEST + 1
+    set_vm(libxl, intruder, OTHER_VM)
+    source, guest = attach_guest(libxl, engine.transport, target, SOURCE)
+    try:
+        dest = attach_disk(libxl, target, DEST)
+        be = libxl.create_backend(intruder, DEVID, str(target), "w", engine=False)
+        assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
+        assert libxl.run("add", be).returncode == 1
+        assert_busy(libxl, be, f"domain {SOURCE} is VM {VM}, domain {intruder} is VM {OTHER_VM}")
+        # libxl's teardown of the refused backend: online=0, Closing, wait for Closed, remove.
+        libxl.store.write(be.node("online"), "0")
+        libxl.store.write(be.node("state"), "5")
+        assert wait_for(lambda: libxl.nodes(be).get("state") == "6", 10), libxl.nodes(be)
+        assert libxl.run("remove", be).returncode == 0
+        assert libxl.nodes(source)["state"] == "4" and libxl.nodes(dest)["opened"] == "1"
+    finally:
+        guest.close()

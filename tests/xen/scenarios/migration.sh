@@ -162,6 +162,12 @@ mig_intruder_refused() {
   rc=$?
   set -e
   metric "${label}_intruder_refused_s" "$(elapsed "$t")" s
+  # A $(...) around xl would also wait for whoever inherited its output: name any such process.
+  for pid in /proc/[0-9]*; do
+    if ls -l "$pid/fd" 2>/dev/null | grep -qF "$out"; then
+      echo "still holding xl's output: ${pid#/proc/} $(tr '\0' ' ' <"$pid/cmdline" 2>/dev/null)"
+    fi
+  done
   grep -E 'libxl: error' "$out" | tail -n 5 || true
   [ "$rc" -ne 0 ] || fail "$label: a second writer with another uuid was accepted"
   grep -q 'script: busy: target already in use writable by ' "$out" \
