@@ -194,6 +194,7 @@ def test_engine_refuses_a_second_writer_of_a_device_it_serves_twice(
         libxl.store.write(be.node("state"), "5")
         assert wait_for(lambda: libxl.nodes(be).get("state") == "6", 10), libxl.nodes(be)
         assert libxl.run("remove", be).returncode == 0
-        assert libxl.nodes(source)["state"] == "4" and libxl.nodes(dest)["opened"] == "1"
+        assert libxl.nodes(source)["state"] == "4"
+        assert libxl.nodes(dest)["opened"] == "1"
     finally:
         guest.close()
