@@ -55,16 +55,18 @@ cycle() {
   mig_finish "$label" "$dst"
 }
 
-modprobe xen-blkback || true
-cycle blkback file
-cycle blkback blockdev
-
+# The engine first: its block-device cycle is the one that once hung (the second writer's create).
 if xenblockctl backend --help >/dev/null 2>&1; then
   without_blkback
   start_engine
   cycle engine file
   cycle engine blockdev
+  engine_restore  # stops the engine (nothing of ours is attached now) and loads blkback again
+  engine_pid=
 else
   say "xenblockctl has no backend command: engine cycles not run"
 fi
+modprobe xen-blkback || true
+cycle blkback file
+cycle blkback blockdev
 rm -f "$mig_initrd"
