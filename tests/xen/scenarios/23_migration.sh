@@ -55,7 +55,7 @@ cycle() {
   mig_finish "$label" "$dst"
 }
 
-# The engine first: its block-device cycle is the one that once hung (the second writer's create).
+# The engine first: its block-device cycle is where a loaded run once ran out of budget.
 if xenblockctl backend --help >/dev/null 2>&1; then
   without_blkback
   start_engine
