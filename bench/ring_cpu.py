@@ -1,6 +1,6 @@
 """CPU per request of the blkif data plane on one thread, with no sleeping or waking: stable under load.
 
-    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on]
+    .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on] [--workers 0]
 
 Each round the LocalFrontend puts QD reads on the ring, one engine pass serves them on this thread
 (inline I/O from the page cache) and the frontend collects the answers; thread CPU time of each side
@@ -11,7 +11,11 @@ wake-up costs, which dominate ring_throughput's wall clock on a loaded or idle V
 feature-persistent; with it the data plane goes through its grant cache (backend/grantcache.py).
 
 `--engine-only` replaces the frontend with re-publishing one captured round of request slots, so
-that an instruction count covers the engine alone. callgrind counts are independent of load; take
+that an instruction count covers the engine alone. It also prints a `floor` line: the least a pure-
+Python ring loop can do for the same slots on the same ring, file and pages (copy the batch, unpack
+header and descriptor, bounds check, preadv into the page, pack the response, push: no validation,
+no grant checks, no statistics, single-segment requests only); `engine / floor` is the engine's
+per-request overhead as a ratio measured in the same run. callgrind counts are independent of load; take
 the difference of two round counts to cancel start-up:
 
     valgrind --tool=callgrind .venv/bin/python -m bench.ring_cpu --engine-only --rounds 5
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench.ring_throughput import WORKLOADS, Workload, _offsets, _params
+from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
@@ -45,6 +50,7 @@ def measure(
     engine_only: bool,
     *,
     persistent: bool = False,
+    workers: int = 0,
 ) -> None:
     pages = w.qd * max(1, w.block // 4096)
     with LocalFrontend(
@@ -55,7 +61,7 @@ def measure(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=0)
+        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring
@@ -91,12 +97,16 @@ def measure(
                     engine += c2 - c1
                     frontend += (c1 - c0) + (c3 - c2)
                     served += n
+            floor_us = _floor(dp, fe, target, captured, w, rounds=rounds) if engine_only else None
             if dp.stats.ok != dp.stats.requests:
                 raise SystemExit(f"engine answered errors: {dp.stats}")
             mode = "persistent " if persistent else "per-request"
             line = (
                 f"  {w.name:<30} QD {w.qd:>2} {mode}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
             )
+            if floor_us is not None:
+                per = engine / max(served, 1) * 1e6
+                line += f", floor {floor_us:5.2f} µs/request, engine / floor {per / floor_us:.2f}"
             if not engine_only:
                 line += f", frontend {frontend / max(served, 1) * 1e6:7.2f} µs/request"
             if dp.grant_cache is not None:
@@ -106,10 +116,69 @@ def measure(
             dp.stop()
 
 
+def _floor(
+    dp: DataPlane, fe: LocalFrontend, target: DeviceTarget, captured: bytes, w: Workload, *, rounds: int
+) -> float | None:
+    """µs per request of the floor loop (module docstring) over the same captured slots."""
+    if w.block != 4096 or dp._grants is None:
+        return None  # the floor handles one whole-page segment per request
+    abi = dp.params.abi
+    ring = fe.ring
+    back = dp.ring
+    entry = abi.entry_size
+    header = abi.segment_header
+    seg_at = abi.segments_offset
+
+    # the floor's "mapping": each page resolved once, before timing
+    pages: dict[int, memoryview] = {}
+    for i in range(0, len(captured), entry):
+        gref = SEGMENT_STRUCT.unpack_from(captured, i + seg_at)[0]
+        pages[gref] = dp._grants.iovecs([gref], None, writable=True)[0]
+    pack = abi.response_struct.pack_into
+    size = target.size_bytes
+    fd = target.fd
+    spent = 0.0
+    served = 0
+    for r in range(rounds):
+        start = (ring.req_prod_pvt - w.qd) & (ring.size - 1)
+        ring._entries[start * entry : (start + w.qd) * entry] = captured
+        ring.push_requests()
+        c1 = time.thread_time()
+        data, n = back.take_slots(64)
+        entries = back._entries
+        pvt = back.rsp_prod_pvt
+        mask = back.size - 1
+        for off in range(0, n * entry, entry):
+            op, _nr, _h, rid, sector = header.unpack_from(data, off)
+            gref, _first, _last = SEGMENT_STRUCT.unpack_from(data, off + seg_at)
+            if sector * 512 + 4096 > size:
+                raise SystemExit("floor: out of bounds")
+            os.preadv(fd, [pages[gref]], sector * 512)
+            pack(entries, (pvt & mask) * entry, rid, op, 0)
+            pvt = (pvt + 1) & 0xFFFFFFFF
+        back.rsp_prod_pvt = pvt
+        back.push_responses()
+        c2 = time.thread_time()
+        ring.rsp_cons = ring.rsp_prod
+        ring.req_prod_pvt = (ring.req_prod_pvt + w.qd) & 0xFFFFFFFF
+        if r >= min(_WARMUP, rounds // 2):
+            spent += c2 - c1
+            served += n
+    for view in pages.values():
+        view.release()
+    return spent / max(served, 1) * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--engine-only", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="I/O workers (0: execute() inline; the engine's default 4 tries RWF_NOWAIT inline first)",
+    )
     ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
     ap.add_argument("--persistent", default="off,on", help="grant modes: off (per-request), on (persistent)")
     args = ap.parse_args()
@@ -137,6 +206,7 @@ def main() -> int:
                         args.rounds,
                         args.engine_only,
                         persistent=persistent,
+                        workers=args.workers,
                     )
         finally:
             transport.close()

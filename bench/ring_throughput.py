@@ -87,6 +87,7 @@ class Run:
     engine_cpu_us: float = 0.0  # the engine's process: ring thread, I/O workers, transport thread
     grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
     requests: int = 0  # requests the data plane served in the whole run
+    notifies: int = 0  # events the data plane sent in the whole run (one per ring pass at most)
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -245,9 +246,9 @@ def engine(
         return Run(run.rate, run.frontend_cpu_us, engine_cpu, *_grant_counts(dp))
 
 
-def _grant_counts(dp: DataPlane) -> tuple[int, int]:
+def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
     cache = dp.grant_cache
-    return (-1 if cache is None else cache.stats.maps), dp.stats.requests
+    return (-1 if cache is None else cache.stats.maps), dp.stats.requests, dp.stats.notifies
 
 
 def main() -> int:
@@ -334,7 +335,8 @@ def main() -> int:
                             f"  {label:<40} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
                             f"   ratio {run.rate / base:.3f}   CPU/request: engine "
                             f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
-                            f"{maps} for {run.requests} requests"
+                            f"{maps} for {run.requests} requests, "
+                            f"{run.requests / max(run.notifies, 1):.1f} requests per event"
                         )
         finally:
             transport.close()

@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.xenstore",
     "tests.fixtures.libxl",
     "tests.fixtures.engine",
+    "tests.fixtures.fdstore",
     "tests.fixtures.cli",
     "tests.fixtures.nbd",
     "tests.fixtures.ceph",

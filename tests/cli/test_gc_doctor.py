@@ -11,11 +11,11 @@ import pytest
 
 from tests.fixtures.cli import CliRunner, Engine
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from xenblockctl.blockscript.owner import NODE as OWNER_NODE
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.identity import OWNER as OWNER_NODE
 from xenblockctl.xenstore.vdev import Vdev
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]

@@ -25,7 +25,7 @@ from tests.fixtures.kernel import ImageFactory
 from tests.support import jsonschema_lite
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.vbd import parse_physical_device
+from xenblockctl.xenstore.identity import parse_physical_device
 from xenblockctl.xenstore.vdev import Vdev
 
 GOLDEN = Path(__file__).with_name("golden")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kernel import ImageFactory
+from tests.fixtures.kernel import EmptyLoop, ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import XenStore
@@ -273,6 +273,28 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
         assert store.read_optional(be.node("hotplug-status")) is None, "status untouched: only recorded"
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: EmptyLoop) -> None:
+    """A device of size 0 that still has the published diskseq is the published device (the one
+    verdict, xenstore/identity.py): no error. Its `diskseq` node is checked like the luid."""
+    now, bound = empty_loop.now, empty_loop.bound
+    be = libxl.create_backend(5, 51744, "/unused")
+    libxl.store.write_many(
+        {be.node("physical-device"): now.physical_device, be.node("physical-device-luid"): now.luid}
+    )
+    event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "change"}
+    event.update(MAJOR=str(now.major), MINOR=str(now.minor), DISKSEQ=str(now.diskseq))
+    _hook("block", event)
+    assert "hotplug-error" not in libxl.nodes(be), "the device still carries the published diskseq"
+    libxl.store.write(be.node("diskseq"), bound.luid)  # disagrees with the luid: not ours to judge
+    _hook("block", event)
+    assert "hotplug-error" not in libxl.nodes(be)
+    libxl.store.write_many({be.node("physical-device-luid"): bound.luid})  # both name the old binding
+    _hook("block", event)
+    assert "has no media (detached)" in libxl.nodes(be).get("hotplug-error", "")
+
+
 # --- a real systemd-udevd -------------------------------------------------------------------------
 
 UDEVD = "/lib/systemd/systemd-udevd"
@@ -375,6 +397,16 @@ def test_real_udevd_records_a_detached_loop_on_its_backend(libxl: Libxl, make_im
 
 
 #: `systemd-analyze security` exposure, times ten (its --threshold scale). Unhardened both were 9.6.
+def test_engine_unit_keeps_its_devices_in_the_fd_store() -> None:
+    """Issue 21: the engine parks its device fds (FDSTORE=1), which systemd accepts only from a
+    Type=notify service with FileDescriptorStoreMax= > 0."""
+    lines = (REPO / "hotplug" / "xenblockctl-engine.service").read_text().splitlines()
+    assert "Type=notify" in lines
+    store_max = [int(line.partition("=")[2]) for line in lines if line.startswith("FileDescriptorStoreMax=")]
+    assert store_max
+    assert store_max[0] >= 256
+
+
 EXPOSURE_LIMIT = {"xenblockctl-engine.service": 20, "xenblockctl-xenstored.service": 15}
 
 

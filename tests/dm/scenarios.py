@@ -1042,6 +1042,47 @@ def _holders(index: int) -> int:
     return count
 
 
+def script_nbd_kernel() -> dict[str, object]:
+    """An NBD export through the block script as libxl runs it, made into a kernel NBD device: the
+    identity published is the new device's (NBD major, fresh diskseq, our backend identifier), the
+    consumer reads and writes the export through it, and the device goes away after the last
+    close. The script SIGKILLed after the handshake or after publishing leaks no device."""
+    if not Path("/sys/module/nbd").exists():
+        raise Skip("the nbd module is not loaded in the guest")
+    metrics: dict[str, object] = {}
+    with _nbdkit() as u, Lane() as lane:
+        be = lane.create_backend(21, u.canonical(), "w")
+        consumer = lane.consumer(be, writable=True)
+        t0 = time.monotonic()
+        result = lane.run("add", be)
+        metrics["add_s"] = round(time.monotonic() - t0, 2)
+        assert result.returncode == 0, result.stderr
+        held = consumer.wait_opened()
+        nodes = lane.nodes(be)
+        st = os.fstat(held.fd)
+        assert os.major(st.st_rdev) == knbd.NBD_MAJOR, nodes
+        assert nodes["physical-device"] == f"{knbd.NBD_MAJOR:x}:{os.minor(st.st_rdev):x}", nodes
+        assert int(nodes["physical-device-luid"], 16) == read_diskseq(held.fd), nodes
+        assert nodes["hotplug-status"] == "connected", nodes
+        name = Path(nodes["physical-device-path"]).name
+        assert knbd.backend_of(int(name.removeprefix("nbd"))) == "xenblockctl:21:51712"
+        data = os.urandom(4096)
+        os.pwrite(held.fd, data, 4096)
+        os.fsync(held.fd)
+        assert os.pread(held.fd, 4096, 4096) == data
+        consumer.release()
+        metrics["gone_after_release_ms"] = round(
+            _wait_until(lambda: not Path(f"/sys/block/{name}").exists()) * 1000, 1
+        )
+        lane.forget(be)
+        for domid, point in ((22, "add-target-open"), (23, "add-published")):
+            victim = lane.create_backend(domid, u.canonical(), "w")
+            lane.stopped_at(point, victim).kill()
+            _wait_until(lambda: not list(Path("/sys/block").glob("nbd*")), timeout=5.0)
+            lane.forget(victim)
+    return metrics
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
     f.__name__: f
     for f in (
@@ -1065,5 +1106,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         script_killed_in_snapshot_window,
         timing_create_to_armed,
         nbd_delete_on_close,
+        script_nbd_kernel,
     )
 }

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.engine import wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
+from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.owner import OwnerRecord
+from xenblockctl.blockscript.remove import run_remove
+from xenblockctl.environment import Environment
+from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.kernel.blockdev import BlockDevice, identify
 from xenblockctl.kernel.loop_abi import LOOP_CONFIGURE, LoopConfig, LoopFlags, LoopInfo64
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.vbd import BackendPath
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -130,12 +137,7 @@ def test_backend_error_node_aborts_handoff(libxl: Libxl, make_image: ImageFactor
     be = libxl.create_backend(5, 51776, str(make_image()), "w")
     running = libxl.start("add", be, pause_at=None)
     # The engine refuses (e.g. luid mismatch) by writing its error node.
-    for _ in range(400):
-        if "physical-device" in libxl.nodes(be):
-            break
-        import time
-
-        time.sleep(0.01)
+    assert wait_for(lambda: "physical-device" in libxl.nodes(be), timeout=4)
     libxl.store.write(f"/local/domain/0/error/{be.relative}/error", "engine: diskseq mismatch")
     running.proc.wait(20)
     assert running.proc.returncode == 1
@@ -237,3 +239,53 @@ def test_diskseq_race_is_caught_by_the_consumer(
         assert consumer.device is None, "the consumer must not keep the wrong disk"
     finally:
         intruder.close()
+
+
+def test_kernel_blkback_that_opened_another_device_fails_the_handoff(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """blkback ignores the luid, so the script is the only one that can notice blkback opened some
+    other device than the one published (a stale physical_device, a re-used backend): that is a
+    failure, never a hand-off, and the device we made goes with our fd."""
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    bus = libxl.sysfs_bus / f"vbd-{be.domid}-{be.devid}"
+    bus.mkdir()
+    (bus / "physical_device").write_text("7:fffff\n")
+    result = libxl.run("add", be)
+    assert result.returncode == 1, result.stderr
+    nodes = libxl.nodes(be)
+    assert nodes["hotplug-error"].startswith("handoff-failed: kernel blkback opened 7:fffff, not 7:"), nodes
+    for name in ("physical-device", "physical-device-luid", "xenblockctl-owner"):
+        assert name not in nodes
+    assert bound_loops_under(image.parent) == {}
+
+
+def test_remove_leaves_a_newer_owner_record_alone(libxl: Libxl, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove withdraws the nodes only if the owner record is still the one it acted on: an add
+    that published a new device meanwhile (after a forced detach) keeps its nodes."""
+    be = libxl.create_backend(5, 51856, "/dev/null", "w")
+    old = OwnerRecord("device", 7, 3, 0x10, "w").format()
+    new = OwnerRecord("device", 7, 3, 0x11, "w").format()
+    libxl.store.write_many({be.node("xenblockctl-owner"): old, be.node("physical-device"): "7:3"})
+
+    def pause(env: Environment, point: str) -> None:
+        if point == "remove-detached":
+            libxl.store.write_many({be.node("xenblockctl-owner"): new, be.node("physical-device-luid"): "11"})
+
+    monkeypatch.setattr(faults, "pause", pause)
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
+        result = run_remove(
+            store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False), env=Environment({})
+        )
+    assert result.detached == "not-a-loop"
+    nodes = libxl.nodes(be)
+    assert nodes["xenblockctl-owner"] == new
+    assert (nodes["physical-device"], nodes["physical-device-luid"]) == ("7:3", "11")
+    # without the concurrent add, the same remove withdraws everything
+    monkeypatch.setattr(faults, "pause", lambda env, point: None)
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
+        run_remove(
+            store, BackendPath("vbd", 5, 51856), Journal("test-remove", stderr=False), env=Environment({})
+        )
+    assert not {"xenblockctl-owner", "physical-device", "physical-device-luid"} & set(libxl.nodes(be))

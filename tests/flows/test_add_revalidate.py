@@ -8,6 +8,9 @@ never rewrites params of a live backend; a destroyed and re-created domain can l
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
@@ -16,6 +19,10 @@ from xenblockctl.blockscript import add, faults
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
+from xenblockctl.kernel import loop
+from xenblockctl.kernel.blockdev import identify
+from xenblockctl.kernel.errors import IdentityMismatch
+from xenblockctl.kernel.loop_abi import LOOP_SET_CAPACITY
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.vbd import BackendPath
 
@@ -116,3 +123,41 @@ def test_repeated_add_whose_published_identity_is_withdrawn_meanwhile_fails_code
     assert "physical-device" not in nodes
     assert nodes["hotplug-error"].startswith("backend-closing:")
     assert bound_loops_under(image.parent) == {}
+
+
+def test_block_device_changed_before_the_lock_is_refused(
+    libxl: Libxl,
+    make_image: ImageFactory,
+    loop_devices: list[loop.LoopDevice],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sharing check decides on the identity read when the device was opened; once the lock is
+    held it is read again, and a device that changed in between (here: the admin grew it, as
+    `losetup -c` after a resize does) is refused instead of published with stale facts."""
+    image = make_image("grown.img", size=8 << 20)
+    admin = loop.attach_file(str(image), read_only=False, tag="xenblockctl:admin")
+    loop_devices.append(admin)
+    be = libxl.create_backend(5, 51760, f"/dev/loop{admin.number}", "w")
+
+    def pause(env: Environment, point: str) -> None:
+        if point == "add-target-open":
+            os.truncate(image, 16 << 20)
+            fcntl.ioctl(admin.fd, LOOP_SET_CAPACITY, 0)
+
+    monkeypatch.setattr(faults, "pause", pause)
+    with (
+        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
+        pytest.raises(IdentityMismatch, match="changed identity while it was being checked"),
+    ):
+        add.run_add(
+            store,
+            BackendPath("vbd", 5, 51760),
+            Settings(handoff_timeout=2.0),
+            Journal("test-add-revalidate", stderr=False),
+            env=_env(libxl),
+        )
+    assert identify(admin.fd).size_bytes == 16 << 20, "the resize really happened"
+    nodes = libxl.nodes(be)
+    for name in add.PUBLISHED:
+        assert name not in nodes
+    assert nodes["hotplug-error"].startswith("identity-mismatch:")

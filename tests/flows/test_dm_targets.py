@@ -1,14 +1,12 @@
-"""dm target forms on the host: parsing, the `kind=dm` owner record, sharing with a volatile disk's
-base, and what happens where the kernel has no device-mapper (this host). The dm paths themselves
-run in the dm lane's guest (tests/dm/scenarios.py, script_*)."""
+"""dm target forms on the host: sharing with a volatile disk's base, and what happens where the
+kernel has no device-mapper (this host). Parsing and the `kind=dm` owner record are unit tests
+(tests/unit/test_blockscript_targets.py, test_blockscript_owner.py); the dm paths themselves run in
+the dm lane's guest (tests/dm/scenarios.py, script_*)."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,111 +15,12 @@ import pytest
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import engine
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
-from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
+from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import dm, loop
-from xenblockctl.kernel.blockdev import BlockIdentity
 
-REPO = Path(__file__).resolve().parents[2]
 HOST_HAS_DM = os.path.exists(dm.CONTROL_PATH) or os.path.exists(dm.MISC_SYSFS)
 no_dm_here = pytest.mark.skipif(HOST_HAS_DM, reason="this host has device-mapper: the dm lane covers it")
-
-# --- parsing ---------------------------------------------------------------------------------------
-
-
-def test_uuid_and_snapshot_forms_parse() -> None:
-    t = parse_target("uuid:LVM-abc123")
-    assert (t.dm_uuid, t.snapshot, t.expect_dm_name) == ("LVM-abc123", False, None)
-    t = parse_target("snapshot:/var/lib/xen/images/base.img")
-    assert (t.path, t.snapshot, t.dm_uuid) == ("/var/lib/xen/images/base.img", True, None)
-    # a file under /dev (tmpfs) is a valid base: the regular-file check happens on the fd
-    assert parse_target("snapshot:/dev/shm/base.img").snapshot
-    assert parse_target("/dev/mapper/vg0-lv--data").expect_dm_name == "vg0-lv--data"
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        "uuid:",
-        "uuid:has space",
-        "uuid:with/slash",
-        "uuid:" + "u" * 129,
-        "snapshot:",
-        "snapshot:relative.img",
-        "snapshot:/a/../b.img",
-        "snapshot:/a\nb",
-        "/dev/mapper/control",
-        "/dev/mapper/" + "n" * 128,
-        "/dev/mapper/sp ace",
-    ],
-)
-def test_bad_dm_forms_are_syntax_errors(params: str) -> None:
-    with pytest.raises(TargetSyntaxError):
-        parse_target(params)
-
-
-# --- the owner record ------------------------------------------------------------------------------
-
-IDENT = BlockIdentity(254, 3, 0x1DD, 8 << 20, 512, 512, False)
-
-
-def test_dm_owner_record_round_trips() -> None:
-    uuid = dm.make_owned_uuid("snap")
-    rec = OwnerRecord.for_dm(IDENT, uuid=uuid, backing=(0xFE00, 0x20C0F6), writable=True)
-    text = rec.format()
-    assert text == f"v1 kind=dm dev=fe:3 seq=1dd mode=w autoclear=1 backing=fe00:20c0f6 uuid={uuid}"
-    assert OwnerRecord.parse(text) == rec
-    assert rec.devt == os.makedev(254, 3)
-
-
-def test_records_written_before_kind_dm_still_parse() -> None:
-    text = "v1 kind=loop dev=7:3 seq=1db mode=w autoclear=1 backing=fe00:20c0f6 tag=xenblockctl:5:51712"
-    rec = OwnerRecord.parse(text)
-    assert (rec.kind, rec.uuid, rec.tag) == ("loop", None, "xenblockctl:5:51712")
-    assert OwnerRecord.parse("v1 kind=device dev=fe:0 seq=5 mode=r autoclear=0").kind == "device"
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "v1 kind=dm dev=fe:3 seq=1dd mode=w autoclear=1",  # no uuid: ownership unprovable
-        "v1 kind=dm dev=fe:3 seq=1dd mode=w autoclear=1 uuid=LVM-someone-elses",
-        "v1 kind=dm dev=fe:3 seq=1dd mode=w autoclear=1 uuid=XENBLOCKCTL-",
-        "v1 kind=dm dev=fe:3 seq=1dd mode=w autoclear=1 uuid=XENBLOCKCTL-1-2-3 tag=xenblockctl:5:1",
-        "v1 kind=device dev=fe:3 seq=1dd mode=w autoclear=0 uuid=XENBLOCKCTL-1-2-3",
-        "v1 kind=dmx dev=fe:3 seq=1dd mode=w autoclear=1 uuid=XENBLOCKCTL-1-2-3",
-    ],
-)
-def test_malformed_dm_records_are_refused(text: str) -> None:
-    with pytest.raises(OwnerRecordError):
-        OwnerRecord.parse(text)
-
-
-def test_owner_record_knows_our_dm_uuid_prefix() -> None:
-    """owner.py repeats the prefix so the hotplug path need not import the dm module: keep in step."""
-    uuid = dm.make_owned_uuid("snap")
-    assert uuid.startswith(dm.OWNED_UUID_PREFIX)
-    OwnerRecord.parse(f"v1 kind=dm dev=fe:3 seq=1 mode=w autoclear=1 uuid={uuid}")
-    with pytest.raises(OwnerRecordError):
-        OwnerRecord.parse(f"v1 kind=dm dev=fe:3 seq=1 mode=w autoclear=1 uuid=X{uuid}")
-
-
-def test_plain_targets_do_not_import_the_dm_code() -> None:
-    """The dm modules cost ~25 ms of imports: only dm targets pay for them (every VM start runs us)."""
-    probe = (
-        "import json, sys\n"
-        "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.add\n"
-        "import xenblockctl.blockscript.remove\n"
-        "from xenblockctl.blockscript.target import maybe_dm, parse_target\n"
-        "for p in ('/var/lib/xen/disk.img', '/dev/loop0', '/dev/shm/disk.img', '/dev/disk/by-diskseq/9'):\n"
-        "    assert not maybe_dm(parse_target(p)), p\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('xenblockctl'))))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout)
-    assert not [m for m in loaded if m.endswith((".dm", ".dm_abi", ".dmtargets"))], loaded
-
 
 # --- where the kernel has no device-mapper ----------------------------------------------------------
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import EngineProc, attach_guest
+from tests.fixtures.engine import EngineProc, attach_guest, wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.guest import XenbusFrontend
@@ -64,10 +63,7 @@ def test_reconnect_keeps_the_same_device(libxl: Libxl, engine: EngineProc, make_
     libxl.store.write(be.node("state"), "5")
     guest.disconnect()
     guest.close()
-    deadline = time.monotonic() + 15
-    while libxl.nodes(be).get("state") != "6":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_for(lambda: libxl.nodes(be).get("state") == "6", 15)
     assert libxl.run("remove", be).returncode == 0
     assert bound_loops_under(image.parent) == {}, "engine released the device and it auto-cleared"
 
@@ -95,10 +91,7 @@ def test_engine_refuses_a_replaced_device(libxl: Libxl, engine: EngineProc, make
     intruder = loop.attach_file(str(make_image("intruder.img")), read_only=False, tag="xenblockctl:intruder")
     try:
         be = libxl.create_backend(8, 51712, str(victim), "w", engine=False)
-        deadline = time.monotonic() + 10
-        while libxl.nodes(be).get("opened") != "0":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10)
         # Publish the intruder's number with a stale luid, as a script killed mid-way could leave it.
         libxl.store.write_many(
             {
@@ -107,10 +100,7 @@ def test_engine_refuses_a_replaced_device(libxl: Libxl, engine: EngineProc, make
             }
         )
         error_node = f"/local/domain/0/error/{be.relative}/error"
-        deadline = time.monotonic() + 10
-        while libxl.store.read_optional(error_node) is None:
-            assert time.monotonic() < deadline, libxl.nodes(be)
-            time.sleep(0.02)
+        assert wait_for(lambda: libxl.store.read_optional(error_node) is not None, 10), libxl.nodes(be)
         assert "diskseq mismatch" in (libxl.store.read_optional(error_node) or "")
         assert libxl.nodes(be)["state"] == "5"
         assert libxl.nodes(be).get("opened") == "0", "never signals opened for the wrong disk"
@@ -127,10 +117,7 @@ def test_engine_says_when_the_published_device_is_gone(
     identity = gone.identity
     gone.close()  # AUTOCLEAR: the number is now an empty loop device
     be = libxl.create_backend(8, 51728, str(make_image("unused.img")), "w", engine=False)
-    deadline = time.monotonic() + 10
-    while libxl.nodes(be).get("opened") != "0":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10)
     libxl.store.write_many(
         {
             be.node("physical-device-luid"): identity.luid,
@@ -138,10 +125,7 @@ def test_engine_says_when_the_published_device_is_gone(
         }
     )
     error_node = f"/local/domain/0/error/{be.relative}/error"
-    deadline = time.monotonic() + 10
-    while libxl.store.read_optional(error_node) is None:
-        assert time.monotonic() < deadline, libxl.nodes(be)
-        time.sleep(0.02)
+    assert wait_for(lambda: libxl.store.read_optional(error_node) is not None, 10), libxl.nodes(be)
     message = libxl.store.read_optional(error_node) or ""
     assert "diskseq mismatch" in message
     assert "gone" in message, message
@@ -247,10 +231,9 @@ def test_error_responses_are_logged_counted_and_shown(
         for _ in range(3):
             assert guest.ring.write(0, b"x" * 512) == blkif.RSP_ERROR
         assert guest.ring.read(0, 512)[:2] == b"ro"
-        deadline = time.monotonic() + 15  # published at the next reconcile (rescan every 5 s)
-        while libxl.nodes(be).get(ERROR_RESPONSES_NODE) != "grant-map=0 io=0 invalid=3 unsupported=0":
-            assert time.monotonic() < deadline, libxl.nodes(be).get(ERROR_RESPONSES_NODE)
-            time.sleep(0.1)
+        counted = "grant-map=0 io=0 invalid=3 unsupported=0"
+        # published at the next reconcile (rescan every 5 s)
+        assert wait_for(lambda: libxl.nodes(be).get(ERROR_RESPONSES_NODE) == counted, 15), libxl.nodes(be)
         log = engine.log_path.read_text()
         assert log.count("error response to id") == 3, log[-2000:]
         assert "invalid: write to a read-only device" in log

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
+from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif
@@ -22,16 +23,6 @@ def attach(
     libxl: Libxl, engine: InprocEngine, image: Path, domid: int, **guest_kw: object
 ) -> tuple[Backend, XenbusFrontend]:
     return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
-
-
-def detach(libxl: Libxl, be: Backend, guest: XenbusFrontend) -> None:
-    """As libxl: online=0 + state 5, the frontend closes, wait for Closed, run the remove script."""
-    libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
-    guest.disconnect()
-    guest.close()
-    guest.store.close()
-    assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
-    assert libxl.run("remove", be).returncode == 0
 
 
 @pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=lambda a: a.protocol)

@@ -1,7 +1,7 @@
 """SIGKILL the block script at every named step, as libxl does after 40 s.
 
-Invariants afterwards: xenstore never shows physical-device without physical-device-luid, and
-no loop device of ours stays bound unless a consumer holds it."""
+Invariants afterwards: xenstore never shows physical-device without physical-device-luid and
+diskseq, and no loop device of ours stays bound unless a consumer holds it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
 def assert_consistent(nodes: dict[str, str]) -> None:
     assert ("physical-device" in nodes) == ("physical-device-luid" in nodes), nodes
+    assert ("physical-device" in nodes) == ("diskseq" in nodes), nodes  # the kernel patch's node
     if "physical-device" in nodes:
         assert "xenblockctl-owner" in nodes
 

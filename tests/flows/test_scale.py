@@ -4,13 +4,12 @@ serves hundreds of disks (and several disks of one domain) with each guest readi
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import EngineProc
+from tests.fixtures.engine import EngineProc, wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.frontend import LocalFrontend
@@ -118,13 +117,6 @@ DISKS_PER_DOMAIN = 16  # xvda..xvdp: the engine sees several disks of every doma
 BATCH = 16  # block scripts run at once
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what()
-        time.sleep(0.02)
-
-
 def engine_fds(pid: int) -> dict[str, int]:
     """The engine's open fds by kind (eventfd, memfd, socket, ...)."""
     kinds: dict[str, int] = {}
@@ -157,7 +149,7 @@ def engine_memfd_maps(pid: int) -> tuple[int, int]:
 def wait_opened(libxl: Libxl, backends: Sequence[Backend]) -> None:
     """The engine has seen each backend (it writes `opened`=0 and goes to InitWait)."""
     for be in backends:
-        wait_for(lambda be=be: libxl.nodes(be).get("opened") == "0", 30, lambda be=be: str(libxl.nodes(be)))
+        assert wait_for(lambda be=be: libxl.nodes(be).get("opened") == "0", 30), libxl.nodes(be)
 
 
 def run_scripts(libxl: Libxl, action: str, backends: Sequence[Backend]) -> None:
@@ -175,7 +167,7 @@ def detach(libxl: Libxl, be: Backend, guest: XenbusFrontend) -> None:
     libxl.store.write(be.node("state"), "5")
     guest.disconnect()
     guest.close()
-    wait_for(lambda: libxl.nodes(be).get("state") == "6", 20, lambda: str(libxl.nodes(be)))
+    assert wait_for(lambda: libxl.nodes(be).get("state") == "6", 20), libxl.nodes(be)
 
 
 def test_one_engine_serves_256_disks_and_gives_everything_back(
@@ -230,13 +222,9 @@ def test_one_engine_serves_256_disks_and_gives_everything_back(
             guest.close()
         store.close()
     assert bound_loops_under(images[0].parent) == {}, "every loop device released and auto-cleared"
-    wait_for(
-        lambda: engine_fds(pid) == baseline and engine_memfd_maps(pid)[0] == 0,
-        30,
-        lambda: (
-            f"engine still holds fds {engine_fds(pid)} (before: {baseline}), "
-            f"memfd mappings {engine_memfd_maps(pid)}"
-        ),
+    assert wait_for(lambda: engine_fds(pid) == baseline and engine_memfd_maps(pid)[0] == 0, 30), (
+        f"engine still holds fds {engine_fds(pid)} (before: {baseline}), "
+        f"memfd mappings {engine_memfd_maps(pid)}"
     )
 
 

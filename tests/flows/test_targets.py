@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kernel import ImageFactory
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.kernel import loop
 
@@ -87,3 +87,21 @@ def test_mapper_name_must_be_a_dm_device_of_that_name(
     error = libxl.nodes(be)["hotplug-error"]
     assert error.startswith("identity-mismatch: "), error
     assert "dm name" in error
+
+
+def test_by_diskseq_link_to_a_regular_file_is_refused(
+    libxl: Libxl, make_image: ImageFactory, dev_links: list[Path]
+) -> None:
+    """A by-diskseq target promises a block device with that diskseq: a link that leads to an image
+    file must not quietly become a fresh loop device (whose diskseq nobody promised)."""
+    image = make_image("planted.img")
+    link = Path("/dev/disk/by-diskseq/4294967291")
+    make_link(dev_links, link, str(image))
+    be = libxl.create_backend(5, 51712, str(link), "w")
+    result = libxl.run("add", be, XENBLOCKCTL_HANDOFF_TIMEOUT="2")  # refused long before
+    assert result.returncode == 1, result.stderr
+    nodes = libxl.nodes(be)
+    assert nodes["hotplug-error"].startswith("identity-mismatch: "), nodes
+    assert "is a regular file, expected a block device" in nodes["hotplug-error"]
+    assert "physical-device" not in nodes
+    assert bound_loops_under(image.parent) == {}

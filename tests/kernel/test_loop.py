@@ -16,6 +16,7 @@ from tests.fixtures.kernel import ImageFactory
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.errors import (
     DeviceError,
+    IdentityMismatch,
     NotOurs,
     TargetEmpty,
     TargetNotFound,
@@ -330,3 +331,26 @@ def test_identity_from_block_device_path(
     loop_devices.append(dev)
     with blockdev.open_block_device(f"/dev/loop{dev.number}", writable=False) as opened:
         assert opened.identity == blockdev.identify(dev.fd)
+
+
+def test_loop_bound_to_another_file_is_undone(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After LOOP_CONFIGURE the status is read back: a device whose backing file is not the one we
+    opened (what a path-based set-up racing a rename could give) is unbound and refused, never used.
+    Fault injection: the kernel binds the fd it is given, so the read-back is what is played."""
+    image = make_image("ours.img")
+    other = os.stat(make_image("theirs.img"))
+    seen: list[int] = []
+    real = loop.get_status
+
+    def other_backing(fd: int) -> loop.LoopStatus | None:
+        status = real(fd)
+        seen.append(os.minor(os.fstat(fd).st_rdev))
+        return None if status is None else status._replace(backing_dev=other.st_dev, backing_ino=other.st_ino)
+
+    monkeypatch.setattr(loop, "get_status", other_backing)
+    with pytest.raises(IdentityMismatch, match="bound to another file"):
+        loop.attach_file(str(image), read_only=False, tag=TAG, autoclear=False)
+    assert seen, "the status was read back"
+    assert not is_bound(seen[-1]), "the device we bound was undone"

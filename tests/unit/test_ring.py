@@ -210,6 +210,28 @@ def test_more_responses_than_requests_is_refused() -> None:
     assert exc.value.code == "internal"
 
 
+@pytest.mark.parametrize("start", [0, M - 1])
+def test_respond_all_answers_in_order_or_not_at_all(start: int) -> None:
+    """A pass's answers go in one call, in order across the index wrap; more answers than consumed
+    requests is our bug and writes nothing."""
+    front, back, _ = make(start=start)
+    for i in range(3):
+        front.put_request(read_req(i))
+    front.push_requests()
+    assert len(back.take_requests()) == 3
+    with pytest.raises(XenblockError) as exc:
+        back.respond_all([(i, blkif.OP_READ, 0) for i in range(4)])
+    assert exc.value.code == "internal"
+    assert back.rsp_prod_pvt == start
+    back.respond_all([(10, blkif.OP_READ, 0), (11, blkif.OP_WRITE, -1), (12, blkif.OP_READ, -2)])
+    assert back.push_responses()
+    assert [tuple(r) for r in front.take_responses()] == [
+        (10, blkif.OP_READ, 0),
+        (11, blkif.OP_WRITE, -1),
+        (12, blkif.OP_READ, -2),
+    ]
+
+
 def test_ring_buffer_checks() -> None:
     with pytest.raises(ValueError, match="writable"):
         BackRing(memoryview(bytes(4096)), blkif.X86_64, 1)

@@ -461,3 +461,33 @@ def test_default_iovecs_for_contiguous_mappings() -> None:
     for b in bufs:
         b.release()
     mapping.unmap()
+
+
+def test_short_transfers_are_resumed(disk_file: tuple[Path, int]) -> None:
+    """preadv may move fewer bytes than asked (the kernel does at will; here a wrapper caps each call
+    at 3000 bytes): _full_vectored continues from the right buffer and offset, also after a first
+    call that execute() made itself (`moved`)."""
+    path, fd = disk_file
+    pattern = bytes(range(256)) * 40  # 10 240 bytes, no two 4 KiB pages alike
+    with open(path, "r+b") as f:
+        f.write(pattern)
+    calls: list[int] = []
+
+    def capped(fd_: int, bufs: list[memoryview], offset: int) -> int:
+        room, parts = 3000, []
+        for b in bufs:
+            parts.append(b[: min(room, b.nbytes)])
+            room -= parts[-1].nbytes
+            if not room:
+                break
+        calls.append(offset)
+        return os.preadv(fd_, parts, offset)
+
+    a, b = bytearray(4096), bytearray(4096)
+    io._full_vectored(capped, fd, [memoryview(a), memoryview(b)], 512, 8192)
+    assert bytes(a + b) == pattern[512 : 512 + 8192]
+    assert calls == [512, 3512, 6512]
+    c, d = bytearray(4096), bytearray(4096)
+    first = capped(fd, [memoryview(c), memoryview(d)], 0)
+    io._full_vectored(capped, fd, [memoryview(c), memoryview(d)], 0, 8192, moved=first)
+    assert bytes(c + d) == pattern[:8192]

@@ -4,37 +4,16 @@ what systemd's manager receives (an AF_UNIX datagram with SCM_RIGHTS), and again
 
 from __future__ import annotations
 
-import array
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.fdstore import Store
 from xenblockctl.backend import sdnotify
-
-
-class Store:
-    """The manager's side of $NOTIFY_SOCKET: one datagram at a time, fds included."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(5)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-
-    def receive(self) -> tuple[list[str], list[int]]:
-        data, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4) + socket.CMSG_SPACE(12))
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % 4])
-                fds += got.tolist()
-        return data.decode().split("\n"), fds
 
 
 @pytest.fixture(params=["path", "abstract"])

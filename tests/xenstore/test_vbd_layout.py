@@ -1,4 +1,4 @@
-"""vbd layout: XENBUS_PATH parsing, frontend paths, XenbusState, the typed backend record."""
+"""vbd layout: XENBUS_PATH parsing, frontend paths, XenbusState, walking every backend."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from hypothesis import strategies as st
 
 from tests.fixtures.cxenstored import Daemon
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.identity import format_physical_device, parse_physical_device
 from xenblockctl.xenstore.vbd import (
+    BackendEntry,
     BackendPath,
-    BackendRecord,
     BackendRecordError,
     FrontendPath,
     VbdPathError,
     XenbusState,
-    format_physical_device,
-    parse_physical_device,
-    read_backend,
+    backend_dir,
+    walk_backends,
 )
 from xenblockctl.xenstore.vdev import Vdev
 
@@ -157,54 +157,18 @@ LIBXL_NODES = {
 }
 
 
-def test_record_from_nodes() -> None:
-    path = BackendPath.parse("backend/vbd/5/51712")
-    rec = BackendRecord.from_nodes(
-        path, {**LIBXL_NODES, "physical-device": "7:0", "hotplug-status": "connected"}
-    )
-    assert rec.frontend_id == 5
-    assert rec.state is XenbusState.InitWait
-    assert rec.online is True
-    assert rec.writable
-    assert rec.physical_device == (7, 0)
-    assert rec.hotplug_status == "connected"
-    assert rec.hotplug_error is None
-    assert rec.raw["specification"] == "xen"
-    empty = BackendRecord.from_nodes(path, {})
-    assert empty.state is None
-    assert empty.physical_device is None
-    assert not empty.writable
-
-
-@pytest.mark.parametrize(
-    "nodes",
-    [
-        {"frontend-id": "6"},
-        {"frontend-id": "five"},
-        {"state": "42"},
-        {"online": "yes"},
-        {"physical-device": "7,0"},
-    ],
-)
-def test_record_rejects_malformed_values(nodes: dict[str, str]) -> None:
-    with pytest.raises(BackendRecordError) as info:
-        BackendRecord.from_nodes(BackendPath.parse("backend/vbd/5/51712"), nodes)
-    assert info.value.code == "backend-record-invalid"
-
-
-def test_read_backend_from_a_real_daemon(daemon: Daemon) -> None:
+def test_walk_backends_and_backend_dir_on_a_real_daemon(daemon: Daemon) -> None:
     with XenStore.connect(timeout=5) as store:
-        path = BackendPath.parse("backend/vbd/5/51712")
-        assert read_backend(store, path) is None  # libxl has not created it (or already removed it)
+        assert list(walk_backends(store, "/local/domain/0")) == []  # no backend directory at all
         base = "/local/domain/0/backend/vbd/5/51712"
         store.write_many({f"{base}/{k}": v for k, v in LIBXL_NODES.items()})
-        rec = read_backend(store, path)
-        assert rec is not None
-        assert rec.params == "/root/disk.img"
-        assert rec.state is XenbusState.InitWait
-        assert dict(rec.raw) == LIBXL_NODES
+        store.write("/local/domain/0/backend/vbd3/7/768/state", "1")
+        store.write("/local/domain/0/backend/other/1/2/state", "1")  # not a block backend kind
+        assert list(walk_backends(store, "/local/domain/0")) == [
+            BackendEntry("vbd", "5", "51712", base),
+            BackendEntry("vbd3", "7", "768", "/local/domain/0/backend/vbd3/7/768"),
+        ]
+        path = BackendPath.parse("backend/vbd/5/51712")
+        assert backend_dir(store, path) == base  # resolved against our own home
         # the absolute form names the backend domain itself; nothing is resolved against ours
-        rec2 = read_backend(store, BackendPath.parse(base))
-        assert rec2 is not None
-        assert rec2.raw == rec.raw
-        assert read_backend(store, path.with_backend(3)) is None
+        assert backend_dir(store, path.with_backend(3)) == "/local/domain/3/backend/vbd/5/51712"

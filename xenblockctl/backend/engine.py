@@ -7,7 +7,9 @@ events are only triggers, the state machine re-reads and validates everything).
 
 Stopping (SIGTERM, or `stop()`): every device is torn down as for a detach, draining in-flight
 I/O first. If the engine is SIGKILLed instead, the kernel closes its fds and delete-on-close
-(AUTOCLEAR loop devices, deferred-remove dm devices) still releases every device.
+(AUTOCLEAR loop devices, deferred-remove dm devices) still releases every device — unless the
+service manager's fd store holds a copy (backend/handover.py): then the next engine takes the
+device back, re-verified, and if none comes the manager's close releases it.
 
 Fault isolation: guests are hostile and the engine has bugs. Whatever one device's state machine
 raises — a refusal, a resource limit, a bug — fails that device alone (error node, Closing, a log
@@ -80,6 +82,11 @@ class Engine:
         self.store.watch(self.root, ROOT_TOKEN)
         self.journal.info(f"engine serving {self.root}")
         self._rescan()
+        fd_store = self.config.fd_store
+        if fd_store is not None:
+            # every backend still in xenstore claimed its fd in that first pass (or refused it)
+            fd_store.close_unclaimed()
+            fd_store.ready(f"serving {self.root}")
         if ready is not None:
             ready.set()
         next_rescan = time.monotonic() + RESCAN_INTERVAL
@@ -202,7 +209,9 @@ class Engine:
         while pending:
             for key, dev in list(pending.items()):
                 try:
-                    done = dev.teardown("engine stopping")
+                    # the backend lives on: its fd stays parked for the next engine (or, if
+                    # none comes, for the manager to close when the unit stops)
+                    done = dev.teardown("engine stopping", keep_parked=True)
                 except Exception as exc:
                     self.journal.error(f"{dev.relative}: teardown: {exc!r}", CODE="internal")
                     done = True

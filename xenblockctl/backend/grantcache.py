@@ -321,6 +321,9 @@ class GrantCache:
             self.stats.hits += len(shape.order)
             if extents is None:
                 runs = shape.runs_w if writable else shape.runs_ro
+                if len(runs) == 1:  # one run (every 4 KiB request): no list comprehension frame
+                    view, lo, hi = runs[0]
+                    return [view[lo:hi]], Lease(self, refs, _NO_TRANSIENT)
                 return [view[lo:hi] for view, lo, hi in runs], Lease(self, refs, _NO_TRANSIENT)
             return _views(shape.order, extents, writable), Lease(self, refs, _NO_TRANSIENT)
         entries = self._entries

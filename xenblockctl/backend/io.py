@@ -181,22 +181,30 @@ def _full_vectored(
     bufs: list[memoryview],
     offset: int,
     length: int,
+    *,
+    moved: int | None = None,
 ) -> None:
     """preadv/pwritev until all `length` bytes of `bufs` (exactly their size: see _out_of_bounds)
-    moved; a 0-byte transfer (EOF) is an error, not a loop."""
+    moved; a 0-byte transfer (EOF) is an error, not a loop. `moved`: what a first call the caller
+    already made returned (execute() makes it inline: it moves everything in the common case)."""
+    if not length:
+        return
     remaining = length
-    while remaining:
-        n = call(fd, bufs, offset)
+    n = call(fd, bufs, offset) if moved is None else moved
+    while True:
         if n <= 0:
             raise OSError(errno.EIO, "short transfer at end of device")
         offset += n
         remaining -= n
+        if not remaining:
+            return
         # drop fully transferred buffers, trim a partially transferred one
         while bufs and n >= bufs[0].nbytes:
             n -= bufs[0].nbytes
             bufs = bufs[1:]
         if n:
             bufs = [bufs[0][n:], *bufs[1:]]
+        n = call(fd, bufs, offset)
 
 
 def _nbytes(bufs: list[memoryview]) -> int:
@@ -206,10 +214,12 @@ def _nbytes(bufs: list[memoryview]) -> int:
 def _out_of_bounds(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> str | None:
     """The last guard before the kernel, whatever validation said: the range lies inside the device
     and the buffers add up to exactly its length (a longer iovec would move bytes past it)."""
-    if plan.offset < 0 or plan.offset + plan.length > target.size_bytes:
-        return f"{plan.offset}+{plan.length} outside the device ({target.size_bytes} bytes)"
-    if bufs and _nbytes(bufs) != plan.length:
-        return f"buffers of {_nbytes(bufs)} bytes for a {plan.length}-byte request"
+    offset, length = plan.offset, plan.length
+    if offset < 0 or offset + length > target.size_bytes:
+        return f"{offset}+{length} outside the device ({target.size_bytes} bytes)"
+    # one buffer (every 4 KiB request, and consecutive pages on the local transport) without a call
+    if bufs and (bufs[0].nbytes if len(bufs) == 1 else _nbytes(bufs)) != length:
+        return f"buffers of {_nbytes(bufs)} bytes for a {length}-byte request"
     return None
 
 
@@ -235,10 +245,12 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
             log.error("refusing I/O: %s", refused)
             return blkif.RSP_ERROR
         kind = plan.kind
-        if kind is READ:
-            _full_vectored(os.preadv, target.fd, bufs, plan.offset, plan.length)
-        elif kind is WRITE:
-            _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
+        if kind is READ or kind is WRITE:
+            call = os.preadv if kind is READ else os.pwritev
+            # the common case moves everything in one call; _full_vectored resumes a short one
+            n = call(target.fd, bufs, plan.offset)
+            if n != plan.length:
+                _full_vectored(call, target.fd, bufs, plan.offset, plan.length, moved=n)
         elif kind in (FLUSH, BARRIER):
             if bufs:
                 # REQ_PREFLUSH | REQ_FUA semantics: earlier writes durable first, then this one
@@ -295,6 +307,52 @@ class NowaitUnsupported(Exception):
 Completion = Callable[[int], None]
 
 
+class InFlight:
+    """What every executor must track: requests taken and not yet completed. A request counts
+    until its completion callback has returned (teardown unmaps the guest's pages only after
+    `drain`), a callback's exception is logged and never stops the count, and a closed executor
+    takes nothing new."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._count = 0
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        with self._cond:
+            return self._count
+
+    def enter(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise XenblockError("executor closed", code="internal")
+            self._count += 1
+
+    def leave(self, done: Completion, status: int) -> None:
+        """Complete one request: `done(status)`, then it no longer counts."""
+        try:
+            done(status)
+        except Exception:
+            log.exception("%s: completion callback failed", self.name)
+        finally:
+            with self._cond:
+                self._count -= 1
+                if self._count == 0:
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take nothing new, then drain; False if requests are still in flight after `timeout`."""
+        with self._cond:
+            self._closed = True
+        return self.drain(timeout)
+
+
 class Executor:
     """Runs plans and tracks them until their completion callback has returned.
 
@@ -312,9 +370,7 @@ class Executor:
     def __init__(self, target: DeviceTarget, workers: int = 4, name: str = "xbc-io") -> None:
         self.target = target
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._closed = False
+        self._tracked = InFlight(name)
         # kinds still worth trying with RWF_NOWAIT (dropped for good after EOPNOTSUPP: e.g. buffered
         # writes on ext4 and on block devices)
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
@@ -335,14 +391,10 @@ class Executor:
 
     @property
     def in_flight(self) -> int:
-        with self._cond:
-            return self._in_flight
+        return self._tracked.count
 
     def submit(self, plan: IoPlan, bufs: list[memoryview], done: Completion) -> None:
-        with self._cond:
-            if self._closed:
-                raise XenblockError("executor closed", code="internal")
-            self._in_flight += 1
+        self._tracked.enter()
         if self._pool is None:
             self._run(plan, bufs, done)
         else:
@@ -353,26 +405,15 @@ class Executor:
         try:
             status = execute(self.target, plan, bufs)
         finally:
-            try:
-                done(status)
-            except Exception:
-                log.exception("completion callback failed")
-            finally:
-                with self._cond:
-                    self._in_flight -= 1
-                    if self._in_flight == 0:
-                        self._cond.notify_all()
+            self._tracked.leave(done, status)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until nothing is in flight; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+        return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, drain, stop the workers. True if everything completed."""
-        with self._cond:
-            self._closed = True
-        drained = self.drain(timeout)
+        drained = self._tracked.close(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=drained)
         return drained

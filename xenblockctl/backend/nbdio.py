@@ -38,9 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
-from xenblockctl.backend.io import DiscardMode
+from xenblockctl.backend.io import DiscardMode, InFlight
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, DeviceLimits, IoPlan
-from xenblockctl.errors import XenblockError
 from xenblockctl.nbd import proto
 from xenblockctl.nbd.client import ExportInfo, handshake, open_socket
 from xenblockctl.nbd.errors import NbdError
@@ -187,7 +186,7 @@ class NbdExecutor:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._parts: dict[int, _Part] = {}
-        self._in_flight = 0
+        self._tracked = InFlight(name)
         self._cookie = 0
         self._closed = False
         self._sock: socket.socket | None = None
@@ -204,31 +203,25 @@ class NbdExecutor:
 
     @property
     def in_flight(self) -> int:
-        with self._cond:
-            return self._in_flight
+        return self._tracked.count
 
     def submit(self, plan: IoPlan, bufs: list[memoryview], done: Completion) -> None:
-        with self._cond:
-            if self._closed:
-                raise XenblockError("executor closed", code="internal")
-            self._in_flight += 1
+        self._tracked.enter()
         try:
             status = self._send(plan, bufs, done)
         except BaseException:
             status = blkif.RSP_ERROR
             log.exception("%s: sending %s failed", self.name, plan.kind.value)
         if status is not None:
-            self._complete_now(done, status)
+            self._tracked.leave(done, status)
 
     def drain(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+        return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         with self._cond:
             self._closed = True
-        drained = self.drain(timeout)
-        if not drained:
+        if not self._tracked.close(timeout):
             return False
         with self._cond:
             sock, self._sock = self._sock, None
@@ -245,21 +238,10 @@ class NbdExecutor:
         return True
 
     # -- sending ---------------------------------------------------------------------------------
-    def _complete_now(self, done: Completion, status: int) -> None:
-        try:
-            done(status)
-        except Exception:
-            log.exception("%s: completion callback failed", self.name)
-        finally:
-            with self._cond:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._cond.notify_all()
-
     def _complete(self, request: _Request) -> None:
         for view in request.slices:
             view.release()
-        self._complete_now(request.done, request.status)
+        self._tracked.leave(request.done, request.status)
 
     def _connected(self) -> socket.socket | None:
         """The live connection, reconnecting at most every reconnect_interval (ring thread)."""

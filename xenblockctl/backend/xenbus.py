@@ -5,9 +5,10 @@ backend and frontend nodes and does whatever is due, so lost, merged or reordere
 wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour where it is sane):
 
   backend appears (libxl, state 1)   -> publish features + `opened`=0, state InitWait (2)
-  `physical-device` written          -> read it with the luid in one transaction, open by
-                                        major:minor, refuse unless BLKGETDISKSEQ == luid,
-                                        then `opened`=1 (the block script's sign to let go)
+  `physical-device` written          -> read it with the luid and `diskseq` in one transaction,
+                                        open by major:minor, refuse unless BLKGETDISKSEQ equals
+                                        every one of them that is present, then `opened`=1 (the
+                                        block script's sign to let go)
   frontend Initialised/Connected     -> map the ring, bind the event channel, publish
                                         sectors/info/features, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
@@ -23,9 +24,12 @@ Frontend nodes are written by the guest: every one is parsed and bounded before 
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +39,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
+from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
@@ -42,14 +47,14 @@ from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, format_error_responses
+from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, XenbusState, format_error_responses
 
-_LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
-_PHYSICAL = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
 _FRONTEND = re.compile(r"/local/domain/(0|[1-9][0-9]{0,4})/device/(vbd|vbd3)/([1-9][0-9]{0,9})")
 
 #: How long a detach waits for a connected frontend to close before tearing down anyway. libxl
@@ -84,7 +89,9 @@ class EngineRefusal(XenblockError):
 @dataclass(frozen=True)
 class EngineConfig:
     transport: Transport
-    #: Refuse `physical-device` without a luid (stock block script). The engine exists to verify.
+    #: Refuse `physical-device` with neither `physical-device-luid` nor `diskseq` (the stock block
+    #: script). The engine exists to verify, so it is stricter here than the kernel patch, which
+    #: skips its check when `diskseq` is absent.
     require_luid: bool = True
     max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
     max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
@@ -93,6 +100,9 @@ class EngineConfig:
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
+    #: The service manager's fd store (backend/handover.py): each opened device is parked there and
+    #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
+    fd_store: FdStore | None = None
 
 
 class BackendDevice:
@@ -137,6 +147,12 @@ class BackendDevice:
         self._drain_reported = False
         self._lock = threading.Lock()
         self.errors = ErrorResponses(f"xbc-{domid}-{devid}")  # every ring's, across reconnects
+        self.fd_name = fd_name(kind, domid, devid)
+        #: the device fd is in the manager's fd store (parked by us or by the engine before us)
+        self._parked = False
+        #: taken over while the frontend was connected to the previous engine: its ring's grants
+        #: lived in that process (local transport), so wait for the frontend to reconnect
+        self._stale_ring = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -174,7 +190,7 @@ class BackendDevice:
             if tx.read_optional(join(self.path, "state")) is None:
                 return
             tx.write(self.error_path(), reason[:400])
-            tx.write(join(self.path, "state"), "5")
+            tx.write(join(self.path, "state"), str(XenbusState.Closing))
 
         self.store.run_transaction(body)
         self.phase = Phase.FAILED
@@ -213,7 +229,7 @@ class BackendDevice:
             return True
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return True
-        if self.phase is Phase.INIT_WAIT and "physical-device" in nodes:
+        if self.phase is Phase.INIT_WAIT and identity.PHYSICAL_DEVICE in nodes:
             try:
                 self._open_device()
             except XenblockError as exc:
@@ -226,13 +242,18 @@ class BackendDevice:
         except EngineRefusal as exc:
             self._fail(exc.message)
             return True
+        if self._stale_ring and fe_state not in (3, 4):
+            self._stale_ring = False
+            self._log("frontend left the previous engine's ring: serving it again when it connects")
         if (
             self.phase in (Phase.OPENED, Phase.DISCONNECTED)
             and fe_state in (1,)
-            and nodes.get("state") == "6"
+            and XenbusState.of(nodes.get("state")) is XenbusState.Closed
         ):
             self._log("frontend re-initialising: prepare for reconnect")
             self._set_state(2)
+        elif self._stale_ring and fe_state in (3, 4):
+            pass  # still on the dead engine's ring: nothing to connect until it reconnects
         elif self.phase in (Phase.OPENED, Phase.DISCONNECTED) and fe_state in (3, 4):
             try:
                 self._connect()
@@ -240,7 +261,11 @@ class BackendDevice:
                 self._fail(f"cannot connect: {exc.message}")
         elif self.phase is Phase.CONNECTED and fe_state in (5, 6, None):
             self._disconnect(6 if fe_state in (6, None) else 5)
-        elif self.phase is Phase.DISCONNECTED and fe_state == 6 and nodes.get("state") == "5":
+        elif (
+            self.phase is Phase.DISCONNECTED
+            and fe_state == 6
+            and XenbusState.of(nodes.get("state")) is XenbusState.Closing
+        ):
             self._set_state(6)
         return True
 
@@ -259,56 +284,113 @@ class BackendDevice:
         self._log("InitWait: waiting for physical-device")
 
     def _open_device(self) -> None:
-        def body(tx: Transaction) -> tuple[str | None, str | None, str | None, str | None]:
-            return (
-                tx.read_optional(join(self.path, "physical-device")),
-                tx.read_optional(join(self.path, "physical-device-luid")),
-                tx.read_optional(join(self.path, "mode")),
-                tx.read_optional(join(self.path, "frontend")),
-            )
+        """Open what physical-device names and prove it is the published device: every identity
+        node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
+        device has; any disagreement, among them or with the device, fails it (as the kernel patch
+        does). Their grammar and what we accept from other writers: xenstore/identity.py."""
+        names = (*identity.IDENTITY_NODES, "mode", "frontend")
 
-        physical, luid, mode, frontend = self.store.run_transaction(body)
-        match = _PHYSICAL.fullmatch(physical or "")
-        if match is None:
-            raise EngineRefusal(f"physical-device {physical!r} is not hex MAJOR:MINOR")
-        if luid is None:
-            if self.config.require_luid:
-                raise EngineRefusal("physical-device-luid missing: refusing an unverifiable device")
-        elif not _LUID.fullmatch(luid):
-            raise EngineRefusal(f"physical-device-luid {luid[:40]!r} is not a lowercase hex diskseq")
+        def body(tx: Transaction) -> dict[str, str | None]:
+            return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
+
+        nodes = self.store.run_transaction(body)
+        mode, frontend = nodes["mode"], nodes["frontend"]
+        try:
+            published = PublishedIdentity.from_nodes(nodes)
+        except IdentityError as exc:
+            raise EngineRefusal(exc.message) from exc
+        if published is None:
+            raise EngineRefusal("physical-device was withdrawn before the engine read it")
+        if published.diskseq is None and self.config.require_luid:
+            raise EngineRefusal(
+                "neither physical-device-luid nor diskseq is published: refusing an unverifiable device"
+            )
         if mode not in ("r", "w"):
             raise EngineRefusal(f"mode {mode!r} is not r or w")
         if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
             raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
-        major, minor = int(match.group(1), 16), int(match.group(2), 16)
-        devt = os.makedev(major, minor)
-        if blockdev.live_diskseq(devt) is None:
-            raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
-        device = blockdev.open_devt(devt, writable=mode == "w")
-        if luid is not None and device.identity.diskseq != int(luid, 16):
-            seen, empty = device.identity.diskseq, device.identity.size_bytes == 0
+        major, minor, devt = published.major, published.minor, published.devt
+        inherited = self.config.fd_store.take(self.fd_name) if self.config.fd_store is not None else None
+        if inherited is not None:
+            self._parked = True  # the manager kept its copy: a refusal below must drop it too
+            device = self._adopt(inherited, devt, writable=mode == "w")
+        else:
+            if blockdev.observe(devt) is None:
+                raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
+            device = blockdev.open_devt(devt, writable=mode == "w")
+        verdict = identity.judge(published.diskseq, device.identity)
+        if verdict not in (Liveness.LIVE, Liveness.UNVERIFIED):
+            seen = device.identity.diskseq
             device.close()
+            self._unpark()
             # An empty device is the common case after an engine restart: the loop device the luid
             # named auto-cleared when the old engine died. Say so; an admin reads "replaced" as an attack.
             why = (
                 "the device it named is gone and the number now names an empty device (a loop device"
                 " that auto-cleared while no backend held it?); nothing to serve"
-                if empty
+                if verdict is Liveness.EMPTY
                 else "the device was replaced; refusing to give the guest the wrong disk"
             )
             raise EngineRefusal(
-                f"diskseq mismatch on {major}:{minor}: device has {seen:x}, physical-device-luid says {luid}"
-                f" ({why})"
+                f"diskseq mismatch on {major}:{minor}: device has {seen:x}, published diskseq is"
+                f" {published.diskseq:x} ({why})"
             )
         self.device = device
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
+        if inherited is None and self.config.fd_store is not None:
+            # before `opened`=1: from then on the block script lets go, and an engine dying
+            # between the two would leave the store nothing to hand the next one
+            self._parked = self.config.fd_store.park(self.fd_name, device.fd)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
-        self._log(
-            f"opened {major}:{minor} diskseq {device.identity.diskseq:x} ({'rw' if self.writable else 'ro'})"
-        )
+        how = "took over" if inherited is not None else "opened"
+        access = "rw" if self.writable else "ro"
+        self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
+        # The previous engine's ring (local transport: its grant registry) died with it; a frontend
+        # still Initialised/Connected must reconnect, and Closed tells it to. Re-attaching to the
+        # live ring is not done yet (issue 21).
+        if inherited is not None and self._frontend_state(strict=False) in (3, 4):
+            self._stale_ring = True
+            self.phase = Phase.DISCONNECTED
+            self._set_state(6)
+            self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
+
+    def _adopt(self, fd: int, devt: int, *, writable: bool) -> BlockDevice:
+        """The fd a previous engine parked, re-verified before use: a block device, the one
+        physical-device names (dev_t), open for what `mode` needs. Its diskseq is judged by the
+        caller like a fresh open's. Refused: the fd is closed and the manager's copy dropped."""
+
+        def refuse(why: str) -> EngineRefusal:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._unpark()
+            return EngineRefusal(f"the device taken back from the fd store {why}; refusing it")
+
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError as exc:
+            raise refuse(f"is not an open file ({exc.strerror})") from None
+        if not stat.S_ISBLK(st.st_mode):
+            raise refuse("is not a block device")
+        if st.st_rdev != devt:
+            raise refuse(
+                f"is {os.major(st.st_rdev):x}:{os.minor(st.st_rdev):x}, physical-device names"
+                f" {os.major(devt):x}:{os.minor(devt):x} (the published device changed while no engine ran)"
+            )
+        if (flags & os.O_ACCMODE) != (os.O_RDWR if writable else os.O_RDONLY):
+            raise refuse("is not open for the backend's mode")
+        try:
+            return blockdev.BlockDevice(fd, blockdev.identify(fd))
+        except XenblockError as exc:
+            raise refuse(f"cannot be identified: {exc.one_line()}") from None
+
+    def _unpark(self) -> None:
+        if self._parked and self.config.fd_store is not None:
+            self._parked = False
+            self.config.fd_store.unpark(self.fd_name)
 
     def _frontend_state(self, *, strict: bool = True) -> int | None:
         """The frontend's `state` (0-8), None while it has none. A value that is not a xenbus state
@@ -424,7 +506,7 @@ class BackendDevice:
                 nodes["discard-secure"] = "1" if limits.discard_secure else "0"
             for name, value in nodes.items():
                 tx.write(join(self.path, name), value)
-            tx.write(join(self.path, "state"), "4")
+            tx.write(join(self.path, "state"), str(XenbusState.Connected))
 
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED
@@ -513,12 +595,14 @@ class BackendDevice:
         self.phase = Phase.DISCONNECTED
         self._set_state(state)
 
-    def _close_device(self) -> None:
+    def _close_device(self, *, keep_parked: bool = False) -> None:
         if self.dataplane is not None:
             # every caller drains first; closing here could let a request write to a reused fd
             raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
         self.target = None
+        if not keep_parked:
+            self._unpark()
         if device is not None:
             device.close()  # delete-on-close: an auto-clearing loop device goes away here
 
@@ -541,15 +625,17 @@ class BackendDevice:
         if self.teardown("online=0"):
             self._set_state(6)
 
-    def teardown(self, why: str) -> bool:
+    def teardown(self, why: str, *, keep_parked: bool = False) -> bool:
         """Stop taking requests, drain, unmap, close the device. Idempotent. False while requests
-        are still in flight: nothing is closed or unmapped then; call again (reconcile() does)."""
+        are still in flight: nothing is closed or unmapped then; call again (reconcile() does).
+        `keep_parked` (the engine stopping, not the backend): the fd store's copy stays, for the
+        next engine, or for the manager to close when the unit stops."""
         if self.phase is Phase.CLOSED:
             return True
         if not self._quiesce():
             return False
         had_device = self.device is not None
-        self._close_device()
+        self._close_device(keep_parked=keep_parked)
         self.phase = Phase.CLOSED
         if had_device:
             self._log(f"released the device ({why})")

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import os
 import secrets
-import stat
 from collections.abc import Callable
 
 from xenblockctl.blockscript import faults
@@ -30,7 +29,7 @@ from xenblockctl.environment import Environment
 from xenblockctl.kernel import dm, loop, sysfs
 from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.kernel.dm_abi import Cmd
-from xenblockctl.kernel.errors import DeviceError, TargetTypeError
+from xenblockctl.kernel.errors import DeviceError
 
 #: Where the COW goes when the base's directory cannot hold an O_TMPFILE (read-only, 9p, ...):
 #: disk-backed on usual systems, unlike /tmp or /dev/shm whose pages a busy guest would pin in RAM.
@@ -140,17 +139,22 @@ def _cow_fd(base_path: str, size: int) -> int:
 
 
 def create_snapshot(
-    ctl: dm.DmControl, base_fd: int, *, base_path: str, domid: int, devid: int, direct_io: bool = False
+    ctl: dm.DmControl,
+    base_fd: int,
+    *,
+    base_path: str,
+    parts: tuple[int | str, ...],
+    direct_io: bool = False,
 ) -> VolatileDisk:
     """Attach the base read-only, make the COW, stack the dm-snapshot, let go of both loops (the dm
-    table holds them now). The returned device is the only reference we keep: close it once the
-    consumer holds its own, or on failure, and everything unwinds."""
-    if not stat.S_ISREG(os.fstat(base_fd).st_mode):
-        raise TargetTypeError(f"{base_path}: the base of a snapshot: target must be a regular image file")
+    table holds them now). `base_fd` is a regular file (claim.py checks that when it opens it);
+    `parts` (domid, devid) name the loop tags and the dm device. The returned device is the only
+    reference we keep: close it once the consumer holds its own, or on failure, and everything
+    unwinds."""
     base = loop.attach_fd(
         base_fd,
         read_only=True,
-        tag=loop.make_tag(domid, devid, "base"),
+        tag=loop.make_tag(*parts, "base"),
         autoclear=True,
         direct_io=direct_io,
         backing_path=base_path,
@@ -158,14 +162,12 @@ def create_snapshot(
     try:
         cow_fd = _cow_fd(base_path, base.identity.size_bytes)
         try:
-            cow = loop.attach_fd(
-                cow_fd, read_only=False, tag=loop.make_tag(domid, devid, "cow"), autoclear=True
-            )
+            cow = loop.attach_fd(cow_fd, read_only=False, tag=loop.make_tag(*parts, "cow"), autoclear=True)
         finally:
             os.close(cow_fd)
         try:
             # Unique per attach: a detached predecessor may still be in its asynchronous removal.
-            name = f"xenblockctl-{domid}-{devid}-{secrets.token_hex(4)}"
+            name = f"xenblockctl-{'-'.join(map(str, parts))}-{secrets.token_hex(4)}"
             volatile = dm.create_volatile(ctl, name, base, cow)
         finally:
             cow.close()

@@ -22,7 +22,7 @@ from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockIdentity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import BackendPath
+from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
 #: Poll interval for blkback's sysfs attribute (sysfs has no change notification for it).
 BLKBACK_POLL = 0.005
@@ -123,6 +123,7 @@ def _check(
             if seen != identity.physical_device:
                 raise HandoffError(f"kernel blkback opened {seen}, not {identity.physical_device}")
             return Consumer.KERNEL
-    if state in ("5", "6") or online == "0":
+    be_state = XenbusState.of(state)
+    if (be_state is not None and be_state.closing) or online == "0":
         raise HandoffError(f"backend is closing (state {state}, online {online}) before taking the device")
     return None

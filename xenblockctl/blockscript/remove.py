@@ -10,14 +10,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from xenblockctl.blockscript import faults
-from xenblockctl.blockscript.add import PUBLISHED
-from xenblockctl.blockscript.owner import NODE as OWNER_NODE
-from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
@@ -29,7 +27,7 @@ class RemoveResult(NamedTuple):
 def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
     be = backend_dir(store, path)
     try:
-        owner_text = store.read_optional(join(be, OWNER_NODE))
+        owner_text = store.read_optional(join(be, OWNER))
     except XenstoreNoEntry:
         owner_text = None
     faults.pause(env, "remove-start")
@@ -55,6 +53,6 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Env
 def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     """Remove our nodes, but only if the record is still the one we acted on (a concurrent add
     after a forced detach could have published a new one)."""
-    if tx.read_optional(join(be, OWNER_NODE)) != owner_text:
+    if tx.read_optional(join(be, OWNER)) != owner_text:
         return
     tx.rm_many([join(be, name) for name in PUBLISHED])

@@ -41,22 +41,16 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.errors import XenstoreError, XenstoreNoEntry
+from xenblockctl.xenstore.errors import XenstoreError
+from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import (
-    BACKEND_KINDS,
-    DOMID_FIRST_RESERVED,
-    BackendPath,
-    BackendRecordError,
-    VbdPathError,
-    parse_physical_device,
-)
+from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
 
 
 class SharingConflict(XenblockError):
@@ -199,12 +193,13 @@ class _SameVm:
 
 
 def _live(claim: Claim) -> bool:
-    """A backend's claim whose device is gone (its diskseq no longer live: the engine let go and
-    the loop auto-cleared) gives nobody access to the disk any more, so it does not count.
-    Claims without a known diskseq (stock script, mounts) cannot be proven stale and count."""
+    """A backend's claim whose device is gone, empty or replaced (the engine let go and the loop
+    auto-cleared) gives nobody access to the disk any more, so it does not count. Claims without
+    a known diskseq (stock script, mounts), or whose device the kernel cannot be asked about,
+    cannot be proven stale and count (identity.Liveness.holds)."""
     if claim.devt is None or claim.diskseq is None:
         return True
-    return blockdev.live_diskseq(claim.devt) == claim.diskseq
+    return identity.liveness_of(claim.devt, claim.diskseq, blockdev.observe).holds
 
 
 def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> Iterator[Claim]:
@@ -224,41 +219,26 @@ def backend_claims(
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
     `physical-device` names it (one read per backend, the full record only for those)."""
-    for kind in BACKEND_KINDS:
-        kind_dir = join(home, "backend", kind)
-        for domid in _ls(store, kind_dir):
-            domain_dir = join(kind_dir, domid)
-            for devid in _ls(store, domain_dir):
-                be = join(domain_dir, devid)
-                if be == own_backend:
-                    continue
-                if devt is not None and _published_devt(store, be) != devt:
-                    continue
-                frontend = uint_or_none(domid, maximum=DOMID_FIRST_RESERVED - 1)
-                for claim in _backend_claims(store, be):
-                    yield claim._replace(frontend=frontend)
+    for entry in walk_backends(store, home):
+        be = entry.path
+        if be == own_backend:
+            continue
+        if devt is not None and _published_devt(store, be) != devt:
+            continue
+        frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
+        for claim in _backend_claims(store, be):
+            yield claim._replace(frontend=frontend)
 
 
 def _published_devt(store: XenStore, be: str) -> int | None:
-    physical = store.read_optional(join(be, "physical-device"))
-    if physical is None:
-        return None
-    try:
-        major, minor = parse_physical_device(physical)
-    except BackendRecordError:
-        return None
-    return os.makedev(major, minor)
-
-
-def _ls(store: XenStore, path: str) -> list[str]:
-    try:
-        return store.ls(path)
-    except XenstoreNoEntry:
-        return []
+    published = PublishedIdentity.named(
+        {identity.PHYSICAL_DEVICE: store.read_optional(join(be, identity.PHYSICAL_DEVICE))}
+    )
+    return None if published is None else published.devt
 
 
 def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
-    owner_text = store.read_optional(join(be, "xenblockctl-owner"))
+    owner_text = store.read_optional(join(be, identity.OWNER))
     if owner_text is not None:
         try:
             owner = OwnerRecord.parse(owner_text)
@@ -290,22 +270,18 @@ def _owner_claims(be: str, owner: OwnerRecord) -> Iterator[Claim]:
 
 
 def _public_claim(store: XenStore, be: str) -> Claim | None:
-    physical = store.read_optional(join(be, "physical-device"))
-    if physical is None:
-        return None
-    mode = store.read_optional(join(be, "mode")) or "w"  # unknown mode: assume the worst
+    names = (*identity.IDENTITY_NODES, "mode")
+    values = dict(zip(names, store.read_many([join(be, name) for name in names]), strict=True))
+    mode = values["mode"] or "w"  # unknown mode: assume the worst
     try:
-        major, minor = parse_physical_device(physical)
-    except BackendRecordError:
+        published = PublishedIdentity.from_nodes(values)
+    except IdentityError:
+        # A malformed physical-device names no device; a malformed or disagreeing diskseq cannot
+        # prove the claim stale, so it counts for whatever physical-device names.
+        published = PublishedIdentity.named(values)
+    if published is None:
         return None
-    luid_text = store.read_optional(join(be, "physical-device-luid"))
-    diskseq = None
-    if luid_text is not None:
-        try:
-            diskseq = parse_luid(luid_text)
-        except OwnerRecordError:
-            diskseq = None
-    return Claim(where=be, writable="w" in mode, devt=os.makedev(major, minor), diskseq=diskseq)
+    return Claim(where=be, writable="w" in mode, devt=published.devt, diskseq=published.diskseq)
 
 
 def loop_claims() -> Iterator[Claim]:

@@ -1,4 +1,4 @@
-"""Target forms the block script accepts in `params`, and opening them with identity from the fd.
+"""Target forms the block script accepts in `params`: parsing and validation, nothing opened.
 
 Forms (documented in block-xenblockctl(8)):
   /path/to/file            regular file -> a fresh loop device (read-only for mode r)
@@ -9,24 +9,25 @@ Forms (documented in block-xenblockctl(8)):
   uuid:DMUUID              the dm device with this uuid, confirmed on the fd
   snapshot:/path/base.img  a throwaway writable view of a read-only base (dmtargets.py)
   raw:PATH / aio:PATH      the same with libxl's tap-style format prefix (backendtype=tap)
+  nbd://HOST[:PORT]/EXPORT an NBD export (nbd/uri.py: doc/uri.md's syntax; TLS forms refused), made
+  nbd+unix:///EXPORT?socket=/PATH   into a fresh kernel NBD device (claim.py, kernel/nbd.py)
 
-The target is opened exactly once; every identity fact (major:minor, diskseq, dm name and uuid)
-comes from that fd, so a rename, re-create or symlink swap between checks cannot hand out another
-disk. dm forms are opened through /dev/mapper/control (dmtargets.py); where the kernel has no dm
-control node, /dev/mapper/NAME falls back to opening the path and checking sysfs dm/name."""
+claim.py opens a parsed target exactly once; every identity fact (major:minor, diskseq, dm name and
+uuid) comes from that fd, so a rename, re-create or symlink swap between checks cannot hand out
+another disk. dm forms are opened through /dev/mapper/control (dmtargets.py); where the kernel has
+no dm control node, /dev/mapper/NAME falls back to opening the path and checking sysfs dm/name."""
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel import blockdev, loop
-from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
-from xenblockctl.kernel.errors import IdentityMismatch, TargetTypeError
 from xenblockctl.xenstore.numbers import uint_or_none
+
+if TYPE_CHECKING:
+    from xenblockctl.nbd.uri import NbdUri
 
 #: libxl tap-style format prefixes that still mean "a raw image or device at this path".
 RAW_PREFIXES = ("raw:", "aio:")
@@ -35,8 +36,11 @@ SNAPSHOT_PREFIX = "snapshot:"
 PATH_MAX = 4096
 NAME_MAX = 255
 DM_PREFIX = "/dev/mapper/"
+#: NBD URI schemes (nbd/uri.py refuses the TLS ones with a reason): kept here as text so that a
+#: path target never imports the NBD code
+NBD_PREFIXES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 #: Every `params` form that is not a plain absolute path starts with one of these.
-TARGET_PREFIXES = (*RAW_PREFIXES, UUID_PREFIX, SNAPSHOT_PREFIX)
+TARGET_PREFIXES = (*RAW_PREFIXES, UUID_PREFIX, SNAPSHOT_PREFIX, *NBD_PREFIXES)
 
 
 def has_target_prefix(params: str) -> bool:
@@ -63,6 +67,8 @@ class Target(NamedTuple):
     dm_uuid: str | None = None
     #: `snapshot:` form: `path` is the read-only base of a volatile disk.
     snapshot: bool = False
+    #: NBD form: the export (`path` is its canonical URI, never opened as a path).
+    nbd: NbdUri | None = None
 
 
 def parse_target(params: str) -> Target:
@@ -71,6 +77,11 @@ def parse_target(params: str) -> Target:
         raise TargetSyntaxError("params is empty")
     if params.startswith(UUID_PREFIX):
         return _parse_uuid(params)
+    if params[:12].lower().startswith(NBD_PREFIXES):
+        from xenblockctl.nbd import uri  # only for NBD targets: the hotplug path of files stays small
+
+        export = uri.parse(params)
+        return Target(export.canonical(), nbd=export)
     if params.startswith(SNAPSHOT_PREFIX):
         # The base must be a regular file (checked on the opened fd): it is attached read-only.
         return Target(_parse_path(params[len(SNAPSHOT_PREFIX) :]).path, snapshot=True)
@@ -141,58 +152,3 @@ def maybe_dm(target: Target) -> bool:
     from xenblockctl.kernel import sysfs  # here, not at the top: pathlib stays off a file add
 
     return stat.S_ISBLK(st.st_mode) and sysfs.dm_name(os.major(st.st_rdev), os.minor(st.st_rdev)) is not None
-
-
-def open_target(
-    target: Target, *, writable: bool, tag: str, env: Environment, autoclear: bool = True
-) -> BlockDevice:
-    """Open the target once: a regular file becomes a new loop device (tagged `tag`); a block device
-    is used as is after its expectations are checked on the opened fd; a named dm device is
-    confirmed through dm control. The caller owns the result and must keep it open until the
-    consumer holds its own reference (delete-on-close)."""
-    if target.snapshot:
-        raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
-    if maybe_dm(target):
-        from xenblockctl.blockscript import dmtargets
-
-        named = dmtargets.open_named(target, writable=writable, env=env)
-        if named is not None:
-            return named
-    fd = blockdev.open_path(target.path, writable=writable)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            if target.expect_dm_name is not None or target.expect_diskseq is not None:
-                raise IdentityMismatch(f"{target.path} is a regular file, expected a block device")
-            return loop.attach_fd(
-                fd, read_only=not writable, tag=tag, autoclear=autoclear, backing_path=target.path
-            )
-        device = BlockDevice(fd, blockdev.identify(fd), target.path)
-        fd = -1  # owned by `device` now
-        try:
-            check_expectations(target, device.identity)
-        except BaseException:
-            device.close()
-            raise
-        return device
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def check_expectations(target: Target, ident: BlockIdentity) -> None:
-    """The identity checks a /dev/mapper/NAME or by-diskseq target promises, on the opened device."""
-    if target.expect_dm_name is not None:
-        from xenblockctl.kernel import sysfs
-
-        name = sysfs.dm_name(ident.major, ident.minor)
-        if name != target.expect_dm_name:
-            raise IdentityMismatch(
-                f"{target.path} opened {ident.major}:{ident.minor} whose dm name is {name!r}, not "
-                f"{target.expect_dm_name!r} (renamed or re-created while opening)"
-            )
-    if target.expect_diskseq is not None and ident.diskseq != target.expect_diskseq:
-        raise IdentityMismatch(
-            f"{target.path} opened a device with diskseq {ident.diskseq}, not {target.expect_diskseq}"
-            " (by-diskseq links go stale after a detach)"
-        )

@@ -224,8 +224,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
 
 
 def _record(result: Any) -> dict[str, Any]:
-    from xenblockctl.blockscript.owner import parse_luid
-    from xenblockctl.xenstore.vbd import parse_physical_device
+    from xenblockctl.xenstore.identity import parse_luid, parse_physical_device
 
     spec = result.spec
     loc = spec.location

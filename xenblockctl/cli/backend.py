@@ -60,7 +60,8 @@ def raise_fd_limit(journal: Journal) -> int:
 @click.option(
     "--allow-unverified",
     is_flag=True,
-    help="Serve devices published without physical-device-luid (stock block script). Not recommended.",
+    help="Serve devices published with neither physical-device-luid nor diskseq (stock block script). "
+    "Not recommended.",
 )
 @click.option(
     "--persistent-grants/--no-persistent-grants",
@@ -86,14 +87,17 @@ def backend(
     max_persistent_grants: int | None,
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
-    physical-device-luid, hold it across frontend reconnects, drain I/O before letting go."""
+    physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
+    from xenblockctl.backend.handover import FdStore
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.xenstore.client import XenStore
 
     journal = Journal("xenblockctl-engine")
     raise_fd_limit(journal)
+    # first: the fds a previous engine parked (LISTEN_FDS) are ours to verify or close
+    fd_store = FdStore.from_environ(journal)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport
@@ -106,7 +110,9 @@ def backend(
     else:
         raise click.BadParameter(f"unknown transport {transport_spec!r}", param_hint="--transport")
     store = XenStore.connect(xenstore_path)
-    config = EngineConfig(transport, require_luid=not allow_unverified, persistent_grants=persistent_grants)
+    config = EngineConfig(
+        transport, require_luid=not allow_unverified, persistent_grants=persistent_grants, fd_store=fd_store
+    )
     if max_persistent_grants is not None:
         config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
     engine = Engine(store, config, kind=kind, journal=journal)

@@ -6,11 +6,12 @@ import os
 
 import click
 
-from xenblockctl.blockscript.target import open_target, parse_target
+from xenblockctl.blockscript.claim import Use, open_target
+from xenblockctl.blockscript.target import parse_target
 from xenblockctl.cli.output import emit_json, fields
 from xenblockctl.environment import Environment
 from xenblockctl.kernel import sysfs
-from xenblockctl.kernel.loop import LoopDevice, make_tag
+from xenblockctl.kernel.loop import LoopDevice
 
 
 @click.command()
@@ -22,8 +23,11 @@ def identify(path: str, as_json: bool, writable: bool) -> None:
 
     A regular file gets an auto-clearing loop device that vanishes when this command exits."""
     target = parse_target(path)
-    tag = make_tag("identify", os.getpid())
-    with open_target(target, writable=writable, tag=tag, env=Environment.of_process()) as device:
+    # The block script's open, without its lock, sharing check or publishing: nothing is claimed.
+    with (
+        open_target(target, writable=writable, env=Environment.of_process()) as opened,
+        opened.make(Use(("identify", os.getpid()))).device as device,
+    ):
         ident = device.identity
         record: dict[str, object] = {
             "path": path,

@@ -15,7 +15,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from xenblockctl.errors import XenblockError
@@ -44,13 +44,21 @@ class ReadyDaemon:
         *,
         timeout: float = 20.0,
         cwd: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
         try:
             self.proc = subprocess.Popen(
-                list(argv), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, cwd=cwd
+                list(argv),
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=env,
+                pass_fds=pass_fds,
             )
         except BaseException:
             self._log.close()

@@ -15,7 +15,7 @@ from xenblockctl.toolstack.vbd_dirs import VbdLocation
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import Perm, join
-from xenblockctl.xenstore.vbd import BACKEND_KINDS
+from xenblockctl.xenstore.vbd import XenbusState, walk_backends
 
 
 def may_write(perms: list[Perm], domid: int) -> bool:
@@ -75,23 +75,14 @@ def _frontend_stall(store: XenStore, loc: VbdLocation, frontend_state: str | Non
 
 def _other_backends(store: XenStore, loc: VbdLocation) -> tuple[int, int]:
     """(vbds of this backend domain past InitWait, all its other vbds), every kind and guest."""
-    base = join(domain_path(loc.backend_domid), "backend")
     working = total = 0
-    for kind in BACKEND_KINDS:
-        kind_dir = join(base, kind)
-        if store.read_optional(kind_dir) is None:
+    for entry in walk_backends(store, domain_path(loc.backend_domid)):
+        if uint_or_none(entry.domid, maximum=0xFFFF) is None or entry.path == loc.backend:
             continue
-        for guest in store.ls(kind_dir):
-            if uint_or_none(guest, maximum=0xFFFF) is None:
-                continue
-            for devid in store.ls(join(kind_dir, guest)):
-                path = join(kind_dir, guest, devid)
-                if path == loc.backend:
-                    continue
-                total += 1
-                state = uint_or_none(store.read_optional(join(path, "state")) or "", maximum=8)
-                if state is not None and 2 <= state <= 4:
-                    working += 1
+        total += 1
+        state = XenbusState.of(store.read_optional(join(entry.path, "state")))
+        if state is not None and XenbusState.InitWait <= state <= XenbusState.Connected:
+            working += 1
     return working, total
 
 

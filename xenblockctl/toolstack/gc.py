@@ -13,18 +13,18 @@ between the scan and the detach is refused, not cleared."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import dm, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.toolstack import inventory
 from xenblockctl.toolstack.inventory import VbdInfo
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
 
 SCRIPT_NAME = "block-xenblockctl"
 
@@ -53,30 +53,38 @@ def stale_backend_reason(info: VbdInfo) -> str | None:
         return None
     if not info.domain_alive:
         return f"domain {info.location.domid} no longer exists"
-    published = "physical-device" in info.backend
+    published = identity.PHYSICAL_DEVICE in info.backend
     if info.backend.get("hotplug-status") in ("error", "busy") and not published:
         return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
     return None
 
 
+#: In _claimed's result: the diskseq of a devt whose published identity cannot be verified (no
+#: luid/diskseq, or a malformed one): every binding of that number counts as claimed.
+ANY_DISKSEQ = 0
+
+
 def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
-    """(devt, diskseq) of every device a backend's owner record names, even unparsable ones'
-    public identity: anything a backend might still use is never garbage."""
+    """(devt, diskseq) of every device a backend's owner record names, and of every published
+    identity (luid or diskseq node, read by the one parser: xenstore/identity.py) even beside an
+    unparsable record: anything a backend might still use is never garbage. Where the published
+    diskseq is missing or malformed, (devt, ANY_DISKSEQ): the number is claimed whatever is bound."""
     claimed: set[tuple[int, int]] = set()
     for info in vbds:
         backend = info.backend or {}
-        text = backend.get("xenblockctl-owner")
+        text = backend.get(identity.OWNER)
         if text is not None:
             try:
                 owner = OwnerRecord.parse(text)
                 claimed.add((owner.devt, owner.diskseq))
             except OwnerRecordError:
                 pass
-        phys = info.physical_device
-        luid = backend.get("physical-device-luid")
-        if phys is not None and luid is not None and luid.isalnum():
-            with contextlib.suppress(ValueError):
-                claimed.add((os.makedev(*phys), int(luid, 16)))
+        try:
+            published = PublishedIdentity.from_nodes(backend)
+        except IdentityError:
+            published = PublishedIdentity.named(backend)
+        if published is not None:
+            claimed.add((published.devt, ANY_DISKSEQ if published.diskseq is None else published.diskseq))
     return claimed
 
 
@@ -92,7 +100,7 @@ def orphan_loops(vbds: list[VbdInfo], env: Environment) -> list[Garbage]:
             continue
         if LoopFlags.AUTOCLEAR in bound.status.flags:
             continue
-        if (bound.devt, bound.diskseq) in claimed:
+        if (bound.devt, bound.diskseq) in claimed or (bound.devt, ANY_DISKSEQ) in claimed:
             continue
         found.append(
             Garbage(

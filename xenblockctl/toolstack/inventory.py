@@ -7,20 +7,25 @@ whatever is at 7:3 now, compared with `physical-device-luid`, does."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from xenblockctl.blockscript import handoff
-from xenblockctl.blockscript.owner import NODE as OWNER_NODE
-from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError, parse_luid
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, sysfs
 from xenblockctl.toolstack import domains
 from xenblockctl.toolstack.vbd_dirs import VbdLocation
+from xenblockctl.xenstore import identity as published_identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    Liveness,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+)
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import (
     BACKEND_KINDS,
@@ -29,7 +34,7 @@ from xenblockctl.xenstore.vbd import (
     BackendRecordError,
     XenbusState,
     parse_error_responses,
-    parse_physical_device,
+    walk_backends,
 )
 from xenblockctl.xenstore.vdev import VdevError, vdev_name
 
@@ -39,7 +44,16 @@ IDENTITY_UNVERIFIED = "unverified"  # physical-device without a luid (stock scri
 IDENTITY_MATCH = "match"
 IDENTITY_MISMATCH = "mismatch"  # the number now names another device: the guest may see the wrong disk
 IDENTITY_GONE = "gone"  # no device at that number any more
-IDENTITY_UNKNOWN = "unknown"  # could not look (not root)
+IDENTITY_UNKNOWN = "unknown"  # could not look (not root), or physical-device is malformed
+#: identity.Liveness -> the word above. EMPTY reads "gone": the published device is gone either way
+#: (the number names nothing, or an empty loop device / drive); `live_diskseq` tells them apart.
+_IDENTITY_WORD = {
+    Liveness.LIVE: IDENTITY_MATCH,
+    Liveness.REPLACED: IDENTITY_MISMATCH,
+    Liveness.GONE: IDENTITY_GONE,
+    Liveness.EMPTY: IDENTITY_GONE,
+    Liveness.UNVERIFIED: IDENTITY_UNVERIFIED,
+}
 
 
 @dataclass(frozen=True)
@@ -87,13 +101,20 @@ class VbdInfo:
         return self._state(self.frontend)
 
     @property
-    def physical_device(self) -> tuple[int, int] | None:
-        text = self._node("physical-device")
-        if text is None:
-            return None
+    def published(self) -> PublishedIdentity | None:
+        """The published identity (None: nothing published, or malformed)."""
         try:
-            return parse_physical_device(text)
-        except BackendRecordError:
+            return PublishedIdentity.from_nodes(self.backend or {})
+        except IdentityError:
+            return None
+
+    @property
+    def physical_device(self) -> tuple[int, int] | None:
+        try:
+            return published_identity.parse_physical_device(
+                self._node(published_identity.PHYSICAL_DEVICE) or ""
+            )
+        except IdentityError:
             return None
 
     @property
@@ -123,11 +144,9 @@ class VbdInfo:
     def to_json(self) -> dict[str, Any]:
         loc = self.location
         phys = self.physical_device
-        luid = self._node("physical-device-luid")
-        try:
-            luid_value = parse_luid(luid) if luid is not None else None
-        except OwnerRecordError:
-            luid_value = None
+        luid = self._node(published_identity.LUID)
+        published = self.published
+        luid_value = None if published is None else published.diskseq
         owner: dict[str, Any] | None = None
         if self.owner is not None:
             o = self.owner
@@ -159,7 +178,7 @@ class VbdInfo:
             "type": self._node("type"),
             "params": self._node("params"),
             "script": self._node("script"),
-            "physical_device": self._node("physical-device"),
+            "physical_device": self._node(published_identity.PHYSICAL_DEVICE),
             "major": None if phys is None else phys[0],
             "minor": None if phys is None else phys[1],
             "device_path": self.device_path,
@@ -186,16 +205,6 @@ def _read_dir(store: XenStore, path: str) -> dict[str, str] | None:
         return None
 
 
-def _live(devt: int) -> tuple[int | None, str]:
-    """(live diskseq, identity-if-unpublished-check) of the device at devt."""
-    if sysfs.read_attr(os.major(devt), os.minor(devt), "size") == "0":
-        return None, ""  # an unbound loop (or an empty drive) serves nobody's disk
-    try:
-        return blockdev.live_diskseq(devt), ""
-    except XenblockError:
-        return None, IDENTITY_UNKNOWN  # e.g. no permission to make a private node
-
-
 def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[int] | None = None) -> VbdInfo:
     backend = _read_dir(store, loc.backend)
     frontend = _read_dir(store, loc.frontend)
@@ -203,7 +212,7 @@ def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[i
     backend_error = store.read_optional(loc.error_node)
     owner: OwnerRecord | None = None
     owner_error: str | None = None
-    owner_text = None if backend is None else backend.get(OWNER_NODE)
+    owner_text = None if backend is None else backend.get(published_identity.OWNER)
     if owner_text is not None:
         try:
             owner = OwnerRecord.parse(owner_text)
@@ -213,34 +222,35 @@ def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[i
     live: int | None = None
     device_path: str | None = None
     dm_name: str | None = None
-    physical = None if backend is None else backend.get("physical-device")
-    if physical is not None:
+    physical = None if backend is None else backend.get(published_identity.PHYSICAL_DEVICE)
+    if physical is not None and backend is not None:
+        contradictory = False
         try:
-            major, minor = parse_physical_device(physical)
-        except BackendRecordError:
-            major = minor = -1
-        if major < 0:
+            published = PublishedIdentity.from_nodes(backend)
+        except IdentityError:
+            # A malformed luid/diskseq (or the two disagreeing) beside a valid physical-device: the
+            # published identity does not hold whatever is there. A malformed physical-device names
+            # nothing to look at.
+            contradictory = True
+            published = PublishedIdentity.named(backend)
+        if published is None:
             identity = IDENTITY_UNKNOWN
         else:
-            live, failed = _live(os.makedev(major, minor))
-            luid_text = backend.get("physical-device-luid") if backend else None
-            if failed:
-                identity = failed
-            elif live is None:
-                identity = IDENTITY_GONE
-            elif luid_text is None:
-                identity = IDENTITY_UNVERIFIED
+            try:
+                now = blockdev.observe(published.devt)
+            except XenblockError:
+                identity = IDENTITY_UNKNOWN  # e.g. no permission to make a private node
             else:
-                try:
-                    identity = IDENTITY_MATCH if parse_luid(luid_text) == live else IDENTITY_MISMATCH
-                except OwnerRecordError:
+                live = None if now is None else now.diskseq
+                identity = _IDENTITY_WORD[published_identity.judge(published.diskseq, now)]
+                if contradictory and now is not None:
                     identity = IDENTITY_MISMATCH
-            if live is not None:
-                name = sysfs.kernel_name(major, minor)
-                device_path = f"/dev/{name}" if name else None
-                dm_name = sysfs.dm_name(major, minor)
-            if device_path is None and backend is not None:
-                device_path = backend.get("physical-device-path")
+                if now is not None:
+                    name = sysfs.kernel_name(published.major, published.minor)
+                    device_path = f"/dev/{name}" if name else None
+                    dm_name = sysfs.dm_name(published.major, published.minor)
+            if device_path is None:
+                device_path = backend.get(published_identity.DEVICE_PATH)
     holder: str | None = None
     if backend is not None:
         if backend.get("opened") == "1":
@@ -284,15 +294,11 @@ def locations(store: XenStore, *, home_domid: int, domid: int | None = None) -> 
     """Backends in our home (every kind) plus frontends pointing at a backend of ours that is gone."""
     found: dict[tuple[int, int], VbdLocation] = {}
     home = f"/local/domain/{home_domid}"
-    for kind in BACKEND_KINDS:
-        for dom_text in _ls(store, f"{home}/backend/{kind}"):
-            dom = _num(dom_text)
-            if dom is None or (domid is not None and dom != domid):
-                continue
-            for dev_text in _ls(store, f"{home}/backend/{kind}/{dom_text}"):
-                dev = _num(dev_text)
-                if dev is not None:
-                    found.setdefault((dom, dev), VbdLocation(dom, dev, kind, home_domid))
+    for entry in walk_backends(store, home):
+        dom, dev = _num(entry.domid), _num(entry.devid)
+        if dom is None or dev is None or (domid is not None and dom != domid):
+            continue
+        found.setdefault((dom, dev), VbdLocation(dom, dev, entry.kind, home_domid))
     candidates = [domid] if domid is not None else sorted(domains.live_domids(store))
     for dom in candidates:
         for dev_text in _ls(store, f"/local/domain/{dom}/device/vbd"):

@@ -28,7 +28,9 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
@@ -65,6 +67,15 @@ class DetachStuck(XenblockError):
 class VbdMissing(XenblockError):
     code = "vbd-missing"
     hint = "see `xenblockctl list` for the attached devices"
+
+
+def _state_in(text: str | None, *states: XenbusState | None) -> bool:
+    """Whether a `state` node's text is one of `states` (None: the node is absent). Text that is no
+    state at all is none of them (it was compared as a string before, with the same result)."""
+    if text is None:
+        return None in states
+    state = XenbusState.of(text)
+    return state is not None and state in states
 
 
 def _state_name(value: str | None) -> str:
@@ -189,7 +200,7 @@ def attach(
         reached, snap = _wait_for(
             store,
             loc,
-            lambda s: s.backend_state not in (None, "1") or bool(s.error),
+            lambda s: not _state_in(s.backend_state, None, XenbusState.Initialising) or bool(s.error),
             init_timeout,
             progress,
             what="waiting for a backend",
@@ -232,10 +243,12 @@ def attach(
 
     def settled(s: Snapshot) -> bool:
         failed = bool(s.error) or s.hotplug_status in ("error", "busy")
-        return failed or s.backend_state in ("4", "5", "6") or s.backend_state is None
+        return failed or _state_in(
+            s.backend_state, None, XenbusState.Connected, XenbusState.Closing, XenbusState.Closed
+        )
 
     reached, snap = _wait_for(store, loc, settled, wait, progress, what="waiting for Connected")
-    if snap.backend_state == "4":
+    if _state_in(snap.backend_state, XenbusState.Connected):
         return AttachResult(spec, add_result, True, snap, "connected")
     if snap.error or snap.hotplug_status in ("error", "busy"):
         raise AttachFailed(
@@ -246,7 +259,7 @@ def attach(
         raise AttachFailed(f"{loc.relative} closed before connecting ({snap.describe()})")
     why = (
         diagnosis.frontend_stall(store, loc, snap.frontend_state)
-        if snap.frontend_state in (None, "1", "2")
+        if _state_in(snap.frontend_state, None, XenbusState.Initialising, XenbusState.InitWait)
         else "the handshake stalled"
     )
     return AttachResult(spec, add_result, False, snap, f"not Connected within {wait:g} s: {why}")
@@ -276,11 +289,13 @@ def _rollback(store: XenStore, loc: VbdLocation, env: Environment) -> None:
     whatever add published, delete the directories. Best effort; the original error matters."""
     with contextlib.suppress(XenblockError):
         state = _begin_close(store, loc, force=False)
-        if state not in (None, "1", "6"):  # a backend took it: let it let go before deleting
+        if not _state_in(
+            state, None, XenbusState.Initialising, XenbusState.Closed
+        ):  # a backend took it: let it let go before deleting
             _wait_for(
                 store,
                 loc,
-                lambda s: s.backend_state in (None, "6"),
+                lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
                 ROLLBACK_WAIT,
                 _quiet,
                 what="rolling back",
@@ -317,8 +332,8 @@ def _begin_close(store: XenStore, loc: VbdLocation, *, force: bool) -> str | Non
         if state is None:
             return None
         tx.write(join(loc.backend, "online"), "0")
-        if state != "6":
-            tx.write(join(loc.backend, "state"), "5")
+        if not _state_in(state, XenbusState.Closed):
+            tx.write(join(loc.backend, "state"), str(XenbusState.Closing))
         return state
 
     return store.run_transaction(body)
@@ -337,21 +352,26 @@ def detach(
 ) -> DetachResult:
     journal = journal or _silent()
     path = BackendPath(loc.kind, loc.domid, loc.devid, loc.backend_domid)
-    before = store.read_optional(join(loc.backend, "xenblockctl-owner"))
+    before = store.read_optional(join(loc.backend, identity.OWNER))
     state = _begin_close(store, loc, force=force)
     # State 1: no backend driver ever took the directory, so nobody will answer Closing.
-    closed = state in (None, "1", "6")
+    closed = _state_in(state, None, XenbusState.Initialising, XenbusState.Closed)
     snap: Snapshot | None = None
     if not closed:
         closed, snap = _wait_for(
-            store, loc, lambda s: s.backend_state in (None, "6"), wait, progress, what="waiting for Closed"
+            store,
+            loc,
+            lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
+            wait,
+            progress,
+            what="waiting for Closed",
         )
         if not closed and not force:
             raise DetachStuck(
                 f"{loc.relative} did not reach Closed within {wait:g} s ({snap.describe()}): "
                 + (
                     "the guest still uses the disk (is it mounted?)"
-                    if snap.frontend_state in ("3", "4")
+                    if _state_in(snap.frontend_state, XenbusState.Initialised, XenbusState.Connected)
                     else "the backend did not answer Closing"
                 )
             )
@@ -361,7 +381,7 @@ def detach(
             closed, snap = _wait_for(
                 store,
                 loc,
-                lambda s: s.backend_state in (None, "6"),
+                lambda s: _state_in(s.backend_state, None, XenbusState.Closed),
                 wait,
                 progress,
                 what="forced: waiting for Closed",
@@ -381,8 +401,6 @@ def _confirm_gone(
 ) -> list[str]:
     """What is still there after the directories were deleted: "really gone" is checked, not
     assumed (a backend holding the device keeps a loop bound until it lets go)."""
-    from xenblockctl.blockscript.owner import OwnerRecord, OwnerRecordError
-
     deadline = time.monotonic() + max(wait, 0.5)
     while True:
         stuck: list[str] = []
@@ -397,12 +415,15 @@ def _confirm_gone(
                 owner = OwnerRecord.parse(owner_text)
             except OwnerRecordError:
                 owner = None
-            if owner is not None and owner.kind == "loop":
-                with contextlib.suppress(XenblockError):
-                    if blockdev.live_diskseq(owner.devt) == owner.diskseq:
-                        stuck.append(
-                            f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
-                        )
+            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked).
+            if (
+                owner is not None
+                and owner.kind == "loop"
+                and owner.identity.liveness(blockdev.observe) is Liveness.LIVE
+            ):
+                stuck.append(
+                    f"loop{owner.minor} still bound (a backend holds it; it clears on its last close)"
+                )
         if not stuck or time.monotonic() >= deadline:
             return stuck
         time.sleep(0.05)

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from xenblockctl import config
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
+from xenblockctl.xenstore import identity
+from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.vbd import XenbusState, walk_backends
 
 if TYPE_CHECKING:  # the hook imports the xenstore client only once it knows it will act
     from xenblockctl.xenstore.client import XenStore
@@ -105,7 +108,7 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     major, minor = uint_or_none(major_text, maximum=0xFFFFFFFF), uint_or_none(minor_text, maximum=0xFFFFFFFF)
     if action not in ("change", "remove") or major is None or minor is None:
         return 0
-    now = "is gone" if action == "remove" else _current_state(major, minor, env.get("DISKSEQ", ""))
+    now = None if action == "remove" else _device_now(major, minor, env.get("DISKSEQ", ""))
     from xenblockctl.xenstore.client import XenStore
 
     try:
@@ -118,8 +121,13 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     return 0
 
 
-def _current_state(major: int, minor: int, event_diskseq: str) -> str:
-    """`now has diskseq N`, `has no media (detached)` or `is gone`, read when the hook runs.
+class _DeviceNow(NamedTuple):
+    diskseq: int
+    size_bytes: int
+
+
+def _device_now(major: int, minor: int, event_diskseq: str) -> _DeviceNow | None:
+    """What is at major:minor when the hook runs (None: nothing), for identity.judge().
 
     The event's DISKSEQ is not trusted alone: a loop detach announces its change *before* the
     kernel bumps the diskseq (observed on 6.18: the event carries the old value, sysfs the new
@@ -127,59 +135,61 @@ def _current_state(major: int, minor: int, event_diskseq: str) -> str:
     from xenblockctl.kernel import blockdev, sysfs
 
     if sysfs.read_attr(major, minor, "dev") is None:
-        return "is gone"
-    if sysfs.read_attr(major, minor, "size") == "0":
-        return "has no media (detached)"
+        return None
+    sectors = uint_or_none(sysfs.read_attr(major, minor, "size"), maximum=(1 << 64) - 1)
     seq = uint_or_none(sysfs.read_attr(major, minor, "diskseq"), maximum=(1 << 64) - 1)
     if seq is None:
-        seq = blockdev.live_diskseq(os.makedev(major, minor))
-    if seq is None:
-        seq = uint_or_none(event_diskseq, maximum=(1 << 64) - 1)
-    return f"now has diskseq {seq:x}" if seq is not None else "is gone"
+        try:
+            opened = blockdev.observe(os.makedev(major, minor))
+        except XenblockError:
+            opened = None
+        if opened is None and uint_or_none(event_diskseq, maximum=(1 << 64) - 1) is None:
+            return None
+        seq = opened.diskseq if opened is not None else int(event_diskseq)
+    return _DeviceNow(seq, 512 * sectors if sectors is not None else 1)
+
+
+def _describe(now: _DeviceNow | None, verdict: Liveness) -> str:
+    if now is None:
+        return "is gone"
+    if verdict is Liveness.EMPTY:
+        return "has no media (detached)"
+    return f"now has diskseq {now.diskseq:x}"
 
 
 def _backends_using(store: XenStore, physical: str) -> list[str]:
-    from xenblockctl.xenstore.errors import XenstoreNoEntry
-    from xenblockctl.xenstore.vbd import BACKEND_KINDS
-
-    found: list[str] = []
-    home = store.home()
-    for kind in BACKEND_KINDS:
-        root = join(home, "backend", kind)
-        try:
-            domids = store.ls(root)
-        except XenstoreNoEntry:
-            continue
-        for domid in domids:
-            try:
-                devids = store.ls(join(root, domid))
-            except XenstoreNoEntry:
-                continue
-            for devid in devids:
-                be = join(root, domid, devid)
-                if store.read_optional(join(be, "physical-device")) == physical:
-                    found.append(be)
-    return found
+    return [
+        entry.path
+        for entry in walk_backends(store, store.home())
+        if store.read_optional(join(entry.path, identity.PHYSICAL_DEVICE)) == physical
+    ]
 
 
-def _check_backend(store: XenStore, be: str, major: int, minor: int, *, now: str, journal: Journal) -> None:
+def _check_backend(
+    store: XenStore, be: str, major: int, minor: int, *, now: _DeviceNow | None, journal: Journal
+) -> None:
     from xenblockctl.xenstore.client import Transaction
 
+    names = (*identity.IDENTITY_NODES, "online", "state", "hotplug-error")
+
     def body(tx: Transaction) -> str | None:
-        nodes = {
-            name: tx.read_optional(join(be, name))
-            for name in ("physical-device", "physical-device-luid", "online", "state", "hotplug-error")
-        }
-        luid = nodes["physical-device-luid"]
-        if nodes["physical-device"] != f"{major:x}:{minor:x}" or luid is None:
+        nodes = dict(zip(names, tx.read_many([join(be, name) for name in names]), strict=True))
+        try:
+            published = PublishedIdentity.from_nodes(nodes)
+        except IdentityError:
+            published = None  # not ours to judge: list/show report a malformed identity
+        if published is None or published.devt != os.makedev(major, minor) or published.diskseq is None:
             return None  # gone meanwhile, or not verifiable (stock script)
-        if nodes["online"] == "0" or nodes["state"] in ("5", "6"):
+        state = XenbusState.of(nodes["state"])
+        if nodes["online"] == "0" or (state is not None and state.closing):
             return None  # detaching: the device going away is expected
-        if now == f"now has diskseq {luid}":
+        verdict = identity.judge(published.diskseq, now)
+        if verdict is Liveness.LIVE:
             return None
+        luid = identity.format_diskseq(published.diskseq)
         error = DeviceReplaced(
-            f"device {major}:{minor} {now}, published luid {luid}: the backend's disk was "
-            "detached or replaced under it"
+            f"device {major}:{minor} {_describe(now, verdict)}, published luid {luid}: the backend's disk "
+            "was detached or replaced under it"
         )
         text = error.one_line()
         if nodes["hotplug-error"] != text:

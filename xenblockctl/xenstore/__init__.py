@@ -6,7 +6,8 @@ Modules, one concept each:
     transport   where xenstored lives (libxenstore's order) and a reader thread that cannot hang us
     paths       node-name, value and permission rules, checked before anything is sent
     errors      XenstoreError and its errno-specific subclasses
-    vbd         backend/frontend paths of a vbd, XenbusState, typed backend record
+    vbd         backend/frontend paths of a vbd, XenbusState, walking every backend
+    identity    the published identity (physical-device, luid, diskseq, owner record), liveness
     vdev        virtual device names <-> numbers (xen-vbd-interface(7))
     server/     the embedded xenstored (stdlib only)
 

@@ -1,4 +1,4 @@
-"""The xenstore layout of a vbd: backend and frontend paths, XenbusState, a typed backend record.
+"""The xenstore layout of a vbd: backend and frontend paths, XenbusState, walking every backend.
 
 libxl hands the block script only `XENBUS_PATH=backend/<type>/<domid>/<devid>`, relative to the
 backend domain's home (reference xen-block-protocol.md §1.3); everything else is read from the
@@ -9,7 +9,7 @@ a path with `..`, a foreign type or a non-canonical number is refused before we 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
@@ -27,7 +27,6 @@ _DEC = r"(0|[1-9][0-9]*)"
 _RELATIVE = re.compile(rf"backend/([a-z0-9]+)/{_DEC}/{_DEC}")
 _ABSOLUTE = re.compile(rf"/local/domain/{_DEC}/backend/([a-z0-9]+)/{_DEC}/{_DEC}")
 _FRONTEND = re.compile(rf"/local/domain/{_DEC}/device/([a-z0-9]+)/{_DEC}")
-_PHYSICAL_DEVICE = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
 
 
 class VbdPathError(XenblockError):
@@ -61,6 +60,17 @@ class XenbusState(IntEnum):
         if value is None:
             raise BackendRecordError(f"state {text[:20]!r} is not a XenbusState (0-8)")
         return cls(value)
+
+    @classmethod
+    def of(cls, text: str | None) -> XenbusState | None:
+        """The state a `state` node holds; None when it is absent or not a state."""
+        value = None if text is None else uint_or_none(text, maximum=max(cls._value2member_map_))
+        return None if value is None else cls(value)
+
+    @property
+    def closing(self) -> bool:
+        """Closing or Closed: a backend in either is being torn down; nothing is published to it."""
+        return self in (XenbusState.Closing, XenbusState.Closed)
 
     def __str__(self) -> str:
         return str(self.value)
@@ -201,19 +211,6 @@ class FrontendPath(NamedTuple):
         return self.path
 
 
-def parse_physical_device(text: str) -> tuple[int, int]:
-    """`physical-device` is hex `MAJOR:MINOR` without leading 0x (block-scripts.txt)."""
-    match = _PHYSICAL_DEVICE.fullmatch(text)
-    if match is None:
-        raise BackendRecordError(f"physical-device {text[:40]!r} is not hex MAJOR:MINOR")
-    return int(match.group(1), 16), int(match.group(2), 16)
-
-
-def format_physical_device(major: int, minor: int) -> str:
-    """What the stock script's `stat -L -c %t:%T` prints: lowercase hex, no leading zeros."""
-    return f"{major:x}:{minor:x}"
-
-
 #: The bundled engine's count of error responses per cause for this vbd, in its backend directory
 #: (written at a bounded rate; `xenblockctl show` prints it). Value: `cause=N` for each cause in
 #: ERROR_CAUSES order, space separated.
@@ -242,85 +239,12 @@ def parse_error_responses(text: str | None) -> dict[str, int] | None:
     return counts if len(counts) == len(ERROR_CAUSES) else None
 
 
-class BackendRecord(NamedTuple):
-    """The nodes of one backend directory that xenblockctl acts on, typed; `raw` holds all of them.
-    Absent nodes are None: `remove` runs on directories whose `add` never got far."""
-
-    path: BackendPath
-    raw: Mapping[str, str]
-    frontend: str | None
-    frontend_id: int | None
-    params: str | None
-    mode: str | None
-    type: str | None
-    state: XenbusState | None
-    online: bool | None
-    dev: str | None
-    device_type: str | None
-    script: str | None
-    physical_device: tuple[int, int] | None
-    physical_device_path: str | None
-    physical_device_luid: str | None
-    hotplug_status: str | None
-    hotplug_error: str | None
-
-    @property
-    def writable(self) -> bool:
-        """libxl writes `w` or `r`; anything containing `w` is taken as writable (blkback's rule)."""
-        return self.mode is not None and "w" in self.mode
-
-    @classmethod
-    def from_nodes(cls, path: BackendPath, nodes: Mapping[str, str]) -> BackendRecord:
-        def opt(name: str) -> str | None:
-            return nodes.get(name)
-
-        def opt_int(name: str) -> int | None:
-            text = nodes.get(name)
-            if text is None:
-                return None
-            value = uint_or_none(text, maximum=(1 << 64) - 1)
-            if value is None:
-                raise BackendRecordError(f"{path}/{name} = {text[:20]!r} is not a decimal number")
-            return value
-
-        def opt_bool(name: str) -> bool | None:
-            value = opt_int(name)
-            return None if value is None else value != 0
-
-        state = nodes.get("state")
-        physical = nodes.get("physical-device")
-        frontend_id = opt_int("frontend-id")
-        if frontend_id is not None and frontend_id != path.domid:
-            raise BackendRecordError(
-                f"{path}/frontend-id = {frontend_id} but the path names domain {path.domid}"
-            )
-        return cls(
-            path=path,
-            raw=dict(nodes),
-            frontend=opt("frontend"),
-            frontend_id=frontend_id,
-            params=opt("params"),
-            mode=opt("mode"),
-            type=opt("type"),
-            state=None if state is None else XenbusState.parse(state),
-            online=opt_bool("online"),
-            dev=opt("dev"),
-            device_type=opt("device-type"),
-            script=opt("script"),
-            physical_device=None if physical is None else parse_physical_device(physical),
-            physical_device_path=opt("physical-device-path"),
-            physical_device_luid=opt("physical-device-luid"),
-            hotplug_status=opt("hotplug-status"),
-            hotplug_error=opt("hotplug-error"),
-        )
-
-
-class _DirReader(Protocol):
-    def read_dir(self, path: str) -> dict[str, str]: ...
-
-
-class _Store(_DirReader, Protocol):
+class _Store(Protocol):
     def absolute(self, path: str) -> str: ...
+
+
+class _Lister(Protocol):
+    def ls(self, path: str) -> list[str]: ...
 
 
 def backend_dir(store: _Store, path: BackendPath) -> str:
@@ -329,11 +253,30 @@ def backend_dir(store: _Store, path: BackendPath) -> str:
     return path.absolute() if path.backend_domid is not None else store.absolute(path.relative)
 
 
-def read_backend(store: _Store, path: BackendPath) -> BackendRecord | None:
-    """Read the backend directory in one transaction (XenStore.read_dir) and type it; None when
-    the directory does not exist (libxl already removed it)."""
+class BackendEntry(NamedTuple):
+    """One backend directory found by walk_backends: names as listed (not necessarily canonical
+    numbers: callers that need numbers parse them, callers that count claims keep them all)."""
+
+    kind: str
+    domid: str
+    devid: str
+    path: str  # absolute
+
+
+def walk_backends(
+    store: _Lister, home: str, *, kinds: tuple[str, ...] = BACKEND_KINDS
+) -> Iterator[BackendEntry]:
+    """Every `<home>/backend/<kind>/<domid>/<devid>` directory (vbd and vbd3), in listing order;
+    a directory deleted while we walk is skipped, not an error."""
+    for kind in kinds:
+        kind_dir = f"{home.rstrip('/')}/backend/{kind}"
+        for domid in _ls(store, kind_dir):
+            for devid in _ls(store, f"{kind_dir}/{domid}"):
+                yield BackendEntry(kind, domid, devid, f"{kind_dir}/{domid}/{devid}")
+
+
+def _ls(store: _Lister, path: str) -> list[str]:
     try:
-        nodes = store.read_dir(backend_dir(store, path))
+        return store.ls(path)
     except XenstoreNoEntry:
-        return None
-    return BackendRecord.from_nodes(path, nodes)
+        return []

@@ -1,0 +1,73 @@
+"""backend/handover.py: the engine's side of the fd store, against a store receiving exactly what
+systemd's manager receives (tests/fixtures/fdstore.py). The whole takeover, with real loop devices
+and engine processes: tests/flows/test_engine_restart.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.fdstore import Store
+from xenblockctl.backend.handover import FdStore, fd_name
+from xenblockctl.journal import Journal
+
+
+def _journal() -> Journal:
+    return Journal("xbc-test-handover", stderr=True)
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_names_identify_the_backend() -> None:
+    assert fd_name("vbd", 5, 51712) == "vbd-5-51712"
+    assert fd_name("vbd3", 5, 51712) != fd_name("vbd", 5, 51712)
+    assert fd_name("vbd", 1, 12) != fd_name("vbd", 11, 2)
+
+
+def test_without_a_manager_nothing_is_parked_or_inherited() -> None:
+    store = FdStore({}, _journal())
+    r, w = os.pipe()
+    try:
+        assert store.park("vbd-1-2", r) is False
+        store.unpark("vbd-1-2")
+        store.ready("serving")
+        assert store.inherited == {}
+        assert store.take("vbd-1-2") is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_bad_listen_variables_are_logged_and_nothing_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "only-one"}
+    store = FdStore(env, _journal())
+    assert store.inherited == {}
+    assert "ignoring the fds passed at start" in capsys.readouterr().err
+
+
+def test_a_second_fd_under_one_name_and_unclaimed_fds_are_closed_and_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manager = Store(str(tmp_path / "notify.sock"))
+    try:
+        store = FdStore({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}, _journal())
+        fds = [os.open(tmp_path, os.O_RDONLY) for _ in range(3)]
+        store.inherited = {"vbd-1-51712": fds[:2], "vbd-9-51712": fds[2:]}
+        assert store.take("vbd-1-51712") == fds[0]
+        assert _closed(fds[1])
+        assert not _closed(fds[0])
+        os.close(fds[0])
+        assert store.close_unclaimed() == ["vbd-9-51712"]
+        assert _closed(fds[2])
+        assert manager.receive() == (["FDSTOREREMOVE=1", "FDNAME=vbd-9-51712"], [])
+        assert "vbd-9-51712 names no backend" in capsys.readouterr().err
+    finally:
+        manager.sock.close()
