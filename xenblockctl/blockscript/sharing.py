@@ -1,4 +1,5 @@
-"""Sharing rules: a disk may be given to several domains only if every user is read-only.
+"""Sharing rules: a disk may be given to several domains only if every user is read-only, or
+if every other user is a backend serving another domain of the same VM (a migration).
 
 Who uses a disk is decided from identities, never from text: (st_dev, st_ino) of backing files,
 major:minor + diskseq of devices. Claims come from:
@@ -6,11 +7,37 @@ major:minor + diskseq of devices. Claims come from:
   * for a block device: other backends in xenstore that publish its major:minor (our owner record,
     else the public physical-device + luid + mode), mounted filesystems on this host
     (/proc/self/mountinfo), and dm/md holders in sysfs.
-One pass over each, one xenstore connection, no subprocess."""
+One pass over each, one xenstore connection, no subprocess.
+
+The same-VM rule (what Xen's own `block` script calls same_vm): during a migration the
+destination domain's `add` runs while the paused source still holds the disk writable, and both
+domains carry the same `/local/domain/<id>/vm` node (`/vm/<uuid>`: libxl writes it from the
+domain's uuid, dom0-owned, read-only for the guest, so a guest cannot forge it). A conflicting
+claim is therefore waived when it is a backend's (its directory `backend/<kind>/<domid>/<devid>`
+names the frontend domain; a file's loop device is a backend's only if that backend's owner record
+or luid names the loop's devt + diskseq, i.e. exactly this binding) and that frontend is *another*
+domain with exactly the requester's `vm` value. Unlike Xen's script, nothing
+unknown is waived: a missing, unreadable (a driver domain may not read other domains' nodes) or
+malformed `vm` node, a holder we cannot name (mounts, dm/md, loops nobody published, the stock
+script's loops without a luid) or the requester's own domain (one disk given twice to one
+guest is a configuration mistake, never a migration) keeps the refusal, with the reason.
+
+Clones (libxl 4.17 facts, tools/xl/xl_saverestore.c and xl_vmcontrol.c): `xl save` stores the
+domain's configuration as retrieved from libxl, uuid included, and `xl restore` without a config
+file recreates the domain with that uuid; libxl checks names, never uuids, for uniqueness. So
+`xl save -c` (the source keeps running) + `xl rename` of the source + `xl restore` of the image
+gives two *running* domains with one `vm` path, and xenstore shows exactly what a migration
+shows: the running-or-paused state of the holder is the hypervisor's, which a driver domain
+cannot ask and a hotplug script should not. We accept that case like Xen does, because making
+it takes the same deliberate steps as a migration (a renamed live source, whose uuid is then
+reused on purpose). A clone made the ordinary way gets a fresh uuid and stays refused: a config
+file given to `xl save` or `xl restore` is parsed anew, and xl generates a new uuid unless the
+file sets `uuid=`. man block-xenblockctl(8), SHARING, says the same for admins."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -19,10 +46,11 @@ from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreError
 from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import walk_backends
+from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
 
 
 class SharingConflict(XenblockError):
@@ -32,13 +60,16 @@ class SharingConflict(XenblockError):
 
 
 class Claim(NamedTuple):
-    """Someone uses a file or device. `diskseq` None = unknown (stock script, mounts)."""
+    """Someone uses a file or device. `diskseq` None = unknown (stock script, mounts).
+    `frontend` is the domain a backend serves the device to (from the backend's directory
+    name); None for users that are not backends (loops, mounts)."""
 
     where: str
     writable: bool
     file_id: tuple[int, int] | None = None
     devt: int | None = None
     diskseq: int | None = None
+    frontend: int | None = None
 
 
 class Wanted(NamedTuple):
@@ -63,11 +94,17 @@ def conflicts(wanted: Wanted, claim: Claim) -> bool:
 
 def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
     """Raise SharingConflict naming the first user that forbids this attach."""
+    same_vm = _SameVm(store, home, own_backend)
     for claim in _all_claims(store, home, own_backend, wanted):
         if conflicts(wanted, claim) and _live(claim):
+            why_not = same_vm.refusal(claim)
+            if why_not is None:
+                continue  # another domain of the same VM: a migration's source
             mode = "writable" if claim.writable else "read-only"
             want = "writable" if wanted.writable else "read-only"
-            raise SharingConflict(f"target already in use {mode} by {claim.where}; refusing {want} attach")
+            raise SharingConflict(
+                f"target already in use {mode} by {claim.where}; refusing {want} attach ({why_not})"
+            )
     if wanted.writable and wanted.devt is not None:
         from xenblockctl.kernel import sysfs  # block devices only: pathlib stays off a file add
 
@@ -88,6 +125,71 @@ def _describe_holders(devt: int, stacked: list[str]) -> str:
     if len(names) < len(stacked):
         described.append(f"{', '.join(stacked)} (kernel names)")
     return " and ".join(described) if names else f"{', '.join(stacked)} (dm/md on top)"
+
+
+#: libxl writes `/vm/` + libxl__uuid2string (lowercase 8-4-4-4-12 hex); anything else is not a
+#: vm path libxl made, so it proves nothing.
+_VM_PATH = re.compile(r"/vm/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class _SameVm:
+    """Decides whether a conflicting claim is waived by the same-VM rule (module docstring).
+    Reads nothing until a conflict is found: an attach without conflicts pays no round trip."""
+
+    def __init__(self, store: XenStore, home: str, own_backend: str) -> None:
+        self._store = store
+        self._home = home
+        self._own_backend = own_backend
+        self._vms: dict[int, str | None] = {}
+        self._why: dict[int, str] = {}
+
+    def refusal(self, claim: Claim) -> str | None:
+        """None when `claim` is held for another domain of the requester's VM, else why not."""
+        try:
+            requester = BackendPath.parse(self._own_backend).domid
+        except VbdPathError:
+            return "the requesting backend's path names no frontend domain"
+        holder = claim.frontend if claim.frontend is not None else self._publisher(claim)
+        if holder is None:
+            return "not a backend of another domain of the same VM"
+        if holder == requester:
+            return f"domain {requester} already has it: one disk twice in one domain is never a migration"
+        mine, theirs = self._vm(requester), self._vm(holder)
+        if mine is None:
+            return f"same VM unproven: {self._why[requester]}"
+        if theirs is None:
+            return f"same VM unproven: {self._why[holder]}"
+        if mine != theirs:
+            return f"domain {holder} is VM {theirs}, domain {requester} is VM {mine}"
+        return None
+
+    def _publisher(self, claim: Claim) -> int | None:
+        """The frontend domain of the backend that published exactly this device binding (devt
+        and diskseq: a backend naming an older binding of the number is someone else)."""
+        if claim.devt is None or claim.diskseq is None:
+            return None
+        for published in backend_claims(self._store, self._home, self._own_backend, devt=claim.devt):
+            if published.diskseq == claim.diskseq and published.devt == claim.devt:
+                return published.frontend
+        return None
+
+    def _vm(self, domid: int) -> str | None:
+        """The domain's `vm` node if it is a vm path libxl made; else None, and why in _why."""
+        if domid in self._vms:
+            return self._vms[domid]
+        node = f"/local/domain/{domid}/vm"
+        try:
+            text = self._store.read_optional(node)
+        except XenstoreError as exc:  # EACCES in a driver domain, among others
+            text, self._why[domid] = None, f"{node} unreadable: {exc.one_line()}"
+        else:
+            if text is None:
+                self._why[domid] = f"{node} is missing"
+            elif not _VM_PATH.fullmatch(text):
+                self._why[domid] = f"{node} is not a /vm/<uuid> path: {text[:60]!r}"
+                text = None
+        self._vms[domid] = text
+        return text
 
 
 def _live(claim: Claim) -> bool:
@@ -123,7 +225,9 @@ def backend_claims(
             continue
         if devt is not None and _published_devt(store, be) != devt:
             continue
-        yield from _backend_claims(store, be)
+        frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
+        for claim in _backend_claims(store, be):
+            yield claim._replace(frontend=frontend)
 
 
 def _published_devt(store: XenStore, be: str) -> int | None:

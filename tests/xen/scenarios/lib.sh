@@ -41,6 +41,8 @@ wait_for() {
 # The loop devices bound to FILE (empty when none).
 loops_of() { losetup -j "$1" | cut -d: -f1; }
 no_loop_for() { [ -z "$(loops_of "$1")" ]; }
+# diskseq_hex /dev/X: the device's diskseq spelled as a published luid (lowercase hex).
+diskseq_hex() { printf '%x' "$(cat "/sys/block/${1#/dev/}/diskseq")"; }
 
 # A 64 MiB sparse disk image with a known marker at sector 200.
 make_image() {

@@ -30,7 +30,6 @@ the_loop() {
   [ "$(wc -w <<<"$loops")" = 1 ] || fail "expected one loop device on the image, found: '${loops:-none}'"
   echo "$loops"
 }
-diskseq_hex() { printf '%x' "$(cat "/sys/block/${1#/dev/}/diskseq")"; }
 
 # engine_lines BACKEND PATTERN: how many engine log lines for that backend match.
 engine_lines() { grep -c "$1: $2" "$engine_log" || true; }
