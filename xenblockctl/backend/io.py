@@ -324,6 +324,10 @@ class InFlight:
         with self._cond:
             return self._count
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def enter(self) -> None:
         with self._cond:
             if self._closed:

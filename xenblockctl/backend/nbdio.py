@@ -188,7 +188,6 @@ class NbdExecutor:
         self._parts: dict[int, _Part] = {}
         self._tracked = InFlight(name)
         self._cookie = 0
-        self._closed = False
         self._sock: socket.socket | None = None
         self._last_attempt = float("-inf")
         self._reader: threading.Thread | None = None
@@ -219,8 +218,6 @@ class NbdExecutor:
         return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            self._closed = True
         if not self._tracked.close(timeout):
             return False
         with self._cond:
@@ -396,7 +393,7 @@ class NbdExecutor:
         """Called on every receive tick: raise _Stalled if the oldest request waits too long."""
         timeout = self.target.request_timeout
         with self._cond:
-            if self._closed and not self._parts:
+            if self._tracked.closed and not self._parts:
                 raise _Stalled("closed")
             oldest = min((p.sent for p in self._parts.values()), default=None)
         if oldest is not None and time.monotonic() - oldest > timeout:
@@ -450,7 +447,7 @@ class NbdExecutor:
             self._parts.clear()
             unflushed = self._acked - self._flushed
             self._acked = self._flushed = 0
-            closing = self._closed
+            closing = self._tracked.closed
         if current is not None:
             parts.append(current)
         with contextlib.suppress(OSError):

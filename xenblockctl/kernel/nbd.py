@@ -20,6 +20,7 @@ Numbers from <linux/nbd-netlink.h> and <linux/nbd.h>, checked by tests/kernel/te
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
 
@@ -59,14 +60,20 @@ class NbdDeviceError(DeviceError):
     code = "nbd-device"
 
 
-def _family() -> GenlSocket:
+def _command(what: str, cmd: int, *attrs: bytes) -> dict[int, bytes]:
+    """One command to the kernel's NBD family; NbdDeviceError naming `what` if it fails."""
     try:
-        return GenlSocket(FAMILY)
+        genl = GenlSocket(FAMILY)
     except OSError as exc:
         raise NbdDeviceError(
             "kernel NBD is not available (is the nbd module loaded? `modprobe nbd nbds_max=0`)",
             errno=exc.errno or None,
         ) from exc
+    with genl:
+        try:
+            return genl.command(cmd, VERSION, *attrs)
+        except OSError as exc:
+            raise NbdDeviceError(f"{what} failed", errno=exc.errno or None) from exc
 
 
 def connect(
@@ -95,11 +102,7 @@ def connect(
         attrs.append(attr_u64(ATTR_TIMEOUT, timeout))
     if dead_conn_timeout:
         attrs.append(attr_u64(ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout))
-    with _family() as genl:
-        try:
-            reply = genl.command(CMD_CONNECT, VERSION, *attrs)
-        except OSError as exc:
-            raise NbdDeviceError("NBD_CMD_CONNECT failed", errno=exc.errno or None) from exc
+    reply = _command("NBD_CMD_CONNECT", CMD_CONNECT, *attrs)
     index = reply.get(ATTR_INDEX)
     if index is None or len(index) != 4:
         raise NbdDeviceError("NBD_CMD_CONNECT answered without a device index")
@@ -108,40 +111,29 @@ def connect(
 
 def disconnect(index: int) -> None:
     """End /dev/nbd`index`'s connection (with DESTROY_ON_DISCONNECT the device goes too)."""
-    with _family() as genl:
-        try:
-            genl.command(CMD_DISCONNECT, VERSION, attr_u32(ATTR_INDEX, index))
-        except OSError as exc:
-            raise NbdDeviceError(f"NBD_CMD_DISCONNECT of nbd{index} failed", errno=exc.errno or None) from exc
+    _command(f"NBD_CMD_DISCONNECT of nbd{index}", CMD_DISCONNECT, attr_u32(ATTR_INDEX, index))
 
 
 def reconfigure(index: int, client_flags: int, identifier: str) -> None:
     """Change /dev/nbd`index`'s client flags (e.g. drop DISCONNECT_ON_CLOSE once another holder has
     it open); the kernel refuses unless `identifier` is the one it was connected with."""
-    with _family() as genl:
-        try:
-            genl.command(
-                CMD_RECONFIGURE,
-                VERSION,
-                attr_u32(ATTR_INDEX, index),
-                attr_u64(ATTR_CLIENT_FLAGS, client_flags),
-                attr_str(ATTR_BACKEND_IDENTIFIER, identifier),
-            )
-        except OSError as exc:
-            raise NbdDeviceError(
-                f"NBD_CMD_RECONFIGURE of nbd{index} failed", errno=exc.errno or None
-            ) from exc
+    _command(
+        f"NBD_CMD_RECONFIGURE of nbd{index}",
+        CMD_RECONFIGURE,
+        attr_u32(ATTR_INDEX, index),
+        attr_u64(ATTR_CLIENT_FLAGS, client_flags),
+        attr_str(ATTR_BACKEND_IDENTIFIER, identifier),
+    )
 
 
 def connected(index: int) -> bool | None:
     """Whether /dev/nbd`index` is connected (None: no such device)."""
-    with _family() as genl:
-        try:
-            reply = genl.command(CMD_STATUS, VERSION, attr_u32(ATTR_INDEX, index))
-        except OSError as exc:
-            if exc.errno in (2, 19):  # ENOENT / ENODEV: no such device
-                return None
-            raise NbdDeviceError(f"NBD_CMD_STATUS of nbd{index} failed", errno=exc.errno or None) from exc
+    try:
+        reply = _command(f"NBD_CMD_STATUS of nbd{index}", CMD_STATUS, attr_u32(ATTR_INDEX, index))
+    except NbdDeviceError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):  # no such device
+            return None
+        raise
     devices = reply.get(ATTR_DEVICE_LIST)
     if devices is None:
         return None
