@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import percentile, row
+from bench.common import percentile, row, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = {
@@ -31,17 +29,6 @@ LINES = {
     "vdev (detach guest5 <TAB>)": ("xenblockctl detach guest5 ", 3),
     "file name (attach guest5 /tm<TAB>)": ("xenblockctl attach guest5 /tm", 3),
 }
-
-
-def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU (user + sys) time of one child, in us: on a loaded machine the CPU time is
-    what the TAB itself costs, the wall time what it cost this time."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
-    wall = (time.perf_counter() - start) * 1e6
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6
 
 
 def main() -> int:
@@ -83,7 +70,7 @@ def main() -> int:
             cpus: dict[str, list[float]] = {name: [] for name in cases}
             for i in range(args.runs + 3):
                 for name, (argv, case_env) in cases.items():
-                    wall, cpu = run_once(argv, case_env)
+                    wall, cpu = run_once(argv, case_env, ROOT)
                     if i >= 3:  # the first runs write bytecode caches
                         samples[name].append(wall)
                         cpus[name].append(cpu)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def percentile(samples: list[float], pct: float) -> float:
@@ -30,3 +33,14 @@ def row(name: str, samples: list[float]) -> str:
         f"{name:<44} p50 {percentile(samples, 50):>10.1f} us   p90 {percentile(samples, 90):>10.1f} us"
         f"   mean {statistics.fmean(samples):>10.1f} us"
     )
+
+
+def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Wall and CPU (user + sys) time of one child process, in µs: on a loaded machine the CPU time
+    is what the run itself costs, the wall time what it cost this time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True)
+    wall = (time.perf_counter() - start) * 1e6
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.common import percentile, row
+from bench.common import percentile, row, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = (
@@ -43,16 +41,6 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
-
-
-def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU (user + sys) of one child, in µs."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
-    wall = (time.perf_counter() - start) * 1e6
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6
 
 
 def main() -> int:
@@ -73,7 +61,7 @@ def main() -> int:
     cpus: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(args.runs + 3):
         for name, argv in cases.items():
-            wall, cpu = run_once(argv, env)
+            wall, cpu = run_once(argv, env, ROOT)
             if i >= 3:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
