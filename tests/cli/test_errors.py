@@ -111,20 +111,16 @@ def test_exit_codes_are_documented() -> None:
             assert f"**{getattr(exitcodes, name)}**" in section, f"{name} is not in EXIT STATUS"
 
 
-def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_path: Path) -> None:
+def stderr_on_tty_and_piped(argv: list[str], env: dict[str, str], exit_status: int) -> tuple[str, str]:
+    """Run `argv` twice, stdout on a pseudo-terminal and then piped: the two stderr texts (bytes
+    decoded: text mode would turn a progress line's \\r into \\n). Both runs must exit `exit_status`."""
     import pty
 
-    image = tmp_path / "p.img"
-    image.write_bytes(b"\0" * 4096)
-    argv = [sys.executable, "-m", "xenblockctl", "attach", "5", str(image), "--wait", "1"]
-    env = {**os.environ, **cli_env}
-
     def run(stdout: int) -> str:
-        # bytes: text mode would turn the progress line's \r into \n
         proc = subprocess.run(
             argv, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False
         )
-        assert proc.returncode == exitcodes.EXIT_ERROR
+        assert proc.returncode == exit_status
         return proc.stderr.decode()
 
     main_fd, tty_fd = pty.openpty()
@@ -133,8 +129,15 @@ def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_pa
     finally:
         os.close(main_fd)
         os.close(tty_fd)
+    return on_tty, run(subprocess.PIPE)
+
+
+def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "p.img"
+    image.write_bytes(b"\0" * 4096)
+    argv = [sys.executable, "-m", "xenblockctl", "attach", "5", str(image), "--wait", "1"]
+    on_tty, piped = stderr_on_tty_and_piped(argv, {**os.environ, **cli_env}, exitcodes.EXIT_ERROR)
     assert "\rwaiting for a backend: backend 1 (Initialising), frontend 1 (Initialising)" in on_tty
-    piped = run(subprocess.PIPE)
     assert "waiting for" not in piped
     assert piped.startswith("xenblockctl: no-backend:")
 
@@ -142,7 +145,6 @@ def test_progress_only_when_stdout_is_a_terminal(cli_env: dict[str, str], tmp_pa
 def test_detach_progress_only_on_a_terminal(cli_env: dict[str, str], cli_store: XenStore) -> None:
     """detach --wait shows where it is on a terminal and nothing when piped (a script reads stderr
     for the error line only)."""
-    import pty
 
     from xenblockctl.toolstack.vbd_dirs import DiskSpec, write_vbd
     from xenblockctl.xenstore.vdev import Vdev
@@ -150,22 +152,8 @@ def test_detach_progress_only_on_a_terminal(cli_env: dict[str, str], cli_store: 
     written = write_vbd(cli_store, DiskSpec(5, Vdev.parse("xvdb"), "/srv/b.img", "w"))
     cli_store.write(f"{written.location.backend}/state", "4")  # Connected, and nobody to close it
     argv = [sys.executable, "-m", "xenblockctl", "detach", "guest5", "xvdb", "--wait", "1"]
-    env = {**os.environ, **cli_env}
-
-    def run(stdout: int) -> str:
-        proc = subprocess.run(
-            argv, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False
-        )
-        assert proc.returncode == exitcodes.EXIT_BUSY  # nobody serves it: it never reaches Closed
-        return proc.stderr.decode()
-
-    main_fd, tty_fd = pty.openpty()
-    try:
-        on_tty = run(tty_fd)
-    finally:
-        os.close(main_fd)
-        os.close(tty_fd)
+    # nobody serves it: it never reaches Closed
+    on_tty, piped = stderr_on_tty_and_piped(argv, {**os.environ, **cli_env}, exitcodes.EXIT_BUSY)
     assert "\rwaiting for Closed: " in on_tty
-    piped = run(subprocess.PIPE)
     assert "waiting for" not in piped
     assert piped.startswith("xenblockctl: detach-stuck:")
