@@ -15,7 +15,9 @@ answer their own requests as they complete.
 Data pages: when the frontend negotiated persistent grants (`RingParams.persistent`), every
 transport goes through the ring's GrantCache (backend/grantcache.py): map on first use, keep until
 stop(). Otherwise the local transport hands out slices of the frontend's whole grant table, mapped
-once (transport.base.PersistentGrants), and Xen maps and unmaps each request's pages.
+once (transport.base.PersistentGrants), and Xen copies them (backend/grantcopy.py: one grant copy
+out of the guest's pages for all of a pass's WRITEs, one into them for all its finished READs), or
+maps and unmaps each request's pages where gntdev has no grant copy.
 
 If the frontend breaks the ring (impossible indices) the thread stops taking requests and calls
 `on_broken(reason)`; the engine should then write the error node and go to Closing, like
@@ -33,19 +35,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
-from xenblockctl.backend.blkif import Abi
+from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
+from xenblockctl.backend.grantcopy import BouncePool, Staged, copy_segments, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
-from xenblockctl.backend.requests import BARRIER, READ, DeviceLimits, IoPlan, Rejection, validate_slot
+from xenblockctl.backend.requests import (
+    BARRIER,
+    READ,
+    DeviceLimits,
+    IoPlan,
+    Rejection,
+    Verdict,
+    validate_slot,
+)
 from xenblockctl.backend.ring import BackRing, RingBroken
 from xenblockctl.backend.transport.base import (
+    GNTST_OKAY,
     EventChannel,
     GrantError,
     GrantMapping,
     PersistentGrants,
     Transport,
+    gntst_name,
 )
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint
@@ -111,7 +124,7 @@ def _parse_u32(text: str | None, what: str) -> int:
         raise blkif.BlkifError(exc.message, code="blkif-invalid") from exc
 
 
-def _release(mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
+def _release(mapping: GrantMapping | Lease | Staged | None, bufs: list[memoryview]) -> None:
     """After the I/O: drop our views of the pages, then the mapping (in that order: an mmap
     refuses to close while views of it exist)."""
     for b in bufs:
@@ -170,12 +183,17 @@ class DataPlane:
         #: persistent grants (negotiated): the ring's cache of data page mappings, unmapped in stop()
         self.grant_cache: GrantCache | None = None
         self._grants: PersistentGrants | None = None
+        #: no persistent grants, none of the above: data pages copied through these buffers
+        self.bounces: BouncePool | None = None
         try:
             if params.persistent:
                 self.grant_cache = GrantCache(transport, domid, max_persistent_grants, name=self.name)
             else:
-                # mapped once for our lifetime where the transport can (local), else per request
+                # mapped once for our lifetime where the transport can (local), else copied, else
+                # mapped per request
                 self._grants = transport.map_persistent(domid)
+                if self._grants is None and transport.copies_grants:
+                    self.bounces = BouncePool()
         except BaseException:
             self.evtchn.close()
             self.ring.release()
@@ -218,6 +236,8 @@ class DataPlane:
         self._stopped = True
         if self._grants is not None:
             self._grants.close()
+        if self.bounces is not None:
+            self.bounces.close()
         if self.grant_cache is not None:
             # drained: no request holds a page, so every persistent mapping goes now
             try:
@@ -261,6 +281,8 @@ class DataPlane:
         data, count = self.ring.take_slots(_BATCH)
         if not count:
             return 0
+        if self.bounces is not None:
+            return self._serve_copied(data, count)
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
         read_indirect = self._read_indirect
         answers: list[tuple[int, int, int]] = []
@@ -294,6 +316,8 @@ class DataPlane:
                 log.exception("%s: on_broken callback failed", self.name)
 
     def _read_indirect(self, grefs: Sequence[int]) -> bytes:
+        if self.bounces is not None:
+            return self._copy_indirect(grefs)
         mapping: GrantMapping | Lease | None = None
         if self.grant_cache is not None:
             views, mapping = self.grant_cache.acquire(grefs, None, writable=False)
@@ -361,18 +385,173 @@ class DataPlane:
             cause, plan.id, f"{plan.kind.value} of {plan.length} bytes at {plan.offset} failed"
         )
 
-    def _submit(self, plan: IoPlan, mapping: GrantMapping | Lease | None, bufs: list[memoryview]) -> None:
+    def _submit(
+        self, plan: IoPlan, mapping: GrantMapping | Lease | Staged | None, bufs: list[memoryview]
+    ) -> None:
         if isinstance(mapping, Lease):
             # the pages leave the ring thread: later misses there must not evict them
             mapping.pin()
 
         def done(status: int) -> None:
+            if isinstance(mapping, Staged) and mapping.to_guest and status == blkif.RSP_OKAY:
+                for b in bufs:  # before the buffer goes back to the pool (which may unmap it)
+                    b.release()
+                status = self._copy_out([mapping])[0]  # the READ's data into the guest's pages
             _release(mapping, bufs)
             if status != blkif.RSP_OKAY:
                 self._io_failed(plan, status)
             self._answer([(plan.id, plan.operation, status)])
 
         self.executor.submit(plan, bufs, done)
+
+    # -- frontends without persistent grants: data pages copied (backend/grantcopy.py) -------------
+    def _serve_copied(self, data: bytes, count: int) -> int:
+        """_serve_batch with the pass's grant work batched: validate every slot, copy every WRITE's
+        data out of the guest's pages in one call, start each request in ring order, then copy
+        every READ finished here into the guest's pages in one call and answer the pass."""
+        abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
+        read_indirect = self._read_indirect
+        pool = self.bounces
+        assert pool is not None
+        verdicts: list[Verdict] = [
+            validate_slot(abi, data, offset, limits, read_indirect)
+            for offset in range(0, count * entry, entry)
+        ]
+        staged_in = self._stage_in(verdicts)
+        answers: list[tuple[int, int, int]] = []
+        reads: list[Staged] = []  # READs done here whose data is still ours
+        for verdict in verdicts:
+            if isinstance(verdict, Rejection):
+                self._reject(verdict)
+                answers.append((verdict.id, verdict.operation, verdict.status))
+                continue
+            if verdict.kind is BARRIER and (answers or reads):
+                self._answer(answers + self._finish_reads(reads))
+                answers, reads = [], []
+            staged: Staged | None = None
+            if verdict.kind is READ:
+                if verdict.grefs:  # filled by the I/O, copied into the guest's pages after it
+                    staged = Staged(pool, verdict, True)
+            else:
+                got = staged_in.pop(id(verdict), None)
+                if isinstance(got, str):  # its copy out of the guest's pages failed
+                    self.errors.record("grant-map", verdict.id, got)
+                    answers.append((verdict.id, verdict.operation, blkif.RSP_ERROR))
+                    continue
+                staged = got
+            status = self._start_staged(verdict, staged)
+            if status is None:
+                continue
+            if staged is not None and staged.to_guest and status == blkif.RSP_OKAY:
+                reads.append(staged)
+            else:
+                answers.append((verdict.id, verdict.operation, status))
+        if answers or reads:
+            self._answer(answers + self._finish_reads(reads))
+        return count
+
+    def _reject(self, verdict: Rejection) -> None:
+        cause = "unsupported" if verdict.status == blkif.RSP_EOPNOTSUPP else "invalid"
+        self.errors.record(cause, verdict.id, verdict.reason)
+        with self._lock:
+            key = verdict.reason.split(" ", 1)[0]
+            self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
+
+    def _stage_in(self, verdicts: Sequence[Verdict]) -> dict[int, Staged | str]:
+        """Every plan with data for the device (WRITE, and FLUSH/BARRIER carrying data) staged in
+        a bounce buffer with one grant copy out of the guest's pages; by id() of the plan, its
+        Staged or the reason its copy failed (its buffer already given back)."""
+        pool = self.bounces
+        assert pool is not None
+        staged = [
+            Staged(pool, v, False)
+            for v in verdicts
+            if not isinstance(v, Rejection) and v.grefs and v.kind is not READ
+        ]
+        if not staged:
+            return {}
+        reasons = self._copy(staged, to_guest=False)
+        out: dict[int, Staged | str] = {}
+        for i, item in enumerate(staged):
+            reason = reasons.get(i)
+            if reason is None:
+                out[id(item.plan)] = item
+            else:
+                item.unmap()
+                out[id(item.plan)] = reason
+        return out
+
+    def _start_staged(self, plan: IoPlan, staged: Staged | None) -> int | None:
+        """_start for a plan whose data is (or will be) in `staged`: its status if it finished
+        here, None if a worker answers it. A finished READ keeps its buffer: the caller copies it
+        into the guest's pages."""
+        bufs = staged.iovecs() if staged is not None else []
+        if plan.kind is BARRIER:
+            self.executor.drain()
+            self._submit(plan, staged, bufs)
+            self.executor.drain()
+            return None
+        status = self.executor.run_now(plan, bufs)
+        if status is None:
+            self._submit(plan, staged, bufs)
+            return None
+        for b in bufs:
+            b.release()
+        if staged is not None and not (staged.to_guest and status == blkif.RSP_OKAY):
+            staged.unmap()
+        if status != blkif.RSP_OKAY:
+            self._io_failed(plan, status)
+        return status
+
+    def _finish_reads(self, reads: list[Staged]) -> list[tuple[int, int, int]]:
+        """Copy READs finished on this thread into the guest's pages (one call), give their buffers
+        back, and return their answers."""
+        if not reads:
+            return []
+        statuses = self._copy_out(reads)
+        return [(s.plan.id, s.plan.operation, status) for s, status in zip(reads, statuses, strict=True)]
+
+    def _copy_out(self, reads: Sequence[Staged]) -> list[int]:
+        """One grant copy of these READs' data into the guest's pages; each one's blkif status
+        (RSP_ERROR, logged, where its copy failed). Their buffers go back to the pool."""
+        reasons = self._copy(reads, to_guest=True)
+        out: list[int] = []
+        for i, item in enumerate(reads):
+            item.unmap()
+            reason = reasons.get(i)
+            if reason is None:
+                out.append(blkif.RSP_OKAY)
+            else:
+                self.errors.record("grant-map", item.plan.id, reason)
+                out.append(blkif.RSP_ERROR)
+        return out
+
+    def _copy(self, staged: Sequence[Staged], *, to_guest: bool) -> dict[int, str]:
+        """One grant copy for all of `staged`: which of them (by index) failed, and why."""
+        segments = [seg for item in staged for seg in item.segments()]
+        try:
+            statuses = self.transport.grant_copy(self.domid, segments, to_guest=to_guest)
+        except GrantError as exc:
+            reason = exc.one_line()
+            return dict.fromkeys(range(len(staged)), reason)
+        return failures(staged, statuses)
+
+    def _copy_indirect(self, grefs: Sequence[int]) -> bytes:
+        """The indirect pages' contents (the copy validation decodes), by one grant copy."""
+        assert self.bounces is not None
+        bounce = self.bounces.take(len(grefs) * PAGE_SIZE)
+        try:
+            statuses = self.transport.grant_copy(
+                self.domid, copy_segments(grefs, None, bounce), to_guest=False
+            )
+            bad = next((i for i, status in enumerate(statuses) if status != GNTST_OKAY), None)
+            if bad is not None:
+                raise GrantError(
+                    f"grant copy of indirect page ref {grefs[bad]} failed: {gntst_name(statuses[bad])}"
+                )
+            return bytes(bounce.view[: len(grefs) * PAGE_SIZE])
+        finally:
+            self.bounces.give(bounce)
 
     def _answer(self, answers: Sequence[tuple[int, int, int]]) -> None:
         """Write (id, operation, status) responses, publish them, notify if the frontend asked."""

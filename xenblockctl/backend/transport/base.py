@@ -8,9 +8,11 @@ frontend's event channel port. Two implementations: `local.LocalTransport` (no X
 from __future__ import annotations
 
 import abc
+import ctypes
 import mmap
 import select
 from collections.abc import Sequence
+from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.errors import XenblockError
@@ -160,6 +162,65 @@ class PersistentGrants(abc.ABC):
         """Refuse further use."""
 
 
+# GNTST_* (xen/include/public/grant_table.h): what a grant copy did with one segment.
+GNTST_OKAY: Final = 0
+GNTST_GENERAL_ERROR: Final = -1
+GNTST_BAD_DOMAIN: Final = -2
+GNTST_BAD_GNTREF: Final = -3
+GNTST_PERMISSION_DENIED: Final = -8
+GNTST_BAD_PAGE: Final = -9
+GNTST_BAD_COPY_ARG: Final = -10
+GNTST_EAGAIN: Final = -12
+_GNTST_NAMES: Final = {
+    GNTST_OKAY: "okay",
+    GNTST_GENERAL_ERROR: "general error",
+    GNTST_BAD_DOMAIN: "bad domain",
+    GNTST_BAD_GNTREF: "bad grant ref",
+    -4: "bad handle",
+    -5: "bad virtual address",
+    -6: "bad device address",
+    -7: "no device space",
+    GNTST_PERMISSION_DENIED: "permission denied (read-only grant?)",
+    GNTST_BAD_PAGE: "bad page",
+    GNTST_BAD_COPY_ARG: "copy crosses a page boundary",
+    -11: "address size not supported",
+    GNTST_EAGAIN: "page paged out, try again",
+}
+
+
+def gntst_name(status: int) -> str:
+    """A GNTST_* status for a log line (`status` comes from the hypervisor or the local transport)."""
+    return f"{_GNTST_NAMES.get(status, 'unknown status')} ({status})"
+
+
+class Bounce:
+    """Engine-owned, page-aligned memory a request's data passes through when the transport copies
+    grants instead of mapping them (`Transport.grant_copy`). Anonymous (no fd), `address` fixed for
+    its life: gntdev's copy takes our side as a virtual address, the local transport as `view`."""
+
+    __slots__ = ("_map", "address", "nbytes", "view")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._map: mmap.mmap | None = mmap.mmap(-1, nbytes)
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.address: int = ctypes.addressof(anchor)
+        del anchor  # the export would keep close() from unmapping
+        self.view: memoryview = memoryview(self._map)
+
+    def close(self) -> None:
+        """munmap. BufferError while a slice of `view` handed out is still alive (a bug we want)."""
+        if self._map is not None:
+            self.view.release()
+            self._map.close()
+            self._map = None
+
+
+#: one segment of a grant copy: (grant ref, byte offset in its page, length, our Bounce, byte
+#: offset in it). Offset + length must lie inside the page; on our side it may cross pages.
+CopySegment = tuple[int, int, int, Bounce, int]
+
+
 class EventChannel(abc.ABC):
     """Our end of an interdomain event channel.
 
@@ -208,6 +269,16 @@ class Transport(abc.ABC):
     def map_persistent(self, domid: int) -> PersistentGrants | None:
         """All of `domid`'s grantable pages for a data plane's lifetime, or None: map per request."""
         return None
+
+    #: whether `grant_copy` works here (else the data plane maps each request's pages)
+    copies_grants: bool = False
+
+    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
+        """Copy each segment between `domid`'s granted page and our Bounce, all in one call:
+        into the guest's pages if `to_guest` (the answer to a READ), else out of them. Returns
+        one GNTST_* status per segment (GNTST_OKAY = 0): a bad segment fails alone. Raises
+        GrantError (code grant-map) only when the call as a whole failed."""
+        raise GrantError(f"{type(self).__name__} cannot copy grants")
 
     @abc.abstractmethod
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:

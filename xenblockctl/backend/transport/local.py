@@ -52,6 +52,11 @@ from dataclasses import dataclass, field
 
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.transport.base import (
+    GNTST_BAD_COPY_ARG,
+    GNTST_BAD_DOMAIN,
+    GNTST_BAD_GNTREF,
+    GNTST_OKAY,
+    CopySegment,
     EventChannel,
     GrantError,
     GrantMapping,
@@ -65,6 +70,9 @@ from xenblockctl.backend.transport.fixedmap import Reservation
 from xenblockctl.journal import Journal
 
 _EVENT = struct.pack("=Q", 1)
+
+#: LocalTransport(data_pages=...): see its docstring
+_DATA_PAGES = ("table", "copy", "map")
 
 # --- registry limits (each one refused with a coded reply and a log line) ---------------------------
 #: largest request datagram; the largest valid one is under 80 bytes
@@ -359,6 +367,29 @@ class _Domain:
             i = j
         return out
 
+    def grant_copy(self, segments: Sequence[CopySegment], to_guest: bool) -> list[int]:
+        """What gntdev's grant copy does, with this domain's pieces as its grant table: each
+        segment alone, a bad one (ref not granted, range outside its page) gets its GNTST_*
+        status and moves nothing."""
+        bases, pieces = self.layout  # one layout for the whole call, as the data path reads it
+        statuses: list[int] = []
+        for ref, offset, length, bounce, where in segments:
+            if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
+                statuses.append(GNTST_BAD_COPY_ARG)
+                continue
+            i = bisect.bisect_right(bases, ref) - 1
+            if i < 0 or ref >= pieces[i].end:
+                statuses.append(GNTST_BAD_GNTREF)
+                continue
+            table = pieces[i]
+            lo = (ref - table.base) * PAGE_SIZE + offset
+            if to_guest:
+                table.view[lo : lo + length] = bounce.view[where : where + length]
+            else:
+                bounce.view[where : where + length] = table.view[lo : lo + length]
+            statuses.append(GNTST_OKAY)
+        return statuses
+
 
 class _DomainGrants(PersistentGrants):
     """A data plane's hold on its domain's grant refs: every piece the domain has registered, as
@@ -516,7 +547,18 @@ class RegistryStats:
 class LocalTransport(Transport):
     """The engine side: serves the registry socket and maps/binds what frontends registered."""
 
-    def __init__(self, socket_path: str, *, journal: Journal | None = None) -> None:
+    def __init__(
+        self, socket_path: str, *, journal: Journal | None = None, data_pages: str = "table"
+    ) -> None:
+        """`data_pages` says how a frontend without persistent grants has its data pages served:
+        "table" (default) hands out slices of its grant table, mapped once (the fastest; no Xen
+        transport can); "copy" copies them with `grant_copy` and "map" maps each request's pages,
+        the two ways the Xen transport has, so host tests and benchmarks run the data plane's
+        gntdev paths."""
+        if data_pages not in _DATA_PAGES:
+            raise ValueError(f"data_pages must be one of {_DATA_PAGES}")
+        self.data_pages = data_pages
+        self.copies_grants = data_pages != "map"
         self.socket_path = socket_path
         self.journal = journal or Journal("xenblockctl-engine")
         self._lock = threading.Lock()
@@ -527,6 +569,7 @@ class LocalTransport(Transport):
         # calls there were: tests count these to prove caches start empty and end unmapped.
         self.mapped_pages = 0
         self.map_calls = 0
+        self.copy_calls = 0
         self.refused = 0
         #: set (with a loud log line) if the registry thread ever dies; no frontend can then register
         self.failure: str | None = None
@@ -583,7 +626,20 @@ class LocalTransport(Transport):
         return mapping
 
     def map_persistent(self, domid: int) -> PersistentGrants | None:
+        if self.data_pages != "table":
+            return None
         return _DomainGrants(self._domain(domid))
+
+    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
+        if not segments:
+            return []
+        with self._lock:
+            domain = self._domains.get(domid)
+        if domain is None:
+            return [GNTST_BAD_DOMAIN] * len(segments)
+        with self._lock:
+            self.copy_calls += 1
+        return domain.grant_copy(segments, to_guest)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         with self._lock:

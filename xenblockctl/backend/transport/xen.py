@@ -16,6 +16,7 @@ descriptor: `mmap.mmap(gntdev_fd, ...)` would dup() the fd for every mapping (is
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -27,6 +28,9 @@ from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.transport.base import (
+    GNTST_EAGAIN,
+    GNTST_OKAY,
+    CopySegment,
     EventChannel,
     GrantError,
     GrantMapping,
@@ -59,6 +63,17 @@ IOCTL_GNTDEV_UNMAP_GRANT_REF: Final = _ioc(_IOC_NONE, "G", 1, _UNMAP.size)
 IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR: Final = _ioc(_IOC_NONE, "G", 2, _GET_OFFSET.size)
 IOCTL_GNTDEV_SET_MAX_GRANTS: Final = _ioc(_IOC_NONE, "G", 3, _SET_MAX.size)
 IOCTL_GNTDEV_SET_UNMAP_NOTIFY: Final = _ioc(_IOC_NONE, "G", 7, _UNMAP_NOTIFY.size)
+# struct ioctl_gntdev_grant_copy {unsigned count; (pad); struct gntdev_grant_copy_segment *segments}
+_GRANT_COPY = struct.Struct("=IIQ")
+IOCTL_GNTDEV_GRANT_COPY: Final = _ioc(_IOC_NONE, "G", 8, _GRANT_COPY.size)
+# struct gntdev_grant_copy_segment (24 bytes): source and dest are each a union of our virtual
+# address (u64) and a foreign {u32 ref; u16 offset; u16 domid}; then u16 len, u16 flags, s16 status.
+_COPY_TO_GUEST = struct.Struct("=QIHHHHh2x")  # source: our address; dest: the guest's page
+_COPY_FROM_GUEST = struct.Struct("=IHHQHHh2x")  # source: the guest's page; dest: our address
+COPY_SEGMENT_SIZE: Final = _COPY_TO_GUEST.size
+_STATUS_AT: Final = 20  # byte offset of `status` in a segment
+GNTCOPY_SOURCE_GREF: Final = 0x1
+GNTCOPY_DEST_GREF: Final = 0x2
 UNMAP_NOTIFY_CLEAR_BYTE: Final = 0x1
 UNMAP_NOTIFY_SEND_EVENT: Final = 0x2
 
@@ -98,6 +113,29 @@ def encode_set_unmap_notify(index: int, action: int, port: int) -> bytes:
     return _UNMAP_NOTIFY.pack(index, action, port)
 
 
+def encode_grant_copy(domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> bytearray:
+    """The array of struct gntdev_grant_copy_segment for `segments` (statuses 0 until the kernel
+    writes them)."""
+    buf = bytearray(COPY_SEGMENT_SIZE * len(segments))
+    at = 0
+    if to_guest:
+        pack, flags = _COPY_TO_GUEST.pack_into, GNTCOPY_DEST_GREF
+        for ref, offset, length, bounce, where in segments:
+            pack(buf, at, bounce.address + where, ref, offset, domid, length, flags, 0)
+            at += COPY_SEGMENT_SIZE
+    else:
+        pack, flags = _COPY_FROM_GUEST.pack_into, GNTCOPY_SOURCE_GREF
+        for ref, offset, length, bounce, where in segments:
+            pack(buf, at, ref, offset, domid, bounce.address + where, length, flags, 0)
+            at += COPY_SEGMENT_SIZE
+    return buf
+
+
+def decode_copy_statuses(buf: bytearray) -> list[int]:
+    """Each segment's s16 status, in order (one C-level pass: a strided view of the array)."""
+    return memoryview(buf).cast("h")[_STATUS_AT // 2 :: COPY_SEGMENT_SIZE // 2].tolist()
+
+
 # --- evtchn ---------------------------------------------------------------------------------------
 _U32 = struct.Struct("=I")
 _BIND_INTERDOMAIN = struct.Struct("=II")  # remote_domain, remote_port
@@ -133,6 +171,8 @@ def encode_unmask(ports: Sequence[int]) -> bytes:
 
 # --- the transport --------------------------------------------------------------------------------
 GNTDEV_PATH: Final = "/dev/xen/gntdev"
+#: grant copy calls per batch while segments report GNTST_eagain (libxengnttab's map retries too)
+_COPY_TRIES: Final = 100
 EVTCHN_PATH: Final = "/dev/xen/evtchn"
 
 
@@ -254,6 +294,38 @@ class XenTransport(Transport):
         if not refs:
             raise GrantError("no grant refs to map")
         return _GntdevMapping(self._gntdev, domid, tuple(refs), writable)
+
+    copies_grants = True
+
+    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
+        if not segments:
+            return []
+        buf = encode_grant_copy(domid, segments, to_guest=to_guest)
+        pending = list(range(len(segments)))
+        statuses = [GNTST_OKAY] * len(segments)
+        for attempt in range(_COPY_TRIES):
+            # The kernel reads the segment array through this pointer and writes each status
+            # back into it; our bytearray stays put while the ctypes export holds it.
+            anchor = (ctypes.c_char * len(buf)).from_buffer(buf)
+            try:
+                arg = _GRANT_COPY.pack(len(buf) // COPY_SEGMENT_SIZE, 0, ctypes.addressof(anchor))
+                fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_GRANT_COPY, arg)
+            except OSError as exc:
+                raise GrantError.from_oserror(
+                    exc, f"grant copy of {len(buf) // COPY_SEGMENT_SIZE} segments of domain {domid}"
+                ) from exc
+            finally:
+                del anchor
+            got = decode_copy_statuses(buf)
+            for i, status in zip(pending, got, strict=True):
+                statuses[i] = status
+            if GNTST_EAGAIN not in got or attempt == _COPY_TRIES - 1:
+                break
+            # paged-out guest pages are being brought back: copy those segments again (as the
+            # map path retries an EAGAIN mmap)
+            pending = [i for i, status in zip(pending, got, strict=True) if status == GNTST_EAGAIN]
+            buf = encode_grant_copy(domid, [segments[i] for i in pending], to_guest=to_guest)
+        return statuses
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         return XenEventChannel(domid, remote_port)

@@ -1,0 +1,133 @@
+"""Grant copy for frontends without persistent grants: the guest's data pages are copied, not mapped.
+
+Mapping a request's pages through gntdev costs a MAP ioctl, an mmap, a munmap (page-table updates
+and a TLB flush in a PV dom0) and an UNMAP ioctl per request: GRUB's 2,480 single-page reads
+during a pvgrub boot each paid all four. Copying (as QEMU's qdisk and tapdisk do) costs one
+GNTTABOP_copy hypercall batch for any number of segments: the data plane stages every WRITE of a
+ring pass with one copy out of the guest's pages before the I/O, and answers every READ it finished
+in that pass with one copy into them after the I/O. Requests run by the I/O workers copy their own
+READ data back when they finish.
+
+A request's data lives in a `Bounce` of ours from a per-ring `BouncePool`, laid out back to back
+(segment i right after segment i-1), so its preadv/pwritev is one iovec whatever its segments.
+Segment bounds come from the validated copy of the request (requests.validate_slot), as for
+mapping; a segment the copy refuses (a ref not granted, a read-only page for a READ) fails its
+request alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from xenblockctl.backend.blkif import PAGE_SIZE
+from xenblockctl.backend.requests import IoPlan
+from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopySegment, gntst_name
+
+#: idle bytes a ring's pool keeps for reuse (beyond that, a returned buffer is unmapped): enough
+#: for a full ring of 128 KiB requests, or four 1 MiB ones
+DEFAULT_POOL_BYTES = 4 << 20
+
+
+class BouncePool:
+    """Bounce buffers by size class (whole pages, rounded up to a power of two), reused: a ring's
+    requests take and give them back from the ring thread and the I/O workers alike."""
+
+    def __init__(self, max_idle_bytes: int = DEFAULT_POOL_BYTES) -> None:
+        self.max_idle_bytes = max_idle_bytes
+        self._idle: dict[int, list[Bounce]] = {}
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.created = 0
+
+    def take(self, nbytes: int) -> Bounce:
+        size = PAGE_SIZE
+        while size < nbytes:
+            size <<= 1
+        with self._lock:
+            free = self._idle.get(size)
+            if free:
+                self._idle_bytes -= size
+                return free.pop()
+            self.created += 1
+        return Bounce(size)
+
+    def give(self, bounce: Bounce) -> None:
+        with self._lock:
+            if not self._closed and self._idle_bytes + bounce.nbytes <= self.max_idle_bytes:
+                self._idle.setdefault(bounce.nbytes, []).append(bounce)
+                self._idle_bytes += bounce.nbytes
+                return
+        bounce.close()
+
+    def close(self) -> None:
+        """Unmap every idle buffer; buffers given back later are unmapped at once."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle, self._idle_bytes = self._idle, {}, 0
+        for buffers in idle.values():
+            for bounce in buffers:
+                bounce.close()
+
+
+class Staged:
+    """One request's data in a Bounce: what the data plane holds where it would hold a mapping
+    (`unmap()` when the I/O is over gives the buffer back)."""
+
+    __slots__ = ("bounce", "length", "plan", "pool", "to_guest")
+
+    def __init__(self, pool: BouncePool, plan: IoPlan, to_guest: bool) -> None:
+        self.pool: BouncePool | None = pool
+        self.plan = plan
+        self.to_guest = to_guest
+        self.length = plan.length
+        self.bounce = pool.take(plan.length)
+
+    def iovecs(self) -> list[memoryview]:
+        """The one buffer preadv/pwritev moves the request's bytes through."""
+        return [self.bounce.view[: self.length]]
+
+    def segments(self) -> list[CopySegment]:
+        """The request's segments against our buffer, back to back."""
+        return copy_segments(self.plan.grefs, self.plan.extents, self.bounce)
+
+    def unmap(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.give(self.bounce)
+
+
+def copy_segments(
+    grefs: Sequence[int], extents: Sequence[tuple[int, int]] | None, bounce: Bounce, at: int = 0
+) -> list[CopySegment]:
+    """(ref, page offset, length, bounce, offset in bounce) per segment, laid out from `at`."""
+    if extents is None:
+        return [(ref, 0, PAGE_SIZE, bounce, at + i * PAGE_SIZE) for i, ref in enumerate(grefs)]
+    out: list[CopySegment] = []
+    for ref, (offset, length) in zip(grefs, extents, strict=True):
+        out.append((ref, offset, length, bounce, at))
+        at += length
+    return out
+
+
+def failures(staged: Sequence[Staged], statuses: Sequence[int]) -> dict[int, str]:
+    """Which of `staged` (by index) a copy with these per-segment `statuses` failed, and why
+    (its first bad segment). Segments are in the order of `staged`, each request's in its order."""
+    out: dict[int, str] = {}
+    if not any(statuses):
+        return out
+    at = 0
+    for i, item in enumerate(staged):
+        n = len(item.plan.grefs)
+        for j in range(at, at + n):
+            if statuses[j] != GNTST_OKAY:
+                ref = item.plan.grefs[j - at]
+                way = "into" if item.to_guest else "out of"
+                out[i] = f"grant copy {way} ref {ref} (segment {j - at}) failed: {gntst_name(statuses[j])}"
+                break
+        at += n
+    return out
+
+
+__all__ = ["DEFAULT_POOL_BYTES", "BouncePool", "Staged", "copy_segments", "failures"]
