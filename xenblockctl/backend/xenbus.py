@@ -511,6 +511,8 @@ class BackendDevice:
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
+        if self.dataplane is not None and self.dataplane.bounces is not None:
+            grants = "grants copied per ring pass"  # backend/grantcopy.py
         self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s), {grants}")
 
     def _publish_errors(self, *, force: bool = False) -> None:
