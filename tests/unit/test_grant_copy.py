@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import PairFactory, on_disk
+from tests.fixtures.backend import Pair, PairFactory, on_disk
 from tests.unit.test_ring_dataplane import (  # run again on each data path (module fixture below)
     test_barrier_orders_and_completes,
     test_drain_waits_for_in_flight_io,
@@ -79,7 +79,7 @@ def fuzz_env(
     os.close(fd)
 
 
-def _copy_pair(make_pair: PairFactory, local_transport: LocalTransport, **kw: object) -> object:
+def _copy_pair(make_pair: PairFactory, local_transport: LocalTransport, **kw: object) -> Pair:
     if local_transport.data_pages != "copy":
         pytest.skip("the grant copy path only")
     return make_pair(**kw)
@@ -89,7 +89,7 @@ def test_no_request_maps_pages(make_pair: PairFactory, local_transport: LocalTra
     """Grant copy maps nothing per request: the ring pages are the only mapping, and a pass of
     32 writes (and one of 32 reads) costs one copy call each."""
     pair = _copy_pair(make_pair, local_transport, ring_page_order=1, data_pages=64)
-    fe = pair.frontend  # type: ignore[attr-defined]
+    fe = pair.frontend
     blobs = [os.urandom(4096) for _ in range(32)]
     ids = [fe.submit_write(i * 8, blob) for i, blob in enumerate(blobs)]
     calls = local_transport.copy_calls
@@ -115,7 +115,7 @@ def test_bad_gref_fails_its_request_alone(
     ref that is not granted. Those two get RSP_ERROR with the copy's reason logged; the others
     complete and move the right bytes; nothing of the bad WRITE reaches the disk."""
     pair = _copy_pair(make_pair, local_transport, data_pages=64)
-    fe = pair.frontend  # type: ignore[attr-defined]
+    fe = pair.frontend
     bad_ref = fe.total_pages + 1000
     good_page = fe.gref_base + 60
     fe.page(good_page)[:] = b"\x07" * 4096
@@ -137,7 +137,7 @@ def test_bad_gref_fails_its_request_alone(
     logged = [r.getMessage() for r in caplog.records if "error response" in r.getMessage()]
     assert any(f"id 901: grant-map: grant copy out of ref {bad_ref} (segment 1)" in m for m in logged)
     assert any(f"id 902: grant-map: grant copy into ref {bad_ref} (segment 1)" in m for m in logged)
-    assert pair.dataplane.errors.counts["grant-map"] == 2  # type: ignore[attr-defined]
+    assert pair.dataplane.errors.counts["grant-map"] == 2
     assert fe.read(0, 4096) == b"a" * 4096  # still serving
 
 
@@ -145,7 +145,7 @@ def test_bad_indirect_page_by_copy(
     make_pair: PairFactory, local_transport: LocalTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
     pair = _copy_pair(make_pair, local_transport)
-    fe = pair.frontend  # type: ignore[attr-defined]
+    fe = pair.frontend
     bad = fe.total_pages + 7
     fe.submit_raw(IndirectRequest(blkif.OP_WRITE, 5, 9, 0, 0, (bad,) + (0,) * 7))
     with caplog.at_level(logging.WARNING):
@@ -164,7 +164,7 @@ def test_reads_on_workers_copy_their_own_data(
     pages before answering; every buffer goes back to the pool."""
     monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)
     pair = _copy_pair(make_pair, local_transport, workers=4, data_pages=256)
-    fe = pair.frontend  # type: ignore[attr-defined]
+    fe = pair.frontend
     data = os.urandom(200 * 4096)  # indirect
     assert fe.write(2048, data) == blkif.RSP_OKAY
     ids = {fe.submit_read(2048 + i * 8, 4096): i for i in range(16)}
