@@ -1,7 +1,7 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on]
+        [--persistent off,on,copy,map]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -13,6 +13,9 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
   grant cache (backend/grantcache.py); `per-request` rows: it does not (on the local transport the
   data plane then slices the whole grant table, which is already mapped once, so the local
   transport cannot show what persistent grants save on Xen: the gntdev map/unmap per request).
+  `per-request, grant copy` / `per-request, mapped` rows (`--persistent copy,map`): no persistent
+  grants, the data pages copied (backend/grantcopy.py) or mapped per request: the Xen transport's
+  two paths, on a transport whose copy is a memcpy and whose map is a slice (no hypercalls).
 
 The file is filled with data and read once first, so both sides read from the page cache: the ratio
 measures our per-request software cost, not the disk. With `--frontend-process` the frontend runs in
@@ -264,7 +267,8 @@ def main() -> int:
     ap.add_argument(
         "--persistent",
         default="off,on",
-        help="comma-separated grant modes to run per row: off (per-request), on (persistent grants)",
+        help="comma-separated grant modes to run per row: off (per-request), on (persistent grants),"
+        " copy / map (per-request on the Xen transport's grant copy / per-request mapping paths)",
     )
     ap.add_argument(
         "--switch-interval",
@@ -277,7 +281,12 @@ def main() -> int:
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     workers = [int(x) for x in args.workers.split(",")]
-    modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
+    # (persistent, the local transport's data_pages) per mode
+    modes = [
+        {"off": (False, "table"), "on": (True, "table"), "copy": (False, "copy"), "map": (False, "map")}[x]
+        for x in args.persistent.split(",")
+    ]
+    mode_labels = {"table": "per-request", "copy": "per-request, grant copy", "map": "per-request, mapped"}
 
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
@@ -295,7 +304,10 @@ def main() -> int:
         else:
             fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             target = DeviceTarget.from_fd(fd)
-        transport = LocalTransport(str(Path(tmp, "grants.sock")))
+        transports = {
+            pages: LocalTransport(str(Path(tmp, f"grants-{pages}.sock")), data_pages=pages)
+            for pages in dict.fromkeys(pages for _persistent, pages in modes)
+        }
         try:
             buf = bytearray(1 << 20)
             for off in range(0, size, 1 << 20):  # warm the page cache for both sides
@@ -317,9 +329,9 @@ def main() -> int:
                     f"{'':16}CPU/request: {base_cpu:.1f} µs"
                 )
                 for n in workers:
-                    for persistent in modes:
+                    for persistent, pages in modes:
                         run = engine(
-                            transport,
+                            transports[pages],
                             target,
                             str(image),
                             w,
@@ -329,7 +341,7 @@ def main() -> int:
                             persistent=persistent,
                         )
                         label = f"engine, {n} workers" if n else "engine, inline I/O"
-                        label += ", persistent" if persistent else ", per-request"
+                        label += ", persistent" if persistent else f", {mode_labels[pages]}"
                         maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
                         print(
                             f"  {label:<40} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
@@ -339,7 +351,8 @@ def main() -> int:
                             f"{run.requests / max(run.notifies, 1):.1f} requests per event"
                         )
         finally:
-            transport.close()
+            for transport in transports.values():
+                transport.close()
             if dev is not None:
                 dev.close()
             else:

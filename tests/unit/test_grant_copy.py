@@ -31,11 +31,11 @@ from tests.unit.test_ring_dataplane import (  # run again on each data path (mod
 from tests.unit.test_ring_fuzz import DEVICE, PATTERN, test_hostile_frontend
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
-from xenblockctl.backend.grantcopy import BouncePool, Staged, copy_segments, failures
+from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import READ, WRITE, IoPlan
 from xenblockctl.backend.transport import xen
-from xenblockctl.backend.transport.base import GNTST_BAD_GNTREF, GNTST_OKAY, Bounce
+from xenblockctl.backend.transport.base import GNTST_BAD_GNTREF, GNTST_OKAY, Bounce, copy_segments
 from xenblockctl.backend.transport.local import LocalTransport
 
 REUSED = (
@@ -176,16 +176,12 @@ def test_reads_on_workers_copy_their_own_data(
 
 # --- the pieces --------------------------------------------------------------------------------------
 def test_copy_segments_back_to_back() -> None:
-    bounce = Bounce(3 * 4096)
-    try:
-        assert copy_segments((5, 6), None, bounce) == [(5, 0, 4096, bounce, 0), (6, 0, 4096, bounce, 4096)]
-        assert copy_segments((5, 6, 7), ((512, 1024), (0, 4096), (0, 512)), bounce) == [
-            (5, 512, 1024, bounce, 0),
-            (6, 0, 4096, bounce, 1024),
-            (7, 0, 512, bounce, 5120),
-        ]
-    finally:
-        bounce.close()
+    assert copy_segments((5, 6), None) == [(5, 0, 4096, 0), (6, 0, 4096, 4096)]
+    assert copy_segments((5, 6, 7), ((512, 1024), (0, 4096), (0, 512))) == [
+        (5, 512, 1024, 0),
+        (6, 0, 4096, 1024),
+        (7, 0, 512, 5120),
+    ]
 
 
 def test_failures_name_the_first_bad_segment_of_each_request() -> None:
@@ -225,22 +221,31 @@ def test_bounce_pool_reuses_and_bounds() -> None:
 
 def test_grant_copy_ioctl_layout() -> None:
     """struct gntdev_grant_copy_segment as include/uapi/xen/gntdev.h lays it out (24 bytes), both
-    directions, and the statuses read back from where the kernel writes them."""
+    directions, whole pages and sub-page segments, and the statuses read back from where the kernel
+    writes them."""
     assert xen.IOCTL_GNTDEV_GRANT_COPY == 0x00104708
     assert xen.COPY_SEGMENT_SIZE == 24
-    bounce = Bounce(8192)
+    one, two = Bounce(8192), Bounce(8192)
     try:
-        segs = [(7, 512, 1024, bounce, 0), (9, 0, 4096, bounce, 1024)]
-        out = xen.encode_grant_copy(3, segs, to_guest=True)
-        assert len(out) == 48
-        assert struct.unpack_from("<QIHHHHh", out, 0) == (bounce.address, 7, 512, 3, 1024, 2, 0)
-        assert struct.unpack_from("<QIHHHHh", out, 24) == (bounce.address + 1024, 9, 0, 3, 4096, 2, 0)
-        back = xen.encode_grant_copy(3, segs, to_guest=False)
-        assert struct.unpack_from("<IHHQHHh", back, 24) == (9, 0, 3, bounce.address + 1024, 4096, 1, 0)
-        struct.pack_into("<h", back, 24 + 20, -3)  # what the kernel writes for a bad ref
-        assert xen.decode_copy_statuses(back) == [0, -3]
+        items = [((7, 9), ((512, 1024), (0, 4096)), one), ((11, 12), None, two)]
+        out = xen.encode_grant_copy(3, items, to_guest=True).tobytes()
+        assert len(out) == 4 * 24
+        seg = struct.Struct("<QIHHHHhxx")
+        assert seg.unpack_from(out, 0) == (one.address, 7, 512, 3, 1024, 2, 0)
+        assert seg.unpack_from(out, 24) == (one.address + 1024, 9, 0, 3, 4096, 2, 0)
+        assert seg.unpack_from(out, 48) == (two.address, 11, 0, 3, 4096, 2, 0)
+        assert seg.unpack_from(out, 72) == (two.address + 4096, 12, 0, 3, 4096, 2, 0)
+        back = xen.encode_grant_copy(0x7FEF, items, to_guest=False)
+        raw = back.tobytes()
+        assert struct.unpack_from("<IHHQHHhxx", raw, 0) == (7, 512, 0x7FEF, one.address, 1024, 1, 0)
+        assert struct.unpack_from("<IHHQHHhxx", raw, 72) == (12, 0, 0x7FEF, two.address + 4096, 4096, 1, 0)
+        view = memoryview(back).cast("B")
+        struct.pack_into("<h", view, 24 + 20, -3)  # what the kernel writes for a bad ref
+        view.release()
+        assert xen.decode_copy_statuses(back) == [0, -3, 0, 0]
     finally:
-        bounce.close()
+        one.close()
+        two.close()
 
 
 __all__ = [f.__name__ for f in REUSED]

@@ -38,7 +38,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
-from xenblockctl.backend.grantcopy import BouncePool, Staged, copy_segments, failures
+from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
 from xenblockctl.backend.requests import (
@@ -528,9 +528,10 @@ class DataPlane:
 
     def _copy(self, staged: Sequence[Staged], *, to_guest: bool) -> dict[int, str]:
         """One grant copy for all of `staged`: which of them (by index) failed, and why."""
-        segments = [seg for item in staged for seg in item.segments()]
         try:
-            statuses = self.transport.grant_copy(self.domid, segments, to_guest=to_guest)
+            statuses = self.transport.grant_copy(
+                self.domid, [item.item() for item in staged], to_guest=to_guest
+            )
         except GrantError as exc:
             reason = exc.one_line()
             return dict.fromkeys(range(len(staged)), reason)
@@ -541,9 +542,7 @@ class DataPlane:
         assert self.bounces is not None
         bounce = self.bounces.take(len(grefs) * PAGE_SIZE)
         try:
-            statuses = self.transport.grant_copy(
-                self.domid, copy_segments(grefs, None, bounce), to_guest=False
-            )
+            statuses = self.transport.grant_copy(self.domid, [(grefs, None, bounce)], to_guest=False)
             bad = next((i for i, status in enumerate(statuses) if status != GNTST_OKAY), None)
             if bad is not None:
                 raise GrantError(

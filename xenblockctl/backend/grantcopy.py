@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.requests import IoPlan
-from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopySegment, gntst_name
+from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, gntst_name
 
 #: idle bytes a ring's pool keeps for reuse (beyond that, a returned buffer is unmapped): enough
 #: for a full ring of 128 KiB requests, or four 1 MiB ones
@@ -88,27 +88,14 @@ class Staged:
         """The one buffer preadv/pwritev moves the request's bytes through."""
         return [self.bounce.view[: self.length]]
 
-    def segments(self) -> list[CopySegment]:
-        """The request's segments against our buffer, back to back."""
-        return copy_segments(self.plan.grefs, self.plan.extents, self.bounce)
+    def item(self) -> CopyItem:
+        """The request's pages against our buffer (segments back to back), for grant_copy."""
+        return self.plan.grefs, self.plan.extents, self.bounce
 
     def unmap(self) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.give(self.bounce)
-
-
-def copy_segments(
-    grefs: Sequence[int], extents: Sequence[tuple[int, int]] | None, bounce: Bounce, at: int = 0
-) -> list[CopySegment]:
-    """(ref, page offset, length, bounce, offset in bounce) per segment, laid out from `at`."""
-    if extents is None:
-        return [(ref, 0, PAGE_SIZE, bounce, at + i * PAGE_SIZE) for i, ref in enumerate(grefs)]
-    out: list[CopySegment] = []
-    for ref, (offset, length) in zip(grefs, extents, strict=True):
-        out.append((ref, offset, length, bounce, at))
-        at += length
-    return out
 
 
 def failures(staged: Sequence[Staged], statuses: Sequence[int]) -> dict[int, str]:
@@ -130,4 +117,4 @@ def failures(staged: Sequence[Staged], statuses: Sequence[int]) -> dict[int, str
     return out
 
 
-__all__ = ["DEFAULT_POOL_BYTES", "BouncePool", "Staged", "copy_segments", "failures"]
+__all__ = ["DEFAULT_POOL_BYTES", "BouncePool", "Staged", "failures"]

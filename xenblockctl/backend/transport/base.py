@@ -216,9 +216,23 @@ class Bounce:
             self._map = None
 
 
-#: one segment of a grant copy: (grant ref, byte offset in its page, length, our Bounce, byte
-#: offset in it). Offset + length must lie inside the page; on our side it may cross pages.
-CopySegment = tuple[int, int, int, Bounce, int]
+#: one request's pages for a grant copy: (its grant refs, (byte offset in the page, length) of each
+#: or None for whole pages, our Bounce). Its segments lie back to back in the Bounce from its start;
+#: on the guest's side each lies inside its page (validated), on ours it may cross pages.
+CopyItem = tuple[Sequence[int], Sequence[tuple[int, int]] | None, Bounce]
+
+
+def copy_segments(
+    refs: Sequence[int], extents: Sequence[tuple[int, int]] | None, at: int = 0
+) -> list[tuple[int, int, int, int]]:
+    """A CopyItem's segments spelled out: (ref, offset in its page, length, offset in the Bounce)."""
+    if extents is None:
+        return [(ref, 0, PAGE_SIZE, at + i * PAGE_SIZE) for i, ref in enumerate(refs)]
+    out: list[tuple[int, int, int, int]] = []
+    for ref, (offset, length) in zip(refs, extents, strict=True):
+        out.append((ref, offset, length, at))
+        at += length
+    return out
 
 
 class EventChannel(abc.ABC):
@@ -273,11 +287,11 @@ class Transport(abc.ABC):
     #: whether `grant_copy` works here (else the data plane maps each request's pages)
     copies_grants: bool = False
 
-    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
-        """Copy each segment between `domid`'s granted page and our Bounce, all in one call:
-        into the guest's pages if `to_guest` (the answer to a READ), else out of them. Returns
-        one GNTST_* status per segment (GNTST_OKAY = 0): a bad segment fails alone. Raises
-        GrantError (code grant-map) only when the call as a whole failed."""
+    def grant_copy(self, domid: int, items: Sequence[CopyItem], *, to_guest: bool) -> list[int]:
+        """Copy every segment of `items` between `domid`'s granted page and our Bounce, all in one
+        call: into the guest's pages if `to_guest` (the answer to a READ), else out of them.
+        Returns one GNTST_* status per segment, in order (GNTST_OKAY = 0): a bad segment fails
+        alone. Raises GrantError (code grant-map) only when the call as a whole failed."""
         raise GrantError(f"{type(self).__name__} cannot copy grants")
 
     @abc.abstractmethod

@@ -56,7 +56,8 @@ from xenblockctl.backend.transport.base import (
     GNTST_BAD_DOMAIN,
     GNTST_BAD_GNTREF,
     GNTST_OKAY,
-    CopySegment,
+    Bounce,
+    CopyItem,
     EventChannel,
     GrantError,
     GrantMapping,
@@ -64,6 +65,7 @@ from xenblockctl.backend.transport.base import (
     PersistentGrants,
     Transport,
     TransportError,
+    copy_segments,
     merge_extents,
 )
 from xenblockctl.backend.transport.fixedmap import Reservation
@@ -367,28 +369,47 @@ class _Domain:
             i = j
         return out
 
-    def grant_copy(self, segments: Sequence[CopySegment], to_guest: bool) -> list[int]:
+    def grant_copy(self, items: Sequence[CopyItem], to_guest: bool) -> list[int]:
         """What gntdev's grant copy does, with this domain's pieces as its grant table: each
         segment alone, a bad one (ref not granted, range outside its page) gets its GNTST_*
-        status and moves nothing."""
+        status and moves nothing. Segments that continue each other on both sides (consecutive
+        refs of one piece, as a frontend's fresh pool gives) move as one slice."""
         bases, pieces = self.layout  # one layout for the whole call, as the data path reads it
         statuses: list[int] = []
-        for ref, offset, length, bounce, where in segments:
-            if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
-                statuses.append(GNTST_BAD_COPY_ARG)
-                continue
-            i = bisect.bisect_right(bases, ref) - 1
-            if i < 0 or ref >= pieces[i].end:
-                statuses.append(GNTST_BAD_GNTREF)
-                continue
-            table = pieces[i]
-            lo = (ref - table.base) * PAGE_SIZE + offset
-            if to_guest:
-                table.view[lo : lo + length] = bounce.view[where : where + length]
-            else:
-                bounce.view[where : where + length] = table.view[lo : lo + length]
-            statuses.append(GNTST_OKAY)
+        # the pending run: table, its byte range, our bounce, our offset
+        run: tuple[_GrantTable, int, int, Bounce, int] | None = None
+        table: _GrantTable | None = None
+        for refs, extents, bounce in items:
+            for ref, offset, length, at in copy_segments(refs, extents):
+                if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
+                    statuses.append(GNTST_BAD_COPY_ARG)
+                    continue
+                if table is None or not table.base <= ref < table.end:
+                    i = bisect.bisect_right(bases, ref) - 1
+                    if i < 0 or ref >= pieces[i].end:
+                        statuses.append(GNTST_BAD_GNTREF)
+                        continue
+                    table = pieces[i]
+                lo = (ref - table.base) * PAGE_SIZE + offset
+                statuses.append(GNTST_OKAY)
+                if run is not None:
+                    r_table, r_lo, r_hi, r_bounce, r_at = run
+                    if r_table is table and r_hi == lo and r_bounce is bounce and r_at + r_hi - r_lo == at:
+                        run = (table, r_lo, lo + length, bounce, r_at)
+                        continue
+                    _copy_run(run, to_guest)
+                run = (table, lo, lo + length, bounce, at)
+        if run is not None:
+            _copy_run(run, to_guest)
         return statuses
+
+
+def _copy_run(run: tuple[_GrantTable, int, int, Bounce, int], to_guest: bool) -> None:
+    table, lo, hi, bounce, at = run
+    if to_guest:
+        table.view[lo:hi] = bounce.view[at : at + hi - lo]
+    else:
+        bounce.view[at : at + hi - lo] = table.view[lo:hi]
 
 
 class _DomainGrants(PersistentGrants):
@@ -630,16 +651,13 @@ class LocalTransport(Transport):
             return None
         return _DomainGrants(self._domain(domid))
 
-    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
-        if not segments:
-            return []
+    def grant_copy(self, domid: int, items: Sequence[CopyItem], *, to_guest: bool) -> list[int]:
         with self._lock:
             domain = self._domains.get(domid)
-        if domain is None:
-            return [GNTST_BAD_DOMAIN] * len(segments)
-        with self._lock:
             self.copy_calls += 1
-        return domain.grant_copy(segments, to_guest)
+        if domain is None:
+            return [GNTST_BAD_DOMAIN] * sum(len(refs) for refs, _extents, _bounce in items)
+        return domain.grant_copy(items, to_guest)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         with self._lock:

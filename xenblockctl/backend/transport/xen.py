@@ -15,22 +15,22 @@ descriptor: `mmap.mmap(gntdev_fd, ...)` would dup() the fd for every mapping (is
 
 from __future__ import annotations
 
+import array
 import contextlib
-import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import struct
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.transport.base import (
-    GNTST_EAGAIN,
-    GNTST_OKAY,
-    CopySegment,
+    CopyItem,
     EventChannel,
     GrantError,
     GrantMapping,
@@ -66,11 +66,12 @@ IOCTL_GNTDEV_SET_UNMAP_NOTIFY: Final = _ioc(_IOC_NONE, "G", 7, _UNMAP_NOTIFY.siz
 # struct ioctl_gntdev_grant_copy {unsigned count; (pad); struct gntdev_grant_copy_segment *segments}
 _GRANT_COPY = struct.Struct("=IIQ")
 IOCTL_GNTDEV_GRANT_COPY: Final = _ioc(_IOC_NONE, "G", 8, _GRANT_COPY.size)
-# struct gntdev_grant_copy_segment (24 bytes): source and dest are each a union of our virtual
-# address (u64) and a foreign {u32 ref; u16 offset; u16 domid}; then u16 len, u16 flags, s16 status.
-_COPY_TO_GUEST = struct.Struct("=QIHHHHh2x")  # source: our address; dest: the guest's page
-_COPY_FROM_GUEST = struct.Struct("=IHHQHHh2x")  # source: the guest's page; dest: our address
-COPY_SEGMENT_SIZE: Final = _COPY_TO_GUEST.size
+# struct gntdev_grant_copy_segment, 24 bytes: `source` and `dest` are each a union of our virtual
+# address (u64) and a foreign {u32 ref; u16 offset; u16 domid}, then u16 len, u16 flags, s16
+# status, 2 bytes of padding. Little-endian (every dom0 architecture), that is three u64 words:
+# address, ref | offset << 32 | domid << 48, len | flags << 16 (status 0), in source/dest order,
+# so a batch is built with C-level passes over a request's refs instead of a pack per segment.
+COPY_SEGMENT_SIZE: Final = 24
 _STATUS_AT: Final = 20  # byte offset of `status` in a segment
 GNTCOPY_SOURCE_GREF: Final = 0x1
 GNTCOPY_DEST_GREF: Final = 0x2
@@ -113,27 +114,38 @@ def encode_set_unmap_notify(index: int, action: int, port: int) -> bytes:
     return _UNMAP_NOTIFY.pack(index, action, port)
 
 
-def encode_grant_copy(domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> bytearray:
-    """The array of struct gntdev_grant_copy_segment for `segments` (statuses 0 until the kernel
-    writes them)."""
-    buf = bytearray(COPY_SEGMENT_SIZE * len(segments))
-    at = 0
-    if to_guest:
-        pack, flags = _COPY_TO_GUEST.pack_into, GNTCOPY_DEST_GREF
-        for ref, offset, length, bounce, where in segments:
-            pack(buf, at, bounce.address + where, ref, offset, domid, length, flags, 0)
-            at += COPY_SEGMENT_SIZE
-    else:
-        pack, flags = _COPY_FROM_GUEST.pack_into, GNTCOPY_SOURCE_GREF
-        for ref, offset, length, bounce, where in segments:
-            pack(buf, at, ref, offset, domid, bounce.address + where, length, flags, 0)
-            at += COPY_SEGMENT_SIZE
-    return buf
+def encode_grant_copy(domid: int, items: Sequence[CopyItem], *, to_guest: bool) -> array.array[int]:
+    """The array of struct gntdev_grant_copy_segment for every segment of `items`, in order
+    (statuses 0 until the kernel writes them)."""
+    if sys.byteorder != "little":
+        raise TransportError("grant copy segments are built for a little-endian dom0")
+    words: array.array[int] = array.array("Q")
+    dom = domid << 48
+    flags = GNTCOPY_DEST_GREF if to_guest else GNTCOPY_SOURCE_GREF
+    for refs, extents, bounce in items:
+        base = bounce.address
+        if extents is None:
+            addrs: Iterable[int] = range(base, base + len(refs) * PAGE_SIZE, PAGE_SIZE)
+            foreign: Iterable[int] = map(dom.__or__, refs)
+            tails: Iterable[int] = itertools.repeat(PAGE_SIZE | flags << 16, len(refs))
+        else:
+            at, addr_list, foreign_list, tail_list = base, [], [], []
+            for ref, (offset, length) in zip(refs, extents, strict=True):
+                addr_list.append(at)
+                foreign_list.append(ref | offset << 32 | dom)
+                tail_list.append(length | flags << 16)
+                at += length
+            addrs, foreign, tails = addr_list, foreign_list, tail_list
+        if to_guest:
+            words.extend(itertools.chain.from_iterable(zip(addrs, foreign, tails, strict=True)))
+        else:
+            words.extend(itertools.chain.from_iterable(zip(foreign, addrs, tails, strict=True)))
+    return words
 
 
-def decode_copy_statuses(buf: bytearray) -> list[int]:
+def decode_copy_statuses(words: array.array[int]) -> list[int]:
     """Each segment's s16 status, in order (one C-level pass: a strided view of the array)."""
-    return memoryview(buf).cast("h")[_STATUS_AT // 2 :: COPY_SEGMENT_SIZE // 2].tolist()
+    return memoryview(words).cast("B").cast("h")[_STATUS_AT // 2 :: COPY_SEGMENT_SIZE // 2].tolist()
 
 
 # --- evtchn ---------------------------------------------------------------------------------------
@@ -171,8 +183,7 @@ def encode_unmask(ports: Sequence[int]) -> bytes:
 
 # --- the transport --------------------------------------------------------------------------------
 GNTDEV_PATH: Final = "/dev/xen/gntdev"
-#: grant copy calls per batch while segments report GNTST_eagain (libxengnttab's map retries too)
-_COPY_TRIES: Final = 100
+
 EVTCHN_PATH: Final = "/dev/xen/evtchn"
 
 
@@ -297,35 +308,19 @@ class XenTransport(Transport):
 
     copies_grants = True
 
-    def grant_copy(self, domid: int, segments: Sequence[CopySegment], *, to_guest: bool) -> list[int]:
-        if not segments:
+    def grant_copy(self, domid: int, items: Sequence[CopyItem], *, to_guest: bool) -> list[int]:
+        words = encode_grant_copy(domid, items, to_guest=to_guest)
+        count = len(words) // 3
+        if not count:
             return []
-        buf = encode_grant_copy(domid, segments, to_guest=to_guest)
-        pending = list(range(len(segments)))
-        statuses = [GNTST_OKAY] * len(segments)
-        for attempt in range(_COPY_TRIES):
-            # The kernel reads the segment array through this pointer and writes each status
-            # back into it; our bytearray stays put while the ctypes export holds it.
-            anchor = (ctypes.c_char * len(buf)).from_buffer(buf)
-            try:
-                arg = _GRANT_COPY.pack(len(buf) // COPY_SEGMENT_SIZE, 0, ctypes.addressof(anchor))
-                fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_GRANT_COPY, arg)
-            except OSError as exc:
-                raise GrantError.from_oserror(
-                    exc, f"grant copy of {len(buf) // COPY_SEGMENT_SIZE} segments of domain {domid}"
-                ) from exc
-            finally:
-                del anchor
-            got = decode_copy_statuses(buf)
-            for i, status in zip(pending, got, strict=True):
-                statuses[i] = status
-            if GNTST_EAGAIN not in got or attempt == _COPY_TRIES - 1:
-                break
-            # paged-out guest pages are being brought back: copy those segments again (as the
-            # map path retries an EAGAIN mmap)
-            pending = [i for i, status in zip(pending, got, strict=True) if status == GNTST_EAGAIN]
-            buf = encode_grant_copy(domid, [segments[i] for i in pending], to_guest=to_guest)
-        return statuses
+        # The kernel reads the segments through this pointer and writes each status back into
+        # them (gnttab_batch_copy already retries GNTST_eagain itself).
+        address, _n = words.buffer_info()
+        try:
+            fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_GRANT_COPY, _GRANT_COPY.pack(count, 0, address))
+        except OSError as exc:
+            raise GrantError.from_oserror(exc, f"grant copy of {count} segments of domain {domid}") from exc
+        return decode_copy_statuses(words)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         return XenEventChannel(domid, remote_port)
