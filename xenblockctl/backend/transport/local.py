@@ -380,6 +380,19 @@ class _Domain:
         run: tuple[_GrantTable, int, int, Bounce, int] | None = None
         table: _GrantTable | None = None
         for refs, extents, bounce in items:
+            n = len(refs)
+            if extents is None and n > 1 and refs[-1] == refs[0] + n - 1:
+                # whole consecutive pages of one piece (a fresh pool): one slice, both ends checked
+                first = refs[0]
+                i = bisect.bisect_right(bases, first) - 1
+                if i >= 0 and first + n <= pieces[i].end and tuple(refs) == tuple(range(first, first + n)):
+                    if run is not None:
+                        _copy_run(run, to_guest)
+                        run = None
+                    lo = (first - pieces[i].base) * PAGE_SIZE
+                    _copy_run((pieces[i], lo, lo + n * PAGE_SIZE, bounce, 0), to_guest)
+                    statuses += [GNTST_OKAY] * n
+                    continue
             for ref, offset, length, at in copy_segments(refs, extents):
                 if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
                     statuses.append(GNTST_BAD_COPY_ARG)
