@@ -27,20 +27,49 @@ rate() {
   metric "${label}_MiBps" "$(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.1f", b / 1048576 / s }')" MiB/s
 }
 
+# cpu_ticks: "all BUSY IDLE" for dom0 (clock ticks over every CPU; iowait counts as idle), then
+# "TID TICKS" per thread of the engine if one runs (TID = $engine_pid is its main thread).
+cpu_ticks() {
+  awk '/^cpu / { print "all", $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat
+  local f
+  [ -n "$engine_pid" ] || return 0
+  for f in /proc/"$engine_pid"/task/*/stat; do
+    [ -r "$f" ] || continue
+    # past "pid (comm) ", utime and stime are fields 12 and 13
+    sed 's/^.*) //' "$f" | awk -v tid="$(basename "$(dirname "$f")")" '{ print tid, $12 + $13 }'
+  done
+}
+# cpu_report LABEL BEFORE AFTER: where the CPU went between two cpu_ticks (issue 20: is the write
+# path CPU-bound, and on which engine thread, or waiting?).
+cpu_report() {
+  awk -v label="$1" -v main="$engine_pid" -v hz="$(getconf CLK_TCK)" '
+    NR == FNR { before[$1] = $2; if ($1 == "all") idle0 = $3; next }
+    $1 == "all" { busy = $2 - before["all"]; idle = $3 - idle0; next }
+    { d = $2 - before[$1]; if (d > 0) threads = threads sprintf(" %s%s=%.2fs", $1, $1 == main ? "(main)" : "", d / hz) }
+    END { printf "%s: dom0 CPUs %.0f%% busy (%.2f s busy, %.2f s idle); engine threads:%s\n", label, 100 * busy / (busy + idle), busy / hz, idle / hz, threads ? threads : " none" }
+  ' "$2" "$3"
+}
+
 # measure LABEL: the three workloads through /dev/xvdb, then check what the write left there.
 measure() {
   local label=$1 dev=/dev/xvdb t
   # The 1 MiB write split in two (issue 20: where does the write path's time go?): the same writes
   # without the final fsync, then that fsync alone (a blkif flush; the engine's fdatasync writes
   # back what its buffered pwritev left in the device's page cache).
+  cpu_ticks > "$XENCI_WORK/cpu.before"
   rate "${label}_write_1M_nofsync" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label 1 MiB writes" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
   t=$(now)
   python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); os.fsync(fd); os.close(fd)' "$dev" \
     || fail "$label: fsync of $dev failed"
   metric "${label}_flush_after_write_s" "$(elapsed "$t")" s
   rate "${label}_seq_write_1M" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none
   rate "${label}_seq_read_1M" $((32 << 20)) dd if="$dev" of=/dev/null bs=1M count=32 skip=8 iflag=direct status=none
+  cpu_ticks > "$XENCI_WORK/cpu.before"
   rate "${label}_seq_read_4k" $((8 << 20)) dd if="$dev" of=/dev/null bs=4k count=2048 skip=2048 iflag=direct status=none
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label 4 KiB reads" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
   [ "$(dd if="$dev" bs=1M count=32 skip=8 iflag=direct status=none | md5sum)" = "$want" ] \
     || fail "$label: data read back through $dev differs from what was written"
 }
@@ -66,7 +95,6 @@ without_blkback
 start_engine
 attach engine
 measure engine
-ps -L -o tid,time,comm -p "$engine_pid" || true  # CPU per engine thread: ring vs I/O workers
 detach engine
 say "the engine without persistent grants: each ring pass copies its requests' pages (gntdev grant copy)"
 kill "$engine_pid"
@@ -74,7 +102,6 @@ wait "$engine_pid" 2>/dev/null || true
 start_engine --no-persistent-grants
 attach engine_nopg
 measure engine_nopg
-ps -L -o tid,time,comm -p "$engine_pid" || true  # CPU per engine thread: ring vs I/O workers
 detach engine_nopg
 grep -E 'connected:|ring stopped' "$engine_log" | tail -n 4 || true
 grep -q 'connected: .*persistent grants' "$engine_log" || fail "blkfront never used persistent grants"
