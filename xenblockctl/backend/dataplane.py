@@ -53,6 +53,7 @@ from xenblockctl.backend.requests import (
 from xenblockctl.backend.ring import BackRing, RingBroken
 from xenblockctl.backend.transport.base import (
     GNTST_OKAY,
+    Bounce,
     EventChannel,
     GrantError,
     GrantMapping,
@@ -185,6 +186,8 @@ class DataPlane:
         self._grants: PersistentGrants | None = None
         #: no persistent grants, none of the above: data pages copied through these buffers
         self.bounces: BouncePool | None = None
+        #: and indirect pages into this one (the ring thread's alone; made on first use)
+        self._indirect_bounce: Bounce | None = None
         try:
             if params.persistent:
                 self.grant_cache = GrantCache(transport, domid, max_persistent_grants, name=self.name)
@@ -238,6 +241,8 @@ class DataPlane:
             self._grants.close()
         if self.bounces is not None:
             self.bounces.close()
+        if self._indirect_bounce is not None:
+            self._indirect_bounce.close()
         if self.grant_cache is not None:
             # drained: no request holds a page, so every persistent mapping goes now
             try:
@@ -539,18 +544,18 @@ class DataPlane:
 
     def _copy_indirect(self, grefs: Sequence[int]) -> bytes:
         """The indirect pages' contents (the copy validation decodes), by one grant copy."""
-        assert self.bounces is not None
-        bounce = self.bounces.take(len(grefs) * PAGE_SIZE)
-        try:
-            statuses = self.transport.grant_copy(self.domid, [(grefs, None, bounce)], to_guest=False)
-            bad = next((i for i, status in enumerate(statuses) if status != GNTST_OKAY), None)
-            if bad is not None:
-                raise GrantError(
-                    f"grant copy of indirect page ref {grefs[bad]} failed: {gntst_name(statuses[bad])}"
-                )
-            return bytes(bounce.view[: len(grefs) * PAGE_SIZE])
-        finally:
-            self.bounces.give(bounce)
+        bounce = self._indirect_bounce
+        if bounce is None:
+            # not from the pool: a ring of large requests keeps the pool's idle bytes for data
+            bounce = self._indirect_bounce = Bounce(blkif.MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE)
+        if len(grefs) > blkif.MAX_INDIRECT_PAGES_PER_REQUEST:  # validation never asks for more
+            raise GrantError(f"{len(grefs)} indirect pages")
+        statuses = self.transport.grant_copy(self.domid, [(grefs, None, bounce)], to_guest=False)
+        bad = next((i for i, status in enumerate(statuses) if status != GNTST_OKAY), None)
+        if bad is not None:
+            reason = gntst_name(statuses[bad])
+            raise GrantError(f"grant copy of indirect page ref {grefs[bad]} failed: {reason}")
+        return bytes(bounce.view[: len(grefs) * PAGE_SIZE])
 
     def _answer(self, answers: Sequence[tuple[int, int, int]]) -> None:
         """Write (id, operation, status) responses, publish them, notify if the frontend asked."""
