@@ -7,6 +7,7 @@ per pass, no per-request mapping) are checked against a real ring."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -155,6 +156,42 @@ def test_bad_indirect_page_by_copy(
         and f"grant copy of indirect page ref {bad} failed: bad grant ref" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_no_bounce_memory_fails_that_request_alone(
+    make_pair: PairFactory,
+    local_transport: LocalTransport,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """mmap refusing a bounce buffer (ENOMEM: a fault the kernel gives only under real memory
+    pressure, so injected) answers the requests that needed one with RSP_ERROR and a logged reason;
+    the ring is not broken and smaller requests in the same pass complete."""
+    pair = _copy_pair(make_pair, local_transport, data_pages=64)
+    fe = pair.frontend
+    assert fe.write(0, b"z" * 4096) == blkif.RSP_OKAY
+    real = BouncePool.take
+
+    def take(self: BouncePool, nbytes: int) -> Bounce:
+        if nbytes > 4096:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return real(self, nbytes)
+
+    monkeypatch.setattr(BouncePool, "take", take)
+    big_write = fe.submit_write(64, b"w" * 8192)
+    big_read = fe.submit_read(0, 8192)
+    small = fe.submit_read(0, 4096)
+    with caplog.at_level(logging.WARNING):
+        done = fe.collect(3)
+    assert done[big_write].response.status == blkif.RSP_ERROR
+    assert done[big_read].response.status == blkif.RSP_ERROR
+    assert done[small].data == b"z" * 4096
+    assert on_disk(pair.path, 64 * 512, 8192) == bytes(8192)
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("no memory for a 8192-byte bounce buffer" in m for m in logged) == 2
+    assert pair.dataplane.broken is None
+    monkeypatch.undo()
+    assert fe.read(0, 8192)[:4096] == b"z" * 4096
 
 
 def test_reads_on_workers_copy_their_own_data(

@@ -416,8 +416,6 @@ class DataPlane:
         every READ finished here into the guest's pages in one call and answer the pass."""
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
         read_indirect = self._read_indirect
-        pool = self.bounces
-        assert pool is not None
         verdicts: list[Verdict] = [
             validate_slot(abi, data, offset, limits, read_indirect)
             for offset in range(0, count * entry, entry)
@@ -433,17 +431,17 @@ class DataPlane:
             if verdict.kind is BARRIER and (answers or reads):
                 self._answer(answers + self._finish_reads(reads))
                 answers, reads = [], []
-            staged: Staged | None = None
+            got: Staged | str | None = None
             if verdict.kind is READ:
                 if verdict.grefs:  # filled by the I/O, copied into the guest's pages after it
-                    staged = Staged(pool, verdict, True)
+                    got = self._stage(verdict, True)
             else:
                 got = staged_in.pop(id(verdict), None)
-                if isinstance(got, str):  # its copy out of the guest's pages failed
-                    self.errors.record("grant-map", verdict.id, got)
-                    answers.append((verdict.id, verdict.operation, blkif.RSP_ERROR))
-                    continue
-                staged = got
+            if isinstance(got, str):  # no buffer, or its copy out of the guest's pages failed
+                self.errors.record("grant-map", verdict.id, got)
+                answers.append((verdict.id, verdict.operation, blkif.RSP_ERROR))
+                continue
+            staged = got
             status = self._start_staged(verdict, staged)
             if status is None:
                 continue
@@ -466,17 +464,18 @@ class DataPlane:
         """Every plan with data for the device (WRITE, and FLUSH/BARRIER carrying data) staged in
         a bounce buffer with one grant copy out of the guest's pages; by id() of the plan, its
         Staged or the reason its copy failed (its buffer already given back)."""
-        pool = self.bounces
-        assert pool is not None
-        staged = [
-            Staged(pool, v, False)
-            for v in verdicts
-            if not isinstance(v, Rejection) and v.grefs and v.kind is not READ
-        ]
-        if not staged:
-            return {}
-        reasons = self._copy(staged, to_guest=False)
         out: dict[int, Staged | str] = {}
+        staged: list[Staged] = []
+        for v in verdicts:
+            if not isinstance(v, Rejection) and v.grefs and v.kind is not READ:
+                got = self._stage(v, False)
+                if isinstance(got, str):
+                    out[id(v)] = got
+                else:
+                    staged.append(got)
+        if not staged:
+            return out
+        reasons = self._copy(staged, to_guest=False)
         for i, item in enumerate(staged):
             reason = reasons.get(i)
             if reason is None:
@@ -485,6 +484,14 @@ class DataPlane:
                 item.unmap()
                 out[id(item.plan)] = reason
         return out
+
+    def _stage(self, plan: IoPlan, to_guest: bool) -> Staged | str:
+        """A bounce buffer for `plan`, or why there is none (that request alone fails)."""
+        assert self.bounces is not None
+        try:
+            return Staged(self.bounces, plan, to_guest)
+        except OSError as exc:  # mmap: ENOMEM at the memory or VMA limit
+            return f"no memory for a {plan.length}-byte bounce buffer: {os.strerror(exc.errno or 0)}"
 
     def _start_staged(self, plan: IoPlan, staged: Staged | None) -> int | None:
         """_start for a plan whose data is (or will be) in `staged`: its status if it finished
