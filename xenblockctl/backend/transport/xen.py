@@ -4,8 +4,10 @@ ioctl numbers and structs are from include/uapi/xen/gntdev.h and evtchn.h (xen-b
 §8), checked against the installed headers by tests/unit/test_transport_xen.py. The class below is
 exercised only in the Xen lane (tests/xen); the codecs are unit-tested everywhere.
 
-Without persistent grants the data plane maps each request's refs here (one MAP ioctl + one mmap
-for all its pages) and unmaps them after the I/O. With persistent grants (backend/grantcache.py)
+Without persistent grants the data plane copies the pages of a whole ring pass's requests with one
+IOCTL_GNTDEV_GRANT_COPY (backend/grantcopy.py); where gntdev lacks that ioctl (Linux < 4.8, probed
+at open) it maps each request's refs here (one MAP ioctl + one mmap for all its pages) and unmaps
+them after the I/O. With persistent grants (backend/grantcache.py)
 it maps one ref at a time, on first use, and keeps it: each cached page is its own mapping, i.e.
 one VMA, so a full cache (1056 pages per ring by default) costs 1056 of the process's
 vm.max_map_count (65530 by default; the caches share a budget of it, backend/grantcache.py).
@@ -20,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import logging
 import mmap
 import os
 import struct
@@ -39,6 +42,8 @@ from xenblockctl.backend.transport.base import (
     TransportError,
 )
 from xenblockctl.backend.transport.fixedmap import RangeLost, Reservation
+
+log = logging.getLogger(__name__)
 
 _IOC_NONE: Final = 0
 _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
@@ -297,6 +302,18 @@ class XenTransport(Transport):
             self._gntdev = os.open(GNTDEV_PATH, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise TransportError.from_oserror(exc, f"cannot open {GNTDEV_PATH}", code="transport") from exc
+        # An empty grant copy costs nothing and says whether this gntdev has the ioctl (Linux >= 4.8);
+        # without it the data planes map each request's pages instead.
+        try:
+            fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_GRANT_COPY, _GRANT_COPY.pack(0, 0, 0))
+        except OSError as exc:
+            self.copies_grants = False
+            log.warning(
+                "%s has no grant copy (%s): frontends without persistent grants get each request's"
+                " pages mapped",
+                GNTDEV_PATH,
+                os.strerror(exc.errno or 0),
+            )
 
     def map_grants(
         self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
