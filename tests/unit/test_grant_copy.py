@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.backend import Pair, PairFactory, on_disk
-from tests.unit.test_ring_dataplane import (  # run again on each data path (module fixture below)
+from tests.unit.test_ring_dataplane import (  # noqa: F401  (collected again here, on each data path)
     test_barrier_orders_and_completes,
     test_drain_waits_for_in_flight_io,
     test_indirect_beyond_advertised_is_refused,
@@ -29,7 +29,7 @@ from tests.unit.test_ring_dataplane import (  # run again on each data path (mod
     test_unmappable_indirect_page,
     test_write_read_flush_discard,
 )
-from tests.unit.test_ring_fuzz import DEVICE, PATTERN, test_hostile_frontend
+from tests.unit.test_ring_fuzz import DEVICE, PATTERN, test_hostile_frontend  # noqa: F401
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
@@ -38,20 +38,6 @@ from xenblockctl.backend.requests import READ, WRITE, IoPlan
 from xenblockctl.backend.transport import xen
 from xenblockctl.backend.transport.base import GNTST_BAD_GNTREF, GNTST_OKAY, Bounce, copy_segments
 from xenblockctl.backend.transport.local import LocalTransport
-
-REUSED = (
-    test_hostile_frontend,
-    test_barrier_orders_and_completes,
-    test_drain_waits_for_in_flight_io,
-    test_indirect_beyond_advertised_is_refused,
-    test_indirect_requests,
-    test_out_of_range_and_unknown_ops_answered,
-    test_queue_depth_32,
-    test_read_only_device_refuses_writes,
-    test_reconnect_keeps_device_and_data,
-    test_unmappable_indirect_page,
-    test_write_read_flush_discard,
-)
 
 
 @pytest.fixture(params=["copy", "map"])
@@ -283,6 +269,3 @@ def test_grant_copy_ioctl_layout() -> None:
     finally:
         one.close()
         two.close()
-
-
-__all__ = [f.__name__ for f in REUSED]
