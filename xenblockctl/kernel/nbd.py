@@ -183,12 +183,14 @@ def describe(index: int, sysfs: Path = Path("/sys/block")) -> NbdDevice | None:
     """nbd`index` as sysfs shows it now (None if it is gone or unreadable)."""
     base = sysfs / f"nbd{index}"
     dev, seq = _read(base / "dev"), _read(base / "diskseq")
-    if dev is None or seq is None or ":" not in dev or not seq.isdigit():
+    if dev is None or seq is None:
         return None
-    major, minor = dev.split(":", 1)
-    if not (major.isdigit() and minor.isdigit()):
+    try:  # the kernel's own decimal output (as loop.bound_loops reads sysfs)
+        major, minor = (int(x) for x in dev.split(":", 1))
+        diskseq = int(seq)
+    except ValueError:
         return None
-    return NbdDevice(index, backend_of(index, sysfs) or "", int(major), int(minor), int(seq))
+    return NbdDevice(index, backend_of(index, sysfs) or "", major, minor, diskseq)
 
 
 def devices_named(prefix: str, sysfs: Path = Path("/sys/block")) -> list[NbdDevice]:
@@ -200,17 +202,20 @@ def devices_named(prefix: str, sysfs: Path = Path("/sys/block")) -> list[NbdDevi
         return []
     found: list[NbdDevice] = []
     for name in names:
-        number = name.removeprefix("nbd")
-        if number == name or not number.isdigit():
+        if not name.startswith("nbd"):
             continue
-        device = describe(int(number), sysfs)
+        try:
+            number = int(name.removeprefix("nbd"))
+        except ValueError:
+            continue
+        device = describe(number, sysfs)
         if device is not None and device.identifier.startswith(prefix):
             found.append(device)
     return sorted(found)
 
 
 def disconnect_with_proof(device: NbdDevice, sysfs: Path = Path("/sys/block")) -> str:
-    """Disconnect `device` only if nbd`index` is still that device (same backend identifier and
+    """Disconnect `device` only if its /dev/nbdN is still that device (same backend identifier and
     diskseq: with nbds_max=0 an index is re-used by the next connect). DESTROY_ON_DISCONNECT then
     deletes it. Returns "disconnected", "already-gone" or "changed" (refused, nothing done)."""
     now = describe(device.number, sysfs)
