@@ -93,7 +93,7 @@ def open_target(target: Target, *, writable: bool, env: Environment, for_backend
     """Open `target` once and check what its form promises. `snapshot:` targets are assembled for
     a backend only (`for_backend`); everything else may also be opened just to look at it."""
     if target.nbd is not None:
-        return _NbdKernel.open(target.nbd, writable=writable)
+        return _NbdKernel.open(target.nbd, writable=writable, env=env)
     if target.snapshot:
         if not for_backend:
             raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
@@ -320,15 +320,17 @@ class _NbdKernel(Opened):
     writable attach of the same export is not refused here yet (the export's identity is not in
     the owner record)."""
 
-    def __init__(self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool) -> None:
+    def __init__(
+        self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool, env: Environment
+    ) -> None:
         import hashlib  # here: the file and device paths never pay for it
 
-        self.export, self.sock, self.info, self.writable = export, sock, info, writable
+        self.export, self.sock, self.info, self.writable, self.env = export, sock, info, writable, env
         self.key = "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
         self.wanted = Wanted(writable=writable)
 
     @classmethod
-    def open(cls, export: NbdUri, *, writable: bool) -> _NbdKernel:
+    def open(cls, export: NbdUri, *, writable: bool, env: Environment) -> _NbdKernel:
         from xenblockctl.nbd import client
 
         sock = client.open_socket(export)
@@ -339,7 +341,7 @@ class _NbdKernel(Opened):
         except BaseException:
             sock.close()
             raise
-        return cls(export, sock, info, writable=writable)
+        return cls(export, sock, info, writable=writable, env=env)
 
     def make(self, use: Use) -> Claimed:
         from xenblockctl.kernel import nbd as knbd
@@ -347,6 +349,8 @@ class _NbdKernel(Opened):
         identifier = use.tag()
         index = knbd.connect(self.sock.fileno(), self.info.size, self.info.flags, identifier)
         try:
+            # killed here, the device stays connected unopened: `remove` and `gc` disconnect it
+            faults.pause(self.env, "add-nbd-connected")
             fd = _open_new_node(f"/dev/nbd{index}", writable=self.writable)
         except BaseException:
             with contextlib.suppress(knbd.NbdDeviceError):
