@@ -3,7 +3,8 @@
 libxl may run remove for a device whose add failed, never ran, or ran partially; twice; after
 the image was deleted; or never (then delete-on-close cleans up). So every node may be missing,
 and the device is detached *before* the record is withdrawn: killed in between, a re-run finds the
-record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal."""
+record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal. An NBD export the
+engine served (kind=nbd) has nothing kernel-side: only the record is withdrawn."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord
+from xenblockctl.xenstore.identity import OWNER, PUBLISHED, NbdOwnerRecord, parse_owner
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
 
 class RemoveResult(NamedTuple):
-    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
+    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nbd-export" | "nothing"
 
 
 def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
@@ -33,8 +34,11 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Env
     faults.pause(env, "remove-start")
     outcome = "nothing"
     if owner_text is not None:
-        owner = OwnerRecord.parse(owner_text)  # malformed: cannot prove ownership, touch nothing
-        if owner.kind == "loop":
+        owner = parse_owner(owner_text)  # malformed: cannot prove ownership, touch nothing
+        if isinstance(owner, NbdOwnerRecord):
+            outcome = "nbd-export"  # the engine's connection closed with the backend: nothing to free
+            journal.info(f"NBD export {owner.uri}: nothing kernel-side to release")
+        elif owner.kind == "loop":
             assert owner.tag is not None
             result = loop.detach_with_proof(
                 owner.devt, diskseq=owner.diskseq, tag=owner.tag, backing=owner.backing

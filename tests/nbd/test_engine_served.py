@@ -1,0 +1,153 @@
+"""An NBD export served by the engine itself, end to end: libxl-like toolstack, the real block
+script, the real engine process over the local transport, a Python blkfront, a real nbdkit on a
+unix socket (issue 17, consumer 1).
+
+The script publishes the export's identity (owner record kind=nbd: URI, size, flags, socket
+dev/inode) and no kernel device; the engine re-checks its own handshake against it before
+`opened`=1 and refuses with the coded error node on any difference."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.engine import EngineProc, connect_guest, detach_guest, wait_for
+from tests.fixtures.libxl import Backend, Libxl
+from tests.fixtures.nbd import NbdServer, NbdServerFactory
+from tests.flows.test_bad_input import assert_clean_failure
+from xenblockctl.nbd import uri
+from xenblockctl.nbd.client import NbdClient
+from xenblockctl.xenstore import identity
+from xenblockctl.xenstore.identity import NbdOwnerRecord
+
+SIZE = 16 << 20
+
+
+def _file_server(nbd_server: NbdServerFactory, image: Path, socket_path: Path | None = None) -> NbdServer:
+    """nbdkit's file plugin: admits a second client, so the data can be read back beside the engine."""
+    return nbd_server("nbdkit", extra=["file", str(image)], socket_path=socket_path)
+
+
+def _image(tmp_path: Path, name: str = "export.img", size: int = SIZE) -> Path:
+    image = tmp_path / name
+    with open(image, "wb") as f:
+        f.truncate(size)
+    return image
+
+
+def _backend(libxl: Libxl, params: str, domid: int, mode: str = "w") -> Backend:
+    """A backend as libxl makes it, once the engine has claimed it (`opened`=0 at InitWait)."""
+    be = libxl.create_backend(domid, 51712, params, mode, engine=False)
+    assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
+    return be
+
+
+def test_guest_writes_reach_the_export(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path
+) -> None:
+    server = _file_server(nbd_server, _image(tmp_path))
+    be = _backend(libxl, server.uri, 5)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    nodes = libxl.nodes(be)
+    assert nodes["hotplug-status"] == "connected"
+    assert nodes["opened"] == "1"
+    for absent in (identity.PHYSICAL_DEVICE, identity.LUID, identity.DISKSEQ, identity.DEVICE_PATH):
+        assert absent not in nodes, f"{absent} published for an engine-served export"
+    record = identity.parse_owner(nodes[identity.OWNER])
+    assert isinstance(record, NbdOwnerRecord)
+    st = server.socket_path.stat()
+    assert record.uri == uri.parse(server.uri).canonical()
+    assert (record.size, record.mode, record.socket) == (SIZE, "w", (st.st_dev, st.st_ino))
+    with NbdClient.connect(uri.parse(server.uri)) as other:
+        assert record.flags == other.info.flags
+    guest = connect_guest(libxl, engine.transport, be)
+    assert libxl.nodes(be)["sectors"] == str(SIZE // 512)
+    assert guest.ring is not None
+    guest.ring.write(16, b"through the engine over NBD".ljust(4096, b"\0"))
+    guest.ring.flush()
+    assert guest.ring.read(16, 512)[:27] == b"through the engine over NBD"
+    with NbdClient.connect(uri.parse(server.uri)) as other:
+        assert other.read(16 * 512, 27) == b"through the engine over NBD"
+    detach_guest(libxl, be, guest)
+    left = libxl.nodes(be)
+    assert identity.OWNER not in left, "remove withdrew the owner record"
+
+
+@pytest.mark.parametrize("change", ["socket", "size"])
+def test_export_swapped_before_the_engine_opens_is_refused(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path, change: str
+) -> None:
+    """The server behind the socket is replaced after the script checked the export and before
+    the engine connects: the engine's handshake differs from the record, so it refuses with the
+    coded error node, and the script reports it and withdraws the record."""
+    first = _file_server(nbd_server, _image(tmp_path, "first.img"))
+    be = _backend(libxl, first.uri, 6)
+    running = libxl.start("add", be, pause_at="add-target-open")  # probed, not yet published
+    running.wait_paused()
+    first.kill()
+    first.socket_path.unlink()
+    size = SIZE if change == "socket" else 2 * SIZE
+    _file_server(nbd_server, _image(tmp_path, "second.img", size), socket_path=first.socket_path)
+    running.proc.send_signal(18)  # SIGCONT
+    _out, err = running.proc.communicate(timeout=60)
+    assert running.proc.returncode != 0, err
+    nodes = libxl.nodes(be)
+    assert "nbd-export-mismatch" in nodes["hotplug-error"], nodes
+    assert "socket inode" in nodes["hotplug-error"]
+    if change == "size":
+        assert f"size {2 * SIZE}, published {SIZE}" in nodes["hotplug-error"]
+    assert nodes["hotplug-status"] == "error"
+    assert identity.OWNER not in nodes, "a refused export stays published"
+    assert nodes.get("opened") != "1"
+    error = libxl.store.read_optional(f"/local/domain/0/error/backend/vbd/6/51712/error")
+    assert error is not None and error.startswith("nbd-export-mismatch:"), error
+    deadline = time.monotonic() + 10
+    while "nbd-export-mismatch" not in engine.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "nbd-export-mismatch" in engine.log_path.read_text(), "the refusal is logged with its code"
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ("nbd+unix:///disk?socket=relative.sock", "nbd-uri-invalid"),
+        ("nbds://127.0.0.1/disk", "nbd-uri-unsupported"),
+        ("nbd+unix:///disk?socket=/nonexistent/x.sock", "nbd-unreachable"),
+    ],
+)
+def test_bad_nbd_targets_for_the_engine_fail_cleanly(
+    libxl: Libxl, engine: EngineProc, params: str, code: str
+) -> None:
+    be = _backend(libxl, params, 7)
+    assert_clean_failure(libxl, be, libxl.run("add", be, XENBLOCKCTL_HANDOFF_TIMEOUT="1"), code)
+    assert identity.OWNER not in libxl.nodes(be)
+
+
+def test_read_only_export_refused_for_a_writable_disk(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path
+) -> None:
+    image = _image(tmp_path)
+    server = nbd_server("nbdkit", extra=["-r", "file", str(image)])
+    be = _backend(libxl, server.uri, 8)
+    assert_clean_failure(libxl, be, libxl.run("add", be), "target-type")
+
+
+def test_second_writer_of_the_same_export_is_refused(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path
+) -> None:
+    server = _file_server(nbd_server, _image(tmp_path))
+    first = _backend(libxl, server.uri, 9)
+    assert libxl.run("add", first).returncode == 0
+    second = _backend(libxl, server.uri, 10)
+    result = libxl.run("add", second)
+    assert result.returncode != 0
+    nodes = libxl.nodes(second)
+    assert nodes["hotplug-status"] == "busy", nodes
+    assert "backend/vbd/9/51712" in nodes["hotplug-error"]
+    assert identity.OWNER not in nodes
+    reader = _backend(libxl, server.uri, 11, mode="r")
+    assert libxl.run("add", reader).returncode != 0, "read-only beside a writer is refused too"
+    assert libxl.run("remove", first).returncode == 0
