@@ -8,6 +8,9 @@ dev/inode) and no kernel device; the engine re-checks its own handshake against 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.identity import NbdOwnerRecord
 
 SIZE = 16 << 20
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _file_server(nbd_server: NbdServerFactory, image: Path, socket_path: Path | None = None) -> NbdServer:
@@ -102,8 +106,9 @@ def test_export_swapped_before_the_engine_opens_is_refused(
     assert nodes["hotplug-status"] == "error"
     assert identity.OWNER not in nodes, "a refused export stays published"
     assert nodes.get("opened") != "1"
-    error = libxl.store.read_optional(f"/local/domain/0/error/backend/vbd/6/51712/error")
-    assert error is not None and error.startswith("nbd-export-mismatch:"), error
+    error = libxl.store.read_optional("/local/domain/0/error/backend/vbd/6/51712/error")
+    assert error is not None
+    assert error.startswith("nbd-export-mismatch:"), error
     deadline = time.monotonic() + 10
     while "nbd-export-mismatch" not in engine.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -151,3 +156,44 @@ def test_second_writer_of_the_same_export_is_refused(
     reader = _backend(libxl, server.uri, 11, mode="r")
     assert libxl.run("add", reader).returncode != 0, "read-only beside a writer is refused too"
     assert libxl.run("remove", first).returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["nbdkit", "qemu-nbd"])
+def test_sandbox_runs_the_whole_path_on_an_export(
+    nbd_server: NbdServerFactory, tmp_path: Path, kind: str
+) -> None:
+    """`xenblockctl sandbox --target URI`: nbdkit admits a second client (the write is read back
+    through it), qemu-nbd by default does not (read back through the ring only)."""
+    image = _image(tmp_path)
+    server = _file_server(nbd_server, image) if kind == "nbdkit" else nbd_server("qemu-nbd", image=image)
+    result = subprocess.run(
+        [sys.executable, "-m", "xenblockctl", "sandbox", "--json", "--target", server.uri],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    steps = {s["name"]: s["detail"] for s in report["steps"]}
+    assert "kind=nbd" in steps["block script add (as libxl runs it)"]
+    second = "read back through a second NBD client"
+    assert (second in steps["guest connects, writes, reads back"]) == (kind == "nbdkit")
+    assert "no kernel device was made" in steps["nothing leaked"]
+    server.kill()
+    assert b"xenblockctl sandbox: written by the guest" in image.read_bytes()
+
+
+def test_sandbox_refuses_a_bad_target_before_starting_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xenblockctl", "sandbox", "--target", "nbds://127.0.0.1/disk"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "nbd-uri-unsupported" in result.stderr

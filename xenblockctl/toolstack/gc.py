@@ -24,7 +24,13 @@ from xenblockctl.toolstack import inventory
 from xenblockctl.toolstack.inventory import VbdInfo
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+    parse_owner,
+)
 
 SCRIPT_NAME = "block-xenblockctl"
 
@@ -75,10 +81,11 @@ def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
         text = backend.get(identity.OWNER)
         if text is not None:
             try:
-                owner = OwnerRecord.parse(text)
-                claimed.add((owner.devt, owner.diskseq))
+                owner = parse_owner(text)
             except OwnerRecordError:
-                pass
+                owner = None
+            if isinstance(owner, OwnerRecord):  # an NBD export (kind=nbd) claims no kernel device
+                claimed.add((owner.devt, owner.diskseq))
         try:
             published = PublishedIdentity.from_nodes(backend)
         except IdentityError:

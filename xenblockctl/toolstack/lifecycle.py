@@ -30,7 +30,7 @@ from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError
+from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError, parse_owner
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
@@ -488,12 +488,13 @@ def _confirm_gone(
             stuck.append(f"kernel blkback still has {os.path.basename(blkback)}")
         if local and owner_text is not None:
             try:
-                owner = OwnerRecord.parse(owner_text)
+                owner = parse_owner(owner_text)
             except OwnerRecordError:
                 owner = None
-            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked).
+            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked); an
+            # NBD export the engine served (kind=nbd) leaves nothing kernel-side to wait for.
             if (
-                owner is not None
+                isinstance(owner, OwnerRecord)
                 and owner.kind == "loop"
                 and owner.identity.liveness(blockdev.observe) is Liveness.LIVE
             ):
