@@ -25,6 +25,7 @@ from xenblockctl.nbd.client import NbdClient
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.identity import NbdOwnerRecord
 
+pytestmark = [pytest.mark.root]
 SIZE = 16 << 20
 REPO = Path(__file__).resolve().parents[2]
 
