@@ -70,7 +70,8 @@ def test_attach_list_show_detach_an_engine_served_export(
         assert shown["vbd"] == vbd
         assert "export" in run_cli("list").out
 
-        closer = threading.Thread(target=lambda: guest.front and guest.front.disconnect(), daemon=True)
+        front = guest.front
+        closer = threading.Thread(target=front.disconnect, daemon=True)
         closer.start()
         detached = run_cli("detach", "5", "xvdb", "--json", "--wait", "15")
         closer.join(20)
