@@ -18,6 +18,7 @@ from tests.fixtures.xenstore import EmbeddedXenstored
 from tests.nbd.test_blockscript_nbd import _connections
 from xenblockctl.nbd import uri
 from xenblockctl.nbd.client import NbdClient
+from xenblockctl.xenstore.client import XenStore
 
 pytestmark = [pytest.mark.root]
 XVDB = 51728
@@ -84,3 +85,42 @@ def test_attach_list_show_detach_an_engine_served_export(
         assert _connections(server.proc.pid) == 0, "the engine kept its NBD connection after the detach"
     finally:
         guest.close()
+
+
+def test_attach_sees_an_export_a_driver_domain_engine_took(xenstored: EmbeddedXenstored) -> None:
+    """In a driver domain the export's record is all the script publishes there: attach must read
+    that as published (by the engine), not as "nobody took it"."""
+    from xenblockctl.toolstack.lifecycle import _published_by_driver_domain
+    from xenblockctl.toolstack.vbd_dirs import VbdLocation
+    from xenblockctl.xenstore.identity import NbdOwnerRecord
+
+    loc = VbdLocation(5, 51712, backend_domid=7)
+    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2))
+    with XenStore.connect(xenstored.socket_path, timeout=10) as store:
+        assert _published_by_driver_domain(store, loc) is None
+        store.write(f"{loc.backend}/opened", "1")
+        store.write(f"{loc.backend}/xenblockctl-owner", record.format())
+        seen = _published_by_driver_domain(store, loc)
+    assert seen is not None
+    assert (seen.physical_device, seen.device_path, seen.consumer) == ("", record.uri, "engine")
+
+
+def test_gc_counts_an_export_record_as_published() -> None:
+    """A backend whose add failed is gc's to delete only if it published nothing: an export's
+    record (kind=nbd, no physical-device) is something published, which the engine may serve."""
+    from xenblockctl.toolstack.gc import stale_backend_reason
+    from xenblockctl.toolstack.inventory import IDENTITY_EXPORT, IDENTITY_NONE, VbdInfo
+    from xenblockctl.toolstack.vbd_dirs import VbdLocation
+    from xenblockctl.xenstore.identity import NbdOwnerRecord
+
+    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2))
+    failed = {"state": "4", "script": "/etc/xen/scripts/block-xenblockctl", "hotplug-status": "error"}
+    loc = VbdLocation(5, 51712)
+
+    def info(backend: dict[str, str], owner: NbdOwnerRecord | None) -> VbdInfo:
+        ident = IDENTITY_EXPORT if owner else IDENTITY_NONE
+        return VbdInfo(loc, backend, None, True, None, None, ident, owner, None, None, None, None)
+
+    assert stale_backend_reason(info(failed, None)) == "failed attach: no error text"
+    published = {**failed, "xenblockctl-owner": record.format()}
+    assert stale_backend_reason(info(published, record)) is None

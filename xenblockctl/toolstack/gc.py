@@ -59,7 +59,8 @@ def stale_backend_reason(info: VbdInfo) -> str | None:
         return None
     if not info.domain_alive:
         return f"domain {info.location.domid} no longer exists"
-    published = identity.PHYSICAL_DEVICE in info.backend
+    # an engine-served NBD export publishes its owner record alone (kind=nbd)
+    published = identity.PHYSICAL_DEVICE in info.backend or identity.OWNER in info.backend
     if info.backend.get("hotplug-status") in ("error", "busy") and not published:
         return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
     return None
