@@ -20,6 +20,8 @@ from tests.fixtures.engine import EngineProc, connect_guest, detach_guest, wait_
 from tests.fixtures.libxl import Backend, Libxl
 from tests.fixtures.nbd import NbdServer, NbdServerFactory
 from tests.flows.test_bad_input import assert_clean_failure
+from tests.nbd.test_blockscript_nbd import _connections
+from xenblockctl.blockscript.faults import ADD_POINTS
 from xenblockctl.nbd import uri
 from xenblockctl.nbd.client import NbdClient
 from xenblockctl.xenstore import identity
@@ -95,7 +97,7 @@ def test_export_swapped_before_the_engine_opens_is_refused(
     first.kill()
     first.socket_path.unlink()
     size = SIZE if change == "socket" else 2 * SIZE
-    _file_server(nbd_server, _image(tmp_path, "second.img", size), socket_path=first.socket_path)
+    second = _file_server(nbd_server, _image(tmp_path, "second.img", size), socket_path=first.socket_path)
     running.proc.send_signal(18)  # SIGCONT
     _out, err = running.proc.communicate(timeout=60)
     assert running.proc.returncode != 0, err
@@ -114,6 +116,9 @@ def test_export_swapped_before_the_engine_opens_is_refused(
     while "nbd-export-mismatch" not in engine.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "nbd-export-mismatch" in engine.log_path.read_text(), "the refusal is logged with its code"
+    assert wait_for(lambda: _connections(second.proc.pid) == 0, 5), (
+        "the refused export's connection stays open"
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,3 +203,21 @@ def test_sandbox_refuses_a_bad_target_before_starting_anything() -> None:
     )
     assert result.returncode != 0
     assert "nbd-uri-unsupported" in result.stderr
+
+
+@pytest.mark.parametrize("point", ADD_POINTS)
+def test_script_killed_at_each_step_leaks_nothing(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path, point: str
+) -> None:
+    """libxl SIGKILLs a hung script: whatever step it died at, the detach that follows (online=0,
+    the engine lets go, `remove`) leaves no record and no NBD connection of ours."""
+    server = _file_server(nbd_server, _image(tmp_path))
+    be = _backend(libxl, server.uri, 12)
+    running = libxl.start("add", be, pause_at=point)
+    running.wait_paused()
+    running.kill()
+    libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
+    assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
+    assert libxl.run("remove", be).returncode == 0
+    assert identity.OWNER not in libxl.nodes(be)
+    assert wait_for(lambda: _connections(server.proc.pid) == 0, 5), "an NBD connection outlived the detach"
