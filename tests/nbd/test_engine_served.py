@@ -9,6 +9,7 @@ dev/inode) and no kernel device; the engine re-checks its own handshake against 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from tests.nbd.test_blockscript_nbd import _connections
 from xenblockctl.blockscript.faults import ADD_POINTS
 from xenblockctl.nbd import uri
 from xenblockctl.nbd.client import NbdClient
+from xenblockctl.toolstack.daemons import ReadyDaemon
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.identity import NbdOwnerRecord
 
@@ -221,3 +223,43 @@ def test_script_killed_at_each_step_leaks_nothing(
     assert libxl.run("remove", be).returncode == 0
     assert identity.OWNER not in libxl.nodes(be)
     assert wait_for(lambda: _connections(server.proc.pid) == 0, 5), "an NBD connection outlived the detach"
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_restarted_engine_re_checks_the_export(
+    libxl: Libxl, nbd_server: NbdServerFactory, tmp_path: Path, swap: bool
+) -> None:
+    """Nothing of an export is parked across an engine restart: the next engine finds the record
+    and does its own handshake again, serving the same export and refusing a replaced one."""
+    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+    argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{transport}"]
+    argv += ["--xenstore", libxl.xenstored.socket_path]
+    started: list[ReadyDaemon] = []
+
+    def start() -> ReadyDaemon:
+        log = tmp_path / f"engine{len(started)}.log"
+        started.append(ReadyDaemon("engine", argv, "engine ready", log, timeout=60, cwd=REPO))
+        return started[-1]
+
+    try:
+        first = start()
+        server = _file_server(nbd_server, _image(tmp_path, "first.img"))
+        be = _backend(libxl, server.uri, 13)
+        assert libxl.run("add", be).returncode == 0
+        assert first.stop() == 0
+        if swap:
+            server.kill()
+            server.socket_path.unlink()
+            _file_server(nbd_server, _image(tmp_path, "second.img"), socket_path=server.socket_path)
+        second = start()
+        if swap:
+            error = "/local/domain/0/error/backend/vbd/13/51712/error"
+            assert wait_for(lambda: libxl.store.read_optional(error) is not None), libxl.nodes(be)
+            assert (libxl.store.read_optional(error) or "").startswith("nbd-export-mismatch:")
+            assert libxl.nodes(be)["opened"] != "1"
+        else:
+            assert wait_for(lambda: "opened NBD export" in second.log_text()), second.log_text()
+            assert libxl.nodes(be)["opened"] == "1"
+    finally:
+        for daemon in started:
+            daemon.stop()
