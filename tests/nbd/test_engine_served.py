@@ -263,3 +263,28 @@ def test_a_restarted_engine_re_checks_the_export(
     finally:
         for daemon in started:
             daemon.stop()
+
+
+def test_flush_is_advertised_only_if_the_server_can_flush(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory
+) -> None:
+    """An export without SEND_FLUSH (nbdkit's eval plugin saying so) gets feature-flush-cache=0:
+    a guest must not believe its flushes make anything durable."""
+    server = nbd_server(
+        "nbdkit",
+        extra=[
+            "eval",
+            f"get_size=echo {SIZE}",
+            "pread=head -c $3 /dev/zero",
+            "pwrite=cat >/dev/null",
+            "can_write=exit 0",
+            "can_flush=exit 3",
+        ],
+    )
+    be = _backend(libxl, server.uri, 14)
+    assert libxl.run("add", be).returncode == 0
+    guest = connect_guest(libxl, engine.transport, be)
+    try:
+        assert libxl.nodes(be)["feature-flush-cache"] == "0"
+    finally:
+        detach_guest(libxl, be, guest)
