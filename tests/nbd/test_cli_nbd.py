@@ -62,9 +62,11 @@ def test_attach_list_show_detach_an_engine_served_export(
         assert vbd["physical_device"] is None
         owner = vbd["owner"]
         assert (owner["kind"], owner["uri"], owner["size"]) == ("nbd", doc["device_path"], 16 << 20)
-        assert (owner["socket_dev"], owner["socket_ino"]) == (
-            server.socket_path.stat().st_dev,
-            server.socket_path.stat().st_ino,
+        st = server.socket_path.stat()
+        assert (owner["socket_dev"], owner["socket_ino"], owner["socket_ctime_ns"]) == (
+            st.st_dev,
+            st.st_ino,
+            st.st_ctime_ns,
         )
         shown = run_cli("show", "5", "xvdb", "--json").json()
         check_schema(shown)
@@ -95,7 +97,7 @@ def test_attach_sees_an_export_a_driver_domain_engine_took(xenstored: EmbeddedXe
     from xenblockctl.xenstore.identity import NbdOwnerRecord
 
     loc = VbdLocation(5, 51712, backend_domid=7)
-    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2))
+    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2, 3))
     with XenStore.connect(xenstored.socket_path, timeout=10) as store:
         assert _published_by_driver_domain(store, loc) is None
         store.write(f"{loc.backend}/opened", "1")
@@ -113,7 +115,7 @@ def test_gc_counts_an_export_record_as_published() -> None:
     from xenblockctl.toolstack.vbd_dirs import VbdLocation
     from xenblockctl.xenstore.identity import NbdOwnerRecord
 
-    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2))
+    record = NbdOwnerRecord("nbd+unix:///disk?socket=/run/x.sock", 1 << 20, 0xD6D, "w", (1, 2, 3))
     failed = {"state": "4", "script": "/etc/xen/scripts/block-xenblockctl", "hotplug-status": "error"}
     loc = VbdLocation(5, 51712)
 

@@ -14,11 +14,11 @@ from xenblockctl.xenstore.identity import (
 )
 
 UNIX = "nbd+unix:///disk?socket=/run/x.sock"
-TEXT = f"v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6 uri={UNIX}"
+TEXT = f"v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6:187e0c1a2b3c4d5e uri={UNIX}"
 
 
 def test_round_trips_and_is_told_from_device_records() -> None:
-    rec = NbdOwnerRecord(UNIX, 16 << 20, 0xD6D, "w", (0xFE00, 0x20C0F6))
+    rec = NbdOwnerRecord(UNIX, 16 << 20, 0xD6D, "w", (0xFE00, 0x20C0F6, 0x187E0C1A2B3C4D5E))
     assert rec.format() == TEXT
     assert parse_owner(TEXT) == rec
     assert rec.kind == "nbd"
@@ -41,7 +41,8 @@ def test_a_device_reader_never_takes_an_nbd_record_for_a_device() -> None:
         TEXT.replace("flags=d6d", "flags=10000"),  # 16-bit field
         TEXT.replace("flags=d6d", "flags=D6D"),
         TEXT.replace("mode=w", "mode=rw"),
-        TEXT.replace(" socket=fe00:20c0f6", ""),  # unix without the socket's identity
+        TEXT.replace(" socket=fe00:20c0f6:187e0c1a2b3c4d5e", ""),  # unix without the socket's identity
+        TEXT.replace("socket=fe00:20c0f6:187e0c1a2b3c4d5e", "socket=fe00:20c0f6"),  # no ctime
         "v1 kind=nbd mode=w size=200 flags=1 socket=1:2 uri=nbd://h:10809/d",  # tcp with one
         TEXT.replace(f"uri={UNIX}", "uri=/dev/sda"),
         TEXT.replace(f"uri={UNIX}", "uri=nbd://h/d\x01"),

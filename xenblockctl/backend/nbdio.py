@@ -154,7 +154,8 @@ def open_published(record: NbdOwnerRecord, params: str | None, *, writable: bool
     counterpart of comparing BLKGETDISKSEQ with the published luid. There is no diskseq on the
     wire, so what the block script published is compared instead: the canonical URI (and that it
     is the backend's `params`), the size, the transmission flags, the mode, and for a unix socket
-    the socket file's (st_dev, st_ino), read before connecting and again after the handshake.
+    the socket file's (st_dev, st_ino, st_ctime_ns), read before connecting and again after the
+    handshake.
     Any difference is NbdError `nbd-export-mismatch` (the engine refuses the device); an
     unreachable or refusing server is the client's own coded NbdError."""
     export = uri.parse(record.uri)
@@ -177,7 +178,7 @@ def open_published(record: NbdOwnerRecord, params: str | None, *, writable: bool
     if before != after:
         differences.append("the socket was replaced during the handshake")
     elif after != record.socket:
-        differences.append(f"socket inode {_ino(after)}, published {_ino(record.socket)}")
+        differences.append(f"socket file {_ino(after)}, published {_ino(record.socket)}")
     if writable and info.read_only:
         differences.append("the export is read-only now, the disk is writable")
     if differences:
@@ -192,8 +193,9 @@ def _mismatch(why: str) -> NbdError:
     return NbdError(why, code="nbd-export-mismatch")
 
 
-def _ino(ident: tuple[int, int] | None) -> str:
-    return "none" if ident is None else f"{ident[0]:x}:{ident[1]:x}"
+def _ino(ident: tuple[int, int, int] | None) -> str:
+    """dev:inode:ctime of a socket file, as the record spells it."""
+    return "none" if ident is None else ":".join(f"{n:x}" for n in ident)
 
 
 #: one NBD request to send: (command, command flags, offset, length, buffers)

@@ -163,6 +163,7 @@ class VbdInfo:
                 "flags": n.flags,
                 "socket_dev": None if n.socket is None else n.socket[0],
                 "socket_ino": None if n.socket is None else n.socket[1],
+                "socket_ctime_ns": None if n.socket is None else n.socket[2],
             }
         elif self.owner is not None:
             o = self.owner

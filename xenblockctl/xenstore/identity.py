@@ -356,17 +356,18 @@ class NbdOwnerRecord(NamedTuple):
     device: there is no diskseq on the wire, so the export is identified by what a handshake shows
     and the socket's file (remote-storage.md §5), and the engine refuses to serve anything else:
 
-        v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6 uri=nbd+unix:///disk?socket=/run/x.sock
+        v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6:187e0c1a2b3c4d5e uri=nbd+unix:///disk?socket=/run/x.sock
 
     `size` (bytes) and `flags` (the transmission flags of NBD_INFO_EXPORT) in lowercase hex;
-    `socket` the (st_dev, st_ino) of a unix socket's file, absent for TCP; `uri` the canonical
+    `socket` the (st_dev, st_ino, st_ctime_ns) of a unix socket's file (the inode number alone is
+    re-used at once for a socket re-created at the same path), absent for TCP; `uri` the canonical
     URI (nbd/uri.py), last. Nothing kernel-side exists, so `remove` and `gc` have nothing to free."""
 
     uri: str
     size: int
     flags: int
     mode: str  # "r" | "w"
-    socket: tuple[int, int] | None = None
+    socket: tuple[int, int, int] | None = None
 
     @property
     def kind(self) -> str:
@@ -381,7 +382,7 @@ class NbdOwnerRecord(NamedTuple):
             f"flags={self.flags:x}",
         ]
         if self.socket is not None:
-            parts.append(f"socket={self.socket[0]:x}:{self.socket[1]:x}")
+            parts.append("socket=" + ":".join(f"{n:x}" for n in self.socket))
         parts.append(f"uri={self.uri}")
         return " ".join(parts)
 
@@ -397,8 +398,8 @@ class NbdOwnerRecord(NamedTuple):
             size, flags = _hex(fields["size"]), _hex(fields["flags"])
             sock = None
             if "socket" in fields:
-                dev, ino = (_hex(x) for x in fields["socket"].split(":", 1))
-                sock = (dev, ino)
+                dev, ino, ctime = (_hex(x) for x in fields["socket"].split(":"))
+                sock = (dev, ino, ctime)
         except (KeyError, ValueError) as exc:
             raise OwnerRecordError(f"malformed owner record {text[:80]!r}") from exc
         if mode not in ("r", "w") or size == 0 or flags >= 1 << 16 or not _NBD_URI.fullmatch(uri):
