@@ -1052,7 +1052,7 @@ def script_nbd_kernel() -> dict[str, object]:
         raise Skip("the nbd module is not loaded in the guest")
     metrics: dict[str, object] = {}
     with _nbdkit() as u, Lane() as lane:
-        be = lane.create_backend(21, u.canonical(), "w")
+        be = lane.create_backend(21, u.canonical(), "w", engine=False)
         consumer = lane.consumer(be, writable=True)
         t0 = time.monotonic()
         result = lane.run("add", be)
@@ -1077,7 +1077,7 @@ def script_nbd_kernel() -> dict[str, object]:
         )
         lane.forget(be)
         for domid, point in ((22, "add-target-open"), (23, "add-published")):
-            victim = lane.create_backend(domid, u.canonical(), "w")
+            victim = lane.create_backend(domid, u.canonical(), "w", engine=False)
             lane.stopped_at(point, victim).kill()
             _wait_until(lambda: not list(Path("/sys/block").glob("nbd*")), timeout=5.0)
             lane.forget(victim)

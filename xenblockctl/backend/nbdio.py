@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.io import DiscardMode, InFlight
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, DeviceLimits, IoPlan
-from xenblockctl.nbd import proto
-from xenblockctl.nbd.client import ExportInfo, handshake, open_socket
+from xenblockctl.nbd import proto, uri
+from xenblockctl.nbd.client import ExportInfo, NbdClient, handshake, open_socket, socket_identity
 from xenblockctl.nbd.errors import NbdError
 from xenblockctl.nbd.uri import NbdUri
+from xenblockctl.xenstore.identity import NbdOwnerRecord
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,55 @@ class NbdTarget:
             sock.close()
             raise
         return sock
+
+
+def open_published(record: NbdOwnerRecord, params: str | None, *, writable: bool) -> NbdTarget:
+    """The export an owner record (kind=nbd) names, verified by our own handshake: the engine's
+    counterpart of comparing BLKGETDISKSEQ with the published luid. There is no diskseq on the
+    wire, so what the block script published is compared instead: the canonical URI (and that it
+    is the backend's `params`), the size, the transmission flags, the mode, and for a unix socket
+    the socket file's (st_dev, st_ino, st_ctime_ns), read before connecting and again after the
+    handshake.
+    Any difference is NbdError `nbd-export-mismatch` (the engine refuses the device); an
+    unreachable or refusing server is the client's own coded NbdError."""
+    export = uri.parse(record.uri)
+    if export.canonical() != record.uri:
+        raise _mismatch(f"the owner record's URI {record.uri!r} is not in canonical form")
+    wanted = uri.parse(params).canonical() if params is not None and uri.looks_like_nbd(params) else None
+    if wanted != record.uri:
+        raise _mismatch(f"the owner record names {record.uri}, the backend's params {str(params)[:200]!r}")
+    if record.mode != ("w" if writable else "r"):
+        raise _mismatch(f"the owner record was published for mode {record.mode}, the backend's mode differs")
+    before = socket_identity(export)
+    with NbdClient.connect(export, CONNECT_TIMEOUT) as conn:
+        info = conn.info
+    after = socket_identity(export)
+    differences = []
+    if info.size != record.size:
+        differences.append(f"size {info.size}, published {record.size}")
+    if info.flags != record.flags:
+        differences.append(f"flags {info.flags:#x}, published {record.flags:#x}")
+    if before != after:
+        differences.append("the socket was replaced during the handshake")
+    elif after != record.socket:
+        differences.append(f"socket file {_ino(after)}, published {_ino(record.socket)}")
+    if writable and info.read_only:
+        differences.append("the export is read-only now, the disk is writable")
+    if differences:
+        raise _mismatch(
+            f"not the export the block script published ({'; '.join(differences)}): the export at"
+            f" {record.uri} was replaced; refusing to give the guest the wrong disk"
+        )
+    return NbdTarget(export, info, writable)
+
+
+def _mismatch(why: str) -> NbdError:
+    return NbdError(why, code="nbd-export-mismatch")
+
+
+def _ino(ident: tuple[int, int, int] | None) -> str:
+    """dev:inode:ctime of a socket file, as the record spells it."""
+    return "none" if ident is None else ":".join(f"{n:x}" for n in ident)
 
 
 #: one NBD request to send: (command, command flags, offset, length, buffers)

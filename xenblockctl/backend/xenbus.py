@@ -9,6 +9,10 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
                                         open by major:minor, refuse unless BLKGETDISKSEQ equals
                                         every one of them that is present, then `opened`=1 (the
                                         block script's sign to let go)
+  `xenblockctl-owner` kind=nbd written   -> an NBD export we serve ourselves (no physical-device):
+     (no physical-device)                 our own handshake must match the record (URI, size,
+                                        flags, socket dev/inode: nbdio.open_published), else the
+                                        coded refusal `nbd-export-mismatch`; then `opened`=1
   frontend Initialised/Connected     -> map the ring, bind the event channel, publish
                                         sectors/info/features, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
@@ -41,16 +45,24 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
+from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.nbd import proto as nbd_proto
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    Liveness,
+    NbdOwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+)
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, XenbusState, format_error_responses
@@ -132,7 +144,7 @@ class BackendDevice:
         self.relative = f"backend/{kind}/{domid}/{devid}"
         self.phase = Phase.NEW
         self.device: BlockDevice | None = None
-        self.target: DeviceTarget | None = None
+        self.target: DeviceTarget | NbdTarget | None = None
         self.writable = False
         self.dataplane: DataPlane | None = None
         self.frontend: str | None = None
@@ -173,14 +185,12 @@ class BackendDevice:
 
         self.store.run_transaction(body)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, code: str = EngineRefusal.code) -> None:
         """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
         request is in flight; until then the failure waits (reconcile() comes back to it)."""
         if self._failure is None:
             self._failure = reason
-            self.journal.error(
-                f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE="engine-refused"
-            )
+            self.journal.error(f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE=code)
         if not self._quiesce():
             return
         self._failure = None
@@ -229,13 +239,16 @@ class BackendDevice:
             return True
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return True
-        if self.phase is Phase.INIT_WAIT and identity.PHYSICAL_DEVICE in nodes:
+        if self.phase is Phase.INIT_WAIT and (identity.PHYSICAL_DEVICE in nodes or identity.OWNER in nodes):
             try:
                 self._open_device()
             except XenblockError as exc:
-                self._fail(exc.message)
+                # A refusal with its own code (an NBD export that is not the published one) says
+                # so in the error node too: the block script shows that text as hotplug-error.
+                coded = exc.code != EngineRefusal.code
+                self._fail(exc.one_line() if coded else exc.message, code=exc.code)
                 return True
-        if self.device is None:
+        if self.target is None:
             return True
         try:
             fe_state = self._frontend_state()
@@ -288,13 +301,16 @@ class BackendDevice:
         node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
         device has; any disagreement, among them or with the device, fails it (as the kernel patch
         does). Their grammar and what we accept from other writers: xenstore/identity.py."""
-        names = (*identity.IDENTITY_NODES, "mode", "frontend")
+        names = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
 
         def body(tx: Transaction) -> dict[str, str | None]:
             return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
 
         nodes = self.store.run_transaction(body)
         mode, frontend = nodes["mode"], nodes["frontend"]
+        if nodes[identity.PHYSICAL_DEVICE] is None:
+            self._open_export(nodes[identity.OWNER], nodes["params"], mode, frontend)
+            return
         try:
             published = PublishedIdentity.from_nodes(nodes)
         except IdentityError as exc:
@@ -356,6 +372,32 @@ class BackendDevice:
             self.phase = Phase.DISCONNECTED
             self._set_state(6)
             self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
+
+    def _open_export(
+        self, owner: str | None, params: str | None, mode: str | None, frontend: str | None
+    ) -> None:
+        """An NBD export the block script published for us (kind=nbd owner record, nothing
+        kernel-side): connect, compare our handshake with the record (nbdio.open_published),
+        then `opened`=1. Nothing is parked in the fd store: a restarted engine re-verifies."""
+        if owner is None:
+            raise EngineRefusal("the owner record was withdrawn before the engine read it")
+        try:
+            record = identity.parse_owner(owner)
+        except OwnerRecordError as exc:
+            raise EngineRefusal(f"owner record without physical-device is malformed: {exc.message}") from exc
+        if not isinstance(record, NbdOwnerRecord):
+            raise EngineRefusal(f"owner record kind={record.kind} without physical-device: nothing to open")
+        if mode not in ("r", "w"):
+            raise EngineRefusal(f"mode {mode!r} is not r or w")
+        if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
+            raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
+        self.target = open_published(record, params, writable=mode == "w")
+        self.writable = mode == "w"
+        self.frontend = frontend
+        self.store.write(join(self.path, "opened"), "1")
+        self.phase = Phase.OPENED
+        access = "rw" if self.writable else "ro"
+        self._log(f"opened NBD export {record.uri} size {record.size} flags {record.flags:#x} ({access})")
 
     def _adopt(self, fd: int, devt: int, *, writable: bool) -> BlockDevice:
         """The fd a previous engine parked, re-verified before use: a block device, the one
@@ -457,16 +499,17 @@ class BackendDevice:
             raise EngineRefusal(exc.message) from exc
 
     def _connect(self) -> None:
-        assert self.device is not None
         assert self.target is not None
         params = self._read_ring_params()
         target = self.target
         discard = target.discard is not DiscardMode.NONE and self.writable
+        # An NBD export can flush only if its server sent SEND_FLUSH: never advertise a no-op.
+        flush = not isinstance(target, NbdTarget) or target.info.has(nbd_proto.TFLAG_SEND_FLUSH)
         limits = DeviceLimits(
             sectors=target.sectors,
             logical_block_size=target.logical_block_size,
             read_only=not self.writable or target.read_only,
-            flush=True,
+            flush=flush,
             discard=discard,
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
@@ -494,7 +537,7 @@ class BackendDevice:
                 "info": str(info),
                 "sector-size": str(target.logical_block_size),
                 "physical-sector-size": str(target.physical_block_size),
-                "feature-flush-cache": "1",
+                "feature-flush-cache": "1" if flush else "0",
                 "feature-barrier": "0",
                 # what we offer; in use only if the frontend's node says 1 as well (read above)
                 "feature-persistent": "1" if self.config.persistent_grants else "0",
@@ -516,7 +559,7 @@ class BackendDevice:
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
         every few seconds brings them out without an event)."""
-        value = self.errors.due(force=force) if self.device is not None or self.errors.total else None
+        value = self.errors.due(force=force) if self.target is not None or self.errors.total else None
         if value is not None:
             try:
                 self._write_node(ERROR_RESPONSES_NODE, value)
@@ -634,7 +677,7 @@ class BackendDevice:
             return True
         if not self._quiesce():
             return False
-        had_device = self.device is not None
+        had_device = self.target is not None
         self._close_device(keep_parked=keep_parked)
         self.phase = Phase.CLOSED
         if had_device:

@@ -33,7 +33,7 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState, backend_dir
 #: transaction: `_publish` re-reads every one of these it relies on inside the publishing
 #: transaction, so a change in between (closing, deleted, re-created with other params, published
 #: by a concurrent add) is refused there and never published over.
-CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE)
+CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE, identity.OWNER, "opened")
 
 
 class BackendGone(XenblockError):
@@ -71,6 +71,22 @@ def run_add(
         mode, target_params = _validate(nodes)
         target = parse_target(target_params)
         writable = mode == "w"
+        if target.nbd is not None and "opened" in nodes:
+            # Our engine claimed the backend (`opened`=0 at InitWait): it serves the export itself.
+            from xenblockctl.blockscript import nbdexport  # NBD code only for NBD targets
+
+            return nbdexport.run_add_nbd(
+                store,
+                home=home,
+                be=be,
+                path=path,
+                export=target.nbd,
+                nodes=nodes,
+                mode=mode,
+                settings=settings,
+                journal=journal,
+                env=env,
+            )
         if identity.PHYSICAL_DEVICE in nodes:
             published_nodes = store.run_transaction(lambda tx: _read_published(tx, be))
             if identity.PHYSICAL_DEVICE not in published_nodes:
@@ -100,7 +116,7 @@ def run_add(
                 home=home,
                 backend=be,
                 path=path,
-                identity=device.identity,
+                physical_device=device.identity.physical_device,
                 timeout=settings.handoff_timeout,
                 bus=env.xen_backend_bus,
             )

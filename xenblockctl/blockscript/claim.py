@@ -174,6 +174,14 @@ def device_key(ident: BlockIdentity) -> str:
     return f"dev-{ident.major}-{ident.minor}"
 
 
+def export_key(export: NbdUri) -> str:
+    """An NBD export's lock key (kernel NBD and engine-served alike): its canonical URI, hashed
+    into a file name."""
+    import hashlib  # here: the file and device paths never pay for it
+
+    return "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
+
+
 # --- the kinds ------------------------------------------------------------------------------------
 
 
@@ -316,18 +324,17 @@ class _NbdKernel(Opened):
     (nbds_max=0: every connect creates a new device), so it is published like a loop device's.
 
     Sharing: NBD has no lock of its own; whether a second client may write is the server's policy
-    (qemu-nbd and qemu-storage-daemon admit one by default, nbdkit any). This host's second
-    writable attach of the same export is not refused here yet (the export's identity is not in
-    the owner record)."""
+    (qemu-nbd and qemu-storage-daemon admit one by default, nbdkit any). The check refuses a
+    writer beside an engine-served user of the same export on this host (their owner records name
+    its URI, nbdexport.py); two kernel NBD devices of one export are not told apart yet (their
+    records name the device, not the export)."""
 
     def __init__(
         self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool, env: Environment
     ) -> None:
-        import hashlib  # here: the file and device paths never pay for it
-
         self.export, self.sock, self.info, self.writable, self.env = export, sock, info, writable, env
-        self.key = "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
-        self.wanted = Wanted(writable=writable)
+        self.key = export_key(export)
+        self.wanted = Wanted(writable=writable, nbd_uri=export.canonical())
 
     @classmethod
     def open(cls, export: NbdUri, *, writable: bool, env: Environment) -> _NbdKernel:

@@ -7,7 +7,8 @@ consumer would open someone else's disk. So `add` waits, holding the fd, until:
   * engine: our bundled backend wrote `opened`=`1` after checking BLKGETDISKSEQ == luid (it writes
     `opened`=`0` at InitWait, before libxl runs us, which is how we know it is the consumer);
   * kernel blkback: /sys/bus/xen-backend/devices/vbd-<domid>-<devid>/physical_device shows our
-    major:minor (blkback opened it; blkback itself ignores the luid);
+    major:minor (blkback opened it; blkback itself ignores the luid); never for an NBD export the
+    engine serves (nbdexport.py: no device, `physical_device` None), which only the engine takes;
 
 and gives up on a backend error node, the backend closing or vanishing, or the deadline."""
 
@@ -19,7 +20,6 @@ import os
 import time
 
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel.blockdev import BlockIdentity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
@@ -72,10 +72,12 @@ def wait_for_consumer(
     home: str,
     backend: str,
     path: BackendPath,
-    identity: BlockIdentity,
+    physical_device: str | None,
     timeout: float,
     bus: str,
 ) -> Consumer:
+    """`physical_device`: what kernel blkback must show it opened (hex MAJOR:MINOR); None when
+    there is no device and only the engine can be the consumer."""
     token = f"xenblockctl-handoff-{os.getpid()}"
     watched = [backend, error_node(home, path)]
     store.watch_many(watched, token)
@@ -87,13 +89,13 @@ def wait_for_consumer(
         deadline = min(deadline, store.deadline - REPORT_RESERVE)
     try:
         while True:
-            consumer = _check(store, home, backend, path, identity, bus=bus)
+            consumer = _check(store, home, backend, path, physical_device, bus=bus)
             if consumer is not None:
                 return consumer
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HandoffTimeout(
-                    f"no backend opened {identity.physical_device} within {deadline - started:.0f} s "
+                    f"no backend opened {physical_device or 'the export'} within {deadline - started:.0f} s "
                     "(is kernel blkback loaded or the xenblockctl engine running?)"
                 )
             poll = BLKBACK_POLL if os.path.isdir(blkback_dir(path, bus)) else 0.05
@@ -105,7 +107,7 @@ def wait_for_consumer(
 
 
 def _check(
-    store: XenStore, home: str, backend: str, path: BackendPath, identity: BlockIdentity, *, bus: str
+    store: XenStore, home: str, backend: str, path: BackendPath, physical_device: str | None, *, bus: str
 ) -> Consumer | None:
     # One batch (one round trip): these are independent facts, each acted on by itself.
     error, opened, state, online = store.read_many(
@@ -117,11 +119,11 @@ def _check(
         raise HandoffError("backend directory vanished during hand-off")
     if opened == "1":
         return Consumer.ENGINE
-    if opened is None:
+    if opened is None and physical_device is not None:
         seen = blkback_device(path, bus)
         if seen is not None:
-            if seen != identity.physical_device:
-                raise HandoffError(f"kernel blkback opened {seen}, not {identity.physical_device}")
+            if seen != physical_device:
+                raise HandoffError(f"kernel blkback opened {seen}, not {physical_device}")
             return Consumer.KERNEL
     be_state = XenbusState.of(state)
     if (be_state is not None and be_state.closing) or online == "0":

@@ -3,7 +3,8 @@
 libxl may run remove for a device whose add failed, never ran, or ran partially; twice; after
 the image was deleted; or never (then delete-on-close cleans up). So every node may be missing,
 and the device is detached *before* the record is withdrawn: killed in between, a re-run finds the
-record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal.
+record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal. An NBD export the
+engine served (kind=nbd) has nothing kernel-side: only the record is withdrawn.
 
 A kernel NBD device is never in the record until it is opened and published; an `add` killed between
 its connect and its open leaves a connected device that nobody opened, which does not clear by
@@ -22,13 +23,13 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord
+from xenblockctl.xenstore.identity import OWNER, PUBLISHED, NbdOwnerRecord, OwnerRecord, parse_owner
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
 
 class RemoveResult(NamedTuple):
-    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
+    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nbd-export" | "nothing"
 
 
 def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
@@ -40,9 +41,12 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Env
     faults.pause(env, "remove-start")
     outcome = "nothing"
     # malformed: cannot prove ownership, touch nothing
-    owner = OwnerRecord.parse(owner_text) if owner_text is not None else None
+    owner = parse_owner(owner_text) if owner_text is not None else None
     if owner is not None:
-        if owner.kind == "loop":
+        if isinstance(owner, NbdOwnerRecord):
+            outcome = "nbd-export"  # the engine's connection closed with the backend: nothing to free
+            journal.info(f"NBD export {owner.uri}: nothing kernel-side to release")
+        elif owner.kind == "loop":
             assert owner.tag is not None
             result = loop.detach_with_proof(
                 owner.devt, diskseq=owner.diskseq, tag=owner.tag, backing=owner.backing
@@ -67,7 +71,9 @@ def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     tx.rm_many([join(be, name) for name in PUBLISHED])
 
 
-def _disconnect_unpublished_nbd(path: BackendPath, owner: OwnerRecord | None, journal: Journal) -> None:
+def _disconnect_unpublished_nbd(
+    path: BackendPath, owner: OwnerRecord | NbdOwnerRecord | None, journal: Journal
+) -> None:
     """Disconnect the NBD devices carrying this vbd's identifier that the owner record does not name
     (an add killed between connect and open). Each outcome is logged; a failure is logged and the
     withdrawal goes on (libxl is removing the vbd either way)."""
@@ -78,7 +84,7 @@ def _disconnect_unpublished_nbd(path: BackendPath, owner: OwnerRecord | None, jo
         return
     from xenblockctl.kernel import nbd as knbd
 
-    published = (owner.devt, owner.diskseq) if owner is not None else None
+    published = (owner.devt, owner.diskseq) if isinstance(owner, OwnerRecord) else None
     ours = loop.make_tag(path.domid, path.devid)
     for device in knbd.devices_named(ours):
         if device.identifier != ours:

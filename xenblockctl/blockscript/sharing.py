@@ -2,11 +2,15 @@
 if every other user is a backend serving another domain of the same VM (a migration).
 
 Who uses a disk is decided from identities, never from text: (st_dev, st_ino) of backing files,
-major:minor + diskseq of devices. Claims come from:
+major:minor + diskseq of devices, the canonical URI of an NBD export the engine serves. Claims
+come from:
   * for a file: the kernel's bound loop devices (any tool's, through LOOP_GET_STATUS64);
   * for a block device: other backends in xenstore that publish its major:minor (our owner record,
     else the public physical-device + luid + mode), mounted filesystems on this host
-    (/proc/self/mountinfo), and dm/md holders in sysfs.
+    (/proc/self/mountinfo), and dm/md holders in sysfs;
+  * for an NBD export served by the engine: other backends whose owner record (kind=nbd) names
+    the same canonical URI. NBD has no lock of its own (a second writer is the server's policy),
+    so this host's second writer is refused here like a block device's.
 One pass over each, one xenstore connection, no subprocess.
 
 The same-VM rule (what Xen's own `block` script calls same_vm): during a migration the
@@ -47,7 +51,13 @@ from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError
-from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    NbdOwnerRecord,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+)
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
@@ -70,6 +80,7 @@ class Claim(NamedTuple):
     devt: int | None = None
     diskseq: int | None = None
     frontend: int | None = None
+    nbd_uri: str | None = None  # an engine-served NBD export (canonical URI)
 
 
 class Wanted(NamedTuple):
@@ -79,11 +90,14 @@ class Wanted(NamedTuple):
     file_id: tuple[int, int] | None = None
     devt: int | None = None
     diskseq: int | None = None
+    nbd_uri: str | None = None  # an NBD export for the engine (canonical URI)
 
 
 def conflicts(wanted: Wanted, claim: Claim) -> bool:
     if not (wanted.writable or claim.writable):
         return False  # read-only with read-only is fine
+    if wanted.nbd_uri is not None and claim.nbd_uri == wanted.nbd_uri:
+        return True
     if wanted.file_id is not None and claim.file_id == wanted.file_id:
         return True
     if wanted.devt is not None and claim.devt == wanted.devt:
@@ -212,6 +226,9 @@ def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) ->
     if wanted.devt is not None:
         yield from backend_claims(store, home, own_backend, devt=wanted.devt)
         yield from mount_claims()
+    if wanted.nbd_uri is not None:
+        # Only backends can use an export through us; one owner record read per backend.
+        yield from backend_claims(store, home, own_backend)
 
 
 def backend_claims(
@@ -241,9 +258,12 @@ def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
     owner_text = store.read_optional(join(be, identity.OWNER))
     if owner_text is not None:
         try:
-            owner = OwnerRecord.parse(owner_text)
+            owner = identity.parse_owner(owner_text)
         except OwnerRecordError:
             owner = None
+        if isinstance(owner, NbdOwnerRecord):
+            yield Claim(be, owner.mode == "w", nbd_uri=owner.uri)
+            return
         if owner is not None:
             yield from _owner_claims(be, owner)
             return

@@ -32,7 +32,13 @@ from xenblockctl.toolstack import inventory
 from xenblockctl.toolstack.inventory import VbdInfo
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+    parse_owner,
+)
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED
 from xenblockctl.xenstore.vdev import RESERVED
@@ -65,7 +71,8 @@ def stale_backend_reason(info: VbdInfo) -> str | None:
         return None
     if not info.domain_alive:
         return f"domain {info.location.domid} no longer exists"
-    published = identity.PHYSICAL_DEVICE in info.backend
+    # an engine-served NBD export publishes its owner record alone (kind=nbd)
+    published = identity.PHYSICAL_DEVICE in info.backend or identity.OWNER in info.backend
     if info.backend.get("hotplug-status") in ("error", "busy") and not published:
         return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
     return None
@@ -87,10 +94,11 @@ def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
         text = backend.get(identity.OWNER)
         if text is not None:
             try:
-                owner = OwnerRecord.parse(text)
-                claimed.add((owner.devt, owner.diskseq))
+                owner = parse_owner(text)
             except OwnerRecordError:
-                pass
+                owner = None
+            if isinstance(owner, OwnerRecord):  # an NBD export (kind=nbd) claims no kernel device
+                claimed.add((owner.devt, owner.diskseq))
         try:
             published = PublishedIdentity.from_nodes(backend)
         except IdentityError:

@@ -18,6 +18,13 @@ One module owns the spelling of every node that says *which device* a vbd is, so
 `add` writes all five in one transaction and every withdrawal removes all five in one
 transaction (PUBLISHED), so no reader ever sees one identity node without the others.
 
+An NBD export the engine serves itself (no kernel device at all) is published differently:
+`xenblockctl-owner` alone, holding an NbdOwnerRecord (kind=nbd: canonical URI, size, transmission
+flags, the unix socket's dev/inode). No physical-device, luid, diskseq or physical-device-path:
+there is no device number to name, kernel blkback must never act on it, and libxl's local attach
+(pygrub) has no path to open. The engine takes the record as its cue and re-checks its own
+handshake against it before `opened`=1 (backend/xenbus.py).
+
 Strictness. What we write is the strict form; what we read back is checked against it:
   * `physical-device-luid` is ours: anything but the strict form is refused (uppercase, leading
     zeros, non-ASCII, longer than 16 digits). Nobody else writes it, so a variant means a writer we
@@ -40,7 +47,7 @@ import enum
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol, Self
+from typing import NamedTuple, Protocol, Self, TypeAlias
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.vbd import BackendRecordError
@@ -225,6 +232,11 @@ LOOP_TAG_PREFIX = "xenblockctl:"
 DM_UUID_PREFIX = "XENBLOCKCTL-"
 _DM_UUID = re.compile(r"XENBLOCKCTL-[!-.0-~]{1,116}")
 OWNER_KINDS = ("loop", "device", "dm")
+#: The kind of an NbdOwnerRecord: an export the engine serves, no kernel device.
+NBD_KIND = "nbd"
+#: What an NBD record's uri may be (nbd/uri.py's canonical() spelling is printable ASCII without
+#: spaces; this layer cannot import that parser, the engine re-parses it).
+_NBD_URI = re.compile(r"nbd(\+unix)?://[!-~]{1,16384}")
 
 
 class OwnerRecordError(XenblockError):
@@ -291,15 +303,9 @@ class OwnerRecord(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        words = text.split(" ")
-        if not words or words[0] != OWNER_VERSION:
-            raise OwnerRecordError(f"unknown owner record version in {text[:60]!r}")
-        fields: dict[str, str] = {}
-        for word in words[1:]:
-            key, sep, value = word.partition("=")
-            if not sep or key in fields:
-                raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
-            fields[key] = value
+        fields = _fields(text)
+        if fields.get("kind") == NBD_KIND:
+            raise OwnerRecordError("a kind=nbd record names no device (read it with parse_owner)")
         try:
             kind = fields["kind"]
             major, minor = (_hex(x) for x in fields["dev"].split(":", 1))
@@ -330,3 +336,87 @@ class OwnerRecord(NamedTuple):
         if kind == "dm" and tag is not None:
             raise OwnerRecordError(f"a dm owner record has no loop tag: {text[:80]!r}")
         return cls(kind, major, minor, diskseq, mode, autoclear, backing, tag, uuid)
+
+
+def _fields(text: str) -> dict[str, str]:
+    words = text.split(" ")
+    if not words or words[0] != OWNER_VERSION:
+        raise OwnerRecordError(f"unknown owner record version in {text[:60]!r}")
+    fields: dict[str, str] = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or key in fields:
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
+        fields[key] = value
+    return fields
+
+
+class NbdOwnerRecord(NamedTuple):
+    """The owner record of an NBD export the engine serves itself (kind=nbd). It names no kernel
+    device: there is no diskseq on the wire, so the export is identified by what a handshake shows
+    and the socket's file (remote-storage.md §5), and the engine refuses to serve anything else:
+
+        v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6:187e0c1a2b3c4d5e uri=nbd+unix:///disk?socket=/run/x.sock
+
+    `size` (bytes) and `flags` (the transmission flags of NBD_INFO_EXPORT) in lowercase hex;
+    `socket` the (st_dev, st_ino, st_ctime_ns) of a unix socket's file (the inode number alone is
+    re-used at once for a socket re-created at the same path), absent for TCP; `uri` the canonical
+    URI (nbd/uri.py), last. Nothing kernel-side exists, so `remove` and `gc` have nothing to free."""
+
+    uri: str
+    size: int
+    flags: int
+    mode: str  # "r" | "w"
+    socket: tuple[int, int, int] | None = None
+
+    @property
+    def kind(self) -> str:
+        return NBD_KIND
+
+    def format(self) -> str:
+        parts = [
+            OWNER_VERSION,
+            f"kind={NBD_KIND}",
+            f"mode={self.mode}",
+            f"size={self.size:x}",
+            f"flags={self.flags:x}",
+        ]
+        if self.socket is not None:
+            parts.append("socket=" + ":".join(f"{n:x}" for n in self.socket))
+        parts.append(f"uri={self.uri}")
+        return " ".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        fields = _fields(text)
+        if fields.get("kind") != NBD_KIND:
+            raise OwnerRecordError(f"not a kind=nbd owner record: {text[:80]!r}")
+        if set(fields) - {"kind", "mode", "size", "flags", "socket", "uri"}:
+            raise OwnerRecordError(f"unknown field in {text[:80]!r}")
+        try:
+            mode, uri = fields["mode"], fields["uri"]
+            size, flags = _hex(fields["size"]), _hex(fields["flags"])
+            sock = None
+            if "socket" in fields:
+                dev, ino, ctime = (_hex(x) for x in fields["socket"].split(":"))
+                sock = (dev, ino, ctime)
+        except (KeyError, ValueError) as exc:
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}") from exc
+        if mode not in ("r", "w") or size == 0 or flags >= 1 << 16 or not _NBD_URI.fullmatch(uri):
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
+        if (sock is not None) != uri.startswith("nbd+unix://"):
+            raise OwnerRecordError(
+                f"socket= belongs to nbd+unix:// records only, and they need one: {text[:80]!r}"
+            )
+        return cls(uri, size, flags, mode, sock)
+
+
+#: Any owner record: a kernel device we published (OwnerRecord) or an NBD export (NbdOwnerRecord).
+AnyOwnerRecord: TypeAlias = OwnerRecord | NbdOwnerRecord
+
+
+def parse_owner(text: str) -> AnyOwnerRecord:
+    """The record in `text`, of whichever kind; OwnerRecordError when it proves nothing."""
+    if _fields(text).get("kind") == NBD_KIND:
+        return NbdOwnerRecord.parse(text)
+    return OwnerRecord.parse(text)
