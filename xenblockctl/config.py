@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
 
 DEFAULT_PATH = "/etc/xenblockctl/xenblockctl.conf"
 #: Points at another main file (its conf.d/ is then the one next to it). Tests and packagers use it.

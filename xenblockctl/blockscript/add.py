@@ -11,7 +11,6 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 from xenblockctl.blockscript import claim, faults, handoff, sharing
 from xenblockctl.blockscript.owner import OwnerRecord
@@ -23,6 +22,7 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import PUBLISHED, IdentityError, Liveness, PublishedIdentity

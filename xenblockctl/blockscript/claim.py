@@ -25,7 +25,6 @@ import os
 import stat
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import target_lock
@@ -36,9 +35,12 @@ from xenblockctl.environment import Environment
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetNotFound, TargetTypeError
+from xenblockctl.records import NamedTuple
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import socket
+    from typing import Self
 
     from xenblockctl.kernel.dm import DmControl
     from xenblockctl.nbd.client import ExportInfo

@@ -7,12 +7,11 @@ record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from xenblockctl.blockscript import faults
 from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord

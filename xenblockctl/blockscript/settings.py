@@ -8,9 +8,9 @@ and imports tomllib only when one exists."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from xenblockctl import config
+from xenblockctl.records import NamedTuple
 
 SECTION = "hotplug"
 

@@ -39,11 +39,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError

@@ -9,7 +9,6 @@ import contextlib
 import errno
 import os
 import stat
-from typing import NamedTuple
 
 from xenblockctl.kernel import ioctls
 from xenblockctl.kernel.errors import (
@@ -20,6 +19,7 @@ from xenblockctl.kernel.errors import (
     UnsupportedKernel,
 )
 from xenblockctl.kernel.fdhandle import FdHandle
+from xenblockctl.records import NamedTuple
 
 #: errnos that mean "this ioctl does not exist on this kernel/device" (see kernel-devices.md §9).
 UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOTTY, errno.ENOSYS})

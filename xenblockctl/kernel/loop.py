@@ -14,7 +14,6 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from xenblockctl.kernel.blockdev import (
     UNSUPPORTED_ERRNOS,
@@ -47,6 +46,7 @@ from xenblockctl.kernel.loop_abi import (
     LoopFlags,
     LoopInfo64,
 )
+from xenblockctl.records import NamedTuple
 
 LOOP_CONTROL = "/dev/loop-control"
 #: Where bound_loops() scans: one directory per block device, `loopN/loop/` only while bound.

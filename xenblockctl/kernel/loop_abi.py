@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
+
+from xenblockctl.records import NamedTuple
 
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01

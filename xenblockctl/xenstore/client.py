@@ -28,7 +28,6 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar
 
 from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.endpoints import Endpoint, connect_first, default_endpoints, endpoint_for
@@ -57,7 +56,11 @@ from xenblockctl.xenstore.paths import (
 )
 from xenblockctl.xenstore.wire import DIRECTORY_PART, PAYLOAD_MAX, RESET_WATCHES, error_reply_name
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 #: Default per-request deadline. libxl kills a hotplug script after 40 s; a healthy daemon
 #: answers in well under a millisecond.

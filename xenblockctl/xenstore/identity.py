@@ -40,10 +40,14 @@ import enum
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol, Self
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.vbd import BackendRecordError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from typing import Protocol, Self
 
 PHYSICAL_DEVICE = "physical-device"
 LUID = "physical-device-luid"
@@ -124,14 +128,16 @@ class Liveness(enum.Enum):
         return self in (Liveness.LIVE, Liveness.UNVERIFIED)
 
 
-class DeviceNow(Protocol):
-    """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
+if TYPE_CHECKING:  # a type only (annotations here are never evaluated)
 
-    @property
-    def diskseq(self) -> int: ...
+    class DeviceNow(Protocol):
+        """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
 
-    @property
-    def size_bytes(self) -> int: ...
+        @property
+        def diskseq(self) -> int: ...
+
+        @property
+        def size_bytes(self) -> int: ...
 
 
 #: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it cannot look).

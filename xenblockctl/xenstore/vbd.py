@@ -11,12 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from enum import IntEnum
-from typing import NamedTuple, Protocol
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from typing import Protocol
 
 #: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
 BACKEND_KINDS = ("vbd", "vbd3")
@@ -239,12 +243,13 @@ def parse_error_responses(text: str | None) -> dict[str, int] | None:
     return counts if len(counts) == len(ERROR_CAUSES) else None
 
 
-class _Store(Protocol):
-    def absolute(self, path: str) -> str: ...
+if TYPE_CHECKING:  # types only (annotations here are never evaluated)
 
+    class _Store(Protocol):
+        def absolute(self, path: str) -> str: ...
 
-class _Lister(Protocol):
-    def ls(self, path: str) -> list[str]: ...
+    class _Lister(Protocol):
+        def ls(self, path: str) -> list[str]: ...
 
 
 def backend_dir(store: _Store, path: BackendPath) -> str:
