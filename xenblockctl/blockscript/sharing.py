@@ -37,7 +37,6 @@ file sets `uuid=`. man block-xenblockctl(8), SHARING, says the same for admins."
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 
 from xenblockctl.errors import XenblockError
@@ -48,7 +47,7 @@ from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError
 from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.xenstore.numbers import HEX_DIGITS, uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
 
@@ -129,7 +128,14 @@ def _describe_holders(devt: int, stacked: list[str]) -> str:
 
 #: libxl writes `/vm/` + libxl__uuid2string (lowercase 8-4-4-4-12 hex); anything else is not a
 #: vm path libxl made, so it proves nothing.
-_VM_PATH = re.compile(r"/vm/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+def _is_vm_path(text: str) -> bool:
+    """`/vm/<uuid>` as libxl writes it: lowercase 8-4-4-4-12 hex (string checks: no `re` at start-up)."""
+    groups = text[4:].split("-")
+    return (
+        text.startswith("/vm/")
+        and [len(g) for g in groups] == [8, 4, 4, 4, 12]
+        and all(HEX_DIGITS.issuperset(g) for g in groups)
+    )
 
 
 class _SameVm:
@@ -185,7 +191,7 @@ class _SameVm:
         else:
             if text is None:
                 self._why[domid] = f"{node} is missing"
-            elif not _VM_PATH.fullmatch(text):
+            elif not _is_vm_path(text):
                 self._why[domid] = f"{node} is not a /vm/<uuid> path: {text[:60]!r}"
                 text = None
         self._vms[domid] = text
