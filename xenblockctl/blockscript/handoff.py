@@ -13,11 +13,10 @@ and gives up on a backend error node, the backend closing or vanishing, or the d
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import os
 import time
 
+from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockIdentity
 from xenblockctl.xenstore.client import XenStore
@@ -32,7 +31,7 @@ BLKBACK_POLL = 0.005
 REPORT_RESERVE = 1.0
 
 
-class Consumer(enum.Enum):
+class Consumer(Enum):
     ENGINE = "engine"
     KERNEL = "kernel-blkback"
 
@@ -100,8 +99,10 @@ def wait_for_consumer(
             store.wait_watch(min(remaining, poll))
             store.drain_watches()
     finally:
-        with contextlib.suppress(XenblockError):
+        try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
             store.unwatch_many(watched, token)
+        except XenblockError:
+            pass
 
 
 def _check(

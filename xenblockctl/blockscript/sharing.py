@@ -37,7 +37,6 @@ file sets `uuid=`. man block-xenblockctl(8), SHARING, says the same for admins."
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
@@ -50,6 +49,10 @@ from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecor
 from xenblockctl.xenstore.numbers import HEX_DIGITS, uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class SharingConflict(XenblockError):

@@ -5,7 +5,6 @@ or a major:minor can name a different device a microsecond later, a held fd cann
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -184,10 +183,12 @@ def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDev
     flags = _open_flags(writable)
     fd = -1
     if node is not None:
-        with contextlib.suppress(OSError):
+        try:
             st = os.stat(node)
             if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
                 fd = os.open(node, flags)
+        except OSError:
+            pass
     if fd < 0:
         fd = _open_private_node(devt, flags)
     try:

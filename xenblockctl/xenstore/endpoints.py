@@ -13,7 +13,6 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
 
 from xenblockctl.xenstore.errors import XenstoreUnavailable
 
@@ -24,6 +23,7 @@ XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
     from typing import TypeVar
 
     L = TypeVar("L")

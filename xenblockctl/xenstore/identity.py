@@ -36,10 +36,9 @@ satisfies), passed in by the caller."""
 
 from __future__ import annotations
 
-import enum
 import os
-from collections.abc import Callable, Mapping
 
+from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.numbers import is_hex
@@ -47,6 +46,7 @@ from xenblockctl.xenstore.vbd import BackendRecordError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
     from typing import Protocol, Self
 
 PHYSICAL_DEVICE = "physical-device"
@@ -99,7 +99,7 @@ def parse_diskseq_node(text: str) -> int:
     return int(text, 16)
 
 
-class Liveness(enum.Enum):
+class Liveness(Enum):
     """Whether the device a backend published is still the one at its major:minor.
 
     The verdict compares diskseqs first: the kernel gives every media instance a new diskseq (each
@@ -134,9 +134,9 @@ if TYPE_CHECKING:  # a type only (annotations here are never evaluated)
         @property
         def size_bytes(self) -> int: ...
 
-
-#: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it cannot look).
-Observer = Callable[[int], "DeviceNow | None"]
+    #: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it
+    #: cannot look).
+    Observer = Callable[[int], DeviceNow | None]
 
 
 def judge(published: int | None, now: DeviceNow | None) -> Liveness:

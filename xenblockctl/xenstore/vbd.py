@@ -8,9 +8,7 @@ a path with `..`, a foreign type or a non-canonical number is refused before we 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from enum import IntEnum
-
+from xenblockctl.enums import IntEnum
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.errors import XenstoreNoEntry
@@ -19,6 +17,7 @@ from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
     from typing import Protocol
 
 #: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
