@@ -10,9 +10,6 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
-
 from xenblockctl.blockscript import claim, faults, handoff, sharing
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.settings import Settings
@@ -23,6 +20,7 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import PUBLISHED, IdentityError, Liveness, PublishedIdentity
@@ -264,5 +262,7 @@ def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bo
         )
 
     # If even this fails, the exit status still tells libxl; the caller logs the original error.
-    with contextlib.suppress(XenblockError):
+    try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
         store.run_transaction(tx_body)
+    except XenblockError:
+        pass

@@ -20,12 +20,8 @@ claim() and its callers stay as they are."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import target_lock
@@ -36,9 +32,14 @@ from xenblockctl.environment import Environment
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetNotFound, TargetTypeError
+from xenblockctl.records import NamedTuple
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
+    from types import TracebackType
+    from typing import Self
 
     from xenblockctl.kernel.dm import DmControl
     from xenblockctl.nbd.client import ExportInfo
@@ -360,8 +361,10 @@ class _NbdKernel(Opened):
             faults.pause(self.env, "add-nbd-connected")
             fd = _open_new_node(f"/dev/nbd{index}", writable=self.writable)
         except BaseException:
-            with contextlib.suppress(knbd.NbdDeviceError):
+            try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
                 knbd.disconnect(index)
+            except knbd.NbdDeviceError:
+                pass
             raise
         device = BlockDevice(fd, blockdev.identify(fd), f"/dev/nbd{index}")
         return Claimed(device, OwnerRecord.for_device(device, writable=self.writable), device.path or "")

@@ -14,13 +14,13 @@ the one the record names (that one goes at its consumer's last close, DISCONNECT
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 from xenblockctl.blockscript import faults
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import OWNER, PUBLISHED, NbdOwnerRecord, OwnerRecord, parse_owner

@@ -43,14 +43,18 @@ satisfies), passed in by the caller."""
 
 from __future__ import annotations
 
-import enum
 import os
-import re
-from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol, Self, TypeAlias
 
+from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
+from xenblockctl.xenstore.numbers import is_hex
 from xenblockctl.xenstore.vbd import BackendRecordError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Protocol, Self, TypeAlias
 
 PHYSICAL_DEVICE = "physical-device"
 LUID = "physical-device-luid"
@@ -61,12 +65,6 @@ OWNER = "xenblockctl-owner"
 IDENTITY_NODES = (PHYSICAL_DEVICE, LUID, DISKSEQ)
 #: Everything `add` publishes and every withdrawal removes, always in one transaction.
 PUBLISHED = (LUID, DISKSEQ, PHYSICAL_DEVICE, DEVICE_PATH, OWNER)
-
-_HEX = re.compile(r"[0-9a-f]{1,16}")
-_PHYSICAL = re.compile(r"([1-9a-f][0-9a-f]{0,7}|0):([1-9a-f][0-9a-f]{0,7}|0)")
-_LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
-#: The xen-blkback diskseq patch's grammar for the `diskseq` node.
-_DISKSEQ_NODE = re.compile(r"[1-9a-fA-F][0-9a-fA-F]{0,15}")
 
 
 class IdentityError(BackendRecordError):
@@ -80,10 +78,10 @@ def format_physical_device(major: int, minor: int) -> str:
 
 def parse_physical_device(text: str) -> tuple[int, int]:
     """Strict inverse of format_physical_device (ASCII, lowercase, no leading zeros, 32 bits each)."""
-    match = _PHYSICAL.fullmatch(text) if text.isascii() else None
-    if match is None:
+    major, colon, minor = text.partition(":")
+    if not (colon and is_hex(major, most=8) and is_hex(minor, most=8)):
         raise IdentityError(f"physical-device {text[:40]!r} is not hex MAJOR:MINOR")
-    return int(match.group(1), 16), int(match.group(2), 16)
+    return int(major, 16), int(minor, 16)
 
 
 def format_diskseq(diskseq: int) -> str:
@@ -95,19 +93,20 @@ def format_diskseq(diskseq: int) -> str:
 
 def parse_luid(text: str) -> int:
     """`physical-device-luid`, strictly as we write it."""
-    if not text.isascii() or not _LUID.fullmatch(text):
+    if not is_hex(text, most=16, zero=False):
         raise IdentityError(f"physical-device-luid {text[:40]!r} is not a lowercase hex diskseq")
     return int(text, 16)
 
 
 def parse_diskseq_node(text: str) -> int:
     """`diskseq`, with the patch's grammar (case-insensitive hex, no leading zero, at most 16)."""
-    if not text.isascii() or not _DISKSEQ_NODE.fullmatch(text):
+    # the xen-blkback diskseq patch's grammar for the `diskseq` node
+    if not is_hex(text, most=16, zero=False, lowercase=False):
         raise IdentityError(f"diskseq {text[:40]!r} is not a hex diskseq")
     return int(text, 16)
 
 
-class Liveness(enum.Enum):
+class Liveness(Enum):
     """Whether the device a backend published is still the one at its major:minor.
 
     The verdict compares diskseqs first: the kernel gives every media instance a new diskseq (each
@@ -131,18 +130,20 @@ class Liveness(enum.Enum):
         return self in (Liveness.LIVE, Liveness.UNVERIFIED)
 
 
-class DeviceNow(Protocol):
-    """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
+if TYPE_CHECKING:  # a type only (annotations here are never evaluated)
 
-    @property
-    def diskseq(self) -> int: ...
+    class DeviceNow(Protocol):
+        """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
 
-    @property
-    def size_bytes(self) -> int: ...
+        @property
+        def diskseq(self) -> int: ...
 
+        @property
+        def size_bytes(self) -> int: ...
 
-#: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it cannot look).
-Observer = Callable[[int], "DeviceNow | None"]
+    #: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it
+    #: cannot look).
+    Observer = Callable[[int], DeviceNow | None]
 
 
 def judge(published: int | None, now: DeviceNow | None) -> Liveness:
@@ -225,18 +226,31 @@ def liveness_of(devt: int, diskseq: int | None, observe: Observer) -> Liveness:
 # --- the owner record -----------------------------------------------------------------------------
 
 OWNER_VERSION = "v1"
-_TAG = re.compile(r"[A-Za-z0-9:._-]{1,63}")
+#: A loop tag's characters (1..63 of them): `[A-Za-z0-9:._-]`.
+_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:._-")
 #: kernel.loop.TAG_PREFIX and kernel.dm.OWNED_UUID_PREFIX, repeated: this layer cannot import the
 #: kernel's (and parsing a record on the hotplug path must not load dm). tests/unit pins them equal.
 LOOP_TAG_PREFIX = "xenblockctl:"
 DM_UUID_PREFIX = "XENBLOCKCTL-"
-_DM_UUID = re.compile(r"XENBLOCKCTL-[!-.0-~]{1,116}")
+#: After the prefix, 1..116 of `[!-.0-~]`: printable ASCII without space and `/`.
+_DM_UUID_CHARS = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1) if c != ord("/"))
 OWNER_KINDS = ("loop", "device", "dm")
 #: The kind of an NbdOwnerRecord: an export the engine serves, no kernel device.
 NBD_KIND = "nbd"
 #: What an NBD record's uri may be (nbd/uri.py's canonical() spelling is printable ASCII without
 #: spaces; this layer cannot import that parser, the engine re-parses it).
-_NBD_URI = re.compile(r"nbd(\+unix)?://[!-~]{1,16384}")
+_NBD_URI_SCHEMES = ("nbd://", "nbd+unix://")
+_NBD_URI_MAX = 16384
+_PRINTABLE_NO_SPACE = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1))
+
+
+def _is_nbd_uri(uri: str) -> bool:
+    """`nbd://` or `nbd+unix://` and 1..16384 printable ASCII characters without spaces after it."""
+    for scheme in _NBD_URI_SCHEMES:
+        if uri.startswith(scheme):
+            rest = uri[len(scheme) :]
+            return 0 < len(rest) <= _NBD_URI_MAX and _PRINTABLE_NO_SPACE.issuperset(rest)
+    return False
 
 
 class OwnerRecordError(XenblockError):
@@ -244,7 +258,7 @@ class OwnerRecordError(XenblockError):
 
 
 def _hex(text: str) -> int:
-    if not text.isascii() or not _HEX.fullmatch(text) or (len(text) > 1 and text.startswith("0")):
+    if not is_hex(text, most=16):
         raise ValueError(text)
     return int(text, 16)
 
@@ -324,14 +338,20 @@ class OwnerRecord(NamedTuple):
                 raise OwnerRecordError(f"malformed backing in {text[:80]!r}") from exc
             backing = (dev, ino)
         tag = fields.get("tag")
-        if tag is not None and (not _TAG.fullmatch(tag) or not tag.startswith(LOOP_TAG_PREFIX)):
+        if tag is not None and (
+            not 0 < len(tag) <= 63 or not _TAG_CHARS.issuperset(tag) or not tag.startswith(LOOP_TAG_PREFIX)
+        ):
             raise OwnerRecordError(f"malformed tag in {text[:80]!r}")
         if kind == "loop" and (tag is None or backing is None):
             raise OwnerRecordError("a loop owner record needs tag and backing")
         uuid = fields.get("uuid")
         if (kind == "dm") != (uuid is not None):
             raise OwnerRecordError(f"uuid belongs to kind=dm records only, and they need one: {text[:80]!r}")
-        if uuid is not None and not _DM_UUID.fullmatch(uuid):
+        if uuid is not None and not (
+            uuid.startswith(DM_UUID_PREFIX)
+            and 0 < len(uuid) - len(DM_UUID_PREFIX) <= 116
+            and _DM_UUID_CHARS.issuperset(uuid[len(DM_UUID_PREFIX) :])
+        ):
             raise OwnerRecordError(f"malformed dm uuid in {text[:80]!r}")
         if kind == "dm" and tag is not None:
             raise OwnerRecordError(f"a dm owner record has no loop tag: {text[:80]!r}")
@@ -402,7 +422,7 @@ class NbdOwnerRecord(NamedTuple):
                 sock = (dev, ino, ctime)
         except (KeyError, ValueError) as exc:
             raise OwnerRecordError(f"malformed owner record {text[:80]!r}") from exc
-        if mode not in ("r", "w") or size == 0 or flags >= 1 << 16 or not _NBD_URI.fullmatch(uri):
+        if mode not in ("r", "w") or size == 0 or flags >= 1 << 16 or not _is_nbd_uri(uri):
             raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
         if (sock is not None) != uri.startswith("nbd+unix://"):
             raise OwnerRecordError(
