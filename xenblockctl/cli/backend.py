@@ -77,6 +77,14 @@ def raise_fd_limit(journal: Journal) -> int:
     help="Persistent mappings kept per ring before the least recently used idle one goes "
     "(default 1056, like Linux blkback).",
 )
+@click.option(
+    "--max-queues",
+    type=click.IntRange(1, 16),
+    default=None,
+    metavar="N",
+    help="multi-queue-max-queues offered to frontends: rings per disk (default: the CPUs the engine "
+    "may run on, at most 16).",
+)
 def backend(
     *,
     kind: str,
@@ -85,6 +93,7 @@ def backend(
     allow_unverified: bool,
     persistent_grants: bool,
     max_persistent_grants: int | None,
+    max_queues: int | None,
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
@@ -115,6 +124,8 @@ def backend(
     )
     if max_persistent_grants is not None:
         config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
+    if max_queues is not None:
+        config = dataclasses.replace(config, max_queues=max_queues)
     engine = Engine(store, config, kind=kind, journal=journal)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
