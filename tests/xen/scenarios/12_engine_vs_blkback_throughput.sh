@@ -40,6 +40,8 @@ measure() {
 attach() {
   xl block-attach 0 "$(disk_spec xvdb rw "$img" "$script")" || fail "xl block-attach ($1) exited $?"
   wait_for /dev/xvdb 30 test -b /dev/xvdb
+  # how many queues blkfront negotiated (issue 20): it writes the node only for 2 or more
+  metric "${1}_queues" "$(xenstore-read /local/domain/0/device/vbd/51728/multi-queue-num-queues 2>/dev/null || echo 1)" queues
 }
 detach() {
   xl block-detach 0 xvdb || fail "xl block-detach ($1) exited $?"
