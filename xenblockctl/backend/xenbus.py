@@ -44,6 +44,7 @@ from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
@@ -110,6 +111,9 @@ class EngineConfig:
     #: served by its own DataPlane. In this process they share one GIL (threads), so more queues buy
     #: parallel I/O waits, not parallel Python.
     max_queues: int = field(default_factory=default_max_queues)
+    #: Worker processes that serve the queues (backend/workers.py), each with its own GIL; None:
+    #: every queue on a thread of this process.
+    worker_pool: WorkerPool | None = None
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
@@ -149,9 +153,9 @@ class BackendDevice:
         self.target: DeviceTarget | None = None
         self.writable = False
         #: one per queue while connected (empty otherwise); queue i serves queue-i/ (or the top level)
-        self.dataplanes: list[DataPlane] = []
+        self.dataplanes: list[DataPlane | RemoteQueue] = []
         #: queues of the current drain already stopped and released, for its one log line
-        self._drained: list[DataPlane] = []
+        self._drained: list[DataPlane | RemoteQueue] = []
         self.frontend: str | None = None
         self.broken: str | None = None  # set from the data plane thread
         self._closing_since: float | None = None
@@ -173,7 +177,7 @@ class BackendDevice:
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
-    def dataplane(self) -> DataPlane | None:
+    def dataplane(self) -> DataPlane | RemoteQueue | None:
         """Queue 0's data plane (the only one unless the frontend asked for several), or None."""
         return self.dataplanes[0] if self.dataplanes else None
 
@@ -523,7 +527,7 @@ class BackendDevice:
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
         )
-        self.dataplanes = self._start_queues(queues, target, limits)
+        self._start_queues(queues, target, limits)
 
         def body(tx: Transaction) -> None:
             if tx.read_optional(join(self.path, "state")) is None:
@@ -556,37 +560,47 @@ class BackendDevice:
             f" ring page(s), {grants}"
         )
 
-    def _start_queues(
-        self, queues: list[RingParams], target: DeviceTarget, limits: DeviceLimits
-    ) -> list[DataPlane]:
-        """One DataPlane per queue, each mapping its own ring and binding its own channel, with its
-        own grant cache and I/O workers; started only once every queue mapped. If one cannot be
-        set up, the ones already made are stopped (nothing was started: nothing in flight)."""
-        made: list[DataPlane] = []
+    def _start_queues(self, queues: list[RingParams], target: DeviceTarget, limits: DeviceLimits) -> None:
+        """One data plane per queue, each mapping its own ring and binding its own channel, with its
+        own grant cache and I/O workers: on a worker process if the engine has them, else on a
+        thread here. Each goes into self.dataplanes as soon as it exists, and all are started only
+        once every queue is set up: if one fails, the failure path's drain stops the others
+        (none took a request)."""
         base = f"xbc-{self.domid}-{self.devid}"
-        try:
-            for q, params in enumerate(queues):
-                made.append(
-                    DataPlane(
-                        self.config.transport,
-                        self.domid,
-                        params,
-                        target,
-                        limits,
-                        workers=self.config.workers,
-                        on_broken=self._broken_callback(q if len(queues) > 1 else None),
-                        name=base if len(queues) == 1 else f"{base}-q{q}",
+        pool = self.config.worker_pool
+        for q, params in enumerate(queues):
+            name = base if len(queues) == 1 else f"{base}-q{q}"
+            on_broken = self._broken_callback(q if len(queues) > 1 else None)
+            if pool is not None:
+                self.dataplanes.append(
+                    pool.serve(
+                        domid=self.domid,
+                        params=params,
+                        target=target,
+                        limits=limits,
+                        name=name,
+                        io_workers=self.config.workers,
                         max_persistent_grants=self.config.max_persistent_grants,
-                        errors=self.errors,
+                        on_broken=on_broken,
                     )
                 )
-        except BaseException:
-            for dp in made:
-                dp.stop(DRAIN_STEP)
-            raise
-        for dp in made:
+                continue
+            self.dataplanes.append(
+                DataPlane(
+                    self.config.transport,
+                    self.domid,
+                    params,
+                    target,
+                    limits,
+                    workers=self.config.workers,
+                    on_broken=on_broken,
+                    name=name,
+                    max_persistent_grants=self.config.max_persistent_grants,
+                    errors=self.errors,
+                )
+            )
+        for dp in self.dataplanes:
             dp.start()
-        return made
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
@@ -630,7 +644,7 @@ class BackendDevice:
         for dp in self.dataplanes:
             dp.request_stop()  # every queue stops taking requests before any is waited for
         step_end = now + DRAIN_STEP
-        left: list[DataPlane] = []
+        left: list[DataPlane | RemoteQueue] = []
         for dp in self.dataplanes:
             if dp.stop(max(0.0, step_end - time.monotonic())):
                 self._drained.append(dp)
@@ -658,7 +672,7 @@ class BackendDevice:
         self._log_ring_stats(drained)
         return True
 
-    def _log_ring_stats(self, dataplanes: list[DataPlane]) -> None:
+    def _log_ring_stats(self, dataplanes: list[DataPlane | RemoteQueue]) -> None:
         """One line per device however many queues it had (log readers count ring stops per
         connection), with the queues' counts summed."""
         requests = sum(dp.stats.requests for dp in dataplanes)
