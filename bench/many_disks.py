@@ -2,19 +2,22 @@
 and 2 queues per disk (local transport, same run).
 
     .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
-        [--frontends 2] [--workers 4]
+        [--frontends 2] [--io-workers 4] [--engine threads,workers:2]
 
 Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (spread over its
 queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
 per-request software cost, not a disk. Each disk gets its own fd on the image and, per queue, its
-own DataPlane (ring thread, `--workers` I/O threads, grant handling) in this process, as the engine
-serves a connected disk; the frontends run in `--frontends` child processes (own interpreters),
-each driving its share of the disks from one poll loop, as guests on other CPUs would.
+own DataPlane (ring thread, `--io-workers` I/O threads, grant handling), as the engine serves a
+connected disk: `threads` runs them all in this process (the engine without --workers: one GIL),
+`workers:N` in N worker processes (backend/workers.py, `xenblockctl backend --workers N`), each
+queue handed to the least loaded one. The frontends run in `--frontends` child processes (own
+interpreters), each driving its share of the disks from one poll loop, as guests on other CPUs
+would.
 
-Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request (this
-process's user + sys over the run / requests), per-disk p99 latency (the median disk's and the
-worst disk's, from submit to harvest in the frontend), and Jain's fairness index over the disks'
-IOPS (1.0 = every disk got the same share).
+Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request
+(user + sys of this process and its worker processes over the run / requests), per-disk p99
+latency (the median disk's and the worst disk's, from submit to harvest in the frontend), and
+Jain's fairness index over the disks' IOPS (1.0 = every disk got the same share).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.transport.local import LocalTransport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool
+from xenblockctl.journal import Journal
 
 BLOCK = 4096
 
@@ -130,9 +135,16 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                 fe.close()
 
 
-def _cpu() -> float:
+def _cpu(pool: WorkerPool | None) -> float:
     t = os.times()
-    return t.user + t.system
+    total = t.user + t.system
+    if pool is not None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for worker in pool.workers:
+            with open(f"/proc/{worker.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,8 @@ def run(
     qd: int,
     seconds: float,
     frontends: int,
-    workers: int,
+    io_workers: int,
+    pool: WorkerPool | None,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -163,7 +176,7 @@ def run(
     shares = [s for s in shares if s]
     procs = []
     conns = []
-    planes: list[DataPlane] = []
+    planes: list[DataPlane | RemoteQueue] = []
     try:
         for share in shares:
             parent, child = ctx.Pipe()
@@ -186,19 +199,35 @@ def run(
             for d, per_queue in nodes.items():
                 for q, ring_nodes in enumerate(per_queue):
                     target = targets[d]
-                    dp = DataPlane(
-                        transport,
-                        1 + d,
-                        _params(ring_nodes),
-                        target,
-                        target.limits(),
-                        workers=workers,
-                        name=f"bench-{d}-q{q}",
+                    params = _params(ring_nodes)
+                    if pool is not None:
+                        planes.append(
+                            pool.serve(
+                                domid=1 + d,
+                                params=params,
+                                target=target,
+                                limits=target.limits(),
+                                name=f"bench-{d}-q{q}",
+                                io_workers=io_workers,
+                                max_persistent_grants=1056,
+                                on_broken=None,
+                            )
+                        )
+                        continue
+                    planes.append(
+                        DataPlane(
+                            transport,
+                            1 + d,
+                            params,
+                            target,
+                            target.limits(),
+                            workers=io_workers,
+                            name=f"bench-{d}-q{q}",
+                        )
                     )
-                    planes.append(dp)
         for dp in planes:
             dp.start()
-        served0, cpu0, t0 = sum(dp.stats.requests for dp in planes), _cpu(), time.perf_counter()
+        cpu0 = _cpu(pool)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -206,10 +235,10 @@ def run(
             got = receive(conn)
             assert isinstance(got, dict)
             results.update(got)
-        # the engine CPU covers warm-up and measurement alike: per request over the same span
-        served, cpu = sum(dp.stats.requests for dp in planes) - served0, _cpu() - cpu0
-        wall_total = time.perf_counter() - t0
+        cpu = _cpu(pool) - cpu0
     finally:
+        for dp in planes:
+            dp.request_stop()
         for dp in planes:
             dp.stop()
         for conn in conns:
@@ -222,7 +251,9 @@ def run(
                 proc.join()
         for fd in fds:
             os.close(fd)
-    del wall_total
+    # the engine CPU covers warm-up and measurement alike, and so does this count (a worker's
+    # counts arrive when its queue stops; the last QD requests per disk are in it too)
+    served = sum(dp.stats.requests for dp in planes)
     per_disk = [results[d].completed / seconds for d in range(n_disks)]
     total = sum(per_disk)
     jain = total * total / (n_disks * sum(x * x for x in per_disk)) if total else 0.0
@@ -237,9 +268,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--qd", type=int, default=4, help="requests outstanding per disk (over its queues)")
     ap.add_argument("--frontends", type=int, default=2, help="frontend processes")
-    ap.add_argument(
-        "--workers", type=int, default=4, help="I/O worker threads per queue (the engine's default)"
-    )
+    ap.add_argument("--io-workers", type=int, default=4, help="I/O threads per queue (the engine's default)")
+    ap.add_argument("--engine", default="threads,workers:2", help="threads and/or workers:N, comma-separated")
     ap.add_argument("--size-mib", type=int, default=64)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
@@ -255,31 +285,40 @@ def main() -> int:
             cpus = len(os.sched_getaffinity(0))
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
-                f" {args.frontends} frontend processes, engine: one process ({cpus} CPUs allowed),"
-                f" {args.workers} I/O workers per queue, load average {os.getloadavg()[0]:.1f}"
+                f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
+                f" queue, load average {os.getloadavg()[0]:.1f}"
             )
             print(
-                f"  {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
+                f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
-                    r = run(
-                        transport,
-                        image,
-                        n,
-                        q,
-                        qd=args.qd,
-                        seconds=args.seconds,
-                        frontends=args.frontends,
-                        workers=args.workers,
-                    )
-                    print(
-                        f"  {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
-                        f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
-                        f" {r.jain:>6.3f}",
-                        flush=True,
-                    )
+                    for mode in args.engine.split(","):
+                        pool = None
+                        if mode.startswith("workers:"):
+                            pool = WorkerPool(int(mode.split(":")[1]), transport, Journal("bench-engine"))
+                        try:
+                            r = run(
+                                transport,
+                                image,
+                                n,
+                                q,
+                                qd=args.qd,
+                                seconds=args.seconds,
+                                frontends=args.frontends,
+                                io_workers=args.io_workers,
+                                pool=pool,
+                            )
+                        finally:
+                            if pool is not None:
+                                pool.close()
+                        print(
+                            f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
+                            f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
+                            f" {r.jain:>6.3f}",
+                            flush=True,
+                        )
         finally:
             transport.close()
     return 0

@@ -68,7 +68,15 @@ start_engine --no-persistent-grants
 attach engine_nopg
 measure engine_nopg
 detach engine_nopg
-grep -E 'connected:|ring stopped' "$engine_log" | tail -n 4 || true
+say "the engine with --workers 2: each queue served by a worker process (issue 20)"
+kill "$engine_pid"
+wait "$engine_pid" 2>/dev/null || true
+start_engine --workers 2
+attach engine_workers
+measure engine_workers
+detach engine_workers
+grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
+grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
 grep -q 'connected: .*persistent grants' "$engine_log" || fail "blkfront never used persistent grants"
 grep -q 'connected: .*grants mapped per request' "$engine_log" || fail "--no-persistent-grants was not honoured"
 rm -f "$img" "$src"
