@@ -221,11 +221,13 @@ class _Worker:
         else:
             self.journal.info(f"worker {self.index} (pid {self.proc.pid}) exited, status {status}")
         for queue in queues:
-            queue._answer.set()
-            if queue._refusal is None:
-                queue._refusal = f"worker {self.index} died"
+            serving = queue._answer.is_set() and queue._refusal is None
+            if not serving:  # serve() is still waiting: it raises this, nothing was connected
+                queue._refusal = f"worker {self.index} died ({why}, exit status {status})"
+                queue._answer.set()
             queue._done.set()
-            queue._broken(f"worker process {self.proc.pid} died ({why}, exit status {status})")
+            if serving:
+                queue._broken(f"worker process {self.proc.pid} died ({why}, exit status {status})")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
