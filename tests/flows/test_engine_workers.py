@@ -173,3 +173,23 @@ def test_teardown_waits_for_the_workers_to_drain(
         f.seek(64 * 512)
         assert f.read(4096) == payload
     assert libxl.run("remove", be).returncode == 0
+
+
+def test_error_responses_on_workers_are_counted_for_the_device(
+    libxl: Libxl, engine_workers: tuple[InprocEngine, WorkerPool, list[str]], make_image: ImageFactory
+) -> None:
+    """The worker logs each error response; the engine publishes the device's counts (all queues,
+    every worker) in the backend directory, as without workers (`xenblockctl show` reads them)."""
+    from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE
+
+    eng, _pool, _logged = engine_workers
+    be, guest = attach_guest(libxl, eng.transport, make_image(fill=b"ro"), 55, mode="r", queues=2)
+    try:
+        for ring in guest.rings:
+            assert ring.write(0, b"x" * 512) == blkif.RSP_ERROR
+        assert guest.rings[1].write(8, b"x" * 512) == blkif.RSP_ERROR
+        counted = "grant-map=0 io=0 invalid=3 unsupported=0"
+        # reported by the workers about once a second, published at the next reconcile (rescan every 5 s)
+        assert wait_for(lambda: libxl.nodes(be).get(ERROR_RESPONSES_NODE) == counted, 15), libxl.nodes(be)
+    finally:
+        detach_guest(libxl, be, guest)

@@ -40,6 +40,7 @@ from typing import Any
 
 from xenblockctl.backend.blkif import abi_for_protocol
 from xenblockctl.backend.dataplane import DataPlane, QueueStats, RingParams
+from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport, TransportError
@@ -92,8 +93,17 @@ class RemoteQueue:
 
     grant_cache = None  # the worker's; its counts are not carried back
 
-    def __init__(self, worker: _Worker, qid: int, name: str, on_broken: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        worker: _Worker,
+        qid: int,
+        name: str,
+        on_broken: Callable[[str], None] | None,
+        errors: ErrorResponses | None = None,
+    ) -> None:
         self.worker = worker
+        #: the device's error-response counts: the worker logs each one and reports the counts
+        self.errors = errors
         self.qid = qid
         self.name = name
         self.on_broken = on_broken
@@ -193,6 +203,9 @@ class _Worker:
             queue._answer.set()
         elif op == "broken":
             queue._broken(str(msg["reason"]))
+        elif op == "errors":
+            if queue.errors is not None:
+                queue.errors.add({str(k): int(v) for k, v in dict(msg["counts"]).items()})
         elif op == "draining":
             queue._in_flight = int(msg["in_flight"])
         elif op == "stopped":
@@ -275,6 +288,7 @@ class WorkerPool:
         io_workers: int,
         max_persistent_grants: int,
         on_broken: Callable[[str], None] | None,
+        errors: ErrorResponses | None = None,
     ) -> RemoteQueue:
         """Hand one queue to a worker; it is mapped and bound there but takes no request before
         `start()`. TransportError if the worker refuses it or does not answer."""
@@ -282,7 +296,7 @@ class WorkerPool:
         with self._lock:
             qid = self._next_qid
             self._next_qid += 1
-        queue = RemoteQueue(worker, qid, name, on_broken)
+        queue = RemoteQueue(worker, qid, name, on_broken, errors)
         fds = [target.fd]
         pieces: list[int] = []
         if self.kind == "local":
@@ -333,6 +347,18 @@ class _Served:
         self.dp = dp
         self.device_fd = device_fd
         self.transport = transport  # ImportedDomain (local); None: the worker's shared XenTransport
+        self.reported: dict[str, int] = {}
+        self._lock = threading.Lock()  # the reporter and a stop may ask at once: count each once
+
+    def error_delta(self) -> dict[str, int]:
+        """Error responses since the last call (each already logged here with its reason)."""
+        with self._lock:
+            counts = self.dp.errors.counts
+            delta = {
+                k: v - self.reported.get(k, 0) for k, v in counts.items() if v != self.reported.get(k, 0)
+            }
+            self.reported = counts
+            return delta
 
     def release(self) -> None:
         if self.transport is not None:
@@ -369,6 +395,9 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
         while not entry.dp.stop(1.0):
             # stuck I/O: the engine holds the device until we say it drained
             send({"op": "draining", "qid": qid, "in_flight": entry.dp.in_flight})
+        delta = entry.error_delta()
+        if delta:
+            send({"op": "errors", "qid": qid, "counts": delta})
         s = entry.dp.stats
         entry.release()
         send(
@@ -429,6 +458,20 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
             served[qid] = _Served(dp, device_fd, transport)
         send({"op": "serving", "qid": qid})
 
+    done = threading.Event()
+
+    def report_errors() -> None:
+        # the engine publishes each device's counts (xenblockctl show): send ours about once a second
+        while not done.wait(1.0):
+            with lock:
+                entries = list(served.items())
+            for qid, entry in entries:
+                delta = entry.error_delta()
+                if delta:
+                    send({"op": "errors", "qid": qid, "counts": delta})
+
+    reporter = threading.Thread(target=report_errors, name="xbc-worker-errors", daemon=True)
+    reporter.start()
     try:
         while True:
             msg, fds = _recv(sock)
@@ -457,6 +500,8 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
             stop(qid)
         for stopper in stoppers:
             stopper.join()
+        done.set()
+        reporter.join()
         if xen is not None:
             xen.close()
     return 0

@@ -582,6 +582,7 @@ class BackendDevice:
                         io_workers=self.config.workers,
                         max_persistent_grants=self.config.max_persistent_grants,
                         on_broken=on_broken,
+                        errors=self.errors,
                     )
                 )
                 continue
