@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine, attach_guest, detach_guest, wait_for
+from tests.fixtures.engine import REPO, InprocEngine, attach_guest, detach_guest, wait_for
 from tests.fixtures.kernel import FreezableFs, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend import blkif, xenbus
@@ -24,6 +25,7 @@ from xenblockctl.backend.transport.local import LocalTransport
 from xenblockctl.backend.workers import RemoteQueue, WorkerPool
 from xenblockctl.backend.xenbus import EngineConfig
 from xenblockctl.journal import Journal
+from xenblockctl.toolstack.daemons import ReadyDaemon
 from xenblockctl.xenstore.client import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -193,3 +195,54 @@ def test_error_responses_on_workers_are_counted_for_the_device(
         assert wait_for(lambda: libxl.nodes(be).get(ERROR_RESPONSES_NODE) == counted, 15), libxl.nodes(be)
     finally:
         detach_guest(libxl, be, guest)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_engine_with_workers_stops_or_dies_without_leaks(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path, how: str
+) -> None:
+    """`xenblockctl backend --workers 2`: SIGTERM tears every device down and the workers exit with
+    the engine (status 0); SIGKILL leaves the workers to drain their queues and exit on their own,
+    and the last copy of the device fd goes with them: nothing stays bound."""
+    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+    argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{transport}"]
+    argv += ["--xenstore", libxl.xenstored.socket_path, "--workers", "2", "--max-queues", "2"]
+    daemon = ReadyDaemon("engine", argv, "engine ready", tmp_path / "engine.log", timeout=60, cwd=REPO)
+    image = make_image()
+    try:
+        workers = _children(daemon.proc.pid)
+        assert len(workers) == 2, workers
+        be, guest = attach_guest(libxl, transport, image, 56, queues=2)
+        assert len(guest.rings) == 2
+        for q, ring in enumerate(guest.rings):
+            assert ring.write(8 * q, b"w".ljust(512, b"\0")) == blkif.RSP_OKAY
+        if how == "sigterm":
+            assert daemon.stop() == 0, (tmp_path / "engine.log").read_text()[-2000:]
+        else:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+        assert wait_for(lambda: all(_gone(pid) for pid in workers), 30), "a worker outlived the engine"
+        guest.close()
+        guest.store.close()
+        if how == "sigkill":
+            assert wait_for(lambda: bound_loops_under(image.parent) == {}, 10), "a device copy leaked"
+        else:
+            libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
+            assert libxl.run("remove", be).returncode == 0
+            assert wait_for(lambda: bound_loops_under(image.parent) == {}, 10), "a device copy leaked"
+    finally:
+        daemon.proc.kill()
+        daemon.stop()
