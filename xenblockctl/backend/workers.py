@@ -53,6 +53,14 @@ _MAX_FDS = 1 + 4096 + 2
 SERVE_TIMEOUT = 10.0
 
 
+class WorkerTimeout(TransportError):
+    """A worker did not answer a serve in time; `queue` may still be live there and must be drained."""
+
+    def __init__(self, message: str, queue: RemoteQueue) -> None:
+        super().__init__(message)
+        self.queue = queue
+
+
 def default_workers() -> int:
     """One worker per CPU the engine may run on."""
     return max(1, len(os.sched_getaffinity(0)))
@@ -325,10 +333,10 @@ class WorkerPool:
         worker.queues[qid] = queue
         worker.send(msg, fds)
         if not queue._answer.wait(SERVE_TIMEOUT):
-            queue._refusal = f"worker {worker.index} did not answer in {SERVE_TIMEOUT:.0f} s"
-            # it may still map the ring: ask it to let go, and count the queue as ours until it does
+            # it may still map the ring and serve: ask it to let go; the caller keeps the queue and
+            # drains it like any other before it releases the device
             queue.request_stop()
-            raise TransportError(queue._refusal)
+            raise WorkerTimeout(f"worker {worker.index} did not answer in {SERVE_TIMEOUT:.0f} s", queue)
         if queue._refusal is not None:
             worker.queues.pop(qid, None)
             queue._done.set()  # refused: nothing of it is left in the worker

@@ -44,7 +44,7 @@ from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
-from xenblockctl.backend.workers import RemoteQueue, WorkerPool
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool, WorkerTimeout
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
@@ -572,8 +572,8 @@ class BackendDevice:
             name = base if len(queues) == 1 else f"{base}-q{q}"
             on_broken = self._broken_callback(q if len(queues) > 1 else None)
             if pool is not None:
-                self.dataplanes.append(
-                    pool.serve(
+                try:
+                    queue = pool.serve(
                         domid=self.domid,
                         params=params,
                         target=target,
@@ -584,7 +584,10 @@ class BackendDevice:
                         on_broken=on_broken,
                         errors=self.errors,
                     )
-                )
+                except WorkerTimeout as exc:
+                    self.dataplanes.append(exc.queue)  # maybe live in the worker: drained like the rest
+                    raise
+                self.dataplanes.append(queue)
                 continue
             self.dataplanes.append(
                 DataPlane(
