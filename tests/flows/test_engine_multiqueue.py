@@ -7,15 +7,13 @@ engine on a thread, and the Python blkfront doing the handshake as Linux blkfron
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
 from tests.fixtures.engine import (
     InprocEngine,
     attach_disk,
     attach_guest,
+    check_stuck_queue_holds_the_device,
     connect_guest,
     detach_guest,
     wait_for,
@@ -166,39 +164,6 @@ def test_teardown_drains_every_queue(
 ) -> None:
     """A request stuck on queue 1 holds the device, queue 1's ring and pages, and Closed, while
     queue 0, idle, is drained and released at once; the answer still reaches the guest."""
-    monkeypatch.setattr(xenbus, "DRAIN_TIMEOUT", 0.5)
+    monkeypatch.setattr(xenbus, "DRAIN_TIMEOUT", 0.5)  # the drain deadline passes while held
     monkeypatch.setattr(xenbus, "FRONTEND_CLOSE_GRACE", 0.2)
-    image = freezable_fs.path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    be, guest = attach_guest(libxl, engine_inproc.transport, Path(image), 47, queues=2)
-    dev = engine_inproc.device(47)
-    stuck_queue = dev.dataplanes[1]
-    payload = b"queue one's payload".ljust(4096, b"!")
-    freezable_fs.freeze()
-    try:
-        rid = guest.rings[1].submit_write(64, payload, op=blkif.OP_FLUSH_DISKCACHE)
-        guest.rings[1].kick()
-        assert wait_for(lambda: stuck_queue.in_flight == 1, 10)
-        libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
-        assert wait_for(lambda: dev.dataplanes == [stuck_queue], 5), dev.dataplanes
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            assert libxl.nodes(be).get("state") != "6", "Closed published with a request in flight"
-            assert dev.device is not None, "device closed with a request in flight on queue 1"
-            assert dev.dataplanes == [stuck_queue], "queue 1 released with a request in flight"
-            time.sleep(0.05)
-    finally:
-        freezable_fs.thaw()
-    try:
-        done = guest.rings[1].collect(1, timeout=30)
-        assert done[rid].response.status == blkif.RSP_OKAY
-        assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
-        assert dev.dataplanes == []
-    finally:
-        guest.close()
-        guest.store.close()
-    with open(image, "rb") as f:
-        f.seek(64 * 512)
-        assert f.read(4096) == payload
-    assert libxl.run("remove", be).returncode == 0
+    check_stuck_queue_holds_the_device(libxl, engine_inproc, freezable_fs, 47)

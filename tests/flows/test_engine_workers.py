@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine import REPO, InprocEngine, attach_guest, detach_guest, wait_for
+from tests.fixtures.engine import (
+    REPO,
+    InprocEngine,
+    attach_guest,
+    check_stuck_queue_holds_the_device,
+    detach_guest,
+    wait_for,
+)
 from tests.fixtures.kernel import FreezableFs, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend import blkif, xenbus
@@ -141,60 +148,9 @@ def test_teardown_waits_for_the_workers_to_drain(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     eng, _pool, _logged = engine_workers
+    monkeypatch.setattr(xenbus, "DRAIN_TIMEOUT", 0.5)
     monkeypatch.setattr(xenbus, "FRONTEND_CLOSE_GRACE", 0.2)
-    image = freezable_fs.path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    be, guest = attach_guest(libxl, eng.transport, Path(image), 54, queues=2)
-    dev = eng.device(54)
-    stuck = dev.dataplanes[1]
-    payload = b"queue one's payload".ljust(4096, b"!")
-    freezable_fs.freeze()
-    try:
-        rid = guest.rings[1].submit_write(64, payload, op=blkif.OP_FLUSH_DISKCACHE)
-        guest.rings[1].kick()
-        time.sleep(0.5)  # the worker took it and is blocked in fdatasync
-        libxl.store.write_many({be.node("online"): "0", be.node("state"): "5"})
-        assert wait_for(lambda: dev.dataplanes == [stuck], 5), dev.dataplanes
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            assert libxl.nodes(be).get("state") != "6", "Closed published with a request in flight"
-            assert dev.device is not None, "device closed with a request in flight on a worker"
-            time.sleep(0.05)
-    finally:
-        freezable_fs.thaw()
-    try:
-        done = guest.rings[1].collect(1, timeout=30)
-        assert done[rid].response.status == blkif.RSP_OKAY
-        assert wait_for(lambda: libxl.nodes(be).get("state") == "6"), libxl.nodes(be)
-        assert dev.dataplanes == []
-    finally:
-        guest.close()
-        guest.store.close()
-    with open(image, "rb") as f:
-        f.seek(64 * 512)
-        assert f.read(4096) == payload
-    assert libxl.run("remove", be).returncode == 0
-
-
-def test_error_responses_on_workers_are_counted_for_the_device(
-    libxl: Libxl, engine_workers: tuple[InprocEngine, WorkerPool, list[str]], make_image: ImageFactory
-) -> None:
-    """The worker logs each error response; the engine publishes the device's counts (all queues,
-    every worker) in the backend directory, as without workers (`xenblockctl show` reads them)."""
-    from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE
-
-    eng, _pool, _logged = engine_workers
-    be, guest = attach_guest(libxl, eng.transport, make_image(fill=b"ro"), 55, mode="r", queues=2)
-    try:
-        for ring in guest.rings:
-            assert ring.write(0, b"x" * 512) == blkif.RSP_ERROR
-        assert guest.rings[1].write(8, b"x" * 512) == blkif.RSP_ERROR
-        counted = "grant-map=0 io=0 invalid=3 unsupported=0"
-        # reported by the workers about once a second, published at the next reconcile (rescan every 5 s)
-        assert wait_for(lambda: libxl.nodes(be).get(ERROR_RESPONSES_NODE) == counted, 15), libxl.nodes(be)
-    finally:
-        detach_guest(libxl, be, guest)
+    check_stuck_queue_holds_the_device(libxl, eng, freezable_fs, 54)
 
 
 def _children(pid: int) -> list[int]:
