@@ -64,6 +64,27 @@ def test_each_negotiated_queue_serves_the_disk(
 
 
 @engine_with_queues
+def test_multi_page_rings_per_queue(
+    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory
+) -> None:
+    """ring-page-order is top-level and applies to every queue: queue-N/ring-ref0..3 each."""
+    be, guest = attach_guest(libxl, engine_inproc.transport, make_image(), 48, queues=2, ring_page_order=2)
+    try:
+        fe_nodes = libxl.store.read_dir(be.frontend)
+        assert fe_nodes["ring-page-order"] == "2"
+        dev = engine_inproc.device(48)
+        assert [len(dp.params.ring_refs) for dp in dev.dataplanes] == [4, 4]  # type: ignore[union-attr]
+        for q, ring in enumerate(guest.rings):
+            # more requests in flight than one ring page holds (32 slots)
+            rids = [ring.submit_write(8 * (64 * q + i), bytes([q + 1]) * 4096) for i in range(48)]
+            done = ring.collect(len(rids), timeout=30)
+            assert all(done[r].response.status == blkif.RSP_OKAY for r in rids)
+        assert guest.rings[0].read(8 * 64, 4096) == b"\x02" * 4096
+    finally:
+        detach_guest(libxl, be, guest)
+
+
+@engine_with_queues
 def test_frontend_asking_more_than_offered_gets_the_offer(
     libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory
 ) -> None:
