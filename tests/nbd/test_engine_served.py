@@ -292,3 +292,33 @@ def test_flush_is_advertised_only_if_the_server_can_flush(
         assert libxl.nodes(be)["feature-flush-cache"] == "0"
     finally:
         detach_guest(libxl, be, guest)
+
+
+def test_queues_share_one_connection_so_a_flush_covers_every_queue(
+    libxl: Libxl, engine: EngineProc, nbd_server: NbdServerFactory, tmp_path: Path
+) -> None:
+    """A multi-queue guest on an export: every queue goes through the device's one connection
+    (a flush on one queue must cover writes completed on the others, which NBD promises across
+    connections only with CAN_MULTI_CONN), and the queues' first requests, sent together, all
+    succeed (none fails because another queue is connecting)."""
+    server = _file_server(nbd_server, _image(tmp_path))
+    be = _backend(libxl, server.uri, 9)
+    assert libxl.run("add", be).returncode == 0
+    guest = connect_guest(libxl, engine.transport, be, queues=2)
+    try:
+        assert len(guest.rings) == 2, libxl.nodes(be)
+        rids = [
+            ring.submit_write(8 * q, f"queue {q}".encode().ljust(4096, b"\0"))
+            for q, ring in enumerate(guest.rings)
+        ]
+        for ring in guest.rings:
+            ring.kick()
+        for ring, rid in zip(guest.rings, rids, strict=True):
+            assert ring.collect(1, timeout=10)[rid].response.status == 0
+        assert _connections(server.proc.pid) == 1, "one connection for both queues"
+        assert guest.rings[0].flush() == 0
+        with NbdClient.connect(uri.parse(server.uri)) as other:
+            assert other.read(8 * 512, 7) == b"queue 1"
+            assert other.read(0, 7) == b"queue 0"
+    finally:
+        detach_guest(libxl, be, guest)

@@ -71,6 +71,9 @@ class NbdTarget:
     #: set when a reconnect found another export: the device stays failed
     refused: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: the one connection every queue of the device shares, and how many queues hold it
+    _shared: NbdExecutor | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
 
     # -- what the xenbus state machine advertises ------------------------------------------------
     @property
@@ -126,8 +129,27 @@ class NbdTarget:
         )
 
     def executor(self, *, workers: int = 0, name: str = "xbc-nbd") -> NbdExecutor:
+        """The device's one pipelined connection, shared by all its queues (multi-queue). One
+        connection because a guest's flush must cover the writes completed on every queue, and
+        NBD promises that across connections only with CAN_MULTI_CONN; one is enough to keep a
+        server busy. Each caller's close() lets go; the last one closes the connection."""
         del workers  # one connection, pipelined: no worker pool
-        return NbdExecutor(self, name=name)
+        with self.lock:
+            if self._shared is None:
+                self._shared = NbdExecutor(self, name=name)
+            self._users += 1
+            return self._shared
+
+    def _let_go(self, executor: NbdExecutor) -> bool:
+        """True if `executor`'s last user let go (the caller closes the connection)."""
+        with self.lock:
+            if self._shared is not executor:
+                return True  # not shared through executor() (tests make their own)
+            self._users -= 1
+            if self._users > 0:
+                return False
+            self._shared = None
+            return True
 
     def connect(self) -> socket.socket:
         """A new connection in transmission to the same export, or NbdError: `nbd-export-changed`
@@ -241,6 +263,9 @@ class NbdExecutor:
         self._sock: socket.socket | None = None
         self._last_attempt = float("-inf")
         self._reader: threading.Thread | None = None
+        #: held while (re)connecting, so that queues sharing this connection wait for one attempt
+        #: instead of failing their request because another queue's attempt is in progress
+        self._connecting = threading.Lock()
         #: writes acknowledged on this connection, and how many of them a completed flush covers
         self._acked = 0
         self._flushed = 0
@@ -268,6 +293,10 @@ class NbdExecutor:
         return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
+        """One queue lets go: drain (every queue's requests: they share the connection) and, for
+        the last queue, close the connection."""
+        if not self.target._let_go(self):
+            return self._tracked.drain(timeout)
         if not self._tracked.close(timeout):
             return False
         with self._cond:
@@ -291,7 +320,14 @@ class NbdExecutor:
         self._tracked.leave(request.done, request.status)
 
     def _connected(self) -> socket.socket | None:
-        """The live connection, reconnecting at most every reconnect_interval (ring thread)."""
+        """The live connection, reconnecting at most every reconnect_interval (ring threads)."""
+        with self._cond:
+            if self._sock is not None:
+                return self._sock
+        with self._connecting:
+            return self._connect_locked()
+
+    def _connect_locked(self) -> socket.socket | None:
         target = self.target
         with self._cond:
             if self._sock is not None:

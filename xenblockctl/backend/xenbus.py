@@ -13,10 +13,11 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
      (no physical-device)                 our own handshake must match the record (URI, size,
                                         flags, socket dev/inode: nbdio.open_published), else the
                                         coded refusal `nbd-export-mismatch`; then `opened`=1
-  frontend Initialised/Connected     -> map the ring, bind the event channel, publish
+  frontend Initialised/Connected     -> map the ring(s), bind the event channel(s), publish
                                         sectors/info/features, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
-                                        `feature-persistent` is exactly "1"
+                                        `feature-persistent` is exactly "1"; one DataPlane per
+                                        queue (`multi-queue-num-queues`, 1..what we offered)
   frontend Closing/Closed            -> drain in-flight I/O, unmap (persistent grants too: a
                                         reconnect starts with an empty cache); state Closing/Closed; the
                                         device stays open: a reconnecting frontend (guest reboot)
@@ -37,7 +38,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -48,6 +49,7 @@ from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool, WorkerTimeout
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
@@ -80,6 +82,15 @@ DRAIN_TIMEOUT = 30.0
 #: The longest one reconcile waits for a drain: one xenbus thread serves every device, so a stuck
 #: device is polled (pending_deadline) rather than waited for.
 DRAIN_STEP = 0.2
+#: The most queues the engine ever offers (`multi-queue-max-queues`), whatever the CPU count: each
+#: queue costs a ring thread, its I/O workers, a ring mapping and a grant cache.
+MAX_QUEUES = 16
+
+
+def default_max_queues() -> int:
+    """Queues offered by default: one per CPU the engine may run on (Linux blkback offers one per
+    online CPU), at most MAX_QUEUES."""
+    return max(1, min(MAX_QUEUES, len(os.sched_getaffinity(0))))
 
 
 class Phase(enum.Enum):
@@ -108,6 +119,13 @@ class EngineConfig:
     max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
     max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
     workers: int = 4
+    #: `multi-queue-max-queues` we publish: a frontend may ask for 1..this many queues (rings), each
+    #: served by its own DataPlane. In this process they share one GIL (threads), so more queues buy
+    #: parallel I/O waits, not parallel Python.
+    max_queues: int = field(default_factory=default_max_queues)
+    #: Worker processes that serve the queues (backend/workers.py), each with its own GIL; None:
+    #: every queue on a thread of this process.
+    worker_pool: WorkerPool | None = None
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
@@ -146,7 +164,10 @@ class BackendDevice:
         self.device: BlockDevice | None = None
         self.target: DeviceTarget | NbdTarget | None = None
         self.writable = False
-        self.dataplane: DataPlane | None = None
+        #: one per queue while connected (empty otherwise); queue i serves queue-i/ (or the top level)
+        self.dataplanes: list[DataPlane | RemoteQueue] = []
+        #: queues of the current drain already stopped and released, for its one log line
+        self._drained: list[DataPlane | RemoteQueue] = []
         self.frontend: str | None = None
         self.broken: str | None = None  # set from the data plane thread
         self._closing_since: float | None = None
@@ -167,6 +188,11 @@ class BackendDevice:
         self._stale_ring = False
 
     # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def dataplane(self) -> DataPlane | RemoteQueue | None:
+        """Queue 0's data plane (the only one unless the frontend asked for several), or None."""
+        return self.dataplanes[0] if self.dataplanes else None
+
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.kind, self.domid, self.devid)
@@ -288,6 +314,7 @@ class BackendDevice:
                 return
             tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
             tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
+            tx.write(join(self.path, "multi-queue-max-queues"), str(self.config.max_queues))
             tx.write(join(self.path, "opened"), "0")
             if tx.read_optional(join(self.path, "online")) != "0":
                 tx.write(join(self.path, "state"), "2")
@@ -450,9 +477,14 @@ class BackendDevice:
                 return None
             raise EngineRefusal(exc.message) from exc
 
-    def _read_ring_params(self) -> RingParams:
+    def _read_ring_params(self) -> list[RingParams]:
+        """Every queue's ring parameters, read in one transaction and parsed (blkif.h "Frontend
+        XenBus Nodes"): `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and
+        `event-channel`; N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`.
+        `ring-page-order`, `protocol` and `feature-persistent` are top-level for every queue."""
         assert self.frontend is not None
         fe = self.frontend
+        max_queues = self.config.max_queues
 
         def body(tx: Transaction) -> dict[str, str | None]:
             wanted = (
@@ -465,42 +497,66 @@ class BackendDevice:
             )
             values = {name: tx.read_optional(join(fe, name)) for name in wanted}
             order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
-            if order is not None:
-                for i in range(1 << order):
-                    values[f"ring-ref{i}"] = tx.read_optional(join(fe, f"ring-ref{i}"))
+            queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
+            # only what the two numbers name is read: a bad one is refused below, from these values
+            dirs = [fe] if queues == 1 else [join(fe, f"queue-{q}") for q in range(queues)]
+            for q, where in enumerate(dirs):
+                prefix = "" if queues == 1 else f"queue-{q}/"
+                if queues > 1:
+                    values[f"{prefix}ring-ref"] = tx.read_optional(join(where, "ring-ref"))
+                    values[f"{prefix}event-channel"] = tx.read_optional(join(where, "event-channel"))
+                if order is not None:
+                    for i in range(1 << order):
+                        values[f"{prefix}ring-ref{i}"] = tx.read_optional(join(where, f"ring-ref{i}"))
             return values
 
         values = self.store.run_transaction(body)
-        queues = values.get("multi-queue-num-queues")
-        if queues not in (None, "1"):
-            raise EngineRefusal("multi-queue was not advertised")
+        queues_text = values.get("multi-queue-num-queues")
+        queues = 1
+        if queues_text is not None:
+            queues = uint_or_none(queues_text, maximum=max_queues) or 0
+            if queues == 0:
+                raise EngineRefusal(
+                    f"multi-queue-num-queues {queues_text[:24]!a} is not a decimal number"
+                    f" 1..{max_queues} (our multi-queue-max-queues)"
+                )
         order_text = values.get("ring-page-order")
-        if order_text is None:
-            refs = [values.get("ring-ref") or ""]
-        else:
+        order = None
+        if order_text is not None:
             try:
                 order = parse_uint(order_text, "ring-page-order", maximum=self.config.max_ring_page_order)
             except NodeValueError as exc:
                 raise EngineRefusal(f"{exc.message} (the most we advertised)") from exc
-            refs = [values.get(f"ring-ref{i}") or "" for i in range(1 << order)]
-        try:
-            return RingParams.parse(
-                ring_refs=refs,
-                event_channel=values.get("event-channel") or "",
-                protocol=values.get("protocol"),
-                ring_page_order=order_text,
-                max_ring_page_order=self.config.max_ring_page_order,
-                # never on unless we offer it (the node we publish at connect says the same)
-                feature_persistent=values.get("feature-persistent")
-                if self.config.persistent_grants
-                else None,
-            )
-        except XenblockError as exc:
-            raise EngineRefusal(exc.message) from exc
+        out = []
+        for q in range(queues):
+            prefix = "" if queues == 1 else f"queue-{q}/"
+            if order is None:
+                refs = [values.get(f"{prefix}ring-ref") or ""]
+            else:
+                refs = [values.get(f"{prefix}ring-ref{i}") or "" for i in range(1 << order)]
+            try:
+                out.append(
+                    RingParams.parse(
+                        ring_refs=refs,
+                        event_channel=values.get(f"{prefix}event-channel") or "",
+                        protocol=values.get("protocol"),
+                        ring_page_order=order_text,
+                        max_ring_page_order=self.config.max_ring_page_order,
+                        # never on unless we offer it (the node we publish at connect says the same)
+                        feature_persistent=values.get("feature-persistent")
+                        if self.config.persistent_grants
+                        else None,
+                    )
+                )
+            except XenblockError as exc:
+                where = f" (queue {q})" if queues > 1 else ""
+                raise EngineRefusal(f"{exc.message}{where}") from exc
+        return out
 
     def _connect(self) -> None:
         assert self.target is not None
-        params = self._read_ring_params()
+        queues = self._read_ring_params()
+        params = queues[0]
         target = self.target
         discard = target.discard is not DiscardMode.NONE and self.writable
         # An NBD export can flush only if its server sent SEND_FLUSH: never advertise a no-op.
@@ -514,19 +570,7 @@ class BackendDevice:
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
         )
-        self.dataplane = DataPlane(
-            self.config.transport,
-            self.domid,
-            params,
-            target,
-            limits,
-            workers=self.config.workers,
-            on_broken=self._on_broken,
-            name=f"xbc-{self.domid}-{self.devid}",
-            max_persistent_grants=self.config.max_persistent_grants,
-            errors=self.errors,
-        )
-        self.dataplane.start()
+        self._start_queues(queues, target, limits)
 
         def body(tx: Transaction) -> None:
             if tx.read_optional(join(self.path, "state")) is None:
@@ -554,7 +598,59 @@ class BackendDevice:
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
-        self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s), {grants}")
+        self._log(
+            f"connected: {params.abi.protocol}, {len(queues)} queue(s) of {len(params.ring_refs)}"
+            f" ring page(s), {grants}"
+        )
+
+    def _start_queues(
+        self, queues: list[RingParams], target: DeviceTarget | NbdTarget, limits: DeviceLimits
+    ) -> None:
+        """One data plane per queue, each mapping its own ring and binding its own channel, with its
+        own grant cache and I/O workers: on a worker process if the engine has them, else on a
+        thread here (an NBD export always: its queues share one connection, nbdio.py). Each goes
+        into self.dataplanes as soon as it exists, and all are started only
+        once every queue is set up: if one fails, the failure path's drain stops the others
+        (none took a request)."""
+        base = f"xbc-{self.domid}-{self.devid}"
+        pool = self.config.worker_pool
+        for q, params in enumerate(queues):
+            name = base if len(queues) == 1 else f"{base}-q{q}"
+            on_broken = self._broken_callback(q if len(queues) > 1 else None)
+            if pool is not None and isinstance(target, DeviceTarget):
+                try:
+                    queue = pool.serve(
+                        domid=self.domid,
+                        params=params,
+                        target=target,
+                        limits=limits,
+                        name=name,
+                        io_workers=self.config.workers,
+                        max_persistent_grants=self.config.max_persistent_grants,
+                        on_broken=on_broken,
+                        errors=self.errors,
+                    )
+                except WorkerTimeout as exc:
+                    self.dataplanes.append(exc.queue)  # maybe live in the worker: drained like the rest
+                    raise
+                self.dataplanes.append(queue)
+                continue
+            self.dataplanes.append(
+                DataPlane(
+                    self.config.transport,
+                    self.domid,
+                    params,
+                    target,
+                    limits,
+                    workers=self.config.workers,
+                    on_broken=on_broken,
+                    name=name,
+                    max_persistent_grants=self.config.max_persistent_grants,
+                    errors=self.errors,
+                )
+            )
+        for dp in self.dataplanes:
+            dp.start()
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
@@ -575,55 +671,79 @@ class BackendDevice:
 
         self.store.run_transaction(body)
 
-    def _on_broken(self, reason: str) -> None:
-        # Called on the data plane thread: hand over to the xenbus thread.
-        self.broken = reason
-        self._wake()
+    def _broken_callback(self, queue: int | None) -> Callable[[str], None]:
+        def on_broken(reason: str) -> None:
+            # Called on the data plane thread: hand over to the xenbus thread. One broken queue
+            # fails the device (every queue of it), never another device.
+            self.broken = reason if queue is None else f"queue {queue}: {reason}"
+            self._wake()
+
+        return on_broken
 
     def _quiesce(self) -> bool:
-        """Stop the data plane and wait (at most DRAIN_STEP) for its in-flight I/O. True once none is
-        left: only then may the device be closed, the ring unmapped, Closing/Closed published.
-        Otherwise the data plane stays ours and a later reconcile() tries again (pending_deadline);
+        """Stop every queue's data plane and wait (at most DRAIN_STEP in all) for their in-flight
+        I/O. True once none is left on any queue: only then may the device be closed, the rings
+        unmapped, Closing/Closed published. A queue that drained is released at once (its ring,
+        its grants); the others stay ours and a later reconcile() tries again (pending_deadline).
         I/O still running after DRAIN_TIMEOUT is reported, once, and waited for all the same."""
-        dataplane = self.dataplane
-        if dataplane is None:
+        if not self.dataplanes:
             return True
         now = time.monotonic()
         if self._drain_since is None:
             self._drain_since = now
-        if not dataplane.stop(DRAIN_STEP):
+        for dp in self.dataplanes:
+            dp.request_stop()  # every queue stops taking requests before any is waited for
+        step_end = now + DRAIN_STEP
+        left: list[DataPlane | RemoteQueue] = []
+        for dp in self.dataplanes:
+            if dp.stop(max(0.0, step_end - time.monotonic())):
+                self._drained.append(dp)
+            else:
+                left.append(dp)
+        self.dataplanes = left
+        if left:
             waited = now - self._drain_since
             if waited >= DRAIN_TIMEOUT and not self._drain_reported:
                 self._drain_reported = True
+                in_flight = sum(dp.in_flight for dp in left)
                 self.journal.error(
-                    f"{self.relative}: {dataplane.in_flight} request(s) still in flight after {waited:.0f} s;"
-                    " holding the device, the ring and the guest's pages until they end",
+                    f"{self.relative}: {in_flight} request(s) still in flight on {len(left)} queue(s) after"
+                    f" {waited:.0f} s; holding the device, the ring and the guest's pages until they end",
                     DOMID=self.domid,
                     DEVID=self.devid,
                     CODE="drain-timeout",
                 )
             return False
-        self.dataplane = None
         if self._drain_reported:
             self._log(f"stuck I/O ended after {now - self._drain_since:.0f} s")
         self._drain_since = None
         self._drain_reported = False
-        self._log_ring_stats(dataplane)
+        drained, self._drained = self._drained, []
+        self._log_ring_stats(drained)
         return True
 
-    def _log_ring_stats(self, dataplane: DataPlane) -> None:
-        stats = dataplane.stats
-        cache = dataplane.grant_cache
+    def _log_ring_stats(self, dataplanes: list[DataPlane | RemoteQueue]) -> None:
+        """One line per device however many queues it had (log readers count ring stops per
+        connection), with the queues' counts summed."""
+        requests = sum(dp.stats.requests for dp in dataplanes)
+        errors = sum(dp.stats.errors for dp in dataplanes)
+        caches = [dp.grant_cache for dp in dataplanes if dp.grant_cache is not None]
         grants = ""
-        if cache is not None:
-            g = cache.stats
+        if caches:
+
+            def total(name: str) -> int:
+                return sum(getattr(c.stats, name) for c in caches)
+
             grants = (
-                f", persistent grants: {g.maps} mapped, {g.unmaps} unmapped, {cache.mapped} still mapped,"
-                f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient,"
-                f" {g.resource_failures} out of resources ({g.shed} given back, {g.whole} mapped whole)"
+                f", persistent grants: {total('maps')} mapped, {total('unmaps')} unmapped,"
+                f" {sum(c.mapped for c in caches)} still mapped, {total('hits')} hits,"
+                f" {total('evictions')} evictions, {total('transient')} transient,"
+                f" {total('resource_failures')} out of resources ({total('shed')} given back,"
+                f" {total('whole')} mapped whole)"
             )
+        queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
         self._log(
-            f"ring stopped: {stats.requests} requests, {stats.errors} errors{grants};"
+            f"ring stopped{queues}: {requests} requests, {errors} errors{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)
@@ -639,7 +759,7 @@ class BackendDevice:
         self._set_state(state)
 
     def _close_device(self, *, keep_parked: bool = False) -> None:
-        if self.dataplane is not None:
+        if self.dataplanes:
             # every caller drains first; closing here could let a request write to a reused fd
             raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
