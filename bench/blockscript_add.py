@@ -389,8 +389,19 @@ def measure_bash(libxl: Libxl, bash: Path, image: Path | str, iterations: int) -
     return samples
 
 
+def _conflicts(libxl: Libxl) -> int:
+    """EAGAIN replies (transaction conflicts) in the C daemon's trace so far; 0 without a trace."""
+    trace = Path(libxl.xenstored.trace_path) if libxl.xenstored.trace_path else None
+    if trace is None or not trace.is_file():
+        return 0
+    return trace.read_text(errors="replace").count("EAGAIN")
+
+
 def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) -> tuple[float, int]:
-    """N adds started at once on distinct backends and images; wall seconds and failures."""
+    """N adds started at once on distinct backends and images; wall seconds and failures. Also
+    prints the transaction conflicts (EAGAIN) the daemon answered meanwhile (fixture and
+    consumers included): whether contention inside xenstored is part of the wall time."""
+    conflicts_before = _conflicts(libxl)
     backends = [
         libxl.create_backend(first_domid + i, 51712, str(img), "w", engine=not c.bash)
         for i, img in enumerate(images)
@@ -409,6 +420,8 @@ def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) 
     ]
     codes = [p.wait(300) for p in procs]
     wall = time.perf_counter() - start
+    conflicts = _conflicts(libxl) - conflicts_before
+    print(f"  {c.label}: {conflicts} transaction conflicts (EAGAIN) during the adds")
     for consumer in consumers:
         with contextlib.suppress(Exception):
             consumer.wait_opened(5)

@@ -19,10 +19,13 @@ A bad value in a file is `bad-config`; a bad `XENBLOCKCTL_*` variable is `bad-se
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_PATH = "/etc/xenblockctl/xenblockctl.conf"
 #: Points at another main file (its conf.d/ is then the one next to it). Tests and packagers use it.

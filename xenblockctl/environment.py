@@ -21,7 +21,10 @@ A plain class, not a dataclass: this is on the hotplug path, whose import graph 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 LOCK_DIR = "/run/xenblockctl/locks"
 LOCK_DIR_ENV = "XENBLOCKCTL_LOCK_DIR"

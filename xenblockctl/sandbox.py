@@ -9,7 +9,13 @@ Steps (each timed and checked; any failure stops the run and everything is clean
   frontend node the engine reads: its disk alone is refused while the first guest's I/O goes on;
   6. the frontend reconnects in the same domain (what pvgrub handing over to the guest's
   kernel, kexec or a driver rebind does): same device, data still there; 7. detach as libxl does (online=0,
-  Closing, wait for Closed, `remove`, delete the directories); 8. prove no loop device is left."""
+  Closing, wait for Closed, `remove`, delete the directories); 8. prove no loop device is left.
+
+With `target` (an NBD URI of a running server: `nbd+unix:///EXPORT?socket=PATH`) the guest's
+disk is that export instead of an image: the block script publishes the export's identity
+(owner record kind=nbd), the engine serves it over its own NBD connection after re-checking its
+handshake against the record, and the guest's write is read back through a second NBD client when
+the server admits one (qemu-nbd by default does not). The export is written to."""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import loop
+from xenblockctl.nbd import uri as nbd_uri
 from xenblockctl.toolstack import hostfiles
 from xenblockctl.toolstack.daemons import DaemonNotReady, ReadyDaemon
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, delete_vbd, write_vbd
@@ -176,11 +183,31 @@ def _hostile_guest(
     return f"domain {HOSTILE_DOMID} refused ({shown}); domain {GUEST_DOMID}: {requests} requests OK meanwhile"
 
 
+def _read_back(target: str, offset: int, length: int) -> bytes | None:
+    """`length` bytes at `offset` of the export through a second NBD client; None when the server
+    admits no second client within a short deadline (its policy, e.g. qemu-nbd's --shared=1)."""
+    from xenblockctl.nbd.client import NbdClient
+
+    try:
+        with NbdClient.connect(nbd_uri.parse(target), timeout=2.0) as other:
+            return other.read(offset, length)
+    except XenblockError:
+        return None
+
+
 def run(
-    image: str | None = None, *, progress: Callable[[Step], None] | None = None, keep_dir: bool = False
+    image: str | None = None,
+    *,
+    target: str | None = None,
+    progress: Callable[[Step], None] | None = None,
+    keep_dir: bool = False,
 ) -> Report:
     if os.geteuid() != 0:
         raise SandboxError("the sandbox needs root (loop devices)")
+    if target is not None:
+        if image is not None:
+            raise SandboxError("give --image or --target, not both")
+        nbd_uri.parse(target)  # a coded nbd-uri-* error before anything starts
     report = Report()
     store: XenStore | None = None
     workdir = Path(tempfile.mkdtemp(prefix="xbc-sandbox-", dir="/tmp"))
@@ -203,8 +230,8 @@ def run(
             progress(done)
 
     try:
-        disk = image or str(workdir / "guest-disk.img")
-        if image is None:
+        disk = target or image or str(workdir / "guest-disk.img")
+        if image is None and target is None:
             with open(disk, "wb") as f:
                 f.truncate(64 << 20)
         sock = str(workdir / "xenstored.sock")
@@ -233,10 +260,15 @@ def run(
                     script_failure("add", result, store.read_optional(backend + "/hotplug-error"))
                 )
             nodes = store.read_dir(backend)
-            d.append(
-                f"physical-device {nodes['physical-device']} luid {nodes['physical-device-luid']} "
-                f"({nodes['physical-device-path']}), engine opened={nodes.get('opened')}"
-            )
+            if target is not None:
+                d.append(
+                    f"owner record {nodes.get('xenblockctl-owner')!r}, engine opened={nodes.get('opened')}"
+                )
+            else:
+                d.append(
+                    f"physical-device {nodes['physical-device']} luid {nodes['physical-device-luid']} "
+                    f"({nodes['physical-device-path']}), engine opened={nodes.get('opened')}"
+                )
         guest = XenbusFrontend(
             store, frontend_path=frontend, backend_path=backend, domid=GUEST_DOMID, transport_socket=transport
         )
@@ -248,22 +280,36 @@ def run(
                 ring.flush()
                 if ring.read(2048, 4096) != pattern:
                     raise SandboxError("guest read back different data")
-                with open(disk, "rb") as image_file:
-                    image_file.seek(2048 * 512)
-                    if image_file.read(4096) != pattern:
-                        raise SandboxError("the write did not reach the image")
                 sectors = store.read_optional(backend + "/sectors")
                 d.append(f"backend Connected, {sectors} sectors, 4 KiB written + verified")
+                if target is not None:
+                    seen = _read_back(target, 2048 * 512, 4096)
+                    if seen is not None and seen != pattern:
+                        raise SandboxError("the write did not reach the export")
+                    d.append(
+                        "read back through a second NBD client"
+                        if seen is not None
+                        else "the server admits no second client: read back through the ring only"
+                    )
+                else:
+                    with open(disk, "rb") as image_file:
+                        image_file.seek(2048 * 512)
+                        if image_file.read(4096) != pattern:
+                            raise SandboxError("the write did not reach the image")
             with step("a hostile guest writes garbage into every frontend node") as d:
                 d.append(_hostile_guest(store, python, sock, workdir, bystander=ring, engine=daemons[1]))
             with step("frontend reconnects in the same domain") as d:
-                before = _ours(disk)
+                before = _ours(disk) if target is None else []
                 ring = guest.reboot()
-                if _ours(disk) != before:
+                if target is None and _ours(disk) != before:
                     raise SandboxError("the device changed across the reconnect")
                 if ring.read(2048, 4096) != pattern:
                     raise SandboxError("data lost across the reconnect")
-                d.append(f"same loop device {before}, data intact")
+                d.append(
+                    f"same loop device {before}, data intact"
+                    if target is None
+                    else "same export, data intact"
+                )
             with step("detach as libxl does") as d:
 
                 def closing(tx: Transaction) -> None:
@@ -281,10 +327,21 @@ def run(
         finally:
             guest.close()
         with step("nothing leaked") as d:
-            left = _ours(disk)
-            if left:
-                raise SandboxError(f"loop devices still bound: {left}")
-            d.append("no loop device bound to the image")
+            if target is not None:
+                if store.read_optional(backend) is not None:
+                    raise SandboxError(f"{backend} still exists")
+                seen = _read_back(target, 2048 * 512, 4096)
+                if seen is not None and seen != pattern:
+                    raise SandboxError("the export lost the guest's write after the detach")
+                d.append(
+                    "no kernel device was made; backend gone"
+                    + ("; the data is on the export" if seen else "")
+                )
+            else:
+                left = _ours(disk)
+                if left:
+                    raise SandboxError(f"loop devices still bound: {left}")
+                d.append("no loop device bound to the image")
         report.ok = True
         return report
     finally:

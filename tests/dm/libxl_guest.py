@@ -140,10 +140,12 @@ class Lane:
         with contextlib.suppress(Exception):
             delete_vbd(self.store, be)
 
-    def create_backend(self, domid: int, params: str, mode: str = "w") -> Backend:
+    def create_backend(self, domid: int, params: str, mode: str = "w", *, engine: bool = True) -> Backend:
         """libxl's transaction (frontend, backend, /libxl copy), then InitWait and `opened`=0 (our
-        engine's marker, which tells the script to wait for `opened`=1)."""
-        be = libxl_stub.create_backend(self.store, domid, 51712, params, mode)
+        engine's marker, which tells the script to wait for `opened`=1). `engine` False leaves the
+        marker out: for an NBD URI the marker makes the script hand the export to the engine
+        itself (no kernel device), so the kernel-NBD scenarios go without it."""
+        be = libxl_stub.create_backend(self.store, domid, 51712, params, mode, engine=engine)
         self.backends.append(be)
         return be
 

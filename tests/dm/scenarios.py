@@ -912,6 +912,7 @@ TIMEOUTS = {
     "script_snapshot_volatile": 180,
     "script_loop_under_dm_refused": 180,
     "script_killed_in_snapshot_window": 240,
+    "script_nbd_never_opened": 180,
 }
 
 # --- kernel NBD (issue 17): connect over netlink, delete-on-close -----------------------------------
@@ -1051,7 +1052,7 @@ def script_nbd_kernel() -> dict[str, object]:
         raise Skip("the nbd module is not loaded in the guest")
     metrics: dict[str, object] = {}
     with _nbdkit() as u, Lane() as lane:
-        be = lane.create_backend(21, u.canonical(), "w")
+        be = lane.create_backend(21, u.canonical(), "w", engine=False)
         consumer = lane.consumer(be, writable=True)
         t0 = time.monotonic()
         result = lane.run("add", be)
@@ -1076,10 +1077,82 @@ def script_nbd_kernel() -> dict[str, object]:
         )
         lane.forget(be)
         for domid, point in ((22, "add-target-open"), (23, "add-published")):
-            victim = lane.create_backend(domid, u.canonical(), "w")
+            victim = lane.create_backend(domid, u.canonical(), "w", engine=False)
             lane.stopped_at(point, victim).kill()
             _wait_until(lambda: not list(Path("/sys/block").glob("nbd*")), timeout=5.0)
             lane.forget(victim)
+    return metrics
+
+
+def _our_nbd(identifier: str) -> knbd.NbdDevice:
+    """The one NBD device carrying `identifier` (the one a killed add left)."""
+    found = [d for d in knbd.devices_named(identifier) if d.identifier == identifier]
+    assert len(found) == 1, (identifier, found, sorted(p.name for p in Path("/sys/block").glob("nbd*")))
+    return found[0]
+
+
+def _gc(lane: Lane, *, dry_run: bool) -> list[tuple[str, str, str]]:
+    """`xenblockctl gc` against the lane's xenstored: (kind, name, result) of every item."""
+    from xenblockctl.environment import Environment
+    from xenblockctl.toolstack import gc
+
+    done, _notes = gc.collect(lane.store, home_domid=0, env=Environment({}), dry_run=dry_run)
+    return [(c.garbage.kind, c.garbage.name, c.result) for c in done]
+
+
+def script_nbd_never_opened() -> dict[str, object]:
+    """The window in which a kernel NBD device outlives its block script: `add` SIGKILLed after the
+    netlink connect, before its open. The device stays connected (an unopened device does not clear
+    by itself). `gc` leaves it alone while that vbd's add has not ended (it could be inside the
+    window); `remove` of that vbd disconnects it; `gc` disconnects one whose vbd is gone; a device
+    with a foreign backend identifier is never touched."""
+    if not Path("/sys/module/nbd").exists():
+        raise Skip("the nbd module is not loaded in the guest")
+    metrics: dict[str, object] = {}
+    foreign: int | None = None
+    with _nbdkit() as u, Lane() as lane:
+        try:
+            # 1. remove of the vbd disconnects its never-opened device
+            be = lane.create_backend(24, u.canonical(), "w")
+            lane.stopped_at("add-nbd-connected", be).kill()
+            leaked = _our_nbd("xenblockctl:24:51712")
+            time.sleep(0.3)
+            assert not _nbd_gone(leaked.number)(), "the never-opened device cleared by itself"
+            assert knbd.connected(leaked.number) is True
+            assert not [i for i in _gc(lane, dry_run=False) if i[0] == "nbd"], (
+                "gc took a device whose add may run"
+            )
+            assert not _nbd_gone(leaked.number)()
+            t0 = time.monotonic()
+            result = lane.run("remove", be)
+            assert result.returncode == 0, result.stderr
+            metrics["remove_s"] = round(time.monotonic() - t0, 2)
+            assert _nbd_gone(leaked.number)(), "remove left the never-opened device connected"
+            assert "never published): disconnected" in result.stderr, result.stderr
+            lane.forget(be)
+            # 2. gc: the vbd is gone; a foreign identifier beside it is left alone
+            be = lane.create_backend(25, u.canonical(), "w")
+            lane.stopped_at("add-nbd-connected", be).kill()
+            leaked = _our_nbd("xenblockctl:25:51712")
+            lane.forget(be)
+            sock = nbd_client.open_socket(u)
+            try:
+                info = nbd_client.handshake(sock, u)
+                foreign = knbd.connect(sock.fileno(), info.size, info.flags, "other-tool:25:51712")
+            finally:
+                sock.close()
+            planned = _gc(lane, dry_run=True)
+            assert planned == [("nbd", leaked.path, "would remove")], planned
+            t0 = time.monotonic()
+            done = _gc(lane, dry_run=False)
+            metrics["gc_s"] = round(time.monotonic() - t0, 2)
+            assert done == [("nbd", leaked.path, "removed (disconnected)")], done
+            _wait_until(_nbd_gone(leaked.number), timeout=5.0)
+            assert knbd.connected(foreign) is True, "gc touched a device with a foreign identifier"
+            assert knbd.backend_of(foreign) == "other-tool:25:51712"
+        finally:
+            if foreign is not None and not _nbd_gone(foreign)():
+                knbd.disconnect(foreign)
     return metrics
 
 
@@ -1107,5 +1180,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, object]]] = {
         timing_create_to_armed,
         nbd_delete_on_close,
         script_nbd_kernel,
+        script_nbd_never_opened,
     )
 }

@@ -31,7 +31,7 @@ def test_handoff_leaves_time_to_report_before_the_script_deadline(libxl: Libxl, 
                 home=store.home(),
                 backend=be.path,
                 path=BackendPath("vbd", 5, 51712),
-                identity=identity,
+                physical_device=identity.physical_device,
                 timeout=30.0,  # configured: far beyond what is left
                 bus=str(tmp_path / "bus"),
             )

@@ -65,7 +65,9 @@ def test_without_kernel_nbd_the_add_fails_with_the_fix_and_closes_the_connection
     if Path("/sys/module/nbd").exists():
         pytest.skip("this kernel has nbd: the dm lane's scenario covers the success path")
     server = nbd_server("nbdkit", extra=["memory", "size=16M"])
-    be = libxl.create_backend(5, 51712, server.uri, "w")
+    # kernel blkback's backend (no `opened`=0): the engine would serve the export itself
+    # (tests/nbd/test_engine_served.py)
+    be = libxl.create_backend(5, 51712, server.uri, "w", engine=False)
     result = libxl.run("add", be, XENBLOCKCTL_HANDOFF_TIMEOUT="1")
     assert_clean_failure(libxl, be, result, "nbd-device")
     assert "modprobe nbd nbds_max=0" in libxl.nodes(be)["hotplug-error"]

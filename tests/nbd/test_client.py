@@ -265,5 +265,5 @@ def test_socket_identity_names_the_socket_file(nbd_server: NbdServerFactory, tmp
     server = start(nbd_server, "nbdkit", tmp_path)
     parsed = uri.parse(server.uri)
     st = os.stat(server.socket_path)
-    assert client.socket_identity(parsed) == (st.st_dev, st.st_ino)
+    assert client.socket_identity(parsed) == (st.st_dev, st.st_ino, st.st_ctime_ns)
     assert client.socket_identity(uri.parse("nbd://127.0.0.1/d")) is None

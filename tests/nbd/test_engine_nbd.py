@@ -1,7 +1,7 @@
 """The engine's data plane serving NBD exports (backend/nbdio.py): a simulated guest on the local
 transport, real NBD servers, data checked through an independent client or the image file.
 
-Faults come from the real servers: nbdkit's delay filter for a stalled server, a SIGKILLed
+Faults come from the real servers: nbdkit's delay, error and pause filters, a SIGKILLed
 qemu-nbd for a lost connection, a restarted server of another size for a changed export. The
 nbdkit log filter shows what reached the server and in which order.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -239,3 +240,85 @@ def test_stalled_server_errors_within_the_deadline_and_others_carry_on(
     assert done[rid].response.status == blkif.RSP_ERROR
     assert time.monotonic() - started < 5
     assert stalled.dataplane.executor.drain(5)
+
+
+def test_server_error_replies_reach_the_guest_and_the_connection_carries_on(
+    nbd_server: NbdServerFactory, make_pair: PairFactory, tmp_path: Path
+) -> None:
+    """nbdkit's error filter fails every read while its trigger file exists: the guest gets
+    BLKIF_RSP_ERROR for exactly those reads (never zeros passed off as data), writes and a
+    neighbour disk are untouched, and once the fault goes the same connection serves reads again."""
+    trigger = tmp_path / "fail-reads"
+    server = nbd_server(
+        "nbdkit",
+        extra=[
+            "--filter=error",
+            "memory",
+            "size=16M",
+            "error=EIO",
+            "error-pread-rate=1",
+            f"error-pread-file={trigger}",
+        ],
+    )
+    target = nbd_target(server)
+    pair = make_pair(target=target)
+    neighbour = make_pair()
+    fe = pair.frontend
+    assert fe.write(0, b"e" * 4096) == blkif.RSP_OKAY
+    trigger.touch()
+    for _ in range(3):
+        with pytest.raises(Exception, match="read failed"):
+            fe.read(0, 4096)
+        assert neighbour.frontend.write(0, b"n" * 4096) == blkif.RSP_OKAY
+    assert fe.write(8, b"w" * 4096) == blkif.RSP_OKAY  # only reads are failed by the filter
+    assert pair.dataplane.stats.errors == 3
+    trigger.unlink()
+    assert fe.read(0, 4096) == b"e" * 4096
+    assert fe.read(8, 4096) == b"w" * 4096
+    assert target.refused is None
+
+
+def test_paused_server_costs_a_pause_then_errors_past_the_deadline(
+    nbd_server: NbdServerFactory, make_pair: PairFactory, tmp_path: Path
+) -> None:
+    """nbdkit's pause filter holds requests: a pause shorter than the request deadline is only
+    a pause for the guest; one longer fails the in-flight request within the deadline (never a
+    hang), and when the server resumes the engine reconnects to the same export and serves on."""
+    control = tmp_path / "pause.sock"
+    server = nbd_server("nbdkit", extra=["--filter=pause", "memory", "size=16M", f"pause-control={control}"])
+    target = nbd_target(server, request_timeout=1.5, reconnect_interval=0.1)
+    pair = make_pair(target=target)
+    fe = pair.frontend
+
+    def say(command: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(control))
+            s.sendall(command)
+            assert s.recv(1) == command.upper()
+
+    assert fe.write(0, b"p" * 4096) == blkif.RSP_OKAY
+    say(b"p")
+    rid = fe.submit_read(0, 4096)
+    fe.kick()
+    time.sleep(0.5)
+    say(b"r")
+    assert fe.collect(1, timeout=5)[rid].response.status == blkif.RSP_OKAY  # a pause, not an error
+
+    say(b"p")
+    started = time.monotonic()
+    rid = fe.submit_read(0, 4096)
+    fe.kick()
+    assert fe.collect(1, timeout=10)[rid].response.status == blkif.RSP_ERROR
+    assert time.monotonic() - started < 5
+    say(b"r")
+    deadline = time.monotonic() + 5
+    while True:  # the reconnect is paced by reconnect_interval; the export is the same one
+        try:
+            assert fe.read(0, 4096) == b"p" * 4096
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert target.refused is None

@@ -173,6 +173,11 @@ class Consumer:
     _thread: threading.Thread | None = None
 
     def start(self) -> Consumer:
+        if self.mode == "blkback":
+            # Like xenbus probing: the xen-backend device directory exists before the script runs
+            # (libxl starts it once blkback switched to InitWait); only physical_device comes later.
+            assert self.sysfs_bus is not None
+            self._bus_dir().mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -204,12 +209,15 @@ class Consumer:
         if self.mode == "engine":
             store.write(self.backend.node("opened"), "1")
         else:
-            assert self.sysfs_bus is not None
-            d = self.sysfs_bus / f"{self.backend.kind}-{self.backend.domid}-{self.backend.devid}"
+            d = self._bus_dir()
             d.mkdir(parents=True, exist_ok=True)
             # sysfs attributes appear whole: write aside, then rename into place
             (d / ".physical_device").write_text(f"{major:x}:{minor:x}\n")
             (d / ".physical_device").rename(d / "physical_device")
+
+    def _bus_dir(self) -> Path:
+        assert self.sysfs_bus is not None
+        return self.sysfs_bus / f"{self.backend.kind}-{self.backend.domid}-{self.backend.devid}"
 
     def wait_opened(self, timeout: float = 30.0) -> BlockDevice:
         assert self._thread is not None

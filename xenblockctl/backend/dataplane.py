@@ -212,6 +212,15 @@ class DataPlane:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Stop taking requests, without waiting: a device with several queues stops them all
+        before it waits for any (stop() then drains and releases each)."""
+        if self._stopped:
+            return
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent, and
         meant to be called again after it returned False.
@@ -223,9 +232,7 @@ class DataPlane:
         """
         if self._stopped:
             return True
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self.request_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)

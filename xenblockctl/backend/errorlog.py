@@ -64,6 +64,14 @@ class ErrorResponses:
         more = f" ({suppressed} more error responses not logged before this one)" if suppressed else ""
         log.warning("%s: error response to id %d: %s: %s%s", self.name, rid, cause, reason, more)
 
+    def add(self, counts: dict[str, int]) -> None:
+        """Error responses recorded (and logged) elsewhere: a worker process serving one of the
+        device's queues (backend/workers.py) reports its counts here. Unknown causes are ignored."""
+        with self._lock:
+            for cause, n in counts.items():
+                if cause in self._counts and n > 0:
+                    self._counts[cause] += n
+
     @property
     def counts(self) -> dict[str, int]:
         with self._lock:

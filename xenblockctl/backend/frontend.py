@@ -6,7 +6,8 @@ places it in its domain's one grant-ref space (page N is grant ref `gref_base` +
 domain's first disk, so several disks of one domain never share a ref), and allocates one event
 channel port (unique in the domain). `xenstore_nodes()` gives what it would publish under its
 device directory (`ring-ref*`, `event-channel`, `protocol`, `ring-page-order`,
-`feature-persistent`). Every ref this class takes or hands out is a grant ref.
+`feature-persistent`); `multi_queue_nodes()` the same for a disk of several queues (one
+LocalFrontend each). Every ref this class takes or hands out is a grant ref.
 
 Grant refs are fixed pages of the memfd, so this frontend always reuses one pool of granted pages.
 With `persistent=True` it says so (`feature-persistent` = 1) and hands out the most recently
@@ -137,17 +138,24 @@ class LocalFrontend:
     # -- handshake data --------------------------------------------------------------------------
     def xenstore_nodes(self) -> dict[str, str]:
         """Frontend nodes to publish before switching to Initialised (3)."""
-        nodes = {
-            "event-channel": str(self.evtchn.local_port),
-            "protocol": self.abi.protocol,
-            "feature-persistent": "1" if self.persistent else "0",
-        }
+        return self.ring_nodes() | self.shared_nodes()
+
+    def ring_nodes(self) -> dict[str, str]:
+        """This ring's own nodes (`ring-ref*`, `event-channel`): top-level for a single queue, under
+        `queue-N/` for queue N of several (multi_queue_nodes)."""
+        nodes = {"event-channel": str(self.evtchn.local_port)}
         if self.ring_pages == 1:
             nodes["ring-ref"] = str(self.ring_refs[0])
         else:
-            nodes["ring-page-order"] = str(self.ring_page_order)
             for i, ref in enumerate(self.ring_refs):
                 nodes[f"ring-ref{i}"] = str(ref)
+        return nodes
+
+    def shared_nodes(self) -> dict[str, str]:
+        """The nodes every queue of a disk shares, always top-level."""
+        nodes = {"protocol": self.abi.protocol, "feature-persistent": "1" if self.persistent else "0"}
+        if self.ring_pages != 1:
+            nodes["ring-page-order"] = str(self.ring_page_order)
         return nodes
 
     # -- raw access --------------------------------------------------------------------------------
@@ -358,3 +366,15 @@ class LocalFrontend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def multi_queue_nodes(rings: list[LocalFrontend]) -> dict[str, str]:
+    """What a blkfront with these rings (queues, same order and ABI) publishes: one ring as
+    `xenstore_nodes()`; several as `multi-queue-num-queues` plus `queue-N/ring-ref*` and
+    `queue-N/event-channel`, as Linux blkfront does (it writes no num-queues for one queue)."""
+    if len(rings) == 1:
+        return rings[0].xenstore_nodes()
+    nodes = rings[0].shared_nodes() | {"multi-queue-num-queues": str(len(rings))}
+    for q, ring in enumerate(rings):
+        nodes |= {f"queue-{q}/{name}": value for name, value in ring.ring_nodes().items()}
+    return nodes

@@ -9,7 +9,7 @@ import time
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import Abi
-from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.frontend import LocalFrontend, multi_queue_nodes
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
@@ -34,6 +34,7 @@ class XenbusFrontend:
         persistent: bool = False,
         data_pages: int = 64,
         extra_nodes: dict[str, str] | None = None,
+        queues: int = 1,
     ) -> None:
         self.store = store
         self.frontend_path = frontend_path
@@ -49,6 +50,10 @@ class XenbusFrontend:
         self.data_pages = data_pages
         #: written with (and over) the ring's nodes at connect: hostile values for tests
         self.extra_nodes = dict(extra_nodes or {})
+        #: queues wanted; as Linux blkfront, min(this, the backend's multi-queue-max-queues)
+        self.queues = queues
+        #: every queue's ring while connected (`ring` is queue 0's)
+        self.rings: list[LocalFrontend] = []
         self.ring: LocalFrontend | None = None
         self._token = f"xbc-guest-{domid}-{id(self)}"
         store.watch(join(backend_path, "state"), self._token)
@@ -77,16 +82,24 @@ class XenbusFrontend:
     def connect(self, timeout: float = 20.0) -> LocalFrontend:
         """InitWait -> publish ring -> Initialised -> wait Connected -> Connected."""
         self.wait_backend((2,), timeout)
-        ring = LocalFrontend(
-            self.transport_socket,
-            self.domid,
-            abi=self.abi,
-            ring_page_order=self.ring_page_order,
-            persistent=self.persistent,
-            data_pages=self.data_pages,
+        offered = uint_or_none(
+            self.store.read_optional(join(self.backend_path, "multi-queue-max-queues")), maximum=1 << 16
         )
+        count = max(1, min(self.queues, offered or 1))
+        rings: list[LocalFrontend] = []
         try:
-            nodes = ring.xenstore_nodes() | self.extra_nodes
+            for _ in range(count):
+                rings.append(
+                    LocalFrontend(
+                        self.transport_socket,
+                        self.domid,
+                        abi=self.abi,
+                        ring_page_order=self.ring_page_order,
+                        persistent=self.persistent,
+                        data_pages=self.data_pages,
+                    )
+                )
+            nodes = multi_queue_nodes(rings) | self.extra_nodes
 
             def body(tx: Transaction) -> None:
                 for name, value in nodes.items():
@@ -95,22 +108,22 @@ class XenbusFrontend:
 
             self.store.run_transaction(body)
             self.wait_backend((4,), timeout)
-            offered = self.store.read_optional(join(self.backend_path, "feature-persistent"))
-            self.persistent_negotiated = self.persistent and offered == "1"
+            persistent = self.store.read_optional(join(self.backend_path, "feature-persistent"))
+            self.persistent_negotiated = self.persistent and persistent == "1"
             self.store.write(join(self.frontend_path, "state"), "4")
         except BaseException:
-            ring.close()
+            for ring in rings:
+                ring.close()
             raise
-        self.ring = ring
-        return ring
+        self.rings = rings
+        self.ring = rings[0]
+        return rings[0]
 
     def disconnect(self, timeout: float = 20.0) -> None:
         """Closing -> backend drains -> close the ring -> Closed."""
         self.store.write(join(self.frontend_path, "state"), "5")
         self.wait_backend((5, 6), timeout)
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self._close_rings()
         self.store.write(join(self.frontend_path, "state"), "6")
         self.wait_backend((6,), timeout)
 
@@ -120,9 +133,13 @@ class XenbusFrontend:
         self.store.write(join(self.frontend_path, "state"), "1")
         return self.connect(timeout)
 
+    def _close_rings(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
+        self.ring = None
+
     def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self._close_rings()
         with contextlib.suppress(XenblockError):
             self.store.unwatch(join(self.backend_path, "state"), self._token)

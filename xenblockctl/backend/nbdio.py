@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.io import DiscardMode, InFlight
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, DeviceLimits, IoPlan
-from xenblockctl.nbd import proto
-from xenblockctl.nbd.client import ExportInfo, handshake, open_socket
+from xenblockctl.nbd import proto, uri
+from xenblockctl.nbd.client import ExportInfo, NbdClient, handshake, open_socket, socket_identity
 from xenblockctl.nbd.errors import NbdError
 from xenblockctl.nbd.uri import NbdUri
+from xenblockctl.xenstore.identity import NbdOwnerRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class NbdTarget:
     #: set when a reconnect found another export: the device stays failed
     refused: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: the one connection every queue of the device shares, and how many queues hold it
+    _shared: NbdExecutor | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
 
     # -- what the xenbus state machine advertises ------------------------------------------------
     @property
@@ -125,8 +129,27 @@ class NbdTarget:
         )
 
     def executor(self, *, workers: int = 0, name: str = "xbc-nbd") -> NbdExecutor:
+        """The device's one pipelined connection, shared by all its queues (multi-queue). One
+        connection because a guest's flush must cover the writes completed on every queue, and
+        NBD promises that across connections only with CAN_MULTI_CONN; one is enough to keep a
+        server busy. Each caller's close() lets go; the last one closes the connection."""
         del workers  # one connection, pipelined: no worker pool
-        return NbdExecutor(self, name=name)
+        with self.lock:
+            if self._shared is None:
+                self._shared = NbdExecutor(self, name=name)
+            self._users += 1
+            return self._shared
+
+    def _let_go(self, executor: NbdExecutor) -> bool:
+        """True if `executor`'s last user let go (the caller closes the connection)."""
+        with self.lock:
+            if self._shared is not executor:
+                return True  # not shared through executor() (tests make their own)
+            self._users -= 1
+            if self._users > 0:
+                return False
+            self._shared = None
+            return True
 
     def connect(self) -> socket.socket:
         """A new connection in transmission to the same export, or NbdError: `nbd-export-changed`
@@ -146,6 +169,55 @@ class NbdTarget:
             sock.close()
             raise
         return sock
+
+
+def open_published(record: NbdOwnerRecord, params: str | None, *, writable: bool) -> NbdTarget:
+    """The export an owner record (kind=nbd) names, verified by our own handshake: the engine's
+    counterpart of comparing BLKGETDISKSEQ with the published luid. There is no diskseq on the
+    wire, so what the block script published is compared instead: the canonical URI (and that it
+    is the backend's `params`), the size, the transmission flags, the mode, and for a unix socket
+    the socket file's (st_dev, st_ino, st_ctime_ns), read before connecting and again after the
+    handshake.
+    Any difference is NbdError `nbd-export-mismatch` (the engine refuses the device); an
+    unreachable or refusing server is the client's own coded NbdError."""
+    export = uri.parse(record.uri)
+    if export.canonical() != record.uri:
+        raise _mismatch(f"the owner record's URI {record.uri!r} is not in canonical form")
+    wanted = uri.parse(params).canonical() if params is not None and uri.looks_like_nbd(params) else None
+    if wanted != record.uri:
+        raise _mismatch(f"the owner record names {record.uri}, the backend's params {str(params)[:200]!r}")
+    if record.mode != ("w" if writable else "r"):
+        raise _mismatch(f"the owner record was published for mode {record.mode}, the backend's mode differs")
+    before = socket_identity(export)
+    with NbdClient.connect(export, CONNECT_TIMEOUT) as conn:
+        info = conn.info
+    after = socket_identity(export)
+    differences = []
+    if info.size != record.size:
+        differences.append(f"size {info.size}, published {record.size}")
+    if info.flags != record.flags:
+        differences.append(f"flags {info.flags:#x}, published {record.flags:#x}")
+    if before != after:
+        differences.append("the socket was replaced during the handshake")
+    elif after != record.socket:
+        differences.append(f"socket file {_ino(after)}, published {_ino(record.socket)}")
+    if writable and info.read_only:
+        differences.append("the export is read-only now, the disk is writable")
+    if differences:
+        raise _mismatch(
+            f"not the export the block script published ({'; '.join(differences)}): the export at"
+            f" {record.uri} was replaced; refusing to give the guest the wrong disk"
+        )
+    return NbdTarget(export, info, writable)
+
+
+def _mismatch(why: str) -> NbdError:
+    return NbdError(why, code="nbd-export-mismatch")
+
+
+def _ino(ident: tuple[int, int, int] | None) -> str:
+    """dev:inode:ctime of a socket file, as the record spells it."""
+    return "none" if ident is None else ":".join(f"{n:x}" for n in ident)
 
 
 #: one NBD request to send: (command, command flags, offset, length, buffers)
@@ -191,6 +263,9 @@ class NbdExecutor:
         self._sock: socket.socket | None = None
         self._last_attempt = float("-inf")
         self._reader: threading.Thread | None = None
+        #: held while (re)connecting, so that queues sharing this connection wait for one attempt
+        #: instead of failing their request because another queue's attempt is in progress
+        self._connecting = threading.Lock()
         #: writes acknowledged on this connection, and how many of them a completed flush covers
         self._acked = 0
         self._flushed = 0
@@ -218,6 +293,10 @@ class NbdExecutor:
         return self._tracked.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
+        """One queue lets go: drain (every queue's requests: they share the connection) and, for
+        the last queue, close the connection."""
+        if not self.target._let_go(self):
+            return self._tracked.drain(timeout)
         if not self._tracked.close(timeout):
             return False
         with self._cond:
@@ -241,7 +320,14 @@ class NbdExecutor:
         self._tracked.leave(request.done, request.status)
 
     def _connected(self) -> socket.socket | None:
-        """The live connection, reconnecting at most every reconnect_interval (ring thread)."""
+        """The live connection, reconnecting at most every reconnect_interval (ring threads)."""
+        with self._cond:
+            if self._sock is not None:
+                return self._sock
+        with self._connecting:
+            return self._connect_locked()
+
+    def _connect_locked(self) -> socket.socket | None:
         target = self.target
         with self._cond:
             if self._sock is not None:

@@ -9,10 +9,15 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
                                         open by major:minor, refuse unless BLKGETDISKSEQ equals
                                         every one of them that is present, then `opened`=1 (the
                                         block script's sign to let go)
-  frontend Initialised/Connected     -> map the ring, bind the event channel, publish
+  `xenblockctl-owner` kind=nbd written   -> an NBD export we serve ourselves (no physical-device):
+     (no physical-device)                 our own handshake must match the record (URI, size,
+                                        flags, socket dev/inode: nbdio.open_published), else the
+                                        coded refusal `nbd-export-mismatch`; then `opened`=1
+  frontend Initialised/Connected     -> map the ring(s), bind the event channel(s), publish
                                         sectors/info/features, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
-                                        `feature-persistent` is exactly "1"
+                                        `feature-persistent` is exactly "1"; one DataPlane per
+                                        queue (`multi-queue-num-queues`, 1..what we offered)
   frontend Closing/Closed            -> drain in-flight I/O, unmap (persistent grants too: a
                                         reconnect starts with an empty cache); state Closing/Closed; the
                                         device stays open: a reconnecting frontend (guest reboot)
@@ -33,7 +38,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -41,16 +46,25 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
+from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool, WorkerTimeout
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.nbd import proto as nbd_proto
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    Liveness,
+    NbdOwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+)
 from xenblockctl.xenstore.numbers import NodeValueError, parse_uint, uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE, XenbusState, format_error_responses
@@ -68,6 +82,15 @@ DRAIN_TIMEOUT = 30.0
 #: The longest one reconcile waits for a drain: one xenbus thread serves every device, so a stuck
 #: device is polled (pending_deadline) rather than waited for.
 DRAIN_STEP = 0.2
+#: The most queues the engine ever offers (`multi-queue-max-queues`), whatever the CPU count: each
+#: queue costs a ring thread, its I/O workers, a ring mapping and a grant cache.
+MAX_QUEUES = 16
+
+
+def default_max_queues() -> int:
+    """Queues offered by default: one per CPU the engine may run on (Linux blkback offers one per
+    online CPU), at most MAX_QUEUES."""
+    return max(1, min(MAX_QUEUES, len(os.sched_getaffinity(0))))
 
 
 class Phase(enum.Enum):
@@ -96,6 +119,13 @@ class EngineConfig:
     max_ring_page_order: int = blkif.MAX_RING_PAGE_ORDER
     max_indirect_segments: int = blkif.DEFAULT_MAX_INDIRECT_SEGMENTS
     workers: int = 4
+    #: `multi-queue-max-queues` we publish: a frontend may ask for 1..this many queues (rings), each
+    #: served by its own DataPlane. In this process they share one GIL (threads), so more queues buy
+    #: parallel I/O waits, not parallel Python.
+    max_queues: int = field(default_factory=default_max_queues)
+    #: Worker processes that serve the queues (backend/workers.py), each with its own GIL; None:
+    #: every queue on a thread of this process.
+    worker_pool: WorkerPool | None = None
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
@@ -132,9 +162,12 @@ class BackendDevice:
         self.relative = f"backend/{kind}/{domid}/{devid}"
         self.phase = Phase.NEW
         self.device: BlockDevice | None = None
-        self.target: DeviceTarget | None = None
+        self.target: DeviceTarget | NbdTarget | None = None
         self.writable = False
-        self.dataplane: DataPlane | None = None
+        #: one per queue while connected (empty otherwise); queue i serves queue-i/ (or the top level)
+        self.dataplanes: list[DataPlane | RemoteQueue] = []
+        #: queues of the current drain already stopped and released, for its one log line
+        self._drained: list[DataPlane | RemoteQueue] = []
         self.frontend: str | None = None
         self.broken: str | None = None  # set from the data plane thread
         self._closing_since: float | None = None
@@ -156,6 +189,11 @@ class BackendDevice:
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
+    def dataplane(self) -> DataPlane | RemoteQueue | None:
+        """Queue 0's data plane (the only one unless the frontend asked for several), or None."""
+        return self.dataplanes[0] if self.dataplanes else None
+
+    @property
     def key(self) -> tuple[str, int, int]:
         return (self.kind, self.domid, self.devid)
 
@@ -173,14 +211,12 @@ class BackendDevice:
 
         self.store.run_transaction(body)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, code: str = EngineRefusal.code) -> None:
         """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
         request is in flight; until then the failure waits (reconcile() comes back to it)."""
         if self._failure is None:
             self._failure = reason
-            self.journal.error(
-                f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE="engine-refused"
-            )
+            self.journal.error(f"{self.relative}: {reason}", DOMID=self.domid, DEVID=self.devid, CODE=code)
         if not self._quiesce():
             return
         self._failure = None
@@ -229,13 +265,16 @@ class BackendDevice:
             return True
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return True
-        if self.phase is Phase.INIT_WAIT and identity.PHYSICAL_DEVICE in nodes:
+        if self.phase is Phase.INIT_WAIT and (identity.PHYSICAL_DEVICE in nodes or identity.OWNER in nodes):
             try:
                 self._open_device()
             except XenblockError as exc:
-                self._fail(exc.message)
+                # A refusal with its own code (an NBD export that is not the published one) says
+                # so in the error node too: the block script shows that text as hotplug-error.
+                coded = exc.code != EngineRefusal.code
+                self._fail(exc.one_line() if coded else exc.message, code=exc.code)
                 return True
-        if self.device is None:
+        if self.target is None:
             return True
         try:
             fe_state = self._frontend_state()
@@ -275,6 +314,7 @@ class BackendDevice:
                 return
             tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
             tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
+            tx.write(join(self.path, "multi-queue-max-queues"), str(self.config.max_queues))
             tx.write(join(self.path, "opened"), "0")
             if tx.read_optional(join(self.path, "online")) != "0":
                 tx.write(join(self.path, "state"), "2")
@@ -288,13 +328,16 @@ class BackendDevice:
         node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
         device has; any disagreement, among them or with the device, fails it (as the kernel patch
         does). Their grammar and what we accept from other writers: xenstore/identity.py."""
-        names = (*identity.IDENTITY_NODES, "mode", "frontend")
+        names = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
 
         def body(tx: Transaction) -> dict[str, str | None]:
             return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
 
         nodes = self.store.run_transaction(body)
         mode, frontend = nodes["mode"], nodes["frontend"]
+        if nodes[identity.PHYSICAL_DEVICE] is None:
+            self._open_export(nodes[identity.OWNER], nodes["params"], mode, frontend)
+            return
         try:
             published = PublishedIdentity.from_nodes(nodes)
         except IdentityError as exc:
@@ -357,6 +400,32 @@ class BackendDevice:
             self._set_state(6)
             self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
 
+    def _open_export(
+        self, owner: str | None, params: str | None, mode: str | None, frontend: str | None
+    ) -> None:
+        """An NBD export the block script published for us (kind=nbd owner record, nothing
+        kernel-side): connect, compare our handshake with the record (nbdio.open_published),
+        then `opened`=1. Nothing is parked in the fd store: a restarted engine re-verifies."""
+        if owner is None:
+            raise EngineRefusal("the owner record was withdrawn before the engine read it")
+        try:
+            record = identity.parse_owner(owner)
+        except OwnerRecordError as exc:
+            raise EngineRefusal(f"owner record without physical-device is malformed: {exc.message}") from exc
+        if not isinstance(record, NbdOwnerRecord):
+            raise EngineRefusal(f"owner record kind={record.kind} without physical-device: nothing to open")
+        if mode not in ("r", "w"):
+            raise EngineRefusal(f"mode {mode!r} is not r or w")
+        if frontend is None or not _frontend_matches(frontend, self.domid, self.devid):
+            raise EngineRefusal(f"frontend path {frontend!r} does not belong to domain {self.domid}")
+        self.target = open_published(record, params, writable=mode == "w")
+        self.writable = mode == "w"
+        self.frontend = frontend
+        self.store.write(join(self.path, "opened"), "1")
+        self.phase = Phase.OPENED
+        access = "rw" if self.writable else "ro"
+        self._log(f"opened NBD export {record.uri} size {record.size} flags {record.flags:#x} ({access})")
+
     def _adopt(self, fd: int, devt: int, *, writable: bool) -> BlockDevice:
         """The fd a previous engine parked, re-verified before use: a block device, the one
         physical-device names (dev_t), open for what `mode` needs. Its diskseq is judged by the
@@ -408,9 +477,14 @@ class BackendDevice:
                 return None
             raise EngineRefusal(exc.message) from exc
 
-    def _read_ring_params(self) -> RingParams:
+    def _read_ring_params(self) -> list[RingParams]:
+        """Every queue's ring parameters, read in one transaction and parsed (blkif.h "Frontend
+        XenBus Nodes"): `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and
+        `event-channel`; N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`.
+        `ring-page-order`, `protocol` and `feature-persistent` are top-level for every queue."""
         assert self.frontend is not None
         fe = self.frontend
+        max_queues = self.config.max_queues
 
         def body(tx: Transaction) -> dict[str, str | None]:
             wanted = (
@@ -423,67 +497,80 @@ class BackendDevice:
             )
             values = {name: tx.read_optional(join(fe, name)) for name in wanted}
             order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
-            if order is not None:
-                for i in range(1 << order):
-                    values[f"ring-ref{i}"] = tx.read_optional(join(fe, f"ring-ref{i}"))
+            queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
+            # only what the two numbers name is read: a bad one is refused below, from these values
+            dirs = [fe] if queues == 1 else [join(fe, f"queue-{q}") for q in range(queues)]
+            for q, where in enumerate(dirs):
+                prefix = "" if queues == 1 else f"queue-{q}/"
+                if queues > 1:
+                    values[f"{prefix}ring-ref"] = tx.read_optional(join(where, "ring-ref"))
+                    values[f"{prefix}event-channel"] = tx.read_optional(join(where, "event-channel"))
+                if order is not None:
+                    for i in range(1 << order):
+                        values[f"{prefix}ring-ref{i}"] = tx.read_optional(join(where, f"ring-ref{i}"))
             return values
 
         values = self.store.run_transaction(body)
-        queues = values.get("multi-queue-num-queues")
-        if queues not in (None, "1"):
-            raise EngineRefusal("multi-queue was not advertised")
+        queues_text = values.get("multi-queue-num-queues")
+        queues = 1
+        if queues_text is not None:
+            queues = uint_or_none(queues_text, maximum=max_queues) or 0
+            if queues == 0:
+                raise EngineRefusal(
+                    f"multi-queue-num-queues {queues_text[:24]!a} is not a decimal number"
+                    f" 1..{max_queues} (our multi-queue-max-queues)"
+                )
         order_text = values.get("ring-page-order")
-        if order_text is None:
-            refs = [values.get("ring-ref") or ""]
-        else:
+        order = None
+        if order_text is not None:
             try:
                 order = parse_uint(order_text, "ring-page-order", maximum=self.config.max_ring_page_order)
             except NodeValueError as exc:
                 raise EngineRefusal(f"{exc.message} (the most we advertised)") from exc
-            refs = [values.get(f"ring-ref{i}") or "" for i in range(1 << order)]
-        try:
-            return RingParams.parse(
-                ring_refs=refs,
-                event_channel=values.get("event-channel") or "",
-                protocol=values.get("protocol"),
-                ring_page_order=order_text,
-                max_ring_page_order=self.config.max_ring_page_order,
-                # never on unless we offer it (the node we publish at connect says the same)
-                feature_persistent=values.get("feature-persistent")
-                if self.config.persistent_grants
-                else None,
-            )
-        except XenblockError as exc:
-            raise EngineRefusal(exc.message) from exc
+        out = []
+        for q in range(queues):
+            prefix = "" if queues == 1 else f"queue-{q}/"
+            if order is None:
+                refs = [values.get(f"{prefix}ring-ref") or ""]
+            else:
+                refs = [values.get(f"{prefix}ring-ref{i}") or "" for i in range(1 << order)]
+            try:
+                out.append(
+                    RingParams.parse(
+                        ring_refs=refs,
+                        event_channel=values.get(f"{prefix}event-channel") or "",
+                        protocol=values.get("protocol"),
+                        ring_page_order=order_text,
+                        max_ring_page_order=self.config.max_ring_page_order,
+                        # never on unless we offer it (the node we publish at connect says the same)
+                        feature_persistent=values.get("feature-persistent")
+                        if self.config.persistent_grants
+                        else None,
+                    )
+                )
+            except XenblockError as exc:
+                where = f" (queue {q})" if queues > 1 else ""
+                raise EngineRefusal(f"{exc.message}{where}") from exc
+        return out
 
     def _connect(self) -> None:
-        assert self.device is not None
         assert self.target is not None
-        params = self._read_ring_params()
+        queues = self._read_ring_params()
+        params = queues[0]
         target = self.target
         discard = target.discard is not DiscardMode.NONE and self.writable
+        # An NBD export can flush only if its server sent SEND_FLUSH: never advertise a no-op.
+        flush = not isinstance(target, NbdTarget) or target.info.has(nbd_proto.TFLAG_SEND_FLUSH)
         limits = DeviceLimits(
             sectors=target.sectors,
             logical_block_size=target.logical_block_size,
             read_only=not self.writable or target.read_only,
-            flush=True,
+            flush=flush,
             discard=discard,
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
         )
-        self.dataplane = DataPlane(
-            self.config.transport,
-            self.domid,
-            params,
-            target,
-            limits,
-            workers=self.config.workers,
-            on_broken=self._on_broken,
-            name=f"xbc-{self.domid}-{self.devid}",
-            max_persistent_grants=self.config.max_persistent_grants,
-            errors=self.errors,
-        )
-        self.dataplane.start()
+        self._start_queues(queues, target, limits)
 
         def body(tx: Transaction) -> None:
             if tx.read_optional(join(self.path, "state")) is None:
@@ -494,7 +581,7 @@ class BackendDevice:
                 "info": str(info),
                 "sector-size": str(target.logical_block_size),
                 "physical-sector-size": str(target.physical_block_size),
-                "feature-flush-cache": "1",
+                "feature-flush-cache": "1" if flush else "0",
                 "feature-barrier": "0",
                 # what we offer; in use only if the frontend's node says 1 as well (read above)
                 "feature-persistent": "1" if self.config.persistent_grants else "0",
@@ -511,14 +598,66 @@ class BackendDevice:
         self.store.run_transaction(body)
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
-        if self.dataplane is not None and self.dataplane.bounces is not None:
+        if not params.persistent and self.config.transport.copies_grants:
             grants = "grants copied per ring pass"  # backend/grantcopy.py
-        self._log(f"connected: {params.abi.protocol}, {len(params.ring_refs)} ring page(s), {grants}")
+        self._log(
+            f"connected: {params.abi.protocol}, {len(queues)} queue(s) of {len(params.ring_refs)}"
+            f" ring page(s), {grants}"
+        )
+
+    def _start_queues(
+        self, queues: list[RingParams], target: DeviceTarget | NbdTarget, limits: DeviceLimits
+    ) -> None:
+        """One data plane per queue, each mapping its own ring and binding its own channel, with its
+        own grant cache and I/O workers: on a worker process if the engine has them, else on a
+        thread here (an NBD export always: its queues share one connection, nbdio.py). Each goes
+        into self.dataplanes as soon as it exists, and all are started only
+        once every queue is set up: if one fails, the failure path's drain stops the others
+        (none took a request)."""
+        base = f"xbc-{self.domid}-{self.devid}"
+        pool = self.config.worker_pool
+        for q, params in enumerate(queues):
+            name = base if len(queues) == 1 else f"{base}-q{q}"
+            on_broken = self._broken_callback(q if len(queues) > 1 else None)
+            if pool is not None and isinstance(target, DeviceTarget):
+                try:
+                    queue = pool.serve(
+                        domid=self.domid,
+                        params=params,
+                        target=target,
+                        limits=limits,
+                        name=name,
+                        io_workers=self.config.workers,
+                        max_persistent_grants=self.config.max_persistent_grants,
+                        on_broken=on_broken,
+                        errors=self.errors,
+                    )
+                except WorkerTimeout as exc:
+                    self.dataplanes.append(exc.queue)  # maybe live in the worker: drained like the rest
+                    raise
+                self.dataplanes.append(queue)
+                continue
+            self.dataplanes.append(
+                DataPlane(
+                    self.config.transport,
+                    self.domid,
+                    params,
+                    target,
+                    limits,
+                    workers=self.config.workers,
+                    on_broken=on_broken,
+                    name=name,
+                    max_persistent_grants=self.config.max_persistent_grants,
+                    errors=self.errors,
+                )
+            )
+        for dp in self.dataplanes:
+            dp.start()
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
         every few seconds brings them out without an event)."""
-        value = self.errors.due(force=force) if self.device is not None or self.errors.total else None
+        value = self.errors.due(force=force) if self.target is not None or self.errors.total else None
         if value is not None:
             try:
                 self._write_node(ERROR_RESPONSES_NODE, value)
@@ -534,55 +673,79 @@ class BackendDevice:
 
         self.store.run_transaction(body)
 
-    def _on_broken(self, reason: str) -> None:
-        # Called on the data plane thread: hand over to the xenbus thread.
-        self.broken = reason
-        self._wake()
+    def _broken_callback(self, queue: int | None) -> Callable[[str], None]:
+        def on_broken(reason: str) -> None:
+            # Called on the data plane thread: hand over to the xenbus thread. One broken queue
+            # fails the device (every queue of it), never another device.
+            self.broken = reason if queue is None else f"queue {queue}: {reason}"
+            self._wake()
+
+        return on_broken
 
     def _quiesce(self) -> bool:
-        """Stop the data plane and wait (at most DRAIN_STEP) for its in-flight I/O. True once none is
-        left: only then may the device be closed, the ring unmapped, Closing/Closed published.
-        Otherwise the data plane stays ours and a later reconcile() tries again (pending_deadline);
+        """Stop every queue's data plane and wait (at most DRAIN_STEP in all) for their in-flight
+        I/O. True once none is left on any queue: only then may the device be closed, the rings
+        unmapped, Closing/Closed published. A queue that drained is released at once (its ring,
+        its grants); the others stay ours and a later reconcile() tries again (pending_deadline).
         I/O still running after DRAIN_TIMEOUT is reported, once, and waited for all the same."""
-        dataplane = self.dataplane
-        if dataplane is None:
+        if not self.dataplanes:
             return True
         now = time.monotonic()
         if self._drain_since is None:
             self._drain_since = now
-        if not dataplane.stop(DRAIN_STEP):
+        for dp in self.dataplanes:
+            dp.request_stop()  # every queue stops taking requests before any is waited for
+        step_end = now + DRAIN_STEP
+        left: list[DataPlane | RemoteQueue] = []
+        for dp in self.dataplanes:
+            if dp.stop(max(0.0, step_end - time.monotonic())):
+                self._drained.append(dp)
+            else:
+                left.append(dp)
+        self.dataplanes = left
+        if left:
             waited = now - self._drain_since
             if waited >= DRAIN_TIMEOUT and not self._drain_reported:
                 self._drain_reported = True
+                in_flight = sum(dp.in_flight for dp in left)
                 self.journal.error(
-                    f"{self.relative}: {dataplane.in_flight} request(s) still in flight after {waited:.0f} s;"
-                    " holding the device, the ring and the guest's pages until they end",
+                    f"{self.relative}: {in_flight} request(s) still in flight on {len(left)} queue(s) after"
+                    f" {waited:.0f} s; holding the device, the ring and the guest's pages until they end",
                     DOMID=self.domid,
                     DEVID=self.devid,
                     CODE="drain-timeout",
                 )
             return False
-        self.dataplane = None
         if self._drain_reported:
             self._log(f"stuck I/O ended after {now - self._drain_since:.0f} s")
         self._drain_since = None
         self._drain_reported = False
-        self._log_ring_stats(dataplane)
+        drained, self._drained = self._drained, []
+        self._log_ring_stats(drained)
         return True
 
-    def _log_ring_stats(self, dataplane: DataPlane) -> None:
-        stats = dataplane.stats
-        cache = dataplane.grant_cache
+    def _log_ring_stats(self, dataplanes: list[DataPlane | RemoteQueue]) -> None:
+        """One line per device however many queues it had (log readers count ring stops per
+        connection), with the queues' counts summed."""
+        requests = sum(dp.stats.requests for dp in dataplanes)
+        errors = sum(dp.stats.errors for dp in dataplanes)
+        caches = [dp.grant_cache for dp in dataplanes if dp.grant_cache is not None]
         grants = ""
-        if cache is not None:
-            g = cache.stats
+        if caches:
+
+            def total(name: str) -> int:
+                return sum(getattr(c.stats, name) for c in caches)
+
             grants = (
-                f", persistent grants: {g.maps} mapped, {g.unmaps} unmapped, {cache.mapped} still mapped,"
-                f" {g.hits} hits, {g.evictions} evictions, {g.transient} transient,"
-                f" {g.resource_failures} out of resources ({g.shed} given back, {g.whole} mapped whole)"
+                f", persistent grants: {total('maps')} mapped, {total('unmaps')} unmapped,"
+                f" {sum(c.mapped for c in caches)} still mapped, {total('hits')} hits,"
+                f" {total('evictions')} evictions, {total('transient')} transient,"
+                f" {total('resource_failures')} out of resources ({total('shed')} given back,"
+                f" {total('whole')} mapped whole)"
             )
+        queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
         self._log(
-            f"ring stopped: {stats.requests} requests, {stats.errors} errors{grants};"
+            f"ring stopped{queues}: {requests} requests, {errors} errors{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)
@@ -598,7 +761,7 @@ class BackendDevice:
         self._set_state(state)
 
     def _close_device(self, *, keep_parked: bool = False) -> None:
-        if self.dataplane is not None:
+        if self.dataplanes:
             # every caller drains first; closing here could let a request write to a reused fd
             raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
@@ -636,7 +799,7 @@ class BackendDevice:
             return True
         if not self._quiesce():
             return False
-        had_device = self.device is not None
+        had_device = self.target is not None
         self._close_device(keep_parked=keep_parked)
         self.phase = Phase.CLOSED
         if had_device:

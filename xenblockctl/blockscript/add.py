@@ -10,9 +10,6 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
-
 from xenblockctl.blockscript import claim, faults, handoff, sharing
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.settings import Settings
@@ -23,6 +20,7 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import blockdev
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop import LoopDevice
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import PUBLISHED, IdentityError, Liveness, PublishedIdentity
@@ -33,7 +31,7 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState, backend_dir
 #: transaction: `_publish` re-reads every one of these it relies on inside the publishing
 #: transaction, so a change in between (closing, deleted, re-created with other params, published
 #: by a concurrent add) is refused there and never published over.
-CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE)
+CONFIG_NODES = ("state", "online", "mode", "params", identity.PHYSICAL_DEVICE, identity.OWNER, "opened")
 
 
 class BackendGone(XenblockError):
@@ -71,6 +69,22 @@ def run_add(
         mode, target_params = _validate(nodes)
         target = parse_target(target_params)
         writable = mode == "w"
+        if target.nbd is not None and "opened" in nodes:
+            # Our engine claimed the backend (`opened`=0 at InitWait): it serves the export itself.
+            from xenblockctl.blockscript import nbdexport  # NBD code only for NBD targets
+
+            return nbdexport.run_add_nbd(
+                store,
+                home=home,
+                be=be,
+                path=path,
+                export=target.nbd,
+                nodes=nodes,
+                mode=mode,
+                settings=settings,
+                journal=journal,
+                env=env,
+            )
         if identity.PHYSICAL_DEVICE in nodes:
             published_nodes = store.run_transaction(lambda tx: _read_published(tx, be))
             if identity.PHYSICAL_DEVICE not in published_nodes:
@@ -100,7 +114,7 @@ def run_add(
                 home=home,
                 backend=be,
                 path=path,
-                identity=device.identity,
+                physical_device=device.identity.physical_device,
                 timeout=settings.handoff_timeout,
                 bus=env.xen_backend_bus,
             )
@@ -248,5 +262,7 @@ def report_failure(store: XenStore, be: str, exc: XenblockError, *, withdraw: bo
         )
 
     # If even this fails, the exit status still tells libxl; the caller logs the original error.
-    with contextlib.suppress(XenblockError):
+    try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
         store.run_transaction(tx_body)
+    except XenblockError:
+        pass

@@ -20,12 +20,8 @@ claim() and its callers stay as they are."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import target_lock
@@ -36,9 +32,14 @@ from xenblockctl.environment import Environment
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.blockdev import BlockDevice, BlockIdentity
 from xenblockctl.kernel.errors import IdentityMismatch, TargetNotFound, TargetTypeError
+from xenblockctl.records import NamedTuple
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
+    from types import TracebackType
+    from typing import Self
 
     from xenblockctl.kernel.dm import DmControl
     from xenblockctl.nbd.client import ExportInfo
@@ -93,7 +94,7 @@ def open_target(target: Target, *, writable: bool, env: Environment, for_backend
     """Open `target` once and check what its form promises. `snapshot:` targets are assembled for
     a backend only (`for_backend`); everything else may also be opened just to look at it."""
     if target.nbd is not None:
-        return _NbdKernel.open(target.nbd, writable=writable)
+        return _NbdKernel.open(target.nbd, writable=writable, env=env)
     if target.snapshot:
         if not for_backend:
             raise TargetTypeError("a snapshot: target is assembled by the block script for a backend only")
@@ -172,6 +173,14 @@ def file_key(st: os.stat_result) -> str:
 
 def device_key(ident: BlockIdentity) -> str:
     return f"dev-{ident.major}-{ident.minor}"
+
+
+def export_key(export: NbdUri) -> str:
+    """An NBD export's lock key (kernel NBD and engine-served alike): its canonical URI, hashed
+    into a file name."""
+    import hashlib  # here: the file and device paths never pay for it
+
+    return "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
 
 
 # --- the kinds ------------------------------------------------------------------------------------
@@ -316,19 +325,20 @@ class _NbdKernel(Opened):
     (nbds_max=0: every connect creates a new device), so it is published like a loop device's.
 
     Sharing: NBD has no lock of its own; whether a second client may write is the server's policy
-    (qemu-nbd and qemu-storage-daemon admit one by default, nbdkit any). This host's second
-    writable attach of the same export is not refused here yet (the export's identity is not in
-    the owner record)."""
+    (qemu-nbd and qemu-storage-daemon admit one by default, nbdkit any). The check refuses a
+    writer beside an engine-served user of the same export on this host (their owner records name
+    its URI, nbdexport.py); two kernel NBD devices of one export are not told apart yet (their
+    records name the device, not the export)."""
 
-    def __init__(self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool) -> None:
-        import hashlib  # here: the file and device paths never pay for it
-
-        self.export, self.sock, self.info, self.writable = export, sock, info, writable
-        self.key = "nbd-" + hashlib.sha256(export.canonical().encode()).hexdigest()[:32]
-        self.wanted = Wanted(writable=writable)
+    def __init__(
+        self, export: NbdUri, sock: socket.socket, info: ExportInfo, *, writable: bool, env: Environment
+    ) -> None:
+        self.export, self.sock, self.info, self.writable, self.env = export, sock, info, writable, env
+        self.key = export_key(export)
+        self.wanted = Wanted(writable=writable, nbd_uri=export.canonical())
 
     @classmethod
-    def open(cls, export: NbdUri, *, writable: bool) -> _NbdKernel:
+    def open(cls, export: NbdUri, *, writable: bool, env: Environment) -> _NbdKernel:
         from xenblockctl.nbd import client
 
         sock = client.open_socket(export)
@@ -339,7 +349,7 @@ class _NbdKernel(Opened):
         except BaseException:
             sock.close()
             raise
-        return cls(export, sock, info, writable=writable)
+        return cls(export, sock, info, writable=writable, env=env)
 
     def make(self, use: Use) -> Claimed:
         from xenblockctl.kernel import nbd as knbd
@@ -347,10 +357,14 @@ class _NbdKernel(Opened):
         identifier = use.tag()
         index = knbd.connect(self.sock.fileno(), self.info.size, self.info.flags, identifier)
         try:
+            # killed here, the device stays connected unopened: `remove` and `gc` disconnect it
+            faults.pause(self.env, "add-nbd-connected")
             fd = _open_new_node(f"/dev/nbd{index}", writable=self.writable)
         except BaseException:
-            with contextlib.suppress(knbd.NbdDeviceError):
+            try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
                 knbd.disconnect(index)
+            except knbd.NbdDeviceError:
+                pass
             raise
         device = BlockDevice(fd, blockdev.identify(fd), f"/dev/nbd{index}")
         return Claimed(device, OwnerRecord.for_device(device, writable=self.writable), device.path or "")

@@ -18,6 +18,9 @@ REMOVE_POINTS = ("remove-start", "remove-detached", "remove-done")
 #: Inside dm work (blockscript/dmtargets.py): after resolving a name, after DM_DEV_CREATE, after
 #: DM_TABLE_LOAD.
 DM_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")
+#: Inside the kernel-NBD make (blockscript/claim.py): connected over netlink, not yet opened: the
+#: one window in which an NBD device outlives a killed script.
+NBD_POINTS = ("add-nbd-connected",)
 
 
 def pause(env: Environment, point: str) -> None:

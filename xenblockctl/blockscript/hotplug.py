@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
 
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 EXIT_OK = 0
 EXIT_FAILED = 1

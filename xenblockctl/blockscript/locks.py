@@ -5,12 +5,10 @@ leaves a lock behind."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator
 
 from xenblockctl.errors import XenblockError
 
@@ -19,28 +17,47 @@ class LockTimeout(XenblockError):
     code = "lock-timeout"
 
 
-@contextlib.contextmanager
-def target_lock(key: str, *, timeout: float, lock_dir: str) -> Iterator[None]:
-    """Hold an exclusive flock on `<lock_dir>/<key>` (key: e.g. `file-fe00-20c0f6`, `dev-7-3`).
-    `lock_dir` is the environment's (environment.LOCK_DIR unless a test points elsewhere).
+class target_lock:
+    """Hold an exclusive flock on `<lock_dir>/<key>` (key: e.g. `file-fe00-20c0f6`, `dev-7-3`)
+    from `__enter__` to `__exit__`. `lock_dir` is the environment's (environment.LOCK_DIR unless a
+    test points elsewhere). A class, not a contextlib.contextmanager: contextlib (with collections
+    and functools) is kept off the block script's start-up.
 
     Lock files are never unlinked: unlinking races with a waiter that opened the old inode."""
-    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(lock_dir, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-            if time.monotonic() >= deadline:
-                raise LockTimeout(f"another attach of the same target held its lock for {timeout:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        yield
-    finally:
-        os.close(fd)
+
+    def __init__(self, key: str, *, timeout: float, lock_dir: str) -> None:
+        self.key, self.timeout, self.lock_dir = key, timeout, lock_dir
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        fd = os.open(
+            os.path.join(self.lock_dir, self.key),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            deadline = time.monotonic() + self.timeout
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"another attach of the same target held its lock for {self.timeout:.0f} s"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -3,25 +3,33 @@
 libxl may run remove for a device whose add failed, never ran, or ran partially; twice; after
 the image was deleted; or never (then delete-on-close cleans up). So every node may be missing,
 and the device is detached *before* the record is withdrawn: killed in between, a re-run finds the
-record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal."""
+record, sees the diskseq moved on (ALREADY_GONE) and finishes the withdrawal. An NBD export the
+engine served (kind=nbd) has nothing kernel-side: only the record is withdrawn.
+
+A kernel NBD device is never in the record until it is opened and published; an `add` killed between
+its connect and its open leaves a connected device that nobody opened, which does not clear by
+itself. Its backend identifier names this vbd, so `remove` disconnects every such device except
+the one the record names (that one goes at its consumer's last close, DISCONNECT_ON_CLOSE)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
 
 from xenblockctl.blockscript import faults
 from xenblockctl.environment import Environment
+from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import OWNER, PUBLISHED, OwnerRecord
+from xenblockctl.xenstore.identity import OWNER, PUBLISHED, NbdOwnerRecord, OwnerRecord, parse_owner
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
 
 class RemoveResult(NamedTuple):
-    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nothing"
+    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nbd-export" | "nothing"
 
 
 def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
@@ -32,9 +40,13 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Env
         owner_text = None
     faults.pause(env, "remove-start")
     outcome = "nothing"
-    if owner_text is not None:
-        owner = OwnerRecord.parse(owner_text)  # malformed: cannot prove ownership, touch nothing
-        if owner.kind == "loop":
+    # malformed: cannot prove ownership, touch nothing
+    owner = parse_owner(owner_text) if owner_text is not None else None
+    if owner is not None:
+        if isinstance(owner, NbdOwnerRecord):
+            outcome = "nbd-export"  # the engine's connection closed with the backend: nothing to free
+            journal.info(f"NBD export {owner.uri}: nothing kernel-side to release")
+        elif owner.kind == "loop":
             assert owner.tag is not None
             result = loop.detach_with_proof(
                 owner.devt, diskseq=owner.diskseq, tag=owner.tag, backing=owner.backing
@@ -43,6 +55,7 @@ def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Env
             journal.info(f"loop {owner.major}:{owner.minor} seq {owner.diskseq:x}: {outcome}")
         else:
             outcome = "not-a-loop"
+    _disconnect_unpublished_nbd(path, owner, journal)
     faults.pause(env, "remove-detached")
     if owner_text is not None:
         store.run_transaction(lambda tx: _withdraw(tx, be, owner_text))
@@ -56,3 +69,31 @@ def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     if tx.read_optional(join(be, OWNER)) != owner_text:
         return
     tx.rm_many([join(be, name) for name in PUBLISHED])
+
+
+def _disconnect_unpublished_nbd(
+    path: BackendPath, owner: OwnerRecord | NbdOwnerRecord | None, journal: Journal
+) -> None:
+    """Disconnect the NBD devices carrying this vbd's identifier that the owner record does not name
+    (an add killed between connect and open). Each outcome is logged; a failure is logged and the
+    withdrawal goes on (libxl is removing the vbd either way)."""
+    try:
+        if not any(name.startswith("nbd") for name in os.listdir("/sys/block")):
+            return  # no NBD device at all: kernel/nbd.py stays unimported
+    except OSError:
+        return
+    from xenblockctl.kernel import nbd as knbd
+
+    published = (owner.devt, owner.diskseq) if isinstance(owner, OwnerRecord) else None
+    ours = loop.make_tag(path.domid, path.devid)
+    for device in knbd.devices_named(ours):
+        if device.identifier != ours:
+            continue  # a longer identifier that only starts like ours (another devid)
+        if (device.devt, device.diskseq) == published:
+            continue
+        try:
+            result = knbd.disconnect_with_proof(device)
+        except XenblockError as exc:
+            journal.error(f"{device.path} ({device.identifier}, never published): {exc.one_line()}")
+            continue
+        journal.info(f"{device.path} seq {device.diskseq:x} ({device.identifier}, never published): {result}")

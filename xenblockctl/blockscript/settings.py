@@ -7,10 +7,12 @@ and imports tomllib only when one exists."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
-
 from xenblockctl import config
+from xenblockctl.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 SECTION = "hotplug"
 

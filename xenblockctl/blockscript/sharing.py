@@ -2,11 +2,15 @@
 if every other user is a backend serving another domain of the same VM (a migration).
 
 Who uses a disk is decided from identities, never from text: (st_dev, st_ino) of backing files,
-major:minor + diskseq of devices. Claims come from:
+major:minor + diskseq of devices, the canonical URI of an NBD export the engine serves. Claims
+come from:
   * for a file: the kernel's bound loop devices (any tool's, through LOOP_GET_STATUS64);
   * for a block device: other backends in xenstore that publish its major:minor (our owner record,
     else the public physical-device + luid + mode), mounted filesystems on this host
-    (/proc/self/mountinfo), and dm/md holders in sysfs.
+    (/proc/self/mountinfo), and dm/md holders in sysfs;
+  * for an NBD export served by the engine: other backends whose owner record (kind=nbd) names
+    the same canonical URI. NBD has no lock of its own (a second writer is the server's policy),
+    so this host's second writer is refused here like a block device's.
 One pass over each, one xenstore connection, no subprocess.
 
 The same-VM rule (what Xen's own `block` script calls same_vm): during a migration the
@@ -37,20 +41,34 @@ file sets `uuid=`. man block-xenblockctl(8), SHARING, says the same for admins."
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterator
-from typing import NamedTuple
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
 from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError
-from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    NbdOwnerRecord,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+)
+from xenblockctl.xenstore.numbers import HEX_DIGITS, uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError, walk_backends
+from xenblockctl.xenstore.vbd import (
+    DOMID_FIRST_RESERVED,
+    BackendEntry,
+    BackendPath,
+    VbdPathError,
+    walk_backends,
+)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class SharingConflict(XenblockError):
@@ -70,6 +88,7 @@ class Claim(NamedTuple):
     devt: int | None = None
     diskseq: int | None = None
     frontend: int | None = None
+    nbd_uri: str | None = None  # an engine-served NBD export (canonical URI)
 
 
 class Wanted(NamedTuple):
@@ -79,11 +98,14 @@ class Wanted(NamedTuple):
     file_id: tuple[int, int] | None = None
     devt: int | None = None
     diskseq: int | None = None
+    nbd_uri: str | None = None  # an NBD export for the engine (canonical URI)
 
 
 def conflicts(wanted: Wanted, claim: Claim) -> bool:
     if not (wanted.writable or claim.writable):
         return False  # read-only with read-only is fine
+    if wanted.nbd_uri is not None and claim.nbd_uri == wanted.nbd_uri:
+        return True
     if wanted.file_id is not None and claim.file_id == wanted.file_id:
         return True
     if wanted.devt is not None and claim.devt == wanted.devt:
@@ -129,7 +151,14 @@ def _describe_holders(devt: int, stacked: list[str]) -> str:
 
 #: libxl writes `/vm/` + libxl__uuid2string (lowercase 8-4-4-4-12 hex); anything else is not a
 #: vm path libxl made, so it proves nothing.
-_VM_PATH = re.compile(r"/vm/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+def _is_vm_path(text: str) -> bool:
+    """`/vm/<uuid>` as libxl writes it: lowercase 8-4-4-4-12 hex (string checks: no `re` at start-up)."""
+    groups = text[4:].split("-")
+    return (
+        text.startswith("/vm/")
+        and [len(g) for g in groups] == [8, 4, 4, 4, 12]
+        and all(HEX_DIGITS.issuperset(g) for g in groups)
+    )
 
 
 class _SameVm:
@@ -185,7 +214,7 @@ class _SameVm:
         else:
             if text is None:
                 self._why[domid] = f"{node} is missing"
-            elif not _VM_PATH.fullmatch(text):
+            elif not _is_vm_path(text):
                 self._why[domid] = f"{node} is not a /vm/<uuid> path: {text[:60]!r}"
                 text = None
         self._vms[domid] = text
@@ -212,38 +241,56 @@ def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) ->
     if wanted.devt is not None:
         yield from backend_claims(store, home, own_backend, devt=wanted.devt)
         yield from mount_claims()
+    if wanted.nbd_uri is not None:
+        # Only backends can use an export through us; one owner record read per backend.
+        yield from backend_claims(store, home, own_backend)
 
 
 def backend_claims(
     store: XenStore, home: str, own_backend: str, *, devt: int | None = None
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
-    `physical-device` names it (one read per backend, the full record only for those)."""
-    for entry in walk_backends(store, home):
-        be = entry.path
-        if be == own_backend:
-            continue
-        if devt is not None and _published_devt(store, be) != devt:
-            continue
+    `physical-device` names it (those nodes read in batches of READ_BATCH, one round trip each,
+    so a dom0 with many backends pays O(backends / READ_BATCH) round trips; the full record only
+    for the matches)."""
+    entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
+    if devt is not None:
+        publishing = _backends_publishing(store, entries, devt)
+        entries = [entry for entry in entries if entry.path in publishing]
+    for entry in entries:
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
-        for claim in _backend_claims(store, be):
+        for claim in _backend_claims(store, entry.path):
             yield claim._replace(frontend=frontend)
 
 
-def _published_devt(store: XenStore, be: str) -> int | None:
-    published = PublishedIdentity.named(
-        {identity.PHYSICAL_DEVICE: store.read_optional(join(be, identity.PHYSICAL_DEVICE))}
-    )
-    return None if published is None else published.devt
+#: Reads per pipelined batch: a batch is one send, and ~64 short READs stay far below any socket
+#: buffer, so neither side can block on the other while the batch is in flight.
+READ_BATCH = 64
+
+
+def _backends_publishing(store: XenStore, entries: list[BackendEntry], devt: int) -> set[str]:
+    """The backend paths among `entries` whose physical-device names `devt`."""
+    found = set()
+    for start in range(0, len(entries), READ_BATCH):
+        chunk = entries[start : start + READ_BATCH]
+        values = store.read_many([join(entry.path, identity.PHYSICAL_DEVICE) for entry in chunk])
+        for entry, text in zip(chunk, values, strict=True):
+            published = PublishedIdentity.named({identity.PHYSICAL_DEVICE: text})
+            if published is not None and published.devt == devt:
+                found.add(entry.path)
+    return found
 
 
 def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
     owner_text = store.read_optional(join(be, identity.OWNER))
     if owner_text is not None:
         try:
-            owner = OwnerRecord.parse(owner_text)
+            owner = identity.parse_owner(owner_text)
         except OwnerRecordError:
             owner = None
+        if isinstance(owner, NbdOwnerRecord):
+            yield Claim(be, owner.mode == "w", nbd_uri=owner.uri)
+            return
         if owner is not None:
             yield from _owner_claims(be, owner)
             return

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, NamedTuple
 
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.numbers import uint_or_none
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     from xenblockctl.nbd.uri import NbdUri
 

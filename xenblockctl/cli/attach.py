@@ -234,6 +234,7 @@ def _record(result: Any) -> dict[str, Any]:
     spec = result.spec
     loc = spec.location
     add = result.add
+    device = add if add is not None and add.physical_device else None
     snap = result.snapshot
     return {
         "domid": spec.domid,
@@ -246,11 +247,12 @@ def _record(result: Any) -> dict[str, Any]:
         "target": spec.params,
         "mode": spec.mode,
         # as published in xenstore (hex), and the same numbers as lsblk and sysfs print them
-        "physical_device": None if add is None else add.physical_device,
-        "luid": None if add is None else add.luid,
-        "major": None if add is None else parse_physical_device(add.physical_device)[0],
-        "minor": None if add is None else parse_physical_device(add.physical_device)[1],
-        "diskseq": None if add is None else parse_luid(add.luid),
+        # an NBD export the engine serves has no device: nothing to name (device_path is its URI)
+        "physical_device": None if device is None else add.physical_device,
+        "luid": None if device is None else add.luid,
+        "major": None if device is None else parse_physical_device(add.physical_device)[0],
+        "minor": None if device is None else parse_physical_device(add.physical_device)[1],
+        "diskseq": None if device is None else parse_luid(add.luid),
         "device_path": None if add is None else add.device_path,
         "consumer": None if add is None else add.consumer,
         "connected": result.connected,

@@ -77,6 +77,23 @@ def raise_fd_limit(journal: Journal) -> int:
     help="Persistent mappings kept per ring before the least recently used idle one goes "
     "(default 1056, like Linux blkback).",
 )
+@click.option(
+    "--max-queues",
+    type=click.IntRange(1, 16),
+    default=None,
+    metavar="N",
+    help="multi-queue-max-queues offered to frontends: rings per disk (default: the CPUs the engine "
+    "may run on, at most 16).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Serve the queues in N worker processes (each its own interpreter, so queues use N CPUs); "
+    "0: on threads of the engine process.",
+)
 def backend(
     *,
     kind: str,
@@ -85,6 +102,8 @@ def backend(
     allow_unverified: bool,
     persistent_grants: bool,
     max_persistent_grants: int | None,
+    max_queues: int | None,
+    workers: int,
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
@@ -115,6 +134,14 @@ def backend(
     )
     if max_persistent_grants is not None:
         config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
+    if max_queues is not None:
+        config = dataclasses.replace(config, max_queues=max_queues)
+    pool = None
+    if workers:
+        from xenblockctl.backend.workers import WorkerPool
+
+        pool = WorkerPool(workers, transport, journal)
+        config = dataclasses.replace(config, worker_pool=pool)
     engine = Engine(store, config, kind=kind, journal=journal)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -128,6 +155,8 @@ def backend(
     try:
         engine.run(ready)
     finally:
+        if pool is not None:
+            pool.close()  # after every device was torn down: the workers drain what is left and exit
         transport.close()
         store.close()
     sys.stdout.flush()

@@ -13,8 +13,9 @@ from xenblockctl.environment import Environment
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def gc(dry_run: bool, as_json: bool) -> None:
-    """Remove loop and dm devices tagged ours that no backend uses, and backend directories of
-    ours whose domain is gone or whose attach failed. Never touches anything it cannot prove is ours."""
+    """Remove loop and dm devices tagged ours that no backend uses, never-opened kernel NBD devices
+    of ours whose vbd is done with them, and backend directories of ours whose domain is gone or
+    whose attach failed. Never touches anything it cannot prove is ours."""
     from xenblockctl.errors import XenblockError
     from xenblockctl.toolstack import gc as garbage
 

@@ -5,11 +5,9 @@ or a major:minor can name a different device a microsecond later, a held fd cann
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from typing import NamedTuple
 
 from xenblockctl.kernel import ioctls
 from xenblockctl.kernel.errors import (
@@ -20,6 +18,7 @@ from xenblockctl.kernel.errors import (
     UnsupportedKernel,
 )
 from xenblockctl.kernel.fdhandle import FdHandle
+from xenblockctl.records import NamedTuple
 
 #: errnos that mean "this ioctl does not exist on this kernel/device" (see kernel-devices.md §9).
 UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
@@ -184,10 +183,12 @@ def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDev
     flags = _open_flags(writable)
     fd = -1
     if node is not None:
-        with contextlib.suppress(OSError):
+        try:
             st = os.stat(node)
             if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
                 fd = os.open(node, flags)
+        except OSError:
+            pass
     if fd < 0:
         fd = _open_private_node(devt, flags)
     try:

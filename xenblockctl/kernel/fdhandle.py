@@ -4,8 +4,11 @@ device-mapper control node) are their fd, closed exactly once, also by `with`.""
 from __future__ import annotations
 
 import os
-from types import TracebackType
-from typing import Self
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
 
 
 class FdHandle:

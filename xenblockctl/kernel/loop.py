@@ -6,16 +6,13 @@ number; the loser sees EBUSY from LOOP_CONFIGURE and must retry with another num
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import errno
 import fcntl
 import os
 import stat
 import time
-from collections.abc import Iterator
-from typing import NamedTuple
 
+from xenblockctl.enums import Enum
 from xenblockctl.kernel.blockdev import (
     UNSUPPORTED_ERRNOS,
     BlockDevice,
@@ -47,6 +44,11 @@ from xenblockctl.kernel.loop_abi import (
     LoopFlags,
     LoopInfo64,
 )
+from xenblockctl.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 LOOP_CONTROL = "/dev/loop-control"
 #: Where bound_loops() scans: one directory per block device, `loopN/loop/` only while bound.
@@ -180,10 +182,12 @@ def _open_loop_number(number: int, writable: bool) -> int:
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
     devt = os.makedev(LOOP_MAJOR, number)
     path = os.path.join(DEV_DIR, f"loop{number}")
-    with contextlib.suppress(FileNotFoundError):
+    try:
         st = os.stat(path)
         if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
             return os.open(path, flags)
+    except FileNotFoundError:
+        pass
     return open_devt(devt, writable=writable).fd  # private node; identity read is cheap and harmless
 
 
@@ -296,8 +300,10 @@ def _attach_loop(
             return _verify(fd, number, st, request, backing_path)
         except BaseException:
             # We bound it: undo before reporting. CLR_FD then close detaches even without AUTOCLEAR.
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
                 fcntl.ioctl(fd, LOOP_CLR_FD)
+            except OSError:
+                pass
             os.close(fd)
             raise
     raise LoopExhausted(
@@ -340,7 +346,7 @@ def attach_file(
         os.close(backing)
 
 
-class DetachResult(enum.Enum):
+class DetachResult(Enum):
     DETACHED = "detached"  # we cleared it (or armed AUTOCLEAR while a consumer still holds it)
     ALREADY_GONE = "already-gone"  # unbound, or the number now names another binding (diskseq differs)
 

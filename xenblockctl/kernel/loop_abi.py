@@ -4,9 +4,10 @@ The loop ioctls are plain numbers with magic 'L' (0x4C), not _IOC-encoded."""
 
 from __future__ import annotations
 
-import enum
 import struct
-from typing import NamedTuple
+
+from xenblockctl.enums import IntFlag
+from xenblockctl.records import NamedTuple
 
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
@@ -26,7 +27,7 @@ LO_NAME_SIZE = 64
 LO_KEY_SIZE = 32
 
 
-class LoopFlags(enum.IntFlag):
+class LoopFlags(IntFlag):
     READ_ONLY = 1
     AUTOCLEAR = 4
     PARTSCAN = 8

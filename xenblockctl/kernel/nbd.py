@@ -21,8 +21,10 @@ Numbers from <linux/nbd-netlink.h> and <linux/nbd.h>, checked by tests/kernel/te
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from xenblockctl.kernel.errors import DeviceError
 from xenblockctl.kernel.genetlink import GenlSocket, attr_str, attr_u32, attr_u64, nested, parse_attrs
@@ -150,3 +152,81 @@ def backend_of(index: int, sysfs: Path = Path("/sys/block")) -> str | None:
         return (sysfs / f"nbd{index}" / "backend").read_text().strip()
     except OSError:
         return None
+
+
+class NbdDevice(NamedTuple):
+    """An NBD device as sysfs shows it: what `remove` and `gc` judge and prove before a disconnect."""
+
+    number: int  # N of /dev/nbdN (the netlink INDEX)
+    identifier: str  # its backend identifier ("" when it has none)
+    major: int
+    minor: int
+    diskseq: int
+
+    @property
+    def path(self) -> str:
+        return f"/dev/nbd{self.number}"
+
+    @property
+    def devt(self) -> int:
+        return os.makedev(self.major, self.minor)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:  # gone meanwhile (DESTROY_ON_DISCONNECT)
+        return None
+
+
+def describe(index: int, sysfs: Path = Path("/sys/block")) -> NbdDevice | None:
+    """nbd`index` as sysfs shows it now (None if it is gone or unreadable)."""
+    base = sysfs / f"nbd{index}"
+    dev, seq = _read(base / "dev"), _read(base / "diskseq")
+    if dev is None or seq is None:
+        return None
+    try:  # the kernel's own decimal output (as loop.bound_loops reads sysfs)
+        major, minor = (int(x) for x in dev.split(":", 1))
+        diskseq = int(seq)
+    except ValueError:
+        return None
+    return NbdDevice(index, backend_of(index, sysfs) or "", major, minor, diskseq)
+
+
+def devices_named(prefix: str, sysfs: Path = Path("/sys/block")) -> list[NbdDevice]:
+    """The NBD devices whose backend identifier starts with `prefix`. This lists what exists to find
+    our own leftovers; it never picks a device to connect (connect always creates a new one)."""
+    try:
+        names = os.listdir(sysfs)
+    except OSError:
+        return []
+    found: list[NbdDevice] = []
+    for name in names:
+        if not name.startswith("nbd"):
+            continue
+        try:
+            number = int(name.removeprefix("nbd"))
+        except ValueError:
+            continue
+        device = describe(number, sysfs)
+        if device is not None and device.identifier.startswith(prefix):
+            found.append(device)
+    return sorted(found)
+
+
+def disconnect_with_proof(device: NbdDevice, sysfs: Path = Path("/sys/block")) -> str:
+    """Disconnect `device` only if its /dev/nbdN is still that device (same backend identifier and
+    diskseq: with nbds_max=0 an index is re-used by the next connect). DESTROY_ON_DISCONNECT then
+    deletes it. Returns "disconnected", "already-gone" or "changed" (refused, nothing done)."""
+    now = describe(device.number, sysfs)
+    if now is None:
+        return "already-gone"
+    if (now.identifier, now.diskseq, now.devt) != (device.identifier, device.diskseq, device.devt):
+        return "changed"
+    try:
+        disconnect(device.number)
+    except NbdDeviceError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV) or describe(device.number, sysfs) is None:
+            return "already-gone"
+        raise
+    return "disconnected"

@@ -357,9 +357,11 @@ class NbdClient:
         self.close()
 
 
-def socket_identity(uri: NbdUri) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a unix socket's file: what tells this server's socket from one created
-    later at the same path. None for TCP (an address names no file)."""
+def socket_identity(uri: NbdUri) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, st_ctime_ns) of a unix socket's file: what tells this server's socket
+    from one created later at the same path. The inode number alone does not: tmpfs gave a socket
+    re-created at the same path the freed inode's number at once (tests/nbd/test_engine_served.py
+    caught it); the change time of a new file differs. None for TCP (an address names no file)."""
     if not uri.is_unix:
         return None
     try:
@@ -368,4 +370,4 @@ def socket_identity(uri: NbdUri) -> tuple[int, int] | None:
         raise NbdError(
             f"NBD socket {uri.socket_path}: {exc.strerror or exc}", code="nbd-unreachable", errno=exc.errno
         ) from None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns

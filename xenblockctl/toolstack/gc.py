@@ -7,9 +7,16 @@
   dm       dm device with our uuid prefix, not open, no deferred remove armed, creator dead.
   backend  backend directory we wrote or served (owner record, or `script` is ours) whose
            domain is gone, or whose add failed and published nothing.
+  nbd      kernel NBD device whose backend identifier names one of our vbds
+           (`xenblockctl:<domid>:<devid>`) that no backend's record or published identity names,
+           while that vbd is gone, its domain is gone, or its add has finished (hotplug-status
+           set): an add killed between connect and open leaves it connected and never opened, and
+           such a device does not clear by itself. A vbd whose add has not finished is left alone
+           (that add may be inside the window); its `remove` disconnects it. `identify:<pid>`
+           identifiers count when that process is gone. Other identifiers are never touched.
 
-Detaching uses the same proof as `remove` (tag + diskseq + backing inode), so a device re-used
-between the scan and the detach is refused, not cleared."""
+Detaching uses the same proof as `remove` (tag + diskseq + backing inode; for NBD identifier +
+diskseq), so a device re-used between the scan and the detach is refused, not cleared."""
 
 from __future__ import annotations
 
@@ -19,22 +26,33 @@ from dataclasses import dataclass
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import dm, loop
+from xenblockctl.kernel import nbd as knbd
 from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.toolstack import inventory
 from xenblockctl.toolstack.inventory import VbdInfo
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
-from xenblockctl.xenstore.identity import IdentityError, OwnerRecord, OwnerRecordError, PublishedIdentity
+from xenblockctl.xenstore.identity import (
+    IdentityError,
+    OwnerRecord,
+    OwnerRecordError,
+    PublishedIdentity,
+    parse_owner,
+)
+from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED
+from xenblockctl.xenstore.vdev import RESERVED
 
 SCRIPT_NAME = "block-xenblockctl"
 
 
 @dataclass(frozen=True)
 class Garbage:
-    kind: str  # "loop" | "dm" | "backend"
-    name: str  # /dev/loop3, dm name, backend path
+    kind: str  # "loop" | "dm" | "backend" | "nbd"
+    name: str  # /dev/loop3, dm name, backend path, /dev/nbd0
     reason: str
     loop: loop.BoundLoop | None = None
+    nbd: knbd.NbdDevice | None = None
     vbd: VbdInfo | None = None
     uuid: str | None = None  # dm: removed by uuid, so a re-created namesake is never hit
 
@@ -53,7 +71,8 @@ def stale_backend_reason(info: VbdInfo) -> str | None:
         return None
     if not info.domain_alive:
         return f"domain {info.location.domid} no longer exists"
-    published = identity.PHYSICAL_DEVICE in info.backend
+    # an engine-served NBD export publishes its owner record alone (kind=nbd)
+    published = identity.PHYSICAL_DEVICE in info.backend or identity.OWNER in info.backend
     if info.backend.get("hotplug-status") in ("error", "busy") and not published:
         return f"failed attach: {(info.backend.get('hotplug-error') or 'no error text')[:120]}"
     return None
@@ -75,10 +94,11 @@ def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
         text = backend.get(identity.OWNER)
         if text is not None:
             try:
-                owner = OwnerRecord.parse(text)
-                claimed.add((owner.devt, owner.diskseq))
+                owner = parse_owner(text)
             except OwnerRecordError:
-                pass
+                owner = None
+            if isinstance(owner, OwnerRecord):  # an NBD export (kind=nbd) claims no kernel device
+                claimed.add((owner.devt, owner.diskseq))
         try:
             published = PublishedIdentity.from_nodes(backend)
         except IdentityError:
@@ -110,6 +130,65 @@ def orphan_loops(vbds: list[VbdInfo], env: Environment) -> list[Garbage]:
                 loop=bound,
             )
         )
+    return found
+
+
+def _nbd_orphan_reason(identifier: str, vbds: dict[tuple[int, int], VbdInfo]) -> str | None:
+    """Why a kernel NBD device with our identifier prefix and no claim is garbage, or None when it
+    must be left alone (its vbd's add may still be between connect and publish, or the identifier
+    is not one this package makes)."""
+    parts = identifier.removeprefix(loop.TAG_PREFIX).split(":")
+    if len(parts) != 2:
+        return None
+    if parts[0] == "identify":
+        pid = uint_or_none(parts[1], maximum=2**22)
+        if pid is None or _process_alive(pid):
+            return None
+        return f"identifier {identifier}: that identify process is gone"
+    domid = uint_or_none(parts[0], maximum=DOMID_FIRST_RESERVED - 1)
+    devid = uint_or_none(parts[1], maximum=RESERVED - 1)
+    if domid is None or devid is None:
+        return None
+    info = vbds.get((domid, devid))
+    if info is None or info.backend is None:
+        return f"identifier {identifier}: no backend vbd {domid}/{devid}, never published"
+    if not info.domain_alive:
+        return f"identifier {identifier}: domain {domid} is gone, never published"
+    status = info.backend.get("hotplug-status")
+    if status:
+        return f"identifier {identifier}: its add ended (hotplug-status {status[:20]}) without publishing it"
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphan_nbd(vbds: list[VbdInfo], sysfs: str = "/sys/block") -> list[Garbage]:
+    """Kernel NBD devices of ours that nothing published and nothing is still making (see the
+    module text). Without any NBD device this reads one directory and stops."""
+    from pathlib import Path
+
+    try:
+        if not any(name.startswith("nbd") for name in os.listdir(sysfs)):
+            return []
+    except OSError:
+        return []
+    claimed = _claimed(vbds)
+    by_vbd = {(v.location.domid, v.location.devid): v for v in vbds}
+    found: list[Garbage] = []
+    for device in knbd.devices_named(loop.TAG_PREFIX, Path(sysfs)):
+        if (device.devt, device.diskseq) in claimed or (device.devt, ANY_DISKSEQ) in claimed:
+            continue
+        reason = _nbd_orphan_reason(device.identifier, by_vbd)
+        if reason is not None:
+            found.append(Garbage("nbd", device.path, f"{reason}, seq {device.diskseq:x}", nbd=device))
     return found
 
 
@@ -161,6 +240,7 @@ def find(store: XenStore | None, home_domid: int, env: Environment) -> tuple[lis
     garbage = stale_backends(vbds)
     if store is not None:
         garbage += orphan_loops(vbds, env)
+        garbage += orphan_nbd(vbds)
     dms, why = orphan_dm()
     if why is not None:
         notes.append(f"device-mapper not checked: {why}")
@@ -175,7 +255,7 @@ def collect(
     garbage, notes = find(store, home_domid, env)
     done: list[Collected] = []
     # Backends first: their remove may release loop devices, which then are no longer garbage.
-    for item in sorted(garbage, key=lambda g: {"backend": 0, "loop": 1, "dm": 2}[g.kind]):
+    for item in sorted(garbage, key=lambda g: {"backend": 0, "loop": 1, "nbd": 1, "dm": 2}[g.kind]):
         if dry_run:
             done.append(Collected(item, "would remove"))
             continue
@@ -195,6 +275,12 @@ def collect(
                     backing=(item.loop.status.backing_dev, item.loop.status.backing_ino),
                 )
                 done.append(Collected(item, f"removed ({outcome.value})"))
+                continue
+            elif item.kind == "nbd":
+                assert item.nbd is not None
+                result = knbd.disconnect_with_proof(item.nbd)
+                refused = result == "changed"  # re-used index: not the device we judged
+                done.append(Collected(item, f"refused: {result}" if refused else f"removed ({result})"))
                 continue
             else:
                 with dm.DmControl.open() as ctl:

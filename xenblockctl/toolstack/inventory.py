@@ -20,11 +20,13 @@ from xenblockctl.xenstore import identity as published_identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import (
+    AnyOwnerRecord,
     IdentityError,
     Liveness,
-    OwnerRecord,
+    NbdOwnerRecord,
     OwnerRecordError,
     PublishedIdentity,
+    parse_owner,
 )
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.vbd import (
@@ -45,6 +47,9 @@ IDENTITY_MATCH = "match"
 IDENTITY_MISMATCH = "mismatch"  # the number now names another device: the guest may see the wrong disk
 IDENTITY_GONE = "gone"  # no device at that number any more
 IDENTITY_UNKNOWN = "unknown"  # could not look (not root), or physical-device is malformed
+#: an NBD export the engine serves (owner record kind=nbd): no device to look at; the engine
+#: compared its own handshake with the record before `opened`=1
+IDENTITY_EXPORT = "export"
 #: identity.Liveness -> the word above. EMPTY reads "gone": the published device is gone either way
 #: (the number names nothing, or an empty loop device / drive); `live_diskseq` tells them apart.
 _IDENTITY_WORD = {
@@ -65,7 +70,7 @@ class VbdInfo:
     backend_error: str | None
     live_diskseq: int | None
     identity: str
-    owner: OwnerRecord | None
+    owner: AnyOwnerRecord | None
     owner_error: str | None
     holder: str | None  # "engine" | "kernel-blkback" | None
     device_path: str | None
@@ -148,7 +153,19 @@ class VbdInfo:
         published = self.published
         luid_value = None if published is None else published.diskseq
         owner: dict[str, Any] | None = None
-        if self.owner is not None:
+        if isinstance(self.owner, NbdOwnerRecord):
+            n = self.owner
+            owner = {
+                "kind": n.kind,
+                "mode": n.mode,
+                "uri": n.uri,
+                "size": n.size,
+                "flags": n.flags,
+                "socket_dev": None if n.socket is None else n.socket[0],
+                "socket_ino": None if n.socket is None else n.socket[1],
+                "socket_ctime_ns": None if n.socket is None else n.socket[2],
+            }
+        elif self.owner is not None:
             o = self.owner
             owner = {
                 "kind": o.kind,
@@ -210,12 +227,12 @@ def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[i
     frontend = _read_dir(store, loc.frontend)
     domain_alive = (loc.domid in alive) if alive is not None else domains.exists(store, loc.domid)
     backend_error = store.read_optional(loc.error_node)
-    owner: OwnerRecord | None = None
+    owner: AnyOwnerRecord | None = None
     owner_error: str | None = None
     owner_text = None if backend is None else backend.get(published_identity.OWNER)
     if owner_text is not None:
         try:
-            owner = OwnerRecord.parse(owner_text)
+            owner = parse_owner(owner_text)
         except OwnerRecordError as exc:
             owner_error = exc.one_line()
     identity = IDENTITY_NONE
@@ -251,6 +268,8 @@ def inspect(store: XenStore, loc: VbdLocation, *, env: Environment, alive: set[i
                     dm_name = sysfs.dm_name(published.major, published.minor)
             if device_path is None:
                 device_path = backend.get(published_identity.DEVICE_PATH)
+    if isinstance(owner, NbdOwnerRecord) and physical is None:
+        identity = IDENTITY_EXPORT
     holder: str | None = None
     if backend is not None:
         if backend.get("opened") == "1":

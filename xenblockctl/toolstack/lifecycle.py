@@ -30,7 +30,7 @@ from xenblockctl.toolstack import diagnosis, host
 from xenblockctl.toolstack.vbd_dirs import DiskSpec, VbdLocation, delete_vbd, write_vbd
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.identity import Liveness, OwnerRecord, OwnerRecordError
+from xenblockctl.xenstore.identity import Liveness, NbdOwnerRecord, OwnerRecord, OwnerRecordError, parse_owner
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
@@ -285,13 +285,26 @@ def attach(
 def _published_by_driver_domain(store: XenStore, loc: VbdLocation) -> AddResult | None:
     """What the driver domain's block script published, and which consumer took the directory
     there: our engine writes `opened` at InitWait (before any script runs), kernel blkback never."""
-    published, luid, device_path, opened = store.read_many(
+    published, luid, device_path, opened, owner = store.read_many(
         [
             join(loc.backend, name)
-            for name in (identity.PHYSICAL_DEVICE, identity.LUID, identity.DEVICE_PATH, "opened")
+            for name in (
+                identity.PHYSICAL_DEVICE,
+                identity.LUID,
+                identity.DEVICE_PATH,
+                "opened",
+                identity.OWNER,
+            )
         ]
     )
     if published is None:
+        # an NBD export the engine serves there publishes its owner record alone (kind=nbd)
+        try:
+            record = parse_owner(owner) if owner is not None else None
+        except OwnerRecordError:
+            record = None
+        if isinstance(record, NbdOwnerRecord):
+            return AddResult("", "", record.uri, handoff.Consumer.ENGINE.value)
         return None
     consumer = handoff.Consumer.ENGINE if opened is not None else handoff.Consumer.KERNEL
     return AddResult(published, luid or "", device_path or "", consumer.value)
@@ -488,12 +501,13 @@ def _confirm_gone(
             stuck.append(f"kernel blkback still has {os.path.basename(blkback)}")
         if local and owner_text is not None:
             try:
-                owner = OwnerRecord.parse(owner_text)
+                owner = parse_owner(owner_text)
             except OwnerRecordError:
                 owner = None
-            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked).
+            # Only a proven binding is reported (UNVERIFIED: the kernel could not be asked); an
+            # NBD export the engine served (kind=nbd) leaves nothing kernel-side to wait for.
             if (
-                owner is not None
+                isinstance(owner, OwnerRecord)
                 and owner.kind == "loop"
                 and owner.identity.liveness(blockdev.observe) is Liveness.LIVE
             ):

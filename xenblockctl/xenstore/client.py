@@ -22,13 +22,9 @@ to replies by id. A synchronous one belongs to one thread.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import errno
 import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import TypeVar
 
 from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.endpoints import Endpoint, connect_first, default_endpoints, endpoint_for
@@ -57,7 +53,13 @@ from xenblockctl.xenstore.paths import (
 )
 from xenblockctl.xenstore.wire import DIRECTORY_PART, PAYLOAD_MAX, RESET_WATCHES, error_reply_name
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from types import TracebackType
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 #: Default per-request deadline. libxl kills a hotplug script after 40 s; a healthy daemon
 #: answers in well under a millisecond.
@@ -346,8 +348,10 @@ class Transaction(_Operations):
             return
         # Best effort: the original exception matters more than a failed abort, and a lost
         # connection ends the transaction on the daemon's side anyway.
-        with contextlib.suppress(XenstoreError):
+        try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
             self.abort()
+        except XenstoreError:
+            pass
 
 
 class XenStore(_Operations):
@@ -654,10 +658,12 @@ class XenStore(_Operations):
             return
         for _ in (error for error in errors if error is not None):
             self._unsubscribe(token)
-        with contextlib.suppress(XenstoreError):
+        try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
             self.unwatch_many(
                 [path for path, error in zip(paths, errors, strict=True) if error is None], token
             )
+        except XenstoreError:
+            pass
         raise next(error for error in errors if error is not None)
 
     def unwatch_many(self, paths: Sequence[str], token: str) -> None:

@@ -13,8 +13,6 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
 
 from xenblockctl.xenstore.errors import XenstoreUnavailable
 
@@ -23,7 +21,12 @@ DEFAULT_RUNDIR = "/run/xenstored"
 #: The character device a domain without a local daemon talks through (Linux).
 XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 
-L = TypeVar("L")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import TypeVar
+
+    L = TypeVar("L")
 
 
 class Endpoint:

@@ -18,6 +18,13 @@ One module owns the spelling of every node that says *which device* a vbd is, so
 `add` writes all five in one transaction and every withdrawal removes all five in one
 transaction (PUBLISHED), so no reader ever sees one identity node without the others.
 
+An NBD export the engine serves itself (no kernel device at all) is published differently:
+`xenblockctl-owner` alone, holding an NbdOwnerRecord (kind=nbd: canonical URI, size, transmission
+flags, the unix socket's dev/inode). No physical-device, luid, diskseq or physical-device-path:
+there is no device number to name, kernel blkback must never act on it, and libxl's local attach
+(pygrub) has no path to open. The engine takes the record as its cue and re-checks its own
+handshake against it before `opened`=1 (backend/xenbus.py).
+
 Strictness. What we write is the strict form; what we read back is checked against it:
   * `physical-device-luid` is ours: anything but the strict form is refused (uppercase, leading
     zeros, non-ASCII, longer than 16 digits). Nobody else writes it, so a variant means a writer we
@@ -36,14 +43,18 @@ satisfies), passed in by the caller."""
 
 from __future__ import annotations
 
-import enum
 import os
-import re
-from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol, Self
 
+from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
+from xenblockctl.xenstore.numbers import is_hex
 from xenblockctl.xenstore.vbd import BackendRecordError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Protocol, Self, TypeAlias
 
 PHYSICAL_DEVICE = "physical-device"
 LUID = "physical-device-luid"
@@ -54,12 +65,6 @@ OWNER = "xenblockctl-owner"
 IDENTITY_NODES = (PHYSICAL_DEVICE, LUID, DISKSEQ)
 #: Everything `add` publishes and every withdrawal removes, always in one transaction.
 PUBLISHED = (LUID, DISKSEQ, PHYSICAL_DEVICE, DEVICE_PATH, OWNER)
-
-_HEX = re.compile(r"[0-9a-f]{1,16}")
-_PHYSICAL = re.compile(r"([1-9a-f][0-9a-f]{0,7}|0):([1-9a-f][0-9a-f]{0,7}|0)")
-_LUID = re.compile(r"[1-9a-f][0-9a-f]{0,15}")
-#: The xen-blkback diskseq patch's grammar for the `diskseq` node.
-_DISKSEQ_NODE = re.compile(r"[1-9a-fA-F][0-9a-fA-F]{0,15}")
 
 
 class IdentityError(BackendRecordError):
@@ -73,10 +78,10 @@ def format_physical_device(major: int, minor: int) -> str:
 
 def parse_physical_device(text: str) -> tuple[int, int]:
     """Strict inverse of format_physical_device (ASCII, lowercase, no leading zeros, 32 bits each)."""
-    match = _PHYSICAL.fullmatch(text) if text.isascii() else None
-    if match is None:
+    major, colon, minor = text.partition(":")
+    if not (colon and is_hex(major, most=8) and is_hex(minor, most=8)):
         raise IdentityError(f"physical-device {text[:40]!r} is not hex MAJOR:MINOR")
-    return int(match.group(1), 16), int(match.group(2), 16)
+    return int(major, 16), int(minor, 16)
 
 
 def format_diskseq(diskseq: int) -> str:
@@ -88,19 +93,20 @@ def format_diskseq(diskseq: int) -> str:
 
 def parse_luid(text: str) -> int:
     """`physical-device-luid`, strictly as we write it."""
-    if not text.isascii() or not _LUID.fullmatch(text):
+    if not is_hex(text, most=16, zero=False):
         raise IdentityError(f"physical-device-luid {text[:40]!r} is not a lowercase hex diskseq")
     return int(text, 16)
 
 
 def parse_diskseq_node(text: str) -> int:
     """`diskseq`, with the patch's grammar (case-insensitive hex, no leading zero, at most 16)."""
-    if not text.isascii() or not _DISKSEQ_NODE.fullmatch(text):
+    # the xen-blkback diskseq patch's grammar for the `diskseq` node
+    if not is_hex(text, most=16, zero=False, lowercase=False):
         raise IdentityError(f"diskseq {text[:40]!r} is not a hex diskseq")
     return int(text, 16)
 
 
-class Liveness(enum.Enum):
+class Liveness(Enum):
     """Whether the device a backend published is still the one at its major:minor.
 
     The verdict compares diskseqs first: the kernel gives every media instance a new diskseq (each
@@ -124,18 +130,20 @@ class Liveness(enum.Enum):
         return self in (Liveness.LIVE, Liveness.UNVERIFIED)
 
 
-class DeviceNow(Protocol):
-    """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
+if TYPE_CHECKING:  # a type only (annotations here are never evaluated)
 
-    @property
-    def diskseq(self) -> int: ...
+    class DeviceNow(Protocol):
+        """What the kernel layer observed at a major:minor (kernel.blockdev.BlockIdentity is one)."""
 
-    @property
-    def size_bytes(self) -> int: ...
+        @property
+        def diskseq(self) -> int: ...
 
+        @property
+        def size_bytes(self) -> int: ...
 
-#: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it cannot look).
-Observer = Callable[[int], "DeviceNow | None"]
+    #: kernel.blockdev.observe: the device now at a devt, None if there is none (raises when it
+    #: cannot look).
+    Observer = Callable[[int], DeviceNow | None]
 
 
 def judge(published: int | None, now: DeviceNow | None) -> Liveness:
@@ -218,13 +226,31 @@ def liveness_of(devt: int, diskseq: int | None, observe: Observer) -> Liveness:
 # --- the owner record -----------------------------------------------------------------------------
 
 OWNER_VERSION = "v1"
-_TAG = re.compile(r"[A-Za-z0-9:._-]{1,63}")
+#: A loop tag's characters (1..63 of them): `[A-Za-z0-9:._-]`.
+_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:._-")
 #: kernel.loop.TAG_PREFIX and kernel.dm.OWNED_UUID_PREFIX, repeated: this layer cannot import the
 #: kernel's (and parsing a record on the hotplug path must not load dm). tests/unit pins them equal.
 LOOP_TAG_PREFIX = "xenblockctl:"
 DM_UUID_PREFIX = "XENBLOCKCTL-"
-_DM_UUID = re.compile(r"XENBLOCKCTL-[!-.0-~]{1,116}")
+#: After the prefix, 1..116 of `[!-.0-~]`: printable ASCII without space and `/`.
+_DM_UUID_CHARS = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1) if c != ord("/"))
 OWNER_KINDS = ("loop", "device", "dm")
+#: The kind of an NbdOwnerRecord: an export the engine serves, no kernel device.
+NBD_KIND = "nbd"
+#: What an NBD record's uri may be (nbd/uri.py's canonical() spelling is printable ASCII without
+#: spaces; this layer cannot import that parser, the engine re-parses it).
+_NBD_URI_SCHEMES = ("nbd://", "nbd+unix://")
+_NBD_URI_MAX = 16384
+_PRINTABLE_NO_SPACE = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1))
+
+
+def _is_nbd_uri(uri: str) -> bool:
+    """`nbd://` or `nbd+unix://` and 1..16384 printable ASCII characters without spaces after it."""
+    for scheme in _NBD_URI_SCHEMES:
+        if uri.startswith(scheme):
+            rest = uri[len(scheme) :]
+            return 0 < len(rest) <= _NBD_URI_MAX and _PRINTABLE_NO_SPACE.issuperset(rest)
+    return False
 
 
 class OwnerRecordError(XenblockError):
@@ -232,7 +258,7 @@ class OwnerRecordError(XenblockError):
 
 
 def _hex(text: str) -> int:
-    if not text.isascii() or not _HEX.fullmatch(text) or (len(text) > 1 and text.startswith("0")):
+    if not is_hex(text, most=16):
         raise ValueError(text)
     return int(text, 16)
 
@@ -291,15 +317,9 @@ class OwnerRecord(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        words = text.split(" ")
-        if not words or words[0] != OWNER_VERSION:
-            raise OwnerRecordError(f"unknown owner record version in {text[:60]!r}")
-        fields: dict[str, str] = {}
-        for word in words[1:]:
-            key, sep, value = word.partition("=")
-            if not sep or key in fields:
-                raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
-            fields[key] = value
+        fields = _fields(text)
+        if fields.get("kind") == NBD_KIND:
+            raise OwnerRecordError("a kind=nbd record names no device (read it with parse_owner)")
         try:
             kind = fields["kind"]
             major, minor = (_hex(x) for x in fields["dev"].split(":", 1))
@@ -318,15 +338,105 @@ class OwnerRecord(NamedTuple):
                 raise OwnerRecordError(f"malformed backing in {text[:80]!r}") from exc
             backing = (dev, ino)
         tag = fields.get("tag")
-        if tag is not None and (not _TAG.fullmatch(tag) or not tag.startswith(LOOP_TAG_PREFIX)):
+        if tag is not None and (
+            not 0 < len(tag) <= 63 or not _TAG_CHARS.issuperset(tag) or not tag.startswith(LOOP_TAG_PREFIX)
+        ):
             raise OwnerRecordError(f"malformed tag in {text[:80]!r}")
         if kind == "loop" and (tag is None or backing is None):
             raise OwnerRecordError("a loop owner record needs tag and backing")
         uuid = fields.get("uuid")
         if (kind == "dm") != (uuid is not None):
             raise OwnerRecordError(f"uuid belongs to kind=dm records only, and they need one: {text[:80]!r}")
-        if uuid is not None and not _DM_UUID.fullmatch(uuid):
+        if uuid is not None and not (
+            uuid.startswith(DM_UUID_PREFIX)
+            and 0 < len(uuid) - len(DM_UUID_PREFIX) <= 116
+            and _DM_UUID_CHARS.issuperset(uuid[len(DM_UUID_PREFIX) :])
+        ):
             raise OwnerRecordError(f"malformed dm uuid in {text[:80]!r}")
         if kind == "dm" and tag is not None:
             raise OwnerRecordError(f"a dm owner record has no loop tag: {text[:80]!r}")
         return cls(kind, major, minor, diskseq, mode, autoclear, backing, tag, uuid)
+
+
+def _fields(text: str) -> dict[str, str]:
+    words = text.split(" ")
+    if not words or words[0] != OWNER_VERSION:
+        raise OwnerRecordError(f"unknown owner record version in {text[:60]!r}")
+    fields: dict[str, str] = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or key in fields:
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
+        fields[key] = value
+    return fields
+
+
+class NbdOwnerRecord(NamedTuple):
+    """The owner record of an NBD export the engine serves itself (kind=nbd). It names no kernel
+    device: there is no diskseq on the wire, so the export is identified by what a handshake shows
+    and the socket's file (remote-storage.md §5), and the engine refuses to serve anything else:
+
+        v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6:187e0c1a2b3c4d5e uri=nbd+unix:///disk?socket=/run/x.sock
+
+    `size` (bytes) and `flags` (the transmission flags of NBD_INFO_EXPORT) in lowercase hex;
+    `socket` the (st_dev, st_ino, st_ctime_ns) of a unix socket's file (the inode number alone is
+    re-used at once for a socket re-created at the same path), absent for TCP; `uri` the canonical
+    URI (nbd/uri.py), last. Nothing kernel-side exists, so `remove` and `gc` have nothing to free."""
+
+    uri: str
+    size: int
+    flags: int
+    mode: str  # "r" | "w"
+    socket: tuple[int, int, int] | None = None
+
+    @property
+    def kind(self) -> str:
+        return NBD_KIND
+
+    def format(self) -> str:
+        parts = [
+            OWNER_VERSION,
+            f"kind={NBD_KIND}",
+            f"mode={self.mode}",
+            f"size={self.size:x}",
+            f"flags={self.flags:x}",
+        ]
+        if self.socket is not None:
+            parts.append("socket=" + ":".join(f"{n:x}" for n in self.socket))
+        parts.append(f"uri={self.uri}")
+        return " ".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        fields = _fields(text)
+        if fields.get("kind") != NBD_KIND:
+            raise OwnerRecordError(f"not a kind=nbd owner record: {text[:80]!r}")
+        if set(fields) - {"kind", "mode", "size", "flags", "socket", "uri"}:
+            raise OwnerRecordError(f"unknown field in {text[:80]!r}")
+        try:
+            mode, uri = fields["mode"], fields["uri"]
+            size, flags = _hex(fields["size"]), _hex(fields["flags"])
+            sock = None
+            if "socket" in fields:
+                dev, ino, ctime = (_hex(x) for x in fields["socket"].split(":"))
+                sock = (dev, ino, ctime)
+        except (KeyError, ValueError) as exc:
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}") from exc
+        if mode not in ("r", "w") or size == 0 or flags >= 1 << 16 or not _is_nbd_uri(uri):
+            raise OwnerRecordError(f"malformed owner record {text[:80]!r}")
+        if (sock is not None) != uri.startswith("nbd+unix://"):
+            raise OwnerRecordError(
+                f"socket= belongs to nbd+unix:// records only, and they need one: {text[:80]!r}"
+            )
+        return cls(uri, size, flags, mode, sock)
+
+
+#: Any owner record: a kernel device we published (OwnerRecord) or an NBD export (NbdOwnerRecord).
+AnyOwnerRecord: TypeAlias = OwnerRecord | NbdOwnerRecord
+
+
+def parse_owner(text: str) -> AnyOwnerRecord:
+    """The record in `text`, of whichever kind; OwnerRecordError when it proves nothing."""
+    if _fields(text).get("kind") == NBD_KIND:
+        return NbdOwnerRecord.parse(text)
+    return OwnerRecord.parse(text)

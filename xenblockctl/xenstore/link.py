@@ -18,10 +18,12 @@ request was for).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from xenblockctl.xenstore.endpoints import Endpoint
 from xenblockctl.xenstore.wire import Frame
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 Request = tuple[int, int, int, bytes]
 

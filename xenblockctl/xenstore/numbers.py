@@ -21,14 +21,31 @@ class NodeValueError(XenblockError):
     code = "bad-node-value"
 
 
-def _is_decimal(text: str) -> bool:
+def is_decimal(text: str) -> bool:
+    """`0|[1-9][0-9]*` (any length: bound it before `int()`, or use uint_or_none)."""
     # isascii() first: on ASCII text isdigit() is exactly [0-9]
     return text.isascii() and text.isdigit() and (text == "0" or text[0] != "0")
 
 
+#: Lowercase hex digits: what the kernel's and our own writers produce (`%x`).
+HEX_DIGITS = frozenset("0123456789abcdef")
+_ANY_CASE_HEX = HEX_DIGITS | frozenset("ABCDEF")
+
+
+def is_hex(text: str, *, most: int, zero: bool = True, lowercase: bool = True) -> bool:
+    """Canonical hex of 1..`most` digits: no leading zero (`0` itself only if `zero`), `[0-9a-f]`
+    (`[0-9a-fA-F]` unless `lowercase`). Character sets, not `re`: this runs on the block script's
+    start-up path, where importing `re` and compiling costs more than everything it checks."""
+    return (
+        0 < len(text) <= most
+        and (HEX_DIGITS if lowercase else _ANY_CASE_HEX).issuperset(text)
+        and (text[0] != "0" or (zero and len(text) == 1))
+    )
+
+
 def uint_or_none(text: str | None, *, maximum: int) -> int | None:
     """`text` as an int in 0..maximum, or None if it is absent or not exactly such a number."""
-    if text is None or len(text) > len(str(maximum)) or not _is_decimal(text):
+    if text is None or len(text) > len(str(maximum)) or not is_decimal(text):
         return None
     value = int(text)
     return value if value <= maximum else None

@@ -12,8 +12,7 @@ import) and no NamedTuple class builds: character sets and a plain tuple subclas
 
 from __future__ import annotations
 
-from enum import StrEnum
-
+from xenblockctl.enums import StrEnum
 from xenblockctl.xenstore.errors import XenstoreInvalid, XenstoreTooBig
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.wire import ABS_PATH_MAX, REL_PATH_MAX

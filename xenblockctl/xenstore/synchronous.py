@@ -18,11 +18,14 @@ import errno
 import os
 import select
 import time
-from collections.abc import Sequence
 
 from xenblockctl.xenstore.endpoints import Endpoint, connect_unix
 from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout, Request
 from xenblockctl.xenstore.wire import NUL, WATCH_EVENT, Frame, FrameDecoder, OversizeFrame, encode
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: Bytes asked for per read: a batch's replies usually arrive together.
 _READ_SIZE = 65536

@@ -8,25 +8,53 @@ a path with `..`, a foreign type or a non-canonical number is refused before we 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping
-from enum import IntEnum
-from typing import NamedTuple, Protocol
-
+from xenblockctl.enums import IntEnum
 from xenblockctl.errors import XenblockError
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.numbers import uint_or_none
+from xenblockctl.xenstore.numbers import is_decimal, uint_or_none
 from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import Protocol
 
 #: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
 BACKEND_KINDS = ("vbd", "vbd3")
 #: domid_t values from DOMID_FIRST_RESERVED (0x7FF0) up are DOMID_SELF, DOMID_IO, ...: never a guest.
 DOMID_FIRST_RESERVED = 0x7FF0
 
-_DEC = r"(0|[1-9][0-9]*)"
-_RELATIVE = re.compile(rf"backend/([a-z0-9]+)/{_DEC}/{_DEC}")
-_ABSOLUTE = re.compile(rf"/local/domain/{_DEC}/backend/([a-z0-9]+)/{_DEC}/{_DEC}")
-_FRONTEND = re.compile(rf"/local/domain/{_DEC}/device/([a-z0-9]+)/{_DEC}")
+_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def _fields(text: str, shape: tuple[str | None, ...]) -> list[str] | None:
+    """The `/`-separated fields of `text` where `shape` has None, if the literal fields equal the
+    shape's and the others are canonical decimals (`0|[1-9][0-9]*`), except that a "kind" field is
+    `[a-z0-9]+`. Plain string checks, not `re`: the block script's start-up path parses one path."""
+    parts = text.split("/")
+    if len(parts) != len(shape):
+        return None
+    out = []
+    for part, want in zip(parts, shape, strict=True):
+        if want == "kind":
+            if not part or not _KIND_CHARS.issuperset(part):
+                return None
+            out.append(part)
+        elif want is None:
+            if not is_decimal(part):
+                return None
+            out.append(part)
+        elif part != want:
+            return None
+    return out
+
+
+# backend/<kind>/<domid>/<devid>, /local/domain/<backend domid>/backend/<kind>/<domid>/<devid>,
+# /local/domain/<domid>/device/<kind>/<devid>
+_RELATIVE = ("backend", "kind", None, None)
+_ABSOLUTE = ("", "local", "domain", None, "backend", "kind", None, None)
+_FRONTEND = ("", "local", "domain", None, "device", "kind", None)
 
 
 class VbdPathError(XenblockError):
@@ -121,13 +149,13 @@ class BackendPath(_BackendPathFields):
         (`/local/domain/0/backend/vbd/5/51712`). Numbers must be canonical decimals."""
         if not isinstance(text, str):
             raise VbdPathError(f"backend path must be str, not {type(text).__name__}")
-        match = _RELATIVE.fullmatch(text)
-        if match is not None:
-            kind, domid, devid = match.groups()
+        fields = _fields(text, _RELATIVE)
+        if fields is not None:
+            kind, domid, devid = fields
             return cls(_kind(kind), _domid(domid, "frontend domid"), _devid(devid))
-        match = _ABSOLUTE.fullmatch(text)
-        if match is not None:
-            bedom, kind, domid, devid = match.groups()
+        fields = _fields(text, _ABSOLUTE)
+        if fields is not None:
+            bedom, kind, domid, devid = fields
             return cls(
                 _kind(kind), _domid(domid, "frontend domid"), _devid(devid), _domid(bedom, "backend domid")
             )
@@ -195,10 +223,10 @@ class FrontendPath(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> FrontendPath:
-        match = _FRONTEND.fullmatch(text) if isinstance(text, str) else None
-        if match is None:
+        fields = _fields(text, _FRONTEND) if isinstance(text, str) else None
+        if fields is None:
             raise VbdPathError(f"{str(text)[:120]!r} is not /local/domain/<domid>/device/vbd/<devid>")
-        domid, kind, devid = match.groups()
+        domid, kind, devid = fields
         if kind != "vbd":
             raise VbdPathError(f"frontend kind {kind!r} is not vbd")
         return cls(_domid(domid, "frontend domid"), _devid(devid))
@@ -239,12 +267,13 @@ def parse_error_responses(text: str | None) -> dict[str, int] | None:
     return counts if len(counts) == len(ERROR_CAUSES) else None
 
 
-class _Store(Protocol):
-    def absolute(self, path: str) -> str: ...
+if TYPE_CHECKING:  # types only (annotations here are never evaluated)
 
+    class _Store(Protocol):
+        def absolute(self, path: str) -> str: ...
 
-class _Lister(Protocol):
-    def ls(self, path: str) -> list[str]: ...
+    class _Lister(Protocol):
+        def ls(self, path: str) -> list[str]: ...
 
 
 def backend_dir(store: _Store, path: BackendPath) -> str:

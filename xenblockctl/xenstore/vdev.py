@@ -16,8 +16,6 @@ written without digits. Numbers of 2 << 28 and above are reserved.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.numbers import uint_or_none
 
@@ -30,6 +28,7 @@ RESERVED = 2 << 28
 XVD_EXT_DISKS = 1 << 20
 XVD_EXT_PARTS = 256
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import re
 

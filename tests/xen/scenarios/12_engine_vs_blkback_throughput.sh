@@ -77,6 +77,8 @@ measure() {
 attach() {
   xl block-attach 0 "$(disk_spec xvdb rw "$img" "$script")" || fail "xl block-attach ($1) exited $?"
   wait_for /dev/xvdb 30 test -b /dev/xvdb
+  # how many queues blkfront negotiated (issue 20): it writes the node only for 2 or more
+  metric "${1}_queues" "$(xenstore-read /local/domain/0/device/vbd/51728/multi-queue-num-queues 2>/dev/null || echo 1)" queues
 }
 detach() {
   xl block-detach 0 xvdb || fail "xl block-detach ($1) exited $?"
@@ -103,7 +105,15 @@ start_engine --no-persistent-grants
 attach engine_nopg
 measure engine_nopg
 detach engine_nopg
-grep -E 'connected:|ring stopped' "$engine_log" | tail -n 4 || true
+say "the engine with --workers 2: each queue served by a worker process (issue 20)"
+kill "$engine_pid"
+wait "$engine_pid" 2>/dev/null || true
+start_engine --workers 2
+attach engine_workers
+measure engine_workers
+detach engine_workers
+grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
+grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
 grep -q 'connected: .*persistent grants' "$engine_log" || fail "blkfront never used persistent grants"
 grep -q 'connected: .*grants copied per ring pass' "$engine_log" || fail "--no-persistent-grants was not honoured (or gntdev did not copy)"
 

@@ -592,7 +592,7 @@ class LocalTransport(Transport):
         if data_pages not in _DATA_PAGES:
             raise ValueError(f"data_pages must be one of {_DATA_PAGES}")
         self.data_pages = data_pages
-        self.copies_grants = data_pages != "map"
+        self.copies_grants = data_pages == "copy"
         self.socket_path = socket_path
         self.journal = journal or Journal("xenblockctl-engine")
         self._lock = threading.Lock()
@@ -684,6 +684,20 @@ class LocalTransport(Transport):
             self._next_local_port += 1
             to_back, to_front = fds
             return LocalEventChannel(local, os.dup(to_back), os.dup(to_front))
+
+    def export(self, domid: int, remote_port: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+        """What a worker process needs to serve one of `domid`'s rings itself (backend/workers.py):
+        the domain's grant-table pieces as (base, fd) and the port's eventfd pair, as they are now.
+        The fds stay the registry's: send them (SCM_RIGHTS copies them), never close them."""
+        with self._lock:
+            domain = self._domains.get(domid)
+            fds = None if domain is None else domain.ports.get(remote_port)
+            if domain is None or fds is None or not domain.pieces:
+                raise TransportError(
+                    f"domain {domid} has no grant table or no port {remote_port} to export",
+                    code="evtchn-bind",
+                )
+            return [(t.base, t.fd) for t in domain.pieces], fds
 
     def stats(self) -> RegistryStats:
         with self._lock:
@@ -1069,3 +1083,61 @@ def create_grant_memfd(pages: int, name: str = "xbc-grants") -> int:
             raise TransportError("memfd sealing unsupported", code="transport", errno=exc.errno) from exc
         raise
     return fd
+
+
+class ImportedDomain(Transport):
+    """One domain's grant tables and one of its ports, as LocalTransport.export() gave them to a
+    worker process: maps and binds for that domain as LocalTransport does. Pieces registered or
+    re-granted after the hand-off are not seen (the worker keeps the memory it was given): a limit
+    of the no-Xen transport only; on Xen a worker maps through its own gntdev."""
+
+    def __init__(
+        self, domid: int, pieces: Sequence[tuple[int, int]], port: int, evtchn: tuple[int, int]
+    ) -> None:
+        self.domid = domid
+        self.port = port
+        self._domain = _Domain(domid)
+        tables: list[_GrantTable] = []
+        try:
+            for base, fd in pieces:
+                tables.append(_GrantTable(domid, fd, base))  # dups fd: the caller closes its own
+            self._evtchn = (os.dup(evtchn[0]), os.dup(evtchn[1]))
+        except BaseException:
+            for table in tables:
+                table.close()
+            raise
+        self._domain.set_pieces(tables)
+
+    def _check(self, domid: int) -> None:
+        if domid != self.domid:
+            raise GrantError(f"this worker serves domain {self.domid}, not {domid}")
+
+    def map_grants(
+        self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
+    ) -> GrantMapping:
+        self._check(domid)
+        refs = tuple(refs)
+        if not refs:
+            raise GrantError("no grant refs to map")
+        table = self._domain.table_for(refs)
+        if contiguous and len(refs) > 1:
+            return _ContiguousMapping(table, refs, writable)
+        return _SlicedMapping(table, refs, writable)
+
+    def map_persistent(self, domid: int) -> PersistentGrants | None:
+        self._check(domid)
+        return _DomainGrants(self._domain)
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
+        self._check(domid)
+        if remote_port != self.port:
+            raise TransportError(f"port {remote_port} was not handed to this worker", code="evtchn-bind")
+        return LocalEventChannel(remote_port, os.dup(self._evtchn[0]), os.dup(self._evtchn[1]))
+
+    def close(self) -> None:
+        for table in self._domain.pieces:
+            table.close()
+        for fd in self._evtchn:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._evtchn = (-1, -1)

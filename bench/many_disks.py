@@ -1,0 +1,328 @@
+"""Many busy disks on one engine: aggregate IOPS and per-disk p99 for 2, 8, 32 and 100 disks, with 1
+and 2 queues per disk (local transport, same run).
+
+    .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
+        [--frontends 2] [--io-workers 4] [--engine threads,workers:2]
+
+Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (spread over its
+queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
+per-request software cost, not a disk. Each disk gets its own fd on the image and, per queue, its
+own DataPlane (ring thread, `--io-workers` I/O threads, grant handling), as the engine serves a
+connected disk: `threads` runs them all in this process (the engine without --workers: one GIL),
+`workers:N` in N worker processes (backend/workers.py, `xenblockctl backend --workers N`), each
+queue handed to the least loaded one. The frontends run in `--frontends` child processes (own
+interpreters), each driving its share of the disks from one poll loop, as guests on other CPUs
+would.
+
+Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request
+(user + sys of this process and its worker processes over the run / requests), per-disk p99
+latency (the median disk's and the worst disk's, from submit to harvest in the frontend), and
+Jain's fairness index over the disks' IOPS (1.0 = every disk got the same share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import select
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import percentile
+from bench.ring_throughput import _params
+from xenblockctl.backend import blkif
+from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.transport.local import LocalTransport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool
+from xenblockctl.journal import Journal
+
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    completed: int
+    p50_us: float
+    p99_us: float
+
+
+def _harvest(fe: LocalFrontend) -> dict[int, object]:
+    """Every response published now, with rsp_event re-armed (no lost wake-up)."""
+    out: dict[int, object] = {}
+    while True:
+        out.update(fe.collect(0, timeout=0, gather=False))
+        if not fe.ring.final_check_for_responses():
+            return out
+
+
+def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args)
+    sock: str,
+    disks: list[int],
+    queues: int,
+    qd: int,
+    size: int,
+    seconds: float,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    rings: dict[int, list[LocalFrontend]] = {}
+    try:
+        for d in disks:
+            # one domain per disk: each its own grant-ref space and ports, like guests
+            rings[d] = [LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1) for _ in range(queues)]
+        conn.send({d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()})
+        conn.recv()  # data planes running
+        rng = random.Random(1)
+        blocks = size // BLOCK
+        by_fd: dict[int, tuple[int, LocalFrontend]] = {}
+        poller = select.poll()
+        submitted: dict[tuple[int, int], float] = {}
+        latencies: dict[int, list[float]] = {d: [] for d in disks}
+
+        def submit(d: int, fe: LocalFrontend) -> None:
+            rid = fe.submit_read(rng.randrange(blocks) * (BLOCK // 512), BLOCK)
+            submitted[(id(fe), rid)] = time.perf_counter()
+
+        for d, fes in rings.items():
+            for i in range(qd):
+                submit(d, fes[i % queues])
+            for fe in fes:
+                by_fd[fe.evtchn.fileno()] = (d, fe)
+                poller.register(fe.evtchn.fileno(), select.POLLIN)
+                fe.kick()
+        warm_end = time.perf_counter() + min(1.0, seconds / 3)
+        end = warm_end + seconds
+        measuring = False
+        while True:
+            now = time.perf_counter()
+            if not measuring and now >= warm_end:
+                measuring = True
+                for lat in latencies.values():
+                    lat.clear()
+            if now >= end:
+                break
+            for fd, _ in poller.poll(100):
+                d, fe = by_fd[fd]
+                fe.evtchn.ack()
+                done = _harvest(fe)
+                now = time.perf_counter()
+                for rid, c in done.items():
+                    if c.response.status != blkif.RSP_OKAY:  # type: ignore[attr-defined]
+                        raise SystemExit(f"disk {d}: read failed: {c}")
+                    latencies[d].append(now - submitted.pop((id(fe), rid)))
+                    submit(d, fe)
+                fe.kick()
+        results = {}
+        for d, lat in latencies.items():
+            us = [x * 1e6 for x in lat] or [0.0]
+            results[d] = DiskResult(len(lat), percentile(us, 50), percentile(us, 99))
+        conn.send(results)
+        for fes in rings.values():
+            for fe in fes:
+                while fe.outstanding:
+                    fe.collect(1, timeout=30, gather=False)
+        conn.recv()  # data planes stopped
+    finally:
+        for fes in rings.values():
+            for fe in fes:
+                fe.close()
+
+
+def _cpu(pool: WorkerPool | None) -> float:
+    t = os.times()
+    total = t.user + t.system
+    if pool is not None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for worker in pool.workers:
+            with open(f"/proc/{worker.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+@dataclass(frozen=True)
+class Row:
+    iops: float
+    engine_cpu_us: float
+    p99_median_us: float
+    p99_worst_us: float
+    jain: float
+
+
+def run(
+    transport: LocalTransport,
+    image: Path,
+    n_disks: int,
+    queues: int,
+    *,
+    qd: int,
+    seconds: float,
+    frontends: int,
+    io_workers: int,
+    pool: WorkerPool | None,
+) -> Row:
+    size = image.stat().st_size
+    ctx = multiprocessing.get_context("spawn")
+    fds = [os.open(image, os.O_RDONLY | os.O_CLOEXEC) for _ in range(n_disks)]
+    targets = [DeviceTarget.from_fd(fd) for fd in fds]
+    shares = [list(range(n_disks))[i::frontends] for i in range(frontends)]
+    shares = [s for s in shares if s]
+    procs = []
+    conns = []
+    planes: list[DataPlane | RemoteQueue] = []
+    try:
+        for share in shares:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_frontends, args=(transport.socket_path, share, queues, qd, size, seconds, child)
+            )
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+
+        def receive(conn: multiprocessing.connection.Connection) -> object:
+            if not conn.poll(seconds + 120):
+                raise SystemExit("a frontend process stopped answering")
+            return conn.recv()
+
+        for conn in conns:
+            nodes = receive(conn)
+            assert isinstance(nodes, dict)
+            for d, per_queue in nodes.items():
+                for q, ring_nodes in enumerate(per_queue):
+                    target = targets[d]
+                    params = _params(ring_nodes)
+                    if pool is not None:
+                        planes.append(
+                            pool.serve(
+                                domid=1 + d,
+                                params=params,
+                                target=target,
+                                limits=target.limits(),
+                                name=f"bench-{d}-q{q}",
+                                io_workers=io_workers,
+                                max_persistent_grants=1056,
+                                on_broken=None,
+                            )
+                        )
+                        continue
+                    planes.append(
+                        DataPlane(
+                            transport,
+                            1 + d,
+                            params,
+                            target,
+                            target.limits(),
+                            workers=io_workers,
+                            name=f"bench-{d}-q{q}",
+                        )
+                    )
+        for dp in planes:
+            dp.start()
+        cpu0 = _cpu(pool)
+        for conn in conns:
+            conn.send("go")
+        results: dict[int, DiskResult] = {}
+        for conn in conns:
+            got = receive(conn)
+            assert isinstance(got, dict)
+            results.update(got)
+        cpu = _cpu(pool) - cpu0
+    finally:
+        for dp in planes:
+            dp.request_stop()
+        for dp in planes:
+            dp.stop()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send("stopped")
+        for proc in procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for fd in fds:
+            os.close(fd)
+    # the engine CPU covers warm-up and measurement alike, and so does this count (a worker's
+    # counts arrive when its queue stops; the last QD requests per disk are in it too)
+    served = sum(dp.stats.requests for dp in planes)
+    per_disk = [results[d].completed / seconds for d in range(n_disks)]
+    total = sum(per_disk)
+    jain = total * total / (n_disks * sum(x * x for x in per_disk)) if total else 0.0
+    p99s = sorted(results[d].p99_us for d in range(n_disks))
+    return Row(total, cpu / max(1, served) * 1e6, percentile(p99s, 50), p99s[-1], jain)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--disks", default="2,8,32,100")
+    ap.add_argument("--queues", default="1,2")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--qd", type=int, default=4, help="requests outstanding per disk (over its queues)")
+    ap.add_argument("--frontends", type=int, default=2, help="frontend processes")
+    ap.add_argument("--io-workers", type=int, default=4, help="I/O threads per queue (the engine's default)")
+    ap.add_argument("--engine", default="threads,workers:2", help="threads and/or workers:N, comma-separated")
+    ap.add_argument("--size-mib", type=int, default=64)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
+        image = Path(tmp, "disk.img")
+        with open(image, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(1 << 20))
+        with open(image, "rb") as f:
+            while f.read(1 << 20):  # warm the page cache
+                pass
+        transport = LocalTransport(str(Path(tmp, "grants.sock")))
+        try:
+            cpus = len(os.sched_getaffinity(0))
+            print(
+                f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
+                f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
+                f" queue, load average {os.getloadavg()[0]:.1f}"
+            )
+            print(
+                f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
+                f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
+            )
+            for n in (int(x) for x in args.disks.split(",")):
+                for q in (int(x) for x in args.queues.split(",")):
+                    for mode in args.engine.split(","):
+                        pool = None
+                        if mode.startswith("workers:"):
+                            pool = WorkerPool(int(mode.split(":")[1]), transport, Journal("bench-engine"))
+                        try:
+                            r = run(
+                                transport,
+                                image,
+                                n,
+                                q,
+                                qd=args.qd,
+                                seconds=args.seconds,
+                                frontends=args.frontends,
+                                io_workers=args.io_workers,
+                                pool=pool,
+                            )
+                        finally:
+                            if pool is not None:
+                                pool.close()
+                        print(
+                            f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
+                            f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
+                            f" {r.jain:>6.3f}",
+                            flush=True,
+                        )
+        finally:
+            transport.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
