@@ -11,23 +11,15 @@
 # xenci-timeout: 600
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
+. "$XENCI_SCENARIOS/nbdguest.sh"
 
 need_script
-command -v nbdkit >/dev/null || fail "nbdkit is not in the dom0 image (tests/xen/image/packages)"
-
-name=xenci-nbd
-img=$XENCI_WORK/nbd-export.img
-sock=$XENCI_WORK/nbd.sock
-initrd=$XENCI_WORK/nbd-initrd.gz
-cfg=$XENCI_WORK/nbd.cfg
-uri="nbd+unix:///?socket=$sock"
-nbdkit_pid=
 xl_pid=
 cleanup() {
-  xl destroy "$name" 2>/dev/null || true
+  xl destroy "$nbd_name" 2>/dev/null || true
   if [ -n "$xl_pid" ]; then kill -9 "$xl_pid" 2>/dev/null || true; fi
   xl block-detach 0 xvdc >/dev/null 2>&1 || true
-  if [ -n "$nbdkit_pid" ]; then kill "$nbdkit_pid" 2>/dev/null || true; fi
+  nbd_stop
 }
 trap cleanup EXIT
 dump_nbd() {
@@ -37,17 +29,6 @@ dump_nbd() {
   dmesg | grep -i nbd | tail -n 15 || true
 }
 XENCI_ON_FAIL=dump_nbd
-nbd_devices() { ls -d /sys/block/nbd* 2>/dev/null || true; }
-no_nbd_devices() { [ -z "$(nbd_devices)" ]; }
-# nbd_read OFFSET LENGTH: bytes of the export read over a new NBD connection by our own client.
-nbd_read() {
-  python3 - "$uri" "$1" "$2" <<'PY'
-import sys
-from xenblockctl.nbd import client, uri
-with client.NbdClient.connect(uri.parse(sys.argv[1])) as c:
-    sys.stdout.buffer.write(c.read(int(sys.argv[2]), int(sys.argv[3])))
-PY
-}
 
 # --- kernel NBD in dom0 ----------------------------------------------------------------------------
 [ -e "/lib/modules/$(uname -r)/kernel/drivers/block/nbd.ko" ] \
@@ -56,38 +37,11 @@ modprobe nbd nbds_max=0 || fail "modprobe nbd nbds_max=0 exited $?"
 no_nbd_devices || fail "nbd pre-created devices ($(nbd_devices)): nbds_max=0 did not apply"
 modprobe xen-blkback || true
 
-make_image "$img"
-nbdkit -f -U "$sock" file "$img" &
-nbdkit_pid=$!
-wait_for "nbdkit's socket" 30 test -S "$sock"
-say "nbdkit $(nbdkit --version | head -n1) serves $img on $sock"
+nbd_serve
 
 # --- a PV guest on the export --------------------------------------------------------------------
-token="tok$RANDOM$RANDOM"
-build_domu_initrd "$initrd" "$XENCI_SCENARIOS/domu/nbd.init"
-domu_console_logging
-cat > "$cfg" <<CFG
-name = "$name"
-type = "pv"
-memory = 160
-vcpus = 1
-kernel = "/boot/vmlinuz-$(uname -r)"
-ramdisk = "$initrd"
-extra = "console=hvc0 rdinit=/init quiet xenci.token=$token"
-disk = [ 'format=raw,vdev=xvda,access=rw,script=block-xenblockctl,target=$uri' ]
-on_poweroff = "destroy"
-on_reboot = "destroy"
-on_crash = "destroy"
-CFG
-cat "$cfg"
-t=$(now)
-xl create "$cfg" || fail "xl create exited $?"
-metric create_xl_s "$(elapsed "$t")" s
-wait_guest_phase "$name" ready 240
-metric create_to_ready_s "$(elapsed "$t")" s
+nbd_guest_start
 be=/local/domain/0/backend/vbd/$domid/51712
-[ "$(xenstore-read "/local/domain/$domid/data/xenci-marker")" = "XENCI-IMAGE-MARKER-$XENCI_SCENARIO" ] \
-  || fail "the guest did not read the image's marker through NBD"
 dev_path=$(xenstore-read "$be/physical-device-path")
 case $dev_path in /dev/nbd[0-9]*) ;; *) fail "physical-device-path is $dev_path, not a kernel NBD device" ;; esac
 nbd=${dev_path#/dev/}
@@ -102,27 +56,17 @@ nbd=${dev_path#/dev/}
 say "guest $domid runs on $dev_path ($(xenstore-read "$be/physical-device"), seq $(cat "/sys/block/$nbd/diskseq")), held by blkback"
 
 t=$(now)
-xl destroy "$name" || fail "xl destroy exited $?"
-wait_for "domain $name to be gone" 60 bash -c "! xl domid $name >/dev/null 2>&1"
+nbd_guest_destroy
 wait_for "$nbd to go after the guest" 30 test ! -e "/sys/block/$nbd"
 metric destroy_to_nbd_gone_s "$(elapsed "$t")" s
 wait_for "no NBD device left" 10 no_nbd_devices
-wait_for "backend of domain $domid to go" 30 bash -c "! xenstore-exists /local/domain/0/backend/vbd/$domid 2>/dev/null"
-
-# `yes` dies of SIGPIPE when head has enough: under pipefail that is the pipeline's status
-expect=$( { yes "XENCI-NBD-$token" || true; } | head -c 262144 | md5sum | cut -d' ' -f1)
-got=$(nbd_read 1048576 262144 | md5sum | cut -d' ' -f1)
-[ "$got" = "$expect" ] || fail "the guest's pattern read over a new NBD connection differs ($got, want $expect)"
-[ "$(nbd_read 153600 512 | tr -d '\0')" = "NBD-GUEST $token" ] || fail "the guest's token is not in the export"
-[ "$(dd if="$img" bs=4096 skip=256 count=64 status=none | md5sum | cut -d' ' -f1)" = "$expect" ] \
-  || fail "the guest's pattern is not in nbdkit's file"
-rm -f "$initrd"
+nbd_guest_check_data
 say "guest wrote through blkback -> /dev/$nbd -> nbdkit; device gone after destroy; data read back over NBD"
 
 # --- the script killed between connect and open ----------------------------------------------------
 stopfile=$XENCI_WORK/paused
 XENBLOCKCTL_PAUSE_AT=add-nbd-connected XENBLOCKCTL_PAUSE_FILE=$stopfile \
-  xl -v block-attach 0 "format=raw,vdev=xvdc,access=rw,script=block-xenblockctl,target=$uri" &
+  xl -v block-attach 0 "format=raw,vdev=xvdc,access=rw,script=block-xenblockctl,target=$nbd_uri" &
 xl_pid=$!
 wait_for "the script to stop after its NBD connect" 60 test -s "$stopfile"
 script_pid=$(pgrep -f 'block-xenblockctl add' | head -n1)
@@ -158,6 +102,4 @@ wait_for "$leaked to be disconnected" 10 test ! -e "/sys/block/$leaked"
 metric detach_to_disconnected_s "$(elapsed "$t")" s
 no_nbd_devices || fail "NBD devices left: $(nbd_devices)"
 say "the never-opened $leaked was disconnected; nothing left"
-kill "$nbdkit_pid"
-wait "$nbdkit_pid" 2>/dev/null || true
-nbdkit_pid=
+nbd_stop
