@@ -18,11 +18,18 @@ Without $NOTIFY_SOCKET nothing is parked and nothing changes."""
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
+import json
 import os
-from collections.abc import MutableMapping
+import socket
+import struct
+import threading
+from collections.abc import Callable, MutableMapping
 
 from xenblockctl.backend import sdnotify
+from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 
 
@@ -34,7 +41,9 @@ def fd_name(kind: str, domid: int, devid: int) -> str:
 class FdStore:
     """The engine's side of the fd store: what it inherited at start, and park/unpark."""
 
-    def __init__(self, env: MutableMapping[str, str], journal: Journal) -> None:
+    def __init__(
+        self, env: MutableMapping[str, str], journal: Journal, handed_over: dict[str, list[int]] | None = None
+    ) -> None:
         self.env = env
         self.journal = journal
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
@@ -44,13 +53,16 @@ class FdStore:
             # fds we cannot attribute are never served; the manager still holds its copies
             journal.error(f"ignoring the fds passed at start: {exc.one_line()}", CODE=exc.code)
             self.inherited = {}
+        # from `backend --takeover`: judged exactly like the store's
+        for name, fds in (handed_over or {}).items():
+            self.inherited.setdefault(name, []).extend(fds)
         if self.inherited:
             names = ", ".join(f"{name} ({len(fds)})" for name, fds in sorted(self.inherited.items()))
             journal.info(f"fd store handed back: {names}")
 
     @classmethod
-    def from_environ(cls, journal: Journal) -> FdStore:
-        return cls(os.environ, journal)
+    def from_environ(cls, journal: Journal, handed_over: dict[str, list[int]] | None = None) -> FdStore:
+        return cls(os.environ, journal, handed_over)
 
     def take(self, name: str) -> int | None:
         """The fd parked under `name` by a previous engine, now ours to verify (None if none). Extra
@@ -107,3 +119,188 @@ class FdStore:
             sdnotify.ready(self.env, status)
         except sdnotify.NotifyError as exc:
             self.journal.error(f"cannot tell the manager we are ready: {exc.one_line()}", CODE=exc.code)
+
+
+# --- hand-over without a service manager: `xenblockctl backend --takeover` ------------------------
+#: where an engine on the Xen transport listens for its successor (root only)
+HANDOVER_DIR = "/run/xenblockctl"
+#: one request, and the answer in chunks: SCM_MAX_FD is 253 fds per message
+_CHUNK = 200
+_REQUEST = b"takeover"
+_MAX_MESSAGE = 65536
+
+
+class HandoverError(XenblockError):
+    code = "handover"
+
+
+def default_handover_path(kind: str) -> str:
+    return os.path.join(HANDOVER_DIR, f"engine-{kind}.handover")
+
+
+def take_over(path: str, journal: Journal, timeout: float = 120.0) -> dict[str, list[int]]:
+    """Ask the engine listening on `path` to hand over: it stops serving, drains every ring, and
+    sends its device fds by FDNAME; it exits once we have them. The fds are ours to re-verify, like
+    ones from the fd store (FdStore.take)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    got: dict[str, list[int]] = {}
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(_REQUEST)
+        except OSError as exc:
+            raise HandoverError(f"no engine to take over at {path}", errno=exc.errno) from exc
+        while True:
+            try:
+                data, anc, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_CHUNK * 4))
+            except OSError as exc:
+                raise HandoverError(
+                    "the engine stopped answering during the hand-over", errno=exc.errno
+                ) from exc
+            fds = _fds_of(anc)
+            try:
+                message = json.loads(data.decode()) if data else None
+                names = message.get("names") if isinstance(message, dict) else None
+                if not isinstance(message, dict) or not isinstance(names, list) or len(names) != len(fds):
+                    raise ValueError("not a hand-over message")
+                for name in names:
+                    got.setdefault(sdnotify.fd_name(str(name)), []).append(fds.pop(0))
+            except (ValueError, UnicodeDecodeError, sdnotify.NotifyError) as exc:
+                for fd in fds:
+                    os.close(fd)
+                for held in got.values():
+                    for fd in held:
+                        os.close(fd)
+                raise HandoverError(f"bad hand-over message from the old engine: {exc}") from None
+            if message.get("done"):
+                break
+    finally:
+        sock.close()
+    journal.info(f"took over from the engine at {path}: {sum(map(len, got.values()))} device(s)")
+    return got
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % 4])
+            fds += got.tolist()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    return fds
+
+
+class HandoverServer:
+    """The running engine's side: a root-only unix socket its successor connects to. On a request
+    `on_request(send)` is called (on this thread): the engine stops, drains, and calls `send` with
+    its device fds by FDNAME, which go to the successor before the engine exits."""
+
+    def __init__(
+        self, path: str, journal: Journal, on_request: Callable[[Callable[[dict[str, int]], None]], None]
+    ) -> None:
+        self.path = path
+        self.journal = journal
+        self.on_request = on_request
+        self._stop = threading.Event()
+        self.sock = self._listen(path)
+        self._thread = threading.Thread(target=self._serve, name="xbc-handover", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _listen(path: str) -> socket.socket:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+        except FileNotFoundError:
+            pass
+        except ConnectionRefusedError:
+            os.unlink(path)  # a dead engine's socket
+        except OSError as exc:
+            raise HandoverError(f"cannot check {path}", errno=exc.errno) from exc
+        else:
+            raise HandoverError(f"another engine listens on {path}: take it over (--takeover) or stop it")
+        finally:
+            probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # root only from the first instant
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise HandoverError(f"cannot listen on {path}", errno=exc.errno) from exc
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        sock.settimeout(0.5)
+        return sock
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            try:
+                if self._handle(conn):
+                    return
+            finally:
+                conn.close()
+
+    def _handle(self, conn: socket.socket) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        conn.settimeout(5)
+        try:
+            request = conn.recv(64)
+        except OSError as exc:
+            self.journal.warning(f"hand-over: pid {pid} sent no request ({exc})")
+            return False
+        if uid != os.geteuid() or request != _REQUEST:
+            self.journal.warning(f"hand-over: refused pid {pid} (uid {uid}, request {request[:20]!r})")
+            return False
+        self.journal.info(f"hand-over requested by pid {pid}: stopping, draining, handing the devices over")
+        self.close()  # the successor listens next
+
+        def send(held: dict[str, int]) -> None:
+            conn.settimeout(60)
+            items = sorted(held.items())
+            try:
+                for i in range(0, len(items), _CHUNK):
+                    chunk = items[i : i + _CHUNK]
+                    names = [name for name, _ in chunk]
+                    fds = array.array("i", [fd for _, fd in chunk])
+                    conn.sendmsg(
+                        [json.dumps({"names": names}).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                    )
+                conn.sendall(json.dumps({"names": [], "done": True}).encode())
+                self.journal.info(f"handed {len(items)} device(s) over to pid {pid}")
+            except OSError as exc:
+                self.journal.error(
+                    f"hand-over to pid {pid} failed ({exc}): the devices go with this engine", CODE="handover"
+                )
+            finally:
+                for fd in held.values():
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+        self.on_request(send)
+        return True
+
+    def close(self, *, unlink: bool = True) -> None:
+        """Stop listening and remove the socket. Only the first call acts: after a hand-over the
+        path may already be the successor's."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)

@@ -19,12 +19,35 @@ Memory ordering. Python cannot emit fences, so this is what we rely on:
   threading.Lock: glibc's semaphore fast path is a LOCK-prefixed cmpxchg/xadd, a full barrier on x86.
 - The buffer is an mmap (gntdev or the local memfd), so the CPU, not Python, owns its coherence.
 Other architectures (arm64) are weaker than this; the engine is only built for x86 dom0s today.
+
+Re-attach (issue 21). The ring lives in the frontend's memory, so it outlives the engine process: a
+successor maps it again and must work out, from shared memory alone, which requests the dead engine
+took but never answered. Two rules make that possible:
+- Responses are published in ring order. A response goes into the slot at `rsp_prod_pvt`, which
+  held a request: answered out of order, request k's slot could receive the answer to request m
+  while k is still running, and a successor could then neither re-run k (its slot is gone) nor
+  tell that m was answered. So an answer that finishes early is held until every request consumed
+  before it is answered; then slot k always holds request k or response k, and "answered" is a
+  prefix of the ring. (A slow request delays the answers behind it on the same ring.)
+- Each response is journalled in the header's padding before its slot is written (`_JOURNAL_*`,
+  offsets 32-55 of the 64-byte header: past the 4 bytes old ring.h called `pvt`, which netfront
+  and blktap once used; blkfront zeroes the padding and never reads it): magic cleared, the
+  response bytes, the index after its slot, magic set. A process killed anywhere leaves either no
+  valid journal or one naming slot J-1 with its complete response: slots [rsp_prod, J-1) already
+  hold whole responses (written before the journal moved past them), slot J-1 may be half
+  written and is rewritten from the journal.
+A successor's BackRing therefore publishes [rsp_prod, J) as answered (`recovered`) and starts
+consuming at J: what lies in [J, req_prod) are requests taken but not answered (or not taken at all),
+and it runs them again. Why that is safe, and what a guest can observe: docs in handover.py.
+The journal is in guest memory like everything else: a guest that forges it can only make us
+publish its own slots as responses to itself, within the bounds checked below.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
@@ -35,6 +58,12 @@ _MASK: Final = 0xFFFFFFFF  # RING_IDX is a free-running unsigned 32-bit counter
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
 
 _FENCE_LOCK = threading.Lock()
+
+#: the response journal in the header's padding (32-bit word indices into the header, byte offset)
+_JOURNAL_MAGIC_WORD, _JOURNAL_NEXT_WORD, _JOURNAL_RESPONSE = 8, 9, 40
+#: "xbcJ": a journal we wrote (a frontend zeroes the padding when it initialises the ring)
+JOURNAL_MAGIC: Final = 0x4A636278
+_U64 = struct.Struct("=Q")
 
 
 def full_fence() -> None:
@@ -80,6 +109,9 @@ class _RingBase:
         """Drop our views so the owner can unmap the buffer (mmap.close refuses while views exist)."""
         self._idx.release()
         self._entries.release()
+        hdr = getattr(self, "_hdr", None)
+        if hdr is not None:
+            hdr.release()
 
     def _slot(self, idx: int) -> int:
         return (idx & (self.size - 1)) * self._entry
@@ -116,11 +148,41 @@ class BackRing(_RingBase):
         self.rsp_prod_pvt = start
         self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
         self._pack_response = abi.response_struct.pack_into
+        self._id_at = abi.id_offset
+        self._hdr = buf[:SRING_HEADER_SIZE].cast("I")
+        #: ring index of each consumed, unanswered request, by request id (a guest may reuse ids:
+        #: an answer goes to the oldest request with its id)
+        self._waiting: dict[int, deque[int]] = {}
+        #: answers that finished before an older request: (id, operation, status) by ring index
+        self._held: dict[int, tuple[int, int, int]] = {}
         self.broken: str | None = None
+        req_prod = self.req_prod
         # blkback refuses a ring that already claims more than RING_SIZE outstanding requests.
-        if ((self.req_prod - start) & _MASK) > self.size:
-            self.broken = f"req_prod {self.req_prod} is more than {self.size} ahead of rsp_prod {start}"
+        if ((req_prod - start) & _MASK) > self.size:
+            self.broken = f"req_prod {req_prod} is more than {self.size} ahead of rsp_prod {start}"
+            self.release()
             raise RingBroken(f"ill-behaved frontend at connect: {self.broken}")
+        #: responses a previous engine wrote but did not publish, published by our first push
+        self.recovered = self._recover(start, req_prod)
+        #: requests between them and req_prod at attach: taken by a previous engine and not
+        #: answered, or not taken yet; either way we run them now
+        self.outstanding_at_attach = (req_prod - self.req_cons) & _MASK
+
+    def _recover(self, start: int, req_prod: int) -> int:
+        """Adopt the journal a previous engine left (see the module docstring): the count of slots
+        from `start` that hold its complete responses. 0 without a valid journal."""
+        hdr = self._hdr
+        if hdr[_JOURNAL_MAGIC_WORD] != JOURNAL_MAGIC:
+            return 0
+        after = int(hdr[_JOURNAL_NEXT_WORD])
+        n = (after - start) & _MASK
+        if not 0 < n <= ((req_prod - start) & _MASK):
+            return 0  # published already (n == 0), or not a journal of this ring's outstanding slots
+        size = self.abi.response_size
+        last = ((after - 1) & (self.size - 1)) * self._entry
+        self._entries[last : last + size] = self._buf[_JOURNAL_RESPONSE : _JOURNAL_RESPONSE + size]
+        self.req_cons = self.rsp_prod_pvt = after
+        return n
 
     def _mark_broken(self, why: str) -> None:
         if self.broken is None:
@@ -165,7 +227,16 @@ class BackRing(_RingBase):
         data = bytes(self._entries[first * entry : (first + head) * entry])
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
-        self.req_cons = (self.req_cons + n) & _MASK
+        idx, waiting, unpack = self.req_cons, self._waiting, _U64.unpack_from
+        for offset in range(self._id_at, n * entry, entry):
+            (rid,) = unpack(data, offset)
+            queue = waiting.get(rid)
+            if queue is None:
+                waiting[rid] = deque((idx,))
+            else:
+                queue.append(idx)
+            idx = (idx + 1) & _MASK
+        self.req_cons = idx
         return data, n
 
     def take_requests(self, limit: int | None = None) -> list[bytes]:
@@ -192,29 +263,55 @@ class BackRing(_RingBase):
         return self.unconsumed() > 0
 
     def respond(self, rid: int, operation: int, status: int) -> None:
-        """Write a response into the next private slot (not yet visible: call push_responses).
+        """Answer the oldest consumed request with id `rid` (not yet visible: call push_responses).
 
-        The whole `struct blkif_response` is packed, padding bytes as zeros (XSA-216).
+        Written into its slot once every older request is answered (ring order: see the module
+        docstring); the whole `struct blkif_response` is packed, padding bytes as zeros (XSA-216).
         """
-        pvt = self.rsp_prod_pvt
-        if pvt == self.req_cons:
-            # More answers than consumed requests would overwrite a pending request: our bug.
-            raise XenblockError("response without an outstanding request", code="internal")
-        self._pack_response(self._entries, (pvt & (self.size - 1)) * self._entry, rid, operation, status)
-        self.rsp_prod_pvt = (pvt + 1) & _MASK
+        self.respond_all(((rid, operation, status),))
 
     def respond_all(self, answers: Sequence[tuple[int, int, int]]) -> None:
         """`respond(rid, operation, status)` for each answer in order, in one loop (a ring pass
         answers up to 64 requests at once)."""
-        if len(answers) > ((self.req_cons - self.rsp_prod_pvt) & _MASK):
-            # More answers than consumed requests would overwrite a pending request: our bug.
-            raise XenblockError("response without an outstanding request", code="internal")
-        pack, entries, entry, mask = self._pack_response, self._entries, self._entry, self.size - 1
+        waiting, held = self._waiting, self._held
+        placed: list[int] = []
+        for answer in answers:
+            queue = waiting.get(answer[0])
+            if not queue:
+                # an answer for no outstanding request would overwrite a pending one: our bug.
+                # Nothing of this call is kept: every request it named is outstanding again.
+                for idx in reversed(placed):
+                    rid = held.pop(idx)[0]
+                    waiting.setdefault(rid, deque()).appendleft(idx)
+                raise XenblockError(
+                    f"response to request {answer[0]}, which is not outstanding", code="internal"
+                )
+            idx = queue.popleft()
+            if not queue:
+                del waiting[answer[0]]
+            held[idx] = answer
+            placed.append(idx)
         pvt = self.rsp_prod_pvt
-        for rid, operation, status in answers:
+        if pvt not in held:
+            return
+        pack, entries, entry, mask = self._pack_response, self._entries, self._entry, self.size - 1
+        hdr, buf = self._hdr, self._buf
+        while pvt in held:
+            rid, operation, status = held.pop(pvt)
+            nxt = (pvt + 1) & _MASK
+            # the journal first (invalidate, fill, name the slot, validate), then the slot
+            hdr[_JOURNAL_MAGIC_WORD] = 0
+            pack(buf, _JOURNAL_RESPONSE, rid, operation, status)
+            hdr[_JOURNAL_NEXT_WORD] = nxt
+            hdr[_JOURNAL_MAGIC_WORD] = JOURNAL_MAGIC
             pack(entries, (pvt & mask) * entry, rid, operation, status)
-            pvt = (pvt + 1) & _MASK
+            pvt = nxt
         self.rsp_prod_pvt = pvt
+
+    @property
+    def held(self) -> int:
+        """Answers waiting for an older request to finish."""
+        return len(self._held)
 
     def put_response(self, rsp: Response) -> None:
         self.respond(rsp.id, rsp.operation, rsp.status)

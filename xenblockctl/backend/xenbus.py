@@ -348,10 +348,15 @@ class BackendDevice:
         how = "took over" if inherited is not None else "opened"
         access = "rw" if self.writable else "ro"
         self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
-        # The previous engine's ring (local transport: its grant registry) died with it; a frontend
-        # still Initialised/Connected must reconnect, and Closed tells it to. Re-attaching to the
-        # live ring is not done yet (issue 21).
-        if inherited is not None and self._frontend_state(strict=False) in (3, 4):
+        # A frontend still Initialised/Connected to the previous engine: on Xen its ring, grant and
+        # event channel live on, and _connect() re-attaches to them (ring.py rebuilds our side from
+        # the shared indices). On the local transport they died with that engine's registry: the
+        # frontend must reconnect, and Closed tells it to.
+        if (
+            inherited is not None
+            and not self.config.transport.rings_outlive_engine
+            and self._frontend_state(strict=False) in (3, 4)
+        ):
             self._stale_ring = True
             self.phase = Phase.DISCONNECTED
             self._set_state(6)
@@ -483,6 +488,12 @@ class BackendDevice:
             max_persistent_grants=self.config.max_persistent_grants,
             errors=self.errors,
         )
+        ring = self.dataplane.ring
+        if ring.recovered or ring.outstanding_at_attach:
+            self._log(
+                f"re-attached to a live ring: {ring.recovered} answer(s) a previous engine finished"
+                f" published, {ring.outstanding_at_attach} request(s) taken again"
+            )
         self.dataplane.start()
 
         def body(tx: Transaction) -> None:

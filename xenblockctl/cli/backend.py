@@ -7,6 +7,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import click
@@ -77,8 +78,23 @@ def raise_fd_limit(journal: Journal) -> int:
     help="Persistent mappings kept per ring before the least recently used idle one goes "
     "(default 1056, like Linux blkback).",
 )
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Take over from the engine running now (an upgrade without systemd): it drains its rings and "
+    "hands its devices over; guests see a pause, not an error.",
+)
+@click.option(
+    "--handover-socket",
+    default=None,
+    metavar="PATH",
+    help="Where this engine listens for a successor's --takeover, and where --takeover finds the running "
+    "one (default with --transport xen: /run/xenblockctl/engine-KIND.handover; local: none).",
+)
 def backend(
     *,
+    takeover: bool,
+    handover_socket: str | None,
     kind: str,
     transport_spec: str,
     xenstore_path: str | None,
@@ -89,15 +105,32 @@ def backend(
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
-    from xenblockctl.backend.handover import FdStore
+    from xenblockctl.backend.handover import (
+        FdStore,
+        HandoverError,
+        HandoverServer,
+        default_handover_path,
+        take_over,
+    )
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.xenstore.client import XenStore
 
     journal = Journal("xenblockctl-engine")
     raise_fd_limit(journal)
-    # first: the fds a previous engine parked (LISTEN_FDS) are ours to verify or close
-    fd_store = FdStore.from_environ(journal)
+    if handover_socket is None and transport_spec == "xen":
+        handover_socket = default_handover_path(kind)
+    handed_over: dict[str, list[int]] | None = None
+    if takeover:
+        if handover_socket is None:
+            raise click.UsageError("--takeover needs --handover-socket with a local transport")
+        try:
+            handed_over = take_over(handover_socket, journal)
+        except HandoverError as exc:
+            journal.error(exc.one_line(), CODE=exc.code)
+            raise
+    # first: the fds a previous engine parked (LISTEN_FDS) or handed over are ours to verify or close
+    fd_store = FdStore.from_environ(journal, handed_over)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport
@@ -122,12 +155,25 @@ def backend(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server: HandoverServer | None = None
+    if handover_socket is not None:
+
+        def hand_over(send: Callable[[dict[str, int]], None]) -> None:
+            engine.handover = send
+            engine.stop()
+
+        try:
+            server = HandoverServer(handover_socket, journal, hand_over)
+        except HandoverError as exc:  # serving matters more than a later upgrade: go on without it
+            journal.error(f"{exc.one_line()}; no --takeover of this engine", CODE=exc.code)
     ready = threading.Event()
     waiter = threading.Thread(target=lambda: ready.wait() and print("engine ready", flush=True), daemon=True)
     waiter.start()
     try:
         engine.run(ready)
     finally:
+        if server is not None:
+            server.close()
         transport.close()
         store.close()
     sys.stdout.flush()

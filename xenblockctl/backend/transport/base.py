@@ -199,6 +199,11 @@ class EventChannel(abc.ABC):
 class Transport(abc.ABC):
     """Maps a frontend's grants and binds its event channels."""
 
+    #: A frontend's ring grants and event-channel port outlive our process, so a successor engine
+    #: can map and bind them again (issue 21). Xen: yes (the hypervisor keeps the grant; closing
+    #: our port makes the frontend's unbound-to-us again). Local: no, the registry dies with us.
+    rings_outlive_engine: bool = False
+
     @abc.abstractmethod
     def map_grants(
         self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
