@@ -162,6 +162,8 @@ class BackRing(_RingBase):
             self.broken = f"req_prod {req_prod} is more than {self.size} ahead of rsp_prod {start}"
             self.release()
             raise RingBroken(f"ill-behaved frontend at connect: {self.broken}")
+        #: the ring was in use before we attached (a re-attach, or a frontend reusing its ring)
+        self.resumed = bool(start or req_prod)
         #: responses a previous engine wrote but did not publish, published by our first push
         self.recovered = self._recover(start, req_prod)
         #: requests between them and req_prod at attach: taken by a previous engine and not
