@@ -53,7 +53,9 @@ class FdStore:
             # fds we cannot attribute are never served; the manager still holds its copies
             journal.error(f"ignoring the fds passed at start: {exc.one_line()}", CODE=exc.code)
             self.inherited = {}
-        # from `backend --takeover`: judged exactly like the store's
+        #: names the manager holds a copy of (LISTEN_FDS): not parked again when taken back
+        self.in_store = set(self.inherited) if self.enabled else set()
+        # from `backend --takeover`: judged exactly like the store's (and parked, being new to it)
         for name, fds in (handed_over or {}).items():
             self.inherited.setdefault(name, []).extend(fds)
         if self.inherited:
@@ -63,6 +65,10 @@ class FdStore:
     @classmethod
     def from_environ(cls, journal: Journal, handed_over: dict[str, list[int]] | None = None) -> FdStore:
         return cls(os.environ, journal, handed_over)
+
+    def holds(self, name: str) -> bool:
+        """A previous engine's fd for `name` waits to be taken (and verified)."""
+        return name in self.inherited
 
     def take(self, name: str) -> int | None:
         """The fd parked under `name` by a previous engine, now ours to verify (None if none). Extra
@@ -247,11 +253,9 @@ class HandoverServer:
                 continue
             except OSError:
                 return  # closed
-            try:
-                if self._handle(conn):
-                    return
-            finally:
-                conn.close()
+            if self._handle(conn):
+                return  # the connection is the hand-over's now: `send` closes it
+            conn.close()
 
     def _handle(self, conn: socket.socket) -> bool:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -269,9 +273,9 @@ class HandoverServer:
         self.close()  # the successor listens next
 
         def send(held: dict[str, int]) -> None:
-            conn.settimeout(60)
             items = sorted(held.items())
             try:
+                conn.settimeout(60)
                 for i in range(0, len(items), _CHUNK):
                     chunk = items[i : i + _CHUNK]
                     names = [name for name, _ in chunk]
@@ -286,6 +290,7 @@ class HandoverServer:
                     f"hand-over to pid {pid} failed ({exc}): the devices go with this engine", CODE="handover"
                 )
             finally:
+                conn.close()
                 for fd in held.values():
                     with contextlib.suppress(OSError):
                         os.close(fd)

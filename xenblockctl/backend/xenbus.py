@@ -275,8 +275,15 @@ class BackendDevice:
                 return
             tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
             tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
+            # taking over a live backend (issue 21): its frontend stays Connected and is not shown
+            # InitWait in between; `opened` goes back to 1 once the device is re-verified
+            live = (
+                tx.read_optional(join(self.path, "state")) == str(XenbusState.Connected)
+                and self.config.fd_store is not None
+                and self.config.fd_store.holds(self.fd_name)
+            )
             tx.write(join(self.path, "opened"), "0")
-            if tx.read_optional(join(self.path, "online")) != "0":
+            if tx.read_optional(join(self.path, "online")) != "0" and not live:
                 tx.write(join(self.path, "state"), "2")
 
         self.store.run_transaction(body)
@@ -312,7 +319,8 @@ class BackendDevice:
         major, minor, devt = published.major, published.minor, published.devt
         inherited = self.config.fd_store.take(self.fd_name) if self.config.fd_store is not None else None
         if inherited is not None:
-            self._parked = True  # the manager kept its copy: a refusal below must drop it too
+            # the manager kept its copy (a restart): a refusal below must drop it too
+            self._parked = self.config.fd_store is not None and self.fd_name in self.config.fd_store.in_store
             device = self._adopt(inherited, devt, writable=mode == "w")
         else:
             if blockdev.observe(devt) is None:
@@ -339,9 +347,10 @@ class BackendDevice:
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
-        if inherited is None and self.config.fd_store is not None:
+        if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
-            # between the two would leave the store nothing to hand the next one
+            # between the two would leave the store nothing to hand the next one (a device handed
+            # over by --takeover is new to the store too)
             self._parked = self.config.fd_store.park(self.fd_name, device.fd)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
