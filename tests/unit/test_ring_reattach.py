@@ -106,7 +106,9 @@ def test_a_slot_torn_by_the_kill_is_rewritten_from_the_journal() -> None:
     back.take_requests()
     back.respond_all([(0, blkif.OP_READ, 0), (1, blkif.OP_READ, 0)])
     back.release()
-    buf[64 + ENTRY : 64 + ENTRY + 4] = b"\xee" * 4  # slot 1 half written when the process died
+    # killed while writing slot 1: its bytes journalled, TAG = 1, the slot half written, COMMITTED = 1
+    struct.pack_into("=I", buf, 36, 1)
+    buf[64 + ENTRY : 64 + ENTRY + 4] = b"\xee" * 4
     successor = BackRing(view, blkif.X86_64, 1)
     assert successor.recovered == 2
     successor.push_responses()
@@ -114,27 +116,30 @@ def test_a_slot_torn_by_the_kill_is_rewritten_from_the_journal() -> None:
     assert ids(successor.take_requests()) == [2]
 
 
-def test_killed_before_the_journal_was_valid_the_slot_still_holds_its_request() -> None:
+def test_killed_while_journalling_the_next_answer_its_slot_still_holds_its_request() -> None:
     front, back, buf, view = make()
     for i in range(2):
         front.put_request(req(i))
     front.push_requests()
     back.take_requests()
+    back.respond(0, blkif.OP_READ, 0)
     back.release()
-    struct.pack_into("=I", buf, 32, 0)  # the journal being refilled: magic cleared, slot untouched
+    buf[44:60] = b"\xee" * 16  # slot 1's answer half journalled, TAG still 0: slot 1 untouched
     successor = BackRing(view, blkif.X86_64, 1)
-    assert successor.recovered == 0
-    assert ids(successor.take_requests()) == [0, 1]
+    assert successor.recovered == 1
+    assert ids(successor.take_requests()) == [1]
+    successor.push_responses()
+    assert front.take_responses() == [Response(0, 0, 0)]
 
 
-@pytest.mark.parametrize("after", [0, 3, 0x80000000])
-def test_a_forged_journal_outside_the_outstanding_requests_is_ignored(after: int) -> None:
+@pytest.mark.parametrize("committed", [3, 0x80000000, M])
+def test_a_forged_journal_outside_the_outstanding_requests_is_ignored(committed: int) -> None:
     front, back, buf, view = make()
     for i in range(2):
         front.put_request(req(i))
     front.push_requests()
     back.release()
-    struct.pack_into("=II", buf, 32, JOURNAL_MAGIC, after)  # rsp_prod 0, req_prod 2
+    struct.pack_into("=III", buf, 32, JOURNAL_MAGIC, committed, committed)  # rsp_prod 0, req_prod 2
     successor = BackRing(view, blkif.X86_64, 1)
     assert successor.recovered == 0
     assert ids(successor.take_requests()) == [0, 1]

@@ -29,16 +29,18 @@ took but never answered. Two rules make that possible:
   tell that m was answered. So an answer that finishes early is held until every request consumed
   before it is answered; then slot k always holds request k or response k, and "answered" is a
   prefix of the ring. (A slow request delays the answers behind it on the same ring.)
-- Each response is journalled in the header's padding before its slot is written (`_JOURNAL_*`,
-  offsets 32-55 of the 64-byte header: past the 4 bytes old ring.h called `pvt`, which netfront
-  and blktap once used; blkfront zeroes the padding and never reads it): magic cleared, the
-  response bytes, the index after its slot, magic set. A process killed anywhere leaves either no
-  valid journal or one naming slot J-1 with its complete response: slots [rsp_prod, J-1) already
-  hold whole responses (written before the journal moved past them), slot J-1 may be half
-  written and is rewritten from the journal.
-A successor's BackRing therefore publishes [rsp_prod, J) as answered (`recovered`) and starts
-consuming at J: what lies in [J, req_prod) are requests taken but not answered (or not taken at all),
-and it runs them again. Why that is safe, and what a guest can observe: docs in handover.py.
+- Each response is journalled in the header's padding (offsets 32-59 of the 64-byte header: past
+  the 4 bytes old ring.h called `pvt`, which netfront and blktap once used; blkfront zeroes the
+  padding and never reads it). Three words and a copy of one response: MAGIC (ours: set once at
+  attach, after COMMITTED and TAG), COMMITTED (every slot in [rsp_prod, COMMITTED) holds its whole
+  response), TAG and the response bytes (the response of slot TAG). Slot k is answered as: bytes,
+  TAG = k, slot k, COMMITTED = k + 1. A process killed anywhere leaves slots [rsp_prod, COMMITTED)
+  answered, and slot COMMITTED either untouched (TAG names another slot: the bytes were written
+  before TAG) or being written with the journalled bytes (TAG == COMMITTED): the successor finishes
+  that write from the journal, exactly as the dead engine would have.
+A successor's BackRing therefore publishes [rsp_prod, COMMITTED (+1)) as answered (`recovered`) and
+starts consuming there: what lies between it and req_prod are requests taken but not answered (or
+not taken at all), and it runs them again. Why that is safe, and what a guest can observe: docs in handover.py.
 The journal is in guest memory like everything else: a guest that forges it can only make us
 publish its own slots as responses to itself, within the bounds checked below.
 """
@@ -60,10 +62,9 @@ _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
 _FENCE_LOCK = threading.Lock()
 
 #: the response journal in the header's padding (32-bit word indices into the header, byte offset)
-_JOURNAL_MAGIC_WORD, _JOURNAL_NEXT_WORD, _JOURNAL_RESPONSE = 8, 9, 40
+_JOURNAL_MAGIC_WORD, _JOURNAL_COMMITTED_WORD, _JOURNAL_TAG_WORD, _JOURNAL_RESPONSE = 8, 9, 10, 44
 #: "xbcJ": a journal we wrote (a frontend zeroes the padding when it initialises the ring)
 JOURNAL_MAGIC: Final = 0x4A636278
-_U64 = struct.Struct("=Q")
 
 
 def full_fence() -> None:
@@ -148,11 +149,11 @@ class BackRing(_RingBase):
         self.rsp_prod_pvt = start
         self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
         self._pack_response = abi.response_struct.pack_into
-        self._id_at = abi.id_offset
+        # the id of every slot of a copied batch, in one C-level pass
+        self._ids = struct.Struct(f"={abi.id_offset}xQ{abi.entry_size - abi.id_offset - 8}x").iter_unpack
         self._hdr = buf[:SRING_HEADER_SIZE].cast("I")
-        #: ring index of each consumed, unanswered request, by request id (a guest may reuse ids:
-        #: an answer goes to the oldest request with its id)
-        self._waiting: dict[int, deque[int]] = {}
+        #: ids of the consumed requests not yet written back, in ring order from rsp_prod_pvt
+        self._order: deque[int] = deque()
         #: answers that finished before an older request: (id, operation, status) by ring index
         self._held: dict[int, tuple[int, int, int]] = {}
         self.broken: str | None = None
@@ -171,19 +172,29 @@ class BackRing(_RingBase):
         self.outstanding_at_attach = (req_prod - self.req_cons) & _MASK
 
     def _recover(self, start: int, req_prod: int) -> int:
-        """Adopt the journal a previous engine left (see the module docstring): the count of slots
-        from `start` that hold its complete responses. 0 without a valid journal."""
+        """Adopt the journal a previous engine left (module docstring), or start one: the count of
+        slots from `start` that hold its complete responses (0 without a usable journal)."""
         hdr = self._hdr
-        if hdr[_JOURNAL_MAGIC_WORD] != JOURNAL_MAGIC:
+        outstanding = (req_prod - start) & _MASK
+        committed = int(hdr[_JOURNAL_COMMITTED_WORD])
+        n = (committed - start) & _MASK
+        if hdr[_JOURNAL_MAGIC_WORD] != JOURNAL_MAGIC or n > outstanding:
+            # none, or not about this ring's outstanding slots (a forged or stale one): ours from
+            # here, with nothing answered; the magic goes last, so a kill in between leaves none
+            hdr[_JOURNAL_MAGIC_WORD] = 0
+            hdr[_JOURNAL_COMMITTED_WORD] = start
+            hdr[_JOURNAL_TAG_WORD] = (start - 1) & _MASK
+            hdr[_JOURNAL_MAGIC_WORD] = JOURNAL_MAGIC
             return 0
-        after = int(hdr[_JOURNAL_NEXT_WORD])
-        n = (after - start) & _MASK
-        if not 0 < n <= ((req_prod - start) & _MASK):
-            return 0  # published already (n == 0), or not a journal of this ring's outstanding slots
-        size = self.abi.response_size
-        last = ((after - 1) & (self.size - 1)) * self._entry
-        self._entries[last : last + size] = self._buf[_JOURNAL_RESPONSE : _JOURNAL_RESPONSE + size]
-        self.req_cons = self.rsp_prod_pvt = after
+        if n < outstanding and hdr[_JOURNAL_TAG_WORD] == committed:
+            # killed while writing slot `committed`: finish it from the journal, as it would have
+            size = self.abi.response_size
+            at = (committed & (self.size - 1)) * self._entry
+            self._entries[at : at + size] = self._buf[_JOURNAL_RESPONSE : _JOURNAL_RESPONSE + size]
+            committed = (committed + 1) & _MASK
+            hdr[_JOURNAL_COMMITTED_WORD] = committed
+            n += 1
+        self.req_cons = self.rsp_prod_pvt = committed
         return n
 
     def _mark_broken(self, why: str) -> None:
@@ -229,16 +240,8 @@ class BackRing(_RingBase):
         data = bytes(self._entries[first * entry : (first + head) * entry])
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
-        idx, waiting, unpack = self.req_cons, self._waiting, _U64.unpack_from
-        for offset in range(self._id_at, n * entry, entry):
-            (rid,) = unpack(data, offset)
-            queue = waiting.get(rid)
-            if queue is None:
-                waiting[rid] = deque((idx,))
-            else:
-                queue.append(idx)
-            idx = (idx + 1) & _MASK
-        self.req_cons = idx
+        self._order.extend([t[0] for t in self._ids(data)])
+        self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
     def take_requests(self, limit: int | None = None) -> list[bytes]:
@@ -274,41 +277,51 @@ class BackRing(_RingBase):
 
     def respond_all(self, answers: Sequence[tuple[int, int, int]]) -> None:
         """`respond(rid, operation, status)` for each answer in order, in one loop (a ring pass
-        answers up to 64 requests at once)."""
-        waiting, held = self._waiting, self._held
-        placed: list[int] = []
-        for answer in answers:
-            queue = waiting.get(answer[0])
-            if not queue:
-                # an answer for no outstanding request would overwrite a pending one: our bug.
-                # Nothing of this call is kept: every request it named is outstanding again.
-                for idx in reversed(placed):
-                    rid = held.pop(idx)[0]
-                    waiting.setdefault(rid, deque()).appendleft(idx)
-                raise XenblockError(
-                    f"response to request {answer[0]}, which is not outstanding", code="internal"
-                )
-            idx = queue.popleft()
-            if not queue:
-                del waiting[answer[0]]
-            held[idx] = answer
-            placed.append(idx)
-        pvt = self.rsp_prod_pvt
-        if pvt not in held:
-            return
+        answers up to 64 requests at once). An answer for no outstanding request is our bug: it
+        raises, and the answers before it in `answers` stand."""
+        order, held = self._order, self._held
         pack, entries, entry, mask = self._pack_response, self._entries, self._entry, self.size - 1
         hdr, buf = self._hdr, self._buf
-        while pvt in held:
-            rid, operation, status = held.pop(pvt)
-            nxt = (pvt + 1) & _MASK
-            # the journal first (invalidate, fill, name the slot, validate), then the slot
-            hdr[_JOURNAL_MAGIC_WORD] = 0
-            pack(buf, _JOURNAL_RESPONSE, rid, operation, status)
-            hdr[_JOURNAL_NEXT_WORD] = nxt
-            hdr[_JOURNAL_MAGIC_WORD] = JOURNAL_MAGIC
-            pack(entries, (pvt & mask) * entry, rid, operation, status)
-            pvt = nxt
-        self.rsp_prod_pvt = pvt
+        pvt = self.rsp_prod_pvt
+        try:
+            for answer in answers:
+                if held or not order or order[0] != answer[0]:
+                    # not the oldest: find its request (the oldest unanswered with this id), hold it
+                    at = self._position(answer[0], pvt)
+                    if at is None:
+                        raise XenblockError(
+                            f"response to request {answer[0]}, which is not outstanding", code="internal"
+                        )
+                    held[(pvt + at) & _MASK] = answer
+                    if at:
+                        continue
+                    answer = held.pop(pvt)
+                # write it back, then every held answer it was holding up
+                while True:
+                    rid, operation, status = answer
+                    pack(buf, _JOURNAL_RESPONSE, rid, operation, status)
+                    hdr[_JOURNAL_TAG_WORD] = pvt
+                    pack(entries, (pvt & mask) * entry, rid, operation, status)
+                    pvt = (pvt + 1) & _MASK
+                    hdr[_JOURNAL_COMMITTED_WORD] = pvt
+                    order.popleft()
+                    if not held or (nxt := held.pop(pvt, None)) is None:
+                        break
+                    answer = nxt
+        finally:
+            self.rsp_prod_pvt = pvt
+
+    def _position(self, rid: int, pvt: int) -> int | None:
+        """Where the oldest unanswered request with id `rid` is, counted from `pvt`."""
+        order, held = self._order, self._held
+        at = -1
+        while True:
+            try:
+                at = order.index(rid, at + 1)
+            except ValueError:
+                return None
+            if (pvt + at) & _MASK not in held:
+                return at
 
     @property
     def held(self) -> int:
