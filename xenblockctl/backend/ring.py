@@ -40,7 +40,8 @@ took but never answered. Two rules make that possible:
   that write from the journal, exactly as the dead engine would have.
 A successor's BackRing therefore publishes [rsp_prod, COMMITTED (+1)) as answered (`recovered`) and
 starts consuming there: what lies between it and req_prod are requests taken but not answered (or
-not taken at all), and it runs them again. Why that is safe, and what a guest can observe: docs in handover.py.
+not taken at all), and it runs them again. Why that is safe, and what a guest can observe: see
+handover.py.
 The journal is in guest memory like everything else: a guest that forges it can only make us
 publish its own slots as responses to itself, within the bounds checked below.
 """
@@ -284,15 +285,16 @@ class BackRing(_RingBase):
         hdr, buf = self._hdr, self._buf
         pvt = self.rsp_prod_pvt
         try:
-            for answer in answers:
-                if held or not order or order[0] != answer[0]:
+            for given in answers:
+                answer = given
+                if held or not order or order[0] != given[0]:
                     # not the oldest: find its request (the oldest unanswered with this id), hold it
-                    at = self._position(answer[0], pvt)
+                    at = self._position(given[0], pvt)
                     if at is None:
                         raise XenblockError(
-                            f"response to request {answer[0]}, which is not outstanding", code="internal"
+                            f"response to request {given[0]}, which is not outstanding", code="internal"
                         )
-                    held[(pvt + at) & _MASK] = answer
+                    held[(pvt + at) & _MASK] = given
                     if at:
                         continue
                     answer = held.pop(pvt)
