@@ -14,7 +14,43 @@ Delete-on-close still holds: if nothing takes the fds back (the unit is stopped,
 restarting it), the manager closes its copies and the devices go as before. An fd nobody claims at
 start (no such backend any more) is closed here, with the reason logged.
 
-Without $NOTIFY_SOCKET nothing is parked and nothing changes."""
+Without $NOTIFY_SOCKET nothing is parked and nothing changes.
+
+Re-attaching to live rings (Xen). Only the device fds are handed over, never the gntdev or evtchn
+handles: what a successor needs of the ring outlives the process anyway. Xen 4.17's
+xen/common/event_channel.c (RELEASE-4.17.7): evtchn_close() of our interdomain port (the kernel
+does it when the dead process's /dev/xen/evtchn fd is released) sets the frontend's port back to
+ECS_UNBOUND with remote_domid = our domain (lines 756-757), which is exactly what
+evtchn_bind_interdomain() requires of the remote port (lines 389ff), so the successor binds the
+same `event-channel` again; an event the frontend sends meanwhile is dropped ("silently drop the
+notification", evtchn_send, line 830), which is why a re-attached data plane checks the ring and
+notifies the frontend once before it waits. The frontend's grant of the ring page stays until the
+frontend ends it (only our mapping went with the process), so `ring-ref` maps again. Parking the
+handles instead would buy little and cost: the mappings themselves live in the dead process's
+address space and go with it (a kept gntdev fd keeps only grant-map bookkeeping the successor
+would have to rediscover), an evtchn fd held by a store keeps the port bound to nobody who reads
+it, and each would be one more stored fd per ring.
+Persistent-grant mappings are not carried over either: the grant cache maps again on first use.
+
+What the successor re-runs, and why that is safe: the requests from the ring's last committed
+answer to req_prod (ring.py: answers are published in ring order and journalled, so the shared
+page says which). The guest has no answer for any of them: to it they are all still in flight.
+- A request the guest saw complete is never run again, so a re-run write can never overwrite data
+  the guest wrote after it learned of that completion (the ordering guarantee a block device gives).
+- Among requests in flight together there is no order (blkif and the Linux block layer guarantee
+  none between concurrent requests): a re-run write lands a second time with the same data, and of
+  overlapping writes in flight together any may land last — as could have happened without the
+  crash. A read returns what the disk holds now. A discard is idempotent. A flush run again makes
+  durable everything completed before it, the dead engine's writes included: they went into the
+  kernel through the device fd the store kept open, not into our process.
+- Barriers (ordered writes) would need more; the engine does not offer feature-barrier.
+- A request the dead engine's thread had in the kernel is finished before the successor runs it
+  again: the engine does synchronous preadv/pwritev, which a dying process completes before it is
+  reaped, and a successor starts after that (systemd restarts a unit whose main process exited;
+  --takeover waits for the old engine to drain).
+The cost: a slow request holds back the answers behind it on its ring (in-order publication), and
+requests in flight at the crash run twice. Remote (NBD) targets are not covered: a request the
+server received from the dead engine may still be executing there when it is sent again."""
 
 from __future__ import annotations
 
