@@ -35,7 +35,7 @@ cleanup() {
   [ -n "$supervisor_pid" ] && kill -9 "$(current_engine)" 2>/dev/null || true
   # an engine that serves the disk (or fails it) lets xl detach it
   if [ -e /sys/block/xvdb ]; then
-    if ! kill -0 "${engine_pid:-0}" 2>/dev/null; then start_engine || true; fi
+    if [ -z "${engine_pid:-}" ] || ! kill -0 "$engine_pid" 2>/dev/null; then start_engine || true; fi
     xl block-detach 0 xvdb 2>/dev/null || true
   fi
   engine_restore
@@ -91,9 +91,10 @@ say "serving xvdb from $loop (diskseq $seq), ring-ref/event-channel $ring"
 
 # 1. upgrade without systemd: --takeover
 old=$engine_pid
-soak_start 48 takeover
+soak_start 256 takeover
 t=$(now)
 start_engine --takeover
+kill -0 "$soak_pid" 2>/dev/null || fail "takeover: the soak ended before the engine changed: make it longer"
 wait "$old" || fail "takeover: the old engine exited $?"
 probe takeover "$t"
 # the ring's own gap: from the old engine stopping to the new one connected (dom0 uptime stamps)
@@ -117,13 +118,14 @@ wait "$old" || fail "second takeover: the old engine exited $?"
 engine_pid=
 wait_for "the device parked in the store" 30 grep -q 'FDSTORE vbd-0-51728' "$engine_log"
 same_disk "under the store"
-soak_start 48 crash
+soak_start 256 crash
 victim=$(current_engine)
 before=$(ready_count)
 t=$(now)
 kill -9 "$victim"
 [ -n "$(loops_of "$img")" ] || fail "crash: the loop device went with the engine (the store holds it)"
 wait_for "the restarted engine" 120 ready_more_than "$before"
+kill -0 "$soak_pid" 2>/dev/null || fail "crash: the soak ended before the engine came back: make it longer"
 probe crash "$t"
 grep -q 're-attached to a live ring\|took over' "$engine_log" || fail "crash: no takeover in the engine log"
 grep 're-attached to a live ring' "$engine_log" || say "crash: the ring was idle at the kill (nothing to re-run)"
