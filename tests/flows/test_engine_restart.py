@@ -301,6 +301,20 @@ class GuestIO(threading.Thread):
                 assert ring is not None
                 rid = submit(ring)
 
+    def finish(self) -> None:
+        """Stop the rounds and check they ran without a failure or an error."""
+        self.halt.set()
+        self.join(60)
+        assert self.failure is None, repr(self.failure)
+        assert self.errors == []
+
+    def check_acknowledged(self) -> None:
+        """Every write acknowledged (and flushed) reads back through the guest's current ring."""
+        ring = self.guest.ring
+        assert ring is not None
+        for sector, data in self.acked.items():
+            assert ring.read(sector, 4096) == data, f"acknowledged write at {sector} lost"
+
     def run(self) -> None:
         try:
             while not self.halt.is_set():
@@ -336,20 +350,14 @@ def test_a_guest_doing_io_while_the_engine_is_killed_sees_a_pause_not_an_error(
         before = io.rounds
         engines.start(takeover=True)
         assert wait_for(lambda: io.rounds >= before + 50 or io.failure is not None, timeout=60), io.failure
-        io.halt.set()
-        io.join(60)
-        assert io.failure is None, repr(io.failure)
-        assert io.errors == []
+        io.finish()
         assert io.pauses, "the kill was not noticed"
         assert io.reconnects == 1, io.reconnects
         print(
             f"\nguest pause across SIGKILL + takeover: {max(io.pauses):.3f} s (all: {io.pauses});"
             f" {io.rounds} rounds, 0 errors"
         )
-        ring = guest.ring
-        assert ring is not None
-        for sector, data in io.acked.items():
-            assert ring.read(sector, 4096) == data, f"acknowledged write at {sector} lost"
+        io.check_acknowledged()
     finally:
         io.halt.set()
         io.join(60)
@@ -382,10 +390,7 @@ def test_takeover_without_a_service_manager_hands_the_device_over_while_the_gues
         assert first.proc.wait(30) == 0, first.log_text()[-2000:]
         before = io.rounds
         assert wait_for(lambda: io.rounds >= before + 50 or io.failure is not None, timeout=60), io.failure
-        io.halt.set()
-        io.join(60)
-        assert io.failure is None, repr(io.failure)
-        assert io.errors == []
+        io.finish()
         print(
             f"\nguest pause across --takeover: {max(io.pauses, default=0):.3f} s;"
             f" {io.rounds} rounds, 0 errors"
@@ -394,10 +399,7 @@ def test_takeover_without_a_service_manager_hands_the_device_over_while_the_gues
         assert "handed 1 device(s) over" in first.log_text()
         assert "took over" in second.log_text()
         assert fd_store.names() == {"vbd-47-51712": 1}, "parked by the new engine"
-        ring = guest.ring
-        assert ring is not None
-        for sector, data in io.acked.items():
-            assert ring.read(sector, 4096) == data, f"acknowledged write at {sector} lost"
+        io.check_acknowledged()
     finally:
         io.halt.set()
         io.join(60)
