@@ -422,3 +422,30 @@ def test_takeover_with_no_engine_running_is_a_coded_error(
     assert done.returncode != 0
     assert "handover" in done.stderr, done.stderr
     assert "no engine to take over" in done.stderr, done.stderr
+
+
+def test_a_frontend_that_left_while_no_engine_ran_is_handled_as_a_fresh_one(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    """The guest rebooted its driver while no engine ran (frontend Initialising, backend still
+    Connected): the engine taking over shows it InitWait, as for any new frontend, instead of keeping
+    Connected for a ring that is gone; the frontend connects and finds its data."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 48)
+    try:
+        ring = guest.ring
+        assert ring is not None
+        assert ring.write(8, b"z" * 4096) == blkif.RSP_OKAY
+        assert ring.flush() == blkif.RSP_OKAY
+        kill(first)
+        ring.close()
+        guest.ring = None
+        libxl.store.write(f"{guest.frontend_path}/state", "1")
+        engines.start(takeover=True)
+        assert guest.wait_backend((2,), 30) == 2
+        ring = guest.connect()
+        assert ring.read(8, 4096) == b"z" * 4096
+        assert "took over" in engines.started[-1].log_text()
+    finally:
+        detach(libxl, be, guest)

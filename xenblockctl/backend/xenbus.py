@@ -275,12 +275,16 @@ class BackendDevice:
                 return
             tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
             tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
-            # taking over a live backend (issue 21): its frontend stays Connected and is not shown
-            # InitWait in between; `opened` goes back to 1 once the device is re-verified
+            # taking over a live backend (issue 21) whose frontend is still on its ring: it is not
+            # shown InitWait in between; `opened` goes back to 1 once the device is re-verified. A
+            # frontend that left meanwhile is handled as a fresh backend's (InitWait).
             live = (
                 tx.read_optional(join(self.path, "state")) == str(XenbusState.Connected)
                 and self.config.fd_store is not None
                 and self.config.fd_store.holds(self.fd_name)
+                and (frontend := tx.read_optional(join(self.path, "frontend"))) is not None
+                and _frontend_matches(frontend, self.domid, self.devid)
+                and tx.read_optional(join(frontend, "state")) in ("3", "4")
             )
             tx.write(join(self.path, "opened"), "0")
             if tx.read_optional(join(self.path, "online")) != "0" and not live:
