@@ -121,7 +121,7 @@ def test_a_second_engine_does_not_steal_a_live_socket_but_replaces_a_dead_one(tm
         with pytest.raises(HandoverError, match="another engine listens"):
             HandoverServer(path, _journal(), lambda send: send({}))
     finally:
-        first.sock.close()  # dies without removing its socket, as a killed engine does
+        first.close(unlink=False)  # dies without removing its socket, as a killed engine does
     assert os.path.exists(path)
     second = HandoverServer(path, _journal(), lambda send: send({}))
     try:

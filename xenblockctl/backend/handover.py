@@ -77,9 +77,7 @@ def fd_name(kind: str, domid: int, devid: int) -> str:
 class FdStore:
     """The engine's side of the fd store: what it inherited at start, and park/unpark."""
 
-    def __init__(
-        self, env: MutableMapping[str, str], journal: Journal, handed_over: dict[str, list[int]] | None = None
-    ) -> None:
+    def __init__(self, env: MutableMapping[str, str], journal: Journal) -> None:
         self.env = env
         self.journal = journal
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
@@ -91,16 +89,19 @@ class FdStore:
             self.inherited = {}
         #: names the manager holds a copy of (LISTEN_FDS): not parked again when taken back
         self.in_store = set(self.inherited) if self.enabled else set()
-        # from `backend --takeover`: judged exactly like the store's (and parked, being new to it)
-        for name, fds in (handed_over or {}).items():
-            self.inherited.setdefault(name, []).extend(fds)
         if self.inherited:
             names = ", ".join(f"{name} ({len(fds)})" for name, fds in sorted(self.inherited.items()))
             journal.info(f"fd store handed back: {names}")
 
     @classmethod
-    def from_environ(cls, journal: Journal, handed_over: dict[str, list[int]] | None = None) -> FdStore:
-        return cls(os.environ, journal, handed_over)
+    def from_environ(cls, journal: Journal) -> FdStore:
+        return cls(os.environ, journal)
+
+    def adopt(self, handed_over: dict[str, list[int]]) -> None:
+        """Fds from `backend --takeover`: judged exactly like the store's (and parked, being new
+        to it). Before the engine's first rescan."""
+        for name, fds in handed_over.items():
+            self.inherited.setdefault(name, []).extend(fds)
 
     def holds(self, name: str) -> bool:
         """A previous engine's fd for `name` waits to be taken (and verified)."""
@@ -342,6 +343,8 @@ class HandoverServer:
         self._stop.set()
         with contextlib.suppress(OSError):
             self.sock.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)  # an accept() under way holds the socket open until it returns
         if unlink:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)

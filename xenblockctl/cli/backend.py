@@ -120,17 +120,10 @@ def backend(
     raise_fd_limit(journal)
     if handover_socket is None and transport_spec == "xen":
         handover_socket = default_handover_path(kind)
-    handed_over: dict[str, list[int]] | None = None
-    if takeover:
-        if handover_socket is None:
-            raise click.UsageError("--takeover needs --handover-socket with a local transport")
-        try:
-            handed_over = take_over(handover_socket, journal)
-        except HandoverError as exc:
-            journal.error(exc.one_line(), CODE=exc.code)
-            raise
-    # first: the fds a previous engine parked (LISTEN_FDS) or handed over are ours to verify or close
-    fd_store = FdStore.from_environ(journal, handed_over)
+    if takeover and handover_socket is None:
+        raise click.UsageError("--takeover needs --handover-socket with a local transport")
+    # first: the fds a previous engine parked (LISTEN_FDS) are ours to verify or close
+    fd_store = FdStore.from_environ(journal)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport
@@ -149,6 +142,15 @@ def backend(
     if max_persistent_grants is not None:
         config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
     engine = Engine(store, config, kind=kind, journal=journal)
+    if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
+        # only now, with everything else ready: the guests' pause runs from here to our first rescan
+        try:
+            fd_store.adopt(take_over(handover_socket, journal))
+        except HandoverError as exc:
+            journal.error(exc.one_line(), CODE=exc.code)
+            transport.close()
+            store.close()
+            raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         engine.stop()

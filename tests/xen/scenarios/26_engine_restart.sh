@@ -58,11 +58,22 @@ probe() {
   metric "${1}_pause_s" "$(elapsed "$2")" s
   say "$1: pause $(elapsed "$2") s (to the first read answered)"
 }
+# soak_start MIB LABEL WAIT [SOAK ARGS]: the soak in the background, WAIT seconds into its mix.
 soak_start() {
   python3 "$XENCI_SCENARIOS/soak_io.py" /dev/xvdb --min-total-mib "$1" --min-write-mib $(($1 / 2)) \
-    --threads 4 >"$XENCI_WORK/soak-$2.json" 2>&1 &
+    --threads 4 "${@:4}" >"$XENCI_WORK/soak-$2.json" 2>&1 &
   soak_pid=$!
-  sleep 3  # well into the mix: requests in flight when the engine goes
+  sleep "$3"  # into the mix of writes and verified reads: requests in flight when the engine goes
+}
+uptime_now() { local up _; read -r up _ </proc/uptime; echo "$up"; }
+# ring_gap LABEL SINCE: dom0 uptime from SINCE to the first `connected:` line logged after it (the
+# engine serving the ring again), as a metric.
+ring_gap() {
+  local gap
+  gap=$(awk -F'[][]' -v since="$2" '/connected:/ && $2 + 0 > since + 0 { printf "%.3f", $2 - since; exit }' "$engine_log")
+  [ -n "$gap" ] || fail "$1: no connected: line after uptime $2"
+  metric "${1}_ring_gap_s" "$gap" s
+  say "$1: the ring was served again $gap s after the engine went"
 }
 soak_end() {
   wait "$soak_pid" || { cat "$XENCI_WORK/soak-$1.json"; soak_pid=; fail "$1: the guest I/O saw errors or mismatches"; }
@@ -91,16 +102,15 @@ say "serving xvdb from $loop (diskseq $seq), ring-ref/event-channel $ring"
 
 # 1. upgrade without systemd: --takeover
 old=$engine_pid
-soak_start 256 takeover
+soak_start 256 takeover 3 --save-state "$XENCI_WORK/soak.state"
 t=$(now)
 start_engine --takeover
 kill -0 "$soak_pid" 2>/dev/null || fail "takeover: the soak ended before the engine changed: make it longer"
 wait "$old" || fail "takeover: the old engine exited $?"
 probe takeover "$t"
-# the ring's own gap: from the old engine stopping to the new one connected (dom0 uptime stamps)
-gap=$(awk '/hand-over requested/ { a = substr($2, 1) + 0 } /connected:/ && a { b = $2 + 0 } END { if (a && b) printf "%.3f", b - a }' \
-  FS='[][]' "$engine_log")
-[ -n "$gap" ] && metric takeover_ring_gap_s "$gap" s
+# the ring's own gap: from the old engine stopping (it drains what is in flight first) to the new
+# one connected
+ring_gap takeover "$(grep 'hand-over requested' "$engine_log" | tail -n 1 | awk -F'[][]' '{ print $2 + 0 }')"
 grep -q 'handed 1 device(s) over' "$engine_log" || fail "takeover: the old engine handed nothing over"
 grep -q 'took over .* diskseq' "$engine_log" || fail "takeover: the new engine did not take the device back"
 soak_end takeover
@@ -118,18 +128,29 @@ wait "$old" || fail "second takeover: the old engine exited $?"
 engine_pid=
 wait_for "the device parked in the store" 30 grep -q 'FDSTORE vbd-0-51728' "$engine_log"
 same_disk "under the store"
-soak_start 256 crash
+# the crash soak first reads the whole disk back against what the takeover soak left (through two
+# engine changes), then mixes again; the kill comes well into that mix
+soak_start 256 crash 45 --resume "$XENCI_WORK/soak.state"
 victim=$(current_engine)
 before=$(ready_count)
 t=$(now)
+killed=$(uptime_now)
 kill -9 "$victim"
 [ -n "$(loops_of "$img")" ] || fail "crash: the loop device went with the engine (the store holds it)"
 wait_for "the restarted engine" 120 ready_more_than "$before"
 kill -0 "$soak_pid" 2>/dev/null || fail "crash: the soak ended before the engine came back: make it longer"
 probe crash "$t"
+ring_gap crash "$killed"
 grep -q 're-attached to a live ring\|took over' "$engine_log" || fail "crash: no takeover in the engine log"
 grep 're-attached to a live ring' "$engine_log" || say "crash: the ring was idle at the kill (nothing to re-run)"
 soak_end crash
+tail -n 1 "$XENCI_WORK/soak-crash.json" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+if not d["resumed"] or d["resume_verified_mib"] < 256:
+    sys.exit("FAIL: crash: the soak did not check the whole disk against the takeover soak first")
+print(f"XENCI-METRIC: verified_after_two_engine_changes_mib={d[\"resume_verified_mib\"]}")' \
+  || fail "crash: see above"
 same_disk crash
 
 # 3. crash and no engine comes back: the store's close is the last reference

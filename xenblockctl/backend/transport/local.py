@@ -538,6 +538,9 @@ class LocalTransport(Transport):
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._listener.bind(socket_path)
         os.chmod(socket_path, 0o600)
+        # ours to unlink at close only while it is still this socket: an engine taking over
+        # (`backend --takeover`) binds the same path while we still serve
+        self._socket_inode = os.stat(socket_path).st_ino
         self._listener.listen(128)
         self._listener.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -623,7 +626,8 @@ class LocalTransport(Transport):
         os.close(self._wake_r)
         os.close(self._wake_w)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+            if os.stat(self.socket_path).st_ino == self._socket_inode:
+                os.unlink(self.socket_path)
 
     # -- registry server -------------------------------------------------------------------------
     def _serve(self) -> None:
