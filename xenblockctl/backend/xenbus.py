@@ -153,6 +153,8 @@ class BackendDevice:
         #: taken over while the frontend was connected to the previous engine: its ring's grants
         #: lived in that process (local transport), so wait for the frontend to reconnect
         self._stale_ring = False
+        #: the device came from a previous engine: the next connect is a re-attach (logged as one)
+        self._taken_over = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -358,6 +360,7 @@ class BackendDevice:
             self._parked = self.config.fd_store.park(self.fd_name, device.fd)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
+        self._taken_over = inherited is not None and self.config.transport.rings_outlive_engine
         how = "took over" if inherited is not None else "opened"
         access = "rw" if self.writable else "ro"
         self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
@@ -502,11 +505,13 @@ class BackendDevice:
             errors=self.errors,
         )
         ring = self.dataplane.ring
-        if ring.recovered or ring.outstanding_at_attach:
+        if self._taken_over or ring.recovered or ring.outstanding_at_attach:
             self._log(
-                f"re-attached to a live ring: {ring.recovered} answer(s) a previous engine finished"
-                f" published, {ring.outstanding_at_attach} request(s) taken again"
+                f"re-attached to a live ring (ring-ref {','.join(map(str, params.ring_refs))}, event channel"
+                f" {params.event_channel}): {ring.recovered} answer(s) a previous engine finished published,"
+                f" {ring.outstanding_at_attach} request(s) taken again"
             )
+        self._taken_over = False
         self.dataplane.start()
 
         def body(tx: Transaction) -> None:
