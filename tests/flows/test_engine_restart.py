@@ -6,9 +6,10 @@ re-verifying it, and the reconnecting frontend reads what was written and flushe
 If no engine comes back, the store's close releases the device (delete-on-close still holds).
 
 The pause is printed (-s): SIGKILL to the first answer on the new ring. On this transport the ring's
-grants live in the engine process, so the frontend must reconnect (the new engine says Closed) and
-re-issue what was not answered, as Linux blkfront does on recovery; re-attaching to the live ring
-(Xen transport) is not done yet."""
+grants live in the engine process (its registry), so after a crash the frontend must reconnect (the
+new engine says Closed) and re-issue what was not answered, as Linux blkfront does on recovery.
+`backend --takeover` hands the registry over with the devices, and the new engine re-attaches to the
+live ring as it does on Xen (tests/xen/scenarios/26_engine_restart.sh)."""
 
 from __future__ import annotations
 
@@ -372,11 +373,11 @@ def test_takeover_without_a_service_manager_hands_the_device_over_while_the_gues
     libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
 ) -> None:
     """`backend --takeover` (an upgrade without systemd): the running engine drains its ring, passes
-    its device fd over the hand-over socket and exits 0; the new one re-verifies it and serves the same
-    loop device. On this transport the ring's grants live in the old engine's registry, so the
-    frontend reconnects (Closed) and re-issues what was not answered; on Xen the new engine re-attaches
-    to the live ring (tests/xen/scenarios/26_engine_restart.sh). The new engine parks the device in the
-    store, since the old one (outside it) never did."""
+    its device fd and its registry (the frontends' connections, grant tables and event channels: this
+    transport's "hypervisor") over the hand-over socket and exits 0; the new one re-verifies the
+    device and re-attaches to the live ring, as on Xen (tests/xen/scenarios/26_engine_restart.sh): the
+    frontend never reconnects, it only waits. The new engine parks the device in the store, since the
+    old one (outside it) never did."""
     image = make_image()
     first = engines.start(store=False)
     be, guest = attach_guest(libxl, engines.transport, image, 47)
@@ -395,10 +396,17 @@ def test_takeover_without_a_service_manager_hands_the_device_over_while_the_gues
             f"\nguest pause across --takeover: {max(io.pauses, default=0):.3f} s;"
             f" {io.rounds} rounds, 0 errors"
         )
+        assert io.reconnects == 0, "re-attached: the frontend kept its ring"
         assert bound_loops_under(image.parent) == loops, "the same loop device, never released"
         assert "handed 1 device(s) over" in first.log_text()
-        assert "took over" in second.log_text()
+        log = second.log_text()
+        assert "adopted the previous engine's registry" in log, log
+        assert "took over" in log
+        assert "re-attached to a live ring" in log, log
         assert fd_store.names() == {"vbd-47-51712": 1}, "parked by the new engine"
+        io.check_acknowledged()
+        # the adopted registry goes on serving: the same guest's reboot registers a new ring
+        guest.reboot()
         io.check_acknowledged()
     finally:
         io.halt.set()

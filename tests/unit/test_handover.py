@@ -5,13 +5,20 @@ and engine processes: tests/flows/test_engine_restart.py."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.fdstore import Store
-from xenblockctl.backend.handover import FdStore, HandoverError, HandoverServer, fd_name, take_over
+from xenblockctl.backend.handover import (
+    FdStore,
+    HandedOver,
+    HandoverError,
+    HandoverServer,
+    Send,
+    fd_name,
+    take_over,
+)
 from xenblockctl.journal import Journal
 
 
@@ -80,29 +87,32 @@ def test_a_takeover_passes_every_fd_by_name_and_the_socket_moves_to_the_successo
     requests: list[object] = []
     r, w = os.pipe()
 
-    def on_request(send: Callable[[dict[str, int]], None]) -> None:
+    def on_request(send: Send) -> None:
         requests.append(send)
         # the engine drains, then hands over dups of its device fds (here: enough to need 2 chunks)
-        send({f"vbd-1-{i}": os.dup(r) for i in range(250)})
+        # and its transport's state
+        send({f"vbd-1-{i}": os.dup(r) for i in range(250)}, ({"registry": [1, 2]}, [os.dup(w), os.dup(r)]))
 
     server = HandoverServer(path, _journal(), on_request)
-    got: dict[str, list[int]] = {}
+    got = HandedOver()
     try:
         got = take_over(path, _journal())
         assert len(requests) == 1
-        assert sorted(got) == sorted(f"vbd-1-{i}" for i in range(250))
-        assert all(len(fds) == 1 for fds in got.values())
+        assert sorted(got.devices) == sorted(f"vbd-1-{i}" for i in range(250))
+        assert all(len(fds) == 1 for fds in got.devices.values())
         os.write(w, b"x")
-        assert os.read(got["vbd-1-7"][0], 1) == b"x", "the same open file"
+        assert os.read(got.devices["vbd-1-7"][0], 1) == b"x", "the same open file"
+        assert got.transport == {"registry": [1, 2]}
+        assert len(got.transport_fds) == 2
+        os.write(got.transport_fds[0], b"y")  # in order: the write end first
+        assert os.read(got.transport_fds[1], 1) == b"y"
         assert not os.path.exists(path), "the old engine's socket is gone: the successor listens next"
         successor = HandoverServer(path, _journal(), on_request)
         successor.close()
         assert not os.path.exists(path)
     finally:
         server.close()
-        for fds in got.values():
-            for fd in fds:
-                os.close(fd)
+        got.close()
         os.close(r)
         os.close(w)
 

@@ -16,8 +16,11 @@ start (no such backend any more) is closed here, with the reason logged.
 
 Without $NOTIFY_SOCKET nothing is parked and nothing changes.
 
-Re-attaching to live rings (Xen). Only the device fds are handed over, never the gntdev or evtchn
-handles: what a successor needs of the ring outlives the process anyway. Xen 4.17's
+Re-attaching to live rings. The local transport's registry (its "hypervisor": the frontends'
+connections, grant tables and event channels) lives in the engine, so a crash there costs the
+frontends a reconnect; `--takeover` hands it over with the devices (Transport.export_state), and
+the successor re-attaches as on Xen. On Xen only the device fds are handed over, never the gntdev
+or evtchn handles: what a successor needs of the ring outlives the process anyway. Xen 4.17's
 xen/common/event_channel.c (RELEASE-4.17.7): evtchn_close() of our interdomain port (the kernel
 does it when the dead process's /dev/xen/evtchn fd is released) sets the frontend's port back to
 ECS_UNBOUND with remote_domid = our domain (lines 756-757), which is exactly what
@@ -63,6 +66,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 
 from xenblockctl.backend import sdnotify
 from xenblockctl.errors import XenblockError
@@ -167,9 +171,13 @@ class FdStore:
 # --- hand-over without a service manager: `xenblockctl backend --takeover` ------------------------
 #: where an engine on the Xen transport listens for its successor (root only)
 HANDOVER_DIR = "/run/xenblockctl"
+#: the running engine's answer to a takeover: its device fds by FDNAME, its transport's state
+Send = Callable[[dict[str, int], "tuple[dict[str, object], list[int]] | None"], None]
 #: one request, and the answer in chunks: SCM_MAX_FD is 253 fds per message
 _CHUNK = 200
 _REQUEST = b"takeover"
+#: the name a transport fd travels under (`transport:<index>`; ':' is never in an FDNAME)
+_TRANSPORT_FD = "transport:"
 _MAX_MESSAGE = 65536
 
 
@@ -181,12 +189,27 @@ def default_handover_path(kind: str) -> str:
     return os.path.join(HANDOVER_DIR, f"engine-{kind}.handover")
 
 
-def take_over(path: str, journal: Journal, timeout: float = 120.0) -> dict[str, list[int]]:
+@dataclass
+class HandedOver:
+    """What `take_over` got: device fds by FDNAME, and the transport's state (local: its registry)."""
+
+    devices: dict[str, list[int]] = field(default_factory=dict)
+    transport: dict[str, object] | None = None
+    transport_fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in [*self.transport_fds, *(fd for fds in self.devices.values() for fd in fds)]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def take_over(path: str, journal: Journal, timeout: float = 120.0) -> HandedOver:
     """Ask the engine listening on `path` to hand over: it stops serving, drains every ring, and
-    sends its device fds by FDNAME; it exits once we have them. The fds are ours to re-verify, like
-    ones from the fd store (FdStore.take)."""
+    sends its device fds by FDNAME (and its transport's state); it exits once we have them. The
+    device fds are ours to re-verify, like ones from the fd store (FdStore.adopt)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    got: dict[str, list[int]] = {}
+    got = HandedOver()
+    transport_fds: dict[int, int] = {}
     try:
         sock.settimeout(timeout)
         try:
@@ -198,6 +221,7 @@ def take_over(path: str, journal: Journal, timeout: float = 120.0) -> dict[str, 
             try:
                 data, anc, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_CHUNK * 4))
             except OSError as exc:
+                got.close()
                 raise HandoverError(
                     "the engine stopped answering during the hand-over", errno=exc.errno
                 ) from exc
@@ -207,20 +231,28 @@ def take_over(path: str, journal: Journal, timeout: float = 120.0) -> dict[str, 
                 names = message.get("names") if isinstance(message, dict) else None
                 if not isinstance(message, dict) or not isinstance(names, list) or len(names) != len(fds):
                     raise ValueError("not a hand-over message")
-                for name in names:
-                    got.setdefault(sdnotify.fd_name(str(name)), []).append(fds.pop(0))
-            except (ValueError, UnicodeDecodeError, sdnotify.NotifyError) as exc:
-                for fd in fds:
+                for name, fd in zip(names, fds, strict=True):
+                    if str(name).startswith(_TRANSPORT_FD):
+                        transport_fds[int(str(name).removeprefix(_TRANSPORT_FD))] = fd
+                    else:
+                        got.devices.setdefault(sdnotify.fd_name(str(name)), []).append(fd)
+                fds = []
+                if message.get("done"):
+                    state = message.get("transport")
+                    if state is not None and not isinstance(state, dict):
+                        raise ValueError("the transport's state is not an object")
+                    got.transport = state
+                    got.transport_fds = [transport_fds.pop(i) for i in range(len(transport_fds))]
+            except (ValueError, KeyError, UnicodeDecodeError, sdnotify.NotifyError) as exc:
+                for fd in [*fds, *transport_fds.values()]:
                     os.close(fd)
-                for held in got.values():
-                    for fd in held:
-                        os.close(fd)
+                got.close()
                 raise HandoverError(f"bad hand-over message from the old engine: {exc}") from None
             if message.get("done"):
                 break
     finally:
         sock.close()
-    journal.info(f"took over from the engine at {path}: {sum(map(len, got.values()))} device(s)")
+    journal.info(f"took over from the engine at {path}: {sum(map(len, got.devices.values()))} device(s)")
     return got
 
 
@@ -240,11 +272,10 @@ def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
 class HandoverServer:
     """The running engine's side: a root-only unix socket its successor connects to. On a request
     `on_request(send)` is called (on this thread): the engine stops, drains, and calls `send` with
-    its device fds by FDNAME, which go to the successor before the engine exits."""
+    its device fds by FDNAME and its transport's state (Transport.export_state), which go to the
+    successor before the engine exits."""
 
-    def __init__(
-        self, path: str, journal: Journal, on_request: Callable[[Callable[[dict[str, int]], None]], None]
-    ) -> None:
+    def __init__(self, path: str, journal: Journal, on_request: Callable[[Send], None]) -> None:
         self.path = path
         self.journal = journal
         self.on_request = on_request
@@ -309,8 +340,9 @@ class HandoverServer:
         self.journal.info(f"hand-over requested by pid {pid}: stopping, draining, handing the devices over")
         self.close()  # the successor listens next
 
-        def send(held: dict[str, int]) -> None:
-            items = sorted(held.items())
+        def send(held: dict[str, int], transport: tuple[dict[str, object], list[int]] | None = None) -> None:
+            meta, transport_fds = transport if transport is not None else (None, [])
+            items = sorted(held.items()) + [(f"{_TRANSPORT_FD}{i}", fd) for i, fd in enumerate(transport_fds)]
             try:
                 conn.settimeout(60)
                 for i in range(0, len(items), _CHUNK):
@@ -320,15 +352,15 @@ class HandoverServer:
                     conn.sendmsg(
                         [json.dumps({"names": names}).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
                     )
-                conn.sendall(json.dumps({"names": [], "done": True}).encode())
-                self.journal.info(f"handed {len(items)} device(s) over to pid {pid}")
+                conn.sendall(json.dumps({"names": [], "done": True, "transport": meta}).encode())
+                self.journal.info(f"handed {len(held)} device(s) over to pid {pid}")
             except OSError as exc:
                 self.journal.error(
                     f"hand-over to pid {pid} failed ({exc}): the devices go with this engine", CODE="handover"
                 )
             finally:
                 conn.close()
-                for fd in held.values():
+                for _, fd in items:
                     with contextlib.suppress(OSError):
                         os.close(fd)
 

@@ -7,7 +7,6 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from types import FrameType
 
 import click
@@ -109,11 +108,13 @@ def backend(
         FdStore,
         HandoverError,
         HandoverServer,
+        Send,
         default_handover_path,
         take_over,
     )
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
+    from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
     journal = Journal("xenblockctl-engine")
@@ -145,12 +146,16 @@ def backend(
     if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
         # only now, with everything else ready: the guests' pause runs from here to our first rescan
         try:
-            fd_store.adopt(take_over(handover_socket, journal))
-        except HandoverError as exc:
+            handed = take_over(handover_socket, journal)
+            if handed.transport is not None:
+                transport.adopt_state(handed.transport, handed.transport_fds)
+                handed.transport_fds = []
+        except XenblockError as exc:
             journal.error(exc.one_line(), CODE=exc.code)
             transport.close()
             store.close()
             raise
+        fd_store.adopt(handed.devices)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         engine.stop()
@@ -160,8 +165,10 @@ def backend(
     server: HandoverServer | None = None
     if handover_socket is not None:
 
-        def hand_over(send: Callable[[dict[str, int]], None]) -> None:
-            engine.handover = send
+        def hand_over(send: Send) -> None:
+            # after every ring is drained: the devices, and what keeps the rings valid (local:
+            # the registry, i.e. the frontends' grant tables and event channels)
+            engine.handover = lambda held: send(held, transport.export_state())
             engine.stop()
 
         try:

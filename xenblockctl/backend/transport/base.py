@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import mmap
+import os
 import select
 from collections.abc import Sequence
 
@@ -220,6 +221,17 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def export_state(self) -> tuple[dict[str, object], list[int]] | None:
+        """What a successor engine needs of this transport to keep the frontends' rings (`backend
+        --takeover`), as (meta, fds); None: nothing (Xen: the hypervisor keeps it all)."""
+        return None
+
+    def adopt_state(self, meta: dict[str, object], fds: list[int]) -> None:
+        """Take over what a predecessor's export_state() gave (the fds are ours)."""
+        for fd in fds:
+            os.close(fd)
+        raise TransportError("this transport cannot adopt another's state", code="handover")
 
     def __enter__(self) -> Transport:
         return self
