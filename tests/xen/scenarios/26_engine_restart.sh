@@ -12,6 +12,8 @@
 #      SIGKILLed; the store's copy keeps the loop device bound, the restarted engine takes it back from
 #      LISTEN_FDS, re-verifies it and re-attaches: what the dead engine took but never answered is run
 #      again (ring.py), the guest sees a pause, not an error;
+#   2b. restart (SIGTERM under the store, as `systemctl restart`): the engine drains and leaves the
+#      device parked; the next one re-attaches;
 #   3. crash with nothing coming back (the unit stopped for good): the store closes its copy and the
 #      loop device is gone (delete-on-close still holds).
 # Each pause (from the kill/takeover to a probe read answered) is reported as a metric. Checked: zero
@@ -152,6 +154,18 @@ if not d["resumed"] or d["resume_verified_mib"] < 256:
 print(f"XENCI-METRIC: verified_after_two_engine_changes_mib={d[\"resume_verified_mib\"]}")' \
   || fail "crash: see above"
 same_disk crash
+
+# 2b. `systemctl restart`: SIGTERM (the engine drains, leaves the device parked), the supervisor
+# starts it again with the stored fd, and it re-attaches; a probe read across it
+victim=$(current_engine)
+before=$(ready_count)
+t=$(now)
+stopped=$(uptime_now)
+kill -TERM "$victim"
+wait_for "the restarted engine" 120 ready_more_than "$before"
+probe restart "$t"
+ring_gap restart "$stopped"
+same_disk restart
 
 # 3. crash and no engine comes back: the store's close is the last reference
 touch "$stopfile"
