@@ -33,7 +33,9 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.frontend import Completion, LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.errors import XenblockError
+from xenblockctl.toolstack import doctor, host
 from xenblockctl.toolstack.daemons import ReadyDaemon
+from xenblockctl.toolstack.findings import Finding
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -60,7 +62,8 @@ class Engines:
         self.store = store
         self.tmp_path = tmp_path
         self.transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
-        self.handover_socket = str(tmp_path / "handover.sock")
+        # engine-KIND.handover: the engine writes engine-KIND.parked next to it, where doctor looks
+        self.handover_socket = str(tmp_path / "engine-vbd.handover")
         self.started: list[ReadyDaemon] = []
 
     def start(self, *, takeover: bool = False, handover: bool = False, store: bool = True) -> ReadyDaemon:
@@ -457,3 +460,35 @@ def test_a_frontend_that_left_while_no_engine_ran_is_handled_as_a_fresh_one(
         assert "took over" in engines.started[-1].log_text()
     finally:
         detach(libxl, be, guest)
+
+
+def test_doctor_reports_the_parked_devices_and_an_engine_that_is_gone(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """The engine writes down what it parked (engine-KIND.parked next to its hand-over socket);
+    doctor reports the count, and warns while no engine runs: the manager alone holds them then."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 49)
+    record = tmp_path / "engine-vbd.parked"
+
+    def findings() -> list[Finding]:
+        engine_pids = host.engine_pids(xenstore_socket=libxl.xenstored.socket_path)
+        return doctor.check_parked(str(tmp_path), libxl.store, engine_pids)
+
+    try:
+        assert wait_for(lambda: record.exists() and "vbd-49-51712" in record.read_text()), fd_store.messages
+        assert [(f.status, f.message) for f in findings()] == [
+            ("ok", f"1 device(s) parked in the fd store by engine pid {first.proc.pid}")
+        ]
+        kill(first)
+        (gone,) = findings()
+        assert gone.status == "warning"
+        assert f"engine pid {first.proc.pid} is not running" in gone.message
+        assert gone.items == ["vbd-49-51712"]
+        second = engines.start(takeover=True)
+        assert wait_for(lambda: f'"pid": {second.proc.pid}' in record.read_text())
+        assert [f.status for f in findings()] == ["ok"]
+    finally:
+        detach(libxl, be, guest)
+    assert wait_for(lambda: '"parked": []' in record.read_text()), record.read_text()

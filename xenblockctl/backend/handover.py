@@ -81,10 +81,12 @@ def fd_name(kind: str, domid: int, devid: int) -> str:
 class FdStore:
     """The engine's side of the fd store: what it inherited at start, and park/unpark."""
 
-    def __init__(self, env: MutableMapping[str, str], journal: Journal) -> None:
+    def __init__(self, env: MutableMapping[str, str], journal: Journal, record: str | None = None) -> None:
         self.env = env
         self.journal = journal
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
+        #: where what the manager holds is written down for `doctor` (see write_record)
+        self.record = record if self.enabled else None
         try:
             self.inherited = sdnotify.listen_fds(env)
         except sdnotify.NotifyError as exc:
@@ -93,13 +95,30 @@ class FdStore:
             self.inherited = {}
         #: names the manager holds a copy of (LISTEN_FDS): not parked again when taken back
         self.in_store = set(self.inherited) if self.enabled else set()
+        #: every name the manager holds a copy of now
+        self.parked = set(self.in_store)
         if self.inherited:
             names = ", ".join(f"{name} ({len(fds)})" for name, fds in sorted(self.inherited.items()))
             journal.info(f"fd store handed back: {names}")
 
     @classmethod
-    def from_environ(cls, journal: Journal) -> FdStore:
-        return cls(os.environ, journal)
+    def from_environ(cls, journal: Journal, record: str | None = None) -> FdStore:
+        return cls(os.environ, journal, record)
+
+    def write_record(self) -> None:
+        """Write down what the manager holds for `doctor` (toolstack/doctor.py reads it): JSON
+        {"pid": ours, "parked": [FDNAME, ...]}, replaced atomically. Best effort: logged on failure."""
+        if self.record is None:
+            return
+        tmp = f"{self.record}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="ascii") as f:
+                json.dump({"pid": os.getpid(), "parked": sorted(self.parked)}, f)
+            os.replace(tmp, self.record)
+        except OSError as exc:
+            self.journal.warning(f"cannot record the parked devices in {self.record}: {exc}")
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def adopt(self, handed_over: dict[str, list[int]]) -> None:
         """Fds from `backend --takeover`: judged exactly like the store's (and parked, being new
@@ -126,7 +145,7 @@ class FdStore:
         if not self.enabled:
             return False
         try:
-            return sdnotify.store_fds(self.env, name, [fd])
+            stored = sdnotify.store_fds(self.env, name, [fd])
         except sdnotify.NotifyError as exc:
             self.journal.warning(
                 f"{name}: cannot park the device in the fd store ({exc.one_line()}); an engine"
@@ -134,6 +153,10 @@ class FdStore:
                 CODE=exc.code,
             )
             return False
+        if stored:
+            self.parked.add(name)
+            self.write_record()
+        return stored
 
     def unpark(self, name: str) -> None:
         """The backend is torn down: the manager closes its copy (delete-on-close proceeds)."""
@@ -147,6 +170,9 @@ class FdStore:
                 " held until the unit stops",
                 CODE=exc.code,
             )
+            return
+        self.parked.discard(name)
+        self.write_record()
 
     def close_unclaimed(self) -> list[str]:
         """Close every inherited fd no backend claimed, and tell the manager to drop its copies."""
@@ -162,6 +188,7 @@ class FdStore:
     def ready(self, status: str) -> None:
         if not self.enabled:
             return
+        self.write_record()
         try:
             sdnotify.ready(self.env, status)
         except sdnotify.NotifyError as exc:
@@ -187,6 +214,12 @@ class HandoverError(XenblockError):
 
 def default_handover_path(kind: str) -> str:
     return os.path.join(HANDOVER_DIR, f"engine-{kind}.handover")
+
+
+def parked_record_path(handover_socket: str) -> str:
+    """Where an engine writes down what it parked: next to its hand-over socket
+    (/run/xenblockctl/engine-KIND.parked), where `doctor` looks."""
+    return handover_socket.removesuffix(".handover") + ".parked"
 
 
 @dataclass

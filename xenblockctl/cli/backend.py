@@ -110,6 +110,7 @@ def backend(
         HandoverServer,
         Send,
         default_handover_path,
+        parked_record_path,
         take_over,
     )
     from xenblockctl.backend.transport.base import Transport
@@ -124,7 +125,7 @@ def backend(
     if takeover and handover_socket is None:
         raise click.UsageError("--takeover needs --handover-socket with a local transport")
     # first: the fds a previous engine parked (LISTEN_FDS) are ours to verify or close
-    fd_store = FdStore.from_environ(journal)
+    fd_store = FdStore.from_environ(journal, parked_record_path(handover_socket) if handover_socket else None)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport

@@ -6,6 +6,7 @@ Read-only: nothing is opened for writing, created or removed."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ from xenblockctl.kernel import loop
 from xenblockctl.toolstack import gc, host, installcheck, inventory
 from xenblockctl.toolstack.findings import ERROR, INFO, OK, SEVERITY_ORDER, SKIPPED, WARNING, Finding
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.numbers import uint_or_none
 
 __all__ = ["ERROR", "INFO", "OK", "SEVERITY_ORDER", "SKIPPED", "WARNING", "Finding", "run"]
 
@@ -104,6 +106,70 @@ def check_vbds(vbds: list[inventory.VbdInfo]) -> Finding:
     )
 
 
+#: where engines write down what they parked in the service manager's fd store (backend/handover.py:
+#: `engine-KIND.parked`, JSON {"pid": N, "parked": ["KIND-DOMID-DEVID", ...]})
+RUN_DIR = "/run/xenblockctl"
+RUN_DIR_ENV = "XENBLOCKCTL_RUN_DIR"
+
+
+def check_parked(run_dir: str, store: XenStore, engines: list[int]) -> list[Finding]:
+    """The devices engines parked in the fd store (issue 21): how many, whether their engine still
+    runs, and which name no backend any more. Nothing to report without a record."""
+    try:
+        names = sorted(n for n in os.listdir(run_dir) if n.startswith("engine-") and n.endswith(".parked"))
+    except OSError:
+        return []
+    findings = []
+    home = store.home()
+    for name in names:
+        path = os.path.join(run_dir, name)
+        try:
+            with open(path, encoding="ascii") as f:
+                record = json.load(f)
+            pid, parked = int(record["pid"]), [str(p) for p in record["parked"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            findings.append(Finding("parked", WARNING, f"{path}: unreadable ({exc})", f"rm {path}"))
+            continue
+        stale = []
+        for fdname in parked:
+            kind, _, rest = fdname.partition("-")
+            domid_text, _, devid_text = rest.partition("-")
+            domid, devid = (
+                uint_or_none(domid_text, maximum=0x7FEF),
+                uint_or_none(devid_text, maximum=0xFFFFFFFF),
+            )
+            if kind not in ("vbd", "vbd3") or domid is None or devid is None:
+                stale.append(f"{fdname}: not a backend's name")
+            elif store.read_optional(f"{home}/backend/{kind}/{domid}/{devid}/state") is None:
+                stale.append(f"{fdname}: no backend/{kind}/{domid}/{devid} any more")
+        if pid not in engines:
+            findings.append(
+                Finding(
+                    "parked",
+                    WARNING,
+                    f"engine pid {pid} is not running: {len(parked)} device(s) it parked are held by the"
+                    " service manager until an engine takes them back or the unit stops",
+                    "systemctl start xenblockctl-engine (systemctl stop xenblockctl-engine releases them)",
+                    parked,
+                )
+            )
+        elif stale:
+            findings.append(
+                Finding(
+                    "parked",
+                    WARNING,
+                    f"{len(stale)} of {len(parked)} device(s) parked by engine pid {pid} name no backend",
+                    "the engine's next start releases them (systemctl restart xenblockctl-engine)",
+                    stale,
+                )
+            )
+        else:
+            findings.append(
+                Finding("parked", OK, f"{len(parked)} device(s) parked in the fd store by engine pid {pid}")
+            )
+    return findings
+
+
 def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding], bool]:
     """All checks; `connect()` returns a XenStore or raises; the installation is looked for under
     `root`. Returns (findings, healthy)."""
@@ -127,6 +193,10 @@ def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding],
         if store is not None:
             findings.append(Finding("xenstored", OK, f"xenstored reachable at {store.endpoint}"))
         findings.append(check_backend_provider(store))
+        if store is not None:
+            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
+            engines = host.engine_pids(xenstore_socket=socket_path)
+            findings += check_parked(env.variables.get(RUN_DIR_ENV) or RUN_DIR, store, engines)
         home_domid = store.own_domid() if store is not None else 0
         vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
         if store is not None:
