@@ -32,8 +32,9 @@ from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif
 from xenblockctl.backend.frontend import Completion, LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
-from xenblockctl.toolstack import doctor, host
+from xenblockctl.toolstack import doctor, host, inventory
 from xenblockctl.toolstack.daemons import ReadyDaemon
 from xenblockctl.toolstack.findings import Finding
 
@@ -474,7 +475,8 @@ def test_doctor_reports_the_parked_devices_and_an_engine_that_is_gone(
 
     def findings() -> list[Finding]:
         engine_pids = host.engine_pids(xenstore_socket=libxl.xenstored.socket_path)
-        return doctor.check_parked(str(tmp_path), libxl.store, engine_pids)
+        vbds = inventory.scan(libxl.store, home_domid=0, env=Environment({}))
+        return doctor.check_parked(str(tmp_path), vbds, engine_pids)
 
     try:
         assert wait_for(lambda: record.exists() and "vbd-49-51712" in record.read_text()), fd_store.messages
@@ -489,6 +491,15 @@ def test_doctor_reports_the_parked_devices_and_an_engine_that_is_gone(
         second = engines.start(takeover=True)
         assert wait_for(lambda: f'"pid": {second.proc.pid}' in record.read_text())
         assert [f.status for f in findings()] == ["ok"]
+        # the unit stops for good: the manager's close releases the device, and doctor says so
+        kill(second)
+        fd_store.close_fds()
+        assert wait_for(lambda: bound_loops_under(image.parent) == {})
+        (released,) = findings()
+        assert released.status == "info", released
+        assert "what it parked is released" in released.message
     finally:
-        detach(libxl, be, guest)
-    assert wait_for(lambda: '"parked": []' in record.read_text()), record.read_text()
+        guest.close()
+        guest.store.close()
+        libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
+        libxl.run("remove", be)

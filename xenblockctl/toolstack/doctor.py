@@ -112,15 +112,15 @@ RUN_DIR = "/run/xenblockctl"
 RUN_DIR_ENV = "XENBLOCKCTL_RUN_DIR"
 
 
-def check_parked(run_dir: str, store: XenStore, engines: list[int]) -> list[Finding]:
+def check_parked(run_dir: str, vbds: list[inventory.VbdInfo], engines: list[int]) -> list[Finding]:
     """The devices engines parked in the fd store (issue 21): how many, whether their engine still
     runs, and which name no backend any more. Nothing to report without a record."""
     try:
         names = sorted(n for n in os.listdir(run_dir) if n.startswith("engine-") and n.endswith(".parked"))
     except OSError:
         return []
+    ours = {(v.location.kind, v.location.domid, v.location.devid): v for v in vbds if v.backend is not None}
     findings = []
-    home = store.home()
     for name in names:
         path = os.path.join(run_dir, name)
         try:
@@ -130,7 +130,7 @@ def check_parked(run_dir: str, store: XenStore, engines: list[int]) -> list[Find
         except (OSError, ValueError, KeyError, TypeError) as exc:
             findings.append(Finding("parked", WARNING, f"{path}: unreadable ({exc})", f"rm {path}"))
             continue
-        stale = []
+        stale, held = [], []
         for fdname in parked:
             kind, _, rest = fdname.partition("-")
             domid_text, _, devid_text = rest.partition("-")
@@ -138,19 +138,25 @@ def check_parked(run_dir: str, store: XenStore, engines: list[int]) -> list[Find
                 uint_or_none(domid_text, maximum=0x7FEF),
                 uint_or_none(devid_text, maximum=0xFFFFFFFF),
             )
-            if kind not in ("vbd", "vbd3") or domid is None or devid is None:
-                stale.append(f"{fdname}: not a backend's name")
-            elif store.read_optional(f"{home}/backend/{kind}/{domid}/{devid}/state") is None:
-                stale.append(f"{fdname}: no backend/{kind}/{domid}/{devid} any more")
+            vbd = ours.get((kind, domid, devid)) if domid is not None and devid is not None else None
+            if vbd is None:
+                stale.append(f"{fdname}: no backend/{kind}/{domid_text}/{devid_text} any more")
+            elif vbd.identity == inventory.IDENTITY_MATCH:
+                held.append(fdname)  # its device is still there: someone (the store) holds it
         if pid not in engines:
+            if not held:
+                findings.append(
+                    Finding("parked", INFO, f"{path}: engine pid {pid} stopped; what it parked is released")
+                )
+                continue
             findings.append(
                 Finding(
                     "parked",
                     WARNING,
-                    f"engine pid {pid} is not running: {len(parked)} device(s) it parked are held by the"
+                    f"engine pid {pid} is not running: {len(held)} device(s) it parked are held by the"
                     " service manager until an engine takes them back or the unit stops",
                     "systemctl start xenblockctl-engine (systemctl stop xenblockctl-engine releases them)",
-                    parked,
+                    held,
                 )
             )
         elif stale:
@@ -193,14 +199,13 @@ def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding],
         if store is not None:
             findings.append(Finding("xenstored", OK, f"xenstored reachable at {store.endpoint}"))
         findings.append(check_backend_provider(store))
-        if store is not None:
-            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
-            engines = host.engine_pids(xenstore_socket=socket_path)
-            findings += check_parked(env.variables.get(RUN_DIR_ENV) or RUN_DIR, store, engines)
         home_domid = store.own_domid() if store is not None else 0
         vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
         if store is not None:
             findings.append(check_vbds(vbds))
+            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
+            engines = host.engine_pids(xenstore_socket=socket_path)
+            findings += check_parked(env.variables.get(RUN_DIR_ENV) or RUN_DIR, vbds, engines)
             loops = gc.orphan_loops(vbds, env)
             findings.append(
                 Finding(

@@ -41,6 +41,7 @@ cleanup() {
     xl block-detach 0 xvdb 2>/dev/null || true
   fi
   engine_restore
+  rm -f /run/xenblockctl/engine-vbd.parked  # the supervised engines' record (doctor reads it)
 }
 trap cleanup EXIT
 XENCI_ON_FAIL='dump_vbd; echo "--- engine log"; tail -n 60 "$engine_log"'
@@ -129,6 +130,7 @@ wait_for "the supervised engine" 120 ready_more_than "$before"
 wait "$old" || fail "second takeover: the old engine exited $?"
 engine_pid=
 wait_for "the device parked in the store" 30 grep -q 'FDSTORE vbd-0-51728' "$engine_log"
+xenblockctl doctor | grep -E '^.*parked' || true  # engine-vbd.parked: 1 device parked
 same_disk "under the store"
 # the crash soak first reads the whole disk back against what the takeover soak left (through two
 # engine changes), then mixes again; the kill comes well into that mix
