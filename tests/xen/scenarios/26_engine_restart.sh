@@ -61,12 +61,20 @@ probe() {
   metric "${1}_pause_s" "$(elapsed "$2")" s
   say "$1: pause $(elapsed "$2") s (to the first read answered)"
 }
-# soak_start MIB LABEL WAIT [SOAK ARGS]: the soak in the background, WAIT seconds into its mix.
+# Sectors written to xvdb so far (/sys/block/*/stat field 7).
+sectors_written() { awk '{ print $7 }' /sys/block/xvdb/stat; }
+writes_since() { [ "$(sectors_written)" -gt "$1" ]; }
+# soak_start MIB LABEL [SOAK ARGS]: the soak in the background, returning 2 s into its mix of
+# writes and verified reads (after a --resume's read-only check of the whole disk): requests in
+# flight when the engine goes, however fast or slow this VM is today.
 soak_start() {
+  local mark
+  mark=$(sectors_written)
   python3 "$XENCI_SCENARIOS/soak_io.py" /dev/xvdb --min-total-mib "$1" --min-write-mib $(($1 / 2)) \
-    --threads 4 "${@:4}" >"$XENCI_WORK/soak-$2.json" 2>&1 &
+    --threads 4 "${@:3}" >"$XENCI_WORK/soak-$2.json" 2>&1 &
   soak_pid=$!
-  sleep "$3"  # into the mix of writes and verified reads: requests in flight when the engine goes
+  wait_for "$2: the soak's writes" 600 writes_since "$mark"
+  sleep 2
 }
 uptime_now() { local up _; read -r up _ </proc/uptime; echo "$up"; }
 # ring_gap LABEL SINCE: dom0 uptime from SINCE to the first `connected:` line logged after it (the
@@ -105,7 +113,7 @@ say "serving xvdb from $loop (diskseq $seq), ring-ref/event-channel $ring"
 
 # 1. upgrade without systemd: --takeover
 old=$engine_pid
-soak_start 256 takeover 3 --save-state "$XENCI_WORK/soak.state"
+soak_start 512 takeover --save-state "$XENCI_WORK/soak.state"
 t=$(now)
 start_engine --takeover
 kill -0 "$soak_pid" 2>/dev/null || fail "takeover: the soak ended before the engine changed: make it longer"
@@ -133,8 +141,8 @@ wait_for "the device parked in the store" 30 grep -q 'FDSTORE vbd-0-51728' "$eng
 xenblockctl doctor | grep -E '^.*parked' || true  # engine-vbd.parked: 1 device parked
 same_disk "under the store"
 # the crash soak first reads the whole disk back against what the takeover soak left (through two
-# engine changes), then mixes again; the kill comes well into that mix
-soak_start 256 crash 45 --resume "$XENCI_WORK/soak.state"
+# engine changes), then mixes again; the kill comes 2 s into that mix
+soak_start 512 crash --resume "$XENCI_WORK/soak.state"
 victim=$(current_engine)
 before=$(ready_count)
 t=$(now)
