@@ -44,7 +44,7 @@ cleanup() {
   rm -f /run/xenblockctl/engine-vbd.parked  # the supervised engines' record (doctor reads it)
 }
 trap cleanup EXIT
-XENCI_ON_FAIL='dump_vbd; echo "--- engine log"; tail -n 60 "$engine_log"'
+XENCI_ON_FAIL=dump_vbd  # the engine log's tail follows from engine_restore
 without_blkback
 
 node_is() { [ "$(xenstore-read "$1" 2>/dev/null)" = "$2" ]; }
@@ -87,7 +87,7 @@ ring_gap() {
   say "$1: the ring was served again $gap s after the engine went"
 }
 soak_end() {
-  wait "$soak_pid" || { cat "$XENCI_WORK/soak-$1.json"; soak_pid=; fail "$1: the guest I/O saw errors or mismatches"; }
+  wait "$soak_pid" || { cat "$XENCI_WORK/soak-$1.json"; soak_pid=; fail "$1: the guest I/O saw errors or mismatches: $(tail -c 400 "$XENCI_WORK/soak-$1.json")"; }
   soak_pid=
   cat "$XENCI_WORK/soak-$1.json"
 }
@@ -161,8 +161,8 @@ import json, sys
 d = json.load(sys.stdin)
 if not d["resumed"] or d["resume_verified_mib"] < 256:
     sys.exit("FAIL: crash: the soak did not check the whole disk against the takeover soak first")
-print(f"XENCI-METRIC: verified_after_two_engine_changes_mib={d[\"resume_verified_mib\"]}")' \
-  || fail "crash: see above"
+print("XENCI-METRIC: verified_after_two_engine_changes_mib=%s MiB" % d["resume_verified_mib"])' \
+  || fail "crash: the soak's summary: $(tail -c 400 "$XENCI_WORK/soak-crash.json")"
 same_disk crash
 
 # 2b. `systemctl restart`: SIGTERM (the engine drains, leaves the device parked), the supervisor
