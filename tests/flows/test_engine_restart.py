@@ -6,14 +6,16 @@ re-verifying it, and the reconnecting frontend reads what was written and flushe
 If no engine comes back, the store's close releases the device (delete-on-close still holds).
 
 The pause is printed (-s): SIGKILL to the first answer on the new ring. On this transport the ring's
-grants live in the engine process, so the frontend must reconnect (the new engine says Closed) and
-re-issue what was not answered, as Linux blkfront does on recovery; re-attaching to the live ring
-(Xen transport) is not done yet."""
+grants live in the engine process (its registry), so after a crash the frontend must reconnect (the
+new engine says Closed) and re-issue what was not answered, as Linux blkfront does on recovery.
+`backend --takeover` hands the registry over with the devices, and the new engine re-attaches to the
+live ring as it does on Xen (tests/xen/scenarios/26_engine_restart.sh)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -30,8 +32,11 @@ from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif
 from xenblockctl.backend.frontend import Completion, LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
+from xenblockctl.toolstack import doctor, host, inventory
 from xenblockctl.toolstack.daemons import ReadyDaemon
+from xenblockctl.toolstack.findings import Finding
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -58,13 +63,20 @@ class Engines:
         self.store = store
         self.tmp_path = tmp_path
         self.transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+        # engine-KIND.handover: the engine writes engine-KIND.parked next to it, where doctor looks
+        self.handover_socket = str(tmp_path / "engine-vbd.handover")
         self.started: list[ReadyDaemon] = []
 
-    def start(self, *, takeover: bool = False) -> ReadyDaemon:
+    def start(self, *, takeover: bool = False, handover: bool = False, store: bool = True) -> ReadyDaemon:
+        """takeover: the fds come from the store (LISTEN_FDS), as at a systemd restart. handover: the
+        engine runs with `--takeover` and takes them from the running engine's hand-over socket."""
         argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{self.transport}"]
-        argv += ["--xenstore", self.libxl.xenstored.socket_path]
+        argv += ["--xenstore", self.libxl.xenstored.socket_path, "--handover-socket", self.handover_socket]
+        if handover:
+            argv.append("--takeover")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_SOCKET"))}
-        env |= self.store.env
+        if store:
+            env |= self.store.env
         fds: list[int] = []
         if takeover:
             fds, names = self.store.listen()
@@ -294,6 +306,20 @@ class GuestIO(threading.Thread):
                 assert ring is not None
                 rid = submit(ring)
 
+    def finish(self) -> None:
+        """Stop the rounds and check they ran without a failure or an error."""
+        self.halt.set()
+        self.join(60)
+        assert self.failure is None, repr(self.failure)
+        assert self.errors == []
+
+    def check_acknowledged(self) -> None:
+        """Every write acknowledged (and flushed) reads back through the guest's current ring."""
+        ring = self.guest.ring
+        assert ring is not None
+        for sector, data in self.acked.items():
+            assert ring.read(sector, 4096) == data, f"acknowledged write at {sector} lost"
+
     def run(self) -> None:
         try:
             while not self.halt.is_set():
@@ -329,20 +355,14 @@ def test_a_guest_doing_io_while_the_engine_is_killed_sees_a_pause_not_an_error(
         before = io.rounds
         engines.start(takeover=True)
         assert wait_for(lambda: io.rounds >= before + 50 or io.failure is not None, timeout=60), io.failure
-        io.halt.set()
-        io.join(60)
-        assert io.failure is None, repr(io.failure)
-        assert io.errors == []
+        io.finish()
         assert io.pauses, "the kill was not noticed"
         assert io.reconnects == 1, io.reconnects
         print(
             f"\nguest pause across SIGKILL + takeover: {max(io.pauses):.3f} s (all: {io.pauses});"
             f" {io.rounds} rounds, 0 errors"
         )
-        ring = guest.ring
-        assert ring is not None
-        for sector, data in io.acked.items():
-            assert ring.read(sector, 4096) == data, f"acknowledged write at {sector} lost"
+        io.check_acknowledged()
     finally:
         io.halt.set()
         io.join(60)
@@ -351,3 +371,135 @@ def test_a_guest_doing_io_while_the_engine_is_killed_sees_a_pause_not_an_error(
         for sector, data in io.acked.items():
             f.seek(sector * 512)
             assert f.read(4096) == data
+
+
+def test_takeover_without_a_service_manager_hands_the_device_over_while_the_guest_does_io(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    """`backend --takeover` (an upgrade without systemd): the running engine drains its ring, passes
+    its device fd and its registry (the frontends' connections, grant tables and event channels: this
+    transport's "hypervisor") over the hand-over socket and exits 0; the new one re-verifies the
+    device and re-attaches to the live ring, as on Xen (tests/xen/scenarios/26_engine_restart.sh): the
+    frontend never reconnects, it only waits. The new engine parks the device in the store, since the
+    old one (outside it) never did."""
+    image = make_image()
+    first = engines.start(store=False)
+    be, guest = attach_guest(libxl, engines.transport, image, 47)
+    io = GuestIO(guest)
+    try:
+        loops = bound_loops_under(image.parent)
+        assert len(loops) == 1
+        io.start()
+        assert wait_for(lambda: io.rounds >= 50 or io.failure is not None), io.failure
+        second = engines.start(handover=True)
+        assert first.proc.wait(30) == 0, first.log_text()[-2000:]
+        before = io.rounds
+        assert wait_for(lambda: io.rounds >= before + 50 or io.failure is not None, timeout=60), io.failure
+        io.finish()
+        print(
+            f"\nguest pause across --takeover: {max(io.pauses, default=0):.3f} s;"
+            f" {io.rounds} rounds, 0 errors"
+        )
+        assert io.reconnects == 0, "re-attached: the frontend kept its ring"
+        assert bound_loops_under(image.parent) == loops, "the same loop device, never released"
+        assert "handed 1 device(s) over" in first.log_text()
+        log = second.log_text()
+        assert "adopted the previous engine's registry" in log, log
+        assert "took over" in log
+        assert "re-attached to a live ring" in log, log
+        assert fd_store.names() == {"vbd-47-51712": 1}, "parked by the new engine"
+        io.check_acknowledged()
+        # the adopted registry goes on serving: the same guest's reboot registers a new ring
+        guest.reboot()
+        io.check_acknowledged()
+    finally:
+        io.halt.set()
+        io.join(60)
+        detach(libxl, be, guest)
+    assert wait_for(lambda: bound_loops_under(image.parent) == {}), "detach releases the device"
+
+
+def test_takeover_with_no_engine_running_is_a_coded_error(
+    libxl: Libxl, engines: Engines, tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{engines.transport}"]
+    argv += [
+        "--xenstore",
+        libxl.xenstored.socket_path,
+        "--takeover",
+        "--handover-socket",
+        str(tmp_path / "none"),
+    ]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "handover" in done.stderr, done.stderr
+    assert "no engine to take over" in done.stderr, done.stderr
+
+
+def test_a_frontend_that_left_while_no_engine_ran_is_handled_as_a_fresh_one(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory
+) -> None:
+    """The guest rebooted its driver while no engine ran (frontend Initialising, backend still
+    Connected): the engine taking over shows it InitWait, as for any new frontend, instead of keeping
+    Connected for a ring that is gone; the frontend connects and finds its data."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 48)
+    try:
+        ring = guest.ring
+        assert ring is not None
+        assert ring.write(8, b"z" * 4096) == blkif.RSP_OKAY
+        assert ring.flush() == blkif.RSP_OKAY
+        kill(first)
+        ring.close()
+        guest.ring = None
+        libxl.store.write(f"{guest.frontend_path}/state", "1")
+        engines.start(takeover=True)
+        assert guest.wait_backend((2,), 30) == 2
+        ring = guest.connect()
+        assert ring.read(8, 4096) == b"z" * 4096
+        assert "took over" in engines.started[-1].log_text()
+    finally:
+        detach(libxl, be, guest)
+
+
+def test_doctor_reports_the_parked_devices_and_an_engine_that_is_gone(
+    libxl: Libxl, engines: Engines, fd_store: FdStoreManager, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """The engine writes down what it parked (engine-KIND.parked next to its hand-over socket);
+    doctor reports the count, and warns while no engine runs: the manager alone holds them then."""
+    image = make_image()
+    first = engines.start()
+    be, guest = attach_guest(libxl, engines.transport, image, 49)
+    record = tmp_path / "engine-vbd.parked"
+
+    def findings() -> list[Finding]:
+        engine_pids = host.engine_pids(xenstore_socket=libxl.xenstored.socket_path)
+        vbds = inventory.scan(libxl.store, home_domid=0, env=Environment({}))
+        return doctor.check_parked(str(tmp_path), vbds, engine_pids)
+
+    try:
+        assert wait_for(lambda: record.exists() and "vbd-49-51712" in record.read_text()), fd_store.messages
+        assert [(f.status, f.message) for f in findings()] == [
+            ("ok", f"1 device(s) parked in the fd store by engine pid {first.proc.pid}")
+        ]
+        kill(first)
+        (gone,) = findings()
+        assert gone.status == "warning"
+        assert f"engine pid {first.proc.pid} is not running" in gone.message
+        assert gone.items == ["vbd-49-51712"]
+        second = engines.start(takeover=True)
+        assert wait_for(lambda: f'"pid": {second.proc.pid}' in record.read_text())
+        assert [f.status for f in findings()] == ["ok"]
+        # the unit stops for good: the manager's close releases the device, and doctor says so
+        kill(second)
+        fd_store.close_fds()
+        assert wait_for(lambda: bound_loops_under(image.parent) == {})
+        (released,) = findings()
+        assert released.status == "info", released
+        assert "what it parked is released" in released.message
+    finally:
+        guest.close()
+        guest.store.close()
+        libxl.store.write_many({be.node("online"): "0", be.node("state"): "6"})
+        libxl.run("remove", be)

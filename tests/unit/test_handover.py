@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.fdstore import Store
-from xenblockctl.backend.handover import FdStore, fd_name
+from xenblockctl.backend.handover import (
+    FdStore,
+    HandedOver,
+    HandoverError,
+    HandoverServer,
+    Send,
+    fd_name,
+    take_over,
+)
 from xenblockctl.journal import Journal
 
 
@@ -71,3 +79,62 @@ def test_a_second_fd_under_one_name_and_unclaimed_fds_are_closed_and_dropped(
         assert "vbd-9-51712 names no backend" in capsys.readouterr().err
     finally:
         manager.sock.close()
+
+
+# --- the hand-over socket (backend --takeover) ------------------------------------------------------
+def test_a_takeover_passes_every_fd_by_name_and_the_socket_moves_to_the_successor(tmp_path: Path) -> None:
+    path = str(tmp_path / "engine.handover")
+    requests: list[object] = []
+    r, w = os.pipe()
+
+    def on_request(send: Send) -> None:
+        requests.append(send)
+        # the engine drains, then hands over dups of its device fds (here: enough to need 2 chunks)
+        # and its transport's state
+        send({f"vbd-1-{i}": os.dup(r) for i in range(250)}, ({"registry": [1, 2]}, [os.dup(w), os.dup(r)]))
+
+    server = HandoverServer(path, _journal(), on_request)
+    got = HandedOver()
+    try:
+        got = take_over(path, _journal())
+        assert len(requests) == 1
+        assert sorted(got.devices) == sorted(f"vbd-1-{i}" for i in range(250))
+        assert all(len(fds) == 1 for fds in got.devices.values())
+        os.write(w, b"x")
+        assert os.read(got.devices["vbd-1-7"][0], 1) == b"x", "the same open file"
+        assert got.transport == {"registry": [1, 2]}
+        assert len(got.transport_fds) == 2
+        os.write(got.transport_fds[0], b"y")  # in order: the write end first
+        assert os.read(got.transport_fds[1], 1) == b"y"
+        assert not os.path.exists(path), "the old engine's socket is gone: the successor listens next"
+        successor = HandoverServer(path, _journal(), on_request)
+        successor.close()
+        assert not os.path.exists(path)
+    finally:
+        server.close()
+        got.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_takeover_without_an_engine_is_a_coded_error(tmp_path: Path) -> None:
+    with pytest.raises(HandoverError) as exc:
+        take_over(str(tmp_path / "nobody"), _journal())
+    assert exc.value.code == "handover"
+    assert "no engine to take over" in exc.value.message
+
+
+def test_a_second_engine_does_not_steal_a_live_socket_but_replaces_a_dead_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "engine.handover")
+    first = HandoverServer(path, _journal(), lambda send: send({}))
+    try:
+        with pytest.raises(HandoverError, match="another engine listens"):
+            HandoverServer(path, _journal(), lambda send: send({}))
+    finally:
+        first.close(unlink=False)  # dies without removing its socket, as a killed engine does
+    assert os.path.exists(path)
+    second = HandoverServer(path, _journal(), lambda send: send({}))
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600", "root only"
+    finally:
+        second.close()

@@ -109,10 +109,10 @@ def test_responses_are_taken_in_one_copy_across_the_wrap() -> None:
     front.push_requests()
     back.take_slots()
     for i in range(6):
-        back.respond(100 + i, blkif.OP_READ, blkif.RSP_OKAY if i % 2 else blkif.RSP_ERROR)
+        back.respond(i, blkif.OP_READ, blkif.RSP_OKAY if i % 2 else blkif.RSP_ERROR)
     assert back.push_responses()
     got = front.take_responses()
-    assert got == [Response(100 + i, 0, 0 if i % 2 else -1) for i in range(6)]
+    assert got == [Response(i, 0, 0 if i % 2 else -1) for i in range(6)]
     assert front.take_responses() == []
 
 
@@ -197,10 +197,11 @@ def test_response_overwrites_slot_with_zero_padding() -> None:
     front.put_request_bytes(b"\xff" * 112)  # op 0xff: whatever
     front.push_requests()
     back.take_requests()
-    back.put_response(Response(7, 0xFF, blkif.RSP_EOPNOTSUPP))
+    rid = 0xFFFFFFFFFFFFFFFF  # the id field of that slot
+    back.put_response(Response(rid, 0xFF, blkif.RSP_EOPNOTSUPP))
     back.push_responses()
     slot = bytes(buf[64 : 64 + 16])
-    assert slot == struct.pack("<QBxhxxxx", 7, 0xFF, -2)
+    assert slot == struct.pack("<QBxhxxxx", rid, 0xFF, -2)
 
 
 def test_more_responses_than_requests_is_refused() -> None:
@@ -213,7 +214,7 @@ def test_more_responses_than_requests_is_refused() -> None:
 @pytest.mark.parametrize("start", [0, M - 1])
 def test_respond_all_answers_in_order_or_not_at_all(start: int) -> None:
     """A pass's answers go in one call, in order across the index wrap; more answers than consumed
-    requests is our bug and writes nothing."""
+    requests is our bug: it raises (the answers before it stand, as they are due anyway)."""
     front, back, _ = make(start=start)
     for i in range(3):
         front.put_request(read_req(i))
@@ -222,13 +223,19 @@ def test_respond_all_answers_in_order_or_not_at_all(start: int) -> None:
     with pytest.raises(XenblockError) as exc:
         back.respond_all([(i, blkif.OP_READ, 0) for i in range(4)])
     assert exc.value.code == "internal"
-    assert back.rsp_prod_pvt == start
-    back.respond_all([(10, blkif.OP_READ, 0), (11, blkif.OP_WRITE, -1), (12, blkif.OP_READ, -2)])
+    assert back.rsp_prod_pvt == (start + 3) & M
     assert back.push_responses()
+    assert len(front.take_responses()) == 3
+    for i in range(3):
+        front.put_request(read_req(i))
+    front.push_requests()
+    assert len(back.take_requests()) == 3
+    back.respond_all([(0, blkif.OP_READ, 0), (1, blkif.OP_WRITE, -1), (2, blkif.OP_READ, -2)])
+    back.push_responses()
     assert [tuple(r) for r in front.take_responses()] == [
-        (10, blkif.OP_READ, 0),
-        (11, blkif.OP_WRITE, -1),
-        (12, blkif.OP_READ, -2),
+        (0, blkif.OP_READ, 0),
+        (1, blkif.OP_WRITE, -1),
+        (2, blkif.OP_READ, -2),
     ]
 
 
@@ -271,6 +278,7 @@ def test_hostile_indices_never_escape(pages: int, start: int, script: list[tuple
     tail = 64 + back.size * 112
     buf[tail:] = b"\x5a" * (len(buf) - tail)
     total_taken = 0
+    pending: list[int] = []
     for what, arg in script:
         if what == "req_prod":
             front.poke_index("req_prod", int(arg))  # type: ignore[call-overload]
@@ -288,14 +296,17 @@ def test_hostile_indices_never_escape(pages: int, start: int, script: list[tuple
             assert len(taken) <= back.size
             total_taken += len(taken)
             for raw in taken:
-                blkif.X86_64.decode_request(raw)
-            # answer some, as a real backend would
-            for _ in range(min(back.in_flight, int(arg) // 2)):  # type: ignore[call-overload]
-                back.put_response(Response(0, 0, 0))
+                pending.append(blkif.X86_64.decode_request(raw).id)
+            # answer some, as a real backend would (the newest first: answers are held until the
+            # older ones are in)
+            for _ in range(min(len(pending), int(arg) // 2)):  # type: ignore[call-overload]
+                back.put_response(Response(pending.pop(), 0, 0))
             back.push_responses()
             back.final_check_for_requests()
         assert back.in_flight <= back.size
     assert buf[tail:] == b"\x5a" * (len(buf) - tail)
-    assert buf[16:64] == bytes(48)  # header padding untouched
+    # header padding untouched but for the response journal (ring.py)
+    assert buf[16:32] == bytes(16)
+    assert buf[60:64] == bytes(4)
     if back.broken is None:
         assert ((back.req_prod - back.rsp_prod_pvt) & M) <= back.size or back.unconsumed() == 0

@@ -273,6 +273,13 @@ class DataPlane:
         poller.register(self.evtchn.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
+            # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
+            # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
+            # that engine died, or have notified a port nobody was bound to.
+            if self.ring.resumed:
+                with self._lock:
+                    self.ring.push_responses()
+                    self._notify()
             while not self._stop.is_set():
                 if self._serve_batch():
                     continue

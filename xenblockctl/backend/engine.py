@@ -18,9 +18,11 @@ line with the traceback); the engine and every other device go on."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from xenblockctl.backend.xenbus import DRAIN_TIMEOUT, BackendDevice, EngineConfig
 from xenblockctl.errors import XenblockError
@@ -66,6 +68,9 @@ class Engine:
         self._stop = threading.Event()
         self._wakeups = 0
         self._lock = threading.Lock()
+        #: set by a takeover (backend/handover.py): gets each drained device's fd, by FDNAME, to
+        #: pass to the successor before this process exits
+        self.handover: Callable[[dict[str, int]], None] | None = None
 
     # -- public ---------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -205,6 +210,11 @@ class Engine:
         DRAIN_TIMEOUT is left open: the process exit closes it after the I/O ends (the pool's
         threads are joined at exit), never while a request could still use its fd."""
         pending = dict(self.devices)
+        handed = (
+            {dev.fd_name: os.dup(dev.device.fd) for dev in pending.values() if dev.device is not None}
+            if self.handover is not None
+            else {}
+        )
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while pending:
             for key, dev in list(pending.items()):
@@ -225,7 +235,12 @@ class Engine:
                         " when it ends and the process exits",
                         CODE="drain-timeout",
                     )
+                    # never to a successor while our I/O may still run on it
+                    with contextlib.suppress(KeyError, OSError):
+                        os.close(handed.pop(dev.fd_name))
                 break
+        if self.handover is not None:
+            self.handover(handed)
         with contextlib.suppress(XenblockError):
             self.store.unwatch(self.root, ROOT_TOKEN)
         self.journal.info("engine stopped")

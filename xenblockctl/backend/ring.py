@@ -19,12 +19,38 @@ Memory ordering. Python cannot emit fences, so this is what we rely on:
   threading.Lock: glibc's semaphore fast path is a LOCK-prefixed cmpxchg/xadd, a full barrier on x86.
 - The buffer is an mmap (gntdev or the local memfd), so the CPU, not Python, owns its coherence.
 Other architectures (arm64) are weaker than this; the engine is only built for x86 dom0s today.
+
+Re-attach (issue 21). The ring lives in the frontend's memory, so it outlives the engine process: a
+successor maps it again and must work out, from shared memory alone, which requests the dead engine
+took but never answered. Two rules make that possible:
+- Responses are published in ring order. A response goes into the slot at `rsp_prod_pvt`, which
+  held a request: answered out of order, request k's slot could receive the answer to request m
+  while k is still running, and a successor could then neither re-run k (its slot is gone) nor
+  tell that m was answered. So an answer that finishes early is held until every request consumed
+  before it is answered; then slot k always holds request k or response k, and "answered" is a
+  prefix of the ring. (A slow request delays the answers behind it on the same ring.)
+- Each response is journalled in the header's padding (offsets 32-59 of the 64-byte header: past
+  the 4 bytes old ring.h called `pvt`, which netfront and blktap once used; blkfront zeroes the
+  padding and never reads it). Three words and a copy of one response: MAGIC (ours: set once at
+  attach, after COMMITTED and TAG), COMMITTED (every slot in [rsp_prod, COMMITTED) holds its whole
+  response), TAG and the response bytes (the response of slot TAG). Slot k is answered as: bytes,
+  TAG = k, slot k, COMMITTED = k + 1. A process killed anywhere leaves slots [rsp_prod, COMMITTED)
+  answered, and slot COMMITTED either untouched (TAG names another slot: the bytes were written
+  before TAG) or being written with the journalled bytes (TAG == COMMITTED): the successor finishes
+  that write from the journal, exactly as the dead engine would have.
+A successor's BackRing therefore publishes [rsp_prod, COMMITTED (+1)) as answered (`recovered`) and
+starts consuming there: what lies between it and req_prod are requests taken but not answered (or
+not taken at all), and it runs them again. Why that is safe, and what a guest can observe: see
+handover.py.
+The journal is in guest memory like everything else: a guest that forges it can only make us
+publish its own slots as responses to itself, within the bounds checked below.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
@@ -35,6 +61,11 @@ _MASK: Final = 0xFFFFFFFF  # RING_IDX is a free-running unsigned 32-bit counter
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
 
 _FENCE_LOCK = threading.Lock()
+
+#: the response journal in the header's padding (32-bit word indices into the header, byte offset)
+_JOURNAL_MAGIC_WORD, _JOURNAL_COMMITTED_WORD, _JOURNAL_TAG_WORD, _JOURNAL_RESPONSE = 8, 9, 10, 44
+#: "xbcJ": a journal we wrote (a frontend zeroes the padding when it initialises the ring)
+JOURNAL_MAGIC: Final = 0x4A636278
 
 
 def full_fence() -> None:
@@ -80,6 +111,9 @@ class _RingBase:
         """Drop our views so the owner can unmap the buffer (mmap.close refuses while views exist)."""
         self._idx.release()
         self._entries.release()
+        hdr = getattr(self, "_hdr", None)
+        if hdr is not None:
+            hdr.release()
 
     def _slot(self, idx: int) -> int:
         return (idx & (self.size - 1)) * self._entry
@@ -116,11 +150,53 @@ class BackRing(_RingBase):
         self.rsp_prod_pvt = start
         self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
         self._pack_response = abi.response_struct.pack_into
+        # the id of every slot of a copied batch, in one C-level pass
+        self._ids = struct.Struct(f"={abi.id_offset}xQ{abi.entry_size - abi.id_offset - 8}x").iter_unpack
+        self._hdr = buf[:SRING_HEADER_SIZE].cast("I")
+        #: ids of the consumed requests not yet written back, in ring order from rsp_prod_pvt
+        self._order: deque[int] = deque()
+        #: answers that finished before an older request: (id, operation, status) by ring index
+        self._held: dict[int, tuple[int, int, int]] = {}
         self.broken: str | None = None
+        req_prod = self.req_prod
         # blkback refuses a ring that already claims more than RING_SIZE outstanding requests.
-        if ((self.req_prod - start) & _MASK) > self.size:
-            self.broken = f"req_prod {self.req_prod} is more than {self.size} ahead of rsp_prod {start}"
+        if ((req_prod - start) & _MASK) > self.size:
+            self.broken = f"req_prod {req_prod} is more than {self.size} ahead of rsp_prod {start}"
+            self.release()
             raise RingBroken(f"ill-behaved frontend at connect: {self.broken}")
+        #: the ring was in use before we attached (a re-attach, or a frontend reusing its ring)
+        self.resumed = bool(start or req_prod)
+        #: responses a previous engine wrote but did not publish, published by our first push
+        self.recovered = self._recover(start, req_prod)
+        #: requests between them and req_prod at attach: taken by a previous engine and not
+        #: answered, or not taken yet; either way we run them now
+        self.outstanding_at_attach = (req_prod - self.req_cons) & _MASK
+
+    def _recover(self, start: int, req_prod: int) -> int:
+        """Adopt the journal a previous engine left (module docstring), or start one: the count of
+        slots from `start` that hold its complete responses (0 without a usable journal)."""
+        hdr = self._hdr
+        outstanding = (req_prod - start) & _MASK
+        committed = int(hdr[_JOURNAL_COMMITTED_WORD])
+        n = (committed - start) & _MASK
+        if hdr[_JOURNAL_MAGIC_WORD] != JOURNAL_MAGIC or n > outstanding:
+            # none, or not about this ring's outstanding slots (a forged or stale one): ours from
+            # here, with nothing answered; the magic goes last, so a kill in between leaves none
+            hdr[_JOURNAL_MAGIC_WORD] = 0
+            hdr[_JOURNAL_COMMITTED_WORD] = start
+            hdr[_JOURNAL_TAG_WORD] = (start - 1) & _MASK
+            hdr[_JOURNAL_MAGIC_WORD] = JOURNAL_MAGIC
+            return 0
+        if n < outstanding and hdr[_JOURNAL_TAG_WORD] == committed:
+            # killed while writing slot `committed`: finish it from the journal, as it would have
+            size = self.abi.response_size
+            at = (committed & (self.size - 1)) * self._entry
+            self._entries[at : at + size] = self._buf[_JOURNAL_RESPONSE : _JOURNAL_RESPONSE + size]
+            committed = (committed + 1) & _MASK
+            hdr[_JOURNAL_COMMITTED_WORD] = committed
+            n += 1
+        self.req_cons = self.rsp_prod_pvt = committed
+        return n
 
     def _mark_broken(self, why: str) -> None:
         if self.broken is None:
@@ -165,6 +241,7 @@ class BackRing(_RingBase):
         data = bytes(self._entries[first * entry : (first + head) * entry])
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
+        self._order.extend([t[0] for t in self._ids(data)])
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
@@ -192,29 +269,66 @@ class BackRing(_RingBase):
         return self.unconsumed() > 0
 
     def respond(self, rid: int, operation: int, status: int) -> None:
-        """Write a response into the next private slot (not yet visible: call push_responses).
+        """Answer the oldest consumed request with id `rid` (not yet visible: call push_responses).
 
-        The whole `struct blkif_response` is packed, padding bytes as zeros (XSA-216).
+        Written into its slot once every older request is answered (ring order: see the module
+        docstring); the whole `struct blkif_response` is packed, padding bytes as zeros (XSA-216).
         """
-        pvt = self.rsp_prod_pvt
-        if pvt == self.req_cons:
-            # More answers than consumed requests would overwrite a pending request: our bug.
-            raise XenblockError("response without an outstanding request", code="internal")
-        self._pack_response(self._entries, (pvt & (self.size - 1)) * self._entry, rid, operation, status)
-        self.rsp_prod_pvt = (pvt + 1) & _MASK
+        self.respond_all(((rid, operation, status),))
 
     def respond_all(self, answers: Sequence[tuple[int, int, int]]) -> None:
         """`respond(rid, operation, status)` for each answer in order, in one loop (a ring pass
-        answers up to 64 requests at once)."""
-        if len(answers) > ((self.req_cons - self.rsp_prod_pvt) & _MASK):
-            # More answers than consumed requests would overwrite a pending request: our bug.
-            raise XenblockError("response without an outstanding request", code="internal")
+        answers up to 64 requests at once). An answer for no outstanding request is our bug: it
+        raises, and the answers before it in `answers` stand."""
+        order, held = self._order, self._held
         pack, entries, entry, mask = self._pack_response, self._entries, self._entry, self.size - 1
+        hdr, buf = self._hdr, self._buf
         pvt = self.rsp_prod_pvt
-        for rid, operation, status in answers:
-            pack(entries, (pvt & mask) * entry, rid, operation, status)
-            pvt = (pvt + 1) & _MASK
-        self.rsp_prod_pvt = pvt
+        try:
+            for given in answers:
+                answer = given
+                if held or not order or order[0] != given[0]:
+                    # not the oldest: find its request (the oldest unanswered with this id), hold it
+                    at = self._position(given[0], pvt)
+                    if at is None:
+                        raise XenblockError(
+                            f"response to request {given[0]}, which is not outstanding", code="internal"
+                        )
+                    held[(pvt + at) & _MASK] = given
+                    if at:
+                        continue
+                    answer = held.pop(pvt)
+                # write it back, then every held answer it was holding up
+                while True:
+                    rid, operation, status = answer
+                    pack(buf, _JOURNAL_RESPONSE, rid, operation, status)
+                    hdr[_JOURNAL_TAG_WORD] = pvt
+                    pack(entries, (pvt & mask) * entry, rid, operation, status)
+                    pvt = (pvt + 1) & _MASK
+                    hdr[_JOURNAL_COMMITTED_WORD] = pvt
+                    order.popleft()
+                    if not held or (nxt := held.pop(pvt, None)) is None:
+                        break
+                    answer = nxt
+        finally:
+            self.rsp_prod_pvt = pvt
+
+    def _position(self, rid: int, pvt: int) -> int | None:
+        """Where the oldest unanswered request with id `rid` is, counted from `pvt`."""
+        order, held = self._order, self._held
+        at = -1
+        while True:
+            try:
+                at = order.index(rid, at + 1)
+            except ValueError:
+                return None
+            if (pvt + at) & _MASK not in held:
+                return at
+
+    @property
+    def held(self) -> int:
+        """Answers waiting for an older request to finish."""
+        return len(self._held)
 
     def put_response(self, rsp: Response) -> None:
         self.respond(rsp.id, rsp.operation, rsp.status)

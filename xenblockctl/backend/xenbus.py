@@ -186,6 +186,8 @@ class BackendDevice:
         #: taken over while the frontend was connected to the previous engine: its ring's grants
         #: lived in that process (local transport), so wait for the frontend to reconnect
         self._stale_ring = False
+        #: the device came from a previous engine: the next connect is a re-attach (logged as one)
+        self._taken_over = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -315,8 +317,19 @@ class BackendDevice:
             tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
             tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
             tx.write(join(self.path, "multi-queue-max-queues"), str(self.config.max_queues))
+            # taking over a live backend (issue 21) whose frontend is still on its ring: it is not
+            # shown InitWait in between; `opened` goes back to 1 once the device is re-verified. A
+            # frontend that left meanwhile is handled as a fresh backend's (InitWait).
+            live = (
+                tx.read_optional(join(self.path, "state")) == str(XenbusState.Connected)
+                and self.config.fd_store is not None
+                and self.config.fd_store.holds(self.fd_name)
+                and (frontend := tx.read_optional(join(self.path, "frontend"))) is not None
+                and _frontend_matches(frontend, self.domid, self.devid)
+                and tx.read_optional(join(frontend, "state")) in ("3", "4")
+            )
             tx.write(join(self.path, "opened"), "0")
-            if tx.read_optional(join(self.path, "online")) != "0":
+            if tx.read_optional(join(self.path, "online")) != "0" and not live:
                 tx.write(join(self.path, "state"), "2")
 
         self.store.run_transaction(body)
@@ -355,7 +368,8 @@ class BackendDevice:
         major, minor, devt = published.major, published.minor, published.devt
         inherited = self.config.fd_store.take(self.fd_name) if self.config.fd_store is not None else None
         if inherited is not None:
-            self._parked = True  # the manager kept its copy: a refusal below must drop it too
+            # the manager kept its copy (a restart): a refusal below must drop it too
+            self._parked = self.config.fd_store is not None and self.fd_name in self.config.fd_store.in_store
             device = self._adopt(inherited, devt, writable=mode == "w")
         else:
             if blockdev.observe(devt) is None:
@@ -382,19 +396,26 @@ class BackendDevice:
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
-        if inherited is None and self.config.fd_store is not None:
+        if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
-            # between the two would leave the store nothing to hand the next one
+            # between the two would leave the store nothing to hand the next one (a device handed
+            # over by --takeover is new to the store too)
             self._parked = self.config.fd_store.park(self.fd_name, device.fd)
         self.store.write(join(self.path, "opened"), "1")
         self.phase = Phase.OPENED
+        self._taken_over = inherited is not None and self.config.transport.rings_outlive_engine
         how = "took over" if inherited is not None else "opened"
         access = "rw" if self.writable else "ro"
         self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
-        # The previous engine's ring (local transport: its grant registry) died with it; a frontend
-        # still Initialised/Connected must reconnect, and Closed tells it to. Re-attaching to the
-        # live ring is not done yet (issue 21).
-        if inherited is not None and self._frontend_state(strict=False) in (3, 4):
+        # A frontend still Initialised/Connected to the previous engine: on Xen its ring, grant and
+        # event channel live on, and _connect() re-attaches to them (ring.py rebuilds our side from
+        # the shared indices). On the local transport they died with that engine's registry: the
+        # frontend must reconnect, and Closed tells it to.
+        if (
+            inherited is not None
+            and not self.config.transport.rings_outlive_engine
+            and self._frontend_state(strict=False) in (3, 4)
+        ):
             self._stale_ring = True
             self.phase = Phase.DISCONNECTED
             self._set_state(6)
@@ -571,6 +592,7 @@ class BackendDevice:
             max_indirect_segments=self.config.max_indirect_segments,
         )
         self._start_queues(queues, target, limits)
+        self._log_reattach(queues)
 
         def body(tx: Transaction) -> None:
             if tx.read_optional(join(self.path, "state")) is None:
@@ -604,6 +626,22 @@ class BackendDevice:
             f"connected: {params.abi.protocol}, {len(queues)} queue(s) of {len(params.ring_refs)}"
             f" ring page(s), {grants}"
         )
+
+    def _log_reattach(self, queues: list[RingParams]) -> None:
+        """Say so when a queue's ring was live when we attached (issue 21: a previous engine served
+        it): what that engine finished and we published, and what we took again."""
+        for q, (params, dp) in enumerate(zip(queues, self.dataplanes, strict=False)):
+            if not isinstance(dp, DataPlane):
+                continue  # a worker process attached this queue's ring
+            ring = dp.ring
+            if self._taken_over or ring.recovered or ring.outstanding_at_attach:
+                where = f"queue {q}: " if len(queues) > 1 else ""
+                self._log(
+                    f"{where}re-attached to a live ring (ring-ref {','.join(map(str, params.ring_refs))},"
+                    f" event channel {params.event_channel}): {ring.recovered} answer(s) a previous"
+                    f" engine finished published, {ring.outstanding_at_attach} request(s) taken again"
+                )
+        self._taken_over = False
 
     def _start_queues(
         self, queues: list[RingParams], target: DeviceTarget | NbdTarget, limits: DeviceLimits

@@ -94,8 +94,23 @@ def raise_fd_limit(journal: Journal) -> int:
     help="Serve the queues in N worker processes (each its own interpreter, so queues use N CPUs); "
     "0: on threads of the engine process.",
 )
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Take over from the engine running now (an upgrade without systemd): it drains its rings and "
+    "hands its devices over; guests see a pause, not an error.",
+)
+@click.option(
+    "--handover-socket",
+    default=None,
+    metavar="PATH",
+    help="Where this engine listens for a successor's --takeover, and where --takeover finds the running "
+    "one (default with --transport xen: /run/xenblockctl/engine-KIND.handover; local: none).",
+)
 def backend(
     *,
+    takeover: bool,
+    handover_socket: str | None,
     kind: str,
     transport_spec: str,
     xenstore_path: str | None,
@@ -108,15 +123,28 @@ def backend(
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
-    from xenblockctl.backend.handover import FdStore
+    from xenblockctl.backend.handover import (
+        FdStore,
+        HandoverError,
+        HandoverServer,
+        Send,
+        default_handover_path,
+        parked_record_path,
+        take_over,
+    )
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
+    from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
     journal = Journal("xenblockctl-engine")
     raise_fd_limit(journal)
+    if handover_socket is None and transport_spec == "xen":
+        handover_socket = default_handover_path(kind)
+    if takeover and handover_socket is None:
+        raise click.UsageError("--takeover needs --handover-socket with a local transport")
     # first: the fds a previous engine parked (LISTEN_FDS) are ours to verify or close
-    fd_store = FdStore.from_environ(journal)
+    fd_store = FdStore.from_environ(journal, parked_record_path(handover_socket) if handover_socket else None)
     transport: Transport
     if transport_spec.startswith("local:"):
         from xenblockctl.backend.transport.local import LocalTransport
@@ -143,12 +171,38 @@ def backend(
         pool = WorkerPool(workers, transport, journal)
         config = dataclasses.replace(config, worker_pool=pool)
     engine = Engine(store, config, kind=kind, journal=journal)
+    if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
+        # only now, with everything else ready: the guests' pause runs from here to our first rescan
+        try:
+            handed = take_over(handover_socket, journal)
+            if handed.transport is not None:
+                transport.adopt_state(handed.transport, handed.transport_fds)
+                handed.transport_fds = []
+        except XenblockError as exc:
+            journal.error(exc.one_line(), CODE=exc.code)
+            transport.close()
+            store.close()
+            raise
+        fd_store.adopt(handed.devices)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         engine.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server: HandoverServer | None = None
+    if handover_socket is not None:
+
+        def hand_over(send: Send) -> None:
+            # after every ring is drained: the devices, and what keeps the rings valid (local:
+            # the registry, i.e. the frontends' grant tables and event channels)
+            engine.handover = lambda held: send(held, transport.export_state())
+            engine.stop()
+
+        try:
+            server = HandoverServer(handover_socket, journal, hand_over)
+        except HandoverError as exc:  # serving matters more than a later upgrade: go on without it
+            journal.error(f"{exc.one_line()}; no --takeover of this engine", CODE=exc.code)
     ready = threading.Event()
     waiter = threading.Thread(target=lambda: ready.wait() and print("engine ready", flush=True), daemon=True)
     waiter.start()
@@ -157,6 +211,8 @@ def backend(
     finally:
         if pool is not None:
             pool.close()  # after every device was torn down: the workers drain what is left and exit
+        if server is not None:
+            server.close()
         transport.close()
         store.close()
     sys.stdout.flush()

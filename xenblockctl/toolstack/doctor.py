@@ -6,6 +6,7 @@ Read-only: nothing is opened for writing, created or removed."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ from xenblockctl.kernel import loop
 from xenblockctl.toolstack import gc, host, installcheck, inventory
 from xenblockctl.toolstack.findings import ERROR, INFO, OK, SEVERITY_ORDER, SKIPPED, WARNING, Finding
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.numbers import uint_or_none
 
 __all__ = ["ERROR", "INFO", "OK", "SEVERITY_ORDER", "SKIPPED", "WARNING", "Finding", "run"]
 
@@ -104,6 +106,76 @@ def check_vbds(vbds: list[inventory.VbdInfo]) -> Finding:
     )
 
 
+#: where engines write down what they parked in the service manager's fd store (backend/handover.py:
+#: `engine-KIND.parked`, JSON {"pid": N, "parked": ["KIND-DOMID-DEVID", ...]})
+RUN_DIR = "/run/xenblockctl"
+RUN_DIR_ENV = "XENBLOCKCTL_RUN_DIR"
+
+
+def check_parked(run_dir: str, vbds: list[inventory.VbdInfo], engines: list[int]) -> list[Finding]:
+    """The devices engines parked in the fd store (issue 21): how many, whether their engine still
+    runs, and which name no backend any more. Nothing to report without a record."""
+    try:
+        names = sorted(n for n in os.listdir(run_dir) if n.startswith("engine-") and n.endswith(".parked"))
+    except OSError:
+        return []
+    ours = {(v.location.kind, v.location.domid, v.location.devid): v for v in vbds if v.backend is not None}
+    findings = []
+    for name in names:
+        path = os.path.join(run_dir, name)
+        try:
+            with open(path, encoding="ascii") as f:
+                record = json.load(f)
+            pid, parked = int(record["pid"]), [str(p) for p in record["parked"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            findings.append(Finding("parked", WARNING, f"{path}: unreadable ({exc})", f"rm {path}"))
+            continue
+        stale, held = [], []
+        for fdname in parked:
+            kind, _, rest = fdname.partition("-")
+            domid_text, _, devid_text = rest.partition("-")
+            domid, devid = (
+                uint_or_none(domid_text, maximum=0x7FEF),
+                uint_or_none(devid_text, maximum=0xFFFFFFFF),
+            )
+            vbd = ours.get((kind, domid, devid)) if domid is not None and devid is not None else None
+            if vbd is None:
+                stale.append(f"{fdname}: no backend/{kind}/{domid_text}/{devid_text} any more")
+            elif vbd.identity == inventory.IDENTITY_MATCH:
+                held.append(fdname)  # its device is still there: someone (the store) holds it
+        if pid not in engines:
+            if not held:
+                findings.append(
+                    Finding("parked", INFO, f"{path}: engine pid {pid} stopped; what it parked is released")
+                )
+                continue
+            findings.append(
+                Finding(
+                    "parked",
+                    WARNING,
+                    f"engine pid {pid} is not running: {len(held)} device(s) it parked are held by the"
+                    " service manager until an engine takes them back or the unit stops",
+                    "systemctl start xenblockctl-engine (systemctl stop xenblockctl-engine releases them)",
+                    held,
+                )
+            )
+        elif stale:
+            findings.append(
+                Finding(
+                    "parked",
+                    WARNING,
+                    f"{len(stale)} of {len(parked)} device(s) parked by engine pid {pid} name no backend",
+                    "the engine's next start releases them (systemctl restart xenblockctl-engine)",
+                    stale,
+                )
+            )
+        else:
+            findings.append(
+                Finding("parked", OK, f"{len(parked)} device(s) parked in the fd store by engine pid {pid}")
+            )
+    return findings
+
+
 def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding], bool]:
     """All checks; `connect()` returns a XenStore or raises; the installation is looked for under
     `root`. Returns (findings, healthy)."""
@@ -131,6 +203,9 @@ def run(connect: Any, env: Environment, root: str = "/") -> tuple[list[Finding],
         vbds = inventory.scan(store, home_domid=home_domid, env=env) if store is not None else []
         if store is not None:
             findings.append(check_vbds(vbds))
+            socket_path = store.endpoint.path if store.endpoint.kind == "socket" else None
+            engines = host.engine_pids(xenstore_socket=socket_path)
+            findings += check_parked(env.variables.get(RUN_DIR_ENV) or RUN_DIR, vbds, engines)
             loops = gc.orphan_loops(vbds, env)
             findings.append(
                 Finding(

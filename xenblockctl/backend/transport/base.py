@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import ctypes
 import mmap
+import os
 import select
 from collections.abc import Sequence
 from typing import Final
@@ -274,6 +275,11 @@ class EventChannel(abc.ABC):
 class Transport(abc.ABC):
     """Maps a frontend's grants and binds its event channels."""
 
+    #: A frontend's ring grants and event-channel port outlive our process, so a successor engine
+    #: can map and bind them again (issue 21). Xen: yes (the hypervisor keeps the grant; closing
+    #: our port makes the frontend's unbound-to-us again). Local: no, the registry dies with us.
+    rings_outlive_engine: bool = False
+
     @abc.abstractmethod
     def map_grants(
         self, domid: int, refs: Sequence[int], *, writable: bool = True, contiguous: bool = False
@@ -300,6 +306,17 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def export_state(self) -> tuple[dict[str, object], list[int]] | None:
+        """What a successor engine needs of this transport to keep the frontends' rings (`backend
+        --takeover`), as (meta, fds); None: nothing (Xen: the hypervisor keeps it all)."""
+        return None
+
+    def adopt_state(self, meta: dict[str, object], fds: list[int]) -> None:
+        """Take over what a predecessor's export_state() gave (the fds are ours)."""
+        for fd in fds:
+            os.close(fd)
+        raise TransportError("this transport cannot adopt another's state", code="handover")
 
     def __enter__(self) -> Transport:
         return self

@@ -615,6 +615,9 @@ class LocalTransport(Transport):
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._listener.bind(socket_path)
         os.chmod(socket_path, 0o600)
+        # ours to unlink at close only while it is still this socket: an engine taking over
+        # (`backend --takeover`) binds the same path while we still serve
+        self._socket_inode = os.stat(socket_path).st_ino
         self._listener.listen(128)
         self._listener.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -624,6 +627,11 @@ class LocalTransport(Transport):
         self._listening = True
         self._paused_until = 0.0
         self._closed = False
+        self._released = False
+        #: connections handed over by a predecessor, for the registry thread to serve
+        self._adopted: list[_Conn] = []
+        #: true once a predecessor's registry was adopted: its frontends' rings are live (issue 21)
+        self.rings_outlive_engine = False
         self._thread = threading.Thread(target=self._serve, name="xbc-local-transport", daemon=True)
         self._thread.start()
 
@@ -711,12 +719,10 @@ class LocalTransport(Transport):
             )
 
     def close(self) -> None:
-        if self._closed:
+        if self._released:
             return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+        self._released = True
+        self._stop_registry()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self._selector.close()
@@ -724,7 +730,98 @@ class LocalTransport(Transport):
         os.close(self._wake_r)
         os.close(self._wake_w)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+            if os.stat(self.socket_path).st_ino == self._socket_inode:
+                os.unlink(self.socket_path)
+
+    def _stop_registry(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            self._thread.join(timeout=5)
+
+    # -- hand-over to a successor engine (`backend --takeover`) ------------------------------------
+    # The registry is this transport's "hypervisor": the successor gets it whole, every frontend's
+    # connection, grant table piece and event-channel pair, so its rings stay valid and the new
+    # engine re-attaches to them as it does on Xen. Only after our rings are stopped (drained).
+    def export_state(self) -> tuple[dict[str, object], list[int]]:
+        """Stop the registry and describe it: (meta, fds), the fds ours to close once sent."""
+        self._stop_registry()
+        fds: list[int] = []
+        domains: list[dict[str, object]] = []
+        with self._lock:
+            for domain in self._domains.values():
+                pieces = []
+                for table in domain.pieces:
+                    pieces.append({"base": table.base, "fd": len(fds)})
+                    fds.append(os.dup(table.fd))
+                ports = []
+                for port, (to_back, to_front) in domain.ports.items():
+                    ports.append({"port": port, "fd": len(fds)})
+                    fds += [os.dup(to_back), os.dup(to_front)]
+                domains.append({"domid": domain.domid, "pieces": pieces, "ports": ports})
+            conns = []
+            for conn in self._conns.values():
+                if conn.outq:
+                    continue  # a reply it never read: it goes, as if its domain died
+                conns.append(
+                    {
+                        "fd": len(fds),
+                        "domid": conn.domid,
+                        "pieces": sorted(conn.pieces),
+                        "ports": sorted(conn.ports),
+                    }
+                )
+                fds.append(os.dup(conn.sock.fileno()))
+        return {"domains": domains, "conns": conns}, fds
+
+    def adopt_state(self, meta: dict[str, object], fds: list[int]) -> None:
+        """Take over a predecessor's registry (export_state's meta and fds; they are ours now).
+        Before the engine's first rescan: its rings map and bind through what is adopted here."""
+        try:
+            self._adopt(meta, fds)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.rings_outlive_engine = True
+        self.journal.info(
+            f"local transport: adopted the previous engine's registry ({len(self._domains)} domain(s),"
+            f" {len(self._conns)} connection(s))"
+        )
+
+    def _adopt(self, meta: dict[str, object], fds: list[int]) -> None:
+        domains = meta.get("domains")
+        conns = meta.get("conns")
+        if not isinstance(domains, list) or not isinstance(conns, list):
+            raise TransportError("not a local transport hand-over", code="handover")
+        tables: dict[tuple[int, int], _GrantTable] = {}
+        with self._lock:
+            for entry in domains:
+                domid = int(entry["domid"])
+                domain = self._domains.setdefault(domid, _Domain(domid))
+                pieces = list(domain.pieces)
+                for piece in entry["pieces"]:
+                    table = _GrantTable(domid, fds[int(piece["fd"])], int(piece["base"]))
+                    tables[(domid, table.base)] = table
+                    pieces.append(table)
+                domain.set_pieces(pieces)
+                for port in entry["ports"]:
+                    i = int(port["fd"])
+                    domain.ports[int(port["port"])] = (os.dup(fds[i]), os.dup(fds[i + 1]))
+        adopted = []
+        for entry in conns:
+            sock = socket.socket(fileno=os.dup(fds[int(entry["fd"])]))
+            sock.setblocking(False)
+            conn = _Conn(sock, None if entry["domid"] is None else int(entry["domid"]))
+            if conn.domid is not None:
+                conn.pieces = {int(b): tables[(conn.domid, int(b))] for b in entry["pieces"]}
+                conn.ports = {int(p) for p in entry["ports"]}
+            adopted.append(conn)
+        with self._lock:
+            self._adopted += adopted
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"a")  # the registry thread registers them
 
     # -- registry server -------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -752,12 +849,23 @@ class LocalTransport(Transport):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj == self._wake_r:
-                    return
+                    if self._closed:
+                        return
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                    self._register_adopted()
                 else:
                     self._dispatch(key.fd)
             if not self._listening and time.monotonic() >= self._paused_until:
                 self._selector.register(self._listener, selectors.EVENT_READ)
                 self._listening = True
+
+    def _register_adopted(self) -> None:
+        with self._lock:
+            adopted, self._adopted = self._adopted, []
+        for conn in adopted:
+            self._conns[conn.sock.fileno()] = conn
+            self._selector.register(conn.sock, selectors.EVENT_READ)
 
     def _dispatch(self, fd: int) -> None:
         # A method of its own so that no frame of the idle loop keeps a departed connection (and

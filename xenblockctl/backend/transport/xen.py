@@ -297,6 +297,10 @@ class XenEventChannel(EventChannel):
 
 
 class XenTransport(Transport):
+    # Xen's evtchn_close() puts the frontend's port back to ECS_UNBOUND for our domain when our end
+    # closes (the process dying included), and the frontend's grant of the ring stays until it ends it.
+    rings_outlive_engine = True
+
     def __init__(self) -> None:
         try:
             self._gntdev = os.open(GNTDEV_PATH, os.O_RDWR | os.O_CLOEXEC)

@@ -1,0 +1,125 @@
+"""A minimal service manager for scenario 26 (dom0 has no systemd: PID 1 is xen-ci-init; not a scenario).
+
+It does for one command what systemd does for a `Type=notify` unit with `FileDescriptorStoreMax=` > 0 and
+`Restart=always` (systemd.service(5), sd_notify(3), sd_listen_fds(3)), over the same wire protocol:
+- binds $NOTIFY_SOCKET (an AF_UNIX datagram socket) and starts the command with it set;
+- FDSTORE=1 + FDNAME=x keeps the attached fds under x; FDSTOREREMOVE=1 + FDNAME=x closes them;
+  fds sent without FDSTORE=1 are closed; READY=1 is logged;
+- when the command dies, it starts it again with the kept fds at 3.. and LISTEN_FDS, LISTEN_FDNAMES,
+  LISTEN_PID (= the new process, set between fork and exec, as systemd does), keeping its copies;
+- unless STOPFILE exists then: the unit is stopped for good, every kept fd is closed, and it exits.
+
+Usage: fdstore_supervisor.py NOTIFY_SOCKET STOPFILE [--first ARG]... -- COMMAND... (its output goes to
+ours); each --first ARG is appended to COMMAND on the first start only (`--takeover`: the supervised
+engine takes over from one running outside it).
+The test suite's tests/fixtures/fdstore.py is the same store for pytest; dom0 has no pytest."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+# between fork and exec: the kept fds at 3.., LISTEN_PID = this process (then exec the command)
+_LAUNCH = (
+    "import fcntl, os, sys\n"
+    "i = sys.argv.index('--')\n"
+    "src = [int(x) for x in sys.argv[1:i]]\n"
+    "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 1000) for f in src]\n"
+    "for f in src: os.close(f)\n"
+    "for n, h in enumerate(high): os.dup2(h, 3 + n)\n"
+    "for h in high: os.close(h)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execvp(sys.argv[i + 1], sys.argv[i + 1 :])\n"
+)
+
+
+def log(message: str) -> None:
+    print(f"supervisor: {message}", file=sys.stderr, flush=True)
+
+
+class Store:
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if os.path.exists(address):
+            os.unlink(address)
+        self.sock.bind(address)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.fds: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            space = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
+            data, anc, _flags, _addr = self.sock.recvmsg(4096, space)
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds += got.tolist()
+            fields = dict(line.partition("=")[::2] for line in data.decode().split("\n") if line)
+            name = fields.get("FDNAME", "stored")
+            with self.lock:
+                if fields.get("READY") == "1":
+                    log(f"READY=1 ({fields.get('STATUS', '')})")
+                if fields.get("FDSTORE") == "1":
+                    self.fds.setdefault(name, []).extend(fds)
+                    log(f"FDSTORE {name} ({len(fds)} fd)")
+                    fds = []
+                if fields.get("FDSTOREREMOVE") == "1":
+                    for fd in self.fds.pop(name, []):
+                        os.close(fd)
+                    log(f"FDSTOREREMOVE {name}")
+            for fd in fds:
+                os.close(fd)
+
+    def listen(self) -> tuple[list[int], str]:
+        with self.lock:
+            pairs = [(name, fd) for name, fds in sorted(self.fds.items()) for fd in fds]
+        return [fd for _, fd in pairs], ":".join(name for name, _ in pairs)
+
+    def close_all(self) -> None:
+        with self.lock:
+            n = sum(map(len, self.fds.values()))
+            for fds in self.fds.values():
+                for fd in fds:
+                    os.close(fd)
+            self.fds.clear()
+        log(f"unit stopped for good: closed {n} stored fd(s)")
+
+
+def main() -> int:
+    address, stopfile = sys.argv[1], sys.argv[2]
+    split = sys.argv.index("--")
+    command = sys.argv[split + 1 :]
+    options = sys.argv[3:split]
+    first = [options[i + 1] for i in range(0, len(options), 2) if options[i] == "--first"]
+    store = Store(address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")} | {"NOTIFY_SOCKET": address}
+    starts = 0
+    while True:
+        fds, names = store.listen()
+        child_env = dict(env)
+        argv = command + (first if starts == 0 else [])
+        if fds:
+            child_env |= {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names}
+            argv = [sys.executable, "-c", _LAUNCH, *map(str, fds), "--", *argv]
+        proc = subprocess.Popen(argv, env=child_env, pass_fds=fds)
+        starts += 1
+        log(f"started pid {proc.pid} (start {starts}) with {len(fds)} stored fd(s): {names or '-'}")
+        code = proc.wait()
+        log(f"pid {proc.pid} exited with {code}")
+        if os.path.exists(stopfile):
+            store.close_all()
+            return 0
+        time.sleep(0.1)  # RestartSec=100ms, systemd's default
+
+
+if __name__ == "__main__":
+    sys.exit(main())
