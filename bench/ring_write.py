@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.ring_throughput import Workload, _frontend_pages, _params
+from bench.ring_throughput import Workload, _frontend_pages, _offsets, _params
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
@@ -41,14 +40,6 @@ WRITES = [
     Workload("128 KiB sequential write, QD 8", 128 << 10, 8, sequential=True),
     Workload("4 KiB random write, QD 32", 4096, 32),
 ]
-
-
-def _offsets(w: Workload, size: int) -> list[int]:
-    slots = size // w.block
-    if w.sequential:
-        return [(i % slots) * w.block for i in range(20_000)]
-    rnd = random.Random(1)
-    return [rnd.randrange(slots) * w.block for _ in range(20_000)]
 
 
 def direct(fd: int, w: Workload, size: int, seconds: float) -> float:
