@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,3 +48,10 @@ def test_ring_throughput_runs_in_a_child_frontend() -> None:
     assert out.count("ratio") == 4  # 2 worker counts x persistent grants off and on
     assert "engine, 2 workers, persistent" in out
     assert "engine, inline I/O, per-request" in out
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_ring_write_runs_both_write_paths() -> None:
+    out = _run("bench.ring_write", "--seconds", "0.2", "--size-mib", "8")
+    assert out.count("engine, writes on the pool") == out.count("engine, aligned writes inline") == 3

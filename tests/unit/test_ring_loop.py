@@ -4,7 +4,10 @@ geometry from the kernel layer's BlockDevice, read-only loop devices."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import re
+import threading
 
 import pytest
 
@@ -12,7 +15,7 @@ from tests.fixtures.backend import PairFactory, on_disk
 from tests.fixtures.kernel import ImageFactory
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
-from xenblockctl.backend.requests import IoPlan
+from xenblockctl.backend.requests import IoPlan, Kind
 from xenblockctl.kernel import loop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -98,3 +101,58 @@ def test_cold_reads_go_to_workers_cached_reads_stay_inline(
     assert on_workers == [2 << 20]
     assert fe.read(sector, 64 * 1024) == data
     assert on_workers == [2 << 20]  # the second time the ring thread served it from the cache
+
+
+def test_page_aligned_writes_run_inline_when_nowait_writes_are_unsupported(
+    loop_devices: list[loop.LoopDevice],
+    make_image: ImageFactory,
+    make_pair: PairFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Buffered writes to a block device have no RWF_NOWAIT. A WRITE covering whole host pages cannot
+    make the kernel read (no read-modify-write), so it runs on the ring thread instead of paying the
+    pool's GIL hand-offs; a WRITE with a partial page (which could wait for a disk read) still goes
+    to a worker. Either way the bytes land where they should."""
+    page = mmap.PAGESIZE
+    image = make_image(size=8 << 20)
+    dev = loop.attach_file(str(image), read_only=False, tag="xenblockctl:test-ring-write-inline")
+    loop_devices.append(dev)
+    try:
+        os.pwritev(dev.fd, [bytearray(page)], 0, os.RWF_NOWAIT)
+        pytest.skip("this kernel has RWF_NOWAIT for buffered block-device writes")
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    target = DeviceTarget.from_block_device(dev)
+    threads: dict[int, str] = {}  # offset -> the thread that wrote it
+    real = io.execute
+
+    def recording_execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
+        if plan.kind is Kind.WRITE:
+            threads[plan.offset] = threading.current_thread().name
+        return real(target, plan, bufs)
+
+    monkeypatch.setattr(io, "execute", recording_execute)
+    pair = make_pair(target=target, workers=2, data_pages=512)
+    fe = pair.frontend
+    pool_thread = re.compile(r"-io_\d+$")  # ThreadPoolExecutor(thread_name_prefix=...-io)
+    aligned = {
+        1 << 20: os.urandom(1 << 20),  # indirect, 256 segments: the first write also learns EOPNOTSUPP
+        3 << 20: os.urandom(page),
+        4 << 20: os.urandom(8 * page),
+    }
+    unaligned = {
+        (5 << 20) + 512: os.urandom(page),  # whole length, offset inside a page
+        6 << 20: os.urandom(page + 512),  # aligned offset, ragged end
+        (7 << 20) + 1024: os.urandom(512),  # a sector inside a page
+    }
+    for offset, data in {**aligned, **unaligned}.items():
+        assert fe.write(offset // 512, data) == blkif.RSP_OKAY
+    for offset in aligned:
+        assert not pool_thread.search(threads[offset]), f"aligned write at {offset} ran on {threads[offset]}"
+    for offset in unaligned:
+        assert pool_thread.search(threads[offset]), f"unaligned write at {offset} ran on {threads[offset]}"
+    assert fe.flush() == blkif.RSP_OKAY
+    for offset, data in {**aligned, **unaligned}.items():
+        assert fe.read(offset // 512, len(data)) == data
+        assert on_disk(image, offset, len(data)) == data

@@ -15,6 +15,7 @@ import enum
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -269,6 +270,8 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
 
 #: kinds that can be tried with RWF_NOWAIT on the ring thread before falling back to a worker
 _NOWAIT_KINDS: Final = (READ, WRITE)
+#: the host's page size: the page cache's unit (not blkif.PAGE_SIZE, the guest's segment unit)
+_HOST_PAGE: Final = mmap.PAGESIZE
 
 
 def execute_nowait(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int | None:
@@ -368,6 +371,21 @@ class Executor:
     while I/O that waits for the disk still overlaps on the pool. (Sending cached copies over
     128 KiB to the pool was measured too: slower and more CPU per 1 MiB request, bench/README.md.)
 
+    Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
+    EOPNOTSUPP. Then a WRITE that covers whole host pages (offset and length multiples of the page
+    size) runs inline on the ring thread anyway, and only other WRITEs go to the pool. Such a write
+    never makes the kernel read: a page it touches is overwritten in full, so an uncached page is
+    not read first (a partial page would be, and that read waits for the disk, blocking the ring).
+    What it can still wait for: balance_dirty_pages throttling when the host has too much dirty
+    data, page reclaim, and a page under writeback on a device that needs stable pages. That stalls
+    this ring alone, which is what the throttle means to do to a writer; other rings, other disks
+    and the pool are unaffected, and a stalled ring pushes back on its guest through the ring
+    itself. Kernel blkback does no better: its one thread per ring submits each bio inline and
+    blocks in the block layer when the queue is full. The gain: on real Xen every WRITE on the pool
+    paid two GIL hand-offs, and the workers spent most of their time waiting for the GIL
+    (bench/README.md, "write path inline"). Every guest segment is whole 4 KiB pages in practice
+    (Linux blkfront's 1 MiB and 4 KiB writes), so the pool keeps only sub-page writes.
+
     Completion callbacks run on the worker thread; they must not call `drain()`.
     """
 
@@ -384,14 +402,20 @@ class Executor:
         must be `submit`ted. Nothing is tracked: the I/O is over when this returns."""
         if self._pool is None:
             return execute(self.target, plan, bufs)
-        if plan.kind not in self._nowait:
-            return None
-        try:
-            return execute_nowait(self.target, plan, bufs)
-        except NowaitUnsupported as exc:
-            log.debug("%s; using the worker pool for it", exc)
-            self._nowait.discard(exc.kind)
-            return None
+        kind = plan.kind
+        if kind in self._nowait:
+            try:
+                return execute_nowait(self.target, plan, bufs)
+            except NowaitUnsupported as exc:
+                log.debug("%s; page-aligned writes run inline, others on the worker pool", exc)
+                self._nowait.discard(exc.kind)
+                # nothing was written: fall through to the choice made from now on
+        if kind is WRITE and not (plan.offset | plan.length) % _HOST_PAGE:
+            # whole pages: no read-modify-write, so no wait for the disk (see the class docstring).
+            # The iovec's segment boundaries do not matter: the kernel fills each page from the
+            # iterator across segments, so only the range's edges decide whether a page is partial.
+            return execute(self.target, plan, bufs)
+        return None
 
     @property
     def in_flight(self) -> int:
