@@ -1113,7 +1113,7 @@ def script_nbd_never_opened() -> dict[str, object]:
     with _nbdkit() as u, Lane() as lane:
         try:
             # 1. remove of the vbd disconnects its never-opened device
-            be = lane.create_backend(24, u.canonical(), "w")
+            be = lane.create_backend(24, u.canonical(), "w", engine=False)
             lane.stopped_at("add-nbd-connected", be).kill()
             leaked = _our_nbd("xenblockctl:24:51712")
             time.sleep(0.3)
@@ -1131,7 +1131,7 @@ def script_nbd_never_opened() -> dict[str, object]:
             assert "never published): disconnected" in result.stderr, result.stderr
             lane.forget(be)
             # 2. gc: the vbd is gone; a foreign identifier beside it is left alone
-            be = lane.create_backend(25, u.canonical(), "w")
+            be = lane.create_backend(25, u.canonical(), "w", engine=False)
             lane.stopped_at("add-nbd-connected", be).kill()
             leaked = _our_nbd("xenblockctl:25:51712")
             lane.forget(be)
