@@ -175,15 +175,13 @@ def orphan_nbd(vbds: list[VbdInfo], sysfs: str = "/sys/block") -> list[Garbage]:
     module text). Without any NBD device this reads one directory and stops."""
     from pathlib import Path
 
-    try:
-        if not any(name.startswith("nbd") for name in os.listdir(sysfs)):
-            return []
-    except OSError:
+    devices = knbd.devices_named(loop.TAG_PREFIX, Path(sysfs))  # one listdir when there are none
+    if not devices:
         return []
     claimed = _claimed(vbds)
     by_vbd = {(v.location.domid, v.location.devid): v for v in vbds}
     found: list[Garbage] = []
-    for device in knbd.devices_named(loop.TAG_PREFIX, Path(sysfs)):
+    for device in devices:
         if (device.devt, device.diskseq) in claimed or (device.devt, ANY_DISKSEQ) in claimed:
             continue
         reason = _nbd_orphan_reason(device.identifier, by_vbd)

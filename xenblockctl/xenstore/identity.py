@@ -232,8 +232,10 @@ _TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 #: kernel's (and parsing a record on the hotplug path must not load dm). tests/unit pins them equal.
 LOOP_TAG_PREFIX = "xenblockctl:"
 DM_UUID_PREFIX = "XENBLOCKCTL-"
+#: printable ASCII without space: the NBD record's uri, and (less `/`) the dm uuid
+_PRINTABLE_NO_SPACE = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1))
 #: After the prefix, 1..116 of `[!-.0-~]`: printable ASCII without space and `/`.
-_DM_UUID_CHARS = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1) if c != ord("/"))
+_DM_UUID_CHARS = _PRINTABLE_NO_SPACE - {"/"}
 OWNER_KINDS = ("loop", "device", "dm")
 #: The kind of an NbdOwnerRecord: an export the engine serves, no kernel device.
 NBD_KIND = "nbd"
@@ -241,7 +243,6 @@ NBD_KIND = "nbd"
 #: spaces; this layer cannot import that parser, the engine re-parses it).
 _NBD_URI_SCHEMES = ("nbd://", "nbd+unix://")
 _NBD_URI_MAX = 16384
-_PRINTABLE_NO_SPACE = frozenset(chr(c) for c in range(ord("!"), ord("~") + 1))
 
 
 def _is_nbd_uri(uri: str) -> bool:
