@@ -215,3 +215,22 @@ def test_remove_lock_timeout_changes_nothing(libxl: Libxl, make_image: ImageFact
     assert minor in bound_loops_under(image.parent), "the failed remove detached nothing"
     _tear_down(libxl, be)
     assert bound_loops_under(image.parent) == {}
+
+
+def test_autoclear_child_leaves_a_withdrawn_backend_alone(libxl: Libxl, make_image: ImageFactory) -> None:
+    """The backend (and our record) vanished between the fork and the child's check, as when the
+    toolstack deletes a backend without running remove: the child must leave AUTOCLEAR on, so the
+    device goes with blkback's reference instead of staying bound with nobody to detach it."""
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    running = libxl.start("add", be, pause_at="autoclear-forked")
+    assert running.wait_paused(in_child=True) == "autoclear-forked"
+    assert running.proc.wait(10) == 0
+    minor = consumer.wait_opened().identity.minor
+    libxl.store.rm(be.path)
+    running.resume()
+    running.wait_child_gone()
+    assert _sysfs_autoclear(minor) == "1", "the child cleared AUTOCLEAR of a device nobody records"
+    consumer.release()
+    assert bound_loops_under(image.parent) == {}, "leaked: AUTOCLEAR off and no record to remove it by"
