@@ -18,7 +18,8 @@ does no hand-off (it exits after writing physical-device, the race this project 
 
 Rows: serial add (wall p50/p90, CPU of the script and everything it waited for), serial remove,
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
-hand-off) against the engine path, syscalls of one add (`--strace`: strace -f -c), adds with
+hand-off, by a forked child since issue 18's deferral) against the engine path, for the baseline
+script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with
 `--existing` published backends (file and block-device target), and `--parallel` adds started at
 once. The load average is printed before and after: the machine is shared, compare ratios.
 """
