@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Backend, Libxl, kill_child
+from tests.fixtures.libxl import Backend, Consumer, Libxl, Running, kill_child
 from xenblockctl.blockscript.faults import ADD_POINTS, AUTOCLEAR_POINTS, REMOVE_POINTS
 from xenblockctl.xenstore.identity import OwnerRecord
 
@@ -98,6 +99,29 @@ def _tear_down(libxl: Libxl, be: Backend) -> None:
     assert "physical-device" not in libxl.nodes(be)
 
 
+class KernelAdd(NamedTuple):
+    image: Path
+    be: Backend
+    consumer: Consumer
+    running: Running
+    minor: int
+
+
+def _kernel_add_paused_in_child(libxl: Libxl, make_image: ImageFactory, point: str) -> KernelAdd:
+    """A kernel-blkback add whose script has exited (libxl proceeds) and whose AUTOCLEAR child is
+    stopped at `point`; blkback's stand-in holds the device."""
+    image = make_image(fill=b"guest disk")
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    running = libxl.start("add", be, pause_at=point)
+    assert running.wait_paused(in_child=True) == point
+    assert running.proc.wait(10) == 0, "the script itself has finished: libxl proceeds"
+    assert running.paused_pid != running.proc.pid
+    minor = consumer.wait_opened().identity.minor
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    return KernelAdd(image, be, consumer, running, minor)
+
+
 KERNEL_CHILD_CASES = [(p, order) for p in AUTOCLEAR_POINTS for order in ("reconnect", "remove-while-held")]
 
 
@@ -108,18 +132,9 @@ def test_kill_autoclear_child(libxl: Libxl, make_image: ImageFactory, point: str
     """The add's child killed at each of its steps. "reconnect": blkback drops its reference (a
     frontend reconnect) and then libxl removes; "remove-while-held": libxl removes while blkback
     still holds the device, which must stay readable until blkback lets go."""
-    image = make_image(fill=b"guest disk")
-    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
-    consumer = libxl.blkback_consumer(be)
-    running = libxl.start("add", be, pause_at=point)
-    assert running.wait_paused(in_child=True) == point
-    assert running.proc.wait(10) == 0, "the script itself has finished: libxl proceeds"
-    child = running.paused_pid
-    assert child != running.proc.pid
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, point)
     device = consumer.wait_opened()
-    minor = device.identity.minor
-    assert libxl.nodes(be)["hotplug-status"] == "connected"
-    kill_child(child)
+    kill_child(running.paused_pid)
     nodes = libxl.nodes(be)
     assert_consistent(nodes)
     assert OwnerRecord.parse(nodes["xenblockctl-owner"]).autoclear, "the child never rewrote the record"
@@ -171,13 +186,7 @@ def test_remove_waits_for_the_autoclear_child(libxl: Libxl, make_image: ImageFac
     """A remove racing the child: the child checked the record, then remove's LOOP_CLR_FD arms
     AUTOCLEAR (blkback still holds the device), then the child's ioctl would clear it again and the
     device would outlive blkback. Remove waits for the child's lock instead."""
-    image = make_image()
-    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
-    consumer = libxl.blkback_consumer(be)
-    running = libxl.start("add", be, pause_at="autoclear-checked")
-    assert running.wait_paused(in_child=True) == "autoclear-checked"
-    assert running.proc.wait(10) == 0
-    minor = consumer.wait_opened().identity.minor
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
     libxl.store.write(be.node("online"), "0")
     libxl.store.write(be.node("state"), "6")
     remover = libxl.start("remove", be)
@@ -195,13 +204,7 @@ def test_remove_waits_for_the_autoclear_child(libxl: Libxl, make_image: ImageFac
 def test_remove_lock_timeout_changes_nothing(libxl: Libxl, make_image: ImageFactory) -> None:
     """A child that holds the device lock too long (here: stopped) makes remove fail with a coded
     error, touching neither the device nor the nodes; a later remove finishes."""
-    image = make_image()
-    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
-    consumer = libxl.blkback_consumer(be)
-    running = libxl.start("add", be, pause_at="autoclear-checked")
-    assert running.wait_paused(in_child=True) == "autoclear-checked"
-    assert running.proc.wait(10) == 0
-    minor = consumer.wait_opened().identity.minor
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
     libxl.store.write(be.node("online"), "0")
     libxl.store.write(be.node("state"), "6")
     before = libxl.nodes(be)
@@ -221,13 +224,7 @@ def test_autoclear_child_leaves_a_withdrawn_backend_alone(libxl: Libxl, make_ima
     """The backend (and our record) vanished between the fork and the child's check, as when the
     toolstack deletes a backend without running remove: the child must leave AUTOCLEAR on, so the
     device goes with blkback's reference instead of staying bound with nobody to detach it."""
-    image = make_image()
-    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
-    consumer = libxl.blkback_consumer(be)
-    running = libxl.start("add", be, pause_at="autoclear-forked")
-    assert running.wait_paused(in_child=True) == "autoclear-forked"
-    assert running.proc.wait(10) == 0
-    minor = consumer.wait_opened().identity.minor
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-forked")
     libxl.store.rm(be.path)
     running.resume()
     running.wait_child_gone()
