@@ -231,3 +231,27 @@ def test_autoclear_child_leaves_a_withdrawn_backend_alone(libxl: Libxl, make_ima
     assert _sysfs_autoclear(minor) == "1", "the child cleared AUTOCLEAR of a device nobody records"
     consumer.release()
     assert bound_loops_under(image.parent) == {}, "leaked: AUTOCLEAR off and no record to remove it by"
+
+
+def test_remove_during_the_hand_off_is_not_undone(libxl: Libxl, make_image: ImageFactory) -> None:
+    """A remove (gc, a forced detach) that ran while add waited for blkback withdrew our nodes:
+    add must not write the record back and report connected (it used to, reviving the record of a
+    device remove had already detached), nor fork a child for it."""
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    running = libxl.start("add", be, pause_at="add-consumer-ready")
+    assert running.wait_paused() == "add-consumer-ready"
+    consumer.wait_opened()
+    removed = libxl.run("remove", be)
+    assert removed.returncode == 0, removed.stderr
+    running.resume()
+    _out, err = running.proc.communicate(timeout=20)
+    assert running.proc.returncode == 1, err
+    assert "backend-missing" in err
+    nodes = libxl.nodes(be)
+    assert "xenblockctl-owner" not in nodes
+    assert "physical-device" not in nodes
+    assert nodes.get("hotplug-status") == "error"
+    consumer.release()
+    assert bound_loops_under(image.parent) == {}, "remove's detach must take effect once blkback lets go"
