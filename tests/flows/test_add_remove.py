@@ -87,8 +87,12 @@ def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
     consumer.wait_opened()
     assert consumer.device is not None
     minor = consumer.device.identity.minor
-    owner = OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"])
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    # AUTOCLEAR goes off in a child the script forks after hotplug-status=connected (off libxl's
+    # critical path); the record says autoclear=0 only once the ioctl is done.
+    owner = libxl.wait_autoclear_off(be)
     assert not owner.autoclear, "blkback drops its reference on frontend reconnect: AUTOCLEAR must be off"
+    assert Path(f"/sys/block/loop{minor}/loop/autoclear").read_text().strip() == "0"
     consumer.release()  # blkback closes on reconnect ...
     assert minor in bound_loops_under(image.parent), "... and the device must still be there"
     libxl.store.write(be.node("online"), "0")

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         else:
             from xenblockctl.blockscript.remove import run_remove
 
-            removed = run_remove(store, path, journal, env=environment)
+            removed = run_remove(store, path, journal, env=environment, lock_timeout=settings.lock_timeout)
             journal.info(f"removed ({removed.detached})")
     except XenblockError as exc:
         journal.error(exc.one_line(), CODE=exc.code, ERRNO=exc.errno or 0)
