@@ -61,8 +61,18 @@ class AddResult(NamedTuple):
 
 
 def run_add(
-    store: XenStore, path: BackendPath, settings: Settings, journal: Journal, *, env: Environment
+    store: XenStore,
+    path: BackendPath,
+    settings: Settings,
+    journal: Journal,
+    *,
+    env: Environment,
+    defer_autoclear: bool = False,
 ) -> AddResult:
+    """`defer_autoclear`: on the kernel-blkback path, turn AUTOCLEAR off in a forked child after we
+    return (blockscript/autoclear.py) rather than in line. Only the libxl script asks for it: an
+    in-process caller (the CLI's attach) may have threads, which a fork would copy without their
+    locks' owners, and udev kills whatever a RUN program leaves behind (udev(7))."""
     home = store.home()
     be = backend_dir(store, path)
     published = False
@@ -138,6 +148,7 @@ def run_add(
                     owner,
                     mark_connected=lambda tx: _mark_connected(tx, be, published_owner),
                     settings=settings,
+                    defer=defer_autoclear,
                     journal=journal,
                     env=env,
                 )

@@ -95,14 +95,19 @@ def hand_off(
     settings: Settings,
     journal: Journal,
     env: Environment,
+    defer: bool = True,
 ) -> None:
     """Steps 1-3 of the module docstring, in the `add` process. `mark_connected` writes
     hotplug-status while `owner` (autoclear=1) is the record. Returns in the parent only; if
-    fork() fails the ioctl runs here, in line, as it did before the deferral."""
+    fork() fails, or the caller cannot leave a child behind (`defer` False: add.run_add says
+    who), the ioctl runs here, in line, as it did before the deferral."""
     ident = device.identity
     job = _Job(be, device, owner, journal, env)
     with device_lock(ident.major, ident.minor, timeout=settings.lock_timeout, lock_dir=env.lock_dir):
         store.run_transaction(mark_connected)
+        if not defer:
+            _clear(store, job)
+            return
         try:
             pid = os.fork()
         except OSError as exc:
