@@ -26,6 +26,9 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.transport.local import LocalTransport
 
+# every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 DEVICE = 256 * 1024  # what the engine may touch
 GUARD = 64 * 1024  # pattern past the device end that must survive
 SECTORS = DEVICE // 512

@@ -364,6 +364,18 @@ class GrantCache:
             lease = Lease(self, refs, _NO_TRANSIENT)
         return _views(order, extents, writable), lease  # type: ignore[arg-type]
 
+    def native_entries(self) -> dict[int, object]:
+        """The cached pages, ref -> entry (its `base` view and the page's `start` in it), for the
+        native fast path (backend/fastpath.py) to read on the ring thread between acquire() calls:
+        only acquire() evicts, so every entry it finds stays mapped while it runs. Read only."""
+        return self._entries  # type: ignore[return-value]
+
+    def note_used(self, refs: Sequence[int]) -> None:
+        """The native fast path served requests from these cached pages (in order): count the hits
+        and note the use for the LRU order, as acquire() does for the requests it serves."""
+        self.stats.hits += len(refs)
+        self._used(refs)
+
     def _used(self, refs: Sequence[int]) -> None:
         self._tick += 1
         self._recent.append((self._tick, refs))

@@ -1,0 +1,410 @@
+/*
+ * The engine's optional native fast path (issue 20): one ring pass's simple requests, end to end.
+ *
+ * Python (backend/dataplane.py) copies a pass's request slots out of shared memory once
+ * (ring.take_slots) and hands that private copy here. `serve` takes the longest prefix of the
+ * remaining slots that are *simple* — READ or WRITE with direct segments, every rule of
+ * requests.validate_slot satisfied, every page already in the persistent grant cache — and runs
+ * their I/O (preadv2/pwritev2 with the GIL released). It answers nothing itself: it returns the
+ * (id, operation, RSP_OKAY) of each request whose I/O moved every byte, and the index of the first
+ * slot it did not finish. Python then serves that slot through its own path (which validates,
+ * logs and answers every error, and runs or hands off the I/O as it always did) and calls here
+ * again for the rest. So anything unusual — another operation, indirect segments, an invalid
+ * request, a page not cached, a read that would block, a short transfer, any errno — costs one
+ * extra attempt at most and is handled by the one complete implementation, never by a second one.
+ *
+ * Hostile input: every byte decoded here comes from the private copy (never shared memory), every
+ * guest number is range-checked before use, and arithmetic is done in 64 bits on values bounded
+ * first (nr_segments <= 11, sectors <= 7 per segment, sector <= device sectors < 2**55). Pages
+ * come from the cache's own dict (gref -> entry with `base`, a memoryview of the mapping, and
+ * `start`, the page's offset in it); a buffer export is held on each page's view for the whole
+ * call, so the mapping cannot be closed under the I/O even with the GIL released (and the cache
+ * only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
+ * tests compare it with validate_slot on arbitrary bytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define SEGS_MAX 11 /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
+#define PAGE 4096
+#define SECTOR 512
+#define LAST_SECT 7 /* PAGE / SECTOR - 1 */
+#define SEG_SIZE 8  /* struct blkif_request_segment: gref u32, first u8, last u8, pad u16 */
+#define OP_READ 0
+#define OP_WRITE 1
+#define MAX_SLOTS 1024 /* more than any ring holds (BLKIF ring of 16 pages: 512 slots) */
+
+/* what to do with a READ or WRITE once it is valid (fastpath.py works it out from io.Executor) */
+enum mode {
+    MODE_STOP = 0,          /* not here: Python hands it to the worker pool */
+    MODE_NOWAIT = 1,        /* RWF_NOWAIT: anything short of done in full goes back to Python */
+    MODE_BLOCK = 2,         /* inline, may block (workers=0) */
+    MODE_BLOCK_ALIGNED = 3, /* inline if the range covers whole host pages, else MODE_STOP */
+};
+
+struct req {
+    uint64_t id;
+    uint64_t offset; /* bytes on the device */
+    uint64_t length;
+    uint8_t op;
+    uint8_t nseg;
+    uint32_t gref[SEGS_MAX];
+    uint16_t pofs[SEGS_MAX]; /* byte offset in the page */
+    uint16_t plen[SEGS_MAX]; /* bytes in the page */
+};
+
+struct limits {
+    uint64_t sectors;     /* the device's 512-byte units */
+    uint64_t size_bytes;  /* io._out_of_bounds' second guard */
+    uint64_t lbs_mask;    /* logical_block_size / 512 - 1 */
+    int read_only;
+    Py_ssize_t id_offset; /* 8: x86_64 layout, 4: x86_32 */
+};
+
+static inline uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v); /* native order, as struct's "=" on the little-endian dom0 */
+    return v;
+}
+
+static inline uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The rules of requests._check_segments/_plan for a READ/WRITE with direct segments, on a slot
+ * of at least entry_size bytes of the private copy. 1: valid, `r` filled; 0: not ours (another
+ * operation) or refused (Python refuses it again, with its reason). */
+static int decode(const unsigned char *slot, const struct limits *lim, struct req *r)
+{
+    uint8_t op = slot[0];
+    uint8_t nseg = slot[1];
+    if (op != OP_READ && op != OP_WRITE)
+        return 0;
+    if (nseg == 0 || nseg > SEGS_MAX)
+        return 0;
+    if (lim->read_only && op != OP_READ)
+        return 0;
+    uint64_t sector = get_u64(slot + lim->id_offset + 8);
+    const unsigned char *seg = slot + lim->id_offset + 16;
+    uint64_t total = 0; /* <= 11 * 8 */
+    for (unsigned i = 0; i < nseg; i++, seg += SEG_SIZE) {
+        uint8_t first = seg[4], last = seg[5];
+        if (last > LAST_SECT || first > last)
+            return 0;
+        unsigned n = (unsigned)last - first + 1;
+        r->gref[i] = get_u32(seg);
+        r->pofs[i] = (uint16_t)(first * SECTOR);
+        r->plen[i] = (uint16_t)(n * SECTOR);
+        total += n;
+    }
+    /* sector + total > sectors, without overflowing for a hostile sector near 2**64 */
+    if (sector > lim->sectors || total > lim->sectors - sector)
+        return 0;
+    if ((sector | total) & lim->lbs_mask)
+        return 0;
+    r->id = get_u64(slot + lim->id_offset);
+    r->op = op;
+    r->nseg = nseg;
+    r->offset = sector * SECTOR; /* sector <= sectors < 2**55: no overflow */
+    r->length = total * SECTOR;
+    if (r->offset > lim->size_bytes || r->length > lim->size_bytes - r->offset)
+        return 0;
+    return 1;
+}
+
+static int parse_limits(PyObject *args_sectors, PyObject *args_size, Py_ssize_t lbs, int read_only,
+                        Py_ssize_t id_offset, struct limits *lim)
+{
+    unsigned long long sectors = PyLong_AsUnsignedLongLong(args_sectors);
+    if (sectors == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long long size = PyLong_AsUnsignedLongLong(args_size);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (sectors > (UINT64_MAX / SECTOR) / 2 || size > UINT64_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "device too large");
+        return -1;
+    }
+    if (lbs < SECTOR || lbs > PAGE || (lbs & (lbs - 1))) {
+        PyErr_SetString(PyExc_ValueError, "logical block size must be a power of two in 512..4096");
+        return -1;
+    }
+    if (id_offset != 4 && id_offset != 8) {
+        PyErr_SetString(PyExc_ValueError, "id_offset must be 4 (x86_32) or 8 (x86_64)");
+        return -1;
+    }
+    lim->sectors = sectors;
+    lim->size_bytes = size;
+    lim->lbs_mask = (uint64_t)(lbs / SECTOR) - 1;
+    lim->read_only = read_only;
+    lim->id_offset = id_offset;
+    return 0;
+}
+
+static Py_ssize_t entry_size(Py_ssize_t id_offset)
+{
+    return id_offset + 16 + SEGS_MAX * SEG_SIZE; /* header + 11 descriptors: 112 or 108 */
+}
+
+/* check(slot, offset, id_offset, sectors, size_bytes, logical_block_size, read_only)
+ *   -> None | (id, op, byte_offset, length, ((gref, page_offset, page_length), ...)) */
+static PyObject *fp_check(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer slot;
+    Py_ssize_t offset, id_offset, lbs;
+    PyObject *sectors_o, *size_o;
+    int read_only;
+    if (!PyArg_ParseTuple(args, "y*nnOOnp", &slot, &offset, &id_offset, &sectors_o, &size_o, &lbs,
+                          &read_only))
+        return NULL;
+    struct limits lim;
+    PyObject *out = NULL;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+        goto done;
+    if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
+        PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
+        goto done;
+    }
+    struct req r;
+    if (!decode((const unsigned char *)slot.buf + offset, &lim, &r)) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *segs = PyTuple_New(r.nseg);
+    if (segs == NULL)
+        goto done;
+    for (unsigned i = 0; i < r.nseg; i++) {
+        PyObject *t = Py_BuildValue("(kHH)", (unsigned long)r.gref[i], r.pofs[i], r.plen[i]);
+        if (t == NULL) {
+            Py_DECREF(segs);
+            goto done;
+        }
+        PyTuple_SET_ITEM(segs, i, t);
+    }
+    out = Py_BuildValue("(KBKKN)", (unsigned long long)r.id, r.op, (unsigned long long)r.offset,
+                        (unsigned long long)r.length, segs);
+done:
+    PyBuffer_Release(&slot);
+    return out;
+}
+
+static PyObject *str_base, *str_start;
+
+/* One page of the cache: a buffer export on its entry's view (released by the caller) and the
+ * page's address. 0 if the cache has no such entry or it is unusable (Python's path then maps it
+ * or refuses it); -1 only for an interpreter error worth raising (out of memory). */
+static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
+{
+    PyObject *key = PyLong_FromUnsignedLong(gref);
+    if (key == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(entries, key); /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(entry);
+    int got = 0;
+    PyObject *base = PyObject_GetAttr(entry, str_base);
+    PyObject *start_o = base != NULL ? PyObject_GetAttr(entry, str_start) : NULL;
+    if (start_o == NULL)
+        goto out;
+    Py_ssize_t start = PyLong_AsSsize_t(start_o);
+    if (start == -1 && PyErr_Occurred())
+        goto out;
+    if (PyObject_GetBuffer(base, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        goto out;
+    if (start < 0 || start > view->len || view->len - start < PAGE) {
+        PyBuffer_Release(view);
+        goto out;
+    }
+    *page = (char *)view->buf + start;
+    got = 1;
+out:
+    if (!got)
+        PyErr_Clear(); /* an odd entry is not ours to judge: Python's path takes the request */
+    Py_XDECREF(start_o);
+    Py_XDECREF(base);
+    Py_DECREF(entry);
+    return got;
+}
+
+struct prepared {
+    struct req r;
+    struct iovec iov[SEGS_MAX];
+    int iovcnt;
+    int mode;
+};
+
+/* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
+ *       fd, read_mode, write_mode, host_page, entries)
+ *   -> (answers: list[(id, op, 0)], next_index, grefs: bytes of the served requests' uint32 refs) */
+static PyObject *fp_serve(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data;
+    Py_ssize_t start, count, id_offset, lbs, host_page;
+    PyObject *sectors_o, *size_o, *entries;
+    int read_only, fd, modes[2];
+    if (!PyArg_ParseTuple(args, "y*nnnOOnpiiinO!", &data, &start, &count, &id_offset, &sectors_o,
+                          &size_o, &lbs, &read_only, &fd, &modes[OP_READ], &modes[OP_WRITE],
+                          &host_page, &PyDict_Type, &entries))
+        return NULL;
+    struct limits lim;
+    struct prepared *reqs = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t nviews = 0, nreq = 0, done = 0;
+    PyObject *out = NULL;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+        goto fail;
+    Py_ssize_t esize = entry_size(id_offset);
+    if (start < 0 || count < start || count > MAX_SLOTS || data.len / esize < count) {
+        PyErr_SetString(PyExc_ValueError, "slot range outside the copied batch");
+        goto fail;
+    }
+    if (host_page <= 0 || (host_page & (host_page - 1)) || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad host page size or fd");
+        goto fail;
+    }
+    Py_ssize_t todo = count - start;
+    if (todo > 0) {
+        reqs = PyMem_Calloc((size_t)todo, sizeof *reqs);
+        views = PyMem_Calloc((size_t)todo * SEGS_MAX, sizeof *views);
+        if (reqs == NULL || views == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    /* 1. decode and find the pages (GIL held): the longest prefix we can run */
+    for (Py_ssize_t i = start; i < count; i++) {
+        struct prepared *p = &reqs[nreq];
+        if (!decode((const unsigned char *)data.buf + i * esize, &lim, &p->r))
+            break;
+        p->mode = modes[p->r.op];
+        if (p->mode == MODE_BLOCK_ALIGNED)
+            p->mode = ((p->r.offset | p->r.length) & (uint64_t)(host_page - 1)) ? MODE_STOP
+                                                                                 : MODE_BLOCK;
+        if (p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK)
+            break;
+        int writable = p->r.op == OP_READ; /* a guest READ: the device's data goes into its page */
+        Py_ssize_t mark = nviews;
+        int ok = 1;
+        p->iovcnt = 0;
+        for (unsigned s = 0; s < p->r.nseg; s++) {
+            char *page;
+            int got = page_of(entries, p->r.gref[s], writable, &views[nviews], &page);
+            if (got < 0)
+                PyErr_Clear(); /* out of memory for a key: Python's path takes the request */
+            if (got <= 0) {
+                ok = 0;
+                break;
+            }
+            nviews++;
+            char *at = page + p->r.pofs[s];
+            struct iovec *last = p->iovcnt ? &p->iov[p->iovcnt - 1] : NULL;
+            if (last != NULL && (char *)last->iov_base + last->iov_len == at) {
+                last->iov_len += p->r.plen[s]; /* the next bytes of the same mapping: one iovec */
+            } else {
+                p->iov[p->iovcnt].iov_base = at;
+                p->iov[p->iovcnt].iov_len = p->r.plen[s];
+                p->iovcnt++;
+            }
+        }
+        if (!ok) {
+            while (nviews > mark)
+                PyBuffer_Release(&views[--nviews]);
+            break;
+        }
+        nreq++;
+    }
+    /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
+    if (nreq) {
+        Py_BEGIN_ALLOW_THREADS
+        for (; done < nreq; done++) {
+            struct prepared *p = &reqs[done];
+            int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
+            ssize_t n = p->r.op == OP_READ
+                            ? preadv2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags)
+                            : pwritev2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags);
+            if (n < 0 || (uint64_t)n != p->r.length)
+                break; /* Python runs it again its own way, and reports what it finds */
+        }
+        Py_END_ALLOW_THREADS
+    }
+    /* 3. answers and the refs used (for the cache's recency), GIL held */
+    {
+        PyObject *answers = PyList_New(done);
+        Py_ssize_t nrefs = 0;
+        for (Py_ssize_t k = 0; k < done; k++)
+            nrefs += reqs[k].r.nseg;
+        PyObject *refs = PyBytes_FromStringAndSize(NULL, nrefs * (Py_ssize_t)sizeof(uint32_t));
+        if (answers == NULL || refs == NULL) {
+            Py_XDECREF(answers);
+            Py_XDECREF(refs);
+            goto fail;
+        }
+        char *w = PyBytes_AS_STRING(refs);
+        for (Py_ssize_t k = 0; k < done; k++) {
+            struct req *r = &reqs[k].r;
+            PyObject *t = Py_BuildValue("(KBi)", (unsigned long long)r->id, r->op, 0);
+            if (t == NULL) {
+                Py_DECREF(answers);
+                Py_DECREF(refs);
+                goto fail;
+            }
+            PyList_SET_ITEM(answers, k, t);
+            memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
+            w += r->nseg * sizeof(uint32_t);
+        }
+        out = Py_BuildValue("(NnN)", answers, start + done, refs);
+    }
+fail:
+    /* an error after some I/O ran would lose answers: only allocation can fail there, and the
+     * requests are then answered by nobody until the frontend's timeout — so we raise, and the
+     * data plane treats it as its own bug (logged, ring broken) rather than guessing */
+    while (nviews > 0)
+        PyBuffer_Release(&views[--nviews]);
+    PyMem_Free(views);
+    PyMem_Free(reqs);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"check", fp_check, METH_VARARGS, "Decode and validate one READ/WRITE slot as serve() would."},
+    {"serve", fp_serve, METH_VARARGS, "Serve the longest simple prefix of a copied ring batch."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastpass", "The engine's optional native ring pass (issue 20).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpass(void)
+{
+    str_base = PyUnicode_InternFromString("base");
+    str_start = PyUnicode_InternFromString("start");
+    if (str_base == NULL || str_start == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
