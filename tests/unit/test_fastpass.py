@@ -1,0 +1,305 @@
+"""The native fast path (backend/_fastpass.c via backend/fastpath.py) against the pure-Python rules.
+
+The C decoder is a second implementation of requests.validate_slot's READ/WRITE rules: the
+agreement tests feed both arbitrary slot bytes (and well-formed requests with hostile fields) and
+require the same verdict and, when accepted, the same range and segments. `serve` is then run on a
+real file with pages held the way the grant cache holds them. The extension must build without
+warnings (-Werror), and, where the toolchain has the sanitizers, the agreement runs under
+AddressSanitizer + UBSan in a child interpreter.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.backend import PairFactory, on_disk, ring_params_of
+from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend.blkif import Segment, SegmentRequest
+from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.requests import READ, WRITE, DeviceLimits, IoPlan, validate_slot
+from xenblockctl.backend.transport.local import LocalTransport
+
+if not fastpath.available():
+    pytest.skip(
+        "the native fast path (xenblockctl/backend/_fastpass.c) is not built here", allow_module_level=True
+    )
+
+from xenblockctl.backend import _fastpass
+
+SOURCE = Path(fastpath.__file__).with_name("_fastpass.c")
+ABIS = [blkif.X86_64, blkif.X86_32]
+
+
+def c_verdict(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> object:
+    return _fastpass.check(
+        slot,
+        0,
+        abi.id_offset,
+        limits.sectors,
+        limits.sectors * 512,
+        limits.logical_block_size,
+        limits.read_only,
+    )
+
+
+def assert_agree(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> None:
+    plan = validate_slot(abi, slot, 0, limits, None)
+    got = c_verdict(abi, slot, limits)
+    simple = isinstance(plan, IoPlan) and plan.kind in (READ, WRITE) and slot[0] in (0, 1)
+    if not simple:
+        assert got is None, (plan, got)
+        return
+    assert isinstance(plan, IoPlan)
+    assert got is not None, plan
+    assert got == (
+        plan.id,
+        plan.operation,
+        plan.offset,
+        plan.length,
+        tuple((s.gref, s.offset, s.length) for s in plan.segments),
+    )
+
+
+limits_st = st.builds(
+    DeviceLimits,
+    sectors=st.one_of(st.integers(0, 4096), st.integers(0, 2**53)),
+    logical_block_size=st.sampled_from([512, 1024, 2048, 4096]),
+    read_only=st.booleans(),
+)
+sector_st = st.one_of(st.integers(0, 5000), st.integers(0, 2**64 - 1), st.integers(2**64 - 100, 2**64 - 1))
+segment_st = st.builds(Segment, st.integers(0, 2**32 - 1), st.integers(0, 9), st.integers(0, 9))
+request_st = st.builds(
+    SegmentRequest,
+    st.sampled_from([0, 1, 1, 2, 3, 4, 5, 6, 7, 255]),
+    st.integers(0, 14),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 2**64 - 1),
+    sector_st,
+    st.lists(segment_st, min_size=0, max_size=11).map(tuple),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(abi=st.sampled_from(ABIS), slot=st.binary(min_size=112, max_size=112), limits=limits_st)
+def test_agrees_with_validate_slot_on_any_bytes(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> None:
+    head = bytearray(slot)
+    head[0] %= 3  # READ, WRITE or WRITE_BARRIER mostly: arbitrary bytes would rarely be a request
+    head[1] %= 13
+    assert_agree(abi, bytes(head[: abi.entry_size]), limits)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(abi=st.sampled_from(ABIS), req=request_st, limits=limits_st)
+def test_agrees_with_validate_slot_on_requests(
+    abi: blkif.Abi, req: SegmentRequest, limits: DeviceLimits
+) -> None:
+    assert_agree(abi, abi.encode_request(req), limits)
+
+
+def test_accepts_what_blkfront_sends() -> None:
+    """Not vacuous: ordinary requests are accepted (so the agreement tests above compare plans)."""
+    limits = DeviceLimits(sectors=1 << 20)
+    for abi in ABIS:
+        segs = tuple(Segment(100 + i, 0, 7) for i in range(11))
+        for op in (blkif.OP_READ, blkif.OP_WRITE):
+            slot = abi.encode_request(SegmentRequest(op, 11, 0, 7, 88, segs))
+            assert c_verdict(abi, slot, limits) is not None
+            assert_agree(abi, slot, limits)
+        sub = abi.encode_request(SegmentRequest(0, 1, 0, 9, 3, (Segment(5, 2, 4),)))
+        assert c_verdict(abi, sub, limits) == (9, 0, 3 * 512, 3 * 512, ((5, 1024, 1536),))
+
+
+def test_check_refuses_a_short_slot() -> None:
+    with pytest.raises(ValueError, match="shorter"):
+        _fastpass.check(bytes(100), 0, 8, 100, 51200, 512, False)
+    with pytest.raises(ValueError, match="id_offset"):
+        _fastpass.check(bytes(112), 0, 6, 100, 51200, 512, False)
+
+
+# --- serve() on a real file --------------------------------------------------------------------------
+class Entry:
+    """What serve() reads of a grant cache entry: the mapping's view and the page's offset in it."""
+
+    __slots__ = ("base", "start")
+
+    def __init__(self, base: memoryview, start: int) -> None:
+        self.base = base
+        self.start = start
+
+
+def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path) -> None:
+    abi = blkif.X86_64
+    path = tmp_path / "disk"
+    path.write_bytes(os.urandom(64 * 1024))
+    before = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(-1, 4 * 4096)
+    view = memoryview(memory)
+    try:
+        entries: dict[int, object] = {10 + i: Entry(view, i * 4096) for i in range(3)}  # ref 13 not cached
+        view[4096:8192] = b"w" * 4096
+        slots = [
+            SegmentRequest(0, 2, 0, 1, 0, (Segment(10, 0, 7), Segment(11, 0, 3))),  # 6 KiB read
+            SegmentRequest(1, 1, 0, 2, 16, (Segment(11, 0, 7),)),  # 4 KiB write
+            SegmentRequest(3, 0, 0, 3, 0, ()),  # FLUSH: Python's
+            SegmentRequest(0, 1, 0, 4, 0, (Segment(12, 0, 7),)),
+            SegmentRequest(0, 1, 0, 5, 0, (Segment(13, 0, 7),)),  # not cached: Python's
+        ]
+        data = b"".join(abi.encode_request(s) for s in slots)
+        modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
+        args = (abi.id_offset, 128, 65536, 512, False, fd, *modes, mmap.PAGESIZE, entries)
+        answers, stop, refs = _fastpass.serve(data, 0, len(slots), *args)
+        assert answers == [(1, 0, 0), (2, 1, 0)]
+        assert stop == 2
+        assert memoryview(refs).cast("I").tolist() == [10, 11, 11]
+        assert bytes(view[:6144]) == before[:6144]
+        assert path.read_bytes()[16 * 512 : 16 * 512 + 4096] == before[4096:6144] + b"w" * 2048
+        answers, stop, refs = _fastpass.serve(data, 3, len(slots), *args)
+        assert answers == [(4, 0, 0)]
+        assert stop == 4
+        # WRITE refused on a read-only device, READ with NOWAIT refused where run_now would submit
+        args_ro = (abi.id_offset, 128, 65536, 512, True, fd, *modes, mmap.PAGESIZE, entries)
+        assert _fastpass.serve(data, 1, 2, *args_ro)[:2] == ([], 1)
+        stop_reads = (abi.id_offset, 128, 65536, 512, False, fd, _fastpass.MODE_STOP, _fastpass.MODE_BLOCK)
+        assert _fastpass.serve(data, 0, 2, *stop_reads, mmap.PAGESIZE, entries)[:2] == ([], 0)
+        # a read past the end of the file is short: Python's path runs it (and reports the error)
+        past = abi.encode_request(SegmentRequest(0, 1, 0, 6, 127, (Segment(10, 0, 7),)))
+        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, fd, *modes, mmap.PAGESIZE, entries)
+        assert _fastpass.serve(past, 0, 1, *big)[:2] == ([], 0)
+        with pytest.raises(ValueError, match="outside"):
+            _fastpass.serve(data, 0, len(slots) + 1, *args)
+    finally:
+        view.release()
+        memory.close()
+        os.close(fd)
+
+
+# --- the build ---------------------------------------------------------------------------------------
+def _compile(tmp_path: Path, *flags: str) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        pytest.skip("no Python headers")
+    out = tmp_path / f"_fastpass{sysconfig.get_config_var('EXT_SUFFIX')}"
+    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, f"-I{include}"]
+    subprocess.run([*cmd, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def test_builds_without_warnings(tmp_path: Path) -> None:
+    _compile(tmp_path, "-O2")
+
+
+def test_agreement_under_sanitizers(tmp_path: Path) -> None:
+    """The decoder and serve() on random bytes with ASan + UBSan (any report aborts the child)."""
+    cc = shutil.which("gcc")
+    asan = subprocess.run(
+        [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    )
+    lib = asan.stdout.strip()
+    if cc is None or not lib.startswith("/"):
+        pytest.skip("no gcc with AddressSanitizer")
+    try:
+        built = _compile(tmp_path, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"sanitizer build unavailable: {exc.stderr[-200:]}")
+    script = textwrap.dedent(
+        f"""
+        import mmap, os, random, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import _fastpass
+        from xenblockctl.backend import blkif
+        from xenblockctl.backend.requests import DeviceLimits, IoPlan, validate_slot
+        rnd = random.Random(20)
+        fd = os.open({str(tmp_path / "disk")!r}, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 1 << 16)
+        memory = mmap.mmap(-1, 8 * 4096)
+        view = memoryview(memory)
+        class E:
+            __slots__ = ("base", "start")
+            def __init__(self, b, s): self.base, self.start = b, s
+        entries = {{g: E(view, (g % 8) * 4096) for g in range(16)}}
+        for n in range(20000):
+            abi = rnd.choice([blkif.X86_64, blkif.X86_32])
+            slot = bytearray(rnd.randbytes(abi.entry_size))
+            slot[0] %= 3; slot[1] %= 13
+            for i in range(11):
+                at = abi.segments_offset + 8 * i
+                slot[at + 1:at + 4] = b"\\0\\0\\0"; slot[at + 4] %= 9; slot[at + 5] %= 9
+            if n % 2:
+                slot[abi.id_offset + 8:abi.id_offset + 16] = rnd.randrange(140).to_bytes(8, "little")
+            slot = bytes(slot)
+            sectors = rnd.choice([0, 8, 128, 2**40])
+            limits = DeviceLimits(sectors=sectors, logical_block_size=rnd.choice([512, 4096]))
+            lbs = limits.logical_block_size
+            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False)
+            plan = validate_slot(abi, slot, 0, limits, None)
+            assert (got is not None) == (isinstance(plan, IoPlan) and slot[0] in (0, 1)), (slot, plan, got)
+            _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
+                            limits.logical_block_size, False, fd, 2, 2, mmap.PAGESIZE, entries)
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ,
+        LD_PRELOAD=lib,
+        ASAN_OPTIONS="detect_leaks=0",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "ok"
+    assert built.exists()
+
+
+# --- inside the data plane ---------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 4])
+def test_data_plane_serves_cached_requests_natively(make_pair: PairFactory, workers: int) -> None:
+    """Persistent grants (Linux blkfront's case): once a page is cached, its READs and WRITEs go
+    through the native pass; the data is right on the disk and in the frontend's pages."""
+    pair = make_pair(persistent=True, data_pages=32, workers=workers)
+    fe, dp = pair.frontend, pair.dataplane
+    fast = dp._fast
+    assert fast is not None
+    for i in range(20):
+        data = os.urandom(4096 * (1 + i % 11))
+        assert fe.write(8 * i, data) == blkif.RSP_OKAY
+        assert on_disk(pair.path, 8 * i * 512, len(data)) == data
+        assert fe.read(8 * i, len(data)) == data
+        assert fe.read(8 * i + 1, 1024) == data[512:1536]  # a sub-page segment
+    assert fast.served > 20  # the first use of each page maps it (Python), later ones are native
+    assert dp.stats.errors == 0
+    assert dp.stats.requests == 60
+    cache = dp.grant_cache
+    assert cache is not None
+    assert cache.stats.hits > fast.served  # the native pass counts its pages as hits too
+
+
+def test_native_off_or_not_applicable(make_pair: PairFactory, local_transport: LocalTransport) -> None:
+    assert make_pair(persistent=False).dataplane._fast is None  # no grant cache: Python's path
+    pair = make_pair(persistent=True)
+    assert pair.dataplane._fast is not None
+    fe = LocalFrontend(local_transport.socket_path, 7, persistent=True)
+    try:
+        target = pair.target
+        dp = DataPlane(local_transport, 7, ring_params_of(fe), target, target.limits(), native=False)
+        assert dp._fast is None
+        assert dp.stop()
+    finally:
+        fe.close()
