@@ -10,13 +10,16 @@ AddressSanitizer + UBSan in a child interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk, ring_params_of
 from xenblockctl.backend import blkif, fastpath
-from xenblockctl.backend.blkif import Segment, SegmentRequest
+from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.requests import READ, WRITE, DeviceLimits, IoPlan, validate_slot
@@ -42,7 +45,19 @@ SOURCE = Path(fastpath.__file__).with_name("_fastpass.c")
 ABIS = [blkif.X86_64, blkif.X86_32]
 
 
-def c_verdict(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> object:
+class Entry:
+    """What the C code reads of a grant cache entry: the mapping's view and the page's offset in it."""
+
+    __slots__ = ("base", "start")
+
+    def __init__(self, base: memoryview, start: int) -> None:
+        self.base = base
+        self.start = start
+
+
+def c_verdict(
+    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, entries: dict[int, object] | None = None
+) -> object:
     return _fastpass.check(
         slot,
         0,
@@ -51,13 +66,27 @@ def c_verdict(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> object:
         limits.sectors * 512,
         limits.logical_block_size,
         limits.read_only,
+        limits.max_indirect_segments,
+        entries if entries is not None else {},
     )
 
 
-def assert_agree(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> None:
-    plan = validate_slot(abi, slot, 0, limits, None)
-    got = c_verdict(abi, slot, limits)
-    simple = isinstance(plan, IoPlan) and plan.kind in (READ, WRITE) and slot[0] in (0, 1)
+def assert_agree(
+    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, pages: dict[int, bytes] | None = None
+) -> None:
+    """C and validate_slot agree; `pages`: the granted pages (indirect descriptors), ref -> bytes."""
+    pages = pages or {}
+    memory = bytearray(b"".join(pages.values()) or b"\0")
+    view = memoryview(memory)
+    entries: dict[int, object] = {ref: Entry(view, i * 4096) for i, ref in enumerate(pages)}
+
+    def read_indirect(refs: Sequence[int]) -> bytes:
+        return b"".join(pages[ref] for ref in refs)  # KeyError: not granted, as a failed map
+
+    plan = validate_slot(abi, slot, 0, limits, read_indirect)
+    got = c_verdict(abi, slot, limits, entries)
+    view.release()
+    simple = isinstance(plan, IoPlan) and plan.kind in (READ, WRITE) and slot[0] in (0, 1, 6)
     if not simple:
         assert got is None, (plan, got)
         return
@@ -121,24 +150,70 @@ def test_accepts_what_blkfront_sends() -> None:
         assert c_verdict(abi, sub, limits) == (9, 0, 3 * 512, 3 * 512, ((5, 1024, 1536),))
 
 
+descriptor_st = st.binary(min_size=8, max_size=8).map(
+    lambda b: b[:4] + bytes([b[4] % 10, b[5] % 10]) + b[6:]  # first/last_sect mostly in range
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    abi=st.sampled_from(ABIS),
+    indirect_op=st.sampled_from([0, 1, 1, 2, 3, 9]),
+    nseg=st.one_of(st.integers(0, 20), st.integers(500, 530), st.integers(0, 0xFFFF)),
+    sector=sector_st,
+    refs=st.lists(st.sampled_from([3, 4, 5, 77]), min_size=8, max_size=8),
+    descriptors=st.lists(descriptor_st, min_size=1, max_size=40),
+    whole=st.booleans(),
+    limits=limits_st,
+    max_indirect=st.sampled_from([0, 32, 256, 512, 4096]),
+)
+def test_agrees_with_validate_slot_on_indirect_requests(
+    *,
+    abi: blkif.Abi,
+    indirect_op: int,
+    nseg: int,
+    sector: int,
+    refs: list[int],
+    descriptors: list[bytes],
+    whole: bool,
+    limits: DeviceLimits,
+    max_indirect: int,
+) -> None:
+    """Indirect descriptor pages 3, 4, 5 are granted (77 is not); the pages repeat the drawn
+    descriptors (or whole-page ones), so long requests have plausible segments too."""
+    if whole:
+        descriptors = [struct.pack("=IBBxx", 1000 + i, 0, 7) for i in range(len(descriptors))]
+    page = (b"".join(descriptors) * (4096 // (8 * len(descriptors)) + 1))[:4096]
+    pages = {3: page, 4: page[::-1], 5: page}
+    slot = abi.encode_request(IndirectRequest(indirect_op, nseg, 7, sector, 0, tuple(refs)))
+    limits = dataclasses.replace(limits, max_indirect_segments=max_indirect)
+    assert_agree(abi, slot, limits, pages)
+
+
+def test_accepts_indirect_requests_whose_pages_are_cached() -> None:
+    limits = DeviceLimits(sectors=1 << 20, max_indirect_segments=512)
+    descriptors = b"".join(struct.pack("=IBBxx", 100 + i, 0, 7) for i in range(300))
+    pages = {40: descriptors.ljust(4096, b"\0")}
+    for abi in ABIS:
+        slot = abi.encode_request(IndirectRequest(blkif.OP_WRITE, 300, 5, 64, 0, (40,) * 8))
+        assert_agree(abi, slot, limits, pages)
+        memory = memoryview(bytearray(pages[40]))
+        got = c_verdict(abi, slot, limits, {40: Entry(memory, 0)})
+        assert got is not None
+        assert got[:4] == (5, 1, 64 * 512, 300 * 4096)
+        assert c_verdict(abi, slot, limits, {}) is None  # the descriptor page is not cached
+
+
 def test_check_refuses_a_short_slot() -> None:
     with pytest.raises(ValueError, match="shorter"):
-        _fastpass.check(bytes(100), 0, 8, 100, 51200, 512, False)
+        _fastpass.check(bytes(100), 0, 8, 100, 51200, 512, False, 0, {})
     with pytest.raises(ValueError, match="id_offset"):
-        _fastpass.check(bytes(112), 0, 6, 100, 51200, 512, False)
+        _fastpass.check(bytes(112), 0, 6, 100, 51200, 512, False, 0, {})
+    with pytest.raises(ValueError, match="max_indirect"):
+        _fastpass.check(bytes(112), 0, 8, 100, 51200, 512, False, 4097, {})
 
 
 # --- serve() on a real file --------------------------------------------------------------------------
-class Entry:
-    """What serve() reads of a grant cache entry: the mapping's view and the page's offset in it."""
-
-    __slots__ = ("base", "start")
-
-    def __init__(self, base: memoryview, start: int) -> None:
-        self.base = base
-        self.start = start
-
-
 def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path) -> None:
     abi = blkif.X86_64
     path = tmp_path / "disk"
@@ -159,7 +234,7 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         ]
         data = b"".join(abi.encode_request(s) for s in slots)
         modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
-        args = (abi.id_offset, 128, 65536, 512, False, fd, *modes, mmap.PAGESIZE, entries)
+        args = (abi.id_offset, 128, 65536, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
         answers, stop, refs = _fastpass.serve(data, 0, len(slots), *args)
         assert answers == [(1, 0, 0), (2, 1, 0)]
         assert stop == 2
@@ -170,13 +245,13 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         assert answers == [(4, 0, 0)]
         assert stop == 4
         # WRITE refused on a read-only device, READ with NOWAIT refused where run_now would submit
-        args_ro = (abi.id_offset, 128, 65536, 512, True, fd, *modes, mmap.PAGESIZE, entries)
+        args_ro = (abi.id_offset, 128, 65536, 512, True, 0, fd, *modes, mmap.PAGESIZE, entries)
         assert _fastpass.serve(data, 1, 2, *args_ro)[:2] == ([], 1)
-        stop_reads = (abi.id_offset, 128, 65536, 512, False, fd, _fastpass.MODE_STOP, _fastpass.MODE_BLOCK)
+        stop_reads = (abi.id_offset, 128, 65536, 512, False, 0, fd, _fastpass.MODE_STOP, _fastpass.MODE_BLOCK)
         assert _fastpass.serve(data, 0, 2, *stop_reads, mmap.PAGESIZE, entries)[:2] == ([], 0)
         # a read past the end of the file is short: Python's path runs it (and reports the error)
         past = abi.encode_request(SegmentRequest(0, 1, 0, 6, 127, (Segment(10, 0, 7),)))
-        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, fd, *modes, mmap.PAGESIZE, entries)
+        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
         assert _fastpass.serve(past, 0, 1, *big)[:2] == ([], 0)
         with pytest.raises(ValueError, match="outside"):
             _fastpass.serve(data, 0, len(slots) + 1, *args)
@@ -246,11 +321,11 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
             sectors = rnd.choice([0, 8, 128, 2**40])
             limits = DeviceLimits(sectors=sectors, logical_block_size=rnd.choice([512, 4096]))
             lbs = limits.logical_block_size
-            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False)
+            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False, 0, {{}})
             plan = validate_slot(abi, slot, 0, limits, None)
             assert (got is not None) == (isinstance(plan, IoPlan) and slot[0] in (0, 1)), (slot, plan, got)
             _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
-                            limits.logical_block_size, False, fd, 2, 2, mmap.PAGESIZE, entries)
+                            limits.logical_block_size, False, 0, fd, 2, 2, mmap.PAGESIZE, entries)
         print("ok")
         """
     )

@@ -12,6 +12,8 @@ def check(
     size_bytes: int,
     logical_block_size: int,
     read_only: bool,
+    max_indirect_segments: int,
+    entries: dict[int, object],
     /,
 ) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]] | None: ...
 def serve(
@@ -23,6 +25,7 @@ def serve(
     size_bytes: int,
     logical_block_size: int,
     read_only: bool,
+    max_indirect_segments: int,
     fd: int,
     read_mode: int,
     write_mode: int,

@@ -2,8 +2,8 @@
 
 `_fastpass` is a small C extension (backend/_fastpass.c, built by setup.py as an optional
 extension, so a build without a compiler still installs). Given a pass's copied request slots it
-serves the longest prefix of simple requests — READ/WRITE with direct segments whose pages are all
-in the ring's persistent grant cache — with the same validation rules as requests.validate_slot
+serves the longest prefix of simple requests — READ/WRITE, with direct or indirect segments, whose
+pages (indirect descriptor pages included) are all in the ring's persistent grant cache — with the same validation rules as requests.validate_slot
 (tests/unit/test_fastpass.py checks that the two agree on arbitrary bytes) and the same choice of
 where the I/O runs as io.Executor.run_now, and returns their answers and where it stopped.
 DataPlane._serve_batch serves the request it stopped at through the pure-Python path (which
@@ -84,6 +84,7 @@ class FastPass:
             target.size_bytes,
             limits.logical_block_size,
             limits.read_only,
+            limits.max_indirect_segments,
             target.fd,
         )
 
