@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from bench.ring_throughput import WORKLOADS, Workload, _offsets, _params
+from xenblockctl.backend import fastpath
 from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
@@ -202,6 +203,9 @@ def main() -> int:
     args = ap.parse_args()
     modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
     natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
+    if not fastpath.available() and True in natives:
+        print(f"native lines skipped: {fastpath.describe(True)}")
+        natives = [False]
     chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
