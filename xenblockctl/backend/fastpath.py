@@ -3,9 +3,10 @@
 `_fastpass` is a small C extension (backend/_fastpass.c, built by setup.py as an optional
 extension, so a build without a compiler still installs). Given a pass's copied request slots it
 serves the longest prefix of simple requests — READ/WRITE, with direct or indirect segments, whose
-pages (indirect descriptor pages included) are all in the ring's persistent grant cache — with the same validation rules as requests.validate_slot
-(tests/unit/test_fastpass.py checks that the two agree on arbitrary bytes) and the same choice of
-where the I/O runs as io.Executor.run_now, and returns their answers and where it stopped.
+pages (indirect descriptor pages included) are all in the ring's persistent grant cache — with the
+same validation rules as requests.validate_slot (tests/unit/test_fastpass.py checks that the two
+agree on arbitrary bytes) and the same choice of where the I/O runs as io.Executor.run_now, and
+returns their answers and where it stopped.
 DataPlane._serve_batch serves the request it stopped at through the pure-Python path (which
 validates, logs and answers everything unusual) and calls it again for the rest; answers still go
 out through DataPlane._answer (ring order, journal), so nothing of ring.py is repeated in C.
