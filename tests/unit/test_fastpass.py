@@ -45,18 +45,8 @@ SOURCE = Path(fastpath.__file__).with_name("_fastpass.c")
 ABIS = [blkif.X86_64, blkif.X86_32]
 
 
-class Entry:
-    """What the C code reads of a grant cache entry: the mapping's view and the page's offset in it."""
-
-    __slots__ = ("base", "start")
-
-    def __init__(self, base: memoryview, start: int) -> None:
-        self.base = base
-        self.start = start
-
-
 def c_verdict(
-    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, entries: dict[int, object] | None = None
+    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, entries: dict[int, memoryview] | None = None
 ) -> object:
     return _fastpass.check(
         slot,
@@ -78,13 +68,16 @@ def assert_agree(
     pages = pages or {}
     memory = bytearray(b"".join(pages.values()) or b"\0")
     view = memoryview(memory)
-    entries: dict[int, object] = {ref: Entry(view, i * 4096) for i, ref in enumerate(pages)}
+    # what the C code reads: GrantCache.native_pages(), ref -> a view of that page
+    entries = {ref: view[i * 4096 : (i + 1) * 4096] for i, ref in enumerate(pages)}
 
     def read_indirect(refs: Sequence[int]) -> bytes:
         return b"".join(pages[ref] for ref in refs)  # KeyError: not granted, as a failed map
 
     plan = validate_slot(abi, slot, 0, limits, read_indirect)
     got = c_verdict(abi, slot, limits, entries)
+    for page in entries.values():
+        page.release()
     view.release()
     simple = isinstance(plan, IoPlan) and plan.kind in (READ, WRITE) and slot[0] in (0, 1, 6)
     if not simple:
@@ -198,7 +191,7 @@ def test_accepts_indirect_requests_whose_pages_are_cached() -> None:
         slot = abi.encode_request(IndirectRequest(blkif.OP_WRITE, 300, 5, 64, 0, (40,) * 8))
         assert_agree(abi, slot, limits, pages)
         memory = memoryview(bytearray(pages[40]))
-        got = c_verdict(abi, slot, limits, {40: Entry(memory, 0)})
+        got = c_verdict(abi, slot, limits, {40: memory})
         assert got is not None
         assert got[:4] == (5, 1, 64 * 512, 300 * 4096)
         assert c_verdict(abi, slot, limits, {}) is None  # the descriptor page is not cached
@@ -223,7 +216,7 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
     memory = mmap.mmap(-1, 4 * 4096)
     view = memoryview(memory)
     try:
-        entries: dict[int, object] = {10 + i: Entry(view, i * 4096) for i in range(3)}  # ref 13 not cached
+        entries = {10 + i: view[i * 4096 : (i + 1) * 4096] for i in range(3)}  # ref 13 not cached
         view[4096:8192] = b"w" * 4096
         slots = [
             SegmentRequest(0, 2, 0, 1, 0, (Segment(10, 0, 7), Segment(11, 0, 3))),  # 6 KiB read
@@ -255,6 +248,8 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         assert _fastpass.serve(past, 0, 1, *big)[:2] == ([], 0)
         with pytest.raises(ValueError, match="outside"):
             _fastpass.serve(data, 0, len(slots) + 1, *args)
+        for page in entries.values():
+            page.release()
     finally:
         view.release()
         memory.close()
@@ -304,28 +299,39 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
         os.ftruncate(fd, 1 << 16)
         memory = mmap.mmap(-1, 8 * 4096)
         view = memoryview(memory)
-        class E:
-            __slots__ = ("base", "start")
-            def __init__(self, b, s): self.base, self.start = b, s
-        entries = {{g: E(view, (g % 8) * 4096) for g in range(16)}}
+        for i in range(8):  # descriptor pages for indirect requests: grefs 0..15, sectors 0..9
+            for at in range(i * 4096, (i + 1) * 4096, 8):
+                first, last = rnd.randrange(10), rnd.randrange(10)
+                view[at:at + 8] = bytes([rnd.randrange(16), 0, 0, 0, first, last, 0, 0])
+        entries = {{g: view[(g % 8) * 4096:(g % 8 + 1) * 4096] for g in range(16)}}
+        def read_indirect(refs):
+            return b"".join(bytes(entries[g]) if g < 16 else 1 / 0 for g in refs)
         for n in range(20000):
             abi = rnd.choice([blkif.X86_64, blkif.X86_32])
             slot = bytearray(rnd.randbytes(abi.entry_size))
-            slot[0] %= 3; slot[1] %= 13
+            slot[0] = rnd.choice([0, 1, 2, 6, 6]); slot[1] %= 13
             for i in range(11):
                 at = abi.segments_offset + 8 * i
                 slot[at + 1:at + 4] = b"\\0\\0\\0"; slot[at + 4] %= 9; slot[at + 5] %= 9
             if n % 2:
                 slot[abi.id_offset + 8:abi.id_offset + 16] = rnd.randrange(140).to_bytes(8, "little")
+            if slot[0] == 6:
+                slot[2:4] = rnd.choice([rnd.randrange(600), rnd.randrange(65536)]).to_bytes(2, "little")
+                for k in range(8):
+                    at = abi.id_offset + 20 + 4 * k
+                    ref = rnd.choice([rnd.randrange(17), rnd.randrange(2**32)])
+                    slot[at:at + 4] = ref.to_bytes(4, "little")
             slot = bytes(slot)
             sectors = rnd.choice([0, 8, 128, 2**40])
-            limits = DeviceLimits(sectors=sectors, logical_block_size=rnd.choice([512, 4096]))
-            lbs = limits.logical_block_size
-            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False, 0, {{}})
-            plan = validate_slot(abi, slot, 0, limits, None)
-            assert (got is not None) == (isinstance(plan, IoPlan) and slot[0] in (0, 1)), (slot, plan, got)
+            limits = DeviceLimits(sectors=sectors, logical_block_size=rnd.choice([512, 4096]),
+                                  max_indirect_segments=rnd.choice([0, 256, 512, 4096]))
+            lbs, mi = limits.logical_block_size, limits.max_indirect_segments
+            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False, mi, entries)
+            plan = validate_slot(abi, slot, 0, limits, read_indirect)
+            simple = isinstance(plan, IoPlan) and slot[0] in (0, 1, 6) and plan.operation in (0, 1)
+            assert (got is not None) == simple, (slot, plan, got)
             _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
-                            limits.logical_block_size, False, 0, fd, 2, 2, mmap.PAGESIZE, entries)
+                            lbs, False, mi, fd, 2, 2, mmap.PAGESIZE, entries)
         print("ok")
         """
     )

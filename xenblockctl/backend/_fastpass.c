@@ -21,8 +21,8 @@
  * own memory and only the copy is decoded; if we then stop (a page not cached, a read that would
  * block), Python reads them again for itself and acts on its copy only — ours decided nothing but
  * to stop. Pages
- * come from the cache's own dict (gref -> entry with `base`, a memoryview of the mapping, and
- * `start`, the page's offset in it); a buffer export is held on each page's view for the whole
+ * come from the cache's own dict (GrantCache.native_pages: gref -> a view of that page); a buffer
+ * export is held on each page's view for the whole
  * call, so the mapping cannot be closed under the I/O even with the GIL released (and the cache
  * only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
  * tests compare it with validate_slot on arbitrary bytes.
@@ -311,44 +311,29 @@ done:
     return out;
 }
 
-static PyObject *str_base, *str_start;
-
-/* One page of the cache: a buffer export on its entry's view (released by the caller) and the
- * page's address. 0 if the cache has no such entry or it is unusable (Python's path then maps it
- * or refuses it); -1 only for an interpreter error (out of memory), left set for the caller. */
+/* One page of the cache: a buffer export on its view (released by the caller) and the page's
+ * address. `entries` is GrantCache.native_pages(): ref -> a view of exactly that page. 0 if the
+ * cache has no such page or its view is unusable (Python's path then maps it or refuses it); -1
+ * only for an interpreter error (out of memory), left set for the caller. */
 static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
 {
     PyObject *key = PyLong_FromUnsignedLong(gref);
     if (key == NULL)
         return -1;
-    PyObject *entry = PyDict_GetItemWithError(entries, key); /* borrowed */
+    PyObject *pageview = PyDict_GetItemWithError(entries, key); /* borrowed */
     Py_DECREF(key);
-    if (entry == NULL)
+    if (pageview == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    Py_INCREF(entry);
-    int got = 0;
-    PyObject *base = PyObject_GetAttr(entry, str_base);
-    PyObject *start_o = base != NULL ? PyObject_GetAttr(entry, str_start) : NULL;
-    if (start_o == NULL)
-        goto out;
-    Py_ssize_t start = PyLong_AsSsize_t(start_o);
-    if (start == -1 && PyErr_Occurred())
-        goto out;
-    if (PyObject_GetBuffer(base, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
-        goto out;
-    if (start < 0 || start > view->len || view->len - start < PAGE) {
-        PyBuffer_Release(view);
-        goto out;
+    if (PyObject_GetBuffer(pageview, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* an odd value is not ours to judge: Python's path takes the request */
+        return 0;
     }
-    *page = (char *)view->buf + start;
-    got = 1;
-out:
-    if (!got)
-        PyErr_Clear(); /* an odd entry is not ours to judge: Python's path takes the request */
-    Py_XDECREF(start_o);
-    Py_XDECREF(base);
-    Py_DECREF(entry);
-    return got;
+    if (view->len < PAGE) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    *page = view->buf;
+    return 1;
 }
 
 /* A request ready for its I/O: its pages' buffer exports (held until the answers are built) and
@@ -533,10 +518,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastpass(void)
 {
-    str_base = PyUnicode_InternFromString("base");
-    str_start = PyUnicode_InternFromString("start");
-    if (str_base == NULL || str_start == NULL)
-        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

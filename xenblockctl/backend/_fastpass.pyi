@@ -13,7 +13,7 @@ def check(
     logical_block_size: int,
     read_only: bool,
     max_indirect_segments: int,
-    entries: dict[int, object],
+    entries: dict[int, memoryview],
     /,
 ) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]] | None: ...
 def serve(
@@ -30,6 +30,6 @@ def serve(
     read_mode: int,
     write_mode: int,
     host_page: int,
-    entries: dict[int, object],
+    entries: dict[int, memoryview],
     /,
 ) -> tuple[list[tuple[int, int, int]], int, bytes]: ...

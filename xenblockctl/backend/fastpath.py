@@ -78,7 +78,7 @@ class FastPass:
         self._cache = cache
         #: requests answered here so far (tests and benchmarks: which path ran)
         self.served = 0
-        self._entries = cache.native_entries()
+        self._entries = cache.native_pages()
         self._fixed = (
             abi.id_offset,
             limits.sectors,
