@@ -31,6 +31,7 @@ from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import READ, WRITE, DeviceLimits, IoPlan, validate_slot
 from xenblockctl.backend.transport.local import LocalTransport
 
@@ -384,3 +385,37 @@ def test_native_off_or_not_applicable(make_pair: PairFactory, local_transport: L
         assert dp.stop()
     finally:
         fe.close()
+
+
+def test_native_pass_under_eviction_keeps_the_cache_consistent(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """A cache of 6 pages and requests of 1 to 11 pages: evictions between native passes. The
+    pages the native pass may read are always exactly the cached ones, the data is right, and
+    the recency it reports keeps the small requests' pages cached."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    with LocalFrontend(local_transport.socket_path, 41, data_pages=16, persistent=True) as fe:
+        params = ring_params_of(fe)
+        dp = DataPlane(
+            local_transport, 41, params, target, target.limits(), workers=0, max_persistent_grants=6
+        )
+        dp.start()
+        try:
+            cache, fast = dp.grant_cache, dp._fast
+            assert cache is not None
+            assert fast is not None
+            for i in range(120):
+                n = 1 if i % 3 else 1 + i % 11
+                data = os.urandom(n * 4096)
+                assert fe.write(8 * i, data) == blkif.RSP_OKAY
+                assert fe.read(8 * i, len(data)) == data
+                assert on_disk(path, 8 * i * 512, len(data)) == data
+                assert set(cache.native_pages()) == set(cache._entries)
+                assert cache.mapped <= 6
+            assert cache.stats.evictions > 0
+            assert fast.served > 60
+            assert dp.stats.errors == 0
+        finally:
+            assert dp.stop()
+        assert cache.native_pages() == {}
