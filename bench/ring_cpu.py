@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ring_throughput import WORKLOADS, Workload, _offsets, _params
+from bench.ring_throughput import WORKLOADS, Workload, _check_native, _offsets, _params
 from xenblockctl.backend import fastpath
 from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
@@ -76,8 +76,7 @@ def measure(
             workers=workers,
             native=native,
         )
-        if native and dp._fast is None:
-            raise SystemExit("--native on: the native fast path is not built or does not apply here")
+        _check_native(dp, native)
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring
