@@ -160,6 +160,7 @@ descriptor_st = st.binary(min_size=8, max_size=8).map(
     whole=st.booleans(),
     limits=limits_st,
     max_indirect=st.sampled_from([0, 32, 256, 512, 4096]),
+    edge=st.sampled_from([None, None, -1, 0, 1]),
 )
 def test_agrees_with_validate_slot_on_indirect_requests(
     *,
@@ -172,9 +173,12 @@ def test_agrees_with_validate_slot_on_indirect_requests(
     whole: bool,
     limits: DeviceLimits,
     max_indirect: int,
+    edge: int | None,
 ) -> None:
     """Indirect descriptor pages 3, 4, 5 are granted (77 is not); the pages repeat the drawn
     descriptors (or whole-page ones), so long requests have plausible segments too."""
+    if edge is not None:  # nr_segments at the advertised maximum, or one off it
+        nseg = max(0, max_indirect + edge)
     if whole:
         descriptors = [struct.pack("=IBBxx", 1000 + i, 0, 7) for i in range(len(descriptors))]
     page = (b"".join(descriptors) * (4096 // (8 * len(descriptors)) + 1))[:4096]
@@ -196,6 +200,15 @@ def test_accepts_indirect_requests_whose_pages_are_cached() -> None:
         assert got is not None
         assert got[:4] == (5, 1, 64 * 512, 300 * 4096)
         assert c_verdict(abi, slot, limits, {}) is None  # the descriptor page is not cached
+        read_only = dataclasses.replace(limits, read_only=True)
+        assert c_verdict(abi, slot, read_only, {40: memory}) is None  # a WRITE: refused
+        assert_agree(abi, slot, read_only, pages)
+        read = abi.encode_request(IndirectRequest(blkif.OP_READ, 300, 5, 64, 0, (40,) * 8))
+        assert c_verdict(abi, read, read_only, {40: memory}) is not None
+        for nseg in (511, 512, 513):  # the advertised maximum and either side of it
+            edge = abi.encode_request(IndirectRequest(blkif.OP_READ, nseg, 5, 64, 0, (40,) * 8))
+            assert (c_verdict(abi, edge, limits, {40: memory, 41: memory}) is not None) is (nseg <= 512)
+        memory.release()
 
 
 def test_check_refuses_a_short_slot() -> None:
