@@ -313,9 +313,10 @@ class DataPlane:
         if self._fast is not None:
             return self._serve_fast(data, count)
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
+        read_indirect, serve = self._read_indirect, self._serve_slot
         answers: list[tuple[int, int, int]] = []
         for offset in range(0, count * entry, entry):
-            answers = self._serve_slot(validate_slot(abi, data, offset, limits, self._read_indirect), answers)
+            answers = serve(validate_slot(abi, data, offset, limits, read_indirect), answers)
         if answers:
             self._answer(answers)
         return count
