@@ -21,6 +21,12 @@ acquire() calls, which are the only place entries are evicted), and holds a buff
 page's view while it uses it. The pages it used are noted with GrantCache.note_used once per call:
 a pass's requests count as one use for the LRU order (close to per request, as the cache's own
 shapes already are; see grantcache.py).
+
+What a stop costs: the request is tried twice. A READ that misses the page cache makes one
+RWF_NOWAIT preadv2 here and one in run_now before it goes to a worker; a short transfer is redone
+in full by Python's path (safe: the request is not answered yet, as io.execute_nowait explains);
+an indirect request's descriptor pages are read again by Python's validation, which decides on its
+own copy alone (ours only decided to stop).
 """
 
 from __future__ import annotations
