@@ -8,7 +8,11 @@ SPDX string in the metadata on both without a deprecation warning.
 The host files: the block script, udev rules and hook, units (hotplug/), the roff man pages (man/)
 and the completions (completions/) live at the top of the source tree, where admins and the Xen
 lane use them in place; the build copies them into the package as xenblockctl/share/ so an
-installed wheel carries them (xenblockctl/toolstack/hostfiles.py finds either)."""
+installed wheel carries them (xenblockctl/toolstack/hostfiles.py finds either).
+
+The native fast path (issue 20): xenblockctl/backend/_fastpass.c, an OPTIONAL extension. Where it
+cannot be built (no compiler, no Python headers) the build says so and goes on: the engine then
+runs its pure-Python path, which is complete on its own (backend/fastpath.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +51,15 @@ class BuildWithHostFiles(build_py):
                     shutil.copy2(path, share / directory / path.name)
 
 
+FASTPASS = setuptools.Extension(
+    "xenblockctl.backend._fastpass",
+    sources=["xenblockctl/backend/_fastpass.c"],
+    # warnings are bugs here: tests/unit/test_fastpass.py also builds it with -Werror
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    optional=True,
+)
+
 _major = int(setuptools.__version__.split(".")[0])
 _licence = {"license_expression": LICENSE} if _major >= 77 else {"license": LICENSE}
 
-setuptools.setup(cmdclass={"build_py": BuildWithHostFiles}, **_licence)
+setuptools.setup(cmdclass={"build_py": BuildWithHostFiles}, ext_modules=[FASTPASS], **_licence)

@@ -1,6 +1,7 @@
 """CPU per request of the blkif data plane on one thread, with no sleeping or waking: stable under load.
 
     .venv/bin/python -m bench.ring_cpu [--rounds 300] [--engine-only] [--persistent off,on] [--workers 0]
+                                       [--native off,on]
 
 Each round the LocalFrontend puts QD reads on the ring, one engine pass serves them on this thread
 (inline I/O from the page cache) and the frontend collects the answers; thread CPU time of each side
@@ -9,6 +10,9 @@ wake-up costs, which dominate ring_throughput's wall clock on a loaded or idle V
 
 `--persistent off,on` (the default: both, one line each) runs the frontend without and with
 feature-persistent; with it the data plane goes through its grant cache (backend/grantcache.py).
+`--native off,on` (the default: both) runs each persistent line on the pure-Python pass and on the
+native fast path (backend/fastpath.py; it applies to persistent grants only, so per-request lines
+run once, in Python).
 
 `--engine-only` replaces the frontend with re-publishing one captured round of request slots, so
 that an instruction count covers the engine alone. It also prints a `floor` line: the least a pure-
@@ -32,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ring_throughput import WORKLOADS, Workload, _offsets, _params
+from bench.ring_throughput import WORKLOADS, Workload, _check_native, _offsets, _params
+from xenblockctl.backend import fastpath
 from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
@@ -51,6 +56,7 @@ def measure(
     *,
     persistent: bool = False,
     workers: int = 0,
+    native: bool = False,
 ) -> None:
     pages = w.qd * max(1, w.block // 4096)
     with LocalFrontend(
@@ -61,7 +67,16 @@ def measure(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
+        dp = DataPlane(
+            transport,
+            1,
+            _params(fe.xenstore_nodes()),
+            target,
+            target.limits(),
+            workers=workers,
+            native=native,
+        )
+        _check_native(dp, native)
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring
@@ -100,7 +115,7 @@ def measure(
             floor_us = _floor(dp, fe, target, captured, w, rounds=rounds) if engine_only else None
             if dp.stats.ok != dp.stats.requests:
                 raise SystemExit(f"engine answered errors: {dp.stats}")
-            mode = "persistent " if persistent else "per-request"
+            mode = ("persistent " if persistent else "per-request") + (" native" if native else " python")
             line = (
                 f"  {w.name:<30} QD {w.qd:>2} {mode}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
             )
@@ -181,8 +196,15 @@ def main() -> int:
     )
     ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
     ap.add_argument("--persistent", default="off,on", help="grant modes: off (per-request), on (persistent)")
+    ap.add_argument(
+        "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
+    )
     args = ap.parse_args()
     modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
+    natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
+    if not fastpath.available() and True in natives:
+        print(f"native lines skipped: {fastpath.describe(True)}")
+        natives = [False]
     chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
@@ -199,15 +221,17 @@ def main() -> int:
             print(f"16 MiB file, page cache warm, one thread, {args.rounds} rounds ({warmup} warm-up)")
             for w in chosen:
                 for persistent in modes:
-                    measure(
-                        transport,
-                        DeviceTarget.from_fd(fd),
-                        w,
-                        args.rounds,
-                        args.engine_only,
-                        persistent=persistent,
-                        workers=args.workers,
-                    )
+                    for native in natives if persistent else natives[:1]:
+                        measure(
+                            transport,
+                            DeviceTarget.from_fd(fd),
+                            w,
+                            args.rounds,
+                            args.engine_only,
+                            persistent=persistent,
+                            workers=args.workers,
+                            native=native and persistent,
+                        )
         finally:
             transport.close()
             os.close(fd)

@@ -1,7 +1,7 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on,copy,map]
+        [--persistent off,on,copy,map] [--native off,on]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -16,6 +16,10 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
   `per-request, grant copy` / `per-request, mapped` rows (`--persistent copy,map`): no persistent
   grants, the data pages copied (backend/grantcopy.py) or mapped per request: the Xen transport's
   two paths, on a transport whose copy is a memcpy and whose map is a slice (no hypercalls).
+
+`--native off,on` (the default: both) runs each persistent row on the pure-Python ring pass
+(`python`) and on the native fast path (`native`, backend/fastpath.py; it applies to persistent
+grants only, so other rows run once, in Python).
 
 The file is filled with data and read once first, so both sides read from the page cache: the ratio
 measures our per-request software cost, not the disk. With `--frontend-process` the frontend runs in
@@ -36,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenblockctl.backend import blkif
+from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
@@ -190,6 +194,7 @@ def engine(
     seconds: float,
     in_child: bool,
     persistent: bool = False,
+    native: bool = False,
 ) -> Run:
     if in_child:
         ctx = multiprocessing.get_context("spawn")
@@ -210,7 +215,10 @@ def engine(
         try:
             nodes = receive()
             assert isinstance(nodes, dict)
-            dp = DataPlane(transport, 1, _params(nodes), target, target.limits(), workers=workers)
+            dp = DataPlane(
+                transport, 1, _params(nodes), target, target.limits(), workers=workers, native=native
+            )
+            _check_native(dp, native)
             dp.start()
             try:
                 parent.send("go")
@@ -235,7 +243,16 @@ def engine(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(transport, 1, _params(fe.xenstore_nodes()), target, target.limits(), workers=workers)
+        dp = DataPlane(
+            transport,
+            1,
+            _params(fe.xenstore_nodes()),
+            target,
+            target.limits(),
+            workers=workers,
+            native=native,
+        )
+        _check_native(dp, native)
         dp.start()
         try:
             verify(fe, image, w, target.size_bytes)
@@ -247,6 +264,12 @@ def engine(
         finally:
             dp.stop()
         return Run(run.rate, run.frontend_cpu_us, engine_cpu, *_grant_counts(dp))
+
+
+def _check_native(dp: DataPlane, native: bool) -> None:
+    if native and dp._fast is None:
+        dp.stop()
+        raise SystemExit("--native on: the native fast path is not built or does not apply here")
 
 
 def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
@@ -271,6 +294,9 @@ def main() -> int:
         " copy / map (per-request on the Xen transport's grant copy / per-request mapping paths)",
     )
     ap.add_argument(
+        "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
+    )
+    ap.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -286,6 +312,10 @@ def main() -> int:
         {"off": (False, "table"), "on": (True, "table"), "copy": (False, "copy"), "map": (False, "map")}[x]
         for x in args.persistent.split(",")
     ]
+    natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
+    if not fastpath.available() and True in natives:
+        print(f"native rows skipped: {fastpath.describe(True)}")
+        natives = [False]
     mode_labels = {"table": "per-request", "copy": "per-request, grant copy", "map": "per-request, mapped"}
 
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
@@ -325,31 +355,35 @@ def main() -> int:
                 print(f"\n{w.name}")
                 mib = base * w.block / 2**20
                 print(
-                    f"  {'direct preadv (1 thread)':<40} {base:>10.0f} IOPS {mib:>9.1f} MiB/s"
+                    f"  {'direct preadv (1 thread)':<48} {base:>10.0f} IOPS {mib:>8.1f} MiB/s"
                     f"{'':16}CPU/request: {base_cpu:.1f} µs"
                 )
                 for n in workers:
                     for persistent, pages in modes:
-                        run = engine(
-                            transports[pages],
-                            target,
-                            str(image),
-                            w,
-                            workers=n,
-                            seconds=args.seconds,
-                            in_child=args.frontend_process,
-                            persistent=persistent,
-                        )
-                        label = f"engine, {n} workers" if n else "engine, inline I/O"
-                        label += ", persistent" if persistent else f", {mode_labels[pages]}"
-                        maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
-                        print(
-                            f"  {label:<40} {run.rate:>10.0f} IOPS {run.rate * w.block / 2**20:>9.1f} MiB/s"
-                            f"   ratio {run.rate / base:.3f}   CPU/request: engine "
-                            f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
-                            f"{maps} for {run.requests} requests, "
-                            f"{run.requests / max(run.notifies, 1):.1f} requests per event"
-                        )
+                        for native in natives if persistent else natives[:1]:
+                            run = engine(
+                                transports[pages],
+                                target,
+                                str(image),
+                                w,
+                                workers=n,
+                                seconds=args.seconds,
+                                in_child=args.frontend_process,
+                                persistent=persistent,
+                                native=native and persistent,
+                            )
+                            label = f"engine, {n} workers" if n else "engine, inline I/O"
+                            label += ", persistent" if persistent else f", {mode_labels[pages]}"
+                            label += ", native" if native and persistent else ", python"
+                            maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
+                            rate_mib = run.rate * w.block / 2**20
+                            print(
+                                f"  {label:<48} {run.rate:>10.0f} IOPS {rate_mib:>8.1f} MiB/s"
+                                f"   ratio {run.rate / base:.3f}   CPU/request: engine "
+                                f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
+                                f"{maps} for {run.requests} requests, "
+                                f"{run.requests / max(run.notifies, 1):.1f} requests per event"
+                            )
         finally:
             for transport in transports.values():
                 transport.close()

@@ -13,7 +13,7 @@ from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
 from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
-from xenblockctl.backend import blkif
+from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.guest import XenbusFrontend
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -167,5 +167,29 @@ def test_engine_configured_without_persistent_grants(
         assert dp.grant_cache is None
         assert guest.ring is not None
         assert guest.ring.read(0, 512)[:2] == b"ok"
+    finally:
+        detach(libxl, be, guest)
+
+
+@pytest.mark.parametrize(
+    "engine_inproc", [{"native": True}, {"native": False}], indirect=True, ids=["native", "no-native"]
+)
+def test_engine_native_option_reaches_the_data_plane(
+    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory
+) -> None:
+    """EngineConfig.native (`backend --no-native`) decides whether a persistent ring gets the native
+    fast path; either way the guest's data is served."""
+    native = engine_inproc.engine.config.native
+    if native and not fastpath.available():
+        pytest.skip("the native fast path (xenblockctl/backend/_fastpass.c) is not built here")
+    image = make_image(fill=b"ok")
+    be, guest = attach(libxl, engine_inproc, image, 35, persistent=True)
+    try:
+        dp = engine_inproc.device(35).dataplane
+        assert dp is not None
+        assert (dp._fast is not None) is native
+        assert guest.ring is not None
+        for _ in range(3):
+            assert guest.ring.read(0, 512)[:2] == b"ok"
     finally:
         detach(libxl, be, guest)

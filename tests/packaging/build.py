@@ -78,7 +78,8 @@ def build_deb(tree: Path) -> Built:
     result = run(["dpkg-buildpackage", "-b", "-us", "-uc"], tree, DEB_TIMEOUT)
     if result.returncode != 0:
         raise BuildFailed("dpkg-buildpackage failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
-    (deb,) = tree.parent.glob("xenblockctl_*_all.deb")
+    # Architecture: any since the native fast path (backend/_fastpass.c): xenblockctl_V_amd64.deb
+    (deb,) = tree.parent.glob("xenblockctl_*.deb")
     (changes,) = tree.parent.glob("xenblockctl_*.changes")
     return Built(deb, changes, result.stdout, time.monotonic() - start)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from xenblockctl.backend import fastpath
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,11 @@ def test_ring_cpu_runs_both_modes() -> None:
     assert "4 KiB random read" in out
     assert "frontend" in out
     assert "64 KiB random read" in out
-    assert out.count("per-request") == out.count("persistent ") == 2  # both grant modes, each workload
+    assert out.count("per-request") == 2  # each workload
+    passes = 2 if fastpath.available() else 1  # python, and native where it is built
+    assert out.count("persistent ") == 2 * passes  # each workload, on each ring pass
+    assert out.count("persistent  python") == 2
+    assert out.count("persistent  native") == 2 * (passes - 1)
     assert "grant maps" in out
     out = _run("bench.ring_cpu", "--rounds", "6", "--only", "3", "--engine-only")
     assert "1 MiB sequential read" in out
@@ -45,8 +51,10 @@ def test_ring_throughput_runs_in_a_child_frontend() -> None:
         "0,2",
         "--frontend-process",
     )
-    assert out.count("ratio") == 4  # 2 worker counts x persistent grants off and on
-    assert "engine, 2 workers, persistent" in out
+    passes = 2 if fastpath.available() else 1
+    assert out.count("ratio") == 2 * (1 + passes)  # 2 worker counts x (per-request, persistent x passes)
+    assert "engine, 2 workers, persistent, python" in out
+    assert ("engine, 2 workers, persistent, native" in out) is fastpath.available()
     assert "engine, inline I/O, per-request" in out
 
 

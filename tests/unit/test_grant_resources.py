@@ -41,6 +41,9 @@ from xenblockctl.backend.transport import xen as xen_transport
 from xenblockctl.backend.transport.fixedmap import Reservation
 from xenblockctl.backend.transport.local import LocalTransport, create_grant_memfd
 
+# every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))

@@ -25,6 +25,9 @@ from xenblockctl.backend.requests import IoPlan
 from xenblockctl.backend.transport import GrantError, GrantMapping, TransportError
 from xenblockctl.backend.transport.local import LocalTransport
 
+# every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 ABIS = [blkif.X86_64, blkif.X86_32]
 
 

@@ -21,6 +21,9 @@ from xenblockctl.backend.requests import IoPlan, Kind
 from xenblockctl.backend.transport import GrantMapping, TransportError
 from xenblockctl.backend.transport.local import LocalDomainClient, LocalTransport
 
+# every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 ABIS = [blkif.X86_64, blkif.X86_32]
 
 

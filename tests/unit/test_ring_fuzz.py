@@ -26,6 +26,9 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.transport.local import LocalTransport
 
+# every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 DEVICE = 256 * 1024  # what the engine may touch
 GUARD = 64 * 1024  # pattern past the device end that must survive
 SECTORS = DEVICE // 512
@@ -106,14 +109,23 @@ def _wait_quiet(dp: DataPlane, timeout: float = 5.0) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(script=hostile_script)
+@given(script=hostile_script, persistent=st.booleans())
 def test_hostile_frontend(
-    fuzz_env: tuple[LocalTransport, DeviceTarget, Path], script: dict[str, object]
+    fuzz_env: tuple[LocalTransport, DeviceTarget, Path], script: dict[str, object], persistent: bool
 ) -> None:
+    """`persistent`: the frontend negotiates persistent grants, where the native fast path runs."""
     transport, target, path = fuzz_env
     abi = script["abi"]
     assert isinstance(abi, blkif.Abi)
-    fe = LocalFrontend(transport.socket_path, 66, abi=abi, data_pages=31, indirect_pages=8, ring_last=True)
+    fe = LocalFrontend(
+        transport.socket_path,
+        66,
+        abi=abi,
+        data_pages=31,
+        indirect_pages=8,
+        ring_last=True,
+        persistent=persistent,
+    )
     assert fe.ring_refs == (RING_REF,)
     dp: DataPlane | None = None
     try:

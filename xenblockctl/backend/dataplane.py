@@ -10,7 +10,9 @@ Per ring pass the thread copies up to 64 request slots out of shared memory in o
 each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
 io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
 pass are published with one push and at most one event, as the frontend's rsp_event asks; workers
-answer their own requests as they complete.
+answer their own requests as they complete. Where the native fast path is built and applies
+(backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
+READs/WRITEs from the same copy, and everything else still comes through here.
 
 Data pages: when the frontend negotiated persistent grants (`RingParams.persistent`), every
 transport goes through the ring's GrantCache (backend/grantcache.py): map on first use, keep until
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
+from xenblockctl.backend.fastpath import FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
@@ -150,7 +153,10 @@ class DataPlane:
         name: str | None = None,
         max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
         errors: ErrorResponses | None = None,
+        native: bool = True,
     ) -> None:
+        """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
+        False: the pure-Python path only."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -204,6 +210,8 @@ class DataPlane:
             raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
+        #: the native pass for simple requests, or None: every request on the pure-Python path
+        self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -302,28 +310,51 @@ class DataPlane:
             return 0
         if self.bounces is not None:
             return self._serve_copied(data, count)
+        if self._fast is not None:
+            return self._serve_fast(data, count)
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
-        read_indirect = self._read_indirect
+        read_indirect, serve = self._read_indirect, self._serve_slot
         answers: list[tuple[int, int, int]] = []
         for offset in range(0, count * entry, entry):
-            verdict = validate_slot(abi, data, offset, limits, read_indirect)
-            if isinstance(verdict, Rejection):
-                cause = "unsupported" if verdict.status == blkif.RSP_EOPNOTSUPP else "invalid"
-                self.errors.record(cause, verdict.id, verdict.reason)
-                with self._lock:
-                    key = verdict.reason.split(" ", 1)[0]
-                    self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
-                answers.append((verdict.id, verdict.operation, verdict.status))
-                continue
-            if verdict.kind is BARRIER and answers:
-                self._answer(answers)  # the barrier blocks this thread: do not hold finished answers
-                answers = []
-            status = self._start(verdict)
-            if status is not None:
-                answers.append((verdict.id, verdict.operation, status))
+            answers = serve(validate_slot(abi, data, offset, limits, read_indirect), answers)
         if answers:
             self._answer(answers)
         return count
+
+    def _serve_fast(self, data: bytes, count: int) -> int:
+        """_serve_batch with the native fast path (backend/fastpath.py): it serves the longest run
+        of simple requests; the one it stops at goes through _serve_slot; repeat from the next."""
+        assert self._fast is not None
+        fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
+        answers: list[tuple[int, int, int]] = []
+        index = 0
+        while index < count:
+            done, index = fast(data, index, count)
+            answers += done
+            if index < count:
+                verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
+                answers = self._serve_slot(verdict, answers)
+                index += 1
+        if answers:
+            self._answer(answers)
+        return count
+
+    def _serve_slot(
+        self, verdict: Verdict, answers: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """Start one validated (or refused) request of the pass; `answers` with its answer if it
+        finished here (a barrier first answers what the pass finished before it)."""
+        if isinstance(verdict, Rejection):
+            self._reject(verdict)
+            answers.append((verdict.id, verdict.operation, verdict.status))
+            return answers
+        if verdict.kind is BARRIER and answers:
+            self._answer(answers)  # the barrier blocks this thread: do not hold finished answers
+            answers = []
+        status = self._start(verdict)
+        if status is not None:
+            answers.append((verdict.id, verdict.operation, status))
+        return answers
 
     def _broken(self, reason: str) -> None:
         self.broken = reason

@@ -259,6 +259,9 @@ class GrantCache:
         self.name = name or f"grant cache of domain {domid}"
         self.stats = GrantCacheStats()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        #: each cached page's own (writable) view, ref -> view: what the native fast path reads
+        #: (native_pages); kept in step with _entries, released before its page is unmapped
+        self._pages: dict[int, memoryview] = {}
         self._leases: set[Lease] = set()  # requests in flight
         self._regions = _Regions()
         self._lock = threading.Lock()
@@ -364,6 +367,19 @@ class GrantCache:
             lease = Lease(self, refs, _NO_TRANSIENT)
         return _views(order, extents, writable), lease  # type: ignore[arg-type]
 
+    def native_pages(self) -> dict[int, memoryview]:
+        """The cached pages, ref -> a writable view of exactly that page, for the native fast path
+        (backend/fastpath.py) to read on the ring thread between acquire() calls: only acquire()
+        evicts (and close(), after the ring thread stopped), so every page it finds stays mapped
+        while it runs; it also holds a buffer export on each view it uses. Read only."""
+        return self._pages
+
+    def note_used(self, refs: Sequence[int]) -> None:
+        """The native fast path served requests from these cached pages (in order): count the hits
+        and note the use for the LRU order, as acquire() does for the requests it serves."""
+        self.stats.hits += len(refs)
+        self._used(refs)
+
     def _used(self, refs: Sequence[int]) -> None:
         self._tick += 1
         self._recent.append((self._tick, refs))
@@ -443,6 +459,7 @@ class GrantCache:
             made = _Entry(mapping, self._regions)
             if room:
                 entries[ref] = made
+                self._pages[ref] = made.base[made.start : made.start + PAGE_SIZE]
             else:
                 stats.transient += 1
                 transient.append(made)
@@ -539,6 +556,7 @@ class GrantCache:
 
     def _remove(self, ref: int) -> None:
         """Unmap one cached page and return its budget share (lock held)."""
+        self._pages.pop(ref).release()  # our view first: an mmap refuses to close under it
         self._entries.pop(ref).unmap(self._regions)
         self.budget.give()
         self.stats.unmaps += 1

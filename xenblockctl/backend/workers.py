@@ -297,6 +297,7 @@ class WorkerPool:
         max_persistent_grants: int,
         on_broken: Callable[[str], None] | None,
         errors: ErrorResponses | None = None,
+        native: bool = True,
     ) -> RemoteQueue:
         """Hand one queue to a worker; it is mapped and bound there but takes no request before
         `start()`. TransportError if the worker refuses it or does not answer."""
@@ -328,6 +329,7 @@ class WorkerPool:
             "limits": dataclasses.asdict(limits),
             "io_workers": io_workers,
             "max_persistent_grants": max_persistent_grants,
+            "native": native,
             "pieces": pieces,
         }
         worker.queues[qid] = queue
@@ -451,6 +453,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                 on_broken=lambda reason: send({"op": "broken", "qid": qid, "reason": reason}),
                 name=str(msg["name"]),
                 max_persistent_grants=int(msg["max_persistent_grants"]),
+                native=bool(msg.get("native", True)),
             )
         except Exception as exc:
             if transport is not None:

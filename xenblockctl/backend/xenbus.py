@@ -130,6 +130,9 @@ class EngineConfig:
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
+    #: Serve simple cached READs/WRITEs with the native fast path where it is built and applies
+    #: (backend/fastpath.py); False: every request on the pure-Python path.
+    native: bool = True
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and
     #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
     fd_store: FdStore | None = None
@@ -667,6 +670,7 @@ class BackendDevice:
                         name=name,
                         io_workers=self.config.workers,
                         max_persistent_grants=self.config.max_persistent_grants,
+                        native=self.config.native,
                         on_broken=on_broken,
                         errors=self.errors,
                     )
@@ -687,6 +691,7 @@ class BackendDevice:
                     name=name,
                     max_persistent_grants=self.config.max_persistent_grants,
                     errors=self.errors,
+                    native=self.config.native,
                 )
             )
         for dp in self.dataplanes:

@@ -78,6 +78,13 @@ def raise_fd_limit(journal: Journal) -> int:
     "(default 1056, like Linux blkback).",
 )
 @click.option(
+    "--native/--no-native",
+    default=True,
+    show_default=True,
+    help="Serve simple cached reads and writes with the native fast path where it is built "
+    "(persistent grants); --no-native: everything on the pure-Python path.",
+)
+@click.option(
     "--max-queues",
     type=click.IntRange(1, 16),
     default=None,
@@ -117,12 +124,14 @@ def backend(
     allow_unverified: bool,
     persistent_grants: bool,
     max_persistent_grants: int | None,
+    native: bool,
     max_queues: int | None,
     workers: int,
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
+    from xenblockctl.backend.fastpath import describe
     from xenblockctl.backend.handover import (
         FdStore,
         HandoverError,
@@ -164,6 +173,9 @@ def backend(
         config = dataclasses.replace(config, max_persistent_grants=max_persistent_grants)
     if max_queues is not None:
         config = dataclasses.replace(config, max_queues=max_queues)
+    if not native:
+        config = dataclasses.replace(config, native=False)
+    journal.info(f"ring pass: {describe(native)}")
     pool = None
     if workers:
         from xenblockctl.backend.workers import WorkerPool

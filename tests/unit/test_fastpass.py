@@ -1,0 +1,434 @@
+"""The native fast path (backend/_fastpass.c via backend/fastpath.py) against the pure-Python rules.
+
+The C decoder is a second implementation of requests.validate_slot's READ/WRITE rules: the
+agreement tests feed both arbitrary slot bytes (and well-formed requests with hostile fields) and
+require the same verdict and, when accepted, the same range and segments. `serve` is then run on a
+real file with pages held the way the grant cache holds them. The extension must build without
+warnings (-Werror), and, where the toolchain has the sanitizers, the agreement runs under
+AddressSanitizer + UBSan in a child interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.backend import PairFactory, on_disk, ring_params_of
+from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
+from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.requests import READ, WRITE, DeviceLimits, IoPlan, validate_slot
+from xenblockctl.backend.transport.local import LocalTransport
+
+if not fastpath.available():
+    pytest.skip(
+        "the native fast path (xenblockctl/backend/_fastpass.c) is not built here", allow_module_level=True
+    )
+
+from xenblockctl.backend import _fastpass
+
+SOURCE = Path(fastpath.__file__).with_name("_fastpass.c")
+ABIS = [blkif.X86_64, blkif.X86_32]
+
+
+def c_verdict(
+    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, entries: dict[int, memoryview] | None = None
+) -> object:
+    return _fastpass.check(
+        slot,
+        0,
+        abi.id_offset,
+        limits.sectors,
+        limits.sectors * 512,
+        limits.logical_block_size,
+        limits.read_only,
+        limits.max_indirect_segments,
+        entries if entries is not None else {},
+    )
+
+
+def assert_agree(
+    abi: blkif.Abi, slot: bytes, limits: DeviceLimits, pages: dict[int, bytes] | None = None
+) -> None:
+    """C and validate_slot agree; `pages`: the granted pages (indirect descriptors), ref -> bytes."""
+    pages = pages or {}
+    memory = bytearray(b"".join(pages.values()) or b"\0")
+    view = memoryview(memory)
+    # what the C code reads: GrantCache.native_pages(), ref -> a view of that page
+    entries = {ref: view[i * 4096 : (i + 1) * 4096] for i, ref in enumerate(pages)}
+
+    def read_indirect(refs: Sequence[int]) -> bytes:
+        return b"".join(pages[ref] for ref in refs)  # KeyError: not granted, as a failed map
+
+    plan = validate_slot(abi, slot, 0, limits, read_indirect)
+    got = c_verdict(abi, slot, limits, entries)
+    for page in entries.values():
+        page.release()
+    view.release()
+    simple = isinstance(plan, IoPlan) and plan.kind in (READ, WRITE) and slot[0] in (0, 1, 6)
+    if not simple:
+        assert got is None, (plan, got)
+        return
+    assert isinstance(plan, IoPlan)
+    assert got is not None, plan
+    assert got == (
+        plan.id,
+        plan.operation,
+        plan.offset,
+        plan.length,
+        tuple((s.gref, s.offset, s.length) for s in plan.segments),
+    )
+
+
+limits_st = st.builds(
+    DeviceLimits,
+    sectors=st.one_of(st.integers(0, 4096), st.integers(0, 2**53)),
+    logical_block_size=st.sampled_from([512, 1024, 2048, 4096]),
+    read_only=st.booleans(),
+)
+sector_st = st.one_of(st.integers(0, 5000), st.integers(0, 2**64 - 1), st.integers(2**64 - 100, 2**64 - 1))
+segment_st = st.builds(Segment, st.integers(0, 2**32 - 1), st.integers(0, 9), st.integers(0, 9))
+request_st = st.builds(
+    SegmentRequest,
+    st.sampled_from([0, 1, 1, 2, 3, 4, 5, 6, 7, 255]),
+    st.integers(0, 14),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 2**64 - 1),
+    sector_st,
+    st.lists(segment_st, min_size=0, max_size=11).map(tuple),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(abi=st.sampled_from(ABIS), slot=st.binary(min_size=112, max_size=112), limits=limits_st)
+def test_agrees_with_validate_slot_on_any_bytes(abi: blkif.Abi, slot: bytes, limits: DeviceLimits) -> None:
+    head = bytearray(slot)
+    head[0] %= 3  # READ, WRITE or WRITE_BARRIER mostly: arbitrary bytes would rarely be a request
+    head[1] %= 13
+    assert_agree(abi, bytes(head[: abi.entry_size]), limits)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(abi=st.sampled_from(ABIS), req=request_st, limits=limits_st)
+def test_agrees_with_validate_slot_on_requests(
+    abi: blkif.Abi, req: SegmentRequest, limits: DeviceLimits
+) -> None:
+    assert_agree(abi, abi.encode_request(req), limits)
+
+
+def test_accepts_what_blkfront_sends() -> None:
+    """Not vacuous: ordinary requests are accepted (so the agreement tests above compare plans)."""
+    limits = DeviceLimits(sectors=1 << 20)
+    for abi in ABIS:
+        segs = tuple(Segment(100 + i, 0, 7) for i in range(11))
+        for op in (blkif.OP_READ, blkif.OP_WRITE):
+            slot = abi.encode_request(SegmentRequest(op, 11, 0, 7, 88, segs))
+            assert c_verdict(abi, slot, limits) is not None
+            assert_agree(abi, slot, limits)
+        sub = abi.encode_request(SegmentRequest(0, 1, 0, 9, 3, (Segment(5, 2, 4),)))
+        assert c_verdict(abi, sub, limits) == (9, 0, 3 * 512, 3 * 512, ((5, 1024, 1536),))
+
+
+descriptor_st = st.binary(min_size=8, max_size=8).map(
+    lambda b: b[:4] + bytes([b[4] % 10, b[5] % 10]) + b[6:]  # first/last_sect mostly in range
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    abi=st.sampled_from(ABIS),
+    indirect_op=st.sampled_from([0, 1, 1, 2, 3, 9]),
+    nseg=st.one_of(st.integers(0, 20), st.integers(500, 530), st.integers(0, 0xFFFF)),
+    sector=sector_st,
+    refs=st.lists(st.sampled_from([3, 4, 5, 77]), min_size=8, max_size=8),
+    descriptors=st.lists(descriptor_st, min_size=1, max_size=40),
+    whole=st.booleans(),
+    limits=limits_st,
+    max_indirect=st.sampled_from([0, 32, 256, 512, 4096]),
+    edge=st.sampled_from([None, None, -1, 0, 1]),
+)
+def test_agrees_with_validate_slot_on_indirect_requests(
+    *,
+    abi: blkif.Abi,
+    indirect_op: int,
+    nseg: int,
+    sector: int,
+    refs: list[int],
+    descriptors: list[bytes],
+    whole: bool,
+    limits: DeviceLimits,
+    max_indirect: int,
+    edge: int | None,
+) -> None:
+    """Indirect descriptor pages 3, 4, 5 are granted (77 is not); the pages repeat the drawn
+    descriptors (or whole-page ones), so long requests have plausible segments too."""
+    if edge is not None:  # nr_segments at the advertised maximum, or one off it
+        nseg = max(0, max_indirect + edge)
+    if whole:
+        descriptors = [struct.pack("=IBBxx", 1000 + i, 0, 7) for i in range(len(descriptors))]
+    page = (b"".join(descriptors) * (4096 // (8 * len(descriptors)) + 1))[:4096]
+    pages = {3: page, 4: page[::-1], 5: page}
+    slot = abi.encode_request(IndirectRequest(indirect_op, nseg, 7, sector, 0, tuple(refs)))
+    limits = dataclasses.replace(limits, max_indirect_segments=max_indirect)
+    assert_agree(abi, slot, limits, pages)
+
+
+def test_accepts_indirect_requests_whose_pages_are_cached() -> None:
+    limits = DeviceLimits(sectors=1 << 20, max_indirect_segments=512)
+    descriptors = b"".join(struct.pack("=IBBxx", 100 + i, 0, 7) for i in range(300))
+    pages = {40: descriptors.ljust(4096, b"\0")}
+    for abi in ABIS:
+        slot = abi.encode_request(IndirectRequest(blkif.OP_WRITE, 300, 5, 64, 0, (40,) * 8))
+        assert_agree(abi, slot, limits, pages)
+        memory = memoryview(bytearray(pages[40]))
+        got = c_verdict(abi, slot, limits, {40: memory})
+        assert got is not None
+        assert got[:4] == (5, 1, 64 * 512, 300 * 4096)
+        assert c_verdict(abi, slot, limits, {}) is None  # the descriptor page is not cached
+        read_only = dataclasses.replace(limits, read_only=True)
+        assert c_verdict(abi, slot, read_only, {40: memory}) is None  # a WRITE: refused
+        assert_agree(abi, slot, read_only, pages)
+        read = abi.encode_request(IndirectRequest(blkif.OP_READ, 300, 5, 64, 0, (40,) * 8))
+        assert c_verdict(abi, read, read_only, {40: memory}) is not None
+        for nseg in (511, 512, 513):  # the advertised maximum and either side of it
+            edge = abi.encode_request(IndirectRequest(blkif.OP_READ, nseg, 5, 64, 0, (40,) * 8))
+            assert (c_verdict(abi, edge, limits, {40: memory, 41: memory}) is not None) is (nseg <= 512)
+        memory.release()
+
+
+def test_check_refuses_a_short_slot() -> None:
+    with pytest.raises(ValueError, match="shorter"):
+        _fastpass.check(bytes(100), 0, 8, 100, 51200, 512, False, 0, {})
+    with pytest.raises(ValueError, match="id_offset"):
+        _fastpass.check(bytes(112), 0, 6, 100, 51200, 512, False, 0, {})
+    with pytest.raises(ValueError, match="max_indirect"):
+        _fastpass.check(bytes(112), 0, 8, 100, 51200, 512, False, 4097, {})
+
+
+# --- serve() on a real file --------------------------------------------------------------------------
+def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path) -> None:
+    abi = blkif.X86_64
+    path = tmp_path / "disk"
+    path.write_bytes(os.urandom(64 * 1024))
+    before = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(-1, 4 * 4096)
+    view = memoryview(memory)
+    try:
+        entries = {10 + i: view[i * 4096 : (i + 1) * 4096] for i in range(3)}  # ref 13 not cached
+        view[4096:8192] = b"w" * 4096
+        slots = [
+            SegmentRequest(0, 2, 0, 1, 0, (Segment(10, 0, 7), Segment(11, 0, 3))),  # 6 KiB read
+            SegmentRequest(1, 1, 0, 2, 16, (Segment(11, 0, 7),)),  # 4 KiB write
+            SegmentRequest(3, 0, 0, 3, 0, ()),  # FLUSH: Python's
+            SegmentRequest(0, 1, 0, 4, 0, (Segment(12, 0, 7),)),
+            SegmentRequest(0, 1, 0, 5, 0, (Segment(13, 0, 7),)),  # not cached: Python's
+        ]
+        data = b"".join(abi.encode_request(s) for s in slots)
+        modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
+        args = (abi.id_offset, 128, 65536, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
+        answers, stop, refs = _fastpass.serve(data, 0, len(slots), *args)
+        assert answers == [(1, 0, 0), (2, 1, 0)]
+        assert stop == 2
+        assert memoryview(refs).cast("I").tolist() == [10, 11, 11]
+        assert bytes(view[:6144]) == before[:6144]
+        assert path.read_bytes()[16 * 512 : 16 * 512 + 4096] == before[4096:6144] + b"w" * 2048
+        answers, stop, refs = _fastpass.serve(data, 3, len(slots), *args)
+        assert answers == [(4, 0, 0)]
+        assert stop == 4
+        # WRITE refused on a read-only device, READ with NOWAIT refused where run_now would submit
+        args_ro = (abi.id_offset, 128, 65536, 512, True, 0, fd, *modes, mmap.PAGESIZE, entries)
+        assert _fastpass.serve(data, 1, 2, *args_ro)[:2] == ([], 1)
+        stop_reads = (abi.id_offset, 128, 65536, 512, False, 0, fd, _fastpass.MODE_STOP, _fastpass.MODE_BLOCK)
+        assert _fastpass.serve(data, 0, 2, *stop_reads, mmap.PAGESIZE, entries)[:2] == ([], 0)
+        # a read past the end of the file is short: Python's path runs it (and reports the error)
+        past = abi.encode_request(SegmentRequest(0, 1, 0, 6, 127, (Segment(10, 0, 7),)))
+        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
+        assert _fastpass.serve(past, 0, 1, *big)[:2] == ([], 0)
+        with pytest.raises(ValueError, match="outside"):
+            _fastpass.serve(data, 0, len(slots) + 1, *args)
+        for page in entries.values():
+            page.release()
+    finally:
+        view.release()
+        memory.close()
+        os.close(fd)
+
+
+# --- the build ---------------------------------------------------------------------------------------
+def _compile(tmp_path: Path, *flags: str) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        pytest.skip("no Python headers")
+    out = tmp_path / f"_fastpass{sysconfig.get_config_var('EXT_SUFFIX')}"
+    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, f"-I{include}"]
+    subprocess.run([*cmd, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def test_builds_without_warnings(tmp_path: Path) -> None:
+    _compile(tmp_path, "-O2")
+
+
+def test_agreement_under_sanitizers(tmp_path: Path) -> None:
+    """The decoder and serve() on random bytes with ASan + UBSan (any report aborts the child)."""
+    cc = shutil.which("gcc")
+    asan = subprocess.run(
+        [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    )
+    lib = asan.stdout.strip()
+    if cc is None or not lib.startswith("/"):
+        pytest.skip("no gcc with AddressSanitizer")
+    try:
+        built = _compile(tmp_path, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"sanitizer build unavailable: {exc.stderr[-200:]}")
+    script = textwrap.dedent(
+        f"""
+        import mmap, os, random, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import _fastpass
+        from xenblockctl.backend import blkif
+        from xenblockctl.backend.requests import DeviceLimits, IoPlan, validate_slot
+        rnd = random.Random(20)
+        fd = os.open({str(tmp_path / "disk")!r}, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 1 << 16)
+        memory = mmap.mmap(-1, 8 * 4096)
+        view = memoryview(memory)
+        for i in range(8):  # descriptor pages for indirect requests: grefs 0..15, sectors 0..9
+            for at in range(i * 4096, (i + 1) * 4096, 8):
+                first, last = rnd.randrange(10), rnd.randrange(10)
+                view[at:at + 8] = bytes([rnd.randrange(16), 0, 0, 0, first, last, 0, 0])
+        entries = {{g: view[(g % 8) * 4096:(g % 8 + 1) * 4096] for g in range(16)}}
+        def read_indirect(refs):
+            return b"".join(bytes(entries[g]) if g < 16 else 1 / 0 for g in refs)
+        for n in range(20000):
+            abi = rnd.choice([blkif.X86_64, blkif.X86_32])
+            slot = bytearray(rnd.randbytes(abi.entry_size))
+            slot[0] = rnd.choice([0, 1, 2, 6, 6]); slot[1] %= 13
+            for i in range(11):
+                at = abi.segments_offset + 8 * i
+                slot[at + 1:at + 4] = b"\\0\\0\\0"; slot[at + 4] %= 9; slot[at + 5] %= 9
+            if n % 2:
+                slot[abi.id_offset + 8:abi.id_offset + 16] = rnd.randrange(140).to_bytes(8, "little")
+            if slot[0] == 6:
+                slot[2:4] = rnd.choice([rnd.randrange(600), rnd.randrange(65536)]).to_bytes(2, "little")
+                for k in range(8):
+                    at = abi.id_offset + 20 + 4 * k
+                    ref = rnd.choice([rnd.randrange(17), rnd.randrange(2**32)])
+                    slot[at:at + 4] = ref.to_bytes(4, "little")
+            slot = bytes(slot)
+            sectors = rnd.choice([0, 8, 128, 2**40])
+            limits = DeviceLimits(sectors=sectors, logical_block_size=rnd.choice([512, 4096]),
+                                  max_indirect_segments=rnd.choice([0, 256, 512, 4096]))
+            lbs, mi = limits.logical_block_size, limits.max_indirect_segments
+            got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False, mi, entries)
+            plan = validate_slot(abi, slot, 0, limits, read_indirect)
+            simple = isinstance(plan, IoPlan) and slot[0] in (0, 1, 6) and plan.operation in (0, 1)
+            assert (got is not None) == simple, (slot, plan, got)
+            _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
+                            lbs, False, mi, fd, 2, 2, mmap.PAGESIZE, entries)
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ,
+        LD_PRELOAD=lib,
+        ASAN_OPTIONS="detect_leaks=0",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "ok"
+    assert built.exists()
+
+
+# --- inside the data plane ---------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 4])
+def test_data_plane_serves_cached_requests_natively(make_pair: PairFactory, workers: int) -> None:
+    """Persistent grants (Linux blkfront's case): once a page is cached, its READs and WRITEs go
+    through the native pass; the data is right on the disk and in the frontend's pages."""
+    pair = make_pair(persistent=True, data_pages=32, workers=workers)
+    fe, dp = pair.frontend, pair.dataplane
+    fast = dp._fast
+    assert fast is not None
+    for i in range(20):
+        data = os.urandom(4096 * (1 + i % 11))
+        assert fe.write(8 * i, data) == blkif.RSP_OKAY
+        assert on_disk(pair.path, 8 * i * 512, len(data)) == data
+        assert fe.read(8 * i, len(data)) == data
+        assert fe.read(8 * i + 1, 1024) == data[512:1536]  # a sub-page segment
+    assert fast.served > 20  # the first use of each page maps it (Python), later ones are native
+    assert dp.stats.errors == 0
+    assert dp.stats.requests == 60
+    cache = dp.grant_cache
+    assert cache is not None
+    assert cache.stats.hits > fast.served  # the native pass counts its pages as hits too
+
+
+def test_native_off_or_not_applicable(make_pair: PairFactory, local_transport: LocalTransport) -> None:
+    assert make_pair(persistent=False).dataplane._fast is None  # no grant cache: Python's path
+    pair = make_pair(persistent=True)
+    assert pair.dataplane._fast is not None
+    fe = LocalFrontend(local_transport.socket_path, 7, persistent=True)
+    try:
+        target = pair.target
+        dp = DataPlane(local_transport, 7, ring_params_of(fe), target, target.limits(), native=False)
+        assert dp._fast is None
+        assert dp.stop()
+    finally:
+        fe.close()
+
+
+def test_native_pass_under_eviction_keeps_the_cache_consistent(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """A cache of 6 pages and requests of 1 to 11 pages: evictions between native passes. The
+    pages the native pass may read are always exactly the cached ones, the data is right, and
+    the recency it reports keeps the small requests' pages cached."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    with LocalFrontend(local_transport.socket_path, 41, data_pages=16, persistent=True) as fe:
+        params = ring_params_of(fe)
+        dp = DataPlane(
+            local_transport, 41, params, target, target.limits(), workers=0, max_persistent_grants=6
+        )
+        dp.start()
+        try:
+            cache, fast = dp.grant_cache, dp._fast
+            assert cache is not None
+            assert fast is not None
+            for i in range(120):
+                n = 1 if i % 3 else 1 + i % 11
+                data = os.urandom(n * 4096)
+                assert fe.write(8 * i, data) == blkif.RSP_OKAY
+                assert fe.read(8 * i, len(data)) == data
+                assert on_disk(path, 8 * i * 512, len(data)) == data
+                assert set(cache.native_pages()) == set(cache._entries)
+                assert cache.mapped <= 6
+            assert cache.stats.evictions > 0
+            assert fast.served > 60
+            assert dp.stats.errors == 0
+        finally:
+            assert dp.stop()
+        assert cache.native_pages() == {}

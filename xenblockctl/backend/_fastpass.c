@@ -1,0 +1,532 @@
+/*
+ * The engine's optional native fast path (issue 20): one ring pass's simple requests, end to end.
+ *
+ * Python (backend/dataplane.py) copies a pass's request slots out of shared memory once
+ * (ring.take_slots) and hands that private copy here. `serve` takes the longest prefix of the
+ * remaining slots that are *simple* — READ or WRITE with direct or indirect segments, every rule
+ * of requests.validate_slot satisfied, every page (indirect descriptor pages included) already in
+ * the persistent grant cache — and runs
+ * their I/O (preadv2/pwritev2 with the GIL released). It answers nothing itself: it returns the
+ * (id, operation, RSP_OKAY) of each request whose I/O moved every byte, and the index of the first
+ * slot it did not finish. Python then serves that slot through its own path (which validates,
+ * logs and answers every error, and runs or hands off the I/O as it always did) and calls here
+ * again for the rest. So anything unusual — another operation, an invalid
+ * request, a page not cached, a read that would block, a short transfer, any errno — costs one
+ * extra attempt at most and is handled by the one complete implementation, never by a second one.
+ *
+ * Hostile input: every byte decoded here comes from the private copy (never shared memory), every
+ * guest number is range-checked before use, and arithmetic is done in 64 bits on values bounded
+ * first (nr_segments <= 11 or <= the advertised indirect maximum <= 4096, sectors <= 8 per
+ * segment, sector <= device sectors < 2**55). Indirect descriptor pages are copied once into our
+ * own memory and only the copy is decoded; if we then stop (a page not cached, a read that would
+ * block), Python reads them again for itself and acts on its copy only — ours decided nothing but
+ * to stop. Pages
+ * come from the cache's own dict (GrantCache.native_pages: gref -> a view of that page); a buffer
+ * export is held on each page's view for the whole
+ * call, so the mapping cannot be closed under the I/O even with the GIL released (and the cache
+ * only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
+ * tests compare it with validate_slot on arbitrary bytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define SEGS_MAX 11 /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
+#define PAGE 4096
+#define SECTOR 512
+#define LAST_SECT 7 /* PAGE / SECTOR - 1 */
+#define SEG_SIZE 8  /* struct blkif_request_segment: gref u32, first u8, last u8, pad u16 */
+#define SEGS_PER_PAGE (PAGE / SEG_SIZE)
+#define IND_PAGES_MAX 8     /* BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST */
+#define IND_SEGS_MAX 4096   /* 8 pages of 512 descriptors */
+#define OP_READ 0
+#define OP_WRITE 1
+#define OP_INDIRECT 6
+#define MAX_SLOTS 1024 /* more than any ring holds (BLKIF ring of 16 pages: 512 slots) */
+#define IOVS_MAX 1024  /* IOV_MAX on Linux: more and preadv says EINVAL (Python's path takes it) */
+
+/* what to do with a READ or WRITE once it is valid (fastpath.py works it out from io.Executor) */
+enum mode {
+    MODE_STOP = 0,          /* not here: Python hands it to the worker pool */
+    MODE_NOWAIT = 1,        /* RWF_NOWAIT: anything short of done in full goes back to Python */
+    MODE_BLOCK = 2,         /* inline, may block (workers=0) */
+    MODE_BLOCK_ALIGNED = 3, /* inline if the range covers whole host pages, else MODE_STOP */
+};
+
+/* One request as decoded from the copy. Direct requests use the inline arrays; an indirect one's
+ * segments live in `heap` (gref/pofs/plen point into it), freed by req_free. */
+struct req {
+    uint64_t id;
+    uint64_t offset; /* bytes on the device */
+    uint64_t length;
+    uint8_t op;      /* READ or WRITE (an indirect request's indirect_op: the answer's operation) */
+    unsigned nseg;
+    unsigned nind;   /* indirect pages read (their refs count as used, as acquire() notes them) */
+    uint32_t *gref;
+    uint16_t *pofs;  /* byte offset in the page */
+    uint16_t *plen;  /* bytes in the page */
+    uint32_t ind_gref[IND_PAGES_MAX];
+    uint32_t gref_in[SEGS_MAX];
+    uint16_t pofs_in[SEGS_MAX];
+    uint16_t plen_in[SEGS_MAX];
+    void *heap;
+};
+
+struct limits {
+    uint64_t sectors;     /* the device's 512-byte units */
+    uint64_t size_bytes;  /* io._out_of_bounds' second guard */
+    uint64_t lbs_mask;    /* logical_block_size / 512 - 1 */
+    int read_only;
+    Py_ssize_t id_offset; /* 8: x86_64 layout, 4: x86_32 */
+    Py_ssize_t max_indirect; /* feature-max-indirect-segments advertised (0: none) */
+};
+
+static void req_free(struct req *r)
+{
+    PyMem_Free(r->heap);
+    r->heap = NULL;
+}
+
+static inline uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v); /* native order, as struct's "=" on the little-endian dom0 */
+    return v;
+}
+
+static inline uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline uint16_t get_u16(const unsigned char *p)
+{
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* requests._plan on copied descriptors: each first_sect <= last_sect <= 7, the range inside the
+ * device and aligned to the logical block size. 1: valid (r's segments and range filled). */
+static int plan(const unsigned char *desc, unsigned nseg, uint64_t sector, const struct limits *lim,
+                struct req *r)
+{
+    uint64_t total = 0; /* <= 4096 * 8 */
+    for (unsigned i = 0; i < nseg; i++, desc += SEG_SIZE) {
+        uint8_t first = desc[4], last = desc[5];
+        if (last > LAST_SECT || first > last)
+            return 0;
+        unsigned n = (unsigned)last - first + 1;
+        r->gref[i] = get_u32(desc);
+        r->pofs[i] = (uint16_t)(first * SECTOR);
+        r->plen[i] = (uint16_t)(n * SECTOR);
+        total += n;
+    }
+    /* sector + total > sectors, without overflowing for a hostile sector near 2**64 */
+    if (sector > lim->sectors || total > lim->sectors - sector)
+        return 0;
+    if ((sector | total) & lim->lbs_mask)
+        return 0;
+    r->nseg = nseg;
+    r->offset = sector * SECTOR; /* sector <= sectors < 2**55: no overflow */
+    r->length = total * SECTOR;
+    if (r->offset > lim->size_bytes || r->length > lim->size_bytes - r->offset)
+        return 0;
+    return 1;
+}
+
+/* requests._check_segments for a READ/WRITE with direct segments (slot: entry_size bytes of the
+ * private copy). 1: valid; 0: not ours (another operation) or refused (Python refuses it again,
+ * with its reason). */
+static int decode_direct(const unsigned char *slot, const struct limits *lim, struct req *r)
+{
+    uint8_t op = slot[0];
+    uint8_t nseg = slot[1];
+    if (op != OP_READ && op != OP_WRITE)
+        return 0;
+    if (nseg == 0 || nseg > SEGS_MAX)
+        return 0;
+    if (lim->read_only && op != OP_READ)
+        return 0;
+    r->gref = r->gref_in;
+    r->pofs = r->pofs_in;
+    r->plen = r->plen_in;
+    r->nind = 0;
+    r->heap = NULL;
+    r->op = op;
+    r->id = get_u64(slot + lim->id_offset);
+    return plan(slot + lim->id_offset + 16, nseg, get_u64(slot + lim->id_offset + 8), lim, r);
+}
+
+static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page);
+
+/* requests._check_indirect, its descriptor pages read from the cache: they are copied once into
+ * our own memory and only that copy is decoded (the guest may change its pages meanwhile).
+ * 1: valid (r->heap holds the segments); 0: not ours, or refused. */
+static int decode_indirect(const unsigned char *slot, const struct limits *lim, PyObject *entries,
+                           struct req *r)
+{
+    uint8_t iop = slot[1];
+    unsigned nseg = get_u16(slot + 2);
+    r->heap = NULL;
+    if (slot[0] != OP_INDIRECT || lim->max_indirect <= 0 || entries == NULL)
+        return 0;
+    if (iop != OP_READ && iop != OP_WRITE)
+        return 0;
+    if (nseg < 1 || nseg > (unsigned)lim->max_indirect)
+        return 0;
+    if (lim->read_only && iop == OP_WRITE)
+        return 0;
+    unsigned pages = (nseg + SEGS_PER_PAGE - 1) / SEGS_PER_PAGE; /* <= 8: max_indirect <= 4096 */
+    size_t dbytes = (size_t)nseg * SEG_SIZE;
+    /* one block: the descriptors' copy, then gref[nseg], pofs[nseg], plen[nseg] */
+    char *heap = PyMem_Malloc(dbytes + (size_t)nseg * (4 + 2 + 2));
+    if (heap == NULL)
+        return 0;
+    r->heap = heap;
+    const unsigned char *grefs = slot + lim->id_offset + 20;
+    for (unsigned p = 0; p < pages; p++) {
+        Py_buffer view;
+        char *page;
+        uint32_t g = get_u32(grefs + 4 * p);
+        int got = page_of(entries, g, 0, &view, &page);
+        if (got <= 0) {
+            if (got < 0)
+                PyErr_Clear();
+            req_free(r);
+            return 0;
+        }
+        size_t n = dbytes - (size_t)p * PAGE < PAGE ? dbytes - (size_t)p * PAGE : PAGE;
+        memcpy(heap + (size_t)p * PAGE, page, n);
+        PyBuffer_Release(&view);
+        r->ind_gref[p] = g;
+    }
+    r->nind = pages;
+    r->gref = (uint32_t *)(heap + dbytes); /* dbytes is a multiple of 8: aligned */
+    r->pofs = (uint16_t *)(heap + dbytes + (size_t)nseg * 4);
+    r->plen = (uint16_t *)(heap + dbytes + (size_t)nseg * 6);
+    r->op = iop;
+    r->id = get_u64(slot + lim->id_offset);
+    if (!plan((const unsigned char *)heap, nseg, get_u64(slot + lim->id_offset + 8), lim, r)) {
+        req_free(r);
+        return 0;
+    }
+    return 1;
+}
+
+static int decode(const unsigned char *slot, const struct limits *lim, PyObject *entries, struct req *r)
+{
+    if (slot[0] == OP_INDIRECT)
+        return decode_indirect(slot, lim, entries, r);
+    return decode_direct(slot, lim, r);
+}
+
+static int parse_limits(PyObject *args_sectors, PyObject *args_size, Py_ssize_t lbs, int read_only,
+                        Py_ssize_t id_offset, Py_ssize_t max_indirect, struct limits *lim)
+{
+    unsigned long long sectors = PyLong_AsUnsignedLongLong(args_sectors);
+    if (sectors == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long long size = PyLong_AsUnsignedLongLong(args_size);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (sectors > (UINT64_MAX / SECTOR) / 2 || size > UINT64_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "device too large");
+        return -1;
+    }
+    if (lbs < SECTOR || lbs > PAGE || (lbs & (lbs - 1))) {
+        PyErr_SetString(PyExc_ValueError, "logical block size must be a power of two in 512..4096");
+        return -1;
+    }
+    if (id_offset != 4 && id_offset != 8) {
+        PyErr_SetString(PyExc_ValueError, "id_offset must be 4 (x86_32) or 8 (x86_64)");
+        return -1;
+    }
+    if (max_indirect < 0 || max_indirect > IND_SEGS_MAX) {
+        PyErr_SetString(PyExc_ValueError, "max_indirect_segments outside 0..4096");
+        return -1;
+    }
+    lim->sectors = sectors;
+    lim->size_bytes = size;
+    lim->lbs_mask = (uint64_t)(lbs / SECTOR) - 1;
+    lim->read_only = read_only;
+    lim->id_offset = id_offset;
+    lim->max_indirect = max_indirect;
+    return 0;
+}
+
+static Py_ssize_t entry_size(Py_ssize_t id_offset)
+{
+    return id_offset + 16 + SEGS_MAX * SEG_SIZE; /* header + 11 descriptors: 112 or 108 */
+}
+
+/* check(slot, offset, id_offset, sectors, size_bytes, logical_block_size, read_only,
+ *       max_indirect_segments, entries)
+ *   -> None | (id, op, byte_offset, length, ((gref, page_offset, page_length), ...)) */
+static PyObject *fp_check(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer slot;
+    Py_ssize_t offset, id_offset, lbs, max_indirect;
+    PyObject *sectors_o, *size_o, *entries;
+    int read_only;
+    if (!PyArg_ParseTuple(args, "y*nnOOnpnO!", &slot, &offset, &id_offset, &sectors_o, &size_o, &lbs,
+                          &read_only, &max_indirect, &PyDict_Type, &entries))
+        return NULL;
+    struct limits lim;
+    struct req r;
+    PyObject *out = NULL, *segs = NULL;
+    r.heap = NULL;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &lim) < 0)
+        goto done;
+    if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
+        PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
+        goto done;
+    }
+    if (!decode((const unsigned char *)slot.buf + offset, &lim, entries, &r)) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    segs = PyTuple_New(r.nseg);
+    if (segs == NULL)
+        goto done;
+    for (unsigned i = 0; i < r.nseg; i++) {
+        PyObject *t = Py_BuildValue("(kHH)", (unsigned long)r.gref[i], r.pofs[i], r.plen[i]);
+        if (t == NULL)
+            goto done;
+        PyTuple_SET_ITEM(segs, i, t);
+    }
+    out = Py_BuildValue("(KBKKO)", (unsigned long long)r.id, r.op, (unsigned long long)r.offset,
+                        (unsigned long long)r.length, segs);
+done:
+    Py_XDECREF(segs);
+    req_free(&r);
+    PyBuffer_Release(&slot);
+    return out;
+}
+
+/* One page of the cache: a buffer export on its view (released by the caller) and the page's
+ * address. `entries` is GrantCache.native_pages(): ref -> a view of exactly that page. 0 if the
+ * cache has no such page or its view is unusable (Python's path then maps it or refuses it); -1
+ * only for an interpreter error (out of memory), left set for the caller. */
+static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
+{
+    PyObject *key = PyLong_FromUnsignedLong(gref);
+    if (key == NULL)
+        return -1;
+    PyObject *pageview = PyDict_GetItemWithError(entries, key); /* borrowed */
+    Py_DECREF(key);
+    if (pageview == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (PyObject_GetBuffer(pageview, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* an odd value is not ours to judge: Python's path takes the request */
+        return 0;
+    }
+    if (view->len < PAGE) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    *page = view->buf;
+    return 1;
+}
+
+/* A request ready for its I/O: its pages' buffer exports (held until the answers are built) and
+ * iovecs. Direct requests use the inline arrays, indirect ones `heap`. */
+struct prepared {
+    struct req r;
+    int mode;
+    int iovcnt;
+    unsigned nviews;
+    Py_buffer *views;
+    struct iovec *iov;
+    Py_buffer views_in[SEGS_MAX];
+    struct iovec iov_in[SEGS_MAX];
+    void *heap;
+};
+
+static void prepared_release(struct prepared *p)
+{
+    while (p->nviews > 0)
+        PyBuffer_Release(&p->views[--p->nviews]);
+    PyMem_Free(p->heap);
+    p->heap = NULL;
+    req_free(&p->r);
+}
+
+/* The pages of p's segments, as iovecs (neighbouring bytes of one mapping merged). 1: ready. */
+static int prepare_pages(struct prepared *p, PyObject *entries)
+{
+    struct req *r = &p->r;
+    p->nviews = 0;
+    p->iovcnt = 0;
+    p->heap = NULL;
+    if (r->nseg <= SEGS_MAX) {
+        p->views = p->views_in;
+        p->iov = p->iov_in;
+    } else {
+        p->heap = PyMem_Malloc((size_t)r->nseg * (sizeof(Py_buffer) + sizeof(struct iovec)));
+        if (p->heap == NULL)
+            return 0;
+        p->views = p->heap;
+        p->iov = (struct iovec *)(p->views + r->nseg);
+    }
+    int writable = r->op == OP_READ; /* a guest READ: the device's data goes into its page */
+    for (unsigned s = 0; s < r->nseg; s++) {
+        char *page;
+        int got = page_of(entries, r->gref[s], writable, &p->views[p->nviews], &page);
+        if (got <= 0) {
+            if (got < 0)
+                PyErr_Clear(); /* out of memory for a key: Python's path takes the request */
+            return 0;
+        }
+        p->nviews++;
+        char *at = page + r->pofs[s];
+        struct iovec *last = p->iovcnt ? &p->iov[p->iovcnt - 1] : NULL;
+        if (last != NULL && (char *)last->iov_base + last->iov_len == at) {
+            last->iov_len += r->plen[s]; /* the next bytes of the same mapping: one iovec */
+        } else {
+            p->iov[p->iovcnt].iov_base = at;
+            p->iov[p->iovcnt].iov_len = r->plen[s];
+            p->iovcnt++;
+        }
+    }
+    return p->iovcnt <= IOVS_MAX;
+}
+
+/* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
+ *       max_indirect_segments, fd, read_mode, write_mode, host_page, entries)
+ *   -> (answers: list[(id, op, 0)], next_index, refs: bytes of the served requests' uint32 refs,
+ *       indirect pages included) */
+static PyObject *fp_serve(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data;
+    Py_ssize_t start, count, id_offset, lbs, host_page, max_indirect;
+    PyObject *sectors_o, *size_o, *entries;
+    int read_only, fd, modes[2];
+    if (!PyArg_ParseTuple(args, "y*nnnOOnpniiinO!", &data, &start, &count, &id_offset, &sectors_o,
+                          &size_o, &lbs, &read_only, &max_indirect, &fd, &modes[OP_READ],
+                          &modes[OP_WRITE], &host_page, &PyDict_Type, &entries))
+        return NULL;
+    struct limits lim;
+    struct prepared *reqs = NULL;
+    Py_ssize_t nreq = 0, done = 0;
+    PyObject *out = NULL;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &lim) < 0)
+        goto fail;
+    Py_ssize_t esize = entry_size(id_offset);
+    if (start < 0 || count < start || count > MAX_SLOTS || data.len / esize < count) {
+        PyErr_SetString(PyExc_ValueError, "slot range outside the copied batch");
+        goto fail;
+    }
+    if (host_page <= 0 || (host_page & (host_page - 1)) || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad host page size or fd");
+        goto fail;
+    }
+    Py_ssize_t todo = count - start;
+    if (todo > 0) {
+        reqs = PyMem_Calloc((size_t)todo, sizeof *reqs);
+        if (reqs == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    /* 1. decode and find the pages (GIL held): the longest prefix we can run */
+    for (Py_ssize_t i = start; i < count; i++) {
+        struct prepared *p = &reqs[nreq];
+        if (!decode((const unsigned char *)data.buf + i * esize, &lim, entries, &p->r))
+            break;
+        p->mode = modes[p->r.op];
+        if (p->mode == MODE_BLOCK_ALIGNED)
+            p->mode = ((p->r.offset | p->r.length) & (uint64_t)(host_page - 1)) ? MODE_STOP
+                                                                                 : MODE_BLOCK;
+        if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries)) {
+            prepared_release(p);
+            break;
+        }
+        nreq++;
+    }
+    /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
+    if (nreq) {
+        Py_BEGIN_ALLOW_THREADS
+        for (; done < nreq; done++) {
+            struct prepared *p = &reqs[done];
+            int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
+            ssize_t n = p->r.op == OP_READ
+                            ? preadv2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags)
+                            : pwritev2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags);
+            if (n < 0 || (uint64_t)n != p->r.length)
+                break; /* Python runs it again its own way, and reports what it finds */
+        }
+        Py_END_ALLOW_THREADS
+    }
+    /* 3. answers and the refs used (for the cache's recency), GIL held. Only allocation can fail
+     * here, after I/O ran: then we raise, and the data plane treats it as its own bug (logged,
+     * ring broken) rather than guess which answers are owed. */
+    {
+        PyObject *answers = PyList_New(done);
+        Py_ssize_t nrefs = 0;
+        for (Py_ssize_t k = 0; k < done; k++)
+            nrefs += reqs[k].r.nind + reqs[k].r.nseg;
+        PyObject *refs = PyBytes_FromStringAndSize(NULL, nrefs * (Py_ssize_t)sizeof(uint32_t));
+        if (answers == NULL || refs == NULL) {
+            Py_XDECREF(answers);
+            Py_XDECREF(refs);
+            goto fail;
+        }
+        char *w = PyBytes_AS_STRING(refs);
+        for (Py_ssize_t k = 0; k < done; k++) {
+            struct req *r = &reqs[k].r;
+            PyObject *t = Py_BuildValue("(KBi)", (unsigned long long)r->id, r->op, 0);
+            if (t == NULL) {
+                Py_DECREF(answers);
+                Py_DECREF(refs);
+                goto fail;
+            }
+            PyList_SET_ITEM(answers, k, t);
+            memcpy(w, r->ind_gref, r->nind * sizeof(uint32_t));
+            w += r->nind * sizeof(uint32_t);
+            memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
+            w += r->nseg * sizeof(uint32_t);
+        }
+        out = Py_BuildValue("(NnN)", answers, start + done, refs);
+    }
+fail:
+    for (Py_ssize_t k = 0; k < nreq; k++)
+        prepared_release(&reqs[k]);
+    PyMem_Free(reqs);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"check", fp_check, METH_VARARGS, "Decode and validate one READ/WRITE slot as serve() would."},
+    {"serve", fp_serve, METH_VARARGS, "Serve the longest simple prefix of a copied ring batch."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastpass", "The engine's optional native ring pass (issue 20).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpass(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

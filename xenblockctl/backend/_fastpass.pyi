@@ -1,0 +1,35 @@
+# Types of the optional C extension built from _fastpass.c (see backend/fastpath.py).
+MODE_STOP: int
+MODE_NOWAIT: int
+MODE_BLOCK: int
+MODE_BLOCK_ALIGNED: int
+
+def check(
+    slot: bytes,
+    offset: int,
+    id_offset: int,
+    sectors: int,
+    size_bytes: int,
+    logical_block_size: int,
+    read_only: bool,
+    max_indirect_segments: int,
+    entries: dict[int, memoryview],
+    /,
+) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]] | None: ...
+def serve(
+    data: bytes,
+    start: int,
+    count: int,
+    id_offset: int,
+    sectors: int,
+    size_bytes: int,
+    logical_block_size: int,
+    read_only: bool,
+    max_indirect_segments: int,
+    fd: int,
+    read_mode: int,
+    write_mode: int,
+    host_page: int,
+    entries: dict[int, memoryview],
+    /,
+) -> tuple[list[tuple[int, int, int]], int, bytes]: ...

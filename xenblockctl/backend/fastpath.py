@@ -1,0 +1,138 @@
+"""The optional native fast path of the ring pass (issue 20): when it is used, and how it is called.
+
+`_fastpass` is a small C extension (backend/_fastpass.c, built by setup.py as an optional
+extension, so a build without a compiler still installs). Given a pass's copied request slots it
+serves the longest prefix of simple requests — READ/WRITE, with direct or indirect segments, whose
+pages (indirect descriptor pages included) are all in the ring's persistent grant cache — with the
+same validation rules as requests.validate_slot (tests/unit/test_fastpass.py checks that the two
+agree on arbitrary bytes) and the same choice of where the I/O runs as io.Executor.run_now, and
+returns their answers and where it stopped.
+DataPlane._serve_batch serves the request it stopped at through the pure-Python path (which
+validates, logs and answers everything unusual) and calls it again for the rest; answers still go
+out through DataPlane._answer (ring order, journal), so nothing of ring.py is repeated in C.
+
+Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
+pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
+transport's own table — stays on the pure-Python path, which remains complete and is what runs
+when the module is not built or `xenblockctl backend --no-native` turns it off.
+
+Grant cache bookkeeping: the C code only reads the cache's dict of entries (ring thread, between
+acquire() calls, which are the only place entries are evicted), and holds a buffer export on each
+page's view while it uses it. The pages it used are noted with GrantCache.note_used once per call:
+a pass's requests count as one use for the LRU order (close to per request, as the cache's own
+shapes already are; see grantcache.py).
+
+What a stop costs: the request is tried twice. A READ that misses the page cache makes one
+RWF_NOWAIT preadv2 here and one in run_now before it goes to a worker; a short transfer is redone
+in full by Python's path (safe: the request is not answered yet, as io.execute_nowait explains);
+an indirect request's descriptor pages are read again by Python's validation, which decides on its
+own copy alone (ours only decided to stop).
+"""
+
+from __future__ import annotations
+
+import mmap
+import types
+
+from xenblockctl.backend import blkif
+from xenblockctl.backend.grantcache import GrantCache
+from xenblockctl.backend.io import DeviceTarget, Executor
+from xenblockctl.backend.requests import READ, WRITE, DeviceLimits
+
+_native: types.ModuleType | None
+try:
+    from xenblockctl.backend import _fastpass as _native
+except ImportError as _exc:  # not built (no compiler, no Python headers): the pure-Python path
+    _native = None
+    _WHY_NOT = f"native module not built ({_exc})"
+else:
+    _WHY_NOT = ""
+
+_HOST_PAGE = mmap.PAGESIZE
+
+
+def available() -> bool:
+    """The extension is built and imports."""
+    return _native is not None
+
+
+def describe(enabled: bool) -> str:
+    """Which ring pass the engine runs, for its start-up log line."""
+    if not enabled:
+        return "pure Python (native fast path turned off)"
+    if _native is None:
+        return f"pure Python ({_WHY_NOT})"
+    return "native fast path for cached READ/WRITE (backend/_fastpass.c), pure Python for the rest"
+
+
+class FastPass:
+    """The native pass for one data plane (its device, limits, executor and grant cache)."""
+
+    __slots__ = ("_cache", "_entries", "_executor", "_fixed", "_serve", "served")
+
+    def __init__(
+        self,
+        abi: blkif.Abi,
+        limits: DeviceLimits,
+        target: DeviceTarget,
+        executor: Executor,
+        cache: GrantCache,
+    ) -> None:
+        assert _native is not None
+        self._serve = _native.serve
+        self._executor = executor
+        self._cache = cache
+        #: requests answered here so far (tests and benchmarks: which path ran)
+        self.served = 0
+        self._entries = cache.native_pages()
+        self._fixed = (
+            abi.id_offset,
+            limits.sectors,
+            target.size_bytes,
+            limits.logical_block_size,
+            limits.read_only,
+            limits.max_indirect_segments,
+            target.fd,
+        )
+
+    @classmethod
+    def create(
+        cls,
+        enabled: bool,
+        abi: blkif.Abi,
+        limits: DeviceLimits,
+        executor: object,
+        cache: GrantCache | None,
+    ) -> FastPass | None:
+        """The fast path for a data plane, or None where it does not apply."""
+        if not enabled or _native is None or cache is None or type(executor) is not Executor:
+            return None
+        return cls(abi, limits, executor.target, executor, cache)
+
+    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int]:
+        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY) and next,
+        the first slot it did not finish (count when it did them all)."""
+        read_mode, write_mode = _modes(self._executor)
+        answers, stop, refs = self._serve(
+            data, start, count, *self._fixed, read_mode, write_mode, _HOST_PAGE, self._entries
+        )
+        if refs:
+            self.served += len(answers)
+            self._cache.note_used(memoryview(refs).cast("I"))
+        return answers, stop
+
+
+def _modes(executor: Executor) -> tuple[int, int]:
+    """Where run_now would run a READ and a WRITE now (re-read per call: a NOWAIT the kernel refused
+    with EOPNOTSUPP is dropped by run_now as the pure-Python path meets it)."""
+    assert _native is not None
+    # io.Executor's own state, read as run_now reads it (kept private there: one rule, one place)
+    if executor._pool is None:
+        return _native.MODE_BLOCK, _native.MODE_BLOCK
+    nowait = executor._nowait
+    read = _native.MODE_NOWAIT if READ in nowait else _native.MODE_STOP
+    write = _native.MODE_NOWAIT if WRITE in nowait else _native.MODE_BLOCK_ALIGNED
+    return read, write
+
+
+__all__ = ["FastPass", "available", "describe"]
