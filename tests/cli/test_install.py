@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
+from tests.lint import test_hotplug_imports
 from xenblockctl.sandbox import script_failure
 from xenblockctl.toolstack import hostfiles
 
@@ -202,6 +203,10 @@ def test_laid_block_script_adds_and_removes_without_site(
     imported = _add_and_remove_through(script, libxl, make_image)
     assert "xenblockctl.blockscript.hotplug" in imported, sorted(imported)
     assert "site" not in imported, "the laid script must start without site.py"
+    other_kinds = sorted(
+        m for m in imported if any(m == k or m.startswith(k + ".") for k in test_hotplug_imports.OTHER_KINDS)
+    )
+    assert not other_kinds, f"a file add imported modules of other target kinds: {other_kinds}"
 
 
 def test_sandbox_failure_shows_what_the_script_said() -> None:
