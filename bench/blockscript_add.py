@@ -2,13 +2,16 @@
 
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
         [--daemon c|embedded] [--baseline-script OLD/hotplug/block-xenblockctl] [--python PY]
-        [--no-floor] [--strace]
+        [--no-floor] [--site-shim] [--strace]
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
-(this checkout's shim; with `--python /usr/bin/python3` it runs as installed on Debian: the hotplug
-path needs nothing outside the standard library), optionally another checkout's shim (before/after
-in one run: `git archive OLD xenblockctl hotplug | tar -x -C /tmp/old`), `bench/floor_block.py` (our
-semantics for a file target in one stdlib-only file: the interpreter floor), and Xen's bash `block`
+as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
+sys.path by the script; with `--python /usr/bin/python3` it runs as installed on Debian: the
+hotplug path needs nothing outside the standard library), optionally the shipped shim as it runs
+from a checkout (`--site-shim`: with site.py) and another checkout's shim (before/after in one run:
+`git archive OLD xenblockctl hotplug | tar -x -C /tmp/old`; run as that version's install-hooks
+laid it, with site.py), `bench/floor_block.py` (our semantics for a file target in one stdlib-only
+file: the interpreter floor, run with `-S` as its `#!` line says), and Xen's bash `block`
 script from Debian's xen-utils-common (extracted into .cache/ with `apt-get download`, never
 installed) through Debian's xenstore-* CLIs. Against Debian's C xenstored (LD_PRELOAD-stubbed,
 tests/fixtures/cxenstored.py; `--daemon embedded` for ours). The Python contestants are timed
@@ -18,9 +21,10 @@ does no hand-off (it exits after writing physical-device, the race this project 
 
 Rows: serial add (wall p50/p90, CPU of the script and everything it waited for), serial remove,
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
-hand-off) against the engine path, syscalls of one add (`--strace`: strace -f -c), adds with
-`--existing` published backends (file and block-device target), and `--parallel` adds started at
-once. The load average is printed before and after: the machine is shared, compare ratios.
+hand-off) against the engine path, syscalls of one add (`--strace`: strace -f -c), adds with no
+and with `--existing` published backends (file and block-device target; the block device is a loop
+device bound beforehand), with the ratio of the two, and `--parallel` adds started at once. The
+load average is printed before and after: the machine is shared, compare ratios.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack import hostfiles
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "xen-utils-common"
@@ -92,6 +97,11 @@ def main() -> int:
     parser.add_argument("--daemon", choices=("c", "embedded"), default="c", help="xenstored to run against")
     parser.add_argument("--no-floor", action="store_true", help="leave out the stdlib-only floor script")
     parser.add_argument("--strace", action="store_true", help="count syscalls of one add per contestant")
+    parser.add_argument(
+        "--site-shim",
+        action="store_true",
+        help="also run the shipped shim as a checkout runs it (with site.py): what -S saves",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices)", file=sys.stderr)
@@ -115,11 +125,15 @@ def main() -> int:
         for image in images:
             with open(image, "wb") as f:
                 f.truncate(16 << 20)
-        contestants: list[Contestant] = [Contestant("xenblockctl", SCRIPT, args.python)]
+        contestants: list[Contestant] = [
+            Contestant("xenblockctl", laid_script(work, args.python), args.python, flags=("-S",))
+        ]
+        if args.site_shim:
+            contestants.append(Contestant("xenblockctl, shipped shim (site)", SCRIPT, args.python))
         if args.baseline_script is not None:
             contestants.append(Contestant("baseline (before)", args.baseline_script, args.python))
         if not args.no_floor:
-            contestants.append(Contestant("stdlib floor", FLOOR, args.python))
+            contestants.append(Contestant("stdlib floor", FLOOR, args.python, flags=("-S",)))
         if bash is not None:
             contestants.append(Contestant("Xen bash block (no hand-off)", bash, "bash", bash=True))
         print(
@@ -163,6 +177,15 @@ def main() -> int:
     return 0
 
 
+def laid_script(work: Path, python: str) -> Path:
+    """The block script as `install-hooks` lays it for `python`, importing this checkout."""
+    where = hostfiles.local_layout()._replace(python=python, packages=str(REPO))
+    laid = work / hostfiles.SCRIPT_NAME
+    laid.write_text(hostfiles.block_script(SCRIPT.read_text(), where))
+    laid.chmod(0o755)
+    return laid
+
+
 @contextlib.contextmanager
 def xenstored(kind: str) -> Iterator[EmbeddedXenstored]:
     """The daemon every contestant talks to: Debian's C xenstored (LD_PRELOAD-stubbed,
@@ -182,24 +205,39 @@ def xenstored(kind: str) -> Iterator[EmbeddedXenstored]:
 def scale_rows(
     libxl: Libxl, contestants: list[Contestant], images: list[Path], existing: int, n: int
 ) -> None:
-    populate(libxl, existing)
+    """Adds of a file and of a block device (a loop device bound beforehand, as an admin's) with no
+    other backend, then with `existing` published ones; per contestant the ratio of the two p50s
+    (the goal: within 10 %). The two sets of rows are not interleaved (the backends are written
+    once, in between): compare their load averages."""
     admin = loop.attach_file(str(images[-1]), read_only=False, tag="xenblockctl:bench-admin")
     try:
-        targets = (("file", images[0]), ("block device", f"/dev/loop{admin.number}"))
-        for t, (label, target) in enumerate(targets):
-            base = None
-            for k, c in enumerate(contestants):
-                if c.label == "stdlib floor" and label != "file":
-                    continue  # the floor handles file targets only
-                samples = measure_one(libxl, c, target, n, 400 + 10 * t + k)
-                print(row(f"add, {label}, {existing} backends: {c.label}", samples))
-                if base is None:
-                    base = percentile(samples, 50)
-                else:
-                    print(f"  ratio to xenblockctl (p50): {percentile(samples, 50) / base:.2f}x")
+        targets: tuple[tuple[str, Path | str], ...] = (
+            ("file", images[0]),
+            ("block device", f"/dev/loop{admin.number}"),
+        )
+        p50: dict[tuple[str, str, int], float] = {}
+        for backends in (0, existing):
+            if backends:
+                populate(libxl, backends)
+            print(f"load average before the {backends}-backend rows: {_loadavg()}")
+            for t, (label, target) in enumerate(targets):
+                base = None
+                for k, c in enumerate(contestants):
+                    if c.label == "stdlib floor" and label != "file":
+                        continue  # the floor handles file targets only
+                    samples = measure_one(libxl, c, target, n, 400 + 10 * t + k + (50 if backends else 0))
+                    print(row(f"add, {label}, {backends} backends: {c.label}", samples))
+                    p50[(label, c.label, backends)] = percentile(samples, 50)
+                    if base is None:
+                        base = percentile(samples, 50)
+                    else:
+                        print(f"  ratio to xenblockctl (p50): {percentile(samples, 50) / base:.2f}x")
+        for (label, who, backends), value in p50.items():
+            if backends:
+                ratio = value / p50[(label, who, 0)]
+                print(f"ratio {existing} / 0 backends, {label}, {who} (p50): {ratio:.2f}x (goal <= 1.10x)")
     finally:
         admin.close()
-    print(f"(compare with the 0-backend add row above: the {existing}-backend rows should be within ~10 %)")
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, python: str) -> None:
@@ -257,10 +295,13 @@ def _loadavg() -> str:
 class Contestant:
     """One script under test and its samples (µs)."""
 
-    def __init__(self, label: str, script: Path, interpreter: str, *, bash: bool = False) -> None:
+    def __init__(
+        self, label: str, script: Path, interpreter: str, *, bash: bool = False, flags: tuple[str, ...] = ()
+    ) -> None:
         self.label = label
         self.script = script
         self.interpreter = interpreter
+        self.flags = flags  # interpreter flags of the script's `#!` line
         self.bash = bash
         self.wall: list[float] = []
         self.cpu: list[float] = []
@@ -268,7 +309,7 @@ class Contestant:
         self.failures = 0
 
     def argv(self, action: str) -> list[str]:
-        return [self.interpreter, str(self.script), action]
+        return [self.interpreter, *self.flags, str(self.script), action]
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
