@@ -89,6 +89,13 @@ def main() -> int:
         "--existing", type=int, default=128, help="pre-existing backends for the scaling rows"
     )
     parser.add_argument(
+        "--per-domain",
+        type=int,
+        default=1,
+        help="existing backends per frontend domain (1: a dom0 serving one disk to each of many "
+        "guests; rounds 1-2 of issue 18 used 16)",
+    )
+    parser.add_argument(
         "--baseline-script", type=Path, default=None, help="another checkout's hotplug/block-xenblockctl"
     )
     parser.add_argument(
@@ -121,7 +128,9 @@ def main() -> int:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         libxl = Libxl(daemon, work)
         stack.callback(libxl.close)
-        images = [work / f"disk{i}.img" for i in range(max(args.parallel, 1))]
+        # at least two: the scaling rows' block device is a loop device bound to the last one, and
+        # the file rows use the first (one image would make the file rows `busy`)
+        images = [work / f"disk{i}.img" for i in range(max(args.parallel, 2))]
         for image in images:
             with open(image, "wb") as f:
                 f.truncate(16 << 20)
@@ -162,7 +171,14 @@ def main() -> int:
             for k, c in enumerate(contestants):
                 print(f"syscalls of one add, {c.label}: {count_syscalls(libxl, c, images[0], 95 + k)}")
         if args.existing:
-            scale_rows(libxl, contestants, images, args.existing, max(3, args.iterations // 3))
+            scale_rows(
+                libxl,
+                contestants,
+                images,
+                args.existing,
+                max(3, args.iterations // 3),
+                per_domain=args.per_domain,
+            )
         if args.parallel:
             walls = {
                 c.label: parallel(libxl, c, images[: args.parallel], 1000 + 100 * k)
@@ -203,7 +219,13 @@ def xenstored(kind: str) -> Iterator[EmbeddedXenstored]:
 
 
 def scale_rows(
-    libxl: Libxl, contestants: list[Contestant], images: list[Path], existing: int, n: int
+    libxl: Libxl,
+    contestants: list[Contestant],
+    images: list[Path],
+    existing: int,
+    n: int,
+    *,
+    per_domain: int,
 ) -> None:
     """Adds of a file and of a block device (a loop device bound beforehand, as an admin's) with no
     other backend, then with `existing` published ones; per contestant the ratio of the two p50s
@@ -218,7 +240,7 @@ def scale_rows(
         p50: dict[tuple[str, str, int], float] = {}
         for backends in (0, existing):
             if backends:
-                populate(libxl, backends)
+                populate(libxl, backends, per_domain)
             print(f"load average before the {backends}-backend rows: {_loadavg()}")
             for t, (label, target) in enumerate(targets):
                 base = None
@@ -365,12 +387,13 @@ def _remove(libxl: Libxl, python: str, script: Path, be: Backend) -> None:
     _remove_any(libxl, Contestant("", script, python), be)
 
 
-def populate(libxl: Libxl, count: int) -> None:
+def populate(libxl: Libxl, count: int, per_domain: int = 1) -> None:
     """Backends that already have a published disk, as on a busy dom0: both scripts' sharing checks
-    must look at every one of them."""
+    must look at every one of them. `per_domain` backends per frontend domain (the walk over
+    backend/vbd lists each domain's directory)."""
     for i in range(count):
         be = libxl.create_backend(
-            200 + i // 16, 51712 + 16 * (i % 16), f"/srv/existing-{i}.img", "w", engine=False
+            200 + i // per_domain, 51712 + 16 * (i % per_domain), f"/srv/existing-{i}.img", "w", engine=False
         )
         libxl.store.write_many(
             {

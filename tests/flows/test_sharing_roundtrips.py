@@ -23,9 +23,14 @@ BACKENDS = 130
 TARGET = os.makedev(7, 77)
 
 
-def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Libxl) -> None:
+@pytest.mark.parametrize("per_domain", [16, 1])
+def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Libxl, per_domain: int) -> None:
+    """16 disks for each of 9 guests, and one disk for each of 130 guests: the walk lists the
+    frontend domains' directories in batches too (before: one round trip per domain, 130 here)."""
     for i in range(BACKENDS):
-        be = libxl.create_backend(100 + i // 16, 51712 + 16 * (i % 16), f"/srv/existing-{i}.img", "w")
+        be = libxl.create_backend(
+            100 + i // per_domain, 51712 + 16 * (i % per_domain), f"/srv/existing-{i}.img", "w"
+        )
         # two of them publish the target: both must still be found
         physical = "7:4d" if i in (5, 129) else f"fd:{i:x}"
         libxl.store.write_many({be.node("physical-device"): physical})
@@ -44,9 +49,11 @@ def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Lib
         claims = list(sharing.backend_claims(store, home, store.absolute(own.relative), devt=TARGET))
     assert len({c.where.split(" ")[0] for c in claims}) == 2, claims
     assert all(c.devt == TARGET for c in claims)
-    # walking: one ls of backend/vbd + one per frontend domain (9); reading: ceil(130 / 64) = 3
-    # batches; the two matches' records. Before batching this was ~150 (one READ per backend).
-    assert exchanges <= 9 + 3 + 2 * 4, exchanges
+    # walking: one ls of backend/vbd (and of backend/vbd3) + the frontend domains' listings in
+    # batches of 64 (1 or 3); reading: ceil(130 / 64) = 3 batches; the two matches' records.
+    # Before batching the reads this was ~150 (one READ per backend), before batching the
+    # listings 130 + 9 + 3 + 8 with one backend per domain.
+    assert exchanges <= 2 + 3 + 3 + 2 * 4, exchanges
 
 
 #: BLKGETDISKSEQ, _IOR(0x12, 128, __u64): the ioctl that reads a device's diskseq.
