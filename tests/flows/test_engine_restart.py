@@ -29,6 +29,7 @@ from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.fdstore import FdStoreManager
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
+from tests.xen.scenarios.fdstore_supervisor import LAUNCH
 from xenblockctl.backend import blkif
 from xenblockctl.backend.frontend import Completion, LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
@@ -39,21 +40,6 @@ from xenblockctl.toolstack.daemons import ReadyDaemon
 from xenblockctl.toolstack.findings import Finding
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
-
-#: Puts the inherited fds at 3.. and sets LISTEN_PID to its own pid before exec'ing the engine, as
-#: systemd does between fork and exec (LISTEN_PID cannot be known before the child exists).
-_LAUNCH = (
-    "import fcntl, os, sys\n"
-    "i = sys.argv.index('--')\n"
-    "src = [int(x) for x in sys.argv[1:i]]\n"
-    "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 1000) for f in src]\n"
-    "for f in src: os.close(f)\n"
-    "for n, h in enumerate(high): os.dup2(h, 3 + n)\n"
-    "for h in high: os.close(h)\n"
-    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execv(sys.argv[i + 1], sys.argv[i + 1 :])\n"
-)
-
 
 class Engines:
     """Engine processes started one after another on one transport socket, all stopped at the end."""
@@ -81,7 +67,7 @@ class Engines:
         if takeover:
             fds, names = self.store.listen()
             env |= {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names}
-            argv = [sys.executable, "-c", _LAUNCH, *map(str, fds), "--", *argv]
+            argv = [sys.executable, "-c", LAUNCH, *map(str, fds), "--", *argv]
         log = self.tmp_path / f"engine{len(self.started)}.log"
         daemon = ReadyDaemon("engine", argv, "engine ready", log, timeout=60, cwd=REPO, env=env, pass_fds=fds)
         self.started.append(daemon)

@@ -41,7 +41,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.io import DiscardMode, InFlight
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, DeviceLimits, IoPlan
 from xenblockctl.nbd import proto, uri
-from xenblockctl.nbd.client import ExportInfo, NbdClient, handshake, open_socket, socket_identity
+from xenblockctl.nbd.client import ExportInfo, NbdClient, handshake, open_socket, recv_exact, socket_identity
 from xenblockctl.nbd.errors import NbdError
 from xenblockctl.nbd.uri import NbdUri
 from xenblockctl.xenstore.identity import NbdOwnerRecord
@@ -452,7 +452,7 @@ class NbdExecutor:
         header = bytearray(proto.SIMPLE_REPLY.size)
         try:
             while True:
-                if not _recv_into(sock, memoryview(header), self._stalled):
+                if not recv_exact(sock, memoryview(header), self._stalled):
                     self._lost(sock, "connection closed by the server")
                     return
                 magic, error, cookie = proto.SIMPLE_REPLY.unpack(header)
@@ -466,7 +466,7 @@ class NbdExecutor:
                     return
                 if part.command == proto.CMD_READ and not error:
                     for buf in part.bufs:
-                        if not _recv_into(sock, buf, self._stalled):
+                        if not recv_exact(sock, buf, self._stalled):
                             self._lost(sock, "connection closed in the middle of read data", part)
                             return
                 self._finish(part, error)
@@ -583,7 +583,7 @@ def _split(bufs: list[memoryview], limit: int) -> list[list[memoryview]]:
 
 
 def _sendmsg_all(sock: socket.socket, bufs: list[memoryview]) -> None:
-    """Send all of `bufs`, releasing every slice it takes of them (see _recv_into)."""
+    """Send all of `bufs`, releasing every slice it takes of them (see nbd.client.recv_exact)."""
     taken: list[memoryview] = []
     try:
         while bufs:
@@ -601,26 +601,3 @@ def _sendmsg_all(sock: socket.socket, bufs: list[memoryview]) -> None:
     finally:
         for view in taken:
             view.release()
-
-
-def _recv_into(sock: socket.socket, buf: memoryview, tick: Callable[[], None]) -> bool:
-    """Fill `buf` exactly; False on EOF. `tick` runs on every timeout (it raises to give up).
-
-    Every slice taken of `buf` is released before returning: the data plane releases the guest's
-    page views when the request completes, and a live slice would make that fail."""
-    got = 0
-    while got < buf.nbytes:
-        view = buf[got:]
-        try:
-            n = sock.recv_into(view)
-        except TimeoutError:
-            tick()
-            continue
-        except InterruptedError:
-            continue
-        finally:
-            view.release()
-        if n == 0:
-            return False
-        got += n
-    return True

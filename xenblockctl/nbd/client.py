@@ -24,6 +24,10 @@ from xenblockctl.nbd import proto
 from xenblockctl.nbd.errors import NbdError
 from xenblockctl.nbd.uri import NbdUri
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the NBD add path)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 #: seconds one connect, handshake step or request may take before the peer counts as gone
 DEFAULT_TIMEOUT = 10.0
 #: the block size a guest's sectors need the export to accept
@@ -99,6 +103,30 @@ def open_socket(uri: NbdUri, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
     return sock
 
 
+def recv_exact(sock: socket.socket, buf: memoryview, stalled: Callable[[], None]) -> bool:
+    """Fill `buf` exactly; False on EOF. `stalled` runs on every socket timeout: it raises to give
+    up, or returns to wait again (the engine's link checks its own deadline there).
+
+    Every slice taken of `buf` is released before returning: the engine's data plane releases the
+    guest's page views when the request completes, and a live slice would make that fail."""
+    got = 0
+    while got < buf.nbytes:
+        view = buf[got:]
+        try:
+            n = sock.recv_into(view)
+        except TimeoutError:
+            stalled()
+            continue
+        except InterruptedError:
+            continue
+        finally:
+            view.release()
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
 class _Wire:
     """Exact reads and whole writes on a socket, every failure a coded NbdError naming the step."""
 
@@ -110,22 +138,18 @@ class _Wire:
 
     def recv(self, n: int, step: str, code: str = "nbd-handshake") -> bytes:
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            try:
-                k = self.sock.recv_into(view[got:])
-            except TimeoutError:
-                raise NbdError(
-                    f"{self.peer}: no answer within {self.timeout:g} s ({step})", code=code
-                ) from None
-            except OSError as exc:
-                raise NbdError(
-                    f"{self.peer}: {step}: {exc.strerror or exc}", code=code, errno=exc.errno
-                ) from None
-            if k == 0:
-                raise NbdError(f"{self.peer}: connection closed by the server ({step})", code=code)
-            got += k
+
+        def stalled() -> None:
+            raise NbdError(f"{self.peer}: no answer within {self.timeout:g} s ({step})", code=code)
+
+        try:
+            complete = recv_exact(self.sock, memoryview(buf), stalled)
+        except OSError as exc:
+            raise NbdError(
+                f"{self.peer}: {step}: {exc.strerror or exc}", code=code, errno=exc.errno
+            ) from None
+        if not complete:
+            raise NbdError(f"{self.peer}: connection closed by the server ({step})", code=code)
         return bytes(buf)
 
     def send(self, data: bytes, step: str, code: str = "nbd-handshake") -> None:

@@ -24,8 +24,10 @@ import sys
 import threading
 import time
 
-# between fork and exec: the kept fds at 3.., LISTEN_PID = this process (then exec the command)
-_LAUNCH = (
+#: What systemd does between fork and exec, as a `python -c` program: the kept fds at 3.., LISTEN_PID =
+#: this process (which cannot be known before the child exists), then exec the command. The engine
+#: restart flow tests launch their engines with it too (one copy: this file must stay stand-alone in dom0).
+LAUNCH = (
     "import fcntl, os, sys\n"
     "i = sys.argv.index('--')\n"
     "src = [int(x) for x in sys.argv[1:i]]\n"
@@ -109,7 +111,7 @@ def main() -> int:
         argv = command + (first if starts == 0 else [])
         if fds:
             child_env |= {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names}
-            argv = [sys.executable, "-c", _LAUNCH, *map(str, fds), "--", *argv]
+            argv = [sys.executable, "-c", LAUNCH, *map(str, fds), "--", *argv]
         proc = subprocess.Popen(argv, env=child_env, pass_fds=fds)
         starts += 1
         log(f"started pid {proc.pid} (start {starts}) with {len(fds)} stored fd(s): {names or '-'}")
