@@ -19,6 +19,7 @@ libxl never sees half a script."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import sys
@@ -164,10 +165,29 @@ def block_script(text: str, where: Layout) -> str:
     where_lines = (
         "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
         "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
-        f"sys.path.append({where.packages!r})\n"
+        f"{_APPEND}{where.packages!r})\n"
     )
     text = text[:begin] + where_lines + text[end + len(WHERE_END) :]
     return _with_python(text, f"{where.python} -S")
+
+
+def laid_packages(text: str) -> str | None:
+    """The directory a block script laid by block_script() puts on sys.path (it then runs with
+    `-S`), or None for any other script (the shipped shim, a hand-written one)."""
+    first, _, rest = text.partition("\n")
+    if not first.startswith("#!") or first.split()[-1] != "-S":
+        return None
+    for line in rest.splitlines():
+        if line.startswith(_APPEND) and line.endswith(")"):
+            try:
+                value = ast.literal_eval(line[len(_APPEND) : -1])
+            except (ValueError, SyntaxError):
+                return None
+            return value if isinstance(value, str) else None
+    return None
+
+
+_APPEND = "sys.path.append("
 
 
 def plan(where: Layout) -> list[Item]:
