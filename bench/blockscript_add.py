@@ -23,7 +23,8 @@ Rows: serial add (wall p50/p90, CPU of the script and everything it waited for),
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
 hand-off) against the engine path, syscalls of one add (`--strace`: strace -f -c), adds with no
 and with `--existing` published backends (file and block-device target; the block device is a loop
-device bound beforehand), with the ratio of the two, and `--parallel` adds started at once. The
+device bound beforehand; interleaved, the populated backends in a second daemon), with the ratio
+of the two, and `--parallel` adds started at once. The
 load average is printed before and after: the machine is shared, compare ratios.
 """
 
@@ -178,6 +179,7 @@ def main() -> int:
                 args.existing,
                 max(3, args.iterations // 3),
                 per_domain=args.per_domain,
+                daemon_kind=args.daemon,
             )
         if args.parallel:
             walls = {
@@ -226,40 +228,42 @@ def scale_rows(
     n: int,
     *,
     per_domain: int,
+    daemon_kind: str,
 ) -> None:
     """Adds of a file and of a block device (a loop device bound beforehand, as an admin's) with no
-    other backend, then with `existing` published ones; per contestant the ratio of the two p50s
-    (the goal: within 10 %). The two sets of rows are not interleaved (the backends are written
-    once, in between): compare their load averages."""
+    other backend and with `existing` published ones, interleaved: the populated backends live in a
+    second daemon of the same kind, and each iteration runs the add against the empty one and the
+    populated one in turn, so a change of load hits both rows alike. Per contestant the ratio of
+    the two p50s (the goal: within 10 %)."""
     admin = loop.attach_file(str(images[-1]), read_only=False, tag="xenblockctl:bench-admin")
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(admin.close)
+        daemon = stack.enter_context(xenstored(daemon_kind))
+        work = Path(tempfile.mkdtemp(prefix="xbc-bench-busy-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        busy = Libxl(daemon, work)
+        stack.callback(busy.close)
+        populate(busy, existing, per_domain)
+        print(f"load average before the scaling rows: {_loadavg()}")
         targets: tuple[tuple[str, Path | str], ...] = (
             ("file", images[0]),
             ("block device", f"/dev/loop{admin.number}"),
         )
-        p50: dict[tuple[str, str, int], float] = {}
-        for backends in (0, existing):
-            if backends:
-                populate(libxl, backends, per_domain)
-            print(f"load average before the {backends}-backend rows: {_loadavg()}")
-            for t, (label, target) in enumerate(targets):
-                base = None
-                for k, c in enumerate(contestants):
-                    if c.label == "stdlib floor" and label != "file":
-                        continue  # the floor handles file targets only
-                    samples = measure_one(libxl, c, target, n, 400 + 10 * t + k + (50 if backends else 0))
-                    print(row(f"add, {label}, {backends} backends: {c.label}", samples))
-                    p50[(label, c.label, backends)] = percentile(samples, 50)
-                    if base is None:
-                        base = percentile(samples, 50)
-                    else:
-                        print(f"  ratio to xenblockctl (p50): {percentile(samples, 50) / base:.2f}x")
-        for (label, who, backends), value in p50.items():
-            if backends:
-                ratio = value / p50[(label, who, 0)]
-                print(f"ratio {existing} / 0 backends, {label}, {who} (p50): {ratio:.2f}x (goal <= 1.10x)")
-    finally:
-        admin.close()
+        for t, (label, target) in enumerate(targets):
+            for k, c in enumerate(contestants):
+                if c.label == "stdlib floor" and label != "file":
+                    continue  # the floor handles file targets only
+                zero: list[float] = []
+                full: list[float] = []
+                for i in range(n + 2):
+                    for harness, samples in ((libxl, zero), (busy, full)):
+                        elapsed = add_once(harness, c, target, 400 + 10 * t + k, 51712 + 16 * i)
+                        if elapsed is not None and i >= 2:  # warm-up
+                            samples.append(elapsed)
+                print(row(f"add, {label}, 0 backends: {c.label}", zero))
+                print(row(f"add, {label}, {existing} backends: {c.label}", full))
+                ratio = percentile(full, 50) / percentile(zero, 50)
+                print(f"  ratio {existing} / 0 backends (p50): {ratio:.2f}x (goal <= 1.10x)")
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, python: str) -> None:
@@ -407,23 +411,30 @@ def populate(libxl: Libxl, count: int, per_domain: int = 1) -> None:
 def measure_one(libxl: Libxl, c: Contestant, target: Path | str, iterations: int, domid: int) -> list[float]:
     samples = []
     for i in range(iterations + 2):
-        be = libxl.create_backend(domid, 51712 + 16 * i, str(target), "w", engine=not c.bash)
-        consumer = None if c.bash else libxl.engine_consumer(be)
-        env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
-        elapsed, _cpu, result = _timed(c.argv("add"), env)
-        if result.returncode != 0 and c.bash:  # losetup's EBUSY race, as above
-            _remove_any(libxl, c, be)
-            libxl.store.rm(be.path)
-            continue
-        assert result.returncode == 0, (c.label, result.stderr)
-        if consumer is not None:
-            consumer.wait_opened()
-            consumer.release()
-        _remove_any(libxl, c, be)
-        libxl.store.rm(be.path)
-        if i >= 2:  # warm-up
+        elapsed = add_once(libxl, c, target, domid, 51712 + 16 * i)
+        if elapsed is not None and i >= 2:  # warm-up
             samples.append(elapsed)
     return samples
+
+
+def add_once(libxl: Libxl, c: Contestant, target: Path | str, domid: int, devid: int) -> float | None:
+    """One add (wall µs) and its remove on a fresh backend; None when the bash script lost
+    losetup's EBUSY race (as in measure_alternating)."""
+    be = libxl.create_backend(domid, devid, str(target), "w", engine=not c.bash)
+    consumer = None if c.bash else libxl.engine_consumer(be)
+    env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
+    elapsed, _cpu, result = _timed(c.argv("add"), env)
+    if result.returncode != 0 and c.bash:
+        _remove_any(libxl, c, be)
+        libxl.store.rm(be.path)
+        return None
+    assert result.returncode == 0, (c.label, result.stderr)
+    if consumer is not None:
+        consumer.wait_opened()
+        consumer.release()
+    _remove_any(libxl, c, be)
+    libxl.store.rm(be.path)
+    return elapsed
 
 
 def run_bash(libxl: Libxl, bash: Path, action: str, be_relative: str) -> subprocess.CompletedProcess[str]:
