@@ -21,11 +21,12 @@ does no hand-off (it exits after writing physical-device, the race this project 
 
 Rows: serial add (wall p50/p90, CPU of the script and everything it waited for), serial remove,
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
-hand-off) against the engine path, syscalls of one add (`--strace`: strace -f -c), adds with no
-and with `--existing` published backends (file and block-device target; the block device is a loop
+hand-off, by a forked child since issue 18's deferral) against the engine path, for the baseline
+script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with no and
+with `--existing` published backends (file and block-device target; the block device is a loop
 device bound beforehand; interleaved, the populated backends in a second daemon), with the ratio
-of the two, and `--parallel` adds started at once. The
-load average is printed before and after: the machine is shared, compare ratios.
+of the two, and `--parallel` adds started at once. The load average is printed before and after:
+the machine is shared, compare ratios.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def main() -> int:
                 f"ratio {other.label} / xenblockctl (p50): add wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x, "
                 f"remove {rm_ratio:.2f}x"
             )
-        kernel_path(libxl, images[0], max(3, args.iterations // 2), args.python)
+        kernel_path(libxl, images[0], max(3, args.iterations // 2), args.python, args.baseline_script)
         if args.strace and shutil.which("strace"):
             for k, c in enumerate(contestants):
                 print(f"syscalls of one add, {c.label}: {count_syscalls(libxl, c, images[0], 95 + k)}")
@@ -266,26 +267,43 @@ def scale_rows(
                 print(f"  ratio {existing} / 0 backends (p50): {ratio:.2f}x (goal <= 1.10x)")
 
 
-def kernel_path(libxl: Libxl, image: Path, n: int, python: str) -> None:
+def kernel_path(libxl: Libxl, image: Path, n: int, python: str, baseline: Path | None = None) -> None:
     """Our add handed to a blkback-like consumer (sysfs physical_device, no `opened`): the path
-    that turns AUTOCLEAR off with LOOP_SET_STATUS64 after the hand-off; engine path alternating."""
-    engine: list[float] = []
-    kernel: list[float] = []
+    that turns AUTOCLEAR off after the hand-off, in a child forked once hotplug-status says
+    connected (blockscript/autoclear.py); the engine path alternating with it, and with
+    `baseline` (another checkout's shim: before/after) the same two for it. Also how long after
+    our add exited the record said autoclear=0 (the child's work, off the critical path; polled
+    from here, so ±1 ms)."""
+    scripts = [("xenblockctl", SCRIPT)] + ([("baseline (before)", baseline)] if baseline is not None else [])
+    samples: dict[tuple[str, str], list[float]] = {
+        (label, k): [] for label, _ in scripts for k in ("engine", "kernel")
+    }
+    child: list[float] = []
     for i in range(n + 2):
-        for domid, kind, samples in ((90, "engine", engine), (91, "kernel", kernel)):
-            be = libxl.create_backend(domid, 51712 + 16 * i, str(image), "w", engine=kind == "engine")
-            consumer = libxl.engine_consumer(be) if kind == "engine" else libxl.blkback_consumer(be)
-            wall, _cpu, result = _timed([python, str(SCRIPT), "add"], libxl.env("add", be))
-            assert result.returncode == 0, result.stderr
-            consumer.wait_opened()
-            _remove(libxl, python, SCRIPT, be)
-            consumer.release()
-            libxl.store.rm(be.path)
-            if i >= 2:
-                samples.append(wall)
-    print(row("add, kernel-blkback hand-off: xenblockctl", kernel))
-    print(row("add, engine hand-off (same loop): xenblockctl", engine))
-    print(f"ratio kernel / engine path (p50): {percentile(kernel, 50) / percentile(engine, 50):.2f}x")
+        for s, (label, script) in enumerate(scripts):
+            for domid, kind in ((90 + 2 * s, "engine"), (91 + 2 * s, "kernel")):
+                be = libxl.create_backend(domid, 51712 + 16 * i, str(image), "w", engine=kind == "engine")
+                consumer = libxl.engine_consumer(be) if kind == "engine" else libxl.blkback_consumer(be)
+                wall, _cpu, result = _timed([python, str(script), "add"], libxl.env("add", be))
+                exited = time.perf_counter()
+                assert result.returncode == 0, result.stderr
+                consumer.wait_opened()
+                if kind == "kernel":
+                    libxl.wait_autoclear_off(be)  # the baseline's record says so at once
+                    if s == 0 and i >= 2:
+                        child.append((time.perf_counter() - exited) * 1e6)
+                _remove(libxl, python, script, be)
+                consumer.release()
+                libxl.store.rm(be.path)
+                if i >= 2:
+                    samples[(label, kind)].append(wall)
+    for label, _ in scripts:
+        kernel, engine = samples[(label, "kernel")], samples[(label, "engine")]
+        print(row(f"add, kernel-blkback hand-off: {label}", kernel))
+        print(row(f"add, engine hand-off (same loop): {label}", engine))
+        ratio = percentile(kernel, 50) / percentile(engine, 50)
+        print(f"ratio kernel / engine path (p50), {label}: {ratio:.2f}x")
+    print(row("  record says autoclear=0, after our kernel-path add exited", child))
 
 
 def count_syscalls(libxl: Libxl, c: Contestant, image: Path, domid: int) -> str:

@@ -87,8 +87,12 @@ def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
     consumer.wait_opened()
     assert consumer.device is not None
     minor = consumer.device.identity.minor
-    owner = OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"])
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    # AUTOCLEAR goes off in a child the script forks after hotplug-status=connected (off libxl's
+    # critical path); the record says autoclear=0 only once the ioctl is done.
+    owner = libxl.wait_autoclear_off(be)
     assert not owner.autoclear, "blkback drops its reference on frontend reconnect: AUTOCLEAR must be off"
+    assert Path(f"/sys/block/loop{minor}/loop/autoclear").read_text().strip() == "0"
     consumer.release()  # blkback closes on reconnect ...
     assert minor in bound_loops_under(image.parent), "... and the device must still be there"
     libxl.store.write(be.node("online"), "0")
@@ -96,6 +100,29 @@ def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
     result = libxl.run("remove", be)
     assert result.returncode == 0, result.stderr
     assert minor not in bound_loops_under(image.parent), "remove detaches what it proved it created"
+
+
+def test_an_in_process_add_turns_autoclear_off_in_line(libxl: Libxl, make_image: ImageFactory) -> None:
+    """The udev hook (and the CLI's attach) run `add` in their own process: no child may be left
+    behind there (udev kills it, and a threaded caller must not fork), so AUTOCLEAR is off and the
+    record says so by the time it returns."""
+    from xenblockctl.blockscript import hotplug
+
+    image = make_image()
+    be = libxl.create_backend(7, 51728, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    assert hotplug.main(["block-xenblockctl", "add"], libxl.env("add", be), defer_autoclear=False) == 0
+    consumer.wait_opened()
+    assert consumer.device is not None
+    minor = consumer.device.identity.minor
+    assert not OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"]).autoclear
+    assert Path(f"/sys/block/loop{minor}/loop/autoclear").read_text().strip() == "0"
+    consumer.release()
+    assert minor in bound_loops_under(image.parent)
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    assert libxl.run("remove", be).returncode == 0
+    assert minor not in bound_loops_under(image.parent)
 
 
 def test_existing_block_device_is_used_and_never_detached(

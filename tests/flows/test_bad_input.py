@@ -275,6 +275,7 @@ def test_unusable_setting_still_lets_remove_clean_up(
     consumer.wait_opened()
     assert consumer.device is not None
     minor = consumer.device.identity.minor
+    libxl.wait_autoclear_off(be)  # the add's forked child
     consumer.release()
     assert minor in bound_loops_under(image.parent)
     libxl.store.write(be.node("online"), "0")

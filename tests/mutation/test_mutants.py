@@ -104,6 +104,20 @@ MUTANTS = (
         ("tests/flows/test_add_remove.py::test_remove_leaves_a_newer_owner_record_alone",),
     ),
     Mutant(
+        "remove: the detach waits for the AUTOCLEAR child's device lock",
+        "xenblockctl/blockscript/remove.py",
+        'if not isinstance(owner, OwnerRecord) or owner.kind != "loop":',
+        "if True:",
+        ("tests/flows/test_kill.py::test_remove_waits_for_the_autoclear_child",),
+    ),
+    Mutant(
+        "autoclear child: AUTOCLEAR stays on unless the record is still the hand-off's",
+        "xenblockctl/blockscript/autoclear.py",
+        "if store.read_optional(node) != job.record:",
+        "if False:",
+        ("tests/flows/test_kill.py::test_autoclear_child_leaves_a_withdrawn_backend_alone",),
+    ),
+    Mutant(
         "open: a by-diskseq target naming a regular file",
         "xenblockctl/blockscript/claim.py",
         "if target.expect_dm_name is not None or target.expect_diskseq is not None:",

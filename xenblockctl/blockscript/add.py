@@ -4,14 +4,16 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
   * xenstore never shows `physical-device` without `physical-device-luid` and `diskseq` (one
     transaction; xenstore/identity.py owns their names and spelling);
   * no loop device of ours stays bound unless a consumer holds it (AUTOCLEAR is on from the
-    first ioctl; it is turned off only after kernel blkback holds the device);
+    first ioctl; it is turned off only after kernel blkback holds the device, by a child forked
+    after hotplug-status=connected: blockscript/autoclear.py. Killed before its ioctl, that child
+    leaves AUTOCLEAR on, the one degraded case: nothing leaks, but a later frontend reconnect
+    detaches the guest's disk, as with kernel_autoclear=true);
   * a failure leaves no physical-device*, a coded `hotplug-error` and `hotplug-status`, and
     nothing allocated."""
 
 from __future__ import annotations
 
 from xenblockctl.blockscript import claim, faults, handoff, sharing
-from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
 from xenblockctl.environment import Environment
@@ -59,8 +61,18 @@ class AddResult(NamedTuple):
 
 
 def run_add(
-    store: XenStore, path: BackendPath, settings: Settings, journal: Journal, *, env: Environment
+    store: XenStore,
+    path: BackendPath,
+    settings: Settings,
+    journal: Journal,
+    *,
+    env: Environment,
+    defer_autoclear: bool = False,
 ) -> AddResult:
+    """`defer_autoclear`: on the kernel-blkback path, turn AUTOCLEAR off in a forked child after we
+    return (blockscript/autoclear.py) rather than in line. Only the libxl script asks for it: an
+    in-process caller (the CLI's attach) may have threads, which a fork would copy without their
+    locks' owners, and udev kills whatever a RUN program leaves behind (udev(7))."""
     home = store.home()
     be = backend_dir(store, path)
     published = False
@@ -119,15 +131,29 @@ def run_add(
                 bus=env.xen_backend_bus,
             )
             faults.pause(env, "add-consumer-ready")
+            published_owner = owner.format()
             if (
                 isinstance(device, LoopDevice)
                 and consumer is handoff.Consumer.KERNEL
                 and not settings.kernel_autoclear
             ):
-                # blkback holds it now; without this a guest reboot would detach its disk.
-                device.set_autoclear(False)
-                owner = owner.with_autoclear(False)
-            store.run_transaction(lambda tx: _mark_connected(tx, be, owner))
+                # blkback holds it now; without AUTOCLEAR off a guest reboot would detach its disk.
+                # The ioctl costs a 16-39 ms queue freeze, so a forked child does it after we exit.
+                from xenblockctl.blockscript import autoclear
+
+                autoclear.hand_off(
+                    store,
+                    be,
+                    device,
+                    owner,
+                    mark_connected=lambda tx: _mark_connected(tx, be, published_owner),
+                    settings=settings,
+                    defer=defer_autoclear,
+                    journal=journal,
+                    env=env,
+                )
+            else:
+                store.run_transaction(lambda tx: _mark_connected(tx, be, published_owner))
             faults.pause(env, "add-done")
             return AddResult(
                 device.identity.physical_device, device.identity.luid, claimed.path, consumer.value
@@ -208,10 +234,15 @@ def _stale_error_dir(home: str, be: str) -> list[str]:
     return [join(home, "error", be[len(prefix) :])] if be.startswith(prefix) else []
 
 
-def _mark_connected(tx: Transaction, be: str, owner: OwnerRecord) -> None:
-    if tx.read_optional(join(be, "state")) is None:
+def _mark_connected(tx: Transaction, be: str, published: str) -> None:
+    """hotplug-status=connected, only while our published record stands: a remove (or gc) that ran
+    during the hand-off withdrew it, and writing it back would revive a detached device's record."""
+    state, record = tx.read_many([join(be, "state"), join(be, identity.OWNER)])
+    if state is None:
         raise BackendGone(f"{be} vanished during hand-off")
-    tx.write_many({join(be, identity.OWNER): owner.format(), join(be, "hotplug-status"): "connected"})
+    if record != published:
+        raise BackendGone(f"{be}: our owner record was withdrawn or replaced during the hand-off")
+    tx.write(join(be, "hotplug-status"), "connected")
 
 
 def _confirm_existing(nodes: dict[str, str]) -> AddResult:

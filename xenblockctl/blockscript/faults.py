@@ -4,7 +4,10 @@ environment's XENBLOCKCTL_PAUSE_AT names the point.
 With XENBLOCKCTL_PAUSE_AT=<point> and XENBLOCKCTL_PAUSE_FILE=<path>, the process writes the point
 name to <path> when it gets there and then stops itself (SIGSTOP). A test can then SIGKILL it at
 that exact step (which libxl does for real after 40 s), or change the world and SIGCONT it (a
-rename between a dm lookup and the open): the process carries on from the point."""
+rename between a dm lookup and the open): the process carries on from the point.
+
+Before the point name it writes its pid to <path>.pid: the points inside the AUTOCLEAR child
+(blockscript/autoclear.py) stop a process the harness did not start, which it must find to kill."""
 
 from __future__ import annotations
 
@@ -21,12 +24,18 @@ DM_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")
 #: Inside the kernel-NBD make (blockscript/claim.py): connected over netlink, not yet opened: the
 #: one window in which an NBD device outlives a killed script.
 NBD_POINTS = ("add-nbd-connected",)
+#: Inside the child `add` forks on the kernel-blkback path (blockscript/autoclear.py), in order:
+#: just forked (holding the device lock), the owner record checked (before the ioctl), AUTOCLEAR
+#: off (before the record says so).
+AUTOCLEAR_POINTS = ("autoclear-forked", "autoclear-checked", "autoclear-cleared")
 
 
 def pause(env: Environment, point: str) -> None:
     if env.pause_at != point:
         return
     if env.pause_file:
+        with open(env.pause_file + ".pid", "w") as f:
+            f.write(str(os.getpid()))
         with open(env.pause_file, "w") as f:
             f.write(point)
     import signal  # only when a test asked for this point: kept off every VM start's imports

@@ -23,7 +23,11 @@ EXIT_USAGE = 2
 IDENTIFIER = "block-xenblockctl"
 
 
-def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None, *, defer_autoclear: bool = True
+) -> int:
+    """`defer_autoclear`: see add.run_add (the udev hook, whose leftover processes udev kills,
+    passes False)."""
     argv = list(sys.argv if argv is None else argv)
     environment = Environment(dict(os.environ) if env is None else env)
     variables = environment.variables
@@ -76,13 +80,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if action == "add":
             from xenblockctl.blockscript.add import run_add
 
-            result = run_add(store, path, settings, journal, env=environment)
+            result = run_add(store, path, settings, journal, env=environment, defer_autoclear=defer_autoclear)
             verb = "already attached" if result.already else f"handed to {result.consumer}"
             journal.info(f"{result.device_path} {result.physical_device} luid {result.luid}: {verb}")
         else:
             from xenblockctl.blockscript.remove import run_remove
 
-            removed = run_remove(store, path, journal, env=environment)
+            removed = run_remove(store, path, journal, env=environment, lock_timeout=settings.lock_timeout)
             journal.info(f"removed ({removed.detached})")
     except XenblockError as exc:
         journal.error(exc.one_line(), CODE=exc.code, ERRNO=exc.errno or 0)

@@ -20,13 +20,16 @@ class LockTimeout(XenblockError):
 class target_lock:
     """Hold an exclusive flock on `<lock_dir>/<key>` (key: e.g. `file-fe00-20c0f6`, `dev-7-3`)
     from `__enter__` to `__exit__`. `lock_dir` is the environment's (environment.LOCK_DIR unless a
-    test points elsewhere). A class, not a contextlib.contextmanager: contextlib (with collections
-    and functools) is kept off the block script's start-up.
+    test points elsewhere); `holder` names whom a waiter waits for, in the timeout error. A class,
+    not a contextlib.contextmanager: contextlib (with collections and functools) is kept off the
+    block script's start-up.
 
     Lock files are never unlinked: unlinking races with a waiter that opened the old inode."""
 
-    def __init__(self, key: str, *, timeout: float, lock_dir: str) -> None:
-        self.key, self.timeout, self.lock_dir = key, timeout, lock_dir
+    def __init__(
+        self, key: str, *, timeout: float, lock_dir: str, holder: str = "another attach of the same target"
+    ) -> None:
+        self.key, self.timeout, self.lock_dir, self.holder = key, timeout, lock_dir, holder
         self.fd = -1
 
     def __enter__(self) -> None:
@@ -47,9 +50,7 @@ class target_lock:
                     if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                         raise
                 if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"another attach of the same target held its lock for {self.timeout:.0f} s"
-                    )
+                    raise LockTimeout(f"{self.holder} held its lock ({self.key}) for {self.timeout:g} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
         except BaseException:
@@ -61,3 +62,15 @@ class target_lock:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def device_lock(major: int, minor: int, *, timeout: float, lock_dir: str) -> target_lock:
+    """The lock of one loop device we bound, `loop-<major>-<minor>`: held by the child that turns
+    AUTOCLEAR off after a kernel-blkback hand-off (blockscript/autoclear.py) and by `remove`
+    around its detach, so that the child's ioctl can never cancel the AUTOCLEAR remove armed."""
+    return target_lock(
+        f"loop-{major}-{minor}",
+        timeout=timeout,
+        lock_dir=lock_dir,
+        holder=f"the AUTOCLEAR child of loop{minor} (or a remove of it)",
+    )

@@ -9,13 +9,20 @@ engine served (kind=nbd) has nothing kernel-side: only the record is withdrawn.
 A kernel NBD device is never in the record until it is opened and published; an `add` killed between
 its connect and its open leaves a connected device that nobody opened, which does not clear by
 itself. Its backend identifier names this vbd, so `remove` disconnects every such device except
-the one the record names (that one goes at its consumer's last close, DISCONNECT_ON_CLOSE)."""
+the one the record names (that one goes at its consumer's last close, DISCONNECT_ON_CLOSE).
+
+A loop device's detach and the withdrawal run under the device's lock (blockscript/autoclear.py),
+which the child turning AUTOCLEAR off after a kernel-blkback hand-off holds until it is done:
+otherwise that child's ioctl could cancel the AUTOCLEAR our LOOP_CLR_FD armed, and the device
+would stay bound after blkback lets go. The record is re-read under the lock (the child rewrites
+it to autoclear=0); a wait longer than lock_timeout is a coded error that changes nothing."""
 
 from __future__ import annotations
 
 import os
 
 from xenblockctl.blockscript import faults
+from xenblockctl.blockscript.locks import device_lock
 from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
@@ -23,25 +30,73 @@ from xenblockctl.kernel import loop
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
-from xenblockctl.xenstore.identity import OWNER, PUBLISHED, NbdOwnerRecord, OwnerRecord, parse_owner
+from xenblockctl.xenstore.identity import (
+    OWNER,
+    PUBLISHED,
+    NbdOwnerRecord,
+    OwnerRecord,
+    OwnerRecordError,
+    parse_owner,
+)
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
 
 class RemoveResult(NamedTuple):
-    detached: str  # "detached" | "already-gone" | "not-a-loop" | "nbd-export" | "nothing"
+    # "detached" | "already-gone" | "not-a-loop" | "nbd-export" | "nothing" | "record-changed"
+    detached: str
 
 
-def run_remove(store: XenStore, path: BackendPath, journal: Journal, *, env: Environment) -> RemoveResult:
+#: How long remove waits for a loop device's lock when no setting says (the CLI's detach, gc).
+LOCK_WAIT = 10.0
+
+
+def run_remove(
+    store: XenStore, path: BackendPath, journal: Journal, *, env: Environment, lock_timeout: float = LOCK_WAIT
+) -> RemoveResult:
     be = backend_dir(store, path)
-    try:
-        owner_text = store.read_optional(join(be, OWNER))
-    except XenstoreNoEntry:
-        owner_text = None
+    owner_text = _read_owner(store, be)
     faults.pause(env, "remove-start")
-    outcome = "nothing"
     # malformed: cannot prove ownership, touch nothing
     owner = parse_owner(owner_text) if owner_text is not None else None
+    if not isinstance(owner, OwnerRecord) or owner.kind != "loop":
+        return _remove(store, path, be, (owner_text, owner), journal, env=env)
+    with device_lock(owner.major, owner.minor, timeout=lock_timeout, lock_dir=env.lock_dir):
+        current = _read_owner(store, be)
+        if current != owner_text:
+            try:
+                now = parse_owner(current) if current is not None else None
+            except OwnerRecordError:
+                now = None
+            if current is not None and (not isinstance(now, OwnerRecord) or now.devt != owner.devt):
+                # Not the device whose lock we hold: leave it to a remove that reads it first.
+                journal.warning(
+                    f"owner record changed while waiting for loop{owner.minor}'s lock: left alone"
+                )
+                return RemoveResult("record-changed")
+            owner_text, owner = current, now  # the AUTOCLEAR child's rewrite, or withdrawn meanwhile
+        return _remove(store, path, be, (owner_text, owner), journal, env=env)
+
+
+def _read_owner(store: XenStore, be: str) -> str | None:
+    try:
+        return store.read_optional(join(be, OWNER))
+    except XenstoreNoEntry:
+        return None
+
+
+def _remove(
+    store: XenStore,
+    path: BackendPath,
+    be: str,
+    read: tuple[str | None, OwnerRecord | NbdOwnerRecord | None],
+    journal: Journal,
+    *,
+    env: Environment,
+) -> RemoveResult:
+    """The detach and withdrawal, for the record as `read` (its text and what it parsed to)."""
+    owner_text, owner = read
+    outcome = "nothing"
     if owner is not None:
         if isinstance(owner, NbdOwnerRecord):
             outcome = "nbd-export"  # the engine's connection closed with the backend: nothing to free

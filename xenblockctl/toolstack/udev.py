@@ -97,7 +97,9 @@ def backend_event(env: Mapping[str, str], journal: Journal) -> int:
     from xenblockctl.blockscript import hotplug
 
     journal.info(f"{path.relative}: running {action} from udev")
-    status = hotplug.main([SCRIPT_NAME, action], env)
+    # In line, not in a forked child: udev kills what a RUN program leaves behind when the event
+    # ends (udev(7)), and a child killed before its ioctl would leave AUTOCLEAR on.
+    status = hotplug.main([SCRIPT_NAME, action], env, defer_autoclear=False)
     journal.info(f"{path.relative}: {action} from udev exited {status}")
     return 0
 

@@ -34,6 +34,19 @@ the_loop() {
 # engine_lines BACKEND PATTERN: how many engine log lines for that backend match.
 engine_lines() { grep -c "$1: $2" "$engine_log" || true; }
 
+# blkback_autoclear_off /dev/loopN: our script's forked child turned AUTOCLEAR off once blkback held
+# the device (blockscript/autoclear.py) and rewrote the owner record to say so; the pvgrub -> Linux
+# hand-over before this check was a frontend reconnect, which the device survived.
+blkback_autoclear_off() {
+  local record
+  record=$(backend_node xenblockctl-owner)
+  [ "$(cat "/sys/block/${1#/dev/}/loop/autoclear")" = 0 ] || fail "$1 still has AUTOCLEAR on"
+  case " $record " in
+    *" autoclear=0 "*) say "$1: AUTOCLEAR off, owner record: $record" ;;
+    *) fail "owner record does not say autoclear=0: $record" ;;
+  esac
+}
+
 pvgrub_guest_cycle() {
   local consumer=$1 name=$PVGRUB_NAME root t first_domid be luid loop luid2 loop2 luid3
   local img=$XENCI_WORK/pvgrub-$1.img cfg=$XENCI_WORK/pvgrub-$1.cfg saved=$XENCI_WORK/pvgrub-$1.save
@@ -91,6 +104,7 @@ CFG
   else
     # Kernel blkback says so in dom0's log when a frontend comes back (informational).
     dmesg | grep -E "$be.*(reconnect|Closed|Initi)" | tail -n 4 || true
+    blkback_autoclear_off "$loop"
   fi
   say "pvgrub then Linux on one device: domain $domid, $loop, luid $luid"
   ack connected
@@ -110,6 +124,7 @@ CFG
   loop2=$(the_loop)
   [ "$(diskseq_hex "$loop2")" = "$luid2" ] || fail "after the reboot $loop2 diskseq != luid $luid2"
   [ "$luid2" != "$luid" ] || fail "the reboot reused diskseq $luid: the first loop device was not released"
+  [ "$consumer" = engine ] || blkback_autoclear_off "$loop2"
   say "rebooted: domain $domid, $loop2, luid $luid2 (was $luid)"
   ack rebooted
 

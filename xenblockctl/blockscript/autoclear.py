@@ -1,0 +1,175 @@
+"""AUTOCLEAR off for a loop device kernel blkback holds, in a forked child off libxl's critical path.
+
+Why at all: kernel blkback drops its reference when the frontend disconnects and reconnects (a
+guest reboot; xen-block-protocol.md "Frontend reconnect"), so with AUTOCLEAR on the guest's disk
+would be detached under it. Why not in line: LOOP_SET_STATUS64 freezes the device's queue (an RCU
+grace period, 16-39 ms whatever the load; bench/README.md "The kernel-blkback path"), and it cannot
+move earlier (before blkback holds the device, AUTOCLEAR is what frees a device nobody took).
+
+`hand_off`, in `add` once blkback holds the device:
+  1. takes the per-device flock (`loop-<major>-<minor>` in the per-target lock directory);
+  2. marks the backend connected with the owner record saying autoclear=1 (true until step 5);
+  3. forks; the child inherits the locked open file description and the loop fd, so there is no
+     instant at which `remove` could act unlocked, nor at which the device has only blkback's
+     reference; the parent closes its copies and returns (libxl proceeds).
+The child, in its own session (libxl's kill at its timeout does not reach it), stdio on /dev/null,
+its journal lines still going to the journal:
+  4. re-reads the owner record; unless it is still the one written in step 2 (a remove or a re-add
+     happened), it gives up, logged, and leaves AUTOCLEAR on;
+  5. LOOP_SET_STATUS64, AUTOCLEAR off, on its inherited fd;
+  6. rewrites the record to autoclear=0 in a transaction, only if it is unchanged;
+  7. exits: the lock and its fd go with it.
+
+A blkback release (frontend reconnect) before step 5 cannot detach the device: the child's fd is
+an opener that counts (an fd inherited across fork(); kernel-devices.md §3, scenario F), so the
+last close is the child's, after step 5 -- or, if the child gave up or died first, with AUTOCLEAR
+still on, which is exactly what delete-on-close wants when nothing else holds the device.
+
+`remove` (and everything that detaches by proof through it: `xenblockctl detach`, gc's stale
+backends) takes the same lock around its detach and withdrawal, so its LOOP_CLR_FD (which only
+arms AUTOCLEAR while blkback holds the device) can never be cancelled by step 5: that would leave
+the device bound after blkback lets go. gc's own orphan-loop detach needs no lock: it only touches
+devices whose AUTOCLEAR is already off, i.e. after step 5, and the child does no ioctl after it.
+
+Killed at any instant (tests/flows/test_kill.py kills at each of faults.AUTOCLEAR_POINTS):
+  * the parent, before the fork: no child; AUTOCLEAR stays on (below);
+  * the child before step 5 (the one degraded case): AUTOCLEAR stays on and the record says so;
+    blkback's reference governs the device, nothing leaks, but a later frontend reconnect detaches
+    the guest's disk -- exactly as with kernel_autoclear=true;
+  * the child between steps 5 and 6: the device is as the in-line ioctl used to leave it, the
+    record still says autoclear=1; `remove` detaches by proof (the autoclear field is not part of
+    the proof), and gc sees an AUTOCLEAR-off device of ours as it always did;
+  * after step 6: as before this module existed.
+Every give-up is logged with its reason, in the journal the script uses.
+
+Kept to the hotplug path's imports: os, the lock helper and modules `add` has already loaded."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from xenblockctl.blockscript import faults
+from xenblockctl.blockscript.locks import device_lock
+from xenblockctl.errors import XenblockError
+from xenblockctl.xenstore import identity
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.paths import join
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from xenblockctl.blockscript.settings import Settings
+    from xenblockctl.environment import Environment
+    from xenblockctl.journal import Journal
+    from xenblockctl.kernel.loop import LoopDevice
+    from xenblockctl.xenstore.client import Transaction
+    from xenblockctl.xenstore.identity import OwnerRecord
+
+#: The child's whole budget for its xenstore work: it holds the device lock meanwhile, and a
+#: `remove` waits for that lock at most lock_timeout (default 10 s, minimum 0.1 s).
+CHILD_BUDGET = 5.0
+
+
+class _Job:
+    """What the child works on: the device, the backend, the record it forked with and the one it
+    writes once AUTOCLEAR is off."""
+
+    __slots__ = ("be", "cleared", "device", "env", "journal", "record")
+
+    def __init__(
+        self, be: str, device: LoopDevice, owner: OwnerRecord, journal: Journal, env: Environment
+    ) -> None:
+        self.be, self.device, self.journal, self.env = be, device, journal, env
+        self.record, self.cleared = owner.format(), owner.with_autoclear(False).format()
+
+
+def hand_off(
+    store: XenStore,
+    be: str,
+    device: LoopDevice,
+    owner: OwnerRecord,
+    *,
+    mark_connected: Callable[[Transaction], None],
+    settings: Settings,
+    journal: Journal,
+    env: Environment,
+    defer: bool = True,
+) -> None:
+    """Steps 1-3 of the module docstring, in the `add` process. `mark_connected` writes
+    hotplug-status while `owner` (autoclear=1) is the record. Returns in the parent only; if
+    fork() fails, or the caller cannot leave a child behind (`defer` False: add.run_add says
+    who), the ioctl runs here, in line, as it did before the deferral."""
+    ident = device.identity
+    job = _Job(be, device, owner, journal, env)
+    with device_lock(ident.major, ident.minor, timeout=settings.lock_timeout, lock_dir=env.lock_dir):
+        store.run_transaction(mark_connected)
+        if not defer:
+            _clear(store, job)
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            journal.warning(f"fork failed ({exc.strerror}): turning AUTOCLEAR off in line", ERRNO=exc.errno)
+            _clear(store, job)
+            return
+        if pid == 0:
+            _child_main(job, settings)
+        journal.info(f"AUTOCLEAR of loop{ident.minor} handed to child {pid}", CHILD=pid)
+    # Leaving the block closed only our copy of the lock's file description: the child's copy
+    # keeps the flock until it exits.
+
+
+def _child_main(job: _Job, settings: Settings) -> None:
+    """The child: never returns (os._exit), whatever happens."""
+    journal, status = job.journal, 1
+    try:
+        os.setsid()  # out of libxl's process group and session: its timeout kill is for the parent
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)  # libxl (and tests) wait for the script's output pipes to close
+        os.close(null)
+        journal.stderr = False
+        journal.bind(CHILD=os.getpid())
+        faults.pause(job.env, "autoclear-forked")
+        store = XenStore.connect(
+            timeout=settings.xenstore_timeout,
+            deadline=time.monotonic() + CHILD_BUDGET,
+            env=job.env.variables,
+            synchronous=True,
+        )
+        try:
+            status = 0 if _clear(store, job) else 1
+        finally:
+            store.close()
+    except XenblockError as exc:
+        journal.error(f"AUTOCLEAR left on: {exc.one_line()}", CODE=exc.code, ERRNO=exc.errno or 0)
+    except BaseException as exc:  # a bug: logged, and still never back into the caller's flow
+        journal.error(f"AUTOCLEAR left on: internal: {type(exc).__name__}: {exc}", CODE="internal")
+    finally:
+        os._exit(status)
+
+
+def _clear(store: XenStore, job: _Job) -> bool:
+    """Steps 4-6: whether AUTOCLEAR is off and the record says so. The caller holds the lock."""
+    node, name = join(job.be, identity.OWNER), f"loop{job.device.identity.minor}"
+    if store.read_optional(node) != job.record:
+        job.journal.warning(f"AUTOCLEAR of {name} left on: the owner record changed since the hand-off")
+        return False
+    faults.pause(job.env, "autoclear-checked")
+    job.device.set_autoclear(False)
+    faults.pause(job.env, "autoclear-cleared")
+
+    def rewrite(tx: Transaction) -> bool:
+        if tx.read_optional(node) != job.record:
+            return False
+        tx.write(node, job.cleared)
+        return True
+
+    if not store.run_transaction(rewrite):
+        # Only a remove or re-add without our lock could do this; remove's proof ignores the field.
+        job.journal.warning(f"{name}: AUTOCLEAR is off but the owner record changed meanwhile")
+        return False
+    job.journal.info(f"{name}: AUTOCLEAR off, blkback's reconnects keep the device")
+    return True
