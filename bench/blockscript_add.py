@@ -2,13 +2,16 @@
 
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
         [--daemon c|embedded] [--baseline-script OLD/hotplug/block-xenblockctl] [--python PY]
-        [--no-floor] [--strace]
+        [--no-floor] [--site-shim] [--strace]
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
-(this checkout's shim; with `--python /usr/bin/python3` it runs as installed on Debian: the hotplug
-path needs nothing outside the standard library), optionally another checkout's shim (before/after
-in one run: `git archive OLD xenblockctl hotplug | tar -x -C /tmp/old`), `bench/floor_block.py` (our
-semantics for a file target in one stdlib-only file: the interpreter floor), and Xen's bash `block`
+as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
+sys.path by the script; with `--python /usr/bin/python3` it runs as installed on Debian: the
+hotplug path needs nothing outside the standard library), optionally the shipped shim as it runs
+from a checkout (`--site-shim`: with site.py) and another checkout's shim (before/after in one run:
+`git archive OLD xenblockctl hotplug | tar -x -C /tmp/old`; run as that version's install-hooks
+laid it, with site.py), `bench/floor_block.py` (our semantics for a file target in one stdlib-only
+file: the interpreter floor, run with `-S` as its `#!` line says), and Xen's bash `block`
 script from Debian's xen-utils-common (extracted into .cache/ with `apt-get download`, never
 installed) through Debian's xenstore-* CLIs. Against Debian's C xenstored (LD_PRELOAD-stubbed,
 tests/fixtures/cxenstored.py; `--daemon embedded` for ours). The Python contestants are timed
@@ -19,9 +22,11 @@ does no hand-off (it exits after writing physical-device, the race this project 
 Rows: serial add (wall p50/p90, CPU of the script and everything it waited for), serial remove,
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
 hand-off, by a forked child since issue 18's deferral) against the engine path, for the baseline
-script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with
-`--existing` published backends (file and block-device target), and `--parallel` adds started at
-once. The load average is printed before and after: the machine is shared, compare ratios.
+script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with no and
+with `--existing` published backends (file and block-device target; the block device is a loop
+device bound beforehand; interleaved, the populated backends in a second daemon), with the ratio
+of the two, and `--parallel` adds started at once. The load average is printed before and after:
+the machine is shared, compare ratios.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack import hostfiles
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "xen-utils-common"
@@ -85,6 +91,13 @@ def main() -> int:
         "--existing", type=int, default=128, help="pre-existing backends for the scaling rows"
     )
     parser.add_argument(
+        "--per-domain",
+        type=int,
+        default=1,
+        help="existing backends per frontend domain (1: a dom0 serving one disk to each of many "
+        "guests; rounds 1-2 of issue 18 used 16)",
+    )
+    parser.add_argument(
         "--baseline-script", type=Path, default=None, help="another checkout's hotplug/block-xenblockctl"
     )
     parser.add_argument(
@@ -93,6 +106,11 @@ def main() -> int:
     parser.add_argument("--daemon", choices=("c", "embedded"), default="c", help="xenstored to run against")
     parser.add_argument("--no-floor", action="store_true", help="leave out the stdlib-only floor script")
     parser.add_argument("--strace", action="store_true", help="count syscalls of one add per contestant")
+    parser.add_argument(
+        "--site-shim",
+        action="store_true",
+        help="also run the shipped shim as a checkout runs it (with site.py): what -S saves",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices)", file=sys.stderr)
@@ -112,15 +130,21 @@ def main() -> int:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         libxl = Libxl(daemon, work)
         stack.callback(libxl.close)
-        images = [work / f"disk{i}.img" for i in range(max(args.parallel, 1))]
+        # at least two: the scaling rows' block device is a loop device bound to the last one, and
+        # the file rows use the first (one image would make the file rows `busy`)
+        images = [work / f"disk{i}.img" for i in range(max(args.parallel, 2))]
         for image in images:
             with open(image, "wb") as f:
                 f.truncate(16 << 20)
-        contestants: list[Contestant] = [Contestant("xenblockctl", SCRIPT, args.python)]
+        contestants: list[Contestant] = [
+            Contestant("xenblockctl", laid_script(work, args.python), args.python, flags=("-S",))
+        ]
+        if args.site_shim:
+            contestants.append(Contestant("xenblockctl, shipped shim (site)", SCRIPT, args.python))
         if args.baseline_script is not None:
             contestants.append(Contestant("baseline (before)", args.baseline_script, args.python))
         if not args.no_floor:
-            contestants.append(Contestant("stdlib floor", FLOOR, args.python))
+            contestants.append(Contestant("stdlib floor", FLOOR, args.python, flags=("-S",)))
         if bash is not None:
             contestants.append(Contestant("Xen bash block (no hand-off)", bash, "bash", bash=True))
         print(
@@ -149,7 +173,15 @@ def main() -> int:
             for k, c in enumerate(contestants):
                 print(f"syscalls of one add, {c.label}: {count_syscalls(libxl, c, images[0], 95 + k)}")
         if args.existing:
-            scale_rows(libxl, contestants, images, args.existing, max(3, args.iterations // 3))
+            scale_rows(
+                libxl,
+                contestants,
+                images,
+                args.existing,
+                max(3, args.iterations // 3),
+                per_domain=args.per_domain,
+                daemon_kind=args.daemon,
+            )
         if args.parallel:
             walls = {
                 c.label: parallel(libxl, c, images[: args.parallel], 1000 + 100 * k)
@@ -162,6 +194,15 @@ def main() -> int:
                 print(f"ratio {label} / xenblockctl (parallel wall): {wall / base:.2f}x")
     print(f"load average after: {_loadavg()}")
     return 0
+
+
+def laid_script(work: Path, python: str) -> Path:
+    """The block script as `install-hooks` lays it for `python`, importing this checkout."""
+    where = hostfiles.local_layout()._replace(python=python, packages=str(REPO))
+    laid = work / hostfiles.SCRIPT_NAME
+    laid.write_text(hostfiles.block_script(SCRIPT.read_text(), where))
+    laid.chmod(0o755)
+    return laid
 
 
 @contextlib.contextmanager
@@ -181,26 +222,49 @@ def xenstored(kind: str) -> Iterator[EmbeddedXenstored]:
 
 
 def scale_rows(
-    libxl: Libxl, contestants: list[Contestant], images: list[Path], existing: int, n: int
+    libxl: Libxl,
+    contestants: list[Contestant],
+    images: list[Path],
+    existing: int,
+    n: int,
+    *,
+    per_domain: int,
+    daemon_kind: str,
 ) -> None:
-    populate(libxl, existing)
+    """Adds of a file and of a block device (a loop device bound beforehand, as an admin's) with no
+    other backend and with `existing` published ones, interleaved: the populated backends live in a
+    second daemon of the same kind, and each iteration runs the add against the empty one and the
+    populated one in turn, so a change of load hits both rows alike. Per contestant the ratio of
+    the two p50s (the goal: within 10 %)."""
     admin = loop.attach_file(str(images[-1]), read_only=False, tag="xenblockctl:bench-admin")
-    try:
-        targets = (("file", images[0]), ("block device", f"/dev/loop{admin.number}"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(admin.close)
+        daemon = stack.enter_context(xenstored(daemon_kind))
+        work = Path(tempfile.mkdtemp(prefix="xbc-bench-busy-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        busy = Libxl(daemon, work)
+        stack.callback(busy.close)
+        populate(busy, existing, per_domain)
+        print(f"load average before the scaling rows: {_loadavg()}")
+        targets: tuple[tuple[str, Path | str], ...] = (
+            ("file", images[0]),
+            ("block device", f"/dev/loop{admin.number}"),
+        )
         for t, (label, target) in enumerate(targets):
-            base = None
             for k, c in enumerate(contestants):
                 if c.label == "stdlib floor" and label != "file":
                     continue  # the floor handles file targets only
-                samples = measure_one(libxl, c, target, n, 400 + 10 * t + k)
-                print(row(f"add, {label}, {existing} backends: {c.label}", samples))
-                if base is None:
-                    base = percentile(samples, 50)
-                else:
-                    print(f"  ratio to xenblockctl (p50): {percentile(samples, 50) / base:.2f}x")
-    finally:
-        admin.close()
-    print(f"(compare with the 0-backend add row above: the {existing}-backend rows should be within ~10 %)")
+                zero: list[float] = []
+                full: list[float] = []
+                for i in range(n + 2):
+                    for harness, samples in ((libxl, zero), (busy, full)):
+                        elapsed = add_once(harness, c, target, 400 + 10 * t + k, 51712 + 16 * i)
+                        if elapsed is not None and i >= 2:  # warm-up
+                            samples.append(elapsed)
+                print(row(f"add, {label}, 0 backends: {c.label}", zero))
+                print(row(f"add, {label}, {existing} backends: {c.label}", full))
+                ratio = percentile(full, 50) / percentile(zero, 50)
+                print(f"  ratio {existing} / 0 backends (p50): {ratio:.2f}x (goal <= 1.10x)")
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, python: str, baseline: Path | None = None) -> None:
@@ -275,10 +339,13 @@ def _loadavg() -> str:
 class Contestant:
     """One script under test and its samples (µs)."""
 
-    def __init__(self, label: str, script: Path, interpreter: str, *, bash: bool = False) -> None:
+    def __init__(
+        self, label: str, script: Path, interpreter: str, *, bash: bool = False, flags: tuple[str, ...] = ()
+    ) -> None:
         self.label = label
         self.script = script
         self.interpreter = interpreter
+        self.flags = flags  # interpreter flags of the script's `#!` line
         self.bash = bash
         self.wall: list[float] = []
         self.cpu: list[float] = []
@@ -286,7 +353,7 @@ class Contestant:
         self.failures = 0
 
     def argv(self, action: str) -> list[str]:
-        return [self.interpreter, str(self.script), action]
+        return [self.interpreter, *self.flags, str(self.script), action]
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
@@ -342,12 +409,13 @@ def _remove(libxl: Libxl, python: str, script: Path, be: Backend) -> None:
     _remove_any(libxl, Contestant("", script, python), be)
 
 
-def populate(libxl: Libxl, count: int) -> None:
+def populate(libxl: Libxl, count: int, per_domain: int = 1) -> None:
     """Backends that already have a published disk, as on a busy dom0: both scripts' sharing checks
-    must look at every one of them."""
+    must look at every one of them. `per_domain` backends per frontend domain (the walk over
+    backend/vbd lists each domain's directory)."""
     for i in range(count):
         be = libxl.create_backend(
-            200 + i // 16, 51712 + 16 * (i % 16), f"/srv/existing-{i}.img", "w", engine=False
+            200 + i // per_domain, 51712 + 16 * (i % per_domain), f"/srv/existing-{i}.img", "w", engine=False
         )
         libxl.store.write_many(
             {
@@ -361,23 +429,30 @@ def populate(libxl: Libxl, count: int) -> None:
 def measure_one(libxl: Libxl, c: Contestant, target: Path | str, iterations: int, domid: int) -> list[float]:
     samples = []
     for i in range(iterations + 2):
-        be = libxl.create_backend(domid, 51712 + 16 * i, str(target), "w", engine=not c.bash)
-        consumer = None if c.bash else libxl.engine_consumer(be)
-        env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
-        elapsed, _cpu, result = _timed(c.argv("add"), env)
-        if result.returncode != 0 and c.bash:  # losetup's EBUSY race, as above
-            _remove_any(libxl, c, be)
-            libxl.store.rm(be.path)
-            continue
-        assert result.returncode == 0, (c.label, result.stderr)
-        if consumer is not None:
-            consumer.wait_opened()
-            consumer.release()
-        _remove_any(libxl, c, be)
-        libxl.store.rm(be.path)
-        if i >= 2:  # warm-up
+        elapsed = add_once(libxl, c, target, domid, 51712 + 16 * i)
+        if elapsed is not None and i >= 2:  # warm-up
             samples.append(elapsed)
     return samples
+
+
+def add_once(libxl: Libxl, c: Contestant, target: Path | str, domid: int, devid: int) -> float | None:
+    """One add (wall µs) and its remove on a fresh backend; None when the bash script lost
+    losetup's EBUSY race (as in measure_alternating)."""
+    be = libxl.create_backend(domid, devid, str(target), "w", engine=not c.bash)
+    consumer = None if c.bash else libxl.engine_consumer(be)
+    env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
+    elapsed, _cpu, result = _timed(c.argv("add"), env)
+    if result.returncode != 0 and c.bash:
+        _remove_any(libxl, c, be)
+        libxl.store.rm(be.path)
+        return None
+    assert result.returncode == 0, (c.label, result.stderr)
+    if consumer is not None:
+        consumer.wait_opened()
+        consumer.release()
+    _remove_any(libxl, c, be)
+    libxl.store.rm(be.path)
+    return elapsed
 
 
 def run_bash(libxl: Libxl, bash: Path, action: str, be_relative: str) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,8 @@ and CPU time of the child):
     (a development venv's editable install adds a finder that site.py loads on every start);
   * the imports `add` and `remove` need, with site, as a bare `python -c` (teardown at exit, GC on);
   * the same the way hotplug/block-xenblockctl runs them: GC off during start-up, os._exit after;
+  * the same the way the script `xenblockctl install-hooks` lays runs them: `python -S`, the
+    package's directory appended to sys.path by the script, GC off, os._exit;
 then the syscalls of one run of the bare interpreter and of the imports (strace -f -c), then the
 slowest imports of one run (`python -S -X importtime`, site's own imports left out).
 
@@ -35,6 +37,8 @@ IMPORTS = (
 )
 #: What the shim adds around the imports (hotplug/block-xenblockctl).
 SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
+#: What the laid script (toolstack/hostfiles.block_script) runs under `python -S`.
+LAID_STYLE = f"import sys; sys.path.append({str(ROOT)!r}); {SHIM_STYLE}"
 
 
 def child_env() -> dict[str, str]:
@@ -55,6 +59,7 @@ def main() -> int:
         "python -c pass": [py, "-c", "pass"],
         "python -c '<hotplug imports>'": [py, "-c", IMPORTS],
         "  as the shim runs them (GC off, _exit)": [py, "-c", SHIM_STYLE],
+        "  as the laid script runs them (-S, GC off, _exit)": [py, "-S", "-c", LAID_STYLE],
     }
     subprocess.run([py, "-c", IMPORTS], cwd=ROOT, env=env, check=True)  # write the bytecode caches
     walls: dict[str, list[float]] = {name: [] for name in cases}
@@ -85,8 +90,17 @@ def main() -> int:
         f"import cost over the bare interpreter (p50): {extra_ms:.1f} ms wall, {extra_cpu:.1f} ms CPU; "
         f"{count} modules in sys.modules"
     )
+    laid, shim = (
+        "  as the laid script runs them (-S, GC off, _exit)",
+        "  as the shim runs them (GC off, _exit)",
+    )
+    print(
+        "laid script vs shim (p50): "
+        f"{percentile(walls[laid], 50) / 1e3:.1f} vs {percentile(walls[shim], 50) / 1e3:.1f} ms wall, "
+        f"{percentile(cpus[laid], 50) / 1e3:.1f} vs {percentile(cpus[shim], 50) / 1e3:.1f} ms CPU"
+    )
     if shutil.which("strace"):
-        for name in ("python -c pass", "python -c '<hotplug imports>'"):
+        for name in ("python -c pass", "python -c '<hotplug imports>'", laid):
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")
     # -S: site.py (and an editable install's finder) would otherwise shadow our own graph; the
     # minimum over a few runs, since one stall would otherwise top the list

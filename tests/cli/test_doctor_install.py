@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.cli import CliRunner
-from xenblockctl.toolstack import host, installcheck
+from xenblockctl.toolstack import host, hostfiles, installcheck
 
 INSTALL_CHECKS = [
     "block-script",
@@ -118,6 +118,24 @@ def test_block_script_whose_interpreter_cannot_import_the_package(run_cli: CliRu
     found = _doctor(run_cli, root)
     assert found["script-import"]["status"] == "error"
     assert "its interpreter /nonexistent/python3 does not exist" in found["script-import"]["message"]
+
+
+def test_laid_block_script_is_checked_the_way_it_runs(run_cli: CliRunner, root: Path) -> None:
+    """The laid script runs with -S and appends the package's directory itself: the check imports
+    that way. Before, it imported with site.py, which found the package anyway (this venv's
+    editable install), so a laid script pointing at the wrong directory passed."""
+    found = _doctor(run_cli, root)
+    assert found["script-import"]["status"] == "ok"
+    assert " -S (with " in found["script-import"]["message"]
+    script = root / SCRIPT
+    text = script.read_text()
+    packages = hostfiles.laid_packages(text)
+    assert packages is not None
+    script.write_text(text.replace(repr(packages), repr("/nonexistent/site-packages")))
+    found = _doctor(run_cli, root)
+    assert found["script-import"]["status"] == "error"
+    assert "/nonexistent/site-packages" in found["script-import"]["message"]
+    assert "No module named 'xenblockctl'" in found["script-import"]["message"]
 
 
 def test_attach_script_naming_a_missing_script(

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.kernel import ImageFactory
+from tests.fixtures.libxl import Libxl
+from tests.lint import test_hotplug_imports
 from xenblockctl.sandbox import script_failure
 from xenblockctl.toolstack import hostfiles
 
@@ -67,8 +70,8 @@ def _interpreter(console_script: Path) -> str:
 def _check_tree(root: Path, cli: Path) -> None:
     python = _interpreter(cli)
     assert _tree(root) == LOCAL_FILES
-    for script in ("etc/xen/scripts/block-xenblockctl", "usr/libexec/xenblockctl/xenblockctl-udev"):
-        assert (root / script).read_text().splitlines()[0] == f"#!{python}"
+    assert (root / "etc/xen/scripts/block-xenblockctl").read_text().splitlines()[0] == f"#!{python} -S"
+    assert (root / "usr/libexec/xenblockctl/xenblockctl-udev").read_text().splitlines()[0] == f"#!{python}"
     rules = (root / "etc/udev/rules.d/60-xenblockctl.rules").read_text()
     assert rules.count('RUN+="/usr/libexec/xenblockctl/xenblockctl-udev ') == 3
     for unit in ("xenblockctl-engine.service", "xenblockctl-xenstored.service"):
@@ -112,7 +115,10 @@ def test_debian_layout_uses_distribution_paths(tmp_path: Path) -> None:
         "/usr/share/man/man8/block-xenblockctl.8",
         "/usr/share/zsh/vendor-completions/_xenblockctl",
     }
-    assert (tmp_path / "etc/xen/scripts/block-xenblockctl").read_text().startswith("#!/usr/bin/python3\n")
+    script = (tmp_path / "etc/xen/scripts/block-xenblockctl").read_text()
+    assert script.startswith("#!/usr/bin/python3 -S\n")
+    assert "\nsys.path.append('/usr/lib/python3/dist-packages')\n" in script
+    assert hostfiles.WHERE_BEGIN not in script, "the checkout lookup is replaced, not kept"
     rules = (tmp_path / "usr/lib/udev/rules.d/60-xenblockctl.rules").read_text()
     assert rules.count('RUN+="/usr/lib/udev/xenblockctl-udev ') == 3
     assert (
@@ -147,6 +153,62 @@ def test_installed_script_imports_the_package_from_any_directory(tmp_path: Path)
             assert result.returncode == 0, "the udev hook always exits 0"
 
 
+def _add_and_remove_through(script: Path, libxl: Libxl, make_image: ImageFactory) -> set[str]:
+    """A real add (engine hand-off) and remove through `script`, run as libxl runs it (exec'd by
+    its #! line, cwd /, libxl's environment); returns the modules its add imported."""
+    image = make_image(fill=b"laid")
+    be = libxl.create_backend(7, 51712, str(image), "w")
+    consumer = libxl.engine_consumer(be)
+
+    def run(action: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(script), action],
+            cwd="/",
+            env={**libxl.env(action, be), "script": str(script), **extra},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    added = run("add", PYTHONPROFILEIMPORTTIME="1")
+    assert added.returncode == 0, added.stderr
+    consumer.wait_opened()
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    consumer.release()
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    removed = run("remove")
+    assert removed.returncode == 0, removed.stderr
+    assert "physical-device" not in libxl.nodes(be)
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in added.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_laid_block_script_adds_and_removes_without_site(
+    tmp_path: Path, libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """The laid script starts with `-S` (site.py costs ~2.5 ms per VM start) and still finds the
+    package install-hooks ran from (here the checkout of the editable install; the wheel test and
+    Xen lane scenario 22 cover a venv's site-packages). Before: `#!<python>`, site imported."""
+    root = tmp_path / "root"
+    _install(CLI, root)
+    script = root / "etc/xen/scripts/block-xenblockctl"
+    imported = _add_and_remove_through(script, libxl, make_image)
+    assert "xenblockctl.blockscript.hotplug" in imported, sorted(imported)
+    assert "site" not in imported, "the laid script must start without site.py"
+    other_kinds = sorted(
+        m for m in imported if any(m == k or m.startswith(k + ".") for k in test_hotplug_imports.OTHER_KINDS)
+    )
+    assert not other_kinds, f"a file add imported modules of other target kinds: {other_kinds}"
+
+
 def test_sandbox_failure_shows_what_the_script_said() -> None:
     """A script that dies before writing hotplug-error (here: it cannot even be opened, as when the
     package lacked hotplug/) used to be reported as `block script add failed: None`."""
@@ -179,7 +241,9 @@ def test_shipped_files_are_found_in_the_checkout() -> None:
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
-def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox() -> None:
+def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("the sandbox needs root (loop devices)")
     with tempfile.TemporaryDirectory(prefix="xbc-wheel-") as scratch:
@@ -220,7 +284,14 @@ def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox() -> None:
         root = work / "root"
         _install(cli, root, cwd=elsewhere)
         _check_tree(root, cli)
-        assert "/venv/" in (root / "etc/xen/scripts/block-xenblockctl").read_text().splitlines()[0]
+        laid = root / "etc/xen/scripts/block-xenblockctl"
+        assert "/venv/" in laid.read_text().splitlines()[0]
+        # Without site the venv's interpreter still finds the standard library (pyvenv.cfg's home)
+        # and the laid script adds the venv's site-packages itself: a real add through it.
+        assert f"sys.path.append('{venv}/lib/" in laid.read_text()
+        imported = _add_and_remove_through(laid, libxl, make_image)
+        assert "site" not in imported
+        assert "xenblockctl.blockscript.hotplug" in imported
 
         sandbox = _run([str(cli), "sandbox", "--json"], cwd=elsewhere, timeout=180)
         assert sandbox.returncode == 0, sandbox.stdout + sandbox.stderr

@@ -1,22 +1,36 @@
 """The block-device sharing check reads every other backend's physical-device: in pipelined
 batches, so its round trips do not grow one per backend (bench/README.md, issue 18: the
-128-backend block-device add)."""
+128-backend block-device add). A file's sharing check looks at every bound loop device, and pays
+the identity ioctls only for those backed by the file."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+
+from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript import sharing
+from xenblockctl.kernel import loop
 from xenblockctl.xenstore.client import XenStore
 
 BACKENDS = 130
 TARGET = os.makedev(7, 77)
 
 
-def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Libxl) -> None:
+@pytest.mark.parametrize("per_domain", [16, 1])
+def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Libxl, per_domain: int) -> None:
+    """16 disks for each of 9 guests, and one disk for each of 130 guests: the walk lists the
+    frontend domains' directories in batches too (before: one round trip per domain, 130 here)."""
     for i in range(BACKENDS):
-        be = libxl.create_backend(100 + i // 16, 51712 + 16 * (i % 16), f"/srv/existing-{i}.img", "w")
+        be = libxl.create_backend(
+            100 + i // per_domain, 51712 + 16 * (i % per_domain), f"/srv/existing-{i}.img", "w"
+        )
         # two of them publish the target: both must still be found
         physical = "7:4d" if i in (5, 129) else f"fd:{i:x}"
         libxl.store.write_many({be.node("physical-device"): physical})
@@ -35,6 +49,49 @@ def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Lib
         claims = list(sharing.backend_claims(store, home, store.absolute(own.relative), devt=TARGET))
     assert len({c.where.split(" ")[0] for c in claims}) == 2, claims
     assert all(c.devt == TARGET for c in claims)
-    # walking: one ls of backend/vbd + one per frontend domain (9); reading: ceil(130 / 64) = 3
-    # batches; the two matches' records. Before batching this was ~150 (one READ per backend).
-    assert exchanges <= 9 + 3 + 2 * 4, exchanges
+    # walking: one ls of backend/vbd (and of backend/vbd3) + the frontend domains' listings in
+    # batches of 64 (1 or 3); reading: ceil(130 / 64) = 3 batches; the two matches' records.
+    # Before batching the reads this was ~150 (one READ per backend), before batching the
+    # listings 130 + 9 + 3 + 8 with one backend per domain.
+    assert exchanges <= 2 + 3 + 3 + 2 * 4, exchanges
+
+
+#: BLKGETDISKSEQ, _IOR(0x12, 128, __u64): the ioctl that reads a device's diskseq.
+BLKGETDISKSEQ = "0x80081280"
+STRACE = ("strace", "-f", "-X", "raw", "-e", "trace=ioctl")
+SCAN = (
+    "import sys; from xenblockctl.blockscript import sharing; "
+    "w = sharing.Wanted(writable=True, file_id=(int(sys.argv[1]), int(sys.argv[2]))); "
+    "print(len(list(sharing._all_claims(None, '', '', w))))"  # a file's claims need no xenstore
+)
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+def test_file_claims_read_the_identity_only_of_loops_backed_by_the_file(make_image: ImageFactory) -> None:
+    """Before: LOOP_GET_STATUS64, the five identity ioctls and a sysfs read for every bound loop
+    device on the host, on every file add (bench/README.md, issue 18 round 3: 32 parallel adds)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    target, other = make_image("target.img"), make_image("other.img")
+    devices: list[loop.LoopDevice] = []
+    try:
+        for image, tag in ((target, "target"), (other, "other-1"), (other, "other-2")):
+            devices.append(loop.attach_file(str(image), read_only=True, tag=f"xenblockctl:test-{tag}"))
+        st = os.stat(target)
+        log = Path(target).with_name("strace.txt")
+        result = subprocess.run(
+            [*STRACE, "-o", str(log), sys.executable, "-c", SCAN, str(st.st_dev), str(st.st_ino)],
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        diskseq_reads = log.read_text().count(BLKGETDISKSEQ)
+    finally:
+        for dev in devices:
+            dev.close()
+    assert diskseq_reads == 1, f"{diskseq_reads} diskseq reads for one loop device backed by the file"
+    assert result.stdout.strip() == "1", "claims: the one loop device backed by the target"

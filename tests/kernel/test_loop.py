@@ -221,6 +221,62 @@ def test_bound_loops_skips_a_device_detached_during_the_scan(
     assert victim.number not in numbers
 
 
+def _backing(image: Path) -> tuple[int, int]:
+    st = os.stat(image)
+    return st.st_dev, st.st_ino
+
+
+def test_bound_loops_backed_by_is_the_full_scan_filtered(make_image: ImageFactory) -> None:
+    """The sharing scan of a file add: exactly the records bound_loops gives for that file."""
+    a, b, unused = make_image("a.img"), make_image("b.img"), make_image("unused.img")
+    devices: list[loop.LoopDevice] = []
+    try:
+        for image, read_only, tag in ((a, False, "a1"), (a, True, "a2"), (b, False, "b1")):
+            devices.append(loop.attach_file(str(image), read_only=read_only, tag=f"xenblockctl:test-{tag}"))
+        for image, count in ((a, 2), (b, 1), (unused, 0)):
+            found = list(loop.bound_loops_backed_by(_backing(image)))
+            full = [
+                x
+                for x in loop.bound_loops(tag_prefix=None)
+                if (x.status.backing_dev, x.status.backing_ino) == _backing(image)
+            ]
+            assert found == full
+            assert len(found) == count
+        (ro,) = [x for x in loop.bound_loops_backed_by(_backing(a)) if x.number == devices[1].number]
+        assert ro.diskseq == devices[1].identity.diskseq
+        assert LoopFlags.READ_ONLY in ro.status.flags
+        assert ro.status.tag == "xenblockctl:test-a2"
+        assert ro.backing_file == str(a)
+    finally:
+        for dev in devices:
+            dev.close()
+
+
+def test_bound_loops_backed_by_skips_a_device_detached_during_the_scan(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Detached between the sysfs look and the open (another script's remove): the open works on
+    the now unbound minor and LOOP_GET_STATUS64 answers ENXIO; skipped, not an error. Forced by
+    detaching for real right before the open."""
+    image = make_image("shared.img")
+    victim = loop.attach_file(str(image), read_only=False, tag="xenblockctl:test-victim")
+    keeper = loop.attach_file(str(image), read_only=False, tag="xenblockctl:test-keeper")
+    real_open = loop._open_for_scan
+
+    def detach_then_open(devt: int, node: str) -> int:
+        if devt == victim.identity.devt:
+            victim.close()  # the last close of an AUTOCLEAR device detaches it at once
+        return real_open(devt, node)
+
+    monkeypatch.setattr(loop, "_open_for_scan", detach_then_open)
+    try:
+        numbers = [bound.number for bound in loop.bound_loops_backed_by(_backing(image))]
+    finally:
+        victim.close()
+        keeper.close()
+    assert numbers == [keeper.number]
+
+
 def test_direct_io_request(make_image: ImageFactory, loop_devices: list[loop.LoopDevice]) -> None:
     dev = loop.attach_file(str(make_image()), read_only=False, tag=TAG, direct_io=True)
     loop_devices.append(dev)

@@ -78,7 +78,8 @@ def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
         _run(["dpkg-deb", "-x", str(built.deb), unpacked], built.deb.parent, 60)
         root = Path(unpacked)
         script = (root / "etc/xen/scripts/block-xenblockctl").read_text()
-        assert script.startswith("#!/usr/bin/python3\n")
+        assert script.startswith("#!/usr/bin/python3 -S\n")
+        assert "\nsys.path.append('/usr/lib/python3/dist-packages')\n" in script
         rules = (root / "usr/lib/udev/rules.d/60-xenblockctl.rules").read_text()
         assert rules.count('RUN+="/usr/lib/udev/xenblockctl-udev ') == 3
         unit = (root / "lib/systemd/system/xenblockctl-engine.service").read_text()

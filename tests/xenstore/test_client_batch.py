@@ -77,6 +77,21 @@ def test_read_many_raises_errors_other_than_missing(peer: Callable[[Behaviour], 
         store.read_many(["/x/a", "/x/b", "/x/c"])
 
 
+def test_ls_many_gives_lists_in_order_none_for_missing_and_long_lists_in_parts(store: XenStore) -> None:
+    long = [f"n{k:03d}" + "x" * 40 for k in range(200)]  # ~9 KB of names: DIRECTORY_PART
+    store.write_many({"/l/a/x": "1", "/l/a/y": "2", "/l/e": "", **{f"/l/big/{n}": "v" for n in long}})
+    assert store.ls_many(["/l/a", "/l/missing", "/l/big", "/l/e", "/l"]) == [
+        ["x", "y"],
+        None,
+        long,
+        [],
+        ["a", "e", "big"],
+    ]
+    assert store.ls_many([]) == []
+    with store.transaction() as tx:
+        assert tx.ls_many(["/l/a", "/nothing"]) == [["x", "y"], None]
+
+
 def test_write_many_writes_then_removes_missing_ok(store: XenStore) -> None:
     store.write_many({"/w/old": "1", "/w/keep": "2"})
     store.write_many({"/w/new": "3", "/w/keep": "4"}, remove=["/w/old", "/w/never-existed"])

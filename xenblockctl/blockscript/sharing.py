@@ -236,8 +236,11 @@ def _all_claims(store: XenStore, home: str, own_backend: str, wanted: Wanted) ->
         # Every live user of a file reaches it through a bound loop device, whoever set that up
         # (our backends, the stock script, losetup, a snapshot's base), so the kernel's list is
         # complete and costs no xenstore round trip; a backend whose loop is gone gives nobody
-        # access any more. Cost: O(bound loops), independent of the number of backends.
-        yield from loop_claims()
+        # access any more. Cost: O(bound loops), independent of the number of backends. Only
+        # loops backed by this file can conflict (conflicts(): a loop's claim matches a file by
+        # file_id, or by devt when the wanted names one), so the scan tells the others apart by
+        # their backing inode alone.
+        yield from loop_claims(wanted.file_id if wanted.devt is None else None)
     if wanted.devt is not None:
         yield from backend_claims(store, home, own_backend, devt=wanted.devt)
         yield from mount_claims()
@@ -331,9 +334,13 @@ def _public_claim(store: XenStore, be: str) -> Claim | None:
     return Claim(where=be, writable="w" in mode, devt=published.devt, diskseq=published.diskseq)
 
 
-def loop_claims() -> Iterator[Claim]:
-    """Every bound loop device on the host, whoever made it (tag filter off)."""
-    for bound in loop.bound_loops(tag_prefix=None):
+def loop_claims(file_id: tuple[int, int] | None = None) -> Iterator[Claim]:
+    """Every bound loop device on the host, whoever made it (tag filter off); with `file_id`,
+    only those backed by that file (st_dev, st_ino)."""
+    bound_loops = (
+        loop.bound_loops(tag_prefix=None) if file_id is None else loop.bound_loops_backed_by(file_id)
+    )
+    for bound in bound_loops:
         yield Claim(
             where=f"/dev/loop{bound.number} ({bound.status.tag or 'untagged'})",
             writable=LoopFlags.READ_ONLY not in bound.status.flags,

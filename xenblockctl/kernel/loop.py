@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 import time
 
 from xenblockctl.enums import Enum
@@ -20,6 +21,7 @@ from xenblockctl.kernel.blockdev import (
     identify,
     open_devt,
     open_path,
+    read_diskseq,
 )
 from xenblockctl.kernel.errors import (
     DeviceError,
@@ -442,3 +444,78 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
         if tag_prefix is not None and not status.tag.startswith(tag_prefix):
             continue
         yield BoundLoop(number=number, diskseq=diskseq, backing_file=backing_file, status=status)
+
+
+#: lo_device and lo_inode: the first two fields of struct loop_info64 (loop_abi.LoopInfo64).
+_BACKING = struct.Struct("=QQ")
+#: Read-only, never blocking on a device without medium, never a controlling tty (blockdev's flags).
+_SCAN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def bound_loops_backed_by(backing: tuple[int, int]) -> Iterator[BoundLoop]:
+    """The bound loop devices whose backing file is `backing` (st_dev, st_ino), whoever set them up:
+    exactly what bound_loops(tag_prefix=None) yields for that file, in the same order.
+
+    The sharing check of every file add looks at every bound loop device on the host, so a device
+    backed by another file costs only what telling it apart needs: a stat of its sysfs `loop/`
+    directory (bound or not: no open of an unbound minor, which would create nothing but costs an
+    open), a stat, open and fstat of its node, and LOOP_GET_STATUS64, whose first two fields are the
+    backing inode. The diskseq, the decoded status and the sysfs backing path are read only for a
+    match (bound_loops reads all three, plus five identity ioctls, for every device)."""
+    for name in sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")):
+        try:
+            number = int(name.removeprefix("loop"))
+            os.stat(os.path.join(SYS_BLOCK, name, "loop"))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:  # detached meanwhile, as in bound_loops
+                raise
+            continue
+        fd = _open_for_scan(os.makedev(LOOP_MAJOR, number), f"{DEV_DIR}/loop{number}")
+        if fd < 0:
+            continue
+        try:
+            buf = bytearray(LOOP_INFO64_SIZE)
+            try:
+                fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    continue  # detached between the stat and the ioctl
+                raise LoopError("LOOP_GET_STATUS64 failed", errno=exc.errno) from exc
+            if _BACKING.unpack_from(buf) != backing:
+                continue
+            status = LoopStatus.from_info(LoopInfo64.unpack(bytes(buf)))
+            diskseq = read_diskseq(fd)
+        finally:
+            os.close(fd)
+        try:
+            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file")) as f:
+                backing_file = f.read().strip()
+        except OSError:
+            backing_file = ""  # detached since: the claim stands for the binding the fd saw
+        yield BoundLoop(number=number, diskseq=diskseq, backing_file=backing_file, status=status)
+
+
+def _open_for_scan(devt: int, node: str) -> int:
+    """A read-only fd on `devt`, -1 if it cannot be opened (as bound_loops skips it). `node` when it
+    is this block device (checked before and after opening, as open_devt does, without its identity
+    ioctls), else open_devt's private node."""
+    fd = -1
+    try:
+        st = os.stat(node)
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+            fd = os.open(node, _SCAN_FLAGS)
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+                return fd
+    except OSError:
+        pass
+    if fd >= 0:
+        os.close(fd)
+    try:
+        dev = open_devt(devt, writable=False)
+    except DeviceError:
+        return -1
+    with dev:
+        return os.dup(dev.fd)

@@ -7,12 +7,19 @@ installed wheel has them; in a source checkout they are read from the tree (`hot
 (`/etc`, `/usr/libexec`, `/usr/local/share`; scripts run with the installing interpreter, so their
 imports always find this package), DEBIAN for the .deb (distribution paths, /usr/bin/python3).
 
+The block script runs on every VM start, so the laid copy starts without site.py: its `#!` line
+names the interpreter with `-S` (directly: flags cannot pass through `env` on busybox) and it puts
+the directory holding this package on sys.path itself. Nothing else it imports lives outside the
+standard library (tests/lint/test_hotplug_imports.py). Without site, a venv's interpreter still
+finds the standard library (getpath reads pyvenv.cfg's home); only site-packages would be missing.
+
 Installing is idempotent: a file whose content and mode already match is left alone and reported
 `unchanged`; every other one is written to a temporary name and renamed over, so a running udev or
 libxl never sees half a script."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import sys
@@ -31,6 +38,10 @@ CHECKOUT = PACKAGE.parent
 SHIPPED_HOOK = "/usr/libexec/xenblockctl/xenblockctl-udev"
 SHIPPED_CLI = "/usr/bin/xenblockctl"
 SHIPPED_SHEBANG = "#!/usr/bin/env python3\n"
+#: The shipped block script's lines that find the package (its checkout, else site's paths), which
+#: the laid copy replaces with the directory the package was installed in.
+WHERE_BEGIN = "# >>> where the package is"
+WHERE_END = "# <<< where the package is\n"
 SCRIPT_NAME = "block-xenblockctl"
 HOOK_NAME = "xenblockctl-udev"
 RULES_NAME = "60-xenblockctl.rules"
@@ -53,6 +64,7 @@ class Layout(NamedTuple):
     zsh_dir: str
     fish_dir: str
     python: str  # the interpreter the script and hook run with
+    packages: str  # the directory holding the xenblockctl package that interpreter imports
     cli: str  # the xenblockctl the units start
 
     @property
@@ -78,6 +90,9 @@ def local_layout() -> Layout:
         zsh_dir="/usr/local/share/zsh/site-functions",
         fish_dir="/usr/local/share/fish/vendor_completions.d",
         python=sys.executable,
+        # this package's own directory: a venv's or pip's site-packages, a --user site, or the
+        # checkout of an editable install
+        packages=str(PACKAGE.parent),
         cli=os.path.join(sysconfig.get_path("scripts"), "xenblockctl"),
     )
 
@@ -95,6 +110,7 @@ DEBIAN = Layout(
     zsh_dir="/usr/share/zsh/vendor-completions",
     fish_dir="/usr/share/fish/vendor_completions.d",
     python="/usr/bin/python3",
+    packages="/usr/lib/python3/dist-packages",  # dh-python's, for every python3 version
     cli="/usr/bin/xenblockctl",
 )
 
@@ -138,10 +154,46 @@ def _with_python(text: str, python: str) -> str:
     return f"#!{python}\n" + text[len(SHIPPED_SHEBANG) :]
 
 
+def block_script(text: str, where: Layout) -> str:
+    """The shipped block script as laid for `where`: `#!<python> -S`, and the package's directory
+    put on sys.path where the shipped copy looks for its checkout. Appended, as site.py would: the
+    standard library comes first."""
+    begin = text.find(WHERE_BEGIN)
+    end = text.find(WHERE_END, begin)
+    if begin < 0 or end < 0 or text[begin - 1] != "\n":
+        raise InstallError(f"shipped block script lacks the {WHERE_BEGIN!r} … {WHERE_END.strip()!r} lines")
+    where_lines = (
+        "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
+        "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
+        f"{_APPEND}{where.packages!r})\n"
+    )
+    text = text[:begin] + where_lines + text[end + len(WHERE_END) :]
+    return _with_python(text, f"{where.python} -S")
+
+
+def laid_packages(text: str) -> str | None:
+    """The directory a block script laid by block_script() puts on sys.path (it then runs with
+    `-S`), or None for any other script (the shipped shim, a hand-written one)."""
+    first, _, rest = text.partition("\n")
+    if not first.startswith("#!") or first.split()[-1] != "-S":
+        return None
+    for line in rest.splitlines():
+        if line.startswith(_APPEND) and line.endswith(")"):
+            try:
+                value = ast.literal_eval(line[len(_APPEND) : -1])
+            except (ValueError, SyntaxError):
+                return None
+            return value if isinstance(value, str) else None
+    return None
+
+
+_APPEND = "sys.path.append("
+
+
 def plan(where: Layout) -> list[Item]:
     """Every file of the layout, content rendered for it."""
     items = [
-        Item(where.script, 0o755, _with_python(_text(f"hotplug/{SCRIPT_NAME}"), where.python).encode()),
+        Item(where.script, 0o755, block_script(_text(f"hotplug/{SCRIPT_NAME}"), where).encode()),
         Item(where.hook, 0o755, _with_python(_text(f"hotplug/{HOOK_NAME}"), where.python).encode()),
         Item(
             f"{where.rules_dir}/{RULES_NAME}",

@@ -83,9 +83,21 @@ def check_imports(check: str, script: Path, root: str, module: str, fix: str) ->
     if isinstance(found, str):
         return Finding(check, ERROR, f"{script}: {found}", fix)
     named, binary = found
+    # A block script laid by install-hooks runs with -S and appends the package's directory
+    # itself: import the way it does, so a wrong path is found here, not at a VM start.
+    try:
+        packages = hostfiles.laid_packages(script.read_text(errors="replace"))
+    except OSError as exc:
+        return Finding(check, ERROR, f"cannot read {script}: {exc.strerror}", fix)
+    shown = named
+    if packages is None:
+        argv = [str(binary), "-c", f"import {module}"]
+    else:
+        shown = f"{named} -S (with {packages} on its path)"
+        argv = [str(binary), "-S", "-c", f"import sys; sys.path.append({packages!r}); import {module}"]
     try:
         result = subprocess.run(
-            [str(binary), "-c", f"import {module}"],
+            argv,
             cwd="/",
             env={"PATH": ":".join(SCRIPT_PATH), "LC_ALL": "C.UTF-8"},
             stdin=subprocess.DEVNULL,
@@ -102,9 +114,9 @@ def check_imports(check: str, script: Path, root: str, module: str, fix: str) ->
         return Finding(check, ERROR, f"cannot run {binary}: {exc.strerror}", fix)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        return Finding(check, ERROR, f"{script} runs {named}, which cannot import {module}: {last}", fix)
+        return Finding(check, ERROR, f"{script} runs {shown}, which cannot import {module}: {last}", fix)
     where = "" if str(binary) == named else f" ({binary})"
-    return Finding(check, OK, f"{script} runs {named}{where}, which imports {module}")
+    return Finding(check, OK, f"{script} runs {shown}{where}, which imports {module}")
 
 
 def _executable(check: str, path: Path, what: str, fix: str) -> Finding | None:

@@ -193,6 +193,28 @@ class _Operations:
         except XenstoreTooBig:
             return self._ls_parts(path)
 
+    def ls_many(self, paths: Sequence[str]) -> list[list[str] | None]:
+        """The children of several nodes, None where a node does not exist: every request sent
+        before the first reply is awaited, as read_many, so N listings cost one round trip. A list
+        too long for one reply is fetched in parts afterwards, as ls does."""
+        for path in paths:
+            check_path(path)
+        replies = self._request_many([(wire.DIRECTORY, _arg(path), f"directory {path}") for path in paths])
+        lists: list[list[str] | None] = []
+        for path, reply in zip(paths, replies, strict=True):
+            if isinstance(reply, XenstoreNoEntry):
+                lists.append(None)
+            elif isinstance(reply, XenstoreTooBig):
+                try:
+                    lists.append(self._ls_parts(path))
+                except XenstoreNoEntry:
+                    lists.append(None)
+            elif isinstance(reply, XenstoreError):
+                raise reply
+            else:
+                lists.append(_split_list(reply))
+        return lists
+
     def _ls_parts(self, path: str) -> list[str]:
         what = f"directory-part {path}"
         for _ in range(_PART_RESTARTS):

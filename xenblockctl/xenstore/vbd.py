@@ -17,7 +17,7 @@ from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
     from typing import Protocol
 
 #: Backend kinds that run a block script (libxl_linux.c libxl__get_hotplug_script_info).
@@ -274,6 +274,7 @@ if TYPE_CHECKING:  # types only (annotations here are never evaluated)
 
     class _Lister(Protocol):
         def ls(self, path: str) -> list[str]: ...
+        def ls_many(self, paths: Sequence[str]) -> list[list[str] | None]: ...
 
 
 def backend_dir(store: _Store, path: BackendPath) -> str:
@@ -299,9 +300,21 @@ def walk_backends(
     a directory deleted while we walk is skipped, not an error."""
     for kind in kinds:
         kind_dir = f"{home.rstrip('/')}/backend/{kind}"
-        for domid in _ls(store, kind_dir):
-            for devid in _ls(store, f"{kind_dir}/{domid}"):
-                yield BackendEntry(kind, domid, devid, f"{kind_dir}/{domid}/{devid}")
+        domids = _ls(store, kind_dir)
+        # The frontend domains' directories are listed in pipelined batches: a dom0 serving one
+        # disk to each of N guests would otherwise pay N round trips (every block-device add's
+        # sharing check walks here; bench/README.md, issue 18 round 3).
+        for start in range(0, len(domids), LS_BATCH):
+            chunk = domids[start : start + LS_BATCH]
+            listed = store.ls_many([f"{kind_dir}/{domid}" for domid in chunk])
+            for domid, devids in zip(chunk, listed, strict=True):
+                for devid in devids or ():
+                    yield BackendEntry(kind, domid, devid, f"{kind_dir}/{domid}/{devid}")
+
+
+#: Listings per pipelined batch (as sharing.READ_BATCH: one send of short requests, so neither
+#: side can block on the other while the batch is in flight).
+LS_BATCH = 64
 
 
 def _ls(store: _Lister, path: str) -> list[str]:

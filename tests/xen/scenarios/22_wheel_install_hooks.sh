@@ -35,6 +35,8 @@ if grep -v '^unchanged ' again.txt; then fail "a second install-hooks changed fi
 laid=$root/etc/xen/scripts/block-xenblockctl
 [ -x "$laid" ] || fail "$laid is not executable"
 case $(head -n1 "$laid") in "#!$venv/bin/python"*) ;; *) fail "$laid runs with $(head -n1 "$laid"), not the venv" ;; esac
+# Laid to start without site.py (-S): the venv's site-packages is on its path by the script's own line.
+case $(head -n1 "$laid") in *" -S") ;; *) fail "$laid does not start with -S: $(head -n1 "$laid")" ;; esac
 
 img=$XENCI_WORK/disk.img
 make_image "$img"
