@@ -269,9 +269,19 @@ class DataPlane:
 
     # -- the ring thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        # The wake-up path (issue 20), in kernel blkback's order (xen_blkif_schedule: serve, then the
+        # late EOI): after a wake-up the ring is served and its answers pushed and notified first,
+        # and only then is the event consumed and the port unmasked, so those two syscalls are not
+        # on the way from the guest's request to our answer (one QD1 request is one wake-up). Events
+        # the frontend sends meanwhile stay pending (Xen holds them while the port is masked; the
+        # unmask raises them again), and the ack comes before the final check, so a request whose
+        # event the ack consumed is still seen there. poll() has no timeout: a stop writes the wake
+        # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep.
+        evtchn_fd = self.evtchn.fileno()
         poller = select.poll()
-        poller.register(self.evtchn.fileno(), select.POLLIN)
+        poller.register(evtchn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        pending = False  # the event channel woke us and is not acked yet
         try:
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
@@ -283,13 +293,17 @@ class DataPlane:
             while not self._stop.is_set():
                 if self._serve_batch():
                     continue
+                if pending:
+                    self.evtchn.ack()
+                    pending = False
                 if self.ring.final_check_for_requests():
                     continue
                 if self.ring.broken is not None:
                     self._broken(self.ring.broken)
                     return
-                poller.poll(1000)
-                self.evtchn.ack()
+                for fd, _events in poller.poll():
+                    if fd == evtchn_fd:
+                        pending = True
         except Exception as exc:  # a bug of ours must not take the whole engine down
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")
