@@ -581,3 +581,23 @@ def test_idle_ring_thread_does_not_wake(local_transport: LocalTransport, disk_fi
         assert dp.stop(timeout=30)
         assert time.monotonic() - t0 < 5
         fe.close()
+
+
+def test_a_miss_alone_on_the_ring_runs_inline(make_pair: PairFactory) -> None:
+    """Issue 20: a read that misses the page cache while it is the only request on its ring (QD1,
+    e.g. GRUB reading a cold device) runs on the ring thread: the pool's hand-off is not paid."""
+    pair = make_pair(workers=4)
+    data = os.urandom(16 * 4096)
+    with open(pair.path, "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+    with open(pair.path, "rb") as f, pytest.raises(BlockingIOError):  # the miss is real
+        os.preadv(f.fileno(), [bytearray(4096)], 4 * 4096, os.RWF_NOWAIT)
+    fe = pair.frontend
+    for i in range(4):
+        assert fe.read(8 * i, 4096) == data[i * 4096 : (i + 1) * 4096]
+    workers = [t.name for t in threading.enumerate() if t.name.startswith(f"{pair.dataplane.name}-io")]
+    assert workers == []
+    assert pair.dataplane.stats.ok == 4

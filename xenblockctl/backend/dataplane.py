@@ -204,6 +204,12 @@ class DataPlane:
             raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
+        if isinstance(self.executor, Executor):
+            # a request alone on the ring runs inline even if it blocks (io.Executor's docstring)
+            self.executor.alone = self._alone
+
+    def _alone(self) -> bool:
+        return self.ring.in_flight == 1
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
