@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
+from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
@@ -162,7 +163,8 @@ class DataPlane:
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
-        self._lock = threading.Lock()  # guards the ring's response side and stats
+        # guards the ring's response side and stats; taken once per answered pass (fastlock.py)
+        self._lock = fast_lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
