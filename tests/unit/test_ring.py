@@ -310,3 +310,34 @@ def test_hostile_indices_never_escape(pages: int, start: int, script: list[tuple
     assert buf[60:64] == bytes(4)
     if back.broken is None:
         assert ((back.req_prod - back.rsp_prod_pvt) & M) <= back.size or back.unconsumed() == 0
+
+
+def test_fast_lock_excludes_and_reads_no_clock_when_uncontended() -> None:
+    """Issue 20: the data plane's per-request locks and the ring's fence (fastlock.py) are POSIX
+    semaphore locks, whose uncontended acquire reads no clock (threading.Lock reads one every time:
+    a system call in a PV dom0 under TCG), and they still exclude."""
+    import multiprocessing.synchronize
+    import threading
+
+    from xenblockctl.backend import fastlock, ring
+
+    lock = fastlock.fast_lock()
+    assert isinstance(lock, multiprocessing.synchronize.Lock)
+    assert isinstance(ring._FENCE_LOCK[0], multiprocessing.synchronize.Lock)
+    inside = [0]
+    peak = [0]
+
+    def work() -> None:
+        for _ in range(2000):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1
+    ring.full_fence()

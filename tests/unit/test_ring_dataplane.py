@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import DISK_SIZE, PairFactory, on_disk, ring_params_of
+from tests.fixtures.backend import DISK_SIZE, PairFactory, WrappedTransport, on_disk, ring_params_of
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest, UnknownRequest
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -19,6 +19,7 @@ from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import IoPlan, Kind
 from xenblockctl.backend.transport import GrantMapping, TransportError
+from xenblockctl.backend.transport.base import EventChannel
 from xenblockctl.backend.transport.local import LocalDomainClient, LocalTransport
 
 # every test on both ring passes: pure Python and the native fast path (tests/fixtures/backend.py)
@@ -494,3 +495,112 @@ def test_short_transfers_are_resumed(disk_file: tuple[Path, int]) -> None:
     first = capped(fd, [memoryview(c), memoryview(d)], 0)
     io._full_vectored(capped, fd, [memoryview(c), memoryview(d)], 0, 8192, moved=first)
     assert bytes(c + d) == pattern[:8192]
+
+
+class _RecordedChannel(EventChannel):
+    """A real event channel whose notify/ack calls are recorded in order (issue 20's wake-up path)."""
+
+    def __init__(self, inner: EventChannel, calls: list[str]) -> None:
+        self.inner = inner
+        self.calls = calls
+        self.local_port = inner.local_port
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def notify(self) -> None:
+        self.calls.append("notify")
+        self.inner.notify()
+
+    def ack(self) -> bool:
+        got = self.inner.ack()
+        self.calls.append("ack" if got else "ack-nothing")
+        return got
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _RecordingTransport(WrappedTransport):
+    def __init__(self, inner: LocalTransport, calls: list[str]) -> None:
+        super().__init__(inner)
+        self.calls = calls
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
+        return _RecordedChannel(self.inner.bind_interdomain(domid, remote_port), self.calls)
+
+
+def _recorded_pair(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> tuple[LocalFrontend, DataPlane, list[str]]:
+    calls: list[str] = []
+    fe = LocalFrontend(local_transport.socket_path, 7)
+    target = DeviceTarget.from_fd(disk_file[1])
+    try:
+        dp = DataPlane(
+            _RecordingTransport(local_transport, calls), 7, ring_params_of(fe), target, target.limits()
+        )
+    except BaseException:
+        fe.close()
+        raise
+    dp.start()
+    return fe, dp, calls
+
+
+def _settled(calls: list[str], n: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while len(calls) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(calls)
+
+
+def test_answer_is_notified_before_the_event_is_acked(
+    local_transport: LocalTransport, disk_file: tuple[Path, int]
+) -> None:
+    """Issue 20: a wake-up serves the ring and notifies the answer first; consuming and unmasking the
+    event (two syscalls on Xen) comes after, off the request's path, as kernel blkback's late EOI."""
+    fe, dp, calls = _recorded_pair(local_transport, disk_file)
+    try:
+        for i in range(3):  # QD1: one request, one wake-up, one answer each
+            assert fe.read(8 * i, 4096) == bytes(4096)
+            _settled(calls, 2 * (i + 1))
+        assert calls == ["notify", "ack"] * 3
+    finally:
+        assert dp.stop(timeout=30)
+        fe.close()
+
+
+def test_idle_ring_thread_does_not_wake(local_transport: LocalTransport, disk_file: tuple[Path, int]) -> None:
+    """Issue 20: an idle ring sleeps until an event or a stop (no poll timeout: on Xen each timed
+    sleep reads the clock and arms a timer); a stop still ends it at once."""
+    fe, dp, calls = _recorded_pair(local_transport, disk_file)
+    try:
+        assert fe.read(0, 4096) == bytes(4096)
+        _settled(calls, 2)
+        time.sleep(1.3)  # longer than the old 1 s poll timeout
+        assert calls == ["notify", "ack"]
+    finally:
+        t0 = time.monotonic()
+        assert dp.stop(timeout=30)
+        assert time.monotonic() - t0 < 5
+        fe.close()
+
+
+def test_a_miss_alone_on_the_ring_runs_inline(make_pair: PairFactory) -> None:
+    """Issue 20: a read that misses the page cache while it is the only request on its ring (QD1,
+    e.g. GRUB reading a cold device) runs on the ring thread: the pool's hand-off is not paid."""
+    pair = make_pair(workers=4)
+    data = os.urandom(16 * 4096)
+    with open(pair.path, "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+    with open(pair.path, "rb") as f, pytest.raises(BlockingIOError):  # the miss is real
+        os.preadv(f.fileno(), [bytearray(4096)], 4 * 4096, os.RWF_NOWAIT)
+    fe = pair.frontend
+    for i in range(4):
+        assert fe.read(8 * i, 4096) == data[i * 4096 : (i + 1) * 4096]
+    workers = [t.name for t in threading.enumerate() if t.name.startswith(f"{pair.dataplane.name}-io")]
+    assert workers == []
+    assert pair.dataplane.stats.ok == 4

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
+from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.fastpath import FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
@@ -168,7 +169,8 @@ class DataPlane:
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
-        self._lock = threading.Lock()  # guards the ring's response side and stats
+        # guards the ring's response side and stats; taken once per answered pass (fastlock.py)
+        self._lock = fast_lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -212,6 +214,12 @@ class DataPlane:
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
         self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
+        if isinstance(self.executor, Executor):
+            # a request alone on the ring runs inline even if it blocks (io.Executor's docstring)
+            self.executor.alone = self._alone
+
+    def _alone(self) -> bool:
+        return self.ring.in_flight == 1
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -277,9 +285,19 @@ class DataPlane:
 
     # -- the ring thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        # The wake-up path (issue 20), in kernel blkback's order (xen_blkif_schedule: serve, then the
+        # late EOI): after a wake-up the ring is served and its answers pushed and notified first,
+        # and only then is the event consumed and the port unmasked, so those two syscalls are not
+        # on the way from the guest's request to our answer (one QD1 request is one wake-up). Events
+        # the frontend sends meanwhile stay pending (Xen holds them while the port is masked; the
+        # unmask raises them again), and the ack comes before the final check, so a request whose
+        # event the ack consumed is still seen there. poll() has no timeout: a stop writes the wake
+        # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep.
+        evtchn_fd = self.evtchn.fileno()
         poller = select.poll()
-        poller.register(self.evtchn.fileno(), select.POLLIN)
+        poller.register(evtchn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        pending = False  # the event channel woke us and is not acked yet
         try:
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
@@ -291,13 +309,17 @@ class DataPlane:
             while not self._stop.is_set():
                 if self._serve_batch():
                     continue
+                if pending:
+                    self.evtchn.ack()
+                    pending = False
                 if self.ring.final_check_for_requests():
                     continue
                 if self.ring.broken is not None:
                     self._broken(self.ring.broken)
                     return
-                poller.poll(1000)
-                self.evtchn.ack()
+                for fd, _events in poller.poll():
+                    if fd == evtchn_fd:
+                        pending = True
         except Exception as exc:  # a bug of ours must not take the whole engine down
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")

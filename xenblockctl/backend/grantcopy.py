@@ -17,10 +17,10 @@ request alone.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 from xenblockctl.backend.blkif import PAGE_SIZE
+from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.requests import IoPlan
 from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, gntst_name
 
@@ -37,7 +37,7 @@ class BouncePool:
         self.max_idle_bytes = max_idle_bytes
         self._idle: dict[int, list[Bounce]] = {}
         self._idle_bytes = 0
-        self._lock = threading.Lock()
+        self._lock = fast_lock()  # two per request without persistent grants (take, give)
         self._closed = False
         self.created = 0
 

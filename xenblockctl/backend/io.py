@@ -386,6 +386,13 @@ class Executor:
     (bench/README.md, "write path inline"). Every guest segment is whole 4 KiB pages in practice
     (Linux blkfront's 1 MiB and 4 KiB writes), so the pool keeps only sub-page writes.
 
+    A READ that would block also runs inline when `alone()` says it is the only request
+    its ring has outstanding (the data plane sets it: consumed and not answered). There is nothing
+    to overlap it with then, and the pool would only add its hand-off: a Future, a worker woken
+    and the GIL passed back and forth, which on real Xen under TCG is a large part of one request
+    (issue 20: GRUB reads its kernel from a cold device at queue depth 1, every request a page-cache
+    miss). A request that arrives meanwhile waits for this one, as it would behind a full pool.
+
     Completion callbacks run on the worker thread; they must not call `drain()`.
     """
 
@@ -393,6 +400,8 @@ class Executor:
         self.target = target
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
         self._tracked = InFlight(name)
+        #: True when the request being offered to run_now is the only one outstanding on its ring
+        self.alone: Callable[[], bool] | None = None
         # kinds still worth trying with RWF_NOWAIT (dropped for good after EOPNOTSUPP: e.g. buffered
         # writes on ext4 and on block devices)
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
@@ -405,11 +414,15 @@ class Executor:
         kind = plan.kind
         if kind in self._nowait:
             try:
-                return execute_nowait(self.target, plan, bufs)
+                status = execute_nowait(self.target, plan, bufs)
             except NowaitUnsupported as exc:
                 log.debug("%s; page-aligned writes run inline, others on the worker pool", exc)
                 self._nowait.discard(exc.kind)
                 # nothing was written: fall through to the choice made from now on
+            else:
+                if status is None and kind is READ and self.alone is not None and self.alone():
+                    return execute(self.target, plan, bufs)  # nothing to overlap it with
+                return status
         if kind is WRITE and not (plan.offset | plan.length) % _HOST_PAGE:
             # whole pages: no read-modify-write, so no wait for the disk (see the class docstring).
             # The iovec's segment boundaries do not matter: the kernel fills each page from the

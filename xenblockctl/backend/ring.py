@@ -16,7 +16,8 @@ Memory ordering. Python cannot emit fences, so this is what we rely on:
   call boundary. The one reordering x86 does is a later load passing an earlier store (the store
   buffer): exactly the mb() in "set req_event, then re-read req_prod" and "publish rsp_prod, then
   read rsp_event". For those we call `full_fence()`, which takes and releases an uncontended
-  threading.Lock: glibc's semaphore fast path is a LOCK-prefixed cmpxchg/xadd, a full barrier on x86.
+  lock (fastlock.py: one that reads no clock): glibc's semaphore fast path is a LOCK-prefixed
+  cmpxchg/xadd, a full barrier on x86.
 - The buffer is an mmap (gntdev or the local memfd), so the CPU, not Python, owns its coherence.
 Other architectures (arm64) are weaker than this; the engine is only built for x86 dom0s today.
 
@@ -48,19 +49,29 @@ publish its own slots as responses to itself, within the bounds checked below.
 
 from __future__ import annotations
 
+import os
 import struct
-import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE, SRING_HEADER_SIZE, Abi, Request, Response, ring_size
+from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.errors import XenblockError
 
 _MASK: Final = 0xFFFFFFFF  # RING_IDX is a free-running unsigned 32-bit counter
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
 
-_FENCE_LOCK = threading.Lock()
+#: in a list so a forked child can replace it: fastlock's semaphore lives in shared memory, and a
+#: child must get its own, never share the parent's
+_FENCE_LOCK = [fast_lock()]
+
+
+def _fence_after_fork() -> None:
+    _FENCE_LOCK[0] = fast_lock()
+
+
+os.register_at_fork(after_in_child=_fence_after_fork)
 
 #: the response journal in the header's padding (32-bit word indices into the header, byte offset)
 _JOURNAL_MAGIC_WORD, _JOURNAL_COMMITTED_WORD, _JOURNAL_TAG_WORD, _JOURNAL_RESPONSE = 8, 9, 10, 44
@@ -70,8 +81,9 @@ JOURNAL_MAGIC: Final = 0x4A636278
 
 def full_fence() -> None:
     """A full memory barrier on x86 (see the module docstring for why this works)."""
-    _FENCE_LOCK.acquire()
-    _FENCE_LOCK.release()
+    lock = _FENCE_LOCK[0]
+    lock.acquire()
+    lock.release()
 
 
 class RingBroken(XenblockError):

@@ -19,14 +19,24 @@ src=$XENCI_WORK/pattern
 head -c 32M /dev/urandom > "$src"
 want=$(md5sum < "$src")
 
-# rate LABEL BYTES COMMAND...: run COMMAND, report BYTES/elapsed as MiB/s.
+# rate LABEL BYTES COMMAND...: run COMMAND, report BYTES/elapsed as MiB/s (kept in $rates for ratios).
+declare -A rates=()
 rate() {
   local label=$1 bytes=$2 t s
   shift 2
   t=$(now)
   "$@" || fail "$label: $* failed"
   s=$(elapsed "$t")
-  metric "${label}_MiBps" "$(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.1f", b / 1048576 / s }')" MiB/s
+  rates[$label]=$(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.1f", b / 1048576 / s }')
+  metric "${label}_MiBps" "${rates[$label]}" MiB/s
+}
+# ratios PATH: PATH / kernel blkback for each workload of one measure() (issue 20: reported, not asserted).
+ratios() {
+  local w
+  for w in write_1M_nofsync seq_write_1M seq_read_1M seq_read_4k; do
+    metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[blkback_$w]:-0}" \
+      'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+  done
 }
 
 # cpu_ticks: "all BUSY IDLE" for dom0 (clock ticks over every CPU; iowait counts as idle), then
@@ -99,6 +109,7 @@ without_blkback
 start_engine
 attach engine
 measure engine
+ratios engine
 detach engine
 # Issue 20: which ring pass served the rows above (the .deb carries the native fast path), and the
 # same rows on the pure-Python pass (`--no-native`) in the same boot, so both are reported.
@@ -127,6 +138,7 @@ wait "$engine_pid" 2>/dev/null || true
 start_engine --no-persistent-grants
 attach engine_nopg
 measure engine_nopg
+ratios engine_nopg
 detach engine_nopg
 say "the engine with --workers 2: each queue served by a worker process (issue 20)"
 kill "$engine_pid"
@@ -134,6 +146,7 @@ wait "$engine_pid" 2>/dev/null || true
 start_engine --workers 2
 attach engine_workers
 measure engine_workers
+ratios engine_workers
 detach engine_workers
 grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
 grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
