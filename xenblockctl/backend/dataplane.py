@@ -215,11 +215,12 @@ class DataPlane:
         #: the native pass for simple requests, or None: every request on the pure-Python path
         self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
         if isinstance(self.executor, Executor):
-            # a request alone on the ring runs inline even if it blocks (io.Executor's docstring)
-            self.executor.alone = self._alone
-
-    def _alone(self) -> bool:
-        return self.ring.in_flight == 1
+            # a request alone on the ring runs inline even if it blocks (io.Executor's docstring).
+            # A closure over the ring, not a bound method: the executor must not point back at the
+            # data plane, or the cycle keeps the ring's and the guest's mappings until a gc pass
+            # (tests/flows/test_scale.py caught 256 of them still mapped after every detach).
+            ring = self.ring
+            self.executor.alone = lambda: ring.in_flight == 1
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
