@@ -249,13 +249,13 @@ class Xenstored:
 
     def _may_see(self, conn: Connection, event: NodeEvent) -> bool:
         """`watch_permitted`: the watcher can read the node (before or after the change) or its
-        parent."""
-        if conn.privileged:
-            return True
+        parent. Privileged watchers too need permissions to look at: a transaction's commit event
+        for a node that existed neither before nor after it (created and removed inside the
+        transaction) has none, and the C daemon sends it to nobody."""
         target = self.domains.targets.get(conn.domid)
 
         def readable(perms: Perms | None) -> bool:
-            return perms is not None and bool(perm_for(conn.domid, False, target, perms) & READ)
+            return perms is not None and bool(perm_for(conn.domid, conn.privileged, target, perms) & READ)
 
         if readable(event.old_perms):
             return True
