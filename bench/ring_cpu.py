@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ring_throughput import WORKLOADS, Workload, _check_native, _offsets, _params
+from bench.ring_throughput import WORKLOADS, Workload, _data_plane, _offsets
 from xenblockctl.backend import fastpath
 from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
@@ -67,16 +67,7 @@ def measure(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(
-            transport,
-            1,
-            _params(fe.xenstore_nodes()),
-            target,
-            target.limits(),
-            workers=workers,
-            native=native,
-        )
-        _check_native(dp, native)
+        dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring

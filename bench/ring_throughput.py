@@ -215,10 +215,7 @@ def engine(
         try:
             nodes = receive()
             assert isinstance(nodes, dict)
-            dp = DataPlane(
-                transport, 1, _params(nodes), target, target.limits(), workers=workers, native=native
-            )
-            _check_native(dp, native)
+            dp = _data_plane(transport, nodes, target, workers=workers, native=native)
             dp.start()
             try:
                 parent.send("go")
@@ -243,16 +240,7 @@ def engine(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = DataPlane(
-            transport,
-            1,
-            _params(fe.xenstore_nodes()),
-            target,
-            target.limits(),
-            workers=workers,
-            native=native,
-        )
-        _check_native(dp, native)
+        dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
         dp.start()
         try:
             verify(fe, image, w, target.size_bytes)
@@ -266,10 +254,16 @@ def engine(
         return Run(run.rate, run.frontend_cpu_us, engine_cpu, *_grant_counts(dp))
 
 
-def _check_native(dp: DataPlane, native: bool) -> None:
+def _data_plane(
+    transport: LocalTransport, nodes: dict[str, str], target: DeviceTarget, *, workers: int, native: bool
+) -> DataPlane:
+    """The ring a frontend's xenstore nodes describe, served by a DataPlane on domid 1; refused
+    when the native pass was asked for and does not run."""
+    dp = DataPlane(transport, 1, _params(nodes), target, target.limits(), workers=workers, native=native)
     if native and dp._fast is None:
         dp.stop()
         raise SystemExit("--native on: the native fast path is not built or does not apply here")
+    return dp
 
 
 def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
