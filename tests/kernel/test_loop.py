@@ -23,7 +23,7 @@ from xenblockctl.kernel.errors import (
     TargetPermission,
     TargetTypeError,
 )
-from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.kernel.loop_abi import LoopConfig, LoopFlags, LoopInfo64
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -226,8 +226,15 @@ def _backing(image: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def test_bound_loops_backed_by_is_the_full_scan_filtered(make_image: ImageFactory) -> None:
-    """The sharing scan of a file add: exactly the records bound_loops gives for that file."""
+@pytest.mark.parametrize("virtual_dir", ["real", "missing"])
+def test_bound_loops_backed_by_is_the_full_scan_filtered(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, virtual_dir: str
+) -> None:
+    """The sharing scan of a file add: exactly the records bound_loops gives for that file, whether
+    it looks at the minors through /sys/devices/virtual/block (one dir fd) or, where that does not
+    list them, through /sys/block's paths."""
+    if virtual_dir == "missing":
+        monkeypatch.setattr(loop, "SYS_VIRTUAL_BLOCK", str(tmp_path))
     a, b, unused = make_image("a.img"), make_image("b.img"), make_image("unused.img")
     devices: list[loop.LoopDevice] = []
     try:
@@ -338,6 +345,70 @@ def test_parallel_attach_is_race_free(make_image: ImageFactory) -> None:
         assert len(set(devts)) == workers, f"round {r}: two workers got the same loop device"
     seqs = [seq for res in results for _, seq in res]
     assert len(set(seqs)) == workers * rounds
+
+
+def test_a_race_lost_to_another_binder_is_retried_at_once(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another binder takes the number GET_FREE handed us just before our LOOP_CONFIGURE: the
+    EBUSY is a race it won (the device is bound now), so the next GET_FREE is asked without a
+    backoff sleep, and we end up on another device."""
+    ours, theirs = make_image("ours.img"), make_image("theirs.img")
+    real_ioctl = loop.fcntl.ioctl
+    intruders: list[int] = []  # the other binder's loop fd (AUTOCLEAR: closing it detaches)
+    sleeps: list[float] = []
+
+    def racing_ioctl(fd: int, request: int, *args: object) -> object:
+        if request == loop.LOOP_CONFIGURE and not intruders:
+            # Bind *that* number to another file first, as a binder that won GET_FREE would.
+            theirs_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            intruders.append(theirs_fd)
+            with open(theirs, "r+b") as backing:
+                config = LoopConfig(
+                    fd=backing.fileno(),
+                    block_size=512,
+                    info=LoopInfo64(lo_flags=int(LoopFlags.AUTOCLEAR), lo_file_name=b"xenblockctl:intruder"),
+                )
+                real_ioctl(theirs_fd, loop.LOOP_CONFIGURE, config.pack())
+        return real_ioctl(fd, request, *args)
+
+    monkeypatch.setattr(loop.fcntl, "ioctl", racing_ioctl)
+    monkeypatch.setattr(loop.time, "sleep", sleeps.append)
+    try:
+        dev = loop.attach_file(str(ours), read_only=False, tag=TAG)
+        try:
+            assert intruders, "the race was not staged"
+            assert dev.identity.devt != os.fstat(intruders[0]).st_rdev
+            assert sleeps == [], "a race lost to another binder must not back off"
+        finally:
+            dev.close()
+    finally:
+        for fd in intruders:
+            os.close(fd)
+
+
+def test_ebusy_on_a_device_nobody_bound_backs_off(
+    make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EBUSY on a device that is still unbound (nobody won it: claimed, being torn down) is no
+    proof of progress: that retry sleeps (jittered, bounded) before asking GET_FREE again."""
+    image = make_image()
+    real_ioctl = loop.fcntl.ioctl
+    refused: list[int] = []
+    sleeps: list[float] = []
+
+    def busy_once(fd: int, request: int, *args: object) -> object:
+        if request == loop.LOOP_CONFIGURE and not refused:
+            refused.append(fd)
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        return real_ioctl(fd, request, *args)
+
+    monkeypatch.setattr(loop.fcntl, "ioctl", busy_once)
+    monkeypatch.setattr(loop.time, "sleep", sleeps.append)
+    dev = loop.attach_file(str(image), read_only=False, tag=TAG)
+    dev.close()
+    assert len(sleeps) == 1, sleeps
+    assert 0 <= sleeps[0] <= loop.DEFAULT_RETRY.max_delay
 
 
 @pytest.mark.parametrize(

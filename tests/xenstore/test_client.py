@@ -225,6 +225,28 @@ def test_run_transaction_gives_up_after_the_bound(store: XenStore, other: XenSto
     assert store.read_optional("/tx/mine") is None  # no attempt leaked a commit
 
 
+def test_run_transaction_retries_the_first_conflict_at_once_then_backs_off(
+    store: XenStore, other: XenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict is another commit (progress): the first retry does not sleep; later ones do,
+    each within the jittered bound."""
+    import xenblockctl.xenstore.client as client_module
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    store.write("/tx/hot", "0")
+
+    def always_conflicts(tx: Transaction) -> None:
+        tx.read("/tx/hot")
+        tx.write("/tx/mine", "1")
+        other.write("/tx/hot", str(len(sleeps)))
+
+    with pytest.raises(TransactionConflict):
+        store.run_transaction(always_conflicts, attempts=4)
+    assert len(sleeps) == 2  # after the 2nd and 3rd conflicts; none after the 1st or the last
+    assert all(0 <= pause <= client_module._BACKOFF_CAP for pause in sleeps)
+
+
 def test_run_transaction_does_not_retry_other_errors(store: XenStore) -> None:
     calls = 0
 

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 LOOP_CONTROL = "/dev/loop-control"
 #: Where bound_loops() scans: one directory per block device, `loopN/loop/` only while bound.
 SYS_BLOCK = "/sys/block"
+#: Where /sys/block's loopN links point (loop devices have no parent device).
+SYS_VIRTUAL_BLOCK = "/sys/devices/virtual/block"
 #: Where /dev/loopN nodes are looked for; without one we use a private node (containers, no devtmpfs).
 DEV_DIR = "/dev"
 #: Every loop device we create carries a lo_file_name starting with this, so list/gc can find ours
@@ -67,19 +69,27 @@ _RACE_ERRNOS = frozenset({errno.EBUSY, errno.ENXIO, errno.ENOENT})
 
 class RetryPolicy(NamedTuple):
     """Bounded, jittered backoff for the GET_FREE race (measured: 15-30 EBUSY per worker with 8
-    parallel attachers). Worst case sums to well under a second; libxl kills us at 40 s."""
+    parallel attachers). Worst case sums to well under a second; libxl kills us at 40 s.
+
+    Only a race nobody visibly won sleeps: a LOOP_CONFIGURE refused with EBUSY on a device that is
+    bound now was lost to another binder, which made progress, so the next GET_FREE names another
+    device and is asked at once (as a compare-and-swap loop retries; bench/README.md, issue 18's
+    parallel adds: 32 adds lost ~27 races, half of them paid a sleep and `import random`)."""
 
     attempts: int = 64
     base_delay: float = 0.0005
     max_delay: float = 0.02
 
     def delay(self, attempt: int) -> float:
-        import random  # only on a lost race: kept off the block script's start-up
-
-        return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** min(attempt, 16))))
+        # os.urandom, not `random` (1.2 ms of imports: warnings, operator, bisect, math)
+        fraction = int.from_bytes(os.urandom(2), "little") / 65536
+        return fraction * min(self.max_delay, self.base_delay * (2.0 ** min(attempt, 16)))
 
 
 DEFAULT_RETRY = RetryPolicy()
+#: Immediate retries after races lost to other binders, beyond RetryPolicy.attempts: each one is
+#: another attach that succeeded meanwhile, so this bounds the loop, not the fairness.
+LOST_RACES_MAX = 1024
 
 
 def make_tag(*parts: object) -> str:
@@ -261,9 +271,16 @@ def _attach_loop(
     retry: RetryPolicy,
 ) -> LoopDevice:
     last_errno = 0
-    for attempt in range(retry.attempts):
-        if attempt:
-            time.sleep(retry.delay(attempt))
+    lost_to_binder = False
+    attempt = -1  # counts the tries that were not an immediate retry after a race lost to a binder
+    for _ in range(retry.attempts + LOST_RACES_MAX):
+        if not lost_to_binder:
+            attempt += 1
+            if attempt == retry.attempts:
+                break
+            if attempt:
+                time.sleep(retry.delay(attempt))
+        lost_to_binder = False
         try:
             number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
         except OSError as exc:
@@ -285,10 +302,13 @@ def _attach_loop(
         try:
             fcntl.ioctl(fd, LOOP_CONFIGURE, config.pack())
         except OSError as exc:
-            os.close(fd)
             if exc.errno in _RACE_ERRNOS:
+                # Bound now: another binder won this number (no sleep before the next GET_FREE).
+                lost_to_binder = exc.errno == errno.EBUSY and _bound(fd)
+                os.close(fd)
                 last_errno = exc.errno or 0
                 continue
+            os.close(fd)
             if exc.errno == errno.EINVAL and request.direct_io:
                 # Some kernels refuse DIRECT_IO outright for this backing file: go on buffered.
                 request = request._replace(direct_io=False)
@@ -311,6 +331,15 @@ def _attach_loop(
     raise LoopExhausted(
         f"no loop device after {retry.attempts} attempts (lost the GET_FREE race)", errno=last_errno
     )
+
+
+def _bound(fd: int) -> bool:
+    """Whether the loop device open as `fd` is bound (LOOP_GET_STATUS64 answers ENXIO if not)."""
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE))
+    except OSError:
+        return False
+    return True
 
 
 def _verify(fd: int, number: int, st: os.stat_result, request: LoopRequest, backing_path: str) -> LoopDevice:
@@ -461,11 +490,50 @@ def bound_loops_backed_by(backing: tuple[int, int]) -> Iterator[BoundLoop]:
     directory (bound or not: no open of an unbound minor, which would create nothing but costs an
     open), a stat, open and fstat of its node, and LOOP_GET_STATUS64, whose first two fields are the
     backing inode. The diskseq, the decoded status and the sysfs backing path are read only for a
-    match (bound_loops reads all three, plus five identity ioctls, for every device)."""
-    for name in sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")):
+    match (bound_loops reads all three, plus five identity ioctls, for every device).
+
+    The sysfs look is a stat relative to one fd on the loop devices' own directory
+    (/sys/devices/virtual/block, where /sys/block's links point), not /sys/block/loopN/loop: the
+    symlink walk per minor was most of it (bench/README.md, issue 18's parallel adds). Where that
+    directory does not list every loop minor /sys/block does, /sys/block's paths are used."""
+    names = sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop"))
+    where, close = _sysfs_loop_dir(names)
+    try:
+        yield from _backed_by(names, where, backing)
+    finally:
+        if close:
+            os.close(where)
+
+
+def _sysfs_loop_dir(names: list[str]) -> tuple[int, bool]:
+    """(dir fd to stat `<name>/loop` under, whether it is ours to close): an fd on
+    SYS_VIRTUAL_BLOCK when it lists every one of `names` (a block device's name is unique, so that
+    entry is the device /sys/block/<name> links to), else _AT_SYS_BLOCK."""
+    try:
+        fd = os.open(SYS_VIRTUAL_BLOCK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return _AT_SYS_BLOCK, False
+    try:
+        if set(names) <= set(os.listdir(fd)):
+            return fd, True
+    except OSError:
+        pass
+    os.close(fd)
+    return _AT_SYS_BLOCK, False
+
+
+#: "No directory fd": stat `/sys/block/<name>/loop` by its path.
+_AT_SYS_BLOCK = -1
+
+
+def _backed_by(names: list[str], where: int, backing: tuple[int, int]) -> Iterator[BoundLoop]:
+    for name in names:
         try:
             number = int(name.removeprefix("loop"))
-            os.stat(os.path.join(SYS_BLOCK, name, "loop"))
+            if where == _AT_SYS_BLOCK:
+                os.stat(f"{SYS_BLOCK}/{name}/loop")
+            else:
+                os.stat(f"{name}/loop", dir_fd=where)
         except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         except OSError as exc:
