@@ -88,6 +88,12 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--parallel", type=int, default=32)
     parser.add_argument(
+        "--parallel-rounds", type=int, default=1, help="interleaved rounds of the parallel row (median shown)"
+    )
+    parser.add_argument(
+        "--only-parallel", action="store_true", help="run only the parallel row (with its breakdown)"
+    )
+    parser.add_argument(
         "--existing", type=int, default=128, help="pre-existing backends for the scaling rows"
     )
     parser.add_argument(
@@ -105,6 +111,7 @@ def main() -> int:
     )
     parser.add_argument("--daemon", choices=("c", "embedded"), default="c", help="xenstored to run against")
     parser.add_argument("--no-floor", action="store_true", help="leave out the stdlib-only floor script")
+    parser.add_argument("--no-bash", action="store_true", help="leave out Xen's bash block script")
     parser.add_argument("--strace", action="store_true", help="count syscalls of one add per contestant")
     parser.add_argument(
         "--site-shim",
@@ -115,8 +122,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (loop devices)", file=sys.stderr)
         return 2
-    bash = bash_block_script()
-    if bash is None or shutil.which("xenstore-write") is None:
+    bash = None if args.no_bash else bash_block_script()
+    if not args.no_bash and (bash is None or shutil.which("xenstore-write") is None):
         print(
             "baseline unavailable: needs apt-get download xen-utils-common and xenstore-utils",
             file=sys.stderr,
@@ -142,7 +149,7 @@ def main() -> int:
         if args.site_shim:
             contestants.append(Contestant("xenblockctl, shipped shim (site)", SCRIPT, args.python))
         if args.baseline_script is not None:
-            contestants.append(Contestant("baseline (before)", args.baseline_script, args.python))
+            contestants.append(baseline_contestant(work, args.baseline_script, args.python))
         if not args.no_floor:
             contestants.append(Contestant("stdlib floor", FLOOR, args.python, flags=("-S",)))
         if bash is not None:
@@ -151,6 +158,10 @@ def main() -> int:
             f"block script add/remove, fresh process, {args.iterations} iterations, {args.daemon} xenstored, "
             f"python {args.python}; Python contestants include the hand-off to an engine-like consumer"
         )
+        if args.only_parallel:
+            parallel_rows(libxl, contestants, images[: args.parallel], args.parallel_rounds)
+            print(f"load average after: {_loadavg()}")
+            return 0
         measure_alternating(libxl, contestants, images[0], args.iterations)
         for c in contestants:
             print(row(f"add: {c.label}", c.wall))
@@ -183,26 +194,52 @@ def main() -> int:
                 daemon_kind=args.daemon,
             )
         if args.parallel:
-            walls = {
-                c.label: parallel(libxl, c, images[: args.parallel], 1000 + 100 * k)
-                for k, c in enumerate(contestants)
-            }
-            for label, (wall, failures) in walls.items():
-                print(f"{args.parallel} parallel adds, wall: {label}: {wall * 1e3:.0f} ms, {failures} failed")
-            base = walls[ours.label][0]
-            for label, (wall, _failures) in walls.items():
-                print(f"ratio {label} / xenblockctl (parallel wall): {wall / base:.2f}x")
+            parallel_rows(libxl, contestants, images[: args.parallel], args.parallel_rounds)
     print(f"load average after: {_loadavg()}")
     return 0
 
 
-def laid_script(work: Path, python: str) -> Path:
-    """The block script as `install-hooks` lays it for `python`, importing this checkout."""
-    where = hostfiles.local_layout()._replace(python=python, packages=str(REPO))
-    laid = work / hostfiles.SCRIPT_NAME
-    laid.write_text(hostfiles.block_script(SCRIPT.read_text(), where))
+def parallel_rows(libxl: Libxl, contestants: list[Contestant], images: list[Path], rounds: int) -> None:
+    """`len(images)` adds started at once, per contestant, `rounds` times interleaved (the row is
+    the median round's wall), with the breakdown of that round (ParallelRun.breakdown)."""
+    runs: dict[str, list[ParallelRun]] = {c.label: [] for c in contestants}
+    n = len(images)
+    for r in range(rounds):
+        for k, c in enumerate(contestants):
+            # fresh domains every round (a removed backend leaves its frontend's vdev in use)
+            runs[c.label].append(parallel(libxl, c, images, 1000 + (r * len(contestants) + k) * (n + 1)))
+    for label, done in runs.items():
+        done.sort(key=lambda run: run.wall)
+        median = done[len(done) // 2]
+        walls = ", ".join(f"{run.wall * 1e3:.0f}" for run in done)
+        failed = sum(run.failures for run in done)
+        print(
+            f"{n} parallel adds, wall: {label}: {median.wall * 1e3:.0f} ms (rounds: {walls}), {failed} failed"
+        )
+        print(f"  {median.breakdown()}")
+    base = runs[contestants[0].label][len(runs[contestants[0].label]) // 2].wall
+    for label, done in runs.items():
+        print(f"ratio {label} / xenblockctl (parallel wall): {done[len(done) // 2].wall / base:.2f}x")
+
+
+def laid_script(work: Path, python: str, checkout: Path = REPO, name: str = hostfiles.SCRIPT_NAME) -> Path:
+    """The block script as `install-hooks` lays it for `python`, importing `checkout`."""
+    where = hostfiles.local_layout()._replace(python=python, packages=str(checkout))
+    laid = work / name
+    laid.write_text(hostfiles.block_script((checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where))
     laid.chmod(0o755)
     return laid
+
+
+def baseline_contestant(work: Path, script: Path, python: str) -> Contestant:
+    """Another checkout's script, laid as ours is (`-S`, its checkout appended) when its shim has
+    the lines install-hooks rewrites, so before/after compares the code and not site.py; else its
+    shim as it is, with site.py."""
+    try:
+        laid = laid_script(work, python, script.resolve().parents[1], "baseline-block-xenblockctl")
+    except hostfiles.InstallError:
+        return Contestant("baseline (before, shim with site)", script, python)
+    return Contestant("baseline (before)", laid, python, flags=("-S",))
 
 
 @contextlib.contextmanager
@@ -490,31 +527,99 @@ def _conflicts(libxl: Libxl) -> int:
     return trace.read_text(errors="replace").count("EAGAIN")
 
 
-def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) -> tuple[float, int]:
-    """N adds started at once on distinct backends and images; wall seconds and failures. Also
-    prints the transaction conflicts (EAGAIN) the daemon answered meanwhile (fixture and
-    consumers included): whether contention inside xenstored is part of the wall time."""
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a live process has used so far, from /proc/<pid>/stat; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ParallelRun:
+    """One `parallel` row of one contestant: wall (s), failures, and where the time went."""
+
+    def __init__(self, wall: float, failures: int) -> None:
+        self.wall, self.failures = wall, failures
+        self.cpu: list[float] = []  # per add, s (wait4 rusage: the script and its children)
+        self.exits: list[float] = []  # per add, s from the first start to its exit
+        self.voluntary: list[int] = []  # per add: blocking waits (select, flock, sleep, ioctls)
+        self.involuntary: list[int] = []  # per add: preempted
+        self.bench_cpu = 0.0  # this process meanwhile: the consumers' threads (and the reaping)
+        self.daemon_cpu = 0.0  # xenstored meanwhile (10 ms ticks)
+        self.conflicts = 0
+        self.idle = 0.0  # host idle CPU time (all CPUs) during the row: waits nobody filled
+
+    def breakdown(self) -> str:
+        adds, cpus = sum(self.cpu), os.cpu_count() or 1
+        every = (adds + self.bench_cpu + self.daemon_cpu) / cpus * 1e3
+        ms = [percentile(self.exits, p) * 1e3 for p in (10, 50, 90)]
+        switches = percentile([float(v) for v in self.voluntary], 50)
+        preempted = percentile([float(v) for v in self.involuntary], 50)
+        return (
+            f"CPU: adds {adds * 1e3:.0f} ms (p50 {percentile(self.cpu, 50) * 1e3:.1f} ms each), consumers "
+            f"{self.bench_cpu * 1e3:.0f} ms, xenstored {self.daemon_cpu * 1e3:.0f} ms: all / {cpus} CPUs = "
+            f"{every:.0f} ms; host idle {self.idle * 1e3:.0f} ms; exits p10/p50/p90 "
+            f"{ms[0]:.0f}/{ms[1]:.0f}/{ms[2]:.0f} ms; per add p50 {switches:.0f} "
+            f"blocking waits, {preempted:.0f} preemptions; {self.conflicts} EAGAIN"
+        )
+
+
+def _idle() -> float:
+    """Idle CPU seconds of the whole host so far (all CPUs, /proc/stat's idle + iowait)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) -> ParallelRun:
+    """N adds started at once on distinct backends and images; wall seconds and failures, and a
+    breakdown: each add's CPU and blocking waits (wait4's rusage), when each exited, the CPU this
+    process's consumer threads and xenstored spent meanwhile, and the transaction conflicts
+    (EAGAIN) the daemon answered (fixture and consumers included)."""
     conflicts_before = _conflicts(libxl)
     backends = [
         libxl.create_backend(first_domid + i, 51712, str(img), "w", engine=not c.bash)
         for i, img in enumerate(images)
     ]
     consumers = [] if c.bash else [libxl.engine_consumer(be) for be in backends]
+    daemon_pid = libxl.xenstored.pid
+    daemon_before = _proc_cpu(daemon_pid)
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    idle_before = _idle()
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            c.argv("add"),
-            env=bash_env(libxl, be.relative) if c.bash else libxl.env("add", be),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    procs = {
+        p.pid: p
+        for p in (
+            subprocess.Popen(
+                c.argv("add"),
+                env=bash_env(libxl, be.relative) if c.bash else libxl.env("add", be),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for be in backends
         )
-        for be in backends
-    ]
-    codes = [p.wait(300) for p in procs]
+    }
+    reaped: list[tuple[int, float, resource.struct_rusage]] = []
+    while len(reaped) < len(procs):
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in procs:
+            procs[pid].returncode = os.waitstatus_to_exitcode(status)
+            reaped.append((procs[pid].returncode, time.perf_counter() - start, usage))
     wall = time.perf_counter() - start
-    conflicts = _conflicts(libxl) - conflicts_before
-    print(f"  {c.label}: {conflicts} transaction conflicts (EAGAIN) during the adds")
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    run = ParallelRun(wall, sum(code != 0 for code, _t, _u in reaped))
+    run.idle = _idle() - idle_before
+    run.daemon_cpu = _proc_cpu(daemon_pid) - daemon_before
+    run.bench_cpu = self_after.ru_utime + self_after.ru_stime - self_before.ru_utime - self_before.ru_stime
+    for _code, exited, usage in reaped:
+        run.cpu.append(usage.ru_utime + usage.ru_stime)
+        run.exits.append(exited)
+        run.voluntary.append(usage.ru_nvcsw)
+        run.involuntary.append(usage.ru_nivcsw)
+    run.conflicts = _conflicts(libxl) - conflicts_before
     for consumer in consumers:
         with contextlib.suppress(Exception):
             consumer.wait_opened(5)
@@ -522,7 +627,7 @@ def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) 
     for be in backends:
         _remove_any(libxl, c, be)
         libxl.store.rm(be.path)
-    return wall, sum(code != 0 for code in codes)
+    return run
 
 
 if __name__ == "__main__":
