@@ -247,6 +247,33 @@ def test_run_transaction_retries_the_first_conflict_at_once_then_backs_off(
     assert all(0 <= pause <= client_module._BACKOFF_CAP for pause in sleeps)
 
 
+def test_read_many_then_write_is_one_batch_whose_writes_an_abort_discards(store: XenStore) -> None:
+    """The guard's reads and the guarded writes go in one batch; a refusal raised after reading
+    aborts the transaction, and nothing it wrote (or removed) is seen."""
+    store.write_many({"/tx/g/state": "4", "/tx/g/old": "x"})
+
+    def refuse(tx: Transaction) -> None:
+        (state, missing), failure = tx.read_many_then_write(
+            ["/tx/g/state", "/tx/g/missing"], {"/tx/g/new": "1"}, remove=["/tx/g/old", "/tx/g/gone"]
+        )
+        assert (state, missing, failure) == ("4", None, None)
+        raise ValueError("the guard refuses")
+
+    with pytest.raises(ValueError, match="the guard refuses"):
+        store.run_transaction(refuse)
+    assert store.read_optional("/tx/g/new") is None
+    assert store.read("/tx/g/old") == "x"
+
+    def accept(tx: Transaction) -> None:
+        (state,), failure = tx.read_many_then_write(["/tx/g/state"], {"/tx/g/new": "1"}, remove=["/tx/g/old"])
+        assert state == "4"
+        assert failure is None
+
+    store.run_transaction(accept)
+    assert store.read("/tx/g/new") == "1"
+    assert store.read_optional("/tx/g/old") is None
+
+
 def test_run_transaction_does_not_retry_other_errors(store: XenStore) -> None:
     calls = 0
 

@@ -380,4 +380,3 @@ def test_rm_in_a_transaction_of_a_node_removed_outside_it(both_daemons: tuple[st
     ]
     rel = f"fz/{uuid.uuid4().hex[:12]}".encode()
     assert _run_session(our_path, rel, steps) == _run_session(c_path, rel, steps)
-

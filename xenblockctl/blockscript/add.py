@@ -198,14 +198,23 @@ def _publish(tx: Transaction, home: str, be: str, claimed: claim.Claimed, config
     """One transaction: the luid can never be seen without physical-device or the other way round.
     Re-checks the backend inside the transaction so a closing or deleted backend is not revived,
     and that mode and params are still the ones the device was opened from (the first read was
-    not transactional). Two batches: the checks, then every write.
+    not transactional). One batch: the checks' reads and every write (Transaction.
+    read_many_then_write); a refused check raises, and the abort discards the writes unseen.
 
     It also clears the backend's error node (`error/<backend path>`): the hand-off treats an error
     there as the consumer refusing, and libxl never deletes those nodes, so one left by an earlier
     backend at the same domain/devid (a refusal, a blkback failure) would fail this attach. Nothing
     can have reported an error for this backend yet: no consumer acts before physical-device."""
-    state, online, published, mode, params = tx.read_many(
-        [join(be, name) for name in ("state", "online", identity.PHYSICAL_DEVICE, "mode", "params")]
+    ident = claimed.device.identity
+    published_identity = PublishedIdentity(ident.major, ident.minor, ident.diskseq)
+    (state, online, published, mode, params), failure = tx.read_many_then_write(
+        [join(be, name) for name in ("state", "online", identity.PHYSICAL_DEVICE, "mode", "params")],
+        {
+            **{join(be, name): value for name, value in published_identity.nodes().items()},
+            join(be, identity.DEVICE_PATH): claimed.path,
+            join(be, identity.OWNER): claimed.owner.format(),
+        },
+        remove=[join(be, "hotplug-error"), *_stale_error_dir(home, be)],
     )
     if state is None:
         raise BackendGone(f"{be} vanished before publishing")
@@ -216,16 +225,8 @@ def _publish(tx: Transaction, home: str, be: str, claimed: claim.Claimed, config
         raise AlreadyPublished("another add published physical-device for this backend concurrently")
     if (mode, params) != config:
         raise BackendGone(f"{be} changed mode or params while the target was being opened (re-created?)")
-    ident = claimed.device.identity
-    published_identity = PublishedIdentity(ident.major, ident.minor, ident.diskseq)
-    tx.write_many(
-        {
-            **{join(be, name): value for name, value in published_identity.nodes().items()},
-            join(be, identity.DEVICE_PATH): claimed.path,
-            join(be, identity.OWNER): claimed.owner.format(),
-        },
-        remove=[join(be, "hotplug-error"), *_stale_error_dir(home, be)],
-    )
+    if failure is not None:
+        raise failure
 
 
 def _stale_error_dir(home: str, be: str) -> list[str]:
@@ -236,13 +237,17 @@ def _stale_error_dir(home: str, be: str) -> list[str]:
 
 def _mark_connected(tx: Transaction, be: str, published: str) -> None:
     """hotplug-status=connected, only while our published record stands: a remove (or gc) that ran
-    during the hand-off withdrew it, and writing it back would revive a detached device's record."""
-    state, record = tx.read_many([join(be, "state"), join(be, identity.OWNER)])
+    during the hand-off withdrew it, and writing it back would revive a detached device's record.
+    The write goes in the reads' batch; a refusal raises, and the abort discards it."""
+    (state, record), failure = tx.read_many_then_write(
+        [join(be, "state"), join(be, identity.OWNER)], {join(be, "hotplug-status"): "connected"}
+    )
     if state is None:
         raise BackendGone(f"{be} vanished during hand-off")
     if record != published:
         raise BackendGone(f"{be}: our owner record was withdrawn or replaced during the hand-off")
-    tx.write(join(be, "hotplug-status"), "connected")
+    if failure is not None:
+        raise failure
 
 
 def _confirm_existing(nodes: dict[str, str]) -> AddResult:

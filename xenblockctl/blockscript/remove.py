@@ -120,10 +120,15 @@ def _remove(
 
 def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     """Remove our nodes, but only if the record is still the one we acted on (a concurrent add
-    after a forced detach could have published a new one)."""
-    if tx.read_optional(join(be, OWNER)) != owner_text:
+    after a forced detach could have published a new one). The check's read and the removals go
+    in one batch; if the record changed, the abort undoes the removals unseen."""
+    ours = [join(be, name) for name in PUBLISHED]
+    (current,), failure = tx.read_many_then_write([join(be, OWNER)], {}, remove=ours)
+    if current != owner_text:
+        tx.abort()
         return
-    tx.rm_many([join(be, name) for name in PUBLISHED])
+    if failure is not None:
+        raise failure
 
 
 def _disconnect_unpublished_nbd(

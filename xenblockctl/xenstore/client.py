@@ -297,22 +297,42 @@ class _Operations:
         one batch (one round trip on a socket). All requests are sent even when one fails; the
         first failure is raised afterwards, so use it inside a transaction (the store version
         runs it in one) where a failure aborts all of them."""
-        requests = [
-            (wire.WRITE, _write_payload(path, encode_value(value)), f"write {path}")
-            for path, value in items.items()
-        ]
-        first_rm = len(requests)
-        for path in remove:
-            check_path(path)
-            requests.append((wire.RM, _arg(path), f"rm {path}"))
+        requests, first_rm = _write_requests(items, remove)
         if not requests:
             return
-        for i, reply in enumerate(self._request_many(requests)):
-            if isinstance(reply, XenstoreNoEntry) and i >= first_rm:
-                continue  # rm of a node that is already gone: what rm(missing_ok=True) accepts
-            if isinstance(reply, XenstoreError):
-                raise reply
+        failure = _first_write_failure(requests, self._request_many(requests), first_rm)
+        if failure is not None:
+            raise failure
+
+
+def _write_requests(
+    items: Mapping[str, str], remove: Iterable[str]
+) -> tuple[list[tuple[int, bytes, str]], int]:
+    """The WRITE requests of `items`, then the RM requests of `remove`; and where the RMs start."""
+    requests = [
+        (wire.WRITE, _write_payload(path, encode_value(value)), f"write {path}")
+        for path, value in items.items()
+    ]
+    first_rm = len(requests)
+    for path in remove:
+        check_path(path)
+        requests.append((wire.RM, _arg(path), f"rm {path}"))
+    return requests, first_rm
+
+
+def _first_write_failure(
+    requests: list[tuple[int, bytes, str]], replies: Sequence[bytes | XenstoreError], first_rm: int
+) -> XenstoreError | None:
+    for i, reply in enumerate(replies):
+        if isinstance(reply, XenstoreNoEntry) and i >= first_rm:
+            continue  # rm of a node that is already gone: what rm(missing_ok=True) accepts
+        if isinstance(reply, XenstoreError):
+            return reply
+        try:
             _ok(reply, requests[i][2])
+        except XenstoreError as exc:
+            return exc
+    return None
 
 
 class Transaction(_Operations):
@@ -341,6 +361,29 @@ class Transaction(_Operations):
         if not self._open:
             raise XenstoreInvalid(f"{requests[0][2] if requests else 'batch'}: transaction already ended")
         return self._store._send_many(requests, self._tx_id)
+
+    def read_many_then_write(
+        self, paths: Sequence[str], items: Mapping[str, str], *, remove: Iterable[str] = ()
+    ) -> tuple[list[str | None], XenstoreError | None]:
+        """read_many(paths), then write_many(items, remove=remove), in one batch (one round trip):
+        a guarded write whose guard is read in the same transaction. Nothing written is visible
+        before commit, so a caller whose reads refuse the writes raises, and the transaction's
+        abort discards them, as if they had never been sent. Returns the values (as read_many)
+        and the first write failure, not raised, so the caller's refusal takes precedence."""
+        for path in paths:
+            check_path(path)
+        requests, first_rm = _write_requests(items, remove)
+        reads = [(wire.READ, _arg(path), f"read {path}") for path in paths]
+        replies = self._request_many(reads + requests)
+        values: list[str | None] = []
+        for reply in replies[: len(reads)]:
+            if isinstance(reply, XenstoreNoEntry):
+                values.append(None)
+            elif isinstance(reply, XenstoreError):
+                raise reply
+            else:
+                values.append(decode_value(reply))
+        return values, _first_write_failure(requests, replies[len(reads) :], first_rm)
 
     def commit(self) -> None:
         """Raises TransactionConflict (EAGAIN) when another writer got in between; the
