@@ -1,8 +1,8 @@
 """The block script side by side (issue 18): ours, a stdlib-only floor, Xen's bash `block`, same xenstored.
 
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
-        [--daemon c|embedded] [--baseline-script OLD/hotplug/block-xenblockctl] [--python PY]
-        [--no-floor] [--site-shim] [--strace]
+        [--parallel-rounds 1] [--only-parallel] [--daemon c|embedded] [--python PY]
+        [--baseline-script OLD/hotplug/block-xenblockctl] [--no-floor] [--no-bash] [--site-shim] [--strace]
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
 as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
@@ -25,8 +25,10 @@ hand-off, by a forked child since issue 18's deferral) against the engine path, 
 script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with no and
 with `--existing` published backends (file and block-device target; the block device is a loop
 device bound beforehand; interleaved, the populated backends in a second daemon), with the ratio
-of the two, and `--parallel` adds started at once. The load average is printed before and after:
-the machine is shared, compare ratios.
+of the two, and `--parallel` adds started at once (`--parallel-rounds` interleaved rounds, the
+median shown, with where the time went: each add's CPU and blocking waits, the consumers' and
+xenstored's CPU, the host's idle time, EAGAIN replies; `--only-parallel` runs that row alone).
+The load average is printed before and after: the machine is shared, compare ratios.
 """
 
 from __future__ import annotations
