@@ -255,7 +255,7 @@ def backend_claims(
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
     `physical-device` names it. Whoever wrote a backend (we, Xen's stock script, another tool),
     its physical-device is read: the listings and those reads are pipelined (vbd.walk_backends,
-    READ_BATCH per send), so a dom0 with 128 backends pays 4 round trips and the daemon's cost of
+    READ_BATCH per send), so a dom0 with 128 backends pays 3 round trips and the daemon's cost of
     ~2 requests per backend (bench/README.md, issue 18); the full record only for the matches."""
     entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
     if devt is not None:
