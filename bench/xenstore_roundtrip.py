@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.xenstore_roundtrip [--iterations 1000]
 
 Starts Debian's C xenstored (stubbed, via tests/fixtures/cxenstored.py; skipped with a reason if
-unavailable) and the embedded `xenblockctl xenstored`, in the same run, and times per daemon:
+unavailable; without --trace-file, as production runs it: a trace costs ~60 us a request) and the
+embedded `xenblockctl xenstored`, in the same run, and times per daemon:
 
 - READ round trip through XenStore (deadline-guarded) over each of its links (threaded: pyxs's
   reader thread; synchronous: one socket, no thread) and through plain pyxs 0.4.1 (baseline:
@@ -47,7 +48,7 @@ def embedded_daemon() -> Iterator[str]:
 
 @contextmanager
 def c_daemon() -> Iterator[str]:
-    daemon = start_cxenstored(find_tools())
+    daemon = start_cxenstored(find_tools(), trace=False)
     try:
         yield str(daemon.socket)
     finally:

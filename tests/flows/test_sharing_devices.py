@@ -85,6 +85,47 @@ def test_stock_script_backend_without_luid_counts(libxl: Libxl, admin_loop: loop
     assert_busy(libxl, 5, params, "w", by=stock.path)
 
 
+#: Where the foreign publisher sits among the others (domains 200-317, one disk each, and 250 with
+#: ten more): (kind, its frontend domain, its devid).
+FOREIGN_PLACES = {
+    "vbd-second-disk-of-the-first-domain": ("vbd", 200, 51712 + 16 * 20),
+    "vbd-a-domain-of-its-own-listed-last": ("vbd", 400, 51712),
+    "vbd-last-disk-of-the-busy-domain": ("vbd", 250, 51712 + 16 * 11),
+    "vbd3": ("vbd3", 400, 51712),
+}
+
+
+@pytest.mark.parametrize("place", sorted(FOREIGN_PLACES))
+def test_foreign_backend_among_128_others_is_refused(
+    libxl: Libxl, admin_loop: loop.LoopDevice, place: str
+) -> None:
+    """The walk lists every backend directory and reads every physical-device whoever wrote it
+    (bench/README.md, issue 18: the pipelined walk): a backend another tool made, with nothing but
+    the public nodes (no owner record, no luid, no mode: Xen's stock script's shape, or less), is
+    found among 128 others, one per guest plus a guest with ten disks, and refuses the writer."""
+    params = f"/dev/loop{admin_loop.number}"
+    nodes: dict[str, str] = {}
+    for i in range(128):
+        domid, devid = (200 + i, 51712) if i < 118 else (250, 51712 + 16 * (i - 117))
+        be = f"/local/domain/0/backend/vbd/{domid}/{devid}"
+        nodes[f"{be}/physical-device"] = f"fd:{i:x}"  # other devices
+        nodes[f"{be}/mode"] = "w"
+        if i % 2:  # half with our identity nodes, half in the stock script's shape
+            nodes[f"{be}/physical-device-luid"] = f"{1000 + i:x}"
+    kind, domid, devid = FOREIGN_PLACES[place]
+    foreign = f"/local/domain/0/backend/{kind}/{domid}/{devid}"
+    nodes[f"{foreign}/physical-device"] = admin_loop.identity.physical_device
+    libxl.store.write_many(nodes)
+    others = {
+        f"/local/domain/0/backend/vbd/{d}/{n}"
+        for d in range(200, 318)
+        for n in libxl.store.ls(f"/local/domain/0/backend/vbd/{d}")
+    }
+    assert len(others - {foreign}) == 128
+    assert_busy(libxl, 5, params, "w", by=foreign)
+    assert_busy(libxl, 6, params, "r", by=foreign)  # the foreign mode is unknown: assumed writable
+
+
 def test_stale_backend_claim_on_an_older_binding_does_not_count(
     libxl: Libxl, admin_loop: loop.LoopDevice
 ) -> None:

@@ -253,34 +253,37 @@ def backend_claims(
     store: XenStore, home: str, own_backend: str, *, devt: int | None = None
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
-    `physical-device` names it (those nodes read in batches of READ_BATCH, one round trip each,
-    so a dom0 with many backends pays O(backends / READ_BATCH) round trips; the full record only
-    for the matches)."""
+    `physical-device` names it. Whoever wrote a backend (we, Xen's stock script, another tool),
+    its physical-device is read: the listings and those reads are pipelined (vbd.walk_backends,
+    READ_BATCH per send), so a dom0 with 128 backends pays 3 round trips and the daemon's cost of
+    ~2 requests per backend (bench/README.md, issue 18); the full record only for the matches."""
     entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
     if devt is not None:
-        publishing = _backends_publishing(store, entries, devt)
-        entries = [entry for entry in entries if entry.path in publishing]
+        entries = _backends_publishing(store, entries, devt)
     for entry in entries:
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
         for claim in _backend_claims(store, entry.path):
             yield claim._replace(frontend=frontend)
 
 
-#: Reads per pipelined batch: a batch is one send, and ~64 short READs stay far below any socket
-#: buffer, so neither side can block on the other while the batch is in flight.
-READ_BATCH = 64
+#: Reads per pipelined send (as vbd.LS_BATCH, and for the same reason: 256 reads of
+#: `<home>/backend/vbd/<domid>/<devid>/physical-device` are ~20 KiB, far inside a socket's send
+#: buffer, and both daemons read on while the replies wait, so the batch cannot deadlock).
+READ_BATCH = 256
 
 
-def _backends_publishing(store: XenStore, entries: list[BackendEntry], devt: int) -> set[str]:
-    """The backend paths among `entries` whose physical-device names `devt`."""
-    found = set()
+def _backends_publishing(store: XenStore, entries: list[BackendEntry], devt: int) -> list[BackendEntry]:
+    """The entries whose physical-device names `devt`, in order. A value names it exactly when it
+    is format_physical_device's text for it: parse_physical_device is that function's strict
+    inverse (lowercase, no leading zeros, so one spelling per number; anything else is malformed
+    and names no device), so comparing the text decides what parsing every value would, without
+    a record per backend that publishes something else (tests/unit/test_sharing_match.py)."""
+    wanted = identity.format_physical_device(os.major(devt), os.minor(devt))
+    found: list[BackendEntry] = []
     for start in range(0, len(entries), READ_BATCH):
         chunk = entries[start : start + READ_BATCH]
-        values = store.read_many([join(entry.path, identity.PHYSICAL_DEVICE) for entry in chunk])
-        for entry, text in zip(chunk, values, strict=True):
-            published = PublishedIdentity.named({identity.PHYSICAL_DEVICE: text})
-            if published is not None and published.devt == devt:
-                found.add(entry.path)
+        values = store.read_many([f"{entry.path}/{identity.PHYSICAL_DEVICE}" for entry in chunk])
+        found += [entry for entry, text in zip(chunk, values, strict=True) if text == wanted]
     return found
 
 

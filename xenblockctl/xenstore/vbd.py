@@ -11,7 +11,6 @@ from __future__ import annotations
 from xenblockctl.enums import IntEnum
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
-from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.numbers import is_decimal, uint_or_none
 from xenblockctl.xenstore.vdev import RESERVED, Vdev, VdevError
 
@@ -296,29 +295,32 @@ class BackendEntry(NamedTuple):
 def walk_backends(
     store: _Lister, home: str, *, kinds: tuple[str, ...] = BACKEND_KINDS
 ) -> Iterator[BackendEntry]:
-    """Every `<home>/backend/<kind>/<domid>/<devid>` directory (vbd and vbd3), in listing order;
-    a directory deleted while we walk is skipped, not an error."""
-    for kind in kinds:
-        kind_dir = f"{home.rstrip('/')}/backend/{kind}"
-        domids = _ls(store, kind_dir)
-        # The frontend domains' directories are listed in pipelined batches: a dom0 serving one
-        # disk to each of N guests would otherwise pay N round trips (every block-device add's
-        # sharing check walks here; bench/README.md, issue 18 round 3).
-        for start in range(0, len(domids), LS_BATCH):
-            chunk = domids[start : start + LS_BATCH]
-            listed = store.ls_many([f"{kind_dir}/{domid}" for domid in chunk])
-            for domid, devids in zip(chunk, listed, strict=True):
-                for devid in devids or ():
-                    yield BackendEntry(kind, domid, devid, f"{kind_dir}/{domid}/{devid}")
+    """Every `<home>/backend/<kind>/<domid>/<devid>` directory (vbd, then vbd3), in listing order;
+    a directory deleted while we walk is skipped, not an error.
+
+    Two pipelined exchanges for any number of backends up to LS_BATCH frontend domains (every
+    block-device add's sharing check walks here; bench/README.md, issue 18): the kinds' directories
+    in one (a dom0 without vbd3 backends pays no round trip of its own for that), then every frontend
+    domain's directory of every kind, LS_BATCH per send. Listing order and the skipping of a missing
+    directory are the one-listing-at-a-time walk's."""
+    root = home.rstrip("/")
+    kind_dirs = [f"{root}/backend/{kind}" for kind in kinds]
+    domain_dirs = [
+        (kind, domid, f"{kind_dir}/{domid}")
+        for kind, kind_dir, domids in zip(kinds, kind_dirs, store.ls_many(kind_dirs), strict=True)
+        for domid in domids or ()
+    ]
+    for start in range(0, len(domain_dirs), LS_BATCH):
+        chunk = domain_dirs[start : start + LS_BATCH]
+        listed = store.ls_many([path for _kind, _domid, path in chunk])
+        for (kind, domid, path), devids in zip(chunk, listed, strict=True):
+            for devid in devids or ():
+                yield BackendEntry(kind, domid, devid, f"{path}/{devid}")
 
 
-#: Listings per pipelined batch (as sharing.READ_BATCH: one send of short requests, so neither
-#: side can block on the other while the batch is in flight).
-LS_BATCH = 64
-
-
-def _ls(store: _Lister, path: str) -> list[str]:
-    try:
-        return store.ls(path)
-    except XenstoreNoEntry:
-        return []
+#: Listings per pipelined send. Both daemons read a privileged socket's requests while its replies
+#: wait unsent (the C daemon's output list; the embedded one's queue, up to READ_PAUSE_BYTES), so a
+#: batch cannot deadlock as long as its requests fit in the socket's send buffer (~208 KiB by
+#: default) and sendall() returns: 256 listings of `<home>/backend/vbd/<domid>` are ~15 KiB. On the
+#: xenbus device (a driver domain) requests go one at a time anyway (synchronous.py).
+LS_BATCH = 256

@@ -95,6 +95,18 @@ def _get_node(req: Request, path: str, want: int) -> Node:
     raise XsError(errno.EACCES)
 
 
+def _node_to_write(req: Request, path: str) -> Node | None:
+    """The node if the caller may write it; None if it is missing and the caller could create it
+    (ENOENT from _get_node); EACCES and the rest raise as there. write, mkdir and rm differ only
+    in what they do with a missing node."""
+    try:
+        return _get_node(req, path, WRITE)
+    except XsError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return None
+
+
 def _create_node(req: Request, path: str, value: bytes) -> Node:
     """Create `path` and any missing parents (empty values, the parent's permissions; an
     unprivileged creator becomes the owner), as `construct_node`/`create_node` do."""
@@ -208,11 +220,8 @@ def op_write(req: Request) -> bytes:
         raise XsError(errno.EINVAL)
     value = payload[len(strings[0]) + 1 :]
     path = _resolve(req, strings[0])
-    try:
-        node = _get_node(req, path, WRITE)
-    except XsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    node = _node_to_write(req, path)
+    if node is None:
         node = _create_node(req, path, value)
     else:
         node = node.with_value(value)
@@ -223,11 +232,7 @@ def op_write(req: Request) -> bytes:
 
 def op_mkdir(req: Request) -> bytes:
     path = _resolve(req, onearg(req.frame.payload))
-    try:
-        _get_node(req, path, WRITE)
-    except XsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    if _node_to_write(req, path) is None:
         node = _create_node(req, path, b"")
         req.view.fire(path, exact=False, perms=node.perms)
     return OK
@@ -235,15 +240,11 @@ def op_mkdir(req: Request) -> bytes:
 
 def op_rm(req: Request) -> bytes:
     path = _resolve(req, onearg(req.frame.payload))
-    try:
-        _get_node(req, path, WRITE)
-    except XsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    if _node_to_write(req, path) is None:
         # Removing what is not there is fine, as long as the parent exists.
         if req.view.get(paths.parent(path)) is not None:
             return OK
-        raise
+        raise XsError(errno.ENOENT)
     if path == "/":
         raise XsError(errno.EINVAL)
     rm_node(req.view, path)
