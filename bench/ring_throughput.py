@@ -30,6 +30,7 @@ a child process (its own GIL), as a guest would; otherwise both sides share one 
 from __future__ import annotations
 
 import argparse
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -37,9 +38,11 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.batch_frontend import BatchFrontend
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
@@ -70,19 +73,36 @@ def _offsets(w: Workload, size: int, seed: int = 1) -> list[int]:
     return [rnd.randrange(slots) * w.block for _ in range(20_000)]
 
 
-def direct(fd: int, w: Workload, size: int, seconds: float) -> tuple[float, float]:
-    """Requests per second of a plain preadv loop, and its CPU µs per request."""
-    buf = bytearray(w.block)
-    offsets = _offsets(w, size)
+def direct(
+    fd: int, w: Workload, size: int, seconds: float, *, footprint: bool = False
+) -> tuple[float, float]:
+    """Requests per second of a plain preadv loop, and its CPU µs per request. One buffer reused
+    (warm in the CPU's caches), or with `footprint` QD buffers of `block` bytes in one mapping,
+    request i into buffer i % QD: the memory the frontend's pages span, which the engine copies to."""
+    n_buf = w.qd if footprint else 1
+    area = mmap.mmap(-1, n_buf * w.block)
+    view = memoryview(area)
+    bufs = [view[i * w.block : (i + 1) * w.block] for i in range(n_buf)]
+    # the same loop for both: only the buffers differ
+    pairs = [(off, [bufs[i % n_buf]]) for i, off in enumerate(_offsets(w, size))]
+    preadv = os.preadv
     cpu0 = time.thread_time()
     n = 0
     start = time.perf_counter()
     end = start + seconds
     while time.perf_counter() < end:
-        for off in offsets[n % len(offsets) : n % len(offsets) + 64]:
-            os.preadv(fd, [buf], off)
-        n += 64
-    return n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
+        at = n % len(pairs)
+        chunk = pairs[at : at + 64]
+        for off, iov in chunk:
+            preadv(fd, iov, off)
+        n += len(chunk)  # not 64: the last chunk of the list is shorter
+    rate, cpu = n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
+    del pairs
+    for b in bufs:
+        b.release()
+    view.release()
+    area.close()
+    return rate, cpu
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,7 @@ def _child(
     conn: multiprocessing.connection.Connection,
     *,
     persistent: bool,
+    frontend: str = "python",
 ) -> None:
     size = os.stat(image).st_size
     with LocalFrontend(
@@ -158,9 +179,46 @@ def _child(
     ) as fe:
         conn.send(fe.xenstore_nodes())
         conn.recv()  # backend connected
+        conn.send(
+            frontend_work(
+                fe,
+                image,
+                w,
+                size=size,
+                seconds=seconds,
+                frontend=frontend,
+                verified=lambda: conn.send("verified"),
+            )
+        )
+
+
+def frontend_work(
+    fe: LocalFrontend,
+    image: str,
+    w: Workload,
+    *,
+    size: int,
+    seconds: float,
+    frontend: str,
+    verified: Callable[[], None],
+) -> Run:
+    """Check data, call `verified()`, then the timed run, on the `python` frontend (LocalFrontend's
+    submit_read/collect per request) or the `batch` one (bench/batch_frontend.py: prebuilt slots
+    copied in batches, answers checked in bulk, data checked before and after the timing)."""
+    if frontend == "python":
         verify(fe, image, w, size)
-        conn.send("verified")
-        conn.send(frontend_run(fe, w, size, seconds))
+        verified()
+        return frontend_run(fe, w, size, seconds)
+    batch = BatchFrontend(fe, w.block, w.qd, _offsets(w, size))
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        batch.warm_and_verify(fd)
+        verified()
+        done, elapsed, cpu = batch.run(seconds)
+        batch.verify(fd)
+    finally:
+        os.close(fd)
+    return Run(done / elapsed, cpu / done * 1e6)
 
 
 def _params(nodes: dict[str, str]) -> RingParams:
@@ -195,14 +253,16 @@ def engine(
     in_child: bool,
     persistent: bool = False,
     native: bool = False,
+    frontend: str = "python",
 ) -> Run:
+    """One engine row. `frontend`: see frontend_work."""
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
         proc = ctx.Process(
             target=_child,
             args=(transport.socket_path, image, w, seconds, child_end),
-            kwargs={"persistent": persistent},
+            kwargs={"persistent": persistent, "frontend": frontend},
         )
         proc.start()
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
@@ -243,10 +303,17 @@ def engine(
         dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
         dp.start()
         try:
-            verify(fe, image, w, target.size_bytes)
-            served, cpu0 = dp.stats.requests, _cpu()
-            run = frontend_run(fe, w, target.size_bytes, seconds)
-            served, cpu = dp.stats.requests - served, _cpu() - cpu0
+            mark: list[tuple[int, float]] = []
+            run = frontend_work(
+                fe,
+                image,
+                w,
+                size=target.size_bytes,
+                seconds=seconds,
+                frontend=frontend,
+                verified=lambda: mark.append((dp.stats.requests, _cpu())),
+            )
+            served, cpu = dp.stats.requests - mark[0][0], _cpu() - mark[0][1]
             # one process: the engine's share is the process total minus the frontend thread's
             engine_cpu = cpu / served * 1e6 - run.frontend_cpu_us
         finally:
@@ -291,6 +358,12 @@ def main() -> int:
         "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
     )
     ap.add_argument(
+        "--frontend",
+        default="batch",
+        help="comma-separated frontends per row: batch (prebuilt slots copied in batches, answers"
+        " checked in bulk: bench/batch_frontend.py), python (LocalFrontend's submit_read/collect)",
+    )
+    ap.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -307,6 +380,9 @@ def main() -> int:
         for x in args.persistent.split(",")
     ]
     natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
+    frontends = args.frontend.split(",")
+    if set(frontends) - {"batch", "python"}:
+        ap.error(f"--frontend: batch and/or python, not {args.frontend}")
     if not fastpath.available() and True in natives:
         print(f"native rows skipped: {fastpath.describe(True)}")
         natives = [False]
@@ -346,13 +422,17 @@ def main() -> int:
             chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
             for w in chosen:
                 base, base_cpu = direct(fd, w, size, args.seconds)
+                wide, wide_cpu = direct(fd, w, size, args.seconds, footprint=True)
                 print(f"\n{w.name}")
-                mib = base * w.block / 2**20
-                print(
-                    f"  {'direct preadv (1 thread)':<48} {base:>10.0f} IOPS {mib:>8.1f} MiB/s"
-                    f"{'':16}CPU/request: {base_cpu:.1f} µs"
-                )
-                for n in workers:
+                for label, rate, cpu in (
+                    ("direct preadv (1 thread, 1 buffer)", base, base_cpu),
+                    (f"direct preadv (1 thread, {w.qd} buffers)", wide, wide_cpu),
+                ):
+                    print(
+                        f"  {label:<48} {rate:>10.0f} IOPS {rate * w.block / 2**20:>8.1f} MiB/s"
+                        f"{'':16}CPU/request: {cpu:.1f} µs"
+                    )
+                for n, frontend in ((n, f) for n in workers for f in frontends):
                     for persistent, pages in modes:
                         for native in natives if persistent else natives[:1]:
                             run = engine(
@@ -365,15 +445,19 @@ def main() -> int:
                                 in_child=args.frontend_process,
                                 persistent=persistent,
                                 native=native and persistent,
+                                frontend=frontend,
                             )
                             label = f"engine, {n} workers" if n else "engine, inline I/O"
                             label += ", persistent" if persistent else f", {mode_labels[pages]}"
                             label += ", native" if native and persistent else ", python"
+                            if len(frontends) > 1:
+                                label += f", {frontend} frontend"
                             maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
                             rate_mib = run.rate * w.block / 2**20
                             print(
                                 f"  {label:<48} {run.rate:>10.0f} IOPS {rate_mib:>8.1f} MiB/s"
-                                f"   ratio {run.rate / base:.3f}   CPU/request: engine "
+                                f"   ratio {run.rate / base:.3f} (to {w.qd} buffers {run.rate / wide:.3f})"
+                                f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
                                 f"{run.requests / max(run.notifies, 1):.1f} requests per event"
