@@ -64,7 +64,7 @@ import operator
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xenblockctl.backend.blkif import PAGE_SIZE
@@ -373,6 +373,18 @@ class GrantCache:
         evicts (and close(), after the ring thread stopped), so every page it finds stays mapped
         while it runs; it also holds a buffer export on each view it uses. Read only."""
         return self._pages
+
+    def index_pages(
+        self, make: Callable[[dict[int, memoryview]], dict[int, memoryview]]
+    ) -> dict[int, memoryview]:
+        """Hold the page views in `make(views)` from now on: a dict with the same items that the
+        native fast path indexes (backend/_fastpass.c's Pages, a dict subclass keeping a buffer
+        export on each page it has looked up). This cache changes the dict only with `pop` and
+        item assignment, which drop that export first, so a page is still released before it is
+        unmapped. Returns what native_pages() returns from then on."""
+        with self._lock:
+            self._pages = make(self._pages)
+            return self._pages
 
     def note_used(self, refs: Sequence[int]) -> None:
         """The native fast path served requests from these cached pages (in order): count the hits
