@@ -37,6 +37,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.transport.local import LocalTransport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool
+from xenblockctl.journal import Journal
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,224 @@ def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
     return (-1 if cache is None else cache.stats.maps), dp.stats.requests, dp.stats.notifies
 
 
+# --- several queues on several CPUs (--queues N) --------------------------------------------------------
+def _direct_child(
+    image: str,
+    w: Workload,
+    seconds: float,
+    barrier: threading.Barrier,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        barrier.wait()
+        conn.send(direct(fd, w, os.fstat(fd).st_size, seconds))
+    finally:
+        os.close(fd)
+
+
+def direct_parallel(
+    image: str, w: Workload, seconds: float, n: int, *, processes: bool
+) -> tuple[float, float]:
+    """Aggregate requests per second of `n` direct preadv loops (one buffer each, as `direct`)
+    running at once, on n threads of this process or in n processes; and their mean CPU µs per
+    request."""
+    size = os.stat(image).st_size
+    if not processes:
+        rates = [(0.0, 0.0)] * n
+        fds = [os.open(image, os.O_RDONLY | os.O_CLOEXEC) for _ in range(n)]
+
+        def loop(i: int) -> None:
+            rates[i] = direct(fds[i], w, size, seconds)
+
+        try:
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return sum(r for r, _cpu in rates), sum(cpu for _r, cpu in rates) / n
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    pipes = [ctx.Pipe() for _ in range(n)]
+    procs = [ctx.Process(target=_direct_child, args=(image, w, seconds, barrier, c)) for _p, c in pipes]
+    for proc in procs:
+        proc.start()
+    try:
+        total = cpu = 0.0
+        for parent, child in pipes:
+            child.close()
+            if not parent.poll(seconds + 60):
+                raise SystemExit("a direct preadv process stopped answering")
+            rate, per = parent.recv()
+            total, cpu = total + rate, cpu + per / n
+        return total, cpu
+    finally:
+        for proc in procs:
+            proc.join(30)
+
+
+def _queue_child(  # noqa: PLR0917 (a multiprocessing target takes positional args)
+    sock: str,
+    image: str,
+    w: Workload,
+    seconds: float,
+    queue: int,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    """One queue's frontend (the batch frontend, persistent grants): its own process, as blkfront
+    drives each queue from its own CPU."""
+    size = os.stat(image).st_size
+    with LocalFrontend(
+        sock, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd, persistent=True
+    ) as fe:
+        conn.send(fe.xenstore_nodes())
+        conn.recv()  # served
+        batch = BatchFrontend(fe, w.block, w.qd, _offsets(w, size, seed=1 + queue))
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            batch.warm_and_verify(fd)
+            conn.send("verified")
+            conn.recv()  # every queue verified: all start together
+            done, elapsed, cpu = batch.run(seconds)
+            batch.verify(fd)
+        finally:
+            os.close(fd)
+        conn.send(Run(done / elapsed, cpu / done * 1e6))
+
+
+def multi_queue(
+    transport: LocalTransport,
+    target: DeviceTarget,
+    image: str,
+    w: Workload,
+    *,
+    queues: int,
+    seconds: float,
+    engine_workers: int,
+    io_workers: int,
+) -> tuple[float, float, float]:
+    """`queues` rings of one disk (domain 1), each driven by its own frontend process at QD `w.qd`,
+    served with the native pass by DataPlanes in this process (`engine_workers` 0: threads sharing
+    one GIL) or by a WorkerPool of `engine_workers` processes (`xenblockctl backend --workers N`).
+    Returns (aggregate requests/s, engine CPU µs per request, frontend CPU µs per request)."""
+    from bench.many_disks import _cpu  # many_disks imports this module: not at the top
+
+    ctx = multiprocessing.get_context("spawn")
+    pool = WorkerPool(engine_workers, transport, Journal("bench-engine")) if engine_workers else None
+    conns: list[multiprocessing.connection.Connection] = []
+    procs = []
+    planes: list[DataPlane | RemoteQueue] = []
+
+    def receive(conn: multiprocessing.connection.Connection) -> object:
+        if not conn.poll(seconds + 60):
+            raise SystemExit("a frontend process stopped answering")
+        return conn.recv()
+
+    try:
+        for q in range(queues):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_queue_child, args=(transport.socket_path, image, w, seconds, q, child))
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        for q, conn in enumerate(conns):
+            nodes = receive(conn)
+            assert isinstance(nodes, dict)
+            params = _params(nodes)
+            if pool is not None:
+                planes.append(
+                    pool.serve(
+                        domid=1,
+                        params=params,
+                        target=target,
+                        limits=target.limits(),
+                        name=f"bench-q{q}",
+                        io_workers=io_workers,
+                        max_persistent_grants=1056,
+                        on_broken=None,
+                        native=True,
+                    )
+                )
+            else:
+                planes.append(_data_plane(transport, nodes, target, workers=io_workers, native=True))
+        for dp in planes:
+            dp.start()
+        for conn in conns:
+            conn.send("served")
+        for conn in conns:
+            receive(conn)  # verified
+        cpu0 = _cpu(pool)
+        for conn in conns:
+            conn.send("go")
+        runs = [receive(conn) for conn in conns]
+        cpu = _cpu(pool) - cpu0
+    finally:
+        for dp in planes:
+            dp.request_stop()
+        for dp in planes:
+            dp.stop()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if pool is not None:
+            pool.close()
+    assert all(isinstance(r, Run) for r in runs)
+    rate = sum(r.rate for r in runs if isinstance(r, Run))
+    # the engine's CPU over the timed run, over the requests answered in it (rate x the run's length)
+    frontend_us = sum(r.frontend_cpu_us for r in runs if isinstance(r, Run)) / len(runs)
+    return rate, cpu / (rate * seconds) * 1e6, frontend_us
+
+
+def main_multi_queue(args: argparse.Namespace, image: str, fd: int, target: DeviceTarget) -> None:
+    w = WORKLOADS[int(args.only.split(",")[0]) - 1] if args.only else WORKLOADS[0]
+    n = args.queues
+    io_workers = int(args.workers.split(",")[0])
+    print(f"\n{w.name} per queue, {n} queues, {len(os.sched_getaffinity(0))} CPUs, {io_workers} I/O workers")
+    size = os.fstat(fd).st_size
+    rows = {
+        "direct preadv (1 thread)": direct(fd, w, size, args.seconds),
+        f"direct preadv ({n} threads)": direct_parallel(image, w, args.seconds, n, processes=False),
+        f"direct preadv ({n} processes)": direct_parallel(image, w, args.seconds, n, processes=True),
+    }
+    for label, (rate, cpu) in rows.items():
+        print(f"  {label:<52} {rate:>10.0f} IOPS{'':43}CPU/request: {cpu:.1f} µs")
+    base = rows["direct preadv (1 thread)"][0]
+    threads = rows[f"direct preadv ({n} threads)"][0]
+    procs = rows[f"direct preadv ({n} processes)"][0]
+    transport = LocalTransport(str(Path(image).with_name("grants-mq.sock")))
+    try:
+        for engine_workers in (0, n):
+            rate, engine_us, frontend_us = multi_queue(
+                transport,
+                target,
+                image,
+                w,
+                queues=n,
+                seconds=args.seconds,
+                engine_workers=engine_workers,
+                io_workers=io_workers,
+            )
+            label = f"engine, {n} queues, " + (
+                f"{engine_workers} worker processes" if engine_workers else "one process"
+            )
+            print(
+                f"  {label:<52} {rate:>10.0f} IOPS   ratio to {n} threads {rate / threads:.3f},"
+                f" {n} processes {rate / procs:.3f}, 1 thread {rate / base:.3f}"
+                f"   CPU/request: engine {engine_us:.1f} µs,"
+                f" frontend {frontend_us:.1f} µs",
+                flush=True,
+            )
+    finally:
+        transport.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -369,6 +590,15 @@ def main() -> int:
         default=None,
         help="sys.setswitchinterval() in seconds (CPython default 0.005): GIL hand-off latency between "
         "the ring thread, I/O workers and an in-process frontend",
+    )
+    ap.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        help="N > 1: instead of the rows above, one workload (--only, default 4 KiB) on N queues of one"
+        " disk, a frontend process each, the native pass in one process and in N worker processes,"
+        " against N direct preadv loops (threads and processes); --workers' first value is the I/O"
+        " workers per queue",
     )
     args = ap.parse_args()
     if args.switch_interval is not None:
@@ -419,6 +649,9 @@ def main() -> int:
                 f"{args.seconds:.0f} s per row, switch interval {sys.getswitchinterval() * 1e3:.1f} ms, "
                 f"load average {os.getloadavg()[0]:.1f}"
             )
+            if args.queues > 1:
+                main_multi_queue(args, str(image), fd, target)
+                return 0
             chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
             for w in chosen:
                 base, base_cpu = direct(fd, w, size, args.seconds)
