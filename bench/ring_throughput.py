@@ -1,13 +1,17 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on,copy,map] [--native off,on]
+        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
 
-- `direct preadv`: one thread, preadv into a buffer at the same offsets: the floor.
-- `engine, N workers`: a LocalFrontend submits through the ring; the DataPlane validates, maps the
+- `direct preadv (1 thread, 1 buffer)`: one thread, preadv into one buffer at the same offsets: the
+  floor, and what every `ratio` is against (the issue's "direct preadv").
+- `direct preadv (1 thread, QD buffers)`: the same loop into QD buffers of the request size in
+  turn, the memory the frontend's pages span (the engine copies into a different buffer per
+  request; one buffer stays warm in the CPU's caches): the `(to QD buffers ...)` ratio.
+- `engine, N workers`: a frontend submits through the ring; the DataPlane validates, maps the
   grant pages and preadv's straight into them on N worker threads (0 = inline on the ring thread).
   `persistent` rows: the frontend negotiates feature-persistent and the data plane goes through its
   grant cache (backend/grantcache.py); `per-request` rows: it does not (on the local transport the
@@ -17,9 +21,21 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
   grants, the data pages copied (backend/grantcopy.py) or mapped per request: the Xen transport's
   two paths, on a transport whose copy is a memcpy and whose map is a slice (no hypercalls).
 
+`--frontend`: `batch` (the default, bench/batch_frontend.py) prebuilds each workload's request slots
+once and moves them in and out of the ring a batch at a time, answers checked with one compare and
+the data against the file before and after the timing: its CPU per request (printed) is a fraction
+of the engine's, as a kernel blkfront's is. `python` is LocalFrontend's submit_read/collect, ~3.5 µs
+of Python per request, which bounded the ratios before (kept for comparison).
+
 `--native off,on` (the default: both) runs each persistent row on the pure-Python ring pass
-(`python`) and on the native fast path (`native`, backend/fastpath.py; it applies to persistent
+(`python`) and on the native fast path (`native`, backend/fastpath.py; `dict`: the same with the
+page lookup this replaced, for an A/B in one run; it applies to persistent
 grants only, so other rows run once, in Python).
+
+`--queues N` (N > 1) runs one workload (`--only`, default 4 KiB) on N queues of one disk instead,
+each driven by its own batch-frontend process, served with the native pass in this process (threads
+sharing one GIL) and in N worker processes (backend/workers.py, `xenblockctl backend --workers N`),
+against N direct preadv loops at once on N threads and on N processes.
 
 The file is filled with data and read once first, so both sides read from the page cache: the ratio
 measures our per-request software cost, not the disk. With `--frontend-process` the frontend runs in
@@ -576,7 +592,10 @@ def main() -> int:
         " copy / map (per-request on the Xen transport's grant copy / per-request mapping paths)",
     )
     ap.add_argument(
-        "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
+        "--native",
+        default="off,on",
+        help="ring passes: off (pure Python), on (native fast path), dict (native, the grant cache's"
+        " pages looked up in its dict per page instead of its C index: the lookup before it)",
     )
     ap.add_argument(
         "--frontend",
@@ -609,13 +628,15 @@ def main() -> int:
         {"off": (False, "table"), "on": (True, "table"), "copy": (False, "copy"), "map": (False, "map")}[x]
         for x in args.persistent.split(",")
     ]
-    natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
+    natives = args.native.split(",")
+    if set(natives) - {"off", "on", "dict"}:
+        ap.error(f"--native: off, on and/or dict, not {args.native}")
     frontends = args.frontend.split(",")
     if set(frontends) - {"batch", "python"}:
         ap.error(f"--frontend: batch and/or python, not {args.frontend}")
-    if not fastpath.available() and True in natives:
+    if not fastpath.available() and set(natives) - {"off"}:
         print(f"native rows skipped: {fastpath.describe(True)}")
-        natives = [False]
+        natives = ["off"]
     mode_labels = {"table": "per-request", "copy": "per-request, grant copy", "map": "per-request, mapped"}
 
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
@@ -667,7 +688,9 @@ def main() -> int:
                     )
                 for n, frontend in ((n, f) for n in workers for f in frontends):
                     for persistent, pages in modes:
-                        for native in natives if persistent else natives[:1]:
+                        for pass_ in natives if persistent else natives[:1]:
+                            native = pass_ != "off"
+                            fastpath.INDEX_PAGES = pass_ != "dict"
                             run = engine(
                                 transports[pages],
                                 target,
@@ -682,7 +705,10 @@ def main() -> int:
                             )
                             label = f"engine, {n} workers" if n else "engine, inline I/O"
                             label += ", persistent" if persistent else f", {mode_labels[pages]}"
+                            fastpath.INDEX_PAGES = True
                             label += ", native" if native and persistent else ", python"
+                            if pass_ == "dict" and persistent:
+                                label += " (dict lookup)"
                             if len(frontends) > 1:
                                 label += f", {frontend} frontend"
                             maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
