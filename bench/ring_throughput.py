@@ -46,6 +46,7 @@ a child process (its own GIL), as a guest would; otherwise both sides share one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -134,6 +135,10 @@ class Run:
     grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
     requests: int = 0  # requests the data plane served in the whole run
     notifies: int = 0  # events the data plane sent in the whole run (one per ring pass at most)
+    #: direct preadv rates measured in slices between the engine's (--slices; 0: not interleaved):
+    #: one buffer, and QD buffers in turn
+    direct: float = 0.0
+    direct_wide: float = 0.0
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -186,6 +191,7 @@ def _child(
     *,
     persistent: bool,
     frontend: str = "python",
+    slices: int = 1,
 ) -> None:
     size = os.stat(image).st_size
     with LocalFrontend(
@@ -207,6 +213,9 @@ def _child(
                 seconds=seconds,
                 frontend=frontend,
                 verified=lambda: conn.send("verified"),
+                slices=slices,
+                between=conn.recv,
+                after=lambda: conn.send("slice"),
             )
         )
 
@@ -220,10 +229,15 @@ def frontend_work(
     seconds: float,
     frontend: str,
     verified: Callable[[], None],
+    slices: int = 1,
+    between: Callable[[], object] | None = None,
+    after: Callable[[], None] | None = None,
 ) -> Run:
     """Check data, call `verified()`, then the timed run, on the `python` frontend (LocalFrontend's
     submit_read/collect per request) or the `batch` one (bench/batch_frontend.py: prebuilt slots
-    copied in batches, answers checked in bulk, data checked before and after the timing)."""
+    copied in batches, answers checked in bulk, data checked before and after the timing). The
+    batch frontend runs in `slices` parts, each after `between()` returns and followed by
+    `after()` (the engine's process runs its direct loop between them)."""
     if frontend == "python":
         verify(fe, image, w, size)
         verified()
@@ -233,7 +247,14 @@ def frontend_work(
     try:
         batch.warm_and_verify(fd)
         verified()
-        done, elapsed, cpu = batch.run(seconds)
+        done, elapsed, cpu = 0, 0.0, 0.0
+        for _ in range(slices):
+            if between is not None:
+                between()
+            d, e, c = batch.run(seconds / slices)
+            done, elapsed, cpu = done + d, elapsed + e, cpu + c
+            if after is not None:
+                after()
         batch.verify(fd)
     finally:
         os.close(fd)
@@ -273,15 +294,21 @@ def engine(
     persistent: bool = False,
     native: bool = False,
     frontend: str = "python",
+    slices: int = 0,
+    device_fd: int = -1,
 ) -> Run:
-    """One engine row. `frontend`: see frontend_work."""
+    """One engine row. `frontend`: see frontend_work. `slices` > 0 (batch frontend in a child
+    process): the timed run is cut into that many slices, and before each one this process runs
+    the direct preadv loops on `device_fd` (one buffer, then QD buffers) for half a slice each, so
+    each row has its own baseline measured alongside it, under the same load."""
+    interleave = in_child and frontend == "batch" and slices > 0
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
         proc = ctx.Process(
             target=_child,
             args=(transport.socket_path, image, w, seconds, child_end),
-            kwargs={"persistent": persistent, "frontend": frontend},
+            kwargs={"persistent": persistent, "frontend": frontend, "slices": slices if interleave else 1},
         )
         proc.start()
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
@@ -299,10 +326,31 @@ def engine(
             try:
                 parent.send("go")
                 receive()  # verified
-                served, cpu0 = dp.stats.requests, _cpu()
-                run = receive()
-                assert isinstance(run, Run)
-                served, cpu = dp.stats.requests - served, _cpu() - cpu0
+                if interleave:
+                    served = 0
+                    cpu = direct1 = wide = 0.0
+                    for k in range(slices):
+                        # alternate which baseline goes first, so neither always follows the engine
+                        for wide_first in (False, True) if k % 2 else (True, False):
+                            rate = direct(
+                                device_fd, w, target.size_bytes, seconds / slices / 2, footprint=wide_first
+                            )
+                            if wide_first:
+                                wide += rate[0] / slices
+                            else:
+                                direct1 += rate[0] / slices
+                        before, cpu0 = dp.stats.requests, _cpu()
+                        parent.send("slice")
+                        receive()  # its slice is done, every request answered
+                        served, cpu = served + dp.stats.requests - before, cpu + _cpu() - cpu0
+                    run = receive()
+                    assert isinstance(run, Run)
+                    run = dataclasses.replace(run, direct=direct1, direct_wide=wide)
+                else:
+                    served, cpu0 = dp.stats.requests, _cpu()
+                    run = receive()
+                    assert isinstance(run, Run)
+                    served, cpu = dp.stats.requests - served, _cpu() - cpu0
             finally:
                 dp.stop()
         finally:
@@ -310,7 +358,14 @@ def engine(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6, *_grant_counts(dp))
+        return Run(
+            run.rate,
+            run.frontend_cpu_us,
+            cpu / served * 1e6,
+            *_grant_counts(dp),
+            direct=run.direct,
+            direct_wide=run.direct_wide,
+        )
     with LocalFrontend(
         transport.socket_path,
         1,
@@ -533,46 +588,61 @@ def multi_queue(
 
 
 def main_multi_queue(args: argparse.Namespace, image: str, fd: int, target: DeviceTarget) -> None:
+    """The --queues rows. The direct loops run before, between and after the engine rows (half a
+    row's time each); each engine row's ratios are against the mean of the two sets around it."""
     w = WORKLOADS[int(args.only.split(",")[0]) - 1] if args.only else WORKLOADS[0]
     n = args.queues
     io_workers = int(args.workers.split(",")[0])
     print(f"\n{w.name} per queue, {n} queues, {len(os.sched_getaffinity(0))} CPUs, {io_workers} I/O workers")
     size = os.fstat(fd).st_size
-    rows = {
-        "direct preadv (1 thread)": direct(fd, w, size, args.seconds),
-        f"direct preadv ({n} threads)": direct_parallel(image, w, args.seconds, n, processes=False),
-        f"direct preadv ({n} processes)": direct_parallel(image, w, args.seconds, n, processes=True),
-    }
-    for label, (rate, cpu) in rows.items():
-        print(f"  {label:<52} {rate:>10.0f} IOPS{'':43}CPU/request: {cpu:.1f} µs")
-    base = rows["direct preadv (1 thread)"][0]
-    threads = rows[f"direct preadv ({n} threads)"][0]
-    procs = rows[f"direct preadv ({n} processes)"][0]
+    labels = ("1 thread", f"{n} threads", f"{n} processes")
+
+    def baselines() -> list[tuple[float, float]]:
+        half = args.seconds / 2
+        return [
+            direct(fd, w, size, half),
+            direct_parallel(image, w, half, n, processes=False),
+            direct_parallel(image, w, half, n, processes=True),
+        ]
+
+    sets = [baselines()]
+    engines = []
     transport = LocalTransport(str(Path(image).with_name("grants-mq.sock")))
     try:
         for engine_workers in (0, n):
-            rate, engine_us, frontend_us = multi_queue(
-                transport,
-                target,
-                image,
-                w,
-                queues=n,
-                seconds=args.seconds,
-                engine_workers=engine_workers,
-                io_workers=io_workers,
+            engines.append(
+                (
+                    engine_workers,
+                    multi_queue(
+                        transport,
+                        target,
+                        image,
+                        w,
+                        queues=n,
+                        seconds=args.seconds,
+                        engine_workers=engine_workers,
+                        io_workers=io_workers,
+                    ),
+                )
             )
-            label = f"engine, {n} queues, " + (
-                f"{engine_workers} worker processes" if engine_workers else "one process"
-            )
-            print(
-                f"  {label:<52} {rate:>10.0f} IOPS   ratio to {n} threads {rate / threads:.3f},"
-                f" {n} processes {rate / procs:.3f}, 1 thread {rate / base:.3f}"
-                f"   CPU/request: engine {engine_us:.1f} µs,"
-                f" frontend {frontend_us:.1f} µs",
-                flush=True,
-            )
+            sets.append(baselines())
     finally:
         transport.close()
+    for i, label in enumerate(labels):
+        rate = sum(b[i][0] for b in sets) / len(sets)
+        cpu = sum(b[i][1] for b in sets) / len(sets)
+        print(f"  {'direct preadv (' + label + ')':<52} {rate:>10.0f} IOPS{'':43}CPU/request: {cpu:.1f} µs")
+    for k, (engine_workers, (rate, engine_us, frontend_us)) in enumerate(engines):
+        around = [(sets[k][i][0] + sets[k + 1][i][0]) / 2 for i in range(len(labels))]
+        label = f"engine, {n} queues, " + (
+            f"{engine_workers} worker processes" if engine_workers else "one process"
+        )
+        ratios = ", ".join(f"{name} {rate / base:.3f}" for name, base in zip(labels, around, strict=True))
+        print(
+            f"  {label:<52} {rate:>10.0f} IOPS   ratio to {ratios}"
+            f"   CPU/request: engine {engine_us:.1f} µs, frontend {frontend_us:.1f} µs",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -609,6 +679,14 @@ def main() -> int:
         default=None,
         help="sys.setswitchinterval() in seconds (CPython default 0.005): GIL hand-off latency between "
         "the ring thread, I/O workers and an in-process frontend",
+    )
+    ap.add_argument(
+        "--slices",
+        type=int,
+        default=6,
+        help="batch frontend in a child process: cut each row's timed run into this many slices with"
+        " the direct loops run between them, each row's ratios against its own interleaved baseline"
+        " (0: the direct rows measured once per workload, before the engine rows)",
     )
     ap.add_argument(
         "--queues",
@@ -665,6 +743,8 @@ def main() -> int:
                 os.preadv(fd, [buf], off)
             where = "loop device" if args.loop else "file"
             side = "child process" if args.frontend_process else "same process"
+            if args.queues > 1:
+                side = f"{args.queues} child processes"
             print(
                 f"{args.size_mib} MiB {where}, page cache warm, frontend in {side}, "
                 f"{args.seconds:.0f} s per row, switch interval {sys.getswitchinterval() * 1e3:.1f} ms, "
@@ -702,6 +782,8 @@ def main() -> int:
                                 persistent=persistent,
                                 native=native and persistent,
                                 frontend=frontend,
+                                slices=args.slices,
+                                device_fd=fd,
                             )
                             label = f"engine, {n} workers" if n else "engine, inline I/O"
                             label += ", persistent" if persistent else f", {mode_labels[pages]}"
@@ -713,9 +795,12 @@ def main() -> int:
                                 label += f", {frontend} frontend"
                             maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
                             rate_mib = run.rate * w.block / 2**20
+                            one, many = (run.direct, run.direct_wide) if run.direct else (base, wide)
+                            alongside = f", direct alongside {one:.0f}" if run.direct else ""
                             print(
                                 f"  {label:<48} {run.rate:>10.0f} IOPS {rate_mib:>8.1f} MiB/s"
-                                f"   ratio {run.rate / base:.3f} (to {w.qd} buffers {run.rate / wide:.3f})"
+                                f"   ratio {run.rate / one:.3f} (to {w.qd} buffers {run.rate / many:.3f}"
+                                f"{alongside})"
                                 f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
