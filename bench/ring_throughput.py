@@ -513,11 +513,13 @@ def multi_queue(
     io_workers: int,
 ) -> tuple[float, float, float]:
     """`queues` rings of one disk (domain 1), each driven by its own frontend process at QD `w.qd`,
-    served with the native pass by DataPlanes in this process (`engine_workers` 0: threads sharing
-    one GIL) or by a WorkerPool of `engine_workers` processes (`xenblockctl backend --workers N`).
+    served with the native pass (where built) by DataPlanes in this process (`engine_workers` 0:
+    threads sharing one GIL) or by a WorkerPool of `engine_workers` processes (`xenblockctl backend
+    --workers N`).
     Returns (aggregate requests/s, engine CPU µs per request, frontend CPU µs per request)."""
     from bench.many_disks import _cpu  # many_disks imports this module: not at the top
 
+    native = fastpath.available()  # else the pure-Python pass (main_multi_queue says so)
     ctx = multiprocessing.get_context("spawn")
     pool = WorkerPool(engine_workers, transport, Journal("bench-engine")) if engine_workers else None
     conns: list[multiprocessing.connection.Connection] = []
@@ -552,11 +554,11 @@ def multi_queue(
                         io_workers=io_workers,
                         max_persistent_grants=1056,
                         on_broken=None,
-                        native=True,
+                        native=native,
                     )
                 )
             else:
-                planes.append(_data_plane(transport, nodes, target, workers=io_workers, native=True))
+                planes.append(_data_plane(transport, nodes, target, workers=io_workers, native=native))
         for dp in planes:
             dp.start()
         for conn in conns:
@@ -596,6 +598,8 @@ def main_multi_queue(args: argparse.Namespace, image: str, fd: int, target: Devi
     print(f"\n{w.name} per queue, {n} queues, {len(os.sched_getaffinity(0))} CPUs, {io_workers} I/O workers")
     size = os.fstat(fd).st_size
     labels = ("1 thread", f"{n} threads", f"{n} processes")
+    if not fastpath.available():
+        print(f"  engine rows on the pure-Python pass: {fastpath.describe(True)}")
 
     def baselines() -> list[tuple[float, float]]:
         half = args.seconds / 2
