@@ -214,8 +214,9 @@ def _child(
                 frontend=frontend,
                 verified=lambda: conn.send("verified"),
                 slices=slices,
-                between=conn.recv,
-                after=lambda: conn.send("slice"),
+                # interleaved with the engine process's direct loops: each slice on its word
+                between=conn.recv if slices > 1 else None,
+                after=(lambda: conn.send("slice")) if slices > 1 else None,
             )
         )
 
@@ -297,11 +298,11 @@ def engine(
     slices: int = 0,
     device_fd: int = -1,
 ) -> Run:
-    """One engine row. `frontend`: see frontend_work. `slices` > 0 (batch frontend in a child
+    """One engine row. `frontend`: see frontend_work. `slices` > 1 (batch frontend in a child
     process): the timed run is cut into that many slices, and before each one this process runs
     the direct preadv loops on `device_fd` (one buffer, then QD buffers) for half a slice each, so
     each row has its own baseline measured alongside it, under the same load."""
-    interleave = in_child and frontend == "batch" and slices > 0
+    interleave = in_child and frontend == "batch" and slices > 1
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
@@ -690,7 +691,7 @@ def main() -> int:
         default=6,
         help="batch frontend in a child process: cut each row's timed run into this many slices with"
         " the direct loops run between them, each row's ratios against its own interleaved baseline"
-        " (0: the direct rows measured once per workload, before the engine rows)",
+        " (0 or 1: the direct rows measured once per workload, before the engine rows)",
     )
     ap.add_argument(
         "--queues",

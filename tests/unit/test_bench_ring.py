@@ -87,6 +87,18 @@ def test_ring_throughput_frontends_and_baselines() -> None:
     assert out.count("(to 4 buffers ") == 2
 
 
+def test_ring_throughput_without_interleaved_baselines() -> None:
+    """--slices 0: the batch frontend in a child process runs its one timed part without waiting
+    for the engine's process (which then runs no direct loop between slices)."""
+    out = _run(
+        "bench.ring_throughput",
+        *("--seconds", "0.2", "--size-mib", "8", "--only", "1", "--workers", "0"),
+        *("--persistent", "on", "--native", "off", "--slices", "0", "--frontend-process"),
+    )
+    assert out.count("ratio") == 1
+    assert "direct alongside" not in out
+
+
 @pytest.mark.skipif(not fastpath.available(), reason="the native pass is not built")
 def test_ring_throughput_multi_queue() -> None:
     out = _run("bench.ring_throughput", "--seconds", "0.2", "--size-mib", "8", "--queues", "2")
