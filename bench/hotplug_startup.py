@@ -142,7 +142,9 @@ def main() -> int:
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")
     # -S: site.py (and an editable install's finder) would otherwise shadow our own graph; the
     # minimum over a few runs, since one stall would otherwise top the list
-    probe = f"import sys; sys.path[:0] = sys.argv[1:]; {IMPORTS}"
+    # GC off as the laid script has it: a collection falls on the same module every run (the
+    # allocation count is deterministic) and would show up as that module's self time
+    probe = f"import gc, sys; gc.disable(); sys.path[:0] = sys.argv[1:]; {IMPORTS}"
     best: dict[str, tuple[int, int]] = {}
     for _ in range(5):
         trace = subprocess.run(
