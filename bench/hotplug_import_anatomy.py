@@ -1,9 +1,9 @@
 """Where the hotplug path's import time goes: finding and reading files, unmarshalling, running bodies.
 
-    .venv/bin/python -m bench.hotplug_import_anatomy [--runs 30] [--python /usr/bin/python3]
+    .venv/bin/python -m bench.hotplug_import_anatomy [--runs 30] [--python PY] [--action add|remove]
 
 Fresh `python -S` processes (GC off, as the laid script runs), interleaved; the CPU time of
-importing what `add` imports (bench.hotplug_startup.ACTION_IMPORTS), three ways:
+importing what `add` (or `remove`) imports (bench.hotplug_startup.ACTION_IMPORTS), three ways:
 
   normal            the import system as the laid script uses it (path search, one .pyc per module:
                     stat, open, read, validate, unmarshal, then the body);
@@ -143,8 +143,9 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--python", default="/usr/bin/python3")
+    parser.add_argument("--action", choices=tuple(ACTION_IMPORTS), default="add")
     args = parser.parse_args()
-    py, imports = args.python, ACTION_IMPORTS["add"]
+    py, imports = args.python, ACTION_IMPORTS[args.action]
     with tempfile.TemporaryDirectory(prefix="xbc-anatomy-") as tmp:
         bundle = Path(tmp) / "bundle.marshal"
         build_bundle(py, imports, bundle)
@@ -170,7 +171,7 @@ def main() -> int:
             for name, argv in [*ways.items(), *kind_argv.items()]:
                 times[name].append(cpu_ms(argv))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"add's imports, CPU, p50 (min) of {args.runs} fresh `{py} -S` processes, load {load}")
+    print(f"{args.action}'s imports, CPU, p50 (min) of {args.runs} fresh `{py} -S` processes, load {load}")
     for name in ways:
         print(f"  {name:<20} {statistics.median(times[name]):6.2f} ms ({min(times[name]):.2f})")
     normal, bundled, pre = (statistics.median(times[name]) for name in ways)
