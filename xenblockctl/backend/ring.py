@@ -257,6 +257,16 @@ class BackRing(_RingBase):
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
+    def spin_for_requests(self, spins: int) -> bool:
+        """Read req_prod up to `spins` times without sleeping: True as soon as it moved past
+        req_cons (the ring thread's adaptive polling, dataplane.DataPlane._poll_ring). Only says
+        "look again": take_slots() then reads and checks the indices as always."""
+        idx, cons = self._idx, self.req_cons
+        for _ in range(spins):  # noqa: SIM110 - a plain loop: the cheapest read (no generator)
+            if idx[_REQ_PROD] != cons:
+                return True
+        return False
+
     def take_requests(self, limit: int | None = None) -> list[bytes]:
         """Like take_slots, one bytes object per slot."""
         data, n = self.take_slots(limit)

@@ -787,8 +787,13 @@ class BackendDevice:
                 f" {total('whole')} mapped whole)"
             )
         queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
+        # how requests reached the ring thread: an event's wake-up, or its poll of the ring
+        wakeups = sum(dp.stats.wakeups for dp in dataplanes)
+        polled = sum(dp.stats.polled for dp in dataplanes)
+        notifies = sum(dp.stats.notifies for dp in dataplanes)
         self._log(
-            f"ring stopped{queues}: {requests} requests, {errors} errors{grants};"
+            f"ring stopped{queues}: {requests} requests, {errors} errors, {wakeups} wake-ups,"
+            f" {polled} polled, {notifies} notifies{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)
