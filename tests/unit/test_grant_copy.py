@@ -361,9 +361,9 @@ def test_a_ring_that_polls_for_nothing_stops_polling(
     found = [False]
     spins: list[int] = []
 
-    def spin(n: int) -> bool:
+    def spin(n: int) -> int:
         spins.append(n)
-        return found[0]
+        return 3 if found[0] else 0
 
     monkeypatch.setattr(dp.ring, "spin_for_requests", spin)
     assert [dp._poll_ring() for _ in range(dataplane._SPIN_MISSES)] == [False] * dataplane._SPIN_MISSES
@@ -380,6 +380,8 @@ def test_a_ring_that_polls_for_nothing_stops_polling(
     assert dp._poll_ring()
     assert len(spins) == dataplane._SPIN_MISSES + 3
     assert dp.stats.polled == 2
+    assert dp.stats.poll_reads == 6
+    assert dp.stats.poll_misses == dataplane._SPIN_MISSES + 1
 
 
 def test_rings_with_persistent_grants_do_not_poll(make_pair: PairFactory) -> None:

@@ -98,6 +98,8 @@ class QueueStats:
     notifies: int = 0
     wakeups: int = 0  # the event channel woke the ring thread
     polled: int = 0  # a poll of the ring found the next request (no sleep, no event)
+    poll_reads: int = 0  # req_prod reads those polls took, in all
+    poll_misses: int = 0  # polls that found nothing (each _SPINS reads)
     rejections: dict[str, int] = field(default_factory=dict)
 
 
@@ -368,11 +370,14 @@ class DataPlane:
                 return False
             self._poll_skipped = 0
             self._poll_misses = _SPIN_MISSES - 1  # one more miss stops it again
-        if not self.ring.spin_for_requests(_SPINS):
+        reads = self.ring.spin_for_requests(_SPINS)
+        if not reads:
             self._poll_misses += 1
+            self.stats.poll_misses += 1
             return False
         self._poll_misses = 0
         self.stats.polled += 1
+        self.stats.poll_reads += reads
         return True
 
     def _serve_batch(self) -> int:

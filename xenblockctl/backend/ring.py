@@ -257,15 +257,16 @@ class BackRing(_RingBase):
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
-    def spin_for_requests(self, spins: int) -> bool:
-        """Read req_prod up to `spins` times without sleeping: True as soon as it moved past
-        req_cons (the ring thread's adaptive polling, dataplane.DataPlane._poll_ring). Only says
-        "look again": take_slots() then reads and checks the indices as always."""
+    def spin_for_requests(self, spins: int) -> int:
+        """Read req_prod up to `spins` times without sleeping: how many reads it took to see it
+        move past req_cons, 0 if it did not (the ring thread's adaptive polling,
+        dataplane.DataPlane._poll_ring). Only says "look again": take_slots() then reads and
+        checks the indices as always."""
         idx, cons = self._idx, self.req_cons
-        for _ in range(spins):  # noqa: SIM110 - a plain loop: the cheapest read (no generator)
+        for n in range(1, spins + 1):
             if idx[_REQ_PROD] != cons:
-                return True
-        return False
+                return n
+        return 0
 
     def take_requests(self, limit: int | None = None) -> list[bytes]:
         """Like take_slots, one bytes object per slot."""

@@ -790,10 +790,13 @@ class BackendDevice:
         # how requests reached the ring thread: an event's wake-up, or its poll of the ring
         wakeups = sum(dp.stats.wakeups for dp in dataplanes)
         polled = sum(dp.stats.polled for dp in dataplanes)
+        reads = sum(dp.stats.poll_reads for dp in dataplanes)
+        missed = sum(dp.stats.poll_misses for dp in dataplanes)
         notifies = sum(dp.stats.notifies for dp in dataplanes)
+        polls = f" (after {reads // polled} reads on average)" if polled else ""
         self._log(
             f"ring stopped{queues}: {requests} requests, {errors} errors, {wakeups} wake-ups,"
-            f" {polled} polled, {notifies} notifies{grants};"
+            f" {polled} polled{polls}, {missed} polls missed, {notifies} notifies{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)

@@ -99,7 +99,7 @@ phase_watch_report() {
     $2 == "mark" && $3 == "create" { at("create") }
     $2 == "be" && $3 == 4 && !("grub_connected" in t) { at("grub_connected"); next }
     $2 == "fe" && ("grub_connected" in t) && !("grub_done" in t) && ($3 == 5 || $3 == 6 || $3 == 1) { at("grub_done"); next }
-    $2 == "fe" && ("grub_done" in t) && $3 == 3 && !("linux_init" in t) { at("linux_init"); next }
+    $2 == "fe" && ("grub_done" in t) && ($3 == 3 || $3 == 4) && !("linux_init" in t) { at("linux_init"); next }
     $2 == "be" && ("grub_done" in t) && $3 == 4 && !("linux_connected" in t) { at("linux_connected"); next }
     $2 == "phase" && $3 == "connected" && !("guest_io" in t) { at("guest_io") }
     END {
