@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import os
 import struct
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -32,10 +30,8 @@ from tests.unit.test_ring_dataplane import (  # noqa: F401  (collected again her
     test_write_read_flush_discard,
 )
 from tests.unit.test_ring_fuzz import DEVICE, PATTERN, test_hostile_frontend  # noqa: F401
-from xenblockctl.backend import blkif, dataplane, io
+from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
-from xenblockctl.backend.dataplane import DataPlane, RingParams
-from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import READ, WRITE, IoPlan
@@ -273,120 +269,3 @@ def test_grant_copy_ioctl_layout() -> None:
     finally:
         one.close()
         two.close()
-
-
-# -- adaptive ring polling (issue 20): GRUB's blkfront, one request at a time -------------------------
-GRUB_READS = 300
-
-
-def _grub_like(sock: str, path: str, conn: Connection) -> None:
-    """A frontend in its own process that behaves as GRUB's xendisk.c: one single-page READ, its
-    event, then a busy wait on rsp_prod (GRUB yields in a loop, it does not sleep on the event)
-    and the next READ at once; every page checked against the file."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    with LocalFrontend(sock, 1, ring_page_order=0, data_pages=1, indirect_pages=1) as fe:
-        conn.send(fe.xenstore_nodes())
-        conn.recv()  # the backend is up
-        ring = fe.ring
-        bad = 0
-        for i in range(GRUB_READS):
-            rid = fe.submit_read(8 * i, 4096)
-            fe.kick()
-            while ring.rsp_prod == ring.rsp_cons:
-                pass
-            done = fe.collect(1)
-            bad += done[rid].data != blob[4096 * i : 4096 * (i + 1)]
-        conn.send(bad)
-
-
-def test_back_to_back_requests_are_polled_not_woken(
-    local_transport: LocalTransport, disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A frontend that sends its next request as soon as it has the answer (GRUB) is served by
-    polling the ring: most of its requests are found by the ring thread's poll after the previous
-    answer, without an event, a wake-up or an ack (in the Xen lane's dom0 those are most of a
-    request's time)."""
-    if local_transport.data_pages != "copy":
-        pytest.skip("the grant copy path only")
-    # a poll long enough for a busy host to schedule the frontend process (the mechanism is
-    # tested, not _SPINS's calibration, which is the Xen lane's)
-    monkeypatch.setattr(dataplane, "_SPINS", 1 << 20)
-    path, fd = disk_file
-    with open(path, "r+b") as f:
-        f.write(os.urandom(GRUB_READS * 4096))
-    target = DeviceTarget.from_fd(fd)
-    ctx = multiprocessing.get_context("spawn")
-    parent, child_end = ctx.Pipe()
-    proc = ctx.Process(target=_grub_like, args=(local_transport.socket_path, str(path), child_end))
-    proc.start()
-    child_end.close()
-    dp = None
-    try:
-        assert parent.poll(60)
-        nodes = parent.recv()
-        params = RingParams.parse(
-            ring_refs=[nodes["ring-ref"]],
-            event_channel=nodes["event-channel"],
-            protocol=nodes.get("protocol"),
-            ring_page_order=None,
-        )
-        dp = DataPlane(local_transport, 1, params, target, target.limits())
-        dp.start()
-        parent.send("go")
-        assert parent.poll(120), "the GRUB-like frontend did not finish"
-        assert parent.recv() == 0  # every page had the file's data
-        stats = dp.stats
-        assert stats.requests == GRUB_READS
-        assert stats.polled >= GRUB_READS // 2, (stats.polled, stats.wakeups)
-        assert stats.wakeups <= GRUB_READS // 2, (stats.polled, stats.wakeups)
-    finally:
-        if dp is not None:
-            assert dp.stop(timeout=30)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-
-
-def test_a_ring_that_polls_for_nothing_stops_polling(
-    make_pair: PairFactory, local_transport: LocalTransport, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A frontend that does not send right after its answer (Linux's blkfront between bursts, an
-    idle disk) costs a few fruitless polls, then none but one every _SPIN_RETRY passes; a poll
-    that finds a request turns polling back on."""
-    if local_transport.data_pages != "copy":
-        pytest.skip("the grant copy path only")
-    pair = make_pair()
-    dp = pair.dataplane
-    found = [False]
-    spins: list[int] = []
-
-    def spin(n: int) -> int:
-        spins.append(n)
-        return 3 if found[0] else 0
-
-    monkeypatch.setattr(dp.ring, "spin_for_requests", spin)
-    assert [dp._poll_ring() for _ in range(dataplane._SPIN_MISSES)] == [False] * dataplane._SPIN_MISSES
-    assert len(spins) == dataplane._SPIN_MISSES
-    for _ in range(dataplane._SPIN_RETRY - 1):
-        assert not dp._poll_ring()
-    assert len(spins) == dataplane._SPIN_MISSES  # stopped
-    assert not dp._poll_ring()  # the retry: one poll, which misses again
-    assert len(spins) == dataplane._SPIN_MISSES + 1
-    for _ in range(dataplane._SPIN_RETRY - 1):
-        assert not dp._poll_ring()
-    found[0] = True
-    assert dp._poll_ring()  # the next retry finds a request: polling is back on
-    assert dp._poll_ring()
-    assert len(spins) == dataplane._SPIN_MISSES + 3
-    assert dp.stats.polled == 2
-    assert dp.stats.poll_reads == 6
-    assert dp.stats.poll_misses == dataplane._SPIN_MISSES + 1
-
-
-def test_rings_with_persistent_grants_do_not_poll(make_pair: PairFactory) -> None:
-    """Adaptive polling is for the per-request-grant paths only (Linux's blkfront with persistent
-    grants keeps several requests in flight and is not measured with it)."""
-    pair = make_pair(persistent=True)
-    assert pair.dataplane.grant_cache is not None
-    assert not pair.dataplane._polls

@@ -73,21 +73,6 @@ log = logging.getLogger(__name__)
 #: requests taken from the ring per batch before we look at completions again
 _BATCH = 64
 
-# Adaptive ring polling (issue 20) on rings without persistent grants: GRUB's blkfront (pvgrub)
-# sends one single-page request, busy-waits (SCHEDOP_yield) for its answer and sends the next at
-# once, 2,480 times per boot. After a pass that answered everything, the ring thread reads req_prod
-# up to _SPINS times before it acks the event and sleeps, so a request published meanwhile is served
-# without the event's round trip (interrupt, wake-up, poll, ack: in the lane's dom0 the bulk of
-# a request's time). QEMU's Xen block backend polls its ring the same way (aio poll-max-ns). No
-# clock is read (a system call in a PV dom0): the budget is a count, and a ring whose polls keep
-# finding nothing stops polling.
-#: req_prod reads per poll: ~0.2 ms of a host CPU, ~2 ms in the Xen lane's TCG dom0
-_SPINS = 4096
-#: consecutive polls that found nothing before the ring stops polling...
-_SPIN_MISSES = 8
-#: ...and the passes after which it tries once more
-_SPIN_RETRY = 64
-
 
 @dataclass
 class QueueStats:
@@ -96,10 +81,7 @@ class QueueStats:
     errors: int = 0
     unsupported: int = 0
     notifies: int = 0
-    wakeups: int = 0  # the event channel woke the ring thread
-    polled: int = 0  # a poll of the ring found the next request (no sleep, no event)
-    poll_reads: int = 0  # req_prod reads those polls took, in all
-    poll_misses: int = 0  # polls that found nothing (each _SPINS reads)
+    wakeups: int = 0  # the event channel woke the ring thread (a sleep ended by the frontend)
     rejections: dict[str, int] = field(default_factory=dict)
 
 
@@ -230,10 +212,6 @@ class DataPlane:
             self._ring_map.unmap()
             raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        #: adaptive polling (_poll_ring): only where every request's pages are copied or mapped
-        self._polls = self.grant_cache is None and self._grants is None
-        self._poll_misses = 0
-        self._poll_skipped = 0
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
         self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
@@ -316,15 +294,12 @@ class DataPlane:
         # the frontend sends meanwhile stay pending (Xen holds them while the port is masked; the
         # unmask raises them again), and the ack comes before the final check, so a request whose
         # event the ack consumed is still seen there. poll() has no timeout: a stop writes the wake
-        # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep. On rings
-        # without persistent grants the thread first polls the ring after a pass (_poll_ring): a
-        # request the frontend publishes right after its answer is served without any of that.
+        # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep.
         evtchn_fd = self.evtchn.fileno()
         poller = select.poll()
         poller.register(evtchn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         pending = False  # the event channel woke us and is not acked yet
-        served = False  # the last pass took requests: poll the ring before sleeping
         try:
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
@@ -335,12 +310,7 @@ class DataPlane:
                     self._notify()
             while not self._stop.is_set():
                 if self._serve_batch():
-                    served = self._polls
                     continue
-                if served:
-                    served = False
-                    if self._poll_ring():
-                        continue
                 if pending:
                     self.evtchn.ack()
                     pending = False
@@ -356,29 +326,6 @@ class DataPlane:
         except Exception as exc:  # a bug of ours must not take the whole engine down
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")
-
-    def _poll_ring(self) -> bool:
-        """After a pass, before the ack and the sleep: True if the frontend published another
-        request within _SPINS reads of req_prod. Not while requests are in flight (their workers
-        need the GIL to answer), and a ring whose last _SPIN_MISSES polls found nothing polls again
-        only every _SPIN_RETRY passes (a frontend that is not waiting on us costs ~nothing)."""
-        if self.ring.in_flight:
-            return False
-        if self._poll_misses >= _SPIN_MISSES:
-            self._poll_skipped += 1
-            if self._poll_skipped < _SPIN_RETRY:
-                return False
-            self._poll_skipped = 0
-            self._poll_misses = _SPIN_MISSES - 1  # one more miss stops it again
-        reads = self.ring.spin_for_requests(_SPINS)
-        if not reads:
-            self._poll_misses += 1
-            self.stats.poll_misses += 1
-            return False
-        self._poll_misses = 0
-        self.stats.polled += 1
-        self.stats.poll_reads += reads
-        return True
 
     def _serve_batch(self) -> int:
         """Take up to _BATCH requests (one copy), validate and start each; answer the ones that

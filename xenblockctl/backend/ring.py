@@ -257,17 +257,6 @@ class BackRing(_RingBase):
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
-    def spin_for_requests(self, spins: int) -> int:
-        """Read req_prod up to `spins` times without sleeping: how many reads it took to see it
-        move past req_cons, 0 if it did not (the ring thread's adaptive polling,
-        dataplane.DataPlane._poll_ring). Only says "look again": take_slots() then reads and
-        checks the indices as always."""
-        idx, cons = self._idx, self.req_cons
-        for n in range(1, spins + 1):
-            if idx[_REQ_PROD] != cons:
-                return n
-        return 0
-
     def take_requests(self, limit: int | None = None) -> list[bytes]:
         """Like take_slots, one bytes object per slot."""
         data, n = self.take_slots(limit)

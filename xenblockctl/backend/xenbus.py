@@ -787,16 +787,12 @@ class BackendDevice:
                 f" {total('whole')} mapped whole)"
             )
         queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
-        # how requests reached the ring thread: an event's wake-up, or its poll of the ring
+        # how often the frontend had to wake the ring thread, and we it (issue 20's wake-up path)
         wakeups = sum(dp.stats.wakeups for dp in dataplanes)
-        polled = sum(dp.stats.polled for dp in dataplanes)
-        reads = sum(dp.stats.poll_reads for dp in dataplanes)
-        missed = sum(dp.stats.poll_misses for dp in dataplanes)
         notifies = sum(dp.stats.notifies for dp in dataplanes)
-        polls = f" (after {reads // polled} reads on average)" if polled else ""
         self._log(
             f"ring stopped{queues}: {requests} requests, {errors} errors, {wakeups} wake-ups,"
-            f" {polled} polled{polls}, {missed} polls missed, {notifies} notifies{grants};"
+            f" {notifies} notifies{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)
