@@ -13,6 +13,7 @@ BASE=65536
 domid=
 
 dump_pvgrub_domu() {
+  if [ -n "${phase_watch_pid:-}" ]; then kill "$phase_watch_pid" 2>/dev/null || true; fi
   echo "--- guest console"
   grep -E 'DOMU|blkfront|xvd|Freezing|suspend|resum' "$DOMU_CONSOLE_DIR/guest-$PVGRUB_NAME.log" 2>/dev/null | tail -n 40 || true
   xl list 2>&1 || true
@@ -83,7 +84,8 @@ phase_watch_start() {
   phase_log=$1
   : >"$phase_log"
   phase_mark create
-  xenstore-watch /local/domain > >(phase_stamp >>"$phase_log") 2>/dev/null &
+  # nothing of the watch holds the scenario's stdout/stderr: a failure never waits on it
+  xenstore-watch /local/domain > >(phase_stamp >>"$phase_log" 2>/dev/null) 2>/dev/null &
   phase_watch_pid=$!
 }
 # The phases of the first boot, from the log: an XENCI-METRIC per phase (seconds) and, per phase,
@@ -112,21 +114,6 @@ phase_watch_report() {
         printf "  %-16s %7.2f s  dom0 busy %5d idle %5d steal %5d  engine %s ticks\n", a " -> " z, t[z] - t[a], b[z] - b[a], i[z] - i[a], s[z] - s[a], eng
       }
     }' "$phase_log"
-}
-
-# What one of the ring thread's req_prod reads costs in this dom0 (dataplane._SPINS is a count, not
-# a time: no clock is read while polling), for the report.
-spin_cost_metric() {
-  metric dom0_ring_poll_read_ns "$(python3 -c '
-import mmap, time
-idx = memoryview(mmap.mmap(-1, 4096))[:16].cast("I")
-n = 200000
-t = time.perf_counter()
-for _ in range(n):
-    if idx[0] != 0:
-        break
-print(round((time.perf_counter() - t) / n * 1e9))
-')" ns
 }
 
 pvgrub_guest_cycle() {
@@ -162,7 +149,6 @@ on_reboot = "restart"
 on_crash = "destroy"
 CFG
 
-  [ "$consumer" = engine ] && spin_cost_metric
   say "create the guest (pvgrub2, one rw disk through our script, consumer: $consumer)"
   phase_watch_start "$XENCI_WORK/pvgrub-$consumer-phases.log"
   t=$(now)
