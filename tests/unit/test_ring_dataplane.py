@@ -584,6 +584,17 @@ def test_answer_is_notified_before_the_event_is_acked(
         fe.close()
 
 
+def test_wake_ups_are_counted(make_pair: PairFactory) -> None:
+    """Issue 20: the ring thread counts the sleeps the frontend's event ended (logged at ring stop
+    beside the notifies: the Xen lane's per-request wake-up path is read from them)."""
+    pair = make_pair()
+    for i in range(3):  # QD1, the thread asleep in between: one wake-up each
+        assert pair.frontend.read(8 * i, 4096) == bytes(4096)
+        time.sleep(0.05)
+    assert pair.dataplane.stats.wakeups == 3
+    assert pair.dataplane.stats.notifies == 3
+
+
 def test_idle_ring_thread_does_not_wake(local_transport: LocalTransport, disk_file: tuple[Path, int]) -> None:
     """Issue 20: an idle ring sleeps until an event or a stop (no poll timeout: on Xen each timed
     sleep reads the clock and arms a timer); a stop still ends it at once."""

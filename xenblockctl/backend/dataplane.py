@@ -81,6 +81,7 @@ class QueueStats:
     errors: int = 0
     unsupported: int = 0
     notifies: int = 0
+    wakeups: int = 0  # the event channel woke the ring thread (a sleep ended by the frontend)
     rejections: dict[str, int] = field(default_factory=dict)
 
 
@@ -321,6 +322,7 @@ class DataPlane:
                 for fd, _events in poller.poll():
                     if fd == evtchn_fd:
                         pending = True
+                        self.stats.wakeups += 1
         except Exception as exc:  # a bug of ours must not take the whole engine down
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")

@@ -143,7 +143,7 @@ class RemoteQueue:
 
     # called on the worker's reader thread
     def _stopped(self, counts: dict[str, Any]) -> None:
-        for field in ("requests", "ok", "errors", "unsupported", "notifies"):
+        for field in ("requests", "ok", "errors", "unsupported", "notifies", "wakeups"):
             value = counts.get(field)
             if type(value) is int:
                 setattr(self.stats, field, value)
@@ -420,6 +420,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                     "errors": s.errors,
                     "unsupported": s.unsupported,
                     "notifies": s.notifies,
+                    "wakeups": s.wakeups,
                 },
             }
         )

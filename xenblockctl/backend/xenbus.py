@@ -787,8 +787,12 @@ class BackendDevice:
                 f" {total('whole')} mapped whole)"
             )
         queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
+        # how often the frontend had to wake the ring thread, and we it (issue 20's wake-up path)
+        wakeups = sum(dp.stats.wakeups for dp in dataplanes)
+        notifies = sum(dp.stats.notifies for dp in dataplanes)
         self._log(
-            f"ring stopped{queues}: {requests} requests, {errors} errors{grants};"
+            f"ring stopped{queues}: {requests} requests, {errors} errors, {wakeups} wake-ups,"
+            f" {notifies} notifies{grants};"
             f" error responses of the device so far: {format_error_responses(self.errors.counts)}"
         )
         self._publish_errors(force=True)

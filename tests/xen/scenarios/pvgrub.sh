@@ -13,6 +13,7 @@ BASE=65536
 domid=
 
 dump_pvgrub_domu() {
+  if [ -n "${phase_watch_pid:-}" ]; then kill "$phase_watch_pid" 2>/dev/null || true; fi
   echo "--- guest console"
   grep -E 'DOMU|blkfront|xvd|Freezing|suspend|resum' "$DOMU_CONSOLE_DIR/guest-$PVGRUB_NAME.log" 2>/dev/null | tail -n 40 || true
   xl list 2>&1 || true
@@ -45,6 +46,74 @@ blkback_autoclear_off() {
     *" autoclear=0 "*) say "$1: AUTOCLEAR off, owner record: $record" ;;
     *) fail "owner record does not say autoclear=0: $record" ;;
   esac
+}
+
+# Where a pvgrub boot's time goes (issue 20), for the engine and kernel blkback alike: every vbd
+# backend/frontend `state` write and the guest's data/xenci-phase, stamped with dom0's uptime (the
+# engine log's clock) and dom0's CPU counters (/proc/stat, USER_HZ ticks: busy, idle, steal) plus the
+# engine's own CPU, so the boot splits into create -> backend Connected (GRUB's frontend) -> GRUB
+# done (its frontend Closing) -> Linux's blkfront Initialised -> backend Connected again -> the
+# guest's first I/O. phase_watch_start OUT before `xl create`; phase_watch_report CONSUMER after.
+phase_cpu() {
+  local _c user nice sys idle iowait irq softirq steal _rest eng=-
+  read -r _c user nice sys idle iowait irq softirq steal _rest </proc/stat
+  if [ -n "${engine_pid:-}" ] && [ -r "/proc/$engine_pid/stat" ]; then
+    eng=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$engine_pid/stat")
+  fi
+  echo "$((user + nice + sys + irq + softirq)) $((idle + iowait)) $steal $eng"
+}
+phase_stamp() {
+  local path _rest up _ value
+  while read -r path _rest; do
+    case $path in
+      /local/domain/0/backend/vbd/*/51712/state | /local/domain/*/device/vbd/51712/state | /local/domain/*/data/xenci-phase) ;;
+      *) continue ;;
+    esac
+    read -r up _ </proc/uptime
+    value=$(xenstore-read "$path" 2>/dev/null || echo gone)
+    case $path in
+      /local/domain/0/*) path=be ;;
+      */device/*) path=fe ;;
+      *) path=phase ;;
+    esac
+    echo "$up $path $value $(phase_cpu)"
+  done
+}
+phase_mark() { local up _; read -r up _ </proc/uptime; echo "$up mark $1 $(phase_cpu)" >>"$phase_log"; }
+phase_watch_start() {
+  phase_log=$1
+  : >"$phase_log"
+  phase_mark create
+  # nothing of the watch holds the scenario's stdout/stderr: a failure never waits on it
+  xenstore-watch /local/domain > >(phase_stamp >>"$phase_log" 2>/dev/null) 2>/dev/null &
+  phase_watch_pid=$!
+}
+# The phases of the first boot, from the log: an XENCI-METRIC per phase (seconds) and, per phase,
+# dom0's busy/idle/steal ticks and the engine's CPU ticks (USER_HZ).
+phase_watch_report() {
+  local consumer=$1
+  sleep 0.5
+  kill "$phase_watch_pid" 2>/dev/null || true
+  echo "--- $consumer: vbd states and guest phases (dom0 uptime, value, dom0 busy/idle/steal ticks, engine ticks)"
+  cat "$phase_log"
+  awk -v c="$consumer" '
+    function at(name) { t[name] = $1; b[name] = $4; i[name] = $5; s[name] = $6; e[name] = $7 }
+    $2 == "mark" && $3 == "create" { at("create") }
+    $2 == "be" && $3 == 4 && !("grub_connected" in t) { at("grub_connected"); next }
+    $2 == "fe" && ("grub_connected" in t) && !("grub_done" in t) && ($3 == 5 || $3 == 6 || $3 == 1) { at("grub_done"); next }
+    $2 == "fe" && ("grub_done" in t) && ($3 == 3 || $3 == 4) && !("linux_init" in t) { at("linux_init"); next }
+    $2 == "be" && ("grub_done" in t) && $3 == 4 && !("linux_connected" in t) { at("linux_connected"); next }
+    $2 == "phase" && $3 == "connected" && !("guest_io" in t) { at("guest_io") }
+    END {
+      n = split("create grub_connected grub_done linux_init linux_connected guest_io", p, " ")
+      for (k = 2; k <= n; k++) {
+        a = p[k - 1]; z = p[k]
+        if (!(a in t) || !(z in t)) continue
+        eng = (e[z] == "-" || e[a] == "-") ? "-" : e[z] - e[a]
+        printf "XENCI-METRIC: %s_phase_%s_s=%.2f s\n", c, z, t[z] - t[a]
+        printf "  %-16s %7.2f s  dom0 busy %5d idle %5d steal %5d  engine %s ticks\n", a " -> " z, t[z] - t[a], b[z] - b[a], i[z] - i[a], s[z] - s[a], eng
+      }
+    }' "$phase_log"
 }
 
 pvgrub_guest_cycle() {
@@ -81,12 +150,15 @@ on_crash = "destroy"
 CFG
 
   say "create the guest (pvgrub2, one rw disk through our script, consumer: $consumer)"
+  phase_watch_start "$XENCI_WORK/pvgrub-$consumer-phases.log"
   t=$(now)
   xl create "$cfg" || fail "xl create exited $?"
   metric "create_${consumer}_pv_xl_s" "$(elapsed "$t")" s
+  phase_mark xl-create-returned
 
   wait_phase connected 480
   metric "${consumer}_create_to_guest_io_s" "$(elapsed "$t")" s
+  phase_watch_report "$consumer"
   first_domid=$domid
   be=backend/vbd/$domid/51712
   luid=$(backend_node physical-device-luid)
