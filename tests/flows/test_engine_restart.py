@@ -41,14 +41,15 @@ from xenblockctl.toolstack.findings import Finding
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
+
 class Engines:
     """Engine processes started one after another on one transport socket, all stopped at the end."""
 
-    def __init__(self, libxl: Libxl, store: FdStoreManager, tmp_path: Path) -> None:
+    def __init__(self, libxl: Libxl, store: FdStoreManager, tmp_path: Path, transport: str) -> None:
         self.libxl = libxl
         self.store = store
         self.tmp_path = tmp_path
-        self.transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+        self.transport = transport
         # engine-KIND.handover: the engine writes engine-KIND.parked next to it, where doctor looks
         self.handover_socket = str(tmp_path / "engine-vbd.handover")
         self.started: list[ReadyDaemon] = []
@@ -81,8 +82,8 @@ class Engines:
 
 
 @pytest.fixture
-def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path) -> Iterator[Engines]:
-    handle = Engines(libxl, fd_store, tmp_path)
+def engines(libxl: Libxl, fd_store: FdStoreManager, tmp_path: Path, transport_path: str) -> Iterator[Engines]:
+    handle = Engines(libxl, fd_store, tmp_path, transport_path)
     try:
         yield handle
     finally:

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,8 +38,8 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
 
 @pytest.fixture
-def engine_workers(libxl: Libxl) -> Iterator[tuple[InprocEngine, WorkerPool, list[str]]]:
-    path = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+def engine_workers(libxl: Libxl, transport_path: str) -> Iterator[tuple[InprocEngine, WorkerPool, list[str]]]:
+    path = transport_path
     local = LocalTransport(path)
     store = XenStore.connect(libxl.xenstored.socket_path)
     logged: list[str] = []
@@ -168,12 +167,12 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_engine_with_workers_stops_or_dies_without_leaks(
-    libxl: Libxl, make_image: ImageFactory, tmp_path: Path, how: str
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path, transport_path: str, how: str
 ) -> None:
     """`xenblockctl backend --workers 2`: SIGTERM tears every device down and the workers exit with
     the engine (status 0); SIGKILL leaves the workers to drain their queues and exit on their own,
     and the last copy of the device fd goes with them: nothing stays bound."""
-    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+    transport = transport_path
     argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{transport}"]
     argv += ["--xenstore", libxl.xenstored.socket_path, "--workers", "2", "--max-queues", "2"]
     daemon = ReadyDaemon("engine", argv, "engine ready", tmp_path / "engine.log", timeout=60, cwd=REPO)

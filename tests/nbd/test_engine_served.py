@@ -9,7 +9,6 @@ dev/inode) and no kernel device; the engine re-checks its own handshake against 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -231,11 +230,11 @@ def test_script_killed_at_each_step_leaks_nothing(
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_a_restarted_engine_re_checks_the_export(
-    libxl: Libxl, nbd_server: NbdServerFactory, tmp_path: Path, swap: bool
+    libxl: Libxl, nbd_server: NbdServerFactory, tmp_path: Path, transport_path: str, swap: bool
 ) -> None:
     """Nothing of an export is parked across an engine restart: the next engine finds the record
     and does its own handshake again, serving the same export and refusing a replaced one."""
-    transport = f"/tmp/xbc-transport-{os.getpid()}-{time.monotonic_ns()}"
+    transport = transport_path
     argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{transport}"]
     argv += ["--xenstore", libxl.xenstored.socket_path]
     started: list[ReadyDaemon] = []
