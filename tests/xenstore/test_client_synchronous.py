@@ -65,3 +65,57 @@ def test_one_send_per_batch_and_no_thread(daemon: Daemon, tmp_path: Path) -> Non
         c for c in calls[marks[0] + 1 : marks[1]] if c.split(None, 1)[-1].startswith(("sendto", "sendmsg"))
     ]
     assert len(between) == 1, f"6 reads must leave in one send, saw {between}"
+
+
+BATCH_CLIENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from xenblockctl.xenstore.client import XenStore
+paths = [f"/batch/n{i}" for i in range(256)]
+with XenStore.connect(timeout=5, synchronous=True) as store:
+    for start in range(0, 256, 64):
+        store.write_many({p: "v" * (i % 9) for i, p in enumerate(paths) if start <= i < start + 64})
+    print("MARK", flush=True)
+    assert store.read_many(paths) == ["v" * (i % 9) for i in range(256)]
+    print("MARK", flush=True)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_batch_of_replies_is_read_in_a_few_reads_without_polling(daemon: Daemon, tmp_path: Path) -> None:
+    """256 replies: the kernel holds the read until at least a header per outstanding reply is
+    there (SO_RCVLOWAT), so a handful of reads and no poll/select; before, every wake-up (one per
+    reply or few, as the daemon wrote them) cost select + the socket timeout's poll + recv, ~50
+    of each per batch of this size (bench/README.md, issue 18 round 5)."""
+    trace = tmp_path / "trace"
+    result = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-o",
+            str(trace),
+            "-e",
+            "trace=network,poll,ppoll,select,pselect6,write",
+            sys.executable,
+            "-c",
+            BATCH_CLIENT,
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = trace.read_text().splitlines()
+    marks = [i for i, c in enumerate(calls) if "MARK" in c]
+    assert len(marks) == 2, calls
+    between = [c.split(None, 1)[-1] for c in calls[marks[0] + 1 : marks[1]]]
+    reads = [c for c in between if c.startswith(("recvfrom", "recvmsg", "read("))]
+    waits = [c for c in between if c.startswith(("poll", "ppoll", "select", "pselect6"))]
+    sends = [c for c in between if c.startswith(("sendto", "sendmsg"))]
+    assert len(sends) == 1, sends
+    assert not waits, waits
+    # 256 replies of 17-24 bytes: each read takes at least 16 bytes per outstanding reply, so
+    # the outstanding count falls by about two thirds per read (plus reads cut by the 50 ms check)
+    assert 1 <= len(reads) <= 12, reads

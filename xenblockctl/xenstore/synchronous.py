@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Bytes asked for per read: a batch's replies usually arrive together (256 replies are ~6 KiB).
 _READ_SIZE = 65536
+#: Longest single wait in the kernel for the rest of a batch before the bytes so far are checked.
+CHECK_INTERVAL = 0.05
 #: struct timeval (time_t, suseconds_t: two native longs on Linux), for SO_RCVTIMEO/SO_SNDTIMEO.
 _TIMEVAL = struct.Struct("@ll")
 
@@ -200,10 +202,12 @@ class DirectLink(Link):
 
         On the socket, one read waits in the kernel until at least the smallest possible rest of
         `replies` replies is here (SO_RCVLOWAT: every reply is at least a header), so a batch of
-        256 replies costs a few reads instead of one wake-up per reply or two (the C daemon
-        writes a reply's header and payload separately); SO_RCVTIMEO ends the wait at the
-        deadline, handing over whatever arrived. A signal whose handler returns restarts the read
-        with the same timeout (PEP 475); the deadline is checked again after every read."""
+        256 replies costs a few reads instead of a wake-up per reply or two (the C daemon writes a
+        reply's header and payload separately). SO_RCVTIMEO ends such a wait after CHECK_INTERVAL
+        (any wait at the deadline) and hands over whatever arrived: a peer that sent garbage (an
+        oversize header) and then stalls short of the low-water mark is still caught within
+        CHECK_INTERVAL, as it was when every arriving byte woke us. A signal whose handler
+        returns restarts the read with the same timeout (PEP 475)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -218,10 +222,11 @@ class DirectLink(Link):
                 if lowat != self._lowat:
                     sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVLOWAT, lowat)
                     self._lowat = lowat
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(remaining))
+                wait = remaining if lowat == 1 else min(remaining, CHECK_INTERVAL)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(wait))
                 data = sock.recv(_READ_SIZE)
         except BlockingIOError:
-            return False  # SO_RCVTIMEO expired before anything arrived
+            return True  # SO_RCVTIMEO expired with nothing: the next call checks the deadline
         except OSError as exc:
             if exc.errno == errno.EINTR:
                 return True
