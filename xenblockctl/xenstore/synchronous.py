@@ -2,10 +2,14 @@
 
 For one-shot, one-thread callers: the block script (`XenStore.connect(synchronous=True)`). The
 calling thread writes a whole batch with one send() (header and payload of every request in one
-buffer) and reads the replies itself; a watch event that arrives in between is set aside for
-`next_event`. Compared with the threaded link (pyxs's reader thread) an add makes ~5× fewer
-syscalls and imports neither `socket` nor `threading`, `queue` or pyxs's `platform`
-(bench/README.md, blockscript_add). It must not be shared between threads.
+buffer) and reads the replies itself, as many per read as the kernel holds (it waits until at
+least a header per outstanding reply is there, SO_RCVLOWAT); a watch event that arrives in between
+is set aside for `next_event`. A large batch of reads or listings outside a transaction goes over
+up to SPREAD_LANES connections, one share each (the C daemon serves one message per connection per
+poll turn, so it answers such a batch ~1.5x faster; bench/README.md, issue 18 round 5).
+Compared with the threaded link (pyxs's reader thread) an add makes ~5× fewer syscalls and imports
+neither `socket` nor `threading`, `queue` or pyxs's `platform` (bench/README.md, blockscript_add).
+It must not be shared between threads.
 
 Failure behaviour is the threaded link's: every wait is bounded by the caller's deadline, a peer
 that closes, sends a reply nobody asked for or an oversize header makes the link `LOST` for good
