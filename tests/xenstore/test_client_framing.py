@@ -25,7 +25,9 @@ WATCH_EVENT = 15
 
 
 @pytest.fixture
-def peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
+def fake_peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
+    """As test_client_faults' fixture of the same name (a pytest fixture cannot be imported
+    without shadowing it at every use)."""
     peers: list[FakePeer] = []
 
     def start(behaviour: Behaviour) -> FakePeer:
@@ -57,7 +59,7 @@ EXPECTED = [p.upper() for p in PATHS]
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 16, 17, 40])
-def test_replies_split_anywhere_across_reads(peer: Callable[[Behaviour], FakePeer], step: int) -> None:
+def test_replies_split_anywhere_across_reads(fake_peer: Callable[[Behaviour], FakePeer], step: int) -> None:
     """Header and payload cut at every offset (step 1: a byte per write), with pauses so that each
     piece is a read of its own: the link must neither lose a piece nor wait for more bytes than the
     batch's rest can hold (a too-high low-water mark would sit out the 5 s timeout here)."""
@@ -68,14 +70,14 @@ def test_replies_split_anywhere_across_reads(peer: Callable[[Behaviour], FakePee
             conn.sendall(data[start : start + step])
             time.sleep(0.002)
 
-    with XenStore.connect(peer(trickle).path, timeout=5) as store:
+    with XenStore.connect(fake_peer(trickle).path, timeout=5) as store:
         start = time.monotonic()
         assert store.read_many(PATHS) == EXPECTED
         assert time.monotonic() - start < 3.0
         assert store.read_many([]) == []  # nothing left over, the link still usable for nothing
 
 
-def test_many_replies_and_events_in_one_write(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_many_replies_and_events_in_one_write(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     """63 replies (one fewer than a batch the synchronous link spreads over connections) in one
     segment, watch events before, among and after them: every reply lands in its slot, the
     subscribed events are kept in order for wait_watch, the others dropped."""
@@ -96,7 +98,7 @@ def test_many_replies_and_events_in_one_write(peer: Callable[[Behaviour], FakePe
             + _event(b"/w/last", b"tok")
         )
 
-    with XenStore.connect(peer(burst).path, timeout=5) as store:
+    with XenStore.connect(fake_peer(burst).path, timeout=5) as store:
         store.watch("/w", "tok")
         assert store.read_many(paths) == [p.upper() for p in paths]
         events = [store.wait_watch(2) for _ in range(3)]
@@ -107,7 +109,7 @@ def test_many_replies_and_events_in_one_write(peer: Callable[[Behaviour], FakePe
         ]
 
 
-def test_stray_reply_after_a_batch_fails_the_next_request(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_stray_reply_after_a_batch_fails_the_next_request(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     """A reply nobody asked for, in the same segment as the batch's last reply: the batch's own
     replies stand (they came first), but the stream can no longer be trusted."""
 
@@ -115,7 +117,7 @@ def test_stray_reply_after_a_batch_fails_the_next_request(peer: Callable[[Behavi
         requests = [_read_request(conn) for _ in PATHS]
         conn.sendall(_replies(requests) + HEADER.pack(2, 999_999, 0, 1) + b"x")
 
-    with XenStore.connect(peer(stray).path, timeout=5) as store:
+    with XenStore.connect(fake_peer(stray).path, timeout=5) as store:
         # (the threaded link's reader may meet the stray reply before the batch returns: also honest)
         with contextlib.suppress(XenstoreDisconnected):
             assert store.read_many(PATHS) == EXPECTED
@@ -123,19 +125,19 @@ def test_stray_reply_after_a_batch_fails_the_next_request(peer: Callable[[Behavi
         assert isinstance(exc, XenstoreDisconnected), exc
 
 
-def test_duplicate_reply_loses_the_link(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_duplicate_reply_loses_the_link(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     def twice(conn: socket.socket) -> None:
         requests = [_read_request(conn) for _ in PATHS]
         conn.sendall(_replies(requests[:1]) + _replies(requests))
 
-    with XenStore.connect(peer(twice).path, timeout=5) as store:
+    with XenStore.connect(fake_peer(twice).path, timeout=5) as store:
         exc = _outcome_within(5, lambda: store.read_many(PATHS))
         assert isinstance(exc, XenstoreDisconnected), exc
 
 
 @pytest.mark.parametrize("where", ["first", "after-two"])
 def test_oversize_header_in_a_batch_loses_the_link_at_once(
-    peer: Callable[[Behaviour], FakePeer], where: str
+    fake_peer: Callable[[Behaviour], FakePeer], where: str
 ) -> None:
     """A header announcing more than XENSTORE_PAYLOAD_MAX, alone or after good replies in the same
     segment: the framing is lost, so the client gives up at once (not after the 10 s timeout) and
@@ -147,7 +149,7 @@ def test_oversize_header_in_a_batch_loses_the_link_at_once(
         op, rq, tx, _payload = requests[len(good) and 2]
         conn.sendall(good + HEADER.pack(op, rq, tx, 1 << 30) + b"abc")
 
-    with XenStore.connect(peer(oversize).path, timeout=10) as store:
+    with XenStore.connect(fake_peer(oversize).path, timeout=10) as store:
         start = time.monotonic()
         exc = _outcome_within(5, lambda: store.read_many(PATHS))
         assert isinstance(exc, XenstoreDisconnected), exc
@@ -157,7 +159,7 @@ def test_oversize_header_in_a_batch_loses_the_link_at_once(
 
 @pytest.mark.parametrize("cut", [4, 16, 20])
 def test_truncated_batch_then_close_is_reported_at_once(
-    peer: Callable[[Behaviour], FakePeer], cut: int
+    fake_peer: Callable[[Behaviour], FakePeer], cut: int
 ) -> None:
     """Two whole replies, then a frame cut inside its header (4), after it (16) or inside its
     payload (20), then the peer closes: disconnected at once, not after the 10 s timeout."""
@@ -170,7 +172,7 @@ def test_truncated_batch_then_close_is_reported_at_once(
         conn.shutdown(socket.SHUT_RDWR)
         conn.close()
 
-    with XenStore.connect(peer(truncated).path, timeout=10) as store:
+    with XenStore.connect(fake_peer(truncated).path, timeout=10) as store:
         start = time.monotonic()
         exc = _outcome_within(5, lambda: store.read_many(PATHS))
         assert isinstance(exc, XenstoreDisconnected), exc
@@ -178,7 +180,7 @@ def test_truncated_batch_then_close_is_reported_at_once(
 
 
 def test_truncated_batch_then_silence_times_out_on_the_deadline(
-    peer: Callable[[Behaviour], FakePeer], link: str
+    fake_peer: Callable[[Behaviour], FakePeer], link: str
 ) -> None:
     """Most of a batch, then a stall mid-frame: the deadline still fires (the kernel's wait for the
     batch's rest is bounded by it), and the connection is dropped. (pyxs's reader may hit its own
@@ -189,7 +191,7 @@ def test_truncated_batch_then_silence_times_out_on_the_deadline(
         data = _replies(requests)
         conn.sendall(data[: len(data) - 3])
 
-    store = XenStore.connect(peer(stall).path, timeout=0.3)
+    store = XenStore.connect(fake_peer(stall).path, timeout=0.3)
     try:
         start = time.monotonic()
         exc = _outcome_within(5, lambda: store.read_many(PATHS))

@@ -40,28 +40,19 @@ print("LOADED", loaded, flush=True)
 """
 
 
+def _strace(trace: Path, calls: str, client: str) -> subprocess.CompletedProcess[str]:
+    """Run `client` (a -c program, given this checkout's root) under strace -f, tracing `calls`."""
+    argv = ["strace", "-f", "-o", str(trace), "-e", f"trace={calls}", sys.executable, "-c", client, str(ROOT)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode:
+        print(result.stderr)
+    return result
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_one_send_per_batch_and_no_thread(daemon: Daemon, tmp_path: Path) -> None:
     trace = tmp_path / "trace"
-    result = subprocess.run(
-        [
-            "strace",
-            "-f",
-            "-o",
-            str(trace),
-            "-e",
-            "trace=clone,clone3,sendto,sendmsg,write",
-            sys.executable,
-            "-c",
-            CLIENT,
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _strace(trace, "clone,clone3,sendto,sendmsg,write", CLIENT)
     assert "LOADED []" in result.stdout, result.stdout
     calls = trace.read_text().splitlines()
     assert not [c for c in calls if "clone" in c], "the synchronous link must not start a thread"
@@ -119,25 +110,7 @@ def test_a_batch_of_replies_is_read_in_a_few_reads_without_polling(daemon: Daemo
     writes and a transaction's reads never leave the first connection (bench/README.md, issue 18
     round 5)."""
     trace = tmp_path / "trace"
-    result = subprocess.run(
-        [
-            "strace",
-            "-f",
-            "-o",
-            str(trace),
-            "-e",
-            "trace=network,poll,ppoll,select,pselect6,write",
-            sys.executable,
-            "-c",
-            BATCH_CLIENT,
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    assert _strace(trace, "network,poll,ppoll,select,pselect6,write", BATCH_CLIENT).returncode == 0
     phases = _phases(trace)
     assert len(phases) == 5, phases
     spread, one, writes, in_tx, _commit = phases
