@@ -1,6 +1,7 @@
 """Start-up cost of the hotplug entry point (paid on every VM start), against the bare interpreter.
 
-    .venv/bin/python -m bench.hotplug_startup [--runs 30] [--python /path/to/python3]
+    .venv/bin/python -m bench.hotplug_startup [--runs 30] [--python /path/to/python3] [--baseline OLD]
+        # OLD: another checkout, `git archive main xenblockctl hotplug | tar -x -C OLD`
 
 Rows (fresh processes, same interpreter, alternating so load changes hit every row alike; wall
 and CPU time of the child):
@@ -10,6 +11,8 @@ and CPU time of the child):
   * the same the way hotplug/block-xenblockctl runs them: GC off during start-up, os._exit after;
   * the same the way the script `xenblockctl install-hooks` lays runs them: `python -S`, the
     package's directory appended to sys.path by the script, GC off, os._exit;
+  * laid-script style, what `add` alone and what `remove` alone import (remove's graph holds
+    nothing of add's), for this checkout and, with `--baseline`, for another one in the same loop;
 then the syscalls of one run of the bare interpreter and of the imports (strace -f -c), then the
 slowest imports of one run (`python -S -X importtime`, site's own imports left out).
 
@@ -39,6 +42,18 @@ IMPORTS = (
 SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
 #: What the laid script (toolstack/hostfiles.block_script) runs under `python -S`.
 LAID_STYLE = f"import sys; sys.path.append({str(ROOT)!r}); {SHIM_STYLE}"
+#: One action's imports: hotplug.main's for every action (config, settings, vbd, the client and its
+#: link), then the action's module.
+_MAIN = (
+    "xenblockctl.blockscript.hotplug, xenblockctl.config, xenblockctl.blockscript.settings, "
+    "xenblockctl.xenstore.vbd, xenblockctl.xenstore.client, xenblockctl.xenstore.synchronous"
+)
+ACTION_IMPORTS = {action: f"import {_MAIN}, xenblockctl.blockscript.{action}" for action in ("add", "remove")}
+
+
+def laid_imports(checkout: Path, imports: str) -> str:
+    """`imports` as the laid script runs them from `checkout`."""
+    return f"import gc, os, sys; gc.disable(); sys.path.append({str(checkout)!r}); {imports}; os._exit(0)"
 
 
 def child_env() -> dict[str, str]:
@@ -51,6 +66,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout (xenblockctl/ and hotplug/) to compare"
+    )
     args = parser.parse_args()
     py = args.python
     env = child_env()
@@ -61,7 +79,19 @@ def main() -> int:
         "  as the shim runs them (GC off, _exit)": [py, "-c", SHIM_STYLE],
         "  as the laid script runs them (-S, GC off, _exit)": [py, "-S", "-c", LAID_STYLE],
     }
+    checkouts = {"": ROOT} if args.baseline is None else {"": ROOT, " (baseline)": args.baseline.resolve()}
+    for label, checkout in checkouts.items():
+        for action, imports in ACTION_IMPORTS.items():
+            cases[f"  {action}'s imports alone, laid style{label}"] = [
+                py,
+                "-S",
+                "-c",
+                laid_imports(checkout, imports),
+            ]
     subprocess.run([py, "-c", IMPORTS], cwd=ROOT, env=env, check=True)  # write the bytecode caches
+    for checkout in checkouts.values():
+        for imports in ACTION_IMPORTS.values():
+            subprocess.run([py, "-S", "-c", laid_imports(checkout, imports)], cwd=ROOT, env=env, check=True)
     walls: dict[str, list[float]] = {name: [] for name in cases}
     cpus: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(args.runs + 3):
@@ -99,12 +129,22 @@ def main() -> int:
         f"{percentile(walls[laid], 50) / 1e3:.1f} vs {percentile(walls[shim], 50) / 1e3:.1f} ms wall, "
         f"{percentile(cpus[laid], 50) / 1e3:.1f} vs {percentile(cpus[shim], 50) / 1e3:.1f} ms CPU"
     )
+    if args.baseline is not None:
+        for action in ACTION_IMPORTS:
+            ours, base = (cpus[f"  {action}'s imports alone, laid style{label}"] for label in checkouts)
+            mine, theirs = percentile(ours, 50), percentile(base, 50)
+            print(
+                f"{action}'s imports, laid style, CPU p50: {mine / 1e3:.2f} ms, "
+                f"baseline {theirs / 1e3:.2f} ms ({mine / theirs:.3f}x)"
+            )
     if shutil.which("strace"):
         for name in ("python -c pass", "python -c '<hotplug imports>'", laid):
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")
     # -S: site.py (and an editable install's finder) would otherwise shadow our own graph; the
     # minimum over a few runs, since one stall would otherwise top the list
-    probe = f"import sys; sys.path[:0] = sys.argv[1:]; {IMPORTS}"
+    # GC off as the laid script has it: a collection falls on the same module every run (the
+    # allocation count is deterministic) and would show up as that module's self time
+    probe = f"import gc, sys; gc.disable(); sys.path[:0] = sys.argv[1:]; {IMPORTS}"
     best: dict[str, tuple[int, int]] = {}
     for _ in range(5):
         trace = subprocess.run(

@@ -57,6 +57,7 @@ def measure(
     persistent: bool = False,
     workers: int = 0,
     native: bool = False,
+    index_pages: bool = True,
 ) -> None:
     pages = w.qd * max(1, w.block // 4096)
     with LocalFrontend(
@@ -67,7 +68,11 @@ def measure(
         indirect_pages=w.qd,
         persistent=persistent,
     ) as fe:
-        dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
+        fastpath.INDEX_PAGES = index_pages
+        try:
+            dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
+        finally:
+            fastpath.INDEX_PAGES = True
         try:
             offsets = iter(_offsets(w, target.size_bytes) * (1 + rounds * w.qd // 20_000))
             ring = fe.ring
@@ -107,6 +112,8 @@ def measure(
             if dp.stats.ok != dp.stats.requests:
                 raise SystemExit(f"engine answered errors: {dp.stats}")
             mode = ("persistent " if persistent else "per-request") + (" native" if native else " python")
+            if native and not index_pages:
+                mode += " (dict lookup)"
             line = (
                 f"  {w.name:<30} QD {w.qd:>2} {mode}: engine {engine / max(served, 1) * 1e6:7.2f} µs/request"
             )
@@ -188,14 +195,19 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated workload numbers (1-based; default: all)")
     ap.add_argument("--persistent", default="off,on", help="grant modes: off (per-request), on (persistent)")
     ap.add_argument(
-        "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
+        "--native",
+        default="off,on",
+        help="ring passes: off (pure Python), on (native fast path), dict (native, with the grant"
+        " cache's pages looked up in its dict per page instead of its C index: the lookup before it)",
     )
     args = ap.parse_args()
     modes = [{"off": False, "on": True}[x] for x in args.persistent.split(",")]
-    natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
-    if not fastpath.available() and True in natives:
+    natives = args.native.split(",")
+    if set(natives) - {"off", "on", "dict"}:
+        ap.error(f"--native: off, on and/or dict, not {args.native}")
+    if not fastpath.available() and set(natives) - {"off"}:
         print(f"native lines skipped: {fastpath.describe(True)}")
-        natives = [False]
+        natives = ["off"]
     chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
         image = Path(tmp, "disk.img")
@@ -221,7 +233,8 @@ def main() -> int:
                             args.engine_only,
                             persistent=persistent,
                             workers=args.workers,
-                            native=native and persistent,
+                            native=native != "off" and persistent,
+                            index_pages=native != "dict",
                         )
         finally:
             transport.close()

@@ -1,13 +1,17 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on,copy,map] [--native off,on]
+        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
 
-- `direct preadv`: one thread, preadv into a buffer at the same offsets: the floor.
-- `engine, N workers`: a LocalFrontend submits through the ring; the DataPlane validates, maps the
+- `direct preadv (1 thread, 1 buffer)`: one thread, preadv into one buffer at the same offsets: the
+  floor, and what every `ratio` is against (the issue's "direct preadv").
+- `direct preadv (1 thread, QD buffers)`: the same loop into QD buffers of the request size in
+  turn, the memory the frontend's pages span (the engine copies into a different buffer per
+  request; one buffer stays warm in the CPU's caches): the `(to QD buffers ...)` ratio.
+- `engine, N workers`: a frontend submits through the ring; the DataPlane validates, maps the
   grant pages and preadv's straight into them on N worker threads (0 = inline on the ring thread).
   `persistent` rows: the frontend negotiates feature-persistent and the data plane goes through its
   grant cache (backend/grantcache.py); `per-request` rows: it does not (on the local transport the
@@ -17,9 +21,21 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
   grants, the data pages copied (backend/grantcopy.py) or mapped per request: the Xen transport's
   two paths, on a transport whose copy is a memcpy and whose map is a slice (no hypercalls).
 
+`--frontend`: `batch` (the default, bench/batch_frontend.py) prebuilds each workload's request slots
+once and moves them in and out of the ring a batch at a time, answers checked with one compare and
+the data against the file before and after the timing: its CPU per request (printed) is a fraction
+of the engine's, as a kernel blkfront's is. `python` is LocalFrontend's submit_read/collect, ~3.5 µs
+of Python per request, which bounded the ratios before (kept for comparison).
+
 `--native off,on` (the default: both) runs each persistent row on the pure-Python ring pass
-(`python`) and on the native fast path (`native`, backend/fastpath.py; it applies to persistent
+(`python`) and on the native fast path (`native`, backend/fastpath.py; `dict`: the same with the
+page lookup this replaced, for an A/B in one run; it applies to persistent
 grants only, so other rows run once, in Python).
+
+`--queues N` (N > 1) runs one workload (`--only`, default 4 KiB) on N queues of one disk instead,
+each driven by its own batch-frontend process, served with the native pass in this process (threads
+sharing one GIL) and in N worker processes (backend/workers.py, `xenblockctl backend --workers N`),
+against N direct preadv loops at once on N threads and on N processes.
 
 The file is filled with data and read once first, so both sides read from the page cache: the ratio
 measures our per-request software cost, not the disk. With `--frontend-process` the frontend runs in
@@ -30,21 +46,28 @@ a child process (its own GIL), as a guest would; otherwise both sides share one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
 import random
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.batch_frontend import BatchFrontend
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.transport.local import LocalTransport
+from xenblockctl.backend.workers import RemoteQueue, WorkerPool
+from xenblockctl.journal import Journal
 
 
 @dataclass(frozen=True)
@@ -70,19 +93,36 @@ def _offsets(w: Workload, size: int, seed: int = 1) -> list[int]:
     return [rnd.randrange(slots) * w.block for _ in range(20_000)]
 
 
-def direct(fd: int, w: Workload, size: int, seconds: float) -> tuple[float, float]:
-    """Requests per second of a plain preadv loop, and its CPU µs per request."""
-    buf = bytearray(w.block)
-    offsets = _offsets(w, size)
+def direct(
+    fd: int, w: Workload, size: int, seconds: float, *, footprint: bool = False
+) -> tuple[float, float]:
+    """Requests per second of a plain preadv loop, and its CPU µs per request. One buffer reused
+    (warm in the CPU's caches), or with `footprint` QD buffers of `block` bytes in one mapping,
+    request i into buffer i % QD: the memory the frontend's pages span, which the engine copies to."""
+    n_buf = w.qd if footprint else 1
+    area = mmap.mmap(-1, n_buf * w.block)
+    view = memoryview(area)
+    bufs = [view[i * w.block : (i + 1) * w.block] for i in range(n_buf)]
+    # the same loop for both: only the buffers differ
+    pairs = [(off, [bufs[i % n_buf]]) for i, off in enumerate(_offsets(w, size))]
+    preadv = os.preadv
     cpu0 = time.thread_time()
     n = 0
     start = time.perf_counter()
     end = start + seconds
     while time.perf_counter() < end:
-        for off in offsets[n % len(offsets) : n % len(offsets) + 64]:
-            os.preadv(fd, [buf], off)
-        n += 64
-    return n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
+        at = n % len(pairs)
+        chunk = pairs[at : at + 64]
+        for off, iov in chunk:
+            preadv(fd, iov, off)
+        n += len(chunk)  # not 64: the last chunk of the list is shorter
+    rate, cpu = n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
+    del pairs
+    for b in bufs:
+        b.release()
+    view.release()
+    area.close()
+    return rate, cpu
 
 
 @dataclass(frozen=True)
@@ -95,6 +135,10 @@ class Run:
     grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
     requests: int = 0  # requests the data plane served in the whole run
     notifies: int = 0  # events the data plane sent in the whole run (one per ring pass at most)
+    #: direct preadv rates measured in slices between the engine's (--slices; 0: not interleaved):
+    #: one buffer, and QD buffers in turn
+    direct: float = 0.0
+    direct_wide: float = 0.0
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -146,6 +190,8 @@ def _child(
     conn: multiprocessing.connection.Connection,
     *,
     persistent: bool,
+    frontend: str = "python",
+    slices: int = 1,
 ) -> None:
     size = os.stat(image).st_size
     with LocalFrontend(
@@ -158,9 +204,62 @@ def _child(
     ) as fe:
         conn.send(fe.xenstore_nodes())
         conn.recv()  # backend connected
+        conn.send(
+            frontend_work(
+                fe,
+                image,
+                w,
+                size=size,
+                seconds=seconds,
+                frontend=frontend,
+                verified=lambda: conn.send("verified"),
+                slices=slices,
+                # interleaved with the engine process's direct loops: each slice on its word
+                between=conn.recv if slices > 1 else None,
+                after=(lambda: conn.send("slice")) if slices > 1 else None,
+            )
+        )
+
+
+def frontend_work(
+    fe: LocalFrontend,
+    image: str,
+    w: Workload,
+    *,
+    size: int,
+    seconds: float,
+    frontend: str,
+    verified: Callable[[], None],
+    slices: int = 1,
+    between: Callable[[], object] | None = None,
+    after: Callable[[], None] | None = None,
+) -> Run:
+    """Check data, call `verified()`, then the timed run, on the `python` frontend (LocalFrontend's
+    submit_read/collect per request) or the `batch` one (bench/batch_frontend.py: prebuilt slots
+    copied in batches, answers checked in bulk, data checked before and after the timing). The
+    batch frontend runs in `slices` parts, each after `between()` returns and followed by
+    `after()` (the engine's process runs its direct loop between them)."""
+    if frontend == "python":
         verify(fe, image, w, size)
-        conn.send("verified")
-        conn.send(frontend_run(fe, w, size, seconds))
+        verified()
+        return frontend_run(fe, w, size, seconds)
+    batch = BatchFrontend(fe, w.block, w.qd, _offsets(w, size))
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        batch.warm_and_verify(fd)
+        verified()
+        done, elapsed, cpu = 0, 0.0, 0.0
+        for _ in range(slices):
+            if between is not None:
+                between()
+            d, e, c = batch.run(seconds / slices)
+            done, elapsed, cpu = done + d, elapsed + e, cpu + c
+            if after is not None:
+                after()
+        batch.verify(fd)
+    finally:
+        os.close(fd)
+    return Run(done / elapsed, cpu / done * 1e6)
 
 
 def _params(nodes: dict[str, str]) -> RingParams:
@@ -195,14 +294,22 @@ def engine(
     in_child: bool,
     persistent: bool = False,
     native: bool = False,
+    frontend: str = "python",
+    slices: int = 0,
+    device_fd: int = -1,
 ) -> Run:
+    """One engine row. `frontend`: see frontend_work. `slices` > 1 (batch frontend in a child
+    process): the timed run is cut into that many slices, and before each one this process runs
+    the direct preadv loops on `device_fd` (one buffer, then QD buffers) for half a slice each, so
+    each row has its own baseline measured alongside it, under the same load."""
+    interleave = in_child and frontend == "batch" and slices > 1
     if in_child:
         ctx = multiprocessing.get_context("spawn")
         parent, child_end = ctx.Pipe()
         proc = ctx.Process(
             target=_child,
             args=(transport.socket_path, image, w, seconds, child_end),
-            kwargs={"persistent": persistent},
+            kwargs={"persistent": persistent, "frontend": frontend, "slices": slices if interleave else 1},
         )
         proc.start()
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
@@ -220,10 +327,31 @@ def engine(
             try:
                 parent.send("go")
                 receive()  # verified
-                served, cpu0 = dp.stats.requests, _cpu()
-                run = receive()
-                assert isinstance(run, Run)
-                served, cpu = dp.stats.requests - served, _cpu() - cpu0
+                if interleave:
+                    served = 0
+                    cpu = direct1 = wide = 0.0
+                    for k in range(slices):
+                        # alternate which baseline goes first, so neither always follows the engine
+                        for wide_first in (False, True) if k % 2 else (True, False):
+                            rate = direct(
+                                device_fd, w, target.size_bytes, seconds / slices / 2, footprint=wide_first
+                            )
+                            if wide_first:
+                                wide += rate[0] / slices
+                            else:
+                                direct1 += rate[0] / slices
+                        before, cpu0 = dp.stats.requests, _cpu()
+                        parent.send("slice")
+                        receive()  # its slice is done, every request answered
+                        served, cpu = served + dp.stats.requests - before, cpu + _cpu() - cpu0
+                    run = receive()
+                    assert isinstance(run, Run)
+                    run = dataclasses.replace(run, direct=direct1, direct_wide=wide)
+                else:
+                    served, cpu0 = dp.stats.requests, _cpu()
+                    run = receive()
+                    assert isinstance(run, Run)
+                    served, cpu = dp.stats.requests - served, _cpu() - cpu0
             finally:
                 dp.stop()
         finally:
@@ -231,7 +359,14 @@ def engine(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        return Run(run.rate, run.frontend_cpu_us, cpu / served * 1e6, *_grant_counts(dp))
+        return Run(
+            run.rate,
+            run.frontend_cpu_us,
+            cpu / served * 1e6,
+            *_grant_counts(dp),
+            direct=run.direct,
+            direct_wide=run.direct_wide,
+        )
     with LocalFrontend(
         transport.socket_path,
         1,
@@ -243,10 +378,17 @@ def engine(
         dp = _data_plane(transport, fe.xenstore_nodes(), target, workers=workers, native=native)
         dp.start()
         try:
-            verify(fe, image, w, target.size_bytes)
-            served, cpu0 = dp.stats.requests, _cpu()
-            run = frontend_run(fe, w, target.size_bytes, seconds)
-            served, cpu = dp.stats.requests - served, _cpu() - cpu0
+            mark: list[tuple[int, float]] = []
+            run = frontend_work(
+                fe,
+                image,
+                w,
+                size=target.size_bytes,
+                seconds=seconds,
+                frontend=frontend,
+                verified=lambda: mark.append((dp.stats.requests, _cpu())),
+            )
+            served, cpu = dp.stats.requests - mark[0][0], _cpu() - mark[0][1]
             # one process: the engine's share is the process total minus the frontend thread's
             engine_cpu = cpu / served * 1e6 - run.frontend_cpu_us
         finally:
@@ -271,6 +413,243 @@ def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
     return (-1 if cache is None else cache.stats.maps), dp.stats.requests, dp.stats.notifies
 
 
+# --- several queues on several CPUs (--queues N) --------------------------------------------------------
+def _direct_child(
+    image: str,
+    w: Workload,
+    seconds: float,
+    barrier: threading.Barrier,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        barrier.wait()
+        conn.send(direct(fd, w, os.fstat(fd).st_size, seconds))
+    finally:
+        os.close(fd)
+
+
+def direct_parallel(
+    image: str, w: Workload, seconds: float, n: int, *, processes: bool
+) -> tuple[float, float]:
+    """Aggregate requests per second of `n` direct preadv loops (one buffer each, as `direct`)
+    running at once, on n threads of this process or in n processes; and their mean CPU µs per
+    request."""
+    size = os.stat(image).st_size
+    if not processes:
+        rates = [(0.0, 0.0)] * n
+        fds = [os.open(image, os.O_RDONLY | os.O_CLOEXEC) for _ in range(n)]
+
+        def loop(i: int) -> None:
+            rates[i] = direct(fds[i], w, size, seconds)
+
+        try:
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return sum(r for r, _cpu in rates), sum(cpu for _r, cpu in rates) / n
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    pipes = [ctx.Pipe() for _ in range(n)]
+    procs = [ctx.Process(target=_direct_child, args=(image, w, seconds, barrier, c)) for _p, c in pipes]
+    for proc in procs:
+        proc.start()
+    try:
+        total = cpu = 0.0
+        for parent, child in pipes:
+            child.close()
+            if not parent.poll(seconds + 60):
+                raise SystemExit("a direct preadv process stopped answering")
+            rate, per = parent.recv()
+            total, cpu = total + rate, cpu + per / n
+        return total, cpu
+    finally:
+        for proc in procs:
+            proc.join(30)
+
+
+def _queue_child(  # noqa: PLR0917 (a multiprocessing target takes positional args)
+    sock: str,
+    image: str,
+    w: Workload,
+    seconds: float,
+    queue: int,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    """One queue's frontend (the batch frontend, persistent grants): its own process, as blkfront
+    drives each queue from its own CPU."""
+    size = os.stat(image).st_size
+    with LocalFrontend(
+        sock, 1, ring_page_order=1, data_pages=_frontend_pages(w), indirect_pages=w.qd, persistent=True
+    ) as fe:
+        conn.send(fe.xenstore_nodes())
+        conn.recv()  # served
+        batch = BatchFrontend(fe, w.block, w.qd, _offsets(w, size, seed=1 + queue))
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            batch.warm_and_verify(fd)
+            conn.send("verified")
+            conn.recv()  # every queue verified: all start together
+            done, elapsed, cpu = batch.run(seconds)
+            batch.verify(fd)
+        finally:
+            os.close(fd)
+        conn.send(Run(done / elapsed, cpu / done * 1e6))
+
+
+def multi_queue(
+    transport: LocalTransport,
+    target: DeviceTarget,
+    image: str,
+    w: Workload,
+    *,
+    queues: int,
+    seconds: float,
+    engine_workers: int,
+    io_workers: int,
+) -> tuple[float, float, float]:
+    """`queues` rings of one disk (domain 1), each driven by its own frontend process at QD `w.qd`,
+    served with the native pass (where built) by DataPlanes in this process (`engine_workers` 0:
+    threads sharing one GIL) or by a WorkerPool of `engine_workers` processes (`xenblockctl backend
+    --workers N`).
+    Returns (aggregate requests/s, engine CPU µs per request, frontend CPU µs per request)."""
+    from bench.many_disks import _cpu  # many_disks imports this module: not at the top
+
+    native = fastpath.available()  # else the pure-Python pass (main_multi_queue says so)
+    ctx = multiprocessing.get_context("spawn")
+    pool = WorkerPool(engine_workers, transport, Journal("bench-engine")) if engine_workers else None
+    conns: list[multiprocessing.connection.Connection] = []
+    procs = []
+    planes: list[DataPlane | RemoteQueue] = []
+
+    def receive(conn: multiprocessing.connection.Connection) -> object:
+        if not conn.poll(seconds + 60):
+            raise SystemExit("a frontend process stopped answering")
+        return conn.recv()
+
+    try:
+        for q in range(queues):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_queue_child, args=(transport.socket_path, image, w, seconds, q, child))
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        for q, conn in enumerate(conns):
+            nodes = receive(conn)
+            assert isinstance(nodes, dict)
+            params = _params(nodes)
+            if pool is not None:
+                planes.append(
+                    pool.serve(
+                        domid=1,
+                        params=params,
+                        target=target,
+                        limits=target.limits(),
+                        name=f"bench-q{q}",
+                        io_workers=io_workers,
+                        max_persistent_grants=1056,
+                        on_broken=None,
+                        native=native,
+                    )
+                )
+            else:
+                planes.append(_data_plane(transport, nodes, target, workers=io_workers, native=native))
+        for dp in planes:
+            dp.start()
+        for conn in conns:
+            conn.send("served")
+        for conn in conns:
+            receive(conn)  # verified
+        cpu0 = _cpu(pool)
+        for conn in conns:
+            conn.send("go")
+        runs = [receive(conn) for conn in conns]
+        cpu = _cpu(pool) - cpu0
+    finally:
+        for dp in planes:
+            dp.request_stop()
+        for dp in planes:
+            dp.stop()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if pool is not None:
+            pool.close()
+    assert all(isinstance(r, Run) for r in runs)
+    rate = sum(r.rate for r in runs if isinstance(r, Run))
+    # the engine's CPU over the timed run, over the requests answered in it (rate x the run's length)
+    frontend_us = sum(r.frontend_cpu_us for r in runs if isinstance(r, Run)) / len(runs)
+    return rate, cpu / (rate * seconds) * 1e6, frontend_us
+
+
+def main_multi_queue(args: argparse.Namespace, image: str, fd: int, target: DeviceTarget) -> None:
+    """The --queues rows. The direct loops run before, between and after the engine rows (half a
+    row's time each); each engine row's ratios are against the mean of the two sets around it."""
+    w = WORKLOADS[int(args.only.split(",")[0]) - 1] if args.only else WORKLOADS[0]
+    n = args.queues
+    io_workers = int(args.workers.split(",")[0])
+    print(f"\n{w.name} per queue, {n} queues, {len(os.sched_getaffinity(0))} CPUs, {io_workers} I/O workers")
+    size = os.fstat(fd).st_size
+    labels = ("1 thread", f"{n} threads", f"{n} processes")
+    if not fastpath.available():
+        print(f"  engine rows on the pure-Python pass: {fastpath.describe(True)}")
+
+    def baselines() -> list[tuple[float, float]]:
+        half = args.seconds / 2
+        return [
+            direct(fd, w, size, half),
+            direct_parallel(image, w, half, n, processes=False),
+            direct_parallel(image, w, half, n, processes=True),
+        ]
+
+    sets = [baselines()]
+    engines = []
+    transport = LocalTransport(str(Path(image).with_name("grants-mq.sock")))
+    try:
+        for engine_workers in (0, n):
+            engines.append(
+                (
+                    engine_workers,
+                    multi_queue(
+                        transport,
+                        target,
+                        image,
+                        w,
+                        queues=n,
+                        seconds=args.seconds,
+                        engine_workers=engine_workers,
+                        io_workers=io_workers,
+                    ),
+                )
+            )
+            sets.append(baselines())
+    finally:
+        transport.close()
+    for i, label in enumerate(labels):
+        rate = sum(b[i][0] for b in sets) / len(sets)
+        cpu = sum(b[i][1] for b in sets) / len(sets)
+        print(f"  {'direct preadv (' + label + ')':<52} {rate:>10.0f} IOPS{'':43}CPU/request: {cpu:.1f} µs")
+    for k, (engine_workers, (rate, engine_us, frontend_us)) in enumerate(engines):
+        around = [(sets[k][i][0] + sets[k + 1][i][0]) / 2 for i in range(len(labels))]
+        label = f"engine, {n} queues, " + (
+            f"{engine_workers} worker processes" if engine_workers else "one process"
+        )
+        ratios = ", ".join(f"{name} {rate / base:.3f}" for name, base in zip(labels, around, strict=True))
+        print(
+            f"  {label:<52} {rate:>10.0f} IOPS   ratio to {ratios}"
+            f"   CPU/request: engine {engine_us:.1f} µs, frontend {frontend_us:.1f} µs",
+            flush=True,
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -288,7 +667,16 @@ def main() -> int:
         " copy / map (per-request on the Xen transport's grant copy / per-request mapping paths)",
     )
     ap.add_argument(
-        "--native", default="off,on", help="ring passes: off (pure Python), on (native fast path)"
+        "--native",
+        default="off,on",
+        help="ring passes: off (pure Python), on (native fast path), dict (native, the grant cache's"
+        " pages looked up in its dict per page instead of its C index: the lookup before it)",
+    )
+    ap.add_argument(
+        "--frontend",
+        default="batch",
+        help="comma-separated frontends per row: batch (prebuilt slots copied in batches, answers"
+        " checked in bulk: bench/batch_frontend.py), python (LocalFrontend's submit_read/collect)",
     )
     ap.add_argument(
         "--switch-interval",
@@ -296,6 +684,23 @@ def main() -> int:
         default=None,
         help="sys.setswitchinterval() in seconds (CPython default 0.005): GIL hand-off latency between "
         "the ring thread, I/O workers and an in-process frontend",
+    )
+    ap.add_argument(
+        "--slices",
+        type=int,
+        default=6,
+        help="batch frontend in a child process: cut each row's timed run into this many slices with"
+        " the direct loops run between them, each row's ratios against its own interleaved baseline"
+        " (0 or 1: the direct rows measured once per workload, before the engine rows)",
+    )
+    ap.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        help="N > 1: instead of the rows above, one workload (--only, default 4 KiB) on N queues of one"
+        " disk, a frontend process each, the native pass in one process and in N worker processes,"
+        " against N direct preadv loops (threads and processes); --workers' first value is the I/O"
+        " workers per queue",
     )
     args = ap.parse_args()
     if args.switch_interval is not None:
@@ -306,10 +711,15 @@ def main() -> int:
         {"off": (False, "table"), "on": (True, "table"), "copy": (False, "copy"), "map": (False, "map")}[x]
         for x in args.persistent.split(",")
     ]
-    natives = [{"off": False, "on": True}[x] for x in args.native.split(",")]
-    if not fastpath.available() and True in natives:
+    natives = args.native.split(",")
+    if set(natives) - {"off", "on", "dict"}:
+        ap.error(f"--native: off, on and/or dict, not {args.native}")
+    frontends = args.frontend.split(",")
+    if set(frontends) - {"batch", "python"}:
+        ap.error(f"--frontend: batch and/or python, not {args.frontend}")
+    if not fastpath.available() and set(natives) - {"off"}:
         print(f"native rows skipped: {fastpath.describe(True)}")
-        natives = [False]
+        natives = ["off"]
     mode_labels = {"table": "per-request", "copy": "per-request, grant copy", "map": "per-request, mapped"}
 
     with tempfile.TemporaryDirectory(prefix="xbc-bench-") as tmp:
@@ -338,23 +748,34 @@ def main() -> int:
                 os.preadv(fd, [buf], off)
             where = "loop device" if args.loop else "file"
             side = "child process" if args.frontend_process else "same process"
+            if args.queues > 1:
+                side = f"{args.queues} child processes"
             print(
                 f"{args.size_mib} MiB {where}, page cache warm, frontend in {side}, "
                 f"{args.seconds:.0f} s per row, switch interval {sys.getswitchinterval() * 1e3:.1f} ms, "
                 f"load average {os.getloadavg()[0]:.1f}"
             )
+            if args.queues > 1:
+                main_multi_queue(args, str(image), fd, target)
+                return 0
             chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
             for w in chosen:
                 base, base_cpu = direct(fd, w, size, args.seconds)
+                wide, wide_cpu = direct(fd, w, size, args.seconds, footprint=True)
                 print(f"\n{w.name}")
-                mib = base * w.block / 2**20
-                print(
-                    f"  {'direct preadv (1 thread)':<48} {base:>10.0f} IOPS {mib:>8.1f} MiB/s"
-                    f"{'':16}CPU/request: {base_cpu:.1f} µs"
-                )
-                for n in workers:
+                for label, rate, cpu in (
+                    ("direct preadv (1 thread, 1 buffer)", base, base_cpu),
+                    (f"direct preadv (1 thread, {w.qd} buffers)", wide, wide_cpu),
+                ):
+                    print(
+                        f"  {label:<48} {rate:>10.0f} IOPS {rate * w.block / 2**20:>8.1f} MiB/s"
+                        f"{'':16}CPU/request: {cpu:.1f} µs"
+                    )
+                for n, frontend in ((n, f) for n in workers for f in frontends):
                     for persistent, pages in modes:
-                        for native in natives if persistent else natives[:1]:
+                        for pass_ in natives if persistent else natives[:1]:
+                            native = pass_ != "off"
+                            fastpath.INDEX_PAGES = pass_ != "dict"
                             run = engine(
                                 transports[pages],
                                 target,
@@ -365,15 +786,27 @@ def main() -> int:
                                 in_child=args.frontend_process,
                                 persistent=persistent,
                                 native=native and persistent,
+                                frontend=frontend,
+                                slices=args.slices,
+                                device_fd=fd,
                             )
                             label = f"engine, {n} workers" if n else "engine, inline I/O"
                             label += ", persistent" if persistent else f", {mode_labels[pages]}"
+                            fastpath.INDEX_PAGES = True
                             label += ", native" if native and persistent else ", python"
+                            if pass_ == "dict" and persistent:
+                                label += " (dict lookup)"
+                            if len(frontends) > 1:
+                                label += f", {frontend} frontend"
                             maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
                             rate_mib = run.rate * w.block / 2**20
+                            one, many = (run.direct, run.direct_wide) if run.direct else (base, wide)
+                            alongside = f", direct alongside {one:.0f}" if run.direct else ""
                             print(
                                 f"  {label:<48} {run.rate:>10.0f} IOPS {rate_mib:>8.1f} MiB/s"
-                                f"   ratio {run.rate / base:.3f}   CPU/request: engine "
+                                f"   ratio {run.rate / one:.3f} (to {w.qd} buffers {run.rate / many:.3f}"
+                                f"{alongside})"
+                                f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
                                 f"{run.requests / max(run.notifies, 1):.1f} requests per event"

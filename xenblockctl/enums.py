@@ -28,9 +28,15 @@ if TYPE_CHECKING:
 else:
 
     def _is_member(key, value):
-        return not key.startswith("_") and not (
-            hasattr(value, "__get__") or hasattr(value, "__set__") or hasattr(value, "__delete__")
-        )
+        if key.startswith("_"):
+            return False
+        if type(value) in _PLAIN:  # the package's members: no descriptor, and no failing lookups
+            return True
+        return not (hasattr(value, "__get__") or hasattr(value, "__set__") or hasattr(value, "__delete__"))
+
+    #: Value types that are never descriptors: their members skip three failing hasattr() calls
+    #: each (an AttributeError raised and caught per call; bench/README.md, issue 18 round 5).
+    _PLAIN = frozenset({int, str, bytes, float, bool, tuple})
 
     class _EnumMeta(type):
         def __new__(mcls, name, bases, namespace):
@@ -41,26 +47,29 @@ else:
                 return cls
             if any(getattr(base, "_member_names_", ()) for base in bases):
                 raise TypeError(f"{name}: cannot extend an enum that has members")
-            cls._member_names_ = []
-            cls._member_map_ = {}
-            cls._value2member_map_ = {}
+            # filled locally and set once each with type.__setattr__: no call of our __setattr__
+            # (Python code) per attribute while the class is built
+            names, by_name, by_value = [], {}, {}
             make = int.__new__ if issubclass(cls, int) else str.__new__ if issubclass(cls, str) else None
             for key, value in members.items():
-                if value in cls._value2member_map_:
+                if value in by_value:
                     raise TypeError(f"{name}: aliases are not supported ({key!r})")
                 member = object.__new__(cls) if make is None else make(cls, value)
                 member._name_ = key
                 member._value_ = value
-                cls._member_names_.append(key)
-                cls._member_map_[key] = member
-                cls._value2member_map_[value] = member
+                names.append(key)
+                by_name[key] = member
+                by_value[value] = member
                 type.__setattr__(cls, key, member)
+            type.__setattr__(cls, "_member_names_", names)
+            type.__setattr__(cls, "_member_map_", by_name)
+            type.__setattr__(cls, "_value2member_map_", by_value)
             if issubclass(cls, int) and hasattr(cls, "_flag_mask_"):
                 mask = 0
-                for value in cls._value2member_map_:
+                for value in by_value:
                     mask |= value
-                cls._flag_mask_ = mask
-                cls._all_bits_ = (1 << mask.bit_length()) - 1
+                type.__setattr__(cls, "_flag_mask_", mask)
+                type.__setattr__(cls, "_all_bits_", (1 << mask.bit_length()) - 1)
             return cls
 
         def __call__(cls, value):

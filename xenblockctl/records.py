@@ -72,6 +72,16 @@ else:
     def _getnewargs(self):
         return tuple(self)
 
+    # A field's accessor depends only on its index (a property holds no reference to its class), so
+    # every record shares one per index: a class build then makes no property, itemgetter or doc
+    # string per field (bench/README.md, issue 18 round 5).
+    _FIELDS = []
+
+    def _field(index):
+        while len(_FIELDS) <= index:
+            _FIELDS.append(property(itemgetter(len(_FIELDS)), doc=f"Alias for field number {len(_FIELDS)}"))
+        return _FIELDS[index]
+
     class _RecordMeta(type):
         def __new__(mcls, name, bases, namespace):
             if not bases:  # NamedTuple itself: only a marker to derive from
@@ -90,7 +100,7 @@ else:
             body = dict(namespace)
             body.setdefault("__doc__", f"{name}({', '.join(fields)})")
             for index, name_ in enumerate(fields):
-                body[name_] = property(itemgetter(index), doc=f"Alias for field number {index}")
+                body[name_] = _field(index)
             body.update(
                 __slots__=(),
                 _fields=fields,

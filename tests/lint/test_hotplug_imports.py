@@ -83,13 +83,36 @@ OTHER_KINDS = (
     "xenblockctl.nbd",
     "xenblockctl.blockscript.nbdexport",
     "hashlib",  # the NBD export name
+    # vdev names <-> numbers: the CLI's and the toolstack's; vbd spells the devid bound itself
+    "xenblockctl.xenstore.vdev",
+)
+#: What `remove` imports (hotplug.main's imports for it, run_remove's, the synchronous link):
+#: nothing of add's graph. remove runs on every VM stop and cannot afford add's modules.
+REMOVE_PROBE = (
+    "import sys; sys.path[:0] = sys.argv[1:]; "
+    "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.remove, "
+    "xenblockctl.blockscript.settings, xenblockctl.config, xenblockctl.xenstore.vbd, "
+    "xenblockctl.xenstore.client, xenblockctl.xenstore.synchronous; "
+    "print(sorted(sys.modules))"
+)
+ADD_ONLY = (
+    "xenblockctl.blockscript.add",
+    "xenblockctl.blockscript.claim",
+    "xenblockctl.blockscript.sharing",
+    "xenblockctl.blockscript.target",
+    "xenblockctl.blockscript.handoff",
+    "xenblockctl.blockscript.owner",
+    "xenblockctl.blockscript.autoclear",
 )
 #: Modules the hotplug path (PROBE, then EXERCISE) may add to a bare `python -S` interpreter.
-#: Measured at 54 when this budget was set (89 before the synchronous link, 75 before
-#: xenblockctl.records, xenblockctl.enums and the re-free grammars; bench/README.md, issue 18).
-#: Every module costs ~0.1-1 ms at each VM start: raise the budget only with a measurement in
-#: bench/README.md that says what the new module buys.
-MODULE_BUDGET = 54
+#: Measured at 53 when this budget was set (54 before vbd stopped importing vdev, 89 before the
+#: synchronous link, 75 before xenblockctl.records, xenblockctl.enums and the re-free grammars;
+#: bench/README.md, issue 18). Every module costs at least ~0.05 ms at each VM start (finding and
+#: reading its file, before its body runs; round 5) and most ~0.1-0.3 ms: raise the budget only
+#: with a measurement in bench/README.md that says what the new module buys.
+MODULE_BUDGET = 53
+#: The same for REMOVE_PROBE: 47 when set (remove's graph is add's minus add's own modules).
+REMOVE_MODULE_BUDGET = 47
 
 
 def _modules(probe: str) -> list[str]:
@@ -131,3 +154,15 @@ def test_hotplug_path_stays_within_its_module_budget() -> None:
         assert len(added) <= MODULE_BUDGET, (
             f"the hotplug path imports {len(added)} modules (budget {MODULE_BUDGET}): {added}"
         )
+
+
+def test_remove_imports_nothing_of_add_within_its_budget() -> None:
+    modules = _modules(REMOVE_PROBE)
+    loaded = [
+        m for m in modules if any(m == k or m.startswith(k + ".") for k in ADD_ONLY + OTHER_KINDS + FORBIDDEN)
+    ]
+    assert not loaded, f"remove must not import {loaded}"
+    added = _added(REMOVE_PROBE)
+    assert len(added) <= REMOVE_MODULE_BUDGET, (
+        f"remove imports {len(added)} modules (budget {REMOVE_MODULE_BUDGET}): {added}"
+    )

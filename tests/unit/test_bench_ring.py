@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from xenblockctl.backend import fastpath
+from bench.batch_frontend import BatchFrontend
+from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend.frontend import LocalFrontend
+from xenblockctl.backend.ring import BackRing
+from xenblockctl.backend.transport.local import LocalTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +60,84 @@ def test_ring_throughput_runs_in_a_child_frontend() -> None:
     assert "engine, 2 workers, persistent, python" in out
     assert ("engine, 2 workers, persistent, native" in out) is fastpath.available()
     assert "engine, inline I/O, per-request" in out
+
+
+def test_ring_throughput_frontends_and_baselines() -> None:
+    out = _run(
+        "bench.ring_throughput",
+        "--seconds",
+        "0.2",
+        "--size-mib",
+        "8",
+        "--only",
+        "3",
+        "--workers",
+        "4",
+        "--persistent",
+        "on",
+        "--native",
+        "on" if fastpath.available() else "off",
+        "--frontend",
+        "batch,python",
+        "--frontend-process",
+    )
+    assert "direct preadv (1 thread, 1 buffer)" in out
+    assert "direct preadv (1 thread, 4 buffers)" in out
+    assert out.count("batch frontend") == out.count("python frontend") == 1
+    assert out.count("(to 4 buffers ") == 2
+
+
+def test_ring_throughput_without_interleaved_baselines() -> None:
+    """--slices 0: the batch frontend in a child process runs its one timed part without waiting
+    for the engine's process (which then runs no direct loop between slices)."""
+    out = _run(
+        "bench.ring_throughput",
+        *("--seconds", "0.2", "--size-mib", "8", "--only", "1", "--workers", "0"),
+        *("--persistent", "on", "--native", "off", "--slices", "0", "--frontend-process"),
+    )
+    assert out.count("ratio") == 1
+    assert "direct alongside" not in out
+
+
+@pytest.mark.skipif(not fastpath.available(), reason="the native pass is not built")
+def test_ring_throughput_multi_queue() -> None:
+    out = _run("bench.ring_throughput", "--seconds", "0.2", "--size-mib", "8", "--queues", "2")
+    assert "direct preadv (2 threads)" in out
+    assert "direct preadv (2 processes)" in out
+    assert "engine, 2 queues, one process" in out
+    assert "engine, 2 queues, 2 worker processes" in out
+
+
+def test_batch_frontend_checks_every_answer(local_transport: LocalTransport) -> None:
+    """Answers are checked in bulk: a right batch passes; one wrong status or id among them ends
+    the run naming that request (this test is the backend, on the same ring memory)."""
+    with LocalFrontend(local_transport.socket_path, 3, data_pages=8, indirect_pages=4) as fe:
+        batch = BatchFrontend(fe, 4096, 4, [0, 4096, 8192, 12288], count=64)
+        page = fe.page(fe.ring_refs[0])
+        back = BackRing(page, fe.abi, 1)
+        entry, pack = fe.abi.entry_size, fe.abi.response_struct.pack_into
+        try:
+            read, ok = blkif.OP_READ, blkif.RSP_OKAY
+            # (id offset, operation, status) of the third answer, or None: all four right
+            for wrong in (None, (0, read, blkif.RSP_ERROR), (0, blkif.OP_WRITE, ok), (97, read, ok), None):
+                first = batch.submitted  # ring index of the batch's first request (its id: first + 1)
+                batch._submit(4)
+                fe.ring.push_requests()
+                assert back.take_slots()[1] == 4
+                back.respond_all([(first + 1 + i, blkif.OP_READ, blkif.RSP_OKAY) for i in range(4)])
+                if wrong is not None:  # the third answer, rewritten as a faulty backend would
+                    rid = first + 3 + wrong[0]
+                    pack(fe.ring._entries, (first + 2) % fe.ring.size * entry, rid, *wrong[1:])
+                back.push_responses()
+                if wrong is None:
+                    assert batch._harvest() == 4
+                else:
+                    with pytest.raises(SystemExit, match=f"request {first + 3}: got"):
+                        batch._harvest()
+                    batch.completed += 4
+        finally:
+            back.release()
+            page.release()
 
 
 @pytest.mark.root

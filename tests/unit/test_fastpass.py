@@ -21,6 +21,7 @@ import sysconfig
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -270,6 +271,95 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         os.close(fd)
 
 
+# --- Pages: the cache's dict indexed for C -----------------------------------------------------------
+#: serve() untyped here: its fd arguments depend on the build (_device_fds)
+_serve: Any = _fastpass.serve
+
+
+def _device_fds(fd: int) -> tuple[int, ...]:
+    """serve()'s device fd argument(s): `fd`, or `fd, write_fd` where serve() takes a second fd for
+    WRITEs (issue 20's O_DIRECT writes); found by an empty call, so these tests run on either."""
+    try:
+        _serve(b"", 0, 0, 8, 0, 0, 512, False, 0, fd, fd, 0, 0, mmap.PAGESIZE, {})
+    except TypeError:
+        return (fd,)
+    return (fd, fd)
+
+
+def test_pages_index_follows_every_change_to_the_dict(tmp_path: Path) -> None:
+    """serve() through a Pages finds exactly the pages the dict holds, after growth, collisions and
+    removals in any order (a model dict decides what must be found), and the index holds an export
+    on each page it found until the dict drops that page: the view cannot be released before."""
+    import random
+
+    abi = blkif.X86_64
+    path = tmp_path / "disk"
+    path.write_bytes(os.urandom(64 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    n = 700  # past several growths of the table (64 slots first)
+    memory = mmap.mmap(-1, n * 4096)
+    view = memoryview(memory)
+    rnd = random.Random(5)
+    # refs far apart and close together: home slots collide, runs wrap round the table's end
+    refs = rnd.sample(range(2**32), n // 2) + list(range(1000, 1000 + n - n // 2))
+    page = {ref: view[i * 4096 : (i + 1) * 4096] for i, ref in enumerate(refs)}
+    pages = _fastpass.Pages()
+    model: dict[int, memoryview] = {}
+    modes = (_fastpass.MODE_BLOCK,) * 2
+    args = (abi.id_offset, 64 * 8, 64 * 4096, 512, False, 0, *_device_fds(fd), *modes, mmap.PAGESIZE)
+
+    def read_into(ref: int, block: int) -> bool:
+        slot = abi.encode_request(SegmentRequest(0, 1, 0, 7, block * 8, (Segment(ref, 0, 7),)))
+        answers, _stop, _refs = _serve(slot, 0, 1, *args, pages)
+        return bool(answers == [(7, 0, 0)])
+
+    try:
+        for step in range(6000):
+            ref = rnd.choice(refs)
+            action = rnd.random()
+            if action < 0.3:
+                pages[ref] = model[ref] = page[ref]
+            elif action < 0.5:
+                assert (pages.pop(ref, None) is None) == (model.pop(ref, None) is None)
+            else:
+                block = rnd.randrange(64)
+                assert read_into(ref, block) == (ref in model), step
+                if ref in model:
+                    assert bytes(page[ref]) == path.read_bytes()[block * 4096 : (block + 1) * 4096]
+            assert pages == model
+            assert pages.indexed <= len(pages)
+        assert pages.indexed > 100
+        # an indexed page's view is exported: releasing it under the index is refused ...
+        found = next(ref for ref in model if read_into(ref, 0))
+        with pytest.raises(BufferError):
+            model[found].release()
+        # ... and every way of taking it out of the dict drops the export first
+        del pages[found]
+        assert found not in pages
+        model[found].release()
+        assert all(read_into(ref, 0) for ref in list(pages))
+        assert pages.indexed == len(pages)
+        other = next(iter(pages))
+        pages[other] = page[other]  # assignment over an indexed ref: re-indexed at the next lookup
+        assert pages.indexed == len(pages) - 1
+        for change in (pages.popitem, lambda: pages.update({}), lambda: pages.setdefault(1, page[refs[0]])):
+            assert all(read_into(ref, 0) for ref in list(pages))
+            assert pages.indexed == len(pages)
+            change()
+            assert pages.indexed == 0
+        pages |= {}
+        pages.clear()
+        assert pages.indexed == 0
+        assert not pages
+    finally:
+        pages.clear()
+        for v in page.values():
+            v.release()  # refused (BufferError) if the index still held any of them
+        view.release()
+        memory.close()
+        os.close(fd)
+
+
 # --- the build ---------------------------------------------------------------------------------------
 def _compile(tmp_path: Path, *flags: str) -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
@@ -318,6 +408,12 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
                 first, last = rnd.randrange(10), rnd.randrange(10)
                 view[at:at + 8] = bytes([rnd.randrange(16), 0, 0, 0, first, last, 0, 0])
         entries = {{g: view[(g % 8) * 4096:(g % 8 + 1) * 4096] for g in range(16)}}
+        pages = _fastpass.Pages(entries)
+        try:  # serve()'s device fd, or fd and write fd (see _device_fds)
+            _fastpass.serve(b"", 0, 0, 8, 0, 0, 512, False, 0, fd, fd, 0, 0, mmap.PAGESIZE, {{}})
+            fds = (fd, fd)
+        except TypeError:
+            fds = (fd,)
         def read_indirect(refs):
             return b"".join(bytes(entries[g]) if g < 16 else 1 / 0 for g in refs)
         for n in range(20000):
@@ -342,11 +438,20 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
             lbs, mi = limits.logical_block_size, limits.max_indirect_segments
             got = _fastpass.check(slot, 0, abi.id_offset, sectors, sectors * 512, lbs, False, mi, entries)
             plan = validate_slot(abi, slot, 0, limits, read_indirect)
+            # the engine's indexed dict, changed under it as the cache changes it
+            _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
+                            lbs, False, mi, *fds, 2, 2, mmap.PAGESIZE, pages)
+            g = rnd.randrange(16)
+            if rnd.random() < 0.5:
+                pages.pop(g, None)
+            else:
+                pages[g] = entries[g]
             simple = isinstance(plan, IoPlan) and slot[0] in (0, 1, 6) and plan.operation in (0, 1)
             assert (got is not None) == simple, (slot, plan, got)
             _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
                             lbs, False, mi, fd, 2, 2, mmap.PAGESIZE, entries)
         print("ok")
+        pages.clear()  # every export the index holds released (ASan sees that too)
         """
     )
     env = dict(
@@ -429,6 +534,10 @@ def test_native_pass_under_eviction_keeps_the_cache_consistent(
             assert cache.stats.evictions > 0
             assert fast.served > 60
             assert dp.stats.errors == 0
+            pages = cache.native_pages()
+            assert isinstance(pages, _fastpass.Pages)
+            assert 0 < pages.indexed <= 6
         finally:
             assert dp.stop()
         assert cache.native_pages() == {}
+        assert pages.indexed == 0

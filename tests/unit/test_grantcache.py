@@ -5,8 +5,10 @@ real peer cannot produce the situation."""
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -522,6 +524,45 @@ def test_eviction_takes_the_least_recently_used_page(
     assert cached(4)
     assert cache.close() == 4
     assert local_transport.mapped_pages == 0
+
+
+def test_repeated_uses_are_skipped_without_changing_the_lru_order(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """The LRU order after many uses of a few request shapes (as the native pass notes them: a pass's
+    refs as a uint32 memoryview; acquire(): tuples or lists), some naming refs not cached, is the
+    order a walk over every single use gives (what _apply_recency did before it skipped repeats)."""
+    rnd = random.Random(3)
+    cache = GrantCache(local_transport, 45, max_grants=16)
+    for ref in range(12):
+        bufs, lease = cache.acquire([ref], None, writable=False)  # a list: no shape remembered
+        release_all(bufs)
+        lease.unmap()
+
+    def walked(order: list[int], events: list[tuple[int, Sequence[int]]]) -> list[int]:
+        seen: list[int] = []
+        for _tick, refs in sorted(events, key=lambda e: e[0], reverse=True):
+            seen += [ref for ref in reversed(refs) if ref not in seen]
+        for ref in reversed(seen):
+            if ref in order:
+                order.remove(ref)
+                order.append(ref)
+        return order
+
+    shapes = [rnd.sample(range(14), rnd.randrange(1, 6)) for _ in range(5)]  # 12, 13: never cached
+    for _ in range(30):
+        cache._apply_recency()
+        before = list(cache._entries)
+        for _ in range(rnd.randrange(1, 40)):
+            refs = rnd.choice(shapes)
+            kind = rnd.randrange(3)
+            cache.note_used(
+                memoryview(array.array("I", refs)) if kind == 0 else tuple(refs) if kind == 1 else list(refs)
+            )
+        events = list(cache._recent)
+        cache._apply_recency()
+        assert list(cache._entries) == walked(before, events)
+    assert cache.close() == 12
 
 
 def test_unmappable_refs_evict_nothing(local_transport: LocalTransport, frontend: LocalFrontend) -> None:

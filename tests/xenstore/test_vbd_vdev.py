@@ -158,3 +158,13 @@ def test_disk_letters_examples() -> None:
         "zz",
         "aaa",
     ]
+
+
+def test_vbd_devid_bound_is_the_vdev_number_space() -> None:
+    # vbd spells the bound itself so that the hotplug path does not import this codec
+    from xenblockctl.xenstore import vbd
+
+    assert vbd.DEVID_END == RESERVED
+    assert vbd.BackendPath("vbd", 1, RESERVED - 1).devid == RESERVED - 1
+    with pytest.raises(vbd.VbdPathError):
+        vbd.BackendPath("vbd", 1, RESERVED)

@@ -22,9 +22,9 @@
  * block), Python reads them again for itself and acts on its copy only — ours decided nothing but
  * to stop. Pages
  * come from the cache's own dict (GrantCache.native_pages: gref -> a view of that page); a buffer
- * export is held on each page's view for the whole
- * call, so the mapping cannot be closed under the I/O even with the GIL released (and the cache
- * only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
+ * export is held on each page's view for the whole call (for the engine's Pages dict: for as long
+ * as the page is indexed, see below), so the mapping cannot be closed under the I/O even with the
+ * GIL released (and the cache only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
  * tests compare it with validate_slot on arbitrary bytes.
  */
 #define PY_SSIZE_T_CLEAN
@@ -311,11 +311,135 @@ done:
     return out;
 }
 
-/* One page of the cache: a buffer export on its view (released by the caller) and the page's
- * address. `entries` is GrantCache.native_pages(): ref -> a view of exactly that page. 0 if the
- * cache has no such page or its view is unusable (Python's path then maps it or refuses it); -1
- * only for an interpreter error (out of memory), left set for the caller. */
-static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
+/* --- Pages: the cache's dict of page views, indexed for C --------------------------------------
+ *
+ * A 1 MiB request names 256 pages; looking each up in the dict (a PyLong key, a dict probe, a
+ * buffer export and its release: ~42 ns) cost ~11 us per request. `Pages` is a dict subclass
+ * (GrantCache.index_pages puts its ref -> page view dict into one) that also keeps, for each
+ * page the C pass has looked up, an open-addressing table entry gref -> a buffer export held on
+ * that page's view: later lookups are one probe, no Python object. The export stays held as long
+ * as the entry: the cache's own removal (`pop`, `del`, assignment over the ref, `clear`, ...,
+ * all overridden below) drops the entry and its export first, so a view the index still points
+ * into cannot be released (memoryview.release() would raise BufferError) and its page cannot be
+ * unmapped under us. Methods that change many items at once clear the whole index. */
+struct islot {
+    uint32_t gref;
+    Py_buffer *buf; /* NULL: empty */
+};
+
+typedef struct {
+    PyDictObject dict; /* a dict, for Python and for serve()'s "O!" check */
+    struct islot *slots;
+    unsigned bits;     /* capacity 1 << bits (0: no table yet) */
+    Py_ssize_t used;
+} PagesObject;
+
+static PyTypeObject PagesType;
+
+static inline size_t index_home(const PagesObject *t, uint32_t gref)
+{
+    return (uint32_t)(gref * 2654435761u) >> (32 - t->bits); /* Fibonacci hashing */
+}
+
+static struct islot *index_find(const PagesObject *t, uint32_t gref)
+{
+    if (t->used == 0)
+        return NULL;
+    size_t mask = ((size_t)1 << t->bits) - 1;
+    for (size_t i = index_home(t, gref);; i = (i + 1) & mask) {
+        struct islot *s = &t->slots[i];
+        if (s->buf == NULL)
+            return NULL;
+        if (s->gref == gref)
+            return s;
+    }
+}
+
+/* Drop slot i's entry (its export released) and shift the entries after it back (linear probing
+ * without tombstones: every entry stays reachable from its home slot). */
+static void index_delete_at(PagesObject *t, size_t i)
+{
+    size_t mask = ((size_t)1 << t->bits) - 1;
+    PyBuffer_Release(t->slots[i].buf);
+    PyMem_Free(t->slots[i].buf);
+    t->slots[i].buf = NULL;
+    t->used--;
+    for (size_t j = (i + 1) & mask; t->slots[j].buf != NULL; j = (j + 1) & mask) {
+        size_t k = index_home(t, t->slots[j].gref);
+        /* j stays where it is if its home lies cyclically in (i, j] */
+        int stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            t->slots[i] = t->slots[j];
+            t->slots[j].buf = NULL;
+            i = j;
+        }
+    }
+}
+
+static void index_discard(PagesObject *t, PyObject *key)
+{
+    if (t->used == 0 || !PyLong_Check(key))
+        return;
+    unsigned long long v = PyLong_AsUnsignedLongLong(key);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* negative or huge: never a ref we indexed */
+        return;
+    }
+    if (v > UINT32_MAX)
+        return;
+    struct islot *s = index_find(t, (uint32_t)v);
+    if (s != NULL)
+        index_delete_at(t, (size_t)(s - t->slots));
+}
+
+static void index_clear(PagesObject *t)
+{
+    size_t cap = t->bits ? (size_t)1 << t->bits : 0;
+    for (size_t i = 0; i < cap; i++) {
+        if (t->slots[i].buf != NULL) {
+            PyBuffer_Release(t->slots[i].buf);
+            PyMem_Free(t->slots[i].buf);
+            t->slots[i].buf = NULL;
+        }
+    }
+    t->used = 0;
+}
+
+/* Room for one more entry (load factor <= 1/2). -1: out of memory (set). */
+static int index_reserve(PagesObject *t)
+{
+    if (t->bits && (size_t)(t->used + 1) * 2 <= (size_t)1 << t->bits)
+        return 0;
+    unsigned bits = t->bits ? t->bits + 1 : 6;
+    if (bits > 30) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    struct islot *slots = PyMem_Calloc((size_t)1 << bits, sizeof *slots);
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    struct islot *old = t->slots;
+    size_t old_cap = t->bits ? (size_t)1 << t->bits : 0;
+    t->slots = slots;
+    t->bits = bits;
+    size_t mask = ((size_t)1 << bits) - 1;
+    for (size_t i = 0; i < old_cap; i++) {
+        if (old[i].buf == NULL)
+            continue;
+        size_t j = index_home(t, old[i].gref);
+        while (slots[j].buf != NULL)
+            j = (j + 1) & mask;
+        slots[j] = old[i];
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* One page from the dict itself: a buffer export on its view in *view (released by the caller).
+ * 1: found; 0: not there or unusable; -1: interpreter error (set). */
+static int dict_page(PyObject *entries, uint32_t gref, int flags, Py_buffer *view)
 {
     PyObject *key = PyLong_FromUnsignedLong(gref);
     if (key == NULL)
@@ -324,7 +448,7 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *vi
     Py_DECREF(key);
     if (pageview == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    if (PyObject_GetBuffer(pageview, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(pageview, view, flags) < 0) {
         PyErr_Clear(); /* an odd value is not ours to judge: Python's path takes the request */
         return 0;
     }
@@ -332,7 +456,55 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *vi
         PyBuffer_Release(view);
         return 0;
     }
-    *page = view->buf;
+    return 1;
+}
+
+/* One page of the cache and its address. `entries` is GrantCache.native_pages(): ref -> a view of
+ * exactly that page; a plain dict (check(), tests) or a Pages. From a dict, *view holds a buffer
+ * export the caller releases; from a Pages the index holds the export and *view holds none (its
+ * release is a no-op). 0 if the cache has no such page or its view is unusable (Python's path then
+ * maps it or refuses it); -1 only for an interpreter error (out of memory), left set for the
+ * caller. */
+static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
+{
+    if (!Py_IS_TYPE(entries, &PagesType)) {
+        int got = dict_page(entries, gref, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE, view);
+        if (got > 0)
+            *page = view->buf;
+        return got;
+    }
+    PagesObject *t = (PagesObject *)entries;
+    struct islot *s = index_find(t, gref);
+    if (s == NULL) {
+        Py_buffer *held = PyMem_Malloc(sizeof *held);
+        if (held == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        int got = dict_page(entries, gref, PyBUF_SIMPLE, held); /* readonly says what it allows */
+        if (got <= 0 || index_reserve(t) < 0) {
+            if (got > 0) {
+                PyBuffer_Release(held);
+                got = -1;
+            }
+            PyMem_Free(held);
+            return got;
+        }
+        s = &t->slots[index_home(t, gref)];
+        size_t mask = ((size_t)1 << t->bits) - 1;
+        while (s->buf != NULL)
+            s = &t->slots[(size_t)(s - t->slots + 1) & mask];
+        s->gref = gref;
+        s->buf = held;
+        t->used++;
+    }
+    if (writable && s->buf->readonly)
+        return 0;
+    memset(view, 0, sizeof *view); /* obj NULL: PyBuffer_Release does nothing */
+    view->buf = s->buf->buf;
+    view->len = PAGE;
+    view->readonly = s->buf->readonly;
+    *page = s->buf->buf;
     return 1;
 }
 
@@ -505,6 +677,100 @@ fail:
     return out;
 }
 
+/* --- the Pages type's methods: every change to the dict drops what the index held for it first --- */
+enum { DM_POP, DM_CLEAR, DM_POPITEM, DM_UPDATE, DM_SETDEFAULT, DM_COUNT };
+static const char *const dict_method_names[DM_COUNT] = {"pop", "clear", "popitem", "update", "setdefault"};
+static PyObject *dict_methods[DM_COUNT]; /* dict's own, called with the Pages as self */
+
+static PyObject *call_dict(int which, PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *full = PyTuple_New(n + 1);
+    if (full == NULL)
+        return NULL;
+    PyTuple_SET_ITEM(full, 0, Py_NewRef(self));
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(full, i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+    PyObject *out = PyObject_Call(dict_methods[which], full, kwargs);
+    Py_DECREF(full);
+    return out;
+}
+
+static PyObject *pages_pop(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) >= 1)
+        index_discard((PagesObject *)self, PyTuple_GET_ITEM(args, 0));
+    return call_dict(DM_POP, self, args, kwargs);
+}
+
+#define WHOLE_INDEX_METHOD(name, which)                                                   \
+    static PyObject *name(PyObject *self, PyObject *args, PyObject *kwargs)               \
+    {                                                                                     \
+        index_clear((PagesObject *)self);                                                 \
+        return call_dict(which, self, args, kwargs);                                      \
+    }
+WHOLE_INDEX_METHOD(pages_clear, DM_CLEAR)
+WHOLE_INDEX_METHOD(pages_popitem, DM_POPITEM)
+WHOLE_INDEX_METHOD(pages_update, DM_UPDATE)
+WHOLE_INDEX_METHOD(pages_setdefault, DM_SETDEFAULT)
+
+static int pages_ass_subscript(PyObject *self, PyObject *key, PyObject *value)
+{
+    index_discard((PagesObject *)self, key); /* del d[ref], d[ref] = other view */
+    return PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, value);
+}
+
+static PyObject *pages_ior(PyObject *self, PyObject *other)
+{
+    index_clear((PagesObject *)self);
+    return PyDict_Type.tp_as_number->nb_inplace_or(self, other);
+}
+
+static PyObject *pages_indexed(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(((PagesObject *)self)->used);
+}
+
+static void pages_dealloc(PyObject *self)
+{
+    PagesObject *t = (PagesObject *)self;
+    index_clear(t);
+    PyMem_Free(t->slots);
+    t->slots = NULL;
+    t->bits = 0;
+    PyDict_Type.tp_dealloc(self);
+}
+
+static PyMethodDef pages_methods[] = {
+    {"pop", (PyCFunction)(void (*)(void))pages_pop, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"clear", (PyCFunction)(void (*)(void))pages_clear, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"popitem", (PyCFunction)(void (*)(void))pages_popitem, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"update", (PyCFunction)(void (*)(void))pages_update, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"setdefault", (PyCFunction)(void (*)(void))pages_setdefault, METH_VARARGS | METH_KEYWORDS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pages_getset[] = {
+    {"indexed", pages_indexed, NULL, "pages the C pass has looked up and holds an export on", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMappingMethods pages_as_mapping = {.mp_ass_subscript = pages_ass_subscript};
+static PyNumberMethods pages_as_number = {.nb_inplace_or = pages_ior};
+
+static PyTypeObject PagesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "xenblockctl.backend._fastpass.Pages",
+    .tp_doc = "The grant cache's ref -> page view dict, indexed for the native pass (GrantCache.index_pages).",
+    .tp_basicsize = sizeof(PagesObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT, /* GC, dict-subclass: inherited from dict */
+    .tp_dealloc = pages_dealloc,
+    .tp_methods = pages_methods,
+    .tp_getset = pages_getset,
+    .tp_as_mapping = &pages_as_mapping,
+    .tp_as_number = &pages_as_number,
+};
+
 static PyMethodDef methods[] = {
     {"check", fp_check, METH_VARARGS, "Decode and validate one READ/WRITE slot as serve() would."},
     {"serve", fp_serve, METH_VARARGS, "Serve the longest simple prefix of a copied ring batch."},
@@ -518,9 +784,23 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastpass(void)
 {
+    PagesType.tp_base = &PyDict_Type;
+    if (PyType_Ready(&PagesType) < 0)
+        return NULL;
+    for (int i = 0; i < DM_COUNT; i++) {
+        if (dict_methods[i] == NULL) {
+            dict_methods[i] = PyObject_GetAttrString((PyObject *)&PyDict_Type, dict_method_names[i]);
+            if (dict_methods[i] == NULL)
+                return NULL;
+        }
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddObjectRef(m, "Pages", (PyObject *)&PagesType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
         PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||

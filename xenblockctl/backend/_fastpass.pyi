@@ -4,6 +4,12 @@ MODE_NOWAIT: int
 MODE_BLOCK: int
 MODE_BLOCK_ALIGNED: int
 
+class Pages(dict[int, memoryview]):
+    """The grant cache's page views, indexed for the C pass (exports held on looked-up pages)."""
+
+    @property
+    def indexed(self) -> int: ...
+
 def check(
     slot: bytes,
     offset: int,

@@ -17,10 +17,13 @@ transport's own table — stays on the pure-Python path, which remains complete 
 when the module is not built or `xenblockctl backend --no-native` turns it off.
 
 Grant cache bookkeeping: the C code only reads the cache's dict of entries (ring thread, between
-acquire() calls, which are the only place entries are evicted), and holds a buffer export on each
-page's view while it uses it. The pages it used are noted with GrantCache.note_used once per call:
-a pass's requests count as one use for the LRU order (close to per request, as the cache's own
-shapes already are; see grantcache.py).
+acquire() calls, which are the only place entries are evicted). That dict is a `_fastpass.Pages`
+(GrantCache.index_pages): it keeps a buffer export on each page view the C pass has looked up,
+with its address in a C table, until the cache removes that page (the dict's pop drops it first),
+so a page's view cannot be released, nor its mapping closed, while C can still reach it. The
+pages it used are noted with GrantCache.note_used once per call: a pass's requests count as one
+use for the LRU order (close to per request, as the cache's own shapes already are; see
+grantcache.py).
 
 What a stop costs: the request is tried twice. A READ that misses the page cache makes one
 RWF_NOWAIT preadv2 here and one in run_now before it goes to a worker; a short transfer is redone
@@ -49,6 +52,9 @@ else:
     _WHY_NOT = ""
 
 _HOST_PAGE = mmap.PAGESIZE
+#: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
+#: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
+INDEX_PAGES = True
 
 
 def available() -> bool:
@@ -84,7 +90,9 @@ class FastPass:
         self._cache = cache
         #: requests answered here so far (tests and benchmarks: which path ran)
         self.served = 0
-        self._entries = cache.native_pages()
+        # indexed in C: a 1 MiB request's 256 page lookups cost one probe each, not a dict get,
+        # a PyLong and a buffer export (~11 µs a request)
+        self._entries = cache.index_pages(_native.Pages) if INDEX_PAGES else cache.native_pages()
         self._fixed = (
             abi.id_offset,
             limits.sectors,

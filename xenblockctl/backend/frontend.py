@@ -215,6 +215,12 @@ class LocalFrontend:
             del pool[:n]
         return taken
 
+    def reserve_pages(self, count: int, *, indirect: bool = False) -> list[int]:
+        """Take `count` grant refs out of the data (or indirect-descriptor) pool for good: for a
+        caller that builds its own request slots (bench/batch_frontend.py) and must never see
+        submit_*() hand the same pages out."""
+        return self._alloc(self._free_indirect if indirect else self._free_data, count)
+
     def _new_id(self) -> int:
         rid = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF

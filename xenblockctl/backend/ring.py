@@ -408,12 +408,27 @@ class FrontRing(_RingBase):
         req_event = self.req_event
         return ((new - req_event) & _MASK) < ((new - old) & _MASK)
 
-    def take_responses(self) -> list[Response]:
-        """Consume all published responses (copied in one go, then decoded)."""
+    def put_request_slots(self, images: bytes | memoryview, count: int) -> None:
+        """Copy `count` prebuilt slot images (`count * entry_size` bytes) to the ring at
+        req_prod_pvt: one copy, two where they wrap round the ring end; published by
+        push_requests(). A benchmark frontend's batch path (bench/batch_frontend.py)."""
+        entry = self._entry
+        if count > self.free_slots or len(images) < count * entry:
+            raise XenblockError(f"{count} slots do not fit the front ring or the images", code="frontend")
+        first = self.req_prod_pvt & (self.size - 1)
+        head = min(count, self.size - first)
+        self._entries[first * entry : (first + head) * entry] = images[: head * entry]
+        if head < count:
+            self._entries[: (count - head) * entry] = images[head * entry : count * entry]
+        self.req_prod_pvt = (self.req_prod_pvt + count) & _MASK
+
+    def take_response_slots(self) -> tuple[bytes, int]:
+        """Consume all published responses as one copy of their whole slots: `(copy, count)`
+        (the response is the first `response_size` bytes of each `entry_size` slot)."""
         # Bound by the ring size so a broken backend cannot make us loop forever either.
         n = min((self.rsp_prod - self.rsp_cons) & _MASK, self.size)
         if n == 0:
-            return []
+            return b"", 0
         entry = self._entry
         first = self.rsp_cons & (self.size - 1)
         head = min(n, self.size - first)
@@ -421,6 +436,11 @@ class FrontRing(_RingBase):
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
         self.rsp_cons = (self.rsp_cons + n) & _MASK
+        return data, n
+
+    def take_responses(self) -> list[Response]:
+        """Consume all published responses (copied in one go, then decoded)."""
+        data, _n = self.take_response_slots()
         return [Response(*fields) for fields in self._response_slots.iter_unpack(data)]
 
     def final_check_for_responses(self) -> bool:

@@ -123,8 +123,8 @@ def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
     after a forced detach could have published a new one). The check's read and the removals go
     in one batch; if the record changed, the abort undoes the removals unseen."""
     ours = [join(be, name) for name in PUBLISHED]
-    (current,), failure = tx.read_many_then_write([join(be, OWNER)], {}, remove=ours)
-    if current != owner_text:
+    (recorded,), failure = tx.read_many_then_write([join(be, OWNER)], {}, remove=ours)
+    if recorded != owner_text:
         tx.abort()
         return
     if failure is not None:
