@@ -102,6 +102,11 @@ def main() -> int:
         "--only-parallel", action="store_true", help="run only the parallel row (with its breakdown)"
     )
     parser.add_argument(
+        "--only-scaling",
+        action="store_true",
+        help="run only the scaling rows (0 vs --existing backends), --iterations samples each",
+    )
+    parser.add_argument(
         "--existing", type=int, default=128, help="pre-existing backends for the scaling rows"
     )
     parser.add_argument(
@@ -173,6 +178,19 @@ def main() -> int:
         )
         if args.only_parallel:
             parallel_rows(libxl, contestants, images[: args.parallel], args.parallel_rounds)
+            print(f"load average after: {_loadavg()}")
+            return 0
+        if args.only_scaling:
+            scale_rows(
+                libxl,
+                contestants,
+                images,
+                args.existing,
+                args.iterations,
+                per_domain=args.per_domain,
+                daemon_kind=args.daemon,
+                trace=args.trace,
+            )
             print(f"load average after: {_loadavg()}")
             return 0
         measure_alternating(libxl, contestants, images[0], args.iterations)
@@ -304,20 +322,39 @@ def scale_rows(
             ("block device", f"/dev/loop{admin.number}"),
         )
         for t, (label, target) in enumerate(targets):
-            for k, c in enumerate(contestants):
-                if c.label == "stdlib floor" and label != "file":
-                    continue  # the floor handles file targets only
-                zero: list[float] = []
-                full: list[float] = []
-                for i in range(n + 2):
-                    for harness, samples in ((libxl, zero), (busy, full)):
-                        elapsed = add_once(harness, c, target, 400 + 10 * t + k, 51712 + 16 * i)
+            # the floor handles file targets only
+            runners = [
+                (k, c) for k, c in enumerate(contestants) if label == "file" or c.label != "stdlib floor"
+            ]
+            # per contestant: walls and CPUs with 0 and with `existing` backends
+            walls: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
+            cpus: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
+            daemons: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
+            for i in range(n + 2):
+                # contestants interleaved too, so that a baseline script sees the same load
+                for k, c in runners:
+                    for side, harness in enumerate((libxl, busy)):
+                        cpu: list[float] = []
+                        used: list[float] = []
+                        elapsed = add_once(
+                            harness, c, target, 400 + 10 * t + k, 51712 + 16 * i, cpu=cpu, daemon=used
+                        )
                         if elapsed is not None and i >= 2:  # warm-up
-                            samples.append(elapsed)
+                            walls[c.label][side].append(elapsed)
+                            cpus[c.label][side].append(cpu[0])
+                            daemons[c.label][side].append(used[0])
+            for _k, c in runners:
+                zero, full = walls[c.label]
                 print(row(f"add, {label}, 0 backends: {c.label}", zero))
                 print(row(f"add, {label}, {existing} backends: {c.label}", full))
                 ratio = percentile(full, 50) / percentile(zero, 50)
-                print(f"  ratio {existing} / 0 backends (p50): {ratio:.2f}x (goal <= 1.10x)")
+                cpu_zero, cpu_full = (percentile(side, 50) / 1e3 for side in cpus[c.label])
+                xs_zero, xs_full = (percentile(side, 50) / 1e3 for side in daemons[c.label])
+                print(
+                    f"  ratio {existing} / 0 backends (p50): {ratio:.2f}x (goal <= 1.10x); "
+                    f"minimum {min(full) / min(zero):.2f}x; CPU p50 {cpu_zero:.1f} -> {cpu_full:.1f} ms, "
+                    f"xenstored's meanwhile {xs_zero:.2f} -> {xs_full:.2f} ms"
+                )
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, python: str, baseline: Path | None = None) -> None:
@@ -488,13 +525,28 @@ def measure_one(libxl: Libxl, c: Contestant, target: Path | str, iterations: int
     return samples
 
 
-def add_once(libxl: Libxl, c: Contestant, target: Path | str, domid: int, devid: int) -> float | None:
+def add_once(
+    libxl: Libxl,
+    c: Contestant,
+    target: Path | str,
+    domid: int,
+    devid: int,
+    *,
+    cpu: list[float] | None = None,
+    daemon: list[float] | None = None,
+) -> float | None:
     """One add (wall µs) and its remove on a fresh backend; None when the bash script lost
-    losetup's EBUSY race (as in measure_alternating)."""
+    losetup's EBUSY race (as in measure_alternating). The add's CPU (µs) is appended to `cpu`,
+    xenstored's CPU during it (µs, /proc schedstat) to `daemon`."""
     be = libxl.create_backend(domid, devid, str(target), "w", engine=not c.bash)
     consumer = None if c.bash else libxl.engine_consumer(be)
     env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
-    elapsed, _cpu, result = _timed(c.argv("add"), env)
+    daemon_before = _schedstat_us(libxl.xenstored.pid)
+    elapsed, used, result = _timed(c.argv("add"), env)
+    if daemon is not None:
+        daemon.append(_schedstat_us(libxl.xenstored.pid) - daemon_before)
+    if cpu is not None:
+        cpu.append(used)
     if result.returncode != 0 and c.bash:
         _remove_any(libxl, c, be)
         libxl.store.rm(be.path)
@@ -542,6 +594,16 @@ def _conflicts(libxl: Libxl) -> int | None:
     if trace is None or not trace.is_file():
         return None
     return trace.read_text(errors="replace").count("EAGAIN")
+
+
+def _schedstat_us(pid: int | None) -> float:
+    """A process's CPU time so far in µs (/proc/<pid>/schedstat: ns, unlike stat's 10 ms ticks);
+    0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e3
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _proc_cpu(pid: int) -> float:

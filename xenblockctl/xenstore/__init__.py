@@ -5,7 +5,7 @@ Modules, one concept each:
     client      XenStore / Transaction / WatchEvent: str API, deadlines, typed errors
     link        what the client needs from a connection; two implementations:
     transport   the threaded link: pyxs's reader thread, guarded so it cannot hang us (engine, CLI)
-    synchronous the synchronous link: one socket, no thread (the block script)
+    synchronous the synchronous link: one socket (4 for a large read batch), no thread (block script)
     endpoints   where xenstored lives (libxenstore's order) and the bounded connect
     wire        the wire codec: framing, limits, type numbers, error names (client, server, tests)
     paths       node-name, value and permission rules, checked before anything is sent

@@ -5,7 +5,8 @@ Two links implement it:
     transport.RouterLink     pyxs's reader thread matches replies to requests by id and queues
                              watch events: any number of threads may share one XenStore (the
                              engine, the CLI, tests)
-    synchronous.DirectLink   one socket (or the xenbus device), no thread: the calling thread
+    synchronous.DirectLink   one socket (up to 4 for a large read batch) or the xenbus device, no
+                             thread: the calling thread
                              sends a batch in one write and reads its replies itself, setting aside
                              watch events it meets; for one-shot, one-thread callers (the block
                              script), where the thread, `socket`, `queue` and pyxs's `platform`

@@ -2,10 +2,14 @@
 
 For one-shot, one-thread callers: the block script (`XenStore.connect(synchronous=True)`). The
 calling thread writes a whole batch with one send() (header and payload of every request in one
-buffer) and reads the replies itself; a watch event that arrives in between is set aside for
-`next_event`. Compared with the threaded link (pyxs's reader thread) an add makes ~5× fewer
-syscalls and imports neither `socket` nor `threading`, `queue` or pyxs's `platform`
-(bench/README.md, blockscript_add). It must not be shared between threads.
+buffer) and reads the replies itself, as many per read as the kernel holds (it waits until at
+least a header per outstanding reply is there, SO_RCVLOWAT); a watch event that arrives in between
+is set aside for `next_event`. A large batch of reads or listings outside a transaction goes over
+up to SPREAD_LANES connections, one share each (the C daemon serves one message per connection per
+poll turn, so it answers such a batch ~1.5x faster; bench/README.md, issue 18 round 5).
+Compared with the threaded link (pyxs's reader thread) an add makes ~5× fewer syscalls and imports
+neither `socket` nor `threading`, `queue` or pyxs's `platform` (bench/README.md, blockscript_add).
+It must not be shared between threads.
 
 Failure behaviour is the threaded link's: every wait is bounded by the caller's deadline, a peer
 that closes, sends a reply nobody asked for or an oversize header makes the link `LOST` for good
@@ -14,54 +18,103 @@ that closes, sends a reply nobody asked for or an oversize header makes the link
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import select
+import struct
 import time
 
 from xenblockctl.xenstore.endpoints import Endpoint, connect_unix
 from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout, Request
-from xenblockctl.xenstore.wire import NUL, WATCH_EVENT, Frame, FrameDecoder, OversizeFrame, encode
+from xenblockctl.xenstore.wire import (
+    DIRECTORY,
+    GET_PERMS,
+    HEADER_SIZE,
+    NUL,
+    READ,
+    WATCH_EVENT,
+    Frame,
+    FrameDecoder,
+    OversizeFrame,
+    encode,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-#: Bytes asked for per read: a batch's replies usually arrive together.
+#: Bytes asked for per read: a batch's replies usually arrive together (256 replies are ~6 KiB).
 _READ_SIZE = 65536
+#: A batch of at least SPREAD_MIN reads or listings outside a transaction is spread over up to
+#: SPREAD_LANES connections: the C xenstored serves one message per connection per turn of its
+#: poll loop, so K connections share one poll and its per-message overhead among K messages (the
+#: 128-backend walk's 259 requests cost it 2.1 -> 1.4 ms of CPU with 4, bench/README.md issue 18
+#: round 5). Only requests whose order among each other cannot matter go: reads and listings.
+SPREAD_MIN = 64
+SPREAD_LANES = 4
+_SPREADABLE = frozenset((READ, DIRECTORY, GET_PERMS))
+#: Longest single wait in the kernel for the rest of a batch before the bytes so far are checked.
+CHECK_INTERVAL = 0.05
+#: struct timeval (time_t, suseconds_t: two native longs on Linux), for SO_RCVTIMEO/SO_SNDTIMEO.
+_TIMEVAL = struct.Struct("@ll")
+
+
+def _timeval(seconds: float) -> bytes:
+    # Rounded up to a whole microsecond: an all-zero timeval would mean "wait forever".
+    micros = max(1, int(seconds * 1_000_000) + 1)
+    return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
 
 
 class DirectLink(Link):
-    def __init__(self, endpoint: Endpoint, timeout: float) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float, *, connect_timeout: float | None = None) -> None:
         self.endpoint = endpoint
-        self._sock = None
+        self._timeout = timeout
+        self._sock: _socket.socket | None = None
         self._fd = -1
+        #: The other connections a large read-only batch is spread over (SPREAD_LANES), opened on
+        #: first use; None once closed.
+        self._lanes: list[DirectLink] | None = []
         if endpoint.kind == "socket":
-            self._sock = connect_unix(endpoint.path, timeout)
-            self._fd = self._sock.fileno()
+            sock = connect_unix(endpoint.path, timeout if connect_timeout is None else connect_timeout)
+            # Blocking from here on, each wait bounded by the kernel (SO_SNDTIMEO here,
+            # SO_RCVTIMEO per read): a socket with a Python timeout polls before every send and
+            # every recv, one more syscall each (bench/README.md, issue 18 round 5).
+            try:
+                sock.settimeout(None)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _timeval(timeout))
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+            self._fd = sock.fileno()
         else:
             self._fd = os.open(endpoint.path, os.O_RDWR | os.O_CLOEXEC)
         self._pipeline = endpoint.kind == "socket"
+        #: The socket's SO_RCVLOWAT, so that it is set only when it changes.
+        self._lowat = 1
         self._decoder = FrameDecoder()
         self._tokens: set[bytes] = set()
         self._events: list[tuple[bytes, bytes]] = []
-        #: Replies that arrived for a request of the batch other than the one being awaited.
-        self._early: dict[int, Frame] = {}
         self._failure: str | None = None
 
     # -- the Link contract ----------------------------------------------------------------------
 
     def exchange(self, requests: Sequence[Request], deadline: float) -> list[Frame]:
         self._check_alive(0)
+        replies: list[Frame | None] = [None] * len(requests)
         if self._pipeline:
+            lanes = self._spread(requests)
+            if len(lanes) > 1:
+                self._exchange_spread(lanes, requests, replies, deadline)
+                return replies  # type: ignore[return-value]  # _collect filled every slot
             self._send(b"".join(encode(*request) for request in requests), 0)
-            outstanding = {request[1] for request in requests}
-            return [self._await(rq[1], index, deadline, outstanding) for index, rq in enumerate(requests)]
-        replies = []
-        for index, request in enumerate(requests):
-            self._send(encode(*request), index)
-            replies.append(self._await(request[1], index, deadline, {request[1]}))
-        return replies
+            self._collect({request[1]: index for index, request in enumerate(requests)}, replies, deadline)
+        else:
+            for index, request in enumerate(requests):
+                self._send(encode(*request), index)
+                self._collect({request[1]: index}, replies, deadline)
+        return replies  # type: ignore[return-value]  # _collect filled every slot
 
     def next_event(self, timeout: float) -> tuple[bytes, bytes] | None:
         if self._events:
@@ -69,12 +122,12 @@ class DirectLink(Link):
         self._check_alive(0)
         deadline = time.monotonic() + timeout
         while not self._events:
-            frame = self._next_frame(0, deadline)
-            if frame is None:
+            for frame in self._frames(0):
+                if frame.type != WATCH_EVENT:
+                    self._lose(0, f"unexpected reply {frame!r} while waiting for a watch event")
+                self._event(frame)
+            if not self._events and not self._receive(1, 0, deadline):
                 return None
-            if frame.type != WATCH_EVENT:
-                self._lose(0, f"unexpected reply {frame!r} while waiting for a watch event")
-            self._event(frame)
         return self._events.pop(0)
 
     def subscribe(self, token: str) -> None:
@@ -93,6 +146,9 @@ class DirectLink(Link):
         return self._failure or "connection closed"
 
     def close(self, timeout: float = 0.0) -> None:
+        for lane in self._lanes or ():
+            lane.close()
+        self._lanes = None
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
@@ -109,9 +165,12 @@ class DirectLink(Link):
         if self._fd < 0:
             raise LinkLost(index, "connection closed")
 
-    def _lose(self, index: int, reason: str) -> None:
+    def _fail(self, reason: str) -> str:
         self._failure = " ".join(reason.split())[:200]
-        raise LinkLost(index, self._failure)
+        return self._failure
+
+    def _lose(self, index: int, reason: str) -> None:
+        raise LinkLost(index, self._fail(reason))
 
     def _send(self, data: bytes, index: int) -> None:
         try:
@@ -123,27 +182,79 @@ class DirectLink(Link):
                 while view:
                     view = view[os.write(self._fd, view) :]
         except OSError as exc:
-            self._failure = f"send failed: {type(exc).__name__}: {exc}"[:200]
+            self._fail(f"send failed: {type(exc).__name__}: {exc}")
             raise LinkSendFailed(index, f"{type(exc).__name__}: {exc}") from exc
 
-    def _await(self, req_id: int, index: int, deadline: float, outstanding: set[int]) -> Frame:
-        early = self._early.pop(req_id, None)
-        if early is not None:
-            return early
+    def _spread(self, requests: Sequence[Request]) -> list[DirectLink]:
+        """The connections to send `requests` over: this one, and for a large read-only batch
+        outside a transaction up to SPREAD_LANES - 1 more (opened now if need be)."""
+        if len(requests) < SPREAD_MIN or self._lanes is None:
+            return [self]
+        for op, _req_id, tx_id, _payload in requests:
+            if tx_id or op not in _SPREADABLE:
+                return [self]
+        while len(self._lanes) < SPREAD_LANES - 1:
+            try:
+                lane = DirectLink(self.endpoint, self._timeout, connect_timeout=0.0)
+            except OSError:
+                # Not an error: the batch goes over the connections there are. C xenstored listens
+                # with a backlog of 1, so a third connect in a row usually finds it full until
+                # its next poll; the next large batch tries again instead of sleeping here.
+                break
+            self._lanes.append(lane)
+        return [self, *self._lanes]
+
+    def _exchange_spread(
+        self,
+        lanes: list[DirectLink],
+        requests: Sequence[Request],
+        replies: list[Frame | None],
+        deadline: float,
+    ) -> None:
+        """Contiguous shares of the batch, one per connection, all sent before any reply is
+        awaited. A failure on any of them is this link's: the client sees one connection."""
+        count = len(requests)
+        bounds = [count * k // len(lanes) for k in range(len(lanes) + 1)]
+        try:
+            for lane, start, end in zip(lanes, bounds, bounds[1:], strict=False):
+                lane._send(b"".join(encode(*request) for request in requests[start:end]), start)
+            for lane, start, end in zip(lanes, bounds, bounds[1:], strict=False):
+                waiting = {requests[index][1]: index for index in range(start, end)}
+                lane._collect(waiting, replies, deadline)
+        except (LinkLost, LinkSendFailed) as exc:
+            self._fail(exc.reason)
+            raise
+
+    def _collect(self, waiting: dict[int, int], replies: list[Frame | None], deadline: float) -> None:
+        """Fill `replies[index]` for every `waiting` {req_id: index}, from as many frames per read
+        as have arrived. xenstored answers a connection in order, but replies are matched by id
+        like the threaded link; a reply that answers nothing we sent (or answers twice) makes the
+        stream untrustworthy, as pyxs's router's UnexpectedPacket does."""
         while True:
-            frame = self._next_frame(index, deadline)
-            if frame is None:
-                raise LinkTimeout(index)
-            if frame.type == WATCH_EVENT:
-                self._event(frame)
-            elif frame.req_id == req_id:
-                return frame
-            elif frame.req_id in outstanding and frame.req_id not in self._early:
-                # xenstored answers a connection in order, but match by id like the threaded link.
-                self._early[frame.req_id] = frame
-            else:
-                # Like pyxs's router (UnexpectedPacket): the stream cannot be trusted any more.
-                self._lose(index, f"UnexpectedPacket: reply {frame!r} answers no request of ours")
+            for frame in self._frames(min(waiting.values()) if waiting else 0):
+                if frame.type == WATCH_EVENT:
+                    self._event(frame)
+                    continue
+                index = waiting.pop(frame.req_id, None)
+                if index is not None:
+                    replies[index] = frame
+                    continue
+                reason = f"UnexpectedPacket: reply {frame!r} answers no request of ours"
+                if waiting:
+                    self._lose(min(waiting.values()), reason)
+                # After this batch's last reply: the batch stands, the next request fails.
+                self._fail(reason)
+            if not waiting:
+                return
+            if not self._receive(len(waiting), min(waiting.values()), deadline):
+                raise LinkTimeout(min(waiting.values()))
+
+    def _frames(self, index: int) -> list[Frame]:
+        try:
+            return self._decoder.frames()
+        except OversizeFrame as exc:
+            self._lose(index, f"OversizeFrame: {exc}")
+            raise  # unreachable: _lose raises
 
     def _event(self, frame: Frame) -> None:
         parts = frame.payload.split(NUL)
@@ -152,33 +263,44 @@ class DirectLink(Link):
         if parts[1] in self._tokens:
             self._events.append((parts[0], parts[1]))
 
-    def _next_frame(self, index: int, deadline: float) -> Frame | None:
-        """The next whole frame, or None when `deadline` passes first."""
-        while True:
-            try:
-                frame = self._decoder.next_frame()
-            except OversizeFrame as exc:
-                self._lose(index, f"OversizeFrame: {exc}")
-            if frame is not None:
-                return frame
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                ready, _, _ = select.select([self._fd], [], [], remaining)
-                if not ready:
-                    continue
-                if self._sock is not None:
-                    data = self._sock.recv(_READ_SIZE)
-                else:
-                    data = os.read(self._fd, _READ_SIZE)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                self._lose(index, f"{type(exc).__name__}: {exc}")
-            if not data:
-                self._lose(index, "ConnectionError: xenstored closed the connection")
-            self._decoder.push(data)
+    def _receive(self, replies: int, index: int, deadline: float) -> bool:
+        """Read what has arrived into the decoder; False once `deadline` has passed.
+
+        On the socket, one read waits in the kernel until at least the smallest possible rest of
+        `replies` replies is here (SO_RCVLOWAT: every reply is at least a header), so a batch of
+        256 replies costs a few reads instead of a wake-up per reply or two (the C daemon writes a
+        reply's header and payload separately). SO_RCVTIMEO ends such a wait after CHECK_INTERVAL
+        (any wait at the deadline) and hands over whatever arrived: a peer that sent garbage (an
+        oversize header) and then stalls short of the low-water mark is still caught within
+        CHECK_INTERVAL, as it was when every arriving byte woke us. A signal whose handler
+        returns restarts the read with the same timeout (PEP 475)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        sock = self._sock
+        try:
+            if sock is None:
+                if not select.select([self._fd], [], [], remaining)[0]:
+                    return True  # the loop finds the deadline passed
+                data = os.read(self._fd, _READ_SIZE)
+            else:
+                lowat = max(1, min(replies * HEADER_SIZE - self._decoder.pending, _READ_SIZE))
+                if lowat != self._lowat:
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVLOWAT, lowat)
+                    self._lowat = lowat
+                wait = remaining if lowat == 1 else min(remaining, CHECK_INTERVAL)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(wait))
+                data = sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return True  # SO_RCVTIMEO expired with nothing: the next call checks the deadline
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                return True
+            self._lose(index, f"{type(exc).__name__}: {exc}")
+        if not data:
+            self._lose(index, "ConnectionError: xenstored closed the connection")
+        self._decoder.push(data)
+        return True
 
 
 def open_link(endpoint: Endpoint, timeout: float) -> DirectLink:

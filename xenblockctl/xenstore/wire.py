@@ -184,12 +184,32 @@ class FrameDecoder:
             self._start = end
         return frame
 
+    def frames(self) -> list[Frame]:
+        """Every complete frame buffered, in order, in one pass: a batch's replies arrive many per
+        recv (the synchronous client reads them that way, bench/README.md issue 18 round 5).
+        The checks are next_frame's; OversizeFrame leaves the stream unread from that header on."""
+        buf, start, size = self._buf, self._start, len(self._buf)
+        unpack, frames = HEADER.unpack_from, []
+        while size - start >= HEADER_SIZE:
+            msg_type, req_id, tx_id, length = unpack(buf, start)
+            if length > PAYLOAD_MAX:
+                self._start = start
+                raise OversizeFrame(length)
+            end = start + HEADER_SIZE + length
+            if end > size:
+                break
+            frames.append(Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end])))
+            start = end
+        if start == size:
+            buf.clear()
+            self._start = 0
+        else:
+            self._start = start
+        return frames
+
     def feed(self, data: bytes) -> list[Frame]:
         self.push(data)
-        frames: list[Frame] = []
-        while (frame := self.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return self.frames()
 
     def has_frame(self) -> bool:
         """Whether a complete frame (or an oversize header) is waiting."""
