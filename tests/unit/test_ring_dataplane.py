@@ -590,9 +590,12 @@ def test_wake_ups_are_counted(make_pair: PairFactory) -> None:
     pair = make_pair()
     for i in range(3):  # QD1, the thread asleep in between: one wake-up each
         assert pair.frontend.read(8 * i, 4096) == bytes(4096)
-        time.sleep(0.05)
-    assert pair.dataplane.stats.wakeups == 3
-    assert pair.dataplane.stats.notifies == 3
+        time.sleep(0.2)  # long enough for the ring thread to go back to sleep, even under load
+    stats = pair.dataplane.stats
+    assert stats.wakeups == 3, stats
+    # A frontend that finds its answer before it asks to be told (rsp_event) is not notified:
+    # under load that happens for any but the first request (test_answer_is_notified_...).
+    assert 1 <= stats.notifies <= 3, stats
 
 
 def test_idle_ring_thread_does_not_wake(local_transport: LocalTransport, disk_file: tuple[Path, int]) -> None:
