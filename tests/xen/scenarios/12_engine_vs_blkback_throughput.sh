@@ -4,7 +4,8 @@
 # QEMU TCG absolute numbers are small; the ratio engine/blkback is what to compare. The data written
 # through each path is checked, so a fast wrong answer fails.
 # The engine's rows run on the native fast path where the package has it (`engine_*`), and once more on
-# the pure-Python ring pass (`engine_python_*`, issue 20).
+# the pure-Python ring pass (`engine_python_*`, issue 20), in alternating rounds with blkback's: the
+# reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default 3).
 # xenci-timeout: 600
 . "$XENCI_SCENARIOS/lib.sh"
 
@@ -30,10 +31,11 @@ rate() {
   rates[$label]=$(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.1f", b / 1048576 / s }')
   metric "${label}_MiBps" "${rates[$label]}" MiB/s
 }
+WORKLOADS="write_1M_nofsync seq_write_1M seq_read_1M seq_read_4k"
 # ratios PATH: PATH / kernel blkback for each workload of one measure() (issue 20: reported, not asserted).
 ratios() {
   local w
-  for w in write_1M_nofsync seq_write_1M seq_read_1M seq_read_4k; do
+  for w in $WORKLOADS; do
     metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[blkback_$w]:-0}" \
       'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
   done
@@ -98,51 +100,85 @@ detach() {
   wait_for "no loop device bound ($1)" 30 no_loop_for "$img"
 }
 
-say "kernel blkback"
-modprobe xen-blkback || true
-attach blkback
-measure blkback
-detach blkback
+# The rows of one boot drift with the host's load (under TCG on a shared host the same path has
+# swung 2-10x between boots, and within one boot a pair of rows cannot tell drift from the path):
+# so the paths alternate, round after round (blkback, engine, engine --no-native, blkback, ...),
+# and each workload's rate is the median of its rounds. Bounded: ROUNDS x 3 paths x ~20 s.
+ROUNDS=${XENCI_BENCH_ROUNDS:-3}
+# median PATH WORKLOAD: the median of PATH's rounds (rates[PATH_rN_WORKLOAD], N = 1..ROUNDS).
+median() {
+  local i
+  for ((i = 1; i <= ROUNDS; i++)); do echo "${rates[${1}_r${i}_$2]:-0}"; done | sort -g \
+    | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+# medians PATH: report PATH's median per workload (kept in rates[PATH_WORKLOAD] for ratios).
+medians() {
+  local w
+  for w in $WORKLOADS; do
+    rates[${1}_$w]=$(median "$1" "$w")
+    metric "${1}_${w}_MiBps" "${rates[${1}_$w]}" "MiB/s (median of $ROUNDS rounds)"
+  done
+}
+# round_ratios PATH: PATH / blkback in each round (each pair measured minutes apart at most).
+round_ratios() {
+  local w i line
+  for w in $WORKLOADS; do
+    line=
+    for ((i = 1; i <= ROUNDS; i++)); do
+      line+=" $(awk -v a="${rates[${1}_r${i}_$w]:-0}" -v b="${rates[blkback_r${i}_$w]:-0}" \
+        'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+    done
+    say "$1 / blkback per round, $w:$line"
+  done
+}
+stop_engine() {
+  kill "$engine_pid"
+  wait "$engine_pid" 2>/dev/null || true
+  engine_pid=
+}
 
-say "the engine (Xen transport), persistent grants offered (blkfront takes them)"
-without_blkback
-start_engine
-attach engine
-measure engine
+for ((round = 1; round <= ROUNDS; round++)); do
+  say "round $round of $ROUNDS: kernel blkback (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+  modprobe xen-blkback || true
+  attach blkback
+  measure "blkback_r$round"
+  detach blkback
+  say "round $round: the engine (Xen transport, its default ring pass), persistent grants offered"
+  without_blkback
+  start_engine
+  attach engine
+  measure "engine_r$round"
+  detach engine
+  # Issue 20: which ring pass served the rows above (the .deb carries the native fast path)
+  grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'ring pass: native fast path' \
+    || say "the native fast path did not load: engine rows are pure Python"
+  grep -q 'writes stay buffered' "$engine_log" && say "O_DIRECT writes off: $(grep -m1 'writes stay buffered' "$engine_log")"
+  stop_engine
+  say "round $round: the engine on the pure-Python ring pass (--no-native), persistent grants"
+  start_engine --no-native
+  attach engine_python
+  measure "engine_python_r$round"
+  detach engine_python
+  grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'turned off' || fail "--no-native was not honoured"
+  stop_engine
+done
+medians blkback
+medians engine
+medians engine_python
 ratios engine
-detach engine
-# Issue 20: which ring pass served the rows above (the .deb carries the native fast path), and the
-# same rows on the pure-Python pass (`--no-native`) in the same boot, so both are reported.
-grep -m1 'ring pass:' "$engine_log" || fail "the engine did not log which ring pass it runs"
-grep -q 'ring pass: native fast path' "$engine_log" || say "the native fast path did not load: rows above are pure Python"
-say "the engine on the pure-Python ring pass (--no-native), persistent grants"
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
-start_engine --no-native
-attach engine_python
-measure engine_python
-detach engine_python
-grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'turned off' || fail "--no-native was not honoured"
-# and the default (native) once more, so that the two passes alternate: under TCG on a shared host
-# the rows of one boot drift with the host's load, and a pair alone cannot tell drift from the pass
-say "the engine on its default ring pass again (alternation: native, python, native)"
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
-start_engine
-attach engine_again
-measure engine_again
-detach engine_again
+ratios engine_python
+round_ratios engine
+round_ratios engine_python
+
+# One round each, against blkback's median (reported, fewer rounds: they are not the goal's rows).
 say "the engine without persistent grants: each ring pass copies its requests' pages (gntdev grant copy)"
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
 start_engine --no-persistent-grants
 attach engine_nopg
 measure engine_nopg
 ratios engine_nopg
 detach engine_nopg
+stop_engine
 say "the engine with --workers 2: each queue served by a worker process (issue 20)"
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
 start_engine --workers 2
 attach engine_workers
 measure engine_workers
@@ -157,8 +193,7 @@ grep -q 'connected: .*grants copied per ring pass' "$engine_log" || fail "--no-p
 # every thread under cProfile (profile_threads.py), for the same 1 MiB writes. Not timed (the
 # profiler slows what it measures); its top functions per thread group go to the log.
 say "profile (not timed): the engine with persistent grants under cProfile, 1 MiB writes"
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
+stop_engine
 profile=$XENCI_WORK/engine.profile
 ready_before=$(grep -c 'engine ready' "$engine_log" || true)
 ready_after() { [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$ready_before" ]; }
