@@ -508,6 +508,11 @@ class Executor:
     while I/O that waits for the disk still overlaps on the pool. (Sending cached copies over
     128 KiB to the pool was measured too: slower and more CPU per 1 MiB request, bench/README.md.)
 
+    WRITEs to a block device go through the DirectWriter (O_DIRECT, see its docstring) where it
+    could be opened: they always wait for the device, so `inline_direct_writes` says whether they
+    run on the ring thread or on the pool (inline unless alone). What follows is about buffered
+    writes: plain files, and devices without a DirectWriter.
+
     Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
     EOPNOTSUPP. Then a WRITE that covers whole host pages (offset and length multiples of the page
     size) runs inline on the ring thread anyway, and only other WRITEs go to the pool. Such a write
