@@ -510,7 +510,7 @@ class Executor:
 
     WRITEs to a block device go through the DirectWriter (O_DIRECT, see its docstring) where it
     could be opened: they always wait for the device, so `inline_direct_writes` says whether they
-    run on the ring thread or on the pool (inline unless alone). What follows is about buffered
+    run on the ring thread or on the pool (unless alone on their ring). What follows is about buffered
     writes: plain files, and devices without a DirectWriter.
 
     Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
