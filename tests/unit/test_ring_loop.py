@@ -312,7 +312,8 @@ def test_direct_writer_is_the_published_device_or_nothing(
 ) -> None:
     """The second fd names the device instance the engine verified (major:minor and diskseq), or
     writes stay buffered on the verified fd: a diskseq that does not match is refused (logged as an
-    error), no diskseq to compare is refused, and read-only devices and plain files get none."""
+    error), no diskseq to compare is refused, and read-only devices, plain files and a target with
+    direct writes turned off get none."""
     image = make_image(size=4 << 20)
     dev = loop.attach_file(str(image), read_only=False, tag="xenblockctl:test-ring-odirect-identity")
     loop_devices.append(dev)
@@ -327,6 +328,8 @@ def test_direct_writer_is_the_published_device_or_nothing(
         assert io.DirectWriter.open(dataclasses.replace(target, diskseq=target.diskseq + 1), "t-id") is None
         assert io.DirectWriter.open(dataclasses.replace(target, diskseq=None), "t-id") is None
         assert io.DirectWriter.open(dataclasses.replace(target, read_only=True), "t-id") is None
+        # `backend --no-direct-writes`
+        assert io.DirectWriter.open(dataclasses.replace(target, direct_writes=False), "t-id") is None
         with open(image, "r+b") as f:
             assert io.DirectWriter.open(DeviceTarget.from_fd(f.fileno()), "t-id") is None
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

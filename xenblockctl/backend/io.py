@@ -80,6 +80,9 @@ class DeviceTarget:
     #: the block device's diskseq as verified when it was opened (None: a file, or not known): a
     #: second fd on the device (DirectWriter) must name this same instance
     diskseq: int | None = None
+    #: WRITEs go out with O_DIRECT on a second fd where one can be opened (DirectWriter); False:
+    #: buffered on `fd` (`xenblockctl backend --no-direct-writes`)
+    direct_writes: bool = True
 
     def __post_init__(self) -> None:
         lbs = self.logical_block_size
@@ -284,10 +287,11 @@ class DirectWriter:
     @classmethod
     def open(cls, target: DeviceTarget, name: str) -> DirectWriter | None:
         """The direct writer for `target`, or None where writes stay buffered: a regular file (its
-        page cache is the only one: nothing is copied twice) or a read-only target, quietly; a
+        page cache is the only one: nothing is copied twice), a read-only target or direct writes
+        turned off, quietly; a
         device that cannot be reopened with O_DIRECT (EINVAL: some dm/NBD stacks) or whose
         identity cannot be confirmed, logged."""
-        if target.read_only:
+        if target.read_only or not target.direct_writes:
             return None
         try:
             st = os.fstat(target.fd)
