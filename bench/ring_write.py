@@ -30,6 +30,7 @@ row ends with a write read back from the device to check the bytes landed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -162,18 +163,15 @@ def engine(
 
 @contextmanager
 def _mode(mode: str) -> Iterator[None]:
-    """Run an engine row with writes buffered (DirectWriter never opened), O_DIRECT inline, or
-    O_DIRECT on the pool."""
+    """Run an engine row with writes buffered (DirectWriter never opened); O_DIRECT inline and on
+    the pool are the target's own setting (direct_writes_on_pool)."""
     real_open = io.DirectWriter.open
-    real_inline = io.Executor.inline_direct_writes
     if mode == "buffered":
         setattr(io.DirectWriter, "open", classmethod(lambda cls, target, name: None))  # noqa: B010
-    io.Executor.inline_direct_writes = mode != "pool"
     try:
         yield
     finally:
         setattr(io.DirectWriter, "open", real_open)  # noqa: B010
-        io.Executor.inline_direct_writes = real_inline
 
 
 def main() -> int:
@@ -223,9 +221,15 @@ def main() -> int:
                     for ring_pass in passes:
                         if mode == "pool" and ring_pass == "native":
                             continue  # the native pass stops at every pool write: Python's row
+                        row_target = dataclasses.replace(target, direct_writes_on_pool=mode == "pool")
                         with _mode(mode):
                             result, fast = engine(
-                                transport, target, w, args.workers, args.seconds, native=ring_pass == "native"
+                                transport,
+                                row_target,
+                                w,
+                                args.workers,
+                                args.seconds,
+                                native=ring_pass == "native",
                             )
                         label = {
                             "buffered": "buffered writes",

@@ -338,3 +338,46 @@ def test_direct_writer_is_the_published_device_or_nothing(
     assert "writes stay buffered" in errors[0]
     assert any("no verified diskseq" in r.getMessage() for r in caplog.records)
     assert _device_fds(os.fstat(dev.fd).st_rdev) == 1  # every refused fd was closed
+
+
+def test_direct_writes_on_the_pool_unless_alone(
+    loop_devices: list[loop.LoopDevice],
+    make_image: ImageFactory,
+    make_pair: PairFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    engine_path: str,
+) -> None:
+    """`backend --direct-writes-on-pool`: a direct WRITE with others outstanding on its ring runs on
+    an I/O worker (several in the device at once), one alone on the ring runs inline (nothing to
+    overlap it with); either way with O_DIRECT, and the bytes land."""
+    image = make_image(size=16 << 20)
+    dev = loop.attach_file(str(image), read_only=False, tag="xenblockctl:test-ring-odirect-pool")
+    loop_devices.append(dev)
+    target = dataclasses.replace(DeviceTarget.from_block_device(dev), direct_writes_on_pool=True)
+    threads: dict[int, str] = {}
+    real = io.execute
+
+    def recording_execute(
+        target: DeviceTarget, plan: IoPlan, bufs: list[memoryview], direct: io.DirectWriter | None = None
+    ) -> int:
+        if plan.kind is Kind.WRITE:
+            assert direct is not None
+            threads[plan.offset] = threading.current_thread().name
+        return real(target, plan, bufs, direct)
+
+    monkeypatch.setattr(io, "execute", recording_execute)
+    pair = make_pair(target=target, workers=2, data_pages=256, persistent=True)
+    fe = pair.frontend
+    alone = os.urandom(1 << 20)
+    assert fe.write((1 << 20) // 512, alone) == blkif.RSP_OKAY
+    batch = {(4 << 20) + i * (128 << 10): os.urandom(128 << 10) for i in range(8)}
+    for offset, data in batch.items():
+        fe.submit_write(offset // 512, data)
+    done = fe.collect(len(batch), timeout=30)
+    assert [c.response.status for c in done.values()] == [blkif.RSP_OKAY] * len(batch)
+    pool_thread = re.compile(r"-io_\d+$")
+    assert not pool_thread.search(threads[1 << 20])
+    assert any(pool_thread.search(threads[offset]) for offset in batch)
+    for offset, data in {1 << 20: alone, **batch}.items():
+        assert _cached(dev.fd, offset, len(data)) == (0, 0)
+        assert on_disk(image, offset, len(data)) == data

@@ -83,6 +83,9 @@ class DeviceTarget:
     #: WRITEs go out with O_DIRECT on a second fd where one can be opened (DirectWriter); False:
     #: buffered on `fd` (`xenblockctl backend --no-direct-writes`)
     direct_writes: bool = True
+    #: direct WRITEs run on the I/O pool unless alone on their ring (True), or on the ring thread
+    #: (`xenblockctl backend --direct-writes-on-pool`; see Executor)
+    direct_writes_on_pool: bool = False
 
     def __post_init__(self) -> None:
         lbs = self.logical_block_size
@@ -542,11 +545,6 @@ class Executor:
     Completion callbacks run on the worker thread; they must not call `drain()`.
     """
 
-    #: WRITEs through the DirectWriter run on the ring thread (True) or on the pool unless alone
-    #: on their ring (False). A direct write always waits for the device (RWF_NOWAIT cannot tell),
-    #: so this trades the pool's overlap against its GIL hand-offs: see bench/README.md, ring_write.
-    inline_direct_writes: bool = True
-
     def __init__(self, target: DeviceTarget, workers: int = 4, name: str = "xbc-io") -> None:
         self.target = target
         #: where WRITEs go first: O_DIRECT on a second fd of a block device, or None (buffered)
@@ -560,6 +558,12 @@ class Executor:
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
         if self._direct is not None:
             self._nowait.discard(WRITE)
+        #: WRITEs through the DirectWriter run on the ring thread (True) or on the pool unless alone
+        #: on their ring (False: DeviceTarget.direct_writes_on_pool). A direct write always waits
+        #: for the device (RWF_NOWAIT cannot tell), so this trades the pool's overlap (several
+        #: writes in the device at once, as blkback submits a ring's bios) against its GIL
+        #: hand-offs: see bench/README.md, ring_write and the Xen section.
+        self.inline_direct_writes = not target.direct_writes_on_pool
 
     @property
     def write_fd(self) -> int:

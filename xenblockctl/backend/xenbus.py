@@ -135,6 +135,8 @@ class EngineConfig:
     native: bool = True
     #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False: buffered.
     direct_writes: bool = True
+    #: Direct WRITEs on the I/O pool unless alone on their ring, instead of on the ring thread.
+    direct_writes_on_pool: bool = False
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and
     #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
     fd_store: FdStore | None = None
@@ -401,8 +403,12 @@ class BackendDevice:
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
-        if not self.config.direct_writes:
-            self.target = replace(self.target, direct_writes=False)
+        if not self.config.direct_writes or self.config.direct_writes_on_pool:
+            self.target = replace(
+                self.target,
+                direct_writes=self.config.direct_writes,
+                direct_writes_on_pool=self.config.direct_writes_on_pool,
+            )
         if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
             # between the two would leave the store nothing to hand the next one (a device handed

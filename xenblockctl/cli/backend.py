@@ -92,6 +92,13 @@ def raise_fd_limit(journal: Journal) -> int:
     "the same device); --no-direct-writes: through the page cache, as reads.",
 )
 @click.option(
+    "--direct-writes-on-pool",
+    is_flag=True,
+    default=False,
+    help="Run O_DIRECT writes on the I/O worker threads (several in the device at once) unless "
+    "alone on their ring, instead of on the ring thread.",
+)
+@click.option(
     "--max-queues",
     type=click.IntRange(1, 16),
     default=None,
@@ -133,6 +140,7 @@ def backend(
     max_persistent_grants: int | None,
     native: bool,
     direct_writes: bool,
+    direct_writes_on_pool: bool,
     max_queues: int | None,
     workers: int,
 ) -> None:
@@ -183,10 +191,16 @@ def backend(
         config = dataclasses.replace(config, max_queues=max_queues)
     if not native:
         config = dataclasses.replace(config, native=False)
-    if not direct_writes:
-        config = dataclasses.replace(config, direct_writes=False)
+    if not direct_writes or direct_writes_on_pool:
+        config = dataclasses.replace(
+            config, direct_writes=direct_writes, direct_writes_on_pool=direct_writes_on_pool
+        )
     journal.info(f"ring pass: {describe(native)}")
-    how = "O_DIRECT" if direct_writes else "buffered (--no-direct-writes)"
+    how = (
+        ("O_DIRECT, on the I/O pool" if direct_writes_on_pool else "O_DIRECT")
+        if direct_writes
+        else "buffered (--no-direct-writes)"
+    )
     journal.info(f"writes to block devices: {how}")
     pool = None
     if workers:
