@@ -198,19 +198,19 @@ def test_engine_native_option_reaches_the_data_plane(
 @pytest.mark.parametrize(
     ("engine_inproc", "direct", "on_pool"),
     [
-        ({}, True, False),
-        ({"direct_writes_on_pool": True}, True, True),
-        ({"direct_writes": False}, False, False),
+        ({}, False, False),
+        ({"direct_writes": True}, True, False),
+        ({"direct_writes": True, "direct_writes_on_pool": True}, True, True),
     ],
-    ids=["default", "on-pool", "no-direct-writes"],
+    ids=["default", "direct-writes", "direct-writes-on-pool"],
     indirect=["engine_inproc"],
 )
 def test_the_engine_config_decides_how_writes_go_out(
     libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory, direct: bool, on_pool: bool
 ) -> None:
-    """Issue 20 through the whole engine: by default a device's data plane writes with O_DIRECT on a
-    second fd of the device it verified (`backend --no-direct-writes`: buffered on that fd;
-    `--direct-writes-on-pool`: O_DIRECT on the I/O threads), and the data lands either way."""
+    """Issue 20 through the whole engine: by default a device's data plane writes buffered on the fd
+    it verified; `backend --direct-writes` writes with O_DIRECT on a second fd of that device
+    (`--direct-writes-on-pool`: on the I/O threads), and the data lands either way."""
     image = make_image()
     be, guest = attach(libxl, engine_inproc, image, 33, persistent=True)
     try:

@@ -81,7 +81,8 @@ class DeviceTarget:
     #: second fd on the device (DirectWriter) must name this same instance
     diskseq: int | None = None
     #: WRITEs go out with O_DIRECT on a second fd where one can be opened (DirectWriter); False:
-    #: buffered on `fd` (`xenblockctl backend --no-direct-writes`)
+    #: buffered on `fd`. The engine sets it from `xenblockctl backend --direct-writes` (off by
+    #: default: EngineConfig.direct_writes says why)
     direct_writes: bool = True
     #: direct WRITEs run on the I/O pool unless alone on their ring (True), or on the ring thread
     #: (`xenblockctl backend --direct-writes-on-pool`; see Executor)
@@ -264,8 +265,10 @@ class DirectWriter:
     for a loop device the kernel later writes those pages back through the loop driver, which
     copies them again into the backing file's cache, and a FLUSH waits for both. Kernel blkback
     submits bios: the loop driver's copy only. With O_DIRECT our write is a bio too (measured in
-    bench/README.md, "ring_write": half the CPU per GiB written, the writeback gone). Reads stay
-    on the buffered fd (the page cache is what makes them cheap, and RWF_NOWAIT works there).
+    bench/README.md, "ring_write": half the CPU per GiB written, the writeback gone; but on the
+    real-Xen lane, from grant-mapped pages, slower than buffered in two boots of three, so the
+    engine uses it only with `backend --direct-writes`). Reads stay on the buffered fd (the page
+    cache is what makes them cheap, and RWF_NOWAIT works there).
 
     Identity: the second fd is opened from the engine's own verified fd (/proc/self/fd/N: the same
     inode, whatever node or private node it came through) and must show the same major:minor and

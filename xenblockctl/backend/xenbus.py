@@ -133,8 +133,10 @@ class EngineConfig:
     #: Serve simple cached READs/WRITEs with the native fast path where it is built and applies
     #: (backend/fastpath.py); False: every request on the pure-Python path.
     native: bool = True
-    #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False: buffered.
-    direct_writes: bool = True
+    #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False (the
+    #: default): buffered on the verified fd. Off by default: on the real-Xen lane the engine's
+    #: O_DIRECT writes from grant-mapped pages lost to buffered ones in 2 of 3 boots (bench/README).
+    direct_writes: bool = False
     #: Direct WRITEs on the I/O pool unless alone on their ring, instead of on the ring thread.
     direct_writes_on_pool: bool = False
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and

@@ -86,17 +86,17 @@ def raise_fd_limit(journal: Journal) -> int:
 )
 @click.option(
     "--direct-writes/--no-direct-writes",
-    default=True,
+    default=False,
     show_default=True,
     help="Write guest data to block devices with O_DIRECT (a second fd per queue, checked to be "
-    "the same device); --no-direct-writes: through the page cache, as reads.",
+    "the same device) instead of through the page cache.",
 )
 @click.option(
     "--direct-writes-on-pool",
     is_flag=True,
     default=False,
-    help="Run O_DIRECT writes on the I/O worker threads (several in the device at once) unless "
-    "alone on their ring, instead of on the ring thread.",
+    help="With --direct-writes: run them on the I/O worker threads (several in the device at once) "
+    "unless alone on their ring, instead of on the ring thread.",
 )
 @click.option(
     "--max-queues",
@@ -191,15 +191,19 @@ def backend(
         config = dataclasses.replace(config, max_queues=max_queues)
     if not native:
         config = dataclasses.replace(config, native=False)
-    if not direct_writes or direct_writes_on_pool:
-        config = dataclasses.replace(
-            config, direct_writes=direct_writes, direct_writes_on_pool=direct_writes_on_pool
-        )
+    if direct_writes_on_pool and not direct_writes:
+        raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
+    if direct_writes:
+        config = dataclasses.replace(config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool)
     journal.info(f"ring pass: {describe(native)}")
     how = (
-        ("O_DIRECT, on the I/O pool" if direct_writes_on_pool else "O_DIRECT")
+        (
+            "O_DIRECT (--direct-writes), on the I/O pool"
+            if direct_writes_on_pool
+            else "O_DIRECT (--direct-writes)"
+        )
         if direct_writes
-        else "buffered (--no-direct-writes)"
+        else "buffered"
     )
     journal.info(f"writes to block devices: {how}")
     pool = None
