@@ -18,8 +18,8 @@ driver's worker and the writeback threads count) per GiB written:
 - `pwritev loop, buffered`: one thread, pwritev on the loop device's fd, fsync per pass.
 - `pwritev loop, O_DIRECT`: the same on an O_DIRECT fd (a bio per call, as blkback submits; one
   at a time).
-- `engine, buffered writes`: the engine as before issue 20's O_DIRECT writes (io.DirectWriter off).
-- `engine, O_DIRECT inline`: today's default (writes on the ring thread's O_DIRECT fd).
+- `engine, buffered writes`: the engine's default (io.DirectWriter off).
+- `engine, O_DIRECT inline`: `backend --direct-writes` (writes on the ring thread's O_DIRECT fd).
 - `engine, O_DIRECT on the pool`: direct writes handed to the workers unless alone on the ring.
 
 Each engine row runs on the pure-Python ring pass and, where built, the native one. The frontend
