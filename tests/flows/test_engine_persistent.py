@@ -13,7 +13,7 @@ from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
 from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
-from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend import blkif, fastpath, io
 from xenblockctl.backend.guest import XenbusFrontend
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -193,3 +193,45 @@ def test_engine_native_option_reaches_the_data_plane(
             assert guest.ring.read(0, 512)[:2] == b"ok"
     finally:
         detach(libxl, be, guest)
+
+
+@pytest.mark.parametrize(
+    ("engine_inproc", "direct", "on_pool"),
+    [
+        ({}, False, False),
+        ({"direct_writes": True}, True, False),
+        ({"direct_writes": True, "direct_writes_on_pool": True}, True, True),
+    ],
+    ids=["default", "direct-writes", "direct-writes-on-pool"],
+    indirect=["engine_inproc"],
+)
+def test_the_engine_config_decides_how_writes_go_out(
+    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory, direct: bool, on_pool: bool
+) -> None:
+    """Issue 20 through the whole engine: by default a device's data plane writes buffered on the fd
+    it verified; `backend --direct-writes` writes with O_DIRECT on a second fd of that device
+    (`--direct-writes-on-pool`: on the I/O threads), and the data lands either way."""
+    image = make_image()
+    be, guest = attach(libxl, engine_inproc, image, 33, persistent=True)
+    try:
+        dp = engine_inproc.device(33).dataplane
+        assert dp is not None
+        executor = dp.executor
+        assert isinstance(executor, io.Executor)
+        target = engine_inproc.device(33).target
+        assert target is not None
+        assert (executor.write_fd != target.fd) is direct
+        assert executor.inline_direct_writes is not on_pool
+        if direct:
+            assert os.fstat(executor.write_fd).st_rdev == os.fstat(target.fd).st_rdev
+        ring = guest.ring
+        assert ring is not None
+        data = os.urandom(256 * 1024)
+        assert ring.write(4096, data) == blkif.RSP_OKAY
+        assert ring.flush() == blkif.RSP_OKAY
+        with open(image, "rb") as f:
+            f.seek(4096 * 512)
+            assert f.read(len(data)) == data
+    finally:
+        detach(libxl, be, guest)
+    assert bound_loops_under(image.parent) == {}  # the O_DIRECT fd closed with the rest

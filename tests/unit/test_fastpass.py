@@ -242,7 +242,7 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         ]
         data = b"".join(abi.encode_request(s) for s in slots)
         modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
-        args = (abi.id_offset, 128, 65536, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
+        args = (abi.id_offset, 128, 65536, 512, False, 0, fd, fd, *modes, mmap.PAGESIZE, entries)
         answers, stop, refs = _fastpass.serve(data, 0, len(slots), *args)
         assert answers == [(1, 0, 0), (2, 1, 0)]
         assert stop == 2
@@ -253,13 +253,24 @@ def test_serve_reads_writes_and_stops_where_python_must_take_over(tmp_path: Path
         assert answers == [(4, 0, 0)]
         assert stop == 4
         # WRITE refused on a read-only device, READ with NOWAIT refused where run_now would submit
-        args_ro = (abi.id_offset, 128, 65536, 512, True, 0, fd, *modes, mmap.PAGESIZE, entries)
+        args_ro = (abi.id_offset, 128, 65536, 512, True, 0, fd, fd, *modes, mmap.PAGESIZE, entries)
         assert _fastpass.serve(data, 1, 2, *args_ro)[:2] == ([], 1)
-        stop_reads = (abi.id_offset, 128, 65536, 512, False, 0, fd, _fastpass.MODE_STOP, _fastpass.MODE_BLOCK)
+        stop_reads = (
+            abi.id_offset,
+            128,
+            65536,
+            512,
+            False,
+            0,
+            fd,
+            fd,
+            _fastpass.MODE_STOP,
+            _fastpass.MODE_BLOCK,
+        )
         assert _fastpass.serve(data, 0, 2, *stop_reads, mmap.PAGESIZE, entries)[:2] == ([], 0)
         # a read past the end of the file is short: Python's path runs it (and reports the error)
         past = abi.encode_request(SegmentRequest(0, 1, 0, 6, 127, (Segment(10, 0, 7),)))
-        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, 0, fd, *modes, mmap.PAGESIZE, entries)
+        big = (abi.id_offset, 1 << 20, 1 << 29, 512, False, 0, fd, fd, *modes, mmap.PAGESIZE, entries)
         assert _fastpass.serve(past, 0, 1, *big)[:2] == ([], 0)
         with pytest.raises(ValueError, match="outside"):
             _fastpass.serve(data, 0, len(slots) + 1, *args)
@@ -449,7 +460,7 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
             simple = isinstance(plan, IoPlan) and slot[0] in (0, 1, 6) and plan.operation in (0, 1)
             assert (got is not None) == simple, (slot, plan, got)
             _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
-                            lbs, False, mi, fd, 2, 2, mmap.PAGESIZE, entries)
+                            lbs, False, mi, fd, fd, 2, 2, mmap.PAGESIZE, entries)
         print("ok")
         pages.clear()  # every export the index holds released (ASan sees that too)
         """

@@ -572,7 +572,9 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
 }
 
 /* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
- *       max_indirect_segments, fd, read_mode, write_mode, host_page, entries)
+ *       max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries)
+ * write_fd: where WRITEs go (io.Executor.write_fd: an O_DIRECT fd on the device, or fd itself); a
+ * direct write the kernel refuses (EINVAL: alignment) stops here and Python writes it buffered
  *   -> (answers: list[(id, op, 0)], next_index, refs: bytes of the served requests' uint32 refs,
  *       indirect pages included) */
 static PyObject *fp_serve(PyObject *self, PyObject *args)
@@ -581,9 +583,9 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     Py_buffer data;
     Py_ssize_t start, count, id_offset, lbs, host_page, max_indirect;
     PyObject *sectors_o, *size_o, *entries;
-    int read_only, fd, modes[2];
-    if (!PyArg_ParseTuple(args, "y*nnnOOnpniiinO!", &data, &start, &count, &id_offset, &sectors_o,
-                          &size_o, &lbs, &read_only, &max_indirect, &fd, &modes[OP_READ],
+    int read_only, fd, wfd, modes[2];
+    if (!PyArg_ParseTuple(args, "y*nnnOOnpniiiinO!", &data, &start, &count, &id_offset, &sectors_o,
+                          &size_o, &lbs, &read_only, &max_indirect, &fd, &wfd, &modes[OP_READ],
                           &modes[OP_WRITE], &host_page, &PyDict_Type, &entries))
         return NULL;
     struct limits lim;
@@ -597,7 +599,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "slot range outside the copied batch");
         goto fail;
     }
-    if (host_page <= 0 || (host_page & (host_page - 1)) || fd < 0) {
+    if (host_page <= 0 || (host_page & (host_page - 1)) || fd < 0 || wfd < 0) {
         PyErr_SetString(PyExc_ValueError, "bad host page size or fd");
         goto fail;
     }
@@ -632,7 +634,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
             int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
             ssize_t n = p->r.op == OP_READ
                             ? preadv2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags)
-                            : pwritev2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags);
+                            : pwritev2(wfd, p->iov, p->iovcnt, (off_t)p->r.offset, flags);
             if (n < 0 || (uint64_t)n != p->r.length)
                 break; /* Python runs it again its own way, and reports what it finds */
         }

@@ -33,6 +33,7 @@ def serve(
     read_only: bool,
     max_indirect_segments: int,
     fd: int,
+    write_fd: int,
     read_mode: int,
     write_mode: int,
     host_page: int,

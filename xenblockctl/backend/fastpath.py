@@ -39,8 +39,8 @@ import types
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.grantcache import GrantCache
-from xenblockctl.backend.io import DeviceTarget, Executor
-from xenblockctl.backend.requests import READ, WRITE, DeviceLimits
+from xenblockctl.backend.io import DeviceTarget, Executor, Where
+from xenblockctl.backend.requests import DeviceLimits
 
 _native: types.ModuleType | None
 try:
@@ -120,9 +120,18 @@ class FastPass:
     def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int]:
         """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY) and next,
         the first slot it did not finish (count when it did them all)."""
-        read_mode, write_mode = _modes(self._executor)
+        executor = self._executor
+        read, write = executor.placement()
         answers, stop, refs = self._serve(
-            data, start, count, *self._fixed, read_mode, write_mode, _HOST_PAGE, self._entries
+            data,
+            start,
+            count,
+            *self._fixed,
+            executor.write_fd,
+            _MODES[read],
+            _MODES[write],
+            _HOST_PAGE,
+            self._entries,
         )
         if refs:
             self.served += len(answers)
@@ -130,17 +139,17 @@ class FastPass:
         return answers, stop
 
 
-def _modes(executor: Executor) -> tuple[int, int]:
-    """Where run_now would run a READ and a WRITE now (re-read per call: a NOWAIT the kernel refused
-    with EOPNOTSUPP is dropped by run_now as the pure-Python path meets it)."""
-    assert _native is not None
-    # io.Executor's own state, read as run_now reads it (kept private there: one rule, one place)
-    if executor._pool is None:
-        return _native.MODE_BLOCK, _native.MODE_BLOCK
-    nowait = executor._nowait
-    read = _native.MODE_NOWAIT if READ in nowait else _native.MODE_STOP
-    write = _native.MODE_NOWAIT if WRITE in nowait else _native.MODE_BLOCK_ALIGNED
-    return read, write
+#: io.Where -> the C pass's mode (the same choices, spelled as _fastpass.c's enum)
+_MODES: dict[Where, int] = (
+    {
+        Where.POOL: _native.MODE_STOP,
+        Where.NOWAIT: _native.MODE_NOWAIT,
+        Where.INLINE: _native.MODE_BLOCK,
+        Where.INLINE_ALIGNED: _native.MODE_BLOCK_ALIGNED,
+    }
+    if _native is not None
+    else {}
+)
 
 
 __all__ = ["FastPass", "available", "describe"]

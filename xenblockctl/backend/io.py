@@ -29,7 +29,7 @@ from typing import Final
 from xenblockctl.backend import blkif
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, WRITE, DeviceLimits, IoPlan, Kind
 from xenblockctl.errors import XenblockError
-from xenblockctl.kernel.blockdev import BlockDevice
+from xenblockctl.kernel.blockdev import BlockDevice, read_diskseq
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,16 @@ class DeviceTarget:
     discard: DiscardMode = DiscardMode.NONE
     discard_granularity: int = 512
     discard_secure: bool = False
+    #: the block device's diskseq as verified when it was opened (None: a file, or not known): a
+    #: second fd on the device (DirectWriter) must name this same instance
+    diskseq: int | None = None
+    #: WRITEs go out with O_DIRECT on a second fd where one can be opened (DirectWriter); False:
+    #: buffered on `fd`. The engine sets it from `xenblockctl backend --direct-writes` (off by
+    #: default: EngineConfig.direct_writes says why)
+    direct_writes: bool = True
+    #: direct WRITEs run on the I/O pool unless alone on their ring (True), or on the ring thread
+    #: (`xenblockctl backend --direct-writes-on-pool`; see Executor)
+    direct_writes_on_pool: bool = False
 
     def __post_init__(self) -> None:
         lbs = self.logical_block_size
@@ -130,11 +140,21 @@ class DeviceTarget:
             lbs=i.logical_block_size,
             pbs=i.physical_block_size,
             read_only=i.read_only or not _writable(dev.fd),
+            diskseq=i.diskseq,
         )
 
     @classmethod
     def _block(
-        cls, fd: int, major: int, minor: int, *, size: int, lbs: int, pbs: int, read_only: bool
+        cls,
+        fd: int,
+        major: int,
+        minor: int,
+        *,
+        size: int,
+        lbs: int,
+        pbs: int,
+        read_only: bool,
+        diskseq: int | None = None,
     ) -> DeviceTarget:
         max_discard = _sysfs_int(major, minor, "queue/discard_max_bytes") or 0
         granularity = _sysfs_int(major, minor, "queue/discard_granularity") or lbs
@@ -148,6 +168,7 @@ class DeviceTarget:
             discard_granularity=max(granularity, lbs),
             # secure discard is only real on hardware that erases; loop/dm do not support it
             discard_secure=False,
+            diskseq=diskseq,
         )
 
     def executor(self, *, workers: int = 4, name: str = "xbc-io") -> Executor:
@@ -237,8 +258,121 @@ def _discard(target: DeviceTarget, offset: int, length: int, secure: bool) -> No
         raise OSError(errno.EOPNOTSUPP, "discard not supported by the device")
 
 
-def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
-    """Do one plan synchronously; return the blkif status. Never raises for I/O errors."""
+class DirectWriter:
+    """WRITEs to a block device through a second fd on it opened with O_DIRECT (issue 20).
+
+    A buffered pwritev on a block device copies the guest's data into the device's own page cache;
+    for a loop device the kernel later writes those pages back through the loop driver, which
+    copies them again into the backing file's cache, and a FLUSH waits for both. Kernel blkback
+    submits bios: the loop driver's copy only. With O_DIRECT our write is a bio too (measured in
+    bench/README.md, "ring_write": half the CPU per GiB written, the writeback gone; but on the
+    real-Xen lane, from grant-mapped pages, slower than buffered in two boots of three, so the
+    engine uses it only with `backend --direct-writes`). Reads stay on the buffered fd (the page
+    cache is what makes them cheap, and RWF_NOWAIT works there).
+
+    Identity: the second fd is opened from the engine's own verified fd (/proc/self/fd/N: the same
+    inode, whatever node or private node it came through) and must show the same major:minor and
+    the diskseq the engine verified (DeviceTarget.diskseq); anything else, or no diskseq to compare,
+    and writes stay buffered on the verified fd (logged). Coherence: the kernel writes back and
+    drops the cached pages of a direct write's range before and after it, so a later buffered read
+    sees the new data; FLUSH/BARRIER stay fdatasync on the device (one mapping, one cache flush
+    for both fds). Alignment: O_DIRECT wants offset, length and memory aligned to the logical
+    block size; guest segments are whole sectors of page-aligned grant pages, so they are for 512,
+    and anything the kernel refuses with EINVAL (checked before any I/O) is written buffered
+    instead, logged once per writer.
+    """
+
+    __slots__ = ("_mask", "_warned", "fd", "name")
+
+    def __init__(self, fd: int, logical_block_size: int, name: str) -> None:
+        self.fd = fd
+        self._mask = logical_block_size - 1
+        self._warned = False
+        self.name = name
+
+    @classmethod
+    def open(cls, target: DeviceTarget, name: str) -> DirectWriter | None:
+        """The direct writer for `target`, or None where writes stay buffered: a regular file (its
+        page cache is the only one: nothing is copied twice), a read-only target or direct writes
+        turned off, quietly; a
+        device that cannot be reopened with O_DIRECT (EINVAL: some dm/NBD stacks) or whose
+        identity cannot be confirmed, logged."""
+        if target.read_only or not target.direct_writes:
+            return None
+        try:
+            st = os.fstat(target.fd)
+        except OSError:
+            return None
+        if not stat.S_ISBLK(st.st_mode):
+            return None
+        expected = target.diskseq
+        if expected is None:
+            log.info("%s: writes stay buffered: no verified diskseq to check a second fd against", name)
+            return None
+        try:
+            fd = os.open(
+                f"/proc/self/fd/{target.fd}",
+                os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY,
+            )
+        except OSError as exc:
+            log.info("%s: writes stay buffered: cannot reopen the device with O_DIRECT (%s)", name, exc)
+            return None
+        try:
+            again = os.fstat(fd)
+            seq = read_diskseq(fd)
+        except (OSError, XenblockError) as exc:
+            os.close(fd)
+            log.warning("%s: writes stay buffered: cannot check the O_DIRECT fd's identity (%s)", name, exc)
+            return None
+        if not stat.S_ISBLK(again.st_mode) or again.st_rdev != st.st_rdev or seq != expected:
+            os.close(fd)
+            log.error(
+                "%s: writes stay buffered: the device reopened for O_DIRECT is %d:%d diskseq %x, not"
+                " %d:%d diskseq %x",
+                name,
+                os.major(again.st_rdev),
+                os.minor(again.st_rdev),
+                seq,
+                os.major(st.st_rdev),
+                os.minor(st.st_rdev),
+                expected,
+            )
+            return None
+        return cls(fd, target.logical_block_size, name)
+
+    def write(self, bufs: list[memoryview], offset: int, length: int) -> bool:
+        """Write it all with O_DIRECT: True; False if it must be written buffered (nothing was
+        written: an unaligned range, or buffers the kernel refused with EINVAL). Other errors raise."""
+        if (offset | length) & self._mask:
+            self._fallback(f"{offset}+{length} not aligned to {self._mask + 1} bytes")
+            return False
+        try:
+            n = os.pwritev(self.fd, bufs, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fallback(f"EINVAL for {length} bytes at {offset} in {len(bufs)} buffers")
+            return False
+        if n != length:
+            _full_vectored(os.pwritev, self.fd, bufs, offset, length, moved=n)
+        return True
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.info(
+                "%s: a write went buffered instead of O_DIRECT (%s); further ones not logged", self.name, why
+            )
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def execute(
+    target: DeviceTarget, plan: IoPlan, bufs: list[memoryview], direct: DirectWriter | None = None
+) -> int:
+    """Do one plan synchronously; return the blkif status. Never raises for I/O errors. `direct`:
+    where WRITEs go first (their data, a FLUSH's or BARRIER's included)."""
     try:
         refused = _out_of_bounds(target, plan, bufs)
         if refused is not None:
@@ -247,16 +381,19 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
             return blkif.RSP_ERROR
         kind = plan.kind
         if kind is READ or kind is WRITE:
-            call = os.preadv if kind is READ else os.pwritev
-            # the common case moves everything in one call; _full_vectored resumes a short one
-            n = call(target.fd, bufs, plan.offset)
-            if n != plan.length:
-                _full_vectored(call, target.fd, bufs, plan.offset, plan.length, moved=n)
+            if kind is READ or direct is None or not direct.write(bufs, plan.offset, plan.length):
+                call = os.preadv if kind is READ else os.pwritev
+                # the common case moves everything in one call; _full_vectored resumes a short one
+                n = call(target.fd, bufs, plan.offset)
+                if n != plan.length:
+                    _full_vectored(call, target.fd, bufs, plan.offset, plan.length, moved=n)
         elif kind in (FLUSH, BARRIER):
             if bufs:
-                # REQ_PREFLUSH | REQ_FUA semantics: earlier writes durable first, then this one
+                # REQ_PREFLUSH | REQ_FUA semantics: earlier writes durable first, then this one.
+                # fdatasync on the verified fd covers a direct write too: one device, one flush.
                 os.fdatasync(target.fd)
-                _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
+                if direct is None or not direct.write(bufs, plan.offset, plan.length):
+                    _full_vectored(os.pwritev, target.fd, bufs, plan.offset, plan.length)
             os.fdatasync(target.fd)
         elif kind is DISCARD:
             _discard(target, plan.offset, plan.length, plan.secure)
@@ -266,6 +403,16 @@ def execute(target: DeviceTarget, plan: IoPlan, bufs: list[memoryview]) -> int:
             return blkif.RSP_EOPNOTSUPP
         log.warning("%s of %d bytes at %d failed: %s", plan.kind.value, plan.length, plan.offset, exc)
         return blkif.RSP_ERROR
+
+
+class Where(enum.IntEnum):
+    """Where Executor.run_now runs a READ or a WRITE (Executor.placement: what the native pass
+    must do to choose as run_now does)."""
+
+    POOL = 0  # not on the ring thread: submit() hands it to a worker
+    NOWAIT = 1  # try with RWF_NOWAIT inline; anything short of done goes to a worker
+    INLINE = 2  # inline, may block
+    INLINE_ALIGNED = 3  # inline if offset and length are whole host pages, else POOL
 
 
 #: kinds that can be tried with RWF_NOWAIT on the ring thread before falling back to a worker
@@ -371,6 +518,11 @@ class Executor:
     while I/O that waits for the disk still overlaps on the pool. (Sending cached copies over
     128 KiB to the pool was measured too: slower and more CPU per 1 MiB request, bench/README.md.)
 
+    WRITEs to a block device go through the DirectWriter (O_DIRECT, see its docstring) where it
+    could be opened: they always wait for the device, so `inline_direct_writes` says whether they
+    run on the ring thread or on the pool (unless alone on their ring). What follows is about buffered
+    writes: plain files, and devices without a DirectWriter.
+
     Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
     EOPNOTSUPP. Then a WRITE that covers whole host pages (offset and length multiples of the page
     size) runs inline on the ring thread anyway, and only other WRITEs go to the pool. Such a write
@@ -398,20 +550,54 @@ class Executor:
 
     def __init__(self, target: DeviceTarget, workers: int = 4, name: str = "xbc-io") -> None:
         self.target = target
+        #: where WRITEs go first: O_DIRECT on a second fd of a block device, or None (buffered)
+        self._direct = DirectWriter.open(target, name)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
         self._tracked = InFlight(name)
         #: True when the request being offered to run_now is the only one outstanding on its ring
         self.alone: Callable[[], bool] | None = None
         # kinds still worth trying with RWF_NOWAIT (dropped for good after EOPNOTSUPP: e.g. buffered
-        # writes on ext4 and on block devices)
+        # writes on ext4 and on block devices); a direct write never asks
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
+        if self._direct is not None:
+            self._nowait.discard(WRITE)
+        #: WRITEs through the DirectWriter run on the ring thread (True) or on the pool unless alone
+        #: on their ring (False: DeviceTarget.direct_writes_on_pool). A direct write always waits
+        #: for the device (RWF_NOWAIT cannot tell), so this trades the pool's overlap (several
+        #: writes in the device at once, as blkback submits a ring's bios) against its GIL
+        #: hand-offs: see bench/README.md, ring_write and the Xen section.
+        self.inline_direct_writes = not target.direct_writes_on_pool
+
+    @property
+    def write_fd(self) -> int:
+        """The fd WRITEs go to first (the O_DIRECT one, else the device's): the native pass's."""
+        return self._direct.fd if self._direct is not None else self.target.fd
+
+    def placement(self) -> tuple[Where, Where]:
+        """Where run_now would run a READ and a WRITE now, for the native pass (it re-asks per
+        call: a NOWAIT the kernel refused with EOPNOTSUPP is dropped as run_now meets it)."""
+        if self._pool is None:
+            return Where.INLINE, Where.INLINE
+        read = Where.NOWAIT if READ in self._nowait else Where.POOL
+        if self._direct is not None:
+            return read, Where.INLINE if self.inline_direct_writes else Where.POOL
+        return read, Where.NOWAIT if WRITE in self._nowait else Where.INLINE_ALIGNED
+
+    def _execute(self, plan: IoPlan, bufs: list[memoryview]) -> int:
+        if self._direct is None:
+            return execute(self.target, plan, bufs)
+        return execute(self.target, plan, bufs, self._direct)
 
     def run_now(self, plan: IoPlan, bufs: list[memoryview]) -> int | None:
         """Run `plan` on the calling thread if that is the right place: its status, or None if it
         must be `submit`ted. Nothing is tracked: the I/O is over when this returns."""
         if self._pool is None:
-            return execute(self.target, plan, bufs)
+            return self._execute(plan, bufs)
         kind = plan.kind
+        if kind is WRITE and self._direct is not None:
+            if self.inline_direct_writes or (self.alone is not None and self.alone()):
+                return self._execute(plan, bufs)
+            return None
         if kind in self._nowait:
             try:
                 status = execute_nowait(self.target, plan, bufs)
@@ -444,7 +630,7 @@ class Executor:
     def _run(self, plan: IoPlan, bufs: list[memoryview], done: Completion) -> None:
         status = blkif.RSP_ERROR
         try:
-            status = execute(self.target, plan, bufs)
+            status = self._execute(plan, bufs)
         finally:
             self._tracked.leave(done, status)
 
@@ -457,4 +643,9 @@ class Executor:
         drained = self._tracked.close(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=drained)
+        if drained and self._direct is not None:
+            # an opener of the device: closed only once nothing can write through it (the engine
+            # closes the verified fd after this, so the last close stays the engine's)
+            self._direct.close()
+            self._direct = None
         return drained

@@ -38,7 +38,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -133,6 +133,12 @@ class EngineConfig:
     #: Serve simple cached READs/WRITEs with the native fast path where it is built and applies
     #: (backend/fastpath.py); False: every request on the pure-Python path.
     native: bool = True
+    #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False (the
+    #: default): buffered on the verified fd. Off by default: on the real-Xen lane the engine's
+    #: O_DIRECT writes from grant-mapped pages lost to buffered ones in 2 of 3 boots (bench/README).
+    direct_writes: bool = False
+    #: Direct WRITEs on the I/O pool unless alone on their ring, instead of on the ring thread.
+    direct_writes_on_pool: bool = False
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and
     #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
     fd_store: FdStore | None = None
@@ -399,6 +405,12 @@ class BackendDevice:
         self.writable = mode == "w"
         self.frontend = frontend
         self.target = DeviceTarget.from_block_device(device)
+        if not self.config.direct_writes or self.config.direct_writes_on_pool:
+            self.target = replace(
+                self.target,
+                direct_writes=self.config.direct_writes,
+                direct_writes_on_pool=self.config.direct_writes_on_pool,
+            )
         if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
             # between the two would leave the store nothing to hand the next one (a device handed

@@ -85,6 +85,20 @@ def raise_fd_limit(journal: Journal) -> int:
     "(persistent grants); --no-native: everything on the pure-Python path.",
 )
 @click.option(
+    "--direct-writes/--no-direct-writes",
+    default=False,
+    show_default=True,
+    help="Write guest data to block devices with O_DIRECT (a second fd per queue, checked to be "
+    "the same device) instead of through the page cache.",
+)
+@click.option(
+    "--direct-writes-on-pool",
+    is_flag=True,
+    default=False,
+    help="With --direct-writes: run them on the I/O worker threads (several in the device at once) "
+    "unless alone on their ring, instead of on the ring thread.",
+)
+@click.option(
     "--max-queues",
     type=click.IntRange(1, 16),
     default=None,
@@ -125,6 +139,8 @@ def backend(
     persistent_grants: bool,
     max_persistent_grants: int | None,
     native: bool,
+    direct_writes: bool,
+    direct_writes_on_pool: bool,
     max_queues: int | None,
     workers: int,
 ) -> None:
@@ -175,7 +191,21 @@ def backend(
         config = dataclasses.replace(config, max_queues=max_queues)
     if not native:
         config = dataclasses.replace(config, native=False)
+    if direct_writes_on_pool and not direct_writes:
+        raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
+    if direct_writes:
+        config = dataclasses.replace(config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool)
     journal.info(f"ring pass: {describe(native)}")
+    how = (
+        (
+            "O_DIRECT (--direct-writes), on the I/O pool"
+            if direct_writes_on_pool
+            else "O_DIRECT (--direct-writes)"
+        )
+        if direct_writes
+        else "buffered"
+    )
+    journal.info(f"writes to block devices: {how}")
     pool = None
     if workers:
         from xenblockctl.backend.workers import WorkerPool
