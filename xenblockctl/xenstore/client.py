@@ -174,16 +174,7 @@ class _Operations:
         N. Like single reads, they are a consistent snapshot only inside a transaction."""
         for path in paths:
             check_path(path)
-        replies = self._request_many([(wire.READ, _arg(path), f"read {path}") for path in paths])
-        values: list[str | None] = []
-        for reply in replies:
-            if isinstance(reply, XenstoreNoEntry):
-                values.append(None)
-            elif isinstance(reply, XenstoreError):
-                raise reply
-            else:
-                values.append(decode_value(reply))
-        return values
+        return _read_values(self._request_many([(wire.READ, _arg(path), f"read {path}") for path in paths]))
 
     def ls(self, path: str) -> list[str]:
         """Names (not paths) of the node's children, in the daemon's (creation) order. Lists
@@ -320,6 +311,19 @@ def _write_requests(
     return requests, first_rm
 
 
+def _read_values(replies: Sequence[bytes | XenstoreError]) -> list[str | None]:
+    """READ replies as values: None for a missing node, any other error raised."""
+    values: list[str | None] = []
+    for reply in replies:
+        if isinstance(reply, XenstoreNoEntry):
+            values.append(None)
+        elif isinstance(reply, XenstoreError):
+            raise reply
+        else:
+            values.append(decode_value(reply))
+    return values
+
+
 def _first_write_failure(
     requests: list[tuple[int, bytes, str]], replies: Sequence[bytes | XenstoreError], first_rm: int
 ) -> XenstoreError | None:
@@ -375,14 +379,7 @@ class Transaction(_Operations):
         requests, first_rm = _write_requests(items, remove)
         reads = [(wire.READ, _arg(path), f"read {path}") for path in paths]
         replies = self._request_many(reads + requests)
-        values: list[str | None] = []
-        for reply in replies[: len(reads)]:
-            if isinstance(reply, XenstoreNoEntry):
-                values.append(None)
-            elif isinstance(reply, XenstoreError):
-                raise reply
-            else:
-                values.append(decode_value(reply))
+        values = _read_values(replies[: len(reads)])
         return values, _first_write_failure(requests, replies[len(reads) :], first_rm)
 
     def commit(self) -> None:
