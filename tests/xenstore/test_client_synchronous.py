@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,38 @@ def test_a_batch_of_replies_is_read_in_a_few_reads_without_polling(daemon: Daemo
         assert sends, calls
         assert all(c.split(",")[0] == main for c in sends), calls  # write_many is a transaction
         assert 1 <= len(_named(calls, "recvfrom", "recvmsg")) <= 8 * len(sends), calls
+
+
+SHORT_WAIT_CLIENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from xenblockctl.xenstore.client import XenStore
+with XenStore.connect(timeout=5, synchronous=True) as store:
+    store.watch("/short", "tok")
+    assert store.wait_watch(5) == ("/short", "tok")  # the watch's first event
+    print("MARK", flush=True)
+    for _ in range(5):
+        assert store.wait_watch(0.001) is None
+    print("MARK", flush=True)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_short_wait_is_timed_by_select_not_by_the_socket(daemon: Daemon, tmp_path: Path) -> None:
+    """The block script's hand-off polls blkback's sysfs node every 0.5-5 ms between watch waits.
+    SO_RCVTIMEO counts whole jiffies (a 0.5 ms wait took 6-8 ms at HZ=250, adding ~6 ms to every
+    kernel-blkback add), so a wait shorter than EXACT_WAIT is timed by select's exact timer."""
+    trace = tmp_path / "trace"
+    calls = "select,pselect6,poll,ppoll,setsockopt,write"
+    assert _strace(trace, calls, SHORT_WAIT_CLIENT).returncode == 0
+    (waits,) = _phases(trace)
+    timed = _named(waits, "select", "pselect6", "poll", "ppoll")
+    assert len(timed) >= 5, waits
+    # a receive timeout may still be set once select said readable (CHECK_INTERVAL), never a short one
+    for call in _named(waits, "setsockopt"):
+        found = re.search(r"tv_sec=(\d+), tv_usec=(\d+)", call)
+        if "SO_RCVTIMEO" in call and found:
+            assert int(found[1]) * 1_000_000 + int(found[2]) >= 20_000, call
 
 
 def _serve_spread(listener: socket.socket, failing: int) -> None:
