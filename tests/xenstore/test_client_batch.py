@@ -32,20 +32,6 @@ ERROR = 16
 
 
 @pytest.fixture
-def peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
-    peers: list[FakePeer] = []
-
-    def start(behaviour: Behaviour) -> FakePeer:
-        started = FakePeer(behaviour)
-        peers.append(started)
-        return started
-
-    yield start
-    for started in peers:
-        started.close()
-
-
-@pytest.fixture
 def store(daemon: Daemon) -> Iterator[XenStore]:
     with XenStore.connect(timeout=5) as s:
         yield s
@@ -64,14 +50,14 @@ def test_read_many_gives_values_in_order_and_none_for_missing(store: XenStore) -
     assert store.read_many([]) == []
 
 
-def test_read_many_raises_errors_other_than_missing(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_read_many_raises_errors_other_than_missing(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     def second_refused(conn: socket.socket) -> None:
         for i, (op, rq, tx, _payload) in enumerate([_read_request(conn) for _ in range(3)]):
             body = b"EACCES\0" if i == 1 else b"v"
             conn.sendall(HEADER.pack(ERROR if i == 1 else op, rq, tx, len(body)) + body)
 
     with (
-        XenStore.connect(peer(second_refused).path, timeout=2) as store,
+        XenStore.connect(fake_peer(second_refused).path, timeout=2) as store,
         pytest.raises(XenstorePermissionDenied),
     ):
         store.read_many(["/x/a", "/x/b", "/x/c"])
@@ -137,9 +123,9 @@ def _answer_after_whole_batch(count: int, seen: list[tuple[int, int, int, bytes]
     return behaviour
 
 
-def test_batch_is_pipelined(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_batch_is_pipelined(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     seen: list[tuple[int, int, int, bytes]] = []
-    with XenStore.connect(peer(_answer_after_whole_batch(3, seen)).path, timeout=2) as store:
+    with XenStore.connect(fake_peer(_answer_after_whole_batch(3, seen)).path, timeout=2) as store:
         assert store.read_many(["/p/a", "/p/b", "/p/c"]) == [
             "value of /p/a",
             "value of /p/b",
@@ -149,18 +135,18 @@ def test_batch_is_pipelined(peer: Callable[[Behaviour], FakePeer]) -> None:
     assert len({rq for _op, rq, _tx, _p in seen}) == 3  # distinct request ids
 
 
-def test_replies_are_matched_by_id_not_order(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_replies_are_matched_by_id_not_order(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     def reversed_answers(conn: socket.socket) -> None:
         requests = [_read_request(conn) for _ in range(3)]
         for op, rq, tx, payload in reversed(requests):
             body = payload.split(b"\0")[0].upper()
             conn.sendall(HEADER.pack(op, rq, tx, len(body)) + body)
 
-    with XenStore.connect(peer(reversed_answers).path, timeout=2) as store:
+    with XenStore.connect(fake_peer(reversed_answers).path, timeout=2) as store:
         assert store.read_many(["/q/a", "/q/b", "/q/c"]) == ["/Q/A", "/Q/B", "/Q/C"]
 
 
-def test_lost_peer_mid_batch_is_reported(peer: Callable[[Behaviour], FakePeer]) -> None:
+def test_lost_peer_mid_batch_is_reported(fake_peer: Callable[[Behaviour], FakePeer]) -> None:
     done = threading.Event()
 
     def answer_one_then_die(conn: socket.socket) -> None:
@@ -170,7 +156,7 @@ def test_lost_peer_mid_batch_is_reported(peer: Callable[[Behaviour], FakePeer]) 
         done.set()  # before close: the client may see the EOF and return before this line runs
         conn.close()
 
-    started = peer(answer_one_then_die)
+    started = fake_peer(answer_one_then_die)
     with XenStore.connect(started.path, timeout=5) as store, pytest.raises(XenstoreDisconnected):
         store.read_many(["/l/a", "/l/b", "/l/c"])
     # the client may see the EOF before the peer's thread runs its next line: wait, bounded
@@ -206,7 +192,7 @@ UNWATCH = 5
 
 
 def test_watch_many_undoes_the_watches_that_were_set_when_one_is_refused(
-    peer: Callable[[Behaviour], FakePeer],
+    fake_peer: Callable[[Behaviour], FakePeer],
 ) -> None:
     seen: list[tuple[int, bytes]] = []
 
@@ -218,7 +204,7 @@ def test_watch_many_undoes_the_watches_that_were_set_when_one_is_refused(
             body = b"ENOSPC\0" if refused else b"OK\0"
             conn.sendall(HEADER.pack(ERROR if refused else op, rq, tx, len(body)) + body)
 
-    with XenStore.connect(peer(second_watch_refused).path, timeout=2) as store:
+    with XenStore.connect(fake_peer(second_watch_refused).path, timeout=2) as store:
         with pytest.raises(XenstoreError) as caught:
             store.watch_many(["/a", "/b"], "t")
         assert caught.value.errno == errno.ENOSPC

@@ -14,7 +14,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -98,20 +98,6 @@ class FakePeer:
         for name in os.listdir(self.dir):
             os.unlink(os.path.join(self.dir, name))
         os.rmdir(self.dir)
-
-
-@pytest.fixture
-def fake_peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
-    peers: list[FakePeer] = []
-
-    def start(behaviour: Behaviour) -> FakePeer:
-        peer = FakePeer(behaviour)
-        peers.append(peer)
-        return peer
-
-    yield start
-    for peer in peers:
-        peer.close()
 
 
 def _read_request(conn: socket.socket) -> tuple[int, int, int, bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -22,22 +22,6 @@ from xenblockctl.xenstore.synchronous import SPREAD_MIN
 pytestmark = pytest.mark.usefixtures("link")
 
 WATCH_EVENT = 15
-
-
-@pytest.fixture
-def fake_peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
-    """As test_client_faults' fixture of the same name (a pytest fixture cannot be imported
-    without shadowing it at every use)."""
-    peers: list[FakePeer] = []
-
-    def start(behaviour: Behaviour) -> FakePeer:
-        started = FakePeer(behaviour)
-        peers.append(started)
-        return started
-
-    yield start
-    for started in peers:
-        started.close()
 
 
 def _replies(requests: list[tuple[int, int, int, bytes]]) -> bytes:
