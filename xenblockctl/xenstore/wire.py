@@ -163,9 +163,10 @@ class FrameDecoder:
             self._start = 0
         self._buf += data
 
-    def next_frame(self) -> Frame | None:
-        """The next complete frame, or None until more bytes arrive."""
-        buf, start = self._buf, self._start
+    def _frame_at(self, start: int) -> tuple[Frame, int] | None:
+        """The complete frame whose header is at `start` and where it ends, or None until more
+        bytes arrive."""
+        buf = self._buf
         if len(buf) - start < HEADER_SIZE:
             return None
         msg_type, req_id, tx_id, length = HEADER.unpack_from(buf, start)
@@ -176,35 +177,37 @@ class FrameDecoder:
         end = start + HEADER_SIZE + length
         if end > len(buf):
             return None
-        frame = Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end]))
-        if end == len(buf):
-            buf.clear()
+        return Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end])), end
+
+    def _consumed(self, end: int) -> None:
+        """The bytes before `end` are handed out."""
+        if end == len(self._buf):
+            self._buf.clear()
             self._start = 0
         else:
             self._start = end
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        got = self._frame_at(self._start)
+        if got is None:
+            return None
+        frame, end = got
+        self._consumed(end)
         return frame
 
     def frames(self) -> list[Frame]:
         """Every complete frame buffered, in order, in one pass: a batch's replies arrive many per
         recv (the synchronous client reads them that way, bench/README.md issue 18 round 5).
-        The checks are next_frame's; OversizeFrame leaves the stream unread from that header on."""
-        buf, start, size = self._buf, self._start, len(self._buf)
-        unpack, frames = HEADER.unpack_from, []
-        while size - start >= HEADER_SIZE:
-            msg_type, req_id, tx_id, length = unpack(buf, start)
-            if length > PAYLOAD_MAX:
-                self._start = start
-                raise OversizeFrame(length)
-            end = start + HEADER_SIZE + length
-            if end > size:
-                break
-            frames.append(Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end])))
-            start = end
-        if start == size:
-            buf.clear()
-            self._start = 0
-        else:
-            self._start = start
+        OversizeFrame leaves the stream unread from that header on."""
+        frames: list[Frame] = []
+        start = self._start
+        try:
+            while (got := self._frame_at(start)) is not None:
+                frame, start = got
+                frames.append(frame)
+        finally:
+            self._consumed(start)
         return frames
 
     def feed(self, data: bytes) -> list[Frame]:
