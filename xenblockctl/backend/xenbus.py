@@ -404,13 +404,11 @@ class BackendDevice:
         self.device = device
         self.writable = mode == "w"
         self.frontend = frontend
-        self.target = DeviceTarget.from_block_device(device)
-        if not self.config.direct_writes or self.config.direct_writes_on_pool:
-            self.target = replace(
-                self.target,
-                direct_writes=self.config.direct_writes,
-                direct_writes_on_pool=self.config.direct_writes_on_pool,
-            )
+        self.target = replace(
+            DeviceTarget.from_block_device(device),
+            direct_writes=self.config.direct_writes,
+            direct_writes_on_pool=self.config.direct_writes_on_pool,
+        )
         if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
             # between the two would leave the store nothing to hand the next one (a device handed

@@ -196,15 +196,9 @@ def backend(
     if direct_writes:
         config = dataclasses.replace(config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool)
     journal.info(f"ring pass: {describe(native)}")
-    how = (
-        (
-            "O_DIRECT (--direct-writes), on the I/O pool"
-            if direct_writes_on_pool
-            else "O_DIRECT (--direct-writes)"
-        )
-        if direct_writes
-        else "buffered"
-    )
+    how = "buffered"
+    if direct_writes:
+        how = "O_DIRECT (--direct-writes)" + (", on the I/O pool" if direct_writes_on_pool else "")
     journal.info(f"writes to block devices: {how}")
     pool = None
     if workers:
