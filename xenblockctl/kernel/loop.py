@@ -497,43 +497,36 @@ def bound_loops_backed_by(backing: tuple[int, int]) -> Iterator[BoundLoop]:
     symlink walk per minor was most of it (bench/README.md, issue 18's parallel adds). Where that
     directory does not list every loop minor /sys/block does, /sys/block's paths are used."""
     names = sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop"))
-    where, close = _sysfs_loop_dir(names)
+    where = _sysfs_loop_dir(names)
     try:
         yield from _backed_by(names, where, backing)
     finally:
-        if close:
-            os.close(where)
+        os.close(where)
 
 
-def _sysfs_loop_dir(names: list[str]) -> tuple[int, bool]:
-    """(dir fd to stat `<name>/loop` under, whether it is ours to close): an fd on
-    SYS_VIRTUAL_BLOCK when it lists every one of `names` (a block device's name is unique, so that
-    entry is the device /sys/block/<name> links to), else _AT_SYS_BLOCK."""
+def _sysfs_loop_dir(names: list[str]) -> int:
+    """A dir fd to stat `<name>/loop` under: SYS_VIRTUAL_BLOCK when it lists every one of `names` (a
+    block device's name is unique, so that entry is the device /sys/block/<name> links to), else
+    SYS_BLOCK itself, whose loopN links the stat follows."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
-        fd = os.open(SYS_VIRTUAL_BLOCK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(SYS_VIRTUAL_BLOCK, flags)
     except OSError:
-        return _AT_SYS_BLOCK, False
+        return os.open(SYS_BLOCK, flags)
     try:
         if set(names) <= set(os.listdir(fd)):
-            return fd, True
+            return fd
     except OSError:
         pass
     os.close(fd)
-    return _AT_SYS_BLOCK, False
-
-
-#: "No directory fd": stat `/sys/block/<name>/loop` by its path.
-_AT_SYS_BLOCK = -1
+    return os.open(SYS_BLOCK, flags)
 
 
 def _backed_by(names: list[str], where: int, backing: tuple[int, int]) -> Iterator[BoundLoop]:
     for name in names:
         try:
             number = int(name.removeprefix("loop"))
-            if where == _AT_SYS_BLOCK:
-                os.stat(f"{SYS_BLOCK}/{name}/loop")
-            else:
-                os.stat(f"{name}/loop", dir_fd=where)
+            os.stat(f"{name}/loop", dir_fd=where)
         except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         except OSError as exc:
