@@ -355,14 +355,30 @@ static struct islot *index_find(const PagesObject *t, uint32_t gref)
     }
 }
 
+/* The first empty slot from gref's home on (there is one: index_reserve keeps the load <= 1/2). */
+static struct islot *index_free_slot(const PagesObject *t, uint32_t gref)
+{
+    size_t mask = ((size_t)1 << t->bits) - 1;
+    size_t i = index_home(t, gref);
+    while (t->slots[i].buf != NULL)
+        i = (i + 1) & mask;
+    return &t->slots[i];
+}
+
+/* Release an entry's export and empty its slot. */
+static void slot_drop(struct islot *s)
+{
+    PyBuffer_Release(s->buf);
+    PyMem_Free(s->buf);
+    s->buf = NULL;
+}
+
 /* Drop slot i's entry (its export released) and shift the entries after it back (linear probing
  * without tombstones: every entry stays reachable from its home slot). */
 static void index_delete_at(PagesObject *t, size_t i)
 {
     size_t mask = ((size_t)1 << t->bits) - 1;
-    PyBuffer_Release(t->slots[i].buf);
-    PyMem_Free(t->slots[i].buf);
-    t->slots[i].buf = NULL;
+    slot_drop(&t->slots[i]);
     t->used--;
     for (size_t j = (i + 1) & mask; t->slots[j].buf != NULL; j = (j + 1) & mask) {
         size_t k = index_home(t, t->slots[j].gref);
@@ -396,11 +412,8 @@ static void index_clear(PagesObject *t)
 {
     size_t cap = t->bits ? (size_t)1 << t->bits : 0;
     for (size_t i = 0; i < cap; i++) {
-        if (t->slots[i].buf != NULL) {
-            PyBuffer_Release(t->slots[i].buf);
-            PyMem_Free(t->slots[i].buf);
-            t->slots[i].buf = NULL;
-        }
+        if (t->slots[i].buf != NULL)
+            slot_drop(&t->slots[i]);
     }
     t->used = 0;
 }
@@ -424,14 +437,9 @@ static int index_reserve(PagesObject *t)
     size_t old_cap = t->bits ? (size_t)1 << t->bits : 0;
     t->slots = slots;
     t->bits = bits;
-    size_t mask = ((size_t)1 << bits) - 1;
     for (size_t i = 0; i < old_cap; i++) {
-        if (old[i].buf == NULL)
-            continue;
-        size_t j = index_home(t, old[i].gref);
-        while (slots[j].buf != NULL)
-            j = (j + 1) & mask;
-        slots[j] = old[i];
+        if (old[i].buf != NULL)
+            *index_free_slot(t, old[i].gref) = old[i];
     }
     PyMem_Free(old);
     return 0;
@@ -490,10 +498,7 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *vi
             PyMem_Free(held);
             return got;
         }
-        s = &t->slots[index_home(t, gref)];
-        size_t mask = ((size_t)1 << t->bits) - 1;
-        while (s->buf != NULL)
-            s = &t->slots[(size_t)(s - t->slots + 1) & mask];
+        s = index_free_slot(t, gref);
         s->gref = gref;
         s->buf = held;
         t->used++;
