@@ -34,6 +34,7 @@ from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import READ, WRITE, DeviceLimits, IoPlan, validate_slot
+from xenblockctl.backend.ring import BackRing
 from xenblockctl.backend.transport.local import LocalTransport
 
 if not fastpath.available():
@@ -371,6 +372,102 @@ def test_pages_index_follows_every_change_to_the_dict(tmp_path: Path) -> None:
         os.close(fd)
 
 
+# --- respond(): answers written into the ring, ring.py's journal protocol in C ----------------------
+def _ring_pair(abi: blkif.Abi, pages: int, start: int, outstanding: int, seed: bytes) -> list[BackRing]:
+    """Two back rings over identical buffers (random bytes, `outstanding` requests from `start`),
+    each having taken every request: one answers in Python, the other through respond()."""
+    size = blkif.ring_size(pages, abi)
+    rings = []
+    for _ in range(2):
+        buf = bytearray((seed * (pages * blkif.PAGE_SIZE // len(seed) + 1))[: pages * blkif.PAGE_SIZE])
+        struct.pack_into("=IIII", buf, 0, (start + outstanding) & 0xFFFFFFFF, 0, start, 0)
+        buf[32:64] = bytes(32)  # no journal yet: the ring starts its own at `start`
+        ring = BackRing(memoryview(buf), abi, pages)
+        _data, n = ring.take_slots(size)
+        assert n == outstanding
+        rings.append(ring)
+    return rings
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    abi=st.sampled_from(ABIS),
+    pages=st.sampled_from([1, 2]),
+    start=st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32 - 70, 2**32 - 1)),
+    seed=st.binary(min_size=1, max_size=64),
+    data=st.data(),
+)
+def test_respond_writes_what_respond_all_writes(
+    abi: blkif.Abi, pages: int, start: int, seed: bytes, data: st.DataObject
+) -> None:
+    """Runs of answers through BackRing.respond_run with the C writer leave the ring — slots,
+    padding, journal words and journalled response — byte for byte as respond_all leaves it,
+    after every run: in ring order (written by C) and out of it (held: respond_all's path)."""
+    size = blkif.ring_size(pages, abi)
+    outstanding = data.draw(st.integers(1, size))
+    python, native = _ring_pair(abi, pages, start, outstanding, seed)
+    ids = list(python._order)
+    assert ids == list(native._order)
+    statuses = st.sampled_from([blkif.RSP_OKAY, blkif.RSP_ERROR, blkif.RSP_EOPNOTSUPP])
+    answers = [(rid, data.draw(st.sampled_from([0, 1, 3, 6, 255])), data.draw(statuses)) for rid in ids]
+    # cut the answers into runs and answer the runs in a drawn order (early runs are held)
+    cuts = sorted(
+        set(data.draw(st.lists(st.integers(1, outstanding - 1), max_size=4)) if outstanding > 1 else [])
+    )
+    runs = list(zip([0, *cuts], [*cuts, outstanding], strict=True))
+    runs = data.draw(st.permutations(runs)) if data.draw(st.booleans()) else runs
+    try:
+        for first, end in runs:
+            python.respond_all(answers[first:end])
+            native.respond_run(answers[first:end], (start + first) & 0xFFFFFFFF, _fastpass.respond)
+            assert bytes(native._buf) == bytes(python._buf)
+            assert (native.rsp_prod_pvt, native.held, list(native._order)) == (
+                python.rsp_prod_pvt,
+                python.held,
+                list(python._order),
+            )
+        assert native.rsp_prod_pvt == (start + outstanding) & 0xFFFFFFFF
+    finally:
+        python.release()
+        native.release()
+
+
+def test_respond_refuses_bad_answers_and_geometry_with_the_ring_untouched() -> None:
+    abi = blkif.X86_64
+    python, native = _ring_pair(abi, 1, 5, 4, b"\xa5")
+    ring = native._buf
+    before = bytes(ring)
+    size = native.size
+    good = [(1, 0, 0)] * 3
+    bad: list[tuple[list[Any], int, int, type[Exception]]] = [
+        ([*good, (1, 0)], size, 8, TypeError),
+        ([*good, [1, 0, 0]], size, 8, TypeError),
+        ([*good, (1, 256, 0)], size, 8, ValueError),
+        ([*good, (1, 0, 40000)], size, 8, ValueError),
+        ([*good, (1, 0, -40000)], size, 8, ValueError),
+        ([*good, (-1, 0, 0)], size, 8, OverflowError),
+        ([*good, (2**64, 0, 0)], size, 8, OverflowError),
+        ([*good, ("1", 0, 0)], size, 8, TypeError),
+        (good, size, 6, ValueError),  # no such ABI
+        (good, size - 1, 8, ValueError),  # not a power of two
+        (good, 64, 8, ValueError),  # more slots than the buffer holds
+        ([(1, 0, 0)] * (size + 1), size, 8, ValueError),  # more answers than slots
+    ]
+    try:
+        for answers, ring_size, id_offset, error in bad:
+            with pytest.raises(error):
+                _fastpass.respond(answers, ring, 5, ring_size, id_offset)
+            assert bytes(ring) == before
+        with pytest.raises(ValueError):
+            _fastpass.respond(good, ring, 2**32, size, 8)
+        with pytest.raises(TypeError):
+            _fastpass.respond(good, memoryview(bytes(ring)), 5, size, 8)  # read-only
+        assert bytes(ring) == before
+    finally:
+        python.release()
+        native.release()
+
+
 # --- the build ---------------------------------------------------------------------------------------
 def _compile(tmp_path: Path, *flags: str) -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
@@ -390,7 +487,8 @@ def test_builds_without_warnings(tmp_path: Path) -> None:
 
 
 def test_agreement_under_sanitizers(tmp_path: Path) -> None:
-    """The decoder and serve() on random bytes with ASan + UBSan (any report aborts the child)."""
+    """The decoder, serve() and respond() on random bytes with ASan + UBSan (any report aborts the
+    child)."""
     cc = shutil.which("gcc")
     asan = subprocess.run(
         [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
@@ -461,6 +559,12 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
             assert (got is not None) == simple, (slot, plan, got)
             _fastpass.serve(slot * 3, 0, 3, abi.id_offset, min(sectors, 128), 65536,
                             lbs, False, mi, fd, fd, 2, 2, mmap.PAGESIZE, entries)
+        ring = bytearray(2 * 4096)  # respond(): any answers, any start index, both layouts
+        for n in range(3000):
+            size = rnd.choice([32, 64])
+            answers = [(rnd.randrange(2**64), rnd.randrange(256), rnd.randrange(-32768, 32768))
+                       for _ in range(rnd.randrange(size + 1))]
+            _fastpass.respond(answers, ring, rnd.randrange(2**32), size, rnd.choice([4, 8]))
         print("ok")
         pages.clear()  # every export the index holds released (ASan sees that too)
         """
@@ -552,3 +656,42 @@ def test_native_pass_under_eviction_keeps_the_cache_consistent(
             assert dp.stop()
         assert cache.native_pages() == {}
         assert pages.indexed == 0
+
+
+def test_a_native_pass_writes_its_answers_into_the_ring_itself(make_pair: PairFactory) -> None:
+    """Once its pages are cached, a pass the native path serves whole is answered by the C writer
+    (respond_run): ring.py's per-answer Python loop (respond_all) does not run, the answers are
+    right and the journal says every published slot is committed."""
+    pair = make_pair(persistent=True, data_pages=32, workers=0)
+    fe, dp = pair.frontend, pair.dataplane
+    ring = dp.ring
+    expected = pair.path.read_bytes()
+    for _ in range(2):  # the first round maps the pages (Python), the second is native
+        ids = {fe.submit_read(8 * i, 4096): i for i in range(32)}
+        done = fe.collect(32)
+        assert {rid: c.data for rid, c in done.items()} == {
+            rid: expected[8 * i * 512 : (8 * i + 8) * 512] for rid, i in ids.items()
+        }
+    calls: list[int] = []
+    python_loop = ring.respond_all
+
+    def counted(answers: Sequence[tuple[int, int, int]]) -> None:
+        calls.append(len(answers))
+        python_loop(answers)
+
+    ring.respond_all = counted  # type: ignore[method-assign]
+    fast = dp._fast
+    assert fast is not None
+    served = fast.served
+    for _ in range(3):
+        ids = {fe.submit_read(8 * i, 4096): i for i in range(32)}
+        done = fe.collect(32)
+        assert all(c.response.status == blkif.RSP_OKAY for c in done.values())
+        assert {rid: c.data for rid, c in done.items()} == {
+            rid: expected[8 * i * 512 : (8 * i + 8) * 512] for rid, i in ids.items()
+        }
+    assert fast.served == served + 96
+    assert calls == []
+    hdr = ring._hdr
+    assert hdr[9] == ring.rsp_prod_pvt == ring.rsp_prod  # journal COMMITTED: all published
+    assert dp.stats.requests == dp.stats.ok == 160

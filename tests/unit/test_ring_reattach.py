@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from xenblockctl.backend import blkif
+from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.blkif import Response, Segment, SegmentRequest
 from xenblockctl.backend.ring import JOURNAL_MAGIC, BackRing, FrontRing, init_shared_ring
 
@@ -161,18 +161,35 @@ rng = random.Random(seed)
 buf = mmap.mmap(fd, blkif.PAGE_SIZE)
 back = BackRing(memoryview(buf), blkif.X86_64, 1)
 pending = []
+write = None
+if sys.argv[3] == "native":  # runs in ring order written by the native pass's C writer
+    from xenblockctl.backend import _fastpass
+    write = _fastpass.respond
 os.write(1, b"up\\n")
 while True:
-    pending += [blkif.X86_64.decode_request(raw).id for raw in back.take_requests()]
-    rng.shuffle(pending)
-    k = rng.randint(0, len(pending))
-    back.respond_all([(rid, blkif.OP_READ, 0) for rid in pending[:k]])
-    del pending[:k]
+    if write is None:
+        pending += [blkif.X86_64.decode_request(raw).id for raw in back.take_requests()]
+        rng.shuffle(pending)
+        k = rng.randint(0, len(pending))
+        back.respond_all([(rid, blkif.OP_READ, 0) for rid in pending[:k]])
+        del pending[:k]
+    else:
+        rng.shuffle(pending)
+        back.respond_all([(rid, blkif.OP_READ, 0) for rid in pending])  # older ones first
+        taken = [blkif.X86_64.decode_request(raw).id for raw in back.take_requests()]
+        k = rng.randint(0, len(taken))
+        back.respond_run([(rid, blkif.OP_READ, 0) for rid in taken[:k]], back.taken_at, write)
+        pending = taken[k:]
     back.push_responses()
 """
 
 
-def test_an_engine_killed_anywhere_loses_no_answer_and_gives_none_twice() -> None:
+@pytest.mark.parametrize("writer", ["python", "native"])
+def test_an_engine_killed_anywhere_loses_no_answer_and_gives_none_twice(writer: str) -> None:
+    """`native`: the answers in ring order go through BackRing.respond_run's C writer
+    (_fastpass.respond, the native pass's), the rest through respond_all."""
+    if writer == "native" and not fastpath.available():
+        pytest.skip("the native fast path is not built here")
     fd = os.memfd_create("xbc-test-ring")
     os.ftruncate(fd, blkif.PAGE_SIZE)
     shared = mmap.mmap(fd, blkif.PAGE_SIZE)
@@ -185,7 +202,9 @@ def test_an_engine_killed_anywhere_loses_no_answer_and_gives_none_twice() -> Non
     try:
         for round_ in range(25):
             child = subprocess.Popen(
-                [sys.executable, "-c", _SERVE, str(fd), str(round_)], pass_fds=[fd], stdout=subprocess.PIPE
+                [sys.executable, "-c", _SERVE, str(fd), str(round_), writer],
+                pass_fds=[fd],
+                stdout=subprocess.PIPE,
             )
             try:
                 assert child.stdout is not None

@@ -40,3 +40,11 @@ def serve(
     entries: dict[int, memoryview],
     /,
 ) -> tuple[list[tuple[int, int, int]], int, bytes]: ...
+def respond(
+    answers: list[tuple[int, int, int]],
+    ring: memoryview,
+    pvt: int,
+    ring_size: int,
+    id_offset: int,
+    /,
+) -> int: ...

@@ -348,21 +348,45 @@ class DataPlane:
 
     def _serve_fast(self, data: bytes, count: int) -> int:
         """_serve_batch with the native fast path (backend/fastpath.py): it serves the longest run
-        of simple requests; the one it stops at goes through _serve_slot; repeat from the next."""
+        of simple requests; the one it stops at goes through _serve_slot; repeat from the next.
+        A native run whose answers are next in ring order goes straight into the ring
+        (_write_run); anything after an answer still pending keeps ring order through _answer."""
         assert self._fast is not None
         fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
-        answers: list[tuple[int, int, int]] = []
+        at = self.ring.taken_at
+        answers: list[tuple[int, int, int]] = []  # finished, not yet written
+        written = False  # a native run is in its slots, not yet published
         index = 0
         while index < count:
+            first = index
             done, index = fast(data, index, count)
-            answers += done
+            if done:
+                if answers:
+                    answers += done
+                else:
+                    self._write_run(done, (at + first) & 0xFFFFFFFF)
+                    written = True
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
                 answers = self._serve_slot(verdict, answers)
                 index += 1
         if answers:
             self._answer(answers)
+        elif written:
+            with self._lock:
+                if self.ring.push_responses():
+                    self._notify()
         return count
+
+    def _write_run(self, answers: list[tuple[int, int, int]], at: int) -> None:
+        """The native pass's answers (all RSP_OKAY) to the requests taken at ring index `at` on,
+        written into the ring (BackRing.respond_run), published later by the pass's one push."""
+        assert self._fast is not None
+        n = len(answers)
+        with self._lock:
+            self.ring.respond_run(answers, at, self._fast.write_answers)
+            self.stats.requests += n
+            self.stats.ok += n
 
     def _serve_slot(
         self, verdict: Verdict, answers: list[tuple[int, int, int]]

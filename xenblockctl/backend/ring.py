@@ -52,7 +52,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE, SRING_HEADER_SIZE, Abi, Request, Response, ring_size
@@ -61,6 +61,10 @@ from xenblockctl.errors import XenblockError
 
 _MASK: Final = 0xFFFFFFFF  # RING_IDX is a free-running unsigned 32-bit counter
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3
+
+#: (answers, ring buffer, rsp_prod_pvt, ring size, id offset) -> the new rsp_prod_pvt: writes a run
+#: of answers that are next in ring order (BackRing.respond_run; _fastpass.respond)
+RunWriter = Callable[[list[tuple[int, int, int]], memoryview, int, int, int], int]
 
 #: in a list so a forked child can replace it: fastlock's semaphore lives in shared memory, and a
 #: child must get its own, never share the parent's
@@ -161,6 +165,8 @@ class BackRing(_RingBase):
         self.req_cons = start
         self.rsp_prod_pvt = start
         self._rsp_pushed = start  # our own copy: the guest may scribble over the shared rsp_prod
+        #: the ring index of slot 0 of the last take_slots() copy
+        self.taken_at = start
         self._pack_response = abi.response_struct.pack_into
         # the id of every slot of a copied batch, in one C-level pass
         self._ids = struct.Struct(f"={abi.id_offset}xQ{abi.entry_size - abi.id_offset - 8}x").iter_unpack
@@ -254,6 +260,7 @@ class BackRing(_RingBase):
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
         self._order.extend([t[0] for t in self._ids(data)])
+        self.taken_at = self.req_cons
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
@@ -324,6 +331,23 @@ class BackRing(_RingBase):
                     answer = nxt
         finally:
             self.rsp_prod_pvt = pvt
+
+    def respond_run(self, answers: list[tuple[int, int, int]], at: int, write: RunWriter | None) -> None:
+        """respond_all for answers to the requests taken at ring indices at, at + 1, ... in that
+        order (a run of one take_slots() copy: index taken_at + slot). When the first of them is
+        the oldest unanswered request and nothing is held, they are next in ring order by
+        construction (no id to look up), and `write` — the native pass's _fastpass.respond, the
+        same journal protocol in C — writes them straight into their slots; otherwise, or without
+        `write`, respond_all does."""
+        pvt = self.rsp_prod_pvt
+        n = len(answers)
+        if write is None or self._held or pvt != at or n > len(self._order):
+            self.respond_all(answers)
+            return
+        self.rsp_prod_pvt = write(answers, self._buf, pvt, self.size, self.abi.id_offset)
+        popleft = self._order.popleft
+        for _ in range(n):
+            popleft()
 
     def _position(self, rid: int, pvt: int) -> int | None:
         """Where the oldest unanswered request with id `rid` is, counted from `pvt`."""
