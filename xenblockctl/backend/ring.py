@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE, SRING_HEADER_SIZE, Abi, Request, Response, ring_size
@@ -170,6 +172,13 @@ class BackRing(_RingBase):
         self._pack_response = abi.response_struct.pack_into
         # the id of every slot of a copied batch, in one C-level pass
         self._ids = struct.Struct(f"={abi.id_offset}xQ{abi.entry_size - abi.id_offset - 8}x").iter_unpack
+        #: x86_64 (every id 8-aligned in the copy): the ids as a strided view of 64-bit words, iterated
+        #: in C (2.5x cheaper than iter_unpack's tuples; x86 is little-endian, as `=` is there)
+        self._id_words = (
+            (abi.id_offset // 8, abi.entry_size // 8)
+            if abi.id_offset % 8 == 0 and abi.entry_size % 8 == 0 and sys.byteorder == "little"
+            else None
+        )
         self._hdr = buf[:SRING_HEADER_SIZE].cast("I")
         #: ids of the consumed requests not yet written back, in ring order from rsp_prod_pvt
         self._order: deque[int] = deque()
@@ -259,7 +268,11 @@ class BackRing(_RingBase):
         data = bytes(self._entries[first * entry : (first + head) * entry])
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
-        self._order.extend([t[0] for t in self._ids(data)])
+        words = self._id_words
+        if words is not None:
+            self._order.extend(memoryview(data).cast("Q")[words[0] :: words[1]])
+        else:
+            self._order.extend([t[0] for t in self._ids(data)])
         self.taken_at = self.req_cons
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
@@ -345,9 +358,11 @@ class BackRing(_RingBase):
             self.respond_all(answers)
             return
         self.rsp_prod_pvt = write(answers, self._buf, pvt, self.size, self.abi.id_offset)
-        popleft = self._order.popleft
-        for _ in range(n):
-            popleft()
+        order = self._order
+        if n == len(order):  # the usual case: the pass answered everything outstanding
+            order.clear()
+        else:  # in C either way; a loop of popleft() cost ~0.1 µs an answer
+            self._order = deque(islice(order, n, None))
 
     def _position(self, rid: int, pvt: int) -> int | None:
         """Where the oldest unanswered request with id `rid` is, counted from `pvt`."""
