@@ -341,3 +341,29 @@ def test_fast_lock_excludes_and_reads_no_clock_when_uncontended() -> None:
         t.join()
     assert peak[0] == 1
     ring.full_fence()
+
+
+@pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32])
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=32), start=st.integers(0, 31))
+def test_take_slots_records_each_taken_request_id_in_ring_order(
+    abi: blkif.Abi, ids: list[int], start: int
+) -> None:
+    """The ids respond_all matches answers against, read from the copy (x86_64: as a strided view
+    of its 64-bit words), across the ring's end."""
+    front, back, _buf = make(abi=abi)
+    for i in range(start):  # move the indices so the batch wraps round the ring end
+        front.put_request(read_req(i))
+    front.push_requests()
+    taken = back.take_requests()
+    back.respond_all([(abi.decode_request(raw).id, 0, 0) for raw in taken])
+    back.push_responses()
+    assert len(front.take_responses()) == start
+    for rid in ids:
+        front.put_request(SegmentRequest(blkif.OP_READ, 1, 0, rid, 0, (Segment(1, 0, 7),)))
+    front.push_requests()
+    at = back.req_cons
+    _data, n = back.take_slots()
+    assert n == len(ids)
+    assert back.taken_at == at
+    assert list(back._order) == ids
