@@ -309,7 +309,9 @@ class DataPlane:
                     self.ring.push_responses()
                     self._notify()
             while not self._stop.is_set():
-                if self._serve_batch():
+                # a short batch took everything there was: straight to the final check, which looks
+                # again (one take_slots() fewer per pass than asking until one comes back empty)
+                if self._serve_batch() >= _BATCH:
                     continue
                 if pending:
                     self.evtchn.ack()
@@ -355,7 +357,7 @@ class DataPlane:
         fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
         at = self.ring.taken_at
         answers: list[tuple[int, int, int]] = []  # finished, not yet written
-        written = False  # a native run is in its slots, not yet published
+        unpublished = False  # a native run is in its slots, not yet pushed
         index = 0
         while index < count:
             first = index
@@ -363,30 +365,33 @@ class DataPlane:
             if done:
                 if answers:
                     answers += done
-                else:
-                    self._write_run(done, (at + first) & 0xFFFFFFFF)
-                    written = True
+                else:  # the usual pass, one native run to its end: written and pushed in one go
+                    self._write_run(done, (at + first) & 0xFFFFFFFF, publish=index == count)
+                    unpublished = index < count
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
                 answers = self._serve_slot(verdict, answers)
                 index += 1
         if answers:
             self._answer(answers)
-        elif written:
+        elif unpublished:
             with self._lock:
                 if self.ring.push_responses():
                     self._notify()
         return count
 
-    def _write_run(self, answers: list[tuple[int, int, int]], at: int) -> None:
+    def _write_run(self, answers: list[tuple[int, int, int]], at: int, *, publish: bool) -> None:
         """The native pass's answers (all RSP_OKAY) to the requests taken at ring index `at` on,
-        written into the ring (BackRing.respond_run), published later by the pass's one push."""
+        written into the ring (BackRing.respond_run); pushed (and notified, if the frontend asked)
+        here when `publish`, else by the pass's one push at its end."""
         assert self._fast is not None
         n = len(answers)
         with self._lock:
             self.ring.respond_run(answers, at, self._fast.write_answers)
             self.stats.requests += n
             self.stats.ok += n
+            if publish and self.ring.push_responses():
+                self._notify()  # under the lock: stop() closes the channel under it
 
     def _serve_slot(
         self, verdict: Verdict, answers: list[tuple[int, int, int]]
