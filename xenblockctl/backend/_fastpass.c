@@ -25,7 +25,8 @@
  * export is held on each page's view for the whole call (for the engine's Pages dict: for as long
  * as the page is indexed, see below), so the mapping cannot be closed under the I/O even with the
  * GIL released (and the cache only ever evicts on the ring thread, which is in here). `check` exposes the decoder alone: the
- * tests compare it with validate_slot on arbitrary bytes.
+ * tests compare it with validate_slot on arbitrary bytes. `respond` writes a run of answers that
+ * are next in ring order into the ring, as ring.py's respond_all would (see fp_respond).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -8,8 +8,11 @@ same validation rules as requests.validate_slot (tests/unit/test_fastpass.py che
 agree on arbitrary bytes) and the same choice of where the I/O runs as io.Executor.run_now, and
 returns their answers and where it stopped.
 DataPlane._serve_batch serves the request it stopped at through the pure-Python path (which
-validates, logs and answers everything unusual) and calls it again for the rest; answers still go
-out through DataPlane._answer (ring order, journal), so nothing of ring.py is repeated in C.
+validates, logs and answers everything unusual) and calls it again for the rest. A run's answers
+that are next in ring order (nothing held, the run starts at rsp_prod_pvt) are written into the
+ring by `_fastpass.respond` (BackRing.respond_run: ring.py's journal protocol, per answer, in C;
+tests/unit/test_fastpass.py checks it leaves the ring byte for byte as respond_all does); any
+other answer goes through ring.py's respond_all as before.
 
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
