@@ -695,3 +695,36 @@ def test_a_native_pass_writes_its_answers_into_the_ring_itself(make_pair: PairFa
     hdr = ring._hdr
     assert hdr[9] == ring.rsp_prod_pvt == ring.rsp_prod  # journal COMMITTED: all published
     assert dp.stats.requests == dp.stats.ok == 160
+
+
+def test_native_answers_are_published_before_a_barrier_blocks_the_ring_thread(make_pair: PairFactory) -> None:
+    """A pass of native READs then a WRITE_BARRIER: the READs' answers (written into the ring by
+    C) are pushed before the barrier drains the I/O and blocks the ring thread, as _serve_slot
+    does for answers the pass holds."""
+    pair = make_pair(
+        persistent=True, data_pages=32, workers=4, limits=DeviceLimits(sectors=128, barrier=True)
+    )
+    fe, dp = pair.frontend, pair.dataplane
+    for i in range(8):  # map the pages the reads use: the next round is native
+        fe.submit_read(8 * i, 4096)
+    fe.collect(8)
+    fast = dp._fast
+    assert fast is not None
+    served = fast.served
+    published: list[int] = []
+    drain = dp.executor.drain
+
+    def seen_at_drain(timeout: float | None = None) -> bool:
+        published.append(dp.ring.rsp_prod)
+        return drain(timeout)
+
+    dp.executor.drain = seen_at_drain  # type: ignore[method-assign]
+    start = dp.ring.rsp_prod
+    reads = [fe.submit_read(8 * i, 4096) for i in range(4)]
+    barrier = fe.submit_write(0, b"b" * 4096, op=blkif.OP_WRITE_BARRIER)
+    done = fe.collect(5)
+    assert {rid: done[rid].response.status for rid in [*reads, barrier]} == dict.fromkeys(
+        [*reads, barrier], blkif.RSP_OKAY
+    )
+    assert fast.served == served + 4
+    assert published[0] == (start + 4) & 0xFFFFFFFF  # the 4 READs were public when the barrier began

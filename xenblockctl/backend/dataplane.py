@@ -370,15 +370,22 @@ class DataPlane:
                     unpublished = index < count
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
+                if unpublished and not isinstance(verdict, Rejection) and verdict.kind is BARRIER:
+                    unpublished = self._publish()  # the barrier blocks this thread (see _serve_slot)
                 answers = self._serve_slot(verdict, answers)
                 index += 1
         if answers:
             self._answer(answers)
         elif unpublished:
-            with self._lock:
-                if self.ring.push_responses():
-                    self._notify()
+            self._publish()
         return count
+
+    def _publish(self) -> bool:
+        """Push what is written (and notify if the frontend asked); False: nothing left unpushed."""
+        with self._lock:
+            if self.ring.push_responses():
+                self._notify()
+        return False
 
     def _write_run(self, answers: list[tuple[int, int, int]], at: int, *, publish: bool) -> None:
         """The native pass's answers (all RSP_OKAY) to the requests taken at ring index `at` on,
