@@ -460,6 +460,8 @@ def test_respond_refuses_bad_answers_and_geometry_with_the_ring_untouched() -> N
             assert bytes(ring) == before
         with pytest.raises(ValueError):
             _fastpass.respond(good, ring, 2**32, size, 8)
+        with pytest.raises(ValueError, match="alignment"):  # the index words' atomic stores
+            _fastpass.respond(good, ring[1:], 5, size, 8)
         with pytest.raises(TypeError):
             _fastpass.respond(good, memoryview(bytes(ring)), 5, size, 8)  # read-only
         assert bytes(ring) == before

@@ -829,8 +829,8 @@ static PyObject *fp_respond(PyObject *self, PyObject *args)
     size_t rsize = id_offset == 8 ? 16 : 12; /* struct blkif_response: x86_64 pads it to 16 */
     if ((id_offset != 8 && id_offset != 4) || ring_size <= 0 || ring_size > MAX_SLOTS ||
         (ring_size & (ring_size - 1)) || pvt_in > 0xFFFFFFFFull || n > ring_size ||
-        ring.len < SRING_HEADER + ring_size * esize) {
-        PyErr_SetString(PyExc_ValueError, "respond: bad ring geometry or too many answers");
+        ring.len < SRING_HEADER + ring_size * esize || ((uintptr_t)ring.buf & 3)) {
+        PyErr_SetString(PyExc_ValueError, "respond: bad ring geometry or alignment, or too many answers");
         goto done;
     }
     rsp = PyMem_Calloc((size_t)n + 1, sizeof *rsp); /* zeroed: padding bytes go out as zeros */
