@@ -1,5 +1,5 @@
-"""The block-device sharing check reads every other backend's physical-device: in pipelined
-batches, so its round trips do not grow one per backend (bench/README.md, issue 18: the
+"""The block-device sharing check reads every other backend's physical-device: streamed with
+the listings, so its round trips do not grow one per backend (bench/README.md, issue 18: the
 128-backend block-device add). A file's sharing check looks at every bound loop device, and pays
 the identity ioctls only for those backed by the file."""
 
@@ -36,25 +36,51 @@ def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Lib
         libxl.store.write_many({be.node("physical-device"): physical})
     own = libxl.create_backend(7, 51712, "/dev/loop77", "w")
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
-        exchanges = 0
-        exchange = store._link.exchange  # type: ignore[union-attr]
+        calls = {"exchange": 0, "exchange_stream": 0}
+        link = store._link
+        for name in calls:
+            real = getattr(link, name)
 
-        def counting(*args: object, **kwargs: object) -> object:
-            nonlocal exchanges
-            exchanges += 1
-            return exchange(*args, **kwargs)  # type: ignore[arg-type]
+            def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+                calls[_name] += 1
+                return _real(*args, **kwargs)  # type: ignore[operator]
 
-        store._link.exchange = counting  # type: ignore[union-attr,method-assign]
+            setattr(link, name, counting)
         home = store.home()
         claims = list(sharing.backend_claims(store, home, store.absolute(own.relative), devt=TARGET))
     assert len({c.where.split(" ")[0] for c in claims}) == 2, claims
     assert all(c.devt == TARGET for c in claims)
-    # home(): one exchange; walking: one lists backend/vbd and backend/vbd3, one the frontend domains' (up to
-    # 256 per send); reading: one batch of 130 physical-device reads; then the two matches' records
-    # (the owner record, the public nodes). Before batching the reads this was ~150 (one READ per
-    # backend), before batching the listings 130 + 9 + 3 + 8 with one backend per domain, before
-    # one pipeline per phase (issue 18, the 128-backend add) 2 + 3 + 3 + 4.
-    assert exchanges <= 1 + 1 + 1 + 1 + 2 * 2, exchanges
+    # home(): one exchange; the walk: one stream (the kinds' listings, every frontend domain's, every
+    # physical-device read, each sent as soon as the reply naming it is read); then the two matches'
+    # records (the owner record, the public nodes). Before batching the reads this was ~150
+    # exchanges (one READ per backend), before batching the listings 130 + 9 + 3 + 8 with one backend
+    # per domain, before one pipeline per phase (issue 18, the 128-backend add) 2 + 3 + 3 + 4, and
+    # before the stream (round 6) 1 + 1 + 1 + 1 + 2 * 2.
+    assert calls["exchange_stream"] == 1, calls
+    assert calls["exchange"] <= 1 + 2 * 2, calls
+
+
+def test_publishers_are_found_in_walk_order_whatever_the_others_publish(libxl: Libxl) -> None:
+    """sharing._backends_publishing compares every physical-device text with the one spelling of
+    the device (tests/unit/test_sharing_match.py): a malformed spelling, an unpublished backend
+    and other devices are not matches, and the matches come in walk order (vbd, then vbd3)."""
+    nodes = {}
+    paths = []
+    for d in range(120):
+        be = f"/local/domain/0/backend/vbd/{300 + d}/51712"
+        paths.append(be)
+        nodes[f"{be}/physical-device"] = f"fd:{d:x}"
+    for d in (0, 6, 7, 119):
+        nodes[f"{paths[d]}/physical-device"] = "7:4d"
+    nodes[f"{paths[8]}/physical-device"] = "7:4D"  # malformed: names no device
+    del nodes[f"{paths[9]}/physical-device"]  # not published yet
+    nodes[f"{paths[9]}/state"] = "2"
+    vbd3 = "/local/domain/0/backend/vbd3/300/768"
+    nodes[f"{vbd3}/physical-device"] = "7:4d"
+    libxl.store.write_many(nodes)
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
+        found = sharing._backends_publishing(store, store.home(), paths[6], TARGET)
+    assert [entry.path for entry in found] == [paths[0], paths[7], paths[119], vbd3]
 
 
 #: BLKGETDISKSEQ, _IOR(0x12, 128, __u64): the ioctl that reads a device's diskseq.

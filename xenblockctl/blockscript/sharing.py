@@ -63,6 +63,7 @@ from xenblockctl.xenstore.vbd import (
     BackendEntry,
     BackendPath,
     VbdPathError,
+    read_in_backends,
     walk_backends,
 )
 
@@ -254,37 +255,34 @@ def backend_claims(
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
     `physical-device` names it. Whoever wrote a backend (we, Xen's stock script, another tool),
-    its physical-device is read: the listings and those reads are pipelined (vbd.walk_backends,
-    READ_BATCH per send), so a dom0 with 128 backends pays 3 round trips and the daemon's cost of
-    ~2 requests per backend (bench/README.md, issue 18); the full record only for the matches."""
-    entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
-    if devt is not None:
-        entries = _backends_publishing(store, entries, devt)
+    its physical-device is read: the listings and those reads are streamed (vbd.read_in_backends),
+    so a dom0 with 128 backends pays the daemon's cost of ~2 requests per backend and no wait
+    between the levels of the walk (bench/README.md, issue 18); the full record only for the
+    matches."""
+    if devt is None:
+        entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
+    else:
+        entries = _backends_publishing(store, home, own_backend, devt)
     for entry in entries:
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
         for claim in _backend_claims(store, entry.path):
             yield claim._replace(frontend=frontend)
 
 
-#: Reads per pipelined send (as vbd.LS_BATCH, and for the same reason: 256 reads of
-#: `<home>/backend/vbd/<domid>/<devid>/physical-device` are ~20 KiB, far inside a socket's send
-#: buffer, and both daemons read on while the replies wait, so the batch cannot deadlock).
-READ_BATCH = 256
-
-
-def _backends_publishing(store: XenStore, entries: list[BackendEntry], devt: int) -> list[BackendEntry]:
-    """The entries whose physical-device names `devt`, in order. A value names it exactly when it
-    is format_physical_device's text for it: parse_physical_device is that function's strict
-    inverse (lowercase, no leading zeros, so one spelling per number; anything else is malformed
-    and names no device), so comparing the text decides what parsing every value would, without
-    a record per backend that publishes something else (tests/unit/test_sharing_match.py)."""
+def _backends_publishing(store: XenStore, home: str, own_backend: str, devt: int) -> list[BackendEntry]:
+    """The other backends whose physical-device names `devt`, in walk order (every backend's
+    physical-device is read, streamed with the listings: vbd.read_in_backends). A value names it
+    exactly when it is format_physical_device's text for it: parse_physical_device is that
+    function's strict inverse (lowercase, no leading zeros, so one spelling per number; anything
+    else is malformed and names no device), so comparing the text decides what parsing every
+    value would, without a record per backend that publishes something else
+    (tests/unit/test_sharing_match.py)."""
     wanted = identity.format_physical_device(os.major(devt), os.minor(devt))
-    found: list[BackendEntry] = []
-    for start in range(0, len(entries), READ_BATCH):
-        chunk = entries[start : start + READ_BATCH]
-        values = store.read_many([f"{entry.path}/{identity.PHYSICAL_DEVICE}" for entry in chunk])
-        found += [entry for entry, text in zip(chunk, values, strict=True) if text == wanted]
-    return found
+    return [
+        entry
+        for entry, text in read_in_backends(store, home, identity.PHYSICAL_DEVICE, skip=own_backend)
+        if text == wanted
+    ]
 
 
 def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
