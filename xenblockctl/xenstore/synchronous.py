@@ -331,8 +331,9 @@ class DirectLink(Link):
                 if wait < EXACT_WAIT:
                     # A short wait (the hand-off's sysfs polls ask for 0.5-5 ms) is kept exact by
                     # select's high-resolution timer: SO_RCVTIMEO counts whole jiffies and made a
-                    # 0.5 ms wait 8 ms here. select honours the low-water mark, so once it says
-                    # readable the read below does not wait.
+                    # 0.5 ms wait 8 ms here. On a Unix socket select says readable at the first
+                    # byte, whatever the low-water mark (measured): the read below then waits for
+                    # the rest of the mark, at most CHECK_INTERVAL.
                     if not select.select([self._fd], [], [], wait)[0]:
                         return True  # the caller finds its deadline passed
                     wait = CHECK_INTERVAL
