@@ -122,3 +122,32 @@ def test_file_claims_read_the_identity_only_of_loops_backed_by_the_file(make_ima
             dev.close()
     assert diskseq_reads == 1, f"{diskseq_reads} diskseq reads for one loop device backed by the file"
     assert result.stdout.strip() == "1", "claims: the one loop device backed by the target"
+
+
+#: What a block-device target's sharing check (every backend's physical-device, mounts, dm/md
+#: holders in sysfs) must not import: pathlib came with the sysfs lookup and brought fnmatch, re,
+#: enum, urllib.parse and ipaddress, ~5 ms of CPU in every block-device add (bench/README.md,
+#: issue 18 round 6).
+HEAVY = ("pathlib", "fnmatch", "re", "enum", "urllib", "ipaddress")
+BLOCK_CHECK = (
+    "import os, sys; sys.path[:0] = sys.argv[2:]; "
+    "from xenblockctl.blockscript import sharing; from xenblockctl.xenstore.client import XenStore; "
+    "store = XenStore.connect(sys.argv[1], timeout=10, synchronous=True); "
+    "w = sharing.Wanted(writable=True, devt=os.makedev(7, 1048000), diskseq=1); "
+    "sharing.check(store, store.home(), store.absolute('backend/vbd/5/51712'), w); "
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(HEAVY) + "))"
+)
+
+
+def test_a_block_device_sharing_check_imports_nothing_heavy(libxl: Libxl) -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", BLOCK_CHECK, libxl.xenstored.socket_path, str(root)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"the block-device sharing check imported {result.stdout}"
