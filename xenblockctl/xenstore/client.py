@@ -722,6 +722,24 @@ class XenStore(_Operations):
             self._home = self.get_domain_path(self.own_domid())
         return self._home
 
+    def home_and_read_many(self, paths: Sequence[str]) -> tuple[str, list[str | None]]:
+        """home() and read_many(paths), in one batch (one round trip) while home is not known yet.
+        Relative `paths` name the nodes absolute() would: the daemon resolves them against our
+        home, the domain path of this connection's domain."""
+        if self._home is not None:
+            return self._home, self.read_many(paths)
+        domid = _domid(self.own_domid())
+        for path in paths:
+            check_path(path)
+        replies = self._request_many(
+            [(wire.GET_DOMAIN_PATH, _arg(str(domid)), f"get-domain-path {domid}")]
+            + [(wire.READ, _arg(path), f"read {path}") for path in paths]
+        )
+        if isinstance(replies[0], XenstoreError):
+            raise replies[0]
+        self._home = decode_value(replies[0].rstrip(_NUL))
+        return self._home, _read_values(replies[1:])
+
     def absolute(self, path: str) -> str:
         """`path` made absolute against our home, e.g. XENBUS_PATH `backend/vbd/5/51712` ->
         `/local/domain/0/backend/vbd/5/51712`. Absolute paths are returned unchanged."""
@@ -770,27 +788,38 @@ class XenStore(_Operations):
         _ok(self._request(wire.UNWATCH, _arg(path) + _arg(token), what), what)
         self._unsubscribe(token)
 
-    def watch_many(self, paths: Sequence[str], token: str) -> None:
+    def watch_many(
+        self, paths: Sequence[str], token: str, *, then_read: Sequence[str] = ()
+    ) -> list[str | None]:
         """watch() of several paths under one token, sent as one batch (one round trip). If any
-        is refused, the ones that were set are removed again before the first error is raised."""
+        is refused, the ones that were set are removed again before the first error is raised.
+
+        `then_read`: nodes read in the same batch, after the watches are set (the daemon handles a
+        connection's requests in order), so any later change to them fires an event: what a
+        wait for a change reads first, without a round trip of its own. Their values (None where
+        missing) are returned; a read's error is raised once the watches stand."""
         for path in paths:
             check_watch_path(path)
         check_token(token)
+        for path in then_read:
+            check_path(path)
         for _ in paths:
             self._subscribe(token)
         try:
             replies = self._send_many(
-                [(wire.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths], 0
+                [(wire.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths]
+                + [(wire.READ, _arg(path), f"read {path}") for path in then_read],
+                0,
             )
         except BaseException:
             for _ in paths:
                 self._unsubscribe(token)
             raise
         errors = [
-            _batch_error(reply, f"watch {path} {token}") for path, reply in zip(paths, replies, strict=True)
+            _batch_error(reply, f"watch {path} {token}") for path, reply in zip(paths, replies, strict=False)
         ]
         if not any(errors):
-            return
+            return _read_values(replies[len(paths) :])
         for _ in (error for error in errors if error is not None):
             self._unsubscribe(token)
         try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)
