@@ -112,12 +112,15 @@ def wait_for_consumer(
                     "(is kernel blkback loaded or the xenblockctl engine running?)"
                 )
             poll = ENGINE_POLL
-            if os.path.isdir(blkback_dir(path, bus)):
+            blkback = os.path.isdir(blkback_dir(path, bus))
+            if blkback:
                 poll, blkback_poll = blkback_poll, min(blkback_poll * 2, BLKBACK_POLL)
             if first:
                 first = False
-                if _news(store.drain_watches(), watched, token):
-                    continue  # a change since the watches were set: look again at once
+                # A change since the watches were set: look again at once. So does the kernel
+                # path, as it always did: blkback's open fires no event, its sysfs is polled.
+                if _news(store.drain_watches(), watched, token) or blkback:
+                    continue
             store.wait_watch(min(remaining, poll))
             store.drain_watches()
     finally:
