@@ -57,7 +57,7 @@ _SPREADABLE = frozenset((READ, DIRECTORY, GET_PERMS))
 #: While a stream (exchange_stream) waits, it wakes once this many replies are in on a connection
 #: (or all it waits for there, if fewer): the daemon gets each reply's follow-ups soon, without a
 #: wake-up for every reply (the C daemon writes a reply's header and payload separately).
-STREAM_WAKE_REPLIES = 8
+STREAM_WAKE_REPLIES = 16
 #: Longest single wait in the kernel for the rest of a batch before the bytes so far are checked.
 CHECK_INTERVAL = 0.05
 #: Waits shorter than this go through select() first: SO_RCVTIMEO rounds up to whole jiffies
@@ -100,6 +100,9 @@ class DirectLink(Link):
         self._pipeline = endpoint.kind == "socket"
         #: The socket's SO_RCVLOWAT, so that it is set only when it changes.
         self._lowat = 1
+        #: The socket's SO_RCVTIMEO as last set: most reads ask for CHECK_INTERVAL again, and the
+        #: setsockopt is then skipped (a syscall per read, ~50 in the 128-backend walk).
+        self._rcvtimeo = b""
         self._decoder = FrameDecoder()
         self._tokens: set[bytes] = set()
         self._events: list[tuple[bytes, bytes]] = []
@@ -337,7 +340,10 @@ class DirectLink(Link):
                     if not select.select([self._fd], [], [], wait)[0]:
                         return True  # the caller finds its deadline passed
                     wait = CHECK_INTERVAL
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(wait))
+                timeval = _timeval(wait)
+                if timeval != self._rcvtimeo:
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, timeval)
+                    self._rcvtimeo = timeval
                 data = sock.recv(_READ_SIZE)
         except BlockingIOError:
             return True  # SO_RCVTIMEO expired with nothing: the next call checks the deadline
