@@ -151,3 +151,74 @@ def test_a_block_device_sharing_check_imports_nothing_heavy(libxl: Libxl) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"the block-device sharing check imported {result.stdout}"
+
+
+NBD_URI = "nbd+unix:///disk?socket=/run/x.sock"
+NBD_RECORD = f"v1 kind=nbd mode=w size=1000000 flags=d6d socket=fe00:20c0f6:187e0c1a2b3c4d5e uri={NBD_URI}"
+LOOP_RECORD = "v1 kind=loop dev=7:3 seq=1db mode=r autoclear=1 backing=fe00:20c0f6 tag=xenblockctl:5:51712"
+
+
+def test_claims_of_every_backend_cost_a_stream_and_a_batch(libxl: Libxl) -> None:
+    """An NBD export's sharing check takes every other backend's claims (backend_claims without a
+    devt): each backend's owner record is streamed with the listings, and the public nodes of
+    those without a valid one are read in one batch. Before, that was two round trips per
+    backend, one after the other (~260 here). The claims are what each backend's nodes say, in
+    walk order: an NBD record's URI, a loop record's device, a stock-script backend's
+    physical-device (mode unknown: writable), a malformed record's public nodes, nothing for a
+    backend that publishes nothing."""
+    nodes: dict[str, str] = {}
+    paths = [f"/local/domain/0/backend/vbd/{300 + d}/51712" for d in range(130)]
+    for d, be in enumerate(paths):
+        kind = d % 5
+        if kind == 0:
+            nodes[f"{be}/xenblockctl-owner"] = NBD_RECORD
+        elif kind == 1:
+            nodes[f"{be}/xenblockctl-owner"] = LOOP_RECORD
+        elif kind == 2:
+            nodes[f"{be}/physical-device"] = f"8:{d:x}"
+        elif kind == 3:
+            nodes[f"{be}/xenblockctl-owner"] = "v1 kind=loop garbage"
+            nodes[f"{be}/physical-device"] = f"8:{d:x}"
+            nodes[f"{be}/physical-device-luid"] = "1f"
+            nodes[f"{be}/mode"] = "r"
+        else:
+            nodes[f"{be}/state"] = "2"
+    libxl.store.write_many(nodes)
+    own = "/local/domain/0/backend/vbd/300/51712"
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
+        calls = {"exchange": 0, "exchange_stream": 0}
+        link = store._link
+        for name in calls:
+            real = getattr(link, name)
+
+            def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+                calls[_name] += 1
+                return _real(*args, **kwargs)  # type: ignore[operator]
+
+            setattr(link, name, counting)
+        home = store.home()
+        claims = list(sharing.backend_claims(store, home, own))
+    assert calls == {"exchange": 1 + 1, "exchange_stream": 1}, calls  # home(), the public batch
+    expected = []
+    for d, be in enumerate(paths):
+        if be == own:
+            continue
+        kind, frontend = d % 5, 300 + d
+        if kind == 0:
+            expected.append(sharing.Claim(be, True, frontend=frontend, nbd_uri=NBD_URI))
+        elif kind == 1:
+            expected.append(
+                sharing.Claim(
+                    be,
+                    False,
+                    file_id=(0xFE00, 0x20C0F6),
+                    devt=os.makedev(7, 3),
+                    diskseq=0x1DB,
+                    frontend=frontend,
+                )
+            )
+        elif kind == 2:
+            expected.append(sharing.Claim(be, True, devt=os.makedev(8, d), frontend=frontend))
+        elif kind == 3:
+            expected.append(sharing.Claim(be, False, devt=os.makedev(8, d), diskseq=0x1F, frontend=frontend))
+    assert claims == expected
