@@ -23,6 +23,21 @@ BACKENDS = 130
 TARGET = os.makedev(7, 77)
 
 
+def _counted(store: XenStore) -> dict[str, int]:
+    """How often the store's link is asked for an exchange and for a stream, from now on."""
+    calls = {"exchange": 0, "exchange_stream": 0}
+    link = store._link
+    for name in calls:
+        real = getattr(link, name)
+
+        def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+            calls[_name] += 1
+            return _real(*args, **kwargs)  # type: ignore[operator]
+
+        setattr(link, name, counting)
+    return calls
+
+
 @pytest.mark.parametrize("per_domain", [16, 1])
 def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Libxl, per_domain: int) -> None:
     """16 disks for each of 9 guests, and one disk for each of 130 guests: the walk lists the
@@ -36,16 +51,7 @@ def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Lib
         libxl.store.write_many({be.node("physical-device"): physical})
     own = libxl.create_backend(7, 51712, "/dev/loop77", "w")
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
-        calls = {"exchange": 0, "exchange_stream": 0}
-        link = store._link
-        for name in calls:
-            real = getattr(link, name)
-
-            def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
-                calls[_name] += 1
-                return _real(*args, **kwargs)  # type: ignore[operator]
-
-            setattr(link, name, counting)
+        calls = _counted(store)
         home = store.home()
         claims = list(sharing.backend_claims(store, home, store.absolute(own.relative), devt=TARGET))
     assert len({c.where.split(" ")[0] for c in claims}) == 2, claims
@@ -186,16 +192,7 @@ def test_claims_of_every_backend_cost_a_stream_and_a_batch(libxl: Libxl) -> None
     libxl.store.write_many(nodes)
     own = "/local/domain/0/backend/vbd/300/51712"
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
-        calls = {"exchange": 0, "exchange_stream": 0}
-        link = store._link
-        for name in calls:
-            real = getattr(link, name)
-
-            def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
-                calls[_name] += 1
-                return _real(*args, **kwargs)  # type: ignore[operator]
-
-            setattr(link, name, counting)
+        calls = _counted(store)
         home = store.home()
         claims = list(sharing.backend_claims(store, home, own))
     assert calls == {"exchange": 1 + 1, "exchange_stream": 1}, calls  # home(), the public batch
