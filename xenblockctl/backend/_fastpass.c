@@ -533,8 +533,9 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *vi
 }
 
 /* A request ready for its I/O: its iovecs and, for pages from a plain dict, their buffer exports
- * (held until the answers are built; a Pages holds its own, so none are taken per page). Direct
- * requests use the inline arrays, indirect ones `heap`. */
+ * (held until the answers are built; a Pages holds its own, so none are taken per page). A direct
+ * request's iovecs are inline; an indirect one's, and a dict's exports, live in `heap`. Small on
+ * purpose: serve() allocates one per slot of the batch. */
 struct prepared {
     struct req r;
     int mode;
@@ -542,7 +543,6 @@ struct prepared {
     unsigned nviews;
     Py_buffer *views;
     struct iovec *iov;
-    Py_buffer views_in[SEGS_MAX];
     struct iovec iov_in[SEGS_MAX];
     void *heap;
 };
@@ -577,17 +577,17 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
     p->nviews = 0;
     p->iovcnt = 0;
     p->heap = NULL;
-    p->views = p->views_in;
+    p->views = NULL;
     p->iov = p->iov_in;
-    if (r->nseg > SEGS_MAX) {
-        /* iovecs, and a buffer export per page only where the dict is not indexed */
-        size_t per = sizeof(struct iovec) + (indexed ? 0 : sizeof(Py_buffer));
-        p->heap = PyMem_Malloc((size_t)r->nseg * per);
+    size_t niov = r->nseg > SEGS_MAX ? r->nseg : 0;
+    size_t nviews = indexed ? 0 : r->nseg; /* a buffer export per page only from a plain dict */
+    if (niov + nviews > 0) {
+        p->heap = PyMem_Malloc(niov * sizeof(struct iovec) + nviews * sizeof(Py_buffer));
         if (p->heap == NULL)
             return 0;
-        p->iov = p->heap;
-        if (!indexed)
-            p->views = (Py_buffer *)(p->iov + r->nseg);
+        if (niov)
+            p->iov = p->heap;
+        p->views = (Py_buffer *)((struct iovec *)p->heap + niov);
     }
     int writable = r->op == OP_READ; /* a guest READ: the device's data goes into its page */
     for (unsigned s = 0; s < r->nseg; s++) {
@@ -640,7 +640,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     }
     Py_ssize_t todo = count - start;
     if (todo > 0) {
-        reqs = PyMem_Calloc((size_t)todo, sizeof *reqs);
+        reqs = PyMem_Malloc((size_t)todo * sizeof *reqs); /* filled as used: not zeroed */
         if (reqs == NULL) {
             PyErr_NoMemory();
             goto fail;
@@ -651,6 +651,8 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         struct prepared *p = &reqs[nreq];
         if (!decode((const unsigned char *)data.buf + i * esize, &lim, entries, &p->r))
             break;
+        p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
+        p->heap = NULL;
         p->mode = modes[p->r.op];
         if (p->mode == MODE_BLOCK_ALIGNED)
             p->mode = ((p->r.offset | p->r.length) & (uint64_t)(host_page - 1)) ? MODE_STOP
