@@ -324,6 +324,8 @@ done:
  * unmapped under us. Methods that change many items at once clear the whole index. */
 struct islot {
     uint32_t gref;
+    int readonly;   /* buf->readonly and buf->buf, copied: a lookup reads the table alone, not */
+    char *page;     /* 256 separately allocated Py_buffers per 1 MiB request */
     Py_buffer *buf; /* NULL: empty */
 };
 
@@ -341,7 +343,7 @@ static inline size_t index_home(const PagesObject *t, uint32_t gref)
     return (uint32_t)(gref * 2654435761u) >> (32 - t->bits); /* Fibonacci hashing */
 }
 
-static struct islot *index_find(const PagesObject *t, uint32_t gref)
+static inline struct islot *index_find(const PagesObject *t, uint32_t gref)
 {
     if (t->used == 0)
         return NULL;
@@ -490,6 +492,8 @@ static struct islot *index_insert(PagesObject *t, uint32_t gref, int *err)
     }
     struct islot *s = index_free_slot(t, gref);
     s->gref = gref;
+    s->readonly = held->readonly;
+    s->page = held->buf;
     s->buf = held;
     t->used++;
     return s;
@@ -508,9 +512,9 @@ static inline int indexed_page(PagesObject *t, uint32_t gref, int writable, char
         if (s == NULL)
             return err;
     }
-    if (writable && s->buf->readonly)
+    if (writable && s->readonly)
         return 0;
-    *page = s->buf->buf;
+    *page = s->page;
     return 1;
 }
 
