@@ -149,3 +149,12 @@ def test_ring_write_runs_both_write_paths() -> None:
     assert out.count(", buffered writes") == out.count(", O_DIRECT inline") == 3 * passes
     assert out.count("engine (python), O_DIRECT on the pool") == 3
     assert "not used" not in out  # the native rows ran on the native pass
+
+
+def test_preadv_shapes_runs_every_shape() -> None:
+    out = _run(
+        "bench.preadv_shapes", "--seconds", "0.05", "--rounds", "2", "--size-mib", "4", "--only", "2,3"
+    )
+    for shape in ("1 buffer, 1 iovec", "4 buffers, an iovec per page (256)", "random order, 16 iovecs"):
+        assert shape in out
+    assert out.count("CPU/request") == 8  # 4 shapes x 2 workloads

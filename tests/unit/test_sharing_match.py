@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from xenblockctl.blockscript import sharing
 from xenblockctl.xenstore.identity import PHYSICAL_DEVICE, PublishedIdentity, format_physical_device
-from xenblockctl.xenstore.vbd import BackendEntry
 
 #: A device the kernel can have (dev_t: 12-bit major, 20-bit minor); the texts go beyond.
 MAJOR = st.integers(min_value=0, max_value=(1 << 12) - 1)
@@ -67,29 +64,3 @@ def test_every_spelling_that_parses_to_the_device_is_the_one_compared(major: int
     spelled = format_physical_device(major, minor)
     assert by_parsing(spelled, devt)
     assert by_text(spelled, devt)
-
-
-class Reads:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-        self.batches: list[int] = []
-
-    def read_many(self, paths: list[str]) -> list[str | None]:
-        self.batches.append(len(paths))
-        return [self.values.get(path) for path in paths]
-
-
-def test_publishers_are_found_in_every_batch_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Across batch boundaries, in listing order, whatever else the others publish."""
-    monkeypatch.setattr(sharing, "READ_BATCH", 7)
-    entries = [BackendEntry("vbd", str(d), "51712", f"/b/vbd/{d}/51712") for d in range(30)]
-    target = os.makedev(7, 77)
-    values = {f"{e.path}/{PHYSICAL_DEVICE}": f"fd:{i:x}" for i, e in enumerate(entries)}
-    for i in (0, 6, 7, 29):
-        values[f"{entries[i].path}/{PHYSICAL_DEVICE}"] = "7:4d"
-    values[f"{entries[8].path}/{PHYSICAL_DEVICE}"] = "7:4D"  # malformed: names no device
-    del values[f"{entries[9].path}/{PHYSICAL_DEVICE}"]  # not published yet
-    store = Reads(values)
-    found = sharing._backends_publishing(store, entries, target)  # type: ignore[arg-type]
-    assert found == [entries[i] for i in (0, 6, 7, 29)]
-    assert store.batches == [7, 7, 7, 7, 2]

@@ -194,7 +194,7 @@ static int decode_indirect(const unsigned char *slot, const struct limits *lim, 
     const unsigned char *grefs = slot + lim->id_offset + 20;
     for (unsigned p = 0; p < pages; p++) {
         Py_buffer view;
-        char *page;
+        char *page = NULL;
         uint32_t g = get_u32(grefs + 4 * p);
         int got = page_of(entries, g, 0, &view, &page);
         if (got <= 0) {
@@ -325,6 +325,8 @@ done:
  * unmapped under us. Methods that change many items at once clear the whole index. */
 struct islot {
     uint32_t gref;
+    int readonly;   /* buf->readonly and buf->buf, copied: a lookup reads the table alone, not */
+    char *page;     /* 256 separately allocated Py_buffers per 1 MiB request */
     Py_buffer *buf; /* NULL: empty */
 };
 
@@ -342,7 +344,7 @@ static inline size_t index_home(const PagesObject *t, uint32_t gref)
     return (uint32_t)(gref * 2654435761u) >> (32 - t->bits); /* Fibonacci hashing */
 }
 
-static struct islot *index_find(const PagesObject *t, uint32_t gref)
+static inline struct islot *index_find(const PagesObject *t, uint32_t gref)
 {
     if (t->used == 0)
         return NULL;
@@ -468,6 +470,55 @@ static int dict_page(PyObject *entries, uint32_t gref, int flags, Py_buffer *vie
     return 1;
 }
 
+/* Index a page the C table does not hold yet: look it up in the dict, keep a buffer export on its
+ * view in a new table entry. The entry, NULL if the dict has no usable page; -1 in *err for an
+ * interpreter error (out of memory, set). */
+static struct islot *index_insert(PagesObject *t, uint32_t gref, int *err)
+{
+    Py_buffer *held = PyMem_Malloc(sizeof *held);
+    if (held == NULL) {
+        PyErr_NoMemory();
+        *err = -1;
+        return NULL;
+    }
+    int got = dict_page((PyObject *)t, gref, PyBUF_SIMPLE, held); /* readonly says what it allows */
+    if (got <= 0 || index_reserve(t) < 0) {
+        if (got > 0) {
+            PyBuffer_Release(held);
+            got = -1;
+        }
+        PyMem_Free(held);
+        *err = got;
+        return NULL;
+    }
+    struct islot *s = index_free_slot(t, gref);
+    s->gref = gref;
+    s->readonly = held->readonly;
+    s->page = held->buf;
+    s->buf = held;
+    t->used++;
+    return s;
+}
+
+/* A page of a Pages and its address, no Python object touched once the page is indexed (the hot
+ * path: a 1 MiB request names 256 of them). The index holds the page's export for as long as the
+ * entry, so the caller holds nothing and releases nothing. 1: found (*page set); 0: not there,
+ * unusable, or read-only where `writable` is asked; -1: interpreter error (set). */
+static inline int indexed_page(PagesObject *t, uint32_t gref, int writable, char **page)
+{
+    struct islot *s = index_find(t, gref);
+    if (s == NULL) {
+        int err = 0;
+        s = index_insert(t, gref, &err);
+        if (s == NULL)
+            return err;
+    }
+    if (writable && s->readonly)
+        return 0;
+    *page = s->page;
+    return 1;
+}
+
 /* One page of the cache and its address. `entries` is GrantCache.native_pages(): ref -> a view of
  * exactly that page; a plain dict (check(), tests) or a Pages. From a dict, *view holds a buffer
  * export the caller releases; from a Pages the index holds the export and *view holds none (its
@@ -482,40 +533,14 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *vi
             *page = view->buf;
         return got;
     }
-    PagesObject *t = (PagesObject *)entries;
-    struct islot *s = index_find(t, gref);
-    if (s == NULL) {
-        Py_buffer *held = PyMem_Malloc(sizeof *held);
-        if (held == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        int got = dict_page(entries, gref, PyBUF_SIMPLE, held); /* readonly says what it allows */
-        if (got <= 0 || index_reserve(t) < 0) {
-            if (got > 0) {
-                PyBuffer_Release(held);
-                got = -1;
-            }
-            PyMem_Free(held);
-            return got;
-        }
-        s = index_free_slot(t, gref);
-        s->gref = gref;
-        s->buf = held;
-        t->used++;
-    }
-    if (writable && s->buf->readonly)
-        return 0;
-    memset(view, 0, sizeof *view); /* obj NULL: PyBuffer_Release does nothing */
-    view->buf = s->buf->buf;
-    view->len = PAGE;
-    view->readonly = s->buf->readonly;
-    *page = s->buf->buf;
-    return 1;
+    view->obj = NULL; /* PyBuffer_Release does nothing */
+    return indexed_page((PagesObject *)entries, gref, writable, page);
 }
 
-/* A request ready for its I/O: its pages' buffer exports (held until the answers are built) and
- * iovecs. Direct requests use the inline arrays, indirect ones `heap`. */
+/* A request ready for its I/O: its iovecs and, for pages from a plain dict, their buffer exports
+ * (held until the answers are built; a Pages holds its own, so none are taken per page). A direct
+ * request's iovecs are inline; an indirect one's, and a dict's exports, live in `heap`. Small on
+ * purpose: serve() allocates one per slot of the batch. */
 struct prepared {
     struct req r;
     int mode;
@@ -523,7 +548,6 @@ struct prepared {
     unsigned nviews;
     Py_buffer *views;
     struct iovec *iov;
-    Py_buffer views_in[SEGS_MAX];
     struct iovec iov_in[SEGS_MAX];
     void *heap;
 };
@@ -537,42 +561,52 @@ static void prepared_release(struct prepared *p)
     req_free(&p->r);
 }
 
+/* Append len bytes at `at` to p's iovecs: the next bytes of the same mapping extend the last one. */
+static inline void iov_add(struct prepared *p, char *at, size_t len)
+{
+    struct iovec *last = p->iovcnt ? &p->iov[p->iovcnt - 1] : NULL;
+    if (last != NULL && (char *)last->iov_base + last->iov_len == at) {
+        last->iov_len += len;
+    } else {
+        p->iov[p->iovcnt].iov_base = at;
+        p->iov[p->iovcnt].iov_len = len;
+        p->iovcnt++;
+    }
+}
+
 /* The pages of p's segments, as iovecs (neighbouring bytes of one mapping merged). 1: ready. */
 static int prepare_pages(struct prepared *p, PyObject *entries)
 {
     struct req *r = &p->r;
+    int indexed = Py_IS_TYPE(entries, &PagesType);
     p->nviews = 0;
     p->iovcnt = 0;
     p->heap = NULL;
-    if (r->nseg <= SEGS_MAX) {
-        p->views = p->views_in;
-        p->iov = p->iov_in;
-    } else {
-        p->heap = PyMem_Malloc((size_t)r->nseg * (sizeof(Py_buffer) + sizeof(struct iovec)));
+    p->views = NULL;
+    p->iov = p->iov_in;
+    size_t niov = r->nseg > SEGS_MAX ? r->nseg : 0;
+    size_t nviews = indexed ? 0 : r->nseg; /* a buffer export per page only from a plain dict */
+    if (niov + nviews > 0) {
+        p->heap = PyMem_Malloc(niov * sizeof(struct iovec) + nviews * sizeof(Py_buffer));
         if (p->heap == NULL)
             return 0;
-        p->views = p->heap;
-        p->iov = (struct iovec *)(p->views + r->nseg);
+        if (niov)
+            p->iov = p->heap;
+        p->views = (Py_buffer *)((struct iovec *)p->heap + niov);
     }
     int writable = r->op == OP_READ; /* a guest READ: the device's data goes into its page */
     for (unsigned s = 0; s < r->nseg; s++) {
-        char *page;
-        int got = page_of(entries, r->gref[s], writable, &p->views[p->nviews], &page);
+        char *page = NULL;
+        int got = indexed ? indexed_page((PagesObject *)entries, r->gref[s], writable, &page)
+                          : page_of(entries, r->gref[s], writable, &p->views[p->nviews], &page);
         if (got <= 0) {
             if (got < 0)
                 PyErr_Clear(); /* out of memory for a key: Python's path takes the request */
             return 0;
         }
-        p->nviews++;
-        char *at = page + r->pofs[s];
-        struct iovec *last = p->iovcnt ? &p->iov[p->iovcnt - 1] : NULL;
-        if (last != NULL && (char *)last->iov_base + last->iov_len == at) {
-            last->iov_len += r->plen[s]; /* the next bytes of the same mapping: one iovec */
-        } else {
-            p->iov[p->iovcnt].iov_base = at;
-            p->iov[p->iovcnt].iov_len = r->plen[s];
-            p->iovcnt++;
-        }
+        if (!indexed)
+            p->nviews++;
+        iov_add(p, page + r->pofs[s], r->plen[s]);
     }
     return p->iovcnt <= IOVS_MAX;
 }
@@ -611,7 +645,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     }
     Py_ssize_t todo = count - start;
     if (todo > 0) {
-        reqs = PyMem_Calloc((size_t)todo, sizeof *reqs);
+        reqs = PyMem_Malloc((size_t)todo * sizeof *reqs); /* filled as used: not zeroed */
         if (reqs == NULL) {
             PyErr_NoMemory();
             goto fail;
@@ -622,6 +656,8 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         struct prepared *p = &reqs[nreq];
         if (!decode((const unsigned char *)data.buf + i * esize, &lim, entries, &p->r))
             break;
+        p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
+        p->heap = NULL;
         p->mode = modes[p->r.op];
         if (p->mode == MODE_BLOCK_ALIGNED)
             p->mode = ((p->r.offset | p->r.length) & (uint64_t)(host_page - 1)) ? MODE_STOP

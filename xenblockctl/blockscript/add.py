@@ -73,11 +73,14 @@ def run_add(
     return (blockscript/autoclear.py) rather than in line. Only the libxl script asks for it: an
     in-process caller (the CLI's attach) may have threads, which a fork would copy without their
     locks' owners, and udev kills whatever a RUN program leaves behind (udev(7))."""
-    home = store.home()
+    # Our home and the backend's nodes in one round trip: the nodes are read by the path libxl
+    # gave (relative: the daemon resolves it against our home, as backend_dir would).
+    where = path.absolute() if path.backend_domid is not None else path.relative
+    home, values = store.home_and_read_many([where, *(join(where, name) for name in CONFIG_NODES)])
     be = backend_dir(store, path)
     published = False
     try:
-        nodes = _read_backend(store, be)
+        nodes = _backend_nodes(be, values)
         mode, target_params = _validate(nodes)
         target = parse_target(target_params)
         writable = mode == "w"
@@ -165,10 +168,9 @@ def run_add(
         raise
 
 
-def _read_backend(store: XenStore, be: str) -> dict[str, str]:
-    """The nodes `add` decides from (CONFIG_NODES; absent ones left out), in one round trip. The
-    directory node itself comes first: it reads as "" when it exists, ENOENT when not."""
-    values = store.read_many([be, *(join(be, name) for name in CONFIG_NODES)])
+def _backend_nodes(be: str, values: list[str | None]) -> dict[str, str]:
+    """The nodes `add` decides from (CONFIG_NODES; absent ones left out), read in one round trip
+    after the directory node itself: it reads as "" when it exists, ENOENT when not."""
     if values[0] is None:
         raise BackendGone(f"{be} does not exist")
     return {name: value for name, value in zip(CONFIG_NODES, values[1:], strict=True) if value is not None}

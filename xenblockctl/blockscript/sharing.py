@@ -63,7 +63,7 @@ from xenblockctl.xenstore.vbd import (
     BackendEntry,
     BackendPath,
     VbdPathError,
-    walk_backends,
+    read_in_backends,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
@@ -254,55 +254,63 @@ def backend_claims(
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
     `physical-device` names it. Whoever wrote a backend (we, Xen's stock script, another tool),
-    its physical-device is read: the listings and those reads are pipelined (vbd.walk_backends,
-    READ_BATCH per send), so a dom0 with 128 backends pays 3 round trips and the daemon's cost of
-    ~2 requests per backend (bench/README.md, issue 18); the full record only for the matches."""
-    entries = [entry for entry in walk_backends(store, home) if entry.path != own_backend]
-    if devt is not None:
-        entries = _backends_publishing(store, entries, devt)
-    for entry in entries:
+    its physical-device is read: the listings and those reads are streamed (vbd.read_in_backends),
+    so a dom0 with 128 backends pays the daemon's cost of ~2 requests per backend and no wait
+    between the levels of the walk (bench/README.md, issue 18); the full record only for the
+    matches. Without `devt` (an NBD export's check) every backend's owner record is streamed
+    instead of its physical-device: one round trip per backend before (issue 18 round 6)."""
+    if devt is None:
+        found = read_in_backends(store, home, identity.OWNER, skip=own_backend)
+        entries = [entry for entry, _owner in found]
+        owners = [owner for _entry, owner in found]
+    else:
+        entries = _backends_publishing(store, home, own_backend, devt)
+        owners = store.read_many([join(entry.path, identity.OWNER) for entry in entries])
+    for entry, claims in zip(entries, _backend_claims(store, entries, owners), strict=True):
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
-        for claim in _backend_claims(store, entry.path):
+        for claim in claims:
             yield claim._replace(frontend=frontend)
 
 
-#: Reads per pipelined send (as vbd.LS_BATCH, and for the same reason: 256 reads of
-#: `<home>/backend/vbd/<domid>/<devid>/physical-device` are ~20 KiB, far inside a socket's send
-#: buffer, and both daemons read on while the replies wait, so the batch cannot deadlock).
-READ_BATCH = 256
-
-
-def _backends_publishing(store: XenStore, entries: list[BackendEntry], devt: int) -> list[BackendEntry]:
-    """The entries whose physical-device names `devt`, in order. A value names it exactly when it
-    is format_physical_device's text for it: parse_physical_device is that function's strict
-    inverse (lowercase, no leading zeros, so one spelling per number; anything else is malformed
-    and names no device), so comparing the text decides what parsing every value would, without
-    a record per backend that publishes something else (tests/unit/test_sharing_match.py)."""
+def _backends_publishing(store: XenStore, home: str, own_backend: str, devt: int) -> list[BackendEntry]:
+    """The other backends whose physical-device names `devt`, in walk order (every backend's
+    physical-device is read, streamed with the listings: vbd.read_in_backends). A value names it
+    exactly when it is format_physical_device's text for it: parse_physical_device is that
+    function's strict inverse (lowercase, no leading zeros, so one spelling per number; anything
+    else is malformed and names no device), so comparing the text decides what parsing every
+    value would, without a record per backend that publishes something else
+    (tests/unit/test_sharing_match.py)."""
     wanted = identity.format_physical_device(os.major(devt), os.minor(devt))
-    found: list[BackendEntry] = []
-    for start in range(0, len(entries), READ_BATCH):
-        chunk = entries[start : start + READ_BATCH]
-        values = store.read_many([f"{entry.path}/{identity.PHYSICAL_DEVICE}" for entry in chunk])
-        found += [entry for entry, text in zip(chunk, values, strict=True) if text == wanted]
-    return found
+    return [
+        entry
+        for entry, text in read_in_backends(store, home, identity.PHYSICAL_DEVICE, skip=own_backend)
+        if text == wanted
+    ]
 
 
-def _backend_claims(store: XenStore, be: str) -> Iterator[Claim]:
-    owner_text = store.read_optional(join(be, identity.OWNER))
-    if owner_text is not None:
+def _backend_claims(
+    store: XenStore, entries: list[BackendEntry], owner_texts: list[str | None]
+) -> list[list[Claim]]:
+    """Each backend's claims: from its owner record (ours) if it has a valid one, else from its
+    public nodes, which are read for all such backends in one batch."""
+    owners: list[OwnerRecord | NbdOwnerRecord | None] = []
+    for text in owner_texts:
         try:
-            owner = identity.parse_owner(owner_text)
+            owners.append(None if text is None else identity.parse_owner(text))
         except OwnerRecordError:
-            owner = None
+            owners.append(None)
+    public = [entry.path for entry, owner in zip(entries, owners, strict=True) if owner is None]
+    values = iter(store.read_many([join(be, name) for be in public for name in _PUBLIC_NODES]))
+    claims: list[list[Claim]] = []
+    for entry, owner in zip(entries, owners, strict=True):
         if isinstance(owner, NbdOwnerRecord):
-            yield Claim(be, owner.mode == "w", nbd_uri=owner.uri)
-            return
-        if owner is not None:
-            yield from _owner_claims(be, owner)
-            return
-    claim = _public_claim(store, be)
-    if claim is not None:
-        yield claim
+            claims.append([Claim(entry.path, owner.mode == "w", nbd_uri=owner.uri)])
+        elif owner is not None:
+            claims.append(list(_owner_claims(entry.path, owner)))
+        else:
+            claim = _public_claim(entry.path, [next(values) for _name in _PUBLIC_NODES])
+            claims.append([] if claim is None else [claim])
+    return claims
 
 
 def _owner_claims(be: str, owner: OwnerRecord) -> Iterator[Claim]:
@@ -322,9 +330,12 @@ def _owner_claims(be: str, owner: OwnerRecord) -> Iterator[Claim]:
     )
 
 
-def _public_claim(store: XenStore, be: str) -> Claim | None:
-    names = (*identity.IDENTITY_NODES, "mode")
-    values = dict(zip(names, store.read_many([join(be, name) for name in names]), strict=True))
+#: What a backend without our owner record publishes (Xen's stock script: physical-device only).
+_PUBLIC_NODES = (*identity.IDENTITY_NODES, "mode")
+
+
+def _public_claim(be: str, texts: list[str | None]) -> Claim | None:
+    values = dict(zip(_PUBLIC_NODES, texts, strict=True))
     mode = values["mode"] or "w"  # unknown mode: assume the worst
     try:
         published = PublishedIdentity.from_nodes(values)

@@ -1,22 +1,26 @@
-"""Read-only sysfs lookups by major:minor (no udev needed: /dev/block and /dev/disk may not exist)."""
+"""Read-only sysfs lookups by major:minor (no udev needed: /dev/block and /dev/disk may not exist).
+
+Plain string paths, not pathlib: a block-device add looks up its device's holders here, and
+pathlib (with fnmatch, re, enum, urllib.parse and ipaddress) cost ~5 ms of CPU, a fifth of
+that add (bench/README.md, issue 18 round 6)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-SYS_DEV_BLOCK = Path("/sys/dev/block")
+SYS_DEV_BLOCK = "/sys/dev/block"
 
 
-def block_dir(major: int, minor: int) -> Path:
-    """/sys/dev/block/M:m resolved to the device's sysfs directory."""
-    return SYS_DEV_BLOCK / f"{major}:{minor}"
+def block_dir(major: int, minor: int) -> str:
+    """/sys/dev/block/M:m, which resolves to the device's sysfs directory."""
+    return f"{SYS_DEV_BLOCK}/{major}:{minor}"
 
 
 def read_attr(major: int, minor: int, name: str) -> str | None:
     """One sysfs attribute, stripped; None when absent (e.g. loop/backing_file of an unbound loop)."""
     try:
-        return (block_dir(major, minor) / name).read_text().strip()
+        with open(f"{block_dir(major, minor)}/{name}", encoding="utf-8") as f:
+            return f.read().strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
 
@@ -32,7 +36,7 @@ def kernel_name(major: int, minor: int) -> str | None:
 def holders(major: int, minor: int) -> list[str]:
     """Kernel names of devices stacked on this one (dm tables, md arrays)."""
     try:
-        return sorted(os.listdir(block_dir(major, minor) / "holders"))
+        return sorted(os.listdir(f"{block_dir(major, minor)}/holders"))
     except (FileNotFoundError, NotADirectoryError):
         return []
 

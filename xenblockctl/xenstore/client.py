@@ -58,7 +58,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotp
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
-    from typing import TypeVar
+    from typing import NoReturn, TypeVar
 
     T = TypeVar("T")
 
@@ -75,6 +75,8 @@ _BACKOFF_CAP = 0.05
 _NUL = b"\0"
 #: Restarts of a multi-part listing when the directory changes underneath.
 _PART_RESTARTS = 8
+#: What XenStore.stream sends, and how its errors name each request.
+_STREAM_OPS = {wire.READ: "read", wire.DIRECTORY: "directory"}
 
 
 class WatchEvent(tuple[str, str]):
@@ -311,6 +313,18 @@ def _write_requests(
     return requests, first_rm
 
 
+def _error_reply(payload: bytes, what: str) -> XenstoreError:
+    """The XenstoreError an ERROR reply reports."""
+    name = error_reply_name(payload)
+    num = errno_from_name(name)
+    return error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
+
+
+def _cause(exc: LinkTimeout | LinkLost | LinkSendFailed) -> BaseException | None:
+    """What a link failure's XenstoreError is chained to: a failed send's OSError, else nothing."""
+    return exc if isinstance(exc, LinkSendFailed) else None
+
+
 def _read_values(replies: Sequence[bytes | XenstoreError]) -> list[str | None]:
     """READ replies as values: None for a missing node, any other error raised."""
     values: list[str | None] = []
@@ -538,35 +552,89 @@ class XenStore(_Operations):
             frames = link.exchange(
                 [(op, next(self._ids), tx_id, payload) for op, payload, _what in requests], deadline
             )
-        except LinkTimeout as exc:
-            # The request may still be applied later; nothing on this connection can be trusted.
+        except (LinkTimeout, LinkLost, LinkSendFailed) as exc:
+            raise self._link_failure(exc, requests[exc.index][2], limit) from _cause(exc)
+        return [
+            self._result(op, what, tx_id, reply)
+            for (op, _payload, what), reply in zip(requests, frames, strict=True)
+        ]
+
+    def stream(
+        self,
+        requests: Sequence[tuple[int, str]],
+        follow: Callable[[list[tuple[int, str | list[str] | XenstoreError]]], Sequence[tuple[int, str]]],
+    ) -> None:
+        """Reads and listings (`(wire.READ | wire.DIRECTORY, path)`, outside a transaction) whose
+        next requests depend on the replies: results go to `follow([(index, result), ...])` as they
+        arrive (a READ's value, a DIRECTORY's names, or the XenstoreError the daemon answered,
+        e.g. XenstoreNoEntry; XenstoreTooBig for a listing longer than one reply, which the caller
+        lists with ls), `index` counting every request in the order made (`requests` first, then
+        what `follow` returned, in the order it returned them); the requests `follow` returns
+        are sent at once. On a socket the daemon gets a listing's reads while it still answers
+        the other listings (Link.exchange_stream). Results come in each connection's order, not
+        in `index` order. What `follow` raises is raised once every request sent is answered."""
+        link = self._link
+        first = f"{_STREAM_OPS.get(requests[0][0], 'request')} {requests[0][1]}" if requests else "stream"
+        if link is None:
+            raise XenstoreDisconnected(f"{first}: connection already closed")
+        made: list[tuple[int, str]] = []
+        ids = self._ids
+
+        def numbered(batch: Sequence[tuple[int, str]]) -> list[tuple[int, int, int, bytes]]:
+            for op, path in batch:
+                if op not in _STREAM_OPS:
+                    raise XenstoreInvalid(f"stream: request type {op} is not a read or a listing")
+                check_path(path)
+            made.extend(batch)
+            return [(op, next(ids), 0, _arg(path)) for op, path in batch]
+
+        def on_replies(arrived: list[tuple[int, wire.Frame]]) -> list[tuple[int, int, int, bytes]]:
+            results: list[tuple[int, str | list[str] | XenstoreError]] = []
+            for index, reply in arrived:
+                op, path = made[index]
+                if reply.type == wire.ERROR:
+                    results.append((index, _error_reply(reply.payload, f"{_STREAM_OPS[op]} {path}")))
+                elif reply.type != op or reply.tx_id:
+                    self._mismatch(f"{_STREAM_OPS[op]} {path}", reply)
+                elif op == wire.READ:
+                    results.append((index, decode_value(reply.payload)))
+                else:
+                    results.append((index, _split_list(reply.payload)))
+            return numbered(follow(results))
+
+        deadline, limit = self._request_deadline(first)
+        try:
+            link.exchange_stream(numbered(requests), on_replies, deadline)
+        except (LinkTimeout, LinkLost, LinkSendFailed) as exc:
+            op, path = made[exc.index]
+            raise self._link_failure(exc, f"{_STREAM_OPS[op]} {path}", limit) from _cause(exc)
+
+    def _result(self, op: int, what: str, tx_id: int, reply: wire.Frame) -> bytes | XenstoreError:
+        """A reply's payload, or the XenstoreError it reports."""
+        if reply.type == wire.ERROR:
+            return _error_reply(reply.payload, what)
+        if reply.type != op or reply.tx_id != tx_id:
+            self._mismatch(what, reply)
+        return reply.payload
+
+    def _mismatch(self, what: str, reply: wire.Frame) -> NoReturn:
+        """A reply of another type or transaction: the connection's stream position is unknown,
+        so it is dropped."""
+        self._abandon()
+        raise XenstoreDisconnected(f"{what}: reply of type {reply.type} tx {reply.tx_id} does not match")
+
+    def _link_failure(
+        self, exc: LinkTimeout | LinkLost | LinkSendFailed, what: str, limit: str
+    ) -> XenstoreError:
+        """The XenstoreError for a failed exchange; after a timeout or a failed send the stream
+        position is unknown (the request may still be applied later), so the connection goes."""
+        if isinstance(exc, LinkTimeout):
             self._abandon()
-            raise XenstoreTimeout(
-                f"{requests[exc.index][2]}: no reply within {limit}", errno=errno.ETIMEDOUT
-            ) from None
-        except LinkLost as exc:
-            raise XenstoreDisconnected(
-                f"{requests[exc.index][2]}: {exc.reason}", errno=errno.ECONNRESET
-            ) from None
-        except LinkSendFailed as exc:
-            self._abandon()
-            raise XenstoreDisconnected(f"{requests[exc.index][2]}: send failed: {exc.reason}") from exc
-        results: list[bytes | XenstoreError] = []
-        for (op, _payload, what), reply in zip(requests, frames, strict=True):
-            if reply.type == wire.ERROR:
-                name = error_reply_name(reply.payload)
-                num = errno_from_name(name)
-                results.append(
-                    error_for(num, what if num is not None else f"{what}: xenstored error {name!r}")
-                )
-                continue
-            if reply.type != op or reply.tx_id != tx_id:
-                self._abandon()
-                raise XenstoreDisconnected(
-                    f"{what}: reply of type {reply.type} tx {reply.tx_id} does not match"
-                )
-            results.append(reply.payload)
-        return results
+            return XenstoreTimeout(f"{what}: no reply within {limit}", errno=errno.ETIMEDOUT)
+        if isinstance(exc, LinkLost):
+            return XenstoreDisconnected(f"{what}: {exc.reason}", errno=errno.ECONNRESET)
+        self._abandon()
+        return XenstoreDisconnected(f"{what}: send failed: {exc.reason}")
 
     def _abandon(self) -> None:
         """After a timeout or protocol confusion the stream position is unknown: drop it."""
@@ -654,6 +722,24 @@ class XenStore(_Operations):
             self._home = self.get_domain_path(self.own_domid())
         return self._home
 
+    def home_and_read_many(self, paths: Sequence[str]) -> tuple[str, list[str | None]]:
+        """home() and read_many(paths), in one batch (one round trip) while home is not known yet.
+        Relative `paths` name the nodes absolute() would: the daemon resolves them against our
+        home, the domain path of this connection's domain."""
+        if self._home is not None:
+            return self._home, self.read_many(paths)
+        domid = _domid(self.own_domid())
+        for path in paths:
+            check_path(path)
+        replies = self._request_many(
+            [(wire.GET_DOMAIN_PATH, _arg(str(domid)), f"get-domain-path {domid}")]
+            + [(wire.READ, _arg(path), f"read {path}") for path in paths]
+        )
+        if isinstance(replies[0], XenstoreError):
+            raise replies[0]
+        self._home = decode_value(replies[0].rstrip(_NUL))
+        return self._home, _read_values(replies[1:])
+
     def absolute(self, path: str) -> str:
         """`path` made absolute against our home, e.g. XENBUS_PATH `backend/vbd/5/51712` ->
         `/local/domain/0/backend/vbd/5/51712`. Absolute paths are returned unchanged."""
@@ -702,27 +788,38 @@ class XenStore(_Operations):
         _ok(self._request(wire.UNWATCH, _arg(path) + _arg(token), what), what)
         self._unsubscribe(token)
 
-    def watch_many(self, paths: Sequence[str], token: str) -> None:
+    def watch_many(
+        self, paths: Sequence[str], token: str, *, then_read: Sequence[str] = ()
+    ) -> list[str | None]:
         """watch() of several paths under one token, sent as one batch (one round trip). If any
-        is refused, the ones that were set are removed again before the first error is raised."""
+        is refused, the ones that were set are removed again before the first error is raised.
+
+        `then_read`: nodes read in the same batch, after the watches are set (the daemon handles a
+        connection's requests in order), so any later change to them fires an event: what a
+        wait for a change reads first, without a round trip of its own. Their values (None where
+        missing) are returned; a read's error is raised once the watches stand."""
         for path in paths:
             check_watch_path(path)
         check_token(token)
+        for path in then_read:
+            check_path(path)
         for _ in paths:
             self._subscribe(token)
         try:
             replies = self._send_many(
-                [(wire.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths], 0
+                [(wire.WATCH, _arg(path) + _arg(token), f"watch {path} {token}") for path in paths]
+                + [(wire.READ, _arg(path), f"read {path}") for path in then_read],
+                0,
             )
         except BaseException:
             for _ in paths:
                 self._unsubscribe(token)
             raise
         errors = [
-            _batch_error(reply, f"watch {path} {token}") for path, reply in zip(paths, replies, strict=True)
+            _batch_error(reply, f"watch {path} {token}") for path, reply in zip(paths, replies, strict=False)
         ]
         if not any(errors):
-            return
+            return _read_values(replies[len(paths) :])
         for _ in (error for error in errors if error is not None):
             self._unsubscribe(token)
         try:  # noqa: SIM105 (contextlib is kept off the hotplug path's imports)

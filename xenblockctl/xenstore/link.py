@@ -24,7 +24,7 @@ from xenblockctl.xenstore.wire import Frame
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 Request = tuple[int, int, int, bytes]
 
@@ -56,7 +56,8 @@ class LinkSendFailed(Exception):
 
 
 class Link:
-    """The contract (documentation and type; both links override every method)."""
+    """The contract (documentation and type; both links override every method but
+    exchange_stream, whose level-by-level default serves any link that can exchange)."""
 
     endpoint: Endpoint
 
@@ -66,6 +67,29 @@ class Link:
         /dev/xen/xenbus corrupts pipelined requests, tests/xenstore/test_client_xenbus_lockstep).
         Watch events met meanwhile are kept for `next_event`."""
         raise NotImplementedError
+
+    def exchange_stream(
+        self,
+        requests: Sequence[Request],
+        follow: Callable[[list[tuple[int, Frame]]], Sequence[Request]],
+        deadline: float,
+    ) -> None:
+        """Send `requests`; hand the replies, as they arrive, to `follow([(index, reply), ...])`,
+        which returns the requests they lead to (sent on the same terms, numbered on in the order
+        `follow` returned them). For a walk whose next requests depend on the replies (a listing,
+        then a read per child): the daemon need not wait for a whole level before the next one
+        starts. If `follow` raises, no further reply is handed to it, the requests already sent
+        are still collected (the connection stays usable), and the exception is raised at the end.
+
+        This default (the threaded link, the xenbus device) goes level by level: exchange() of the
+        requests, then of everything `follow` returned for them, and so on. DirectLink on a
+        socket sends follow-ups as soon as their replies are read (synchronous.py)."""
+        first = 0
+        while requests:
+            replies = self.exchange(requests, deadline)
+            more = follow(list(enumerate(replies, first)))
+            first += len(requests)
+            requests = more
 
     def next_event(self, timeout: float) -> tuple[bytes, bytes] | None:
         """(path, token) of the next event of a subscribed token, None after `timeout` seconds;

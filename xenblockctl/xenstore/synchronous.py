@@ -42,7 +42,7 @@ from xenblockctl.xenstore.wire import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 #: Bytes asked for per read: a batch's replies usually arrive together (256 replies are ~6 KiB).
 _READ_SIZE = 65536
@@ -54,6 +54,10 @@ _READ_SIZE = 65536
 SPREAD_MIN = 64
 SPREAD_LANES = 4
 _SPREADABLE = frozenset((READ, DIRECTORY, GET_PERMS))
+#: While a stream (exchange_stream) waits, it wakes once this many replies are in on a connection
+#: (or all it waits for there, if fewer): the daemon gets each reply's follow-ups soon, without a
+#: wake-up for every reply (the C daemon writes a reply's header and payload separately).
+STREAM_WAKE_REPLIES = 16
 #: Longest single wait in the kernel for the rest of a batch before the bytes so far are checked.
 CHECK_INTERVAL = 0.05
 #: Waits shorter than this go through select() first: SO_RCVTIMEO rounds up to whole jiffies
@@ -96,6 +100,9 @@ class DirectLink(Link):
         self._pipeline = endpoint.kind == "socket"
         #: The socket's SO_RCVLOWAT, so that it is set only when it changes.
         self._lowat = 1
+        #: The socket's SO_RCVTIMEO as last set: most reads ask for CHECK_INTERVAL again, and the
+        #: setsockopt is then skipped (a syscall per read, ~50 in the 128-backend walk).
+        self._rcvtimeo = b""
         self._decoder = FrameDecoder()
         self._tokens: set[bytes] = set()
         self._events: list[tuple[bytes, bytes]] = []
@@ -118,6 +125,33 @@ class DirectLink(Link):
                 self._send(encode(*request), index)
                 self._collect({request[1]: index}, replies, deadline)
         return replies  # type: ignore[return-value]  # _collect filled every slot
+
+    def exchange_stream(
+        self,
+        requests: Sequence[Request],
+        follow: Callable[[list[tuple[int, Frame]]], Sequence[Request]],
+        deadline: float,
+    ) -> None:
+        """Link.exchange_stream with follow-ups sent as soon as their replies are read, so the
+        daemon never waits for a whole level (the 128-backend walk: bench/README.md, issue 18
+        round 6). Only reads and listings outside a transaction stream (their order among each
+        other cannot matter, as for a spread batch); anything else, and the xenbus device, goes
+        level by level. A burst of SPREAD_MIN or more is spread over up to SPREAD_LANES
+        connections; a smaller one goes on the connection whose replies asked for it.
+        `follow` gets what one read brought from one connection."""
+        self._check_alive(0)
+        if not self._pipeline or self._lanes is None or not _spreadable(requests):
+            super().exchange_stream(requests, follow, deadline)
+            return
+        stream = _Stream(self, follow)
+        stream.place(requests, 0)
+        try:
+            stream.run(deadline)
+        except (LinkLost, LinkSendFailed) as exc:
+            self._fail(exc.reason)
+            raise
+        if stream.error is not None:
+            raise stream.error
 
     def next_event(self, timeout: float) -> tuple[bytes, bytes] | None:
         if self._events:
@@ -193,9 +227,14 @@ class DirectLink(Link):
         outside a transaction up to SPREAD_LANES - 1 more (opened now if need be)."""
         if len(requests) < SPREAD_MIN or self._lanes is None:
             return [self]
-        for op, _req_id, tx_id, _payload in requests:
-            if tx_id or op not in _SPREADABLE:
-                return [self]
+        if not _spreadable(requests):
+            return [self]
+        return self._open_lanes()
+
+    def _open_lanes(self) -> list[DirectLink]:
+        """This connection and the others opened so far, up to SPREAD_LANES in all."""
+        if self._lanes is None:
+            return [self]
         while len(self._lanes) < SPREAD_LANES - 1:
             try:
                 lane = DirectLink(self.endpoint, self._timeout, connect_timeout=0.0)
@@ -295,12 +334,16 @@ class DirectLink(Link):
                 if wait < EXACT_WAIT:
                     # A short wait (the hand-off's sysfs polls ask for 0.5-5 ms) is kept exact by
                     # select's high-resolution timer: SO_RCVTIMEO counts whole jiffies and made a
-                    # 0.5 ms wait 8 ms here. select honours the low-water mark, so once it says
-                    # readable the read below does not wait.
+                    # 0.5 ms wait 8 ms here. On a Unix socket select says readable at the first
+                    # byte, whatever the low-water mark (measured): the read below then waits for
+                    # the rest of the mark, at most CHECK_INTERVAL.
                     if not select.select([self._fd], [], [], wait)[0]:
                         return True  # the caller finds its deadline passed
                     wait = CHECK_INTERVAL
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(wait))
+                timeval = _timeval(wait)
+                if timeval != self._rcvtimeo:
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, timeval)
+                    self._rcvtimeo = timeval
                 data = sock.recv(_READ_SIZE)
         except BlockingIOError:
             return True  # SO_RCVTIMEO expired with nothing: the next call checks the deadline
@@ -312,6 +355,100 @@ class DirectLink(Link):
             self._lose(index, "ConnectionError: xenstored closed the connection")
         self._decoder.push(data)
         return True
+
+
+def _spreadable(requests: Sequence[Request]) -> bool:
+    """Reads and listings outside a transaction: their order among each other cannot matter."""
+    return all(not tx_id and op in _SPREADABLE for op, _req_id, tx_id, _payload in requests)
+
+
+class _Stream:
+    """One exchange_stream in flight: which request each connection still owes a reply to, and
+    the follow-ups not sent yet."""
+
+    def __init__(
+        self, link: DirectLink, follow: Callable[[list[tuple[int, Frame]]], Sequence[Request]]
+    ) -> None:
+        self.link = link
+        self.lanes = [link]
+        self.follow = follow
+        #: Per connection: {req_id: index} of the requests sent on it and not answered yet.
+        self.waiting: list[dict[int, int]] = [{}]
+        #: Per connection: encoded requests placed but not sent yet.
+        self.outgoing: list[list[bytes]] = [[]]
+        self.count = 0
+        #: What `follow` raised; no reply is handed to it after that.
+        self.error: BaseException | None = None
+
+    def place(self, requests: Sequence[Request], lane: int) -> None:
+        """Number `requests` on and queue them: a burst spread over the connections, else on `lane`."""
+        if not requests:
+            return
+        if not _spreadable(requests):
+            raise ValueError("exchange_stream: only reads and listings outside a transaction stream")
+        if len(requests) >= SPREAD_MIN and len(self.lanes) < SPREAD_LANES:
+            self.lanes = self.link._open_lanes()
+            while len(self.waiting) < len(self.lanes):
+                self.waiting.append({})
+                self.outgoing.append([])
+        lanes = range(len(self.lanes)) if len(requests) >= SPREAD_MIN else range(lane, lane + 1)
+        count = len(requests)
+        bounds = [count * k // len(lanes) for k in range(len(lanes) + 1)]
+        for k, start, end in zip(lanes, bounds, bounds[1:], strict=False):
+            waiting, outgoing = self.waiting[k], self.outgoing[k]
+            for request in requests[start:end]:
+                waiting[request[1]] = self.count
+                outgoing.append(encode(*request))
+                self.count += 1
+
+    def run(self, deadline: float) -> None:
+        """Send what is queued; then, connection by connection, wait (in the kernel, SO_RCVLOWAT)
+        until STREAM_WAKE_REPLIES replies or all it still owes are in, hand them on, and send
+        their follow-ups before the next wait. (Not select() over the connections: on a Unix
+        socket it reports readable at the first byte, whatever the low-water mark, which made
+        a wake-up per reply.)"""
+        waiting = self.waiting
+        while True:
+            busy = False
+            for k in range(len(self.lanes)):
+                self._flush()
+                if not waiting[k]:
+                    continue
+                busy = True
+                lane, index = self.lanes[k], min(waiting[k].values())
+                if not lane._receive(min(len(waiting[k]), STREAM_WAKE_REPLIES), index, deadline):
+                    raise LinkTimeout(index)
+                self._take(k, index)
+            if not busy:
+                return
+
+    def _flush(self) -> None:
+        for k, outgoing in enumerate(self.outgoing):
+            if outgoing:
+                self.lanes[k]._send(b"".join(outgoing), min(self.waiting[k].values()))
+                outgoing.clear()
+
+    def _take(self, k: int, index: int) -> None:
+        """Hand on the replies lane `k` has read, and queue their follow-ups."""
+        lane = self.lanes[k]
+        waiting = self.waiting[k]
+        arrived: list[tuple[int, Frame]] = []
+        for frame in lane._frames(index):
+            if frame.type == WATCH_EVENT and lane is self.link:
+                lane._event(frame)
+                continue
+            got = waiting.pop(frame.req_id, None)
+            if got is None:
+                lane._lose(
+                    min(waiting.values()) if waiting else index,
+                    f"UnexpectedPacket: reply {frame!r} answers no request of ours",
+                )
+            arrived.append((got, frame))  # type: ignore[arg-type]  # _lose raised if None
+        if arrived and self.error is None:
+            try:
+                self.place(self.follow(arrived), k)
+            except Exception as exc:  # the caller's; raised once the stream is drained
+                self.error = exc
 
 
 def open_link(endpoint: Endpoint, timeout: float) -> DirectLink:

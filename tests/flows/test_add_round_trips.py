@@ -1,0 +1,113 @@
+"""Round trips of one file add, seen from the kernel's side (strace of the script's sends): two
+pairs of requests that used to wait for each other go in one batch (bench/README.md, issue 18
+round 6: where the serial add waits): our home with the backend's nodes, and the hand-off's
+watches with its first check's reads (the daemon handles a connection's requests in order, so
+the reads see every change the watches do not report)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.kernel import ImageFactory
+from tests.fixtures.libxl import Libxl
+from xenblockctl.blockscript import handoff
+from xenblockctl.xenstore import wire
+from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.vbd import BackendPath
+
+STRACE = ("strace", "-f", "-xx", "-s", "65536", "-e", "trace=sendto")
+SEND = re.compile(r'^\d+ +sendto\(\d+, "((?:\\x[0-9a-f]{2})*)"')
+
+
+def _sends(trace: Path) -> list[list[int]]:
+    """The request types of each send of the script, in order."""
+    batches = []
+    for line in trace.read_text().splitlines():
+        m = SEND.match(line)
+        if m is None:
+            continue
+        data = bytes.fromhex(m.group(1).replace("\\x", ""))
+        ops, offset = [], 0
+        while offset + wire.HEADER_SIZE <= len(data):
+            op, _rq, _tx, length = wire.HEADER.unpack_from(data, offset)
+            ops.append(op)
+            offset += wire.HEADER_SIZE + length
+        batches.append(ops)
+    return batches
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_home_and_config_in_one_send_and_the_first_check_with_the_watches(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    be = libxl.create_backend(5, 51712, str(make_image()), "w")
+    consumer = libxl.engine_consumer(be)
+    trace = tmp_path / "strace.txt"
+    result = subprocess.run(
+        [*STRACE, "-o", str(trace), *libxl.argv("add")],
+        env=libxl.env("add", be),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    consumer.release()
+    sends = _sends(trace)
+    assert sends, trace.read_text()[:2000]
+    first = sends[0]
+    assert first[0] == wire.GET_DOMAIN_PATH, sends
+    assert len(first) > 1, sends
+    assert first[1:] == [wire.READ] * (len(first) - 1), sends
+    watches = [ops for ops in sends if wire.WATCH in ops]
+    assert len(watches) == 1, sends
+    assert watches[0] == [wire.WATCH, wire.WATCH, wire.READ, wire.READ, wire.READ, wire.READ], sends
+
+
+def test_the_watches_initial_events_do_not_cost_a_check(
+    libxl: Libxl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine opens the device 50 ms into the hand-off: the script reads once with its
+    watches, then once after the `opened` event, and not in between for the events xenstored
+    fires when a watch is set (before: three reads, the first two alike). The re-check without an
+    event (ENGINE_POLL) is pushed out of the way."""
+    monkeypatch.setattr(handoff, "ENGINE_POLL", 10.0)
+    be = libxl.create_backend(5, 51712, "/srv/disk.img", "w")
+    path = BackendPath.parse(be.relative)
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
+        home = store.home()
+        reads = 0
+        read_many = store.read_many
+
+        def counting(paths: list[str]) -> list[str | None]:
+            nonlocal reads
+            reads += 1
+            return read_many(paths)
+
+        monkeypatch.setattr(store, "read_many", counting)
+        opener = threading.Timer(0.05, lambda: libxl.store.write(be.node("opened"), "1"))
+        opener.start()
+        try:
+            consumer = handoff.wait_for_consumer(
+                store,
+                home=home,
+                backend=store.absolute(be.relative),
+                path=path,
+                physical_device="7:0",
+                timeout=10,
+                bus=str(libxl.sysfs_bus),
+            )
+        finally:
+            opener.join()
+    assert consumer is handoff.Consumer.ENGINE
+    assert reads == 1, reads
