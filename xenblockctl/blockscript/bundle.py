@@ -1,0 +1,135 @@
+"""The hotplug bundle's writer: the code of every module `add` and `remove` import, in one file.
+
+A VM start spends ~2 ms of CPU finding, checking and reading ~37 .pyc files (bench/README.md,
+issue 18). The laid block script reads this one file instead: its loader (in the script itself,
+hotplug/block-xenblockctl, since a module of its own would cost a module) uses the bundle only if
+it was written by the same interpreter (magic number) from the same package directory, every
+source still has the size and mtime recorded here (one stat each, as a .pyc is checked), and the
+file and its directory are owned by the running uid and writable by nobody else. Anything else:
+normal imports for that run, and this module is imported to write a fresh bundle. Correctness
+never depends on the bundle.
+
+Who writes it: the script on a miss, like a .pyc, before it runs its action (so the bundle holds
+exactly the closure of ROOTS, whatever the run's action or target kind); and `install-hooks`, so
+the first VM start is fast. A bundle is written to a temporary name in its directory and renamed
+over, so a reader never sees half of one. Failing to write is not the action's failure: it is
+logged with its reason and the attach goes on.
+
+Imported only on a miss: it is not on the hotplug path's import graph, and not in the bundle."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+import types
+
+from xenblockctl.journal import Journal
+
+#: What the hotplug path imports (hotplug.main, both actions, the synchronous link main connects
+#: with): the bundle holds these and every xenblockctl module they import. The one list of the
+#: hotplug path's roots; tests/lint/test_hotplug_imports.py measures its graph from it, and checks
+#: that the steps a file add imports lazily add nothing outside it.
+ROOTS = (
+    "xenblockctl.blockscript.hotplug",
+    "xenblockctl.blockscript.add",
+    "xenblockctl.blockscript.remove",
+    "xenblockctl.xenstore.synchronous",
+)
+NAME = "hotplug.bundle"
+#: The file starts with this and the interpreter's bytecode magic number, checked before any of it
+#: is unmarshalled (another Python version's marshal data must never be decoded as code).
+FORMAT = b"xenblockctl-bundle 1 "
+#: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
+CACHE_DIR = "/var/cache/xenblockctl"
+CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
+IDENTIFIER = "block-xenblockctl"
+
+
+class Refused(Exception):
+    """The bundle directory is not ours alone: writing a bundle there would be pointless (the loader
+    refuses it) and reading one is code injection into a root process."""
+
+
+def trusted_dir(directory: str) -> None:
+    """Create `directory` if missing (mode 0755); raise Refused unless it is owned by the running
+    uid and not writable by group or others."""
+    os.makedirs(directory, 0o755, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.geteuid():
+        raise Refused(f"{directory} is owned by uid {st.st_uid}, not {os.geteuid()}")
+    if st.st_mode & 0o022:
+        raise Refused(f"{directory} is writable by group or others (mode {st.st_mode & 0o7777:o})")
+
+
+def collect(packages: str) -> list[tuple[str, bool, str, int, int, types.CodeType]]:
+    """(name, is package, source path, size, mtime_ns, code) of ROOTS' closure, imported normally."""
+    for root in ROOTS:
+        __import__(root)
+    entries = []
+    for name, module in sorted(sys.modules.items()):
+        if not (name == "xenblockctl" or name.startswith("xenblockctl.")) or name == __name__:
+            continue
+        spec = module.__spec__
+        origin = None if spec is None else spec.origin
+        loader = None if spec is None else spec.loader
+        get_code = getattr(loader, "get_code", None)
+        if spec is None or origin is None or not origin.startswith(packages + os.sep) or get_code is None:
+            raise ValueError(f"{name} is not a source file below {packages} ({origin})")
+        # The stat before the code: a source edited in between is newer than recorded, so the next
+        # start sees the mismatch and falls back (a .pyc has the same order).
+        st = os.stat(origin)
+        code = get_code(name)
+        if not isinstance(code, types.CodeType):
+            raise ValueError(f"{name}: no code from {origin}")
+        package = spec.submodule_search_locations is not None
+        entries.append((name, package, origin, st.st_size, st.st_mtime_ns, code))
+    return entries
+
+
+def write(directory: str, packages: str) -> int:
+    """Write the bundle of ROOTS' closure from `packages` into `directory`, atomically; returns the
+    number of modules. Raises Refused or OSError/ValueError."""
+    from importlib._bootstrap_external import MAGIC_NUMBER  # the frozen module the script checks against
+
+    trusted_dir(directory)
+    entries = collect(packages)
+    data = FORMAT + MAGIC_NUMBER + marshal.dumps((packages, tuple(entries)))
+    target = os.path.join(directory, NAME)
+    # A per-process temporary name in the same directory, renamed over the bundle: a reader (or a
+    # writer killed half-way) never leaves a half bundle under NAME. No fsync: after a crash the
+    # bundle may be empty or short, which the loader rejects like any bad bundle.
+    tmp = os.path.join(directory, f".{NAME}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        try:  # noqa: SIM105 (contextlib is kept off the hotplug path)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(entries)
+
+
+def renew(directory: str, packages: str, reason: str) -> bool:
+    """The laid script's miss: write a fresh bundle, log what happened; never raises (the attach goes
+    on with normal imports). True if a bundle was written."""
+    journal = Journal(IDENTIFIER)
+    try:
+        count = write(directory, packages)
+    except Refused as exc:
+        journal.warning(f"hotplug bundle refused, not written: {exc}; normal imports", CODE="bundle-refused")
+        return False
+    except Exception as exc:  # any failure, even a bug here: the action must still run
+        journal.warning(
+            f"hotplug bundle not written in {directory}: {type(exc).__name__}: {exc}; normal imports "
+            f"(it was not used: {reason})",
+            CODE="bundle-unwritable",
+        )
+        return False
+    journal.info(f"hotplug bundle written: {count} modules in {directory}/{NAME} (it was not used: {reason})")
+    return True
