@@ -107,12 +107,32 @@ def write(directory: str, packages: str) -> int:
             f.write(data)
         os.replace(tmp, target)
     except BaseException:
-        try:  # noqa: SIM105 (contextlib is kept off the hotplug path)
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(tmp)
         raise
+    _sweep(directory)
     return len(entries)
+
+
+def _unlink(path: str) -> None:
+    try:  # noqa: SIM105 (contextlib is kept off the hotplug path)
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _sweep(directory: str) -> None:
+    """Remove the temporary files of writers that were killed before their rename (their pid is
+    gone), so kills do not pile up bundles nobody reads."""
+    prefix = f".{NAME}."
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix) : -len(".tmp")]
+        if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isascii() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                _unlink(os.path.join(directory, entry))
+            except OSError:
+                pass  # alive (EPERM: someone else's): leave it
 
 
 def renew(directory: str, packages: str, reason: str) -> bool:

@@ -1,0 +1,257 @@
+"""The laid block script's hotplug bundle (xenblockctl/blockscript/bundle.py, the shim's loader).
+
+Each test lays the block script as `install-hooks` does, for a copy of the package in a temporary
+directory (so sources can be edited) and a bundle directory of its own, and runs it as a process.
+The action is a usage error (exit 2, `usage: <IDENTIFIER> ...`): the bundle is read or written
+before any action runs, and the line shows which code ran (tests/cli/test_install.py runs a real
+add and remove through a bundle). Whether the bundle was used is read from the import system's
+own trace (PYTHONVERBOSE names each module's loader), not from timing."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from xenblockctl.blockscript import bundle
+from xenblockctl.toolstack import hostfiles
+
+REPO = Path(__file__).resolve().parents[2]
+HEAD = len(bundle.FORMAT) + 4  # the format tag and the interpreter's magic number
+
+
+class Laid(NamedTuple):
+    script: Path
+    packages: Path
+    cache: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.cache / bundle.NAME
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stderr: str
+
+    @property
+    def from_bundle(self) -> set[str]:
+        """The modules the bundle's loader imported (python -v: `import 'name' # <loader>`)."""
+        return {
+            line.split("'")[1]
+            for line in self.stderr.splitlines()
+            if line.startswith("import '") and "_BundleLoader" in line
+        }
+
+    @property
+    def ours_imported(self) -> set[str]:
+        return {
+            line.split("'")[1] for line in self.stderr.splitlines() if line.startswith("import 'xenblockctl")
+        }
+
+    @property
+    def log(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if "hotplug bundle" in line]
+
+
+@pytest.fixture
+def laid(tmp_path: Path) -> Laid:
+    packages = tmp_path / "packages"
+    shutil.copytree(
+        REPO / "xenblockctl", packages / "xenblockctl", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    cache = tmp_path / "cache"
+    where = hostfiles.local_layout()._replace(packages=str(packages), cache_dir=str(cache))
+    script = tmp_path / hostfiles.SCRIPT_NAME
+    script.write_text(hostfiles.block_script((REPO / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where))
+    script.chmod(0o755)
+    return Laid(script, packages, cache)
+
+
+def run(laid: Laid, *argv: str) -> Ran:
+    done = subprocess.run(
+        [str(laid.script), *(argv or ("bogus",))],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONVERBOSE": "1"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return Ran(done.returncode, done.stderr)
+
+
+def usage_ok(ran: Ran, identifier: str = "block-xenblockctl") -> None:
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert f"{identifier}: usage: {identifier} add|remove (got 'bogus')" in ran.stderr, ran.stderr[-2000:]
+
+
+def logged_once(ran: Ran, text: str) -> None:
+    assert len(ran.log) == 1, ran.log
+    assert text in ran.log[0], ran.log
+
+
+def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
+    first = run(laid)
+    usage_ok(first)
+    assert not first.from_bundle
+    logged_once(first, "hotplug bundle written: 37 modules")
+    st = laid.bundle.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o644)
+    assert (laid.cache.stat().st_mode & 0o7777) == 0o755
+
+    second = run(laid)
+    usage_ok(second)
+    assert second.log == [], "a good bundle is used silently"
+    # every module of ours the run imported came from the bundle; the miss imported the whole graph
+    assert second.from_bundle == second.ours_imported
+    assert second.from_bundle < first.ours_imported
+    assert "xenblockctl.blockscript.hotplug" in second.from_bundle
+    assert laid.bundle.stat().st_mtime_ns == st.st_mtime_ns, "a used bundle is not rewritten"
+
+
+@pytest.mark.parametrize("change", ["size", "mtime"])
+def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, change: str) -> None:
+    usage_ok(run(laid))
+    source = laid.packages / "xenblockctl" / "blockscript" / "hotplug.py"
+    text = source.read_text()
+    if change == "size":
+        source.write_text(text.replace('IDENTIFIER = "block-xenblockctl"', 'IDENTIFIER = "block-edited"'))
+        identifier = "block-edited"
+    else:  # same size, other code: only the mtime tells (as for a .pyc)
+        source.write_text(
+            text.replace('IDENTIFIER = "block-xenblockctl"', 'IDENTIFIER = "block-xenblockctX"')
+        )
+        identifier = "block-xenblockctX"
+        st = source.stat()
+        assert st.st_size == len(text.encode())
+    edited = run(laid)
+    usage_ok(edited, identifier)
+    assert not edited.from_bundle, "a changed source must not be served from the bundle"
+    logged_once(edited, f"{source} changed")
+    again = run(laid)
+    usage_ok(again, identifier)
+    assert "xenblockctl.blockscript.hotplug" in again.from_bundle, "the rewritten bundle has the new code"
+
+
+def _corrupt(data: bytes) -> bytes:
+    return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
+
+
+BAD = {
+    "empty": lambda data: b"",
+    "truncated": lambda data: data[: len(data) // 2],
+    "header only": lambda data: data[:HEAD],
+    "wrong magic": lambda data: data[: len(bundle.FORMAT)] + b"\x00\x00\r\n" + data[HEAD:],
+    "other format": lambda data: b"xenblockctl-bundle 0 " + data[len(bundle.FORMAT) :],
+    "corrupt": _corrupt,
+    "not a bundle's structure": lambda data: data[:HEAD] + marshal.dumps(("x", (1, 2))),
+    "other package directory": lambda data: (
+        data[:HEAD] + marshal.dumps(("/elsewhere", marshal.loads(data[HEAD:])[1]))
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD))
+def test_a_bad_bundle_falls_back_and_is_rewritten(laid: Laid, damage: str) -> None:
+    usage_ok(run(laid))
+    laid.bundle.write_bytes(BAD[damage](laid.bundle.read_bytes()))
+    bad = run(laid)
+    usage_ok(bad)
+    assert not bad.from_bundle
+    logged_once(bad, "hotplug bundle written")
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["directory group-writable", "directory other-writable", "directory foreign"])
+def test_a_directory_others_can_write_is_refused_and_logged(laid: Laid, how: str) -> None:
+    usage_ok(run(laid))
+    before = laid.bundle.stat().st_mtime_ns
+    if how == "directory foreign":
+        os.chown(laid.cache, 65534, 65534)
+    else:
+        laid.cache.chmod(0o775 if "group" in how else 0o757)
+    refused = run(laid)
+    usage_ok(refused)
+    assert not refused.from_bundle, "a bundle others could have written is code injection"
+    logged_once(refused, "hotplug bundle refused, not written")
+    assert laid.bundle.stat().st_mtime_ns == before, "nothing is written where it would be refused"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["file foreign", "file group-writable"])
+def test_a_bundle_others_can_write_is_not_used_and_replaced(laid: Laid, how: str) -> None:
+    usage_ok(run(laid))
+    if how == "file foreign":
+        os.chown(laid.bundle, 65534, 65534)
+    else:
+        laid.bundle.chmod(0o664)
+    replaced = run(laid)
+    usage_ok(replaced)
+    assert not replaced.from_bundle
+    logged_once(replaced, "hotplug bundle written")
+    st = laid.bundle.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o644)
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
+
+
+def test_a_failed_write_is_logged_once_and_the_action_goes_on(laid: Laid) -> None:
+    laid.cache.parent.mkdir(exist_ok=True)
+    laid.cache.write_text("a file where the directory should be\n")
+    for _ in range(2):
+        ran = run(laid)
+        usage_ok(ran)
+        logged_once(ran, "hotplug bundle not written")
+        assert "FileExistsError" in ran.log[0], ran.log
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (to kill the writer mid-write)")
+@pytest.mark.parametrize("syscall", ["write", "rename"])
+def test_a_writer_killed_mid_write_leaves_no_half_bundle(laid: Laid, syscall: str) -> None:
+    """SIGKILL (strace's fault injection) at the bundle's write(2), or at its rename, when the
+    whole bundle is written but not in place: nothing is ever under the bundle's name but a whole
+    bundle, the next run falls back and writes one, and the dead writer's file is swept. A writer
+    straight into the bundle's name fails this (an empty bundle is left)."""
+    strace = shutil.which("strace")
+    assert strace is not None
+    usage_ok(run(laid))  # the .pyc files are written: the bundle's are the only write and rename left
+    laid.bundle.unlink()
+    syscalls = "write" if syscall == "write" else "rename,renameat,renameat2"
+    killed = subprocess.run(
+        [
+            strace,
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"inject={syscalls}:signal=SIGKILL:when=1",
+            str(laid.script),
+            "bogus",
+        ],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed
+    assert "usage" not in killed.stderr, "killed before the action"
+    assert not laid.bundle.exists(), "a killed writer left something under the bundle's name"
+    (left,) = laid.cache.glob(f".{bundle.NAME}.*.tmp")
+    assert (left.stat().st_size == 0) == (syscall == "write")
+
+    after = run(laid)
+    usage_ok(after)
+    assert not after.from_bundle
+    logged_once(after, "hotplug bundle written")
+    assert not left.exists(), "a dead writer's temporary file is swept"
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
