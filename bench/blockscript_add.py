@@ -267,8 +267,9 @@ def laid_script(work: Path, python: str, checkout: Path = REPO, name: str = host
     laid.chmod(0o755)
     if "--write-bundle" in shim:
         wrote = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
-        if wrote.returncode not in (0, 3):
-            raise SystemExit(f"{laid} --write-bundle: {wrote.stderr}")
+        used = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
+        if wrote.returncode not in (0, 3) or used.returncode != 0:  # 0: the bundle checked out and was used
+            raise SystemExit(f"{laid} --write-bundle: {wrote.stderr}{used.stderr}")
     return laid
 
 
