@@ -25,6 +25,7 @@ import sys
 import types
 
 from xenblockctl.journal import Journal
+from xenblockctl.xenstore.numbers import uint_or_none
 
 #: What the hotplug path imports (hotplug.main, both actions, the synchronous link main connects
 #: with): the bundle holds these and every xenblockctl module they import. The one list of the
@@ -125,10 +126,10 @@ def _sweep(directory: str) -> None:
     gone), so kills do not pile up bundles nobody reads."""
     prefix = f".{NAME}."
     for entry in os.listdir(directory):
-        pid = entry[len(prefix) : -len(".tmp")]
-        if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isascii() and pid.isdigit():
+        pid = uint_or_none(entry[len(prefix) : -len(".tmp")], maximum=1 << 22)  # pid_max's bound
+        if entry.startswith(prefix) and entry.endswith(".tmp") and pid:
             try:
-                os.kill(int(pid), 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 _unlink(os.path.join(directory, entry))
             except OSError:
