@@ -46,10 +46,7 @@ SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
 LAID_STYLE = f"import sys; sys.path.append({str(ROOT)!r}); {SHIM_STYLE}"
 #: One action's imports: hotplug.main's for every action (config, settings, vbd, the client and its
 #: link), then the action's module.
-_MAIN = (
-    "xenblockctl.blockscript.hotplug, xenblockctl.config, xenblockctl.blockscript.settings, "
-    "xenblockctl.xenstore.vbd, xenblockctl.xenstore.client, xenblockctl.xenstore.synchronous"
-)
+_MAIN = ", ".join(bundle.MAIN_ROOTS)
 ACTION_IMPORTS = {action: f"import {_MAIN}, xenblockctl.blockscript.{action}" for action in ("add", "remove")}
 
 

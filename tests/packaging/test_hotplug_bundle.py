@@ -141,6 +141,18 @@ def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, 
     assert "xenblockctl.blockscript.hotplug" in again.from_bundle, "the rewritten bundle has the new code"
 
 
+def _sections(data: bytes) -> tuple[bytes, ...]:
+    sections: tuple[bytes, ...] = marshal.loads(data[HEAD:])[2]
+    return sections
+
+
+def _rebuilt(data: bytes, *, packages: str | None = None, sections: tuple[bytes, ...] | None = None) -> bytes:
+    """The bundle `data` with its package directory or sections replaced (the layout at bundle.FORMAT)."""
+    old_packages, stats, old_sections = marshal.loads(data[HEAD:])
+    layout = (packages or old_packages, stats, old_sections if sections is None else sections)
+    return data[:HEAD] + marshal.dumps(layout)
+
+
 def _corrupt(data: bytes) -> bytes:
     return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
 
@@ -153,9 +165,11 @@ BAD = {
     "other format": lambda data: b"xenblockctl-bundle 0 " + data[len(bundle.FORMAT) :],
     "corrupt": _corrupt,
     "not a bundle's structure": lambda data: data[:HEAD] + marshal.dumps(("x", (1, 2))),
-    "other package directory": lambda data: (
-        data[:HEAD] + marshal.dumps(("/elsewhere", marshal.loads(data[HEAD:])[1]))
+    "not a bundle's entries": lambda data: _rebuilt(
+        data, sections=(marshal.dumps({"xenblockctl": (1, 2, 3)}),)
     ),
+    "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
+    "add's section corrupt": lambda data: _rebuilt(data, sections=(_sections(data)[0], b"\xff" * 99)),
 }
 
 
@@ -168,6 +182,22 @@ def test_a_bad_bundle_falls_back_and_is_rewritten(laid: Laid, damage: str) -> No
     assert not bad.from_bundle
     logged_once(bad, "hotplug bundle written")
     assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
+
+
+def test_remove_unmarshals_only_its_own_section(laid: Laid) -> None:
+    """remove imports nothing of add's (tests/lint), so it reads only the bundle's first section:
+    with add's section unreadable, a remove still runs from the bundle, and an add falls back."""
+    usage_ok(run(laid))
+    laid.bundle.write_bytes(BAD["add's section corrupt"](laid.bundle.read_bytes()))
+    remove = run(laid, "remove")  # no XENBUS_PATH: main's coded error, after remove's imports
+    assert remove.returncode == 1, remove.stderr[-2000:]
+    assert "xenbus-path-invalid" in remove.stderr
+    assert remove.log == []
+    assert "xenblockctl.blockscript.hotplug" in remove.from_bundle
+    add = run(laid, "add")
+    assert add.returncode == 1, add.stderr[-2000:]
+    assert not add.from_bundle
+    logged_once(add, "hotplug bundle written")
 
 
 @pytest.mark.root

@@ -27,20 +27,30 @@ import types
 from xenblockctl.journal import Journal
 from xenblockctl.xenstore.numbers import uint_or_none
 
-#: What the hotplug path imports (hotplug.main, both actions, the synchronous link main connects
-#: with): the bundle holds these and every xenblockctl module they import. The one list of the
-#: hotplug path's roots; tests/lint/test_hotplug_imports.py measures its graph from it, and checks
-#: that the steps a file add imports lazily add nothing outside it.
-ROOTS = (
+#: What hotplug.main imports for every action (itself, and lazily config, settings, vbd, the client
+#: and the synchronous link it connects with, which XenStore.connect imports).
+MAIN_ROOTS = (
     "xenblockctl.blockscript.hotplug",
-    "xenblockctl.blockscript.add",
-    "xenblockctl.blockscript.remove",
+    "xenblockctl.config",
+    "xenblockctl.blockscript.settings",
+    "xenblockctl.xenstore.vbd",
+    "xenblockctl.xenstore.client",
     "xenblockctl.xenstore.synchronous",
 )
+#: What remove imports: the bundle's first section, all that a remove unmarshals (remove imports
+#: nothing of add's; add's own modules are ~22 % of the code).
+REMOVE_ROOTS = (*MAIN_ROOTS, "xenblockctl.blockscript.remove")
+#: The hotplug path: the bundle holds these and every xenblockctl module they import; what add adds
+#: to REMOVE_ROOTS' closure is the second section. The one list of the hotplug path's roots:
+#: tests/lint/test_hotplug_imports.py measures the graphs from these, and checks that the steps a
+#: file add imports lazily add nothing outside them.
+ROOTS = (*REMOVE_ROOTS, "xenblockctl.blockscript.add")
 NAME = "hotplug.bundle"
 #: The file starts with this and the interpreter's bytecode magic number, checked before any of it
-#: is unmarshalled (another Python version's marshal data must never be decoded as code).
-FORMAT = b"xenblockctl-bundle 1 "
+#: is unmarshalled (another Python version's marshal data must never be decoded as code). Then,
+#: marshalled: (package directory, ((source, size, mtime_ns) for every module), (section, ...)),
+#: each section the marshalled {name: (code, is package, source)} of a step of ROOTS.
+FORMAT = b"xenblockctl-bundle 2 "
 #: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
@@ -63,29 +73,52 @@ def trusted_dir(directory: str) -> None:
         raise Refused(f"{directory} is writable by group or others (mode {st.st_mode & 0o7777:o})")
 
 
-def collect(packages: str) -> list[tuple[str, bool, str, int, int, types.CodeType]]:
-    """(name, is package, source path, size, mtime_ns, code) of ROOTS' closure, imported normally."""
-    for root in ROOTS:
-        __import__(root)
-    entries = []
-    for name, module in sorted(sys.modules.items()):
-        if not (name == "xenblockctl" or name.startswith("xenblockctl.")) or name == __name__:
-            continue
-        spec = module.__spec__
-        origin = None if spec is None else spec.origin
-        loader = None if spec is None else spec.loader
-        get_code = getattr(loader, "get_code", None)
-        if spec is None or origin is None or not origin.startswith(packages + os.sep) or get_code is None:
-            raise ValueError(f"{name} is not a source file below {packages} ({origin})")
-        # The stat before the code: a source edited in between is newer than recorded, so the next
-        # start sees the mismatch and falls back (a .pyc has the same order).
-        st = os.stat(origin)
-        code = get_code(name)
-        if not isinstance(code, types.CodeType):
-            raise ValueError(f"{name}: no code from {origin}")
-        package = spec.submodule_search_locations is not None
-        entries.append((name, package, origin, st.st_size, st.st_mtime_ns, code))
-    return entries
+Entry = tuple[str, bool, str, int, int, types.CodeType]
+
+
+def collect(packages: str) -> list[list[Entry]]:
+    """(name, is package, source path, size, mtime_ns, code) of every module of REMOVE_ROOTS'
+    closure, then of what ROOTS add to it: imported normally (bundle.py's own imports are of the
+    first; tests/lint checks both sections against the measured graphs)."""
+    sections: list[list[Entry]] = []
+    seen = {__name__}
+    for roots in (REMOVE_ROOTS, ROOTS):
+        for root in roots:
+            __import__(root)
+        names = sorted(
+            n for n in sys.modules if (n == "xenblockctl" or n.startswith("xenblockctl.")) and n not in seen
+        )
+        seen.update(names)
+        sections.append([_entry(name, packages) for name in names])
+    return sections
+
+
+def _entry(name: str, packages: str) -> Entry:
+    spec = sys.modules[name].__spec__
+    origin = None if spec is None else spec.origin
+    loader = None if spec is None else spec.loader
+    get_code = getattr(loader, "get_code", None)
+    if spec is None or origin is None or not origin.startswith(packages + os.sep) or get_code is None:
+        raise ValueError(f"{name} is not a source file below {packages} ({origin})")
+    # The stat before the code: a source edited in between is newer than recorded, so the next
+    # start sees the mismatch and falls back (a .pyc has the same order).
+    st = os.stat(origin)
+    code = get_code(name)
+    if not isinstance(code, types.CodeType):
+        raise ValueError(f"{name}: no code from {origin}")
+    return name, spec.submodule_search_locations is not None, origin, st.st_size, st.st_mtime_ns, code
+
+
+def encode(packages: str, sections: list[list[Entry]]) -> bytes:
+    """The bundle's bytes after FORMAT and the magic number (the layout at FORMAT)."""
+    stats = tuple(
+        (origin, size, mtime) for section in sections for _n, _p, origin, size, mtime, _c in section
+    )
+    blobs = tuple(
+        marshal.dumps({name: (code, package, origin) for name, package, origin, _s, _m, code in section})
+        for section in sections
+    )
+    return marshal.dumps((packages, stats, blobs))
 
 
 def write(directory: str, packages: str) -> int:
@@ -94,8 +127,8 @@ def write(directory: str, packages: str) -> int:
     from importlib._bootstrap_external import MAGIC_NUMBER  # the frozen module the script checks against
 
     trusted_dir(directory)
-    entries = collect(packages)
-    data = FORMAT + MAGIC_NUMBER + marshal.dumps((packages, tuple(entries)))
+    sections = collect(packages)
+    data = FORMAT + MAGIC_NUMBER + encode(packages, sections)
     target = os.path.join(directory, NAME)
     # A per-process temporary name in the same directory, renamed over the bundle: a reader (or a
     # writer killed half-way) never leaves a half bundle under NAME. No fsync: after a crash the
@@ -111,7 +144,7 @@ def write(directory: str, packages: str) -> int:
         _unlink(tmp)
         raise
     _sweep(directory)
-    return len(entries)
+    return sum(len(section) for section in sections)
 
 
 def _unlink(path: str) -> None:
