@@ -55,14 +55,26 @@ def laid_imports(checkout: Path, imports: str) -> str:
     return f"import gc, os, sys; gc.disable(); sys.path.append({str(checkout)!r}); {imports}; os._exit(0)"
 
 
-def bundled_script(work: Path, py: str, imports: str) -> Path:
+def bundled_script(work: Path, py: str, imports: str, *, with_bundle: bool = True) -> Path:
     """This checkout's block script as install-hooks lays it for `py`, its bundle written, cut
-    where it imports main: `imports` and os._exit run instead."""
+    where it imports main: `imports` and os._exit run instead. It prints the thread CPU time (ns)
+    from its where-the-package-is lines to the end of the imports: the import segment alone,
+    without the interpreter's start-up, whose noise hides a 1 ms change on a loaded host.
+    `with_bundle=False`: the same script with no bundle directory (the loader skipped)."""
     where = hostfiles.local_layout()._replace(python=py, packages=str(ROOT), cache_dir=str(work / "cache"))
     laid = hostfiles.block_script((ROOT / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where)
+    begin = laid.index("# Laid by")
     cut = laid.index("from xenblockctl.blockscript.hotplug import main")
+    head = f"{laid[:begin]}import time\n_t0 = time.thread_time_ns()\n{laid[begin:cut]}"
+    if not with_bundle:
+        named = f"_bundle_dir = os.environ.get({bundle.CACHE_DIR_ENV!r}) or"
+        if named not in head:
+            raise SystemExit(f"the laid script does not name its bundle directory as {named!r} …")
+        head = head.replace(named, "_bundle_dir = None and")
     script = work / f"{len(list(work.iterdir()))}.py"
-    script.write_text(f"{laid[:cut]}{imports}\nos._exit(0)\n")
+    script.write_text(f"{head}{imports}\nos.write(1, b'%d' % (time.thread_time_ns() - _t0))\nos._exit(0)\n")
+    if not with_bundle:
+        return script
     wrote = subprocess.run(
         [py, "-S", str(script), "--write-bundle"], capture_output=True, text=True, check=False
     )
@@ -72,6 +84,41 @@ def bundled_script(work: Path, py: str, imports: str) -> Path:
     if wrote.returncode not in (0, 3) or used.returncode != 0:
         raise SystemExit(f"{script} --write-bundle: {wrote.stderr}{used.stderr}")
     return script
+
+
+def segments(py: str, runs: int, env: dict[str, str]) -> None:
+    """The import segment's thread CPU time (bundled_script), each action with and without its
+    bundle, fresh processes, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="xbc-segment-"))
+    try:
+        cases = {
+            f"{action}, {kind}": [
+                py,
+                "-S",
+                str(bundled_script(work, py, imports, with_bundle=kind == "bundle")),
+                action,
+            ]
+            for action, imports in ACTION_IMPORTS.items()
+            for kind in ("no bundle", "bundle")
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for i in range(runs + 3):
+            for name, argv in cases.items():
+                out = subprocess.run(
+                    argv, cwd=ROOT, env=env, capture_output=True, text=True, check=True
+                ).stdout
+                if i >= 3:
+                    times[name].append(int(out) / 1e3)
+    finally:
+        shutil.rmtree(work)
+    print(f"import segment (where-the-package lines to the last import), thread CPU, {runs} runs:")
+    for name, values in times.items():
+        print(row(f"  {name}", values))
+    for action in ACTION_IMPORTS:
+        plain, bundled = (percentile(times[f"{action}, {kind}"], 50) for kind in ("no bundle", "bundle"))
+        print(
+            f"{action}'s import segment, CPU p50: {plain / 1e3:.2f} -> {bundled / 1e3:.2f} ms with the bundle"
+        )
 
 
 def child_env() -> dict[str, str]:
@@ -112,6 +159,7 @@ def main() -> int:
             py,
             "-S",
             str(bundled_script(work, py, imports)),
+            action,  # the loader reads the sections this action needs
         ]
     subprocess.run([py, "-c", IMPORTS], cwd=ROOT, env=env, check=True)  # write the bytecode caches
     for checkout in checkouts.values():
@@ -174,6 +222,7 @@ def main() -> int:
                 f"{action}'s imports, laid style, CPU p50: {mine / 1e3:.2f} ms, "
                 f"baseline {theirs / 1e3:.2f} ms ({mine / theirs:.3f}x)"
             )
+    segments(py, args.runs, env)
     if shutil.which("strace"):
         for name in ("python -c pass", "python -c '<hotplug imports>'", laid):
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")

@@ -1,31 +1,42 @@
-"""The hotplug bundle's writer: the code of every module `add` and `remove` import, in one file.
+"""The hotplug bundle: the code of every module `add` and `remove` import, in one checked file.
 
-A VM start spends ~2 ms of CPU finding, checking and reading ~37 .pyc files (bench/README.md,
-issue 18). The laid block script reads this one file instead: its loader (in the script itself,
-hotplug/block-xenblockctl, since a module of its own would cost a module) uses the bundle only if
-it was written by the same interpreter (magic number) from the same package directory, every
-source still has the size and mtime recorded here (one stat each, as a .pyc is checked), and the
-file and its directory are owned by the running uid and writable by nobody else. Anything else:
-normal imports for that run, and this module is imported to write a fresh bundle. Correctness
-never depends on the bundle.
+A VM start spent ~2 ms of CPU finding, checking and reading ~37 .pyc files (bench/README.md,
+issue 18). The laid block script (hotplug/block-xenblockctl) calls start(), which reads this one
+file instead and puts a finder for its modules first on sys.meta_path; every other module imports
+normally. The bundle is used only if all of it checks out, as a .pyc is checked:
+  * its directory and the file are owned by the running uid and writable by nobody else: root
+    runs the script, and a bundle someone else can write is code injection;
+  * it was written by this interpreter (its bytecode magic number, checked before unmarshalling:
+    another version's marshal data is never decoded) from the package directory the script was
+    laid for;
+  * every source still has the size and mtime_ns recorded (one stat each): an edit or an upgrade
+    misses.
+Anything else (missing, stale, refused, truncated, corrupt): normal imports for that run, and a
+fresh bundle is written and the reason logged. Correctness never depends on the bundle.
 
-Who writes it: the script on a miss, like a .pyc, before it runs its action (so the bundle holds
-exactly the closure of ROOTS, whatever the run's action or target kind); and `install-hooks`, so
-the first VM start is fast. A bundle is written to a temporary name in its directory and renamed
-over, so a reader never sees half of one. Failing to write is not the action's failure: it is
-logged with its reason and the attach goes on.
+The reader is this module, imported normally (its .pyc), not code in the script: a script run
+as __main__ is compiled from source at every start, and the ~60 lines of a reader cost 0.6-0.7 ms
+of compiling there against ~0.1 ms for a module (bench/README.md, issue 18 round 6). It imports
+nothing at module level that the hotplug path would not import anyway (os, sys, marshal); the
+writer's imports are made on a miss only.
 
-Imported only on a miss: it is not on the hotplug path's import graph, and not in the bundle."""
+Who writes it: the script on a miss, like a .pyc, before its action runs (so the bundle holds
+exactly the closure of ROOTS, whatever the run's action or target kind); and `install-hooks`
+(the script's `--write-bundle`), so the first VM start is fast. It is written to a temporary name
+in its directory and renamed over, so no reader sees half of one. Failing to write is not the
+action's failure: it is logged with its reason and the action goes on."""
 
 from __future__ import annotations
 
 import marshal
 import os
 import sys
-import types
+from _frozen_importlib import ModuleSpec  # importlib.machinery's, loaded before any script runs
 
-from xenblockctl.journal import Journal
-from xenblockctl.xenstore.numbers import uint_or_none
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Sequence
 
 #: What hotplug.main imports for every action (itself, and lazily config, settings, vbd, the client
 #: and the synchronous link it connects with, which XenStore.connect imports).
@@ -55,6 +66,90 @@ FORMAT = b"xenblockctl-bundle 2 "
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
 IDENTIFIER = "block-xenblockctl"
+#: The script's `--write-bundle` (install-hooks) exits with: the bundle was good and used,
+#: a fresh one was written, none could be written (the reason is logged).
+USED, WRITTEN, UNWRITTEN = 0, 3, 1
+
+#: name -> (code, is package, source) of the bundle's modules this run may import
+_codes: dict[str, tuple[types.CodeType, bool, str]] = {}
+
+
+class _BundleLoader:
+    """The import system's loader protocol: a module's code from the bundle."""
+
+    @staticmethod
+    def create_module(spec: ModuleSpec) -> None:
+        return None
+
+    @staticmethod
+    def exec_module(module: types.ModuleType) -> None:
+        exec(_codes[module.__name__][0], module.__dict__)
+
+
+class _BundleFinder:
+    """First on sys.meta_path: the bundle's modules; None (the next finder) for every other one."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        entry = _codes.get(name)
+        if entry is None:
+            return None
+        # the class serves as the loader (its methods are static): importlib.abc.Loader, which the
+        # stubs ask for, would be one more import at every start
+        spec = ModuleSpec(name, _BundleLoader, origin=entry[2], is_package=entry[1])  # type: ignore[arg-type]
+        if entry[1]:
+            spec.submodule_search_locations = [os.path.dirname(entry[2])]
+        spec.has_location = True  # __file__ is the source, for tracebacks and messages
+        return spec
+
+
+def use(directory: str, packages: str, action: str | None) -> str | None:
+    """Serve this run's imports of our modules from the bundle in `directory` (laid for
+    `packages`); None if it is used, else why not (nothing changed then). A remove unmarshals
+    only the first section: remove's graph, which holds nothing of add's."""
+    from _frozen_importlib_external import MAGIC_NUMBER
+
+    try:
+        held = os.stat(directory)
+        fd = os.open(os.path.join(directory, NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            for what, st in ((directory, held), (NAME, os.fstat(fd))):
+                if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                    raise PermissionError(f"{what}: owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}")
+            data = f.read()
+        head = FORMAT + MAGIC_NUMBER
+        if not data.startswith(head):
+            raise ValueError("another interpreter's or format's header")
+        written_for, stats, sections = marshal.loads(memoryview(data)[len(head) :])
+        if written_for != packages:
+            raise ValueError(f"written for {written_for}")
+        for origin, size, mtime in stats:
+            st = os.stat(origin)
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                raise ValueError(f"{origin} changed")
+        codes: dict[str, tuple[types.CodeType, bool, str]] = {}
+        for section in sections[:1] if action == "remove" else sections:
+            codes.update(marshal.loads(section))
+        code_type = type(use.__code__)
+        for code, _package, origin in codes.values():
+            if type(code) is not code_type or type(origin) is not str:
+                raise TypeError("not a bundle's entry")
+    except Exception as exc:  # missing, stale, refused, truncated, corrupt: never fatal
+        return f"{type(exc).__name__}: {exc}"
+    _codes.update(codes)
+    sys.meta_path.insert(0, _BundleFinder)
+    return None
+
+
+def start(directory: str, packages: str, argv: Sequence[str]) -> None:
+    """The laid script's first step: use the bundle, or import normally and write a fresh one.
+    With `--write-bundle` (install-hooks) the process ends here, its status saying which."""
+    action = argv[1] if len(argv) == 2 else None
+    why = use(directory, packages, action)
+    written = why is not None and renew(directory, packages, why)
+    if action == "--write-bundle":
+        sys.stderr.flush()
+        os._exit(USED if why is None else WRITTEN if written else UNWRITTEN)
 
 
 class Refused(Exception):
@@ -73,7 +168,8 @@ def trusted_dir(directory: str) -> None:
         raise Refused(f"{directory} is writable by group or others (mode {st.st_mode & 0o7777:o})")
 
 
-Entry = tuple[str, bool, str, int, int, types.CodeType]
+if TYPE_CHECKING:
+    Entry = tuple[str, bool, str, int, int, types.CodeType]
 
 
 def collect(packages: str) -> list[list[Entry]]:
@@ -104,7 +200,7 @@ def _entry(name: str, packages: str) -> Entry:
     # start sees the mismatch and falls back (a .pyc has the same order).
     st = os.stat(origin)
     code = get_code(name)
-    if not isinstance(code, types.CodeType):
+    if type(code) is not type(_entry.__code__):
         raise ValueError(f"{name}: no code from {origin}")
     return name, spec.submodule_search_locations is not None, origin, st.st_size, st.st_mtime_ns, code
 
@@ -124,7 +220,7 @@ def encode(packages: str, sections: list[list[Entry]]) -> bytes:
 def write(directory: str, packages: str) -> int:
     """Write the bundle of ROOTS' closure from `packages` into `directory`, atomically; returns the
     number of modules. Raises Refused or OSError/ValueError."""
-    from importlib._bootstrap_external import MAGIC_NUMBER  # the frozen module the script checks against
+    from _frozen_importlib_external import MAGIC_NUMBER
 
     trusted_dir(directory)
     sections = collect(packages)
@@ -157,6 +253,8 @@ def _unlink(path: str) -> None:
 def _sweep(directory: str) -> None:
     """Remove the temporary files of writers that were killed before their rename (their pid is
     gone), so kills do not pile up bundles nobody reads."""
+    from xenblockctl.xenstore.numbers import uint_or_none
+
     prefix = f".{NAME}."
     for entry in os.listdir(directory):
         pid = uint_or_none(entry[len(prefix) : -len(".tmp")], maximum=1 << 22)  # pid_max's bound
@@ -172,6 +270,8 @@ def _sweep(directory: str) -> None:
 def renew(directory: str, packages: str, reason: str) -> bool:
     """The laid script's miss: write a fresh bundle, log what happened; never raises (the attach goes
     on with normal imports). True if a bundle was written."""
+    from xenblockctl.journal import Journal
+
     journal = Journal(IDENTIFIER)
     try:
         count = write(directory, packages)
