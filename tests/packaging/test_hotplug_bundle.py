@@ -143,16 +143,16 @@ def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, 
     assert "xenblockctl.blockscript.hotplug" in again.from_bundle, "the rewritten bundle has the new code"
 
 
-def _sections(data: bytes) -> tuple[bytes, ...]:
-    sections: tuple[bytes, ...] = marshal.loads(data[HEAD:])[2]
-    return sections
+def _sections(data: bytes) -> list[bytes]:
+    return [bytes(section) for section in bundle.parts(data, data[len(bundle.FORMAT) : HEAD])[2]]
 
 
-def _rebuilt(data: bytes, *, packages: str | None = None, sections: tuple[bytes, ...] | None = None) -> bytes:
+def _rebuilt(data: bytes, *, packages: str | None = None, sections: list[bytes] | None = None) -> bytes:
     """The bundle `data` with its package directory or sections replaced (the layout at bundle.FORMAT)."""
-    old_packages, stats, old_sections = marshal.loads(data[HEAD:])
-    layout = (packages or old_packages, stats, old_sections if sections is None else sections)
-    return data[:HEAD] + marshal.dumps(layout)
+    old_packages, stats, _ = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
+    blobs = _sections(data) if sections is None else sections
+    index = marshal.dumps((packages or old_packages, stats, tuple(len(blob) for blob in blobs)))
+    return data[:HEAD] + len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
 def _corrupt(data: bytes) -> bytes:
@@ -168,10 +168,11 @@ BAD = {
     "corrupt": _corrupt,
     "not a bundle's structure": lambda data: data[:HEAD] + marshal.dumps(("x", (1, 2))),
     "not a bundle's entries": lambda data: _rebuilt(
-        data, sections=(marshal.dumps({"xenblockctl": (1, 2, 3)}),)
+        data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)})]
     ),
+    "more than was written": lambda data: data + b"\0",
     "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
-    "add's section corrupt": lambda data: _rebuilt(data, sections=(_sections(data)[0], b"\xff" * 99)),
+    "add's section corrupt": lambda data: _rebuilt(data, sections=[_sections(data)[0], b"\xff" * 99]),
 }
 
 
