@@ -12,6 +12,8 @@ names the interpreter with `-S` (directly: flags cannot pass through `env` on bu
 the directory holding this package on sys.path itself. Nothing else it imports lives outside the
 standard library (tests/lint/test_hotplug_imports.py). Without site, a venv's interpreter still
 finds the standard library (getpath reads pyvenv.cfg's home); only site-packages would be missing.
+The laid script also names its hotplug bundle's directory (Layout.cache_dir), and `install` has
+it write the bundle (blockscript/bundle.py) once the files are laid.
 
 Installing is idempotent: a file whose content and mode already match is left alone and reported
 `unchanged`; every other one is written to a temporary name and renamed over, so a running udev or
