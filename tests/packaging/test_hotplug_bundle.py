@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -99,14 +100,25 @@ def logged_once(ran: Ran, text: str) -> None:
     assert text in ran.log[0], ran.log
 
 
+def missed(laid: Laid, text: str = "hotplug bundle written", identifier: str = "block-xenblockctl") -> Ran:
+    """A run that did not use the bundle, did its action all the same, and logged `text` once."""
+    ran = run(laid)
+    usage_ok(ran, identifier)
+    assert not ran.from_bundle, "this bundle must not be used"
+    logged_once(ran, text)
+    return ran
+
+
+def ours_alone(path: Path, mode: int) -> None:
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), mode)
+
+
 def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
-    first = run(laid)
-    usage_ok(first)
-    assert not first.from_bundle
-    logged_once(first, "hotplug bundle written: 37 modules")
+    first = missed(laid, "hotplug bundle written: 37 modules")
+    ours_alone(laid.bundle, 0o644)
+    ours_alone(laid.cache, 0o755)
     st = laid.bundle.stat()
-    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o644)
-    assert (laid.cache.stat().st_mode & 0o7777) == 0o755
 
     second = run(laid)
     usage_ok(second)
@@ -134,10 +146,7 @@ def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, 
         identifier = "block-xenblockctX"
         st = source.stat()
         assert st.st_size == len(text.encode())
-    edited = run(laid)
-    usage_ok(edited, identifier)
-    assert not edited.from_bundle, "a changed source must not be served from the bundle"
-    logged_once(edited, f"{source} changed")
+    missed(laid, f"{source} changed", identifier)  # a changed source is never served from the bundle
     again = run(laid)
     usage_ok(again, identifier)
     assert "xenblockctl.blockscript.hotplug" in again.from_bundle, "the rewritten bundle has the new code"
@@ -159,7 +168,7 @@ def _corrupt(data: bytes) -> bytes:
     return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
 
 
-BAD = {
+BAD: dict[str, Callable[[bytes], bytes]] = {
     "empty": lambda data: b"",
     "truncated": lambda data: data[: len(data) // 2],
     "header only": lambda data: data[:HEAD],
@@ -180,10 +189,7 @@ BAD = {
 def test_a_bad_bundle_falls_back_and_is_rewritten(laid: Laid, damage: str) -> None:
     usage_ok(run(laid))
     laid.bundle.write_bytes(BAD[damage](laid.bundle.read_bytes()))
-    bad = run(laid)
-    usage_ok(bad)
-    assert not bad.from_bundle
-    logged_once(bad, "hotplug bundle written")
+    missed(laid)
     assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
 
 
@@ -212,10 +218,7 @@ def test_a_directory_others_can_write_is_refused_and_logged(laid: Laid, how: str
         os.chown(laid.cache, 65534, 65534)
     else:
         laid.cache.chmod(0o775 if "group" in how else 0o757)
-    refused = run(laid)
-    usage_ok(refused)
-    assert not refused.from_bundle, "a bundle others could have written is code injection"
-    logged_once(refused, "hotplug bundle refused, not written")
+    missed(laid, "hotplug bundle refused, not written")  # one others could have written: code injection
     assert laid.bundle.stat().st_mtime_ns == before, "nothing is written where it would be refused"
 
 
@@ -227,12 +230,8 @@ def test_a_bundle_others_can_write_is_not_used_and_replaced(laid: Laid, how: str
         os.chown(laid.bundle, 65534, 65534)
     else:
         laid.bundle.chmod(0o664)
-    replaced = run(laid)
-    usage_ok(replaced)
-    assert not replaced.from_bundle
-    logged_once(replaced, "hotplug bundle written")
-    st = laid.bundle.stat()
-    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o644)
+    missed(laid)
+    ours_alone(laid.bundle, 0o644)
     assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
 
 
@@ -240,9 +239,7 @@ def test_a_failed_write_is_logged_once_and_the_action_goes_on(laid: Laid) -> Non
     laid.cache.parent.mkdir(exist_ok=True)
     laid.cache.write_text("a file where the directory should be\n")
     for _ in range(2):
-        ran = run(laid)
-        usage_ok(ran)
-        logged_once(ran, "hotplug bundle not written")
+        ran = missed(laid, "hotplug bundle not written")
         assert "FileExistsError" in ran.log[0], ran.log
 
 
@@ -282,9 +279,6 @@ def test_a_writer_killed_mid_write_leaves_no_half_bundle(laid: Laid, syscall: st
     (left,) = laid.cache.glob(f".{bundle.NAME}.*.tmp")
     assert (left.stat().st_size == 0) == (syscall == "write")
 
-    after = run(laid)
-    usage_ok(after)
-    assert not after.from_bundle
-    logged_once(after, "hotplug bundle written")
+    missed(laid)
     assert not left.exists(), "a dead writer's temporary file is swept"
     assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
