@@ -72,7 +72,7 @@ IDENTIFIER = "block-xenblockctl"
 #: a fresh one was written, none could be written (the reason is logged).
 USED, WRITTEN, UNWRITTEN = 0, 3, 1
 
-#: name -> (code, is package, source) of the bundle's modules this run may import
+#: name -> (code, is package, source, .pyc path) of the bundle's modules this run may import
 _codes: dict[str, tuple[types.CodeType, bool, str, str]] = {}
 
 
