@@ -95,6 +95,9 @@ def test_install_hooks_lays_every_file_once(tmp_path: Path) -> None:
     assert {k.lstrip("/"): v for k, v in first.items()} == dict.fromkeys(LOCAL_FILES, "installed")
     _check_tree(root, CLI)
     assert set(_install(CLI, root).values()) == {"unchanged"}, "a second run must change nothing"
+    dry = _install(CLI, root, "--dry-run")
+    assert dry.pop("/var/cache/xenblockctl/hotplug.bundle") == "would check"
+    assert set(dry.values()) == {"unchanged"}
 
     hook = root / "usr/libexec/xenblockctl/xenblockctl-udev"
     hook.write_text("#!/bin/sh\n")
