@@ -255,11 +255,21 @@ def parallel_rows(libxl: Libxl, contestants: list[Contestant], images: list[Path
 
 
 def laid_script(work: Path, python: str, checkout: Path = REPO, name: str = hostfiles.SCRIPT_NAME) -> Path:
-    """The block script as `install-hooks` lays it for `python`, importing `checkout`."""
-    where = hostfiles.local_layout()._replace(python=python, packages=str(checkout))
+    """The block script as `install-hooks` lays it for `python`, importing `checkout`, with its
+    hotplug bundle (if its shim has one) in a directory of its own, written before any timing
+    (as install-hooks does): contestants never share, or rewrite, each other's bundle."""
+    where = hostfiles.local_layout()._replace(
+        python=python, packages=str(checkout), cache_dir=str(work / f"{name}.cache")
+    )
     laid = work / name
-    laid.write_text(hostfiles.block_script((checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where))
+    shim = (checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text()
+    laid.write_text(hostfiles.block_script(shim, where))
     laid.chmod(0o755)
+    if "--write-bundle" in shim:
+        wrote = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
+        used = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
+        if wrote.returncode not in (0, 3) or used.returncode != 0:  # 0: the bundle checked out and was used
+            raise SystemExit(f"{laid} --write-bundle: {wrote.stderr}{used.stderr}")
     return laid
 
 

@@ -13,6 +13,8 @@ and CPU time of the child):
     package's directory appended to sys.path by the script, GC off, os._exit;
   * laid-script style, what `add` alone and what `remove` alone import (remove's graph holds
     nothing of add's), for this checkout and, with `--baseline`, for another one in the same loop;
+  * the same through this checkout's laid script with its hotplug bundle (blockscript/bundle.py):
+    the laid script's own lines up to its import of main, then the action's imports, os._exit;
 then the syscalls of one run of the bare interpreter and of the imports (strace -f -c), then the
 slowest imports of one run (`python -S -X importtime`, site's own imports left out).
 
@@ -28,32 +30,95 @@ import shutil
 import site
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.common import percentile, row, run_once
+from xenblockctl.blockscript import bundle
+from xenblockctl.toolstack import hostfiles
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = (
-    "import xenblockctl.blockscript.hotplug, xenblockctl.blockscript.add, xenblockctl.blockscript.remove, "
-    # the link the hotplug path connects with (XenStore.connect imports it)
-    "xenblockctl.xenstore.synchronous"
-)
+#: The hotplug path's roots (hotplug.main, both actions, the link main connects with).
+IMPORTS = f"import {', '.join(bundle.ROOTS)}"
 #: What the shim adds around the imports (hotplug/block-xenblockctl).
 SHIM_STYLE = f"import gc, os; gc.disable(); {IMPORTS}; os._exit(0)"
 #: What the laid script (toolstack/hostfiles.block_script) runs under `python -S`.
 LAID_STYLE = f"import sys; sys.path.append({str(ROOT)!r}); {SHIM_STYLE}"
 #: One action's imports: hotplug.main's for every action (config, settings, vbd, the client and its
 #: link), then the action's module.
-_MAIN = (
-    "xenblockctl.blockscript.hotplug, xenblockctl.config, xenblockctl.blockscript.settings, "
-    "xenblockctl.xenstore.vbd, xenblockctl.xenstore.client, xenblockctl.xenstore.synchronous"
-)
+_MAIN = ", ".join(bundle.MAIN_ROOTS)
 ACTION_IMPORTS = {action: f"import {_MAIN}, xenblockctl.blockscript.{action}" for action in ("add", "remove")}
 
 
 def laid_imports(checkout: Path, imports: str) -> str:
     """`imports` as the laid script runs them from `checkout`."""
     return f"import gc, os, sys; gc.disable(); sys.path.append({str(checkout)!r}); {imports}; os._exit(0)"
+
+
+def bundled_script(work: Path, py: str, imports: str, *, with_bundle: bool = True) -> Path:
+    """This checkout's block script as install-hooks lays it for `py`, its bundle written, cut
+    where it imports main: `imports` and os._exit run instead. It prints the thread CPU time (ns)
+    from its where-the-package-is lines to the end of the imports: the import segment alone,
+    without the interpreter's start-up, whose noise hides a 1 ms change on a loaded host.
+    `with_bundle=False`: the same script with no bundle directory (the loader skipped)."""
+    where = hostfiles.local_layout()._replace(python=py, packages=str(ROOT), cache_dir=str(work / "cache"))
+    laid = hostfiles.block_script((ROOT / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where)
+    begin = laid.index("# Laid by")
+    cut = laid.index("from xenblockctl.blockscript.hotplug import main")
+    head = f"{laid[:begin]}import time\n_t0 = time.thread_time_ns()\n{laid[begin:cut]}"
+    if not with_bundle:
+        named = f"_bundle_dir = os.environ.get({bundle.CACHE_DIR_ENV!r}) or"
+        if named not in head:
+            raise SystemExit(f"the laid script does not name its bundle directory as {named!r} …")
+        head = head.replace(named, "_bundle_dir = None and")
+    script = work / f"{len(list(work.iterdir()))}.py"
+    script.write_text(f"{head}{imports}\nos.write(1, b'%d' % (time.thread_time_ns() - _t0))\nos._exit(0)\n")
+    if not with_bundle:
+        return script
+    wrote = subprocess.run(
+        [py, "-S", str(script), "--write-bundle"], capture_output=True, text=True, check=False
+    )
+    used = subprocess.run(
+        [py, "-S", str(script), "--write-bundle"], capture_output=True, text=True, check=False
+    )
+    if wrote.returncode not in (0, 3) or used.returncode != 0:
+        raise SystemExit(f"{script} --write-bundle: {wrote.stderr}{used.stderr}")
+    return script
+
+
+def segments(py: str, runs: int, env: dict[str, str]) -> None:
+    """The import segment's thread CPU time (bundled_script), each action with and without its
+    bundle, fresh processes, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="xbc-segment-"))
+    try:
+        cases = {
+            f"{action}, {kind}": [
+                py,
+                "-S",
+                str(bundled_script(work, py, imports, with_bundle=kind == "bundle")),
+                action,
+            ]
+            for action, imports in ACTION_IMPORTS.items()
+            for kind in ("no bundle", "bundle")
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for i in range(runs + 3):
+            for name, argv in cases.items():
+                out = subprocess.run(
+                    argv, cwd=ROOT, env=env, capture_output=True, text=True, check=True
+                ).stdout
+                if i >= 3:
+                    times[name].append(int(out) / 1e3)
+    finally:
+        shutil.rmtree(work)
+    print(f"import segment (where-the-package lines to the last import), thread CPU, {runs} runs:")
+    for name, values in times.items():
+        print(row(f"  {name}", values))
+    for action in ACTION_IMPORTS:
+        plain, bundled = (percentile(times[f"{action}, {kind}"], 50) for kind in ("no bundle", "bundle"))
+        print(
+            f"{action}'s import segment, CPU p50: {plain / 1e3:.2f} -> {bundled / 1e3:.2f} ms with the bundle"
+        )
 
 
 def child_env() -> dict[str, str]:
@@ -88,18 +153,29 @@ def main() -> int:
                 "-c",
                 laid_imports(checkout, imports),
             ]
+    work = Path(tempfile.mkdtemp(prefix="xbc-startup-"))
+    for action, imports in ACTION_IMPORTS.items():
+        cases[f"  {action}'s imports alone, laid script with its bundle"] = [
+            py,
+            "-S",
+            str(bundled_script(work, py, imports)),
+            action,  # the loader reads the sections this action needs
+        ]
     subprocess.run([py, "-c", IMPORTS], cwd=ROOT, env=env, check=True)  # write the bytecode caches
     for checkout in checkouts.values():
         for imports in ACTION_IMPORTS.values():
             subprocess.run([py, "-S", "-c", laid_imports(checkout, imports)], cwd=ROOT, env=env, check=True)
     walls: dict[str, list[float]] = {name: [] for name in cases}
     cpus: dict[str, list[float]] = {name: [] for name in cases}
-    for i in range(args.runs + 3):
-        for name, argv in cases.items():
-            wall, cpu = run_once(argv, env, ROOT)
-            if i >= 3:
-                walls[name].append(wall)
-                cpus[name].append(cpu)
+    try:
+        for i in range(args.runs + 3):
+            for name, argv in cases.items():
+                wall, cpu = run_once(argv, env, ROOT)
+                if i >= 3:
+                    walls[name].append(wall)
+                    cpus[name].append(cpu)
+    finally:
+        shutil.rmtree(work)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"hotplug start-up, {args.runs} fresh processes each, python {py}, load average {load}")
     for name in cases:
@@ -129,6 +205,15 @@ def main() -> int:
         f"{percentile(walls[laid], 50) / 1e3:.1f} vs {percentile(walls[shim], 50) / 1e3:.1f} ms wall, "
         f"{percentile(cpus[laid], 50) / 1e3:.1f} vs {percentile(cpus[shim], 50) / 1e3:.1f} ms CPU"
     )
+    for action in ACTION_IMPORTS:
+        plain, bundled = (
+            percentile(cpus[f"  {action}'s imports alone, laid {kind}"], 50)
+            for kind in ("style", "script with its bundle")
+        )
+        print(
+            f"{action}'s imports, CPU p50: {plain / 1e3:.2f} ms, with the bundle {bundled / 1e3:.2f} ms "
+            f"({(bundled - plain) / 1e3:+.2f} ms)"
+        )
     if args.baseline is not None:
         for action in ACTION_IMPORTS:
             ours, base = (cpus[f"  {action}'s imports alone, laid style{label}"] for label in checkouts)
@@ -137,6 +222,7 @@ def main() -> int:
                 f"{action}'s imports, laid style, CPU p50: {mine / 1e3:.2f} ms, "
                 f"baseline {theirs / 1e3:.2f} ms ({mine / theirs:.3f}x)"
             )
+    segments(py, args.runs, env)
     if shutil.which("strace"):
         for name in ("python -c pass", "python -c '<hotplug imports>'", laid):
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")

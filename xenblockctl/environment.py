@@ -8,6 +8,8 @@ decides exactly what they see. The options of config.py are read from `variables
 
   XENSTORED_PATH, XENSTORED_RUNDIR   where xenstored is (xenstore/transport.py reads `variables`)
   XENBLOCKCTL_LOCK_DIR               the per-target lock directory (tests: one per run)
+  XENBLOCKCTL_CACHE_DIR              the hotplug bundle's directory: read by the laid block script
+                                     itself, before any import (blockscript/bundle.py)
 
 and test-only hooks, inert when unset:
 

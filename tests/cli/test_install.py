@@ -19,6 +19,7 @@ import pytest
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from tests.lint import test_hotplug_imports
+from xenblockctl.blockscript import bundle
 from xenblockctl.sandbox import script_failure
 from xenblockctl.toolstack import hostfiles
 
@@ -38,6 +39,8 @@ LOCAL_FILES = {
     "usr/local/share/bash-completion/completions/xenblockctl": 0o644,
     "usr/local/share/zsh/site-functions/_xenblockctl": 0o644,
     "usr/local/share/fish/vendor_completions.d/xenblockctl.fish": 0o644,
+    # the block script's hotplug bundle, written by the laid script (blockscript/bundle.py)
+    "var/cache/xenblockctl/hotplug.bundle": 0o644,
 }
 
 
@@ -92,6 +95,9 @@ def test_install_hooks_lays_every_file_once(tmp_path: Path) -> None:
     assert {k.lstrip("/"): v for k, v in first.items()} == dict.fromkeys(LOCAL_FILES, "installed")
     _check_tree(root, CLI)
     assert set(_install(CLI, root).values()) == {"unchanged"}, "a second run must change nothing"
+    dry = _install(CLI, root, "--dry-run")
+    assert dry.pop("/var/cache/xenblockctl/hotplug.bundle") == "would check"
+    assert set(dry.values()) == {"unchanged"}
 
     hook = root / "usr/libexec/xenblockctl/xenblockctl-udev"
     hook.write_text("#!/bin/sh\n")
@@ -153,18 +159,24 @@ def test_installed_script_imports_the_package_from_any_directory(tmp_path: Path)
             assert result.returncode == 0, "the udev hook always exits 0"
 
 
-def _add_and_remove_through(script: Path, libxl: Libxl, make_image: ImageFactory) -> set[str]:
+def _add_and_remove_through(
+    script: Path, libxl: Libxl, make_image: ImageFactory, root: Path | None = None
+) -> set[str]:
     """A real add (engine hand-off) and remove through `script`, run as libxl runs it (exec'd by
-    its #! line, cwd /, libxl's environment); returns the modules its add imported."""
+    its #! line, cwd /, libxl's environment); returns the modules its add imported. With the
+    `root` install-hooks laid it under, both read their modules from the hotplug bundle laid
+    there (checked with the import system's trace)."""
     image = make_image(fill=b"laid")
     be = libxl.create_backend(7, 51712, str(image), "w")
     consumer = libxl.engine_consumer(be)
+
+    bundled = {} if root is None else {"XENBLOCKCTL_CACHE_DIR": str(root / "var/cache/xenblockctl")}
 
     def run(action: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(script), action],
             cwd="/",
-            env={**libxl.env(action, be), "script": str(script), **extra},
+            env={**libxl.env(action, be), "script": str(script), **bundled, **extra},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -172,16 +184,26 @@ def _add_and_remove_through(script: Path, libxl: Libxl, make_image: ImageFactory
             check=False,
         )
 
-    added = run("add", PYTHONPROFILEIMPORTTIME="1")
+    added = run("add", PYTHONPROFILEIMPORTTIME="1", PYTHONVERBOSE="1")
     assert added.returncode == 0, added.stderr
     consumer.wait_opened()
     assert libxl.nodes(be)["hotplug-status"] == "connected"
     consumer.release()
     libxl.store.write(be.node("online"), "0")
     libxl.store.write(be.node("state"), "6")
-    removed = run("remove")
+    removed = run("remove", PYTHONVERBOSE="1")
     assert removed.returncode == 0, removed.stderr
     assert "physical-device" not in libxl.nodes(be)
+    if root is not None:
+        for ran in (added, removed):
+            ours = [line for line in ran.stderr.splitlines() if line.startswith("import 'xenblockctl")]
+            assert ours, ran.stderr
+            # all but the bundle's reader and its packages, imported before the bundle is open
+            reader = ("'xenblockctl'", "'xenblockctl.blockscript'", f"'{bundle.__name__}'")
+            unbundled = [
+                line for line in ours if "_BundleLoader" not in line and line.split()[1] not in reader
+            ]
+            assert not unbundled, f"imported without the bundle: {unbundled}"
     return {
         line.rsplit("|", 1)[1].strip()
         for line in added.stderr.splitlines()
@@ -200,7 +222,7 @@ def test_laid_block_script_adds_and_removes_without_site(
     root = tmp_path / "root"
     _install(CLI, root)
     script = root / "etc/xen/scripts/block-xenblockctl"
-    imported = _add_and_remove_through(script, libxl, make_image)
+    imported = _add_and_remove_through(script, libxl, make_image, root)
     assert "xenblockctl.blockscript.hotplug" in imported, sorted(imported)
     assert "site" not in imported, "the laid script must start without site.py"
     other_kinds = sorted(
@@ -289,7 +311,7 @@ def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox(
         # Without site the venv's interpreter still finds the standard library (pyvenv.cfg's home)
         # and the laid script adds the venv's site-packages itself: a real add through it.
         assert f"sys.path.append('{venv}/lib/" in laid.read_text()
-        imported = _add_and_remove_through(laid, libxl, make_image)
+        imported = _add_and_remove_through(laid, libxl, make_image, root)
         assert "site" not in imported
         assert "xenblockctl.blockscript.hotplug" in imported
 

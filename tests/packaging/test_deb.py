@@ -87,6 +87,21 @@ def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
 
 
 @pytest.mark.slow
+def test_package_writes_and_removes_the_hotplug_bundle(built: build.Built) -> None:
+    """The bundle is not in the .deb (a package build's install-hooks lays the script for a
+    directory it is not in yet); postinst has the installed script write it, postrm removes it."""
+    listing = _run(["dpkg-deb", "--contents", str(built.deb)], built.deb.parent, 60).stdout
+    assert "var/cache" not in listing
+    with tempfile.TemporaryDirectory(prefix="xbc-deb-e-") as control:
+        _run(["dpkg-deb", "-e", str(built.deb), control], built.deb.parent, 60)
+        postinst = (Path(control) / "postinst").read_text()
+        postrm = (Path(control) / "postrm").read_text()
+    assert "/etc/xen/scripts/block-xenblockctl --write-bundle" in postinst
+    assert postinst.index("py3compile") < postinst.index("--write-bundle"), "byte-compiled first"
+    assert "rm -f /var/cache/xenblockctl/hotplug.bundle" in postrm
+
+
+@pytest.mark.slow
 def test_package_overwrites_nothing_of_xen_utils_common(built: build.Built) -> None:
     """Files of xen-utils-common as installed here (else the stock scripts every version ships)."""
     owned = _run(["dpkg-query", "-L", "xen-utils-common"], REPO, 60)

@@ -12,6 +12,8 @@ names the interpreter with `-S` (directly: flags cannot pass through `env` on bu
 the directory holding this package on sys.path itself. Nothing else it imports lives outside the
 standard library (tests/lint/test_hotplug_imports.py). Without site, a venv's interpreter still
 finds the standard library (getpath reads pyvenv.cfg's home); only site-packages would be missing.
+The laid script also names its hotplug bundle's directory (Layout.cache_dir), and `install` has
+it write the bundle (blockscript/bundle.py) once the files are laid.
 
 Installing is idempotent: a file whose content and mode already match is left alone and reported
 `unchanged`; every other one is written to a temporary name and renamed over, so a running udev or
@@ -22,12 +24,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import subprocess
 import sys
 import sysconfig
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from xenblockctl.blockscript.bundle import CACHE_DIR, CACHE_DIR_ENV, NAME
 from xenblockctl.errors import XenblockError
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -66,6 +70,9 @@ class Layout(NamedTuple):
     python: str  # the interpreter the script and hook run with
     packages: str  # the directory holding the xenblockctl package that interpreter imports
     cli: str  # the xenblockctl the units start
+    #: the laid block script's bundle directory (blockscript/bundle.py), unless the script's
+    #: environment names another in XENBLOCKCTL_CACHE_DIR (as XENBLOCKCTL_LOCK_DIR does locks)
+    cache_dir: str = CACHE_DIR
 
     @property
     def script(self) -> str:
@@ -166,6 +173,7 @@ def block_script(text: str, where: Layout) -> str:
         "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
         "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
         f"{_APPEND}{where.packages!r})\n"
+        f"_bundle_dir = os.environ.get({CACHE_DIR_ENV!r}) or {where.cache_dir!r}\n"
     )
     text = text[:begin] + where_lines + text[end + len(WHERE_END) :]
     return _with_python(text, f"{where.python} -S")
@@ -270,4 +278,39 @@ def install(where: Layout, root: str = "/", *, dry_run: bool = False) -> list[Do
             continue
         _write(target, item)
         done.append(Done(item.path, "installed" if now is None else "updated"))
+    bundle = _bundle(where, root, dry_run=dry_run)
+    if bundle is not None:
+        done.append(bundle)
     return done
+
+
+def _bundle(where: Layout, root: str, *, dry_run: bool) -> Done | None:
+    """The laid block script's bundle (blockscript/bundle.py), written now so that the first VM
+    start is as fast as the others: by the laid script itself (`--write-bundle`), so it is made by
+    the interpreter and from the package directory every VM start uses, and checked by the same
+    loader. Only when that directory holds this very package: a package build (the .deb) lays a
+    script for a directory its package is not in yet, and must not ship a cache file; there the
+    first VM start writes it."""
+    if where.packages != str(PACKAGE.parent):
+        return None
+    path = f"{where.cache_dir}/{NAME}"
+    directory = Path(root) / where.cache_dir.lstrip("/")
+    existed = (directory / NAME).exists()
+    if dry_run:
+        return Done(path, "would check" if existed else "would install")
+    script = Path(root) / where.script.lstrip("/")
+    env = {**os.environ, CACHE_DIR_ENV: str(directory)}
+    try:
+        ran = subprocess.run(
+            [str(script), "--write-bundle"], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"cannot run {script} --write-bundle: {exc}") from exc
+    if ran.returncode == 0:
+        return Done(path, "unchanged")
+    if ran.returncode == 3:  # the script wrote a fresh bundle
+        return Done(path, "updated" if existed else "installed")
+    raise InstallError(
+        f"{script} --write-bundle could not write {directory / NAME} (exit {ran.returncode}): "
+        f"{ran.stderr.strip()[-500:]}"
+    )

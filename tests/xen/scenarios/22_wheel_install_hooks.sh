@@ -31,6 +31,8 @@ cat install.txt
 grep -q '^installed  *\/etc\/xen\/scripts\/block-xenblockctl$' install.txt || fail "install-hooks did not lay the block script"
 "$venv/bin/xenblockctl" install-hooks --root "$root" > again.txt || fail "second install-hooks exited $?"
 if grep -v '^unchanged ' again.txt; then fail "a second install-hooks changed files"; fi
+# install-hooks has the laid script write its hotplug bundle (blockscript/bundle.py) under the root
+[ -f "$root/var/cache/xenblockctl/hotplug.bundle" ] || fail "install-hooks wrote no hotplug bundle"
 
 laid=$root/etc/xen/scripts/block-xenblockctl
 [ -x "$laid" ] || fail "$laid is not executable"
@@ -42,4 +44,9 @@ img=$XENCI_WORK/disk.img
 make_image "$img"
 attach_rw_cycle xvdc "$img" "$laid" wheel_rw
 rm -f "$img"
+# libxl ran the laid script with the host's bundle directory: the .deb's bundle (postinst) was
+# written for the .deb's package directory, so the venv's script wrote its own there, root's alone
+case $(stat -c '%U %a' /var/cache/xenblockctl/hotplug.bundle 2>&1) in
+  "root 644") ;; *) fail "no root-owned 0644 hotplug bundle in /var/cache/xenblockctl after the attach" ;;
+esac
 say "wheel + install-hooks: attach/detach through the laid script ok"

@@ -1,0 +1,284 @@
+"""The laid block script's hotplug bundle (xenblockctl/blockscript/bundle.py, the shim's loader).
+
+Each test lays the block script as `install-hooks` does, for a copy of the package in a temporary
+directory (so sources can be edited) and a bundle directory of its own, and runs it as a process.
+The action is a usage error (exit 2, `usage: <IDENTIFIER> ...`): the bundle is read or written
+before any action runs, and the line shows which code ran (tests/cli/test_install.py runs a real
+add and remove through a bundle). Whether the bundle was used is read from the import system's
+own trace (PYTHONVERBOSE names each module's loader), not from timing."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from xenblockctl.blockscript import bundle
+from xenblockctl.toolstack import hostfiles
+
+REPO = Path(__file__).resolve().parents[2]
+HEAD = len(bundle.FORMAT) + 4  # the format tag and the interpreter's magic number
+READER = {"xenblockctl", "xenblockctl.blockscript", bundle.__name__}
+
+
+class Laid(NamedTuple):
+    script: Path
+    packages: Path
+    cache: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.cache / bundle.NAME
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stderr: str
+
+    @property
+    def from_bundle(self) -> set[str]:
+        """The modules the bundle's loader imported (python -v: `import 'name' # <loader>`)."""
+        return {
+            line.split("'")[1]
+            for line in self.stderr.splitlines()
+            if line.startswith("import '") and "_BundleLoader" in line
+        }
+
+    @property
+    def ours_imported(self) -> set[str]:
+        return {
+            line.split("'")[1] for line in self.stderr.splitlines() if line.startswith("import 'xenblockctl")
+        }
+
+    @property
+    def log(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if "hotplug bundle" in line]
+
+
+@pytest.fixture
+def laid(tmp_path: Path) -> Laid:
+    packages = tmp_path / "packages"
+    shutil.copytree(
+        REPO / "xenblockctl", packages / "xenblockctl", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    cache = tmp_path / "cache"
+    where = hostfiles.local_layout()._replace(packages=str(packages), cache_dir=str(cache))
+    script = tmp_path / hostfiles.SCRIPT_NAME
+    script.write_text(hostfiles.block_script((REPO / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where))
+    script.chmod(0o755)
+    return Laid(script, packages, cache)
+
+
+def run(laid: Laid, *argv: str) -> Ran:
+    done = subprocess.run(
+        [str(laid.script), *(argv or ("bogus",))],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONVERBOSE": "1"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return Ran(done.returncode, done.stderr)
+
+
+def usage_ok(ran: Ran, identifier: str = "block-xenblockctl") -> None:
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert f"{identifier}: usage: {identifier} add|remove (got 'bogus')" in ran.stderr, ran.stderr[-2000:]
+
+
+def logged_once(ran: Ran, text: str) -> None:
+    assert len(ran.log) == 1, ran.log
+    assert text in ran.log[0], ran.log
+
+
+def missed(laid: Laid, text: str = "hotplug bundle written", identifier: str = "block-xenblockctl") -> Ran:
+    """A run that did not use the bundle, did its action all the same, and logged `text` once."""
+    ran = run(laid)
+    usage_ok(ran, identifier)
+    assert not ran.from_bundle, "this bundle must not be used"
+    logged_once(ran, text)
+    return ran
+
+
+def ours_alone(path: Path, mode: int) -> None:
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), mode)
+
+
+def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
+    first = missed(laid, "hotplug bundle written: 37 modules")
+    ours_alone(laid.bundle, 0o644)
+    ours_alone(laid.cache, 0o755)
+    st = laid.bundle.stat()
+
+    second = run(laid)
+    usage_ok(second)
+    assert second.log == [], "a good bundle is used silently"
+    # every module of ours the run imported came from the bundle but its reader (and the reader's
+    # packages), imported before the bundle is open; the miss imported the whole graph
+    assert second.from_bundle == second.ours_imported - READER
+    assert second.from_bundle < first.ours_imported
+    assert "xenblockctl.blockscript.hotplug" in second.from_bundle
+    assert laid.bundle.stat().st_mtime_ns == st.st_mtime_ns, "a used bundle is not rewritten"
+
+
+@pytest.mark.parametrize("change", ["size", "mtime"])
+def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, change: str) -> None:
+    usage_ok(run(laid))
+    source = laid.packages / "xenblockctl" / "blockscript" / "hotplug.py"
+    text = source.read_text()
+    if change == "size":
+        source.write_text(text.replace('IDENTIFIER = "block-xenblockctl"', 'IDENTIFIER = "block-edited"'))
+        identifier = "block-edited"
+    else:  # same size, other code: only the mtime tells (as for a .pyc)
+        source.write_text(
+            text.replace('IDENTIFIER = "block-xenblockctl"', 'IDENTIFIER = "block-xenblockctX"')
+        )
+        identifier = "block-xenblockctX"
+        st = source.stat()
+        assert st.st_size == len(text.encode())
+    missed(laid, f"{source} changed", identifier)  # a changed source is never served from the bundle
+    again = run(laid)
+    usage_ok(again, identifier)
+    assert "xenblockctl.blockscript.hotplug" in again.from_bundle, "the rewritten bundle has the new code"
+
+
+def _sections(data: bytes) -> list[bytes]:
+    return [bytes(section) for section in bundle.parts(data, data[len(bundle.FORMAT) : HEAD])[2]]
+
+
+def _rebuilt(data: bytes, *, packages: str | None = None, sections: list[bytes] | None = None) -> bytes:
+    """The bundle `data` with its package directory or sections replaced (the layout at bundle.FORMAT)."""
+    old_packages, stats, _ = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
+    blobs = _sections(data) if sections is None else sections
+    index = marshal.dumps((packages or old_packages, stats, tuple(len(blob) for blob in blobs)))
+    return data[:HEAD] + len(index).to_bytes(4, "little") + index + b"".join(blobs)
+
+
+def _corrupt(data: bytes) -> bytes:
+    return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
+
+
+BAD: dict[str, Callable[[bytes], bytes]] = {
+    "empty": lambda data: b"",
+    "truncated": lambda data: data[: len(data) // 2],
+    "header only": lambda data: data[:HEAD],
+    "wrong magic": lambda data: data[: len(bundle.FORMAT)] + b"\x00\x00\r\n" + data[HEAD:],
+    "other format": lambda data: b"xenblockctl-bundle 0 " + data[len(bundle.FORMAT) :],
+    "corrupt": _corrupt,
+    "not a bundle's structure": lambda data: data[:HEAD] + marshal.dumps(("x", (1, 2))),
+    "not a bundle's entries": lambda data: _rebuilt(
+        data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)})]
+    ),
+    "more than was written": lambda data: data + b"\0",
+    "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
+    "add's section corrupt": lambda data: _rebuilt(data, sections=[_sections(data)[0], b"\xff" * 99]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD))
+def test_a_bad_bundle_falls_back_and_is_rewritten(laid: Laid, damage: str) -> None:
+    usage_ok(run(laid))
+    laid.bundle.write_bytes(BAD[damage](laid.bundle.read_bytes()))
+    missed(laid)
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
+
+
+def test_remove_unmarshals_only_its_own_section(laid: Laid) -> None:
+    """remove imports nothing of add's (tests/lint), so it reads only the bundle's first section:
+    with add's section unreadable, a remove still runs from the bundle, and an add falls back."""
+    usage_ok(run(laid))
+    laid.bundle.write_bytes(BAD["add's section corrupt"](laid.bundle.read_bytes()))
+    remove = run(laid, "remove")  # no XENBUS_PATH: main's coded error, after remove's imports
+    assert remove.returncode == 1, remove.stderr[-2000:]
+    assert "xenbus-path-invalid" in remove.stderr
+    assert remove.log == []
+    assert "xenblockctl.blockscript.hotplug" in remove.from_bundle
+    add = run(laid, "add")
+    assert add.returncode == 1, add.stderr[-2000:]
+    assert not add.from_bundle
+    logged_once(add, "hotplug bundle written")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["directory group-writable", "directory other-writable", "directory foreign"])
+def test_a_directory_others_can_write_is_refused_and_logged(laid: Laid, how: str) -> None:
+    usage_ok(run(laid))
+    before = laid.bundle.stat().st_mtime_ns
+    if how == "directory foreign":
+        os.chown(laid.cache, 65534, 65534)
+    else:
+        laid.cache.chmod(0o775 if "group" in how else 0o757)
+    missed(laid, "hotplug bundle refused, not written")  # one others could have written: code injection
+    assert laid.bundle.stat().st_mtime_ns == before, "nothing is written where it would be refused"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["file foreign", "file group-writable"])
+def test_a_bundle_others_can_write_is_not_used_and_replaced(laid: Laid, how: str) -> None:
+    usage_ok(run(laid))
+    if how == "file foreign":
+        os.chown(laid.bundle, 65534, 65534)
+    else:
+        laid.bundle.chmod(0o664)
+    missed(laid)
+    ours_alone(laid.bundle, 0o644)
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
+
+
+def test_a_failed_write_is_logged_once_and_the_action_goes_on(laid: Laid) -> None:
+    laid.cache.parent.mkdir(exist_ok=True)
+    laid.cache.write_text("a file where the directory should be\n")
+    for _ in range(2):
+        ran = missed(laid, "hotplug bundle not written")
+        assert "FileExistsError" in ran.log[0], ran.log
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (to kill the writer mid-write)")
+@pytest.mark.parametrize("syscall", ["write", "rename"])
+def test_a_writer_killed_mid_write_leaves_no_half_bundle(laid: Laid, syscall: str) -> None:
+    """SIGKILL (strace's fault injection) at the bundle's write(2), or at its rename, when the
+    whole bundle is written but not in place: nothing is ever under the bundle's name but a whole
+    bundle, the next run falls back and writes one, and the dead writer's file is swept. A writer
+    straight into the bundle's name fails this (an empty bundle is left)."""
+    strace = shutil.which("strace")
+    assert strace is not None
+    usage_ok(run(laid))  # the .pyc files are written: the bundle's are the only write and rename left
+    laid.bundle.unlink()
+    syscalls = "write" if syscall == "write" else "rename,renameat,renameat2"
+    killed = subprocess.run(
+        [
+            strace,
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"inject={syscalls}:signal=SIGKILL:when=1",
+            str(laid.script),
+            "bogus",
+        ],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed
+    assert "usage" not in killed.stderr, "killed before the action"
+    assert not laid.bundle.exists(), "a killed writer left something under the bundle's name"
+    (left,) = laid.cache.glob(f".{bundle.NAME}.*.tmp")
+    assert (left.stat().st_size == 0) == (syscall == "write")
+
+    missed(laid)
+    assert not left.exists(), "a dead writer's temporary file is swept"
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
