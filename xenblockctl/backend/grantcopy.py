@@ -40,8 +40,11 @@ from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, Tra
 _native: types.ModuleType | None
 try:
     from xenblockctl.backend import _grantcopy as _native
-except ImportError:  # not built (no compiler, no Python headers): the pure-Python path
+except ImportError as _exc:  # not built (no compiler, no Python headers): the pure-Python path
     _native = None
+    _WHY_NOT = f"native module not built ({_exc})"
+else:
+    _WHY_NOT = ""
 
 #: idle bytes a ring's pool keeps for reuse (beyond that, a returned buffer is unmapped): enough
 #: for a full ring of 128 KiB requests, or four 1 MiB ones
@@ -147,6 +150,15 @@ def native_available() -> bool:
     return _native is not None
 
 
+def describe(enabled: bool) -> str:
+    """Which pass serves frontends without persistent grants, for the engine's start-up log line."""
+    if not enabled:
+        return "grant copy in pure Python (native passes turned off)"
+    if _native is None:
+        return f"grant copy in pure Python ({_WHY_NOT})"
+    return "native grant-copy pass for direct READ/WRITE (backend/_grantcopy.c)"
+
+
 class NativeCopy:
     """The native grant-copy pass for one data plane (its device, limits, executor, and the
     transport's way to copy its domain's grants)."""
@@ -245,6 +257,7 @@ __all__ = [
     "BouncePool",
     "NativeCopy",
     "Staged",
+    "describe",
     "failures",
     "native_available",
 ]
