@@ -17,7 +17,9 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,7 @@ def test_native_off_or_without_the_module(make_pair: PairFactory, monkeypatch: p
 
 
 # --- the build ---------------------------------------------------------------------------------------
-def test_builds_without_warnings(tmp_path: Path) -> None:
+def _compile(tmp_path: Path, *flags: str) -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler")
@@ -297,5 +299,86 @@ def test_builds_without_warnings(tmp_path: Path) -> None:
     if not (Path(include) / "Python.h").exists():
         pytest.skip("no Python headers")
     out = tmp_path / f"_grantcopy{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{include}"]
+    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, f"-I{include}"]
     subprocess.run([*cmd, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def test_builds_without_warnings(tmp_path: Path) -> None:
+    _compile(tmp_path, "-O2")
+
+
+def test_serve_under_sanitizers(tmp_path: Path) -> None:
+    """serve() on random slots with ASan + UBSan, its copier checking every segment it is given: our
+    side inside the bounce buffer, the guest's inside its page, the domain the data plane's; the
+    copier fails segments at random (any sanitizer report aborts the child)."""
+    cc = shutil.which("gcc")
+    asan = subprocess.run(
+        [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    )
+    lib = asan.stdout.strip()
+    if cc is None or not lib.startswith("/"):
+        pytest.skip("no gcc with AddressSanitizer")
+    try:
+        _compile(tmp_path, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"sanitizer build unavailable: {exc.stderr[-200:]}")
+    script = textwrap.dedent(
+        f"""
+        import mmap, os, random, struct, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import _grantcopy
+        from xenblockctl.backend import blkif
+        from xenblockctl.backend.transport.base import Bounce
+        rnd = random.Random(20)
+        fd = os.open({str(tmp_path / "disk")!r}, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 1 << 16)
+        bounce = Bounce(64 * 4096)
+        seen = [0]
+        def copier(segs):
+            for at in range(0, len(segs), 24):
+                src, dst, length, flags = struct.unpack_from("=QQHH", segs, at)
+                ours, foreign = (src, dst) if flags == 2 else (dst, src)
+                assert flags in (1, 2), flags
+                assert bounce.address <= ours and ours + length <= bounce.address + bounce.nbytes
+                assert 0 < length and (foreign >> 32 & 0xFFFF) + length <= 4096
+                assert foreign >> 48 == 7
+                struct.pack_into("=h", segs, at + 20, 0 if rnd.random() < 0.9 else -3)
+                seen[0] += 1
+        for n in range(20000):
+            abi = rnd.choice([blkif.X86_64, blkif.X86_32])
+            count = rnd.randrange(1, 40)
+            data = bytearray(rnd.randbytes(abi.entry_size * count))
+            for k in range(count):
+                base = k * abi.entry_size
+                data[base] = rnd.choice([0, 0, 1, 2]); data[base + 1] %= 13
+                for i in range(11):
+                    at = base + abi.segments_offset + 8 * i
+                    data[at + 4] %= 9; data[at + 5] %= 9
+                    if rnd.random() < 0.9:  # mostly valid: first <= last <= 7
+                        data[at + 4], data[at + 5] = 0, rnd.randrange(8)
+                if rnd.random() < 0.9:
+                    data[base + 1] = rnd.randrange(1, 3)
+                    at = base + abi.id_offset + 8
+                    data[at:at + 8] = rnd.randrange(140).to_bytes(8, "little")
+            sectors = rnd.choice([0, 8, 128, 128, 2**40])
+            got, stop = _grantcopy.serve(bytes(data), 0, count, abi.id_offset, min(sectors, 128), 65536,
+                                         rnd.choice([512, 512, 4096]), rnd.random() < 0.2, fd, fd,
+                                         rnd.choice([0, 2, 2, 3]), rnd.choice([0, 2, 3]), mmap.PAGESIZE,
+                                         bounce.view, 7, -1, copier)
+            assert 0 <= stop <= count and len(got) <= stop
+        assert seen[0] > 2000, seen
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ,
+        LD_PRELOAD=lib,
+        ASAN_OPTIONS="detect_leaks=0",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "ok"
