@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench.ring_throughput import WORKLOADS, Workload, _data_plane, _offsets
-from xenblockctl.backend import fastpath
+from xenblockctl.backend import fastpath, grantcopy
 from xenblockctl.backend.blkif import SEGMENT_STRUCT
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
@@ -249,6 +249,9 @@ def main() -> int:
                     several = grants != "off"  # the per-request line runs once, in Python
                     for native in natives if several else natives[:1]:
                         if grants == "copy" and native == "dict":
+                            continue
+                        if grants == "copy" and native != "off" and not grantcopy.native_available():
+                            print(f"native grant-copy line skipped: {grantcopy.describe(True)}")
                             continue
                         measure(
                             copier if grants == "copy" else transport,
