@@ -198,7 +198,7 @@ def test_serve_copies_and_stops_where_python_must_take_over(tmp_path: Path) -> N
 
 
 def test_serve_runs_a_pass_larger_than_its_buffer_in_chunks(tmp_path: Path) -> None:
-    """64 eleven-page READs (2.8 MiB) through a 256 KiB buffer: all served in one call."""
+    """64 eleven-page READs (2.8 MiB) through the 1 MiB buffer: all served in one call."""
     abi = blkif.X86_64
     path = tmp_path / "disk"
     content = os.urandom(64 * 44 * 1024)

@@ -139,9 +139,10 @@ def failures(staged: Sequence[Staged], statuses: Sequence[int]) -> dict[int, str
     return out
 
 
-#: the native pass's own bounce buffer: a chunk of a pass is as many requests as fit (at least one
-#: of 11 pages; GRUB's are one page), the rest of the pass goes in the next chunk of the same call
-NATIVE_BOUNCE_BYTES = 64 * PAGE_SIZE
+#: the native pass's own bounce buffer: a chunk of a pass is as many requests as fit (23 of 11 pages,
+#: two copy calls for them; GRUB's are one page), the rest of the pass goes in the next chunk of the
+#: same call. Anonymous memory: only the pages a ring's requests have used are ever faulted in.
+NATIVE_BOUNCE_BYTES = 256 * PAGE_SIZE
 _HOST_PAGE = mmap.PAGESIZE
 
 
