@@ -10,9 +10,10 @@ and the completions (completions/) live at the top of the source tree, where adm
 lane use them in place; the build copies them into the package as xenblockctl/share/ so an
 installed wheel carries them (xenblockctl/toolstack/hostfiles.py finds either).
 
-The native fast path (issue 20): xenblockctl/backend/_fastpass.c, an OPTIONAL extension. Where it
-cannot be built (no compiler, no Python headers) the build says so and goes on: the engine then
-runs its pure-Python path, which is complete on its own (backend/fastpath.py)."""
+The native fast paths (issue 20): xenblockctl/backend/_fastpass.c and _grantcopy.c, OPTIONAL
+extensions. Where one cannot be built (no compiler, no Python headers) the build says so and goes
+on: the engine then runs its pure-Python path, which is complete on its own (backend/fastpath.py,
+backend/grantcopy.py)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,16 @@ FASTPASS = setuptools.Extension(
     optional=True,
 )
 
+#: the native grant-copy pass for frontends without persistent grants (pvgrub's GRUB): its own
+#: module, as optional as _fastpass (backend/grantcopy.py falls back to the pure-Python path)
+GRANTCOPY = setuptools.Extension(
+    "xenblockctl.backend._grantcopy",
+    sources=["xenblockctl/backend/_grantcopy.c"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    optional=True,
+)
+
 _major = int(setuptools.__version__.split(".")[0])
 _licence = {"license_expression": LICENSE} if _major >= 77 else {"license": LICENSE}
 
-setuptools.setup(cmdclass={"build_py": BuildWithHostFiles}, ext_modules=[FASTPASS], **_licence)
+setuptools.setup(cmdclass={"build_py": BuildWithHostFiles}, ext_modules=[FASTPASS, GRANTCOPY], **_licence)

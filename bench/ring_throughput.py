@@ -402,7 +402,7 @@ def _data_plane(
     """The ring a frontend's xenstore nodes describe, served by a DataPlane on domid 1; refused
     when the native pass was asked for and does not run."""
     dp = DataPlane(transport, 1, _params(nodes), target, target.limits(), workers=workers, native=native)
-    if native and dp._fast is None:
+    if native and dp._fast is None and dp._fast_copy is None:
         dp.stop()
         raise SystemExit("--native on: the native fast path is not built or does not apply here")
     return dp

@@ -64,11 +64,13 @@ def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
     assert "./usr/bin/block-xenblockctl" not in modes
     assert not any(p.startswith("./usr/local") for p in modes)
     assert any(p.startswith("./usr/lib/python3/dist-packages/xenblockctl/") for p in modes)
-    # the engine's native fast path, compiled for the distribution's Python (backend/_fastpass.c)
-    native = [
-        p for p in modes if p.startswith("./usr/lib/python3/dist-packages/xenblockctl/backend/_fastpass")
-    ]
-    assert sorted(p.rsplit(".", 1)[-1] for p in native) == ["pyi", "so"], native  # no C source
+    # the engine's native passes, compiled for the distribution's Python (backend/_fastpass.c,
+    # backend/_grantcopy.c)
+    for module in ("_fastpass", "_grantcopy"):
+        native = [
+            p for p in modes if p.startswith(f"./usr/lib/python3/dist-packages/xenblockctl/backend/{module}")
+        ]
+        assert sorted(p.rsplit(".", 1)[-1] for p in native) == ["pyi", "so"], native  # no C source
 
     fields = _run(["dpkg-deb", "--field", str(built.deb), "Depends"], built.deb.parent, 60).stdout
     for dependency in ("python3-click", "python3-pyxs", "python3", "libc6"):

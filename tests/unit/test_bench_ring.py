@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.batch_frontend import BatchFrontend
-from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend import blkif, fastpath, grantcopy
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.ring import BackRing
 from xenblockctl.backend.transport.local import LocalTransport
@@ -40,6 +40,13 @@ def test_ring_cpu_runs_both_modes() -> None:
     out = _run("bench.ring_cpu", "--rounds", "6", "--only", "3", "--engine-only")
     assert "1 MiB sequential read" in out
     assert "frontend" not in out
+
+
+def test_ring_cpu_runs_grubs_shape_by_grant_copy() -> None:
+    """--persistent copy --qd 1: GRUB's one 4 KiB READ per pass, on each grant-copy pass."""
+    out = _run("bench.ring_cpu", "--rounds", "6", "--only", "1", "--qd", "1", "--persistent", "copy")
+    assert "QD  1 grant copy  python" in out
+    assert out.count("grant copy  native") == (1 if grantcopy.native_available() else 0)
 
 
 def test_ring_throughput_runs_in_a_child_frontend() -> None:

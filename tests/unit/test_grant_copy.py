@@ -30,7 +30,7 @@ from tests.unit.test_ring_dataplane import (  # noqa: F401  (collected again her
     test_write_read_flush_discard,
 )
 from tests.unit.test_ring_fuzz import DEVICE, PATTERN, test_hostile_frontend  # noqa: F401
-from xenblockctl.backend import blkif, io
+from xenblockctl.backend import blkif, grantcopy, io
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
@@ -39,17 +39,25 @@ from xenblockctl.backend.transport import xen
 from xenblockctl.backend.transport.base import GNTST_BAD_GNTREF, GNTST_OKAY, Bounce, copy_segments
 from xenblockctl.backend.transport.local import LocalTransport
 
+#: the data paths: grant copy with the native pass (where built), grant copy by the pure-Python path
+#: alone (as without the extension), and map per request
+PATHS = ["copy", "copy-python", "map"]
 
-@pytest.fixture(params=["copy", "map"])
-def local_transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalTransport]:
+
+@pytest.fixture(params=PATHS)
+def local_transport(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LocalTransport]:
     """Overrides the shared fixture in this module: every pair here runs without the grant-table
     shortcut, on the path the Xen transport takes."""
-    transport = LocalTransport(str(tmp_path / "grants.sock"), data_pages=request.param)
+    if request.param == "copy-python":
+        monkeypatch.setattr(grantcopy, "_native", None)
+    transport = LocalTransport(str(tmp_path / "grants.sock"), data_pages=request.param.split("-")[0])
     yield transport
     transport.close()
 
 
-@pytest.fixture(scope="module", params=["copy", "map"])
+@pytest.fixture(scope="module", params=PATHS)
 def fuzz_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalTransport, DeviceTarget, Path]]:
@@ -59,9 +67,12 @@ def fuzz_env(
     with open(path, "wb") as f:
         f.write(bytes(DEVICE) + PATTERN)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    transport = LocalTransport(str(tmp / "grants.sock"), data_pages=request.param)
+    transport = LocalTransport(str(tmp / "grants.sock"), data_pages=request.param.split("-")[0])
     target = DeviceTarget(fd=fd, size_bytes=DEVICE, discard=DiscardMode.PUNCH_HOLE, discard_granularity=512)
-    yield transport, target, path
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "copy-python":
+            patch.setattr(grantcopy, "_native", None)
+        yield transport, target, path
     transport.close()
     os.close(fd)
 
@@ -152,7 +163,9 @@ def test_no_bounce_memory_fails_that_request_alone(
 ) -> None:
     """mmap refusing a bounce buffer (ENOMEM: a fault the kernel gives only under real memory
     pressure, so injected) answers the requests that needed one with RSP_ERROR and a logged reason;
-    the ring is not broken and smaller requests in the same pass complete."""
+    the ring is not broken and smaller requests in the same pass complete. (The pool's path: the
+    native pass has its own buffer, made once with the data plane.)"""
+    monkeypatch.setattr(grantcopy, "_native", None)
     pair = _copy_pair(make_pair, local_transport, data_pages=64)
     fe = pair.frontend
     assert fe.write(0, b"z" * 4096) == blkif.RSP_OKAY

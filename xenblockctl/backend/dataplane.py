@@ -42,7 +42,7 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.fastpath import FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
-from xenblockctl.backend.grantcopy import BouncePool, Staged, failures
+from xenblockctl.backend.grantcopy import BouncePool, NativeCopy, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
 from xenblockctl.backend.requests import (
@@ -215,6 +215,12 @@ class DataPlane:
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
         self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
+        #: grants copied: the native grant-copy pass (backend/grantcopy.py), or None
+        self._fast_copy = (
+            NativeCopy.create(native, params.abi, limits, self.executor, transport=transport, domid=domid)
+            if self.bounces is not None
+            else None
+        )
         if isinstance(self.executor, Executor):
             # a request alone on the ring runs inline even if it blocks (io.Executor's docstring).
             # A closure over the ring, not a bound method: the executor must not point back at the
@@ -266,6 +272,8 @@ class DataPlane:
             self._grants.close()
         if self.bounces is not None:
             self.bounces.close()
+        if self._fast_copy is not None:
+            self._fast_copy.close()
         if self._indirect_bounce is not None:
             self._indirect_bounce.close()
         if self.grant_cache is not None:
@@ -335,6 +343,8 @@ class DataPlane:
         data, count = self.ring.take_slots(_BATCH)
         if not count:
             return 0
+        if self._fast_copy is not None:
+            return self._serve_copied_fast(data, count)
         if self.bounces is not None:
             return self._serve_copied(data, count)
         if self._fast is not None:
@@ -516,15 +526,37 @@ class DataPlane:
         self.executor.submit(plan, bufs, done)
 
     # -- frontends without persistent grants: data pages copied (backend/grantcopy.py) -------------
-    def _serve_copied(self, data: bytes, count: int) -> int:
-        """_serve_batch with the pass's grant work batched: validate every slot, copy every WRITE's
-        data out of the guest's pages in one call, start each request in ring order, then copy
-        every READ finished here into the guest's pages in one call and answer the pass."""
+    def _serve_copied_fast(self, data: bytes, count: int) -> int:
+        """_serve_copied with the native grant-copy pass: it serves the longest run of simple
+        requests; the slot it stops at goes through _serve_copied alone; repeat from the next.
+        Its answers go out before that slot's (which _serve_copied answers itself)."""
+        assert self._fast_copy is not None
+        fast = self._fast_copy.serve
+        answers: list[tuple[int, int, int]] = []
+        index = 0
+        while index < count:
+            done, index = fast(data, index, count)
+            answers += done
+            if index < count:
+                if answers:
+                    self._answer(answers)
+                    answers = []
+                self._serve_copied(data, index + 1, index)
+                index += 1
+        if answers:
+            self._answer(answers)
+        return count
+
+    def _serve_copied(self, data: bytes, count: int, start: int = 0) -> int:
+        """_serve_batch with the pass's grant work batched: validate every slot of [start, count),
+        copy every WRITE's data out of the guest's pages in one call, start each request in ring
+        order, then copy every READ finished here into the guest's pages in one call and answer
+        the pass."""
         abi, limits, entry = self.params.abi, self.limits, self.params.abi.entry_size
         read_indirect = self._read_indirect
         verdicts: list[Verdict] = [
             validate_slot(abi, data, offset, limits, read_indirect)
-            for offset in range(0, count * entry, entry)
+            for offset in range(start * entry, count * entry, entry)
         ]
         staged_in = self._stage_in(verdicts)
         answers: list[tuple[int, int, int]] = []

@@ -13,16 +13,38 @@ A request's data lives in a `Bounce` of ours from a per-ring `BouncePool`, laid 
 Segment bounds come from the validated copy of the request (requests.validate_slot), as for
 mapping; a segment the copy refuses (a ref not granted, a read-only page for a READ) fails its
 request alone.
+
+The native pass (`NativeCopy`, backend/_grantcopy.c, an optional extension like _fastpass): GRUB's
+one-page READs, one at a time, spent most of the ring thread's time per request in Python. Where
+the module is built and the data plane's executor is an io.Executor, a pass's runs of simple
+requests (READ/WRITE, direct segments, valid by requests.validate_slot's rules) are decoded,
+copied (one grant copy out for the run's WRITEs, one in for its READs) and run in C through one
+bounce buffer of its own; the first slot it does not finish — anything unusual, any failed copy,
+any I/O that would block or fell short — goes through the pure-Python path above, which stays
+complete and is all that runs without the module or with `--no-native`.
 """
 
 from __future__ import annotations
 
+import mmap
+import types
 from collections.abc import Sequence
 
+from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.requests import IoPlan
-from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, gntst_name
+from xenblockctl.backend.io import Executor, Where
+from xenblockctl.backend.requests import DeviceLimits, IoPlan
+from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, Transport, gntst_name
+
+_native: types.ModuleType | None
+try:
+    from xenblockctl.backend import _grantcopy as _native
+except ImportError as _exc:  # not built (no compiler, no Python headers): the pure-Python path
+    _native = None
+    _WHY_NOT = f"native module not built ({_exc})"
+else:
+    _WHY_NOT = ""
 
 #: idle bytes a ring's pool keeps for reuse (beyond that, a returned buffer is unmapped): enough
 #: for a full ring of 128 KiB requests, or four 1 MiB ones
@@ -117,4 +139,126 @@ def failures(staged: Sequence[Staged], statuses: Sequence[int]) -> dict[int, str
     return out
 
 
-__all__ = ["DEFAULT_POOL_BYTES", "BouncePool", "Staged", "failures"]
+#: the native pass's own bounce buffer: a chunk of a pass is as many requests as fit (23 of 11 pages,
+#: two copy calls for them; GRUB's are one page), the rest of the pass goes in the next chunk of the
+#: same call. Anonymous memory: only the pages a ring's requests have used are ever faulted in.
+NATIVE_BOUNCE_BYTES = 256 * PAGE_SIZE
+_HOST_PAGE = mmap.PAGESIZE
+
+
+def native_available() -> bool:
+    """backend/_grantcopy.c is built and imports."""
+    return _native is not None
+
+
+def describe(enabled: bool) -> str:
+    """Which pass serves frontends without persistent grants, for the engine's start-up log line."""
+    if not enabled:
+        return "grant copy in pure Python (native passes turned off)"
+    if _native is None:
+        return f"grant copy in pure Python ({_WHY_NOT})"
+    return "native grant-copy pass for direct READ/WRITE (backend/_grantcopy.c)"
+
+
+class NativeCopy:
+    """The native grant-copy pass for one data plane (its device, limits, executor, and the
+    transport's way to copy its domain's grants)."""
+
+    __slots__ = ("_bounce", "_executor", "_fixed", "_how", "_serve", "served")
+
+    def __init__(
+        self,
+        abi: blkif.Abi,
+        limits: DeviceLimits,
+        executor: Executor,
+        bounce: Bounce,
+        how: tuple[object, ...],
+    ) -> None:
+        assert _native is not None
+        self._serve = _native.serve
+        self._executor = executor
+        self._bounce = bounce
+        #: (domid, gntdev fd or -1, the transport's copier or None)
+        self._how = how
+        #: requests answered here so far (tests and benchmarks: which path ran)
+        self.served = 0
+        target = executor.target
+        self._fixed = (
+            abi.id_offset,
+            limits.sectors,
+            target.size_bytes,
+            limits.logical_block_size,
+            limits.read_only,
+            target.fd,
+        )
+
+    @classmethod
+    def create(
+        cls,
+        enabled: bool,
+        abi: blkif.Abi,
+        limits: DeviceLimits,
+        executor: object,
+        *,
+        transport: Transport,
+        domid: int,
+    ) -> NativeCopy | None:
+        """The native pass for a data plane that copies grants, or None where it does not apply."""
+        if not enabled or _native is None or type(executor) is not Executor:
+            return None
+        bounce = Bounce(NATIVE_BOUNCE_BYTES)
+        how = transport.native_copier(domid, bounce)
+        if how is None:
+            bounce.close()
+            return None
+        copy_fd, copier = how
+        return cls(abi, limits, executor, bounce, (domid, copy_fd, copier))
+
+    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int]:
+        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY) and next,
+        the first slot it did not finish (count when it did them all)."""
+        executor = self._executor
+        read, write = executor.placement()
+        answers, stop = self._serve(
+            data,
+            start,
+            count,
+            *self._fixed,
+            executor.write_fd,
+            _MODES[read],
+            _MODES[write],
+            _HOST_PAGE,
+            self._bounce.view,
+            *self._how,
+        )
+        self.served += len(answers)
+        return answers, stop
+
+    def close(self) -> None:
+        """Unmap the bounce buffer (the ring thread is done: nothing of C's can be using it)."""
+        self._bounce.close()
+
+
+#: io.Where -> the C pass's mode (the same choices as fastpath's, spelled as _grantcopy.c's enum)
+_MODES: dict[Where, int] = (
+    {
+        Where.POOL: _native.MODE_STOP,
+        Where.NOWAIT: _native.MODE_NOWAIT,
+        Where.INLINE: _native.MODE_BLOCK,
+        Where.INLINE_ALIGNED: _native.MODE_BLOCK_ALIGNED,
+    }
+    if _native is not None
+    else {}
+)
+
+
+__all__ = [
+    "DEFAULT_POOL_BYTES",
+    "NATIVE_BOUNCE_BYTES",
+    "BouncePool",
+    "NativeCopy",
+    "Staged",
+    "describe",
+    "failures",
+    "native_available",
+]

@@ -81,8 +81,8 @@ def raise_fd_limit(journal: Journal) -> int:
     "--native/--no-native",
     default=True,
     show_default=True,
-    help="Serve simple cached reads and writes with the native fast path where it is built "
-    "(persistent grants); --no-native: everything on the pure-Python path.",
+    help="Serve simple cached reads and writes with the native fast paths where they are built "
+    "(persistent grants; grant copy without them); --no-native: everything on the pure-Python path.",
 )
 @click.option(
     "--direct-writes/--no-direct-writes",
@@ -148,6 +148,7 @@ def backend(
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.fastpath import describe
+    from xenblockctl.backend.grantcopy import describe as describe_copy
     from xenblockctl.backend.handover import (
         FdStore,
         HandoverError,
@@ -195,7 +196,7 @@ def backend(
         raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
     if direct_writes:
         config = dataclasses.replace(config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool)
-    journal.info(f"ring pass: {describe(native)}")
+    journal.info(f"ring pass: {describe(native)}; {describe_copy(native)}")
     how = "buffered"
     if direct_writes:
         how = "O_DIRECT (--direct-writes)" + (", on the I/O pool" if direct_writes_on_pool else "")

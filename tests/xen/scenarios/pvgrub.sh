@@ -5,6 +5,8 @@
 # restarts the domain: a new backend), `xl save` + `xl restore` (blkfront resumes on a new backend).
 #
 #   pvgrub_guest_cycle CONSUMER   CONSUMER: engine (started by the caller) or blkback (kernel blkback)
+#   pvgrub_first_boot CONSUMER LABEL   the first boot alone (to the guest's first I/O), its phases
+#                                      reported as LABEL's, then the guest destroyed
 
 PVGRUB=/usr/lib/grub-xen/grub-x86_64-xen.bin
 PVGRUB_NAME=xenci-pvgrub
@@ -91,12 +93,15 @@ phase_watch_start() {
 # The phases of the first boot, from the log: an XENCI-METRIC per phase (seconds) and, per phase,
 # dom0's busy/idle/steal ticks and the engine's CPU ticks (USER_HZ).
 phase_watch_report() {
-  local consumer=$1
+  local consumer=$1 requests
+  # GRUB's requests, from the engine's ring-stopped line for GRUB's ring (blkback: none, unused)
+  requests=$(grep -m1 -o "backend/vbd/$domid/51712: ring stopped: [0-9]* requests" "$engine_log" 2>/dev/null \
+    | grep -o '[0-9]* requests' | grep -o '[0-9]*' || true)
   sleep 0.5
   kill "$phase_watch_pid" 2>/dev/null || true
   echo "--- $consumer: vbd states and guest phases (dom0 uptime, value, dom0 busy/idle/steal ticks, engine ticks)"
   cat "$phase_log"
-  awk -v c="$consumer" '
+  awk -v c="$consumer" -v req="${requests:-0}" '
     function at(name) { t[name] = $1; b[name] = $4; i[name] = $5; s[name] = $6; e[name] = $7 }
     $2 == "mark" && $3 == "create" { at("create") }
     $2 == "be" && $3 == 4 && !("grub_connected" in t) { at("grub_connected"); next }
@@ -113,12 +118,29 @@ phase_watch_report() {
         printf "XENCI-METRIC: %s_phase_%s_s=%.2f s\n", c, z, t[z] - t[a]
         printf "  %-16s %7.2f s  dom0 busy %5d idle %5d steal %5d  engine %s ticks\n", a " -> " z, t[z] - t[a], b[z] - b[a], i[z] - i[a], s[z] - s[a], eng
       }
+      # the engine CPU per GRUB request (ticks are USER_HZ = 100: 10 ms each)
+      if (req > 0 && ("grub_done" in t) && ("grub_connected" in t) && e["grub_done"] != "-")
+        printf "XENCI-METRIC: %s_grub_engine_cpu_ms_per_request=%.2f ms\n", c, (e["grub_done"] - e["grub_connected"]) * 10 / req
     }' "$phase_log"
 }
 
+# dom0's speed at this moment: the CPU a fixed Python loop takes (ms). Under TCG on a loaded host
+# it moves with the host's load, and so does every CPU figure of the boot: per-request CPU is
+# comparable between boots only next to it.
+dom0_speed() {
+  metric "${1}_dom0_python_loop_ms" "$(python3 -c 'import time
+t = time.process_time()
+s = 0
+for i in range(200000):
+    s += i
+print(round((time.process_time() - t) * 1000, 1))')" ms
+}
+
+pvgrub_first_boot() { pvgrub_guest_cycle "$1" "$2" first-only; }
+
 pvgrub_guest_cycle() {
-  local consumer=$1 name=$PVGRUB_NAME root t first_domid be luid loop luid2 loop2 luid3
-  local img=$XENCI_WORK/pvgrub-$1.img cfg=$XENCI_WORK/pvgrub-$1.cfg saved=$XENCI_WORK/pvgrub-$1.save
+  local consumer=$1 label=${2:-$1} only=${3:-} name=$PVGRUB_NAME root t first_domid be luid loop luid2 loop2 luid3
+  local img=$XENCI_WORK/pvgrub-$label.img cfg=$XENCI_WORK/pvgrub-$label.cfg saved=$XENCI_WORK/pvgrub-$label.save
   local token="tok$RANDOM$RANDOM"
   [ -f "$PVGRUB" ] || fail "$PVGRUB missing (grub-xen-host is in the image recipe)"
   # xvda: an ext2 filesystem in its first 32 MiB with what pvgrub2's built-in config looks for
@@ -149,16 +171,18 @@ on_reboot = "restart"
 on_crash = "destroy"
 CFG
 
-  say "create the guest (pvgrub2, one rw disk through our script, consumer: $consumer)"
-  phase_watch_start "$XENCI_WORK/pvgrub-$consumer-phases.log"
+  say "create the guest (pvgrub2, one rw disk through our script, consumer: $label)"
+  dom0_speed "$label"
+  phase_watch_start "$XENCI_WORK/pvgrub-$label-phases.log"
   t=$(now)
   xl create "$cfg" || fail "xl create exited $?"
-  metric "create_${consumer}_pv_xl_s" "$(elapsed "$t")" s
+  metric "create_${label}_pv_xl_s" "$(elapsed "$t")" s
   phase_mark xl-create-returned
 
   wait_phase connected 480
-  metric "${consumer}_create_to_guest_io_s" "$(elapsed "$t")" s
-  phase_watch_report "$consumer"
+  metric "${label}_create_to_guest_io_s" "$(elapsed "$t")" s
+  phase_watch_report "$label"
+  dom0_speed "${label}_after"
   first_domid=$domid
   be=backend/vbd/$domid/51712
   luid=$(backend_node physical-device-luid)
@@ -179,6 +203,13 @@ CFG
     blkback_autoclear_off "$loop"
   fi
   say "pvgrub then Linux on one device: domain $domid, $loop, luid $luid"
+  if [ "$only" = first-only ]; then
+    xl destroy "$name" || fail "xl destroy exited $?"
+    wait_for "no loop device bound after the guest is destroyed" 30 no_loop_for "$img"
+    rm -f "$img"
+    say "$label: first boot measured, guest destroyed"
+    return 0
+  fi
   ack connected
 
   say "guest reboot: xl restarts the domain"

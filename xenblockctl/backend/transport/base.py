@@ -12,7 +12,7 @@ import ctypes
 import mmap
 import os
 import select
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from xenblockctl.backend.blkif import PAGE_SIZE
@@ -168,6 +168,7 @@ GNTST_OKAY: Final = 0
 GNTST_GENERAL_ERROR: Final = -1
 GNTST_BAD_DOMAIN: Final = -2
 GNTST_BAD_GNTREF: Final = -3
+GNTST_BAD_VIRT_ADDR: Final = -5
 GNTST_PERMISSION_DENIED: Final = -8
 GNTST_BAD_PAGE: Final = -9
 GNTST_BAD_COPY_ARG: Final = -10
@@ -178,7 +179,7 @@ _GNTST_NAMES: Final = {
     GNTST_BAD_DOMAIN: "bad domain",
     GNTST_BAD_GNTREF: "bad grant ref",
     -4: "bad handle",
-    -5: "bad virtual address",
+    GNTST_BAD_VIRT_ADDR: "bad virtual address",
     -6: "bad device address",
     -7: "no device space",
     GNTST_PERMISSION_DENIED: "permission denied (read-only grant?)",
@@ -234,6 +235,10 @@ def copy_segments(
         out.append((ref, offset, length, at))
         at += length
     return out
+
+
+#: how the native grant-copy pass copies (Transport.native_copier): gntdev's fd, or -1 and a copier
+NativeCopier = tuple[int, Callable[[memoryview], object] | None]
 
 
 class EventChannel(abc.ABC):
@@ -299,6 +304,13 @@ class Transport(abc.ABC):
         Returns one GNTST_* status per segment, in order (GNTST_OKAY = 0): a bad segment fails
         alone. Raises GrantError (code grant-map) only when the call as a whole failed."""
         raise GrantError(f"{type(self).__name__} cannot copy grants")
+
+    def native_copier(self, domid: int, bounce: Bounce) -> NativeCopier | None:
+        """How the native grant-copy pass (backend/_grantcopy.c) copies `domid`'s grants to and from
+        `bounce`: (the gntdev fd, None) to make the ioctl itself; (-1, copier) where the transport
+        does the copy (copier(segments) takes the ioctl's array of 24-byte struct
+        gntdev_grant_copy_segment and writes each one's status into it); None: it cannot."""
+        return None
 
     @abc.abstractmethod
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:

@@ -55,6 +55,7 @@ from xenblockctl.backend.transport.base import (
     GNTST_BAD_COPY_ARG,
     GNTST_BAD_DOMAIN,
     GNTST_BAD_GNTREF,
+    GNTST_BAD_VIRT_ADDR,
     GNTST_OKAY,
     Bounce,
     CopyItem,
@@ -62,6 +63,7 @@ from xenblockctl.backend.transport.base import (
     GrantError,
     GrantMapping,
     MmapGrantMapping,
+    NativeCopier,
     PersistentGrants,
     Transport,
     TransportError,
@@ -69,6 +71,7 @@ from xenblockctl.backend.transport.base import (
     merge_extents,
 )
 from xenblockctl.backend.transport.fixedmap import Reservation
+from xenblockctl.backend.transport.xen import COPY_SEGMENT_SIZE, GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF
 from xenblockctl.journal import Journal
 
 _EVENT = struct.pack("=Q", 1)
@@ -416,6 +419,41 @@ class _Domain:
             _copy_run(run, to_guest)
         return statuses
 
+    def copy_segments_at(self, segments: memoryview, bounce: Bounce) -> None:
+        """What gntdev's ioctl does with an array of struct gntdev_grant_copy_segment whose local
+        side lies in `bounce` (the native pass's, backend/_grantcopy.c): each segment alone, its
+        status written into it; one outside the bounce buffer or this domain's pieces, or not
+        inside its page, moves nothing."""
+        bases, pieces = self.layout
+        for at in range(0, len(segments) - COPY_SEGMENT_SIZE + 1, COPY_SEGMENT_SIZE):
+            source, dest, length, flags = _SEGMENT.unpack_from(segments, at)
+            to_guest = flags == GNTCOPY_DEST_GREF
+            ours, foreign = (source, dest) if to_guest else (dest, source)
+            ref, offset, domid = foreign & 0xFFFFFFFF, foreign >> 32 & 0xFFFF, foreign >> 48
+            where = ours - bounce.address
+            status = GNTST_OKAY
+            if flags not in (GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF) or domid != self.domid:
+                status = GNTST_BAD_DOMAIN
+            elif length == 0 or offset + length > PAGE_SIZE:
+                status = GNTST_BAD_COPY_ARG
+            elif where < 0 or where + length > bounce.nbytes:
+                status = GNTST_BAD_VIRT_ADDR
+            else:
+                i = bisect.bisect_right(bases, ref) - 1
+                if i < 0 or ref >= pieces[i].end:
+                    status = GNTST_BAD_GNTREF
+                else:
+                    lo = (ref - pieces[i].base) * PAGE_SIZE + offset
+                    _copy_run((pieces[i], lo, lo + length, bounce, where), to_guest)
+            _STATUS.pack_into(segments, at + _STATUS_AT, status)
+
+
+#: struct gntdev_grant_copy_segment: source, dest (u64 each: an address or ref|offset<<32|domid<<48),
+#: len, flags, then the status (s16) at byte 20
+_SEGMENT = struct.Struct("=QQHH")
+_STATUS = struct.Struct("=h")
+_STATUS_AT = 20
+
 
 def _copy_run(run: tuple[_GrantTable, int, int, Bounce, int], to_guest: bool) -> None:
     table, lo, hi, bounce, at = run
@@ -679,6 +717,22 @@ class LocalTransport(Transport):
         if domain is None:
             return [GNTST_BAD_DOMAIN] * sum(len(refs) for refs, _extents, _bounce in items)
         return domain.grant_copy(items, to_guest)
+
+    def native_copier(self, domid: int, bounce: Bounce) -> NativeCopier | None:
+        if not self.copies_grants:
+            return None
+
+        def copier(segments: memoryview) -> None:
+            with self._lock:
+                domain = self._domains.get(domid)
+                self.copy_calls += 1
+            if domain is None:  # gone: every segment fails, as grant_copy's
+                for at in range(0, len(segments), COPY_SEGMENT_SIZE):
+                    _STATUS.pack_into(segments, at + _STATUS_AT, GNTST_BAD_DOMAIN)
+                return
+            domain.copy_segments_at(segments, bounce)
+
+        return -1, copier
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         with self._lock:

@@ -33,11 +33,13 @@ from typing import Final
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.transport.base import (
+    Bounce,
     CopyItem,
     EventChannel,
     GrantError,
     GrantMapping,
     MmapGrantMapping,
+    NativeCopier,
     Transport,
     TransportError,
 )
@@ -346,6 +348,10 @@ class XenTransport(Transport):
         except OSError as exc:
             raise GrantError.from_oserror(exc, f"grant copy of {count} segments of domain {domid}") from exc
         return decode_copy_statuses(words)
+
+    def native_copier(self, domid: int, bounce: Bounce) -> NativeCopier | None:
+        # the C pass makes the same ioctl on our fd (the transport outlives every data plane)
+        return (self._gntdev, None) if self.copies_grants and self._gntdev >= 0 else None
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         return XenEventChannel(domid, remote_port)

@@ -1,0 +1,453 @@
+/*
+ * The native pass for frontends WITHOUT persistent grants (issue 20): grant copy, end to end.
+ *
+ * GRUB's blkfront (pvgrub) sends 2,480 single-page READs one at a time, with no persistent grants;
+ * the pure-Python copy path (dataplane.DataPlane._serve_copied, backend/grantcopy.py) spent most of
+ * the ring thread's ~1.1 ms a request (in dom0 under TCG) in Python. `serve` does the same work for
+ * the longest prefix of *simple* slots of a pass — READ or WRITE with direct segments (1..11), every
+ * rule of requests.validate_slot satisfied — from the private copy Python took (ring.take_slots):
+ *
+ *   1. decode each slot once (the rules of requests._check_segments/_plan; tests/unit/
+ *      test_grantcopy_native.py checks they agree with validate_slot on arbitrary bytes) and give
+ *      it a range of our bounce buffer (segments back to back, as grantcopy.Staged lays them out);
+ *   2. one GNTDEV_IOCTL_GRANT_COPY out of the guest's pages for every WRITE of the chunk;
+ *   3. the I/O in ring order (preadv2/pwritev2 on one iovec, the GIL released), each where
+ *      io.Executor.placement says it runs now (RWF_NOWAIT or inline), exactly as _fastpass.serve;
+ *   4. one GNTDEV_IOCTL_GRANT_COPY into the guest's pages for every READ the chunk finished.
+ *
+ * It answers nothing itself and logs nothing: it returns (id, op, RSP_OKAY) for each request that
+ * got through all four steps, and the index of the first slot it did not finish. The data plane
+ * serves that slot through the pure-Python path — which validates, copies, logs and answers every
+ * error its own way — and calls here again for the rest. A request whose copy failed (a ref not
+ * granted, a read-only grant for a READ), whose I/O would block or moved fewer bytes, any other
+ * operation, indirect segments, anything invalid: each ends the run there and is the Python path's.
+ * Requests of the chunk after that slot may have had their I/O done already; they are not answered
+ * and Python runs them again (a READ is copied into unanswered pages twice; a WRITE writes the same
+ * bytes twice, taken again from pages the frontend must not touch before the answer: a frontend
+ * that does only hurts its own disk).
+ *
+ * The copy goes to gntdev (`copy_fd`) when there is one; otherwise (the local transport, which
+ * simulates grant copy on the host) `copier(segments)` is called with the same 24-byte
+ * struct gntdev_grant_copy_segment array and writes each segment's status into it, as the ioctl does.
+ *
+ * Hostile input: every byte decoded comes from the private copy, every guest number is range-checked
+ * before use, and our side of each segment lies inside our bounce buffer by construction (a chunk
+ * never holds more bytes than the buffer).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+
+#define SEGS_MAX 11 /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
+#define PAGE 4096
+#define SECTOR 512
+#define LAST_SECT 7 /* PAGE / SECTOR - 1 */
+#define SEG_SIZE 8  /* struct blkif_request_segment: gref u32, first u8, last u8, pad u16 */
+#define OP_READ 0
+#define OP_WRITE 1
+#define MAX_SLOTS 1024 /* more than any ring holds */
+
+/* struct gntdev_grant_copy_segment (linux/include/uapi/xen/gntdev.h), as three little-endian u64
+ * words: our address; ref | offset << 32 | domid << 48; len | flags << 16 | status << 32 */
+struct copyseg {
+    uint64_t words[3];
+};
+_Static_assert(sizeof(struct copyseg) == 24, "gntdev_grant_copy_segment is 24 bytes");
+#define GNTCOPY_SOURCE_GREF 0x1
+#define GNTCOPY_DEST_GREF 0x2
+/* struct ioctl_gntdev_grant_copy { unsigned int count; struct gntdev_grant_copy_segment *segments; } */
+struct gntcopy {
+    uint32_t count;
+    uint32_t pad;
+    uint64_t segments;
+};
+/* _IOC(_IOC_NONE, 'G', 8, sizeof(struct ioctl_gntdev_grant_copy)) */
+#define IOCTL_GNTDEV_GRANT_COPY ((unsigned long)(('G' << 8) | 8 | (sizeof(struct gntcopy) << 16)))
+
+enum mode { MODE_STOP = 0, MODE_NOWAIT = 1, MODE_BLOCK = 2, MODE_BLOCK_ALIGNED = 3 }; /* fastpath.py */
+
+struct limits {
+    uint64_t sectors;
+    uint64_t size_bytes;
+    uint64_t lbs_mask;
+    int read_only;
+    Py_ssize_t id_offset;
+};
+
+struct creq {
+    uint64_t id;
+    uint64_t offset; /* bytes on the device */
+    uint64_t length;
+    size_t at;       /* where its bytes start in the bounce buffer */
+    uint8_t op;
+    int mode;
+    unsigned nseg;
+    uint32_t gref[SEGS_MAX];
+    uint16_t pofs[SEGS_MAX];
+    uint16_t plen[SEGS_MAX];
+};
+
+static inline uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* requests._check_segments + _plan for a direct READ/WRITE. 1: valid; 0: not ours or refused. */
+static int decode(const unsigned char *slot, const struct limits *lim, struct creq *r)
+{
+    uint8_t op = slot[0], nseg = slot[1];
+    if (op != OP_READ && op != OP_WRITE)
+        return 0;
+    if (nseg == 0 || nseg > SEGS_MAX)
+        return 0;
+    if (lim->read_only && op != OP_READ)
+        return 0;
+    const unsigned char *desc = slot + lim->id_offset + 16;
+    uint64_t sector = get_u64(slot + lim->id_offset + 8), total = 0;
+    for (unsigned i = 0; i < nseg; i++, desc += SEG_SIZE) {
+        uint8_t first = desc[4], last = desc[5];
+        if (last > LAST_SECT || first > last)
+            return 0;
+        unsigned n = (unsigned)last - first + 1;
+        r->gref[i] = get_u32(desc);
+        r->pofs[i] = (uint16_t)(first * SECTOR);
+        r->plen[i] = (uint16_t)(n * SECTOR);
+        total += n;
+    }
+    /* sector + total > sectors, without overflowing for a hostile sector near 2**64 */
+    if (sector > lim->sectors || total > lim->sectors - sector)
+        return 0;
+    if ((sector | total) & lim->lbs_mask)
+        return 0;
+    r->op = op;
+    r->nseg = nseg;
+    r->id = get_u64(slot + lim->id_offset);
+    r->offset = sector * SECTOR; /* sector <= sectors < 2**55 */
+    r->length = total * SECTOR;
+    if (r->offset > lim->size_bytes || r->length > lim->size_bytes - r->offset)
+        return 0;
+    return 1;
+}
+
+static int parse_limits(PyObject *sectors_o, PyObject *size_o, Py_ssize_t lbs, int read_only,
+                        Py_ssize_t id_offset, struct limits *lim)
+{
+    unsigned long long sectors = PyLong_AsUnsignedLongLong(sectors_o);
+    if (sectors == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long long size = PyLong_AsUnsignedLongLong(size_o);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (sectors > (UINT64_MAX / SECTOR) / 2 || size > UINT64_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "device too large");
+        return -1;
+    }
+    if (lbs < SECTOR || lbs > PAGE || (lbs & (lbs - 1))) {
+        PyErr_SetString(PyExc_ValueError, "logical block size must be a power of two in 512..4096");
+        return -1;
+    }
+    if (id_offset != 4 && id_offset != 8) {
+        PyErr_SetString(PyExc_ValueError, "id_offset must be 4 (x86_32) or 8 (x86_64)");
+        return -1;
+    }
+    lim->sectors = sectors;
+    lim->size_bytes = size;
+    lim->lbs_mask = (uint64_t)(lbs / SECTOR) - 1;
+    lim->read_only = read_only;
+    lim->id_offset = id_offset;
+    return 0;
+}
+
+static inline Py_ssize_t entry_size(Py_ssize_t id_offset)
+{
+    return id_offset + 16 + SEGS_MAX * SEG_SIZE;
+}
+
+/* The copy: gntdev's ioctl, or the transport's copier. Every segment's status is set either way;
+ * a call that failed as a whole marks them all failed (Python's path then finds out why). */
+static void copy_segments(int copy_fd, PyObject *copier, struct copyseg *segs, size_t n)
+{
+    if (n == 0)
+        return;
+    int ok;
+    if (copy_fd >= 0) {
+        struct gntcopy arg = {(uint32_t)n, 0, (uint64_t)(uintptr_t)segs};
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = ioctl(copy_fd, IOCTL_GNTDEV_GRANT_COPY, &arg);
+        Py_END_ALLOW_THREADS
+        ok = rc == 0;
+    } else {
+        PyObject *view = PyMemoryView_FromMemory((char *)segs, (Py_ssize_t)(n * sizeof *segs), PyBUF_WRITE);
+        PyObject *got = view == NULL ? NULL : PyObject_CallOneArg(copier, view);
+        ok = got != NULL;
+        Py_XDECREF(got);
+        if (view != NULL) {
+            /* the copier must not keep it: the memory is ours and freed after this call */
+            PyObject *r = PyObject_CallMethod(view, "release", NULL);
+            ok = ok && r != NULL;
+            Py_XDECREF(r);
+            Py_DECREF(view);
+        }
+        if (!ok)
+            PyErr_Clear(); /* Python's path copies again through the transport and reports it */
+    }
+    if (!ok)
+        for (size_t i = 0; i < n; i++)
+            segs[i].words[2] |= (uint64_t)0xFFFFu << 32; /* status -1: GNTST_general_error */
+}
+
+static inline int seg_failed(const struct copyseg *s)
+{
+    return (int16_t)(uint16_t)(s->words[2] >> 32) != 0;
+}
+
+/* Append r's segments to segs (our side at bounce + r->at, back to back). */
+static size_t add_segments(struct copyseg *segs, size_t n, const struct creq *r, char *bounce,
+                           uint16_t domid, int to_guest)
+{
+    uint64_t ours = (uint64_t)(uintptr_t)(bounce + r->at);
+    uint64_t flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
+    for (unsigned i = 0; i < r->nseg; i++) {
+        uint64_t foreign = (uint64_t)r->gref[i] | (uint64_t)r->pofs[i] << 32 | (uint64_t)domid << 48;
+        struct copyseg *s = &segs[n++];
+        s->words[0] = to_guest ? ours : foreign; /* source */
+        s->words[1] = to_guest ? foreign : ours; /* dest */
+        s->words[2] = (uint64_t)r->plen[i] | flags << 16;
+        ours += r->plen[i];
+    }
+    return n;
+}
+
+/* After a copy of the requests in `which` (their segments in that order): how many of the chunk's
+ * requests stay before the first one whose copy failed (`limit` if none did). */
+static Py_ssize_t first_failed(const struct copyseg *segs, const struct creq *reqs, const Py_ssize_t *which,
+                               Py_ssize_t nwhich, Py_ssize_t limit)
+{
+    size_t at = 0;
+    for (Py_ssize_t k = 0; k < nwhich; k++) {
+        const struct creq *r = &reqs[which[k]];
+        for (unsigned i = 0; i < r->nseg; i++)
+            if (seg_failed(&segs[at + i]))
+                return which[k] < limit ? which[k] : limit;
+        at += r->nseg;
+    }
+    return limit;
+}
+
+/* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
+ *       fd, write_fd, read_mode, write_mode, host_page, bounce, domid, copy_fd, copier)
+ *   -> (answers: list[(id, op, 0)], next_index)
+ * bounce: our writable buffer (at least 11 pages); copy_fd: gntdev, or -1 to call copier(segments). */
+static PyObject *gc_serve(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data, bounce;
+    Py_ssize_t start, count, id_offset, lbs, host_page;
+    PyObject *sectors_o, *size_o, *copier;
+    int read_only, fd, wfd, modes[2], copy_fd;
+    unsigned int domid;
+    if (!PyArg_ParseTuple(args, "y*nnnOOnpiiiinw*IiO", &data, &start, &count, &id_offset, &sectors_o,
+                          &size_o, &lbs, &read_only, &fd, &wfd, &modes[OP_READ], &modes[OP_WRITE],
+                          &host_page, &bounce, &domid, &copy_fd, &copier))
+        return NULL;
+    struct limits lim;
+    struct creq *reqs = NULL;
+    struct copyseg *segs = NULL;
+    Py_ssize_t *which = NULL;
+    PyObject *out = NULL, *answers = NULL;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+        goto done;
+    Py_ssize_t esize = entry_size(id_offset);
+    if (start < 0 || count < start || count > MAX_SLOTS || data.len / esize < count) {
+        PyErr_SetString(PyExc_ValueError, "slot range outside the copied batch");
+        goto done;
+    }
+    if (host_page <= 0 || (host_page & (host_page - 1)) || fd < 0 || wfd < 0 || domid > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "bad host page size, fd or domid");
+        goto done;
+    }
+    if (bounce.len < SEGS_MAX * PAGE || ((uintptr_t)bounce.buf & (PAGE - 1))) {
+        PyErr_SetString(PyExc_ValueError, "the bounce buffer must be page-aligned and hold 11 pages");
+        goto done;
+    }
+    if (copy_fd < 0 && !PyCallable_Check(copier)) {
+        PyErr_SetString(PyExc_TypeError, "no gntdev fd and no copier");
+        goto done;
+    }
+    answers = PyList_New(0);
+    Py_ssize_t todo = count - start;
+    if (answers == NULL)
+        goto done;
+    if (todo > 0) {
+        reqs = PyMem_Malloc((size_t)todo * sizeof *reqs);
+        segs = PyMem_Malloc((size_t)todo * SEGS_MAX * sizeof *segs);
+        which = PyMem_Malloc((size_t)todo * sizeof *which);
+        if (reqs == NULL || segs == NULL || which == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    Py_ssize_t pos = start;
+    while (pos < count) {
+        /* 1. decode a chunk: as many simple requests as the bounce buffer holds */
+        Py_ssize_t n = 0;
+        size_t used = 0;
+        for (Py_ssize_t i = pos; i < count; i++) {
+            struct creq *r = &reqs[n];
+            if (!decode((const unsigned char *)data.buf + i * esize, &lim, r))
+                break;
+            r->mode = modes[r->op];
+            if (r->mode == MODE_BLOCK_ALIGNED)
+                r->mode = ((r->offset | r->length) & (uint64_t)(host_page - 1)) ? MODE_STOP : MODE_BLOCK;
+            if (r->mode != MODE_NOWAIT && r->mode != MODE_BLOCK)
+                break;
+            if (r->length > (size_t)bounce.len - used)
+                break; /* full: this chunk ends here, the next one starts with it */
+            r->at = used;
+            used += r->length;
+            n++;
+        }
+        if (n == 0)
+            break; /* the slot at pos is Python's */
+        Py_ssize_t limit = n;
+        /* 2. every WRITE's data out of the guest's pages, one copy */
+        size_t nsegs = 0;
+        Py_ssize_t nwhich = 0;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (reqs[k].op == OP_WRITE) {
+                nsegs = add_segments(segs, nsegs, &reqs[k], bounce.buf, (uint16_t)domid, 0);
+                which[nwhich++] = k;
+            }
+        copy_segments(copy_fd, copier, segs, nsegs);
+        limit = first_failed(segs, reqs, which, nwhich, limit);
+        /* 3. the I/O in ring order, without the GIL; the first one not done in full ends the run */
+        Py_ssize_t k = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (; k < limit; k++) {
+            struct creq *r = &reqs[k];
+            struct iovec iov = {(char *)bounce.buf + r->at, r->length};
+            int flags = r->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
+            ssize_t got = r->op == OP_READ ? preadv2(fd, &iov, 1, (off_t)r->offset, flags)
+                                           : pwritev2(wfd, &iov, 1, (off_t)r->offset, flags);
+            if (got < 0 || (uint64_t)got != r->length)
+                break; /* Python runs it again its own way, and reports what it finds */
+        }
+        Py_END_ALLOW_THREADS
+        limit = k;
+        /* 4. every READ finished into the guest's pages, one copy */
+        nsegs = 0;
+        nwhich = 0;
+        for (k = 0; k < limit; k++)
+            if (reqs[k].op == OP_READ) {
+                nsegs = add_segments(segs, nsegs, &reqs[k], bounce.buf, (uint16_t)domid, 1);
+                which[nwhich++] = k;
+            }
+        copy_segments(copy_fd, copier, segs, nsegs);
+        limit = first_failed(segs, reqs, which, nwhich, limit);
+        for (k = 0; k < limit; k++) {
+            PyObject *t = Py_BuildValue("(KBi)", (unsigned long long)reqs[k].id, reqs[k].op, 0);
+            if (t == NULL || PyList_Append(answers, t) < 0) {
+                /* only allocation fails here, after I/O ran: raise, the data plane treats it as a
+                 * bug of ours (logged, ring broken) rather than guess which answers are owed */
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+        }
+        pos += limit;
+        if (limit < n)
+            break;
+    }
+    out = Py_BuildValue("(On)", answers, pos);
+done:
+    Py_XDECREF(answers);
+    PyMem_Free(reqs);
+    PyMem_Free(segs);
+    PyMem_Free(which);
+    PyBuffer_Release(&bounce);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+/* check(slot, offset, id_offset, sectors, size_bytes, logical_block_size, read_only)
+ *   -> None | (id, op, byte_offset, length, ((gref, page_offset, page_length), ...)): the decoder
+ * alone, for the agreement tests */
+static PyObject *gc_check(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer slot;
+    Py_ssize_t offset, id_offset, lbs;
+    PyObject *sectors_o, *size_o, *out = NULL, *segs = NULL;
+    int read_only;
+    if (!PyArg_ParseTuple(args, "y*nnOOnp", &slot, &offset, &id_offset, &sectors_o, &size_o, &lbs, &read_only))
+        return NULL;
+    struct limits lim;
+    struct creq r;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+        goto done;
+    if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
+        PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
+        goto done;
+    }
+    if (!decode((const unsigned char *)slot.buf + offset, &lim, &r)) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    segs = PyTuple_New(r.nseg);
+    if (segs == NULL)
+        goto done;
+    for (unsigned i = 0; i < r.nseg; i++) {
+        PyObject *t = Py_BuildValue("(kHH)", (unsigned long)r.gref[i], r.pofs[i], r.plen[i]);
+        if (t == NULL)
+            goto done;
+        PyTuple_SET_ITEM(segs, i, t);
+    }
+    out = Py_BuildValue("(KBKKO)", (unsigned long long)r.id, r.op, (unsigned long long)r.offset,
+                        (unsigned long long)r.length, segs);
+done:
+    Py_XDECREF(segs);
+    PyBuffer_Release(&slot);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"serve", gc_serve, METH_VARARGS, "Serve a prefix of a pass's simple requests by grant copy."},
+    {"check", gc_check, METH_VARARGS, "Decode one slot as serve() does (for the agreement tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_grantcopy", "The native grant-copy pass (see backend/grantcopy.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__grantcopy(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "SEGMENT_SIZE", (long)sizeof(struct copyseg)) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
