@@ -52,9 +52,14 @@ class BuildWithHostFiles(build_py):
                     shutil.copy2(path, share / directory / path.name)
 
 
+#: the blkif slot's validation rules, included by both native passes (written once: they are the
+#: guest-facing rules, and two copies would drift)
+SLOT_RULES = "xenblockctl/backend/blkif_slot.h"
+
 FASTPASS = setuptools.Extension(
     "xenblockctl.backend._fastpass",
     sources=["xenblockctl/backend/_fastpass.c"],
+    depends=[SLOT_RULES],
     # warnings are bugs here: tests/unit/test_fastpass.py also builds it with -Werror
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
@@ -65,6 +70,7 @@ FASTPASS = setuptools.Extension(
 GRANTCOPY = setuptools.Extension(
     "xenblockctl.backend._grantcopy",
     sources=["xenblockctl/backend/_grantcopy.c"],
+    depends=[SLOT_RULES],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
 )

@@ -28,35 +28,15 @@
  * tests compare it with validate_slot on arbitrary bytes. `respond` writes a run of answers that
  * are next in ring order into the ring, as ring.py's respond_all would (see fp_respond).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "blkif_slot.h"
 
 #include <errno.h>
-#include <stdint.h>
-#include <string.h>
 #include <sys/uio.h>
 
-#define SEGS_MAX 11 /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
-#define PAGE 4096
-#define SECTOR 512
-#define LAST_SECT 7 /* PAGE / SECTOR - 1 */
-#define SEG_SIZE 8  /* struct blkif_request_segment: gref u32, first u8, last u8, pad u16 */
 #define SEGS_PER_PAGE (PAGE / SEG_SIZE)
 #define IND_PAGES_MAX 8     /* BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST */
-#define IND_SEGS_MAX 4096   /* 8 pages of 512 descriptors */
-#define OP_READ 0
-#define OP_WRITE 1
 #define OP_INDIRECT 6
-#define MAX_SLOTS 1024 /* more than any ring holds (BLKIF ring of 16 pages: 512 slots) */
 #define IOVS_MAX 1024  /* IOV_MAX on Linux: more and preadv says EINVAL (Python's path takes it) */
-
-/* what to do with a READ or WRITE once it is valid (fastpath.py works it out from io.Executor) */
-enum mode {
-    MODE_STOP = 0,          /* not here: Python hands it to the worker pool */
-    MODE_NOWAIT = 1,        /* RWF_NOWAIT: anything short of done in full goes back to Python */
-    MODE_BLOCK = 2,         /* inline, may block (workers=0) */
-    MODE_BLOCK_ALIGNED = 3, /* inline if the range covers whole host pages, else MODE_STOP */
-};
 
 /* One request as decoded from the copy. Direct requests use the inline arrays; an indirect one's
  * segments live in `heap` (gref/pofs/plen point into it), freed by req_free. */
@@ -77,69 +57,19 @@ struct req {
     void *heap;
 };
 
-struct limits {
-    uint64_t sectors;     /* the device's 512-byte units */
-    uint64_t size_bytes;  /* io._out_of_bounds' second guard */
-    uint64_t lbs_mask;    /* logical_block_size / 512 - 1 */
-    int read_only;
-    Py_ssize_t id_offset; /* 8: x86_64 layout, 4: x86_32 */
-    Py_ssize_t max_indirect; /* feature-max-indirect-segments advertised (0: none) */
-};
-
 static void req_free(struct req *r)
 {
     PyMem_Free(r->heap);
     r->heap = NULL;
 }
 
-static inline uint64_t get_u64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v); /* native order, as struct's "=" on the little-endian dom0 */
-    return v;
-}
-
-static inline uint32_t get_u32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline uint16_t get_u16(const unsigned char *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* requests._plan on copied descriptors: each first_sect <= last_sect <= 7, the range inside the
- * device and aligned to the logical block size. 1: valid (r's segments and range filled). */
+/* blkif_slot.h's plan_segments into r (its gref/pofs/plen arrays set). 1: valid. */
 static int plan(const unsigned char *desc, unsigned nseg, uint64_t sector, const struct limits *lim,
                 struct req *r)
 {
-    uint64_t total = 0; /* <= 4096 * 8 */
-    for (unsigned i = 0; i < nseg; i++, desc += SEG_SIZE) {
-        uint8_t first = desc[4], last = desc[5];
-        if (last > LAST_SECT || first > last)
-            return 0;
-        unsigned n = (unsigned)last - first + 1;
-        r->gref[i] = get_u32(desc);
-        r->pofs[i] = (uint16_t)(first * SECTOR);
-        r->plen[i] = (uint16_t)(n * SECTOR);
-        total += n;
-    }
-    /* sector + total > sectors, without overflowing for a hostile sector near 2**64 */
-    if (sector > lim->sectors || total > lim->sectors - sector)
-        return 0;
-    if ((sector | total) & lim->lbs_mask)
-        return 0;
+    const struct segments seg = {r->gref, r->pofs, r->plen};
     r->nseg = nseg;
-    r->offset = sector * SECTOR; /* sector <= sectors < 2**55: no overflow */
-    r->length = total * SECTOR;
-    if (r->offset > lim->size_bytes || r->length > lim->size_bytes - r->offset)
-        return 0;
-    return 1;
+    return plan_segments(desc, nseg, sector, lim, &seg, &r->offset, &r->length);
 }
 
 /* requests._check_segments for a READ/WRITE with direct segments (slot: entry_size bytes of the
@@ -147,20 +77,15 @@ static int plan(const unsigned char *desc, unsigned nseg, uint64_t sector, const
  * with its reason). */
 static int decode_direct(const unsigned char *slot, const struct limits *lim, struct req *r)
 {
-    uint8_t op = slot[0];
-    uint8_t nseg = slot[1];
-    if (op != OP_READ && op != OP_WRITE)
-        return 0;
-    if (nseg == 0 || nseg > SEGS_MAX)
-        return 0;
-    if (lim->read_only && op != OP_READ)
+    unsigned nseg = direct_nseg(slot, lim);
+    if (nseg == 0)
         return 0;
     r->gref = r->gref_in;
     r->pofs = r->pofs_in;
     r->plen = r->plen_in;
     r->nind = 0;
     r->heap = NULL;
-    r->op = op;
+    r->op = slot[0];
     r->id = get_u64(slot + lim->id_offset);
     return plan(slot + lim->id_offset + 16, nseg, get_u64(slot + lim->id_offset + 8), lim, r);
 }
@@ -226,45 +151,6 @@ static int decode(const unsigned char *slot, const struct limits *lim, PyObject 
     if (slot[0] == OP_INDIRECT)
         return decode_indirect(slot, lim, entries, r);
     return decode_direct(slot, lim, r);
-}
-
-static int parse_limits(PyObject *args_sectors, PyObject *args_size, Py_ssize_t lbs, int read_only,
-                        Py_ssize_t id_offset, Py_ssize_t max_indirect, struct limits *lim)
-{
-    unsigned long long sectors = PyLong_AsUnsignedLongLong(args_sectors);
-    if (sectors == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    unsigned long long size = PyLong_AsUnsignedLongLong(args_size);
-    if (size == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    if (sectors > (UINT64_MAX / SECTOR) / 2 || size > UINT64_MAX / 2) {
-        PyErr_SetString(PyExc_ValueError, "device too large");
-        return -1;
-    }
-    if (lbs < SECTOR || lbs > PAGE || (lbs & (lbs - 1))) {
-        PyErr_SetString(PyExc_ValueError, "logical block size must be a power of two in 512..4096");
-        return -1;
-    }
-    if (id_offset != 4 && id_offset != 8) {
-        PyErr_SetString(PyExc_ValueError, "id_offset must be 4 (x86_32) or 8 (x86_64)");
-        return -1;
-    }
-    if (max_indirect < 0 || max_indirect > IND_SEGS_MAX) {
-        PyErr_SetString(PyExc_ValueError, "max_indirect_segments outside 0..4096");
-        return -1;
-    }
-    lim->sectors = sectors;
-    lim->size_bytes = size;
-    lim->lbs_mask = (uint64_t)(lbs / SECTOR) - 1;
-    lim->read_only = read_only;
-    lim->id_offset = id_offset;
-    lim->max_indirect = max_indirect;
-    return 0;
-}
-
-static Py_ssize_t entry_size(Py_ssize_t id_offset)
-{
-    return id_offset + 16 + SEGS_MAX * SEG_SIZE; /* header + 11 descriptors: 112 or 108 */
 }
 
 /* check(slot, offset, id_offset, sectors, size_bytes, logical_block_size, read_only,
@@ -658,10 +544,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
             break;
         p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
         p->heap = NULL;
-        p->mode = modes[p->r.op];
-        if (p->mode == MODE_BLOCK_ALIGNED)
-            p->mode = ((p->r.offset | p->r.length) & (uint64_t)(host_page - 1)) ? MODE_STOP
-                                                                                 : MODE_BLOCK;
+        p->mode = resolve_mode(modes[p->r.op], p->r.offset, p->r.length, host_page);
         if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries)) {
             prepared_release(p);
             break;

@@ -34,23 +34,11 @@
  * before use, and our side of each segment lies inside our bounce buffer by construction (a chunk
  * never holds more bytes than the buffer).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "blkif_slot.h"
 
 #include <errno.h>
-#include <stdint.h>
-#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
-
-#define SEGS_MAX 11 /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
-#define PAGE 4096
-#define SECTOR 512
-#define LAST_SECT 7 /* PAGE / SECTOR - 1 */
-#define SEG_SIZE 8  /* struct blkif_request_segment: gref u32, first u8, last u8, pad u16 */
-#define OP_READ 0
-#define OP_WRITE 1
-#define MAX_SLOTS 1024 /* more than any ring holds */
 
 /* struct gntdev_grant_copy_segment (linux/include/uapi/xen/gntdev.h), as three little-endian u64
  * words: our address; ref | offset << 32 | domid << 48; len | flags << 16 | status << 32 */
@@ -69,16 +57,6 @@ struct gntcopy {
 /* _IOC(_IOC_NONE, 'G', 8, sizeof(struct ioctl_gntdev_grant_copy)) */
 #define IOCTL_GNTDEV_GRANT_COPY ((unsigned long)(('G' << 8) | 8 | (sizeof(struct gntcopy) << 16)))
 
-enum mode { MODE_STOP = 0, MODE_NOWAIT = 1, MODE_BLOCK = 2, MODE_BLOCK_ALIGNED = 3 }; /* fastpath.py */
-
-struct limits {
-    uint64_t sectors;
-    uint64_t size_bytes;
-    uint64_t lbs_mask;
-    int read_only;
-    Py_ssize_t id_offset;
-};
-
 struct creq {
     uint64_t id;
     uint64_t offset; /* bytes on the device */
@@ -92,89 +70,20 @@ struct creq {
     uint16_t plen[SEGS_MAX];
 };
 
-static inline uint64_t get_u64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline uint32_t get_u32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* requests._check_segments + _plan for a direct READ/WRITE. 1: valid; 0: not ours or refused. */
+/* blkif_slot.h's rules for a direct READ/WRITE, into r. 1: valid; 0: not ours or refused. */
 static int decode(const unsigned char *slot, const struct limits *lim, struct creq *r)
 {
-    uint8_t op = slot[0], nseg = slot[1];
-    if (op != OP_READ && op != OP_WRITE)
+    unsigned nseg = direct_nseg(slot, lim);
+    if (nseg == 0)
         return 0;
-    if (nseg == 0 || nseg > SEGS_MAX)
+    const struct segments seg = {r->gref, r->pofs, r->plen};
+    if (!plan_segments(slot + lim->id_offset + 16, nseg, get_u64(slot + lim->id_offset + 8), lim, &seg,
+                       &r->offset, &r->length))
         return 0;
-    if (lim->read_only && op != OP_READ)
-        return 0;
-    const unsigned char *desc = slot + lim->id_offset + 16;
-    uint64_t sector = get_u64(slot + lim->id_offset + 8), total = 0;
-    for (unsigned i = 0; i < nseg; i++, desc += SEG_SIZE) {
-        uint8_t first = desc[4], last = desc[5];
-        if (last > LAST_SECT || first > last)
-            return 0;
-        unsigned n = (unsigned)last - first + 1;
-        r->gref[i] = get_u32(desc);
-        r->pofs[i] = (uint16_t)(first * SECTOR);
-        r->plen[i] = (uint16_t)(n * SECTOR);
-        total += n;
-    }
-    /* sector + total > sectors, without overflowing for a hostile sector near 2**64 */
-    if (sector > lim->sectors || total > lim->sectors - sector)
-        return 0;
-    if ((sector | total) & lim->lbs_mask)
-        return 0;
-    r->op = op;
+    r->op = slot[0];
     r->nseg = nseg;
     r->id = get_u64(slot + lim->id_offset);
-    r->offset = sector * SECTOR; /* sector <= sectors < 2**55 */
-    r->length = total * SECTOR;
-    if (r->offset > lim->size_bytes || r->length > lim->size_bytes - r->offset)
-        return 0;
     return 1;
-}
-
-static int parse_limits(PyObject *sectors_o, PyObject *size_o, Py_ssize_t lbs, int read_only,
-                        Py_ssize_t id_offset, struct limits *lim)
-{
-    unsigned long long sectors = PyLong_AsUnsignedLongLong(sectors_o);
-    if (sectors == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    unsigned long long size = PyLong_AsUnsignedLongLong(size_o);
-    if (size == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    if (sectors > (UINT64_MAX / SECTOR) / 2 || size > UINT64_MAX / 2) {
-        PyErr_SetString(PyExc_ValueError, "device too large");
-        return -1;
-    }
-    if (lbs < SECTOR || lbs > PAGE || (lbs & (lbs - 1))) {
-        PyErr_SetString(PyExc_ValueError, "logical block size must be a power of two in 512..4096");
-        return -1;
-    }
-    if (id_offset != 4 && id_offset != 8) {
-        PyErr_SetString(PyExc_ValueError, "id_offset must be 4 (x86_32) or 8 (x86_64)");
-        return -1;
-    }
-    lim->sectors = sectors;
-    lim->size_bytes = size;
-    lim->lbs_mask = (uint64_t)(lbs / SECTOR) - 1;
-    lim->read_only = read_only;
-    lim->id_offset = id_offset;
-    return 0;
-}
-
-static inline Py_ssize_t entry_size(Py_ssize_t id_offset)
-{
-    return id_offset + 16 + SEGS_MAX * SEG_SIZE;
 }
 
 /* The copy: gntdev's ioctl, or the transport's copier. Every segment's status is set either way;
@@ -270,7 +179,7 @@ static PyObject *gc_serve(PyObject *self, PyObject *args)
     struct copyseg *segs = NULL;
     Py_ssize_t *which = NULL;
     PyObject *out = NULL, *answers = NULL;
-    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, 0, &lim) < 0)
         goto done;
     Py_ssize_t esize = entry_size(id_offset);
     if (start < 0 || count < start || count > MAX_SLOTS || data.len / esize < count) {
@@ -311,9 +220,7 @@ static PyObject *gc_serve(PyObject *self, PyObject *args)
             struct creq *r = &reqs[n];
             if (!decode((const unsigned char *)data.buf + i * esize, &lim, r))
                 break;
-            r->mode = modes[r->op];
-            if (r->mode == MODE_BLOCK_ALIGNED)
-                r->mode = ((r->offset | r->length) & (uint64_t)(host_page - 1)) ? MODE_STOP : MODE_BLOCK;
+            r->mode = resolve_mode(modes[r->op], r->offset, r->length, host_page);
             if (r->mode != MODE_NOWAIT && r->mode != MODE_BLOCK)
                 break;
             if (r->length > (size_t)bounce.len - used)
@@ -398,7 +305,7 @@ static PyObject *gc_check(PyObject *self, PyObject *args)
         return NULL;
     struct limits lim;
     struct creq r;
-    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, &lim) < 0)
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, 0, &lim) < 0)
         goto done;
     if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
         PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
