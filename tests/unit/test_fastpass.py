@@ -13,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk, ring_params_of
+from tests.fixtures.native import compile_extension, compile_sanitized
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane
@@ -471,37 +470,14 @@ def test_respond_refuses_bad_answers_and_geometry_with_the_ring_untouched() -> N
 
 
 # --- the build ---------------------------------------------------------------------------------------
-def _compile(tmp_path: Path, *flags: str) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").exists():
-        pytest.skip("no Python headers")
-    out = tmp_path / f"_fastpass{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, f"-I{include}"]
-    subprocess.run([*cmd, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
-    return out
-
-
 def test_builds_without_warnings(tmp_path: Path) -> None:
-    _compile(tmp_path, "-O2")
+    compile_extension(SOURCE, tmp_path, "-O2")
 
 
 def test_agreement_under_sanitizers(tmp_path: Path) -> None:
     """The decoder, serve() and respond() on random bytes with ASan + UBSan (any report aborts the
     child)."""
-    cc = shutil.which("gcc")
-    asan = subprocess.run(
-        [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    )
-    lib = asan.stdout.strip()
-    if cc is None or not lib.startswith("/"):
-        pytest.skip("no gcc with AddressSanitizer")
-    try:
-        built = _compile(tmp_path, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"sanitizer build unavailable: {exc.stderr[-200:]}")
+    built, lib = compile_sanitized(SOURCE, tmp_path)
     script = textwrap.dedent(
         f"""
         import mmap, os, random, sys

@@ -15,10 +15,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk
+from tests.fixtures.native import compile_extension, compile_sanitized
 from tests.unit.test_fastpass import limits_st, request_st
 from xenblockctl.backend import blkif, grantcopy, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
@@ -291,38 +290,15 @@ def test_native_off_or_without_the_module(make_pair: PairFactory, monkeypatch: p
 
 
 # --- the build ---------------------------------------------------------------------------------------
-def _compile(tmp_path: Path, *flags: str) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").exists():
-        pytest.skip("no Python headers")
-    out = tmp_path / f"_grantcopy{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = [cc, "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, f"-I{include}"]
-    subprocess.run([*cmd, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
-    return out
-
-
 def test_builds_without_warnings(tmp_path: Path) -> None:
-    _compile(tmp_path, "-O2")
+    compile_extension(SOURCE, tmp_path, "-O2")
 
 
 def test_serve_under_sanitizers(tmp_path: Path) -> None:
     """serve() on random slots with ASan + UBSan, its copier checking every segment it is given: our
     side inside the bounce buffer, the guest's inside its page, the domain the data plane's; the
     copier fails segments at random (any sanitizer report aborts the child)."""
-    cc = shutil.which("gcc")
-    asan = subprocess.run(
-        [cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    )
-    lib = asan.stdout.strip()
-    if cc is None or not lib.startswith("/"):
-        pytest.skip("no gcc with AddressSanitizer")
-    try:
-        _compile(tmp_path, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"sanitizer build unavailable: {exc.stderr[-200:]}")
+    _, lib = compile_sanitized(SOURCE, tmp_path)
     script = textwrap.dedent(
         f"""
         import mmap, os, random, struct, sys
