@@ -75,7 +75,7 @@ io_shape() {
   echo "$2 $3" | awk -v label="$1" -v s="$4" '{
     n = $4 - $1; kib = ($5 - $2) / 2; ms = $6 - $3
     printf "%s: %d write requests, %.0f KiB each, %.2f ms each, %.2f in flight\n", label, n,
-      n ? kib / n : 0, n ? ms / n : 0, s > 0 ? ms / 1000 / s : 0 }'
+      n ? kib / n : 0, n ? ms / n : 0, (s > 0 ? ms / 1000 / s : 0) }'
 }
 
 # measure LABEL: the three workloads through /dev/xvdb, then check what the write left there.
