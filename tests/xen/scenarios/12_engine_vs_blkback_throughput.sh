@@ -295,6 +295,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   attach engine
   measure "engine_r$round"
   detach engine
+  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
   # Issue 20: which ring pass served the rows above (the .deb carries the native fast path), and
   # that its writes went through the page cache (the default)
   grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'ring pass: native fast path' \
@@ -306,6 +307,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   attach engine_direct
   measure "engine_direct_r$round"
   detach engine_direct
+  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
   grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q O_DIRECT || fail "--direct-writes was not honoured"
   if grep -q 'writes stay buffered' "$engine_log"; then say "$(grep -m1 'writes stay buffered' "$engine_log")"; fi
   stop_engine
