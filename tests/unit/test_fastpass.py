@@ -659,3 +659,43 @@ def test_serve_answers_only_the_writes_a_short_merged_pwritev_covered(tmp_path: 
     ).stdout
     assert out.strip() == "[(1, 1, 0), (2, 1, 0)] 2"
     assert path.stat().st_size == 2 * 16384 + 8192
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/io").exists(), reason="no per-thread I/O accounting")
+def test_serve_reads_adjacent_requests_in_one_preadv(tmp_path: Path) -> None:
+    """READs that continue each other go to the kernel as one preadv too (with `--direct-reads` each
+    would otherwise wait for the loop worker alone), each page getting its own bytes."""
+    path = tmp_path / "disk"
+    disk = os.urandom(1 << 20)
+    path.write_bytes(disk)
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(-1, 32 * 4096)
+    view = memoryview(memory)
+    entries = {100 + i: view[i * 4096 : (i + 1) * 4096] for i in range(32)}
+    try:
+        slots = bytearray(_write_requests(1, [64 + 32 * k for k in range(8)], 4))
+        for k in range(8):  # each slot's operation byte: READ
+            slots[k * blkif.X86_64.entry_size] = 0
+        args = (blkif.X86_64.id_offset, 2048, 1 << 20, 512, False, 0, fd, fd)
+        modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
+        own = -_read_syscalls() + _read_syscalls()  # what reading the counter costs
+        before = _read_syscalls()
+        answers, stop, _refs = _fastpass.serve(bytes(slots), 0, 8, *args, *modes, mmap.PAGESIZE, entries)
+        assert _read_syscalls() - before - own == 1
+        assert answers == [(1 + k, 0, 0) for k in range(8)]
+        assert stop == 8
+        assert bytes(view[: 8 * 16384]) == disk[64 * 512 : 64 * 512 + 8 * 16384]
+    finally:
+        for page in entries.values():
+            page.release()
+        view.release()
+        memory.close()
+        os.close(fd)
+
+
+def _read_syscalls() -> int:
+    """This thread's read-like syscalls so far (syscr)."""
+    for line in Path("/proc/thread-self/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscr in /proc/thread-self/io")

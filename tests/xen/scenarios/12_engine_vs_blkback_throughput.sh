@@ -4,7 +4,8 @@
 # QEMU TCG absolute numbers are small; the ratio engine/blkback is what to compare. The data written
 # through each path is checked, so a fast wrong answer fails.
 # The engine's rows run on the native fast path where the package has it (`engine_*`), with its
-# default buffered writes and with --direct-writes (`engine_direct_*`), in alternating rounds with
+# default buffered writes and with --direct-writes --direct-reads (`engine_direct_*`, O_DIRECT both
+# ways, adjacent requests of a pass merged: issue 20, helper xenwrite), in alternating rounds with
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
 # (`engine_python_*`, issue 20), grant copy and --workers 2 run once.
@@ -302,13 +303,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
     || say "the native fast path did not load: engine rows are pure Python"
   grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q buffered || fail "writes not buffered by default"
   stop_engine
-  say "round $round: the engine with --direct-writes (O_DIRECT on a second fd of the device)"
-  start_engine --direct-writes
+  say "round $round: the engine with --direct-writes --direct-reads (O_DIRECT on a second fd of the device)"
+  start_engine --direct-writes --direct-reads
   attach engine_direct
   measure "engine_direct_r$round"
   detach engine_direct
   say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
-  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q O_DIRECT || fail "--direct-writes was not honoured"
+  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q 'reads O_DIRECT too' \
+    || fail "--direct-writes --direct-reads was not honoured"
   if grep -q 'writes stay buffered' "$engine_log"; then say "$(grep -m1 'writes stay buffered' "$engine_log")"; fi
   stop_engine
 done
