@@ -207,7 +207,13 @@ def test_engine_native_option_reaches_the_data_plane(
     indirect=["engine_inproc"],
 )
 def test_the_engine_config_decides_how_writes_go_out(
-    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory, direct: bool, on_pool: bool, reads: bool
+    libxl: Libxl,
+    engine_inproc: InprocEngine,
+    make_image: ImageFactory,
+    *,
+    direct: bool,
+    on_pool: bool,
+    reads: bool,
 ) -> None:
     """Issue 20 through the whole engine: by default a device's data plane writes buffered on the fd
     it verified; `backend --direct-writes` writes with O_DIRECT on a second fd of that device
