@@ -581,7 +581,7 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
  * preadv2/pwritev2 of all their iovecs. Linux blkfront cuts a guest's 1 MiB write into 128 KiB
  * requests; written one by one with O_DIRECT on a loop device each waits for the loop worker on its
  * own (measured in dom0 on the Xen lane: 39 MiB/s, against 199 MiB/s for the same bytes in 1 MiB
- * pwritevs, bench/README.md), while kernel blkback's bios meet in the block layer's plug and merge.
+ * pwritevs, bench/README.md), while kernel blkback submits a ring's bios without waiting for each.
  * A request counts as done only when the bytes moved cover it in full; the first one not covered
  * (an error, a short transfer, a NOWAIT read reaching an uncached page) and everything after it go
  * back to Python as any unfinished request does, which runs it again on its own and reports.
