@@ -196,21 +196,29 @@ def test_engine_native_option_reaches_the_data_plane(
 
 
 @pytest.mark.parametrize(
-    ("engine_inproc", "direct", "on_pool"),
+    ("engine_inproc", "direct", "on_pool", "reads"),
     [
-        ({}, False, False),
-        ({"direct_writes": True}, True, False),
-        ({"direct_writes": True, "direct_writes_on_pool": True}, True, True),
+        ({}, False, False, False),
+        ({"direct_writes": True}, True, False, False),
+        ({"direct_writes": True, "direct_writes_on_pool": True}, True, True, False),
+        ({"direct_writes": True, "direct_reads": True}, True, False, True),
     ],
-    ids=["default", "direct-writes", "direct-writes-on-pool"],
+    ids=["default", "direct-writes", "direct-writes-on-pool", "direct-reads"],
     indirect=["engine_inproc"],
 )
 def test_the_engine_config_decides_how_writes_go_out(
-    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory, direct: bool, on_pool: bool
+    libxl: Libxl,
+    engine_inproc: InprocEngine,
+    make_image: ImageFactory,
+    *,
+    direct: bool,
+    on_pool: bool,
+    reads: bool,
 ) -> None:
     """Issue 20 through the whole engine: by default a device's data plane writes buffered on the fd
     it verified; `backend --direct-writes` writes with O_DIRECT on a second fd of that device
-    (`--direct-writes-on-pool`: on the I/O threads), and the data lands either way."""
+    (`--direct-writes-on-pool`: on the I/O threads; `--direct-reads`: reads through it too), and the
+    data lands and reads back either way."""
     image = make_image()
     be, guest = attach(libxl, engine_inproc, image, 33, persistent=True)
     try:
@@ -222,6 +230,7 @@ def test_the_engine_config_decides_how_writes_go_out(
         assert target is not None
         assert (executor.write_fd != target.fd) is direct
         assert executor.inline_direct_writes is not on_pool
+        assert (executor.read_fd == executor.write_fd != target.fd) is reads
         if direct:
             assert os.fstat(executor.write_fd).st_rdev == os.fstat(target.fd).st_rdev
         ring = guest.ring
@@ -232,6 +241,7 @@ def test_the_engine_config_decides_how_writes_go_out(
         with open(image, "rb") as f:
             f.seek(4096 * 512)
             assert f.read(len(data)) == data
+        assert ring.read(4096, len(data)) == data
     finally:
         detach(libxl, be, guest)
     assert bound_loops_under(image.parent) == {}  # the O_DIRECT fd closed with the rest

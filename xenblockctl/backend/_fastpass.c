@@ -497,6 +497,64 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
     return p->iovcnt <= IOVS_MAX;
 }
 
+/* Issue 20 (xenwrite): a run of requests of one kind (READ or WRITE, same mode) that follow each
+ * other on the device (each starts where the one before it ends) goes to the kernel as ONE
+ * preadv2/pwritev2 of all their iovecs. Linux blkfront cuts a guest's 1 MiB write into 128 KiB
+ * requests; written one by one with O_DIRECT on a loop device each waits for the loop worker on its
+ * own (measured in dom0 on the Xen lane: 39 MiB/s, against 199 MiB/s for the same bytes in 1 MiB
+ * pwritevs, bench/README.md), while kernel blkback submits a ring's bios without waiting for each.
+ * A request counts as done only when the bytes moved cover it in full; the first one not covered
+ * (an error, a short transfer, a NOWAIT read reaching an uncached page) and everything after it go
+ * back to Python as any unfinished request does, which runs it again on its own and reports.
+ * Nothing is reordered that the guest ordered: the requests of a run do not overlap (each starts at
+ * the previous one's end), and a FLUSH or BARRIER is never in a run (serve stops at any other
+ * operation), so it still waits for every earlier write. */
+#define MERGE_MAX_BYTES (4u << 20) /* one syscall's share of a pass; the block layer splits further */
+static int mergeable(const struct prepared *a, uint64_t end, const struct prepared *b, int iovcnt,
+                     uint64_t bytes)
+{
+    return b->r.op == a->r.op && b->mode == a->mode && b->r.offset == end &&
+           iovcnt + b->iovcnt <= IOVS_MAX && bytes + b->r.length <= MERGE_MAX_BYTES;
+}
+
+/* reqs[0..nreq) in ring order, the GIL released; how many finished in full. */
+static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd)
+{
+    struct iovec iov[IOVS_MAX];
+    Py_ssize_t done = 0;
+    while (done < nreq) {
+        struct prepared *p = &reqs[done];
+        int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
+        Py_ssize_t last = done + 1;
+        int iovcnt = p->iovcnt;
+        uint64_t bytes = p->r.length;
+        while (last < nreq && mergeable(p, p->r.offset + bytes, &reqs[last], iovcnt, bytes)) {
+            iovcnt += reqs[last].iovcnt;
+            bytes += reqs[last].r.length;
+            last++;
+        }
+        const struct iovec *v = p->iov;
+        if (last > done + 1) {
+            int at = 0;
+            for (Py_ssize_t k = done; k < last; k++) {
+                memcpy(&iov[at], reqs[k].iov, (size_t)reqs[k].iovcnt * sizeof *iov);
+                at += reqs[k].iovcnt;
+            }
+            v = iov;
+        }
+        ssize_t n = p->r.op == OP_READ ? preadv2(fd, v, iovcnt, (off_t)p->r.offset, flags)
+                                       : pwritev2(wfd, v, iovcnt, (off_t)p->r.offset, flags);
+        if (n < 0)
+            break; /* Python runs it again its own way, and reports what it finds */
+        uint64_t covered = 0;
+        while (done < last && covered + reqs[done].r.length <= (uint64_t)n)
+            covered += reqs[done++].r.length;
+        if (done < last)
+            break; /* short: the first request not covered is Python's, as above */
+    }
+    return done;
+}
+
 /* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
  *       max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries)
  * write_fd: where WRITEs go (io.Executor.write_fd: an O_DIRECT fd on the device, or fd itself); a
@@ -554,15 +612,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
     if (nreq) {
         Py_BEGIN_ALLOW_THREADS
-        for (; done < nreq; done++) {
-            struct prepared *p = &reqs[done];
-            int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
-            ssize_t n = p->r.op == OP_READ
-                            ? preadv2(fd, p->iov, p->iovcnt, (off_t)p->r.offset, flags)
-                            : pwritev2(wfd, p->iov, p->iovcnt, (off_t)p->r.offset, flags);
-            if (n < 0 || (uint64_t)n != p->r.length)
-                break; /* Python runs it again its own way, and reports what it finds */
-        }
+        done = run_io(reqs, nreq, fd, wfd);
         Py_END_ALLOW_THREADS
     }
     /* 3. answers and the refs used (for the cache's recency), GIL held. Only allocation can fail

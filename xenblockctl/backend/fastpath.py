@@ -107,7 +107,6 @@ class FastPass:
             limits.logical_block_size,
             limits.read_only,
             limits.max_indirect_segments,
-            target.fd,
         )
 
     @classmethod
@@ -134,6 +133,7 @@ class FastPass:
             start,
             count,
             *self._fixed,
+            executor.read_fd,
             executor.write_fd,
             _MODES[read],
             _MODES[write],

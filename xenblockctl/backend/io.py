@@ -87,6 +87,10 @@ class DeviceTarget:
     #: direct WRITEs run on the I/O pool unless alone on their ring (True), or on the ring thread
     #: (`xenblockctl backend --direct-writes-on-pool`; see Executor)
     direct_writes_on_pool: bool = False
+    #: READs go through the O_DIRECT fd too, where direct writes have one (`xenblockctl backend
+    #: --direct-reads`; off by default, see DirectWriter): they then meet the device as blkback's
+    #: bios do, instead of missing the page cache that direct writes keep emptying
+    direct_reads: bool = False
 
     def __post_init__(self) -> None:
         lbs = self.logical_block_size
@@ -280,15 +284,24 @@ class DirectWriter:
     block size; guest segments are whole sectors of page-aligned grant pages, so they are for 512,
     and anything the kernel refuses with EINVAL (checked before any I/O) is written buffered
     instead, logged once per writer.
+
+    Reads (issue 20, `backend --direct-reads`): after direct writes the device's page cache no
+    longer holds what the guest wrote, so a buffered read of it misses, and the engine's miss path
+    (a NOWAIT try, then the pool, one 128 KiB readahead at a time) read at a fifth of kernel
+    blkback's rate on the real-Xen lane. With `reads` the READs go through this fd as well (same
+    alignment rule and buffered fallback), so both directions reach the loop device as blkback's
+    bios do; the native pass merges adjacent requests of a pass into one call for both.
     """
 
-    __slots__ = ("_mask", "_warned", "fd", "name")
+    __slots__ = ("_mask", "_warned", "fd", "name", "reads")
 
-    def __init__(self, fd: int, logical_block_size: int, name: str) -> None:
+    def __init__(self, fd: int, logical_block_size: int, name: str, reads: bool = False) -> None:
         self.fd = fd
         self._mask = logical_block_size - 1
         self._warned = False
         self.name = name
+        #: READs go through this fd too (DeviceTarget.direct_reads)
+        self.reads = reads
 
     @classmethod
     def open(cls, target: DeviceTarget, name: str) -> DirectWriter | None:
@@ -338,30 +351,47 @@ class DirectWriter:
                 expected,
             )
             return None
-        return cls(fd, target.logical_block_size, name)
+        return cls(fd, target.logical_block_size, name, reads=target.direct_reads)
 
     def write(self, bufs: list[memoryview], offset: int, length: int) -> bool:
         """Write it all with O_DIRECT: True; False if it must be written buffered (nothing was
         written: an unaligned range, or buffers the kernel refused with EINVAL). Other errors raise."""
+        return self._move(os.pwritev, bufs, offset, length, "write")
+
+    def read(self, bufs: list[memoryview], offset: int, length: int) -> bool:
+        """Read it all with O_DIRECT: True; False if it must be read buffered (as write())."""
+        return self._move(os.preadv, bufs, offset, length, "read")
+
+    def _move(
+        self,
+        call: Callable[[int, Sequence[memoryview], int], int],
+        bufs: list[memoryview],
+        offset: int,
+        length: int,
+        what: str,
+    ) -> bool:
         if (offset | length) & self._mask:
-            self._fallback(f"{offset}+{length} not aligned to {self._mask + 1} bytes")
+            self._fallback(what, f"{offset}+{length} not aligned to {self._mask + 1} bytes")
             return False
         try:
-            n = os.pwritev(self.fd, bufs, offset)
+            n = call(self.fd, bufs, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            self._fallback(f"EINVAL for {length} bytes at {offset} in {len(bufs)} buffers")
+            self._fallback(what, f"EINVAL for {length} bytes at {offset} in {len(bufs)} buffers")
             return False
         if n != length:
-            _full_vectored(os.pwritev, self.fd, bufs, offset, length, moved=n)
+            _full_vectored(call, self.fd, bufs, offset, length, moved=n)
         return True
 
-    def _fallback(self, why: str) -> None:
+    def _fallback(self, what: str, why: str) -> None:
         if not self._warned:
             self._warned = True
             log.info(
-                "%s: a write went buffered instead of O_DIRECT (%s); further ones not logged", self.name, why
+                "%s: a %s went buffered instead of O_DIRECT (%s); further ones not logged",
+                self.name,
+                what,
+                why,
             )
 
     def close(self) -> None:
@@ -381,7 +411,11 @@ def execute(
             return blkif.RSP_ERROR
         kind = plan.kind
         if kind is READ or kind is WRITE:
-            if kind is READ or direct is None or not direct.write(bufs, plan.offset, plan.length):
+            if direct is None or not (
+                direct.write(bufs, plan.offset, plan.length)
+                if kind is WRITE
+                else direct.reads and direct.read(bufs, plan.offset, plan.length)
+            ):
                 call = os.preadv if kind is READ else os.pwritev
                 # the common case moves everything in one call; _full_vectored resumes a short one
                 n = call(target.fd, bufs, plan.offset)
@@ -561,6 +595,8 @@ class Executor:
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
         if self._direct is not None:
             self._nowait.discard(WRITE)
+            if self._direct.reads:
+                self._nowait.discard(READ)  # a direct read waits for the device: RWF_NOWAIT cannot tell
         #: WRITEs through the DirectWriter run on the ring thread (True) or on the pool unless alone
         #: on their ring (False: DeviceTarget.direct_writes_on_pool). A direct write always waits
         #: for the device (RWF_NOWAIT cannot tell), so this trades the pool's overlap (several
@@ -573,6 +609,12 @@ class Executor:
         """The fd WRITEs go to first (the O_DIRECT one, else the device's): the native pass's."""
         return self._direct.fd if self._direct is not None else self.target.fd
 
+    @property
+    def read_fd(self) -> int:
+        """The fd READs go to first (the O_DIRECT one with direct reads, else the device's)."""
+        direct = self._direct
+        return direct.fd if direct is not None and direct.reads else self.target.fd
+
     def placement(self) -> tuple[Where, Where]:
         """Where run_now would run a READ and a WRITE now, for the native pass (it re-asks per
         call: a NOWAIT the kernel refused with EOPNOTSUPP is dropped as run_now meets it)."""
@@ -580,7 +622,8 @@ class Executor:
             return Where.INLINE, Where.INLINE
         read = Where.NOWAIT if READ in self._nowait else Where.POOL
         if self._direct is not None:
-            return read, Where.INLINE if self.inline_direct_writes else Where.POOL
+            direct = Where.INLINE if self.inline_direct_writes else Where.POOL
+            return direct if self._direct.reads else read, direct
         return read, Where.NOWAIT if WRITE in self._nowait else Where.INLINE_ALIGNED
 
     def _execute(self, plan: IoPlan, bufs: list[memoryview]) -> int:
@@ -594,7 +637,9 @@ class Executor:
         if self._pool is None:
             return self._execute(plan, bufs)
         kind = plan.kind
-        if kind is WRITE and self._direct is not None:
+        direct = self._direct
+        if direct is not None and (kind is WRITE or (kind is READ and direct.reads)):
+            # placed as direct writes are (inline_direct_writes): both wait for the device
             if self.inline_direct_writes or (self.alone is not None and self.alone()):
                 return self._execute(plan, bufs)
             return None

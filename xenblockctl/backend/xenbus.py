@@ -139,6 +139,8 @@ class EngineConfig:
     direct_writes: bool = False
     #: Direct WRITEs on the I/O pool unless alone on their ring, instead of on the ring thread.
     direct_writes_on_pool: bool = False
+    #: With direct_writes: READs through the O_DIRECT fd too (io.DirectWriter, "Reads").
+    direct_reads: bool = False
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and
     #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
     fd_store: FdStore | None = None
@@ -408,6 +410,7 @@ class BackendDevice:
             DeviceTarget.from_block_device(device),
             direct_writes=self.config.direct_writes,
             direct_writes_on_pool=self.config.direct_writes_on_pool,
+            direct_reads=self.config.direct_reads,
         )
         if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying

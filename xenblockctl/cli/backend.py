@@ -99,6 +99,13 @@ def raise_fd_limit(journal: Journal) -> int:
     "unless alone on their ring, instead of on the ring thread.",
 )
 @click.option(
+    "--direct-reads",
+    is_flag=True,
+    default=False,
+    help="With --direct-writes: read guest data through the same O_DIRECT fd too, instead of through "
+    "the page cache (which direct writes keep emptying).",
+)
+@click.option(
     "--max-queues",
     type=click.IntRange(1, 16),
     default=None,
@@ -141,6 +148,7 @@ def backend(
     native: bool,
     direct_writes: bool,
     direct_writes_on_pool: bool,
+    direct_reads: bool,
     max_queues: int | None,
     workers: int,
 ) -> None:
@@ -194,12 +202,17 @@ def backend(
         config = dataclasses.replace(config, native=False)
     if direct_writes_on_pool and not direct_writes:
         raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
+    if direct_reads and not direct_writes:
+        raise click.UsageError("--direct-reads needs --direct-writes")
     if direct_writes:
-        config = dataclasses.replace(config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool)
+        config = dataclasses.replace(
+            config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool, direct_reads=direct_reads
+        )
     journal.info(f"ring pass: {describe(native)}; {describe_copy(native)}")
     how = "buffered"
     if direct_writes:
         how = "O_DIRECT (--direct-writes)" + (", on the I/O pool" if direct_writes_on_pool else "")
+        how += ", reads O_DIRECT too (--direct-reads)" if direct_reads else ""
     journal.info(f"writes to block devices: {how}")
     pool = None
     if workers:

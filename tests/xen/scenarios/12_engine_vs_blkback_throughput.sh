@@ -4,7 +4,8 @@
 # QEMU TCG absolute numbers are small; the ratio engine/blkback is what to compare. The data written
 # through each path is checked, so a fast wrong answer fails.
 # The engine's rows run on the native fast path where the package has it (`engine_*`), with its
-# default buffered writes and with --direct-writes (`engine_direct_*`), in alternating rounds with
+# default buffered writes and with --direct-writes --direct-reads (`engine_direct_*`, O_DIRECT both
+# ways, adjacent requests of a pass merged: issue 20, helper xenwrite), in alternating rounds with
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
 # (`engine_python_*`, issue 20), grant copy and --workers 2 run once.
@@ -66,20 +67,46 @@ cpu_report() {
   ' "$2" "$3"
 }
 
+# blkstat DEV: "WRITE_IOS WRITE_SECTORS WRITE_TICKS_MS" of /sys/block/DEV/stat (issue 20, helper
+# xenwrite: what blkfront sends and what reaches the loop device, without tracing anything).
+blkstat() { awk '{ print $5, $7, $8 }' "/sys/block/$1/stat"; }
+# io_shape LABEL BEFORE AFTER SECONDS: the write requests between two blkstat lines: how many, their
+# mean size, and the mean number in flight (Little's law: the requests' summed ticks / the wall time).
+io_shape() {
+  echo "$2 $3" | awk -v label="$1" -v s="$4" '{
+    n = $4 - $1; kib = ($5 - $2) / 2; ms = $6 - $3
+    printf "%s: %d write requests, %.0f KiB each, %.2f ms each, %.2f in flight\n", label, n,
+      n ? kib / n : 0, n ? ms / n : 0, (s > 0 ? ms / 1000 / s : 0) }'
+}
+
 # measure LABEL: the three workloads through /dev/xvdb, then check what the write left there.
 measure() {
-  local label=$1 dev=/dev/xvdb t
+  local label=$1 dev=/dev/xvdb t loop fe0 fe1 lo0 lo1 lo2 s
+  loop=$(loops_of "$img" | head -n 1)
+  loop=${loop#/dev/}
   # The 1 MiB write split in two (issue 20: where does the write path's time go?): the same writes
   # without the final fsync, then that fsync alone (a blkif flush; the engine's fdatasync writes
   # back what its buffered pwritev left in the device's page cache).
   cpu_ticks > "$XENCI_WORK/cpu.before"
+  fe0=$(blkstat xvdb); lo0=$(blkstat "$loop"); t=$(now)
   rate "${label}_write_1M_nofsync" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  s=$(elapsed "$t"); fe1=$(blkstat xvdb); lo1=$(blkstat "$loop")
   cpu_ticks > "$XENCI_WORK/cpu.after"
   cpu_report "$label 1 MiB writes" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
   t=$(now)
   python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); os.fsync(fd); os.close(fd)' "$dev" \
     || fail "$label: fsync of $dev failed"
   metric "${label}_flush_after_write_s" "$(elapsed "$t")" s
+  lo2=$(blkstat "$loop")
+  io_shape "$label shape: xvdb (blkfront) during the 1 MiB writes" "$fe0" "$fe1" "$s"
+  io_shape "$label shape: $loop during the 1 MiB writes" "$lo0" "$lo1" "$s"
+  io_shape "$label shape: $loop during the fsync after them" "$lo1" "$lo2" "$(elapsed "$t")"
+  # the same writes again, not a workload of the medians (issue 20, helper xenwrite: is the first
+  # row slow for the engine because it is the first I/O after attach, or because of no fsync?)
+  fe0=$(blkstat xvdb); t=$(now)
+  rate "${label}_write_1M_nofsync_again" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  fe1=$(blkstat xvdb)
+  io_shape "$label shape: xvdb (blkfront) during the same writes again" "$fe0" "$fe1" "$(elapsed "$t")"
   rate "${label}_seq_write_1M" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none
   rate "${label}_seq_read_1M" $((32 << 20)) dd if="$dev" of=/dev/null bs=1M count=32 skip=8 iflag=direct status=none
   cpu_ticks > "$XENCI_WORK/cpu.before"
@@ -96,6 +123,20 @@ attach() {
   wait_for /dev/xvdb 30 test -b /dev/xvdb
   # how many queues blkfront negotiated (issue 20): it writes the node only for 2 or more
   metric "${1}_queues" "$(xenstore-read /local/domain/0/device/vbd/51728/multi-queue-num-queues 2>/dev/null || echo 1)" queues
+  # what the two sides negotiated and the request limits blkfront derived from it (issue 20, helper
+  # xenwrite: does the guest send the engine what it sends kernel blkback?)
+  local be=/local/domain/0/backend/vbd/0/51728 fe=/local/domain/0/device/vbd/51728 n line=
+  for n in feature-max-indirect-segments max-ring-page-order feature-persistent feature-flush-cache \
+    feature-barrier multi-queue-max-queues; do
+    line+=" backend:$n=$(xenstore-read "$be/$n" 2>/dev/null || echo -)"
+  done
+  for n in ring-page-order feature-persistent; do
+    line+=" frontend:$n=$(xenstore-read "$fe/$n" 2>/dev/null || xenstore-read "$fe/queue-0/$n" 2>/dev/null || echo -)"
+  done
+  for n in max_sectors_kb max_hw_sectors_kb max_segments nr_requests; do
+    line+=" xvdb:$n=$(cat "/sys/block/xvdb/queue/$n")"
+  done
+  say "$1 negotiated:$line"
 }
 detach() {
   xl block-detach 0 xvdb || fail "xl block-detach ($1) exited $?"
@@ -167,6 +208,82 @@ for rnd in (1, 2):
         print(f"XENCI-METRIC: probe_{label}_r{rnd}_write_1M_fsync_MiBps={32 / t:.1f} MiB/s")
         print(f"XENCI-METRIC: probe_{label}_r{rnd}_busy_cpu_s={c:.2f} s")
 EOF
+# Issue 20 (helper xenwrite): the same loop device written from dom0's own pages granted to itself
+# (gntalloc) and mapped through the engine's XenTransport (gntdev), as the engine writes a guest's
+# persistent grants, against an anonymous buffer: buffered and O_DIRECT, 128 KiB per pwritev (Linux
+# blkfront's request size) one at a time, 1 MiB per pwritev (eight requests merged), and 128 KiB
+# with 8 threads (8 in flight, as blkback submits a ring's bios); CPU time of the writing process
+# and of dom0. 32 MiB each, then fsync (timed apart); once each (the probe above allocated the
+# blocks: a loaded boot ran out of the scenario's 900 s with two rounds of this).
+modprobe xen-gntalloc 2>/dev/null || true
+python3 - "$probe_loop" <<'EOF' || say "the grant-mapped write probe failed"
+import fcntl, mmap, os, struct, sys, threading, time
+from xenblockctl.backend.transport.xen import XenTransport
+PAGE, PAGES = 4096, 256
+def busy():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+gfd = os.open("/dev/xen/gntalloc", os.O_RDWR | os.O_CLOEXEC)
+arg = bytearray(struct.pack("=HHIQ", 0, 1, PAGES, 0) + bytes(4 * PAGES))
+fcntl.ioctl(gfd, 0x00184705, arg, True)
+index = struct.unpack_from("=Q", arg, 8)[0]
+refs = list(struct.unpack_from(f"={PAGES}I", arg, 16))
+shared = mmap.mmap(gfd, PAGES * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=index)
+shared[:] = os.urandom(PAGES * PAGE)
+transport = XenTransport()
+mapping = transport.map_grants(0, refs, writable=False)
+granted = mapping.iovecs()[0]
+anon = mmap.mmap(-1, PAGES * PAGE)
+anon[:] = shared[:]
+anon_view = memoryview(anon)
+CHUNK = 128 << 10
+def serial(fd, buf):
+    for at in range(0, 32 << 20, CHUNK):
+        os.pwritev(fd, [buf[at % (1 << 20):][:CHUNK]], (8 << 20) + at)
+def merged(fd, buf):
+    for at in range(0, 32 << 20, 1 << 20):
+        os.pwritev(fd, [buf[i:i + CHUNK] for i in range(0, 1 << 20, CHUNK)], (8 << 20) + at)
+def threads8(fd, buf):
+    def one(k):
+        for at in range(k * CHUNK, 32 << 20, 8 * CHUNK):
+            os.pwritev(fd, [buf[at % (1 << 20):][:CHUNK]], (8 << 20) + at)
+    ts = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+cases = [
+    ("buffered_anon_128k", 0, anon_view, serial),
+    ("buffered_granted_128k", 0, granted, serial),
+    ("direct_anon_128k", os.O_DIRECT, anon_view, serial),
+    ("direct_granted_128k", os.O_DIRECT, granted, serial),
+    ("direct_granted_1m_merged", os.O_DIRECT, granted, merged),
+    ("direct_granted_128k_8threads", os.O_DIRECT, granted, threads8),
+]
+for label, flags, buf, how in cases:
+    fd = os.open(sys.argv[1], os.O_WRONLY | flags)
+    c0, p0, t0 = busy(), time.process_time(), time.monotonic()
+    how(fd, buf)
+    t1, p1 = time.monotonic(), time.process_time()
+    os.fsync(fd)
+    t2, c2 = time.monotonic(), busy()
+    os.close(fd)
+    print(f"XENCI-METRIC: gprobe_{label}_MiBps={32 / (t1 - t0):.1f} MiB/s")
+    print(f"gprobe {label}: writes {32 / (t1 - t0):.1f} MiB/s ({t1 - t0:.3f} s, the writer's CPU"
+          f" {p1 - p0:.3f} s), fsync {t2 - t1:.3f} s, with fsync {32 / (t2 - t0):.1f} MiB/s,"
+          f" dom0 busy {c2 - c0:.2f} s")
+granted.release()
+mapping.unmap()
+transport.close()
+anon_view.release()
+anon.close()
+shared.close()
+os.close(gfd)
+EOF
+say "dom0: $(grep MemTotal /proc/meminfo); $(sysctl vm.dirty_ratio vm.dirty_background_ratio vm.dirty_bytes vm.dirty_background_bytes vm.dirty_expire_centisecs 2>/dev/null | tr '\n' ' ')"
+say "dom0: blkfront parameters: $(grep -H . /sys/module/xen_blkfront/parameters/* 2>/dev/null | sed 's|.*/||' | tr '\n' ' ')"
+say "dom0: loop queue: $(cd "/sys/block/${probe_loop#/dev/}/queue" && grep -H . max_sectors_kb max_hw_sectors_kb max_segments nr_requests | tr '\n' ' ')"
 losetup -d "$probe_loop"
 rm -f "$probe_img"
 
@@ -182,18 +299,21 @@ for ((round = 1; round <= ROUNDS; round++)); do
   attach engine
   measure "engine_r$round"
   detach engine
+  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
   # Issue 20: which ring pass served the rows above (the .deb carries the native fast path), and
   # that its writes went through the page cache (the default)
   grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'ring pass: native fast path' \
     || say "the native fast path did not load: engine rows are pure Python"
   grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q buffered || fail "writes not buffered by default"
   stop_engine
-  say "round $round: the engine with --direct-writes (O_DIRECT on a second fd of the device)"
-  start_engine --direct-writes
+  say "round $round: the engine with --direct-writes --direct-reads (O_DIRECT on a second fd of the device)"
+  start_engine --direct-writes --direct-reads
   attach engine_direct
   measure "engine_direct_r$round"
   detach engine_direct
-  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q O_DIRECT || fail "--direct-writes was not honoured"
+  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
+  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q 'reads O_DIRECT too' \
+    || fail "--direct-writes --direct-reads was not honoured"
   if grep -q 'writes stay buffered' "$engine_log"; then say "$(grep -m1 'writes stay buffered' "$engine_log")"; fi
   stop_engine
 done
