@@ -168,31 +168,19 @@ static PyObject *fp_check(PyObject *self, PyObject *args)
         return NULL;
     struct limits lim;
     struct req r;
-    PyObject *out = NULL, *segs = NULL;
+    PyObject *out = NULL;
     r.heap = NULL;
     if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &lim) < 0)
         goto done;
-    if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
-        PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
+    if (entry_fits(&slot, offset, id_offset) < 0)
         goto done;
-    }
     if (!decode((const unsigned char *)slot.buf + offset, &lim, entries, &r)) {
         out = Py_NewRef(Py_None);
         goto done;
     }
-    segs = PyTuple_New(r.nseg);
-    if (segs == NULL)
-        goto done;
-    for (unsigned i = 0; i < r.nseg; i++) {
-        PyObject *t = Py_BuildValue("(kHH)", (unsigned long)r.gref[i], r.pofs[i], r.plen[i]);
-        if (t == NULL)
-            goto done;
-        PyTuple_SET_ITEM(segs, i, t);
-    }
-    out = Py_BuildValue("(KBKKO)", (unsigned long long)r.id, r.op, (unsigned long long)r.offset,
-                        (unsigned long long)r.length, segs);
+    const struct segments seg = {r.gref, r.pofs, r.plen};
+    out = decoded_value(r.id, r.op, r.offset, r.length, r.nseg, &seg);
 done:
-    Py_XDECREF(segs);
     req_free(&r);
     PyBuffer_Release(&slot);
     return out;
@@ -632,18 +620,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         char *w = PyBytes_AS_STRING(refs);
         for (Py_ssize_t k = 0; k < done; k++) {
             struct req *r = &reqs[k].r;
-            /* not Py_BuildValue: its format parsing cost more than the tuple (perf, 4 KiB rows) */
-            PyObject *t = PyTuple_New(3);
-            if (t != NULL) {
-                PyObject *rid = PyLong_FromUnsignedLongLong(r->id);
-                if (rid == NULL)
-                    Py_CLEAR(t);
-                else {
-                    PyTuple_SET_ITEM(t, 0, rid);
-                    PyTuple_SET_ITEM(t, 1, PyLong_FromLong(r->op)); /* small ints: cached, cannot fail */
-                    PyTuple_SET_ITEM(t, 2, PyLong_FromLong(0));
-                }
-            }
+            PyObject *t = okay_answer(r->id, r->op);
             if (t == NULL) {
                 Py_DECREF(answers);
                 Py_DECREF(refs);

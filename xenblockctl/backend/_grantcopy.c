@@ -158,6 +158,23 @@ static Py_ssize_t first_failed(const struct copyseg *segs, const struct creq *re
     return limit;
 }
 
+/* One copy for the `op` requests among the first `limit` (a WRITE's data out of the guest's pages
+ * before its I/O, a READ's into them after it): how many of the first `limit` stay before the first
+ * one whose copy failed. `segs` and `which` are scratch, sized for every request of the chunk. */
+static Py_ssize_t copy_op(uint8_t op, const struct creq *reqs, Py_ssize_t limit, struct copyseg *segs,
+                          Py_ssize_t *which, char *bounce, uint16_t domid, int copy_fd, PyObject *copier)
+{
+    size_t nsegs = 0;
+    Py_ssize_t nwhich = 0;
+    for (Py_ssize_t k = 0; k < limit; k++)
+        if (reqs[k].op == op) {
+            nsegs = add_segments(segs, nsegs, &reqs[k], bounce, domid, op == OP_READ);
+            which[nwhich++] = k;
+        }
+    copy_segments(copy_fd, copier, segs, nsegs);
+    return first_failed(segs, reqs, which, nwhich, limit);
+}
+
 /* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
  *       fd, write_fd, read_mode, write_mode, host_page, bounce, domid, copy_fd, copier)
  *   -> (answers: list[(id, op, 0)], next_index)
@@ -233,15 +250,7 @@ static PyObject *gc_serve(PyObject *self, PyObject *args)
             break; /* the slot at pos is Python's */
         Py_ssize_t limit = n;
         /* 2. every WRITE's data out of the guest's pages, one copy */
-        size_t nsegs = 0;
-        Py_ssize_t nwhich = 0;
-        for (Py_ssize_t k = 0; k < n; k++)
-            if (reqs[k].op == OP_WRITE) {
-                nsegs = add_segments(segs, nsegs, &reqs[k], bounce.buf, (uint16_t)domid, 0);
-                which[nwhich++] = k;
-            }
-        copy_segments(copy_fd, copier, segs, nsegs);
-        limit = first_failed(segs, reqs, which, nwhich, limit);
+        limit = copy_op(OP_WRITE, reqs, limit, segs, which, bounce.buf, (uint16_t)domid, copy_fd, copier);
         /* 3. the I/O in ring order, without the GIL; the first one not done in full ends the run */
         Py_ssize_t k = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -257,17 +266,9 @@ static PyObject *gc_serve(PyObject *self, PyObject *args)
         Py_END_ALLOW_THREADS
         limit = k;
         /* 4. every READ finished into the guest's pages, one copy */
-        nsegs = 0;
-        nwhich = 0;
-        for (k = 0; k < limit; k++)
-            if (reqs[k].op == OP_READ) {
-                nsegs = add_segments(segs, nsegs, &reqs[k], bounce.buf, (uint16_t)domid, 1);
-                which[nwhich++] = k;
-            }
-        copy_segments(copy_fd, copier, segs, nsegs);
-        limit = first_failed(segs, reqs, which, nwhich, limit);
+        limit = copy_op(OP_READ, reqs, limit, segs, which, bounce.buf, (uint16_t)domid, copy_fd, copier);
         for (k = 0; k < limit; k++) {
-            PyObject *t = Py_BuildValue("(KBi)", (unsigned long long)reqs[k].id, reqs[k].op, 0);
+            PyObject *t = okay_answer(reqs[k].id, reqs[k].op);
             if (t == NULL || PyList_Append(answers, t) < 0) {
                 /* only allocation fails here, after I/O ran: raise, the data plane treats it as a
                  * bug of ours (logged, ring broken) rather than guess which answers are owed */
@@ -299,7 +300,7 @@ static PyObject *gc_check(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer slot;
     Py_ssize_t offset, id_offset, lbs;
-    PyObject *sectors_o, *size_o, *out = NULL, *segs = NULL;
+    PyObject *sectors_o, *size_o, *out = NULL;
     int read_only;
     if (!PyArg_ParseTuple(args, "y*nnOOnp", &slot, &offset, &id_offset, &sectors_o, &size_o, &lbs, &read_only))
         return NULL;
@@ -307,27 +308,15 @@ static PyObject *gc_check(PyObject *self, PyObject *args)
     struct creq r;
     if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, 0, &lim) < 0)
         goto done;
-    if (offset < 0 || offset > slot.len || slot.len - offset < entry_size(id_offset)) {
-        PyErr_SetString(PyExc_ValueError, "slot shorter than one ring entry");
+    if (entry_fits(&slot, offset, id_offset) < 0)
         goto done;
-    }
     if (!decode((const unsigned char *)slot.buf + offset, &lim, &r)) {
         out = Py_NewRef(Py_None);
         goto done;
     }
-    segs = PyTuple_New(r.nseg);
-    if (segs == NULL)
-        goto done;
-    for (unsigned i = 0; i < r.nseg; i++) {
-        PyObject *t = Py_BuildValue("(kHH)", (unsigned long)r.gref[i], r.pofs[i], r.plen[i]);
-        if (t == NULL)
-            goto done;
-        PyTuple_SET_ITEM(segs, i, t);
-    }
-    out = Py_BuildValue("(KBKKO)", (unsigned long long)r.id, r.op, (unsigned long long)r.offset,
-                        (unsigned long long)r.length, segs);
+    const struct segments seg = {r.gref, r.pofs, r.plen};
+    out = decoded_value(r.id, r.op, r.offset, r.length, r.nseg, &seg);
 done:
-    Py_XDECREF(segs);
     PyBuffer_Release(&slot);
     return out;
 }
