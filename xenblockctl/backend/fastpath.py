@@ -146,17 +146,18 @@ class FastPass:
         return answers, stop
 
 
-#: io.Where -> the C pass's mode (the same choices, spelled as _fastpass.c's enum)
-_MODES: dict[Where, int] = (
-    {
-        Where.POOL: _native.MODE_STOP,
-        Where.NOWAIT: _native.MODE_NOWAIT,
-        Where.INLINE: _native.MODE_BLOCK,
-        Where.INLINE_ALIGNED: _native.MODE_BLOCK_ALIGNED,
+def native_modes(native: types.ModuleType) -> dict[Where, int]:
+    """io.Where -> a native pass's mode: the same choices, spelled as blkif_slot.h's enum, which
+    both extensions (_fastpass, _grantcopy) export."""
+    return {
+        Where.POOL: native.MODE_STOP,
+        Where.NOWAIT: native.MODE_NOWAIT,
+        Where.INLINE: native.MODE_BLOCK,
+        Where.INLINE_ALIGNED: native.MODE_BLOCK_ALIGNED,
     }
-    if _native is not None
-    else {}
-)
 
 
-__all__ = ["FastPass", "available", "describe"]
+_MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
+
+
+__all__ = ["FastPass", "available", "describe", "native_modes"]

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
+from xenblockctl.backend.fastpath import native_modes
 from xenblockctl.backend.io import Executor, Where
 from xenblockctl.backend.requests import DeviceLimits, IoPlan
 from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, Transport, gntst_name
@@ -239,17 +240,8 @@ class NativeCopy:
         self._bounce.close()
 
 
-#: io.Where -> the C pass's mode (the same choices as fastpath's, spelled as _grantcopy.c's enum)
-_MODES: dict[Where, int] = (
-    {
-        Where.POOL: _native.MODE_STOP,
-        Where.NOWAIT: _native.MODE_NOWAIT,
-        Where.INLINE: _native.MODE_BLOCK,
-        Where.INLINE_ALIGNED: _native.MODE_BLOCK_ALIGNED,
-    }
-    if _native is not None
-    else {}
-)
+#: io.Where -> the C pass's mode (fastpath.native_modes: one mapping for both native passes)
+_MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 
 
 __all__ = [
