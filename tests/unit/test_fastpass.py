@@ -26,7 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk, ring_params_of
-from tests.fixtures.native import compile_extension, compile_sanitized
+from tests.fixtures.native import (
+    compile_extension,
+    compile_sanitized,
+    limits_st,
+    request_st,
+    sector_st,
+)
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane
@@ -94,25 +100,6 @@ def assert_agree(
         plan.length,
         tuple((s.gref, s.offset, s.length) for s in plan.segments),
     )
-
-
-limits_st = st.builds(
-    DeviceLimits,
-    sectors=st.one_of(st.integers(0, 4096), st.integers(0, 2**53)),
-    logical_block_size=st.sampled_from([512, 1024, 2048, 4096]),
-    read_only=st.booleans(),
-)
-sector_st = st.one_of(st.integers(0, 5000), st.integers(0, 2**64 - 1), st.integers(2**64 - 100, 2**64 - 1))
-segment_st = st.builds(Segment, st.integers(0, 2**32 - 1), st.integers(0, 9), st.integers(0, 9))
-request_st = st.builds(
-    SegmentRequest,
-    st.sampled_from([0, 1, 1, 2, 3, 4, 5, 6, 7, 255]),
-    st.integers(0, 14),
-    st.integers(0, 0xFFFF),
-    st.integers(0, 2**64 - 1),
-    sector_st,
-    st.lists(segment_st, min_size=0, max_size=11).map(tuple),
-)
 
 
 @settings(max_examples=3000, deadline=None)
@@ -831,12 +818,13 @@ def test_large_indirect_requests_through_pages_and_dict_agree(tmp_path: Path) ->
 
 
 # --- serve(): adjacent WRITEs in one pwritev (issue 20, real Xen's write gap) ---------------------------
-def _write_syscalls() -> int:
-    """This thread's write-like syscalls so far (/proc/thread-self/io's syscw: pwritev counts one)."""
+def _io_syscalls(counter: str) -> int:
+    """This thread's read-like ("syscr") or write-like ("syscw") syscalls so far
+    (/proc/thread-self/io: a preadv or pwritev counts one)."""
     for line in Path("/proc/thread-self/io").read_text().splitlines():
-        if line.startswith("syscw:"):
+        if line.startswith(f"{counter}:"):
             return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/thread-self/io")
+    raise AssertionError(f"no {counter} in /proc/thread-self/io")
 
 
 def _write_requests(first_id: int, sectors: Sequence[int], pages: int) -> bytes:
@@ -868,18 +856,18 @@ def test_serve_writes_adjacent_requests_in_one_pwritev(tmp_path: Path) -> None:
         modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
         # 8 requests of 16 KiB back to back from sector 64: one run
         data = _write_requests(1, [64 + 32 * k for k in range(8)], pages)
-        before = _write_syscalls()
+        before = _io_syscalls("syscw")
         answers, stop, _refs = _fastpass.serve(data, 0, 8, *args, *modes, mmap.PAGESIZE, entries)
-        assert _write_syscalls() - before == 1
+        assert _io_syscalls("syscw") - before == 1
         assert answers == [(1 + k, 1, 0) for k in range(8)]
         assert stop == 8
         assert path.read_bytes()[64 * 512 : 64 * 512 + 8 * 16384] == bytes(view[: 8 * 16384])
         # a gap after the third: two runs, each written where it belongs
         sectors = [512, 544, 576, 700, 732]
         data = _write_requests(20, sectors, pages)
-        before = _write_syscalls()
+        before = _io_syscalls("syscw")
         answers, stop, _refs = _fastpass.serve(data, 0, 5, *args, *modes, mmap.PAGESIZE, entries)
-        assert _write_syscalls() - before == 2
+        assert _io_syscalls("syscw") - before == 2
         assert stop == 5
         assert [a[0] for a in answers] == [20, 21, 22, 23, 24]
         disk = path.read_bytes()
@@ -888,10 +876,10 @@ def test_serve_writes_adjacent_requests_in_one_pwritev(tmp_path: Path) -> None:
         # a FLUSH between two adjacent writes: the native pass stops at it, nothing merged past it
         flush = blkif.X86_64.encode_request(SegmentRequest(3, 0, 0, 31, 0, ()))
         data = _write_requests(30, [900], pages) + flush + _write_requests(32, [932], pages)
-        before = _write_syscalls()
+        before = _io_syscalls("syscw")
         answers, stop, _refs = _fastpass.serve(data, 0, 3, *args, *modes, mmap.PAGESIZE, entries)
         assert (answers, stop) == ([(30, 1, 0)], 1)
-        assert _write_syscalls() - before == 1
+        assert _io_syscalls("syscw") - before == 1
     finally:
         for page in entries.values():
             page.release()
@@ -954,10 +942,10 @@ def test_serve_reads_adjacent_requests_in_one_preadv(tmp_path: Path) -> None:
             slots[k * blkif.X86_64.entry_size] = 0
         args = (blkif.X86_64.id_offset, 2048, 1 << 20, 512, False, 0, fd, fd)
         modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
-        own = -_read_syscalls() + _read_syscalls()  # what reading the counter costs
-        before = _read_syscalls()
+        own = -_io_syscalls("syscr") + _io_syscalls("syscr")  # what reading the counter costs
+        before = _io_syscalls("syscr")
         answers, stop, _refs = _fastpass.serve(bytes(slots), 0, 8, *args, *modes, mmap.PAGESIZE, entries)
-        assert _read_syscalls() - before - own == 1
+        assert _io_syscalls("syscr") - before - own == 1
         assert answers == [(1 + k, 0, 0) for k in range(8)]
         assert stop == 8
         assert bytes(view[: 8 * 16384]) == disk[64 * 512 : 64 * 512 + 8 * 16384]
@@ -967,11 +955,3 @@ def test_serve_reads_adjacent_requests_in_one_preadv(tmp_path: Path) -> None:
         view.release()
         memory.close()
         os.close(fd)
-
-
-def _read_syscalls() -> int:
-    """This thread's read-like syscalls so far (syscr)."""
-    for line in Path("/proc/thread-self/io").read_text().splitlines():
-        if line.startswith("syscr:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscr in /proc/thread-self/io")

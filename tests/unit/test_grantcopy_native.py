@@ -25,8 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk
-from tests.fixtures.native import compile_extension, compile_sanitized
-from tests.unit.test_fastpass import limits_st, request_st
+from tests.fixtures.native import compile_extension, compile_sanitized, limits_st, request_st
 from xenblockctl.backend import blkif, grantcopy, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
 from xenblockctl.backend.frontend import LocalFrontend
