@@ -381,7 +381,8 @@ class DataPlane:
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
                 if unpublished and not isinstance(verdict, Rejection) and verdict.kind is BARRIER:
-                    unpublished = self._publish()  # the barrier blocks this thread (see _serve_slot)
+                    self._publish()  # the barrier blocks this thread (see _serve_slot)
+                    unpublished = False
                 answers = self._serve_slot(verdict, answers)
                 index += 1
         if answers:
@@ -390,12 +391,11 @@ class DataPlane:
             self._publish()
         return count
 
-    def _publish(self) -> bool:
-        """Push what is written (and notify if the frontend asked); False: nothing left unpushed."""
+    def _publish(self) -> None:
+        """Push what is written (and notify if the frontend asked)."""
         with self._lock:
             if self.ring.push_responses():
                 self._notify()
-        return False
 
     def _write_run(self, answers: list[tuple[int, int, int]], at: int, *, publish: bool) -> None:
         """The native pass's answers (all RSP_OKAY) to the requests taken at ring index `at` on,
