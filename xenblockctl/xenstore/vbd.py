@@ -383,6 +383,9 @@ def read_in_backends(
     long_kinds: list[int] = []
     long_domains: list[_Domain] = []
 
+    def domains_of(k: int, domids: list[str]) -> list[_Domain]:
+        return [_Domain(kinds[k], domid, f"{kind_dirs[k]}/{domid}") for domid in domids]
+
     def follow(results: list[tuple[int, str | list[str] | XenstoreError]]) -> list[tuple[int, str]]:
         more: list[tuple[int, str]] = []
         for index, result in results:
@@ -395,7 +398,7 @@ def read_in_backends(
                 continue
             if isinstance(result, list):
                 if isinstance(job, int):
-                    found = [_Domain(kinds[job], domid, f"{kind_dirs[job]}/{domid}") for domid in result]
+                    found = domains_of(job, result)
                     domains[job] = found
                     jobs.extend(found)
                     more += [(DIRECTORY, domain.path) for domain in found]
@@ -414,9 +417,7 @@ def read_in_backends(
 
     store.stream([(DIRECTORY, kind_dir) for kind_dir in kind_dirs], follow)
     for k in long_kinds:
-        domains[k] = [
-            _Domain(kinds[k], domid, f"{kind_dirs[k]}/{domid}") for domid in _ls(store, kind_dirs[k])
-        ]
+        domains[k] = domains_of(k, _ls(store, kind_dirs[k]))
         long_domains += domains[k]
     if long_domains:
         backends: list[_Backend] = []
