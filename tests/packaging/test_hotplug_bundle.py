@@ -9,18 +9,20 @@ own trace (PYTHONVERBOSE names each module's loader), not from timing."""
 
 from __future__ import annotations
 
+import importlib.util
 import marshal
 import os
 import shutil
 import signal
 import subprocess
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from xenblockctl.blockscript import bundle
+from xenblockctl.blockscript import bundle, hotplug
 from xenblockctl.toolstack import hostfiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,6 +131,39 @@ def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
     assert second.from_bundle < first.ours_imported
     assert "xenblockctl.blockscript.hotplug" in second.from_bundle
     assert laid.bundle.stat().st_mtime_ns == st.st_mtime_ns, "a used bundle is not rewritten"
+
+
+def test_the_bundle_holds_the_code_without_docstrings_and_function_annotations(laid: Laid) -> None:
+    """Unmarshalling is the bundle's largest cost at every start and grows with its bytes, of which
+    docstrings and function annotations were ~22 % (bench/README.md, issue 18 round 7): the bundle
+    holds each module's code without them. What runs is the same: the same functions and classes at
+    the same source lines, records keep their fields (class annotations stay), asserts stay."""
+    usage_ok(run(laid))
+    data = laid.bundle.read_bytes()
+    _, _, sections = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
+    codes = {name: entry[0] for section in sections for name, entry in marshal.loads(section).items()}
+    namespace: dict[str, object] = {"__name__": "probe"}
+    exec(codes["xenblockctl.blockscript.hotplug"], namespace)
+    main = namespace["main"]
+    assert callable(main)
+    assert namespace.get("__doc__") is None  # a module run without a docstring sets none
+    assert main.__doc__ is None
+    assert main.__annotations__ == {}
+    assert main.__code__.co_firstlineno == hotplug.main.__code__.co_firstlineno
+    exec(codes["xenblockctl.blockscript.remove"], namespace)
+    result = namespace["RemoveResult"]
+    assert result._fields == ("detached",)  # type: ignore[attr-defined]
+    # the bundle is smaller than the .pyc code it stands for by about that share
+    assert len(data) < 0.85 * sum(len(marshal.dumps(get_code(name))) for name in codes)
+
+
+def get_code(name: str) -> types.CodeType:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None
+    assert spec.loader is not None
+    code = spec.loader.get_code(name)  # type: ignore[attr-defined]
+    assert isinstance(code, types.CodeType)
+    return code
 
 
 @pytest.mark.parametrize("change", ["size", "mtime"])
