@@ -111,3 +111,35 @@ def test_the_watches_initial_events_do_not_cost_a_check(
             opener.join()
     assert consumer is handoff.Consumer.ENGINE
     assert reads == 1, reads
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_remove_reads_the_owner_record_with_our_home(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """remove's first send is our home and the owner record (relative: the daemon resolves it
+    against our home), as add's is: one round trip fewer than asking for the home first."""
+    be = libxl.create_backend(5, 51712, str(make_image()), "w")
+    consumer = libxl.engine_consumer(be)
+    added = libxl.run("add", be)
+    assert added.returncode == 0, added.stderr
+    consumer.wait_opened()
+    consumer.release()
+    libxl.store.write(be.node("state"), "6")
+    trace = tmp_path / "strace.txt"
+    result = subprocess.run(
+        [*STRACE, "-o", str(trace), *libxl.argv("remove")],
+        env=libxl.env("remove", be),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    sends = _sends(trace)
+    assert sends, trace.read_text()[:2000]
+    assert sends[0] == [wire.GET_DOMAIN_PATH, wire.READ], sends
+    assert "xenblockctl-owner" not in libxl.nodes(be)
