@@ -26,8 +26,9 @@ exactly the closure of ROOTS, whatever the run's action or target kind); and `in
 in its directory and renamed over, so no reader sees half of one. Failing to write is not the
 action's failure: it is logged with its reason and the action goes on."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here (annotations naming typing-only names are quoted):
+# the laid script imports this module normally, and it would be the only one to load __future__
+# (lean_code compiles the bundle's modules with the flag instead of the statement).
 import marshal
 import os
 import sys
@@ -74,7 +75,7 @@ IDENTIFIER = "block-xenblockctl"
 USED, WRITTEN, UNWRITTEN = 0, 3, 1
 
 #: name -> (code, is package, source, .pyc path) of the bundle's modules this run may import
-_codes: dict[str, tuple[types.CodeType, bool, str, str]] = {}
+_codes: "dict[str, tuple[types.CodeType, bool, str, str]]" = {}
 
 
 class _BundleLoader:
@@ -85,7 +86,7 @@ class _BundleLoader:
         return None
 
     @staticmethod
-    def exec_module(module: types.ModuleType) -> None:
+    def exec_module(module: "types.ModuleType") -> None:
         exec(_codes[module.__name__][0], module.__dict__)
 
 
@@ -162,7 +163,7 @@ def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], .
     return written_for, stats, sections
 
 
-def start(directory: str, packages: str, argv: Sequence[str]) -> None:
+def start(directory: str, packages: str, argv: "Sequence[str]") -> None:
     """The laid script's first step: use the bundle, or import normally and write a fresh one.
     With `--write-bundle` (install-hooks) the process ends here, its status saying which."""
     action = argv[1] if len(argv) == 2 else None
@@ -193,7 +194,7 @@ if TYPE_CHECKING:
     Entry = tuple[str, bool, str, int, int, types.CodeType]
 
 
-def collect(packages: str) -> list[list[Entry]]:
+def collect(packages: str) -> "list[list[Entry]]":
     """(name, is package, source path, size, mtime_ns, code) of every module of REMOVE_ROOTS'
     closure, then of what ROOTS add to it: imported normally (bundle.py's own imports are of the
     first; tests/lint checks both sections against the measured graphs)."""
@@ -210,7 +211,7 @@ def collect(packages: str) -> list[list[Entry]]:
     return sections
 
 
-def _entry(name: str, packages: str) -> Entry:
+def _entry(name: str, packages: str) -> "Entry":
     spec = sys.modules[name].__spec__
     origin = None if spec is None else spec.origin
     loader = None if spec is None else spec.loader
@@ -226,19 +227,31 @@ def _entry(name: str, packages: str) -> Entry:
     return name, spec.submodule_search_locations is not None, origin, st.st_size, st.st_mtime_ns, code
 
 
-def lean_code(origin: str) -> types.CodeType:
+def lean_code(origin: str) -> "types.CodeType":
     """The code of the source `origin` as its .pyc holds it, less the docstrings (modules, classes,
-    functions) and the functions' annotations. Unmarshalling is the bundle's largest cost at every
-    start, and it grows with the bytes: these are ~22 % of them and ~0.3 ms of a fresh process's
-    CPU (bench/README.md, issue 18 round 7). Nothing the hotplug path runs reads a docstring or a
+    functions), the functions' annotations and the __future__ imports (compiler flags instead).
+    Unmarshalling is the bundle's largest cost at every start, and it grows with the bytes: the
+    first two are ~22 % of them and ~0.3 ms of a fresh process's CPU (bench/README.md, issue 18
+    round 7). Nothing the hotplug path runs reads a docstring or a
     function's __annotations__ (what would: click's help, typing.get_type_hints, is not on it);
     class-level annotations stay, since records.NamedTuple takes its fields from them. Every other
     node keeps its line number (tracebacks point at the source as before), and asserts stay (the
     optimisation level is the interpreter's, as for a .pyc)."""
+    import __future__
+
     import ast
 
     with open(origin, "rb") as f:
         tree = ast.parse(f.read(), origin)
+    # `from __future__ import annotations` as a compiler flag, not a statement: the same code, less
+    # the import at each module's start and the __future__ module itself (~0.1 ms per start), which
+    # nothing else on the hotplug path loads; a module's `annotations` name (a _Feature) goes with it
+    flags = 0
+    for statement in tree.body:
+        if isinstance(statement, ast.ImportFrom) and statement.module == "__future__":
+            for alias in statement.names:
+                flags |= getattr(__future__, alias.name).compiler_flag
+    tree.body = [s for s in tree.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
@@ -252,13 +265,13 @@ def lean_code(origin: str) -> types.CodeType:
             first = node.body[0]
             value = first.value if isinstance(first, ast.Expr) else None
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                # dropped (a module's __future__ imports must come first), or a `pass` if the body
-                # is nothing else; every other node keeps its line number
+                # dropped, or a `pass` if the body is nothing else; every other node keeps its line
                 node.body[:1] = [] if len(node.body) > 1 else [ast.copy_location(ast.Pass(), first)]
-    return compile(tree, origin, "exec", dont_inherit=True)
+    code: types.CodeType = compile(tree, origin, "exec", flags=flags, dont_inherit=True)
+    return code
 
 
-def encode(packages: str, sections: list[list[Entry]]) -> bytes:
+def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
     """The bundle's bytes after FORMAT and the magic number (the layout at FORMAT)."""
     from _frozen_importlib_external import cache_from_source
 
