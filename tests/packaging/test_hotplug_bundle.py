@@ -177,6 +177,17 @@ def get_code(name: str) -> types.CodeType:
     return code
 
 
+def test_a_start_from_the_bundle_unmarshals_no_writer(laid: Laid) -> None:
+    """The reader's own .pyc is read and unmarshalled at every start, before the bundle: it holds
+    the format and the reader only; the writer is a module of its own, imported on a miss only."""
+    usage_ok(run(laid))
+    used = run(laid)
+    usage_ok(used)
+    assert "xenblockctl.blockscript.hotplug" in used.from_bundle
+    assert "xenblockctl.blockscript.bundlewriter" not in used.ours_imported
+    assert not {"collect", "encode", "lean_code", "renew", "write"} & set(vars(bundle))
+
+
 @pytest.mark.parametrize("change", ["size", "mtime"])
 def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, change: str) -> None:
     usage_ok(run(laid))
