@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kernel import ImageFactory
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.blockscript import handoff
 from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.client import XenStore
@@ -42,6 +42,23 @@ def _sends(trace: Path) -> list[list[int]]:
     return batches
 
 
+def _traced(libxl: Libxl, action: str, be: Backend, trace: Path) -> list[list[int]]:
+    """Run the script's `action` for `be` under strace: the request types of each of its sends."""
+    result = subprocess.run(
+        [*STRACE, "-o", str(trace), *libxl.argv(action)],
+        env=libxl.env(action, be),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    sends = _sends(trace)
+    assert sends, trace.read_text()[:2000]
+    return sends
+
+
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -50,21 +67,9 @@ def test_home_and_config_in_one_send_and_the_first_check_with_the_watches(
 ) -> None:
     be = libxl.create_backend(5, 51712, str(make_image()), "w")
     consumer = libxl.engine_consumer(be)
-    trace = tmp_path / "strace.txt"
-    result = subprocess.run(
-        [*STRACE, "-o", str(trace), *libxl.argv("add")],
-        env=libxl.env("add", be),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    sends = _traced(libxl, "add", be, tmp_path / "strace.txt")
     consumer.wait_opened()
     consumer.release()
-    sends = _sends(trace)
-    assert sends, trace.read_text()[:2000]
     first = sends[0]
     assert first[0] == wire.GET_DOMAIN_PATH, sends
     assert len(first) > 1, sends
@@ -128,18 +133,6 @@ def test_remove_reads_the_owner_record_with_our_home(
     consumer.wait_opened()
     consumer.release()
     libxl.store.write(be.node("state"), "6")
-    trace = tmp_path / "strace.txt"
-    result = subprocess.run(
-        [*STRACE, "-o", str(trace), *libxl.argv("remove")],
-        env=libxl.env("remove", be),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    sends = _sends(trace)
-    assert sends, trace.read_text()[:2000]
+    sends = _traced(libxl, "remove", be, tmp_path / "strace.txt")
     assert sends[0] == [wire.GET_DOMAIN_PATH, wire.READ], sends
     assert "xenblockctl-owner" not in libxl.nodes(be)
