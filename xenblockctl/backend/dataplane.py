@@ -244,6 +244,10 @@ class DataPlane:
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+        try:
+            self.evtchn.interrupt()  # a ring thread asleep in take() (the blocking wake-up)
+        except (OSError, XenblockError) as exc:
+            log.warning("%s: cannot interrupt the ring thread's wait: %s", self.name, exc)
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent, and
@@ -303,12 +307,16 @@ class DataPlane:
         # unmask raises them again), and the ack comes before the final check, so a request whose
         # event the ack consumed is still seen there. poll() has no timeout: a stop writes the wake
         # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep.
+        # Where the channel has a blocking wake-up (EventChannel.start_blocking), the thread sleeps
+        # in take(), one read() that wakes and consumes the event (poll + the late read were two),
+        # and the late ack is the unmask alone; a stop interrupts the take().
         evtchn_fd = self.evtchn.fileno()
         poller = select.poll()
         poller.register(evtchn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         pending = False  # the event channel woke us and is not acked yet
         try:
+            blocking = self.evtchn.start_blocking()
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
             # that engine died, or have notified a port nobody was bound to.
@@ -322,13 +330,21 @@ class DataPlane:
                 if self._serve_batch() >= _BATCH:
                     continue
                 if pending:
-                    self.evtchn.ack()
+                    if blocking:
+                        self.evtchn.unmask()
+                    else:
+                        self.evtchn.ack()
                     pending = False
                 if self.ring.final_check_for_requests():
                     continue
                 if self.ring.broken is not None:
                     self._broken(self.ring.broken)
                     return
+                if blocking:
+                    if self.evtchn.take() and not self._stop.is_set():
+                        pending = True
+                        self.stats.wakeups += 1
+                    continue
                 for fd, _events in poller.poll():
                     if fd == evtchn_fd:
                         pending = True
