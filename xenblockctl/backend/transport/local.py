@@ -534,6 +534,9 @@ class LocalEventChannel(EventChannel):
         os.read(self._recv, 8)
         return True
 
+    def unmask(self) -> None:
+        return  # an eventfd has no mask: the read that consumed the event is all the ack there is
+
     def interrupt(self) -> None:
         with self._lock:
             if self._recv >= 0:
