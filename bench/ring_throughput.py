@@ -1,7 +1,7 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N]
+        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N] [--qd N]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -31,6 +31,11 @@ of Python per request, which bounded the ratios before (kept for comparison).
 (`python`) and on the native fast path (`native`, backend/fastpath.py; `dict`: the same with the
 page lookup this replaced, for an A/B in one run; it applies to persistent
 grants only, so other rows run once, in Python).
+
+`--qd 1` runs every workload one request at a time, as GRUB's blkfront (pvgrub) does: the frontend
+sleeps on its event until the answer comes, so each request also pays the ring thread's wake-up,
+and the rows print the mean time a request. With `--persistent copy` the native grant-copy pass
+(backend/grantcopy.py's NativeCopy) runs per `--native` as well: GRUB's path on Xen.
 
 `--queues N` (N > 1) runs one workload (`--only`, default 4 KiB) on N queues of one disk instead,
 each driven by its own batch-frontend process, served with the native pass in this process (threads
