@@ -53,3 +53,26 @@ def test_idle_ring_thread_sleeps_in_one_read_of_its_event_channel(make_pair: Pai
     assert time.monotonic() - t0 < 5
     assert dp._thread is not None
     assert not dp._thread.is_alive()
+
+
+def test_poll_wakeup_sleeps_in_poll_and_stops(make_pair: PairFactory) -> None:
+    """`backend --poll-wakeup` (the A/B the Xen lane's scenario 11 runs): poll() on the channel and
+    the stop pipe, as before the blocking wake-up."""
+    pair = make_pair()
+    fe = pair.frontend
+    # a second data plane on another frontend, with the poll wake-up: the fixture's own is blocking
+    dp = pair.dataplane
+    assert dp.stop(timeout=30)
+    poll_dp = DataPlane(
+        dp.transport, dp.domid, dp.params, dp.target, dp.limits, workers=0, blocking_wakeup=False
+    )
+    poll_dp.start()
+    try:
+        assert _sleeping_in(poll_dp)[0] == _POLL
+        assert fe.read(0, 4096) == bytes(4096)
+        assert _sleeping_in(poll_dp)[0] == _POLL
+        assert poll_dp.stats.ok == 1
+    finally:
+        t0 = time.monotonic()
+        assert poll_dp.stop(timeout=30)
+        assert time.monotonic() - t0 < 5

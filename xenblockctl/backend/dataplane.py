@@ -156,9 +156,11 @@ class DataPlane:
         max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
         errors: ErrorResponses | None = None,
         native: bool = True,
+        blocking_wakeup: bool = True,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
-        False: the pure-Python path only."""
+        False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
+        event channel where it has that (EventChannel.start_blocking); False: poll and a late read."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -167,6 +169,7 @@ class DataPlane:
         self.on_broken = on_broken
         self.name = name or f"xbc-dom{domid}"
         self.stats = QueueStats()
+        self._blocking_wakeup = blocking_wakeup
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
@@ -316,7 +319,7 @@ class DataPlane:
         poller.register(self._wake_r, select.POLLIN)
         pending = False  # the event channel woke us and is not acked yet
         try:
-            blocking = self.evtchn.start_blocking()
+            blocking = self._blocking_wakeup and self.evtchn.start_blocking()
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
             # that engine died, or have notified a port nobody was bound to.
