@@ -1,7 +1,7 @@
 """Random reads through the blkif data plane (local transport) against direct preadv, same run.
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
-        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N]
+        [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N] [--qd N]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -31,6 +31,11 @@ of Python per request, which bounded the ratios before (kept for comparison).
 (`python`) and on the native fast path (`native`, backend/fastpath.py; `dict`: the same with the
 page lookup this replaced, for an A/B in one run; it applies to persistent
 grants only, so other rows run once, in Python).
+
+`--qd 1` runs every workload one request at a time, as GRUB's blkfront (pvgrub) does: the frontend
+sleeps on its event until the answer comes, so each request also pays the ring thread's wake-up,
+and the rows print the mean time a request. With `--persistent copy` the native grant-copy pass
+(backend/grantcopy.py's NativeCopy) runs per `--native` as well: GRUB's path on Xen.
 
 `--queues N` (N > 1) runs one workload (`--only`, default 4 KiB) on N queues of one disk instead,
 each driven by its own batch-frontend process, served with the native pass in this process (threads
@@ -679,6 +684,13 @@ def main() -> int:
         " checked in bulk: bench/batch_frontend.py), python (LocalFrontend's submit_read/collect)",
     )
     ap.add_argument(
+        "--qd",
+        type=int,
+        default=0,
+        help="queue depth for every workload (default: its own); 1 is a synchronous frontend such as"
+        " pvgrub's, one request at a time, and the rows then print the mean time per request",
+    )
+    ap.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -759,6 +771,11 @@ def main() -> int:
                 main_multi_queue(args, str(image), fd, target)
                 return 0
             chosen = [WORKLOADS[int(i) - 1] for i in args.only.split(",")] if args.only else WORKLOADS
+            if args.qd:
+                chosen = [
+                    dataclasses.replace(w, name=f"{w.name.rsplit(', QD', 1)[0]}, QD {args.qd}", qd=args.qd)
+                    for w in chosen
+                ]
             for w in chosen:
                 base, base_cpu = direct(fd, w, size, args.seconds)
                 wide, wide_cpu = direct(fd, w, size, args.seconds, footprint=True)
@@ -773,7 +790,9 @@ def main() -> int:
                     )
                 for n, frontend in ((n, f) for n in workers for f in frontends):
                     for persistent, pages in modes:
-                        for pass_ in natives if persistent else natives[:1]:
+                        # the native pass applies to persistent grants and (NativeCopy) to copies
+                        native_applies = persistent or pages == "copy"
+                        for pass_ in natives if native_applies else natives[:1]:
                             native = pass_ != "off"
                             fastpath.INDEX_PAGES = pass_ != "dict"
                             run = engine(
@@ -785,7 +804,7 @@ def main() -> int:
                                 seconds=args.seconds,
                                 in_child=args.frontend_process,
                                 persistent=persistent,
-                                native=native and persistent,
+                                native=native and native_applies,
                                 frontend=frontend,
                                 slices=args.slices,
                                 device_fd=fd,
@@ -793,7 +812,7 @@ def main() -> int:
                             label = f"engine, {n} workers" if n else "engine, inline I/O"
                             label += ", persistent" if persistent else f", {mode_labels[pages]}"
                             fastpath.INDEX_PAGES = True
-                            label += ", native" if native and persistent else ", python"
+                            label += ", native" if native and native_applies else ", python"
                             if pass_ == "dict" and persistent:
                                 label += " (dict lookup)"
                             if len(frontends) > 1:
@@ -810,6 +829,7 @@ def main() -> int:
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
                                 f"{run.requests / max(run.notifies, 1):.1f} requests per event"
+                                + (f"   {1e6 / run.rate:.1f} µs a request" if w.qd == 1 else "")
                             )
         finally:
             for transport in transports.values():

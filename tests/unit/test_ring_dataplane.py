@@ -498,12 +498,28 @@ def test_short_transfers_are_resumed(disk_file: tuple[Path, int]) -> None:
 
 
 class _RecordedChannel(EventChannel):
-    """A real event channel whose notify/ack calls are recorded in order (issue 20's wake-up path)."""
+    """A real event channel whose notify/ack calls are recorded in order (issue 20's wake-up path).
+    `blocking`: it offers the inner channel's blocking wake-up, whose late ack is the unmask
+    (recorded as "ack"); otherwise the data plane wakes by poll and acks."""
 
-    def __init__(self, inner: EventChannel, calls: list[str]) -> None:
+    def __init__(self, inner: EventChannel, calls: list[str], blocking: bool = False) -> None:
         self.inner = inner
         self.calls = calls
+        self.blocking = blocking
         self.local_port = inner.local_port
+
+    def start_blocking(self) -> bool:
+        return self.blocking and self.inner.start_blocking()
+
+    def take(self) -> bool:
+        return self.inner.take()
+
+    def unmask(self) -> None:
+        self.inner.unmask()
+        self.calls.append("ack")
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
 
     def fileno(self) -> int:
         return self.inner.fileno()
@@ -522,23 +538,34 @@ class _RecordedChannel(EventChannel):
 
 
 class _RecordingTransport(WrappedTransport):
-    def __init__(self, inner: LocalTransport, calls: list[str]) -> None:
+    def __init__(self, inner: LocalTransport, calls: list[str], blocking: bool = False) -> None:
         super().__init__(inner)
         self.calls = calls
+        self.blocking = blocking
 
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
-        return _RecordedChannel(self.inner.bind_interdomain(domid, remote_port), self.calls)
+        return _RecordedChannel(self.inner.bind_interdomain(domid, remote_port), self.calls, self.blocking)
+
+
+@pytest.fixture(params=[False, True], ids=["poll-wakeup", "blocking-wakeup"])
+def blocking_wakeup(request: pytest.FixtureRequest) -> bool:
+    """Both wake-up paths of the ring thread (dataplane._run): poll + late read, one blocking read."""
+    return bool(request.param)
 
 
 def _recorded_pair(
-    local_transport: LocalTransport, disk_file: tuple[Path, int]
+    local_transport: LocalTransport, disk_file: tuple[Path, int], blocking: bool = False
 ) -> tuple[LocalFrontend, DataPlane, list[str]]:
     calls: list[str] = []
     fe = LocalFrontend(local_transport.socket_path, 7)
     target = DeviceTarget.from_fd(disk_file[1])
     try:
         dp = DataPlane(
-            _RecordingTransport(local_transport, calls), 7, ring_params_of(fe), target, target.limits()
+            _RecordingTransport(local_transport, calls, blocking),
+            7,
+            ring_params_of(fe),
+            target,
+            target.limits(),
         )
     except BaseException:
         fe.close()
@@ -555,11 +582,12 @@ def _settled(calls: list[str], n: int) -> list[str]:
 
 
 def test_answer_is_notified_before_the_event_is_acked(
-    local_transport: LocalTransport, disk_file: tuple[Path, int]
+    local_transport: LocalTransport, disk_file: tuple[Path, int], blocking_wakeup: bool
 ) -> None:
     """Issue 20: a wake-up serves the ring and notifies the answer first; consuming and unmasking the
-    event (two syscalls on Xen) comes after, off the request's path, as kernel blkback's late EOI."""
-    fe, dp, calls = _recorded_pair(local_transport, disk_file)
+    event (two syscalls on Xen) comes after, off the request's path, as kernel blkback's late EOI.
+    With the blocking wake-up the consuming read is the wake-up itself and the unmask comes after."""
+    fe, dp, calls = _recorded_pair(local_transport, disk_file, blocking_wakeup)
     try:
         assert fe.read(0, 4096) == bytes(4096)
         # The first wake-up is alone (the frontend sleeps until answered): exactly this order.
@@ -598,10 +626,12 @@ def test_wake_ups_are_counted(make_pair: PairFactory) -> None:
     assert 1 <= stats.notifies <= 3, stats
 
 
-def test_idle_ring_thread_does_not_wake(local_transport: LocalTransport, disk_file: tuple[Path, int]) -> None:
+def test_idle_ring_thread_does_not_wake(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], blocking_wakeup: bool
+) -> None:
     """Issue 20: an idle ring sleeps until an event or a stop (no poll timeout: on Xen each timed
     sleep reads the clock and arms a timer); a stop still ends it at once."""
-    fe, dp, calls = _recorded_pair(local_transport, disk_file)
+    fe, dp, calls = _recorded_pair(local_transport, disk_file, blocking_wakeup)
     try:
         assert fe.read(0, 4096) == bytes(4096)
         _settled(calls, 2)

@@ -156,9 +156,11 @@ class DataPlane:
         max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS,
         errors: ErrorResponses | None = None,
         native: bool = True,
+        blocking_wakeup: bool = True,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
-        False: the pure-Python path only."""
+        False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
+        event channel where it has that (EventChannel.start_blocking); False: poll and a late read."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -167,6 +169,7 @@ class DataPlane:
         self.on_broken = on_broken
         self.name = name or f"xbc-dom{domid}"
         self.stats = QueueStats()
+        self._blocking_wakeup = blocking_wakeup
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
@@ -244,6 +247,10 @@ class DataPlane:
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+        try:
+            self.evtchn.interrupt()  # a ring thread asleep in take() (the blocking wake-up)
+        except (OSError, XenblockError) as exc:
+            log.warning("%s: cannot interrupt the ring thread's wait: %s", self.name, exc)
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent, and
@@ -303,12 +310,16 @@ class DataPlane:
         # unmask raises them again), and the ack comes before the final check, so a request whose
         # event the ack consumed is still seen there. poll() has no timeout: a stop writes the wake
         # pipe, and a poll with a timeout reads the clock and arms a timer for every sleep.
+        # Where the channel has a blocking wake-up (EventChannel.start_blocking), the thread sleeps
+        # in take(), one read() that wakes and consumes the event (poll + the late read were two),
+        # and the late ack is the unmask alone; a stop interrupts the take().
         evtchn_fd = self.evtchn.fileno()
         poller = select.poll()
         poller.register(evtchn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         pending = False  # the event channel woke us and is not acked yet
         try:
+            blocking = self._blocking_wakeup and self.evtchn.start_blocking()
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
             # that engine died, or have notified a port nobody was bound to.
@@ -322,13 +333,21 @@ class DataPlane:
                 if self._serve_batch() >= _BATCH:
                     continue
                 if pending:
-                    self.evtchn.ack()
+                    if blocking:
+                        self.evtchn.unmask()
+                    else:
+                        self.evtchn.ack()
                     pending = False
                 if self.ring.final_check_for_requests():
                     continue
                 if self.ring.broken is not None:
                     self._broken(self.ring.broken)
                     return
+                if blocking:
+                    if self.evtchn.take() and not self._stop.is_set():
+                        pending = True
+                        self.stats.wakeups += 1
+                    continue
                 for fd, _events in poller.poll():
                     if fd == evtchn_fd:
                         pending = True

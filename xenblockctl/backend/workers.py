@@ -298,6 +298,7 @@ class WorkerPool:
         on_broken: Callable[[str], None] | None,
         errors: ErrorResponses | None = None,
         native: bool = True,
+        blocking_wakeup: bool = True,
     ) -> RemoteQueue:
         """Hand one queue to a worker; it is mapped and bound there but takes no request before
         `start()`. TransportError if the worker refuses it or does not answer."""
@@ -330,6 +331,7 @@ class WorkerPool:
             "io_workers": io_workers,
             "max_persistent_grants": max_persistent_grants,
             "native": native,
+            "blocking_wakeup": blocking_wakeup,
             "pieces": pieces,
         }
         worker.queues[qid] = queue
@@ -455,6 +457,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                 name=str(msg["name"]),
                 max_persistent_grants=int(msg["max_persistent_grants"]),
                 native=bool(msg.get("native", True)),
+                blocking_wakeup=bool(msg.get("blocking_wakeup", True)),
             )
         except Exception as exc:
             if transport is not None:

@@ -133,6 +133,9 @@ class EngineConfig:
     #: Serve simple cached READs/WRITEs with the native fast path where it is built and applies
     #: (backend/fastpath.py); False: every request on the pure-Python path.
     native: bool = True
+    #: The ring thread sleeps in one blocking read of its event channel where the channel allows it
+    #: (DataPlane: EventChannel.start_blocking); False: poll() and a late read.
+    blocking_wakeup: bool = True
     #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False (the
     #: default): buffered on the verified fd. Off by default: on the real-Xen lane the engine's
     #: O_DIRECT writes from grant-mapped pages lost to buffered ones in 2 of 3 boots (bench/README).
@@ -684,6 +687,7 @@ class BackendDevice:
                         io_workers=self.config.workers,
                         max_persistent_grants=self.config.max_persistent_grants,
                         native=self.config.native,
+                        blocking_wakeup=self.config.blocking_wakeup,
                         on_broken=on_broken,
                         errors=self.errors,
                     )
@@ -705,6 +709,7 @@ class BackendDevice:
                     max_persistent_grants=self.config.max_persistent_grants,
                     errors=self.errors,
                     native=self.config.native,
+                    blocking_wakeup=self.config.blocking_wakeup,
                 )
             )
         for dp in self.dataplanes:

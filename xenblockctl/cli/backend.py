@@ -85,6 +85,13 @@ def raise_fd_limit(journal: Journal) -> int:
     "(persistent grants; grant copy without them); --no-native: everything on the pure-Python path.",
 )
 @click.option(
+    "--blocking-wakeup/--poll-wakeup",
+    default=True,
+    show_default=True,
+    help="The ring thread sleeps in one blocking read of its event channel (a stop interrupts it "
+    "through a loopback channel); --poll-wakeup: poll() on the channel and a stop pipe, then a read.",
+)
+@click.option(
     "--direct-writes/--no-direct-writes",
     default=False,
     show_default=True,
@@ -146,6 +153,7 @@ def backend(
     persistent_grants: bool,
     max_persistent_grants: int | None,
     native: bool,
+    blocking_wakeup: bool,
     direct_writes: bool,
     direct_writes_on_pool: bool,
     direct_reads: bool,
@@ -200,6 +208,8 @@ def backend(
         config = dataclasses.replace(config, max_queues=max_queues)
     if not native:
         config = dataclasses.replace(config, native=False)
+    if not blocking_wakeup:
+        config = dataclasses.replace(config, blocking_wakeup=False)
     if direct_writes_on_pool and not direct_writes:
         raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
     if direct_reads and not direct_writes:

@@ -33,3 +33,15 @@ kill "$engine_pid"
 wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
 start_engine --no-native
 pvgrub_first_boot engine engine_python
+# The ring thread's wake-up A/B (issue 20), native pass both times, in the same dom0 one after the
+# other: poll() on the event channel and a stop pipe then a late read (--poll-wakeup), against one
+# blocking read (the default). GRUB pays one wake-up per request.
+restart_engine() {
+  kill "$engine_pid"
+  wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
+  start_engine "$@"
+}
+restart_engine --poll-wakeup
+pvgrub_first_boot engine engine_poll
+restart_engine
+pvgrub_first_boot engine engine_read

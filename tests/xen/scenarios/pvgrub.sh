@@ -197,6 +197,11 @@ CFG
     [ "$(engine_lines "$be" "opened .* diskseq $luid ")" = 1 ] || fail "the engine opened a device other than luid $luid"
     [ "$(engine_lines "$be" 'connected: ')" = 2 ] || fail "expected two connections (pvgrub, then Linux)"
     [ "$(engine_lines "$be" 'frontend re-initialising')" = 1 ] || fail "the engine did not see the frontend re-initialise"
+    # Issue 20: the ring thread sleeps in one blocking read of the event channel, interrupted at stop
+    # through a loopback channel on the same fd; the engine warns where Xen refuses that loopback.
+    if grep -q "no loopback channel for a blocking wake-up" "$engine_log"; then
+      fail "the ring thread fell back to waking by poll: $(grep -m1 'no loopback channel' "$engine_log")"
+    fi
   else
     # Kernel blkback says so in dom0's log when a frontend comes back (informational).
     dmesg | grep -E "$be.*(reconnect|Closed|Initi)" | tail -n 4 || true

@@ -265,6 +265,28 @@ class EventChannel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # The blocking wake-up (issue 20): a ring thread that sleeps on this channel alone blocks in
+    # one read() that also consumes the event, instead of poll() on it and a stop pipe followed by
+    # a read() to consume it: one system call fewer per wake-up of a one-request-at-a-time frontend
+    # (pvgrub). A stop reaches the sleeping thread through the channel itself (interrupt()).
+    def start_blocking(self) -> bool:
+        """Switch this channel to the blocking wake-up if it has one: True if it did. From then on
+        one thread waits on it, with take(); ack() and wait() are not for it any more."""
+        return False
+
+    def take(self) -> bool:
+        """Block until an event or interrupt() and consume it, without unmasking (unmask() does,
+        later): True if the other end's event was among it. Only after start_blocking()."""
+        raise TransportError("this event channel has no blocking wake-up", code="internal")
+
+    def unmask(self) -> None:
+        """Let the next event through after take() returned True."""
+        raise TransportError("this event channel has no blocking wake-up", code="internal")
+
+    def interrupt(self) -> None:
+        """Make the take() running now, or the next one, return (the stop of the ring thread)."""
+        return  # without start_blocking() nothing sleeps in take(): nothing to interrupt
+
     def wait(self, timeout: float | None) -> bool:
         """Block up to `timeout` seconds (None: forever) for an event; consume it. True if one came."""
         if self.ack():

@@ -517,6 +517,31 @@ class LocalEventChannel(EventChannel):
             return False
         return True
 
+    def start_blocking(self) -> bool:
+        """An eventfd has no mask and one counter: the fd goes blocking (its description is the
+        registry's too; the registry never reads it, and every backend reads it only when poll()
+        says it is readable or through take()), and interrupt() adds to the counter."""
+        with self._lock:
+            if self._recv < 0:
+                return False
+            os.set_blocking(self._recv, True)
+            return True
+
+    def take(self) -> bool:
+        # no lock: this blocks, and the fd is closed only after the thread that takes has ended.
+        # An interrupt() cannot be told from an event here: True either way (a spurious wake-up
+        # costs the ring thread one look at the ring; it checks its stop flag first).
+        os.read(self._recv, 8)
+        return True
+
+    def unmask(self) -> None:
+        return  # an eventfd has no mask: the read that consumed the event is all the ack there is
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._recv >= 0:
+                os.write(self._recv, _EVENT)
+
     def wait(self, timeout: float | None) -> bool:
         ms = None if timeout is None else max(0, int(timeout * 1000))
         if not self._poller.poll(ms):

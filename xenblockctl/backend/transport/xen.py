@@ -169,6 +169,10 @@ IOCTL_EVTCHN_RESET: Final = _ioc(_IOC_NONE, "E", 5, 0)
 IOCTL_EVTCHN_RESTRICT_DOMID: Final = _ioc(_IOC_NONE, "E", 6, _RESTRICT.size)
 
 
+#: "this domain" in an event channel operation's domain field (xen/include/public/xen.h)
+DOMID_SELF: Final = 0x7FF0
+
+
 def encode_bind_interdomain(remote_domain: int, remote_port: int) -> bytearray:
     return bytearray(_BIND_INTERDOMAIN.pack(remote_domain, remote_port))
 
@@ -271,6 +275,10 @@ class XenEventChannel(EventChannel):
         self._notify_arg = bytes(encode_port(self.local_port))
         self._unmask_arg = encode_unmask((self.local_port,))
 
+        #: the blocking wake-up's interrupt (start_blocking): NOTIFY on this port raises an event
+        #: on its loopback peer, which this fd also binds; None until then
+        self._interrupt_arg: bytes | None = None
+
     def fileno(self) -> int:
         return self._fd
 
@@ -281,10 +289,63 @@ class XenEventChannel(EventChannel):
                 raise TransportError("event channel closed", code="transport")
             fcntl.ioctl(self._fd, IOCTL_EVTCHN_NOTIFY, self._notify_arg)
 
+    def start_blocking(self) -> bool:
+        """A read() of an evtchn fd ends only with an event (evtchn_read waits for a port in the
+        fd's queue; closing the fd from another thread does not end it), so the stop comes as one:
+        a loopback channel in our own domain, both ends bound on this fd (an unbound port for
+        DOMID_SELF, then an interdomain bind to it), whose NOTIFY queues its peer port here. Then
+        the fd goes blocking. False, logged, where Xen refuses the loopback (the poll wake-up
+        stays)."""
+        with self._lock:
+            if self._fd < 0:
+                return False
+            bound: list[int] = []
+            try:
+                peer = fcntl.ioctl(self._fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, encode_port(DOMID_SELF), True)
+                bound.append(peer)
+                sender = fcntl.ioctl(
+                    self._fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, encode_bind_interdomain(DOMID_SELF, peer), True
+                )
+                bound.append(sender)
+                os.set_blocking(self._fd, True)
+            except OSError as exc:
+                for port in bound:  # give back what we bound; the fd stays non-blocking
+                    with contextlib.suppress(OSError):
+                        fcntl.ioctl(self._fd, IOCTL_EVTCHN_UNBIND, encode_port(port))
+                log.warning(
+                    "event channel %d: no loopback channel for a blocking wake-up (%s); waking by poll",
+                    self.local_port,
+                    os.strerror(exc.errno or 0),
+                )
+                return False
+            self._interrupt_arg = bytes(encode_port(sender))
+            return True
+
+    def take(self) -> bool:
+        # no lock: this blocks, and the fd is closed only after the thread that takes has ended
+        fd = self._fd
+        if fd < 0 or self._interrupt_arg is None:
+            raise TransportError("event channel closed or not blocking", code="internal")
+        # every port this fd binds is queued at most once until unmasked (evtchn_interrupt
+        # disables it), so 3 ports' worth is all there can be
+        return self.local_port in decode_pending_ports(os.read(fd, 3 * _U32.size))
+
+    def unmask(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.write(self._fd, self._unmask_arg)  # the late EOI: lets the next event through
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._fd >= 0 and self._interrupt_arg is not None:
+                fcntl.ioctl(self._fd, IOCTL_EVTCHN_NOTIFY, self._interrupt_arg)
+
     def ack(self) -> bool:
         with self._lock:
             if self._fd < 0:
                 return False  # closed: nothing can be pending
+            if self._interrupt_arg is not None:  # a read would block, and could eat the interrupt
+                raise TransportError("ack() on an event channel with a blocking wake-up", code="internal")
             try:
                 data = os.read(self._fd, PAGE_SIZE)
             except BlockingIOError:
