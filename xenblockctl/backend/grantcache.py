@@ -145,6 +145,8 @@ class GrantCacheStats:
     resource_failures: int = 0  # mappings that failed for lack of resources (each retried)
     budget_refusals: int = 0  # pages not cached because the process-wide budget was spent
     whole: int = 0  # requests mapped in one piece outside the cache (page by page did not fit)
+    map_calls: int = 0  # transport.map_grants calls (each one MAP ioctl + one mmap on Xen)
+    map_seconds: float = 0.0  # wall time spent in those calls (issue 20: what a cold write pays)
 
 
 class _Entry:
@@ -502,7 +504,17 @@ class GrantCache:
                 raise
         # A read-only grant still serves a guest WRITE or an indirect page: map it as granted,
         # for this request only, so no cached entry is ever read-only.
-        return self.transport.map_grants(self.domid, (ref,), writable=False), False
+        return self._map_grants((ref,), False), False
+
+    def _map_grants(self, refs: Sequence[int], writable: bool) -> GrantMapping:
+        """transport.map_grants, counted and timed (failed calls too: they cost the same ioctl)."""
+        stats = self.stats
+        stats.map_calls += 1
+        t0 = time.perf_counter()
+        try:
+            return self.transport.map_grants(self.domid, refs, writable=writable)
+        finally:
+            stats.map_seconds += time.perf_counter() - t0
 
     def _map_retrying(self, refs: Sequence[int], writable: bool, spare: Sequence[int]) -> GrantMapping:
         """Map `refs` (lock held). Lack of resources: give idle cached pages back (never one of
@@ -512,7 +524,7 @@ class GrantCache:
         deadline: float | None = None
         while True:
             try:
-                return self.transport.map_grants(self.domid, refs, writable=writable)
+                return self._map_grants(refs, writable)
             except GrantError as exc:
                 if exc.errno not in RESOURCE_ERRNOS:
                     raise
