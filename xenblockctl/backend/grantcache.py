@@ -160,10 +160,11 @@ class GrantCacheStats:
 
 class _Group:
     """The pages one map call mapped for the cache (one MAP ioctl + one mmap on Xen). gntdev
-    mmaps and unmaps a grant map only whole (its mmap and UNMAP ioctl want the map's exact index
-    and count, and a partial munmap of a PV dom0's grant VMA was broken before Linux 6.1's "xen/gntdev:
-    Accommodate VMA splitting"), so the mapping is unmapped once its last page has left the cache,
-    and eviction takes a group's pages together (see GrantCache._remove_group)."""
+    mmaps and unmaps a grant map only whole: its mmap and UNMAP ioctl want the map's exact index
+    and count, and a partial munmap of a PV dom0's grant VMA (a split VMA) went wrong in kernels
+    without the 2022 fix "xen/gntdev: Accommodate VMA splitting". So the mapping is unmapped once
+    its last page has left the cache, and eviction takes a group's pages together
+    (GrantCache._remove_group)."""
 
     __slots__ = ("live", "refs")
 
