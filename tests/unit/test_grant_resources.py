@@ -202,10 +202,12 @@ def test_write_burst_past_the_limit_never_fails(
     local_transport: LocalTransport, disk_file: tuple[Path, int], err: int
 ) -> None:
     """mkfs's burst in miniature: 32 requests of 4 distinct pages at once, then 100-page indirect
-    requests, with room for 48 live mappings. Every request succeeds and lands on disk."""
+    requests, with room for 8 live mappings (each cold request's pages are one mapping where they
+    fit: GrantCache._batch; the 32 requests' 32 mappings go past it). Every request succeeds and
+    lands on disk."""
     path, fd = disk_file
     target = DeviceTarget.from_fd(fd)
-    limited = _LimitedTransport(local_transport, 48, err)
+    limited = _LimitedTransport(local_transport, 8, err)
     with LocalFrontend(local_transport.socket_path, 51, data_pages=256, persistent=True) as fe:
         params = dataclasses.replace(ring_params_of(fe), persistent=True)
         dp = DataPlane(limited, 51, params, target, target.limits(), workers=0)
@@ -226,7 +228,7 @@ def test_write_burst_past_the_limit_never_fails(
             assert limited.refused > 0, "the limit was reached (else this tests nothing)"
             assert cache.stats.shed > 0
             assert cache.stats.whole >= 2
-            assert limited.live <= 48
+            assert limited.live <= 8
         finally:
             assert dp.stop()
     assert limited.live == 0
@@ -235,11 +237,12 @@ def test_write_burst_past_the_limit_never_fails(
 def test_pages_of_requests_in_flight_are_waited_for(
     local_transport: LocalTransport, disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Room for 8 live mappings, two 4-page writes pinned on slow workers: a third request waits
-    for one of them to give its pages back instead of failing."""
+    """Room for 2 live mappings (a cold request's pages are one mapping: GrantCache._batch), two
+    4-page writes pinned on slow workers: a third request waits for one of them to give its pages
+    back instead of failing."""
     path, fd = disk_file
     target = DeviceTarget.from_fd(fd)
-    limited = _LimitedTransport(local_transport, 8)
+    limited = _LimitedTransport(local_transport, 2)
     gate = threading.Event()
     real = io.execute
 

@@ -21,7 +21,7 @@ from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.frontend import LocalFrontend
-from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache
+from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, MappingBudget
 from xenblockctl.backend.io import DeviceTarget
 from xenblockctl.backend.requests import IoPlan
 from xenblockctl.backend.transport import GrantError, GrantMapping, TransportError
@@ -160,14 +160,13 @@ class _WatchedTransport(WrappedTransport):
         if writable and set(refs) & self.refuse_writable:
             raise GrantError("grant is read-only (GNTST_permission_denied)")
         mapping = self.inner.map_grants(domid, refs, writable=writable, contiguous=contiguous)
-        if len(refs) != 1 or contiguous:
+        if contiguous:
             return mapping
-        ref = refs[0]
+        pages = tuple(refs)  # one page, or a cold request's pages mapped in one call
 
         def check() -> None:
             with self.lock:
-                if self.busy.get(ref):
-                    self.unmapped_while_busy.append(ref)
+                self.unmapped_while_busy.extend(ref for ref in pages if self.busy.get(ref))
 
         return self.on_unmap(mapping, check)
 
@@ -584,3 +583,158 @@ def test_unmappable_refs_evict_nothing(local_transport: LocalTransport, frontend
     lease.unmap()
     assert cache.stats.maps == maps
     assert cache.close() == 2
+
+
+# --- a cold request's pages in one map call (issue 20: the first write after attach) -----------------
+def _pages_of(refs: Sequence[int]) -> bytes:
+    return b"".join(bytes([ref]) * 4096 for ref in refs)
+
+
+def test_a_cold_request_maps_its_pages_in_one_call(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """On Xen each map call is a MAP ioctl and an mmap (and the hypervisor's map): a frontend
+    filling its persistent pool must pay one per request, not one per page. The pages are still
+    cached one by one (hits, the native pass's page index)."""
+    cache = GrantCache(local_transport, 45, max_grants=16)
+    calls = local_transport.map_calls
+    refs = (3, 8, 4, 9, 8)  # scattered, one named twice
+    bufs, lease = cache.acquire(refs, None, writable=False)
+    assert b"".join(bufs) == _pages_of(refs)
+    release_all(bufs)
+    lease.unmap()
+    assert local_transport.map_calls - calls == 1
+    assert (cache.mapped, cache.stats.batches, cache.stats.maps) == (4, 1, 4)
+    assert (cache.stats.misses, cache.stats.hits) == (4, 1)  # as page by page counted them
+    assert local_transport.mapped_pages == 4
+    bufs, lease = cache.acquire((9, 3), None, writable=True)  # cached page by page: no map
+    assert b"".join(bufs) == _pages_of((9, 3))
+    release_all(bufs)
+    lease.unmap()
+    assert local_transport.map_calls - calls == 1
+    pages = cache.native_pages()
+    assert sorted(pages) == [3, 4, 8, 9]
+    assert all(bytes(pages[ref]) == bytes([ref]) * 4096 for ref in pages)
+    assert cache.close() == 4
+    assert local_transport.mapped_pages == 0
+
+
+def test_a_cold_write_through_the_data_plane_is_one_map_call(
+    make_pair: PairFactory, local_transport: LocalTransport
+) -> None:
+    """What blkfront does after connecting: every request brings pages never seen before."""
+    pair = make_pair(persistent=True, data_pages=64, workers=0)
+    fe, cache = pair.frontend, pair.dataplane.grant_cache
+    assert cache is not None
+    calls = local_transport.map_calls
+    blob = os.urandom(8 * 4096)  # 8 direct segments: one request
+    assert fe.write(0, blob) == blkif.RSP_OKAY
+    assert local_transport.map_calls - calls == 1
+    assert fe.read(0, len(blob)) == blob  # the same pool pages: served from the cache
+    assert local_transport.map_calls - calls == 1
+    assert cache.stats.batches == 1
+
+
+def test_a_batch_is_evicted_whole_and_never_while_a_page_of_it_is_pinned(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """gntdev unmaps a map call's pages only together, so the cache does too: the limit counts
+    pages really mapped, and a group one of whose pages a request in flight uses stays."""
+    cache = GrantCache(local_transport, 45, max_grants=6)
+    for refs in ((1, 2, 3), (4, 5, 6)):
+        bufs, lease = cache.acquire(refs, None, writable=False)
+        release_all(bufs)
+        if refs == (1, 2, 3):
+            lease.unmap()
+        else:
+            held = lease
+            held.pin()  # (4, 5, 6) on an I/O worker
+    assert cache.stats.batches == 2
+    bufs, lease = cache.acquire((7,), None, writable=False)  # full: the LRU group goes whole
+    release_all(bufs)
+    lease.unmap()
+    assert cache.stats.evictions == 3
+    assert sorted(cache.native_pages()) == [4, 5, 6, 7]
+    assert local_transport.mapped_pages == 4
+    bufs, lease = cache.acquire((8, 9, 10), None, writable=False)  # no room for a batch
+    assert b"".join(bufs) == _pages_of((8, 9, 10))
+    release_all(bufs)
+    lease.unmap()
+    assert sorted(cache.native_pages()) == [4, 5, 6, 8, 9, 10], "a pinned group was evicted"
+    assert cache.stats.evictions == 4  # 7 alone
+    held.unmap()
+    bufs, lease = cache.acquire((11,), None, writable=False)
+    release_all(bufs)
+    lease.unmap()
+    assert sorted(cache.native_pages()) == [8, 9, 10, 11]  # (4, 5, 6) idle now, LRU: gone whole
+    assert cache.stats.evictions == 7
+    assert local_transport.mapped_pages == 4
+    assert cache.close() == 4
+    assert local_transport.mapped_pages == 0
+
+
+def test_a_failed_batch_falls_back_to_page_by_page(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """One bad ref fails the whole map call (gntdev maps all or nothing): the request is then
+    mapped page by page, so the bad ref fails only its own request, the good pages are cached as
+    before, and nothing is evicted for it."""
+    cache = GrantCache(local_transport, 45, max_grants=4)
+    bufs, lease = cache.acquire((1, 2), None, writable=False)
+    release_all(bufs)
+    lease.unmap()
+    bad = frontend.total_pages + 3
+    with pytest.raises(TransportError):
+        cache.acquire((3, bad), None, writable=False)
+    assert cache.stats.batch_fallbacks == 1
+    assert sorted(cache.native_pages()) == [1, 2, 3]
+    with pytest.raises(TransportError):
+        cache.acquire((bad, bad + 1), None, writable=False)  # 3 + 2 > 4: page by page at once
+    assert cache.stats.batch_fallbacks == 1
+    assert cache.stats.evictions == 0
+    assert sorted(cache.native_pages()) == [1, 2, 3]
+    assert cache.close() == 3
+    assert local_transport.mapped_pages == 0
+
+
+def test_a_read_only_grant_in_a_cold_request_stays_transient(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    watched = _WatchedTransport(local_transport)
+    watched.refuse_writable.add(5)
+    cache = GrantCache(watched, 45, max_grants=16)
+    bufs, lease = cache.acquire((4, 5, 6), None, writable=False)  # a guest WRITE may use it
+    assert b"".join(bufs) == _pages_of((4, 5, 6))
+    release_all(bufs)
+    lease.unmap()
+    assert cache.stats.batch_fallbacks == 1
+    assert sorted(cache.native_pages()) == [4, 6]
+    assert cache.stats.transient == 1
+    assert cache.close() == 2
+    assert local_transport.mapped_pages == 0
+
+
+def test_a_batch_takes_its_whole_budget_or_none() -> None:
+    budget = MappingBudget(4)
+    assert budget.take(3)
+    assert not budget.take(2)
+    assert budget.used == 3
+    assert budget.take()
+    budget.give(4)
+    assert budget.used == 0
+
+
+def test_a_cold_request_over_the_budget_is_mapped_page_by_page(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    budget = MappingBudget(3)
+    cache = GrantCache(local_transport, 45, max_grants=16, budget=budget)
+    bufs, lease = cache.acquire((1, 2, 3, 4), None, writable=False)
+    assert b"".join(bufs) == _pages_of((1, 2, 3, 4))
+    release_all(bufs)
+    lease.unmap()
+    assert cache.stats.batches == 0
+    assert (cache.mapped, budget.used, cache.stats.budget_refusals) == (3, 3, 1)
+    assert cache.close() == 3
+    assert budget.used == 0
+    assert local_transport.mapped_pages == 0

@@ -11,6 +11,12 @@ Rules this cache keeps:
 
 - Map on first use, reuse afterwards. Keyed by grant ref only: the domain is fixed per ring (one
   cache per data plane), and a segment's sector range within the page is applied per request.
+- A request's pages not yet cached are mapped with one map call (on Xen one MAP ioctl and one
+  mmap, instead of one of each per page: a frontend filling its pool after connecting sends
+  hundreds of new pages) when they all fit in the limit and the budget below; otherwise, or when
+  that call fails (a bad or read-only ref fails the whole call), page by page as before. gntdev
+  unmaps a map call's pages only together, so they form a group that is evicted (and given back)
+  whole, and never while a request in flight uses any page of it.
 - Every cached mapping is **writable**, whatever the request. A guest READ needs to be written into,
   a guest WRITE only read; caching a read-only mapping made for a WRITE and handing it to a later
   READ would fail (or, with a key that ignored the mode, let us write through a page the guest only
@@ -109,11 +115,12 @@ class MappingBudget:
     def used(self) -> int:
         return self._used
 
-    def take(self) -> bool:
+    def take(self, pages: int = 1) -> bool:
+        """Room for `pages` more pages, all or none."""
         with self._lock:
-            if self._used >= self.limit:
+            if self._used + pages > self.limit:
                 return False
-            self._used += 1
+            self._used += pages
             return True
 
     def give(self, pages: int = 1) -> None:
@@ -145,16 +152,38 @@ class GrantCacheStats:
     resource_failures: int = 0  # mappings that failed for lack of resources (each retried)
     budget_refusals: int = 0  # pages not cached because the process-wide budget was spent
     whole: int = 0  # requests mapped in one piece outside the cache (page by page did not fit)
+    map_calls: int = 0  # transport.map_grants calls (each one MAP ioctl + one mmap on Xen)
+    batches: int = 0  # requests whose uncached pages were all mapped by one call (see _batch)
+    batch_fallbacks: int = 0  # such calls that failed: the request's pages mapped one by one instead
+    map_seconds: float = 0.0  # wall time spent in those calls (issue 20: what a cold write pays)
+
+
+class _Group:
+    """The pages one map call mapped for the cache (one MAP ioctl + one mmap on Xen). gntdev
+    mmaps and unmaps a grant map only whole: its mmap and UNMAP ioctl want the map's exact index
+    and count, and a partial munmap of a PV dom0's grant VMA (a split VMA) went wrong in kernels
+    without the 2022 fix "xen/gntdev: Accommodate VMA splitting". So the mapping is unmapped once
+    its last page has left the cache, and eviction takes a group's pages together
+    (GrantCache._remove_group)."""
+
+    __slots__ = ("live", "refs")
+
+    def __init__(self, refs: tuple[int, ...]) -> None:
+        self.refs = refs
+        self.live = len(refs)  # pages of it still in the cache
 
 
 class _Entry:
     """One mapped page: the mapping and where its bytes are, writable and read-only."""
 
-    __slots__ = ("base", "mapping", "obj", "place", "ro_base", "start")
+    __slots__ = ("base", "group", "mapping", "obj", "place", "ro_base", "start")
 
-    def __init__(self, mapping: GrantMapping, regions: _Regions) -> None:
+    def __init__(
+        self, mapping: GrantMapping, regions: _Regions, index: int = 0, group: _Group | None = None
+    ) -> None:
         self.mapping = mapping
-        self.base, self.start = mapping.page_location(0)
+        self.group = group  # None: the mapping is this page's alone
+        self.base, self.start = mapping.page_location(index)
         self.ro_base = self.base if self.base.readonly else self.base.toreadonly()
         self.obj = self.base.obj  # pages of one underlying mapping may merge into one iovec
         # Which mapping and where in it, as one machine-word int: neighbouring pages of one mapping
@@ -164,7 +193,13 @@ class _Entry:
     def unmap(self, regions: _Regions) -> None:
         if self.ro_base is not self.base:
             self.ro_base.release()  # our views first: an mmap refuses to close under them
-        self.mapping.unmap()
+        group = self.group
+        if group is None:
+            self.mapping.unmap()
+        else:
+            group.live -= 1
+            if not group.live:  # the group's last page: every view of the mapping is released
+                self.mapping.unmap()
         regions.release(self.obj)
 
 
@@ -451,6 +486,8 @@ class GrantCache:
         stats = self.stats
         busy: set[int] | None = None  # worked out at the first eviction, if any
         self._pressure = False
+        if self._batch(refs, order):
+            return
         for i, ref in enumerate(refs):
             entry = entries.get(ref)  # again: an earlier miss of this request may have cached it
             if entry is not None:
@@ -486,6 +523,46 @@ class GrantCache:
                 transient.append(made)
             order[i] = made
 
+    def _batch(self, refs: Sequence[int], order: list[_Entry | None]) -> bool:
+        """Map every page of the request that `order` has no entry for with ONE map call and cache
+        them all (lock held); True if done. Only where they all fit without an eviction (in the
+        cache's limit and the budget): a frontend filling its persistent pool, as Linux blkfront
+        does after connecting (528 new pages for 32 MiB of 1 MiB writes), pays one MAP ioctl and
+        one mmap per request instead of one per page. Anything else (a full cache, a failed call:
+        a bad or read-only ref, or lack of resources) is left to the page-by-page path, which
+        evicts, caches, keeps read-only grants transient and gives resources back by its rules,
+        so a bad ref still fails only its own request and evicts nothing."""
+        missing = tuple(dict.fromkeys(ref for ref, entry in zip(refs, order, strict=True) if entry is None))
+        n = len(missing)
+        if n < 2 or len(self._entries) + n > self.max_grants or not self.budget.take(n):
+            return False
+        try:
+            mapping = self._map_grants(missing, True)
+        except GrantError as exc:
+            self.budget.give(n)
+            self.stats.batch_fallbacks += 1
+            log.debug(
+                "%s: mapping %d pages in one call failed (%s): page by page", self.name, n, exc.one_line()
+            )
+            return False
+        group = _Group(missing)
+        entries = self._entries
+        stats = self.stats
+        for i, ref in enumerate(missing):
+            made = _Entry(mapping, self._regions, i, group)
+            entries[ref] = made
+            self._pages[ref] = made.base[made.start : made.start + PAGE_SIZE]
+        stats.batches += 1
+        stats.maps += n
+        stats.misses += n
+        wanted = 0
+        for i, ref in enumerate(refs):
+            if order[i] is None:
+                order[i] = entries[ref]
+                wanted += 1
+        stats.hits += wanted - n  # a ref named twice: mapped once, found again (as page by page)
+        return True
+
     def _prepare_eviction(self) -> None:
         """Before removing entries (lock held): the LRU order must be exact, and a removal ends
         every remembered shape's validity."""
@@ -502,7 +579,17 @@ class GrantCache:
                 raise
         # A read-only grant still serves a guest WRITE or an indirect page: map it as granted,
         # for this request only, so no cached entry is ever read-only.
-        return self.transport.map_grants(self.domid, (ref,), writable=False), False
+        return self._map_grants((ref,), False), False
+
+    def _map_grants(self, refs: Sequence[int], writable: bool) -> GrantMapping:
+        """transport.map_grants, counted and timed (failed calls too: they cost the same ioctl)."""
+        stats = self.stats
+        stats.map_calls += 1
+        t0 = time.perf_counter()
+        try:
+            return self.transport.map_grants(self.domid, refs, writable=writable)
+        finally:
+            stats.map_seconds += time.perf_counter() - t0
 
     def _map_retrying(self, refs: Sequence[int], writable: bool, spare: Sequence[int]) -> GrantMapping:
         """Map `refs` (lock held). Lack of resources: give idle cached pages back (never one of
@@ -512,7 +599,7 @@ class GrantCache:
         deadline: float | None = None
         while True:
             try:
-                return self.transport.map_grants(self.domid, refs, writable=writable)
+                return self._map_grants(refs, writable)
             except GrantError as exc:
                 if exc.errno not in RESOURCE_ERRNOS:
                     raise
@@ -561,10 +648,14 @@ class GrantCache:
             busy = self._busy()
             busy.update(spare)
             idle = [ref for ref in self._entries if ref not in busy]
-            if idle:
-                for ref in idle[: max(1, len(idle) // 4)]:
-                    self._remove(ref)
-                    self.stats.shed += 1
+            want, shed = max(1, len(idle) // 4), 0
+            for ref in idle:
+                if shed >= want:
+                    break
+                if ref in self._entries and self._group_idle(ref, busy):
+                    shed += self._remove_group(ref)
+            if shed:
+                self.stats.shed += shed
                 return True
             remaining = deadline - time.monotonic()
             if not self._leases or remaining <= 0:
@@ -582,13 +673,31 @@ class GrantCache:
         self.budget.give()
         self.stats.unmaps += 1
 
+    def _group_idle(self, ref: int, busy: set[int]) -> bool:
+        """Whether no request in flight names the page or another page of its group (lock held)."""
+        group = self._entries[ref].group
+        return ref not in busy and (group is None or busy.isdisjoint(group.refs))
+
+    def _remove_group(self, ref: int) -> int:
+        """Unmap a cached page and, if one call mapped it with others, those others too (lock
+        held): the memory of a group goes only whole (see _Group). How many pages left."""
+        group = self._entries[ref].group
+        if group is None:
+            self._remove(ref)
+            return 1
+        gone = 0
+        for member in group.refs:
+            if member in self._entries and self._entries[member].group is group:
+                self._remove(member)
+                gone += 1
+        return gone
+
     def _evict_one(self, busy: set[int]) -> bool:
-        """Unmap the least-recently-used entry no request in flight names (lock held). False if
-        every cached page is in use (or the cache holds nothing)."""
+        """Unmap the least-recently-used entry no request in flight names, with its group (lock
+        held). False if every cached page (or group) is in use, or the cache holds nothing."""
         for ref in self._entries:
-            if ref not in busy:
-                self._remove(ref)
-                self.stats.evictions += 1
+            if self._group_idle(ref, busy):
+                self.stats.evictions += self._remove_group(ref)
                 return True
         return False
 

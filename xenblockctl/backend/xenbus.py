@@ -802,7 +802,8 @@ class BackendDevice:
                 f" {sum(c.mapped for c in caches)} still mapped, {total('hits')} hits,"
                 f" {total('evictions')} evictions, {total('transient')} transient,"
                 f" {total('resource_failures')} out of resources ({total('shed')} given back,"
-                f" {total('whole')} mapped whole)"
+                f" {total('whole')} mapped whole), {total('map_calls')} map calls in"
+                f" {sum(c.stats.map_seconds for c in caches):.3f} s"
             )
         queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
         # how often the frontend had to wake the ring thread, and we it (issue 20's wake-up path)

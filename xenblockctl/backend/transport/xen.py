@@ -8,9 +8,10 @@ Without persistent grants the data plane copies the pages of a whole ring pass's
 IOCTL_GNTDEV_GRANT_COPY (backend/grantcopy.py); where gntdev lacks that ioctl (Linux < 4.8, probed
 at open) it maps each request's refs here (one MAP ioctl + one mmap for all its pages) and unmaps
 them after the I/O. With persistent grants (backend/grantcache.py)
-it maps one ref at a time, on first use, and keeps it: each cached page is its own mapping, i.e.
-one VMA, so a full cache (1056 pages per ring by default) costs 1056 of the process's
-vm.max_map_count (65530 by default; the caches share a budget of it, backend/grantcache.py).
+it maps a request's uncached refs on first use (in one call where they fit, else one at a time) and
+keeps them: each cached page costs at most one mapping, i.e. one VMA, so a full cache (1056 pages
+per ring by default) costs up to 1056 of the process's vm.max_map_count (65530 by default; the
+caches share a budget of it, backend/grantcache.py).
 Mappings are placed into anonymous reservations (transport/fixedmap.py) and hold no file
 descriptor: `mmap.mmap(gntdev_fd, ...)` would dup() the fd for every mapping (issue 13).
 """
