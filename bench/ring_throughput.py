@@ -135,6 +135,8 @@ class Run:
     grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
     requests: int = 0  # requests the data plane served in the whole run
     notifies: int = 0  # events the data plane sent in the whole run (one per ring pass at most)
+    #: times the ring thread slept until the frontend's event (the turnaround: it ran out of requests)
+    wakeups: int = 0
     #: direct preadv rates measured in slices between the engine's (--slices; 0: not interleaved):
     #: one buffer, and QD buffers in turn
     direct: float = 0.0
@@ -408,9 +410,10 @@ def _data_plane(
     return dp
 
 
-def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
+def _grant_counts(dp: DataPlane) -> tuple[int, int, int, int]:
     cache = dp.grant_cache
-    return (-1 if cache is None else cache.stats.maps), dp.stats.requests, dp.stats.notifies
+    stats = dp.stats
+    return (-1 if cache is None else cache.stats.maps), stats.requests, stats.notifies, stats.wakeups
 
 
 # --- several queues on several CPUs (--queues N) --------------------------------------------------------
@@ -809,7 +812,8 @@ def main() -> int:
                                 f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
-                                f"{run.requests / max(run.notifies, 1):.1f} requests per event"
+                                f"{run.requests / max(run.notifies, 1):.1f} requests per event, "
+                                f"{run.requests / max(run.wakeups, 1):.1f} per wake-up"
                             )
         finally:
             for transport in transports.values():

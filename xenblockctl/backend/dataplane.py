@@ -9,8 +9,9 @@ device fd is the engine's: a frontend reconnect creates a new DataPlane on the s
 Per ring pass the thread copies up to 64 request slots out of shared memory in one go, validates
 each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
 io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
-pass are published with one push and at most one event, as the frontend's rsp_event asks; workers
-answer their own requests as they complete. Where the native fast path is built and applies
+pass are published with one push and at most one event, as the frontend's rsp_event asks (a pass
+of large requests once per fastpath.CUT_BYTES, so the frontend refills while the rest copies);
+workers answer their own requests as they complete. Where the native fast path is built and applies
 (backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
 READs/WRITEs from the same copy, and everything else still comes through here.
 
@@ -362,7 +363,8 @@ class DataPlane:
         """_serve_batch with the native fast path (backend/fastpath.py): it serves the longest run
         of simple requests; the one it stops at goes through _serve_slot; repeat from the next.
         A native run whose answers are next in ring order goes straight into the ring
-        (_write_run); anything after an answer still pending keeps ring order through _answer."""
+        (_write_run); anything after an answer still pending keeps ring order through _answer.
+        A run the native pass cut at fastpath.CUT_BYTES is pushed before the next one starts."""
         assert self._fast is not None
         fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
         at = self.ring.taken_at
@@ -371,13 +373,16 @@ class DataPlane:
         index = 0
         while index < count:
             first = index
-            done, index = fast(data, index, count)
+            done, index, cut = fast(data, index, count)
             if done:
                 if answers:
                     answers += done
                 else:  # the usual pass, one native run to its end: written and pushed in one go
-                    self._write_run(done, (at + first) & 0xFFFFFFFF, publish=index == count)
-                    unpublished = index < count
+                    # (a cut run too, so the frontend refills while the next run copies)
+                    self._write_run(done, (at + first) & 0xFFFFFFFF, publish=index == count or cut)
+                    unpublished = index < count and not cut
+            if cut:
+                continue
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
                 if unpublished and not isinstance(verdict, Rejection) and verdict.kind is BARRIER:

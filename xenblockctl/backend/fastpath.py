@@ -56,6 +56,11 @@ else:
     _WHY_NOT = ""
 
 _HOST_PAGE = mmap.PAGESIZE
+#: a native run is cut once it holds this many bytes, and the data plane publishes each cut run
+#: before the next one's I/O (issue 20, the QD-4 turnaround): the frontend refills its ring while
+#: the engine copies, instead of waiting for the whole pass. Runs of small requests never reach it
+#: (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround", has the measurements.
+CUT_BYTES = 2 << 20
 #: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
 #: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
 INDEX_PAGES = True
@@ -123,12 +128,13 @@ class FastPass:
             return None
         return cls(abi, limits, executor.target, executor, cache)
 
-    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int]:
-        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY) and next,
-        the first slot it did not finish (count when it did them all)."""
+    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int, bool]:
+        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY), next, the
+        first slot it did not finish (count when it did them all), and whether the run was only
+        cut at CUT_BYTES (then slot next is the next call's, not one it could not serve)."""
         executor = self._executor
         read, write = executor.placement()
-        answers, stop, refs = self._serve(
+        answers, stop, refs, cut = self._serve(
             data,
             start,
             count,
@@ -139,11 +145,12 @@ class FastPass:
             _MODES[write],
             _HOST_PAGE,
             self._entries,
+            CUT_BYTES,
         )
         if refs:
             self.served += len(answers)
             self._cache.note_used(memoryview(refs).cast("I"))
-        return answers, stop
+        return answers, stop, cut
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
