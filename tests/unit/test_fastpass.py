@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -1007,17 +1008,26 @@ def test_serve_cuts_a_run_once_it_holds_cut_bytes(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_a_large_pass_is_published_in_parts(make_pair: PairFactory) -> None:
-    """Four 1 MiB READs taken in one pass (QD 4, pages cached): the first two answers are pushed
-    before the last two are read (fastpath.CUT_BYTES), so a frontend can refill its ring while
-    the engine copies instead of waiting for the whole pass; every answer and byte is right."""
+def test_a_large_pass_after_a_sleep_is_published_in_parts(make_pair: PairFactory) -> None:
+    """Four 1 MiB READs taken in one pass (QD 4, pages cached) after the ring thread slept for want
+    of requests: the first two answers are pushed before the last two are read
+    (fastpath.CUT_BYTES), so a frontend can refill its ring while the engine copies instead of
+    waiting for the whole pass; every answer and byte is right. A pass the ring thread began
+    without sleeping is not cut (the event it would add is not needed)."""
     pair = make_pair(persistent=True, data_pages=1024, workers=0)
     fe, dp = pair.frontend, pair.dataplane
     pair.path.write_bytes(os.urandom(4 << 20))
     expected = pair.path.read_bytes()
     mib = 1 << 20
+    ring = dp.ring
 
     def round_of_four() -> None:
+        # the ring thread is out of requests and about to sleep (req_event armed by its final
+        # check), so these four wake it: its next pass follows a sleep
+        deadline = time.monotonic() + 10
+        while ring.req_event != (ring.req_cons + 1) & 0xFFFFFFFF:
+            assert time.monotonic() < deadline, "the ring thread never went to sleep"
+            time.sleep(0.001)
         ids = {fe.submit_read(2048 * i, mib): i for i in range(4)}
         done = fe.collect(4)
         assert {rid: c.data for rid, c in done.items()} == {
@@ -1042,3 +1052,14 @@ def test_a_large_pass_is_published_in_parts(make_pair: PairFactory) -> None:
     assert fast.served == served + 8
     assert [(p - start) & 0xFFFFFFFF for p in pushed] == [2, 4, 6, 8]
     assert dp.stats.errors == 0
+
+
+def test_only_a_pass_that_follows_a_sleep_is_cut(make_pair: PairFactory) -> None:
+    """The cut costs an event; it pays only when the ring thread ran out of requests and slept, so
+    a pass is cut once per wake-up, never on a ring thread that keeps finding requests."""
+    dp = make_pair(persistent=True, workers=0).dataplane  # no request: its ring thread sleeps
+    assert dp.stats.wakeups == 0
+    assert dp._cut_for_pass() == 0  # no wake-up since the last pass (none yet)
+    dp.stats.wakeups += 1
+    assert dp._cut_for_pass() == fastpath.CUT_BYTES
+    assert dp._cut_for_pass() == 0  # the next pass without another sleep

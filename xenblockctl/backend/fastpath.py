@@ -56,10 +56,10 @@ else:
     _WHY_NOT = ""
 
 _HOST_PAGE = mmap.PAGESIZE
-#: a native run is cut once it holds this many bytes, and the data plane publishes each cut run
-#: before the next one's I/O (issue 20, the QD-4 turnaround): the frontend refills its ring while
-#: the engine copies, instead of waiting for the whole pass. Runs of small requests never reach it
-#: (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround", has the measurements.
+#: a native run the data plane asks to cut ends once it holds this many bytes, and the data plane
+#: publishes each cut run before the next one's I/O (issue 20, the QD-4 turnaround): the frontend
+#: refills its ring while the engine copies, instead of waiting for the whole pass. Runs of small
+#: requests never reach it (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround".
 CUT_BYTES = 2 << 20
 #: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
 #: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
@@ -128,13 +128,16 @@ class FastPass:
             return None
         return cls(abi, limits, executor.target, executor, cache)
 
-    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int, bool]:
+    def serve(
+        self, data: bytes, start: int, count: int, cut: int = 0
+    ) -> tuple[list[tuple[int, int, int]], int, bool]:
         """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY), next, the
         first slot it did not finish (count when it did them all), and whether the run was only
-        cut at CUT_BYTES (then slot next is the next call's, not one it could not serve)."""
+        cut at `cut` bytes (0: not cut; then slot next is the next call's, not one it could not
+        serve)."""
         executor = self._executor
         read, write = executor.placement()
-        answers, stop, refs, cut = self._serve(
+        answers, stop, refs, was_cut = self._serve(
             data,
             start,
             count,
@@ -145,12 +148,12 @@ class FastPass:
             _MODES[write],
             _HOST_PAGE,
             self._entries,
-            CUT_BYTES,
+            cut,
         )
         if refs:
             self.served += len(answers)
             self._cache.note_used(memoryview(refs).cast("I"))
-        return answers, stop, cut
+        return answers, stop, was_cut
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
