@@ -12,7 +12,9 @@ validates, logs and answers everything unusual) and calls it again for the rest.
 that are next in ring order (nothing held, the run starts at rsp_prod_pvt) are written into the
 ring by `_fastpass.respond` (BackRing.respond_run: ring.py's journal protocol, per answer, in C;
 tests/unit/test_fastpass.py checks it leaves the ring byte for byte as respond_all does); any
-other answer goes through ring.py's respond_all as before.
+other answer goes through ring.py's respond_all as before. A pass of large requests that follows a
+sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before the next one's I/O
+(DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md).
 
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
