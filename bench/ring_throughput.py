@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -140,6 +141,11 @@ class Run:
     grant_maps: int = -1  # persistent: pages the grant cache mapped in the whole run (-1: off)
     requests: int = 0  # requests the data plane served in the whole run
     notifies: int = 0  # events the data plane sent in the whole run (one per ring pass at most)
+    #: times the ring thread slept until the frontend's event (the turnaround: it ran out of requests)
+    wakeups: int = 0
+    #: µs per request the ring thread spent asleep (neither on a CPU nor waiting for one: waiting
+    #: for the frontend), from its schedstat; -1 where not measured
+    asleep_us: float = -1.0
     #: direct preadv rates measured in slices between the engine's (--slices; 0: not interleaved):
     #: one buffer, and QD buffers in turn
     direct: float = 0.0
@@ -332,9 +338,10 @@ def engine(
             try:
                 parent.send("go")
                 receive()  # verified
+                ring_tid = dp._thread.native_id if dp._thread is not None else None
                 if interleave:
                     served = 0
-                    cpu = direct1 = wide = 0.0
+                    cpu = direct1 = wide = slept = 0.0
                     for k in range(slices):
                         # alternate which baseline goes first, so neither always follows the engine
                         for wide_first in (False, True) if k % 2 else (True, False):
@@ -345,18 +352,20 @@ def engine(
                                 wide += rate[0] / slices
                             else:
                                 direct1 += rate[0] / slices
-                        before, cpu0 = dp.stats.requests, _cpu()
+                        before, cpu0, sched0 = dp.stats.requests, _cpu(), _asleep(ring_tid)
                         parent.send("slice")
                         receive()  # its slice is done, every request answered
                         served, cpu = served + dp.stats.requests - before, cpu + _cpu() - cpu0
+                        slept += _asleep(ring_tid) - sched0
                     run = receive()
                     assert isinstance(run, Run)
                     run = dataclasses.replace(run, direct=direct1, direct_wide=wide)
                 else:
-                    served, cpu0 = dp.stats.requests, _cpu()
+                    served, cpu0, sched0 = dp.stats.requests, _cpu(), _asleep(ring_tid)
                     run = receive()
                     assert isinstance(run, Run)
                     served, cpu = dp.stats.requests - served, _cpu() - cpu0
+                    slept = _asleep(ring_tid) - sched0
             finally:
                 dp.stop()
         finally:
@@ -371,6 +380,7 @@ def engine(
             *_grant_counts(dp),
             direct=run.direct,
             direct_wide=run.direct_wide,
+            asleep_us=slept / served * 1e6,
         )
     with LocalFrontend(
         transport.socket_path,
@@ -413,9 +423,21 @@ def _data_plane(
     return dp
 
 
-def _grant_counts(dp: DataPlane) -> tuple[int, int, int]:
+def _asleep(tid: int | None) -> float:
+    """Seconds of wall clock so far that thread `tid` of this process spent asleep: the clock minus
+    its time on a CPU and its time waiting for one (/proc schedstat), so a loaded host's run-queue
+    waits are not counted as the ring thread waiting for the frontend. NaN where not available."""
+    try:
+        on_cpu, waiting = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return math.nan
+    return time.perf_counter() - (int(on_cpu) + int(waiting)) / 1e9
+
+
+def _grant_counts(dp: DataPlane) -> tuple[int, int, int, int]:
     cache = dp.grant_cache
-    return (-1 if cache is None else cache.stats.maps), dp.stats.requests, dp.stats.notifies
+    stats = dp.stats
+    return (-1 if cache is None else cache.stats.maps), stats.requests, stats.notifies, stats.wakeups
 
 
 # --- several queues on several CPUs (--queues N) --------------------------------------------------------
@@ -828,7 +850,13 @@ def main() -> int:
                                 f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
-                                f"{run.requests / max(run.notifies, 1):.1f} requests per event"
+                                f"{run.requests / max(run.notifies, 1):.1f} requests per event, "
+                                f"{run.requests / max(run.wakeups, 1):.1f} per wake-up"
+                                + (
+                                    f", ring thread asleep {run.asleep_us:.1f} µs"
+                                    if run.asleep_us >= 0
+                                    else ""
+                                )
                                 + (f"   {1e6 / run.rate:.1f} µs a request" if w.qd == 1 else "")
                             )
         finally:

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -955,3 +956,110 @@ def test_serve_reads_adjacent_requests_in_one_preadv(tmp_path: Path) -> None:
         view.release()
         memory.close()
         os.close(fd)
+
+
+# --- serve(cut): a large pass answered in parts (issue 20, the QD-4 turnaround) -----------------
+@pytest.mark.skipif(not Path("/proc/thread-self/io").exists(), reason="no per-thread I/O accounting")
+def test_serve_cuts_a_run_once_it_holds_cut_bytes(tmp_path: Path) -> None:
+    """With `cut`, a run ends once it holds that many bytes and says so (4th item True), so the
+    data plane can publish it before the next run's I/O; a run that ends at a slot it cannot serve,
+    or at the batch's end, says False. Without `cut` the result keeps its 3 items."""
+    path = tmp_path / "disk"
+    disk = os.urandom(1 << 20)
+    path.write_bytes(disk)
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(-1, 32 * 4096)
+    view = memoryview(memory)
+    entries = {100 + i: view[i * 4096 : (i + 1) * 4096] for i in range(32)}
+    try:
+        slots = bytearray(_write_requests(1, [64 + 32 * k for k in range(8)], 4))  # 8 x 16 KiB
+        for k in range(8):  # each slot's operation byte: READ
+            slots[k * blkif.X86_64.entry_size] = 0
+        data = bytes(slots)
+        args = (blkif.X86_64.id_offset, 2048, 1 << 20, 512, False, 0, fd, fd)
+        modes = (_fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK)
+        assert len(_fastpass.serve(data, 0, 8, *args, *modes, mmap.PAGESIZE, entries)) == 3
+        runs = []
+        index = 0
+        while index < 8:
+            before = _io_syscalls("syscr")
+            answers, index, _refs, cut = _fastpass.serve(
+                data, index, 8, *args, *modes, mmap.PAGESIZE, entries, 40000
+            )
+            runs.append(([a[0] for a in answers], index, cut, _io_syscalls("syscr") - before))
+        # 40000 bytes: the third 16 KiB request reaches it; the last run ends with the batch
+        assert [r[:3] for r in runs] == [([1, 2, 3], 3, True), ([4, 5, 6], 6, True), ([7, 8], 8, False)]
+        assert all(r[3] >= 1 for r in runs)  # each run's I/O is its own (merged within the run)
+        assert bytes(view[: 8 * 16384]) == disk[64 * 512 : 64 * 512 + 8 * 16384]
+        # a slot the pass cannot serve (page 999 not cached) before the limit: not a cut
+        ref_at = 2 * blkif.X86_64.entry_size + 24  # slot 2's first segment's grant ref
+        slots[ref_at : ref_at + 4] = (999).to_bytes(4, "little")
+        got = _fastpass.serve(bytes(slots), 0, 8, *args, *modes, mmap.PAGESIZE, entries, 1 << 20)
+        assert got[0] == [(1, 0, 0), (2, 0, 0)]
+        assert (got[1], got[3]) == (2, False)
+        # the limit reached just before an unservable slot is still a cut (the next call stops there)
+        got = _fastpass.serve(bytes(slots), 0, 8, *args, *modes, mmap.PAGESIZE, entries, 32768)
+        assert (got[1], got[3]) == (2, True)
+    finally:
+        for page in entries.values():
+            page.release()
+        view.release()
+        memory.close()
+        os.close(fd)
+
+
+def test_a_large_pass_after_a_sleep_is_published_in_parts(make_pair: PairFactory) -> None:
+    """Four 1 MiB READs taken in one pass (QD 4, pages cached) after the ring thread slept for want
+    of requests: the first two answers are pushed before the last two are read
+    (fastpath.CUT_BYTES), so a frontend can refill its ring while the engine copies instead of
+    waiting for the whole pass; every answer and byte is right. A pass the ring thread began
+    without sleeping is not cut (the event it would add is not needed)."""
+    pair = make_pair(persistent=True, data_pages=1024, workers=0)
+    fe, dp = pair.frontend, pair.dataplane
+    pair.path.write_bytes(os.urandom(4 << 20))
+    expected = pair.path.read_bytes()
+    mib = 1 << 20
+    ring = dp.ring
+
+    def round_of_four() -> None:
+        # the ring thread is out of requests and about to sleep (req_event armed by its final
+        # check), so these four wake it: its next pass follows a sleep
+        deadline = time.monotonic() + 10
+        while ring.req_event != (ring.req_cons + 1) & 0xFFFFFFFF:
+            assert time.monotonic() < deadline, "the ring thread never went to sleep"
+            time.sleep(0.001)
+        ids = {fe.submit_read(2048 * i, mib): i for i in range(4)}
+        done = fe.collect(4)
+        assert {rid: c.data for rid, c in done.items()} == {
+            rid: expected[i * mib : (i + 1) * mib] for rid, i in ids.items()
+        }
+
+    round_of_four()  # maps the pages (Python); the next rounds are native
+    fast = dp._fast
+    assert fast is not None
+    served = fast.served
+    pushed: list[int] = []
+    push = dp.ring.push_responses
+
+    def seen(*args: object, **kwargs: object) -> bool:
+        pushed.append(dp.ring.rsp_prod_pvt)
+        return push(*args, **kwargs)  # type: ignore[arg-type]
+
+    dp.ring.push_responses = seen  # type: ignore[method-assign]
+    start = dp.ring.rsp_prod_pvt
+    for _ in range(2):
+        round_of_four()
+    assert fast.served == served + 8
+    assert [(p - start) & 0xFFFFFFFF for p in pushed] == [2, 4, 6, 8]
+    assert dp.stats.errors == 0
+
+
+def test_only_a_pass_that_follows_a_sleep_is_cut(make_pair: PairFactory) -> None:
+    """The cut costs an event; it pays only when the ring thread ran out of requests and slept, so
+    a pass is cut once per wake-up, never on a ring thread that keeps finding requests."""
+    dp = make_pair(persistent=True, workers=0).dataplane  # no request: its ring thread sleeps
+    assert dp.stats.wakeups == 0
+    assert dp._cut_for_pass() == 0  # no wake-up since the last pass (none yet)
+    dp.stats.wakeups += 1
+    assert dp._cut_for_pass() == fastpath.CUT_BYTES
+    assert dp._cut_for_pass() == 0  # the next pass without another sleep

@@ -548,7 +548,12 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
  * write_fd: where WRITEs go (io.Executor.write_fd: an O_DIRECT fd on the device, or fd itself); a
  * direct write the kernel refuses (EINVAL: alignment) stops here and Python writes it buffered
  *   -> (answers: list[(id, op, 0)], next_index, refs: bytes of the served requests' uint32 refs,
- *       indirect pages included) */
+ *       indirect pages included)
+ * An optional 16th argument, cut (bytes, > 0), ends the run early: no request is added once the
+ * run holds cut bytes (issue 20, the QD-4 turnaround: the data plane answers each cut run before
+ * it copies the next, so the frontend refills while it copies). Then a 4th item says whether the
+ * run ended at that limit (True: slot next_index is simply the next run's, not one to hand to
+ * Python) or, as without cut, at a slot it could not finish. */
 static PyObject *fp_serve(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -556,10 +561,13 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     Py_ssize_t start, count, id_offset, lbs, host_page, max_indirect;
     PyObject *sectors_o, *size_o, *entries;
     int read_only, fd, wfd, modes[2];
-    if (!PyArg_ParseTuple(args, "y*nnnOOnpniiiinO!", &data, &start, &count, &id_offset, &sectors_o,
+    Py_ssize_t cut = -1; /* not given: the 3-item result, no limit */
+    if (!PyArg_ParseTuple(args, "y*nnnOOnpniiiinO!|n", &data, &start, &count, &id_offset, &sectors_o,
                           &size_o, &lbs, &read_only, &max_indirect, &fd, &wfd, &modes[OP_READ],
-                          &modes[OP_WRITE], &host_page, &PyDict_Type, &entries))
+                          &modes[OP_WRITE], &host_page, &PyDict_Type, &entries, &cut))
         return NULL;
+    int cut_hit = 0; /* the run ended at `cut`, not at a slot it could not serve */
+    uint64_t run_bytes = 0;
     struct limits lim;
     struct prepared *reqs = NULL;
     Py_ssize_t nreq = 0, done = 0;
@@ -596,6 +604,11 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
             break;
         }
         nreq++;
+        run_bytes += p->r.length;
+        if (cut > 0 && run_bytes >= (uint64_t)cut && i + 1 < count) {
+            cut_hit = 1;
+            break;
+        }
     }
     /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
     if (nreq) {
@@ -632,7 +645,11 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
             memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
             w += r->nseg * sizeof(uint32_t);
         }
-        out = Py_BuildValue("(NnN)", answers, start + done, refs);
+        if (cut < 0)
+            out = Py_BuildValue("(NnN)", answers, start + done, refs);
+        else /* cut only counts if every request of the run finished: else Python's slot is next */
+            out = Py_BuildValue("(NnNO)", answers, start + done, refs,
+                                cut_hit && done == nreq ? Py_True : Py_False);
     }
 fail:
     for (Py_ssize_t k = 0; k < nreq; k++)

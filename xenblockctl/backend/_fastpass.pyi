@@ -1,4 +1,6 @@
 # Types of the optional C extension built from _fastpass.c (see backend/fastpath.py).
+from typing import overload
+
 MODE_STOP: int
 MODE_NOWAIT: int
 MODE_BLOCK: int
@@ -22,6 +24,7 @@ def check(
     entries: dict[int, memoryview],
     /,
 ) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]] | None: ...
+@overload
 def serve(
     data: bytes,
     start: int,
@@ -40,6 +43,26 @@ def serve(
     entries: dict[int, memoryview],
     /,
 ) -> tuple[list[tuple[int, int, int]], int, bytes]: ...
+@overload
+def serve(
+    data: bytes,
+    start: int,
+    count: int,
+    id_offset: int,
+    sectors: int,
+    size_bytes: int,
+    logical_block_size: int,
+    read_only: bool,
+    max_indirect_segments: int,
+    fd: int,
+    write_fd: int,
+    read_mode: int,
+    write_mode: int,
+    host_page: int,
+    entries: dict[int, memoryview],
+    cut: int,
+    /,
+) -> tuple[list[tuple[int, int, int]], int, bytes, bool]: ...
 def respond(
     answers: list[tuple[int, int, int]],
     ring: memoryview,

@@ -9,8 +9,10 @@ device fd is the engine's: a frontend reconnect creates a new DataPlane on the s
 Per ring pass the thread copies up to 64 request slots out of shared memory in one go, validates
 each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
 io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
-pass are published with one push and at most one event, as the frontend's rsp_event asks; workers
-answer their own requests as they complete. Where the native fast path is built and applies
+pass are published with one push and at most one event, as the frontend's rsp_event asks (a pass
+of large requests after the ring thread slept for want of requests: once per fastpath.CUT_BYTES,
+so the frontend refills while the rest copies); workers answer their own requests as they
+complete. Where the native fast path is built and applies
 (backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
 READs/WRITEs from the same copy, and everything else still comes through here.
 
@@ -40,7 +42,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.fastpath import FastPass
+from xenblockctl.backend.fastpath import CUT_BYTES, FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.grantcopy import BouncePool, NativeCopy, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
@@ -218,6 +220,8 @@ class DataPlane:
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
         self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
+        #: stats.wakeups when the last native pass began (_cut_for_pass)
+        self._wakeups_seen = 0
         #: grants copied: the native grant-copy pass (backend/grantcopy.py), or None
         self._fast_copy = (
             NativeCopy.create(native, params.abi, limits, self.executor, transport=transport, domid=domid)
@@ -381,22 +385,27 @@ class DataPlane:
         """_serve_batch with the native fast path (backend/fastpath.py): it serves the longest run
         of simple requests; the one it stops at goes through _serve_slot; repeat from the next.
         A native run whose answers are next in ring order goes straight into the ring
-        (_write_run); anything after an answer still pending keeps ring order through _answer."""
+        (_write_run); anything after an answer still pending keeps ring order through _answer.
+        A run the native pass cut (_cut_for_pass) is pushed before the next one starts."""
         assert self._fast is not None
         fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
         at = self.ring.taken_at
+        cut_at = self._cut_for_pass()
         answers: list[tuple[int, int, int]] = []  # finished, not yet written
         unpublished = False  # a native run is in its slots, not yet pushed
         index = 0
         while index < count:
             first = index
-            done, index = fast(data, index, count)
+            done, index, cut = fast(data, index, count, cut_at)
             if done:
                 if answers:
                     answers += done
                 else:  # the usual pass, one native run to its end: written and pushed in one go
-                    self._write_run(done, (at + first) & 0xFFFFFFFF, publish=index == count)
-                    unpublished = index < count
+                    # (a cut run too, so the frontend refills while the next run copies)
+                    self._write_run(done, (at + first) & 0xFFFFFFFF, publish=index == count or cut)
+                    unpublished = index < count and not cut
+            if cut:
+                continue
             if index < count:
                 verdict = validate_slot(abi, data, index * entry, limits, self._read_indirect)
                 if unpublished and not isinstance(verdict, Rejection) and verdict.kind is BARRIER:
@@ -409,6 +418,23 @@ class DataPlane:
         elif unpublished:
             self._publish()
         return count
+
+    def _cut_for_pass(self) -> int:
+        """Where the native pass cuts this pass's runs (fastpath.CUT_BYTES), or 0: not cut.
+
+        Issue 20, the QD-4 turnaround: a frontend that keeps 4 MiB outstanding gets nothing back
+        until a pass of all of it is copied, and refills only then, while the ring thread, out of
+        requests, sleeps. Answering the first 2 MiB early lets it refill during the rest; the ring
+        then settles into passes of 2 MiB that overlap the frontend's refill, one event more per
+        4 MiB. That event costs ~2-4 µs of CPU per 1 MiB request (bench/README.md), worth it only
+        when the ring thread would otherwise sleep: so only a pass that follows a sleep is cut (on
+        a busy host the scheduler often runs the frontend between our answer and our final check,
+        and the ring thread does not sleep at all)."""
+        wakeups = self.stats.wakeups
+        if wakeups == self._wakeups_seen:
+            return 0
+        self._wakeups_seen = wakeups
+        return CUT_BYTES
 
     def _publish(self) -> None:
         """Push what is written (and notify if the frontend asked)."""

@@ -12,7 +12,9 @@ validates, logs and answers everything unusual) and calls it again for the rest.
 that are next in ring order (nothing held, the run starts at rsp_prod_pvt) are written into the
 ring by `_fastpass.respond` (BackRing.respond_run: ring.py's journal protocol, per answer, in C;
 tests/unit/test_fastpass.py checks it leaves the ring byte for byte as respond_all does); any
-other answer goes through ring.py's respond_all as before.
+other answer goes through ring.py's respond_all as before. A pass of large requests that follows a
+sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before the next one's I/O
+(DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md).
 
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
@@ -56,6 +58,11 @@ else:
     _WHY_NOT = ""
 
 _HOST_PAGE = mmap.PAGESIZE
+#: a native run the data plane asks to cut ends once it holds this many bytes, and the data plane
+#: publishes each cut run before the next one's I/O (issue 20, the QD-4 turnaround): the frontend
+#: refills its ring while the engine copies, instead of waiting for the whole pass. Runs of small
+#: requests never reach it (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround".
+CUT_BYTES = 2 << 20
 #: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
 #: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
 INDEX_PAGES = True
@@ -123,12 +130,16 @@ class FastPass:
             return None
         return cls(abi, limits, executor.target, executor, cache)
 
-    def serve(self, data: bytes, start: int, count: int) -> tuple[list[tuple[int, int, int]], int]:
-        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY) and next,
-        the first slot it did not finish (count when it did them all)."""
+    def serve(
+        self, data: bytes, start: int, count: int, cut: int = 0
+    ) -> tuple[list[tuple[int, int, int]], int, bool]:
+        """Serve slots [start, next) of the copied batch: their answers (all RSP_OKAY), next, the
+        first slot it did not finish (count when it did them all), and whether the run was only
+        cut at `cut` bytes (0: not cut; then slot next is the next call's, not one it could not
+        serve)."""
         executor = self._executor
         read, write = executor.placement()
-        answers, stop, refs = self._serve(
+        answers, stop, refs, was_cut = self._serve(
             data,
             start,
             count,
@@ -139,11 +150,12 @@ class FastPass:
             _MODES[write],
             _HOST_PAGE,
             self._entries,
+            cut,
         )
         if refs:
             self.served += len(answers)
             self._cache.note_used(memoryview(refs).cast("I"))
-        return answers, stop
+        return answers, stop, was_cut
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
