@@ -524,22 +524,30 @@ class DataPlane:
                 reason = exc.one_line() if isinstance(exc, GrantError) else f"bad page index: {exc}"
                 self.errors.record("grant-map", plan.id, reason)
                 return blkif.RSP_ERROR
-        if kind is BARRIER:
+        status = self._run_plan(plan, mapping, bufs)
+        if status is not None and mapping is not None:
+            mapping.unmap()
+        return status
+
+    def _run_plan(
+        self, plan: IoPlan, holder: GrantMapping | Lease | Staged | None, bufs: list[memoryview]
+    ) -> int | None:
+        """Run a plan whose buffers are ready, here or on a worker (which gets `holder` with it):
+        its status if it finished here (`bufs` released, a failure recorded; `holder` is the
+        caller's to give back), None if a worker answers it."""
+        if plan.kind is BARRIER:
             # a barrier is ordered against everything: nothing before it may still run, nothing after
             # it may start before it completes (the ring thread blocks here)
             self.executor.drain()
-            self._submit(plan, mapping, bufs)
+            self._submit(plan, holder, bufs)
             self.executor.drain()
             return None
         status = self.executor.run_now(plan, bufs)
         if status is None:
-            self._submit(plan, mapping, bufs)
+            self._submit(plan, holder, bufs)
             return None
-        # _release(mapping, bufs), inline: this runs for every request finished on the ring thread
-        for b in bufs:
+        for b in bufs:  # inline, not _release(): this runs for every request finished here
             b.release()
-        if mapping is not None:
-            mapping.unmap()
         if status != blkif.RSP_OKAY:
             self._io_failed(plan, status)
         return status
@@ -680,22 +688,9 @@ class DataPlane:
         """_start for a plan whose data is (or will be) in `staged`: its status if it finished
         here, None if a worker answers it. A finished READ keeps its buffer: the caller copies it
         into the guest's pages."""
-        bufs = staged.iovecs() if staged is not None else []
-        if plan.kind is BARRIER:
-            self.executor.drain()
-            self._submit(plan, staged, bufs)
-            self.executor.drain()
-            return None
-        status = self.executor.run_now(plan, bufs)
-        if status is None:
-            self._submit(plan, staged, bufs)
-            return None
-        for b in bufs:
-            b.release()
-        if staged is not None and not (staged.to_guest and status == blkif.RSP_OKAY):
+        status = self._run_plan(plan, staged, staged.iovecs() if staged is not None else [])
+        if status is not None and staged is not None and not (staged.to_guest and status == blkif.RSP_OKAY):
             staged.unmap()
-        if status != blkif.RSP_OKAY:
-            self._io_failed(plan, status)
         return status
 
     def _finish_reads(self, reads: list[Staged]) -> list[tuple[int, int, int]]:
