@@ -45,6 +45,7 @@ from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import (
     Perm,
     check_path,
+    check_paths,
     check_token,
     check_watch_path,
     coerce_perm,
@@ -135,7 +136,9 @@ def _split_list(payload: bytes) -> list[str]:
     """DIRECTORY / GET_PERMS replies: NUL-terminated strings; an empty list is an empty payload."""
     if not payload:
         return []
-    return [decode_value(item) for item in payload.rstrip(_NUL).split(_NUL)]
+    # One decode for the whole listing: NUL is one byte in UTF-8 and ends any unfinished
+    # sequence, so this equals decoding each name (tests/xenstore/test_walk_codec.py).
+    return decode_value(payload.rstrip(_NUL)).split("\0")
 
 
 class _Operations:
@@ -581,10 +584,14 @@ class XenStore(_Operations):
         ids = self._ids
 
         def numbered(batch: Sequence[tuple[int, str]]) -> list[tuple[int, int, int, bytes]]:
-            for op, path in batch:
-                if op not in _STREAM_OPS:
-                    raise XenstoreInvalid(f"stream: request type {op} is not a read or a listing")
-                check_path(path)
+            # The paths are checked in one pass when all are valid (paths.check_paths), and the
+            # ops as a set: both run for every request of a 128-backend walk (issue 18 round 8).
+            if not _STREAM_OPS.keys() >= {op for op, _path in batch}:
+                for op, path in batch:  # the first bad request raises, as one by one
+                    if op not in _STREAM_OPS:
+                        raise XenstoreInvalid(f"stream: request type {op} is not a read or a listing")
+                    check_path(path)
+            check_paths([path for _op, path in batch])
             made.extend(batch)
             return [(op, next(ids), 0, _arg(path)) for op, path in batch]
 
@@ -592,14 +599,13 @@ class XenStore(_Operations):
             results: list[tuple[int, str | list[str] | XenstoreError]] = []
             for index, reply in arrived:
                 op, path = made[index]
-                if reply.type == wire.ERROR:
+                if reply.type == op and not reply.tx_id:  # the usual case first
+                    value = decode_value(reply.payload) if op == wire.READ else _split_list(reply.payload)
+                    results.append((index, value))
+                elif reply.type == wire.ERROR:
                     results.append((index, _error_reply(reply.payload, f"{_STREAM_OPS[op]} {path}")))
-                elif reply.type != op or reply.tx_id:
-                    self._mismatch(f"{_STREAM_OPS[op]} {path}", reply)
-                elif op == wire.READ:
-                    results.append((index, decode_value(reply.payload)))
                 else:
-                    results.append((index, _split_list(reply.payload)))
+                    self._mismatch(f"{_STREAM_OPS[op]} {path}", reply)
             return numbered(follow(results))
 
         deadline, limit = self._request_deadline(first)

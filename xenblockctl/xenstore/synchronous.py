@@ -38,6 +38,7 @@ from xenblockctl.xenstore.wire import (
     FrameDecoder,
     OversizeFrame,
     encode,
+    encode_many,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
@@ -112,13 +113,15 @@ class DirectLink(Link):
 
     def exchange(self, requests: Sequence[Request], deadline: float) -> list[Frame]:
         self._check_alive(0)
+        if not requests:
+            return []  # (sharing's read_many of no matches: no empty send)
         replies: list[Frame | None] = [None] * len(requests)
         if self._pipeline:
             lanes = self._spread(requests)
             if len(lanes) > 1:
                 self._exchange_spread(lanes, requests, replies, deadline)
                 return replies  # type: ignore[return-value]  # _collect filled every slot
-            self._send(b"".join(encode(*request) for request in requests), 0)
+            self._send(encode_many(requests), 0)
             self._collect({request[1]: index for index, request in enumerate(requests)}, replies, deadline)
         else:
             for index, request in enumerate(requests):
@@ -259,7 +262,7 @@ class DirectLink(Link):
         bounds = [count * k // len(lanes) for k in range(len(lanes) + 1)]
         try:
             for lane, start, end in zip(lanes, bounds, bounds[1:], strict=False):
-                lane._send(b"".join(encode(*request) for request in requests[start:end]), start)
+                lane._send(encode_many(requests[start:end]), start)
             for lane, start, end in zip(lanes, bounds, bounds[1:], strict=False):
                 waiting = {requests[index][1]: index for index in range(start, end)}
                 lane._collect(waiting, replies, deadline)
@@ -395,11 +398,12 @@ class _Stream:
         count = len(requests)
         bounds = [count * k // len(lanes) for k in range(len(lanes) + 1)]
         for k, start, end in zip(lanes, bounds, bounds[1:], strict=False):
-            waiting, outgoing = self.waiting[k], self.outgoing[k]
-            for request in requests[start:end]:
-                waiting[request[1]] = self.count
-                outgoing.append(encode(*request))
-                self.count += 1
+            share = requests[start:end]
+            waiting = self.waiting[k]
+            for number, request in enumerate(share, self.count):
+                waiting[request[1]] = number
+            self.count += len(share)
+            self.outgoing[k].append(encode_many(share))
 
     def run(self, deadline: float) -> None:
         """Send what is queued; then, connection by connection, wait (in the kernel, SO_RCVLOWAT)

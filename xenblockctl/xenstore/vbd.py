@@ -355,10 +355,14 @@ class _Domain:
         self.backends: list[_Backend] | None = None
 
     def listed(self, devids: list[str], skip: str) -> list[_Backend]:
+        # Each path built once, and the record without the NamedTuple constructor's Python-level
+        # argument handling: this runs for every backend of the walk (issue 18 round 8).
+        kind, domid, prefix = self.kind, self.domid, self.path + "/"
+        new = tuple.__new__
         self.backends = [
-            _Backend(BackendEntry(self.kind, self.domid, devid, f"{self.path}/{devid}"))
+            _Backend(new(BackendEntry, (kind, domid, devid, path)))
             for devid in devids
-            if f"{self.path}/{devid}" != skip
+            if (path := prefix + devid) != skip
         ]
         return self.backends
 
@@ -386,6 +390,8 @@ def read_in_backends(
     def domains_of(k: int, domids: list[str]) -> list[_Domain]:
         return [_Domain(kinds[k], domid, f"{kind_dirs[k]}/{domid}") for domid in domids]
 
+    suffix = "/" + leaf
+
     def follow(results: list[tuple[int, str | list[str] | XenstoreError]]) -> list[tuple[int, str]]:
         more: list[tuple[int, str]] = []
         for index, result in results:
@@ -405,7 +411,7 @@ def read_in_backends(
                 else:
                     backends = job.listed(result, skip)
                     jobs.extend(backends)
-                    more += [(READ, f"{backend.entry.path}/{leaf}") for backend in backends]
+                    more += [(READ, backend.entry.path + suffix) for backend in backends]
             elif isinstance(result, XenstoreTooBig):
                 if isinstance(job, int):
                     long_kinds.append(job)
