@@ -181,6 +181,49 @@ stop_engine() {
   wait "$engine_pid" 2>/dev/null || true
   engine_pid=
 }
+# engine_says KEY WORDS: the engine log's last line with KEY says WORDS (what the engine ran on is
+# logged at start, and a later start's line is the one that counts).
+engine_says() { grep "$1" "$engine_log" | tail -n 1 | grep -q "$2"; }
+# engine_row LABEL MEASURED CHECK [ENGINE_ARGS...]: one row through the engine, every engine row's
+# shape in one place so the rows differ only in what they name: start the engine with ENGINE_ARGS,
+# attach as LABEL, run measure's workloads as MEASURED, detach, run CHECK (a command: did the row run
+# on what its options asked for?), stop the engine. A single row (MEASURED = LABEL, not a round of
+# the medians) reports its ratios to blkback's medians before the detach, as it always has.
+engine_row() {
+  local label=$1 measured=$2 check=$3
+  shift 3
+  start_engine "$@"
+  attach "$label"
+  measure "$measured"
+  if [ "$measured" = "$label" ]; then ratios "$label"; fi
+  detach "$label"
+  "$check"
+  stop_engine
+}
+# What each engine row checks in the log, after its detach.
+ring_stopped() { say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"; }  # requests per wake-up (issue 20)
+check_default() {
+  ring_stopped
+  # Issue 20: which ring pass served the row (the .deb carries the native fast path), and
+  # that its writes went through the page cache (the default)
+  engine_says 'ring pass:' 'ring pass: native fast path' \
+    || say "the native fast path did not load: engine rows are pure Python"
+  engine_says 'writes to block devices:' buffered || fail "writes not buffered by default"
+}
+check_direct() {
+  ring_stopped
+  engine_says 'writes to block devices:' 'reads O_DIRECT too' \
+    || fail "--direct-writes --direct-reads was not honoured"
+  if grep -q 'writes stay buffered' "$engine_log"; then say "$(grep -m1 'writes stay buffered' "$engine_log")"; fi
+}
+check_pool() {
+  engine_says 'writes to block devices:' 'on the I/O pool' || fail "--direct-writes-on-pool was not honoured"
+}
+check_python() { engine_says 'ring pass:' 'turned off' || fail "--no-native was not honoured"; }
+check_workers() {
+  grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
+  grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
+}
 
 # Issue 20: what O_DIRECT costs in this dom0 by itself (no grants, no engine): 32 MiB of 1 MiB
 # writes + fsync through a plain loop device, buffered and with O_DIRECT from an ordinary buffer,
@@ -295,27 +338,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
   detach blkback
   say "round $round: the engine (Xen transport, its default ring pass), persistent grants offered"
   without_blkback
-  start_engine
-  attach engine
-  measure "engine_r$round"
-  detach engine
-  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
-  # Issue 20: which ring pass served the rows above (the .deb carries the native fast path), and
-  # that its writes went through the page cache (the default)
-  grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'ring pass: native fast path' \
-    || say "the native fast path did not load: engine rows are pure Python"
-  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q buffered || fail "writes not buffered by default"
-  stop_engine
+  engine_row engine "engine_r$round" check_default
   say "round $round: the engine with --direct-writes --direct-reads (O_DIRECT on a second fd of the device)"
-  start_engine --direct-writes --direct-reads
-  attach engine_direct
-  measure "engine_direct_r$round"
-  detach engine_direct
-  say "$(grep 'ring stopped' "$engine_log" | tail -n 1)"  # requests per wake-up (issue 20)
-  grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q 'reads O_DIRECT too' \
-    || fail "--direct-writes --direct-reads was not honoured"
-  if grep -q 'writes stay buffered' "$engine_log"; then say "$(grep -m1 'writes stay buffered' "$engine_log")"; fi
-  stop_engine
+  engine_row engine_direct "engine_direct_r$round" check_direct --direct-writes --direct-reads
 done
 medians blkback
 medians engine
@@ -327,36 +352,14 @@ round_ratios engine_direct
 
 # One round each, against blkback's median (reported, fewer rounds: they are not the goal's rows).
 say "the engine with --direct-writes --direct-writes-on-pool (O_DIRECT writes on the I/O threads unless alone)"
-start_engine --direct-writes --direct-writes-on-pool
-attach engine_pool
-measure engine_pool
-ratios engine_pool
-detach engine_pool
-grep 'writes to block devices:' "$engine_log" | tail -n 1 | grep -q 'on the I/O pool' || fail "--direct-writes-on-pool was not honoured"
-stop_engine
+engine_row engine_pool engine_pool check_pool --direct-writes --direct-writes-on-pool
 say "the engine on the pure-Python ring pass (--no-native), persistent grants"
-start_engine --no-native
-attach engine_python
-measure engine_python
-ratios engine_python
-detach engine_python
-grep 'ring pass:' "$engine_log" | tail -n 1 | grep -q 'turned off' || fail "--no-native was not honoured"
-stop_engine
+engine_row engine_python engine_python check_python --no-native
 say "the engine without persistent grants: each ring pass copies its requests' pages (gntdev grant copy)"
-start_engine --no-persistent-grants
-attach engine_nopg
-measure engine_nopg
-ratios engine_nopg
-detach engine_nopg
-stop_engine
+engine_row engine_nopg engine_nopg true --no-persistent-grants
 say "the engine with --workers 2: each queue served by a worker process (issue 20)"
-start_engine --workers 2
-attach engine_workers
-measure engine_workers
-ratios engine_workers
-detach engine_workers
-grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
-grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
+engine_row engine_workers engine_workers check_workers --workers 2
+# what the rows above ran on, from every start's lines
 grep -q 'connected: .*persistent grants' "$engine_log" || fail "blkfront never used persistent grants"
 grep -q 'connected: .*grants copied per ring pass' "$engine_log" || fail "--no-persistent-grants was not honoured (or gntdev did not copy)"
 
@@ -366,7 +369,6 @@ grep -q 'connected: .*grants copied per ring pass' "$engine_log" || fail "--no-p
 # XENCI_PROFILE=1 (it costs an engine start and a slow write: the scenario's time is bounded).
 if [ "${XENCI_PROFILE:-0}" = 1 ]; then
 say "profile (not timed): the engine with persistent grants under cProfile, 1 MiB writes"
-stop_engine
 profile=$XENCI_WORK/engine.profile
 ready_before=$(grep -c 'engine ready' "$engine_log" || true)
 ready_after() { [ "$(grep -c 'engine ready' "$engine_log" || true)" -gt "$ready_before" ]; }
@@ -377,9 +379,7 @@ wait_for "the profiled engine to be ready" 120 ready_after
 attach engine_profiled
 dd if="$src" of=/dev/xvdb bs=1M count=32 seek=8 oflag=direct status=none || fail "profiled write failed"
 detach engine_profiled
-kill "$engine_pid"
-wait "$engine_pid" 2>/dev/null || true
-engine_pid=
+stop_engine
 if [ -s "$profile" ]; then cat "$profile"; else say "the profiled engine wrote no profile"; fi
 fi
 rm -f "$img" "$src"
