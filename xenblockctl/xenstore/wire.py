@@ -175,10 +175,10 @@ class FrameDecoder:
             self._start = 0
         self._buf += data
 
-    def _frame_at(self, start: int) -> tuple[Frame, int] | None:
-        """The complete frame whose header is at `start` and where it ends, or None until more
-        bytes arrive."""
-        buf = self._buf
+    @staticmethod
+    def _frame_at(buf: bytes | bytearray, start: int) -> tuple[Frame, int] | None:
+        """The complete frame whose header is at `start` of `buf` (the buffer, or a bytes copy of
+        it) and where it ends, or None until more bytes arrive."""
         if len(buf) - start < HEADER_SIZE:
             return None
         msg_type, req_id, tx_id, length = HEADER.unpack_from(buf, start)
@@ -189,6 +189,7 @@ class FrameDecoder:
         end = start + HEADER_SIZE + length
         if end > len(buf):
             return None
+        # (bytes() of a bytes slice is that slice: one copy either way)
         return Frame(msg_type, req_id, tx_id, bytes(buf[start + HEADER_SIZE : end])), end
 
     def _consumed(self, end: int) -> None:
@@ -201,7 +202,7 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive."""
-        got = self._frame_at(self._start)
+        got = self._frame_at(self._buf, self._start)
         if got is None:
             return None
         frame, end = got
@@ -212,27 +213,18 @@ class FrameDecoder:
         """Every complete frame buffered, in order, in one pass: a batch's replies arrive many per
         recv (the synchronous client reads them that way, bench/README.md issue 18 round 5).
         OversizeFrame leaves the stream unread from that header on."""
-        # One loop with the header check inline, and the payloads sliced from one bytes copy of
-        # the buffer (a bytearray slice is a copy, and bytes() of it another): a 128-backend walk
-        # decodes ~260 replies in a few reads (bench/README.md, issue 18 round 8).
+        # The payloads sliced from one bytes copy of the buffer (a bytearray slice is a copy, and
+        # bytes() of it another): a 128-backend walk decodes ~260 replies in a few reads
+        # (bench/README.md, issue 18 round 8).
         frames: list[Frame] = []
-        buf = self._buf
         start = self._start
-        size = len(buf)
-        if size - start < HEADER_SIZE:
+        if len(self._buf) - start < HEADER_SIZE:
             return frames
-        data = bytes(buf)
-        unpack_from = HEADER.unpack_from
+        data = bytes(self._buf)
         try:
-            while size - start >= HEADER_SIZE:
-                msg_type, req_id, tx_id, length = unpack_from(data, start)
-                if length > PAYLOAD_MAX:
-                    raise OversizeFrame(length)  # as in _frame_at
-                end = start + HEADER_SIZE + length
-                if end > size:
-                    break
-                frames.append(Frame(msg_type, req_id, tx_id, data[start + HEADER_SIZE : end]))
-                start = end
+            while (got := self._frame_at(data, start)) is not None:
+                frame, start = got
+                frames.append(frame)
         finally:
             self._consumed(start)
         return frames
