@@ -516,8 +516,7 @@ class GrantCache:
             stats.maps += 1
             made = _Entry(mapping, self._regions)
             if room:
-                entries[ref] = made
-                self._pages[ref] = made.base[made.start : made.start + PAGE_SIZE]
+                self._keep(ref, made)
             else:
                 stats.transient += 1
                 transient.append(made)
@@ -549,9 +548,7 @@ class GrantCache:
         entries = self._entries
         stats = self.stats
         for i, ref in enumerate(missing):
-            made = _Entry(mapping, self._regions, i, group)
-            entries[ref] = made
-            self._pages[ref] = made.base[made.start : made.start + PAGE_SIZE]
+            self._keep(ref, _Entry(mapping, self._regions, i, group))
         stats.batches += 1
         stats.maps += n
         stats.misses += n
@@ -665,6 +662,12 @@ class GrantCache:
             self._returned.wait(remaining)
             if self._ended != ended:
                 return True  # try again: the pages it released may be what was missing
+
+    def _keep(self, ref: int, entry: _Entry) -> None:
+        """Cache a mapped page, with the view the native pass's page index serves (lock held);
+        _remove undoes both."""
+        self._entries[ref] = entry
+        self._pages[ref] = entry.base[entry.start : entry.start + PAGE_SIZE]
 
     def _remove(self, ref: int) -> None:
         """Unmap one cached page and return its budget share (lock held)."""
