@@ -10,81 +10,31 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "xenblockctl"
 
+# Each layer may import what the one below it may, plus that layer: spelling the sets out in
+# full repeated the whole stack at every level and hid what each level adds.
+#: the hotplug path's NamedTuple and enums (built without typing, exec or enum): leaves every layer may use
+_LEAVES = {"errors", "records", "enums"}
+#: what the engine and the block script share: the bottom layers and the process plumbing
+_SERVICES = _LEAVES | {"kernel", "xenstore", "nbd", "config", "environment", "journal"}
+_TOOLSTACK = _SERVICES | {"blockscript"}
+_SANDBOX = _TOOLSTACK | {"backend", "toolstack"}
+
 #: layer -> xenblockctl layers it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    # the hotplug path's NamedTuple and enums (built without typing, exec or enum): leaves every layer may use
     "records": set(),
     "enums": set(),
-    "kernel": {"errors", "records", "enums"},
-    "xenstore": {"errors", "records", "enums"},
-    "nbd": {"errors", "records", "enums"},
-    "blockscript": {
-        "errors",
-        "records",
-        "enums",
-        "kernel",
-        "xenstore",
-        "nbd",
-        "config",
-        "environment",
-        "journal",
-    },
-    "backend": {
-        "errors",
-        "records",
-        "enums",
-        "kernel",
-        "xenstore",
-        "nbd",
-        "config",
-        "environment",
-        "journal",
-    },
-    "config": {"errors", "records", "enums"},
+    "kernel": _LEAVES,
+    "xenstore": _LEAVES,
+    "nbd": _LEAVES,
+    "blockscript": _SERVICES,
+    "backend": _SERVICES,
+    "config": _LEAVES,
     "environment": set(),
-    "journal": {"errors", "records", "enums"},
-    "toolstack": {
-        "errors",
-        "records",
-        "enums",
-        "kernel",
-        "xenstore",
-        "nbd",
-        "blockscript",
-        "config",
-        "environment",
-        "journal",
-    },
-    "cli": {
-        "errors",
-        "records",
-        "enums",
-        "kernel",
-        "xenstore",
-        "nbd",
-        "blockscript",
-        "backend",
-        "config",
-        "environment",
-        "journal",
-        "sandbox",
-        "toolstack",
-    },
-    "sandbox": {
-        "errors",
-        "records",
-        "enums",
-        "kernel",
-        "xenstore",
-        "nbd",
-        "blockscript",
-        "backend",
-        "config",
-        "environment",
-        "journal",
-        "toolstack",
-    },
+    "journal": _LEAVES,
+    "toolstack": _TOOLSTACK,
+    "cli": _SANDBOX | {"sandbox"},
+    "sandbox": _SANDBOX,
 }
 #: third-party modules per layer: the kernel layer is stdlib only.
 THIRD_PARTY_ALLOWED: dict[str, set[str]] = {
