@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import click
@@ -15,27 +16,27 @@ Row = dict[str, Any]
 
 #: column name -> (what it shows, how to get it from a vbd's JSON record). Numbers a person compares
 #: with lsblk and sysfs are decimal (MAJ:MIN, DISKSEQ); the xenstore (hex) spellings exist only as
-#: the columns whose names say so.
+#: the columns whose names say so. Most columns are one key of the record, read by itemgetter.
 COLUMNS: dict[str, tuple[str, Callable[[Row], object]]] = {
-    "DOM": ("guest domain id", lambda d: d["domid"]),
-    "VDEV": ("virtual device", lambda d: d["vdev"]),
-    "DEVID": ("virtual device number", lambda d: d["devid"]),
-    "KIND": ("vbd or vbd3", lambda d: d["kind"]),
-    "BDOM": ("backend domain id", lambda d: d["backend_domid"]),
-    "BACKEND": ("backend state", lambda d: d["backend_state_name"]),
-    "FRONTEND": ("frontend state", lambda d: d["frontend_state_name"]),
-    "MODE": ("r or w", lambda d: d["mode"]),
-    "DEVICE": ("device node", lambda d: d["device_path"]),
+    "DOM": ("guest domain id", itemgetter("domid")),
+    "VDEV": ("virtual device", itemgetter("vdev")),
+    "DEVID": ("virtual device number", itemgetter("devid")),
+    "KIND": ("vbd or vbd3", itemgetter("kind")),
+    "BDOM": ("backend domain id", itemgetter("backend_domid")),
+    "BACKEND": ("backend state", itemgetter("backend_state_name")),
+    "FRONTEND": ("frontend state", itemgetter("frontend_state_name")),
+    "MODE": ("r or w", itemgetter("mode")),
+    "DEVICE": ("device node", itemgetter("device_path")),
     "MAJ:MIN": ("device number, decimal as lsblk", lambda d: devnum(d["major"], d["minor"])),
-    "DISKSEQ": ("diskseq the luid records, decimal as sysfs", lambda d: d["diskseq"]),
-    "LIVE-DISKSEQ": ("diskseq of the device now at MAJ:MIN", lambda d: d["live_diskseq"]),
-    "PHYSDEV-HEX": ("physical-device as in xenstore (hex)", lambda d: d["physical_device"]),
-    "LUID-HEX": ("physical-device-luid as in xenstore (hex)", lambda d: d["luid"]),
-    "IDENTITY": ("does the live device carry the luid", lambda d: d["identity"]),
-    "HOLDER": ("engine or kernel-blkback", lambda d: d["holder"]),
-    "HOTPLUG": ("hotplug-status", lambda d: d["hotplug_status"]),
-    "HEALTH": ("overall verdict", lambda d: d["health"]),
-    "TARGET": ("params", lambda d: d["params"]),
+    "DISKSEQ": ("diskseq the luid records, decimal as sysfs", itemgetter("diskseq")),
+    "LIVE-DISKSEQ": ("diskseq of the device now at MAJ:MIN", itemgetter("live_diskseq")),
+    "PHYSDEV-HEX": ("physical-device as in xenstore (hex)", itemgetter("physical_device")),
+    "LUID-HEX": ("physical-device-luid as in xenstore (hex)", itemgetter("luid")),
+    "IDENTITY": ("does the live device carry the luid", itemgetter("identity")),
+    "HOLDER": ("engine or kernel-blkback", itemgetter("holder")),
+    "HOTPLUG": ("hotplug-status", itemgetter("hotplug_status")),
+    "HEALTH": ("overall verdict", itemgetter("health")),
+    "TARGET": ("params", itemgetter("params")),
 }
 DEFAULT_COLUMNS = (
     "DOM",
@@ -99,8 +100,8 @@ def list_vbds(domain: str | None, columns: str | None, no_headings: bool, as_jso
     with connect() as store:
         domid = None if domain is None else domains.lookup(store, domain)
         vbds = inventory.scan(store, home_domid=store.own_domid(), domid=domid, env=Environment.of_process())
-    if as_json:
-        emit_json("list", {"vbds": [v.to_json() for v in vbds]})
-        return
     records = [v.to_json() for v in vbds]
+    if as_json:
+        emit_json("list", {"vbds": records})
+        return
     table([[COLUMNS[n][1](d) for n in names] for d in records], names, headings=not no_headings)
