@@ -206,7 +206,7 @@ def attach(  # noqa: PLR0917 - one parameter per click option
             )
         finally:
             progress.done()
-    record = _record(result)
+    record = result.to_json()
     timed_out = wait > 0 and not result.connected
     if as_json:
         emit_json("attach", record)
@@ -226,37 +226,3 @@ def attach(  # noqa: PLR0917 - one parameter per click option
                 "hint: the disk stays attached; `xenblockctl show` follows it, `detach` removes it", err=True
             )
         raise click.exceptions.Exit(EXIT_TIMEOUT)
-
-
-def _record(result: Any) -> dict[str, Any]:
-    from xenblockctl.xenstore.identity import parse_luid, parse_physical_device
-
-    spec = result.spec
-    loc = spec.location
-    add = result.add
-    device = add if add is not None and add.physical_device else None
-    snap = result.snapshot
-    return {
-        "domid": spec.domid,
-        "devid": loc.devid,
-        "vdev": spec.vdev.name,
-        "kind": loc.kind,
-        "backend_domid": loc.backend_domid,
-        "backend_path": loc.backend,
-        "frontend_path": loc.frontend,
-        "target": spec.params,
-        "mode": spec.mode,
-        # as published in xenstore (hex), and the same numbers as lsblk and sysfs print them
-        # an NBD export the engine serves has no device: nothing to name (device_path is its URI)
-        "physical_device": None if device is None else add.physical_device,
-        "luid": None if device is None else add.luid,
-        "major": None if device is None else parse_physical_device(add.physical_device)[0],
-        "minor": None if device is None else parse_physical_device(add.physical_device)[1],
-        "diskseq": None if device is None else parse_luid(add.luid),
-        "device_path": None if add is None else add.device_path,
-        "consumer": None if add is None else add.consumer,
-        "connected": result.connected,
-        "backend_state": None if snap is None or snap.backend_state is None else int(snap.backend_state),
-        "frontend_state": None if snap is None or snap.frontend_state is None else int(snap.frontend_state),
-        "message": result.message,
-    }

@@ -178,13 +178,7 @@ class VbdInfo:
             }
         be_state, fe_state = self.backend_state, self.frontend_state
         return {
-            "domid": loc.domid,
-            "devid": loc.devid,
-            "vdev": self.vdev,
-            "kind": loc.kind,
-            "backend_domid": loc.backend_domid,
-            "backend_path": loc.backend,
-            "frontend_path": loc.frontend,
+            **loc.to_json(self.vdev),
             "domain_alive": self.domain_alive,
             "backend_state": be_state,
             "backend_state_name": None if be_state is None else XenbusState(be_state).name,

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from xenblockctl.blockscript import handoff
 from xenblockctl.blockscript.add import AddResult, run_add
@@ -161,6 +162,35 @@ class AttachResult:
     connected: bool
     snapshot: Snapshot | None
     message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """`attach --json`'s record: where the vbd is, the device the add published and how far
+        the attach got."""
+        spec = self.spec
+        add = self.add
+        # an NBD export the engine serves has no device: nothing to name (device_path is its URI)
+        device = add if add is not None and add.physical_device else None
+        numbers = None if device is None else identity.parse_physical_device(device.physical_device)
+        snap = self.snapshot
+        return {
+            **spec.location.to_json(spec.vdev.name),
+            "target": spec.params,
+            "mode": spec.mode,
+            # as published in xenstore (hex), and the same numbers as lsblk and sysfs print them
+            "physical_device": None if device is None else device.physical_device,
+            "luid": None if device is None else device.luid,
+            "major": None if numbers is None else numbers[0],
+            "minor": None if numbers is None else numbers[1],
+            "diskseq": None if device is None else identity.parse_luid(device.luid),
+            "device_path": None if add is None else add.device_path,
+            "consumer": None if add is None else add.consumer,
+            "connected": self.connected,
+            "backend_state": None if snap is None or snap.backend_state is None else int(snap.backend_state),
+            "frontend_state": None
+            if snap is None or snap.frontend_state is None
+            else int(snap.frontend_state),
+            "message": self.message,
+        }
 
 
 def choose_kind(

@@ -11,6 +11,7 @@ racing for "the first free vdev" cannot both get it (the loser's commit conflict
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
@@ -57,6 +58,19 @@ class VbdLocation:
     def error_node(self) -> str:
         """Where xenbus_dev_fatal() (blkback) and our engine report a backend failure."""
         return f"/local/domain/{self.backend_domid}/error/{self.relative}/error"
+
+    def to_json(self, vdev: str | None) -> dict[str, Any]:
+        """The keys every JSON record of one vbd (list, show, attach) starts with: where it is.
+        `vdev` is the caller's name for devid (a spec's, or whatever names a devid no scheme does)."""
+        return {
+            "domid": self.domid,
+            "devid": self.devid,
+            "vdev": vdev,
+            "kind": self.kind,
+            "backend_domid": self.backend_domid,
+            "backend_path": self.backend,
+            "frontend_path": self.frontend,
+        }
 
 
 @dataclass(frozen=True)
