@@ -8,16 +8,23 @@ other, so both answer to the same tests. Tests that share one store between thre
 threaded link allows that) ask for `threaded_only`.
 
 `fake_peer(behaviour)`: a scripted xenstored (test_client_faults.FakePeer) on a socket of its own,
-closed at teardown; for the client's fault and framing tests."""
+closed at teardown; for the client's fault and framing tests.
+
+`c`, `w`: two raw wire clients (tests.fixtures.xenstore.RawClient) of the session daemon, for the
+server's node, watch and transaction tests; `base`: a unique directory `c` makes there, removed
+after the test (the daemon is shared, so every test works below a path of its own)."""
 
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.fixtures.xenstore import EmbeddedXenstored, RawClient
 from tests.xenstore.test_client_faults import Behaviour, FakePeer
+from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.client import XenStore
 
 
@@ -47,3 +54,26 @@ def fake_peer() -> Iterator[Callable[[Behaviour], FakePeer]]:
     yield start
     for peer in peers:
         peer.close()
+
+
+@pytest.fixture
+def c(xenstored_session: EmbeddedXenstored) -> Iterator[RawClient]:
+    """A raw client of the session daemon: the one that makes `base`."""
+    with RawClient(xenstored_session.socket_path) as client:
+        yield client
+
+
+@pytest.fixture
+def w(xenstored_session: EmbeddedXenstored) -> Iterator[RawClient]:
+    """A second raw client of the session daemon (a watcher, the other side of a transaction)."""
+    with RawClient(xenstored_session.socket_path) as client:
+        yield client
+
+
+@pytest.fixture
+def base(c: RawClient) -> Iterator[str]:
+    """A unique directory per test in the shared daemon, made by `c` and removed afterwards."""
+    path = f"/test/{uuid.uuid4().hex}"
+    c.call(wire.MKDIR, path.encode())
+    yield path
+    c.call(wire.RM, path.encode())

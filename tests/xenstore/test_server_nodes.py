@@ -24,14 +24,9 @@ def err(client: RawClient, msg_type: int, *args: bytes, raw: bytes | None = None
 
 
 @pytest.fixture
-def c(xenstored_session: EmbeddedXenstored) -> Iterator[RawClient]:
-    with RawClient(xenstored_session.socket_path) as client:
-        yield client
-
-
-@pytest.fixture
 def base(c: RawClient) -> Iterator[str]:
-    """A unique directory per test in the shared daemon, removed afterwards."""
+    """A unique path per test in the shared daemon, removed afterwards. Unlike conftest's `base` it
+    is not made first: these tests make it themselves, by the operation they test."""
     path = f"/test/{uuid.uuid4().hex}"
     yield path
     c.call(RM, path.encode())

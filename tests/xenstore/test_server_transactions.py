@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,23 +17,14 @@ def daemon(xenstored_session: EmbeddedXenstored) -> EmbeddedXenstored:
 
 
 @pytest.fixture
-def a(daemon: EmbeddedXenstored) -> Iterator[RawClient]:
-    with RawClient(daemon.socket_path) as client:
-        yield client
+def a(c: RawClient) -> RawClient:
+    """Transactions are symmetric: client a (conftest's `c`, which made `base`) and client b."""
+    return c
 
 
 @pytest.fixture
-def b(daemon: EmbeddedXenstored) -> Iterator[RawClient]:
-    with RawClient(daemon.socket_path) as client:
-        yield client
-
-
-@pytest.fixture
-def base(a: RawClient) -> Iterator[str]:
-    path = f"/ttest/{uuid.uuid4().hex}"
-    a.call(MKDIR, path.encode())
-    yield path
-    a.call(RM, path.encode())
+def b(w: RawClient) -> RawClient:
+    return w
 
 
 def start(c: RawClient) -> int:

@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-
-import pytest
 
 from tests.fixtures.xenstore import ERROR, WATCH_EVENT, EmbeddedXenstored, RawClient
 
 READ, WATCH, UNWATCH, WRITE, MKDIR, RM, SET_PERMS, RESET_WATCHES = 2, 4, 5, 11, 12, 13, 14, 21
 INTRODUCE, RELEASE = 8, 9
-
-
-@pytest.fixture
-def w(xenstored_session: EmbeddedXenstored) -> Iterator[RawClient]:
-    with RawClient(xenstored_session.socket_path) as client:
-        yield client
-
-
-@pytest.fixture
-def c(xenstored_session: EmbeddedXenstored) -> Iterator[RawClient]:
-    with RawClient(xenstored_session.socket_path) as client:
-        yield client
-
-
-@pytest.fixture
-def base(c: RawClient) -> Iterator[str]:
-    path = f"/wtest/{uuid.uuid4().hex}"
-    c.call(MKDIR, path.encode())
-    yield path
-    c.call(RM, path.encode())
 
 
 def watch(client: RawClient, path: str, token: bytes = b"tok") -> None:
