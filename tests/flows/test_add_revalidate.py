@@ -14,7 +14,7 @@ import os
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.blockscript import add, faults
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.environment import Environment
@@ -29,8 +29,16 @@ from xenblockctl.xenstore.vbd import BackendPath
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
 
-def _env(libxl: Libxl) -> Environment:
-    return Environment({"XENBLOCKCTL_LOCK_DIR": str(libxl.lock_dir)})
+def _add(libxl: Libxl, be: Backend, *, handoff_timeout: float = 2.0) -> add.AddResult:
+    """`add` for `be`, run in this process (so a test can patch its pause points and reads)."""
+    with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
+        return add.run_add(
+            store,
+            BackendPath(be.kind, be.domid, be.devid),
+            Settings(handoff_timeout=handoff_timeout),
+            Journal("test-add-revalidate", stderr=False),
+            env=Environment({"XENBLOCKCTL_LOCK_DIR": str(libxl.lock_dir)}),
+        )
 
 
 @pytest.mark.parametrize("node", ["params", "mode"])
@@ -49,17 +57,8 @@ def test_config_changed_before_publishing_is_refused(
             libxl.store.write(be.node(node), changed)
 
     monkeypatch.setattr(faults, "pause", pause)
-    with (
-        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
-        pytest.raises(add.BackendGone, match="changed mode or params"),
-    ):
-        add.run_add(
-            store,
-            BackendPath("vbd", 5, 51712),
-            Settings(handoff_timeout=2.0),
-            Journal("test-add-revalidate", stderr=False),
-            env=_env(libxl),
-        )
+    with pytest.raises(add.BackendGone, match="changed mode or params"):
+        _add(libxl, be)
     assert "add-target-open" in reached
     assert "add-published" not in reached
     nodes = libxl.nodes(be)
@@ -78,14 +77,7 @@ def test_unchanged_config_still_publishes(
     image = make_image("disk.img", size=8 << 20)
     be = libxl.create_backend(5, 51728, str(image), "w")
     consumer = libxl.engine_consumer(be)
-    with XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store:
-        result = add.run_add(
-            store,
-            BackendPath("vbd", 5, 51728),
-            Settings(handoff_timeout=10.0),
-            Journal("test-add-revalidate", stderr=False),
-            env=_env(libxl),
-        )
+    result = _add(libxl, be, handoff_timeout=10.0)
     consumer.wait_opened()
     nodes = libxl.nodes(be)
     assert nodes["physical-device"] == result.physical_device
@@ -108,17 +100,8 @@ def test_repeated_add_whose_published_identity_is_withdrawn_meanwhile_fails_code
         return original(tx, path)
 
     monkeypatch.setattr(add, "_read_published", withdrawn_first)
-    with (
-        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
-        pytest.raises(add.BackendClosing, match="withdrawn"),
-    ):
-        add.run_add(
-            store,
-            BackendPath("vbd", 5, 51744),
-            Settings(handoff_timeout=2.0),
-            Journal("test-add-revalidate", stderr=False),
-            env=_env(libxl),
-        )
+    with pytest.raises(add.BackendClosing, match="withdrawn"):
+        _add(libxl, be)
     nodes = libxl.nodes(be)
     assert "physical-device" not in nodes
     assert nodes["hotplug-error"].startswith("backend-closing:")
@@ -145,17 +128,8 @@ def test_block_device_changed_before_the_lock_is_refused(
             fcntl.ioctl(admin.fd, LOOP_SET_CAPACITY, 0)
 
     monkeypatch.setattr(faults, "pause", pause)
-    with (
-        XenStore.connect(libxl.xenstored.socket_path, timeout=10) as store,
-        pytest.raises(IdentityMismatch, match="changed identity while it was being checked"),
-    ):
-        add.run_add(
-            store,
-            BackendPath("vbd", 5, 51760),
-            Settings(handoff_timeout=2.0),
-            Journal("test-add-revalidate", stderr=False),
-            env=_env(libxl),
-        )
+    with pytest.raises(IdentityMismatch, match="changed identity while it was being checked"):
+        _add(libxl, be)
     assert identify(admin.fd).size_bytes == 16 << 20, "the resize really happened"
     nodes = libxl.nodes(be)
     for name in add.PUBLISHED:
