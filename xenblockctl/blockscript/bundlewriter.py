@@ -45,9 +45,12 @@ def collect(packages: str) -> "list[list[Entry]]":
     for roots in (REMOVE_ROOTS, ROOTS):
         for root in roots:
             __import__(root)
-        names = sorted(
+        # in sys.modules' order, which is the order the modules finished importing (the import
+        # system moves each module to the end once its body has run): the order bundle.preload
+        # runs them in, each after the modules it imports
+        names = [
             n for n in sys.modules if (n == "xenblockctl" or n.startswith("xenblockctl.")) and n not in seen
-        )
+        ]
         seen.update(names)
         sections.append([_entry(name, packages) for name in names])
     return sections
