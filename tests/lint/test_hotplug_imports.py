@@ -99,6 +99,13 @@ REMOVE_PROBE = (
     f"{READER}import {', '.join(bundle.REMOVE_ROOTS)}; "
     "print(sorted(sys.modules))"
 )
+#: What `add` imports (hotplug.main's imports, run_add's, the link), in the order a fresh start
+#: finishes them: the bundle's reader preloads exactly these for an add (bundle.preload).
+ADD_PROBE = (
+    "import sys; sys.path[:0] = sys.argv[1:]; "
+    f"{READER}import {', '.join(bundle.MAIN_ROOTS)}, {bundle.ROOTS[-1]}; "
+    "print(list(sys.modules))"
+)
 ADD_ONLY = (
     "xenblockctl.blockscript.add",
     "xenblockctl.blockscript.claim",
@@ -206,3 +213,10 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     )
     lazy = _ours(_modules(EXERCISE)) - graph
     assert not lazy, f"a file add or remove imports {sorted(lazy)} lazily: add them to bundle.ROOTS"
+    # bundle.preload runs every module of a section, in its order, before main: the order must be
+    # one the import system finishes them in (each module after what it imports), and what an add
+    # preloads (all but remove's own module) must be exactly add's graph
+    order = [m for m in _modules(PROBE.replace("sorted(sys.modules)", "list(sys.modules)")) if m in held]
+    assert [*marshal.loads(remove_section), *marshal.loads(add_section)] == order
+    add_graph = _ours(_modules(ADD_PROBE)) - {bundle.__name__}
+    assert held - {bundle.REMOVE_ROOTS[-1]} == add_graph, "an add preloads all but remove's module"

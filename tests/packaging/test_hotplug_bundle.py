@@ -310,7 +310,8 @@ def test_a_module_that_raises_during_preload_raises_where_it_is_imported(laid: L
     body again, and its error ends the run there, once, as without a bundle."""
     source = laid.packages / "xenblockctl" / "environment.py"
     text = source.read_text()
-    source.write_text(f'{text}\nif os.environ.get("BREAK_ENVIRONMENT"):\n    raise RuntimeError("broken body")\n')
+    broken_body = 'if os.environ.get("BREAK_ENVIRONMENT"):\n    raise RuntimeError("broken body")\n'
+    source.write_text(f"{text}\n{broken_body}")
     usage_ok(run(laid))
     usage_ok(run(laid))
     broken = run(laid, "add", env={"BREAK_ENVIRONMENT": "1"})
