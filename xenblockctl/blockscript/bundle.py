@@ -39,7 +39,7 @@ from _frozen_importlib import ModuleSpec  # importlib.machinery's, loaded before
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import types
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 #: What hotplug.main imports for every action (itself, and lazily config, settings, vbd, the client
 #: and the synchronous link it connects with, which XenStore.connect imports).
@@ -173,18 +173,25 @@ def preload(skip: str | None = None) -> None:
     well (module lock, finder search, spec bookkeeping: ~0.2 ms of an add; bench/README.md, issue
     18 round 9). What the import system does is kept: our finder's spec, the attributes
     module_from_spec sets, the module in sys.modules while its body runs, then set on its package,
-    and python -v's `import 'name' # loader` line. Anything unexpected hands the rest back to the
+    and the lines of python -v and -X importtime. Anything unexpected hands the rest back to the
     import system: a package not yet imported, or a body that raises (its module leaves
     sys.modules again, as the import system does, and the import that needs it runs the body
     again and raises there, in the action's own error handling: nothing is lost or doubled)."""
     modules = sys.modules
     verbose = sys.flags.verbose
+    # -X importtime's line per module too (the C import code writes it, and it is not run here)
+    clock: Callable[[], int] | None = None
+    if "importtime" in sys._xoptions or (
+        not sys.flags.ignore_environment and os.environ.get("PYTHONPROFILEIMPORTTIME")
+    ):
+        from time import perf_counter_ns as clock
     for name, entry in _codes.items():
         if name == skip or name in modules:
             continue
         parent, _, child = name.rpartition(".")
         if parent and parent not in modules:
             return
+        began = 0 if clock is None else clock()
         spec = _spec(name, entry)
         module = _module(spec)
         modules[name] = module
@@ -202,6 +209,9 @@ def preload(skip: str | None = None) -> None:
             setattr(modules[parent], child, module)
         if verbose:
             print(f"import {name!r} # {_BundleLoader!r}", file=sys.stderr)
+        if clock is not None:
+            took = (clock() - began) // 1000  # its own imports' lines come from the C code
+            print(f"import time: {took:9} | {took:10} | {name}", file=sys.stderr)
 
 
 def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], ...], list[memoryview]]:
