@@ -303,6 +303,18 @@ def test_an_action_imports_its_whole_graph_from_the_bundle_before_main_runs(laid
         assert ran.ours_imported - READER == set(graph), action
 
 
+@pytest.mark.parametrize("package", [True, False])
+def test_a_preloaded_module_gets_what_the_import_system_gives_it(package: bool) -> None:
+    """preload makes a module without module_from_spec's generic checks: the same attributes, in
+    the same order, for the spec our finder gives."""
+    name = "xenblockctl.xenstore" if package else "xenblockctl.xenstore.wire"
+    origin = f"/srv/packages/{name.replace('.', '/')}{'/__init__' if package else ''}.py"
+    entry = (get_code(name), package, origin, f"{origin}c")
+    spec = bundle._spec(name, entry)
+    ours, theirs = bundle._module(spec), importlib.util.module_from_spec(spec)
+    assert list(vars(ours).items()) == list(vars(theirs).items())
+
+
 def test_a_module_that_raises_during_preload_raises_where_it_is_imported(laid: Laid) -> None:
     """A body that raises while the reader preloads (here only when the run's environment says
     so: the bundle itself was written by a run that imported it) hands the rest to the import
