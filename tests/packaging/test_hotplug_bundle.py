@@ -55,6 +55,15 @@ class Ran(NamedTuple):
         }
 
     @property
+    def bundle_order(self) -> list[str]:
+        """from_bundle in the order the modules were imported."""
+        return [
+            line.split("'")[1]
+            for line in self.stderr.splitlines()
+            if line.startswith("import '") and "_BundleLoader" in line
+        ]
+
+    @property
     def ours_imported(self) -> set[str]:
         return {
             line.split("'")[1] for line in self.stderr.splitlines() if line.startswith("import 'xenblockctl")
@@ -79,11 +88,11 @@ def laid(tmp_path: Path) -> Laid:
     return Laid(script, packages, cache)
 
 
-def run(laid: Laid, *argv: str) -> Ran:
+def run(laid: Laid, *argv: str, env: dict[str, str] | None = None) -> Ran:
     done = subprocess.run(
         [str(laid.script), *(argv or ("bogus",))],
         cwd="/",
-        env={"PATH": "/usr/bin:/bin", "PYTHONVERBOSE": "1"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONVERBOSE": "1", **(env or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -264,6 +273,66 @@ def test_remove_unmarshals_only_its_own_section(laid: Laid) -> None:
     assert add.returncode == 1, add.stderr[-2000:]
     assert not add.from_bundle
     logged_once(add, "hotplug bundle written")
+
+
+def _held(laid: Laid) -> list[list[str]]:
+    """The names in each section of the laid bundle, in its order."""
+    return [list(marshal.loads(section)) for section in _sections(laid.bundle.read_bytes())]
+
+
+def test_an_action_imports_its_whole_graph_from_the_bundle_before_main_runs(laid: Laid) -> None:
+    """bundle.preload: main imports every module of its action's graph, so the reader runs them
+    all before main, in the bundle's order (the order a fresh import finished them), without the
+    import system's per-module work. Without XENBUS_PATH main fails before its lazy imports (the
+    client, the action's module), yet the whole graph came from the bundle: an add's is the
+    bundle less remove's own module, a remove's its own section (nothing of add's)."""
+    usage_ok(run(laid))
+    first, second = _held(laid)
+    assert first[:2] == ["xenblockctl", "xenblockctl.blockscript"], first
+    assert first.index("xenblockctl.errors") < first.index("xenblockctl.blockscript.hotplug")
+    expected = {
+        "add": [name for name in first if name != bundle.REMOVE_ROOTS[-1]] + second,
+        "remove": first,
+    }
+    for action, graph in expected.items():
+        ran = run(laid, action)
+        assert ran.returncode == 1, ran.stderr[-2000:]
+        assert "xenbus-path-invalid" in ran.stderr, ran.stderr[-2000:]
+        assert ran.log == []
+        assert ran.bundle_order == graph, action
+        assert ran.ours_imported - READER == set(graph), action
+
+
+@pytest.mark.parametrize("package", [True, False])
+def test_a_preloaded_module_gets_what_the_import_system_gives_it(package: bool) -> None:
+    """preload makes a module without module_from_spec's generic checks: the same attributes, in
+    the same order, for the spec our finder gives."""
+    name = "xenblockctl.xenstore" if package else "xenblockctl.xenstore.wire"
+    origin = f"/srv/packages/{name.replace('.', '/')}{'/__init__' if package else ''}.py"
+    entry = (get_code(name), package, origin, f"{origin}c")
+    spec = bundle._spec(name, entry)
+    ours, theirs = bundle._module(spec), importlib.util.module_from_spec(spec)
+    assert list(vars(ours).items()) == list(vars(theirs).items())
+
+
+def test_a_module_that_raises_during_preload_raises_where_it_is_imported(laid: Laid) -> None:
+    """A body that raises while the reader preloads (here only when the run's environment says
+    so: the bundle itself was written by a run that imported it) hands the rest to the import
+    system: the module leaves sys.modules, the import that needs it (hotplug's, here) runs the
+    body again, and its error ends the run there, once, as without a bundle."""
+    source = laid.packages / "xenblockctl" / "environment.py"
+    text = source.read_text()
+    broken_body = 'if os.environ.get("BREAK_ENVIRONMENT"):\n    raise RuntimeError("broken body")\n'
+    source.write_text(f"{text}\n{broken_body}")
+    usage_ok(run(laid))
+    usage_ok(run(laid))
+    broken = run(laid, "add", env={"BREAK_ENVIRONMENT": "1"})
+    assert broken.returncode == 1, broken.stderr[-2000:]
+    assert broken.stderr.count("RuntimeError: broken body") == 1, broken.stderr[-2000:]
+    assert "from xenblockctl.blockscript.hotplug import main" in broken.stderr, broken.stderr[-2000:]
+    assert broken.log == [], "the bundle was good: used, not rewritten"
+    first = _held(laid)[0]
+    assert broken.bundle_order == first[: first.index("xenblockctl.environment")], "preloaded up to it"
 
 
 @pytest.mark.root

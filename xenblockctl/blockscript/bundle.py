@@ -3,7 +3,9 @@
 A VM start spent ~2 ms of CPU finding, checking and reading ~37 .pyc files (bench/README.md,
 issue 18). The laid block script (hotplug/block-xenblockctl) calls start(), which reads this one
 file instead and puts a finder for its modules first on sys.meta_path; every other module imports
-normally. The bundle is used only if all of it checks out, as a .pyc is checked:
+normally. For `add` and `remove`, which import every module of their graph, it then runs them all
+before main, in the order a fresh import finishes them (preload: the import system's per-module
+work skipped, ~0.2 ms). The bundle is used only if all of it checks out, as a .pyc is checked:
   * its directory and the file are owned by the running uid and writable by nobody else: root
     runs the script, and a bundle someone else can write is code injection;
   * it was written by this interpreter (its bytecode magic number, checked before unmarshalling:
@@ -39,7 +41,7 @@ from _frozen_importlib import ModuleSpec  # importlib.machinery's, loaded before
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     import types
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 #: What hotplug.main imports for every action (itself, and lazily config, settings, vbd, the client
 #: and the synchronous link it connects with, which XenStore.connect imports).
@@ -65,9 +67,10 @@ NAME = "hotplug.bundle"
 #: index's length (4 bytes, little-endian), the index, marshalled: (package directory, ((source,
 #: size, mtime_ns) for every module), (each section's length, ...)), and the sections, each the
 #: marshalled {name: (code, is package, source, its .pyc path)} of a step of ROOTS, the code without
-#: docstrings and function annotations (lean_code). Sections are read in place (no copy of ~350
-#: KB), and only those the action needs.
-FORMAT = b"xenblockctl-bundle 3 "
+#: docstrings and function annotations (lean_code), in the order the modules finished importing
+#: when it was written (preload runs them in that order). Sections are read in place (no copy of
+#: ~350 KB), and only those the action needs.
+FORMAT = b"xenblockctl-bundle 4 "
 #: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
@@ -98,16 +101,34 @@ class _BundleFinder:
     @staticmethod
     def find_spec(name: str, path: object = None, target: object = None) -> ModuleSpec | None:
         entry = _codes.get(name)
-        if entry is None:
-            return None
-        # the class serves as the loader (its methods are static): importlib.abc.Loader, which the
-        # stubs ask for, would be one more import at every start
-        spec = ModuleSpec(name, _BundleLoader, origin=entry[2], is_package=entry[1])  # type: ignore[arg-type]
-        if entry[1]:
-            spec.submodule_search_locations = [os.path.dirname(entry[2])]
-        spec.has_location = True  # __file__ is the source, for tracebacks and messages
-        spec.cached = entry[3]  # recorded: computing __cached__ from the source costs ~2 us a module
-        return spec
+        return None if entry is None else _spec(name, entry)
+
+
+def _spec(name: str, entry: "tuple[types.CodeType, bool, str, str]") -> ModuleSpec:
+    # the class serves as the loader (its methods are static): importlib.abc.Loader, which the
+    # stubs ask for, would be one more import at every start
+    spec = ModuleSpec(name, _BundleLoader, origin=entry[2], is_package=entry[1])  # type: ignore[arg-type]
+    if entry[1]:
+        spec.submodule_search_locations = [os.path.dirname(entry[2])]
+    spec.has_location = True  # __file__ is the source, for tracebacks and messages
+    spec.cached = entry[3]  # recorded: computing __cached__ from the source costs ~2 us a module
+    return spec
+
+
+def _module(spec: ModuleSpec) -> "types.ModuleType":
+    """module_from_spec(spec) for a spec of ours: the attributes the import system sets on a
+    module (_bootstrap._init_module_attrs), in its order, without its checks for what other
+    loaders and specs may lack (~4 us a module)."""
+    module = type(sys)(spec.name)
+    namespace = module.__dict__
+    namespace["__loader__"] = _BundleLoader
+    namespace["__package__"] = spec.parent
+    namespace["__spec__"] = spec
+    if spec.submodule_search_locations is not None:
+        namespace["__path__"] = spec.submodule_search_locations
+    namespace["__file__"] = spec.origin
+    namespace["__cached__"] = spec.cached
+    return module
 
 
 def use(directory: str, packages: str, action: str | None) -> str | None:
@@ -145,6 +166,56 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
     return None
 
 
+def preload(skip: str | None = None) -> None:
+    """Import every module use() read but `skip` now, in the bundle's order: the order they finished
+    importing when it was written, so each module's own imports are done before its body runs.
+    main imports all of them anyway (`skip` is remove's own module on an add, the one module of
+    remove's graph an add never imports; tests/lint checks both lists against the measured
+    graphs); run here, each costs its body and not the import system's per-module Python work as
+    well (module lock, finder search, spec bookkeeping: ~0.2 ms of an add; bench/README.md, issue
+    18 round 9). What the import system does is kept: our finder's spec, the attributes
+    module_from_spec sets, the module in sys.modules while its body runs, then set on its package,
+    and the lines of python -v and -X importtime. Anything unexpected hands the rest back to the
+    import system: a package not yet imported, or a body that raises (its module leaves
+    sys.modules again, as the import system does, and the import that needs it runs the body
+    again and raises there, in the action's own error handling: nothing is lost or doubled)."""
+    modules = sys.modules
+    verbose = sys.flags.verbose
+    # -X importtime's line per module too (the C import code writes it, and it is not run here)
+    clock: Callable[[], int] | None = None
+    if "importtime" in sys._xoptions or (
+        not sys.flags.ignore_environment and os.environ.get("PYTHONPROFILEIMPORTTIME")
+    ):
+        from time import perf_counter_ns as clock
+    for name, entry in _codes.items():
+        if name == skip or name in modules:
+            continue
+        parent, _, child = name.rpartition(".")
+        if parent and parent not in modules:
+            return
+        began = 0 if clock is None else clock()
+        spec = _spec(name, entry)
+        module = _module(spec)
+        modules[name] = module
+        spec._initializing = True  # type: ignore[attr-defined]  # what _bootstrap sets while a body runs
+        try:
+            exec(entry[0], module.__dict__)
+        except BaseException as exc:
+            del modules[name]
+            if not isinstance(exc, Exception):
+                raise  # an interrupt stops the script here as it would stop any import
+            return
+        finally:
+            spec._initializing = False  # type: ignore[attr-defined]
+        if parent:
+            setattr(modules[parent], child, module)
+        if verbose:
+            print(f"import {name!r} # {_BundleLoader!r}", file=sys.stderr)
+        if clock is not None:
+            took = (clock() - began) // 1000  # its own imports' lines come from the C code
+            print(f"import time: {took:9} | {took:10} | {name}", file=sys.stderr)
+
+
 def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], ...], list[memoryview]]:
     """A bundle's package directory, (source, size, mtime_ns) of every module, and its sections
     still marshalled (views into `data`); ValueError/EOFError/TypeError for anything else."""
@@ -170,6 +241,9 @@ def start(directory: str, packages: str, argv: "Sequence[str]") -> None:
     With `--write-bundle` (install-hooks) the process ends here, its status saying which."""
     action = argv[1] if len(argv) == 2 else None
     why = use(directory, packages, action)
+    if why is None and action in ("add", "remove"):
+        # every module of the action's graph is imported by main anyway: run them all now
+        preload(skip=REMOVE_ROOTS[-1] if action == "add" else None)
     written = False
     if why is not None:
         from xenblockctl.blockscript.bundlewriter import renew  # the writer: only on a miss

@@ -15,6 +15,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotp
 if TYPE_CHECKING:
     import types
 
+    from xenblockctl.journal import Journal
+
 
 class Refused(Exception):
     """The bundle directory is not ours alone: writing a bundle there would be pointless (the loader
@@ -45,9 +47,12 @@ def collect(packages: str) -> "list[list[Entry]]":
     for roots in (REMOVE_ROOTS, ROOTS):
         for root in roots:
             __import__(root)
-        names = sorted(
+        # in sys.modules' order, which is the order the modules finished importing (the import
+        # system moves each module to the end once its body has run): the order bundle.preload
+        # runs them in, each after the modules it imports
+        names = [
             n for n in sys.modules if (n == "xenblockctl" or n.startswith("xenblockctl.")) and n not in seen
-        )
+        ]
         seen.update(names)
         sections.append([_entry(name, packages) for name in names])
     return sections
@@ -186,20 +191,29 @@ def _sweep(directory: str) -> None:
 def renew(directory: str, packages: str, reason: str) -> bool:
     """The laid script's miss: write a fresh bundle, log what happened; never raises (the attach goes
     on with normal imports). True if a bundle was written."""
-    from xenblockctl.journal import Journal
-
-    journal = Journal(IDENTIFIER)
     try:
         count = write(directory, packages)
     except Refused as exc:
+        journal = _journal()
         journal.warning(f"hotplug bundle refused, not written: {exc}; normal imports", CODE="bundle-refused")
         return False
     except Exception as exc:  # any failure, even a bug here: the action must still run
+        journal = _journal()
         journal.warning(
             f"hotplug bundle not written in {directory}: {type(exc).__name__}: {exc}; normal imports "
             f"(it was not used: {reason})",
             CODE="bundle-unwritable",
         )
         return False
-    journal.info(f"hotplug bundle written: {count} modules in {directory}/{NAME} (it was not used: {reason})")
+    _journal().info(
+        f"hotplug bundle written: {count} modules in {directory}/{NAME} (it was not used: {reason})"
+    )
     return True
+
+
+def _journal() -> "Journal":
+    """The log, imported after collect has imported the graph (journal is part of it): the bundle
+    records the order a fresh start finishes the modules in, which preload runs them in."""
+    from xenblockctl.journal import Journal
+
+    return Journal(IDENTIFIER)

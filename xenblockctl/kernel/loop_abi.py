@@ -4,7 +4,7 @@ The loop ioctls are plain numbers with magic 'L' (0x4C), not _IOC-encoded."""
 
 from __future__ import annotations
 
-import struct
+import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 
 from xenblockctl.enums import IntFlag
 from xenblockctl.records import NamedTuple

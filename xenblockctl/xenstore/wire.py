@@ -13,7 +13,7 @@ the daemon, which wants names in its traces, builds its own `Op` from these).
 
 from __future__ import annotations
 
-import struct
+import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
