@@ -79,7 +79,9 @@ def test_grub_reads_never_come_back_to_python(
     assert 1 <= stats.notifies <= 64
 
 
-def _ring_after(make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, *, loop: bool) -> bytes:
+def _ring_after(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, abi: blkif.Abi, *, loop: bool
+) -> bytes:
     """The shared ring's bytes after the same requests (reads, writes, one refused), with or
     without the loop."""
     calls: list[int] = []
@@ -93,7 +95,7 @@ def _ring_after(make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, *, loop
         patch.setattr(grantcopy.NativeCopy, "loop", counting)
         if not loop:
             patch.setattr(LocalEventChannel, "native_waiter", lambda self: None)
-        pair = make_pair(persistent=False, workers=0, data_pages=16, domid=300 + loop)
+        pair = make_pair(abi=abi, persistent=False, workers=0, data_pages=16, domid=300 + loop)
         fe, dp = pair.frontend, pair.dataplane
         for i in range(40):  # more than the ring's 32 slots: the indices wrap
             if i % 3 == 0:
@@ -110,15 +112,16 @@ def _ring_after(make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, *, loop
         return bytes(fe.ring._buf)
 
 
+@pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=["x86_64", "x86_32"])
 def test_answers_and_journal_are_python_paths_byte_for_byte(
-    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, abi: blkif.Abi
 ) -> None:
     """The loop writes every answer by ring.py's journal protocol (ring_answer.h, shared with
     _fastpass.respond): after the same requests the whole ring — our indices, req_event, the
     responses, the journal's words and its copy of the last response — is what Python's path
     leaves."""
-    with_loop = _ring_after(make_pair, monkeypatch, loop=True)
-    without = _ring_after(make_pair, monkeypatch, loop=False)
+    with_loop = _ring_after(make_pair, monkeypatch, abi, loop=True)
+    without = _ring_after(make_pair, monkeypatch, abi, loop=False)
     # all but rsp_event (bytes 12-15): the frontend's, moved as its own waits happened to go
     assert with_loop[:12] == without[:12]
     assert with_loop[16:] == without[16:]
