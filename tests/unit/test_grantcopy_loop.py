@@ -10,8 +10,6 @@ with the loop ("copy") and without it ("copy-noloop"); this file checks what is 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.backend import PairFactory
-from tests.fixtures.native import compile_sanitized
+from tests.fixtures.native import compile_sanitized, run_sanitized
 from xenblockctl.backend import blkif, grantcopy
 from xenblockctl.backend.ring import BackRing, FrontRing
 from xenblockctl.backend.transport import base
@@ -266,14 +264,4 @@ def test_loop_under_sanitizers(tmp_path: Path) -> None:
         print("ok")
         """
     )
-    env = dict(
-        os.environ,
-        LD_PRELOAD=lib,
-        ASAN_OPTIONS="detect_leaks=0",
-        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "ok"
+    run_sanitized(script, lib)

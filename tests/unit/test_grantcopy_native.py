@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.backend import PairFactory, on_disk
-from tests.fixtures.native import compile_extension, compile_sanitized, limits_st, request_st
+from tests.fixtures.native import compile_extension, compile_sanitized, limits_st, request_st, run_sanitized
 from xenblockctl.backend import blkif, grantcopy, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
 from xenblockctl.backend.frontend import LocalFrontend
@@ -352,14 +350,4 @@ def test_serve_under_sanitizers(tmp_path: Path) -> None:
         print("ok")
         """
     )
-    env = dict(
-        os.environ,
-        LD_PRELOAD=lib,
-        ASAN_OPTIONS="detect_leaks=0",
-        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "ok"
+    run_sanitized(script, lib)
