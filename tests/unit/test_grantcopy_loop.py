@@ -19,6 +19,7 @@ import pytest
 
 from tests.fixtures.backend import PairFactory
 from tests.fixtures.native import compile_sanitized, run_sanitized
+from tests.unit.test_ring_wakeup import _READ, _sleeping_in
 from xenblockctl.backend import blkif, grantcopy
 from xenblockctl.backend.ring import BackRing, FrontRing
 from xenblockctl.backend.transport import base
@@ -169,7 +170,8 @@ def test_stop_ends_the_loop_asleep(make_pair: PairFactory) -> None:
     pair = make_pair(persistent=False, workers=0, data_pages=16)
     fe, dp = pair.frontend, pair.dataplane
     assert fe.read(0, 4096) == bytes(4096)
-    time.sleep(0.2)  # asleep in the loop's read()
+    # asleep in the loop's read() of the event channel, as the Python path sleeps (one system call)
+    assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
     t0 = time.monotonic()
     assert dp.stop(timeout=30)
     assert time.monotonic() - t0 < 5
