@@ -55,11 +55,13 @@ class BuildWithHostFiles(build_py):
 #: the blkif slot's validation rules, included by both native passes (written once: they are the
 #: guest-facing rules, and two copies would drift)
 SLOT_RULES = "xenblockctl/backend/blkif_slot.h"
+#: ring.py's answer journal, written once for both native passes
+RING_ANSWER = "xenblockctl/backend/ring_answer.h"
 
 FASTPASS = setuptools.Extension(
     "xenblockctl.backend._fastpass",
     sources=["xenblockctl/backend/_fastpass.c"],
-    depends=[SLOT_RULES],
+    depends=[SLOT_RULES, RING_ANSWER],
     # warnings are bugs here: tests/unit/test_fastpass.py also builds it with -Werror
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
@@ -70,7 +72,7 @@ FASTPASS = setuptools.Extension(
 GRANTCOPY = setuptools.Extension(
     "xenblockctl.backend._grantcopy",
     sources=["xenblockctl/backend/_grantcopy.c"],
-    depends=[SLOT_RULES],
+    depends=[SLOT_RULES, RING_ANSWER],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
 )

@@ -196,6 +196,26 @@ def test_engine_native_option_reaches_the_data_plane(
 
 
 @pytest.mark.parametrize(
+    "engine_inproc", [{}, {"native_loop": False}], indirect=True, ids=["native-loop", "no-native-loop"]
+)
+def test_engine_native_loop_option_reaches_the_data_plane(
+    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory
+) -> None:
+    """EngineConfig.native_loop (`backend --no-native-loop`) reaches each ring's data plane (the
+    grant-copy path's wait-and-serve loop: tests/unit/test_grantcopy_loop.py)."""
+    image = make_image(fill=b"ok")
+    be, guest = attach(libxl, engine_inproc, image, 36, persistent=False)
+    try:
+        dp = engine_inproc.device(36).dataplane
+        assert dp is not None
+        assert dp._native_loop is engine_inproc.engine.config.native_loop
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:2] == b"ok"
+    finally:
+        detach(libxl, be, guest)
+
+
+@pytest.mark.parametrize(
     ("engine_inproc", "direct", "on_pool", "reads"),
     [
         ({}, False, False, False),

@@ -37,11 +37,20 @@ from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import READ, WRITE, IoPlan
 from xenblockctl.backend.transport import xen
 from xenblockctl.backend.transport.base import GNTST_BAD_GNTREF, GNTST_OKAY, Bounce, copy_segments
-from xenblockctl.backend.transport.local import LocalTransport
+from xenblockctl.backend.transport.local import LocalEventChannel, LocalTransport
 
-#: the data paths: grant copy with the native pass (where built), grant copy by the pure-Python path
-#: alone (as without the extension), and map per request
-PATHS = ["copy", "copy-python", "map"]
+#: the data paths: grant copy with the native pass (where built) and its wait-and-serve loop, the
+#: native pass without the loop (a Python turn per wake-up: an event channel with no native waiter),
+#: grant copy by the pure-Python path alone (as without the extension), and map per request
+PATHS = ["copy", "copy-noloop", "copy-python", "map"]
+
+
+def _path(patch: pytest.MonkeyPatch, path: str) -> None:
+    """What a data path turns off before its pairs are made."""
+    if path == "copy-python":
+        patch.setattr(grantcopy, "_native", None)
+    if path == "copy-noloop":
+        patch.setattr(LocalEventChannel, "native_waiter", lambda self: None)
 
 
 @pytest.fixture(params=PATHS)
@@ -50,8 +59,7 @@ def local_transport(
 ) -> Iterator[LocalTransport]:
     """Overrides the shared fixture in this module: every pair here runs without the grant-table
     shortcut, on the path the Xen transport takes."""
-    if request.param == "copy-python":
-        monkeypatch.setattr(grantcopy, "_native", None)
+    _path(monkeypatch, request.param)
     transport = LocalTransport(str(tmp_path / "grants.sock"), data_pages=request.param.split("-")[0])
     yield transport
     transport.close()
@@ -70,8 +78,7 @@ def fuzz_env(
     transport = LocalTransport(str(tmp / "grants.sock"), data_pages=request.param.split("-")[0])
     target = DeviceTarget(fd=fd, size_bytes=DEVICE, discard=DiscardMode.PUNCH_HOLE, discard_granularity=512)
     with pytest.MonkeyPatch.context() as patch:
-        if request.param == "copy-python":
-            patch.setattr(grantcopy, "_native", None)
+        _path(patch, request.param)
         yield transport, target, path
     transport.close()
     os.close(fd)

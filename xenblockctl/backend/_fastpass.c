@@ -29,6 +29,7 @@
  * are next in ring order into the ring, as ring.py's respond_all would (see fp_respond).
  */
 #include "blkif_slot.h"
+#include "ring_answer.h"
 
 #include <errno.h>
 #include <sys/uio.h>
@@ -765,17 +766,6 @@ static PyTypeObject PagesType = {
  * index words and a compiler barrier after each. Nothing is read from shared memory here.
  *
  * respond(answers, ring, pvt, ring_size, id_offset) -> the new rsp_prod_pvt */
-#define SRING_HEADER 64
-#define JOURNAL_COMMITTED 36 /* byte offsets of ring.py's journal words and response copy */
-#define JOURNAL_TAG 40
-#define JOURNAL_RESPONSE 44
-
-static inline void store_index(unsigned char *at, uint32_t value)
-{
-    __atomic_store_n((uint32_t *)(void *)at, value, __ATOMIC_RELEASE);
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-}
-
 static PyObject *fp_respond(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -816,24 +806,13 @@ static PyObject *fp_respond(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "respond: operation or status out of range");
             goto done;
         }
-        uint64_t id64 = id;
-        int16_t st = (int16_t)status;
-        memcpy(rsp[k], &id64, 8);
-        rsp[k][8] = (unsigned char)op;
-        memcpy(rsp[k] + 10, &st, 2);
+        pack_response(rsp[k], (uint64_t)id, (uint8_t)op, (int16_t)status, id_offset == 8);
     }
     {
         unsigned char *hdr = ring.buf;
-        unsigned char *entries = hdr + SRING_HEADER;
         uint32_t pvt = (uint32_t)pvt_in, mask = (uint32_t)ring_size - 1;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            memcpy(hdr + JOURNAL_RESPONSE, rsp[k], rsize);
-            store_index(hdr + JOURNAL_TAG, pvt);
-            memcpy(entries + (size_t)(pvt & mask) * (size_t)esize, rsp[k], rsize);
-            __atomic_signal_fence(__ATOMIC_SEQ_CST);
-            pvt++;
-            store_index(hdr + JOURNAL_COMMITTED, pvt);
-        }
+        for (Py_ssize_t k = 0; k < n; k++)
+            pvt = answer_into_ring(hdr, pvt, mask, (size_t)esize, rsp[k], rsize);
         out = PyLong_FromUnsignedLong(pvt);
     }
 done:

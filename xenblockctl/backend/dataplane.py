@@ -44,7 +44,7 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.fastpath import CUT_BYTES, FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
-from xenblockctl.backend.grantcopy import BouncePool, NativeCopy, Staged, failures
+from xenblockctl.backend.grantcopy import EXIT_CHECK, EXIT_OSERROR, BouncePool, NativeCopy, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
 from xenblockctl.backend.requests import (
@@ -63,6 +63,7 @@ from xenblockctl.backend.transport.base import (
     EventChannel,
     GrantError,
     GrantMapping,
+    NativeWaiter,
     PersistentGrants,
     Transport,
     gntst_name,
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 
 #: requests taken from the ring per batch before we look at completions again
 _BATCH = 64
+#: requests the native loop answers before it comes back to Python (stats seen, stop flag looked at)
+_LOOP_BUDGET = 256
 
 
 @dataclass
@@ -159,10 +162,13 @@ class DataPlane:
         errors: ErrorResponses | None = None,
         native: bool = True,
         blocking_wakeup: bool = True,
+        native_loop: bool = True,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
         False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
-        event channel where it has that (EventChannel.start_blocking); False: poll and a late read."""
+        event channel where it has that (EventChannel.start_blocking); False: poll and a late read.
+        `native_loop`: with both and the native grant-copy pass, the ring thread waits, serves and
+        answers in one native loop (_loop_natively); False: a Python turn per wake-up."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -172,6 +178,9 @@ class DataPlane:
         self.name = name or f"xbc-dom{domid}"
         self.stats = QueueStats()
         self._blocking_wakeup = blocking_wakeup
+        self._native_loop = native_loop
+        #: the native loop's stop flag (request_stop sets it; the loop reads it without the GIL)
+        self._stop_word = bytearray(1)
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
@@ -249,6 +258,7 @@ class DataPlane:
         if self._stopped:
             return
         self._stop.set()
+        self._stop_word[0] = 1  # before the interrupt: a native loop it wakes sees it
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         try:
@@ -324,6 +334,9 @@ class DataPlane:
         pending = False  # the event channel woke us and is not acked yet
         try:
             blocking = self._blocking_wakeup and self.evtchn.start_blocking()
+            # the grant-copy path's native wait-and-serve loop (_loop_natively), where it applies
+            loop = blocking and self._native_loop and self._fast_copy is not None
+            waiter = self.evtchn.native_waiter() if loop else None
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
             # that engine died, or have notified a port nobody was bound to.
@@ -332,6 +345,10 @@ class DataPlane:
                     self.ring.push_responses()
                     self._notify()
             while not self._stop.is_set():
+                if waiter is not None:
+                    pending, python_turn = self._loop_natively(waiter, pending)
+                    if not python_turn:
+                        continue
                 # a short batch took everything there was: straight to the final check, which looks
                 # again (one take_slots() fewer per pass than asking until one comes back empty)
                 if self._serve_batch() >= _BATCH:
@@ -359,6 +376,42 @@ class DataPlane:
         except Exception as exc:  # a bug of ours must not take the whole engine down
             log.exception("%s: data plane failed", self.name)
             self._broken(f"internal error: {exc}")
+
+    def _loop_natively(self, waiter: NativeWaiter, pending: bool) -> tuple[bool, bool]:
+        """One run of the native wait-and-serve loop (grantcopy.NativeCopy.loop: the cycle of _run
+        for the grant-copy path, in C without the GIL), and what it left to Python: the slot its
+        pass stopped at and the rest of that batch (validated, served, answered and logged here as
+        always), a failed notify (logged) or a read/unmask that failed (raised, as take() would).
+        Returns (pending, python_turn): python_turn when _run's own turn must come now — the ring
+        was not the loop's to lend (a request outstanding on a worker or held), or its req_prod
+        needs BackRing's judgement (EXIT_CHECK: broken, logged there)."""
+        fast = self._fast_copy
+        assert fast is not None
+        with self._lock:  # a worker answering its last request finishes its push first
+            lent = self.ring.lend()
+        if lent is None:
+            return pending, True
+        # it counts its requests, wake-ups and notifies into self.stats as it goes
+        got = fast.loop(
+            lent,
+            self.ring.size,
+            waiter,
+            stop=self._stop_word,
+            pending=pending,
+            batch=_BATCH,
+            budget=_LOOP_BUDGET,
+            stats=self.stats,
+        )
+        with self._lock:
+            self.ring.settle(got.req_cons, got.rsp_prod_pvt, got.rsp_pushed, got.data, got.at)
+        if got.notify_errno:
+            log.warning("%s: notify failed: %s", self.name, os.strerror(got.notify_errno))
+        if got.exit == EXIT_OSERROR:
+            raise OSError(got.errno, f"event channel: {os.strerror(got.errno)}")
+        if got.data is not None:  # EXIT_SLOT: answers before it are out; it and the rest are ours
+            self._serve_copied(got.data, got.at + 1, got.at)
+            self._serve_copied_fast(got.data, got.taken, got.at + 1)
+        return got.pending, got.exit == EXIT_CHECK
 
     def _serve_batch(self) -> int:
         """Take up to _BATCH requests (one copy), validate and start each; answer the ones that
@@ -579,14 +632,15 @@ class DataPlane:
         self.executor.submit(plan, bufs, done)
 
     # -- frontends without persistent grants: data pages copied (backend/grantcopy.py) -------------
-    def _serve_copied_fast(self, data: bytes, count: int) -> int:
-        """_serve_copied with the native grant-copy pass: it serves the longest run of simple
-        requests; the slot it stops at goes through _serve_copied alone; repeat from the next.
-        Its answers go out before that slot's (which _serve_copied answers itself)."""
+    def _serve_copied_fast(self, data: bytes, count: int, start: int = 0) -> int:
+        """_serve_copied with the native grant-copy pass over slots [start, count): it serves the
+        longest run of simple requests; the slot it stops at goes through _serve_copied alone;
+        repeat from the next. Its answers go out before that slot's (which _serve_copied answers
+        itself)."""
         assert self._fast_copy is not None
         fast = self._fast_copy.serve
         answers: list[tuple[int, int, int]] = []
-        index = 0
+        index = start
         while index < count:
             done, index = fast(data, index, count)
             answers += done

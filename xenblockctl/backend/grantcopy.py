@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import types
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE
@@ -36,7 +37,14 @@ from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.fastpath import native_modes
 from xenblockctl.backend.io import Executor, Where
 from xenblockctl.backend.requests import DeviceLimits, IoPlan
-from xenblockctl.backend.transport.base import GNTST_OKAY, Bounce, CopyItem, Transport, gntst_name
+from xenblockctl.backend.transport.base import (
+    GNTST_OKAY,
+    Bounce,
+    CopyItem,
+    NativeWaiter,
+    Transport,
+    gntst_name,
+)
 
 _native: types.ModuleType | None
 try:
@@ -165,7 +173,7 @@ class NativeCopy:
     """The native grant-copy pass for one data plane (its device, limits, executor, and the
     transport's way to copy its domain's grants)."""
 
-    __slots__ = ("_bounce", "_executor", "_fixed", "_how", "_serve", "served")
+    __slots__ = ("_bounce", "_executor", "_fixed", "_how", "_loop", "_serve", "served")
 
     def __init__(
         self,
@@ -177,6 +185,7 @@ class NativeCopy:
     ) -> None:
         assert _native is not None
         self._serve = _native.serve
+        self._loop = _native.loop
         self._executor = executor
         self._bounce = bounce
         #: (domid, gntdev fd or -1, the transport's copier or None)
@@ -235,9 +244,78 @@ class NativeCopy:
         self.served += len(answers)
         return answers, stop
 
+    def loop(
+        self,
+        lent: tuple[memoryview, int, int, int],
+        ring_size: int,
+        waiter: NativeWaiter,
+        *,
+        stop: bytearray,
+        pending: bool,
+        batch: int,
+        budget: int,
+        stats: object,
+    ) -> LoopExit:
+        """The wait-and-serve loop (_grantcopy.c's loop()): on the ring `lent` (BackRing.lend()),
+        wait on the event channel (`waiter`: EventChannel.native_waiter()), serve, answer, push,
+        notify, unmask, until something needs Python (LoopExit). `stop[0]` nonzero ends it;
+        `pending`: the last wake-up's unmask is still owed. It adds its requests, wake-ups and
+        notifies to `stats` (the data plane's QueueStats) and to `served` before each sleep."""
+        buffer, req_cons, pvt, pushed = lent
+        executor = self._executor
+        read, write = executor.placement()
+        got = LoopExit._make(
+            self._loop(
+                buffer,
+                ring_size,
+                req_cons,
+                pvt,
+                pushed,
+                pending,
+                batch,
+                budget,
+                stop,
+                stats,
+                self,
+                waiter,
+                *self._fixed,
+                executor.write_fd,
+                _MODES[read],
+                _MODES[write],
+                _HOST_PAGE,
+                self._bounce.view,
+                *self._how,
+            )
+        )
+        return got
+
     def close(self) -> None:
         """Unmap the bounce buffer (the ring thread is done: nothing of C's can be using it)."""
         self._bounce.close()
+
+
+class LoopExit(NamedTuple):
+    """Why NativeCopy.loop returned, and the ring as it left it (_grantcopy.c's loop())."""
+
+    exit: int  #: EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET or EXIT_OSERROR (the module's)
+    req_cons: int
+    rsp_prod_pvt: int
+    rsp_pushed: int
+    pending: bool  #: a wake-up's unmask is still owed
+    data: bytes | None  #: EXIT_SLOT: the copy of the batch it stopped in
+    at: int  #: EXIT_SLOT: the slot it stopped at (slots [at, taken) are not answered)
+    taken: int  #: EXIT_SLOT: the slots in `data`
+    requests: int  #: answered (all RSP_OKAY; already in the stats and `served`)
+    errno: int  #: EXIT_OSERROR: the read's or unmask's
+    notify_errno: int  #: a notify failed (0: none did)
+
+
+#: the loop's exits, by name for the data plane (None where the module is not built)
+EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = (
+    (_native.EXIT_SLOT, _native.EXIT_CHECK, _native.EXIT_WOKEN, _native.EXIT_BUDGET, _native.EXIT_OSERROR)
+    if _native is not None
+    else (-1, -1, -1, -1, -1)
+)
 
 
 #: io.Where -> the C pass's mode (fastpath.native_modes: one mapping for both native passes)
@@ -246,8 +324,14 @@ _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 
 __all__ = [
     "DEFAULT_POOL_BYTES",
+    "EXIT_BUDGET",
+    "EXIT_CHECK",
+    "EXIT_OSERROR",
+    "EXIT_SLOT",
+    "EXIT_WOKEN",
     "NATIVE_BOUNCE_BYTES",
     "BouncePool",
+    "LoopExit",
     "NativeCopy",
     "Staged",
     "describe",

@@ -277,6 +277,38 @@ class BackRing(_RingBase):
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
 
+    def lend(self) -> tuple[memoryview, int, int, int] | None:
+        """The ring for a native loop that takes, answers and pushes by itself (grantcopy.NativeCopy
+        .loop, with the same rules: the overflow check, one copy of each slot, this journal):
+        `(buffer, req_cons, rsp_prod_pvt, rsp_pushed)`, or None while it may not have it — a
+        request is outstanding (a worker answers it, or an answer is held), so the response side
+        is not the loop's alone, or the ring is broken. Until `settle()` nothing else may touch
+        the ring (the caller holds what serialises its answers)."""
+        if self.broken is not None or self.req_cons != self.rsp_prod_pvt or self._held or self._order:
+            return None
+        return self._buf, self.req_cons, self.rsp_prod_pvt, self._rsp_pushed
+
+    def settle(
+        self, req_cons: int, rsp_prod_pvt: int, rsp_pushed: int, data: bytes | None, index: int
+    ) -> None:
+        """Take back the ring from the loop `lend()` gave it to, with the indices it left. `data`:
+        the copy of the last slots it took and did not all answer (those from slot `index` on are
+        outstanding, in ring order, as take_slots() leaves them), or None."""
+        self.req_cons = req_cons & _MASK
+        self.rsp_prod_pvt = rsp_prod_pvt & _MASK
+        self._rsp_pushed = rsp_pushed & _MASK
+        if data is None:
+            return
+        entry = self._entry
+        count = len(data) // entry
+        self.taken_at = (self.req_cons - count) & _MASK
+        rest = data[index * entry : count * entry]
+        words = self._id_words
+        if words is not None:
+            self._order.extend(memoryview(rest).cast("Q")[words[0] :: words[1]])
+        else:
+            self._order.extend([t[0] for t in self._ids(rest)])
+
     def take_requests(self, limit: int | None = None) -> list[bytes]:
         """Like take_slots, one bytes object per slot."""
         data, n = self.take_slots(limit)

@@ -299,6 +299,7 @@ class WorkerPool:
         errors: ErrorResponses | None = None,
         native: bool = True,
         blocking_wakeup: bool = True,
+        native_loop: bool = True,
     ) -> RemoteQueue:
         """Hand one queue to a worker; it is mapped and bound there but takes no request before
         `start()`. TransportError if the worker refuses it or does not answer."""
@@ -332,6 +333,7 @@ class WorkerPool:
             "max_persistent_grants": max_persistent_grants,
             "native": native,
             "blocking_wakeup": blocking_wakeup,
+            "native_loop": native_loop,
             "pieces": pieces,
         }
         worker.queues[qid] = queue
@@ -458,6 +460,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                 max_persistent_grants=int(msg["max_persistent_grants"]),
                 native=bool(msg.get("native", True)),
                 blocking_wakeup=bool(msg.get("blocking_wakeup", True)),
+                native_loop=bool(msg.get("native_loop", True)),
             )
         except Exception as exc:
             if transport is not None:

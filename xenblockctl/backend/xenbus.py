@@ -136,6 +136,9 @@ class EngineConfig:
     #: The ring thread sleeps in one blocking read of its event channel where the channel allows it
     #: (DataPlane: EventChannel.start_blocking); False: poll() and a late read.
     blocking_wakeup: bool = True
+    #: With the blocking wake-up and the native grant-copy pass, the ring thread waits, serves and
+    #: answers in one native loop (DataPlane._loop_natively); False: a Python turn per wake-up.
+    native_loop: bool = True
     #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False (the
     #: default): buffered on the verified fd. Off by default: on the real-Xen lane the engine's
     #: O_DIRECT writes from grant-mapped pages lost to buffered ones in 2 of 3 boots (bench/README).
@@ -688,6 +691,7 @@ class BackendDevice:
                         max_persistent_grants=self.config.max_persistent_grants,
                         native=self.config.native,
                         blocking_wakeup=self.config.blocking_wakeup,
+                        native_loop=self.config.native_loop,
                         on_broken=on_broken,
                         errors=self.errors,
                     )
@@ -710,6 +714,7 @@ class BackendDevice:
                     errors=self.errors,
                     native=self.config.native,
                     blocking_wakeup=self.config.blocking_wakeup,
+                    native_loop=self.config.native_loop,
                 )
             )
         for dp in self.dataplanes:

@@ -92,6 +92,14 @@ def raise_fd_limit(journal: Journal) -> int:
     "through a loopback channel); --poll-wakeup: poll() on the channel and a stop pipe, then a read.",
 )
 @click.option(
+    "--native-loop/--no-native-loop",
+    default=True,
+    show_default=True,
+    help="With the blocking wake-up and the native grant-copy pass (frontends without persistent "
+    "grants, e.g. pvgrub), the ring thread waits, serves and answers in one native loop; "
+    "--no-native-loop: a Python turn per wake-up.",
+)
+@click.option(
     "--direct-writes/--no-direct-writes",
     default=False,
     show_default=True,
@@ -154,6 +162,7 @@ def backend(
     max_persistent_grants: int | None,
     native: bool,
     blocking_wakeup: bool,
+    native_loop: bool,
     direct_writes: bool,
     direct_writes_on_pool: bool,
     direct_reads: bool,
@@ -210,6 +219,8 @@ def backend(
         config = dataclasses.replace(config, native=False)
     if not blocking_wakeup:
         config = dataclasses.replace(config, blocking_wakeup=False)
+    if not native_loop:
+        config = dataclasses.replace(config, native_loop=False)
     if direct_writes_on_pool and not direct_writes:
         raise click.UsageError("--direct-writes-on-pool needs --direct-writes")
     if direct_reads and not direct_writes:

@@ -9,7 +9,7 @@
 #   3. save/restore: the guest is saved to a file (domain gone, nothing bound) and restored into a new
 #      domain; blkfront resumes on the new backend and the guest goes on reading and writing.
 # The guest (domu/reconnect.init) and this script step through named phases over xenstore.
-# xenci-timeout: 1500
+# xenci-timeout: 2100
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
@@ -45,3 +45,9 @@ restart_engine --poll-wakeup
 pvgrub_first_boot engine engine_poll
 restart_engine
 pvgrub_first_boot engine engine_read
+# The native wait-and-serve loop's A/B (issue 20), blocking wake-up and native pass both times, back to
+# back: a Python turn per wake-up (--no-native-loop), against the loop (the default, as engine_read).
+restart_engine --no-native-loop
+pvgrub_first_boot engine engine_noloop
+restart_engine
+pvgrub_first_boot engine engine_loop

@@ -240,6 +240,15 @@ def copy_segments(
 #: how the native grant-copy pass copies (Transport.native_copier): gntdev's fd, or -1 and a copier
 NativeCopier = tuple[int, Callable[[memoryview], object] | None]
 
+#: how a native loop waits on, unmasks and notifies an event channel (EventChannel.native_waiter;
+#: _grantcopy.c's struct waiter): (kind, fd it reads, our port, fd it notifies, NOTIFY ioctl number)
+NativeWaiter = tuple[int, int, int, int, int]
+#: its kinds, as _grantcopy.c spells them (WAIT_EVTCHN, WAIT_EVENTFD; a test holds them equal):
+#: an evtchn fd (read() gives ports, writing our port unmasks it, NOTIFY is an ioctl on the fd),
+#: or the local transport's eventfd pair (read() gives a counter, a write to the peer notifies)
+WAIT_EVTCHN: Final = 1
+WAIT_EVENTFD: Final = 2
+
 
 class EventChannel(abc.ABC):
     """Our end of an interdomain event channel.
@@ -286,6 +295,12 @@ class EventChannel(abc.ABC):
     def interrupt(self) -> None:
         """Make the take() running now, or the next one, return (the stop of the ring thread)."""
         return  # without start_blocking() nothing sleeps in take(): nothing to interrupt
+
+    def native_waiter(self) -> NativeWaiter | None:
+        """What a native loop needs to do take(), unmask() and notify() itself on this channel's
+        fds (grantcopy.NativeCopy.loop), or None: only after start_blocking(), and the channel
+        must outlive the loop (DataPlane closes it after its ring thread ended)."""
+        return None
 
     def wait(self, timeout: float | None) -> bool:
         """Block up to `timeout` seconds (None: forever) for an event; consume it. True if one came."""

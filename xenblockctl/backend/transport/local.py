@@ -57,6 +57,7 @@ from xenblockctl.backend.transport.base import (
     GNTST_BAD_GNTREF,
     GNTST_BAD_VIRT_ADDR,
     GNTST_OKAY,
+    WAIT_EVENTFD,
     Bounce,
     CopyItem,
     EventChannel,
@@ -64,6 +65,7 @@ from xenblockctl.backend.transport.base import (
     GrantMapping,
     MmapGrantMapping,
     NativeCopier,
+    NativeWaiter,
     PersistentGrants,
     Transport,
     TransportError,
@@ -533,6 +535,12 @@ class LocalEventChannel(EventChannel):
         # costs the ring thread one look at the ring; it checks its stop flag first).
         os.read(self._recv, 8)
         return True
+
+    def native_waiter(self) -> NativeWaiter | None:
+        # as take() and notify(), on the fds themselves (closed only after the ring thread ended)
+        if self._recv < 0 or self._send < 0 or os.get_blocking(self._recv) is False:
+            return None
+        return WAIT_EVENTFD, self._recv, self.local_port, self._send, 0
 
     def unmask(self) -> None:
         return  # an eventfd has no mask: the read that consumed the event is all the ack there is

@@ -34,6 +34,7 @@ from typing import Final
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
 from xenblockctl.backend.transport.base import (
+    WAIT_EVTCHN,
     Bounce,
     CopyItem,
     EventChannel,
@@ -41,6 +42,7 @@ from xenblockctl.backend.transport.base import (
     GrantMapping,
     MmapGrantMapping,
     NativeCopier,
+    NativeWaiter,
     Transport,
     TransportError,
 )
@@ -335,6 +337,13 @@ class XenEventChannel(EventChannel):
         with self._lock:
             if self._fd >= 0:
                 os.write(self._fd, self._unmask_arg)  # the late EOI: lets the next event through
+
+    def native_waiter(self) -> NativeWaiter | None:
+        # the loop reads, unmasks and notifies on the fd without our lock: close() comes only
+        # after the ring thread that runs it has ended (DataPlane.stop)
+        if self._fd < 0 or self._interrupt_arg is None:
+            return None
+        return WAIT_EVTCHN, self._fd, self.local_port, self._fd, IOCTL_EVTCHN_NOTIFY
 
     def interrupt(self) -> None:
         with self._lock:
