@@ -341,14 +341,20 @@ class BackendDevice:
 
     def _snapshot(self) -> tuple[dict[str, str], str | None] | None:
         """The backend nodes reconcile() decides on (those of RECONCILE_NODES present) and, once we
-        know the frontend, its `state` text, read in one transaction as one batch; None once the
+        know the frontend, its `state` text, read as one batch: one round trip; None once the
         backend directory is gone. A read_dir of the whole directory (~30 nodes: libxl's, the
         script's, ours) was 4 round trips inside its transaction, and the frontend's state one
-        more, on every watch event of the device (issue 20)."""
+        more, on every watch event of the device, our own writes' included (issue 20).
+
+        No transaction: the batch is a trigger, not a record. Every action it leads to reads what
+        it acts on in its own transaction (_open_device, _read_ring_params, _publish_features) or
+        writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
+        write landing between two of these reads fires a watch event, so a torn view is followed
+        by a fresh one, as with merged or reordered events (the module docstring)."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
-        values = self.store.run_transaction(lambda tx: tx.read_many(paths))
+        values = self.store.read_many(paths)
         if values[0] is None:
             return None
         present = zip(RECONCILE_NODES, values[1:], strict=False)
@@ -561,41 +567,41 @@ class BackendDevice:
             raise EngineRefusal(exc.message) from exc
 
     def _read_ring_params(self) -> list[RingParams]:
-        """Every queue's ring parameters, read in one transaction and parsed (blkif.h "Frontend
-        XenBus Nodes"): `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and
-        `event-channel`; N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`.
-        `ring-page-order`, `protocol` and `feature-persistent` are top-level for every queue."""
+        """Every queue's ring parameters, read and parsed (blkif.h "Frontend XenBus Nodes"):
+        `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and `event-channel`;
+        N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`. `ring-page-order`,
+        `protocol` and `feature-persistent` are top-level for every queue.
+
+        Two batches, no transaction (issue 20: this was a round trip per node inside one, 8+ on
+        the connect's critical path; now 1, or 2 with a ring-page-order or several queues): the
+        top-level nodes, then what their two numbers name. The values are the guest's own; a
+        transaction made them a snapshot, but the guest can write any mix of them anyway, so a
+        torn read gives it nothing, and each is parsed and bounded below whatever it is. Linux
+        blkfront writes them all before it switches to Initialised, which is what we act on."""
         assert self.frontend is not None
         fe = self.frontend
         max_queues = self.config.max_queues
-
-        def body(tx: Transaction) -> dict[str, str | None]:
-            # two batches (issue 20: a round trip per node was 6 to 10+ inside this transaction):
-            # the top-level nodes, then what their two numbers name
-            wanted = (
-                "ring-ref",
-                "ring-page-order",
-                "event-channel",
-                "protocol",
-                "multi-queue-num-queues",
-                "feature-persistent",
-            )
-            values = dict(zip(wanted, tx.read_many([join(fe, name) for name in wanted]), strict=True))
-            order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
-            queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
-            # only what the two numbers name is read: a bad one is refused below, from these values
-            names: list[str] = []
-            for q in range(queues):
-                prefix = "" if queues == 1 else f"queue-{q}/"
-                if queues > 1:
-                    names += [f"{prefix}ring-ref", f"{prefix}event-channel"]
-                if order is not None:
-                    names += [f"{prefix}ring-ref{i}" for i in range(1 << order)]
-            if names:
-                values.update(zip(names, tx.read_many([join(fe, name) for name in names]), strict=True))
-            return values
-
-        values = self.store.run_transaction(body)
+        wanted = (
+            "ring-ref",
+            "ring-page-order",
+            "event-channel",
+            "protocol",
+            "multi-queue-num-queues",
+            "feature-persistent",
+        )
+        values = dict(zip(wanted, self.store.read_many([join(fe, name) for name in wanted]), strict=True))
+        first_order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
+        first_queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
+        # only what the two numbers name is read: a bad one is refused below, from these values
+        names: list[str] = []
+        for q in range(first_queues):
+            prefix = "" if first_queues == 1 else f"queue-{q}/"
+            if first_queues > 1:
+                names += [f"{prefix}ring-ref", f"{prefix}event-channel"]
+            if first_order is not None:
+                names += [f"{prefix}ring-ref{i}" for i in range(1 << first_order)]
+        if names:
+            values.update(zip(names, self.store.read_many([join(fe, name) for name in names]), strict=True))
         queues_text = values.get("multi-queue-num-queues")
         queues = 1
         if queues_text is not None:
