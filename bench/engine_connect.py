@@ -197,17 +197,13 @@ def one_cycle(rig: Rig, cycle: int, results: Results) -> None:
 
     front: list[LocalFrontend] = []
 
-    def frontend_up() -> None:
+    def frontend_up() -> Callable[[], None]:
+        """A new ring registered with the transport (as a booting blkfront grants its pages before
+        it writes anything), and the trigger: its nodes and Initialised in one transaction."""
         ring = LocalFrontend(rig.local.socket_path, domid)
         front.append(ring)
-        nodes = ring.xenstore_nodes()
-
-        def body(tx: Any) -> None:
-            for name, value in nodes.items():
-                tx.write(f"{fe_path}/{name}", value)
-            tx.write(f"{fe_path}/state", "3")
-
-        libxl.run_transaction(body)
+        nodes = {f"{fe_path}/{name}": value for name, value in ring.xenstore_nodes().items()}
+        return lambda: libxl.write_many(nodes | {f"{fe_path}/state": "3"})
 
     def frontend_state(value: str) -> Callable[[], None]:
         return lambda: libxl.write(f"{fe_path}/state", value)
@@ -235,13 +231,13 @@ def one_cycle(rig: Rig, cycle: int, results: Results) -> None:
                 be.node("physical-device"): identity.physical_device,
             }
             phase("publish", lambda: libxl.write_many(nodes), be.node("opened"), ("1",))
-        phase("connect", frontend_up, be.node("state"), ("4",))
+        phase("connect", frontend_up(), be.node("state"), ("4",))
         libxl.write(f"{fe_path}/state", "4")
         time.sleep(0.05)
         phase("close", frontend_state("6"), be.node("state"), ("6",))
         front.pop().close()
         phase("reinit", frontend_state("1"), be.node("state"), ("2",))
-        phase("reconnect", frontend_up, be.node("state"), ("4",))
+        phase("reconnect", frontend_up(), be.node("state"), ("4",))
         libxl.write(f"{fe_path}/state", "4")
         time.sleep(0.05)
 

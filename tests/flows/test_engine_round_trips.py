@@ -7,15 +7,24 @@ bench/engine_connect.py splits them by phase); the bounds leave room for one 5-s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine, attach_disk, connect_guest, detach_guest
+from tests.fixtures.engine import (
+    InprocEngine,
+    attach_disk,
+    attach_guest,
+    connect_guest,
+    detach_guest,
+    wait_for,
+)
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
+from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.xenstore import wire
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -47,6 +56,17 @@ def counted(engine_inproc: InprocEngine) -> Iterator[Count]:
     link.exchange = exchange
 
 
+def _settled(count: Count) -> Count:
+    """The counts once the engine has been quiet for 0.3 s: the previous step's trailing passes
+    (its own writes' events, the first error-count publication) are not the next step's."""
+    deadline = time.monotonic() + 10
+    last = -1
+    while count.round_trips != last and time.monotonic() < deadline:
+        last = count.round_trips
+        time.sleep(0.3)
+    return Count(count.round_trips, count.transactions)
+
+
 def _since(count: Count, before: Count) -> Count:
     return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
 
@@ -56,7 +76,7 @@ def test_connect_and_reconnect_round_trips(
 ) -> None:
     be = attach_disk(libxl, make_image(fill=b"MBR!" + b"\0" * 508), 31)
 
-    before = Count(counted.round_trips, counted.transactions)
+    before = _settled(counted)
     guest = connect_guest(libxl, engine_inproc.transport, be)
     try:
         connect = _since(counted, before)
@@ -68,10 +88,35 @@ def test_connect_and_reconnect_round_trips(
         assert guest.ring.read(0, 512)[:4] == b"MBR!"
 
         # GRUB's blkfront leaves, Linux's comes: Closed, Initialising, Initialised, Connected
-        before = Count(counted.round_trips, counted.transactions)
+        before = _settled(counted)
         ring = guest.reboot()
         reconnect = _since(counted, before)
         assert reconnect.round_trips <= 22 + RESCAN_ALLOWANCE, reconnect
         assert ring.read(0, 512)[:4] == b"MBR!"
+    finally:
+        detach_guest(libxl, be, guest)
+
+
+def test_connected_is_published_before_the_ring_threads_start(
+    libxl: Libxl, engine_inproc: InprocEngine, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread.start() waits for the new thread to be scheduled: the ring thread starts after
+    Connected is written, not on the way to it, and the guest's first request, possibly pushed
+    before the thread runs, is still served."""
+    seen: list[str | None] = []
+    start = DataPlane.start
+
+    def recording(dp: DataPlane) -> None:
+        seen.append(libxl.store.read_optional(f"/local/domain/0/backend/vbd/{dp.domid}/51712/state"))
+        start(dp)
+
+    monkeypatch.setattr(DataPlane, "start", recording)
+    be, guest = attach_guest(libxl, engine_inproc.transport, make_image(fill=b"MBR!" + b"\0" * 508), 32)
+    try:
+        # the guest may see Connected before the engine thread gets to the start
+        assert wait_for(lambda: seen, 10)
+        assert seen == ["4"], seen
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:4] == b"MBR!"
     finally:
         detach_guest(libxl, be, guest)

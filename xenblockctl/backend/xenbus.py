@@ -661,7 +661,7 @@ class BackendDevice:
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
         )
-        self._start_queues(queues, target, limits)
+        self._set_up_queues(queues, target, limits)
         self._log_reattach(queues)
 
         nodes = {
@@ -681,6 +681,13 @@ class BackendDevice:
             nodes["discard-secure"] = "1" if limits.discard_secure else "0"
         nodes["state"] = str(XenbusState.Connected)  # with the rest: the frontend reads them on 4
         self._write_if_present({join(self.path, name): value for name, value in nodes.items()})
+        # The ring threads start only now (issue 20): Thread.start() waits for the new thread to
+        # run, a scheduling round trip that was on the way to Connected and now overlaps the
+        # frontend's own reaction to it. Nothing is lost meanwhile: the ring is mapped and the
+        # channel bound, so a request pushed before a thread runs waits in the ring with its event
+        # pending, and each thread serves the ring before its first sleep.
+        for dp in self.dataplanes:
+            dp.start()
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
         if not params.persistent and self.config.transport.copies_grants:
@@ -706,15 +713,15 @@ class BackendDevice:
                 )
         self._taken_over = False
 
-    def _start_queues(
+    def _set_up_queues(
         self, queues: list[RingParams], target: DeviceTarget | NbdTarget, limits: DeviceLimits
     ) -> None:
         """One data plane per queue, each mapping its own ring and binding its own channel, with its
         own grant cache and I/O workers: on a worker process if the engine has them, else on a
         thread here (an NBD export always: its queues share one connection, nbdio.py). Each goes
-        into self.dataplanes as soon as it exists, and all are started only
-        once every queue is set up: if one fails, the failure path's drain stops the others
-        (none took a request)."""
+        into self.dataplanes as soon as it exists, and none is started here: _connect() starts
+        them all once every queue is set up and Connected is written, so if one fails, the
+        failure path's drain stops the others (none took a request)."""
         base = f"xbc-{self.domid}-{self.devid}"
         pool = self.config.worker_pool
         for q, params in enumerate(queues):
@@ -756,8 +763,6 @@ class BackendDevice:
                     blocking_wakeup=self.config.blocking_wakeup,
                 )
             )
-        for dp in self.dataplanes:
-            dp.start()
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
