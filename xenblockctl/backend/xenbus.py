@@ -57,7 +57,6 @@ from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.nbd import proto as nbd_proto
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import (
     IdentityError,
     Liveness,
@@ -85,6 +84,10 @@ DRAIN_STEP = 0.2
 #: The most queues the engine ever offers (`multi-queue-max-queues`), whatever the CPU count: each
 #: queue costs a ring thread, its I/O workers, a ring mapping and a grant cache.
 MAX_QUEUES = 16
+
+
+#: The backend nodes reconcile() decides on: the rest of the directory is read where it is used.
+RECONCILE_NODES = ("online", "state", identity.PHYSICAL_DEVICE, identity.OWNER)
 
 
 def default_max_queues() -> int:
@@ -223,12 +226,26 @@ class BackendDevice:
         self.journal.info(f"{self.relative}: {message}", DOMID=self.domid, DEVID=self.devid)
 
     def _set_state(self, state: int) -> None:
-        def body(tx: Transaction) -> None:
-            if tx.read_optional(join(self.path, "state")) is None:
-                return  # never re-create a backend libxl deleted
-            tx.write(join(self.path, "state"), str(state))
+        self._write_if_present({join(self.path, "state"): str(state)})
 
-        self.store.run_transaction(body)
+    def _write_if_present(self, items: dict[str, str]) -> bool:
+        """Write `items` (absolute paths) in one transaction unless libxl deleted the backend (its
+        `state` is gone): never re-create one. The guard's read and the writes go in one batch, one
+        round trip inside the transaction instead of one per node (issue 20: under TCG each costs
+        dom0 a trip to oxenstored and back); when the guard says no, the abort discards the writes
+        unseen. True if written."""
+        state = join(self.path, "state")
+
+        def body(tx: Transaction) -> bool:
+            (present,), failure = tx.read_many_then_write([state], items)
+            if present is None:
+                tx.abort()
+                return False
+            if failure is not None:
+                raise failure
+            return True
+
+        return self.store.run_transaction(body)
 
     def _fail(self, reason: str, *, code: str = EngineRefusal.code) -> None:
         """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
@@ -241,13 +258,9 @@ class BackendDevice:
         self._failure = None
         self._close_device()
 
-        def body(tx: Transaction) -> None:
-            if tx.read_optional(join(self.path, "state")) is None:
-                return
-            tx.write(self.error_path(), reason[:400])
-            tx.write(join(self.path, "state"), str(XenbusState.Closing))
-
-        self.store.run_transaction(body)
+        self._write_if_present(
+            {self.error_path(): reason[:400], join(self.path, "state"): str(XenbusState.Closing)}
+        )
         self.phase = Phase.FAILED
 
     def fail_internal(self, reason: str) -> None:
@@ -261,10 +274,11 @@ class BackendDevice:
     def reconcile(self) -> bool:
         """Act on the current nodes. Returns False once the backend directory is gone and the device
         released (forget me)."""
-        try:
-            nodes = self.store.read_dir(self.path)
-        except XenstoreNoEntry:
+        frontend_read = self.frontend is not None  # its state comes with the snapshot
+        snapshot = self._snapshot()
+        if snapshot is None:
             return not self.teardown("backend directory removed")
+        nodes, fe_text = snapshot
         self._publish_errors()
         online = nodes.get("online", "1") != "0"
         if self.broken is not None and self.phase is Phase.CONNECTED:
@@ -296,7 +310,8 @@ class BackendDevice:
         if self.target is None:
             return True
         try:
-            fe_state = self._frontend_state()
+            # read with the backend's nodes unless the device was opened in this pass
+            fe_state = self._parse_frontend_state(fe_text) if frontend_read else self._frontend_state()
         except EngineRefusal as exc:
             self._fail(exc.message)
             return True
@@ -327,27 +342,57 @@ class BackendDevice:
             self._set_state(6)
         return True
 
+    def _snapshot(self) -> tuple[dict[str, str], str | None] | None:
+        """The backend nodes reconcile() decides on (those of RECONCILE_NODES present) and, once we
+        know the frontend, its `state` text, read as one batch: one round trip; None once the
+        backend directory is gone. A read_dir of the whole directory (~30 nodes: libxl's, the
+        script's, ours) was 4 round trips inside its transaction, and the frontend's state one
+        more, on every watch event of the device, our own writes' included (issue 20).
+
+        No transaction: the batch is a trigger, not a record. Every action it leads to reads what
+        it acts on in its own transaction (_open_device, _read_ring_params, _publish_features) or
+        writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
+        write landing between two of these reads fires a watch event, so a torn view is followed
+        by a fresh one, as with merged or reordered events (the module docstring)."""
+        paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
+        if self.frontend is not None:
+            paths.append(join(self.frontend, "state"))
+        values = self.store.read_many(paths)
+        if values[0] is None:
+            return None
+        present = zip(RECONCILE_NODES, values[1:], strict=False)
+        nodes = {name: value for name, value in present if value is not None}
+        return nodes, values[-1] if self.frontend is not None else None
+
     def _publish_features(self, nodes: dict[str, str]) -> None:
         def body(tx: Transaction) -> None:
-            if tx.read_optional(join(self.path, "state")) is None:
-                return
-            tx.write(join(self.path, "feature-max-indirect-segments"), str(self.config.max_indirect_segments))
-            tx.write(join(self.path, "max-ring-page-order"), str(self.config.max_ring_page_order))
-            tx.write(join(self.path, "multi-queue-max-queues"), str(self.config.max_queues))
+            # the nodes this decides on in one batch, the writes in another (issue 20: a round
+            # trip each was ~10 inside this transaction)
+            state, frontend, online = tx.read_many(
+                [join(self.path, n) for n in ("state", "frontend", "online")]
+            )
+            if state is None:
+                return  # never re-create a backend libxl deleted
             # taking over a live backend (issue 21) whose frontend is still on its ring: it is not
             # shown InitWait in between; `opened` goes back to 1 once the device is re-verified. A
             # frontend that left meanwhile is handled as a fresh backend's (InitWait).
             live = (
-                tx.read_optional(join(self.path, "state")) == str(XenbusState.Connected)
+                state == str(XenbusState.Connected)
                 and self.config.fd_store is not None
                 and self.config.fd_store.holds(self.fd_name)
-                and (frontend := tx.read_optional(join(self.path, "frontend"))) is not None
+                and frontend is not None
                 and _frontend_matches(frontend, self.domid, self.devid)
                 and tx.read_optional(join(frontend, "state")) in ("3", "4")
             )
-            tx.write(join(self.path, "opened"), "0")
-            if tx.read_optional(join(self.path, "online")) != "0" and not live:
-                tx.write(join(self.path, "state"), "2")
+            items = {
+                "feature-max-indirect-segments": str(self.config.max_indirect_segments),
+                "max-ring-page-order": str(self.config.max_ring_page_order),
+                "multi-queue-max-queues": str(self.config.max_queues),
+                "opened": "0",
+            }
+            if online != "0" and not live:
+                items["state"] = "2"
+            tx.write_many({join(self.path, name): value for name, value in items.items()})
 
         self.store.run_transaction(body)
         self.phase = Phase.INIT_WAIT
@@ -511,6 +556,10 @@ class BackendDevice:
         if self.frontend is None:
             return None
         text = self.store.read_optional(join(self.frontend, "state"))
+        return self._parse_frontend_state(text, strict=strict)
+
+    def _parse_frontend_state(self, text: str | None, *, strict: bool = True) -> int | None:
+        """_frontend_state() of a `state` text already read."""
         if text is None:
             return None
         try:
@@ -521,39 +570,41 @@ class BackendDevice:
             raise EngineRefusal(exc.message) from exc
 
     def _read_ring_params(self) -> list[RingParams]:
-        """Every queue's ring parameters, read in one transaction and parsed (blkif.h "Frontend
-        XenBus Nodes"): `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and
-        `event-channel`; N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`.
-        `ring-page-order`, `protocol` and `feature-persistent` are top-level for every queue."""
+        """Every queue's ring parameters, read and parsed (blkif.h "Frontend XenBus Nodes"):
+        `multi-queue-num-queues` absent or 1 means the top-level `ring-ref*` and `event-channel`;
+        N >= 2 means `queue-0..N-1/ring-ref*` and `queue-i/event-channel`. `ring-page-order`,
+        `protocol` and `feature-persistent` are top-level for every queue.
+
+        Two batches, no transaction (issue 20: this was a round trip per node inside one, 8+ on
+        the connect's critical path; now 1, or 2 with a ring-page-order or several queues): the
+        top-level nodes, then what their two numbers name. The values are the guest's own; a
+        transaction made them a snapshot, but the guest can write any mix of them anyway, so a
+        torn read gives it nothing, and each is parsed and bounded below whatever it is. Linux
+        blkfront writes them all before it switches to Initialised, which is what we act on."""
         assert self.frontend is not None
         fe = self.frontend
         max_queues = self.config.max_queues
-
-        def body(tx: Transaction) -> dict[str, str | None]:
-            wanted = (
-                "ring-ref",
-                "ring-page-order",
-                "event-channel",
-                "protocol",
-                "multi-queue-num-queues",
-                "feature-persistent",
-            )
-            values = {name: tx.read_optional(join(fe, name)) for name in wanted}
-            order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
-            queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
-            # only what the two numbers name is read: a bad one is refused below, from these values
-            dirs = [fe] if queues == 1 else [join(fe, f"queue-{q}") for q in range(queues)]
-            for q, where in enumerate(dirs):
-                prefix = "" if queues == 1 else f"queue-{q}/"
-                if queues > 1:
-                    values[f"{prefix}ring-ref"] = tx.read_optional(join(where, "ring-ref"))
-                    values[f"{prefix}event-channel"] = tx.read_optional(join(where, "event-channel"))
-                if order is not None:
-                    for i in range(1 << order):
-                        values[f"{prefix}ring-ref{i}"] = tx.read_optional(join(where, f"ring-ref{i}"))
-            return values
-
-        values = self.store.run_transaction(body)
+        wanted = (
+            "ring-ref",
+            "ring-page-order",
+            "event-channel",
+            "protocol",
+            "multi-queue-num-queues",
+            "feature-persistent",
+        )
+        values = dict(zip(wanted, self.store.read_many([join(fe, name) for name in wanted]), strict=True))
+        first_order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
+        first_queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
+        # only what the two numbers name is read: a bad one is refused below, from these values
+        names: list[str] = []
+        for q in range(first_queues):
+            prefix = "" if first_queues == 1 else f"queue-{q}/"
+            if first_queues > 1:
+                names += [f"{prefix}ring-ref", f"{prefix}event-channel"]
+            if first_order is not None:
+                names += [f"{prefix}ring-ref{i}" for i in range(1 << first_order)]
+        if names:
+            values.update(zip(names, self.store.read_many([join(fe, name) for name in names]), strict=True))
         queues_text = values.get("multi-queue-num-queues")
         queues = 1
         if queues_text is not None:
@@ -613,33 +664,33 @@ class BackendDevice:
             discard_secure=discard and target.discard_secure,
             max_indirect_segments=self.config.max_indirect_segments,
         )
-        self._start_queues(queues, target, limits)
+        self._set_up_queues(queues, target, limits)
         self._log_reattach(queues)
 
-        def body(tx: Transaction) -> None:
-            if tx.read_optional(join(self.path, "state")) is None:
-                return
-            info = blkif.info_bits(read_only=limits.read_only)
-            nodes = {
-                "sectors": str(target.sectors),
-                "info": str(info),
-                "sector-size": str(target.logical_block_size),
-                "physical-sector-size": str(target.physical_block_size),
-                "feature-flush-cache": "1" if flush else "0",
-                "feature-barrier": "0",
-                # what we offer; in use only if the frontend's node says 1 as well (read above)
-                "feature-persistent": "1" if self.config.persistent_grants else "0",
-                "feature-discard": "1" if discard else "0",
-            }
-            if discard:
-                nodes["discard-granularity"] = str(target.discard_granularity)
-                nodes["discard-alignment"] = "0"
-                nodes["discard-secure"] = "1" if limits.discard_secure else "0"
-            for name, value in nodes.items():
-                tx.write(join(self.path, name), value)
-            tx.write(join(self.path, "state"), str(XenbusState.Connected))
-
-        self.store.run_transaction(body)
+        nodes = {
+            "sectors": str(target.sectors),
+            "info": str(blkif.info_bits(read_only=limits.read_only)),
+            "sector-size": str(target.logical_block_size),
+            "physical-sector-size": str(target.physical_block_size),
+            "feature-flush-cache": "1" if flush else "0",
+            "feature-barrier": "0",
+            # what we offer; in use only if the frontend's node says 1 as well (read above)
+            "feature-persistent": "1" if self.config.persistent_grants else "0",
+            "feature-discard": "1" if discard else "0",
+        }
+        if discard:
+            nodes["discard-granularity"] = str(target.discard_granularity)
+            nodes["discard-alignment"] = "0"
+            nodes["discard-secure"] = "1" if limits.discard_secure else "0"
+        nodes["state"] = str(XenbusState.Connected)  # with the rest: the frontend reads them on 4
+        self._write_if_present({join(self.path, name): value for name, value in nodes.items()})
+        # The ring threads start only now (issue 20): Thread.start() waits for the new thread to
+        # run, a scheduling round trip that was on the way to Connected and now overlaps the
+        # frontend's own reaction to it. Nothing is lost meanwhile: the ring is mapped and the
+        # channel bound, so a request pushed before a thread runs waits in the ring with its event
+        # pending, and each thread serves the ring before its first sleep.
+        for dp in self.dataplanes:
+            dp.start()
         self.phase = Phase.CONNECTED
         grants = "persistent grants" if params.persistent else "grants mapped per request"
         if not params.persistent and self.config.transport.copies_grants:
@@ -665,15 +716,15 @@ class BackendDevice:
                 )
         self._taken_over = False
 
-    def _start_queues(
+    def _set_up_queues(
         self, queues: list[RingParams], target: DeviceTarget | NbdTarget, limits: DeviceLimits
     ) -> None:
         """One data plane per queue, each mapping its own ring and binding its own channel, with its
         own grant cache and I/O workers: on a worker process if the engine has them, else on a
         thread here (an NBD export always: its queues share one connection, nbdio.py). Each goes
-        into self.dataplanes as soon as it exists, and all are started only
-        once every queue is set up: if one fails, the failure path's drain stops the others
-        (none took a request)."""
+        into self.dataplanes as soon as it exists, and none is started here: _connect() starts
+        them all once every queue is set up and Connected is written, so if one fails, the
+        failure path's drain stops the others (none took a request)."""
         base = f"xbc-{self.domid}-{self.devid}"
         pool = self.config.worker_pool
         for q, params in enumerate(queues):
@@ -717,8 +768,6 @@ class BackendDevice:
                     native_loop=self.config.native_loop,
                 )
             )
-        for dp in self.dataplanes:
-            dp.start()
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
@@ -733,11 +782,7 @@ class BackendDevice:
             self.errors.published(value)
 
     def _write_node(self, name: str, value: str) -> None:
-        def body(tx: Transaction) -> None:
-            if tx.read_optional(join(self.path, "state")) is not None:  # never re-create a deleted backend
-                tx.write(join(self.path, name), value)
-
-        self.store.run_transaction(body)
+        self._write_if_present({join(self.path, name): value})
 
     def _broken_callback(self, queue: int | None) -> Callable[[str], None]:
         def on_broken(reason: str) -> None:

@@ -874,6 +874,15 @@ class XenStore(_Operations):
         path, token = item
         return WatchEvent(decode_value(path), decode_value(token))
 
+    def interrupt_wait(self) -> None:
+        """Make a wait_watch() blocked now (in any thread), or else the next one, return None at
+        once, as if its timeout had passed: a loop that waits for events can then sleep until its
+        next timer instead of polling for requests from other threads. Safe from a signal
+        handler. The threaded link (XenStore.connect) only."""
+        link = self._link
+        if link is not None:
+            link.interrupt()
+
     def reset_watches(self) -> None:
         """Drop every watch of this connection on the daemon's side (RESET_WATCHES)."""
         _ok(self._request(RESET_WATCHES, _NUL, "reset-watches"), "reset-watches")

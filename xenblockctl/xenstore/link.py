@@ -57,7 +57,8 @@ class LinkSendFailed(Exception):
 
 class Link:
     """The contract (documentation and type; both links override every method but
-    exchange_stream, whose level-by-level default serves any link that can exchange)."""
+    exchange_stream, whose level-by-level default serves any link that can exchange, and
+    interrupt, which only a link whose waits other threads share has)."""
 
     endpoint: Endpoint
 
@@ -95,6 +96,11 @@ class Link:
         """(path, token) of the next event of a subscribed token, None after `timeout` seconds;
         LinkLost once the connection is gone (and on every later call)."""
         raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Make the next_event() waiting now (in any thread), or else the next one, return None at
+        once. Safe to call from a signal handler."""
+        raise NotImplementedError("only the threaded link's waits can be interrupted")
 
     def subscribe(self, token: str) -> None:
         """Deliver events carrying `token` from now on (called once per token)."""

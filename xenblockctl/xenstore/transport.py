@@ -46,6 +46,16 @@ class _Lost:
 LOST: Final = _Lost()
 
 
+class _Interrupt:
+    """Marker interrupt() puts among the events: the wait it meets returns as if timed out."""
+
+    def __repr__(self) -> str:
+        return "INTERRUPT"
+
+
+INTERRUPT: Final = _Interrupt()
+
+
 class _SocketTransport:
     """pyxs's transport contract (fileno/recv/send/close) on a socket with a timeout, so a peer
     that stops mid-packet raises in recv()/sendall() instead of blocking the router forever."""
@@ -145,7 +155,7 @@ class GuardedRouter(Router):  # type: ignore[misc]
         self.failure: BaseException | None = None
         self.stopped = threading.Event()
         #: event queues of our clients; each gets LOST when the router stops.
-        self.event_queues: list[queue.Queue[Any]] = []
+        self.event_queues: list[queue.SimpleQueue[Any]] = []
         self.thread.name = "xenstore-router"
 
     def __call__(self) -> None:
@@ -221,7 +231,9 @@ class RouterLink(Link):
     def __init__(self, router: GuardedRouter, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._router = router
-        self._events: queue.Queue[Any] = queue.Queue()
+        #: A SimpleQueue: its put() is reentrant (C, no Python-level lock), so interrupt() may run
+        #: in a signal handler that interrupted this very thread inside next_event().
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         router.event_queues.append(self._events)
         self._sink = _EventSink(self._events)
         #: Over the kernel's xenbus device, one request in flight at a time (libxenstore's way).
@@ -266,8 +278,13 @@ class RouterLink(Link):
         if item is LOST:
             self._events.put(LOST)  # keep reporting it to later waits
             raise LinkLost(0, self._router.describe_failure())
+        if item is INTERRUPT:
+            return None
         path, token = item
         return bytes(path), bytes(token)
+
+    def interrupt(self) -> None:
+        self._events.put(INTERRUPT)
 
     def subscribe(self, token: str) -> None:
         self._router.subscribe(token.encode("ascii"), self._sink)
@@ -290,7 +307,7 @@ class RouterLink(Link):
 class _EventSink:
     """What pyxs's Router delivers watch events to: anything with an `events` queue."""
 
-    def __init__(self, events: queue.Queue[Any]) -> None:
+    def __init__(self, events: queue.SimpleQueue[Any]) -> None:
         self.events = events
 
 
