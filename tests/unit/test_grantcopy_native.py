@@ -268,10 +268,17 @@ def test_data_plane_falls_back_for_what_the_pass_refuses(
         assert fe.collect(1)[700].response.status == blkif.RSP_ERROR
     logged = [r.getMessage() for r in caplog.records if "error response" in r.getMessage()]
     assert sum(f"id 700: grant-map: grant copy into ref {bad} (segment 0)" in m for m in logged) == 1
-    served = native.served
     # RWF_NOWAIT refused: the native pass stops, Python's run_now hands it to a worker
     monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)
     monkeypatch.setattr(type(dp.executor), "placement", lambda self: (io.Where.POOL, io.Where.POOL))
+    # the wait-and-serve loop takes its placement when it starts, and the ring thread may have
+    # restarted it before the patch: one more request it refuses (a bad ref) sends it back through
+    # Python's path, which starts it again with the patched placement. Its counts are settled when
+    # it exits for that slot, before Python answers it, so `served` is read after the answer.
+    fe.submit_raw(SegmentRequest(blkif.OP_READ, 1, 0, 701, 0, (Segment(bad, 0, 7),)))
+    with caplog.at_level(logging.WARNING):
+        assert fe.collect(1)[701].response.status == blkif.RSP_ERROR
+    served = native.served
     assert fe.read(0, 8192) == b"q" * 8192
     assert native.served == served
     monkeypatch.undo()
