@@ -32,6 +32,7 @@ from tests.fixtures.native import (
     compile_sanitized,
     limits_st,
     request_st,
+    run_sanitized,
     sector_st,
 )
 from xenblockctl.backend import blkif, fastpath
@@ -557,17 +558,7 @@ def test_agreement_under_sanitizers(tmp_path: Path) -> None:
         pages.clear()  # every export the index holds released (ASan sees that too)
         """
     )
-    env = dict(
-        os.environ,
-        LD_PRELOAD=lib,
-        ASAN_OPTIONS="detect_leaks=0",
-        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "ok"
+    run_sanitized(script, lib)
     assert built.exists()
 
 
