@@ -268,11 +268,7 @@ class BackRing(_RingBase):
         data = bytes(self._entries[first * entry : (first + head) * entry])
         if head < n:
             data += bytes(self._entries[: (n - head) * entry])
-        words = self._id_words
-        if words is not None:
-            self._order.extend(memoryview(data).cast("Q")[words[0] :: words[1]])
-        else:
-            self._order.extend([t[0] for t in self._ids(data)])
+        self._owe(data)
         self.taken_at = self.req_cons
         self.req_cons = (self.req_cons + n) & _MASK
         return data, n
@@ -302,12 +298,16 @@ class BackRing(_RingBase):
         entry = self._entry
         count = len(data) // entry
         self.taken_at = (self.req_cons - count) & _MASK
-        rest = data[index * entry : count * entry]
+        self._owe(data[index * entry : count * entry])
+
+    def _owe(self, slots: bytes) -> None:
+        """Record the ids of taken `slots` (whole entries, in ring order) as answers owed, in
+        that order (take_slots(), and settle() for what the native loop took and left)."""
         words = self._id_words
         if words is not None:
-            self._order.extend(memoryview(rest).cast("Q")[words[0] :: words[1]])
+            self._order.extend(memoryview(slots).cast("Q")[words[0] :: words[1]])
         else:
-            self._order.extend([t[0] for t in self._ids(rest)])
+            self._order.extend([t[0] for t in self._ids(slots)])
 
     def take_requests(self, limit: int | None = None) -> list[bytes]:
         """Like take_slots, one bytes object per slot."""
