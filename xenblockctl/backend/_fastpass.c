@@ -779,7 +779,7 @@ static PyObject *fp_respond(PyObject *self, PyObject *args)
     unsigned char (*rsp)[16] = NULL;
     Py_ssize_t n = PyList_GET_SIZE(answers);
     Py_ssize_t esize = entry_size(id_offset);
-    size_t rsize = id_offset == 8 ? 16 : 12; /* struct blkif_response: x86_64 pads it to 16 */
+    size_t rsize = response_size(id_offset == 8);
     if ((id_offset != 8 && id_offset != 4) || ring_size <= 0 || ring_size > MAX_SLOTS ||
         (ring_size & (ring_size - 1)) || pvt_in > 0xFFFFFFFFull || n > ring_size ||
         ring.len < SRING_HEADER + ring_size * esize || ((uintptr_t)ring.buf & 3)) {
@@ -806,7 +806,7 @@ static PyObject *fp_respond(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "respond: operation or status out of range");
             goto done;
         }
-        pack_response(rsp[k], (uint64_t)id, (uint8_t)op, (int16_t)status, id_offset == 8);
+        pack_response(rsp[k], (uint64_t)id, (uint8_t)op, (int16_t)status);
     }
     {
         unsigned char *hdr = ring.buf;

@@ -576,7 +576,7 @@ static PyObject *gc_loop(PyObject *self, PyObject *args)
                            (uint32_t)pvt, (uint32_t)pushed};
     const volatile unsigned char *stop = stopb.buf;
     const uint32_t mask = r.size - 1;
-    const size_t esize = (size_t)p.esize, rsize = id_offset == 8 ? 16 : 12;
+    const size_t esize = (size_t)p.esize, rsize = response_size(id_offset == 8);
     Py_ssize_t requests = 0, index = 0, count = 0;
     Py_ssize_t counts[3] = {0, 0, 0}; /* requests, wake-ups, notifies not yet in the stats */
     int why = EXIT_WOKEN, err = 0, notify_err = 0;
@@ -605,7 +605,7 @@ static PyObject *gc_loop(PyObject *self, PyObject *args)
             index = serve_slots(&p, copy, 0, count, ids, ops);
             unsigned char rsp[16];
             for (Py_ssize_t k = 0; k < index; k++) {
-                pack_response(rsp, ids[k], ops[k], 0, id_offset == 8);
+                pack_response(rsp, ids[k], ops[k], 0);
                 r.pvt = answer_into_ring(r.ring, r.pvt, mask, esize, rsp, rsize);
             }
             requests += index;

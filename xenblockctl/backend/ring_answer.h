@@ -27,15 +27,20 @@ static inline void store_index(unsigned char *at, uint32_t value)
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
 
-/* struct blkif_response's bytes for (id, op, status): 16 on x86_64 (padded), 12 on x86_32; `out`
- * holds 16, zeroed here so padding goes out as zeros (XSA-216). Returns the response's size. */
-static inline size_t pack_response(unsigned char out[16], uint64_t id, uint8_t op, int16_t status, int x86_64)
+/* sizeof(struct blkif_response): x86_64 pads it to 16, x86_32 packs it in 12 */
+static inline size_t response_size(int x86_64)
+{
+    return x86_64 ? 16 : 12;
+}
+
+/* struct blkif_response's bytes for (id, op, status): response_size() of them; `out` holds 16,
+ * zeroed here so padding goes out as zeros (XSA-216). */
+static inline void pack_response(unsigned char out[16], uint64_t id, uint8_t op, int16_t status)
 {
     memset(out, 0, 16);
     memcpy(out, &id, 8);
     out[8] = op;
     memcpy(out + 10, &status, 2);
-    return x86_64 ? 16 : 12;
 }
 
 /* Answer the request at ring index `pvt` (the oldest unanswered, nothing held: the caller knows)
