@@ -119,6 +119,12 @@ ADD_PROBE = (
     f"{READER}import {', '.join(bundle.MAIN_ROOTS)}, {bundle.ROOTS[-1]}; "
     "print(list(sys.modules))"
 )
+#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes).
+BLOCK_DEVICE_STEPS = (
+    "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.kernel import sysfs; "
+    "sysfs.holders(7, 0); sysfs.read_attr(7, 0, 'dev'); sysfs.dm_name(7, 0); "
+    "print(sorted(sys.modules))"
+)
 ADD_ONLY = (
     "xenblockctl.blockscript.add",
     "xenblockctl.blockscript.claim",
@@ -170,6 +176,11 @@ def test_hotplug_path_imports_no_heavy_modules() -> None:
 def test_file_add_and_remove_steps_import_nothing_heavy_lazily() -> None:
     loaded = _loaded_forbidden(EXERCISE)
     assert not loaded, f"a file add or a remove must not import {loaded} on the way"
+
+
+def test_block_device_steps_import_nothing_heavy() -> None:
+    loaded = _loaded_forbidden(BLOCK_DEVICE_STEPS)
+    assert not loaded, f"a block-device add must not import {loaded} for its sysfs lookups"
 
 
 def test_file_add_imports_nothing_of_other_target_kinds() -> None:
