@@ -55,24 +55,35 @@ def laid_imports(checkout: Path, imports: str) -> str:
     return f"import gc, os, sys; gc.disable(); sys.path.append({str(checkout)!r}); {imports}; os._exit(0)"
 
 
-def bundled_script(work: Path, py: str, imports: str, *, with_bundle: bool = True) -> Path:
-    """This checkout's block script as install-hooks lays it for `py`, its bundle written, cut
-    where it imports main: `imports` and os._exit run instead. It prints the thread CPU time (ns)
-    from its where-the-package-is lines to the end of the imports: the import segment alone,
-    without the interpreter's start-up, whose noise hides a 1 ms change on a loaded host.
+def bundled_script(
+    work: Path, py: str, imports: str, *, with_bundle: bool = True, checkout: Path = ROOT
+) -> Path:
+    """`checkout`'s block script as install-hooks lays it for `py`, its bundle written, cut
+    where it imports main: `imports` and _exit run instead. It prints the thread CPU time (ns)
+    from its first import (`import gc`, the laid lines' own imports included: the script's
+    `os` was ~1 ms of them until issue 18 round 10) to the end of the imports: the import
+    segment alone, without the interpreter's start-up, whose noise hides a 1 ms change on a
+    loaded host.
     `with_bundle=False`: the same script with no bundle directory (the loader skipped)."""
-    where = hostfiles.local_layout()._replace(python=py, packages=str(ROOT), cache_dir=str(work / "cache"))
-    laid = hostfiles.block_script((ROOT / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where)
-    begin = laid.index("# Laid by")
+    cache = work / f"cache-{len(list(work.iterdir()))}"  # one per checkout: never each other's bundle
+    where = hostfiles.local_layout()._replace(python=py, packages=str(checkout), cache_dir=str(cache))
+    laid = hostfiles.block_script((checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where)
+    begin = laid.index("\nimport gc") + 1
     cut = laid.index("from xenblockctl.blockscript.hotplug import main")
     head = f"{laid[:begin]}import time\n_t0 = time.thread_time_ns()\n{laid[begin:cut]}"
     if not with_bundle:
-        named = f"_bundle_dir = os.environ.get({bundle.CACHE_DIR_ENV!r}) or"
+        named = (
+            f"_bundle_dir = posix.environ.get({bundle.CACHE_DIR_ENV.encode()!r}, b'')"
+            ".decode('utf-8', 'surrogateescape') or"
+        )
         if named not in head:
             raise SystemExit(f"the laid script does not name its bundle directory as {named!r} …")
         head = head.replace(named, "_bundle_dir = None and")
     script = work / f"{len(list(work.iterdir()))}.py"
-    script.write_text(f"{head}{imports}\nos.write(1, b'%d' % (time.thread_time_ns() - _t0))\nos._exit(0)\n")
+    # posix: the laid where-lines import it (the script itself no longer imports os)
+    script.write_text(
+        f"{head}{imports}\nposix.write(1, b'%d' % (time.thread_time_ns() - _t0))\nposix._exit(0)\n"
+    )
     if not with_bundle:
         return script
     wrote = subprocess.run(
@@ -86,9 +97,10 @@ def bundled_script(work: Path, py: str, imports: str, *, with_bundle: bool = Tru
     return script
 
 
-def segments(py: str, runs: int, env: dict[str, str]) -> None:
+def segments(py: str, runs: int, env: dict[str, str], baseline: Path | None = None) -> None:
     """The import segment's thread CPU time (bundled_script), each action with and without its
-    bundle, fresh processes, interleaved."""
+    bundle, and with `baseline` that checkout's laid script with its bundle; fresh processes,
+    interleaved."""
     work = Path(tempfile.mkdtemp(prefix="xbc-segment-"))
     try:
         cases = {
@@ -101,6 +113,10 @@ def segments(py: str, runs: int, env: dict[str, str]) -> None:
             for action, imports in ACTION_IMPORTS.items()
             for kind in ("no bundle", "bundle")
         }
+        if baseline is not None:
+            for action, imports in ACTION_IMPORTS.items():
+                script = bundled_script(work, py, imports, checkout=baseline)
+                cases[f"{action}, baseline's bundle"] = [py, "-S", str(script), action]
         times: dict[str, list[float]] = {name: [] for name in cases}
         for i in range(runs + 3):
             for name, argv in cases.items():
@@ -111,7 +127,7 @@ def segments(py: str, runs: int, env: dict[str, str]) -> None:
                     times[name].append(int(out) / 1e3)
     finally:
         shutil.rmtree(work)
-    print(f"import segment (where-the-package lines to the last import), thread CPU, {runs} runs:")
+    print(f"import segment (the laid script's first import to its last), thread CPU, {runs} runs:")
     for name, values in times.items():
         print(row(f"  {name}", values))
     for action in ACTION_IMPORTS:
@@ -119,6 +135,12 @@ def segments(py: str, runs: int, env: dict[str, str]) -> None:
         print(
             f"{action}'s import segment, CPU p50: {plain / 1e3:.2f} -> {bundled / 1e3:.2f} ms with the bundle"
         )
+        if baseline is not None:
+            base = percentile(times[f"{action}, baseline's bundle"], 50)
+            print(
+                f"{action}'s import segment with the bundle, CPU p50: {bundled / 1e3:.2f} ms, "
+                f"baseline {base / 1e3:.2f} ms"
+            )
 
 
 def child_env() -> dict[str, str]:
@@ -222,7 +244,7 @@ def main() -> int:
                 f"{action}'s imports, laid style, CPU p50: {mine / 1e3:.2f} ms, "
                 f"baseline {theirs / 1e3:.2f} ms ({mine / theirs:.3f}x)"
             )
-    segments(py, args.runs, env)
+    segments(py, args.runs, env, None if args.baseline is None else args.baseline.resolve())
     if shutil.which("strace"):
         for name in ("python -c pass", "python -c '<hotplug imports>'", laid):
             print(f"syscalls, {name}: {count_syscalls(cases[name], env)}")

@@ -18,7 +18,8 @@ A bad value in a file is `bad-config`; a bad `XENBLOCKCTL_*` variable is `bad-se
 
 from __future__ import annotations
 
-import os
+import _stat
+import posix
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
@@ -249,20 +250,25 @@ class Value(NamedTuple):
 def paths(env: Mapping[str, str]) -> tuple[str, str]:
     """(main file, drop-in directory)."""
     main = env.get(PATH_ENV) or DEFAULT_PATH
-    return main, os.path.join(os.path.dirname(main), DROPIN_DIR)
+    # os.path.join(os.path.dirname(main), DROPIN_DIR) without os (the hotplug path never imports it)
+    directory, slash, _name = main.rpartition("/")
+    return main, f"{directory}{slash}{DROPIN_DIR}"
 
 
 def config_files(env: Mapping[str, str]) -> list[str]:
     """Existing config files in the order they apply. Cheap: a stat and, if present, a listdir."""
     main, dropins = paths(env)
-    files = [main] if os.path.isfile(main) else []
+    try:  # os.path.isfile without os
+        files = [main] if _stat.S_ISREG(posix.stat(main).st_mode) else []
+    except (OSError, ValueError):
+        files = []
     try:
-        names = sorted(os.listdir(dropins))
+        names = sorted(posix.listdir(dropins))
     except (FileNotFoundError, NotADirectoryError):
         names = []
     except OSError as exc:
         raise ConfigError.from_oserror(exc, f"cannot list {dropins}") from exc
-    files += [os.path.join(dropins, n) for n in names if n.endswith(".conf") and not n.startswith(".")]
+    files += [f"{dropins}/{n}" for n in names if n.endswith(".conf") and not n.startswith(".")]
     return files
 
 
@@ -303,7 +309,10 @@ def load(env: Mapping[str, str] | None = None, *, section: str | None = None) ->
 
     An empty variable counts as unset. Any bad file is refused even when `section` is given: a
     file we cannot read as a whole is not half-applied."""
-    env = os.environ if env is None else env
+    if env is None:  # a caller without an environment object; the hotplug path passes its own
+        import os  # only here: the hotplug path passes its environment and never imports os
+
+        env = os.environ
     files = file_values(env)
     result: dict[str, Value] = {}
     for option in OPTIONS:

@@ -22,7 +22,8 @@ A plain class, not a dataclass: this is on the hotplug path, whose import graph 
 
 from __future__ import annotations
 
-import os
+import posix
+import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
@@ -52,8 +53,11 @@ class Environment:
 
     @classmethod
     def of_process(cls) -> Environment:
-        """For entry points only: a snapshot of this process's environment."""
-        return cls(dict(os.environ))
+        """For entry points only: a snapshot of this process's environment, decoded as os.environ
+        decodes it (the filesystem encoding, surrogateescape), from `posix.environ`: the hotplug path
+        never imports `os` (bench/README.md, issue 18 round 10)."""
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+        return cls({k.decode(encoding, errors): v.decode(encoding, errors) for k, v in posix.environ.items()})
 
     def __repr__(self) -> str:
         return f"Environment(lock_dir={self.lock_dir!r}, pause_at={self.pause_at!r})"

@@ -8,7 +8,7 @@ plus a one-line human message, and the errno when the kernel or xenstored gave o
 from __future__ import annotations
 
 import errno as _errno
-import os
+import posix
 
 
 class XenblockError(Exception):
@@ -28,7 +28,7 @@ class XenblockError(Exception):
         suffix = ""
         if self.errno is not None:
             name = _errno.errorcode.get(self.errno, str(self.errno))
-            suffix = f" ({name}: {os.strerror(self.errno)})"
+            suffix = f" ({name}: {posix.strerror(self.errno)})"
         return f"{self.code}: {self.message}{suffix}"
 
     def one_line(self, limit: int = 400) -> str:

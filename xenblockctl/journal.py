@@ -6,7 +6,7 @@ syslog (/dev/log), and always to stderr. Stdlib only and cheap to import: the ho
 from __future__ import annotations
 
 import _socket
-import os
+import posix
 import sys
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -27,9 +27,12 @@ class Journal:
         self._sock: _socket.socket | None = None
         self._target: str | None = None
         for path in (JOURNAL_SOCKET, SYSLOG_SOCKET):
-            if os.path.exists(path):
-                self._target = path
-                break
+            try:  # os.path.exists without os (the hotplug path never imports it)
+                posix.stat(path)
+            except (OSError, ValueError):
+                continue
+            self._target = path
+            break
 
     def bind(self, **fields: object) -> None:
         self.fields.update({k.upper(): str(v) for k, v in fields.items()})
@@ -55,7 +58,7 @@ class Journal:
             return "".join(f"{k}={' '.join(v.splitlines())}\n" for k, v in items.items()).encode()
         context = " ".join(f"{k}={v}" for k, v in {**self.fields, **fields}.items())
         # syslog: facility daemon (3) << 3 | priority
-        return f"<{(3 << 3) | priority}>{self.identifier}[{os.getpid()}]: {message} {context}".encode()
+        return f"<{(3 << 3) | priority}>{self.identifier}[{posix.getpid()}]: {message} {context}".encode()
 
     def info(self, message: str, **fields: object) -> None:
         self.log(INFO, message, **fields)

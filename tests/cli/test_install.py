@@ -229,6 +229,9 @@ def test_laid_block_script_adds_and_removes_without_site(
         m for m in imported if any(m == k or m.startswith(k + ".") for k in test_hotplug_imports.OTHER_KINDS)
     )
     assert not other_kinds, f"a file add imported modules of other target kinds: {other_kinds}"
+    # the laid script's own lines included (the lint's probes start below them): no os, no stat
+    forbidden = sorted(m for m in imported if m.split(".")[0] in test_hotplug_imports.FORBIDDEN)
+    assert not forbidden, f"a real file add through the laid script imported {forbidden}"
 
 
 def test_sandbox_failure_shows_what_the_script_said() -> None:

@@ -28,11 +28,11 @@ PROBE = (
 #: root and changes nothing: target parsing and the dm test of a file path, the bound-loop scan
 #: (unreadable devices are skipped), and remove's proof for a loop number that does not exist.
 EXERCISE = (
-    "import sys, os; sys.path[:0] = sys.argv[1:]; "
+    "import sys, posix; sys.path[:0] = sys.argv[1:]; "
     "from xenblockctl.blockscript import add, remove, sharing, target; from xenblockctl.kernel import loop; "
     "t = target.parse_target('/srv/images/disk.img'); assert not target.maybe_dm(t); "
     "list(sharing.loop_claims()); "
-    "r = loop.detach_with_proof(os.makedev(7, 1048000), diskseq=1, tag='xenblockctl:1:2'); "
+    "r = loop.detach_with_proof(posix.makedev(7, 1048000), diskseq=1, tag='xenblockctl:1:2'); "
     "assert r is loop.DetachResult.ALREADY_GONE, r; "
     "print(sorted(sys.modules))"
 )
@@ -81,6 +81,15 @@ FORBIDDEN = (
     # system had to find and read from a file: ~0.2 ms of every start (bench/README.md, issue 18
     # round 9); the path imports `_struct` (as struct) instead
     "struct",
+    # os (with _collections_abc, posixpath, genericpath and stat) cost ~1.0 ms of every start in a
+    # fresh `python -S`, most of it _collections_abc's ABCs, for functions that are posix's: the path
+    # calls posix and _stat, which the interpreter has loaded (or are built in), and spells the few
+    # os.path steps it needs itself (bench/README.md, issue 18 round 10)
+    "os",
+    "_collections_abc",
+    "posixpath",
+    "genericpath",
+    "stat",
 )
 #: Modules of other target kinds, which a file add (EXERCISE; a real add through the laid script in
 #: tests/cli/test_install.py) never imports: each is imported where its kind is handled. A trace of a
@@ -110,6 +119,12 @@ ADD_PROBE = (
     f"{READER}import {', '.join(bundle.MAIN_ROOTS)}, {bundle.ROOTS[-1]}; "
     "print(list(sys.modules))"
 )
+#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes).
+BLOCK_DEVICE_STEPS = (
+    "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.kernel import sysfs; "
+    "sysfs.holders(7, 0); sysfs.read_attr(7, 0, 'dev'); sysfs.dm_name(7, 0); "
+    "print(sorted(sys.modules))"
+)
 ADD_ONLY = (
     "xenblockctl.blockscript.add",
     "xenblockctl.blockscript.claim",
@@ -127,11 +142,12 @@ ADD_ONLY = (
 #: with a measurement in bench/README.md that says what the new module buys. 54 since the hotplug
 #: bundle's reader (blockscript/bundle.py): it serves the other 37 of ours from one file, ~1.2 ms
 #: less CPU per start (issue 18 round 6), and as a module it costs ~0.6 ms less than as script text.
-#: 53 since `_struct` replaced `struct` (round 9).
-MODULE_BUDGET = 53
+#: 53 since `_struct` replaced `struct` (round 9); 47 since the path stopped importing os (its
+#: os.path, posixpath, genericpath, stat and _collections_abc went with it; round 10).
+MODULE_BUDGET = 47
 #: The same for REMOVE_PROBE: 47 when set (remove's graph is add's minus add's own modules); 48
-#: with the bundle's reader, 47 again without `struct`.
-REMOVE_MODULE_BUDGET = 47
+#: with the bundle's reader, 47 again without `struct`, 41 without os.
+REMOVE_MODULE_BUDGET = 41
 
 
 def _modules(probe: str) -> list[str]:
@@ -160,6 +176,11 @@ def test_hotplug_path_imports_no_heavy_modules() -> None:
 def test_file_add_and_remove_steps_import_nothing_heavy_lazily() -> None:
     loaded = _loaded_forbidden(EXERCISE)
     assert not loaded, f"a file add or a remove must not import {loaded} on the way"
+
+
+def test_block_device_steps_import_nothing_heavy() -> None:
+    loaded = _loaded_forbidden(BLOCK_DEVICE_STEPS)
+    assert not loaded, f"a block-device add must not import {loaded} for its sysfs lookups"
 
 
 def test_file_add_imports_nothing_of_other_target_kinds() -> None:

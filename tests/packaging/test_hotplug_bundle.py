@@ -322,7 +322,7 @@ def test_a_module_that_raises_during_preload_raises_where_it_is_imported(laid: L
     body again, and its error ends the run there, once, as without a bundle."""
     source = laid.packages / "xenblockctl" / "environment.py"
     text = source.read_text()
-    broken_body = 'if os.environ.get("BREAK_ENVIRONMENT"):\n    raise RuntimeError("broken body")\n'
+    broken_body = 'if posix.environ.get(b"BREAK_ENVIRONMENT"):\n    raise RuntimeError("broken body")\n'
     source.write_text(f"{text}\n{broken_body}")
     usage_ok(run(laid))
     usage_ok(run(laid))

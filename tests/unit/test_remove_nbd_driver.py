@@ -28,6 +28,6 @@ def test_block_devices_are_listed_only_with_the_nbd_driver(
         listed.append(path)
         return [name for name in real_listdir(path) if not name.startswith("nbd")]  # no NBD device
 
-    monkeypatch.setattr(remove.os, "listdir", listdir)
+    monkeypatch.setattr(remove.posix, "listdir", listdir)
     remove._disconnect_unpublished_nbd(BackendPath("vbd", 5, 51712), None, Journal("test", stderr=False))
     assert listed == ([] if driver == "absent" else ["/sys/block"])

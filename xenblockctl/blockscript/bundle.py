@@ -34,7 +34,7 @@ action's failure: it is logged with its reason and the action goes on."""
 # the laid script imports this module normally, and it would be the only one to load __future__
 # (lean_code compiles the bundle's modules with the flag instead of the statement).
 import marshal
-import os
+import posix
 import sys
 from _frozen_importlib import ModuleSpec  # importlib.machinery's, loaded before any script runs
 
@@ -109,7 +109,7 @@ def _spec(name: str, entry: "tuple[types.CodeType, bool, str, str]") -> ModuleSp
     # stubs ask for, would be one more import at every start
     spec = ModuleSpec(name, _BundleLoader, origin=entry[2], is_package=entry[1])  # type: ignore[arg-type]
     if entry[1]:
-        spec.submodule_search_locations = [os.path.dirname(entry[2])]
+        spec.submodule_search_locations = [entry[2].rpartition("/")[0]]  # the source's directory
     spec.has_location = True  # __file__ is the source, for tracebacks and messages
     spec.cached = entry[3]  # recorded: computing __cached__ from the source costs ~2 us a module
     return spec
@@ -138,18 +138,18 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
     from _frozen_importlib_external import MAGIC_NUMBER
 
     try:
-        held = os.stat(directory)
-        fd = os.open(os.path.join(directory, NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        held = posix.stat(directory)
+        fd = posix.open(f"{directory}/{NAME}", posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
         with open(fd, "rb") as f:
-            for what, st in ((directory, held), (NAME, os.fstat(fd))):
-                if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            for what, st in ((directory, held), (NAME, posix.fstat(fd))):
+                if st.st_uid != posix.geteuid() or st.st_mode & 0o022:
                     raise PermissionError(f"{what}: owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}")
             data = f.read()
         written_for, stats, sections = parts(data, MAGIC_NUMBER)
         if written_for != packages:
             raise ValueError(f"written for {written_for}")
         for origin, size, mtime in stats:
-            st = os.stat(origin)
+            st = posix.stat(origin)
             if st.st_size != size or st.st_mtime_ns != mtime:
                 raise ValueError(f"{origin} changed")
         codes: dict[str, tuple[types.CodeType, bool, str, str]] = {}
@@ -184,7 +184,7 @@ def preload(skip: str | None = None) -> None:
     # -X importtime's line per module too (the C import code writes it, and it is not run here)
     clock: Callable[[], int] | None = None
     if "importtime" in sys._xoptions or (
-        not sys.flags.ignore_environment and os.environ.get("PYTHONPROFILEIMPORTTIME")
+        not sys.flags.ignore_environment and posix.environ.get(b"PYTHONPROFILEIMPORTTIME")
     ):
         from time import perf_counter_ns as clock
     for name, entry in _codes.items():
@@ -251,4 +251,4 @@ def start(directory: str, packages: str, argv: "Sequence[str]") -> None:
         written = renew(directory, packages, why)
     if action == "--write-bundle":
         sys.stderr.flush()
-        os._exit(USED if why is None else WRITTEN if written else UNWRITTEN)
+        posix._exit(USED if why is None else WRITTEN if written else UNWRITTEN)

@@ -20,8 +20,8 @@ claim() and its callers stay as they are."""
 
 from __future__ import annotations
 
-import os
-import stat
+import _stat
+import posix
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import target_lock
@@ -107,7 +107,7 @@ def open_target(target: Target, *, writable: bool, env: Environment, for_backend
             return _Named(named, writable=writable)
     fd = blockdev.open_path(target.path, writable=writable)
     try:
-        st = os.fstat(fd)
+        st = posix.fstat(fd)
         if is_file(st):
             if target.expect_dm_name is not None or target.expect_diskseq is not None:
                 raise IdentityMismatch(f"{target.path} is a regular file, expected a block device")
@@ -116,7 +116,7 @@ def open_target(target: Target, *, writable: bool, env: Environment, for_backend
         check_expectations(target, ident)
         return _Device(fd, ident, target.path, writable=writable)
     except BaseException:
-        os.close(fd)
+        posix.close(fd)
         raise
 
 
@@ -143,10 +143,10 @@ def claim(
         return claimed
 
 
-def is_file(st: os.stat_result) -> bool:
+def is_file(st: posix.stat_result) -> bool:
     """The one "is a regular file" rule: a file is attached through a new loop device (or is a
     snapshot's base); anything else open_path let through is a block device used as it is."""
-    return stat.S_ISREG(st.st_mode)
+    return _stat.S_ISREG(st.st_mode)
 
 
 def check_expectations(target: Target, ident: BlockIdentity) -> None:
@@ -167,7 +167,7 @@ def check_expectations(target: Target, ident: BlockIdentity) -> None:
         )
 
 
-def file_key(st: os.stat_result) -> str:
+def file_key(st: posix.stat_result) -> str:
     return f"file-{st.st_dev:x}-{st.st_ino:x}"
 
 
@@ -194,13 +194,13 @@ class _FdOpened(Opened):
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            posix.close(fd)
 
 
 class _File(_FdOpened):
     """A regular file: claimed by its (st_dev, st_ino); made into a fresh auto-clearing loop device."""
 
-    def __init__(self, fd: int, st: os.stat_result, path: str, *, writable: bool) -> None:
+    def __init__(self, fd: int, st: posix.stat_result, path: str, *, writable: bool) -> None:
         self.fd, self.path, self.writable = fd, path, writable
         self.key = file_key(st)
         self.wanted = Wanted(writable=writable, file_id=(st.st_dev, st.st_ino))
@@ -229,7 +229,7 @@ class _Device(_FdOpened):
     def make(self, use: Use) -> Claimed:
         # The sharing check was for the identity read before locking: a device resized, set
         # read-only or rebound since then is not what was checked.
-        device = BlockDevice(os.dup(self.fd), blockdev.identify(self.fd), self.path)
+        device = BlockDevice(posix.dup(self.fd), blockdev.identify(self.fd), self.path)
         if device.identity != self.ident:
             device.close()
             raise IdentityMismatch(f"{self.path} changed identity while it was being checked")
@@ -262,7 +262,7 @@ class _Snapshot(_FdOpened):
     """`snapshot:BASE`: the base is only ever read, so the sharing check asks for read-only use of
     the base file; the writable dm device made on top is new and private to its backend."""
 
-    def __init__(self, fd: int, st: os.stat_result, path: str, *, writable: bool) -> None:
+    def __init__(self, fd: int, st: posix.stat_result, path: str, *, writable: bool) -> None:
         self.fd, self.st, self.path, self.writable = fd, st, path, writable
         self.key = file_key(st)
         self.wanted = Wanted(writable=False, file_id=(st.st_dev, st.st_ino))
@@ -274,7 +274,7 @@ class _Snapshot(_FdOpened):
 
         fd = blockdev.open_path(target.path, writable=False)
         try:
-            st = os.fstat(fd)
+            st = posix.fstat(fd)
             if not is_file(st):
                 raise TargetTypeError(
                     f"{target.path}: the base of a snapshot: target must be a regular image file"
@@ -283,7 +283,7 @@ class _Snapshot(_FdOpened):
             opened.ctl = dmtargets.control(env)  # no dm: fail before anything is allocated
             return opened
         except BaseException:
-            os.close(fd)
+            posix.close(fd)
             raise
 
     def make(self, use: Use) -> Claimed:

@@ -11,7 +11,7 @@ Before the point name it writes its pid to <path>.pid: the points inside the AUT
 
 from __future__ import annotations
 
-import os
+import posix
 
 from xenblockctl.environment import Environment
 
@@ -35,9 +35,9 @@ def pause(env: Environment, point: str) -> None:
         return
     if env.pause_file:
         with open(env.pause_file + ".pid", "w") as f:
-            f.write(str(os.getpid()))
+            f.write(str(posix.getpid()))
         with open(env.pause_file, "w") as f:
             f.write(point)
     import signal  # only when a test asked for this point: kept off every VM start's imports
 
-    os.kill(os.getpid(), signal.SIGSTOP)
+    posix.kill(posix.getpid(), signal.SIGSTOP)

@@ -14,7 +14,8 @@ and gives up on a backend error node, the backend closing or vanishing, or the d
 
 from __future__ import annotations
 
-import os
+import _stat
+import posix
 import time
 
 from xenblockctl.enums import Enum
@@ -54,13 +55,22 @@ def blkback_dir(path: BackendPath, bus: str) -> str:
     """`bus`: the environment's xen_backend_bus (/sys/bus/xen-backend/devices, or the directory in
     which a flow test plays kernel blkback, which cannot exist off Xen; the Xen lane has the real
     one)."""
-    return os.path.join(bus, f"{path.kind}-{path.domid}-{path.devid}")
+    return f"{bus}/{path.kind}-{path.domid}-{path.devid}"
+
+
+def _is_dir(path: str) -> bool:
+    """os.path.isdir without os (the hotplug path never imports it: bench/README.md, issue 18
+    round 10)."""
+    try:
+        return _stat.S_ISDIR(posix.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def blkback_device(path: BackendPath, bus: str) -> str | None:
     """What kernel blkback says it opened (`%x:%x`), or None if it has not (yet)."""
     try:
-        with open(os.path.join(blkback_dir(path, bus), "physical_device")) as f:
+        with open(f"{blkback_dir(path, bus)}/physical_device") as f:
             return f.read().strip() or None
     except OSError:
         return None
@@ -83,7 +93,7 @@ def wait_for_consumer(
 ) -> Consumer:
     """`physical_device`: what kernel blkback must show it opened (hex MAJOR:MINOR); None when
     there is no device and only the engine can be the consumer."""
-    token = f"xenblockctl-handoff-{os.getpid()}"
+    token = f"xenblockctl-handoff-{posix.getpid()}"
     watched = [backend, error_node(home, path)]
     # The first check's reads go in the watches' batch: one round trip less on every add.
     values: list[str | None] | None = store.watch_many(
@@ -112,7 +122,7 @@ def wait_for_consumer(
                     "(is kernel blkback loaded or the xenblockctl engine running?)"
                 )
             poll = ENGINE_POLL
-            blkback = os.path.isdir(blkback_dir(path, bus))
+            blkback = _is_dir(blkback_dir(path, bus))
             if blkback:
                 poll, blkback_poll = blkback_poll, min(blkback_poll * 2, BLKBACK_POLL)
             if first:

@@ -5,7 +5,6 @@ remove flow does not import the add-only modules' heavier parts until needed."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -29,7 +28,7 @@ def main(
     """`defer_autoclear`: see add.run_add (the udev hook, whose leftover processes udev kills,
     passes False)."""
     argv = list(sys.argv if argv is None else argv)
-    environment = Environment(dict(os.environ) if env is None else env)
+    environment = Environment.of_process() if env is None else Environment(env)
     variables = environment.variables
     journal = Journal(IDENTIFIER, XENBUS_PATH=variables.get("XENBUS_PATH", ""))
     action = argv[1] if len(argv) == 2 else None

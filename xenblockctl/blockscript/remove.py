@@ -19,7 +19,7 @@ it to autoclear=0); a wait longer than lock_timeout is a coded error that change
 
 from __future__ import annotations
 
-import os
+import posix
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import device_lock
@@ -146,13 +146,13 @@ def _disconnect_unpublished_nbd(
         # Without the nbd driver there is no NBD device: its sysfs entry (there when it is loaded or
         # built in: it has parameters) is one lookup, where listing /sys/block costs ~0.1 ms on a
         # host with a few hundred loop minors (bench/README.md, issue 18 round 7).
-        os.stat(NBD_DRIVER)
+        posix.stat(NBD_DRIVER)
     except FileNotFoundError:
         return
     except OSError:
         pass  # unsure: the listing decides
     try:
-        if not any(name.startswith("nbd") for name in os.listdir("/sys/block")):
+        if not any(name.startswith("nbd") for name in posix.listdir("/sys/block")):
             return  # no NBD device at all: kernel/nbd.py stays unimported
     except OSError:
         return

@@ -40,7 +40,7 @@ file sets `uuid=`. man block-xenblockctl(8), SHARING, says the same for admins."
 
 from __future__ import annotations
 
-import os
+import posix
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel import blockdev, loop
@@ -130,7 +130,7 @@ def check(store: XenStore, home: str, own_backend: str, wanted: Wanted) -> None:
     if wanted.writable and wanted.devt is not None:
         from xenblockctl.kernel import sysfs  # block devices only: pathlib stays off a file add
 
-        stacked = sysfs.holders(os.major(wanted.devt), os.minor(wanted.devt))
+        stacked = sysfs.holders(posix.major(wanted.devt), posix.minor(wanted.devt))
         if stacked:
             raise SharingConflict(
                 f"device is held by {_describe_holders(wanted.devt, stacked)}; refusing writable attach"
@@ -142,7 +142,7 @@ def _describe_holders(devt: int, stacked: list[str]) -> str:
     a dm table must not be written behind the table's back (a snapshot origin least of all)."""
     from xenblockctl.kernel import dm  # only here: a refusal is rare, the import is not free
 
-    names = dm.dm_holders(os.major(devt), os.minor(devt))
+    names = dm.dm_holders(posix.major(devt), posix.minor(devt))
     described = [f"dm device {name!r}" for name in names]
     if len(names) < len(stacked):
         described.append(f"{', '.join(stacked)} (kernel names)")
@@ -280,7 +280,7 @@ def _backends_publishing(store: XenStore, home: str, own_backend: str, devt: int
     else is malformed and names no device), so comparing the text decides what parsing every
     value would, without a record per backend that publishes something else
     (tests/unit/test_sharing_match.py)."""
-    wanted = identity.format_physical_device(os.major(devt), os.minor(devt))
+    wanted = identity.format_physical_device(posix.major(devt), posix.minor(devt))
     return [
         entry
         for entry, text in read_in_backends(store, home, identity.PHYSICAL_DEVICE, skip=own_backend)
@@ -383,5 +383,5 @@ def mount_claims(mountinfo: str = "/proc/self/mountinfo") -> Iterator[Claim]:
         yield Claim(
             where=f"mount {fields[4]}",
             writable="rw" in options,
-            devt=os.makedev(int(major_text), int(minor_text)),
+            devt=posix.makedev(int(major_text), int(minor_text)),
         )

@@ -19,8 +19,8 @@ no dm control node, /dev/mapper/NAME falls back to opening the path and checking
 
 from __future__ import annotations
 
-import os
-import stat
+import _stat
+import posix
 
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
@@ -147,9 +147,12 @@ def maybe_dm(target: Target) -> bool:
     if target.snapshot or len(parts) != 4 or parts[:2] != ["", "dev"]:
         return False
     try:
-        st = os.stat(target.path)
+        st = posix.stat(target.path)
     except OSError:
         return False  # opening the path reports it
     from xenblockctl.kernel import sysfs  # here, not at the top: pathlib stays off a file add
 
-    return stat.S_ISBLK(st.st_mode) and sysfs.dm_name(os.major(st.st_rdev), os.minor(st.st_rdev)) is not None
+    return (
+        _stat.S_ISBLK(st.st_mode)
+        and sysfs.dm_name(posix.major(st.st_rdev), posix.minor(st.st_rdev)) is not None
+    )

@@ -5,9 +5,9 @@ or a major:minor can name a different device a microsecond later, a held fd cann
 
 from __future__ import annotations
 
+import _stat
 import errno
-import os
-import stat
+import posix
 
 from xenblockctl.kernel import ioctls
 from xenblockctl.kernel.errors import (
@@ -37,7 +37,7 @@ class BlockIdentity(NamedTuple):
 
     @property
     def devt(self) -> int:
-        return os.makedev(self.major, self.minor)
+        return posix.makedev(self.major, self.minor)
 
     @property
     def physical_device(self) -> str:
@@ -69,8 +69,8 @@ def read_diskseq(fd: int) -> int:
 
 def identify(fd: int) -> BlockIdentity:
     """Identity of the block device open on fd. Everything comes from the fd, never from a path."""
-    st = os.fstat(fd)
-    if not stat.S_ISBLK(st.st_mode):
+    st = posix.fstat(fd)
+    if not _stat.S_ISBLK(st.st_mode):
         raise TargetTypeError("not a block device")
     try:
         size = ioctls.ioctl_u64(fd, ioctls.BLKGETSIZE64)
@@ -80,8 +80,8 @@ def identify(fd: int) -> BlockIdentity:
     except OSError as exc:
         raise DeviceError("block size/read-only ioctls failed", errno=exc.errno) from exc
     return BlockIdentity(
-        major=os.major(st.st_rdev),
-        minor=os.minor(st.st_rdev),
+        major=posix.major(st.st_rdev),
+        minor=posix.minor(st.st_rdev),
         diskseq=read_diskseq(fd),
         size_bytes=size,
         logical_block_size=lbs,
@@ -108,7 +108,9 @@ class BlockDevice(FdHandle):
 
 def _open_flags(writable: bool) -> int:
     # O_NONBLOCK: never block on a removable/medium-less device; O_NOCTTY in case a tty sneaks in.
-    return (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    return (
+        (posix.O_RDWR if writable else posix.O_RDONLY) | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY
+    )
 
 
 def open_path(path: str, *, writable: bool) -> int:
@@ -116,7 +118,7 @@ def open_path(path: str, *, writable: bool) -> int:
     device *before* opening it (opening a char device or FIFO can have side effects), and again
     from the fd afterwards (the path may have been swapped in between)."""
     try:
-        pre = os.stat(path)
+        pre = posix.stat(path)
     except FileNotFoundError as exc:
         raise TargetNotFound(f"{path}: no such file or device", errno=exc.errno) from exc
     except PermissionError as exc:
@@ -127,7 +129,7 @@ def open_path(path: str, *, writable: bool) -> int:
         raise DeviceError(f"{path}: cannot stat", errno=exc.errno) from exc
     _require_file_or_blk(path, pre.st_mode)
     try:
-        fd = os.open(path, _open_flags(writable))
+        fd = posix.open(path, _open_flags(writable))
     except FileNotFoundError as exc:
         raise TargetNotFound(f"{path}: vanished while opening", errno=exc.errno) from exc
     except PermissionError as exc:
@@ -137,25 +139,25 @@ def open_path(path: str, *, writable: bool) -> int:
             raise TargetPermission(f"{path}: read-only, cannot open for writing", errno=exc.errno) from exc
         raise DeviceError(f"{path}: cannot open", errno=exc.errno) from exc
     try:
-        _require_file_or_blk(path, os.fstat(fd).st_mode)
+        _require_file_or_blk(path, posix.fstat(fd).st_mode)
     except BaseException:
-        os.close(fd)
+        posix.close(fd)
         raise
     return fd
 
 
 def _require_file_or_blk(path: str, mode: int) -> None:
-    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+    if _stat.S_ISREG(mode) or _stat.S_ISBLK(mode):
         return
     kind = (
         "a directory"
-        if stat.S_ISDIR(mode)
+        if _stat.S_ISDIR(mode)
         else "a FIFO"
-        if stat.S_ISFIFO(mode)
+        if _stat.S_ISFIFO(mode)
         else "a character device"
-        if stat.S_ISCHR(mode)
+        if _stat.S_ISCHR(mode)
         else "a socket"
-        if stat.S_ISSOCK(mode)
+        if _stat.S_ISSOCK(mode)
         else "not a file"
     )
     raise TargetTypeError(f"{path} is {kind}, not a regular file or block device")
@@ -165,11 +167,11 @@ def open_block_device(path: str, *, writable: bool) -> BlockDevice:
     """Open an existing block device by path. Identity comes from the fd; the path is not re-read."""
     fd = open_path(path, writable=writable)
     try:
-        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        if not _stat.S_ISBLK(posix.fstat(fd).st_mode):
             raise TargetTypeError(f"{path} is not a block device")
         return BlockDevice(fd, identify(fd), path)
     except BaseException:
-        os.close(fd)
+        posix.close(fd)
         raise
 
 
@@ -184,20 +186,20 @@ def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDev
     fd = -1
     if node is not None:
         try:
-            st = os.stat(node)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
-                fd = os.open(node, flags)
+            st = posix.stat(node)
+            if _stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+                fd = posix.open(node, flags)
         except OSError:
             pass
     if fd < 0:
         fd = _open_private_node(devt, flags)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != devt:
-            raise DeviceError(f"opened node is not block device {os.major(devt)}:{os.minor(devt)}")
+        st = posix.fstat(fd)
+        if not _stat.S_ISBLK(st.st_mode) or st.st_rdev != devt:
+            raise DeviceError(f"opened node is not block device {posix.major(devt)}:{posix.minor(devt)}")
         return BlockDevice(fd, identify(fd), node)
     except BaseException:
-        os.close(fd)
+        posix.close(fd)
         raise
 
 
@@ -215,7 +217,7 @@ def observe(devt: int) -> BlockIdentity | None:
     "could not check" is never mistaken for "gone"."""
     from xenblockctl.kernel import sysfs
 
-    if sysfs.read_attr(os.major(devt), os.minor(devt), "dev") is None:
+    if sysfs.read_attr(posix.major(devt), posix.minor(devt), "dev") is None:
         return None
     try:
         with open_devt(devt, writable=False) as dev:
@@ -230,14 +232,14 @@ def _open_private_node(devt: int, flags: int) -> int:
     import tempfile  # rare path (no /dev node); kept off the hotplug script's import time
 
     with tempfile.TemporaryDirectory(prefix="xenblockctl-node-") as tmp:
-        path = os.path.join(tmp, "dev")
+        path = f"{tmp}/dev"
         try:
-            os.mknod(path, stat.S_IFBLK | 0o600, devt)
+            posix.mknod(path, _stat.S_IFBLK | 0o600, devt)
         except OSError as exc:
             raise DeviceError("cannot create a private device node (root needed)", errno=exc.errno) from exc
         try:
-            return os.open(path, flags)
+            return posix.open(path, flags)
         except OSError as exc:
             raise DeviceError(
-                f"cannot open block device {os.major(devt)}:{os.minor(devt)}", errno=exc.errno
+                f"cannot open block device {posix.major(devt)}:{posix.minor(devt)}", errno=exc.errno
             ) from exc

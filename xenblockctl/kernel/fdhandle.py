@@ -3,7 +3,7 @@ device-mapper control node) are their fd, closed exactly once, also by `with`.""
 
 from __future__ import annotations
 
-import os
+import posix
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ class FdHandle:
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            posix.close(fd)
 
     def __enter__(self) -> Self:
         return self

@@ -6,11 +6,11 @@ number; the loser sees EBUSY from LOOP_CONFIGURE and must retry with another num
 
 from __future__ import annotations
 
+import _stat
 import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 import errno
 import fcntl
-import os
-import stat
+import posix
 import time
 
 from xenblockctl.enums import Enum
@@ -82,7 +82,7 @@ class RetryPolicy(NamedTuple):
 
     def delay(self, attempt: int) -> float:
         # os.urandom, not `random` (1.2 ms of imports: warnings, operator, bisect, math)
-        fraction = int.from_bytes(os.urandom(2), "little") / 65536
+        fraction = int.from_bytes(posix.urandom(2), "little") / 65536
         return fraction * min(self.max_delay, self.base_delay * (2.0 ** min(attempt, 16)))
 
 
@@ -191,13 +191,13 @@ class LoopDevice(BlockDevice):
 
 def _open_loop_number(number: int, writable: bool) -> int:
     """Open /dev/loopN, or a private node for 7:N where /dev has none (containers)."""
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
-    devt = os.makedev(LOOP_MAJOR, number)
-    path = os.path.join(DEV_DIR, f"loop{number}")
+    flags = (posix.O_RDWR if writable else posix.O_RDONLY) | posix.O_CLOEXEC | posix.O_NONBLOCK
+    devt = posix.makedev(LOOP_MAJOR, number)
+    path = f"{DEV_DIR}/loop{number}"
     try:
-        st = os.stat(path)
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
-            return os.open(path, flags)
+        st = posix.stat(path)
+        if _stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+            return posix.open(path, flags)
     except FileNotFoundError:
         pass
     return open_devt(devt, writable=writable).fd  # private node; identity read is cheap and harmless
@@ -241,30 +241,30 @@ def attach_fd(
     loop fd after configuring, so it names exactly this binding."""
     request = LoopRequest(read_only, tag, autoclear, direct_io, block_size)
     name = backing_path or "backing file"
-    st = os.fstat(backing_fd)
-    if not stat.S_ISREG(st.st_mode):
+    st = posix.fstat(backing_fd)
+    if not _stat.S_ISREG(st.st_mode):
         raise TargetTypeError(f"{name} is not a regular file")
     if st.st_size < 512:
         raise TargetEmpty(f"{name} is empty or smaller than one sector")
-    accmode = fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_ACCMODE
-    if not read_only and accmode == os.O_RDONLY:
+    accmode = fcntl.fcntl(backing_fd, fcntl.F_GETFL) & posix.O_ACCMODE
+    if not read_only and accmode == posix.O_RDONLY:
         raise LoopError("a writable loop device needs a backing fd opened read-write")
     if not tag.startswith(TAG_PREFIX) or len(tag.encode("ascii")) >= LO_NAME_SIZE:
         raise ValueError(f"bad loop tag {tag!r}")
     try:
-        ctl = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+        ctl = posix.open(LOOP_CONTROL, posix.O_RDWR | posix.O_CLOEXEC)
     except OSError as exc:
         raise UnsupportedKernel(f"cannot open {LOOP_CONTROL}", errno=exc.errno) from exc
     try:
         return _attach_loop(ctl, backing_fd, st, request, backing_path=backing_path, retry=retry)
     finally:
-        os.close(ctl)
+        posix.close(ctl)
 
 
 def _attach_loop(
     ctl: int,
     backing_fd: int,
-    st: os.stat_result,
+    st: posix.stat_result,
     request: LoopRequest,
     *,
     backing_path: str,
@@ -305,10 +305,10 @@ def _attach_loop(
             if exc.errno in _RACE_ERRNOS:
                 # Bound now: another binder won this number (no sleep before the next GET_FREE).
                 lost_to_binder = exc.errno == errno.EBUSY and _bound(fd)
-                os.close(fd)
+                posix.close(fd)
                 last_errno = exc.errno or 0
                 continue
-            os.close(fd)
+            posix.close(fd)
             if exc.errno == errno.EINVAL and request.direct_io:
                 # Some kernels refuse DIRECT_IO outright for this backing file: go on buffered.
                 request = request._replace(direct_io=False)
@@ -326,7 +326,7 @@ def _attach_loop(
                 fcntl.ioctl(fd, LOOP_CLR_FD)
             except OSError:
                 pass
-            os.close(fd)
+            posix.close(fd)
             raise
     raise LoopExhausted(
         f"no loop device after {retry.attempts} attempts (lost the GET_FREE race)", errno=last_errno
@@ -342,7 +342,9 @@ def _bound(fd: int) -> bool:
     return True
 
 
-def _verify(fd: int, number: int, st: os.stat_result, request: LoopRequest, backing_path: str) -> LoopDevice:
+def _verify(
+    fd: int, number: int, st: posix.stat_result, request: LoopRequest, backing_path: str
+) -> LoopDevice:
     """Read back what the kernel really configured: the backing file must be the one we opened,
     AUTOCLEAR/READ_ONLY must be set as asked. DIRECT_IO may be silently dropped (alignment)."""
     status = get_status(fd)
@@ -368,13 +370,13 @@ def attach_file(
     """Open `path` once (O_RDONLY for read-only) and bind it; the backing fd is closed afterwards."""
     backing = open_path(path, writable=not read_only)
     try:
-        if not stat.S_ISREG(os.fstat(backing).st_mode):
+        if not _stat.S_ISREG(posix.fstat(backing).st_mode):
             raise TargetTypeError(f"{path} is not a regular file")
         return attach_fd(
             backing, read_only=read_only, tag=tag, autoclear=autoclear, direct_io=direct_io, backing_path=path
         )
     finally:
-        os.close(backing)
+        posix.close(backing)
 
 
 class DetachResult(Enum):
@@ -390,9 +392,9 @@ def detach_with_proof(
     Proof = same device number, same diskseq (a re-attach bumps it), our tag in lo_file_name, and
     (when known) the same backing inode. LOOP_CLR_FD only arms AUTOCLEAR while others hold the
     device; the real detach happens at their last close, never under a consumer's feet."""
-    if os.major(devt) != LOOP_MAJOR:
-        raise NotOurs(f"{os.major(devt)}:{os.minor(devt)} is not a loop device")
-    number = os.minor(devt)
+    if posix.major(devt) != LOOP_MAJOR:
+        raise NotOurs(f"{posix.major(devt)}:{posix.minor(devt)} is not a loop device")
+    number = posix.minor(devt)
     if not _registered(number):
         return DetachResult.ALREADY_GONE  # removed; do not open 7:N, that would re-create it
     dev = open_devt(devt, writable=False, node=f"/dev/loop{number}")
@@ -421,7 +423,7 @@ def _registered(number: int) -> bool:
     """Whether the kernel still has loop device 7:number, asked of sysfs so that nothing is opened
     (or re-created). A stat, not kernel/sysfs: that module imports pathlib (~5 ms of every remove)."""
     try:
-        os.stat(f"/sys/dev/block/{LOOP_MAJOR}:{number}/dev")
+        posix.stat(f"/sys/dev/block/{LOOP_MAJOR}:{number}/dev")
     except (FileNotFoundError, NotADirectoryError):
         return False
     return True
@@ -437,7 +439,7 @@ class BoundLoop(NamedTuple):
 
     @property
     def devt(self) -> int:
-        return os.makedev(LOOP_MAJOR, self.number)
+        return posix.makedev(LOOP_MAJOR, self.number)
 
 
 def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
@@ -446,10 +448,10 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
     Scans sysfs first (no opens for unbound devices, so nothing is created or held), then reads
     the tag through LOOP_GET_STATUS64 on a short-lived read-only fd."""
     # os, not pathlib: this runs in every block script add of a file (pathlib costs ~5 ms to import)
-    for name in sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")):
+    for name in sorted(n for n in posix.listdir(SYS_BLOCK) if n.startswith("loop")):
         try:
             number = int(name.removeprefix("loop"))
-            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file")) as f:
+            with open(f"{SYS_BLOCK}/{name}/loop/backing_file") as f:
                 backing_file = f.read().strip()
         except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
@@ -460,7 +462,7 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
                 raise
             continue
         try:
-            dev = open_devt(os.makedev(LOOP_MAJOR, number), writable=False, node=f"/dev/loop{number}")
+            dev = open_devt(posix.makedev(LOOP_MAJOR, number), writable=False, node=f"/dev/loop{number}")
         except DeviceError:
             continue
         try:
@@ -478,7 +480,7 @@ def bound_loops(tag_prefix: str | None = TAG_PREFIX) -> Iterator[BoundLoop]:
 #: lo_device and lo_inode: the first two fields of struct loop_info64 (loop_abi.LoopInfo64).
 _BACKING = struct.Struct("=QQ")
 #: Read-only, never blocking on a device without medium, never a controlling tty (blockdev's flags).
-_SCAN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_SCAN_FLAGS = posix.O_RDONLY | posix.O_NONBLOCK | posix.O_NOCTTY | posix.O_CLOEXEC
 
 
 def bound_loops_backed_by(backing: tuple[int, int]) -> Iterator[BoundLoop]:
@@ -496,44 +498,44 @@ def bound_loops_backed_by(backing: tuple[int, int]) -> Iterator[BoundLoop]:
     (/sys/devices/virtual/block, where /sys/block's links point), not /sys/block/loopN/loop: the
     symlink walk per minor was most of it (bench/README.md, issue 18's parallel adds). Where that
     directory does not list every loop minor /sys/block does, /sys/block's paths are used."""
-    names = sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop"))
+    names = sorted(n for n in posix.listdir(SYS_BLOCK) if n.startswith("loop"))
     where = _sysfs_loop_dir(names)
     try:
         yield from _backed_by(names, where, backing)
     finally:
-        os.close(where)
+        posix.close(where)
 
 
 def _sysfs_loop_dir(names: list[str]) -> int:
     """A dir fd to stat `<name>/loop` under: SYS_VIRTUAL_BLOCK when it lists every one of `names` (a
     block device's name is unique, so that entry is the device /sys/block/<name> links to), else
     SYS_BLOCK itself, whose loopN links the stat follows."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    flags = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC
     try:
-        fd = os.open(SYS_VIRTUAL_BLOCK, flags)
+        fd = posix.open(SYS_VIRTUAL_BLOCK, flags)
     except OSError:
-        return os.open(SYS_BLOCK, flags)
+        return posix.open(SYS_BLOCK, flags)
     try:
-        if set(names) <= set(os.listdir(fd)):
+        if set(names) <= set(posix.listdir(fd)):
             return fd
     except OSError:
         pass
-    os.close(fd)
-    return os.open(SYS_BLOCK, flags)
+    posix.close(fd)
+    return posix.open(SYS_BLOCK, flags)
 
 
 def _backed_by(names: list[str], where: int, backing: tuple[int, int]) -> Iterator[BoundLoop]:
     for name in names:
         try:
             number = int(name.removeprefix("loop"))
-            os.stat(f"{name}/loop", dir_fd=where)
+            posix.stat(f"{name}/loop", dir_fd=where)
         except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         except OSError as exc:
             if exc.errno != errno.ENODEV:  # detached meanwhile, as in bound_loops
                 raise
             continue
-        fd = _open_for_scan(os.makedev(LOOP_MAJOR, number), f"{DEV_DIR}/loop{number}")
+        fd = _open_for_scan(posix.makedev(LOOP_MAJOR, number), f"{DEV_DIR}/loop{number}")
         if fd < 0:
             continue
         try:
@@ -549,9 +551,9 @@ def _backed_by(names: list[str], where: int, backing: tuple[int, int]) -> Iterat
             status = LoopStatus.from_info(LoopInfo64.unpack(bytes(buf)))
             diskseq = read_diskseq(fd)
         finally:
-            os.close(fd)
+            posix.close(fd)
         try:
-            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file")) as f:
+            with open(f"{SYS_BLOCK}/{name}/loop/backing_file") as f:
                 backing_file = f.read().strip()
         except OSError:
             backing_file = ""  # detached since: the claim stands for the binding the fd saw
@@ -564,19 +566,19 @@ def _open_for_scan(devt: int, node: str) -> int:
     ioctls), else open_devt's private node."""
     fd = -1
     try:
-        st = os.stat(node)
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
-            fd = os.open(node, _SCAN_FLAGS)
-            st = os.fstat(fd)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+        st = posix.stat(node)
+        if _stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
+            fd = posix.open(node, _SCAN_FLAGS)
+            st = posix.fstat(fd)
+            if _stat.S_ISBLK(st.st_mode) and st.st_rdev == devt:
                 return fd
     except OSError:
         pass
     if fd >= 0:
-        os.close(fd)
+        posix.close(fd)
     try:
         dev = open_devt(devt, writable=False)
     except DeviceError:
         return -1
     with dev:
-        return os.dup(dev.fd)
+        return posix.dup(dev.fd)

@@ -173,7 +173,11 @@ def block_script(text: str, where: Layout) -> str:
         "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
         "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
         f"{_APPEND}{where.packages!r})\n"
-        f"_bundle_dir = os.environ.get({CACHE_DIR_ENV!r}) or {where.cache_dir!r}\n"
+        # posix.environ, not os.environ: the laid script never imports os (issue 18 round 10); the
+        # import is the block's own, so an older shim (benches lay one) gets it too
+        "import posix\n"
+        f"_bundle_dir = posix.environ.get({CACHE_DIR_ENV.encode()!r}, b'').decode('utf-8', 'surrogateescape')"
+        f" or {where.cache_dir!r}\n"
     )
     text = text[:begin] + where_lines + text[end + len(WHERE_END) :]
     return _with_python(text, f"{where.python} -S")

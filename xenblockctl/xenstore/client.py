@@ -24,7 +24,7 @@ from __future__ import annotations
 import _thread
 import errno
 import itertools
-import os
+import posix
 import time
 
 from xenblockctl.xenstore import wire
@@ -681,7 +681,7 @@ class XenStore(_Operations):
                     # once, as the floor script's do (bench/README.md, issue 18's parallel adds).
                     continue
                 # jitter from os.urandom, not `random` (1.2 ms of imports on the block script's path)
-                fraction = int.from_bytes(os.urandom(2), "little") / 65536
+                fraction = int.from_bytes(posix.urandom(2), "little") / 65536
                 pause = fraction * min(_BACKOFF_CAP, _BACKOFF_FIRST * 2.0**attempt)
                 if self.deadline is not None:
                     pause = min(pause, max(0.0, self.deadline - time.monotonic()))

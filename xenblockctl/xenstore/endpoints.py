@@ -9,9 +9,9 @@ IntEnums from the C module's constants, bench/README.md hotplug_startup) and we 
 from __future__ import annotations
 
 import _socket
+import _stat
 import errno
-import os
-import stat
+import posix
 import time
 
 from xenblockctl.xenstore.errors import XenstoreUnavailable
@@ -68,19 +68,32 @@ def default_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
     the default socket when `XENSTORED_PATH` names a dead one: a test pointed at its private
     daemon must never silently talk to the host's store.
     """
-    env = os.environ if env is None else env
-    sock = env.get("XENSTORED_PATH") or os.path.join(env.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR, "socket")
+    if env is None:  # a caller without an environment object; the hotplug path passes its own
+        import os  # only here: the hotplug path passes its environment and never imports os
+
+        env = os.environ
+    sock = env.get("XENSTORED_PATH") or f"{env.get('XENSTORED_RUNDIR') or DEFAULT_RUNDIR}/socket"
     endpoints = [Endpoint("socket", sock)]
     # /proc/xen/xenbus only on kernels without /dev/xen/xenbus (what pyxs and libxenstore do).
-    xenbus = next((d for d in XENBUS_DEVICES if os.path.exists(d)), XENBUS_DEVICES[0])
+    xenbus = next((d for d in XENBUS_DEVICES if _exists(d)), XENBUS_DEVICES[0])
     endpoints.append(Endpoint("xenbus", xenbus))
     return endpoints
+
+
+def _exists(path: str) -> bool:
+    """os.path.exists without os (the hotplug path never imports it: bench/README.md, issue 18
+    round 10)."""
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def endpoint_for(path: str) -> Endpoint:
     """An explicit path: a character device means xenbus, anything else a Unix socket."""
     try:
-        is_chr = stat.S_ISCHR(os.stat(path).st_mode)
+        is_chr = _stat.S_ISCHR(posix.stat(path).st_mode)
     except OSError:
         is_chr = False
     return Endpoint("xenbus" if is_chr else "socket", path)
@@ -129,7 +142,7 @@ def _reason(exc: BaseException) -> str:
     code = _errno_of(exc)
     if code is None:
         return " ".join(str(exc).split())[:120]
-    return f"{errno.errorcode.get(code, str(code))}: {os.strerror(code)}"
+    return f"{errno.errorcode.get(code, str(code))}: {posix.strerror(code)}"
 
 
 def connect_first(

@@ -43,7 +43,7 @@ satisfies), passed in by the caller."""
 
 from __future__ import annotations
 
-import os
+import posix
 
 from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
@@ -166,7 +166,7 @@ class PublishedIdentity(NamedTuple):
 
     @property
     def devt(self) -> int:
-        return os.makedev(self.major, self.minor)
+        return posix.makedev(self.major, self.minor)
 
     @property
     def physical_device(self) -> str:
@@ -290,7 +290,7 @@ class OwnerRecord(NamedTuple):
 
     @property
     def devt(self) -> int:
-        return os.makedev(self.major, self.minor)
+        return posix.makedev(self.major, self.minor)
 
     @property
     def identity(self) -> PublishedIdentity:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import _socket
 import _struct as struct  # what struct.py re-exports, without its file: tests/lint/test_hotplug_imports.py
 import errno
-import os
+import posix
 import select
 import time
 
@@ -97,7 +97,7 @@ class DirectLink(Link):
             self._sock = sock
             self._fd = sock.fileno()
         else:
-            self._fd = os.open(endpoint.path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = posix.open(endpoint.path, posix.O_RDWR | posix.O_CLOEXEC)
         self._pipeline = endpoint.kind == "socket"
         #: The socket's SO_RCVLOWAT, so that it is set only when it changes.
         self._lowat = 1
@@ -195,7 +195,7 @@ class DirectLink(Link):
         if self._sock is not None:
             self._sock.close()
         else:
-            os.close(fd)
+            posix.close(fd)
 
     # -- reading and writing ----------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class DirectLink(Link):
                 # xenbus takes one whole message per write (Linux collects partial writes too).
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self._fd, view) :]
+                    view = view[posix.write(self._fd, view) :]
         except OSError as exc:
             self._fail(f"send failed: {type(exc).__name__}: {exc}")
             raise LinkSendFailed(index, f"{type(exc).__name__}: {exc}") from exc
@@ -327,7 +327,7 @@ class DirectLink(Link):
             if sock is None:
                 if not select.select([self._fd], [], [], remaining)[0]:
                     return True  # the loop finds the deadline passed
-                data = os.read(self._fd, _READ_SIZE)
+                data = posix.read(self._fd, _READ_SIZE)
             else:
                 lowat = max(1, min(replies * HEADER_SIZE - self._decoder.pending, _READ_SIZE))
                 if lowat != self._lowat:
