@@ -434,9 +434,13 @@ class BackendDevice:
             self._parked = self.config.fd_store is not None and self.fd_name in self.config.fd_store.in_store
             device = self._adopt(inherited, devt, writable=mode == "w")
         else:
-            if blockdev.observe(devt) is None:
+            # One open, judged below through its own fd (issue 20: a look through a first,
+            # read-only fd before it was a second open and close on the script's wait for
+            # `opened`=1, a third of this pass's CPU, and the close could wait for udev's probe)
+            present = blockdev.open_present(devt, writable=mode == "w")
+            if present is None:
                 raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
-            device = blockdev.open_devt(devt, writable=mode == "w")
+            device = present
         verdict = identity.judge(published.diskseq, device.identity)
         if verdict not in (Liveness.LIVE, Liveness.UNVERIFIED):
             seen = device.identity.diskseq
@@ -682,8 +686,14 @@ class BackendDevice:
             nodes["discard-granularity"] = str(target.discard_granularity)
             nodes["discard-alignment"] = "0"
             nodes["discard-secure"] = "1" if limits.discard_secure else "0"
+        # the error counts so far (none on a first connect) go with them: `show` tells an engine's
+        # backend by this node, and on its own it was one more transaction after `opened`=1
+        counts = self.errors.due(force=True)
+        if counts is not None:
+            nodes[ERROR_RESPONSES_NODE] = counts
         nodes["state"] = str(XenbusState.Connected)  # with the rest: the frontend reads them on 4
-        self._write_if_present({join(self.path, name): value for name, value in nodes.items()})
+        if self._write_if_present({join(self.path, name): value for name, value in nodes.items()}) and counts:
+            self.errors.published(counts)
         # The ring threads start only now (issue 20): Thread.start() waits for the new thread to
         # run, a scheduling round trip that was on the way to Connected and now overlaps the
         # frontend's own reaction to it. Nothing is lost meanwhile: the ring is mapped and the
@@ -771,8 +781,9 @@ class BackendDevice:
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
-        every few seconds brings them out without an event)."""
-        value = self.errors.due(force=force) if self.target is not None or self.errors.total else None
+        every few seconds brings them out without an event). The first ones go with Connected
+        (_connect): until a ring is served there is nothing to count."""
+        value = self.errors.due(force=force) if self.phase is Phase.CONNECTED or self.errors.total else None
         if value is not None:
             try:
                 self._write_node(ERROR_RESPONSES_NODE, value)
