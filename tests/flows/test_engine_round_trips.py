@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -41,6 +41,8 @@ RESCAN_ALLOWANCE = 3
 class Count:
     round_trips: int = 0
     transactions: int = 0
+    #: every exchange's requests, (op, payload) each, in order
+    log: list[list[tuple[int, bytes]]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -53,6 +55,7 @@ def counted(engine_inproc: InprocEngine) -> Iterator[Count]:
     def counting(requests: Any, deadline: float) -> Any:
         count.round_trips += 1
         count.transactions += sum(1 for r in requests if r[0] == wire.TRANSACTION_START)
+        count.log.append([(r[0], r[3]) for r in requests])
         return exchange(requests, deadline)
 
     link.exchange = counting
@@ -73,6 +76,26 @@ def _settled(count: Count) -> Count:
 
 def _since(count: Count, before: Count) -> Count:
     return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
+
+
+def test_init_wait_is_written_with_the_first_snapshot(
+    libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
+) -> None:
+    """libxl waits for InitWait before it runs the block script. The engine's first pass over a new
+    backend reads its snapshot and writes its features and InitWait in one transaction: 3 round
+    trips to the commit that publishes them (a snapshot, then a transaction of its own with its
+    reads and writes apart, was 5). A rescan's listings, if one falls in between, are not counted."""
+    before = len(counted.log)
+    be = libxl.create_backend(35, 51712, str(make_image()), "w", engine=False)
+    assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
+    opened = be.node("opened").encode() + b"\0"
+    log = [ex for ex in counted.log[before:] if any(op != wire.DIRECTORY for op, _ in ex)]
+    writes = [i for i, ex in enumerate(log) if (wire.WRITE, opened + b"0") in ex]
+    assert writes, log
+    # the exchange that wrote `opened`=0, and its commit right after
+    assert log[writes[0] + 1] == [(wire.TRANSACTION_END, b"T\0")], log
+    assert writes[0] + 2 <= 3, log
+    assert any((wire.WRITE, be.node("state").encode() + b"\0" + b"2") in ex for ex in log[: writes[0] + 1])
 
 
 def test_connect_and_reconnect_round_trips(

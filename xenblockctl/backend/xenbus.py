@@ -275,7 +275,7 @@ class BackendDevice:
         """Act on the current nodes. Returns False once the backend directory is gone and the device
         released (forget me)."""
         frontend_read = self.frontend is not None  # its state comes with the snapshot
-        snapshot = self._snapshot()
+        snapshot = self._snapshot_and_init_wait() if self._init_wait_direct() else self._snapshot()
         if snapshot is None:
             return not self.teardown("backend directory removed")
         nodes, fe_text = snapshot
@@ -354,15 +354,69 @@ class BackendDevice:
         writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
         write landing between two of these reads fires a watch event, so a torn view is followed
         by a fresh one, as with merged or reordered events (the module docstring)."""
+        return self._parse_snapshot(self.store.read_many(self._snapshot_paths()))
+
+    def _snapshot_paths(self) -> list[str]:
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
-        values = self.store.read_many(paths)
+        return paths
+
+    def _parse_snapshot(self, values: list[str | None]) -> tuple[dict[str, str], str | None] | None:
+        """_snapshot()'s answer from the values of _snapshot_paths()."""
         if values[0] is None:
             return None
         present = zip(RECONCILE_NODES, values[1:], strict=False)
         nodes = {name: value for name, value in present if value is not None}
         return nodes, values[-1] if self.frontend is not None else None
+
+    def _init_wait_direct(self) -> bool:
+        """A new backend whose InitWait does not depend on anything but its own nodes: not one a
+        previous engine left in the fd store (_publish_features decides from the frontend then)."""
+        store = self.config.fd_store
+        return self.phase is Phase.NEW and (store is None or not store.holds(self.fd_name))
+
+    def _snapshot_and_init_wait(self) -> tuple[dict[str, str], str | None] | None:
+        """A new backend's snapshot, its features and InitWait in one transaction: the reads and
+        the writes go in one batch, and the transaction commits only if what was read allows
+        what was written (the backend exists with a `state`, and is not being detached); else it
+        aborts unseen and reconcile() goes on from the snapshot as for any backend
+        (_publish_features). Kernel blkback writes InitWait from its probe; here libxl's
+        transaction to InitWait was the snapshot's round trip and 4 of the features' (start,
+        reads, writes, commit), now 3 in all (issue 20)."""
+        items = {join(self.path, name): value for name, value in self._feature_nodes(init_wait=True).items()}
+
+        def body(tx: Transaction) -> tuple[tuple[dict[str, str], str | None] | None, bool]:
+            values, failure = tx.read_many_then_write(self._snapshot_paths(), items)
+            snapshot = self._parse_snapshot(values)
+            if snapshot is None or "state" not in snapshot[0] or snapshot[0].get("online") == "0":
+                tx.abort()
+                return snapshot, False
+            if failure is not None:
+                raise failure
+            return snapshot, True
+
+        snapshot, written = self.store.run_transaction(body)
+        if written:
+            self._entered_init_wait()
+        return snapshot
+
+    def _feature_nodes(self, *, init_wait: bool) -> dict[str, str]:
+        """What InitWait publishes (relative names): our limits, `opened`=0 and, unless a live
+        frontend or a detach says otherwise, the state itself."""
+        items = {
+            "feature-max-indirect-segments": str(self.config.max_indirect_segments),
+            "max-ring-page-order": str(self.config.max_ring_page_order),
+            "multi-queue-max-queues": str(self.config.max_queues),
+            "opened": "0",
+        }
+        if init_wait:
+            items["state"] = str(XenbusState.InitWait)
+        return items
+
+    def _entered_init_wait(self) -> None:
+        self.phase = Phase.INIT_WAIT
+        self._log("InitWait: waiting for physical-device")
 
     def _publish_features(self, nodes: dict[str, str]) -> None:
         def body(tx: Transaction) -> None:
@@ -384,19 +438,11 @@ class BackendDevice:
                 and _frontend_matches(frontend, self.domid, self.devid)
                 and tx.read_optional(join(frontend, "state")) in ("3", "4")
             )
-            items = {
-                "feature-max-indirect-segments": str(self.config.max_indirect_segments),
-                "max-ring-page-order": str(self.config.max_ring_page_order),
-                "multi-queue-max-queues": str(self.config.max_queues),
-                "opened": "0",
-            }
-            if online != "0" and not live:
-                items["state"] = "2"
+            items = self._feature_nodes(init_wait=online != "0" and not live)
             tx.write_many({join(self.path, name): value for name, value in items.items()})
 
         self.store.run_transaction(body)
-        self.phase = Phase.INIT_WAIT
-        self._log("InitWait: waiting for physical-device")
+        self._entered_init_wait()
 
     def _open_device(self) -> None:
         """Open what physical-device names and prove it is the published device: every identity
