@@ -78,24 +78,48 @@ def _since(count: Count, before: Count) -> Count:
     return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
 
 
+def _to_commit(log: list[list[tuple[int, bytes]]], path: str, value: str) -> int:
+    """How many of the engine's exchanges in `log` it took to commit `path`=`value`: up to the
+    transaction end right after the batch that wrote it. A rescan's listings are not counted (one
+    may fall in between)."""
+    log = [ex for ex in log if any(op != wire.DIRECTORY for op, _ in ex)]
+    write = (wire.WRITE, path.encode() + b"\0" + value.encode())
+    at = next((i for i, ex in enumerate(log) if write in ex), None)
+    assert at is not None, log
+    assert log[at + 1] == [(wire.TRANSACTION_END, b"T\0")], log
+    return at + 2
+
+
 def test_init_wait_is_written_with_the_first_snapshot(
     libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
 ) -> None:
     """libxl waits for InitWait before it runs the block script. The engine's first pass over a new
     backend reads its snapshot and writes its features and InitWait in one transaction: 3 round
     trips to the commit that publishes them (a snapshot, then a transaction of its own with its
-    reads and writes apart, was 5). A rescan's listings, if one falls in between, are not counted."""
+    reads and writes apart, was 5)."""
     before = len(counted.log)
     be = libxl.create_backend(35, 51712, str(make_image()), "w", engine=False)
     assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
-    opened = be.node("opened").encode() + b"\0"
-    log = [ex for ex in counted.log[before:] if any(op != wire.DIRECTORY for op, _ in ex)]
-    writes = [i for i, ex in enumerate(log) if (wire.WRITE, opened + b"0") in ex]
-    assert writes, log
-    # the exchange that wrote `opened`=0, and its commit right after
-    assert log[writes[0] + 1] == [(wire.TRANSACTION_END, b"T\0")], log
-    assert writes[0] + 2 <= 3, log
-    assert any((wire.WRITE, be.node("state").encode() + b"\0" + b"2") in ex for ex in log[: writes[0] + 1])
+    log = counted.log[before:]
+    assert _to_commit(log, be.node("state"), "2") == _to_commit(log, be.node("opened"), "0") <= 3, log
+
+
+def test_connected_is_written_with_the_snapshot_of_the_ring(
+    libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
+) -> None:
+    """From the frontend's Initialised to Connected's commit: the snapshot that sees Initialised
+    reads the ring's nodes in the same batch (they were a round trip of their own), then Connected
+    in one guarded transaction: 4 round trips (5 before). The ring is served."""
+    be = attach_disk(libxl, make_image(fill=b"MBR!" + b"\0" * 508), 36)
+    _settled(counted)
+    before = len(counted.log)
+    guest = connect_guest(libxl, engine_inproc.transport, be)
+    try:
+        assert _to_commit(counted.log[before:], be.node("state"), "4") <= 4, counted.log[before:]
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:4] == b"MBR!"
+    finally:
+        detach_guest(libxl, be, guest)
 
 
 def test_connect_and_reconnect_round_trips(

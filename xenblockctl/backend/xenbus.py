@@ -88,6 +88,15 @@ MAX_QUEUES = 16
 
 #: The backend nodes reconcile() decides on: the rest of the directory is read where it is used.
 RECONCILE_NODES = ("online", "state", identity.PHYSICAL_DEVICE, identity.OWNER)
+#: The frontend's top-level ring nodes (blkif.h "Frontend XenBus Nodes"): what names the rest.
+RING_NODES = (
+    "ring-ref",
+    "ring-page-order",
+    "event-channel",
+    "protocol",
+    "multi-queue-num-queues",
+    "feature-persistent",
+)
 
 
 def default_max_queues() -> int:
@@ -208,6 +217,10 @@ class BackendDevice:
         self._stale_ring = False
         #: the device came from a previous engine: the next connect is a re-attach (logged as one)
         self._taken_over = False
+        #: the frontend's RING_NODES as this pass's snapshot read them, None if it did not
+        self._ring_nodes: dict[str, str | None] | None = None
+        #: this pass's snapshot reads them (reconcile's frontend_changed)
+        self._read_ring_nodes = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -271,10 +284,12 @@ class BackendDevice:
         self._fail(reason)
 
     # -- the state machine ------------------------------------------------------------------------
-    def reconcile(self) -> bool:
+    def reconcile(self, *, frontend_changed: bool = False) -> bool:
         """Act on the current nodes. Returns False once the backend directory is gone and the device
-        released (forget me)."""
+        released (forget me). `frontend_changed`: an event of the frontend's directory is among
+        this pass's causes (its ring nodes are then read with the snapshot, a connect may be due)."""
         frontend_read = self.frontend is not None  # its state comes with the snapshot
+        self._read_ring_nodes = frontend_changed
         snapshot = self._snapshot_and_init_wait() if self._init_wait_direct() else self._snapshot()
         if snapshot is None:
             return not self.teardown("backend directory removed")
@@ -357,18 +372,29 @@ class BackendDevice:
         return self._parse_snapshot(self.store.read_many(self._snapshot_paths()))
 
     def _snapshot_paths(self) -> list[str]:
+        """The snapshot's paths: the backend's, then the frontend's state once we know it and,
+        while a connect may be due, its ring nodes after it (issue 20: they were a round trip of
+        their own on the way to Connected). After the state, in the same batch: xenstored answers
+        a batch in order, so a ring written before the frontend's Initialised is seen with it.
+        Only for a frontend's event: our own writes' and a rescan's passes read what they need."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
+            if self._read_ring_nodes and self.phase in (Phase.OPENED, Phase.DISCONNECTED):
+                paths += [join(self.frontend, name) for name in RING_NODES]
         return paths
 
     def _parse_snapshot(self, values: list[str | None]) -> tuple[dict[str, str], str | None] | None:
-        """_snapshot()'s answer from the values of _snapshot_paths()."""
+        """_snapshot()'s answer from the values of _snapshot_paths(); the ring nodes read with it
+        are kept for _read_ring_params() in this pass."""
         if values[0] is None:
             return None
-        present = zip(RECONCILE_NODES, values[1:], strict=False)
+        n = len(RECONCILE_NODES) + 1
+        present = zip(RECONCILE_NODES, values[1:n], strict=True)
         nodes = {name: value for name, value in present if value is not None}
-        return nodes, values[-1] if self.frontend is not None else None
+        ring = values[n + 1 :]
+        self._ring_nodes = dict(zip(RING_NODES, ring, strict=True)) if ring else None
+        return nodes, values[n] if self.frontend is not None else None
 
     def _init_wait_direct(self) -> bool:
         """A new backend whose InitWait does not depend on anything but its own nodes: not one a
@@ -626,23 +652,20 @@ class BackendDevice:
         `protocol` and `feature-persistent` are top-level for every queue.
 
         Two batches, no transaction (issue 20: this was a round trip per node inside one, 8+ on
-        the connect's critical path; now 1, or 2 with a ring-page-order or several queues): the
-        top-level nodes, then what their two numbers name. The values are the guest's own; a
+        the connect's critical path): the top-level nodes, normally read with the pass's snapshot
+        (_snapshot_paths), then, with a ring-page-order or several queues, what their two numbers
+        name. The values are the guest's own; a
         transaction made them a snapshot, but the guest can write any mix of them anyway, so a
         torn read gives it nothing, and each is parsed and bounded below whatever it is. Linux
         blkfront writes them all before it switches to Initialised, which is what we act on."""
         assert self.frontend is not None
         fe = self.frontend
         max_queues = self.config.max_queues
-        wanted = (
-            "ring-ref",
-            "ring-page-order",
-            "event-channel",
-            "protocol",
-            "multi-queue-num-queues",
-            "feature-persistent",
-        )
-        values = dict(zip(wanted, self.store.read_many([join(fe, name) for name in wanted]), strict=True))
+        values, self._ring_nodes = self._ring_nodes, None  # read with this pass's snapshot
+        if values is None:
+            values = dict(
+                zip(RING_NODES, self.store.read_many([join(fe, n) for n in RING_NODES]), strict=True)
+            )
         first_order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
         first_queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
         # only what the two numbers name is read: a bad one is refused below, from these values
