@@ -5,7 +5,7 @@ backend and frontend nodes and does whatever is due, so lost, merged or reordere
 wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour where it is sane):
 
   backend appears (libxl, state 1)   -> publish features + `opened`=0, state InitWait (2)
-  `physical-device` written          -> read it with the luid and `diskseq` in one transaction,
+  `physical-device` written          -> read it with the luid and `diskseq` in one batch,
                                         open by major:minor, refuse unless BLKGETDISKSEQ equals
                                         every one of them that is present, then `opened`=1 (the
                                         block script's sign to let go)
@@ -88,6 +88,8 @@ MAX_QUEUES = 16
 
 #: The backend nodes reconcile() decides on: the rest of the directory is read where it is used.
 RECONCILE_NODES = ("online", "state", identity.PHYSICAL_DEVICE, identity.OWNER)
+#: What _open_device() reads of the backend: the published identity and what it is checked with.
+OPEN_NODES = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
 #: The frontend's top-level ring nodes (blkif.h "Frontend XenBus Nodes"): what names the rest.
 RING_NODES = (
     "ring-ref",
@@ -221,6 +223,8 @@ class BackendDevice:
         self._ring_nodes: dict[str, str | None] | None = None
         #: this pass's snapshot reads them (reconcile's frontend_changed)
         self._read_ring_nodes = False
+        #: the backend's OPEN_NODES as this pass's snapshot read them, None if it did not
+        self._open_nodes: dict[str, str | None] | None = None
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -365,36 +369,52 @@ class BackendDevice:
         more, on every watch event of the device, our own writes' included (issue 20).
 
         No transaction: the batch is a trigger, not a record. Every action it leads to reads what
-        it acts on in its own transaction (_open_device, _read_ring_params, _publish_features) or
+        it acts on in its own transaction (_publish_features), checks it against the kernel's
+        answer (_open_device) or parses and bounds it as the guest's (_read_ring_params), or
         writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
         write landing between two of these reads fires a watch event, so a torn view is followed
         by a fresh one, as with merged or reordered events (the module docstring)."""
         return self._parse_snapshot(self.store.read_many(self._snapshot_paths()))
 
     def _snapshot_paths(self) -> list[str]:
-        """The snapshot's paths: the backend's, then the frontend's state once we know it and,
-        while a connect may be due, its ring nodes after it (issue 20: they were a round trip of
-        their own on the way to Connected). After the state, in the same batch: xenstored answers
-        a batch in order, so a ring written before the frontend's Initialised is seen with it.
-        Only for a frontend's event: our own writes' and a rescan's passes read what they need."""
+        """The snapshot's paths: the backend's, the frontend's state once we know it, and after
+        them what the action this pass may take reads (issue 20: each was a round trip, or a
+        transaction, of its own on the way to the answer the other side waits for):
+        - waiting for physical-device (INIT_WAIT): the nodes _open_device() checks, so the block
+          script's wait for `opened`=1 is this batch, the open and that write;
+        - a connect may be due (OPENED, DISCONNECTED) and the frontend's directory changed: its
+          ring nodes (our own writes' and a rescan's passes do not read them).
+        Later in the same batch than what they follow: xenstored answers a batch in order, so
+        what the script published with physical-device (one transaction: identity.PUBLISHED), or
+        the frontend wrote before its Initialised, is seen with it."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
             if self._read_ring_nodes and self.phase in (Phase.OPENED, Phase.DISCONNECTED):
                 paths += [join(self.frontend, name) for name in RING_NODES]
+        elif self.phase is Phase.INIT_WAIT:
+            paths += [join(self.path, name) for name in OPEN_NODES]
         return paths
 
     def _parse_snapshot(self, values: list[str | None]) -> tuple[dict[str, str], str | None] | None:
-        """_snapshot()'s answer from the values of _snapshot_paths(); the ring nodes read with it
-        are kept for _read_ring_params() in this pass."""
+        """_snapshot()'s answer from the values of _snapshot_paths(); the nodes read with it for
+        this pass's action are kept for it (_open_device, _read_ring_params)."""
         if values[0] is None:
             return None
         n = len(RECONCILE_NODES) + 1
         present = zip(RECONCILE_NODES, values[1:n], strict=True)
         nodes = {name: value for name, value in present if value is not None}
-        ring = values[n + 1 :]
-        self._ring_nodes = dict(zip(RING_NODES, ring, strict=True)) if ring else None
-        return nodes, values[n] if self.frontend is not None else None
+        fe_text = None
+        if self.frontend is not None:
+            fe_text, n = values[n], n + 1
+        extra = values[n:]
+        if self.frontend is not None:
+            self._ring_nodes = dict(zip(RING_NODES, extra, strict=True)) if extra else None
+            self._open_nodes = None
+        else:
+            self._ring_nodes = None
+            self._open_nodes = dict(zip(OPEN_NODES, extra, strict=True)) if extra else None
+        return nodes, fe_text
 
     def _init_wait_direct(self) -> bool:
         """A new backend whose InitWait does not depend on anything but its own nodes: not one a
@@ -474,13 +494,22 @@ class BackendDevice:
         """Open what physical-device names and prove it is the published device: every identity
         node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
         device has; any disagreement, among them or with the device, fails it (as the kernel patch
-        does). Their grammar and what we accept from other writers: xenstore/identity.py."""
-        names = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
+        does). Their grammar and what we accept from other writers: xenstore/identity.py.
+
+        The nodes come with the pass's snapshot (one batch, after physical-device), not in a
+        transaction of their own (3 round trips on the script's wait, issue 20). A transaction
+        added nothing to the check: the script publishes and withdraws them in one transaction,
+        so a batch that sees physical-device sees what came with it; a read torn by a later
+        rewrite can only disagree (a refusal), never pass, since the luid's diskseq names one
+        incarnation of one device and must be what the opened fd has; and the nodes can change
+        after any read, a transaction's too, which is why the check is on the fd."""
 
         def body(tx: Transaction) -> dict[str, str | None]:
-            return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
+            return dict(zip(OPEN_NODES, tx.read_many([join(self.path, n) for n in OPEN_NODES]), strict=True))
 
-        nodes = self.store.run_transaction(body)
+        nodes, self._open_nodes = self._open_nodes, None  # read with this pass's snapshot
+        if nodes is None:
+            nodes = self.store.run_transaction(body)
         mode, frontend = nodes["mode"], nodes["frontend"]
         if nodes[identity.PHYSICAL_DEVICE] is None:
             self._open_export(nodes[identity.OWNER], nodes["params"], mode, frontend)
