@@ -683,10 +683,10 @@ class BackendDevice:
         Two batches, no transaction (issue 20: this was a round trip per node inside one, 8+ on
         the connect's critical path): the top-level nodes, normally read with the pass's snapshot
         (_snapshot_paths), then, with a ring-page-order or several queues, what their two numbers
-        name. The values are the guest's own; a
-        transaction made them a snapshot, but the guest can write any mix of them anyway, so a
-        torn read gives it nothing, and each is parsed and bounded below whatever it is. Linux
-        blkfront writes them all before it switches to Initialised, which is what we act on."""
+        name. The values are the guest's own; a transaction made them a snapshot, but the guest
+        can write any mix of them anyway, so a torn read gives it nothing, and each is parsed and
+        bounded below whatever it is. Linux blkfront writes them all before it switches to
+        Initialised, which is what we act on."""
         assert self.frontend is not None
         fe = self.frontend
         max_queues = self.config.max_queues
