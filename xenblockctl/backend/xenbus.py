@@ -225,6 +225,8 @@ class BackendDevice:
         self._read_ring_nodes = False
         #: the backend's OPEN_NODES as this pass's snapshot read them, None if it did not
         self._open_nodes: dict[str, str | None] | None = None
+        #: the last `state` we wrote is InitWait: the frontend's next step is its ring and Initialised
+        self._awaiting_initialised = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -262,7 +264,10 @@ class BackendDevice:
                 raise failure
             return True
 
-        return self.store.run_transaction(body)
+        written = self.store.run_transaction(body)
+        if written and state in items:
+            self._awaiting_initialised = items[state] == str(XenbusState.InitWait)
+        return written
 
     def _fail(self, reason: str, *, code: str = EngineRefusal.code) -> None:
         """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
@@ -382,15 +387,20 @@ class BackendDevice:
         transaction, of its own on the way to the answer the other side waits for):
         - waiting for physical-device (INIT_WAIT): the nodes _open_device() checks, so the block
           script's wait for `opened`=1 is this batch, the open and that write;
-        - a connect may be due (OPENED, DISCONNECTED) and the frontend's directory changed: its
-          ring nodes (our own writes' and a rescan's passes do not read them).
+        - a connect may be due (OPENED, DISCONNECTED, our last state written InitWait) and the
+          frontend's directory changed: its ring nodes (our own writes' and a rescan's passes,
+          and a frontend's Initialising after our Closed, do not read them).
         Later in the same batch than what they follow: xenstored answers a batch in order, so
         what the script published with physical-device (one transaction: identity.PUBLISHED), or
         the frontend wrote before its Initialised, is seen with it."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
-            if self._read_ring_nodes and self.phase in (Phase.OPENED, Phase.DISCONNECTED):
+            if (
+                self._read_ring_nodes
+                and self._awaiting_initialised
+                and self.phase in (Phase.OPENED, Phase.DISCONNECTED)
+            ):
                 paths += [join(self.frontend, name) for name in RING_NODES]
         elif self.phase is Phase.INIT_WAIT:
             paths += [join(self.path, name) for name in OPEN_NODES]
@@ -444,6 +454,7 @@ class BackendDevice:
 
         snapshot, written = self.store.run_transaction(body)
         if written:
+            self._awaiting_initialised = True
             self._entered_init_wait()
         return snapshot
 
@@ -465,14 +476,14 @@ class BackendDevice:
         self._log("InitWait: waiting for physical-device")
 
     def _publish_features(self, nodes: dict[str, str]) -> None:
-        def body(tx: Transaction) -> None:
+        def body(tx: Transaction) -> bool:
             # the nodes this decides on in one batch, the writes in another (issue 20: a round
             # trip each was ~10 inside this transaction)
             state, frontend, online = tx.read_many(
                 [join(self.path, n) for n in ("state", "frontend", "online")]
             )
             if state is None:
-                return  # never re-create a backend libxl deleted
+                return False  # never re-create a backend libxl deleted
             # taking over a live backend (issue 21) whose frontend is still on its ring: it is not
             # shown InitWait in between; `opened` goes back to 1 once the device is re-verified. A
             # frontend that left meanwhile is handled as a fresh backend's (InitWait).
@@ -486,8 +497,10 @@ class BackendDevice:
             )
             items = self._feature_nodes(init_wait=online != "0" and not live)
             tx.write_many({join(self.path, name): value for name, value in items.items()})
+            return "state" in items
 
-        self.store.run_transaction(body)
+        if self.store.run_transaction(body):
+            self._awaiting_initialised = True
         self._entered_init_wait()
 
     def _open_device(self) -> None:
