@@ -14,9 +14,11 @@ device is the disk. Each cycle walks one backend through the phases the lane's p
   reconnect  frontend nodes + state 3                           -> backend state 4
   detach     online=0 + state 5 (libxl), frontend state 6       -> backend state 6
 
-and reports, per phase, the wall time from the trigger's commit to the backend's answer (seen by
-a watch), the engine's xenbus thread CPU, and the xenstore round trips (exchanges), requests and
-transactions the engine made. The CPU and the request counts are what the lane's dom0 pays ~15x
+and reports, per phase, the wall time from the trigger's start to the backend's answer, the same
+from the trigger's first write (`from commit`: both ends stamped at their watch events' receipt on
+a second connection, as the lane's xenstore-watch stamps them; the engine's part of the phase), the
+engine's xenbus thread CPU, and the xenstore round trips (exchanges), requests and transactions
+the engine made. The CPU and the request counts are what the lane's dom0 pays ~15x
 slower under TCG (bench/README.md "Issue 20"); the wall on this host is mostly scheduling.
 
     .venv/bin/python -m bench.engine_connect [--cycles N]
@@ -81,33 +83,56 @@ class Counter:
 
 
 class Watcher:
-    """A second connection that waits for a backend node to reach a value."""
+    """A second connection that stamps, on its own thread, when the trigger's first write arrives
+    and when a backend node reaches a value: the lane's stamper (pvgrub.sh's xenstore-watch) on the
+    host, so `from commit` is the engine's part of a phase, with the watch delivery on both ends."""
 
     def __init__(self, sock: str) -> None:
         self.store = XenStore.connect(sock, timeout=10)
 
-    def wait(self, path: str, values: tuple[str, ...], timeout: float = 20.0) -> float:
+    def wait(
+        self, watched: list[str], trigger: Callable[[], object], path: str, values: tuple[str, ...]
+    ) -> tuple[float, float]:
+        """Watch `watched`, run `trigger`, and return (first event after it, the event after which
+        `path` read one of `values`), both perf_counter() at the event's receipt."""
         token = f"w{time.monotonic_ns()}"
-        self.store.watch(path, token)
+        for w in watched:
+            self.store.watch(w, token)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.store.read_optional(path) in values:
-                    return time.perf_counter()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{path} never became {values}: {self.store.read_optional(path)}")
-                self.store.wait_watch(min(left, 0.5))
-                self.store.drain_watches()
+            self.store.read_optional(path)  # the watches' first events arrive before this reply
+            self.store.drain_watches()
+            stamps: list[float] = []
+            seen = threading.Event()
+
+            def stamp() -> None:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    if self.store.wait_watch(0.5) is None:
+                        continue
+                    stamps.append(time.perf_counter())
+                    if self.store.read_optional(path) in values:
+                        stamps.append(stamps[-1])
+                        seen.set()
+                        return
+
+            thread = threading.Thread(target=stamp, name="xbc-bench-watcher", daemon=True)
+            thread.start()
+            trigger()
+            thread.join(25)
+            if not seen.is_set():
+                raise TimeoutError(f"{path} never became {values}: {self.store.read_optional(path)}")
+            return stamps[0], stamps[-1]
         finally:
-            self.store.unwatch(path, token)
+            for w in watched:
+                self.store.unwatch(w, token)
+            self.store.drain_watches()
 
 
 Results = dict[str, dict[str, list[float]]]
 
 
 def empty() -> Results:
-    return {p: {"wall": [], "cpu": [], "rt": [], "req": [], "tx": []} for p in PHASES}
+    return {p: {"wall": [], "commit": [], "cpu": [], "rt": [], "req": [], "tx": []} for p in PHASES}
 
 
 def run(cycles: int, data_pages: str, script: bool) -> tuple[Results, Results]:
@@ -184,12 +209,14 @@ def one_cycle(rig: Rig, cycle: int, results: Results) -> None:
     def phase(name: str, trigger: Callable[[], object], path: str, values: tuple[str, ...]) -> None:
         cpu0, (rt0, req0, tx0) = rig.cpu(), counter.snapshot()
         start = time.perf_counter()
-        trigger()
-        end = time.perf_counter() if rig.script and name == "publish" else watcher.wait(path, values)
+        first, end = watcher.wait([be.path, fe_path], trigger, path, values)
+        if rig.script and name == "publish":
+            end = time.perf_counter()  # libxl's wait: to the script's exit
         time.sleep(0.05)  # let the engine finish the pass that wrote the answer (its CPU, its requests)
         cpu1, (rt1, req1, tx1) = rig.cpu(), counter.snapshot()
         r = results[name]
         r["wall"].append((end - start) * 1e3)
+        r["commit"].append((end - first) * 1e3)
         r["cpu"].append((cpu1 - cpu0) * 1e3)
         r["rt"].append(rt1 - rt0)
         r["req"].append(req1 - req0)
@@ -273,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         f" load average {load:.2f} -> {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'phase':<14} {'wall ms p50':>11} {'cpu ms p50':>10} {'cpu mean':>9} {'round trips':>11}"
-        f" {'requests':>9} {'tx':>4}"
+        f"{'phase':<14} {'wall ms p50':>11} {'from commit':>11} {'cpu ms p50':>10} {'cpu mean':>9}"
+        f" {'round trips':>11} {'requests':>9} {'tx':>4}"
     )
     rows = [(name, results[name]) for name in PHASES] + [(f"1st {name}", first[name]) for name in PHASES]
     for name, r in rows:
         print(
-            f"{name:<14} {statistics.median(r['wall']):>11.2f} {statistics.median(r['cpu']):>10.2f}"
+            f"{name:<14} {statistics.median(r['wall']):>11.2f} {statistics.median(r['commit']):>11.2f}"
+            f" {statistics.median(r['cpu']):>10.2f}"
             f" {statistics.fmean(r['cpu']):>9.2f} {statistics.median(r['rt']):>11.0f}"
             f" {statistics.median(r['req']):>9.0f} {statistics.median(r['tx']):>4.0f}"
         )

@@ -3,13 +3,16 @@ trip to oxenstored and back through the xenstore reader thread, and the pvgrub b
 (GRUB's blkfront, then Linux's). Counted at the engine's own connection, from the trigger to the
 answer: a read_dir of the whole backend directory per watch event and a round trip per node inside
 each transaction made this connect 40-43 round trips and the reconnect 63 (now 6 and 21;
-bench/engine_connect.py splits them by phase); the bounds leave room for one 5-second rescan."""
+bench/engine_connect.py splits them by phase); the bounds leave room for one 5-second rescan.
+The block script's publish waits for the engine's `opened`=1: there the engine reads the identity
+with its snapshot and opens the device once, and the first error counts go out with Connected
+rather than in a transaction of their own."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -25,7 +28,9 @@ from tests.fixtures.engine import (
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend.dataplane import DataPlane
+from xenblockctl.kernel import blockdev
 from xenblockctl.xenstore import wire
+from xenblockctl.xenstore.vbd import ERROR_RESPONSES_NODE
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -37,6 +42,8 @@ RESCAN_ALLOWANCE = 3
 class Count:
     round_trips: int = 0
     transactions: int = 0
+    #: every exchange's requests, (op, payload) each, in order
+    log: list[list[tuple[int, bytes]]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -49,6 +56,7 @@ def counted(engine_inproc: InprocEngine) -> Iterator[Count]:
     def counting(requests: Any, deadline: float) -> Any:
         count.round_trips += 1
         count.transactions += sum(1 for r in requests if r[0] == wire.TRANSACTION_START)
+        count.log.append([(r[0], r[3]) for r in requests])
         return exchange(requests, deadline)
 
     link.exchange = counting
@@ -69,6 +77,50 @@ def _settled(count: Count) -> Count:
 
 def _since(count: Count, before: Count) -> Count:
     return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
+
+
+def _to_commit(log: list[list[tuple[int, bytes]]], path: str, value: str) -> int:
+    """How many of the engine's exchanges in `log` it took to commit `path`=`value`: up to the
+    transaction end right after the batch that wrote it. A rescan's listings are not counted (one
+    may fall in between)."""
+    log = [ex for ex in log if any(op != wire.DIRECTORY for op, _ in ex)]
+    write = (wire.WRITE, path.encode() + b"\0" + value.encode())
+    at = next((i for i, ex in enumerate(log) if write in ex), None)
+    assert at is not None, log
+    assert log[at + 1] == [(wire.TRANSACTION_END, b"T\0")], log
+    return at + 2
+
+
+def test_init_wait_is_written_with_the_first_snapshot(
+    libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
+) -> None:
+    """libxl waits for InitWait before it runs the block script. The engine's first pass over a new
+    backend reads its snapshot and writes its features and InitWait in one transaction: 3 round
+    trips to the commit that publishes them (a snapshot, then a transaction of its own with its
+    reads and writes apart, was 5)."""
+    before = len(counted.log)
+    be = libxl.create_backend(35, 51712, str(make_image()), "w", engine=False)
+    assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
+    log = counted.log[before:]
+    assert _to_commit(log, be.node("state"), "2") == _to_commit(log, be.node("opened"), "0") <= 3, log
+
+
+def test_connected_is_written_with_the_snapshot_of_the_ring(
+    libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
+) -> None:
+    """From the frontend's Initialised to Connected's commit: the snapshot that sees Initialised
+    reads the ring's nodes in the same batch (they were a round trip of their own), then Connected
+    in one guarded transaction: 4 round trips (5 before). The ring is served."""
+    be = attach_disk(libxl, make_image(fill=b"MBR!" + b"\0" * 508), 36)
+    _settled(counted)
+    before = len(counted.log)
+    guest = connect_guest(libxl, engine_inproc.transport, be)
+    try:
+        assert _to_commit(counted.log[before:], be.node("state"), "4") <= 4, counted.log[before:]
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:4] == b"MBR!"
+    finally:
+        detach_guest(libxl, be, guest)
 
 
 def test_connect_and_reconnect_round_trips(
@@ -118,5 +170,47 @@ def test_connected_is_published_before_the_ring_threads_start(
         assert seen == ["4"], seen
         assert guest.ring is not None
         assert guest.ring.read(0, 512)[:4] == b"MBR!"
+    finally:
+        detach_guest(libxl, be, guest)
+
+
+def test_publish_opens_once_without_a_transaction(
+    libxl: Libxl,
+    engine_inproc: InprocEngine,
+    counted: Count,
+    make_image: ImageFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the script's physical-device to `opened`=1 and the passes after it: the snapshot that
+    sees physical-device has read the identity nodes too, and `opened`=1 is the next exchange (a
+    transaction of its own for them was 3 round trips on the script's wait); the device is opened
+    once, through the fd its diskseq is judged on (a first read-only look made it two opens and a
+    close); no transaction at all (the zero error counts were one, now written with Connected)."""
+    opened: list[int] = []
+    open_devt = blockdev.open_devt
+
+    def counting(devt: int, **kw: Any) -> blockdev.BlockDevice:
+        opened.append(devt)
+        return open_devt(devt, **kw)
+
+    monkeypatch.setattr(blockdev, "open_devt", counting)
+    be = libxl.create_backend(33, 51712, str(make_image(fill=b"MBR!" + b"\0" * 508)), "w", engine=False)
+    assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 10), libxl.nodes(be)
+    before = _settled(counted)
+    assert libxl.run("add", be).returncode == 0
+    publish = _since(_settled(counted), before)
+    assert len(opened) == 1, opened
+    assert publish.transactions == 0, publish
+    log = [ex for ex in counted.log[before.round_trips :] if any(op != wire.DIRECTORY for op, _ in ex)]
+    at = next(i for i, ex in enumerate(log) if (wire.WRITE, be.node("opened").encode() + b"\0" + b"1") in ex)
+    assert (wire.READ, be.node("physical-device-luid").encode() + b"\0") in log[at - 1], log
+    # the snapshot, `opened`=1, the frontend's state, the frontend watch, the snapshot of its
+    # first event
+    assert publish.round_trips <= 5 + RESCAN_ALLOWANCE, publish
+    assert ERROR_RESPONSES_NODE not in libxl.nodes(be)
+
+    guest = connect_guest(libxl, engine_inproc.transport, be)
+    try:
+        assert libxl.nodes(be).get(ERROR_RESPONSES_NODE) == "grant-map=0 io=0 invalid=0 unsupported=0"
     finally:
         detach_guest(libxl, be, guest)

@@ -110,14 +110,15 @@ class Engine:
                 event = self.store.wait_watch(timeout)
                 events = [event] if event is not None else []
                 events += self.store.drain_watches()
-                touched: set[tuple[int, int]] = set()
+                #: device -> whether its frontend's directory is among the causes
+                touched: dict[tuple[int, int], bool] = {}
                 rescan = False
                 for ev in events:
                     key = self._key_for(ev.path, ev.token)
                     if key is None:
                         rescan = rescan or ev.path == self.root
                     else:
-                        touched.add(key)
+                        touched[key] = touched.get(key, False) or ev.token.startswith(FRONTEND_TOKEN_PREFIX)
                 if self._wake_requests:
                     # a wake() after this clear leaves an entry for the next pass; one before it is
                     # served by the rescan below, which reads everything after its cause was set
@@ -128,8 +129,8 @@ class Engine:
                     self._rescan()
                     next_rescan = now + RESCAN_INTERVAL
                 else:
-                    for key in touched:
-                        self._reconcile(key)
+                    for key, frontend_changed in touched.items():
+                        self._reconcile(key, frontend_changed=frontend_changed)
                     for key, dev in list(self.devices.items()):
                         if dev.pending_deadline is not None and now >= dev.pending_deadline:
                             self._reconcile(key)
@@ -161,7 +162,7 @@ class Engine:
         except XenstoreNoEntry:
             return []
 
-    def _reconcile(self, key: tuple[int, int]) -> None:
+    def _reconcile(self, key: tuple[int, int], *, frontend_changed: bool = False) -> None:
         dev = self.devices.get(key)
         if dev is None:
             if self._stop.is_set():
@@ -178,7 +179,7 @@ class Engine:
             )
             self.devices[key] = dev
         try:
-            alive = dev.reconcile()
+            alive = dev.reconcile(frontend_changed=frontend_changed)
         except XenblockError as exc:
             # a transient xenstore failure, most likely: the next event or rescan tries again
             self.journal.error(f"{dev.relative}: {exc.one_line()}", CODE=exc.code)

@@ -5,7 +5,7 @@ backend and frontend nodes and does whatever is due, so lost, merged or reordere
 wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour where it is sane):
 
   backend appears (libxl, state 1)   -> publish features + `opened`=0, state InitWait (2)
-  `physical-device` written          -> read it with the luid and `diskseq` in one transaction,
+  `physical-device` written          -> read it with the luid and `diskseq` in one batch,
                                         open by major:minor, refuse unless BLKGETDISKSEQ equals
                                         every one of them that is present, then `opened`=1 (the
                                         block script's sign to let go)
@@ -88,6 +88,17 @@ MAX_QUEUES = 16
 
 #: The backend nodes reconcile() decides on: the rest of the directory is read where it is used.
 RECONCILE_NODES = ("online", "state", identity.PHYSICAL_DEVICE, identity.OWNER)
+#: What _open_device() reads of the backend: the published identity and what it is checked with.
+OPEN_NODES = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
+#: The frontend's top-level ring nodes (blkif.h "Frontend XenBus Nodes"): what names the rest.
+RING_NODES = (
+    "ring-ref",
+    "ring-page-order",
+    "event-channel",
+    "protocol",
+    "multi-queue-num-queues",
+    "feature-persistent",
+)
 
 
 def default_max_queues() -> int:
@@ -208,6 +219,14 @@ class BackendDevice:
         self._stale_ring = False
         #: the device came from a previous engine: the next connect is a re-attach (logged as one)
         self._taken_over = False
+        #: the frontend's RING_NODES as this pass's snapshot read them, None if it did not
+        self._ring_nodes: dict[str, str | None] | None = None
+        #: this pass's snapshot reads them (reconcile's frontend_changed)
+        self._read_ring_nodes = False
+        #: the backend's OPEN_NODES as this pass's snapshot read them, None if it did not
+        self._open_nodes: dict[str, str | None] | None = None
+        #: the last `state` we wrote is InitWait: the frontend's next step is its ring and Initialised
+        self._awaiting_initialised = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -245,7 +264,10 @@ class BackendDevice:
                 raise failure
             return True
 
-        return self.store.run_transaction(body)
+        written = self.store.run_transaction(body)
+        if written and state in items:
+            self._awaiting_initialised = items[state] == str(XenbusState.InitWait)
+        return written
 
     def _fail(self, reason: str, *, code: str = EngineRefusal.code) -> None:
         """Like xenbus_dev_fatal(): error node, state Closing, release what we hold — once no
@@ -271,11 +293,13 @@ class BackendDevice:
         self._fail(reason)
 
     # -- the state machine ------------------------------------------------------------------------
-    def reconcile(self) -> bool:
+    def reconcile(self, *, frontend_changed: bool = False) -> bool:
         """Act on the current nodes. Returns False once the backend directory is gone and the device
-        released (forget me)."""
+        released (forget me). `frontend_changed`: an event of the frontend's directory is among
+        this pass's causes (its ring nodes are then read with the snapshot, a connect may be due)."""
         frontend_read = self.frontend is not None  # its state comes with the snapshot
-        snapshot = self._snapshot()
+        self._read_ring_nodes = frontend_changed
+        snapshot = self._snapshot_and_init_wait() if self._init_wait_direct() else self._snapshot()
         if snapshot is None:
             return not self.teardown("backend directory removed")
         nodes, fe_text = snapshot
@@ -350,29 +374,116 @@ class BackendDevice:
         more, on every watch event of the device, our own writes' included (issue 20).
 
         No transaction: the batch is a trigger, not a record. Every action it leads to reads what
-        it acts on in its own transaction (_open_device, _read_ring_params, _publish_features) or
+        it acts on in its own transaction (_publish_features), checks it against the kernel's
+        answer (_open_device) or parses and bounds it as the guest's (_read_ring_params), or
         writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
         write landing between two of these reads fires a watch event, so a torn view is followed
         by a fresh one, as with merged or reordered events (the module docstring)."""
+        return self._parse_snapshot(self.store.read_many(self._snapshot_paths()))
+
+    def _snapshot_paths(self) -> list[str]:
+        """The snapshot's paths: the backend's, the frontend's state once we know it, and after
+        them what the action this pass may take reads (issue 20: each was a round trip, or a
+        transaction, of its own on the way to the answer the other side waits for):
+        - waiting for physical-device (INIT_WAIT): the nodes _open_device() checks, so the block
+          script's wait for `opened`=1 is this batch, the open and that write;
+        - a connect may be due (OPENED, DISCONNECTED, our last state written InitWait) and the
+          frontend's directory changed: its ring nodes (our own writes' and a rescan's passes,
+          and a frontend's Initialising after our Closed, do not read them).
+        Later in the same batch than what they follow: xenstored answers a batch in order, so
+        what the script published with physical-device (one transaction: identity.PUBLISHED), or
+        the frontend wrote before its Initialised, is seen with it."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
-        values = self.store.read_many(paths)
+            if (
+                self._read_ring_nodes
+                and self._awaiting_initialised
+                and self.phase in (Phase.OPENED, Phase.DISCONNECTED)
+            ):
+                paths += [join(self.frontend, name) for name in RING_NODES]
+        elif self.phase is Phase.INIT_WAIT:
+            paths += [join(self.path, name) for name in OPEN_NODES]
+        return paths
+
+    def _parse_snapshot(self, values: list[str | None]) -> tuple[dict[str, str], str | None] | None:
+        """_snapshot()'s answer from the values of _snapshot_paths(); the nodes read with it for
+        this pass's action are kept for it (_open_device, _read_ring_params)."""
         if values[0] is None:
             return None
-        present = zip(RECONCILE_NODES, values[1:], strict=False)
+        n = len(RECONCILE_NODES) + 1
+        present = zip(RECONCILE_NODES, values[1:n], strict=True)
         nodes = {name: value for name, value in present if value is not None}
-        return nodes, values[-1] if self.frontend is not None else None
+        fe_text = None
+        if self.frontend is not None:
+            fe_text, n = values[n], n + 1
+        extra = values[n:]
+        if self.frontend is not None:
+            self._ring_nodes = dict(zip(RING_NODES, extra, strict=True)) if extra else None
+            self._open_nodes = None
+        else:
+            self._ring_nodes = None
+            self._open_nodes = dict(zip(OPEN_NODES, extra, strict=True)) if extra else None
+        return nodes, fe_text
+
+    def _init_wait_direct(self) -> bool:
+        """A new backend whose InitWait does not depend on anything but its own nodes: not one a
+        previous engine left in the fd store (_publish_features decides from the frontend then)."""
+        store = self.config.fd_store
+        return self.phase is Phase.NEW and (store is None or not store.holds(self.fd_name))
+
+    def _snapshot_and_init_wait(self) -> tuple[dict[str, str], str | None] | None:
+        """A new backend's snapshot, its features and InitWait in one transaction: the reads and
+        the writes go in one batch, and the transaction commits only if what was read allows
+        what was written (the backend exists with a `state`, and is not being detached); else it
+        aborts unseen and reconcile() goes on from the snapshot as for any backend
+        (_publish_features). Kernel blkback writes InitWait from its probe; here libxl's
+        transaction to InitWait was the snapshot's round trip and 4 of the features' (start,
+        reads, writes, commit), now 3 in all (issue 20)."""
+        items = {join(self.path, name): value for name, value in self._feature_nodes(init_wait=True).items()}
+
+        def body(tx: Transaction) -> tuple[tuple[dict[str, str], str | None] | None, bool]:
+            values, failure = tx.read_many_then_write(self._snapshot_paths(), items)
+            snapshot = self._parse_snapshot(values)
+            if snapshot is None or "state" not in snapshot[0] or snapshot[0].get("online") == "0":
+                tx.abort()
+                return snapshot, False
+            if failure is not None:
+                raise failure
+            return snapshot, True
+
+        snapshot, written = self.store.run_transaction(body)
+        if written:
+            self._awaiting_initialised = True
+            self._entered_init_wait()
+        return snapshot
+
+    def _feature_nodes(self, *, init_wait: bool) -> dict[str, str]:
+        """What InitWait publishes (relative names): our limits, `opened`=0 and, unless a live
+        frontend or a detach says otherwise, the state itself."""
+        items = {
+            "feature-max-indirect-segments": str(self.config.max_indirect_segments),
+            "max-ring-page-order": str(self.config.max_ring_page_order),
+            "multi-queue-max-queues": str(self.config.max_queues),
+            "opened": "0",
+        }
+        if init_wait:
+            items["state"] = str(XenbusState.InitWait)
+        return items
+
+    def _entered_init_wait(self) -> None:
+        self.phase = Phase.INIT_WAIT
+        self._log("InitWait: waiting for physical-device")
 
     def _publish_features(self, nodes: dict[str, str]) -> None:
-        def body(tx: Transaction) -> None:
+        def body(tx: Transaction) -> bool:
             # the nodes this decides on in one batch, the writes in another (issue 20: a round
             # trip each was ~10 inside this transaction)
             state, frontend, online = tx.read_many(
                 [join(self.path, n) for n in ("state", "frontend", "online")]
             )
             if state is None:
-                return  # never re-create a backend libxl deleted
+                return False  # never re-create a backend libxl deleted
             # taking over a live backend (issue 21) whose frontend is still on its ring: it is not
             # shown InitWait in between; `opened` goes back to 1 once the device is re-verified. A
             # frontend that left meanwhile is handled as a fresh backend's (InitWait).
@@ -384,31 +495,34 @@ class BackendDevice:
                 and _frontend_matches(frontend, self.domid, self.devid)
                 and tx.read_optional(join(frontend, "state")) in ("3", "4")
             )
-            items = {
-                "feature-max-indirect-segments": str(self.config.max_indirect_segments),
-                "max-ring-page-order": str(self.config.max_ring_page_order),
-                "multi-queue-max-queues": str(self.config.max_queues),
-                "opened": "0",
-            }
-            if online != "0" and not live:
-                items["state"] = "2"
+            items = self._feature_nodes(init_wait=online != "0" and not live)
             tx.write_many({join(self.path, name): value for name, value in items.items()})
+            return "state" in items
 
-        self.store.run_transaction(body)
-        self.phase = Phase.INIT_WAIT
-        self._log("InitWait: waiting for physical-device")
+        if self.store.run_transaction(body):
+            self._awaiting_initialised = True
+        self._entered_init_wait()
 
     def _open_device(self) -> None:
         """Open what physical-device names and prove it is the published device: every identity
         node present (physical-device-luid, diskseq) must parse and name the diskseq the opened
         device has; any disagreement, among them or with the device, fails it (as the kernel patch
-        does). Their grammar and what we accept from other writers: xenstore/identity.py."""
-        names = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
+        does). Their grammar and what we accept from other writers: xenstore/identity.py.
+
+        The nodes come with the pass's snapshot (one batch, after physical-device), not in a
+        transaction of their own (3 round trips on the script's wait, issue 20). A transaction
+        added nothing to the check: the script publishes and withdraws them in one transaction,
+        so a batch that sees physical-device sees what came with it; a read torn by a later
+        rewrite can only disagree (a refusal), never pass, since the luid's diskseq names one
+        incarnation of one device and must be what the opened fd has; and the nodes can change
+        after any read, a transaction's too, which is why the check is on the fd."""
 
         def body(tx: Transaction) -> dict[str, str | None]:
-            return dict(zip(names, tx.read_many([join(self.path, name) for name in names]), strict=True))
+            return dict(zip(OPEN_NODES, tx.read_many([join(self.path, n) for n in OPEN_NODES]), strict=True))
 
-        nodes = self.store.run_transaction(body)
+        nodes, self._open_nodes = self._open_nodes, None  # read with this pass's snapshot
+        if nodes is None:
+            nodes = self.store.run_transaction(body)
         mode, frontend = nodes["mode"], nodes["frontend"]
         if nodes[identity.PHYSICAL_DEVICE] is None:
             self._open_export(nodes[identity.OWNER], nodes["params"], mode, frontend)
@@ -434,9 +548,13 @@ class BackendDevice:
             self._parked = self.config.fd_store is not None and self.fd_name in self.config.fd_store.in_store
             device = self._adopt(inherited, devt, writable=mode == "w")
         else:
-            if blockdev.observe(devt) is None:
+            # One open, judged below through its own fd (issue 20: a look through a first,
+            # read-only fd before it was a second open and close on the script's wait for
+            # `opened`=1, a third of this pass's CPU, and the close could wait for udev's probe)
+            present = blockdev.open_present(devt, writable=mode == "w")
+            if present is None:
                 raise EngineRefusal(f"no block device {major}:{minor} (stale physical-device?)")
-            device = blockdev.open_devt(devt, writable=mode == "w")
+            device = present
         verdict = identity.judge(published.diskseq, device.identity)
         if verdict not in (Liveness.LIVE, Liveness.UNVERIFIED):
             seen = device.identity.diskseq
@@ -576,23 +694,20 @@ class BackendDevice:
         `protocol` and `feature-persistent` are top-level for every queue.
 
         Two batches, no transaction (issue 20: this was a round trip per node inside one, 8+ on
-        the connect's critical path; now 1, or 2 with a ring-page-order or several queues): the
-        top-level nodes, then what their two numbers name. The values are the guest's own; a
-        transaction made them a snapshot, but the guest can write any mix of them anyway, so a
-        torn read gives it nothing, and each is parsed and bounded below whatever it is. Linux
-        blkfront writes them all before it switches to Initialised, which is what we act on."""
+        the connect's critical path): the top-level nodes, normally read with the pass's snapshot
+        (_snapshot_paths), then, with a ring-page-order or several queues, what their two numbers
+        name. The values are the guest's own; a transaction made them a snapshot, but the guest
+        can write any mix of them anyway, so a torn read gives it nothing, and each is parsed and
+        bounded below whatever it is. Linux blkfront writes them all before it switches to
+        Initialised, which is what we act on."""
         assert self.frontend is not None
         fe = self.frontend
         max_queues = self.config.max_queues
-        wanted = (
-            "ring-ref",
-            "ring-page-order",
-            "event-channel",
-            "protocol",
-            "multi-queue-num-queues",
-            "feature-persistent",
-        )
-        values = dict(zip(wanted, self.store.read_many([join(fe, name) for name in wanted]), strict=True))
+        values, self._ring_nodes = self._ring_nodes, None  # read with this pass's snapshot
+        if values is None:
+            values = dict(
+                zip(RING_NODES, self.store.read_many([join(fe, n) for n in RING_NODES]), strict=True)
+            )
         first_order = uint_or_none(values["ring-page-order"], maximum=self.config.max_ring_page_order)
         first_queues = uint_or_none(values["multi-queue-num-queues"], maximum=max_queues) or 1
         # only what the two numbers name is read: a bad one is refused below, from these values
@@ -682,8 +797,14 @@ class BackendDevice:
             nodes["discard-granularity"] = str(target.discard_granularity)
             nodes["discard-alignment"] = "0"
             nodes["discard-secure"] = "1" if limits.discard_secure else "0"
+        # the error counts so far (none on a first connect) go with them: `show` tells an engine's
+        # backend by this node, and on its own it was one more transaction after `opened`=1
+        counts = self.errors.due(force=True)
+        if counts is not None:
+            nodes[ERROR_RESPONSES_NODE] = counts
         nodes["state"] = str(XenbusState.Connected)  # with the rest: the frontend reads them on 4
-        self._write_if_present({join(self.path, name): value for name, value in nodes.items()})
+        if self._write_if_present({join(self.path, name): value for name, value in nodes.items()}) and counts:
+            self.errors.published(counts)
         # The ring threads start only now (issue 20): Thread.start() waits for the new thread to
         # run, a scheduling round trip that was on the way to Connected and now overlaps the
         # frontend's own reaction to it. Nothing is lost meanwhile: the ring is mapped and the
@@ -771,8 +892,9 @@ class BackendDevice:
 
     def _publish_errors(self, *, force: bool = False) -> None:
         """The error-response counts for `xenblockctl show`, at most once a second (the rescan
-        every few seconds brings them out without an event)."""
-        value = self.errors.due(force=force) if self.target is not None or self.errors.total else None
+        every few seconds brings them out without an event). The first ones go with Connected
+        (_connect): until a ring is served there is nothing to count."""
+        value = self.errors.due(force=force) if self.phase is Phase.CONNECTED or self.errors.total else None
         if value is not None:
             try:
                 self._write_node(ERROR_RESPONSES_NODE, value)

@@ -207,25 +207,34 @@ def open_devt(devt: int, *, writable: bool, node: str | None = None) -> BlockDev
 _VANISHED_ERRNOS = frozenset({errno.ENXIO, errno.ENODEV, errno.ENOENT})
 
 
-def observe(devt: int) -> BlockIdentity | None:
-    """The block device now at `devt`, its identity read through a fresh fd; None if there is none.
-
-    This is the kernel half of the one liveness verdict (xenstore/identity.py judges it against
-    what a backend published). It looks in sysfs first: opening a node for a loop minor that does
-    not exist would create it (legacy autoload). A device that vanishes between the two reads as
-    None; any other failure to look (no permission to make a private node) raises DeviceError, so
-    "could not check" is never mistaken for "gone"."""
+def open_present(devt: int, *, writable: bool) -> BlockDevice | None:
+    """open_devt() of the block device now at `devt`, None if there is none. It looks in sysfs
+    first: opening a node for a loop minor that does not exist would create it (legacy autoload).
+    A device that vanishes between the two reads as None; any other failure to open (no permission
+    to make a private node, a read-only device opened to write) raises DeviceError, so "could not
+    check" is never mistaken for "gone"."""
     from xenblockctl.kernel import sysfs
 
     if sysfs.read_attr(posix.major(devt), posix.minor(devt), "dev") is None:
         return None
     try:
-        with open_devt(devt, writable=False) as dev:
-            return dev.identity
+        return open_devt(devt, writable=writable)
     except DeviceError as exc:
         if exc.errno in _VANISHED_ERRNOS:
             return None
         raise
+
+
+def observe(devt: int) -> BlockIdentity | None:
+    """The block device now at `devt`, its identity read through a fresh fd; None if there is none.
+
+    This is the kernel half of the one liveness verdict (xenstore/identity.py judges it against
+    what a backend published)."""
+    device = open_present(devt, writable=False)
+    if device is None:
+        return None
+    with device:
+        return device.identity
 
 
 def _open_private_node(devt: int, flags: int) -> int:
