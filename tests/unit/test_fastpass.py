@@ -1045,6 +1045,53 @@ def test_a_large_pass_after_a_sleep_is_published_in_parts(make_pair: PairFactory
     assert dp.stats.errors == 0
 
 
+def test_a_pass_of_many_small_requests_after_a_sleep_is_published_in_halves(make_pair: PairFactory) -> None:
+    """Sixteen 4 KiB READs taken in one pass (pages cached) after the ring thread slept: the first
+    eight answers are pushed before the last eight are read (fastpath.SPLIT_MIN), so a frontend on
+    another CPU refills while the ring thread serves the rest instead of the two taking turns (4 KiB
+    at QD 32, bench/README.md); every answer and byte is right. A pass of fewer requests is not
+    split: it is still pushed once."""
+    pair = make_pair(persistent=True, data_pages=64, workers=0)
+    fe, dp = pair.frontend, pair.dataplane
+    pair.path.write_bytes(os.urandom(1 << 20))
+    expected = pair.path.read_bytes()
+    ring = dp.ring
+    page = 4096
+
+    def round_of(n: int) -> None:
+        # the ring thread is out of requests and asleep (req_event armed by its final check), so
+        # these n wake it: its next pass follows a sleep
+        deadline = time.monotonic() + 10
+        while ring.req_event != (ring.req_cons + 1) & 0xFFFFFFFF:
+            assert time.monotonic() < deadline, "the ring thread never went to sleep"
+            time.sleep(0.001)
+        ids = {fe.submit_read(8 * (3 * i + 1), page): 3 * i + 1 for i in range(n)}
+        done = fe.collect(n)
+        assert {rid: c.data for rid, c in done.items()} == {
+            rid: expected[s * page : (s + 1) * page] for rid, s in ids.items()
+        }
+
+    for _ in range(4):  # map every page the frontend's pool hands out (Python); then native
+        round_of(16)
+    fast = dp._fast
+    assert fast is not None
+    served = fast.served
+    pushed: list[int] = []
+    push = dp.ring.push_responses
+
+    def seen(*args: object, **kwargs: object) -> bool:
+        pushed.append(dp.ring.rsp_prod_pvt)
+        return push(*args, **kwargs)  # type: ignore[arg-type]
+
+    dp.ring.push_responses = seen  # type: ignore[method-assign]
+    start = dp.ring.rsp_prod_pvt
+    round_of(16)
+    round_of(fastpath.SPLIT_MIN - 1)
+    assert fast.served == served + 16 + fastpath.SPLIT_MIN - 1
+    assert [(p - start) & 0xFFFFFFFF for p in pushed] == [8, 16, 16 + fastpath.SPLIT_MIN - 1]
+    assert dp.stats.errors == 0
+
+
 def test_only_a_pass_that_follows_a_sleep_is_cut(make_pair: PairFactory) -> None:
     """The cut costs an event; it pays only when the ring thread ran out of requests and slept, so
     a pass is cut once per wake-up, never on a ring thread that keeps finding requests."""
