@@ -10,9 +10,9 @@ Per ring pass the thread copies up to 64 request slots out of shared memory in o
 each copy (requests.validate_slot), and runs small cached reads right there (RWF_NOWAIT; see
 io.Executor) while anything that would block goes to the I/O workers. The answers finished in the
 pass are published with one push and at most one event, as the frontend's rsp_event asks (a pass
-after the ring thread slept for want of requests: once per fastpath.CUT_BYTES, and one of many
-requests after its first half, so the frontend refills while the rest runs); workers answer their
-own requests as they complete. Where the native fast path is built and applies
+of large requests after the ring thread slept for want of requests: once per fastpath.CUT_BYTES,
+so the frontend refills while the rest copies); workers answer their own requests as they
+complete. Where the native fast path is built and applies
 (backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
 READs/WRITEs from the same copy, and everything else still comes through here.
 
@@ -42,7 +42,7 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.fastpath import CUT_BYTES, SPLIT_MIN, FastPass
+from xenblockctl.backend.fastpath import CUT_BYTES, FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
 from xenblockctl.backend.grantcopy import EXIT_CHECK, EXIT_OSERROR, BouncePool, NativeCopy, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
@@ -439,21 +439,17 @@ class DataPlane:
         of simple requests; the one it stops at goes through _serve_slot; repeat from the next.
         A native run whose answers are next in ring order goes straight into the ring
         (_write_run); anything after an answer still pending keeps ring order through _answer.
-        A run the native pass cut (_cut_for_pass: at CUT_BYTES, or after the first half of a pass
-        of SPLIT_MIN requests or more) is pushed before the next one starts."""
+        A run the native pass cut (_cut_for_pass) is pushed before the next one starts."""
         assert self._fast is not None
         fast, abi, limits, entry = self._fast.serve, self.params.abi, self.limits, self.params.abi.entry_size
         at = self.ring.taken_at
         cut_at = self._cut_for_pass()
-        half = count // 2 if cut_at and count >= SPLIT_MIN else count  # the first run ends here
         answers: list[tuple[int, int, int]] = []  # finished, not yet written
         unpublished = False  # a native run is in its slots, not yet pushed
         index = 0
         while index < count:
             first = index
-            end = half if index < half else count
-            done, index, cut = fast(data, index, end, cut_at)
-            cut = cut or index == end < count  # it served every slot up to the half: a cut
+            done, index, cut = fast(data, index, count, cut_at)
             if done:
                 if answers:
                     answers += done
@@ -477,8 +473,7 @@ class DataPlane:
         return count
 
     def _cut_for_pass(self) -> int:
-        """Where the native pass cuts this pass's runs (fastpath.CUT_BYTES), or 0: not cut. A pass
-        that is cut is also cut after its first half if it holds SPLIT_MIN requests or more.
+        """Where the native pass cuts this pass's runs (fastpath.CUT_BYTES), or 0: not cut.
 
         Issue 20, the QD-4 turnaround: a frontend that keeps 4 MiB outstanding gets nothing back
         until a pass of all of it is copied, and refills only then, while the ring thread, out of
@@ -487,12 +482,7 @@ class DataPlane:
         4 MiB. That event costs ~2-4 µs of CPU per 1 MiB request (bench/README.md), worth it only
         when the ring thread would otherwise sleep: so only a pass that follows a sleep is cut (on
         a busy host the scheduler often runs the frontend between our answer and our final check,
-        and the ring thread does not sleep at all).
-
-        The same holds for many small requests (4 KiB at QD 32: 128 KiB, never CUT_BYTES): with
-        the frontend on another CPU the two took turns, the ring thread asleep while the frontend
-        took 32 answers and refilled; answering the first half early lets it refill those while
-        the second half runs (bench/README.md, "4 KiB at QD 32")."""
+        and the ring thread does not sleep at all)."""
         wakeups = self.stats.wakeups
         if wakeups == self._wakeups_seen:
             return 0

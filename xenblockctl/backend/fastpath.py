@@ -14,8 +14,7 @@ ring by `_fastpass.respond` (BackRing.respond_run: ring.py's journal protocol, p
 tests/unit/test_fastpass.py checks it leaves the ring byte for byte as respond_all does); any
 other answer goes through ring.py's respond_all as before. A pass of large requests that follows a
 sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before the next one's I/O
-(DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md); such a pass of SPLIT_MIN requests
-or more is also cut after its first half (the same turnaround with many small requests).
+(DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md).
 
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
@@ -64,13 +63,6 @@ _HOST_PAGE = mmap.PAGESIZE
 #: refills its ring while the engine copies, instead of waiting for the whole pass. Runs of small
 #: requests never reach it (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround".
 CUT_BYTES = 2 << 20
-#: and a pass of at least this many requests that follows a sleep is also cut after its first half
-#: (issue 20, 4 KiB at QD 32: with the frontend on another CPU, the ring thread answered all 32,
-#: slept while the frontend took the answers and refilled, and woke to the next 32, so the two
-#: took turns; answering the first 16 early lets the frontend refill them while the ring thread
-#: serves the other 16, and it then finds them at its final check instead of sleeping). A pass of
-#: fewer requests (GRUB's one at a time, QD 4) gains little from halves and would pay the event.
-SPLIT_MIN = 8
 #: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
 #: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
 INDEX_PAGES = True
@@ -180,4 +172,4 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 
 
-__all__ = ["CUT_BYTES", "SPLIT_MIN", "FastPass", "available", "describe", "native_modes"]
+__all__ = ["FastPass", "available", "describe", "native_modes"]
