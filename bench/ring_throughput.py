@@ -37,6 +37,8 @@ grants only, so other rows run once, in Python).
 — on one CPU and the frontend process on another: an idle host's shape, where the frontend never
 runs on the ring thread's CPU, so every turnaround between the two shows (bench/README.md, "4 KiB
 at QD 32"). Unpinned, the scheduler often runs the woken frontend on the ring thread's CPU instead.
+On a host shared with other work each pinned side also waits for its one CPU, so the rates are not
+an idle host's (its "per wake-up" and "asleep" figures still show the turn-taking).
 
 `--qd 1` runs every workload one request at a time, as GRUB's blkfront (pvgrub) does: the frontend
 sleeps on its event until the answer comes, so each request also pays the ring thread's wake-up,
@@ -762,8 +764,9 @@ def main() -> int:
         "--pin",
         action="store_true",
         help="one ring: this process (engine, direct loops) on the first CPU it may use, the frontend"
-        " process on the second: each side on its own CPU, the shape of an idle host, where the two"
-        " take turns (issue 20, 4 KiB QD 32); on a host shared with other work it also measures them",
+        " process on the second: each side on its own CPU, as on an idle host, where the two take"
+        " turns (issue 20, 4 KiB QD 32); on a shared host each side also shares its CPU with others'"
+        " work, which the rates then show",
     )
     args = ap.parse_args()
     if args.pin:
