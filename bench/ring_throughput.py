@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
         [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N] [--qd N]
+        [--pin]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -31,6 +32,13 @@ of Python per request, which bounded the ratios before (kept for comparison).
 (`python`) and on the native fast path (`native`, backend/fastpath.py; `dict`: the same with the
 page lookup this replaced, for an A/B in one run; it applies to persistent
 grants only, so other rows run once, in Python).
+
+`--pin` (with `--frontend-process`, one queue) puts this process — the engine and the direct loops
+— on one CPU and the frontend process on another: an idle host's shape, where the frontend never
+runs on the ring thread's CPU, so every turnaround between the two shows (bench/README.md, "4 KiB
+at QD 32"). Unpinned, the scheduler often runs the woken frontend on the ring thread's CPU instead.
+On a host shared with other work each pinned side also waits for its one CPU, so the rates are not
+an idle host's (its "per wake-up" and "asleep" figures still show the turn-taking).
 
 `--qd 1` runs every workload one request at a time, as GRUB's blkfront (pvgrub) does: the frontend
 sleeps on its event until the answer comes, so each request also pays the ring thread's wake-up,
@@ -323,6 +331,8 @@ def engine(
             kwargs={"persistent": persistent, "frontend": frontend, "slices": slices if interleave else 1},
         )
         proc.start()
+        if _PIN:  # --pin: the frontend on its own CPU, as a guest's vCPU would be
+            os.sched_setaffinity(proc.pid, {_PIN[1]})
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang
 
         def receive() -> object:
@@ -677,6 +687,20 @@ def main_multi_queue(args: argparse.Namespace, image: str, fd: int, target: Devi
         )
 
 
+#: --pin: [engine CPU, frontend CPU], or empty: where the scheduler puts them
+_PIN: list[int] = []
+
+
+def pin(queues: int) -> None:
+    """--pin: this process on one CPU from now on (threads it starts inherit it), the frontend
+    process, when engine() starts it, on another."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or queues != 1:
+        raise SystemExit("--pin needs two CPUs and one queue")
+    _PIN[:] = cpus[:2]
+    os.sched_setaffinity(0, {cpus[0]})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -736,7 +760,19 @@ def main() -> int:
         " against N direct preadv loops (threads and processes); --workers' first value is the I/O"
         " workers per queue",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="one ring: this process (engine, direct loops) on the first CPU it may use, the frontend"
+        " process on the second: each side on its own CPU, as on an idle host, where the two take"
+        " turns (issue 20, 4 KiB QD 32); on a shared host each side also shares its CPU with others'"
+        " work, which the rates then show",
+    )
     args = ap.parse_args()
+    if args.pin:
+        if not args.frontend_process:
+            ap.error("--pin puts the frontend process on its own CPU: it needs --frontend-process")
+        pin(args.queues)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     workers = [int(x) for x in args.workers.split(",")]
@@ -784,6 +820,8 @@ def main() -> int:
             side = "child process" if args.frontend_process else "same process"
             if args.queues > 1:
                 side = f"{args.queues} child processes"
+            if _PIN:
+                side += f" on CPU {_PIN[1]}, the engine on CPU {_PIN[0]}"
             print(
                 f"{args.size_mib} MiB {where}, page cache warm, frontend in {side}, "
                 f"{args.seconds:.0f} s per row, switch interval {sys.getswitchinterval() * 1e3:.1f} ms, "
