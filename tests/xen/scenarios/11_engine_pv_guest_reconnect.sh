@@ -29,16 +29,14 @@ pvgrub_guest_cycle engine
 # The same first boot on the pure-Python pass, in the same dom0 minutes later (issue 20: what the
 # native grant-copy pass saves, with the host's load as alike as one boot can make it). No backend is
 # left, so the engine can be replaced.
-kill "$engine_pid"
-wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
+stop_engine
 start_engine --no-native
 pvgrub_first_boot engine engine_python
 # The ring thread's wake-up A/B (issue 20), native pass both times, in the same dom0 one after the
 # other: poll() on the event channel and a stop pipe then a late read (--poll-wakeup), against one
 # blocking read (the default). GRUB pays one wake-up per request.
 restart_engine() {
-  kill "$engine_pid"
-  wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
+  stop_engine
   start_engine "$@"
 }
 restart_engine --poll-wakeup
