@@ -11,7 +11,7 @@
 # the pairs: reported, not asserted (TCG on a shared host; see bench/README.md "On real Xen").
 # Every boot switches consumer as scenario 12's rounds do: the engine is stopped and blkback loaded, or
 # blkback unloaded and a fresh engine started (its default options), before `xl create`.
-# xenci-timeout: 1500
+# xenci-timeout: 2400
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
