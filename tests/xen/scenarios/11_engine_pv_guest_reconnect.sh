@@ -9,6 +9,8 @@
 #   3. save/restore: the guest is saved to a file (domain gone, nothing bound) and restored into a new
 #      domain; blkfront resumes on the new backend and the guest goes on reading and writing.
 # The guest (domu/reconnect.init) and this script step through named phases over xenstore.
+# The engine's variants are compared here, boot against boot in one dom0; the engine against kernel
+# blkback is scenario 18's (this file's first boot is the dom0's first pvgrub boot, the slowest).
 # xenci-timeout: 2100
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
