@@ -16,15 +16,7 @@
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
 
-need_script
-xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
-
-cleanup() {
-  xl destroy "$PVGRUB_NAME" 2>/dev/null || true
-  engine_restore
-}
-trap cleanup EXIT
-XENCI_ON_FAIL='dump_vbd; dump_pvgrub_domu'
+pvgrub_engine_scenario
 : >"$PVGRUB_PHASES"
 
 use_blkback() {

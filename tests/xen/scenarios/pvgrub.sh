@@ -4,6 +4,8 @@
 # (domu/reconnect.init) then walks through phases with dom0 over xenstore: first I/O, `reboot -f` (xl
 # restarts the domain: a new backend), `xl save` + `xl restore` (blkfront resumes on a new backend).
 #
+#   pvgrub_engine_scenario        a scenario that runs the guest on the engine starts with it: skips
+#                                 without the engine, destroys the guest and restores blkback at exit
 #   pvgrub_guest_cycle CONSUMER   CONSUMER: engine (started by the caller) or blkback (kernel blkback)
 #   pvgrub_first_boot CONSUMER LABEL   the first boot alone (to the guest's first I/O), its phases
 #                                      reported as LABEL's, then the guest destroyed
@@ -16,6 +18,17 @@ PVGRUB_NAME=xenci-pvgrub
 BASE=65536
 domid=
 PVGRUB_PHASES=$XENCI_WORK/pvgrub-phases.txt
+
+pvgrub_engine_scenario() {
+  need_script
+  xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
+  trap pvgrub_engine_cleanup EXIT
+  XENCI_ON_FAIL='dump_vbd; dump_pvgrub_domu'
+}
+pvgrub_engine_cleanup() {
+  xl destroy "$PVGRUB_NAME" 2>/dev/null || true
+  engine_restore
+}
 
 dump_pvgrub_domu() {
   if [ -n "${phase_watch_pid:-}" ]; then kill "$phase_watch_pid" 2>/dev/null || true; fi
