@@ -76,11 +76,16 @@ blkback_autoclear_off() {
 # frontend Initialised (the domain runs once the script is done) and the backend's Connected: which
 # of the backend, the script or the connect a difference is in. phase_watch_start OUT before `xl
 # create`; phase_watch_report CONSUMER after.
+# No fork per stamp (an awk for the engine's CPU was one, in the engine's boots only): the stamper
+# stamps when it reads the event, so its own work delays every later stamp, and under TCG a fork is
+# tens of milliseconds, which skewed the engine's short phases against blkback's.
 phase_cpu() {
-  local _c user nice sys idle iowait irq softirq steal _rest eng=-
+  local _c user nice sys idle iowait irq softirq steal _rest eng=- stat f
   read -r _c user nice sys idle iowait irq softirq steal _rest </proc/stat
-  if [ -n "${engine_pid:-}" ] && [ -r "/proc/$engine_pid/stat" ]; then
-    eng=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$engine_pid/stat")
+  if [ -n "${engine_pid:-}" ] && read -r stat 2>/dev/null <"/proc/$engine_pid/stat"; then
+    # utime + stime: fields 14 and 15, the 12th and 13th after "pid (comm) "
+    read -r -a f <<<"${stat##*) }"
+    eng=$((f[11] + f[12]))
   fi
   echo "$((user + nice + sys + irq + softirq)) $((idle + iowait)) $steal $eng"
 }
