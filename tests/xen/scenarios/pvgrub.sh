@@ -74,11 +74,12 @@ blkback_autoclear_off() {
 # Initialised -> backend Connected again -> the guest's first I/O; and create -> Connected splits
 # again into the backend's InitWait, our script's `physical-device`, its `hotplug-status`, GRUB's
 # frontend Initialised (the domain runs once the script is done) and the backend's Connected: which
-# of the backend, the script or the connect a difference is in. phase_watch_start OUT before `xl
-# create`; phase_watch_report CONSUMER after.
-# No fork per stamp (an awk for the engine's CPU was one, in the engine's boots only): the stamper
-# stamps when it reads the event, so its own work delays every later stamp, and under TCG a fork is
-# tens of milliseconds, which skewed the engine's short phases against blkback's.
+# of the backend, the script or the connect a difference is in. The stamps come from phase_stamp.py
+# (stamped as each event arrives, values read in-process: a shell loop forking xenstore-read per
+# event lagged by seconds on a loaded host); this file's marks from phase_mark, in the same format.
+# phase_watch_start OUT before `xl create`; phase_watch_report CONSUMER after.
+# phase_cpu: dom0's busy/idle/steal ticks and the engine's CPU ticks, with no fork (a mark must not
+# wait tens of milliseconds for its own stamp).
 phase_cpu() {
   local _c user nice sys idle iowait irq softirq steal _rest eng=- stat f
   read -r _c user nice sys idle iowait irq softirq steal _rest </proc/stat
@@ -89,34 +90,21 @@ phase_cpu() {
   fi
   echo "$((user + nice + sys + irq + softirq)) $((idle + iowait)) $steal $eng"
 }
-phase_stamp() {
-  local path _rest up _ value
-  while read -r path _rest; do
-    case $path in
-      /local/domain/0/backend/vbd/*/51712/state | /local/domain/*/device/vbd/51712/state | /local/domain/*/data/xenci-phase) ;;
-      /local/domain/0/backend/vbd/*/51712/physical-device | /local/domain/0/backend/vbd/*/51712/hotplug-status) ;;
-      *) continue ;;
-    esac
-    read -r up _ </proc/uptime
-    value=$(xenstore-read "$path" 2>/dev/null || echo gone)
-    case $path in
-      */physical-device) path=pdev ;;
-      */hotplug-status) path=hotplug ;;
-      /local/domain/0/*) path=be ;;
-      */device/*) path=fe ;;
-      *) path=phase ;;
-    esac
-    echo "$up $path $value $(phase_cpu)"
-  done
-}
 phase_mark() { local up _; read -r up _ </proc/uptime; echo "$up mark $1 $(phase_cpu)" >>"$phase_log"; }
 phase_watch_start() {
+  local n=0
   phase_log=$1
   : >"$phase_log"
-  phase_mark create
-  # nothing of the watch holds the scenario's stdout/stderr: a failure never waits on it
-  xenstore-watch /local/domain > >(phase_stamp >>"$phase_log" 2>/dev/null) 2>/dev/null &
+  rm -f "$phase_log.ready"
+  # nothing of the stamper holds the scenario's stdout/stderr: a failure never waits on it
+  python3 "$XENCI_SCENARIOS/phase_stamp.py" "$phase_log" "${engine_pid:-}" >/dev/null 2>"$phase_log.err" &
   phase_watch_pid=$!
+  until [ -e "$phase_log.ready" ]; do
+    kill -0 "$phase_watch_pid" 2>/dev/null || fail "the phase stamper exited: $(tail -n 3 "$phase_log.err")"
+    n=$((n + 1)); [ $n -le 600 ] || fail "the phase stamper did not set its watch in 60 s"
+    sleep 0.1
+  done
+  phase_mark create
 }
 # The phases of the first boot, from the log: an XENCI-METRIC per phase (seconds) and, per phase,
 # dom0's busy/idle/steal ticks and the engine's CPU ticks (USER_HZ); the same seconds, create -> the
