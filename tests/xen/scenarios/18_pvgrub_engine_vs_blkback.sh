@@ -9,8 +9,8 @@
 # Each boot's phases are reported as scenario 11's are (XENCI-METRIC lines, the phase table, create ->
 # Connected split), then per pair engine / blkback for the whole boot and per phase, and the median of
 # the pairs: reported, not asserted (TCG on a shared host; see bench/README.md "On real Xen").
-# Every boot switches consumer as scenario 12's rounds do: the engine is stopped and blkback loaded, or
-# blkback unloaded and a fresh engine started (its default options), before `xl create`.
+# Before every boot the consumer is set up afresh, as scenario 12's rounds switch: the engine stopped
+# and blkback unloaded, then blkback loaded or a new engine started (its default options).
 # xenci-timeout: 2400
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
@@ -19,14 +19,20 @@
 pvgrub_engine_scenario
 : >"$PVGRUB_PHASES"
 
-use_blkback() {
+# Every boot starts from no consumer at all, the same for both: no engine, blkback unloaded (it lets
+# go of the destroyed guest's backend device a moment after the loop device is free); then a fresh
+# engine process or a fresh blkback module, also between two boots of the same consumer.
+no_consumer() {
   [ -z "$engine_pid" ] || stop_engine
+  wait_for "xen-blkback to unload" 30 bash -c 'rmmod xen-blkback 2>/dev/null; [ ! -d /sys/module/xen_blkback ]'
+}
+use_blkback() {
+  no_consumer
   modprobe xen-blkback || true
   [ -d /sys/module/xen_blkback ] || fail "xen-blkback is not loaded"
 }
 use_engine() {
-  # blkback lets go of the destroyed guest's backend device a moment after the loop device is free
-  wait_for "xen-blkback to unload" 30 bash -c 'rmmod xen-blkback 2>/dev/null; [ ! -d /sys/module/xen_blkback ]'
+  no_consumer
   without_blkback
   start_engine
 }
