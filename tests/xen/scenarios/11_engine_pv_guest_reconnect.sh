@@ -9,36 +9,28 @@
 #   3. save/restore: the guest is saved to a file (domain gone, nothing bound) and restored into a new
 #      domain; blkfront resumes on the new backend and the guest goes on reading and writing.
 # The guest (domu/reconnect.init) and this script step through named phases over xenstore.
+# The engine's variants are compared here, boot against boot in one dom0; the engine against kernel
+# blkback is scenario 18's (this file's first boot is the dom0's first pvgrub boot, the slowest).
 # xenci-timeout: 2100
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
 
-need_script
-xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
-
-cleanup() {
-  xl destroy "$PVGRUB_NAME" 2>/dev/null || true
-  engine_restore
-}
-trap cleanup EXIT
-XENCI_ON_FAIL='dump_vbd; dump_pvgrub_domu'
+pvgrub_engine_scenario
 without_blkback
 start_engine
 pvgrub_guest_cycle engine
 # The same first boot on the pure-Python pass, in the same dom0 minutes later (issue 20: what the
 # native grant-copy pass saves, with the host's load as alike as one boot can make it). No backend is
 # left, so the engine can be replaced.
-kill "$engine_pid"
-wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
+stop_engine
 start_engine --no-native
 pvgrub_first_boot engine engine_python
 # The ring thread's wake-up A/B (issue 20), native pass both times, in the same dom0 one after the
 # other: poll() on the event channel and a stop pipe then a late read (--poll-wakeup), against one
 # blocking read (the default). GRUB pays one wake-up per request.
 restart_engine() {
-  kill "$engine_pid"
-  wait_for "the engine to exit" 60 bash -c "! kill -0 $engine_pid 2>/dev/null"
+  stop_engine
   start_engine "$@"
 }
 restart_engine --poll-wakeup

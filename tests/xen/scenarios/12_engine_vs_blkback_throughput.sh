@@ -176,11 +176,6 @@ round_ratios() {
     say "$1 / blkback per round, $w:$line"
   done
 }
-stop_engine() {
-  kill "$engine_pid"
-  wait "$engine_pid" 2>/dev/null || true
-  engine_pid=
-}
 # engine_says KEY WORDS: the engine log's last line with KEY says WORDS (what the engine ran on is
 # logged at start, and a later start's line is the one that counts).
 engine_says() { grep "$1" "$engine_log" | tail -n 1 | grep -q "$2"; }

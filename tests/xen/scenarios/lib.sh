@@ -112,8 +112,9 @@ attach_ro_cycle() {
 
 # The bundled engine on the Xen transport, for scenarios that run it instead of kernel blkback.
 # start_engine [ARGS]: (re)start it (ARGS go to `xenblockctl backend`) and wait for its ready line;
-# engine_restore (an EXIT trap): kill it, show its log, reload blkback for later scenarios. (No bare
-# `a && b`: under set -e a failing b would turn a skip's 77 into 1.)
+# stop_engine: end it (SIGTERM) and wait until it has exited; engine_restore (an EXIT trap): kill it,
+# show its log, reload blkback for later scenarios. (No bare `a && b`: under set -e a failing b would
+# turn a skip's 77 into 1.)
 engine_log=$XENCI_WORK/engine.log
 engine_pid=
 uptime_lines() {
@@ -141,6 +142,11 @@ start_engine() {
     sleep 0.1
   done
   say "engine ready (pid $engine_pid)"
+}
+stop_engine() {
+  kill "$engine_pid"
+  wait "$engine_pid" 2>/dev/null || true
+  engine_pid=
 }
 engine_restore() {
   if [ -n "$engine_pid" ]; then kill -9 "$engine_pid" 2>/dev/null || true; fi

@@ -4,15 +4,31 @@
 # (domu/reconnect.init) then walks through phases with dom0 over xenstore: first I/O, `reboot -f` (xl
 # restarts the domain: a new backend), `xl save` + `xl restore` (blkfront resumes on a new backend).
 #
+#   pvgrub_engine_scenario        a scenario that runs the guest on the engine starts with it: skips
+#                                 without the engine, destroys the guest and restores blkback at exit
 #   pvgrub_guest_cycle CONSUMER   CONSUMER: engine (started by the caller) or blkback (kernel blkback)
 #   pvgrub_first_boot CONSUMER LABEL   the first boot alone (to the guest's first I/O), its phases
 #                                      reported as LABEL's, then the guest destroyed
+# Every boot's phases also go, one "LABEL PHASE SECONDS" line each, to $PVGRUB_PHASES (a scenario that
+# compares boots reads them back: scenario 18).
 
 PVGRUB=/usr/lib/grub-xen/grub-x86_64-xen.bin
 PVGRUB_NAME=xenci-pvgrub
 # The test sectors sit past GRUB's filesystem (reconnect.init's BASE).
 BASE=65536
 domid=
+PVGRUB_PHASES=$XENCI_WORK/pvgrub-phases.txt
+
+pvgrub_engine_scenario() {
+  need_script
+  xenblockctl backend --help >/dev/null 2>&1 || skip "xenblockctl has no backend command yet"
+  trap pvgrub_engine_cleanup EXIT
+  XENCI_ON_FAIL='dump_vbd; dump_pvgrub_domu'
+}
+pvgrub_engine_cleanup() {
+  xl destroy "$PVGRUB_NAME" 2>/dev/null || true
+  engine_restore
+}
 
 dump_pvgrub_domu() {
   if [ -n "${phase_watch_pid:-}" ]; then kill "$phase_watch_pid" 2>/dev/null || true; fi
@@ -51,47 +67,48 @@ blkback_autoclear_off() {
 }
 
 # Where a pvgrub boot's time goes (issue 20), for the engine and kernel blkback alike: every vbd
-# backend/frontend `state` write and the guest's data/xenci-phase, stamped with dom0's uptime (the
-# engine log's clock) and dom0's CPU counters (/proc/stat, USER_HZ ticks: busy, idle, steal) plus the
-# engine's own CPU, so the boot splits into create -> backend Connected (GRUB's frontend) -> GRUB
-# done (its frontend Closing) -> Linux's blkfront Initialised -> backend Connected again -> the
-# guest's first I/O. phase_watch_start OUT before `xl create`; phase_watch_report CONSUMER after.
+# backend/frontend `state` write, the backend's `physical-device` and `hotplug-status` and the guest's
+# data/xenci-phase, stamped with dom0's uptime (the engine log's clock) and dom0's CPU counters
+# (/proc/stat, USER_HZ ticks: busy, idle, steal) plus the engine's own CPU, so the boot splits into
+# create -> backend Connected (GRUB's frontend) -> GRUB done (its frontend Closing) -> Linux's blkfront
+# Initialised -> backend Connected again -> the guest's first I/O; and create -> Connected splits
+# again into the backend's InitWait, our script's `physical-device`, its `hotplug-status`, GRUB's
+# frontend Initialised (the domain runs once the script is done) and the backend's Connected: which
+# of the backend, the script or the connect a difference is in. The stamps come from phase_stamp.py
+# (stamped as each event arrives, values read in-process: a shell loop forking xenstore-read per
+# event lagged by seconds on a loaded host); this file's marks from phase_mark, in the same format.
+# phase_watch_start OUT before `xl create`; phase_watch_report CONSUMER after.
+# phase_cpu: dom0's busy/idle/steal ticks and the engine's CPU ticks, with no fork (a mark must not
+# wait tens of milliseconds for its own stamp).
 phase_cpu() {
-  local _c user nice sys idle iowait irq softirq steal _rest eng=-
+  local _c user nice sys idle iowait irq softirq steal _rest eng=- stat f
   read -r _c user nice sys idle iowait irq softirq steal _rest </proc/stat
-  if [ -n "${engine_pid:-}" ] && [ -r "/proc/$engine_pid/stat" ]; then
-    eng=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$engine_pid/stat")
+  if [ -n "${engine_pid:-}" ] && read -r stat 2>/dev/null <"/proc/$engine_pid/stat"; then
+    # utime + stime: fields 14 and 15, the 12th and 13th after "pid (comm) "
+    read -r -a f <<<"${stat##*) }"
+    eng=$((f[11] + f[12]))
   fi
   echo "$((user + nice + sys + irq + softirq)) $((idle + iowait)) $steal $eng"
 }
-phase_stamp() {
-  local path _rest up _ value
-  while read -r path _rest; do
-    case $path in
-      /local/domain/0/backend/vbd/*/51712/state | /local/domain/*/device/vbd/51712/state | /local/domain/*/data/xenci-phase) ;;
-      *) continue ;;
-    esac
-    read -r up _ </proc/uptime
-    value=$(xenstore-read "$path" 2>/dev/null || echo gone)
-    case $path in
-      /local/domain/0/*) path=be ;;
-      */device/*) path=fe ;;
-      *) path=phase ;;
-    esac
-    echo "$up $path $value $(phase_cpu)"
-  done
-}
 phase_mark() { local up _; read -r up _ </proc/uptime; echo "$up mark $1 $(phase_cpu)" >>"$phase_log"; }
 phase_watch_start() {
+  local n=0
   phase_log=$1
   : >"$phase_log"
-  phase_mark create
-  # nothing of the watch holds the scenario's stdout/stderr: a failure never waits on it
-  xenstore-watch /local/domain > >(phase_stamp >>"$phase_log" 2>/dev/null) 2>/dev/null &
+  rm -f "$phase_log.ready"
+  # nothing of the stamper holds the scenario's stdout/stderr: a failure never waits on it
+  python3 "$XENCI_SCENARIOS/phase_stamp.py" "$phase_log" "${engine_pid:-}" >/dev/null 2>"$phase_log.err" &
   phase_watch_pid=$!
+  until [ -e "$phase_log.ready" ]; do
+    kill -0 "$phase_watch_pid" 2>/dev/null || fail "the phase stamper exited: $(tail -n 3 "$phase_log.err")"
+    n=$((n + 1)); [ $n -le 600 ] || fail "the phase stamper did not set its watch in 60 s"
+    sleep 0.1
+  done
+  phase_mark create
 }
 # The phases of the first boot, from the log: an XENCI-METRIC per phase (seconds) and, per phase,
-# dom0's busy/idle/steal ticks and the engine's CPU ticks (USER_HZ).
+# dom0's busy/idle/steal ticks and the engine's CPU ticks (USER_HZ); the same seconds, create -> the
+# guest's first I/O as `total` and create -> Connected's parts (`connect_*`), to $PVGRUB_PHASES.
 phase_watch_report() {
   local consumer=$1 requests
   # GRUB's requests, from the engine's ring-stopped line for GRUB's ring (blkback: none, unused)
@@ -101,9 +118,15 @@ phase_watch_report() {
   kill "$phase_watch_pid" 2>/dev/null || true
   echo "--- $consumer: vbd states and guest phases (dom0 uptime, value, dom0 busy/idle/steal ticks, engine ticks)"
   cat "$phase_log"
-  awk -v c="$consumer" -v req="${requests:-0}" '
+  awk -v c="$consumer" -v req="${requests:-0}" -v out="$PVGRUB_PHASES" '
     function at(name) { t[name] = $1; b[name] = $4; i[name] = $5; s[name] = $6; e[name] = $7 }
+    function saved(name, seconds) { printf "%s %s %.3f\n", c, name, seconds >>out }
     $2 == "mark" && $3 == "create" { at("create") }
+    # create -> Connected, split (informational: its own chain, the phases below are unchanged)
+    $2 == "be" && $3 == 2 && !("initwait" in t) { at("initwait") }
+    $2 == "pdev" && $3 != "gone" && !("pdev" in t) { at("pdev") }
+    $2 == "hotplug" && $3 == "connected" && !("hotplug" in t) { at("hotplug") }
+    $2 == "fe" && $3 == 3 && !("grub_connected" in t) && !("grub_init" in t) { at("grub_init") }
     $2 == "be" && $3 == 4 && !("grub_connected" in t) { at("grub_connected"); next }
     $2 == "fe" && ("grub_connected" in t) && !("grub_done" in t) && ($3 == 5 || $3 == 6 || $3 == 1) { at("grub_done"); next }
     $2 == "fe" && ("grub_done" in t) && ($3 == 3 || $3 == 4) && !("linux_init" in t) { at("linux_init"); next }
@@ -117,7 +140,19 @@ phase_watch_report() {
         eng = (e[z] == "-" || e[a] == "-") ? "-" : e[z] - e[a]
         printf "XENCI-METRIC: %s_phase_%s_s=%.2f s\n", c, z, t[z] - t[a]
         printf "  %-16s %7.2f s  dom0 busy %5d idle %5d steal %5d  engine %s ticks\n", a " -> " z, t[z] - t[a], b[z] - b[a], i[z] - i[a], s[z] - s[a], eng
+        saved(z, t[z] - t[a])
       }
+      if (("create" in t) && ("guest_io" in t)) saved("total", t["guest_io"] - t["create"])
+      line = ""
+      n = split("create initwait pdev hotplug grub_init grub_connected", p, " ")
+      for (k = 2; k <= n; k++) {
+        a = p[k - 1]; z = p[k]
+        if (!(a in t) || !(z in t)) continue
+        printf "XENCI-METRIC: %s_connect_%s_s=%.2f s\n", c, z, t[z] - t[a]
+        line = line sprintf(" %s %.2f", z, t[z] - t[a])
+        saved("connect_" z, t[z] - t[a])
+      }
+      if (line != "") print "  create -> Connected, split (s):" line
       # the engine CPU per GRUB request (ticks are USER_HZ = 100: 10 ms each)
       if (req > 0 && ("grub_done" in t) && ("grub_connected" in t) && e["grub_done"] != "-")
         printf "XENCI-METRIC: %s_grub_engine_cpu_ms_per_request=%.2f ms\n", c, (e["grub_done"] - e["grub_connected"]) * 10 / req
