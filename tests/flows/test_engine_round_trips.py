@@ -79,13 +79,22 @@ def _since(count: Count, before: Count) -> Count:
     return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
 
 
+def _without_listings(log: list[list[tuple[int, bytes]]]) -> list[list[tuple[int, bytes]]]:
+    """The exchanges of `log` but a rescan's, which lists directories only (one may fall anywhere)."""
+    return [ex for ex in log if any(op != wire.DIRECTORY for op, _ in ex)]
+
+
+def _write(path: str, value: str) -> tuple[int, bytes]:
+    """The request writing `path`=`value`, as Count.log holds it."""
+    return (wire.WRITE, path.encode() + b"\0" + value.encode())
+
+
 def _to_commit(log: list[list[tuple[int, bytes]]], path: str, value: str) -> int:
     """How many of the engine's exchanges in `log` it took to commit `path`=`value`: up to the
     transaction end right after the batch that wrote it. A rescan's listings are not counted (one
     may fall in between)."""
-    log = [ex for ex in log if any(op != wire.DIRECTORY for op, _ in ex)]
-    write = (wire.WRITE, path.encode() + b"\0" + value.encode())
-    at = next((i for i, ex in enumerate(log) if write in ex), None)
+    log = _without_listings(log)
+    at = next((i for i, ex in enumerate(log) if _write(path, value) in ex), None)
     assert at is not None, log
     assert log[at + 1] == [(wire.TRANSACTION_END, b"T\0")], log
     return at + 2
@@ -201,8 +210,8 @@ def test_publish_opens_once_without_a_transaction(
     publish = _since(_settled(counted), before)
     assert len(opened) == 1, opened
     assert publish.transactions == 0, publish
-    log = [ex for ex in counted.log[before.round_trips :] if any(op != wire.DIRECTORY for op, _ in ex)]
-    at = next(i for i, ex in enumerate(log) if (wire.WRITE, be.node("opened").encode() + b"\0" + b"1") in ex)
+    log = _without_listings(counted.log[before.round_trips :])
+    at = next(i for i, ex in enumerate(log) if _write(be.node("opened"), "1") in ex)
     assert (wire.READ, be.node("physical-device-luid").encode() + b"\0") in log[at - 1], log
     # the snapshot, `opened`=1, the frontend's state, the frontend watch, the snapshot of its
     # first event
