@@ -438,9 +438,9 @@ static void prepared_release(struct prepared *p)
 
 /* The pages of p's segments, as iovecs (neighbouring bytes of one mapping merged). 1: ready.
  * A 1 MiB request runs this loop 256 times, so it keeps the iovec being built in locals (stores
- * through p->iov could alias p->iovcnt, which the compiler then reloaded for every segment) and
- * tests which kind of dict it has once. Capacity: at most one iovec per segment, and p->iov holds
- * nseg of them (iov_in for direct requests, the heap for indirect ones). */
+ * through p->iov could alias p->iovcnt, which the compiler then reloaded for every segment).
+ * Capacity: at most one iovec per segment, and p->iov holds nseg of them (iov_in for direct
+ * requests, the heap for indirect ones). */
 static int prepare_pages(struct prepared *p, PyObject *entries)
 {
     struct req *r = &p->r;
