@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import random
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.ring_throughput import WORKLOADS, Workload, _offsets
-
-PAGE = 4096
+from bench.ring_throughput import PAGE, WORKLOADS, Workload, _offsets, scattered_pages
 
 
 def _shapes(w: Workload) -> tuple[list[tuple[str, Callable[[int], list[memoryview]]]], Callable[[], None]]:
@@ -51,12 +48,7 @@ def _shapes(w: Workload) -> tuple[list[tuple[str, Callable[[int], list[memoryvie
     per_buffer = [[view[base + i * w.block : base + (i + 1) * w.block]] for i in range(w.qd)]
     per_page = [[b[0][p * PAGE : (p + 1) * PAGE] for p in range(pages)] for b in per_buffer]
     pool_at = base + w.qd * w.block
-    order = list(range(w.qd * pages))
-    random.Random(7).shuffle(order)
-    pool = [
-        [view[pool_at + k * PAGE : pool_at + (k + 1) * PAGE] for k in order[i * pages : (i + 1) * pages]]
-        for i in range(w.qd)
-    ]
+    pool = scattered_pages(view[pool_at:], w.qd, pages)
     shapes: list[tuple[str, Callable[[int], list[memoryview]]]] = [
         ("1 buffer, 1 iovec", lambda i: one),
         (f"{w.qd} buffers, 1 iovec each", lambda i: per_buffer[i % w.qd]),

@@ -12,6 +12,12 @@ Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at
 - `direct preadv (1 thread, QD buffers)`: the same loop into QD buffers of the request size in
   turn, the memory the frontend's pages span (the engine copies into a different buffer per
   request; one buffer stays warm in the CPU's caches): the `(to QD buffers ...)` ratio.
+- `direct preadv (1 thread, QDxP pages scattered)`: the same loop into QD x P 4 KiB pages (P =
+  pages per request) of one mapping in a random order, an iovec per page: what the engine reads
+  into on Xen, where a blkfront's persistent pool hands out granted pages in any order (each its
+  own mapping: they cannot be merged), and so the fair floor of a ring whose data pages are 4 KiB
+  grants: the `to scattered pages` ratio. (On the local transport the batch frontend's request
+  pages are neighbours and the native pass merges them into one iovec: the QD-buffers shape.)
 - `engine, N workers`: a frontend submits through the ring; the DataPlane validates, maps the
   grant pages and preadv's straight into them on N worker threads (0 = inline on the ring thread).
   `persistent` rows: the frontend negotiates feature-persistent and the data plane goes through its
@@ -107,18 +113,42 @@ def _offsets(w: Workload, size: int, seed: int = 1) -> list[int]:
     return [rnd.randrange(slots) * w.block for _ in range(20_000)]
 
 
-def direct(
-    fd: int, w: Workload, size: int, seconds: float, *, footprint: bool = False
-) -> tuple[float, float]:
-    """Requests per second of a plain preadv loop, and its CPU µs per request. One buffer reused
-    (warm in the CPU's caches), or with `footprint` QD buffers of `block` bytes in one mapping,
-    request i into buffer i % QD: the memory the frontend's pages span, which the engine copies to."""
-    n_buf = w.qd if footprint else 1
+#: the direct loops' destination shapes (`direct(shape=...)`): one buffer (the issue's baseline), QD
+#: buffers in turn (the memory the frontend's pages span), and QD x pages scattered pages
+ONE, QD_BUFFERS, SCATTERED = "1 buffer", "QD buffers", "scattered pages"
+_SHAPES = (ONE, QD_BUFFERS, SCATTERED)
+PAGE = 4096
+
+
+def scattered_pages(view: memoryview, requests: int, pages: int, seed: int = 7) -> list[list[memoryview]]:
+    """`requests` lists of `pages` one-page views of `view`, its pages in a random order: the
+    shape a Linux blkfront's persistent pool gives the engine on Xen (it reuses granted pages in any
+    order, each page its own mapping), so each request is `pages` iovecs over scattered pages."""
+    order = list(range(requests * pages))
+    random.Random(seed).shuffle(order)
+    return [
+        [view[k * PAGE : (k + 1) * PAGE] for k in order[i * pages : (i + 1) * pages]] for i in range(requests)
+    ]
+
+
+def direct(fd: int, w: Workload, size: int, seconds: float, *, shape: str = ONE) -> tuple[float, float]:
+    """Requests per second of a plain preadv loop, and its CPU µs per request, into one buffer
+    reused (warm in the CPU's caches: the issue's baseline), or QD buffers of `block` bytes in one
+    mapping, request i into buffer i % QD (the memory the frontend's pages span, which the engine
+    copies to; one iovec each, as the native pass merges a batch-frontend request's neighbouring
+    pages), or QD x pages pages of one mapping in a random order, an iovec per page (the fair floor
+    of a ring whose data pages are 4 KiB grants from a blkfront's pool: what the engine reads into
+    on Xen, where it cannot merge them)."""
+    n_buf = 1 if shape == ONE else w.qd
     area = mmap.mmap(-1, n_buf * w.block)
+    area.write(b"\1" * (n_buf * w.block))  # every page faulted in before timing, as the engine's are
     view = memoryview(area)
-    bufs = [view[i * w.block : (i + 1) * w.block] for i in range(n_buf)]
-    # the same loop for both: only the buffers differ
-    pairs = [(off, [bufs[i % n_buf]]) for i, off in enumerate(_offsets(w, size))]
+    if shape == SCATTERED:
+        iovecs = scattered_pages(view, w.qd, w.block // PAGE)
+    else:
+        iovecs = [[view[i * w.block : (i + 1) * w.block]] for i in range(n_buf)]
+    # the same loop for every shape: only the iovecs differ
+    pairs = [(off, iovecs[i % n_buf]) for i, off in enumerate(_offsets(w, size))]
     preadv = os.preadv
     cpu0 = time.thread_time()
     n = 0
@@ -132,8 +162,9 @@ def direct(
         n += len(chunk)  # not 64: the last chunk of the list is shorter
     rate, cpu = n / (time.perf_counter() - start), (time.thread_time() - cpu0) / n * 1e6
     del pairs
-    for b in bufs:
-        b.release()
+    for group in iovecs:
+        for b in group:
+            b.release()
     view.release()
     area.close()
     return rate, cpu
@@ -155,9 +186,10 @@ class Run:
     #: for the frontend), from its schedstat; -1 where not measured
     asleep_us: float = -1.0
     #: direct preadv rates measured in slices between the engine's (--slices; 0: not interleaved):
-    #: one buffer, and QD buffers in turn
+    #: one buffer, QD buffers in turn, scattered pages (direct()'s shapes)
     direct: float = 0.0
     direct_wide: float = 0.0
+    direct_scattered: float = 0.0
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -351,17 +383,15 @@ def engine(
                 ring_tid = dp._thread.native_id if dp._thread is not None else None
                 if interleave:
                     served = 0
-                    cpu = direct1 = wide = slept = 0.0
+                    cpu = slept = 0.0
+                    rates = dict.fromkeys(_SHAPES, 0.0)
                     for k in range(slices):
-                        # alternate which baseline goes first, so neither always follows the engine
-                        for wide_first in (False, True) if k % 2 else (True, False):
-                            rate = direct(
-                                device_fd, w, target.size_bytes, seconds / slices / 2, footprint=wide_first
+                        # rotate which baseline goes first, so none always follows the engine
+                        for shape in _SHAPES[k % 3 :] + _SHAPES[: k % 3]:
+                            rates[shape] += (
+                                direct(device_fd, w, target.size_bytes, seconds / slices / 3, shape=shape)[0]
+                                / slices
                             )
-                            if wide_first:
-                                wide += rate[0] / slices
-                            else:
-                                direct1 += rate[0] / slices
                         before, cpu0, sched0 = dp.stats.requests, _cpu(), _asleep(ring_tid)
                         parent.send("slice")
                         receive()  # its slice is done, every request answered
@@ -369,7 +399,12 @@ def engine(
                         slept += _asleep(ring_tid) - sched0
                     run = receive()
                     assert isinstance(run, Run)
-                    run = dataclasses.replace(run, direct=direct1, direct_wide=wide)
+                    run = dataclasses.replace(
+                        run,
+                        direct=rates[ONE],
+                        direct_wide=rates[QD_BUFFERS],
+                        direct_scattered=rates[SCATTERED],
+                    )
                 else:
                     served, cpu0, sched0 = dp.stats.requests, _cpu(), _asleep(ring_tid)
                     run = receive()
@@ -390,6 +425,7 @@ def engine(
             *_grant_counts(dp),
             direct=run.direct,
             direct_wide=run.direct_wide,
+            direct_scattered=run.direct_scattered,
             asleep_us=slept / served * 1e6,
         )
     with LocalFrontend(
@@ -837,12 +873,14 @@ def main() -> int:
                     for w in chosen
                 ]
             for w in chosen:
-                base, base_cpu = direct(fd, w, size, args.seconds)
-                wide, wide_cpu = direct(fd, w, size, args.seconds, footprint=True)
+                measured = {shape: direct(fd, w, size, args.seconds, shape=shape) for shape in _SHAPES}
+                (base, base_cpu), (wide, wide_cpu), (scattered, scattered_cpu) = measured.values()
                 print(f"\n{w.name}")
+                pool = f"{w.qd}x{w.block // PAGE} pages scattered"
                 for label, rate, cpu in (
                     ("direct preadv (1 thread, 1 buffer)", base, base_cpu),
                     (f"direct preadv (1 thread, {w.qd} buffers)", wide, wide_cpu),
+                    (f"direct preadv (1 thread, {pool})", scattered, scattered_cpu),
                 ):
                     print(
                         f"  {label:<48} {rate:>10.0f} IOPS {rate * w.block / 2**20:>8.1f} MiB/s"
@@ -879,12 +917,16 @@ def main() -> int:
                                 label += f", {frontend} frontend"
                             maps = f"   grant maps: {run.grant_maps}" if run.grant_maps >= 0 else ""
                             rate_mib = run.rate * w.block / 2**20
-                            one, many = (run.direct, run.direct_wide) if run.direct else (base, wide)
+                            one, many, apart = (
+                                (run.direct, run.direct_wide, run.direct_scattered)
+                                if run.direct
+                                else (base, wide, scattered)
+                            )
                             alongside = f", direct alongside {one:.0f}" if run.direct else ""
                             print(
                                 f"  {label:<48} {run.rate:>10.0f} IOPS {rate_mib:>8.1f} MiB/s"
-                                f"   ratio {run.rate / one:.3f} (to {w.qd} buffers {run.rate / many:.3f}"
-                                f"{alongside})"
+                                f"   ratio {run.rate / one:.3f} (to {w.qd} buffers {run.rate / many:.3f},"
+                                f" to scattered pages {run.rate / apart:.3f}{alongside})"
                                 f"   CPU/request: engine "
                                 f"{run.engine_cpu_us:.1f} µs, frontend {run.frontend_cpu_us:.1f} µs"
                                 f"{maps} for {run.requests} requests, "
