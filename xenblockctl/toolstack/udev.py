@@ -14,24 +14,32 @@ or changes media (its diskseq moves on), record that on the backend (`hotplug-er
 journal, so `list`/`doctor` show the vbd as broken instead of it silently naming a re-used
 major:minor. Closing backends are skipped: their device going away is the detach itself.
 
-Both exit 0 whatever happens (udev only logs a failing RUN), and import no click."""
+Both exit 0 whatever happens (udev only logs a failing RUN), and import no click.
+
+The hook runs on every block event, so its start-up is the block script's: no `os`, `typing` or
+`collections` (posix, xenblockctl.records and xenblockctl.pathsteps instead), the synchronous
+xenstore link (no pyxs, `socket` or threads), and the xenstore client only once an event will use
+it (tests/lint/test_udev_imports.py; bench/README.md, issue 18 round 11)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+import posix
 
-from xenblockctl import config
+from xenblockctl import config, pathsteps
+from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
+from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import XenbusState, walk_backends
 
-if TYPE_CHECKING:  # the hook imports the xenstore client only once it knows it will act
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hook's start-up)
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from xenblockctl.xenstore.client import XenStore
 
 IDENTIFIER = "xenblockctl-udev"
@@ -48,7 +56,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     import sys
 
     argv = list(sys.argv if argv is None else argv)
-    env = os.environ if env is None else env
+    env = Environment.of_process().variables if env is None else env
     journal = Journal(IDENTIFIER, stderr=False)
     what = argv[1] if len(argv) == 2 else ""
     try:
@@ -79,7 +87,7 @@ def backend_event(env: Mapping[str, str], journal: Journal) -> int:
     from xenblockctl.xenstore.vbd import BackendPath, backend_dir
 
     path = BackendPath.from_env(env)
-    with XenStore.connect(timeout=5.0, env=env) as store:
+    with XenStore.connect(timeout=5.0, env=env, synchronous=True) as store:
         be = backend_dir(store, path)
         libxl_copy = f"/libxl/{path.domid}/device/vbd/{path.devid}"
         try:
@@ -91,7 +99,7 @@ def backend_event(env: Mapping[str, str], journal: Journal) -> int:
             return 0
         if action == "add":
             script = store.read_optional(join(be, "script")) or ""
-            if os.path.basename(script) != SCRIPT_NAME:
+            if pathsteps.basename(script) != SCRIPT_NAME:
                 journal.info(f"{path.relative}: script {script!r} is not ours; ignoring")
                 return 0
     from xenblockctl.blockscript import hotplug
@@ -114,7 +122,7 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     from xenblockctl.xenstore.client import XenStore
 
     try:
-        store = XenStore.connect(timeout=5.0, env=env)
+        store = XenStore.connect(timeout=5.0, env=env, synchronous=True)
     except XenblockError:
         return 0  # no xenstored: no vbds to break
     with store:
@@ -142,7 +150,7 @@ def _device_now(major: int, minor: int, event_diskseq: str) -> _DeviceNow | None
     seq = uint_or_none(sysfs.read_attr(major, minor, "diskseq"), maximum=(1 << 64) - 1)
     if seq is None:
         try:
-            opened = blockdev.observe(os.makedev(major, minor))
+            opened = blockdev.observe(posix.makedev(major, minor))
         except XenblockError:
             opened = None
         if opened is None and uint_or_none(event_diskseq, maximum=(1 << 64) - 1) is None:
@@ -180,7 +188,7 @@ def _check_backend(
             published = PublishedIdentity.from_nodes(nodes)
         except IdentityError:
             published = None  # not ours to judge: list/show report a malformed identity
-        if published is None or published.devt != os.makedev(major, minor) or published.diskseq is None:
+        if published is None or published.devt != posix.makedev(major, minor) or published.diskseq is None:
             return None  # gone meanwhile, or not verifiable (stock script)
         state = XenbusState.of(nodes["state"])
         if nodes["online"] == "0" or (state is not None and state.closing):
