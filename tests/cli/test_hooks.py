@@ -285,6 +285,21 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
         assert store.read_optional(be.node("hotplug-status")) is None, "status untouched: only recorded"
 
 
+@pytest.mark.parametrize(
+    ("major", "minor"), [("4096", "0"), ("2147483648", "0"), ("7", "1048576"), ("07", "0")]
+)
+def test_block_hook_ignores_a_number_no_device_has(libxl: Libxl, hook: Path, major: str, minor: str) -> None:
+    """MAJOR/MINOR beyond the kernel's dev_t (12 and 20 bits) or not canonical name no device: the
+    event is ignored, even when a backend publishes that text (it exited 1 with an OverflowError
+    from makedev before, for a major from 2^31)."""
+    be = libxl.create_backend(5, 51760, "/unused")
+    physical = f"{int(major):x}:{int(minor):x}"
+    libxl.store.write_many({be.node("physical-device"): physical, be.node("physical-device-luid"): "1"})
+    event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "remove", "MAJOR": major, "MINOR": minor}
+    _hook(hook, "block", event)
+    assert "hotplug-error" not in libxl.nodes(be)
+
+
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
 def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: EmptyLoop, hook: Path) -> None:

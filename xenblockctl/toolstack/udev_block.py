@@ -16,7 +16,7 @@ from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.identity import IdentityError, Liveness, PublishedIdentity
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import XenbusState, walk_backends
+from xenblockctl.xenstore.vbd import XenbusState
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hook's start-up)
 if TYPE_CHECKING:
@@ -34,8 +34,9 @@ class DeviceReplaced(XenblockError):
 
 def block_event(env: Mapping[str, str], journal: Journal) -> int:
     action = env.get("ACTION", "")
-    major_text, minor_text = env.get("MAJOR", ""), env.get("MINOR", "")
-    major, minor = uint_or_none(major_text, maximum=0xFFFFFFFF), uint_or_none(minor_text, maximum=0xFFFFFFFF)
+    # the kernel's dev_t: 12 bits of major, 20 of minor (MINORBITS); a larger number names no device
+    major = uint_or_none(env.get("MAJOR", ""), maximum=(1 << 12) - 1)
+    minor = uint_or_none(env.get("MINOR", ""), maximum=(1 << 20) - 1)
     if action not in ("change", "remove") or major is None or minor is None:
         return 0
     now = None if action == "remove" else _device_now(major, minor, env.get("DISKSEQ", ""))
@@ -46,8 +47,8 @@ def block_event(env: Mapping[str, str], journal: Journal) -> int:
     except XenblockError:
         return 0  # no xenstored: no vbds to break
     with store:
-        for be in _backends_using(store, f"{major:x}:{minor:x}"):
-            _check_backend(store, be, major, minor, now=now, journal=journal)
+        for entry in identity.backends_publishing(store, store.home(), posix.makedev(major, minor)):
+            _check_backend(store, entry.path, major, minor, now=now, journal=journal)
     return 0
 
 
@@ -85,14 +86,6 @@ def _describe(now: _DeviceNow | None, verdict: Liveness) -> str:
     if verdict is Liveness.EMPTY:
         return "has no media (detached)"
     return f"now has diskseq {now.diskseq:x}"
-
-
-def _backends_using(store: XenStore, physical: str) -> list[str]:
-    return [
-        entry.path
-        for entry in walk_backends(store, store.home())
-        if store.read_optional(join(entry.path, identity.PHYSICAL_DEVICE)) == physical
-    ]
 
 
 def _check_backend(
