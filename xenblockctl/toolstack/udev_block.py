@@ -34,10 +34,16 @@ class DeviceReplaced(XenblockError):
 
 def block_event(env: Mapping[str, str], journal: Journal) -> int:
     action = env.get("ACTION", "")
+    if action not in ("change", "remove"):
+        return 0
     # the kernel's dev_t: 12 bits of major, 20 of minor (MINORBITS); a larger number names no device
-    major = uint_or_none(env.get("MAJOR", ""), maximum=(1 << 12) - 1)
-    minor = uint_or_none(env.get("MINOR", ""), maximum=(1 << 20) - 1)
-    if action not in ("change", "remove") or major is None or minor is None:
+    major_text, minor_text = env.get("MAJOR", ""), env.get("MINOR", "")
+    major = uint_or_none(major_text, maximum=(1 << 12) - 1)
+    minor = uint_or_none(minor_text, maximum=(1 << 20) - 1)
+    if major is None or minor is None:
+        journal.warning(
+            f"block {action}: MAJOR {major_text[:20]!r} MINOR {minor_text[:20]!r} name no device; ignored"
+        )
         return 0
     now = None if action == "remove" else _device_now(major, minor, env.get("DISKSEQ", ""))
     from xenblockctl.xenstore.client import XenStore
