@@ -145,8 +145,9 @@ ADD_ONLY = (
 #: 53 since `_struct` replaced `struct` (round 9); 47 since the path stopped importing os (its
 #: os.path, posixpath, genericpath, stat and _collections_abc went with it; round 10). 48 since
 #: xenblockctl.pathsteps: the path's os.path steps, spelled in five modules before (one concept, one
-#: module; the udev hook uses them too), cost one module, ~0.01 ms of the add's and remove's import
-#: segment with the bundle (within the noise of four alternating runs against main; round 11).
+#: module; the udev hook uses them too), cost one module: +0.00 to +0.03 ms of the add's import
+#: segment with the bundle, +0.01 to +0.06 ms of remove's (four alternating runs against main,
+#: within their noise; round 11).
 MODULE_BUDGET = 48
 #: The same for REMOVE_PROBE: 47 when set (remove's graph is add's minus add's own modules); 48
 #: with the bundle's reader, 47 again without `struct`, 41 without os, 42 with pathsteps.
