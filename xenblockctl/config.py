@@ -18,9 +18,9 @@ A bad value in a file is `bad-config`; a bad `XENBLOCKCTL_*` variable is `bad-se
 
 from __future__ import annotations
 
-import _stat
 import posix
 
+from xenblockctl import pathsteps
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
 
@@ -258,10 +258,7 @@ def paths(env: Mapping[str, str]) -> tuple[str, str]:
 def config_files(env: Mapping[str, str]) -> list[str]:
     """Existing config files in the order they apply. Cheap: a stat and, if present, a listdir."""
     main, dropins = paths(env)
-    try:  # os.path.isfile without os
-        files = [main] if _stat.S_ISREG(posix.stat(main).st_mode) else []
-    except (OSError, ValueError):
-        files = []
+    files = [main] if pathsteps.is_file(main) else []
     try:
         names = sorted(posix.listdir(dropins))
     except (FileNotFoundError, NotADirectoryError):

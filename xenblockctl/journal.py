@@ -9,6 +9,8 @@ import _socket
 import posix
 import sys
 
+from xenblockctl import pathsteps
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
 
@@ -25,14 +27,9 @@ class Journal:
         self.stderr = stderr
         # `_socket`, not `socket`: the latter costs ~5 ms at every hotplug start (bench/README.md).
         self._sock: _socket.socket | None = None
-        self._target: str | None = None
-        for path in (JOURNAL_SOCKET, SYSLOG_SOCKET):
-            try:  # os.path.exists without os (the hotplug path never imports it)
-                posix.stat(path)
-            except (OSError, ValueError):
-                continue
-            self._target = path
-            break
+        self._target: str | None = next(
+            (p for p in (JOURNAL_SOCKET, SYSLOG_SOCKET) if pathsteps.exists(p)), None
+        )
 
     def bind(self, **fields: object) -> None:
         self.fields.update({k.upper(): str(v) for k, v in fields.items()})

@@ -22,6 +22,7 @@ import pytest
 from tests.fixtures.kernel import EmptyLoop, ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.kernel import loop
+from xenblockctl.toolstack import hostfiles
 from xenblockctl.xenstore.client import XenStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,10 +166,21 @@ def test_hook_script_runs_from_the_checkout() -> None:
 # --- the hook against replayed environments ----------------------------------------------------
 
 
-def _hook(what: str, env: dict[str, str]) -> None:
+@pytest.fixture(scope="module")
+def hook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hook as `install-hooks` lays it (`#!<python> -S`, this checkout appended to its path):
+    what udev runs, without site.py."""
+    where = hostfiles.local_layout()._replace(packages=str(REPO))
+    laid = tmp_path_factory.mktemp("hook") / hostfiles.HOOK_NAME
+    laid.write_text(hostfiles.udev_hook((REPO / "hotplug" / hostfiles.HOOK_NAME).read_text(), where))
+    laid.chmod(0o755)
+    return laid
+
+
+def _hook(hook: Path, what: str, env: dict[str, str]) -> None:
     """Run the hook as udev does: a process with the event's properties as its environment."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "hotplug" / "xenblockctl-udev"), what],
+        [str(hook), what],
         env=env,
         capture_output=True,
         text=True,
@@ -203,39 +215,39 @@ def _backend(relative: str) -> object:
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
 def test_backend_hook_acts_only_when_enabled_ours_and_not_libxl_managed(
-    libxl: Libxl, make_image: ImageFactory
+    libxl: Libxl, make_image: ImageFactory, hook: Path
 ) -> None:
     image = make_image()
     be = libxl.create_backend(5, 51712, str(image))
     copy = f"/libxl/{be.domid}/device/vbd/{be.devid}"
-    _hook("backend", _event(libxl, "add", be.relative))
+    _hook(hook, "backend", _event(libxl, "add", be.relative))
     assert "physical-device" not in libxl.nodes(be), "udev hooks are off by default"
 
     enabled = _event(libxl, "add", be.relative, XENBLOCKCTL_UDEV="1")
-    _hook("backend", enabled)
+    _hook(hook, "backend", enabled)
     assert "physical-device" not in libxl.nodes(be), f"{copy} exists: libxl runs the script itself"
 
     libxl.store.rm(copy)
     libxl.store.write(be.node("script"), "/etc/xen/scripts/block")
-    _hook("backend", enabled)
+    _hook(hook, "backend", enabled)
     assert "physical-device" not in libxl.nodes(be), "another script's disk is not ours"
 
     libxl.store.write(be.node("script"), "/etc/xen/scripts/block-xenblockctl")
     consumer = libxl.engine_consumer(be)
-    _hook("backend", enabled)
+    _hook(hook, "backend", enabled)
     consumer.wait_opened()
     nodes = libxl.nodes(be)
     assert nodes["hotplug-status"] == "connected"
     assert consumer.device is not None
     assert nodes["physical-device"] == consumer.device.identity.physical_device
     consumer.release()
-    _hook("backend", _event(libxl, "remove", be.relative, XENBLOCKCTL_UDEV="1"))
+    _hook(hook, "backend", _event(libxl, "remove", be.relative, XENBLOCKCTL_UDEV="1"))
     assert "physical-device" not in libxl.nodes(be), "remove from udev withdrew our nodes"
 
 
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
-def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFactory) -> None:
+def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFactory, hook: Path) -> None:
     dev = loop.attach_file(str(make_image()), read_only=False, tag="xenblockctl:test-udev")
     ident = dev.identity
     try:
@@ -250,12 +262,12 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
             "MINOR": str(ident.minor),
         }
         # The event's DISKSEQ is not what decides (see below): a bogus one changes nothing here.
-        _hook("block", {**base, "ACTION": "change", "DISKSEQ": str(ident.diskseq + 5)})
+        _hook(hook, "block", {**base, "ACTION": "change", "DISKSEQ": str(ident.diskseq + 5)})
         assert "hotplug-error" not in libxl.nodes(be), "the device still carries the luid"
     finally:
         dev.close()  # AUTOCLEAR: unbound now
     # What the kernel sends for a loop detach: a change event still carrying the *old* diskseq.
-    _hook("block", {**base, "ACTION": "change", "DISKSEQ": str(ident.diskseq)})
+    _hook(hook, "block", {**base, "ACTION": "change", "DISKSEQ": str(ident.diskseq)})
     error = libxl.nodes(be).get("hotplug-error", "")
     assert error == (
         f"device-replaced: device {ident.major}:{ident.minor} has no media (detached), published luid "
@@ -264,18 +276,33 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
 
     libxl.store.rm(be.node("hotplug-error"))
     libxl.store.write(be.node("online"), "0")
-    _hook("block", {**base, "ACTION": "remove"})
+    _hook(hook, "block", {**base, "ACTION": "remove"})
     assert "hotplug-error" not in libxl.nodes(be), "a detaching backend's device may go away"
     libxl.store.write(be.node("online"), "1")
-    _hook("block", {**base, "ACTION": "remove"})
+    _hook(hook, "block", {**base, "ACTION": "remove"})
     assert " is gone, published luid" in libxl.nodes(be).get("hotplug-error", "")
     with XenStore.connect(libxl.xenstored.socket_path) as store:
         assert store.read_optional(be.node("hotplug-status")) is None, "status untouched: only recorded"
 
 
+@pytest.mark.parametrize(
+    ("major", "minor"), [("4096", "0"), ("2147483648", "0"), ("7", "1048576"), ("07", "0")]
+)
+def test_block_hook_ignores_a_number_no_device_has(libxl: Libxl, hook: Path, major: str, minor: str) -> None:
+    """MAJOR/MINOR beyond the kernel's dev_t (12 and 20 bits) or not canonical name no device: the
+    event is ignored, even when a backend publishes that text (it exited 1 with an OverflowError
+    from makedev before, for a major from 2^31)."""
+    be = libxl.create_backend(5, 51760, "/unused")
+    physical = f"{int(major):x}:{int(minor):x}"
+    libxl.store.write_many({be.node("physical-device"): physical, be.node("physical-device-luid"): "1"})
+    event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "remove", "MAJOR": major, "MINOR": minor}
+    _hook(hook, "block", event)
+    assert "hotplug-error" not in libxl.nodes(be)
+
+
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
-def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: EmptyLoop) -> None:
+def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: EmptyLoop, hook: Path) -> None:
     """A device of size 0 that still has the published diskseq is the published device (the one
     verdict, xenstore/identity.py): no error. Its `diskseq` node is checked like the luid."""
     now, bound = empty_loop.now, empty_loop.bound
@@ -285,13 +312,13 @@ def test_block_hook_judges_by_diskseq_not_by_size(libxl: Libxl, empty_loop: Empt
     )
     event = {**libxl.env("add", be), "SUBSYSTEM": "block", "ACTION": "change"}
     event.update(MAJOR=str(now.major), MINOR=str(now.minor), DISKSEQ=str(now.diskseq))
-    _hook("block", event)
+    _hook(hook, "block", event)
     assert "hotplug-error" not in libxl.nodes(be), "the device still carries the published diskseq"
     libxl.store.write(be.node("diskseq"), bound.luid)  # disagrees with the luid: not ours to judge
-    _hook("block", event)
+    _hook(hook, "block", event)
     assert "hotplug-error" not in libxl.nodes(be)
     libxl.store.write_many({be.node("physical-device-luid"): bound.luid})  # both name the old binding
-    _hook("block", event)
+    _hook(hook, "block", event)
     assert "has no media (detached)" in libxl.nodes(be).get("hotplug-error", "")
 
 

@@ -73,8 +73,8 @@ def _interpreter(console_script: Path) -> str:
 def _check_tree(root: Path, cli: Path) -> None:
     python = _interpreter(cli)
     assert _tree(root) == LOCAL_FILES
-    assert (root / "etc/xen/scripts/block-xenblockctl").read_text().splitlines()[0] == f"#!{python} -S"
-    assert (root / "usr/libexec/xenblockctl/xenblockctl-udev").read_text().splitlines()[0] == f"#!{python}"
+    for script in ("etc/xen/scripts/block-xenblockctl", "usr/libexec/xenblockctl/xenblockctl-udev"):
+        assert (root / script).read_text().splitlines()[0] == f"#!{python} -S", script
     rules = (root / "etc/udev/rules.d/60-xenblockctl.rules").read_text()
     assert rules.count('RUN+="/usr/libexec/xenblockctl/xenblockctl-udev ') == 3
     for unit in ("xenblockctl-engine.service", "xenblockctl-xenstored.service"):

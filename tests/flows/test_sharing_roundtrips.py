@@ -17,6 +17,7 @@ from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
 from xenblockctl.blockscript import sharing
 from xenblockctl.kernel import loop
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 
 BACKENDS = 130
@@ -67,7 +68,7 @@ def test_block_device_claims_cost_a_few_round_trips_for_many_backends(libxl: Lib
 
 
 def test_publishers_are_found_in_walk_order_whatever_the_others_publish(libxl: Libxl) -> None:
-    """sharing._backends_publishing compares every physical-device text with the one spelling of
+    """identity.backends_publishing compares every physical-device text with the one spelling of
     the device (tests/unit/test_sharing_match.py): a malformed spelling, an unpublished backend
     and other devices are not matches, and the matches come in walk order (vbd, then vbd3)."""
     nodes = {}
@@ -85,7 +86,7 @@ def test_publishers_are_found_in_walk_order_whatever_the_others_publish(libxl: L
     nodes[f"{vbd3}/physical-device"] = "7:4d"
     libxl.store.write_many(nodes)
     with XenStore.connect(libxl.xenstored.socket_path, timeout=10, synchronous=True) as store:
-        found = sharing._backends_publishing(store, store.home(), paths[6], TARGET)
+        found = identity.backends_publishing(store, store.home(), TARGET, skip=paths[6])
     assert [entry.path for entry in found] == [paths[0], paths[7], paths[119], vbd3]
 
 

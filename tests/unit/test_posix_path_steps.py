@@ -1,19 +1,20 @@
 """The hotplug path never imports os (tests/lint/test_hotplug_imports.py), so the few os.path and
-os.environ steps it needs are spelled with posix: each must give what the os spelling gave."""
+os.environ steps it needs are spelled with posix (xenblockctl/pathsteps.py, environment.py): each
+must give what the os spelling gave."""
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from xenblockctl import config
-from xenblockctl.blockscript import handoff, locks
+from xenblockctl import config, pathsteps
+from xenblockctl.blockscript import locks
 from xenblockctl.environment import Environment
 from xenblockctl.journal import Journal
-from xenblockctl.xenstore import endpoints
 
 
 @pytest.mark.parametrize(
@@ -55,12 +56,34 @@ def test_the_lock_directory_is_made_as_os_makedirs_made_it(tmp_path: Path) -> No
         pass
 
 
-def test_existence_checks_are_os_paths(tmp_path: Path) -> None:
+def _kinds(tmp_path: Path) -> list[str]:
+    """A directory, a file, a missing path, a device, a dangling and a good link, one below a file,
+    one we may not search (as root, stat gets through) and a NUL."""
     (tmp_path / "d").mkdir()
     (tmp_path / "f").touch()
-    for path in (tmp_path / "d", tmp_path / "f", tmp_path / "missing", "/dev/null", "a\0b"):
-        assert endpoints._exists(str(path)) == os.path.exists(str(path))
-        assert handoff._is_dir(str(path)) == os.path.isdir(str(path))
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    return [
+        *(str(tmp_path / n) for n in ("d", "d/", "f", "missing", "dangling", "link", "f/x")),
+        "/dev/null",
+        "/proc/1/root/x",
+        "a\0b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("step", "spelling"), [("exists", os.path.exists), ("is_dir", os.path.isdir), ("is_file", os.path.isfile)]
+)
+def test_type_and_existence_are_os_paths(tmp_path: Path, step: str, spelling: Callable[[str], bool]) -> None:
+    for path in _kinds(tmp_path):
+        assert getattr(pathsteps, step)(path) == spelling(path), path
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/xen/scripts/block-xenblockctl", "block-xenblockctl", "a/b/", "/", "", "a//b"]
+)
+def test_basename_is_os_paths(path: str) -> None:
+    assert pathsteps.basename(path) == os.path.basename(path)
 
 
 def test_the_journal_finds_its_socket_without_os(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """The block-device sharing check decides which backends publish the wanted device by comparing
-each physical-device text with the one spelling format_physical_device gives it (sharing.
-_backends_publishing), not by parsing every value: the two must agree on every text, whoever
+each physical-device text with the one spelling format_physical_device gives it (identity.
+backends_publishing), not by parsing every value: the two must agree on every text, whoever
 wrote it (bench/README.md, issue 18: the 128-backend add)."""
 
 from __future__ import annotations

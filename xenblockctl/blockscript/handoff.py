@@ -14,10 +14,10 @@ and gives up on a backend error node, the backend closing or vanishing, or the d
 
 from __future__ import annotations
 
-import _stat
 import posix
 import time
 
+from xenblockctl import pathsteps
 from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import WatchEvent, XenStore
@@ -56,15 +56,6 @@ def blkback_dir(path: BackendPath, bus: str) -> str:
     which a flow test plays kernel blkback, which cannot exist off Xen; the Xen lane has the real
     one)."""
     return f"{bus}/{path.kind}-{path.domid}-{path.devid}"
-
-
-def _is_dir(path: str) -> bool:
-    """os.path.isdir without os (the hotplug path never imports it: bench/README.md, issue 18
-    round 10)."""
-    try:
-        return _stat.S_ISDIR(posix.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def blkback_device(path: BackendPath, bus: str) -> str | None:
@@ -122,7 +113,7 @@ def wait_for_consumer(
                     "(is kernel blkback loaded or the xenblockctl engine running?)"
                 )
             poll = ENGINE_POLL
-            blkback = _is_dir(blkback_dir(path, bus))
+            blkback = pathsteps.is_dir(blkback_dir(path, bus))
             if blkback:
                 poll, blkback_poll = blkback_poll, min(blkback_poll * 2, BLKBACK_POLL)
             if first:

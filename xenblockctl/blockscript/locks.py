@@ -10,6 +10,7 @@ import fcntl
 import posix
 import time
 
+from xenblockctl import pathsteps
 from xenblockctl.errors import XenblockError
 
 
@@ -33,7 +34,8 @@ class target_lock:
         self.fd = -1
 
     def __enter__(self) -> None:
-        _makedirs(self.lock_dir)
+        # an existing non-directory: the open below refuses it (ENOTDIR)
+        pathsteps.makedirs(self.lock_dir, 0o700)
         fd = posix.open(
             f"{self.lock_dir}/{self.key}",
             posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC | posix.O_NOFOLLOW,
@@ -62,26 +64,6 @@ class target_lock:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             posix.close(fd)
-
-
-def _makedirs(directory: str, mode: int = 0o700) -> None:
-    """os.makedirs(directory, mode, exist_ok=True) without os (the hotplug path never imports it:
-    bench/README.md, issue 18 round 10); missing parents get the default mode, as there. An
-    existing non-directory is left for the lock file's open to refuse (ENOTDIR)."""
-    try:
-        posix.mkdir(directory, mode)
-        return
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        parent = directory.rstrip("/").rpartition("/")[0]
-        if not parent:
-            raise
-    _makedirs(parent, 0o777)
-    try:  # noqa: SIM105 (contextlib is kept off the hotplug path)
-        posix.mkdir(directory, mode)
-    except FileExistsError:
-        pass  # made meanwhile by another process
 
 
 def device_lock(major: int, minor: int, *, timeout: float, lock_dir: str) -> target_lock:

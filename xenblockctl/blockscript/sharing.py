@@ -264,28 +264,12 @@ def backend_claims(
         entries = [entry for entry, _owner in found]
         owners = [owner for _entry, owner in found]
     else:
-        entries = _backends_publishing(store, home, own_backend, devt)
+        entries = identity.backends_publishing(store, home, devt, skip=own_backend)
         owners = store.read_many([join(entry.path, identity.OWNER) for entry in entries])
     for entry, claims in zip(entries, _backend_claims(store, entries, owners), strict=True):
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)
         for claim in claims:
             yield claim._replace(frontend=frontend)
-
-
-def _backends_publishing(store: XenStore, home: str, own_backend: str, devt: int) -> list[BackendEntry]:
-    """The other backends whose physical-device names `devt`, in walk order (every backend's
-    physical-device is read, streamed with the listings: vbd.read_in_backends). A value names it
-    exactly when it is format_physical_device's text for it: parse_physical_device is that
-    function's strict inverse (lowercase, no leading zeros, so one spelling per number; anything
-    else is malformed and names no device), so comparing the text decides what parsing every
-    value would, without a record per backend that publishes something else
-    (tests/unit/test_sharing_match.py)."""
-    wanted = identity.format_physical_device(posix.major(devt), posix.minor(devt))
-    return [
-        entry
-        for entry, text in read_in_backends(store, home, identity.PHYSICAL_DEVICE, skip=own_backend)
-        if text == wanted
-    ]
 
 
 def _backend_claims(

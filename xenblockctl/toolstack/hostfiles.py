@@ -7,10 +7,11 @@ installed wheel has them; in a source checkout they are read from the tree (`hot
 (`/etc`, `/usr/libexec`, `/usr/local/share`; scripts run with the installing interpreter, so their
 imports always find this package), DEBIAN for the .deb (distribution paths, /usr/bin/python3).
 
-The block script runs on every VM start, so the laid copy starts without site.py: its `#!` line
-names the interpreter with `-S` (directly: flags cannot pass through `env` on busybox) and it puts
-the directory holding this package on sys.path itself. Nothing else it imports lives outside the
-standard library (tests/lint/test_hotplug_imports.py). Without site, a venv's interpreter still
+The block script runs on every VM start and the udev hook on every block event, so their laid
+copies start without site.py: the `#!` line names the interpreter with `-S` (directly: flags cannot
+pass through `env` on busybox) and the script puts the directory holding this package on sys.path
+itself. Nothing else they import lives outside the standard library (tests/lint/
+test_hotplug_imports.py, test_udev_imports.py). Without site, a venv's interpreter still
 finds the standard library (getpath reads pyvenv.cfg's home); only site-packages would be missing.
 The laid script also names its hotplug bundle's directory (Layout.cache_dir), and `install` has
 it write the bundle (blockscript/bundle.py) once the files are laid.
@@ -162,22 +163,37 @@ def _with_python(text: str, python: str) -> str:
 
 
 def block_script(text: str, where: Layout) -> str:
-    """The shipped block script as laid for `where`: `#!<python> -S`, and the package's directory
-    put on sys.path where the shipped copy looks for its checkout. Appended, as site.py would: the
-    standard library comes first."""
-    begin = text.find(WHERE_BEGIN)
-    end = text.find(WHERE_END, begin)
-    if begin < 0 or end < 0 or text[begin - 1] != "\n":
-        raise InstallError(f"shipped block script lacks the {WHERE_BEGIN!r} … {WHERE_END.strip()!r} lines")
-    where_lines = (
-        "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
-        "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
-        f"{_APPEND}{where.packages!r})\n"
+    """The shipped block script as laid for `where` (_without_site), naming its bundle's directory."""
+    return _without_site(
+        text,
+        where,
+        "block script",
         # posix.environ, not os.environ: the laid script never imports os (issue 18 round 10); the
         # import is the block's own, so an older shim (benches lay one) gets it too
         "import posix\n"
         f"_bundle_dir = posix.environ.get({CACHE_DIR_ENV.encode()!r}, b'').decode('utf-8', 'surrogateescape')"
-        f" or {where.cache_dir!r}\n"
+        f" or {where.cache_dir!r}\n",
+    )
+
+
+def udev_hook(text: str, where: Layout) -> str:
+    """The shipped udev hook as laid for `where` (_without_site): it runs on every block event."""
+    return _without_site(text, where, "udev hook")
+
+
+def _without_site(text: str, where: Layout, what: str, extra: str = "") -> str:
+    """A shipped script as laid for `where`: `#!<python> -S`, and the package's directory put on
+    sys.path where the shipped copy looks for its checkout (then `extra`). Appended, as site.py
+    would: the standard library comes first."""
+    begin = text.find(WHERE_BEGIN)
+    end = text.find(WHERE_END, begin)
+    if begin < 0 or end < 0 or text[begin - 1] != "\n":
+        raise InstallError(f"shipped {what} lacks the {WHERE_BEGIN!r} … {WHERE_END.strip()!r} lines")
+    where_lines = (
+        "# Laid by `xenblockctl install-hooks`: run without site.py (-S, see the docstring), so the\n"
+        "# directory holding the xenblockctl package it was installed from goes on the path here.\n"
+        f"{_APPEND}{where.packages!r})\n"
+        f"{extra}"
     )
     text = text[:begin] + where_lines + text[end + len(WHERE_END) :]
     return _with_python(text, f"{where.python} -S")
@@ -206,7 +222,7 @@ def plan(where: Layout) -> list[Item]:
     """Every file of the layout, content rendered for it."""
     items = [
         Item(where.script, 0o755, block_script(_text(f"hotplug/{SCRIPT_NAME}"), where).encode()),
-        Item(where.hook, 0o755, _with_python(_text(f"hotplug/{HOOK_NAME}"), where.python).encode()),
+        Item(where.hook, 0o755, udev_hook(_text(f"hotplug/{HOOK_NAME}"), where).encode()),
         Item(
             f"{where.rules_dir}/{RULES_NAME}",
             0o644,

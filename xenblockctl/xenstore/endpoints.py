@@ -14,6 +14,7 @@ import errno
 import posix
 import time
 
+from xenblockctl import pathsteps
 from xenblockctl.xenstore.errors import XenstoreUnavailable
 
 #: libxenstore's compiled-in rundir on Debian (XEN_RUN_STORED); /var/run is a symlink to /run.
@@ -75,19 +76,9 @@ def default_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
     sock = env.get("XENSTORED_PATH") or f"{env.get('XENSTORED_RUNDIR') or DEFAULT_RUNDIR}/socket"
     endpoints = [Endpoint("socket", sock)]
     # /proc/xen/xenbus only on kernels without /dev/xen/xenbus (what pyxs and libxenstore do).
-    xenbus = next((d for d in XENBUS_DEVICES if _exists(d)), XENBUS_DEVICES[0])
+    xenbus = next((d for d in XENBUS_DEVICES if pathsteps.exists(d)), XENBUS_DEVICES[0])
     endpoints.append(Endpoint("xenbus", xenbus))
     return endpoints
-
-
-def _exists(path: str) -> bool:
-    """os.path.exists without os (the hotplug path never imports it: bench/README.md, issue 18
-    round 10)."""
-    try:
-        posix.stat(path)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def endpoint_for(path: str) -> Endpoint:
