@@ -35,7 +35,7 @@ from tests.fixtures.native import (
     run_sanitized,
     sector_st,
 )
-from tests.unit.test_ring_wakeup import _sleeping_in
+from tests.fixtures.ring_thread import sleeping_in
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.blkif import IndirectRequest, Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane
@@ -662,7 +662,7 @@ def test_a_native_pass_writes_its_answers_into_the_ring_itself(make_pair: PairFa
     ring.respond_all = counted  # type: ignore[method-assign]
     fast = dp._fast
     assert fast is not None
-    _sleeping_in(dp)  # the native loop counts a run just after its answers are out: settled first
+    sleeping_in(dp)  # the native loop counts a run just after its answers are out: settled first
     served = fast.served
     for _ in range(3):
         ids = {fe.submit_read(8 * i, 4096): i for i in range(32)}

@@ -19,7 +19,12 @@ from typing import Any
 import pytest
 
 from tests.fixtures.backend import PairFactory
-from tests.unit.test_ring_wakeup import _READ, _sleeping_in
+from tests.fixtures.ring_thread import (
+    assert_hostile_req_prod_is_judged,
+    assert_journal_complete,
+    assert_stop_ends_it_asleep,
+    sleeping_in,
+)
 from xenblockctl.backend import blkif, fastpath
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import FrontendError
@@ -62,7 +67,7 @@ def test_passes_of_cached_reads_never_come_back_to_python(
     expected = pair.path.read_bytes()
     for _ in range(2):  # the first round maps the pages (Python's path)
         _round(fe, expected)
-    _sleeping_in(dp)
+    sleeping_in(dp)
     calls: list[str] = []
     for cls, name in ((BackRing, "take_slots"), (DataPlane, "_serve_fast"), (DataPlane, "_answer")):
         original = getattr(cls, name)
@@ -117,7 +122,7 @@ def _ring_after(
                     )
             done = fe.collect(8 + r % 2)
             assert [c.response.status for c in done.values()].count(blkif.RSP_OKAY) == 8
-        _sleeping_in(dp)  # its final check made (req_event armed) before the stop, on either path
+        sleeping_in(dp)  # its final check made (req_event armed) before the stop, on either path
         assert dp.stop()
         assert dp.stats.errors == 3
         assert bool(calls) == loop
@@ -140,10 +145,7 @@ def test_answers_and_journal_are_python_paths_byte_for_byte(
     # the order its LIFO pool got pages back, which follows how the answers happened to arrive)
     entries = [(64 + i * abi.entry_size, 64 + i * abi.entry_size + abi.response_size) for i in range(32)]
     assert [with_loop[a:b] for a, b in entries] == [without[a:b] for a, b in entries]
-    hdr = memoryview(with_loop).cast("I")
-    assert hdr[8] == 0x4A636278  # our journal's magic
-    assert hdr[9] == hdr[2]  # COMMITTED == rsp_prod: every answer published
-    assert hdr[10] == (hdr[2] - 1) & 0xFFFFFFFF  # TAG: the last one
+    assert_journal_complete(with_loop)
 
 
 def test_a_hostile_slot_mid_batch_goes_to_python_and_the_loop_resumes(
@@ -157,7 +159,7 @@ def test_a_hostile_slot_mid_batch_goes_to_python_and_the_loop_resumes(
     pair.path.write_bytes(os.urandom(1 << 20))
     expected = pair.path.read_bytes()
     _round(fe, expected, 16)  # maps the pages
-    _sleeping_in(dp)
+    sleeping_in(dp)
     fast = dp._fast
     assert fast is not None
     ids = {fe.submit_read(8 * i, 4096): i for i in range(8)}
@@ -168,7 +170,7 @@ def test_a_hostile_slot_mid_batch_goes_to_python_and_the_loop_resumes(
     assert {rid: done[rid].data for rid in ids} == {
         rid: expected[8 * i * 512 : (8 * i + 8) * 512] for rid, i in ids.items()
     }
-    _sleeping_in(dp)
+    sleeping_in(dp)
     served = fast.served
     _round(fe, expected, 16)
     assert dp.stop()
@@ -222,37 +224,18 @@ def test_stop_while_the_loop_serves_leaves_nothing_owed(make_pair: PairFactory) 
 
 def test_stop_ends_the_loop_asleep(make_pair: PairFactory) -> None:
     pair = make_pair(persistent=True, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
-    for _ in range(2):
+    fe = pair.frontend
+    for _ in range(2):  # the second read is the loop's (the first maps its page)
         assert fe.read(0, 4096) == bytes(4096)
-    # asleep in the loop's read() of the event channel, as the Python path sleeps (one system call)
-    assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
-    t0 = time.monotonic()
-    assert dp.stop(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert dp._thread is not None
-    assert not dp._thread.is_alive()
+    assert_stop_ends_it_asleep(pair.dataplane)
 
 
 def test_a_hostile_req_prod_is_judged_by_ring_py(make_pair: PairFactory) -> None:
-    """req_prod more than a ring ahead while the loop sleeps: it takes nothing and hands the ring
-    back; BackRing breaks it with its own reason and the data plane reports it."""
-    broken: list[str] = []
     pair = make_pair(persistent=True, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
-    dp.on_broken = broken.append
-    for _ in range(2):
+    fe = pair.frontend
+    for _ in range(2):  # the second read is the loop's (the first maps its page)
         assert fe.read(0, 4096) == bytes(4096)
-    _sleeping_in(dp)
-    ring: FrontRing = fe.ring
-    ring.poke_index("req_prod", ring.req_prod + ring.size + 5)
-    fe.evtchn.notify()
-    deadline = time.monotonic() + 10
-    while not broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert broken
-    assert "impossible" in broken[0], broken
-    assert dp.broken == broken[0]
+    assert_hostile_req_prod_is_judged(pair)
 
 
 @pytest.mark.parametrize("after_sleep", [True, False], ids=["after-a-sleep", "no-sleep"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,13 @@ import pytest
 
 from tests.fixtures.backend import PairFactory
 from tests.fixtures.native import compile_sanitized, run_sanitized
-from tests.unit.test_ring_wakeup import _READ, _sleeping_in
+from tests.fixtures.ring_thread import (
+    assert_hostile_req_prod_is_judged,
+    assert_journal_complete,
+    assert_stop_ends_it_asleep,
+)
 from xenblockctl.backend import blkif, grantcopy
-from xenblockctl.backend.ring import BackRing, FrontRing
+from xenblockctl.backend.ring import BackRing
 from xenblockctl.backend.transport import base
 from xenblockctl.backend.transport.local import LocalEventChannel, LocalTransport
 
@@ -124,10 +127,7 @@ def test_answers_and_journal_are_python_paths_byte_for_byte(
     # all but rsp_event (bytes 12-15): the frontend's, moved as its own waits happened to go
     assert with_loop[:12] == without[:12]
     assert with_loop[16:] == without[16:]
-    hdr = memoryview(with_loop).cast("I")
-    assert hdr[8] == 0x4A636278  # our journal's magic
-    assert hdr[9] == hdr[2]  # COMMITTED == rsp_prod: every answer published
-    assert hdr[10] == (hdr[2] - 1) & 0xFFFFFFFF  # TAG: the last one
+    assert_journal_complete(with_loop)
 
 
 def test_a_successor_recovers_nothing_owed_after_the_loop(make_pair: PairFactory) -> None:
@@ -148,36 +148,17 @@ def test_a_successor_recovers_nothing_owed_after_the_loop(make_pair: PairFactory
 
 
 def test_a_hostile_req_prod_is_judged_by_ring_py(make_pair: PairFactory) -> None:
-    """req_prod more than a ring ahead: the loop takes nothing and hands the ring back; BackRing
-    breaks it with its own reason and the data plane reports it, as on Python's path."""
-    broken: list[str] = []
     pair = make_pair(persistent=False, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
-    dp.on_broken = broken.append
+    fe = pair.frontend
     assert fe.read(0, 4096) == bytes(4096)
-    ring: FrontRing = fe.ring
-    ring.poke_index("req_prod", ring.req_prod + ring.size + 5)
-    fe.evtchn.notify()
-    deadline = time.monotonic() + 10
-    while not broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert broken
-    assert "impossible" in broken[0], broken
-    assert dp.broken == broken[0]
+    assert_hostile_req_prod_is_judged(pair)
 
 
 def test_stop_ends_the_loop_asleep(make_pair: PairFactory) -> None:
     pair = make_pair(persistent=False, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
+    fe = pair.frontend
     assert fe.read(0, 4096) == bytes(4096)
-    # asleep in the loop's read() of the event channel, as the Python path sleeps (one system call)
-    assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
-    t0 = time.monotonic()
-    assert dp.stop(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert dp._thread is not None
-    assert not dp._thread.is_alive()
-    assert dp.broken is None
+    assert_stop_ends_it_asleep(pair.dataplane)
 
 
 def test_loop_under_sanitizers(tmp_path: Path) -> None:
