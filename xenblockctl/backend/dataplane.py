@@ -14,7 +14,10 @@ of large requests after the ring thread slept for want of requests: once per fas
 so the frontend refills while the rest copies); workers answer their own requests as they
 complete. Where the native fast path is built and applies
 (backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
-READs/WRITEs from the same copy, and everything else still comes through here.
+READs/WRITEs from the same copy, and everything else still comes through here. With a blocking
+wake-up and a native pass (that one, or grant copy's), the whole cycle — wait, take, serve, answer,
+push, notify, final check — runs in one native loop while nothing is outstanding elsewhere
+(_loop_natively, ring_loop.h), and comes back here for whatever that pass does not serve.
 
 Data pages: when the frontend negotiated persistent grants (`RingParams.persistent`), every
 transport goes through the ring's GrantCache (backend/grantcache.py): map on first use, keep until

@@ -16,6 +16,13 @@ other answer goes through ring.py's respond_all as before. A pass of large reque
 sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before the next one's I/O
 (DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md).
 
+The wait-and-serve loop (`FastPass.loop`, _fastpass.c's loop() on ring_loop.h, shared with the
+grant-copy pass): where the event channel has a blocking wake-up, DataPlane._loop_natively lends the
+ring to one native call that takes, serves (the same pass), answers, pushes, notifies, unmasks,
+makes the final check and sleeps, taking the GIL only for the pass's decode and page lookup and,
+after each run, for note_used and the counts; it returns to Python for any slot the pass stops at
+(served from there by DataPlane._serve_fast), a stop, an impossible req_prod or every 256 requests.
+
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
 transport's own table — stays on the pure-Python path, which remains complete and is what runs
