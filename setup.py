@@ -57,11 +57,13 @@ class BuildWithHostFiles(build_py):
 SLOT_RULES = "xenblockctl/backend/blkif_slot.h"
 #: ring.py's answer journal, written once for both native passes
 RING_ANSWER = "xenblockctl/backend/ring_answer.h"
+#: the wait-and-serve loop's skeleton, written once for both native passes
+RING_LOOP = "xenblockctl/backend/ring_loop.h"
 
 FASTPASS = setuptools.Extension(
     "xenblockctl.backend._fastpass",
     sources=["xenblockctl/backend/_fastpass.c"],
-    depends=[SLOT_RULES, RING_ANSWER],
+    depends=[SLOT_RULES, RING_ANSWER, RING_LOOP],
     # warnings are bugs here: tests/unit/test_fastpass.py also builds it with -Werror
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
@@ -72,7 +74,7 @@ FASTPASS = setuptools.Extension(
 GRANTCOPY = setuptools.Extension(
     "xenblockctl.backend._grantcopy",
     sources=["xenblockctl/backend/_grantcopy.c"],
-    depends=[SLOT_RULES, RING_ANSWER],
+    depends=[SLOT_RULES, RING_ANSWER, RING_LOOP],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.backend import DISK_SIZE, PairFactory, WrappedTransport, on_disk, ring_params_of
+from tests.fixtures.ring_thread import sleeping_in
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
 from xenblockctl.backend.dataplane import DataPlane, RingParams
@@ -87,6 +88,7 @@ def test_repeated_requests_map_each_page_once(
     for i in range(200):
         assert fe.write(i, bytes([i]) * 4096) == blkif.RSP_OKAY
         assert fe.read(i, 4096) == bytes([i]) * 4096
+    sleeping_in(pair.dataplane)  # the native loop notes its pages just after the answer is out
     # the LIFO pool gives every 1-page request the same ref: one mapping for 400 requests
     assert local_transport.map_calls - calls0 == 1
     assert cache.stats.maps == 1
@@ -475,6 +477,7 @@ def test_remembered_request_shapes_are_forgotten_at_eviction(
             shape = (r, r + 1)
             for rid in (1, 2, 3):  # miss, all-hit (shape remembered), shape hit
                 assert _read_pages_into(fe, rid, 0, shape) == blkif.RSP_OKAY
+            sleeping_in(dp)  # the native loop notes its pages just after the answer is out
             assert bytes(fe.page(r)) + bytes(fe.page(r + 1)) == b"A" * 8192
             assert cache.stats.maps == 2
             assert cache.stats.hits == 4

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,13 @@ import pytest
 
 from tests.fixtures.backend import PairFactory
 from tests.fixtures.native import compile_sanitized, run_sanitized
-from tests.unit.test_ring_wakeup import _READ, _sleeping_in
+from tests.fixtures.ring_thread import (
+    assert_hostile_req_prod_is_judged,
+    assert_journal_complete,
+    assert_stop_ends_it_asleep,
+)
 from xenblockctl.backend import blkif, grantcopy
-from xenblockctl.backend.ring import BackRing, FrontRing
+from xenblockctl.backend.ring import BackRing
 from xenblockctl.backend.transport import base
 from xenblockctl.backend.transport.local import LocalEventChannel, LocalTransport
 
@@ -124,10 +127,7 @@ def test_answers_and_journal_are_python_paths_byte_for_byte(
     # all but rsp_event (bytes 12-15): the frontend's, moved as its own waits happened to go
     assert with_loop[:12] == without[:12]
     assert with_loop[16:] == without[16:]
-    hdr = memoryview(with_loop).cast("I")
-    assert hdr[8] == 0x4A636278  # our journal's magic
-    assert hdr[9] == hdr[2]  # COMMITTED == rsp_prod: every answer published
-    assert hdr[10] == (hdr[2] - 1) & 0xFFFFFFFF  # TAG: the last one
+    assert_journal_complete(with_loop)
 
 
 def test_a_successor_recovers_nothing_owed_after_the_loop(make_pair: PairFactory) -> None:
@@ -148,36 +148,17 @@ def test_a_successor_recovers_nothing_owed_after_the_loop(make_pair: PairFactory
 
 
 def test_a_hostile_req_prod_is_judged_by_ring_py(make_pair: PairFactory) -> None:
-    """req_prod more than a ring ahead: the loop takes nothing and hands the ring back; BackRing
-    breaks it with its own reason and the data plane reports it, as on Python's path."""
-    broken: list[str] = []
     pair = make_pair(persistent=False, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
-    dp.on_broken = broken.append
+    fe = pair.frontend
     assert fe.read(0, 4096) == bytes(4096)
-    ring: FrontRing = fe.ring
-    ring.poke_index("req_prod", ring.req_prod + ring.size + 5)
-    fe.evtchn.notify()
-    deadline = time.monotonic() + 10
-    while not broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert broken
-    assert "impossible" in broken[0], broken
-    assert dp.broken == broken[0]
+    assert_hostile_req_prod_is_judged(pair)
 
 
 def test_stop_ends_the_loop_asleep(make_pair: PairFactory) -> None:
     pair = make_pair(persistent=False, workers=0, data_pages=16)
-    fe, dp = pair.frontend, pair.dataplane
+    fe = pair.frontend
     assert fe.read(0, 4096) == bytes(4096)
-    # asleep in the loop's read() of the event channel, as the Python path sleeps (one system call)
-    assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
-    t0 = time.monotonic()
-    assert dp.stop(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert dp._thread is not None
-    assert not dp._thread.is_alive()
-    assert dp.broken is None
+    assert_stop_ends_it_asleep(pair.dataplane)
 
 
 def test_loop_under_sanitizers(tmp_path: Path) -> None:
@@ -201,8 +182,7 @@ def test_loop_under_sanitizers(tmp_path: Path) -> None:
         bounce = Bounce(64 * 4096)
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         peer = os.eventfd(0, os.EFD_NONBLOCK)
-        class Stats:
-            requests = ok = wakeups = notifies = served = 0
+        from tests.fixtures.loop_fuzz import ALL_EXITS, RandomRing, Stats
         stats = Stats()
         def copier(segs):
             for at in range(0, len(segs), 24):
@@ -214,55 +194,19 @@ def test_loop_under_sanitizers(tmp_path: Path) -> None:
                 struct.pack_into("=h", segs, at + 20, 0 if rnd.random() < 0.95 else -3)
         exits = set()
         for n in range(3000):
-            abi = rnd.choice([blkif.X86_64, blkif.X86_32])
-            pages = rnd.choice([1, 1, 2])
-            size = blkif.ring_size(pages, abi)
-            ring = bytearray(pages * 4096)
-            hdr = memoryview(ring).cast("I")
-            start = rnd.choice([0, rnd.randrange(2**32), 2**32 - 3])
-            hdr[2] = hdr[9] = start
-            ahead = rnd.choice([0, 1, 1, 2, size, size + 1, rnd.randrange(2**32)])
-            hdr[0] = (start + ahead) & 0xFFFFFFFF
-            hdr[3] = rnd.choice([start + 1, start + 5, 0]) & 0xFFFFFFFF
-            for k in range(size):
-                base = 64 + k * abi.entry_size
-                slot = bytearray(rnd.randbytes(abi.entry_size))
-                slot[0] = rnd.choice([0, 0, 1, 2]); slot[1] = rnd.choice([1, 1, 2, 0, 12])
-                for i in range(11):
-                    at = abi.segments_offset + 8 * i
-                    slot[at + 4], slot[at + 5] = (0, rnd.randrange(8)) if rnd.random() < 0.9 else (9, 3)
-                slot[abi.id_offset + 8:abi.id_offset + 16] = rnd.randrange(140).to_bytes(8, "little")
-                ring[base:base + abi.entry_size] = slot
+            r = RandomRing(rnd, indirect=False)
             if rnd.random() < 0.5:
                 os.eventfd_write(efd, 1)
             stop = bytearray([rnd.random() < 0.05])
-            got = _grantcopy.loop(memoryview(ring), size, start, start, start, rnd.random() < 0.5,
+            got = _grantcopy.loop(memoryview(r.ring), r.size, r.start, r.start, r.start, rnd.random() < 0.5,
                                   rnd.choice([1, 4, 64]), rnd.choice([1, 3, 256]), stop, stats, stats,
-                                  (2, efd, 5, peer, 0), abi.id_offset, 128, 65536,
+                                  (2, efd, 5, peer, 0), r.abi.id_offset, 128, 65536,
                                   rnd.choice([512, 4096]), rnd.random() < 0.2, fd, fd,
                                   rnd.choice([0, 2, 2, 3]), rnd.choice([0, 2, 3]), mmap.PAGESIZE,
                                   bounce.view, 7, -1, copier)
-            why, cons, pvt, pushed, pending, data, at, taken, answered, err, nerr = got
-            exits.add(why)
-            took = (cons - start) & 0xFFFFFFFF
-            assert took <= size and (ahead > size or took <= ahead), (got, ahead)
-            assert (pvt - start) & 0xFFFFFFFF == answered <= took
-            assert hdr[9] == pvt and hdr[2] == pushed == pvt
-            if why == _grantcopy.EXIT_SLOT:
-                assert data is not None and len(data) == taken * abi.entry_size and at < taken
-                assert (cons - pvt) & 0xFFFFFFFF == taken - at
-            else:
-                assert data is None and cons == pvt
-            if why == _grantcopy.EXIT_OSERROR:
-                assert err == errno.EAGAIN
-            try:
-                os.eventfd_read(efd)
-            except BlockingIOError:
-                pass
-            hdr.release()
+            exits.add(r.check(got, efd))
         assert stats.requests == stats.ok == stats.served > 100, vars(stats)
-        assert exits == {{_grantcopy.EXIT_SLOT, _grantcopy.EXIT_CHECK, _grantcopy.EXIT_WOKEN,
-                          _grantcopy.EXIT_BUDGET, _grantcopy.EXIT_OSERROR}}, exits
+        assert exits == ALL_EXITS, exits
         print("ok")
         """
     )

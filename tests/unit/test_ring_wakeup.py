@@ -11,42 +11,19 @@ import time
 import pytest
 
 from tests.fixtures.backend import PairFactory
+from tests.fixtures.ring_thread import POLL, READ, sleeping_in
 from xenblockctl.backend.dataplane import DataPlane
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 system call numbers")
-
-_READ, _POLL = 0, 7  # x86_64 system call numbers (asm/unistd_64.h)
-
-
-def _sleeping_in(dp: DataPlane) -> tuple[int, int]:
-    """(system call number, first argument) the ring thread is blocked in, once it is blocked."""
-    assert dp._thread is not None
-    assert dp._thread.native_id is not None
-    path = f"/proc/self/task/{dp._thread.native_id}/syscall"
-    deadline = time.monotonic() + 10
-    last: list[str] = []
-    while time.monotonic() < deadline:
-        with open(path) as f:
-            last = f.read().split()
-        # "running" while it runs; a number and six arguments while it is in a system call. Twice
-        # the same blocking call 50 ms apart: asleep there, not passing through.
-        if last and last[0] not in {"running", "-1"}:
-            time.sleep(0.05)
-            with open(path) as f:
-                again = f.read().split()
-            if again == last and int(last[0]) in {_READ, _POLL}:
-                return int(last[0]), int(last[1], 16)
-        time.sleep(0.01)
-    raise AssertionError(f"the ring thread never settled in a system call: {last!r}")
 
 
 def test_idle_ring_thread_sleeps_in_one_read_of_its_event_channel(make_pair: PairFactory) -> None:
     pair = make_pair()
     dp = pair.dataplane
-    assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
+    assert sleeping_in(dp) == (READ, dp.evtchn.fileno())
     for i in range(3):  # and again after each wake-up: the wake-up consumed the event, nothing left
         assert pair.frontend.read(8 * i, 4096) == bytes(4096)
-        assert _sleeping_in(dp) == (_READ, dp.evtchn.fileno())
+        assert sleeping_in(dp) == (READ, dp.evtchn.fileno())
     assert dp.stats.ok == 3
     t0 = time.monotonic()
     assert dp.stop(timeout=30)  # the stop interrupts the read
@@ -68,9 +45,9 @@ def test_poll_wakeup_sleeps_in_poll_and_stops(make_pair: PairFactory) -> None:
     )
     poll_dp.start()
     try:
-        assert _sleeping_in(poll_dp)[0] == _POLL
+        assert sleeping_in(poll_dp)[0] == POLL
         assert fe.read(0, 4096) == bytes(4096)
-        assert _sleeping_in(poll_dp)[0] == _POLL
+        assert sleeping_in(poll_dp)[0] == POLL
         assert poll_dp.stats.ok == 1
     finally:
         t0 = time.monotonic()

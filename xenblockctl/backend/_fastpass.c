@@ -28,10 +28,8 @@
  * tests compare it with validate_slot on arbitrary bytes. `respond` writes a run of answers that
  * are next in ring order into the ring, as ring.py's respond_all would (see fp_respond).
  */
-#include "blkif_slot.h"
-#include "ring_answer.h"
+#include "ring_loop.h"
 
-#include <errno.h>
 #include <sys/uio.h>
 
 #define SEGS_PER_PAGE (PAGE / SEG_SIZE)
@@ -549,6 +547,58 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
     return done;
 }
 
+/* The longest prefix of slots [start, count) of the copy `data` that can run: each decoded, its
+ * mode resolved and its pages found, into reqs[0..n) (n returned; prepared_release each after its
+ * I/O). With `cut` > 0 no request is added once the run holds `cut` bytes and slots are left:
+ * *cut_hit says so. The GIL is held (the cache's dict, the allocator). */
+static Py_ssize_t prepare_run(const unsigned char *data, Py_ssize_t start, Py_ssize_t count, Py_ssize_t esize,
+                              const struct limits *lim, PyObject *entries, const int modes[2], Py_ssize_t host_page,
+                              Py_ssize_t cut, int *cut_hit, struct prepared *reqs)
+{
+    Py_ssize_t nreq = 0;
+    uint64_t run_bytes = 0;
+    for (Py_ssize_t i = start; i < count; i++) {
+        struct prepared *p = &reqs[nreq];
+        if (!decode(data + i * esize, lim, entries, &p->r))
+            break;
+        p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
+        p->heap = NULL;
+        p->mode = resolve_mode(modes[p->r.op], p->r.offset, p->r.length, host_page);
+        if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries)) {
+            prepared_release(p);
+            break;
+        }
+        nreq++;
+        run_bytes += p->r.length;
+        if (cut > 0 && run_bytes >= (uint64_t)cut && i + 1 < count) {
+            *cut_hit = 1;
+            break;
+        }
+    }
+    return nreq;
+}
+
+/* The refs reqs[0..done) used, indirect pages included, as bytes of uint32 (for
+ * GrantCache.note_used); NULL with a Python error. */
+static PyObject *used_refs(const struct prepared *reqs, Py_ssize_t done)
+{
+    Py_ssize_t nrefs = 0;
+    for (Py_ssize_t k = 0; k < done; k++)
+        nrefs += reqs[k].r.nind + reqs[k].r.nseg;
+    PyObject *refs = PyBytes_FromStringAndSize(NULL, nrefs * (Py_ssize_t)sizeof(uint32_t));
+    if (refs == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(refs);
+    for (Py_ssize_t k = 0; k < done; k++) {
+        const struct req *r = &reqs[k].r;
+        memcpy(w, r->ind_gref, r->nind * sizeof(uint32_t));
+        w += r->nind * sizeof(uint32_t);
+        memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
+        w += r->nseg * sizeof(uint32_t);
+    }
+    return refs;
+}
+
 /* serve(data, start, count, id_offset, sectors, size_bytes, logical_block_size, read_only,
  *       max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries)
  * write_fd: where WRITEs go (io.Executor.write_fd: an O_DIRECT fd on the device, or fd itself); a
@@ -573,7 +623,6 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
                           &modes[OP_WRITE], &host_page, &PyDict_Type, &entries, &cut))
         return NULL;
     int cut_hit = 0; /* the run ended at `cut`, not at a slot it could not serve */
-    uint64_t run_bytes = 0;
     struct limits lim;
     struct prepared *reqs = NULL;
     Py_ssize_t nreq = 0, done = 0;
@@ -598,24 +647,7 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         }
     }
     /* 1. decode and find the pages (GIL held): the longest prefix we can run */
-    for (Py_ssize_t i = start; i < count; i++) {
-        struct prepared *p = &reqs[nreq];
-        if (!decode((const unsigned char *)data.buf + i * esize, &lim, entries, &p->r))
-            break;
-        p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
-        p->heap = NULL;
-        p->mode = resolve_mode(modes[p->r.op], p->r.offset, p->r.length, host_page);
-        if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries)) {
-            prepared_release(p);
-            break;
-        }
-        nreq++;
-        run_bytes += p->r.length;
-        if (cut > 0 && run_bytes >= (uint64_t)cut && i + 1 < count) {
-            cut_hit = 1;
-            break;
-        }
-    }
+    nreq = prepare_run(data.buf, start, count, esize, &lim, entries, modes, host_page, cut, &cut_hit, reqs);
     /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
     if (nreq) {
         Py_BEGIN_ALLOW_THREADS
@@ -627,29 +659,20 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
      * ring broken) rather than guess which answers are owed. */
     {
         PyObject *answers = PyList_New(done);
-        Py_ssize_t nrefs = 0;
-        for (Py_ssize_t k = 0; k < done; k++)
-            nrefs += reqs[k].r.nind + reqs[k].r.nseg;
-        PyObject *refs = PyBytes_FromStringAndSize(NULL, nrefs * (Py_ssize_t)sizeof(uint32_t));
+        PyObject *refs = used_refs(reqs, done);
         if (answers == NULL || refs == NULL) {
             Py_XDECREF(answers);
             Py_XDECREF(refs);
             goto fail;
         }
-        char *w = PyBytes_AS_STRING(refs);
         for (Py_ssize_t k = 0; k < done; k++) {
-            struct req *r = &reqs[k].r;
-            PyObject *t = okay_answer(r->id, r->op);
+            PyObject *t = okay_answer(reqs[k].r.id, reqs[k].r.op);
             if (t == NULL) {
                 Py_DECREF(answers);
                 Py_DECREF(refs);
                 goto fail;
             }
             PyList_SET_ITEM(answers, k, t);
-            memcpy(w, r->ind_gref, r->nind * sizeof(uint32_t));
-            w += r->nind * sizeof(uint32_t);
-            memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
-            w += r->nseg * sizeof(uint32_t);
         }
         if (cut < 0)
             out = Py_BuildValue("(NnN)", answers, start + done, refs);
@@ -662,6 +685,111 @@ fail:
         prepared_release(&reqs[k]);
     PyMem_Free(reqs);
     PyBuffer_Release(&data);
+    return out;
+}
+
+/* --- loop: the persistent-grant pass in ring_loop.h's wait-and-serve loop ------------------------
+ *
+ * Issue 20, 4 KiB at QD 32: the frontend and the ring thread take strict turns (every pass exactly
+ * the 32 requests of the frontend's last turn), and per pass the ring thread crossed into Python for
+ * the wake-up, take_slots, the pass's wrapper, _write_run, the push and notify, and the final
+ * check: 30-34 % of its time (bench/README.md, fourk20). loop() runs that cycle in C; its serve
+ * step is serve()'s own pieces: prepare_run() with the GIL (the cache's dict and the allocator, as
+ * serve() holds it for them), run_io() without it; its after step, with the GIL once the run's
+ * answers are out, notes the refs used (GrantCache.note_used, once per run as serve()'s caller
+ * does) and releases the run's requests. The first pass after a wake-up is cut at `cut` bytes, each
+ * cut run published before the next one's I/O (DataPlane._cut_for_pass's rule: the QD-4
+ * turnaround). */
+struct fp_loop {
+    struct limits lim;
+    Py_ssize_t esize, host_page, cut;
+    int fd, wfd, modes[2];
+    PyObject *entries, *note_used;
+    struct prepared *reqs; /* room for a whole take */
+    Py_ssize_t nreq, done;
+};
+
+static Py_ssize_t fp_loop_serve(void *ctx, const unsigned char *copy, Py_ssize_t start, Py_ssize_t count,
+                                int after_sleep, uint64_t *ids, uint8_t *ops, PyThreadState **ts, int *more)
+{
+    struct fp_loop *f = ctx;
+    int cut_hit = 0;
+    PyEval_RestoreThread(*ts);
+    f->nreq = prepare_run(copy, start, count, f->esize, &f->lim, f->entries, f->modes, f->host_page,
+                          after_sleep ? f->cut : 0, &cut_hit, f->reqs);
+    *ts = PyEval_SaveThread();
+    f->done = f->nreq ? run_io(f->reqs, f->nreq, f->fd, f->wfd) : 0;
+    for (Py_ssize_t k = 0; k < f->done; k++) {
+        ids[k] = f->reqs[k].r.id;
+        ops[k] = f->reqs[k].r.op;
+    }
+    /* cut only counts if every request of the run finished: else Python's slot is next */
+    *more = cut_hit && f->done == f->nreq;
+    return start + f->done;
+}
+
+static int fp_loop_after(void *ctx)
+{
+    struct fp_loop *f = ctx;
+    int rc = 0;
+    if (f->done > 0) {
+        PyObject *refs = used_refs(f->reqs, f->done);
+        PyObject *view = refs == NULL ? NULL : PyMemoryView_FromObject(refs);
+        PyObject *ints = view == NULL ? NULL : PyObject_CallMethod(view, "cast", "s", "I");
+        PyObject *got = ints == NULL ? NULL : PyObject_CallOneArg(f->note_used, ints);
+        rc = got == NULL ? -1 : 0;
+        Py_XDECREF(got);
+        Py_XDECREF(ints);
+        Py_XDECREF(view);
+        Py_XDECREF(refs);
+    }
+    for (Py_ssize_t k = 0; k < f->nreq; k++)
+        prepared_release(&f->reqs[k]);
+    f->nreq = f->done = 0;
+    return rc;
+}
+
+/* loop(<ring_loop.h's LOOP_ARGS>, id_offset, sectors, size_bytes, logical_block_size, read_only,
+ *      max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries, note_used, cut)
+ *   -> ring_loop()'s tuple; `owner` is the FastPass whose `served` it counts, `note_used` the grant
+ *   cache's (called with a uint32 memoryview of the refs of each run), `cut` serve()'s (0: none). */
+static PyObject *fp_loop(PyObject *self, PyObject *args)
+{
+    (void)self;
+    struct loop_args a;
+    PyObject *rest = NULL, *out = NULL;
+    if (loop_parse(args, &a, &rest) < 0)
+        return NULL;
+    struct fp_loop f;
+    memset(&f, 0, sizeof f);
+    Py_ssize_t id_offset, lbs, max_indirect;
+    PyObject *sectors_o, *size_o;
+    int read_only;
+    if (!PyArg_ParseTuple(rest, "nOOnpniiiinO!On", &id_offset, &sectors_o, &size_o, &lbs, &read_only,
+                          &max_indirect, &f.fd, &f.wfd, &f.modes[OP_READ], &f.modes[OP_WRITE], &f.host_page,
+                          &PyDict_Type, &f.entries, &f.note_used, &f.cut))
+        goto done;
+    if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &f.lim) < 0)
+        goto done;
+    if (f.host_page <= 0 || (f.host_page & (f.host_page - 1)) || f.fd < 0 || f.wfd < 0 || f.cut < 0 ||
+        !PyCallable_Check(f.note_used)) {
+        PyErr_SetString(PyExc_ValueError, "loop: bad host page size, fd, cut or note_used");
+        goto done;
+    }
+    f.esize = entry_size(id_offset);
+    f.reqs = PyMem_Malloc((size_t)a.room * sizeof *f.reqs);
+    if (f.reqs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const struct loop_pass lp = {&f, fp_loop_serve, fp_loop_after, f.esize, id_offset == 8};
+    out = ring_loop(&a, &lp);
+    for (Py_ssize_t k = 0; k < f.nreq; k++) /* a Python error in the after step left them */
+        prepared_release(&f.reqs[k]);
+done:
+    PyMem_Free(f.reqs);
+    Py_DECREF(rest);
+    loop_release(&a);
     return out;
 }
 
@@ -830,6 +958,7 @@ static PyMethodDef methods[] = {
     {"check", fp_check, METH_VARARGS, "Decode and validate one READ/WRITE slot as serve() would."},
     {"serve", fp_serve, METH_VARARGS, "Serve the longest simple prefix of a copied ring batch."},
     {"respond", fp_respond, METH_VARARGS, "Write answers that are next in ring order into their slots."},
+    {"loop", fp_loop, METH_VARARGS, "Wait for, serve, answer and notify a ring's simple requests."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -850,6 +979,8 @@ PyMODINIT_FUNC PyInit__fastpass(void)
                 return NULL;
         }
     }
+    if (loop_init() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
@@ -860,7 +991,7 @@ PyMODINIT_FUNC PyInit__fastpass(void)
     if (PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
         PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
-        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0) {
+        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0 || loop_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

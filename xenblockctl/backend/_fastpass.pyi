@@ -1,4 +1,5 @@
 # Types of the optional C extension built from _fastpass.c (see backend/fastpath.py).
+from collections.abc import Callable
 from typing import overload
 
 MODE_STOP: int
@@ -71,3 +72,41 @@ def respond(
     id_offset: int,
     /,
 ) -> int: ...
+
+EXIT_SLOT: int
+EXIT_CHECK: int
+EXIT_WOKEN: int
+EXIT_BUDGET: int
+EXIT_OSERROR: int
+WAIT_EVTCHN: int
+WAIT_EVENTFD: int
+
+def loop(
+    ring: memoryview,
+    ring_size: int,
+    req_cons: int,
+    rsp_prod_pvt: int,
+    rsp_pushed: int,
+    pending: bool,
+    batch: int,
+    budget: int,
+    stop: bytearray,
+    stats: object,
+    owner: object,
+    waiter: tuple[int, int, int, int, int],
+    id_offset: int,
+    sectors: int,
+    size_bytes: int,
+    logical_block_size: int,
+    read_only: bool,
+    max_indirect_segments: int,
+    fd: int,
+    write_fd: int,
+    read_mode: int,
+    write_mode: int,
+    host_page: int,
+    entries: dict[int, memoryview],
+    note_used: Callable[[memoryview], object],
+    cut: int,
+    /,
+) -> tuple[int, int, int, int, bool, bytes | None, int, int, int, int, int]: ...

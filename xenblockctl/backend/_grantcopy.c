@@ -34,13 +34,9 @@
  * before use, and our side of each segment lies inside our bounce buffer by construction (a chunk
  * never holds more bytes than the buffer).
  */
-#include "blkif_slot.h"
-#include "ring_answer.h"
+#include "ring_loop.h"
 
-#include <errno.h>
-#include <sys/ioctl.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
 /* struct gntdev_grant_copy_segment (linux/include/uapi/xen/gntdev.h), as three little-endian u64
  * words: our address; ref | offset << 32 | domid << 48; len | flags << 16 | status << 32 */
@@ -364,339 +360,50 @@ done:
  * GRUB sends one page at a time and waits for each answer: per request the ring thread woke,
  * took the slot, served it, answered, pushed, notified, unmasked and looked again, crossing from
  * C to Python and back for each step (issue 20, ~1.1 ms of CPU a request in dom0 under TCG, a
- * third of it the gap to kernel blkback). loop() runs DataPlane._run's cycle for the grant-copy
- * path here, without the GIL, for as long as it needs nothing of Python's:
- *
- *   take (ring.py's take_slots: req_prod read once, the same overflow rule, up to `batch` slots
- *   copied out of shared memory with one or two memcpy into a private copy, which alone is
- *   decoded) -> serve_slots() -> each answer written by ring_answer.h's journal protocol -> push
- *   (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY) -> notify if the frontend's rsp_event asks -> unmask
- *   the port if a wake-up is owed its late EOI -> final check (RING_FINAL_CHECK_FOR_REQUESTS:
- *   req_event, a full fence, req_prod again) -> block in read() of the event channel.
- *
- * It returns to Python, with the ring's indices as they now are, for:
- *   EXIT_SLOT    a slot the pass stopped at: (copy, index, count) of the batch, [0, index) answered
- *                and pushed, [index, count) taken but not answered (Python serves them as before);
- *   EXIT_CHECK   req_prod would put more than the ring's size outstanding: nothing is taken and
- *                Python's BackRing decides (it marks the ring broken, with its reason);
- *   EXIT_WOKEN   the stop word is set, or a port other than the frontend's was read (the stop's
- *                loopback channel): Python looks at its stop flag;
- *   EXIT_BUDGET  `budget` requests were answered (so the stats and the stop flag are seen);
- *   EXIT_OSERROR the read or the unmask failed: errno, for Python to raise as take()/unmask() would.
- * A failed notify is counted and its errno returned with the next exit (at the latest after this
- * batch), for Python to log as DataPlane._notify does; the loop goes on, as Python's path does.
- * Its counts (requests answered, wake-ups, notifies) go into the data plane's stats before each
- * sleep and at each exit (report()).
- *
- * It runs only while no request of the ring is outstanding anywhere else (DataPlane checks: none
- * in flight, none held), so it owns the response side alone: no worker answers concurrently, and
- * every answer it writes is next in ring order. Guest numbers: req_prod is range-checked against
- * the ring's size before any slot is touched; rsp_event only decides whether to notify; every
- * slot goes through decode()'s rules (blkif_slot.h). Memory ordering is ring.h's with real fences:
- * acquire on req_prod before the slots are copied, release on rsp_prod after the answers, a full
- * fence between req_event's store and req_prod's reload and between rsp_prod's store and
- * rsp_event's load.
+ * third of it the gap to kernel blkback). loop() runs ring_loop.h's cycle with serve_slots() as
+ * its serve step (the copier of the local transport takes the GIL for its call).
  */
-enum { EXIT_SLOT = 0, EXIT_CHECK = 1, EXIT_WOKEN = 2, EXIT_BUDGET = 3, EXIT_OSERROR = 4 };
-enum { WAIT_EVTCHN = 1, WAIT_EVENTFD = 2 };
-#define IDX_REQ_PROD 0
-#define IDX_REQ_EVENT 1
-#define IDX_RSP_PROD 2
-#define IDX_RSP_EVENT 3
-
-struct ring_state {
-    uint32_t *idx; /* the shared header's four indices */
-    unsigned char *ring;
-    uint32_t size, req_cons, pvt, pushed;
-};
-
-/* The channel: an evtchn fd (read() gives ports, write() of our port unmasks it, NOTIFY is an
- * ioctl on it) or the local transport's eventfd pair (read() gives a counter, a write to the peer's
- * eventfd notifies, nothing to unmask). */
-struct waiter {
-    int kind, fd, notify_fd;
-    uint32_t port;
-    unsigned long notify_request;
-};
-
-static inline uint32_t load_index(const struct ring_state *r, int which)
+static Py_ssize_t gc_loop_serve(void *ctx, const unsigned char *copy, Py_ssize_t start, Py_ssize_t count,
+                                int after_sleep, uint64_t *ids, uint8_t *ops, PyThreadState **ts, int *more)
 {
-    return __atomic_load_n(&r->idx[which], __ATOMIC_ACQUIRE);
+    (void)after_sleep;
+    (void)more;
+    struct pass *p = ctx;
+    p->ts = ts;
+    return serve_slots(p, copy, start, count, ids, ops);
 }
 
-/* 0 if the frontend woke us (or the counter moved), 1 if only another port came (the loopback
- * stop), -1 with errno on failure. */
-static int wait_event(const struct waiter *w, int *theirs)
-{
-    uint32_t ports[3]; /* each port of the fd queued at most once until unmasked (ring.py's take) */
-    ssize_t got;
-    do
-        got = read(w->fd, ports, w->kind == WAIT_EVTCHN ? sizeof ports : sizeof(uint64_t));
-    while (got < 0 && errno == EINTR);
-    if (got < 0)
-        return -1;
-    if (w->kind == WAIT_EVENTFD) {
-        *theirs = 1;
-        return 0;
-    }
-    *theirs = 0;
-    int other = 0;
-    for (ssize_t i = 0; i < got / (ssize_t)sizeof(uint32_t); i++) {
-        if (ports[i] == w->port)
-            *theirs = 1;
-        else
-            other = 1;
-    }
-    return other;
-}
-
-static int unmask_event(const struct waiter *w)
-{
-    if (w->kind != WAIT_EVTCHN)
-        return 0;
-    ssize_t put;
-    do
-        put = write(w->fd, &w->port, sizeof w->port);
-    while (put < 0 && errno == EINTR);
-    return put == (ssize_t)sizeof w->port ? 0 : -1;
-}
-
-static int notify_event(const struct waiter *w)
-{
-    if (w->kind == WAIT_EVTCHN) {
-        uint32_t arg = w->port;
-        return ioctl(w->notify_fd, w->notify_request, &arg) < 0 ? -1 : 0;
-    }
-    uint64_t one = 1;
-    ssize_t put = write(w->notify_fd, &one, sizeof one);
-    /* a full counter means an event is pending already: coalesced, as LocalEventChannel.notify */
-    return put == (ssize_t)sizeof one || (put < 0 && errno == EAGAIN) ? 0 : -1;
-}
-
-/* The interned attribute names report() adds to (module init). */
-static PyObject *attr_requests, *attr_ok, *attr_wakeups, *attr_notifies, *attr_served;
-
-static int add_attr(PyObject *obj, PyObject *name, Py_ssize_t delta)
-{
-    if (delta == 0)
-        return 0;
-    PyObject *old = PyObject_GetAttr(obj, name);
-    if (old == NULL)
-        return -1;
-    PyObject *d = PyLong_FromSsize_t(delta);
-    PyObject *sum = d == NULL ? NULL : PyNumber_Add(old, d);
-    Py_DECREF(old);
-    Py_XDECREF(d);
-    int rc = sum == NULL ? -1 : PyObject_SetAttr(obj, name, sum);
-    Py_XDECREF(sum);
-    return rc;
-}
-
-/* The counts since the last report into the data plane's QueueStats and NativeCopy.served, with
- * the GIL (taken here if `ts`): before each sleep and at the exit, so the stats are as live as
- * Python's path keeps them. Safe without DataPlane's lock: while the ring is lent no request is
- * outstanding elsewhere, so no worker writes these stats, and the ring thread is the one running
- * this. -1 with a Python error (the GIL held then). */
-static int report(PyThreadState **ts, PyObject *stats, PyObject *owner, Py_ssize_t counts[3])
-{
-    if (counts[0] == 0 && counts[1] == 0 && counts[2] == 0)
-        return 0;
-    if (ts != NULL)
-        PyEval_RestoreThread(*ts);
-    int rc = add_attr(stats, attr_requests, counts[0]) < 0 || add_attr(stats, attr_ok, counts[0]) < 0 ||
-                     add_attr(owner, attr_served, counts[0]) < 0 || add_attr(stats, attr_wakeups, counts[1]) < 0 ||
-                     add_attr(stats, attr_notifies, counts[2]) < 0
-                 ? -1
-                 : 0;
-    if (rc == 0 && ts != NULL)
-        *ts = PyEval_SaveThread();
-    counts[0] = counts[1] = counts[2] = 0;
-    return rc;
-}
-
-/* loop(ring, ring_size, req_cons, rsp_prod_pvt, rsp_pushed, pending, batch, budget, stop, stats, owner,
- *      (kind, fd, port, notify_fd, notify_request),
- *      id_offset, sectors, size_bytes, logical_block_size, read_only, fd, write_fd, read_mode,
- *      write_mode, host_page, bounce, domid, copy_fd, copier)
- *   -> (exit, req_cons, rsp_prod_pvt, rsp_pushed, pending, copy | None, index, count,
- *       requests, errno, notify_errno)
- * `pending`: a wake-up's late unmask is owed; `stop`: a writable byte, nonzero when the ring stops;
- * `stats`: the QueueStats and `owner` the NativeCopy whose counts it keeps (report()). */
+/* loop(<ring_loop.h's LOOP_ARGS>, id_offset, sectors, size_bytes, logical_block_size, read_only, fd,
+ *      write_fd, read_mode, write_mode, host_page, bounce, domid, copy_fd, copier)
+ *   -> ring_loop()'s tuple; `owner` is the NativeCopy whose `served` it counts. */
 static PyObject *gc_loop(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer ringb, stopb, bounce;
-    Py_ssize_t ring_size, batch, budget, id_offset, lbs, host_page;
-    unsigned long long req_cons, pvt, pushed;
-    PyObject *sectors_o, *size_o, *copier, *stats, *owner;
-    int pending, read_only, fd, wfd, modes[2], copy_fd;
-    unsigned int domid;
-    struct waiter w;
-    unsigned int wport;
-    if (!PyArg_ParseTuple(args, "w*nKKKpnnw*OO(iiIik)nOOnpiiiinw*IiO", &ringb, &ring_size, &req_cons, &pvt,
-                          &pushed, &pending, &batch, &budget, &stopb, &stats, &owner, &w.kind, &w.fd, &wport, &w.notify_fd,
-                          &w.notify_request, &id_offset, &sectors_o, &size_o, &lbs, &read_only, &fd, &wfd,
-                          &modes[OP_READ], &modes[OP_WRITE], &host_page, &bounce, &domid, &copy_fd, &copier))
+    struct loop_args a;
+    PyObject *rest = NULL, *out = NULL;
+    if (loop_parse(args, &a, &rest) < 0)
         return NULL;
-    w.port = wport;
+    Py_buffer bounce;
+    Py_ssize_t id_offset, lbs, host_page;
+    PyObject *sectors_o, *size_o, *copier;
+    int read_only, fd, wfd, modes[2], copy_fd;
+    unsigned int domid;
+    if (!PyArg_ParseTuple(rest, "nOOnpiiiinw*IiO", &id_offset, &sectors_o, &size_o, &lbs, &read_only, &fd, &wfd,
+                          &modes[OP_READ], &modes[OP_WRITE], &host_page, &bounce, &domid, &copy_fd, &copier)) {
+        Py_DECREF(rest);
+        loop_release(&a);
+        return NULL;
+    }
     struct pass p;
-    memset(&p, 0, sizeof p);
-    unsigned char *copy = NULL;
-    uint64_t *ids = NULL;
-    uint8_t *ops = NULL;
-    PyObject *out = NULL;
-    if (batch <= 0 || batch > MAX_SLOTS || ring_size <= 0 || ring_size > MAX_SLOTS) {
-        PyErr_SetString(PyExc_ValueError, "loop: batch or ring size outside 1..1024");
-        goto done;
-    }
-    /* a take holds at most the ring's size (take_slots(batch) on a smaller ring) */
-    Py_ssize_t room = batch < ring_size ? batch : ring_size;
     if (pass_setup(&p, id_offset, sectors_o, size_o, lbs, read_only, fd, wfd, modes[OP_READ], modes[OP_WRITE],
-                   host_page, &bounce, domid, copy_fd, copier, room) < 0)
-        goto done;
-    if ((ring_size & (ring_size - 1)) ||
-        ringb.len < SRING_HEADER + ring_size * p.esize || ((uintptr_t)ringb.buf & 3) || req_cons > 0xFFFFFFFFull ||
-        pvt > 0xFFFFFFFFull || pushed > 0xFFFFFFFFull || budget <= 0 ||
-        stopb.len < 1 || (w.kind != WAIT_EVTCHN && w.kind != WAIT_EVENTFD) || w.fd < 0 || w.notify_fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "loop: bad ring geometry, indices, batch, budget, stop word or channel");
-        goto done;
+                   host_page, &bounce, domid, copy_fd, copier, a.room) == 0) {
+        const struct loop_pass lp = {&p, gc_loop_serve, NULL, p.esize, id_offset == 8};
+        out = ring_loop(&a, &lp);
     }
-    if ((uint32_t)req_cons != (uint32_t)pvt) {
-        PyErr_SetString(PyExc_ValueError, "loop: requests outstanding (it must own the response side)");
-        goto done;
-    }
-    copy = PyMem_Malloc((size_t)room * (size_t)p.esize);
-    ids = PyMem_Malloc((size_t)room * sizeof *ids);
-    ops = PyMem_Malloc((size_t)room);
-    if (copy == NULL || ids == NULL || ops == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    struct ring_state r = {(uint32_t *)ringb.buf, ringb.buf, (uint32_t)ring_size, (uint32_t)req_cons,
-                           (uint32_t)pvt, (uint32_t)pushed};
-    const volatile unsigned char *stop = stopb.buf;
-    const uint32_t mask = r.size - 1;
-    const size_t esize = (size_t)p.esize, rsize = response_size(id_offset == 8);
-    Py_ssize_t requests = 0, index = 0, count = 0;
-    Py_ssize_t counts[3] = {0, 0, 0}; /* requests, wake-ups, notifies not yet in the stats */
-    int why = EXIT_WOKEN, err = 0, notify_err = 0;
-    PyThreadState *ts = PyEval_SaveThread();
-    p.ts = &ts;
-    for (;;) {
-        if (*stop) {
-            why = EXIT_WOKEN;
-            break;
-        }
-        /* take: req_prod once; more outstanding than the ring holds is Python's to judge */
-        uint32_t ahead = load_index(&r, IDX_REQ_PROD) - r.req_cons;
-        if (ahead > r.size) {
-            why = EXIT_CHECK;
-            break;
-        }
-        if (ahead > 0) {
-            uint32_t n = ahead < (uint32_t)room ? ahead : (uint32_t)room;
-            uint32_t first = r.req_cons & mask, head = r.size - first < n ? r.size - first : n;
-            const unsigned char *entries = r.ring + SRING_HEADER;
-            memcpy(copy, entries + first * esize, head * esize);
-            if (head < n)
-                memcpy(copy + head * esize, entries, (n - head) * esize);
-            r.req_cons += n;
-            count = n;
-            index = serve_slots(&p, copy, 0, count, ids, ops);
-            unsigned char rsp[16];
-            for (Py_ssize_t k = 0; k < index; k++) {
-                pack_response(rsp, ids[k], ops[k], 0);
-                r.pvt = answer_into_ring(r.ring, r.pvt, mask, esize, rsp, rsize);
-            }
-            requests += index;
-            counts[0] += index;
-            /* push: RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
-            if (r.pvt != r.pushed) {
-                uint32_t old = r.pushed;
-                __atomic_store_n(&r.idx[IDX_RSP_PROD], r.pvt, __ATOMIC_RELEASE);
-                r.pushed = r.pvt;
-                __atomic_thread_fence(__ATOMIC_SEQ_CST);
-                uint32_t rsp_event = load_index(&r, IDX_RSP_EVENT);
-                if ((uint32_t)(r.pvt - rsp_event) < (uint32_t)(r.pvt - old)) {
-                    counts[2]++;
-                    if (notify_event(&w) < 0)
-                        notify_err = errno; /* Python logs it as _notify does, and goes on */
-                }
-            }
-            if (index < count) {
-                why = EXIT_SLOT;
-                break;
-            }
-            count = index = 0;
-            if (requests >= budget || notify_err) {
-                why = EXIT_BUDGET;
-                break;
-            }
-            if (n >= (uint32_t)batch)
-                continue;
-        }
-        if (pending) { /* the late EOI, after the answers are out (DataPlane._run's order) */
-            if (unmask_event(&w) < 0) {
-                err = errno;
-                why = EXIT_OSERROR;
-                break;
-            }
-            pending = 0;
-        }
-        /* the final check: req_event, a full fence, req_prod again */
-        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
-            continue;
-        __atomic_store_n(&r.idx[IDX_REQ_EVENT], r.req_cons + 1, __ATOMIC_RELEASE);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
-            continue;
-        if (report(&ts, stats, owner, counts) < 0) {
-            why = -1; /* a Python error: the GIL is held */
-            break;
-        }
-        int theirs = 0;
-        int got = wait_event(&w, &theirs);
-        if (got < 0) {
-            err = errno;
-            why = EXIT_OSERROR;
-            break;
-        }
-        if (*stop) { /* as DataPlane._run: a wake-up that comes with the stop is not counted */
-            why = EXIT_WOKEN;
-            break;
-        }
-        if (theirs) {
-            pending = 1;
-            counts[1]++;
-        }
-        if (got > 0) {
-            why = EXIT_WOKEN;
-            break;
-        }
-    }
-    if (why < 0)
-        goto done;
-    PyEval_RestoreThread(ts);
-    if (report(NULL, stats, owner, counts) < 0)
-        goto done;
-    PyObject *batch_copy = Py_None;
-    if (why == EXIT_SLOT) {
-        batch_copy = PyBytes_FromStringAndSize((const char *)copy, count * p.esize);
-        if (batch_copy == NULL)
-            goto done; /* the ring's state is lost with it: the data plane treats it as a bug of ours */
-    } else {
-        Py_INCREF(batch_copy);
-    }
-    out = Py_BuildValue("(ikkkiNnnnii)", why, (unsigned long)r.req_cons, (unsigned long)r.pvt,
-                        (unsigned long)r.pushed, pending, batch_copy, index, count, requests, err, notify_err);
-done:
-    PyMem_Free(copy);
-    PyMem_Free(ids);
-    PyMem_Free(ops);
     pass_free(&p);
     PyBuffer_Release(&bounce);
-    PyBuffer_Release(&stopb);
-    PyBuffer_Release(&ringb);
+    Py_DECREF(rest);
+    loop_release(&a);
     return out;
 }
 
@@ -743,13 +450,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__grantcopy(void)
 {
-    attr_requests = PyUnicode_InternFromString("requests");
-    attr_ok = PyUnicode_InternFromString("ok");
-    attr_wakeups = PyUnicode_InternFromString("wakeups");
-    attr_notifies = PyUnicode_InternFromString("notifies");
-    attr_served = PyUnicode_InternFromString("served");
-    if (attr_requests == NULL || attr_ok == NULL || attr_wakeups == NULL || attr_notifies == NULL ||
-        attr_served == NULL)
+    if (loop_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -759,12 +460,7 @@ PyMODINIT_FUNC PyInit__grantcopy(void)
         PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
         PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
         PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0 ||
-        PyModule_AddIntConstant(m, "EXIT_SLOT", EXIT_SLOT) < 0 || PyModule_AddIntConstant(m, "EXIT_CHECK", EXIT_CHECK) < 0 ||
-        PyModule_AddIntConstant(m, "EXIT_WOKEN", EXIT_WOKEN) < 0 ||
-        PyModule_AddIntConstant(m, "EXIT_BUDGET", EXIT_BUDGET) < 0 ||
-        PyModule_AddIntConstant(m, "EXIT_OSERROR", EXIT_OSERROR) < 0 ||
-        PyModule_AddIntConstant(m, "WAIT_EVTCHN", WAIT_EVTCHN) < 0 ||
-        PyModule_AddIntConstant(m, "WAIT_EVENTFD", WAIT_EVENTFD) < 0) {
+        loop_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

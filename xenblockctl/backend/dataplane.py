@@ -14,7 +14,10 @@ of large requests after the ring thread slept for want of requests: once per fas
 so the frontend refills while the rest copies); workers answer their own requests as they
 complete. Where the native fast path is built and applies
 (backend/fastpath.py: persistent grants, an io.Executor), it serves the pass's runs of simple cached
-READs/WRITEs from the same copy, and everything else still comes through here.
+READs/WRITEs from the same copy, and everything else still comes through here. With a blocking
+wake-up and a native pass (that one, or grant copy's), the whole cycle — wait, take, serve, answer,
+push, notify, final check — runs in one native loop while nothing is outstanding elsewhere
+(_loop_natively, ring_loop.h), and comes back here for whatever that pass does not serve.
 
 Data pages: when the frontend negotiated persistent grants (`RingParams.persistent`), every
 transport goes through the ring's GrantCache (backend/grantcache.py): map on first use, keep until
@@ -42,9 +45,9 @@ from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE, Abi
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.fastpath import CUT_BYTES, FastPass
+from xenblockctl.backend.fastpath import CUT_BYTES, EXIT_CHECK, EXIT_OSERROR, FastPass
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS, GrantCache, Lease
-from xenblockctl.backend.grantcopy import EXIT_CHECK, EXIT_OSERROR, BouncePool, NativeCopy, Staged, failures
+from xenblockctl.backend.grantcopy import BouncePool, NativeCopy, Staged, failures
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.nbdio import NbdExecutor, NbdTarget
 from xenblockctl.backend.requests import (
@@ -334,8 +337,8 @@ class DataPlane:
         pending = False  # the event channel woke us and is not acked yet
         try:
             blocking = self._blocking_wakeup and self.evtchn.start_blocking()
-            # the grant-copy path's native wait-and-serve loop (_loop_natively), where it applies
-            loop = blocking and self._native_loop and self._fast_copy is not None
+            # the native wait-and-serve loop (_loop_natively), where a native pass applies
+            loop = blocking and self._native_loop and (self._fast_copy is not None or self._fast is not None)
             waiter = self.evtchn.native_waiter() if loop else None
             # Re-attached to a live ring (issue 21): publish the answers a previous engine finished
             # (ring.py's journal) and wake the frontend, which may wait for answers pushed just before
@@ -378,14 +381,15 @@ class DataPlane:
             self._broken(f"internal error: {exc}")
 
     def _loop_natively(self, waiter: NativeWaiter, pending: bool) -> tuple[bool, bool]:
-        """One run of the native wait-and-serve loop (grantcopy.NativeCopy.loop: the cycle of _run
-        for the grant-copy path, in C without the GIL), and what it left to Python: the slot its
-        pass stopped at and the rest of that batch (validated, served, answered and logged here as
-        always), a failed notify (logged) or a read/unmask that failed (raised, as take() would).
-        Returns (pending, python_turn): python_turn when _run's own turn must come now — the ring
-        was not the loop's to lend (a request outstanding on a worker or held), or its req_prod
-        needs BackRing's judgement (EXIT_CHECK: broken, logged there)."""
-        fast = self._fast_copy
+        """One run of the native wait-and-serve loop (ring_loop.h: the cycle of _run in C without
+        the GIL, with the data plane's native pass as its serve step: grantcopy.NativeCopy.loop
+        for grants copied, fastpath.FastPass.loop for persistent grants), and what it left to
+        Python: the slot its pass stopped at and the rest of that batch (validated, served,
+        answered and logged here as always), a failed notify (logged) or a read/unmask that failed
+        (raised, as take() would). Returns (pending, python_turn): python_turn when _run's own turn
+        must come now — the ring was not the loop's to lend (a request outstanding on a worker or
+        held), or its req_prod needs BackRing's judgement (EXIT_CHECK: broken, logged there)."""
+        fast = self._fast_copy or self._fast
         assert fast is not None
         with self._lock:  # a worker answering its last request finishes its push first
             lent = self.ring.lend()
@@ -409,8 +413,11 @@ class DataPlane:
         if got.exit == EXIT_OSERROR:
             raise OSError(got.errno, f"event channel: {os.strerror(got.errno)}")
         if got.data is not None:  # EXIT_SLOT: answers before it are out; it and the rest are ours
-            self._serve_copied(got.data, got.at + 1, got.at)
-            self._serve_copied_fast(got.data, got.taken, got.at + 1)
+            if self._fast_copy is not None:
+                self._serve_copied(got.data, got.at + 1, got.at)
+                self._serve_copied_fast(got.data, got.taken, got.at + 1)
+            else:  # the native pass tries that slot once more (it stops at once), then Python's path
+                self._serve_fast(got.data, got.taken, got.at)
         return got.pending, got.exit == EXIT_CHECK
 
     def _serve_batch(self) -> int:
@@ -434,9 +441,10 @@ class DataPlane:
             self._answer(answers)
         return count
 
-    def _serve_fast(self, data: bytes, count: int) -> int:
-        """_serve_batch with the native fast path (backend/fastpath.py): it serves the longest run
-        of simple requests; the one it stops at goes through _serve_slot; repeat from the next.
+    def _serve_fast(self, data: bytes, count: int, start: int = 0) -> int:
+        """_serve_batch with the native fast path (backend/fastpath.py) over slots [start, count):
+        it serves the longest run of simple requests; the one it stops at goes through
+        _serve_slot; repeat from the next.
         A native run whose answers are next in ring order goes straight into the ring
         (_write_run); anything after an answer still pending keeps ring order through _answer.
         A run the native pass cut (_cut_for_pass) is pushed before the next one starts."""
@@ -446,7 +454,7 @@ class DataPlane:
         cut_at = self._cut_for_pass()
         answers: list[tuple[int, int, int]] = []  # finished, not yet written
         unpublished = False  # a native run is in its slots, not yet pushed
-        index = 0
+        index = start
         while index < count:
             first = index
             done, index, cut = fast(data, index, count, cut_at)

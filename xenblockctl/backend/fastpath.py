@@ -16,6 +16,13 @@ other answer goes through ring.py's respond_all as before. A pass of large reque
 sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before the next one's I/O
 (DataPlane._cut_for_pass: the QD-4 turnaround, bench/README.md).
 
+The wait-and-serve loop (`FastPass.loop`, _fastpass.c's loop() on ring_loop.h, shared with the
+grant-copy pass): where the event channel has a blocking wake-up, DataPlane._loop_natively lends the
+ring to one native call that takes, serves (the same pass), answers, pushes, notifies, unmasks,
+makes the final check and sleeps, taking the GIL only for the pass's decode and page lookup and,
+after each run, for note_used and the counts; it returns to Python for any slot the pass stops at
+(served from there by DataPlane._serve_fast), a stop, an impossible req_prod or every 256 requests.
+
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
 transport's own table — stays on the pure-Python path, which remains complete and is what runs
@@ -41,12 +48,14 @@ from __future__ import annotations
 
 import mmap
 import types
+from typing import NamedTuple
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.grantcache import GrantCache
 from xenblockctl.backend.io import DeviceTarget, Executor, Where
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.ring import RunWriter
+from xenblockctl.backend.transport.base import NativeWaiter
 
 _native: types.ModuleType | None
 try:
@@ -85,7 +94,7 @@ def describe(enabled: bool) -> str:
 class FastPass:
     """The native pass for one data plane (its device, limits, executor and grant cache)."""
 
-    __slots__ = ("_cache", "_entries", "_executor", "_fixed", "_serve", "served", "write_answers")
+    __slots__ = ("_cache", "_entries", "_executor", "_fixed", "_loop", "_serve", "served", "write_answers")
 
     def __init__(
         self,
@@ -97,6 +106,7 @@ class FastPass:
     ) -> None:
         assert _native is not None
         self._serve = _native.serve
+        self._loop = _native.loop
         #: writes a run of answers next in ring order into the ring (BackRing.respond_run): ring.py's
         #: loop per answer cost ~0.5 µs of Python per cached 4 KiB request (a third of the pass)
         self.write_answers: RunWriter = _native.respond
@@ -157,6 +167,74 @@ class FastPass:
             self._cache.note_used(memoryview(refs).cast("I"))
         return answers, stop, was_cut
 
+    def loop(
+        self,
+        lent: tuple[memoryview, int, int, int],
+        ring_size: int,
+        waiter: NativeWaiter,
+        *,
+        stop: bytearray,
+        pending: bool,
+        batch: int,
+        budget: int,
+        stats: object,
+    ) -> LoopExit:
+        """The wait-and-serve loop (ring_loop.h, with this pass as its serve step: _fastpass.c's
+        loop()): on the ring `lent` (BackRing.lend()), wait on the event channel (`waiter`:
+        EventChannel.native_waiter()), serve, answer, push, notify, unmask, until something needs
+        Python (LoopExit). `stop[0]` nonzero ends it; `pending`: the last wake-up's unmask is still
+        owed. It adds its requests, wake-ups and notifies to `stats` (the data plane's QueueStats)
+        and to `served`, and notes the pages it used in the cache, after each run."""
+        buffer, req_cons, pvt, pushed = lent
+        executor = self._executor
+        read, write = executor.placement()
+        return LoopExit._make(
+            self._loop(
+                buffer,
+                ring_size,
+                req_cons,
+                pvt,
+                pushed,
+                pending,
+                batch,
+                budget,
+                stop,
+                stats,
+                self,
+                waiter,
+                *self._fixed,
+                executor.read_fd,
+                executor.write_fd,
+                _MODES[read],
+                _MODES[write],
+                _HOST_PAGE,
+                self._entries,
+                self._cache.note_used,
+                CUT_BYTES,
+            )
+        )
+
+
+class LoopExit(NamedTuple):
+    """Why a native wait-and-serve loop returned (ring_loop.h's ring_loop(): FastPass.loop,
+    grantcopy.NativeCopy.loop), and the ring as it left it."""
+
+    exit: int  #: EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET or EXIT_OSERROR
+    req_cons: int
+    rsp_prod_pvt: int
+    rsp_pushed: int
+    pending: bool  #: a wake-up's unmask is still owed
+    data: bytes | None  #: EXIT_SLOT: the copy of the batch it stopped in
+    at: int  #: EXIT_SLOT: the slot it stopped at (slots [at, taken) are not answered)
+    taken: int  #: EXIT_SLOT: the slots in `data`
+    requests: int  #: answered (all RSP_OKAY; already in the stats and `served`)
+    errno: int  #: EXIT_OSERROR: the read's or unmask's
+    notify_errno: int  #: a notify failed (0: none did)
+
+
+#: the loop's exits, as ring_loop.h spells them (both extensions export them: a test holds them equal)
+EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = 0, 1, 2, 3, 4
+
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
     """io.Where -> a native pass's mode: the same choices, spelled as blkif_slot.h's enum, which
@@ -172,4 +250,15 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 
 
-__all__ = ["FastPass", "available", "describe", "native_modes"]
+__all__ = [
+    "EXIT_BUDGET",
+    "EXIT_CHECK",
+    "EXIT_OSERROR",
+    "EXIT_SLOT",
+    "EXIT_WOKEN",
+    "FastPass",
+    "LoopExit",
+    "available",
+    "describe",
+    "native_modes",
+]

@@ -29,12 +29,11 @@ from __future__ import annotations
 import mmap
 import types
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.fastpath import native_modes
+from xenblockctl.backend.fastpath import LoopExit, native_modes
 from xenblockctl.backend.io import Executor, Where
 from xenblockctl.backend.requests import DeviceLimits, IoPlan
 from xenblockctl.backend.transport.base import (
@@ -256,7 +255,8 @@ class NativeCopy:
         budget: int,
         stats: object,
     ) -> LoopExit:
-        """The wait-and-serve loop (_grantcopy.c's loop()): on the ring `lent` (BackRing.lend()),
+        """The wait-and-serve loop (ring_loop.h, with this pass as its serve step: _grantcopy.c's
+        loop()): on the ring `lent` (BackRing.lend()),
         wait on the event channel (`waiter`: EventChannel.native_waiter()), serve, answer, push,
         notify, unmask, until something needs Python (LoopExit). `stop[0]` nonzero ends it;
         `pending`: the last wake-up's unmask is still owed. It adds its requests, wake-ups and
@@ -294,44 +294,14 @@ class NativeCopy:
         self._bounce.close()
 
 
-class LoopExit(NamedTuple):
-    """Why NativeCopy.loop returned, and the ring as it left it (_grantcopy.c's loop())."""
-
-    exit: int  #: EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET or EXIT_OSERROR (the module's)
-    req_cons: int
-    rsp_prod_pvt: int
-    rsp_pushed: int
-    pending: bool  #: a wake-up's unmask is still owed
-    data: bytes | None  #: EXIT_SLOT: the copy of the batch it stopped in
-    at: int  #: EXIT_SLOT: the slot it stopped at (slots [at, taken) are not answered)
-    taken: int  #: EXIT_SLOT: the slots in `data`
-    requests: int  #: answered (all RSP_OKAY; already in the stats and `served`)
-    errno: int  #: EXIT_OSERROR: the read's or unmask's
-    notify_errno: int  #: a notify failed (0: none did)
-
-
-#: the loop's exits, by name for the data plane (None where the module is not built)
-EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = (
-    (_native.EXIT_SLOT, _native.EXIT_CHECK, _native.EXIT_WOKEN, _native.EXIT_BUDGET, _native.EXIT_OSERROR)
-    if _native is not None
-    else (-1, -1, -1, -1, -1)
-)
-
-
 #: io.Where -> the C pass's mode (fastpath.native_modes: one mapping for both native passes)
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 
 
 __all__ = [
     "DEFAULT_POOL_BYTES",
-    "EXIT_BUDGET",
-    "EXIT_CHECK",
-    "EXIT_OSERROR",
-    "EXIT_SLOT",
-    "EXIT_WOKEN",
     "NATIVE_BOUNCE_BYTES",
     "BouncePool",
-    "LoopExit",
     "NativeCopy",
     "Staged",
     "describe",

@@ -150,8 +150,9 @@ class EngineConfig:
     #: The ring thread sleeps in one blocking read of its event channel where the channel allows it
     #: (DataPlane: EventChannel.start_blocking); False: poll() and a late read.
     blocking_wakeup: bool = True
-    #: With the blocking wake-up and the native grant-copy pass, the ring thread waits, serves and
-    #: answers in one native loop (DataPlane._loop_natively); False: a Python turn per wake-up.
+    #: With the blocking wake-up and a native pass (grant copy, or persistent grants), the ring
+    #: thread waits, serves and answers in one native loop (DataPlane._loop_natively); False: a
+    #: Python turn per wake-up.
     native_loop: bool = True
     #: Guest WRITEs to block devices with O_DIRECT on a second fd (io.DirectWriter); False (the
     #: default): buffered on the verified fd. Off by default: on the real-Xen lane the engine's

@@ -95,9 +95,9 @@ def raise_fd_limit(journal: Journal) -> int:
     "--native-loop/--no-native-loop",
     default=True,
     show_default=True,
-    help="With the blocking wake-up and the native grant-copy pass (frontends without persistent "
-    "grants, e.g. pvgrub), the ring thread waits, serves and answers in one native loop; "
-    "--no-native-loop: a Python turn per wake-up.",
+    help="With the blocking wake-up and a native pass (grant copy for frontends without persistent "
+    "grants, e.g. pvgrub; the fast path for persistent grants), the ring thread waits, serves and "
+    "answers in one native loop; --no-native-loop: a Python turn per wake-up.",
 )
 @click.option(
     "--direct-writes/--no-direct-writes",

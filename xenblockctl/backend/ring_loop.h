@@ -1,0 +1,440 @@
+/*
+ * The native wait-and-serve loop, for both native passes: _grantcopy.c (frontends without
+ * persistent grants: GRUB's one page at a time) and _fastpass.c (persistent grants: Linux blkfront,
+ * a pass of 32 small requests after every wake-up). Written once here because it is the ring
+ * protocol's side of the engine — the take, the overflow rule, the push and notify test, the final
+ * check, the order of the late unmask — and two copies of it would drift; each pass supplies only
+ * its serve step (struct loop_pass).
+ *
+ * Per wake-up the ring thread crossed from C to Python and back at every step of DataPlane._run's
+ * cycle (issue 20: for GRUB ~1.1 ms of CPU a request in dom0 under TCG; for a 4 KiB pass of 32 on
+ * the host 30-34 % of the ring thread was the interpreter). ring_loop() runs that cycle without
+ * the GIL, for as long as it needs nothing of Python's:
+ *
+ *   take (ring.py's take_slots: req_prod read once, the same overflow rule, up to `batch` slots
+ *   copied out of shared memory with one or two memcpy into a private copy, which alone is
+ *   decoded) -> the pass's serve step -> each answer written by ring_answer.h's journal protocol ->
+ *   push (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY) -> notify if the frontend's rsp_event asks -> the
+ *   pass's after step, with the GIL, if it has one -> unmask the port if a wake-up is owed its late
+ *   EOI -> final check (RING_FINAL_CHECK_FOR_REQUESTS: req_event, a full fence, req_prod again) ->
+ *   block in read() of the event channel.
+ *
+ * It returns to Python, with the ring's indices as they now are, for:
+ *   EXIT_SLOT    a slot the pass stopped at: (copy, index, count) of the batch, [0, index) answered
+ *                and pushed, [index, count) taken but not answered (Python serves them as before);
+ *   EXIT_CHECK   req_prod would put more than the ring's size outstanding: nothing is taken and
+ *                Python's BackRing decides (it marks the ring broken, with its reason);
+ *   EXIT_WOKEN   the stop word is set, or a port other than the frontend's was read (the stop's
+ *                loopback channel): Python looks at its stop flag;
+ *   EXIT_BUDGET  `budget` requests were answered (so the stats and the stop flag are seen);
+ *   EXIT_OSERROR the read or the unmask failed: errno, for Python to raise as take()/unmask() would.
+ * A failed notify is counted and its errno returned with the next exit (at the latest after this
+ * batch), for Python to log as DataPlane._notify does; the loop goes on, as Python's path does.
+ * Its counts (requests answered, wake-ups, notifies) go into the data plane's stats before each
+ * sleep and at each exit, and after each run where the pass has an after step (report()).
+ *
+ * It runs only while no request of the ring is outstanding anywhere else (DataPlane checks: none
+ * in flight, none held), so it owns the response side alone: no worker answers concurrently, and
+ * every answer it writes is next in ring order. Guest numbers: req_prod is range-checked against
+ * the ring's size before any slot is touched; rsp_event only decides whether to notify; every
+ * slot goes through the pass's decoder (blkif_slot.h's rules). Memory ordering is ring.h's with
+ * real fences: acquire on req_prod before the slots are copied, release on rsp_prod after the
+ * answers, a full fence between req_event's store and req_prod's reload and between rsp_prod's
+ * store and rsp_event's load.
+ *
+ * Everything is static: each extension compiles its own copy of the same source.
+ */
+#ifndef XENBLOCKCTL_RING_LOOP_H
+#define XENBLOCKCTL_RING_LOOP_H
+
+#include "blkif_slot.h"
+#include "ring_answer.h"
+
+#include <errno.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+enum { EXIT_SLOT = 0, EXIT_CHECK = 1, EXIT_WOKEN = 2, EXIT_BUDGET = 3, EXIT_OSERROR = 4 };
+enum { WAIT_EVTCHN = 1, WAIT_EVENTFD = 2 };
+#define IDX_REQ_PROD 0
+#define IDX_REQ_EVENT 1
+#define IDX_RSP_PROD 2
+#define IDX_RSP_EVENT 3
+
+struct ring_state {
+    uint32_t *idx; /* the shared header's four indices */
+    unsigned char *ring;
+    uint32_t size, req_cons, pvt, pushed;
+};
+
+/* The channel: an evtchn fd (read() gives ports, write() of our port unmasks it, NOTIFY is an
+ * ioctl on it) or the local transport's eventfd pair (read() gives a counter, a write to the peer's
+ * eventfd notifies, nothing to unmask). */
+struct waiter {
+    int kind, fd, notify_fd;
+    uint32_t port;
+    unsigned long notify_request;
+};
+
+static inline uint32_t load_index(const struct ring_state *r, int which)
+{
+    return __atomic_load_n(&r->idx[which], __ATOMIC_ACQUIRE);
+}
+
+/* 0 if the frontend woke us (or the counter moved), 1 if only another port came (the loopback
+ * stop), -1 with errno on failure. */
+static int wait_event(const struct waiter *w, int *theirs)
+{
+    uint32_t ports[3]; /* each port of the fd queued at most once until unmasked (ring.py's take) */
+    ssize_t got;
+    do
+        got = read(w->fd, ports, w->kind == WAIT_EVTCHN ? sizeof ports : sizeof(uint64_t));
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -1;
+    if (w->kind == WAIT_EVENTFD) {
+        *theirs = 1;
+        return 0;
+    }
+    *theirs = 0;
+    int other = 0;
+    for (ssize_t i = 0; i < got / (ssize_t)sizeof(uint32_t); i++) {
+        if (ports[i] == w->port)
+            *theirs = 1;
+        else
+            other = 1;
+    }
+    return other;
+}
+
+static int unmask_event(const struct waiter *w)
+{
+    if (w->kind != WAIT_EVTCHN)
+        return 0;
+    ssize_t put;
+    do
+        put = write(w->fd, &w->port, sizeof w->port);
+    while (put < 0 && errno == EINTR);
+    return put == (ssize_t)sizeof w->port ? 0 : -1;
+}
+
+static int notify_event(const struct waiter *w)
+{
+    if (w->kind == WAIT_EVTCHN) {
+        uint32_t arg = w->port;
+        return ioctl(w->notify_fd, w->notify_request, &arg) < 0 ? -1 : 0;
+    }
+    uint64_t one = 1;
+    ssize_t put = write(w->notify_fd, &one, sizeof one);
+    /* a full counter means an event is pending already: coalesced, as LocalEventChannel.notify */
+    return put == (ssize_t)sizeof one || (put < 0 && errno == EAGAIN) ? 0 : -1;
+}
+
+/* The interned attribute names report() adds to (loop_init, from the module's init). */
+static PyObject *attr_requests, *attr_ok, *attr_wakeups, *attr_notifies, *attr_served;
+
+static int loop_init(void)
+{
+    attr_requests = PyUnicode_InternFromString("requests");
+    attr_ok = PyUnicode_InternFromString("ok");
+    attr_wakeups = PyUnicode_InternFromString("wakeups");
+    attr_notifies = PyUnicode_InternFromString("notifies");
+    attr_served = PyUnicode_InternFromString("served");
+    return attr_requests == NULL || attr_ok == NULL || attr_wakeups == NULL || attr_notifies == NULL ||
+                   attr_served == NULL
+               ? -1
+               : 0;
+}
+
+/* The loop's constants into the module, for fastpath.py's check that both extensions agree. */
+static int loop_add_constants(PyObject *m)
+{
+    return PyModule_AddIntConstant(m, "EXIT_SLOT", EXIT_SLOT) < 0 ||
+                   PyModule_AddIntConstant(m, "EXIT_CHECK", EXIT_CHECK) < 0 ||
+                   PyModule_AddIntConstant(m, "EXIT_WOKEN", EXIT_WOKEN) < 0 ||
+                   PyModule_AddIntConstant(m, "EXIT_BUDGET", EXIT_BUDGET) < 0 ||
+                   PyModule_AddIntConstant(m, "EXIT_OSERROR", EXIT_OSERROR) < 0 ||
+                   PyModule_AddIntConstant(m, "WAIT_EVTCHN", WAIT_EVTCHN) < 0 ||
+                   PyModule_AddIntConstant(m, "WAIT_EVENTFD", WAIT_EVENTFD) < 0
+               ? -1
+               : 0;
+}
+
+static int add_attr(PyObject *obj, PyObject *name, Py_ssize_t delta)
+{
+    if (delta == 0)
+        return 0;
+    PyObject *old = PyObject_GetAttr(obj, name);
+    if (old == NULL)
+        return -1;
+    PyObject *d = PyLong_FromSsize_t(delta);
+    PyObject *sum = d == NULL ? NULL : PyNumber_Add(old, d);
+    Py_DECREF(old);
+    Py_XDECREF(d);
+    int rc = sum == NULL ? -1 : PyObject_SetAttr(obj, name, sum);
+    Py_XDECREF(sum);
+    return rc;
+}
+
+/* The counts since the last report into the data plane's QueueStats and the pass's `served`, with
+ * the GIL (taken here if `ts`). Safe without DataPlane's lock: while the ring is lent no request is
+ * outstanding elsewhere, so no worker writes these stats, and the ring thread is the one running
+ * this. -1 with a Python error (the GIL held then). */
+static int report(PyThreadState **ts, PyObject *stats, PyObject *owner, Py_ssize_t counts[3])
+{
+    if (counts[0] == 0 && counts[1] == 0 && counts[2] == 0)
+        return 0;
+    if (ts != NULL)
+        PyEval_RestoreThread(*ts);
+    int rc = add_attr(stats, attr_requests, counts[0]) < 0 || add_attr(stats, attr_ok, counts[0]) < 0 ||
+                     add_attr(owner, attr_served, counts[0]) < 0 || add_attr(stats, attr_wakeups, counts[1]) < 0 ||
+                     add_attr(stats, attr_notifies, counts[2]) < 0
+                 ? -1
+                 : 0;
+    if (rc == 0 && ts != NULL)
+        *ts = PyEval_SaveThread();
+    counts[0] = counts[1] = counts[2] = 0;
+    return rc;
+}
+
+/* The arguments every loop() takes first:
+ *   ring, ring_size, req_cons, rsp_prod_pvt, rsp_pushed, pending, batch, budget, stop, stats, owner,
+ *   (kind, fd, port, notify_fd, notify_request)
+ * `pending`: a wake-up's late unmask is owed; `stop`: a writable byte, nonzero when the ring stops;
+ * `stats`: the QueueStats and `owner` the pass object whose counts it keeps (report()). The pass's
+ * own arguments follow (loop_parse leaves them in *rest). */
+#define LOOP_ARGS 12
+struct loop_args {
+    Py_buffer ring, stop;
+    Py_ssize_t ring_size, batch, budget;
+    unsigned long long req_cons, pvt, pushed;
+    int pending;
+    PyObject *stats, *owner;
+    struct waiter w;
+    Py_ssize_t room; /* slots a take holds at most: take_slots(batch) on a ring of ring_size */
+};
+
+/* 0: *a filled (loop_release() it) and *rest a new reference to the pass's arguments; -1: a Python
+ * error, nothing held. */
+static int loop_parse(PyObject *args, struct loop_args *a, PyObject **rest)
+{
+    memset(a, 0, sizeof *a);
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < LOOP_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "loop: too few arguments");
+        return -1;
+    }
+    PyObject *head = PyTuple_GetSlice(args, 0, LOOP_ARGS);
+    if (head == NULL)
+        return -1;
+    unsigned int wport;
+    int ok = PyArg_ParseTuple(head, "w*nKKKpnnw*OO(iiIik)", &a->ring, &a->ring_size, &a->req_cons, &a->pvt,
+                              &a->pushed, &a->pending, &a->batch, &a->budget, &a->stop, &a->stats, &a->owner,
+                              &a->w.kind, &a->w.fd, &wport, &a->w.notify_fd, &a->w.notify_request);
+    Py_DECREF(head);
+    if (!ok)
+        return -1;
+    a->w.port = wport;
+    if (a->batch <= 0 || a->batch > MAX_SLOTS || a->ring_size <= 0 || a->ring_size > MAX_SLOTS ||
+        (a->ring_size & (a->ring_size - 1)) || ((uintptr_t)a->ring.buf & 3) || a->req_cons > 0xFFFFFFFFull ||
+        a->pvt > 0xFFFFFFFFull || a->pushed > 0xFFFFFFFFull || a->budget <= 0 || a->stop.len < 1 ||
+        (a->w.kind != WAIT_EVTCHN && a->w.kind != WAIT_EVENTFD) || a->w.fd < 0 || a->w.notify_fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "loop: bad ring geometry, indices, batch, budget, stop word or channel");
+        goto fail;
+    }
+    if ((uint32_t)a->req_cons != (uint32_t)a->pvt) {
+        PyErr_SetString(PyExc_ValueError, "loop: requests outstanding (it must own the response side)");
+        goto fail;
+    }
+    a->room = a->batch < a->ring_size ? a->batch : a->ring_size;
+    *rest = PyTuple_GetSlice(args, LOOP_ARGS, PyTuple_GET_SIZE(args));
+    if (*rest == NULL)
+        goto fail;
+    return 0;
+fail:
+    PyBuffer_Release(&a->stop);
+    PyBuffer_Release(&a->ring);
+    return -1;
+}
+
+static void loop_release(struct loop_args *a)
+{
+    PyBuffer_Release(&a->stop);
+    PyBuffer_Release(&a->ring);
+}
+
+/* A pass's part in the loop. serve() runs without the GIL (*ts: the thread's state, for a pass that
+ * must take the GIL for a step: it gives it back before returning). It serves slots [start, count)
+ * of the private copy, each decoded from the copy alone, and returns the first slot it did not
+ * finish (count when it did them all), with ids[k - start] and ops[k - start] of each request
+ * start + k it finished (all RSP_OKAY). `after_sleep`: this is the first pass after a wake-up.
+ * *more = 1: it only cut the run there (the slot it returns is the next call's, not Python's): the
+ * loop publishes the run and calls it again. after(), if not NULL, runs with the GIL once the run's
+ * answers are out (what the pass owes Python: its bookkeeping, its resources); -1 with a Python
+ * error. */
+struct loop_pass {
+    void *ctx;
+    Py_ssize_t (*serve)(void *ctx, const unsigned char *copy, Py_ssize_t start, Py_ssize_t count, int after_sleep,
+                        uint64_t *ids, uint8_t *ops, PyThreadState **ts, int *more);
+    int (*after)(void *ctx);
+    Py_ssize_t esize; /* the ring's entry size (blkif_slot.h's entry_size) */
+    int x86_64;       /* the response layout (ring_answer.h's response_size) */
+};
+
+/* The loop itself (see the top of this file), on a ring whose arguments loop_parse() checked.
+ *   -> (exit, req_cons, rsp_prod_pvt, rsp_pushed, pending, copy | None, index, count, requests,
+ *       errno, notify_errno)
+ * NULL with a Python error. */
+static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
+{
+    PyObject *out = NULL;
+    if (a->ring.len < SRING_HEADER + a->ring_size * lp->esize) {
+        PyErr_SetString(PyExc_ValueError, "loop: the ring buffer is smaller than its slots");
+        return NULL;
+    }
+    const Py_ssize_t room = a->room;
+    unsigned char *copy = PyMem_Malloc((size_t)room * (size_t)lp->esize);
+    uint64_t *ids = PyMem_Malloc((size_t)room * sizeof *ids);
+    uint8_t *ops = PyMem_Malloc((size_t)room);
+    if (copy == NULL || ids == NULL || ops == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    struct ring_state r = {(uint32_t *)a->ring.buf, a->ring.buf, (uint32_t)a->ring_size, (uint32_t)a->req_cons,
+                           (uint32_t)a->pvt, (uint32_t)a->pushed};
+    const struct waiter *w = &a->w;
+    const volatile unsigned char *stop = a->stop.buf;
+    const uint32_t mask = r.size - 1;
+    const size_t esize = (size_t)lp->esize, rsize = response_size(lp->x86_64);
+    int pending = a->pending, woke = a->pending;
+    Py_ssize_t requests = 0, index = 0, count = 0;
+    Py_ssize_t counts[3] = {0, 0, 0}; /* requests, wake-ups, notifies not yet in the stats */
+    int why = EXIT_WOKEN, err = 0, notify_err = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        if (*stop) {
+            why = EXIT_WOKEN;
+            break;
+        }
+        /* take: req_prod once; more outstanding than the ring holds is Python's to judge */
+        uint32_t ahead = load_index(&r, IDX_REQ_PROD) - r.req_cons;
+        if (ahead > r.size) {
+            why = EXIT_CHECK;
+            break;
+        }
+        if (ahead > 0) {
+            uint32_t n = ahead < (uint32_t)room ? ahead : (uint32_t)room;
+            uint32_t first = r.req_cons & mask, head = r.size - first < n ? r.size - first : n;
+            const unsigned char *entries = r.ring + SRING_HEADER;
+            memcpy(copy, entries + first * esize, head * esize);
+            if (head < n)
+                memcpy(copy + head * esize, entries, (n - head) * esize);
+            r.req_cons += n;
+            count = n;
+            index = 0;
+            int more;
+            do { /* a run, or the runs a pass cuts its batch into, each published before the next */
+                more = 0;
+                Py_ssize_t next = lp->serve(lp->ctx, copy, index, count, woke, ids, ops, &ts, &more);
+                unsigned char rsp[16];
+                for (Py_ssize_t k = 0; k < next - index; k++) {
+                    pack_response(rsp, ids[k], ops[k], 0);
+                    r.pvt = answer_into_ring(r.ring, r.pvt, mask, esize, rsp, rsize);
+                }
+                requests += next - index;
+                counts[0] += next - index;
+                index = next;
+                /* push: RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+                if (r.pvt != r.pushed) {
+                    uint32_t old = r.pushed;
+                    __atomic_store_n(&r.idx[IDX_RSP_PROD], r.pvt, __ATOMIC_RELEASE);
+                    r.pushed = r.pvt;
+                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                    uint32_t rsp_event = load_index(&r, IDX_RSP_EVENT);
+                    if ((uint32_t)(r.pvt - rsp_event) < (uint32_t)(r.pvt - old)) {
+                        counts[2]++;
+                        if (notify_event(w) < 0)
+                            notify_err = errno; /* Python logs it as _notify does, and goes on */
+                    }
+                }
+                if (lp->after != NULL) {
+                    PyEval_RestoreThread(ts);
+                    if (lp->after(lp->ctx) < 0 || report(NULL, a->stats, a->owner, counts) < 0)
+                        goto python_error; /* the GIL is held */
+                    ts = PyEval_SaveThread();
+                }
+            } while (more && index < count);
+            woke = 0;
+            if (index < count) {
+                why = EXIT_SLOT;
+                break;
+            }
+            count = index = 0;
+            if (requests >= a->budget || notify_err) {
+                why = EXIT_BUDGET;
+                break;
+            }
+            if (n >= (uint32_t)a->batch)
+                continue;
+        }
+        if (pending) { /* the late EOI, after the answers are out (DataPlane._run's order) */
+            if (unmask_event(w) < 0) {
+                err = errno;
+                why = EXIT_OSERROR;
+                break;
+            }
+            pending = 0;
+        }
+        /* the final check: req_event, a full fence, req_prod again */
+        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
+            continue;
+        __atomic_store_n(&r.idx[IDX_REQ_EVENT], r.req_cons + 1, __ATOMIC_RELEASE);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
+            continue;
+        if (report(&ts, a->stats, a->owner, counts) < 0)
+            goto python_error;
+        int theirs = 0;
+        int got = wait_event(w, &theirs);
+        if (got < 0) {
+            err = errno;
+            why = EXIT_OSERROR;
+            break;
+        }
+        if (*stop) { /* as DataPlane._run: a wake-up that comes with the stop is not counted */
+            why = EXIT_WOKEN;
+            break;
+        }
+        if (theirs) {
+            pending = 1;
+            woke = 1;
+            counts[1]++;
+        }
+        if (got > 0) {
+            why = EXIT_WOKEN;
+            break;
+        }
+    }
+    PyEval_RestoreThread(ts);
+    if (report(NULL, a->stats, a->owner, counts) < 0)
+        goto done;
+    PyObject *batch_copy = Py_None;
+    if (why == EXIT_SLOT) {
+        batch_copy = PyBytes_FromStringAndSize((const char *)copy, count * lp->esize);
+        if (batch_copy == NULL)
+            goto done; /* the ring's state is lost with it: the data plane treats it as a bug of ours */
+    } else {
+        Py_INCREF(batch_copy);
+    }
+    out = Py_BuildValue("(ikkkiNnnnii)", why, (unsigned long)r.req_cons, (unsigned long)r.pvt,
+                        (unsigned long)r.pushed, pending, batch_copy, index, count, requests, err, notify_err);
+    goto done;
+python_error:
+    out = NULL; /* raised with the GIL held: the data plane treats it as a bug of ours */
+done:
+    PyMem_Free(copy);
+    PyMem_Free(ids);
+    PyMem_Free(ops);
+    return out;
+}
+
+#endif
