@@ -28,6 +28,7 @@ from tests.fixtures.engine import (
 )
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
+from xenblockctl.backend import grantcache
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.kernel import blockdev
 from xenblockctl.xenstore import wire
@@ -265,3 +266,18 @@ def test_device_properties_are_published_before_the_frontend_and_connected_is_th
         assert ring.read(0, 512)[:4] == b"MBR!"
     finally:
         detach_guest(libxl, be, guest)
+
+
+@pytest.fixture
+def no_budget_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a fresh engine process: the grant caches' shared budget not made yet."""
+    monkeypatch.setattr(grantcache, "_process_budget", [])
+
+
+def test_the_mapping_budget_is_made_before_the_first_connect(
+    no_budget_yet: None, engine_inproc: InprocEngine
+) -> None:
+    """The first persistent-grant connect (Linux's, in a pvgrub boot) made the process's mapping
+    budget: a read of /proc/sys/vm/max_map_count and the ascii codec's import on the way to
+    Connected (issue 20). The engine makes it before it says ready."""
+    assert grantcache._process_budget, "the budget is still to be made by the first grant cache"
