@@ -849,7 +849,7 @@ class BackendDevice:
         writes them at realize, before any frontend, too. `show` tells an engine's backend by the
         counts node, so it is there from the open on."""
         if self.target is None:
-            return  # refused, or a taken-over device waiting for its frontend to leave
+            return  # _open_device sets it or raises: nothing is held
         _limits, nodes = self._device_nodes()
         counts = self.errors.due(force=True)
         items = dict(nodes)
