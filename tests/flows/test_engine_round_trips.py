@@ -5,8 +5,9 @@ answer: a read_dir of the whole backend directory per watch event and a round tr
 each transaction made this connect 40-43 round trips and the reconnect 63 (now 6 and 21;
 bench/engine_connect.py splits them by phase); the bounds leave room for one 5-second rescan.
 The block script's publish waits for the engine's `opened`=1: there the engine reads the identity
-with its snapshot and opens the device once, and the first error counts go out with Connected
-rather than in a transaction of their own."""
+with its snapshot and opens the device once; the device's properties and the first error counts
+follow `opened`=1 in one transaction, so that Connected, which the frontend waits for, is the state
+alone."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tests.fixtures.engine import (
 )
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Libxl
+from xenblockctl.backend import grantcache
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.kernel import blockdev
 from xenblockctl.xenstore import wire
@@ -183,7 +185,7 @@ def test_connected_is_published_before_the_ring_threads_start(
         detach_guest(libxl, be, guest)
 
 
-def test_publish_opens_once_without_a_transaction(
+def test_publish_opens_once_and_writes_opened_before_any_transaction(
     libxl: Libxl,
     engine_inproc: InprocEngine,
     counted: Count,
@@ -194,7 +196,8 @@ def test_publish_opens_once_without_a_transaction(
     sees physical-device has read the identity nodes too, and `opened`=1 is the next exchange (a
     transaction of its own for them was 3 round trips on the script's wait); the device is opened
     once, through the fd its diskseq is judged on (a first read-only look made it two opens and a
-    close); no transaction at all (the zero error counts were one, now written with Connected)."""
+    close). Then, off the script's wait, one transaction: the device's properties and the zero
+    error counts (issue 20: with Connected they were on the frontend's wait)."""
     opened: list[int] = []
     open_devt = blockdev.open_devt
 
@@ -209,17 +212,72 @@ def test_publish_opens_once_without_a_transaction(
     assert libxl.run("add", be).returncode == 0
     publish = _since(_settled(counted), before)
     assert len(opened) == 1, opened
-    assert publish.transactions == 0, publish
+    assert publish.transactions == 1, publish
     log = _without_listings(counted.log[before.round_trips :])
     at = next(i for i, ex in enumerate(log) if _write(be.node("opened"), "1") in ex)
     assert (wire.READ, be.node("physical-device-luid").encode() + b"\0") in log[at - 1], log
-    # the snapshot, `opened`=1, the frontend's state, the frontend watch, the snapshot of its
-    # first event
-    assert publish.round_trips <= 5 + RESCAN_ALLOWANCE, publish
-    assert ERROR_RESPONSES_NODE not in libxl.nodes(be)
+    assert not any(op == wire.TRANSACTION_START for ex in log[:at] for op, _ in ex), log
+    # the snapshot, `opened`=1, the properties' transaction (3), the frontend's state, the
+    # frontend watch, the snapshot of its first event
+    assert publish.round_trips <= 8 + RESCAN_ALLOWANCE, publish
+    assert libxl.nodes(be).get(ERROR_RESPONSES_NODE) == "grant-map=0 io=0 invalid=0 unsupported=0"
 
     guest = connect_guest(libxl, engine_inproc.transport, be)
     try:
         assert libxl.nodes(be).get(ERROR_RESPONSES_NODE) == "grant-map=0 io=0 invalid=0 unsupported=0"
     finally:
         detach_guest(libxl, be, guest)
+
+
+def test_device_properties_are_published_before_the_frontend_and_connected_is_the_state_alone(
+    libxl: Libxl, engine_inproc: InprocEngine, counted: Count, make_image: ImageFactory
+) -> None:
+    """Issue 20: the device's properties go out once the device is opened, so the frontend's
+    Initialised -> Connected commits the state alone (the batch carried 12 more writes, and their
+    12 watch events went to every watcher ahead of the commit's reply); a reconnect, same device,
+    writes them no more, and the frontend reads them all as before."""
+    be = attach_disk(libxl, make_image(fill=b"MBR!" + b"\0" * 508), 37)
+    _settled(counted)
+    published = libxl.nodes(be)
+    assert published.get("sectors") is not None, published
+    assert published.get("sector-size") == "512", published
+    assert published.get("feature-persistent") in ("0", "1"), published
+    assert published.get("state") == "2", published
+    before = len(counted.log)
+    guest = connect_guest(libxl, engine_inproc.transport, be)
+    try:
+        log = _without_listings(counted.log[before:])
+        at = next(i for i, ex in enumerate(log) if _write(be.node("state"), "4") in ex)
+        writes = [payload.split(b"\0")[0].decode() for op, payload in log[at] if op == wire.WRITE]
+        assert writes == [be.node("state")], log[at]
+        assert guest.ring is not None
+        assert guest.ring.read(0, 512)[:4] == b"MBR!"
+        assert libxl.nodes(be)["sectors"] == published["sectors"]
+
+        before = len(counted.log)
+        ring = guest.reboot()
+        log = _without_listings(counted.log[before:])
+        connected = [ex for ex in log if _write(be.node("state"), "4") in ex]
+        assert connected, log
+        assert all(
+            op != wire.WRITE or _write(be.node("state"), "4") == (op, payload)
+            for op, payload in connected[-1]
+        )
+        assert ring.read(0, 512)[:4] == b"MBR!"
+    finally:
+        detach_guest(libxl, be, guest)
+
+
+@pytest.fixture
+def no_budget_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a fresh engine process: the grant caches' shared budget not made yet."""
+    monkeypatch.setattr(grantcache, "_process_budget", [])
+
+
+def test_the_mapping_budget_is_made_before_the_first_connect(
+    no_budget_yet: None, engine_inproc: InprocEngine
+) -> None:
+    """The first persistent-grant connect (Linux's, in a pvgrub boot) made the process's mapping
+    budget: a read of /proc/sys/vm/max_map_count and the ascii codec's import on the way to
+    Connected (issue 20). The engine makes it before it says ready."""
+    assert grantcache._process_budget, "the budget is still to be made by the first grant cache"

@@ -24,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from xenblockctl.backend.grantcache import process_budget
 from xenblockctl.backend.xenbus import DRAIN_TIMEOUT, BackendDevice, EngineConfig
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
@@ -87,6 +88,12 @@ class Engine:
 
     def run(self, ready: threading.Event | None = None) -> None:
         sweep_dm_leftovers(self.journal)
+        # Made before the first connect, not on its way to Connected: the grant caches' shared
+        # mapping budget reads /proc/sys/vm/max_map_count, and that text read imports the ascii
+        # codec (issue 20: in the real-Xen lane the only module imported after "engine ready",
+        # on Linux's connect, the first with persistent grants; a file open and an import under
+        # TCG). Every other module a connect needs is imported with the engine.
+        process_budget()
         self.store.watch(self.root, ROOT_TOKEN)
         self.journal.info(f"engine serving {self.root}")
         self._rescan()

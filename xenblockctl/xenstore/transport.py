@@ -7,33 +7,51 @@ share one connection between threads; the framing is the shared codec (wire.py).
 the router does not expect, the router thread dies and every caller waits forever on a condition
 variable. A block script that hangs is SIGKILLed by libxl after 40 s with its cleanup unrun, so here
 
-- the socket carries a timeout, so a half-sent reply cannot park the router inside recv();
+- the socket carries a timeout, so a half-sent reply cannot park the router inside recv() (on a
+  socket the router reads only what select() says is there, see `_serve_socket`, and a caller's
+  wait has its own deadline);
 - the router subclass catches its own death and wakes every pending request and event waiter
   with `LOST`, so callers see a typed error at once instead of at their deadline;
 - closing never joins a wedged thread without a bound.
 
-The per-request deadline comes from the client (`wait_reply`). One-thread, one-shot callers (the
-block script) use the synchronous link instead (synchronous.py; why: bench/README.md).
+Over a socket the router reads in bursts and a batch goes out in one write (issue 20: pyxs's
+select() and two reads per message, and a write per request, were most of the engine's xenstore
+cost in dom0 under TCG). The per-request deadline comes from the client (`wait_reply`).
+One-thread, one-shot callers (the block script) use the synchronous link instead (synchronous.py;
+why: bench/README.md).
 """
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import queue
+import select
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Final
 
+from pyxs._internal import Event
 from pyxs.client import Router
 from pyxs.connection import PacketConnection, XenBusConnection
 from pyxs.exceptions import ConnectionError as PyXSConnectionError
+from pyxs.exceptions import UnexpectedPacket
 
 from xenblockctl.xenstore.endpoints import Endpoint, connect_unix
 from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout, Request
-from xenblockctl.xenstore.wire import HEADER, PAYLOAD_MAX, Frame, encode
+from xenblockctl.xenstore.wire import (
+    HEADER,
+    PAYLOAD_MAX,
+    WATCH_EVENT,
+    Frame,
+    FrameDecoder,
+    OversizeFrame,
+    encode,
+    encode_many,
+)
 
 
 class _Lost:
@@ -44,6 +62,9 @@ class _Lost:
 
 
 LOST: Final = _Lost()
+#: What the reader asks of the socket at once: a batch's replies in one recv (messages are at
+#: most 16 + PAYLOAD_MAX bytes).
+_RECV_SIZE: Final = 65536
 
 
 class _Interrupt:
@@ -121,6 +142,15 @@ class _Codec:
         except OSError as exc:
             raise PyXSConnectionError(f"error while writing to {self.path!r}: {exc}") from exc
 
+    def send_encoded(self, data: bytes) -> None:
+        """Messages already encoded (wire.encode_many), in one write."""
+        if self.transport is None:
+            raise PyXSConnectionError("not connected")
+        try:
+            self.transport.send(data)
+        except OSError as exc:
+            raise PyXSConnectionError(f"error while writing to {self.path!r}: {exc}") from exc
+
     def recv(self) -> _Packet:
         if self.transport is None:
             raise PyXSConnectionError("not connected")
@@ -158,9 +188,32 @@ class GuardedRouter(Router):  # type: ignore[misc]
         self.event_queues: list[queue.SimpleQueue[Any]] = []
         self.thread.name = "xenstore-router"
 
+    def send_many(self, packets: Sequence[_Packet]) -> list[_Reply]:
+        """Register a reply slot for each packet, then send them all in one write (pyxs's send()
+        wrote each in its own). The slots go in first: xenstored may answer before send returns."""
+        with self.send_lock:
+            replies = []
+            for packet in packets:
+                self.rvars[packet.rq_id] = reply = _Reply()
+                replies.append(reply)
+            self.connection.send_encoded(encode_many([(p.op, p.rq_id, p.tx_id, p.payload) for p in packets]))
+            return replies
+
+    def send(self, packet: _Packet) -> _Reply:
+        return self.send_many([packet])[0]
+
     def __call__(self) -> None:
         try:
-            super().__call__()
+            transport = self.connection.transport
+            if isinstance(transport, _SocketTransport):
+                try:
+                    self._serve_socket(transport.sock)
+                finally:  # what pyxs's loop does on its way out: a later send fails at once
+                    self.connection.close()
+                    self.r_terminator.close()
+                    self.w_terminator.close()
+            else:
+                super().__call__()
         except BaseException as exc:
             self.failure = exc
         finally:
@@ -172,6 +225,43 @@ class GuardedRouter(Router):  # type: ignore[misc]
                 rvar.set(LOST)
             for events in self.event_queues:
                 events.put(LOST)
+
+    def _serve_socket(self, sock: _socket.socket) -> None:
+        """pyxs's loop, reading bursts: after each select() one recv() takes whatever xenstored
+        has sent and every complete message in it is handed out. pyxs made a select() and two
+        recv()s per message (header, then payload), and a batch's replies come back-to-back, so
+        a 12-read batch cost the reader 36 system calls where it now costs ~2 (issue 20: in the
+        pvgrub boot under TCG the reader's CPU per message was ~5 ms of dom0's, taken from the
+        guest's and on the connect's critical chain). select() without a timeout, as pyxs: the
+        socket's timeout bounds a recv() only, and an idle connection is not an error. A peer
+        that stops mid-message leaves the bytes buffered; each caller's wait has its own
+        deadline (wait_reply), and shutdown() wakes the select() through the terminator."""
+        decoder = FrameDecoder()
+        terminator = self.r_terminator
+        watched = [sock, terminator]
+        rvars = self.rvars
+        monitors = self.monitors
+        while True:
+            readable, _w, _x = select.select(watched, [], [])
+            if terminator in readable:
+                return
+            data = sock.recv(_RECV_SIZE)
+            if not data:
+                raise OSError(errno.ECONNRESET, "xenstored closed the connection")
+            try:
+                frames = decoder.feed(data)
+            except OversizeFrame as exc:
+                raise PyXSConnectionError(f"{self.connection.path}: {exc}") from None
+            for frame in frames:
+                if frame.type == WATCH_EVENT:
+                    event = Event(*frame.payload.split(b"\0")[:-1])
+                    for monitor in monitors[event.token]:
+                        monitor.events.put(event)
+                    continue
+                reply = rvars.pop(frame.req_id, None)
+                if reply is None:
+                    raise UnexpectedPacket(frame)
+                reply.set(frame)
 
     def describe_failure(self) -> str:
         if self.failure is None:
@@ -198,15 +288,34 @@ class GuardedRouter(Router):  # type: ignore[misc]
         # A router stuck in os.read() on xenbus is a daemon thread and dies with the process.
 
 
-def wait_reply(rvar: Any, deadline: float) -> Any:
-    """The reply (a _Packet), LOST, or None when `deadline` (time.monotonic) passed first."""
-    with rvar.condition:
-        while rvar.target is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            rvar.condition.wait(remaining)
-        return rvar.target
+class _Reply:
+    """One request's reply slot: set once by the reader thread (the reply, or LOST), waited for
+    by the caller. A plain lock held until set, instead of pyxs's RVar (a Condition: a Python
+    RLock, a waiter deque and a fresh lock for every wait and notify): the wake-up is one C
+    release and one C acquire (issue 20)."""
+
+    __slots__ = ("_unset", "target")
+
+    def __init__(self) -> None:
+        self.target: Any = None
+        self._unset = threading.Lock()
+        self._unset.acquire()
+
+    def set(self, target: Any) -> None:
+        if self.target is None:
+            self.target = target
+            self._unset.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._unset.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+
+
+def wait_reply(reply: _Reply, deadline: float) -> Any:
+    """The reply (a Frame, or a _Packet on xenbus), LOST, or None when `deadline`
+    (time.monotonic) passed first."""
+    if reply.target is None:
+        reply.wait(deadline - time.monotonic())
+    return reply.target
 
 
 def open_router(endpoint: Endpoint, timeout: float) -> GuardedRouter:
@@ -254,20 +363,22 @@ class RouterLink(Link):
 
     def _exchange(self, requests: Sequence[Request], first: int, deadline: float) -> list[Frame]:
         router = self._router
-        pending = []
-        for index, (op, rq_id, tx_id, payload) in enumerate(requests, first):
-            try:
-                pending.append(router.send(_Packet(op, rq_id, tx_id, payload)))
-            except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
-                raise LinkSendFailed(index, " ".join(str(exc).split())[:120]) from exc
+        try:
+            pending = router.send_many(
+                [_Packet(op, rq_id, tx_id, payload) for op, rq_id, tx_id, payload in requests]
+            )
+        except Exception as exc:  # pyxs ConnectionError, socket timeout from sendall
+            raise LinkSendFailed(first, " ".join(str(exc).split())[:120]) from exc
         replies: list[Frame] = []
-        for index, rvar in enumerate(pending, first):
-            reply = wait_reply(rvar, deadline)
+        for index, slot in enumerate(pending, first):
+            reply = wait_reply(slot, deadline)
             if reply is None:
                 raise LinkTimeout(index)
             if reply is LOST:
                 raise LinkLost(index, router.describe_failure())
-            replies.append(Frame(reply.op, reply.rq_id, reply.tx_id, bytes(reply.payload)))
+            if not isinstance(reply, Frame):  # the xenbus device's reader: pyxs's loop
+                reply = Frame(reply.op, reply.rq_id, reply.tx_id, bytes(reply.payload))
+            replies.append(reply)
         return replies
 
     def next_event(self, timeout: float) -> tuple[bytes, bytes] | None:
