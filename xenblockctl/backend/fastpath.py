@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import mmap
 import types
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from xenblockctl.backend import blkif
@@ -185,23 +186,20 @@ class FastPass:
         Python (LoopExit). `stop[0]` nonzero ends it; `pending`: the last wake-up's unmask is still
         owed. It adds its requests, wake-ups and notifies to `stats` (the data plane's QueueStats)
         and to `served`, and notes the pages it used in the cache, after each run."""
-        buffer, req_cons, pvt, pushed = lent
         executor = self._executor
         read, write = executor.placement()
-        return LoopExit._make(
-            self._loop(
-                buffer,
-                ring_size,
-                req_cons,
-                pvt,
-                pushed,
-                pending,
-                batch,
-                budget,
-                stop,
-                stats,
-                self,
-                waiter,
+        return run_loop(
+            self._loop,
+            lent,
+            ring_size,
+            waiter,
+            self,
+            stop=stop,
+            pending=pending,
+            batch=batch,
+            budget=budget,
+            stats=stats,
+            pass_args=(
                 *self._fixed,
                 executor.read_fd,
                 executor.write_fd,
@@ -211,7 +209,7 @@ class FastPass:
                 self._entries,
                 self._cache.note_used,
                 CUT_BYTES,
-            )
+            ),
         )
 
 
@@ -234,6 +232,44 @@ class LoopExit(NamedTuple):
 
 #: the loop's exits, as ring_loop.h spells them (both extensions export them: a test holds them equal)
 EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = 0, 1, 2, 3, 4
+
+
+def run_loop(
+    native_loop: Callable[..., Iterable[object]],
+    lent: tuple[memoryview, int, int, int],
+    ring_size: int,
+    waiter: NativeWaiter,
+    owner: object,
+    *,
+    stop: bytearray,
+    pending: bool,
+    batch: int,
+    budget: int,
+    stats: object,
+    pass_args: tuple[object, ...],
+) -> LoopExit:
+    """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with ring_loop.h's
+    LOOP_ARGS head — the lent ring, its indices, the loop's bounds, `stats`, `owner` (whose
+    `served` it counts) and the waiter — in the one order loop_parse() reads it, then the pass's
+    own arguments (`pass_args`, in the order its loop() parses the rest)."""
+    buffer, req_cons, pvt, pushed = lent
+    return LoopExit._make(
+        native_loop(
+            buffer,
+            ring_size,
+            req_cons,
+            pvt,
+            pushed,
+            pending,
+            batch,
+            budget,
+            stop,
+            stats,
+            owner,
+            waiter,
+            *pass_args,
+        )
+    )
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
@@ -261,4 +297,5 @@ __all__ = [
     "available",
     "describe",
     "native_modes",
+    "run_loop",
 ]

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from xenblockctl.backend import blkif
 from xenblockctl.backend.blkif import PAGE_SIZE
 from xenblockctl.backend.fastlock import fast_lock
-from xenblockctl.backend.fastpath import LoopExit, native_modes
+from xenblockctl.backend.fastpath import LoopExit, native_modes, run_loop
 from xenblockctl.backend.io import Executor, Where
 from xenblockctl.backend.requests import DeviceLimits, IoPlan
 from xenblockctl.backend.transport.base import (
@@ -261,23 +261,20 @@ class NativeCopy:
         notify, unmask, until something needs Python (LoopExit). `stop[0]` nonzero ends it;
         `pending`: the last wake-up's unmask is still owed. It adds its requests, wake-ups and
         notifies to `stats` (the data plane's QueueStats) and to `served` before each sleep."""
-        buffer, req_cons, pvt, pushed = lent
         executor = self._executor
         read, write = executor.placement()
-        got = LoopExit._make(
-            self._loop(
-                buffer,
-                ring_size,
-                req_cons,
-                pvt,
-                pushed,
-                pending,
-                batch,
-                budget,
-                stop,
-                stats,
-                self,
-                waiter,
+        return run_loop(
+            self._loop,
+            lent,
+            ring_size,
+            waiter,
+            self,
+            stop=stop,
+            pending=pending,
+            batch=batch,
+            budget=budget,
+            stats=stats,
+            pass_args=(
                 *self._fixed,
                 executor.write_fd,
                 _MODES[read],
@@ -285,9 +282,8 @@ class NativeCopy:
                 _HOST_PAGE,
                 self._bounce.view,
                 *self._how,
-            )
+            ),
         )
-        return got
 
     def close(self) -> None:
         """Unmap the bounce buffer (the ring thread is done: nothing of C's can be using it)."""
