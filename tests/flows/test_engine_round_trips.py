@@ -44,6 +44,9 @@ RESCAN_ALLOWANCE = 3
 class Count:
     round_trips: int = 0
     transactions: int = 0
+    #: transactions whose commit the daemon refused with EAGAIN (another writer got in between:
+    #: run_transaction runs the body again, one more transaction and its round trips)
+    conflicts: int = 0
     #: every exchange's requests, (op, payload) each, in order
     log: list[list[tuple[int, bytes]]] = field(default_factory=list)
 
@@ -59,7 +62,11 @@ def counted(engine_inproc: InprocEngine) -> Iterator[Count]:
         count.round_trips += 1
         count.transactions += sum(1 for r in requests if r[0] == wire.TRANSACTION_START)
         count.log.append([(r[0], r[3]) for r in requests])
-        return exchange(requests, deadline)
+        replies = exchange(requests, deadline)
+        count.conflicts += any(
+            reply.type == wire.ERROR and wire.error_reply_name(reply.payload) == "EAGAIN" for reply in replies
+        )
+        return replies
 
     link.exchange = counting
     yield count
@@ -74,11 +81,19 @@ def _settled(count: Count) -> Count:
     while count.round_trips != last and time.monotonic() < deadline:
         last = count.round_trips
         time.sleep(0.3)
-    return Count(count.round_trips, count.transactions)
+    return Count(count.round_trips, count.transactions, count.conflicts)
 
 
 def _since(count: Count, before: Count) -> Count:
-    return Count(count.round_trips - before.round_trips, count.transactions - before.transactions)
+    return Count(
+        count.round_trips - before.round_trips,
+        count.transactions - before.transactions,
+        count.conflicts - before.conflicts,
+    )
+
+
+#: what one conflicted transaction costs again: its start, its batch, its end
+CONFLICT_ROUND_TRIPS = 3
 
 
 def _without_listings(log: list[list[tuple[int, bytes]]]) -> list[list[tuple[int, bytes]]]:
@@ -212,14 +227,17 @@ def test_publish_opens_once_and_writes_opened_before_any_transaction(
     assert libxl.run("add", be).returncode == 0
     publish = _since(_settled(counted), before)
     assert len(opened) == 1, opened
-    assert publish.transactions == 1, publish
+    # One transaction committed. The script writes hotplug-status next to the properties while
+    # their transaction is open; on a loaded host the daemon may refuse that commit (EAGAIN) and
+    # the body runs again (ci23 on a fresh clone: 2 started, 11 round trips).
+    assert publish.transactions - publish.conflicts == 1, publish
     log = _without_listings(counted.log[before.round_trips :])
     at = next(i for i, ex in enumerate(log) if _write(be.node("opened"), "1") in ex)
     assert (wire.READ, be.node("physical-device-luid").encode() + b"\0") in log[at - 1], log
     assert not any(op == wire.TRANSACTION_START for ex in log[:at] for op, _ in ex), log
     # the snapshot, `opened`=1, the properties' transaction (3), the frontend's state, the
     # frontend watch, the snapshot of its first event
-    assert publish.round_trips <= 8 + RESCAN_ALLOWANCE, publish
+    assert publish.round_trips <= 8 + RESCAN_ALLOWANCE + CONFLICT_ROUND_TRIPS * publish.conflicts, publish
     assert libxl.nodes(be).get(ERROR_RESPONSES_NODE) == "grant-map=0 io=0 invalid=0 unsupported=0"
 
     guest = connect_guest(libxl, engine_inproc.transport, be)
