@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.ring_throughput [--seconds 3] [--size-mib 64] [--loop] [--frontend-process]
         [--persistent off,on,copy,map] [--native off,on,dict] [--frontend batch,python] [--queues N] [--qd N]
-        [--pin]
+        [--pin] [--busy-thread]
 
 Rows, per workload (4 KiB random reads at queue depth 32, 64 KiB random reads at QD 32, sequential
 1 MiB reads at QD 4):
@@ -737,6 +737,13 @@ def pin(queues: int) -> None:
     os.sched_setaffinity(0, {cpus[0]})
 
 
+def _spin() -> None:
+    """--busy-thread: Python bytecode until the process ends."""
+    x = 0
+    while True:
+        x += 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -804,7 +811,16 @@ def main() -> int:
         " turns (issue 20, 4 KiB QD 32); on a shared host each side also shares its CPU with others'"
         " work, which the rates then show",
     )
+    ap.add_argument(
+        "--busy-thread",
+        action="store_true",
+        help="a thread of this process runs Python all the time (another ring's thread, a xenstore"
+        " watch, a worker's Python would): a ring thread that needs the GIL waits for it, up to the"
+        " switch interval (issue 20, gil20); every row of the process shares it, the direct ones too",
+    )
     args = ap.parse_args()
+    if args.busy_thread:
+        threading.Thread(target=_spin, daemon=True).start()
     if args.pin:
         if not args.frontend_process:
             ap.error("--pin puts the frontend process on its own CPU: it needs --frontend-process")

@@ -11,6 +11,7 @@ engine_path, the hostile-frontend fuzz included); this file checks what is the l
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -95,12 +96,14 @@ def test_passes_of_cached_reads_never_come_back_to_python(
 
 
 def _ring_after(
-    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, abi: blkif.Abi, *, loop: bool
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, abi: blkif.Abi, *, path: str
 ) -> bytes:
     """The shared ring's bytes after the same requests — cached 4 KiB reads and writes, 64 KiB
-    indirect ones, a refused slot in the middle of a batch — with or without the loop."""
+    indirect ones, a refused slot in the middle of a batch — on one ring pass: "loop" (the native
+    loop), "noloop" (the native pass, a Python turn per wake-up) or "python" (no native pass)."""
     calls: list[int] = []
     original = fastpath.FastPass.loop
+    loop = path == "loop"
 
     def counting(self: fastpath.FastPass, *args: Any, **kw: Any) -> fastpath.LoopExit:
         calls.append(1)
@@ -108,7 +111,9 @@ def _ring_after(
 
     with monkeypatch.context() as patch:
         patch.setattr(fastpath.FastPass, "loop", counting)
-        if not loop:
+        if path == "python":
+            patch.setattr(fastpath.FastPass, "create", classmethod(lambda cls, *args: None))
+        elif not loop:
             patch.setattr(LocalEventChannel, "native_waiter", lambda self: None)
         pair = make_pair(abi=abi, persistent=True, workers=0, data_pages=64, domid=400 + loop)
         fe, dp = pair.frontend, pair.dataplane
@@ -139,17 +144,55 @@ def test_answers_and_journal_are_python_paths_byte_for_byte(
 ) -> None:
     """The loop writes every answer by ring.py's journal protocol (ring_answer.h): after the same
     requests the whole ring — our indices, req_event, the responses, the journal's words and its
-    copy of the last response — is what the native pass with a Python turn per wake-up leaves."""
-    with_loop = _ring_after(make_pair, monkeypatch, abi, loop=True)
-    without = _ring_after(make_pair, monkeypatch, abi, loop=False)
-    # all but rsp_event (bytes 12-15): the frontend's, moved as its own waits happened to go
-    assert with_loop[:12] == without[:12]
-    assert with_loop[16:64] == without[16:64]
-    # each slot's response; the rest of a slot is the frontend's request (its page refs depend on
-    # the order its LIFO pool got pages back, which follows how the answers happened to arrive)
+    copy of the last response — is what the native pass with a Python turn per wake-up leaves, and
+    what the pure-Python pass leaves (the loop decodes and finds its pages without the GIL: the
+    same answers)."""
+    with_loop = _ring_after(make_pair, monkeypatch, abi, path="loop")
     entries = [(64 + i * abi.entry_size, 64 + i * abi.entry_size + abi.response_size) for i in range(32)]
-    assert [with_loop[a:b] for a, b in entries] == [without[a:b] for a, b in entries]
+    for other in ("noloop", "python"):
+        without = _ring_after(make_pair, monkeypatch, abi, path=other)
+        # all but rsp_event (bytes 12-15): the frontend's, moved as its own waits happened to go
+        assert with_loop[:12] == without[:12], other
+        assert with_loop[16:64] == without[16:64], other
+        # each slot's response; the rest of a slot is the frontend's request (its page refs depend
+        # on the order its LIFO pool got pages back, which follows how the answers happened to
+        # arrive)
+        assert [with_loop[a:b] for a, b in entries] == [without[a:b] for a, b in entries], other
     assert_journal_complete(with_loop)
+
+
+def test_a_cached_pass_is_answered_while_another_thread_holds_the_gil(make_pair: PairFactory) -> None:
+    """A pass of cached READs is decoded, its pages found in the cache's C index, read, answered
+    and pushed by the loop without the GIL: the answers arrive while this thread holds the GIL
+    the whole time (a switch interval far longer than the wait, and no call that lets it go). On
+    main the loop took the GIL to decode each pass, so nothing was answered until this thread let
+    it go."""
+    pair = make_pair(persistent=True, data_pages=32, workers=0)
+    fe, dp = pair.frontend, pair.dataplane
+    pair.path.write_bytes(os.urandom(1 << 20))
+    expected = pair.path.read_bytes()
+    for _ in range(2):  # the first round maps the pages, the second indexes them in C
+        _round(fe, expected)
+    sleeping_in(dp)
+    hdr = memoryview(fe.ring._buf).cast("I")
+    before = hdr[2]
+    ids = {fe.submit_read(8 * i, 4096): i for i in range(32)}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        fe.kick()  # one notify (its write lets the GIL go for that call only)
+        deadline = time.monotonic() + 5
+        while (hdr[2] - before) & 0xFFFFFFFF != 32 and time.monotonic() < deadline:
+            pass  # pure Python, no blocking call: the GIL stays here
+        answered = (hdr[2] - before) & 0xFFFFFFFF
+    finally:
+        sys.setswitchinterval(interval)
+        hdr.release()
+    done = fe.collect(32)
+    assert answered == 32
+    assert {rid: c.data for rid, c in done.items()} == {
+        rid: expected[8 * i * 512 : (8 * i + 8) * 512] for rid, i in ids.items()
+    }
 
 
 def test_a_hostile_slot_mid_batch_goes_to_python_and_the_loop_resumes(
@@ -286,6 +329,73 @@ def test_the_first_pass_after_a_sleep_is_published_in_cut_runs(tmp_path: Path, a
             data[4096 * i : 4096 * (i + 1)] for i in range(4)
         ]
         hdr.release()
+    finally:
+        os.close(fd)
+        os.close(efd)
+        os.close(peer)
+
+
+def test_indexed_pages_are_noted_once_a_report_and_a_replaced_page_is_never_used(tmp_path: Path) -> None:
+    """_fastpass.loop() directly with the cache's pages in a Pages (the C index the loop reads
+    without the GIL): a take of 4 cached READs in runs of 2 (`batch`) notes its refs once, at the
+    report (here the exit where it would sleep), in ring order — on main once per run, the GIL
+    taken for each. Then the cache swaps page 101 for another mapping (its pop drops the C entry
+    first): the next READ of ref 101 goes into the new page, never the old one, and a ref the cache
+    dropped stops the loop at its slot (Python's path maps it)."""
+    abi = blkif.X86_64
+    ring = bytearray(4096)
+    front = FrontRing(memoryview(ring), abi, 1)
+    old = {100 + i: memoryview(bytearray(4096)) for i in range(4)}
+    pages = _fastpass.Pages(old)
+    disk = tmp_path / "disk"
+    disk.write_bytes(os.urandom(1 << 16))
+    data = disk.read_bytes()
+    fd = os.open(disk, os.O_RDWR)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    peer = os.eventfd(0, os.EFD_NONBLOCK)
+    noted: list[list[int]] = []
+
+    class Counts:
+        requests = ok = wakeups = notifies = served = 0
+
+    counts = Counts()
+
+    def run(refs: list[int], cons: int, batch: int) -> tuple[Any, ...]:
+        for k, ref in enumerate(refs):
+            front.put_request(
+                blkif.SegmentRequest(blkif.OP_READ, 1, 0, cons + k, 8 * k, (blkif.Segment(ref, 0, 7),))
+            )
+        front.push_requests()
+        return tuple(
+            _fastpass.loop(
+                memoryview(ring), front.size, cons, cons, cons, False, batch, 256, bytearray(1),
+                counts, counts,
+                (base.WAIT_EVENTFD, efd, 0, peer, 0),
+                abi.id_offset, 128, 1 << 16, 512, False, 0, fd, fd,
+                _fastpass.MODE_BLOCK, _fastpass.MODE_BLOCK, os.sysconf("SC_PAGESIZE"), pages,
+                lambda refs: noted.append(list(refs)), 0,
+            )
+        )  # fmt: skip
+
+    try:
+        got = run([100, 101, 102, 103], 0, 2)
+        assert got[0] == _fastpass.EXIT_OSERROR  # it would sleep: the eventfd is non-blocking
+        assert got[8] == 4
+        assert noted == [[100, 101, 102, 103]]
+        assert [r.status for r in front.take_responses()] == [blkif.RSP_OKAY] * 4
+        assert [bytes(old[100 + k]) for k in range(4)] == [data[4096 * k : 4096 * (k + 1)] for k in range(4)]
+        new = memoryview(bytearray(4096))
+        old[101][:] = bytes(4096)
+        pages[101] = new  # the cache replaced the page: the C entry went with the old view
+        del pages[103]  # and dropped this one
+        noted.clear()
+        got = run([101, 103], 4, 64)
+        assert got[0] == _fastpass.EXIT_SLOT
+        assert got[6:8] == (1, 2)  # ref 103 is Python's
+        assert noted == [[101]]
+        assert bytes(new) == data[:4096]
+        assert bytes(old[101]) == bytes(4096)
+        old[101].release()  # nothing holds an export on the replaced view any more
     finally:
         os.close(fd)
         os.close(efd)

@@ -56,9 +56,11 @@ struct req {
     void *heap;
 };
 
+/* A request's own memory comes from the raw allocator: loop() decodes and releases requests
+ * without the GIL (PyMem_Malloc's pymalloc needs it). */
 static void req_free(struct req *r)
 {
-    PyMem_Free(r->heap);
+    PyMem_RawFree(r->heap);
     r->heap = NULL;
 }
 
@@ -89,13 +91,14 @@ static int decode_direct(const unsigned char *slot, const struct limits *lim, st
     return plan(slot + lim->id_offset + 16, nseg, get_u64(slot + lim->id_offset + 8), lim, r);
 }
 
-static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page);
+static int page_of(PyObject *entries, uint32_t gref, int writable, int nogil, Py_buffer *view, char **page);
 
 /* requests._check_indirect, its descriptor pages read from the cache: they are copied once into
  * our own memory and only that copy is decoded (the guest may change its pages meanwhile).
- * 1: valid (r->heap holds the segments); 0: not ours, or refused. */
+ * 1: valid (r->heap holds the segments); 0: not ours, or refused, or (nogil) a descriptor page the
+ * C index does not hold yet. */
 static int decode_indirect(const unsigned char *slot, const struct limits *lim, PyObject *entries,
-                           struct req *r)
+                           int nogil, struct req *r)
 {
     uint8_t iop = slot[1];
     unsigned nseg = get_u16(slot + 2);
@@ -111,7 +114,7 @@ static int decode_indirect(const unsigned char *slot, const struct limits *lim, 
     unsigned pages = (nseg + SEGS_PER_PAGE - 1) / SEGS_PER_PAGE; /* <= 8: max_indirect <= 4096 */
     size_t dbytes = (size_t)nseg * SEG_SIZE;
     /* one block: the descriptors' copy, then gref[nseg], pofs[nseg], plen[nseg] */
-    char *heap = PyMem_Malloc(dbytes + (size_t)nseg * (4 + 2 + 2));
+    char *heap = PyMem_RawMalloc(dbytes + (size_t)nseg * (4 + 2 + 2));
     if (heap == NULL)
         return 0;
     r->heap = heap;
@@ -120,9 +123,9 @@ static int decode_indirect(const unsigned char *slot, const struct limits *lim, 
         Py_buffer view;
         char *page = NULL;
         uint32_t g = get_u32(grefs + 4 * p);
-        int got = page_of(entries, g, 0, &view, &page);
+        int got = page_of(entries, g, 0, nogil, &view, &page);
         if (got <= 0) {
-            if (got < 0)
+            if (got < 0) /* only with the GIL: nogil lookups never touch the interpreter */
                 PyErr_Clear();
             req_free(r);
             return 0;
@@ -145,10 +148,12 @@ static int decode_indirect(const unsigned char *slot, const struct limits *lim, 
     return 1;
 }
 
-static int decode(const unsigned char *slot, const struct limits *lim, PyObject *entries, struct req *r)
+/* nogil: the caller does not hold the GIL; pages only from a Pages' C index (see page_of). */
+static int decode(const unsigned char *slot, const struct limits *lim, PyObject *entries, int nogil,
+                  struct req *r)
 {
     if (slot[0] == OP_INDIRECT)
-        return decode_indirect(slot, lim, entries, r);
+        return decode_indirect(slot, lim, entries, nogil, r);
     return decode_direct(slot, lim, r);
 }
 
@@ -173,7 +178,7 @@ static PyObject *fp_check(PyObject *self, PyObject *args)
         goto done;
     if (entry_fits(&slot, offset, id_offset) < 0)
         goto done;
-    if (!decode((const unsigned char *)slot.buf + offset, &lim, entries, &r)) {
+    if (!decode((const unsigned char *)slot.buf + offset, &lim, entries, 0, &r)) {
         out = Py_NewRef(Py_None);
         goto done;
     }
@@ -376,11 +381,18 @@ static struct islot *index_insert(PagesObject *t, uint32_t gref, int *err)
 /* A page of a Pages and its address, no Python object touched once the page is indexed (the hot
  * path: a 1 MiB request names 256 of them). The index holds the page's export for as long as the
  * entry, so the caller holds nothing and releases nothing. 1: found (*page set); 0: not there,
- * unusable, or read-only where `writable` is asked; -1: interpreter error (set). */
-static inline int indexed_page(PagesObject *t, uint32_t gref, int writable, char **page)
+ * unusable, or read-only where `writable` is asked; -1: interpreter error (set).
+ * nogil (loop()'s first try, the GIL not held): the C table alone, read only; a page it does not
+ * hold is 0 (the caller tries again with the GIL, which looks it up in the dict and indexes it).
+ * Reading the table without the GIL is safe because only the ring thread changes it — the cache
+ * removes pages only in acquire() and close() (grantcache.py), both on or after the ring thread,
+ * which is the thread in here — and it removes a page's entry before the page can go. */
+static inline int indexed_page(PagesObject *t, uint32_t gref, int writable, int nogil, char **page)
 {
     struct islot *s = index_find(t, gref);
     if (s == NULL) {
+        if (nogil)
+            return 0;
         int err = 0;
         s = index_insert(t, gref, &err);
         if (s == NULL)
@@ -398,16 +410,18 @@ static inline int indexed_page(PagesObject *t, uint32_t gref, int writable, char
  * release is a no-op). 0 if the cache has no such page or its view is unusable (Python's path then
  * maps it or refuses it); -1 only for an interpreter error (out of memory), left set for the
  * caller. */
-static int page_of(PyObject *entries, uint32_t gref, int writable, Py_buffer *view, char **page)
+static int page_of(PyObject *entries, uint32_t gref, int writable, int nogil, Py_buffer *view, char **page)
 {
+    view->obj = NULL; /* PyBuffer_Release does nothing */
     if (!Py_IS_TYPE(entries, &PagesType)) {
+        if (nogil)
+            return 0; /* a plain dict is read with the GIL only */
         int got = dict_page(entries, gref, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE, view);
         if (got > 0)
             *page = view->buf;
         return got;
     }
-    view->obj = NULL; /* PyBuffer_Release does nothing */
-    return indexed_page((PagesObject *)entries, gref, writable, page);
+    return indexed_page((PagesObject *)entries, gref, writable, nogil, page);
 }
 
 /* A request ready for its I/O: its iovecs and, for pages from a plain dict, their buffer exports
@@ -429,7 +443,7 @@ static void prepared_release(struct prepared *p)
 {
     while (p->nviews > 0)
         PyBuffer_Release(&p->views[--p->nviews]);
-    PyMem_Free(p->heap);
+    PyMem_RawFree(p->heap);
     p->heap = NULL;
     req_free(&p->r);
 }
@@ -439,7 +453,7 @@ static void prepared_release(struct prepared *p)
  * through p->iov could alias p->iovcnt, which the compiler then reloaded for every segment).
  * Capacity: at most one iovec per segment, and p->iov holds nseg of them (iov_in for direct
  * requests, the heap for indirect ones). */
-static int prepare_pages(struct prepared *p, PyObject *entries)
+static int prepare_pages(struct prepared *p, PyObject *entries, int nogil)
 {
     struct req *r = &p->r;
     int indexed = Py_IS_TYPE(entries, &PagesType);
@@ -450,8 +464,10 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
     p->iov = p->iov_in;
     size_t niov = r->nseg > SEGS_MAX ? r->nseg : 0;
     size_t nviews = indexed ? 0 : r->nseg; /* a buffer export per page only from a plain dict */
+    if (nogil && !indexed)
+        return 0;
     if (niov + nviews > 0) {
-        p->heap = PyMem_Malloc(niov * sizeof(struct iovec) + nviews * sizeof(Py_buffer));
+        p->heap = PyMem_RawMalloc(niov * sizeof(struct iovec) + nviews * sizeof(Py_buffer));
         if (p->heap == NULL)
             return 0;
         if (niov)
@@ -464,8 +480,8 @@ static int prepare_pages(struct prepared *p, PyObject *entries)
     char *end = NULL;   /* where the last one ends (n > 0) */
     for (unsigned s = 0; s < r->nseg; s++) {
         char *page = NULL;
-        int got = indexed ? indexed_page((PagesObject *)entries, r->gref[s], writable, &page)
-                          : page_of(entries, r->gref[s], writable, &p->views[p->nviews], &page);
+        int got = indexed ? indexed_page((PagesObject *)entries, r->gref[s], writable, nogil, &page)
+                          : page_of(entries, r->gref[s], writable, 0, &p->views[p->nviews], &page);
         if (got <= 0) {
             if (got < 0)
                 PyErr_Clear(); /* out of memory for a key: Python's path takes the request */
@@ -549,28 +565,30 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
 
 /* The longest prefix of slots [start, count) of the copy `data` that can run: each decoded, its
  * mode resolved and its pages found, into reqs[0..n) (n returned; prepared_release each after its
- * I/O). With `cut` > 0 no request is added once the run holds `cut` bytes and slots are left:
- * *cut_hit says so. The GIL is held (the cache's dict, the allocator). */
+ * I/O). With `cut` > 0 no request is added once the run holds `cut` bytes (*run_bytes, in and
+ * out: a run prepared in two calls counts from the first) and slots are left: *cut_hit says so.
+ * With the GIL held (serve(); the cache's dict, a miss indexed), or without it (`nogil`:
+ * loop()'s first try, pages from a Pages' C index only: it stops at a page the index lacks, and
+ * the caller goes on from that slot with the GIL). */
 static Py_ssize_t prepare_run(const unsigned char *data, Py_ssize_t start, Py_ssize_t count, Py_ssize_t esize,
                               const struct limits *lim, PyObject *entries, const int modes[2], Py_ssize_t host_page,
-                              Py_ssize_t cut, int *cut_hit, struct prepared *reqs)
+                              Py_ssize_t cut, int *cut_hit, struct prepared *reqs, int nogil, uint64_t *run_bytes)
 {
     Py_ssize_t nreq = 0;
-    uint64_t run_bytes = 0;
     for (Py_ssize_t i = start; i < count; i++) {
         struct prepared *p = &reqs[nreq];
-        if (!decode(data + i * esize, lim, entries, &p->r))
+        if (!decode(data + i * esize, lim, entries, nogil, &p->r))
             break;
         p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
         p->heap = NULL;
         p->mode = resolve_mode(modes[p->r.op], p->r.offset, p->r.length, host_page);
-        if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries)) {
+        if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries, nogil)) {
             prepared_release(p);
             break;
         }
         nreq++;
-        run_bytes += p->r.length;
-        if (cut > 0 && run_bytes >= (uint64_t)cut && i + 1 < count) {
+        *run_bytes += p->r.length;
+        if (cut > 0 && *run_bytes >= (uint64_t)cut && i + 1 < count) {
             *cut_hit = 1;
             break;
         }
@@ -578,24 +596,35 @@ static Py_ssize_t prepare_run(const unsigned char *data, Py_ssize_t start, Py_ss
     return nreq;
 }
 
-/* The refs reqs[0..done) used, indirect pages included, as bytes of uint32 (for
- * GrantCache.note_used); NULL with a Python error. */
-static PyObject *used_refs(const struct prepared *reqs, Py_ssize_t done)
+/* How many refs reqs[0..done) used, indirect pages included. */
+static Py_ssize_t count_refs(const struct prepared *reqs, Py_ssize_t done)
 {
     Py_ssize_t nrefs = 0;
     for (Py_ssize_t k = 0; k < done; k++)
         nrefs += reqs[k].r.nind + reqs[k].r.nseg;
-    PyObject *refs = PyBytes_FromStringAndSize(NULL, nrefs * (Py_ssize_t)sizeof(uint32_t));
-    if (refs == NULL)
-        return NULL;
-    char *w = PyBytes_AS_STRING(refs);
+    return nrefs;
+}
+
+/* The refs reqs[0..done) used into w, in ring order, each request's indirect pages before its
+ * segments (as acquire() notes them); no GIL needed. */
+static void copy_refs(const struct prepared *reqs, Py_ssize_t done, uint32_t *w)
+{
     for (Py_ssize_t k = 0; k < done; k++) {
         const struct req *r = &reqs[k].r;
         memcpy(w, r->ind_gref, r->nind * sizeof(uint32_t));
-        w += r->nind * sizeof(uint32_t);
+        w += r->nind;
         memcpy(w, r->gref, r->nseg * sizeof(uint32_t));
-        w += r->nseg * sizeof(uint32_t);
+        w += r->nseg;
     }
+}
+
+/* The refs reqs[0..done) used as bytes of uint32 (for GrantCache.note_used); NULL with a Python
+ * error. */
+static PyObject *used_refs(const struct prepared *reqs, Py_ssize_t done)
+{
+    PyObject *refs = PyBytes_FromStringAndSize(NULL, count_refs(reqs, done) * (Py_ssize_t)sizeof(uint32_t));
+    if (refs != NULL)
+        copy_refs(reqs, done, (uint32_t *)PyBytes_AS_STRING(refs));
     return refs;
 }
 
@@ -647,7 +676,9 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
         }
     }
     /* 1. decode and find the pages (GIL held): the longest prefix we can run */
-    nreq = prepare_run(data.buf, start, count, esize, &lim, entries, modes, host_page, cut, &cut_hit, reqs);
+    uint64_t run_bytes = 0;
+    nreq = prepare_run(data.buf, start, count, esize, &lim, entries, modes, host_page, cut, &cut_hit, reqs, 0,
+                       &run_bytes);
     /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
     if (nreq) {
         Py_BEGIN_ALLOW_THREADS
@@ -694,19 +725,36 @@ fail:
  * the 32 requests of the frontend's last turn), and per pass the ring thread crossed into Python for
  * the wake-up, take_slots, the pass's wrapper, _write_run, the push and notify, and the final
  * check: 30-34 % of its time (bench/README.md, fourk20). loop() runs that cycle in C; its serve
- * step is serve()'s own pieces: prepare_run() with the GIL (the cache's dict and the allocator, as
- * serve() holds it for them), run_io() without it; its after step, with the GIL once the run's
- * answers are out, notes the refs used (GrantCache.note_used, once per run as serve()'s caller
- * does) and releases the run's requests. The first pass after a wake-up is cut at `cut` bytes, each
- * cut run published before the next one's I/O (DataPlane._cut_for_pass's rule: the QD-4
- * turnaround). */
+ * step is serve()'s own pieces, prepare_run() then run_io().
+ *
+ * Without the GIL where it can (issue 20, gil20): with the cache's pages in a Pages, prepare_run()
+ * first runs without the GIL, reading the C index alone (decode from the private copy, the raw
+ * allocator for an indirect request's arrays). Only a slot it stops at — a page the index does not
+ * hold yet, a plain dict, or anything it refuses — is tried again, from that slot on, with the GIL
+ * (the dict looked up and the page indexed, or the same refusal: then Python's path takes the slot).
+ * The refs a run used go into `used`, a C buffer, and reach GrantCache.note_used when the loop
+ * holds the GIL anyway: when it reports its counts before a sleep or at an exit (ring_loop.h's
+ * `owed`), or after a run that filled half the buffer or did not fit (then that run's requests are
+ * kept until after() notes them). So a pass of cached requests takes the GIL once, for the report
+ * before the sleep, where it took it twice (prepare, then note_used after the run); the LRU order
+ * sees the same refs in the same order, a sleep's worth of runs noted as one use (the cache already
+ * counts a run as one). Pages from a plain dict (check(), bench/ring_cpu's `--native dict`) hold
+ * buffer exports, released with the GIL after each run as before.
+ *
+ * The first pass after a wake-up is cut at `cut` bytes, each cut run published before the next
+ * one's I/O (DataPlane._cut_for_pass's rule: the QD-4 turnaround). */
+#define USED_CAP 8192 /* refs noted later, at most (a sleep's worth of 4 KiB passes: 32 a pass) */
 struct fp_loop {
     struct limits lim;
     Py_ssize_t esize, host_page, cut;
     int fd, wfd, modes[2];
+    int indexed; /* entries is a Pages: prepare_run() tries without the GIL first */
+    int owed;    /* ring_loop.h's OWED_*: what after() has to do */
     PyObject *entries, *note_used;
-    struct prepared *reqs; /* room for a whole take */
+    struct prepared *reqs; /* room for a whole take; [0, nreq) still held (after() releases them) */
     Py_ssize_t nreq, done;
+    uint32_t *used; /* refs of released runs not noted yet */
+    Py_ssize_t nused;
 };
 
 static Py_ssize_t fp_loop_serve(void *ctx, const unsigned char *copy, Py_ssize_t start, Py_ssize_t count,
@@ -714,38 +762,70 @@ static Py_ssize_t fp_loop_serve(void *ctx, const unsigned char *copy, Py_ssize_t
 {
     struct fp_loop *f = ctx;
     int cut_hit = 0;
-    PyEval_RestoreThread(*ts);
-    f->nreq = prepare_run(copy, start, count, f->esize, &f->lim, f->entries, f->modes, f->host_page,
-                          after_sleep ? f->cut : 0, &cut_hit, f->reqs);
-    *ts = PyEval_SaveThread();
-    f->done = f->nreq ? run_io(f->reqs, f->nreq, f->fd, f->wfd) : 0;
-    for (Py_ssize_t k = 0; k < f->done; k++) {
+    Py_ssize_t cut = after_sleep ? f->cut : 0, n = 0;
+    uint64_t bytes = 0;
+    if (f->indexed)
+        n = prepare_run(copy, start, count, f->esize, &f->lim, f->entries, f->modes, f->host_page, cut, &cut_hit,
+                        f->reqs, 1, &bytes);
+    if (!cut_hit && start + n < count) { /* what the index alone could not decide, with the GIL */
+        PyEval_RestoreThread(*ts);
+        n += prepare_run(copy, start + n, count, f->esize, &f->lim, f->entries, f->modes, f->host_page, cut,
+                         &cut_hit, f->reqs + n, 0, &bytes);
+        *ts = PyEval_SaveThread();
+    }
+    const Py_ssize_t done = n ? run_io(f->reqs, n, f->fd, f->wfd) : 0;
+    f->nreq = n;
+    f->done = done;
+    for (Py_ssize_t k = 0; k < done; k++) {
         ids[k] = f->reqs[k].r.id;
         ops[k] = f->reqs[k].r.op;
     }
     /* cut only counts if every request of the run finished: else Python's slot is next */
-    *more = cut_hit && f->done == f->nreq;
-    return start + f->done;
+    *more = cut_hit && done == n;
+    Py_ssize_t nrefs = f->indexed ? count_refs(f->reqs, done) : 0;
+    if (!f->indexed || f->nused + nrefs > USED_CAP) {
+        f->owed = OWED_NOW; /* a dict's exports, or refs that do not fit: after() with the GIL */
+    } else {
+        copy_refs(f->reqs, done, f->used + f->nused);
+        f->nused += nrefs;
+        for (Py_ssize_t k = 0; k < n; k++) /* nothing of Python's held: no GIL needed */
+            prepared_release(&f->reqs[k]);
+        f->nreq = f->done = 0;
+        if (f->nused > 0)
+            f->owed = f->nused >= USED_CAP / 2 ? OWED_NOW : (f->owed > OWED_LATER ? f->owed : OWED_LATER);
+    }
+    return start + done;
 }
 
+/* `refs` (bytes of uint32) to the cache's note_used; -1 with a Python error. */
+static int note(PyObject *note_used, PyObject *refs)
+{
+    PyObject *view = refs == NULL ? NULL : PyMemoryView_FromObject(refs);
+    PyObject *ints = view == NULL ? NULL : PyObject_CallMethod(view, "cast", "s", "I");
+    PyObject *got = ints == NULL ? NULL : PyObject_CallOneArg(note_used, ints);
+    Py_XDECREF(got);
+    Py_XDECREF(ints);
+    Py_XDECREF(view);
+    Py_XDECREF(refs);
+    return got == NULL ? -1 : 0;
+}
+
+/* With the GIL: the refs noted later, then those of the run still held, to note_used (oldest
+ * first), and that run's requests released. */
 static int fp_loop_after(void *ctx)
 {
     struct fp_loop *f = ctx;
     int rc = 0;
-    if (f->done > 0) {
-        PyObject *refs = used_refs(f->reqs, f->done);
-        PyObject *view = refs == NULL ? NULL : PyMemoryView_FromObject(refs);
-        PyObject *ints = view == NULL ? NULL : PyObject_CallMethod(view, "cast", "s", "I");
-        PyObject *got = ints == NULL ? NULL : PyObject_CallOneArg(f->note_used, ints);
-        rc = got == NULL ? -1 : 0;
-        Py_XDECREF(got);
-        Py_XDECREF(ints);
-        Py_XDECREF(view);
-        Py_XDECREF(refs);
+    if (f->nused > 0) {
+        rc = note(f->note_used, PyBytes_FromStringAndSize((const char *)f->used, f->nused * (Py_ssize_t)sizeof(uint32_t)));
+        f->nused = 0;
     }
+    if (rc == 0 && f->done > 0)
+        rc = note(f->note_used, used_refs(f->reqs, f->done));
     for (Py_ssize_t k = 0; k < f->nreq; k++)
         prepared_release(&f->reqs[k]);
     f->nreq = f->done = 0;
+    f->owed = OWED_NONE;
     return rc;
 }
 
@@ -777,17 +857,20 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
         goto done;
     }
     f.esize = entry_size(id_offset);
+    f.indexed = Py_IS_TYPE(f.entries, &PagesType);
     f.reqs = PyMem_Malloc((size_t)a.room * sizeof *f.reqs);
-    if (f.reqs == NULL) {
+    f.used = PyMem_Malloc(USED_CAP * sizeof *f.used);
+    if (f.reqs == NULL || f.used == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    const struct loop_pass lp = {&f, fp_loop_serve, fp_loop_after, f.esize, id_offset == 8};
+    const struct loop_pass lp = {&f, fp_loop_serve, fp_loop_after, f.esize, id_offset == 8, &f.owed};
     out = ring_loop(&a, &lp);
     for (Py_ssize_t k = 0; k < f.nreq; k++) /* a Python error in the after step left them */
         prepared_release(&f.reqs[k]);
 done:
     PyMem_Free(f.reqs);
+    PyMem_Free(f.used);
     Py_DECREF(rest);
     loop_release(&a);
     return out;

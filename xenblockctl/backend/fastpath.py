@@ -19,9 +19,12 @@ sleep of the ring thread is served in runs cut at CUT_BYTES, each pushed before 
 The wait-and-serve loop (`FastPass.loop`, _fastpass.c's loop() on ring_loop.h, shared with the
 grant-copy pass): where the event channel has a blocking wake-up, DataPlane._loop_natively lends the
 ring to one native call that takes, serves (the same pass), answers, pushes, notifies, unmasks,
-makes the final check and sleeps, taking the GIL only for the pass's decode and page lookup and,
-after each run, for note_used and the counts; it returns to Python for any slot the pass stops at
-(served from there by DataPlane._serve_fast), a stop, an impossible req_prod or every 256 requests.
+makes the final check and sleeps. A pass whose pages the cache's C index holds is decoded, looked
+up and run without the GIL; the loop takes it once before each sleep, for the counts and the refs
+its runs used (note_used, a sleep's runs at once), and for a slot the index alone cannot decide (a
+page not indexed yet, anything refused: tried again from there with the GIL). It returns to Python
+for any slot the pass stops at (served from there by DataPlane._serve_fast), a stop, an impossible
+req_prod or every 256 requests.
 
 Used only where it applies: an io.Executor (not NBD) and persistent grants negotiated (the cache's
 pages; Linux blkfront's case). Everything else — grants copied or mapped per request, the local
@@ -33,9 +36,10 @@ acquire() calls, which are the only place entries are evicted). That dict is a `
 (GrantCache.index_pages): it keeps a buffer export on each page view the C pass has looked up,
 with its address in a C table, until the cache removes that page (the dict's pop drops it first),
 so a page's view cannot be released, nor its mapping closed, while C can still reach it. The
-pages it used are noted with GrantCache.note_used once per call: a pass's requests count as one
-use for the LRU order (close to per request, as the cache's own shapes already are; see
-grantcache.py).
+pages it used are noted with GrantCache.note_used once per call (serve) or, in the loop, once per
+sleep (the refs of the runs since, in ring order): those requests count as one use for the LRU
+order (close to per request, as the cache's own shapes already are; see grantcache.py). Eviction
+happens only in acquire(), on the ring thread, after the loop has returned and noted them all.
 
 What a stop costs: the request is tried twice. A READ that misses the page cache makes one
 RWF_NOWAIT preadv2 here and one in run_now before it goes to a worker; a short transfer is redone

@@ -31,7 +31,7 @@
  * A failed notify is counted and its errno returned with the next exit (at the latest after this
  * batch), for Python to log as DataPlane._notify does; the loop goes on, as Python's path does.
  * Its counts (requests answered, wake-ups, notifies) go into the data plane's stats before each
- * sleep and at each exit, and after each run where the pass has an after step (report()).
+ * sleep and at each exit, and after each run where the pass has an after step due (report()).
  *
  * It runs only while no request of the ring is outstanding anywhere else (DataPlane checks: none
  * in flight, none held), so it owns the response side alone: no worker answers concurrently, and
@@ -56,6 +56,10 @@
 
 enum { EXIT_SLOT = 0, EXIT_CHECK = 1, EXIT_WOKEN = 2, EXIT_BUDGET = 3, EXIT_OSERROR = 4 };
 enum { WAIT_EVTCHN = 1, WAIT_EVENTFD = 2 };
+/* What a pass owes Python (struct loop_pass's `owed`): nothing; something its after step may do at
+ * the next report (before a sleep, at an exit), when the loop takes the GIL anyway; or something
+ * it must do after this run. */
+enum { OWED_NONE = 0, OWED_LATER = 1, OWED_NOW = 2 };
 #define IDX_REQ_PROD 0
 #define IDX_REQ_EVENT 1
 #define IDX_RSP_PROD 2
@@ -176,19 +180,26 @@ static int add_attr(PyObject *obj, PyObject *name, Py_ssize_t delta)
     return rc;
 }
 
+struct loop_pass;
+static int pass_owes(const struct loop_pass *lp, int when);
+static int pass_after(const struct loop_pass *lp);
+
 /* The counts since the last report into the data plane's QueueStats and the pass's `served`, with
- * the GIL (taken here if `ts`). Safe without DataPlane's lock: while the ring is lent no request is
- * outstanding elsewhere, so no worker writes these stats, and the ring thread is the one running
- * this. -1 with a Python error (the GIL held then). */
-static int report(PyThreadState **ts, PyObject *stats, PyObject *owner, Py_ssize_t counts[3])
+ * the GIL (taken here if `ts`), and what the pass deferred to a report (its after step, if it owes
+ * anything). Safe without DataPlane's lock: while the ring is lent no request is outstanding
+ * elsewhere, so no worker writes these stats, and the ring thread is the one running this. -1 with
+ * a Python error (the GIL held then). */
+static int report(PyThreadState **ts, PyObject *stats, PyObject *owner, const struct loop_pass *lp,
+                  Py_ssize_t counts[3])
 {
-    if (counts[0] == 0 && counts[1] == 0 && counts[2] == 0)
+    int owes = pass_owes(lp, OWED_LATER);
+    if (counts[0] == 0 && counts[1] == 0 && counts[2] == 0 && !owes)
         return 0;
     if (ts != NULL)
         PyEval_RestoreThread(*ts);
-    int rc = add_attr(stats, attr_requests, counts[0]) < 0 || add_attr(stats, attr_ok, counts[0]) < 0 ||
-                     add_attr(owner, attr_served, counts[0]) < 0 || add_attr(stats, attr_wakeups, counts[1]) < 0 ||
-                     add_attr(stats, attr_notifies, counts[2]) < 0
+    int rc = (owes && pass_after(lp) < 0) || add_attr(stats, attr_requests, counts[0]) < 0 ||
+                     add_attr(stats, attr_ok, counts[0]) < 0 || add_attr(owner, attr_served, counts[0]) < 0 ||
+                     add_attr(stats, attr_wakeups, counts[1]) < 0 || add_attr(stats, attr_notifies, counts[2]) < 0
                  ? -1
                  : 0;
     if (rc == 0 && ts != NULL)
@@ -268,9 +279,11 @@ static void loop_release(struct loop_args *a)
  * finish (count when it did them all), with ids[k - start] and ops[k - start] of each request
  * start + k it finished (all RSP_OKAY). `after_sleep`: this is the first pass after a wake-up.
  * *more = 1: it only cut the run there (the slot it returns is the next call's, not Python's): the
- * loop publishes the run and calls it again. after(), if not NULL, runs with the GIL once the run's
- * answers are out (what the pass owes Python: its bookkeeping, its resources); -1 with a Python
- * error. */
+ * loop publishes the run and calls it again. after(), if not NULL, runs with the GIL (what the pass
+ * owes Python: its bookkeeping, its resources; -1 with a Python error): once each run's answers
+ * are out if `owed` is NULL; else after a run that leaves *owed at OWED_NOW, and at the next report
+ * (before a sleep, at an exit) while *owed is OWED_LATER — so a pass whose bookkeeping can wait
+ * takes the GIL once a sleep, not once a run. */
 struct loop_pass {
     void *ctx;
     Py_ssize_t (*serve)(void *ctx, const unsigned char *copy, Py_ssize_t start, Py_ssize_t count, int after_sleep,
@@ -278,7 +291,23 @@ struct loop_pass {
     int (*after)(void *ctx);
     Py_ssize_t esize; /* the ring's entry size (blkif_slot.h's entry_size) */
     int x86_64;       /* the response layout (ring_answer.h's response_size) */
+    const int *owed;  /* the pass's OWED_* (NULL: after() after every run) */
 };
+
+/* Whether the pass's after step is due: `when` OWED_NOW after a run, OWED_LATER at a report. */
+static int pass_owes(const struct loop_pass *lp, int when)
+{
+    if (lp->after == NULL)
+        return 0;
+    if (lp->owed == NULL)
+        return when == OWED_NOW;
+    return *lp->owed >= when;
+}
+
+static int pass_after(const struct loop_pass *lp)
+{
+    return lp->after(lp->ctx);
+}
 
 /* The loop itself (see the top of this file), on a ring whose arguments loop_parse() checked.
  *   -> (exit, req_cons, rsp_prod_pvt, rsp_pushed, pending, copy | None, index, count, requests,
@@ -356,9 +385,9 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
                             notify_err = errno; /* Python logs it as _notify does, and goes on */
                     }
                 }
-                if (lp->after != NULL) {
+                if (pass_owes(lp, OWED_NOW)) {
                     PyEval_RestoreThread(ts);
-                    if (lp->after(lp->ctx) < 0 || report(NULL, a->stats, a->owner, counts) < 0)
+                    if (lp->after(lp->ctx) < 0 || report(NULL, a->stats, a->owner, lp, counts) < 0)
                         goto python_error; /* the GIL is held */
                     ts = PyEval_SaveThread();
                 }
@@ -391,7 +420,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
             continue;
-        if (report(&ts, a->stats, a->owner, counts) < 0)
+        if (report(&ts, a->stats, a->owner, lp, counts) < 0)
             goto python_error;
         int theirs = 0;
         int got = wait_event(w, &theirs);
@@ -415,7 +444,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         }
     }
     PyEval_RestoreThread(ts);
-    if (report(NULL, a->stats, a->owner, counts) < 0)
+    if (report(NULL, a->stats, a->owner, lp, counts) < 0)
         goto done;
     PyObject *batch_copy = Py_None;
     if (why == EXIT_SLOT) {
