@@ -403,13 +403,15 @@ class BackendDevice:
         - a connect may be due (OPENED, DISCONNECTED, our last state written InitWait) and the
           frontend's directory changed: its ring nodes (our own writes' and a rescan's passes,
           and a frontend's Initialising after our Closed, do not read them);
-        - until a snapshot has seen it, while waiting for physical-device or the frontend:
-          SCRIPT_DONE_NODE, what the device's properties wait for (_publish_device).
+        - opened, until a snapshot has seen it: SCRIPT_DONE_NODE, what the device's properties
+          wait for (_publish_device). Not while waiting for physical-device: that batch is on the
+          script's wait, and our own `opened`=1 brings a pass that reads it (an engine that took
+          a device over finds it there).
         Later in the same batch than what they follow: xenstored answers a batch in order, so
         what the script published with physical-device (one transaction: identity.PUBLISHED), or
         the frontend wrote before its Initialised, is seen with it."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
-        if not self._script_done and self.phase in (Phase.INIT_WAIT, Phase.OPENED):
+        if not self._script_done and self.phase is Phase.OPENED:
             paths.append(join(self.path, SCRIPT_DONE_NODE))
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
