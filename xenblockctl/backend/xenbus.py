@@ -13,8 +13,10 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
      (no physical-device)                 our own handshake must match the record (URI, size,
                                         flags, socket dev/inode: nbdio.open_published), else the
                                         coded refusal `nbd-export-mismatch`; then `opened`=1
+  `hotplug-status` written, opened   -> the device's properties (sectors/info/features) and
+                                        error counts, guarded: the block script is done writing
   frontend Initialised/Connected     -> map the ring(s), bind the event channel(s), publish
-                                        sectors/info/features, state Connected (4); persistent
+                                        what is not yet, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
                                         `feature-persistent` is exactly "1"; one DataPlane per
                                         queue (`multi-queue-num-queues`, 1..what we offered)
@@ -1073,6 +1075,7 @@ class BackendDevice:
         device, self.device = self.device, None
         self.target = None
         self._device_published = {}
+        self._script_done = False  # a device opened again waits for its script's hand-off again
         if not keep_parked:
             self._unpark()
         if device is not None:
