@@ -13,8 +13,10 @@ wedge it. Lifecycle (xen-block-protocol.md §3-§4, Linux blkback's behaviour wh
      (no physical-device)                 our own handshake must match the record (URI, size,
                                         flags, socket dev/inode: nbdio.open_published), else the
                                         coded refusal `nbd-export-mismatch`; then `opened`=1
+  `hotplug-status` written, opened   -> the device's properties (sectors/info/features) and
+                                        error counts, guarded: the block script is done writing
   frontend Initialised/Connected     -> map the ring(s), bind the event channel(s), publish
-                                        sectors/info/features, state Connected (4); persistent
+                                        what is not yet, state Connected (4); persistent
                                         grants iff we offer them and the frontend's
                                         `feature-persistent` is exactly "1"; one DataPlane per
                                         queue (`multi-queue-num-queues`, 1..what we offered)
@@ -90,6 +92,9 @@ MAX_QUEUES = 16
 RECONCILE_NODES = ("online", "state", identity.PHYSICAL_DEVICE, identity.OWNER)
 #: What _open_device() reads of the backend: the published identity and what it is checked with.
 OPEN_NODES = (*identity.IDENTITY_NODES, "mode", "frontend", identity.OWNER, "params")
+#: The block script's last write of the hand-off (blockscript/add.py _mark_connected, nbdexport.py):
+#: until it is there the script may still be writing beside us in the backend directory.
+SCRIPT_DONE_NODE = "hotplug-status"
 #: The frontend's top-level ring nodes (blkif.h "Frontend XenBus Nodes"): what names the rest.
 RING_NODES = (
     "ring-ref",
@@ -231,6 +236,8 @@ class BackendDevice:
         #: the device's properties (_device_nodes) as we last wrote them for the device held now:
         #: Connected's batch writes only what differs (issue 20)
         self._device_published: dict[str, str] = {}
+        #: a snapshot saw SCRIPT_DONE_NODE: the block script is done writing in the backend directory
+        self._script_done = False
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -335,7 +342,6 @@ class BackendDevice:
                 coded = exc.code != EngineRefusal.code
                 self._fail(exc.one_line() if coded else exc.message, code=exc.code)
                 return True
-            self._publish_device()
         if self.target is None:
             return True
         try:
@@ -369,6 +375,9 @@ class BackendDevice:
             and XenbusState.of(nodes.get("state")) is XenbusState.Closing
         ):
             self._set_state(6)
+        if self.phase is Phase.OPENED and self._script_done and not self._device_published:
+            # after the branches above: a connect in this pass writes them with Connected instead
+            self._publish_device()
         return True
 
     def _snapshot(self) -> tuple[dict[str, str], str | None] | None:
@@ -384,7 +393,8 @@ class BackendDevice:
         writes only if the backend still exists (_write_if_present); `online`=0 is final; and any
         write landing between two of these reads fires a watch event, so a torn view is followed
         by a fresh one, as with merged or reordered events (the module docstring)."""
-        return self._parse_snapshot(self.store.read_many(self._snapshot_paths()))
+        paths = self._snapshot_paths()
+        return self._parse_snapshot(paths, self.store.read_many(paths))
 
     def _snapshot_paths(self) -> list[str]:
         """The snapshot's paths: the backend's, the frontend's state once we know it, and after
@@ -394,11 +404,17 @@ class BackendDevice:
           script's wait for `opened`=1 is this batch, the open and that write;
         - a connect may be due (OPENED, DISCONNECTED, our last state written InitWait) and the
           frontend's directory changed: its ring nodes (our own writes' and a rescan's passes,
-          and a frontend's Initialising after our Closed, do not read them).
+          and a frontend's Initialising after our Closed, do not read them);
+        - opened, until a snapshot has seen it: SCRIPT_DONE_NODE, what the device's properties
+          wait for (_publish_device). Not while waiting for physical-device: that batch is on the
+          script's wait, and our own `opened`=1 brings a pass that reads it (an engine that took
+          a device over finds it there).
         Later in the same batch than what they follow: xenstored answers a batch in order, so
         what the script published with physical-device (one transaction: identity.PUBLISHED), or
         the frontend wrote before its Initialised, is seen with it."""
         paths = [self.path, *(join(self.path, name) for name in RECONCILE_NODES)]
+        if not self._script_done and self.phase is Phase.OPENED:
+            paths.append(join(self.path, SCRIPT_DONE_NODE))
         if self.frontend is not None:
             paths.append(join(self.frontend, "state"))
             if (
@@ -411,14 +427,19 @@ class BackendDevice:
             paths += [join(self.path, name) for name in OPEN_NODES]
         return paths
 
-    def _parse_snapshot(self, values: list[str | None]) -> tuple[dict[str, str], str | None] | None:
-        """_snapshot()'s answer from the values of _snapshot_paths(); the nodes read with it for
-        this pass's action are kept for it (_open_device, _read_ring_params)."""
+    def _parse_snapshot(
+        self, paths: list[str], values: list[str | None]
+    ) -> tuple[dict[str, str], str | None] | None:
+        """_snapshot()'s answer from the values of `paths` (_snapshot_paths()); the nodes read with
+        it for this pass's action are kept for it (_open_device, _read_ring_params)."""
         if values[0] is None:
             return None
         n = len(RECONCILE_NODES) + 1
         present = zip(RECONCILE_NODES, values[1:n], strict=True)
         nodes = {name: value for name, value in present if value is not None}
+        if n < len(paths) and paths[n] == join(self.path, SCRIPT_DONE_NODE):
+            self._script_done = self._script_done or values[n] is not None
+            n += 1
         fe_text = None
         if self.frontend is not None:
             fe_text, n = values[n], n + 1
@@ -448,8 +469,9 @@ class BackendDevice:
         items = {join(self.path, name): value for name, value in self._feature_nodes(init_wait=True).items()}
 
         def body(tx: Transaction) -> tuple[tuple[dict[str, str], str | None] | None, bool]:
-            values, failure = tx.read_many_then_write(self._snapshot_paths(), items)
-            snapshot = self._parse_snapshot(values)
+            paths = self._snapshot_paths()
+            values, failure = tx.read_many_then_write(paths, items)
+            snapshot = self._parse_snapshot(paths, values)
             if snapshot is None or "state" not in snapshot[0] or snapshot[0].get("online") == "0":
                 tx.abort()
                 return snapshot, False
@@ -776,9 +798,10 @@ class BackendDevice:
         self._set_up_queues(queues, target, limits)
         self._log_reattach(queues)
 
-        # Normally written when the device was opened (_publish_device): then this batch is the
-        # state alone. What is missing or differs (that write failed, a device taken over from a
-        # previous engine) goes with it: the frontend reads them all once it sees Connected.
+        # Normally written once the device was handed over (_publish_device): then this batch is
+        # the state alone. What is missing or differs (that write failed, a frontend quicker than
+        # the block script, a device taken over from a previous engine) goes with it: the frontend
+        # reads them all once it sees Connected.
         nodes = {
             name: value for name, value in properties.items() if self._device_published.get(name) != value
         }
@@ -841,14 +864,21 @@ class BackendDevice:
         return limits, nodes
 
     def _publish_device(self) -> None:
-        """Right after `opened`=1: the device's properties and the first error counts, in one
-        guarded transaction, while the block script finishes, libxl unpauses the domain and the
-        frontend sets up its ring. With Connected they were 12 more writes on the connect's
-        critical chain, and 12 more watch events ahead of its commit's reply to every watcher
-        (issue 20: GRUB's Initialised -> Connected was 0.05-0.21 s longer than kernel blkback's
-        in the lane). The frontend reads them only once it sees Connected, and QEMU's xen-block
-        writes them at realize, before any frontend, too. `show` tells an engine's backend by the
-        counts node, so it is there from the open on."""
+        """Once the device is open and the block script is done (SCRIPT_DONE_NODE seen): the
+        device's properties and the first error counts, in one guarded transaction, while libxl
+        unpauses the domain and the frontend sets up its ring. With Connected they were 12 more
+        writes on the connect's critical chain, and 12 more watch events ahead of its commit's
+        reply to every watcher (issue 20: GRUB's Initialised -> Connected was 0.05-0.21 s longer
+        than kernel blkback's in the lane). Not right after `opened`=1 (session 12): the script
+        then writes hotplug-status in its own transaction beside them, and two transactions
+        creating nodes in one directory conflict (C xenstored: creating a child writes its parent;
+        oxenstored: their paths' common prefix is that directory): EAGAIN and the body again for
+        whichever commits second, or, in oxenstored, a replay in the daemon, on the hand-off the
+        script and libxl wait for (issue 20). Not on the script's wait either (with `opened`=1,
+        a transaction of 3 round trips and 13 writes instead of one write). The frontend reads
+        them only once it sees Connected, and QEMU's xen-block writes them at realize, before any
+        frontend, too; a frontend quicker than the script gets them with Connected (_connect).
+        `show` tells an engine's backend by the counts node, so it is there from the hand-off on."""
         if self.target is None:
             return  # _open_device sets it or raises: nothing is held
         _limits, nodes = self._device_nodes()
@@ -1045,6 +1075,7 @@ class BackendDevice:
         device, self.device = self.device, None
         self.target = None
         self._device_published = {}
+        self._script_done = False  # a device opened again waits for its script's hand-off again
         if not keep_parked:
             self._unpark()
         if device is not None:
