@@ -32,6 +32,7 @@ Handler = Callable[[DmIoctl, bytes], "bytes | OSError"]
 
 T = TypeVar("T")
 
+
 class FakeKernel:
     """An IoctlFn: per command a handler returns the reply (header + payload) or an OSError.
     Replies that do not fit the caller's buffer get DM_BUFFER_FULL, as the kernel does."""
