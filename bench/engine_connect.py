@@ -159,7 +159,10 @@ def run(cycles: int, data_pages: str, script: bool) -> tuple[Results, Results]:
                 assert ready.wait(20), "engine did not start"
                 assert thread.ident is not None
                 router: Any = store._link
-                clocks = [time.pthread_getcpuclockid(t.ident) for t in (thread, router._router.thread)]
+                clocks = []
+                for t in (thread, router._router.thread):
+                    assert t.ident is not None  # both threads run
+                    clocks.append(time.pthread_getcpuclockid(t.ident))
                 libxl = XenStore.connect(xsd.socket_path, timeout=10)
                 watcher = Watcher(xsd.socket_path)
                 harness = Libxl(xsd, workdir) if script else None

@@ -20,6 +20,13 @@ import struct
 import sys
 import time
 
+# Annotations only, never run: `typing` and `from __future__ import annotations` each cost an import
+# this floor exists to avoid, so the names below are for mypy and the annotations naming them are quoted.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import NoReturn
+
 HDR = struct.Struct("=IIII")
 READ, WATCH, UNWATCH, TX_START, TX_END, GET_DOMAIN_PATH, WRITE, RM, WATCH_EVENT, ERROR = (
     2, 4, 5, 6, 7, 10, 11, 13, 15, 16,
@@ -32,14 +39,14 @@ OWNER = "xenblockctl-owner"
 PUBLISHED = ("physical-device-luid", "physical-device", "physical-device-path", OWNER)
 
 
-def fail(where):
+def fail(where: int) -> "NoReturn":
     sys.stderr.write(f"floor_block: failed at check {where}\n")
     sys.stderr.flush()
     os._exit(1)
 
 
 class Store:
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.sock.settimeout(10)
         while True:
@@ -50,9 +57,9 @@ class Store:
                 time.sleep(0.001)
         self.rid = 0
         self.buf = b""
-        self.events = []
+        self.events: list[bytes] = []
 
-    def batch(self, reqs, tx=0):
+    def batch(self, reqs: "list[tuple[int, bytes]]", tx: int = 0) -> "list[tuple[int, bytes]]":
         """[(type, payload)] -> [(type, payload)], one send."""
         ids = []
         out = []
@@ -61,7 +68,7 @@ class Store:
             ids.append(self.rid)
             out.append(HDR.pack(op, self.rid, tx, len(payload)) + payload)
         self.sock.sendall(b"".join(out))
-        got = {}
+        got: dict[int, tuple[int, bytes]] = {}
         while len(got) < len(ids):
             while len(self.buf) < 16 or len(self.buf) < 16 + HDR.unpack_from(self.buf)[3]:
                 data = self.sock.recv(65536)
@@ -76,13 +83,13 @@ class Store:
                 got[rid] = (op, payload)
         return [got[i] for i in ids]
 
-    def reads(self, paths, tx=0):
+    def reads(self, paths: "list[str]", tx: int = 0) -> "list[str | None]":
         return [
             None if op == ERROR else p.decode()
             for op, p in self.batch([(READ, path.encode() + b"\0") for path in paths], tx)
         ]
 
-    def transaction(self, body):
+    def transaction(self, body: "Callable[[int], bool]") -> bool:
         for _ in range(16):
             op, p = self.batch([(TX_START, b"\0")])[0]
             tx = int(p.rstrip(b"\0"))
@@ -94,18 +101,18 @@ class Store:
                 fail(2)
         fail(3)
 
-    def wait_event(self, timeout):
+    def wait_event(self, timeout: float) -> None:
         if self.events or len(self.buf) >= 16:
             return
         select.select([self.sock], [], [], timeout)
 
 
-def writes(items, removes=()):
+def writes(items: "Mapping[str, str]", removes: "Sequence[str]" = ()) -> "list[tuple[int, bytes]]":
     reqs = [(WRITE, k.encode() + b"\0" + v.encode()) for k, v in items.items()]
     return reqs + [(RM, k.encode() + b"\0") for k in removes]
 
 
-def sharing_scan(st):
+def sharing_scan(st: "os.stat_result") -> None:
     """Every bound loop device backed by this inode (our sharing check for a file: the kernel's
     loop list is complete)."""
     for name in os.listdir("/sys/block"):
@@ -125,7 +132,7 @@ def sharing_scan(st):
             fail(4)  # shared: ours would refuse a writable second user
 
 
-def add(store, be, env):
+def add(store: Store, be: str, env: "Mapping[str, str]") -> int:
     state, online, mode, params, published = store.reads(
         [be + "/" + n for n in ("state", "online", "mode", "params", "physical-device")]
     )
@@ -169,7 +176,7 @@ def add(store, be, env):
     home = store.batch([(GET_DOMAIN_PATH, b"0\0")])[0][1].rstrip(b"\0").decode()
     error = f"{home}/error/{be[len(home) + 1 :]}"
 
-    def publish(tx):
+    def publish(tx: int) -> bool:
         now = store.reads(
             [be + "/" + n for n in ("state", "online", "physical-device", "mode", "params")], tx
         )
@@ -204,7 +211,7 @@ def add(store, be, env):
         store.events.clear()
     store.batch([(UNWATCH, p + b"\0" + token + b"\0") for p in watched])
 
-    def connected(tx):
+    def connected(tx: int) -> bool:
         if store.reads([be + "/state"], tx)[0] is None:
             fail(10)
         store.batch(writes({be + "/" + OWNER: owner, be + "/hotplug-status": "connected"}), tx)
@@ -215,7 +222,7 @@ def add(store, be, env):
     return 0
 
 
-def remove(store, be):
+def remove(store: Store, be: str) -> int:
     owner = store.reads([be + "/" + OWNER])[0]
     if owner is None:
         return 0
@@ -239,7 +246,7 @@ def remove(store, be):
     except OSError:
         pass  # already gone
 
-    def withdraw(tx):
+    def withdraw(tx: int) -> bool:
         if store.reads([be + "/" + OWNER], tx)[0] != owner:
             return False
         store.batch([(RM, f"{be}/{name}".encode() + b"\0") for name in PUBLISHED], tx)
@@ -249,7 +256,7 @@ def remove(store, be):
     return 0
 
 
-def main():
+def main() -> "NoReturn":
     env = os.environ
     store = Store(env.get("XENSTORED_PATH") or "/run/xenstored/socket")
     rel = env["XENBUS_PATH"]

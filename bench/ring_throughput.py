@@ -363,6 +363,7 @@ def engine(
             kwargs={"persistent": persistent, "frontend": frontend, "slices": slices if interleave else 1},
         )
         proc.start()
+        assert proc.pid is not None  # started
         if _PIN:  # --pin: the frontend on its own CPU, as a guest's vCPU would be
             os.sched_setaffinity(proc.pid, {_PIN[1]})
         child_end.close()  # ours: a child that dies then shows up as EOFError, not a hang

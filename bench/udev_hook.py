@@ -112,10 +112,10 @@ def main() -> int:
                 f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
             )
             print(f"{'':<40} {'wall p50':>10} {'CPU p50':>10} {'CPU p90':>10}")
-            for key, (wall, cpu) in samples.items():
+            for key, (walls, cpus) in samples.items():
                 print(
-                    f"{key:<40} {percentile(wall, 50) / 1e3:>8.2f}ms {percentile(cpu, 50) / 1e3:>8.2f}ms "
-                    f"{percentile(cpu, 90) / 1e3:>8.2f}ms"
+                    f"{key:<40} {percentile(walls, 50) / 1e3:>8.2f}ms {percentile(cpus, 50) / 1e3:>8.2f}ms "
+                    f"{percentile(cpus, 90) / 1e3:>8.2f}ms"
                 )
             if "baseline" in hooks:
                 for event in events:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pyxs
@@ -137,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--import-runs", type=int, default=20)
     args = parser.parse_args(argv)
 
-    daemons: dict[str, Callable[[], Iterator[str]]] = {"C xenstored": c_daemon, "embedded": embedded_daemon}
+    daemons: dict[str, Callable[[], AbstractContextManager[str]]] = {
+        "C xenstored": c_daemon,
+        "embedded": embedded_daemon,
+    }
     columns: dict[str, dict[str, list[float]]] = {}
     with ExitStack() as stack:
         for name, factory in daemons.items():
             try:
-                sock = stack.enter_context(factory())  # type: ignore[arg-type]
+                sock = stack.enter_context(factory())
             except Unavailable as exc:
                 print(f"skipping {name}: {exc}")
                 continue

@@ -103,7 +103,11 @@ def test_attach_connects_lists_and_detaches(
     assert "connected" in table
 
     # libxl-style detach: Closing -> the guest closes -> Closed -> remove -> directories deleted
-    closer = threading.Thread(target=lambda: guest.front and guest.front.disconnect(), daemon=True)
+    def guest_closes() -> None:
+        if guest.front:
+            guest.front.disconnect()
+
+    closer = threading.Thread(target=guest_closes, daemon=True)
     closer.start()
     detached = run_cli("detach", "5", "xvdb", "--json", "--wait", "15")
     closer.join(20)

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kernel import EmptyLoop, ImageFactory
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import Backend, Libxl
+from tests.fixtures.xenstore import EmbeddedXenstored
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import hostfiles
 from xenblockctl.xenstore.client import XenStore
@@ -205,9 +206,7 @@ def _event(libxl: Libxl, action: str, relative: str, **extra: str) -> dict[str, 
     return env
 
 
-def _backend(relative: str) -> object:
-    from tests.fixtures.libxl import Backend
-
+def _backend(relative: str) -> Backend:
     _, kind, domid, devid = relative.split("/")
     return Backend(int(domid), int(devid), kind)
 
@@ -328,7 +327,7 @@ UDEVD = "/lib/systemd/systemd-udevd"
 
 
 @pytest.fixture
-def private_udevd(tmp_path: Path, xenstored: object) -> Iterator[None]:
+def private_udevd(tmp_path: Path, xenstored: EmbeddedXenstored) -> Iterator[None]:
     """systemd-udevd in a private mount namespace (tmpfs /run and /dev, only our rules visible),
     with the rules' RUN pointed at this checkout's hook and XENSTORED_PATH at the test daemon. It
     hears the machine's real kernel uevents; the hook only ever writes to the test xenstored."""

@@ -213,7 +213,7 @@ def rename_race_refused() -> dict[str, object]:
 
 def recreate_race_refused() -> dict[str, object]:
     backing = _file("recreate.img", 4 * MIB)
-    refusals: dict[str, str] = {}
+    refusals: dict[str, object] = {}
     with _ctl() as ctl, _loop(backing) as lo:
         table = _linear(lo.identity.devt, lo.identity.sectors)
         # A: X removed, an intruder takes X's minor, X comes back elsewhere.

@@ -24,6 +24,7 @@ from xenblockctl.kernel.blockdev import identify
 from xenblockctl.kernel.errors import IdentityMismatch
 from xenblockctl.kernel.loop_abi import LOOP_SET_CAPACITY
 from xenblockctl.xenstore.client import Transaction, XenStore
+from xenblockctl.xenstore.identity import PUBLISHED
 from xenblockctl.xenstore.vbd import BackendPath
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -63,7 +64,7 @@ def test_config_changed_before_publishing_is_refused(
     assert "add-published" not in reached
     nodes = libxl.nodes(be)
     assert nodes[node] == changed
-    for name in add.PUBLISHED:
+    for name in PUBLISHED:
         assert name not in nodes
     assert nodes["hotplug-status"] == "error"
     assert nodes["hotplug-error"].startswith("backend-missing:")
@@ -132,6 +133,6 @@ def test_block_device_changed_before_the_lock_is_refused(
         _add(libxl, be)
     assert identify(admin.fd).size_bytes == 16 << 20, "the resize really happened"
     nodes = libxl.nodes(be)
-    for name in add.PUBLISHED:
+    for name in PUBLISHED:
         assert name not in nodes
     assert nodes["hotplug-error"].startswith("identity-mismatch:")

@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
-from tests.fixtures.engine import EngineProc, attach_guest, wait_for
+from tests.fixtures.engine import AttachOptions, EngineProc, attach_guest, wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.guest import XenbusFrontend
@@ -21,9 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def attach(
-    libxl: Libxl, engine: EngineProc, image: Path, domid: int, **guest_kw: object
+    libxl: Libxl, engine: EngineProc, image: Path, domid: int, **options: Unpack[AttachOptions]
 ) -> tuple[Backend, XenbusFrontend]:
-    return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
+    return attach_guest(libxl, engine.transport, image, domid, **options)
 
 
 def test_guest_reads_and_writes_through_the_engine(

@@ -12,7 +12,7 @@ import pytest
 from tests.fixtures.engine import EngineProc, InprocEngine, attach_disk, attach_guest, connect_guest, wait_for
 from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Backend, Libxl
-from xenblockctl.backend import blkif, xenbus
+from xenblockctl.backend import blkif
 from xenblockctl.backend.guest import GuestError, XenbusFrontend
 from xenblockctl.kernel import blockdev
 
@@ -96,7 +96,7 @@ def test_an_exception_while_serving_one_device_fails_it_alone(
         victim = libxl.create_backend(43, 51712, victim_path, "w", engine=False)
         assert wait_for(lambda: libxl.nodes(victim).get("opened") == "0"), libxl.nodes(victim)
         # the bystander's device is open already: the next open is the victim's
-        monkeypatch.setattr(xenbus.blockdev, "open_devt", open_devt)
+        monkeypatch.setattr(blockdev, "open_devt", open_devt)
         libxl.run("add", victim)  # fails: the engine refuses; the script's own outcome is tested elsewhere
         assert wait_for(lambda: libxl.nodes(victim).get("state") == "5"), libxl.nodes(victim)
         assert "internal error: OSError" in (error_of(libxl, victim) or ""), error_of(libxl, victim)

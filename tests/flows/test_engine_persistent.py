@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
-from tests.fixtures.engine import InprocEngine, attach_guest, wait_for
+from tests.fixtures.engine import AttachOptions, InprocEngine, attach_guest, wait_for
 from tests.fixtures.engine import detach_guest as detach
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend import blkif, fastpath, io
+from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.guest import XenbusFrontend
+from xenblockctl.backend.io import DeviceTarget
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
 
 def attach(
-    libxl: Libxl, engine: InprocEngine, image: Path, domid: int, **guest_kw: object
+    libxl: Libxl, engine: InprocEngine, image: Path, domid: int, **options: Unpack[AttachOptions]
 ) -> tuple[Backend, XenbusFrontend]:
-    return attach_guest(libxl, engine.transport, image, domid, **guest_kw)
+    return attach_guest(libxl, engine.transport, image, domid, **options)
 
 
 @pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=lambda a: a.protocol)
@@ -36,7 +39,7 @@ def test_negotiation_and_data_both_modes(
         assert libxl.nodes(be)["feature-persistent"] == "1", "we offer it"
         assert guest.persistent_negotiated is persistent
         dp = engine_inproc.device(30).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         assert (dp.grant_cache is not None) is persistent
         ring = guest.ring
         assert ring is not None
@@ -75,7 +78,7 @@ def test_reconnect_starts_empty_and_detach_unmaps_everything(
     try:
         for boot in range(3):
             dp = device.dataplane
-            assert dp is not None
+            assert isinstance(dp, DataPlane)
             cache = dp.grant_cache
             assert cache is not None
             assert cache not in caches, "a reconnect builds a new cache"
@@ -107,7 +110,7 @@ def test_detach_with_requests_in_flight_drains_then_unmaps(
     ring = guest.ring
     assert ring is not None
     dp = engine_inproc.device(32).dataplane
-    assert dp is not None
+    assert isinstance(dp, DataPlane)
     cache = dp.grant_cache
     assert cache is not None
     payload = b"persistent in flight".ljust(4096, b"!")
@@ -144,7 +147,7 @@ def test_hostile_feature_persistent_is_off(
     try:
         assert libxl.nodes(be)["state"] == "4"
         dp = engine_inproc.device(33).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         assert dp.grant_cache is None
         assert dp.params.persistent is False
         assert guest.ring is not None
@@ -163,7 +166,7 @@ def test_engine_configured_without_persistent_grants(
         assert libxl.nodes(be)["feature-persistent"] == "0"
         assert guest.persistent_negotiated is False
         dp = engine_inproc.device(34).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         assert dp.grant_cache is None
         assert guest.ring is not None
         assert guest.ring.read(0, 512)[:2] == b"ok"
@@ -186,7 +189,7 @@ def test_engine_native_option_reaches_the_data_plane(
     be, guest = attach(libxl, engine_inproc, image, 35, persistent=True)
     try:
         dp = engine_inproc.device(35).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         assert (dp._fast is not None) is native
         assert guest.ring is not None
         for _ in range(3):
@@ -207,7 +210,7 @@ def test_engine_native_loop_option_reaches_the_data_plane(
     be, guest = attach(libxl, engine_inproc, image, 36, persistent=False)
     try:
         dp = engine_inproc.device(36).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         assert dp._native_loop is engine_inproc.engine.config.native_loop
         assert guest.ring is not None
         assert guest.ring.read(0, 512)[:2] == b"ok"
@@ -243,11 +246,11 @@ def test_the_engine_config_decides_how_writes_go_out(
     be, guest = attach(libxl, engine_inproc, image, 33, persistent=True)
     try:
         dp = engine_inproc.device(33).dataplane
-        assert dp is not None
+        assert isinstance(dp, DataPlane)
         executor = dp.executor
         assert isinstance(executor, io.Executor)
         target = engine_inproc.device(33).target
-        assert target is not None
+        assert isinstance(target, DeviceTarget)
         assert (executor.write_fd != target.fd) is direct
         assert executor.inline_direct_writes is not on_pool
         assert (executor.read_fd == executor.write_fd != target.fd) is reads

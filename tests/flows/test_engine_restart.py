@@ -311,13 +311,14 @@ class GuestIO(threading.Thread):
         try:
             while not self.halt.is_set():
                 sector, data = (self.rounds % 512) * 8, os.urandom(4096)
-                status = self._op(lambda r, s=sector, d=data: r.submit_write(s, d)).response.status
+                # each lambda is waited on before the loop moves on: no late binding to fear
+                status = self._op(lambda r: r.submit_write(sector, data)).response.status  # noqa: B023
                 flushed = self._op(lambda r: r.submit_flush()).response.status
                 if status != blkif.RSP_OKAY or flushed != blkif.RSP_OKAY:
                     self.errors.append(f"round {self.rounds}: write {status}, flush {flushed}")
                     continue
                 self.acked[sector] = data
-                got = self._op(lambda r, s=sector: r.submit_read(s, 4096))
+                got = self._op(lambda r: r.submit_read(sector, 4096))  # noqa: B023
                 if got.response.status != blkif.RSP_OKAY or got.data != data:
                     self.errors.append(
                         f"round {self.rounds}: read {got.response.status}, data matches: {got.data == data}"

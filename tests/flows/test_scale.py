@@ -15,6 +15,7 @@ from tests.fixtures.libxl import Backend, Libxl
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.guest import XenbusFrontend
 from xenblockctl.blockscript.owner import OwnerRecord
+from xenblockctl.kernel.loop import LoopDevice
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.paths import join
 
@@ -42,11 +43,11 @@ def test_parallel_adds_with_many_existing_backends(libxl: Libxl, make_image: Ima
     running = [libxl.start("add", be) for be in backends]
     for r in running:
         r.proc.wait(120)
-    failures = [
-        (be.relative, r.proc.returncode, r.proc.stderr.read())
-        for be, r in zip(backends, running, strict=True)
-        if r.proc.returncode != 0
-    ]  # type: ignore[union-attr]
+    failures = []
+    for be, r in zip(backends, running, strict=True):
+        if r.proc.returncode != 0:
+            assert r.proc.stderr is not None
+            failures.append((be.relative, r.proc.returncode, r.proc.stderr.read()))
     assert not failures, failures
     seen = set()
     for be, consumer in zip(backends, consumers, strict=True):
@@ -99,8 +100,8 @@ def test_read_only_sharing_is_allowed(libxl: Libxl, make_image: ImageFactory) ->
 
 
 def test_loop_set_up_by_hand_blocks_writable_attach(
-    libxl: Libxl, make_image: ImageFactory, loop_devices: list
-) -> None:  # type: ignore[type-arg]
+    libxl: Libxl, make_image: ImageFactory, loop_devices: list[LoopDevice]
+) -> None:
     from xenblockctl.kernel import loop
 
     image = make_image()
@@ -149,7 +150,7 @@ def engine_memfd_maps(pid: int) -> tuple[int, int]:
 def wait_opened(libxl: Libxl, backends: Sequence[Backend]) -> None:
     """The engine has seen each backend (it writes `opened`=0 and goes to InitWait)."""
     for be in backends:
-        assert wait_for(lambda be=be: libxl.nodes(be).get("opened") == "0", 30), libxl.nodes(be)
+        assert wait_for(lambda: libxl.nodes(be).get("opened") == "0", 30), libxl.nodes(be)  # noqa: B023 (waited on at once)
 
 
 def run_scripts(libxl: Libxl, action: str, backends: Sequence[Backend]) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.fixtures.kernel import EmptyLoop, ImageFactory
 from xenblockctl.kernel import blockdev, loop, sysfs
+from xenblockctl.kernel.loop_abi import LOOP_MAJOR
 from xenblockctl.xenstore.identity import Liveness, PublishedIdentity, liveness_of
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -27,10 +28,10 @@ def test_bound_replaced_unverified_gone(make_image: ImageFactory) -> None:
         dev.close()  # AUTOCLEAR (EMPTY after it: test_an_empty_device_..., on a held number)
     # A minor no loop device has: nothing there, and looking must not create it (legacy autoload).
     minor = 1 << 19
-    while sysfs.read_attr(loop.LOOP_MAJOR, minor, "dev") is not None:
+    while sysfs.read_attr(LOOP_MAJOR, minor, "dev") is not None:
         minor += 1
-    assert liveness_of(os.makedev(loop.LOOP_MAJOR, minor), 5, blockdev.observe) is Liveness.GONE
-    assert sysfs.read_attr(loop.LOOP_MAJOR, minor, "dev") is None
+    assert liveness_of(os.makedev(LOOP_MAJOR, minor), 5, blockdev.observe) is Liveness.GONE
+    assert sysfs.read_attr(LOOP_MAJOR, minor, "dev") is None
 
 
 def test_an_empty_device_with_the_published_diskseq_is_live(empty_loop: EmptyLoop) -> None:

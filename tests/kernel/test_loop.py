@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import multiprocessing
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,7 @@ from xenblockctl.kernel.errors import (
     TargetPermission,
     TargetTypeError,
 )
-from xenblockctl.kernel.loop_abi import LoopConfig, LoopFlags, LoopInfo64
+from xenblockctl.kernel.loop_abi import LOOP_CONFIGURE, LoopConfig, LoopFlags, LoopInfo64
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -309,8 +312,8 @@ def test_private_node_when_dev_has_no_loop_nodes(
 
 
 def _attach_worker(
-    image: str, barrier: multiprocessing.synchronize.Barrier, rounds: int, out: multiprocessing.Queue
-) -> None:  # type: ignore[type-arg]
+    image: str, barrier: multiprocessing.synchronize.Barrier, rounds: int, out: multiprocessing.Queue[object]
+) -> None:
     results = []
     for _ in range(rounds):
         barrier.wait(timeout=30)
@@ -354,12 +357,12 @@ def test_a_race_lost_to_another_binder_is_retried_at_once(
     EBUSY is a race it won (the device is bound now), so the next GET_FREE is asked without a
     backoff sleep, and we end up on another device."""
     ours, theirs = make_image("ours.img"), make_image("theirs.img")
-    real_ioctl = loop.fcntl.ioctl
+    real_ioctl = fcntl.ioctl
     intruders: list[int] = []  # the other binder's loop fd (AUTOCLEAR: closing it detaches)
     sleeps: list[float] = []
 
-    def racing_ioctl(fd: int, request: int, *args: object) -> object:
-        if request == loop.LOOP_CONFIGURE and not intruders:
+    def racing_ioctl(fd: int, request: int, *args: Any) -> object:  # args go to the real ioctl
+        if request == LOOP_CONFIGURE and not intruders:
             # Bind *that* number to another file first, as a binder that won GET_FREE would.
             theirs_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
             intruders.append(theirs_fd)
@@ -369,11 +372,11 @@ def test_a_race_lost_to_another_binder_is_retried_at_once(
                     block_size=512,
                     info=LoopInfo64(lo_flags=int(LoopFlags.AUTOCLEAR), lo_file_name=b"xenblockctl:intruder"),
                 )
-                real_ioctl(theirs_fd, loop.LOOP_CONFIGURE, config.pack())
+                real_ioctl(theirs_fd, LOOP_CONFIGURE, config.pack())
         return real_ioctl(fd, request, *args)
 
-    monkeypatch.setattr(loop.fcntl, "ioctl", racing_ioctl)
-    monkeypatch.setattr(loop.time, "sleep", sleeps.append)
+    monkeypatch.setattr(fcntl, "ioctl", racing_ioctl)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     try:
         dev = loop.attach_file(str(ours), read_only=False, tag=TAG)
         try:
@@ -393,18 +396,18 @@ def test_ebusy_on_a_device_nobody_bound_backs_off(
     """EBUSY on a device that is still unbound (nobody won it: claimed, being torn down) is no
     proof of progress: that retry sleeps (jittered, bounded) before asking GET_FREE again."""
     image = make_image()
-    real_ioctl = loop.fcntl.ioctl
+    real_ioctl = fcntl.ioctl
     refused: list[int] = []
     sleeps: list[float] = []
 
-    def busy_once(fd: int, request: int, *args: object) -> object:
-        if request == loop.LOOP_CONFIGURE and not refused:
+    def busy_once(fd: int, request: int, *args: Any) -> object:  # args go to the real ioctl
+        if request == LOOP_CONFIGURE and not refused:
             refused.append(fd)
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         return real_ioctl(fd, request, *args)
 
-    monkeypatch.setattr(loop.fcntl, "ioctl", busy_once)
-    monkeypatch.setattr(loop.time, "sleep", sleeps.append)
+    monkeypatch.setattr(fcntl, "ioctl", busy_once)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     dev = loop.attach_file(str(image), read_only=False, tag=TAG)
     dev.close()
     assert len(sleeps) == 1, sleeps

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: What ruff checks and formats (mypy's list is pyproject's [tool.mypy] `files`): the package, its tests
+#: and its benchmarks hold to one standard.
+RUFF_PATHS = ("xenblockctl", "tests", "bench")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -15,16 +18,17 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check() -> None:
-    result = _run(sys.executable, "-m", "ruff", "check", "--no-cache", "xenblockctl", "tests", "bench")
+    result = _run(sys.executable, "-m", "ruff", "check", "--no-cache", *RUFF_PATHS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_stable() -> None:
-    result = _run(sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "xenblockctl")
+    result = _run(sys.executable, "-m", "ruff", "format", "--check", "--no-cache", *RUFF_PATHS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_strict_package() -> None:
+def test_mypy_strict() -> None:
+    """The package, its tests and its benchmarks: pyproject's [tool.mypy] `files` says which."""
     result = _run(sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir=/dev/null")
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -154,7 +154,7 @@ class _FakeServer:
 
 
 @pytest.fixture
-def fake_server(tmp_path: Path) -> Iterator[type[_FakeServer]]:
+def fake_server(tmp_path: Path) -> Iterator[Callable[[bytes], _FakeServer]]:
     made: list[_FakeServer] = []
 
     class Factory(_FakeServer):
@@ -207,7 +207,7 @@ def fake_server(tmp_path: Path) -> Iterator[type[_FakeServer]]:
     ],
 )
 def test_broken_or_hostile_servers_get_coded_errors(
-    fake_server: type[_FakeServer], reply: bytes, match: str
+    fake_server: Callable[[bytes], _FakeServer], reply: bytes, match: str
 ) -> None:
     server = fake_server(reply)
     started = time.monotonic()

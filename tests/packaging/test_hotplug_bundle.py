@@ -158,7 +158,7 @@ def test_the_bundle_holds_the_code_without_docstrings_and_function_annotations(l
     namespace: dict[str, object] = {"__name__": "probe"}
     exec(codes["xenblockctl.blockscript.hotplug"], namespace)
     main = namespace["main"]
-    assert callable(main)
+    assert isinstance(main, types.FunctionType)
     assert namespace.get("__doc__") is None  # a module run without a docstring sets none
     assert main.__doc__ is None
     assert main.__annotations__ == {}

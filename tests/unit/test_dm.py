@@ -8,8 +8,9 @@ import itertools
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +28,9 @@ from xenblockctl.kernel.dm_abi import (
 )
 
 Handler = Callable[[DmIoctl, bytes], "bytes | OSError"]
+
+
+T = TypeVar("T")
 
 
 class FakeKernel:
@@ -72,11 +76,17 @@ def status_reply(name: str, uuid: str = "", dev: int = 0, *, opens: int = 0, fla
     ).pack()
 
 
-def with_payload(payload: bytes, **fields: int) -> bytes:
-    return DmIoctl(version=(4, 47, 0), data_size=DM_DATA_START + len(payload), **fields).pack() + payload
+def with_payload(payload: bytes) -> bytes:
+    return DmIoctl(version=(4, 47, 0), data_size=DM_DATA_START + len(payload)).pack() + payload
 
 
-def name_list(entries: list[tuple[int, str, str | None]]) -> bytes:
+def logged(log: list[T], item: T, reply: bytes) -> bytes:
+    """A handler's body that records what the kernel was asked, then replies."""
+    log.append(item)
+    return reply
+
+
+def name_list(entries: Sequence[tuple[int, str, str | None]]) -> bytes:
     """dm_name_list records in the 4.46+ form (event_nr, flags, uuid after the name)."""
     out = bytearray()
     starts = []
@@ -195,7 +205,7 @@ def test_table_load_request(kernel: FakeKernel, ctl: dm.DmControl) -> None:
 
 def test_rename_payload(kernel: FakeKernel, ctl: dm.DmControl) -> None:
     got: list[tuple[DmIoctl, bytes]] = []
-    kernel.handlers[Cmd.DEV_RENAME] = lambda hdr, p: got.append((hdr, p)) or status_reply("new")
+    kernel.handlers[Cmd.DEV_RENAME] = lambda hdr, p: logged(got, (hdr, p), status_reply("new"))
     ctl.rename("old", "new")
     assert got[0][0].name == "old"
     assert got[0][1] == b"new\0"
@@ -203,7 +213,7 @@ def test_rename_payload(kernel: FakeKernel, ctl: dm.DmControl) -> None:
 
 def test_cancel_deferred_remove_is_a_target_message(kernel: FakeKernel, ctl: dm.DmControl) -> None:
     got: list[bytes] = []
-    kernel.handlers[Cmd.TARGET_MSG] = lambda hdr, p: got.append(p) or status_reply("x")
+    kernel.handlers[Cmd.TARGET_MSG] = lambda hdr, p: logged(got, p, status_reply("x"))
     ctl.cancel_deferred_remove(uuid="XENBLOCKCTL-1")
     assert got == [struct.pack("=Q", 0) + b"@cancel_deferred_remove\0"]
 
@@ -218,7 +228,7 @@ def test_failed_load_removes_the_created_device(kernel: FakeKernel, ctl: dm.DmCo
     removes: list[DmIoctl] = []
     kernel.handlers[Cmd.DEV_CREATE] = create
     kernel.handlers[Cmd.TABLE_LOAD] = lambda hdr, _: OSError(errno.EINVAL, "bad table")
-    kernel.handlers[Cmd.DEV_REMOVE] = lambda hdr, _: removes.append(hdr) or status_reply("x")
+    kernel.handlers[Cmd.DEV_REMOVE] = lambda hdr, _: logged(removes, hdr, status_reply("x"))
     with pytest.raises(dm.DmError) as info:
         dm.create_owned(ctl, "xbc-own", [Target(0, 8, "linear", "7:0 0")])
     assert info.value.errno == errno.EINVAL
@@ -262,7 +272,7 @@ def test_sweep_asks_for_uuids_old_kernels_do_not_list(kernel: FakeKernel, ctl: d
     old_form = struct.pack("=QI", os.makedev(254, 0), 0) + b"dead\0" + bytes(3)
     kernel.handlers[Cmd.LIST_DEVICES] = lambda hdr, _: with_payload(old_form)
     statuses: list[DmIoctl] = []
-    kernel.handlers[Cmd.DEV_STATUS] = lambda hdr, _: statuses.append(hdr) or status_reply("dead", dead)
+    kernel.handlers[Cmd.DEV_STATUS] = lambda hdr, _: logged(statuses, hdr, status_reply("dead", dead))
     kernel.handlers[Cmd.DEV_REMOVE] = lambda hdr, _: status_reply("dead", dead)
     assert dm.sweep_owned(ctl, creator_alive=lambda uuid: False) == ["dead"]
     assert statuses[0].name == "dead"

@@ -75,11 +75,12 @@ def fake_gntdev(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[xen_transport
             arg[8:16] = (first * PAGE_SIZE).to_bytes(8, "little")
             return 0
         if request == xen_transport.IOCTL_GNTDEV_UNMAP_GRANT_REF:
-            unmapped.append(int.from_bytes(bytes(arg)[:8], "little"))  # type: ignore[arg-type]
+            assert isinstance(arg, bytes | bytearray)
+            unmapped.append(int.from_bytes(bytes(arg)[:8], "little"))
             return 0
         raise AssertionError(f"unexpected gntdev ioctl {request:#x}")
 
-    monkeypatch.setattr(xen_transport.fcntl, "ioctl", fake_ioctl)
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl)
     transport = object.__new__(xen_transport.XenTransport)
     transport._gntdev = memfd
     try:

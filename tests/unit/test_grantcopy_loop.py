@@ -24,6 +24,7 @@ from tests.fixtures.ring_thread import (
     assert_stop_ends_it_asleep,
 )
 from xenblockctl.backend import blkif, grantcopy
+from xenblockctl.backend.fastpath import LoopExit
 from xenblockctl.backend.ring import BackRing
 from xenblockctl.backend.transport import base
 from xenblockctl.backend.transport.local import LocalEventChannel, LocalTransport
@@ -89,7 +90,7 @@ def _ring_after(
     calls: list[int] = []
     original = grantcopy.NativeCopy.loop
 
-    def counting(self: grantcopy.NativeCopy, *args: Any, **kw: Any) -> grantcopy.LoopExit:
+    def counting(self: grantcopy.NativeCopy, *args: Any, **kw: Any) -> LoopExit:
         calls.append(1)
         return original(self, *args, **kw)
 

@@ -126,14 +126,14 @@ def test_takeover_without_an_engine_is_a_coded_error(tmp_path: Path) -> None:
 
 def test_a_second_engine_does_not_steal_a_live_socket_but_replaces_a_dead_one(tmp_path: Path) -> None:
     path = str(tmp_path / "engine.handover")
-    first = HandoverServer(path, _journal(), lambda send: send({}))
+    first = HandoverServer(path, _journal(), lambda send: send({}, None))
     try:
         with pytest.raises(HandoverError, match="another engine listens"):
-            HandoverServer(path, _journal(), lambda send: send({}))
+            HandoverServer(path, _journal(), lambda send: send({}, None))
     finally:
         first.close(unlink=False)  # dies without removing its socket, as a killed engine does
     assert os.path.exists(path)
-    second = HandoverServer(path, _journal(), lambda send: send({}))
+    second = HandoverServer(path, _journal(), lambda send: send({}, None))
     try:
         assert oct(os.stat(path).st_mode & 0o777) == "0o600", "root only"
     finally:

@@ -4,6 +4,7 @@ regular expressions they replaced accepted (the regexes are kept here as the ref
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -53,7 +54,7 @@ PATHISH = st.lists(
 PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x80), max_size=130)
 
 
-def _accepts(fn, text):
+def _accepts(fn: Callable[[str], object], text: str) -> tuple[str, object]:
     try:
         return ("ok", fn(text))
     except (identity.IdentityError, vbd.VbdPathError, XenstoreError, ValueError) as exc:
@@ -80,7 +81,7 @@ def test_is_decimal_matches_the_regex(text: str) -> None:
 @pytest.mark.parametrize("cls", [vbd.BackendPath, vbd.FrontendPath])
 @given(text=st.one_of(PATHISH, PATHISH.map(lambda p: "/" + p)))
 @settings(max_examples=400)
-def test_vbd_paths_match_the_regexes(cls, text: str) -> None:
+def test_vbd_paths_match_the_regexes(cls: type[vbd.BackendPath] | type[vbd.FrontendPath], text: str) -> None:
     got = _accepts(cls.parse, text)
     if cls is vbd.BackendPath:
         matched = RELATIVE.fullmatch(text) or ABSOLUTE.fullmatch(text)

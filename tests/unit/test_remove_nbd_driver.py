@@ -5,6 +5,7 @@ host) on every VM stop."""
 from __future__ import annotations
 
 import os
+import posix
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,6 @@ def test_block_devices_are_listed_only_with_the_nbd_driver(
         listed.append(path)
         return [name for name in real_listdir(path) if not name.startswith("nbd")]  # no NBD device
 
-    monkeypatch.setattr(remove.posix, "listdir", listdir)
+    monkeypatch.setattr(posix, "listdir", listdir)
     remove._disconnect_unpublished_nbd(BackendPath("vbd", 5, 51712), None, Journal("test", stderr=False))
     assert listed == ([] if driver == "absent" else ["/sys/block"])

@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -477,7 +478,7 @@ def test_short_transfers_are_resumed(disk_file: tuple[Path, int]) -> None:
         f.write(pattern)
     calls: list[int] = []
 
-    def capped(fd_: int, bufs: list[memoryview], offset: int) -> int:
+    def capped(fd_: int, bufs: Sequence[memoryview], offset: int) -> int:
         room, parts = 3000, []
         for b in bufs:
             parts.append(b[: min(room, b.nbytes)])

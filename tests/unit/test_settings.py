@@ -90,6 +90,7 @@ def test_handoff_timeout_bound_leaves_time_to_report_before_libxl_kills() -> Non
     option = config.BY_KEY["hotplug.handoff_timeout"]
     assert config.LIBXL_HOTPLUG_TIMEOUT == 40.0
     assert option.high == config.SCRIPT_DEADLINE - config.HANDOFF_RESERVE == 35.0
+    assert isinstance(option.default, float)
     assert option.default <= option.high
     for other in SECONDS:
         assert other.high <= config.SCRIPT_DEADLINE < config.LIBXL_HOTPLUG_TIMEOUT

@@ -223,9 +223,9 @@ def resolve_versions(indices: Iterable[str]) -> dict[str, str]:
 
     merged: dict[str, tuple[str, str]] = {}
     for text in indices:
-        for package, (version, depends) in parse_packages(text, wanted).items():
+        for package, (version, needs) in parse_packages(text, wanted).items():
             if package not in merged or compare_versions(version, merged[package][0]) > 0:
-                merged[package] = (version, depends)
+                merged[package] = (version, needs)
     missing = [p for p in KEYED_PACKAGES if p not in merged]
     if missing:
         raise ArchiveUnresolved(f"the archive's indices do not list {', '.join(missing)}")

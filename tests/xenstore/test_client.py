@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -233,7 +234,7 @@ def test_run_transaction_retries_the_first_conflict_at_once_then_backs_off(
     import xenblockctl.xenstore.client as client_module
 
     sleeps: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     store.write("/tx/hot", "0")
 
     def always_conflicts(tx: Transaction) -> None:

@@ -321,9 +321,9 @@ class Soak:
         self.count("bursts")
         for at in range(lba, lba + n, MAX_SECTORS):
             k = min(MAX_SECTORS, lba + n - at)
-            data = self.read(buf, at, k, 0)
-            if data is not None:
-                self.verify(data, at, k, "burst read-back")
+            back = self.read(buf, at, k, 0)
+            if back is not None:
+                self.verify(back, at, k, "burst read-back")
 
     def adopt(self, buf: mmap.mmap, lba: int, n: int, gen: int) -> None:
         for at in range(lba, lba + n, MAX_SECTORS):
