@@ -200,12 +200,15 @@ class _LimitedTransport(WrappedTransport):
 
 @pytest.mark.parametrize("err", [errno.EMFILE, errno.ENOMEM], ids=["EMFILE", "ENOMEM"])
 def test_write_burst_past_the_limit_never_fails(
-    local_transport: LocalTransport, disk_file: tuple[Path, int], err: int
+    local_transport: LocalTransport, disk_file: tuple[Path, int], err: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """mkfs's burst in miniature: 32 requests of 4 distinct pages at once, then 100-page indirect
     requests, with room for 8 live mappings (each cold request's pages are one mapping where they
     fit: GrantCache._batch; the 32 requests' 32 mappings go past it). Every request succeeds and
-    lands on disk."""
+    lands on disk. The native pass would map the burst's pages ahead in one mapping
+    (DataPlane._prefetch, tested below) and stay under the limit: here it is off, as for a burst
+    spread over passes, which still goes past it."""
+    monkeypatch.setattr(DataPlane, "_prefetch", lambda self, data, start, count: None)
     path, fd = disk_file
     target = DeviceTarget.from_fd(fd)
     limited = _LimitedTransport(local_transport, 8, err)
@@ -235,12 +238,52 @@ def test_write_burst_past_the_limit_never_fails(
     assert limited.live == 0
 
 
+@pytest.mark.parametrize("limit", [2, 1])
+def test_a_burst_mapped_ahead_stays_under_the_limit_or_falls_back(
+    local_transport: LocalTransport, disk_file: tuple[Path, int], limit: int
+) -> None:
+    """The same burst with the native pass's prefetch: its first request maps its own pages, the
+    other 31 requests' pages are mapped ahead in one mapping (2 live: under a limit of 2). With room
+    for 1, the prefetch's call is refused and maps nothing, and the requests map their own pages
+    through the resource rules as before. Every request succeeds either way."""
+    path, fd = disk_file
+    target = DeviceTarget.from_fd(fd)
+    limited = _LimitedTransport(local_transport, limit)
+    with LocalFrontend(local_transport.socket_path, 52, data_pages=256, persistent=True) as fe:
+        params = dataclasses.replace(ring_params_of(fe), persistent=True)
+        dp = DataPlane(limited, 52, params, target, target.limits(), workers=0)
+        dp.start()
+        try:
+            cache = dp.grant_cache
+            assert cache is not None
+            writes = {fe.submit_write(i * 64, bytes([i + 1]) * 16384): i for i in range(32)}
+            done = fe.collect(32)
+            assert {done[r].response.status for r in writes} == {blkif.RSP_OKAY}
+            for i in range(32):
+                assert on_disk(path, i * 64 * 512, 16384) == bytes([i + 1]) * 16384
+            assert dp.stats.errors == 0
+            if dp._fast is None:  # the pure-Python pass maps per request, as before
+                return
+            if limit == 2:
+                assert (cache.stats.prefetches, limited.refused, limited.live) == (1, 0, 2)
+            else:
+                assert cache.stats.prefetches == 0
+                assert limited.refused > 0
+                assert cache.stats.shed > 0
+            assert limited.live <= limit
+        finally:
+            assert dp.stop()
+    assert limited.live == 0
+
+
 def test_pages_of_requests_in_flight_are_waited_for(
     local_transport: LocalTransport, disk_file: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Room for 2 live mappings (a cold request's pages are one mapping: GrantCache._batch), two
     4-page writes pinned on slow workers: a third request waits for one of them to give its pages
-    back instead of failing."""
+    back instead of failing. The native pass's prefetch is off: it would map the second and third
+    requests' pages ahead in one mapping, and this is about a request that needs one more."""
+    monkeypatch.setattr(DataPlane, "_prefetch", lambda self, data, start, count: None)
     path, fd = disk_file
     target = DeviceTarget.from_fd(fd)
     limited = _LimitedTransport(local_transport, 2)

@@ -638,6 +638,69 @@ def test_a_cold_write_through_the_data_plane_is_one_map_call(
     assert cache.stats.batches == 1
 
 
+def test_a_cold_pass_maps_its_new_pages_ahead_in_two_calls(
+    make_pair: PairFactory, local_transport: LocalTransport, engine_path: str
+) -> None:
+    """Issue 20, the cold write on real Xen: blkfront filling its persistent pool sends a pass of
+    indirect requests on new pages; each cost two map calls (its indirect page, then its data
+    pages: a MAP ioctl and an mmap each, ~2 ms under TCG). Once the native pass's first request
+    has mapped its own, the rest of the pass's new pages are mapped ahead: their indirect pages in
+    one call, their data pages in another. The pure-Python pass maps per request, as before."""
+    pair = make_pair(persistent=True, data_pages=4 * 32, workers=0)
+    fe, cache = pair.frontend, pair.dataplane.grant_cache
+    assert cache is not None
+    blobs = [os.urandom(32 * 4096) for _ in range(4)]  # 4 requests of 32 pages: indirect
+    calls = local_transport.map_calls
+    rids = [fe.submit_write(i * 256, blob) for i, blob in enumerate(blobs)]
+    done = fe.collect(want=4)  # one kick: the four in one pass
+    assert {rid: done[rid].response.status for rid in rids} == dict.fromkeys(rids, blkif.RSP_OKAY)
+    if engine_path == "python":
+        assert local_transport.map_calls - calls == 8
+        assert cache.stats.prefetches == 0
+    else:
+        assert local_transport.map_calls - calls == 4  # the first request's 2, then 2 for three
+        assert cache.stats.prefetches == 2
+    assert (cache.mapped, cache.stats.evictions) == (4 * 33, 0)
+    assert on_disk(pair.path, 0, 4 * len(blobs[0])) == b"".join(blobs)
+    assert fe.read(0, 4 * 32 * 4096) == b"".join(blobs)  # the same pool pages: from the cache
+    assert local_transport.map_calls - calls == (8 if engine_path == "python" else 4)
+
+
+def test_prefetch_maps_only_what_fits_and_a_bad_ref_maps_nothing(
+    local_transport: LocalTransport, frontend: LocalFrontend
+) -> None:
+    """GrantCache.prefetch is a hint: one call for the pages not cached yet, only if they all fit
+    without an eviction; a failed call (one bad ref) maps nothing, and the good pages are then
+    mapped by their own requests as before, the bad ref failing only its own."""
+    cache = GrantCache(local_transport, 45, max_grants=6)
+    calls = local_transport.map_calls
+    assert cache.prefetch((1, 2, 2, 3)) == 3
+    assert local_transport.map_calls - calls == 1
+    assert cache.prefetch((1, 2, 3)) == 0  # all cached: no call
+    assert cache.prefetch((3, 4)) == 0  # one new page: a request maps it as well as we could
+    assert cache.prefetch((4, 5, 6, 7)) == 0  # 3 + 4 > 6: never evicts for a hint
+    assert local_transport.map_calls - calls == 1
+    bad = frontend.total_pages + 3
+    assert cache.prefetch((4, bad)) == 0
+    assert cache.stats.batch_fallbacks == 1
+    assert (cache.stats.prefetches, cache.stats.evictions) == (1, 0)
+    assert sorted(cache.native_pages()) == [1, 2, 3]
+    bufs, lease = cache.acquire((1, 2, 3), None, writable=False)  # hits
+    assert b"".join(bufs) == _pages_of((1, 2, 3))
+    release_all(bufs)
+    lease.unmap()
+    assert cache.stats.map_calls == 2  # the failed one counted: it costs the same ioctl
+    with pytest.raises(TransportError):
+        cache.acquire((bad,), None, writable=False)
+    bufs, lease = cache.acquire((4,), None, writable=False)
+    assert b"".join(bufs) == _pages_of((4,))
+    release_all(bufs)
+    lease.unmap()
+    assert sorted(cache.native_pages()) == [1, 2, 3, 4]
+    assert cache.close() == 4
+    assert local_transport.mapped_pages == 0
+
+
 def test_a_batch_is_evicted_whole_and_never_while_a_page_of_it_is_pinned(
     local_transport: LocalTransport, frontend: LocalFrontend
 ) -> None:

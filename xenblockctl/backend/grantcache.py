@@ -155,6 +155,7 @@ class GrantCacheStats:
     map_calls: int = 0  # transport.map_grants calls (each one MAP ioctl + one mmap on Xen)
     batches: int = 0  # requests whose uncached pages were all mapped by one call (see _batch)
     batch_fallbacks: int = 0  # such calls that failed: the request's pages mapped one by one instead
+    prefetches: int = 0  # passes whose next requests' new pages were mapped by one call (prefetch)
     map_seconds: float = 0.0  # wall time spent in those calls (issue 20: what a cold write pays)
 
 
@@ -532,6 +533,27 @@ class GrantCache:
         evicts, caches, keeps read-only grants transient and gives resources back by its rules,
         so a bad ref still fails only its own request and evicts nothing."""
         missing = tuple(dict.fromkeys(ref for ref, entry in zip(refs, order, strict=True) if entry is None))
+        if not self._map_group(missing):
+            return False
+        n = len(missing)
+        entries = self._entries
+        stats = self.stats
+        stats.batches += 1
+        stats.misses += n
+        wanted = 0
+        for i, ref in enumerate(refs):
+            if order[i] is None:
+                order[i] = entries[ref]
+                wanted += 1
+        stats.hits += wanted - n  # a ref named twice: mapped once, found again (as page by page)
+        return True
+
+    def _map_group(self, missing: tuple[int, ...]) -> bool:
+        """Map `missing` (distinct refs, none cached) with ONE map call and cache them as one group
+        (lock held); True if done. Only when they all fit without an eviction, in the cache's limit
+        and the budget (taken all or none), and never a single page (it needs no group); a failed
+        call (a bad or read-only ref, lack of resources) maps and caches nothing: the caller's
+        page-by-page path then applies every rule as before."""
         n = len(missing)
         if n < 2 or len(self._entries) + n > self.max_grants or not self.budget.take(n):
             return False
@@ -545,20 +567,27 @@ class GrantCache:
             )
             return False
         group = _Group(missing)
-        entries = self._entries
-        stats = self.stats
         for i, ref in enumerate(missing):
             self._keep(ref, _Entry(mapping, self._regions, i, group))
-        stats.batches += 1
-        stats.maps += n
-        stats.misses += n
-        wanted = 0
-        for i, ref in enumerate(refs):
-            if order[i] is None:
-                order[i] = entries[ref]
-                wanted += 1
-        stats.hits += wanted - n  # a ref named twice: mapped once, found again (as page by page)
+        self.stats.maps += n
         return True
+
+    def prefetch(self, refs: Sequence[int]) -> int:
+        """Map the pages of `refs` not cached yet with one map call, for requests about to be served
+        (issue 20, the cold write: a pass of requests on new pages cost two map calls per request,
+        its indirect pages and its data pages; DataPlane._prefetch asks for a whole pass's in two).
+        Only where they all fit without evicting anything (_map_group); otherwise, or if the call
+        fails, nothing is mapped and each request maps its own pages in acquire() as before, so a
+        bad ref still fails only its own request. Returns the pages mapped. Ring thread only."""
+        if self._closed:
+            return 0
+        entries = self._entries
+        with self._lock:
+            missing = tuple(dict.fromkeys(ref for ref in refs if ref not in entries))
+            if not self._map_group(missing):
+                return 0
+            self.stats.prefetches += 1
+            return len(missing)
 
     def _prepare_eviction(self) -> None:
         """Before removing entries (lock held): the LRU order must be exact, and a removal ends

@@ -1045,7 +1045,8 @@ class BackendDevice:
                 f" {total('evictions')} evictions, {total('transient')} transient,"
                 f" {total('resource_failures')} out of resources ({total('shed')} given back,"
                 f" {total('whole')} mapped whole), {total('map_calls')} map calls in"
-                f" {sum(c.stats.map_seconds for c in caches):.3f} s"
+                f" {sum(c.stats.map_seconds for c in caches):.3f} s ({total('prefetches')} ahead of"
+                f" their requests)"
             )
         queues = f" ({len(dataplanes)} queues)" if len(dataplanes) > 1 else ""
         # how often the frontend had to wake the ring thread, and we it (issue 20's wake-up path)

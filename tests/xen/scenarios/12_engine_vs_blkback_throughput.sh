@@ -9,7 +9,9 @@
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
 # (`engine_python_*`, issue 20), grant copy and --workers 2 run once.
-# xenci-timeout: 900
+# Issue 20 (helper wcold20): the cold write split adds two 32 MiB writes per measure; a loaded boot
+# ran past 900 s with them (lane 3: 900 s reached in its single rows; lane 1 took 891 s).
+# xenci-timeout: 1200
 . "$XENCI_SCENARIOS/lib.sh"
 
 need_script
@@ -34,7 +36,7 @@ rate() {
   rates[$label]=$(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.1f", b / 1048576 / s }')
   metric "${label}_MiBps" "${rates[$label]}" MiB/s
 }
-WORKLOADS="write_1M_nofsync seq_write_1M seq_read_1M seq_read_4k"
+WORKLOADS="write_1M_nofsync write_1M_nofsync_uncached seq_write_1M seq_read_1M seq_read_4k"
 # ratios PATH: PATH / kernel blkback for each workload of one measure() (issue 20: reported, not asserted).
 ratios() {
   local w
@@ -79,20 +81,31 @@ io_shape() {
       n ? kib / n : 0, n ? ms / n : 0, (s > 0 ? ms / 1000 / s : 0) }'
 }
 
+# vmpages: "DIRTIED WRITTEN ALLOCATED" pages so far (/proc/vmstat; issue 20, helper wcold20: does a cold
+# write cost page-cache pages the same write again does not?)
+vmpages() { awk '$1 == "nr_dirtied" { d = $2 } $1 == "nr_written" { w = $2 } $1 ~ /^pgalloc_/ { a += $2 }
+  END { print d, w, a }' /proc/vmstat; }
+# vm_delta LABEL BEFORE AFTER: pages dirtied, written back and allocated between two vmpages lines.
+vm_delta() {
+  echo "$2 $3" | awk -v label="$1" '{ printf "%s: %d pages dirtied, %d written back, %d allocated\n",
+    label, $4 - $1, $5 - $2, $6 - $3 }'
+}
+
 # measure LABEL: the three workloads through /dev/xvdb, then check what the write left there.
 measure() {
-  local label=$1 dev=/dev/xvdb t loop fe0 fe1 lo0 lo1 lo2 s
+  local label=$1 dev=/dev/xvdb t loop fe0 fe1 lo0 lo1 lo2 s vm0 vm1
   loop=$(loops_of "$img" | head -n 1)
   loop=${loop#/dev/}
   # The 1 MiB write split in two (issue 20: where does the write path's time go?): the same writes
   # without the final fsync, then that fsync alone (a blkif flush; the engine's fdatasync writes
   # back what its buffered pwritev left in the device's page cache).
   cpu_ticks > "$XENCI_WORK/cpu.before"
-  fe0=$(blkstat xvdb); lo0=$(blkstat "$loop"); t=$(now)
+  vm0=$(vmpages); fe0=$(blkstat xvdb); lo0=$(blkstat "$loop"); t=$(now)
   rate "${label}_write_1M_nofsync" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
-  s=$(elapsed "$t"); fe1=$(blkstat xvdb); lo1=$(blkstat "$loop")
+  s=$(elapsed "$t"); fe1=$(blkstat xvdb); lo1=$(blkstat "$loop"); vm1=$(vmpages)
   cpu_ticks > "$XENCI_WORK/cpu.after"
   cpu_report "$label 1 MiB writes" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
+  vm_delta "$label pages during the 1 MiB writes" "$vm0" "$vm1"
   t=$(now)
   python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); os.fsync(fd); os.close(fd)' "$dev" \
     || fail "$label: fsync of $dev failed"
@@ -103,10 +116,42 @@ measure() {
   io_shape "$label shape: $loop during the fsync after them" "$lo1" "$lo2" "$(elapsed "$t")"
   # the same writes again, not a workload of the medians (issue 20, helper xenwrite: is the first
   # row slow for the engine because it is the first I/O after attach, or because of no fsync?)
-  fe0=$(blkstat xvdb); t=$(now)
+  cpu_ticks > "$XENCI_WORK/cpu.before"
+  vm0=$(vmpages); fe0=$(blkstat xvdb); t=$(now)
   rate "${label}_write_1M_nofsync_again" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
-  fe1=$(blkstat xvdb)
+  fe1=$(blkstat xvdb); vm1=$(vmpages)
   io_shape "$label shape: xvdb (blkfront) during the same writes again" "$fe0" "$fe1" "$(elapsed "$t")"
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label the same writes again" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
+  vm_delta "$label pages during the same writes again" "$vm0" "$vm1"
+  # the same writes a third time with the loop device's page cache emptied (BLKFLSBUF: written back,
+  # then dropped) and the grants still mapped (issue 20, helper wcold20: of the cold write's extra
+  # time, what is the engine's first grant maps and what is filling an empty page cache? kernel
+  # blkback writes into the backing file's cache, which this leaves alone)
+  blockdev --flushbufs "/dev/$loop" || fail "$label: blockdev --flushbufs /dev/$loop failed"
+  cpu_ticks > "$XENCI_WORK/cpu.before"
+  vm0=$(vmpages)
+  rate "${label}_write_1M_nofsync_dropped" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  vm1=$(vmpages)
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label the same writes, page cache dropped" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
+  vm_delta "$label pages during the same writes, page cache dropped" "$vm0" "$vm1"
+  # and once more with no page cached anywhere, for every path alike (issue 20, helper wcold20): in
+  # rounds 2 and 3 kernel blkback's first write rewrites pages of the backing file that the rounds
+  # before left in its page cache, while the engine's buffered writes fill the loop device's own
+  # cache, which each attach starts empty. So: everything synced and dropped, then the write.
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  # what the write reads back into the cache first, outside the clock: the source pattern and dd
+  # itself (the first boot of this row timed their reads from dom0's disk: 11-24 MiB/s either way)
+  dd if="$src" of=/dev/null bs=1M status=none
+  cpu_ticks > "$XENCI_WORK/cpu.before"
+  vm0=$(vmpages)
+  rate "${label}_write_1M_nofsync_uncached" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  vm1=$(vmpages)
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label the same writes, nothing cached" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
+  vm_delta "$label pages during the same writes, nothing cached" "$vm0" "$vm1"
   rate "${label}_seq_write_1M" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none
   rate "${label}_seq_read_1M" $((32 << 20)) dd if="$dev" of=/dev/null bs=1M count=32 skip=8 iflag=direct status=none
   cpu_ticks > "$XENCI_WORK/cpu.before"
