@@ -10,10 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fixtures.cxenstored import Daemon
+from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.client import Transaction, WatchEvent, XenStore
 from xenblockctl.xenstore.errors import (
     TransactionConflict,
     XenstoreDisconnected,
+    XenstoreError,
     XenstoreExists,
     XenstoreInvalid,
     XenstoreNoEntry,
@@ -412,3 +414,20 @@ def test_reset_watches(store: XenStore, other: XenStore) -> None:
     assert store.wait_watch(0.3) is None
     store.watch("/rw", "t")  # registering again works: the old watch is gone everywhere
     assert store.wait_watch(5) == WatchEvent("/rw", "t")
+
+
+def test_request_ids_wrap_at_the_headers_32_bits(store: XenStore) -> None:
+    """The engine's connection lives for months: its 2**32nd request used to fail the header's
+    pack (struct.error), and the link with it. Ids now go 2**32 - 1, then 1 again, never 0."""
+    store._ids = iter(range(0xFFFFFFFF - 3, 1 << 62))  # the same counter, 4 requests before the wrap
+    for k in range(8):
+        store.write(f"/t/wrap{k}", str(k))
+    assert store.read_many([f"/t/wrap{k}" for k in range(8)]) == [str(k) for k in range(8)]
+    seen: list[str] = []
+
+    def follow(got: list[tuple[int, str | list[str] | XenstoreError]]) -> list[tuple[int, str]]:
+        seen.extend(str(value) for _index, value in got)
+        return []
+
+    store.stream([(wire.READ, "/t/wrap0"), (wire.READ, "/t/wrap7")], follow)  # the walk's numbering too
+    assert sorted(seen) == ["0", "7"]

@@ -101,6 +101,14 @@ class WatchEvent(tuple[str, str]):
         return f"WatchEvent(path={self[0]!r}, token={self[1]!r})"
 
 
+def _request_id(number: int) -> int:
+    """The `number`th request's id: 1 .. 2**32 - 1, then 1 again. The header's req_id is 32 bits,
+    and a long-lived connection (the engine's) passes 2**32 requests in weeks of busy guests: an
+    id past it failed the header's pack, and with it the link. 0 is left out (watch events carry
+    it). Ids repeat only after 4 billion requests, never among the few outstanding at once."""
+    return number % 0xFFFFFFFF + 1
+
+
 def _arg(text: str) -> bytes:
     # Paths and tokens were validated to ASCII before we get here.
     return text.encode("ascii") + _NUL
@@ -441,10 +449,11 @@ class XenStore(_Operations):
         self.endpoint = endpoint
         self.timeout = timeout
         self._tx_id = 0
-        # Request ids 1, 2, ...: a range's iterator, whose next() is as atomic under the GIL as
+        # Request numbers from a range's iterator, whose next() is as atomic under the GIL as
         # itertools.count's (a store may be shared by threads), without importing itertools,
         # ~0.06 ms of every hotplug start for this one counter (bench/README.md, issue 18 rm18).
-        self._ids = iter(range(1, 1 << 62))  # never exhausted
+        # Each becomes a request id through _request_id: the header's field is 32 bits.
+        self._ids = iter(range(1 << 62))  # never exhausted
         self._watch_tokens: dict[str, int] = {}
         #: `_thread`'s lock: `threading` is not needed for it (and not imported on the hotplug path).
         self._watch_lock = _thread.allocate_lock()
@@ -555,7 +564,8 @@ class XenStore(_Operations):
         deadline, limit = self._request_deadline(first)
         try:
             frames = link.exchange(
-                [(op, next(self._ids), tx_id, payload) for op, payload, _what in requests], deadline
+                [(op, _request_id(next(self._ids)), tx_id, payload) for op, payload, _what in requests],
+                deadline,
             )
         except (LinkTimeout, LinkLost, LinkSendFailed) as exc:
             raise self._link_failure(exc, requests[exc.index][2], limit) from _cause(exc)
@@ -595,7 +605,7 @@ class XenStore(_Operations):
                     check_path(path)
             check_paths([path for _op, path in batch])
             made.extend(batch)
-            return [(op, next(ids), 0, _arg(path)) for op, path in batch]
+            return [(op, _request_id(next(ids)), 0, _arg(path)) for op, path in batch]
 
         def on_replies(arrived: list[tuple[int, wire.Frame]]) -> list[tuple[int, int, int, bytes]]:
             results: list[tuple[int, str | list[str] | XenstoreError]] = []
