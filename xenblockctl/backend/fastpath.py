@@ -189,7 +189,8 @@ class FastPass:
         EventChannel.native_waiter()), serve, answer, push, notify, unmask, until something needs
         Python (LoopExit). `stop[0]` nonzero ends it; `pending`: the last wake-up's unmask is still
         owed. It adds its requests, wake-ups and notifies to `stats` (the data plane's QueueStats)
-        and to `served`, and notes the pages it used in the cache, after each run."""
+        and to `served`, and notes the pages it used in the cache (note_used), before each sleep
+        and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs wait."""
         executor = self._executor
         read, write = executor.placement()
         return run_loop(
