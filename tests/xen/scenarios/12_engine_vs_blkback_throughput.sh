@@ -91,6 +91,20 @@ vm_delta() {
     label, $4 - $1, $5 - $2, $6 - $3 }'
 }
 
+# measure()'s 1 MiB writes once more as row `${label}_write_1M_nofsync_$1`, with the CPU and the
+# pages they take around them (`$2`: what is different this time). Called from measure(): its
+# label, src and dev.
+counted_write() {
+  local vm0 vm1
+  cpu_ticks > "$XENCI_WORK/cpu.before"
+  vm0=$(vmpages)
+  rate "${label}_write_1M_nofsync_$1" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
+  vm1=$(vmpages)
+  cpu_ticks > "$XENCI_WORK/cpu.after"
+  cpu_report "$label the same writes, $2" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
+  vm_delta "$label pages during the same writes, $2" "$vm0" "$vm1"
+}
+
 # measure LABEL: the three workloads through /dev/xvdb, then check what the write left there.
 measure() {
   local label=$1 dev=/dev/xvdb t loop fe0 fe1 lo0 lo1 lo2 s vm0 vm1
@@ -129,13 +143,7 @@ measure() {
   # time, what is the engine's first grant maps and what is filling an empty page cache? kernel
   # blkback writes into the backing file's cache, which this leaves alone)
   blockdev --flushbufs "/dev/$loop" || fail "$label: blockdev --flushbufs /dev/$loop failed"
-  cpu_ticks > "$XENCI_WORK/cpu.before"
-  vm0=$(vmpages)
-  rate "${label}_write_1M_nofsync_dropped" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
-  vm1=$(vmpages)
-  cpu_ticks > "$XENCI_WORK/cpu.after"
-  cpu_report "$label the same writes, page cache dropped" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
-  vm_delta "$label pages during the same writes, page cache dropped" "$vm0" "$vm1"
+  counted_write dropped "page cache dropped"
   # and once more with no page cached anywhere, for every path alike (issue 20, helper wcold20): in
   # rounds 2 and 3 kernel blkback's first write rewrites pages of the backing file that the rounds
   # before left in its page cache, while the engine's buffered writes fill the loop device's own
@@ -145,13 +153,7 @@ measure() {
   # what the write reads back into the cache first, outside the clock: the source pattern and dd
   # itself (the first boot of this row timed their reads from dom0's disk: 11-24 MiB/s either way)
   dd if="$src" of=/dev/null bs=1M status=none
-  cpu_ticks > "$XENCI_WORK/cpu.before"
-  vm0=$(vmpages)
-  rate "${label}_write_1M_nofsync_uncached" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct status=none
-  vm1=$(vmpages)
-  cpu_ticks > "$XENCI_WORK/cpu.after"
-  cpu_report "$label the same writes, nothing cached" "$XENCI_WORK/cpu.before" "$XENCI_WORK/cpu.after"
-  vm_delta "$label pages during the same writes, nothing cached" "$vm0" "$vm1"
+  counted_write uncached "nothing cached"
   rate "${label}_seq_write_1M" $((32 << 20)) dd if="$src" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none
   rate "${label}_seq_read_1M" $((32 << 20)) dd if="$dev" of=/dev/null bs=1M count=32 skip=8 iflag=direct status=none
   cpu_ticks > "$XENCI_WORK/cpu.before"
