@@ -136,3 +136,31 @@ def test_remove_reads_the_owner_record_with_our_home(
     sends = _traced(libxl, "remove", be, tmp_path / "strace.txt")
     assert sends[0] == [wire.GET_DOMAIN_PATH, wire.READ], sends
     assert "xenblockctl-owner" not in libxl.nodes(be)
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_loop")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_remove_of_a_loop_rereads_the_record_only_in_the_withdrawal(
+    libxl: Libxl, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """A loop's remove makes 4 round trips, as the floor script does: the record with our home,
+    then the withdrawal's transaction, whose batch reads the record again with the removals. The
+    re-read under the device lock was a fifth (bench/README.md, issue 18, session 14)."""
+    be = libxl.create_backend(5, 51712, str(make_image()), "w")
+    consumer = libxl.engine_consumer(be)
+    added = libxl.run("add", be)
+    assert added.returncode == 0, added.stderr
+    consumer.wait_opened()
+    consumer.release()
+    libxl.store.write(be.node("state"), "6")
+    assert libxl.nodes(be)["xenblockctl-owner"].startswith("v1 kind=loop ")
+    sends = _traced(libxl, "remove", be, tmp_path / "strace.txt")
+    removals = [wire.RM] * 5  # identity.PUBLISHED
+    assert sends == [
+        [wire.GET_DOMAIN_PATH, wire.READ],
+        [wire.TRANSACTION_START],
+        [wire.READ, *removals],
+        [wire.TRANSACTION_END],
+    ], sends
+    assert "xenblockctl-owner" not in libxl.nodes(be)
