@@ -77,6 +77,11 @@ def test_home_and_config_in_one_send_and_the_first_check_with_the_watches(
     watches = [ops for ops in sends if wire.WATCH in ops]
     assert len(watches) == 1, sends
     assert watches[0] == [wire.WATCH, wire.WATCH, wire.READ, wire.READ, wire.READ, wire.READ], sends
+    # The hand-off's unwatches ride with the start of the transaction that marks it connected
+    # (issue 18, session 14): nothing waits for their reply alone.
+    unwatches = [ops for ops in sends if wire.UNWATCH in ops]
+    assert unwatches == [[wire.UNWATCH, wire.UNWATCH, wire.TRANSACTION_START]], sends
+    assert len(sends) <= 9, sends  # GDP+R, TS, publish, TE, WATCH+R, [R], UNWATCH+TS, mark, TE
 
 
 def test_the_watches_initial_events_do_not_cost_a_check(
