@@ -126,32 +126,13 @@ def test_the_watches_initial_events_do_not_cost_a_check(
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_remove_reads_the_owner_record_with_our_home(
+def test_remove_reads_the_record_with_our_home_and_again_only_in_the_withdrawal(
     libxl: Libxl, make_image: ImageFactory, tmp_path: Path
 ) -> None:
-    """remove's first send is our home and the owner record (relative: the daemon resolves it
-    against our home), as add's is: one round trip fewer than asking for the home first."""
-    be = libxl.create_backend(5, 51712, str(make_image()), "w")
-    consumer = libxl.engine_consumer(be)
-    added = libxl.run("add", be)
-    assert added.returncode == 0, added.stderr
-    consumer.wait_opened()
-    consumer.release()
-    libxl.store.write(be.node("state"), "6")
-    sends = _traced(libxl, "remove", be, tmp_path / "strace.txt")
-    assert sends[0] == [wire.GET_DOMAIN_PATH, wire.READ], sends
-    assert "xenblockctl-owner" not in libxl.nodes(be)
-
-
-@pytest.mark.root
-@pytest.mark.usefixtures("needs_loop")
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_remove_of_a_loop_rereads_the_record_only_in_the_withdrawal(
-    libxl: Libxl, make_image: ImageFactory, tmp_path: Path
-) -> None:
-    """A loop's remove makes 4 round trips, as the floor script does: the record with our home,
-    then the withdrawal's transaction, whose batch reads the record again with the removals. The
-    re-read under the device lock was a fifth (bench/README.md, issue 18, session 14)."""
+    """A loop's remove makes 4 round trips, as the floor script does: our home and the owner
+    record (relative: the daemon resolves it against our home), as add's first send is; then the
+    withdrawal's transaction, whose batch reads the record again with the removals. The re-read
+    under the device lock was a fifth (bench/README.md, issue 18, session 14)."""
     be = libxl.create_backend(5, 51712, str(make_image()), "w")
     consumer = libxl.engine_consumer(be)
     added = libxl.run("add", be)
