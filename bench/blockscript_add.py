@@ -239,7 +239,11 @@ def parallel_rows(libxl: Libxl, contestants: list[Contestant], images: list[Path
     runs: dict[str, list[ParallelRun]] = {c.label: [] for c in contestants}
     n = len(images)
     for r in range(rounds):
-        for k, c in enumerate(contestants):
+        # The order turns each round: in a fixed order the first contestant always ran right after
+        # the previous round's last (bash's 32 adds and their clean-up), and identical add code
+        # measured 10-15 % slower in first place (bench/README.md, issue 18, session 14, flow18).
+        turn = r % len(contestants)
+        for k, c in enumerate(contestants[turn:] + contestants[:turn]):
             # fresh domains every round (a removed backend leaves its frontend's vdev in use)
             runs[c.label].append(parallel(libxl, c, images, 1000 + (r * len(contestants) + k) * (n + 1)))
     for label, done in runs.items():
