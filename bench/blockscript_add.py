@@ -271,7 +271,10 @@ def laid_script(work: Path, python: str, checkout: Path = REPO, name: str = host
     shim = (checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text()
     laid.write_text(hostfiles.block_script(shim, where))
     laid.chmod(0o755)
-    if "--write-bundle" in shim:
+    # A shim with a bundle: older ones named the option, today's hand argv to bundle.start (the
+    # literal test alone missed them, and each laid script's first add wrote the bundle itself:
+    # 32 at once in --only-parallel's first round, ~4-5 s; bench/README.md, issue 18, flow18).
+    if "--write-bundle" in shim or "_reader.start(" in shim:
         wrote = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
         used = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
         if wrote.returncode not in (0, 3) or used.returncode != 0:  # 0: the bundle checked out and was used
