@@ -239,7 +239,11 @@ def parallel_rows(libxl: Libxl, contestants: list[Contestant], images: list[Path
     runs: dict[str, list[ParallelRun]] = {c.label: [] for c in contestants}
     n = len(images)
     for r in range(rounds):
-        for k, c in enumerate(contestants):
+        # The order turns each round: in a fixed order the first contestant always ran right after
+        # the previous round's last (bash's 32 adds and their clean-up), and identical add code
+        # measured 10-15 % slower in first place (bench/README.md, issue 18, session 14, flow18).
+        turn = r % len(contestants)
+        for k, c in enumerate(contestants[turn:] + contestants[:turn]):
             # fresh domains every round (a removed backend leaves its frontend's vdev in use)
             runs[c.label].append(parallel(libxl, c, images, 1000 + (r * len(contestants) + k) * (n + 1)))
     for label, done in runs.items():
@@ -267,7 +271,10 @@ def laid_script(work: Path, python: str, checkout: Path = REPO, name: str = host
     shim = (checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text()
     laid.write_text(hostfiles.block_script(shim, where))
     laid.chmod(0o755)
-    if "--write-bundle" in shim:
+    # A shim with a bundle: older ones named the option, today's hand argv to bundle.start (the
+    # literal test alone missed them, and each laid script's first add wrote the bundle itself:
+    # 32 at once in --only-parallel's first round, ~4-5 s; bench/README.md, issue 18, flow18).
+    if "--write-bundle" in shim or "_reader.start(" in shim:
         wrote = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
         used = subprocess.run([str(laid), "--write-bundle"], capture_output=True, text=True, check=False)
         if wrote.returncode not in (0, 3) or used.returncode != 0:  # 0: the bundle checked out and was used

@@ -77,6 +77,11 @@ def test_home_and_config_in_one_send_and_the_first_check_with_the_watches(
     watches = [ops for ops in sends if wire.WATCH in ops]
     assert len(watches) == 1, sends
     assert watches[0] == [wire.WATCH, wire.WATCH, wire.READ, wire.READ, wire.READ, wire.READ], sends
+    # The hand-off's unwatches ride with the start of the transaction that marks it connected
+    # (issue 18, session 14): nothing waits for their reply alone.
+    unwatches = [ops for ops in sends if wire.UNWATCH in ops]
+    assert unwatches == [[wire.UNWATCH, wire.UNWATCH, wire.TRANSACTION_START]], sends
+    assert len(sends) <= 9, sends  # GDP+R, TS, publish, TE, WATCH+R, [R], UNWATCH+TS, mark, TE
 
 
 def test_the_watches_initial_events_do_not_cost_a_check(
@@ -121,11 +126,13 @@ def test_the_watches_initial_events_do_not_cost_a_check(
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_loop")
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_remove_reads_the_owner_record_with_our_home(
+def test_remove_reads_the_record_with_our_home_and_again_only_in_the_withdrawal(
     libxl: Libxl, make_image: ImageFactory, tmp_path: Path
 ) -> None:
-    """remove's first send is our home and the owner record (relative: the daemon resolves it
-    against our home), as add's is: one round trip fewer than asking for the home first."""
+    """A loop's remove makes 4 round trips, as the floor script does: our home and the owner
+    record (relative: the daemon resolves it against our home), as add's first send is; then the
+    withdrawal's transaction, whose batch reads the record again with the removals. The re-read
+    under the device lock was a fifth (bench/README.md, issue 18, session 14)."""
     be = libxl.create_backend(5, 51712, str(make_image()), "w")
     consumer = libxl.engine_consumer(be)
     added = libxl.run("add", be)
@@ -133,6 +140,13 @@ def test_remove_reads_the_owner_record_with_our_home(
     consumer.wait_opened()
     consumer.release()
     libxl.store.write(be.node("state"), "6")
+    assert libxl.nodes(be)["xenblockctl-owner"].startswith("v1 kind=loop ")
     sends = _traced(libxl, "remove", be, tmp_path / "strace.txt")
-    assert sends[0] == [wire.GET_DOMAIN_PATH, wire.READ], sends
+    removals = [wire.RM] * 5  # identity.PUBLISHED
+    assert sends == [
+        [wire.GET_DOMAIN_PATH, wire.READ],
+        [wire.TRANSACTION_START],
+        [wire.READ, *removals],
+        [wire.TRANSACTION_END],
+    ], sends
     assert "xenblockctl-owner" not in libxl.nodes(be)

@@ -182,16 +182,23 @@ def test_kill_kernel_path_add(libxl: Libxl, make_image: ImageFactory, point: str
     assert bound_loops_under(image.parent) == {}, f"killed at {point}: loop device leaked"
 
 
+def _remove_waiting_for_the_child(libxl: Libxl, make_image: ImageFactory) -> tuple[KernelAdd, Running]:
+    """libxl's remove started while the add's AUTOCLEAR child, stopped after its check, holds the
+    device lock: the remove must be waiting for it."""
+    add = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
+    libxl.store.write(add.be.node("online"), "0")
+    libxl.store.write(add.be.node("state"), "6")
+    remover = libxl.start("remove", add.be)
+    time.sleep(0.3)
+    assert remover.proc.poll() is None, "remove must wait for the AUTOCLEAR child's device lock"
+    return add, remover
+
+
 def test_remove_waits_for_the_autoclear_child(libxl: Libxl, make_image: ImageFactory) -> None:
     """A remove racing the child: the child checked the record, then remove's LOOP_CLR_FD arms
     AUTOCLEAR (blkback still holds the device), then the child's ioctl would clear it again and the
     device would outlive blkback. Remove waits for the child's lock instead."""
-    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
-    libxl.store.write(be.node("online"), "0")
-    libxl.store.write(be.node("state"), "6")
-    remover = libxl.start("remove", be)
-    time.sleep(0.3)
-    assert remover.proc.poll() is None, "remove must wait for the AUTOCLEAR child's device lock"
+    (image, be, consumer, running, minor), remover = _remove_waiting_for_the_child(libxl, make_image)
     running.resume()
     _out, err = remover.proc.communicate(timeout=20)
     assert remover.proc.returncode == 0, err
@@ -199,6 +206,30 @@ def test_remove_waits_for_the_autoclear_child(libxl: Libxl, make_image: ImageFac
     assert minor in bound_loops_under(image.parent), "blkback still holds it"
     consumer.release()  # blkback lets go: the detach remove armed must happen now
     assert bound_loops_under(image.parent) == {}, "the child's ioctl cancelled remove's detach: leaked"
+
+
+def test_remove_leaves_a_record_changed_while_it_waited_for_the_lock(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """The record names another device by the time remove holds the device lock (a concurrent add
+    after a forced detach): remove detaches only the binding it read (by proof), withdraws nothing,
+    and logs `record-changed` with what the record names now. The old binding must not outlive
+    blkback (remove used to detach nothing here, and the child had turned AUTOCLEAR off: leaked)."""
+    (image, be, consumer, running, minor), remover = _remove_waiting_for_the_child(libxl, make_image)
+    newer = OwnerRecord("device", 8, 0x20, 0x7777, "w").format()
+    libxl.store.write_many({be.node("xenblockctl-owner"): newer, be.node("physical-device"): "8:20"})
+    running.resume()  # the child turns AUTOCLEAR off, then finds the record changed: left as is
+    _out, err = remover.proc.communicate(timeout=20)
+    assert remover.proc.returncode == 0, err
+    assert "owner record changed since it was read (kind=device 8:20 seq 7777)" in err, err
+    assert "removed (record-changed)" in err, err
+    nodes = libxl.nodes(be)
+    assert (nodes["xenblockctl-owner"], nodes["physical-device"]) == (newer, "8:20"), (
+        "withdrew a newer record"
+    )
+    assert minor in bound_loops_under(image.parent), "blkback still holds it"
+    consumer.release()
+    assert bound_loops_under(image.parent) == {}, "the binding remove read was not detached: leaked"
 
 
 def test_remove_lock_timeout_changes_nothing(libxl: Libxl, make_image: ImageFactory) -> None:

@@ -210,3 +210,45 @@ def test_watch_many_undoes_the_watches_that_were_set_when_one_is_refused(
         assert caught.value.errno == errno.ENOSPC
         assert [op for op, _ in seen] == [WATCH, WATCH, UNWATCH]
         assert seen[2][1] == b"/a\0t\0"
+
+
+def test_a_later_unwatch_is_sent_with_the_next_request_and_its_events_stop_at_once(store: XenStore) -> None:
+    """unwatch_many(later=True) (the hand-off's, issue 18 session 14): no event of the token is
+    delivered from the call on; the unwatch reaches the daemon with the next request, so the same
+    watch can be set again afterwards (a daemon refuses a duplicate path and token: EEXIST)."""
+    store.write_many({"/w1/a": "0"})
+    store.watch_many(["/w1"], "tok")
+    assert store.wait_watch(2) is not None  # the initial event
+    store.unwatch_many(["/w1"], "tok", later=True)
+    store.write("/w1/a", "1")  # carries the unwatch, which the daemon handles first
+    assert store.wait_watch(0.3) is None
+    store.watch_many(["/w1"], "tok")
+    event = store.wait_watch(2)
+    assert event is not None
+    assert (event.path, event.token) == ("/w1", "tok")
+
+
+TRANSACTION_START = 6
+
+
+def test_a_later_unwatch_costs_no_round_trip_of_its_own(
+    fake_peer: Callable[[Behaviour], FakePeer],
+) -> None:
+    """The peer answers only once it has both the unwatch and the next request: a client that
+    sent the unwatch alone and waited for its reply would time out here. A refused unwatch
+    changes nothing for the request it rode with."""
+    seen: list[int] = []
+
+    def both_then_answer(conn: socket.socket) -> None:
+        requests = [_read_request(conn) for _ in range(2)]
+        for op, rq, tx, _payload in requests:
+            seen.append(op)
+            body, kind = (b"ENOENT\0", ERROR) if op == UNWATCH else (b"7\0", op)
+            conn.sendall(HEADER.pack(kind, rq, tx, len(body)) + body)
+
+    with XenStore.connect(fake_peer(both_then_answer).path, timeout=2) as store:
+        store.unwatch_many(["/a"], "t", later=True)
+        assert seen == []
+        tx = store.transaction()
+        assert tx.id == 7
+        assert seen == [UNWATCH, TRANSACTION_START]

@@ -14,8 +14,18 @@ the one the record names (that one goes at its consumer's last close, DISCONNECT
 A loop device's detach and the withdrawal run under the device's lock (blockscript/autoclear.py),
 which the child turning AUTOCLEAR off after a kernel-blkback hand-off holds until it is done:
 otherwise that child's ioctl could cancel the AUTOCLEAR our LOOP_CLR_FD armed, and the device
-would stay bound after blkback lets go. The record is re-read under the lock (the child rewrites
-it to autoclear=0); a wait longer than lock_timeout is a coded error that changes nothing."""
+would stay bound after blkback lets go. A wait longer than lock_timeout is a coded error that
+changes nothing.
+
+The record is read once before the detach and once more inside the withdrawal's transaction, in
+the batch that removes our nodes (not again after the lock: that was a round trip of its own;
+bench/README.md, issue 18, session 14). The detach needs no second look: it acts only on the
+exact binding the first read names (devt, diskseq, tag, backing: loop.detach_with_proof), which
+nobody but this backend's add can have made, so detaching it is right whoever rewrote the record
+since. The withdrawal does: it goes through only for the record that was read, or for the same
+record as the AUTOCLEAR child rewrites it (autoclear=0, written while we waited for its lock).
+Any other record (a concurrent add published a new device after a forced detach) is left in
+place and logged as `record-changed`; a record already withdrawn is logged as such."""
 
 from __future__ import annotations
 
@@ -29,7 +39,6 @@ from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
-from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import (
     OWNER,
     PUBLISHED,
@@ -67,27 +76,7 @@ def run_remove(
     if not isinstance(owner, OwnerRecord) or owner.kind != "loop":
         return _remove(store, path, be, (owner_text, owner), journal, env=env)
     with device_lock(owner.major, owner.minor, timeout=lock_timeout, lock_dir=env.lock_dir):
-        current = _read_owner(store, be)
-        if current != owner_text:
-            try:
-                now = parse_owner(current) if current is not None else None
-            except OwnerRecordError:
-                now = None
-            if current is not None and (not isinstance(now, OwnerRecord) or now.devt != owner.devt):
-                # Not the device whose lock we hold: leave it to a remove that reads it first.
-                journal.warning(
-                    f"owner record changed while waiting for loop{owner.minor}'s lock: left alone"
-                )
-                return RemoveResult("record-changed")
-            owner_text, owner = current, now  # the AUTOCLEAR child's rewrite, or withdrawn meanwhile
         return _remove(store, path, be, (owner_text, owner), journal, env=env)
-
-
-def _read_owner(store: XenStore, be: str) -> str | None:
-    try:
-        return store.read_optional(join(be, OWNER))
-    except XenstoreNoEntry:
-        return None
 
 
 def _remove(
@@ -118,22 +107,52 @@ def _remove(
     _disconnect_unpublished_nbd(path, owner, journal)
     faults.pause(env, "remove-detached")
     if owner_text is not None:
-        store.run_transaction(lambda tx: _withdraw(tx, be, owner_text))
+        accepted = _records_acted_on(owner_text, owner)
+        recorded = store.run_transaction(lambda tx: _withdraw(tx, be, accepted))
+        if recorded is None:
+            journal.info("owner record already withdrawn (another remove or gc): nothing to withdraw")
+        elif recorded not in accepted:
+            changed = _describe(recorded)
+            journal.warning(
+                f"owner record changed since it was read ({changed}): left alone, nothing withdrawn"
+            )
+            outcome = "record-changed"
     faults.pause(env, "remove-done")
     return RemoveResult(outcome)
 
 
-def _withdraw(tx: Transaction, be: str, owner_text: str) -> None:
-    """Remove our nodes, but only if the record is still the one we acted on (a concurrent add
+def _records_acted_on(owner_text: str, owner: OwnerRecord | NbdOwnerRecord | None) -> tuple[str, ...]:
+    """The record texts the withdrawal may remove: the one read, and for a loop the AUTOCLEAR
+    child's rewrite of it (autoclear=0, the only change it makes: autoclear.py's `cleared`)."""
+    if isinstance(owner, OwnerRecord) and owner.kind == "loop" and owner.autoclear:
+        return owner_text, owner.with_autoclear(False).format()
+    return (owner_text,)
+
+
+def _describe(text: str) -> str:
+    """A changed record for the log: the device it names, else the start of its text."""
+    try:
+        record = parse_owner(text)
+    except OwnerRecordError:
+        return f"unparsable: {text[:60]!r}"
+    if isinstance(record, NbdOwnerRecord):
+        return f"kind=nbd {record.uri[:60]}"
+    return f"kind={record.kind} {record.major:x}:{record.minor:x} seq {record.diskseq:x}"
+
+
+def _withdraw(tx: Transaction, be: str, accepted: tuple[str, ...]) -> str | None:
+    """Remove our nodes, but only if the record is still one we acted on (a concurrent add
     after a forced detach could have published a new one). The check's read and the removals go
-    in one batch; if the record changed, the abort undoes the removals unseen."""
+    in one batch; if the record changed, the abort undoes the removals unseen. Returns the record
+    as read in the transaction (None: already withdrawn)."""
     ours = [join(be, name) for name in PUBLISHED]
     (recorded,), failure = tx.read_many_then_write([join(be, OWNER)], {}, remove=ours)
-    if recorded != owner_text:
+    if recorded not in accepted:
         tx.abort()
-        return
+        return recorded
     if failure is not None:
         raise failure
+    return recorded
 
 
 def _disconnect_unpublished_nbd(

@@ -459,6 +459,9 @@ class XenStore(_Operations):
         self._watch_lock = _thread.allocate_lock()
         self._domid = domid
         self._home: str | None = None
+        #: Requests outside any transaction that nothing waits for (unwatch_many(later=True)): sent
+        #: at the head of this connection's next batch, so they cost no round trip of their own.
+        self._later: list[tuple[int, bytes, str]] = []
         #: Optional absolute time.monotonic() after which every request fails with
         #: XenstoreTimeout: a whole-script budget on top of the per-request `timeout` (libxl
         #: SIGKILLs a hotplug script at 40 s; leave time to report the error).
@@ -515,6 +518,7 @@ class XenStore(_Operations):
         return self._link is None or self._link.closed
 
     def close(self) -> None:
+        self._later.clear()  # the daemon drops a closed connection's watches itself
         link, self._link = self._link, None
         if link is not None:
             link.close(min(self.timeout, 2.0))
@@ -562,16 +566,21 @@ class XenStore(_Operations):
                     f"{what}: request of {len(payload)} bytes exceeds {PAYLOAD_MAX}", errno=errno.E2BIG
                 )
         deadline, limit = self._request_deadline(first)
+        later, self._later = self._later, []
+        sent = [*later, *requests]
         try:
             frames = link.exchange(
-                [(op, _request_id(next(self._ids)), tx_id, payload) for op, payload, _what in requests],
+                [(op, _request_id(next(self._ids)), 0, payload) for op, payload, _what in later]
+                + [(op, _request_id(next(self._ids)), tx_id, payload) for op, payload, _what in requests],
                 deadline,
             )
         except (LinkTimeout, LinkLost, LinkSendFailed) as exc:
-            raise self._link_failure(exc, requests[exc.index][2], limit) from _cause(exc)
+            raise self._link_failure(exc, sent[exc.index][2], limit) from _cause(exc)
+        for (op, _payload, what), reply in zip(later, frames, strict=False):
+            self._result(op, what, 0, reply)  # a refusal is dropped (unwatch_many); a mismatch raises
         return [
             self._result(op, what, tx_id, reply)
-            for (op, _payload, what), reply in zip(requests, frames, strict=True)
+            for (op, _payload, what), reply in zip(requests, frames[len(later) :], strict=True)
         ]
 
     def stream(
@@ -588,6 +597,8 @@ class XenStore(_Operations):
         are sent at once. On a socket the daemon gets a listing's reads while it still answers
         the other listings (Link.exchange_stream). Results come in each connection's order, not
         in `index` order. What `follow` raises is raised once every request sent is answered."""
+        if self._later:
+            self._send_many([], 0)  # a stream sends only reads and listings: the queued go first
         link = self._link
         first = f"{_STREAM_OPS.get(requests[0][0], 'request')} {requests[0][1]}" if requests else "stream"
         if link is None:
@@ -848,17 +859,27 @@ class XenStore(_Operations):
             pass
         raise next(error for error in errors if error is not None)
 
-    def unwatch_many(self, paths: Sequence[str], token: str) -> None:
+    def unwatch_many(self, paths: Sequence[str], token: str, *, later: bool = False) -> None:
         """unwatch() of several paths under one token, sent as one batch; every one is tried, then
-        the first failure is raised."""
+        the first failure is raised.
+
+        `later`: for a caller that would ignore a failure anyway, and whose connection goes on to
+        another request or ends (which drops its watches): the unwatches are queued and sent at
+        the head of the connection's next batch, one round trip fewer (the hand-off's, before add
+        marks the backend connected: bench/README.md, issue 18, session 14). The token is
+        unsubscribed now, so no event of it is delivered from here on; a refusal is dropped."""
         for path in paths:
             check_watch_path(path)
         check_token(token)
         if not paths:
             return
-        replies = self._send_many(
-            [(wire.UNWATCH, _arg(path) + _arg(token), f"unwatch {path} {token}") for path in paths], 0
-        )
+        requests = [(wire.UNWATCH, _arg(path) + _arg(token), f"unwatch {path} {token}") for path in paths]
+        if later:
+            for _ in paths:
+                self._unsubscribe(token)
+            self._later.extend(requests)
+            return
+        replies = self._send_many(requests, 0)
         errors = [
             _batch_error(reply, f"unwatch {path} {token}") for path, reply in zip(paths, replies, strict=True)
         ]
