@@ -231,6 +231,16 @@ def _rebuilt(data: bytes, *, packages: str | None = None, sections: list[bytes] 
     return data[:HEAD] + len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
+def _naming_a_file_module(data: bytes) -> bytes:
+    """The first section with its first module's built-in imports naming a module that is not built
+    in (json: a file), which BuiltinImporter would turn into an empty module."""
+    first, *rest = _sections(data)
+    entries = marshal.loads(first)
+    name = next(iter(entries))
+    entries[name] = (*entries[name][:4], ("json",))
+    return _rebuilt(data, sections=[marshal.dumps(entries), *rest])
+
+
 def _corrupt(data: bytes) -> bytes:
     return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
 
@@ -246,6 +256,7 @@ BAD: dict[str, Callable[[bytes], bytes]] = {
     "not a bundle's entries": lambda data: _rebuilt(
         data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)})]
     ),
+    "a module not built in named as built in": _naming_a_file_module,
     "more than was written": lambda data: data + b"\0",
     "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
     "add's section corrupt": lambda data: _rebuilt(data, sections=[_sections(data)[0], b"\xff" * 99]),

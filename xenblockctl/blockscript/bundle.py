@@ -71,8 +71,7 @@ NAME = "hotplug.bundle"
 #: marshalled {name: (code, is package, source, its .pyc path, the built-in modules its body imports
 #: at its top level)} of a step of ROOTS, the code without docstrings and function annotations
 #: (lean_code), in the order the modules finished importing when it was written (preload runs them
-#: in that order). Sections are read in place (no copy of
-#: ~350 KB), and only those the action needs.
+#: in that order). Sections are read in place (no copy of ~350 KB), and only those the action needs.
 FORMAT = b"xenblockctl-bundle 5 "
 #: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
 CACHE_DIR = "/var/cache/xenblockctl"
@@ -162,12 +161,18 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
         for section in sections[:1] if action == "remove" else sections:
             codes.update(marshal.loads(section))
         code_type = type(use.__code__)
-        builtin = sys.builtin_module_names
+        builtins: set[object] = set()
         for code, _package, origin, cached, imported in codes.values():
             if type(code) is not code_type or type(origin) is not str or type(cached) is not str:
                 raise TypeError("not a bundle's entry")
-            if type(imported) is not tuple or any(name not in builtin for name in imported):
-                raise TypeError(f"not built-in modules: {imported!r}")
+            if type(imported) is not tuple:
+                raise TypeError("not a bundle's entry")
+            builtins.update(imported)
+        # a name that is not built in would become an empty module (BuiltinImporter makes none)
+        if not builtins.issubset(sys.builtin_module_names):
+            raise TypeError(
+                f"not built-in modules: {sorted(map(str, builtins - set(sys.builtin_module_names)))}"
+            )
     except Exception as exc:  # missing, stale, refused, truncated, corrupt: never fatal
         return f"{type(exc).__name__}: {exc}"
     _codes.update(codes)
