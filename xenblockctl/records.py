@@ -82,40 +82,43 @@ else:
             _FIELDS.append(property(itemgetter(len(_FIELDS)), doc=f"Alias for field number {len(_FIELDS)}"))
         return _FIELDS[index]
 
+    #: What every record's class gets unless its body defines the name (methods it may override).
+    _DEFAULTS = {
+        "__new__": _new,
+        "_make": _make,
+        "_replace": _replace,
+        "_asdict": _asdict,
+        "__repr__": _repr,
+    }
+
     class _RecordMeta(type):
         def __new__(mcls, name, bases, namespace):
             if not bases:  # NamedTuple itself: only a marker to derive from
                 return super().__new__(mcls, name, bases, namespace)
             if bases != (NamedTuple,):
                 raise TypeError("a record derives from NamedTuple alone")
-            fields = tuple(namespace.get("__annotations__", {}))
+            fields = tuple(namespace.get("__annotations__", ()))
             defaults = {}
             for name_ in fields:
-                if name_.startswith("_"):
+                if name_[:1] == "_":
                     raise ValueError(f"field names cannot start with an underscore: {name_!r}")
                 if name_ in namespace:
                     defaults[name_] = namespace[name_]
                 elif defaults:
                     raise TypeError(f"non-default field {name_!r} follows a default field")
-            body = dict(namespace)
-            body.setdefault("__doc__", f"{name}({', '.join(fields)})")
+            # one dict built in one step: the defaults, then the class body over them, then what the
+            # record itself defines (bench/README.md, issue 18, start18)
+            body = {**_DEFAULTS, "__doc__": None, **namespace}
+            if body["__doc__"] is None:
+                body["__doc__"] = f"{name}({', '.join(fields)})"
+            while len(_FIELDS) < len(fields):
+                _field(len(fields) - 1)
             for index, name_ in enumerate(fields):
-                body[name_] = _field(index)
-            body.update(
-                __slots__=(),
-                _fields=fields,
-                _field_defaults=defaults,
-                __match_args__=fields,
-                __getnewargs__=_getnewargs,
-            )
-            for attr, value in (
-                ("__new__", _new),
-                ("_make", _make),
-                ("_replace", _replace),
-                ("_asdict", _asdict),
-                ("__repr__", _repr),
-            ):
-                body.setdefault(attr, value)
+                body[name_] = _FIELDS[index]
+            body["__slots__"] = ()
+            body["_fields"] = body["__match_args__"] = fields
+            body["_field_defaults"] = defaults
+            body["__getnewargs__"] = _getnewargs
             return type(name, (tuple,), body)
 
     class NamedTuple(metaclass=_RecordMeta):

@@ -9,6 +9,7 @@ own trace (PYTHONVERBOSE names each module's loader), not from timing."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import marshal
 import os
@@ -230,6 +231,16 @@ def _rebuilt(data: bytes, *, packages: str | None = None, sections: list[bytes] 
     return data[:HEAD] + len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
+def _naming_a_file_module(data: bytes) -> bytes:
+    """The first section with its first module's built-in imports naming a module that is not built
+    in (json: a file), which BuiltinImporter would turn into an empty module."""
+    first, *rest = _sections(data)
+    entries = marshal.loads(first)
+    name = next(iter(entries))
+    entries[name] = (*entries[name][:4], ("json",))
+    return _rebuilt(data, sections=[marshal.dumps(entries), *rest])
+
+
 def _corrupt(data: bytes) -> bytes:
     return data[:HEAD] + bytes(b ^ 0x5A for b in data[HEAD : HEAD + 4096]) + data[HEAD + 4096 :]
 
@@ -245,6 +256,7 @@ BAD: dict[str, Callable[[bytes], bytes]] = {
     "not a bundle's entries": lambda data: _rebuilt(
         data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)})]
     ),
+    "a module not built in named as built in": _naming_a_file_module,
     "more than was written": lambda data: data + b"\0",
     "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
     "add's section corrupt": lambda data: _rebuilt(data, sections=[_sections(data)[0], b"\xff" * 99]),
@@ -309,10 +321,115 @@ def test_a_preloaded_module_gets_what_the_import_system_gives_it(package: bool) 
     the same order, for the spec our finder gives."""
     name = "xenblockctl.xenstore" if package else "xenblockctl.xenstore.wire"
     origin = f"/srv/packages/{name.replace('.', '/')}{'/__init__' if package else ''}.py"
-    entry = (get_code(name), package, origin, f"{origin}c")
+    entry = (get_code(name), package, origin, f"{origin}c", ())
     spec = bundle._spec(name, entry)
     ours, theirs = bundle._module(spec), importlib.util.module_from_spec(spec)
     assert list(vars(ours).items()) == list(vars(theirs).items())
+
+
+#: Run in a fresh `python -S` (argv: the laid packages and bundle directory, the action): the
+#: reader's use() and preload() as the laid script calls them, with a finder after the bundle's
+#: that records every name the import system searches sys.meta_path for (the bundle's finder
+#: answers for our modules, BuiltinImporter for built-in ones; extension modules in files, as
+#: _socket is in some builds, are still found by the path finder); it prints the built-in ones.
+PRELOAD_SPY = """
+import sys
+packages, cache, action = sys.argv[1:]
+sys.path.append(packages)
+from xenblockctl.blockscript import bundle
+asked = []
+class Spy:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        asked.append(name)
+assert bundle.use(cache, packages, action) is None
+sys.meta_path.insert(1, Spy)
+bundle.preload(skip=bundle.REMOVE_ROOTS[-1] if action == "add" else None)
+built_in = sys.builtin_module_names
+print(repr(([n for n in asked if n in built_in], [n for n in sys.modules if n in built_in])))
+"""
+
+
+def test_an_action_imports_its_built_in_modules_without_searching_for_them(laid: Laid) -> None:
+    """The bundle names, for each module, the built-in modules its top level imports (errno, _stat,
+    _operator, and with Debian's python3 _socket, _struct, select, fcntl: ~14 us each through the
+    import system's lock and meta-path search); preload imports them itself before the body that
+    needs them. So no built-in module is searched for while an action's graph is preloaded, and
+    those its bodies import are there afterwards. Before: each one was searched for."""
+    usage_ok(run(laid))
+    for action in ("add", "remove"):
+        done = subprocess.run(
+            [
+                hostfiles.local_layout().python,
+                "-S",
+                "-c",
+                PRELOAD_SPY,
+                str(laid.packages),
+                str(laid.cache),
+                action,
+            ],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        asked, builtins = ast.literal_eval(done.stdout)
+        assert asked == [], f"{action}: the import system searched for {asked}"
+        assert {"errno", "_stat", "_operator"} <= set(builtins), builtins
+
+
+def test_a_preloaded_built_in_module_gets_what_the_import_system_gives_it() -> None:
+    """bundle._builtin makes a built-in module as the import system does: the same attributes (the
+    spec BuiltinImporter.find_spec gives, its loader, package), in sys.modules. Compared in fresh
+    processes, since a built-in module is made once per process."""
+    show = "print(sorted((k, repr(v)) for k, v in vars(sys.modules['errno']).items() if k.startswith('__')))"
+    python = hostfiles.local_layout().python
+    imported = subprocess.run(
+        [python, "-S", "-c", f"import sys, errno; {show}"], capture_output=True, text=True, check=True
+    )
+    preloaded = subprocess.run(
+        [
+            python,
+            "-S",
+            "-c",
+            f"import sys; sys.path.append({str(REPO)!r}); from xenblockctl.blockscript import bundle; "
+            f"bundle._builtin('errno', 0, None); {show}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "ModuleSpec(name='errno'" in imported.stdout
+    assert preloaded.stdout == imported.stdout
+
+
+def test_the_bundle_names_only_the_built_in_modules_a_body_imports_at_its_top_level(tmp_path: Path) -> None:
+    """What preload imports before a body must be what the body would import anyway: its own
+    top-level import statements, not one under `if TYPE_CHECKING`, `try` or in a function, and
+    no module that is not built in."""
+    from xenblockctl.blockscript import bundlewriter
+
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "import errno, marshal as m\n"
+        "import _stat\n"
+        "from _operator import itemgetter\n"
+        "from errno import ENOENT\n"
+        "import json\n"
+        "from . import sibling\n"
+        "TYPE_CHECKING = False\n"
+        "if TYPE_CHECKING:\n"
+        "    import _thread\n"
+        "try:\n"
+        "    import _signal\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "def f():\n"
+        "    import _abc\n"
+    )
+    _code, builtins = bundlewriter.lean_code(str(source))
+    assert builtins == ("errno", "marshal", "_stat", "_operator")
 
 
 def test_a_module_that_raises_during_preload_raises_where_it_is_imported(laid: Laid) -> None:

@@ -21,7 +21,7 @@ from xenblockctl.xenstore.errors import (
     XenstoreNoEntry,
     XenstoreTooBig,
 )
-from xenblockctl.xenstore.paths import Access, Perm
+from xenblockctl.xenstore.perms import Access, Perm
 
 #: Every test runs over both links: threaded (pyxs reader) and synchronous (the block script's).
 pytestmark = pytest.mark.usefixtures("link")

@@ -22,8 +22,6 @@ from xenblockctl.xenstore.errors import (
     error_for,
 )
 from xenblockctl.xenstore.paths import (
-    Access,
-    Perm,
     check_path,
     check_token,
     check_watch_path,
@@ -31,6 +29,7 @@ from xenblockctl.xenstore.paths import (
     encode_value,
     join,
 )
+from xenblockctl.xenstore.perms import Access, Perm
 
 
 @pytest.mark.parametrize(

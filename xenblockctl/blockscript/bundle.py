@@ -36,7 +36,9 @@ action's failure: it is logged with its reason and the action goes on."""
 import marshal
 import posix
 import sys
-from _frozen_importlib import ModuleSpec  # importlib.machinery's, loaded before any script runs
+
+# importlib.machinery's and importlib.util's, loaded before any script runs
+from _frozen_importlib import BuiltinImporter, ModuleSpec, module_from_spec
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
@@ -66,11 +68,11 @@ NAME = "hotplug.bundle"
 #: is unmarshalled (another Python version's marshal data must never be decoded as code). Then the
 #: index's length (4 bytes, little-endian), the index, marshalled: (package directory, ((source,
 #: size, mtime_ns) for every module), (each section's length, ...)), and the sections, each the
-#: marshalled {name: (code, is package, source, its .pyc path)} of a step of ROOTS, the code without
-#: docstrings and function annotations (lean_code), in the order the modules finished importing
-#: when it was written (preload runs them in that order). Sections are read in place (no copy of
-#: ~350 KB), and only those the action needs.
-FORMAT = b"xenblockctl-bundle 4 "
+#: marshalled {name: (code, is package, source, its .pyc path, the built-in modules its body imports
+#: at its top level)} of a step of ROOTS, the code without docstrings and function annotations
+#: (lean_code), in the order the modules finished importing when it was written (preload runs them
+#: in that order). Sections are read in place (no copy of ~350 KB), and only those the action needs.
+FORMAT = b"xenblockctl-bundle 5 "
 #: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
@@ -79,8 +81,11 @@ IDENTIFIER = "block-xenblockctl"
 #: a fresh one was written, none could be written (the reason is logged).
 USED, WRITTEN, UNWRITTEN = 0, 3, 1
 
-#: name -> (code, is package, source, .pyc path) of the bundle's modules this run may import
-_codes: "dict[str, tuple[types.CodeType, bool, str, str]]" = {}
+if TYPE_CHECKING:
+    #: (code, is package, source, .pyc path, the built-in modules its body imports at its top level)
+    Entry = tuple[types.CodeType, bool, str, str, tuple[str, ...]]
+#: name -> Entry of the bundle's modules this run may import
+_codes: "dict[str, Entry]" = {}
 
 
 class _BundleLoader:
@@ -104,7 +109,7 @@ class _BundleFinder:
         return None if entry is None else _spec(name, entry)
 
 
-def _spec(name: str, entry: "tuple[types.CodeType, bool, str, str]") -> ModuleSpec:
+def _spec(name: str, entry: "Entry") -> ModuleSpec:
     # the class serves as the loader (its methods are static): importlib.abc.Loader, which the
     # stubs ask for, would be one more import at every start
     spec = ModuleSpec(name, _BundleLoader, origin=entry[2], is_package=entry[1])  # type: ignore[arg-type]
@@ -152,13 +157,22 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
             st = posix.stat(origin)
             if st.st_size != size or st.st_mtime_ns != mtime:
                 raise ValueError(f"{origin} changed")
-        codes: dict[str, tuple[types.CodeType, bool, str, str]] = {}
+        codes: dict[str, Entry] = {}
         for section in sections[:1] if action == "remove" else sections:
             codes.update(marshal.loads(section))
         code_type = type(use.__code__)
-        for code, _package, origin, cached in codes.values():
+        builtins: set[object] = set()
+        for code, _package, origin, cached, imported in codes.values():
             if type(code) is not code_type or type(origin) is not str or type(cached) is not str:
                 raise TypeError("not a bundle's entry")
+            if type(imported) is not tuple:
+                raise TypeError("not a bundle's entry")
+            builtins.update(imported)
+        # a name that is not built in would become an empty module (BuiltinImporter makes none)
+        if not builtins.issubset(sys.builtin_module_names):
+            raise TypeError(
+                f"not built-in modules: {sorted(map(str, builtins - set(sys.builtin_module_names)))}"
+            )
     except Exception as exc:  # missing, stale, refused, truncated, corrupt: never fatal
         return f"{type(exc).__name__}: {exc}"
     _codes.update(codes)
@@ -173,12 +187,15 @@ def preload(skip: str | None = None) -> None:
     remove's graph an add never imports; tests/lint checks both lists against the measured
     graphs); run here, each costs its body and not the import system's per-module Python work as
     well (module lock, finder search, spec bookkeeping: ~0.2 ms of an add; bench/README.md, issue
-    18 round 9). What the import system does is kept: our finder's spec, the attributes
-    module_from_spec sets, the module in sys.modules while its body runs, then set on its package,
-    and the lines of python -v and -X importtime. Anything unexpected hands the rest back to the
-    import system: a package not yet imported, or a body that raises (its module leaves
-    sys.modules again, as the import system does, and the import that needs it runs the body
-    again and raises there, in the action's own error handling: nothing is lost or doubled)."""
+    18 round 9). The built-in modules a body imports at its top level (errno, _socket, ...: the
+    bundle names them) are imported just before it the same way, without the module lock and the
+    meta-path search (~14 us each; issue 18, start18). What the import system does is kept: our
+    finder's spec, the attributes module_from_spec sets, the module in sys.modules while its body
+    runs, then set on its package, and the lines of python -v and -X importtime. Anything
+    unexpected hands the rest back to the import system: a package not yet imported, or a body
+    (or a built-in module's init) that raises (its module leaves sys.modules again, as the import
+    system does, and the import that needs it runs it again and raises there, in the action's own
+    error handling: nothing is lost or doubled)."""
     modules = sys.modules
     verbose = sys.flags.verbose
     # -X importtime's line per module too (the C import code writes it, and it is not run here)
@@ -193,6 +210,12 @@ def preload(skip: str | None = None) -> None:
         parent, _, child = name.rpartition(".")
         if parent and parent not in modules:
             return
+        try:
+            for builtin in entry[4]:
+                if builtin not in modules:
+                    _builtin(builtin, verbose, clock)
+        except Exception:
+            return  # the import system tries it again where the body imports it, and raises there
         began = 0 if clock is None else clock()
         spec = _spec(name, entry)
         module = _module(spec)
@@ -214,6 +237,27 @@ def preload(skip: str | None = None) -> None:
         if clock is not None:
             took = (clock() - began) // 1000  # its own imports' lines come from the C code
             print(f"import time: {took:9} | {took:10} | {name}", file=sys.stderr)
+
+
+def _builtin(name: str, verbose: int, clock: "Callable[[], int] | None") -> None:
+    """Import the built-in module `name` as the import system does (BuiltinImporter's spec, the
+    module in sys.modules while it executes, python -v's and -X importtime's lines) without its
+    per-module Python work: the module lock and the meta-path search, which found nothing in the
+    bundle before asking BuiltinImporter. ~14 us a module; an add and a remove import seven
+    (errno, _socket, select, fcntl, _struct, _stat, _operator; bench/README.md, issue 18, start18)."""
+    began = 0 if clock is None else clock()
+    module = module_from_spec(ModuleSpec(name, BuiltinImporter, origin="built-in"))  # type: ignore[arg-type]
+    sys.modules[name] = module
+    try:
+        BuiltinImporter.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    if verbose:
+        print(f"import {name!r} # {BuiltinImporter!r}", file=sys.stderr)
+    if clock is not None:
+        took = (clock() - began) // 1000
+        print(f"import time: {took:9} | {took:10} | {name}", file=sys.stderr)
 
 
 def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], ...], list[memoryview]]:

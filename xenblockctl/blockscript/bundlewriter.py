@@ -35,11 +35,12 @@ def trusted_dir(directory: str) -> None:
 
 
 if TYPE_CHECKING:
-    Entry = tuple[str, bool, str, int, int, types.CodeType]
+    Entry = tuple[str, bool, str, int, int, types.CodeType, tuple[str, ...]]
 
 
 def collect(packages: str) -> "list[list[Entry]]":
-    """(name, is package, source path, size, mtime_ns, code) of every module of REMOVE_ROOTS'
+    """(name, is package, source path, size, mtime_ns, code, the built-in modules its body imports)
+    of every module of REMOVE_ROOTS'
     closure, then of what ROOTS add to it: imported normally (bundle.py's own imports are of the
     first; tests/lint checks both sections against the measured graphs)."""
     sections: list[list[Entry]] = []
@@ -68,14 +69,26 @@ def _entry(name: str, packages: str) -> "Entry":
     # The stat before the code: a source edited in between is newer than recorded, so the next
     # start sees the mismatch and falls back (a .pyc has the same order).
     st = os.stat(origin)
-    code = lean_code(origin)
+    code, builtins = lean_code(origin)
     if type(code) is not type(_entry.__code__):
         raise ValueError(f"{name}: no code from {origin}")
-    return name, spec.submodule_search_locations is not None, origin, st.st_size, st.st_mtime_ns, code
+    return (
+        name,
+        spec.submodule_search_locations is not None,
+        origin,
+        st.st_size,
+        st.st_mtime_ns,
+        code,
+        builtins,
+    )
 
 
-def lean_code(origin: str) -> "types.CodeType":
-    """The code of the source `origin` as its .pyc holds it, less the docstrings (modules, classes,
+def lean_code(origin: str) -> "tuple[types.CodeType, tuple[str, ...]]":
+    """The code of the source `origin` as its .pyc holds it, and the built-in modules (C modules
+    linked into the interpreter: errno, _socket, ...) its top-level statements import, in their
+    order, which bundle.preload imports without the import system's per-module work before it runs
+    the body. Only the module body's own import statements count: one under `if TYPE_CHECKING`,
+    `try` or in a function may never run. The code is less the docstrings (modules, classes,
     functions), the functions' annotations and the __future__ imports (compiler flags instead).
     Unmarshalling is the bundle's largest cost at every start, and it grows with the bytes: the
     first two are ~22 % of them and ~0.3 ms of a fresh process's CPU (bench/README.md, issue 18
@@ -114,8 +127,17 @@ def lean_code(origin: str) -> "types.CodeType":
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 # dropped, or a `pass` if the body is nothing else; every other node keeps its line
                 node.body[:1] = [] if len(node.body) > 1 else [ast.copy_location(ast.Pass(), first)]
+    builtins: list[str] = []
+    for statement in tree.body:
+        if isinstance(statement, ast.Import):
+            names = [alias.name for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom) and statement.level == 0 and statement.module:
+            names = [statement.module]
+        else:
+            continue
+        builtins.extend(n for n in names if n in sys.builtin_module_names and n not in builtins)
     code: types.CodeType = compile(tree, origin, "exec", flags=flags, dont_inherit=True)
-    return code
+    return code, tuple(builtins)
 
 
 def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
@@ -123,13 +145,13 @@ def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
     from _frozen_importlib_external import cache_from_source
 
     stats = tuple(
-        (origin, size, mtime) for section in sections for _n, _p, origin, size, mtime, _c in section
+        (origin, size, mtime) for section in sections for _n, _p, origin, size, mtime, _c, _b in section
     )
     blobs = [
         marshal.dumps(
             {
-                name: (code, package, origin, cache_from_source(origin))
-                for name, package, origin, _s, _m, code in section
+                name: (code, package, origin, cache_from_source(origin), builtins)
+                for name, package, origin, _s, _m, code, builtins in section
             }
         )
         for section in sections

@@ -19,7 +19,8 @@ from xenblockctl.toolstack.domains import domain_path
 from xenblockctl.toolstack.vbd_dirs import VbdLocation
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
-from xenblockctl.xenstore.paths import Perm, join
+from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.perms import Perm
 from xenblockctl.xenstore.vbd import XenbusState, walk_backends
 
 

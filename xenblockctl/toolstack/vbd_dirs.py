@@ -16,7 +16,8 @@ from typing import Any
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
-from xenblockctl.xenstore.paths import Access, Perm, join
+from xenblockctl.xenstore.paths import join
+from xenblockctl.xenstore.perms import Access, Perm
 from xenblockctl.xenstore.vbd import BACKEND_KINDS
 from xenblockctl.xenstore.vdev import Vdev
 

@@ -42,12 +42,10 @@ from xenblockctl.xenstore.errors import (
 from xenblockctl.xenstore.link import Link, LinkLost, LinkSendFailed, LinkTimeout
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import (
-    Perm,
     check_path,
     check_paths,
     check_token,
     check_watch_path,
-    coerce_perm,
     decode_value,
     encode_value,
     join,
@@ -59,6 +57,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
     from typing import NoReturn, TypeVar
+
+    from xenblockctl.xenstore.perms import Perm
 
     T = TypeVar("T")
 
@@ -244,6 +244,8 @@ class _Operations:
         raise TransactionConflict(f"{what}: directory kept changing while being listed", errno=errno.EAGAIN)
 
     def get_perms(self, path: str) -> list[Perm]:
+        from xenblockctl.xenstore.perms import Perm  # not at import: the block script never asks
+
         check_path(path)
         return [
             Perm.parse(p) for p in _split_list(self._request(wire.GET_PERMS, _arg(path), f"get-perms {path}"))
@@ -281,6 +283,8 @@ class _Operations:
 
     def set_perms(self, path: str, perms: Sequence[Perm | str]) -> None:
         """Replace the ACL. The first entry is the owner and the default for unlisted domains."""
+        from xenblockctl.xenstore.perms import coerce_perm  # not at import: the block script never sets
+
         check_path(path)
         parsed = [coerce_perm(p) for p in perms]
         if not parsed:

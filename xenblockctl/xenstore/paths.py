@@ -1,4 +1,4 @@
-"""xenstore node names, values and permissions as the daemon defines them, checked before sending.
+"""xenstore node names and values as the daemon defines them, checked before sending.
 
 Checking locally gives a typed error naming the offending path instead of a bare EINVAL from the
 daemon, and it keeps bytes we would not want on the wire (newlines, NULs inside a value) out of
@@ -7,14 +7,12 @@ the store. The rules are C xenstored's (`tools/xenstored/core.c` valid_chars / i
 itself, 3072 bytes absolute and 2048 relative; paths starting with `@` are watch-only specials.
 
 On the block script's start-up path, so no regular expressions (a compile costs ~0.3-0.6 ms at
-import) and no NamedTuple class builds: character sets and a plain tuple subclass do the same.
+import): character sets do the same. A node's permissions are perms.py's.
 """
 
 from __future__ import annotations
 
-from xenblockctl.enums import StrEnum
 from xenblockctl.xenstore.errors import XenstoreInvalid, XenstoreTooBig
-from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.wire import ABS_PATH_MAX, REL_PATH_MAX
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
@@ -24,8 +22,6 @@ if TYPE_CHECKING:
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_@")
 #: `[A-Za-z0-9\-/_@]`: what a node path may contain.
 _NODE_CHARS = _NAME_CHARS | {"/"}
-#: domids are u16 on the wire of every Xen interface (domid_t).
-DOMID_MAX = 0xFFFF
 
 
 def check_path(path: str) -> str:
@@ -123,59 +119,3 @@ def join(parent: str, *names: str) -> str:
 
 def is_absolute(path: str) -> bool:
     return path.startswith("/")
-
-
-class Access(StrEnum):
-    """Permission letters of xenstore's ACL entries (xenstore.txt "Permissions")."""
-
-    NONE = "n"
-    READ = "r"
-    WRITE = "w"
-    BOTH = "b"
-
-
-class Perm(tuple[Access, int]):
-    """One ACL entry `(access, domid)`. The first entry of a node's list names its owner and the
-    default for every domain not listed; the owner always has both read and write. A tuple (it
-    compares, hashes and unpacks as `(access, domid)`), built without typing.NamedTuple."""
-
-    __slots__ = ()
-
-    def __new__(cls, access: Access, domid: int) -> Perm:
-        if not 0 <= domid <= DOMID_MAX:
-            raise XenstoreInvalid(f"domid {domid} out of range 0..{DOMID_MAX}")
-        return tuple.__new__(cls, (access, domid))
-
-    @property
-    def access(self) -> Access:
-        return self[0]
-
-    @property
-    def domid(self) -> int:
-        return self[1]
-
-    def __repr__(self) -> str:
-        return f"Perm(access={self[0]!r}, domid={self[1]!r})"
-
-    @classmethod
-    def parse(cls, text: str) -> Perm:
-        # `%c%u` as every daemon writes it; numbers.py's grammar (no sign, blank or leading zero)
-        domid = uint_or_none(text[1:], maximum=DOMID_MAX)
-        if text[:1] not in ("n", "r", "w", "b") or domid is None:
-            raise XenstoreInvalid(f"permission {text[:40]!r} is not [nrwb]<domid 0..{DOMID_MAX}>")
-        return cls(Access(text[0]), domid)
-
-    def __str__(self) -> str:
-        return f"{self.access.value}{self.domid}"
-
-    @property
-    def can_read(self) -> bool:
-        return self.access in (Access.READ, Access.BOTH)
-
-    @property
-    def can_write(self) -> bool:
-        return self.access in (Access.WRITE, Access.BOTH)
-
-
-def coerce_perm(perm: Perm | str) -> Perm:
-    return perm if isinstance(perm, Perm) else Perm.parse(perm)
