@@ -42,7 +42,9 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from dataclasses import replace
 
+from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.kernel.blockdev import BlockDevice
 from xenblockctl.kernel.errors import LoopError
 from xenblockctl.kernel.ioctls import BLKFLSBUF
@@ -61,6 +63,18 @@ class NotServed(Exception):
 def is_loop(device: BlockDevice) -> bool:
     """A whole loop device (not a partition of one: those are blkext, and carry an offset)."""
     return device.identity.major == LOOP_MAJOR
+
+
+def on_backing_file(device: BlockDevice, target: DeviceTarget) -> DeviceTarget:
+    """`target` (the loop device `device` described) with its I/O on the loop's backing file: only
+    the fd changes (a new one, the caller's to close after the target's last I/O) and a discard
+    becomes the hole punch the loop itself would make of it; the size stays the loop's, so
+    neither a sizelimit nor a file longer than the loop is ever served past. NotServed as
+    open_backing_file."""
+    fd = open_backing_file(device, read_only=target.read_only)
+    # the loop turns a discard into fallocate(PUNCH_HOLE | KEEP_SIZE) on its file: the same here
+    discard = DiscardMode.NONE if target.discard is DiscardMode.NONE else DiscardMode.PUNCH_HOLE
+    return replace(target, fd=fd, discard=discard)
 
 
 def open_backing_file(device: BlockDevice, *, read_only: bool) -> int:

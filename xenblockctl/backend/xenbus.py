@@ -48,7 +48,7 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
-from xenblockctl.backend.loopfile import NotServed, is_loop, open_backing_file
+from xenblockctl.backend.loopfile import NotServed, is_loop, on_backing_file
 from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
@@ -658,14 +658,12 @@ class BackendDevice:
             self._log("serving the loop device itself, not its backing file: --direct-writes")
             return target
         try:
-            fd = open_backing_file(device, read_only=target.read_only)
+            served = on_backing_file(device, target)
         except NotServed as exc:
             self._log(f"serving the loop device itself, not its backing file: {exc}")
             return target
-        self._backing_fd = fd
-        # the loop turns a discard into fallocate(PUNCH_HOLE | KEEP_SIZE) on its file: the same here
-        discard = DiscardMode.NONE if target.discard is DiscardMode.NONE else DiscardMode.PUNCH_HOLE
-        return replace(target, fd=fd, discard=discard)
+        self._backing_fd = served.fd
+        return served
 
     def _open_export(
         self, owner: str | None, params: str | None, mode: str | None, frontend: str | None
