@@ -16,6 +16,7 @@ from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from tests.unit.test_ring_loop import _cached
 from xenblockctl.backend import blkif
+from xenblockctl.backend.io import DeviceTarget
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -43,7 +44,7 @@ def test_the_engine_serves_the_verified_loop_devices_backing_file(
     try:
         dev = engine_inproc.device(61)
         assert dev.device is not None
-        assert dev.target is not None
+        assert isinstance(dev.target, DeviceTarget)
         assert stat.S_ISBLK(os.fstat(dev.device.fd).st_mode), "the loop device is what the engine holds"
         assert _same_file(dev.target.fd, image) is on_file
         assert dev.target.size_bytes == dev.device.identity.size_bytes

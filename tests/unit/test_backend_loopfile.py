@@ -23,7 +23,13 @@ from xenblockctl.backend.loopfile import NotServed, is_loop, on_backing_file
 from xenblockctl.backend.requests import IoPlan, Kind
 from xenblockctl.kernel import loop
 from xenblockctl.kernel.blockdev import identify
-from xenblockctl.kernel.loop_abi import LOOP_GET_STATUS64, LOOP_INFO64_SIZE, LOOP_SET_STATUS64, LoopInfo64
+from xenblockctl.kernel.loop_abi import (
+    LOOP_GET_STATUS64,
+    LOOP_INFO64_SIZE,
+    LOOP_SET_STATUS64,
+    LoopFlags,
+    LoopInfo64,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -57,14 +63,14 @@ def _direct(dev: loop.LoopDevice) -> int:
     return os.open(f"/proc/self/fd/{dev.fd}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
 
 
-def _set_status(dev: loop.LoopDevice, **fields: int) -> None:
+def _set_status(dev: loop.LoopDevice, *, offset: int = 0, sizelimit: int = 0) -> None:
     buf = bytearray(LOOP_INFO64_SIZE)
     fcntl.ioctl(dev.fd, LOOP_GET_STATUS64, buf, True)
-    info = LoopInfo64.unpack(bytes(buf))._replace(**fields)
+    info = LoopInfo64.unpack(bytes(buf))._replace(lo_offset=offset, lo_sizelimit=sizelimit)
     try:
         fcntl.ioctl(dev.fd, LOOP_SET_STATUS64, info.pack())
     except OSError as exc:
-        pytest.skip(f"LOOP_SET_STATUS64 {fields} refused here: {exc}")
+        pytest.skip(f"LOOP_SET_STATUS64 offset {offset} sizelimit {sizelimit} refused here: {exc}")
 
 
 def test_io_is_served_on_the_backing_file_and_meets_the_loop_device_both_ways(
@@ -120,7 +126,7 @@ def test_the_loop_devices_size_bounds_the_file(
         f.seek(8 << 20)
         f.write(b"\xaa" * 512)
     dev = _attach(loop_devices, image)
-    _set_status(dev, lo_sizelimit=8 << 20)
+    _set_status(dev, sizelimit=8 << 20)
     limited = loop.LoopDevice(dev.fd, identify(dev.fd), dev.number, dev.status, dev.backing_path)
     assert limited.identity.size_bytes == 8 << 20
     target = _serve(limited, served)
@@ -161,12 +167,12 @@ def test_a_read_only_loop_is_served_read_only(
 
 
 def _offset(dev: loop.LoopDevice, image: Path) -> None:
-    _set_status(dev, lo_offset=4096)
+    _set_status(dev, offset=4096)
 
 
 def _direct_io(dev: loop.LoopDevice, image: Path) -> None:
     status = loop.get_status(dev.fd)
-    if status is None or not status.flags & loop.LoopFlags.DIRECT_IO:
+    if status is None or not status.flags & LoopFlags.DIRECT_IO:
         pytest.skip("this kernel refused direct_io for the test file's loop device")
 
 
