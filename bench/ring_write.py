@@ -18,7 +18,10 @@ driver's worker and the writeback threads count) per GiB written:
 - `pwritev loop, buffered`: one thread, pwritev on the loop device's fd, fsync per pass.
 - `pwritev loop, O_DIRECT`: the same on an O_DIRECT fd (a bio per call, as blkback submits; one
   at a time).
-- `engine, buffered writes`: the engine's default (io.DirectWriter off).
+- `engine, buffered writes`: buffered on the loop device (io.DirectWriter off): the engine's
+  default before issue 20's loop-file change, and `backend --no-loop-file`.
+- `engine, on the backing file`: buffered on the loop's verified backing file (backend/loopfile.py,
+  the default since helper file20): one copy, as the loop driver's for blkback.
 - `engine, O_DIRECT inline`: `backend --direct-writes` (writes on the ring thread's O_DIRECT fd).
 - `engine, O_DIRECT on the pool`: direct writes handed to the workers unless alone on the ring.
 
@@ -44,6 +47,7 @@ from xenblockctl.backend import blkif, fastpath, io
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
+from xenblockctl.backend.loopfile import on_backing_file
 from xenblockctl.backend.transport.local import LocalTransport
 
 WRITES = [
@@ -198,8 +202,10 @@ def main() -> int:
         dev = loop.attach_file(str(image), read_only=False, tag="xenblockctl:bench-ring-write")
         transport = LocalTransport(str(Path(tmp, "grants.sock")), data_pages="table")
         dfd = os.open(f"/proc/self/fd/{dev.fd}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        file_target = None
         try:
             target = DeviceTarget.from_block_device(dev)
+            file_target = on_backing_file(dev, target)
             print(
                 f"{args.size_mib} MiB loop device (buffered backing file), persistent grants,"
                 f" {args.workers} workers, passes of writes + flush for {args.seconds:.0f} s per row,"
@@ -217,11 +223,15 @@ def main() -> int:
                         f"  {label:<40} {result.mibps:>8.0f} MiB/s  {result.cpu_per_gib:>6.2f} CPU s/GiB"
                         f"   ratio {result.mibps / base.mibps:.2f}"
                     )
-                for mode in ("buffered", "inline", "pool"):
+                for mode in ("buffered", "file", "inline", "pool"):
                     for ring_pass in passes:
                         if mode == "pool" and ring_pass == "native":
                             continue  # the native pass stops at every pool write: Python's row
-                        row_target = dataclasses.replace(target, direct_writes_on_pool=mode == "pool")
+                        row_target = (
+                            file_target
+                            if mode == "file"
+                            else dataclasses.replace(target, direct_writes_on_pool=mode == "pool")
+                        )
                         with _mode(mode):
                             result, fast = engine(
                                 transport,
@@ -233,6 +243,7 @@ def main() -> int:
                             )
                         label = {
                             "buffered": "buffered writes",
+                            "file": "on the backing file",
                             "inline": "O_DIRECT inline",
                             "pool": "O_DIRECT on the pool",
                         }[mode]
@@ -243,6 +254,8 @@ def main() -> int:
                             f"   ratio {result.mibps / base.mibps:.2f}"
                         )
         finally:
+            if file_target is not None:
+                os.close(file_target.fd)
             os.close(dfd)
             transport.close()
             dev.close()

@@ -48,6 +48,7 @@ from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
 from xenblockctl.backend.handover import FdStore, fd_name
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
+from xenblockctl.backend.loopfile import NotServed, is_loop, on_backing_file
 from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
 from xenblockctl.backend.transport.base import Transport
@@ -167,6 +168,9 @@ class EngineConfig:
     direct_writes_on_pool: bool = False
     #: With direct_writes: READs through the O_DIRECT fd too (io.DirectWriter, "Reads").
     direct_reads: bool = False
+    #: Serve a loop device's I/O on its verified backing file (backend/loopfile.py: the page cache
+    #: kernel blkback's loop worker uses); False: on the loop device (`backend --no-loop-file`).
+    loop_file: bool = True
     #: The service manager's fd store (backend/handover.py): each opened device is parked there and
     #: a restarted engine takes it back. None: nothing outlives the process (as before issue 21).
     fd_store: FdStore | None = None
@@ -199,6 +203,8 @@ class BackendDevice:
         self.relative = f"backend/{kind}/{domid}/{devid}"
         self.phase = Phase.NEW
         self.device: BlockDevice | None = None
+        #: the loop device's backing file the target's I/O goes to (loopfile.py), or None: on `device`
+        self._backing_fd: int | None = None
         self.target: DeviceTarget | NbdTarget | None = None
         self.writable = False
         #: one per queue while connected (empty otherwise); queue i serves queue-i/ (or the top level)
@@ -602,11 +608,13 @@ class BackendDevice:
         self.device = device
         self.writable = mode == "w"
         self.frontend = frontend
-        self.target = replace(
-            DeviceTarget.from_block_device(device),
-            direct_writes=self.config.direct_writes,
-            direct_writes_on_pool=self.config.direct_writes_on_pool,
-            direct_reads=self.config.direct_reads,
+        self.target = self._on_backing_file(
+            replace(
+                DeviceTarget.from_block_device(device),
+                direct_writes=self.config.direct_writes,
+                direct_writes_on_pool=self.config.direct_writes_on_pool,
+                direct_reads=self.config.direct_reads,
+            )
         )
         if not self._parked and self.config.fd_store is not None:
             # before `opened`=1: from then on the block script lets go, and an engine dying
@@ -618,7 +626,8 @@ class BackendDevice:
         self._taken_over = inherited is not None and self.config.transport.rings_outlive_engine
         how = "took over" if inherited is not None else "opened"
         access = "rw" if self.writable else "ro"
-        self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access})")
+        on = ", I/O on its backing file" if self._backing_fd is not None else ""
+        self._log(f"{how} {major}:{minor} diskseq {device.identity.diskseq:x} ({access}{on})")
         # A frontend still Initialised/Connected to the previous engine: on Xen its ring, grant and
         # event channel live on, and _connect() re-attaches to them (ring.py rebuilds our side from
         # the shared indices). On the local transport they died with that engine's registry: the
@@ -632,6 +641,29 @@ class BackendDevice:
             self.phase = Phase.DISCONNECTED
             self._set_state(6)
             self._log("the frontend was connected to the previous engine: asked it to reconnect (Closed)")
+
+    def _on_backing_file(self, target: DeviceTarget) -> DeviceTarget:
+        """`target` with its I/O on the loop device's backing file where loopfile.py verifies it
+        (the same contract as kernel blkback's bios: neither reads nor fills the loop device's
+        page cache; see its docstring), else `target` unchanged, logged why. Only the fd the I/O
+        goes to changes: the size stays the loop's (never the file's length), and `self.device`
+        stays what is verified, parked, handed over and closed for delete-on-close. Called after
+        the identity check, on every open and takeover: a successor re-derives the file."""
+        device = self.device
+        if not self.config.loop_file or device is None or not is_loop(device):
+            return target
+        if target.direct_writes and not target.read_only:
+            # asked for explicitly: O_DIRECT bios to the loop device (io.DirectWriter) stay what
+            # `--direct-writes` measures (scenario 12's engine_direct rows)
+            self._log("serving the loop device itself, not its backing file: --direct-writes")
+            return target
+        try:
+            served = on_backing_file(device, target)
+        except NotServed as exc:
+            self._log(f"serving the loop device itself, not its backing file: {exc}")
+            return target
+        self._backing_fd = served.fd
+        return served
 
     def _open_export(
         self, owner: str | None, params: str | None, mode: str | None, frontend: str | None
@@ -1075,6 +1107,9 @@ class BackendDevice:
             raise XenblockError(f"{self.relative}: device close with a live data plane", code="internal")
         device, self.device = self.device, None
         self.target = None
+        backing, self._backing_fd = self._backing_fd, None
+        if backing is not None:
+            os.close(backing)  # before the device: nothing may write through it once that is gone
         self._device_published = {}
         self._script_done = False  # a device opened again waits for its script's hand-off again
         if not keep_parked:

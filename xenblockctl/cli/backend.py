@@ -121,6 +121,13 @@ def raise_fd_limit(journal: Journal) -> int:
     "the page cache (which direct writes keep emptying).",
 )
 @click.option(
+    "--loop-file/--no-loop-file",
+    default=True,
+    show_default=True,
+    help="Serve a loop device's guest I/O on its backing file (checked to be the file the loop is bound "
+    "to), through the page cache kernel blkback's loop worker uses; --no-loop-file: on the loop device.",
+)
+@click.option(
     "--max-queues",
     type=click.IntRange(1, 16),
     default=None,
@@ -166,6 +173,7 @@ def backend(
     direct_writes: bool,
     direct_writes_on_pool: bool,
     direct_reads: bool,
+    loop_file: bool,
     max_queues: int | None,
     workers: int,
 ) -> None:
@@ -229,12 +237,15 @@ def backend(
         config = dataclasses.replace(
             config, direct_writes=True, direct_writes_on_pool=direct_writes_on_pool, direct_reads=direct_reads
         )
+    if not loop_file:
+        config = dataclasses.replace(config, loop_file=False)
     journal.info(f"ring pass: {describe(native)}; {describe_copy(native)}")
     how = "buffered"
     if direct_writes:
         how = "O_DIRECT (--direct-writes)" + (", on the I/O pool" if direct_writes_on_pool else "")
         how += ", reads O_DIRECT too (--direct-reads)" if direct_reads else ""
     journal.info(f"writes to block devices: {how}")
+    journal.info(f"loop devices: I/O on {'the backing file' if loop_file else 'the device (--no-loop-file)'}")
     pool = None
     if workers:
         from xenblockctl.backend.workers import WorkerPool

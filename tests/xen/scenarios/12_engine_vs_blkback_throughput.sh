@@ -251,6 +251,9 @@ check_default() {
   engine_says 'ring pass:' 'ring pass: native fast path' \
     || say "the native fast path did not load: engine rows are pure Python"
   engine_says 'writes to block devices:' buffered || fail "writes not buffered by default"
+  # Issue 20 (helper file20): whether the row's I/O went to the loop device's backing file (the
+  # default) or to the loop device itself, and why
+  say "$(grep -E 'I/O on its backing file|serving the loop device itself' "$engine_log" | tail -n 1)"
 }
 check_direct() {
   ring_stopped
