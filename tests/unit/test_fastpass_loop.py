@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.backend import PairFactory
+from tests.fixtures.backend import Pair, PairFactory
 from tests.fixtures.native import compile_sanitized, run_sanitized
 from tests.fixtures.ring_thread import (
     assert_hostile_req_prod_is_judged,
@@ -285,6 +285,20 @@ def test_a_hostile_req_prod_is_judged_by_ring_py(make_pair: PairFactory) -> None
     assert_hostile_req_prod_is_judged(pair)
 
 
+def _polling_pair(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, poll_ns: int
+) -> tuple[Pair, bytes]:
+    """A pair whose loop polls `poll_ns` for the refill, its first page mapped (Python's path) and
+    the loop back and asleep; and the disk's bytes."""
+    monkeypatch.setattr(fastpath, "POLL_NS", poll_ns)
+    pair = make_pair(persistent=True, data_pages=16, workers=0)
+    pair.path.write_bytes(os.urandom(1 << 16))
+    expected = pair.path.read_bytes()
+    assert pair.frontend.read(0, 4096) == expected[:4096]
+    sleeping_in(pair.dataplane)
+    return pair, expected
+
+
 def test_a_refill_within_the_poll_is_served_with_no_event_and_no_wake_up(
     make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,13 +307,8 @@ def test_a_refill_within_the_poll_is_served_with_no_event_and_no_wake_up(
     (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY says no) and its request is answered all the same, the ring
     thread never having slept. On main the ring thread arms req_event and sleeps right after the
     pass: the push asks for a notify."""
-    monkeypatch.setattr(fastpath, "POLL_NS", 1_000_000_000)
-    pair = make_pair(persistent=True, data_pages=16, workers=0)
+    pair, expected = _polling_pair(make_pair, monkeypatch, 1_000_000_000)
     fe, dp = pair.frontend, pair.dataplane
-    pair.path.write_bytes(os.urandom(1 << 16))
-    expected = pair.path.read_bytes()
-    assert fe.read(0, 4096) == expected[:4096]  # maps the page (Python's path)
-    sleeping_in(dp)  # the loop is back, asleep: nothing served since its last poll
     wakeups, caught = dp.stats.wakeups, dp.stats.polls_caught
     for k in range(1, 4):
         time.sleep(0.05)  # well after the pass's answer; well within its poll
@@ -322,13 +331,8 @@ def test_polls_that_catch_nothing_pause_and_pause_longer(
     asleep, as GRUB under TCG does): after ring_loop.h's POLL_MISSES (4) misses in a row the loop
     skips the poll for 1 pass, then after each further miss for twice as many (2, 4, ...): 6 polls
     in 12 passes, none caught, each request answered after a wake-up as before."""
-    monkeypatch.setattr(fastpath, "POLL_NS", 20_000_000)
-    pair = make_pair(persistent=True, data_pages=16, workers=0)
+    pair, expected = _polling_pair(make_pair, monkeypatch, 20_000_000)
     fe, dp = pair.frontend, pair.dataplane
-    pair.path.write_bytes(os.urandom(1 << 16))
-    expected = pair.path.read_bytes()
-    assert fe.read(0, 4096) == expected[:4096]  # maps the page (Python's path)
-    sleeping_in(dp)
     polls, wakeups = dp.stats.polls, dp.stats.wakeups
     for k in range(12):
         assert fe.read(8 * k, 4096) == expected[4096 * k : 4096 * (k + 1)]
