@@ -29,8 +29,9 @@
  * (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY), so a refill caught costs neither side a syscall or a
  * wake-up. A poll that sees nothing is CPU burnt for no request, so after POLL_MISSES misses in a
  * row the loop stops polling for `backoff` passes (doubling up to POLL_BACKOFF_MAX) and one catch
- * resets it: an idle ring, or a frontend slower than the poll (GRUB at QD 1), pays a handful of
- * polls, then one in ~1000 passes. QEMU's iothreads poll their virtqueues the same way (32 us by
+ * resets it: an idle ring, or a frontend slower than the poll (a QD-1 guest under TCG), pays a
+ * handful of polls, then one in ~1000 passes. Only the persistent-grant pass polls (_fastpass.c);
+ * the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the same way (32 us by
  * default, grown and shrunk by whether polls succeed).
  *
  * It returns to Python, with the ring's indices as they now are, for:
