@@ -190,6 +190,9 @@ class Run:
     direct: float = 0.0
     direct_wide: float = 0.0
     direct_scattered: float = 0.0
+    #: the native loop's polls for the refill after a pass (ring_loop.h), and those that caught it
+    polls: int = 0
+    polls_caught: int = 0
 
 
 def verify(fe: LocalFrontend, image: str, w: Workload, size: int) -> None:
@@ -428,6 +431,8 @@ def engine(
             direct_wide=run.direct_wide,
             direct_scattered=run.direct_scattered,
             asleep_us=slept / served * 1e6,
+            polls=dp.stats.polls,
+            polls_caught=dp.stats.polls_caught,
         )
     with LocalFrontend(
         transport.socket_path,
@@ -455,7 +460,14 @@ def engine(
             engine_cpu = cpu / served * 1e6 - run.frontend_cpu_us
         finally:
             dp.stop()
-        return Run(run.rate, run.frontend_cpu_us, engine_cpu, *_grant_counts(dp))
+        return Run(
+            run.rate,
+            run.frontend_cpu_us,
+            engine_cpu,
+            *_grant_counts(dp),
+            polls=dp.stats.polls,
+            polls_caught=dp.stats.polls_caught,
+        )
 
 
 def _data_plane(
@@ -819,7 +831,17 @@ def main() -> int:
         " watch, a worker's Python would): a ring thread that needs the GIL waits for it, up to the"
         " switch interval (issue 20, gil20); every row of the process shares it, the direct ones too",
     )
+    ap.add_argument(
+        "--poll-ns",
+        type=int,
+        default=None,
+        help="how long the native loop watches for the frontend's refill after a pass before it"
+        f" sleeps (fastpath.POLL_NS, default {fastpath.POLL_NS}; 0: it sleeps at once, as before"
+        " issue 20's poll)",
+    )
     args = ap.parse_args()
+    if args.poll_ns is not None:
+        fastpath.POLL_NS = args.poll_ns
     if args.busy_thread:
         threading.Thread(target=_spin, daemon=True).start()
     if args.pin:
@@ -949,6 +971,7 @@ def main() -> int:
                                 f"{maps} for {run.requests} requests, "
                                 f"{run.requests / max(run.notifies, 1):.1f} requests per event, "
                                 f"{run.requests / max(run.wakeups, 1):.1f} per wake-up"
+                                + (f", polls caught {run.polls_caught} of {run.polls}" if run.polls else "")
                                 + (
                                     f", ring thread asleep {run.asleep_us:.1f} µs"
                                     if run.asleep_us >= 0

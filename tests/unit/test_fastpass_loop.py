@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.backend import PairFactory
+from tests.fixtures.backend import Pair, PairFactory
 from tests.fixtures.native import compile_sanitized, run_sanitized
 from tests.fixtures.ring_thread import (
     assert_hostile_req_prod_is_judged,
@@ -285,6 +285,64 @@ def test_a_hostile_req_prod_is_judged_by_ring_py(make_pair: PairFactory) -> None
     assert_hostile_req_prod_is_judged(pair)
 
 
+def _polling_pair(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch, poll_ns: int
+) -> tuple[Pair, bytes]:
+    """A pair whose loop polls `poll_ns` for the refill, its first page mapped (Python's path) and
+    the loop back and asleep; and the disk's bytes."""
+    monkeypatch.setattr(fastpath, "POLL_NS", poll_ns)
+    pair = make_pair(persistent=True, data_pages=16, workers=0)
+    pair.path.write_bytes(os.urandom(1 << 16))
+    expected = pair.path.read_bytes()
+    assert pair.frontend.read(0, 4096) == expected[:4096]
+    sleeping_in(pair.dataplane)
+    return pair, expected
+
+
+def test_a_refill_within_the_poll_is_served_with_no_event_and_no_wake_up(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a pass the loop watches req_prod (fastpath.POLL_NS, here 1 s) before it arms
+    req_event: a frontend that refills 50 ms after its answer finds that it need not notify
+    (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY says no) and its request is answered all the same, the ring
+    thread never having slept. On main the ring thread arms req_event and sleeps right after the
+    pass: the push asks for a notify."""
+    pair, expected = _polling_pair(make_pair, monkeypatch, 1_000_000_000)
+    fe, dp = pair.frontend, pair.dataplane
+    wakeups, caught = dp.stats.wakeups, dp.stats.polls_caught
+    for k in range(1, 4):
+        time.sleep(0.05)  # well after the pass's answer; well within its poll
+        fe.submit_read(8 * k, 4096)
+        assert fe.ring.push_requests() is (k == 1)  # only the first comes to a sleeping loop
+        if k == 1:
+            fe.evtchn.notify()
+        done = fe.collect(1, timeout=5)
+        assert [c.data for c in done.values()] == [expected[4096 * k : 4096 * (k + 1)]]
+    sleeping_in(dp)  # the last poll missed: asleep, its counts in
+    assert dp.stats.wakeups == wakeups + 1
+    assert dp.stats.polls_caught == caught + 2
+    assert dp.stats.requests == dp.stats.ok == 4
+
+
+def test_polls_that_catch_nothing_pause_and_pause_longer(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frontend slower than the poll (it sends the next request only once the ring thread is
+    asleep, as GRUB under TCG does): after ring_loop.h's POLL_MISSES (4) misses in a row the loop
+    skips the poll for 1 pass, then after each further miss for twice as many (2, 4, ...): 6 polls
+    in 12 passes, none caught, each request answered after a wake-up as before."""
+    pair, expected = _polling_pair(make_pair, monkeypatch, 20_000_000)
+    fe, dp = pair.frontend, pair.dataplane
+    polls, wakeups = dp.stats.polls, dp.stats.wakeups
+    for k in range(12):
+        assert fe.read(8 * k, 4096) == expected[4096 * k : 4096 * (k + 1)]
+        sleeping_in(dp)
+    # polls at passes 1-4 (misses), 6 (pause of 1 before it), 9 (pause of 2); 10-12 in a pause of 4
+    assert dp.stats.polls - polls == 6
+    assert dp.stats.polls_caught == 0
+    assert dp.stats.wakeups - wakeups == 12
+
+
 @pytest.mark.parametrize("after_sleep", [True, False], ids=["after-a-sleep", "no-sleep"])
 def test_the_first_pass_after_a_sleep_is_published_in_cut_runs(tmp_path: Path, after_sleep: bool) -> None:
     """_fastpass.loop() directly, on a ring in our memory: four cached 4 KiB READs with cut = 8 KiB.
@@ -445,7 +503,8 @@ def test_loop_under_sanitizers(tmp_path: Path) -> None:
                                  (2, efd, 5, peer, 0), r.abi.id_offset, 128, 65536,
                                  rnd.choice([512, 4096]), rnd.random() < 0.2, rnd.choice([0, 512]),
                                  fd, fd, rnd.choice([0, 2, 2, 3]), rnd.choice([0, 2, 3]), mmap.PAGESIZE,
-                                 rnd.choice([pages, pages, entries]), note_used, rnd.choice([0, 4096, 8192]))
+                                 rnd.choice([pages, pages, entries]), note_used, rnd.choice([0, 4096, 8192]),
+                                 rnd.choice([0, 0, 2000]))
             exits.add(r.check(got, efd))
             assert got[8] == 0 or len(noted) > before
             g = rnd.randrange(16)

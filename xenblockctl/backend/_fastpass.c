@@ -830,9 +830,11 @@ static int fp_loop_after(void *ctx)
 }
 
 /* loop(<ring_loop.h's LOOP_ARGS>, id_offset, sectors, size_bytes, logical_block_size, read_only,
- *      max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries, note_used, cut)
+ *      max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries, note_used, cut,
+ *      [poll_ns])
  *   -> ring_loop()'s tuple; `owner` is the FastPass whose `served` it counts, `note_used` the grant
- *   cache's (called with a uint32 memoryview of the refs of each run), `cut` serve()'s (0: none). */
+ *   cache's (called with a uint32 memoryview of the refs of each run), `cut` serve()'s (0: none),
+ *   `poll_ns` ring_loop.h's poll for the refill (0, the default: none). */
 static PyObject *fp_loop(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -845,15 +847,16 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
     Py_ssize_t id_offset, lbs, max_indirect;
     PyObject *sectors_o, *size_o;
     int read_only;
-    if (!PyArg_ParseTuple(rest, "nOOnpniiiinO!On", &id_offset, &sectors_o, &size_o, &lbs, &read_only,
+    long long poll_ns = 0;
+    if (!PyArg_ParseTuple(rest, "nOOnpniiiinO!On|L", &id_offset, &sectors_o, &size_o, &lbs, &read_only,
                           &max_indirect, &f.fd, &f.wfd, &f.modes[OP_READ], &f.modes[OP_WRITE], &f.host_page,
-                          &PyDict_Type, &f.entries, &f.note_used, &f.cut))
+                          &PyDict_Type, &f.entries, &f.note_used, &f.cut, &poll_ns))
         goto done;
     if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &f.lim) < 0)
         goto done;
     if (f.host_page <= 0 || (f.host_page & (f.host_page - 1)) || f.fd < 0 || f.wfd < 0 || f.cut < 0 ||
-        !PyCallable_Check(f.note_used)) {
-        PyErr_SetString(PyExc_ValueError, "loop: bad host page size, fd, cut or note_used");
+        !PyCallable_Check(f.note_used) || poll_ns < 0 || poll_ns > 1000000000LL) {
+        PyErr_SetString(PyExc_ValueError, "loop: bad host page size, fd, cut, note_used or poll");
         goto done;
     }
     f.esize = entry_size(id_offset);
@@ -864,7 +867,7 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    const struct loop_pass lp = {&f, fp_loop_serve, fp_loop_after, f.esize, id_offset == 8, &f.owed};
+    const struct loop_pass lp = {&f, fp_loop_serve, fp_loop_after, f.esize, id_offset == 8, &f.owed, (int64_t)poll_ns};
     out = ring_loop(&a, &lp);
     for (Py_ssize_t k = 0; k < f.nreq; k++) /* a Python error in the after step left them */
         prepared_release(&f.reqs[k]);

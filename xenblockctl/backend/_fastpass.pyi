@@ -108,5 +108,6 @@ def loop(
     entries: dict[int, memoryview],
     note_used: Callable[[memoryview], object],
     cut: int,
+    poll_ns: int = 0,
     /,
 ) -> tuple[int, int, int, int, bool, bytes | None, int, int, int, int, int]: ...

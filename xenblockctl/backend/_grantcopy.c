@@ -397,7 +397,7 @@ static PyObject *gc_loop(PyObject *self, PyObject *args)
     struct pass p;
     if (pass_setup(&p, id_offset, sectors_o, size_o, lbs, read_only, fd, wfd, modes[OP_READ], modes[OP_WRITE],
                    host_page, &bounce, domid, copy_fd, copier, a.room) == 0) {
-        const struct loop_pass lp = {&p, gc_loop_serve, NULL, p.esize, id_offset == 8, NULL};
+        const struct loop_pass lp = {&p, gc_loop_serve, NULL, p.esize, id_offset == 8, NULL, 0};
         out = ring_loop(&a, &lp);
     }
     pass_free(&p);

@@ -90,6 +90,8 @@ class QueueStats:
     unsupported: int = 0
     notifies: int = 0
     wakeups: int = 0  # the event channel woke the ring thread (a sleep ended by the frontend)
+    polls: int = 0  # the native loop watched req_prod after a pass instead of sleeping at once
+    polls_caught: int = 0  # ... and the frontend's refill came within the poll: a wake-up saved
     rejections: dict[str, int] = field(default_factory=dict)
 
 

@@ -77,6 +77,11 @@ _HOST_PAGE = mmap.PAGESIZE
 #: refills its ring while the engine copies, instead of waiting for the whole pass. Runs of small
 #: requests never reach it (a 4 KiB QD-32 pass is 128 KiB); bench/README.md, "turnaround".
 CUT_BYTES = 2 << 20
+#: how long the native loop watches req_prod for the frontend's refill after a pass before it arms
+#: req_event and sleeps (ring_loop.h's poller; it pauses itself while polls catch nothing). Longer
+#: than a frontend's turnaround on an idle CPU: its wake-up (~25 µs on the test VM) and its refill.
+#: bench/README.md, issue 20, "a poll for the refill".
+POLL_NS = 50_000
 #: index the cache's pages in C (_fastpass.Pages); False only for bench/ring_cpu's `--native dict`
 #: rows, which measure the plain dict lookup it replaced (a dict get and a buffer export per page)
 INDEX_PAGES = True
@@ -188,9 +193,11 @@ class FastPass:
         loop()): on the ring `lent` (BackRing.lend()), wait on the event channel (`waiter`:
         EventChannel.native_waiter()), serve, answer, push, notify, unmask, until something needs
         Python (LoopExit). `stop[0]` nonzero ends it; `pending`: the last wake-up's unmask is still
-        owed. It adds its requests, wake-ups and notifies to `stats` (the data plane's QueueStats)
-        and to `served`, and notes the pages it used in the cache (note_used), before each sleep
-        and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs wait."""
+        owed. After a pass it watches req_prod for up to POLL_NS before it sleeps (ring_loop.h's
+        poller). It adds its requests, wake-ups, notifies and polls to `stats` (the data plane's
+        QueueStats) and to `served`, and notes the pages it used in the cache (note_used), before
+        each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
+        wait."""
         executor = self._executor
         read, write = executor.placement()
         return run_loop(
@@ -214,6 +221,7 @@ class FastPass:
                 self._entries,
                 self._cache.note_used,
                 CUT_BYTES,
+                POLL_NS,
             ),
         )
 

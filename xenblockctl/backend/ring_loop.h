@@ -16,8 +16,23 @@
  *   decoded) -> the pass's serve step -> each answer written by ring_answer.h's journal protocol ->
  *   push (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY) -> notify if the frontend's rsp_event asks -> the
  *   pass's after step, with the GIL, if it has one -> unmask the port if a wake-up is owed its late
- *   EOI -> final check (RING_FINAL_CHECK_FOR_REQUESTS: req_event, a full fence, req_prod again) ->
- *   block in read() of the event channel.
+ *   EOI -> poll req_prod for the frontend's refill, if the pass asks for it (below) -> final check
+ *   (RING_FINAL_CHECK_FOR_REQUESTS: req_event, a full fence, req_prod again) -> block in read() of
+ *   the event channel.
+ *
+ * The poll (struct poller): at QD 32 a frontend refills its ring only once it has taken a pass's
+ * answers, so engine and frontend take turns, and each turn that ends in a sleep costs the sleeper's
+ * CPU a wake-up (on the 2-vCPU test VM an idle vCPU takes ~25 us to run the woken thread, against
+ * ~15 us for the whole 32-request pass: bench/README.md, issue 20, "a poll for the refill"). After
+ * a pass that answered requests, the loop watches req_prod for up to `poll_ns` before it arms
+ * req_event and sleeps: while req_event is unarmed the frontend's push does not notify either
+ * (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY), so a refill caught costs neither side a syscall or a
+ * wake-up. A poll that sees nothing is CPU burnt for no request, so after POLL_MISSES misses in a
+ * row the loop stops polling for `backoff` passes (doubling up to POLL_BACKOFF_MAX) and one catch
+ * resets it: an idle ring, or a frontend slower than the poll (a QD-1 guest under TCG), pays a
+ * handful of polls, then one in ~1000 passes. Only the persistent-grant pass polls (_fastpass.c);
+ * the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the same way (32 us by
+ * default, grown and shrunk by whether polls succeed).
  *
  * It returns to Python, with the ring's indices as they now are, for:
  *   EXIT_SLOT    a slot the pass stopped at: (copy, index, count) of the batch, [0, index) answered
@@ -52,6 +67,7 @@
 
 #include <errno.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { EXIT_SLOT = 0, EXIT_CHECK = 1, EXIT_WOKEN = 2, EXIT_BUDGET = 3, EXIT_OSERROR = 4 };
@@ -135,7 +151,7 @@ static int notify_event(const struct waiter *w)
 }
 
 /* The interned attribute names report() adds to (loop_init, from the module's init). */
-static PyObject *attr_requests, *attr_ok, *attr_wakeups, *attr_notifies, *attr_served;
+static PyObject *attr_requests, *attr_ok, *attr_wakeups, *attr_notifies, *attr_served, *attr_polls, *attr_caught;
 
 static int loop_init(void)
 {
@@ -144,8 +160,10 @@ static int loop_init(void)
     attr_wakeups = PyUnicode_InternFromString("wakeups");
     attr_notifies = PyUnicode_InternFromString("notifies");
     attr_served = PyUnicode_InternFromString("served");
+    attr_polls = PyUnicode_InternFromString("polls");
+    attr_caught = PyUnicode_InternFromString("polls_caught");
     return attr_requests == NULL || attr_ok == NULL || attr_wakeups == NULL || attr_notifies == NULL ||
-                   attr_served == NULL
+                   attr_served == NULL || attr_polls == NULL || attr_caught == NULL
                ? -1
                : 0;
 }
@@ -184,27 +202,38 @@ struct loop_pass;
 static int pass_owes(const struct loop_pass *lp, int when);
 static int pass_after(const struct loop_pass *lp);
 
+/* What report() adds to the stats: requests, wake-ups, notifies, polls begun, polls that caught
+ * a refill. */
+enum { COUNT_REQUESTS, COUNT_WAKEUPS, COUNT_NOTIFIES, COUNT_POLLS, COUNT_CAUGHT, NCOUNTS };
+
 /* The counts since the last report into the data plane's QueueStats and the pass's `served`, with
  * the GIL (taken here if `ts`), and what the pass deferred to a report (its after step, if it owes
  * anything). Safe without DataPlane's lock: while the ring is lent no request is outstanding
  * elsewhere, so no worker writes these stats, and the ring thread is the one running this. -1 with
  * a Python error (the GIL held then). */
 static int report(PyThreadState **ts, PyObject *stats, PyObject *owner, const struct loop_pass *lp,
-                  Py_ssize_t counts[3])
+                  Py_ssize_t counts[NCOUNTS])
 {
-    int owes = pass_owes(lp, OWED_LATER);
-    if (counts[0] == 0 && counts[1] == 0 && counts[2] == 0 && !owes)
+    int owes = pass_owes(lp, OWED_LATER), any = owes;
+    for (int i = 0; i < NCOUNTS; i++)
+        any |= counts[i] != 0;
+    if (!any)
         return 0;
     if (ts != NULL)
         PyEval_RestoreThread(*ts);
-    int rc = (owes && pass_after(lp) < 0) || add_attr(stats, attr_requests, counts[0]) < 0 ||
-                     add_attr(stats, attr_ok, counts[0]) < 0 || add_attr(owner, attr_served, counts[0]) < 0 ||
-                     add_attr(stats, attr_wakeups, counts[1]) < 0 || add_attr(stats, attr_notifies, counts[2]) < 0
+    const Py_ssize_t done = counts[COUNT_REQUESTS];
+    int rc = (owes && pass_after(lp) < 0) || add_attr(stats, attr_requests, done) < 0 ||
+                     add_attr(stats, attr_ok, done) < 0 || add_attr(owner, attr_served, done) < 0 ||
+                     add_attr(stats, attr_wakeups, counts[COUNT_WAKEUPS]) < 0 ||
+                     add_attr(stats, attr_notifies, counts[COUNT_NOTIFIES]) < 0 ||
+                     add_attr(stats, attr_polls, counts[COUNT_POLLS]) < 0 ||
+                     add_attr(stats, attr_caught, counts[COUNT_CAUGHT]) < 0
                  ? -1
                  : 0;
     if (rc == 0 && ts != NULL)
         *ts = PyEval_SaveThread();
-    counts[0] = counts[1] = counts[2] = 0;
+    for (int i = 0; i < NCOUNTS; i++)
+        counts[i] = 0;
     return rc;
 }
 
@@ -292,6 +321,7 @@ struct loop_pass {
     Py_ssize_t esize; /* the ring's entry size (blkif_slot.h's entry_size) */
     int x86_64;       /* the response layout (ring_answer.h's response_size) */
     const int *owed;  /* the pass's OWED_* (NULL: after() after every run) */
+    int64_t poll_ns;  /* the longest poll for the frontend's refill after a pass (0: never poll) */
 };
 
 /* Whether the pass's after step is due: `when` OWED_NOW after a run, OWED_LATER at a report. */
@@ -307,6 +337,62 @@ static int pass_owes(const struct loop_pass *lp, int when)
 static int pass_after(const struct loop_pass *lp)
 {
     return lp->after(lp->ctx);
+}
+
+/* The poll for the frontend's refill (see the top of this file). */
+enum { POLL_MISSES = 4, POLL_BACKOFF_MAX = 1024 };
+struct poller {
+    int64_t ns;              /* the longest poll (0: never) */
+    int misses;              /* polls in a row that saw nothing */
+    uint32_t skip, backoff;  /* passes left without a poll; the next pause's length */
+};
+
+static inline int64_t mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause(); /* the spin-wait hint: yields the core's resources to its sibling */
+#endif
+}
+
+/* After a pass: 1 if req_prod moved (or the stop word was set) within the poll, 0 if the loop
+ * should arm req_event and sleep. counts[COUNT_POLLS] and [COUNT_CAUGHT] count what it did. */
+static int poll_refill(struct poller *p, const struct ring_state *r, const volatile unsigned char *stop,
+                       Py_ssize_t counts[NCOUNTS])
+{
+    if (p->ns <= 0)
+        return 0;
+    if (p->skip > 0) {
+        p->skip--;
+        return 0;
+    }
+    counts[COUNT_POLLS]++;
+    const int64_t end = mono_ns() + p->ns;
+    for (unsigned i = 1;; i++) {
+        if (load_index(r, IDX_REQ_PROD) != r->req_cons) {
+            counts[COUNT_CAUGHT]++;
+            p->misses = 0;
+            p->backoff = 1;
+            return 1;
+        }
+        if (*stop)
+            return 1;
+        cpu_relax();
+        if (i % 32 == 0 && mono_ns() >= end) /* the clock (vDSO, ~20 ns) every 32 looks */
+            break;
+    }
+    if (++p->misses >= POLL_MISSES) {
+        p->skip = p->backoff;
+        p->backoff = p->backoff < POLL_BACKOFF_MAX ? p->backoff * 2 : POLL_BACKOFF_MAX;
+        p->misses = POLL_MISSES - 1; /* after a pause one more miss pauses again, twice as long */
+    }
+    return 0;
 }
 
 /* The loop itself (see the top of this file), on a ring whose arguments loop_parse() checked.
@@ -336,7 +422,9 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
     const size_t esize = (size_t)lp->esize, rsize = response_size(lp->x86_64);
     int pending = a->pending, woke = a->pending;
     Py_ssize_t requests = 0, index = 0, count = 0;
-    Py_ssize_t counts[3] = {0, 0, 0}; /* requests, wake-ups, notifies not yet in the stats */
+    Py_ssize_t counts[NCOUNTS] = {0}; /* not yet in the stats (COUNT_*) */
+    struct poller poller = {lp->poll_ns, 0, 0, 1};
+    int served = 0; /* a pass answered requests since the last poll or sleep */
     int why = EXIT_WOKEN, err = 0, notify_err = 0;
     PyThreadState *ts = PyEval_SaveThread();
     for (;;) {
@@ -370,7 +458,8 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
                     r.pvt = answer_into_ring(r.ring, r.pvt, mask, esize, rsp, rsize);
                 }
                 requests += next - index;
-                counts[0] += next - index;
+                counts[COUNT_REQUESTS] += next - index;
+                served |= next > index;
                 index = next;
                 /* push: RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
                 if (r.pvt != r.pushed) {
@@ -380,7 +469,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
                     __atomic_thread_fence(__ATOMIC_SEQ_CST);
                     uint32_t rsp_event = load_index(&r, IDX_RSP_EVENT);
                     if ((uint32_t)(r.pvt - rsp_event) < (uint32_t)(r.pvt - old)) {
-                        counts[2]++;
+                        counts[COUNT_NOTIFIES]++;
                         if (notify_event(w) < 0)
                             notify_err = errno; /* Python logs it as _notify does, and goes on */
                     }
@@ -413,6 +502,12 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
             }
             pending = 0;
         }
+        /* the refill, watched for before req_event is armed (so the frontend does not notify) */
+        if (served) {
+            served = 0;
+            if (poll_refill(&poller, &r, stop, counts))
+                continue;
+        }
         /* the final check: req_event, a full fence, req_prod again */
         if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
             continue;
@@ -436,7 +531,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         if (theirs) {
             pending = 1;
             woke = 1;
-            counts[1]++;
+            counts[COUNT_WAKEUPS]++;
         }
         if (got > 0) {
             why = EXIT_WOKEN;
