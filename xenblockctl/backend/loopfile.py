@@ -50,9 +50,9 @@ from xenblockctl.kernel.errors import LoopError
 from xenblockctl.kernel.ioctls import BLKFLSBUF
 from xenblockctl.kernel.loop import get_status
 from xenblockctl.kernel.loop_abi import LOOP_MAJOR, LoopFlags
+from xenblockctl.kernel.sysfs import block_dir
 
-#: where a bound loop device names its backing file (d_path; " (deleted)" appended once unlinked)
-SYS_DEV_BLOCK = "/sys/dev/block"
+#: what the kernel appends to a bound loop's `loop/backing_file` (its d_path) once the file is unlinked
 _DELETED = " (deleted)"
 
 
@@ -97,8 +97,11 @@ def open_backing_file(device: BlockDevice, *, read_only: bool) -> int:
     if not read_only and status.flags & LoopFlags.READ_ONLY:
         raise NotServed("the loop device is read-only, the backend read-write")
     try:
-        sysfs = f"{SYS_DEV_BLOCK}/{i.major}:{i.minor}/loop/backing_file"
-        with open(sysfs, encoding="utf-8", errors="surrogateescape") as f:
+        # read here, not with sysfs.read_attr: the path exactly as the kernel wrote it (only its
+        # newline cut, not stripped) and any bytes it holds (surrogateescape)
+        with open(
+            f"{block_dir(i.major, i.minor)}/loop/backing_file", encoding="utf-8", errors="surrogateescape"
+        ) as f:
             path = f.read().removesuffix("\n")
     except OSError as exc:
         raise NotServed(f"cannot read its backing_file ({exc.strerror})") from None
