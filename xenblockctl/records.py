@@ -111,7 +111,7 @@ else:
             body = {**_DEFAULTS, "__doc__": None, **namespace}
             if body["__doc__"] is None:
                 body["__doc__"] = f"{name}({', '.join(fields)})"
-            while len(_FIELDS) < len(fields):
+            if len(_FIELDS) < len(fields):  # _field makes every missing accessor up to the last
                 _field(len(fields) - 1)
             for index, name_ in enumerate(fields):
                 body[name_] = _FIELDS[index]
