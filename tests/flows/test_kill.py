@@ -221,7 +221,7 @@ def test_remove_leaves_a_record_changed_while_it_waited_for_the_lock(
     running.resume()  # the child turns AUTOCLEAR off, then finds the record changed: left as is
     _out, err = remover.proc.communicate(timeout=20)
     assert remover.proc.returncode == 0, err
-    assert "owner record changed since it was read (kind=device 8:20 seq 7777)" in err, err
+    assert "owner record changed since it was read (kind=device 8:32 seq 7777)" in err, err
     assert "removed (record-changed)" in err, err
     nodes = libxl.nodes(be)
     assert (nodes["xenblockctl-owner"], nodes["physical-device"]) == (newer, "8:20"), (

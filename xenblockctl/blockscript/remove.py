@@ -130,14 +130,15 @@ def _records_acted_on(owner_text: str, owner: OwnerRecord | NbdOwnerRecord | Non
 
 
 def _describe(text: str) -> str:
-    """A changed record for the log: the device it names, else the start of its text."""
+    """A changed record for the log: the device it names (major:minor in decimal, as lsblk and the
+    detach line above print it; the record's own dev= is hex), else the start of its text."""
     try:
         record = parse_owner(text)
     except OwnerRecordError:
         return f"unparsable: {text[:60]!r}"
     if isinstance(record, NbdOwnerRecord):
         return f"kind=nbd {record.uri[:60]}"
-    return f"kind={record.kind} {record.major:x}:{record.minor:x} seq {record.diskseq:x}"
+    return f"kind={record.kind} {record.major}:{record.minor} seq {record.diskseq:x}"
 
 
 def _withdraw(tx: Transaction, be: str, accepted: tuple[str, ...]) -> str | None:
