@@ -370,9 +370,12 @@ def scale_rows(
             cpus: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
             daemons: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
             for i in range(n + 2):
-                # contestants interleaved too, so that a baseline script sees the same load
-                for k, c in runners:
-                    for side, harness in enumerate((libxl, busy)):
+                # contestants interleaved too, so that a baseline script sees the same load, and in
+                # a turning order (_turned)
+                for k, c in _turned(runners, i):
+                    # the two sides in turn too: the first of the pair runs after another
+                    # contestant's add (after bash's, ~370 ms of CPU, once per turn)
+                    for side, harness in ((0, libxl), (1, busy))[:: 1 if i % 2 == 0 else -1]:
                         cpu: list[float] = []
                         used: list[float] = []
                         elapsed = add_once(
@@ -498,11 +501,22 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subproce
     return wall, cpu, result
 
 
+def _turned(runners: list[tuple[int, Contestant]], i: int) -> list[tuple[int, Contestant]]:
+    """`runners` starting at number i % len: the serial and scaling rows' order turns each
+    iteration. In a fixed order ours always ran right after the bash script's add (and in the
+    scaling rows after bash's 128-backend add, ~370 ms of CPU): identical add code measured ~1 ms
+    slower there, in CPU too, than the baseline after it (bench/README.md, issue 18, session 15,
+    walk18; parallel_rows turns its order for the same reason)."""
+    turn = i % len(runners)
+    return runners[turn:] + runners[:turn]
+
+
 def measure_alternating(libxl: Libxl, contestants: list[Contestant], image: Path, iterations: int) -> None:
     """Each iteration runs every contestant's add and remove once, on a fresh backend each (2
-    warm-up rounds), so a change of machine load hits all of them alike."""
+    warm-up rounds), so a change of machine load hits all of them alike. The order turns each
+    iteration (_turned)."""
     for i in range(iterations + 2):
-        for k, c in enumerate(contestants):
+        for k, c in _turned(list(enumerate(contestants)), i):
             be = libxl.create_backend(5 + 10 * k, 51712 + 16 * i, str(image), "w", engine=not c.bash)
             consumer = None if c.bash else libxl.engine_consumer(be)
             env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)

@@ -5,13 +5,19 @@ block-device sharing check relies on it to see every backend that publishes a de
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 
 from tests.fixtures.cxenstored import Daemon
 from xenblockctl.xenstore.client import XenStore
+from xenblockctl.xenstore.errors import XenstoreError
 from xenblockctl.xenstore.vbd import BackendEntry, read_in_backends, walk_backends
 
 pytestmark = pytest.mark.usefixtures("link")
+
+Results = list[tuple[int, str | list[str] | XenstoreError]]
+Follow = Callable[[Results], Sequence[tuple[int, str]]]
 
 HOME = "/local/domain/0"
 LEAF = "physical-device"
@@ -60,3 +66,49 @@ def test_a_kind_with_more_domains_than_one_listing_holds(daemon: Daemon) -> None
         expected = _reference(store, "")
         assert len(expected) == 901
         assert read_in_backends(store, HOME, LEAF) == expected
+
+
+class _RemovingOnFirstReplies:
+    """The store, except that once the kinds' listings are in (the walk's first replies), and
+    before any domain's listing is sent, `remove` is deleted through a second connection: the
+    daemon then answers ENOENT to what the walk asks next of those nodes."""
+
+    def __init__(self, store: XenStore, other: XenStore, remove: list[str]) -> None:
+        self.store, self.other, self.remove = store, other, remove
+        self.ls_many, self.read_many, self.ls = store.ls_many, store.read_many, store.ls
+
+    def stream(self, requests: Sequence[tuple[int, str]], follow: Follow) -> None:
+        def first_then_follow(
+            results: list[tuple[int, str | list[str] | XenstoreError]],
+        ) -> Sequence[tuple[int, str]]:
+            if self.remove:
+                self.other.rm_many(self.remove)
+                self.remove = []
+            return follow(results)
+
+        self.store.stream(requests, first_then_follow)
+
+
+def test_nodes_deleted_while_the_walk_runs_are_left_out_or_read_as_missing(daemon: Daemon) -> None:
+    """A domain directory gone before its listing is sent: its backends are left out; a backend
+    directory gone: left out; a backend whose leaf is gone before it is read: kept, value None.
+    Every other backend keeps its value (the values are held per backend, not per position)."""
+    nodes = {f"{HOME}/backend/vbd/{100 + d}/51712/{LEAF}": f"fd:{d:x}" for d in range(80)}
+    nodes[f"{HOME}/backend/vbd/150/51728/{LEAF}"] = "fd:ff"
+    gone = [
+        f"{HOME}/backend/vbd/110",  # a whole domain
+        f"{HOME}/backend/vbd/150/51712",  # one of a domain's two backends
+        f"{HOME}/backend/vbd/120/51712/{LEAF}",  # a leaf
+    ]
+    with XenStore.connect(timeout=20) as store, XenStore.connect(timeout=20) as other:
+        _write(store, nodes)
+        before = _reference(store, "")
+        found = read_in_backends(_RemovingOnFirstReplies(store, other, list(gone)), HOME, LEAF)
+        assert not [path for path in gone if store.exists(path)]
+    expected = [
+        (entry, None if entry.domid == "120" else value)
+        for entry, value in before
+        if entry.domid != "110" and entry.path != f"{HOME}/backend/vbd/150/51712"
+    ]
+    assert len(expected) == 81 - 2
+    assert found == expected

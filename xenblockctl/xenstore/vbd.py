@@ -335,16 +335,6 @@ def walk_backends(
                 yield BackendEntry(kind, domid, devid, f"{path}/{devid}")
 
 
-class _Backend:
-    """A backend found by read_in_backends, and its leaf's value once read."""
-
-    __slots__ = ("entry", "value")
-
-    def __init__(self, entry: BackendEntry) -> None:
-        self.entry = entry
-        self.value: str | None = None
-
-
 class _Domain:
     """A frontend domain's directory of one kind; `backends` None until listed (or if gone)."""
 
@@ -352,15 +342,15 @@ class _Domain:
 
     def __init__(self, kind: str, domid: str, path: str) -> None:
         self.kind, self.domid, self.path = kind, domid, path
-        self.backends: list[_Backend] | None = None
+        self.backends: list[BackendEntry] | None = None
 
-    def listed(self, devids: list[str], skip: str) -> list[_Backend]:
+    def listed(self, devids: list[str], skip: str) -> list[BackendEntry]:
         # Each path built once, and the record without the NamedTuple constructor's Python-level
         # argument handling: this runs for every backend of the walk (issue 18 round 8).
         kind, domid, prefix = self.kind, self.domid, self.path + "/"
         new = tuple.__new__
         self.backends = [
-            _Backend(new(BackendEntry, (kind, domid, devid, path)))
+            new(BackendEntry, (kind, domid, devid, path))
             for devid in devids
             if (path := prefix + devid) != skip
         ]
@@ -381,9 +371,12 @@ def read_in_backends(
     root = home.rstrip("/")
     kind_dirs = [f"{root}/backend/{kind}" for kind in kinds]
     domains: list[list[_Domain]] = [[] for _ in kinds]
-    #: What request number i was: an int (that kind's listing), a _Domain (its listing) or a
-    #: _Backend (the read of its leaf).
-    jobs: list[int | _Domain | _Backend] = list(range(len(kinds)))
+    #: What request number i was: an int (that kind's listing), a _Domain (its listing) or the
+    #: BackendEntry whose leaf it read.
+    jobs: list[int | _Domain | BackendEntry] = list(range(len(kinds)))
+    #: The leaf's value by backend path, as read (a missing leaf is left out): one dict entry per
+    #: backend instead of an object per backend that holds it (bench/README.md issue 18, session 15).
+    values: dict[str, str] = {}
     long_kinds: list[int] = []
     long_domains: list[_Domain] = []
 
@@ -396,9 +389,9 @@ def read_in_backends(
         more: list[tuple[int, str]] = []
         for index, result in results:
             job = jobs[index]
-            if isinstance(job, _Backend):
+            if isinstance(job, BackendEntry):
                 if isinstance(result, str):
-                    job.value = result
+                    values[job.path] = result
                 elif isinstance(result, XenstoreError) and not isinstance(result, XenstoreNoEntry):
                     raise result  # (XenstoreNoEntry: no such node, the value stays None)
                 continue
@@ -411,7 +404,7 @@ def read_in_backends(
                 else:
                     backends = job.listed(result, skip)
                     jobs.extend(backends)
-                    more += [(READ, backend.entry.path + suffix) for backend in backends]
+                    more += [(READ, backend.path + suffix) for backend in backends]
             elif isinstance(result, XenstoreTooBig):
                 if isinstance(job, int):
                     long_kinds.append(job)
@@ -426,15 +419,18 @@ def read_in_backends(
         domains[k] = domains_of(k, _ls(store, kind_dirs[k]))
         long_domains += domains[k]
     if long_domains:
-        backends: list[_Backend] = []
+        backends: list[BackendEntry] = []
         for domain, devids in zip(long_domains, store.ls_many([d.path for d in long_domains]), strict=True):
             if devids is not None:
                 backends += domain.listed(devids, skip)
-        values = store.read_many([f"{backend.entry.path}/{leaf}" for backend in backends])
-        for backend, value in zip(backends, values, strict=True):
-            backend.value = value
+        for backend, value in zip(
+            backends, store.read_many([backend.path + suffix for backend in backends]), strict=True
+        ):
+            if value is not None:
+                values[backend.path] = value
+    get = values.get
     return [
-        (backend.entry, backend.value)
+        (backend, get(backend.path))
         for kind_domains in domains
         for domain in kind_domains
         for backend in domain.backends or ()
