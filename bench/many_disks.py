@@ -135,16 +135,30 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                 fe.close()
 
 
-def _cpu(pool: WorkerPool | None) -> float:
-    t = os.times()
-    total = t.user + t.system
-    if pool is not None:
-        tick = os.sysconf("SC_CLK_TCK")
-        for worker in pool.workers:
-            with open(f"/proc/{worker.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+def _proc(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, voluntary, involuntary context switches) of process `pid`, all its threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (the whole process)
+    vol = invol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol += int(line.split()[1])
+    return cpu, vol, invol
+
+
+def _counts(pids: list[int]) -> tuple[float, int, int]:
+    got = [_proc(pid) for pid in pids]
+    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got)
+
+
+def _engine_pids(pool: WorkerPool | None) -> list[int]:
+    return [os.getpid()] + ([w.proc.pid for w in pool.workers] if pool is not None else [])
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,13 @@ class Row:
     p99_median_us: float
     p99_worst_us: float
     jain: float
+    #: per request: wake-ups of the ring threads; the engine's voluntary and involuntary context
+    #: switches; the frontends' CPU (µs) and context switches (they share the engine's CPUs)
+    wakeups: float = 0.0
+    engine_vcs: float = 0.0
+    engine_ivcs: float = 0.0
+    frontend_cpu_us: float = 0.0
+    frontend_vcs: float = 0.0
 
 
 def run(
@@ -227,7 +248,8 @@ def run(
                     )
         for dp in planes:
             dp.start()
-        cpu0 = _cpu(pool)
+        fe_pids = [p.pid for p in procs if p.pid is not None]
+        e0, f0 = _counts(_engine_pids(pool)), _counts(fe_pids)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -235,7 +257,8 @@ def run(
             got = receive(conn)
             assert isinstance(got, dict)
             results.update(got)
-        cpu = _cpu(pool) - cpu0
+        e1, f1 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        cpu = e1[0] - e0[0]
     finally:
         for dp in planes:
             dp.request_stop()
@@ -258,7 +281,19 @@ def run(
     total = sum(per_disk)
     jain = total * total / (n_disks * sum(x * x for x in per_disk)) if total else 0.0
     p99s = sorted(results[d].p99_us for d in range(n_disks))
-    return Row(total, cpu / max(1, served) * 1e6, percentile(p99s, 50), p99s[-1], jain)
+    n = max(1, served)
+    return Row(
+        total,
+        cpu / n * 1e6,
+        percentile(p99s, 50),
+        p99s[-1],
+        jain,
+        wakeups=sum(dp.stats.wakeups for dp in planes) / n,
+        engine_vcs=(e1[1] - e0[1]) / n,
+        engine_ivcs=(e1[2] - e0[2]) / n,
+        frontend_cpu_us=(f1[0] - f0[0]) / n * 1e6,
+        frontend_vcs=(f1[1] - f0[1]) / n,
+    )
 
 
 def main() -> int:
@@ -291,6 +326,7 @@ def main() -> int:
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
+                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
@@ -316,7 +352,8 @@ def main() -> int:
                         print(
                             f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
                             f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
-                            f" {r.jain:>6.3f}",
+                            f" {r.jain:>6.3f}   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
+                            f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}",
                             flush=True,
                         )
         finally:
