@@ -33,8 +33,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import percentile
+
+if TYPE_CHECKING:
+    from xenblockctl.backend.ringgroup import RingGroup
 from bench.ring_throughput import _params
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane
@@ -70,13 +74,17 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     qd: int,
     size: int,
     seconds: float,
+    persistent: bool,
     conn: multiprocessing.connection.Connection,
 ) -> None:
     rings: dict[int, list[LocalFrontend]] = {}
     try:
         for d in disks:
             # one domain per disk: each its own grant-ref space and ports, like guests
-            rings[d] = [LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1) for _ in range(queues)]
+            rings[d] = [
+                LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1, persistent=persistent)
+                for _ in range(queues)
+            ]
         conn.send({d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()})
         conn.recv()  # data planes running
         rng = random.Random(1)
@@ -161,6 +169,11 @@ def _engine_pids(pool: WorkerPool | None) -> list[int]:
     return [os.getpid()] + ([w.proc.pid for w in pool.workers] if pool is not None else [])
 
 
+def _cpu(pool: WorkerPool | None) -> float:
+    """CPU seconds of this process and its worker processes (bench/ring_throughput's too)."""
+    return _counts(_engine_pids(pool))[0]
+
+
 @dataclass(frozen=True)
 class Row:
     iops: float
@@ -175,6 +188,8 @@ class Row:
     engine_ivcs: float = 0.0
     frontend_cpu_us: float = 0.0
     frontend_vcs: float = 0.0
+    polls: float = 0.0  #: refill polls begun per request
+    caught: float = 0.0  #: of them, the share that caught the refill
 
 
 def run(
@@ -188,6 +203,8 @@ def run(
     frontends: int,
     io_workers: int,
     pool: WorkerPool | None,
+    groups: list[RingGroup] | None = None,
+    persistent: bool = True,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -202,7 +219,8 @@ def run(
         for share in shares:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_frontends, args=(transport.socket_path, share, queues, qd, size, seconds, child)
+                target=_frontends,
+                args=(transport.socket_path, share, queues, qd, size, seconds, persistent, child),
             )
             proc.start()
             child.close()
@@ -244,6 +262,7 @@ def run(
                             target.limits(),
                             workers=io_workers,
                             name=f"bench-{d}-q{q}",
+                            group=groups[len(planes) % len(groups)] if groups else None,
                         )
                     )
         for dp in planes:
@@ -289,6 +308,8 @@ def run(
         p99s[-1],
         jain,
         wakeups=sum(dp.stats.wakeups for dp in planes) / n,
+        polls=sum(dp.stats.polls for dp in planes) / n,
+        caught=sum(dp.stats.polls_caught for dp in planes) / max(1, sum(dp.stats.polls for dp in planes)),
         engine_vcs=(e1[1] - e0[1]) / n,
         engine_ivcs=(e1[2] - e0[2]) / n,
         frontend_cpu_us=(f1[0] - f0[0]) / n * 1e6,
@@ -304,8 +325,21 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=4, help="requests outstanding per disk (over its queues)")
     ap.add_argument("--frontends", type=int, default=2, help="frontend processes")
     ap.add_argument("--io-workers", type=int, default=4, help="I/O threads per queue (the engine's default)")
-    ap.add_argument("--engine", default="threads,workers:2", help="threads and/or workers:N, comma-separated")
+    ap.add_argument(
+        "--engine",
+        default="threads,workers:2",
+        help="threads, workers:N (N worker processes, each one ring group) and/or groups:N (the threads"
+        " engine's rings in N ring groups of this process), comma-separated",
+    )
     ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument(
+        "--persistent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the frontends negotiate persistent grants, as Linux blkfront does with this engine (the"
+        " native pass and loop serve them); --no-persistent: the local transport's grant table mapped"
+        " whole, the pure-Python pass (the rows before session 15)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
         image = Path(tmp, "disk.img")
@@ -321,19 +355,26 @@ def main() -> int:
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
                 f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
-                f" queue, load average {os.getloadavg()[0]:.1f}"
+                f" queue, persistent grants {'on' if args.persistent else 'off'},"
+                f" load average {os.getloadavg()[0]:.1f}"
             )
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
-                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs"
+                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught)"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
                     for mode in args.engine.split(","):
                         pool = None
+                        groups: list[RingGroup] = []
                         if mode.startswith("workers:"):
                             pool = WorkerPool(int(mode.split(":")[1]), transport, Journal("bench-engine"))
+                        elif mode.startswith("groups:"):
+                            # here, not at the top: the bench also runs on trees without ring groups
+                            from xenblockctl.backend.ringgroup import RingGroup
+
+                            groups = [RingGroup(f"bench-group{i}") for i in range(int(mode.split(":")[1]))]
                         try:
                             r = run(
                                 transport,
@@ -345,15 +386,20 @@ def main() -> int:
                                 frontends=args.frontends,
                                 io_workers=args.io_workers,
                                 pool=pool,
+                                groups=groups,
+                                persistent=args.persistent,
                             )
                         finally:
                             if pool is not None:
                                 pool.close()
+                            for group in groups:
+                                group.close()
                         print(
                             f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
                             f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
                             f" {r.jain:>6.3f}   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
-                            f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}",
+                            f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
+                            f" {r.polls:.3f} ({r.caught:.0%})",
                             flush=True,
                         )
         finally:

@@ -60,6 +60,7 @@ from xenblockctl.backend.requests import (
     validate_slot,
 )
 from xenblockctl.backend.ring import BackRing, RingBroken
+from xenblockctl.backend.ringgroup import RingGroup
 from xenblockctl.backend.transport.base import (
     GNTST_OKAY,
     Bounce,
@@ -168,12 +169,15 @@ class DataPlane:
         native: bool = True,
         blocking_wakeup: bool = True,
         native_loop: bool = True,
+        group: RingGroup | None = None,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
         False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
         event channel where it has that (EventChannel.start_blocking); False: poll and a late read.
         `native_loop`: with both and the native grant-copy pass, the ring thread waits, serves and
-        answers in one native loop (_loop_natively); False: a Python turn per wake-up."""
+        answers in one native loop (_loop_natively); False: a Python turn per wake-up. `group`:
+        the persistent-grant pass's loop runs in that group's loop, with the other rings lent to
+        it (backend/ringgroup.py), instead of on this ring's thread."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -184,6 +188,7 @@ class DataPlane:
         self.stats = QueueStats()
         self._blocking_wakeup = blocking_wakeup
         self._native_loop = native_loop
+        self._group = group
         #: the native loop's stop flag (request_stop sets it; the loop reads it without the GIL)
         self._stop_word = bytearray(1)
         #: every error response, counted and logged with its reason (the device's, across reconnects)
@@ -398,16 +403,31 @@ class DataPlane:
         if lent is None:
             return pending, True
         # it counts its requests, wake-ups and notifies into self.stats as it goes
-        got = fast.loop(
-            lent,
-            self.ring.size,
-            waiter,
-            stop=self._stop_word,
-            pending=pending,
-            batch=_BATCH,
-            budget=_LOOP_BUDGET,
-            stats=self.stats,
-        )
+        if self._group is not None and self._fast is not None and fast is self._fast:  # not grant copy
+            got = self._group.loop(
+                self._fast.loop_arguments(
+                    lent,
+                    self.ring.size,
+                    waiter,
+                    stop=self._stop_word,
+                    pending=pending,
+                    batch=_BATCH,
+                    budget=_LOOP_BUDGET,
+                    stats=self.stats,
+                    grouped=True,
+                )
+            )
+        else:
+            got = fast.loop(
+                lent,
+                self.ring.size,
+                waiter,
+                stop=self._stop_word,
+                pending=pending,
+                batch=_BATCH,
+                budget=_LOOP_BUDGET,
+                stats=self.stats,
+            )
         with self._lock:
             self.ring.settle(got.req_cons, got.rsp_prod_pvt, got.rsp_pushed, got.data, got.at)
         if got.notify_errno:

@@ -198,10 +198,32 @@ class FastPass:
         QueueStats) and to `served`, and notes the pages it used in the cache (note_used), before
         each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
         wait."""
+        args = self.loop_arguments(
+            lent, ring_size, waiter, stop=stop, pending=pending, batch=batch, budget=budget, stats=stats
+        )
+        return LoopExit._make(self._loop(*args))
+
+    def loop_arguments(
+        self,
+        lent: tuple[memoryview, int, int, int],
+        ring_size: int,
+        waiter: NativeWaiter,
+        *,
+        stop: bytearray,
+        pending: bool,
+        batch: int,
+        budget: int,
+        stats: object,
+        grouped: bool = False,
+    ) -> tuple[object, ...]:
+        """loop()'s arguments to _fastpass (its loop() or, as a member, group_loop(): ringgroup.py).
+        `grouped`: I/O that may block (the modes that run a request inline whatever it waits for)
+        is not the group's to run: those slots stop the pass, so the ring goes back to its own
+        thread, and a device that hangs holds its own ring alone."""
         executor = self._executor
         read, write = executor.placement()
-        return run_loop(
-            self._loop,
+        modes = _GROUP_MODES if grouped else _MODES
+        return loop_arguments(
             lent,
             ring_size,
             waiter,
@@ -215,8 +237,8 @@ class FastPass:
                 *self._fixed,
                 executor.read_fd,
                 executor.write_fd,
-                _MODES[read],
-                _MODES[write],
+                modes[read],
+                modes[write],
                 _HOST_PAGE,
                 self._entries,
                 self._cache.note_used,
@@ -261,27 +283,55 @@ def run_loop(
     stats: object,
     pass_args: tuple[object, ...],
 ) -> LoopExit:
-    """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with ring_loop.h's
-    LOOP_ARGS head — the lent ring, its indices, the loop's bounds, `stats`, `owner` (whose
-    `served` it counts) and the waiter — in the one order loop_parse() reads it, then the pass's
-    own arguments (`pass_args`, in the order its loop() parses the rest)."""
+    """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with
+    loop_arguments()."""
+    args = loop_arguments(
+        lent,
+        ring_size,
+        waiter,
+        owner,
+        stop=stop,
+        pending=pending,
+        batch=batch,
+        budget=budget,
+        stats=stats,
+        pass_args=pass_args,
+    )
+    return LoopExit._make(native_loop(*args))
+
+
+def loop_arguments(
+    lent: tuple[memoryview, int, int, int],
+    ring_size: int,
+    waiter: NativeWaiter,
+    owner: object,
+    *,
+    stop: bytearray,
+    pending: bool,
+    batch: int,
+    budget: int,
+    stats: object,
+    pass_args: tuple[object, ...],
+) -> tuple[object, ...]:
+    """A native pass's loop() arguments: ring_loop.h's LOOP_ARGS head — the lent ring, its
+    indices, the loop's bounds, `stats`, `owner` (whose `served` it counts) and the waiter — in
+    the one order loop_parse() reads it, then the pass's own arguments (`pass_args`, in the order
+    its loop() parses the rest)."""
     buffer, req_cons, pvt, pushed = lent
-    return LoopExit._make(
-        native_loop(
-            buffer,
-            ring_size,
-            req_cons,
-            pvt,
-            pushed,
-            pending,
-            batch,
-            budget,
-            stop,
-            stats,
-            owner,
-            waiter,
-            *pass_args,
-        )
+    return (
+        buffer,
+        ring_size,
+        req_cons,
+        pvt,
+        pushed,
+        pending,
+        batch,
+        budget,
+        stop,
+        stats,
+        owner,
+        waiter,
+        *pass_args,
     )
 
 
@@ -297,6 +347,12 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 
 
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
+#: a group member's (FastPass.loop_arguments): what would run inline whatever it waits for stops
+_GROUP_MODES: dict[Where, int] = (
+    _MODES | {Where.INLINE: _native.MODE_STOP, Where.INLINE_ALIGNED: _native.MODE_STOP}
+    if _native is not None
+    else {}
+)
 
 
 __all__ = [
@@ -309,6 +365,7 @@ __all__ = [
     "LoopExit",
     "available",
     "describe",
+    "loop_arguments",
     "native_modes",
     "run_loop",
 ]
