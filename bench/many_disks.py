@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.common import percentile
 
@@ -253,6 +253,8 @@ def run(
                             )
                         )
                         continue
+                    # only when asked: the bench also runs on trees without ring groups
+                    grouped: dict[str, Any] = {"group": groups[len(planes) % len(groups)]} if groups else {}
                     planes.append(
                         DataPlane(
                             transport,
@@ -262,7 +264,7 @@ def run(
                             target.limits(),
                             workers=io_workers,
                             name=f"bench-{d}-q{q}",
-                            group=groups[len(planes) % len(groups)] if groups else None,
+                            **grouped,
                         )
                     )
         for dp in planes:
