@@ -161,7 +161,7 @@ def test_stopping_one_ring_while_the_group_serves_another(group: RingGroup, make
 
 def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: PairFactory) -> None:
     """A WRITE in a group is not the group's to run (it may block on the device: FastPass.
-    loop_arguments), so its ring leaves for its own thread, which serves it, and lends it again; a
+    loop), so its ring leaves for its own thread, which serves it, and lends it again; a
     third data plane made while the group runs joins it. Reads and writes are right throughout."""
     calls: list[int] = []
     take = group._take

@@ -238,7 +238,15 @@ class DataPlane:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
-        self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
+        # in the group's loop if it has one (grant copy never is: GRUB's one page at a time)
+        self._fast = FastPass.create(
+            native,
+            params.abi,
+            limits,
+            self.executor,
+            self.grant_cache,
+            group=group.loop if group is not None else None,
+        )
         #: stats.wakeups when the last native pass began (_cut_for_pass)
         self._wakeups_seen = 0
         #: grants copied: the native grant-copy pass (backend/grantcopy.py), or None
@@ -402,32 +410,18 @@ class DataPlane:
             lent = self.ring.lend()
         if lent is None:
             return pending, True
-        # it counts its requests, wake-ups and notifies into self.stats as it goes
-        if self._group is not None and self._fast is not None and fast is self._fast:  # not grant copy
-            got = self._group.loop(
-                self._fast.loop_arguments(
-                    lent,
-                    self.ring.size,
-                    waiter,
-                    stop=self._stop_word,
-                    pending=pending,
-                    batch=_BATCH,
-                    budget=_LOOP_BUDGET,
-                    stats=self.stats,
-                    grouped=True,
-                )
-            )
-        else:
-            got = fast.loop(
-                lent,
-                self.ring.size,
-                waiter,
-                stop=self._stop_word,
-                pending=pending,
-                batch=_BATCH,
-                budget=_LOOP_BUDGET,
-                stats=self.stats,
-            )
+        # it counts its requests, wake-ups and notifies into self.stats as it goes (in a ring group
+        # if it has one: FastPass.loop)
+        got = fast.loop(
+            lent,
+            self.ring.size,
+            waiter,
+            stop=self._stop_word,
+            pending=pending,
+            batch=_BATCH,
+            budget=_LOOP_BUDGET,
+            stats=self.stats,
+        )
         with self._lock:
             self.ring.settle(got.req_cons, got.rsp_prod_pvt, got.rsp_pushed, got.data, got.at)
         if got.notify_errno:

@@ -104,7 +104,17 @@ def describe(enabled: bool) -> str:
 class FastPass:
     """The native pass for one data plane (its device, limits, executor and grant cache)."""
 
-    __slots__ = ("_cache", "_entries", "_executor", "_fixed", "_loop", "_serve", "served", "write_answers")
+    __slots__ = (
+        "_cache",
+        "_entries",
+        "_executor",
+        "_fixed",
+        "_group",
+        "_loop",
+        "_serve",
+        "served",
+        "write_answers",
+    )
 
     def __init__(
         self,
@@ -113,8 +123,11 @@ class FastPass:
         target: DeviceTarget,
         executor: Executor,
         cache: GrantCache,
+        *,
+        group: GroupLoop | None = None,
     ) -> None:
         assert _native is not None
+        self._group = group
         self._serve = _native.serve
         self._loop = _native.loop
         #: writes a run of answers next in ring order into the ring (BackRing.respond_run): ring.py's
@@ -144,11 +157,14 @@ class FastPass:
         limits: DeviceLimits,
         executor: object,
         cache: GrantCache | None,
+        *,
+        group: GroupLoop | None = None,
     ) -> FastPass | None:
-        """The fast path for a data plane, or None where it does not apply."""
+        """The fast path for a data plane, or None where it does not apply; its loop() runs in
+        `group` (RingGroup.loop) if given."""
         if not enabled or _native is None or cache is None or type(executor) is not Executor:
             return None
-        return cls(abi, limits, executor.target, executor, cache)
+        return cls(abi, limits, executor.target, executor, cache, group=group)
 
     def serve(
         self, data: bytes, start: int, count: int, cut: int = 0
@@ -197,33 +213,17 @@ class FastPass:
         poller). It adds its requests, wake-ups, notifies and polls to `stats` (the data plane's
         QueueStats) and to `served`, and notes the pages it used in the cache (note_used), before
         each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
-        wait."""
-        args = self.loop_arguments(
-            lent, ring_size, waiter, stop=stop, pending=pending, batch=batch, budget=budget, stats=stats
-        )
-        return LoopExit._make(self._loop(*args))
-
-    def loop_arguments(
-        self,
-        lent: tuple[memoryview, int, int, int],
-        ring_size: int,
-        waiter: NativeWaiter,
-        *,
-        stop: bytearray,
-        pending: bool,
-        batch: int,
-        budget: int,
-        stats: object,
-        grouped: bool = False,
-    ) -> tuple[object, ...]:
-        """loop()'s arguments to _fastpass (its loop() or, as a member, group_loop(): ringgroup.py).
-        `grouped`: I/O that may block (the modes that run a request inline whatever it waits for)
-        is not the group's to run: those slots stop the pass, so the ring goes back to its own
-        thread, and a device that hangs holds its own ring alone."""
+        wait.
+        With a group (create()'s `group`: RingGroup.loop, backend/ringgroup.py) the ring is served
+        in that group's one loop, with the same exits, and I/O that may block (the modes that run
+        a request inline whatever it waits for) is not the group's to run: those slots stop the
+        pass, so the ring goes back to its own thread, and a device that hangs holds its own ring
+        alone."""
         executor = self._executor
         read, write = executor.placement()
-        modes = _GROUP_MODES if grouped else _MODES
-        return loop_arguments(
+        modes = _MODES if self._group is None else _GROUP_MODES
+        return run_loop(
+            self._loop,
             lent,
             ring_size,
             waiter,
@@ -245,6 +245,7 @@ class FastPass:
                 CUT_BYTES,
                 POLL_NS,
             ),
+            group=self._group,
         )
 
 
@@ -269,6 +270,10 @@ class LoopExit(NamedTuple):
 EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = 0, 1, 2, 3, 4
 
 
+#: a ring group's loop (RingGroup.loop): a native loop()'s arguments in, that ring's exit out
+GroupLoop = Callable[[tuple[object, ...]], LoopExit]
+
+
 def run_loop(
     native_loop: Callable[..., Iterable[object]],
     lent: tuple[memoryview, int, int, int],
@@ -282,43 +287,15 @@ def run_loop(
     budget: int,
     stats: object,
     pass_args: tuple[object, ...],
+    group: GroupLoop | None = None,
 ) -> LoopExit:
-    """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with
-    loop_arguments()."""
-    args = loop_arguments(
-        lent,
-        ring_size,
-        waiter,
-        owner,
-        stop=stop,
-        pending=pending,
-        batch=batch,
-        budget=budget,
-        stats=stats,
-        pass_args=pass_args,
-    )
-    return LoopExit._make(native_loop(*args))
-
-
-def loop_arguments(
-    lent: tuple[memoryview, int, int, int],
-    ring_size: int,
-    waiter: NativeWaiter,
-    owner: object,
-    *,
-    stop: bytearray,
-    pending: bool,
-    batch: int,
-    budget: int,
-    stats: object,
-    pass_args: tuple[object, ...],
-) -> tuple[object, ...]:
-    """A native pass's loop() arguments: ring_loop.h's LOOP_ARGS head — the lent ring, its
-    indices, the loop's bounds, `stats`, `owner` (whose `served` it counts) and the waiter — in
-    the one order loop_parse() reads it, then the pass's own arguments (`pass_args`, in the order
-    its loop() parses the rest)."""
+    """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with ring_loop.h's
+    LOOP_ARGS head — the lent ring, its indices, the loop's bounds, `stats`, `owner` (whose
+    `served` it counts) and the waiter — in the one order loop_parse() reads it, then the pass's
+    own arguments (`pass_args`, in the order its loop() parses the rest); or hand those arguments
+    to a ring group's loop (`group`, which serves the ring as that loop() would)."""
     buffer, req_cons, pvt, pushed = lent
-    return (
+    args = (
         buffer,
         ring_size,
         req_cons,
@@ -333,6 +310,9 @@ def loop_arguments(
         waiter,
         *pass_args,
     )
+    if group is not None:
+        return group(args)
+    return LoopExit._make(native_loop(*args))
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
@@ -347,7 +327,7 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 
 
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
-#: a group member's (FastPass.loop_arguments): what would run inline whatever it waits for stops
+#: a group member's (FastPass.loop): what would run inline whatever it waits for stops
 _GROUP_MODES: dict[Where, int] = (
     _MODES | {Where.INLINE: _native.MODE_STOP, Where.INLINE_ALIGNED: _native.MODE_STOP}
     if _native is not None
@@ -362,10 +342,10 @@ __all__ = [
     "EXIT_SLOT",
     "EXIT_WOKEN",
     "FastPass",
+    "GroupLoop",
     "LoopExit",
     "available",
     "describe",
-    "loop_arguments",
     "native_modes",
     "run_loop",
 ]

@@ -14,7 +14,7 @@ RingGroup.loop() for what its own loop() would have returned: every exit of that
 Python, the overflow check, a stop, a failed read, unmask or notify) is its alone, delivered to
 its thread, and the ring leaves the group; the others go on. So drain, stop and teardown stay the
 data plane's, unchanged. A member's I/O that may block (inline modes) stops its pass instead of
-running in the group's thread (FastPass.loop_arguments): a hung device holds its own ring alone.
+running in the group's thread (FastPass.loop): a hung device holds its own ring alone.
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
@@ -80,7 +80,7 @@ class RingGroup:
             return len(self._members)
 
     def loop(self, args: tuple[object, ...]) -> LoopExit:
-        """Serve one ring in the group (`args`: FastPass.loop_arguments(grouped=True)) until it
+        """Serve one ring in the group (`args`: fastpath.run_loop's, from FastPass.loop) until it
         exits; on the calling ring thread, which waits. Raises what the group's loop raised if it
         failed while it held the ring."""
         member = _Member()
