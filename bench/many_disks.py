@@ -174,6 +174,11 @@ def _cpu(pool: WorkerPool | None) -> float:
     return _counts(_engine_pids(pool))[0]
 
 
+def _jain(xs: list[float]) -> float:
+    total = sum(xs)
+    return total * total / (len(xs) * sum(x * x for x in xs)) if total else 0.0
+
+
 @dataclass(frozen=True)
 class Row:
     iops: float
@@ -189,6 +194,9 @@ class Row:
     frontend_cpu_us: float = 0.0
     frontend_vcs: float = 0.0
     polls: float = 0.0  #: refill polls begun per request
+    #: Jain's index over the disks of one frontend process (the lowest of them): rings of one
+    #: engine thread or group against each other, without the frontends' share of the CPUs
+    jain_within: float = 0.0
     caught: float = 0.0  #: of them, the share that caught the refill
 
 
@@ -300,9 +308,10 @@ def run(
     served = sum(dp.stats.requests for dp in planes)
     per_disk = [results[d].completed / seconds for d in range(n_disks)]
     total = sum(per_disk)
-    jain = total * total / (n_disks * sum(x * x for x in per_disk)) if total else 0.0
+    jain = _jain(per_disk)
     p99s = sorted(results[d].p99_us for d in range(n_disks))
     n = max(1, served)
+    within = [_jain([per_disk[d] for d in share]) for share in shares]
     return Row(
         total,
         cpu / n * 1e6,
@@ -311,6 +320,7 @@ def run(
         jain,
         wakeups=sum(dp.stats.wakeups for dp in planes) / n,
         polls=sum(dp.stats.polls for dp in planes) / n,
+        jain_within=min(within),
         caught=sum(dp.stats.polls_caught for dp in planes) / max(1, sum(dp.stats.polls for dp in planes)),
         engine_vcs=(e1[1] - e0[1]) / n,
         engine_ivcs=(e1[2] - e0[2]) / n,
@@ -362,7 +372,7 @@ def main() -> int:
             )
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
-                f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
+                f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
                 "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught)"
             )
             for n in (int(x) for x in args.disks.split(",")):
@@ -399,7 +409,8 @@ def main() -> int:
                         print(
                             f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
                             f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
-                            f" {r.jain:>6.3f}   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
+                            f" {r.jain:>6.3f} {r.jain_within:>6.3f}"
+                            f"   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
                             f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
                             f" {r.polls:.3f} ({r.caught:.0%})",
                             flush=True,
