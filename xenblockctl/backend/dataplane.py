@@ -262,6 +262,8 @@ class DataPlane:
             # (tests/flows/test_scale.py caught 256 of them still mapped after every detach).
             ring = self.ring
             self.executor.alone = lambda: ring.in_flight == 1
+        if self._fast is not None and group is not None:  # last: a failed __init__ assigns nothing
+            group.assign()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -307,6 +309,8 @@ class DataPlane:
             if self.ring.push_responses():
                 self._notify()
         self._stopped = True
+        if self._fast is not None and self._group is not None:
+            self._group.release()
         if self._grants is not None:
             self._grants.close()
         if self.bounces is not None:

@@ -68,10 +68,29 @@ class RingGroup:
         self._next = 0
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._assigned = 0  # data planes that serve their ring here (assign/release)
         self._epoll = select.epoll()
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
         self._epoll.register(self._bell, select.EPOLLIN)
+
+    @property
+    def assigned(self) -> int:
+        """Data planes made with this group and not stopped: how loaded it is for a new ring (a
+        ring is lent only once its data plane starts, so `rings` undercounts a device whose queues
+        are set up together)."""
+        with self._lock:
+            return self._assigned
+
+    def assign(self) -> None:
+        """A data plane serves its ring here from now on (DataPlane.__init__)."""
+        with self._lock:
+            self._assigned += 1
+
+    def release(self) -> None:
+        """...no more (DataPlane.stop, once released)."""
+        with self._lock:
+            self._assigned -= 1
 
     @property
     def rings(self) -> int:

@@ -148,7 +148,7 @@ class EngineConfig:
     #: every queue on a thread of this process.
     worker_pool: WorkerPool | None = None
     #: Without workers: this process's rings are served by these groups' native loops
-    #: (backend/ringgroup.py), each ring by the group with the fewest rings when it connects;
+    #: (backend/ringgroup.py), each ring by the group serving the fewest when it connects;
     #: empty: each ring's loop on its own ring thread. (A worker process is one group itself.)
     ring_groups: tuple[RingGroup, ...] = ()
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
@@ -980,7 +980,7 @@ class BackendDevice:
                 self.dataplanes.append(queue)
                 continue
             groups = self.config.ring_groups
-            group = min(groups, key=lambda g: g.rings) if groups else None
+            group = min(groups, key=lambda g: g.assigned) if groups else None
             self.dataplanes.append(
                 DataPlane(
                     self.config.transport,
