@@ -38,7 +38,9 @@ def group() -> Iterator[RingGroup]:
 def _pair(make_pair: PairFactory, group: RingGroup, **kw: Any) -> Pair:
     """A pair whose data plane is in `group`; every pair of a test shares the one disk file, which
     the first one fills with random bytes (1 MiB)."""
-    pair = make_pair(persistent=True, data_pages=32, workers=0, group=group, **kw)
+    # I/O threads, as the engine has: without them every request runs inline whatever it waits
+    # for, which a group leaves to the ring's own thread (fastpath._GROUP_MODES)
+    pair = make_pair(persistent=True, data_pages=32, workers=4, group=group, **kw)
     if pair.path.stat().st_size == 0 or pair.path.read_bytes()[: 1 << 20] == bytes(1 << 20):
         with open(pair.path, "r+b") as f:
             f.write(os.urandom(1 << 20))
@@ -99,6 +101,7 @@ def test_a_flooding_ring_does_not_starve_a_trickling_one(group: RingGroup, make_
             t0 = time.monotonic()
             assert trickler.frontend.read(8 * i, 4096, timeout=10) == _block(expected, i)
             worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.002)  # a trickle (and the flooding thread's turn at the interpreter)
         during = served[0] - before
     finally:
         stop.set()
@@ -160,9 +163,9 @@ def test_stopping_one_ring_while_the_group_serves_another(group: RingGroup, make
 
 
 def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: PairFactory) -> None:
-    """A WRITE in a group is not the group's to run (it may block on the device: FastPass.
-    loop), so its ring leaves for its own thread, which serves it, and lends it again; a
-    third data plane made while the group runs joins it. Reads and writes are right throughout."""
+    """A FLUSH is not the native pass's (Python's path serves it), so its ring leaves the group for
+    its own thread, which serves it, and lends the ring again; a third data plane made while the
+    group runs joins it. Reads, writes and flushes are right throughout."""
     calls: list[int] = []
     take = group._take
 
@@ -178,9 +181,10 @@ def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: Pa
     for i in range(20):
         data = bytes([i + 1]) * 4096
         assert a.frontend.write(8 * (1024 + i), data) == blkif.RSP_OKAY  # past b's 1 MiB
+        assert a.frontend.flush() == blkif.RSP_OKAY
         assert a.frontend.read(8 * (1024 + i), 4096) == data
         assert b.frontend.read(8 * i, 4096) == _block(expected, i)
-    assert sum(calls) > 20  # a's ring came back after each write's Python turn
+    assert sum(calls) > 20  # a's ring came back after each flush's Python turn
     c = _pair(make_pair, group)
     expected_c = c.path.read_bytes()
     for i in range(20):

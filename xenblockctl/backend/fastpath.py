@@ -215,10 +215,10 @@ class FastPass:
         each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
         wait.
         With a group (create()'s `group`: RingGroup.loop, backend/ringgroup.py) the ring is served
-        in that group's one loop, with the same exits, and I/O that may block (the modes that run
-        a request inline whatever it waits for) is not the group's to run: those slots stop the
-        pass, so the ring goes back to its own thread, and a device that hangs holds its own ring
-        alone."""
+        in that group's one loop, with the same exits, and I/O that waits for the device (direct
+        I/O, or any where the executor has no I/O threads: Where.INLINE) is not the group's to run:
+        those slots stop the pass, so the ring goes back to its own thread, and a device that hangs
+        holds its own ring alone (_GROUP_MODES)."""
         executor = self._executor
         read, write = executor.placement()
         modes = _MODES if self._group is None else _GROUP_MODES
@@ -327,12 +327,12 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 
 
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
-#: a group member's (FastPass.loop): what would run inline whatever it waits for stops
-_GROUP_MODES: dict[Where, int] = (
-    _MODES | {Where.INLINE: _native.MODE_STOP, Where.INLINE_ALIGNED: _native.MODE_STOP}
-    if _native is not None
-    else {}
-)
+#: a group member's (FastPass.loop): what would run inline whatever the device does (direct I/O,
+#: or everything where the executor has no I/O threads) stops, for the ring's own thread. Buffered
+#: writes (INLINE_ALIGNED, into the page cache) stay in the group: sending each write pass to its
+#: ring's thread and back cost the lane's 1 MiB writes a third (0.90 -> 0.63 of blkback); a write
+#: the kernel throttles for dirty pages delays the group's other rings as long (bench/README.md).
+_GROUP_MODES: dict[Where, int] = _MODES | {Where.INLINE: _native.MODE_STOP} if _native is not None else {}
 
 
 __all__ = [

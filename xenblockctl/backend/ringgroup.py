@@ -13,8 +13,10 @@ A data plane lends its ring as before (DataPlane._loop_natively) and its ring th
 RingGroup.loop() for what its own loop() would have returned: every exit of that ring (a slot for
 Python, the overflow check, a stop, a failed read, unmask or notify) is its alone, delivered to
 its thread, and the ring leaves the group; the others go on. So drain, stop and teardown stay the
-data plane's, unchanged. A member's I/O that may block (inline modes) stops its pass instead of
-running in the group's thread (FastPass.loop): a hung device holds its own ring alone.
+data plane's, unchanged. A member's I/O that waits for its device (direct I/O) stops its pass
+instead of running in the group's thread (FastPass.loop): a hung device holds its own ring alone.
+Buffered writes, into the page cache, do run in the group, as they ran on the ring's own thread: a
+write the kernel throttles for dirty pages delays the other rings of the group as long.
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
