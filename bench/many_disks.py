@@ -33,8 +33,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.common import percentile
+
+if TYPE_CHECKING:
+    from xenblockctl.backend.ringgroup import RingGroup
 from bench.ring_throughput import _params
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane
@@ -70,13 +74,17 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     qd: int,
     size: int,
     seconds: float,
+    persistent: bool,
     conn: multiprocessing.connection.Connection,
 ) -> None:
     rings: dict[int, list[LocalFrontend]] = {}
     try:
         for d in disks:
             # one domain per disk: each its own grant-ref space and ports, like guests
-            rings[d] = [LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1) for _ in range(queues)]
+            rings[d] = [
+                LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1, persistent=persistent)
+                for _ in range(queues)
+            ]
         conn.send({d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()})
         conn.recv()  # data planes running
         rng = random.Random(1)
@@ -135,16 +143,40 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                 fe.close()
 
 
+def _proc(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, voluntary, involuntary context switches) of process `pid`, all its threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (the whole process)
+    vol = invol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol += int(line.split()[1])
+    return cpu, vol, invol
+
+
+def _counts(pids: list[int]) -> tuple[float, int, int]:
+    got = [_proc(pid) for pid in pids]
+    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got)
+
+
+def _engine_pids(pool: WorkerPool | None) -> list[int]:
+    return [os.getpid()] + ([w.proc.pid for w in pool.workers] if pool is not None else [])
+
+
 def _cpu(pool: WorkerPool | None) -> float:
-    t = os.times()
-    total = t.user + t.system
-    if pool is not None:
-        tick = os.sysconf("SC_CLK_TCK")
-        for worker in pool.workers:
-            with open(f"/proc/{worker.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+    """CPU seconds of this process and its worker processes (bench/ring_throughput's too)."""
+    return _counts(_engine_pids(pool))[0]
+
+
+def _jain(xs: list[float]) -> float:
+    total = sum(xs)
+    return total * total / (len(xs) * sum(x * x for x in xs)) if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,18 @@ class Row:
     p99_median_us: float
     p99_worst_us: float
     jain: float
+    #: per request: wake-ups of the ring threads; the engine's voluntary and involuntary context
+    #: switches; the frontends' CPU (µs) and context switches (they share the engine's CPUs)
+    wakeups: float = 0.0
+    engine_vcs: float = 0.0
+    engine_ivcs: float = 0.0
+    frontend_cpu_us: float = 0.0
+    frontend_vcs: float = 0.0
+    polls: float = 0.0  #: refill polls begun per request
+    #: Jain's index over the disks of one frontend process (the lowest of them): rings of one
+    #: engine thread or group against each other, without the frontends' share of the CPUs
+    jain_within: float = 0.0
+    caught: float = 0.0  #: of them, the share that caught the refill
 
 
 def run(
@@ -167,6 +211,8 @@ def run(
     frontends: int,
     io_workers: int,
     pool: WorkerPool | None,
+    groups: list[RingGroup] | None = None,
+    persistent: bool = True,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -181,7 +227,8 @@ def run(
         for share in shares:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_frontends, args=(transport.socket_path, share, queues, qd, size, seconds, child)
+                target=_frontends,
+                args=(transport.socket_path, share, queues, qd, size, seconds, persistent, child),
             )
             proc.start()
             child.close()
@@ -214,6 +261,8 @@ def run(
                             )
                         )
                         continue
+                    # only when asked: the bench also runs on trees without ring groups
+                    grouped: dict[str, Any] = {"group": groups[len(planes) % len(groups)]} if groups else {}
                     planes.append(
                         DataPlane(
                             transport,
@@ -223,11 +272,13 @@ def run(
                             target.limits(),
                             workers=io_workers,
                             name=f"bench-{d}-q{q}",
+                            **grouped,
                         )
                     )
         for dp in planes:
             dp.start()
-        cpu0 = _cpu(pool)
+        fe_pids = [p.pid for p in procs if p.pid is not None]
+        e0, f0 = _counts(_engine_pids(pool)), _counts(fe_pids)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -235,7 +286,8 @@ def run(
             got = receive(conn)
             assert isinstance(got, dict)
             results.update(got)
-        cpu = _cpu(pool) - cpu0
+        e1, f1 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        cpu = e1[0] - e0[0]
     finally:
         for dp in planes:
             dp.request_stop()
@@ -256,9 +308,25 @@ def run(
     served = sum(dp.stats.requests for dp in planes)
     per_disk = [results[d].completed / seconds for d in range(n_disks)]
     total = sum(per_disk)
-    jain = total * total / (n_disks * sum(x * x for x in per_disk)) if total else 0.0
+    jain = _jain(per_disk)
     p99s = sorted(results[d].p99_us for d in range(n_disks))
-    return Row(total, cpu / max(1, served) * 1e6, percentile(p99s, 50), p99s[-1], jain)
+    n = max(1, served)
+    within = [_jain([per_disk[d] for d in share]) for share in shares]
+    return Row(
+        total,
+        cpu / n * 1e6,
+        percentile(p99s, 50),
+        p99s[-1],
+        jain,
+        wakeups=sum(dp.stats.wakeups for dp in planes) / n,
+        polls=sum(dp.stats.polls for dp in planes) / n,
+        jain_within=min(within),
+        caught=sum(dp.stats.polls_caught for dp in planes) / max(1, sum(dp.stats.polls for dp in planes)),
+        engine_vcs=(e1[1] - e0[1]) / n,
+        engine_ivcs=(e1[2] - e0[2]) / n,
+        frontend_cpu_us=(f1[0] - f0[0]) / n * 1e6,
+        frontend_vcs=(f1[1] - f0[1]) / n,
+    )
 
 
 def main() -> int:
@@ -269,8 +337,21 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=4, help="requests outstanding per disk (over its queues)")
     ap.add_argument("--frontends", type=int, default=2, help="frontend processes")
     ap.add_argument("--io-workers", type=int, default=4, help="I/O threads per queue (the engine's default)")
-    ap.add_argument("--engine", default="threads,workers:2", help="threads and/or workers:N, comma-separated")
+    ap.add_argument(
+        "--engine",
+        default="threads,workers:2",
+        help="threads, workers:N (N worker processes, each one ring group) and/or groups:N (the threads"
+        " engine's rings in N ring groups of this process), comma-separated",
+    )
     ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument(
+        "--persistent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the frontends negotiate persistent grants, as Linux blkfront does with this engine (the"
+        " native pass and loop serve them); --no-persistent: the local transport's grant table mapped"
+        " whole, the pure-Python pass (the rows before session 15)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
         image = Path(tmp, "disk.img")
@@ -286,18 +367,26 @@ def main() -> int:
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
                 f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
-                f" queue, load average {os.getloadavg()[0]:.1f}"
+                f" queue, persistent grants {'on' if args.persistent else 'off'},"
+                f" load average {os.getloadavg()[0]:.1f}"
             )
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
-                f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6}"
+                f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
+                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught)"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
                     for mode in args.engine.split(","):
                         pool = None
+                        groups: list[RingGroup] = []
                         if mode.startswith("workers:"):
                             pool = WorkerPool(int(mode.split(":")[1]), transport, Journal("bench-engine"))
+                        elif mode.startswith("groups:"):
+                            # here, not at the top: the bench also runs on trees without ring groups
+                            from xenblockctl.backend.ringgroup import RingGroup
+
+                            groups = [RingGroup(f"bench-group{i}") for i in range(int(mode.split(":")[1]))]
                         try:
                             r = run(
                                 transport,
@@ -309,14 +398,21 @@ def main() -> int:
                                 frontends=args.frontends,
                                 io_workers=args.io_workers,
                                 pool=pool,
+                                groups=groups,
+                                persistent=args.persistent,
                             )
                         finally:
                             if pool is not None:
                                 pool.close()
+                            for group in groups:
+                                group.close()
                         print(
                             f"  {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"
                             f" {r.p99_median_us / 1000:>13.2f} ms {r.p99_worst_us / 1000:>12.2f} ms"
-                            f" {r.jain:>6.3f}",
+                            f" {r.jain:>6.3f} {r.jain_within:>6.3f}"
+                            f"   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
+                            f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
+                            f" {r.polls:.3f} ({r.caught:.0%})",
                             flush=True,
                         )
         finally:

@@ -112,7 +112,7 @@ def _ring_after(
     with monkeypatch.context() as patch:
         patch.setattr(fastpath.FastPass, "loop", counting)
         if path == "python":
-            patch.setattr(fastpath.FastPass, "create", classmethod(lambda cls, *args: None))
+            patch.setattr(fastpath.FastPass, "create", classmethod(lambda cls, *args, **kw: None))
         elif not loop:
             patch.setattr(LocalEventChannel, "native_waiter", lambda self: None)
         pair = make_pair(abi=abi, persistent=True, workers=0, data_pages=64, domid=400 + loop)

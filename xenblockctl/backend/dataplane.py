@@ -60,6 +60,7 @@ from xenblockctl.backend.requests import (
     validate_slot,
 )
 from xenblockctl.backend.ring import BackRing, RingBroken
+from xenblockctl.backend.ringgroup import RingGroup
 from xenblockctl.backend.transport.base import (
     GNTST_OKAY,
     Bounce,
@@ -168,12 +169,15 @@ class DataPlane:
         native: bool = True,
         blocking_wakeup: bool = True,
         native_loop: bool = True,
+        group: RingGroup | None = None,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
         False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
         event channel where it has that (EventChannel.start_blocking); False: poll and a late read.
         `native_loop`: with both and the native grant-copy pass, the ring thread waits, serves and
-        answers in one native loop (_loop_natively); False: a Python turn per wake-up."""
+        answers in one native loop (_loop_natively); False: a Python turn per wake-up. `group`:
+        the persistent-grant pass's loop runs in that group's loop, with the other rings lent to
+        it (backend/ringgroup.py), instead of on this ring's thread."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -184,6 +188,7 @@ class DataPlane:
         self.stats = QueueStats()
         self._blocking_wakeup = blocking_wakeup
         self._native_loop = native_loop
+        self._group = group
         #: the native loop's stop flag (request_stop sets it; the loop reads it without the GIL)
         self._stop_word = bytearray(1)
         #: every error response, counted and logged with its reason (the device's, across reconnects)
@@ -233,7 +238,15 @@ class DataPlane:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
-        self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
+        # in the group's loop if it has one (grant copy never is: GRUB's one page at a time)
+        self._fast = FastPass.create(
+            native,
+            params.abi,
+            limits,
+            self.executor,
+            self.grant_cache,
+            group=group.loop if group is not None else None,
+        )
         #: stats.wakeups when the last native pass began (_cut_for_pass)
         self._wakeups_seen = 0
         #: grants copied: the native grant-copy pass (backend/grantcopy.py), or None
@@ -249,6 +262,8 @@ class DataPlane:
             # (tests/flows/test_scale.py caught 256 of them still mapped after every detach).
             ring = self.ring
             self.executor.alone = lambda: ring.in_flight == 1
+        if self._fast is not None and group is not None:  # last: a failed __init__ assigns nothing
+            group.assign()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -294,6 +309,8 @@ class DataPlane:
             if self.ring.push_responses():
                 self._notify()
         self._stopped = True
+        if self._fast is not None and self._group is not None:
+            self._group.release()
         if self._grants is not None:
             self._grants.close()
         if self.bounces is not None:
@@ -397,7 +414,8 @@ class DataPlane:
             lent = self.ring.lend()
         if lent is None:
             return pending, True
-        # it counts its requests, wake-ups and notifies into self.stats as it goes
+        # it counts its requests, wake-ups and notifies into self.stats as it goes (in a ring group
+        # if it has one: FastPass.loop)
         got = fast.loop(
             lent,
             self.ring.size,

@@ -104,7 +104,17 @@ def describe(enabled: bool) -> str:
 class FastPass:
     """The native pass for one data plane (its device, limits, executor and grant cache)."""
 
-    __slots__ = ("_cache", "_entries", "_executor", "_fixed", "_loop", "_serve", "served", "write_answers")
+    __slots__ = (
+        "_cache",
+        "_entries",
+        "_executor",
+        "_fixed",
+        "_group",
+        "_loop",
+        "_serve",
+        "served",
+        "write_answers",
+    )
 
     def __init__(
         self,
@@ -113,8 +123,11 @@ class FastPass:
         target: DeviceTarget,
         executor: Executor,
         cache: GrantCache,
+        *,
+        group: GroupLoop | None = None,
     ) -> None:
         assert _native is not None
+        self._group = group
         self._serve = _native.serve
         self._loop = _native.loop
         #: writes a run of answers next in ring order into the ring (BackRing.respond_run): ring.py's
@@ -144,11 +157,14 @@ class FastPass:
         limits: DeviceLimits,
         executor: object,
         cache: GrantCache | None,
+        *,
+        group: GroupLoop | None = None,
     ) -> FastPass | None:
-        """The fast path for a data plane, or None where it does not apply."""
+        """The fast path for a data plane, or None where it does not apply; its loop() runs in
+        `group` (RingGroup.loop) if given."""
         if not enabled or _native is None or cache is None or type(executor) is not Executor:
             return None
-        return cls(abi, limits, executor.target, executor, cache)
+        return cls(abi, limits, executor.target, executor, cache, group=group)
 
     def serve(
         self, data: bytes, start: int, count: int, cut: int = 0
@@ -197,9 +213,15 @@ class FastPass:
         poller). It adds its requests, wake-ups, notifies and polls to `stats` (the data plane's
         QueueStats) and to `served`, and notes the pages it used in the cache (note_used), before
         each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
-        wait."""
+        wait.
+        With a group (create()'s `group`: RingGroup.loop, backend/ringgroup.py) the ring is served
+        in that group's one loop, with the same exits, and I/O that waits for the device (direct
+        I/O, or any where the executor has no I/O threads: Where.INLINE) is not the group's to run:
+        those slots stop the pass, so the ring goes back to its own thread, and a device that hangs
+        holds its own ring alone (_GROUP_MODES)."""
         executor = self._executor
         read, write = executor.placement()
+        modes = _MODES if self._group is None else _GROUP_MODES
         return run_loop(
             self._loop,
             lent,
@@ -215,14 +237,15 @@ class FastPass:
                 *self._fixed,
                 executor.read_fd,
                 executor.write_fd,
-                _MODES[read],
-                _MODES[write],
+                modes[read],
+                modes[write],
                 _HOST_PAGE,
                 self._entries,
                 self._cache.note_used,
                 CUT_BYTES,
                 POLL_NS,
             ),
+            group=self._group,
         )
 
 
@@ -247,6 +270,10 @@ class LoopExit(NamedTuple):
 EXIT_SLOT, EXIT_CHECK, EXIT_WOKEN, EXIT_BUDGET, EXIT_OSERROR = 0, 1, 2, 3, 4
 
 
+#: a ring group's loop (RingGroup.loop): a native loop()'s arguments in, that ring's exit out
+GroupLoop = Callable[[tuple[object, ...]], LoopExit]
+
+
 def run_loop(
     native_loop: Callable[..., Iterable[object]],
     lent: tuple[memoryview, int, int, int],
@@ -260,29 +287,32 @@ def run_loop(
     budget: int,
     stats: object,
     pass_args: tuple[object, ...],
+    group: GroupLoop | None = None,
 ) -> LoopExit:
     """Call a native pass's loop() (FastPass.loop, grantcopy.NativeCopy.loop) with ring_loop.h's
     LOOP_ARGS head — the lent ring, its indices, the loop's bounds, `stats`, `owner` (whose
     `served` it counts) and the waiter — in the one order loop_parse() reads it, then the pass's
-    own arguments (`pass_args`, in the order its loop() parses the rest)."""
+    own arguments (`pass_args`, in the order its loop() parses the rest); or hand those arguments
+    to a ring group's loop (`group`, which serves the ring as that loop() would)."""
     buffer, req_cons, pvt, pushed = lent
-    return LoopExit._make(
-        native_loop(
-            buffer,
-            ring_size,
-            req_cons,
-            pvt,
-            pushed,
-            pending,
-            batch,
-            budget,
-            stop,
-            stats,
-            owner,
-            waiter,
-            *pass_args,
-        )
+    args = (
+        buffer,
+        ring_size,
+        req_cons,
+        pvt,
+        pushed,
+        pending,
+        batch,
+        budget,
+        stop,
+        stats,
+        owner,
+        waiter,
+        *pass_args,
     )
+    if group is not None:
+        return group(args)
+    return LoopExit._make(native_loop(*args))
 
 
 def native_modes(native: types.ModuleType) -> dict[Where, int]:
@@ -297,6 +327,12 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
 
 
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
+#: a group member's (FastPass.loop): what would run inline whatever the device does (direct I/O,
+#: or everything where the executor has no I/O threads) stops, for the ring's own thread. Buffered
+#: writes (INLINE_ALIGNED, into the page cache) stay in the group: sending each write pass to its
+#: ring's thread and back cost the lane's 1 MiB writes a third (0.90 -> 0.63 of blkback); a write
+#: the kernel throttles for dirty pages delays the group's other rings as long (bench/README.md).
+_GROUP_MODES: dict[Where, int] = _MODES | {Where.INLINE: _native.MODE_STOP} if _native is not None else {}
 
 
 __all__ = [
@@ -306,6 +342,7 @@ __all__ = [
     "EXIT_SLOT",
     "EXIT_WOKEN",
     "FastPass",
+    "GroupLoop",
     "LoopExit",
     "available",
     "describe",

@@ -361,10 +361,65 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* After a pass: 1 if req_prod moved (or the stop word was set) within the poll, 0 if the loop
- * should arm req_event and sleep. counts[COUNT_POLLS] and [COUNT_CAUGHT] count what it did. */
-static int poll_refill(struct poller *p, const struct ring_state *r, const volatile unsigned char *stop,
-                       Py_ssize_t counts[NCOUNTS])
+/* One ring as a loop serves it: the single loop's ring, or one member of _fastpass.c's group (a
+ * loop over several rings: group_loop there). Its counts are not yet in its stats (report()). */
+struct ring_run {
+    struct ring_state r;
+    const struct waiter *w;
+    const volatile unsigned char *stop;
+    const struct loop_pass *lp;
+    PyObject *stats, *owner;
+    unsigned char *copy; /* the private copy of a take: `room` slots */
+    uint64_t *ids;
+    uint8_t *ops;
+    Py_ssize_t room, batch, index, count, requests;
+    Py_ssize_t counts[NCOUNTS];
+    int pending, woke, served, err, notify_err;
+};
+
+/* The buffers of a ring_run for the ring loop_parse() checked; -1 with a Python error (buffers
+ * freed by run_free() either way). */
+static int run_open(struct ring_run *m, struct loop_args *a, const struct loop_pass *lp)
+{
+    memset(m, 0, sizeof *m);
+    if (a->ring.len < SRING_HEADER + a->ring_size * lp->esize) {
+        PyErr_SetString(PyExc_ValueError, "loop: the ring buffer is smaller than its slots");
+        return -1;
+    }
+    m->r = (struct ring_state){(uint32_t *)a->ring.buf, a->ring.buf, (uint32_t)a->ring_size, (uint32_t)a->req_cons,
+                               (uint32_t)a->pvt, (uint32_t)a->pushed};
+    m->w = &a->w;
+    m->stop = a->stop.buf;
+    m->lp = lp;
+    m->stats = a->stats;
+    m->owner = a->owner;
+    m->room = a->room;
+    m->batch = a->batch;
+    m->pending = m->woke = a->pending;
+    m->copy = PyMem_Malloc((size_t)m->room * (size_t)lp->esize);
+    m->ids = PyMem_Malloc((size_t)m->room * sizeof *m->ids);
+    m->ops = PyMem_Malloc((size_t)m->room);
+    if (m->copy == NULL || m->ids == NULL || m->ops == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void run_free(struct ring_run *m)
+{
+    PyMem_Free(m->copy);
+    PyMem_Free(m->ids);
+    PyMem_Free(m->ops);
+    m->copy = NULL;
+    m->ids = NULL;
+    m->ops = NULL;
+}
+
+/* After a pass: the index + 1 of the first of `n` rings whose req_prod moved (or whose stop word
+ * was set) within the poll, 0 if the loop should arm req_event and sleep. The poll's counts go to
+ * the rings that served since the last poll (`served`), a catch to the ring it caught. */
+static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
 {
     if (p->ns <= 0)
         return 0;
@@ -372,17 +427,20 @@ static int poll_refill(struct poller *p, const struct ring_state *r, const volat
         p->skip--;
         return 0;
     }
-    counts[COUNT_POLLS]++;
+    for (int k = 0; k < n; k++)
+        rs[k]->counts[COUNT_POLLS] += rs[k]->served;
     const int64_t end = mono_ns() + p->ns;
     for (unsigned i = 1;; i++) {
-        if (load_index(r, IDX_REQ_PROD) != r->req_cons) {
-            counts[COUNT_CAUGHT]++;
-            p->misses = 0;
-            p->backoff = 1;
-            return 1;
+        for (int k = 0; k < n; k++) {
+            if (load_index(&rs[k]->r, IDX_REQ_PROD) != rs[k]->r.req_cons) {
+                rs[k]->counts[COUNT_CAUGHT]++;
+                p->misses = 0;
+                p->backoff = 1;
+                return k + 1;
+            }
+            if (*rs[k]->stop)
+                return k + 1;
         }
-        if (*stop)
-            return 1;
         cpu_relax();
         if (i % 32 == 0 && mono_ns() >= end) /* the clock (vDSO, ~20 ns) every 32 looks */
             break;
@@ -395,169 +453,209 @@ static int poll_refill(struct poller *p, const struct ring_state *r, const volat
     return 0;
 }
 
-/* The loop itself (see the top of this file), on a ring whose arguments loop_parse() checked.
- *   -> (exit, req_cons, rsp_prod_pvt, rsp_pushed, pending, copy | None, index, count, requests,
- *       errno, notify_errno)
- * NULL with a Python error. */
-static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
+/* What ring_step() did: nothing to take; a take of fewer than `batch` slots served (or a full one:
+ * more may wait); an exit of this ring (*why, EXIT_*); a Python error (the GIL held). */
+enum { STEP_IDLE, STEP_SOME, STEP_FULL, STEP_EXIT, STEP_PYERR };
+
+/* One take of at most `room` slots, served, answered, pushed and notified (see the top of this
+ * file); the late unmask, the poll and the final check are the caller's. */
+static int ring_step(struct ring_run *m, PyThreadState **ts, int *why)
 {
-    PyObject *out = NULL;
-    if (a->ring.len < SRING_HEADER + a->ring_size * lp->esize) {
-        PyErr_SetString(PyExc_ValueError, "loop: the ring buffer is smaller than its slots");
-        return NULL;
+    struct ring_state *r = &m->r;
+    const struct loop_pass *lp = m->lp;
+    /* take: req_prod once; more outstanding than the ring holds is Python's to judge */
+    uint32_t ahead = load_index(r, IDX_REQ_PROD) - r->req_cons;
+    if (ahead > r->size) {
+        *why = EXIT_CHECK;
+        return STEP_EXIT;
     }
-    const Py_ssize_t room = a->room;
-    unsigned char *copy = PyMem_Malloc((size_t)room * (size_t)lp->esize);
-    uint64_t *ids = PyMem_Malloc((size_t)room * sizeof *ids);
-    uint8_t *ops = PyMem_Malloc((size_t)room);
-    if (copy == NULL || ids == NULL || ops == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    struct ring_state r = {(uint32_t *)a->ring.buf, a->ring.buf, (uint32_t)a->ring_size, (uint32_t)a->req_cons,
-                           (uint32_t)a->pvt, (uint32_t)a->pushed};
-    const struct waiter *w = &a->w;
-    const volatile unsigned char *stop = a->stop.buf;
-    const uint32_t mask = r.size - 1;
+    if (ahead == 0)
+        return STEP_IDLE;
+    const uint32_t mask = r->size - 1;
     const size_t esize = (size_t)lp->esize, rsize = response_size(lp->x86_64);
-    int pending = a->pending, woke = a->pending;
-    Py_ssize_t requests = 0, index = 0, count = 0;
-    Py_ssize_t counts[NCOUNTS] = {0}; /* not yet in the stats (COUNT_*) */
-    struct poller poller = {lp->poll_ns, 0, 0, 1};
-    int served = 0; /* a pass answered requests since the last poll or sleep */
-    int why = EXIT_WOKEN, err = 0, notify_err = 0;
-    PyThreadState *ts = PyEval_SaveThread();
-    for (;;) {
-        if (*stop) {
-            why = EXIT_WOKEN;
-            break;
+    uint32_t n = ahead < (uint32_t)m->room ? ahead : (uint32_t)m->room;
+    uint32_t first = r->req_cons & mask, head = r->size - first < n ? r->size - first : n;
+    const unsigned char *entries = r->ring + SRING_HEADER;
+    memcpy(m->copy, entries + first * esize, head * esize);
+    if (head < n)
+        memcpy(m->copy + head * esize, entries, (n - head) * esize);
+    r->req_cons += n;
+    m->count = n;
+    m->index = 0;
+    int more;
+    do { /* a run, or the runs a pass cuts its batch into, each published before the next */
+        more = 0;
+        Py_ssize_t next = lp->serve(lp->ctx, m->copy, m->index, m->count, m->woke, m->ids, m->ops, ts, &more);
+        unsigned char rsp[16];
+        for (Py_ssize_t k = 0; k < next - m->index; k++) {
+            pack_response(rsp, m->ids[k], m->ops[k], 0);
+            r->pvt = answer_into_ring(r->ring, r->pvt, mask, esize, rsp, rsize);
         }
-        /* take: req_prod once; more outstanding than the ring holds is Python's to judge */
-        uint32_t ahead = load_index(&r, IDX_REQ_PROD) - r.req_cons;
-        if (ahead > r.size) {
-            why = EXIT_CHECK;
-            break;
-        }
-        if (ahead > 0) {
-            uint32_t n = ahead < (uint32_t)room ? ahead : (uint32_t)room;
-            uint32_t first = r.req_cons & mask, head = r.size - first < n ? r.size - first : n;
-            const unsigned char *entries = r.ring + SRING_HEADER;
-            memcpy(copy, entries + first * esize, head * esize);
-            if (head < n)
-                memcpy(copy + head * esize, entries, (n - head) * esize);
-            r.req_cons += n;
-            count = n;
-            index = 0;
-            int more;
-            do { /* a run, or the runs a pass cuts its batch into, each published before the next */
-                more = 0;
-                Py_ssize_t next = lp->serve(lp->ctx, copy, index, count, woke, ids, ops, &ts, &more);
-                unsigned char rsp[16];
-                for (Py_ssize_t k = 0; k < next - index; k++) {
-                    pack_response(rsp, ids[k], ops[k], 0);
-                    r.pvt = answer_into_ring(r.ring, r.pvt, mask, esize, rsp, rsize);
-                }
-                requests += next - index;
-                counts[COUNT_REQUESTS] += next - index;
-                served |= next > index;
-                index = next;
-                /* push: RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
-                if (r.pvt != r.pushed) {
-                    uint32_t old = r.pushed;
-                    __atomic_store_n(&r.idx[IDX_RSP_PROD], r.pvt, __ATOMIC_RELEASE);
-                    r.pushed = r.pvt;
-                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-                    uint32_t rsp_event = load_index(&r, IDX_RSP_EVENT);
-                    if ((uint32_t)(r.pvt - rsp_event) < (uint32_t)(r.pvt - old)) {
-                        counts[COUNT_NOTIFIES]++;
-                        if (notify_event(w) < 0)
-                            notify_err = errno; /* Python logs it as _notify does, and goes on */
-                    }
-                }
-                if (pass_owes(lp, OWED_NOW)) {
-                    PyEval_RestoreThread(ts);
-                    if (lp->after(lp->ctx) < 0 || report(NULL, a->stats, a->owner, lp, counts) < 0)
-                        goto python_error; /* the GIL is held */
-                    ts = PyEval_SaveThread();
-                }
-            } while (more && index < count);
-            woke = 0;
-            if (index < count) {
-                why = EXIT_SLOT;
-                break;
+        m->requests += next - m->index;
+        m->counts[COUNT_REQUESTS] += next - m->index;
+        m->served |= next > m->index;
+        m->index = next;
+        /* push: RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+        if (r->pvt != r->pushed) {
+            uint32_t old = r->pushed;
+            __atomic_store_n(&r->idx[IDX_RSP_PROD], r->pvt, __ATOMIC_RELEASE);
+            r->pushed = r->pvt;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            uint32_t rsp_event = load_index(r, IDX_RSP_EVENT);
+            if ((uint32_t)(r->pvt - rsp_event) < (uint32_t)(r->pvt - old)) {
+                m->counts[COUNT_NOTIFIES]++;
+                if (notify_event(m->w) < 0)
+                    m->notify_err = errno; /* Python logs it as _notify does, and goes on */
             }
-            count = index = 0;
-            if (requests >= a->budget || notify_err) {
-                why = EXIT_BUDGET;
-                break;
-            }
-            if (n >= (uint32_t)a->batch)
-                continue;
         }
-        if (pending) { /* the late EOI, after the answers are out (DataPlane._run's order) */
-            if (unmask_event(w) < 0) {
-                err = errno;
-                why = EXIT_OSERROR;
-                break;
-            }
-            pending = 0;
+        if (pass_owes(lp, OWED_NOW)) {
+            PyEval_RestoreThread(*ts);
+            if (lp->after(lp->ctx) < 0 || report(NULL, m->stats, m->owner, lp, m->counts) < 0)
+                return STEP_PYERR; /* the GIL is held */
+            *ts = PyEval_SaveThread();
         }
-        /* the refill, watched for before req_event is armed (so the frontend does not notify) */
-        if (served) {
-            served = 0;
-            if (poll_refill(&poller, &r, stop, counts))
-                continue;
-        }
-        /* the final check: req_event, a full fence, req_prod again */
-        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
-            continue;
-        __atomic_store_n(&r.idx[IDX_REQ_EVENT], r.req_cons + 1, __ATOMIC_RELEASE);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (load_index(&r, IDX_REQ_PROD) != r.req_cons)
-            continue;
-        if (report(&ts, a->stats, a->owner, lp, counts) < 0)
-            goto python_error;
-        int theirs = 0;
-        int got = wait_event(w, &theirs);
-        if (got < 0) {
-            err = errno;
-            why = EXIT_OSERROR;
-            break;
-        }
-        if (*stop) { /* as DataPlane._run: a wake-up that comes with the stop is not counted */
-            why = EXIT_WOKEN;
-            break;
-        }
-        if (theirs) {
-            pending = 1;
-            woke = 1;
-            counts[COUNT_WAKEUPS]++;
-        }
-        if (got > 0) {
-            why = EXIT_WOKEN;
-            break;
-        }
+    } while (more && m->index < m->count);
+    m->woke = 0;
+    if (m->index < m->count) {
+        *why = EXIT_SLOT;
+        return STEP_EXIT;
     }
-    PyEval_RestoreThread(ts);
-    if (report(NULL, a->stats, a->owner, lp, counts) < 0)
-        goto done;
+    m->count = m->index = 0;
+    if (m->notify_err) {
+        *why = EXIT_BUDGET;
+        return STEP_EXIT;
+    }
+    return n >= (uint32_t)m->batch ? STEP_FULL : STEP_SOME;
+}
+
+/* The late EOI, after the answers are out (DataPlane._run's order): 0, or -1 with m->err set. */
+static int ring_unmask(struct ring_run *m)
+{
+    if (!m->pending)
+        return 0;
+    if (unmask_event(m->w) < 0) {
+        m->err = errno;
+        return -1;
+    }
+    m->pending = 0;
+    return 0;
+}
+
+/* The final check: req_event, a full fence, req_prod again. 1 if requests came (serve again), 0
+ * if the ring may sleep. */
+static int ring_arm(struct ring_run *m)
+{
+    struct ring_state *r = &m->r;
+    if (load_index(r, IDX_REQ_PROD) != r->req_cons)
+        return 1;
+    __atomic_store_n(&r->idx[IDX_REQ_EVENT], r->req_cons + 1, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return load_index(r, IDX_REQ_PROD) != r->req_cons;
+}
+
+/* A wake-up read from the ring's channel: 0 (go on), or an exit (*why) of the ring. */
+static int ring_woken(struct ring_run *m, int *why)
+{
+    int theirs = 0;
+    int got = wait_event(m->w, &theirs);
+    if (got < 0) {
+        m->err = errno;
+        *why = EXIT_OSERROR;
+        return 1;
+    }
+    if (*m->stop) { /* as DataPlane._run: a wake-up that comes with the stop is not counted */
+        *why = EXIT_WOKEN;
+        return 1;
+    }
+    if (theirs) {
+        m->pending = 1;
+        m->woke = 1;
+        m->counts[COUNT_WAKEUPS]++;
+    }
+    if (got > 0) {
+        *why = EXIT_WOKEN;
+        return 1;
+    }
+    return 0;
+}
+
+/* The exit's tuple, with the GIL, after the last report():
+ *   (exit, req_cons, rsp_prod_pvt, rsp_pushed, pending, copy | None, index, count, requests,
+ *    errno, notify_errno) */
+static PyObject *run_result(const struct ring_run *m, int why)
+{
     PyObject *batch_copy = Py_None;
     if (why == EXIT_SLOT) {
-        batch_copy = PyBytes_FromStringAndSize((const char *)copy, count * lp->esize);
+        batch_copy = PyBytes_FromStringAndSize((const char *)m->copy, m->count * m->lp->esize);
         if (batch_copy == NULL)
-            goto done; /* the ring's state is lost with it: the data plane treats it as a bug of ours */
+            return NULL; /* the ring's state is lost with it: the data plane treats it as a bug of ours */
     } else {
         Py_INCREF(batch_copy);
     }
-    out = Py_BuildValue("(ikkkiNnnnii)", why, (unsigned long)r.req_cons, (unsigned long)r.pvt,
-                        (unsigned long)r.pushed, pending, batch_copy, index, count, requests, err, notify_err);
+    return Py_BuildValue("(ikkkiNnnnii)", why, (unsigned long)m->r.req_cons, (unsigned long)m->r.pvt,
+                         (unsigned long)m->r.pushed, m->pending, batch_copy, m->index, m->count, m->requests,
+                         m->err, m->notify_err);
+}
+
+/* The loop itself (see the top of this file), on a ring whose arguments loop_parse() checked.
+ *   -> run_result()'s tuple; NULL with a Python error. */
+static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
+{
+    PyObject *out = NULL;
+    struct ring_run m;
+    if (run_open(&m, a, lp) < 0) {
+        run_free(&m);
+        return NULL;
+    }
+    struct ring_run *const one[1] = {&m};
+    struct poller poller = {lp->poll_ns, 0, 0, 1};
+    int why = EXIT_WOKEN;
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        if (*m.stop) {
+            why = EXIT_WOKEN;
+            break;
+        }
+        int step = ring_step(&m, &ts, &why);
+        if (step == STEP_PYERR)
+            goto python_error; /* the GIL is held */
+        if (step == STEP_EXIT)
+            break;
+        if (step != STEP_IDLE) {
+            if (m.requests >= a->budget) {
+                why = EXIT_BUDGET;
+                break;
+            }
+            if (step == STEP_FULL)
+                continue;
+        }
+        if (ring_unmask(&m) < 0) {
+            why = EXIT_OSERROR;
+            break;
+        }
+        /* the refill, watched for before req_event is armed (so the frontend does not notify) */
+        if (m.served) {
+            int caught = poll_refill(&poller, one, 1);
+            m.served = 0;
+            if (caught)
+                continue;
+        }
+        if (ring_arm(&m))
+            continue;
+        if (report(&ts, m.stats, m.owner, lp, m.counts) < 0)
+            goto python_error;
+        if (ring_woken(&m, &why))
+            break;
+    }
+    PyEval_RestoreThread(ts);
+    if (report(NULL, m.stats, m.owner, lp, m.counts) < 0)
+        goto done;
+    out = run_result(&m, why);
     goto done;
 python_error:
     out = NULL; /* raised with the GIL held: the data plane treats it as a bug of ours */
 done:
-    PyMem_Free(copy);
-    PyMem_Free(ids);
-    PyMem_Free(ops);
+    run_free(&m);
     return out;
 }
 

@@ -43,6 +43,8 @@ from xenblockctl.backend.dataplane import DataPlane, QueueStats, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
+from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import available as ringgroup_available
 from xenblockctl.backend.transport.base import Transport, TransportError
 from xenblockctl.journal import Journal
 
@@ -143,7 +145,16 @@ class RemoteQueue:
 
     # called on the worker's reader thread
     def _stopped(self, counts: dict[str, Any]) -> None:
-        for field in ("requests", "ok", "errors", "unsupported", "notifies", "wakeups"):
+        for field in (
+            "requests",
+            "ok",
+            "errors",
+            "unsupported",
+            "notifies",
+            "wakeups",
+            "polls",
+            "polls_caught",
+        ):
             value = counts.get(field)
             if type(value) is int:
                 setattr(self.stats, field, value)
@@ -392,6 +403,8 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     xen: Transport | None = None
+    # one native loop for all of this worker's rings (issue 20, many busy disks: ringgroup.py)
+    group = RingGroup(f"xbc-worker{index}-rings") if ringgroup_available() else None
     if kind == "xen":
         from xenblockctl.backend.transport.xen import XenTransport
 
@@ -425,6 +438,8 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                     "unsupported": s.unsupported,
                     "notifies": s.notifies,
                     "wakeups": s.wakeups,
+                    "polls": s.polls,
+                    "polls_caught": s.polls_caught,
                 },
             }
         )
@@ -461,6 +476,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
                 native=bool(msg.get("native", True)),
                 blocking_wakeup=bool(msg.get("blocking_wakeup", True)),
                 native_loop=bool(msg.get("native_loop", True)),
+                group=group,
             )
         except Exception as exc:
             if transport is not None:
@@ -520,6 +536,8 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
             stopper.join()
         done.set()
         reporter.join()
+        if group is not None:
+            group.close()  # every queue stopped: none left in it
         if xen is not None:
             xen.close()
     return 0

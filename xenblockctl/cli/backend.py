@@ -191,8 +191,10 @@ def backend(
         parked_record_path,
         take_over,
     )
+    from xenblockctl.backend.ringgroup import RingGroup
+    from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
-    from xenblockctl.backend.xenbus import EngineConfig
+    from xenblockctl.backend.xenbus import EngineConfig, default_max_queues
     from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
@@ -252,6 +254,18 @@ def backend(
 
         pool = WorkerPool(workers, transport, journal)
         config = dataclasses.replace(config, worker_pool=pool)
+    groups: tuple[RingGroup, ...] = ()
+    if (
+        not workers
+        and config.native
+        and config.native_loop
+        and config.blocking_wakeup
+        and ringgroups_available()
+    ):
+        # one native loop per CPU for all of this process's rings (issue 20, many busy disks)
+        groups = tuple(RingGroup(f"xbc-rings{i}") for i in range(default_max_queues()))
+        config = dataclasses.replace(config, ring_groups=groups)
+        journal.info(f"rings: {len(groups)} ring groups (one native loop per CPU serves the rings)")
     engine = Engine(store, config, kind=kind, journal=journal)
     if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
         # only now, with everything else ready: the guests' pause runs from here to our first rescan
@@ -293,6 +307,11 @@ def backend(
     finally:
         if pool is not None:
             pool.close()  # after every device was torn down: the workers drain what is left and exit
+        for group in groups:
+            try:
+                group.close()  # every device torn down: no ring left in it
+            except RuntimeError as exc:  # one whose I/O never drained: its thread stays, a daemon
+                journal.error(str(exc), CODE="internal")
         if server is not None:
             server.close()
         transport.close()

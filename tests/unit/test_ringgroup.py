@@ -1,0 +1,197 @@
+"""Rings served by one native loop (backend/ringgroup.py, _fastpass.c's group_loop): guests are
+hostile and each other's strangers, so what the group shares must not let one ring hurt another —
+a flooding guest does not starve a trickling one, a ring that breaks or stops leaves alone while
+the others keep being served, and a ring that leaves the group for a Python turn comes back.
+
+Every data-plane suite also runs with its rings in a group (tests/fixtures/backend.py's
+engine_path "native-group": the fuzz, the drain, the stop); this file checks what is the group's
+own, with two or three rings in it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.fixtures.backend import Pair, PairFactory
+from tests.fixtures.ring_thread import assert_hostile_req_prod_is_judged, sleeping_in
+from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend.ringgroup import RingGroup
+
+if not fastpath.available():
+    pytest.skip("the native fast path (_fastpass.c) is not built here", allow_module_level=True)
+
+
+@pytest.fixture
+def group() -> Iterator[RingGroup]:
+    """A ring group; closed after the pairs' data planes stopped (requested before make_pair)."""
+    g = RingGroup("test-group")
+    yield g
+    g.close()
+
+
+def _pair(make_pair: PairFactory, group: RingGroup, **kw: Any) -> Pair:
+    """A pair whose data plane is in `group`; every pair of a test shares the one disk file, which
+    the first one fills with random bytes (1 MiB)."""
+    # I/O threads, as the engine has: without them every request runs inline whatever it waits
+    # for, which a group leaves to the ring's own thread (fastpath._GROUP_MODES)
+    pair = make_pair(persistent=True, data_pages=32, workers=4, group=group, **kw)
+    if pair.path.stat().st_size == 0 or pair.path.read_bytes()[: 1 << 20] == bytes(1 << 20):
+        with open(pair.path, "r+b") as f:
+            f.write(os.urandom(1 << 20))
+    return pair
+
+
+def _rings(group: RingGroup, n: int) -> int:
+    """group.rings once it is `n` (a ring may be out for a moment: a page's first use is mapped by
+    its own thread), or what it is after 5 s."""
+    deadline = time.monotonic() + 5
+    while group.rings != n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return group.rings
+
+
+def _block(expected: bytes, i: int) -> bytes:
+    """The 4 KiB read at sector 8 * i."""
+    return expected[8 * i * 512 : (8 * i + 8) * 512]
+
+
+def _flood(pair: Pair, stop: threading.Event, served: list[int], errors: list[BaseException]) -> None:
+    """Keep the ring as full as the frontend can: 32 reads of 4 KiB outstanding, refilled as they
+    are answered."""
+    fe = pair.frontend
+    try:
+        for i in range(32):
+            fe.submit_read(8 * i, 4096)
+        fe.kick()
+        while not stop.is_set():
+            done = fe.collect(1, timeout=10, gather=False)
+            served[0] += len(done)
+            for k in range(len(done)):
+                fe.submit_read(8 * (k % 32), 4096)
+            fe.kick()
+        while fe.outstanding:
+            fe.collect(1, timeout=10, gather=False)
+    except BaseException as exc:  # the assertion is the main thread's
+        errors.append(exc)
+
+
+def test_a_flooding_ring_does_not_starve_a_trickling_one(group: RingGroup, make_pair: PairFactory) -> None:
+    """One guest keeps its ring full; another sends one request at a time. The group takes one
+    batch of each ring with work a round, so the trickler's every request is answered within a
+    round, and the flooder goes on being served all the while (both rings in the one loop)."""
+    flooder, trickler = _pair(make_pair, group), _pair(make_pair, group)
+    expected = trickler.path.read_bytes()
+    stop = threading.Event()
+    served, errors = [0], list[BaseException]()
+    thread = threading.Thread(target=_flood, args=(flooder, stop, served, errors))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while served[0] < 256 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        before = served[0]
+        worst = 0.0
+        for i in range(100):
+            t0 = time.monotonic()
+            assert trickler.frontend.read(8 * i, 4096, timeout=10) == _block(expected, i)
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.002)  # a trickle (and the flooding thread's turn at the interpreter)
+        during = served[0] - before
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    assert during > 100, "the flooder was not served while the trickler was"
+    assert worst < 1.0, f"a trickled request waited {worst:.3f} s"
+    assert _rings(group, 2) == 2  # both back in the group
+    assert flooder.dataplane.broken is None
+    assert trickler.dataplane.broken is None
+
+
+def test_a_broken_ring_leaves_alone(group: RingGroup, make_pair: PairFactory) -> None:
+    """A guest that puts req_prod more than a ring ahead: its ring leaves the group to its own
+    data plane, which breaks it with BackRing's reason; the other ring in the group is served on,
+    before and after."""
+    bad, good = _pair(make_pair, group), _pair(make_pair, group)
+    expected = good.path.read_bytes()
+    assert good.frontend.read(0, 4096) == expected[:4096]
+    assert bad.frontend.read(0, 4096) == expected[:4096]
+    assert_hostile_req_prod_is_judged(bad)
+    for i in range(50):
+        assert good.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert good.dataplane.broken is None
+    assert _rings(group, 1) == 1
+
+
+def test_stopping_one_ring_while_the_group_serves_another(group: RingGroup, make_pair: PairFactory) -> None:
+    """A ring stopped (drained, released) while another ring of its group is flooded: the stop is
+    prompt and clean, the other ring never notices, and the group holds it alone afterwards."""
+    busy, leaving = _pair(make_pair, group), _pair(make_pair, group)
+    expected = leaving.path.read_bytes()
+    for i in range(8):
+        assert leaving.frontend.read(8 * i, 4096) == _block(expected, i)
+    stop = threading.Event()
+    served, errors = [0], list[BaseException]()
+    thread = threading.Thread(target=_flood, args=(busy, stop, served, errors))
+    thread.start()
+    try:
+        while served[0] < 128 and not errors:
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        assert leaving.dataplane.stop(timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert leaving.dataplane.broken is None
+        assert leaving.dataplane._thread is not None
+        assert not leaving.dataplane._thread.is_alive()
+        after = served[0]
+        deadline = time.monotonic() + 10
+        while served[0] < after + 256 and time.monotonic() < deadline and not errors:
+            time.sleep(0.001)
+        assert served[0] >= after + 256, "the other ring stopped being served"
+        assert _rings(group, 1) == 1
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    assert busy.dataplane.broken is None
+
+
+def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: PairFactory) -> None:
+    """A FLUSH is not the native pass's (Python's path serves it), so its ring leaves the group for
+    its own thread, which serves it, and lends the ring again; a third data plane made while the
+    group runs joins it. Reads, writes and flushes are right throughout."""
+    calls: list[int] = []
+    take = group._take
+
+    def counting() -> list[tuple[int, tuple[object, ...]]] | None:
+        got = take()
+        if got:
+            calls.append(len(got))
+        return got
+
+    group._take = counting  # type: ignore[method-assign]
+    a, b = _pair(make_pair, group), _pair(make_pair, group)
+    expected = b.path.read_bytes()
+    for i in range(20):
+        data = bytes([i + 1]) * 4096
+        assert a.frontend.write(8 * (1024 + i), data) == blkif.RSP_OKAY  # past b's 1 MiB
+        assert a.frontend.flush() == blkif.RSP_OKAY
+        assert a.frontend.read(8 * (1024 + i), 4096) == data
+        assert b.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert sum(calls) > 20  # a's ring came back after each flush's Python turn
+    c = _pair(make_pair, group)
+    expected_c = c.path.read_bytes()
+    for i in range(20):
+        assert c.frontend.read(8 * i, 4096) == _block(expected_c, i)
+    sleeping_in(c.dataplane)  # the group asleep: every ring idle, its counts in
+    assert _rings(group, 3) == 3
+    assert c.dataplane._fast is not None
+    assert c.dataplane._fast.served > 0
+    for pair in (a, b, c):
+        assert pair.dataplane.broken is None

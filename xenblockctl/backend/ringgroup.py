@@ -1,0 +1,194 @@
+"""One native loop serving the rings of several data planes (issue 20: many busy disks).
+
+With a ring thread per ring, every ring's native loop (fastpath.FastPass.loop) sleeps in a read of
+its own event channel whenever its ring is empty. A guest at QD 4 among many keeps its ring
+short, so each pass is a few requests and most passes end in a sleep and a wake-up: with 8-100
+busy disks on the 2-CPU test VM, 0.25 wake-ups and ~0.3 context switches a request, the engine's
+CPU a request 8 -> 10-13 us (bench/README.md, many_disks, group20). A RingGroup runs one loop
+(_fastpass.group_loop, on one thread) over the rings lent to it: round-robin, one take of at most a
+batch per ring per round, and a sleep only when every ring is idle, in one epoll_wait over all
+their channels.
+
+A data plane lends its ring as before (DataPlane._loop_natively) and its ring thread waits in
+RingGroup.loop() for what its own loop() would have returned: every exit of that ring (a slot for
+Python, the overflow check, a stop, a failed read, unmask or notify) is its alone, delivered to
+its thread, and the ring leaves the group; the others go on. So drain, stop and teardown stay the
+data plane's, unchanged. A member's I/O that waits for its device (direct I/O) stops its pass
+instead of running in the group's thread (FastPass.loop): a hung device holds its own ring alone.
+Buffered writes, into the page cache, do run in the group, as they ran on the ring's own thread: a
+write the kernel throttles for dirty pages delays the other rings of the group as long.
+
+A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
+held, each on its own thread, as an error of its own loop() would (the data plane marks it
+broken, logged); rings joining later get a fresh loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from types import ModuleType
+
+from xenblockctl.backend.fastpath import LoopExit
+
+log = logging.getLogger(__name__)
+
+_native: ModuleType | None
+try:
+    from xenblockctl.backend import _fastpass as _native
+except ImportError:  # not built: fastpath.FastPass does not exist either, nothing joins a group
+    _native = None
+
+#: requests a busy group serves between two reports of its rings' counts into their stats (a
+#: group that never sleeps reports nowhere else); the GIL once for all rings
+REPORT_EVERY = 1024
+
+
+class _Member:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: tuple[object, ...] | None = None
+        self.error: BaseException | None = None
+
+
+class RingGroup:
+    """A group of rings served by one native loop on one thread, started when the first ring
+    joins; asleep on its bell while no ring is lent to it (a ring that leaves for a Python turn
+    comes back at once: no thread is made per return). `close()` once no ring can join any more."""
+
+    def __init__(self, name: str = "xbc-rings") -> None:
+        if _native is None:
+            raise RuntimeError("ring groups need the native fast path (_fastpass)")
+        self.name = name
+        self._lock = threading.Lock()
+        self._joining: list[tuple[int, tuple[object, ...]]] = []
+        self._members: dict[int, _Member] = {}  # joining or joined, not delivered yet
+        self._next = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._assigned = 0  # data planes that serve their ring here (assign/release)
+        self._epoll = select.epoll()
+        self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
+        self._epoll.register(self._bell, select.EPOLLIN)
+
+    @property
+    def assigned(self) -> int:
+        """Data planes made with this group and not stopped: how loaded it is for a new ring (a
+        ring is lent only once its data plane starts, so `rings` undercounts a device whose queues
+        are set up together)."""
+        with self._lock:
+            return self._assigned
+
+    def assign(self) -> None:
+        """A data plane serves its ring here from now on (DataPlane.__init__)."""
+        with self._lock:
+            self._assigned += 1
+
+    def release(self) -> None:
+        """...no more (DataPlane.stop, once released)."""
+        with self._lock:
+            self._assigned -= 1
+
+    @property
+    def rings(self) -> int:
+        """Rings lent to the group now (joining or served)."""
+        with self._lock:
+            return len(self._members)
+
+    def loop(self, args: tuple[object, ...]) -> LoopExit:
+        """Serve one ring in the group (`args`: fastpath.run_loop's, from FastPass.loop) until it
+        exits; on the calling ring thread, which waits. Raises what the group's loop raised if it
+        failed while it held the ring."""
+        member = _Member()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError(f"{self.name}: the group is closed")
+            token = self._next
+            self._next += 1
+            self._members[token] = member
+            self._joining.append((token, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            else:
+                self._ring()
+        member.done.wait()
+        if member.error is not None:
+            raise member.error
+        assert member.result is not None
+        return LoopExit._make(member.result)
+
+    def close(self) -> None:
+        """End the group's thread; release the epoll set and the bell (no ring may be in the
+        group: its data planes are stopped first)."""
+        with self._lock:
+            if self._members:
+                raise RuntimeError(f"{self.name}: {len(self._members)} rings still in the group")
+            if self._closing:
+                return
+            self._closing = True
+            thread = self._thread
+            self._ring()
+        if thread is not None:
+            thread.join()
+        self._epoll.close()
+        os.close(self._bell)
+
+    def _ring(self) -> None:
+        """Wake the group's loop to take what joins (under the lock)."""
+        self._bell_word[0] = 1
+        os.eventfd_write(self._bell, 1)
+
+    # -- the group's thread ----------------------------------------------------------------------
+    def _take(self) -> list[tuple[int, tuple[object, ...]]] | None:
+        """The rings joining; None once the group closes (its loop then ends)."""
+        with self._lock:
+            if self._closing and not self._joining:
+                return None
+            got, self._joining = self._joining, []
+        return got
+
+    def _deliver(self, token: int, result: tuple[object, ...]) -> None:
+        with self._lock:
+            member = self._members.pop(token)
+        member.result = result
+        member.done.set()
+
+    def _run(self) -> None:
+        assert _native is not None
+        while True:
+            try:
+                _native.group_loop(
+                    self._take,
+                    self._deliver,
+                    self._epoll.fileno(),
+                    (self._bell_word, self._bell),
+                    REPORT_EVERY,
+                )
+                return  # closed
+            except Exception as exc:  # a bug of ours: fail the rings it held, each on its own thread
+                log.exception("%s: the group's loop failed", self.name)
+                with self._lock:
+                    joining = {token for token, _ in self._joining}
+                    lost = [(t, m) for t, m in self._members.items() if t not in joining]
+                    for token, _member in lost:
+                        del self._members[token]
+                for _token, member in lost:
+                    member.error = exc
+                    member.done.set()
+            with self._lock:
+                if self._closing and not self._joining:
+                    return
+
+
+def available() -> bool:
+    """Ring groups can be made (the native fast path is built)."""
+    return _native is not None
+
+
+__all__ = ["REPORT_EVERY", "RingGroup", "available"]
