@@ -2,7 +2,7 @@
 and 2 queues per disk (local transport, same run).
 
     .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
-        [--frontends 2] [--io-workers 4] [--engine threads,workers:2]
+        [--frontends 2] [--io-workers 4] [--engine threads,workers:2,groups:2,workers-groups:2]
 
 Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (spread over its
 queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
@@ -10,9 +10,10 @@ per-request software cost, not a disk. Each disk gets its own fd on the image an
 own DataPlane (ring thread, `--io-workers` I/O threads, grant handling), as the engine serves a
 connected disk: `threads` runs them all in this process (the engine without --workers: one GIL),
 `workers:N` in N worker processes (backend/workers.py, `xenblockctl backend --workers N`), each
-queue handed to the least loaded one. The frontends run in `--frontends` child processes (own
-interpreters), each driving its share of the disks from one poll loop, as guests on other CPUs
-would.
+queue handed to the least loaded one; `groups:N` and `workers-groups:N` the same with ring groups
+(backend/ringgroup.py, `--ring-groups`: one native loop serves many rings). The frontends run in
+`--frontends` child processes (own interpreters), each driving its share of the disks from one
+poll loop, as guests on other CPUs would.
 
 Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request
 (user + sys of this process and its worker processes over the run / requests), per-disk p99
@@ -340,8 +341,9 @@ def main() -> int:
     ap.add_argument(
         "--engine",
         default="threads,workers:2",
-        help="threads, workers:N (N worker processes, each one ring group) and/or groups:N (the threads"
-        " engine's rings in N ring groups of this process), comma-separated",
+        help="threads, workers:N (N worker processes, a thread per ring), workers-groups:N (N worker"
+        " processes, each one ring group: --workers N --ring-groups) and/or groups:N (the threads"
+        " engine's rings in N ring groups of this process: --ring-groups), comma-separated",
     )
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument(
@@ -380,8 +382,13 @@ def main() -> int:
                     for mode in args.engine.split(","):
                         pool = None
                         groups: list[RingGroup] = []
-                        if mode.startswith("workers:"):
-                            pool = WorkerPool(int(mode.split(":")[1]), transport, Journal("bench-engine"))
+                        if mode.startswith(("workers:", "workers-groups:")):
+                            pool = WorkerPool(
+                                int(mode.split(":")[1]),
+                                transport,
+                                Journal("bench-engine"),
+                                ring_groups=mode.startswith("workers-groups:"),
+                            )
                         elif mode.startswith("groups:"):
                             # here, not at the top: the bench also runs on trees without ring groups
                             from xenblockctl.backend.ringgroup import RingGroup

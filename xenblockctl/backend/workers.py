@@ -167,7 +167,7 @@ class RemoteQueue:
 
 
 class _Worker:
-    def __init__(self, index: int, kind: str, journal: Journal) -> None:
+    def __init__(self, index: int, kind: str, journal: Journal, *, ring_groups: bool = False) -> None:
         self.index = index
         self.journal = journal
         self.queues: dict[int, RemoteQueue] = {}
@@ -176,7 +176,15 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xenblockctl.backend.workers", str(theirs.fileno()), kind, str(index)],
+                [
+                    sys.executable,
+                    "-m",
+                    "xenblockctl.backend.workers",
+                    str(theirs.fileno()),
+                    kind,
+                    str(index),
+                    "groups" if ring_groups else "threads",
+                ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -271,18 +279,23 @@ class _Worker:
 class WorkerPool:
     """N worker processes for the engine's queues (see the module docstring)."""
 
-    def __init__(self, count: int, transport: Transport, journal: Journal) -> None:
+    def __init__(
+        self, count: int, transport: Transport, journal: Journal, *, ring_groups: bool = False
+    ) -> None:
+        """`ring_groups`: each worker serves its rings in one ring group (ringgroup.py; the engine's
+        --ring-groups), else each ring on its own thread."""
         from xenblockctl.backend.transport.local import LocalTransport
 
         self.transport = transport
         self.kind = "local" if isinstance(transport, LocalTransport) else "xen"
         self.journal = journal
+        self.ring_groups = ring_groups
         self._lock = threading.Lock()
         self._next_qid = 1
         self.workers: list[_Worker] = []
         try:
             for i in range(count):
-                self.workers.append(_Worker(i, self.kind, journal))
+                self.workers.append(_Worker(i, self.kind, journal, ring_groups=ring_groups))
         except BaseException:
             self.close()
             raise
@@ -292,7 +305,9 @@ class WorkerPool:
         with self._lock:
             for i, worker in enumerate(self.workers):
                 if not worker.alive and worker.proc.poll() is not None:
-                    self.workers[i] = _Worker(worker.index, self.kind, self.journal)
+                    self.workers[i] = _Worker(
+                        worker.index, self.kind, self.journal, ring_groups=self.ring_groups
+                    )
                     self.journal.info(f"worker {worker.index} replaced by pid {self.workers[i].proc.pid}")
             return min(self.workers, key=lambda w: (not w.alive, len(w.queues)))
 
@@ -391,7 +406,7 @@ class _Served:
         os.close(self.device_fd)
 
 
-def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
+def _worker_main(sock: socket.socket, kind: str, index: int, *, ring_groups: bool) -> int:
     journal = Journal(f"xenblockctl-worker-{index}")
     lock = threading.Lock()  # guards `served`
     send_lock = threading.Lock()
@@ -403,8 +418,9 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     xen: Transport | None = None
-    # one native loop for all of this worker's rings (issue 20, many busy disks: ringgroup.py)
-    group = RingGroup(f"xbc-worker{index}-rings") if ringgroup_available() else None
+    # with --ring-groups, one native loop for all of this worker's rings (issue 20, many busy
+    # disks: ringgroup.py)
+    group = RingGroup(f"xbc-worker{index}-rings") if ring_groups and ringgroup_available() else None
     if kind == "xen":
         from xenblockctl.backend.transport.xen import XenTransport
 
@@ -544,8 +560,8 @@ def _worker_main(sock: socket.socket, kind: str, index: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    fd, kind, index = int(argv[0]), argv[1], int(argv[2])
-    return _worker_main(socket.socket(fileno=fd), kind, index)
+    fd, kind, index, shape = int(argv[0]), argv[1], int(argv[2]), argv[3]
+    return _worker_main(socket.socket(fileno=fd), kind, index, ring_groups=shape == "groups")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ def raise_fd_limit(journal: Journal) -> int:
     "may run on, at most 16).",
 )
 @click.option(
+    "--ring-groups/--no-ring-groups",
+    default=False,
+    show_default=True,
+    help="Serve the native loop's rings in ring groups: one loop per CPU (per worker process with "
+    "--workers) serves many rings in rounds and sleeps only when all are idle. More IOPS with many "
+    "busy disks; a throttled buffered write delays the group's other rings (see the man page).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(0, 256),
     default=0,
@@ -170,6 +178,7 @@ def backend(
     native: bool,
     blocking_wakeup: bool,
     native_loop: bool,
+    ring_groups: bool,
     direct_writes: bool,
     direct_writes_on_pool: bool,
     direct_reads: bool,
@@ -248,20 +257,30 @@ def backend(
         how += ", reads O_DIRECT too (--direct-reads)" if direct_reads else ""
     journal.info(f"writes to block devices: {how}")
     journal.info(f"loop devices: I/O on {'the backing file' if loop_file else 'the device (--no-loop-file)'}")
+    if ring_groups:
+        # a group is a native loop: without one the rings keep their own threads (said, not silent)
+        why_not = (
+            "the native passes are off"
+            if not (config.native and config.native_loop)
+            else "--poll-wakeup"
+            if not config.blocking_wakeup
+            else "the native fast path is not built"
+            if not ringgroups_available()
+            else None
+        )
+        if why_not is not None:
+            journal.warning(f"--ring-groups ignored ({why_not}): each ring on its own thread")
+            ring_groups = False
     pool = None
     if workers:
         from xenblockctl.backend.workers import WorkerPool
 
-        pool = WorkerPool(workers, transport, journal)
+        pool = WorkerPool(workers, transport, journal, ring_groups=ring_groups)
         config = dataclasses.replace(config, worker_pool=pool)
+        if ring_groups:
+            journal.info("rings: one ring group per worker process (its native loop serves its rings)")
     groups: tuple[RingGroup, ...] = ()
-    if (
-        not workers
-        and config.native
-        and config.native_loop
-        and config.blocking_wakeup
-        and ringgroups_available()
-    ):
+    if ring_groups and not workers:
         # one native loop per CPU for all of this process's rings (issue 20, many busy disks)
         groups = tuple(RingGroup(f"xbc-rings{i}") for i in range(default_max_queues()))
         config = dataclasses.replace(config, ring_groups=groups)
