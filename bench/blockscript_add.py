@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import resource
 import shutil
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from bench.common import percentile, row
@@ -239,11 +240,10 @@ def parallel_rows(libxl: Libxl, contestants: list[Contestant], images: list[Path
     runs: dict[str, list[ParallelRun]] = {c.label: [] for c in contestants}
     n = len(images)
     for r in range(rounds):
-        # The order turns each round: in a fixed order the first contestant always ran right after
-        # the previous round's last (bash's 32 adds and their clean-up), and identical add code
-        # measured 10-15 % slower in first place (bench/README.md, issue 18, session 14, flow18).
-        turn = r % len(contestants)
-        for k, c in enumerate(contestants[turn:] + contestants[:turn]):
+        # The order changes each round (_turned): in a fixed order the first contestant always ran
+        # right after the previous round's last (bash's 32 adds and their clean-up), and identical
+        # add code measured 10-15 % slower in first place (bench/README.md, issue 18, flow18).
+        for k, c in _turned(list(enumerate(contestants)), r):
             # fresh domains every round (a removed backend leaves its frontend's vdev in use)
             runs[c.label].append(parallel(libxl, c, images, 1000 + (r * len(contestants) + k) * (n + 1)))
     for label, done in runs.items():
@@ -501,14 +501,41 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subproce
     return wall, cpu, result
 
 
+def _balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n contestants in which each one runs right after each other one equally often (a
+    Williams design: row 0 is 0, 1, n-1, 2, n-2, ..., row r adds r mod n; for odd n each row is
+    also run reversed). A cyclic shift of one order is not enough: it keeps who follows whom, so
+    the contestant after the bash script's add (~50 ms of CPU) followed it in 3 of 4 turns and
+    identical code measured 0.6-1.0 ms slower there (bench/README.md, issue 18, session 15)."""
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    rows = rows + [row[::-1] for row in rows] if n % 2 else rows
+    if n < 2 or len(rows) > 6:
+        return rows
+
+    # The rows run one after another, so each row's last contestant also precedes the next row's
+    # first: of the rows' cyclic sequences, the one where the last contestant (the bash script,
+    # whose add costs ~50 ms of CPU) precedes every other one equally often, and then the fewest
+    # repeated pairs (with 4 contestants: two boundaries pair a contestant with itself).
+    def cost(seq: Iterable[list[int]]) -> tuple[int, int]:
+        after: dict[tuple[int, int], int] = {}
+        flat = [x for row in seq for x in row]
+        for a, b in zip(flat, flat[1:] + flat[:1], strict=True):
+            if a != b:
+                after[a, b] = after.get((a, b), 0) + 1
+        heavy = [after.get((n - 1, x), 0) for x in range(n - 1)]
+        return max(heavy) - min(heavy), sum(c * c for c in after.values())
+
+    return list(min(itertools.permutations(rows), key=cost))
+
+
 def _turned(runners: list[tuple[int, Contestant]], i: int) -> list[tuple[int, Contestant]]:
-    """`runners` starting at number i % len: the serial and scaling rows' order turns each
-    iteration. In a fixed order ours always ran right after the bash script's add (and in the
-    scaling rows after bash's 128-backend add, ~370 ms of CPU): identical add code measured ~1 ms
-    slower there, in CPU too, than the baseline after it (bench/README.md, issue 18, session 15,
-    walk18; parallel_rows turns its order for the same reason)."""
-    turn = i % len(runners)
-    return runners[turn:] + runners[:turn]
+    """`runners` in iteration i's order of _balanced_orders: the serial, scaling and parallel rows'
+    order changes each iteration so that no contestant always runs right after the same other one
+    (in a fixed order ours always ran right after the bash script's add, and identical code measured
+    ~1 ms slower there, in CPU too: bench/README.md, issue 18, sessions 14 and 15)."""
+    rows = _balanced_orders(len(runners))
+    return [runners[j] for j in rows[i % len(rows)]]
 
 
 def measure_alternating(libxl: Libxl, contestants: list[Contestant], image: Path, iterations: int) -> None:
