@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bench.common import percentile, row
+from bench.common import percentile, process_cpu, row
 from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
@@ -687,13 +687,11 @@ def _schedstat_us(pid: int | None) -> float:
 
 
 def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + sys) a live process has used so far, from /proc/<pid>/stat; 0 if gone."""
+    """CPU seconds (user + sys) a live process has used so far (common.process_cpu); 0 if gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
+        return process_cpu(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ParallelRun:

@@ -1,7 +1,8 @@
-"""Shared helpers for benchmarks: percentiles and a fixed table format."""
+"""Shared helpers for benchmarks: percentiles, a fixed table format, and a process's CPU."""
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import subprocess
@@ -44,3 +45,11 @@ def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, fl
     wall = (time.perf_counter() - start) * 1e6
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + sys, every thread) a live process has used so far, from
+    /proc/<pid>/stat; OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # the command name may hold ')' or spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

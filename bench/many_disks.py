@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import percentile
+from bench.common import percentile, process_cpu
 
 if TYPE_CHECKING:
     from xenblockctl.backend.ringgroup import RingGroup
@@ -146,10 +146,7 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
 
 def _proc(pid: int) -> tuple[float, int, int]:
     """(CPU seconds, voluntary, involuntary context switches) of process `pid`, all its threads."""
-    tick = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (the whole process)
+    cpu = process_cpu(pid)
     vol = invol = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
