@@ -149,7 +149,8 @@ class EngineConfig:
     worker_pool: WorkerPool | None = None
     #: Without workers: this process's rings are served by these groups' native loops
     #: (backend/ringgroup.py), each ring by the group serving the fewest when it connects;
-    #: empty: each ring's loop on its own ring thread. (A worker process is one group itself.)
+    #: empty: each ring's loop on its own ring thread (the default; `backend --ring-groups`). With
+    #: workers and --ring-groups a worker process is one group itself (WorkerPool's ring_groups).
     ring_groups: tuple[RingGroup, ...] = ()
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
     persistent_grants: bool = True
