@@ -192,9 +192,16 @@ def writes(items: "Mapping[str, str]", removes: "Sequence[str]" = ()) -> "list[t
 
 def sharing_scan(st: "os.stat_result") -> None:
     """Every bound loop device backed by this inode (our sharing check for a file: the kernel's
-    loop list is complete)."""
-    for name in os.listdir("/sys/block"):
+    loop list is complete). An unbound minor has no sysfs `loop/` directory: a stat relative to
+    the loop devices' own directory tells it apart without opening its node, as ours does
+    (kernel/loop.py bound_loops_backed_by; a host that once had 384 loops keeps 384 minors)."""
+    where = os.open("/sys/devices/virtual/block", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in os.listdir(where):
         if not name.startswith("loop"):
+            continue
+        try:
+            os.stat(name + "/loop", dir_fd=where)
+        except OSError:
             continue
         try:
             fd = os.open("/dev/" + name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -208,6 +215,7 @@ def sharing_scan(st: "os.stat_result") -> None:
             os.close(fd)
         if (info[0], info[1]) == (st.st_dev, st.st_ino):
             fail(4)  # shared: ours would refuse a writable second user
+    os.close(where)
 
 
 def identify(fd: int) -> "tuple[int, int, int, int, int, int]":

@@ -118,3 +118,17 @@ def test_the_floors_walk_finds_a_publisher_among_128_backends(
         assert result.returncode == 1
         assert "failed at check 13" in result.stderr
         assert identity.PHYSICAL_DEVICE not in libxl.nodes(be)
+
+
+def test_the_floors_file_scan_finds_a_loop_backed_by_the_file_among_unbound_minors(
+    libxl: Libxl, floor: Path, make_image: ImageFactory, loop_devices: list[loop.LoopDevice]
+) -> None:
+    """A file bound by any loop device is refused for a writable attach (ours: sharing.loop_claims);
+    the floor skips unbound minors by their sysfs directory, and must still find a bound one."""
+    image = make_image("shared.img")
+    loop_devices.append(loop.attach_file(str(image), read_only=False, tag="xenblockctl:admin"))
+    be = libxl.create_backend(5, 51712, str(image), "w")
+    result = run_floor(libxl, floor, "add", be)
+    assert result.returncode == 1
+    assert "failed at check 4" in result.stderr
+    assert identity.PHYSICAL_DEVICE not in libxl.nodes(be)
