@@ -7,20 +7,20 @@
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
 as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
-sys.path by the script; with `--python /usr/bin/python3` it runs as installed on Debian: the
-hotplug path needs nothing outside the standard library), optionally the shipped shim as it runs
-from a checkout (`--site-shim`: with site.py) and another checkout's shim (before/after in one run:
-`git archive OLD xenblockctl hotplug | tar -x -C /tmp/old`; run as that version's install-hooks
-laid it, with site.py), `bench/floor_block.py` (our semantics for a file target in one stdlib-only
-file: the interpreter floor, run with `-S` from its cached bytecode as ours is), and Xen's bash `block`
-script from Debian's xen-utils-common (extracted into .cache/ with `apt-get download`, never
-installed) through Debian's xenstore-* CLIs. Against Debian's C xenstored (LD_PRELOAD-stubbed,
-tests/fixtures/cxenstored.py; `--daemon embedded` for ours). The C daemon runs without
-`--trace-file`, as a production xenstored does: the trace line it writes per request and reply
-costs ~60 µs a request against ~8 without (bench/README.md, issue 18's 128-backend section), which
-would price every xenstore request of every contestant at the bench's artefact, not at a dom0's
-cost. `--trace` turns it back on (the 32-parallel row then counts transaction conflicts, EAGAIN,
-from it; the tests keep their trace for failure reports). The Python contestants are timed
+sys.path by the script; with `--python /usr/bin/python3` it runs as installed on Debian: the hotplug
+path needs nothing outside the standard library), optionally the shipped shim as it runs from a
+checkout (`--site-shim`: with site.py) and another checkout's shim (before/after in one run: `git
+archive OLD xenblockctl hotplug | tar -x -C /tmp/old`; run as that version's install-hooks laid it,
+with site.py), `bench/floor_block.py` (our semantics for a file or block-device target in one
+stdlib-only file: the interpreter floor, run with `-S` from its cached bytecode as ours is), and
+Xen's bash `block` script from Debian's xen-utils-common (extracted into .cache/ with `apt-get
+download`, never installed) through Debian's xenstore-* CLIs. Against Debian's C xenstored
+(LD_PRELOAD-stubbed, tests/fixtures/cxenstored.py; `--daemon embedded` for ours). The C daemon runs
+without `--trace-file`, as a production xenstored does: the trace line it writes per request and
+reply costs ~60 µs a request against ~8 without (bench/README.md, issue 18's 128-backend section),
+which would price every xenstore request of every contestant at the bench's artefact, not at a
+dom0's cost. `--trace` turns it back on (the 32-parallel row then counts transaction conflicts,
+EAGAIN, from it; the tests keep their trace for failure reports). The Python contestants are timed
 *including* the hand-off: they exit only once an engine-like consumer (a thread of this process,
 tests/support/libxl_stub.Consumer) has opened the device and written `opened`=1; the bash script
 does no hand-off (it exits after writing physical-device, the race this project exists to close).
@@ -61,7 +61,8 @@ from xenblockctl.toolstack import hostfiles
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "xen-utils-common"
-#: The stdlib-only floor: our semantics for a file target, nothing imported it does not run.
+#: The stdlib-only floor: our semantics for a file or block-device target, nothing imported it
+#: does not run.
 FLOOR = REPO / "bench" / "floor_block.py"
 
 
@@ -361,10 +362,7 @@ def scale_rows(
             ("block device", f"/dev/loop{admin.number}"),
         )
         for t, (label, target) in enumerate(targets):
-            # the floor handles file targets only
-            runners = [
-                (k, c) for k, c in enumerate(contestants) if label == "file" or c.label != "stdlib floor"
-            ]
+            runners = list(enumerate(contestants))
             # per contestant: walls and CPUs with 0 and with `existing` backends
             walls: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
             cpus: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}

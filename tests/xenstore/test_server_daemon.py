@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.common import process_cpu
 from tests.fixtures.xenstore import ERROR, REPO, EmbeddedXenstored, RawClient
 
 READ, WATCH, TX_START, WRITE, MKDIR = 2, 4, 6, 11, 12
@@ -255,12 +256,6 @@ def test_ready_fd_and_socket_mode(short_dir: str) -> None:
         assert proc.wait(10) == 0
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_out_of_file_descriptors_neither_spins_nor_dies(short_dir: str) -> None:
     path = os.path.join(short_dir, "s")
     limit = 24  # the daemon cannot raise a hard limit: it runs out after ~15 clients
@@ -287,9 +282,9 @@ def test_out_of_file_descriptors_neither_spins_nor_dies(short_dir: str) -> None:
                 s.connect(path)
             clients.append(s)
         time.sleep(0.3)
-        before = _cpu_seconds(proc.pid)
+        before = process_cpu(proc.pid)
         time.sleep(1.0)
-        assert _cpu_seconds(proc.pid) - before < 0.5, "daemon spins on accept() at EMFILE"
+        assert process_cpu(proc.pid) - before < 0.5, "daemon spins on accept() at EMFILE"
         for s in clients:
             s.close()
         clients.clear()
