@@ -85,7 +85,8 @@ FRAMES = st.lists(
 def test_frames_decode_as_one_frame_at_a_time(
     frames: list[tuple[int, int, int, bytes]], cuts: list[int]
 ) -> None:
-    """Whatever pieces the bytes come in, frames() hands out what next_frame() does."""
+    """Whatever pieces the bytes come in, frames() hands out what next_frame() does, payloads as
+    bytes (one loop decodes both: next_frame slices the buffer, a bytearray, and converts)."""
     data = encode_many(frames)
     assert data == b"".join(encode(*frame) for frame in frames)
     batch, single = FrameDecoder(), FrameDecoder()
@@ -99,6 +100,7 @@ def test_frames_decode_as_one_frame_at_a_time(
             got_single.append(frame)
     assert got_batch == got_single
     assert [tuple(frame) for frame in got_batch] == frames
+    assert {type(frame.payload) for frame in got_batch + got_single} <= {bytes}
     assert batch.pending == single.pending == 0
 
 
