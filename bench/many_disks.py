@@ -144,10 +144,12 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                 fe.close()
 
 
-def _proc(pid: int) -> tuple[float, int, int]:
-    """(CPU seconds, voluntary, involuntary context switches) of process `pid`, all its threads."""
+def _proc(pid: int) -> tuple[float, int, int, int]:
+    """(CPU seconds, voluntary, involuntary context switches, ns runnable but waiting for a CPU) of
+    process `pid`, all its threads."""
     cpu = process_cpu(pid)
     vol = invol = 0
+    waited = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
             for line in f:
@@ -155,12 +157,32 @@ def _proc(pid: int) -> tuple[float, int, int]:
                     vol += int(line.split()[1])
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     invol += int(line.split()[1])
-    return cpu, vol, invol
+        waited += _task_sched(pid, int(task))[1]
+    return cpu, vol, invol, waited
 
 
-def _counts(pids: list[int]) -> tuple[float, int, int]:
+def _task_sched(pid: int, tid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of one thread, from its schedstat (0, 0 if
+    it is gone): the wait is what the scheduler's sharing of the CPUs cost it."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            run, wait, _ = f.read().split()
+    except OSError:
+        return 0, 0
+    return int(run), int(wait)
+
+
+def _counts(pids: list[int]) -> tuple[float, int, int, int]:
     got = [_proc(pid) for pid in pids]
-    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got)
+    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got)
+
+
+def _groups_sched(groups: list[RingGroup] | None) -> tuple[int, int]:
+    """(ns on a CPU, ns waiting for one) of this process's ring groups' threads together."""
+    # getattr: a base tree's RingGroup may predate native_id (the bench is copied into it for A/Bs)
+    tids = [t for t in (getattr(g, "native_id", None) for g in groups or []) if t is not None]
+    got = [_task_sched(os.getpid(), tid) for tid in tids]
+    return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
 def _engine_pids(pool: WorkerPool | None) -> list[int]:
@@ -196,6 +218,12 @@ class Row:
     #: engine thread or group against each other, without the frontends' share of the CPUs
     jain_within: float = 0.0
     caught: float = 0.0  #: of them, the share that caught the refill
+    #: per request, µs runnable but waiting for a CPU (schedstat): the engine's threads, the
+    #: frontends'; and the ring groups' threads' time on a CPU and waiting (0 without groups)
+    engine_wait_us: float = 0.0
+    frontend_wait_us: float = 0.0
+    group_run_us: float = 0.0
+    group_wait_us: float = 0.0
 
 
 def run(
@@ -276,7 +304,7 @@ def run(
         for dp in planes:
             dp.start()
         fe_pids = [p.pid for p in procs if p.pid is not None]
-        e0, f0 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        e0, f0, g0 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -284,7 +312,7 @@ def run(
             got = receive(conn)
             assert isinstance(got, dict)
             results.update(got)
-        e1, f1 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        e1, f1, g1 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         cpu = e1[0] - e0[0]
     finally:
         for dp in planes:
@@ -324,6 +352,10 @@ def run(
         engine_ivcs=(e1[2] - e0[2]) / n,
         frontend_cpu_us=(f1[0] - f0[0]) / n * 1e6,
         frontend_vcs=(f1[1] - f0[1]) / n,
+        engine_wait_us=(e1[3] - e0[3]) / n / 1e3,
+        frontend_wait_us=(f1[3] - f0[3]) / n / 1e3,
+        group_run_us=(g1[0] - g0[0]) / n / 1e3,
+        group_wait_us=(g1[1] - g0[1]) / n / 1e3,
     )
 
 
@@ -372,7 +404,8 @@ def main() -> int:
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
-                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught)"
+                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught),"
+                " µs waiting for a CPU engine/frontends, ring groups' threads µs run/wait"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
@@ -416,7 +449,9 @@ def main() -> int:
                             f" {r.jain:>6.3f} {r.jain_within:>6.3f}"
                             f"   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
                             f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
-                            f" {r.polls:.3f} ({r.caught:.0%})",
+                            f" {r.polls:.3f} ({r.caught:.0%})"
+                            f"  wait {r.engine_wait_us:.2f}/{r.frontend_wait_us:.2f}"
+                            f"  groups {r.group_run_us:.2f}/{r.group_wait_us:.2f}",
                             flush=True,
                         )
         finally:
