@@ -383,7 +383,24 @@ def main() -> int:
         " native pass and loop serve them); --no-persistent: the local transport's grant table mapped"
         " whole, the pure-Python pass (the rows before session 15)",
     )
+    ap.add_argument(
+        "--group-yield",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="set backend/ringgroup.py's YIELD (the group's refill poll yields its CPU to a task"
+        " runnable on it) for an A/B in one tree; default: the tree's own",
+    )
+    ap.add_argument(
+        "--group-pin",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="groups:N's group i runs on the i-th CPU of the affinity mask only (RingGroup's cpu)",
+    )
     args = ap.parse_args()
+    if args.group_yield is not None:
+        from xenblockctl.backend import ringgroup
+
+        ringgroup.YIELD = args.group_yield  # a base tree may lack it: set, it is not read there
     with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
         image = Path(tmp, "disk.img")
         with open(image, "wb") as f:
@@ -423,7 +440,13 @@ def main() -> int:
                             # here, not at the top: the bench also runs on trees without ring groups
                             from xenblockctl.backend.ringgroup import RingGroup
 
-                            groups = [RingGroup(f"bench-group{i}") for i in range(int(mode.split(":")[1]))]
+                            mask = sorted(os.sched_getaffinity(0))
+                            # a base tree's RingGroup may take no cpu: passed only when asked
+                            pins: list[dict[str, Any]] = [
+                                {"cpu": mask[i % len(mask)]} if args.group_pin else {}
+                                for i in range(int(mode.split(":")[1]))
+                            ]
+                            groups = [RingGroup(f"bench-group{i}", **pin) for i, pin in enumerate(pins)]
                         try:
                             r = run(
                                 transport,

@@ -211,7 +211,7 @@ def test_engine_with_workers_stops_or_dies_without_leaks(
     [
         (["--workers", "2"], "threads", None),
         (["--workers", "2", "--ring-groups"], "groups", "one ring group per worker process"),
-        (["--ring-groups"], None, "ring groups (one native loop per CPU serves the rings)"),
+        (["--ring-groups"], None, "ring groups (one native loop on each of CPUs"),
         (["--ring-groups", "--no-native-loop"], None, "--ring-groups ignored (the native passes are off)"),
     ],
 )

@@ -1042,7 +1042,8 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     Py_buffer word;
     int epfd, bellfd;
     Py_ssize_t every;
-    if (!PyArg_ParseTuple(args, "OOi(w*i)n", &take, &deliver, &epfd, &word, &bellfd, &every))
+    int yield = 0;
+    if (!PyArg_ParseTuple(args, "OOi(w*i)n|p", &take, &deliver, &epfd, &word, &bellfd, &every, &yield))
         return NULL;
     if (word.len < 1 || epfd < 0 || bellfd < 0 || every <= 0 || !PyCallable_Check(take) ||
         !PyCallable_Check(deliver)) {
@@ -1056,7 +1057,7 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     int n = 0, cap = 0, rcap = 0;
     PyObject *out = NULL;
     struct epoll_event evs[64];
-    struct poller poller = {0, 0, 0, 1};
+    struct poller poller = {0, 0, 0, 1, yield};
     Py_ssize_t unreported = 0;
     bell[0] = 0;
     int closed = group_join(take, &ms, &n, &cap, epfd);
@@ -1117,6 +1118,7 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
                 rcap = cap;
             }
             int served = 0;
+            poller.ns = 0; /* the longest poll of the rings here now: a ring that left takes its own */
             for (int i = 0; i < n; i++) {
                 rs[i] = &ms[i]->run;
                 served |= rs[i]->served;

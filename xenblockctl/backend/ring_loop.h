@@ -66,6 +66,7 @@
 #include "ring_answer.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -345,6 +346,7 @@ struct poller {
     int64_t ns;              /* the longest poll (0: never) */
     int misses;              /* polls in a row that saw nothing */
     uint32_t skip, backoff;  /* passes left without a poll; the next pause's length */
+    int yield;               /* sched_yield() at each look at the clock: a task runnable here runs */
 };
 
 static inline int64_t mono_ns(void)
@@ -442,8 +444,12 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
                 return k + 1;
         }
         cpu_relax();
-        if (i % 32 == 0 && mono_ns() >= end) /* the clock (vDSO, ~20 ns) every 32 looks */
-            break;
+        if (i % 32 == 0) { /* the clock (vDSO, ~20 ns) every 32 looks */
+            if (mono_ns() >= end)
+                break;
+            if (p->yield)
+                sched_yield();
+        }
     }
     if (++p->misses >= POLL_MISSES) {
         p->skip = p->backoff;
@@ -608,7 +614,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         return NULL;
     }
     struct ring_run *const one[1] = {&m};
-    struct poller poller = {lp->poll_ns, 0, 0, 1};
+    struct poller poller = {lp->poll_ns, 0, 0, 1, 0};
     int why = EXIT_WOKEN;
     PyThreadState *ts = PyEval_SaveThread();
     for (;;) {

@@ -44,6 +44,8 @@ except ImportError:  # not built: fastpath.FastPass does not exist either, nothi
 #: requests a busy group serves between two reports of its rings' counts into their stats (a
 #: group that never sleeps reports nowhere else); the GIL once for all rings
 REPORT_EVERY = 1024
+#: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
+YIELD = True
 
 
 class _Member:
@@ -60,10 +62,11 @@ class RingGroup:
     joins; asleep on its bell while no ring is lent to it (a ring that leaves for a Python turn
     comes back at once: no thread is made per return). `close()` once no ring can join any more."""
 
-    def __init__(self, name: str = "xbc-rings") -> None:
+    def __init__(self, name: str = "xbc-rings", cpu: int | None = None) -> None:
         if _native is None:
             raise RuntimeError("ring groups need the native fast path (_fastpass)")
         self.name = name
+        self.cpu = cpu
         self._lock = threading.Lock()
         self._joining: list[tuple[int, tuple[object, ...]]] = []
         self._members: dict[int, _Member] = {}  # joining or joined, not delivered yet
@@ -168,6 +171,13 @@ class RingGroup:
 
     def _run(self) -> None:
         assert _native is not None
+        if self.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {self.cpu})  # 0: this thread (Linux: affinity is per task)
+            except OSError as exc:  # an offline CPU: the loop still serves, wherever it runs
+                log.warning(
+                    "%s: cannot run on CPU %d only (%s): the group runs on any", self.name, self.cpu, exc
+                )
         while True:
             try:
                 _native.group_loop(
@@ -176,6 +186,7 @@ class RingGroup:
                     self._epoll.fileno(),
                     (self._bell_word, self._bell),
                     REPORT_EVERY,
+                    YIELD,
                 )
                 return  # closed
             except Exception as exc:  # a bug of ours: fail the rings it held, each on its own thread

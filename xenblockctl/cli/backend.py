@@ -203,7 +203,7 @@ def backend(
     from xenblockctl.backend.ringgroup import RingGroup
     from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
-    from xenblockctl.backend.xenbus import EngineConfig, default_max_queues
+    from xenblockctl.backend.xenbus import EngineConfig, engine_cpus
     from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
@@ -281,10 +281,16 @@ def backend(
             journal.info("rings: one ring group per worker process (its native loop serves its rings)")
     groups: tuple[RingGroup, ...] = ()
     if ring_groups and not workers:
-        # one native loop per CPU for all of this process's rings (issue 20, many busy disks)
-        groups = tuple(RingGroup(f"xbc-rings{i}") for i in range(default_max_queues()))
+        # one native loop per CPU for all of this process's rings (issue 20, many busy disks), each
+        # on its own CPU: two groups on one CPU would spin and yield to each other
+        cpus = engine_cpus()
+        groups = tuple(RingGroup(f"xbc-rings{i}", cpu=cpu) for i, cpu in enumerate(cpus))
         config = dataclasses.replace(config, ring_groups=groups)
-        journal.info(f"rings: {len(groups)} ring groups (one native loop per CPU serves the rings)")
+        on = ",".join(map(str, cpus))
+        journal.info(
+            f"rings: {len(groups)} ring groups (one native loop on each of CPUs {on} serves the rings;"
+            " it yields its CPU while it polls)"
+        )
     engine = Engine(store, config, kind=kind, journal=journal)
     if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
         # only now, with everything else ready: the guests' pause runs from here to our first rescan
