@@ -77,7 +77,10 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     seconds: float,
     persistent: bool,
     conn: multiprocessing.connection.Connection,
+    cpus: set[int] | None,
 ) -> None:
+    if cpus:  # guests on CPUs of their own (--frontend-cpus)
+        os.sched_setaffinity(0, cpus)
     rings: dict[int, list[LocalFrontend]] = {}
     try:
         for d in disks:
@@ -239,6 +242,7 @@ def run(
     pool: WorkerPool | None,
     groups: list[RingGroup] | None = None,
     persistent: bool = True,
+    frontend_cpus: set[int] | None = None,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -254,7 +258,17 @@ def run(
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_frontends,
-                args=(transport.socket_path, share, queues, qd, size, seconds, persistent, child),
+                args=(
+                    transport.socket_path,
+                    share,
+                    queues,
+                    qd,
+                    size,
+                    seconds,
+                    persistent,
+                    child,
+                    frontend_cpus,
+                ),
             )
             proc.start()
             child.close()
@@ -396,7 +410,21 @@ def main() -> int:
         default=False,
         help="groups:N's group i runs on the i-th CPU of the affinity mask only (RingGroup's cpu)",
     )
+    ap.add_argument(
+        "--frontend-cpus",
+        default=None,
+        metavar="LIST",
+        help="run the frontend processes on these CPUs (comma-separated) and the engine (this process's"
+        " threads made from then on, its worker processes, its groups) on the others: guests on vCPUs"
+        " of their own, as on a host that pins dom0's; default: every process on every CPU",
+    )
     args = ap.parse_args()
+    frontend_cpus = {int(c) for c in args.frontend_cpus.split(",")} if args.frontend_cpus else None
+    if frontend_cpus:
+        engine_cpus = os.sched_getaffinity(0) - frontend_cpus
+        if not engine_cpus or not frontend_cpus <= os.sched_getaffinity(0):
+            ap.error("--frontend-cpus must name some of this process's CPUs and leave it at least one")
+        os.sched_setaffinity(0, engine_cpus)  # before any thread or worker is made: they inherit it
     if args.group_yield is not None:
         from xenblockctl.backend import ringgroup
 
@@ -412,9 +440,10 @@ def main() -> int:
         transport = LocalTransport(str(Path(tmp, "grants.sock")))
         try:
             cpus = len(os.sched_getaffinity(0))
+            where = f" on CPUs {args.frontend_cpus} (the engine on the other {cpus})" if frontend_cpus else ""
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
-                f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
+                f" {args.frontends} frontend processes{where}, {cpus} CPUs, {args.io_workers} I/O threads per"
                 f" queue, persistent grants {'on' if args.persistent else 'off'},"
                 f" load average {os.getloadavg()[0]:.1f}"
             )
@@ -460,6 +489,7 @@ def main() -> int:
                                 pool=pool,
                                 groups=groups,
                                 persistent=args.persistent,
+                                frontend_cpus=frontend_cpus,
                             )
                         finally:
                             if pool is not None:
