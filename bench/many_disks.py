@@ -13,7 +13,8 @@ connected disk: `threads` runs them all in this process (the engine without --wo
 queue handed to the least loaded one; `groups:N` and `workers-groups:N` the same with ring groups
 (backend/ringgroup.py, `--ring-groups`: one native loop serves many rings). The frontends run in
 `--frontends` child processes (own interpreters), each driving its share of the disks from one
-poll loop, as guests on other CPUs would.
+poll loop (its ready rings in a new random order each turn: no disk first every time), as guests on
+other CPUs would.
 
 Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request
 (user + sys of this process and its worker processes over the run / requests), per-disk p99
@@ -78,6 +79,7 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     persistent: bool,
     conn: multiprocessing.connection.Connection,
     cpus: set[int] | None,
+    shuffled: bool,
 ) -> None:
     if cpus:  # guests on CPUs of their own (--frontend-cpus)
         os.sched_setaffinity(0, cpus)
@@ -92,6 +94,7 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
         conn.send({d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()})
         conn.recv()  # data planes running
         rng = random.Random(1)
+        order = random.Random(2)
         blocks = size // BLOCK
         by_fd: dict[int, tuple[int, LocalFrontend]] = {}
         poller = select.poll()
@@ -120,7 +123,14 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                     lat.clear()
             if now >= end:
                 break
-            for fd, _ in poller.poll(100):
+            ready = poller.poll(100)
+            if shuffled:
+                # each disk is its own guest: one loop serving them in fd order would favour the
+                # first ones whenever the engine answers within the loop's own turn (8 disks,
+                # an engine on a CPU of its own: the first half of each process's disks got twice
+                # the IOPS of the second; many20)
+                order.shuffle(ready)
+            for fd, _ in ready:
                 d, fe = by_fd[fd]
                 fe.evtchn.ack()
                 done = _harvest(fe)
@@ -243,6 +253,7 @@ def run(
     groups: list[RingGroup] | None = None,
     persistent: bool = True,
     frontend_cpus: set[int] | None = None,
+    shuffled: bool = True,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -268,6 +279,7 @@ def run(
                     persistent,
                     child,
                     frontend_cpus,
+                    shuffled,
                 ),
             )
             proc.start()
@@ -418,6 +430,13 @@ def main() -> int:
         " threads made from then on, its worker processes, its groups) on the others: guests on vCPUs"
         " of their own, as on a host that pins dom0's; default: every process on every CPU",
     )
+    ap.add_argument(
+        "--frontend-order",
+        choices=("shuffled", "fd"),
+        default="shuffled",
+        help="the order a frontend process takes its ready rings in: shuffled each time (default), or"
+        " fd order (the rows before session 16: it favours the first disks of each process)",
+    )
     args = ap.parse_args()
     frontend_cpus = {int(c) for c in args.frontend_cpus.split(",")} if args.frontend_cpus else None
     if frontend_cpus:
@@ -490,6 +509,7 @@ def main() -> int:
                                 groups=groups,
                                 persistent=args.persistent,
                                 frontend_cpus=frontend_cpus,
+                                shuffled=args.frontend_order == "shuffled",
                             )
                         finally:
                             if pool is not None:
