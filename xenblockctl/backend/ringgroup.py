@@ -204,9 +204,19 @@ class RingGroup:
                     return
 
 
+#: groups made at most, one per CPU (as many as the queues a disk is offered at most: xenbus)
+MAX_GROUPS = 16
+
+
+def group_cpus() -> list[int]:
+    """The CPUs ring groups run on, one group each: the process's affinity mask (what the admin
+    gave the engine), lowest first, at most MAX_GROUPS. A worker process inherits the engine's."""
+    return sorted(os.sched_getaffinity(0))[:MAX_GROUPS]
+
+
 def available() -> bool:
     """Ring groups can be made (the native fast path is built)."""
     return _native is not None
 
 
-__all__ = ["REPORT_EVERY", "RingGroup", "available"]
+__all__ = ["MAX_GROUPS", "REPORT_EVERY", "RingGroup", "available", "group_cpus"]

@@ -108,16 +108,10 @@ RING_NODES = (
 )
 
 
-def engine_cpus() -> list[int]:
-    """The CPUs the engine may run on (its affinity mask), lowest first, at most MAX_QUEUES: one
-    queue offered per CPU, one ring group per CPU (`backend --ring-groups`)."""
-    return sorted(os.sched_getaffinity(0))[:MAX_QUEUES]
-
-
 def default_max_queues() -> int:
     """Queues offered by default: one per CPU the engine may run on (Linux blkback offers one per
     online CPU), at most MAX_QUEUES."""
-    return max(1, len(engine_cpus()))
+    return max(1, min(MAX_QUEUES, len(os.sched_getaffinity(0))))
 
 
 class Phase(enum.Enum):

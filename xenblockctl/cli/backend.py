@@ -201,10 +201,10 @@ def backend(
         parked_record_path,
         take_over,
     )
-    from xenblockctl.backend.ringgroup import RingGroup
+    from xenblockctl.backend.ringgroup import RingGroup, group_cpus
     from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
-    from xenblockctl.backend.xenbus import EngineConfig, engine_cpus
+    from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
@@ -279,12 +279,15 @@ def backend(
         pool = WorkerPool(workers, transport, journal, ring_groups=ring_groups)
         config = dataclasses.replace(config, worker_pool=pool)
         if ring_groups:
-            journal.info("rings: one ring group per worker process (its native loop serves its rings)")
+            journal.info(
+                "rings: one ring group per worker process (its native loop serves its rings; worker i's"
+                " on the i-th CPU it may run on, yielding it while it polls)"
+            )
     groups: tuple[RingGroup, ...] = ()
     if ring_groups and not workers:
         # one native loop per CPU for all of this process's rings (issue 20, many busy disks), each
         # on its own CPU: two groups on one CPU would spin and yield to each other
-        cpus = engine_cpus()
+        cpus = group_cpus()
         groups = tuple(RingGroup(f"xbc-rings{i}", cpu=cpu) for i, cpu in enumerate(cpus))
         config = dataclasses.replace(config, ring_groups=groups)
         on = ",".join(map(str, cpus))
