@@ -30,9 +30,12 @@
  * wake-up. A poll that sees nothing is CPU burnt for no request, so after POLL_MISSES misses in a
  * row the loop stops polling for `backoff` passes (doubling up to POLL_BACKOFF_MAX) and one catch
  * resets it: an idle ring, or a frontend slower than the poll (a QD-1 guest under TCG), pays a
- * handful of polls, then one in ~1000 passes. Only the persistent-grant pass polls (_fastpass.c);
- * the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the same way (32 us by
- * default, grown and shrunk by whether polls succeed).
+ * handful of polls, then one in ~1000 passes. A group's loop (_fastpass.c) also yields the CPU at
+ * each look at the clock (`yield`): there the poll rarely misses while any ring is busy, so without
+ * it the group kept its CPU from tasks runnable there; the one-ring loop does not (a yield there
+ * handed whole slices to a busy neighbour: fourk20, session 14). Only the persistent-grant pass
+ * polls (_fastpass.c); the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the
+ * same way (32 us by default, grown and shrunk by whether polls succeed).
  *
  * It returns to Python, with the ring's indices as they now are, for:
  *   EXIT_SLOT    a slot the pass stopped at: (copy, index, count) of the batch, [0, index) answered

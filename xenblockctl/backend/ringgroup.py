@@ -18,6 +18,13 @@ instead of running in the group's thread (FastPass.loop): a hung device holds it
 Buffered writes, into the page cache, do run in the group, as they ran on the ring's own thread: a
 write the kernel throttles for dirty pages delays the other rings of the group as long.
 
+A group's loop runs on one CPU (`cpu`: the engine makes one group on each CPU it may run on,
+group_cpus()), and while it polls for a refill it yields that CPU to any task runnable there
+(YIELD): a group whose rings are always busy never sleeps, so on CPUs shared with frontends or
+other dom0 work it held half of each while they waited for it, spinning for requests they had yet
+to send (bench/README.md, many_disks, many20: its CPU a request 4.6 -> 1.1 us). Two groups on one
+CPU would yield to each other, hence one CPU each.
+
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
 broken, logged); rings joining later get a fresh loop.
