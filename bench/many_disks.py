@@ -13,7 +13,8 @@ connected disk: `threads` runs them all in this process (the engine without --wo
 queue handed to the least loaded one; `groups:N` and `workers-groups:N` the same with ring groups
 (backend/ringgroup.py, `--ring-groups`: one native loop serves many rings). The frontends run in
 `--frontends` child processes (own interpreters), each driving its share of the disks from one
-poll loop, as guests on other CPUs would.
+poll loop (its ready rings in a new random order each turn: no disk first every time), as guests on
+other CPUs would.
 
 Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU per request
 (user + sys of this process and its worker processes over the run / requests), per-disk p99
@@ -77,7 +78,11 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     seconds: float,
     persistent: bool,
     conn: multiprocessing.connection.Connection,
+    cpus: set[int] | None,
+    shuffled: bool,
 ) -> None:
+    if cpus:  # guests on CPUs of their own (--frontend-cpus)
+        os.sched_setaffinity(0, cpus)
     rings: dict[int, list[LocalFrontend]] = {}
     try:
         for d in disks:
@@ -89,6 +94,7 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
         conn.send({d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()})
         conn.recv()  # data planes running
         rng = random.Random(1)
+        order = random.Random(2)
         blocks = size // BLOCK
         by_fd: dict[int, tuple[int, LocalFrontend]] = {}
         poller = select.poll()
@@ -117,7 +123,14 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                     lat.clear()
             if now >= end:
                 break
-            for fd, _ in poller.poll(100):
+            ready = poller.poll(100)
+            if shuffled:
+                # each disk is its own guest: one loop serving them in fd order would favour the
+                # first ones whenever the engine answers within the loop's own turn (8 disks,
+                # an engine on a CPU of its own: the first half of each process's disks got twice
+                # the IOPS of the second; many20)
+                order.shuffle(ready)
+            for fd, _ in ready:
                 d, fe = by_fd[fd]
                 fe.evtchn.ack()
                 done = _harvest(fe)
@@ -144,10 +157,12 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
                 fe.close()
 
 
-def _proc(pid: int) -> tuple[float, int, int]:
-    """(CPU seconds, voluntary, involuntary context switches) of process `pid`, all its threads."""
+def _proc(pid: int) -> tuple[float, int, int, int]:
+    """(CPU seconds, voluntary, involuntary context switches, ns runnable but waiting for a CPU) of
+    process `pid`, all its threads."""
     cpu = process_cpu(pid)
     vol = invol = 0
+    waited = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
             for line in f:
@@ -155,12 +170,32 @@ def _proc(pid: int) -> tuple[float, int, int]:
                     vol += int(line.split()[1])
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     invol += int(line.split()[1])
-    return cpu, vol, invol
+        waited += _task_sched(pid, int(task))[1]
+    return cpu, vol, invol, waited
 
 
-def _counts(pids: list[int]) -> tuple[float, int, int]:
+def _task_sched(pid: int, tid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of one thread, from its schedstat (0, 0 if
+    it is gone): the wait is what the scheduler's sharing of the CPUs cost it."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            run, wait, _ = f.read().split()
+    except OSError:
+        return 0, 0
+    return int(run), int(wait)
+
+
+def _counts(pids: list[int]) -> tuple[float, int, int, int]:
     got = [_proc(pid) for pid in pids]
-    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got)
+    return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got)
+
+
+def _groups_sched(groups: list[RingGroup] | None) -> tuple[int, int]:
+    """(ns on a CPU, ns waiting for one) of this process's ring groups' threads together."""
+    # getattr: a base tree's RingGroup may predate native_id (the bench is copied into it for A/Bs)
+    tids = [t for t in (getattr(g, "native_id", None) for g in groups or []) if t is not None]
+    got = [_task_sched(os.getpid(), tid) for tid in tids]
+    return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
 def _engine_pids(pool: WorkerPool | None) -> list[int]:
@@ -196,6 +231,12 @@ class Row:
     #: engine thread or group against each other, without the frontends' share of the CPUs
     jain_within: float = 0.0
     caught: float = 0.0  #: of them, the share that caught the refill
+    #: per request, µs runnable but waiting for a CPU (schedstat): the engine's threads, the
+    #: frontends'; and the ring groups' threads' time on a CPU and waiting (0 without groups)
+    engine_wait_us: float = 0.0
+    frontend_wait_us: float = 0.0
+    group_run_us: float = 0.0
+    group_wait_us: float = 0.0
 
 
 def run(
@@ -211,6 +252,8 @@ def run(
     pool: WorkerPool | None,
     groups: list[RingGroup] | None = None,
     persistent: bool = True,
+    frontend_cpus: set[int] | None = None,
+    shuffled: bool = True,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -226,7 +269,18 @@ def run(
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_frontends,
-                args=(transport.socket_path, share, queues, qd, size, seconds, persistent, child),
+                args=(
+                    transport.socket_path,
+                    share,
+                    queues,
+                    qd,
+                    size,
+                    seconds,
+                    persistent,
+                    child,
+                    frontend_cpus,
+                    shuffled,
+                ),
             )
             proc.start()
             child.close()
@@ -276,7 +330,7 @@ def run(
         for dp in planes:
             dp.start()
         fe_pids = [p.pid for p in procs if p.pid is not None]
-        e0, f0 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        e0, f0, g0 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -284,7 +338,7 @@ def run(
             got = receive(conn)
             assert isinstance(got, dict)
             results.update(got)
-        e1, f1 = _counts(_engine_pids(pool)), _counts(fe_pids)
+        e1, f1, g1 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         cpu = e1[0] - e0[0]
     finally:
         for dp in planes:
@@ -324,6 +378,10 @@ def run(
         engine_ivcs=(e1[2] - e0[2]) / n,
         frontend_cpu_us=(f1[0] - f0[0]) / n * 1e6,
         frontend_vcs=(f1[1] - f0[1]) / n,
+        engine_wait_us=(e1[3] - e0[3]) / n / 1e3,
+        frontend_wait_us=(f1[3] - f0[3]) / n / 1e3,
+        group_run_us=(g1[0] - g0[0]) / n / 1e3,
+        group_wait_us=(g1[1] - g0[1]) / n / 1e3,
     )
 
 
@@ -351,7 +409,45 @@ def main() -> int:
         " native pass and loop serve them); --no-persistent: the local transport's grant table mapped"
         " whole, the pure-Python pass (the rows before session 15)",
     )
+    ap.add_argument(
+        "--group-yield",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="set backend/ringgroup.py's YIELD (the group's refill poll yields its CPU to a task"
+        " runnable on it) for an A/B in one tree; default: the tree's own",
+    )
+    ap.add_argument(
+        "--group-pin",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="groups:N's group i runs on the i-th CPU of the affinity mask only (RingGroup's cpu)",
+    )
+    ap.add_argument(
+        "--frontend-cpus",
+        default=None,
+        metavar="LIST",
+        help="run the frontend processes on these CPUs (comma-separated) and the engine (this process's"
+        " threads made from then on, its worker processes, its groups) on the others: guests on vCPUs"
+        " of their own, as on a host that pins dom0's; default: every process on every CPU",
+    )
+    ap.add_argument(
+        "--frontend-order",
+        choices=("shuffled", "fd"),
+        default="shuffled",
+        help="the order a frontend process takes its ready rings in: shuffled each time (default), or"
+        " fd order (the rows before session 16: it favours the first disks of each process)",
+    )
     args = ap.parse_args()
+    frontend_cpus = {int(c) for c in args.frontend_cpus.split(",")} if args.frontend_cpus else None
+    if frontend_cpus:
+        engine_cpus = os.sched_getaffinity(0) - frontend_cpus
+        if not engine_cpus or not frontend_cpus <= os.sched_getaffinity(0):
+            ap.error("--frontend-cpus must name some of this process's CPUs and leave it at least one")
+        os.sched_setaffinity(0, engine_cpus)  # before any thread or worker is made: they inherit it
+    if args.group_yield is not None:
+        from xenblockctl.backend import ringgroup
+
+        ringgroup.YIELD = args.group_yield  # a base tree may lack it: set, it is not read there
     with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
         image = Path(tmp, "disk.img")
         with open(image, "wb") as f:
@@ -363,16 +459,18 @@ def main() -> int:
         transport = LocalTransport(str(Path(tmp, "grants.sock")))
         try:
             cpus = len(os.sched_getaffinity(0))
+            where = f" on CPUs {args.frontend_cpus} (the engine on the other {cpus})" if frontend_cpus else ""
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
-                f" {args.frontends} frontend processes, {cpus} CPUs, {args.io_workers} I/O threads per"
+                f" {args.frontends} frontend processes{where}, {cpus} CPUs, {args.io_workers} I/O threads per"
                 f" queue, persistent grants {'on' if args.persistent else 'off'},"
                 f" load average {os.getloadavg()[0]:.1f}"
             )
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
-                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught)"
+                "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught),"
+                " µs waiting for a CPU engine/frontends, ring groups' threads µs run/wait"
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
@@ -390,7 +488,13 @@ def main() -> int:
                             # here, not at the top: the bench also runs on trees without ring groups
                             from xenblockctl.backend.ringgroup import RingGroup
 
-                            groups = [RingGroup(f"bench-group{i}") for i in range(int(mode.split(":")[1]))]
+                            mask = sorted(os.sched_getaffinity(0))
+                            # a base tree's RingGroup may take no cpu: passed only when asked
+                            pins: list[dict[str, Any]] = [
+                                {"cpu": mask[i % len(mask)]} if args.group_pin else {}
+                                for i in range(int(mode.split(":")[1]))
+                            ]
+                            groups = [RingGroup(f"bench-group{i}", **pin) for i, pin in enumerate(pins)]
                         try:
                             r = run(
                                 transport,
@@ -404,6 +508,8 @@ def main() -> int:
                                 pool=pool,
                                 groups=groups,
                                 persistent=args.persistent,
+                                frontend_cpus=frontend_cpus,
+                                shuffled=args.frontend_order == "shuffled",
                             )
                         finally:
                             if pool is not None:
@@ -416,7 +522,9 @@ def main() -> int:
                             f" {r.jain:>6.3f} {r.jain_within:>6.3f}"
                             f"   {r.wakeups:.3f} {r.engine_vcs:.3f}/{r.engine_ivcs:.3f}"
                             f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
-                            f" {r.polls:.3f} ({r.caught:.0%})",
+                            f" {r.polls:.3f} ({r.caught:.0%})"
+                            f"  wait {r.engine_wait_us:.2f}/{r.frontend_wait_us:.2f}"
+                            f"  groups {r.group_run_us:.2f}/{r.group_wait_us:.2f}",
                             flush=True,
                         )
         finally:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.fixtures.backend import Pair, PairFactory
 from tests.fixtures.ring_thread import assert_hostile_req_prod_is_judged, sleeping_in
-from xenblockctl.backend import blkif, fastpath
+from xenblockctl.backend import blkif, fastpath, ringgroup
 from xenblockctl.backend.ringgroup import RingGroup
 
 if not fastpath.available():
@@ -33,6 +33,15 @@ def group() -> Iterator[RingGroup]:
     g = RingGroup("test-group")
     yield g
     g.close()
+
+
+@pytest.fixture
+def groups() -> Iterator[list[RingGroup]]:
+    """Groups a test makes (each closed after the pairs' data planes stopped)."""
+    made: list[RingGroup] = []
+    yield made
+    for g in made:
+        g.close()
 
 
 def _pair(make_pair: PairFactory, group: RingGroup, **kw: Any) -> Pair:
@@ -195,3 +204,81 @@ def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: Pa
     assert c.dataplane._fast.served > 0
     for pair in (a, b, c):
         assert pair.dataplane.broken is None
+
+
+def _waited_ns(tid: int) -> int:
+    """ns the thread was runnable but waited for a CPU (its schedstat's second field)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[1])
+
+
+def _waited_beside_the_poll(pair: Pair, cpu: int, expected: bytes) -> float:
+    """ms this thread waited for a CPU while it computed for 200 ms on `cpu` only (the group's
+    CPU), right after a read: the group's poll for the refill (1 s) holds that CPU meanwhile."""
+    me = threading.get_native_id()
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        assert pair.frontend.read(0, 4096, timeout=10) == _block(expected, 0)
+        before = _waited_ns(me)
+        end = time.monotonic() + 0.2
+        while time.monotonic() < end:  # a task that wants the CPU: a busy frontend, a guest's work
+            pass
+        return (_waited_ns(me) - before) / 1e6
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def test_a_polling_group_gives_its_cpu_to_a_task_that_wants_it(
+    groups: list[RingGroup], make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a group polls for a refill (POLL_NS, here 1 s: its longest) it yields its CPU to any
+    task runnable there (ringgroup.YIELD): a frontend busy on the group's CPU computes on instead
+    of getting half the CPU while the group spins for a request that frontend has yet to send.
+    The busy task's wait for the CPU is compared with a group that does not yield (main's loop),
+    in the same test: under a quarter of it. A frontend kept waiting so is what held many busy
+    disks' IOPS down (bench/README.md, many_disks, many20)."""
+    monkeypatch.setattr(fastpath, "POLL_NS", 1_000_000_000)
+    cpu = min(os.sched_getaffinity(0))
+    waited = {}
+    for yields in (False, True):
+        monkeypatch.setattr(ringgroup, "YIELD", yields)
+        groups.append(RingGroup(f"test-group-{yields}", cpu=cpu))
+        pair = _pair(make_pair, groups[-1])
+        expected = pair.path.read_bytes()
+        for _ in range(4):  # its page mapped (a first use is the ring thread's), the loop's own now
+            assert pair.frontend.read(0, 4096) == _block(expected, 0)
+        waited[yields] = _waited_beside_the_poll(pair, cpu, expected)
+        assert pair.dataplane.stop(timeout=30)
+        assert pair.dataplane.broken is None
+    assert waited[True] * 4 < waited[False], f"ms waited for the CPU, without and with the yield: {waited}"
+
+
+def test_the_poll_is_its_members_longest_not_the_longest_ever(
+    group: RingGroup, make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group polls as long as the longest poll of the rings in it now: once the ring that
+    asked for a 1 s poll left, the other ring (no poll: POLL_NS 0 when it joined) is armed and
+    asleep right after each pass, so its frontend's next push asks for a notify. Before, the
+    group kept the longest poll it had ever seen and watched the ring for 1 s."""
+    monkeypatch.setattr(fastpath, "POLL_NS", 1_000_000_000)
+    long_poll = _pair(make_pair, group)
+    expected = long_poll.path.read_bytes()
+    for i in range(4):
+        assert long_poll.frontend.read(8 * i, 4096) == _block(expected, i)
+    monkeypatch.setattr(fastpath, "POLL_NS", 0)
+    no_poll = _pair(make_pair, group)
+    for i in range(4):
+        assert no_poll.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert long_poll.dataplane.stop(timeout=30)
+    assert _rings(group, 1) == 1
+    fe = no_poll.frontend
+    for k in range(3):
+        assert fe.read(8 * k, 4096) == _block(expected, k)
+        time.sleep(0.05)  # within the 1 s the group would still be watching
+        fe.submit_read(8 * (k + 1), 4096)
+        assert fe.ring.push_requests() is True  # armed and asleep: the push asks for a notify
+        fe.evtchn.notify()
+        done = fe.collect(1, timeout=5)
+        assert [c.data for c in done.values()] == [_block(expected, k + 1)]
+    assert no_poll.dataplane.broken is None

@@ -916,14 +916,17 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
  * is that ring's alone: its tuple goes to deliver(token, tuple) (ring_loop()'s tuple), it leaves
  * the group, and the others go on; its data plane takes it from there as after loop().
  *
- * group_loop(take, deliver, epoll_fd, bell, report_every)
+ * group_loop(take, deliver, epoll_fd, bell, report_every[, yield])
  *   take() -> [(token, <loop()'s arguments>), ...]: rings joining (called first, then whenever the
  *   bell's word is set: bell = (word, eventfd), the word a writable byte the joiner sets before it
  *   writes the eventfd, which is in the epoll set too); deliver(token, tuple) with each ring's exit;
  *   the counts go into each ring's stats before every sleep and every `report_every` requests. With
  *   no ring it sleeps on the bell alone; it returns None once take() returns None (the group
  *   closes) and no ring is left. A Python error (ours: take, deliver, a report) drops every
- *   ring still in the group, not delivered: the caller fails them. */
+ *   ring still in the group, not delivered: the caller fails them. `yield`: the refill poll
+ *   yields the CPU to any task runnable on it (ring_loop.h's poller): a group that always finds
+ *   a refill within the poll never sleeps, and on CPUs it shares with the frontends it held half
+ *   of each while they waited for it (bench/README.md, many_disks, many20). */
 struct fp_member {
     struct loop_args a;
     struct fp_loop f;
@@ -1042,7 +1045,8 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     Py_buffer word;
     int epfd, bellfd;
     Py_ssize_t every;
-    if (!PyArg_ParseTuple(args, "OOi(w*i)n", &take, &deliver, &epfd, &word, &bellfd, &every))
+    int yield = 0;
+    if (!PyArg_ParseTuple(args, "OOi(w*i)n|p", &take, &deliver, &epfd, &word, &bellfd, &every, &yield))
         return NULL;
     if (word.len < 1 || epfd < 0 || bellfd < 0 || every <= 0 || !PyCallable_Check(take) ||
         !PyCallable_Check(deliver)) {
@@ -1056,7 +1060,7 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     int n = 0, cap = 0, rcap = 0;
     PyObject *out = NULL;
     struct epoll_event evs[64];
-    struct poller poller = {0, 0, 0, 1};
+    struct poller poller = {0, 0, 0, 1, yield};
     Py_ssize_t unreported = 0;
     bell[0] = 0;
     int closed = group_join(take, &ms, &n, &cap, epfd);
@@ -1117,6 +1121,7 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
                 rcap = cap;
             }
             int served = 0;
+            poller.ns = 0; /* the longest poll of the rings here now: a ring that left takes its own */
             for (int i = 0; i < n; i++) {
                 rs[i] = &ms[i]->run;
                 served |= rs[i]->served;

@@ -30,9 +30,12 @@
  * wake-up. A poll that sees nothing is CPU burnt for no request, so after POLL_MISSES misses in a
  * row the loop stops polling for `backoff` passes (doubling up to POLL_BACKOFF_MAX) and one catch
  * resets it: an idle ring, or a frontend slower than the poll (a QD-1 guest under TCG), pays a
- * handful of polls, then one in ~1000 passes. Only the persistent-grant pass polls (_fastpass.c);
- * the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the same way (32 us by
- * default, grown and shrunk by whether polls succeed).
+ * handful of polls, then one in ~1000 passes. A group's loop (_fastpass.c) also yields the CPU at
+ * each look at the clock (`yield`): there the poll rarely misses while any ring is busy, so without
+ * it the group kept its CPU from tasks runnable there; the one-ring loop does not (a yield there
+ * handed whole slices to a busy neighbour: fourk20, session 14). Only the persistent-grant pass
+ * polls (_fastpass.c); the grant-copy pass passes 0. QEMU's iothreads poll their virtqueues the
+ * same way (32 us by default, grown and shrunk by whether polls succeed).
  *
  * It returns to Python, with the ring's indices as they now are, for:
  *   EXIT_SLOT    a slot the pass stopped at: (copy, index, count) of the batch, [0, index) answered
@@ -66,6 +69,7 @@
 #include "ring_answer.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -345,6 +349,7 @@ struct poller {
     int64_t ns;              /* the longest poll (0: never) */
     int misses;              /* polls in a row that saw nothing */
     uint32_t skip, backoff;  /* passes left without a poll; the next pause's length */
+    int yield;               /* sched_yield() at each look at the clock: a task runnable here runs */
 };
 
 static inline int64_t mono_ns(void)
@@ -442,8 +447,12 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
                 return k + 1;
         }
         cpu_relax();
-        if (i % 32 == 0 && mono_ns() >= end) /* the clock (vDSO, ~20 ns) every 32 looks */
-            break;
+        if (i % 32 == 0) { /* the clock (vDSO, ~20 ns) every 32 looks */
+            if (mono_ns() >= end)
+                break;
+            if (p->yield)
+                sched_yield();
+        }
     }
     if (++p->misses >= POLL_MISSES) {
         p->skip = p->backoff;
@@ -608,7 +617,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         return NULL;
     }
     struct ring_run *const one[1] = {&m};
-    struct poller poller = {lp->poll_ns, 0, 0, 1};
+    struct poller poller = {lp->poll_ns, 0, 0, 1, 0};
     int why = EXIT_WOKEN;
     PyThreadState *ts = PyEval_SaveThread();
     for (;;) {

@@ -43,7 +43,7 @@ from xenblockctl.backend.dataplane import DataPlane, QueueStats, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
-from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import RingGroup, group_cpus
 from xenblockctl.backend.ringgroup import available as ringgroup_available
 from xenblockctl.backend.transport.base import Transport, TransportError
 from xenblockctl.journal import Journal
@@ -420,7 +420,10 @@ def _worker_main(sock: socket.socket, kind: str, index: int, *, ring_groups: boo
     xen: Transport | None = None
     # with --ring-groups, one native loop for all of this worker's rings (issue 20, many busy
     # disks: ringgroup.py)
-    group = RingGroup(f"xbc-worker{index}-rings") if ring_groups and ringgroup_available() else None
+    group = None
+    if ring_groups and ringgroup_available():
+        cpus = group_cpus()  # each worker's group on a CPU of its own while there are CPUs enough
+        group = RingGroup(f"xbc-worker{index}-rings", cpu=cpus[index % len(cpus)])
     if kind == "xen":
         from xenblockctl.backend.transport.xen import XenTransport
 

@@ -139,9 +139,10 @@ def raise_fd_limit(journal: Journal) -> int:
     "--ring-groups/--no-ring-groups",
     default=False,
     show_default=True,
-    help="Serve the native loop's rings in ring groups: one loop per CPU (per worker process with "
-    "--workers) serves many rings in rounds and sleeps only when all are idle. More IOPS with many "
-    "busy disks; a throttled buffered write delays the group's other rings (see the man page).",
+    help="Serve the native loop's rings in ring groups: one loop on each CPU (per worker process with "
+    "--workers) serves many rings in rounds, yields its CPU while it polls for a refill and sleeps only "
+    "when all are idle. More IOPS with many busy disks; a throttled buffered write delays the group's "
+    "other rings (see the man page).",
 )
 @click.option(
     "--workers",
@@ -200,10 +201,10 @@ def backend(
         parked_record_path,
         take_over,
     )
-    from xenblockctl.backend.ringgroup import RingGroup
+    from xenblockctl.backend.ringgroup import RingGroup, group_cpus
     from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
-    from xenblockctl.backend.xenbus import EngineConfig, default_max_queues
+    from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.errors import XenblockError
     from xenblockctl.xenstore.client import XenStore
 
@@ -278,13 +279,22 @@ def backend(
         pool = WorkerPool(workers, transport, journal, ring_groups=ring_groups)
         config = dataclasses.replace(config, worker_pool=pool)
         if ring_groups:
-            journal.info("rings: one ring group per worker process (its native loop serves its rings)")
+            journal.info(
+                "rings: one ring group per worker process (its native loop serves its rings; worker i's"
+                " on the i-th CPU it may run on, yielding it while it polls)"
+            )
     groups: tuple[RingGroup, ...] = ()
     if ring_groups and not workers:
-        # one native loop per CPU for all of this process's rings (issue 20, many busy disks)
-        groups = tuple(RingGroup(f"xbc-rings{i}") for i in range(default_max_queues()))
+        # one native loop per CPU for all of this process's rings (issue 20, many busy disks), each
+        # on its own CPU: two groups on one CPU would spin and yield to each other
+        cpus = group_cpus()
+        groups = tuple(RingGroup(f"xbc-rings{i}", cpu=cpu) for i, cpu in enumerate(cpus))
         config = dataclasses.replace(config, ring_groups=groups)
-        journal.info(f"rings: {len(groups)} ring groups (one native loop per CPU serves the rings)")
+        on = ",".join(map(str, cpus))
+        journal.info(
+            f"rings: {len(groups)} ring groups (one native loop on each of CPUs {on} serves the rings;"
+            " it yields its CPU while it polls)"
+        )
     engine = Engine(store, config, kind=kind, journal=journal)
     if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
         # only now, with everything else ready: the guests' pause runs from here to our first rescan
