@@ -349,7 +349,10 @@ def _cpu_ns(pid: int) -> int:
 
 
 def test_a_group_beside_a_busy_task_serves_its_rings_promptly(
-    groups: list[RingGroup], local_transport: LocalTransport, disk_file: tuple[Path, int]
+    groups: list[RingGroup],
+    local_transport: LocalTransport,
+    disk_file: tuple[Path, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A CPU-bound task on the group's CPU, in the engine's session, and a guest on the other CPU
     reading 4 KiB at QD 1 for 0.5 s: the ring's p99 stays under 1 ms. 1 ms is below the
@@ -370,6 +373,9 @@ def test_a_group_beside_a_busy_task_serves_its_rings_promptly(
     path, fd = disk_file
     with open(path, "r+b") as f:
         f.write(os.urandom(1 << 20))
+    # the group's sleep beside a busy task is opt-in (ringgroup.SHARED_NS); raising=False keeps
+    # this test runnable on main's tree, which has no such knob (it fails there)
+    monkeypatch.setattr(ringgroup, "SHARED_NS", 1_000_000_000, raising=False)
     groups.append(RingGroup("test-group-hog", cpu=cpu))
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()

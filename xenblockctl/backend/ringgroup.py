@@ -64,9 +64,13 @@ except ImportError:  # not built: fastpath.FastPass does not exist either, nothi
 REPORT_EVERY = 1024
 #: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
 YIELD = True
-#: ns a group does not poll for once a poll found its CPU taken by another task (0: it polls on);
-#: a probe beside the neighbour costs the rings one stall of up to a tick, so once a second
-SHARED_NS = 1_000_000_000
+#: ns a group does not poll for once a poll found its CPU taken by another task (0, the default:
+#: it polls on). Off: a busy frontend on the group's CPU looks the same as a CPU-bound neighbour,
+#: and sleeping beside it cost many_disks 40 % of its IOPS at 8-100 disks (bench/README.md,
+#: many_disks, slice20); on, a group beside a CPU-bound task in its session serves a QD-1 ring
+#: at p99 0.09 ms instead of 4-5 ms. A probe beside the neighbour costs the rings one stall of up
+#: to a tick, so 1 s (1_000_000_000) is the value to try.
+SHARED_NS = 0
 #: the EEVDF slice the group's thread asks for (sched_runtime; 0: the kernel's base slice, ~1.4 ms on
 #: 2 CPUs): short enough that its wake-up preempts a CPU-bound neighbour, long enough (the kernel's
 #: floor is 0.1 ms) for a round over many rings
