@@ -27,12 +27,14 @@ CPU would yield to each other, hence one CPU each.
 
 A yield is right beside a frontend, which runs a burst and sleeps, and wrong beside a task that
 never sleeps: an EEVDF yield forfeits the rest of the group's request, and the group's rings then
-waited for the neighbour's slice, up to the next tick (1.5-5.5 ms, each idle round). So the poll
-also watches its own clock: once another task held the CPU longer than a frontend's burst
-(ring_loop.h's SHARED_GAP_NS) the group stops polling for SHARED_NS and sleeps, req_event armed,
-after every idle round; a sleeper keeps its scheduler lag and a ring's notify wakes it ahead of the
-neighbour. And the group's thread asks for a short EEVDF request (SLICE_NS, Linux 6.12+), so that
-wake-up preempts the neighbour even when the group has no lag to its credit (bench/README.md,
+waited for the neighbour's slice, up to the next tick (1.5-5.5 ms, each idle round). The group's
+thread asks for a short EEVDF request (SLICE_NS, Linux 6.12+): a woken task with a shorter request
+preempts a running one even at zero lag, and a frontend woken on the group's CPU gets it once the
+group's request is used up. Opt-in (SHARED_NS), the poll also watches its own clock: once another
+task held the CPU longer than a frontend's burst (ring_loop.h's SHARED_GAP_NS) the group stops
+polling for SHARED_NS and sleeps, req_event armed, after every idle round, and a ring's notify wakes
+it ahead of the neighbour. Off by default: a busy frontend on the group's CPU looks the same to the
+clock, and the sleeps cost the many-disks bench a third to a half of its IOPS (bench/README.md,
 many_disks, slice20).
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
@@ -66,7 +68,7 @@ REPORT_EVERY = 1024
 YIELD = True
 #: ns a group does not poll for once a poll found its CPU taken by another task (0, the default:
 #: it polls on). Off: a busy frontend on the group's CPU looks the same as a CPU-bound neighbour,
-#: and sleeping beside it cost many_disks 40 % of its IOPS at 8-100 disks (bench/README.md,
+#: and sleeping beside it cost many_disks 35-50 % of its IOPS at 8-100 disks (bench/README.md,
 #: many_disks, slice20); on, a group beside a CPU-bound task in its session serves a QD-1 ring
 #: at p99 0.09 ms instead of 4-5 ms. A probe beside the neighbour costs the rings one stall of up
 #: to a tick, so 1 s (1_000_000_000) is the value to try.
