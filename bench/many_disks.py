@@ -31,11 +31,16 @@ import multiprocessing.connection
 import os
 import random
 import select
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 from bench.common import percentile, process_cpu
 
@@ -198,6 +203,29 @@ def _groups_sched(groups: list[RingGroup] | None) -> tuple[int, int]:
     return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
+def _found_shared(groups: list[RingGroup] | None) -> int:
+    """How often the groups' polls found their CPU taken (0 on a tree without the count)."""
+    return sum(getattr(g, "found_shared", 0) for g in groups or [])
+
+
+@contextlib.contextmanager
+def _hog(spec: str | None) -> Iterator[int | None]:
+    """--hog CPU[,setsid]: a CPU-bound process pinned to CPU for the whole run (a busy dom0
+    neighbour: a device model, a backup), in this session or (setsid) one of its own, another
+    autogroup; its pid (None without --hog). Killed on the way out."""
+    if not spec:
+        yield None
+        return
+    cpu, _, how = spec.partition(",")
+    code = f"import os\nos.sched_setaffinity(0, {{{int(cpu)}}})\nwhile True:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=how == "setsid")
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _engine_pids(pool: WorkerPool | None) -> list[int]:
     return [os.getpid()] + ([w.proc.pid for w in pool.workers] if pool is not None else [])
 
@@ -237,6 +265,10 @@ class Row:
     frontend_wait_us: float = 0.0
     group_run_us: float = 0.0
     group_wait_us: float = 0.0
+    #: the --hog process's share of its CPU over the run (-1: no hog); how often the ring groups'
+    #: polls found their CPU taken by another task (ringgroup.SHARED_NS)
+    hog_share: float = -1.0
+    found_shared: int = 0
 
 
 def run(
@@ -254,6 +286,7 @@ def run(
     persistent: bool = True,
     frontend_cpus: set[int] | None = None,
     shuffled: bool = True,
+    hog: int | None = None,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
@@ -331,6 +364,8 @@ def run(
             dp.start()
         fe_pids = [p.pid for p in procs if p.pid is not None]
         e0, f0, g0 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
+        h0, t0 = (_task_sched(hog, hog)[0] if hog else 0), time.monotonic_ns()
+        s0 = _found_shared(groups)
         for conn in conns:
             conn.send("go")
         results: dict[int, DiskResult] = {}
@@ -339,6 +374,8 @@ def run(
             assert isinstance(got, dict)
             results.update(got)
         e1, f1, g1 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
+        h1, t1 = (_task_sched(hog, hog)[0] if hog else 0), time.monotonic_ns()
+        s1 = _found_shared(groups)
         cpu = e1[0] - e0[0]
     finally:
         for dp in planes:
@@ -382,6 +419,8 @@ def run(
         frontend_wait_us=(f1[3] - f0[3]) / n / 1e3,
         group_run_us=(g1[0] - g0[0]) / n / 1e3,
         group_wait_us=(g1[1] - g0[1]) / n / 1e3,
+        hog_share=(h1 - h0) / (t1 - t0) if hog else -1.0,
+        found_shared=s1 - s0,
     )
 
 
@@ -437,6 +476,26 @@ def main() -> int:
         help="the order a frontend process takes its ready rings in: shuffled each time (default), or"
         " fd order (the rows before session 16: it favours the first disks of each process)",
     )
+    ap.add_argument(
+        "--hog",
+        default=None,
+        metavar="CPU[,setsid]",
+        help="a CPU-bound process pinned to CPU for the whole run, in this session or (setsid) its own;"
+        " its share of that CPU is reported per row",
+    )
+    ap.add_argument(
+        "--group-shared-ns",
+        type=int,
+        default=None,
+        help="set backend/ringgroup.py's SHARED_NS (0: a group's poll goes on beside another task) for an"
+        " A/B in one tree; default: the tree's own",
+    )
+    ap.add_argument(
+        "--group-slice-ns",
+        type=int,
+        default=None,
+        help="set backend/ringgroup.py's SLICE_NS (0: the kernel's base slice) for an A/B in one tree",
+    )
     args = ap.parse_args()
     frontend_cpus = {int(c) for c in args.frontend_cpus.split(",")} if args.frontend_cpus else None
     if frontend_cpus:
@@ -448,7 +507,12 @@ def main() -> int:
         from xenblockctl.backend import ringgroup
 
         ringgroup.YIELD = args.group_yield  # a base tree may lack it: set, it is not read there
-    with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp:
+    for knob, value in (("SHARED_NS", args.group_shared_ns), ("SLICE_NS", args.group_slice_ns)):
+        if value is not None:
+            from xenblockctl.backend import ringgroup
+
+            setattr(ringgroup, knob, value)
+    with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp, _hog(args.hog) as hog:
         image = Path(tmp, "disk.img")
         with open(image, "wb") as f:
             for _ in range(args.size_mib):
@@ -465,12 +529,14 @@ def main() -> int:
                 f" {args.frontends} frontend processes{where}, {cpus} CPUs, {args.io_workers} I/O threads per"
                 f" queue, persistent grants {'on' if args.persistent else 'off'},"
                 f" load average {os.getloadavg()[0]:.1f}"
+                + (f", a CPU-bound process on CPU {args.hog}" if hog else "")
             )
             print(
                 f"  {'engine':>9} {'disks':>5} {'queues':>6} {'aggregate IOPS':>15} {'engine CPU/req':>15}"
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
                 "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught),"
                 " µs waiting for a CPU engine/frontends, ring groups' threads µs run/wait"
+                + (", the hog's share of its CPU, groups' polls that found their CPU taken" if hog else "")
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
@@ -510,6 +576,7 @@ def main() -> int:
                                 persistent=args.persistent,
                                 frontend_cpus=frontend_cpus,
                                 shuffled=args.frontend_order == "shuffled",
+                                hog=hog,
                             )
                         finally:
                             if pool is not None:
@@ -524,7 +591,8 @@ def main() -> int:
                             f" {r.frontend_cpu_us:.1f} µs {r.frontend_vcs:.3f}"
                             f" {r.polls:.3f} ({r.caught:.0%})"
                             f"  wait {r.engine_wait_us:.2f}/{r.frontend_wait_us:.2f}"
-                            f"  groups {r.group_run_us:.2f}/{r.group_wait_us:.2f}",
+                            f"  groups {r.group_run_us:.2f}/{r.group_wait_us:.2f}"
+                            + (f"  hog {r.hog_share:.0%} shared {r.found_shared}" if hog else ""),
                             flush=True,
                         )
         finally:

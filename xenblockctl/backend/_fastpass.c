@@ -31,6 +31,7 @@
 #include "ring_loop.h"
 
 #include <sys/epoll.h>
+#include <sys/syscall.h>
 
 #include <sys/uio.h>
 
@@ -916,7 +917,7 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
  * is that ring's alone: its tuple goes to deliver(token, tuple) (ring_loop()'s tuple), it leaves
  * the group, and the others go on; its data plane takes it from there as after loop().
  *
- * group_loop(take, deliver, epoll_fd, bell, report_every[, yield])
+ * group_loop(take, deliver, epoll_fd, bell, report_every[, yield[, shared_ns, counters]])
  *   take() -> [(token, <loop()'s arguments>), ...]: rings joining (called first, then whenever the
  *   bell's word is set: bell = (word, eventfd), the word a writable byte the joiner sets before it
  *   writes the eventfd, which is in the epoll set too); deliver(token, tuple) with each ring's exit;
@@ -926,7 +927,10 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
  *   ring still in the group, not delivered: the caller fails them. `yield`: the refill poll
  *   yields the CPU to any task runnable on it (ring_loop.h's poller): a group that always finds
  *   a refill within the poll never sleeps, and on CPUs it shares with the frontends it held half
- *   of each while they waited for it (bench/README.md, many_disks, many20). */
+ *   of each while they waited for it (bench/README.md, many_disks, many20). `shared_ns`: once a
+ *   poll finds that another task took the CPU, the group does not poll for that long (ring_loop.h,
+ *   SHARED_GAP_NS; 0: it polls on). `counters`: a writable buffer of one int64, set to how often
+ *   a poll found the CPU taken, before each sleep and each report (None: not kept). */
 struct fp_member {
     struct loop_args a;
     struct fp_loop f;
@@ -1046,21 +1050,32 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     int epfd, bellfd;
     Py_ssize_t every;
     int yield = 0;
-    if (!PyArg_ParseTuple(args, "OOi(w*i)n|p", &take, &deliver, &epfd, &word, &bellfd, &every, &yield))
+    long long shared_ns = 0;
+    PyObject *counters_obj = Py_None;
+    Py_buffer counters = {0};
+    if (!PyArg_ParseTuple(args, "OOi(w*i)n|pLO", &take, &deliver, &epfd, &word, &bellfd, &every, &yield, &shared_ns,
+                          &counters_obj))
         return NULL;
-    if (word.len < 1 || epfd < 0 || bellfd < 0 || every <= 0 || !PyCallable_Check(take) ||
-        !PyCallable_Check(deliver)) {
+    if (counters_obj != Py_None && PyObject_GetBuffer(counters_obj, &counters, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&word);
-        PyErr_SetString(PyExc_ValueError, "group_loop: bad callables, fds, bell word or report interval");
         return NULL;
     }
+    if (word.len < 1 || epfd < 0 || bellfd < 0 || every <= 0 || shared_ns < 0 || !PyCallable_Check(take) ||
+        !PyCallable_Check(deliver) || (counters.buf != NULL && (counters.len < 8 || ((uintptr_t)counters.buf & 7)))) {
+        PyBuffer_Release(&counters);
+        PyBuffer_Release(&word);
+        PyErr_SetString(PyExc_ValueError,
+                        "group_loop: bad callables, fds, bell word, report interval, shared time or counters");
+        return NULL;
+    }
+    int64_t *found_shared = counters.buf;
     volatile unsigned char *bell = word.buf;
     struct fp_member **ms = NULL;
     struct ring_run **rs = NULL;
     int n = 0, cap = 0, rcap = 0;
     PyObject *out = NULL;
     struct epoll_event evs[64];
-    struct poller poller = {0, 0, 0, 1, yield};
+    struct poller poller = {0, 0, 0, 1, yield, shared_ns, 0, 0};
     Py_ssize_t unreported = 0;
     bell[0] = 0;
     int closed = group_join(take, &ms, &n, &cap, epfd);
@@ -1141,6 +1156,8 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
                 continue;
         }
         /* with the GIL: the counts, the exits, the rings joining */
+        if (found_shared != NULL)
+            __atomic_store_n(found_shared, poller.found_shared, __ATOMIC_RELAXED);
         PyEval_RestoreThread(ts);
         for (int i = 0; i < n; i++)
             if (ms[i]->why < 0 && report(NULL, ms[i]->run.stats, ms[i]->run.owner, &ms[i]->lp, ms[i]->run.counts) < 0)
@@ -1187,8 +1204,52 @@ done:
         member_free(ms[i], epfd);
     PyMem_Free(ms);
     PyMem_RawFree(rs);
+    PyBuffer_Release(&counters);
     PyBuffer_Release(&word);
     return out;
+}
+
+/* short_slice(ns) -> the calling thread's slice (ns) as the kernel now reports it. A group's thread
+ * asks for a short EEVDF request (sched_setattr, SCHED_OTHER with sched_runtime: Linux 6.12+,
+ * clamped to 0.1-100 ms), its nice kept: a woken task whose slice is shorter than the running one's
+ * preempts it at once (PREEMPT_SHORT) even with no lag to its credit, so a group asleep beside a
+ * CPU-bound task runs when a ring's notify wakes it, not at the task's next tick; and a task that
+ * has run its short request past its share is switched out at the next scheduler event. Its
+ * share of the CPU does not change (the slice sets deadlines, not weight). Older kernels take the
+ * call and ignore sched_runtime for SCHED_OTHER: the slice read back says (0 there). OSError if
+ * either call fails. */
+struct fp_sched_attr { /* the kernel's struct sched_attr (SCHED_ATTR_SIZE_VER1, 56 bytes) */
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+    uint32_t sched_util_min, sched_util_max;
+};
+
+static PyObject *fp_short_slice(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ns;
+    if (!PyArg_ParseTuple(args, "K", &ns))
+        return NULL;
+    struct fp_sched_attr attr;
+    memset(&attr, 0, sizeof attr);
+    if (syscall(SYS_sched_getattr, 0, &attr, (unsigned)sizeof attr, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (attr.sched_policy != SCHED_OTHER) { /* an admin's RT or batch policy is theirs: left alone */
+        errno = EPERM;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    attr.size = sizeof attr;
+    attr.sched_flags = 0; /* the nice, read above, is set again as it was */
+    attr.sched_runtime = ns;
+    if (syscall(SYS_sched_setattr, 0, &attr, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    memset(&attr, 0, sizeof attr);
+    if (syscall(SYS_sched_getattr, 0, &attr, (unsigned)sizeof attr, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong(attr.sched_runtime);
 }
 
 /* --- the Pages type's methods: every change to the dict drops what the index held for it first --- */
@@ -1358,6 +1419,7 @@ static PyMethodDef methods[] = {
     {"respond", fp_respond, METH_VARARGS, "Write answers that are next in ring order into their slots."},
     {"loop", fp_loop, METH_VARARGS, "Wait for, serve, answer and notify a ring's simple requests."},
     {"group_loop", fp_group_loop, METH_VARARGS, "The loop of loop() over a group of rings, in rounds."},
+    {"short_slice", fp_short_slice, METH_VARARGS, "Ask for a short EEVDF slice for this thread."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -345,11 +345,25 @@ static int pass_after(const struct loop_pass *lp)
 
 /* The poll for the frontend's refill (see the top of this file). */
 enum { POLL_MISSES = 4, POLL_BACKOFF_MAX = 1024 };
+/* A yielding poll (a group's) that finds its CPU taken: two looks at the clock further apart than
+ * SHARED_GAP_NS mean another task ran here in between — the yield handed it the CPU for longer than
+ * a frontend's burst, or a tick preempted the poll for a task in another session, whom the yield
+ * never reaches. An EEVDF yield forfeits the rest of the yielder's request, and nothing makes the
+ * scheduler look again before the next tick, so beside a CPU-bound task each yield cost the rings
+ * 1.5-5.5 ms (bench/README.md, many_disks, many20 and slice20). The poller then stops polling for
+ * `shared_ns`: after each idle round the group arms req_event and sleeps, a sleeper keeps its
+ * scheduler lag, and a ring's notify wakes it in front of the neighbour. One poll a `shared_ns`
+ * probes whether the CPU is its own again; a probe beside the neighbour stalls the rings once (a
+ * slice, a tick at most), hence a time, not a count of rounds. */
+#define SHARED_GAP_NS 200000 /* above a frontend's burst after a yield, below a slice (1.4 ms here) */
 struct poller {
     int64_t ns;              /* the longest poll (0: never) */
     int misses;              /* polls in a row that saw nothing */
     uint32_t skip, backoff;  /* passes left without a poll; the next pause's length */
     int yield;               /* sched_yield() at each look at the clock: a task runnable here runs */
+    int64_t shared_ns;       /* after a yielding poll found its CPU taken, no poll for this long (0: poll on) */
+    int64_t shared_until;    /* ... until this time */
+    int64_t found_shared;    /* how often (the group's counters) */
 };
 
 static inline int64_t mono_ns(void)
@@ -421,6 +435,13 @@ static void run_free(struct ring_run *m)
     m->ops = NULL;
 }
 
+/* Another task took the poller's CPU (SHARED_GAP_NS): no poll for shared_ns. */
+static void poll_shared(struct poller *p, int64_t now)
+{
+    p->shared_until = now + p->shared_ns;
+    p->found_shared++;
+}
+
 /* After a pass: the index + 1 of the first of `n` rings whose req_prod moved (or whose stop word
  * was set) within the poll, 0 if the loop should arm req_event and sleep. The poll's counts go to
  * the rings that served since the last poll (`served`), a catch to the ring it caught. */
@@ -432,15 +453,25 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
         p->skip--;
         return 0;
     }
+    int64_t now = mono_ns();
+    if (now < p->shared_until)
+        return 0; /* the CPU is shared: sleep armed */
     for (int k = 0; k < n; k++)
         rs[k]->counts[COUNT_POLLS] += rs[k]->served;
-    const int64_t end = mono_ns() + p->ns;
+    const int64_t end = now + p->ns;
     for (unsigned i = 1;; i++) {
         for (int k = 0; k < n; k++) {
             if (load_index(&rs[k]->r, IDX_REQ_PROD) != rs[k]->r.req_cons) {
                 rs[k]->counts[COUNT_CAUGHT]++;
                 p->misses = 0;
                 p->backoff = 1;
+                /* a refill found right after another task ran here is that task's sign too: a
+                 * poll preempted by a tick comes back to a refill, and would never see it */
+                if (p->shared_ns > 0) {
+                    int64_t t = mono_ns();
+                    if (t - now > SHARED_GAP_NS)
+                        poll_shared(p, t);
+                }
                 return k + 1;
             }
             if (*rs[k]->stop)
@@ -448,7 +479,13 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
         }
         cpu_relax();
         if (i % 32 == 0) { /* the clock (vDSO, ~20 ns) every 32 looks */
-            if (mono_ns() >= end)
+            int64_t t = mono_ns();
+            if (p->shared_ns > 0 && t - now > SHARED_GAP_NS) {
+                poll_shared(p, t);
+                return 0;
+            }
+            now = t;
+            if (t >= end)
                 break;
             if (p->yield)
                 sched_yield();
@@ -617,7 +654,7 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         return NULL;
     }
     struct ring_run *const one[1] = {&m};
-    struct poller poller = {lp->poll_ns, 0, 0, 1, 0};
+    struct poller poller = {lp->poll_ns, 0, 0, 1, 0, 0, 0, 0}; /* no yield: never shared */
     int why = EXIT_WOKEN;
     PyThreadState *ts = PyEval_SaveThread();
     for (;;) {

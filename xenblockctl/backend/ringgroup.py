@@ -25,6 +25,18 @@ other dom0 work it held half of each while they waited for it, spinning for requ
 to send (bench/README.md, many_disks, many20: its CPU a request 4.6 -> 1.1 us). Two groups on one
 CPU would yield to each other, hence one CPU each.
 
+A yield is right beside a frontend, which runs a burst and sleeps, and wrong beside a task that
+never sleeps: an EEVDF yield forfeits the rest of the group's request, and the group's rings then
+waited for the neighbour's slice, up to the next tick (1.5-5.5 ms, each idle round). The group's
+thread asks for a short EEVDF request (SLICE_NS, Linux 6.12+): a woken task with a shorter request
+preempts a running one even at zero lag, and a frontend woken on the group's CPU gets it once the
+group's request is used up. Opt-in (SHARED_NS), the poll also watches its own clock: once another
+task held the CPU longer than a frontend's burst (ring_loop.h's SHARED_GAP_NS) the group stops
+polling for SHARED_NS and sleeps, req_event armed, after every idle round, and a ring's notify wakes
+it ahead of the neighbour. Off by default: a busy frontend on the group's CPU looks the same to the
+clock, and the sleeps cost the many-disks bench a third to a half of its IOPS (bench/README.md,
+many_disks, slice20).
+
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
 broken, logged); rings joining later get a fresh loop.
@@ -32,6 +44,7 @@ broken, logged); rings joining later get a fresh loop.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import select
@@ -53,6 +66,19 @@ except ImportError:  # not built: fastpath.FastPass does not exist either, nothi
 REPORT_EVERY = 1024
 #: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
 YIELD = True
+#: ns a group does not poll for once a poll found its CPU taken by another task (0, the default:
+#: it polls on). Off: a busy frontend on the group's CPU looks the same as a CPU-bound neighbour,
+#: and sleeping beside it cost many_disks 35-50 % of its IOPS at 8-100 disks (bench/README.md,
+#: many_disks, slice20); on, a group beside a CPU-bound task in its session serves a QD-1 ring
+#: at p99 0.09 ms instead of 4-5 ms. A probe beside the neighbour costs the rings one stall of up
+#: to a tick, so 1 s (1_000_000_000) is the value to try.
+SHARED_NS = 0
+#: the EEVDF slice the group's thread asks for (sched_runtime; 0: the kernel's base slice, ~1.4 ms on
+#: 2 CPUs): short enough that its wake-up preempts a CPU-bound neighbour, long enough (the kernel's
+#: floor is 0.1 ms) for a round over many rings
+SLICE_NS = 150_000
+
+_slice_refused = threading.Event()  # logged once per process: every group's thread would say the same
 
 
 class _Member:
@@ -85,6 +111,8 @@ class RingGroup:
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
         self._epoll.register(self._bell, select.EPOLLIN)
+        # how often the group's poll found its CPU taken by another task (written by its loop)
+        self._counters = array.array("q", [0])
 
     @property
     def assigned(self) -> int:
@@ -110,6 +138,12 @@ class RingGroup:
         joined: for measuring what the group's loop takes of a CPU."""
         thread = self._thread
         return None if thread is None else thread.native_id
+
+    @property
+    def found_shared(self) -> int:
+        """How often the group's poll found another task on its CPU (and stopped polling for
+        SHARED_NS): as of its last sleep or report."""
+        return self._counters[0]
 
     @property
     def rings(self) -> int:
@@ -185,6 +219,8 @@ class RingGroup:
                 log.warning(
                     "%s: cannot run on CPU %d only (%s): the group runs on any", self.name, self.cpu, exc
                 )
+        if SLICE_NS:
+            _ask_short_slice(self.name)
         while True:
             try:
                 _native.group_loop(
@@ -194,6 +230,8 @@ class RingGroup:
                     (self._bell_word, self._bell),
                     REPORT_EVERY,
                     YIELD,
+                    SHARED_NS,
+                    self._counters,
                 )
                 return  # closed
             except Exception as exc:  # a bug of ours: fail the rings it held, each on its own thread
@@ -209,6 +247,24 @@ class RingGroup:
             with self._lock:
                 if self._closing and not self._joining:
                     return
+
+
+def _ask_short_slice(name: str) -> None:
+    """The calling thread (a group's) asks for a SLICE_NS request; a kernel that refuses or ignores
+    it (before 6.12, or a policy other than SCHED_OTHER) leaves the base slice: logged once."""
+    assert _native is not None
+    try:
+        got = _native.short_slice(SLICE_NS)
+        why = None if got == SLICE_NS else f"the kernel reports a slice of {got} ns (before Linux 6.12?)"
+    except OSError as exc:
+        why = str(exc)
+    if why is not None and not _slice_refused.is_set():
+        _slice_refused.set()
+        log.warning(
+            "%s: no short scheduler slice for ring groups (%s): beside a busy task their rings wait longer",
+            name,
+            why,
+        )
 
 
 #: groups made at most, one per CPU (as many as the queues a disk is offered at most: xenbus)
