@@ -140,9 +140,9 @@ def raise_fd_limit(journal: Journal) -> int:
     default=False,
     show_default=True,
     help="Serve the native loop's rings in ring groups: one loop on each CPU (per worker process with "
-    "--workers) serves many rings in rounds, yields its CPU while it polls for a refill and sleeps only "
-    "when all are idle. More IOPS with many busy disks; a throttled buffered write delays the group's "
-    "other rings (see the man page).",
+    "--workers) serves many rings in rounds, yields its CPU while it polls for a refill, runs with a "
+    "short scheduler slice and sleeps only when all are idle. More IOPS with many busy disks; a "
+    "throttled buffered write delays the group's other rings (see the man page).",
 )
 @click.option(
     "--workers",
