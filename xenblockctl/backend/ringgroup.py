@@ -19,7 +19,7 @@ Buffered writes, into the page cache, do run in the group, as they ran on the ri
 write the kernel throttles for dirty pages delays the other rings of the group as long.
 
 A group's loop runs on one CPU (`cpu`: the engine makes one group on each CPU it may run on,
-group_cpus()), and while it polls for a refill it yields that CPU to any task runnable there
+cpus.engine_cpus()), and while it polls for a refill it yields that CPU to any task runnable there
 (YIELD): a group whose rings are always busy never sleeps, so on CPUs shared with frontends or
 other dom0 work it held half of each while they waited for it, spinning for requests they had yet
 to send (bench/README.md, many_disks, many20: its CPU a request 4.6 -> 1.1 us). Two groups on one
@@ -267,19 +267,9 @@ def _ask_short_slice(name: str) -> None:
         )
 
 
-#: groups made at most, one per CPU (as many as the queues a disk is offered at most: xenbus)
-MAX_GROUPS = 16
-
-
-def group_cpus() -> list[int]:
-    """The CPUs ring groups run on, one group each: the process's affinity mask (what the admin
-    gave the engine), lowest first, at most MAX_GROUPS. A worker process inherits the engine's."""
-    return sorted(os.sched_getaffinity(0))[:MAX_GROUPS]
-
-
 def available() -> bool:
     """Ring groups can be made (the native fast path is built)."""
     return _native is not None
 
 
-__all__ = ["MAX_GROUPS", "REPORT_EVERY", "RingGroup", "available", "group_cpus"]
+__all__ = ["REPORT_EVERY", "RingGroup", "available"]

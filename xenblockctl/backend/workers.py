@@ -39,11 +39,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from xenblockctl.backend.blkif import abi_for_protocol
+from xenblockctl.backend.cpus import engine_cpus
 from xenblockctl.backend.dataplane import DataPlane, QueueStats, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
-from xenblockctl.backend.ringgroup import RingGroup, group_cpus
+from xenblockctl.backend.ringgroup import RingGroup
 from xenblockctl.backend.ringgroup import available as ringgroup_available
 from xenblockctl.backend.transport.base import Transport, TransportError
 from xenblockctl.journal import Journal
@@ -422,7 +423,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int, *, ring_groups: boo
     # disks: ringgroup.py)
     group = None
     if ring_groups and ringgroup_available():
-        cpus = group_cpus()  # each worker's group on a CPU of its own while there are CPUs enough
+        cpus = engine_cpus()  # each worker's group on a CPU of its own while there are CPUs enough
         group = RingGroup(f"xbc-worker{index}-rings", cpu=cpus[index % len(cpus)])
     if kind == "xen":
         from xenblockctl.backend.transport.xen import XenTransport

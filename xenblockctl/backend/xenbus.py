@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from xenblockctl.backend import blkif
+from xenblockctl.backend.cpus import engine_cpus
 from xenblockctl.backend.dataplane import DataPlane, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.grantcache import DEFAULT_MAX_PERSISTENT_GRANTS
@@ -85,9 +86,6 @@ DRAIN_TIMEOUT = 30.0
 #: The longest one reconcile waits for a drain: one xenbus thread serves every device, so a stuck
 #: device is polled (pending_deadline) rather than waited for.
 DRAIN_STEP = 0.2
-#: The most queues the engine ever offers (`multi-queue-max-queues`), whatever the CPU count: each
-#: queue costs a ring thread, its I/O workers, a ring mapping and a grant cache.
-MAX_QUEUES = 16
 
 
 #: The backend nodes reconcile() decides on: the rest of the directory is read where it is used.
@@ -110,8 +108,8 @@ RING_NODES = (
 
 def default_max_queues() -> int:
     """Queues offered by default: one per CPU the engine may run on (Linux blkback offers one per
-    online CPU), at most MAX_QUEUES."""
-    return max(1, min(MAX_QUEUES, len(os.sched_getaffinity(0))))
+    online CPU), at most MAX_QUEUES (cpus.py)."""
+    return len(engine_cpus())
 
 
 class Phase(enum.Enum):

@@ -189,6 +189,7 @@ def backend(
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
+    from xenblockctl.backend.cpus import engine_cpus
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.fastpath import describe
     from xenblockctl.backend.grantcopy import describe as describe_copy
@@ -201,7 +202,7 @@ def backend(
         parked_record_path,
         take_over,
     )
-    from xenblockctl.backend.ringgroup import RingGroup, group_cpus
+    from xenblockctl.backend.ringgroup import RingGroup
     from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
@@ -287,7 +288,7 @@ def backend(
     if ring_groups and not workers:
         # one native loop per CPU for all of this process's rings (issue 20, many busy disks), each
         # on its own CPU: two groups on one CPU would spin and yield to each other
-        cpus = group_cpus()
+        cpus = engine_cpus()
         groups = tuple(RingGroup(f"xbc-rings{i}", cpu=cpu) for i, cpu in enumerate(cpus))
         config = dataclasses.replace(config, ring_groups=groups)
         on = ",".join(map(str, cpus))
