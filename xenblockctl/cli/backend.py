@@ -8,10 +8,14 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from xenblockctl.journal import Journal
+
+if TYPE_CHECKING:
+    from xenblockctl.backend.xenbus import EngineConfig
 
 
 def raise_fd_limit(journal: Journal) -> int:
@@ -32,6 +36,19 @@ def raise_fd_limit(journal: Journal) -> int:
             journal.warning(f"cannot raise the open-file limit from {soft} to {hard}: {exc}")
     journal.info(f"open-file limit {soft} (hard {hard})")
     return soft
+
+
+def _ring_groups_refused(config: EngineConfig) -> str | None:
+    """Why this configuration cannot run ring groups (a group is a native loop), or None."""
+    from xenblockctl.backend.ringgroup import available
+
+    if not (config.native and config.native_loop):
+        return "the native passes are off"
+    if not config.blocking_wakeup:
+        return "--poll-wakeup"
+    if not available():
+        return "the native fast path is not built"
+    return None
 
 
 @click.command()
@@ -203,7 +220,6 @@ def backend(
         take_over,
     )
     from xenblockctl.backend.ringgroup import RingGroup
-    from xenblockctl.backend.ringgroup import available as ringgroups_available
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.errors import XenblockError
@@ -261,15 +277,7 @@ def backend(
     journal.info(f"loop devices: I/O on {'the backing file' if loop_file else 'the device (--no-loop-file)'}")
     if ring_groups:
         # a group is a native loop: without one the rings keep their own threads (said, not silent)
-        why_not = (
-            "the native passes are off"
-            if not (config.native and config.native_loop)
-            else "--poll-wakeup"
-            if not config.blocking_wakeup
-            else "the native fast path is not built"
-            if not ringgroups_available()
-            else None
-        )
+        why_not = _ring_groups_refused(config)
         if why_not is not None:
             journal.warning(f"--ring-groups ignored ({why_not}): each ring on its own thread")
             ring_groups = False
