@@ -16,8 +16,8 @@ queue handed to the least loaded one; `groups:N` and `workers-groups:N` the same
 `--frontends` child processes (own interpreters), each driving its share of the disks from one
 poll loop (its ready rings in a new random order each turn: no disk first every time), as guests on
 other CPUs would. `--frontend native` keeps that handshake in Python (LocalFrontend) but runs the
-loop in C (bench/native_frontend.c, compiled at run time with the system compiler): ~0.5 µs a
-request instead of Python's ~5, so the rows measure the engine rather than its frontends (session
+loop in C (bench/native_frontend.c, compiled at run time with the system compiler): 0.4-1.1 µs a
+request against Python's 5-10, so the rows measure the engine rather than its frontends (session
 17). It checks every answer: id in flight, READ, OK, and the data (the image's 4 KiB blocks are
 stamped with their numbers, each page poisoned before its read); any failure voids the run.
 `--frontend-cpus` puts the frontends on CPUs of their own and the engine on the rest.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler (cc or gcc): the native frontend is compiled at run time")
     return many_disks.build_native_frontend(tmp_path_factory.mktemp("native-frontend"))
-
-
-@pytest.fixture
-def transport(tmp_path: Path) -> Iterator[LocalTransport]:
-    t = LocalTransport(str(tmp_path / "grants.sock"))
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 @pytest.fixture
@@ -54,8 +44,8 @@ def test_the_image_stamps_each_block_with_its_number(image: Path) -> None:
         assert int.from_bytes(block[-8:], "little") == ~b & (2**64 - 1)
 
 
-def test_a_native_row_measures_the_engine(transport: LocalTransport, image: Path, native: Path) -> None:
-    row = _row(transport, image, native)
+def test_a_native_row_measures_the_engine(local_transport: LocalTransport, image: Path, native: Path) -> None:
+    row = _row(local_transport, image, native)
     assert row.iops > 0
     assert row.jain > 0.5  # every disk completed reads, not one of them
     assert row.frontend_cpu_us > 0  # the C processes' CPU is counted as the frontends'
@@ -64,7 +54,7 @@ def test_a_native_row_measures_the_engine(transport: LocalTransport, image: Path
 
 @pytest.mark.parametrize("at", ["head", "tail"])
 def test_a_wrong_block_in_an_answer_fails_the_run(
-    transport: LocalTransport, image: Path, native: Path, at: str
+    local_transport: LocalTransport, image: Path, native: Path, at: str
 ) -> None:
     """The engine serves the image as it is: block 5 stamped as block 6 (at its start, or only in
     its last bytes: a short read) is exactly what an engine reading the wrong offset would return."""
@@ -77,4 +67,4 @@ def test_a_wrong_block_in_an_answer_fails_the_run(
     finally:
         os.close(fd)
     with pytest.raises(SystemExit, match=r"data mismatch: block read, block asked \(\d+, 5\)"):
-        _row(transport, image, native)
+        _row(local_transport, image, native)
