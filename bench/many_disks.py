@@ -225,6 +225,8 @@ def _native_frontends(  # noqa: PLR0917 (the Python frontend's own arguments, pa
     specs, fds = [], []
     for d, fes in rings.items():
         for q, fe in enumerate(fes):
+            if fe.abi is not blkif.X86_64 or fe.ring_pages != 1:
+                raise SystemExit("--frontend native drives one-page x86_64 rings only")
             # the Python frontend hands request i of a disk to queue i % queues: so does this
             depth = len(range(q, qd, len(fes)))
             send = fe.evtchn._send  # the engine's end of the pair: what notify() writes
