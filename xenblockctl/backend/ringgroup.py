@@ -111,8 +111,9 @@ class RingGroup:
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
         self._epoll.register(self._bell, select.EPOLLIN)
-        # how often the group's poll found its CPU taken by another task (written by its loop)
-        self._counters = array.array("q", [0])
+        # how often the group's poll found its CPU taken by another task, and how often its sleeps
+        # beside that task ended because the CPU idled (written by its loop)
+        self._counters = array.array("q", [0, 0])
 
     @property
     def assigned(self) -> int:
@@ -144,6 +145,12 @@ class RingGroup:
         """How often the group's poll found another task on its CPU (and stopped polling for
         SHARED_NS): as of its last sleep or report."""
         return self._counters[0]
+
+    @property
+    def found_idle(self) -> int:
+        """How often the group's sleeps beside another task ended because its CPU idled (the task
+        was not CPU-bound: the group polls again): as of its last sleep or report."""
+        return self._counters[1]
 
     @property
     def rings(self) -> int:
