@@ -929,8 +929,9 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
  *   a refill within the poll never sleeps, and on CPUs it shares with the frontends it held half
  *   of each while they waited for it (bench/README.md, many_disks, many20). `shared_ns`: once a
  *   poll finds that another task took the CPU, the group does not poll for that long (ring_loop.h,
- *   SHARED_GAP_NS; 0: it polls on). `counters`: a writable buffer of one int64, set to how often
- *   a poll found the CPU taken, before each sleep and each report (None: not kept). */
+ *   SHARED_GAP_NS; 0: it polls on). `counters`: a writable buffer of one or two int64, set to how
+ *   often a poll found the CPU taken and (the second) how often those sleeps ended because the
+ *   CPU idled, before each sleep and each report (None: not kept). */
 struct fp_member {
     struct loop_args a;
     struct fp_loop f;
