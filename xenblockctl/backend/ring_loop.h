@@ -366,13 +366,14 @@ enum { POLL_MISSES = 4, POLL_BACKOFF_MAX = 1024 };
  * that never sleeps leaves its CPU no idle moment, a frontend that waits for its answers does,
  * once the group sleeps too. So while the group sleeps beside its neighbour it looks, at most once
  * an IDLE_CHECK_NS, at how often its CPU entered an idle state (cpuidle's usage counts in sysfs,
- * fds kept open): once the count moved, the neighbour is not CPU-bound and the group polls again,
- * and takes no gap for a neighbour's sign for `shared_ns`. Without cpuidle (no driver: a Xen PV
- * dom0) it sleeps for `shared_ns`, as before. One poll a `shared_ns` probes whether the CPU is its
- * own again; a probe beside the neighbour stalls the rings once (a slice, a tick at most), hence
- * a time, not a count of rounds. */
+ * fds kept open): once the count moved, the neighbour is not CPU-bound and the group polls again;
+ * and a gap on a CPU that idled within IDLE_WINDOW_NS (looked at once a gap, as often at most) is
+ * not a CPU-bound neighbour's sign at all. Without cpuidle (no driver: a Xen PV dom0) the group
+ * sleeps for `shared_ns` after each gap, as slice20's did. One poll a `shared_ns` probes whether
+ * the CPU is its own again; a probe beside the neighbour stalls the rings once (a slice, a tick
+ * at most), hence a time, not a count of rounds. */
 #define SHARED_GAP_NS 200000 /* above a frontend's burst after a yield, below a slice (1.4 ms here) */
-#define IDLE_CHECK_NS 1000000 /* a look at the CPU's idle count (two preads, ~3 us) at most this often */
+#define IDLE_CHECK_NS 1000000 /* a look at the CPU's idle count (a pread a cpuidle state) at most this often */
 #define IDLE_STATES 8          /* cpuidle states looked at (a driver has 2-10; the first 8 do) */
 #define IDLE_WINDOW_NS 4000000000 /* a CPU that idled this lately has no CPU-bound neighbour */
 struct poller {
