@@ -929,8 +929,9 @@ static PyObject *fp_loop(PyObject *self, PyObject *args)
  *   a refill within the poll never sleeps, and on CPUs it shares with the frontends it held half
  *   of each while they waited for it (bench/README.md, many_disks, many20). `shared_ns`: once a
  *   poll finds that another task took the CPU, the group does not poll for that long (ring_loop.h,
- *   SHARED_GAP_NS; 0: it polls on). `counters`: a writable buffer of one int64, set to how often
- *   a poll found the CPU taken, before each sleep and each report (None: not kept). */
+ *   SHARED_GAP_NS; 0: it polls on). `counters`: a writable buffer of one or two int64, set to how
+ *   often a poll found the CPU taken and (the second) how often those sleeps ended because the
+ *   CPU idled, before each sleep and each report (None: not kept). */
 struct fp_member {
     struct loop_args a;
     struct fp_loop f;
@@ -1075,7 +1076,8 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
     int n = 0, cap = 0, rcap = 0;
     PyObject *out = NULL;
     struct epoll_event evs[64];
-    struct poller poller = {0, 0, 0, 1, yield, shared_ns, 0, 0};
+    struct poller poller;
+    poller_init(&poller, 0, yield, shared_ns);
     Py_ssize_t unreported = 0;
     bell[0] = 0;
     int closed = group_join(take, &ms, &n, &cap, epfd);
@@ -1156,8 +1158,11 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
                 continue;
         }
         /* with the GIL: the counts, the exits, the rings joining */
-        if (found_shared != NULL)
+        if (found_shared != NULL) {
             __atomic_store_n(found_shared, poller.found_shared, __ATOMIC_RELAXED);
+            if (counters.len >= 16)
+                __atomic_store_n(found_shared + 1, poller.found_idle, __ATOMIC_RELAXED);
+        }
         PyEval_RestoreThread(ts);
         for (int i = 0; i < n; i++)
             if (ms[i]->why < 0 && report(NULL, ms[i]->run.stats, ms[i]->run.owner, &ms[i]->lp, ms[i]->run.counts) < 0)
@@ -1200,6 +1205,7 @@ static PyObject *fp_group_loop(PyObject *self, PyObject *args)
 python_error:
     out = NULL; /* the GIL is held: every ring left is dropped, for the caller to fail */
 done:
+    poller_close_idle(&poller);
     for (int i = 0; i < n; i++)
         member_free(ms[i], epfd);
     PyMem_Free(ms);

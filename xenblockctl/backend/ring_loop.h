@@ -69,7 +69,10 @@
 #include "ring_answer.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -350,12 +353,29 @@ enum { POLL_MISSES = 4, POLL_BACKOFF_MAX = 1024 };
  * a frontend's burst, or a tick preempted the poll for a task in another session, whom the yield
  * never reaches. An EEVDF yield forfeits the rest of the yielder's request, and nothing makes the
  * scheduler look again before the next tick, so beside a CPU-bound task each yield cost the rings
- * 1.5-5.5 ms (bench/README.md, many_disks, many20 and slice20). The poller then stops polling for
- * `shared_ns`: after each idle round the group arms req_event and sleeps, a sleeper keeps its
- * scheduler lag, and a ring's notify wakes it in front of the neighbour. One poll a `shared_ns`
- * probes whether the CPU is its own again; a probe beside the neighbour stalls the rings once (a
- * slice, a tick at most), hence a time, not a count of rounds. */
+ * 1.5-5.5 ms (bench/README.md, many_disks, many20 and slice20). The poller then stops polling: after
+ * each idle round the group arms req_event and sleeps, a sleeper keeps its scheduler lag, and a
+ * ring's notify wakes it in front of the neighbour.
+ *
+ * A busy frontend on the group's CPU takes it as long (the bench's Python frontends run turns of
+ * 0.2-4 ms), and sleeping beside it costs a wake-up per refill instead of none (many_disks lost
+ * 35-50 % of its IOPS). Neither the gap nor the rings tell the two apart: at the gap's end our rings
+ * were refilled in >99 % of the gaps beside a hog too (frontends on the other CPU refill what the
+ * group answered before it), and gap lengths, tick phases and runs of gapped polls overlap
+ * (bench/README.md, many_disks, hog20). What does tell them apart is the CPU going idle: a task
+ * that never sleeps leaves its CPU no idle moment, a frontend that waits for its answers does,
+ * once the group sleeps too. So while the group sleeps beside its neighbour it looks, at most once
+ * an IDLE_CHECK_NS, at how often its CPU entered an idle state (cpuidle's usage counts in sysfs,
+ * fds kept open): once the count moved, the neighbour is not CPU-bound and the group polls again;
+ * and a gap on a CPU that idled within IDLE_WINDOW_NS (looked at once a gap, as often at most) is
+ * not a CPU-bound neighbour's sign at all. Without cpuidle (no driver: a Xen PV dom0) the group
+ * sleeps for `shared_ns` after each gap, as slice20's did. One poll a `shared_ns` probes whether
+ * the CPU is its own again; a probe beside the neighbour stalls the rings once (a slice, a tick
+ * at most), hence a time, not a count of rounds. */
 #define SHARED_GAP_NS 200000 /* above a frontend's burst after a yield, below a slice (1.4 ms here) */
+#define IDLE_CHECK_NS 1000000 /* a look at the CPU's idle count (a pread a cpuidle state) at most this often */
+#define IDLE_STATES 8          /* cpuidle states looked at (a driver has 2-10; the first 8 do) */
+#define IDLE_WINDOW_NS 4000000000 /* a CPU that idled this lately has no CPU-bound neighbour */
 struct poller {
     int64_t ns;              /* the longest poll (0: never) */
     int misses;              /* polls in a row that saw nothing */
@@ -364,7 +384,69 @@ struct poller {
     int64_t shared_ns;       /* after a yielding poll found its CPU taken, no poll for this long (0: poll on) */
     int64_t shared_until;    /* ... until this time */
     int64_t found_shared;    /* how often (the group's counters) */
+    int64_t found_idle;      /* how often a sleep beside the neighbour ended because the CPU idled */
+    int64_t idle_seen;       /* when its idle count last moved (0: never seen) */
+    int64_t idle_check;      /* the next look at the CPU's idle count */
+    int64_t idle_base;       /* the count at the last look (-1: unknown) */
+    int idle_cpu;            /* the CPU whose cpuidle counts idle_fds read (-1: none open) */
+    int idle_fds[IDLE_STATES];
 };
+
+/* A poller that never yields (the one-ring loop) or sleeps beside a neighbour when shared_ns > 0. */
+static void poller_init(struct poller *p, int64_t ns, int yield, int64_t shared_ns)
+{
+    memset(p, 0, sizeof *p);
+    p->ns = ns;
+    p->backoff = 1;
+    p->yield = yield;
+    p->shared_ns = shared_ns;
+    p->idle_base = -1;
+    p->idle_cpu = -1;
+    for (int i = 0; i < IDLE_STATES; i++)
+        p->idle_fds[i] = -1;
+}
+
+static void poller_close_idle(struct poller *p)
+{
+    for (int i = 0; i < IDLE_STATES; i++) {
+        if (p->idle_fds[i] >= 0)
+            close(p->idle_fds[i]);
+        p->idle_fds[i] = -1;
+    }
+    p->idle_cpu = -1;
+}
+
+/* How often the CPU this thread runs on entered an idle state (the sum of its cpuidle states'
+ * usage counts), -1 if unknown: no cpuidle, or the thread moved to another CPU since the last look
+ * (the count is then that CPU's next time). */
+static int64_t cpu_idle_entries(struct poller *p)
+{
+    int cpu = sched_getcpu();
+    if (cpu < 0)
+        return -1;
+    if (cpu != p->idle_cpu) {
+        poller_close_idle(p);
+        p->idle_cpu = cpu;
+        for (int i = 0; i < IDLE_STATES; i++) {
+            char path[80];
+            snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/cpuidle/state%d/usage", cpu, i);
+            p->idle_fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        }
+        return -1;
+    }
+    int64_t sum = 0;
+    int any = 0;
+    for (int i = 0; i < IDLE_STATES; i++) {
+        char buf[32];
+        ssize_t got = p->idle_fds[i] < 0 ? -1 : pread(p->idle_fds[i], buf, sizeof buf - 1, 0);
+        if (got <= 0)
+            continue;
+        buf[got] = 0;
+        sum += strtoll(buf, NULL, 10);
+        any = 1;
+    }
+    return any ? sum : -1;
+}
 
 static inline int64_t mono_ns(void)
 {
@@ -435,11 +517,57 @@ static void run_free(struct ring_run *m)
     m->ops = NULL;
 }
 
-/* Another task took the poller's CPU (SHARED_GAP_NS): no poll for shared_ns. */
-static void poll_shared(struct poller *p, int64_t now)
+/* When a poller last saw each CPU's idle count move: a fact about the CPU, not the group, so a group
+ * made later on it (one per CPU, remade by a bench's rows, a worker's) starts from it. CPUs past
+ * IDLE_CPUS keep it per poller. */
+#define IDLE_CPUS 256
+static int64_t cpu_idle_seen[IDLE_CPUS];
+
+/* Whether the poller's CPU idled within IDLE_WINDOW_NS, its idle count read at most once an
+ * IDLE_CHECK_NS. */
+static int idled_lately(struct poller *p, int64_t t)
 {
-    p->shared_until = now + p->shared_ns;
+    if (t >= p->idle_check) {
+        p->idle_check = t + IDLE_CHECK_NS;
+        int64_t c = cpu_idle_entries(p);
+        if (c >= 0 && p->idle_base >= 0 && c != p->idle_base) {
+            p->idle_seen = t;
+            if (p->idle_cpu < IDLE_CPUS)
+                __atomic_store_n(&cpu_idle_seen[p->idle_cpu], t, __ATOMIC_RELAXED);
+        }
+        p->idle_base = c;
+    }
+    int64_t seen = p->idle_seen;
+    if (p->idle_cpu >= 0 && p->idle_cpu < IDLE_CPUS) {
+        int64_t shared = __atomic_load_n(&cpu_idle_seen[p->idle_cpu], __ATOMIC_RELAXED);
+        seen = shared > seen ? shared : seen;
+    }
+    return seen > 0 && t - seen < IDLE_WINDOW_NS;
+}
+
+/* Two looks at the clock `gap` apart within a poll: another task held the poller's CPU in between
+ * (SHARED_GAP_NS), and it is CPU-bound unless the CPU idled lately. 1 if the poll should end and
+ * the group sleep. */
+static int poll_gap(struct poller *p, int64_t t, int64_t gap)
+{
+    if (p->shared_ns <= 0 || gap <= SHARED_GAP_NS || idled_lately(p, t))
+        return 0;
+    p->shared_until = t + p->shared_ns;
     p->found_shared++;
+    return 1;
+}
+
+/* While the group sleeps beside its neighbour: 1 if it still should, 0 once the CPU idled (the
+ * neighbour is not CPU-bound: poll again) or after shared_ns (a probe). */
+static int poll_still_shared(struct poller *p, int64_t now)
+{
+    if (now >= p->shared_until)
+        return 0;
+    if (!idled_lately(p, now))
+        return 1;
+    p->shared_until = 0;
+    p->found_idle++;
+    return 0;
 }
 
 /* After a pass: the index + 1 of the first of `n` rings whose req_prod moved (or whose stop word
@@ -454,7 +582,7 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
         return 0;
     }
     int64_t now = mono_ns();
-    if (now < p->shared_until)
+    if (now < p->shared_until && poll_still_shared(p, now))
         return 0; /* the CPU is shared: sleep armed */
     for (int k = 0; k < n; k++)
         rs[k]->counts[COUNT_POLLS] += rs[k]->served;
@@ -469,8 +597,7 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
                  * poll preempted by a tick comes back to a refill, and would never see it */
                 if (p->shared_ns > 0) {
                     int64_t t = mono_ns();
-                    if (t - now > SHARED_GAP_NS)
-                        poll_shared(p, t);
+                    poll_gap(p, t, t - now);
                 }
                 return k + 1;
             }
@@ -480,10 +607,8 @@ static int poll_refill(struct poller *p, struct ring_run *const *rs, int n)
         cpu_relax();
         if (i % 32 == 0) { /* the clock (vDSO, ~20 ns) every 32 looks */
             int64_t t = mono_ns();
-            if (p->shared_ns > 0 && t - now > SHARED_GAP_NS) {
-                poll_shared(p, t);
+            if (poll_gap(p, t, t - now))
                 return 0;
-            }
             now = t;
             if (t >= end)
                 break;
@@ -654,7 +779,8 @@ static PyObject *ring_loop(struct loop_args *a, const struct loop_pass *lp)
         return NULL;
     }
     struct ring_run *const one[1] = {&m};
-    struct poller poller = {lp->poll_ns, 0, 0, 1, 0, 0, 0, 0}; /* no yield: never shared */
+    struct poller poller;
+    poller_init(&poller, lp->poll_ns, 0, 0); /* no yield: never shared */
     int why = EXIT_WOKEN;
     PyThreadState *ts = PyEval_SaveThread();
     for (;;) {

@@ -33,9 +33,12 @@ preempts a running one even at zero lag, and a frontend woken on the group's CPU
 group's request is used up. Opt-in (SHARED_NS), the poll also watches its own clock: once another
 task held the CPU longer than a frontend's burst (ring_loop.h's SHARED_GAP_NS) the group stops
 polling for SHARED_NS and sleeps, req_event armed, after every idle round, and a ring's notify wakes
-it ahead of the neighbour. Off by default: a busy frontend on the group's CPU looks the same to the
-clock, and the sleeps cost the many-disks bench a third to a half of its IOPS (bench/README.md,
-many_disks, slice20).
+it ahead of the neighbour. A busy frontend on the group's CPU looks the same to the clock (and
+the rings are refilled in such gaps beside a hog too: frontends elsewhere refill them), and sleeping
+beside it cost the many-disks bench a third to a half of its IOPS (bench/README.md, many_disks,
+slice20); what tells them apart is the CPU going idle, which a CPU-bound task never lets it do:
+the group stops sleeping once its CPU idled, and a CPU that idled in the last seconds takes no gap
+for a CPU-bound neighbour's sign (ring_loop.h; hog20). Still off by default: the lead decides.
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
@@ -66,12 +69,13 @@ except ImportError:  # not built: fastpath.FastPass does not exist either, nothi
 REPORT_EVERY = 1024
 #: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
 YIELD = True
-#: ns a group does not poll for once a poll found its CPU taken by another task (0, the default:
-#: it polls on). Off: a busy frontend on the group's CPU looks the same as a CPU-bound neighbour,
-#: and sleeping beside it cost many_disks 35-50 % of its IOPS at 8-100 disks (bench/README.md,
-#: many_disks, slice20); on, a group beside a CPU-bound task in its session serves a QD-1 ring
-#: at p99 0.09 ms instead of 4-5 ms. A probe beside the neighbour costs the rings one stall of up
-#: to a tick, so 1 s (1_000_000_000) is the value to try.
+#: ns a group does not poll for once a poll found its CPU taken by a CPU-bound task (0, the
+#: default: it polls on), unless the CPU idles first (ring_loop.h). On, a group beside a CPU-bound
+#: task in its session serves a QD-1 ring at p99 0.09 ms instead of 4-5 ms (quiet host, slice20);
+#: slice20's rule took a busy frontend on the group's CPU for such a task and cost many_disks
+#: 35-50 % of its IOPS, the CPU's idle now tells them apart (bench/README.md, many_disks, hog20).
+#: A probe beside the neighbour costs the rings one stall of up to a tick, so 1 s
+#: (1_000_000_000) is the value to try.
 SHARED_NS = 0
 #: the EEVDF slice the group's thread asks for (sched_runtime; 0: the kernel's base slice, ~1.4 ms on
 #: 2 CPUs): short enough that its wake-up preempts a CPU-bound neighbour, long enough (the kernel's
@@ -111,8 +115,9 @@ class RingGroup:
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
         self._epoll.register(self._bell, select.EPOLLIN)
-        # how often the group's poll found its CPU taken by another task (written by its loop)
-        self._counters = array.array("q", [0])
+        # how often the group's poll found its CPU taken by another task, and how often its sleeps
+        # beside that task ended because the CPU idled (written by its loop)
+        self._counters = array.array("q", [0, 0])
 
     @property
     def assigned(self) -> int:
@@ -144,6 +149,12 @@ class RingGroup:
         """How often the group's poll found another task on its CPU (and stopped polling for
         SHARED_NS): as of its last sleep or report."""
         return self._counters[0]
+
+    @property
+    def found_idle(self) -> int:
+        """How often the group's sleeps beside another task ended because its CPU idled (the task
+        was not CPU-bound: the group polls again): as of its last sleep or report."""
+        return self._counters[1]
 
     @property
     def rings(self) -> int:
