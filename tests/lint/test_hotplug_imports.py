@@ -123,10 +123,12 @@ ADD_PROBE = (
     f"{READER}import {', '.join(bundle.MAIN_ROOTS)}, {bundle.ROOTS[-1]}; "
     "print(list(sys.modules))"
 )
-#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes).
+#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes) and
+#: the walk of every backend its sharing check makes: the bundle's last section (bundle.LATER_ROOTS).
 BLOCK_DEVICE_STEPS = (
     "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.kernel import sysfs; "
     "sysfs.holders(7, 0); sysfs.read_attr(7, 0, 'dev'); sysfs.dm_name(7, 0); "
+    "from xenblockctl.xenstore import backends; "
     "print(sorted(sys.modules))"
 )
 ADD_ONLY = (
@@ -235,7 +237,7 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     wrote = subprocess.run([str(script), "--write-bundle"], capture_output=True, text=True, check=False)
     assert wrote.returncode == 3, wrote.stderr
     data = (tmp_path / "cache" / bundle.NAME).read_bytes()
-    _, _, (remove_section, add_section) = bundle.parts(
+    _, _, later_names, (remove_section, add_section, later_section) = bundle.parts(
         data, data[len(bundle.FORMAT) : len(bundle.FORMAT) + 4]
     )
     first, second = set(marshal.loads(remove_section)), set(marshal.loads(add_section))
@@ -256,3 +258,7 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     assert [*marshal.loads(remove_section), *marshal.loads(add_section)] == order
     add_graph = _ours(_modules(ADD_PROBE)) - {bundle.__name__}
     assert held - {bundle.REMOVE_ROOTS[-1]} == add_graph, "an add preloads all but remove's module"
+    # the last section: what a block-device add's steps import lazily, decoded only then
+    later = list(marshal.loads(later_section))
+    assert later == list(later_names)
+    assert set(later) == _ours(_modules(BLOCK_DEVICE_STEPS)) - graph - {bundle.__name__}
