@@ -161,6 +161,23 @@ MODULE_BUDGET = 47
 #: without itertools.
 REMOVE_MODULE_BUDGET = 41
 
+#: Classes an add's imports build (ADD_PROBE's graph, the bundle's reader excluded), and a remove's.
+#: In a fresh process a class costs ~6-30 us to build (type()'s slot and MRO work, the records' and
+#: enums' machinery; ~1 ms of every add's CPU for ~100 of them, bench/README.md issue 18, rm18,
+#: start18, class18): a class on this path is built at every VM start whether or not the action
+#: uses it, so a concept an add does not use lives in a module the add does not import. Set at
+#: 102 and 79 (main had 104 and 79: the backend walk's record and domain classes left for
+#: xenstore/backends.py, imported by a block-device add only; session 17, class18).
+CLASS_BUDGET = 102
+REMOVE_CLASS_BUDGET = 79
+#: Counts the class statements run while `roots` are imported (nested ones included).
+CLASS_PROBE = (
+    "import sys, builtins; sys.path[:0] = sys.argv[1:]; {reader}"
+    "built = []; build = builtins.__build_class__; "
+    "builtins.__build_class__ = lambda f, n, *a, **k: built.append(f.__qualname__) or build(f, n, *a, **k); "
+    "import {roots}; print(repr(built))"
+)
+
 
 def _modules(probe: str) -> list[str]:
     paths = [str(ROOT), *site.getsitepackages()]
@@ -262,3 +279,33 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     later = list(marshal.loads(later_section))
     assert later == list(later_names)
     assert set(later) == _ours(_modules(BLOCK_DEVICE_STEPS)) - graph - {bundle.__name__}
+
+
+def _classes(roots: tuple[str, ...]) -> list[str]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            CLASS_PROBE.format(reader=READER, roots=", ".join(roots)),
+            str(ROOT),
+            *site.getsitepackages(),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    classes: list[str] = ast.literal_eval(out)
+    return classes
+
+
+def test_an_add_and_a_remove_build_no_more_classes_than_their_budgets() -> None:
+    add = _classes((*bundle.MAIN_ROOTS, bundle.ROOTS[-1]))
+    assert len(add) <= CLASS_BUDGET, (
+        f"an add's imports build {len(add)} classes (budget {CLASS_BUDGET}): {add}"
+    )
+    remove = _classes(bundle.REMOVE_ROOTS)
+    assert len(remove) <= REMOVE_CLASS_BUDGET, (
+        f"a remove's imports build {len(remove)} classes (budget {REMOVE_CLASS_BUDGET}): {remove}"
+    )
