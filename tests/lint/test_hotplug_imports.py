@@ -131,6 +131,12 @@ BLOCK_DEVICE_STEPS = (
     "from xenblockctl.xenstore import backends; "
     "print(sorted(sys.modules))"
 )
+#: The kernel-blkback path's hand-off (AUTOCLEAR off in a forked child: blockscript/autoclear.py),
+#: imported by an add whose consumer is kernel blkback: the bundle's last section too.
+KERNEL_PATH_STEPS = (
+    "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.blockscript import autoclear; "
+    "print(sorted(sys.modules))"
+)
 ADD_ONLY = (
     "xenblockctl.blockscript.add",
     "xenblockctl.blockscript.claim",
@@ -207,6 +213,12 @@ def test_file_add_and_remove_steps_import_nothing_heavy_lazily() -> None:
     assert not loaded, f"a file add or a remove must not import {loaded} on the way"
 
 
+def test_kernel_path_steps_import_nothing_heavy() -> None:
+    """autoclear imported os (~1 ms of every kernel-blkback add in a fresh process) until class18."""
+    loaded = _loaded_forbidden(KERNEL_PATH_STEPS)
+    assert not loaded, f"the kernel-blkback hand-off must not import {loaded}"
+
+
 def test_block_device_steps_import_nothing_heavy() -> None:
     loaded = _loaded_forbidden(BLOCK_DEVICE_STEPS)
     assert not loaded, f"a block-device add must not import {loaded} for its sysfs lookups"
@@ -275,10 +287,12 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     assert [*marshal.loads(remove_section), *marshal.loads(add_section)] == order
     add_graph = _ours(_modules(ADD_PROBE)) - {bundle.__name__}
     assert held - {bundle.REMOVE_ROOTS[-1]} == add_graph, "an add preloads all but remove's module"
-    # the last section: what a block-device add's steps import lazily, decoded only then
+    # the last section: what a block-device add's and the kernel path's steps import lazily,
+    # decoded only then
     later = list(marshal.loads(later_section))
     assert later == list(later_names)
-    assert set(later) == _ours(_modules(BLOCK_DEVICE_STEPS)) - graph - {bundle.__name__}
+    lazily = _ours(_modules(BLOCK_DEVICE_STEPS)) | _ours(_modules(KERNEL_PATH_STEPS))
+    assert set(later) == lazily - graph - {bundle.__name__}
 
 
 def _classes(roots: tuple[str, ...]) -> list[str]:

@@ -128,7 +128,7 @@ def ours_alone(path: Path, mode: int) -> None:
 
 
 def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
-    first = missed(laid, "hotplug bundle written: 40 modules")
+    first = missed(laid, "hotplug bundle written: 41 modules")
     ours_alone(laid.bundle, 0o644)
     ours_alone(laid.cache, 0o755)
     st = laid.bundle.stat()
@@ -418,9 +418,10 @@ def _later_spy(laid: Laid) -> tuple[list[str], int, list[str], int]:
 
 
 def test_the_last_section_is_decoded_only_when_a_block_device_add_imports_it(laid: Laid) -> None:
-    """bundle.LATER_ROOTS (the sysfs lookups, the walk of every backend) are imported lazily by a
-    block-device add only: a file add and a remove neither unmarshal nor run them, yet when they are
-    imported they come from the bundle (its last section, decoded then), not from their .pyc."""
+    """bundle.LATER_ROOTS (the sysfs lookups, the walk of every backend, the kernel path's
+    AUTOCLEAR hand-off) are imported lazily by a block-device or kernel-path add only: a file add
+    handed to the engine and a remove neither unmarshal nor run them, yet when they are imported
+    they come from the bundle (its last section, decoded then), not from their .pyc."""
     usage_ok(run(laid))
     before, pending, loaders, left = _later_spy(laid)
     assert before == [], "nothing of the last section is imported before its own import"

@@ -63,12 +63,17 @@ REMOVE_ROOTS = (*MAIN_ROOTS, "xenblockctl.blockscript.remove")
 #: tests/lint/test_hotplug_imports.py measures the graphs from these, and checks that the steps a
 #: file add imports lazily add nothing outside them.
 ROOTS = (*REMOVE_ROOTS, "xenblockctl.blockscript.add")
-#: What a block-device add imports lazily: the sysfs lookups and the walk of every backend (its
-#: sharing check). The bundle's last section holds them and what they import beyond ROOTS' closure;
-#: it is unmarshalled only when one of them is first imported (_BundleFinder), so a file add and a
-#: remove neither decode nor run them (bench/README.md, issue 18, class18), and a block-device add
-#: still does not read their .pyc files.
-LATER_ROOTS = ("xenblockctl.kernel.sysfs", "xenblockctl.xenstore.backends")
+#: What an add imports lazily on its other paths: a block device's sysfs lookups and the walk of
+#: every backend (its sharing check), and the AUTOCLEAR hand-off to kernel blkback. The bundle's
+#: last section holds them and what they import beyond ROOTS' closure; it is unmarshalled only
+#: when one of them is first imported (_BundleFinder), so a file add handed to the engine and a
+#: remove neither decode nor run them, and the other paths do not read their .pyc files
+#: (bench/README.md, issue 18, class18).
+LATER_ROOTS = (
+    "xenblockctl.kernel.sysfs",
+    "xenblockctl.xenstore.backends",
+    "xenblockctl.blockscript.autoclear",
+)
 NAME = "hotplug.bundle"
 #: The file starts with this and the interpreter's bytecode magic number, checked before any of it
 #: is unmarshalled (another Python version's marshal data must never be decoded as code). Then the
