@@ -404,7 +404,8 @@ print(repr((before, pending, loaders, len(bundle._later))))
 """
 
 
-def _later_spy(laid: Laid) -> tuple[list[str], int, list[str], int]:
+def _later_spy(laid: Laid) -> tuple[tuple[list[str], int, list[str], int], str]:
+    """LATER_SPY's findings, and its stderr."""
     done = subprocess.run(
         [hostfiles.local_layout().python, "-S", "-c", LATER_SPY, str(laid.packages), str(laid.cache)],
         cwd="/",
@@ -413,8 +414,8 @@ def _later_spy(laid: Laid) -> tuple[list[str], int, list[str], int]:
         timeout=60,
         check=True,
     )
-    before, pending, loaders, left = ast.literal_eval(done.stdout.splitlines()[-1])
-    return before, pending, loaders, left
+    found: tuple[list[str], int, list[str], int] = ast.literal_eval(done.stdout.splitlines()[-1])
+    return found, done.stderr
 
 
 def test_the_last_section_is_decoded_only_when_a_block_device_add_imports_it(laid: Laid) -> None:
@@ -423,7 +424,7 @@ def test_the_last_section_is_decoded_only_when_a_block_device_add_imports_it(lai
     handed to the engine and a remove neither unmarshal nor run them, yet when they are imported
     they come from the bundle (its last section, decoded then), not from their .pyc."""
     usage_ok(run(laid))
-    before, pending, loaders, left = _later_spy(laid)
+    (before, pending, loaders, left), _ = _later_spy(laid)
     assert before == [], "nothing of the last section is imported before its own import"
     assert pending == 1, "the last section is still marshalled after an add's preload"
     assert loaders == ["_BundleLoader"] * len(bundle.LATER_ROOTS), loaders
@@ -439,18 +440,10 @@ def test_a_last_section_that_does_not_decode_is_logged_imported_normally_and_the
     usage_ok(run(laid))
     first, second, _later = _sections(laid.bundle.read_bytes())
     laid.bundle.write_bytes(_rebuilt(laid.bundle.read_bytes(), sections=[first, second, b"\xff" * 99]))
-    done = subprocess.run(
-        [hostfiles.local_layout().python, "-S", "-c", LATER_SPY, str(laid.packages), str(laid.cache)],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    before, pending, loaders, left = ast.literal_eval(done.stdout.splitlines()[-1])
+    (before, pending, loaders, left), stderr = _later_spy(laid)
     assert (before, pending, left) == ([], 1, 0)
     assert "_BundleLoader" not in loaders, loaders
-    assert "hotplug bundle's last section unusable (ValueError: bad marshal data" in done.stderr, done.stderr
+    assert "hotplug bundle's last section unusable (ValueError: bad marshal data" in stderr, stderr
     assert not laid.bundle.exists()
     missed(laid)  # the next start writes a fresh one
     usage_ok(run(laid))
