@@ -144,7 +144,8 @@ def _decode_later() -> None:
 
 def _unusable(why: str) -> None:
     """The last section did not decode: logged, and the bundle removed (the next start writes a
-    fresh one, as after any bad bundle; a remove's failure is no failure of the action)."""
+    fresh one, as after any bad bundle); the action goes on with normal imports. A failure to
+    remove it is no failure of the action."""
     from xenblockctl.journal import Journal  # loaded already: every action's graph holds it
 
     path = _where.pop() if _where else None
