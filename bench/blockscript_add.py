@@ -214,7 +214,8 @@ def main() -> int:
                 f"ratio {other.label} / xenblockctl (p50): add wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x, "
                 f"remove {rm_ratio:.2f}x"
             )
-        kernel_path(libxl, images[0], max(3, args.iterations // 2), args.python, args.baseline_script)
+        ours_and_baseline = [c for c in contestants if c.label.startswith(("xenblockctl", "baseline"))]
+        kernel_path(libxl, images[0], max(3, args.iterations // 2), ours_and_baseline)
         if args.strace and shutil.which("strace"):
             for k, c in enumerate(contestants):
                 print(f"syscalls of one add, {c.label}: {count_syscalls(libxl, c, images[0], 95 + k)}")
@@ -397,24 +398,26 @@ def scale_rows(
                 )
 
 
-def kernel_path(libxl: Libxl, image: Path, n: int, python: str, baseline: Path | None = None) -> None:
+def kernel_path(libxl: Libxl, image: Path, n: int, contestants: list[Contestant]) -> None:
     """Our add handed to a blkback-like consumer (sysfs physical_device, no `opened`): the path
     that turns AUTOCLEAR off after the hand-off, in a child forked once hotplug-status says
     connected (blockscript/autoclear.py); the engine path alternating with it, and with
-    `baseline` (another checkout's shim: before/after) the same two for it. Also how long after
-    our add exited the record said autoclear=0 (the child's work, off the critical path; polled
-    from here, so ±1 ms)."""
-    scripts = [("xenblockctl", SCRIPT)] + ([("baseline (before)", baseline)] if baseline is not None else [])
+    a baseline (another checkout: before/after) the same two for it. Each contestant runs as the
+    serial rows run it (laid as install-hooks lays it: `-S`, its bundle): the shipped shim ran
+    with site.py, which imports os, and so hid what the kernel path's own imports cost
+    (bench/README.md, issue 18, class18). Also how long after our add exited the record said
+    autoclear=0 (the child's work, off the critical path; polled from here, so ±1 ms). The CPU
+    of each add (user+sys of the script, its forked child not included) is printed too."""
     samples: dict[tuple[str, str], list[float]] = {
-        (label, k): [] for label, _ in scripts for k in ("engine", "kernel")
+        (c.label, k): [] for c in contestants for k in ("engine", "kernel", "kernel-cpu")
     }
     child: list[float] = []
     for i in range(n + 2):
-        for s, (label, script) in enumerate(scripts):
+        for s, c in enumerate(contestants):
             for domid, kind in ((90 + 2 * s, "engine"), (91 + 2 * s, "kernel")):
                 be = libxl.create_backend(domid, 51712 + 16 * i, str(image), "w", engine=kind == "engine")
                 consumer = libxl.engine_consumer(be) if kind == "engine" else libxl.blkback_consumer(be)
-                wall, _cpu, result = _timed([python, str(script), "add"], libxl.env("add", be))
+                wall, cpu, result = _timed(c.argv("add"), libxl.env("add", be))
                 exited = time.perf_counter()
                 assert result.returncode == 0, result.stderr
                 consumer.wait_opened()
@@ -422,14 +425,18 @@ def kernel_path(libxl: Libxl, image: Path, n: int, python: str, baseline: Path |
                     libxl.wait_autoclear_off(be)  # the baseline's record says so at once
                     if s == 0 and i >= 2:
                         child.append((time.perf_counter() - exited) * 1e6)
-                _remove(libxl, python, script, be)
+                _remove_any(libxl, c, be)
                 consumer.release()
                 libxl.store.rm(be.path)
                 if i >= 2:
-                    samples[(label, kind)].append(wall)
-    for label, _ in scripts:
+                    samples[(c.label, kind)].append(wall)
+                    if kind == "kernel":
+                        samples[(c.label, "kernel-cpu")].append(cpu)
+    for c in contestants:
+        label = c.label
         kernel, engine = samples[(label, "kernel")], samples[(label, "engine")]
         print(row(f"add, kernel-blkback hand-off: {label}", kernel))
+        print(row("  CPU of that process (user+sys)", samples[(label, "kernel-cpu")]))
         print(row(f"add, engine hand-off (same loop): {label}", engine))
         ratio = percentile(kernel, 50) / percentile(engine, 50)
         print(f"ratio kernel / engine path (p50), {label}: {ratio:.2f}x")
@@ -571,10 +578,6 @@ def _remove_any(libxl: Libxl, c: Contestant, be: Backend) -> float:
     wall, _cpu, result = _timed(c.argv("remove"), env)
     assert result.returncode == 0 or c.bash, (c.label, result.stderr)
     return wall
-
-
-def _remove(libxl: Libxl, python: str, script: Path, be: Backend) -> None:
-    _remove_any(libxl, Contestant("", script, python), be)
 
 
 def populate(libxl: Libxl, count: int, per_domain: int = 1) -> None:

@@ -123,10 +123,18 @@ ADD_PROBE = (
     f"{READER}import {', '.join(bundle.MAIN_ROOTS)}, {bundle.ROOTS[-1]}; "
     "print(list(sys.modules))"
 )
-#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes).
+#: The lookups a block-device add adds (sharing's holders, blockdev's and target's attributes) and
+#: the walk of every backend its sharing check makes: the bundle's last section (bundle.LATER_ROOTS).
 BLOCK_DEVICE_STEPS = (
     "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.kernel import sysfs; "
     "sysfs.holders(7, 0); sysfs.read_attr(7, 0, 'dev'); sysfs.dm_name(7, 0); "
+    "from xenblockctl.xenstore import backends; "
+    "print(sorted(sys.modules))"
+)
+#: The kernel-blkback path's hand-off (AUTOCLEAR off in a forked child: blockscript/autoclear.py),
+#: imported by an add whose consumer is kernel blkback: the bundle's last section too.
+KERNEL_PATH_STEPS = (
+    "import sys; sys.path[:0] = sys.argv[1:]; from xenblockctl.blockscript import autoclear; "
     "print(sorted(sys.modules))"
 )
 ADD_ONLY = (
@@ -159,6 +167,23 @@ MODULE_BUDGET = 47
 #: without itertools.
 REMOVE_MODULE_BUDGET = 41
 
+#: Classes an add's imports build (ADD_PROBE's graph, the bundle's reader excluded), and a remove's.
+#: In a fresh process a class costs ~6-30 us to build (type()'s slot and MRO work, the records' and
+#: enums' machinery; ~1 ms of every add's CPU for ~100 of them, bench/README.md issue 18, rm18,
+#: start18, class18): a class on this path is built at every VM start whether or not the action
+#: uses it, so a concept an add does not use lives in a module the add does not import. Set at
+#: 102 and 79 (main had 104 and 79: the backend walk's record and domain classes left for
+#: xenstore/backends.py, imported by a block-device add only; session 17, class18).
+CLASS_BUDGET = 102
+REMOVE_CLASS_BUDGET = 79
+#: Counts the class statements run while `roots` are imported (nested ones included).
+CLASS_PROBE = (
+    "import sys, builtins; sys.path[:0] = sys.argv[1:]; {reader}"
+    "built = []; build = builtins.__build_class__; "
+    "builtins.__build_class__ = lambda f, n, *a, **k: built.append(f.__qualname__) or build(f, n, *a, **k); "
+    "import {roots}; print(repr(built))"
+)
+
 
 def _modules(probe: str) -> list[str]:
     paths = [str(ROOT), *site.getsitepackages()]
@@ -186,6 +211,12 @@ def test_hotplug_path_imports_no_heavy_modules() -> None:
 def test_file_add_and_remove_steps_import_nothing_heavy_lazily() -> None:
     loaded = _loaded_forbidden(EXERCISE)
     assert not loaded, f"a file add or a remove must not import {loaded} on the way"
+
+
+def test_kernel_path_steps_import_nothing_heavy() -> None:
+    """autoclear imported os (~1 ms of every kernel-blkback add in a fresh process) until class18."""
+    loaded = _loaded_forbidden(KERNEL_PATH_STEPS)
+    assert not loaded, f"the kernel-blkback hand-off must not import {loaded}"
 
 
 def test_block_device_steps_import_nothing_heavy() -> None:
@@ -235,7 +266,7 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     wrote = subprocess.run([str(script), "--write-bundle"], capture_output=True, text=True, check=False)
     assert wrote.returncode == 3, wrote.stderr
     data = (tmp_path / "cache" / bundle.NAME).read_bytes()
-    _, _, (remove_section, add_section) = bundle.parts(
+    _, _, later_names, (remove_section, add_section, later_section) = bundle.parts(
         data, data[len(bundle.FORMAT) : len(bundle.FORMAT) + 4]
     )
     first, second = set(marshal.loads(remove_section)), set(marshal.loads(add_section))
@@ -256,3 +287,39 @@ def test_bundle_holds_exactly_the_budgeted_graph(tmp_path: Path) -> None:
     assert [*marshal.loads(remove_section), *marshal.loads(add_section)] == order
     add_graph = _ours(_modules(ADD_PROBE)) - {bundle.__name__}
     assert held - {bundle.REMOVE_ROOTS[-1]} == add_graph, "an add preloads all but remove's module"
+    # the last section: what a block-device add's and the kernel path's steps import lazily,
+    # decoded only then
+    later = list(marshal.loads(later_section))
+    assert later == list(later_names)
+    lazily = _ours(_modules(BLOCK_DEVICE_STEPS)) | _ours(_modules(KERNEL_PATH_STEPS))
+    assert set(later) == lazily - graph - {bundle.__name__}
+
+
+def _classes(roots: tuple[str, ...]) -> list[str]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            CLASS_PROBE.format(reader=READER, roots=", ".join(roots)),
+            str(ROOT),
+            *site.getsitepackages(),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    classes: list[str] = ast.literal_eval(out)
+    return classes
+
+
+def test_an_add_and_a_remove_build_no_more_classes_than_their_budgets() -> None:
+    add = _classes((*bundle.MAIN_ROOTS, bundle.ROOTS[-1]))
+    assert len(add) <= CLASS_BUDGET, (
+        f"an add's imports build {len(add)} classes (budget {CLASS_BUDGET}): {add}"
+    )
+    remove = _classes(bundle.REMOVE_ROOTS)
+    assert len(remove) <= REMOVE_CLASS_BUDGET, (
+        f"a remove's imports build {len(remove)} classes (budget {REMOVE_CLASS_BUDGET}): {remove}"
+    )

@@ -128,7 +128,7 @@ def ours_alone(path: Path, mode: int) -> None:
 
 
 def test_first_run_writes_the_bundle_and_the_second_uses_it(laid: Laid) -> None:
-    first = missed(laid, "hotplug bundle written: 38 modules")
+    first = missed(laid, "hotplug bundle written: 41 modules")
     ours_alone(laid.bundle, 0o644)
     ours_alone(laid.cache, 0o755)
     st = laid.bundle.stat()
@@ -154,7 +154,7 @@ def test_the_bundle_holds_the_code_without_docstrings_and_function_annotations(l
     their fields (class annotations stay), asserts stay."""
     usage_ok(run(laid))
     data = laid.bundle.read_bytes()
-    _, _, sections = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
+    _, _, _, sections = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
     codes = {name: entry[0] for section in sections for name, entry in marshal.loads(section).items()}
     namespace: dict[str, object] = {"__name__": "probe"}
     exec(codes["xenblockctl.blockscript.hotplug"], namespace)
@@ -220,14 +220,14 @@ def test_an_edited_source_falls_back_rewrites_and_runs_the_new_code(laid: Laid, 
 
 
 def _sections(data: bytes) -> list[bytes]:
-    return [bytes(section) for section in bundle.parts(data, data[len(bundle.FORMAT) : HEAD])[2]]
+    return [bytes(section) for section in bundle.parts(data, data[len(bundle.FORMAT) : HEAD])[3]]
 
 
 def _rebuilt(data: bytes, *, packages: str | None = None, sections: list[bytes] | None = None) -> bytes:
     """The bundle `data` with its package directory or sections replaced (the layout at bundle.FORMAT)."""
-    old_packages, stats, _ = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
+    old_packages, stats, later, _ = bundle.parts(data, data[len(bundle.FORMAT) : HEAD])
     blobs = _sections(data) if sections is None else sections
-    index = marshal.dumps((packages or old_packages, stats, tuple(len(blob) for blob in blobs)))
+    index = marshal.dumps((packages or old_packages, stats, tuple(len(blob) for blob in blobs), later))
     return data[:HEAD] + len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
@@ -254,12 +254,15 @@ BAD: dict[str, Callable[[bytes], bytes]] = {
     "corrupt": _corrupt,
     "not a bundle's structure": lambda data: data[:HEAD] + marshal.dumps(("x", (1, 2))),
     "not a bundle's entries": lambda data: _rebuilt(
-        data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)})]
+        data, sections=[marshal.dumps({"xenblockctl": (1, 2, 3)}), *_sections(data)[1:]]
     ),
     "a module not built in named as built in": _naming_a_file_module,
     "more than was written": lambda data: data + b"\0",
     "other package directory": lambda data: _rebuilt(data, packages="/elsewhere"),
-    "add's section corrupt": lambda data: _rebuilt(data, sections=[_sections(data)[0], b"\xff" * 99]),
+    "add's section corrupt": lambda data: _rebuilt(
+        data, sections=[_sections(data)[0], b"\xff" * 99, _sections(data)[2]]
+    ),
+    "two sections": lambda data: _rebuilt(data, sections=_sections(data)[:2]),
 }
 
 
@@ -299,7 +302,7 @@ def test_an_action_imports_its_whole_graph_from_the_bundle_before_main_runs(laid
     client, the action's module), yet the whole graph came from the bundle: an add's is the
     bundle less remove's own module, a remove's its own section (nothing of add's)."""
     usage_ok(run(laid))
-    first, second = _held(laid)
+    first, second, _later = _held(laid)
     assert first[:2] == ["xenblockctl", "xenblockctl.blockscript"], first
     assert first.index("xenblockctl.errors") < first.index("xenblockctl.blockscript.hotplug")
     expected = {
@@ -377,6 +380,73 @@ def test_an_action_imports_its_built_in_modules_without_searching_for_them(laid:
         asked, builtins = ast.literal_eval(done.stdout)
         assert asked == [], f"{action}: the import system searched for {asked}"
         assert {"errno", "_stat", "_operator"} <= set(builtins), builtins
+
+
+#: Run in a fresh `python -S` (argv: the laid packages and bundle directory): an add's use() and
+#: preload(), then the modules of the bundle's last section imported as a block-device add imports
+#: them; prints which of them were there before, the loader each came from and whether the last
+#: section was still undecoded before the import.
+LATER_SPY = """
+import sys
+packages, cache = sys.argv[1:]
+sys.path.append(packages)
+from xenblockctl.blockscript import bundle
+assert bundle.use(cache, packages, "add") is None
+bundle.preload(skip=bundle.REMOVE_ROOTS[-1])
+before = [name for name in bundle.LATER_ROOTS if name in sys.modules]
+pending = len(bundle._later)
+for name in bundle.LATER_ROOTS:
+    __import__(name)
+# our loader is the class itself (bundle._spec); the path finder's is an instance
+loaders = [getattr(loader, "__name__", type(loader).__name__)
+           for loader in (sys.modules[name].__loader__ for name in bundle.LATER_ROOTS)]
+print(repr((before, pending, loaders, len(bundle._later))))
+"""
+
+
+def _later_spy(laid: Laid) -> tuple[tuple[list[str], int, list[str], int], str]:
+    """LATER_SPY's findings, and its stderr."""
+    done = subprocess.run(
+        [hostfiles.local_layout().python, "-S", "-c", LATER_SPY, str(laid.packages), str(laid.cache)],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found: tuple[list[str], int, list[str], int] = ast.literal_eval(done.stdout.splitlines()[-1])
+    return found, done.stderr
+
+
+def test_the_last_section_is_decoded_only_when_a_block_device_add_imports_it(laid: Laid) -> None:
+    """bundle.LATER_ROOTS (the sysfs lookups, the walk of every backend, the kernel path's
+    AUTOCLEAR hand-off) are imported lazily by a block-device or kernel-path add only: a file add
+    handed to the engine and a remove neither unmarshal nor run them, yet when they are imported
+    they come from the bundle (its last section, decoded then), not from their .pyc."""
+    usage_ok(run(laid))
+    (before, pending, loaders, left), _ = _later_spy(laid)
+    assert before == [], "nothing of the last section is imported before its own import"
+    assert pending == 1, "the last section is still marshalled after an add's preload"
+    assert loaders == ["_BundleLoader"] * len(bundle.LATER_ROOTS), loaders
+    assert left == 0
+
+
+def test_a_last_section_that_does_not_decode_is_logged_imported_normally_and_the_bundle_removed(
+    laid: Laid,
+) -> None:
+    """The last section is checked only when it is decoded: if it is bad then, its modules are
+    imported from their files, the reason is logged, and the bundle removed so the next start
+    writes a fresh one."""
+    usage_ok(run(laid))
+    first, second, _later = _sections(laid.bundle.read_bytes())
+    laid.bundle.write_bytes(_rebuilt(laid.bundle.read_bytes(), sections=[first, second, b"\xff" * 99]))
+    (before, pending, loaders, left), stderr = _later_spy(laid)
+    assert (before, pending, left) == ([], 1, 0)
+    assert "_BundleLoader" not in loaders, loaders
+    assert "hotplug bundle's last section unusable (ValueError: bad marshal data" in stderr, stderr
+    assert not laid.bundle.exists()
+    missed(laid)  # the next start writes a fresh one
+    usage_ok(run(laid))
 
 
 def test_a_preloaded_built_in_module_gets_what_the_import_system_gives_it() -> None:

@@ -7,17 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fixtures.cxenstored import Daemon
+from xenblockctl.xenstore.backends import BackendEntry, walk_backends
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.identity import format_physical_device, parse_physical_device
 from xenblockctl.xenstore.vbd import (
-    BackendEntry,
     BackendPath,
     BackendRecordError,
     FrontendPath,
     VbdPathError,
     XenbusState,
     backend_dir,
-    walk_backends,
 )
 from xenblockctl.xenstore.vdev import Vdev
 

@@ -1,4 +1,4 @@
-"""vbd.read_in_backends: every backend's node, streamed with the listings (XenStore.stream), on
+"""backends.read_in_backends: every backend's node, streamed with the listings (XenStore.stream), on
 both daemons and both links. It must find exactly what the plain walk and reads find, in the same
 order, including listings too long for one reply (which it lists in parts afterwards): the
 block-device sharing check relies on it to see every backend that publishes a device."""
@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from tests.fixtures.cxenstored import Daemon
+from xenblockctl.xenstore.backends import BackendEntry, read_in_backends, walk_backends
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError
-from xenblockctl.xenstore.vbd import BackendEntry, read_in_backends, walk_backends
 
 pytestmark = pytest.mark.usefixtures("link")
 

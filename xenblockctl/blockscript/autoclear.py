@@ -42,11 +42,13 @@ Killed at any instant (tests/flows/test_kill.py kills at each of faults.AUTOCLEA
   * after step 6: as before this module existed.
 Every give-up is logged with its reason, in the journal the script uses.
 
-Kept to the hotplug path's imports: os, the lock helper and modules `add` has already loaded."""
+Kept to the hotplug path's imports: posix (not os: ~1 ms of every kernel-path add in a fresh
+`python -S`, bench/README.md issue 18 round 10 and class18), the lock helper and modules `add`
+has already loaded; the bundle serves it from its last section (bundle.LATER_ROOTS)."""
 
 from __future__ import annotations
 
-import os
+import posix
 import time
 
 from xenblockctl.blockscript import faults
@@ -109,7 +111,7 @@ def hand_off(
             _clear(store, job)
             return
         try:
-            pid = os.fork()
+            pid = posix.fork()
         except OSError as exc:
             journal.warning(f"fork failed ({exc.strerror}): turning AUTOCLEAR off in line", ERRNO=exc.errno)
             _clear(store, job)
@@ -122,16 +124,16 @@ def hand_off(
 
 
 def _child_main(job: _Job, settings: Settings) -> None:
-    """The child: never returns (os._exit), whatever happens."""
+    """The child: never returns (posix._exit), whatever happens."""
     journal, status = job.journal, 1
     try:
-        os.setsid()  # out of libxl's process group and session: its timeout kill is for the parent
-        null = os.open(os.devnull, os.O_RDWR)
+        posix.setsid()  # out of libxl's process group and session: its timeout kill is for the parent
+        null = posix.open("/dev/null", posix.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(null, fd)  # libxl (and tests) wait for the script's output pipes to close
-        os.close(null)
+            posix.dup2(null, fd)  # libxl (and tests) wait for the script's output pipes to close
+        posix.close(null)
         journal.stderr = False
-        journal.bind(CHILD=os.getpid())
+        journal.bind(CHILD=posix.getpid())
         faults.pause(job.env, "autoclear-forked")
         store = XenStore.connect(
             timeout=settings.xenstore_timeout,
@@ -148,7 +150,7 @@ def _child_main(job: _Job, settings: Settings) -> None:
     except BaseException as exc:  # a bug: logged, and still never back into the caller's flow
         journal.error(f"AUTOCLEAR left on: internal: {type(exc).__name__}: {exc}", CODE="internal")
     finally:
-        os._exit(status)
+        posix._exit(status)
 
 
 def _clear(store: XenStore, job: _Job) -> bool:

@@ -63,16 +63,28 @@ REMOVE_ROOTS = (*MAIN_ROOTS, "xenblockctl.blockscript.remove")
 #: tests/lint/test_hotplug_imports.py measures the graphs from these, and checks that the steps a
 #: file add imports lazily add nothing outside them.
 ROOTS = (*REMOVE_ROOTS, "xenblockctl.blockscript.add")
+#: What an add imports lazily on its other paths: a block device's sysfs lookups and the walk of
+#: every backend (its sharing check), and the AUTOCLEAR hand-off to kernel blkback. The bundle's
+#: last section holds them and what they import beyond ROOTS' closure; it is unmarshalled only
+#: when one of them is first imported (_BundleFinder), so a file add handed to the engine and a
+#: remove neither decode nor run them, and the other paths do not read their .pyc files
+#: (bench/README.md, issue 18, class18).
+LATER_ROOTS = (
+    "xenblockctl.kernel.sysfs",
+    "xenblockctl.xenstore.backends",
+    "xenblockctl.blockscript.autoclear",
+)
 NAME = "hotplug.bundle"
 #: The file starts with this and the interpreter's bytecode magic number, checked before any of it
 #: is unmarshalled (another Python version's marshal data must never be decoded as code). Then the
 #: index's length (4 bytes, little-endian), the index, marshalled: (package directory, ((source,
-#: size, mtime_ns) for every module), (each section's length, ...)), and the sections, each the
-#: marshalled {name: (code, is package, source, its .pyc path, the built-in modules its body imports
-#: at its top level)} of a step of ROOTS, the code without docstrings and function annotations
-#: (lean_code), in the order the modules finished importing when it was written (preload runs them
-#: in that order). Sections are read in place (no copy of ~350 KB), and only those the action needs.
-FORMAT = b"xenblockctl-bundle 5 "
+#: size, mtime_ns) for every module), (each section's length, ...), the names in the last section),
+#: and three sections, each the marshalled {name: (code, is package, source, its .pyc path, the
+#: built-in modules its body imports at its top level)} of a step of ROOTS and then of LATER_ROOTS,
+#: the code without docstrings and function annotations (lean_code), in the order the modules
+#: finished importing when it was written (preload runs them in that order). Sections are read in
+#: place (no copy of ~350 KB), and only those the action needs, the last one only on demand.
+FORMAT = b"xenblockctl-bundle 6 "
 #: Where the bundle lives unless XENBLOCKCTL_CACHE_DIR says otherwise (hostfiles.Layout.cache_dir).
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
@@ -86,6 +98,11 @@ if TYPE_CHECKING:
     Entry = tuple[types.CodeType, bool, str, str, tuple[str, ...]]
 #: name -> Entry of the bundle's modules this run may import
 _codes: "dict[str, Entry]" = {}
+#: The last section while it is still marshalled: its module names, and the section itself (a view
+#: into the bundle's bytes), unmarshalled by the finder when one of those names is first imported.
+_later: "list[tuple[frozenset[str], memoryview]]" = []
+#: The bundle file in use (removed if its last section turns out not to decode)
+_where: list[str] = []
 
 
 class _BundleLoader:
@@ -106,7 +123,41 @@ class _BundleFinder:
     @staticmethod
     def find_spec(name: str, path: object = None, target: object = None) -> ModuleSpec | None:
         entry = _codes.get(name)
+        if entry is None and _later and name in _later[0][0]:
+            _decode_later()
+            entry = _codes.get(name)
         return None if entry is None else _spec(name, entry)
+
+
+def _decode_later() -> None:
+    """Unmarshal the last section (once) into _codes. It was read and stat-checked with the rest
+    at the start; if it does not decode into a bundle's entries, its modules are imported normally
+    and the bundle is removed, so the next start writes a fresh one (as for any bad bundle)."""
+    _names, section = _later.pop()
+    try:
+        codes = _checked(marshal.loads(section))
+    except Exception as exc:
+        _unusable(f"{type(exc).__name__}: {exc}")
+        return
+    _codes.update(codes)
+
+
+def _unusable(why: str) -> None:
+    """The last section did not decode: logged, and the bundle removed (the next start writes a
+    fresh one, as after any bad bundle); the action goes on with normal imports. A failure to
+    remove it is no failure of the action."""
+    from xenblockctl.journal import Journal  # loaded already: every action's graph holds it
+
+    path = _where.pop() if _where else None
+    if path is not None:
+        try:  # noqa: SIM105 (contextlib is kept off the hotplug path)
+            posix.unlink(path)
+        except OSError:
+            pass
+    Journal(IDENTIFIER).warning(
+        f"hotplug bundle's last section unusable ({why}): normal imports, {path} removed",
+        CODE="bundle-unusable",
+    )
 
 
 def _spec(name: str, entry: "Entry") -> ModuleSpec:
@@ -139,7 +190,8 @@ def _module(spec: ModuleSpec) -> "types.ModuleType":
 def use(directory: str, packages: str, action: str | None) -> str | None:
     """Serve this run's imports of our modules from the bundle in `directory` (laid for
     `packages`); None if it is used, else why not (nothing changed then). A remove unmarshals
-    only the first section: remove's graph, which holds nothing of add's."""
+    only the first section: remove's graph, which holds nothing of add's; the last section waits
+    until one of its modules is imported (LATER_ROOTS)."""
     from _frozen_importlib_external import MAGIC_NUMBER
 
     try:
@@ -150,7 +202,7 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
                 if st.st_uid != posix.geteuid() or st.st_mode & 0o022:
                     raise PermissionError(f"{what}: owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}")
             data = f.read()
-        written_for, stats, sections = parts(data, MAGIC_NUMBER)
+        written_for, stats, later, sections = parts(data, MAGIC_NUMBER)
         if written_for != packages:
             raise ValueError(f"written for {written_for}")
         for origin, size, mtime in stats:
@@ -158,26 +210,34 @@ def use(directory: str, packages: str, action: str | None) -> str | None:
             if st.st_size != size or st.st_mtime_ns != mtime:
                 raise ValueError(f"{origin} changed")
         codes: dict[str, Entry] = {}
-        for section in sections[:1] if action == "remove" else sections:
+        for section in sections[:1] if action == "remove" else sections[:2]:
             codes.update(marshal.loads(section))
-        code_type = type(use.__code__)
-        builtins: set[object] = set()
-        for code, _package, origin, cached, imported in codes.values():
-            if type(code) is not code_type or type(origin) is not str or type(cached) is not str:
-                raise TypeError("not a bundle's entry")
-            if type(imported) is not tuple:
-                raise TypeError("not a bundle's entry")
-            builtins.update(imported)
-        # a name that is not built in would become an empty module (BuiltinImporter makes none)
-        if not builtins.issubset(sys.builtin_module_names):
-            raise TypeError(
-                f"not built-in modules: {sorted(map(str, builtins - set(sys.builtin_module_names)))}"
-            )
+        _checked(codes)
+        if type(later) is not tuple or not all(type(name) is str for name in later):
+            raise TypeError("not a bundle's index")
     except Exception as exc:  # missing, stale, refused, truncated, corrupt: never fatal
         return f"{type(exc).__name__}: {exc}"
     _codes.update(codes)
+    _later.append((frozenset(later), sections[2]))
+    _where.append(f"{directory}/{NAME}")
     sys.meta_path.insert(0, _BundleFinder)
     return None
+
+
+def _checked(codes: "dict[str, Entry]") -> "dict[str, Entry]":
+    """`codes` if every value is a bundle's entry, else TypeError."""
+    code_type = type(use.__code__)
+    builtins: set[object] = set()
+    for code, _package, origin, cached, imported in codes.values():
+        if type(code) is not code_type or type(origin) is not str or type(cached) is not str:
+            raise TypeError("not a bundle's entry")
+        if type(imported) is not tuple:
+            raise TypeError("not a bundle's entry")
+        builtins.update(imported)
+    # a name that is not built in would become an empty module (BuiltinImporter makes none)
+    if not builtins.issubset(sys.builtin_module_names):
+        raise TypeError(f"not built-in modules: {sorted(map(str, builtins - set(sys.builtin_module_names)))}")
+    return codes
 
 
 def preload(skip: str | None = None) -> None:
@@ -204,7 +264,9 @@ def preload(skip: str | None = None) -> None:
         not sys.flags.ignore_environment and posix.environ.get(b"PYTHONPROFILEIMPORTTIME")
     ):
         from time import perf_counter_ns as clock
-    for name, entry in _codes.items():
+    # a snapshot: nothing of sections 0 and 1 imports the last section's modules at its top level
+    # (they are outside ROOTS' closure), but a dict that grew during the loop would stop it
+    for name, entry in tuple(_codes.items()):
         if name == skip or name in modules:
             continue
         parent, _, child = name.rpartition(".")
@@ -260,16 +322,21 @@ def _builtin(name: str, verbose: int, clock: "Callable[[], int] | None") -> None
         print(f"import time: {took:9} | {took:10} | {name}", file=sys.stderr)
 
 
-def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], ...], list[memoryview]]:
-    """A bundle's package directory, (source, size, mtime_ns) of every module, and its sections
-    still marshalled (views into `data`); ValueError/EOFError/TypeError for anything else."""
+def parts(
+    data: bytes, magic: bytes
+) -> tuple[str, tuple[tuple[str, int, int], ...], tuple[str, ...], list[memoryview]]:
+    """A bundle's package directory, (source, size, mtime_ns) of every module, the names in its
+    last section and its three sections still marshalled (views into `data`);
+    ValueError/EOFError/TypeError for anything else."""
     head = FORMAT + magic
     if not data.startswith(head):
         raise ValueError("another interpreter's or format's header")
     view = memoryview(data)
     at = len(head) + 4
     size = int.from_bytes(view[len(head) : at], "little")
-    written_for, stats, lengths = marshal.loads(view[at : at + size])
+    written_for, stats, lengths, later = marshal.loads(view[at : at + size])
+    if len(lengths) != 3:
+        raise ValueError(f"{len(lengths)} sections, not 3")
     at += size
     sections = []
     for length in lengths:
@@ -277,7 +344,7 @@ def parts(data: bytes, magic: bytes) -> tuple[str, tuple[tuple[str, int, int], .
         at += length
     if at != len(data):
         raise ValueError(f"{len(data)} bytes, not {at}")  # truncated, or more than was written
-    return written_for, stats, sections
+    return written_for, stats, later, sections
 
 
 def start(directory: str, packages: str, argv: "Sequence[str]") -> None:

@@ -9,7 +9,7 @@ import marshal
 import os
 import sys
 
-from xenblockctl.blockscript.bundle import FORMAT, IDENTIFIER, NAME, REMOVE_ROOTS, ROOTS
+from xenblockctl.blockscript.bundle import FORMAT, IDENTIFIER, LATER_ROOTS, NAME, REMOVE_ROOTS, ROOTS
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
@@ -40,12 +40,12 @@ if TYPE_CHECKING:
 
 def collect(packages: str) -> "list[list[Entry]]":
     """(name, is package, source path, size, mtime_ns, code, the built-in modules its body imports)
-    of every module of REMOVE_ROOTS'
-    closure, then of what ROOTS add to it: imported normally (bundle.py's own imports are of the
-    first; tests/lint checks both sections against the measured graphs)."""
+    of every module of REMOVE_ROOTS' closure, then of what ROOTS add to it, then of what
+    LATER_ROOTS add: imported normally (bundle.py's own imports are of the first; tests/lint checks
+    the sections against the measured graphs)."""
     sections: list[list[Entry]] = []
     seen = {"xenblockctl.blockscript.bundle", __name__}  # the reader and this: never in a bundle
-    for roots in (REMOVE_ROOTS, ROOTS):
+    for roots in (REMOVE_ROOTS, ROOTS, LATER_ROOTS):
         for root in roots:
             __import__(root)
         # in sys.modules' order, which is the order the modules finished importing (the import
@@ -156,13 +156,14 @@ def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
         )
         for section in sections
     ]
-    index = marshal.dumps((packages, stats, tuple(len(blob) for blob in blobs)))
+    later = tuple(name for name, *_rest in sections[-1])
+    index = marshal.dumps((packages, stats, tuple(len(blob) for blob in blobs), later))
     return len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
 def write(directory: str, packages: str) -> int:
-    """Write the bundle of ROOTS' closure from `packages` into `directory`, atomically; returns the
-    number of modules. Raises Refused or OSError/ValueError."""
+    """Write the bundle of ROOTS' and LATER_ROOTS' closure from `packages` into `directory`,
+    atomically; returns the number of modules. Raises Refused or OSError/ValueError."""
     from _frozen_importlib_external import MAGIC_NUMBER
 
     trusted_dir(directory)

@@ -58,17 +58,13 @@ from xenblockctl.xenstore.identity import (
 )
 from xenblockctl.xenstore.numbers import HEX_DIGITS, uint_or_none
 from xenblockctl.xenstore.paths import join
-from xenblockctl.xenstore.vbd import (
-    DOMID_FIRST_RESERVED,
-    BackendEntry,
-    BackendPath,
-    VbdPathError,
-    read_in_backends,
-)
+from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from xenblockctl.xenstore.backends import BackendEntry
 
 
 class SharingConflict(XenblockError):
@@ -254,12 +250,14 @@ def backend_claims(
 ) -> Iterator[Claim]:
     """Claims of every other vbd/vbd3 backend this domain serves; with `devt`, only of those whose
     `physical-device` names it. Whoever wrote a backend (we, Xen's stock script, another tool),
-    its physical-device is read: the listings and those reads are streamed (vbd.read_in_backends),
+    its physical-device is read: the listings and those reads are streamed (backends.read_in_backends),
     so a dom0 with 128 backends pays the daemon's cost of ~2 requests per backend and no wait
     between the levels of the walk (bench/README.md, issue 18); the full record only for the
     matches. Without `devt` (an NBD export's check) every backend's owner record is streamed
     instead of its physical-device: one round trip per backend before (issue 18 round 6)."""
     if devt is None:
+        from xenblockctl.xenstore.backends import read_in_backends  # the walk: only here
+
         found = read_in_backends(store, home, identity.OWNER, skip=own_backend)
         entries = [entry for entry, _owner in found]
         owners = [owner for _entry, owner in found]

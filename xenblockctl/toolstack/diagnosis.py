@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from xenblockctl.errors import XenblockError
 from xenblockctl.toolstack.domains import domain_path
 from xenblockctl.toolstack.vbd_dirs import VbdLocation
+from xenblockctl.xenstore.backends import walk_backends
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.numbers import uint_or_none
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.perms import Perm
-from xenblockctl.xenstore.vbd import XenbusState, walk_backends
+from xenblockctl.xenstore.vbd import XenbusState
 
 
 def may_write(perms: list[Perm], domid: int) -> bool:

@@ -17,6 +17,7 @@ from xenblockctl.kernel import blockdev, sysfs
 from xenblockctl.toolstack import domains
 from xenblockctl.toolstack.vbd_dirs import VbdLocation
 from xenblockctl.xenstore import identity as published_identity
+from xenblockctl.xenstore.backends import walk_backends
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreNoEntry
 from xenblockctl.xenstore.identity import (
@@ -36,7 +37,6 @@ from xenblockctl.xenstore.vbd import (
     BackendRecordError,
     XenbusState,
     parse_error_responses,
-    walk_backends,
 )
 from xenblockctl.xenstore.vdev import VdevError, vdev_name
 

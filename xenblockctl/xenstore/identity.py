@@ -49,15 +49,15 @@ from xenblockctl.enums import Enum
 from xenblockctl.errors import XenblockError
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.numbers import is_hex
-from xenblockctl.xenstore.vbd import BackendRecordError, read_in_backends
+from xenblockctl.xenstore.vbd import BackendRecordError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Protocol, Self, TypeAlias
 
+    from xenblockctl.xenstore.backends import BackendEntry
     from xenblockctl.xenstore.client import XenStore
-    from xenblockctl.xenstore.vbd import BackendEntry
 
 PHYSICAL_DEVICE = "physical-device"
 LUID = "physical-device-luid"
@@ -81,13 +81,15 @@ def format_physical_device(major: int, minor: int) -> str:
 
 def backends_publishing(store: XenStore, home: str, devt: int, *, skip: str = "") -> list[BackendEntry]:
     """The backends of `home` but `skip` whose physical-device names `devt`, in walk order (every
-    backend's physical-device is read, streamed with the listings: vbd.read_in_backends; the
+    backend's physical-device is read, streamed with the listings: backends.read_in_backends; the
     sharing check of a block-device add, and the udev hook's block events). A value names it
     exactly when it is format_physical_device's text for it: parse_physical_device is that
     function's strict inverse (lowercase, no leading zeros, so one spelling per number; anything
     else is malformed and names no device), so comparing the text decides what parsing every
     value would, without a record per backend that publishes something else
     (tests/unit/test_sharing_match.py)."""
+    from xenblockctl.xenstore.backends import read_in_backends  # the walk: block devices only
+
     wanted = format_physical_device(posix.major(devt), posix.minor(devt))
     found = read_in_backends(store, home, PHYSICAL_DEVICE, skip=skip)
     return [entry for entry, text in found if text == wanted]
