@@ -216,6 +216,11 @@ def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: Pa
         assert pair.dataplane.broken is None
 
 
+#: How long the QD-1 guest may wait for its own CPU over its 0.5 s before the host counts as busy
+#: (4 % of the run; alone it waited 0-6 ms here, beside other work 50-290 ms)
+GUEST_WAIT_MAX_NS = 20_000_000
+
+
 def _waited_ns(tid: int) -> int:
     """ns the thread was runnable but waited for a CPU (its schedstat's second field)."""
     with open(f"/proc/self/task/{tid}/schedstat") as f:
@@ -323,9 +328,11 @@ def _qd1_frontend(
     sock: str, domid: int, path: str, cpu: int, conn: multiprocessing.connection.Connection
 ) -> None:
     """A guest (_guest) that reads 4 KiB at QD 1 and sends each read's time from submit to
-    answer, in ns, sorted."""
+    answer, in ns, sorted, and how long it waited meanwhile for its own CPU (ns)."""
     with _guest(sock, domid, path, cpu, conn) as (fe, expected, seconds):
         waits: list[int] = []
+        me = threading.get_native_id()
+        waited = _waited_ns(me)
         end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < end:
@@ -333,7 +340,7 @@ def _qd1_frontend(
             assert fe.read(8 * (i % 256), 4096) == _block(expected, i % 256)
             waits.append(time.monotonic_ns() - t)
             i += 1
-        conn.send(sorted(waits))
+        conn.send((sorted(waits), _waited_ns(me) - waited))
 
 
 @contextlib.contextmanager
@@ -437,7 +444,7 @@ def test_a_group_beside_a_busy_task_serves_its_rings_promptly(
         hog0, t0 = _cpu_ns(pid), time.monotonic_ns()
         parent.send(0.5)
         assert parent.poll(60), "the guest did not finish its reads"
-        waits = parent.recv()
+        waits, guest_waited = parent.recv()
         hog_share = (_cpu_ns(pid) - hog0) / (time.monotonic_ns() - t0)
     p99 = waits[len(waits) * 99 // 100] / 1e6
     # how the group served: a sleeper woken per read, or a poll that caught the refill
@@ -448,6 +455,12 @@ def test_a_group_beside_a_busy_task_serves_its_rings_promptly(
     p999, median = waits[len(waits) * 999 // 1000] / 1e6, waits[len(waits) // 2] / 1e3
     print(f"p99 {p99:.3f} ms, p99.9 {p999:.3f} ms, median {median:.0f} us, {len(waits)} reads,", end=" ")
     print(f"{stalled:.0f} ms in reads over 1 ms; {seen}")
+    if guest_waited > GUEST_WAIT_MAX_NS:
+        # The guest's CPU is its own here: waiting for it means other work on this host (another
+        # test run, a build) took both CPUs, and the group's CPU then has more neighbours than the
+        # one task this test places; the p99 measures that load, not the group (hog20: main's and
+        # the branch's loops both failed it at load 4). Said, not silently passed.
+        pytest.skip(f"host busy: the guest waited {guest_waited / 1e6:.1f} ms for its own CPU; {seen}")
     assert len(waits) >= 200, f"{len(waits)} reads in 0.5 s"
     assert p99 < 1.0, f"p99 {p99:.2f} ms over {len(waits)} reads; {seen}"
     assert idled == 0, f"the group stopped sleeping beside a task that never lets its CPU idle; {seen}"
