@@ -38,7 +38,9 @@ the rings are refilled in such gaps beside a hog too: frontends elsewhere refill
 beside it cost the many-disks bench a third to a half of its IOPS (bench/README.md, many_disks,
 slice20); what tells them apart is the CPU going idle, which a CPU-bound task never lets it do:
 the group stops sleeping once its CPU idled, and a CPU that idled in the last seconds takes no gap
-for a CPU-bound neighbour's sign (ring_loop.h; hog20). Still off by default: the lead decides.
+for a CPU-bound neighbour's sign (ring_loop.h; hog20). Still off by default: a host without
+cpuidle (a Xen PV dom0) cannot see its CPU idle and falls back to the clock alone, whose cost
+there is unmeasured, and groups themselves are opt-in (backend --ring-groups).
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
