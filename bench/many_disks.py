@@ -229,11 +229,11 @@ def _native_frontends(  # noqa: PLR0917 (the Python frontend's own arguments, pa
                 raise SystemExit("--frontend native drives one-page x86_64 rings only")
             # the Python frontend hands request i of a disk to queue i % queues: so does this
             depth = len(range(q, qd, len(fes)))
-            send = fe.evtchn._send  # the engine's end of the pair: what notify() writes
+            send = fe.evtchn.send_fd  # the engine's end of the pair: what notify() writes
             specs.append(
-                f"{d},{fe._fd},{fe.evtchn.fileno()},{send},{fe.gref_base},{fe.ring.size},{fe.ring_pages},{depth}"
+                f"{d},{fe.memory_fd},{fe.evtchn.fileno()},{send},{fe.gref_base},{fe.ring.size},{fe.ring_pages},{depth}"
             )
-            fds += [fe._fd, fe.evtchn.fileno(), send]
+            fds += [fe.memory_fd, fe.evtchn.fileno(), send]
     warm = min(1.0, seconds / 3)
     argv = [str(binary), str(seconds), str(warm), str(1 + min(rings)), str(size // BLOCK), str(int(shuffled))]
     with tempfile.TemporaryFile("w+") as errors:

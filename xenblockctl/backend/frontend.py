@@ -122,6 +122,12 @@ class LocalFrontend:
         self._next_id = 1
         self._retired: list[tuple[int, mmap.mmap, memoryview]] = []  # grant memory before regrant()
 
+    @property
+    def memory_fd(self) -> int:
+        """The memfd whose page N is grant ref gref_base + N (a native loop that drives this ring
+        inherits it)."""
+        return self._fd
+
     def _close_memory(self) -> None:
         self._view.release()
         self._map.close()

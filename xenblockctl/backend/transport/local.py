@@ -504,6 +504,11 @@ class LocalEventChannel(EventChannel):
     def fileno(self) -> int:
         return self._recv
 
+    @property
+    def send_fd(self) -> int:
+        """The peer's end: what notify() writes (a native loop that notifies by itself writes it)."""
+        return self._send
+
     def notify(self) -> None:
         with self._lock:
             if self._send < 0:
