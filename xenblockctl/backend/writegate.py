@@ -142,7 +142,18 @@ class _Every:
 class DeviceWrites:
     """One device's class and write gate state (the module docstring); `of(fd)` finds it."""
 
-    __slots__ = ("__weakref__", "_key", "_lock", "_log", "_seen", "_users", "cls", "name", "state")
+    __slots__ = (
+        "__weakref__",
+        "_key",
+        "_lock",
+        "_log",
+        "_seen",
+        "_users",
+        "cls",
+        "name",
+        "refused_writes",
+        "state",
+    )
 
     def __init__(self, cls: WriteClass, name: str) -> None:
         self.cls = cls
@@ -150,6 +161,8 @@ class DeviceWrites:
         #: write_gate.h's state, read and written by the C pass without the GIL
         self.state = array.array("q", bytes(8 * WG_SIZE))
         self._seen = [0] * WG_SIZE  # the counts as last logged
+        #: RWF_NOWAIT writes of a group's ring refused and written on the ring's own thread
+        self.refused_writes = 0
         self._lock = threading.Lock()
         self._log = _Every()
         self._key: tuple[int, int, int] | None = None
@@ -193,6 +206,7 @@ class DeviceWrites:
     def refused(self) -> None:
         """A RWF_NOWAIT write was refused (EAGAIN or short) and is written on its ring's thread."""
         with self._lock:
+            self.refused_writes += 1
             self._log.add(self.name, "refused by RWF_NOWAIT (dirty throttle, timestamp update or lock)")
 
     def report(self) -> None:
