@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.backend import Pair, PairFactory
-from tests.fixtures.kernel import HAS_LOOP, IS_ROOT
+from tests.fixtures.kernel import HAS_LOOP, IS_ROOT, FreezableFs
 from xenblockctl.backend import blkif, fastpath, writegate
 from xenblockctl.backend.io import DeviceTarget, Executor
 from xenblockctl.backend.ringgroup import RingGroup
@@ -254,6 +254,46 @@ def test_a_refused_write_keeps_its_rings_order(
             assert os.pread(fd, 4096, 0) == blocks[-1], (
                 f"round {round_}: a write finished before an earlier one"
             )
+
+
+def test_a_write_that_slept_in_the_group_holds_its_device_out(
+    freezable_fs: FreezableFs, group: RingGroup, make_pair: PairFactory
+) -> None:
+    """ext4 cannot be asked whether a write will wait, and the dirty pages say nothing of a frozen
+    filesystem (or a memcg limit, a journal wait): the first write there sleeps in the group. Its
+    thread's voluntary switches show it, and the device's later writes leave the group for a hold
+    (1 s, doubling while it recurs) instead of sleeping there too."""
+    path = freezable_fs.path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(8 * MIB)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    pair: Pair | None = None
+    try:
+        pair = _pair(make_pair, group, fd, data_pages=32)
+        fe = pair.frontend
+        assert fe.write(0, b"\x01" * 4096) == blkif.RSP_OKAY  # the pages are granted and cached
+        executor = pair.dataplane.executor
+        assert isinstance(executor, Executor)
+        state = executor.writes.state
+        assert state[writegate.WG_SLEPT] == 0
+        freezable_fs.freeze()
+        try:
+            rid = fe.submit_write(8, b"\x02" * 4096)
+            fe.kick()
+            time.sleep(0.3)  # the write waits for the thaw, in the group's thread
+        finally:
+            freezable_fs.thaw()
+        assert fe.collect(1, timeout=30)[rid].response.status == blkif.RSP_OKAY
+        assert state[writegate.WG_SLEPT] == 1
+        assert state[writegate.WG_HOLD_NS] == 1_000_000_000
+        for i in range(4):  # within the hold: written by the ring's own thread
+            assert fe.write(16 + 8 * i, b"\x03" * 4096) == blkif.RSP_OKAY
+        assert state[writegate.WG_LEFT_HELD] >= 1
+        assert state[writegate.WG_SLEPT] == 1
+    finally:
+        if pair is not None:  # before the fd closes (make_pair's own stop then has nothing to do)
+            pair.dataplane.stop(timeout=30)
+        os.close(fd)
 
 
 def test_tmpfs_reads_stay_in_the_group(tmp_path: Path, group: RingGroup, make_pair: PairFactory) -> None:

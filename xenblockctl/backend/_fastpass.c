@@ -532,11 +532,13 @@ static int mergeable(const struct prepared *a, uint64_t end, const struct prepar
 
 /* reqs[0..nreq) in ring order, the GIL released; how many finished in full. A gated write (a
  * group's, let in by its device's gate `wg`) that slept in the kernel holds the device's later
- * writes out of the group (write_gate.h). */
+ * writes out of the group (write_gate.h: the thread's voluntary switches, counted before the first
+ * gated write of the call and again after any that took SLEPT_CHECK_NS or more). */
 static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd, int64_t *wg)
 {
     struct iovec iov[IOVS_MAX];
     Py_ssize_t done = 0;
+    long switches = -1; /* not counted yet */
     while (done < nreq) {
         struct prepared *p = &reqs[done];
         int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
@@ -557,11 +559,20 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
             }
             v = iov;
         }
-        long switches = p->gated ? gate_switches() : 0;
+        int64_t t0 = 0;
+        if (p->gated && wg != NULL) {
+            if (switches < 0)
+                switches = gate_switches();
+            t0 = wg_now();
+        }
         ssize_t n = p->r.op == OP_READ ? preadv2(fd, v, iovcnt, (off_t)p->r.offset, flags)
                                        : pwritev2(wfd, v, iovcnt, (off_t)p->r.offset, flags);
-        if (p->gated && wg != NULL && gate_switches() != switches)
-            gate_slept(wg);
+        if (t0 && wg_now() - t0 >= SLEPT_CHECK_NS) {
+            long now = gate_switches();
+            if (now != switches)
+                gate_slept(wg);
+            switches = now;
+        }
         if (n < 0)
             break; /* Python runs it again its own way, and reports what it finds */
         uint64_t covered = 0;

@@ -559,7 +559,15 @@ class Executor:
     run on the ring thread or on the pool (unless alone on their ring). What follows is about buffered
     writes: plain files, and devices without a DirectWriter.
 
-    Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
+    How a buffered write may wait depends on the file's kind (writegate.py: `writes`, decided from
+    statfs/S_ISBLK when the executor is made, corrected by the kernel's first RWF_NOWAIT answer).
+    On xfs and btrfs it is tried with RWF_NOWAIT, and a refusal (the dirty throttle, a timestamp
+    update, a lock) is written on the ring thread as below, not on the pool: it holds that ring
+    alone, and the ring's requests finish in ring order (a ring group hands such a write back to
+    the ring's thread for this). On tmpfs (no writeback, no disk) reads and writes run inline:
+    their RWF_NOWAIT is refused with EOPNOTSUPP, which used to send every read to the pool.
+
+    Buffered writes to a block device (and on ext4 and overlayfs) have no RWF_NOWAIT: the kernel says
     EOPNOTSUPP. Then a WRITE that covers whole host pages (offset and length multiples of the page
     size) runs inline on the ring thread anyway, and only other WRITEs go to the pool. Such a write
     never makes the kernel read: a page it touches is overwritten in full, so an uncached page is

@@ -12,7 +12,7 @@
  *     computes both thresholds at read time: read at most once per DIRTY_READ_NS, and only when a
  *     gated write is to be decided: a group that writes nothing never reads it), or
  *   - the device is held: a write of it slept in a group (its thread's voluntary context switches,
- *     getrusage RUSAGE_THREAD ru_nvcsw, moved across the pwritev2). That catches what the global
+ *     getrusage RUSAGE_THREAD ru_nvcsw, moved across a pwritev2 that took SLEPT_CHECK_NS or more). That catches what the global
  *     numbers miss: a memcg's dirty limit, a strictlimit bdi, reclaim, a journal wait, the inode
  *     lock held by the device's own throttled ring thread. The hold starts at HOLD_FIRST_NS and
  *     doubles (up to HOLD_MAX_NS) when a sleep comes within one hold's length of the last hold's end.
@@ -50,6 +50,10 @@ enum { GATE_OPEN = 0, GATE_DIRTY = 1, GATE_HELD = 2 };
  * stall was at the ceiling or above; a quarter of margin for a burst between two reads */
 #define DIRTY_GATE_PERMILLE 750
 #define DIRTY_READ_NS 1000000LL /* a read + parse costs ~10 us: at most 1 % of a busy group's CPU */
+/* a write that took less was not held up long enough to matter to the group's other rings (a
+ * throttle pause is a jiffy or more); one that took longer is checked for a sleep: getrusage costs
+ * ~124 ns, twice a write was a tenth of a cached 4 KiB write's CPU */
+#define SLEPT_CHECK_NS 200000LL
 #define HOLD_FIRST_NS 1000000000LL
 #define HOLD_MAX_NS 64000000000LL
 
