@@ -135,25 +135,20 @@ static double hist_percentile(const struct disk *d, double pct) {
     return bucket_mid(BUCKETS - 1);
 }
 
-static void submit_write(struct ring *r, uint32_t slot, uint64_t t) {
-    uint64_t block = next_random() % (blocks / r->pages) * r->pages;
-    uint32_t first = r->first_data + slot * r->pages;
-    for (uint32_t k = 0; k < r->pages; k++) {
-        uint8_t *page = r->mem + (size_t)(first + k) * PAGE;
-        uint64_t head = block + k, tail = ~(block + k);
-        memcpy(page, &head, 8);
-        memcpy(page + PAGE - 8, &tail, 8);
-    }
+/* Request `slot` into the ring: `op` of `npages` whole pages from page first_data + first on, at
+ * `block`. */
+static void put_request(struct ring *r, uint32_t slot, uint64_t t, uint8_t op, uint64_t block, uint32_t first,
+                        uint32_t npages) {
     uint64_t id = (++r->seq << 8) | slot;
     uint8_t *req = r->mem + HEADER + (size_t)(r->req_prod_pvt & (r->size - 1)) * ENTRY;
     uint64_t sector = block * SECTORS_PER_PAGE;
-    memset(req, 0, ENTRY);
-    req[0] = OP_WRITE;
-    req[1] = (uint8_t)r->pages;
+    memset(req, 0, 24 + 8 * npages);
+    req[0] = op;
+    req[1] = (uint8_t)npages; /* nr_segments */
     memcpy(req + 8, &id, 8);
     memcpy(req + 16, &sector, 8);
-    for (uint32_t k = 0; k < r->pages; k++) {
-        uint32_t gref = r->gref_base + first + k;
+    for (uint32_t k = 0; k < npages; k++) { /* segment k: the whole page, sectors 0..7 */
+        uint32_t gref = r->gref_base + r->first_data + first + k;
         memcpy(req + 24 + 8 * k, &gref, 4);
         req[24 + 8 * k + 4] = 0;
         req[24 + 8 * k + 5] = SECTORS_PER_PAGE - 1;
@@ -167,32 +162,22 @@ static void submit_write(struct ring *r, uint32_t slot, uint64_t t) {
 }
 
 static void submit(struct ring *r, uint32_t slot, uint64_t t) {
-    if (r->pages) {
-        submit_write(r, slot, t);
+    if (r->pages) { /* a writer: its pages stamped as the image's blocks are */
+        uint64_t block = next_random() % (blocks / r->pages) * r->pages;
+        for (uint32_t k = 0; k < r->pages; k++) {
+            uint8_t *page = r->mem + (size_t)(r->first_data + slot * r->pages + k) * PAGE;
+            uint64_t head = block + k, tail = ~(block + k);
+            memcpy(page, &head, 8);
+            memcpy(page + PAGE - 8, &tail, 8);
+        }
+        put_request(r, slot, t, OP_WRITE, block, slot * r->pages, r->pages);
         return;
     }
     uint8_t *page = r->mem + (size_t)(r->first_data + slot) * PAGE;
     uint64_t block = next_random() % blocks, poison = POISON;
     memcpy(page, &poison, 8);
     memcpy(page + PAGE - 8, &poison, 8);
-    uint64_t id = (++r->seq << 8) | slot;
-    uint8_t *req = r->mem + HEADER + (size_t)(r->req_prod_pvt & (r->size - 1)) * ENTRY;
-    uint64_t sector = block * SECTORS_PER_PAGE;
-    uint32_t gref = r->gref_base + r->first_data + slot;
-    memset(req, 0, 24 + 8);
-    req[0] = OP_READ;
-    req[1] = 1; /* nr_segments */
-    memcpy(req + 8, &id, 8);
-    memcpy(req + 16, &sector, 8);
-    memcpy(req + 24, &gref, 4); /* segment 0: the whole page, sectors 0..7 */
-    req[28] = 0;
-    req[29] = SECTORS_PER_PAGE - 1;
-    r->req_prod_pvt++;
-    r->expect_id[slot] = id;
-    r->block[slot] = block;
-    r->submitted_ns[slot] = t;
-    r->busy[slot] = 1;
-    r->in_flight++;
+    put_request(r, slot, t, OP_READ, block, slot, 1);
 }
 
 /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY */
