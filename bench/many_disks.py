@@ -4,6 +4,7 @@ and 2 queues per disk (local transport, same run).
     .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
         [--frontends 2] [--io-workers 4] [--engine threads,workers:2,groups:2,workers-groups:2]
         [--frontend python,native] [--frontend-cpus LIST]
+        [--writers N [--write-pages P] [--dir DIR] [--dirty-limit-mib M]]
 
 Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (spread over its
 queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
@@ -27,6 +28,14 @@ Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU
 latency (the median disk's and the worst disk's, from submit to harvest in the frontend; the
 native loop's from a histogram, within 1.6 %), and
 Jain's fairness index over the disks' IOPS (1.0 = every disk got the same share).
+
+Writes (issue 20, write isolation in ring groups): `--writers N` makes the first N disks of each
+row write `--write-pages` whole pages at random aligned offsets instead (native frontends only),
+each to a copy of the image of its own (pages stamped as the image's blocks are), `--dir` puts the image
+on the filesystem to measure (its kind decides how a buffered write may wait: backend/writegate.py),
+and `--dirty-limit-mib` lowers vm.dirty_bytes for the run (restored after) so the kernel's dirty
+throttle meets the writers. A second line per row gives the writers' MiB/s, the readers' IOPS and
+p99, and what the writers' write gates did (zeros on a tree without them).
 """
 
 from __future__ import annotations
@@ -431,7 +440,10 @@ def run(
     ctx = multiprocessing.get_context("spawn")
     writing = set(range(writers))  # the first disks write (--writers), the rest read
     fds = [
-        os.open(image, (os.O_RDWR if d in writing else os.O_RDONLY) | os.O_CLOEXEC) for d in range(n_disks)
+        os.open(_writer_image(image, d), os.O_RDWR | os.O_CLOEXEC)
+        if d in writing
+        else os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        for d in range(n_disks)
     ]
     targets = [DeviceTarget.from_fd(fd) for fd in fds]
     shares = [list(range(n_disks))[i::frontends] for i in range(frontends)]
@@ -622,6 +634,19 @@ def _dirty_limit(mib: int) -> Iterator[None]:
         for by_bytes, by_ratio in pairs:  # writing one of a pair zeroes the other
             name = by_bytes if saved[by_bytes] != "0" else by_ratio
             (vm / name).write_text(saved[name])
+
+
+def _writer_image(image: Path, d: int) -> Path:
+    """Writer disk d's own copy of the image (made once, written back): a writer shares no file
+    with the readers, as guests' disks do not (on xfs a throttled buffered write holds its file's
+    IOLOCK, which a NOWAIT read of that file then meets)."""
+    path = image.with_name(f"writer{d}.img")
+    if not path.exists():
+        with open(image, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+    return path
 
 
 def _print_writes(r: Row) -> None:
