@@ -137,9 +137,9 @@ def _pair(make_pair: PairFactory, group: RingGroup, fd: int, **kw: object) -> Pa
 def _write_hard(
     pair: Pair, size: int, stop: threading.Event, written: list[int], errors: list[BaseException]
 ) -> None:
-    """256 KiB writes at QD 4, sequential over the device and round again, until `stop`."""
+    """1 MiB writes at QD 4, sequential over the device and round again, until `stop`."""
     fe = pair.frontend
-    chunk = 256 * 1024
+    chunk = 1024 * 1024
     data = os.urandom(chunk)
     at = 0
     try:
@@ -169,7 +169,7 @@ def _p99_beside_a_writer(
     _, rfd = fs.file("reader.img", MIB, expected)
     _, wfd = fs.file("writer.img", 256 * MIB)
     reader = _pair(make_pair, group, rfd, data_pages=32)
-    writer = _pair(make_pair, group, wfd, data_pages=256, indirect_pages=16)
+    writer = _pair(make_pair, group, wfd, data_pages=1024, indirect_pages=16)
     for i in range(256):  # cached, and the reader's pages granted
         assert reader.frontend.read(8 * i, 4096) == expected[i * 4096 : (i + 1) * 4096]
     stop = threading.Event()
@@ -228,9 +228,10 @@ def test_a_throttled_writer_does_not_hold_up_its_groups_other_rings(  # noqa: PL
             f"closed {state[writegate.WG_CLOSED]}, slept {state[writegate.WG_SLEPT]}, "
             f"refused {executor.writes.refused_writes}"
         )
-        # a throttle pause is 10-45 ms on this host (design-nowait20.md); a round of the group
-        # with a read and a write pass well under one
-        assert p99 < 0.008, f"reads waited {p99 * 1e3:.1f} ms (p99) beside the writer"
+        # a throttle pause is 10-45 ms on this host (design-nowait20.md): main's p99 here was
+        # 27-40 ms on ext4; this branch's 1-7 ms at load 5-7 (a round of the group with a 1 MiB
+        # write it let in is ~1 ms; the rest is the shared interpreter and a loaded host)
+        assert p99 < 0.012, f"reads waited {p99 * 1e3:.1f} ms (p99) beside the writer"
         assert written > 64 * MIB
         said = [r.getMessage() for r in caplog.records if "ring group write hand-offs" in r.getMessage()]
         if kind == "ext4":
