@@ -59,11 +59,13 @@ SLOT_RULES = "xenblockctl/backend/blkif_slot.h"
 RING_ANSWER = "xenblockctl/backend/ring_answer.h"
 #: the wait-and-serve loop's skeleton, written once for both native passes
 RING_LOOP = "xenblockctl/backend/ring_loop.h"
+#: the ring group's write gate (issue 20, wiso20): _fastpass only
+WRITE_GATE = "xenblockctl/backend/write_gate.h"
 
 FASTPASS = setuptools.Extension(
     "xenblockctl.backend._fastpass",
     sources=["xenblockctl/backend/_fastpass.c"],
-    depends=[SLOT_RULES, RING_ANSWER, RING_LOOP],
+    depends=[SLOT_RULES, RING_ANSWER, RING_LOOP, WRITE_GATE],
     # warnings are bugs here: tests/unit/test_fastpass.py also builds it with -Werror
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     optional=True,

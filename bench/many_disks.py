@@ -4,6 +4,7 @@ and 2 queues per disk (local transport, same run).
     .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
         [--frontends 2] [--io-workers 4] [--engine threads,workers:2,groups:2,workers-groups:2]
         [--frontend python,native] [--frontend-cpus LIST]
+        [--writers N [--write-pages P] [--dir DIR] [--dirty-limit-mib M]]
 
 Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (spread over its
 queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
@@ -27,6 +28,14 @@ Per row: aggregate IOPS (completions of all disks / wall time), the engine's CPU
 latency (the median disk's and the worst disk's, from submit to harvest in the frontend; the
 native loop's from a histogram, within 1.6 %), and
 Jain's fairness index over the disks' IOPS (1.0 = every disk got the same share).
+
+Writes (issue 20, write isolation in ring groups): `--writers N` makes the first N disks of each
+row write `--write-pages` whole pages at random aligned offsets instead (native frontends only),
+each to a copy of the image of its own (pages stamped as the image's blocks are), `--dir` puts the image
+on the filesystem to measure (its kind decides how a buffered write may wait: backend/writegate.py),
+and `--dirty-limit-mib` lowers vm.dirty_bytes for the run (restored after) so the kernel's dirty
+throttle meets the writers. A second line per row gives the writers' MiB/s, the readers' IOPS and
+p99, and what the writers' write gates did (zeros on a tree without them).
 """
 
 from __future__ import annotations
@@ -128,6 +137,8 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     cpus: set[int] | None,
     shuffled: bool,
     native: Path | None,
+    writers: set[int] = frozenset(),  # type: ignore[assignment]
+    write_pages: int = 1,
 ) -> None:
     if cpus:  # guests on CPUs of their own (--frontend-cpus)
         os.sched_setaffinity(0, cpus)
@@ -135,14 +146,17 @@ def _frontends(  # noqa: PLR0917 (a multiprocessing target takes positional args
     try:
         for d in disks:
             # one domain per disk: each its own grant-ref space and ports, like guests
+            pages = qd * write_pages if d in writers else qd
             rings[d] = [
-                LocalFrontend(sock, 1 + d, data_pages=qd, indirect_pages=1, persistent=persistent)
+                LocalFrontend(sock, 1 + d, data_pages=pages, indirect_pages=1, persistent=persistent)
                 for _ in range(queues)
             ]
         nodes = {d: [fe.xenstore_nodes() for fe in fes] for d, fes in rings.items()}
         if native is not None:
-            _native_frontends(native, rings, qd, size, seconds, shuffled, nodes, conn)
+            _native_frontends(native, rings, qd, size, seconds, shuffled, nodes, conn, writers, write_pages)
             return
+        if writers:
+            raise SystemExit("--writers needs --frontend native")
         conn.send((nodes, []))
         conn.recv()  # data planes running
         rng = random.Random(1)
@@ -218,6 +232,8 @@ def _native_frontends(  # noqa: PLR0917 (the Python frontend's own arguments, pa
     shuffled: bool,
     nodes: dict[int, list[dict[str, str]]],
     conn: multiprocessing.connection.Connection,
+    writers: set[int] = frozenset(),  # type: ignore[assignment]
+    write_pages: int = 1,
 ) -> None:
     """The hot loop of `_frontends` in C (bench/native_frontend.c) on the rings this process set
     up: it inherits each ring's memfd and eventfd pair, and its pid is counted as the frontends'
@@ -230,9 +246,9 @@ def _native_frontends(  # noqa: PLR0917 (the Python frontend's own arguments, pa
             # the Python frontend hands request i of a disk to queue i % queues: so does this
             depth = len(range(q, qd, len(fes)))
             send = fe.evtchn.send_fd  # the engine's end of the pair: what notify() writes
-            specs.append(
-                f"{d},{fe.memory_fd},{fe.evtchn.fileno()},{send},{fe.gref_base},{fe.ring.size},{fe.ring_pages},{depth}"
-            )
+            ring = f"{fe.gref_base},{fe.ring.size},{fe.ring_pages},{depth}"
+            spec = f"{d},{fe.memory_fd},{fe.evtchn.fileno()},{send},{ring}"
+            specs.append(spec + (f",{write_pages}" if d in writers else ""))
             fds += [fe.memory_fd, fe.evtchn.fileno(), send]
     warm = min(1.0, seconds / 3)
     argv = [str(binary), str(seconds), str(warm), str(1 + min(rings)), str(size // BLOCK), str(int(shuffled))]
@@ -390,6 +406,14 @@ class Row:
     #: polls found their CPU taken by another task (ringgroup.SHARED_NS)
     hog_share: float = -1.0
     found_shared: int = 0
+    #: --writers: the writers' MiB/s, the readers' IOPS and p99 (median and worst reader), and the
+    #: writers' write gates: writes handed off, gate closures, writes that slept in a group, RWF_NOWAIT
+    #: refusals written on the ring's thread (backend/writegate.py; zeros on a tree without it)
+    write_mib_s: float = 0.0
+    read_iops: float = 0.0
+    read_p99_median_us: float = 0.0
+    read_p99_worst_us: float = 0.0
+    gate: tuple[int, ...] = (0, 0, 0, 0)
 
 
 def run(
@@ -409,10 +433,18 @@ def run(
     shuffled: bool = True,
     hog: int | None = None,
     native: Path | None = None,
+    writers: int = 0,
+    write_pages: int = 1,
 ) -> Row:
     size = image.stat().st_size
     ctx = multiprocessing.get_context("spawn")
-    fds = [os.open(image, os.O_RDONLY | os.O_CLOEXEC) for _ in range(n_disks)]
+    writing = set(range(writers))  # the first disks write (--writers), the rest read
+    fds = [
+        os.open(_writer_image(image, d), os.O_RDWR | os.O_CLOEXEC)
+        if d in writing
+        else os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        for d in range(n_disks)
+    ]
     targets = [DeviceTarget.from_fd(fd) for fd in fds]
     shares = [list(range(n_disks))[i::frontends] for i in range(frontends)]
     shares = [s for s in shares if s]
@@ -436,6 +468,8 @@ def run(
                     frontend_cpus,
                     shuffled,
                     native,
+                    writing & set(share),
+                    write_pages,
                 ),
             )
             proc.start()
@@ -530,6 +564,19 @@ def run(
     # the engine CPU covers warm-up and measurement alike, and so does this count (a worker's
     # counts arrive when its queue stops; the last QD requests per disk are in it too)
     served = sum(dp.stats.requests for dp in planes)
+    readers = [d for d in range(n_disks) if d not in writing]
+    read_p99s = sorted(results[d].p99_us for d in readers) or [0.0]
+    gate = [0, 0, 0, 0]  # the writers' write gates (writegate.py; a base tree has none)
+    seen: set[int] = set()
+    for plane in planes:
+        writes: Any = getattr(getattr(plane, "executor", None), "writes", None)
+        if writes is None or id(writes) in seen or d_of(plane) not in writing:
+            continue
+        seen.add(id(writes))  # one per device: its queues and disks on one file share it
+        st = writes.state  # writegate.WG_*: LEFT_DIRTY 4, LEFT_HELD 5, CLOSED 3, SLEPT 2
+        for i, v in enumerate((st[4] + st[5], st[3], st[2], writes.refused_writes)):
+            gate[i] += v
+    write_mib_s = sum(results[d].completed for d in writing) * write_pages * BLOCK / seconds / (1 << 20)
     per_disk = [results[d].completed / seconds for d in range(n_disks)]
     total = sum(per_disk)
     jain = _jain(per_disk)
@@ -556,7 +603,72 @@ def run(
         group_wait_us=(g1[1] - g0[1]) / n / 1e3,
         hog_share=(h1 - h0) / (t1 - t0) if hog else -1.0,
         found_shared=s1 - s0,
+        write_mib_s=write_mib_s,
+        read_iops=sum(results[d].completed for d in readers) / seconds,
+        read_p99_median_us=percentile(read_p99s, 50),
+        read_p99_worst_us=read_p99s[-1],
+        gate=tuple(gate),
     )
+
+
+def d_of(plane: DataPlane | RemoteQueue) -> int:
+    """The disk a bench data plane serves (its name: bench-D-qQ)."""
+    return int(getattr(plane, "name", "bench--1-q0").split("-")[1])
+
+
+@contextlib.contextmanager
+def _dirty_limit(mib: int) -> Iterator[None]:
+    """vm.dirty_bytes at `mib` MiB and dirty_background_bytes at half of it for the run (0: left as
+    it is); the limits as they were afterwards (a ratio or a byte count, whichever was set)."""
+    if not mib:
+        yield
+        return
+    vm = Path("/proc/sys/vm")
+    pairs = (("dirty_bytes", "dirty_ratio"), ("dirty_background_bytes", "dirty_background_ratio"))
+    saved = {n: (vm / n).read_text().strip() for pair in pairs for n in pair}
+    try:
+        (vm / "dirty_background_bytes").write_text(str(mib << 19))
+        (vm / "dirty_bytes").write_text(str(mib << 20))
+        yield
+    finally:
+        for by_bytes, by_ratio in pairs:  # writing one of a pair zeroes the other
+            name = by_bytes if saved[by_bytes] != "0" else by_ratio
+            (vm / name).write_text(saved[name])
+
+
+def _writer_image(image: Path, d: int) -> Path:
+    """Writer disk d's own copy of the image (made once, written back): a writer shares no file
+    with the readers, as guests' disks do not (on xfs a throttled buffered write holds its file's
+    IOLOCK, which a NOWAIT read of that file then meets)."""
+    path = image.with_name(f"writer{d}.img")
+    if not path.exists():
+        with open(image, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+    return path
+
+
+def _print_writes(r: Row) -> None:
+    """--writers: a row's second line."""
+    med, worst = r.read_p99_median_us / 1000, r.read_p99_worst_us / 1000
+    left, closed, slept, refused = r.gate
+    print(
+        f"  {'':>8} {'':>9} writers {r.write_mib_s:.0f} MiB/s; readers {r.read_iops:.0f} IOPS, p99 median"
+        f" {med:.2f} ms worst {worst:.2f} ms; gate: handed off {left}, closed {closed}, slept {slept},"
+        f" refused {refused}",
+        flush=True,
+    )
+
+
+def _fs_name(path: Path) -> str:
+    """The filesystem type of the mount holding `path` (/proc/self/mounts: its longest prefix)."""
+    best, kind = "", "?"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        where, fs = line.split()[1:3]
+        if str(path).startswith(where.rstrip("/") + "/") and len(where) > len(best):
+            best, kind = where, fs
+    return kind
 
 
 def main() -> int:
@@ -632,6 +744,28 @@ def main() -> int:
         help="set backend/ringgroup.py's SLICE_NS (0: the kernel's base slice) for an A/B in one tree",
     )
     ap.add_argument(
+        "--writers",
+        type=int,
+        default=0,
+        help="the first N disks of each row write instead of read (--frontend native only): random"
+        " writes of --write-pages pages, stamped as the image is; rows then add the writers' MiB/s, the"
+        " readers' IOPS and p99, and the writers' write gate counts (issue 20, write isolation)",
+    )
+    ap.add_argument("--write-pages", type=int, default=1, help="pages per write (direct segments: 1-11)")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="make the image (and the frontends' socket) in this directory: its filesystem decides"
+        " how buffered writes may wait (backend/writegate.py); default: a temporary directory",
+    )
+    ap.add_argument(
+        "--dirty-limit-mib",
+        type=int,
+        default=0,
+        help="lower vm.dirty_bytes to this (background: half) for the run, restored after: a throttled"
+        " writer (root)",
+    )
+    ap.add_argument(
         "--frontend",
         default="python",
         help="python (the frontend processes' own Python loop), native (their hot loop in C,"
@@ -657,7 +791,13 @@ def main() -> int:
             from xenblockctl.backend import ringgroup
 
             setattr(ringgroup, knob, value)
-    with tempfile.TemporaryDirectory(prefix="xbc-bench-disks-") as tmp, _hog(args.hog) as hog:
+    if not 1 <= args.write_pages <= 11:
+        ap.error("--write-pages takes 1 to 11")
+    with (
+        tempfile.TemporaryDirectory(prefix="xbc-bench-disks-", dir=args.dir) as tmp,
+        _hog(args.hog) as hog,
+        _dirty_limit(args.dirty_limit_mib),
+    ):
         image = Path(tmp, "disk.img")
         make_image(image, args.size_mib << 20)
         binary = build_native_frontend(Path(tmp)) if "native" in kinds else None
@@ -668,6 +808,12 @@ def main() -> int:
         try:
             cpus = len(os.sched_getaffinity(0))
             where = f" on CPUs {args.frontend_cpus} (the engine on the other {cpus})" if frontend_cpus else ""
+            if args.writers:
+                print(
+                    f"the first {args.writers} disks of each row write {args.write_pages * 4} KiB at random"
+                    f" offsets instead, the image on {_fs_name(image)}"
+                    + (f", vm.dirty_bytes {args.dirty_limit_mib} MiB" if args.dirty_limit_mib else "")
+                )
             print(
                 f"4 KiB random reads, QD {args.qd} per disk, page cache warm, {args.seconds:.0f} s per row,"
                 f" {args.frontends} frontend processes{where}, {cpus} CPUs, {args.io_workers} I/O threads per"
@@ -723,6 +869,8 @@ def main() -> int:
                                 shuffled=args.frontend_order == "shuffled",
                                 hog=hog,
                                 native=binary if kind == "native" else None,
+                                writers=min(args.writers, n),
+                                write_pages=args.write_pages,
                             )
                         finally:
                             if pool is not None:
@@ -741,6 +889,8 @@ def main() -> int:
                             + (f"  hog {r.hog_share:.0%} shared {r.found_shared}" if hog else ""),
                             flush=True,
                         )
+                        if args.writers:
+                            _print_writes(r)
         finally:
             transport.close()
     return 0

@@ -10,7 +10,7 @@
  * N of the memfd: the ring is page 0, request slot i reads into page first_data + i.
  *
  * Protocol: argv = SECONDS WARM_SECONDS SEED BLOCKS SHUFFLE RING...; RING =
- * "disk,memfd,recv_fd,send_fd,gref_base,ring_size,first_data,depth". It maps every ring, submits
+ * "disk,memfd,recv_fd,send_fd,gref_base,ring_size,first_data,depth[,pages]". It maps every ring, submits
  * nothing until a line arrives on stdin ("go"), runs WARM_SECONDS + SECONDS keeping `depth` reads
  * of 4 KiB at random blocks outstanding per ring, counts and times only the completions of the
  * last SECONDS, then stops resubmitting, drains every ring, prints one line per disk
@@ -22,6 +22,12 @@
  * and the data: the image's block B starts with B (u64 LE) and ends with ~B, and each data page
  * is poisoned before its read is submitted, so a read of the wrong block, a short read or no
  * write at all are all caught. A failure is reported on stderr and makes the run fail.
+ *
+ * A ring with `pages` > 0 writes instead (issue 20, wiso20: many_disks --writers): `pages` whole
+ * pages a request (direct segments, at most 11) at a random block aligned to `pages`, each page
+ * stamped as the image is (block number first, its complement last), so the image stays valid for
+ * the readers; slot i uses pages first_data + i * pages on. Its answers are checked for id, WRITE
+ * and OK.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,6 +47,8 @@
 #define HEADER 64u /* struct blkif_sring: four indices and padding */
 #define ENTRY 112u /* x86_64 blkif_request (the largest member of the ring's union) */
 #define OP_READ 0u
+#define OP_WRITE 1u
+#define SEGS_MAX 11u
 #define MAX_DEPTH 32u
 #define POISON UINT64_MAX /* no block number: a page still holding it was never written */
 #define MAX_REPORTS 10
@@ -53,6 +61,7 @@ struct sring {
 struct ring {
     int disk, recv_fd, send_fd;
     uint32_t gref_base, size, first_data, depth;
+    uint32_t pages; /* > 0: a writer of this many pages a request */
     uint8_t *mem;
     size_t mem_len;
     struct sring *s;
@@ -126,29 +135,49 @@ static double hist_percentile(const struct disk *d, double pct) {
     return bucket_mid(BUCKETS - 1);
 }
 
-static void submit(struct ring *r, uint32_t slot, uint64_t t) {
-    uint8_t *page = r->mem + (size_t)(r->first_data + slot) * PAGE;
-    uint64_t block = next_random() % blocks, poison = POISON;
-    memcpy(page, &poison, 8);
-    memcpy(page + PAGE - 8, &poison, 8);
+/* Request `slot` into the ring: `op` of `npages` whole pages from page first_data + first on, at
+ * `block`. */
+static void put_request(struct ring *r, uint32_t slot, uint64_t t, uint8_t op, uint64_t block, uint32_t first,
+                        uint32_t npages) {
     uint64_t id = (++r->seq << 8) | slot;
     uint8_t *req = r->mem + HEADER + (size_t)(r->req_prod_pvt & (r->size - 1)) * ENTRY;
     uint64_t sector = block * SECTORS_PER_PAGE;
-    uint32_t gref = r->gref_base + r->first_data + slot;
-    memset(req, 0, 24 + 8);
-    req[0] = OP_READ;
-    req[1] = 1; /* nr_segments */
+    memset(req, 0, 24 + 8 * npages);
+    req[0] = op;
+    req[1] = (uint8_t)npages; /* nr_segments */
     memcpy(req + 8, &id, 8);
     memcpy(req + 16, &sector, 8);
-    memcpy(req + 24, &gref, 4); /* segment 0: the whole page, sectors 0..7 */
-    req[28] = 0;
-    req[29] = SECTORS_PER_PAGE - 1;
+    for (uint32_t k = 0; k < npages; k++) { /* segment k: the whole page, sectors 0..7 */
+        uint32_t gref = r->gref_base + r->first_data + first + k;
+        memcpy(req + 24 + 8 * k, &gref, 4);
+        req[24 + 8 * k + 4] = 0;
+        req[24 + 8 * k + 5] = SECTORS_PER_PAGE - 1;
+    }
     r->req_prod_pvt++;
     r->expect_id[slot] = id;
     r->block[slot] = block;
     r->submitted_ns[slot] = t;
     r->busy[slot] = 1;
     r->in_flight++;
+}
+
+static void submit(struct ring *r, uint32_t slot, uint64_t t) {
+    if (r->pages) { /* a writer: its pages stamped as the image's blocks are */
+        uint64_t block = next_random() % (blocks / r->pages) * r->pages;
+        for (uint32_t k = 0; k < r->pages; k++) {
+            uint8_t *page = r->mem + (size_t)(r->first_data + slot * r->pages + k) * PAGE;
+            uint64_t head = block + k, tail = ~(block + k);
+            memcpy(page, &head, 8);
+            memcpy(page + PAGE - 8, &tail, 8);
+        }
+        put_request(r, slot, t, OP_WRITE, block, slot * r->pages, r->pages);
+        return;
+    }
+    uint8_t *page = r->mem + (size_t)(r->first_data + slot) * PAGE;
+    uint64_t block = next_random() % blocks, poison = POISON;
+    memcpy(page, &poison, 8);
+    memcpy(page + PAGE - 8, &poison, 8);
+    put_request(r, slot, t, OP_READ, block, slot, 1);
 }
 
 /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY */
@@ -184,7 +213,10 @@ static void complete(struct ring *r, const uint8_t *rsp, struct disk *d, uint64_
     uint64_t head, tail;
     memcpy(&head, page, 8);
     memcpy(&tail, page + PAGE - 8, 8);
-    if (rsp[8] != OP_READ || status != 0)
+    if (r->pages) {
+        if (rsp[8] != OP_WRITE || status != 0)
+            fail(r, "response op/status not WRITE/OK", rsp[8], (uint64_t)(int64_t)status);
+    } else if (rsp[8] != OP_READ || status != 0)
         fail(r, "response op/status not READ/OK", rsp[8], (uint64_t)(int64_t)status);
     else if (head != r->block[slot] || tail != ~r->block[slot])
         fail(r, "data mismatch: block read, block asked", head, r->block[slot]);
@@ -239,9 +271,9 @@ static void ack(struct ring *r) {
 }
 
 static int parse_ring(const char *arg, struct ring *r) {
-    unsigned long long v[8];
-    if (sscanf(arg, "%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
-               &v[7]) != 8)
+    unsigned long long v[9] = {0};
+    if (sscanf(arg, "%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+               &v[7], &v[8]) < 8)
         return -1;
     r->disk = (int)v[0];
     r->recv_fd = (int)v[2];
@@ -250,12 +282,15 @@ static int parse_ring(const char *arg, struct ring *r) {
     r->size = (uint32_t)v[5];
     r->first_data = (uint32_t)v[6];
     r->depth = (uint32_t)v[7];
+    r->pages = (uint32_t)v[8];
+    if (r->pages > SEGS_MAX || (r->pages && blocks < r->pages))
+        return -1;
     if (!r->size || (r->size & (r->size - 1)) || r->size * ENTRY + HEADER > PAGE || !r->depth ||
         r->depth > MAX_DEPTH || r->depth > r->size)
         return -1;
     struct stat st;
     int memfd = (int)v[1];
-    if (fstat(memfd, &st) || (size_t)st.st_size < (size_t)(r->first_data + r->depth) * PAGE)
+    if (fstat(memfd, &st) || (size_t)st.st_size < (size_t)(r->first_data + r->depth * (r->pages ? r->pages : 1)) * PAGE)
         return -1;
     r->mem_len = (size_t)st.st_size;
     r->mem = mmap(NULL, r->mem_len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import DISK_SIZE, PairFactory, WrappedTransport, on_disk, ring_params_of
+from tests.fixtures.backend import (
+    DISK_SIZE,
+    PairFactory,
+    WrappedTransport,
+    all_on_workers,
+    on_disk,
+    ring_params_of,
+)
 from tests.fixtures.ring_thread import sleeping_in
 from xenblockctl.backend import blkif, io
 from xenblockctl.backend.blkif import Segment, SegmentRequest
@@ -196,7 +203,7 @@ def test_pages_in_flight_are_never_unmapped(
                     watched.busy[ref] -= 1
 
     monkeypatch.setattr(io, "execute", slow_execute)
-    monkeypatch.setattr(io, "execute_nowait", lambda target, plan, bufs: None)  # all go to workers
+    all_on_workers(monkeypatch)
     with LocalFrontend(local_transport.socket_path, 41, data_pages=32) as fe:
         params = dataclasses.replace(ring_params_of(fe), persistent=True)
         dp = DataPlane(watched, 41, params, target, target.limits(), workers=2, max_persistent_grants=4)

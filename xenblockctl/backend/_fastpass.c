@@ -29,6 +29,7 @@
  * are next in ring order into the ring, as ring.py's respond_all would (see fp_respond).
  */
 #include "ring_loop.h"
+#include "write_gate.h"
 
 #include <sys/epoll.h>
 #include <sys/syscall.h>
@@ -434,6 +435,7 @@ static int page_of(PyObject *entries, uint32_t gref, int writable, int nogil, Py
 struct prepared {
     struct req r;
     int mode;
+    int gated; /* a MODE_GATED write its device's gate let in: run_io watches it for a sleep */
     int iovcnt;
     unsigned nviews;
     Py_buffer *views;
@@ -524,15 +526,19 @@ static int prepare_pages(struct prepared *p, PyObject *entries, int nogil)
 static int mergeable(const struct prepared *a, uint64_t end, const struct prepared *b, int iovcnt,
                      uint64_t bytes)
 {
-    return b->r.op == a->r.op && b->mode == a->mode && b->r.offset == end &&
+    return b->r.op == a->r.op && b->mode == a->mode && b->gated == a->gated && b->r.offset == end &&
            iovcnt + b->iovcnt <= IOVS_MAX && bytes + b->r.length <= MERGE_MAX_BYTES;
 }
 
-/* reqs[0..nreq) in ring order, the GIL released; how many finished in full. */
-static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd)
+/* reqs[0..nreq) in ring order, the GIL released; how many finished in full. A gated write (a
+ * group's, let in by its device's gate `wg`) that slept in the kernel holds the device's later
+ * writes out of the group (write_gate.h: the thread's voluntary switches, counted before the first
+ * gated write of the call and again after any that took SLEPT_CHECK_NS or more). */
+static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd, int64_t *wg)
 {
     struct iovec iov[IOVS_MAX];
     Py_ssize_t done = 0;
+    long switches = -1; /* not counted yet */
     while (done < nreq) {
         struct prepared *p = &reqs[done];
         int flags = p->mode == MODE_NOWAIT ? RWF_NOWAIT : 0;
@@ -553,8 +559,20 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
             }
             v = iov;
         }
+        int64_t t0 = 0;
+        if (p->gated && wg != NULL) {
+            if (switches < 0)
+                switches = gate_switches();
+            t0 = wg_now();
+        }
         ssize_t n = p->r.op == OP_READ ? preadv2(fd, v, iovcnt, (off_t)p->r.offset, flags)
                                        : pwritev2(wfd, v, iovcnt, (off_t)p->r.offset, flags);
+        if (t0 && wg_now() - t0 >= SLEPT_CHECK_NS) {
+            long now = gate_switches();
+            if (now != switches)
+                gate_slept(wg);
+            switches = now;
+        }
         if (n < 0)
             break; /* Python runs it again its own way, and reports what it finds */
         uint64_t covered = 0;
@@ -575,7 +593,8 @@ static Py_ssize_t run_io(struct prepared *reqs, Py_ssize_t nreq, int fd, int wfd
  * the caller goes on from that slot with the GIL). */
 static Py_ssize_t prepare_run(const unsigned char *data, Py_ssize_t start, Py_ssize_t count, Py_ssize_t esize,
                               const struct limits *lim, PyObject *entries, const int modes[2], Py_ssize_t host_page,
-                              Py_ssize_t cut, int *cut_hit, struct prepared *reqs, int nogil, uint64_t *run_bytes)
+                              Py_ssize_t cut, int *cut_hit, struct prepared *reqs, int nogil, uint64_t *run_bytes,
+                              int64_t *wg, int *gate)
 {
     Py_ssize_t nreq = 0;
     for (Py_ssize_t i = start; i < count; i++) {
@@ -585,6 +604,13 @@ static Py_ssize_t prepare_run(const unsigned char *data, Py_ssize_t start, Py_ss
         p->nviews = 0; /* what prepared_release reads, should the request stop before its pages */
         p->heap = NULL;
         p->mode = resolve_mode(modes[p->r.op], p->r.offset, p->r.length, host_page);
+        p->gated = 0;
+        if (p->mode == MODE_GATED) { /* the gate is asked once a take (*gate: -1 until then) */
+            if (*gate < 0)
+                *gate = wg != NULL && gate_open(wg);
+            p->mode = *gate ? MODE_BLOCK : MODE_STOP;
+            p->gated = *gate;
+        }
         if ((p->mode != MODE_NOWAIT && p->mode != MODE_BLOCK) || !prepare_pages(p, entries, nogil)) {
             prepared_release(p);
             break;
@@ -680,12 +706,13 @@ static PyObject *fp_serve(PyObject *self, PyObject *args)
     }
     /* 1. decode and find the pages (GIL held): the longest prefix we can run */
     uint64_t run_bytes = 0;
+    int gate = -1; /* no gate here: a MODE_GATED write (a group's) stops */
     nreq = prepare_run(data.buf, start, count, esize, &lim, entries, modes, host_page, cut, &cut_hit, reqs, 0,
-                       &run_bytes);
+                       &run_bytes, NULL, &gate);
     /* 2. the I/O, in ring order, without the GIL; the first one not done in full ends the run */
     if (nreq) {
         Py_BEGIN_ALLOW_THREADS
-        done = run_io(reqs, nreq, fd, wfd);
+        done = run_io(reqs, nreq, fd, wfd, NULL);
         Py_END_ALLOW_THREADS
     }
     /* 3. answers and the refs used (for the cache's recency), GIL held. Only allocation can fail
@@ -754,6 +781,8 @@ struct fp_loop {
     int indexed; /* entries is a Pages: prepare_run() tries without the GIL first */
     int owed;    /* ring_loop.h's OWED_*: what after() has to do */
     PyObject *entries, *note_used;
+    int64_t *wg;          /* the device's write gate state (write_gate.h), or NULL: MODE_GATED stops */
+    Py_buffer wg_view;    /* its export, held while the loop runs (wg_view.obj NULL: none) */
     struct prepared *reqs; /* room for a whole take; [0, nreq) still held (after() releases them) */
     Py_ssize_t nreq, done;
     uint32_t *used; /* refs of released runs not noted yet */
@@ -767,16 +796,17 @@ static Py_ssize_t fp_loop_serve(void *ctx, const unsigned char *copy, Py_ssize_t
     int cut_hit = 0;
     Py_ssize_t cut = after_sleep ? f->cut : 0, n = 0;
     uint64_t bytes = 0;
+    int gate = -1; /* asked once for the take, by its first gated write */
     if (f->indexed)
         n = prepare_run(copy, start, count, f->esize, &f->lim, f->entries, f->modes, f->host_page, cut, &cut_hit,
-                        f->reqs, 1, &bytes);
+                        f->reqs, 1, &bytes, f->wg, &gate);
     if (!cut_hit && start + n < count) { /* what the index alone could not decide, with the GIL */
         PyEval_RestoreThread(*ts);
         n += prepare_run(copy, start + n, count, f->esize, &f->lim, f->entries, f->modes, f->host_page, cut,
-                         &cut_hit, f->reqs + n, 0, &bytes);
+                         &cut_hit, f->reqs + n, 0, &bytes, f->wg, &gate);
         *ts = PyEval_SaveThread();
     }
-    const Py_ssize_t done = n ? run_io(f->reqs, n, f->fd, f->wfd) : 0;
+    const Py_ssize_t done = n ? run_io(f->reqs, n, f->fd, f->wfd, f->wg) : 0;
     f->nreq = n;
     f->done = done;
     for (Py_ssize_t k = 0; k < done; k++) {
@@ -845,10 +875,20 @@ static int fp_open(PyObject *args, struct loop_args *a, struct fp_loop *f, struc
     PyObject *sectors_o, *size_o;
     int read_only;
     long long poll_ns = 0;
-    if (!PyArg_ParseTuple(*rest, "nOOnpniiiinO!On|L", &id_offset, &sectors_o, &size_o, &lbs, &read_only,
+    PyObject *gate = Py_None;
+    if (!PyArg_ParseTuple(*rest, "nOOnpniiiinO!On|LO", &id_offset, &sectors_o, &size_o, &lbs, &read_only,
                           &max_indirect, &f->fd, &f->wfd, &f->modes[OP_READ], &f->modes[OP_WRITE], &f->host_page,
-                          &PyDict_Type, &f->entries, &f->note_used, &f->cut, &poll_ns))
+                          &PyDict_Type, &f->entries, &f->note_used, &f->cut, &poll_ns, &gate))
         return -1;
+    if (gate != Py_None) {
+        if (PyObject_GetBuffer(gate, &f->wg_view, PyBUF_WRITABLE) < 0)
+            return -1;
+        if (f->wg_view.len < WG_SIZE * (Py_ssize_t)sizeof(int64_t) || ((uintptr_t)f->wg_view.buf & 7)) {
+            PyErr_SetString(PyExc_ValueError, "loop: the write gate is not an aligned buffer of WG_SIZE int64");
+            return -1;
+        }
+        f->wg = f->wg_view.buf;
+    }
     if (parse_limits(sectors_o, size_o, lbs, read_only, id_offset, max_indirect, &f->lim) < 0)
         return -1;
     if (f->host_page <= 0 || (f->host_page & (f->host_page - 1)) || f->fd < 0 || f->wfd < 0 || f->cut < 0 ||
@@ -878,6 +918,9 @@ static void fp_close(struct loop_args *a, struct fp_loop *f, PyObject *rest)
     PyMem_Free(f->used);
     f->reqs = NULL;
     f->used = NULL;
+    if (f->wg_view.obj != NULL)
+        PyBuffer_Release(&f->wg_view);
+    f->wg = NULL;
     if (rest != NULL) {
         Py_DECREF(rest);
         loop_release(a);
@@ -886,10 +929,12 @@ static void fp_close(struct loop_args *a, struct fp_loop *f, PyObject *rest)
 
 /* loop(<ring_loop.h's LOOP_ARGS>, id_offset, sectors, size_bytes, logical_block_size, read_only,
  *      max_indirect_segments, fd, write_fd, read_mode, write_mode, host_page, entries, note_used, cut,
- *      [poll_ns])
+ *      [poll_ns, [write_gate]])
  *   -> ring_loop()'s tuple; `owner` is the FastPass whose `served` it counts, `note_used` the grant
  *   cache's (called with a uint32 memoryview of the refs of each run), `cut` serve()'s (0: none),
- *   `poll_ns` ring_loop.h's poll for the refill (0, the default: none). */
+ *   `poll_ns` ring_loop.h's poll for the refill (0, the default: none), `write_gate` the device's
+ *   write gate state for MODE_GATED writes (write_gate.h: a writable buffer of WG_SIZE int64; None,
+ *   the default: they stop). */
 static PyObject *fp_loop(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -1419,7 +1464,17 @@ done:
     return out;
 }
 
+/* dirty_permille() -> the host's dirty + writeback pages in per-mille of the dirty throttle's
+ * freerun ceiling, read now as the write gate reads it (-1: /proc/vmstat unreadable); for tests. */
+static PyObject *fp_dirty_permille(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(dirty_permille_now());
+}
+
 static PyMethodDef methods[] = {
+    {"dirty_permille", fp_dirty_permille, METH_NOARGS, "The dirty level as the write gate reads it."},
     {"check", fp_check, METH_VARARGS, "Decode and validate one READ/WRITE slot as serve() would."},
     {"serve", fp_serve, METH_VARARGS, "Serve the longest simple prefix of a copied ring batch."},
     {"respond", fp_respond, METH_VARARGS, "Write answers that are next in ring order into their slots."},
@@ -1458,7 +1513,16 @@ PyMODINIT_FUNC PyInit__fastpass(void)
     if (PyModule_AddIntConstant(m, "MODE_STOP", MODE_STOP) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NOWAIT", MODE_NOWAIT) < 0 ||
         PyModule_AddIntConstant(m, "MODE_BLOCK", MODE_BLOCK) < 0 ||
-        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0 || loop_add_constants(m) < 0) {
+        PyModule_AddIntConstant(m, "MODE_BLOCK_ALIGNED", MODE_BLOCK_ALIGNED) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_GATED", MODE_GATED) < 0 ||
+        PyModule_AddIntConstant(m, "WG_HOLD_UNTIL", WG_HOLD_UNTIL) < 0 ||
+        PyModule_AddIntConstant(m, "WG_HOLD_NS", WG_HOLD_NS) < 0 || PyModule_AddIntConstant(m, "WG_SLEPT", WG_SLEPT) < 0 ||
+        PyModule_AddIntConstant(m, "WG_CLOSED", WG_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "WG_LEFT_DIRTY", WG_LEFT_DIRTY) < 0 ||
+        PyModule_AddIntConstant(m, "WG_LEFT_HELD", WG_LEFT_HELD) < 0 ||
+        PyModule_AddIntConstant(m, "WG_DIRTY_PERMILLE", WG_DIRTY_PERMILLE) < 0 ||
+        PyModule_AddIntConstant(m, "WG_LAST", WG_LAST) < 0 || PyModule_AddIntConstant(m, "WG_SIZE", WG_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "DIRTY_GATE_PERMILLE", DIRTY_GATE_PERMILLE) < 0 || loop_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

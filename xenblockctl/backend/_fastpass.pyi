@@ -6,6 +6,19 @@ MODE_STOP: int
 MODE_NOWAIT: int
 MODE_BLOCK: int
 MODE_BLOCK_ALIGNED: int
+MODE_GATED: int
+WG_HOLD_UNTIL: int
+WG_HOLD_NS: int
+WG_SLEPT: int
+WG_CLOSED: int
+WG_LEFT_DIRTY: int
+WG_LEFT_HELD: int
+WG_DIRTY_PERMILLE: int
+WG_LAST: int
+WG_SIZE: int
+DIRTY_GATE_PERMILLE: int
+
+def dirty_permille() -> int: ...
 
 class Pages(dict[int, memoryview]):
     """The grant cache's page views, indexed for the C pass (exports held on looked-up pages)."""

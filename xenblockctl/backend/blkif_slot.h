@@ -34,6 +34,8 @@ enum mode {
     MODE_NOWAIT = 1,        /* RWF_NOWAIT: anything short of done in full goes back to Python */
     MODE_BLOCK = 2,         /* inline, may block (workers=0) */
     MODE_BLOCK_ALIGNED = 3, /* inline if the range covers whole host pages, else MODE_STOP */
+    MODE_GATED = 4,         /* a group's buffered write: MODE_BLOCK_ALIGNED while its device's write
+                             * gate is open (write_gate.h), else MODE_STOP; MODE_STOP without a gate */
 };
 
 struct limits {
@@ -122,11 +124,12 @@ static inline unsigned direct_nseg(const unsigned char *slot, const struct limit
     return nseg;
 }
 
-/* A valid request's mode: MODE_BLOCK_ALIGNED resolved against the host page size. */
+/* A valid request's mode: MODE_BLOCK_ALIGNED and MODE_GATED resolved against the host page size
+ * (a gated write that covers whole pages stays MODE_GATED, for its pass to ask the gate). */
 static inline int resolve_mode(int mode, uint64_t offset, uint64_t length, Py_ssize_t host_page)
 {
-    if (mode == MODE_BLOCK_ALIGNED)
-        return ((offset | length) & (uint64_t)(host_page - 1)) ? MODE_STOP : MODE_BLOCK;
+    if (mode == MODE_BLOCK_ALIGNED || mode == MODE_GATED)
+        return ((offset | length) & (uint64_t)(host_page - 1)) ? MODE_STOP : mode == MODE_GATED ? mode : MODE_BLOCK;
     return mode;
 }
 

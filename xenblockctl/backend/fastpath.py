@@ -128,6 +128,8 @@ class FastPass:
     ) -> None:
         assert _native is not None
         self._group = group
+        if group is not None:
+            executor.in_group = True  # its refused writes are hand-offs, logged (writegate.py)
         self._serve = _native.serve
         self._loop = _native.loop
         #: writes a run of answers next in ring order into the ring (BackRing.respond_run): ring.py's
@@ -222,7 +224,7 @@ class FastPass:
         executor = self._executor
         read, write = executor.placement()
         modes = _MODES if self._group is None else _GROUP_MODES
-        return run_loop(
+        got = run_loop(
             self._loop,
             lent,
             ring_size,
@@ -244,9 +246,13 @@ class FastPass:
                 self._cache.note_used,
                 CUT_BYTES,
                 POLL_NS,
+                executor.writes.state,
             ),
             group=self._group,
         )
+        if self._group is not None:
+            executor.writes.report()  # what the group's write gate did, logged (rate-limited)
+        return got
 
 
 class LoopExit(NamedTuple):
@@ -323,16 +329,24 @@ def native_modes(native: types.ModuleType) -> dict[Where, int]:
         Where.NOWAIT: native.MODE_NOWAIT,
         Where.INLINE: native.MODE_BLOCK,
         Where.INLINE_ALIGNED: native.MODE_BLOCK_ALIGNED,
+        Where.INLINE_MEMORY: native.MODE_BLOCK,
     }
 
 
 _MODES: dict[Where, int] = native_modes(_native) if _native is not None else {}
 #: a group member's (FastPass.loop): what would run inline whatever the device does (direct I/O,
 #: or everything where the executor has no I/O threads) stops, for the ring's own thread. Buffered
-#: writes (INLINE_ALIGNED, into the page cache) stay in the group: sending each write pass to its
-#: ring's thread and back cost the lane's 1 MiB writes a third (0.90 -> 0.63 of blkback); a write
-#: the kernel throttles for dirty pages delays the group's other rings as long (bench/README.md).
-_GROUP_MODES: dict[Where, int] = _MODES | {Where.INLINE: _native.MODE_STOP} if _native is not None else {}
+#: writes without RWF_NOWAIT (INLINE_ALIGNED: ext4, block devices) stay in the group while the
+#: device's write gate is open (MODE_GATED, write_gate.h: the host's dirty pages well below the
+#: throttle, no write of the device slept lately), and leave for the ring's thread while it is
+#: closed: sending every write pass to its ring's thread and back cost the lane's 1 MiB writes a
+#: third (0.90 -> 0.63 of blkback), and a write the kernel throttles would delay the group's other
+#: rings as long as it sleeps (writegate.py). RWF_NOWAIT writes (xfs) stay NOWAIT: a refusal leaves.
+_GROUP_MODES: dict[Where, int] = (
+    _MODES | {Where.INLINE: _native.MODE_STOP, Where.INLINE_ALIGNED: _native.MODE_GATED}
+    if _native is not None
+    else {}
+)
 
 
 __all__ = [

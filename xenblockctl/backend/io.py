@@ -28,6 +28,7 @@ from typing import Final
 
 from xenblockctl.backend import blkif
 from xenblockctl.backend.requests import BARRIER, DISCARD, FLUSH, READ, WRITE, DeviceLimits, IoPlan, Kind
+from xenblockctl.backend.writegate import DeviceWrites, WriteClass
 from xenblockctl.errors import XenblockError
 from xenblockctl.kernel.blockdev import BlockDevice, read_diskseq
 
@@ -447,6 +448,7 @@ class Where(enum.IntEnum):
     NOWAIT = 1  # try with RWF_NOWAIT inline; anything short of done goes to a worker
     INLINE = 2  # inline, may block
     INLINE_ALIGNED = 3  # inline if offset and length are whole host pages, else POOL
+    INLINE_MEMORY = 4  # inline: the file is memory (tmpfs), there is no disk or throttle to wait for
 
 
 #: kinds that can be tried with RWF_NOWAIT on the ring thread before falling back to a worker
@@ -557,7 +559,15 @@ class Executor:
     run on the ring thread or on the pool (unless alone on their ring). What follows is about buffered
     writes: plain files, and devices without a DirectWriter.
 
-    Buffered writes to a block device (and on some filesystems) have no RWF_NOWAIT: the kernel says
+    How a buffered write may wait depends on the file's kind (writegate.py: `writes`, decided from
+    statfs/S_ISBLK when the executor is made, corrected by the kernel's first RWF_NOWAIT answer).
+    On xfs and btrfs it is tried with RWF_NOWAIT, and a refusal (the dirty throttle, a timestamp
+    update, a lock) is written on the ring thread as below, not on the pool: it holds that ring
+    alone, and the ring's requests finish in ring order (a ring group hands such a write back to
+    the ring's thread for this). On tmpfs (no writeback, no disk) reads and writes run inline:
+    their RWF_NOWAIT is refused with EOPNOTSUPP, which used to send every read to the pool.
+
+    Buffered writes to a block device (and on ext4 and overlayfs) have no RWF_NOWAIT: the kernel says
     EOPNOTSUPP. Then a WRITE that covers whole host pages (offset and length multiples of the page
     size) runs inline on the ring thread anyway, and only other WRITEs go to the pool. Such a write
     never makes the kernel read: a page it touches is overwritten in full, so an uncached page is
@@ -584,6 +594,11 @@ class Executor:
 
     def __init__(self, target: DeviceTarget, workers: int = 4, name: str = "xbc-io") -> None:
         self.target = target
+        #: how the device's buffered I/O may wait, and its ring-group write gate (writegate.py)
+        self.writes = DeviceWrites.of(target.fd, name)
+        #: its rings are served in a ring group (fastpath.FastPass): a refused write is a hand-off
+        self.in_group = False
+        self._released = False
         #: where WRITEs go first: O_DIRECT on a second fd of a block device, or None (buffered)
         self._direct = DirectWriter.open(target, name)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
@@ -593,6 +608,10 @@ class Executor:
         # kinds still worth trying with RWF_NOWAIT (dropped for good after EOPNOTSUPP: e.g. buffered
         # writes on ext4 and on block devices); a direct write never asks
         self._nowait: set[Kind] = set(_NOWAIT_KINDS) if self._pool is not None else set()
+        if self.writes.cls is not WriteClass.NOWAIT:
+            self._nowait.discard(WRITE)  # known to refuse (GATED), or nothing to wait for (MEMORY)
+        if self.writes.cls is WriteClass.MEMORY:
+            self._nowait.discard(READ)
         if self._direct is not None:
             self._nowait.discard(WRITE)
             if self._direct.reads:
@@ -620,10 +639,13 @@ class Executor:
         call: a NOWAIT the kernel refused with EOPNOTSUPP is dropped as run_now meets it)."""
         if self._pool is None:
             return Where.INLINE, Where.INLINE
-        read = Where.NOWAIT if READ in self._nowait else Where.POOL
+        memory = self.writes.cls is WriteClass.MEMORY
+        read = Where.INLINE_MEMORY if memory else Where.NOWAIT if READ in self._nowait else Where.POOL
         if self._direct is not None:
             direct = Where.INLINE if self.inline_direct_writes else Where.POOL
             return direct if self._direct.reads else read, direct
+        if memory:
+            return read, Where.INLINE_MEMORY
         return read, Where.NOWAIT if WRITE in self._nowait else Where.INLINE_ALIGNED
 
     def _execute(self, plan: IoPlan, bufs: list[memoryview]) -> int:
@@ -643,21 +665,36 @@ class Executor:
             if self.inline_direct_writes or (self.alone is not None and self.alone()):
                 return self._execute(plan, bufs)
             return None
+        if self.writes.cls is WriteClass.MEMORY and (kind is READ or kind is WRITE):
+            return execute(self.target, plan, bufs)  # tmpfs: nothing to wait for (writegate.py)
+        refused = False
         if kind in self._nowait:
             try:
                 status = execute_nowait(self.target, plan, bufs)
             except NowaitUnsupported as exc:
                 log.debug("%s; page-aligned writes run inline, others on the worker pool", exc)
                 self._nowait.discard(exc.kind)
+                if exc.kind is WRITE:
+                    self.writes.unsupported()
                 # nothing was written: fall through to the choice made from now on
             else:
-                if status is None and kind is READ and self.alone is not None and self.alone():
-                    return execute(self.target, plan, bufs)  # nothing to overlap it with
-                return status
+                if status is not None:
+                    return status
+                if kind is READ:
+                    if self.alone is not None and self.alone():
+                        return execute(self.target, plan, bufs)  # nothing to overlap it with
+                    return None
+                # a WRITE the kernel would not take without waiting (dirty throttle, a timestamp
+                # update, a lock): written here as a write without RWF_NOWAIT is (below), on the
+                # ring's own thread, not the pool: the wait then holds this ring alone and its
+                # requests still finish in ring order (a ring group hands such a write back here)
+                refused = True
         if kind is WRITE and not (plan.offset | plan.length) % _HOST_PAGE:
             # whole pages: no read-modify-write, so no wait for the disk (see the class docstring).
             # The iovec's segment boundaries do not matter: the kernel fills each page from the
             # iterator across segments, so only the range's edges decide whether a page is partial.
+            if refused and self.in_group:
+                self.writes.refused()
             return execute(self.target, plan, bufs)
         return None
 
@@ -686,6 +723,9 @@ class Executor:
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, drain, stop the workers. True if everything completed."""
         drained = self._tracked.close(timeout)
+        if not self._released:
+            self._released = True
+            self.writes.release()
         if self._pool is not None:
             self._pool.shutdown(wait=drained)
         if drained and self._direct is not None:

@@ -15,8 +15,10 @@ Python, the overflow check, a stop, a failed read, unmask or notify) is its alon
 its thread, and the ring leaves the group; the others go on. So drain, stop and teardown stay the
 data plane's, unchanged. A member's I/O that waits for its device (direct I/O) stops its pass
 instead of running in the group's thread (FastPass.loop): a hung device holds its own ring alone.
-Buffered writes, into the page cache, do run in the group, as they ran on the ring's own thread: a
-write the kernel throttles for dirty pages delays the other rings of the group as long.
+Buffered writes, into the page cache, run in the group only while the kernel will not make them
+wait (backend/writegate.py): on xfs/btrfs with RWF_NOWAIT, a refusal leaving for the ring's thread;
+on ext4 and block devices while the device's write gate is open (the host's dirty pages well below
+the throttle, no write of the device slept in a group lately: write_gate.h); on tmpfs always.
 
 A group's loop runs on one CPU (`cpu`: the engine makes one group on each CPU it may run on,
 cpus.engine_cpus()), and while it polls for a refill it yields that CPU to any task runnable there
