@@ -5,6 +5,7 @@ its workers refuse (logged, nothing acted)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -310,3 +311,28 @@ def test_the_valid_form_of_those_requests_is_accepted(
     assert answer == b"A", warm.log()
     for pid in warm.workers():  # the connection is closed: kill-on-hangup ends the worker
         wait_gone(pid)
+
+
+def test_the_workers_log_lines_carry_the_clients_pid(warm: WarmServer, libxl: Libxl, tmp_path: Path) -> None:
+    """libxl logs the pid it ran (the client's); the worker's records carry it as CLIENT_PID=, so
+    the two can be matched. Read from the syslog socket the journal module writes to when there is
+    no journald (a socket of the test's at /dev/log, which this host lacks)."""
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log exists (a syslog daemon's): the test cannot listen there")
+    be = libxl.create_backend(5, 51712, str(tmp_path / "missing.img"), "w")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind("/dev/log")
+        try:
+            running = libxl.start("add", be)
+            _out, err = running.proc.communicate(timeout=30)
+            syslog.settimeout(0)
+            lines = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    lines.append(syslog.recv(65536).decode())
+        finally:
+            os.unlink("/dev/log")
+    assert running.proc.returncode == 1, err
+    ours = [line for line in lines if f"XENBUS_PATH={be.relative}" in line]
+    assert ours, lines
+    assert all(f"CLIENT_PID={running.proc.pid}" in line for line in ours), ours
