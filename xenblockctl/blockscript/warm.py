@@ -293,6 +293,8 @@ def serve(script: str, env: Mapping[str, str]) -> int:
     """The server's life: 0 after SIGTERM, STALE_EXIT when the code on disk changed, 1 if it cannot
     serve (each logged with its reason). `script`: the laid script it was started as."""
     journal = Journal(IDENTIFIER)
+    if not script.startswith("/"):  # started by a relative path: stamped as the file it names now
+        script = f"{posix.getcwd()}/{script}"
     server = Server(socket_path(env), journal, script)
     try:
         for fd in (0, 1, 2):
