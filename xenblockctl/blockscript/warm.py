@@ -321,6 +321,12 @@ def serve(script: str, env: Mapping[str, str]) -> int:
     return status
 
 
+def main() -> NoReturn:
+    """`block-xenblockctl.py --serve` (the laid script's mode, so that the server imports exactly as
+    the script does; its unit starts it): serve, then exit with serve's status."""
+    posix._exit(serve(sys.argv[0], Environment.of_process().variables))
+
+
 def _worker(server: Server, conn: _socket.socket, peer_pid: int) -> NoReturn:
     """The forked child: never returns. Refusals before A are logged to the server's journal and
     stderr, and the client, which got no A, falls back."""
