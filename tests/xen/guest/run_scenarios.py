@@ -260,7 +260,7 @@ UNIT_PREFIX = "xenblockctl-"
 
 
 def unit_settings(text: str) -> dict[str, str]:
-    """The [Service] keys a start needs (ExecStart, RuntimeDirectory, UMask), last one wins."""
+    """The [Service] keys a start needs (ExecStart, RuntimeDirectory, UMask, Restart), last wins."""
     found: dict[str, str] = {}
     section = ""
     for raw in text.splitlines():
@@ -269,20 +269,42 @@ def unit_settings(text: str) -> dict[str, str]:
             section = line
         elif section == "[Service]" and "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            if key in ("ExecStart", "RuntimeDirectory", "UMask"):
+            if key in ("ExecStart", "RuntimeDirectory", "UMask", "Restart"):
                 found[key] = value
     return found
 
 
 class Unit:
     """One enabled unit of ours started like systemd's Type=simple: its own session, RuntimeDirectory
-    made (0755, root's), its UMask, output to results/_<unit>.log."""
+    made (0755, root's), its UMask, output to results/_<unit>.log; with Restart=on-failure started
+    again when it exits non-zero (the hotplug server exits so when an upgrade made its code stale)."""
 
     def __init__(self, name: str, text: str, results: Path) -> None:
         self.name = name
         self.settings = unit_settings(text)
         self.log = results / f"_{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+
+    def watch(self) -> None:
+        """Restart=on-failure, in a thread: a failed restart is said and ends the watch."""
+        if self.settings.get("Restart") != "on-failure":
+            return
+
+        def loop() -> None:
+            while not self.stopping.wait(1.0):
+                proc = self.proc
+                if proc is None or proc.poll() in (None, 0):
+                    continue
+                say(f"unit {self.name} exited {proc.returncode}: restarting (Restart=on-failure)")
+                self.restarts += 1
+                problem = self.start()
+                if problem:
+                    say(f"unit {self.name} did not restart: {problem}")
+                    return
+
+        threading.Thread(target=loop, daemon=True).start()
 
     def start(self) -> str:
         """ "" once it runs, else why it does not."""
@@ -318,6 +340,7 @@ class Unit:
 
     def stop(self) -> None:
         """SIGTERM (systemctl stop, KillMode=process: only the main process) and its last lines."""
+        self.stopping.set()
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -327,7 +350,10 @@ class Unit:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        say(f"unit {self.name} stopped (exit {self.proc.returncode}); its log ends: {self.tail()}")
+        say(
+            f"unit {self.name} stopped (exit {self.proc.returncode}, {self.restarts} restarts); "
+            f"its log ends: {self.tail()}"
+        )
 
 
 def start_enabled_units(wants: str, results: Path) -> list[Unit]:
@@ -349,6 +375,7 @@ def start_enabled_units(wants: str, results: Path) -> list[Unit]:
             say(f"unit {name} did not start: {problem}")
             continue
         say(f"unit {name} started: pid {unit.proc.pid if unit.proc else '?'}, {unit.settings['ExecStart']}")
+        unit.watch()
         started.append(unit)
     return started
 
