@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.dm_vm",
     "tests.fixtures.xenstore",
     "tests.fixtures.libxl",
+    "tests.fixtures.warm",
     "tests.fixtures.engine",
     "tests.fixtures.fdstore",
     "tests.fixtures.cli",

@@ -19,11 +19,15 @@ WARNING = 4
 INFO = 6
 DEBUG = 7
 
+#: Fields every record of this process carries: the warm server's worker adds CLIENT_PID, the pid
+#: libxl logs for the run (blockscript/warm.py), so libxl's log and the journal can be matched.
+PROCESS_FIELDS: dict[str, str] = {}
+
 
 class Journal:
     def __init__(self, identifier: str, *, stderr: bool = True, **fields: object) -> None:
         self.identifier = identifier
-        self.fields = {k.upper(): str(v) for k, v in fields.items()}
+        self.fields = {**PROCESS_FIELDS, **{k.upper(): str(v) for k, v in fields.items()}}
         self.stderr = stderr
         # `_socket`, not `socket`: the latter costs ~5 ms at every hotplug start (bench/README.md).
         self._sock: _socket.socket | None = None

@@ -41,6 +41,8 @@ FORBIDDEN = (
     "pyudev",
     "xenblockctl.cli",
     "xenblockctl.backend",
+    # the warm server (its unit runs it): an add or remove in process never starts one
+    "xenblockctl.blockscript.warm",
     "xenblockctl.kernel.dm",  # only for dm targets (lazily)
     "tomllib",  # only when a config file exists
     "asyncio",

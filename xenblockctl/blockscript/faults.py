@@ -28,6 +28,9 @@ NBD_POINTS = ("add-nbd-connected",)
 #: just forked (holding the device lock), the owner record checked (before the ioctl), AUTOCLEAR
 #: off (before the record says so).
 AUTOCLEAR_POINTS = ("autoclear-forked", "autoclear-checked", "autoclear-cleared")
+#: Inside a warm server's worker (blockscript/warm.py): the request read, kill-on-hangup not yet
+#: armed (a client killed here must not make the worker act).
+WARM_POINTS = ("warm-received",)
 
 
 def pause(env: Environment, point: str) -> None:

@@ -1,0 +1,94 @@
+"""test_kill.py's guarantees when libxl kills the warm server's *client* only (blockscript/warm.py):
+the worker must die by kill-on-hangup at that instant and leave what a killed script leaves. The
+harness kills nothing but the client here (test_warm_kill_all.py runs test_kill.py's own tests,
+whose harness also kills the worker), so these are the tests of the kill-on-hangup itself."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.fixtures.kernel import ImageFactory, bound_loops_under
+from tests.fixtures.libxl import Libxl
+from tests.fixtures.warm import WarmServer, wait_gone
+from tests.flows.test_kill import assert_consistent
+from xenblockctl.blockscript.faults import ADD_POINTS, REMOVE_POINTS
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
+
+
+@pytest.mark.parametrize("point", ADD_POINTS)
+def test_killing_the_client_kills_the_worker_during_add(
+    warm: WarmServer, libxl: Libxl, make_image: ImageFactory, point: str
+) -> None:
+    image = make_image()
+    be = libxl.create_backend(5, 51712, str(image), "w")
+    consumer = libxl.engine_consumer(be)
+    running = libxl.start("add", be, pause_at=point)
+    assert running.wait_paused() == point
+    worker = running.paused_pid
+    assert worker != running.proc.pid, "the flow ran in the client, not in a worker"
+    running.proc.send_signal(signal.SIGKILL)  # libxl at 40 s: the client's pid only
+    running.proc.wait(10)
+    wait_gone(worker)  # reaped client != done worker: its last close comes just after
+    assert_consistent(libxl.nodes(be))
+    consumer.release()
+    assert bound_loops_under(image.parent) == {}, f"killed at {point}: loop device leaked"
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    nodes = libxl.nodes(be)
+    assert "physical-device" not in nodes or "xenblockctl-owner" not in nodes
+
+
+@pytest.mark.parametrize("point", REMOVE_POINTS)
+def test_killing_the_client_kills_the_worker_during_remove(
+    warm: WarmServer, libxl: Libxl, make_image: ImageFactory, point: str
+) -> None:
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    assert libxl.run("add", be).returncode == 0
+    consumer.wait_opened()
+    libxl.wait_autoclear_off(be)  # the worker's AUTOCLEAR child (a grandchild of the server)
+    consumer.release()
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    running = libxl.start("remove", be, pause_at=point)
+    assert running.wait_paused() == point
+    worker = running.paused_pid
+    assert worker != running.proc.pid, "the flow ran in the client, not in a worker"
+    running.proc.send_signal(signal.SIGKILL)
+    running.proc.wait(10)
+    wait_gone(worker)
+    assert_consistent(libxl.nodes(be))
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    assert bound_loops_under(image.parent) == {}
+    assert "physical-device" not in libxl.nodes(be)
+
+
+def test_the_autoclear_child_outlives_a_killed_client(
+    warm: WarmServer, libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """Killed after the worker forked the AUTOCLEAR child: the child (its own pid and session) is
+    not the connection's owner and finishes, as it does when libxl kills today's script."""
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    running = libxl.start("add", be, pause_at="add-done")
+    assert running.wait_paused() == "add-done"
+    worker = running.paused_pid
+    running.proc.send_signal(signal.SIGKILL)
+    running.proc.wait(10)
+    wait_gone(worker)
+    minor = consumer.wait_opened().identity.minor
+    libxl.wait_autoclear_off(be)
+    consumer.release()
+    assert minor in bound_loops_under(image.parent), "AUTOCLEAR was off: the device stays for a reconnect"
+    libxl.store.write(be.node("online"), "0")
+    libxl.store.write(be.node("state"), "6")
+    assert libxl.run("remove", be).returncode == 0
+    assert bound_loops_under(image.parent) == {}
