@@ -61,6 +61,7 @@ from bench.common import percentile, process_cpu, row
 from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
+from xenblockctl.blockscript import warm
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import hostfiles
 
@@ -539,7 +540,7 @@ class WarmServer:
     socket in `directory`. It runs in a cpuacct cgroup of its own (as the unit in its own cgroup):
     the workers it forks, and reaps, are counted there in ns, not in this process's children."""
 
-    SOCKET_ENV = "XENBLOCKCTL_HOTPLUG_SOCKET"
+    SOCKET_ENV = warm.SOCKET_ENV
     CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 
     def __init__(self, script: Path, directory: Path) -> None:

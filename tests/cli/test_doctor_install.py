@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.cli import CliRunner
+from xenblockctl.blockscript import warm
 from xenblockctl.toolstack import host, hostfiles, installcheck
 
 INSTALL_CHECKS = [
@@ -176,7 +177,7 @@ def test_hotplug_client_and_the_python_script_beside_it(run_cli: CliRunner, root
 
 
 def _server_check(monkeypatch: pytest.MonkeyPatch, path: Path, client: bool = True) -> dict[str, Any]:
-    monkeypatch.setenv(installcheck.HOTPLUG_SOCKET_ENV, str(path))
+    monkeypatch.setenv(warm.SOCKET_ENV, str(path))
     monkeypatch.setattr(installcheck, "is_client", lambda _path: client)
     return installcheck.check_hotplug_server("/").to_json()
 

@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from xenblockctl.blockscript import warm
 from xenblockctl.config import Value
 from xenblockctl.toolstack import host, hostfiles
 from xenblockctl.toolstack.findings import ERROR, INFO, OK, SKIPPED, WARNING, Finding
@@ -38,9 +39,6 @@ IMPORT_TIMEOUT = 30.0
 XEN_CAPABILITIES = "/proc/xen/capabilities"
 #: The first bytes of the compiled hotplug client (an ELF program) laid at the script path.
 ELF_MAGIC = b"\x7fELF"
-#: The warm hotplug server's socket (blockscript/warm.py) and the variable that moves it (tests).
-HOTPLUG_SOCKET = "/run/xenblockctl/hotplug.sock"
-HOTPLUG_SOCKET_ENV = "XENBLOCKCTL_HOTPLUG_SOCKET"
 SERVER_FIX = f"systemctl enable --now {hostfiles.HOTPLUG_UNIT}"
 
 
@@ -201,7 +199,7 @@ def check_hotplug_server(root: str) -> Finding:
     if root != "/":
         return _skipped("hotplug-server", f"the hotplug server is a running process of /, not of {root}")
     client = is_client(_under(root, f"{XEN_SCRIPT_DIR}/{hostfiles.SCRIPT_NAME}"))
-    path = os.environ.get(HOTPLUG_SOCKET_ENV) or HOTPLUG_SOCKET
+    path = warm.socket_path(os.environ)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(2.0)
