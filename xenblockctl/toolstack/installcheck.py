@@ -166,13 +166,17 @@ def check_block_script(root: str) -> list[Finding]:
             _skipped("hotplug-client", f"{script} is missing"),
         ]
     if not is_client(script):
-        client = Finding(
-            "hotplug-client",
-            INFO,
-            f"{script} is the Python script itself: no hotplug client is laid (the package was built "
-            "without a C compiler), so every VM start starts an interpreter and the hotplug server is unused",
-        )
-        return [first, check_imports("script-import", script, root, SCRIPT_MODULE, REINSTALL_FIX), client]
+        return [
+            first,
+            check_imports("script-import", script, root, SCRIPT_MODULE, REINSTALL_FIX),
+            Finding(
+                "hotplug-client",
+                INFO,
+                f"{script} is the Python script itself: no hotplug client is laid (the package was built "
+                "without a C compiler), so every VM start starts an interpreter and the hotplug server "
+                "is unused",
+            ),
+        ]
     python = script.with_name(script.name + hostfiles.PYTHON_SUFFIX)
     missing = _executable(
         "hotplug-client",
@@ -183,13 +187,16 @@ def check_block_script(root: str) -> list[Finding]:
     if missing is not None:
         why = f"{python} is missing" if not python.is_file() else f"{python} is not executable"
         return [first, _skipped("script-import", why), missing]
-    client = Finding(
-        "hotplug-client",
-        OK,
-        f"{script} is the hotplug client; {python} is the Python script it runs when no hotplug "
-        "server answers",
-    )
-    return [first, check_imports("script-import", python, root, SCRIPT_MODULE, REINSTALL_FIX), client]
+    return [
+        first,
+        check_imports("script-import", python, root, SCRIPT_MODULE, REINSTALL_FIX),
+        Finding(
+            "hotplug-client",
+            OK,
+            f"{script} is the hotplug client; {python} is the Python script it runs when no hotplug "
+            "server answers",
+        ),
+    ]
 
 
 def check_hotplug_server(root: str) -> Finding:
