@@ -3,7 +3,7 @@
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
         [--parallel-rounds 1] [--only-parallel] [--daemon c|embedded] [--python PY]
         [--baseline-script OLD/hotplug/block-xenblockctl] [--no-floor] [--no-bash] [--no-warm]
-        [--site-shim] [--strace] [--trace]
+        [--client-fallback] [--site-shim] [--strace] [--trace]
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
 as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
@@ -15,7 +15,8 @@ with site.py), "xenblockctl, warm server + C client" (issue 18: the hotplug clie
 it, xenblockctl/libexec/, laid with the Python script beside it as `block-xenblockctl.py`, and the
 hotplug server started as its unit starts it: that script with `--serve`, umask 0077, a session
 of its own; its socket in the bench's directory, XENBLOCKCTL_HOTPLUG_SOCKET; its CPU and its
-workers' counted through a cpuacct cgroup of its own, since it reaps them, not we),
+workers' counted through a cpuacct cgroup of its own, since it reaps them, not we; with
+`--client-fallback` the same client with no server too, which execs the Python script),
 `bench/floor_block.py` (our semantics for a file or block-device target in one
 stdlib-only file: the interpreter floor, run with `-S` from its cached bytecode as ours is), and
 Xen's bash `block` script from Debian's xen-utils-common (extracted into .cache/ with `apt-get
@@ -134,6 +135,11 @@ def main() -> int:
     parser.add_argument("--no-floor", action="store_true", help="leave out the stdlib-only floor script")
     parser.add_argument("--no-bash", action="store_true", help="leave out Xen's bash block script")
     parser.add_argument("--no-warm", action="store_true", help="leave out the warm hotplug server + C client")
+    parser.add_argument(
+        "--client-fallback",
+        action="store_true",
+        help="also the C client with no server (it execs the laid Python script)",
+    )
     parser.add_argument("--strace", action="store_true", help="count syscalls of one add per contestant")
     parser.add_argument(
         "--trace",
@@ -174,9 +180,7 @@ def main() -> int:
             Contestant("xenblockctl", laid_script(work, args.python), args.python, flags=("-S",))
         ]
         if not args.no_warm:
-            warm = warm_contestant(work, args.python, stack)
-            if warm is not None:
-                contestants.append(warm)
+            contestants += warm_contestants(work, args.python, stack, fallback=args.client_fallback)
         if args.site_shim:
             contestants.append(Contestant("xenblockctl, shipped shim (site)", SCRIPT, args.python))
         if args.baseline_script is not None:
@@ -521,6 +525,8 @@ class Contestant:
         env = libxl.env(action, be)
         if self.server is not None:
             env[WarmServer.SOCKET_ENV] = str(self.server.socket)
+        elif not self.interpreter:  # the client with no server: its fallback, as on a host without one
+            env[WarmServer.SOCKET_ENV] = str(self.script.parent / "no-server.sock")
         return env
 
     def timed(
@@ -605,16 +611,20 @@ class WarmServer:
         print(f"cannot remove {self.group}: processes still in it", file=sys.stderr)
 
 
-def warm_contestant(work: Path, python: str, stack: contextlib.ExitStack) -> Contestant | None:
+def warm_contestants(
+    work: Path, python: str, stack: contextlib.ExitStack, *, fallback: bool
+) -> list[Contestant]:
     """The client as setup.py built it into this checkout (xenblockctl/libexec/), laid with the
-    Python script beside it, and its server started; None (said why) when either is missing."""
+    Python script beside it, and its server started; with `fallback` the same client with no
+    server too (it execs the script: a host where the server is not running). Empty (said why)
+    when the client or cpuacct is missing."""
     client = REPO / "xenblockctl" / "libexec" / hostfiles.SCRIPT_NAME
     if not client.is_file():
         print(f"no warm contestant: {client} not built (setup.py build_ext --inplace)", file=sys.stderr)
-        return None
+        return []
     if not WarmServer.CPUACCT.is_dir():
         print(f"no warm contestant: no {WarmServer.CPUACCT} to count its workers' CPU", file=sys.stderr)
-        return None
+        return []
     directory = work / "warm"
     directory.mkdir()
     script = laid_script(directory, python, name=hostfiles.SCRIPT_NAME + hostfiles.PYTHON_SUFFIX)
@@ -623,7 +633,10 @@ def warm_contestant(work: Path, python: str, stack: contextlib.ExitStack) -> Con
     laid.chmod(0o755)
     server = WarmServer(script, directory)
     stack.callback(server.stop)
-    return Contestant("xenblockctl, warm server + C client", laid, "", server=server)
+    found = [Contestant("xenblockctl, warm server + C client", laid, "", server=server)]
+    if fallback:
+        found.append(Contestant("xenblockctl, C client, no server", laid, ""))
+    return found
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
