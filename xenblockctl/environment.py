@@ -17,6 +17,8 @@ and test-only hooks, inert when unset:
                                      kernel blkback off Xen, so flow tests play its sysfs attribute
   XENBLOCKCTL_PAUSE_AT, _PAUSE_FILE  stop the process at a named point (blockscript/faults.py)
   XENBLOCKCTL_TEST_GC_SCOPE          gc considers only loop devices backed by files below this
+  XENBLOCKCTL_TEST_WARM_IMPORTS      a warm server's worker prints the modules it imported beyond
+                                     the server's after its run (blockscript/warm.py)
 
 A plain class, not a dataclass: this is on the hotplug path, whose import graph stays small."""
 
@@ -36,6 +38,7 @@ XEN_BACKEND_BUS_ENV = "XENBLOCKCTL_TEST_XEN_BACKEND_BUS"
 PAUSE_AT_ENV = "XENBLOCKCTL_PAUSE_AT"
 PAUSE_FILE_ENV = "XENBLOCKCTL_PAUSE_FILE"
 GC_SCOPE_ENV = "XENBLOCKCTL_TEST_GC_SCOPE"
+WARM_IMPORTS_ENV = "XENBLOCKCTL_TEST_WARM_IMPORTS"
 
 
 class Environment:

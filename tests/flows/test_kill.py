@@ -53,7 +53,11 @@ def test_kill_during_add(libxl: Libxl, make_image: ImageFactory, point: str, wit
     elif consumer is not None:
         consumer.release()
     assert bound_loops_under(image.parent) == {}, f"killed at {point}: loop device leaked"
-    # libxl then tears the device down: remove must cope with whatever the kill left behind.
+    remove_after_a_killed_add(libxl, be)
+
+
+def remove_after_a_killed_add(libxl: Libxl, be: Backend) -> None:
+    """libxl then tears the device down: remove must cope with whatever the kill left behind."""
     libxl.store.write(be.node("online"), "0")
     libxl.store.write(be.node("state"), "6")
     result = libxl.run("remove", be)

@@ -5,6 +5,7 @@ its workers refuse (logged, nothing acted)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from tests.fixtures.libxl import Backend, Libxl
 from tests.fixtures.warm import WarmServer, ask, lay_warm, raw_request, wait_gone
 from tests.support import libxl_stub
 from xenblockctl.blockscript import warm as warm_module
+from xenblockctl.environment import WARM_IMPORTS_ENV
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 
@@ -49,13 +51,14 @@ def test_an_add_and_a_remove_import_nothing_from_disk(
     warm: WarmServer, libxl: Libxl, make_image: ImageFactory
 ) -> None:
     """The server imported everything a worker runs (warm.PRELOAD): a file add handed to the
-    engine, a kernel-blkback add (its AUTOCLEAR child) and their removes log no `warm-import`."""
+    engine, a kernel-blkback add (its AUTOCLEAR child) and their removes import no module."""
     outputs = []
+    hook = {WARM_IMPORTS_ENV: "1"}
     for domid, engine in ((5, True), (7, False)):
         image = make_image()
         be = libxl.create_backend(domid, 51712, str(image), "w", engine=engine)
         consumer = libxl.engine_consumer(be) if engine else libxl.blkback_consumer(be)
-        added = libxl.run("add", be)
+        added = libxl.run("add", be, **hook)
         assert added.returncode == 0, added.stderr
         consumer.wait_opened()
         if not engine:
@@ -63,10 +66,11 @@ def test_an_add_and_a_remove_import_nothing_from_disk(
         consumer.release()
         libxl.store.write(be.node("online"), "0")
         libxl.store.write(be.node("state"), "6")
-        removed = libxl.run("remove", be)
+        removed = libxl.run("remove", be, **hook)
         assert removed.returncode == 0, removed.stderr
         outputs += [added.stderr, removed.stderr]
-    assert not [out for out in outputs if "warm-import" in out or "imported" in out], outputs
+    lines = [line for out in outputs for line in out.splitlines() if line.startswith("warm-imports:")]
+    assert lines == ["warm-imports: "] * 4, outputs
 
 
 def test_without_a_server_the_client_runs_the_python_script(
@@ -140,8 +144,12 @@ def test_stale_code_falls_back_and_the_server_exits(
     result = libxl.run("add", be)
     assert result.returncode == 0, result.stderr
     assert "handed to engine" in result.stderr, result.stderr
-    assert warm.proc.wait(10) == warm_module.STALE_EXIT
+    try:
+        status = warm.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        status = None
     log = warm.log()
+    assert status == warm_module.STALE_EXIT, (log, result.stderr)
     assert f"stale: {script} changed" in log, log
     assert not warm.socket.exists(), "the stale server left its socket"
     consumer.wait_opened()
@@ -303,3 +311,28 @@ def test_the_valid_form_of_those_requests_is_accepted(
     assert answer == b"A", warm.log()
     for pid in warm.workers():  # the connection is closed: kill-on-hangup ends the worker
         wait_gone(pid)
+
+
+def test_the_workers_log_lines_carry_the_clients_pid(warm: WarmServer, libxl: Libxl, tmp_path: Path) -> None:
+    """libxl logs the pid it ran (the client's); the worker's records carry it as CLIENT_PID=, so
+    the two can be matched. Read from the syslog socket the journal module writes to when there is
+    no journald (a socket of the test's at /dev/log, which this host lacks)."""
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log exists (a syslog daemon's): the test cannot listen there")
+    be = libxl.create_backend(5, 51712, str(tmp_path / "missing.img"), "w")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind("/dev/log")
+        try:
+            running = libxl.start("add", be)
+            _out, err = running.proc.communicate(timeout=30)
+            syslog.settimeout(0)
+            lines = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    lines.append(syslog.recv(65536).decode())
+        finally:
+            os.unlink("/dev/log")
+    assert running.proc.returncode == 1, err
+    ours = [line for line in lines if f"XENBUS_PATH={be.relative}" in line]
+    assert ours, lines
+    assert all(f"CLIENT_PID={running.proc.pid}" in line for line in ours), ours

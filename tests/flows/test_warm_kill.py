@@ -12,7 +12,7 @@ import pytest
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from tests.fixtures.warm import WarmServer, wait_gone
-from tests.flows.test_kill import assert_consistent
+from tests.flows.test_kill import assert_consistent, remove_after_a_killed_add
 from xenblockctl.blockscript.faults import ADD_POINTS, REMOVE_POINTS
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -35,12 +35,7 @@ def test_killing_the_client_kills_the_worker_during_add(
     assert_consistent(libxl.nodes(be))
     consumer.release()
     assert bound_loops_under(image.parent) == {}, f"killed at {point}: loop device leaked"
-    libxl.store.write(be.node("online"), "0")
-    libxl.store.write(be.node("state"), "6")
-    result = libxl.run("remove", be)
-    assert result.returncode == 0, result.stderr
-    nodes = libxl.nodes(be)
-    assert "physical-device" not in nodes or "xenblockctl-owner" not in nodes
+    remove_after_a_killed_add(libxl, be)
 
 
 @pytest.mark.parametrize("point", REMOVE_POINTS)
