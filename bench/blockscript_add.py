@@ -2,8 +2,8 @@
 
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
         [--parallel-rounds 1] [--only-parallel] [--daemon c|embedded] [--python PY]
-        [--baseline-script OLD/hotplug/block-xenblockctl] [--no-floor] [--no-bash] [--site-shim]
-        [--strace] [--trace]
+        [--baseline-script OLD/hotplug/block-xenblockctl] [--no-floor] [--no-bash] [--no-warm]
+        [--client-fallback] [--site-shim] [--strace] [--trace]
 
 Contestants, interleaved inside one loop so load changes hit all of them alike: `block-xenblockctl`
 as `xenblockctl install-hooks` lays it (hostfiles.block_script: `<python> -S`, this checkout put on
@@ -11,7 +11,13 @@ sys.path by the script; with `--python /usr/bin/python3` it runs as installed on
 path needs nothing outside the standard library), optionally the shipped shim as it runs from a
 checkout (`--site-shim`: with site.py) and another checkout's shim (before/after in one run: `git
 archive OLD xenblockctl hotplug | tar -x -C /tmp/old`; run as that version's install-hooks laid it,
-with site.py), `bench/floor_block.py` (our semantics for a file or block-device target in one
+with site.py), "xenblockctl, warm server + C client" (issue 18: the hotplug client as setup.py builds
+it, xenblockctl/libexec/, laid with the Python script beside it as `block-xenblockctl.py`, and the
+hotplug server started as its unit starts it: that script with `--serve`, umask 0077, a session
+of its own; its socket in the bench's directory, XENBLOCKCTL_HOTPLUG_SOCKET; its CPU and its
+workers' counted through a cpuacct cgroup of its own, since it reaps them, not we; with
+`--client-fallback` the same client with no server too, which execs the Python script),
+`bench/floor_block.py` (our semantics for a file or block-device target in one
 stdlib-only file: the interpreter floor, run with `-S` from its cached bytecode as ours is), and
 Xen's bash `block` script from Debian's xen-utils-common (extracted into .cache/ with `apt-get
 download`, never installed) through Debian's xenstore-* CLIs. Against Debian's C xenstored
@@ -56,6 +62,7 @@ from bench.common import percentile, process_cpu, row
 from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
+from xenblockctl.blockscript import warm
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import hostfiles
 
@@ -127,6 +134,12 @@ def main() -> int:
     parser.add_argument("--daemon", choices=("c", "embedded"), default="c", help="xenstored to run against")
     parser.add_argument("--no-floor", action="store_true", help="leave out the stdlib-only floor script")
     parser.add_argument("--no-bash", action="store_true", help="leave out Xen's bash block script")
+    parser.add_argument("--no-warm", action="store_true", help="leave out the warm hotplug server + C client")
+    parser.add_argument(
+        "--client-fallback",
+        action="store_true",
+        help="also the C client with no server (it execs the laid Python script)",
+    )
     parser.add_argument("--strace", action="store_true", help="count syscalls of one add per contestant")
     parser.add_argument(
         "--trace",
@@ -166,6 +179,8 @@ def main() -> int:
         contestants: list[Contestant] = [
             Contestant("xenblockctl", laid_script(work, args.python), args.python, flags=("-S",))
         ]
+        if not args.no_warm:
+            contestants += warm_contestants(work, args.python, stack, fallback=args.client_fallback)
         if args.site_shim:
             contestants.append(Contestant("xenblockctl, shipped shim (site)", SCRIPT, args.python))
         if args.baseline_script is not None:
@@ -417,7 +432,7 @@ def kernel_path(libxl: Libxl, image: Path, n: int, contestants: list[Contestant]
             for domid, kind in ((90 + 2 * s, "engine"), (91 + 2 * s, "kernel")):
                 be = libxl.create_backend(domid, 51712 + 16 * i, str(image), "w", engine=kind == "engine")
                 consumer = libxl.engine_consumer(be) if kind == "engine" else libxl.blkback_consumer(be)
-                wall, cpu, result = _timed(c.argv("add"), libxl.env("add", be))
+                wall, cpu, result = c.timed("add", c.env(libxl, "add", be))
                 exited = time.perf_counter()
                 assert result.returncode == 0, result.stderr
                 consumer.wait_opened()
@@ -447,7 +462,7 @@ def count_syscalls(libxl: Libxl, c: Contestant, image: Path, domid: int) -> str:
     be = libxl.create_backend(domid, 51712, str(image), "w", engine=not c.bash)
     consumer = None if c.bash else libxl.engine_consumer(be)
     out = libxl.workdir / "strace.txt"
-    env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
+    env = c.env(libxl, "add", be)
     result = subprocess.run(
         ["strace", "-f", "-c", "-o", str(out), *c.argv("add")],
         env=env,
@@ -474,23 +489,154 @@ def _loadavg() -> str:
 
 
 class Contestant:
-    """One script under test and its samples (µs)."""
+    """One script under test and its samples (µs). `server`: the warm hotplug server its client
+    asks (the program is then exec'd directly, `interpreter` empty), whose CPU (its workers')
+    each timed run adds to the client's."""
 
     def __init__(
-        self, label: str, script: Path, interpreter: str, *, bash: bool = False, flags: tuple[str, ...] = ()
+        self,
+        label: str,
+        script: Path,
+        interpreter: str,
+        *,
+        bash: bool = False,
+        flags: tuple[str, ...] = (),
+        server: WarmServer | None = None,
     ) -> None:
         self.label = label
         self.script = script
         self.interpreter = interpreter
         self.flags = flags  # interpreter flags of the script's `#!` line
         self.bash = bash
+        self.server = server
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.remove: list[float] = []
         self.failures = 0
 
     def argv(self, action: str) -> list[str]:
+        if not self.interpreter:
+            return [str(self.script), action]
         return [self.interpreter, *self.flags, str(self.script), action]
+
+    def env(self, libxl: Libxl, action: str, be: Backend) -> dict[str, str]:
+        if self.bash:
+            return bash_env(libxl, be.relative)
+        env = libxl.env(action, be)
+        if self.server is not None:
+            env[WarmServer.SOCKET_ENV] = str(self.server.socket)
+        elif not self.interpreter:  # the client with no server: its fallback, as on a host without one
+            env[WarmServer.SOCKET_ENV] = str(self.script.parent / "no-server.sock")
+        return env
+
+    def timed(
+        self, action: str, env: dict[str, str]
+    ) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+        """_timed, plus the server's CPU meanwhile (its worker's) for a warm contestant."""
+        before = self.server.cpu_us() if self.server is not None else 0.0
+        wall, cpu, result = _timed(self.argv(action), env)
+        if self.server is not None:
+            cpu += self.server.cpu_us() - before
+        return wall, cpu, result
+
+
+class WarmServer:
+    """The warm hotplug server as xenblockctl-hotplug.service starts it (ExecStart: the laid
+    Python script with --serve, exec'd by its own #! line; UMask=0077; a session of its own), its
+    socket in `directory`. It runs in a cpuacct cgroup of its own (as the unit in its own cgroup):
+    the workers it forks, and reaps, are counted there in ns, not in this process's children."""
+
+    SOCKET_ENV = warm.SOCKET_ENV
+    CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, script: Path, directory: Path) -> None:
+        self.socket = directory / "hotplug.sock"
+        self.log = directory / "hotplug-server.log"
+        self.group = self.CPUACCT / f"xbc-bench-warm-{os.getpid()}"
+        self.group.mkdir()
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", self.SOCKET_ENV: str(self.socket)}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(script), "--serve"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
+                cwd="/",
+                # in its group before it runs anything (its workers then are too)
+                preexec_fn=self._join,  # noqa: PLW1509 (single-threaded at this point: no consumers yet)
+            )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"the hotplug server did not come up: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def _join(self) -> None:
+        (self.group / "cgroup.procs").write_text(str(os.getpid()))
+
+    def cpu_us(self) -> float:
+        """The server's and its workers' CPU so far (µs), once it has reaped every worker (a
+        worker's exit, after its client got the status, is part of an add's cost)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                if not children.read_text().split():
+                    break
+            except OSError:
+                break
+            time.sleep(0.0002)
+        return int((self.group / "cpuacct.usage").read_text()) / 1e3
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # workers and AUTOCLEAR children still in the group finish on their own (KillMode=process)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.group.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"cannot remove {self.group}: processes still in it", file=sys.stderr)
+
+
+def warm_contestants(
+    work: Path, python: str, stack: contextlib.ExitStack, *, fallback: bool
+) -> list[Contestant]:
+    """The client as setup.py built it into this checkout (xenblockctl/libexec/), laid with the
+    Python script beside it, and its server started; with `fallback` the same client with no
+    server too (it execs the script: a host where the server is not running). Empty (said why)
+    when the client or cpuacct is missing."""
+    client = REPO / "xenblockctl" / "libexec" / hostfiles.SCRIPT_NAME
+    if not client.is_file():
+        print(f"no warm contestant: {client} not built (setup.py build_ext --inplace)", file=sys.stderr)
+        return []
+    if not WarmServer.CPUACCT.is_dir():
+        print(f"no warm contestant: no {WarmServer.CPUACCT} to count its workers' CPU", file=sys.stderr)
+        return []
+    directory = work / "warm"
+    directory.mkdir()
+    script = laid_script(directory, python, name=hostfiles.SCRIPT_NAME + hostfiles.PYTHON_SUFFIX)
+    laid = directory / hostfiles.SCRIPT_NAME
+    shutil.copyfile(client, laid)
+    laid.chmod(0o755)
+    server = WarmServer(script, directory)
+    stack.callback(server.stop)
+    found = [Contestant("xenblockctl, warm server + C client", laid, "", server=server)]
+    if fallback:
+        found.append(Contestant("xenblockctl, C client, no server", laid, ""))
+    return found
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
@@ -551,8 +697,7 @@ def measure_alternating(libxl: Libxl, contestants: list[Contestant], image: Path
         for k, c in _turned(list(enumerate(contestants)), i):
             be = libxl.create_backend(5 + 10 * k, 51712 + 16 * i, str(image), "w", engine=not c.bash)
             consumer = None if c.bash else libxl.engine_consumer(be)
-            env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
-            wall, cpu, result = _timed(c.argv("add"), env)
+            wall, cpu, result = c.timed("add", c.env(libxl, "add", be))
             if result.returncode != 0 and c.bash:
                 # losetup --find races other users of loop devices on a shared machine (EBUSY)
                 c.failures += 1
@@ -574,8 +719,7 @@ def measure_alternating(libxl: Libxl, contestants: list[Contestant], image: Path
 def _remove_any(libxl: Libxl, c: Contestant, be: Backend) -> float:
     """libxl's remove: the backend goes to Closed (6), then the script runs; wall µs."""
     libxl.store.write(be.node("state"), "6")
-    env = bash_env(libxl, be.relative) if c.bash else libxl.env("remove", be)
-    wall, _cpu, result = _timed(c.argv("remove"), env)
+    wall, _cpu, result = c.timed("remove", c.env(libxl, "remove", be))
     assert result.returncode == 0 or c.bash, (c.label, result.stderr)
     return wall
 
@@ -621,9 +765,8 @@ def add_once(
     xenstored's CPU during it (µs, /proc schedstat) to `daemon`."""
     be = libxl.create_backend(domid, devid, str(target), "w", engine=not c.bash)
     consumer = None if c.bash else libxl.engine_consumer(be)
-    env = bash_env(libxl, be.relative) if c.bash else libxl.env("add", be)
     daemon_before = _schedstat_us(libxl.xenstored.pid)
-    elapsed, used, result = _timed(c.argv("add"), env)
+    elapsed, used, result = c.timed("add", c.env(libxl, "add", be))
     if daemon is not None:
         daemon.append(_schedstat_us(libxl.xenstored.pid) - daemon_before)
     if cpu is not None:
@@ -708,6 +851,7 @@ class ParallelRun:
         self.daemon_cpu = 0.0  # xenstored meanwhile (10 ms ticks)
         self.conflicts: int | None = None  # EAGAIN replies: only with the daemon's trace (--trace)
         self.idle = 0.0  # host idle CPU time (all CPUs) during the row: waits nobody filled
+        self.server_cpu = 0.0  # a warm contestant's server and workers (in `cpu`, shared evenly)
 
     def breakdown(self) -> str:
         adds, cpus = sum(self.cpu), os.cpu_count() or 1
@@ -715,9 +859,11 @@ class ParallelRun:
         ms = [percentile(self.exits, p) * 1e3 for p in (10, 50, 90)]
         switches = percentile([float(v) for v in self.voluntary], 50)
         preempted = percentile([float(v) for v in self.involuntary], 50)
+        server = f"; hotplug server + workers {self.server_cpu * 1e3:.0f} ms of it" if self.server_cpu else ""
         return (
-            f"CPU: adds {adds * 1e3:.0f} ms (p50 {percentile(self.cpu, 50) * 1e3:.1f} ms each), consumers "
-            f"{self.bench_cpu * 1e3:.0f} ms, xenstored {self.daemon_cpu * 1e3:.0f} ms: all / {cpus} CPUs = "
+            f"CPU: adds {adds * 1e3:.0f} ms (p50 {percentile(self.cpu, 50) * 1e3:.1f} ms each{server}), "
+            f"consumers {self.bench_cpu * 1e3:.0f} ms, xenstored {self.daemon_cpu * 1e3:.0f} ms: "
+            f"all / {cpus} CPUs = "
             f"{every:.0f} ms; host idle {self.idle * 1e3:.0f} ms; exits p10/p50/p90 "
             f"{ms[0]:.0f}/{ms[1]:.0f}/{ms[2]:.0f} ms; per add p50 {switches:.0f} "
             f"blocking waits, {preempted:.0f} preemptions; "
@@ -743,6 +889,7 @@ def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) 
         for i, img in enumerate(images)
     ]
     consumers = [] if c.bash else [libxl.engine_consumer(be) for be in backends]
+    server_before = c.server.cpu_us() if c.server is not None else 0.0
     daemon_pid = libxl.xenstored.pid
     daemon_before = _proc_cpu(daemon_pid)
     self_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -753,7 +900,7 @@ def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) 
         for p in (
             subprocess.Popen(
                 c.argv("add"),
-                env=bash_env(libxl, be.relative) if c.bash else libxl.env("add", be),
+                env=c.env(libxl, "add", be),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -773,8 +920,14 @@ def parallel(libxl: Libxl, c: Contestant, images: list[Path], first_domid: int) 
     run.idle = _idle() - idle_before
     run.daemon_cpu = _proc_cpu(daemon_pid) - daemon_before
     run.bench_cpu = self_after.ru_utime + self_after.ru_stime - self_before.ru_utime - self_before.ru_stime
+    # a warm add's CPU is its client's and its worker's: the server's (and its workers') CPU over the
+    # row, shared evenly (µs -> s)
+    share = 0.0
+    if c.server is not None:
+        run.server_cpu = (c.server.cpu_us() - server_before) / 1e6
+        share = run.server_cpu / len(reaped)
     for _code, exited, usage in reaped:
-        run.cpu.append(usage.ru_utime + usage.ru_stime)
+        run.cpu.append(usage.ru_utime + usage.ru_stime + share)
         run.exits.append(exited)
         run.voluntary.append(usage.ru_nvcsw)
         run.involuntary.append(usage.ru_nivcsw)

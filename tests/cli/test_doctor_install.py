@@ -5,6 +5,7 @@ time (a check that cannot run is `skipped`, with why)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,14 @@ from typing import Any
 import pytest
 
 from tests.fixtures.cli import CliRunner
+from xenblockctl.blockscript import warm
 from xenblockctl.toolstack import host, hostfiles, installcheck
 
 INSTALL_CHECKS = [
     "block-script",
     "script-import",
+    "hotplug-client",
+    "hotplug-server",
     "attach-script",
     "udev-rules",
     "udev-hook",
@@ -24,7 +28,8 @@ INSTALL_CHECKS = [
     "blkback",
     "man-pages",
 ]
-SCRIPT = "etc/xen/scripts/block-xenblockctl"
+SCRIPT = "etc/xen/scripts/block-xenblockctl"  # the hotplug client (install-hooks lays it)
+PYTHON_SCRIPT = "etc/xen/scripts/block-xenblockctl.py"  # the Python script beside it
 HOOK = "usr/libexec/xenblockctl/xenblockctl-udev"
 RULES = "etc/udev/rules.d/60-xenblockctl.rules"
 UNIT = "etc/systemd/system/xenblockctl-engine.service"
@@ -65,6 +70,8 @@ def _status(found: dict[str, dict[str, Any]]) -> dict[str, str]:
 def test_a_complete_installation_is_clean(run_cli: CliRunner, root: Path) -> None:
     found = _doctor(run_cli, root)
     expected = dict.fromkeys(INSTALL_CHECKS, "ok")
+    # a running process of this host, not of a --root
+    expected["hotplug-server"] = "skipped"
     # Not a Xen domain here: the blkback check cannot mean anything and says so.
     expected["blkback"] = (
         "skipped" if not os.path.exists(installcheck.XEN_CAPABILITIES) else found["blkback"]["status"]
@@ -83,6 +90,7 @@ def test_missing_block_script(run_cli: CliRunner, root: Path) -> None:
     assert "install-hooks" in found["block-script"]["fix"]
     assert found["script-import"]["status"] == "skipped"
     assert found["script-import"]["message"] == f"skipped: {root / SCRIPT} is missing"
+    assert found["hotplug-client"]["status"] == "skipped"
     assert found["attach-script"]["status"] == "error", "attach.script names the same file"
 
 
@@ -107,14 +115,14 @@ def test_block_script_whose_interpreter_cannot_import_the_package(run_cli: CliRu
     )
     if bare.returncode == 0:
         pytest.skip(f"{python} imports xenblockctl on this host")
-    _shebang(root / SCRIPT, f"#!{python}")
+    _shebang(root / PYTHON_SCRIPT, f"#!{python}")
     found = _doctor(run_cli, root)
     assert found["block-script"]["status"] == "ok"
     assert found["script-import"]["status"] == "error"
     assert "ModuleNotFoundError: No module named 'xenblockctl'" in found["script-import"]["message"]
     assert "install-hooks" in found["script-import"]["fix"]
 
-    _shebang(root / SCRIPT, "#!/nonexistent/python3")
+    _shebang(root / PYTHON_SCRIPT, "#!/nonexistent/python3")
     found = _doctor(run_cli, root)
     assert found["script-import"]["status"] == "error"
     assert "its interpreter /nonexistent/python3 does not exist" in found["script-import"]["message"]
@@ -127,7 +135,7 @@ def test_laid_block_script_is_checked_the_way_it_runs(run_cli: CliRunner, root: 
     found = _doctor(run_cli, root)
     assert found["script-import"]["status"] == "ok"
     assert " -S (with " in found["script-import"]["message"]
-    script = root / SCRIPT
+    script = root / PYTHON_SCRIPT
     text = script.read_text()
     packages = hostfiles.laid_packages(text)
     assert packages is not None
@@ -136,6 +144,71 @@ def test_laid_block_script_is_checked_the_way_it_runs(run_cli: CliRunner, root: 
     assert found["script-import"]["status"] == "error"
     assert "/nonexistent/site-packages" in found["script-import"]["message"]
     assert "No module named 'xenblockctl'" in found["script-import"]["message"]
+
+
+def test_hotplug_client_and_the_python_script_beside_it(run_cli: CliRunner, root: Path) -> None:
+    """The client at the script path runs the `.py` beside it when no server answers: the import
+    check is that script's, and a client without it is an error (every such VM start fails)."""
+    found = _doctor(run_cli, root)
+    assert found["hotplug-client"]["status"] == "ok"
+    assert found["hotplug-client"]["message"].startswith(f"{root / SCRIPT} is the hotplug client; ")
+    assert str(root / PYTHON_SCRIPT) in found["script-import"]["message"]
+
+    python_script = (root / PYTHON_SCRIPT).read_bytes()
+    (root / PYTHON_SCRIPT).unlink()
+    found = _doctor(run_cli, root)
+    assert found["hotplug-client"]["status"] == "error"
+    assert f"{root / PYTHON_SCRIPT} does not exist" in found["hotplug-client"]["message"]
+    assert found["script-import"] == {
+        "check": "script-import",
+        "status": "skipped",
+        "message": f"skipped: {root / PYTHON_SCRIPT} is missing",
+        "fix": None,
+        "items": [],
+    }
+
+    # as install-hooks lays it without a client (a package built without a compiler)
+    (root / SCRIPT).write_bytes(python_script)
+    found = _doctor(run_cli, root)
+    assert found["hotplug-client"]["status"] == "info"
+    assert "no hotplug client is laid" in found["hotplug-client"]["message"]
+    assert found["script-import"]["status"] == "ok"
+    assert found["block-script"]["status"] == "ok"
+
+
+def _server_check(monkeypatch: pytest.MonkeyPatch, path: Path, client: bool = True) -> dict[str, Any]:
+    monkeypatch.setenv(warm.SOCKET_ENV, str(path))
+    monkeypatch.setattr(installcheck, "is_client", lambda _path: client)
+    return installcheck.check_hotplug_server("/").to_json()
+
+
+def test_hotplug_server_answers_or_is_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connected and closed with nothing sent; a missing or refused socket is a warning (VM starts
+    still work, in process), not an error, and only `info` where no client would ask."""
+    path = tmp_path / "hotplug.sock"
+    missing = _server_check(monkeypatch, path)
+    assert missing["status"] == "warning"
+    assert missing["message"].startswith(f"hotplug server not running ({path}: No such file or directory)")
+    assert missing["message"].endswith("VM starts use the in-process path (slower)")
+    assert missing["fix"] == "systemctl enable --now xenblockctl-hotplug.service"
+    assert _server_check(monkeypatch, path, client=False)["status"] == "info"
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(path))  # bound, not listening: a dead server's socket
+        refused = _server_check(monkeypatch, path)
+        assert refused["status"] == "warning"
+        assert "Connection refused" in refused["message"]
+
+        listener.listen(1)
+        up = _server_check(monkeypatch, path)
+        assert up["status"] == "ok", up
+        assert up["message"] == f"the hotplug server answers on {path}: VM starts go through it"
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            assert conn.recv(4096) == b"", "doctor sent something: a request would run a worker"
+        assert _server_check(monkeypatch, path, client=False)["status"] == "info"
+        listener.accept()[0].close()
 
 
 def test_attach_script_naming_a_missing_script(

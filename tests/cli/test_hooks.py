@@ -128,12 +128,26 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     venv_cli = Path(sys.executable).with_name("xenblockctl")
     if not venv_cli.exists():
         pytest.skip(f"{venv_cli} missing: the package is not installed in this environment")
-    layout = hostfiles.local_layout()._replace(cli=str(venv_cli))
-    units = [item for item in hostfiles.plan(layout) if item.path.endswith(".service")]
-    assert len(units) == 2
+    # the hotplug server's unit starts the Python script laid beside the client: lay both here
+    layout = hostfiles.local_layout()._replace(cli=str(venv_cli), scripts=str(tmp_path / "scripts"))
+    program = hostfiles.client()
+    assert program is not None, "the package carries no hotplug client (setup.py's build_ext)"
+    items = hostfiles.plan(layout, program)
+    for item in items:
+        if item.path.startswith(layout.scripts):
+            Path(item.path).parent.mkdir(exist_ok=True)
+            Path(item.path).write_bytes(item.content)
+            Path(item.path).chmod(item.mode)
+    units = [item for item in items if item.path.endswith(".service")]
+    assert len(units) == 3
     for item in units:
         name = Path(item.path).name
-        assert f"ExecStart={venv_cli} " in item.content.decode()
+        want = (
+            f"ExecStart={layout.python_script} --serve"
+            if name == hostfiles.HOTPLUG_UNIT
+            else f"ExecStart={venv_cli} "
+        )
+        assert want in item.content.decode()
         (tmp_path / name).write_bytes(item.content)
         result = subprocess.run(
             [analyze, "verify", "--man=no", str(tmp_path / name)],
@@ -420,6 +434,26 @@ def test_real_udevd_records_a_detached_loop_on_its_backend(libxl: Libxl, make_im
     error = libxl.nodes(be)["hotplug-error"]
     assert error.startswith(f"device-replaced: device {ident.major}:{ident.minor} ")
     assert f"published luid {ident.luid}" in error
+
+
+def test_hotplug_unit_runs_the_server_unconfined_and_lets_workers_finish() -> None:
+    """The warm hotplug server's unit (issue 18): a worker is the block script, so nothing of the
+    engine's sandbox (paths in `params`, loop/dm/NBD control must look as they do to libxl); only
+    the server is stopped (in-flight workers finish their flow); warm from boot; restarted when it
+    exits for new code (stale)."""
+    text = (REPO / "hotplug" / "xenblockctl-hotplug.service").read_text()
+    keys = {line.partition("=")[0] for line in text.splitlines() if "=" in line and not line.startswith("#")}
+    lines = text.splitlines()
+    for line in ("KillMode=process", "Restart=on-failure", "WantedBy=multi-user.target", "UMask=0077"):
+        assert line in lines, line
+    assert "ExecStart=/etc/xen/scripts/block-xenblockctl.py --serve" in lines
+    sandboxing = {
+        k
+        for k in keys
+        if k.startswith(("Protect", "Private", "Restrict", "Capability", "Device", "SystemCall"))
+    }
+    assert not sandboxing, sandboxing
+    assert "NoNewPrivileges" not in keys
 
 
 #: `systemd-analyze security` exposure, times ten (its --threshold scale). Unhardened both were 9.6.

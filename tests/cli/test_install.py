@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("xenblockctl")
 #: Relative to --root: what `install-hooks` lays with the local layout (besides nothing else).
 LOCAL_FILES = {
+    # the hotplug client (setup.py builds it into the package) and the Python script beside it
     "etc/xen/scripts/block-xenblockctl": 0o755,
+    "etc/xen/scripts/block-xenblockctl.py": 0o755,
+    "etc/systemd/system/xenblockctl-hotplug.service": 0o644,
     "usr/libexec/xenblockctl/xenblockctl-udev": 0o755,
     "etc/udev/rules.d/60-xenblockctl.rules": 0o644,
     "etc/systemd/system/xenblockctl-engine.service": 0o644,
@@ -73,8 +76,11 @@ def _interpreter(console_script: Path) -> str:
 def _check_tree(root: Path, cli: Path) -> None:
     python = _interpreter(cli)
     assert _tree(root) == LOCAL_FILES
-    for script in ("etc/xen/scripts/block-xenblockctl", "usr/libexec/xenblockctl/xenblockctl-udev"):
+    for script in ("etc/xen/scripts/block-xenblockctl.py", "usr/libexec/xenblockctl/xenblockctl-udev"):
         assert (root / script).read_text().splitlines()[0] == f"#!{python} -S", script
+    assert (root / "etc/xen/scripts/block-xenblockctl").read_bytes()[:4] == b"\x7fELF", "the client"
+    hotplug = (root / "etc/systemd/system/xenblockctl-hotplug.service").read_text()
+    assert "\nExecStart=/etc/xen/scripts/block-xenblockctl.py --serve\n" in hotplug
     rules = (root / "etc/udev/rules.d/60-xenblockctl.rules").read_text()
     assert rules.count('RUN+="/usr/libexec/xenblockctl/xenblockctl-udev ') == 3
     for unit in ("xenblockctl-engine.service", "xenblockctl-xenstored.service"):
@@ -111,17 +117,58 @@ def test_install_hooks_lays_every_file_once(tmp_path: Path) -> None:
     assert text.splitlines()[0] == "unchanged      /etc/xen/scripts/block-xenblockctl", text
 
 
+def test_install_hooks_without_a_client_lays_the_python_script_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package built without a compiler carries no client: the Python script goes to the script
+    path as before issue 18, and the `.py` and hotplug unit an earlier install laid beside a client
+    are removed (that unit would start a server no client asks). Then the client comes back."""
+    where = hostfiles.local_layout()._replace(cache_dir=str(tmp_path / "cache"))
+    root = tmp_path / "root"
+    script, beside = root / where.script.lstrip("/"), root / where.python_script.lstrip("/")
+    unit = root / where.units_dir.lstrip("/") / hostfiles.HOTPLUG_UNIT
+    with_client = {d.path: d.result for d in hostfiles.install(where, str(root))}
+    assert with_client[where.python_script] == "installed"
+    assert beside.is_file()
+    assert unit.is_file()
+    python_script = beside.read_bytes()
+
+    monkeypatch.setattr(hostfiles, "CLIENT", tmp_path / "no-client")
+    dry = {d.path: d.result for d in hostfiles.install(where, str(root), dry_run=True)}
+    assert dry[where.python_script] == dry[f"{where.units_dir}/{hostfiles.HOTPLUG_UNIT}"] == "would remove"
+    assert beside.is_file(), "--dry-run removed something"
+    without = {d.path: d.result for d in hostfiles.install(where, str(root))}
+    assert without[where.script] == "updated"
+    assert without[where.python_script] == without[f"{where.units_dir}/{hostfiles.HOTPLUG_UNIT}"] == "removed"
+    assert script.read_bytes() == python_script, (
+        "the Python script at the script path, as laid beside a client"
+    )
+    assert not beside.exists()
+    assert not unit.exists()
+    # it runs, and wrote its bundle as the script libxl execs
+    assert without[f"{where.cache_dir}/{bundle.NAME}"] in ("unchanged", "updated")
+    again = hostfiles.install(where, str(root))
+    assert {d.result for d in again} == {"unchanged"}, again
+
+    monkeypatch.undo()
+    back = {d.path: d.result for d in hostfiles.install(where, str(root))}
+    assert (back[where.script], back[where.python_script]) == ("updated", "installed")
+    assert script.read_bytes() == hostfiles.CLIENT.read_bytes()
+
+
 def test_debian_layout_uses_distribution_paths(tmp_path: Path) -> None:
     done = _install(CLI, tmp_path, "--layout", "debian")
     assert set(done) >= {
         "/etc/xen/scripts/block-xenblockctl",
+        "/etc/xen/scripts/block-xenblockctl.py",
+        "/lib/systemd/system/xenblockctl-hotplug.service",
         "/usr/lib/udev/xenblockctl-udev",
         "/usr/lib/udev/rules.d/60-xenblockctl.rules",
         "/lib/systemd/system/xenblockctl-engine.service",
         "/usr/share/man/man8/block-xenblockctl.8",
         "/usr/share/zsh/vendor-completions/_xenblockctl",
     }
-    script = (tmp_path / "etc/xen/scripts/block-xenblockctl").read_text()
+    script = (tmp_path / "etc/xen/scripts/block-xenblockctl.py").read_text()
     assert script.startswith("#!/usr/bin/python3 -S\n")
     assert "\nsys.path.append('/usr/lib/python3/dist-packages')\n" in script
     assert hostfiles.WHERE_BEGIN not in script, "the checkout lookup is replaced, not kept"
@@ -163,7 +210,8 @@ def _add_and_remove_through(
     script: Path, libxl: Libxl, make_image: ImageFactory, root: Path | None = None
 ) -> set[str]:
     """A real add (engine hand-off) and remove through `script`, run as libxl runs it (exec'd by
-    its #! line, cwd /, libxl's environment); returns the modules its add imported. With the
+    its #! line, or the client's fallback exec of the script beside it; cwd /, libxl's
+    environment); returns the modules its add imported. With the
     `root` install-hooks laid it under, both read their modules from the hotplug bundle laid
     there (checked with the import system's trace)."""
     image = make_image(fill=b"laid")
@@ -171,6 +219,8 @@ def _add_and_remove_through(
     consumer = libxl.engine_consumer(be)
 
     bundled = {} if root is None else {"XENBLOCKCTL_CACHE_DIR": str(root / "var/cache/xenblockctl")}
+    # no hotplug server answers there: a laid client runs the Python script beside it (its fallback)
+    bundled["XENBLOCKCTL_HOTPLUG_SOCKET"] = "/nonexistent/hotplug.sock"
 
     def run(action: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -284,6 +334,7 @@ def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox(
             names = set(zf.namelist())
             metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         assert "xenblockctl/share/hotplug/block-xenblockctl" in names
+        assert "xenblockctl/libexec/block-xenblockctl" in names, "the hotplug client (setup.py)"
         assert "xenblockctl/share/man/xenblockctl.1" in names
         assert "License-Expression: GPL-3.0-or-later" in metadata or "License: GPL-3.0-or-later" in metadata
 
@@ -309,12 +360,14 @@ def test_wheel_in_a_fresh_venv_installs_hooks_and_runs_the_sandbox(
         root = work / "root"
         _install(cli, root, cwd=elsewhere)
         _check_tree(root, cli)
-        laid = root / "etc/xen/scripts/block-xenblockctl"
+        laid = root / "etc/xen/scripts/block-xenblockctl.py"
         assert "/venv/" in laid.read_text().splitlines()[0]
         # Without site the venv's interpreter still finds the standard library (pyvenv.cfg's home)
         # and the laid script adds the venv's site-packages itself: a real add through it.
         assert f"sys.path.append('{venv}/lib/" in laid.read_text()
-        imported = _add_and_remove_through(laid, libxl, make_image, root)
+        imported = _add_and_remove_through(
+            root / "etc/xen/scripts/block-xenblockctl", libxl, make_image, root
+        )
         assert "site" not in imported
         assert "xenblockctl.blockscript.hotplug" in imported
 

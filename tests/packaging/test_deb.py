@@ -19,7 +19,10 @@ from tests.packaging import build
 REPO = Path(__file__).resolve().parents[2]
 #: Where libxl, udev, systemd, man and the shells look on Debian 12.
 EXPECTED = {
+    # the hotplug client (setup.py builds it) and the Python script beside it, its fallback
     "./etc/xen/scripts/block-xenblockctl": "-rwxr-xr-x",
+    "./etc/xen/scripts/block-xenblockctl.py": "-rwxr-xr-x",
+    "./lib/systemd/system/xenblockctl-hotplug.service": "-rw-r--r--",
     "./usr/lib/udev/xenblockctl-udev": "-rwxr-xr-x",
     "./usr/lib/udev/rules.d/60-xenblockctl.rules": "-rw-r--r--",
     "./lib/systemd/system/xenblockctl-engine.service": "-rw-r--r--",
@@ -62,6 +65,7 @@ def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
     for path, mode in EXPECTED.items():
         assert modes.get(path) == mode, f"{path}: {modes.get(path)} (want {mode})"
     assert "./usr/bin/block-xenblockctl" not in modes
+    assert not any("/libexec/" in p for p in modes), "the client only where libxl execs it"
     assert not any(p.startswith("./usr/local") for p in modes)
     assert any(p.startswith("./usr/lib/python3/dist-packages/xenblockctl/") for p in modes)
     # the engine's native passes, compiled for the distribution's Python (backend/_fastpass.c,
@@ -79,13 +83,37 @@ def test_package_installs_files_where_debian_looks(built: build.Built) -> None:
     with tempfile.TemporaryDirectory(prefix="xbc-deb-x-") as unpacked:
         _run(["dpkg-deb", "-x", str(built.deb), unpacked], built.deb.parent, 60)
         root = Path(unpacked)
-        script = (root / "etc/xen/scripts/block-xenblockctl").read_text()
+        client = (root / "etc/xen/scripts/block-xenblockctl").read_bytes()
+        assert client[:4] == b"\x7fELF", "the compiled hotplug client"
+        script = (root / "etc/xen/scripts/block-xenblockctl.py").read_text()
         assert script.startswith("#!/usr/bin/python3 -S\n")
         assert "\nsys.path.append('/usr/lib/python3/dist-packages')\n" in script
         rules = (root / "usr/lib/udev/rules.d/60-xenblockctl.rules").read_text()
         assert rules.count('RUN+="/usr/lib/udev/xenblockctl-udev ') == 3
         unit = (root / "lib/systemd/system/xenblockctl-engine.service").read_text()
         assert "ExecStart=/usr/bin/xenblockctl " in unit
+        hotplug = (root / "lib/systemd/system/xenblockctl-hotplug.service").read_text()
+        assert "\nExecStart=/etc/xen/scripts/block-xenblockctl.py --serve\n" in hotplug
+
+
+@pytest.mark.slow
+def test_package_enables_and_starts_only_the_hotplug_server(built: build.Built) -> None:
+    """The warm hotplug server is enabled and (re)started by the maintainer scripts; the engine and
+    the embedded xenstored stay the admin's choice (xenblockctl-hooks(7))."""
+    with tempfile.TemporaryDirectory(prefix="xbc-deb-e-") as control:
+        _run(["dpkg-deb", "-e", str(built.deb), control], built.deb.parent, 60)
+        postinst = (Path(control) / "postinst").read_text()
+    lines = postinst.splitlines()
+    hotplug = "'xenblockctl-hotplug.service'"
+    assert f"deb-systemd-helper enable {hotplug} >/dev/null || true" in [line.strip() for line in lines]
+    assert f"debian-installed {hotplug}" not in postinst, "enabled on a first install, not only kept enabled"
+    started = [line for line in lines if "deb-systemd-invoke" in line]
+    assert started, postinst
+    assert all(hotplug in line for line in started), started
+    for unit in ("xenblockctl-engine.service", "xenblockctl-xenstored.service"):
+        # --no-enable: re-enabled on an upgrade only if the admin had enabled it
+        assert f"deb-systemd-helper debian-installed '{unit}'" in postinst, postinst
+    assert postinst.index("py3compile") < postinst.index("deb-systemd-invoke"), "byte-compiled first"
 
 
 @pytest.mark.slow
@@ -98,7 +126,7 @@ def test_package_writes_and_removes_the_hotplug_bundle(built: build.Built) -> No
         _run(["dpkg-deb", "-e", str(built.deb), control], built.deb.parent, 60)
         postinst = (Path(control) / "postinst").read_text()
         postrm = (Path(control) / "postrm").read_text()
-    assert "/etc/xen/scripts/block-xenblockctl --write-bundle" in postinst
+    assert "/etc/xen/scripts/block-xenblockctl.py --write-bundle" in postinst
     assert postinst.index("py3compile") < postinst.index("--write-bundle"), "byte-compiled first"
     assert "rm -f /var/cache/xenblockctl/hotplug.bundle" in postrm
 

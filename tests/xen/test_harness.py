@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -345,6 +346,57 @@ def test_a_failed_install_fails_every_scenario_saying_why(
         assert record["reason"].startswith("xenblockctl not installed: apt-get install xenblockctl_1_all.deb")
         assert "Unmet dependencies" in record["reason"]
     assert "Unmet dependencies" in (tmp_path / "results" / "_install.log").read_text()
+
+
+def test_runner_starts_our_enabled_units_and_collects_syslog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dom0 has no systemd: the units the package enabled (the warm hotplug server) are started as
+    at boot, run through every scenario and are stopped at the end; /dev/log's lines are kept, and
+    the workers' CLIENT_PID= lines counted (the evidence that VM starts went through the server)."""
+    plan_path, bin_dir = _guest_plan(tmp_path, "true")
+    wants = tmp_path / "wants"
+    wants.mkdir()
+    server = tmp_path / "server.py"
+    server.write_text(
+        "import os, socket, sys, time\n"
+        "print('server up', os.getpid(), oct(os.umask(0)), flush=True)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        f"s.sendto(b'<30>block-xenblockctl[9]: added CLIENT_PID=7', {str(tmp_path / 'log')!r})\n"
+        # the first start exits later as a stale server does; the restart stays
+        f"ran = {str(tmp_path / 'ran')!r}\n"
+        "first = not os.path.exists(ran)\n"
+        "open(ran, 'a').close()\n"
+        "time.sleep(2.5) if first else time.sleep(600)\n"
+        "sys.exit(75)\n"
+    )
+    (wants / "xenblockctl-hotplug.service").write_text(
+        f"[Unit]\nExecStart=/bin/false\n[Service]\nExecStart={sys.executable} {server}\nUMask=0077\n"
+        "Restart=on-failure\n"
+    )
+    (wants / "xenblockctl-broken.service").write_text("[Service]\nExecStart=/bin/false\n")
+    (wants / "other.service").write_text("[Service]\nExecStart=/bin/false\n")
+    plan = json.loads(plan_path.read_text())
+    plan.update(wants=str(wants), syslog=str(tmp_path / "log"))
+    # the scenarios last long enough for the watch to restart the server
+    (tmp_path / "checkout-scenarios" / "01_a.sh").write_text("sleep 6\n")
+    plan_path.write_text(json.dumps(plan))
+
+    rc, out = _guest_main(plan_path, bin_dir, monkeypatch, capsys)
+    assert rc == 0, out
+    results = tmp_path / "results"
+    assert "enabled units of ours in" in out
+    assert "xenblockctl-broken.service xenblockctl-hotplug.service" in out, "ours only, not other.service"
+    assert "unit xenblockctl-broken.service did not start: exited 1 at once" in out
+    log = (results / "_xenblockctl-hotplug.service.log").read_text().splitlines()
+    assert len(log) == 2, log
+    pid = int(log[1].split()[2])
+    assert log[1].split()[3] == "0o77", "the unit's UMask"
+    assert "unit xenblockctl-hotplug.service exited 75: restarting (Restart=on-failure)" in out
+    assert "unit xenblockctl-hotplug.service stopped (exit -15, 1 restarts)" in out
+    assert not Path(f"/proc/{pid}").exists(), "the runner left the unit's process running"
+    assert "syslog: 2 lines with CLIENT_PID=" in out, out
+    assert b"CLIENT_PID=7" in (results / "_syslog.log").read_bytes()
 
 
 FAKE_BUILD = """#!/usr/bin/env bash

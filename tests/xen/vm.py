@@ -147,6 +147,10 @@ def stage(share: Path, scenarios: list[Scenario], packages: Packages | None = No
         "scenarios_dir": GUEST_SCENARIOS,
         "deb": _in_share(share, packages.deb) if packages else "",
         "wheel": _in_share(share, packages.wheel) if packages else "",
+        # our units the package enabled are started as at boot (no systemd in dom0)
+        "wants": "/etc/systemd/system/multi-user.target.wants",
+        # dom0 has no journald or syslogd: the runner collects /dev/log (the workers' CLIENT_PID lines)
+        "syslog": "/dev/log",
         "scenarios": [
             {
                 "name": s.name,

@@ -16,6 +16,14 @@ finds the standard library (getpath reads pyvenv.cfg's home); only site-packages
 The laid script also names its hotplug bundle's directory (Layout.cache_dir), and `install` has
 it write the bundle (blockscript/bundle.py) once the files are laid.
 
+The warm hotplug path (issue 18, block-xenblockctl(8)): where the package carries the compiled
+hotplug client (setup.py builds it into xenblockctl/libexec/, optionally), the client is laid at the
+script path libxl execs and the Python block script next to it as `<script>.py` (the client's
+fallback and the hotplug server's entry, `--serve`), with the server's unit. Where it carries none
+(built without a compiler), the Python script is laid at the script path as before, and a `.py` and
+a hotplug unit left by an earlier install that had the client are removed (the unit would start a
+server no client asks).
+
 Installing is idempotent: a file whose content and mode already match is left alone and reported
 `unchanged`; every other one is written to a temporary name and renamed over, so a running udev or
 libxl never sees half a script."""
@@ -51,6 +59,14 @@ SCRIPT_NAME = "block-xenblockctl"
 HOOK_NAME = "xenblockctl-udev"
 RULES_NAME = "60-xenblockctl.rules"
 UNITS = ("xenblockctl-engine.service", "xenblockctl-xenstored.service")
+#: The hotplug server's unit (laid only with the client): it starts the laid Python script.
+HOTPLUG_UNIT = "xenblockctl-hotplug.service"
+#: What the shipped hotplug unit starts, which a layout rewrites (Layout.python_script).
+SHIPPED_SERVE = "ExecStart=/etc/xen/scripts/block-xenblockctl.py --serve\n"
+#: The compiled hotplug client in the package (setup.py's CLIENT_PROGRAM), when the build made it.
+CLIENT = PACKAGE / "libexec" / SCRIPT_NAME
+#: The laid Python script's name beside the client: the client execs `realpath(itself) + ".py"`.
+PYTHON_SUFFIX = ".py"
 MAN_PAGES = ("xenblockctl.1", "xenblockctl.conf.5", "xenblockctl-hooks.7", "block-xenblockctl.8")
 
 
@@ -78,6 +94,11 @@ class Layout(NamedTuple):
     @property
     def script(self) -> str:
         return f"{self.scripts}/{SCRIPT_NAME}"
+
+    @property
+    def python_script(self) -> str:
+        """The Python block script's path when the client is laid at `script`."""
+        return self.script + PYTHON_SUFFIX
 
     @property
     def hook(self) -> str:
@@ -218,10 +239,44 @@ def laid_packages(text: str) -> str | None:
 _APPEND = "sys.path.append("
 
 
-def plan(where: Layout) -> list[Item]:
-    """Every file of the layout, content rendered for it."""
-    items = [
-        Item(where.script, 0o755, block_script(_text(f"hotplug/{SCRIPT_NAME}"), where).encode()),
+def client() -> bytes | None:
+    """The compiled hotplug client this package carries, or None (built without one)."""
+    try:
+        return CLIENT.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InstallError.from_oserror(exc, f"cannot read the hotplug client {CLIENT}") from exc
+
+
+def hotplug_unit(text: str, where: Layout) -> str:
+    """The shipped hotplug server unit, starting the Python script laid beside the client."""
+    if SHIPPED_SERVE not in text:
+        raise InstallError(f"{HOTPLUG_UNIT}: no {SHIPPED_SERVE.strip()!r} line")
+    return text.replace(SHIPPED_SERVE, f"ExecStart={where.python_script} --serve\n")
+
+
+def python_script_path(where: Layout, program: bytes | None) -> str:
+    """Where the Python block script is laid: beside the client, or at the script path without one."""
+    return where.python_script if program is not None else where.script
+
+
+def plan(where: Layout, program: bytes | None = None) -> list[Item]:
+    """Every file of the layout, content rendered for it; `program` is the hotplug client (client())."""
+    python_script = block_script(_text(f"hotplug/{SCRIPT_NAME}"), where).encode()
+    if program is None:
+        items = [Item(where.script, 0o755, python_script)]
+    else:
+        items = [
+            Item(where.script, 0o755, program),
+            Item(where.python_script, 0o755, python_script),
+            Item(
+                f"{where.units_dir}/{HOTPLUG_UNIT}",
+                0o644,
+                hotplug_unit(_text(f"hotplug/{HOTPLUG_UNIT}"), where).encode(),
+            ),
+        ]
+    items += [
         Item(where.hook, 0o755, udev_hook(_text(f"hotplug/{HOOK_NAME}"), where).encode()),
         Item(
             f"{where.rules_dir}/{RULES_NAME}",
@@ -284,10 +339,16 @@ def _write(target: Path, item: Item) -> None:
         raise InstallError.from_oserror(exc, f"cannot write {target}") from exc
 
 
+def stale(where: Layout, program: bytes | None) -> list[str]:
+    """Files of the warm hotplug path an install with the client laid, which one without it removes."""
+    return [] if program is not None else [where.python_script, f"{where.units_dir}/{HOTPLUG_UNIT}"]
+
+
 def install(where: Layout, root: str = "/", *, dry_run: bool = False) -> list[Done]:
     """Lay every file of the layout under root; returns what happened to each, in order."""
     done: list[Done] = []
-    for item in plan(where):
+    program = client()
+    for item in plan(where, program):
         target = Path(root) / item.path.lstrip("/")
         now = _current(target)
         if now == (item.content, item.mode):
@@ -298,16 +359,27 @@ def install(where: Layout, root: str = "/", *, dry_run: bool = False) -> list[Do
             continue
         _write(target, item)
         done.append(Done(item.path, "installed" if now is None else "updated"))
-    bundle = _bundle(where, root, dry_run=dry_run)
+    for path in stale(where, program):
+        target = Path(root) / path.lstrip("/")
+        if not target.is_file():
+            continue
+        if not dry_run:
+            try:
+                target.unlink()
+            except OSError as exc:
+                raise InstallError.from_oserror(exc, f"cannot remove {target}") from exc
+        done.append(Done(path, "would remove" if dry_run else "removed"))
+    bundle = _bundle(where, root, python_script_path(where, program), dry_run=dry_run)
     if bundle is not None:
         done.append(bundle)
     return done
 
 
-def _bundle(where: Layout, root: str, *, dry_run: bool) -> Done | None:
+def _bundle(where: Layout, root: str, laid: str, *, dry_run: bool) -> Done | None:
     """The laid block script's bundle (blockscript/bundle.py), written now so that the first VM
-    start is as fast as the others: by the laid script itself (`--write-bundle`), so it is made by
-    the interpreter and from the package directory every VM start uses, and checked by the same
+    start is as fast as the others: by the laid Python script itself (`laid --write-bundle`; never
+    the client, which would hand the request to a running server), so it is made by the
+    interpreter and from the package directory every VM start uses, and checked by the same
     loader. Only when that directory holds this very package: a package build (the .deb) lays a
     script for a directory its package is not in yet, and must not ship a cache file; there the
     first VM start writes it."""
@@ -318,7 +390,7 @@ def _bundle(where: Layout, root: str, *, dry_run: bool) -> Done | None:
     existed = (directory / NAME).exists()
     if dry_run:
         return Done(path, "would check" if existed else "would install")
-    script = Path(root) / where.script.lstrip("/")
+    script = Path(root) / laid.lstrip("/")
     env = {**os.environ, CACHE_DIR_ENV: str(directory)}
     try:
         ran = subprocess.run(

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from xenblockctl.blockscript import warm
 from xenblockctl.config import Value
 from xenblockctl.toolstack import host, hostfiles
 from xenblockctl.toolstack.findings import ERROR, INFO, OK, SKIPPED, WARNING, Finding
@@ -35,6 +37,9 @@ RUN_PROGRAM = re.compile(r'RUN\+="([^" ]+)')
 SCRIPT_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 IMPORT_TIMEOUT = 30.0
 XEN_CAPABILITIES = "/proc/xen/capabilities"
+#: The first bytes of the compiled hotplug client (an ELF program) laid at the script path.
+ELF_MAGIC = b"\x7fELF"
+SERVER_FIX = f"systemctl enable --now {hostfiles.HOTPLUG_UNIT}"
 
 
 Settings = Mapping[str, Value]
@@ -138,14 +143,99 @@ REINSTALL_FIX = (
 )
 
 
+def is_client(path: Path) -> bool:
+    """Whether `path` is the compiled hotplug client (else a script, or missing/unreadable)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(ELF_MAGIC)) == ELF_MAGIC
+    except OSError:
+        return False
+
+
 def check_block_script(root: str) -> list[Finding]:
-    """The script libxl runs for `script=block-xenblockctl`, and whether its interpreter imports us."""
+    """The program libxl runs for `script=block-xenblockctl`: the hotplug client with the Python
+    script beside it (`.py`, its fallback), or the Python script alone; and whether that script's
+    interpreter imports us."""
     script = _under(root, f"{XEN_SCRIPT_DIR}/{hostfiles.SCRIPT_NAME}")
     bad = _executable("block-script", script, "the block script", INSTALL_FIX)
     first = bad or Finding("block-script", OK, f"{script} is installed and executable")
     if bad is not None and not script.is_file():
-        return [first, _skipped("script-import", f"{script} is missing")]
-    return [first, check_imports("script-import", script, root, SCRIPT_MODULE, REINSTALL_FIX)]
+        return [
+            first,
+            _skipped("script-import", f"{script} is missing"),
+            _skipped("hotplug-client", f"{script} is missing"),
+        ]
+    if not is_client(script):
+        return [
+            first,
+            check_imports("script-import", script, root, SCRIPT_MODULE, REINSTALL_FIX),
+            Finding(
+                "hotplug-client",
+                INFO,
+                f"{script} is the Python script itself: no hotplug client is laid (the package was built "
+                "without a C compiler), so every VM start starts an interpreter and the hotplug server "
+                "is unused",
+            ),
+        ]
+    python = script.with_name(script.name + hostfiles.PYTHON_SUFFIX)
+    missing = _executable(
+        "hotplug-client",
+        python,
+        f"{script} is the hotplug client, but the Python script it runs without a server,",
+        REINSTALL_FIX,
+    )
+    if missing is not None:
+        why = f"{python} is missing" if not python.is_file() else f"{python} is not executable"
+        return [first, _skipped("script-import", why), missing]
+    return [
+        first,
+        check_imports("script-import", python, root, SCRIPT_MODULE, REINSTALL_FIX),
+        Finding(
+            "hotplug-client",
+            OK,
+            f"{script} is the hotplug client; {python} is the Python script it runs when no hotplug "
+            "server answers",
+        ),
+    ]
+
+
+def check_hotplug_server(root: str) -> Finding:
+    """Whether the warm hotplug server answers on its socket: connected, then closed with nothing
+    sent (a request is never made). Not running is a finding, not an error: the client then runs
+    the Python script itself, as before the server existed, only slower."""
+    if root != "/":
+        return _skipped("hotplug-server", f"the hotplug server is a running process of /, not of {root}")
+    client = is_client(_under(root, f"{XEN_SCRIPT_DIR}/{hostfiles.SCRIPT_NAME}"))
+    path = warm.socket_path(os.environ)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(path)
+    except PermissionError:
+        return _skipped("hotplug-server", f"cannot connect to {path}: permission denied (only root may)")
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if not client:
+            return Finding(
+                "hotplug-server",
+                INFO,
+                f"no hotplug server on {path} ({why}); none is needed without the client",
+            )
+        return Finding(
+            "hotplug-server",
+            WARNING,
+            f"hotplug server not running ({path}: {why}): VM starts use the in-process path (slower)",
+            SERVER_FIX,
+        )
+    finally:
+        sock.close()
+    if not client:
+        return Finding(
+            "hotplug-server",
+            INFO,
+            f"a hotplug server answers on {path}, but no hotplug client is laid to ask it",
+        )
+    return Finding("hotplug-server", OK, f"the hotplug server answers on {path}: VM starts go through it")
 
 
 def attach_script_path(value: str) -> str:
@@ -328,6 +418,7 @@ def run(root: str, settings: Settings | None) -> list[Finding]:
         return [_skipped("install", f"{root} is not a directory")]
     return [
         *check_block_script(root),
+        check_hotplug_server(root),
         check_attach_script(root, settings),
         *check_udev(root),
         check_units(root, settings),

@@ -18,8 +18,10 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -252,6 +254,174 @@ def install_package(deb: str, log: Path) -> str:
     return ""
 
 
+#: Our units the package enabled are started as systemd would at boot (dom0's PID 1 is xen-ci-init,
+#: no systemd): today the warm hotplug server, so VM starts go through it as on a real host.
+UNIT_PREFIX = "xenblockctl-"
+
+
+def unit_settings(text: str) -> dict[str, str]:
+    """The [Service] keys a start needs (ExecStart, RuntimeDirectory, UMask, Restart), last wins."""
+    found: dict[str, str] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            if key in ("ExecStart", "RuntimeDirectory", "UMask", "Restart"):
+                found[key] = value
+    return found
+
+
+class Unit:
+    """One enabled unit of ours started like systemd's Type=simple: its own session, RuntimeDirectory
+    made (0755, root's), its UMask, output to results/_<unit>.log; with Restart=on-failure started
+    again when it exits non-zero (the hotplug server exits so when an upgrade made its code stale)."""
+
+    def __init__(self, name: str, text: str, results: Path) -> None:
+        self.name = name
+        self.settings = unit_settings(text)
+        self.log = results / f"_{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+
+    def watch(self) -> None:
+        """Restart=on-failure, in a thread: a failed restart is said and ends the watch."""
+        if self.settings.get("Restart") != "on-failure":
+            return
+
+        def loop() -> None:
+            while not self.stopping.wait(1.0):
+                proc = self.proc
+                if proc is None or proc.poll() in (None, 0):
+                    continue
+                say(f"unit {self.name} exited {proc.returncode}: restarting (Restart=on-failure)")
+                self.restarts += 1
+                problem = self.start()
+                if problem:
+                    say(f"unit {self.name} did not restart: {problem}")
+                    return
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def start(self) -> str:
+        """ "" once it runs, else why it does not."""
+        argv = shlex.split(self.settings.get("ExecStart", ""))
+        if not argv:
+            return "no ExecStart="
+        for directory in self.settings.get("RuntimeDirectory", "").split():
+            os.makedirs(f"/run/{directory}", mode=0o755, exist_ok=True)
+        mask = int(self.settings.get("UMask", "0022"), 8)
+        with self.log.open("ab") as out:
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    umask=mask,
+                    cwd="/",
+                )
+            except OSError as exc:
+                return f"cannot start {argv[0]}: {exc}"
+        time.sleep(2)  # no readiness protocol (Type=simple): a quick death is a failed start
+        if self.proc.poll() is not None:
+            return f"exited {self.proc.returncode} at once: {self.tail()}"
+        return ""
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM (systemctl stop, KillMode=process: only the main process) and its last lines."""
+        self.stopping.set()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        say(
+            f"unit {self.name} stopped (exit {self.proc.returncode}, {self.restarts} restarts); "
+            f"its log ends: {self.tail()}"
+        )
+
+
+def start_enabled_units(wants: str, results: Path) -> list[Unit]:
+    """Start our units enabled in `wants` (multi-user.target.wants), each logged; a unit that does
+    not start is said here and its scenarios run without it (as on a host where it failed)."""
+    started: list[Unit] = []
+    directory = Path(wants)
+    names = sorted(p.name for p in directory.glob(f"{UNIT_PREFIX}*.service")) if directory.is_dir() else []
+    say(f"enabled units of ours in {wants}: {' '.join(names) or 'none'}")
+    for name in names:
+        try:
+            text = (directory / name).read_text()
+        except OSError as exc:
+            say(f"unit {name}: cannot read it: {exc}")
+            continue
+        unit = Unit(name, text, results)
+        problem = unit.start()
+        if problem:
+            say(f"unit {name} did not start: {problem}")
+            continue
+        say(f"unit {name} started: pid {unit.proc.pid if unit.proc else '?'}, {unit.settings['ExecStart']}")
+        unit.watch()
+        started.append(unit)
+    return started
+
+
+class Syslog:
+    """A /dev/log for dom0 (no journald, no syslogd): every line our journal module sends lands in
+    results/_syslog.log at the end, so the host can see which process did what (the hotplug
+    workers' lines carry CLIENT_PID=, the pid of the client libxl ran). Written to tmpfs while the
+    scenarios run: a sender blocks when the queue is full, and 9p writes under TCG are slow."""
+
+    def __init__(self, path: str, results: Path) -> None:
+        self.path = path
+        self.out = Path(f"{path}.xenci")  # beside the socket: /dev is a tmpfs
+        self.results = results / "_syslog.log"
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        if os.path.exists(self.path):
+            say(f"{self.path} exists: its lines go to its own reader")
+            return
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        threading.Thread(target=self._pump, daemon=True).start()
+        say(f"collecting {self.path} into {self.out}")
+
+    def _pump(self) -> None:
+        assert self.sock is not None
+        with self.out.open("ab") as out:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except OSError:
+                    return
+                out.write(data.rstrip(b"\n") + b"\n")
+                out.flush()
+
+    def finish(self, needle: bytes) -> int:
+        """Copy the lines to the results; how many hold `needle`."""
+        try:
+            data = self.out.read_bytes()
+        except OSError:
+            return 0
+        self.results.write_bytes(data)
+        return sum(needle in line for line in data.splitlines())
+
+
 def not_run(entry: dict[str, Any], results: Path, reason: str) -> dict[str, Any]:
     """The record of a scenario that could not start: it fails, with the reason."""
     record = {
@@ -296,7 +466,11 @@ def main(argv: list[str], probe: Probe = snapshot) -> int:
     say(f"runner start at dom0 uptime {uptime:.1f}s, {len(plan['scenarios'])} scenario(s)")
     copy_scenarios(plan["scenarios_share"], plan["scenarios_dir"])
     deb = plan.get("deb", "")
+    syslog = Syslog(plan["syslog"], results) if plan.get("syslog") else None
+    if syslog is not None:
+        syslog.start()
     problem = install_package(deb, results / "_install.log") if deb else "the host staged no .deb"
+    units = [] if problem or not plan.get("wants") else start_enabled_units(plan["wants"], results)
     failed = 0
     for entry in plan["scenarios"]:
         entry.update(deb=deb, wheel=plan.get("wheel", ""))
@@ -305,6 +479,12 @@ def main(argv: list[str], probe: Probe = snapshot) -> int:
         else:
             record = run_one(entry, results, Path(plan.get("workdir", "/root/xenci")), probe)
         failed += record["status"] == "fail"
+    for unit in units:
+        unit.stop()
+    if syslog is not None:
+        # the hotplug workers' lines: VM starts that went through the warm server
+        workers = syslog.finish(b"CLIENT_PID=")
+        say(f"syslog: {workers} lines with CLIENT_PID= (hotplug server workers), in {syslog.results}")
     say(f"runner done: {failed} failed")
     os.sync()
     return 1 if failed else 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `xenblockctl doctor` on a real dom0 with the package installed by apt reports a healthy host (blkback
 # loaded, xenstored reachable, loop devices available) and a clean installation: the block script libxl
-# runs and its Python, attach.script, the udev rules and hook, the units, blkback's meaning, the man
+# runs (the hotplug client) and its Python script, the hotplug server answering, attach.script, the udev rules and hook, the units, blkback's meaning, the man
 # pages. Then a broken script is found, with its fix, and the install is put back.
 # xenci-timeout: 120
 . "$XENCI_SCENARIOS/lib.sh"
@@ -13,7 +13,10 @@ xenblockctl doctor --json > doctor.json || fail "xenblockctl doctor --json exite
 python3 - doctor.json <<'PY' || fail "doctor does not find the installed package clean"
 import json, sys
 doc = json.load(open(sys.argv[1]))
-install = ["block-script", "script-import", "attach-script", "udev-rules", "udev-hook", "units", "blkback", "man-pages"]
+install = [
+    "block-script", "script-import", "hotplug-client", "hotplug-server",
+    "attach-script", "udev-rules", "udev-hook", "units", "blkback", "man-pages",
+]
 found = {f["check"]: f for f in doc["findings"]}
 bad = 0
 for check in install:
@@ -21,10 +24,16 @@ for check in install:
     print(f"{check}: {f['status'] if f else 'MISSING'}: {f['message'] if f else ''}")
     # units: attach.backend=auto with blkback loaded, so the engine unit is not needed (info).
     bad += f is None or f["status"] not in ("ok", "info")
+# the package enabled the warm hotplug server (the runner started it as at boot) and laid the client
+for check in ("hotplug-client", "hotplug-server"):
+    bad += found.get(check, {}).get("status") != "ok"
 sys.exit(1 if bad else 0)
 PY
 
-# A script laid by a Python without the package: doctor names it and the fix; the .deb's is restored.
+# A script laid by a Python without the package: doctor names it and the fix; the .deb's is restored
+# (-p: the same mtime and size, so the hotplug server's stamps still match it). The script is the
+# Python one beside the client: the client runs it when no server answers.
+script=$script.py
 cp -p "$script" script.orig
 trap 'cp -p "$XENCI_WORK/script.orig" "$script"' EXIT
 sed -i '1s|.*|#!/nonexistent/python3|' "$script"

@@ -136,8 +136,11 @@ build_dd_initrd() {
   ln -s /usr/sbin/xl "$root/bin/xl"
   ln -s "$python" "$root/usr/bin/python3"
   if [ -e /etc/xen/xl.conf ]; then cp /etc/xen/xl.conf "$root/etc/xen/"; fi
+  # the hotplug client and the Python script beside it, as the .deb lays them; no hotplug server
+  # runs in the driver domain, so the client runs the script (its fallback)
   cp "$script" "$root/etc/xen/scripts/block-xenblockctl"
-  chmod 0755 "$root/etc/xen/scripts/block-xenblockctl"
+  cp "$script.py" "$root/etc/xen/scripts/block-xenblockctl.py"
+  chmod 0755 "$root/etc/xen/scripts/block-xenblockctl" "$root/etc/xen/scripts/block-xenblockctl.py"
   mods=$(readlink -f $(cat "$root/modules.order"))
   dd_files "$mods" "$xl" "$python" > "$XENCI_WORK/dd-files"
   say "dd initrd: $(wc -l < "$XENCI_WORK/dd-files") paths from dom0, $(wc -l < "$root/modules.order") modules ($(elapsed "$t0") s)"

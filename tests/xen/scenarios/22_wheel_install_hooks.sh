@@ -34,7 +34,13 @@ if grep -v '^unchanged ' again.txt; then fail "a second install-hooks changed fi
 # install-hooks has the laid script write its hotplug bundle (blockscript/bundle.py) under the root
 [ -f "$root/var/cache/xenblockctl/hotplug.bundle" ] || fail "install-hooks wrote no hotplug bundle"
 
-laid=$root/etc/xen/scripts/block-xenblockctl
+client=$root/etc/xen/scripts/block-xenblockctl
+[ -x "$client" ] || fail "$client is not executable"
+case $(head -c4 "$client" | od -An -c | tr -d ' ') in '177ELF') ;; *) fail "$client is not the compiled hotplug client" ;; esac
+# The Python script beside the client (the wheel carries the client: setup.py builds it). The attach
+# runs it directly: the client would hand the VM start to the running hotplug server, which is the
+# .deb's (installed too), not the venv's.
+laid=$client.py
 [ -x "$laid" ] || fail "$laid is not executable"
 case $(head -n1 "$laid") in "#!$venv/bin/python"*) ;; *) fail "$laid runs with $(head -n1 "$laid"), not the venv" ;; esac
 # Laid to start without site.py (-S): the venv's site-packages is on its path by the script's own line.

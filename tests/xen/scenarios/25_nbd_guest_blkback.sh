@@ -69,7 +69,9 @@ XENBLOCKCTL_PAUSE_AT=add-nbd-connected XENBLOCKCTL_PAUSE_FILE=$stopfile \
   xl -v block-attach 0 "format=raw,vdev=xvdc,access=rw,script=block-xenblockctl,target=$nbd_uri" &
 xl_pid=$!
 wait_for "the script to stop after its NBD connect" 60 test -s "$stopfile"
-script_pid=$(pgrep -f 'block-xenblockctl add' | head -n1)
+# the hotplug client (its worker in the hotplug server dies with it: kill-on-hangup), or the Python
+# script it exec'd when no server answered
+script_pid=$(pgrep -f 'block-xenblockctl(\.py)? add' | head -n1)
 [ -n "$script_pid" ] || fail "no stopped block-xenblockctl add process"
 leaked=$(nbd_devices)
 [ -n "$leaked" ] || fail "no NBD device exists while the script is stopped after its connect"
