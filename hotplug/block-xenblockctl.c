@@ -5,7 +5,7 @@
  * server has it imported already and forks a worker that runs today's flow with our argv,
  * environment, stdio, cwd, umask and rlimits. This program only asks and relays the status.
  *
- * The wire (/work/notes/warm-protocol18.md):
+ * The wire (xenblockctl/blockscript/warm.py says the same from the server's side):
  *   1. connect to the SOCK_SEQPACKET socket ($XENBLOCKCTL_HOTPLUG_SOCKET, else SOCKET_PATH);
  *   2. send ONE message "<umask octal>\0<argc>\0<argv...>\0<NAME=value...>\0" with the fds
  *      0, 1, 2 and our cwd (SCM_RIGHTS);
