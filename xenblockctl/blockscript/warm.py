@@ -3,7 +3,8 @@
 A VM start's block script spends most of its time starting an interpreter and running our imports
 cold (bench/README.md, issue 18). This server (`block-xenblockctl.py --serve`, started by its unit)
 imports the hotplug graph once and forks a worker per request; the C client
-(hotplug/block-xenblockctl.c) is what libxl execs. The wire (the client's comment says the same from its side):
+(hotplug/block-xenblockctl.c) is what libxl execs. The wire (the client's comment says the same
+from its side):
 
   client -> server  one SOCK_SEQPACKET message `<umask octal>\\0<argc>\\0<argv...>\\0<NAME=value...>\\0`
                     with SCM_RIGHTS fds [stdin, stdout, stderr, cwd]
