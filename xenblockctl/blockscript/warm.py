@@ -36,6 +36,7 @@ what the flows import, and the flows import nothing of it."""
 from __future__ import annotations
 
 import _socket
+import _stat
 import fcntl
 import gc
 import posix
@@ -176,7 +177,7 @@ class Server:
             pass
         st = posix.lstat(directory)
         # a directory others can write is one where they could replace our socket or lock
-        if not _is_dir(st.st_mode) or st.st_uid != posix.geteuid() or st.st_mode & 0o022:
+        if not _stat.S_ISDIR(st.st_mode) or st.st_uid != posix.geteuid() or st.st_mode & 0o022:
             raise Refused(
                 f"{directory}: not a directory owned by uid {posix.geteuid()} and writable by it alone "
                 f"(owner {st.st_uid}, mode {st.st_mode & 0o7777:o})"
@@ -197,7 +198,7 @@ class Server:
         except FileNotFoundError:
             pass
         else:
-            if not _is_socket(st.st_mode):
+            if not _stat.S_ISSOCK(st.st_mode):
                 raise Refused(f"{self.path} exists and is not a socket")
             posix.unlink(self.path)  # a dead server's: we hold the lock, nobody else serves it
         listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
@@ -354,7 +355,7 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int) -> NoReturn:
         if check.poll(0):
             raise Refused(f"client pid {peer_pid} hung up (or sent more) before its request was armed")
         # After the arm the worker never reads the connection: a sleeping reader would suppress the
-        # kernel's signal (sock_wake_async's SOCKWQ_ASYNC_WAITDATA; design-fork18 a).
+        # kernel's signal (net/socket.c sock_wake_async skips it while SOCKWQ_ASYNC_WAITDATA is set).
         stale = changed(server.stamps)
         if stale is not None:
             journal.warning(
@@ -500,11 +501,3 @@ def _ensure_open(fd: int) -> None:
         if null != fd:
             posix.dup2(null, fd)
             posix.close(null)
-
-
-def _is_dir(mode: int) -> bool:
-    return mode & 0o170000 == 0o040000
-
-
-def _is_socket(mode: int) -> bool:
-    return mode & 0o170000 == 0o140000
