@@ -228,9 +228,10 @@ def test_a_throttled_writer_does_not_hold_up_its_groups_other_rings(  # noqa: PL
             f"closed {state[writegate.WG_CLOSED]}, slept {state[writegate.WG_SLEPT]}, "
             f"refused {executor.writes.refused_writes}"
         )
-        # a throttle pause is 10-45 ms on this host (design-nowait20.md): main's p99 here was
-        # 27-40 ms on ext4; this branch's 1-7 ms at load 5-7 (a round of the group with a 1 MiB
-        # write it let in is ~1 ms; the rest is the shared interpreter and a loaded host)
+        # a throttle pause is 10-45 ms on this host (bench/README.md, issue 20 write isolation):
+        # main's p99 here was 27-40 ms on ext4; this branch's 1-7 ms at load 5-7 (a round of the
+        # group with a 1 MiB write it let in is ~1 ms; the rest is the shared interpreter and a
+        # loaded host)
         assert p99 < 0.012, f"reads waited {p99 * 1e3:.1f} ms (p99) beside the writer"
         assert written > 64 * MIB
         said = [r.getMessage() for r in caplog.records if "ring group write hand-offs" in r.getMessage()]

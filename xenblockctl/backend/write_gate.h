@@ -7,7 +7,8 @@
  * Such a write cannot be asked "would you block?": the kernel answers EOPNOTSUPP. What makes it
  * block is the dirty throttle (balance_dirty_pages), and that only ever slept a writer with the
  * host's dirty + writeback pages at or above the freerun ceiling, (threshold + background) / 2
- * (design-nowait20.md: 367 stalls measured, none below 0.995 of it). So the gate is closed while
+ * (bench/README.md, issue 20 write isolation: 367 stalls measured, none below 0.995 of it). So
+ * the gate is closed while
  *   - dirty + writeback >= DIRTY_GATE_PERMILLE of that ceiling (/proc/vmstat, where the kernel
  *     computes both thresholds at read time: read at most once per DIRTY_READ_NS, and only when a
  *     gated write is to be decided: a group that writes nothing never reads it), or

@@ -3,10 +3,10 @@
 A ring group (backend/ringgroup.py) serves many guests' rings on one thread, so anything one ring's
 I/O waits for, every ring of the group waits for. A buffered write waits when the kernel's dirty
 throttle (balance_dirty_pages) pauses its writer, up to tens of ms a write once the host's dirty
-pages reach the throttle (design-nowait20.md: 43.5 ms on xfs, 35.6 ms on a loop device with a
-16 MiB dirty limit). What the kernel lets us ask depends on the file's kind, so each device gets a
-class when its data plane starts (`classify`: S_ISBLK, else fstatfs's f_type), corrected by the
-kernel's first RWF_NOWAIT answer (io.Executor.run_now):
+pages reach the throttle (bench/README.md, issue 20 write isolation: 43.5 ms on xfs, 35.6 ms on a
+loop device with a 16 MiB dirty limit). What the kernel lets us ask depends on the file's kind, so
+each device gets a class when its data plane starts (`classify`: S_ISBLK, else fstatfs's f_type),
+corrected by the kernel's first RWF_NOWAIT answer (io.Executor.run_now):
 
 - NOWAIT (xfs, btrfs, and any kind not known to refuse): a buffered pwritev2(RWF_NOWAIT) is
   answered; the throttle, a contended lock or a timestamp update (once a jiffy per file on xfs)
