@@ -1,8 +1,9 @@
 /* A native blkfront hot loop for bench/many_disks.py (--frontend native, issue 20).
  *
  * Why: the bench's Python frontends cost 4.8-6.1 us a request on the engine's own CPUs while the
- * engine costs ~1.1 us (design-yield20 section 4), so the many-disk rows measured the harness. A guest's
- * blkfront is kernel C on CPUs of its own; this loop is the closest the local transport allows.
+ * engine costs ~1.1 us (bench/README.md, the many_disks sections), so the many-disk rows measured
+ * the harness. A guest's blkfront is kernel C on CPUs of its own; this loop is the closest the local
+ * transport allows.
  *
  * The Python frontend process does the handshake exactly as before (LocalFrontend: memfd of grant
  * pages, registration with the engine's LocalTransport, event channel) and then starts this
