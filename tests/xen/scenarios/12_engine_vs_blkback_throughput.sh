@@ -8,7 +8,7 @@
 # ways, adjacent requests of a pass merged: issue 20, helper xenwrite), in alternating rounds with
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
-# (`engine_python_*`, issue 20), grant copy and --workers 2 run once.
+# (`engine_python_*`, issue 20), grant copy, --workers 2 and --ring-groups run once.
 # Issue 20 (helper wcold20): the cold write split adds two 32 MiB writes per measure; a loaded boot
 # ran past 900 s with them (lane 3: 900 s reached in its single rows; lane 1 took 891 s).
 # xenci-timeout: 1200
@@ -265,6 +265,12 @@ check_pool() {
   engine_says 'writes to block devices:' 'on the I/O pool' || fail "--direct-writes-on-pool was not honoured"
 }
 check_python() { engine_says 'ring pass:' 'turned off' || fail "--no-native was not honoured"; }
+# Issue 20: ring groups on real Xen (opt-in today; the lane had never run them): the group's own
+# start line, and that the ring was served by it (a refused --ring-groups is logged, not silent).
+check_groups() {
+  ring_stopped
+  engine_says 'rings:' 'ring groups' || fail "--ring-groups started no ring group: $(grep -m1 'ring-groups ignored' "$engine_log")"
+}
 check_workers() {
   grep -E 'connected:|ring stopped|worker' "$engine_log" | tail -n 8 || true
   grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
@@ -404,6 +410,8 @@ say "the engine without persistent grants: each ring pass copies its requests' p
 engine_row engine_nopg engine_nopg true --no-persistent-grants
 say "the engine with --workers 2: each queue served by a worker process (issue 20)"
 engine_row engine_workers engine_workers check_workers --workers 2
+say "the engine with --ring-groups: one native loop on each of dom0's CPUs serves the rings (issue 20)"
+engine_row engine_groups engine_groups check_groups --ring-groups
 # what the rows above ran on, from every start's lines
 grep -q 'connected: .*persistent grants' "$engine_log" || fail "blkfront never used persistent grants"
 grep -q 'connected: .*grants copied per ring pass' "$engine_log" || fail "--no-persistent-grants was not honoured (or gntdev did not copy)"
