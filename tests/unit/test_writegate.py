@@ -274,8 +274,8 @@ def test_a_refused_write_stays_on_its_rings_thread_when_nothing_later_touches_it
     """The same refusal with the batch's eight writes on eight different blocks, where ring order
     asks nothing of their place: the refused write is still written on the ring's own thread, not
     handed to the I/O pool. The pool's only gain was its wake-ups preempting a CPU-bound neighbour
-    of the group's CPU (its share 32-43 % -> 4-8 %), while it halved xfs writers' MiB/s where
-    nothing throttles: pool writes hold the file's lock, and 3-4x the writes were refused
+    of the group's CPU (its share 19-43 % -> 4-7 %), while xfs writers kept 0.3-0.7 of their MiB/s
+    where nothing throttles: pool writes hold the file's lock, and ~3x the writes were refused
     (bench/README.md, issue 20, the xfs neighbour cost of a refused write). Every block holds its
     own write."""
     with _fs(tmp_path, "xfs") as fs:
