@@ -405,6 +405,9 @@ class Row:
     #: the --hog process's share of its CPU over the run (-1: no hog); how often the ring groups'
     #: polls found their CPU taken by another task (ringgroup.SHARED_NS)
     hog_share: float = -1.0
+    #: the hog's mean time on its CPU between two preemptions (µs; it never sleeps): how long a
+    #: ring group on that CPU waits once the hog has it (issue 20, the xfs neighbour cost)
+    hog_stint_us: float = 0.0
     found_shared: int = 0
     #: --writers: the writers' MiB/s, the readers' IOPS and p99 (median and worst reader), and the
     #: writers' write gates: writes handed off, gate closures, writes that slept in a group, RWF_NOWAIT
@@ -528,6 +531,7 @@ def run(
         fe_pids = [p.pid for p in procs if p.pid is not None] + native_pids
         e0, f0, g0 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         h0, t0 = (_task_sched(hog, hog)[0] if hog else 0), time.monotonic_ns()
+        p0 = _proc(hog)[2] if hog else 0  # the hog's preemptions (involuntary switches)
         s0 = _found_shared(groups)
         for conn in conns:
             conn.send("go")
@@ -538,6 +542,7 @@ def run(
             results.update(got)
         e1, f1, g1 = _counts(_engine_pids(pool)), _counts(fe_pids), _groups_sched(groups)
         h1, t1 = (_task_sched(hog, hog)[0] if hog else 0), time.monotonic_ns()
+        p1 = _proc(hog)[2] if hog else 0
         s1 = _found_shared(groups)
         cpu = e1[0] - e0[0]
     except BaseException:
@@ -602,6 +607,7 @@ def run(
         group_run_us=(g1[0] - g0[0]) / n / 1e3,
         group_wait_us=(g1[1] - g0[1]) / n / 1e3,
         hog_share=(h1 - h0) / (t1 - t0) if hog else -1.0,
+        hog_stint_us=(h1 - h0) / max(p1 - p0, 1) / 1e3 if hog else 0.0,
         found_shared=s1 - s0,
         write_mib_s=write_mib_s,
         read_iops=sum(results[d].completed for d in readers) / seconds,
@@ -827,7 +833,12 @@ def main() -> int:
                 f" {'p99 median disk':>16} {'p99 worst disk':>15} {'Jain':>6} {'within':>6}"
                 "   per request: wake-ups, engine cs vol/invol, frontend CPU, frontend cs, polls (caught),"
                 " µs waiting for a CPU engine/frontends, ring groups' threads µs run/wait"
-                + (", the hog's share of its CPU, groups' polls that found their CPU taken" if hog else "")
+                + (
+                    ", the hog's share of its CPU and its mean run between preemptions, groups' polls"
+                    " that found their CPU taken"
+                    if hog
+                    else ""
+                )
             )
             for n in (int(x) for x in args.disks.split(",")):
                 for q in (int(x) for x in args.queues.split(",")):
@@ -886,7 +897,12 @@ def main() -> int:
                             f" {r.polls:.3f} ({r.caught:.0%})"
                             f"  wait {r.engine_wait_us:.2f}/{r.frontend_wait_us:.2f}"
                             f"  groups {r.group_run_us:.2f}/{r.group_wait_us:.2f}"
-                            + (f"  hog {r.hog_share:.0%} shared {r.found_shared}" if hog else ""),
+                            + (
+                                f"  hog {r.hog_share:.0%} in {r.hog_stint_us / 1000:.2f} ms runs"
+                                f" shared {r.found_shared}"
+                                if hog
+                                else ""
+                            ),
                             flush=True,
                         )
                         if args.writers:

@@ -687,7 +687,11 @@ class Executor:
                 # a WRITE the kernel would not take without waiting (dirty throttle, a timestamp
                 # update, a lock): written here as a write without RWF_NOWAIT is (below), on the
                 # ring's own thread, not the pool: the wait then holds this ring alone and its
-                # requests still finish in ring order (a ring group hands such a write back here)
+                # requests still finish in ring order (a ring group hands such a write back here).
+                # Not the pool even where nothing later overlaps it: pool writes hold the file's
+                # lock, so ~3x the ring's writes were refused and xfs writers kept 0.3-0.7 of their
+                # MiB/s; the pool's only gain was its wake-ups preempting a CPU-bound neighbour
+                # of a group's CPU (bench/README.md, the xfs neighbour cost)
                 refused = True
         if kind is WRITE and not (plan.offset | plan.length) % _HOST_PAGE:
             # whole pages: no read-modify-write, so no wait for the disk (see the class docstring).
