@@ -108,7 +108,7 @@ def test_two_writable_adds_of_one_device_racing_through_workers_one_is_refused(
     time.sleep(0.5)  # its worker forked, the target opened: it waits for the lock
     assert waiting.proc.poll() is None, waiting.proc.communicate()
     running.resume()
-    out, err = running.proc.communicate(timeout=30)
+    _out, err = running.proc.communicate(timeout=30)
     assert running.proc.returncode == 0, err
     consumer.wait_opened()
     _out, said = waiting.proc.communicate(timeout=30)

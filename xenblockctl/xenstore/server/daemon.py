@@ -278,9 +278,9 @@ class Daemon:
                         self._drop(client, "internal error")
             self._flush_all()
             while self.core.doomed:
-                client = self._clients.get(self.core.doomed.pop())
-                if client is not None:
-                    self._drop(client, "CONTROL drop-watching")
+                doomed = self._clients.get(self.core.doomed.pop())
+                if doomed is not None:
+                    self._drop(doomed, "CONTROL drop-watching")
             if self._trim_pending and time.monotonic() >= self._trimmed_at + TRIM_SECONDS:
                 self._trim_pending = False
                 self._trimmed_at = time.monotonic()
