@@ -60,6 +60,8 @@ RETRY_AFTER = 5.0
 #: A worker waits this long for its answer, then walks (and says so).
 QUERY_TIMEOUT = 1.0
 MAX_MESSAGE = 65536
+#: Daemons with a table at once (a dom0 has one; see ShareTables).
+MAX_TABLES = 4
 MAX_FIELD = 4096
 #: C xenstored's CONTROL `help` names these (4.17: check, log, live-update, logfile, memreport,
 #: print, quota, quota-soft, help); oxenstored answers `help` with nothing of the kind.
@@ -353,12 +355,8 @@ class ShareTable:
     def ready(self, endpoint: str, home: str) -> str | None:
         """None when the table serves queries for `endpoint` and `home`, else why not (building it
         first if it is due)."""
-        if self.store is not None and self.endpoint != endpoint:
-            self.journal.info(f"sharing table moves from {self.endpoint} to {endpoint}", CODE="warm-sharing")
-            self.close()
-            self.off, self.retry_at = "moved to another daemon", 0.0
         if self.store is None:
-            if self.endpoint == endpoint and time.monotonic() < self.retry_at:
+            if time.monotonic() < self.retry_at:
                 return self.off
             why = self.build(endpoint)
             if why is not None:
@@ -377,8 +375,38 @@ class ShareTable:
         """backend path -> physical-device text (tests compare it with a fresh walk)."""
         return {path: text for path, (_entry, text) in self.nodes.items()}
 
+
+class ShareTables:
+    """A table per xenstored a worker's add talked to: one on a dom0, but the endpoint is the
+    client's (its XENSTORED_PATH), and a bench or test may run daemons side by side; at most
+    MAX_TABLES, the least recently asked dropped first."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.by_endpoint: dict[str, ShareTable] = {}
+
+    def table(self, endpoint: str) -> ShareTable:
+        table = self.by_endpoint.pop(endpoint, None)
+        if table is None:
+            table = ShareTable(self.journal)
+            while len(self.by_endpoint) >= MAX_TABLES:
+                oldest = next(iter(self.by_endpoint))
+                self.journal.info(f"sharing table of {oldest} dropped: {MAX_TABLES} daemons asked since")
+                self.by_endpoint.pop(oldest).close()
+        self.by_endpoint[endpoint] = table  # (re)inserted last: the most recently asked
+        return table
+
+    def fds(self) -> dict[int, ShareTable]:
+        found = {table.fileno(): table for table in self.by_endpoint.values()}
+        found.pop(-1, None)
+        return found
+
+    def close(self) -> None:
+        for table in self.by_endpoint.values():
+            table.close()
+
     def answer(self, queries: list[bytes]) -> list[bytes]:
-        """One sync for every query that arrived together, then each one's answer."""
+        """One sync per daemon for every query that arrived together, then each one's answer."""
         parsed: list[tuple[str, str, str, str] | str] = []
         for msg in queries:
             try:
@@ -393,15 +421,16 @@ class ShareTable:
                 out.append(encode_walk(item))
                 continue
             endpoint, home, skip, pd = item
+            table = self.table(endpoint)
             key = (endpoint, home)
             if key not in synced:
-                why = self.ready(endpoint, home)
-                synced[key] = why if why is not None else self.sync()
+                why = table.ready(endpoint, home)
+                synced[key] = why if why is not None else table.sync()
             why = synced[key]
             if why is not None:
                 out.append(encode_walk(why))
                 continue
-            reply = encode_answer(self.publishing(pd, skip))
+            reply = encode_answer(table.publishing(pd, skip))
             out.append(reply if len(reply) <= MAX_MESSAGE else encode_walk("too many backends match"))
         return out
 

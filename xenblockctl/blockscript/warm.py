@@ -167,10 +167,10 @@ class Server:
         self.stopping: list[str] = []
         #: What block-device adds ask instead of walking (sharetable.py), and each live worker's
         #: end of its query channel, by fd.
-        self.table = sharetable.ShareTable(journal)
+        self.tables = sharetable.ShareTables(journal)
         self.queries: dict[int, _socket.socket] = {}
         self.poller = select.poll()
-        self._table_fd = -1
+        self._table_fds: dict[int, sharetable.ShareTable] = {}
 
     def open(self) -> None:
         """The runtime directory checked, the lock taken, a stale socket replaced; Refused if not."""
@@ -230,7 +230,7 @@ class Server:
         poller.register(wake_r, select.POLLIN)
         status = 0
         while not self.stopping:
-            self._track_table()
+            self._track_tables()
             asked = []
             for fd, _events in poller.poll():
                 if fd == wake_r:
@@ -239,26 +239,25 @@ class Server:
                     self._accept_all()
                 elif fd in self.queries:
                     asked.append(fd)
-                elif fd == self._table_fd:
-                    self.table.take_events()
+                elif fd in self._table_fds:
+                    self._table_fds[fd].take_events()
             if asked:
                 self._answer(asked)
             status = self._reap() or status
         return status
 
-    def _track_table(self) -> None:
-        """The table's watch connection in the poll while there is one (it changes on a rebuild)."""
-        fd = self.table.fileno()
-        if fd == self._table_fd:
-            return
-        if self._table_fd >= 0 and self._table_fd not in self.queries:
-            try:  # noqa: SIM105 (contextlib: the server imports the hotplug graph's modules only)
-                self.poller.unregister(self._table_fd)
-            except KeyError:
-                pass
-        if fd >= 0:
+    def _track_tables(self) -> None:
+        """The tables' watch connections in the poll while they are open (they change on a rebuild)."""
+        now = self.tables.fds()
+        for fd in self._table_fds.keys() - now.keys():
+            if fd not in self.queries:  # (an fd number a query channel took over is the channel's now)
+                try:  # noqa: SIM105 (contextlib: the server imports the hotplug graph's modules only)
+                    self.poller.unregister(fd)
+                except KeyError:
+                    pass
+        for fd in now.keys() - self._table_fds.keys():
             self.poller.register(fd, select.POLLIN)
-        self._table_fd = fd
+        self._table_fds = now
 
     def _answer(self, fds: list[int]) -> None:
         """Every query that arrived (one sync for all), each answered on its channel; a channel
@@ -280,12 +279,12 @@ class Server:
             sock.close()
         if not asked:
             return
-        for (sock, _msg), reply in zip(asked, self.table.answer([m for _s, m in asked]), strict=True):
+        for (sock, _msg), reply in zip(asked, self.tables.answer([m for _s, m in asked]), strict=True):
             try:  # noqa: SIM105 (as above)
                 sock.send(reply)
             except OSError:
                 pass  # the worker is gone (killed with its client): its EOF closes the channel
-        self._track_table()
+        self._track_tables()
 
     def _accept_all(self) -> None:
         assert self.listener is not None
@@ -361,7 +360,7 @@ class Server:
                 return STALE_EXIT
 
     def close(self) -> None:
-        self.table.close()
+        self.tables.close()
         for sock in self.queries.values():
             sock.close()
         self.queries.clear()
@@ -392,7 +391,7 @@ def serve(script: str, env: Mapping[str, str]) -> int:
 
         first = default_endpoints(env)[0]  # the socket the workers' adds connect to first
         if first.path.startswith("/"):
-            server.table.build(first.path)  # or logged why not: the first query tries again
+            server.tables.table(first.path).build(first.path)  # or logged why not: a query retries
         server.preloaded = frozenset(sys.modules)
         gc.freeze()  # the imported graph in the permanent generation: no worker's collection walks it
         journal.info(f"ready on {server.path}, pid {posix.getpid()}, {len(server.stamps)} files stamped")
@@ -550,7 +549,7 @@ def _take_over(
     assert server.listener is not None
     server.listener.close()
     server.journal.close()
-    server.table.close()
+    server.tables.close()
     for sock in server.queries.values():
         sock.close()
     kept = sorted({conn.fileno(), *(() if query is None else (query.fileno(),))})
