@@ -593,6 +593,11 @@ class WarmServer:
         return int((self.group / "cpuacct.usage").read_text()) / 1e3
 
     def stop(self) -> None:
+        # what the server said of its sharing tables (sharetable.py): a reading of the block-device
+        # rows shows whether its adds asked a table or walked
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "sharing table" in line:
+                print(f"warm server: {line}")
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
