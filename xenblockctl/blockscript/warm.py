@@ -25,6 +25,9 @@ client bytes. The worker:
   4. takes over the client's stdio, cwd, umask, environment and rlimits (a failure: refused, so
      the client falls back), sends A, runs today's hotplug.main, closes its stdio and sends the
      status. Its journal lines carry CLIENT_PID=, the pid libxl logs.
+Each worker also inherits one end of a socketpair the server made for it: its block-device add asks
+the server's sharing table over it instead of walking every backend (sharetable.py; the server
+answers from its poll loop, still single-threaded, and parses those bytes strictly too).
 After the client reaps nothing can be assumed about the worker's last syscall: a worker killed
 through its client may still be closing its files for ~ms. The flows already allow a dying run
 beside a live one of the same backend (tests/flows/test_kill.py); a lock that ordered them was
