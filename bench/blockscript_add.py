@@ -63,6 +63,7 @@ from tests.fixtures.cxenstored import find_tools, start_cxenstored
 from tests.fixtures.libxl import SCRIPT, Backend, Libxl
 from tests.fixtures.xenstore import EmbeddedXenstored, embedded_xenstored
 from xenblockctl.blockscript import warm
+from xenblockctl.environment import WARM_SHARING_ENV
 from xenblockctl.kernel import loop
 from xenblockctl.toolstack import hostfiles
 
@@ -383,6 +384,7 @@ def scale_rows(
             walls: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
             cpus: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
             daemons: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for _k, c in runners}
+            walks: dict[str, list[bool]] = {c.label: [] for _k, c in runners}
             for i in range(n + 2):
                 # contestants interleaved too, so that a baseline script sees the same load, and in
                 # a turning order (_turned)
@@ -393,7 +395,14 @@ def scale_rows(
                         cpu: list[float] = []
                         used: list[float] = []
                         elapsed = add_once(
-                            harness, c, target, 400 + 10 * t + k, 51712 + 16 * i, cpu=cpu, daemon=used
+                            harness,
+                            c,
+                            target,
+                            400 + 10 * t + k,
+                            51712 + 16 * i,
+                            cpu=cpu,
+                            daemon=used,
+                            walked=walks[c.label],
                         )
                         if elapsed is not None and i >= 2:  # warm-up
                             walls[c.label][side].append(elapsed)
@@ -411,6 +420,11 @@ def scale_rows(
                     f"minimum {min(full) / min(zero):.2f}x; CPU p50 {cpu_zero:.1f} -> {cpu_full:.1f} ms, "
                     f"xenstored's meanwhile {xs_zero:.2f} -> {xs_full:.2f} ms"
                 )
+                if c.server is not None and label == "block device":
+                    print(
+                        "  adds whose sharing check walked instead of asking the table: "
+                        f"{sum(walks[c.label])} of {len(walks[c.label])}"
+                    )
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, contestants: list[Contestant]) -> None:
@@ -525,6 +539,8 @@ class Contestant:
         env = libxl.env(action, be)
         if self.server is not None:
             env[WarmServer.SOCKET_ENV] = str(self.server.socket)
+            # its worker says on stderr whether the sharing check asked the server's table or walked
+            env[WARM_SHARING_ENV] = "1"
         elif not self.interpreter:  # the client with no server: its fallback, as on a host without one
             env[WarmServer.SOCKET_ENV] = str(self.script.parent / "no-server.sock")
         return env
@@ -593,6 +609,11 @@ class WarmServer:
         return int((self.group / "cpuacct.usage").read_text()) / 1e3
 
     def stop(self) -> None:
+        # what the server said of its sharing tables (sharetable.py): a reading of the block-device
+        # rows shows whether its adds asked a table or walked
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "sharing table" in line:
+                print(f"warm server: {line}")
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -759,10 +780,12 @@ def add_once(
     *,
     cpu: list[float] | None = None,
     daemon: list[float] | None = None,
+    walked: list[bool] | None = None,
 ) -> float | None:
     """One add (wall µs) and its remove on a fresh backend; None when the bash script lost
     losetup's EBUSY race (as in measure_alternating). The add's CPU (µs) is appended to `cpu`,
-    xenstored's CPU during it (µs, /proc schedstat) to `daemon`."""
+    xenstored's CPU during it (µs, /proc schedstat) to `daemon`, and to `walked` whether a warm
+    add's sharing check walked every backend instead of asking the server's table."""
     be = libxl.create_backend(domid, devid, str(target), "w", engine=not c.bash)
     consumer = None if c.bash else libxl.engine_consumer(be)
     daemon_before = _schedstat_us(libxl.xenstored.pid)
@@ -771,6 +794,8 @@ def add_once(
         daemon.append(_schedstat_us(libxl.xenstored.pid) - daemon_before)
     if cpu is not None:
         cpu.append(used)
+    if walked is not None:
+        walked.append("warm-sharing: walk" in result.stderr)
     if result.returncode != 0 and c.bash:
         _remove_any(libxl, c, be)
         libxl.store.rm(be.path)

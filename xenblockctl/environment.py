@@ -39,6 +39,8 @@ PAUSE_AT_ENV = "XENBLOCKCTL_PAUSE_AT"
 PAUSE_FILE_ENV = "XENBLOCKCTL_PAUSE_FILE"
 GC_SCOPE_ENV = "XENBLOCKCTL_TEST_GC_SCOPE"
 WARM_IMPORTS_ENV = "XENBLOCKCTL_TEST_WARM_IMPORTS"
+#: Tests: a warm worker says on stderr whether its sharing check used the server's table or walked.
+WARM_SHARING_ENV = "XENBLOCKCTL_TEST_WARM_SHARING"
 
 
 class Environment:

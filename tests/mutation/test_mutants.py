@@ -128,6 +128,16 @@ MUTANTS = (
         ("tests/flows/test_targets.py::test_by_diskseq_link_to_a_regular_file_is_refused",),
     ),
     Mutant(
+        "sharing table: a watch event marks what it names for a re-read before the next answer",
+        "xenblockctl/blockscript/sharetable.py",
+        '        prefix = self.root + "/"\n',
+        "        return\n",
+        (
+            "tests/flows/test_warm_sharing.py::"
+            "test_two_writable_adds_of_one_device_racing_through_workers_one_is_refused",
+        ),
+    ),
+    Mutant(
         "claim: the post-lock identity re-check",
         "xenblockctl/blockscript/claim.py",
         "if device.identity != self.ident:",

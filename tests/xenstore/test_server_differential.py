@@ -12,7 +12,7 @@ run). Deliberate deviations are kept out of the scripts and listed here:
 - SET_PERMS on an unknown `@name`: same stale-errno path — and when the stale errno is 0 the C
   daemon 4.17.7 aborts (`consider_message: Assertion conn->in == NULL`); we answer EINVAL;
 - DIRECTORY_PART's generation number (opaque; the counters start differently);
-- CONTROL commands (ours: `help`, `fail-commits`).
+- CONTROL commands (ours: `help`, `fail-commits`, `drop-watching`).
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ def claim(
     closes the made device (delete-on-close unwinds it); the caller still closes `opened`."""
     faults.pause(env, "add-target-open")
     with target_lock(opened.key, timeout=lock_timeout, lock_dir=env.lock_dir):
+        faults.pause(env, "add-locked")  # tests: a second add of the target waits on the lock
         check(opened.wanted)
         claimed = opened.make(use)
         try:

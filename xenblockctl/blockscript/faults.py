@@ -18,6 +18,8 @@ from xenblockctl.environment import Environment
 #: The points, in flow order; tests iterate over these.
 ADD_POINTS = ("add-start", "add-target-open", "add-published", "add-consumer-ready", "add-done")
 REMOVE_POINTS = ("remove-start", "remove-detached", "remove-done")
+#: Race tests only (not killed at): the per-target lock held, the sharing check not yet made.
+RACE_POINTS = ("add-locked",)
 #: Inside dm work (blockscript/dmtargets.py): after resolving a name, after DM_DEV_CREATE, after
 #: DM_TABLE_LOAD.
 DM_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")

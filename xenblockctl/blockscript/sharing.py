@@ -62,9 +62,14 @@ from xenblockctl.xenstore.vbd import DOMID_FIRST_RESERVED, BackendPath, VbdPathE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from xenblockctl.xenstore.backends import BackendEntry
+
+#: Set in a warm server's worker only (blockscript/warm.py, sharetable.worker_query): the backends
+#: publishing a devt, from the server's sharing table brought up to date after the per-target lock
+#: was taken, or None when the table cannot answer (then the walk runs, as everywhere else).
+TABLE: Callable[[XenStore, str, str, int], list[BackendEntry] | None] | None = None
 
 
 class SharingConflict(XenblockError):
@@ -262,7 +267,10 @@ def backend_claims(
         entries = [entry for entry, _owner in found]
         owners = [owner for _entry, owner in found]
     else:
-        entries = identity.backends_publishing(store, home, devt, skip=own_backend)
+        tabled = TABLE(store, home, own_backend, devt) if TABLE is not None else None
+        if tabled is None:
+            tabled = identity.backends_publishing(store, home, devt, skip=own_backend)
+        entries = tabled
         owners = store.read_many([join(entry.path, identity.OWNER) for entry in entries])
     for entry, claims in zip(entries, _backend_claims(store, entries, owners), strict=True):
         frontend = uint_or_none(entry.domid, maximum=DOMID_FIRST_RESERVED - 1)

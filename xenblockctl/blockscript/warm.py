@@ -25,6 +25,9 @@ client bytes. The worker:
   4. takes over the client's stdio, cwd, umask, environment and rlimits (a failure: refused, so
      the client falls back), sends A, runs today's hotplug.main, closes its stdio and sends the
      status. Its journal lines carry CLIENT_PID=, the pid libxl logs.
+Each worker also inherits one end of a socketpair the server made for it: its block-device add asks
+the server's sharing table over it instead of walking every backend (sharetable.py; the server
+answers from its poll loop, still single-threaded, and parses those bytes strictly too).
 After the client reaps nothing can be assumed about the worker's last syscall: a worker killed
 through its client may still be closing its files for ~ms. The flows already allow a dying run
 beside a live one of the same backend (tests/flows/test_kill.py); a lock that ordered them was
@@ -46,8 +49,8 @@ import signal
 import sys
 
 from xenblockctl import journal as journal_fields
-from xenblockctl.blockscript import bundle, faults
-from xenblockctl.environment import WARM_IMPORTS_ENV, Environment
+from xenblockctl.blockscript import bundle, faults, sharetable
+from xenblockctl.environment import WARM_IMPORTS_ENV, WARM_SHARING_ENV, Environment
 from xenblockctl.journal import Journal
 
 TYPE_CHECKING = False
@@ -165,6 +168,12 @@ class Server:
         self.stamps: tuple[tuple[str, int, int], ...] = ()
         self.preloaded: frozenset[str] = frozenset()
         self.stopping: list[str] = []
+        #: What block-device adds ask instead of walking (sharetable.py), and each live worker's
+        #: end of its query channel, by fd.
+        self.tables = sharetable.ShareTables(journal)
+        self.queries: dict[int, _socket.socket] = {}
+        self.poller = select.poll()
+        self._table_fds: dict[int, sharetable.ShareTable] = {}
 
     def open(self) -> None:
         """The runtime directory checked, the lock taken, a stale socket replaced; Refused if not."""
@@ -218,18 +227,67 @@ class Server:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.append("SIGTERM"))
-        poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
+        poller = self.poller
+        listener = self.listener.fileno()
+        poller.register(listener, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         status = 0
         while not self.stopping:
+            self._track_tables()
+            asked = []
             for fd, _events in poller.poll():
                 if fd == wake_r:
                     _drain(wake_r)
-                else:
+                elif fd == listener:
                     self._accept_all()
+                elif fd in self.queries:
+                    asked.append(fd)
+                elif fd in self._table_fds:
+                    self._table_fds[fd].take_events()
+            if asked:
+                self._answer(asked)
             status = self._reap() or status
         return status
+
+    def _track_tables(self) -> None:
+        """The tables' watch connections in the poll while they are open (they change on a rebuild)."""
+        now = self.tables.fds()
+        for fd in self._table_fds.keys() - now.keys():
+            if fd not in self.queries:  # (an fd number a query channel took over is the channel's now)
+                try:  # noqa: SIM105 (contextlib: the server imports the hotplug graph's modules only)
+                    self.poller.unregister(fd)
+                except KeyError:
+                    pass
+        for fd in now.keys() - self._table_fds.keys():
+            self.poller.register(fd, select.POLLIN)
+        self._table_fds = now
+
+    def _answer(self, fds: list[int]) -> None:
+        """Every query that arrived (one sync for all), each answered on its channel; a channel
+        whose worker has gone (EOF) is closed."""
+        asked: list[tuple[_socket.socket, bytes]] = []
+        for fd in fds:
+            sock = self.queries[fd]
+            try:
+                msg = sock.recv(sharetable.MAX_MESSAGE + 1)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                msg = b""
+            if msg:
+                asked.append((sock, msg))
+                continue
+            self.poller.unregister(fd)
+            del self.queries[fd]
+            sock.close()
+        if not asked:
+            return
+        for (sock, _msg), reply in zip(asked, self.tables.answer([m for _s, m in asked]), strict=True):
+            try:  # noqa: SIM105 (as above)
+                sock.send(reply)
+            except OSError:
+                pass  # the worker is gone (killed with its client): its EOF closes the channel
+        self._track_tables()
 
     def _accept_all(self) -> None:
         assert self.listener is not None
@@ -253,6 +311,19 @@ class Server:
                 )
                 conn.close()
                 continue
+            ours: _socket.socket | None
+            theirs: _socket.socket | None
+            try:
+                ours, theirs = _socket.socketpair(
+                    _socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC
+                )
+            except OSError as exc:
+                self.journal.warning(
+                    f"no query channel ({exc.strerror}): client pid {pid}'s add walks every backend",
+                    CODE="warm-sharing-query",
+                    ERRNO=exc.errno,
+                )
+                ours = theirs = None
             sys.stdout.flush()
             sys.stderr.flush()
             try:
@@ -264,10 +335,20 @@ class Server:
                     ERRNO=exc.errno,
                 )
                 conn.close()
+                for end in (ours, theirs):
+                    if end is not None:
+                        end.close()
                 continue
             if child == 0:
-                _worker(self, conn, pid)
+                if ours is not None:
+                    ours.close()
+                _worker(self, conn, pid, theirs)
             conn.close()
+            if ours is not None and theirs is not None:
+                theirs.close()
+                ours.setblocking(False)
+                self.queries[ours.fileno()] = ours
+                self.poller.register(ours.fileno(), select.POLLIN)
 
     def _reap(self) -> int:
         while True:
@@ -282,6 +363,10 @@ class Server:
                 return STALE_EXIT
 
     def close(self) -> None:
+        self.tables.close()
+        for sock in self.queries.values():
+            sock.close()
+        self.queries.clear()
         if self.listener is not None:
             posix.unlink(self.path)  # before the lock goes: no successor's socket is ours to unlink
             self.listener.close()
@@ -305,6 +390,11 @@ def serve(script: str, env: Mapping[str, str]) -> int:
             __import__(name)
         server.stamps = stamps(script)
         server.open()
+        from xenblockctl.xenstore.endpoints import default_endpoints
+
+        first = default_endpoints(env)[0]  # the socket the workers' adds connect to first
+        if first.path.startswith("/"):
+            server.tables.table(first.path).build(first.path)  # or logged why not: a query retries
         server.preloaded = frozenset(sys.modules)
         gc.freeze()  # the imported graph in the permanent generation: no worker's collection walks it
         journal.info(f"ready on {server.path}, pid {posix.getpid()}, {len(server.stamps)} files stamped")
@@ -329,7 +419,7 @@ def main() -> NoReturn:
     posix._exit(serve(sys.argv[0], Environment.of_process().variables))
 
 
-def _worker(server: Server, conn: _socket.socket, peer_pid: int) -> NoReturn:
+def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.socket | None) -> NoReturn:
     """The forked child: never returns. Refusals before A are logged to the server's journal and
     stderr, and the client, which got no A, falls back."""
     status = 1
@@ -366,7 +456,12 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int) -> NoReturn:
             fcntl.fcntl(cfd, fcntl.F_SETFL, fcntl.fcntl(cfd, fcntl.F_GETFL) & ~posix.O_ASYNC)
             _send(conn, STALE)
             posix._exit(STALE_EXIT)
-        _take_over(server, conn, fds, mask=mask, env=env_b, peer_pid=peer_pid)
+        _take_over(server, conn, fds, mask=mask, env=env_b, peer_pid=peer_pid, query=query)
+        if query is not None:
+            from xenblockctl.blockscript import sharing
+
+            trace = _trace if env.get(WARM_SHARING_ENV) else None
+            sharing.TABLE = sharetable.worker_query(query.fileno(), trace)
         sys.argv = argv
         journal_fields.PROCESS_FIELDS["CLIENT_PID"] = str(peer_pid)
         if not _send(conn, ACCEPTED):
@@ -434,7 +529,14 @@ def _receive(conn: _socket.socket) -> tuple[int, list[bytes], dict[bytes, bytes]
 
 
 def _take_over(
-    server: Server, conn: _socket.socket, fds: list[int], *, mask: int, env: dict[bytes, bytes], peer_pid: int
+    server: Server,
+    conn: _socket.socket,
+    fds: list[int],
+    *,
+    mask: int,
+    env: dict[bytes, bytes],
+    peer_pid: int,
+    query: _socket.socket | None,
 ) -> None:
     """The client's process state: stdio on 0-2, its cwd, umask, environment (posix.environ and the
     C environ) and rlimits; every other fd of the server's closed. Refused if one cannot be taken:
@@ -445,14 +547,22 @@ def _take_over(
         raise Refused(f"the client's cwd: {exc.strerror}") from None
     # the server's fds the worker must not keep: the listener (a worker accepting), the lock (a new
     # server could not start while a worker lives), its journal socket
+    # (and the sharing table's connections and other workers' query channels: closed through
+    # their objects, so that no object of the server's later closes an fd number reused here)
     assert server.listener is not None
     server.listener.close()
     server.journal.close()
-    cfd = conn.fileno()
+    server.tables.close()
+    for sock in server.queries.values():
+        sock.close()
+    kept = sorted({conn.fileno(), *(() if query is None else (query.fileno(),))})
     for target, fd in enumerate(fds[:3]):
         posix.dup2(fd, target)
-    posix.closerange(3, cfd)
-    posix.closerange(cfd + 1, 1 << 20)
+    low = 3
+    for fd in kept:
+        posix.closerange(low, fd)
+        low = fd + 1
+    posix.closerange(low, 1 << 20)
     posix.umask(mask)
     failed = []
     for name in dir(resource):
@@ -476,6 +586,10 @@ def _take_over(
             CODE="warm-rlimit",
             CLIENT_PID=peer_pid,
         )
+
+
+def _trace(what: str) -> None:
+    print(f"warm-sharing: {what}", file=sys.stderr)
 
 
 def _send(conn: _socket.socket, data: bytes) -> bool:

@@ -783,6 +783,15 @@ class XenStore(_Operations):
         check_path(path)
         return path if path.startswith("/") else join(self.home(), path)
 
+    def control(self, *words: str) -> str:
+        """XS_CONTROL (privileged): the daemon's answer as text, trailing NULs stripped. `help`
+        lists a C xenstored's commands (the warm server's sharing table tells daemons apart by it)."""
+        for word in words:
+            if not word.isascii() or "\0" in word:
+                raise XenstoreInvalid(f"control word {word[:40]!r} is not ASCII without NUL")
+        what = f"control {' '.join(words)}"
+        return decode_value(self._request(wire.CONTROL, b"".join(_arg(w) for w in words), what).rstrip(_NUL))
+
     def introduce_domain(self, domid: int, gfn: int, evtchn: int) -> None:
         what = f"introduce {domid}"
         payload = b"".join(_arg(str(v)) for v in (_domid(domid), gfn, evtchn))

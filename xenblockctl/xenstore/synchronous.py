@@ -170,6 +170,37 @@ class DirectLink(Link):
                 return None
         return self._events.pop(0)
 
+    def fileno(self) -> int:
+        """The connection's fd, for a caller that polls it (the warm server's sharing table)."""
+        self._check_alive(0)
+        return self._fd
+
+    def poll_events(self) -> list[tuple[bytes, bytes]]:
+        """Every watch event set aside or already readable, without waiting (MSG_DONTWAIT), for a
+        caller with no request outstanding (its poll found the fd readable): a reply then answers
+        nothing of ours and loses the link, as does the peer's close (LinkLost either way)."""
+        self._check_alive(0)
+        sock = self._sock
+        if sock is not None:
+            while True:
+                try:
+                    data = sock.recv(_READ_SIZE, _socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._lose(0, f"{type(exc).__name__}: {exc}")
+                if not data:
+                    self._lose(0, "ConnectionError: xenstored closed the connection")
+                self._decoder.push(data)
+                if len(data) < _READ_SIZE:
+                    break
+        for frame in self._frames(0):
+            if frame.type != WATCH_EVENT:
+                self._lose(0, f"unexpected reply {frame!r} while no request was outstanding")
+            self._event(frame)
+        events, self._events = self._events, []
+        return events
+
     def subscribe(self, token: str) -> None:
         self._tokens.add(token.encode("ascii"))
 

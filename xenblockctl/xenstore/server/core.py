@@ -48,6 +48,8 @@ class Xenstored:
         self._next_conn_id = 1
         #: Fault injection (CONTROL fail-commits): this many next commits fail with EAGAIN.
         self.forced_eagain = 0
+        #: Fault injection (CONTROL drop-watching): connections the daemon drops after this turn.
+        self.doomed: set[int] = set()
         self.trace = trace
 
     # Connections ------------------------------------------------------------------------------

@@ -277,6 +277,10 @@ class Daemon:
                         log.exception("connection %d failed", client.conn.conn_id)
                         self._drop(client, "internal error")
             self._flush_all()
+            while self.core.doomed:
+                doomed = self._clients.get(self.core.doomed.pop())
+                if doomed is not None:
+                    self._drop(doomed, "CONTROL drop-watching")
             if self._trim_pending and time.monotonic() >= self._trimmed_at + TRIM_SECONDS:
                 self._trim_pending = False
                 self._trimmed_at = time.monotonic()

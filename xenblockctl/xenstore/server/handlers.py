@@ -444,13 +444,22 @@ def op_set_target(req: Request) -> bytes:
 
 def op_control(req: Request) -> bytes:
     """A few CONTROL commands; `fail-commits N` is ours: the next N commits fail with EAGAIN
-    (deterministic fault injection for retry loops)."""
+    (deterministic fault injection for retry loops); so is `drop-watching TOKEN`: every other
+    connection with a watch of that token is dropped, as when a daemon goes away under a watcher
+    (the warm server's sharing table must then fall back to the walk)."""
     strings = get_strings(req.frame.payload)
     if not strings:
         raise XsError(errno.EINVAL)
     cmd, args = strings[0], strings[1:]
     if cmd == b"help":
-        return b"help\nfail-commits <n>\n\0"
+        return b"help\nfail-commits <n>\ndrop-watching <token>\n\0"
+    if cmd == b"drop-watching" and len(args) == 1:
+        req.server.doomed.update(
+            conn.conn_id
+            for conn in req.server.connections.values()
+            if conn is not req.conn and any(w.token == args[0] for w in conn.watches)
+        )
+        return OK
     if cmd == b"fail-commits" and len(args) == 1:
         count = uint_or_none(args[0].decode("latin-1"), maximum=1 << 20)
         if count is not None:
