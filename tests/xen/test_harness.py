@@ -146,6 +146,24 @@ def test_runner_fails_and_cleans_a_leaked_loop_device(tmp_path: Path) -> None:
             subprocess.run(["losetup", "-d", dev], check=False)
 
 
+def test_runner_takes_a_loop_device_that_clears_while_it_looks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop device auto-cleared between the runner's look and its read (a timed-out scenario's
+    killpg closed its last opener) is one no longer bound, not the runner's death: it once died
+    of it and lost the scenario's record. Every unbound minor plays that device here, as if it had
+    said it was bound a moment before (the instant the kernel cannot be asked to produce)."""
+    unbound = [p for p in Path("/sys/block").glob("loop*") if not (p / "loop" / "backing_file").exists()]
+    if not unbound:
+        pytest.skip("no unbound loop minor on this host to play the device that just cleared")
+    real_exists = Path.exists
+
+    def existed_a_moment_ago(self: Path, *args: Any, **kwargs: Any) -> bool:
+        return self.name == "backing_file" or real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", existed_a_moment_ago)
+    found = runner.bound_loops()
+    assert not {f"/dev/{p.name}" for p in unbound} & found.keys()
+
+
 def _lane_run(tmp_path: Path) -> vm.LaneRun:
     share = tmp_path / "share"
     (share / "results").mkdir(parents=True)

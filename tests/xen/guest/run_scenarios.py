@@ -53,9 +53,13 @@ def bound_loops() -> dict[str, str]:
     """loop device -> backing file, for every bound loop device."""
     found: dict[str, str] = {}
     for entry in sorted(Path("/sys/block").glob("loop*")):
-        backing = entry / "loop" / "backing_file"
-        if backing.exists():
-            found[f"/dev/{entry.name}"] = backing.read_text().strip()
+        # read, not exists() then read: a loop device whose last opener a timed-out scenario's
+        # killpg just closed auto-clears between the two (the runner died of it once, losing
+        # the scenario's record)
+        try:
+            found[f"/dev/{entry.name}"] = (entry / "loop" / "backing_file").read_text().strip()
+        except FileNotFoundError:
+            continue
     return found
 
 
