@@ -58,6 +58,10 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         else:
             reporter.write_line(f"[xen lane] {text}")
 
+    try:
+        mode = vm.lane_mode()
+    except ValueError as exc:
+        pytest.fail(f"xen lane: {exc}", pytrace=False)
     if problem := vm.qemu_problem():
         progress(f"SKIP: {problem}")
         pytest.skip(f"xen lane: {problem}")
@@ -80,8 +84,11 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     share = tmp_path_factory.mktemp("xen-lane") / "share"
     share.mkdir()
     packages = _build_packages(share / "pkg", progress)
-    progress(f"booting Xen + dom0 for {len(scenarios)} scenario(s); console {share.parent}/share-console.log")
-    run = vm.boot(image, share, scenarios, progress=progress, packages=packages)
+    progress(
+        f"booting Xen + dom0 for {len(scenarios)} scenario(s), {mode} mode ({vm.LANE_MODE_ENV});"
+        f" console {share.parent}/share-console.log"
+    )
+    run = vm.boot(image, share, scenarios, progress=progress, packages=packages, mode=mode)
     report.run = run
     kept = vm.keep_last_run(run, image.path.parent / ".last-run")
     if kept is not None:

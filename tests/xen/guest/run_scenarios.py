@@ -131,6 +131,8 @@ def run_one(entry: dict[str, Any], results: Path, workroot: Path, probe: Probe =
         XENCI_SCENARIOS=str(path.parent),
         XENCI_DEB=entry.get("deb", ""),
         XENCI_WHEEL=entry.get("wheel", ""),
+        # "check" (CI) or "bench" (the measurements too): lib.sh's bench_mode
+        XENCI_MODE=entry.get("mode", "check"),
     )
     before = probe()
     say(f"BEGIN {name} (timeout {timeout:.0f}s)")
@@ -467,7 +469,10 @@ def main(argv: list[str], probe: Probe = snapshot) -> int:
             ),
         },
     )
-    say(f"runner start at dom0 uptime {uptime:.1f}s, {len(plan['scenarios'])} scenario(s)")
+    say(
+        f"runner start at dom0 uptime {uptime:.1f}s, {len(plan['scenarios'])} scenario(s),"
+        f" {plan.get('mode', 'check')} mode"
+    )
     copy_scenarios(plan["scenarios_share"], plan["scenarios_dir"])
     deb = plan.get("deb", "")
     syslog = Syslog(plan["syslog"], results) if plan.get("syslog") else None
@@ -477,7 +482,7 @@ def main(argv: list[str], probe: Probe = snapshot) -> int:
     units = [] if problem or not plan.get("wants") else start_enabled_units(plan["wants"], results)
     failed = 0
     for entry in plan["scenarios"]:
-        entry.update(deb=deb, wheel=plan.get("wheel", ""))
+        entry.update(deb=deb, wheel=plan.get("wheel", ""), mode=plan.get("mode", "check"))
         if problem:
             record = not_run(entry, results, f"xenblockctl not installed: {problem}")
         else:

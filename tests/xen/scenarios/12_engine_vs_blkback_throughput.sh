@@ -9,11 +9,13 @@
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
 # (`engine_python_*`, issue 20), grant copy, --workers 2 and --ring-groups run once.
-# Issue 20 (helper wcold20): the cold write split adds two 32 MiB writes per measure; a loaded boot
-# ran past 900 s with them (lane 3: 900 s reached in its single rows; lane 1 took 891 s).
-# With the --ring-groups row it took 1011 s alone on a quiet but slow host (2026-12-06), and a loaded
-# run passed 1200 s in the --workers row: room for a slow CI machine.
-# xenci-timeout: 1800
+# Two jobs (lib.sh's bench_mode). A check run (CI) writes a fresh pattern through every path and row
+# once and reads it back (1 MiB and 4 KiB direct reads): each engine variant serves real blkfront and
+# keeps the data. A bench run (XENBLOCKCTL_XEN_LANE=bench) also runs the rounds, the probes and every
+# rate and ratio above: 1011 s alone on a quiet but slow host (2026-12-06), past 1200 s loaded, which
+# took CI's lane past its hour (stop 37).
+# xenci-timeout: 600
+# xenci-bench-timeout: 1800
 . "$XENCI_SCENARIOS/lib.sh"
 
 need_script
@@ -167,6 +169,22 @@ measure() {
     || fail "$label: data read back through $dev differs from what was written"
 }
 
+# verify LABEL: a check run's workload: a fresh 32 MiB pattern (so a row that wrote nothing cannot pass
+# on the row before it) written through /dev/xvdb with 1 MiB O_DIRECT writes and a flush, read back
+# with 1 MiB direct reads, then its first 4 MiB with 4 KiB reads (one segment per request).
+verify() {
+  local dev=/dev/xvdb pat=$XENCI_WORK/verify.pattern sum
+  head -c 32M /dev/urandom > "$pat"
+  dd if="$pat" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none || fail "$1: write to $dev failed"
+  [ "$(dd if="$dev" bs=1M count=32 skip=8 iflag=direct status=none | md5sum)" = "$(md5sum < "$pat")" ] \
+    || fail "$1: data read back through $dev (1 MiB reads) differs from what was written"
+  sum=$(head -c 4M "$pat" | md5sum)
+  [ "$(dd if="$dev" bs=4k count=1024 skip=2048 iflag=direct status=none | md5sum)" = "$sum" ] \
+    || fail "$1: data read back through $dev (4 KiB reads) differs from what was written"
+  rm -f "$pat"
+  say "$1: 32 MiB written and read back"
+}
+
 attach() {
   xl block-attach 0 "$(disk_spec xvdb rw "$img" "$script")" || fail "xl block-attach ($1) exited $?"
   wait_for /dev/xvdb 30 test -b /dev/xvdb
@@ -198,7 +216,14 @@ detach() {
 # so the paths alternate, round after round (blkback, engine, engine --direct-writes, blkback,
 # ...), and each workload's rate is the median of its rounds. Bounded: ROUNDS x 3 paths x ~30-65 s
 # (a boot on a loaded host ran the whole scenario in 827 s before the 4 KiB row was halved again).
-ROUNDS=${XENCI_BENCH_ROUNDS:-3}
+# A check run: one round, each row's data written and read back (verify), no rates.
+if bench_mode; then
+  ROUNDS=${XENCI_BENCH_ROUNDS:-3}
+  workload=measure
+else
+  ROUNDS=1
+  workload=verify
+fi
 # median PATH WORKLOAD: the median of PATH's rounds (rates[PATH_rN_WORKLOAD], N = 1..ROUNDS).
 median() {
   local i
@@ -238,8 +263,8 @@ engine_row() {
   shift 3
   start_engine "$@"
   attach "$label"
-  measure "$measured"
-  if [ "$measured" = "$label" ]; then ratios "$label"; fi
+  "$workload" "$measured"
+  if bench_mode && [ "$measured" = "$label" ]; then ratios "$label"; fi
   detach "$label"
   "$check"
   stop_engine
@@ -278,6 +303,8 @@ check_workers() {
   grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
 }
 
+# The probes of a bench run (no engine, no blkfront: the costs under them).
+probes() {
 # Issue 20: what O_DIRECT costs in this dom0 by itself (no grants, no engine): 32 MiB of 1 MiB
 # writes + fsync through a plain loop device, buffered and with O_DIRECT from an ordinary buffer,
 # alternating, twice each (the first pass also allocates the sparse image's blocks).
@@ -382,12 +409,14 @@ say "dom0: blkfront parameters: $(grep -H . /sys/module/xen_blkfront/parameters/
 say "dom0: loop queue: $(cd "/sys/block/${probe_loop#/dev/}/queue" && grep -H . max_sectors_kb max_hw_sectors_kb max_segments nr_requests | tr '\n' ' ')"
 losetup -d "$probe_loop"
 rm -f "$probe_img"
+}
+if bench_mode; then probes; fi
 
 for ((round = 1; round <= ROUNDS; round++)); do
   say "round $round of $ROUNDS: kernel blkback (dom0 load: $(cut -d' ' -f1-3 /proc/loadavg))"
   modprobe xen-blkback || true
   attach blkback
-  measure "blkback_r$round"
+  "$workload" "blkback_r$round"
   detach blkback
   say "round $round: the engine (Xen transport, its default ring pass), persistent grants offered"
   without_blkback
@@ -395,13 +424,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
   say "round $round: the engine with --direct-writes --direct-reads (O_DIRECT on a second fd of the device)"
   engine_row engine_direct "engine_direct_r$round" check_direct --direct-writes --direct-reads
 done
-medians blkback
-medians engine
-medians engine_direct
-ratios engine
-ratios engine_direct
-round_ratios engine
-round_ratios engine_direct
+if bench_mode; then
+  medians blkback
+  medians engine
+  medians engine_direct
+  ratios engine
+  ratios engine_direct
+  round_ratios engine
+  round_ratios engine_direct
+fi
 
 # One round each, against blkback's median (reported, fewer rounds: they are not the goal's rows).
 say "the engine with --direct-writes --direct-writes-on-pool (O_DIRECT writes on the I/O threads unless alone)"
