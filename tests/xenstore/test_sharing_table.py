@@ -10,6 +10,7 @@ import contextlib
 import time
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,3 +160,22 @@ def test_a_query_is_answered_from_the_table_and_parsed_strictly() -> None:
         except sharetable.QueryError:
             continue
         raise AssertionError(f"accepted {bad_answer!r}")
+
+
+def test_a_daemon_of_unknown_order_turns_the_table_off_for_good_saying_so(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """oxenstored (not on this host: its CONTROL help is what ordered_daemon refuses, stood in for
+    here) may hold events back while replies go out: the table is never built on it, the server is
+    told once why, and it does not try again every 5 s as after a lost connection."""
+    monkeypatch.setattr(sharetable, "ordered_daemon", lambda _help: None)
+    table = ShareTable(Journal("xenblockctl-test"))
+    why = table.build(str(daemon.socket))
+    assert why is not None
+    assert "neither C xenstored nor the embedded one" in why
+    assert table.retry_at == float("inf")
+    assert table.link is None
+    err = capsys.readouterr().err
+    assert "block-device adds walk every backend while this server runs" in err, err
+    assert table.build(str(daemon.socket)) == why
+    assert capsys.readouterr().err == "", "said once, not at every build"

@@ -214,13 +214,15 @@ class ShareTable:
             store.close()
         self.nodes.clear()
 
-    def _lose(self, reason: str) -> str:
+    def _lose(self, reason: str, *, for_good: bool = False) -> str:
+        """Off, said once; rebuilt RETRY_AFTER later, or never (`for_good`: the daemon's kind)."""
         self.close()
-        self.retry_at = time.monotonic() + RETRY_AFTER
+        self.retry_at = float("inf") if for_good else time.monotonic() + RETRY_AFTER
         if self.off != reason:
             self.off = reason
+            until = "while this server runs" if for_good else "until it is rebuilt"
             self.journal.warning(
-                f"sharing table off: {reason}; block-device adds walk every backend until it is rebuilt",
+                f"sharing table off: {reason}; block-device adds walk every backend {until}",
                 CODE="warm-sharing-off",
             )
         return reason
@@ -239,13 +241,12 @@ class ShareTable:
                 daemon = ordered_daemon(store.control("help"))
             except Exception as exc:  # EACCES, EINVAL, ...: nothing proven about its order
                 return self._lose(f"xenstored at {endpoint} answers no CONTROL help ({exc})")
-            if daemon is None:
-                why = self._lose(
+            if daemon is None:  # a daemon does not change under a running host: never retried
+                return self._lose(
                     f"xenstored at {endpoint} is neither C xenstored nor the embedded one (oxenstored?): "
-                    "its watch events may lag its replies"
+                    "its watch events may lag its replies",
+                    for_good=True,
                 )
-                self.retry_at = float("inf")  # a daemon does not change under a running host
-                return why
             self.home = store.home().rstrip("/")
             self.root = f"{self.home}/backend"
             kinds = [f"{self.root}/{kind}" for kind in BACKEND_KINDS]
