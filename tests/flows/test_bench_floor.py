@@ -28,15 +28,6 @@ def floor(tmp_path: Path) -> Path:
     return laid_floor(work, sys.executable)
 
 
-@pytest.fixture
-def admin_loops(make_image: ImageFactory, loop_devices: list[loop.LoopDevice]) -> list[loop.LoopDevice]:
-    """Two block devices an admin set up (neither script may detach them)."""
-    for name in ("admin0.img", "admin1.img"):
-        device = loop.attach_file(str(make_image(name)), read_only=False, tag="xenblockctl:admin")
-        loop_devices.append(device)
-    return loop_devices[-2:]
-
-
 def run_floor(libxl: Libxl, floor: Path, action: str, be: Backend) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-S", str(floor), action],

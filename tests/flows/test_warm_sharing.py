@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kernel import ImageFactory
 from tests.fixtures.libxl import Backend, Libxl
 from tests.fixtures.warm import WarmServer
 from tests.flows.test_sharing_devices import FOREIGN_PLACES
@@ -23,15 +22,6 @@ from xenblockctl.kernel import loop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
 TRACE = {WARM_SHARING_ENV: "1"}
-
-
-@pytest.fixture
-def admin_loops(make_image: ImageFactory, loop_devices: list[loop.LoopDevice]) -> list[loop.LoopDevice]:
-    """Two block devices an admin set up (not ours: remove never detaches them)."""
-    for name in ("admin-a.img", "admin-b.img"):
-        device = loop.attach_file(str(make_image(name)), read_only=False, tag="xenblockctl:admin")
-        loop_devices.append(device)
-    return loop_devices[-2:]
 
 
 def _attach(libxl: Libxl, domid: int, params: str, mode: str = "w") -> tuple[Backend, str]:
