@@ -11,7 +11,7 @@
 # (`engine_python_*`, issue 20), grant copy, --workers 2 and --ring-groups run once.
 # Two jobs (lib.sh's bench_mode). A check run (CI) writes a fresh pattern through every path and row
 # once and reads it back (1 MiB and 4 KiB direct reads): each engine variant serves real blkfront and
-# keeps the data. A bench run (XENBLOCKCTL_XEN_LANE=bench) also runs the rounds, the probes and every
+# keeps the data; those I/Os' rates and ratios to blkback are reported (one round). A bench run (XENBLOCKCTL_XEN_LANE=bench) also runs the rounds, the probes and every
 # rate and ratio above: 1011 s alone on a quiet but slow host (2026-12-06), past 1200 s loaded, which
 # took CI's lane past its hour (stop 37).
 # xenci-timeout: 600
@@ -171,18 +171,31 @@ measure() {
 
 # verify LABEL: a check run's workload: a fresh 32 MiB pattern (so a row that wrote nothing cannot pass
 # on the row before it) written through /dev/xvdb with 1 MiB O_DIRECT writes and a flush, read back
-# with 1 MiB direct reads, then its first 4 MiB with 4 KiB reads (one segment per request).
+# with 1 MiB direct reads, then its first 4 MiB with 4 KiB reads (one segment per request). Each is
+# timed as it runs anyway: one round's rates and ratios to blkback's (check_ratios), not the medians.
+CHECKS="write_1M_fsync read_1M read_4k"
 verify() {
-  local dev=/dev/xvdb pat=$XENCI_WORK/verify.pattern sum
+  local dev=/dev/xvdb pat=$XENCI_WORK/verify.pattern sums=$XENCI_WORK/readback.md5
   head -c 32M /dev/urandom > "$pat"
-  dd if="$pat" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none || fail "$1: write to $dev failed"
-  [ "$(dd if="$dev" bs=1M count=32 skip=8 iflag=direct status=none | md5sum)" = "$(md5sum < "$pat")" ] \
+  rate "${1}_write_1M_fsync" $((32 << 20)) dd if="$pat" of="$dev" bs=1M count=32 seek=8 oflag=direct conv=fsync status=none
+  rate "${1}_read_1M" $((32 << 20)) readback "$dev" 1M 32 8 "$sums"
+  [ "$(cat "$sums")" = "$(md5sum < "$pat")" ] \
     || fail "$1: data read back through $dev (1 MiB reads) differs from what was written"
-  sum=$(head -c 4M "$pat" | md5sum)
-  [ "$(dd if="$dev" bs=4k count=1024 skip=2048 iflag=direct status=none | md5sum)" = "$sum" ] \
+  rate "${1}_read_4k" $((4 << 20)) readback "$dev" 4k 1024 2048 "$sums"
+  [ "$(cat "$sums")" = "$(head -c 4M "$pat" | md5sum)" ] \
     || fail "$1: data read back through $dev (4 KiB reads) differs from what was written"
   rm -f "$pat"
   say "$1: 32 MiB written and read back"
+}
+# readback DEV BS COUNT SKIP OUT: the md5 of COUNT direct reads of BS from DEV at SKIP, into OUT.
+readback() { dd if="$1" bs="$2" count="$3" skip="$4" iflag=direct status=none | md5sum > "$5"; }
+# check_ratios LABEL: a check run's LABEL / kernel blkback (its one round) for verify's workloads.
+check_ratios() {
+  local w
+  for w in $CHECKS; do
+    metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[blkback_r1_$w]:-0}" \
+      'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+  done
 }
 
 attach() {
@@ -216,7 +229,7 @@ detach() {
 # so the paths alternate, round after round (blkback, engine, engine --direct-writes, blkback,
 # ...), and each workload's rate is the median of its rounds. Bounded: ROUNDS x 3 paths x ~30-65 s
 # (a boot on a loaded host ran the whole scenario in 827 s before the 4 KiB row was halved again).
-# A check run: one round, each row's data written and read back (verify), no rates.
+# A check run: one round, each row's data written and read back (verify), its rates once.
 if bench_mode; then
   ROUNDS=${XENCI_BENCH_ROUNDS:-3}
   workload=measure
@@ -264,7 +277,11 @@ engine_row() {
   start_engine "$@"
   attach "$label"
   "$workload" "$measured"
-  if bench_mode && [ "$measured" = "$label" ]; then ratios "$label"; fi
+  if ! bench_mode; then
+    check_ratios "$measured"
+  elif [ "$measured" = "$label" ]; then
+    ratios "$label"
+  fi
   detach "$label"
   "$check"
   stop_engine
