@@ -26,15 +26,17 @@ from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
 #: Polls of blkback's sysfs attribute. Nothing announces it: blkback creates `physical_device`
 #: after its open (xenvbd_sysfs_addif) and never calls sysfs_notify() on it, and kernfs sends no
-#: inotify event for a file the kernel creates. A poll reads only sysfs (one stat, one open),
-#: not xenstore: the store is read again on a watch event or every ENGINE_POLL. blkback usually
-#: opens within a few ms, so for BLKBACK_FAST_FOR the polls come every BLKBACK_FIRST_POLL (seen
-#: ~0.1 ms after the open; doubling from 0.5 ms, each poll a xenstore round trip too, saw it
-#: 0.9-1.3 ms late: bench/README.md, issue 18, poll20), then doubling to BLKBACK_POLL. The CPU is
-#: bounded: at most 100 wake-ups in the fast phase, then 200 a second (a blkback that takes the
-#: whole 40 s of libxl's timeout costs ~8,000 wake-ups of ~20 us each).
+#: inotify event for a file the kernel creates (checked: a loop device's bind creates loop/ with
+#: no event). A poll reads only sysfs (a stat, an open), not xenstore: the store is read again on
+#: a watch event or every ENGINE_POLL. blkback usually opens within a few ms, so for
+#: BLKBACK_FAST_FOR the polls come every BLKBACK_FIRST_POLL, then doubling to BLKBACK_POLL; the
+#: open is then seen as soon as the engine's `opened` event is (~0.5 ms p50 on a loaded 2-vCPU VM;
+#: doubling from 0.5 ms, each poll a xenstore round trip, 0.7-1.3 ms: bench/README.md, issue 18,
+#: poll20). The CPU is bounded, measured there: the fast phase ~30 wake-ups, ~2.5 ms of CPU at
+#: most; then 200 wake-ups a second, ~5 % of a CPU (the round-trip polls: ~7.5 %), so a blkback
+#: that takes libxl's whole 40 s costs ~8,000 wake-ups, ~2 s of CPU.
 BLKBACK_FIRST_POLL = 0.0002
-BLKBACK_FAST_FOR = 0.02
+BLKBACK_FAST_FOR = 0.01
 BLKBACK_POLL = 0.005
 #: How often the hand-off reads the store again without an event: a safety net only (the engine's
 #: `opened` write, an error node, a closing backend fire a watch), so that a lost event costs
