@@ -1,7 +1,7 @@
 """The block script side by side (issue 18): ours, a stdlib-only floor, Xen's bash `block`, same xenstored.
 
     sudo .venv/bin/python -m bench.blockscript_add [--iterations 30] [--parallel 32] [--existing 128]
-        [--parallel-rounds 1] [--only-parallel] [--daemon c|embedded] [--python PY]
+        [--parallel-rounds 1] [--only-parallel] [--only-kernel] [--daemon c|embedded] [--python PY]
         [--baseline-script OLD/hotplug/block-xenblockctl] [--no-floor] [--no-bash] [--no-warm]
         [--client-fallback] [--site-shim] [--strace] [--trace]
 
@@ -117,6 +117,11 @@ def main() -> int:
         help="run only the scaling rows (0 vs --existing backends), --iterations samples each",
     )
     parser.add_argument(
+        "--only-kernel",
+        action="store_true",
+        help="run only the kernel-blkback vs engine hand-off rows, --iterations samples each",
+    )
+    parser.add_argument(
         "--existing", type=int, default=128, help="pre-existing backends for the scaling rows"
     )
     parser.add_argument(
@@ -200,6 +205,10 @@ def main() -> int:
             parallel_rows(libxl, contestants, images[: args.parallel], args.parallel_rounds)
             print(f"load average after: {_loadavg()}")
             return 0
+        if args.only_kernel:
+            kernel_path(libxl, images[0], args.iterations, _ours_and_baseline(contestants))
+            print(f"load average after: {_loadavg()}")
+            return 0
         if args.only_scaling:
             scale_rows(
                 libxl,
@@ -230,8 +239,7 @@ def main() -> int:
                 f"ratio {other.label} / xenblockctl (p50): add wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x, "
                 f"remove {rm_ratio:.2f}x"
             )
-        ours_and_baseline = [c for c in contestants if c.label.startswith(("xenblockctl", "baseline"))]
-        kernel_path(libxl, images[0], max(3, args.iterations // 2), ours_and_baseline)
+        kernel_path(libxl, images[0], max(3, args.iterations // 2), _ours_and_baseline(contestants))
         if args.strace and shutil.which("strace"):
             for k, c in enumerate(contestants):
                 print(f"syscalls of one add, {c.label}: {count_syscalls(libxl, c, images[0], 95 + k)}")
@@ -425,6 +433,10 @@ def scale_rows(
                         "  adds whose sharing check walked instead of asking the table: "
                         f"{sum(walks[c.label])} of {len(walks[c.label])}"
                     )
+
+
+def _ours_and_baseline(contestants: list[Contestant]) -> list[Contestant]:
+    return [c for c in contestants if c.label.startswith(("xenblockctl", "baseline"))]
 
 
 def kernel_path(libxl: Libxl, image: Path, n: int, contestants: list[Contestant]) -> None:

@@ -24,14 +24,24 @@ from xenblockctl.xenstore.client import WatchEvent, XenStore
 from xenblockctl.xenstore.paths import join
 from xenblockctl.xenstore.vbd import BackendPath, XenbusState
 
-#: Poll interval for blkback's sysfs attribute (sysfs has no change notification for it): the
-#: first polls come sooner (from BLKBACK_FIRST_POLL, doubling), as blkback usually opens the device
-#: within a few ms of physical-device appearing and a fixed 5 ms cost ~2.5 ms per add on average.
+#: Polls of blkback's sysfs attribute. Nothing announces it: blkback creates `physical_device`
+#: after its open (xenvbd_sysfs_addif) and never calls sysfs_notify() on it, and kernfs sends no
+#: inotify event for a file the kernel creates (checked: a loop device's bind creates loop/ with
+#: no event). A poll reads only sysfs (a stat, an open), not xenstore: the store is read again on
+#: a watch event or every ENGINE_POLL. blkback usually opens within a few ms, so for
+#: BLKBACK_FAST_FOR the polls come every BLKBACK_FIRST_POLL, then doubling to BLKBACK_POLL; the
+#: open is then seen as soon as the engine's `opened` event is (~0.5 ms p50 on a loaded 2-vCPU VM;
+#: doubling from 0.5 ms, each poll a xenstore round trip, 0.7-1.3 ms: bench/README.md, issue 18,
+#: poll20). The CPU is bounded, measured there: the fast phase ~30 wake-ups, ~2.5 ms of CPU at
+#: most; then 200 wake-ups a second, ~5 % of a CPU (the round-trip polls: ~7.5 %), so a blkback
+#: that takes libxl's whole 40 s costs ~8,000 wake-ups, ~2 s of CPU.
+BLKBACK_FIRST_POLL = 0.0002
+BLKBACK_FAST_FOR = 0.01
 BLKBACK_POLL = 0.005
-#: How often the engine hand-off re-checks without an event: a safety net only (its `opened`
-#: write fires the watch), so that a lost event costs this much and no more.
+#: How often the hand-off reads the store again without an event: a safety net only (the engine's
+#: `opened` write, an error node, a closing backend fire a watch), so that a lost event costs
+#: this much and no more.
 ENGINE_POLL = 0.05
-BLKBACK_FIRST_POLL = 0.0005
 #: What the hand-off leaves of the store's overall deadline (the script's, see hotplug.py): a
 #: request after it fails, so a hand-off that ran up to it could neither withdraw nor write
 #: `hotplug-error`. That is one transaction, milliseconds; a second covers a loaded dom0.
@@ -96,34 +106,40 @@ def wait_for_consumer(
         # The configured timeout is bounded (config.py), but the steps before the hand-off (a lock
         # wait above all) may have used part of the script's budget: the failure is still reported.
         deadline = min(deadline, store.deadline - REPORT_RESERVE)
+    read_at = started
     blkback_poll = BLKBACK_FIRST_POLL
     first = True
     try:
         while True:
             if values is None:
                 values = store.read_many(_checked(home, backend, path))
+                read_at = time.monotonic()
+            # Between two reads of the store its values stand (a change would have fired a watch):
+            # a check without one looks at sysfs only.
             consumer = _check(values, path, physical_device, bus=bus)
-            values = None
             if consumer is not None:
                 return consumer
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise HandoffTimeout(
                     f"no backend opened {physical_device or 'the export'} within {deadline - started:.0f} s "
                     "(is kernel blkback loaded or the xenblockctl engine running?)"
                 )
-            poll = ENGINE_POLL
-            blkback = pathsteps.is_dir(blkback_dir(path, bus))
-            if blkback:
-                poll, blkback_poll = blkback_poll, min(blkback_poll * 2, BLKBACK_POLL)
             if first:
                 first = False
-                # A change since the watches were set: look again at once. So does the kernel
-                # path, as it always did: blkback's open fires no event, its sysfs is polled.
-                if _news(store.drain_watches(), watched, token) or blkback:
+                # A change since the watches were set: look again at once.
+                if _news(store.drain_watches(), watched, token):
+                    values = None
                     continue
-            store.wait_watch(min(remaining, poll))
-            store.drain_watches()
+            poll = ENGINE_POLL - (now - read_at)
+            if physical_device is not None and pathsteps.is_dir(blkback_dir(path, bus)):
+                poll = min(poll, blkback_poll)
+                if now - started >= BLKBACK_FAST_FOR:
+                    blkback_poll = min(blkback_poll * 2, BLKBACK_POLL)
+            event = store.wait_watch(max(0.0, min(remaining, poll)))
+            if store.drain_watches() or event is not None or time.monotonic() - read_at >= ENGINE_POLL:
+                values = None
     finally:
         # Sent with the next request (add's transaction that marks the backend connected or
         # reports the failure): one round trip fewer; nothing here depends on its reply.
