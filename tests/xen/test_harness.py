@@ -47,26 +47,26 @@ def test_cache_entry_is_complete_only_with_every_file(tmp_path: Path) -> None:
 
 
 def test_discover_takes_numbered_scripts_and_their_timeout(tmp_path: Path) -> None:
-    (tmp_path / "01_first.sh").write_text("# xenci-timeout: 33\n# xenci-bench-timeout: 99\ntrue\n")
+    (tmp_path / "01_first.sh").write_text("# xenci-timeout: 33\n# xenci-full-timeout: 99\ntrue\n")
     (tmp_path / "02_second.py").write_text("print('hi')\n")
     (tmp_path / "lib.sh").write_text("helpers\n")
     (tmp_path / "3_bad.sh").write_text("true\n")
     found = vm.discover(tmp_path)
-    assert [(s.name, s.timeout_in("check"), s.timeout_in("bench")) for s in found] == [
+    assert [(s.name, s.timeout_in("check"), s.timeout_in("full")) for s in found] == [
         ("01_first", 33, 99),
         ("02_second", vm.DEFAULT_SCENARIO_TIMEOUT, vm.DEFAULT_SCENARIO_TIMEOUT),
     ]
 
 
-def test_the_lane_mode_is_check_unless_bench_is_asked_and_nothing_else(
+def test_the_lane_mode_is_check_unless_full_is_asked_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(vm.LANE_MODE_ENV, raising=False)
     assert vm.lane_mode() == "check"
-    monkeypatch.setenv(vm.LANE_MODE_ENV, "bench")
-    assert vm.lane_mode() == "bench"
+    monkeypatch.setenv(vm.LANE_MODE_ENV, "full")
+    assert vm.lane_mode() == "full"
     monkeypatch.setenv(vm.LANE_MODE_ENV, "fast")
-    with pytest.raises(ValueError, match=r"XENBLOCKCTL_XEN_LANE='fast': expected one of check, bench"):
+    with pytest.raises(ValueError, match=r"XENBLOCKCTL_XEN_LANE='fast': expected one of check, full"):
         vm.lane_mode()
 
 
@@ -77,7 +77,7 @@ def test_a_timeout_header_past_the_first_2000_characters_stops_discovery(tmp_pat
     (tmp_path / "01_long.sh").write_text(f"#!/usr/bin/env bash\n{long_comment}# xenci-timeout: 900\ntrue\n")
     with pytest.raises(ValueError, match=r"01_long.sh: move its timeout header into the first 2000"):
         vm.discover(tmp_path)
-    (tmp_path / "01_long.sh").write_text(f"# xenci-timeout: 60\n{long_comment}# xenci-bench-timeout: 900\n")
+    (tmp_path / "01_long.sh").write_text(f"# xenci-timeout: 60\n{long_comment}# xenci-full-timeout: 900\n")
     with pytest.raises(ValueError, match=r"01_long.sh: move its timeout header into the first 2000"):
         vm.discover(tmp_path)
 
@@ -334,7 +334,7 @@ def _guest_plan(tmp_path: Path, apt_get: str) -> tuple[Path, Path]:
         "scenarios_dir": str(copy),
         "deb": "/mnt/host/pkg/xenblockctl_1_all.deb",
         "wheel": "/mnt/host/pkg/xenblockctl-1-py3-none-any.whl",
-        "mode": "bench",
+        "mode": "full",
         "scenarios": [{"name": n, "path": f"{copy}/{n}.sh", "timeout": 20} for n in ("01_a", "02_b")],
     }
     plan_path = tmp_path / "plan.json"
@@ -363,7 +363,7 @@ def test_runner_installs_the_deb_then_runs_scenarios_with_the_packages(
         assert record["status"] == "pass", record
         assert record["log_tail"] == [
             "deb=/mnt/host/pkg/xenblockctl_1_all.deb"
-            " wheel=/mnt/host/pkg/xenblockctl-1-py3-none-any.whl mode=bench"
+            " wheel=/mnt/host/pkg/xenblockctl-1-py3-none-any.whl mode=full"
         ]
 
 
@@ -677,19 +677,17 @@ def test_guest_timeout_covers_the_scenarios_but_is_capped(tmp_path: Path) -> Non
     assert vm.stage(tmp_path / "s2", many) == vm.GUEST_TIMEOUT_CAP
 
 
-def test_a_bench_run_stages_its_mode_and_the_bench_timeouts(tmp_path: Path) -> None:
-    """The check run (CI's) must fit its hour; a bench run gives each scenario its measurements' time."""
+def test_a_full_run_stages_its_mode_and_the_full_timeouts(tmp_path: Path) -> None:
+    """The check run (CI's) must fit its hour; a full run gives each scenario its measurements' time."""
     path = vm.SCENARIO_DIR / "01_x.sh"
     scenarios = [vm.Scenario("01_a", path, 100, 1000), vm.Scenario("02_b", path, 50)]
     assert vm.stage(tmp_path / "check", scenarios) == 100 + 50 + 2 * 30 + 360
     plan = json.loads((tmp_path / "check" / "plan.json").read_text())
     assert plan["mode"] == "check"
     assert [e["timeout"] for e in plan["scenarios"]] == [100, 50]
-    assert vm.stage(tmp_path / "bench", scenarios, mode="bench") == 1000 + 50 + 2 * 30 + 360
-    plan = json.loads((tmp_path / "bench" / "plan.json").read_text())
-    assert plan["mode"] == "bench"
+    assert vm.stage(tmp_path / "full", scenarios, mode="full") == 1000 + 50 + 2 * 30 + 360
+    plan = json.loads((tmp_path / "full" / "plan.json").read_text())
+    assert plan["mode"] == "full"
     assert [e["timeout"] for e in plan["scenarios"]] == [1000, 50]
     many = [vm.Scenario(f"{i:02d}_x", path, 600, 2400) for i in range(20)]
-    assert (
-        vm.GUEST_TIMEOUT_CAP < vm.stage(tmp_path / "many", many, mode="bench") == vm.BENCH_GUEST_TIMEOUT_CAP
-    )
+    assert vm.GUEST_TIMEOUT_CAP < vm.stage(tmp_path / "many", many, mode="full") == vm.FULL_GUEST_TIMEOUT_CAP

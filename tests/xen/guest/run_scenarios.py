@@ -131,7 +131,7 @@ def run_one(entry: dict[str, Any], results: Path, workroot: Path, probe: Probe =
         XENCI_SCENARIOS=str(path.parent),
         XENCI_DEB=entry.get("deb", ""),
         XENCI_WHEEL=entry.get("wheel", ""),
-        # "check" (CI) or "bench" (the measurements too): lib.sh's bench_mode
+        # "check" (CI) or "full" (the measurements too): lib.sh's full_lane
         XENCI_MODE=entry.get("mode", "check"),
     )
     before = probe()

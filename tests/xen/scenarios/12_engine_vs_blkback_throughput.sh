@@ -9,13 +9,13 @@
 # blkback's: the reported rates are each path's median over the rounds (XENCI_BENCH_ROUNDS, default
 # 3). Direct writes on the I/O threads (`engine_pool_*`), the pure-Python ring pass
 # (`engine_python_*`, issue 20), grant copy, --workers 2 and --ring-groups run once.
-# Two jobs (lib.sh's bench_mode). A check run (CI) writes a fresh pattern through every path and row
+# Two jobs (lib.sh's full_lane). A check run (CI) writes a fresh pattern through every path and row
 # once and reads it back (1 MiB and 4 KiB direct reads): each engine variant serves real blkfront and
-# keeps the data; those I/Os' rates and ratios to blkback are reported (one round). A bench run (XENBLOCKCTL_XEN_LANE=bench) also runs the rounds, the probes and every
+# keeps the data; those I/Os' rates and ratios to blkback are reported (one round). A full run (XENBLOCKCTL_XEN_LANE=full) also runs the rounds, the probes and every
 # rate and ratio above: 1011 s alone on a quiet but slow host (2026-12-06), past 1200 s loaded, which
 # took CI's lane past its hour (stop 37).
 # xenci-timeout: 600
-# xenci-bench-timeout: 1800
+# xenci-full-timeout: 1800
 . "$XENCI_SCENARIOS/lib.sh"
 
 need_script
@@ -230,7 +230,7 @@ detach() {
 # ...), and each workload's rate is the median of its rounds. Bounded: ROUNDS x 3 paths x ~30-65 s
 # (a boot on a loaded host ran the whole scenario in 827 s before the 4 KiB row was halved again).
 # A check run: one round, each row's data written and read back (verify), its rates once.
-if bench_mode; then
+if full_lane; then
   ROUNDS=${XENCI_BENCH_ROUNDS:-3}
   workload=measure
 else
@@ -277,7 +277,7 @@ engine_row() {
   start_engine "$@"
   attach "$label"
   "$workload" "$measured"
-  if ! bench_mode; then
+  if ! full_lane; then
     check_ratios "$measured"
   elif [ "$measured" = "$label" ]; then
     ratios "$label"
@@ -427,7 +427,7 @@ say "dom0: loop queue: $(cd "/sys/block/${probe_loop#/dev/}/queue" && grep -H . 
 losetup -d "$probe_loop"
 rm -f "$probe_img"
 }
-if bench_mode; then probes; fi
+if full_lane; then probes; fi
 
 for ((round = 1; round <= ROUNDS; round++)); do
   say "round $round of $ROUNDS: kernel blkback (dom0 load: $(cut -d' ' -f1-3 /proc/loadavg))"
@@ -441,7 +441,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   say "round $round: the engine with --direct-writes --direct-reads (O_DIRECT on a second fd of the device)"
   engine_row engine_direct "engine_direct_r$round" check_direct --direct-writes --direct-reads
 done
-if bench_mode; then
+if full_lane; then
   medians blkback
   medians engine
   medians engine_direct

@@ -11,13 +11,13 @@
 # the pairs: reported, not asserted (TCG on a shared host; see bench/README.md "On real Xen").
 # Before every boot the consumer is set up afresh, as scenario 12's rounds switch: the engine stopped
 # and blkback unloaded, then blkback loaded or a new engine started (its default options).
-# A measurement only (nine pvgrub boots, ~600 s on a slow host): a bench run's
-# (XENBLOCKCTL_XEN_LANE=bench); a check run skips it, saying so. Scenarios 11 and 15 boot pvgrub
+# A measurement only (nine pvgrub boots, ~600 s on a slow host): a full run's
+# (XENBLOCKCTL_XEN_LANE=full); a check run skips it, saying so. Scenarios 11 and 15 boot pvgrub
 # through each consumer in every run.
 # xenci-timeout: 120
-# xenci-bench-timeout: 2400
+# xenci-full-timeout: 2400
 . "$XENCI_SCENARIOS/lib.sh"
-bench_mode || skip "a measurement (ABBA pvgrub boots): run with XENBLOCKCTL_XEN_LANE=bench"
+full_lane || skip "a measurement (ABBA pvgrub boots): run with XENBLOCKCTL_XEN_LANE=full"
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/pvgrub.sh"
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# xenci-timeout: 1500
+# xenci-timeout: 900
+# xenci-full-timeout: 1500
 # Issue 14, item 3: migrating a guest with a writable disk. Live `xl migrate` cannot run on this
 # hypervisor (24_migration_live says why), so its storage half is done by hand, exactly: `xl save -p`
 # (the source stays paused and keeps its disk), `xl rename` of the source, `xl restore -p` (the
@@ -59,13 +60,16 @@ if xenblockctl backend --help >/dev/null 2>&1; then
   without_blkback
   start_engine
   cycle engine file
-  cycle engine blockdev
+  # A check run (CI's) takes the two diagonal cases (engine + file, blkback + block device): 575 s for
+  # all four on a slow 2-core CI machine. The same-VM rule and the refusal do not depend on the
+  # consumer; the file and block-device paths each run once per consumer in a full run.
+  if full_lane; then cycle engine blockdev; fi
   engine_restore  # stops the engine (nothing of ours is attached now) and loads blkback again
   engine_pid=
 else
   say "xenblockctl has no backend command: engine cycles not run"
 fi
 modprobe xen-blkback || true
-cycle blkback file
+if full_lane; then cycle blkback file; fi
 cycle blkback blockdev
 rm -f "$mig_initrd"

@@ -3,7 +3,8 @@
 # first scenario: scenarios use the installed commands and paths, as an admin would, never the checkout's
 # Python files. The runner sets XENCI_WORK (fresh scratch dir, also the cwd), XENCI_SCENARIO,
 # XENCI_SCENARIOS (this directory), XENCI_DEB and XENCI_WHEEL (the packages built on the host for this
-# run), XENCI_MODE (the lane's job: "check", what CI runs, or "bench", the measurements too). Exit 0 = pass, 77 = skip, anything else = fail; the runner takes the reason from the last
+# run), XENCI_MODE (the lane's job: "check", what CI runs, or "full"; tests/xen/vm.py LANE_MODES).
+# Exit 0 = pass, 77 = skip, anything else = fail; the runner takes the reason from the last
 # "SKIP:" / "FAIL" line.
 set -euo pipefail
 
@@ -20,9 +21,10 @@ fail() {
 skip() { echo "SKIP: $*"; exit 77; }
 # A missing script is a broken install, never a reason to skip.
 need_script() { [ -x "$script" ] || fail "$script is missing or not executable: the package did not install it"; }
-# bench_mode: true in a bench run. The measurements (rounds, A/B boots, probes) run only then: CI's
-# check run must fit a slow 2-core machine's hour, and speed is read from benchmarks, not tests.
-bench_mode() { [ "${XENCI_MODE:-check}" = bench ]; }
+# full_lane: true in a full run. The measurements (rounds, A/B boots, probes) and the longest volumes
+# run only then: CI's check run must fit a slow 2-core machine's hour, and speed is read from
+# benchmarks, not from tests.
+full_lane() { [ "${XENCI_MODE:-check}" = full ]; }
 # Timings the lane reports but does not assert.
 metric() { echo "XENCI-METRIC: $1=$2 ${3:-}"; }
 now() { date +%s.%N; }
