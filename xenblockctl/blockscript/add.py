@@ -13,7 +13,6 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
 
 from __future__ import annotations
 
-from xenblockctl import pathsteps
 from xenblockctl.blockscript import claim, faults, handoff, sharing
 from xenblockctl.blockscript.settings import Settings
 from xenblockctl.blockscript.target import TargetSyntaxError, parse_target
@@ -118,7 +117,6 @@ def run_add(
                 publish=lambda made: store.run_transaction(lambda tx: _publish(tx, home, be, made, config)),
             )
         device, owner = claimed.device, claimed.owner
-        armed = None
         try:
             published = True
             journal.info(
@@ -126,18 +124,6 @@ def run_add(
                 DISKSEQ=device.identity.diskseq,
             )
             faults.pause(env, "add-published")
-            # a loop device blkback would hold: AUTOCLEAR off after the hand-off (autoclear.py)
-            tail = device if isinstance(device, LoopDevice) and not settings.kernel_autoclear else None
-            if (
-                tail is not None
-                and defer_autoclear
-                and pathsteps.is_dir(handoff.blkback_dir(path, env.xen_backend_bus))
-            ):
-                # blkback is bound to this backend (libxl creates it first): the AUTOCLEAR child's
-                # fork overlaps the wait for its open instead of following it (autoclear.py)
-                from xenblockctl.blockscript import autoclear
-
-                armed = autoclear.arm(be, tail, owner, settings=settings, journal=journal, env=env)
             consumer = handoff.wait_for_consumer(
                 store,
                 home=home,
@@ -149,7 +135,11 @@ def run_add(
             )
             faults.pause(env, "add-consumer-ready")
             published_owner = owner.format()
-            if tail is not None and consumer is handoff.Consumer.KERNEL:
+            if (
+                isinstance(device, LoopDevice)
+                and consumer is handoff.Consumer.KERNEL
+                and not settings.kernel_autoclear
+            ):
                 # blkback holds it now; without AUTOCLEAR off a guest reboot would detach its disk.
                 # The ioctl costs a 16-39 ms queue freeze, so a forked child does it after we exit.
                 from xenblockctl.blockscript import autoclear
@@ -157,14 +147,13 @@ def run_add(
                 autoclear.hand_off(
                     store,
                     be,
-                    tail,
+                    device,
                     owner,
                     mark_connected=lambda tx: _mark_connected(tx, be, published_owner),
                     settings=settings,
                     defer=defer_autoclear,
                     journal=journal,
                     env=env,
-                    armed=armed,
                 )
             else:
                 store.run_transaction(lambda tx: _mark_connected(tx, be, published_owner))
@@ -173,8 +162,6 @@ def run_add(
                 device.identity.physical_device, device.identity.luid, claimed.path, consumer.value
             )
         finally:
-            if armed is not None:
-                armed.disarm()  # unless handed off: its child exits, reaped, before our close below
             device.close()  # delete-on-close: the consumer's reference is what keeps it now
     except XenblockError as exc:
         report_failure(store, be, exc, withdraw=published)

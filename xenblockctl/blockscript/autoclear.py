@@ -12,16 +12,6 @@ move earlier (before blkback holds the device, AUTOCLEAR is what frees a device 
   3. forks; the child inherits the locked open file description and the loop fd, so there is no
      instant at which `remove` could act unlocked, nor at which the device has only blkback's
      reference; the parent closes its copies and returns (libxl proceeds).
-Step 3's fork is taken off the critical path where it can be (`arm`): when blkback is bound to the
-backend before the hand-off's wait begins (its xenbus device exists, as libxl's order makes it),
-`add` opens the lock file unlocked and forks the child then, while it waits for blkback's open
-(idle time: the fork and the child's exit beside `add`'s cost the kernel path 1-3 ms of a ~15 ms add
-on a loaded 2-vCPU VM, bench/README.md issue 18, poll20). The child shares the lock file's open file
-description, so step 1's flock, taken later by `add`, is held by its copy too; it waits on a pipe.
-Step 3 is then one write to that pipe ("go"), under the lock, after step 2. Closed without it
-(the engine opened instead, the add failed, or `add` was killed at any instant before it), the
-child exits at once having done nothing, AUTOCLEAR still on, and a failing `add` reaps it first, so
-its copy of the loop fd is gone before `add` reports the failure.
 The child, in its own session (libxl's kill at its timeout does not reach it), stdio on /dev/null,
 its journal lines still going to the journal:
   4. re-reads the owner record; unless it is still the one written in step 2 (a remove or a re-add
@@ -42,8 +32,7 @@ the device bound after blkback lets go. gc's own orphan-loop detach needs no loc
 devices whose AUTOCLEAR is already off, i.e. after step 5, and the child does no ioctl after it.
 
 Killed at any instant (tests/flows/test_kill.py kills at each of faults.AUTOCLEAR_POINTS):
-  * the parent, before the fork or before its "go": no child, or one that exits on the pipe's EOF
-    without an ioctl; AUTOCLEAR stays on (below);
+  * the parent, before the fork: no child; AUTOCLEAR stays on (below);
   * the child before step 5 (the one degraded case): AUTOCLEAR stays on and the record says so;
     blkback's reference governs the device, nothing leaks, but a later frontend reconnect detaches
     the guest's disk -- exactly as with kernel_autoclear=true;
@@ -63,7 +52,7 @@ import posix
 import time
 
 from xenblockctl.blockscript import faults
-from xenblockctl.blockscript.locks import device_lock, target_lock
+from xenblockctl.blockscript.locks import device_lock
 from xenblockctl.errors import XenblockError
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
@@ -98,62 +87,6 @@ class _Job:
         self.record, self.cleared = owner.format(), owner.with_autoclear(False).format()
 
 
-class Armed:
-    """A child forked ahead (`arm`), waiting for its "go"; `add` sends it (hand_off) or disarms."""
-
-    __slots__ = ("go", "lock", "pid")
-
-    def __init__(self, pid: int, go: int, lock: target_lock) -> None:
-        self.pid, self.go, self.lock = pid, go, lock
-
-    def release(self) -> None:
-        """Step 3: the child may go (the caller holds the lock and has marked the backend)."""
-        go, self.go = self.go, -1
-        try:
-            posix.write(go, b"g")
-        finally:
-            posix.close(go)
-
-    def disarm(self) -> None:
-        """Unless released: close the pipe, so the child exits without an ioctl, and reap it, so its
-        copy of the loop fd is closed when this returns. Then our copy of the lock file."""
-        if self.go >= 0:
-            go, self.go = self.go, -1
-            posix.close(go)
-            # not contextlib.suppress: contextlib is kept off the hotplug path
-            try:  # noqa: SIM105
-                posix.waitpid(self.pid, 0)
-            except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): gone all the same
-                pass
-        self.lock.__exit__()
-
-
-def arm(
-    be: str, device: LoopDevice, owner: OwnerRecord, *, settings: Settings, journal: Journal, env: Environment
-) -> Armed | None:
-    """Fork step 3's child now, before the hand-off's wait; None if fork() fails (hand_off forks
-    later, as without arming). The caller disarms it in every case (a `finally`)."""
-    ident = device.identity
-    lock = device_lock(ident.major, ident.minor, timeout=settings.lock_timeout, lock_dir=env.lock_dir)
-    lock.open()
-    go_read, go = posix.pipe()
-    try:
-        pid = posix.fork()
-    except OSError as exc:
-        journal.warning(
-            f"fork failed ({exc.strerror}): the AUTOCLEAR child is forked after the hand-off", ERRNO=exc.errno
-        )
-        for fd in (go_read, go):
-            posix.close(fd)
-        lock.__exit__()
-        return None
-    if pid == 0:
-        posix.close(go)
-        _child_main(_Job(be, device, owner, journal, env), settings, go_read)
-    posix.close(go_read)
-    return Armed(pid, go, lock)
-
-
 def hand_off(
     store: XenStore,
     be: str,
@@ -165,47 +98,33 @@ def hand_off(
     journal: Journal,
     env: Environment,
     defer: bool = True,
-    armed: Armed | None = None,
 ) -> None:
     """Steps 1-3 of the module docstring, in the `add` process. `mark_connected` writes
     hotplug-status while `owner` (autoclear=1) is the record. Returns in the parent only; if
     fork() fails, or the caller cannot leave a child behind (`defer` False: add.run_add says
-    who), the ioctl runs here, in line, as it did before the deferral. `armed`: the child `arm`
-    forked (its lock is the one taken here); the caller still disarms it afterwards."""
+    who), the ioctl runs here, in line, as it did before the deferral."""
     ident = device.identity
     job = _Job(be, device, owner, journal, env)
-    lock = (
-        armed.lock
-        if armed is not None
-        else device_lock(ident.major, ident.minor, timeout=settings.lock_timeout, lock_dir=env.lock_dir)
-    )
-    with lock:
+    with device_lock(ident.major, ident.minor, timeout=settings.lock_timeout, lock_dir=env.lock_dir):
         store.run_transaction(mark_connected)
         if not defer:
             _clear(store, job)
             return
-        if armed is not None:
-            armed.release()
-            pid = armed.pid
-        else:
-            try:
-                pid = posix.fork()
-            except OSError as exc:
-                journal.warning(
-                    f"fork failed ({exc.strerror}): turning AUTOCLEAR off in line", ERRNO=exc.errno
-                )
-                _clear(store, job)
-                return
-            if pid == 0:
-                _child_main(job, settings, -1)
+        try:
+            pid = posix.fork()
+        except OSError as exc:
+            journal.warning(f"fork failed ({exc.strerror}): turning AUTOCLEAR off in line", ERRNO=exc.errno)
+            _clear(store, job)
+            return
+        if pid == 0:
+            _child_main(job, settings)
         journal.info(f"AUTOCLEAR of loop{ident.minor} handed to child {pid}", CHILD=pid)
     # Leaving the block closed only our copy of the lock's file description: the child's copy
     # keeps the flock until it exits.
 
 
-def _child_main(job: _Job, settings: Settings, go: int) -> None:
-    """The child: never returns (posix._exit), whatever happens. `go`: the pipe an armed child
-    waits on (-1: forked at step 3, under the lock already)."""
+def _child_main(job: _Job, settings: Settings) -> None:
+    """The child: never returns (posix._exit), whatever happens."""
     journal, status = job.journal, 1
     try:
         posix.setsid()  # out of libxl's process group and session: its timeout kill is for the parent
@@ -215,9 +134,6 @@ def _child_main(job: _Job, settings: Settings, go: int) -> None:
         posix.close(null)
         journal.stderr = False
         journal.bind(CHILD=posix.getpid())
-        if go >= 0 and posix.read(go, 1) != b"g":
-            status = 0  # disarmed: the engine opened, the add failed or was killed; nothing to do
-            return
         faults.pause(job.env, "autoclear-forked")
         store = XenStore.connect(
             timeout=settings.xenstore_timeout,

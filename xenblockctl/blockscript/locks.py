@@ -33,23 +33,14 @@ class target_lock:
         self.key, self.timeout, self.lock_dir, self.holder = key, timeout, lock_dir, holder
         self.fd = -1
 
-    def open(self) -> None:
-        """Open the lock file without locking it. A process forked after this shares the open file
-        description, so the flock `__enter__` takes later is held by its copy too (the AUTOCLEAR
-        child forked ahead: blockscript/autoclear.py)."""
-        if self.fd >= 0:
-            return
+    def __enter__(self) -> None:
         # an existing non-directory: the open below refuses it (ENOTDIR)
         pathsteps.makedirs(self.lock_dir, 0o700)
-        self.fd = posix.open(
+        fd = posix.open(
             f"{self.lock_dir}/{self.key}",
             posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC | posix.O_NOFOLLOW,
             0o600,
         )
-
-    def __enter__(self) -> None:
-        self.open()
-        fd = self.fd
         try:
             deadline = time.monotonic() + self.timeout
             delay = 0.0005
@@ -65,9 +56,9 @@ class target_lock:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
         except BaseException:
-            self.fd = -1
             posix.close(fd)
             raise
+        self.fd = fd
 
     def __exit__(self, *exc_info: object) -> None:
         fd, self.fd = self.fd, -1
