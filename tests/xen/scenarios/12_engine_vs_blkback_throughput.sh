@@ -41,11 +41,12 @@ rate() {
   metric "${label}_MiBps" "${rates[$label]}" MiB/s
 }
 WORKLOADS="write_1M_nofsync write_1M_nofsync_uncached seq_write_1M seq_read_1M seq_read_4k"
-# ratios PATH: PATH / kernel blkback for each workload of one measure() (issue 20: reported, not asserted).
+# ratios PATH [BLKBACK [WORKLOADS]]: PATH / kernel blkback (rates[BLKBACK_*], default its medians) for
+# each workload of one measure() (or WORKLOADS) (issue 20: reported, not asserted).
 ratios() {
-  local w
-  for w in $WORKLOADS; do
-    metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[blkback_$w]:-0}" \
+  local w base=${2:-blkback}
+  for w in ${3:-$WORKLOADS}; do
+    metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[${base}_$w]:-0}" \
       'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
   done
 }
@@ -172,7 +173,7 @@ measure() {
 # verify LABEL: a check run's workload: a fresh 32 MiB pattern (so a row that wrote nothing cannot pass
 # on the row before it) written through /dev/xvdb with 1 MiB O_DIRECT writes and a flush, read back
 # with 1 MiB direct reads, then its first 4 MiB with 4 KiB reads (one segment per request). Each is
-# timed as it runs anyway: one round's rates and ratios to blkback's (check_ratios), not the medians.
+# timed as it runs anyway: one round's rates and ratios to blkback's, not the medians.
 CHECKS="write_1M_fsync read_1M read_4k"
 verify() {
   local dev=/dev/xvdb pat=$XENCI_WORK/verify.pattern sums=$XENCI_WORK/readback.md5
@@ -189,14 +190,6 @@ verify() {
 }
 # readback DEV BS COUNT SKIP OUT: the md5 of COUNT direct reads of BS from DEV at SKIP, into OUT.
 readback() { dd if="$1" bs="$2" count="$3" skip="$4" iflag=direct status=none | md5sum > "$5"; }
-# check_ratios LABEL: a check run's LABEL / kernel blkback (its one round) for verify's workloads.
-check_ratios() {
-  local w
-  for w in $CHECKS; do
-    metric "${1}_over_blkback_${w}" "$(awk -v a="${rates[${1}_$w]:-0}" -v b="${rates[blkback_r1_$w]:-0}" \
-      'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
-  done
-}
 
 attach() {
   xl block-attach 0 "$(disk_spec xvdb rw "$img" "$script")" || fail "xl block-attach ($1) exited $?"
@@ -278,7 +271,7 @@ engine_row() {
   attach "$label"
   "$workload" "$measured"
   if ! full_lane; then
-    check_ratios "$measured"
+    ratios "$measured" blkback_r1 "$CHECKS"  # a check run's one round
   elif [ "$measured" = "$label" ]; then
     ratios "$label"
   fi
