@@ -141,6 +141,13 @@ build_dd_initrd() {
   cp "$script" "$root/etc/xen/scripts/block-xenblockctl"
   cp "$script.py" "$root/etc/xen/scripts/block-xenblockctl.py"
   chmod 0755 "$root/etc/xen/scripts/block-xenblockctl" "$root/etc/xen/scripts/block-xenblockctl.py"
+  # and the hotplug bundle the package's postinst writes (debian/xenblockctl.postinst): without it
+  # the driver domain's first two adds each compile the whole hotplug graph to write one, at once on
+  # its one vCPU, and ran past libxl's 40 s on a slow host (stop 37, ci31: python still running at
+  # 20 s, reading our sources)
+  [ -f /var/cache/xenblockctl/hotplug.bundle ] || fail "dom0 has no /var/cache/xenblockctl/hotplug.bundle: the postinst wrote none"
+  mkdir -p "$root/var/cache/xenblockctl"
+  cp -p /var/cache/xenblockctl/hotplug.bundle "$root/var/cache/xenblockctl/"
   mods=$(readlink -f $(cat "$root/modules.order"))
   dd_files "$mods" "$xl" "$python" > "$XENCI_WORK/dd-files"
   say "dd initrd: $(wc -l < "$XENCI_WORK/dd-files") paths from dom0, $(wc -l < "$root/modules.order") modules ($(elapsed "$t0") s)"
