@@ -11,9 +11,10 @@
 # (`engine_python_*`, issue 20), grant copy, --workers 2 and --ring-groups run once.
 # Two jobs (lib.sh's full_lane). A check run (CI) writes a fresh pattern through every path and row
 # once and reads it back (1 MiB and 4 KiB direct reads): each engine variant serves real blkfront and
-# keeps the data; those I/Os' rates and ratios to blkback are reported (one round). A full run (XENBLOCKCTL_XEN_LANE=full) also runs the rounds, the probes and every
-# rate and ratio above: 1011 s alone on a quiet but slow host (2026-12-06), past 1200 s loaded, which
-# took CI's lane past its hour (stop 37).
+# keeps the data; those I/Os' rates and ratios to blkback are reported (one round). A full run
+# (XENBLOCKCTL_XEN_LANE=full) also runs the rounds, the probes and every rate and ratio above: 1011 s
+# alone on a quiet but slow host (2026-12-06), past 1200 s loaded, which took CI's lane past its hour
+# (stop 37).
 # xenci-timeout: 600
 # xenci-full-timeout: 1800
 . "$XENCI_SCENARIOS/lib.sh"
@@ -313,7 +314,7 @@ check_workers() {
   grep -q 'worker process(es) serve the queues' "$engine_log" || fail "--workers 2 started no worker"
 }
 
-# The probes of a bench run (no engine, no blkfront: the costs under them).
+# The probes of a full run (no engine, no blkfront: the costs under them).
 probes() {
 # Issue 20: what O_DIRECT costs in this dom0 by itself (no grants, no engine): 32 MiB of 1 MiB
 # writes + fsync through a plain loop device, buffered and with O_DIRECT from an ordinary buffer,

@@ -99,22 +99,26 @@ say "bystander (domain $by_domid) reads and writes: $(by_count) rounds"
 # A full run plays domu/hostile.init's 16 cases. A check run (CI's) plays one bad value per node, each
 # kind of bad value at least once: 8 cases (each ~21 s under TCG: the 16 took 335 s of a slow 2-core
 # CI machine's hour; the host's fuzz tests feed every node every kind).
-ho_init=$XENCI_SCENARIOS/domu/hostile.init
+ho_init=$XENCI_SCENARIOS/domu/hostile.init check_cases=
 if ! full_lane; then
   ho_init=$XENCI_WORK/hostile-check.init
-  python3 - "$XENCI_SCENARIOS/domu/hostile.init" "$ho_init" <<'EOF' || fail "cannot write the check run's cases"
-import re, sys
-cases = ("state=BIG ring-ref=AR3 event-channel=NEG ring-page-order=U32P1 ring-ref0=SUP2 protocol=JUNK"
-         " feature-persistent=SUP2 multi-queue-num-queues=AR3")
-text, n = re.subn(r'^CASES="[^"]*"', f'CASES="{cases}"', open(sys.argv[1]).read(), count=1, flags=re.M)
-if n != 1:
-    sys.exit("hostile.init has no CASES=\"...\" to replace")
-open(sys.argv[2], "w").write(text)
-EOF
+  check_cases="state=BIG ring-ref=AR3 event-channel=NEG ring-page-order=U32P1 ring-ref0=SUP2 protocol=JUNK
+feature-persistent=SUP2 multi-queue-num-queues=AR3"
 fi
-# one case per disk: as many as the init's CASES (each word is node=VALUE)
-NCASES=$(python3 -c 'import re, sys; print(len(re.search(r"^CASES=\"([^\"]*)\"", open(sys.argv[1]).read(), re.M)[1].split()))' "$ho_init") \
-  || fail "cannot count the cases of $ho_init"
+# One case per disk: NCASES is the number of the cases played (each word of CASES is node=VALUE); a
+# check run's init is hostile.init with its CASES replaced.
+NCASES=$(python3 - "$XENCI_SCENARIOS/domu/hostile.init" "$ho_init" "$check_cases" <<'EOF'
+import re, sys
+source, init, cases = sys.argv[1:]
+text = open(source).read()
+found = re.search(r'^CASES="([^"]*)"', text, re.M)
+if found is None:
+    sys.exit("hostile.init has no CASES=\"...\"")
+if cases:
+    open(init, "w").write(text[: found.start(1)] + cases + text[found.end(1) :])
+print(len((cases or found[1]).split()))
+EOF
+) || fail "cannot take the cases from hostile.init"
 ho_initrd=$XENCI_WORK/hostile-initrd.gz
 build_domu_initrd "$ho_initrd" "$ho_init"
 letters=abcdefghijklmnop
