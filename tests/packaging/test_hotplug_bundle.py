@@ -10,12 +10,14 @@ own trace (PYTHONVERBOSE names each module's loader), not from timing."""
 from __future__ import annotations
 
 import ast
+import fcntl
 import importlib.util
 import marshal
 import os
 import shutil
 import signal
 import subprocess
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -287,7 +289,92 @@ def test_remove_unmarshals_only_its_own_section(laid: Laid) -> None:
     add = run(laid, "add")
     assert add.returncode == 1, add.stderr[-2000:]
     assert not add.from_bundle
-    logged_once(add, "hotplug bundle written")
+    finished(writer_of(add))
+    assert "xenblockctl.blockscript.hotplug" in run(laid, "add").from_bundle
+
+
+def writer_of(ran: Ran) -> int:
+    """The pid of the background writer an add's or a remove's miss started (its one log line)."""
+    logged_once(ran, "normal imports; writer ")
+    return int(ran.log[0].split("writer ")[1].split()[0])
+
+
+def policy(pid: int) -> int | None:
+    """The scheduling policy of `pid` (/proc/PID/stat field 41), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else int(fields[38])
+
+
+def finished(pid: int, timeout: float = 60) -> None:
+    """Wait for a writer (not our child: the script that started it has exited) to be gone."""
+    deadline = time.monotonic() + timeout
+    while policy(pid) is not None:
+        assert time.monotonic() < deadline, f"writer {pid} still running after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("action", ["add", "remove"])
+def test_an_add_or_remove_miss_imports_normally_and_leaves_the_writing_to_an_idle_writer(
+    laid: Laid, action: str
+) -> None:
+    """An add and a remove are on libxl's critical path (40 s, then SIGKILL): on a miss they import
+    normally and a writer of their own session compiles the bundle at SCHED_IDLE, after them
+    (two first adds each compiling the graph ran past libxl's timeout on a driver domain's one
+    vCPU: scenario 21, stop 37). The run compiles nothing (no ast, no writer's code) and does not
+    wait for the writer: its stderr pipe is not the writer's."""
+    ran = run(laid, action)
+    assert ran.returncode == 1, ran.stderr[-2000:]
+    assert "xenbus-path-invalid" in ran.stderr, "the action ran"
+    assert not ran.from_bundle
+    assert "import 'ast'" not in ran.stderr, "nothing was compiled on the action's path"
+    pid = writer_of(ran)
+    assert "FileNotFoundError" in ran.log[0], "the reason it was not used"
+    seen = set()
+    while (now := policy(pid)) is not None:
+        seen.add(now)
+    assert os.SCHED_IDLE in seen, f"the writer ran with policies {seen}"
+    assert not (laid.cache / f".{bundle.NAME}.{pid}.tmp").exists()
+    used = run(laid, action)
+    assert used.log == [], "a good bundle is used silently"
+    assert "xenblockctl.blockscript.hotplug" in used.from_bundle
+
+
+def test_one_writer_at_a_time(laid: Laid) -> None:
+    """The writers' lock: a background writer leaves the bundle to one already at it (exit 1,
+    logged), `--write-bundle` (install-hooks, the postinst) waits for it and then writes."""
+    laid.cache.mkdir(mode=0o755)
+    lock = os.open(laid.cache, os.O_RDONLY | os.O_DIRECTORY)  # the writers' lock: the directory
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        renew = run(laid, bundle.RENEW)
+        assert renew.returncode == bundle.UNWRITTEN, renew.stderr[-2000:]
+        held = f"another writer holds the lock on {laid.cache}"
+        assert renew.log == [f"block-xenblockctl: hotplug bundle not written here: {held}"]
+        assert not laid.bundle.exists()
+        waiting = subprocess.Popen(
+            [str(laid.script), bundle.WRITE],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                waiting.wait(timeout=1.5)
+        except BaseException:
+            waiting.kill()
+            waiting.wait()
+            raise
+    finally:
+        os.close(lock)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == bundle.WRITTEN, err
+    assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
 
 
 def _held(laid: Laid) -> list[list[str]]:

@@ -24,11 +24,15 @@ path would not import anyway (os, sys, marshal), and holds nothing but the forma
 its code is unmarshalled at every start. The writer (blockscript/bundlewriter.py) is imported on
 a miss only.
 
-Who writes it: the script on a miss, like a .pyc, before its action runs (so the bundle holds
-exactly the closure of ROOTS, whatever the run's action or target kind); and `install-hooks`
-(the script's `--write-bundle`), so the first VM start is fast. It is written to a temporary name
-in its directory and renamed over, so no reader sees half of one. Failing to write is not the
-action's failure: it is logged with its reason and the action goes on."""
+Who writes it: `install-hooks` and the .deb's postinst (the script's `--write-bundle`), so the
+first VM start is fast; and, after a miss, a writer the script starts in the background (its
+`--renew-bundle`, bundlewriter.renew_later), never the add or remove itself: compiling the graph
+costs far more than the whole action (on one TCG vCPU two concurrent first adds each compiling it
+ran past libxl's 40 s: scenario 21, stop 37). The writer is a fresh process, so the bundle holds
+exactly the closure of ROOTS whatever the run's action or target kind, runs at SCHED_IDLE, and only
+one writes at a time (a lock in the directory). It writes to a temporary name in the directory and
+renames it over, so no reader sees half of one. Failing to write is never an action's failure: it
+is logged with its reason and the actions import normally."""
 
 # No `from __future__ import annotations` here (annotations naming typing-only names are quoted):
 # the laid script imports this module normally, and it would be the only one to load __future__
@@ -89,9 +93,11 @@ FORMAT = b"xenblockctl-bundle 6 "
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
 IDENTIFIER = "block-xenblockctl"
-#: The script's `--write-bundle` (install-hooks) exits with: the bundle was good and used,
-#: a fresh one was written, none could be written (the reason is logged).
+#: The script's `--write-bundle` (install-hooks, postinst: waits for a writer already at it) and
+#: `--renew-bundle` (the writer a miss starts: leaves it to one already at it) exit with: the
+#: bundle was good and used, a fresh one was written, none was written (the reason is logged).
 USED, WRITTEN, UNWRITTEN = 0, 3, 1
+WRITE, RENEW = "--write-bundle", "--renew-bundle"
 
 if TYPE_CHECKING:
     #: (code, is package, source, .pyc path, the built-in modules its body imports at its top level)
@@ -348,8 +354,9 @@ def parts(
 
 
 def start(directory: str, packages: str, argv: "Sequence[str]") -> None:
-    """The laid script's first step: use the bundle, or import normally and write a fresh one.
-    With `--write-bundle` (install-hooks) the process ends here, its status saying which."""
+    """The laid script's first step: use the bundle, or import normally and have a fresh one
+    written (by a background writer for an add or a remove, which are on libxl's critical path;
+    here for anything else). With WRITE or RENEW the process ends here, its status saying which."""
     action = argv[1] if len(argv) == 2 else None
     why = use(directory, packages, action)
     if why is None and action in ("add", "remove"):
@@ -357,9 +364,12 @@ def start(directory: str, packages: str, argv: "Sequence[str]") -> None:
         preload(skip=REMOVE_ROOTS[-1] if action == "add" else None)
     written = False
     if why is not None:
-        from xenblockctl.blockscript.bundlewriter import renew  # the writer: only on a miss
+        from xenblockctl.blockscript import bundlewriter  # the writer: only on a miss
 
-        written = renew(directory, packages, why)
-    if action == "--write-bundle":
+        if action in ("add", "remove"):
+            bundlewriter.renew_later(directory, argv[0], action, why)
+        else:
+            written = bundlewriter.renew(directory, packages, why, background=action == RENEW)
+    if action in (WRITE, RENEW):
         sys.stderr.flush()
         posix._exit(USED if why is None else WRITTEN if written else UNWRITTEN)

@@ -1,15 +1,27 @@
 """Writing the hotplug bundle (xenblockctl/blockscript/bundle.py: its format, its reader).
 
-A miss of the laid block script (bundle.start), `install-hooks` (the script's `--write-bundle`) and
-the .deb's postinst write it; a start that uses the bundle never imports this module. It is apart
-from the reader because the reader is imported from its file at every start and its .pyc is
-unmarshalled each time: the writer was ~60 % of that code (bench/README.md, issue 18 round 7)."""
+`install-hooks` and the .deb's postinst (the script's `--write-bundle`), and the background writer
+a missing or stale bundle starts (`--renew-bundle`, renew_later) write it; a start that uses the
+bundle never imports this module. It is apart from the reader because the reader is imported from
+its file at every start and its .pyc is unmarshalled each time: the writer was ~60 % of that code
+(bench/README.md, issue 18 round 7)."""
 
+import errno
+import fcntl
 import marshal
 import os
+import stat
 import sys
 
-from xenblockctl.blockscript.bundle import FORMAT, IDENTIFIER, LATER_ROOTS, NAME, REMOVE_ROOTS, ROOTS
+from xenblockctl.blockscript.bundle import (
+    FORMAT,
+    IDENTIFIER,
+    LATER_ROOTS,
+    NAME,
+    REMOVE_ROOTS,
+    RENEW,
+    ROOTS,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotplug path)
 if TYPE_CHECKING:
@@ -161,12 +173,31 @@ def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
     return len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
-def write(directory: str, packages: str) -> int:
+def write(directory: str, packages: str, *, wait: bool = True) -> int | None:
     """Write the bundle of ROOTS' and LATER_ROOTS' closure from `packages` into `directory`,
-    atomically; returns the number of modules. Raises Refused or OSError/ValueError."""
+    atomically; returns the number of modules, or None if another writer holds the lock and
+    `wait` is False (it writes the same bundle). Raises Refused or OSError/ValueError."""
+    trusted_dir(directory)
+    # The writers' lock is a flock on the directory itself (no lock file to leave behind in a
+    # cache install-hooks lays and a package removes). A plain flock, not locks.target_lock: this
+    # process imports nothing of ours before collect(), which takes each section from the order
+    # sys.modules gained our modules in. Held until this returns (the kernel drops a dead writer's).
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        return _write_locked(directory, packages)
+    finally:
+        os.close(fd)
+
+
+def _write_locked(directory: str, packages: str) -> int:
     from _frozen_importlib_external import MAGIC_NUMBER
 
-    trusted_dir(directory)
     sections = collect(packages)
     data = FORMAT + MAGIC_NUMBER + encode(packages, sections)
     target = os.path.join(directory, NAME)
@@ -211,11 +242,21 @@ def _sweep(directory: str) -> None:
                 pass  # alive (EPERM: someone else's): leave it
 
 
-def renew(directory: str, packages: str, reason: str) -> bool:
-    """The laid script's miss: write a fresh bundle, log what happened; never raises (the attach goes
-    on with normal imports). True if a bundle was written."""
+def renew(directory: str, packages: str, reason: str, *, background: bool = False) -> bool:
+    """A miss outside add and remove: write a fresh bundle, log what happened; never raises (the
+    process goes on with normal imports). True if a bundle was written. `background`: this is the
+    writer an add's or a remove's miss started (renew_later), at the lowest CPU priority, and one
+    already writing is left to it; otherwise (install-hooks, the postinst) it is waited for."""
+    refused: OSError | None = None
+    if background:
+        try:
+            # SCHED_IDLE: the compile runs only on CPU no add or guest wants (one vCPU of a small
+            # driver domain is all its adds have); dropping one's own priority needs no privilege
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            refused = exc  # logged after collect (_journal says why)
     try:
-        count = write(directory, packages)
+        count = write(directory, packages, wait=not background)
     except Refused as exc:
         journal = _journal()
         journal.warning(f"hotplug bundle refused, not written: {exc}; normal imports", CODE="bundle-refused")
@@ -228,10 +269,46 @@ def renew(directory: str, packages: str, reason: str) -> bool:
             CODE="bundle-unwritable",
         )
         return False
+    if refused is not None:
+        _journal().warning(f"hotplug bundle writer ran at normal priority: SCHED_IDLE refused: {refused}")
+    if count is None:
+        _journal().info(f"hotplug bundle not written here: another writer holds the lock on {directory}")
+        return False
     _journal().info(
         f"hotplug bundle written: {count} modules in {directory}/{NAME} (it was not used: {reason})"
     )
     return True
+
+
+def renew_later(directory: str, script: str, action: str, reason: str) -> None:
+    """An add's or a remove's miss: start `script RENEW` (the laid script, run as libxl runs it)
+    in a session of its own, and return at once; this run imports normally. The writer outlives
+    this process (libxl's timeout kill is for this one); its stdin and stdout are /dev/null, and
+    so is its stderr if that is a pipe or a socket (libxl and tests read the script's output to
+    its end, which must not wait for the writer); a console or a file keeps its lines. Never
+    raises: a writer that cannot start is logged, and the next miss tries again."""
+    journal = _journal()
+    null = os.devnull
+    actions = [(os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0), (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0)]
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:
+        mode = stat.S_IFIFO  # no stderr: nothing to keep
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        actions.append((os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0))
+    try:
+        pid = os.posix_spawn(script, [script, RENEW], os.environ, file_actions=actions, setsid=True)
+    except OSError as exc:
+        journal.warning(
+            f"hotplug bundle not used ({reason}): normal imports; its writer did not start: "
+            f"{script} {RENEW}: {exc}",
+            CODE="bundle-unwritable",
+        )
+        return
+    journal.info(
+        f"hotplug bundle not used ({reason}): normal imports; writer {pid} writes a fresh one, "
+        f"off this {action}'s path"
+    )
 
 
 def _journal() -> "Journal":
