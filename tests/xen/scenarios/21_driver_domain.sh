@@ -198,6 +198,24 @@ ask() {
     sleep 0.2
   done
 }
+# dd_adds LABEL FROM: the driver domain's adds after line FROM of its console, timed by its own clock
+# (driverdomain.init stamps devd's output with its uptime): from libxl's first "calling hotplug
+# script ... add" to the last "handed to", the time the guest's adds took together (libxl kills each
+# at 40 s; stop 37's CI saw both killed).
+dd_adds() {
+  local span
+  span=$(tail -n "+$(($2 + 1))" "$dd_console" 2>/dev/null | awk '
+    /calling hotplug script: .* add/ { t = substr($1, 2) + 0; if (!n || t < s) s = t; n++ }
+    /handed to/ { t = substr($1, 2) + 0; if (t > e) e = t; h++ }
+    END { if (n && h) printf "%.2f %d %d", e - s, n, h }')
+  if [ -z "$span" ]; then
+    say "$1: no timed adds on the driver domain's console"
+    return 0
+  fi
+  set -- "$1" $span
+  say "$1: $3 adds called, $4 handed over, $2 s from the first call to the last hand-over (the driver domain's clock)"
+  metric "$1_dd_adds_s" "$2" s
+}
 removes_seen() { grep -c 'removed (' "$dd_console" 2>/dev/null || true; }
 # dd_clean LABEL REMOVES_BEFORE N: our remove ran N more times in the driver domain, no backend of it
 # is left and no loop device stays bound there.
@@ -219,7 +237,7 @@ devid_of() {  # xvdb -> 51728
 
 # --- one consumer --------------------------------------------------------------------------------------------
 guest_with_dd_disks() {
-  local consumer=$1 token="tok$RANDOM$RANDOM" ro_sum t before reply
+  local consumer=$1 token="tok$RANDOM$RANDOM" ro_sum t before reply lines
   ask "$dd_id" md5 ro
   ro_sum=$answer
   before=$(removes_seen)
@@ -237,11 +255,13 @@ on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
 CFG
+  lines=$(wc -l < "$dd_console" 2>/dev/null || echo 0)
   t=$(now)
   xl create "$XENCI_WORK/guest.cfg" || fail "$consumer: xl create of the guest exited $?"
   metric "${consumer}_guest_create_xl_s" "$(elapsed "$t")" s
   wait_for "$consumer: guest $guest to finish" 180 bash -c "! xl domid $guest >/dev/null 2>&1"
   metric "${consumer}_guest_create_to_gone_s" "$(elapsed "$t")" s
+  dd_adds "${consumer}_guest" "$lines"
   grep 'DOMU:' "$DOMU_CONSOLE_DIR/guest-$guest.log" 2>/dev/null || true
   dd_clean "$consumer guest" "$before" 2
   ask "$dd_id" sector rw 300
