@@ -212,9 +212,11 @@ dd_adds() {
     say "$1: no timed adds on the driver domain's console"
     return 0
   fi
-  set -- "$1" $span
+  set -- "$1" $span "$2"
   say "$1: $3 adds called, $4 handed over, $2 s from the first call to the last hand-over (the driver domain's clock)"
   metric "$1_dd_adds_s" "$2" s
+  # whether they ran from the hotplug bundle dom0's postinst wrote (a miss is logged with its reason)
+  tail -n "+$(($5 + 1))" "$dd_console" 2>/dev/null | grep -F 'hotplug bundle' | head -n 4 || true
 }
 removes_seen() { grep -c 'removed (' "$dd_console" 2>/dev/null || true; }
 # dd_clean LABEL REMOVES_BEFORE N: our remove ran N more times in the driver domain, no backend of it
