@@ -26,6 +26,7 @@ dd_console=$DOMU_CONSOLE_DIR/guest-$dd_name.log
 dd_id=
 attach_id=
 cleanup() {
+  unwatch_dd
   xl destroy "$guest" 2>/dev/null || true
   xl destroy "$attach_guest" 2>/dev/null || true
   xl destroy "$dd_name" 2>/dev/null || true
@@ -198,25 +199,37 @@ ask() {
     sleep 0.2
   done
 }
-# dd_adds LABEL FROM: the driver domain's adds after line FROM of its console, timed by its own clock
-# (driverdomain.init stamps devd's output with its uptime): from libxl's first "calling hotplug
-# script ... add" to the last "handed to", the time the guest's adds took together (libxl kills each
-# at 40 s; stop 37's CI saw both killed).
+# watch_dd FILE: every change under the driver domain's backend/vbd, stamped with dom0's clock, into
+# FILE until unwatch_dd. Timed from dom0, not in the driver domain: a stamping loop there read devd's
+# output a byte per syscall on its one vCPU, the vCPU the adds being timed need.
+watcher=
+watch_dd() {
+  # the stamping loop ends at EOF, when unwatch_dd has killed xenstore-watch
+  xenstore-watch "/local/domain/$dd_id/backend/vbd" > >(while IFS= read -r path; do echo "$EPOCHREALTIME $path"; done > "$1") &
+  watcher=$!
+}
+unwatch_dd() {
+  if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; fi
+  watcher=
+}
+# dd_adds LABEL FILE: from the first change of the guest's backends (dom0's libxl creating them) to
+# the last hotplug-status (the driver domain's libxl, once our add exited), by dom0's clock: the time
+# the guest's adds took together (libxl kills each at 40 s; stop 37's CI saw both killed).
 dd_adds() {
   local span
-  span=$(tail -n "+$(($2 + 1))" "$dd_console" 2>/dev/null | awk '
-    /calling hotplug script: .* add/ { t = substr($1, 2) + 0; if (!n || t < s) s = t; n++ }
-    /handed to/ { t = substr($1, 2) + 0; if (t > e) e = t; h++ }
-    END { if (n && h) printf "%.2f %d %d", e - s, n, h }')
+  span=$(awk -v root="/local/domain/$dd_id/backend/vbd" '
+    $2 == root { next }  # the watch firing once when it is set
+    !s { s = $1 }
+    $2 ~ /\/hotplug-status$/ { e = $1; n++ }
+    $2 ~ /\/physical-device$/ { p++ }
+    END { if (n) printf "%.2f %d %d", e - s, n, p }' "$2" 2>/dev/null)
   if [ -z "$span" ]; then
-    say "$1: no timed adds on the driver domain's console"
+    say "$1: no hotplug-status written under the driver domain's backends"
     return 0
   fi
-  set -- "$1" $span "$2"
-  say "$1: $3 adds called, $4 handed over, $2 s from the first call to the last hand-over (the driver domain's clock)"
+  set -- "$1" $span
+  say "$1: $3 hotplug-status and $4 physical-device writes, $2 s from the first backend node to the last hotplug-status"
   metric "$1_dd_adds_s" "$2" s
-  # whether they ran from the hotplug bundle dom0's postinst wrote (a miss is logged with its reason)
-  tail -n "+$(($5 + 1))" "$dd_console" 2>/dev/null | grep -F 'hotplug bundle' | head -n 4 || true
 }
 removes_seen() { grep -c 'removed (' "$dd_console" 2>/dev/null || true; }
 # dd_clean LABEL REMOVES_BEFORE N: our remove ran N more times in the driver domain, no backend of it
@@ -239,7 +252,7 @@ devid_of() {  # xvdb -> 51728
 
 # --- one consumer --------------------------------------------------------------------------------------------
 guest_with_dd_disks() {
-  local consumer=$1 token="tok$RANDOM$RANDOM" ro_sum t before reply lines
+  local consumer=$1 token="tok$RANDOM$RANDOM" ro_sum t before reply
   ask "$dd_id" md5 ro
   ro_sum=$answer
   before=$(removes_seen)
@@ -257,13 +270,16 @@ on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
 CFG
-  lines=$(wc -l < "$dd_console" 2>/dev/null || echo 0)
+  watch_dd "$XENCI_WORK/$consumer-watch.log"
   t=$(now)
   xl create "$XENCI_WORK/guest.cfg" || fail "$consumer: xl create of the guest exited $?"
   metric "${consumer}_guest_create_xl_s" "$(elapsed "$t")" s
   wait_for "$consumer: guest $guest to finish" 180 bash -c "! xl domid $guest >/dev/null 2>&1"
   metric "${consumer}_guest_create_to_gone_s" "$(elapsed "$t")" s
-  dd_adds "${consumer}_guest" "$lines"
+  unwatch_dd
+  dd_adds "${consumer}_guest" "$XENCI_WORK/$consumer-watch.log"
+  # whether the adds ran from the hotplug bundle dom0's postinst wrote (a miss is logged with why)
+  grep -F 'hotplug bundle' "$dd_console" | tail -n 4 || true
   grep 'DOMU:' "$DOMU_CONSOLE_DIR/guest-$guest.log" 2>/dev/null || true
   dd_clean "$consumer guest" "$before" 2
   ask "$dd_id" sector rw 300
