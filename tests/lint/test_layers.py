@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "xenblockctl"
 
 # Each layer may import what the one below it may, plus that layer: spelling the sets out in
 # full repeated the whole stack at every level and hid what each level adds.
-#: the hotplug path's NamedTuple and enums (built without typing, exec or enum) and its path steps
-#: without os: leaves every layer may use
-_LEAVES = {"errors", "records", "enums", "pathsteps"}
+#: the hotplug path's NamedTuple and enums (built without typing, exec or enum), its path steps
+#: without os and its retry jitter: leaves every layer may use
+_LEAVES = {"errors", "records", "enums", "pathsteps", "backoff"}
 #: what the engine and the block script share: the bottom layers and the process plumbing
 _SERVICES = _LEAVES | {"kernel", "xenstore", "nbd", "config", "environment", "journal"}
 _TOOLSTACK = _SERVICES | {"blockscript"}
@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "records": set(),
     "enums": set(),
     "pathsteps": set(),
+    "backoff": set(),
     "kernel": _LEAVES,
     "xenstore": _LEAVES,
     "nbd": _LEAVES,

@@ -13,6 +13,7 @@ import fcntl
 import posix
 import time
 
+from xenblockctl import backoff
 from xenblockctl.enums import Enum
 from xenblockctl.kernel.blockdev import (
     UNSUPPORTED_ERRNOS,
@@ -81,9 +82,7 @@ class RetryPolicy(NamedTuple):
     max_delay: float = 0.02
 
     def delay(self, attempt: int) -> float:
-        # os.urandom, not `random` (1.2 ms of imports: warnings, operator, bisect, math)
-        fraction = int.from_bytes(posix.urandom(2), "little") / 65536
-        return fraction * min(self.max_delay, self.base_delay * (2.0 ** min(attempt, 16)))
+        return backoff.fraction() * min(self.max_delay, self.base_delay * (2.0 ** min(attempt, 16)))
 
 
 DEFAULT_RETRY = RetryPolicy()

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import _thread
 import errno
-import posix
 import time
 
+from xenblockctl import backoff
 from xenblockctl.xenstore import wire
 from xenblockctl.xenstore.endpoints import Endpoint, connect_first, default_endpoints, endpoint_for
 from xenblockctl.xenstore.errors import (
@@ -711,9 +711,7 @@ class XenStore(_Operations):
                     # A conflict is another transaction's commit (progress): the first retry goes at
                     # once, as the floor script's do (bench/README.md, issue 18's parallel adds).
                     continue
-                # jitter from os.urandom, not `random` (1.2 ms of imports on the block script's path)
-                fraction = int.from_bytes(posix.urandom(2), "little") / 65536
-                pause = fraction * min(_BACKOFF_CAP, _BACKOFF_FIRST * 2.0**attempt)
+                pause = backoff.fraction() * min(_BACKOFF_CAP, _BACKOFF_FIRST * 2.0**attempt)
                 if self.deadline is not None:
                     pause = min(pause, max(0.0, self.deadline - time.monotonic()))
                 time.sleep(pause)
