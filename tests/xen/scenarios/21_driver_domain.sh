@@ -278,8 +278,9 @@ CFG
   metric "${consumer}_guest_create_to_gone_s" "$(elapsed "$t")" s
   unwatch_dd
   dd_adds "${consumer}_guest" "$XENCI_WORK/$consumer-watch.log"
-  # whether the adds ran from the hotplug bundle dom0's postinst wrote (a miss is logged with why)
-  grep -F 'hotplug bundle' "$dd_console" | tail -n 4 || true
+  # whether the adds ran from the hotplug bundle dom0's postinst wrote (a miss is logged with why),
+  # and the driver domain's random pool (driverdomain.init logs it until it is initialised)
+  grep -F -e 'hotplug bundle' -e 'random pool' "$dd_console" | tail -n 6 || true
   grep 'DOMU:' "$DOMU_CONSOLE_DIR/guest-$guest.log" 2>/dev/null || true
   dd_clean "$consumer guest" "$before" 2
   ask "$dd_id" sector rw 300
