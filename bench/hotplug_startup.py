@@ -15,6 +15,8 @@ and CPU time of the child):
     nothing of add's), for this checkout and, with `--baseline`, for another one in the same loop;
   * the same through this checkout's laid script with its hotplug bundle (blockscript/bundle.py):
     the laid script's own lines up to its import of main, then the action's imports, os._exit;
+    and `add` on a miss (its bundle directory removed before each run: what a first add after an
+    upgrade pays; the writer it starts is waited for outside the time), here and for --baseline;
 then the syscalls of one run of the bare interpreter and of the imports (strace -f -c), then the
 slowest imports of one run (`python -S -X importtime`, site's own imports left out).
 
@@ -31,6 +33,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import percentile, row, run_once
@@ -64,8 +67,11 @@ def bundled_script(
     `os` was ~1 ms of them until issue 18 round 10) to the end of the imports: the import
     segment alone, without the interpreter's start-up, whose noise hides a 1 ms change on a
     loaded host.
-    `with_bundle=False`: the same script with no bundle directory (the loader skipped)."""
-    cache = work / f"cache-{len(list(work.iterdir()))}"  # one per checkout: never each other's bundle
+    `with_bundle=False`: the same script with no bundle directory (the loader skipped). Its
+    bundle directory is cache_of(script), one per script: never another's bundle."""
+    number = len(list(work.iterdir()))
+    script = work / f"{number}.py"
+    cache = cache_of(script)
     where = hostfiles.local_layout()._replace(python=py, packages=str(checkout), cache_dir=str(cache))
     laid = hostfiles.block_script((checkout / "hotplug" / hostfiles.SCRIPT_NAME).read_text(), where)
     begin = laid.index("\nimport gc") + 1
@@ -79,11 +85,11 @@ def bundled_script(
         if named not in head:
             raise SystemExit(f"the laid script does not name its bundle directory as {named!r} …")
         head = head.replace(named, "_bundle_dir = None and")
-    script = work / f"{len(list(work.iterdir()))}.py"
     # posix: the laid where-lines import it (the script itself no longer imports os)
     script.write_text(
         f"{head}{imports}\nposix.write(1, b'%d' % (time.thread_time_ns() - _t0))\nposix._exit(0)\n"
     )
+    script.chmod(0o755)  # a miss starts it as the bundle's writer, as libxl starts a laid script
     if not with_bundle:
         return script
     wrote = subprocess.run(
@@ -97,10 +103,27 @@ def bundled_script(
     return script
 
 
+def cache_of(script: Path) -> Path:
+    """The bundle directory of a script bundled_script wrote."""
+    return script.with_name(f"{script.stem}-cache")
+
+
+def _writer_done(stderr: str) -> None:
+    """Wait for the bundle writer a miss started (its pid in the script's log line), so that it
+    never competes with the next case; a script that compiled in line started none."""
+    for line in stderr.splitlines():
+        if "normal imports; writer " in line:
+            proc = Path(f"/proc/{int(line.split('writer ')[1].split()[0])}/stat")
+            while proc.exists() and proc.read_text().rpartition(")")[2].split()[0] != "Z":
+                time.sleep(0.005)
+
+
 def segments(py: str, runs: int, env: dict[str, str], baseline: Path | None = None) -> None:
     """The import segment's thread CPU time (bundled_script), each action with and without its
     bundle, and with `baseline` that checkout's laid script with its bundle; fresh processes,
-    interleaved."""
+    interleaved. "miss": `add` with its bundle directory removed before each run, as after an
+    upgrade without the postinst (a writer it starts is waited for after the run, outside the
+    time: what is timed is what the add itself pays on libxl's path)."""
     work = Path(tempfile.mkdtemp(prefix="xbc-segment-"))
     try:
         cases = {
@@ -117,14 +140,20 @@ def segments(py: str, runs: int, env: dict[str, str], baseline: Path | None = No
             for action, imports in ACTION_IMPORTS.items():
                 script = bundled_script(work, py, imports, checkout=baseline)
                 cases[f"{action}, baseline's bundle"] = [py, "-S", str(script), action]
+        misses = {"add, miss": ROOT} | ({} if baseline is None else {"add, baseline's miss": baseline})
+        for name, checkout in misses.items():
+            script = bundled_script(work, py, ACTION_IMPORTS["add"], checkout=checkout)
+            cases[name] = [py, "-S", str(script), "add"]
         times: dict[str, list[float]] = {name: [] for name in cases}
         for i in range(runs + 3):
             for name, argv in cases.items():
-                out = subprocess.run(
-                    argv, cwd=ROOT, env=env, capture_output=True, text=True, check=True
-                ).stdout
+                if name in misses:
+                    shutil.rmtree(cache_of(Path(argv[2])), ignore_errors=True)
+                done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+                if name in misses:
+                    _writer_done(done.stderr)
                 if i >= 3:
-                    times[name].append(int(out) / 1e3)
+                    times[name].append(int(done.stdout) / 1e3)
     finally:
         shutil.rmtree(work)
     print(f"import segment (the laid script's first import to its last), thread CPU, {runs} runs:")
@@ -141,6 +170,12 @@ def segments(py: str, runs: int, env: dict[str, str], baseline: Path | None = No
                 f"{action}'s import segment with the bundle, CPU p50: {bundled / 1e3:.2f} ms, "
                 f"baseline {base / 1e3:.2f} ms"
             )
+    missed = percentile(times["add, miss"], 50)
+    line = f"add's import segment on a miss (no bundle yet), CPU p50: {missed / 1e3:.2f} ms"
+    if baseline is not None:
+        theirs = percentile(times["add, baseline's miss"], 50)
+        line += f", baseline {theirs / 1e3:.2f} ms"
+    print(line)
 
 
 def child_env() -> dict[str, str]:
