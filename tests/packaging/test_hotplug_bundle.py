@@ -351,9 +351,10 @@ def test_an_add_or_remove_miss_imports_normally_and_leaves_the_writing_to_an_idl
     assert "xenblockctl.blockscript.hotplug" in used.from_bundle
 
 
-def test_one_writer_at_a_time(laid: Laid) -> None:
+def test_one_background_writer_at_a_time(laid: Laid) -> None:
     """The writers' lock: a background writer leaves the bundle to one already at it (exit 1,
-    logged), `--write-bundle` (install-hooks, the postinst) waits for it and then writes."""
+    logged); `--write-bundle` (install-hooks, the postinst) writes regardless, at once, rather than
+    wait for a writer at SCHED_IDLE that a busy host may starve (each renames a whole file over)."""
     laid.cache.mkdir(mode=0o755)
     lock = os.open(laid.cache, os.O_RDONLY | os.O_DIRECTORY)  # the writers' lock: the directory
     try:
@@ -363,26 +364,10 @@ def test_one_writer_at_a_time(laid: Laid) -> None:
         held = f"another writer holds the lock on {laid.cache}"
         assert renew.log == [f"block-xenblockctl: hotplug bundle not written here: {held}"]
         assert not laid.bundle.exists()
-        waiting = subprocess.Popen(
-            [str(laid.script), bundle.WRITE],
-            cwd="/",
-            env={"PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            with pytest.raises(subprocess.TimeoutExpired):
-                waiting.wait(timeout=1.5)
-        except BaseException:
-            waiting.kill()
-            waiting.wait()
-            raise
+        wrote = run(laid, bundle.WRITE)
+        assert wrote.returncode == bundle.WRITTEN, wrote.stderr[-2000:]
     finally:
         os.close(lock)
-    _, err = waiting.communicate(timeout=60)
-    assert waiting.returncode == bundle.WRITTEN, err
     assert "xenblockctl.blockscript.hotplug" in run(laid).from_bundle
 
 

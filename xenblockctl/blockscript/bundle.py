@@ -29,9 +29,9 @@ first VM start is fast; and, after a miss, a writer the script starts in the bac
 `--renew-bundle`, bundlewriter.renew_later), never the add or remove itself: compiling the graph
 costs far more than the whole action (on one TCG vCPU two concurrent first adds each compiling it
 ran past libxl's 40 s: scenario 21, stop 37). The writer is a fresh process, so the bundle holds
-exactly the closure of ROOTS whatever the run's action or target kind, runs at SCHED_IDLE, and only
-one writes at a time (a lock in the directory). It writes to a temporary name in the directory and
-renames it over, so no reader sees half of one. Failing to write is never an action's failure: it
+exactly the closure of ROOTS whatever the run's action or target kind, runs at SCHED_IDLE, and
+leaves the work to a writer already at it (a lock on the directory). Every writer writes a
+temporary name in the directory and renames it over, so no reader sees half of one. Failing to write is never an action's failure: it
 is logged with its reason and the actions import normally."""
 
 # No `from __future__ import annotations` here (annotations naming typing-only names are quoted):
@@ -93,8 +93,8 @@ FORMAT = b"xenblockctl-bundle 6 "
 CACHE_DIR = "/var/cache/xenblockctl"
 CACHE_DIR_ENV = "XENBLOCKCTL_CACHE_DIR"
 IDENTIFIER = "block-xenblockctl"
-#: The script's `--write-bundle` (install-hooks, postinst: waits for a writer already at it) and
-#: `--renew-bundle` (the writer a miss starts: leaves it to one already at it) exit with: the
+#: The script's `--write-bundle` (install-hooks, postinst: writes even while another writer is at
+#: it) and `--renew-bundle` (the writer a miss starts: leaves it to one already at it) exit with: the
 #: bundle was good and used, a fresh one was written, none was written (the reason is logged).
 USED, WRITTEN, UNWRITTEN = 0, 3, 1
 WRITE, RENEW = "--write-bundle", "--renew-bundle"

@@ -173,23 +173,29 @@ def encode(packages: str, sections: "list[list[Entry]]") -> bytes:
     return len(index).to_bytes(4, "little") + index + b"".join(blobs)
 
 
-def write(directory: str, packages: str, *, wait: bool = True) -> int | None:
+def write(directory: str, packages: str, *, yield_to_another: bool = False) -> int | None:
     """Write the bundle of ROOTS' and LATER_ROOTS' closure from `packages` into `directory`,
     atomically; returns the number of modules, or None if another writer holds the lock and
-    `wait` is False (it writes the same bundle). Raises Refused or OSError/ValueError."""
+    `yield_to_another` (it writes the same bundle). Raises Refused or OSError/ValueError.
+
+    The writers' lock only spares a duplicate compile: every writer writes a temporary file of its
+    own and renames it over, so two at once leave one whole bundle. A background writer (renew_later)
+    leaves the work to one already at it; install-hooks and the postinst write all the same, at
+    once, rather than wait for a writer that runs at SCHED_IDLE and a busy host may starve."""
     trusted_dir(directory)
-    # The writers' lock is a flock on the directory itself (no lock file to leave behind in a
-    # cache install-hooks lays and a package removes). A plain flock, not locks.target_lock: this
-    # process imports nothing of ours before collect(), which takes each section from the order
-    # sys.modules gained our modules in. Held until this returns (the kernel drops a dead writer's).
+    # A flock on the directory itself (no lock file to leave behind in a cache install-hooks lays
+    # and a package removes). A plain flock, not locks.target_lock: this process imports nothing of
+    # ours before collect(), which takes each section from the order sys.modules gained our modules
+    # in. Held until this returns (the kernel drops a dead writer's).
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            if yield_to_another:
                 return None
-            raise
         return _write_locked(directory, packages)
     finally:
         os.close(fd)
@@ -246,7 +252,7 @@ def renew(directory: str, packages: str, reason: str, *, background: bool = Fals
     """A miss outside add and remove: write a fresh bundle, log what happened; never raises (the
     process goes on with normal imports). True if a bundle was written. `background`: this is the
     writer an add's or a remove's miss started (renew_later), at the lowest CPU priority, and one
-    already writing is left to it; otherwise (install-hooks, the postinst) it is waited for."""
+    already writing is left to it; otherwise (install-hooks, the postinst) this writes regardless."""
     refused: OSError | None = None
     if background:
         try:
@@ -256,7 +262,7 @@ def renew(directory: str, packages: str, reason: str, *, background: bool = Fals
         except OSError as exc:
             refused = exc  # logged after collect (_journal says why)
     try:
-        count = write(directory, packages, wait=not background)
+        count = write(directory, packages, yield_to_another=background)
     except Refused as exc:
         journal = _journal()
         journal.warning(f"hotplug bundle refused, not written: {exc}; normal imports", CODE="bundle-refused")
