@@ -3,7 +3,8 @@
 `os.urandom` is getrandom(2) without flags: it blocks until the kernel's CRNG is initialised. A
 fresh driver domain under emulation can run for minutes without that (no hardware RNG, few
 interrupts), and two of its adds racing for a loop device or a xenstore transaction slept in it
-until libxl killed both at 40 s (scenario 21: stop 37's CI and lane21a, session 21). A backoff
+until libxl killed both at 40 s (scenario 21: stop 37's CI and lane21a, session 21; that driver
+domain's pool never initialised, entropy_avail 2-6 through 100 s of uptime). A backoff
 needs decorrelation, not secrecy: the pool's bytes when it is ready, else the clock's low bits
 mixed with the pid (two racers are two processes, whose clocks are read apart).
 

@@ -31,8 +31,8 @@ costs far more than the whole action (on one TCG vCPU two concurrent first adds 
 ran past libxl's 40 s: scenario 21, stop 37). The writer is a fresh process, so the bundle holds
 exactly the closure of ROOTS whatever the run's action or target kind, runs at SCHED_IDLE, and
 leaves the work to a writer already at it (a lock on the directory). Every writer writes a
-temporary name in the directory and renames it over, so no reader sees half of one. Failing to write is never an action's failure: it
-is logged with its reason and the actions import normally."""
+temporary name in the directory and renames it over, so no reader sees half of one. Failing to
+write is never an action's failure: it is logged with its reason and the actions import normally."""
 
 # No `from __future__ import annotations` here (annotations naming typing-only names are quoted):
 # the laid script imports this module normally, and it would be the only one to load __future__
