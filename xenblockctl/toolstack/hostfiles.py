@@ -382,7 +382,7 @@ def _bundle(where: Layout, root: str, laid: str, *, dry_run: bool) -> Done | Non
     interpreter and from the package directory every VM start uses, and checked by the same
     loader. Only when that directory holds this very package: a package build (the .deb) lays a
     script for a directory its package is not in yet, and must not ship a cache file; there the
-    first VM start writes it."""
+    first VM start has a background writer write it (bundlewriter.renew_later)."""
     if where.packages != str(PACKAGE.parent):
         return None
     path = f"{where.cache_dir}/{NAME}"
