@@ -33,10 +33,10 @@ import site
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import percentile, row, run_once
+from tests.fixtures.warm import wait_gone
 from xenblockctl.blockscript import bundle
 from xenblockctl.toolstack import hostfiles
 
@@ -113,9 +113,7 @@ def _writer_done(stderr: str) -> None:
     never competes with the next case; a script that compiled in line started none."""
     for line in stderr.splitlines():
         if "normal imports; writer " in line:
-            proc = Path(f"/proc/{int(line.split('writer ')[1].split()[0])}/stat")
-            while proc.exists() and proc.read_text().rpartition(")")[2].split()[0] != "Z":
-                time.sleep(0.005)
+            wait_gone(int(line.split("writer ")[1].split()[0]), timeout=120)
 
 
 def segments(py: str, runs: int, env: dict[str, str], baseline: Path | None = None) -> None:

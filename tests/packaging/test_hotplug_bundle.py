@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.fixtures.warm import wait_gone
 from xenblockctl.blockscript import bundle, hotplug
 from xenblockctl.toolstack import hostfiles
 
@@ -316,10 +317,7 @@ def finished(pid: int, timeout: float = 60) -> None:
         os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while policy(pid) is not None:
-        assert time.monotonic() < deadline, f"writer {pid} still running after {timeout} s"
-        time.sleep(0.01)
+    wait_gone(pid, timeout)
 
 
 @pytest.mark.parametrize("action", ["add", "remove"])
