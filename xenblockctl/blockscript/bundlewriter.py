@@ -260,7 +260,7 @@ def renew(directory: str, packages: str, reason: str, *, background: bool = Fals
             # driver domain is all its adds have); dropping one's own priority needs no privilege
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError as exc:
-            refused = exc  # logged after collect (_journal says why)
+            refused = exc  # logged once write() is done, whatever it did (_journal says why)
     try:
         count = write(directory, packages, yield_to_another=background)
     except Refused as exc:
@@ -275,8 +275,9 @@ def renew(directory: str, packages: str, reason: str, *, background: bool = Fals
             CODE="bundle-unwritable",
         )
         return False
-    if refused is not None:
-        _journal().warning(f"hotplug bundle writer ran at normal priority: SCHED_IDLE refused: {refused}")
+    finally:
+        if refused is not None:
+            _journal().warning(f"hotplug bundle writer ran at normal priority: SCHED_IDLE refused: {refused}")
     if count is None:
         _journal().info(f"hotplug bundle not written here: another writer holds the lock on {directory}")
         return False
