@@ -162,10 +162,11 @@ def test_kill_autoclear_child(libxl: Libxl, make_image: ImageFactory, point: str
     assert bound_loops_under(image.parent) == {}, f"child killed at {point}: loop device leaked"
 
 
-@pytest.mark.parametrize("point", ["add-consumer-ready", "add-done"])
-def test_kill_kernel_path_add(libxl: Libxl, make_image: ImageFactory, point: str) -> None:
-    """The script killed on the kernel-blkback path: before the hand-off tail (no child, AUTOCLEAR
-    stays on, nothing connected) or after it forked (the child finishes on its own)."""
+def kill_kernel_path_add(
+    libxl: Libxl, make_image: ImageFactory, point: str
+) -> tuple[Path, Backend, Consumer, int]:
+    """A kernel-blkback add killed at `point`, blkback's stand-in holding the device: (image,
+    backend, consumer, minor), the nodes checked consistent."""
     image = make_image()
     be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
     consumer = libxl.blkback_consumer(be)
@@ -174,6 +175,14 @@ def test_kill_kernel_path_add(libxl: Libxl, make_image: ImageFactory, point: str
     running.kill()
     minor = consumer.wait_opened().identity.minor
     assert_consistent(libxl.nodes(be))
+    return image, be, consumer, minor
+
+
+@pytest.mark.parametrize("point", ["add-consumer-ready", "add-done"])
+def test_kill_kernel_path_add(libxl: Libxl, make_image: ImageFactory, point: str) -> None:
+    """The script killed on the kernel-blkback path: before the hand-off tail (no child, AUTOCLEAR
+    stays on, nothing connected) or after it forked (the child finishes on its own)."""
+    image, be, consumer, minor = kill_kernel_path_add(libxl, make_image, point)
     if point == "add-done":
         libxl.wait_autoclear_off(be)
         consumer.release()
@@ -259,7 +268,7 @@ def test_autoclear_child_leaves_a_withdrawn_backend_alone(libxl: Libxl, make_ima
     """The backend (and our record) vanished between the fork and the child's check, as when the
     toolstack deletes a backend without running remove: the child must leave AUTOCLEAR on, so the
     device goes with blkback's reference instead of staying bound with nobody to detach it."""
-    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-forked")
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-started")
     libxl.store.rm(be.path)
     running.resume()
     running.wait_child_gone()

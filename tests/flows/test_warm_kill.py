@@ -6,13 +6,15 @@ whose harness also kills the worker), so these are the tests of the kill-on-hang
 from __future__ import annotations
 
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import Libxl, process_state
 from tests.fixtures.warm import WarmServer, wait_gone
-from tests.flows.test_kill import assert_consistent, remove_after_a_killed_add
+from tests.flows.test_kill import _sysfs_autoclear, _tear_down, assert_consistent, remove_after_a_killed_add
 from xenblockctl.blockscript.faults import ADD_POINTS, REMOVE_POINTS
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_loop")]
@@ -65,11 +67,12 @@ def test_killing_the_client_kills_the_worker_during_remove(
     assert "physical-device" not in libxl.nodes(be)
 
 
-def test_the_autoclear_child_outlives_a_killed_client(
+def test_the_autoclear_job_outlives_a_killed_client(
     warm: WarmServer, libxl: Libxl, make_image: ImageFactory
 ) -> None:
-    """Killed after the worker forked the AUTOCLEAR child: the child (its own pid and session) is
-    not the connection's owner and finishes, as it does when libxl kills today's script."""
+    """Killed after the flow handed the worker its AUTOCLEAR job (autoclear.STAGE): the worker
+    disarmed its kill-on-hangup then, so it survives the client (as today's script's forked child
+    survives libxl's kill), finishes the flow and turns AUTOCLEAR off."""
     image = make_image()
     be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
     consumer = libxl.blkback_consumer(be)
@@ -78,6 +81,9 @@ def test_the_autoclear_child_outlives_a_killed_client(
     worker = running.paused_pid
     running.proc.send_signal(signal.SIGKILL)
     running.proc.wait(10)
+    time.sleep(0.2)  # a SIGKILL by the hangup would have landed by now (it is sent at the close)
+    assert process_state(worker) == "T", "the worker died with its client: the AUTOCLEAR job went with it"
+    running.resume()
     wait_gone(worker)
     minor = consumer.wait_opened().identity.minor
     libxl.wait_autoclear_off(be)
@@ -87,3 +93,29 @@ def test_the_autoclear_child_outlives_a_killed_client(
     libxl.store.write(be.node("state"), "6")
     assert libxl.run("remove", be).returncode == 0
     assert bound_loops_under(image.parent) == {}
+
+
+def test_a_kernel_path_add_forks_nothing(warm: WarmServer, libxl: Libxl, make_image: ImageFactory) -> None:
+    """The worker runs the AUTOCLEAR job itself after its reply (no child on the add's path): the
+    job's lines carry the client's pid and no CHILD=, and the worker is what holds the device."""
+    image = make_image()
+    be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    running = libxl.start("add", be, pause_at="autoclear-started")
+    assert running.wait_paused(in_child=True) == "autoclear-started"
+    assert running.proc.wait(10) == 0, "the client has its status before the job runs"
+    worker = running.paused_pid
+    assert _ppid(worker) == warm.proc.pid, "the job runs in the server's worker, not a child of it"
+    minor = consumer.wait_opened().identity.minor
+    assert libxl.nodes(be)["hotplug-status"] == "connected"
+    assert _sysfs_autoclear(minor) == "1"
+    running.resume()
+    wait_gone(worker)
+    libxl.wait_autoclear_off(be)
+    consumer.release()
+    _tear_down(libxl, be)
+    assert bound_loops_under(image.parent) == {}
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -6,7 +6,7 @@ name to <path> when it gets there and then stops itself (SIGSTOP). A test can th
 that exact step (which libxl does for real after 40 s), or change the world and SIGCONT it (a
 rename between a dm lookup and the open): the process carries on from the point.
 
-Before the point name it writes its pid to <path>.pid: the points inside the AUTOCLEAR child
+Before the point name it writes its pid to <path>.pid: the points inside the AUTOCLEAR job
 (blockscript/autoclear.py) stop a process the harness did not start, which it must find to kill."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ DM_POINTS = ("add-dm-resolved", "add-dm-created", "add-dm-loaded")
 #: Inside the kernel-NBD make (blockscript/claim.py): connected over netlink, not yet opened: the
 #: one window in which an NBD device outlives a killed script.
 NBD_POINTS = ("add-nbd-connected",)
-#: Inside the child `add` forks on the kernel-blkback path (blockscript/autoclear.py), in order:
-#: just forked (holding the device lock), the owner record checked (before the ioctl), AUTOCLEAR
-#: off (before the record says so).
-AUTOCLEAR_POINTS = ("autoclear-forked", "autoclear-checked", "autoclear-cleared")
+#: Inside the job `add` defers on the kernel-blkback path (blockscript/autoclear.py: a forked
+#: child, or a warm worker after its reply), in order: started (holding the device lock), the
+#: owner record checked (before the ioctl), AUTOCLEAR off (before the record says so).
+AUTOCLEAR_POINTS = ("autoclear-started", "autoclear-checked", "autoclear-cleared")
 #: Inside a warm server's worker (blockscript/warm.py): the request read, kill-on-hangup not yet
 #: armed (a client killed here must not make the worker act).
 WARM_POINTS = ("warm-received",)

@@ -60,6 +60,12 @@ class target_lock:
             raise
         self.fd = fd
 
+    def detach(self) -> int:
+        """The locked fd, now the caller's to close (the lock is held until it does); `__exit__`
+        then closes nothing. For a holder that outlives the `with` block (autoclear.py's job)."""
+        fd, self.fd = self.fd, -1
+        return fd
+
     def __exit__(self, *exc_info: object) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -67,12 +73,12 @@ class target_lock:
 
 
 def device_lock(major: int, minor: int, *, timeout: float, lock_dir: str) -> target_lock:
-    """The lock of one loop device we bound, `loop-<major>-<minor>`: held by the child that turns
+    """The lock of one loop device we bound, `loop-<major>-<minor>`: held by the job that turns
     AUTOCLEAR off after a kernel-blkback hand-off (blockscript/autoclear.py) and by `remove`
-    around its detach, so that the child's ioctl can never cancel the AUTOCLEAR remove armed."""
+    around its detach, so that the job's ioctl can never cancel the AUTOCLEAR remove armed."""
     return target_lock(
         f"loop-{major}-{minor}",
         timeout=timeout,
         lock_dir=lock_dir,
-        holder=f"the AUTOCLEAR child of loop{minor} (or a remove of it)",
+        holder=f"the AUTOCLEAR job of loop{minor} (or a remove of it)",
     )

@@ -25,6 +25,9 @@ client bytes. The worker:
   4. takes over the client's stdio, cwd, umask, environment and rlimits (a failure: refused, so
      the client falls back), sends A, runs today's hotplug.main, closes its stdio and sends the
      status. Its journal lines carry CLIENT_PID=, the pid libxl logs.
+  5. on the kernel-blkback path, turns AUTOCLEAR off after the status instead of forking a child
+     for it (autoclear.STAGE; the fork was ~1 ms of the add's path), having disarmed its
+     kill-on-hangup when the flow handed it that job.
 Each worker also inherits one end of a socketpair the server made for it: its block-device add asks
 the server's sharing table over it instead of walking every backend (sharetable.py; the server
 answers from its poll loop, still single-threaded, and parses those bytes strictly too).
@@ -55,7 +58,7 @@ from xenblockctl.journal import Journal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import NoReturn
 
 SOCKET = "/run/xenblockctl/hotplug.sock"
@@ -425,6 +428,7 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
     status = 1
     journal = server.journal
     accepted = False
+    staged: list[Callable[[], int]] = []
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM):
@@ -467,7 +471,17 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
         if not _send(conn, ACCEPTED):
             raise Refused(f"client pid {peer_pid} gone before A")
         accepted = True
+        from xenblockctl.blockscript import autoclear
         from xenblockctl.blockscript.hotplug import main
+
+        def stage(job: Callable[[], int]) -> None:
+            # The kernel path's AUTOCLEAR job, ours to run after the status (autoclear.py): from
+            # here on the client's death must not kill us, or the job would go with us. The add's
+            # work is done (hotplug-status is written): what is left of the flow only returns.
+            fcntl.fcntl(cfd, fcntl.F_SETFL, fcntl.fcntl(cfd, fcntl.F_GETFL) & ~posix.O_ASYNC)
+            staged.append(job)
+
+        autoclear.STAGE = stage
 
         status = main(argv, env)
         if env.get(WARM_IMPORTS_ENV):
@@ -491,12 +505,15 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
         if accepted:
             # output first, then the status: when the client exits, all of it is written and no
             # process of ours holds libxl's pipes
-            for fd in (0, 1, 2):
-                try:  # noqa: SIM105 (as above)
-                    posix.close(fd)
-                except OSError:
-                    pass
+            _release_stdio(keep_open=bool(staged))
             _send(conn, bytes([status & 0xFF]))
+        for job in staged:  # after the status: the client, and libxl, have gone on
+            try:
+                job()  # logs its own give-ups
+            except BaseException as exc:  # nothing may return into the server's code from here
+                Journal(IDENTIFIER).error(
+                    f"AUTOCLEAR job: internal: {type(exc).__name__}: {exc}", CODE="internal"
+                )
         posix._exit(status)
 
 
@@ -590,6 +607,27 @@ def _take_over(
 
 def _trace(what: str) -> None:
     print(f"warm-sharing: {what}", file=sys.stderr)
+
+
+def _release_stdio(*, keep_open: bool) -> None:
+    """The client's stdio let go. `keep_open`: /dev/null in their place (work follows the reply,
+    and an fd it opens must not land on 0-2, where a stray write would go into it)."""
+    if keep_open:
+        try:
+            null = posix.open("/dev/null", posix.O_RDWR)
+        except OSError:
+            pass
+        else:
+            for fd in (0, 1, 2):
+                posix.dup2(null, fd)
+            if null > 2:
+                posix.close(null)
+            return
+    for fd in (0, 1, 2):
+        try:  # noqa: SIM105 (contextlib: the server imports the hotplug graph's modules only)
+            posix.close(fd)
+        except OSError:
+            pass
 
 
 def _send(conn: _socket.socket, data: bytes) -> bool:
