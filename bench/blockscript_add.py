@@ -33,7 +33,8 @@ does no hand-off (it exits after writing physical-device, the race this project 
 
 Rows: serial add (wall p50/p90, CPU of the script and everything it waited for), serial remove,
 our add handed to a blkback-like consumer (the kernel-blkback path: AUTOCLEAR turned off after the
-hand-off, by a forked child since issue 18's deferral) against the engine path, for the baseline
+hand-off, by a forked child since issue 18's deferral, by the warm server's worker after its reply
+since session 22) against the engine path, for the baseline
 script too when one is given, syscalls of one add (`--strace`: strace -f -c), adds with no and
 with `--existing` published backends (file and block-device target; the block device is a loop
 device bound beforehand; interleaved, the populated backends in a second daemon), with the ratio
@@ -442,13 +443,14 @@ def _ours_and_baseline(contestants: list[Contestant]) -> list[Contestant]:
 def kernel_path(libxl: Libxl, image: Path, n: int, contestants: list[Contestant]) -> None:
     """Our add handed to a blkback-like consumer (sysfs physical_device, no `opened`): the path
     that turns AUTOCLEAR off after the hand-off, in a child forked once hotplug-status says
-    connected (blockscript/autoclear.py); the engine path alternating with it, and with
+    connected (blockscript/autoclear.py; through the warm server, its worker after its reply);
+    the engine path alternating with it, and with
     a baseline (another checkout: before/after) the same two for it. Each contestant runs as the
     serial rows run it (laid as install-hooks lays it: `-S`, its bundle): the shipped shim ran
     with site.py, which imports os, and so hid what the kernel path's own imports cost
     (bench/README.md, issue 18, class18). Also how long after our add exited the record said
-    autoclear=0 (the child's work, off the critical path; polled from here, so ±1 ms). The CPU
-    of each add (user+sys of the script, its forked child not included) is printed too."""
+    autoclear=0 (the deferred job's work, off the critical path; polled from here, so ±1 ms). The
+    CPU of each add (user+sys of the script, its forked child not included) is printed too."""
     samples: dict[tuple[str, str], list[float]] = {
         (c.label, k): [] for c in contestants for k in ("engine", "kernel", "kernel-cpu")
     }
