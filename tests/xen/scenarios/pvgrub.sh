@@ -53,9 +53,10 @@ the_loop() {
 # engine_lines BACKEND PATTERN: how many engine log lines for that backend match.
 engine_lines() { grep -c "$1: $2" "$engine_log" || true; }
 
-# blkback_autoclear_off /dev/loopN: our script's forked child turned AUTOCLEAR off once blkback held
-# the device (blockscript/autoclear.py) and rewrote the owner record to say so; the pvgrub -> Linux
-# hand-over before this check was a frontend reconnect, which the device survived.
+# blkback_autoclear_off /dev/loopN: our add's deferred job (the warm server's worker after its
+# reply, or the script's forked child) turned AUTOCLEAR off once blkback held the device
+# (blockscript/autoclear.py) and rewrote the owner record to say so; the pvgrub -> Linux hand-over
+# before this check was a frontend reconnect, which the device survived.
 blkback_autoclear_off() {
   local record
   record=$(backend_node xenblockctl-owner)
