@@ -165,7 +165,12 @@ def _stage(
             job.device.close()  # before the lock: the device's last fd goes while remove waits
             posix.close(lock_fd)
 
-    stage(run)
+    try:
+        stage(run)
+    except BaseException:  # not taken: nothing may keep the device or its lock (add reports the error)
+        job.device.close()
+        posix.close(lock_fd)
+        raise
     job.journal.info(f"AUTOCLEAR of loop{device.identity.minor} left to this worker, after its reply")
 
 
