@@ -635,7 +635,7 @@ class WarmServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        # workers and AUTOCLEAR children still in the group finish on their own (KillMode=process)
+        # workers (and their AUTOCLEAR jobs) still in the group finish on their own (KillMode=process)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

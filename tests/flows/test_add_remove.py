@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from tests.fixtures.engine import wait_for
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Libxl
+from tests.fixtures.libxl import Backend, Consumer, Libxl
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.owner import OwnerRecord
 from xenblockctl.blockscript.remove import run_remove
@@ -112,9 +113,13 @@ def test_an_in_process_add_turns_autoclear_off_in_line(libxl: Libxl, make_image:
     be = libxl.create_backend(7, 51728, str(image), "w", engine=False)
     consumer = libxl.blkback_consumer(be)
     assert hotplug.main(["block-xenblockctl", "add"], libxl.env("add", be), defer_autoclear=False) == 0
-    consumer.wait_opened()
-    assert consumer.device is not None
-    minor = consumer.device.identity.minor
+    _cleared_in_line_then_removed(libxl, be, consumer, image)
+
+
+def _cleared_in_line_then_removed(libxl: Libxl, be: Backend, consumer: Consumer, image: Path) -> None:
+    """After an add that returned: AUTOCLEAR is off and the record says so, blkback's release (a
+    reconnect) keeps the device, and remove detaches it (no other fd of ours outlived the add)."""
+    minor = consumer.wait_opened().identity.minor
     assert not OwnerRecord.parse(libxl.nodes(be)["xenblockctl-owner"]).autoclear
     assert Path(f"/sys/block/loop{minor}/loop/autoclear").read_text().strip() == "0"
     consumer.release()
@@ -123,6 +128,30 @@ def test_an_in_process_add_turns_autoclear_off_in_line(libxl: Libxl, make_image:
     libxl.store.write(be.node("state"), "6")
     assert libxl.run("remove", be).returncode == 0
     assert minor not in bound_loops_under(image.parent)
+
+
+def test_a_job_the_worker_cannot_take_is_done_in_line(
+    libxl: Libxl,
+    make_image: ImageFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A warm worker's stage callback that fails (its /dev/null open or the disarm: an EMFILE, a
+    fault this host cannot produce on demand, so a stand-in raises it) hands nothing over: the
+    add turns AUTOCLEAR off in line, under the lock it still holds, says why, and succeeds."""
+    from xenblockctl.blockscript import autoclear, hotplug
+
+    def refuse(job: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(autoclear, "STAGE", refuse)
+    image = make_image()
+    be = libxl.create_backend(7, 51728, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    assert hotplug.main(["block-xenblockctl", "add"], libxl.env("add", be)) == 0
+    err = capsys.readouterr().err
+    assert "handing the job to the worker failed (Too many open files): turning AUTOCLEAR off in line" in err
+    _cleared_in_line_then_removed(libxl, be, consumer, image)
 
 
 def test_existing_block_device_is_used_and_never_detached(

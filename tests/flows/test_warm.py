@@ -51,7 +51,7 @@ def test_an_add_and_a_remove_import_nothing_from_disk(
     warm: WarmServer, libxl: Libxl, make_image: ImageFactory
 ) -> None:
     """The server imported everything a worker runs (warm.PRELOAD): a file add handed to the
-    engine, a kernel-blkback add (its AUTOCLEAR child) and their removes import no module."""
+    engine, a kernel-blkback add (its AUTOCLEAR job) and their removes import no module."""
     outputs = []
     hook = {WARM_IMPORTS_ENV: "1"}
     for domid, engine in ((5, True), (7, False)):

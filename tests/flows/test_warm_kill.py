@@ -1,7 +1,9 @@
 """test_kill.py's guarantees when libxl kills the warm server's *client* only (blockscript/warm.py):
-the worker must die by kill-on-hangup at that instant and leave what a killed script leaves. The
-harness kills nothing but the client here (test_warm_kill_all.py runs test_kill.py's own tests,
-whose harness also kills the worker), so these are the tests of the kill-on-hangup itself."""
+the worker must die by kill-on-hangup at that instant and leave what a killed script leaves --
+except once a kernel-blkback add has handed it the AUTOCLEAR job, after which it must survive the
+client as the script's forked child does. The harness kills nothing but the client here
+(test_warm_kill_all.py runs test_kill.py's own tests, whose harness also kills the worker), so
+these are the tests of the kill-on-hangup itself."""
 
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def test_killing_the_client_kills_the_worker_during_remove(
     consumer = libxl.blkback_consumer(be)
     assert libxl.run("add", be).returncode == 0
     consumer.wait_opened()
-    libxl.wait_autoclear_off(be)  # the worker's AUTOCLEAR child (a grandchild of the server)
+    libxl.wait_autoclear_off(be)  # the worker's AUTOCLEAR job, after its reply
     consumer.release()
     libxl.store.write(be.node("online"), "0")
     libxl.store.write(be.node("state"), "6")
@@ -96,14 +98,19 @@ def test_the_autoclear_job_outlives_a_killed_client(
 
 
 def test_a_kernel_path_add_forks_nothing(warm: WarmServer, libxl: Libxl, make_image: ImageFactory) -> None:
-    """The worker runs the AUTOCLEAR job itself after its reply (no child on the add's path): the
-    job's lines carry the client's pid and no CHILD=, and the worker is what holds the device."""
+    """The worker runs the AUTOCLEAR job itself after its reply (no child on the add's path): it
+    has let go of libxl's pipes before the job starts, said so on them, and is what holds the
+    device meanwhile."""
     image = make_image()
     be = libxl.create_backend(7, 51712, str(image), "w", engine=False)
     consumer = libxl.blkback_consumer(be)
     running = libxl.start("add", be, pause_at="autoclear-started")
     assert running.wait_paused(in_child=True) == "autoclear-started"
-    assert running.proc.wait(10) == 0, "the client has its status before the job runs"
+    # EOF on both pipes while the job is stopped: no process of ours holds libxl's output now
+    _out, err = running.proc.communicate(timeout=10)
+    assert running.proc.returncode == 0, "the client has its status before the job runs"
+    assert "left to this worker, after its reply" in err, err
+    assert "handed to child" not in err, err
     worker = running.paused_pid
     assert _ppid(worker) == warm.proc.pid, "the job runs in the server's worker, not a child of it"
     minor = consumer.wait_opened().identity.minor

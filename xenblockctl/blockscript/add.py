@@ -4,10 +4,11 @@ Invariants, whatever step we are killed at (tests/flows/test_kill.py proves them
   * xenstore never shows `physical-device` without `physical-device-luid` and `diskseq` (one
     transaction; xenstore/identity.py owns their names and spelling);
   * no loop device of ours stays bound unless a consumer holds it (AUTOCLEAR is on from the
-    first ioctl; it is turned off only after kernel blkback holds the device, by a child forked
-    after hotplug-status=connected: blockscript/autoclear.py. Killed before its ioctl, that child
-    leaves AUTOCLEAR on, the one degraded case: nothing leaks, but a later frontend reconnect
-    detaches the guest's disk, as with kernel_autoclear=true);
+    first ioctl; it is turned off only after kernel blkback holds the device, by a job deferred
+    past hotplug-status=connected -- a forked child, or the warm server's worker after its reply:
+    blockscript/autoclear.py. Killed before its ioctl, that job leaves AUTOCLEAR on, the one
+    degraded case: nothing leaks, but a later frontend reconnect detaches the guest's disk, as
+    with kernel_autoclear=true);
   * a failure leaves no physical-device*, a coded `hotplug-error` and `hotplug-status`, and
     nothing allocated."""
 
@@ -69,8 +70,9 @@ def run_add(
     env: Environment,
     defer_autoclear: bool = False,
 ) -> AddResult:
-    """`defer_autoclear`: on the kernel-blkback path, turn AUTOCLEAR off in a forked child after we
-    return (blockscript/autoclear.py) rather than in line. Only the libxl script asks for it: an
+    """`defer_autoclear`: on the kernel-blkback path, turn AUTOCLEAR off after we return, in a
+    forked child or, in a warm server's worker, in the worker after its reply (autoclear.STAGE;
+    blockscript/autoclear.py), rather than in line. Only the libxl script asks for it: an
     in-process caller (the CLI's attach) may have threads, which a fork would copy without their
     locks' owners, and udev kills whatever a RUN program leaves behind (udev(7))."""
     # Our home and the backend's nodes in one round trip: the nodes are read by the path libxl
@@ -141,7 +143,7 @@ def run_add(
                 and not settings.kernel_autoclear
             ):
                 # blkback holds it now; without AUTOCLEAR off a guest reboot would detach its disk.
-                # The ioctl costs a 16-39 ms queue freeze, so a forked child does it after we exit.
+                # The ioctl costs a 16-39 ms queue freeze, so it is done after we reply (autoclear.py).
                 from xenblockctl.blockscript import autoclear
 
                 autoclear.hand_off(

@@ -69,6 +69,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hotp
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from xenblockctl.blockscript.locks import target_lock
     from xenblockctl.blockscript.settings import Settings
     from xenblockctl.environment import Environment
     from xenblockctl.journal import Journal
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
 
 #: The job's whole budget for its xenstore work: it holds the device lock meanwhile, and a
 #: `remove` waits for that lock at most lock_timeout (default 10 s, minimum 0.1 s).
-CHILD_BUDGET = 5.0
+JOB_BUDGET = 5.0
 
 #: Set by a warm server's worker before it runs the flow (blockscript/warm.py): called with the
 #: deferred job instead of forking a child; the worker runs the job after its reply. None (the
@@ -126,11 +127,9 @@ def hand_off(
             return
         if STAGE is not None:
             try:
-                fd = posix.dup(device.fd)  # the job's own: add closes its device on return
-            except OSError as exc:
-                _in_line(store, job, "dup", exc)
-                return
-            _stage(STAGE, job, fd, lock.detach(), settings)
+                _stage(STAGE, job, lock, settings)
+            except OSError as exc:  # not taken: nothing was handed over, the lock is still ours
+                _in_line(store, job, "handing the job to the worker", exc)
             return
         try:
             pid = posix.fork()
@@ -145,17 +144,21 @@ def hand_off(
 
 
 def _in_line(store: XenStore, job: _Job, what: str, exc: OSError) -> None:
-    job.journal.warning(f"{what} failed ({exc.strerror}): turning AUTOCLEAR off in line", ERRNO=exc.errno)
+    why = exc.strerror or exc
+    job.journal.warning(f"{what} failed ({why}): turning AUTOCLEAR off in line", ERRNO=exc.errno or 0)
     _clear(store, job)
 
 
 def _stage(
-    stage: Callable[[Callable[[], int]], None], job: _Job, fd: int, lock_fd: int, settings: Settings
+    stage: Callable[[Callable[[], int]], None], job: _Job, lock: target_lock, settings: Settings
 ) -> None:
-    """Step 3 for a warm worker: the job keeps the locked fd and `fd`, a dup of the loop device's
-    (add closes its device on return), and `stage` takes it to run after the reply."""
+    """Step 3 for a warm worker: the job gets a dup of the loop device's fd (add closes its device
+    on return) and, once `stage` has taken it, the locked lock fd, to run after the reply. OSError
+    if the dup or `stage` fails: then nothing was handed over and `lock` still holds the lock."""
     device = job.device
+    fd = posix.dup(device.fd)
     job.device = type(device)(fd, device.identity, device.number, device.status, device.backing_path)
+    held: list[int] = []
 
     def run() -> int:
         try:
@@ -163,14 +166,16 @@ def _stage(
             return _run(job, settings)
         finally:
             job.device.close()  # before the lock: the device's last fd goes while remove waits
-            posix.close(lock_fd)
+            for lock_fd in held:
+                posix.close(lock_fd)
 
     try:
         stage(run)
-    except BaseException:  # not taken: nothing may keep the device or its lock (add reports the error)
+    except BaseException:
         job.device.close()
-        posix.close(lock_fd)
+        job.device = device
         raise
+    held.append(lock.detach())  # the job's from here: leaving add's `with` block keeps the lock
     job.journal.info(f"AUTOCLEAR of loop{device.identity.minor} left to this worker, after its reply")
 
 
@@ -200,7 +205,7 @@ def _run(job: _Job, settings: Settings) -> int:
         faults.pause(job.env, "autoclear-started")
         store = XenStore.connect(
             timeout=settings.xenstore_timeout,
-            deadline=time.monotonic() + CHILD_BUDGET,
+            deadline=time.monotonic() + JOB_BUDGET,
             env=job.env.variables,
             synchronous=True,
         )

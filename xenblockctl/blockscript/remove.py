@@ -12,10 +12,10 @@ itself. Its backend identifier names this vbd, so `remove` disconnects every suc
 the one the record names (that one goes at its consumer's last close, DISCONNECT_ON_CLOSE).
 
 A loop device's detach and the withdrawal run under the device's lock (blockscript/autoclear.py),
-which the child turning AUTOCLEAR off after a kernel-blkback hand-off holds until it is done:
-otherwise that child's ioctl could cancel the AUTOCLEAR our LOOP_CLR_FD armed, and the device
-would stay bound after blkback lets go. A wait longer than lock_timeout is a coded error that
-changes nothing.
+which the job turning AUTOCLEAR off after a kernel-blkback hand-off (a forked child, or the warm
+worker after its reply) holds until it is done: otherwise that job's ioctl could cancel the
+AUTOCLEAR our LOOP_CLR_FD armed, and the device would stay bound after blkback lets go. A wait
+longer than lock_timeout is a coded error that changes nothing.
 
 The record is read once before the detach and once more inside the withdrawal's transaction, in
 the batch that removes our nodes (not again after the lock: that was a round trip of its own;
@@ -23,7 +23,7 @@ bench/README.md, issue 18, session 14). The detach needs no second look: it acts
 exact binding the first read names (devt, diskseq, tag, backing: loop.detach_with_proof), which
 nobody but this backend's add can have made, so detaching it is right whoever rewrote the record
 since. The withdrawal does: it goes through only for the record that was read, or for the same
-record as the AUTOCLEAR child rewrites it (autoclear=0, written while we waited for its lock).
+record as the AUTOCLEAR job rewrites it (autoclear=0, written while we waited for its lock).
 Any other record (a concurrent add published a new device after a forced detach) is left in
 place and logged as `record-changed`; a record already withdrawn is logged as such."""
 
@@ -123,7 +123,7 @@ def _remove(
 
 def _records_acted_on(owner_text: str, owner: OwnerRecord | NbdOwnerRecord | None) -> tuple[str, ...]:
     """The record texts the withdrawal may remove: the one read, and for a loop the AUTOCLEAR
-    child's rewrite of it (autoclear=0, the only change it makes: autoclear.py's `cleared`)."""
+    job's rewrite of it (autoclear=0, the only change it makes: autoclear.py's `cleared`)."""
     if isinstance(owner, OwnerRecord) and owner.kind == "loop" and owner.autoclear:
         return owner_text, owner.with_autoclear(False).format()
     return (owner_text,)

@@ -27,7 +27,7 @@ client bytes. The worker:
      status. Its journal lines carry CLIENT_PID=, the pid libxl logs.
   5. on the kernel-blkback path, turns AUTOCLEAR off after the status instead of forking a child
      for it (autoclear.STAGE; the fork was ~1 ms of the add's path), having disarmed its
-     kill-on-hangup when the flow handed it that job.
+     kill-on-hangup when the flow handed it that job; its stdio is then /dev/null, not closed.
 Each worker also inherits one end of a socketpair the server made for it: its block-device add asks
 the server's sharing table over it instead of walking every backend (sharetable.py; the server
 answers from its poll loop, still single-threaded, and parses those bytes strictly too).
@@ -429,9 +429,11 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
     journal = server.journal
     accepted = False
     staged: list[Callable[[], int]] = []
+    null: list[int] = []  # /dev/null, opened when a job is staged
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM):
+        # (SIGINT too: the server's KeyboardInterrupt would unwind a worker into the server's code)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         mask, argv_b, env_b, fds = _receive(conn)
@@ -475,9 +477,12 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
         from xenblockctl.blockscript.hotplug import main
 
         def stage(job: Callable[[], int]) -> None:
-            # The kernel path's AUTOCLEAR job, ours to run after the status (autoclear.py): from
-            # here on the client's death must not kill us, or the job would go with us. The add's
-            # work is done (hotplug-status is written): what is left of the flow only returns.
+            # The kernel path's AUTOCLEAR job, ours to run after the status (autoclear.py); an
+            # OSError here makes the flow do it in line instead. /dev/null first: the job's fds
+            # must not land on 0-2 once the client's stdio is let go. Then the client's death must
+            # not kill us, or the job would go with us: the add's work is done (hotplug-status is
+            # written), what is left of the flow only returns.
+            null.append(posix.open("/dev/null", posix.O_RDWR | posix.O_CLOEXEC))
             fcntl.fcntl(cfd, fcntl.F_SETFL, fcntl.fcntl(cfd, fcntl.F_GETFL) & ~posix.O_ASYNC)
             staged.append(job)
 
@@ -505,16 +510,20 @@ def _worker(server: Server, conn: _socket.socket, peer_pid: int, query: _socket.
         if accepted:
             # output first, then the status: when the client exits, all of it is written and no
             # process of ours holds libxl's pipes
-            _release_stdio(keep_open=bool(staged))
+            _release_stdio(null[0] if null else -1)
             _send(conn, bytes([status & 0xFF]))
-        for job in staged:  # after the status: the client, and libxl, have gone on
-            try:
+        try:
+            for job in staged:  # after the status: the client, and libxl, have gone on
                 job()  # logs its own give-ups
-            except BaseException as exc:  # nothing may return into the server's code from here
-                Journal(IDENTIFIER).error(
+        except BaseException as exc:
+            try:  # noqa: SIM105 (as above)
+                Journal(IDENTIFIER, stderr=False).error(
                     f"AUTOCLEAR job: internal: {type(exc).__name__}: {exc}", CODE="internal"
                 )
-        posix._exit(status)
+            except BaseException:
+                pass
+        finally:
+            posix._exit(status)  # whatever happened: a worker never returns into the server's code
 
 
 def _receive(conn: _socket.socket) -> tuple[int, list[bytes], dict[bytes, bytes], list[int]]:
@@ -609,23 +618,16 @@ def _trace(what: str) -> None:
     print(f"warm-sharing: {what}", file=sys.stderr)
 
 
-def _release_stdio(*, keep_open: bool) -> None:
-    """The client's stdio let go. `keep_open`: /dev/null in their place (work follows the reply,
-    and an fd it opens must not land on 0-2, where a stray write would go into it)."""
-    if keep_open:
-        try:
-            null = posix.open("/dev/null", posix.O_RDWR)
-        except OSError:
-            pass
-        else:
-            for fd in (0, 1, 2):
-                posix.dup2(null, fd)
-            if null > 2:
-                posix.close(null)
-            return
+def _release_stdio(null: int) -> None:
+    """The client's stdio let go: `null` (/dev/null, when work follows the reply) put in its place,
+    so that an fd the work opens cannot land on 0-2, where a stray write would go into it; else
+    closed."""
     for fd in (0, 1, 2):
-        try:  # noqa: SIM105 (contextlib: the server imports the hotplug graph's modules only)
-            posix.close(fd)
+        try:
+            if null >= 0:
+                posix.dup2(null, fd)
+            else:
+                posix.close(fd)
         except OSError:
             pass
 
