@@ -282,10 +282,15 @@ def test_block_hook_records_a_detached_device(libxl: Libxl, make_image: ImageFac
     # What the kernel sends for a loop detach: a change event still carrying the *old* diskseq.
     _hook(hook, "block", {**base, "ACTION": "change", "DISKSEQ": str(ident.diskseq)})
     error = libxl.nodes(be).get("hotplug-error", "")
-    assert error == (
-        f"device-replaced: device {ident.major}:{ident.minor} has no media (detached), published luid "
-        f"{ident.luid}: the backend's disk was detached or replaced under it"
-    )
+    prefix = f"device-replaced: device {ident.major}:{ident.minor} "
+    suffix = f", published luid {ident.luid}: the backend's disk was detached or replaced under it"
+    assert error.startswith(prefix), error
+    assert error.endswith(suffix), error
+    seen = error[len(prefix) : -len(suffix)]
+    # Another loop user on the host may bind the freed minor before the hook looks (the kernel
+    # hands out the lowest free one; ci33 saw 7:0 rebound): the same verdict, said as replaced.
+    rebound = seen.startswith("now has diskseq ") and int(seen.rpartition(" ")[2]) > ident.diskseq
+    assert seen == "has no media (detached)" or rebound, error
 
     libxl.store.rm(be.node("hotplug-error"))
     libxl.store.write(be.node("online"), "0")
