@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import percentile, row, run_once
-from tests.fixtures.warm import wait_gone
+from tests.fixtures.libxl import wait_gone
 from xenblockctl.blockscript import bundle
 from xenblockctl.toolstack import hostfiles
 

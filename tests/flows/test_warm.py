@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Backend, Libxl
-from tests.fixtures.warm import WarmServer, ask, lay_warm, raw_request, wait_gone
+from tests.fixtures.libxl import Backend, Libxl, wait_gone
+from tests.fixtures.warm import WarmServer, ask, lay_warm, raw_request
 from tests.support import libxl_stub
 from xenblockctl.blockscript import warm as warm_module
 from xenblockctl.environment import WARM_IMPORTS_ENV

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Libxl, process_state
-from tests.fixtures.warm import WarmServer, wait_gone
+from tests.fixtures.libxl import Libxl, process_state, stat_fields, wait_gone
+from tests.fixtures.warm import WarmServer
 from tests.flows.test_kill import _sysfs_autoclear, _tear_down, assert_consistent, remove_after_a_killed_add
 from xenblockctl.blockscript.faults import ADD_POINTS, REMOVE_POINTS
 
@@ -112,7 +111,9 @@ def test_a_kernel_path_add_forks_nothing(warm: WarmServer, libxl: Libxl, make_im
     assert "left to this worker, after its reply" in err, err
     assert "handed to child" not in err, err
     worker = running.paused_pid
-    assert _ppid(worker) == warm.proc.pid, "the job runs in the server's worker, not a child of it"
+    assert int(stat_fields(worker)[1]) == warm.proc.pid, (
+        "the job runs in the server's worker, not a child of it"
+    )
     minor = consumer.wait_opened().identity.minor
     assert libxl.nodes(be)["hotplug-status"] == "connected"
     assert _sysfs_autoclear(minor) == "1"
@@ -122,7 +123,3 @@ def test_a_kernel_path_add_forks_nothing(warm: WarmServer, libxl: Libxl, make_im
     consumer.release()
     _tear_down(libxl, be)
     assert bound_loops_under(image.parent) == {}
-
-
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

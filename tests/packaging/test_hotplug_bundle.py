@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.fixtures.warm import wait_gone
+from tests.fixtures.libxl import wait_gone
 from xenblockctl.blockscript import bundle, hotplug
 from xenblockctl.toolstack import hostfiles
 
