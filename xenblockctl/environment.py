@@ -16,7 +16,8 @@ and test-only hooks, inert when unset:
   XENBLOCKCTL_TEST_XEN_BACKEND_BUS   stands in for /sys/bus/xen-backend/devices: there is no
                                      kernel blkback off Xen, so flow tests play its sysfs attribute
   XENBLOCKCTL_PAUSE_AT, _PAUSE_FILE  stop the process at a named point (blockscript/faults.py)
-  XENBLOCKCTL_TEST_GC_SCOPE          gc considers only loop devices backed by files below this
+  XENBLOCKCTL_TEST_GC_SCOPE          gc, and remove's pass over loops tagged for a vbd without a
+                                     record, consider only loop devices backed by files below this
   XENBLOCKCTL_TEST_WARM_IMPORTS      a warm server's worker prints the modules it imported beyond
                                      the server's after its run (blockscript/warm.py)
 

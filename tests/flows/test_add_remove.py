@@ -103,6 +103,88 @@ def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
     assert minor not in bound_loops_under(image.parent), "remove detaches what it proved it created"
 
 
+def _kernel_path_add_whose_record_vanished(libxl: Libxl, image: Path, devid: int) -> tuple[Backend, Consumer]:
+    """A kernel-blkback add (AUTOCLEAR off once its job is done), then its backend directory
+    removed by someone else, owner record and all: what dom0's libxl does to a driver domain's
+    backend once the driver domain is 10 s late (LIBXL_DESTROY_TIMEOUT; ci34's scenario 21)."""
+    be = libxl.create_backend(7, devid, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    result = libxl.run("add", be)
+    assert result.returncode == 0, result.stderr
+    consumer.wait_opened()
+    libxl.wait_autoclear_off(be)
+    libxl.store.rm(be.path)
+    return be, consumer
+
+
+def test_remove_detaches_by_its_tag_a_device_whose_record_another_toolstack_removed(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    # the same guest's other disks, whose tags start like this vbd's (AUTOCLEAR off too): untouched
+    decoys = [
+        loop.attach_file(str(make_image(f"decoy{n}.img")), read_only=True, tag=tag, autoclear=False)
+        for n, tag in enumerate(("xenblockctl:7:517441", "xenblockctl:7:51744:base"))
+    ]
+    try:
+        be, consumer = _kernel_path_add_whose_record_vanished(libxl, image, 51744)
+        minor = consumer.wait_opened().identity.minor
+        result = libxl.run("remove", be)
+        assert result.returncode == 0, result.stderr
+        assert "by its tag, the owner record gone" in result.stderr, result.stderr
+        # blkback still held it: LOOP_CLR_FD armed AUTOCLEAR, so its release is the detach
+        assert minor in bound_loops_under(image.parent)
+        consumer.release()
+        assert wait_for(lambda: minor not in bound_loops_under(image.parent), timeout=10), "not cleared"
+        assert all(os.path.exists(f"/sys/block/loop{d.number}/loop") for d in decoys), "another tag touched"
+        assert libxl.nodes(be) == {}, "remove must not re-create a removed backend"
+    finally:
+        for decoy in decoys:
+            decoy.close()
+            loop.detach_with_proof(decoy.identity.devt, diskseq=decoy.identity.diskseq, tag=decoy.tag)
+
+
+def test_remove_without_a_record_leaves_a_device_another_backend_publishes(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    image = make_image()
+    be = libxl.create_backend(7, 51760, str(image), "w", engine=False)
+    consumer = libxl.blkback_consumer(be)
+    assert libxl.run("add", be).returncode == 0
+    device = consumer.wait_opened().identity
+    libxl.wait_autoclear_off(be)
+    published = {name: value for name, value in libxl.nodes(be).items() if name.startswith("physical-device")}
+    # an admin handed the same device to another guest as a block-device target
+    other = libxl.create_backend(8, 51712, f"/dev/loop{device.minor}", "r", engine=False)
+    for name, value in published.items():
+        libxl.store.write(other.node(name), value)
+    libxl.store.rm(be.path)
+    consumer.release()
+    try:
+        result = libxl.run("remove", be)
+        assert result.returncode == 0, result.stderr
+        assert "published by " in result.stderr, result.stderr
+        assert device.minor in bound_loops_under(image.parent), "another backend's device was detached"
+    finally:
+        loop.detach_with_proof(device.devt, diskseq=device.diskseq, tag="xenblockctl:7:51760")
+
+
+def test_remove_without_a_record_leaves_an_autoclear_device_to_its_last_close(
+    libxl: Libxl, make_image: ImageFactory, loop_devices: list[loop.LoopDevice]
+) -> None:
+    """A device of this vbd with AUTOCLEAR still on (an add's, before its job; the job finding no
+    record leaves it on) frees itself at its holder's last close: remove does not touch it."""
+    image = make_image()
+    held = loop.attach_file(str(image), read_only=False, tag="xenblockctl:7:51776", autoclear=True)
+    loop_devices.append(held)
+    be = libxl.create_backend(7, 51776, str(image), "w", engine=False)
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    assert "AUTOCLEAR on, left to its last close" in result.stderr, result.stderr
+    assert held.autoclear
+    assert held.number in bound_loops_under(image.parent)
+
+
 def test_an_in_process_add_turns_autoclear_off_in_line(libxl: Libxl, make_image: ImageFactory) -> None:
     """The udev hook (and the CLI's attach) run `add` in their own process: no child may be left
     behind there (udev kills it, and a threaded caller must not fork), so AUTOCLEAR is off and the

@@ -10,6 +10,9 @@ A kernel NBD device is never in the record until it is opened and published; an 
 its connect and its open leaves a connected device that nobody opened, which does not clear by
 itself. Its backend identifier names this vbd, so `remove` disconnects every such device except
 the one the record names (that one goes at its consumer's last close, DISCONNECT_ON_CLOSE).
+Loop devices likewise have a second proof source when the record is gone (dom0's libxl removed a
+driver domain's backend directory before this remove read it): their tag names this vbd
+(`_detach_unrecorded_loops`).
 
 A loop device's detach and the withdrawal run under the device's lock (blockscript/autoclear.py),
 which the job turning AUTOCLEAR off after a kernel-blkback hand-off (a forked child, or the warm
@@ -37,6 +40,7 @@ from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
+from xenblockctl.kernel.loop_abi import LoopFlags
 from xenblockctl.records import NamedTuple
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import (
@@ -68,11 +72,17 @@ def run_remove(
     # Our home and the owner record in one round trip (as add reads its nodes): the record is read
     # by the path libxl gave, which the daemon resolves against our home as backend_dir does.
     where = path.absolute() if path.backend_domid is not None else path.relative
-    _home, (owner_text,) = store.home_and_read_many([join(where, OWNER)])  # a missing node: None
+    home, (owner_text,) = store.home_and_read_many([join(where, OWNER)])  # a missing node: None
     be = backend_dir(store, path)
     faults.pause(env, "remove-start")
+    if owner_text is None:
+        result = _remove(store, path, be, (None, None), journal, env=env)
+        unrecorded = _detach_unrecorded_loops(
+            store, path, (home, be), journal, env=env, lock_timeout=lock_timeout
+        )
+        return result if unrecorded is None else RemoveResult(unrecorded)
     # malformed: cannot prove ownership, touch nothing
-    owner = parse_owner(owner_text) if owner_text is not None else None
+    owner = parse_owner(owner_text)
     if not isinstance(owner, OwnerRecord) or owner.kind != "loop":
         return _remove(store, path, be, (owner_text, owner), journal, env=env)
     with device_lock(owner.major, owner.minor, timeout=lock_timeout, lock_dir=env.lock_dir):
@@ -119,6 +129,74 @@ def _remove(
             outcome = "record-changed"
     faults.pause(env, "remove-done")
     return RemoveResult(outcome)
+
+
+def _detach_unrecorded_loops(
+    store: XenStore,
+    path: BackendPath,
+    where: tuple[str, str],
+    journal: Journal,
+    *,
+    env: Environment,
+    lock_timeout: float,
+) -> str | None:
+    """Detach the loop devices tagged for this vbd while its owner record is gone: the outcome of
+    the last detach, None if there was none.
+
+    dom0's libxl waits LIBXL_DESTROY_TIMEOUT (10 s) for a driver domain to remove a backend
+    directory, then removes it itself (libxl_device.c, device_destroy_be_watch_cb and
+    libxl__device_destroy), owner record and all; a driver domain slow to run this script (one
+    vCPU, every add and remove a fresh interpreter) reads no record afterwards (ci34's scenario
+    21: both loops stayed bound). A loop device carrying exactly this vbd's tag
+    (`xenblockctl:<domid>:<devid>`) was bound by an add of this vbd (kernel/loop.py: nobody else
+    writes our prefix), so with this vbd going away and AUTOCLEAR off (the kernel-blkback hand-off
+    turned it off, so no close will ever free it) it is ours to detach, unless a record names it
+    again by the time its lock is ours:
+      * the device lock first: the AUTOCLEAR job of a concurrent add holds it until done;
+      * this vbd's record, read again under it: a re-add of the same vbd publishes before its job
+        turns AUTOCLEAR off, so a record there now is that add's and everything is left to it;
+      * another backend publishing the same device and diskseq (an admin's block-device target)
+        keeps it bound.
+    The detach is detach_with_proof with the tag, diskseq and backing inode the scan read: a
+    number re-bound since is refused, not cleared. A device with AUTOCLEAR still on is left to
+    delete-on-close (its job, finding no record, leaves it on: autoclear.py step 4). Tests scope
+    the scan to their own files as gc's (env.gc_scope). Every decision is logged."""
+    home, be = where
+    ours = loop.make_tag(path.domid, path.devid)
+    scope = env.gc_scope.rstrip("/") + "/" if env.gc_scope else None
+    outcome = None
+    for bound in loop.bound_loops(tag_prefix=ours):
+        if bound.status.tag != ours or (scope and not bound.backing_file.startswith(scope)):
+            continue  # a longer tag that only starts like ours (another devid, a snapshot's part)
+        major, minor = posix.major(bound.devt), posix.minor(bound.devt)
+        name = f"loop {major}:{minor} seq {bound.diskseq:x}"
+        if LoopFlags.AUTOCLEAR in bound.status.flags:
+            journal.info(f"{name} ({ours}, no owner record): AUTOCLEAR on, left to its last close")
+            continue
+        with device_lock(major, minor, timeout=lock_timeout, lock_dir=env.lock_dir):
+            if store.read_optional(join(be, OWNER)) is not None:
+                journal.info(f"{name} ({ours}): an owner record appeared meanwhile (a re-add): left to it")
+                return outcome
+            holder = _published_elsewhere(store, (home, be), bound)
+            if holder is not None:
+                journal.warning(f"{name} ({ours}, no owner record): published by {holder}, left bound")
+                continue
+            backing = (bound.status.backing_dev, bound.status.backing_ino)
+            result = loop.detach_with_proof(bound.devt, diskseq=bound.diskseq, tag=ours, backing=backing)
+            outcome = result.value
+            journal.info(f"{name} ({ours}): {outcome} by its tag, the owner record gone (libxl in dom0?)")
+    return outcome
+
+
+def _published_elsewhere(store: XenStore, where: tuple[str, str], bound: loop.BoundLoop) -> str | None:
+    """Another backend of this domain that publishes `bound` (its devt, with its diskseq or none)."""
+    from xenblockctl.blockscript.sharing import backend_claims  # the rare path's walk: only here
+
+    home, be = where
+    for claim in backend_claims(store, home, be, devt=bound.devt):
+        if claim.devt == bound.devt and claim.diskseq in (None, bound.diskseq):
+            return claim.where
+    return None
 
 
 def _records_acted_on(owner_text: str, owner: OwnerRecord | NbdOwnerRecord | None) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
   loop     bound loop device with our tag and AUTOCLEAR off (the kernel-blkback hand-off turns
            it off) that no backend's owner record names by major:minor *and* diskseq. This is
-           what leaks when libxl deletes a backend without running `remove` (§1.5 step 3).
+           what leaks when libxl deletes a backend without running `remove` (§1.5 step 3);
+           a `remove` that runs after its record was deleted detaches by the tag itself.
            Devices with AUTOCLEAR on are never garbage: they vanish on their holder's last close.
   dm       dm device with our uuid prefix, not open, no deferred remove armed, creator dead.
   backend  backend directory we wrote or served (owner record, or `script` is ours) whose
