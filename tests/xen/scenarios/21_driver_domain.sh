@@ -243,7 +243,9 @@ dd_clean() {
     "! xenstore-ls -f /local/domain/$dd_id/backend 2>/dev/null | grep -q '/state = '"
   ask "$dd_id" loops
   [ "${answer%% *}" = 0 ] || fail "$label: loop devices still bound in the driver domain: $answer"
-  say "$label: remove ran in the driver domain, no backend left, no loop bound there"
+  # a remove that came after dom0's libxl had removed the backend directory (10 s) detached by tag
+  say "$label: remove ran in the driver domain, no backend left, no loop bound there" \
+    "($(grep -c 'by its tag' "$dd_console" 2>/dev/null || true) detached by tag so far)"
 }
 devid_of() {  # xvdb -> 51728
   local letter=${1#xvd}
@@ -279,8 +281,8 @@ CFG
   unwatch_dd
   dd_adds "${consumer}_guest" "$XENCI_WORK/$consumer-watch.log"
   # whether the adds ran from the hotplug bundle dom0's postinst wrote (a miss is logged with why),
-  # and the driver domain's random pool (driverdomain.init logs it until it is initialised)
-  grep -F -e 'hotplug bundle' -e 'random pool' "$dd_console" | tail -n 6 || true
+  # and the driver domain's load and random pool (driverdomain.init logs them every 15 s)
+  grep -F -e 'hotplug bundle' -e 'load at uptime' "$dd_console" | tail -n 8 || true
   grep 'DOMU:' "$DOMU_CONSOLE_DIR/guest-$guest.log" 2>/dev/null || true
   dd_clean "$consumer guest" "$before" 2
   ask "$dd_id" sector rw 300
