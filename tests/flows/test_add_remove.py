@@ -103,17 +103,16 @@ def test_kernel_blkback_consumer_gets_a_device_that_survives_reconnects(
     assert minor not in bound_loops_under(image.parent), "remove detaches what it proved it created"
 
 
-def _kernel_path_add_whose_record_vanished(libxl: Libxl, image: Path, devid: int) -> tuple[Backend, Consumer]:
-    """A kernel-blkback add (AUTOCLEAR off once its job is done), then its backend directory
-    removed by someone else, owner record and all: what dom0's libxl does to a driver domain's
-    backend once the driver domain is 10 s late (LIBXL_DESTROY_TIMEOUT; ci34's scenario 21)."""
+def _kernel_path_add(libxl: Libxl, image: Path, devid: int) -> tuple[Backend, Consumer]:
+    """A kernel-blkback add whose AUTOCLEAR job is done. The callers then remove its backend
+    directory, owner record and all: what dom0's libxl does to a driver domain's backend once the
+    driver domain is 10 s late (LIBXL_DESTROY_TIMEOUT; ci34's scenario 21)."""
     be = libxl.create_backend(7, devid, str(image), "w", engine=False)
     consumer = libxl.blkback_consumer(be)
     result = libxl.run("add", be)
     assert result.returncode == 0, result.stderr
     consumer.wait_opened()
     libxl.wait_autoclear_off(be)
-    libxl.store.rm(be.path)
     return be, consumer
 
 
@@ -127,8 +126,9 @@ def test_remove_detaches_by_its_tag_a_device_whose_record_another_toolstack_remo
         for n, tag in enumerate(("xenblockctl:7:517441", "xenblockctl:7:51744:base"))
     ]
     try:
-        be, consumer = _kernel_path_add_whose_record_vanished(libxl, image, 51744)
+        be, consumer = _kernel_path_add(libxl, image, 51744)
         minor = consumer.wait_opened().identity.minor
+        libxl.store.rm(be.path)
         result = libxl.run("remove", be)
         assert result.returncode == 0, result.stderr
         assert "by its tag, the owner record gone" in result.stderr, result.stderr
@@ -148,11 +148,8 @@ def test_remove_without_a_record_leaves_a_device_another_backend_publishes(
     libxl: Libxl, make_image: ImageFactory
 ) -> None:
     image = make_image()
-    be = libxl.create_backend(7, 51760, str(image), "w", engine=False)
-    consumer = libxl.blkback_consumer(be)
-    assert libxl.run("add", be).returncode == 0
+    be, consumer = _kernel_path_add(libxl, image, 51760)
     device = consumer.wait_opened().identity
-    libxl.wait_autoclear_off(be)
     published = {name: value for name, value in libxl.nodes(be).items() if name.startswith("physical-device")}
     # an admin handed the same device to another guest as a block-device target
     other = libxl.create_backend(8, 51712, f"/dev/loop{device.minor}", "r", engine=False)
