@@ -277,6 +277,31 @@ def test_autoclear_child_leaves_a_withdrawn_backend_alone(libxl: Libxl, make_ima
     assert bound_loops_under(image.parent) == {}, "leaked: AUTOCLEAR off and no record to remove it by"
 
 
+def test_a_record_removed_after_the_job_checked_it_is_detached_by_tag(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """dom0's libxl removed the backend directory (a driver domain 10 s late) after the AUTOCLEAR
+    job had read the record and before its ioctl: the job turns AUTOCLEAR off and finds the record
+    gone; a remove that scanned meanwhile saw AUTOCLEAR still on, and must read it again under the
+    lock, which the job held throughout, or the device stays bound for good (review of bb87b97)."""
+    image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
+    libxl.store.rm(be.path)
+    remover = libxl.start("remove", be)  # scans (AUTOCLEAR on), then waits for the job's lock
+    fds, deadline = Path(f"/proc/{remover.proc.pid}/fd"), time.monotonic() + 10
+    while not any(fd.resolve().name == f"loop-7-{minor}" for fd in fds.iterdir()):
+        assert remover.proc.poll() is None, remover.proc.communicate()
+        assert time.monotonic() < deadline, "remove never opened the device lock"
+        time.sleep(0.01)
+    running.resume()
+    _out, err = remover.proc.communicate(timeout=20)
+    assert remover.proc.returncode == 0, err
+    assert "no owner record: detached by its tag" in err, err
+    assert "removed (detached)" in err, err
+    assert minor in bound_loops_under(image.parent), "blkback still holds it"
+    consumer.release()
+    assert bound_loops_under(image.parent) == {}, "leaked: AUTOCLEAR off and nothing detached it"
+
+
 def test_remove_during_the_hand_off_is_not_undone(libxl: Libxl, make_image: ImageFactory) -> None:
     """A remove (gc, a forced detach) that ran while add waited for blkback withdrew our nodes:
     add must not write the record back and report connected (it used to, reviving the record of a

@@ -262,6 +262,31 @@ def test_bound_loops_backed_by_is_the_full_scan_filtered(
             dev.close()
 
 
+def test_bound_loops_tagged_is_the_full_scan_with_the_exact_tag(make_image: ImageFactory) -> None:
+    """remove's pass over a vbd's devices without a record: exactly bound_loops' records whose tag
+    is the one asked for, not those that only start like it (another devid, a snapshot's part)."""
+    tags = (
+        "xenblockctl:test-7:5",
+        "xenblockctl:test-7:5",
+        "xenblockctl:test-7:51",
+        "xenblockctl:test-7:5:base",
+    )
+    devices = [
+        loop.attach_file(str(make_image(f"t{n}.img")), read_only=True, tag=tag) for n, tag in enumerate(tags)
+    ]
+    try:
+        found = list(loop.bound_loops_tagged("xenblockctl:test-7:5"))
+        full = [x for x in loop.bound_loops(tag_prefix=None) if x.status.tag == "xenblockctl:test-7:5"]
+        assert found == full
+        assert sorted(x.number for x in found) == sorted(d.number for d in devices[:2])
+        assert list(loop.bound_loops_tagged("xenblockctl:test-7")) == []
+        assert [loop.autoclear_now(d.number) for d in devices] == [True] * 4
+    finally:
+        for dev in devices:
+            dev.close()
+    assert loop.autoclear_now(1 << 19) is None, "no such device: None"  # (a freed minor may be re-bound)
+
+
 def test_bound_loops_backed_by_skips_a_device_detached_during_the_scan(
     make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -237,7 +237,8 @@ def _clear(store: XenStore, job: _Job) -> bool:
         return True
 
     if not store.run_transaction(rewrite):
-        # Only a remove or re-add without our lock could do this; remove's proof ignores the field.
+        # A remove or re-add without our lock, or dom0's libxl removing a driver domain's backend
+        # directory (remove then detaches by tag, under our lock); remove's proof ignores the field.
         job.journal.warning(f"{name}: AUTOCLEAR is off but the owner record changed meanwhile")
         return False
     job.journal.info(f"{name}: AUTOCLEAR off, blkback's reconnects keep the device")

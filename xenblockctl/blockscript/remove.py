@@ -1,4 +1,6 @@
-"""`remove`: detach only what our ownership record proves we created, then withdraw our nodes.
+"""`remove`: detach only what we can prove we created, then withdraw our nodes.
+
+The proof is our ownership record; with the record gone, a loop device's tag (below).
 
 libxl may run remove for a device whose add failed, never ran, or ran partially; twice; after
 the image was deleted; or never (then delete-on-close cleans up). So every node may be missing,
@@ -17,10 +19,11 @@ driver domain's backend directory before this remove read it): their tag names t
 A loop device's detach and the withdrawal run under the device's lock (blockscript/autoclear.py),
 which the job turning AUTOCLEAR off after a kernel-blkback hand-off (a forked child, or the warm
 worker after its reply) holds until it is done: otherwise that job's ioctl could cancel the
-AUTOCLEAR our LOOP_CLR_FD armed, and the device would stay bound after blkback lets go. A wait
-longer than lock_timeout is a coded error that changes nothing.
+AUTOCLEAR our LOOP_CLR_FD armed, and the device would stay bound after blkback lets go. With a
+record, a wait longer than lock_timeout is a coded error that changes nothing; the pass by tag
+tries every device it found and then raises the first failure.
 
-The record is read once before the detach and once more inside the withdrawal's transaction, in
+With a record, the record is read once before the detach and once more inside the withdrawal's transaction, in
 the batch that removes our nodes (not again after the lock: that was a round trip of its own;
 bench/README.md, issue 18, session 14). The detach needs no second look: it acts only on the
 exact binding the first read names (devt, diskseq, tag, backing: loop.detach_with_proof), which
@@ -33,6 +36,7 @@ place and logged as `record-changed`; a record already withdrawn is logged as su
 from __future__ import annotations
 
 import posix
+import time
 
 from xenblockctl.blockscript import faults
 from xenblockctl.blockscript.locks import device_lock
@@ -40,15 +44,19 @@ from xenblockctl.environment import Environment
 from xenblockctl.errors import XenblockError
 from xenblockctl.journal import Journal
 from xenblockctl.kernel import loop
-from xenblockctl.kernel.loop_abi import LoopFlags
+from xenblockctl.kernel.errors import LoopError
+from xenblockctl.kernel.loop import DetachResult
 from xenblockctl.records import NamedTuple
+from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import (
     OWNER,
     PUBLISHED,
+    IdentityError,
     NbdOwnerRecord,
     OwnerRecord,
     OwnerRecordError,
+    PublishedIdentity,
     parse_owner,
 )
 from xenblockctl.xenstore.paths import join
@@ -140,62 +148,115 @@ def _detach_unrecorded_loops(
     env: Environment,
     lock_timeout: float,
 ) -> str | None:
-    """Detach the loop devices tagged for this vbd while its owner record is gone: the outcome of
-    the last detach, None if there was none.
+    """Detach the loop devices tagged for this vbd while its owner record is gone: "detached" if
+    one was, else the last outcome ("already-gone"), None if there was nothing to do.
 
     dom0's libxl waits LIBXL_DESTROY_TIMEOUT (10 s) for a driver domain to remove a backend
     directory, then removes it itself (libxl_device.c, device_destroy_be_watch_cb and
-    libxl__device_destroy), owner record and all; a driver domain slow to run this script (one
-    vCPU, every add and remove a fresh interpreter) reads no record afterwards (ci34's scenario
-    21: both loops stayed bound). A loop device carrying exactly this vbd's tag
-    (`xenblockctl:<domid>:<devid>`) was bound by an add of this vbd (kernel/loop.py: nobody else
-    writes our prefix), so with this vbd going away and AUTOCLEAR off (the kernel-blkback hand-off
-    turned it off, so no close will ever free it) it is ours to detach, unless a record names it
-    again by the time its lock is ours:
-      * the device lock first: the AUTOCLEAR job of a concurrent add holds it until done;
-      * this vbd's record, read again under it: a re-add of the same vbd publishes before its job
-        turns AUTOCLEAR off, so a record there now is that add's and everything is left to it;
-      * another backend publishing the same device and diskseq (an admin's block-device target)
-        keeps it bound.
-    The detach is detach_with_proof with the tag, diskseq and backing inode the scan read: a
-    number re-bound since is refused, not cleared. A device with AUTOCLEAR still on is left to
-    delete-on-close (its job, finding no record, leaves it on: autoclear.py step 4). Tests scope
-    the scan to their own files as gc's (env.gc_scope). Every decision is logged."""
+    libxl__device_destroy), owner record and all; a driver domain slow to run this script reads
+    no record afterwards (ci34's scenario 21: both loops stayed bound). The tag
+    (`xenblockctl:<domid>:<devid>`) is the other proof: we assume nobody else writes our prefix into
+    lo_file_name (any root process could; gc, sharing and the record's proof assume the same), so a
+    device carrying exactly this vbd's tag was bound by an add of this vbd. With the vbd going
+    away, one whose AUTOCLEAR is off (the kernel-blkback hand-off turned it off: no close will
+    ever free it) is ours to detach. For each, in order:
+      * its device lock: the AUTOCLEAR job of an add holds it from before its record is published
+        until it is done, so under it AUTOCLEAR is what it stays, and is read then (a job that read
+        the record before it vanished may have turned AUTOCLEAR off since the scan);
+      * AUTOCLEAR on: left to its last close (delete-on-close);
+      * this vbd's record, read again under the lock: one naming this device is a re-add's, and
+        its device is left to it (a malformed one proves nothing: the pass stops);
+      * another backend publishing the device with its diskseq, or without one that says
+        otherwise (an admin's block-device target): left bound;
+      * detach_with_proof with the tag, diskseq and backing inode the scan read: a number re-bound
+        since is refused, not cleared.
+    Every decision is logged. A device that fails (its lock not had in time, the proof refused, a
+    store error) is logged and the others are still tried; the first failure is then raised, so
+    libxl reports it. All lock waits together take at most `lock_timeout`. Tests scope the scan to
+    their own files, as gc's (env.gc_scope)."""
     home, be = where
     ours = loop.make_tag(path.domid, path.devid)
     scope = env.gc_scope.rstrip("/") + "/" if env.gc_scope else None
-    outcome = None
-    for bound in loop.bound_loops(tag_prefix=ours):
-        if bound.status.tag != ours or (scope and not bound.backing_file.startswith(scope)):
-            continue  # a longer tag that only starts like ours (another devid, a snapshot's part)
-        major, minor = posix.major(bound.devt), posix.minor(bound.devt)
-        name = f"loop {major}:{minor} seq {bound.diskseq:x}"
-        if LoopFlags.AUTOCLEAR in bound.status.flags:
-            journal.info(f"{name} ({ours}, no owner record): AUTOCLEAR on, left to its last close")
+    try:
+        found = [b for b in loop.bound_loops_tagged(ours) if not scope or b.backing_file.startswith(scope)]
+    except OSError as exc:
+        raise LoopError(f"cannot scan the loop devices for tag {ours}", errno=exc.errno) from exc
+    deadline = time.monotonic() + lock_timeout
+    outcomes: list[str] = []
+    failed: XenblockError | None = None
+    for bound in found:
+        name = f"loop {posix.major(bound.devt)}:{posix.minor(bound.devt)} seq {bound.diskseq:x} ({ours})"
+        try:
+            outcome = _detach_unrecorded(store, (home, be), bound, journal, env=env, deadline=deadline)
+        except XenblockError as exc:
+            journal.error(f"{name}, no owner record: {exc.one_line()}")
+            failed = failed or exc
             continue
-        with device_lock(major, minor, timeout=lock_timeout, lock_dir=env.lock_dir):
-            if store.read_optional(join(be, OWNER)) is not None:
-                journal.info(f"{name} ({ours}): an owner record appeared meanwhile (a re-add): left to it")
-                return outcome
-            holder = _published_elsewhere(store, (home, be), bound)
-            if holder is not None:
-                journal.warning(f"{name} ({ours}, no owner record): published by {holder}, left bound")
-                continue
-            backing = (bound.status.backing_dev, bound.status.backing_ino)
-            result = loop.detach_with_proof(bound.devt, diskseq=bound.diskseq, tag=ours, backing=backing)
-            outcome = result.value
-            journal.info(f"{name} ({ours}): {outcome} by its tag, the owner record gone (libxl in dom0?)")
-    return outcome
+        if outcome is None:
+            break  # a malformed record appeared: nothing can be proven any more
+        journal.info(f"{name}, no owner record: {outcome}")
+        outcomes.append(outcome)
+    if failed is not None:
+        raise failed
+    for result in DetachResult.DETACHED, DetachResult.ALREADY_GONE:
+        if any(outcome.startswith(result.value) for outcome in outcomes):
+            return str(result.value)
+    return None  # nothing, or all left alone
+
+
+def _detach_unrecorded(
+    store: XenStore,
+    where: tuple[str, str],
+    bound: loop.BoundLoop,
+    journal: Journal,
+    *,
+    env: Environment,
+    deadline: float,
+) -> str | None:
+    """One device of _detach_unrecorded_loops, under its lock: what became of it (None: a
+    malformed record appeared, the pass stops)."""
+    home, be = where
+    major, minor = posix.major(bound.devt), posix.minor(bound.devt)
+    wait = max(0.0, deadline - time.monotonic())
+    with device_lock(major, minor, timeout=wait, lock_dir=env.lock_dir):
+        autoclear = loop.autoclear_now(bound.number)
+        if autoclear is None:
+            return DetachResult.ALREADY_GONE.value
+        if autoclear:
+            return "left to its last close (AUTOCLEAR on)"
+        text = store.read_optional(join(be, OWNER))
+        if text is not None:
+            try:
+                record = parse_owner(text)
+            except OwnerRecordError as exc:
+                journal.warning(f"an owner record appeared meanwhile, malformed ({exc}): nothing detached")
+                return None
+            named = (record.devt, record.diskseq) if isinstance(record, OwnerRecord) else None
+            if named == (bound.devt, bound.diskseq):
+                return "left to the re-add whose record names it"
+        holder = _published_elsewhere(store, (home, be), bound)
+        if holder is not None:
+            return f"left bound: {holder} publishes it"
+        backing = (bound.status.backing_dev, bound.status.backing_ino)
+        result = loop.detach_with_proof(
+            bound.devt, diskseq=bound.diskseq, tag=bound.status.tag, backing=backing
+        )
+        return result.value if result is not DetachResult.DETACHED else f"{result.value} by its tag"
 
 
 def _published_elsewhere(store: XenStore, where: tuple[str, str], bound: loop.BoundLoop) -> str | None:
-    """Another backend of this domain that publishes `bound` (its devt, with its diskseq or none)."""
-    from xenblockctl.blockscript.sharing import backend_claims  # the rare path's walk: only here
-
+    """Another backend of this domain whose physical-device names `bound`'s number, unless the
+    diskseq it publishes is another binding's (as gc's _claimed: a malformed or missing one counts)."""
     home, be = where
-    for claim in backend_claims(store, home, be, devt=bound.devt):
-        if claim.devt == bound.devt and claim.diskseq in (None, bound.diskseq):
-            return claim.where
+    for entry in identity.backends_publishing(store, home, bound.devt, skip=be):
+        values = store.read_many([join(entry.path, node) for node in identity.IDENTITY_NODES])
+        nodes = dict(zip(identity.IDENTITY_NODES, values, strict=True))
+        try:
+            published = PublishedIdentity.from_nodes(nodes)
+        except IdentityError:
+            published = None
+        if published is None or published.diskseq in (None, bound.diskseq):
+            return entry.path
     return None
 
 
