@@ -145,14 +145,19 @@ def test_remove_detaches_by_its_tag_a_device_whose_record_another_toolstack_remo
             loop.detach_with_proof(decoy.identity.devt, diskseq=decoy.identity.diskseq, tag=decoy.tag)
 
 
+@pytest.mark.parametrize("published_seq", ["same", "older"])
 def test_remove_without_a_record_leaves_a_device_another_backend_publishes(
-    libxl: Libxl, make_image: ImageFactory
+    libxl: Libxl, make_image: ImageFactory, published_seq: str
 ) -> None:
+    """An admin handed the same device to another guest as a block-device target: that backend's
+    physical-device and luid name it, and it stays bound. A luid of an older binding of the number
+    names another disk (gc's rule too): it does not keep this one."""
     image = make_image()
     be, consumer = _kernel_path_add(libxl, image, 51760)
     device = consumer.wait_opened().identity
     published = {name: value for name, value in libxl.nodes(be).items() if name.startswith("physical-device")}
-    # an admin handed the same device to another guest as a block-device target
+    if published_seq == "older":
+        published["physical-device-luid"] = f"{device.diskseq - 1:x}"
     other = libxl.create_backend(8, 51712, f"/dev/loop{device.minor}", "r", engine=False)
     for name, value in published.items():
         libxl.store.write(other.node(name), value)
@@ -161,10 +166,45 @@ def test_remove_without_a_record_leaves_a_device_another_backend_publishes(
     try:
         result = libxl.run("remove", be)
         assert result.returncode == 0, result.stderr
-        assert f"left bound: {other.path} publishes it" in result.stderr, result.stderr
-        assert device.minor in bound_loops_under(image.parent), "another backend's device was detached"
+        if published_seq == "same":
+            assert f"left bound: {other.path} publishes it" in result.stderr, result.stderr
+            assert device.minor in bound_loops_under(image.parent), "another backend's device was detached"
+        else:
+            assert "no owner record: detached by its tag" in result.stderr, result.stderr
+            assert device.minor not in bound_loops_under(image.parent), "a stale publication kept it"
     finally:
-        loop.detach_with_proof(device.devt, diskseq=device.diskseq, tag="xenblockctl:7:51760")
+        if device.minor in bound_loops_under(image.parent):
+            loop.detach_with_proof(device.devt, diskseq=device.diskseq, tag="xenblockctl:7:51760")
+
+
+def test_remove_without_a_record_tries_every_device_and_reports_the_first_failure(
+    libxl: Libxl, make_image: ImageFactory
+) -> None:
+    """Two devices tagged for the vbd (AUTOCLEAR off, nobody holding them), one whose lock another
+    holder keeps past lock_timeout: the other is still detached, remove fails with the lock's coded
+    error, and a later remove finishes the first."""
+    numbers = []
+    for n in range(2):
+        image = str(make_image(f"d{n}.img"))
+        with loop.attach_file(image, read_only=False, tag="xenblockctl:7:51792", autoclear=False) as device:
+            numbers.append(device.number)
+    be = libxl.create_backend(7, 51792, "/dev/null", "w", engine=False)
+    libxl.lock_dir.mkdir(parents=True, exist_ok=True)
+    locked, free = numbers
+    holder = os.open(libxl.lock_dir / f"loop-7-{locked}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        result = libxl.run("remove", be, XENBLOCKCTL_LOCK_TIMEOUT="0.3")
+        assert result.returncode == 1, result.stderr
+        assert "lock-timeout" in result.stderr, result.stderr
+        bound = bound_loops_under(libxl.workdir)
+        assert free not in bound, "the device whose lock was free was not detached"
+        assert locked in bound, "a device was detached without its lock"
+    finally:
+        os.close(holder)
+    result = libxl.run("remove", be)
+    assert result.returncode == 0, result.stderr
+    assert bound_loops_under(libxl.workdir) == {}, result.stderr
 
 
 def test_remove_without_a_record_leaves_an_autoclear_device_to_its_last_close(
