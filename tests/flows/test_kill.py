@@ -15,7 +15,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.fixtures.kernel import ImageFactory, bound_loops_under
-from tests.fixtures.libxl import Backend, Consumer, Libxl, Running, kill_child
+from tests.fixtures.libxl import Backend, Consumer, Libxl, Running, kill_child, wait_lock_opened
 from xenblockctl.blockscript.faults import ADD_POINTS, AUTOCLEAR_POINTS, REMOVE_POINTS
 from xenblockctl.xenstore.identity import OwnerRecord
 
@@ -287,11 +287,7 @@ def test_a_record_removed_after_the_job_checked_it_is_detached_by_tag(
     image, be, consumer, running, minor = _kernel_add_paused_in_child(libxl, make_image, "autoclear-checked")
     libxl.store.rm(be.path)
     remover = libxl.start("remove", be)  # scans (AUTOCLEAR on), then waits for the job's lock
-    fds, deadline = Path(f"/proc/{remover.proc.pid}/fd"), time.monotonic() + 10
-    while not any(fd.resolve().name == f"loop-7-{minor}" for fd in fds.iterdir()):
-        assert remover.proc.poll() is None, remover.proc.communicate()
-        assert time.monotonic() < deadline, "remove never opened the device lock"
-        time.sleep(0.01)
+    wait_lock_opened(libxl.lock_dir / f"loop-7-{minor}", besides=running.paused_pid)
     running.resume()
     _out, err = remover.proc.communicate(timeout=20)
     assert remover.proc.returncode == 0, err
