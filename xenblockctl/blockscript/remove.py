@@ -23,8 +23,8 @@ AUTOCLEAR our LOOP_CLR_FD armed, and the device would stay bound after blkback l
 record, a wait longer than lock_timeout is a coded error that changes nothing; the pass by tag
 tries every device it found and then raises the first failure.
 
-With a record, the record is read once before the detach and once more inside the withdrawal's transaction, in
-the batch that removes our nodes (not again after the lock: that was a round trip of its own;
+With a record, the record is read once before the detach and once more inside the withdrawal's
+transaction, in the batch that removes our nodes (not again after the lock: that was a round trip of its own;
 bench/README.md, issue 18, session 14). The detach needs no second look: it acts only on the
 exact binding the first read names (devt, diskseq, tag, backing: loop.detach_with_proof), which
 nobody but this backend's add can have made, so detaching it is right whoever rewrote the record
@@ -52,7 +52,6 @@ from xenblockctl.xenstore.client import Transaction, XenStore
 from xenblockctl.xenstore.identity import (
     OWNER,
     PUBLISHED,
-    IdentityError,
     NbdOwnerRecord,
     OwnerRecord,
     OwnerRecordError,
@@ -149,7 +148,8 @@ def _detach_unrecorded_loops(
     lock_timeout: float,
 ) -> str | None:
     """Detach the loop devices tagged for this vbd while its owner record is gone: "detached" if
-    one was, else the last outcome ("already-gone"), None if there was nothing to do.
+    one was, else "already-gone" if one was found gone, None if there was nothing to do (or all
+    were left alone).
 
     dom0's libxl waits LIBXL_DESTROY_TIMEOUT (10 s) for a driver domain to remove a backend
     directory, then removes it itself (libxl_device.c, device_destroy_be_watch_cb and
@@ -246,15 +246,14 @@ def _detach_unrecorded(
 
 def _published_elsewhere(store: XenStore, where: tuple[str, str], bound: loop.BoundLoop) -> str | None:
     """Another backend of this domain whose physical-device names `bound`'s number, unless the
-    diskseq it publishes is another binding's (as gc's _claimed: a malformed or missing one counts)."""
+    diskseq it publishes is another binding's (PublishedIdentity.claimed, as gc and sharing read
+    it); their identity nodes in one batch."""
     home, be = where
-    for entry in identity.backends_publishing(store, home, bound.devt, skip=be):
-        values = store.read_many([join(entry.path, node) for node in identity.IDENTITY_NODES])
-        nodes = dict(zip(identity.IDENTITY_NODES, values, strict=True))
-        try:
-            published = PublishedIdentity.from_nodes(nodes)
-        except IdentityError:
-            published = None
+    entries = identity.backends_publishing(store, home, bound.devt, skip=be)
+    nodes = identity.IDENTITY_NODES
+    values = iter(store.read_many([join(entry.path, node) for entry in entries for node in nodes]))
+    for entry in entries:
+        published = PublishedIdentity.claimed({node: next(values) for node in nodes})
         if published is None or published.diskseq in (None, bound.diskseq):
             return entry.path
     return None

@@ -50,7 +50,6 @@ from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.errors import XenstoreError
 from xenblockctl.xenstore.identity import (
-    IdentityError,
     NbdOwnerRecord,
     OwnerRecord,
     OwnerRecordError,
@@ -327,12 +326,7 @@ _PUBLIC_NODES = (*identity.IDENTITY_NODES, "mode")
 def _public_claim(be: str, texts: list[str | None]) -> Claim | None:
     values = dict(zip(_PUBLIC_NODES, texts, strict=True))
     mode = values["mode"] or "w"  # unknown mode: assume the worst
-    try:
-        published = PublishedIdentity.from_nodes(values)
-    except IdentityError:
-        # A malformed physical-device names no device; a malformed or disagreeing diskseq cannot
-        # prove the claim stale, so it counts for whatever physical-device names.
-        published = PublishedIdentity.named(values)
+    published = PublishedIdentity.claimed(values)
     if published is None:
         return None
     return Claim(where=be, writable="w" in mode, devt=published.devt, diskseq=published.diskseq)

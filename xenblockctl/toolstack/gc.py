@@ -34,7 +34,6 @@ from xenblockctl.toolstack.inventory import VbdInfo
 from xenblockctl.xenstore import identity
 from xenblockctl.xenstore.client import XenStore
 from xenblockctl.xenstore.identity import (
-    IdentityError,
     OwnerRecord,
     OwnerRecordError,
     PublishedIdentity,
@@ -100,10 +99,7 @@ def _claimed(vbds: list[VbdInfo]) -> set[tuple[int, int]]:
                 owner = None
             if isinstance(owner, OwnerRecord):  # an NBD export (kind=nbd) claims no kernel device
                 claimed.add((owner.devt, owner.diskseq))
-        try:
-            published = PublishedIdentity.from_nodes(backend)
-        except IdentityError:
-            published = PublishedIdentity.named(backend)
+        published = PublishedIdentity.claimed(backend)
         if published is not None:
             claimed.add((published.devt, ANY_DISKSEQ if published.diskseq is None else published.diskseq))
     return claimed

@@ -228,6 +228,18 @@ class PublishedIdentity(NamedTuple):
         except IdentityError:
             return None
 
+    @classmethod
+    def claimed(cls, nodes: Mapping[str, str | None]) -> PublishedIdentity | None:
+        """What a backend's published nodes claim, for readers that must never under-count a user
+        (sharing, gc, remove's pass by tag): from_nodes; where a luid or diskseq is malformed or
+        they disagree, they cannot prove the claim stale, so it counts for whatever
+        physical-device names (named: diskseq None). None when physical-device is absent or
+        malformed (it names no device)."""
+        try:
+            return cls.from_nodes(nodes)
+        except IdentityError:
+            return cls.named(nodes)
+
     def liveness(self, observe: Observer) -> Liveness:
         return liveness_of(self.devt, self.diskseq, observe)
 
