@@ -104,11 +104,13 @@ def clean_up(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def _pump(stream: TextIO, log: TextIO, lines: list[str], name: str) -> None:
+    started = time.monotonic()
     for line in stream:
         log.write(line)
         log.flush()
         lines.append(line.rstrip("\n"))
-        print(f"[{name}] {line}", end="", flush=True)
+        # seconds into the scenario on the console: where a lane's hour went, read from one run
+        print(f"[{name} +{time.monotonic() - started:.0f}s] {line}", end="", flush=True)
 
 
 def interpreter(path: Path) -> list[str]:
