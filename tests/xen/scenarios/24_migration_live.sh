@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# xenci-timeout: 300
+# xenci-timeout: 60
+# xenci-full-timeout: 300
 # Issue 14, item 3: one live `xl migrate` to this host (`-s ''`: no ssh, the receiver is a local
 # `xl migrate-receive`) of a guest with a writable file disk on kernel blkback. The receiver's `add` runs
 # while the suspended source still holds the disk (the same-VM rule lets it through); then the source is
@@ -10,6 +11,10 @@
 . "$XENCI_SCENARIOS/lib.sh"
 . "$XENCI_SCENARIOS/pvguest.sh"
 . "$XENCI_SCENARIOS/migration.sh"
+# In a full run only: under TCG it never migrates (above), and the rest -- a failed migration leaves
+# the source running on its one device -- cost a check run 70 s of its hour (ci37) for a path libxl
+# takes, not ours; 23_migration checks our hand-over in every run.
+full_lane || skip "live xl migrate cannot run under QEMU/TCG (no log-dirty mode); its rollback is checked with XENBLOCKCTL_XEN_LANE=full"
 
 need_script  # the block script the .deb installed (lib.sh: $script)
 trap 'mig_cleanup' EXIT
