@@ -98,6 +98,8 @@ def xen_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         f"QEMU ran {run.qemu_seconds:.1f}s (exit {run.qemu_rc}), dom0 ready after {boot}, "
         f"runner exit {run.runner_rc}{'; ' + run.killed if run.killed else ''}"
     )
+    for stalled in run.stalled:
+        progress(f"a boot before this one hung before ready and was tried again: {stalled}")
     return run
 
 

@@ -240,6 +240,54 @@ def test_boot_reaps_a_vm_that_never_comes_up(tmp_path: Path, monkeypatch: pytest
     assert os.access(share / "test.sh", os.X_OK)
 
 
+def test_a_boot_silent_before_ready_is_reaped_and_tried_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first fake VM prints a little and hangs (lane24b: dom0's kernel stopped at 14 s); the
+    # second comes up. Each VM's pids are kept, to see that the hung one was reaped.
+    pids = tmp_path / "pids"
+    body = f"""
+for a in "$@"; do case $a in file:*) serial=${{a#file:}} ;; esac; done
+n=$(ls {pids}.* 2>/dev/null | wc -l)
+echo $$ > {pids}.$n
+if [ "$n" = 0 ]; then
+  echo "sched_clock: Marking stable" >> "$serial"
+  sleep 300 &
+  echo $! >> {pids}.$n
+  wait
+fi
+echo "XENCI: ready; running test.sh" >> "$serial"
+exit 0
+"""
+    _fake_qemu(tmp_path, monkeypatch, body)
+    share = tmp_path / "share"
+    share.mkdir()
+    said: list[str] = []
+    start = time.monotonic()
+    run = vm.boot(_fake_image(tmp_path), share, vm.discover()[:1], boot_stall=1.5, progress=said.append)
+    assert time.monotonic() - start < 20
+    assert run.boot_seconds is not None
+    assert run.qemu_rc == 0
+    assert not run.killed
+    assert len(run.stalled) == 1
+    assert "Marking stable" in run.stalled[0].read_text()
+    assert "Marking stable" not in run.serial_log.read_text()
+    assert any("booting again" in s for s in said)
+    for pid in (tmp_path / "pids.0").read_text().split():
+        _assert_gone(int(pid))
+
+
+def test_a_second_silent_boot_is_not_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every VM hangs: the last attempt waits out boot_timeout, as a boot always did.
+    _fake_qemu(tmp_path, monkeypatch, "sleep 300 &\nwait\n")
+    share = tmp_path / "share"
+    share.mkdir()
+    run = vm.boot(_fake_image(tmp_path), share, vm.discover()[:1], boot_timeout=3.0, boot_stall=1.0)
+    assert len(run.stalled) == vm.BOOT_ATTEMPTS - 1
+    assert "did not report ready within 3s" in run.killed
+    assert run.boot_seconds is None
+
+
 def test_boot_takes_verdicts_from_records_not_qemu_status(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

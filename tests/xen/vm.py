@@ -40,6 +40,12 @@ FULL_TIMEOUT_HEADER = re.compile(r"^#\s*xenci-full-timeout:\s*(\d+)\s*$", re.M)
 DEFAULT_SCENARIO_TIMEOUT = 240
 #: QEMU start -> "ready" marker. Idle it takes ~20 s; TCG on a loaded 2-core host is much slower.
 BOOT_TIMEOUT = 600.0
+#: A boot whose console says nothing for this long before "ready" has hung, and is tried once more
+#: from the pristine image: dom0's kernel once stopped for good right after "sched_clock: Marking
+#: stable" at 14 s (lane24b; the boots before and after it were ready in ~45 s), and waiting out
+#: BOOT_TIMEOUT would have failed every scenario of the run.
+BOOT_STALL = 180.0
+BOOT_ATTEMPTS = 2
 #: The lane's two jobs (environment XENBLOCKCTL_XEN_LANE). "check", the default and what CI runs:
 #: every scenario's checks, each engine variant's data through real blkfront once, a shorter soak,
 #: the migration's two diagonal cases. "full": also the measurements (scenario 12's rounds and
@@ -142,6 +148,8 @@ class LaneRun:
     killed: str = ""
     #: scenario name -> seconds since QEMU start when its RESULT line appeared on the console
     seen: dict[str, float] = field(default_factory=dict)
+    #: consoles of boots that hung before "ready" and were tried again (BOOT_STALL)
+    stalled: list[Path] = field(default_factory=list)
 
     def console_tail(self, lines: int = 60) -> str:
         try:
@@ -251,6 +259,7 @@ def boot(
     *,
     host_timeout: float | None = None,
     boot_timeout: float = BOOT_TIMEOUT,
+    boot_stall: float = BOOT_STALL,
     progress: Callable[[str], None] | None = None,
     packages: Packages | None = None,
     mode: str = "check",
@@ -273,6 +282,7 @@ def boot(
             scenarios,
             host_timeout=host_timeout,
             boot_timeout=boot_timeout,
+            boot_stall=boot_stall,
             progress=progress,
             packages=packages,
             mode=mode,
@@ -286,28 +296,66 @@ def _boot_locked(
     *,
     host_timeout: float | None,
     boot_timeout: float,
+    boot_stall: float,
     progress: Callable[[str], None] | None,
     packages: Packages | None,
     mode: str,
 ) -> LaneRun:
     guest_timeout = stage(share, scenarios, packages, mode)
     serial = share.parent / f"{share.name}-console.log"
-    serial.write_bytes(b"")
     run = LaneRun(share=share, serial_log=serial)
-    deadline_total = host_timeout if host_timeout is not None else guest_timeout + boot_timeout + 60
     argv = qemu_argv(image, share, serial, guest_timeout)
     (share.parent / f"{share.name}-qemu.argv").write_text(" ".join(argv) + "\n")
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        stalled = _run_qemu(
+            run,
+            argv,
+            deadline_total=host_timeout if host_timeout is not None else guest_timeout + boot_timeout + 60,
+            boot_timeout=boot_timeout,
+            boot_stall=boot_stall if attempt < BOOT_ATTEMPTS else float("inf"),
+            progress=progress,
+        )
+        if stalled is None:
+            break
+        # Kept beside the run's console; nothing ran in dom0 yet, so the share is as staged.
+        kept = serial.with_name(f"{serial.stem}.stalled-{attempt}.log")
+        serial.replace(kept)
+        run.stalled.append(kept)
+        if progress:
+            progress(
+                f"dom0 silent for {boot_stall:.0f}s at {stalled:.0f}s into its boot, before ready:"
+                f" booting again ({kept})"
+            )
+    collect(run)
+    return run
+
+
+def _run_qemu(
+    run: LaneRun,
+    argv: list[str],
+    *,
+    deadline_total: float,
+    boot_timeout: float,
+    boot_stall: float,
+    progress: Callable[[str], None] | None,
+) -> float | None:
+    """One QEMU, always reaped; the seconds into it at which it was found stalled before "ready"
+    (then `run` holds nothing of it but its console), else None."""
+    serial = run.serial_log
+    serial.write_bytes(b"")
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=(share.parent / f"{share.name}-qemu.stderr").open("wb"),
+        stderr=(serial.parent / f"{run.share.name}-qemu.stderr").open("wb"),
         start_new_session=True,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
     )
     offset = 0
     pending = ""
+    heard = 0.0
+    stalled: float | None = None
     try:
         while True:
             now = time.monotonic() - start
@@ -315,6 +363,8 @@ def _boot_locked(
                 f.seek(offset)
                 chunk = f.read()
             offset += len(chunk)
+            if chunk:
+                heard = now
             pending += chunk.decode(errors="replace").replace("\r", "")
             *complete, pending = pending.split("\n")
             for line in complete:
@@ -330,6 +380,9 @@ def _boot_locked(
             if rc is not None:
                 run.qemu_rc = rc
                 break
+            if run.boot_seconds is None and now - heard > boot_stall:
+                stalled = now
+                break
             if run.boot_seconds is None and now > boot_timeout:
                 run.killed = f"dom0 did not report ready within {boot_timeout:.0f}s of QEMU start"
                 break
@@ -342,8 +395,7 @@ def _boot_locked(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         run.qemu_seconds = time.monotonic() - start
-    collect(run)
-    return run
+    return stalled
 
 
 def keep_last_run(run: LaneRun, dest: Path) -> Path | None:
