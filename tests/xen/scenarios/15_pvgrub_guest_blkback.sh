@@ -18,4 +18,4 @@ modprobe xen-blkback || true
 # A check run (CI) boots once: pvgrub's hand-over on kernel blkback, what no other scenario has. The
 # reboot and save/restore on kernel blkback (~70 s of CI's lane, ci37) are a full run's: 13 ends
 # blkback guests both ways, 23 saves and restores one on a block device, 11 runs this cycle whole.
-if full_lane; then pvgrub_guest_cycle blkback; else pvgrub_first_boot blkback; fi
+if full_lane; then pvgrub_guest_cycle blkback; else pvgrub_first_boot blkback blkback; fi
