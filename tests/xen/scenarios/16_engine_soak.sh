@@ -6,7 +6,7 @@
 # blkfront is the frontend; soak_io.py drives it with O_DIRECT: a random mix of 512 B - 1 MiB writes and
 # verified reads at sector- but not page-aligned offsets and buffers, requests past 11 segments (indirect
 # descriptors), fsync/fdatasync (flush), BLKDISCARD, several writers in flight at once and overlapping
-# writes to the same sectors, then (in a full run) a read of the whole disk. Each mode must move at least SOAK_TOTAL_MIB
+# writes to the same sectors, then (a full run) a read of the whole disk. Each mode must move at least SOAK_TOTAL_MIB
 # (written + read back and checked) with zero I/O errors (soak_io.py's and blkfront's in dmesg) and zero
 # mismatching sectors.
 # With a frontend reconnect in the middle: the soak runs in two halves; between them (no I/O, no open
@@ -34,12 +34,12 @@ XENCI_ON_FAIL=dump_vbd
 # At least 1 GiB moved and 512 MiB written per mode on a 256 MiB disk in a full run; a check run
 # (CI's) moves 192 MiB and writes 96 per mode on a 128 MiB disk (the write floor binds: ~25 MiB a
 # round, so 2 rounds a half, each with every operation of the mix, the overlap round, and the first
-# with a write burst), plus the whole-disk check after the reconnect and the final pass. The full
-# volume took 670 s of a slow 2-core CI machine's hour (stop 37); 256 MiB/128 on 256 MiB took 276 s
-# of both modes (ci37), most of it the two whole-disk reads.
-# A check run also ends without the final whole-disk pass (the mix's reads are verified as it goes,
-# and the second half began by checking every sector): without persistent grants that pass alone
-# took ~35 s (lane24a: the nopg second half read 300 MiB in 91 s).
+# with a write burst), plus the whole-disk check after the reconnect. The full volume took 670 s of
+# a slow 2-core CI machine's hour (stop 37); 256 MiB/128 on 256 MiB took 276 s of both modes (ci37),
+# most of it two whole-disk reads. A check run ends without the full run's final whole-disk pass
+# (the mix's reads are verified as it goes, and the second half began by checking every sector):
+# without persistent grants that pass alone took ~35 s (lane24a: the nopg second half read 300 MiB
+# in 91 s).
 if full_lane; then
   SOAK_TOTAL_MIB=${SOAK_TOTAL_MIB:-1024} SOAK_WRITE_MIB=${SOAK_WRITE_MIB:-512} SOAK_DISK_MIB=256 SOAK_END=
 else
