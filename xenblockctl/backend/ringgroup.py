@@ -68,8 +68,10 @@ try:
 except ImportError:  # not built: fastpath.FastPass does not exist either, nothing joins a group
     _native = None
 
-#: requests a busy group serves between two reports of its rings' counts into their stats (a
-#: group that never sleeps reports nowhere else); the GIL once for all rings
+#: requests a busy group serves, per ring it holds, between two reports of its rings' counts into
+#: their stats (a group that never sleeps reports nowhere else); the GIL once for all rings. Per
+#: ring: counted over the whole group, 100 rings reported every ~10 requests of each, and the
+#: reports' after steps fed Python's collector (bench/README.md, many_disks, report24)
 REPORT_EVERY = 1024
 #: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
 YIELD = True
