@@ -306,11 +306,12 @@ def _boot_locked(
     run = LaneRun(share=share, serial_log=serial)
     argv = qemu_argv(image, share, serial, guest_timeout)
     (share.parent / f"{share.name}-qemu.argv").write_text(" ".join(argv) + "\n")
+    deadline_total = host_timeout if host_timeout is not None else guest_timeout + boot_timeout + 60
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         stalled = _run_qemu(
             run,
             argv,
-            deadline_total=host_timeout if host_timeout is not None else guest_timeout + boot_timeout + 60,
+            deadline_total=deadline_total,
             boot_timeout=boot_timeout,
             boot_stall=boot_stall if attempt < BOOT_ATTEMPTS else float("inf"),
             progress=progress,
