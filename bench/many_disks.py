@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 from bench.common import percentile, process_cpu
 
 if TYPE_CHECKING:
-    from xenblockctl.backend.ringgroup import RingGroup
+    from xenblockctl.backend.ringgroup import RingGroups
 from bench.ring_throughput import _params
 from xenblockctl.backend import blkif
 from xenblockctl.backend.dataplane import DataPlane
@@ -332,17 +332,17 @@ def _counts(pids: list[int]) -> tuple[float, int, int, int]:
     return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got)
 
 
-def _groups_sched(groups: list[RingGroup] | None) -> tuple[int, int]:
+def _groups_sched(groups: RingGroups | None) -> tuple[int, int]:
     """(ns on a CPU, ns waiting for one) of this process's ring groups' threads together."""
     # getattr: a base tree's RingGroup may predate native_id (the bench is copied into it for A/Bs)
-    tids = [t for t in (getattr(g, "native_id", None) for g in groups or []) if t is not None]
+    tids = [t for t in (g.native_id for g in (groups.groups if groups else ())) if t is not None]
     got = [_task_sched(os.getpid(), tid) for tid in tids]
     return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
-def _found_shared(groups: list[RingGroup] | None) -> int:
-    """How often the groups' polls found their CPU taken (0 on a tree without the count)."""
-    return sum(getattr(g, "found_shared", 0) for g in groups or [])
+def _found_shared(groups: RingGroups | None) -> int:
+    """How often the groups' polls found their CPU taken."""
+    return sum(g.found_shared for g in (groups.groups if groups else ()))
 
 
 @contextlib.contextmanager
@@ -430,7 +430,7 @@ def run(
     frontends: int,
     io_workers: int,
     pool: WorkerPool | None,
-    groups: list[RingGroup] | None = None,
+    groups: RingGroups | None = None,
     persistent: bool = True,
     frontend_cpus: set[int] | None = None,
     shuffled: bool = True,
@@ -513,7 +513,7 @@ def run(
                         )
                         continue
                     # only when asked: the bench also runs on trees without ring groups
-                    grouped: dict[str, Any] = {"group": groups[len(planes) % len(groups)]} if groups else {}
+                    grouped: dict[str, Any] = {"groups": groups} if groups else {}
                     planes.append(
                         DataPlane(
                             transport,
@@ -689,8 +689,10 @@ def main() -> int:
         "--engine",
         default="threads,workers:2",
         help="threads, workers:N (N worker processes, a thread per ring), workers-groups:N (N worker"
-        " processes, each one ring group: --workers N --ring-groups) and/or groups:N (the threads"
-        " engine's rings in N ring groups of this process: --ring-groups), comma-separated",
+        " processes, each one ring group: --workers N --ring-groups), groups:N (the threads"
+        " engine's rings in N ring groups of this process, always) and/or auto (the engine's"
+        " default: a group pinned to each CPU of the engine's, serving once there are more rings"
+        " than those CPUs: RingGroups.per_cpu), comma-separated",
     )
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument(
@@ -844,7 +846,7 @@ def main() -> int:
                 for q in (int(x) for x in args.queues.split(",")):
                     for mode, kind in ((m, k) for m in args.engine.split(",") for k in kinds):
                         pool = None
-                        groups: list[RingGroup] = []
+                        groups: RingGroups | None = None
                         if mode.startswith(("workers:", "workers-groups:")):
                             pool = WorkerPool(
                                 int(mode.split(":")[1]),
@@ -854,7 +856,7 @@ def main() -> int:
                             )
                         elif mode.startswith("groups:"):
                             # here, not at the top: the bench also runs on trees without ring groups
-                            from xenblockctl.backend.ringgroup import RingGroup
+                            from xenblockctl.backend.ringgroup import RingGroup, RingGroups
 
                             mask = sorted(os.sched_getaffinity(0))
                             # a base tree's RingGroup may take no cpu: passed only when asked
@@ -862,7 +864,13 @@ def main() -> int:
                                 {"cpu": mask[i % len(mask)]} if args.group_pin else {}
                                 for i in range(int(mode.split(":")[1]))
                             ]
-                            groups = [RingGroup(f"bench-group{i}", **pin) for i, pin in enumerate(pins)]
+                            groups = RingGroups(
+                                [RingGroup(f"bench-group{i}", **pin) for i, pin in enumerate(pins)]
+                            )
+                        elif mode == "auto":
+                            from xenblockctl.backend.ringgroup import RingGroups
+
+                            groups = RingGroups.per_cpu(always=False, name="bench-group")
                         try:
                             r = run(
                                 transport,
@@ -886,7 +894,7 @@ def main() -> int:
                         finally:
                             if pool is not None:
                                 pool.close()
-                            for group in groups:
+                            for group in groups.groups if groups else ():
                                 group.close()
                         print(
                             f"  {kind:>8} {mode:>9} {n:>5} {q:>6} {r.iops:>15.0f} {r.engine_cpu_us:>12.1f} µs"

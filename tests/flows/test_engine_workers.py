@@ -26,6 +26,7 @@ from tests.fixtures.engine import (
 from tests.fixtures.kernel import FreezableFs, ImageFactory, bound_loops_under
 from tests.fixtures.libxl import Libxl
 from xenblockctl.backend import blkif, xenbus
+from xenblockctl.backend.cpus import engine_cpus
 from xenblockctl.backend.engine import Engine
 from xenblockctl.backend.transport.local import LocalTransport
 from xenblockctl.backend.workers import RemoteQueue, WorkerPool
@@ -211,7 +212,17 @@ def test_engine_with_workers_stops_or_dies_without_leaks(
     [
         (["--workers", "2"], "threads", None),
         (["--workers", "2", "--ring-groups"], "groups", "one ring group per worker process"),
-        (["--ring-groups"], None, "ring groups (one native loop on each of CPUs"),
+        (
+            [],
+            None,
+            "ring groups (one native loop on each of CPUs {cpus} serves the rings, once more than {n}",
+        ),
+        (["--no-ring-groups"], None, None),
+        (
+            ["--ring-groups"],
+            None,
+            "ring groups (one native loop on each of CPUs {cpus} serves the rings, always",
+        ),
         (["--ring-groups", "--no-native-loop"], None, "--ring-groups ignored (the native passes are off)"),
     ],
 )
@@ -222,10 +233,11 @@ def test_ring_groups_are_the_admins_choice(
     transport_path: str,
     case: tuple[list[str], str | None, str | None],
 ) -> None:
-    """Ring groups are off unless `--ring-groups` asks (bench/README.md, issue 20, many20: with
-    frontends on the engine's CPUs 8 busy disks stay below 2, and the share among 100 is at times
-    uneven): each worker is told its shape on its command line, the engine says what it made (a
-    group on each CPU), or why it could not, and a guest's I/O is served either way."""
+    """Ring groups serve by default once the rings outnumber the engine's CPUs (RingGroups;
+    bench/README.md, issue 20, auto25), always with `--ring-groups`, never with `--no-ring-groups`
+    or in worker processes unless asked: each worker is told its shape on its command line, the
+    engine says what it made (a group on each CPU, and when it serves), or why it could not, and a
+    guest's I/O (two queues: two rings, no more than the CPUs) is served either way."""
     flags, shape, logged = case  # the engine's flags, each worker's shape, what the engine logs
     argv = [sys.executable, "-m", "xenblockctl", "backend", "--transport", f"local:{transport_path}"]
     argv += ["--xenstore", libxl.xenstored.socket_path, "--max-queues", "2", *flags]
@@ -243,7 +255,8 @@ def test_ring_groups_are_the_admins_choice(
         if logged is None:
             assert "ring group" not in text, text[-2000:]
         else:
-            assert logged in text, text[-2000:]
+            cpus = engine_cpus()  # the engine's, inherited from this process
+            assert logged.format(cpus=",".join(map(str, cpus)), n=len(cpus)) in text, text[-2000:]
         be, guest = attach_guest(libxl, transport_path, image, 57, queues=2)
         try:
             for q, ring in enumerate(guest.rings):

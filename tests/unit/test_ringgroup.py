@@ -30,7 +30,7 @@ from xenblockctl.backend import blkif, fastpath, ringgroup
 from xenblockctl.backend.dataplane import DataPlane
 from xenblockctl.backend.frontend import LocalFrontend
 from xenblockctl.backend.io import DeviceTarget
-from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import RingGroup, RingGroups
 from xenblockctl.backend.transport.local import LocalTransport
 
 if not fastpath.available():
@@ -55,11 +55,12 @@ def groups() -> Iterator[list[RingGroup]]:
 
 
 def _pair(make_pair: PairFactory, group: RingGroup, **kw: Any) -> Pair:
-    """A pair whose data plane is in `group`; every pair of a test shares the one disk file, which
-    the first one fills with random bytes (1 MiB)."""
+    """A pair whose data plane is in `group` (or as `groups=` places it); every pair of a test
+    shares the one disk file, which the first one fills with random bytes (1 MiB)."""
     # I/O threads, as the engine has: without them every request runs inline whatever it waits
     # for, which a group leaves to the ring's own thread (fastpath._GROUP_MODES)
-    pair = make_pair(persistent=True, data_pages=32, workers=4, group=group, **kw)
+    placed = {"groups": kw.pop("groups")} if "groups" in kw else {"group": group}
+    pair = make_pair(persistent=True, data_pages=32, workers=4, **placed, **kw)
     if pair.path.stat().st_size == 0 or pair.path.read_bytes()[: 1 << 20] == bytes(1 << 20):
         with open(pair.path, "r+b") as f:
             f.write(os.urandom(1 << 20))
@@ -214,6 +215,73 @@ def test_a_ring_leaves_for_python_and_comes_back(group: RingGroup, make_pair: Pa
     assert c.dataplane._fast.served > 0
     for pair in (a, b, c):
         assert pair.dataplane.broken is None
+
+
+def test_rings_are_served_in_groups_only_past_a_ring_per_cpu() -> None:
+    """The engine's default (RingGroups.per_cpu, solo_up_to = its CPUs): while it serves at most
+    that many rings each loops on its own thread; one more and every ring's next loop is in its
+    group (spread over the groups, the least loaded first); back to that many and the rings still
+    in groups are asked out (kicked) once. `solo_up_to` 0 (`--ring-groups`): always in groups."""
+    made = [RingGroup(f"test-policy{i}") for i in range(3)]  # no ring joins: no thread starts
+    try:
+        groups = RingGroups(made[:2], solo_up_to=2)
+        kicked: list[int] = []
+        seats = [groups.seat(lambda i=i: kicked.append(i)) for i in range(3)]  # type: ignore[misc]
+        assert {seats[0].group, seats[1].group} == set(made[:2])
+        # the first two alone, until the third came: now all three are served in their groups
+        assert [s.now() for s in seats] == [s.group for s in seats]
+        assert made[0].assigned + made[1].assigned == 3
+        assert kicked == []  # into groups: each ring moves at its loop's next exit, no kick
+        seats[1].leave()
+        assert kicked == [0, 2]  # out of groups: the group keeps a ring until it is asked
+        assert [seats[0].now(), seats[2].now()] == [None, None]
+        seats[1].leave()  # idempotent: counted once
+        assert groups.rings == 2
+        assert made[0].assigned + made[1].assigned == 2
+        seats[0].leave()
+        assert kicked == [0, 2]  # already alone: nothing to ask
+        always = RingGroups(made[2:], solo_up_to=0)
+        alone = always.seat(lambda: kicked.append(9))
+        assert alone.now() is made[2]
+        alone.leave()
+        assert kicked == [0, 2]
+        seats[2].leave()
+    finally:
+        for g in made:
+            g.close()
+
+
+def test_a_ring_moves_into_its_group_when_rings_come_and_out_when_they_go(
+    group: RingGroup, make_pair: PairFactory
+) -> None:
+    """With room for one ring alone (solo_up_to 1): the first ring is served on its own thread
+    and the group never starts; a second ring makes both the group's, the first at its loop's
+    next budget exit (256 requests); once the second stops, the first is asked out and served on
+    its own thread again. Every read is checked, all the way."""
+    groups = RingGroups([group], solo_up_to=1)
+    a = _pair(make_pair, group, groups=groups)
+    expected = a.path.read_bytes()
+    for i in range(20):
+        assert a.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert a.dataplane.group is None
+    assert sleeping_in(a.dataplane)[1] == a.dataplane.evtchn.fileno()  # its own read
+    assert group.native_id is None  # no ring ever joined
+    b = _pair(make_pair, group, groups=groups)
+    assert a.dataplane.group is group
+    assert b.dataplane.group is group
+    for i in range(300):
+        assert a.frontend.read(8 * (i % 256), 4096) == _block(expected, i % 256)
+    for i in range(20):
+        assert b.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert _rings(group, 2) == 2
+    assert b.dataplane.stop(timeout=30)
+    assert a.dataplane.group is None
+    for i in range(20):
+        assert a.frontend.read(8 * i, 4096) == _block(expected, i)
+    assert _rings(group, 0) == 0, "the ring stayed in its group"
+    assert sleeping_in(a.dataplane)[1] == a.dataplane.evtchn.fileno()
+    assert a.dataplane.broken is None
+    assert b.dataplane.broken is None
 
 
 #: How long the QD-1 guest may wait for its own CPU over its 0.5 s before the host counts as busy
@@ -391,7 +459,7 @@ def _guest_process(
             target_dev,
             target_dev.limits(),
             workers=4,
-            group=group,
+            groups=RingGroups([group]),
         )
         dp.start()
         parent.send(None)

@@ -60,7 +60,7 @@ from xenblockctl.backend.requests import (
     validate_slot,
 )
 from xenblockctl.backend.ring import BackRing, RingBroken
-from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import RingGroup, RingGroups, Seat
 from xenblockctl.backend.transport.base import (
     GNTST_OKAY,
     Bounce,
@@ -169,15 +169,16 @@ class DataPlane:
         native: bool = True,
         blocking_wakeup: bool = True,
         native_loop: bool = True,
-        group: RingGroup | None = None,
+        groups: RingGroups | None = None,
     ) -> None:
         """`native`: use the native fast path where it is built and applies (backend/fastpath.py);
         False: the pure-Python path only. `blocking_wakeup`: sleep in one blocking read of the
         event channel where it has that (EventChannel.start_blocking); False: poll and a late read.
         `native_loop`: with both and the native grant-copy pass, the ring thread waits, serves and
-        answers in one native loop (_loop_natively); False: a Python turn per wake-up. `group`:
-        the persistent-grant pass's loop runs in that group's loop, with the other rings lent to
-        it (backend/ringgroup.py), instead of on this ring's thread."""
+        answers in one native loop (_loop_natively); False: a Python turn per wake-up. `groups`:
+        the persistent-grant pass's loop runs in a ring group's loop, with the other rings lent
+        to it, instead of on this ring's thread, whenever those groups serve their rings
+        (backend/ringgroup.py, RingGroups: past as many rings as the engine has CPUs)."""
         self.transport = transport
         self.domid = domid
         self.params = params
@@ -188,9 +189,13 @@ class DataPlane:
         self.stats = QueueStats()
         self._blocking_wakeup = blocking_wakeup
         self._native_loop = native_loop
-        self._group = group
-        #: the native loop's stop flag (request_stop sets it; the loop reads it without the GIL)
+        #: the ring's place among the engine's ring groups (made last in __init__), or None: its
+        #: loop always on its own thread
+        self._seat: Seat | None = None
+        #: the native loop's stop flag (request_stop sets it; the loop reads it without the GIL),
+        #: also set by a kick out of a ring group (_kick), and then cleared before the next loop
         self._stop_word = bytearray(1)
+        self._stop_word_lock = threading.Lock()  # _stop and the word, set or cleared together
         #: every error response, counted and logged with its reason (the device's, across reconnects)
         self.errors = errors if errors is not None else ErrorResponses(self.name)
         self.broken: str | None = None
@@ -238,15 +243,8 @@ class DataPlane:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.executor: Executor | NbdExecutor = target.executor(workers=workers, name=f"{self.name}-io")
         #: the native pass for simple requests, or None: every request on the pure-Python path
-        # in the group's loop if it has one (grant copy never is: GRUB's one page at a time)
-        self._fast = FastPass.create(
-            native,
-            params.abi,
-            limits,
-            self.executor,
-            self.grant_cache,
-            group=group.loop if group is not None else None,
-        )
+        # in a group's loop while the groups serve (grant copy never is: GRUB's one page at a time)
+        self._fast = FastPass.create(native, params.abi, limits, self.executor, self.grant_cache)
         #: stats.wakeups when the last native pass began (_cut_for_pass)
         self._wakeups_seen = 0
         #: grants copied: the native grant-copy pass (backend/grantcopy.py), or None
@@ -262,8 +260,14 @@ class DataPlane:
             # (tests/flows/test_scale.py caught 256 of them still mapped after every detach).
             ring = self.ring
             self.executor.alone = lambda: ring.in_flight == 1
-        if self._fast is not None and group is not None:  # last: a failed __init__ assigns nothing
-            group.assign()
+        if self._fast is not None and groups is not None:  # last: a failed __init__ takes no seat
+            self._seat = groups.seat(self._kick)
+
+    @property
+    def group(self) -> RingGroup | None:
+        """The ring group this ring's native loop runs in now (RingGroups), or None: on its own
+        thread. Read as a loop begins (_loop_natively); a ring moves at its loop's next exit."""
+        return self._seat.now() if self._seat is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -277,14 +281,22 @@ class DataPlane:
         before it waits for any (stop() then drains and releases each)."""
         if self._stopped:
             return
-        self._stop.set()
-        self._stop_word[0] = 1  # before the interrupt: a native loop it wakes sees it
+        with self._stop_word_lock:
+            self._stop.set()
+            self._stop_word[0] = 1  # before the interrupt: a native loop it wakes sees it
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         try:
             self.evtchn.interrupt()  # a ring thread asleep in take() (the blocking wake-up)
         except (OSError, XenblockError) as exc:
             log.warning("%s: cannot interrupt the ring thread's wait: %s", self.name, exc)
+
+    def _kick(self) -> None:
+        """Ask the ring's loop to leave its ring group (RingGroups.leave: the rings go back to
+        their own threads): the group gives the ring back once it sees the word, and
+        _loop_natively clears it before the next loop, which runs on this ring's thread."""
+        with self._stop_word_lock:
+            self._stop_word[0] = 1
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Stop taking requests, drain in-flight I/O, answer it, unbind, unmap. Idempotent, and
@@ -309,8 +321,8 @@ class DataPlane:
             if self.ring.push_responses():
                 self._notify()
         self._stopped = True
-        if self._fast is not None and self._group is not None:
-            self._group.release()
+        if self._seat is not None:
+            self._seat.leave()
         if self._grants is not None:
             self._grants.close()
         if self.bounces is not None:
@@ -408,24 +420,29 @@ class DataPlane:
         (raised, as take() would). Returns (pending, python_turn): python_turn when _run's own turn
         must come now — the ring was not the loop's to lend (a request outstanding on a worker or
         held), or its req_prod needs BackRing's judgement (EXIT_CHECK: broken, logged there)."""
-        fast = self._fast_copy or self._fast
-        assert fast is not None
+        with self._stop_word_lock:
+            if not self._stop.is_set():
+                self._stop_word[0] = 0  # a kick out of a group (_kick) is spent once we are here
+        # then where this loop runs: a kick after this reads the groups' new word, so it is seen
+        seat = self._seat
+        group = seat.now() if seat is not None else None
         with self._lock:  # a worker answering its last request finishes its push first
             lent = self.ring.lend()
         if lent is None:
             return pending, True
         # it counts its requests, wake-ups and notifies into self.stats as it goes (in a ring group
-        # if it has one: FastPass.loop)
-        got = fast.loop(
-            lent,
-            self.ring.size,
-            waiter,
-            stop=self._stop_word,
-            pending=pending,
-            batch=_BATCH,
-            budget=_LOOP_BUDGET,
-            stats=self.stats,
-        )
+        # if it serves in one: FastPass.loop)
+        if self._fast_copy is not None:
+            got = self._fast_copy.loop(
+                lent, self.ring.size, waiter, stop=self._stop_word, pending=pending, batch=_BATCH,
+                budget=_LOOP_BUDGET, stats=self.stats,
+            )  # fmt: skip
+        else:
+            assert self._fast is not None
+            got = self._fast.loop(
+                lent, self.ring.size, waiter, stop=self._stop_word, pending=pending, batch=_BATCH,
+                budget=_LOOP_BUDGET, stats=self.stats, group=group.loop if group is not None else None,
+            )  # fmt: skip
         with self._lock:
             self.ring.settle(got.req_cons, got.rsp_prod_pvt, got.rsp_pushed, got.data, got.at)
         if got.notify_errno:

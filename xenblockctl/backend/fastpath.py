@@ -109,7 +109,6 @@ class FastPass:
         "_entries",
         "_executor",
         "_fixed",
-        "_group",
         "_loop",
         "_serve",
         "served",
@@ -123,13 +122,8 @@ class FastPass:
         target: DeviceTarget,
         executor: Executor,
         cache: GrantCache,
-        *,
-        group: GroupLoop | None = None,
     ) -> None:
         assert _native is not None
-        self._group = group
-        if group is not None:
-            executor.in_group = True  # its refused writes are hand-offs, logged (writegate.py)
         self._serve = _native.serve
         self._loop = _native.loop
         #: writes a run of answers next in ring order into the ring (BackRing.respond_run): ring.py's
@@ -159,14 +153,11 @@ class FastPass:
         limits: DeviceLimits,
         executor: object,
         cache: GrantCache | None,
-        *,
-        group: GroupLoop | None = None,
     ) -> FastPass | None:
-        """The fast path for a data plane, or None where it does not apply; its loop() runs in
-        `group` (RingGroup.loop) if given."""
+        """The fast path for a data plane, or None where it does not apply."""
         if not enabled or _native is None or cache is None or type(executor) is not Executor:
             return None
-        return cls(abi, limits, executor.target, executor, cache, group=group)
+        return cls(abi, limits, executor.target, executor, cache)
 
     def serve(
         self, data: bytes, start: int, count: int, cut: int = 0
@@ -206,6 +197,7 @@ class FastPass:
         batch: int,
         budget: int,
         stats: object,
+        group: GroupLoop | None = None,
     ) -> LoopExit:
         """The wait-and-serve loop (ring_loop.h, with this pass as its serve step: _fastpass.c's
         loop()): on the ring `lent` (BackRing.lend()), wait on the event channel (`waiter`:
@@ -216,14 +208,15 @@ class FastPass:
         QueueStats) and to `served`, and notes the pages it used in the cache (note_used), before
         each sleep and at its exit, or right after a run once half of _fastpass.c's USED_CAP refs
         wait.
-        With a group (create()'s `group`: RingGroup.loop, backend/ringgroup.py) the ring is served
+        With a `group` (RingGroup.loop, backend/ringgroup.py) the ring is served
         in that group's one loop, with the same exits, and I/O that waits for the device (direct
         I/O, or any where the executor has no I/O threads: Where.INLINE) is not the group's to run:
         those slots stop the pass, so the ring goes back to its own thread, and a device that hangs
         holds its own ring alone (_GROUP_MODES)."""
         executor = self._executor
         read, write = executor.placement()
-        modes = _MODES if self._group is None else _GROUP_MODES
+        modes = _MODES if group is None else _GROUP_MODES
+        executor.in_group = group is not None  # its refused writes are hand-offs, logged (writegate.py)
         got = run_loop(
             self._loop,
             lent,
@@ -248,9 +241,9 @@ class FastPass:
                 POLL_NS,
                 executor.writes.state,
             ),
-            group=self._group,
+            group=group,
         )
-        if self._group is not None:
+        if group is not None:
             executor.writes.report()  # what the group's write gate did, logged (rate-limited)
         return got
 

@@ -596,7 +596,8 @@ class Executor:
         self.target = target
         #: how the device's buffered I/O may wait, and its ring-group write gate (writegate.py)
         self.writes = DeviceWrites.of(target.fd, name)
-        #: its rings are served in a ring group (fastpath.FastPass): a refused write is a hand-off
+        #: its ring's native loop last ran in a ring group (fastpath.FastPass.loop): a refused
+        #: write is a hand-off
         self.in_group = False
         self._released = False
         #: where WRITEs go first: O_DIRECT on a second fd of a block device, or None (buffered)

@@ -32,7 +32,7 @@ never sleeps: an EEVDF yield forfeits the rest of the group's request, and the g
 waited for the neighbour's slice, up to the next tick (1.5-5.5 ms, each idle round). The group's
 thread asks for a short EEVDF request (SLICE_NS, Linux 6.12+): a woken task with a shorter request
 preempts a running one even at zero lag, and a frontend woken on the group's CPU gets it once the
-group's request is used up. Opt-in (SHARED_NS), the poll also watches its own clock: once another
+group's request is used up. The poll also watches its own clock (SHARED_NS): once another
 task held the CPU longer than a frontend's burst (ring_loop.h's SHARED_GAP_NS) the group stops
 polling for SHARED_NS and sleeps, req_event armed, after every idle round, and a ring's notify wakes
 it ahead of the neighbour. A busy frontend on the group's CPU looks the same to the clock (and
@@ -40,9 +40,12 @@ the rings are refilled in such gaps beside a hog too: frontends elsewhere refill
 beside it cost the many-disks bench a third to a half of its IOPS (bench/README.md, many_disks,
 slice20); what tells them apart is the CPU going idle, which a CPU-bound task never lets it do:
 the group stops sleeping once its CPU idled, and a CPU that idled in the last seconds takes no gap
-for a CPU-bound neighbour's sign (ring_loop.h; hog20). Still off by default: a host without
-cpuidle (a Xen PV dom0) cannot see its CPU idle and falls back to the clock alone, whose cost
-there is unmeasured, and groups themselves are opt-in (backend --ring-groups).
+for a CPU-bound neighbour's sign (ring_loop.h; hog20). On by default since groups serve by default
+past a ring per CPU (RingGroups): without it 2 busy disks on an engine CPU that a CPU-bound task
+shared got 11.5 k IOPS in groups against 127 k on ring threads, with it 100 k (bench/README.md,
+many_disks, auto25). A host without cpuidle (a Xen PV dom0) cannot see its CPU idle and falls back
+to the clock alone; there a frontend never shares dom0's CPUs, so the busy frontend the idle tells
+apart is not there to be mistaken.
 
 A bug of ours in the group (a Python error in the loop's bookkeeping) fails every ring the group
 held, each on its own thread, as an error of its own loop() would (the data plane marks it
@@ -56,8 +59,10 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from xenblockctl.backend.cpus import engine_cpus
 from xenblockctl.backend.fastpath import LoopExit
 
 log = logging.getLogger(__name__)
@@ -75,14 +80,14 @@ except ImportError:  # not built: fastpath.FastPass does not exist either, nothi
 REPORT_EVERY = 1024
 #: the group's refill poll yields its CPU to any task runnable on it (sched_yield, every 32 looks)
 YIELD = True
-#: ns a group does not poll for once a poll found its CPU taken by a CPU-bound task (0, the
-#: default: it polls on), unless the CPU idles first (ring_loop.h). On, a group beside a CPU-bound
-#: task in its session serves a QD-1 ring at p99 0.09 ms instead of 4-5 ms (quiet host, slice20);
-#: slice20's rule took a busy frontend on the group's CPU for such a task and cost many_disks
-#: 35-50 % of its IOPS, the CPU's idle now tells them apart (bench/README.md, many_disks, hog20).
-#: A probe beside the neighbour costs the rings one stall of up to a tick, so 1 s
-#: (1_000_000_000) is the value to try.
-SHARED_NS = 0
+#: ns a group does not poll for once a poll found its CPU taken by a CPU-bound task (0: it polls
+#: on), unless the CPU idles first (ring_loop.h). On, a group beside a CPU-bound task in its
+#: session serves a QD-1 ring at p99 0.09 ms instead of 4-5 ms (quiet host, slice20), and 2 busy
+#: disks at 100 k IOPS instead of 11.5 k (auto25); slice20's rule took a busy frontend on the
+#: group's CPU for such a task and cost many_disks 35-50 % of its IOPS, the CPU's idle now tells
+#: them apart (bench/README.md, many_disks, hog20). A probe beside the neighbour costs the rings
+#: one stall of up to a tick, hence 1 s.
+SHARED_NS = 1_000_000_000
 #: the EEVDF slice the group's thread asks for (sched_runtime; 0: the kernel's base slice, ~1.4 ms on
 #: 2 CPUs): short enough that its wake-up preempts a CPU-bound neighbour, long enough (the kernel's
 #: floor is 0.1 ms) for a round over many rings
@@ -266,6 +271,101 @@ class RingGroup:
                     return
 
 
+class Seat:
+    """A data plane's place among the engine's ring groups (RingGroups.seat): the group it was given
+    (the least loaded when it was made) and, at each entry of its native loop, whether it serves
+    there or alone on its own thread (now())."""
+
+    __slots__ = ("_groups", "group", "kick")
+
+    def __init__(self, groups: RingGroups, group: RingGroup, kick: Callable[[], None]) -> None:
+        self._groups = groups
+        self.group = group
+        #: asks the ring's loop to leave its group (RingGroups.leave)
+        self.kick = kick
+
+    def now(self) -> RingGroup | None:
+        """Where the ring's loop runs next: its group, or None (alone on its thread)."""
+        return self.group if self._groups.grouped else None
+
+    def leave(self) -> None:
+        """The data plane stopped: it no longer counts (idempotent)."""
+        self._groups.leave(self)
+
+
+class RingGroups:
+    """The engine's ring groups (one per CPU it may run on) and when a ring is served in one.
+
+    Below a point a ring thread each is the better shape: each ring has a CPU, sleeps in its own
+    read and is woken by its guest alone, and nothing polls beside the frontends; past it, the
+    rings share the CPUs and their sleeps and wake-ups are what the engine spends its time on
+    (bench/README.md, many_disks: 2 busy disks on 2 CPUs, ring threads 652-777 k IOPS, one group
+    per CPU 263-781 k; 8-100 disks, ring threads 181-208 k, groups 541-760 k). So with `solo_up_to`
+    N (the default: the engine's CPU count), while it serves at most N rings each runs alone on its
+    own thread, and with more every one is served in its group; 0 (`backend --ring-groups`): always
+    in groups. A ring decides at each entry of its native loop, which a busy ring leaves every
+    fastpath budget (256 requests) and an idle one when it next has a request: so rings that come
+    move the others into groups within a few hundred of their requests. A group does not let its
+    rings go on a budget, so when the count falls back to N the rings are asked to leave their
+    group (their `kick`: DataPlane's, which the group sees in the ring's stop word).
+
+    Only rings with the persistent-grant native pass count: the others (grant copy, pure Python)
+    never join a group and keep their own threads whatever the count."""
+
+    def __init__(self, groups: Sequence[RingGroup], *, solo_up_to: int = 0) -> None:
+        if not groups:
+            raise ValueError("RingGroups needs at least one group")
+        self.groups = tuple(groups)
+        self.solo_up_to = solo_up_to
+        self._lock = threading.Lock()
+        self._seats: list[Seat] = []
+        #: rings now served in their groups (more than solo_up_to seats); read without the lock by
+        #: Seat.now(): a stale read costs one loop in the old place
+        self.grouped = solo_up_to == 0
+
+    @classmethod
+    def per_cpu(cls, *, always: bool, name: str = "xbc-rings") -> RingGroups:
+        """The engine's groups (`backend`, without workers): one on each CPU it may run on
+        (cpus.engine_cpus()), each pinned there: two groups on one CPU would spin and yield to each
+        other. `always` (--ring-groups): every ring in them; else only past a ring per CPU."""
+        cpus = engine_cpus()
+        groups = [RingGroup(f"{name}{i}", cpu=cpu) for i, cpu in enumerate(cpus)]
+        return cls(groups, solo_up_to=0 if always else len(cpus))
+
+    def seat(self, kick: Callable[[], None]) -> Seat:
+        """A place for a new data plane's ring, in the group given the fewest (its `kick` asks its
+        loop to leave its group: called when the rings go back to their own threads)."""
+        with self._lock:
+            group = min(self.groups, key=lambda g: g.assigned)
+            group.assign()
+            seat = Seat(self, group, kick)
+            self._seats.append(seat)
+            count = len(self._seats)
+            was, self.grouped = self.grouped, count > self.solo_up_to
+        if self.grouped and not was:
+            log.info("%d rings, more than %d: served in ring groups", count, self.solo_up_to)
+        return seat
+
+    def leave(self, seat: Seat) -> None:
+        with self._lock:
+            if seat not in self._seats:
+                return
+            self._seats.remove(seat)
+            seat.group.release()
+            was, self.grouped = self.grouped, len(self._seats) > self.solo_up_to
+            kicks = [s.kick for s in self._seats] if was and not self.grouped else []
+        if kicks:
+            log.info("%d rings, at most %d: each on its own thread again", len(kicks), self.solo_up_to)
+        for kick in kicks:
+            kick()
+
+    @property
+    def rings(self) -> int:
+        """Data planes seated and not stopped."""
+        with self._lock:
+            return len(self._seats)
+
+
 def _ask_short_slice(name: str) -> None:
     """The calling thread (a group's) asks for a SLICE_NS request; a kernel that refuses or ignores
     it (before 6.12, or a policy other than SCHED_OTHER) leaves the base slice: logged once."""
@@ -289,4 +389,4 @@ def available() -> bool:
     return _native is not None
 
 
-__all__ = ["REPORT_EVERY", "RingGroup", "available"]
+__all__ = ["REPORT_EVERY", "RingGroup", "RingGroups", "Seat", "available"]

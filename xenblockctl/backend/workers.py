@@ -44,7 +44,7 @@ from xenblockctl.backend.dataplane import DataPlane, QueueStats, RingParams
 from xenblockctl.backend.errorlog import ErrorResponses
 from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.requests import DeviceLimits
-from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import RingGroup, RingGroups
 from xenblockctl.backend.ringgroup import available as ringgroup_available
 from xenblockctl.backend.transport.base import Transport, TransportError
 from xenblockctl.journal import Journal
@@ -421,10 +421,11 @@ def _worker_main(sock: socket.socket, kind: str, index: int, *, ring_groups: boo
     xen: Transport | None = None
     # with --ring-groups, one native loop for all of this worker's rings (issue 20, many busy
     # disks: ringgroup.py)
-    group = None
+    group = groups = None
     if ring_groups and ringgroup_available():
         cpus = engine_cpus()  # each worker's group on a CPU of its own while there are CPUs enough
         group = RingGroup(f"xbc-worker{index}-rings", cpu=cpus[index % len(cpus)])
+        groups = RingGroups([group])  # every ring of this worker in it, however few
     if kind == "xen":
         from xenblockctl.backend.transport.xen import XenTransport
 
@@ -496,7 +497,7 @@ def _worker_main(sock: socket.socket, kind: str, index: int, *, ring_groups: boo
                 native=bool(msg.get("native", True)),
                 blocking_wakeup=bool(msg.get("blocking_wakeup", True)),
                 native_loop=bool(msg.get("native_loop", True)),
-                group=group,
+                groups=groups,
             )
         except Exception as exc:
             if transport is not None:

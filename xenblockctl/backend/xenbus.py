@@ -52,7 +52,7 @@ from xenblockctl.backend.io import DeviceTarget, DiscardMode
 from xenblockctl.backend.loopfile import NotServed, is_loop, on_backing_file
 from xenblockctl.backend.nbdio import NbdTarget, open_published
 from xenblockctl.backend.requests import DeviceLimits
-from xenblockctl.backend.ringgroup import RingGroup
+from xenblockctl.backend.ringgroup import RingGroups
 from xenblockctl.backend.transport.base import Transport
 from xenblockctl.backend.workers import RemoteQueue, WorkerPool, WorkerTimeout
 from xenblockctl.errors import XenblockError
@@ -145,11 +145,12 @@ class EngineConfig:
     #: Worker processes that serve the queues (backend/workers.py), each with its own GIL; None:
     #: every queue on a thread of this process.
     worker_pool: WorkerPool | None = None
-    #: Without workers: this process's rings are served by these groups' native loops
-    #: (backend/ringgroup.py), each ring by the group serving the fewest when it connects;
-    #: empty: each ring's loop on its own ring thread (the default; `backend --ring-groups`). With
-    #: workers and --ring-groups a worker process is one group itself (WorkerPool's ring_groups).
-    ring_groups: tuple[RingGroup, ...] = ()
+    #: Without workers: this process's ring groups (backend/ringgroup.py), each ring given the one
+    #: serving the fewest when it connects, and served there whenever they serve (by default past
+    #: as many rings as the engine has CPUs; `backend --ring-groups`: always); None: each ring's
+    #: loop on its own ring thread (`--no-ring-groups`). With workers a worker process is one
+    #: group itself (WorkerPool's ring_groups).
+    ring_groups: RingGroups | None = None
     #: Offer `feature-persistent` (used only when the frontend writes feature-persistent = 1 too).
     persistent_grants: bool = True
     #: Persistent grant mappings kept per ring before the least recently used idle one is unmapped.
@@ -978,8 +979,6 @@ class BackendDevice:
                     raise
                 self.dataplanes.append(queue)
                 continue
-            groups = self.config.ring_groups
-            group = min(groups, key=lambda g: g.assigned) if groups else None
             self.dataplanes.append(
                 DataPlane(
                     self.config.transport,
@@ -995,7 +994,7 @@ class BackendDevice:
                     native=self.config.native,
                     blocking_wakeup=self.config.blocking_wakeup,
                     native_loop=self.config.native_loop,
-                    group=group,
+                    groups=self.config.ring_groups,
                 )
             )
 

@@ -154,12 +154,13 @@ def _ring_groups_refused(config: EngineConfig) -> str | None:
 )
 @click.option(
     "--ring-groups/--no-ring-groups",
-    default=False,
-    show_default=True,
-    help="Serve the native loop's rings in ring groups: one loop on each CPU (per worker process with "
+    default=None,
+    help="Ring groups: one native loop on each CPU the engine may run on (one per worker process with "
     "--workers) serves many rings in rounds, yields its CPU while it polls for a refill, runs with a "
-    "short scheduler slice and sleeps only when all are idle. More IOPS with many busy disks; a "
-    "throttled buffered write delays the group's other rings (see the man page).",
+    "short scheduler slice and sleeps only when all are idle. Default: rings are served in groups "
+    "while the engine serves more of them than it has CPUs, each on its own thread otherwise (with "
+    "--workers: on their own threads). --ring-groups: always in groups; --no-ring-groups: never. "
+    "A throttled buffered write delays the group's other rings (see the man page).",
 )
 @click.option(
     "--workers",
@@ -196,7 +197,7 @@ def backend(
     native: bool,
     blocking_wakeup: bool,
     native_loop: bool,
-    ring_groups: bool,
+    ring_groups: bool | None,
     direct_writes: bool,
     direct_writes_on_pool: bool,
     direct_reads: bool,
@@ -206,7 +207,6 @@ def backend(
 ) -> None:
     """Serve every backend/KIND/*/* of this domain: verify each device's diskseq against
     physical-device-luid and diskseq, hold it across frontend reconnects, drain I/O before letting go."""
-    from xenblockctl.backend.cpus import engine_cpus
     from xenblockctl.backend.engine import Engine
     from xenblockctl.backend.fastpath import describe
     from xenblockctl.backend.grantcopy import describe as describe_copy
@@ -219,7 +219,7 @@ def backend(
         parked_record_path,
         take_over,
     )
-    from xenblockctl.backend.ringgroup import RingGroup
+    from xenblockctl.backend.ringgroup import RingGroups
     from xenblockctl.backend.transport.base import Transport
     from xenblockctl.backend.xenbus import EngineConfig
     from xenblockctl.errors import XenblockError
@@ -275,34 +275,38 @@ def backend(
         how += ", reads O_DIRECT too (--direct-reads)" if direct_reads else ""
     journal.info(f"writes to block devices: {how}")
     journal.info(f"loop devices: I/O on {'the backing file' if loop_file else 'the device (--no-loop-file)'}")
-    if ring_groups:
+    if ring_groups is not False:
         # a group is a native loop: without one the rings keep their own threads (said, not silent)
         why_not = _ring_groups_refused(config)
         if why_not is not None:
-            journal.warning(f"--ring-groups ignored ({why_not}): each ring on its own thread")
+            if ring_groups:
+                journal.warning(f"--ring-groups ignored ({why_not}): each ring on its own thread")
+            else:
+                journal.info(f"rings: each on its own thread (no ring groups: {why_not})")
             ring_groups = False
     pool = None
     if workers:
         from xenblockctl.backend.workers import WorkerPool
 
-        pool = WorkerPool(workers, transport, journal, ring_groups=ring_groups)
+        # a worker's rings share its one process: each on a thread of its own unless --ring-groups
+        pool = WorkerPool(workers, transport, journal, ring_groups=bool(ring_groups))
         config = dataclasses.replace(config, worker_pool=pool)
         if ring_groups:
             journal.info(
                 "rings: one ring group per worker process (its native loop serves its rings; worker i's"
                 " on the i-th CPU it may run on, yielding it while it polls)"
             )
-    groups: tuple[RingGroup, ...] = ()
-    if ring_groups and not workers:
-        # one native loop per CPU for all of this process's rings (issue 20, many busy disks), each
-        # on its own CPU: two groups on one CPU would spin and yield to each other
-        cpus = engine_cpus()
-        groups = tuple(RingGroup(f"xbc-rings{i}", cpu=cpu) for i, cpu in enumerate(cpus))
+    groups: RingGroups | None = None
+    if ring_groups is not False and not workers:
+        # one native loop per CPU for all of this process's rings (issue 20, many busy disks); by
+        # default only past a ring per CPU: below that a ring thread each is as fast (ringgroup.py)
+        groups = RingGroups.per_cpu(always=bool(ring_groups))
         config = dataclasses.replace(config, ring_groups=groups)
-        on = ",".join(map(str, cpus))
+        on = ",".join(str(g.cpu) for g in groups.groups)
+        when = "always" if ring_groups else f"once more than {groups.solo_up_to} rings are served"
         journal.info(
-            f"rings: {len(groups)} ring groups (one native loop on each of CPUs {on} serves the rings;"
-            " it yields its CPU while it polls)"
+            f"rings: {len(groups.groups)} ring groups (one native loop on each of CPUs {on} serves the rings,"
+            f" {when}; it yields its CPU while it polls)"
         )
     engine = Engine(store, config, kind=kind, journal=journal)
     if takeover and handover_socket is not None:  # (checked above: --takeover has a socket)
@@ -345,7 +349,7 @@ def backend(
     finally:
         if pool is not None:
             pool.close()  # after every device was torn down: the workers drain what is left and exit
-        for group in groups:
+        for group in groups.groups if groups is not None else ():
             try:
                 group.close()  # every device torn down: no ring left in it
             except RuntimeError as exc:  # one whose I/O never drained: its thread stays, a daemon
