@@ -2,7 +2,7 @@
 and 2 queues per disk (local transport, same run).
 
     .venv/bin/python -m bench.many_disks [--disks 2,8,32,100] [--queues 1,2] [--seconds 3] [--qd 4]
-        [--frontends 2] [--io-workers 4] [--engine threads,workers:2,groups:2,workers-groups:2]
+        [--frontends 2] [--io-workers 4] [--engine auto,threads,workers:2,groups:2,workers-groups:2]
         [--frontend python,native] [--frontend-cpus LIST]
         [--writers N [--write-pages P] [--dir DIR] [--dirty-limit-mib M]]
 
@@ -10,10 +10,13 @@ Every disk reads 4 KiB at random offsets, `--qd` requests outstanding per disk (
 queues), from one image file whose pages are in the page cache, so the numbers measure the engine's
 per-request software cost, not a disk. Each disk gets its own fd on the image and, per queue, its
 own DataPlane (ring thread, `--io-workers` I/O threads, grant handling), as the engine serves a
-connected disk: `threads` runs them all in this process (the engine without --workers: one GIL),
+connected disk: `auto` is the engine's default (without --workers: one GIL; each ring on a thread
+of its own up to as many rings as the engine has CPUs, all of them in ring groups, one pinned to
+each of those CPUs, past that: ringgroup.RingGroups.per_cpu), `threads` every ring on a thread
+of its own in this process (`--no-ring-groups`),
 `workers:N` in N worker processes (backend/workers.py, `xenblockctl backend --workers N`), each
 queue handed to the least loaded one; `groups:N` and `workers-groups:N` the same with ring groups
-(backend/ringgroup.py, `--ring-groups`: one native loop serves many rings). The frontends run in
+(backend/ringgroup.py, `--ring-groups`: one native loop serves many rings, always). The frontends run in
 `--frontends` child processes (own interpreters), each driving its share of the disks from one
 poll loop (its ready rings in a new random order each turn: no disk first every time), as guests on
 other CPUs would. `--frontend native` keeps that handshake in Python (LocalFrontend) but runs the
@@ -687,7 +690,7 @@ def main() -> int:
     ap.add_argument("--io-workers", type=int, default=4, help="I/O threads per queue (the engine's default)")
     ap.add_argument(
         "--engine",
-        default="threads,workers:2",
+        default="auto,threads",
         help="threads, workers:N (N worker processes, a thread per ring), workers-groups:N (N worker"
         " processes, each one ring group: --workers N --ring-groups), groups:N (the threads"
         " engine's rings in N ring groups of this process, always) and/or auto (the engine's"
