@@ -1,7 +1,7 @@
 """The CPUs the admin gives the engine: its affinity mask (taskset, systemd's CPUAffinity=), lowest
 first, at most MAX_QUEUES of them. One rule for its two uses, so they cannot drift apart: how many
 queues a disk is offered by default (xenbus.default_max_queues; Linux blkback offers one per online
-CPU) and where ring groups run, one group on each (backend --ring-groups: ringgroup.py), so each
+CPU) and where ring groups run, one group on each (ringgroup.RingGroups.per_cpu), so each
 queue of a busy disk can have a group of its own. A worker process inherits the engine's mask."""
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ busy disks on the 2-CPU test VM, 0.25 wake-ups and ~0.3 context switches a reque
 CPU a request 8 -> 10-13 us (bench/README.md, many_disks, group20). A RingGroup runs one loop
 (_fastpass.group_loop, on one thread) over the rings lent to it: round-robin, one take of at most a
 batch per ring per round, and a sleep only when every ring is idle, in one epoll_wait over all
-their channels.
+their channels. Whether a ring is served in a group at all is RingGroups' rule (below): by
+default only while the engine's rings outnumber its CPUs.
 
 A data plane lends its ring as before (DataPlane._loop_natively) and its ring thread waits in
 RingGroup.loop() for what its own loop() would have returned: every exit of that ring (a slot for
