@@ -1527,7 +1527,8 @@ PyMODINIT_FUNC PyInit__fastpass(void)
         PyModule_AddIntConstant(m, "WG_LEFT_HELD", WG_LEFT_HELD) < 0 ||
         PyModule_AddIntConstant(m, "WG_DIRTY_PERMILLE", WG_DIRTY_PERMILLE) < 0 ||
         PyModule_AddIntConstant(m, "WG_LAST", WG_LAST) < 0 || PyModule_AddIntConstant(m, "WG_SIZE", WG_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "DIRTY_GATE_PERMILLE", DIRTY_GATE_PERMILLE) < 0 || loop_add_constants(m) < 0) {
+        PyModule_AddIntConstant(m, "DIRTY_GATE_PERMILLE", DIRTY_GATE_PERMILLE) < 0 ||
+        PyModule_AddIntConstant(m, "IDLE_WINDOW_NS", IDLE_WINDOW_NS) < 0 || loop_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -13,6 +13,9 @@ WG_SLEPT: int
 WG_CLOSED: int
 WG_LEFT_DIRTY: int
 WG_LEFT_HELD: int
+#: a group's CPU that idled (as any group in this process saw it) this lately has no CPU-bound
+#: neighbour: its poll takes no gap for one's sign (ring_loop.h)
+IDLE_WINDOW_NS: int
 WG_DIRTY_PERMILLE: int
 WG_LAST: int
 WG_SIZE: int
