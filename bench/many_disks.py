@@ -337,7 +337,6 @@ def _counts(pids: list[int]) -> tuple[float, int, int, int]:
 
 def _groups_sched(groups: RingGroups | None) -> tuple[int, int]:
     """(ns on a CPU, ns waiting for one) of this process's ring groups' threads together."""
-    # getattr: a base tree's RingGroup may predate native_id (the bench is copied into it for A/Bs)
     tids = [t for t in (g.native_id for g in (groups.groups if groups else ())) if t is not None]
     got = [_task_sched(os.getpid(), tid) for tid in tids]
     return sum(g[0] for g in got), sum(g[1] for g in got)

@@ -230,14 +230,14 @@ def test_rings_are_served_in_groups_only_past_a_ring_per_cpu() -> None:
         assert {seats[0].group, seats[1].group} == set(made[:2])
         # the first two alone, until the third came: now all three are served in their groups
         assert [s.now() for s in seats] == [s.group for s in seats]
-        assert made[0].assigned + made[1].assigned == 3
+        assert groups.assigned(made[0]) + groups.assigned(made[1]) == 3
         assert kicked == []  # into groups: each ring moves at its loop's next exit, no kick
         seats[1].leave()
         assert kicked == [0, 2]  # out of groups: the group keeps a ring until it is asked
         assert [seats[0].now(), seats[2].now()] == [None, None]
         seats[1].leave()  # idempotent: counted once
         assert groups.rings == 2
-        assert made[0].assigned + made[1].assigned == 2
+        assert groups.assigned(made[0]) + groups.assigned(made[1]) == 2
         seats[0].leave()
         assert kicked == [0, 2]  # already alone: nothing to ask
         always = RingGroups(made[2:], solo_up_to=0)

@@ -122,7 +122,6 @@ class RingGroup:
         self._next = 0
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._assigned = 0  # data planes that serve their ring here (assign/release)
         self._epoll = select.epoll()
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._bell_word = bytearray(1)  # set before the eventfd is written: the loop looks every round
@@ -130,24 +129,6 @@ class RingGroup:
         # how often the group's poll found its CPU taken by another task, and how often its sleeps
         # beside that task ended because the CPU idled (written by its loop)
         self._counters = array.array("q", [0, 0])
-
-    @property
-    def assigned(self) -> int:
-        """Data planes made with this group and not stopped: how loaded it is for a new ring (a
-        ring is lent only once its data plane starts, so `rings` undercounts a device whose queues
-        are set up together)."""
-        with self._lock:
-            return self._assigned
-
-    def assign(self) -> None:
-        """A data plane serves its ring here from now on (DataPlane.__init__)."""
-        with self._lock:
-            self._assigned += 1
-
-    def release(self) -> None:
-        """...no more (DataPlane.stop, once released)."""
-        with self._lock:
-            self._assigned -= 1
 
     @property
     def native_id(self) -> int | None:
@@ -333,17 +314,26 @@ class RingGroups:
         groups = [RingGroup(f"{name}{i}", cpu=cpu) for i, cpu in enumerate(cpus)]
         return cls(groups, solo_up_to=0 if always else len(cpus))
 
+    def assigned(self, group: RingGroup) -> int:
+        """Seated data planes given `group`: how loaded it is for a new ring (a ring is lent only
+        once its data plane starts, so group.rings undercounts a device whose queues are set up
+        together)."""
+        with self._lock:
+            return self._given(group)
+
+    def _given(self, group: RingGroup) -> int:
+        return sum(s.group is group for s in self._seats)  # under the lock
+
     def seat(self, kick: Callable[[], None]) -> Seat:
         """A place for a new data plane's ring, in the group given the fewest (its `kick` asks its
         loop to leave its group: called when the rings go back to their own threads)."""
         with self._lock:
-            group = min(self.groups, key=lambda g: g.assigned)
-            group.assign()
-            seat = Seat(self, group, kick)
+            seat = Seat(self, min(self.groups, key=self._given), kick)
             self._seats.append(seat)
             count = len(self._seats)
-            was, self.grouped = self.grouped, count > self.solo_up_to
-        if self.grouped and not was:
+            was, grouped = self.grouped, count > self.solo_up_to
+            self.grouped = grouped
+        if grouped and not was:
             log.info("%d rings, more than %d: served in ring groups", count, self.solo_up_to)
         return seat
 
@@ -352,7 +342,6 @@ class RingGroups:
             if seat not in self._seats:
                 return
             self._seats.remove(seat)
-            seat.group.release()
             was, self.grouped = self.grouped, len(self._seats) > self.solo_up_to
             kicks = [s.kick for s in self._seats] if was and not self.grouped else []
         if kicks:
